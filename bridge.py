@@ -1,0 +1,2191 @@
+"""bridge: run plans written by a strong planner on a local model.
+
+A planner (Claude Code, usually Opus) writes a structured plan into the doobidoo
+memory store (mcp-memory-service's SQLite file). bridge picks pending plans up and
+runs every step on a local OpenAI-compatible chat-completions server (LM Studio by
+default; Ollama, llama.cpp's server and vLLM work the same way): it sends each step
+with its context, checks the output, retries with the error fed back, skips what
+depended on a failure, writes files atomically inside the project (and puts them back
+when a plan asks for it), and stores one result memory per run where Claude Code will
+find it.
+
+Usage:
+    bridge                      run every pending plan, oldest first
+    bridge --plan ID [--rerun]  run one plan (a finished one only with --rerun)
+    bridge --list [--all]       list pending plans (--all: every plan and its status)
+    bridge --health             check the model server and the store
+    Add --json for one JSON document on stdout, -v for prompts and outputs, -q for
+    errors only.
+
+Exit codes:
+    0    success, or nothing to do
+    1    a plan failed (its result memory says why)
+    2    usage, configuration, store or server unusable
+    70   internal error (a bug: run with --debug or BRIDGE_DEBUG=1 for the traceback)
+    130  interrupted (Ctrl-C or SIGTERM)
+
+Environment (a flag wins over its variable):
+    BRIDGE_DB, MCP_MEMORY_SQLITE_PATH, MCP_MEMORY_BASE_DIR   the store file
+    BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
+    BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES
+    BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
+    BRIDGE_DEBUG                                              tracebacks for bugs
+
+Rooms, in the order a run passes through them:
+    1 Constants & defaults · 2 Errors · 3 Helpers · 4 Store (SQLite) · 5 Plans ·
+    6 LLM client · 7 Output validation · 8 File writes & rollback · 9 Runner ·
+    10 CLI · 11 main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Iterator
+
+__version__ = "0.1.0"
+
+###############################################################################
+# 1. Constants & defaults
+###############################################################################
+
+SCHEMA_ID = "bridge-plan-v1"
+SCHEMA_FILENAME = "bridge-plan-schema.json"
+
+DEFAULT_BASE_URL = "http://localhost:1234/v1"   # LM Studio's server
+DEFAULT_TIMEOUT_S = 300.0        # a JIT model load can hold the first byte this long
+CONNECT_TIMEOUT_S = 10.0
+DEFAULT_RETRIES = 4              # transport retries of one request (429, 5xx, refused)
+DEFAULT_RETRY_DELAY_S = 1.0      # first backoff delay; doubles each retry
+RETRY_MAX_DELAY_S = 30.0
+RETRY_BUDGET_S = 120.0           # a request gives up once its retries would pass this
+DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # a streamed reply larger than this is cut
+STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to this
+LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
+STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
+STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
+
+DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
+DEFAULT_ON_FAILURE = "retry_with_context"
+DEFAULT_VALIDATION = {"type": "non_empty"}
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful software engineer executing one step of a larger plan. "
+    "Do exactly what the step asks and nothing more. When code or JSON is asked "
+    "for, reply with it in a single fenced block and no commentary."
+)
+
+PLAN_TAG = "bridge-plan"
+RESULT_TAG = "bridge-result"
+PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x ontology
+RESULT_MEMORY_TYPE = "tool_outcome"
+PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+
+EXIT_OK = 0
+EXIT_PLAN_FAILED = 1
+EXIT_UNUSABLE = 2
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+
+
+def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
+    """Return the store paths the memory server would use, in the order tried.
+
+    Source: mcp-memory-service config.py (MCP_MEMORY_SQLITE_PATH, then
+    MCP_MEMORY_BASE_DIR/sqlite_vec.db, then the platform data folder), plus the path
+    the original bridge script assumed. BRIDGE_DB and --db come before these.
+    """
+    home = Path(environ.get("HOME") or Path.home())
+    if environ.get("MCP_MEMORY_SQLITE_PATH"):
+        return [Path(environ["MCP_MEMORY_SQLITE_PATH"]).expanduser()]
+    if environ.get("MCP_MEMORY_BASE_DIR"):
+        server_default = Path(environ["MCP_MEMORY_BASE_DIR"]).expanduser() / "sqlite_vec.db"
+    elif platform == "darwin":
+        server_default = home / "Library" / "Application Support" / "mcp-memory" / "sqlite_vec.db"
+    elif platform.startswith("win"):
+        local = environ.get("LOCALAPPDATA") or str(home / "AppData" / "Local")
+        server_default = Path(local) / "mcp-memory" / "sqlite_vec.db"
+    else:
+        server_default = home / ".local" / "share" / "mcp-memory" / "sqlite_vec.db"
+    return [server_default, home / ".mcp-memory-service" / "memories.db"]
+
+
+def default_state_dir(environ: dict[str, str]) -> Path:
+    """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
+    if environ.get("XDG_STATE_HOME"):
+        return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
+    home = Path(environ.get("HOME") or Path.home())
+    return home / ".local" / "state" / "bridge"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one bridge invocation, resolved once (see resolve_config).
+
+    db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
+    the only candidate). timeout_s: seconds to wait to connect or for the server's
+    next byte. retries / retry_delay_s: transport retries of one request and the
+    first backoff delay (seconds). max_output_bytes: a streamed reply past this many
+    bytes is cut and the attempt fails. verbosity: 0 errors only, 1 progress,
+    2 prompts and outputs.
+    """
+
+    db_paths: tuple[Path, ...]
+    base_url: str = DEFAULT_BASE_URL
+    model: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    state_dir: Path = Path(".")
+    retries: int = DEFAULT_RETRIES
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    verbosity: int = 1
+    json: bool = False
+    debug: bool = False
+
+
+###############################################################################
+# 2. Errors
+#
+#   BridgeError (exit 2 unless the class says otherwise)
+#    ├── ConfigError            bad flag or environment value
+#    ├── StoreError             the store cannot be opened, read or written
+#    │    └── PlanNotFound      no live plan has that id
+#    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
+#    ├── PathError (1)          a plan path leaves the project or cannot be used
+#    │    └── RollbackError (1) files could not be put back; names every one
+#    ├── OutputInvalid (1)      a model output failed its step's validation
+#    └── LLMError               the model server failed a request
+#         ├── LLMUnavailable    connection refused or reset (transient)
+#         ├── LLMTimeout        no byte within --timeout (transient)
+#         ├── LLMHTTPError      an HTTP error status (transient for 429 and 5xx)
+#         └── LLMProtocolError  a body or stream that is not chat completions
+###############################################################################
+
+
+class BridgeError(Exception):
+    """Root of every expected failure: a one-line message, an optional hint, a code."""
+
+    exit_code = EXIT_UNUSABLE
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class ConfigError(BridgeError):
+    """A flag or environment value cannot be used."""
+
+
+class StoreError(BridgeError):
+    """The memory store cannot be opened, read or written as needed."""
+
+
+class PlanNotFound(StoreError):
+    """No live plan memory has the requested id."""
+
+
+class PlanInvalid(BridgeError):
+    """A plan failed schema or semantic validation; .problems lists every problem."""
+
+    exit_code = EXIT_PLAN_FAILED
+
+    def __init__(self, plan_id: str, problems: list[str]):
+        super().__init__(f"plan {plan_id!r} is invalid: " + "; ".join(problems))
+        self.problems = problems
+
+
+class PathError(BridgeError):
+    """A plan's path is absolute, climbs out of the project, or cannot be written."""
+
+    exit_code = EXIT_PLAN_FAILED
+
+
+class RollbackError(PathError):
+    """Some files could not be restored; the message names every one."""
+
+
+class OutputInvalid(BridgeError):
+    """A model output failed its step's validation (the message says how)."""
+
+    exit_code = EXIT_PLAN_FAILED
+
+
+class LLMError(BridgeError):
+    """The model server failed a request.
+
+    transient: worth retrying the same request (connection, timeout, 429, 5xx).
+    retry_after_s: the server's Retry-After, in seconds, when it sent one.
+    context_overflow: the prompt does not fit the loaded context; resending it
+    unchanged cannot help.
+    """
+
+    transient = False
+
+    def __init__(self, message: str, hint: str | None = None, *,
+                 retry_after_s: float | None = None, context_overflow: bool = False):
+        super().__init__(message, hint)
+        self.retry_after_s = retry_after_s
+        self.context_overflow = context_overflow
+
+
+class LLMUnavailable(LLMError):
+    """The server refused or dropped the connection."""
+
+    transient = True
+
+
+class LLMTimeout(LLMError):
+    """The server sent nothing within the timeout."""
+
+    transient = True
+
+
+class LLMHTTPError(LLMError):
+    """The server answered with an HTTP error status; .status holds it."""
+
+    def __init__(self, message: str, status: int, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.status = status
+        self.transient = status in TRANSIENT_STATUSES
+
+
+class LLMProtocolError(LLMError):
+    """The reply was not a chat completion: bad JSON, no choices, a cut stream."""
+
+
+###############################################################################
+# 3. Helpers
+###############################################################################
+
+
+def content_hash(content: str) -> str:
+    """Return the memory server's hash of a memory's content.
+
+    Source: mcp-memory-service utils/hashing.py (sha256 of the stripped, lowercased
+    content).
+    """
+    return hashlib.sha256(content.strip().lower().encode("utf-8")).hexdigest()
+
+
+def iso_from_ts(ts: float) -> str:
+    """Format Unix seconds the way the memory server fills its *_iso columns."""
+    return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None).isoformat() + "Z"
+
+
+def utc_now_iso() -> str:
+    """Return the current UTC time as ISO 8601 with a Z, to the second."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def clip(text: str, max_chars: int, what: str = "text") -> str:
+    """Return text, or its first max_chars characters and a marker saying what was cut."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars] + f"\n[bridge: {what} cut at {max_chars} of {len(text)} characters]"
+
+
+def pid_alive(pid: int) -> bool:
+    """Tell whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def new_run_id() -> str:
+    """Return a sortable, unique run id: UTC time plus random hex."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+###############################################################################
+# 4. Store (SQLite)
+#
+# The store belongs to the memory server, which may have it open right now. Facts
+# and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
+# UPDATE content (its FTS trigger would corrupt the index); a plan's state lives in
+# its metadata under "bridge"; short transactions only, never one held open while a
+# model generates; never touch memory_embeddings (needs the vec0 extension).
+###############################################################################
+
+LAYOUT_12 = "doobidoo 12.x"
+LAYOUT_10 = "doobidoo 10.x"
+LAYOUT_ORIGINAL = "original bridge"
+_LAYOUT_COLUMNS = {
+    LAYOUT_12: {"id", "content_hash", "content", "tags", "memory_type", "metadata",
+                "created_at", "updated_at", "created_at_iso", "updated_at_iso",
+                "deleted_at", "store", "superseded_by", "embedding_pending"},
+    LAYOUT_10: {"id", "content_hash", "content", "tags", "memory_type", "metadata",
+                "created_at", "updated_at", "created_at_iso", "updated_at_iso",
+                "deleted_at"},
+    LAYOUT_ORIGINAL: {"id", "content", "metadata", "created_at"},
+}
+
+
+@dataclass
+class PlanRecord:
+    """One plan memory as read from the store.
+
+    row_id: memories.id. plan: the parsed content (a dict for a well-formed plan;
+    anything else is reported as invalid). metadata: the row's metadata object.
+    created_at: as stored (Unix seconds, or ISO text in the original layout).
+    """
+
+    row_id: int | str
+    content: str
+    plan: Any
+    metadata: dict
+    created_at: Any
+    tags: str = ""
+
+    @property
+    def plan_id(self) -> str:
+        """The plan's own id, or "row-N" when its content has none."""
+        if isinstance(self.plan, dict) and isinstance(self.plan.get("id"), str):
+            return self.plan["id"]
+        return f"row-{self.row_id}"
+
+    @property
+    def state(self) -> dict:
+        """The bridge's recorded state (metadata["bridge"]), or {}."""
+        value = self.metadata.get("bridge")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def status(self) -> str:
+        """The effective status: the recorded state, else the content's status."""
+        if self.state.get("status") in PLAN_STATUSES:
+            return self.state["status"]
+        if isinstance(self.plan, dict) and self.plan.get("status") in PLAN_STATUSES:
+            return self.plan["status"]
+        return "invalid"
+
+    @property
+    def stale(self) -> bool:
+        """True when in_progress but its owner process is gone from this host."""
+        owner = self.state.get("owner") or {}
+        if self.status != "in_progress" or owner.get("host") != socket.gethostname():
+            return False
+        return isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"])
+
+    @property
+    def display_status(self) -> str:
+        """The status as shown to users: "stale" for an in_progress plan whose owner died."""
+        return "stale" if self.stale else self.status
+
+    @property
+    def objective(self) -> str:
+        """The plan's one-line objective, or ""."""
+        context = self.plan.get("context") if isinstance(self.plan, dict) else None
+        objective = context.get("objective") if isinstance(context, dict) else None
+        return objective if isinstance(objective, str) else ""
+
+    @property
+    def step_count(self) -> int:
+        """How many steps the plan lists (0 when it lists none readable)."""
+        steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
+        return len(steps) if isinstance(steps, list) else 0
+
+
+class Store:
+    """The doobidoo memory store, opened for plan discovery, claims and results.
+
+    Use as a context manager: `with Store.open(path) as store: ...`. Works on the
+    12.x and 10.x layouts of mcp-memory-service and on the original bridge script's
+    layout (see _LAYOUT_COLUMNS). Raises StoreError for anything else.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, layout: str,
+                 columns: set[str], has_fts: bool):
+        self.conn, self.path, self.layout = conn, path, layout
+        self.columns, self.has_fts = columns, has_fts
+
+    @classmethod
+    def open(cls, config: Config) -> "Store":
+        """Open the first existing store of config.db_paths.
+
+        Raises StoreError naming every path tried when none exists, or when the file
+        is not SQLite or has a layout bridge does not know.
+        """
+        path = next((p for p in config.db_paths if p.is_file()), None)
+        if path is None:
+            tried = ", ".join(str(p) for p in config.db_paths)
+            raise StoreError(f"no memory store found (tried {tried})",
+                             "pass --db PATH or set BRIDGE_DB to the memory server's sqlite_vec.db")
+        try:
+            conn = sqlite3.connect(path, timeout=STORE_BUSY_TIMEOUT_S, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
+            has_fts = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'memory_content_fts'"
+                                   ).fetchone() is not None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store {path}: {exc}",
+                             "check that it is the memory server's SQLite file") from exc
+        layout = next((name for name, needed in _LAYOUT_COLUMNS.items() if needed <= columns), None)
+        if layout is None:
+            conn.close()
+            shown = ", ".join(sorted(columns)) or "no memories table"
+            raise StoreError(f"unsupported store layout in {path} ({shown})",
+                             "bridge reads mcp-memory-service 10.x/12.x stores and the original bridge layout")
+        return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+    # -- reading -------------------------------------------------------------
+
+    def _live_filter(self, alias: str = "m") -> str:
+        clauses = []
+        if "deleted_at" in self.columns:
+            clauses.append(f"{alias}.deleted_at IS NULL")
+        if "superseded_by" in self.columns:
+            clauses.append(f"{alias}.superseded_by IS NULL")
+        return " AND ".join(clauses) or "1"
+
+    def find_plans(self) -> list[PlanRecord]:
+        """Return every live plan memory, oldest first.
+
+        Candidates come from the FTS index (memory_content_fts MATCH the schema
+        marker) when the store has one, else from a scan; each is confirmed by
+        parsing its JSON. A row counts as a plan when its content is a JSON object
+        whose "$schema" is "bridge-plan-v1"; a row tagged bridge-plan, or a JSON
+        value holding the marker, that is not such an object is returned too, so it
+        can be reported as invalid. Raises StoreError on SQLite errors.
+        """
+        tags = "m.tags" if "tags" in self.columns else "''"
+        select = f"SELECT m.id, m.content, m.metadata, m.created_at, {tags} FROM memories m"
+        live = self._live_filter()
+        if self.has_fts:
+            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
+                   f"WHERE memory_content_fts MATCH '\"{SCHEMA_ID}\"' AND {live}")
+        else:
+            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
+        try:
+            rows = self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
+        records = (self._record(*row) for row in rows)
+        return [r for r in records if r is not None]
+
+    @staticmethod
+    def _record(row_id, content, metadata, created_at, tags) -> PlanRecord | None:
+        try:
+            plan = json.loads(content)
+        except ValueError:
+            plan = None
+        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
+        tagged = PLAN_TAG in (tags or "").split(",")
+        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
+            return None     # a note or result that merely mentions the marker
+        try:
+            meta = json.loads(metadata) if metadata else {}
+        except ValueError:
+            meta = {}
+        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
+                          created_at, tags or "")
+
+    def get_plan(self, plan_id: str) -> PlanRecord:
+        """Return the one live plan whose parsed id equals plan_id exactly.
+
+        Raises PlanNotFound when none matches, StoreError when several live plans
+        share the id (neither is run; the user must delete one).
+        """
+        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
+        if not matches:
+            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
+                               "see the plans with: bridge --list --all")
+        if len(matches) > 1:
+            rows = ", ".join(str(r.row_id) for r in matches)
+            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories (rows {rows})",
+                             "delete all but one of them with the memory server, then run again")
+        return matches[0]
+
+    def reload(self, record: PlanRecord) -> PlanRecord:
+        """Return a fresh copy of record's row (its metadata may have changed)."""
+        row = self.conn.execute("SELECT metadata FROM memories WHERE id = ?", (record.row_id,)).fetchone()
+        meta = json.loads(row[0]) if row and row[0] else {}
+        return dataclasses.replace(record, metadata=meta if isinstance(meta, dict) else {})
+
+    # -- writing -------------------------------------------------------------
+
+    def _write(self, work: Callable[[], Any]) -> Any:
+        """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
+        for attempt in range(1, STORE_WRITE_TRIES + 1):
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    if attempt < STORE_WRITE_TRIES:
+                        time.sleep(0.05 * attempt)
+                        continue
+                    raise StoreError(f"the store {self.path} stayed locked for "
+                                     f"{STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S:.0f} s",
+                                     "another process holds a write lock; retry in a moment") from exc
+                raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+            try:
+                result = work()
+                self.conn.execute("COMMIT")
+                return result
+            except BaseException as exc:
+                self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+                raise
+
+    def _set_state(self, row_id: Any, changes: dict) -> dict:
+        """Merge changes into metadata["bridge"] of one row; return the new state.
+
+        Call inside _write. Touches metadata and updated_at only, never content.
+        """
+        row = self.conn.execute("SELECT metadata FROM memories WHERE id = ?", (row_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"plan row {row_id} vanished from {self.path}")
+        try:
+            meta = json.loads(row[0]) if row[0] else {}
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise StoreError(f"plan row {row_id} has metadata that is not a JSON object",
+                             "fix or delete that memory; bridge will not overwrite it")
+        state = {**(meta.get("bridge") if isinstance(meta.get("bridge"), dict) else {}), **changes}
+        meta["bridge"] = state
+        now = time.time()
+        if "updated_at" in self.columns:
+            self.conn.execute("UPDATE memories SET metadata = ?, updated_at = ?, updated_at_iso = ? "
+                              "WHERE id = ?", (json.dumps(meta), now, iso_from_ts(now), row_id))
+        else:
+            self.conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (json.dumps(meta), row_id))
+        return state
+
+    def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",)) -> bool:
+        """Move a plan to in_progress for this process, atomically.
+
+        allowed: effective statuses that may be claimed ("stale" means an in_progress
+        plan whose owner died). Returns False, changing nothing, when another
+        process got there first or the status is not allowed.
+        """
+        def work() -> bool:
+            fresh = self.reload(record)
+            if fresh.display_status not in allowed and fresh.status not in allowed:
+                return False
+            now = utc_now_iso()
+            self._set_state(record.row_id, {
+                "status": "in_progress", "run_id": run_id, "claimed_at": now,
+                "heartbeat_at": now, "owner": {"host": socket.gethostname(), "pid": os.getpid()},
+                "finished_at": None, "error": None})
+            return True
+        return self._write(work)
+
+    def set_status(self, record: PlanRecord, status: str, **extra: Any) -> None:
+        """Record a plan's status (and extra state keys) in its metadata."""
+        self._write(lambda: self._set_state(record.row_id, {"status": status, **extra}))
+
+    def finish(self, record: PlanRecord, result: dict) -> str:
+        """Store the run's result memory and the plan's final state in one transaction.
+
+        result: the result document of plan-format.md. The plan's metadata gets its
+        status, finished_at, error and result_hash. Returns the result's content_hash.
+        Raises StoreError when the store cannot be written.
+        """
+        content = json.dumps(result, ensure_ascii=False, indent=1)
+
+        def work() -> str:
+            digest = self.insert_memory(content, [RESULT_TAG, f"plan:{result['plan_id'].lower()}"],
+                                        RESULT_MEMORY_TYPE, {"plan_id": result["plan_id"],
+                                                             "run_id": result["run_id"]})
+            self._set_state(record.row_id, {"status": result["status"], "finished_at": result["finished_at"],
+                                            "error": result["error"], "result_hash": digest})
+            return digest
+        return self._write(work)
+
+    def insert_memory(self, content: str, tags: list[str], memory_type: str, metadata: dict) -> str:
+        """Insert one memory the way the memory server does; return its content_hash.
+
+        Call inside _write. Fills the hash, both timestamps and their _iso twins,
+        store='default' and embedding_pending=0 where the layout has those columns
+        (the row gets no embedding: tag and keyword search find it, semantic search
+        does not). Raises StoreError when identical content is already stored.
+        """
+        now = time.time()
+        digest = content_hash(content)
+        tags_text = ",".join(t.strip().lower().replace(" ", "-") for t in tags)
+        if self.layout == LAYOUT_ORIGINAL:
+            values = {"id": uuid.uuid4().hex, "content": content, "created_at": iso_from_ts(now),
+                      "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
+        else:
+            values = {"content_hash": digest, "content": content, "tags": tags_text,
+                      "memory_type": memory_type, "metadata": json.dumps(metadata),
+                      "created_at": now, "updated_at": now, "created_at_iso": iso_from_ts(now),
+                      "updated_at_iso": iso_from_ts(now), "store": "default", "embedding_pending": 0}
+            values = {k: v for k, v in values.items() if k in self.columns}
+        sql = (f"INSERT INTO memories ({', '.join(values)}) "
+               f"VALUES ({', '.join('?' for _ in values)})")
+        try:
+            self.conn.execute(sql, tuple(values.values()))
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"the store already holds a memory with content hash {digest[:12]}…",
+                             "identical content was stored before (perhaps soft-deleted)") from exc
+        return digest
+
+    def pending_count(self) -> int:
+        """Count the live plans whose effective status is pending."""
+        return sum(1 for r in self.find_plans() if r.status == "pending")
+
+
+###############################################################################
+# 5. Plans
+###############################################################################
+
+
+@functools.cache
+def load_schema() -> dict:
+    """Return the plan schema from bridge-plan-schema.json beside this module.
+
+    Raises BridgeError when the file is missing (a broken install).
+    """
+    path = Path(__file__).with_name(SCHEMA_FILENAME)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BridgeError(f"cannot read the plan schema {path}: {exc}",
+                          "reinstall bridge: the schema file ships beside bridge.py") from exc
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan, with plan defaults and plan-format.md defaults applied."""
+
+    id: int
+    prompt: str
+    title: str = ""
+    depends_on: tuple[int, ...] = ()
+    validation: dict = field(default_factory=lambda: dict(DEFAULT_VALIDATION))
+    max_retries: int = DEFAULT_MAX_RETRIES
+    on_failure: str = DEFAULT_ON_FAILURE
+    file_output: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    model: str | None = None
+    timeout_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        """"step N (title)" or "step N"."""
+        return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated plan: steps by id, the project root, and its file context."""
+
+    id: str
+    steps: dict[int, Step]
+    objective: str = ""
+    project: Path | None = None
+    files_context: dict[str, str] = field(default_factory=dict)
+    rollback_strategy: str = "none"
+
+
+_STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s")
+
+
+def _schema_problems(plan: Any) -> list[str]:
+    from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
+
+    validator = Draft202012Validator(load_schema())
+    problems = []
+    for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path)):
+        message = clip(error.message, 200, "message").replace("\n", " ")
+        problems.append(f"{error.json_path}: {message}")
+    return problems
+
+
+def resolve_inside(project: Path, rel: str) -> Path:
+    """Return project/rel, refusing anything that could land outside the project.
+
+    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
+    location (symlinks followed) is outside the project's real location.
+    Raises PathError saying which.
+    """
+    if not rel or "\x00" in rel:
+        raise PathError(f"path {rel!r} is empty or holds a NUL byte")
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise PathError(f"path {rel!r} climbs out with '..'")
+    root = project.resolve()
+    target = (project / rel).resolve()
+    if not target.is_relative_to(root):
+        raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
+    return project / rel
+
+
+def _semantic_problems(plan: dict) -> list[str]:
+    from graphlib import CycleError, TopologicalSorter
+
+    problems: list[str] = []
+    steps = plan["steps"]
+    ids = [s["id"] for s in steps]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"$.steps: step id {dup} is used more than once")
+    known = set(ids)
+    for n, step in enumerate(steps):
+        for dep in step.get("depends_on", []):
+            if dep == step["id"]:
+                problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
+            elif dep not in known:
+                problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
+        problems += _validation_problems(step.get("validation", {}), f"$.steps[{n}].validation")
+    if not problems:
+        try:
+            TopologicalSorter({s["id"]: s.get("depends_on", []) for s in steps}).prepare()
+        except CycleError as exc:
+            cycle = " -> ".join(str(i) for i in exc.args[1])
+            problems.append(f"$.steps: dependency cycle {cycle}")
+    return problems + _path_problems(plan)
+
+
+def _validation_problems(validation: dict, where: str) -> list[str]:
+    if validation.get("type") == "regex":
+        try:
+            re.compile(validation["pattern"])
+        except re.error as exc:
+            return [f"{where}.pattern: not a valid regular expression ({exc})"]
+    if validation.get("type") == "json_schema":
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+        try:
+            Draft202012Validator.check_schema(validation["schema"])
+        except SchemaError as exc:
+            return [f"{where}.schema: not a valid JSON Schema ({clip(exc.message, 200, 'message')})"]
+    return []
+
+
+def _path_problems(plan: dict) -> list[str]:
+    context = plan.get("context", {})
+    files = context.get("files_context", {})
+    outputs = {s["file_output"]: n for n, s in enumerate(plan["steps"]) if "file_output" in s}
+    if "project" not in context:
+        if files or outputs:
+            return ["$.context.project: required when the plan names files "
+                    "(files_context or file_output)"]
+        return []
+    project = Path(context["project"])
+    if not project.is_dir():
+        return [f"$.context.project: folder {project} does not exist"]
+    problems = []
+    for rel, mode in files.items():
+        try:
+            path = resolve_inside(project, rel)
+        except PathError as exc:
+            problems.append(f"$.context.files_context[{rel!r}]: {exc}")
+            continue
+        if mode == "LOAD" and not path.is_file() and rel not in outputs:
+            problems.append(f"$.context.files_context[{rel!r}]: LOAD file does not exist "
+                            "and no step writes it")
+    for rel, n in outputs.items():
+        try:
+            path = resolve_inside(project, rel)
+        except PathError as exc:
+            problems.append(f"$.steps[{n}].file_output: {exc}")
+            continue
+        if path.is_dir():
+            problems.append(f"$.steps[{n}].file_output: {rel!r} is a folder")
+    return problems
+
+
+def check_plan(plan: Any) -> Plan:
+    """Validate a parsed plan with the schema, then semantically; return a Plan.
+
+    Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
+    valid regex and json_schema validations, `project` exists when given (and is
+    required when the plan names files), every path relative and inside the
+    project with symlinks followed. Raises PlanInvalid listing every problem found,
+    each prefixed with its JSON path.
+    """
+    plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
+    if not isinstance(plan, dict):
+        raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
+    problems = _schema_problems(plan) or _semantic_problems(plan)
+    if problems:
+        raise PlanInvalid(plan_id, problems)
+    return _build_plan(plan)
+
+
+def _build_plan(plan: dict) -> Plan:
+    defaults = plan.get("defaults", {})
+    steps = {}
+    for raw in plan["steps"]:
+        overrides = {k: raw.get(k, defaults.get(k)) for k in _STEP_OVERRIDES}
+        steps[raw["id"]] = Step(
+            id=raw["id"], prompt=raw["prompt"], title=raw.get("title", ""),
+            depends_on=tuple(raw.get("depends_on", ())),
+            validation=raw.get("validation", dict(DEFAULT_VALIDATION)),
+            max_retries=raw.get("max_retries", DEFAULT_MAX_RETRIES),
+            on_failure=raw.get("on_failure", DEFAULT_ON_FAILURE),
+            file_output=raw.get("file_output"), **overrides)
+    context = plan.get("context", {})
+    project = Path(context["project"]) if "project" in context else None
+    return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
+                project=project, files_context=dict(context.get("files_context", {})),
+                rollback_strategy=plan.get("rollback_strategy", "none"))
+
+
+###############################################################################
+# 6. LLM client
+#
+# Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
+# Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
+# inside functions, and every httpx exception is translated to an LLMError.
+###############################################################################
+
+
+@dataclass
+class Completion:
+    """One model reply: text (reasoning fields excluded), usage as the server sent
+    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
+    model that answered, finish_reason, and duration_s (seconds)."""
+
+    text: str
+    usage: dict | None
+    model: str | None
+    finish_reason: str | None
+    duration_s: float
+
+
+def _error_message(body: bytes) -> str:
+    """Pull the server's own message out of an error body.
+
+    Accepts OpenAI's {"error": {"message": …}}, LM Studio's {"error": "…"} and
+    vLLM's older flat {"message": …}; anything else is shown as text.
+    """
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return clip(text, 300, "body") or "(empty body)"
+    err = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(err, dict):
+        message = err.get("message") or json.dumps(err)
+        kind = err.get("type") or err.get("code")
+        return f"{message} ({kind})" if isinstance(kind, str) and kind not in message else message
+    return str(err)
+
+
+_OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded", "maximum context length",
+                     "context length", "n_keep", "context size", "does not fit in context")
+
+
+def _is_context_overflow(message: str) -> bool:
+    lower = message.lower()
+    return any(marker in lower for marker in _OVERFLOW_MARKERS)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Parse a Retry-After header (seconds or an HTTP date) into seconds, or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
+    """Yield (event, data) pairs from a server-sent-events byte stream.
+
+    Comment lines (": ping") are skipped. Raises LLMProtocolError when more than
+    max_bytes arrive without a line break, so memory stays bounded.
+    """
+    buffer = b""
+    event, data = "message", []
+    for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > max_bytes and b"\n" not in buffer:
+            raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8", "replace")
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                event, data = "message", []
+            elif line.startswith(":"):
+                continue
+            else:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    event = value
+                elif name == "data":
+                    data.append(value)
+    if data:
+        yield event, "\n".join(data)
+
+
+class LLMClient:
+    """A chat-completions client for one OpenAI-compatible server.
+
+    Use as a context manager. config.base_url ends in /v1 (LM Studio's
+    http://localhost:1234/v1 by default). Transient failures (connection refused or
+    reset, timeouts, 429, 500, 502, 503, 504) are retried up to config.retries times
+    with exponential backoff and jitter starting at config.retry_delay_s seconds,
+    honouring Retry-After, never past RETRY_BUDGET_S seconds in all. sleep is
+    injectable so tests can see the delays without waiting.
+    """
+
+    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
+        import httpx
+
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self._sleep = sleep
+        self._on_retry = on_retry or (lambda message: None)
+        timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
+        # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
+        self.http = httpx.Client(timeout=timeout, trust_env=False)
+
+    def __enter__(self) -> "LLMClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    # -- discovery -------------------------------------------------------------
+
+    def _get_json(self, url: str) -> Any:
+        import httpx
+
+        try:
+            response = self.http.get(url)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, url) from exc
+        if response.status_code >= 400:
+            raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
+                               f"{_error_message(response.content)}", response.status_code)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
+
+    def list_models(self) -> list[str]:
+        """Return the model ids of GET {base_url}/models. Raises LLMError."""
+        data = self._get_json(f"{self.base_url}/models")
+        models = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise LLMProtocolError(f"{self.base_url}/models did not list models (no 'data' array)")
+        return [m["id"] for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def loaded_model(self) -> str | None:
+        """Return the model the server has loaded, or None if it says none.
+
+        LM Studio: the first entry of GET /api/v0/models whose state is "loaded"
+        (lmstudio.ai/docs/developer/rest/endpoints). Other servers have no such
+        route: then the first model of /v1/models. Raises LLMError when the server
+        cannot be reached.
+        """
+        root = self.base_url.removesuffix("/v1")
+        try:
+            data = self._get_json(f"{root}/api/v0/models")
+        except (LLMHTTPError, LLMProtocolError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            loaded = [m.get("id") for m in data["data"] if isinstance(m, dict) and m.get("state") == "loaded"]
+            return loaded[0] if loaded else None
+        models = self.list_models()
+        return models[0] if models else None
+
+    # -- chat ------------------------------------------------------------------
+
+    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
+             max_tokens: int | None = None, timeout_s: float | None = None,
+             on_delta: Callable[[str], None] | None = None) -> Completion:
+        """Send one chat completion, streamed, and return the Completion.
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
+        is called with each piece of streamed text. timeout_s overrides the
+        client's timeout (seconds) for this request. Transient failures are
+        retried as the class says, unless output had already streamed. Raises
+        LLMError (never an httpx exception) when the request finally fails.
+        """
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                                   "stream_options": {"include_usage": True}}
+        if temperature is not None:
+            payload["temperature"] = temperature
+        if max_tokens is not None:
+            payload["max_tokens"] = max_tokens
+        deadline = time.monotonic() + RETRY_BUDGET_S
+        for retry in range(self.config.retries + 1):
+            received: list[str] = []
+            try:
+                return self._stream_once(payload, timeout_s, on_delta, received)
+            except LLMError as exc:
+                if not exc.transient or received or retry == self.config.retries:
+                    raise
+                delay = exc.retry_after_s
+                if delay is None:
+                    delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
+                    delay *= random.uniform(0.5, 1.0)
+                if time.monotonic() + delay > deadline:
+                    raise LLMError(f"{exc} (a retry in {delay:.0f} s would pass the "
+                                   f"{RETRY_BUDGET_S:.0f} s retry budget)", exc.hint) from exc
+                self._on_retry(f"{exc}; retry {retry + 1}/{self.config.retries} in {delay:.1f} s")
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _transport_error(self, exc: Exception, url: str) -> LLMError:
+        """Translate an httpx transport exception into the matching LLMError."""
+        import httpx
+
+        if isinstance(exc, httpx.TimeoutException):
+            return LLMTimeout(f"no answer from {url} within {self.config.timeout_s:g} s "
+                              f"({type(exc).__name__})",
+                              "a model may still be loading; raise --timeout or load it first")
+        if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
+                            httpx.RemoteProtocolError, httpx.CloseError)):
+            reason = str(exc) or type(exc).__name__
+            return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
+                                  "start the server (LM Studio: Developer > Start server) or pass --base-url")
+        return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
+
+    def _stream_once(self, payload: dict, timeout_s: float | None,
+                     on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
+        import httpx
+
+        url = f"{self.base_url}/chat/completions"
+        started = time.monotonic()
+        kwargs: dict[str, Any] = {"json": payload}
+        if timeout_s is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+        try:
+            with self.http.stream("POST", url, **kwargs) as response:
+                if response.status_code >= 400:
+                    message = _error_message(response.read())
+                    raise LLMHTTPError(
+                        f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
+                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                        context_overflow=_is_context_overflow(message))
+                if "text/event-stream" not in response.headers.get("content-type", ""):
+                    return self._parse_whole(response.read(), url, started)
+                return self._parse_stream(response, url, started, on_delta, received)
+        except httpx.TransportError as exc:
+            error = self._transport_error(exc, url)
+            if received:
+                error = LLMProtocolError(f"the stream from {url} broke after "
+                                         f"{sum(map(len, received))} characters ({error})")
+            raise error from exc
+
+    def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
+        """Read a non-streamed chat.completion body (servers that ignore stream)."""
+        if len(body) > self.config.max_output_bytes:
+            raise LLMProtocolError(f"the reply from {url} is larger than --max-output-bytes "
+                                   f"({self.config.max_output_bytes} bytes); cut")
+        try:
+            data = json.loads(body)
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
+                                   f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
+        return Completion(text, _usage(data.get("usage")), data.get("model"),
+                          choice.get("finish_reason"), time.monotonic() - started)
+
+    def _parse_stream(self, response: Any, url: str, started: float,
+                      on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
+        """Read an SSE chat.completion.chunk stream to its end and return the Completion."""
+        limit = self.config.max_output_bytes
+        usage = model = finish = None
+        size, done = 0, False
+        for event, data in _iter_sse(response.iter_bytes(), limit + 65536):
+            if data.strip() == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
+                                       f"{clip(data, 120, 'event')}") from exc
+            if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
+                message = _error_message(data.encode())
+                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                                   context_overflow=_is_context_overflow(message))
+            if not isinstance(chunk, dict):
+                raise LLMProtocolError(f"{url} streamed a chunk that is not an object")
+            usage = _usage(chunk.get("usage")) or usage
+            model = chunk.get("model") or model
+            choices = chunk.get("choices")
+            if not isinstance(choices, list):
+                raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
+            for choice in choices[:1]:
+                piece = (choice.get("delta") or {}).get("content") or ""
+                finish = choice.get("finish_reason") or finish
+                if piece:
+                    size += len(piece.encode("utf-8"))
+                    if size > limit:
+                        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); "
+                                               "cut", "raise --max-output-bytes or ask for less")
+                    received.append(piece)
+                    if on_delta:
+                        on_delta(piece)
+        if not done and finish is None:
+            raise LLMProtocolError(f"the stream from {url} ended early, after "
+                                   f"{sum(map(len, received))} characters and no finish_reason")
+        if not received and finish is None:
+            raise LLMProtocolError(f"{url} streamed no output at all",
+                                   "the prompt may not fit the loaded context length")
+        return Completion("".join(received), usage, model, finish, time.monotonic() - started)
+
+
+def _usage(value: Any) -> dict | None:
+    """Return {"prompt_tokens", "completion_tokens"} from a usage object, or None."""
+    if not isinstance(value, dict):
+        return None
+    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+###############################################################################
+# 7. Output validation
+#
+# The six validation types of plan-format.md. Each check returns the artifact: the
+# text that counts as the step's output (the code inside a fence when fenced), which
+# is what later steps see and what file_output writes.
+###############################################################################
+
+_THINK = re.compile(r"^\s*<think>.*?(?:</think>|\Z)\s*", re.DOTALL)
+_FENCE_OPEN = re.compile(r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$")
+LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
+                    "toml": {"toml"}}
+
+
+def strip_think(text: str) -> str:
+    """Remove leading <think>…</think> blocks (an unclosed one swallows the rest)."""
+    while True:
+        stripped = _THINK.sub("", text, count=1)
+        if stripped == text:
+            return text
+        text = stripped
+
+
+def find_fences(text: str) -> list[tuple[str, str]]:
+    """Return every fenced block of text as (language tag lowercased, code).
+
+    An opening fence is ``` or ~~~ (three or more), anywhere on a line; text before
+    it on that line and words after its tag are ignored. The block ends at a line
+    holding only the same fence; an unclosed block runs to the end of the text.
+    """
+    blocks: list[tuple[str, str]] = []
+    lines = text.split("\n")
+    n = 0
+    while n < len(lines):
+        match = _FENCE_OPEN.search(lines[n])
+        if not match:
+            n += 1
+            continue
+        fence, tag = match["fence"], match["tag"].lower()
+        body: list[str] = []
+        n += 1
+        while n < len(lines) and lines[n].strip() != fence:
+            stripped = lines[n].rstrip()
+            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
+                body.append(stripped[: -len(fence)])
+                break
+            body.append(lines[n])
+            n += 1
+        blocks.append((tag, "\n".join(body)))
+        n += 1
+    return blocks
+
+
+def extract_code(text: str, language: str | None = None) -> str:
+    """Return the code of text: the best fenced block, or the whole text stripped.
+
+    With a language ("python", "json", "toml"), a block tagged with one of its
+    aliases wins, then an untagged block, then the first block. Without one, the
+    first block. Text around the fence is dropped.
+    """
+    blocks = find_fences(text)
+    if not blocks:
+        return text.strip()
+    if language:
+        aliases = LANGUAGE_ALIASES.get(language, {language})
+        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
+            for tag, code in blocks:
+                if wanted(tag):
+                    return code
+    return blocks[0][1]
+
+
+def parse_json_output(text: str) -> Any:
+    """Parse JSON from a model output: whole, else the best fenced block, else the
+    first JSON value starting at the first { or [.
+
+    Raises OutputInvalid naming the parse error of the most likely candidate.
+    """
+    candidates = [text.strip()]
+    if find_fences(text):
+        candidates.insert(0, extract_code(text, "json"))
+    first_error = None
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except ValueError as exc:
+            first_error = first_error or exc
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
+        try:
+            return json.JSONDecoder().raw_decode(text, min(starts))[0]
+        except ValueError:
+            pass
+    raise OutputInvalid(f"output is not valid JSON ({first_error})")
+
+
+def _json_artifact(text: str) -> tuple[Any, str]:
+    value = parse_json_output(text)
+    return value, json.dumps(value, ensure_ascii=False, indent=2)
+
+
+def check_output(text: str, validation: dict) -> str:
+    """Check a model output against a step's validation; return the artifact.
+
+    text: the output with <think> blocks already stripped. validation: a
+    validation object of plan-format.md. The artifact is the fenced code when the
+    output is fenced (for json types: the parsed JSON, re-serialised), else the
+    stripped text. Raises OutputInvalid with a message the model can act on.
+    """
+    kind = validation.get("type", "non_empty")
+    if kind == "non_empty":
+        if not text.strip():
+            raise OutputInvalid("output is empty")
+        return extract_code(text)
+    if kind == "json":
+        return _json_artifact(text)[1]
+    if kind == "contains_keys":
+        value, artifact = _json_artifact(text)
+        if not isinstance(value, dict):
+            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
+        missing = [key for key in validation["keys"] if key not in value]
+        if missing:
+            raise OutputInvalid(f"JSON object lacks the keys {missing}")
+        return artifact
+    if kind == "json_schema":
+        from jsonschema import Draft202012Validator
+
+        value, artifact = _json_artifact(text)
+        errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
+                        key=lambda e: list(e.absolute_path))
+        if errors:
+            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
+                f"{e.json_path}: {clip(e.message, 200, 'message')}" for e in errors[:5]))
+        return artifact
+    if kind == "syntax_check":
+        return _check_syntax(text, validation.get("language", "python"))
+    if kind == "regex":
+        if not re.search(validation["pattern"], text):
+            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
+        return extract_code(text)
+    raise OutputInvalid(f"unknown validation type {kind!r}")
+
+
+def _check_syntax(text: str, language: str) -> str:
+    code = extract_code(text, language)
+    if not code.strip():
+        raise OutputInvalid(f"no {language} code in the output")
+    try:
+        if language == "python":
+            compile(code, "<output>", "exec", dont_inherit=True)
+        elif language == "json":
+            json.loads(code)
+        elif language == "toml":
+            import tomllib
+            tomllib.loads(code)
+    except SyntaxError as exc:
+        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+    return code if code.endswith("\n") else code + "\n"
+
+
+def describe_validation(validation: dict) -> str:
+    """Return one sentence telling the model what form of answer will be accepted."""
+    kind = validation.get("type", "non_empty")
+    return {
+        "non_empty": "Answer with the requested content.",
+        "json": "Answer with valid JSON only, in a ```json fenced block.",
+        "contains_keys": "Answer with one JSON object that has the keys "
+                         f"{', '.join(map(json.dumps, validation.get('keys', [])))}, in a ```json fenced block.",
+        "json_schema": "Answer with JSON matching this JSON Schema, in a ```json fenced block: "
+                       + json.dumps(validation.get("schema")),
+        "syntax_check": f"Answer with complete {validation.get('language', 'python')} code in one "
+                        f"```{validation.get('language', 'python')} fenced block.",
+        "regex": f"Your answer must match the regular expression {validation.get('pattern')!r}.",
+    }.get(kind, "")
+
+
+###############################################################################
+# 8. File writes & rollback
+#
+# Every write goes to a temp file in the target's folder, then os.replace: a reader
+# sees the old bytes or the new, never half. Before the first write to a path, its
+# original is copied into the run's folder under --state-dir and an entry is added
+# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
+# it back. Nothing of this lives in the project.
+###############################################################################
+
+
+@dataclass
+class FileChange:
+    """What one run did to one path: action is "created" or "modified" (then
+    "reverted" after a rollback). backup: the copy of the original, if any.
+    created_dirs: folders the run made for it, deepest last."""
+
+    path: str
+    action: str
+    backup: Path | None = None
+    created_dirs: list[Path] = field(default_factory=list)
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write data to path through a temp file in the same folder and os.replace.
+
+    mode: permission bits to give the file (default: the temp file's). Raises
+    OSError; the temp file never outlives a failure.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".bridge-tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _suppress:
+    """contextlib.suppress without importing contextlib at start-up."""
+
+    def __init__(self, *kinds: type[BaseException]):
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+class FileTransaction:
+    """The files one plan run writes inside its project, with their originals.
+
+    project: the plan's root (every path is relative to it). run_dir: this run's
+    folder under --state-dir, where backups and journal.jsonl go. write() records
+    each path's original before its first write; rollback() restores them in
+    reverse order and removes what the run created; discard() drops the backups.
+    """
+
+    def __init__(self, project: Path, run_dir: Path):
+        self.project, self.run_dir = project, run_dir
+        self.changes: dict[str, FileChange] = {}
+
+    def write(self, rel: str, text: str) -> FileChange:
+        """Write text (UTF-8) to project/rel atomically; return its FileChange.
+
+        Raises PathError when rel leads outside the project or cannot be written.
+        """
+        target = resolve_inside(self.project, rel)
+        try:
+            change = self.changes.get(rel) or self._record(rel, target)
+            mode = target.stat().st_mode & 0o7777 if target.exists() else None
+            atomic_write(target, text.encode("utf-8"), mode)
+        except OSError as exc:
+            raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
+        return change
+
+    def _record(self, rel: str, target: Path) -> FileChange:
+        """Journal a path's original (and the folders about to be made) before touching it."""
+        backups = self.run_dir / "backups"
+        backups.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            backup = backups / f"{len(self.changes):04d}-{target.name}"
+            backup.write_bytes(target.read_bytes())
+            change = FileChange(rel, "modified", backup)
+        else:
+            missing = [p for p in reversed(target.parents) if not p.exists()]
+            change = FileChange(rel, "created", None, missing)
+        entry = {"path": rel, "action": change.action, "backup": str(change.backup or ""),
+                 "created_dirs": [str(p) for p in change.created_dirs]}
+        with open(self.run_dir / "journal.jsonl", "a", encoding="utf-8") as journal:
+            journal.write(json.dumps(entry) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+        self.changes[rel] = change
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return change
+
+    def rollback(self) -> None:
+        """Put every written path back as it was, newest first.
+
+        Modified files get their original bytes and mode back (atomically); created
+        files are removed, then the folders the run made if they are empty.
+        Raises RollbackError naming every path that could not be restored.
+        """
+        failed = []
+        for change in reversed(list(self.changes.values())):
+            target = self.project / change.path
+            try:
+                if change.backup is not None:
+                    atomic_write(target, change.backup.read_bytes(), change.backup.stat().st_mode & 0o7777)
+                else:
+                    with _suppress(FileNotFoundError):
+                        target.unlink()
+                    for folder in reversed(change.created_dirs):
+                        with _suppress(OSError):   # not empty: something else lives there now
+                            folder.rmdir()
+                change.action = "reverted"
+            except OSError as exc:
+                failed.append(f"{change.path} ({exc.strerror or exc})")
+        if failed:
+            raise RollbackError(f"could not restore {len(failed)} file(s): {', '.join(failed)}",
+                                f"the originals are kept in {self.run_dir / 'backups'}")
+        self.discard()
+
+    def discard(self) -> None:
+        """Delete this run's backups (after success, or once a rollback is done)."""
+        import shutil
+
+        shutil.rmtree(self.run_dir / "backups", ignore_errors=True)
+
+    def summary(self) -> list[dict]:
+        """Return [{"path", "action"}] for the result memory, in write order."""
+        return [{"path": c.path, "action": c.action} for c in self.changes.values()]
+
+
+###############################################################################
+# 9. Runner
+#
+# One plan at a time: validate, claim, run the steps in dependency order with their
+# attempts, write files, then store the result and the final state together.
+###############################################################################
+
+
+@dataclass
+class StepResult:
+    """The outcome of one step, as stored in the result memory (see as_dict)."""
+
+    id: int
+    title: str
+    status: str = "skipped"            # succeeded | failed | skipped
+    attempts: int = 0
+    output: str = ""
+    error: str | None = None
+    file_output: str | None = None
+    duration_s: float = 0.0
+    usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    usage_reported: bool = True
+    model: str | None = None
+
+    def as_dict(self) -> dict:
+        """Return the step entry of plan-format.md's result (output clipped to
+        STORED_OUTPUT_MAX_CHARS characters, with a marker saying so)."""
+        return {"id": self.id, "title": self.title, "status": self.status, "attempts": self.attempts,
+                "output": clip(self.output, STORED_OUTPUT_MAX_CHARS, "output"), "error": self.error,
+                "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
+                "usage": dict(self.usage), "usage_reported": self.usage_reported, "model": self.model}
+
+
+class Progress:
+    """Human progress on stderr: a live line per step on a terminal, plain lines
+    otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too."""
+
+    def __init__(self, verbosity: int = 1, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.verbosity = verbosity
+        self.live = verbosity >= 1 and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._line = ""
+        self._last_draw = 0.0
+
+    def _emit(self, text: str) -> None:
+        if self._line:
+            self.stream.write("\r\x1b[2K")
+            self._line = ""
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def info(self, text: str) -> None:
+        """Print a progress line (not at -q)."""
+        if self.verbosity >= 1:
+            self._emit(text)
+
+    def detail(self, text: str) -> None:
+        """Print prompts and outputs (only at -v)."""
+        if self.verbosity >= 2:
+            self._emit(text)
+
+    def error(self, text: str) -> None:
+        """Print an error line, always."""
+        self._emit(f"bridge: error: {text}")
+
+    def status(self, text: str, force: bool = False) -> None:
+        """Redraw the live status line (terminals only, at most 10 times a second)."""
+        now = time.monotonic()
+        if not self.live or (not force and now - self._last_draw < 0.1):
+            return
+        self._last_draw = now
+        self._line = text
+        self.stream.write("\r\x1b[2K" + text[: shutil_columns() - 1])
+        self.stream.flush()
+
+
+def shutil_columns() -> int:
+    """Return the terminal width in columns (80 when unknown)."""
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+class Runner:
+    """Runs plans from one store on one model server.
+
+    store: an open Store. client: an open LLMClient, or None when no plan will be
+    sent (then only invalid plans can be recorded). model: the default model id
+    (steps and plan defaults may name another). progress: a Progress.
+    """
+
+    def __init__(self, config: Config, store: Store, client: LLMClient | None, model: str | None,
+                 progress: Progress):
+        self.config, self.store, self.client = config, store, client
+        self.model, self.progress = model, progress
+
+    def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",)) -> dict | None:
+        """Validate, claim and run one plan; return its stored result document.
+
+        An invalid plan is claimed too and recorded as failed with every problem.
+        Returns None when another process claimed the plan first. Re-raises
+        KeyboardInterrupt after recording the plan as failed ("interrupted at step N").
+        Raises StoreError when the store cannot be written.
+        """
+        run_id = new_run_id()
+        if not self.store.claim(record, run_id, allowed):
+            self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
+            return None
+        started, clock = utc_now_iso(), time.monotonic()
+        try:
+            plan = check_plan(record.plan)
+        except PlanInvalid as exc:
+            self.progress.error(f"plan {record.plan_id}: invalid: {'; '.join(exc.problems)}")
+            result = self._result(record, run_id, started, clock, [], [], "failed",
+                                  f"plan is invalid ({len(exc.problems)} problem(s))")
+            result["problems"] = exc.problems
+            return self._finish(record, result)
+        return self._execute(record, plan, run_id, started, clock)
+
+    def _execute(self, record: PlanRecord, plan: Plan, run_id: str, started: str, clock: float) -> dict:
+        self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
+                           f"· {len(plan.steps)} step(s) · model {self.model}")
+        run_dir = self.config.state_dir / "runs" / run_id
+        files = FileTransaction(plan.project, run_dir) if plan.project else None
+        results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
+        error, interrupted = None, None
+        try:
+            error = self._run_steps(plan, results, files)
+        except KeyboardInterrupt as exc:
+            current = next((r for r in results.values() if r.status == "running"), None)
+            if current:
+                current.status, current.error = "failed", "interrupted"
+            error = f"interrupted at step {current.id}" if current else "interrupted"
+            interrupted = exc
+        status = "failed" if error else "completed"
+        file_error = self._settle_files(plan, files, status)
+        if file_error:
+            error = f"{error}; {file_error}" if error else file_error
+            status = "failed"
+        ordered = [results[sid] for sid in sorted(results)]
+        result = self._result(record, run_id, started, clock, ordered,
+                              files.summary() if files else [], status, error)
+        result = self._finish(record, result)
+        if interrupted:
+            raise interrupted
+        return result
+
+    def _settle_files(self, plan: Plan, files: FileTransaction | None, status: str) -> str | None:
+        """Revert or keep the run's files as the plan asks; return an error or None."""
+        if files is None or not files.changes:
+            return None
+        try:
+            if status == "failed" and plan.rollback_strategy == "revert_files":
+                files.rollback()
+                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
+            else:
+                files.discard()
+                if status == "failed":
+                    kept = ", ".join(files.changes)
+                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
+        except RollbackError as exc:
+            self.progress.error(str(exc))
+            return str(exc)
+        return None
+
+    def _run_steps(self, plan: Plan, results: dict[int, StepResult],
+                   files: FileTransaction | None) -> str | None:
+        """Run every step in dependency order; return the plan's error or None."""
+        from graphlib import TopologicalSorter
+
+        order = TopologicalSorter({sid: plan.steps[sid].depends_on for sid in sorted(plan.steps)})
+        order.prepare()
+        outputs: dict[int, str] = {}
+        halted_at = None
+        failed = []
+        position = 0
+        while order.is_active():
+            for sid in sorted(order.get_ready()):
+                step, result = plan.steps[sid], results[sid]
+                position += 1
+                blocked = self._blocked_reason(step, results, halted_at)
+                if blocked:
+                    result.error = blocked
+                    self.progress.info(f"  {step.label}: skipped ({blocked})")
+                else:
+                    self._run_step(plan, step, result, outputs, files, position)
+                    if result.status == "succeeded":
+                        outputs[sid] = result.output
+                    elif step.on_failure != "skip":
+                        failed.append(sid)
+                        if step.on_failure == "halt":
+                            halted_at = sid
+                order.done(sid)
+        if halted_at is not None:
+            return f"step {halted_at} failed and halted the plan"
+        if failed:
+            return f"step(s) {', '.join(map(str, failed))} failed"
+        return None
+
+    @staticmethod
+    def _blocked_reason(step: Step, results: dict[int, StepResult], halted_at: int | None) -> str | None:
+        if halted_at is not None:
+            return f"not run: step {halted_at} failed and halted the plan"
+        for dep in step.depends_on:
+            if results[dep].status != "succeeded":
+                verb = "failed" if results[dep].status == "failed" else "was skipped"
+                return f"dependency {dep} {verb}"
+        return None
+
+    def _run_step(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
+                  files: FileTransaction | None, position: int) -> None:
+        """Run one step's attempts; fill result (status, output, error, usage, …)."""
+        model = step.model or self.model
+        result.status, result.file_output, result.model = "running", step.file_output, model
+        clock = time.monotonic()
+        messages = build_messages(plan, step, outputs)
+        retry_note: list[dict] = []
+        for attempt in range(1, step.max_retries + 2):
+            result.attempts = attempt
+            where = f"plan {plan.id} · step {position}/{len(plan.steps)}"
+            self.progress.info(f"  {step.label}: attempt {attempt}/{step.max_retries + 1}")
+            self.progress.detail("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note))
+            error = self._attempt(step, result, messages + retry_note, model, files, where, attempt)
+            result.duration_s = time.monotonic() - clock
+            if error is None:
+                result.status, result.error = "succeeded", None
+                self.progress.info(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
+                return
+            result.error = error.message
+            self.progress.info(f"  {step.label}: attempt {attempt} failed: {error.message}")
+            if not error.retryable:
+                break
+            retry_note = error.feedback
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        self.progress.info(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+
+    def _attempt(self, step: Step, result: StepResult, messages: list[dict], model: str,
+                 files: FileTransaction | None, where: str, attempt: int) -> "AttemptError | None":
+        """Send one attempt, check it, write its file; return None or the AttemptError."""
+        assert self.client is not None, "a plan with steps needs a model client"
+        started, pieces = time.monotonic(), [0]
+
+        def on_delta(piece: str) -> None:
+            pieces[0] += 1
+            elapsed = time.monotonic() - started
+            self.progress.status(f"{where} · {step.title or f'step {step.id}'} · attempt {attempt} · "
+                                 f"{elapsed:.1f} s · {pieces[0] / max(elapsed, 1e-6):.1f} tok/s")
+        try:
+            reply = self.client.chat(messages, model=model, temperature=step.temperature,
+                                     max_tokens=step.max_tokens, timeout_s=step.timeout_s,
+                                     on_delta=on_delta)
+        except LLMError as exc:
+            return AttemptError.from_request(exc)
+        _add_usage(result, reply, messages, pieces[0])
+        if reply.model and reply.model != model:
+            result.model = reply.model
+        output = strip_think(reply.text)
+        result.output = output
+        self.progress.detail(f"--- output ---\n{output}")
+        try:
+            artifact = check_output(output, step.validation)
+        except OutputInvalid as exc:
+            return AttemptError.from_output(str(exc), reply.text, step.validation)
+        result.output = artifact
+        if step.file_output:
+            try:
+                files.write(step.file_output, artifact)   # type: ignore[union-attr]  # checked by check_plan
+            except PathError as exc:
+                return AttemptError(str(exc), retryable=False)
+        return None
+
+    def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
+                steps: list[StepResult], files: list[dict], status: str, error: str | None) -> dict:
+        """Build the result document of plan-format.md."""
+        usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
+                 "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
+        counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}
+        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run_id,
+                "objective": record.objective, "status": status, "success": status == "completed",
+                "started_at": started, "finished_at": utc_now_iso(),
+                "duration_s": round(time.monotonic() - clock, 3), "model": self.model,
+                "base_url": self.config.base_url, "usage": usage, "counts": counts,
+                "steps": [s.as_dict() for s in steps], "files": files, "error": error,
+                "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
+
+    def _finish(self, record: PlanRecord, result: dict) -> dict:
+        result["result_hash"] = self.store.finish(record, result)
+        counts = result["counts"]
+        tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+        line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
+                f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
+                f"{result['duration_s']:.1f} s")
+        if result["error"]:
+            line += f" · {result['error']}"
+        (self.progress.info if result["success"] else self.progress.error)(line)
+        return result
+
+
+@dataclass
+class AttemptError:
+    """Why an attempt failed: message (for the result), retryable (another attempt
+    may help), feedback (messages appended to the next attempt's prompt)."""
+
+    message: str
+    retryable: bool = True
+    feedback: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_request(cls, exc: LLMError) -> "AttemptError":
+        """A failed request: context overflow is final; anything else is retried."""
+        if exc.context_overflow:
+            hint = exc.hint or "load the model with a larger context length, or shorten the step"
+            return cls(f"{exc} ({hint})", retryable=False)
+        note = (f"(bridge: the previous request failed: {exc}. Please answer the task again.)")
+        return cls(str(exc), feedback=[{"role": "user", "content": note}])
+
+    @classmethod
+    def from_output(cls, error: str, output: str, validation: dict) -> "AttemptError":
+        """A failed check: the next prompt shows the output and the error."""
+        note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
+                "Reply again with the corrected answer only.")
+        shown = clip(output, 20_000, "previous answer") or "(empty)"
+        return cls(error, feedback=[{"role": "assistant", "content": shown},
+                                    {"role": "user", "content": note}])
+
+
+def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int) -> None:
+    """Add a reply's usage to a step; estimate it (4 chars a token) when not sent."""
+    if reply.usage:
+        usage = reply.usage
+    else:
+        result.usage_reported = False
+        usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4,
+                 "completion_tokens": pieces or len(reply.text) // 4}
+    for key in ("prompt_tokens", "completion_tokens"):
+        result.usage[key] += usage[key]
+
+
+def read_context_file(path: Path, rel: str) -> str:
+    """Return a LOAD file's text for a prompt, or a one-line note why it is left out.
+
+    Files larger than LOAD_FILE_MAX_BYTES are cut with a marker; binary and
+    non-UTF-8 files are named but not included.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return "(this file does not exist yet)"
+    except OSError as exc:
+        return f"(bridge could not read this file: {exc.strerror or exc})"
+    if b"\x00" in data:
+        return "(binary file, not included)"
+    cut = len(data) > LOAD_FILE_MAX_BYTES
+    text = data[:LOAD_FILE_MAX_BYTES].decode("utf-8", "ignore" if cut else "strict") if cut else None
+    if text is None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "(not UTF-8 text, not included)"
+    if cut:
+        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
+    return text
+
+
+def build_messages(plan: Plan, step: Step, outputs: dict[int, str]) -> list[dict]:
+    """Return the chat messages of a step's first attempt.
+
+    The system message is the step's (or plan default's) system prompt, else
+    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
+    now, so files written by earlier steps are current), REFERENCE paths, the
+    outputs of the steps it depends on, the task, and what answer form passes.
+    """
+    parts = []
+    if plan.objective:
+        parts.append(f"Objective of the whole plan: {plan.objective}")
+    loads = [rel for rel, mode in plan.files_context.items() if mode == "LOAD"]
+    refs = [rel for rel, mode in plan.files_context.items() if mode == "REFERENCE"]
+    for rel in loads:
+        parts.append(f"File {rel}:\n```\n{read_context_file(plan.project / rel, rel)}\n```")  # type: ignore[operator]
+    if refs:
+        parts.append("Files you may refer to by name (not included): " + ", ".join(refs))
+    for dep in step.depends_on:
+        label = plan.steps[dep].label
+        parts.append(f"Output of {label}:\n```\n{outputs.get(dep, '')}\n```")
+    parts.append(f"Task:\n{step.prompt}")
+    if step.file_output:
+        parts.append(f"Your answer will be written to the file {step.file_output}.")
+    parts.append(describe_validation(step.validation))
+    return [{"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT},
+            {"role": "user", "content": "\n\n".join(p for p in parts if p)}]
+
+
+###############################################################################
+# 10. CLI
+###############################################################################
+
+
+def _env_help(var: str, default: Any) -> str:
+    return f"(env {var}; default {default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser: one action at most, plus shared settings."""
+    parser = argparse.ArgumentParser(
+        prog="bridge",
+        description="Run plans from the doobidoo memory store on a local OpenAI-compatible model. "
+                    "With no action flag, every pending plan runs, oldest first.",
+        epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
+               "server unusable, 70 internal error, 130 interrupted",
+    )
+    actions = parser.add_mutually_exclusive_group()
+    actions.add_argument("--plan", metavar="ID", help="run the plan with this id")
+    actions.add_argument("--list", action="store_true", help="list pending plans (id, objective, steps, created)")
+    actions.add_argument("--health", action="store_true",
+                         help="check the model server and the store; exit 0 only when both are usable")
+    parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
+    parser.add_argument("--rerun", action="store_true",
+                        help="with --plan: run a completed, failed, cancelled or stale plan again")
+    parser.add_argument("--json", dest="json_", action="store_true",
+                        help="print one JSON document on stdout (--list, --health, a run's summary)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
+    noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
+    settings = parser.add_argument_group("settings (a flag wins over its environment variable)")
+    settings.add_argument("--db", metavar="PATH", help=_env_help(
+        "BRIDGE_DB", "MCP_MEMORY_SQLITE_PATH, else the memory server's sqlite_vec.db, "
+                     "else ~/.mcp-memory-service/memories.db"))
+    settings.add_argument("--base-url", metavar="URL", help=_env_help("BRIDGE_BASE_URL", DEFAULT_BASE_URL))
+    settings.add_argument("--model", metavar="ID", help=_env_help(
+        "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
+    settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
+        "BRIDGE_TIMEOUT", f"{DEFAULT_TIMEOUT_S:g}") + ": to connect, or between two streamed chunks")
+    settings.add_argument("--retries", metavar="N", help=_env_help("BRIDGE_RETRIES", DEFAULT_RETRIES)
+                          + ": transport retries of one request (429, 5xx, connection errors)")
+    settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
+        "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}") + ": first backoff delay, doubled each retry")
+    settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
+        "BRIDGE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES) + ": a longer reply is cut and the attempt fails")
+    settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
+        "BRIDGE_STATE_DIR", "$XDG_STATE_HOME/bridge or ~/.local/state/bridge") + ": journals and backups")
+    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
+    return parser
+
+
+def _number(name: str, flag: str, raw: str | None, default: float, kind: type = float,
+            minimum: float = 0) -> Any:
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or value != value:
+        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number ≥ {minimum:g}, "
+                          f"got {raw!r}", f"fix {flag}")
+    return value
+
+
+def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+    """Resolve every setting once: flag, then environment variable, then default.
+
+    environ is passed in (tests give a plain dict). Raises ConfigError for a
+    value that cannot be used, naming it.
+    """
+    def pick(flag_value: Any, var: str) -> Any:
+        # flag first, then the environment; None means "use the default"
+        return flag_value if flag_value is not None else (environ.get(var) or None)
+
+    if db := pick(args.db, "BRIDGE_DB"):
+        db_paths: tuple[Path, ...] = (Path(db).expanduser(),)
+    else:
+        db_paths = tuple(default_db_candidates(environ))
+    state = pick(args.state_dir, "BRIDGE_STATE_DIR")
+    base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
+    if not re.match(r"^https?://[^/\s]+", base_url):
+        raise ConfigError(f"base URL {base_url!r} is not an http(s) URL",
+                          "pass e.g. --base-url http://localhost:1234/v1")
+    return Config(
+        db_paths=db_paths,
+        base_url=base_url.rstrip("/"),
+        model=pick(args.model, "BRIDGE_MODEL"),
+        timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
+                          pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
+        retries=_number("retries", "--retries or BRIDGE_RETRIES",
+                        pick(args.retries, "BRIDGE_RETRIES"), DEFAULT_RETRIES, int),
+        retry_delay_s=_number("retry delay", "--retry-delay or BRIDGE_RETRY_DELAY",
+                              pick(args.retry_delay, "BRIDGE_RETRY_DELAY"), DEFAULT_RETRY_DELAY_S),
+        max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
+                                 pick(args.max_output_bytes, "BRIDGE_MAX_OUTPUT_BYTES"),
+                                 DEFAULT_MAX_OUTPUT_BYTES, int, minimum=1),
+        state_dir=Path(state).expanduser() if state else default_state_dir(environ),
+        verbosity=0 if args.quiet else 2 if args.verbose else 1,
+        json=args.json_,
+        debug=args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0"),
+    )
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+def _created(record: PlanRecord) -> str:
+    if isinstance(record.created_at, (int, float)):
+        return iso_from_ts(record.created_at)[:19].replace("T", " ")
+    return str(record.created_at or "")[:19]
+
+
+def plan_summary(record: PlanRecord) -> dict:
+    """Return the --list row of a plan: id, status, objective, steps, created, row."""
+    return {"id": record.plan_id, "status": record.display_status, "objective": record.objective,
+            "steps": record.step_count, "created": _created(record), "row": record.row_id,
+            "error": record.state.get("error")}
+
+
+def cmd_list(config: Config, show_all: bool) -> int:
+    """Print the pending plans (or, with show_all, every plan and its status)."""
+    with Store.open(config) as store:
+        records = store.find_plans()
+    rows = [plan_summary(r) for r in records if show_all or r.status == "pending"]
+    if config.json:
+        _print_json({"db": str(store.path), "layout": store.layout, "plans": rows})
+        return EXIT_OK
+    if not rows:
+        print(f"no {'' if show_all else 'pending '}plans in {store.path}")
+        return EXIT_OK
+    width = max(len(r["id"]) for r in rows)
+    for r in rows:
+        status = f"{r['status']:<12}" if show_all else ""
+        print(f"{r['id']:<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  {r['objective']}")
+    return EXIT_OK
+
+
+def cmd_health(config: Config) -> int:
+    """Check the server and the store; print the report; 0 only when both work."""
+    report: dict[str, Any] = {"server": {"base_url": config.base_url}, "store": {}}
+    server_ok = store_ok = False
+    try:
+        with LLMClient(config) as client:
+            models = client.list_models()
+            report["server"].update(reachable=True, models=models, loaded=client.loaded_model())
+            server_ok = bool(models)
+            if not models:
+                report["server"]["error"] = "the server lists no models; download or load one"
+    except LLMError as exc:
+        report["server"].update(reachable=False, error=str(exc))
+    try:
+        with Store.open(config) as store:
+            report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts,
+                                   pending=store.pending_count())
+            store_ok = True
+    except StoreError as exc:
+        report["store"].update(error=str(exc), hint=exc.hint)
+    report["ok"] = server_ok and store_ok
+    if config.json:
+        _print_json(report)
+    else:
+        server, store_info = report["server"], report["store"]
+        if server_ok:
+            print(f"server  ok    {config.base_url} · {len(server['models'])} model(s) · "
+                  f"loaded: {server['loaded'] or 'none reported'}")
+        else:
+            print(f"server  FAIL  {server['error']}")
+        if store_ok:
+            print(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                  f"{store_info['pending']} pending plan(s)")
+        else:
+            print(f"store   FAIL  {store_info['error']}")
+    return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+def _pick_model(config: Config, client: LLMClient) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none."""
+    if config.model:
+        return config.model
+    model = client.loaded_model()
+    if not model:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return model
+
+
+def cmd_run(config: Config, plan_id: str | None, rerun: bool) -> int:
+    """Run one plan (plan_id) or every pending plan; print the summary.
+
+    Returns EXIT_OK when every plan run completed (or none was pending),
+    EXIT_PLAN_FAILED when one failed. Raises BridgeError when the store or the
+    server cannot be used, before any plan is claimed.
+    """
+    progress = Progress(config.verbosity)
+    with Store.open(config) as store:
+        if plan_id is None:
+            records = [r for r in store.find_plans() if r.status == "pending"]
+            allowed: tuple[str, ...] = ("pending",)
+            if not records:
+                progress.info(f"no pending plans in {store.path}")
+                if config.json:
+                    _print_json({"plans": []})
+                return EXIT_OK
+        else:
+            records = [store.get_plan(plan_id)]
+            allowed = _allowed_statuses(records[0], rerun)
+        results = []
+        with LLMClient(config, on_retry=lambda m: progress.info(f"  retrying: {m}")) as client:
+            model = _pick_model(config, client)
+            runner = Runner(config, store, client, model, progress)
+            for record in records:
+                result = runner.run_record(record, allowed)
+                if result is not None:
+                    results.append(result)
+    if config.json:
+        _print_json({"plans": results})
+    return EXIT_OK if all(r["success"] for r in results) else EXIT_PLAN_FAILED
+
+
+def _allowed_statuses(record: PlanRecord, rerun: bool) -> tuple[str, ...]:
+    """Return the statuses --plan may claim, or raise BridgeError saying what to do."""
+    status = record.display_status
+    if status == "pending":
+        return ("pending",)
+    if status == "in_progress":
+        owner = record.state.get("owner") or {}
+        raise BridgeError(f"plan {record.plan_id!r} is in progress (pid {owner.get('pid')} on "
+                          f"{owner.get('host')}, since {record.state.get('claimed_at')})",
+                          "wait for it to finish, or stop that process")
+    if not rerun:
+        raise BridgeError(f"plan {record.plan_id!r} is {status}",
+                          "pass --rerun to run it again")
+    return (status,)
+
+
+###############################################################################
+# 11. main()
+###############################################################################
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Run bridge with argv (default sys.argv[1:]); return the exit code.
+
+    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
+    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130; anything
+    else is a bug: "internal error", exit 70, the traceback only with --debug.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.all and not args.list:
+        parser.error("--all goes with --list")
+    if args.rerun and not args.plan:
+        parser.error("--rerun goes with --plan ID")
+    environ = dict(os.environ if environ is None else environ)
+    debug = args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
+    try:
+        config = resolve_config(args, environ)
+        if args.list:
+            return cmd_list(config, args.all)
+        if args.health:
+            return cmd_health(config)
+        return cmd_run(config, args.plan, args.rerun)
+    except BridgeError as exc:
+        print(f"bridge: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bridge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout was closed early (bridge --list | head): not an error worth a word
+        with _suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
+    except Exception:
+        if debug:
+            raise
+        print("bridge: internal error (a bug); run again with --debug to see the traceback",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def main_entry() -> None:
+    """Console-script entry point: install the SIGTERM handler, run main, exit."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

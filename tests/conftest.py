@@ -1,0 +1,76 @@
+"""Shared pytest fixtures for bridge's tests. Nothing here imports bridge."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+for _p in (str(TESTS), str(ROOT)):  # `import fakes` and `import bridge` work under any import mode
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from fakes import (  # noqa: E402  (re-exported for tests that import from conftest)
+    DATA, FIXTURE_PLAN_ID, FIXTURE_STORE, FakeLLM, check_store, content_hash, insert_memory,
+    insert_plan, iso_z, make_plan, make_store, read_rows,
+)
+
+_PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+_OTHER_VARS = ("SSL_CERT_FILE", "SSL_CERT_DIR", "MCP_MEMORY_SQLITE_PATH", "MCP_MEMORY_BASE_DIR",
+               "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(monkeypatch, tmp_path):
+    """No test sees the real user's proxies, certificates, bridge/memory settings or home."""
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name in _OTHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith("BRIDGE_"):
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
+@pytest.fixture(scope="session")
+def _fake_llm_server():
+    server = FakeLLM().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fake_llm(_fake_llm_server) -> FakeLLM:
+    """The session's FakeLLM, reset: empty queue, no recorded requests, default models."""
+    return _fake_llm_server.reset()
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    """A copy of the real 12.2.0 store (3 memories; row 2 is plan "fixture-hello")."""
+    return make_store(tmp_path / "store.db", "12.x")
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """An existing, empty project folder."""
+    p = tmp_path / "project"
+    p.mkdir()
+    return p
+
+
+@pytest.fixture
+def state_dir(tmp_path) -> Path:
+    """$XDG_STATE_HOME as set by _hermetic (tmp_path/"state"); not created."""
+    return tmp_path / "state"

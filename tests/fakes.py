@@ -1,0 +1,715 @@
+"""Test doubles for bridge: a real fake OpenAI-compatible HTTP server and real
+mcp-memory-service ("doobidoo") SQLite stores.
+
+Stdlib only. Nothing here imports bridge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATA", "FIXTURE_STORE", "FIXTURE_PLAN_ID", "LAYOUTS", "FAULTS",
+    "FakeLLM", "content_hash", "iso_z",
+    "make_store", "insert_memory", "insert_plan", "make_plan", "check_store", "read_rows",
+    "columns",
+]
+
+DATA = Path(__file__).parent / "data"
+FIXTURE_STORE = DATA / "doobidoo-12.2.0-store.db"
+FIXTURE_PLAN_ID = "fixture-hello"
+
+# --------------------------------------------------------------------------------------
+# Fake OpenAI-compatible server
+# --------------------------------------------------------------------------------------
+
+FAULTS = (
+    "drop", "delay", "stall", "cut", "not_json", "no_choices",
+    "sse_error", "empty_stream", "no_stream", "comments",
+)
+_DEFAULT_MODELS = ("fake-model",)
+_DEFAULT_LOADED = "fake-model"
+_CONN_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+
+
+def _split(text: str, size: int) -> list[str]:
+    if not text:
+        return []
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def _half(n: int) -> int:
+    """How many of n chunks a stall/cut sends: n // 2, but at least one when n >= 1."""
+    return max(1, n // 2) if n else 0
+
+
+def _prompt_chars(body: Any) -> int:
+    total = 0
+    if not isinstance(body, dict):
+        return 0
+    for msg in body.get("messages") or []:
+        if not isinstance(msg, dict):
+            continue
+        c = msg.get("content")
+        if isinstance(c, str):
+            total += len(c)
+        elif isinstance(c, list):
+            for part in c:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += len(part["text"])
+                elif isinstance(part, str):
+                    total += len(part)
+    return total
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    fake: "FakeLLM"
+
+    def handle_error(self, request, client_address):  # noqa: D401 - silence, but keep a record
+        import sys
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _CONN_ERRORS + (OSError,)):
+            return
+        self.fake.errors.append(repr(exc))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeLLM/1.0"
+    sys_version = ""
+    server: _Server
+
+    # -- plumbing ---------------------------------------------------------------------
+    def log_message(self, format, *args):  # noqa: A002 - silence
+        pass
+
+    def log_error(self, format, *args):  # noqa: A002
+        pass
+
+    def _read_body(self) -> bytes:
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if "chunked" in te:
+            out = b""
+            while True:
+                line = self.rfile.readline()
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n > 0 else b""
+
+    def _record(self, raw: bytes) -> dict:
+        parsed = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = None
+        rec = {
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "json": parsed,
+            "body": raw.decode("utf-8", "replace"),
+        }
+        fake = self.server.fake
+        with fake._lock:
+            fake.requests.append(rec)
+        return rec
+
+    def _send(self, status: int, body: bytes | str | dict | list, *,
+              content_type: str = "application/json", extra: dict | None = None) -> None:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        self.send_response(status)
+        hdrs = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        for k, v in (extra or {}).items():
+            for existing in list(hdrs):
+                if existing.lower() == k.lower():
+                    del hdrs[existing]
+            hdrs[k] = str(v)
+        for k, v in hdrs.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _start_sse(self, extra: dict | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        for k, v in (extra or {}).items():
+            self.send_header(k, str(v))
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+
+    def _event(self, data: Any) -> None:
+        payload = data if isinstance(data, str) else json.dumps(data)
+        self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
+        self.wfile.flush()
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except _CONN_ERRORS:
+            self.close_connection = True
+
+    # -- routes ------------------------------------------------------------------------
+    def do_GET(self):  # noqa: N802
+        self._guard(self._get)
+
+    def do_POST(self):  # noqa: N802
+        self._guard(self._post)
+
+    def _get(self) -> None:
+        raw = self._read_body()
+        self._record(raw)
+        fake = self.server.fake
+        path = self.path.split("?", 1)[0].rstrip("/")
+        models = list(fake.models)
+        if path == "/v1/models":
+            self._send(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "fake"} for m in models]})
+        elif path == "/api/v0/models" and fake.lmstudio:
+            data = []
+            for m in models:
+                item = {"id": m, "object": "model", "type": "llm",
+                        "state": "loaded" if m == fake.loaded else "not-loaded",
+                        "max_context_length": 4096}
+                if m == fake.loaded:
+                    item["loaded_context_length"] = 4096
+                data.append(item)
+            self._send(200, {"object": "list", "data": data})
+        else:
+            self._not_found()
+
+    def _not_found(self) -> None:
+        self._send(404, {"error": {"message": f"fake server: no route {self.command} {self.path}",
+                                   "type": "not_found_error"}})
+
+    def _post(self) -> None:
+        raw = self._read_body()
+        rec = self._record(raw)
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path != "/v1/chat/completions":
+            self._not_found()
+            return
+        fake = self.server.fake
+        with fake._lock:
+            reply = fake._queue.pop(0) if fake._queue else None
+        if reply is None:
+            self._send(400, {"error": {"message": "fake server: no scripted reply queued",
+                                       "type": "invalid_request_error"}})
+            return
+        self._play(reply, rec["json"] if isinstance(rec["json"], dict) else {})
+
+    # -- scripted replies -------------------------------------------------------------
+    def _play(self, r: dict, req: dict) -> None:
+        fault = r["fault"]
+        extra = dict(r["headers"] or {})
+        if r["retry_after"] is not None:
+            extra["Retry-After"] = str(r["retry_after"])
+
+        if fault == "drop":
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if fault == "delay":
+            time.sleep(r["delay_s"])
+
+        if r["error_body"] is not None:
+            self._send(r["status"], r["error_body"], extra=extra)
+            return
+        if r["status"] != 200:
+            self._send(r["status"], {"error": {"message": r["error"] or "fake error",
+                                               "type": "server_error", "code": r["status"]}},
+                       extra=extra)
+            return
+        if fault == "not_json":
+            self._send(200, "<html>oops</html>", extra=extra)
+            return
+
+        model = req.get("model") or (self.server.fake.models[0] if self.server.fake.models else "fake-model")
+        content = r["content"]
+        pieces = _split(content, r["chunk_size"])
+        reasoning = _split(r["reasoning"] or "", r["chunk_size"])
+        prompt_tokens = _prompt_chars(req) // 4 + 1
+        streaming = bool(req.get("stream"))
+
+        if fault == "no_stream" or (not streaming and fault in (None, "delay")):
+            self._send(200, self._completion(r, model, len(pieces), prompt_tokens), extra=extra)
+            return
+        if not streaming and fault in ("stall", "cut"):
+            body = json.dumps(self._completion(r, model, len(pieces), prompt_tokens)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in extra.items():
+                self.send_header(k, str(v))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            if fault == "stall":
+                time.sleep(r["delay_s"])
+            return
+
+        # Everything below is a text/event-stream reply that ends by closing.
+        self._start_sse(extra)
+        if fault == "empty_stream":
+            self._event("[DONE]")
+            return
+        if fault == "sse_error":
+            msg = r["error"] or "Input does not fit in context length."
+            self.wfile.write(("event: error\ndata: " + json.dumps({"error": {"message": msg}}) + "\n\n").encode())
+            self.wfile.flush()
+            return
+        if fault == "no_choices":
+            for _ in range(max(1, len(pieces))):
+                self._event({"id": "x", "object": "chat.completion.chunk"})
+            self._event("[DONE]")
+            return
+
+        def chunk(delta: dict, finish=None) -> dict:
+            return {"id": "x", "object": "chat.completion.chunk", "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        events: list[Any] = []
+        for p in reasoning:
+            events.append(chunk({"reasoning_content": p, "reasoning": p}))
+        content_events = [chunk({"content": p}) for p in pieces]
+        if fault in ("stall", "cut"):
+            content_events = content_events[: _half(len(content_events))]
+        events.extend(content_events)
+        if events:
+            events[0]["choices"][0]["delta"] = {"role": "assistant", **events[0]["choices"][0]["delta"]}
+        if fault not in ("stall", "cut"):
+            events.append(chunk({}, "stop"))
+            so = req.get("stream_options")
+            if r["usage"] and isinstance(so, dict) and so.get("include_usage"):
+                c = len(pieces)
+                events.append({"id": "x", "object": "chat.completion.chunk", "model": model, "choices": [],
+                               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": c,
+                                         "total_tokens": prompt_tokens + c}})
+            events.append("[DONE]")
+
+        for i, ev in enumerate(events):
+            if fault == "comments" and i > 0:
+                self.wfile.write(b": ping\n\n")
+            self._event(ev)
+        if fault == "stall":
+            time.sleep(r["delay_s"])
+
+    @staticmethod
+    def _completion(r: dict, model: str, n_chunks: int, prompt_tokens: int) -> dict:
+        msg: dict[str, Any] = {"role": "assistant", "content": r["content"]}
+        if r["reasoning"] is not None:
+            msg["reasoning_content"] = r["reasoning"]
+            msg["reasoning"] = r["reasoning"]
+        out: dict[str, Any] = {"id": "x", "object": "chat.completion", "model": model,
+                               "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}
+        if r["usage"]:
+            out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n_chunks,
+                            "total_tokens": prompt_tokens + n_chunks}
+        return out
+
+
+class FakeLLM:
+    """A real HTTP server on 127.0.0.1:<free port> speaking the OpenAI chat API."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[dict] = []
+        self.requests: list[dict] = []
+        self.errors: list[str] = []
+        self.models: list[str] = list(_DEFAULT_MODELS)
+        self.loaded: str | None = _DEFAULT_LOADED
+        self.lmstudio: bool = True
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> "FakeLLM":
+        if self._server is not None:
+            return self
+        srv = _Server(("127.0.0.1", 0), _Handler)
+        srv.fake = self
+        self._server = srv
+        self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="FakeLLM", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        srv, self._server = self._server, None
+        if srv is None:
+            return
+        srv.shutdown()
+        srv.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "FakeLLM":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("FakeLLM is not started")
+        return self._server.server_address[1]
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.root + "/v1"
+
+    # -- scripting --------------------------------------------------------------------
+    def reset(self) -> "FakeLLM":
+        with self._lock:
+            self._queue.clear()
+            self.requests.clear()
+            self.errors.clear()
+        self.models = list(_DEFAULT_MODELS)
+        self.loaded = _DEFAULT_LOADED
+        self.lmstudio = True
+        return self
+
+    def enqueue(self, content: str = "", *, status: int = 200, error: str | None = None,
+                error_body: str | dict | None = None, retry_after: Any = None,
+                headers: dict | None = None, usage: bool = True, chunk_size: int = 8,
+                reasoning: str | None = None, fault: str | None = None,
+                delay_s: float = 1.0) -> "FakeLLM":
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        reply = {"content": content, "status": int(status), "error": error, "error_body": error_body,
+                 "retry_after": retry_after, "headers": dict(headers or {}), "usage": bool(usage),
+                 "chunk_size": int(chunk_size), "reasoning": reasoning, "fault": fault,
+                 "delay_s": float(delay_s)}
+        with self._lock:
+            self._queue.append(reply)
+        return self
+
+    @property
+    def pending(self) -> int:
+        """Number of scripted replies not yet played."""
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def chat_requests(self) -> list[dict]:
+        with self._lock:
+            return [r for r in self.requests
+                    if r["method"] == "POST" and r["path"].split("?", 1)[0].rstrip("/") == "/v1/chat/completions"]
+
+
+# --------------------------------------------------------------------------------------
+# doobidoo (mcp-memory-service) stores
+# --------------------------------------------------------------------------------------
+
+# DDL copied verbatim from the store mcp-memory-service 12.2.0 made (tests/data).
+_DDL_METADATA = """CREATE TABLE metadata (
+                key TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            )"""
+
+_DDL_MEMORIES_10 = """CREATE TABLE memories (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        content_hash TEXT UNIQUE NOT NULL,
+                        content TEXT NOT NULL,
+                        tags TEXT,
+                        memory_type TEXT,
+                        metadata TEXT,
+                        created_at REAL,
+                        updated_at REAL,
+                        created_at_iso TEXT,
+                        updated_at_iso TEXT,
+                        deleted_at REAL DEFAULT NULL
+                    )"""
+
+_DDL_MEMORIES_12 = """CREATE TABLE memories (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        content_hash TEXT UNIQUE NOT NULL,
+                        content TEXT NOT NULL,
+                        tags TEXT,
+                        memory_type TEXT,
+                        metadata TEXT,
+                        created_at REAL,
+                        updated_at REAL,
+                        created_at_iso TEXT,
+                        updated_at_iso TEXT,
+                        deleted_at REAL DEFAULT NULL
+                    , store TEXT DEFAULT 'default', parent_id TEXT, version INTEGER DEFAULT 1, confidence REAL DEFAULT 1.0, last_accessed INTEGER, superseded_by TEXT, embedding_pending INTEGER NOT NULL DEFAULT 0)"""
+
+_DDL_INDEXES_10 = [
+    "CREATE INDEX idx_content_hash ON memories(content_hash)",
+    "CREATE INDEX idx_created_at ON memories(created_at)",
+    "CREATE INDEX idx_memory_type ON memories(memory_type)",
+    "CREATE INDEX idx_deleted_at ON memories(deleted_at)",
+]
+_DDL_INDEXES_12 = _DDL_INDEXES_10 + [
+    "CREATE INDEX idx_memories_embedding_pending ON memories(embedding_pending)",
+]
+
+_DDL_FTS = """CREATE VIRTUAL TABLE memory_content_fts USING fts5(
+                    content,
+                    content='memories',
+                    content_rowid='id',
+                    tokenize='trigram'
+                )"""
+
+_DDL_TRIGGERS = [
+    """CREATE TRIGGER memories_fts_ai AFTER INSERT ON memories
+                BEGIN
+                    INSERT INTO memory_content_fts(rowid, content)
+                    VALUES (new.id, new.content);
+                END""",
+    """CREATE TRIGGER memories_fts_au AFTER UPDATE ON memories
+                BEGIN
+                    DELETE FROM memory_content_fts WHERE rowid = old.id;
+                    INSERT INTO memory_content_fts(rowid, content)
+                    VALUES (new.id, new.content);
+                END""",
+    """CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories
+                BEGIN
+                    DELETE FROM memory_content_fts WHERE rowid = old.id;
+                END""",
+]
+
+_DDL_ORIGINAL = "CREATE TABLE memories (id TEXT PRIMARY KEY, content TEXT NOT NULL, metadata TEXT, created_at TEXT)"
+
+LAYOUTS = ("12.x", "12.x-fresh", "10.x", "original")
+
+
+def content_hash(content: str) -> str:
+    """The server's hash: sha256 of the stripped, lowercased content."""
+    return hashlib.sha256(content.strip().lower().encode("utf-8")).hexdigest()
+
+
+def iso_z(ts: float) -> str:
+    """The server's `_iso` format: naive UTC isoformat + 'Z'."""
+    return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None).isoformat() + "Z"
+
+
+def _connect(path: str | Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=5.0)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def columns(path: str | Path, table: str = "memories") -> list[str]:
+    """Column names of `table` (PRAGMA table_info order)."""
+    conn = _connect(path)
+    try:
+        return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+    finally:
+        conn.close()
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
+
+
+def make_store(path: str | Path, layout: str = "12.x") -> Path:
+    """Create a store at `path` in one of LAYOUTS and return its Path.
+
+    12.x        copy of the real 12.2.0 store (3 memories, plan "fixture-hello" at row 2)
+    12.x-fresh  empty; memories/metadata/FTS/triggers/indexes DDL of 12.2.0, no vec0 table
+    10.x        empty; memories up to deleted_at, same FTS table and triggers
+    original    empty; the original script's memories(id TEXT PK, content, metadata, created_at TEXT)
+    """
+    path = Path(path)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
+    if path.exists():
+        raise FileExistsError(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if layout == "12.x":
+        shutil.copyfile(FIXTURE_STORE, path)  # copyfile: the copy is writable
+        return path
+    conn = _connect(path)
+    try:
+        with conn:
+            if layout == "original":
+                conn.execute(_DDL_ORIGINAL)
+            else:
+                fresh12 = layout == "12.x-fresh"
+                conn.execute(_DDL_METADATA)
+                conn.execute(_DDL_MEMORIES_12 if fresh12 else _DDL_MEMORIES_10)
+                for ddl in (_DDL_INDEXES_12 if fresh12 else _DDL_INDEXES_10):
+                    conn.execute(ddl)
+                conn.execute(_DDL_FTS)
+                for ddl in _DDL_TRIGGERS:
+                    conn.execute(ddl)
+    finally:
+        conn.close()
+    return path
+
+
+def _tags_list(tags: Any) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        return [t for t in tags.split(",") if t]
+    return [str(t) for t in tags]
+
+
+def insert_memory(path: str | Path, content: str, *, tags: Any = "", memory_type: str = "note",
+                  metadata: dict | str | None = None, created_at: float | None = None,
+                  deleted_at: float | None = None, superseded_by: str | None = None) -> int | str:
+    """Insert one memory the way the server writes it; return its row id.
+
+    `tags` is a comma-joined string (stored verbatim) or a list (joined with ',').
+    On the "original" layout the id is a uuid4 hex string (returned), `created_at` an
+    ISO string, and tags/type go into metadata as {"tags": [...], "type": memory_type}.
+    Only columns the layout has are written; asking for deleted_at/superseded_by on a
+    layout without that column raises ValueError.
+    """
+    ts = time.time() if created_at is None else float(created_at)
+    cols = set(columns(path))
+    if not cols:
+        raise ValueError(f"{path}: no memories table")
+    if isinstance(metadata, str):
+        meta_obj = json.loads(metadata)
+    else:
+        meta_obj = dict(metadata or {})
+    conn = _connect(path)
+    try:
+        if "content_hash" not in cols:  # the original script's layout
+            if deleted_at is not None or superseded_by is not None:
+                raise ValueError("the original layout has no deleted_at/superseded_by column")
+            meta_obj = {**meta_obj, "tags": _tags_list(tags), "type": memory_type}
+            row_id = uuid.uuid4().hex
+            with conn:
+                conn.execute("INSERT INTO memories (id, content, metadata, created_at) VALUES (?, ?, ?, ?)",
+                             (row_id, content, json.dumps(meta_obj), iso_z(ts)))
+            return row_id
+        tag_str = tags if isinstance(tags, str) else ",".join(_tags_list(tags))
+        row: dict[str, Any] = {
+            "content_hash": content_hash(content),
+            "content": content,
+            "tags": tag_str,
+            "memory_type": memory_type,
+            "metadata": metadata if isinstance(metadata, str) else json.dumps(meta_obj),
+            "created_at": ts,
+            "updated_at": ts,
+            "created_at_iso": iso_z(ts),
+            "updated_at_iso": iso_z(ts),
+        }
+        for name, value in (("deleted_at", deleted_at), ("superseded_by", superseded_by)):
+            if value is not None:
+                if name not in cols:
+                    raise ValueError(f"this layout has no {name} column")
+                row[name] = value
+        if "store" in cols:
+            row["store"] = "default"
+        if "embedding_pending" in cols:
+            row["embedding_pending"] = 0
+        names = [k for k in row if k in cols]
+        sql = f"INSERT INTO memories ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
+        with conn:
+            cur = conn.execute(sql, [row[k] for k in names])
+        return cur.lastrowid
+    finally:
+        conn.close()
+
+
+def insert_plan(path: str | Path, plan: dict, *, compact: bool = False,
+                created_at: float | None = None, **kw: Any) -> int | str:
+    """Store `plan` as JSON content (indent=2, or compact) tagged bridge-plan / planning."""
+    content = json.dumps(plan, separators=(",", ":") if compact else None, indent=None if compact else 2)
+    kw.setdefault("tags", "bridge-plan")
+    kw.setdefault("memory_type", "planning")
+    return insert_memory(path, content, created_at=created_at, **kw)
+
+
+def make_plan(id: str = "p1", steps: list | None = None, **fields: Any) -> dict:  # noqa: A002
+    """A valid bridge-plan-v1 dict; extra keyword fields are merged in (and may override)."""
+    return {"$schema": "bridge-plan-v1", "id": id, "status": "pending",
+            "context": {"objective": "test plan"},
+            "steps": steps or [{"id": 1, "prompt": "Say hi"}], **fields}
+
+
+def check_store(path: str | Path) -> None:
+    """Assert the store is still valid (raises AssertionError otherwise):
+    integrity_check ok; FTS integrity-check passes (when the FTS table exists); every live
+    row's content_hash matches its content (not on the original layout); every metadata
+    is NULL or a JSON object."""
+    path = Path(path)
+    assert path.exists(), f"store {path} does not exist"
+    conn = _connect(path)
+    try:
+        res = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        assert res == ["ok"], f"PRAGMA integrity_check: {res}"
+        if _has_table(conn, "memory_content_fts"):
+            try:
+                conn.execute("INSERT INTO memory_content_fts(memory_content_fts, rank) VALUES('integrity-check', 1)")
+            except sqlite3.DatabaseError as e:
+                raise AssertionError(f"FTS integrity-check failed: {e}") from None
+            finally:
+                conn.rollback()
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(memories)")]
+        assert cols, "no memories table"
+        if "content_hash" in cols:
+            where = " WHERE deleted_at IS NULL" if "deleted_at" in cols else ""
+            for rid, h, content in conn.execute(f"SELECT id, content_hash, content FROM memories{where}"):
+                assert h == content_hash(content), f"row {rid}: content_hash does not match content"
+        for rid, meta in conn.execute("SELECT id, metadata FROM memories"):
+            if meta is None:
+                continue
+            try:
+                obj = json.loads(meta)
+            except ValueError:
+                raise AssertionError(f"row {rid}: metadata is not JSON: {meta!r}") from None
+            assert isinstance(obj, dict), f"row {rid}: metadata is not a JSON object: {meta!r}"
+    finally:
+        conn.close()
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """All memories rows (ordered by rowid) as dicts; parsed metadata under "metadata_obj"."""
+    conn = _connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = [dict(r) for r in conn.execute("SELECT * FROM memories ORDER BY rowid")]
+    finally:
+        conn.close()
+    for r in rows:
+        meta = r.get("metadata")
+        try:
+            r["metadata_obj"] = json.loads(meta) if meta is not None else None
+        except ValueError:
+            r["metadata_obj"] = None
+    return rows
