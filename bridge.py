@@ -840,9 +840,9 @@ def _build_plan(plan: dict) -> Plan:
     steps = {}
     for raw in plan["steps"]:
         overrides = {k: raw.get(k, defaults.get(k)) for k in _STEP_OVERRIDES}
-        steps[raw["id"]] = Step(
-            id=raw["id"], prompt=raw["prompt"], title=raw.get("title", ""),
-            depends_on=tuple(raw.get("depends_on", ())),
+        steps[int(raw["id"])] = Step(
+            id=int(raw["id"]), prompt=raw["prompt"], title=raw.get("title", ""),
+            depends_on=tuple(int(dep) for dep in raw.get("depends_on", ())),
             validation=raw.get("validation", dict(DEFAULT_VALIDATION)),
             max_retries=raw.get("max_retries", DEFAULT_MAX_RETRIES),
             on_failure=raw.get("on_failure", DEFAULT_ON_FAILURE),
@@ -1850,12 +1850,13 @@ def read_context_file(path: Path, rel: str) -> str:
     if b"\x00" in data:
         return "(binary file, not included)"
     cut = len(data) > LOAD_FILE_MAX_BYTES
-    text = data[:LOAD_FILE_MAX_BYTES].decode("utf-8", "ignore" if cut else "strict") if cut else None
-    if text is None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
+    data = data[:LOAD_FILE_MAX_BYTES]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
             return "(not UTF-8 text, not included)"
+        text = data[:exc.start].decode("utf-8")
     if cut:
         text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
     return text
@@ -1894,8 +1895,8 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str]) -> list[dict
 ###############################################################################
 
 
-def _env_help(var: str, default: Any) -> str:
-    return f"(env {var}; default {default})"
+def _env_help(what: str, var: str, default: Any) -> str:
+    return f"{what} (env {var}; default {default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1923,21 +1924,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
     settings = parser.add_argument_group("settings (a flag wins over its environment variable)")
     settings.add_argument("--db", metavar="PATH", help=_env_help(
-        "BRIDGE_DB", "MCP_MEMORY_SQLITE_PATH, else the memory server's sqlite_vec.db, "
-                     "else ~/.mcp-memory-service/memories.db"))
-    settings.add_argument("--base-url", metavar="URL", help=_env_help("BRIDGE_BASE_URL", DEFAULT_BASE_URL))
+        "the memory store file", "BRIDGE_DB", "MCP_MEMORY_SQLITE_PATH, else the memory server's "
+        "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"))
+    settings.add_argument("--base-url", metavar="URL", help=_env_help(
+        "the OpenAI-compatible server", "BRIDGE_BASE_URL", DEFAULT_BASE_URL))
     settings.add_argument("--model", metavar="ID", help=_env_help(
-        "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
+        "the model to use", "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
     settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
-        "BRIDGE_TIMEOUT", f"{DEFAULT_TIMEOUT_S:g}") + ": to connect, or between two streamed chunks")
-    settings.add_argument("--retries", metavar="N", help=_env_help("BRIDGE_RETRIES", DEFAULT_RETRIES)
-                          + ": transport retries of one request (429, 5xx, connection errors)")
+        "seconds a request waits to connect or for the next streamed chunk", "BRIDGE_TIMEOUT",
+        f"{DEFAULT_TIMEOUT_S:g}"))
+    settings.add_argument("--retries", metavar="N", help=_env_help(
+        "retries of one request after 429, 5xx or a connection error", "BRIDGE_RETRIES", DEFAULT_RETRIES))
     settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
-        "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}") + ": first backoff delay, doubled each retry")
+        "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
     settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
-        "BRIDGE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES) + ": a longer reply is cut and the attempt fails")
+        "a longer reply is cut and its attempt fails", "BRIDGE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES))
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
-        "BRIDGE_STATE_DIR", "$XDG_STATE_HOME/bridge or ~/.local/state/bridge") + ": journals and backups")
+        "bridge's own journals and backups", "BRIDGE_STATE_DIR",
+        "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
     parser.add_argument("--version", action="version", version=f"bridge {__version__}")
     return parser
 
