@@ -143,8 +143,8 @@ class Config:
     the only candidate). timeout_s: seconds to wait to connect or for the server's
     next byte. retries / retry_delay_s: transport retries of one request and the
     first backoff delay (seconds). max_output_bytes: a streamed reply past this many
-    bytes is cut and the attempt fails. verbosity: 0 errors only, 1 progress,
-    2 prompts and outputs.
+    bytes is cut and the attempt fails. structured: ask the server for constrained
+    JSON on JSON steps. verbosity: 0 errors only, 1 progress, 2 prompts and outputs.
     """
 
     db_paths: tuple[Path, ...]
@@ -155,6 +155,7 @@ class Config:
     retries: int = DEFAULT_RETRIES
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    structured: bool = True
     verbosity: int = 1
     json: bool = False
     debug: bool = False
@@ -341,6 +342,34 @@ _LAYOUT_COLUMNS = {
 }
 
 
+# The 12.x layout as mcp-memory-service 12.2.0 creates it (storage/sqlite_vec.py),
+# without the vec0 embeddings table: that needs the sqlite-vec extension, and the
+# server creates it (IF NOT EXISTS) when it opens the file.
+STORE_DDL_12 = """
+CREATE TABLE memories (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, content_hash TEXT UNIQUE NOT NULL,
+    content TEXT NOT NULL, tags TEXT, memory_type TEXT, metadata TEXT,
+    created_at REAL, updated_at REAL, created_at_iso TEXT, updated_at_iso TEXT,
+    deleted_at REAL DEFAULT NULL, store TEXT DEFAULT 'default', parent_id TEXT,
+    version INTEGER DEFAULT 1, confidence REAL DEFAULT 1.0, last_accessed INTEGER,
+    superseded_by TEXT, embedding_pending INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX idx_content_hash ON memories(content_hash);
+CREATE INDEX idx_created_at ON memories(created_at);
+CREATE INDEX idx_memory_type ON memories(memory_type);
+CREATE INDEX idx_deleted_at ON memories(deleted_at);
+CREATE INDEX idx_memories_embedding_pending ON memories(embedding_pending);
+CREATE VIRTUAL TABLE memory_content_fts USING fts5(
+    content, content='memories', content_rowid='id', tokenize='trigram');
+CREATE TRIGGER memories_fts_ai AFTER INSERT ON memories BEGIN
+    INSERT INTO memory_content_fts(rowid, content) VALUES (new.id, new.content); END;
+CREATE TRIGGER memories_fts_au AFTER UPDATE ON memories BEGIN
+    DELETE FROM memory_content_fts WHERE rowid = old.id;
+    INSERT INTO memory_content_fts(rowid, content) VALUES (new.id, new.content); END;
+CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories BEGIN
+    DELETE FROM memory_content_fts WHERE rowid = old.id; END;
+"""
+
+
 @dataclass
 class PlanRecord:
     """One plan memory as read from the store.
@@ -447,6 +476,35 @@ class Store:
             raise StoreError(f"unsupported store layout in {path} ({shown})",
                              "bridge reads mcp-memory-service 10.x/12.x stores and the original bridge layout")
         return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL)
+
+    @staticmethod
+    def create(path: Path) -> None:
+        """Create an empty store at path in the memory server's 12.x layout.
+
+        Raises StoreError when path exists or cannot be written.
+        """
+        if path.exists():
+            raise StoreError(f"cannot create a store at {path}: the file exists")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path)
+            try:
+                conn.executescript(STORE_DDL_12)
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot create a store at {path}: {exc}") from exc
+
+    def submit(self, plan: dict) -> str:
+        """Store a plan as a new memory (memory_type planning, tag bridge-plan).
+
+        Returns its content_hash. Raises StoreError when a live plan already has
+        this id, or identical content is already stored.
+        """
+        if any(r.plan_id == plan.get("id") for r in self.find_plans()):
+            raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path}")
+        content = json.dumps(plan, ensure_ascii=False, indent=2)
+        return self._write(lambda: self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {}))
 
     def __enter__(self) -> "Store":
         return self
@@ -951,6 +1009,29 @@ def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, st
         yield event, "\n".join(data)
 
 
+RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
+    # OpenAI's form: LM Studio, llama.cpp's llama-server, vLLM and Ollama accept it
+    # (lmstudio.ai/docs/developer/openai-compat/structured-output; llama.cpp
+    # tools/server/README.md; vllm protocol.py; ollama openai/openai.go).
+    lambda schema: {"type": "json_schema",
+                    "json_schema": {"name": "step_output", "schema": schema}},
+    # llama-cpp-python's form (llama_cpp/llama_types.py); LM Studio 400s on it.
+    lambda schema: {"type": "json_object", "schema": schema},
+)
+
+
+def _refuses_response_format(exc: LLMError) -> bool:
+    """Tell whether an error is the server refusing our response_format.
+
+    LM Studio: 400 "'response_format.type' must be 'json_schema'"; llama-cpp-python:
+    500 with a validation error naming 'text' or 'json_object'.
+    """
+    status = getattr(exc, "status", None)
+    text = str(exc).lower()
+    return status in (400, 422, 500) and not exc.context_overflow and any(
+        word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
+
+
 class LLMClient:
     """A chat-completions client for one OpenAI-compatible server.
 
@@ -970,6 +1051,8 @@ class LLMClient:
         self.base_url = config.base_url.rstrip("/")
         self._sleep = sleep
         self._on_retry = on_retry or (lambda message: None)
+        # index into RESPONSE_FORMS of the first form this server has not refused
+        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
         # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
         self.http = httpx.Client(timeout=timeout, trust_env=False)
@@ -1028,14 +1111,18 @@ class LLMClient:
 
     def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
              max_tokens: int | None = None, timeout_s: float | None = None,
+             json_schema: dict | None = None,
              on_delta: Callable[[str], None] | None = None) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
         messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
         is called with each piece of streamed text. timeout_s overrides the
-        client's timeout (seconds) for this request. Transient failures are
-        retried as the class says, unless output had already streamed. Raises
-        LLMError (never an httpx exception) when the request finally fails.
+        client's timeout (seconds) for this request. json_schema: ask for JSON
+        constrained by this schema (see RESPONSE_FORMS); a form the server refuses
+        is dropped for the rest of this client's life and the request is resent at
+        once, without counting as a retry. Transient failures are retried as the
+        class says, unless output had already streamed. Raises LLMError (never an
+        httpx exception) when the request finally fails.
         """
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
@@ -1043,13 +1130,32 @@ class LLMClient:
             payload["temperature"] = temperature
         if max_tokens is not None:
             payload["max_tokens"] = max_tokens
+        while True:
+            form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
+                self.structured_level < len(RESPONSE_FORMS) else None
+            if form is None:
+                payload.pop("response_format", None)
+            else:
+                payload["response_format"] = form(json_schema)
+            try:
+                return self._send_with_retries(payload, timeout_s, on_delta)
+            except LLMHTTPError as exc:
+                if form is None or not _refuses_response_format(exc):
+                    raise
+                self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
+                               f"({clip(str(exc), 160, 'message')}); trying the next form")
+                self.structured_level += 1
+
+    def _send_with_retries(self, payload: dict, timeout_s: float | None,
+                           on_delta: Callable[[str], None] | None) -> Completion:
         deadline = time.monotonic() + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
             received: list[str] = []
             try:
                 return self._stream_once(payload, timeout_s, on_delta, received)
             except LLMError as exc:
-                if not exc.transient or received or retry == self.config.retries:
+                if not exc.transient or received or retry == self.config.retries \
+                        or ("response_format" in payload and _refuses_response_format(exc)):
                     raise
                 delay = exc.retry_after_s
                 if delay is None:
@@ -1335,6 +1441,22 @@ def _check_syntax(text: str, language: str) -> str:
     except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
         raise OutputInvalid(f"{language} does not parse: {exc}") from exc
     return code if code.endswith("\n") else code + "\n"
+
+
+def output_schema(validation: dict) -> dict | None:
+    """Return the JSON Schema a step's output must meet, for constrained decoding.
+
+    None for steps whose output is not JSON (non_empty, syntax_check, regex).
+    """
+    kind = validation.get("type")
+    if kind == "json":
+        return {}
+    if kind == "contains_keys":
+        return {"type": "object", "properties": {key: {} for key in validation["keys"]},
+                "required": list(validation["keys"])}
+    if kind == "json_schema":
+        return validation["schema"] if isinstance(validation["schema"], dict) else {}
+    return None
 
 
 def describe_validation(validation: dict) -> str:
@@ -1746,7 +1868,7 @@ class Runner:
         try:
             reply = self.client.chat(messages, model=model, temperature=step.temperature,
                                      max_tokens=step.max_tokens, timeout_s=step.timeout_s,
-                                     on_delta=on_delta)
+                                     json_schema=output_schema(step.validation), on_delta=on_delta)
         except LLMError as exc:
             return AttemptError.from_request(exc)
         _add_usage(result, reply, messages, pieces[0])
@@ -1939,6 +2061,10 @@ def build_parser() -> argparse.ArgumentParser:
         "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
     settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
         "a longer reply is cut and its attempt fails", "BRIDGE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES))
+    settings.add_argument("--no-structured", dest="structured", action="store_false", default=None,
+                          help="never ask the server for constrained JSON (response_format) "
+                               "(env BRIDGE_STRUCTURED=0; default: ask on json, contains_keys "
+                               "and json_schema steps)")
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
         "bridge's own journals and backups", "BRIDGE_STATE_DIR",
         "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
@@ -1992,6 +2118,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
                                  pick(args.max_output_bytes, "BRIDGE_MAX_OUTPUT_BYTES"),
                                  DEFAULT_MAX_OUTPUT_BYTES, int, minimum=1),
+        structured=args.structured if args.structured is not None
+        else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
         state_dir=Path(state).expanduser() if state else default_state_dir(environ),
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         json=args.json_,
