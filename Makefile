@@ -1,12 +1,21 @@
-# bridge: make test (default), make demo, make clean
+# bridge — make test (default), make demo, make test-real, make bench, make clean
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test venv clean
+.PHONY: test demo test-real bench clean
 
 test: $(BIN)/.test-installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+demo: $(BIN)/.demo-installed
+	$(BIN)/python examples/demo.py
+
+test-real: $(BIN)/.demo-installed $(BIN)/.test-installed
+	$(BIN)/python -m pytest -q -m real_model -rs
+
+bench: $(BIN)/.demo-installed
+	$(BIN)/python bench/real_model.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,5 +25,10 @@ $(BIN)/.test-installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# The first time, pip compiles llama.cpp (llama-cpp-python): several minutes.
+$(BIN)/.demo-installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -1162,8 +1162,9 @@ class LLMClient:
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
                     delay *= random.uniform(0.5, 1.0)
                 if time.monotonic() + delay > deadline:
-                    raise LLMError(f"{exc} (a retry in {delay:.0f} s would pass the "
-                                   f"{RETRY_BUDGET_S:.0f} s retry budget)", exc.hint) from exc
+                    exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
+                                f"{RETRY_BUDGET_S:.0f} s retry budget)",)
+                    raise exc
                 self._on_retry(f"{exc}; retry {retry + 1}/{self.config.retries} in {delay:.1f} s")
                 self._sleep(delay)
         raise AssertionError("unreachable")
