@@ -1291,7 +1291,10 @@ def _usage(value: Any) -> dict | None:
 ###############################################################################
 
 _THINK = re.compile(r"^\s*<think>.*?(?:</think>|\Z)\s*", re.DOTALL)
-_FENCE_OPEN = re.compile(r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$")
+_FENCE_OPEN = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$")
+# after prose on the same line ("Here it is: ```json"), a fence counts only when
+# nothing but a tag follows it, so prose that mentions ``` is not a fence
+_FENCE_AFTER_TEXT = re.compile(r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$")
 LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
                     "toml": {"toml"}}
 
@@ -1308,15 +1311,16 @@ def strip_think(text: str) -> str:
 def find_fences(text: str) -> list[tuple[str, str]]:
     """Return every fenced block of text as (language tag lowercased, code).
 
-    An opening fence is ``` or ~~~ (three or more), anywhere on a line; text before
-    it on that line and words after its tag are ignored. The block ends at a line
-    holding only the same fence; an unclosed block runs to the end of the text.
+    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
+    after its tag are ignored), or at the end of a line of prose (then only a tag
+    may follow it). The block ends at a line holding only the same fence; an
+    unclosed block runs to the end of the text.
     """
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
     while n < len(lines):
-        match = _FENCE_OPEN.search(lines[n])
+        match = _FENCE_OPEN.search(lines[n]) or _FENCE_AFTER_TEXT.search(lines[n])
         if not match:
             n += 1
             continue
@@ -1391,11 +1395,20 @@ def check_output(text: str, validation: dict) -> str:
     output is fenced (for json types: the parsed JSON, re-serialised), else the
     stripped text. Raises OutputInvalid with a message the model can act on.
     """
+    try:
+        return _check_output(text, validation)
+    except (RecursionError, MemoryError) as exc:
+        # json, tomllib, compile() and jsonschema recurse per nesting level
+        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+
+
+def _check_output(text: str, validation: dict) -> str:
     kind = validation.get("type", "non_empty")
     if kind == "non_empty":
-        if not text.strip():
-            raise OutputInvalid("output is empty")
-        return extract_code(text)
+        artifact = extract_code(text)
+        if not artifact.strip():
+            raise OutputInvalid("output is empty" if not text.strip() else "the fenced block is empty")
+        return artifact
     if kind == "json":
         return _json_artifact(text)[1]
     if kind == "contains_keys":
@@ -1490,20 +1503,21 @@ def describe_validation(validation: dict) -> str:
 @dataclass
 class FileChange:
     """What one run did to one path: action is "created" or "modified" (then
-    "reverted" after a rollback). backup: the copy of the original, if any.
-    created_dirs: folders the run made for it, deepest last."""
+    "reverted" after a rollback). backup: the copy of the original, if any, and
+    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
 
     path: str
     action: str
     backup: Path | None = None
+    mode: int | None = None
     created_dirs: list[Path] = field(default_factory=list)
 
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write data to path through a temp file in the same folder and os.replace.
 
-    mode: permission bits to give the file (default: the temp file's). Raises
-    OSError; the temp file never outlives a failure.
+    mode: permission bits to give the file (default: what a new file gets under
+    the process umask). Raises OSError; the temp file never outlives a failure.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".bridge-tmp")
     try:
@@ -1511,13 +1525,20 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _new_file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with _suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@functools.cache
+def _new_file_mode() -> int:
+    """Return the mode open() gives a new file: 0o666 less the umask (read once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class _suppress:
@@ -1567,12 +1588,12 @@ class FileTransaction:
         if target.exists():
             backup = backups / f"{len(self.changes):04d}-{target.name}"
             backup.write_bytes(target.read_bytes())
-            change = FileChange(rel, "modified", backup)
+            change = FileChange(rel, "modified", backup, target.stat().st_mode & 0o7777)
         else:
             missing = [p for p in reversed(target.parents) if not p.exists()]
-            change = FileChange(rel, "created", None, missing)
+            change = FileChange(rel, "created", created_dirs=missing)
         entry = {"path": rel, "action": change.action, "backup": str(change.backup or ""),
-                 "created_dirs": [str(p) for p in change.created_dirs]}
+                 "mode": change.mode, "created_dirs": [str(p) for p in change.created_dirs]}
         with open(self.run_dir / "journal.jsonl", "a", encoding="utf-8") as journal:
             journal.write(json.dumps(entry) + "\n")
             journal.flush()
@@ -1593,7 +1614,7 @@ class FileTransaction:
             target = self.project / change.path
             try:
                 if change.backup is not None:
-                    atomic_write(target, change.backup.read_bytes(), change.backup.stat().st_mode & 0o7777)
+                    atomic_write(target, change.backup.read_bytes(), change.mode)
                 else:
                     with _suppress(FileNotFoundError):
                         target.unlink()

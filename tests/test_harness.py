@@ -321,9 +321,10 @@ def test_requests_recorded(fake_llm, client):
     assert fake_llm.chat_requests == [reqs[1]]
     assert reqs[1]["json"] == body and reqs[1]["json"]["temperature"] == 0.2
     fake_llm.enqueue("left over")
-    fake_llm.models = ["zzz"]
+    fake_llm.models, fake_llm.loaded, fake_llm.lmstudio = ["zzz"], None, False
     fake_llm.reset()
-    assert fake_llm.requests == [] and fake_llm.pending == 0 and fake_llm.models == ["fake-model"]
+    assert fake_llm.requests == [] and fake_llm.pending == 0
+    assert (fake_llm.models, fake_llm.loaded, fake_llm.lmstudio) == (["fake-model"], "fake-model", True)
 
 
 def test_models_routes(fake_llm, client):
@@ -481,7 +482,19 @@ def test_check_store_10x_update_in_place(tmp_path):
         check_store(path)
 
 
-def test_insert_memory_hash_and_iso(store):
+@pytest.fixture
+def far_timezone(monkeypatch):
+    """A local time zone far from UTC, so local-time mistakes show."""
+    if not hasattr(time, "tzset"):
+        pytest.skip("no time.tzset")
+    monkeypatch.setenv("TZ", "Etc/GMT-9")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_insert_memory_hash_and_iso(store, far_timezone):
     ts = 1795299327.3844597
     assert iso_z(ts) == "2026-11-21T22:15:27.384460Z"  # as the real server wrote row 1
     assert iso_z(0.0) == "1970-01-01T00:00:00Z"
