@@ -592,3 +592,68 @@ def test_reasoning_deltas_never_reach_the_output(capsys, db, fake_llm, state_dir
     assert "SECRET-REASONING-TRACE" not in user_text(fake_llm.chat_requests[1])
     assert "SECRET-REASONING-TRACE" not in json.dumps(stored_results(db))
     check_store(db)
+
+
+# -- progress on a terminal and off it -------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_with_stderr(stderr_fd, db, fake_llm, state_dir):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    return subprocess.run([sys.executable, "bridge.py", "--db", str(db), "--base-url", fake_llm.url,
+                           "--state-dir", str(state_dir)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=stderr_fd, timeout=30)
+
+
+def test_terminal_shows_a_live_line_per_step_and_a_summary(db, fake_llm, state_dir):
+    """On a real terminal (a pty), each step redraws one live line: plan, step k/n,
+    title, attempt, elapsed, tokens/s; the run ends with the summary."""
+    import os
+    import pty
+
+    insert_plan(db, make_plan("live", steps=[{"id": 1, "title": "say hi", "prompt": "hi"}]))
+    fake_llm.enqueue("hello there, this is a longer answer", chunk_size=2)
+    master, slave = pty.openpty()
+    try:
+        proc = _run_with_stderr(slave, db, fake_llm, state_dir)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:          # EIO: the child side is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, screen
+    assert "\r\x1b[2K" in screen                       # the line is redrawn in place
+    live = [part for part in screen.split("\r\x1b[2K") if "tok/s" in part]
+    assert live, screen
+    assert "plan live" in live[0] and "step 1/1" in live[0] and "say hi" in live[0]
+    assert "attempt 1" in live[0] and " s · " in live[0]
+    assert "plan live: completed · 1 succeeded, 0 failed, 0 skipped" in screen
+    check_store(db)
+
+
+def test_no_terminal_gets_plain_lines_only(db, fake_llm, state_dir, tmp_path):
+    """Off a terminal, progress is plain lines: no carriage returns or escape codes."""
+    insert_plan(db, make_plan("plain", steps=[{"id": 1, "title": "say hi", "prompt": "hi"}]))
+    fake_llm.enqueue("hello there", chunk_size=2)
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as handle:
+        proc = _run_with_stderr(handle, db, fake_llm, state_dir)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text and "\x1b" not in text
+    assert "step 1 (say hi): succeeded" in text
+    assert "plan plain: completed" in text
+    check_store(db)

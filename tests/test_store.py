@@ -211,8 +211,8 @@ def test_fixture_plan_of_real_12x_store_is_found_and_completed_without_touching_
 
 
 @pytest.mark.parametrize("layout", ["12.x", "12.x-fresh", "10.x", "original"])
-def test_run_keeps_plan_content_and_metadata_and_stores_one_result_on_each_layout(new_store,
-        layout, fake_llm, tmp_path, capsys):
+def test_run_keeps_plan_content_and_metadata_and_stores_one_result_on_each_layout(
+        new_store, layout, fake_llm, tmp_path, capsys):
     """On every supported layout a run records its state in metadata (other keys kept), never
     rewrites the plan's content, and stores one result memory (original defect 6)."""
     db = new_store(tmp_path / "store.db", layout)
@@ -490,8 +490,8 @@ def test_two_live_plans_with_one_id_are_refused_naming_both_rows(store, fake_llm
 # -- re-runs (original defect 8) ------------------------------------------------------------
 
 
-def test_completed_plan_is_not_rerun_without_flag_and_each_rerun_stores_its_own_result(new_store,
-        fake_llm, tmp_path, capsys):
+def test_completed_plan_is_not_rerun_without_flag_and_each_rerun_stores_its_own_result(
+        new_store, fake_llm, tmp_path, capsys):
     """--plan on a completed plan exits 2 hinting at --rerun and sends nothing; --rerun runs
     it again, twice within moments, each run with its own result memory (original defect 8)."""
     db = new_store(tmp_path / "store.db", "12.x-fresh")
