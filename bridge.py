@@ -534,9 +534,11 @@ class Store:
         Candidates come from the FTS index (memory_content_fts MATCH the schema
         marker) when the store has one, else from a scan; each is confirmed by
         parsing its JSON. A row counts as a plan when its content is a JSON object
-        whose "$schema" is "bridge-plan-v1"; a row tagged bridge-plan, or a JSON
-        value holding the marker, that is not such an object is returned too, so it
-        can be reported as invalid. Raises StoreError on SQLite errors.
+        whose "$schema" is "bridge-plan-v1". A row whose content holds the marker
+        but is not such an object is returned too, so it can be reported as
+        invalid, when it is tagged bridge-plan or is JSON that is not an object
+        (prose that merely mentions the marker is not). Raises StoreError on
+        SQLite errors.
         """
         tags = "m.tags" if "tags" in self.columns else "''"
         select = f"SELECT m.id, m.content, m.metadata, m.created_at, {tags} FROM memories m"
@@ -709,6 +711,8 @@ class Store:
         try:
             self.conn.execute(sql, tuple(values.values()))
         except sqlite3.IntegrityError as exc:
+            if "content_hash" not in str(exc):
+                raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
             raise StoreError(f"the store already holds a memory with content hash {digest[:12]}…",
                              "identical content was stored before (perhaps soft-deleted)") from exc
         return digest
