@@ -318,6 +318,56 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
+class Progress:
+    """Human progress on stderr: a live line per step on a terminal, plain lines
+    otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too."""
+
+    def __init__(self, verbosity: int = 1, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.verbosity = verbosity
+        self.live = verbosity >= 1 and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._line = ""
+        self._last_draw = 0.0
+
+    def _emit(self, text: str) -> None:
+        if self._line:
+            self.stream.write("\r\x1b[2K")
+            self._line = ""
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def info(self, text: str) -> None:
+        """Print a progress line (not at -q)."""
+        if self.verbosity >= 1:
+            self._emit(text)
+
+    def detail(self, text: str) -> None:
+        """Print prompts and outputs (only at -v)."""
+        if self.verbosity >= 2:
+            self._emit(text)
+
+    def error(self, text: str) -> None:
+        """Print an error line, always."""
+        self._emit(f"bridge: error: {text}")
+
+    def status(self, text: str, force: bool = False) -> None:
+        """Redraw the live status line (terminals only, at most 10 times a second)."""
+        now = time.monotonic()
+        if not self.live or (not force and now - self._last_draw < 0.1):
+            return
+        self._last_draw = now
+        self._line = text
+        self.stream.write("\r\x1b[2K" + text[: shutil_columns() - 1])
+        self.stream.flush()
+
+
+def shutil_columns() -> int:
+    """Return the terminal width in columns (80 when unknown)."""
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
 ###############################################################################
 # 4. Store (SQLite)
 #
@@ -1686,56 +1736,6 @@ class StepResult:
                 "output": clip(self.output, STORED_OUTPUT_MAX_CHARS, "output"), "error": self.error,
                 "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
                 "usage": dict(self.usage), "usage_reported": self.usage_reported, "model": self.model}
-
-
-class Progress:
-    """Human progress on stderr: a live line per step on a terminal, plain lines
-    otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too."""
-
-    def __init__(self, verbosity: int = 1, stream: Any = None):
-        self.stream = stream or sys.stderr
-        self.verbosity = verbosity
-        self.live = verbosity >= 1 and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._line = ""
-        self._last_draw = 0.0
-
-    def _emit(self, text: str) -> None:
-        if self._line:
-            self.stream.write("\r\x1b[2K")
-            self._line = ""
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def info(self, text: str) -> None:
-        """Print a progress line (not at -q)."""
-        if self.verbosity >= 1:
-            self._emit(text)
-
-    def detail(self, text: str) -> None:
-        """Print prompts and outputs (only at -v)."""
-        if self.verbosity >= 2:
-            self._emit(text)
-
-    def error(self, text: str) -> None:
-        """Print an error line, always."""
-        self._emit(f"bridge: error: {text}")
-
-    def status(self, text: str, force: bool = False) -> None:
-        """Redraw the live status line (terminals only, at most 10 times a second)."""
-        now = time.monotonic()
-        if not self.live or (not force and now - self._last_draw < 0.1):
-            return
-        self._last_draw = now
-        self._line = text
-        self.stream.write("\r\x1b[2K" + text[: shutil_columns() - 1])
-        self.stream.flush()
-
-
-def shutil_columns() -> int:
-    """Return the terminal width in columns (80 when unknown)."""
-    import shutil
-
-    return shutil.get_terminal_size((80, 24)).columns
 
 
 class Runner:
