@@ -1787,6 +1787,9 @@ class Runner:
             current = next((r for r in results.values() if r.status == "running"), None)
             if current:
                 current.status, current.error = "failed", "interrupted"
+            for result in results.values():
+                if result.attempts == 0 and result.error is None:
+                    result.error = "not run: the run was interrupted"
             error = f"interrupted at step {current.id}" if current else "interrupted"
             interrupted = exc
         status = "failed" if error else "completed"
