@@ -299,7 +299,7 @@ def clip(text: str, max_chars: int, what: str = "text") -> str:
     """Return text, or its first max_chars characters and a marker saying what was cut."""
     if len(text) <= max_chars:
         return text
-    return text[:max_chars] + f"\n[bridge: {what} cut at {max_chars} of {len(text)} characters]"
+    return text[:max_chars] + f" [bridge: {what} cut at {max_chars} of {len(text)} characters]"
 
 
 def pid_alive(pid: int) -> bool:
@@ -1004,13 +1004,16 @@ def _error_message(body: bytes) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        return clip(text, 300, "body") or "(empty body)"
+        return " ".join(clip(text, 300, "body").split()) or "(empty body)"
     err = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(err, dict):
-        message = err.get("message") or json.dumps(err)
+        message = str(err.get("message") or json.dumps(err))
         kind = err.get("type") or err.get("code")
-        return f"{message} ({kind})" if isinstance(kind, str) and kind not in message else message
-    return str(err)
+        if isinstance(kind, str) and kind not in message:
+            message = f"{message} ({kind})"
+    else:
+        message = str(err)
+    return " ".join(message.split())     # one line, whatever the server sent
 
 
 _OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded", "maximum context length",
