@@ -80,6 +80,9 @@ STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to 
 LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
 STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
+HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
+STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
+MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes the plan invalid
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
@@ -144,7 +147,9 @@ class Config:
     next byte. retries / retry_delay_s: transport retries of one request and the
     first backoff delay (seconds). max_output_bytes: a streamed reply past this many
     bytes is cut and the attempt fails. structured: ask the server for constrained
-    JSON on JSON steps. verbosity: 0 errors only, 1 progress, 2 prompts and outputs.
+    JSON on JSON steps. crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
+    where the process kills itself, to prove recovery. verbosity: 0 errors only,
+    1 progress, 2 prompts and outputs.
     """
 
     db_paths: tuple[Path, ...]
@@ -156,6 +161,7 @@ class Config:
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     structured: bool = True
+    crash_at: str | None = None
     verbosity: int = 1
     json: bool = False
     debug: bool = False
@@ -318,6 +324,71 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
+def tag_safe(text: str) -> str:
+    """Return text as a memory tag: lowercase, and nothing but [a-z0-9._:-]."""
+    return re.sub(r"[^a-z0-9._:-]+", "-", text.lower())
+
+
+def append_jsonl(path: Path, entry: dict) -> None:
+    """Append one JSON line to path and fsync it, so it survives a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored."""
+    entries = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def crash_point(crash_at: str | None, name: str) -> None:
+    """Kill this process with SIGKILL at the named point when the test hook asks.
+
+    Only for the crash tests (BRIDGE_CRASH_AT); never set in normal use.
+    """
+    if crash_at == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class shielded_signals:
+    """Hold SIGINT and SIGTERM off while cleanup runs (restoring files, storing the
+    result), so a second Ctrl-C cannot cut it short; the signals are ignored with
+    a note. Does nothing outside the main thread, where Python delivers none."""
+
+    def __init__(self, note: Callable[[str], None]):
+        self.note, self.saved = note, {}
+
+    def _refuse(self, signum: int, frame: Any) -> None:
+        self.note("finishing cleanup (restoring files, storing the result); please wait")
+
+    def __enter__(self) -> "shielded_signals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+                if sig is not None:
+                    self.saved[sig] = signal.signal(sig, self._refuse)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
 class Progress:
     """Human progress on stderr: a live line per step on a terminal, plain lines
     otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too."""
@@ -466,11 +537,20 @@ class PlanRecord:
 
     @property
     def stale(self) -> bool:
-        """True when in_progress but its owner process is gone from this host."""
-        owner = self.owner
-        if self.status != "in_progress" or owner.get("host") != socket.gethostname():
+        """True when in_progress but its owner is gone: the owner process no longer
+        runs on this host, or its heartbeat is older than STALE_AFTER_S seconds
+        (a running bridge refreshes it every HEARTBEAT_INTERVAL_S)."""
+        if self.status != "in_progress":
             return False
-        return isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"])
+        owner = self.owner
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+                and not pid_alive(owner["pid"]):
+            return True
+        try:
+            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at")).replace("Z", "+00:00"))
+        except ValueError:
+            return False
+        return (datetime.now(timezone.utc) - beat).total_seconds() > STALE_AFTER_S
 
     @property
     def display_status(self) -> str:
@@ -500,9 +580,10 @@ class Store:
     """
 
     def __init__(self, conn: sqlite3.Connection, path: Path, layout: str,
-                 columns: set[str], has_fts: bool):
+                 columns: set[str], has_fts: bool, crash_at: str | None = None):
         self.conn, self.path, self.layout = conn, path, layout
         self.columns, self.has_fts = columns, has_fts
+        self.crash_at = crash_at
 
     @classmethod
     def open(cls, config: Config) -> "Store":
@@ -531,7 +612,7 @@ class Store:
             shown = ", ".join(sorted(columns)) or "no memories table"
             raise StoreError(f"unsupported store layout in {path} ({shown})",
                              "bridge reads mcp-memory-service 10.x/12.x stores and the original bridge layout")
-        return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL)
+        return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL, config.crash_at)
 
     @staticmethod
     def create(path: Path) -> None:
@@ -695,22 +776,34 @@ class Store:
             self.conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (json.dumps(meta), row_id))
         return state
 
-    def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",)) -> bool:
+    def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
+              resumed_from: str | None = None) -> bool:
         """Move a plan to in_progress for this process, atomically.
 
         allowed: effective statuses that may be claimed ("stale" means an in_progress
-        plan whose owner died). Returns False, changing nothing, when another
-        process got there first or the status is not allowed.
+        plan whose owner died). resumed_from: the run id this run takes over.
+        Returns False, changing nothing, when another process got there first or
+        the status is not allowed.
         """
         def work() -> bool:
             fresh = self.reload(record)
-            if fresh.display_status not in allowed and fresh.status not in allowed:
+            if fresh.display_status not in allowed:
                 return False
             now = utc_now_iso()
             self._set_state(record.row_id, {
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
                 "heartbeat_at": now, "owner": {"host": socket.gethostname(), "pid": os.getpid()},
-                "finished_at": None, "error": None})
+                "finished_at": None, "error": None, "resumed_from": resumed_from})
+            crash_point(self.crash_at, "claim")
+            return True
+        return self._write(work)
+
+    def heartbeat(self, record: PlanRecord, run_id: str) -> bool:
+        """Refresh heartbeat_at of a plan this run still owns; False if it does not."""
+        def work() -> bool:
+            if self.reload(record).state.get("run_id") != run_id:
+                return False
+            self._set_state(record.row_id, {"heartbeat_at": utc_now_iso()})
             return True
         return self._write(work)
 
@@ -728,11 +821,12 @@ class Store:
         content = json.dumps(result, ensure_ascii=False, indent=1)
 
         def work() -> str:
-            digest = self.insert_memory(content, [RESULT_TAG, f"plan:{result['plan_id'].lower()}"],
+            digest = self.insert_memory(content, [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"],
                                         RESULT_MEMORY_TYPE, {"plan_id": result["plan_id"],
                                                              "run_id": result["run_id"]})
             self._set_state(record.row_id, {"status": result["status"], "finished_at": result["finished_at"],
                                             "error": result["error"], "result_hash": digest})
+            crash_point(self.crash_at, "finish")
             return digest
         return self._write(work)
 
@@ -746,7 +840,7 @@ class Store:
         """
         now = time.time()
         digest = content_hash(content)
-        tags_text = ",".join(t.strip().lower().replace(" ", "-") for t in tags)
+        tags_text = ",".join(tag_safe(t.strip()) for t in tags)
         if self.layout == LAYOUT_ORIGINAL:
             values = {"id": uuid.uuid4().hex, "content": content, "created_at": iso_from_ts(now),
                       "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
@@ -1581,24 +1675,29 @@ class FileChange:
     created_dirs: list[Path] = field(default_factory=list)
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
     """Write data to path through a temp file in the same folder and os.replace.
 
     mode: permission bits to give the file (default: what a new file gets under
-    the process umask). Raises OSError; the temp file never outlives a failure.
+    the process umask). The temp file is named .NAME.*.bridge-tmp. Raises
+    OSError; the temp file never outlives a failure (only a crash).
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".bridge-tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, _new_file_mode() if mode is None else mode)
+        crash_point(crash_at, "replace")
         os.replace(tmp, path)
     except BaseException:
         with _suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+TEMP_SUFFIX = ".bridge-tmp"
 
 
 @functools.cache
@@ -1629,27 +1728,30 @@ class FileTransaction:
     folder under --state-dir, where backups and journal.jsonl go. write() records
     each path's original before its first write; rollback() restores them in
     reverse order and removes what the run created; discard() drops the backups.
+    recover() puts back what a killed run left behind.
     """
 
-    def __init__(self, project: Path, run_dir: Path):
-        self.project, self.run_dir = project, run_dir
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
+        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.changes: dict[str, FileChange] = {}
+        self.old_runs: list[Path] = []
 
-    def write(self, rel: str, text: str) -> FileChange:
-        """Write text (UTF-8) to project/rel atomically; return its FileChange.
+    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
+        """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
 
         Raises PathError when rel leads outside the project or cannot be written.
         """
         target = resolve_inside(self.project, rel)
         try:
-            change = self.changes.get(rel) or self._record(rel, target)
+            change = self.changes.get(rel) or self._record(rel, target, step)
+            crash_point(self.crash_at, "journal")
             mode = target.stat().st_mode & 0o7777 if target.exists() else None
-            atomic_write(target, text.encode("utf-8"), mode)
+            atomic_write(target, text.encode("utf-8"), mode, self.crash_at)
         except OSError as exc:
             raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
         return change
 
-    def _record(self, rel: str, target: Path) -> FileChange:
+    def _record(self, rel: str, target: Path, step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it."""
         backups = self.run_dir / "backups"
         backups.mkdir(parents=True, exist_ok=True)
@@ -1660,15 +1762,39 @@ class FileTransaction:
         else:
             missing = [p for p in reversed(target.parents) if not p.exists()]
             change = FileChange(rel, "created", created_dirs=missing)
-        entry = {"path": rel, "action": change.action, "backup": str(change.backup or ""),
-                 "mode": change.mode, "created_dirs": [str(p) for p in change.created_dirs]}
-        with open(self.run_dir / "journal.jsonl", "a", encoding="utf-8") as journal:
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
+        append_jsonl(self.run_dir / "journal.jsonl", {
+            "step": step, "path": rel, "action": change.action, "backup": str(change.backup or ""),
+            "mode": change.mode, "created_dirs": [str(p) for p in change.created_dirs]})
         self.changes[rel] = change
         target.parent.mkdir(parents=True, exist_ok=True)
         return change
+
+    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
+        """Take over the files of a killed run (its folder old_run_dir).
+
+        Files written by steps in kept_steps (those that succeeded) stay, and this
+        transaction adopts their originals, so a later rollback still restores
+        them. Files of any other step are put back as they were, and temp files
+        left by an interrupted write are removed. Returns the paths put back.
+        Raises RollbackError naming the files that could not be restored.
+        """
+        self.old_runs.append(old_run_dir)
+        restored, undo = [], []
+        for entry in read_jsonl(old_run_dir / "journal.jsonl"):
+            change = FileChange(entry["path"], entry["action"], Path(entry["backup"]) if entry["backup"] else None,
+                                entry.get("mode"), [Path(p) for p in entry.get("created_dirs", [])])
+            if entry.get("step") in kept_steps:
+                self.changes.setdefault(change.path, change)
+            else:
+                undo.append(change)
+        for change in undo:
+            target = self.project / change.path
+            for temp in target.parent.glob(f".{target.name}.*{TEMP_SUFFIX}"):
+                with _suppress(OSError):
+                    temp.unlink()
+            restored.append(change.path)
+        self._restore(undo)
+        return restored
 
     def rollback(self) -> None:
         """Put every written path back as it was, newest first.
@@ -1677,8 +1803,12 @@ class FileTransaction:
         files are removed, then the folders the run made if they are empty.
         Raises RollbackError naming every path that could not be restored.
         """
+        self._restore(list(self.changes.values()))
+        self.discard()
+
+    def _restore(self, changes: list[FileChange]) -> None:
         failed = []
-        for change in reversed(list(self.changes.values())):
+        for change in reversed(changes):
             target = self.project / change.path
             try:
                 if change.backup is not None:
@@ -1695,13 +1825,13 @@ class FileTransaction:
         if failed:
             raise RollbackError(f"could not restore {len(failed)} file(s): {', '.join(failed)}",
                                 f"the originals are kept in {self.run_dir / 'backups'}")
-        self.discard()
 
     def discard(self) -> None:
-        """Delete this run's backups (after success, or once a rollback is done)."""
+        """Delete this run's backups, and those of the runs it took over."""
         import shutil
 
-        shutil.rmtree(self.run_dir / "backups", ignore_errors=True)
+        for run_dir in (self.run_dir, *self.old_runs):
+            shutil.rmtree(run_dir / "backups", ignore_errors=True)
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action"}] for the result memory, in write order."""
@@ -1731,6 +1861,7 @@ class StepResult:
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     usage_reported: bool = True
     model: str | None = None
+    resumed: bool = False
 
     def as_dict(self) -> dict:
         """Return the step entry of plan-format.md's result (output clipped to
@@ -1738,7 +1869,38 @@ class StepResult:
         return {"id": self.id, "title": self.title, "status": self.status, "attempts": self.attempts,
                 "output": clip(self.output, STORED_OUTPUT_MAX_CHARS, "output"), "error": self.error,
                 "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
-                "usage": dict(self.usage), "usage_reported": self.usage_reported, "model": self.model}
+                "usage": dict(self.usage), "usage_reported": self.usage_reported, "model": self.model,
+                "resumed": self.resumed}
+
+
+class _Heartbeat:
+    """Refresh a running plan's heartbeat_at every HEARTBEAT_INTERVAL_S seconds from a
+    background thread with its own store connection, so another bridge can tell a
+    live run from a dead one (see PlanRecord.stale)."""
+
+    def __init__(self, config: Config, record: PlanRecord, run_id: str):
+        import threading
+
+        self.config, self.record, self.run_id = config, record, run_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="bridge-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                with Store.open(self.config) as store:
+                    if not store.heartbeat(self.record, self.run_id):
+                        return          # the plan is no longer ours
+            except BridgeError:
+                pass                    # a missed beat is harmless; the next one retries
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=STORE_BUSY_TIMEOUT_S * 2)
 
 
 class Runner:
@@ -1754,38 +1916,51 @@ class Runner:
         self.config, self.store, self.client = config, store, client
         self.model, self.progress = model, progress
 
-    def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",)) -> dict | None:
-        """Validate, claim and run one plan; return its stored result document.
+    def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",),
+                   problems: list[str] | None = None, resume: bool = False) -> dict | None:
+        """Claim, validate and run one plan; return its stored result document.
 
-        An invalid plan is claimed too and recorded as failed with every problem.
-        Returns None when another process claimed the plan first. Re-raises
-        KeyboardInterrupt after recording the plan as failed ("interrupted at step N").
-        Raises StoreError when the store cannot be written.
+        allowed: the effective statuses this run may claim. problems: reasons
+        found outside the plan itself (an id shared with another live plan); with
+        any, or any from check_plan, the plan is recorded as failed with every
+        problem and nothing is sent. resume: take over a stale plan, reusing the
+        outputs of the steps its killed run finished. Returns None when another
+        process claimed the plan first. Re-raises KeyboardInterrupt after
+        recording the plan as failed ("interrupted at step N"). Raises StoreError
+        when the store cannot be written.
         """
         run_id = new_run_id()
-        if not self.store.claim(record, run_id, allowed):
+        previous = record.state.get("run_id") if resume else None
+        if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
         started, clock = utc_now_iso(), time.monotonic()
+        problems = list(problems or [])
         try:
             plan = check_plan(record.plan)
         except PlanInvalid as exc:
-            self.progress.error(f"plan {record.plan_id}: invalid: {'; '.join(exc.problems)}")
+            problems += exc.problems
+        if problems:
+            self.progress.error(f"plan {record.plan_id}: invalid: {'; '.join(problems)}")
             result = self._result(record, run_id, started, clock, [], [], "failed",
-                                  f"plan is invalid ({len(exc.problems)} problem(s))")
-            result["problems"] = exc.problems
+                                  f"plan is invalid ({len(problems)} problem(s))")
+            result["problems"] = problems
             return self._finish(record, result)
-        return self._execute(record, plan, run_id, started, clock)
+        with _Heartbeat(self.config, record, run_id):
+            return self._execute(record, plan, run_id, started, clock, previous)
 
-    def _execute(self, record: PlanRecord, plan: Plan, run_id: str, started: str, clock: float) -> dict:
+    def _execute(self, record: PlanRecord, plan: Plan, run_id: str, started: str, clock: float,
+                 previous: str | None) -> dict:
         self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
                            f"· {len(plan.steps)} step(s) · model {self.model}")
         run_dir = self.config.state_dir / "runs" / run_id
-        files = FileTransaction(plan.project, run_dir) if plan.project else None
+        files = FileTransaction(plan.project, run_dir, self.config.crash_at) if plan.project else None
         results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
         error, interrupted = None, None
         try:
-            error = self._run_steps(plan, results, files)
+            if previous:
+                self._take_over(plan, results, files, previous, run_dir)
+            error = self._run_steps(plan, results, files, run_dir / "steps.jsonl")
         except KeyboardInterrupt as exc:
             current = next((r for r in results.values() if r.status == "running"), None)
             if current:
@@ -1795,18 +1970,42 @@ class Runner:
                     result.error = "not run: the run was interrupted"
             error = f"interrupted at step {current.id}" if current else "interrupted"
             interrupted = exc
-        status = "failed" if error else "completed"
-        file_error = self._settle_files(plan, files, status)
-        if file_error:
-            error = f"{error}; {file_error}" if error else file_error
-            status = "failed"
-        ordered = [results[sid] for sid in sorted(results)]
-        result = self._result(record, run_id, started, clock, ordered,
-                              files.summary() if files else [], status, error)
-        result = self._finish(record, result)
+        except RollbackError as exc:        # files of a killed run could not be put back
+            error = str(exc)
+        with shielded_signals(self.progress.error):
+            status = "failed" if error else "completed"
+            file_error = self._settle_files(plan, files, status)
+            if file_error:
+                error = f"{error}; {file_error}" if error else file_error
+                status = "failed"
+            ordered = [results[sid] for sid in sorted(results)]
+            result = self._result(record, run_id, started, clock, ordered,
+                                  files.summary() if files else [], status, error)
+            if previous:
+                result["resumed_from"] = previous
+            result = self._finish(record, result)
         if interrupted:
             raise interrupted
         return result
+
+    def _take_over(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
+                   previous: str, run_dir: Path) -> None:
+        """Reuse what a killed run (id previous) finished, and put back what it left half done.
+
+        Its succeeded steps (from its steps.jsonl) keep their outputs and files;
+        files written by any other step are restored from its journal. Raises
+        RollbackError when such a file cannot be restored.
+        """
+        old_dir = self.config.state_dir / "runs" / previous
+        done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl")
+                if e.get("status") == "succeeded" and e.get("id") in plan.steps}
+        for sid, entry in done.items():
+            fields = {k: v for k, v in entry.items() if k in StepResult.__dataclass_fields__}
+            results[sid] = dataclasses.replace(StepResult(sid, plan.steps[sid].title), **fields, resumed=True)
+            append_jsonl(run_dir / "steps.jsonl", dataclasses.asdict(results[sid]))
+        restored = files.recover(old_dir, set(done)) if files else []
+        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
+                           f"succeeded, {len(restored)} file(s) put back")
 
     def _settle_files(self, plan: Plan, files: FileTransaction | None, status: str) -> str | None:
         """Revert or keep the run's files as the plan asks; return an error or None."""
@@ -1827,8 +2026,12 @@ class Runner:
         return None
 
     def _run_steps(self, plan: Plan, results: dict[int, StepResult],
-                   files: FileTransaction | None) -> str | None:
-        """Run every step in dependency order; return the plan's error or None."""
+                   files: FileTransaction | None, checkpoint: Path) -> str | None:
+        """Run every step in dependency order; return the plan's error or None.
+
+        Steps already succeeded (taken over from a killed run) are not sent again.
+        Each finished step is appended to checkpoint, so a killed run can be resumed.
+        """
         from graphlib import TopologicalSorter
 
         order = TopologicalSorter({sid: plan.steps[sid].depends_on for sid in sorted(plan.steps)})
@@ -1842,6 +2045,11 @@ class Runner:
                 step, result = plan.steps[sid], results[sid]
                 position += 1
                 blocked = self._blocked_reason(step, results, halted_at)
+                if result.status == "succeeded":
+                    outputs[sid] = result.output
+                    self.progress.info(f"  {step.label}: succeeded in the run taken over; not sent again")
+                    order.done(sid)
+                    continue
                 if blocked:
                     result.error = blocked
                     self.progress.info(f"  {step.label}: skipped ({blocked})")
@@ -1853,6 +2061,7 @@ class Runner:
                         failed.append(sid)
                         if step.on_failure == "halt":
                             halted_at = sid
+                append_jsonl(checkpoint, dataclasses.asdict(result))
                 order.done(sid)
         if halted_at is not None:
             return f"step {halted_at} failed and halted the plan"
@@ -1927,7 +2136,7 @@ class Runner:
         result.output = artifact
         if step.file_output:
             try:
-                files.write(step.file_output, artifact)   # type: ignore[union-attr]  # checked by check_plan
+                files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]  # see check_plan
             except PathError as exc:
                 return AttemptError(str(exc), retryable=False)
         return None
