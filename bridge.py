@@ -955,6 +955,36 @@ def resolve_inside(project: Path, rel: str) -> Path:
     return project / rel
 
 
+def read_load_file(path: Path, rel: str) -> str:
+    """Return the text of a LOAD file for a prompt.
+
+    A file larger than LOAD_FILE_MAX_BYTES is cut there, with a marker saying so.
+    Raises FileNotFoundError when it does not exist, PathError when it cannot be
+    read or is binary (holds a NUL byte) or not UTF-8.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise PathError(f"LOAD file {rel!r} cannot be read ({exc.strerror or exc})") from exc
+    if b"\x00" in data:
+        raise PathError(f"LOAD file {rel!r} is binary; name it as REFERENCE instead")
+    cut = len(data) > LOAD_FILE_MAX_BYTES
+    data = data[:LOAD_FILE_MAX_BYTES]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
+            raise PathError(f"LOAD file {rel!r} is not UTF-8 text (byte {exc.start}); "
+                            "name it as REFERENCE instead") from exc
+        text = data[:exc.start].decode("utf-8")
+    if cut:
+        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
+    return text
+
+
 def _semantic_problems(plan: dict) -> list[str]:
     from graphlib import CycleError, TopologicalSorter
 
@@ -971,6 +1001,9 @@ def _semantic_problems(plan: dict) -> list[str]:
             elif dep not in known:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
         problems += _validation_problems(step.get("validation", {}), f"$.steps[{n}].validation")
+        if len(step["prompt"]) > MAX_PROMPT_CHARS:
+            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
+                            f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
     if not problems:
         try:
             TopologicalSorter({s["id"]: s.get("depends_on", []) for s in steps}).prepare()
@@ -1015,9 +1048,16 @@ def _path_problems(plan: dict) -> list[str]:
         except PathError as exc:
             problems.append(f"$.context.files_context[{rel!r}]: {exc}")
             continue
-        if mode == "LOAD" and not path.is_file() and rel not in outputs:
-            problems.append(f"$.context.files_context[{rel!r}]: LOAD file does not exist "
-                            "and no step writes it")
+        if mode != "LOAD":
+            continue
+        try:
+            read_load_file(path, rel)
+        except FileNotFoundError:
+            if rel not in outputs:
+                problems.append(f"$.context.files_context[{rel!r}]: LOAD file does not exist "
+                                "and no step writes it")
+        except (PathError, IsADirectoryError) as exc:
+            problems.append(f"$.context.files_context[{rel!r}]: {exc}")
     for rel, n in outputs.items():
         try:
             path = resolve_inside(project, rel)
@@ -2208,34 +2248,6 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
         result.usage[key] += usage[key]
 
 
-def read_context_file(path: Path, rel: str) -> str:
-    """Return a LOAD file's text for a prompt, or a one-line note why it is left out.
-
-    Files larger than LOAD_FILE_MAX_BYTES are cut with a marker; binary and
-    non-UTF-8 files are named but not included.
-    """
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
-    except FileNotFoundError:
-        return "(this file does not exist yet)"
-    except OSError as exc:
-        return f"(bridge could not read this file: {exc.strerror or exc})"
-    if b"\x00" in data:
-        return "(binary file, not included)"
-    cut = len(data) > LOAD_FILE_MAX_BYTES
-    data = data[:LOAD_FILE_MAX_BYTES]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
-            return "(not UTF-8 text, not included)"
-        text = data[:exc.start].decode("utf-8")
-    if cut:
-        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
-    return text
-
-
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str]) -> list[dict]:
     """Return the chat messages of a step's first attempt.
 
@@ -2250,7 +2262,13 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str]) -> list[dict
     loads = [rel for rel, mode in plan.files_context.items() if mode == "LOAD"]
     refs = [rel for rel, mode in plan.files_context.items() if mode == "REFERENCE"]
     for rel in loads:
-        parts.append(f"File {rel}:\n```\n{read_context_file(plan.project / rel, rel)}\n```")  # type: ignore[operator]
+        try:
+            text = read_load_file(plan.project / rel, rel)  # type: ignore[operator]
+        except FileNotFoundError:
+            text = "(this file does not exist yet)"
+        except (PathError, IsADirectoryError) as exc:   # it changed since the plan was checked
+            text = f"(not included: {exc})"
+        parts.append(f"File {rel}:\n```\n{text}\n```")
     if refs:
         parts.append("Files you may refer to by name (not included): " + ", ".join(refs))
     for dep in step.depends_on:
@@ -2289,7 +2307,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="check the model server and the store; exit 0 only when both are usable")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
     parser.add_argument("--rerun", action="store_true",
-                        help="with --plan: run a completed, failed, cancelled or stale plan again")
+                        help="with --plan: run a completed, failed or cancelled plan again, from the start")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --plan: take over a stale plan (its bridge died), keeping the steps "
+                             "that had succeeded")
     parser.add_argument("--json", dest="json_", action="store_true",
                         help="print one JSON document on stdout (--list, --health, a run's summary)")
     noise = parser.add_mutually_exclusive_group()
@@ -2373,6 +2394,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         structured=args.structured if args.structured is not None
         else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
         state_dir=Path(state).expanduser() if state else default_state_dir(environ),
+        crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         json=args.json_,
         debug=args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0"),
@@ -2463,18 +2485,24 @@ def _pick_model(config: Config, client: LLMClient) -> str:
     return model
 
 
-def cmd_run(config: Config, plan_id: str | None, rerun: bool) -> int:
+def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
     """Run one plan (plan_id) or every pending plan; print the summary.
 
-    Returns EXIT_OK when every plan run completed (or none was pending),
-    EXIT_PLAN_FAILED when one failed. Raises BridgeError when the store or the
-    server cannot be used, before any plan is claimed.
+    Every pending plan also takes in the plan memories never run that are not
+    valid plan objects, and plans whose id another live plan shares: those are
+    recorded as failed with the reason. Returns EXIT_OK when every plan run
+    completed (or none was pending), EXIT_PLAN_FAILED when one failed. Raises
+    BridgeError when the store or the server cannot be used, before any plan is
+    claimed.
     """
     progress = Progress(config.verbosity)
+    shared: dict[str, list[str]] = {}
     with Store.open(config) as store:
         if plan_id is None:
-            records = [r for r in store.find_plans() if r.status == "pending"]
-            allowed: tuple[str, ...] = ("pending",)
+            plans = store.find_plans()
+            shared = shared_id_problems(plans)
+            records = [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
+            allowed: tuple[str, ...] = ("pending", "invalid")
             if not records:
                 progress.info(f"no pending plans in {store.path}")
                 if config.json:
@@ -2482,13 +2510,13 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool) -> int:
                 return EXIT_OK
         else:
             records = [store.get_plan(plan_id)]
-            allowed = _allowed_statuses(records[0], rerun)
+            allowed = _allowed_statuses(records[0], rerun, resume)
         results = []
         with LLMClient(config, on_retry=lambda m: progress.info(f"  retrying: {m}")) as client:
             model = _pick_model(config, client)
             runner = Runner(config, store, client, model, progress)
             for record in records:
-                result = runner.run_record(record, allowed)
+                result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
                 if result is not None:
                     results.append(result)
     if len(results) > 1:
@@ -2509,9 +2537,24 @@ def run_summary(results: list[dict]) -> str:
             f"{tokens} tokens · {seconds:.1f} s")
 
 
-def _allowed_statuses(record: PlanRecord, rerun: bool) -> tuple[str, ...]:
+def shared_id_problems(plans: list[PlanRecord]) -> dict[str, list[str]]:
+    """Return {plan id: [problem]} for every id that several live plans share."""
+    rows: dict[str, list[str]] = {}
+    for record in plans:
+        rows.setdefault(record.plan_id, []).append(str(record.row_id))
+    return {plan_id: [f"$.id: plan id {plan_id!r} is used by {len(ids)} live memories (rows "
+                      f"{', '.join(ids)}); delete all but one"]
+            for plan_id, ids in rows.items() if len(ids) > 1}
+
+
+def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[str, ...]:
     """Return the statuses --plan may claim, or raise BridgeError saying what to do."""
     status = record.display_status
+    if resume:
+        if status != "stale":
+            raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
+                              "--resume takes over a plan whose bridge died; use --rerun to start over")
+        return ("stale",)
     if status == "pending":
         return ("pending",)
     if status == "in_progress":
@@ -2519,9 +2562,11 @@ def _allowed_statuses(record: PlanRecord, rerun: bool) -> tuple[str, ...]:
         raise BridgeError(f"plan {record.plan_id!r} is in progress (pid {owner.get('pid')} on "
                           f"{owner.get('host')}, since {record.state.get('claimed_at')})",
                           "wait for it to finish, or stop that process")
+    if status == "stale":
+        raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
+                          "take it over with --resume (keeps finished steps) or --rerun (starts over)")
     if not rerun:
-        raise BridgeError(f"plan {record.plan_id!r} is {status}",
-                          "pass --rerun to run it again")
+        raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
     return (status,)
 
 
@@ -2545,8 +2590,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parser.parse_args(argv)
     if args.all and not args.list:
         parser.error("--all goes with --list")
-    if args.rerun and not args.plan:
-        parser.error("--rerun goes with --plan ID")
+    if (args.rerun or args.resume) and not args.plan:
+        parser.error("--rerun and --resume go with --plan ID")
+    if args.rerun and args.resume:
+        parser.error("--rerun starts over, --resume continues: pick one")
     environ = dict(os.environ if environ is None else environ)
     debug = args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
     try:
@@ -2555,7 +2602,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return cmd_list(config, args.all)
         if args.health:
             return cmd_health(config)
-        return cmd_run(config, args.plan, args.rerun)
+        return cmd_run(config, args.plan, args.rerun, args.resume)
     except BridgeError as exc:
         print(f"bridge: error: {exc}", file=sys.stderr)
         if exc.hint:

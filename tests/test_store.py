@@ -377,13 +377,20 @@ def test_plans_are_found_compact_or_pretty_oldest_first_and_only_when_live(new_s
     fake_llm.enqueue("spare")
     rc = run(db, fake_llm, tmp_path, "--json")
 
-    assert rc == 0
-    assert [p["plan_id"] for p in json.loads(capsys.readouterr().out)["plans"]] == ["oldest", "middle", "newest"]
+    # the tagged JSON list is no plan object: it is recorded as failed, with the reason (exit 1)
+    assert rc == 1
+    list_id = f"row-{rows['list']}"
+    out = json.loads(capsys.readouterr().out)["plans"]
+    assert [p["plan_id"] for p in out] == ["oldest", "middle", "newest", list_id]
+    assert out[3]["status"] == "failed" and "not a JSON list" in out[3]["problems"][0]
     assert sent_plans(fake_llm) == ["oldest", "middle", "newest"]
     assert fake_llm.pending == 1
-    assert sorted(json.loads(r["content"])["plan_id"] for r in result_rows(db)) == ["middle", "newest", "oldest"]
+    assert sorted(json.loads(r["content"])["plan_id"] for r in result_rows(db)) == \
+        sorted(["middle", "newest", "oldest", list_id])
     for name in ("oldest", "middle", "newest"):
         assert state_of(row_by_id(db, rows[name]))["status"] == "completed"
+    assert state_of(row_by_id(db, rows["list"]))["status"] == "failed"
+    untouched.pop("list", None)
     for name, row in untouched.items():
         assert row_by_id(db, rows[name]) == row, name
     check_store(db)
