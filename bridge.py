@@ -928,11 +928,23 @@ def _schema_problems(plan: Any) -> list[str]:
     from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
 
     validator = Draft202012Validator(load_schema())
-    problems = []
-    for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path)):
-        message = clip(error.message, 200, "message").replace("\n", " ")
-        problems.append(f"{error.json_path}: {message}")
-    return problems
+    return [f"{error.json_path}: {schema_message(error)}"
+            for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))]
+
+
+def schema_message(error: Any) -> str:
+    """Return a jsonschema error's message on one line, with a long offending value
+    described by its size instead of printed, so the reason always shows."""
+    message, shown = error.message, repr(error.instance)
+    if len(shown) > 80:
+        value = error.instance
+        if isinstance(value, (list, dict, str)):
+            kind = {list: "a list of {} items", dict: "an object of {} keys",
+                    str: "a string of {} characters"}[type(value)]
+            message = message.replace(shown, kind.format(len(value)))
+        else:
+            message = message.replace(shown, shown[:60] + "…")
+    return clip(" ".join(message.split()), 300, "message")
 
 
 def resolve_inside(project: Path, rel: str) -> Path:
@@ -1025,7 +1037,7 @@ def _validation_problems(validation: dict, where: str) -> list[str]:
         try:
             Draft202012Validator.check_schema(validation["schema"])
         except SchemaError as exc:
-            return [f"{where}.schema: not a valid JSON Schema ({clip(exc.message, 200, 'message')})"]
+            return [f"{where}.schema: not a valid JSON Schema ({schema_message(exc)})"]
     return []
 
 
@@ -1629,7 +1641,7 @@ def _check_output(text: str, validation: dict) -> str:
                         key=lambda e: list(e.absolute_path))
         if errors:
             raise OutputInvalid("JSON does not match the schema: " + "; ".join(
-                f"{e.json_path}: {clip(e.message, 200, 'message')}" for e in errors[:5]))
+                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
         return artifact
     if kind == "syntax_check":
         return _check_syntax(text, validation.get("language", "python"))

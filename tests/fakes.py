@@ -6,6 +6,7 @@ Stdlib only. Nothing here imports bridge.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -198,9 +199,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         "state": "loaded" if m == fake.loaded else "not-loaded",
                         "max_context_length": 4096}
                 if m == fake.loaded:
-                    item["loaded_context_length"] = 4096
+                    item["loaded_context_length"] = fake.context_length
                 data.append(item)
             self._send(200, {"object": "list", "data": data})
+        elif path == "/props" and fake.slots is not None:
+            # llama.cpp llama-server: total_slots (= --parallel) and the per-slot context
+            self._send(200, {"total_slots": fake.slots, "model_path": "/models/fake.gguf",
+                             "default_generation_settings": {"n_ctx": fake.context_length}})
         else:
             self._not_found()
 
@@ -218,11 +223,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         with fake._lock:
             reply = fake._queue.pop(0) if fake._queue else None
+        if reply is None and fake.default_reply is not None:
+            reply = fake._reply(fake.default_reply)
         if reply is None:
             self._send(400, {"error": {"message": "fake server: no scripted reply queued",
                                        "type": "invalid_request_error"}})
             return
-        self._play(reply, rec["json"] if isinstance(rec["json"], dict) else {})
+        with fake._slot():
+            if fake.latency_s:
+                time.sleep(fake.latency_s)
+            self._play(reply, rec["json"] if isinstance(rec["json"], dict) else {})
 
     # -- scripted replies -------------------------------------------------------------
     def _play(self, r: dict, req: dict) -> None:
@@ -349,6 +359,13 @@ class FakeLLM:
         self.models: list[str] = list(_DEFAULT_MODELS)
         self.loaded: str | None = _DEFAULT_LOADED
         self.lmstudio: bool = True
+        self.context_length: int = 4096     # LM Studio loaded_context_length, llama.cpp n_ctx
+        self.slots: int | None = None       # llama.cpp total_slots: set to serve /props and cap concurrency
+        self.latency_s: float = 0.0         # held per chat request, inside a slot
+        self.default_reply: str | None = None   # played when the queue is empty
+        self.max_in_flight = 0              # the most chat requests seen at once
+        self._in_flight = 0
+        self._slots_sem: threading.Semaphore | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -403,7 +420,33 @@ class FakeLLM:
         self.models = list(_DEFAULT_MODELS)
         self.loaded = _DEFAULT_LOADED
         self.lmstudio = True
+        self.context_length = 4096
+        self.slots = None
+        self.latency_s = 0.0
+        self.default_reply = None
+        self.max_in_flight = 0
+        self._slots_sem = None
         return self
+
+    @contextlib.contextmanager
+    def _slot(self):
+        """Hold one of `slots` (when set) for the length of a chat request; count concurrency."""
+        with self._lock:
+            if self.slots is not None and self._slots_sem is None:
+                self._slots_sem = threading.Semaphore(self.slots)
+            sem = self._slots_sem
+        if sem is not None:
+            sem.acquire()
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+            if sem is not None:
+                sem.release()
 
     def enqueue(self, content: str = "", *, status: int = 200, error: str | None = None,
                 error_body: str | dict | None = None, retry_after: Any = None,
@@ -414,13 +457,22 @@ class FakeLLM:
             raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
-        reply = {"content": content, "status": int(status), "error": error, "error_body": error_body,
-                 "retry_after": retry_after, "headers": dict(headers or {}), "usage": bool(usage),
-                 "chunk_size": int(chunk_size), "reasoning": reasoning, "fault": fault,
-                 "delay_s": float(delay_s)}
+        reply = self._reply(content, status=status, error=error, error_body=error_body,
+                            retry_after=retry_after, headers=headers, usage=usage, chunk_size=chunk_size,
+                            reasoning=reasoning, fault=fault, delay_s=delay_s)
         with self._lock:
             self._queue.append(reply)
         return self
+
+    @staticmethod
+    def _reply(content: str, *, status: int = 200, error: str | None = None, error_body: Any = None,
+               retry_after: Any = None, headers: dict | None = None, usage: bool = True,
+               chunk_size: int = 8, reasoning: str | None = None, fault: str | None = None,
+               delay_s: float = 1.0) -> dict:
+        return {"content": content, "status": int(status), "error": error, "error_body": error_body,
+                "retry_after": retry_after, "headers": dict(headers or {}), "usage": bool(usage),
+                "chunk_size": int(chunk_size), "reasoning": reasoning, "fault": fault,
+                "delay_s": float(delay_s)}
 
     @property
     def pending(self) -> int:
