@@ -42,22 +42,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import os
-import random
 import re
 import signal
-import socket
 import sqlite3
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable, Iterator
+
+# Start-up matters (bridge --help, --list): modules only some actions need (httpx,
+# jsonschema, hashlib, socket, tempfile, random, shutil) are imported where used,
+# and typing only for type checkers: every annotation here is a string.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
 
 __version__ = "0.1.0"
 
@@ -288,6 +289,8 @@ def content_hash(content: str) -> str:
     Source: mcp-memory-service utils/hashing.py (sha256 of the stripped, lowercased
     content).
     """
+    import hashlib
+
     return hashlib.sha256(content.strip().lower().encode("utf-8")).hexdigest()
 
 
@@ -321,7 +324,15 @@ def pid_alive(pid: int) -> bool:
 
 def new_run_id() -> str:
     """Return a sortable, unique run id: UTC time plus random hex."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(4).hex()
+
+
+@functools.cache
+def hostname() -> str:
+    """Return this host's name, as recorded in a plan's owner."""
+    import socket
+
+    return socket.gethostname()
 
 
 def tag_safe(text: str) -> str:
@@ -543,7 +554,7 @@ class PlanRecord:
         if self.status != "in_progress":
             return False
         owner = self.owner
-        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+        if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
                 and not pid_alive(owner["pid"]):
             return True
         try:
@@ -792,7 +803,7 @@ class Store:
             now = utc_now_iso()
             self._set_state(record.row_id, {
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
-                "heartbeat_at": now, "owner": {"host": socket.gethostname(), "pid": os.getpid()},
+                "heartbeat_at": now, "owner": {"host": hostname(), "pid": os.getpid()},
                 "finished_at": None, "error": None, "resumed_from": resumed_from})
             crash_point(self.crash_at, "claim")
             return True
@@ -842,7 +853,7 @@ class Store:
         digest = content_hash(content)
         tags_text = ",".join(tag_safe(t.strip()) for t in tags)
         if self.layout == LAYOUT_ORIGINAL:
-            values = {"id": uuid.uuid4().hex, "content": content, "created_at": iso_from_ts(now),
+            values = {"id": os.urandom(16).hex(), "content": content, "created_at": iso_from_ts(now),
                       "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
         else:
             values = {"content_hash": digest, "content": content, "tags": tags_text,
@@ -1374,7 +1385,9 @@ class LLMClient:
                 delay = exc.retry_after_s
                 if delay is None:
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
-                    delay *= random.uniform(0.5, 1.0)
+                    import random
+
+                    delay *= random.uniform(0.5, 1.0)       # jitter: clients retrying together spread out
                 if time.monotonic() + delay > deadline:
                     exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
                                 f"{RETRY_BUDGET_S:.0f} s retry budget)",)
@@ -1734,6 +1747,8 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str
     the process umask). The temp file is named .NAME.*.bridge-tmp. Raises
     OSError; the temp file never outlives a failure (only a crash).
     """
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -2053,7 +2068,7 @@ class Runner:
                 if e.get("status") == "succeeded" and e.get("id") in plan.steps}
         for sid, entry in done.items():
             fields = {k: v for k, v in entry.items() if k in StepResult.__dataclass_fields__}
-            results[sid] = dataclasses.replace(StepResult(sid, plan.steps[sid].title), **fields, resumed=True)
+            results[sid] = dataclasses.replace(StepResult(sid, plan.steps[sid].title), **{**fields, "resumed": True})
             append_jsonl(run_dir / "steps.jsonl", dataclasses.asdict(results[sid]))
         restored = files.recover(old_dir, set(done)) if files else []
         self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
