@@ -378,10 +378,12 @@ def crash_point(crash_at: str | None, name: str) -> None:
 class shielded_signals:
     """Hold SIGINT and SIGTERM off while cleanup runs (restoring files, storing the
     result), so a second Ctrl-C cannot cut it short; the signals are ignored with
-    a note. Does nothing outside the main thread, where Python delivers none."""
+    a note. With for_good (the run was interrupted and the process is on its way
+    out), they stay ignored afterwards, so a late Ctrl-C cannot turn exit 130 into
+    a traceback. Does nothing outside the main thread, where Python delivers none."""
 
-    def __init__(self, note: Callable[[str], None]):
-        self.note, self.saved = note, {}
+    def __init__(self, note: Callable[[str], None], for_good: bool = False):
+        self.note, self.saved, self.for_good = note, {}, for_good
 
     def _refuse(self, signum: int, frame: Any) -> None:
         self.note("finishing cleanup (restoring files, storing the result); please wait")
@@ -397,7 +399,7 @@ class shielded_signals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.for_good else handler)
 
 
 class Progress:
@@ -1846,13 +1848,17 @@ class FileTransaction:
         Raises RollbackError naming the files that could not be restored.
         """
         self.old_runs.append(old_run_dir)
+        entries = read_jsonl(old_run_dir / "journal.jsonl")
+        if any(entry.get("reverted") for entry in entries):
+            return []               # that run had already put everything back
         restored, undo = [], []
-        for entry in read_jsonl(old_run_dir / "journal.jsonl"):
+        for entry in entries:
             change = FileChange(entry["path"], entry["action"], Path(entry["backup"]) if entry["backup"] else None,
                                 entry.get("mode"), [Path(p) for p in entry.get("created_dirs", [])])
-            if entry.get("step") in kept_steps:
-                self.changes.setdefault(change.path, change)
-            else:
+            if entry.get("step") in kept_steps and change.path not in self.changes:
+                self.changes[change.path] = change
+                append_jsonl(self.run_dir / "journal.jsonl", entry)   # a second crash still knows it
+            elif entry.get("step") not in kept_steps:
                 undo.append(change)
         for change in undo:
             target = self.project / change.path
@@ -1867,10 +1873,12 @@ class FileTransaction:
         """Put every written path back as it was, newest first.
 
         Modified files get their original bytes and mode back (atomically); created
-        files are removed, then the folders the run made if they are empty.
-        Raises RollbackError naming every path that could not be restored.
+        files are removed, then the folders the run made if they are empty. The
+        journal then says so, so no later takeover trusts those files. Raises
+        RollbackError naming every path that could not be restored.
         """
         self._restore(list(self.changes.values()))
+        append_jsonl(self.run_dir / "journal.jsonl", {"reverted": True})
         self.discard()
 
     def _restore(self, changes: list[FileChange]) -> None:
@@ -1897,8 +1905,10 @@ class FileTransaction:
         """Delete this run's backups, and those of the runs it took over."""
         import shutil
 
-        for run_dir in (self.run_dir, *self.old_runs):
-            shutil.rmtree(run_dir / "backups", ignore_errors=True)
+        folders = {self.run_dir / "backups", *(run / "backups" for run in self.old_runs)}
+        folders |= {c.backup.parent for c in self.changes.values() if c.backup is not None}
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action"}] for the result memory, in write order."""
@@ -1997,7 +2007,8 @@ class Runner:
         when the store cannot be written.
         """
         run_id = new_run_id()
-        previous = record.state.get("run_id") if resume else None
+        # a stale plan's dead run may have left files half done: take them over
+        previous = record.state.get("run_id") if record.display_status == "stale" else None
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
@@ -2014,10 +2025,10 @@ class Runner:
             result["problems"] = problems
             return self._finish(record, result)
         with _Heartbeat(self.config, record, run_id):
-            return self._execute(record, plan, run_id, started, clock, previous)
+            return self._execute(record, plan, run_id, started, clock, previous, resume)
 
     def _execute(self, record: PlanRecord, plan: Plan, run_id: str, started: str, clock: float,
-                 previous: str | None) -> dict:
+                 previous: str | None, keep_finished: bool) -> dict:
         self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
                            f"· {len(plan.steps)} step(s) · model {self.model}")
         run_dir = self.config.state_dir / "runs" / run_id
@@ -2026,7 +2037,7 @@ class Runner:
         error, interrupted = None, None
         try:
             if previous:
-                self._take_over(plan, results, files, previous, run_dir)
+                self._take_over(plan, results, files, previous, run_dir, keep_finished)
             error = self._run_steps(plan, results, files, run_dir / "steps.jsonl")
         except KeyboardInterrupt as exc:
             current = next((r for r in results.values() if r.status == "running"), None)
@@ -2039,7 +2050,7 @@ class Runner:
             interrupted = exc
         except RollbackError as exc:        # files of a killed run could not be put back
             error = str(exc)
-        with shielded_signals(self.progress.error):
+        with shielded_signals(self.progress.error, for_good=interrupted is not None):
             status = "failed" if error else "completed"
             file_error = self._settle_files(plan, files, status)
             if file_error:
@@ -2056,16 +2067,18 @@ class Runner:
         return result
 
     def _take_over(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
-                   previous: str, run_dir: Path) -> None:
-        """Reuse what a killed run (id previous) finished, and put back what it left half done.
+                   previous: str, run_dir: Path, keep_finished: bool) -> None:
+        """Take over what a killed run (id previous) left, and put back what it left half done.
 
-        Its succeeded steps (from its steps.jsonl) keep their outputs and files;
-        files written by any other step are restored from its journal. Raises
-        RollbackError when such a file cannot be restored.
+        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+        keep their outputs and files, unless that run had already reverted its
+        files; files written by any other step are restored from its journal.
+        Raises RollbackError when such a file cannot be restored.
         """
         old_dir = self.config.state_dir / "runs" / previous
+        reverted = any(e.get("reverted") for e in read_jsonl(old_dir / "journal.jsonl"))
         done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl")
-                if e.get("status") == "succeeded" and e.get("id") in plan.steps}
+                if keep_finished and not reverted and e.get("status") == "succeeded" and e.get("id") in plan.steps}
         for sid, entry in done.items():
             fields = {k: v for k, v in entry.items() if k in StepResult.__dataclass_fields__}
             results[sid] = dataclasses.replace(StepResult(sid, plan.steps[sid].title), **{**fields, "resumed": True})
@@ -2546,6 +2559,9 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
                 result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
                 if result is not None:
                     results.append(result)
+                elif plan_id is not None:
+                    raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
+                                      "see it with: bridge --list --all")
     if len(results) > 1:
         progress.info(run_summary(results))
     if config.json:
@@ -2578,6 +2594,10 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
     """Return the statuses --plan may claim, or raise BridgeError saying what to do."""
     status = record.display_status
     if resume:
+        if status == "in_progress":
+            raise BridgeError(f"plan {record.plan_id!r} is in progress, not stale (pid "
+                              f"{record.owner.get('pid')} on {record.owner.get('host')})",
+                              "--resume takes over a plan whose bridge died; wait for this one")
         if status != "stale":
             raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
                               "--resume takes over a plan whose bridge died; use --rerun to start over")
@@ -2589,7 +2609,7 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
         raise BridgeError(f"plan {record.plan_id!r} is in progress (pid {owner.get('pid')} on "
                           f"{owner.get('host')}, since {record.state.get('claimed_at')})",
                           "wait for it to finish, or stop that process")
-    if status == "stale":
+    if status == "stale" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
                           "take it over with --resume (keeps finished steps) or --rerun (starts over)")
     if not rerun:
@@ -2606,12 +2626,23 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _ignore_interrupts() -> None:
+    """Ignore SIGINT and SIGTERM from now on (main thread only)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+            if sig is not None:
+                signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run bridge with argv (default sys.argv[1:]); return the exit code.
 
     The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
-    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130; anything
-    else is a bug: "internal error", exit 70, the traceback only with --debug.
+    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, and from
+    then on both signals are ignored until the process ends; anything else is a
+    bug: "internal error", exit 70, the traceback only with --debug.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -2636,6 +2667,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             print(f"hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        _ignore_interrupts()    # on the way out: a late Ctrl-C must not cut this short
         print("bridge: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -235,16 +235,19 @@ def test_repeated_ctrl_c_cannot_cut_the_cleanup_short(db, fake_llm, state_dir, p
 
     rc, out, err, elapsed = run_and_interrupt(db, fake_llm, state_dir, signal.SIGINT, in_flight=5,
                                               extra=("--max-output-bytes", str(8 * BIG)), repeats=5, gap=gap)
+    restored = {name: (project / name).is_file() and (project / name).read_bytes() == data
+                for name, data in originals.items()}
 
-    assert rc == EXIT_INTERRUPTED, err
+    # -SIGINT (killed by a late Ctrl-C while exiting) is not 130: the signals must stay
+    # refused until the process is gone. `restored` tells whether the cleanup itself held.
+    assert rc == EXIT_INTERRUPTED, f"rc={rc} restored={restored} stderr:\n{err}"
     assert elapsed < 4
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     state = plan_state(db, "p-big")
     assert state["status"] == "failed" and "interrupted at step 5" in state["error"]
     results = stored_results(db)
     assert len(results) == 1 and results[0]["status"] == "failed"
-    for name, data in originals.items():
-        assert (project / name).read_bytes() == data, f"{name} not restored byte for byte"
+    assert all(restored.values()), f"not restored byte for byte: {restored}"
     assert not (project / "new").exists()
     assert temp_files(project) == []
     check_store(db)
