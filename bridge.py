@@ -84,6 +84,9 @@ STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the serv
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
 MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes the plan invalid
+CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-4.5 chars a token)
+ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
+MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps at least this
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
@@ -148,7 +151,9 @@ class Config:
     next byte. retries / retry_delay_s: transport retries of one request and the
     first backoff delay (seconds). max_output_bytes: a streamed reply past this many
     bytes is cut and the attempt fails. structured: ask the server for constrained
-    JSON on JSON steps. crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
+    JSON on JSON steps. parallel: steps in flight at once (None: what the server
+    reports, else 1). context_length: the model's context in tokens (None: what
+    the server reports, else unknown). crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
     where the process kills itself, to prove recovery. verbosity: 0 errors only,
     1 progress, 2 prompts and outputs.
     """
@@ -162,6 +167,8 @@ class Config:
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     structured: bool = True
+    parallel: int | None = None
+    context_length: int | None = None
     crash_at: str | None = None
     verbosity: int = 1
     json: bool = False
@@ -178,6 +185,7 @@ class Config:
 #    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
 #    ├── PathError (1)          a plan path leaves the project or cannot be used
 #    │    └── RollbackError (1) files could not be put back; names every one
+#    ├── PromptTooLarge (1)     a step's prompt cannot fit the model's context
 #    ├── OutputInvalid (1)      a model output failed its step's validation
 #    └── LLMError               the model server failed a request
 #         ├── LLMUnavailable    connection refused or reset (transient)
@@ -227,6 +235,12 @@ class PathError(BridgeError):
 
 class RollbackError(PathError):
     """Some files could not be restored; the message names every one."""
+
+
+class PromptTooLarge(BridgeError):
+    """A step's prompt cannot be cut to fit the model's context; the message has the numbers."""
+
+    exit_code = EXIT_PLAN_FAILED
 
 
 class OutputInvalid(BridgeError):
@@ -1307,32 +1321,67 @@ class LLMClient:
         except ValueError as exc:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
-    def list_models(self) -> list[str]:
-        """Return the model ids of GET {base_url}/models. Raises LLMError."""
+    def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
         models = data.get("data") if isinstance(data, dict) else None
         if not isinstance(models, list):
             raise LLMProtocolError(f"{self.base_url}/models did not list models (no 'data' array)")
-        return [m["id"] for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        return [m for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def list_models(self) -> list[str]:
+        """Return the model ids of GET {base_url}/models. Raises LLMError."""
+        return [m["id"] for m in self._model_entries()]
 
     def loaded_model(self) -> str | None:
-        """Return the model the server has loaded, or None if it says none.
+        """Return the model the server has loaded, or None if it says none (see probe)."""
+        return self.probe().loaded
 
-        LM Studio: the first entry of GET /api/v0/models whose state is "loaded"
-        (lmstudio.ai/docs/developer/rest/endpoints). Other servers have no such
-        route: then the first model of /v1/models. Raises LLMError when the server
-        cannot be reached.
-        """
-        root = self.base_url.removesuffix("/v1")
+    def _try_json(self, url: str) -> Any:
+        """GET url as JSON; None when the route is missing or answers something else."""
         try:
-            data = self._get_json(f"{root}/api/v0/models")
+            return self._get_json(url)
         except (LLMHTTPError, LLMProtocolError):
-            data = None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            loaded = [m.get("id") for m in data["data"] if isinstance(m, dict) and m.get("state") == "loaded"]
-            return loaded[0] if loaded else None
-        models = self.list_models()
-        return models[0] if models else None
+            return None
+
+    def probe(self) -> "ServerInfo":
+        """Ask the server what it runs: models, the loaded one, its effective context
+        length (tokens) and how many requests it serves at once.
+
+        Sources, tried in order: LM Studio 0.4 GET /api/v1/models (loaded_instances
+        [].config.context_length and .parallel; lmstudio docs 1_developer/2_rest/
+        list.md); LM Studio GET /api/v0/models (state "loaded", loaded_context_length
+        or max_context_length); llama.cpp's GET /props (default_generation_settings.
+        n_ctx, total_slots; tools/server/README.md); vLLM's max_model_len in
+        /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
+        when the server cannot be reached.
+        """
+        entries = self._model_entries()
+        models = [m["id"] for m in entries]
+        first = models[0] if models else None
+        root = self.base_url.removesuffix("/v1")
+        v1 = self._try_json(f"{root}/api/v1/models")
+        if isinstance(v1, dict) and isinstance(v1.get("models"), list):
+            for entry in v1["models"]:
+                instances = entry.get("loaded_instances") if isinstance(entry, dict) else None
+                if instances and isinstance(instances[0], dict):
+                    config = instances[0].get("config") or {}
+                    return ServerInfo("LM Studio", models, entry.get("key") or instances[0].get("id"),
+                                      _positive(config.get("context_length")), _positive(config.get("parallel")))
+            return ServerInfo("LM Studio", models, None, None, None)
+        v0 = self._try_json(f"{root}/api/v0/models")
+        if isinstance(v0, dict) and isinstance(v0.get("data"), list):
+            for entry in v0["data"]:
+                if isinstance(entry, dict) and entry.get("state") == "loaded":
+                    context = entry.get("loaded_context_length") or entry.get("max_context_length")
+                    return ServerInfo("LM Studio", models, entry.get("id"), _positive(context), None)
+            return ServerInfo("LM Studio", models, None, None, None)
+        props = self._try_json(f"{root}/props")
+        if isinstance(props, dict) and ("total_slots" in props or "default_generation_settings" in props):
+            settings = props.get("default_generation_settings") or {}
+            return ServerInfo("llama.cpp", models, first, _positive(settings.get("n_ctx")),
+                              _positive(props.get("total_slots")))
+        return ServerInfo("OpenAI-compatible", models, first,
+                          _positive(entries[0].get("max_model_len")) if entries else None, None)
 
     # -- chat ------------------------------------------------------------------
 
@@ -1499,6 +1548,25 @@ class LLMClient:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
         return Completion("".join(received), usage, model, finish, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
+    "llama.cpp", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
+    or None), context_length (tokens the loaded model takes, per request; None if
+    not said), parallel (requests it serves at once; None if not said)."""
+
+    kind: str
+    models: list[str]
+    loaded: str | None
+    context_length: int | None
+    parallel: int | None
+
+
+def _positive(value: Any) -> int | None:
+    """Return value when it is a positive int, else None (servers send odd things)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _usage(value: Any) -> dict | None:
@@ -1801,24 +1869,37 @@ class FileTransaction:
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
+        import threading
+
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.changes: dict[str, FileChange] = {}
         self.old_runs: list[Path] = []
+        self.lock = threading.Lock()     # parallel steps write; the rollback must see them all
+        self.closed = False
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
 
-        Raises PathError when rel leads outside the project or cannot be written.
+        Raises PathError when rel leads outside the project or cannot be written,
+        or when the transaction was closed (the run is ending).
         """
         target = resolve_inside(self.project, rel)
-        try:
-            change = self.changes.get(rel) or self._record(rel, target, step)
-            crash_point(self.crash_at, "journal")
-            mode = target.stat().st_mode & 0o7777 if target.exists() else None
-            atomic_write(target, text.encode("utf-8"), mode, self.crash_at)
-        except OSError as exc:
-            raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
+        with self.lock:
+            if self.closed:
+                raise PathError(f"not writing {rel!r}: the run is ending")
+            try:
+                change = self.changes.get(rel) or self._record(rel, target, step)
+                crash_point(self.crash_at, "journal")
+                mode = target.stat().st_mode & 0o7777 if target.exists() else None
+                atomic_write(target, text.encode("utf-8"), mode, self.crash_at)
+            except OSError as exc:
+                raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
         return change
+
+    def close(self) -> None:
+        """Refuse every later write (steps still running when a run ends must not write)."""
+        with self.lock:
+            self.closed = True
 
     def _record(self, rel: str, target: Path, step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it."""
@@ -1877,8 +1958,10 @@ class FileTransaction:
         journal then says so, so no later takeover trusts those files. Raises
         RollbackError naming every path that could not be restored.
         """
-        self._restore(list(self.changes.values()))
-        append_jsonl(self.run_dir / "journal.jsonl", {"reverted": True})
+        with self.lock:
+            self.closed = True
+            self._restore(list(self.changes.values()))
+            append_jsonl(self.run_dir / "journal.jsonl", {"reverted": True})
         self.discard()
 
     def _restore(self, changes: list[FileChange]) -> None:
@@ -1950,6 +2033,88 @@ class StepResult:
                 "resumed": self.resumed}
 
 
+def step_graph(plan: Plan) -> dict[int, set[int]]:
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
+    the same file, the previous writer in sequential order (so parallel steps never
+    race on a file, and the last writer is always the same)."""
+    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
+    writers: dict[str, int] = {}
+    for sid in sequential_order(graph):
+        target = plan.steps[sid].file_output
+        if target:
+            if target in writers:
+                graph[sid].add(writers[target])
+            writers[target] = sid
+    return graph
+
+
+def sequential_order(graph: dict[int, set[int]]) -> list[int]:
+    """Return the order steps run in one at a time: ready ones by id, batch by batch."""
+    from graphlib import TopologicalSorter
+
+    order, out = TopologicalSorter(graph), []
+    order.prepare()
+    while order.is_active():
+        batch = sorted(order.get_ready())
+        out += batch
+        order.done(*batch)
+    return out
+
+
+class _StepLog:
+    """Progress lines of a plan's steps. One at a time, they print as they come;
+    with parallel steps, each step's lines are held and printed in step order, so
+    the log reads the same whatever order the steps finished in."""
+
+    def __init__(self, progress: Progress, order: list[int], immediate: bool):
+        import threading
+
+        self.progress, self.order, self.immediate = progress, order, immediate
+        self.lines: dict[int, list[tuple[bool, str]]] = {sid: [] for sid in order}
+        self.finished: set[int] = set()
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def say(self, sid: int, text: str, detail: bool = False) -> None:
+        """Print (or hold) one line of a step; detail lines show only at -v."""
+        if self.immediate:
+            (self.progress.detail if detail else self.progress.info)(text)
+            return
+        with self.lock:
+            self.lines[sid].append((detail, text))
+
+    def done(self, sid: int) -> None:
+        """Mark a step finished and print every held line now in order."""
+        if self.immediate:
+            return
+        with self.lock:
+            self.finished.add(sid)
+            while self.next < len(self.order) and self.order[self.next] in self.finished:
+                for detail, text in self.lines.pop(self.order[self.next]):
+                    (self.progress.detail if detail else self.progress.info)(text)
+                self.next += 1
+
+
+def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int | None) -> list[dict]:
+    """Return a retry's feedback messages cut to fit the budget with messages.
+
+    The previous answer (the assistant message) is cut first, then left out with
+    a note; the error itself is always kept.
+    """
+    if budget_tokens is None or len(feedback) != 2:
+        return feedback
+    excess = estimate_tokens(messages + feedback) - budget_tokens
+    if excess <= 0:
+        return feedback
+    answer, note = feedback
+    keep = len(answer["content"]) - int(excess * CHARS_PER_TOKEN) - 100
+    if keep < MIN_CUT_CHARS:
+        return [{"role": "user", "content": note["content"] + " (Your previous answer is left out here: "
+                 "it does not fit the model's context.)"}]
+    return [{"role": "assistant", "content": answer["content"][:keep] + " [bridge: cut to fit the context]"},
+            note]
+
+
 class _Heartbeat:
     """Refresh a running plan's heartbeat_at every HEARTBEAT_INTERVAL_S seconds from a
     background thread with its own store connection, so another bridge can tell a
@@ -1989,9 +2154,10 @@ class Runner:
     """
 
     def __init__(self, config: Config, store: Store, client: LLMClient | None, model: str | None,
-                 progress: Progress):
+                 progress: Progress, context_length: int | None = None, parallel: int = 1):
         self.config, self.store, self.client = config, store, client
         self.model, self.progress = model, progress
+        self.context_length, self.parallel = context_length, max(1, parallel)
 
     def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
@@ -2040,13 +2206,13 @@ class Runner:
                 self._take_over(plan, results, files, previous, run_dir, keep_finished)
             error = self._run_steps(plan, results, files, run_dir / "steps.jsonl")
         except KeyboardInterrupt as exc:
-            current = next((r for r in results.values() if r.status == "running"), None)
-            if current:
-                current.status, current.error = "failed", "interrupted"
+            current = sorted(r.id for r in results.values() if r.status == "running")
             for result in results.values():
-                if result.attempts == 0 and result.error is None:
+                if result.status == "running":
+                    result.status, result.error = "failed", "interrupted"
+                elif result.attempts == 0 and result.error is None:
                     result.error = "not run: the run was interrupted"
-            error = f"interrupted at step {current.id}" if current else "interrupted"
+            error = f"interrupted at step {', '.join(map(str, current))}" if current else "interrupted"
             interrupted = exc
         except RollbackError as exc:        # files of a killed run could not be put back
             error = str(exc)
@@ -2107,47 +2273,104 @@ class Runner:
 
     def _run_steps(self, plan: Plan, results: dict[int, StepResult],
                    files: FileTransaction | None, checkpoint: Path) -> str | None:
-        """Run every step in dependency order; return the plan's error or None.
+        """Run every step in dependency order, up to self.parallel at once; return
+        the plan's error or None.
 
+        Independent steps run concurrently (at most self.parallel requests in
+        flight); with 1 they run one by one in this thread. Steps writing the same
+        file run one after the other, in id order. A failed `halt` step stops new
+        steps from starting; steps already running finish and their results count.
+        Progress lines come out in step order whatever order steps finish in.
         Steps already succeeded (taken over from a killed run) are not sent again.
         Each finished step is appended to checkpoint, so a killed run can be resumed.
         """
+        import queue
+        import threading
         from graphlib import TopologicalSorter
 
-        order = TopologicalSorter({sid: plan.steps[sid].depends_on for sid in sorted(plan.steps)})
+        graph = step_graph(plan)
+        order = TopologicalSorter(graph)
         order.prepare()
+        self._log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
+        self._cancel = threading.Event()
+        finished: queue.Queue = queue.Queue()
         outputs: dict[int, str] = {}
-        halted_at = None
-        failed = []
-        position = 0
-        while order.is_active():
-            for sid in sorted(order.get_ready()):
-                step, result = plan.steps[sid], results[sid]
-                position += 1
-                blocked = self._blocked_reason(step, results, halted_at)
-                if result.status == "succeeded":
-                    outputs[sid] = result.output
-                    self.progress.info(f"  {step.label}: succeeded in the run taken over; not sent again")
-                    order.done(sid)
-                    continue
-                if blocked:
-                    result.error = blocked
-                    self.progress.info(f"  {step.label}: skipped ({blocked})")
-                else:
-                    self._run_step(plan, step, result, outputs, files, position)
+        ready: list[int] = []
+        running: set[int] = set()
+        halted_at, failed, started = None, [], 0
+        try:
+            while order.is_active():
+                ready += sorted(order.get_ready())
+                while ready and len(running) < self.parallel:
+                    sid = ready.pop(0)
+                    step, result = plan.steps[sid], results[sid]
                     if result.status == "succeeded":
                         outputs[sid] = result.output
-                    elif step.on_failure != "skip":
-                        failed.append(sid)
-                        if step.on_failure == "halt":
-                            halted_at = sid
+                        self._log.say(sid, f"  {step.label}: succeeded in the run taken over; not sent again")
+                    elif blocked := self._blocked_reason(step, results, halted_at):
+                        result.error = blocked
+                        self._log.say(sid, f"  {step.label}: skipped ({blocked})")
+                        append_jsonl(checkpoint, dataclasses.asdict(result))
+                    else:
+                        started += 1
+                        result.status = "running"
+                        running.add(sid)
+                        work = (plan, step, result, dict(outputs), files, started, finished)
+                        if self.parallel == 1:
+                            self._step_worker(*work)
+                        else:
+                            threading.Thread(target=self._step_worker, args=work, daemon=True,
+                                             name=f"bridge-step-{sid}").start()
+                        continue
+                    self._log.done(sid)
+                    order.done(sid)
+                if not running:
+                    continue
+                sid, exc = self._next_finished(finished)
+                running.discard(sid)
+                if exc is not None:
+                    raise exc
+                step, result = plan.steps[sid], results[sid]
+                if result.status == "succeeded":
+                    outputs[sid] = result.output
+                elif step.on_failure != "skip":
+                    failed.append(sid)
+                    if step.on_failure == "halt" and halted_at is None:
+                        halted_at = sid
                 append_jsonl(checkpoint, dataclasses.asdict(result))
+                self._log.done(sid)
                 order.done(sid)
+        except BaseException:
+            self._cancel.set()          # steps still running must not touch results or files
+            if files is not None:
+                files.close()
+            raise
         if halted_at is not None:
             return f"step {halted_at} failed and halted the plan"
         if failed:
-            return f"step(s) {', '.join(map(str, failed))} failed"
+            return f"step(s) {', '.join(map(str, sorted(failed)))} failed"
         return None
+
+    def _step_worker(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
+                     files: FileTransaction | None, position: int, finished: Any) -> None:
+        """Run one step and report (step id, None or the exception) on finished."""
+        try:
+            self._run_step(plan, step, result, outputs, files, position)
+        except BaseException as exc:     # handed to the scheduling thread, which re-raises it
+            finished.put((step.id, exc))
+            return
+        finished.put((step.id, None))
+
+    @staticmethod
+    def _next_finished(finished: Any) -> tuple[int, BaseException | None]:
+        """Wait for the next finished step, staying responsive to Ctrl-C."""
+        import queue
+
+        while True:
+            try:
+                return finished.get(timeout=0.1)
+            except queue.Empty:
+                continue
 
     @staticmethod
     def _blocked_reason(step: Step, results: dict[int, StepResult], halted_at: int | None) -> str | None:
@@ -2161,30 +2384,54 @@ class Runner:
 
     def _run_step(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
                   files: FileTransaction | None, position: int) -> None:
-        """Run one step's attempts; fill result (status, output, error, usage, …)."""
+        """Run one step's attempts; fill result (status, output, error, usage, …).
+
+        A prompt that cannot fit the model's context fails the step at once, with
+        the numbers, and nothing is sent.
+        """
         model = step.model or self.model
         result.status, result.file_output, result.model = "running", step.file_output, model
         clock = time.monotonic()
-        messages = build_messages(plan, step, outputs)
+        say = functools.partial(self._log.say, step.id)
+        budget = self._budget(step, model)
+        try:
+            messages = build_messages(plan, step, outputs, budget)
+        except PromptTooLarge as exc:
+            result.error = f"{exc} ({exc.hint})"
+            result.status = "skipped" if step.on_failure == "skip" else "failed"
+            say(f"  {step.label}: {result.status}: {exc}")
+            return
         retry_note: list[dict] = []
         for attempt in range(1, step.max_retries + 2):
             result.attempts = attempt
             where = f"plan {plan.id} · step {position}/{len(plan.steps)}"
-            self.progress.info(f"  {step.label}: attempt {attempt}/{step.max_retries + 1}")
-            self.progress.detail("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note))
+            say(f"  {step.label}: attempt {attempt}/{step.max_retries + 1}")
+            say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
             error = self._attempt(step, result, messages + retry_note, model, files, where, attempt)
             result.duration_s = time.monotonic() - clock
             if error is None:
                 result.status, result.error = "succeeded", None
-                self.progress.info(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
+                say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
                 return
             result.error = error.message
-            self.progress.info(f"  {step.label}: attempt {attempt} failed: {error.message}")
+            say(f"  {step.label}: attempt {attempt} failed: {error.message}")
             if not error.retryable:
                 break
-            retry_note = error.feedback
+            retry_note = fit_feedback(messages, error.feedback, budget)
         result.status = "skipped" if step.on_failure == "skip" else "failed"
-        self.progress.info(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+        say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+
+    def _budget(self, step: Step, model: str) -> int | None:
+        """Return the prompt tokens that fit for a step, or None when the context is unknown.
+
+        The context length (--context-length, else what the server reported for the
+        loaded model) less the answer's share: the step's max_tokens, else
+        ANSWER_RESERVE_TOKENS (at most a quarter of the context).
+        """
+        if self.context_length is None or model != self.model:
+            return None
+        answer = step.max_tokens or min(ANSWER_RESERVE_TOKENS, self.context_length // 4)
+        return self.context_length - answer
 
     def _attempt(self, step: Step, result: StepResult, messages: list[dict], model: str,
                  files: FileTransaction | None, where: str, attempt: int) -> "AttemptError | None":
@@ -2203,12 +2450,14 @@ class Runner:
                                      json_schema=output_schema(step.validation), on_delta=on_delta)
         except LLMError as exc:
             return AttemptError.from_request(exc)
+        if self._cancel.is_set():
+            return AttemptError("interrupted", retryable=False)
         _add_usage(result, reply, messages, pieces[0])
         if reply.model and reply.model != model:
             result.model = reply.model
         output = strip_think(reply.text)
         result.output = output
-        self.progress.detail(f"--- output ---\n{output}")
+        self._log.say(step.id, f"--- output ---\n{output}", detail=True)
         try:
             artifact = check_output(output, step.validation)
         except OutputInvalid as exc:
@@ -2288,38 +2537,95 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
         result.usage[key] += usage[key]
 
 
-def build_messages(plan: Plan, step: Step, outputs: dict[int, str]) -> list[dict]:
-    """Return the chat messages of a step's first attempt.
+def estimate_tokens(messages: list[dict]) -> int:
+    """Estimate the prompt tokens of chat messages without a tokenizer.
 
-    The system message is the step's (or plan default's) system prompt, else
-    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
-    now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on, the task, and what answer form passes.
+    One token per CHARS_PER_TOKEN characters, plus 5 per message for the chat
+    template. Tokenizers of current models give 3.5-4.5 characters a token on
+    English and code, so at 3.5 the estimate errs on the large side.
     """
-    parts = []
+    return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
+
+
+@dataclass
+class _Block:
+    """One part of a step's prompt; body may be cut to fit the context when cuttable."""
+
+    head: str
+    body: str = ""
+    tail: str = ""
+    cuttable: bool = False
+
+    def render(self) -> str:
+        return self.head + self.body + self.tail
+
+
+def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str]) -> list[_Block]:
+    blocks = []
     if plan.objective:
-        parts.append(f"Objective of the whole plan: {plan.objective}")
-    loads = [rel for rel, mode in plan.files_context.items() if mode == "LOAD"]
-    refs = [rel for rel, mode in plan.files_context.items() if mode == "REFERENCE"]
-    for rel in loads:
+        blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
+    for rel, mode in plan.files_context.items():
+        if mode != "LOAD":
+            continue
         try:
             text = read_load_file(plan.project / rel, rel)  # type: ignore[operator]
         except FileNotFoundError:
             text = "(this file does not exist yet)"
         except (PathError, IsADirectoryError) as exc:   # it changed since the plan was checked
             text = f"(not included: {exc})"
-        parts.append(f"File {rel}:\n```\n{text}\n```")
+        blocks.append(_Block(f"File {rel}:\n```\n", text, "\n```", cuttable=True))
+    refs = [rel for rel, mode in plan.files_context.items() if mode == "REFERENCE"]
     if refs:
-        parts.append("Files you may refer to by name (not included): " + ", ".join(refs))
+        blocks.append(_Block("Files you may refer to by name (not included): " + ", ".join(refs)))
     for dep in step.depends_on:
-        label = plan.steps[dep].label
-        parts.append(f"Output of {label}:\n```\n{outputs.get(dep, '')}\n```")
-    parts.append(f"Task:\n{step.prompt}")
+        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""), "\n```",
+                             cuttable=True))
+    blocks.append(_Block(f"Task:\n{step.prompt}"))
     if step.file_output:
-        parts.append(f"Your answer will be written to the file {step.file_output}.")
-    parts.append(describe_validation(step.validation))
-    return [{"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT},
-            {"role": "user", "content": "\n\n".join(p for p in parts if p)}]
+        blocks.append(_Block(f"Your answer will be written to the file {step.file_output}."))
+    blocks.append(_Block(describe_validation(step.validation)))
+    return blocks
+
+
+def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
+                   budget_tokens: int | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt.
+
+    The system message is the step's (or plan default's) system prompt, else
+    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
+    now, so files written by earlier steps are current), REFERENCE paths, the
+    outputs of the steps it depends on, the task, and what answer form passes.
+
+    budget_tokens: the prompt tokens that fit (the context length less what the
+    answer needs), or None for no limit. When the estimate (estimate_tokens) is
+    over it, the prompt shrinks by one rule: LOAD files and dependency outputs are
+    cut, the largest first, each keeping at least MIN_CUT_CHARS characters and a
+    marker saying what was cut; REFERENCE entries are never expanded; the task,
+    the objective and the answer-format line are never cut. Raises PromptTooLarge
+    with the numbers when even that does not fit.
+    """
+    blocks = _prompt_blocks(plan, step, outputs)
+    system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
+
+    def messages() -> list[dict]:
+        return [system, {"role": "user", "content": "\n\n".join(b.render() for b in blocks)}]
+
+    if budget_tokens is None:
+        return messages()
+    originals = {id(b): len(b.body) for b in blocks}
+    while (excess := estimate_tokens(messages()) - budget_tokens) > 0:
+        cuttable = [b for b in blocks if b.cuttable and len(b.body) > MIN_CUT_CHARS + 100]
+        if not cuttable:
+            raise PromptTooLarge(
+                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, more than the "
+                f"{budget_tokens} that fit the model's context once the answer's tokens are kept free",
+                "load the model with a larger context (or pass --context-length), shorten the step, "
+                "or lower its max_tokens")
+        block = max(cuttable, key=lambda b: len(b.body))
+        keep = max(MIN_CUT_CHARS, len(block.body) - int(excess * CHARS_PER_TOKEN) - 100)
+        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of {originals[id(block)]} characters "
+                      "to fit the model's context]")
+    return messages()
 
 
 ###############################################################################
@@ -2378,6 +2684,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="never ask the server for constrained JSON (response_format) "
                                "(env BRIDGE_STRUCTURED=0; default: ask on json, contains_keys "
                                "and json_schema steps)")
+    settings.add_argument("--parallel", metavar="N", help=_env_help(
+        "independent steps in flight at once", "BRIDGE_PARALLEL",
+        "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"))
+    settings.add_argument("--context-length", metavar="TOKENS", help=_env_help(
+        "the model's context, for fitting prompts", "BRIDGE_CONTEXT_LENGTH",
+        "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM max_model_len)"))
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
         "bridge's own journals and backups", "BRIDGE_STATE_DIR",
         "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
@@ -2431,6 +2743,10 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
                                  pick(args.max_output_bytes, "BRIDGE_MAX_OUTPUT_BYTES"),
                                  DEFAULT_MAX_OUTPUT_BYTES, int, minimum=1),
+        parallel=_number("parallel", "--parallel or BRIDGE_PARALLEL", pick(args.parallel, "BRIDGE_PARALLEL"),
+                         None, int, minimum=1),
+        context_length=_number("context length", "--context-length or BRIDGE_CONTEXT_LENGTH",
+                               pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
         structured=args.structured if args.structured is not None
         else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
         state_dir=Path(state).expanduser() if state else default_state_dir(environ),
@@ -2482,8 +2798,10 @@ def cmd_health(config: Config) -> int:
     server_ok = store_ok = False
     try:
         with LLMClient(config) as client:
-            models = client.list_models()
-            report["server"].update(reachable=True, models=models, loaded=client.loaded_model())
+            info = client.probe()
+            models = info.models
+            report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
+                                    context_length=info.context_length, parallel=info.parallel)
             server_ok = bool(models)
             if not models:
                 report["server"]["error"] = "the server lists no models; download or load one"
@@ -2502,8 +2820,9 @@ def cmd_health(config: Config) -> int:
     else:
         server, store_info = report["server"], report["store"]
         if server_ok:
-            print(f"server  ok    {config.base_url} · {len(server['models'])} model(s) · "
-                  f"loaded: {server['loaded'] or 'none reported'}")
+            print(f"server  ok    {config.base_url} ({server['kind']}) · {len(server['models'])} model(s) · "
+                  f"loaded: {server['loaded'] or 'none reported'} · context "
+                  f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}")
         else:
             print(f"server  FAIL  {server['error']}")
         if store_ok:
@@ -2514,15 +2833,14 @@ def cmd_health(config: Config) -> int:
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
-def _pick_model(config: Config, client: LLMClient) -> str:
+def _pick_model(config: Config, info: ServerInfo) -> str:
     """Return --model, else the server's loaded model. Raises LLMError if there is none."""
     if config.model:
         return config.model
-    model = client.loaded_model()
-    if not model:
+    if not info.loaded:
         raise LLMError(f"the server at {config.base_url} has no model loaded",
                        "load one (LM Studio: lms load MODEL) or pass --model")
-    return model
+    return info.loaded
 
 
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
@@ -2553,8 +2871,13 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
             allowed = _allowed_statuses(records[0], rerun, resume)
         results = []
         with LLMClient(config, on_retry=lambda m: progress.info(f"  retrying: {m}")) as client:
-            model = _pick_model(config, client)
-            runner = Runner(config, store, client, model, progress)
+            info = client.probe()
+            model = _pick_model(config, info)
+            # the server's numbers describe its loaded model only
+            same = model == info.loaded
+            context = config.context_length or (info.context_length if same else None)
+            parallel = config.parallel or (info.parallel if same else None) or 1
+            runner = Runner(config, store, client, model, progress, context, parallel)
             for record in records:
                 result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
                 if result is not None:

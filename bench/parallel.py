@@ -21,6 +21,7 @@ def main() -> int:
     ideal = math.ceil(STEPS / SLOTS) * LATENCY_S
     with FakeLLM() as server, tempfile.TemporaryDirectory() as tmp:
         server.slots, server.latency_s, server.default_reply = SLOTS, LATENCY_S, "done"
+        server.lmstudio = False          # a llama.cpp server: /props reports total_slots
         db = store_with_plan(Path(tmp), [{"id": n, "prompt": f"task {n}"} for n in range(1, STEPS + 1)])
         started = time.perf_counter()
         rc = bridge.main(["--db", str(db), "--base-url", server.url, "--state-dir", f"{tmp}/state", "-q"],

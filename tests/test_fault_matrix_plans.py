@@ -346,6 +346,7 @@ def test_huge_load_file_is_cut_with_a_marker(capsys, db, ctx, fake_llm, state_di
     """A LOAD file three times LOAD_FILE_MAX_BYTES is no fault: the plan runs, and its
     prompt carries the file's first LOAD_FILE_MAX_BYTES bytes and a marker saying so."""
     limit = bridge.LOAD_FILE_MAX_BYTES
+    fake_llm.context_length = 10_000_000    # so the context budget cuts nothing here
     line = "0123456789 lorem ipsum dolor sit amet\n"
     text = (line * (limit * 3 // len(line) + 1))[: limit * 3]
     (ctx.project / "big.txt").write_text(text, encoding="utf-8")

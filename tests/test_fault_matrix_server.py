@@ -12,7 +12,7 @@ step's 2 attempts. A context overflow is neither: it is final at once.
 | row | step 2 sees | exit | plan | step 2 requests | README |
 |---|---|---|---|---|---|
 | refused-model-lookup | closed port, no --model | 2 | pending (never claimed) | 0 | original, no result |
-| refused-chat | closed port, --model m | 1 | failed (step 1 fails, 2 skipped) | 0 | original |
+| refused-chat | closed port, --model m | 2 | pending (the start-up probe fails; never claimed) | 0 | original, no result |
 | 500-then-ok | 500, ok | 0 | completed | 2 | rewritten |
 | 502-then-ok | 502, ok | 0 | completed | 2 | rewritten |
 | 503-then-ok | 503, ok | 0 | completed | 2 | rewritten |
@@ -100,9 +100,9 @@ def _failed(row_id: str, replies: list[dict], errors: tuple[str, ...], attempts:
 ROWS = [
     _row("refused-model-lookup", [], rc=2, status="pending", step2_requests=0, step2=("", 0),
          closed=True, errors=("cannot reach the model server",)),
-    _row("refused-chat", [], rc=1, status="failed", step2_requests=0, step2=("skipped", 0),
-         closed=True, extra=("--model", "m"), errors=("dependency 1 failed",),
-         step1=("failed", 3), step1_errors=("cannot reach the model server",)),
+    # with --model too, the start-up probe finds the server gone: nothing is claimed
+    _row("refused-chat", [], rc=2, status="pending", step2_requests=0, step2=("", 0),
+         closed=True, extra=("--model", "m"), errors=("cannot reach the model server",)),
     _ok_after(_http(500), "500-then-ok"),
     _ok_after(_http(502), "502-then-ok"),
     _ok_after(_http(503), "503-then-ok"),
