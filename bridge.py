@@ -1296,7 +1296,10 @@ class LLMClient:
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
         # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
-        self.http = httpx.Client(timeout=timeout, trust_env=False)
+        # A plain-http server needs no TLS context, and building one (certifi's CA
+        # bundle) costs ~80 ms of start-up; https keeps full verification.
+        https = self.base_url.lower().startswith("https://")
+        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False)
 
     def __enter__(self) -> "LLMClient":
         return self

@@ -89,6 +89,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # like real servers: no Nagle delay between a response's header and body writes
+    disable_nagle_algorithm = True
     server_version = "FakeLLM/1.0"
     sys_version = ""
     server: _Server
