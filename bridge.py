@@ -40,7 +40,6 @@ Rooms, in the order a run passes through them:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -49,13 +48,15 @@ import signal
 import sqlite3
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import NamedTuple
 
 # Start-up matters (bridge --help, --list): modules only some actions need (httpx,
-# jsonschema, hashlib, socket, tempfile, random, shutil) are imported where used,
-# and typing only for type checkers: every annotation here is a string.
+# jsonschema, hashlib, socket, tempfile, random, shutil) are imported where used.
+# Value types are NamedTuples, not dataclasses: importing dataclasses (inspect, ast,
+# dis) and building ten of them cost ~12 ms of every start-up. Every annotation is
+# a string, so the rest of typing is for type checkers only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterator
@@ -142,8 +143,7 @@ def default_state_dir(environ: dict[str, str]) -> Path:
     return home / ".local" / "state" / "bridge"
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """Every setting of one bridge invocation, resolved once (see resolve_config).
 
     db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
@@ -518,8 +518,7 @@ CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories BEGIN
 """
 
 
-@dataclass
-class PlanRecord:
+class PlanRecord(NamedTuple):
     """One plan memory as read from the store.
 
     row_id: memories.id. plan: the parsed content (a dict for a well-formed plan;
@@ -750,7 +749,7 @@ class Store:
         """Return a fresh copy of record's row (its metadata may have changed)."""
         row = self.conn.execute("SELECT metadata FROM memories WHERE id = ?", (record.row_id,)).fetchone()
         meta = json.loads(row[0]) if row and row[0] else {}
-        return dataclasses.replace(record, metadata=meta if isinstance(meta, dict) else {})
+        return record._replace(metadata=meta if isinstance(meta, dict) else {})
 
     # -- writing -------------------------------------------------------------
 
@@ -912,15 +911,14 @@ def load_schema() -> dict:
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One step of a plan, with plan defaults and plan-format.md defaults applied."""
 
     id: int
     prompt: str
     title: str = ""
     depends_on: tuple[int, ...] = ()
-    validation: dict = field(default_factory=lambda: dict(DEFAULT_VALIDATION))
+    validation: dict = DEFAULT_VALIDATION       # shared, never changed
     max_retries: int = DEFAULT_MAX_RETRIES
     on_failure: str = DEFAULT_ON_FAILURE
     file_output: str | None = None
@@ -936,15 +934,14 @@ class Step:
         return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """A validated plan: steps by id, the project root, and its file context."""
 
     id: str
     steps: dict[int, Step]
     objective: str = ""
     project: Path | None = None
-    files_context: dict[str, str] = field(default_factory=dict)
+    files_context: dict[str, str] = {}          # shared, never changed
     rollback_strategy: str = "none"
 
 
@@ -1154,8 +1151,7 @@ def _build_plan(plan: dict) -> Plan:
 ###############################################################################
 
 
-@dataclass
-class Completion:
+class Completion(NamedTuple):
     """One model reply: text (reasoning fields excluded), usage as the server sent
     it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
     model that answered, finish_reason, and duration_s (seconds)."""
@@ -1553,8 +1549,7 @@ class LLMClient:
         return Completion("".join(received), usage, model, finish, time.monotonic() - started)
 
 
-@dataclass(frozen=True)
-class ServerInfo:
+class ServerInfo(NamedTuple):
     """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
     "llama.cpp", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
     or None), context_length (tokens the loaded model takes, per request; None if
@@ -1800,17 +1795,17 @@ def describe_validation(validation: dict) -> str:
 ###############################################################################
 
 
-@dataclass
 class FileChange:
     """What one run did to one path: action is "created" or "modified" (then
     "reverted" after a rollback). backup: the copy of the original, if any, and
     mode its permission bits. created_dirs: folders the run made for it, deepest last."""
 
-    path: str
-    action: str
-    backup: Path | None = None
-    mode: int | None = None
-    created_dirs: list[Path] = field(default_factory=list)
+    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
+
+    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
+                 created_dirs: list[Path] | None = None):
+        self.path, self.action, self.backup, self.mode = path, action, backup, mode
+        self.created_dirs = created_dirs or []
 
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
@@ -2009,22 +2004,36 @@ class FileTransaction:
 ###############################################################################
 
 
-@dataclass
 class StepResult:
-    """The outcome of one step, as stored in the result memory (see as_dict)."""
+    """The outcome of one step, filled in while it runs: status ("skipped" until it
+    runs, then "running", then succeeded | failed | skipped), attempts, output (the
+    artifact once validated), error, file_output, duration_s (seconds), usage
+    (prompt_tokens, completion_tokens), usage_reported (False: estimated), the
+    model that answered, resumed (taken over from a killed run). See as_dict."""
 
-    id: int
-    title: str
-    status: str = "skipped"            # succeeded | failed | skipped
-    attempts: int = 0
-    output: str = ""
-    error: str | None = None
-    file_output: str | None = None
-    duration_s: float = 0.0
-    usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
-    usage_reported: bool = True
-    model: str | None = None
-    resumed: bool = False
+    FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
+              "usage", "usage_reported", "model", "resumed")
+    __slots__ = FIELDS
+
+    def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
+        self.id, self.title, self.status, self.attempts = id, title, "skipped", 0
+        self.output, self.error, self.file_output, self.duration_s = "", None, None, 0.0
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.usage_reported, self.model, self.resumed = True, None, False
+
+    def checkpoint(self) -> dict:
+        """Return every field, whole, for the run's steps.jsonl."""
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    @classmethod
+    def from_checkpoint(cls, entry: dict, title: str) -> "StepResult":
+        """Rebuild a step from a steps.jsonl entry of a killed run, marked resumed."""
+        result = cls(entry["id"], title)
+        for name in cls.FIELDS[2:]:
+            if name in entry:
+                setattr(result, name, entry[name])
+        result.resumed = True
+        return result
 
     def as_dict(self) -> dict:
         """Return the step entry of plan-format.md's result (output clipped to
@@ -2104,6 +2113,7 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
     The previous answer (the assistant message) is cut first, then left out with
     a note; the error itself is always kept.
     """
+    feedback = list(feedback)
     if budget_tokens is None or len(feedback) != 2:
         return feedback
     excess = estimate_tokens(messages + feedback) - budget_tokens
@@ -2249,9 +2259,8 @@ class Runner:
         done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl")
                 if keep_finished and not reverted and e.get("status") == "succeeded" and e.get("id") in plan.steps}
         for sid, entry in done.items():
-            fields = {k: v for k, v in entry.items() if k in StepResult.__dataclass_fields__}
-            results[sid] = dataclasses.replace(StepResult(sid, plan.steps[sid].title), **{**fields, "resumed": True})
-            append_jsonl(run_dir / "steps.jsonl", dataclasses.asdict(results[sid]))
+            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
+            append_jsonl(run_dir / "steps.jsonl", results[sid].checkpoint())
         restored = files.recover(old_dir, set(done)) if files else []
         self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
                            f"succeeded, {len(restored)} file(s) put back")
@@ -2313,7 +2322,7 @@ class Runner:
                     elif blocked := self._blocked_reason(step, results, halted_at):
                         result.error = blocked
                         self._log.say(sid, f"  {step.label}: skipped ({blocked})")
-                        append_jsonl(checkpoint, dataclasses.asdict(result))
+                        append_jsonl(checkpoint, result.checkpoint())
                     else:
                         started += 1
                         result.status = "running"
@@ -2340,7 +2349,7 @@ class Runner:
                     failed.append(sid)
                     if step.on_failure == "halt" and halted_at is None:
                         halted_at = sid
-                append_jsonl(checkpoint, dataclasses.asdict(result))
+                append_jsonl(checkpoint, result.checkpoint())
                 self._log.done(sid)
                 order.done(sid)
         except BaseException:
@@ -2500,14 +2509,13 @@ class Runner:
         return result
 
 
-@dataclass
-class AttemptError:
+class AttemptError(NamedTuple):
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help), feedback (messages appended to the next attempt's prompt)."""
 
     message: str
     retryable: bool = True
-    feedback: list[dict] = field(default_factory=list)
+    feedback: tuple[dict, ...] = ()
 
     @classmethod
     def from_request(cls, exc: LLMError) -> "AttemptError":
@@ -2550,14 +2558,13 @@ def estimate_tokens(messages: list[dict]) -> int:
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
-@dataclass
 class _Block:
     """One part of a step's prompt; body may be cut to fit the context when cuttable."""
 
-    head: str
-    body: str = ""
-    tail: str = ""
-    cuttable: bool = False
+    __slots__ = ("head", "body", "tail", "cuttable")
+
+    def __init__(self, head: str, body: str = "", tail: str = "", cuttable: bool = False):
+        self.head, self.body, self.tail, self.cuttable = head, body, tail, cuttable
 
     def render(self) -> str:
         return self.head + self.body + self.tail
