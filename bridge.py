@@ -104,6 +104,19 @@ PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x on
 RESULT_MEMORY_TYPE = "tool_outcome"
 PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 
+# What the same tokens would cost on Claude, in US dollars per million tokens
+# (input, output). Source: https://platform.claude.com/docs/en/about-claude/pricing,
+# as copied by several pricing tables read 2026-11-21 (docs.rs synaps pricing,
+# cogito-claude). Update with the page; --price-model picks the row.
+CLAUDE_PRICES_USD_PER_MTOK = {
+    "claude-opus-4-5": (5.00, 25.00),
+    "claude-opus-4-1": (15.00, 75.00),
+    "claude-sonnet-4-5": (3.00, 15.00),
+    "claude-haiku-4-5": (1.00, 5.00),
+}
+DEFAULT_PRICE_MODEL = "claude-sonnet-4-5"
+EVENT_KINDS = ("plan_start", "step_start", "delta", "attempt_failed", "step_end", "plan_end", "error")
+
 EXIT_OK = 0
 EXIT_PLAN_FAILED = 1
 EXIT_UNUSABLE = 2
@@ -153,7 +166,9 @@ class Config(NamedTuple):
     bytes is cut and the attempt fails. structured: ask the server for constrained
     JSON on JSON steps. parallel: steps in flight at once (None: what the server
     reports, else 1). context_length: the model's context in tokens (None: what
-    the server reports, else unknown). crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
+    the server reports, else unknown). price_model: the Claude model whose prices
+    value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
+    run as JSON events on stdout. crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
     where the process kills itself, to prove recovery. verbosity: 0 errors only,
     1 progress, 2 prompts and outputs.
     """
@@ -169,6 +184,8 @@ class Config(NamedTuple):
     structured: bool = True
     parallel: int | None = None
     context_length: int | None = None
+    price_model: str = DEFAULT_PRICE_MODEL
+    events: bool = False
     crash_at: str | None = None
     verbosity: int = 1
     json: bool = False
@@ -354,13 +371,14 @@ def tag_safe(text: str) -> str:
     return re.sub(r"[^a-z0-9._:-]+", "-", text.lower())
 
 
-def append_jsonl(path: Path, entry: dict) -> None:
-    """Append one JSON line to path and fsync it, so it survives a crash."""
+def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
+    """Append one JSON line to path; with sync, fsync it, so it survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -414,6 +432,45 @@ class shielded_signals:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.saved.items():
             signal.signal(sig, signal.SIG_IGN if self.for_good else handler)
+
+
+def would_cost_usd(usage: dict, price_model: str) -> float:
+    """Return what usage ({"prompt_tokens", "completion_tokens"}) would cost on a Claude
+    model, in US dollars (CLAUDE_PRICES_USD_PER_MTOK), rounded to 1/10000 dollar."""
+    price_in, price_out = CLAUDE_PRICES_USD_PER_MTOK[price_model]
+    cost = usage["prompt_tokens"] * price_in / 1e6 + usage["completion_tokens"] * price_out / 1e6
+    return round(cost, 4)
+
+
+class Events:
+    """The run as a stream of JSON objects, one per line, on stdout (--events).
+
+    Each has "event" (one of EVENT_KINDS), "ts" (ISO 8601 UTC, milliseconds),
+    "plan_id" and, for step events, "step_id", plus the fields of its kind (see the
+    README). Disabled, emit() does nothing. Safe to call from several threads.
+    """
+
+    def __init__(self, enabled: bool, stream: Any = None):
+        import threading
+
+        self.enabled, self.stream = enabled, stream
+        self.lock = threading.Lock()
+
+    def emit(self, kind: str, plan_id: str | None = None, step_id: int | None = None, **fields: Any) -> None:
+        """Write one event line (and flush), when enabled."""
+        if not self.enabled:
+            return
+        now = datetime.now(timezone.utc)
+        event = {"event": kind, "ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+                 "plan_id": plan_id}
+        if step_id is not None:
+            event["step_id"] = step_id
+        event.update(fields)
+        line = json.dumps(event, ensure_ascii=False) + "\n"
+        with self.lock:
+            stream = self.stream or sys.stdout
+            stream.write(line)
+            stream.flush()
 
 
 class Progress:
@@ -2009,15 +2066,17 @@ class StepResult:
     runs, then "running", then succeeded | failed | skipped), attempts, output (the
     artifact once validated), error, file_output, duration_s (seconds), usage
     (prompt_tokens, completion_tokens), usage_reported (False: estimated), the
-    model that answered, resumed (taken over from a killed run). See as_dict."""
+    model that answered, resumed (taken over from a killed run), generation_s
+    (seconds in model requests, for tokens per second). See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
-              "usage", "usage_reported", "model", "resumed")
+              "generation_s", "usage", "usage_reported", "model", "resumed")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
         self.id, self.title, self.status, self.attempts = id, title, "skipped", 0
         self.output, self.error, self.file_output, self.duration_s = "", None, None, 0.0
+        self.generation_s = 0.0      # seconds spent in model requests
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
 
@@ -2035,14 +2094,19 @@ class StepResult:
         result.resumed = True
         return result
 
-    def as_dict(self) -> dict:
+    def as_dict(self, price_model: str = DEFAULT_PRICE_MODEL) -> dict:
         """Return the step entry of plan-format.md's result (output clipped to
-        STORED_OUTPUT_MAX_CHARS characters, with a marker saying so)."""
+        STORED_OUTPUT_MAX_CHARS characters, with a marker saying so), with
+        tokens_per_s (completion tokens over generation seconds) and what the tokens
+        would have cost on price_model."""
+        speed = self.usage["completion_tokens"] / self.generation_s if self.generation_s else None
         return {"id": self.id, "title": self.title, "status": self.status, "attempts": self.attempts,
                 "output": clip(self.output, STORED_OUTPUT_MAX_CHARS, "output"), "error": self.error,
                 "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
-                "usage": dict(self.usage), "usage_reported": self.usage_reported, "model": self.model,
-                "resumed": self.resumed}
+                "usage": dict(self.usage), "usage_reported": self.usage_reported,
+                "tokens_per_s": round(speed, 1) if speed is not None else None,
+                "would_have_cost_usd": would_cost_usd(self.usage, price_model),
+                "model": self.model, "resumed": self.resumed}
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
@@ -2128,6 +2192,68 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
             note]
 
 
+class RunLog:
+    """A run's transcript: runs/<run_id>/step-<N>.jsonl under --state-dir, one file
+    per step, in Claude Code's stream-json line format (code.claude.com/docs/en/
+    headless), so tools that read Claude Code transcripts read these too.
+
+    Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages
+    sent ({"type": "system", "subtype": "system_prompt"} and {"type": "user" |
+    "assistant", "message": …} lines), the streamed answer as an "assistant"
+    message with its usage, a {"type": "system", "subtype": "validation"} line;
+    last a {"type": "result", …} line with usage, duration_ms, total_cost_usd (0:
+    the work was local) and would_have_cost_usd.
+    """
+
+    def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
+        self.run_dir, self.run_id, self.plan_id, self.price_model = run_dir, run_id, plan_id, price_model
+
+    def _line(self, sid: int, entry: dict) -> None:
+        append_jsonl(self.run_dir / f"step-{sid}.jsonl", entry, sync=False)
+
+    def start(self, step: Step, model: str, cwd: Path | None) -> None:
+        """Open a step's transcript."""
+        self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id, "model": model,
+                             "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
+                             "step_id": step.id, "title": step.title})
+
+    def sent(self, sid: int, attempt: int, messages: list[dict]) -> None:
+        """Record the exact messages of one attempt."""
+        for message in messages:
+            if message["role"] == "system":
+                self._line(sid, {"type": "system", "subtype": "system_prompt", "attempt": attempt,
+                                 "text": message["content"]})
+            else:
+                self._line(sid, {"type": message["role"], "attempt": attempt, "session_id": self.run_id,
+                                 "message": {"role": message["role"],
+                                             "content": [{"type": "text", "text": message["content"]}]}})
+
+    def answer(self, sid: int, attempt: int, reply: Completion) -> None:
+        """Record a streamed answer (as received, <think> included) and its usage."""
+        usage = reply.usage or {}
+        self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id, "message": {
+            "role": "assistant", "model": reply.model, "content": [{"type": "text", "text": reply.text}],
+            "stop_reason": reply.finish_reason,
+            "usage": {"input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens")}}})
+
+    def checked(self, sid: int, attempt: int, error: str | None) -> None:
+        """Record the validation outcome (or the request error) of one attempt."""
+        self._line(sid, {"type": "system", "subtype": "validation", "attempt": attempt,
+                         "ok": error is None, "error": error})
+
+    def end(self, result: StepResult) -> None:
+        """Close a step's transcript with the result line."""
+        ok = result.status == "succeeded"
+        self._line(result.id, {
+            "type": "result", "subtype": "success" if ok else "error_during_execution", "is_error": not ok,
+            "result": result.output, "error": result.error, "status": result.status,
+            "duration_ms": int(result.duration_s * 1000), "num_turns": result.attempts,
+            "session_id": self.run_id, "total_cost_usd": 0,
+            "would_have_cost_usd": would_cost_usd(result.usage, self.price_model),
+            "usage": {"input_tokens": result.usage["prompt_tokens"],
+                      "output_tokens": result.usage["completion_tokens"]}})
+
+
 class _Heartbeat:
     """Refresh a running plan's heartbeat_at every HEARTBEAT_INTERVAL_S seconds from a
     background thread with its own store connection, so another bridge can tell a
@@ -2171,6 +2297,7 @@ class Runner:
         self.config, self.store, self.client = config, store, client
         self.model, self.progress = model, progress
         self.context_length, self.parallel = context_length, max(1, parallel)
+        self.events = Events(config.events)
 
     def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
@@ -2192,6 +2319,8 @@ class Runner:
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
         started, clock = utc_now_iso(), time.monotonic()
+        self.events.emit("plan_start", record.plan_id, run_id=run_id, objective=record.objective,
+                         steps=record.step_count, model=self.model)
         problems = list(problems or [])
         try:
             plan = check_plan(record.plan)
@@ -2211,6 +2340,8 @@ class Runner:
         self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
                            f"· {len(plan.steps)} step(s) · model {self.model}")
         run_dir = self.config.state_dir / "runs" / run_id
+        self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
+        self._plan_id = plan.id
         files = FileTransaction(plan.project, run_dir, self.config.crash_at) if plan.project else None
         results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
         error, interrupted = None, None
@@ -2319,10 +2450,12 @@ class Runner:
                     if result.status == "succeeded":
                         outputs[sid] = result.output
                         self._log.say(sid, f"  {step.label}: succeeded in the run taken over; not sent again")
+                        self._step_ended(plan, result)
                     elif blocked := self._blocked_reason(step, results, halted_at):
                         result.error = blocked
                         self._log.say(sid, f"  {step.label}: skipped ({blocked})")
                         append_jsonl(checkpoint, result.checkpoint())
+                        self._step_ended(plan, result)
                     else:
                         started += 1
                         result.status = "running"
@@ -2350,6 +2483,7 @@ class Runner:
                     if step.on_failure == "halt" and halted_at is None:
                         halted_at = sid
                 append_jsonl(checkpoint, result.checkpoint())
+                self._step_ended(plan, result)
                 self._log.done(sid)
                 order.done(sid)
         except BaseException:
@@ -2362,6 +2496,10 @@ class Runner:
         if failed:
             return f"step(s) {', '.join(map(str, sorted(failed)))} failed"
         return None
+
+    def _step_ended(self, plan: Plan, result: StepResult) -> None:
+        entry = result.as_dict(self.config.price_model)
+        self.events.emit("step_end", plan.id, result.id, **{k: v for k, v in entry.items() if k != "id"})
 
     def _step_worker(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
                      files: FileTransaction | None, position: int, finished: Any) -> None:
@@ -2405,6 +2543,17 @@ class Runner:
         result.status, result.file_output, result.model = "running", step.file_output, model
         clock = time.monotonic()
         say = functools.partial(self._log.say, step.id)
+        self._runlog.start(step, model, plan.project)
+        self.events.emit("step_start", plan.id, step.id, title=step.title, position=position,
+                         steps=len(plan.steps), max_attempts=step.max_retries + 1, model=model)
+        try:
+            self._attempts(plan, step, result, outputs, files, position, model, clock, say)
+        finally:
+            self._runlog.end(result)
+
+    def _attempts(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
+                  files: FileTransaction | None, position: int, model: str, clock: float,
+                  say: Callable[..., None]) -> None:
         budget = self._budget(step, model)
         try:
             messages = build_messages(plan, step, outputs, budget)
@@ -2427,6 +2576,8 @@ class Runner:
                 return
             result.error = error.message
             say(f"  {step.label}: attempt {attempt} failed: {error.message}")
+            self.events.emit("attempt_failed", plan.id, step.id, attempt=attempt, error=error.message,
+                             retrying=error.retryable and attempt <= step.max_retries)
             if not error.retryable:
                 break
             retry_note = fit_feedback(messages, error.feedback, budget)
@@ -2450,10 +2601,12 @@ class Runner:
         """Send one attempt, check it, write its file; return None or the AttemptError."""
         assert self.client is not None, "a plan with steps needs a model client"
         started, pieces = time.monotonic(), [0]
+        self._runlog.sent(step.id, attempt, messages)
 
         def on_delta(piece: str) -> None:
             pieces[0] += 1
             elapsed = time.monotonic() - started
+            self.events.emit("delta", self._plan_id, step.id, attempt=attempt, text=piece)
             self.progress.status(f"{where} · {step.title or f'step {step.id}'} · attempt {attempt} · "
                                  f"{elapsed:.1f} s · {pieces[0] / max(elapsed, 1e-6):.1f} tok/s")
         try:
@@ -2461,9 +2614,13 @@ class Runner:
                                      max_tokens=step.max_tokens, timeout_s=step.timeout_s,
                                      json_schema=output_schema(step.validation), on_delta=on_delta)
         except LLMError as exc:
+            result.generation_s += time.monotonic() - started
+            self._runlog.checked(step.id, attempt, str(exc))
             return AttemptError.from_request(exc)
+        result.generation_s += time.monotonic() - started
         if self._cancel.is_set():
             return AttemptError("interrupted", retryable=False)
+        self._runlog.answer(step.id, attempt, reply)
         _add_usage(result, reply, messages, pieces[0])
         if reply.model and reply.model != model:
             result.model = reply.model
@@ -2473,7 +2630,9 @@ class Runner:
         try:
             artifact = check_output(output, step.validation)
         except OutputInvalid as exc:
+            self._runlog.checked(step.id, attempt, str(exc))
             return AttemptError.from_output(str(exc), reply.text, step.validation)
+        self._runlog.checked(step.id, attempt, None)
         result.output = artifact
         if step.file_output:
             try:
@@ -2488,12 +2647,17 @@ class Runner:
         usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
                  "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
         counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}
+        generation_s = sum(s.generation_s for s in steps)
+        price = self.config.price_model
         return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run_id,
                 "objective": record.objective, "status": status, "success": status == "completed",
                 "started_at": started, "finished_at": utc_now_iso(),
                 "duration_s": round(time.monotonic() - clock, 3), "model": self.model,
-                "base_url": self.config.base_url, "usage": usage, "counts": counts,
-                "steps": [s.as_dict() for s in steps], "files": files, "error": error,
+                "base_url": self.config.base_url, "usage": usage,
+                "tokens_per_s": round(usage["completion_tokens"] / generation_s, 1) if generation_s else None,
+                "cost_usd": 0, "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
+                "counts": counts, "steps": [s.as_dict(price) for s in steps], "files": files, "error": error,
+                "run_log": str(self.config.state_dir / "runs" / run_id),
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, record: PlanRecord, result: dict) -> dict:
@@ -2502,10 +2666,16 @@ class Runner:
         tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
         line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
                 f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
-                f"{result['duration_s']:.1f} s")
+                f"{result['duration_s']:.1f} s · $0 here, ${result['would_have_cost_usd']:.4f} on "
+                f"{result['price_model']}")
         if result["error"]:
             line += f" · {result['error']}"
         (self.progress.info if result["success"] else self.progress.error)(line)
+        self.events.emit("plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
+                         success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
+                         cost_usd=0, would_have_cost_usd=result["would_have_cost_usd"],
+                         result_hash=result["result_hash"], error=result["error"],
+                         problems=result.get("problems"), run_log=result["run_log"])
         return result
 
 

@@ -367,6 +367,7 @@ class FakeLLM:
         self.default_reply: str | None = None   # played when the queue is empty
         self.max_in_flight = 0              # the most chat requests seen at once
         self._in_flight = 0
+        self._generation = 0                # bumped by reset(): requests of earlier tests don't count
         self._slots_sem: threading.Semaphore | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -426,7 +427,10 @@ class FakeLLM:
         self.slots = None
         self.latency_s = 0.0
         self.default_reply = None
-        self.max_in_flight = 0
+        with self._lock:
+            self.max_in_flight = 0
+            self._in_flight = 0
+            self._generation += 1
         self._slots_sem = None
         return self
 
@@ -440,13 +444,15 @@ class FakeLLM:
         if sem is not None:
             sem.acquire()
         with self._lock:
+            generation = self._generation
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
             yield
         finally:
             with self._lock:
-                self._in_flight -= 1
+                if generation == self._generation:
+                    self._in_flight -= 1
             if sem is not None:
                 sem.release()
 
