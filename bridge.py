@@ -186,6 +186,7 @@ class Config(NamedTuple):
     context_length: int | None = None
     price_model: str = DEFAULT_PRICE_MODEL
     events: bool = False
+    db_explicit: bool = False
     crash_at: str | None = None
     verbosity: int = 1
     json: bool = False
@@ -715,16 +716,75 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot create a store at {path}: {exc}") from exc
 
-    def submit(self, plan: dict) -> str:
-        """Store a plan as a new memory (memory_type planning, tag bridge-plan).
+    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
+        """Store a plan as a new memory, the way the memory server's store_memory does
+        (memory_type planning, tag bridge-plan, hash and timestamps).
 
-        Returns its content_hash. Raises StoreError when a live plan already has
-        this id, or identical content is already stored.
+        replace: soft-delete the live plans with the same id, in the same
+        transaction. Returns (content_hash, row ids replaced). Raises StoreError
+        when a live plan has this id and replace is off, or identical content is
+        already stored.
         """
-        if any(r.plan_id == plan.get("id") for r in self.find_plans()):
-            raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path}")
         content = json.dumps(plan, ensure_ascii=False, indent=2)
-        return self._write(lambda: self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {}))
+
+        def work() -> tuple[str, list]:
+            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            if same and not replace:
+                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
+                raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path} ({rows})",
+                                 "pass --replace to soft-delete it and store this one")
+            for record in same:
+                self.soft_delete(record.row_id)
+            return self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {}), [r.row_id for r in same]
+        return self._write(work)
+
+    def soft_delete(self, row_id: Any) -> None:
+        """Mark one memory deleted the way the memory server does (deleted_at and
+        updated_at). Call inside _write. Raises StoreError on a layout without it."""
+        if "deleted_at" not in self.columns:
+            raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
+                             "delete the old plan by hand, then submit again")
+        now = time.time()
+        self.conn.execute("UPDATE memories SET deleted_at = ?, updated_at = ?, updated_at_iso = ? WHERE id = ?",
+                          (now, now, iso_from_ts(now), row_id))
+
+    def cancel(self, record: PlanRecord) -> bool:
+        """Mark a pending plan cancelled, atomically; False when it is no longer pending."""
+        def work() -> bool:
+            if self.reload(record).status != "pending":
+                return False
+            self._set_state(record.row_id, {"status": "cancelled", "finished_at": utc_now_iso(),
+                                            "error": "cancelled by the user"})
+            return True
+        return self._write(work)
+
+    def find_result(self, record: PlanRecord) -> dict | None:
+        """Return the newest stored result document of a plan, or None.
+
+        By the result_hash in the plan's state first; else the live results tagged
+        plan:<id>, newest first (the memory server's own tag match), each
+        confirmed by parsing it.
+        """
+        rows: list = []
+        digest = record.state.get("result_hash")
+        if digest and "content_hash" in self.columns:
+            rows = self.conn.execute("SELECT content FROM memories WHERE content_hash = ?", (digest,)).fetchall()
+        if "tags" in self.columns:
+            rows += self.conn.execute(
+                f"SELECT content FROM memories m WHERE (',' || m.tags || ',') LIKE ? AND {self._live_filter()} "
+                "ORDER BY m.created_at DESC", (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
+        else:
+            rows += self.conn.execute("SELECT content FROM memories WHERE instr(content, 'bridge_result') > 0 "
+                                      "ORDER BY created_at DESC").fetchall()
+        for (content,) in rows:
+            try:
+                document = json.loads(content)
+            except ValueError:
+                continue
+            if isinstance(document, dict) and document.get("type") == "bridge_result" \
+                    and document.get("plan_id") == record.plan_id:
+                return document
+        return None
 
     def __enter__(self) -> "Store":
         return self
@@ -2831,6 +2891,20 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--list", action="store_true", help="list pending plans (id, objective, steps, created)")
     actions.add_argument("--health", action="store_true",
                          help="check the model server and the store; exit 0 only when both are usable")
+    actions.add_argument("--show", metavar="ID", help="show the last result of a plan, and its run log")
+    actions.add_argument("--validate", metavar="FILE", help="check a plan file (schema and semantic rules); "
+                                                            "exit 0 when valid, 1 with every problem")
+    actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
+                                                          "memory (creates the store when --db names a new file)")
+    actions.add_argument("--cancel", metavar="ID", help="cancel a pending plan")
+    actions.add_argument("--schema", action="store_true", help="print the plan JSON Schema")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with no action or --plan: check the plans that would run and print each step's "
+                             "exact messages, without a server; the store is not touched")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --submit: soft-delete the live plan with the same id")
+    parser.add_argument("--events", action="store_true",
+                        help="print the run as JSON events on stdout, one per line (progress stays on stderr)")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
     parser.add_argument("--rerun", action="store_true",
                         help="with --plan: run a completed, failed or cancelled plan again, from the start")
@@ -2838,7 +2912,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --plan: take over a stale plan (its bridge died), keeping the steps "
                              "that had succeeded")
     parser.add_argument("--json", dest="json_", action="store_true",
-                        help="print one JSON document on stdout (--list, --health, a run's summary)")
+                        help="print one JSON document on stdout (--list, --health, --show, --validate, "
+                             "--submit, --dry-run, a run's summary)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
     noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
@@ -2870,6 +2945,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--context-length", metavar="TOKENS", help=_env_help(
         "the model's context, for fitting prompts", "BRIDGE_CONTEXT_LENGTH",
         "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM max_model_len)"))
+    settings.add_argument("--price-model", metavar="MODEL", help=_env_help(
+        "the Claude model whose prices value the tokens a run used", "BRIDGE_PRICE_MODEL",
+        f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
         "bridge's own journals and backups", "BRIDGE_STATE_DIR",
         "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
@@ -2889,6 +2967,15 @@ def _number(name: str, flag: str, raw: str | None, default: float, kind: type = 
         raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number ≥ {minimum:g}, "
                           f"got {raw!r}", f"fix {flag}")
     return value
+
+
+def _price_model(name: str | None) -> str:
+    if name is None:
+        return DEFAULT_PRICE_MODEL
+    if name not in CLAUDE_PRICES_USD_PER_MTOK:
+        raise ConfigError(f"unknown price model {name!r}",
+                          f"pick one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)} (--price-model)")
+    return name
 
 
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
@@ -2927,6 +3014,9 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                          None, int, minimum=1),
         context_length=_number("context length", "--context-length or BRIDGE_CONTEXT_LENGTH",
                                pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
+        price_model=_price_model(pick(args.price_model, "BRIDGE_PRICE_MODEL")),
+        events=args.events,
+        db_explicit=bool(db),
         structured=args.structured if args.structured is not None
         else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
         state_dir=Path(state).expanduser() if state else default_state_dir(environ),
@@ -3083,6 +3173,190 @@ def run_summary(results: list[dict]) -> str:
             f"{tokens} tokens · {seconds:.1f} s")
 
 
+def cmd_show(config: Config, plan_id: str) -> int:
+    """Print the last stored result of a plan (--json: the document itself).
+
+    Raises PlanNotFound, or BridgeError when the plan has no result yet.
+    """
+    with Store.open(config) as store:
+        record = store.get_plan(plan_id)
+        result = store.find_result(record)
+    if result is None:
+        raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
+                          f"run it with: bridge --plan {plan_id}")
+    if config.json:
+        _print_json(result)
+    else:
+        print(render_result(result))
+    return EXIT_OK
+
+
+def render_result(result: dict) -> str:
+    """Return a stored result document as text for a person: steps, outputs,
+    errors, files, usage, cost and where the run log is."""
+    usage = result.get("usage") or {}
+    lines = [f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})"]
+    if result.get("objective"):
+        lines.append(f"  objective: {result['objective']}")
+    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
+    lines.append(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
+                 f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
+                 f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
+    if "would_have_cost_usd" in result:
+        lines.append(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
+    if result.get("error"):
+        lines.append(f"  error: {result['error']}")
+    for problem in result.get("problems") or []:
+        lines.append(f"  problem: {problem}")
+    for step in result.get("steps", []):
+        title = f" ({step['title']})" if step.get("title") else ""
+        lines.append(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
+                     f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
+        if step.get("error"):
+            lines.append(f"      error: {step['error']}")
+        if step.get("file_output"):
+            lines.append(f"      file: {step['file_output']}")
+        output = (step.get("output") or "").strip()
+        if output:
+            shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
+            lines.append("      output: " + shown.replace("\n", "\n              "))
+    for change in result.get("files", []):
+        lines.append(f"  file {change['path']}: {change['action']}")
+    if result.get("run_log"):
+        lines.append(f"  run log: {result['run_log']}")
+    return "\n".join(lines)
+
+
+def _read_plan_file(path: Path) -> Any:
+    """Return the parsed JSON of a plan file. Raises PlanInvalid (not JSON) or
+    BridgeError (unreadable)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BridgeError(f"cannot read the plan file {path}: {exc}", "check the path") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise PlanInvalid(str(path), [f"$: not JSON ({exc})"]) from exc
+
+
+def cmd_validate(config: Config, path: Path) -> int:
+    """Check a plan file with the schema and the semantic rules; print every
+    problem with its JSON path. Returns EXIT_OK or EXIT_PLAN_FAILED."""
+    try:
+        plan = check_plan(_read_plan_file(path))
+        problems, plan_id = [], plan.id
+    except PlanInvalid as exc:
+        problems = exc.problems
+        plan_id = None
+    if config.json:
+        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id, "problems": problems})
+    elif problems:
+        print(f"{path}: invalid plan, {len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  {problem}")
+    else:
+        print(f"{path}: valid plan {plan_id!r} ({len(plan.steps)} step(s))")
+    return EXIT_PLAN_FAILED if problems else EXIT_OK
+
+
+def cmd_submit(config: Config, path: Path, replace: bool) -> int:
+    """Validate a plan file and store it as a new plan memory.
+
+    A --db (or BRIDGE_DB) naming a file that does not exist gets a new store in
+    the 12.x layout. Raises PlanInvalid listing every problem, StoreError when the
+    id is taken (without replace) or the store cannot be written.
+    """
+    raw = _read_plan_file(path)
+    check_plan(raw)
+    target = config.db_paths[0]
+    if config.db_explicit and not target.exists():
+        Store.create(target)
+    with Store.open(config) as store:
+        digest, replaced = store.submit(raw, replace)
+        where = store.path
+    if config.json:
+        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where), "replaced_rows": replaced})
+    else:
+        note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
+        print(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}")
+    return EXIT_OK
+
+
+def cmd_cancel(config: Config, plan_id: str) -> int:
+    """Cancel a pending plan. Raises BridgeError when it is not pending."""
+    with Store.open(config) as store:
+        record = store.get_plan(plan_id)
+        if not store.cancel(record):
+            status = store.reload(record).display_status
+            raise BridgeError(f"plan {plan_id!r} is {status}; only a pending plan can be cancelled",
+                              "see its state with: bridge --list --all")
+    print(f"cancelled plan {plan_id!r}")
+    return EXIT_OK
+
+
+def cmd_dry_run(config: Config, plan_id: str | None) -> int:
+    """Check the plans that would run and print each step's exact messages, in
+    run order, with dependency outputs as placeholders; no server, store untouched.
+
+    Returns EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK.
+    """
+    with Store.open(config) as store:
+        records = [store.get_plan(plan_id)] if plan_id else \
+            [r for r in store.find_plans() if r.status == "pending" or (r.status == "invalid" and not r.state)]
+    report = [dry_run_plan(record, config) for record in records]
+    if config.json:
+        _print_json({"plans": report})
+    else:
+        if not report:
+            print("no pending plans")
+        for entry in report:
+            print(_render_dry_run(entry))
+    return EXIT_OK if all(entry["valid"] for entry in report) else EXIT_PLAN_FAILED
+
+
+def dry_run_plan(record: PlanRecord, config: Config) -> dict:
+    """Return what a run of one plan would send: {"plan_id", "valid", "problems",
+    "steps": [{"id", "title", "messages", "response_format"}]} in run order."""
+    try:
+        plan = check_plan(record.plan)
+    except PlanInvalid as exc:
+        return {"plan_id": record.plan_id, "valid": False, "problems": exc.problems, "steps": []}
+    placeholders = {sid: f"<the output of step {sid}, once it has run>" for sid in plan.steps}
+    steps = []
+    for sid in sequential_order(step_graph(plan)):
+        step = plan.steps[sid]
+        budget = None
+        if config.context_length:
+            budget = config.context_length - (step.max_tokens or min(ANSWER_RESERVE_TOKENS,
+                                                                     config.context_length // 4))
+        try:
+            messages, error = build_messages(plan, step, placeholders, budget), None
+        except PromptTooLarge as exc:
+            messages, error = [], str(exc)
+        schema = output_schema(step.validation)
+        steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
+                      "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
+                      else None})
+    return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps}
+
+
+def _render_dry_run(entry: dict) -> str:
+    if not entry["valid"]:
+        return "\n".join([f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
+    lines = [f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"]
+    for step in entry["steps"]:
+        title = f" ({step['title']})" if step["title"] else ""
+        lines.append(f"=== step {step['id']}{title}")
+        if step["error"]:
+            lines.append(f"would fail: {step['error']}")
+        for message in step["messages"]:
+            lines.append(f"--- {message['role']} ---\n{message['content']}")
+        if step["response_format"]:
+            lines.append(f"--- response_format ---\n{json.dumps(step['response_format'])}")
+    return "\n".join(lines)
+
+
 def shared_id_problems(plans: list[PlanRecord]) -> dict[str, list[str]]:
     """Return {plan id: [problem]} for every id that several live plans share."""
     rows: dict[str, list[str]] = {}
@@ -3155,6 +3429,15 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         parser.error("--rerun and --resume go with --plan ID")
     if args.rerun and args.resume:
         parser.error("--rerun starts over, --resume continues: pick one")
+    if args.replace and not args.submit:
+        parser.error("--replace goes with --submit FILE")
+    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel or args.schema
+    if args.dry_run and other_action:
+        parser.error("--dry-run goes with a run (no action flag, or --plan ID)")
+    if args.events and (other_action or args.dry_run):
+        parser.error("--events goes with a run (no action flag, or --plan ID)")
+    if args.events and args.json_:
+        parser.error("--events and --json both write to stdout: pick one")
     environ = dict(os.environ if environ is None else environ)
     debug = args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
     try:
@@ -3163,11 +3446,25 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return cmd_list(config, args.all)
         if args.health:
             return cmd_health(config)
+        if args.show:
+            return cmd_show(config, args.show)
+        if args.validate:
+            return cmd_validate(config, Path(args.validate))
+        if args.submit:
+            return cmd_submit(config, Path(args.submit), args.replace)
+        if args.cancel:
+            return cmd_cancel(config, args.cancel)
+        if args.schema:
+            sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
+            return EXIT_OK
+        if args.dry_run:
+            return cmd_dry_run(config, args.plan)
         return cmd_run(config, args.plan, args.rerun, args.resume)
     except BridgeError as exc:
         print(f"bridge: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
+        Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint, exit_code=exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         _ignore_interrupts()    # on the way out: a late Ctrl-C must not cut this short
