@@ -168,7 +168,9 @@ class Config(NamedTuple):
     reports, else 1). context_length: the model's context in tokens (None: what
     the server reports, else unknown). price_model: the Claude model whose prices
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
-    run as JSON events on stdout. crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
+    run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
+    anthropic: executor. escalate_to: the model reference a failed step gets one
+    more attempt on. tool_env: the environment a claude-cli: executor runs in. crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
     where the process kills itself, to prove recovery. verbosity: 0 errors only,
     1 progress, 2 prompts and outputs.
     """
@@ -187,6 +189,10 @@ class Config(NamedTuple):
     price_model: str = DEFAULT_PRICE_MODEL
     events: bool = False
     db_explicit: bool = False
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_api_key: str | None = None
+    escalate_to: str | None = None
+    tool_env: tuple[tuple[str, str], ...] = ()
     crash_at: str | None = None
     verbosity: int = 1
     json: bool = False
@@ -1060,6 +1066,7 @@ class Plan(NamedTuple):
     project: Path | None = None
     files_context: dict[str, str] = {}          # shared, never changed
     rollback_strategy: str = "none"
+    escalate_to: str | None = None
 
 
 _STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s")
@@ -1139,27 +1146,34 @@ def read_load_file(path: Path, rel: str) -> str:
 
 
 def _semantic_problems(plan: dict) -> list[str]:
+    """The rules a schema cannot state. They run on a plan the schema found fault
+    with too, skipping whatever part is malformed (the schema already said so)."""
     from graphlib import CycleError, TopologicalSorter
 
     problems: list[str] = []
-    steps = plan["steps"]
+    steps = [s for s in plan.get("steps") or [] if isinstance(s, dict) and isinstance(s.get("id"), int)]
     ids = [s["id"] for s in steps]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"$.steps: step id {dup} is used more than once")
     known = set(ids)
+    graph = {}
     for n, step in enumerate(steps):
-        for dep in step.get("depends_on", []):
+        deps = [d for d in step.get("depends_on") or [] if isinstance(d, int)] \
+            if isinstance(step.get("depends_on"), list) else []
+        graph[step["id"]] = deps
+        for dep in deps:
             if dep == step["id"]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
             elif dep not in known:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
-        problems += _validation_problems(step.get("validation", {}), f"$.steps[{n}].validation")
-        if len(step["prompt"]) > MAX_PROMPT_CHARS:
+        if isinstance(step.get("validation"), dict):
+            problems += _validation_problems(step["validation"], f"$.steps[{n}].validation")
+        if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
-    if not problems:
+    if not any("depends on itself" in p or "unknown step" in p for p in problems):
         try:
-            TopologicalSorter({s["id"]: s.get("depends_on", []) for s in steps}).prepare()
+            TopologicalSorter(graph).prepare()
         except CycleError as exc:
             cycle = " -> ".join(str(i) for i in exc.args[1])
             problems.append(f"$.steps: dependency cycle {cycle}")
@@ -1183,9 +1197,13 @@ def _validation_problems(validation: dict, where: str) -> list[str]:
 
 
 def _path_problems(plan: dict) -> list[str]:
-    context = plan.get("context", {})
-    files = context.get("files_context", {})
-    outputs = {s["file_output"]: n for n, s in enumerate(plan["steps"]) if "file_output" in s}
+    context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
+    files = context.get("files_context") if isinstance(context.get("files_context"), dict) else {}
+    steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
+    outputs = {s["file_output"]: n for n, s in enumerate(steps)
+               if isinstance(s, dict) and isinstance(s.get("file_output"), str)}
+    if "project" in context and not isinstance(context["project"], str):
+        return []                   # the schema has said what is wrong with it
     if "project" not in context:
         if files or outputs:
             return ["$.context.project: required when the plan names files "
@@ -1234,7 +1252,11 @@ def check_plan(plan: Any) -> Plan:
     plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
     if not isinstance(plan, dict):
         raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
-    problems = _schema_problems(plan) or _semantic_problems(plan)
+    problems = _schema_problems(plan)
+    try:
+        problems += _semantic_problems(plan)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        pass        # too malformed for the semantic rules; the schema problems say why
     if problems:
         raise PlanInvalid(plan_id, problems)
     return _build_plan(plan)
@@ -1256,7 +1278,7 @@ def _build_plan(plan: dict) -> Plan:
     project = Path(context["project"]) if "project" in context else None
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
                 project=project, files_context=dict(context.get("files_context", {})),
-                rollback_strategy=plan.get("rollback_strategy", "none"))
+                rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"))
 
 
 ###############################################################################
@@ -1278,6 +1300,7 @@ class Completion(NamedTuple):
     model: str | None
     finish_reason: str | None
     duration_s: float
+    cost_usd: float = 0.0        # what the request cost (0 on a local server)
 
 
 def _error_message(body: bytes) -> str:
@@ -1381,19 +1404,21 @@ def _refuses_response_format(exc: LLMError) -> bool:
         word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
 
 
-class LLMClient:
-    """A chat-completions client for one OpenAI-compatible server.
+class HTTPExecutor:
+    """What every HTTP executor shares: one httpx.Client built from Config, httpx
+    exceptions translated to LLMError, and the retry loop.
 
-    Use as a context manager. config.base_url ends in /v1 (LM Studio's
-    http://localhost:1234/v1 by default). Transient failures (connection refused or
-    reset, timeouts, 429, 500, 502, 503, 504) are retried up to config.retries times
+    Use as a context manager. Transient failures (connection refused or reset,
+    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times
     with exponential backoff and jitter starting at config.retry_delay_s seconds,
-    honouring Retry-After, never past RETRY_BUDGET_S seconds in all. sleep is
-    injectable so tests can see the delays without waiting.
+    honouring Retry-After, never past RETRY_BUDGET_S seconds in all, and never once
+    output has streamed. sleep is injectable so tests see the delays without
+    waiting. Subclasses give chat() and _parse(); every executor's chat() has the
+    same signature and returns a Completion.
     """
 
-    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
-                 on_retry: Callable[[str], None] | None = None):
+    def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
+                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[str], None] | None = None):
         import logging
 
         import httpx
@@ -1402,25 +1427,26 @@ class LLMClient:
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.config = config
-        self.base_url = config.base_url.rstrip("/")
+        self.base_url = base_url.rstrip("/")
         self._sleep = sleep
         self._on_retry = on_retry or (lambda message: None)
-        # index into RESPONSE_FORMS of the first form this server has not refused
-        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
         # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
         # A plain-http server needs no TLS context, and building one (certifi's CA
         # bundle) costs ~80 ms of start-up; https keeps full verification.
         https = self.base_url.lower().startswith("https://")
-        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False)
+        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
+                                 headers=headers)
 
-    def __enter__(self) -> "LLMClient":
+    def __enter__(self) -> "HTTPExecutor":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
-    # -- discovery -------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connections."""
+        self.http.close()
 
     def _get_json(self, url: str) -> Any:
         import httpx
@@ -1436,6 +1462,87 @@ class LLMClient:
             return response.json()
         except ValueError as exc:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
+
+    def _send_with_retries(self, payload: dict, timeout_s: float | None,
+                           on_delta: Callable[[str], None] | None) -> Completion:
+        deadline = time.monotonic() + RETRY_BUDGET_S
+        for retry in range(self.config.retries + 1):
+            received: list[str] = []
+            try:
+                return self._stream_once(payload, timeout_s, on_delta, received)
+            except LLMError as exc:
+                if not exc.transient or received or retry == self.config.retries \
+                        or ("response_format" in payload and _refuses_response_format(exc)):
+                    raise
+                delay = exc.retry_after_s
+                if delay is None:
+                    delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
+                    import random
+
+                    delay *= random.uniform(0.5, 1.0)       # jitter: clients retrying together spread out
+                if time.monotonic() + delay > deadline:
+                    exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
+                                f"{RETRY_BUDGET_S:.0f} s retry budget)",)
+                    raise exc
+                self._on_retry(f"{exc}; retry {retry + 1}/{self.config.retries} in {delay:.1f} s")
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _transport_error(self, exc: Exception, url: str) -> LLMError:
+        """Translate an httpx transport exception into the matching LLMError."""
+        import httpx
+
+        if isinstance(exc, httpx.TimeoutException):
+            return LLMTimeout(f"no answer from {url} within {self.config.timeout_s:g} s "
+                              f"({type(exc).__name__})",
+                              "a model may still be loading; raise --timeout or load it first")
+        if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
+                            httpx.RemoteProtocolError, httpx.CloseError)):
+            reason = str(exc) or type(exc).__name__
+            return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
+                                  "start the server (LM Studio: Developer > Start server) or pass --base-url")
+        return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
+
+    def _stream_once(self, payload: dict, timeout_s: float | None,
+                     on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
+        import httpx
+
+        url = f"{self.base_url}{self.CHAT_PATH}"
+        started = time.monotonic()
+        kwargs: dict[str, Any] = {"json": payload}
+        if timeout_s is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+        try:
+            with self.http.stream("POST", url, **kwargs) as response:
+                if response.status_code >= 400:
+                    message = _error_message(response.read())
+                    raise LLMHTTPError(
+                        f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
+                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                        context_overflow=_is_context_overflow(message))
+                return self._parse(response, url, started, on_delta, received)
+        except httpx.TransportError as exc:
+            error = self._transport_error(exc, url)
+            if received:
+                error = LLMProtocolError(f"the stream from {url} broke after "
+                                         f"{sum(map(len, received))} characters ({error})")
+            raise error from exc
+
+
+class LLMClient(HTTPExecutor):
+    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
+    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
+    http://localhost:1234/v1 by default). Streams SSE chunks with
+    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
+    and probes what the server runs (probe)."""
+
+    CHAT_PATH = "/chat/completions"
+
+    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
+        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry)
+        # index into RESPONSE_FORMS of the first form this server has not refused
+        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -1538,72 +1645,11 @@ class LLMClient:
                                f"({clip(str(exc), 160, 'message')}); trying the next form")
                 self.structured_level += 1
 
-    def _send_with_retries(self, payload: dict, timeout_s: float | None,
-                           on_delta: Callable[[str], None] | None) -> Completion:
-        deadline = time.monotonic() + RETRY_BUDGET_S
-        for retry in range(self.config.retries + 1):
-            received: list[str] = []
-            try:
-                return self._stream_once(payload, timeout_s, on_delta, received)
-            except LLMError as exc:
-                if not exc.transient or received or retry == self.config.retries \
-                        or ("response_format" in payload and _refuses_response_format(exc)):
-                    raise
-                delay = exc.retry_after_s
-                if delay is None:
-                    delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
-                    import random
-
-                    delay *= random.uniform(0.5, 1.0)       # jitter: clients retrying together spread out
-                if time.monotonic() + delay > deadline:
-                    exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
-                                f"{RETRY_BUDGET_S:.0f} s retry budget)",)
-                    raise exc
-                self._on_retry(f"{exc}; retry {retry + 1}/{self.config.retries} in {delay:.1f} s")
-                self._sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _transport_error(self, exc: Exception, url: str) -> LLMError:
-        """Translate an httpx transport exception into the matching LLMError."""
-        import httpx
-
-        if isinstance(exc, httpx.TimeoutException):
-            return LLMTimeout(f"no answer from {url} within {self.config.timeout_s:g} s "
-                              f"({type(exc).__name__})",
-                              "a model may still be loading; raise --timeout or load it first")
-        if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
-                            httpx.RemoteProtocolError, httpx.CloseError)):
-            reason = str(exc) or type(exc).__name__
-            return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
-                                  "start the server (LM Studio: Developer > Start server) or pass --base-url")
-        return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
-
-    def _stream_once(self, payload: dict, timeout_s: float | None,
-                     on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
-        import httpx
-
-        url = f"{self.base_url}/chat/completions"
-        started = time.monotonic()
-        kwargs: dict[str, Any] = {"json": payload}
-        if timeout_s is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
-        try:
-            with self.http.stream("POST", url, **kwargs) as response:
-                if response.status_code >= 400:
-                    message = _error_message(response.read())
-                    raise LLMHTTPError(
-                        f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
-                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
-                        context_overflow=_is_context_overflow(message))
-                if "text/event-stream" not in response.headers.get("content-type", ""):
-                    return self._parse_whole(response.read(), url, started)
-                return self._parse_stream(response, url, started, on_delta, received)
-        except httpx.TransportError as exc:
-            error = self._transport_error(exc, url)
-            if received:
-                error = LLMProtocolError(f"the stream from {url} broke after "
-                                         f"{sum(map(len, received))} characters ({error})")
-            raise error from exc
+    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
+               received: list[str]) -> Completion:
+        if "text/event-stream" not in response.headers.get("content-type", ""):
+            return self._parse_whole(response.read(), url, started)
+        return self._parse_stream(response, url, started, on_delta, received)
 
     def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
         """Read a non-streamed chat.completion body (servers that ignore stream)."""
@@ -1692,6 +1738,233 @@ def _usage(value: Any) -> dict | None:
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def claude_price(model: str) -> tuple[float, float] | None:
+    """Return (input, output) US dollars per million tokens of a Claude model id,
+    dated or not (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
+    known = [name for name in CLAUDE_PRICES_USD_PER_MTOK if model.startswith(name)]
+    return CLAUDE_PRICES_USD_PER_MTOK[max(known, key=len)] if known else None
+
+
+class AnthropicClient(HTTPExecutor):
+    """The executor for the Anthropic Messages API, or any server speaking it (LM
+    Studio and Ollama serve /v1/messages too; a gateway).
+
+    POST {base}/v1/messages with x-api-key and anthropic-version 2023-06-01, the
+    system prompt as the top-level "system", streamed: message_start (input
+    usage), content_block_delta (text_delta), message_delta (stop_reason and
+    cumulative output usage), message_stop; ping and unknown events are ignored;
+    an "error" event after a 200 fails the request. Source: platform.claude.com/
+    docs/en/api/messages-streaming. Retries 429, 5xx and 529 as HTTPExecutor does.
+    The cost of each request is its usage times CLAUDE_PRICES_USD_PER_MTOK.
+    Raises LLMError (exit 2 at start-up) when no API key is set.
+    """
+
+    CHAT_PATH = "/v1/messages"
+    DEFAULT_MAX_TOKENS = 4096        # the API requires max_tokens
+
+    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
+        if not config.anthropic_api_key:
+            raise LLMError("no Anthropic API key for an anthropic: model",
+                           "set ANTHROPIC_API_KEY (a gateway or LM Studio take any value)")
+        super().__init__(config, config.anthropic_base_url, sleep=sleep, on_retry=on_retry,
+                         headers={"x-api-key": config.anthropic_api_key, "anthropic-version": "2023-06-01"})
+
+    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
+             max_tokens: int | None = None, timeout_s: float | None = None,
+             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
+        """Send one Messages request, streamed; see the class. json_schema is not
+        sent (the output is validated by bridge all the same)."""
+        payload: dict[str, Any] = {
+            "model": model, "max_tokens": max_tokens or self.DEFAULT_MAX_TOKENS, "stream": True,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]}
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        if system:
+            payload["system"] = system
+        if temperature is not None:
+            payload["temperature"] = temperature
+        return self._send_with_retries(payload, timeout_s, on_delta)
+
+    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
+               received: list[str]) -> Completion:
+        limit = self.config.max_output_bytes
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        model = stop = None
+        size, done = 0, False
+        for event, data in _iter_sse(response.iter_bytes(), limit + 65536):
+            try:
+                body = json.loads(data)
+            except ValueError as exc:
+                raise LLMProtocolError(f"{url} streamed an event that is not JSON: {clip(data, 120, 'event')}") from exc
+            kind = body.get("type", event) if isinstance(body, dict) else event
+            if kind == "error" or event == "error":
+                message = _error_message(data.encode())
+                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                                   context_overflow=_is_context_overflow(message))
+            if kind == "message_start":
+                message = body.get("message") or {}
+                model = message.get("model")
+                usage["prompt_tokens"] = (message.get("usage") or {}).get("input_tokens") or 0
+            elif kind == "content_block_delta":
+                delta = body.get("delta") or {}
+                piece = delta.get("text") if delta.get("type") == "text_delta" else None
+                if piece:
+                    size += len(piece.encode("utf-8"))
+                    if size > limit:
+                        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut")
+                    received.append(piece)
+                    if on_delta:
+                        on_delta(piece)
+            elif kind == "message_delta":
+                stop = (body.get("delta") or {}).get("stop_reason") or stop
+                usage["completion_tokens"] = (body.get("usage") or {}).get("output_tokens") or 0
+            elif kind == "message_stop":
+                done = True
+                break
+        if not done:
+            raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
+                                   f"{sum(map(len, received))} characters")
+        price = claude_price(model or "")
+        cost = (usage["prompt_tokens"] * price[0] + usage["completion_tokens"] * price[1]) / 1e6 if price else 0.0
+        return Completion("".join(received), usage, model, stop, time.monotonic() - started, round(cost, 6))
+
+
+class ClaudeCLI:
+    """The executor that hands a step to Claude Code itself: `claude -p`.
+
+    Runs `claude -p --output-format stream-json --verbose --model M
+    --no-session-persistence [--append-system-prompt S]` from an argv list (never a
+    shell), the prompt on stdin, in the plan's project folder, with an environment
+    without bridge's own settings (BRIDGE_*) or the memory server's key; kills the
+    process group when the step's time (timeout_s, else --timeout) runs out. Reads
+    the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
+    messages (their text streams as deltas), and the closing result (result,
+    is_error, usage, total_cost_usd, duration_ms); other lines, garbage included,
+    are skipped. A non-zero exit or is_error fails the attempt with the result text
+    or the last lines of stderr.
+    """
+
+    def __init__(self, config: Config, cwd: Path | None = None):
+        import shutil
+
+        self.config, self.cwd = config, cwd
+        path = dict(config.tool_env).get("PATH")
+        self.binary = shutil.which("claude", path=path)
+        if self.binary is None:
+            raise LLMUnavailable("the claude CLI was not found on PATH, for a claude-cli: model",
+                                 "install Claude Code (npm install -g @anthropic-ai/claude-code)")
+
+    def __enter__(self) -> "ClaudeCLI":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def close(self) -> None:
+        """Nothing to close: each request is its own process."""
+
+    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
+             max_tokens: int | None = None, timeout_s: float | None = None,
+             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
+        """Run one `claude -p` request; see the class. temperature, max_tokens and
+        json_schema have no claude flag and are not passed. Raises LLMTimeout when
+        the time runs out, LLMError when claude fails."""
+        import subprocess
+        import threading
+
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns = [m for m in messages if m["role"] != "system"]
+        prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
+            f"[{m['role']}]\n{m['content']}" for m in turns)
+        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
+                "--no-session-persistence"] + (["--append-system-prompt", system] if system else [])
+        started = time.monotonic()
+        limit_s = timeout_s or self.config.timeout_s
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=self.cwd, env=dict(self.config.tool_env), start_new_session=True)
+        stderr: list[bytes] = []
+        reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        fired = threading.Event()
+        timer = threading.Timer(limit_s, lambda: (fired.set(), _kill_group(proc)))
+        timer.start()
+        try:
+            with _suppress(BrokenPipeError):
+                proc.stdin.write(prompt.encode("utf-8"))
+                proc.stdin.close()
+            text, final, answered_by = self._read_events(proc, on_delta)
+            code = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            timer.cancel()
+            reader.join(timeout=1)
+        elapsed = time.monotonic() - started
+        if fired.is_set():
+            raise LLMTimeout(f"claude did not finish within {limit_s:g} s; stopped it",
+                             "raise the step's timeout_s or --timeout")
+        tail = " | ".join(b"".join(stderr).decode("utf-8", "replace").strip().splitlines()[-3:])
+        if final is None:
+            raise LLMError(f"claude exited {code} without a result" + (f": {tail}" if tail else ""))
+        if code != 0 or final.get("is_error"):
+            reason = final.get("result") or "; ".join(map(str, final.get("errors") or [])) or tail
+            raise LLMError(f"claude failed ({final.get('subtype')}, exit {code}): {clip(str(reason), 300, 'text')}")
+        usage = final.get("usage") or {}
+        return Completion(final.get("result") or text,
+                          {"prompt_tokens": int(usage.get("input_tokens") or 0),
+                           "completion_tokens": int(usage.get("output_tokens") or 0)},
+                          answered_by, final.get("subtype"), elapsed, float(final.get("total_cost_usd") or 0.0))
+
+    def _read_events(self, proc: Any, on_delta: Callable[[str], None] | None) -> tuple[str, dict | None, str | None]:
+        """Read claude's NDJSON to its end: (assistant text, the result event, model)."""
+        pieces: list[str] = []
+        final = model = None
+        size = 0
+        for raw in proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue                        # not an event (a warning, garbage): skip it
+            if not isinstance(event, dict):
+                continue
+            if event.get("type") == "system" and event.get("subtype") == "init":
+                model = event.get("model") or model
+            elif event.get("type") == "assistant":
+                for block in (event.get("message") or {}).get("content") or []:
+                    if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                        size += len(block["text"].encode("utf-8"))
+                        if size > self.config.max_output_bytes:
+                            _kill_group(proc)
+                            raise LLMProtocolError(f"the reply passed --max-output-bytes "
+                                                   f"({self.config.max_output_bytes} bytes); cut")
+                        pieces.append(block["text"])
+                        if on_delta:
+                            on_delta(block["text"])
+            elif event.get("type") == "result":
+                final = event
+        return "".join(pieces), final, model
+
+
+def _kill_group(proc: Any) -> None:
+    """SIGKILL a process and its children (it leads its own session)."""
+    with _suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+EXECUTORS = ("openai", "anthropic", "claude-cli")
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
+    → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
+    that is no executor stays part of the name (LM Studio keys hold colons)."""
+    kind, sep, name = ref.partition(":")
+    if sep and kind in EXECUTORS and name:
+        return kind, name
+    return "openai", ref
 
 
 ###############################################################################
@@ -2127,16 +2400,23 @@ class StepResult:
     artifact once validated), error, file_output, duration_s (seconds), usage
     (prompt_tokens, completion_tokens), usage_reported (False: estimated), the
     model that answered, resumed (taken over from a killed run), generation_s
-    (seconds in model requests, for tokens per second). See as_dict."""
+    (seconds in model requests, for tokens per second), cost_usd (real), the
+    escalation (escalated_to, escalation_saved) and the ledger per model
+    reference. See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
-              "generation_s", "usage", "usage_reported", "model", "resumed")
+              "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
+              "escalation_saved", "ledger")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
         self.id, self.title, self.status, self.attempts = id, title, "skipped", 0
         self.output, self.error, self.file_output, self.duration_s = "", None, None, 0.0
         self.generation_s = 0.0      # seconds spent in model requests
+        self.cost_usd = 0.0          # what its requests cost (0 on a local server)
+        self.escalated_to: str | None = None
+        self.escalation_saved: bool | None = None
+        self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
 
@@ -2165,8 +2445,9 @@ class StepResult:
                 "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
                 "usage": dict(self.usage), "usage_reported": self.usage_reported,
                 "tokens_per_s": round(speed, 1) if speed is not None else None,
-                "would_have_cost_usd": would_cost_usd(self.usage, price_model),
-                "model": self.model, "resumed": self.resumed}
+                "cost_usd": self.cost_usd, "would_have_cost_usd": would_cost_usd(self.usage, price_model),
+                "model": self.model, "resumed": self.resumed, "escalated_to": self.escalated_to,
+                "escalation_saved": self.escalation_saved, "ledger": self.ledger}
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
@@ -2358,6 +2639,28 @@ class Runner:
         self.model, self.progress = model, progress
         self.context_length, self.parallel = context_length, max(1, parallel)
         self.events = Events(config.events)
+        self._executors: dict[tuple, Any] = {}
+        self._files: FileTransaction | None = None
+        self._project: Path | None = None
+
+    def executor(self, ref: str) -> tuple[Any, str]:
+        """Return (executor, model name) for a model reference (see parse_model_ref):
+        the local client for openai:, else an AnthropicClient or a ClaudeCLI, made
+        once. Raises LLMError when it cannot be used (no key, no claude binary)."""
+        kind, name = parse_model_ref(ref)
+        if kind == "openai":
+            assert self.client is not None, "a plan with steps needs a model client"
+            return self.client, name
+        key = (kind, self._project) if kind == "claude-cli" else (kind,)
+        if key not in self._executors:
+            self._executors[key] = AnthropicClient(self.config) if kind == "anthropic" \
+                else ClaudeCLI(self.config, self._project)
+        return self._executors[key], name
+
+    def close(self) -> None:
+        """Close the executors this runner opened."""
+        for executor in self._executors.values():
+            executor.close()
 
     def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
@@ -2401,8 +2704,9 @@ class Runner:
                            f"· {len(plan.steps)} step(s) · model {self.model}")
         run_dir = self.config.state_dir / "runs" / run_id
         self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
-        self._plan_id = plan.id
+        self._plan_id, self._project = plan.id, plan.project
         files = FileTransaction(plan.project, run_dir, self.config.crash_at) if plan.project else None
+        self._files = files
         results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
         error, interrupted = None, None
         try:
@@ -2623,11 +2927,13 @@ class Runner:
             say(f"  {step.label}: {result.status}: {exc}")
             return
         retry_note: list[dict] = []
+        failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
+        where = f"plan {plan.id} · step {position}/{len(plan.steps)}"
         for attempt in range(1, step.max_retries + 2):
             result.attempts = attempt
-            where = f"plan {plan.id} · step {position}/{len(plan.steps)}"
             say(f"  {step.label}: attempt {attempt}/{step.max_retries + 1}")
             say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
+            result.output = ""
             error = self._attempt(step, result, messages + retry_note, model, files, where, attempt)
             result.duration_s = time.monotonic() - clock
             if error is None:
@@ -2635,14 +2941,45 @@ class Runner:
                 say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
                 return
             result.error = error.message
+            failures.append((result.output, error.message))
             say(f"  {step.label}: attempt {attempt} failed: {error.message}")
             self.events.emit("attempt_failed", plan.id, step.id, attempt=attempt, error=error.message,
                              retrying=error.retryable and attempt <= step.max_retries)
             if not error.retryable:
                 break
             retry_note = fit_feedback(messages, error.feedback, budget)
+        escalate_to = self.config.escalate_to or plan.escalate_to
+        if escalate_to and not self._cancel.is_set():
+            if self._escalate(plan, step, result, messages, failures, escalate_to, where, say):
+                result.duration_s = time.monotonic() - clock
+                return
+            result.duration_s = time.monotonic() - clock
         result.status = "skipped" if step.on_failure == "skip" else "failed"
         say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+
+    def _escalate(self, plan: Plan, step: Step, result: StepResult, messages: list[dict],
+                  failures: list[tuple[str, str]], escalate_to: str, where: str,
+                  say: Callable[..., None]) -> bool:
+        """Give a step whose attempts are spent one more attempt on escalate_to, with
+        the failed outputs and errors in its prompt. Returns True when that saved it."""
+        attempt = result.attempts + 1
+        result.attempts, result.escalated_to, result.output = attempt, escalate_to, ""
+        say(f"  {step.label}: escalating to {escalate_to} (attempt {attempt})")
+        tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}\n```\n"
+                             f"Rejected because: {why}" for n, (output, why) in enumerate(failures, 1))
+        note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its answers and why "
+                f"they were rejected:\n\n{tried}\n\nGive the correct answer.")
+        escalated = [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
+        error = self._attempt(step, result, escalated, escalate_to, self._files, where, attempt)
+        result.escalation_saved = error is None
+        if error is None:
+            result.status, result.error = "succeeded", None
+            say(f"  {step.label}: succeeded on {escalate_to}")
+            return True
+        result.error = f"{error.message} (after escalating to {escalate_to})"
+        self.events.emit("attempt_failed", plan.id, step.id, attempt=attempt, error=error.message, retrying=False)
+        say(f"  {step.label}: the escalation failed too: {error.message}")
+        return False
 
     def _budget(self, step: Step, model: str) -> int | None:
         """Return the prompt tokens that fit for a step, or None when the context is unknown.
@@ -2659,7 +2996,10 @@ class Runner:
     def _attempt(self, step: Step, result: StepResult, messages: list[dict], model: str,
                  files: FileTransaction | None, where: str, attempt: int) -> "AttemptError | None":
         """Send one attempt, check it, write its file; return None or the AttemptError."""
-        assert self.client is not None, "a plan with steps needs a model client"
+        try:
+            executor, name = self.executor(model)
+        except LLMError as exc:          # no key, no claude binary: another attempt cannot help
+            return AttemptError(str(exc), retryable=False)
         started, pieces = time.monotonic(), [0]
         self._runlog.sent(step.id, attempt, messages)
 
@@ -2670,9 +3010,9 @@ class Runner:
             self.progress.status(f"{where} · {step.title or f'step {step.id}'} · attempt {attempt} · "
                                  f"{elapsed:.1f} s · {pieces[0] / max(elapsed, 1e-6):.1f} tok/s")
         try:
-            reply = self.client.chat(messages, model=model, temperature=step.temperature,
-                                     max_tokens=step.max_tokens, timeout_s=step.timeout_s,
-                                     json_schema=output_schema(step.validation), on_delta=on_delta)
+            reply = executor.chat(messages, model=name, temperature=step.temperature,
+                                  max_tokens=step.max_tokens, timeout_s=step.timeout_s,
+                                  json_schema=output_schema(step.validation), on_delta=on_delta)
         except LLMError as exc:
             result.generation_s += time.monotonic() - started
             self._runlog.checked(step.id, attempt, str(exc))
@@ -2681,8 +3021,8 @@ class Runner:
         if self._cancel.is_set():
             return AttemptError("interrupted", retryable=False)
         self._runlog.answer(step.id, attempt, reply)
-        _add_usage(result, reply, messages, pieces[0])
-        if reply.model and reply.model != model:
+        _add_usage(result, reply, messages, pieces[0], model)
+        if reply.model and reply.model != name:
             result.model = reply.model
         output = strip_think(reply.text)
         result.output = output
@@ -2715,7 +3055,11 @@ class Runner:
                 "duration_s": round(time.monotonic() - clock, 3), "model": self.model,
                 "base_url": self.config.base_url, "usage": usage,
                 "tokens_per_s": round(usage["completion_tokens"] / generation_s, 1) if generation_s else None,
-                "cost_usd": 0, "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
+                "cost_usd": round(sum(s.cost_usd for s in steps), 6),
+                "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
+                "ledger": merge_ledgers(s.ledger for s in steps),
+                "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
+                                for s in steps if s.escalated_to],
                 "counts": counts, "steps": [s.as_dict(price) for s in steps], "files": files, "error": error,
                 "run_log": str(self.config.state_dir / "runs" / run_id),
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
@@ -2726,17 +3070,48 @@ class Runner:
         tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
         line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
                 f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
-                f"{result['duration_s']:.1f} s · $0 here, ${result['would_have_cost_usd']:.4f} on "
-                f"{result['price_model']}")
+                f"{result['duration_s']:.1f} s · "
+                + ("$0 here" if not result["cost_usd"] else f"${result['cost_usd']:.4f} spent")
+                + f", ${result['would_have_cost_usd']:.4f} on {result['price_model']}")
         if result["error"]:
             line += f" · {result['error']}"
         (self.progress.info if result["success"] else self.progress.error)(line)
+        if len(result["ledger"]) > 1 or result["escalations"]:
+            for text in ledger_lines(result):
+                self.progress.info(text)
         self.events.emit("plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
                          success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
-                         cost_usd=0, would_have_cost_usd=result["would_have_cost_usd"],
+                         cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
                          result_hash=result["result_hash"], error=result["error"],
                          problems=result.get("problems"), run_log=result["run_log"])
         return result
+
+
+def merge_ledgers(ledgers: Iterator[dict]) -> dict:
+    """Sum per-step ledgers ({model: {requests, prompt_tokens, completion_tokens,
+    cost_usd}}) into the plan's."""
+    total: dict[str, dict] = {}
+    for ledger in ledgers:
+        for model, line in ledger.items():
+            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                            "cost_usd": 0.0})
+            for key in ("requests", "prompt_tokens", "completion_tokens"):
+                into[key] += line[key]
+            into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
+    return total
+
+
+def ledger_lines(result: dict) -> list[str]:
+    """Return the usage ledger of a result as lines for a person: one per model,
+    then which steps escalated and whether that saved them."""
+    lines = ["  ledger:"]
+    for model, line in result["ledger"].items():
+        lines.append(f"    {model:<32} {line['requests']:>3} request(s) {line['prompt_tokens']:>8} in "
+                     f"{line['completion_tokens']:>7} out  ${line['cost_usd']:.4f}")
+    for entry in result["escalations"]:
+        verdict = "saved it" if entry["saved"] else "did not save it"
+        lines.append(f"    step {entry['step']} escalated to {entry['model']}: {verdict}")
+    return lines
 
 
 class AttemptError(NamedTuple):
@@ -2766,16 +3141,23 @@ class AttemptError(NamedTuple):
                                     {"role": "user", "content": note}])
 
 
-def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int) -> None:
-    """Add a reply's usage to a step; estimate it (4 chars a token) when not sent."""
+def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
+    """Add a reply's usage and real cost to a step, and to its ledger line for the
+    model reference that answered; estimate usage (4 chars a token) when not sent."""
     if reply.usage:
         usage = reply.usage
     else:
         result.usage_reported = False
         usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4,
                  "completion_tokens": pieces or len(reply.text) // 4}
+    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                            "cost_usd": 0.0})
+    line["requests"] += 1
     for key in ("prompt_tokens", "completion_tokens"):
         result.usage[key] += usage[key]
+        line[key] += usage[key]
+    line["cost_usd"] = round(line["cost_usd"] + reply.cost_usd, 6)
+    result.cost_usd = round(result.cost_usd + reply.cost_usd, 6)
 
 
 def estimate_tokens(messages: list[dict]) -> int:
@@ -2945,6 +3327,12 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--context-length", metavar="TOKENS", help=_env_help(
         "the model's context, for fitting prompts", "BRIDGE_CONTEXT_LENGTH",
         "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM max_model_len)"))
+    settings.add_argument("--escalate-to", metavar="MODEL", help=_env_help(
+        "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
+        "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
+    settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
+        "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
+        "https://api.anthropic.com"))
     settings.add_argument("--price-model", metavar="MODEL", help=_env_help(
         "the Claude model whose prices value the tokens a run used", "BRIDGE_PRICE_MODEL",
         f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
@@ -3015,6 +3403,14 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         context_length=_number("context length", "--context-length or BRIDGE_CONTEXT_LENGTH",
                                pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
         price_model=_price_model(pick(args.price_model, "BRIDGE_PRICE_MODEL")),
+        escalate_to=pick(args.escalate_to, "BRIDGE_ESCALATE_TO"),
+        anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
+                            or "https://api.anthropic.com").rstrip("/"),
+        anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
+        # what a claude-cli: model runs with: the user's environment less bridge's own
+        # settings and the memory server's key
+        tool_env=tuple((k, v) for k, v in environ.items()
+                       if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
         events=args.events,
         db_explicit=bool(db),
         structured=args.structured if args.structured is not None
@@ -3103,11 +3499,11 @@ def cmd_health(config: Config) -> int:
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
-def _pick_model(config: Config, info: ServerInfo) -> str:
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
     """Return --model, else the server's loaded model. Raises LLMError if there is none."""
     if config.model:
         return config.model
-    if not info.loaded:
+    if info is None or not info.loaded:
         raise LLMError(f"the server at {config.base_url} has no model loaded",
                        "load one (LM Studio: lms load MODEL) or pass --model")
     return info.loaded
@@ -3141,20 +3537,27 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
             allowed = _allowed_statuses(records[0], rerun, resume)
         results = []
         with LLMClient(config, on_retry=lambda m: progress.info(f"  retrying: {m}")) as client:
-            info = client.probe()
+            local = config.model is None or parse_model_ref(config.model)[0] == "openai"
+            info = client.probe() if local else None
             model = _pick_model(config, info)
             # the server's numbers describe its loaded model only
-            same = model == info.loaded
+            same = info is not None and parse_model_ref(model)[1] == info.loaded
             context = config.context_length or (info.context_length if same else None)
             parallel = config.parallel or (info.parallel if same else None) or 1
             runner = Runner(config, store, client, model, progress, context, parallel)
-            for record in records:
-                result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
-                if result is not None:
-                    results.append(result)
-                elif plan_id is not None:
-                    raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
-                                      "see it with: bridge --list --all")
+            try:
+                for ref in (model, config.escalate_to):
+                    if ref:
+                        runner.executor(ref)      # no key, no claude binary: say so before claiming
+                for record in records:
+                    result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
+                    if result is not None:
+                        results.append(result)
+                    elif plan_id is not None:
+                        raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
+                                          "see it with: bridge --list --all")
+            finally:
+                runner.close()
     if len(results) > 1:
         progress.info(run_summary(results))
     if config.json:
