@@ -32,9 +32,13 @@ Environment (a flag wins over its variable):
     BRIDGE_DEBUG                                              tracebacks for bugs
 
 Rooms, in the order a run passes through them:
-    1 Constants & defaults · 2 Errors · 3 Helpers · 4 Store (SQLite) · 5 Plans ·
-    6 LLM client · 7 Output validation · 8 File writes & rollback · 9 Runner ·
-    10 CLI · 11 main()
+    1 Constants & defaults · 2 Errors · 3 Helpers · 4 Store layouts & plan records ·
+    5 Store (SQLite) · 6 Plans · 7 Model servers: errors, streams, retries ·
+    8 LLM client: OpenAI-compatible servers ·
+    9 Other executors: the Anthropic API and the claude CLI · 10 Output validation ·
+    11 File writes & rollback · 12 Prompts · 13 Run records · 14 Runner ·
+    15 CLI: arguments and settings · 16 CLI: running and watching ·
+    17 CLI: the planner's side · 18 main()
 """
 
 from __future__ import annotations
@@ -531,7 +535,7 @@ def shutil_columns() -> int:
 
 
 ###############################################################################
-# 4. Store (SQLite)
+# 4. Store layouts & plan records
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -659,6 +663,12 @@ class PlanRecord(NamedTuple):
         """How many steps the plan lists (0 when it lists none readable)."""
         steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
         return len(steps) if isinstance(steps, list) else 0
+
+
+###############################################################################
+# 5. Store (SQLite)
+# Short transactions on someone else's file: discovery, the claim, the result.
+###############################################################################
 
 
 class Store:
@@ -1016,7 +1026,7 @@ class Store:
 
 
 ###############################################################################
-# 5. Plans
+# 6. Plans
 ###############################################################################
 
 
@@ -1282,7 +1292,7 @@ def _build_plan(plan: dict) -> Plan:
 
 
 ###############################################################################
-# 6. LLM client
+# 7. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -1529,6 +1539,12 @@ class HTTPExecutor:
             raise error from exc
 
 
+###############################################################################
+# 8. LLM client: OpenAI-compatible servers
+# LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
+###############################################################################
+
+
 class LLMClient(HTTPExecutor):
     """The chat-completions executor for one OpenAI-compatible server (LM Studio,
     Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
@@ -1738,6 +1754,12 @@ def _usage(value: Any) -> dict | None:
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+###############################################################################
+# 9. Other executors: the Anthropic API and the claude CLI
+# The same chat() as LLMClient, so nothing above the runner knows which one runs.
+###############################################################################
 
 
 def claude_price(model: str) -> tuple[float, float] | None:
@@ -1968,7 +1990,7 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 7. Output validation
+# 10. Output validation
 #
 # The six validation types of plan-format.md. Each check returns the artifact: the
 # text that counts as the step's output (the code inside a fence when fenced), which
@@ -2175,7 +2197,7 @@ def describe_validation(validation: dict) -> str:
 
 
 ###############################################################################
-# 8. File writes & rollback
+# 11. File writes & rollback
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader
 # sees the old bytes or the new, never half. Before the first write to a path, its
@@ -2387,10 +2409,154 @@ class FileTransaction:
 
 
 ###############################################################################
-# 9. Runner
-#
-# One plan at a time: validate, claim, run the steps in dependency order with their
-# attempts, write files, then store the result and the final state together.
+# 12. Prompts
+# What each step sends: its messages, fitted to the model's context, and the
+# feedback a retry carries.
+###############################################################################
+
+
+def estimate_tokens(messages: list[dict]) -> int:
+    """Estimate the prompt tokens of chat messages without a tokenizer.
+
+    One token per CHARS_PER_TOKEN characters, plus 5 per message for the chat
+    template. Tokenizers of current models give 3.5-4.5 characters a token on
+    English and code, so at 3.5 the estimate errs on the large side.
+    """
+    return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
+
+
+class _Block:
+    """One part of a step's prompt; body may be cut to fit the context when cuttable."""
+
+    __slots__ = ("head", "body", "tail", "cuttable")
+
+    def __init__(self, head: str, body: str = "", tail: str = "", cuttable: bool = False):
+        self.head, self.body, self.tail, self.cuttable = head, body, tail, cuttable
+
+    def render(self) -> str:
+        return self.head + self.body + self.tail
+
+
+def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str]) -> list[_Block]:
+    blocks = []
+    if plan.objective:
+        blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
+    for rel, mode in plan.files_context.items():
+        if mode != "LOAD":
+            continue
+        try:
+            text = read_load_file(plan.project / rel, rel)  # type: ignore[operator]
+        except FileNotFoundError:
+            text = "(this file does not exist yet)"
+        except (PathError, IsADirectoryError) as exc:   # it changed since the plan was checked
+            text = f"(not included: {exc})"
+        blocks.append(_Block(f"File {rel}:\n```\n", text, "\n```", cuttable=True))
+    refs = [rel for rel, mode in plan.files_context.items() if mode == "REFERENCE"]
+    if refs:
+        blocks.append(_Block("Files you may refer to by name (not included): " + ", ".join(refs)))
+    for dep in step.depends_on:
+        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""), "\n```",
+                             cuttable=True))
+    blocks.append(_Block(f"Task:\n{step.prompt}"))
+    if step.file_output:
+        blocks.append(_Block(f"Your answer will be written to the file {step.file_output}."))
+    blocks.append(_Block(describe_validation(step.validation)))
+    return blocks
+
+
+def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
+                   budget_tokens: int | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt.
+
+    The system message is the step's (or plan default's) system prompt, else
+    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
+    now, so files written by earlier steps are current), REFERENCE paths, the
+    outputs of the steps it depends on, the task, and what answer form passes.
+
+    budget_tokens: the prompt tokens that fit (the context length less what the
+    answer needs), or None for no limit. When the estimate (estimate_tokens) is
+    over it, the prompt shrinks by one rule: LOAD files and dependency outputs are
+    cut, the largest first, each keeping at least MIN_CUT_CHARS characters and a
+    marker saying what was cut; REFERENCE entries are never expanded; the task,
+    the objective and the answer-format line are never cut. Raises PromptTooLarge
+    with the numbers when even that does not fit.
+    """
+    blocks = _prompt_blocks(plan, step, outputs)
+    system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
+
+    def messages() -> list[dict]:
+        return [system, {"role": "user", "content": "\n\n".join(b.render() for b in blocks)}]
+
+    if budget_tokens is None:
+        return messages()
+    originals = {id(b): len(b.body) for b in blocks}
+    while (excess := estimate_tokens(messages()) - budget_tokens) > 0:
+        cuttable = [b for b in blocks if b.cuttable and len(b.body) > MIN_CUT_CHARS + 100]
+        if not cuttable:
+            raise PromptTooLarge(
+                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, more than the "
+                f"{budget_tokens} that fit the model's context once the answer's tokens are kept free",
+                "load the model with a larger context (or pass --context-length), shorten the step, "
+                "or lower its max_tokens")
+        block = max(cuttable, key=lambda b: len(b.body))
+        keep = max(MIN_CUT_CHARS, len(block.body) - int(excess * CHARS_PER_TOKEN) - 100)
+        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of {originals[id(block)]} characters "
+                      "to fit the model's context]")
+    return messages()
+
+
+def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int | None) -> list[dict]:
+    """Return a retry's feedback messages cut to fit the budget with messages.
+
+    The previous answer (the assistant message) is cut first, then left out with
+    a note; the error itself is always kept.
+    """
+    feedback = list(feedback)
+    if budget_tokens is None or len(feedback) != 2:
+        return feedback
+    excess = estimate_tokens(messages + feedback) - budget_tokens
+    if excess <= 0:
+        return feedback
+    answer, note = feedback
+    keep = len(answer["content"]) - int(excess * CHARS_PER_TOKEN) - 100
+    if keep < MIN_CUT_CHARS:
+        return [{"role": "user", "content": note["content"] + " (Your previous answer is left out here: "
+                 "it does not fit the model's context.)"}]
+    return [{"role": "assistant", "content": answer["content"][:keep] + " [bridge: cut to fit the context]"},
+            note]
+
+
+class AttemptError(NamedTuple):
+    """Why an attempt failed: message (for the result), retryable (another attempt
+    may help), feedback (messages appended to the next attempt's prompt)."""
+
+    message: str
+    retryable: bool = True
+    feedback: tuple[dict, ...] = ()
+
+    @classmethod
+    def from_request(cls, exc: LLMError) -> "AttemptError":
+        """A failed request: context overflow is final; anything else is retried."""
+        if exc.context_overflow:
+            hint = exc.hint or "load the model with a larger context length, or shorten the step"
+            return cls(f"{exc} ({hint})", retryable=False)
+        note = (f"(bridge: the previous request failed: {exc}. Please answer the task again.)")
+        return cls(str(exc), feedback=[{"role": "user", "content": note}])
+
+    @classmethod
+    def from_output(cls, error: str, output: str, validation: dict) -> "AttemptError":
+        """A failed check: the next prompt shows the output and the error."""
+        note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
+                "Reply again with the corrected answer only.")
+        shown = clip(output, 20_000, "previous answer") or "(empty)"
+        return cls(error, feedback=[{"role": "assistant", "content": shown},
+                                    {"role": "user", "content": note}])
+
+
+###############################################################################
+# 13. Run records
+# What a run keeps: each step's result and usage ledger, its transcript, the
+# order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
 
 
@@ -2512,27 +2678,6 @@ class _StepLog:
                 self.next += 1
 
 
-def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int | None) -> list[dict]:
-    """Return a retry's feedback messages cut to fit the budget with messages.
-
-    The previous answer (the assistant message) is cut first, then left out with
-    a note; the error itself is always kept.
-    """
-    feedback = list(feedback)
-    if budget_tokens is None or len(feedback) != 2:
-        return feedback
-    excess = estimate_tokens(messages + feedback) - budget_tokens
-    if excess <= 0:
-        return feedback
-    answer, note = feedback
-    keep = len(answer["content"]) - int(excess * CHARS_PER_TOKEN) - 100
-    if keep < MIN_CUT_CHARS:
-        return [{"role": "user", "content": note["content"] + " (Your previous answer is left out here: "
-                 "it does not fit the model's context.)"}]
-    return [{"role": "assistant", "content": answer["content"][:keep] + " [bridge: cut to fit the context]"},
-            note]
-
-
 class RunLog:
     """A run's transcript: runs/<run_id>/step-<N>.jsonl under --state-dir, one file
     per step, in Claude Code's stream-json line format (code.claude.com/docs/en/
@@ -2623,6 +2768,59 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=STORE_BUSY_TIMEOUT_S * 2)
+
+
+def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
+    """Add a reply's usage and real cost to a step, and to its ledger line for the
+    model reference that answered; estimate usage (4 chars a token) when not sent."""
+    if reply.usage:
+        usage = reply.usage
+    else:
+        result.usage_reported = False
+        usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4,
+                 "completion_tokens": pieces or len(reply.text) // 4}
+    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                            "cost_usd": 0.0})
+    line["requests"] += 1
+    for key in ("prompt_tokens", "completion_tokens"):
+        result.usage[key] += usage[key]
+        line[key] += usage[key]
+    line["cost_usd"] = round(line["cost_usd"] + reply.cost_usd, 6)
+    result.cost_usd = round(result.cost_usd + reply.cost_usd, 6)
+
+
+def merge_ledgers(ledgers: Iterator[dict]) -> dict:
+    """Sum per-step ledgers ({model: {requests, prompt_tokens, completion_tokens,
+    cost_usd}}) into the plan's."""
+    total: dict[str, dict] = {}
+    for ledger in ledgers:
+        for model, line in ledger.items():
+            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                            "cost_usd": 0.0})
+            for key in ("requests", "prompt_tokens", "completion_tokens"):
+                into[key] += line[key]
+            into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
+    return total
+
+
+def ledger_lines(result: dict) -> list[str]:
+    """Return the usage ledger of a result as lines for a person: one per model,
+    then which steps escalated and whether that saved them."""
+    lines = ["  ledger:"]
+    for model, line in result["ledger"].items():
+        lines.append(f"    {model:<32} {line['requests']:>3} request(s) {line['prompt_tokens']:>8} in "
+                     f"{line['completion_tokens']:>7} out  ${line['cost_usd']:.4f}")
+    for entry in result["escalations"]:
+        verdict = "saved it" if entry["saved"] else "did not save it"
+        lines.append(f"    step {entry['step']} escalated to {entry['model']}: {verdict}")
+    return lines
+
+
+###############################################################################
+# 14. Runner
+# One plan at a time: validate, claim, run the steps in dependency order with their
+# attempts, write files, then store the result and the final state together.
+###############################################################################
 
 
 class Runner:
@@ -3087,171 +3285,8 @@ class Runner:
         return result
 
 
-def merge_ledgers(ledgers: Iterator[dict]) -> dict:
-    """Sum per-step ledgers ({model: {requests, prompt_tokens, completion_tokens,
-    cost_usd}}) into the plan's."""
-    total: dict[str, dict] = {}
-    for ledger in ledgers:
-        for model, line in ledger.items():
-            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
-            for key in ("requests", "prompt_tokens", "completion_tokens"):
-                into[key] += line[key]
-            into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
-    return total
-
-
-def ledger_lines(result: dict) -> list[str]:
-    """Return the usage ledger of a result as lines for a person: one per model,
-    then which steps escalated and whether that saved them."""
-    lines = ["  ledger:"]
-    for model, line in result["ledger"].items():
-        lines.append(f"    {model:<32} {line['requests']:>3} request(s) {line['prompt_tokens']:>8} in "
-                     f"{line['completion_tokens']:>7} out  ${line['cost_usd']:.4f}")
-    for entry in result["escalations"]:
-        verdict = "saved it" if entry["saved"] else "did not save it"
-        lines.append(f"    step {entry['step']} escalated to {entry['model']}: {verdict}")
-    return lines
-
-
-class AttemptError(NamedTuple):
-    """Why an attempt failed: message (for the result), retryable (another attempt
-    may help), feedback (messages appended to the next attempt's prompt)."""
-
-    message: str
-    retryable: bool = True
-    feedback: tuple[dict, ...] = ()
-
-    @classmethod
-    def from_request(cls, exc: LLMError) -> "AttemptError":
-        """A failed request: context overflow is final; anything else is retried."""
-        if exc.context_overflow:
-            hint = exc.hint or "load the model with a larger context length, or shorten the step"
-            return cls(f"{exc} ({hint})", retryable=False)
-        note = (f"(bridge: the previous request failed: {exc}. Please answer the task again.)")
-        return cls(str(exc), feedback=[{"role": "user", "content": note}])
-
-    @classmethod
-    def from_output(cls, error: str, output: str, validation: dict) -> "AttemptError":
-        """A failed check: the next prompt shows the output and the error."""
-        note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
-                "Reply again with the corrected answer only.")
-        shown = clip(output, 20_000, "previous answer") or "(empty)"
-        return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}])
-
-
-def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
-    """Add a reply's usage and real cost to a step, and to its ledger line for the
-    model reference that answered; estimate usage (4 chars a token) when not sent."""
-    if reply.usage:
-        usage = reply.usage
-    else:
-        result.usage_reported = False
-        usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4,
-                 "completion_tokens": pieces or len(reply.text) // 4}
-    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
-    line["requests"] += 1
-    for key in ("prompt_tokens", "completion_tokens"):
-        result.usage[key] += usage[key]
-        line[key] += usage[key]
-    line["cost_usd"] = round(line["cost_usd"] + reply.cost_usd, 6)
-    result.cost_usd = round(result.cost_usd + reply.cost_usd, 6)
-
-
-def estimate_tokens(messages: list[dict]) -> int:
-    """Estimate the prompt tokens of chat messages without a tokenizer.
-
-    One token per CHARS_PER_TOKEN characters, plus 5 per message for the chat
-    template. Tokenizers of current models give 3.5-4.5 characters a token on
-    English and code, so at 3.5 the estimate errs on the large side.
-    """
-    return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
-
-
-class _Block:
-    """One part of a step's prompt; body may be cut to fit the context when cuttable."""
-
-    __slots__ = ("head", "body", "tail", "cuttable")
-
-    def __init__(self, head: str, body: str = "", tail: str = "", cuttable: bool = False):
-        self.head, self.body, self.tail, self.cuttable = head, body, tail, cuttable
-
-    def render(self) -> str:
-        return self.head + self.body + self.tail
-
-
-def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str]) -> list[_Block]:
-    blocks = []
-    if plan.objective:
-        blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
-    for rel, mode in plan.files_context.items():
-        if mode != "LOAD":
-            continue
-        try:
-            text = read_load_file(plan.project / rel, rel)  # type: ignore[operator]
-        except FileNotFoundError:
-            text = "(this file does not exist yet)"
-        except (PathError, IsADirectoryError) as exc:   # it changed since the plan was checked
-            text = f"(not included: {exc})"
-        blocks.append(_Block(f"File {rel}:\n```\n", text, "\n```", cuttable=True))
-    refs = [rel for rel, mode in plan.files_context.items() if mode == "REFERENCE"]
-    if refs:
-        blocks.append(_Block("Files you may refer to by name (not included): " + ", ".join(refs)))
-    for dep in step.depends_on:
-        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""), "\n```",
-                             cuttable=True))
-    blocks.append(_Block(f"Task:\n{step.prompt}"))
-    if step.file_output:
-        blocks.append(_Block(f"Your answer will be written to the file {step.file_output}."))
-    blocks.append(_Block(describe_validation(step.validation)))
-    return blocks
-
-
-def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
-                   budget_tokens: int | None = None) -> list[dict]:
-    """Return the chat messages of a step's first attempt.
-
-    The system message is the step's (or plan default's) system prompt, else
-    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
-    now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on, the task, and what answer form passes.
-
-    budget_tokens: the prompt tokens that fit (the context length less what the
-    answer needs), or None for no limit. When the estimate (estimate_tokens) is
-    over it, the prompt shrinks by one rule: LOAD files and dependency outputs are
-    cut, the largest first, each keeping at least MIN_CUT_CHARS characters and a
-    marker saying what was cut; REFERENCE entries are never expanded; the task,
-    the objective and the answer-format line are never cut. Raises PromptTooLarge
-    with the numbers when even that does not fit.
-    """
-    blocks = _prompt_blocks(plan, step, outputs)
-    system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
-
-    def messages() -> list[dict]:
-        return [system, {"role": "user", "content": "\n\n".join(b.render() for b in blocks)}]
-
-    if budget_tokens is None:
-        return messages()
-    originals = {id(b): len(b.body) for b in blocks}
-    while (excess := estimate_tokens(messages()) - budget_tokens) > 0:
-        cuttable = [b for b in blocks if b.cuttable and len(b.body) > MIN_CUT_CHARS + 100]
-        if not cuttable:
-            raise PromptTooLarge(
-                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, more than the "
-                f"{budget_tokens} that fit the model's context once the answer's tokens are kept free",
-                "load the model with a larger context (or pass --context-length), shorten the step, "
-                "or lower its max_tokens")
-        block = max(cuttable, key=lambda b: len(b.body))
-        keep = max(MIN_CUT_CHARS, len(block.body) - int(excess * CHARS_PER_TOKEN) - 100)
-        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of {originals[id(block)]} characters "
-                      "to fit the model's context]")
-    return messages()
-
-
 ###############################################################################
-# 10. CLI
+# 15. CLI: arguments and settings
 ###############################################################################
 
 
@@ -3423,6 +3458,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     )
 
 
+###############################################################################
+# 16. CLI: running and watching
+###############################################################################
+
+
 def _print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
@@ -3576,6 +3616,43 @@ def run_summary(results: list[dict]) -> str:
             f"{tokens} tokens · {seconds:.1f} s")
 
 
+def shared_id_problems(plans: list[PlanRecord]) -> dict[str, list[str]]:
+    """Return {plan id: [problem]} for every id that several live plans share."""
+    rows: dict[str, list[str]] = {}
+    for record in plans:
+        rows.setdefault(record.plan_id, []).append(str(record.row_id))
+    return {plan_id: [f"$.id: plan id {plan_id!r} is used by {len(ids)} live memories (rows "
+                      f"{', '.join(ids)}); delete all but one"]
+            for plan_id, ids in rows.items() if len(ids) > 1}
+
+
+def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[str, ...]:
+    """Return the statuses --plan may claim, or raise BridgeError saying what to do."""
+    status = record.display_status
+    if resume:
+        if status == "in_progress":
+            raise BridgeError(f"plan {record.plan_id!r} is in progress, not stale (pid "
+                              f"{record.owner.get('pid')} on {record.owner.get('host')})",
+                              "--resume takes over a plan whose bridge died; wait for this one")
+        if status != "stale":
+            raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
+                              "--resume takes over a plan whose bridge died; use --rerun to start over")
+        return ("stale",)
+    if status == "pending":
+        return ("pending",)
+    if status == "in_progress":
+        owner = record.owner
+        raise BridgeError(f"plan {record.plan_id!r} is in progress (pid {owner.get('pid')} on "
+                          f"{owner.get('host')}, since {record.state.get('claimed_at')})",
+                          "wait for it to finish, or stop that process")
+    if status == "stale" and not rerun:
+        raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
+                          "take it over with --resume (keeps finished steps) or --rerun (starts over)")
+    if not rerun:
+        raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
+    return (status,)
+
+
 def cmd_show(config: Config, plan_id: str) -> int:
     """Print the last stored result of a plan (--json: the document itself).
 
@@ -3628,6 +3705,12 @@ def render_result(result: dict) -> str:
     if result.get("run_log"):
         lines.append(f"  run log: {result['run_log']}")
     return "\n".join(lines)
+
+
+###############################################################################
+# 17. CLI: the planner's side
+# Plan files checked and stored, plans cancelled, runs rehearsed without a server.
+###############################################################################
 
 
 def _read_plan_file(path: Path) -> Any:
@@ -3760,45 +3843,8 @@ def _render_dry_run(entry: dict) -> str:
     return "\n".join(lines)
 
 
-def shared_id_problems(plans: list[PlanRecord]) -> dict[str, list[str]]:
-    """Return {plan id: [problem]} for every id that several live plans share."""
-    rows: dict[str, list[str]] = {}
-    for record in plans:
-        rows.setdefault(record.plan_id, []).append(str(record.row_id))
-    return {plan_id: [f"$.id: plan id {plan_id!r} is used by {len(ids)} live memories (rows "
-                      f"{', '.join(ids)}); delete all but one"]
-            for plan_id, ids in rows.items() if len(ids) > 1}
-
-
-def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[str, ...]:
-    """Return the statuses --plan may claim, or raise BridgeError saying what to do."""
-    status = record.display_status
-    if resume:
-        if status == "in_progress":
-            raise BridgeError(f"plan {record.plan_id!r} is in progress, not stale (pid "
-                              f"{record.owner.get('pid')} on {record.owner.get('host')})",
-                              "--resume takes over a plan whose bridge died; wait for this one")
-        if status != "stale":
-            raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
-                              "--resume takes over a plan whose bridge died; use --rerun to start over")
-        return ("stale",)
-    if status == "pending":
-        return ("pending",)
-    if status == "in_progress":
-        owner = record.owner
-        raise BridgeError(f"plan {record.plan_id!r} is in progress (pid {owner.get('pid')} on "
-                          f"{owner.get('host')}, since {record.state.get('claimed_at')})",
-                          "wait for it to finish, or stop that process")
-    if status == "stale" and not rerun:
-        raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
-                          "take it over with --resume (keeps finished steps) or --rerun (starts over)")
-    if not rerun:
-        raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
-    return (status,)
-
-
 ###############################################################################
-# 11. main()
+# 18. main()
 ###############################################################################
 
 

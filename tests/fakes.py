@@ -773,3 +773,241 @@ def read_rows(path: str | Path) -> list[dict]:
         except ValueError:
             r["metadata_obj"] = None
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# Fake Anthropic Messages API server, and a fake `claude` CLI
+# --------------------------------------------------------------------------------------
+
+ANTHROPIC_FAULTS = ("error_event",)
+_OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+class _AnthropicHandler(_Handler):
+    """POST /v1/messages streamed as the Messages API does (platform.claude.com/docs/en/
+    api/messages-streaming); reuses _Handler's body reading, recording and sending."""
+
+    server_version = "FakeAnthropic/1.0"
+
+    def _get(self) -> None:
+        self._record(self._read_body())
+        self._anthropic_error(404, "not_found_error", f"fake anthropic: no route GET {self.path}")
+
+    def _anthropic_error(self, status: int, kind: str, message: str, extra: dict | None = None) -> None:
+        self._send(status, {"type": "error", "error": {"type": kind, "message": message}}, extra=extra)
+
+    def _sse(self, event: str, data: dict) -> None:
+        self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode("utf-8"))
+        self.wfile.flush()
+
+    def _post(self) -> None:
+        raw = self._read_body()
+        self._record(raw)
+        if self.path.split("?", 1)[0].rstrip("/") != "/v1/messages":
+            self._anthropic_error(404, "not_found_error", f"fake anthropic: no route POST {self.path}")
+            return
+        fake = self.server.fake
+        with fake._lock:
+            reply = fake._queue.pop(0) if fake._queue else None
+        if reply is None:
+            self._anthropic_error(400, "invalid_request_error", "fake anthropic: no scripted reply queued")
+            return
+        extra = {"request-id": "req_fake"}
+        if reply["retry_after"] is not None:
+            extra["retry-after"] = str(reply["retry_after"])
+        if reply["status"] != 200:
+            self._send(reply["status"], reply["error_body"] if reply["error_body"] is not None else _OVERLOADED,
+                       extra=extra)
+            return
+        pieces = _split(reply["text"], 4)
+        output_tokens = reply["output_tokens"] if reply["output_tokens"] is not None else max(1, len(pieces))
+        self._start_sse(extra)
+        self._sse("message_start", {"type": "message_start", "message": {
+            "id": "msg_x", "type": "message", "role": "assistant", "model": reply["model"], "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": reply["input_tokens"], "output_tokens": 1}}})
+        if reply["fault"] == "error_event":
+            self._sse("error", _OVERLOADED)
+            return
+        self._sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}})
+        self._sse("ping", {"type": "ping"})
+        for i, piece in enumerate(pieces):
+            self._sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": piece}})
+            if i == 0:   # an event type this client does not know yet: must be ignored
+                self._sse("future_thing", {"type": "future_thing", "note": "ignore me"})
+        if not pieces:
+            self._sse("future_thing", {"type": "future_thing", "note": "ignore me"})
+        self._sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+        self._sse("message_delta", {"type": "message_delta",
+                                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                    "usage": {"output_tokens": output_tokens}})
+        self._sse("message_stop", {"type": "message_stop"})
+
+
+class FakeAnthropic:
+    """A real HTTP server on 127.0.0.1:<free port> speaking the Anthropic Messages API
+    (POST /v1/messages, streamed). `.url` has no /v1 (bridge posts to {url}/v1/messages)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[dict] = []
+        self.requests: list[dict] = []
+        self.errors: list[str] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "FakeAnthropic":
+        if self._server is not None:
+            return self
+        srv = _Server(("127.0.0.1", 0), _AnthropicHandler)
+        srv.fake = self  # type: ignore[assignment]
+        self._server = srv
+        self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="FakeAnthropic", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        srv, self._server = self._server, None
+        if srv is None:
+            return
+        srv.shutdown()
+        srv.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "FakeAnthropic":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("FakeAnthropic is not started")
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> "FakeAnthropic":
+        with self._lock:
+            self._queue.clear()
+            self.requests.clear()
+            self.errors.clear()
+        return self
+
+    def enqueue(self, text: str = "", *, status: int = 200, error_body: dict | str | None = None,
+                retry_after: Any = None, fault: str | None = None,
+                model: str = "claude-haiku-4-5-20251001", input_tokens: int = 12,
+                output_tokens: int | None = None) -> "FakeAnthropic":
+        """Queue one reply: a streamed message with `text` (status 200), or an error
+        status with `error_body` (default: the API's overloaded_error body). fault
+        "error_event": 200, message_start, then an `error` event. output_tokens
+        defaults to the number of text deltas."""
+        if fault is not None and fault not in ANTHROPIC_FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; one of {ANTHROPIC_FAULTS}")
+        reply = {"text": text, "status": int(status), "error_body": error_body, "retry_after": retry_after,
+                 "fault": fault, "model": model, "input_tokens": int(input_tokens),
+                 "output_tokens": output_tokens}
+        with self._lock:
+            self._queue.append(reply)
+        return self
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def messages_requests(self) -> list[dict]:
+        with self._lock:
+            return [r for r in self.requests
+                    if r["method"] == "POST" and r["path"].split("?", 1)[0].rstrip("/") == "/v1/messages"]
+
+
+_FAKE_CLAUDE = r'''
+"""A fake `claude` (Claude Code) CLI for bridge's tests; see tests/fakes.py write_fake_claude."""
+import json
+import os
+import sys
+import time
+
+stdin = sys.stdin.read()
+log = os.environ.get("FAKE_CLAUDE_LOG")
+if log:
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "stdin": stdin,
+                             "env": sorted(os.environ), "pid": os.getpid()}) + "\n")
+mode = os.environ.get("FAKE_CLAUDE_MODE", "ok")
+text = os.environ.get("FAKE_CLAUDE_TEXT", '{"a": 1}')
+
+
+def out(obj):
+    sys.stdout.write((obj if isinstance(obj, str) else json.dumps(obj)) + "\n")
+    sys.stdout.flush()
+
+
+init = {"type": "system", "subtype": "init", "model": "claude-haiku-4-5", "session_id": "s1",
+        "cwd": os.getcwd(), "tools": ["Read", "Write"], "permissionMode": "default"}
+if mode == "ok":
+    out(init)
+    out("not json at all")
+    out({"type": "assistant", "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
+         "session_id": "s1"})
+    out({"type": "result", "subtype": "success", "is_error": False, "result": text,
+         "usage": {"input_tokens": 100, "output_tokens": 20}, "total_cost_usd": 0.0123,
+         "duration_ms": 900, "session_id": "s1"})
+    sys.exit(0)
+if mode in ("error_result", "error_result_exit1"):
+    out(init)
+    out({"type": "result", "subtype": "error_during_execution", "is_error": True,
+         "result": "Invalid API key \u00b7 Please run /login", "usage": {"input_tokens": 0, "output_tokens": 0},
+         "total_cost_usd": 0, "duration_ms": 10, "session_id": "s1"})
+    sys.exit(1 if mode == "error_result_exit1" else 0)
+if mode == "nonzero":
+    sys.stderr.write("Error: When using --print, --output-format=stream-json requires --verbose\n")
+    sys.stderr.flush()
+    sys.exit(1)
+if mode == "hang":
+    out(init)
+    time.sleep(60)
+    sys.exit(0)
+if mode == "garbage":
+    out("not json at all")
+    out("[1, 2, 3]")
+    out("{broken")
+    sys.exit(0)
+sys.stderr.write(f"fake claude: unknown FAKE_CLAUDE_MODE {mode!r}\n")
+sys.exit(3)
+'''
+
+
+def write_fake_claude(bin_dir: str | Path) -> Path:
+    """Write an executable fake `claude` into bin_dir and return its path.
+
+    It appends {"argv", "cwd", "stdin", "env" (names), "pid"} as one JSON line to the
+    file named by $FAKE_CLAUDE_LOG, then acts by $FAKE_CLAUDE_MODE: ok (init, a garbage
+    line, an assistant message and a success result with usage 100/20 and
+    total_cost_usd 0.0123, exit 0), error_result (is_error result "Invalid API key ·
+    Please run /login", exit 0; error_result_exit1: the same, exit 1), nonzero (one
+    stderr line, exit 1, no result), hang (init, then sleep 60), garbage (only non-event
+    lines, exit 0). The text is $FAKE_CLAUDE_TEXT, default {"a": 1}.
+    """
+    import os
+    import sys
+
+    bin_dir = Path(bin_dir)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "claude"
+    path.write_text(f"#!{sys.executable}\n" + _FAKE_CLAUDE.lstrip("\n"), encoding="utf-8")
+    os.chmod(path, 0o755)
+    return path
+
+
+__all__ += ["ANTHROPIC_FAULTS", "FakeAnthropic", "write_fake_claude"]
