@@ -512,6 +512,10 @@ class Progress:
         if self.verbosity >= 2:
             self._emit(text)
 
+    def retrying(self, text: str) -> None:
+        """Print that a request is being retried, and why."""
+        self.info(f"  retrying: {text}")
+
     def error(self, text: str) -> None:
         """Print an error line, always."""
         self._emit(f"bridge: error: {text}")
@@ -2851,9 +2855,13 @@ class Runner:
             return self.client, name
         key = (kind, self._project) if kind == "claude-cli" else (kind,)
         if key not in self._executors:
-            self._executors[key] = AnthropicClient(self.config) if kind == "anthropic" \
-                else ClaudeCLI(self.config, self._project)
+            self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
+                if kind == "anthropic" else ClaudeCLI(self.config, self._project)
         return self._executors[key], name
+
+    def report_retry(self, message: str) -> None:
+        """Tell the user a request is being retried (every executor reports here)."""
+        self.progress.retrying(message)
 
     def close(self) -> None:
         """Close the executors this runner opened."""
@@ -3576,7 +3584,7 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
             records = [store.get_plan(plan_id)]
             allowed = _allowed_statuses(records[0], rerun, resume)
         results = []
-        with LLMClient(config, on_retry=lambda m: progress.info(f"  retrying: {m}")) as client:
+        with LLMClient(config, on_retry=progress.retrying) as client:
             local = config.model is None or parse_model_ref(config.model)[0] == "openai"
             info = client.probe() if local else None
             model = _pick_model(config, info)

@@ -188,7 +188,7 @@ def test_anthropic_model_sends_a_messages_request_and_records_its_cost(capsys, d
     assert result["status"] == "completed"
     by_id = {s["id"]: s for s in result["steps"]}
     assert by_id[1]["status"] == "succeeded" and by_id[1]["attempts"] == 1
-    assert by_id[1]["output"] == '{"a": 1, "b": "two"}'          # ping and future_thing events ignored
+    assert json.loads(by_id[1]["output"]) == {"a": 1, "b": "two"}          # ping and future_thing events ignored
     assert by_id[1]["usage"] == {"prompt_tokens": 1200, "completion_tokens": 300}
     assert by_id[1]["cost_usd"] == haiku_cost(1200, 300) == 0.0027
     assert by_id[1]["model"] == "claude-haiku-4-5-20251001"
@@ -219,7 +219,7 @@ def test_anthropic_model_sends_a_messages_request_and_records_its_cost(capsys, d
     stored = stored_results(db)
     assert len(stored) == 1
     assert stored[0]["cost_usd"] == result["cost_usd"]
-    assert {s["id"]: s["output"] for s in stored[0]["steps"]}[1] == '{"a": 1, "b": "two"}'
+    assert json.loads({s["id"]: s["output"] for s in stored[0]["steps"]}[1]) == {"a": 1, "b": "two"}
     assert plan_state(db, "p1")["status"] == "completed"
     check_store(db)
 
@@ -284,9 +284,25 @@ def test_anthropic_overloaded_and_rate_limited_are_retried_honouring_retry_after
     step = step1(result)
     assert step["status"] == "succeeded"
     assert step["attempts"] == 1
-    assert step["output"] == '{"a": 1}'
+    assert json.loads(step["output"]) == {"a": 1}
     assert len(fake_anthropic.requests) == 2
-    assert "Overloaded" in err                           # the retry is said
+    check_store(db)
+
+
+def test_anthropic_retries_are_reported_like_local_ones(capsys, db, fake_llm, fake_anthropic, state_dir):
+    """A retried Messages request is said on stderr ("retrying: … Overloaded"), as a
+    retried local request is; a backoff of up to RETRY_BUDGET_S must not be silent."""
+    insert_plan(db, make_plan("p1", [keys_step(max_retries=0)]))
+    fake_anthropic.enqueue(status=529, retry_after=0)
+    fake_anthropic.enqueue('{"a": 1}')
+
+    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU],
+                               {"ANTHROPIC_API_KEY": "sk-test"})
+
+    assert rc == 0, err
+    assert len(fake_anthropic.requests) == 2
+    assert "retrying:" in err
+    assert "Overloaded" in err
     check_store(db)
 
 
@@ -368,7 +384,7 @@ def test_claude_cli_runs_claude_p_in_the_project_with_a_clean_environment(
     step = step1(result)
     assert step["status"] == "succeeded"
     assert step["attempts"] == 1
-    assert step["output"] == '{"a": 1}'
+    assert json.loads(step["output"]) == {"a": 1}
     assert step["usage"] == {"prompt_tokens": 100, "completion_tokens": 20}
     assert step["cost_usd"] == FAKE_CLAUDE_COST
     assert result["cost_usd"] == FAKE_CLAUDE_COST
@@ -502,7 +518,7 @@ def test_escalation_to_anthropic_saves_a_failed_step(capsys, db, fake_llm, fake_
     step = step1(result)
     assert step["status"] == "succeeded"
     assert step["attempts"] == 3
-    assert step["output"] == '{"a": 42}'
+    assert json.loads(step["output"]) == {"a": 42}
     assert step["escalated_to"] == HAIKU
     assert step["escalation_saved"] is True
     assert step["error"] is None
@@ -516,6 +532,9 @@ def test_escalation_to_anthropic_saves_a_failed_step(capsys, db, fake_llm, fake_
     assert result["cost_usd"] == haiku_cost(1200, 300)
 
     assert len(fake_llm.chat_requests) == 2
+    for request in fake_llm.requests:                    # the Anthropic key never goes to the local server
+        assert "x-api-key" not in request["headers"]
+        assert "sk-test" not in request["headers"].get("authorization", "")
     assert len(fake_anthropic.requests) == 1
     sent = fake_anthropic.requests[0]["json"]
     assert sent["model"] == "claude-haiku-4-5"
@@ -631,7 +650,7 @@ def test_escalation_to_claude_cli_uses_the_fake_claude(capsys, db, fake_llm, sta
     step = step1(result)
     assert step["status"] == "succeeded"
     assert step["attempts"] == 3
-    assert step["output"] == '{"a": 1}'
+    assert json.loads(step["output"]) == {"a": 1}
     assert step["escalated_to"] == "claude-cli:haiku"
     assert step["escalation_saved"] is True
     assert result["ledger"]["claude-cli:haiku"] == {"requests": 1, "prompt_tokens": 100, "completion_tokens": 20,
