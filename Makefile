@@ -1,9 +1,9 @@
-# bridge — make test (default), make demo, make test-real, make bench, make clean
+# bridge — make test (default), make demo, make test-real, make bench, make bench-real, make clean
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test demo test-real bench clean
+.PHONY: test demo test-real bench bench-real clean
 
 test: $(BIN)/.test-installed
 	$(BIN)/python -m pytest -q -m "not real_model"
@@ -14,7 +14,13 @@ demo: $(BIN)/.demo-installed
 test-real: $(BIN)/.demo-installed $(BIN)/.test-installed
 	$(BIN)/python -m pytest -q -m real_model -rs
 
-bench: $(BIN)/.demo-installed
+# Figures, never pass/fail; each script prints its summary on its last line.
+bench: $(BIN)/.test-installed
+	$(BIN)/python bench/parallel.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/startup.py
+
+bench-real: $(BIN)/.demo-installed
 	$(BIN)/python bench/real_model.py
 
 $(BIN)/python:
