@@ -1,7 +1,10 @@
 """Test doubles for bridge: a real fake OpenAI-compatible HTTP server and real
-mcp-memory-service ("doobidoo") SQLite stores.
+mcp-memory-service ("doobidoo") SQLite stores; and the helpers the tests share to run
+bridge in-process and read what it left (stored results, plan state, requests sent,
+folders).
 
-Stdlib only. Nothing here imports bridge.
+Stdlib only. Nothing here imports bridge at import time (run_bridge and run_json import
+it when called).
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import contextlib
 import hashlib
 import http.server
 import json
+import os
 import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +31,10 @@ __all__ = [
     "FakeLLM", "content_hash", "iso_z",
     "make_store", "insert_memory", "insert_plan", "make_plan", "check_store", "read_rows",
     "columns",
+    "FakeAnthropic", "write_fake_claude",
+    "bridge_args", "run_bridge", "run_json", "stored_results", "plan_rows", "plan_row", "plan_state",
+    "steps_by_id", "first_user", "user_text", "snapshot", "listing", "temp_files", "closed_port",
+    "dead_pid", "child_env",
 ]
 
 DATA = Path(__file__).parent / "data"
@@ -77,10 +87,9 @@ def _prompt_chars(body: Any) -> int:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    fake: "FakeLLM"
+    fake: "_FakeServer"
 
     def handle_error(self, request, client_address):  # noqa: D401 - silence, but keep a record
-        import sys
         exc = sys.exc_info()[1]
         if isinstance(exc, _CONN_ERRORS + (OSError,)):
             return
@@ -350,37 +359,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return out
 
 
-class FakeLLM:
-    """A real HTTP server on 127.0.0.1:<free port> speaking the OpenAI chat API."""
+class _FakeServer:
+    """What FakeLLM and FakeAnthropic share: a real HTTP server on 127.0.0.1:<free port>
+    run by `_handler` in a daemon thread, a queue of scripted replies, and the record of
+    every request (`requests`) and of unexpected handler errors (`errors`)."""
+
+    _handler: type[http.server.BaseHTTPRequestHandler] = _Handler
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queue: list[dict] = []
         self.requests: list[dict] = []
         self.errors: list[str] = []
-        self.models: list[str] = list(_DEFAULT_MODELS)
-        self.loaded: str | None = _DEFAULT_LOADED
-        self.lmstudio: bool = True
-        self.context_length: int = 4096     # LM Studio loaded_context_length, llama.cpp n_ctx
-        self.slots: int | None = None       # llama.cpp total_slots: set to serve /props and cap concurrency
-        self.latency_s: float = 0.0         # held per chat request, inside a slot
-        self.default_reply: str | None = None   # played when the queue is empty
-        self.max_in_flight = 0              # the most chat requests seen at once
-        self._in_flight = 0
-        self._generation = 0                # bumped by reset(): requests of earlier tests don't count
-        self._slots_sem: threading.Semaphore | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------
-    def start(self) -> "FakeLLM":
+    def start(self):
         if self._server is not None:
             return self
-        srv = _Server(("127.0.0.1", 0), _Handler)
-        srv.fake = self
+        srv = _Server(("127.0.0.1", 0), self._handler)
+        srv.fake = self  # type: ignore[assignment]
         self._server = srv
         self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="FakeLLM", daemon=True)
+                                        name=type(self).__name__, daemon=True)
         self._thread.start()
         return self
 
@@ -394,7 +396,7 @@ class FakeLLM:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "FakeLLM":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -403,12 +405,61 @@ class FakeLLM:
     @property
     def port(self) -> int:
         if self._server is None:
-            raise RuntimeError("FakeLLM is not started")
+            raise RuntimeError(f"{type(self).__name__} is not started")
         return self._server.server_address[1]
 
     @property
-    def root(self) -> str:
+    def _origin(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    # -- recording --------------------------------------------------------------------
+    def reset(self):
+        """Forget the queue, the recorded requests and the errors."""
+        with self._lock:
+            self._queue.clear()
+            self.requests.clear()
+            self.errors.clear()
+        return self
+
+    @property
+    def pending(self) -> int:
+        """Number of scripted replies not yet played."""
+        with self._lock:
+            return len(self._queue)
+
+    def _posts_to(self, route: str) -> list[dict]:
+        """The recorded POST requests to `route` (query string and trailing slash ignored)."""
+        with self._lock:
+            return [r for r in self.requests
+                    if r["method"] == "POST" and r["path"].split("?", 1)[0].rstrip("/") == route]
+
+
+class FakeLLM(_FakeServer):
+    """A real HTTP server on 127.0.0.1:<free port> speaking the OpenAI chat API."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: list[str] = list(_DEFAULT_MODELS)
+        self.loaded: str | None = _DEFAULT_LOADED
+        self.lmstudio: bool = True
+        self.context_length: int = 4096     # LM Studio loaded_context_length, llama.cpp n_ctx
+        self.slots: int | None = None       # llama.cpp total_slots: set to serve /props and cap concurrency
+        self.latency_s: float = 0.0         # held per chat request, inside a slot
+        self.default_reply: str | None = None   # played when the queue is empty
+        self.max_in_flight = 0              # the most chat requests seen at once
+        self._in_flight = 0
+        self._generation = 0                # bumped by reset(): requests of earlier tests don't count
+        self._slots_sem: threading.Semaphore | None = None
+
+    def start(self) -> "FakeLLM":
+        return super().start()
+
+    def __enter__(self) -> "FakeLLM":
+        return self.start()
+
+    @property
+    def root(self) -> str:
+        return self._origin
 
     @property
     def url(self) -> str:
@@ -416,10 +467,7 @@ class FakeLLM:
 
     # -- scripting --------------------------------------------------------------------
     def reset(self) -> "FakeLLM":
-        with self._lock:
-            self._queue.clear()
-            self.requests.clear()
-            self.errors.clear()
+        super().reset()
         self.models = list(_DEFAULT_MODELS)
         self.loaded = _DEFAULT_LOADED
         self.lmstudio = True
@@ -483,16 +531,8 @@ class FakeLLM:
                 "delay_s": float(delay_s)}
 
     @property
-    def pending(self) -> int:
-        """Number of scripted replies not yet played."""
-        with self._lock:
-            return len(self._queue)
-
-    @property
     def chat_requests(self) -> list[dict]:
-        with self._lock:
-            return [r for r in self.requests
-                    if r["method"] == "POST" and r["path"].split("?", 1)[0].rstrip("/") == "/v1/chat/completions"]
+        return self._posts_to("/v1/chat/completions")
 
 
 # --------------------------------------------------------------------------------------
@@ -776,6 +816,147 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------
+# Running bridge in-process, and reading what it left
+# --------------------------------------------------------------------------------------
+
+_RESULT_TAG = "bridge-result"      # literals copied from the contract (plan-format.md)
+_PLAN_SCHEMA = "bridge-plan-v1"
+_TEMP_SUFFIX = ".bridge-tmp"
+
+
+def bridge_args(db: str | Path, url: str, state_dir: str | Path, *extra: str,
+                retry_delay: str | None = "0") -> list[str]:
+    """The flags of a test run: --db, --base-url, --state-dir and (unless retry_delay is
+    None) --retry-delay, then `extra` (so a flag repeated in extra wins)."""
+    argv = ["--db", str(db), "--base-url", url, "--state-dir", str(state_dir)]
+    if retry_delay is not None:
+        argv += ["--retry-delay", retry_delay]
+    return [*argv, *extra]
+
+
+def run_bridge(capsys, db: str | Path, fake_llm, state_dir: str | Path, *extra: str,
+               environ: dict | None = None) -> tuple[int, str, str]:
+    """bridge.main(bridge_args(db, fake_llm.url, state_dir, *extra)) in-process with
+    `environ` (default: empty); return (rc, stdout, stderr)."""
+    import bridge
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, *extra), environ={} if environ is None else environ)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_json(capsys, db: str | Path, fake_llm, state_dir: str | Path, *extra: str,
+             environ: dict | None = None, require_output: bool = False) -> tuple[int, dict | None, str]:
+    """run_bridge with --json; return (rc, the one plan result, stderr). The document must be
+    {"plans": [one result]}; result is None when bridge printed nothing (a failure when
+    require_output)."""
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json", *extra, environ=environ)
+    if require_output:
+        assert out.strip(), f"bridge printed no JSON document (rc {rc}): {err}"
+    doc = json.loads(out) if out.strip() else None
+    result = None
+    if doc is not None:
+        assert list(doc) == ["plans"], doc
+        assert len(doc["plans"]) == 1, doc
+        result = doc["plans"][0]
+    return rc, result, err
+
+
+def stored_results(db: str | Path) -> list[dict]:
+    """The parsed content of every result memory (tagged bridge-result), oldest first."""
+    return [json.loads(r["content"]) for r in read_rows(db) if _RESULT_TAG in (r["tags"] or "").split(",")]
+
+
+def plan_rows(db: str | Path, plan_id: str) -> list[dict]:
+    """Every row (live or deleted) whose content is bridge-plan-v1 plan `plan_id`, oldest first."""
+    rows = []
+    for row in read_rows(db):
+        try:
+            content = json.loads(row["content"])
+        except ValueError:
+            continue
+        if isinstance(content, dict) and content.get("$schema") == _PLAN_SCHEMA and content.get("id") == plan_id:
+            rows.append(row)
+    return rows
+
+
+def plan_row(db: str | Path, plan_id: str) -> dict:
+    """The first row holding plan `plan_id`."""
+    rows = plan_rows(db, plan_id)
+    if not rows:
+        raise AssertionError(f"plan {plan_id} not in {db}")
+    return rows[0]
+
+
+def plan_state(db: str | Path, plan_id: str) -> dict:
+    """What bridge recorded of plan `plan_id` (its metadata's "bridge" object; {} when none)."""
+    return (plan_row(db, plan_id)["metadata_obj"] or {}).get("bridge") or {}
+
+
+def steps_by_id(result: dict) -> dict[int, dict]:
+    return {s["id"]: s for s in result["steps"]}
+
+
+def first_user(request: dict) -> str:
+    """The first user message of a recorded chat request."""
+    return next(m["content"] for m in request["json"]["messages"] if m["role"] == "user")
+
+
+def user_text(request: dict) -> str:
+    """All non-system message text of a recorded chat request, joined."""
+    return "\n".join(m["content"] for m in request["json"]["messages"] if m["role"] != "system")
+
+
+def snapshot(root: Path) -> dict | None:
+    """Every entry under root (symlinks not followed): kind, bytes, mode, link target;
+    None when root does not exist."""
+    if not root.exists() and not root.is_symlink():
+        return None
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", path.read_bytes(), path.stat().st_mode)
+    return out
+
+
+def listing(folder: Path) -> list[str]:
+    """Every file and folder below `folder`, as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """bridge's temporary files (*.bridge-tmp) left below `folder`."""
+    return sorted(p for p in folder.rglob("*") if p.name.endswith(_TEMP_SUFFIX))
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def dead_pid() -> int:
+    """The pid of a process that has finished (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment without BRIDGE_* variables, plus `extra`: for a bridge subprocess."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}, **extra}
+
+
+# --------------------------------------------------------------------------------------
 # Fake Anthropic Messages API server, and a fake `claude` CLI
 # --------------------------------------------------------------------------------------
 
@@ -846,61 +1027,24 @@ class _AnthropicHandler(_Handler):
         self._sse("message_stop", {"type": "message_stop"})
 
 
-class FakeAnthropic:
+class FakeAnthropic(_FakeServer):
     """A real HTTP server on 127.0.0.1:<free port> speaking the Anthropic Messages API
     (POST /v1/messages, streamed). `.url` has no /v1 (bridge posts to {url}/v1/messages)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: list[dict] = []
-        self.requests: list[dict] = []
-        self.errors: list[str] = []
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+    _handler = _AnthropicHandler
 
     def start(self) -> "FakeAnthropic":
-        if self._server is not None:
-            return self
-        srv = _Server(("127.0.0.1", 0), _AnthropicHandler)
-        srv.fake = self  # type: ignore[assignment]
-        self._server = srv
-        self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="FakeAnthropic", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        srv, self._server = self._server, None
-        if srv is None:
-            return
-        srv.shutdown()
-        srv.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        return super().start()
 
     def __enter__(self) -> "FakeAnthropic":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("FakeAnthropic is not started")
-        return self._server.server_address[1]
-
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._origin
 
     def reset(self) -> "FakeAnthropic":
-        with self._lock:
-            self._queue.clear()
-            self.requests.clear()
-            self.errors.clear()
-        return self
+        return super().reset()
 
     def enqueue(self, text: str = "", *, status: int = 200, error_body: dict | str | None = None,
                 retry_after: Any = None, fault: str | None = None,
@@ -920,15 +1064,8 @@ class FakeAnthropic:
         return self
 
     @property
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._queue)
-
-    @property
     def messages_requests(self) -> list[dict]:
-        with self._lock:
-            return [r for r in self.requests
-                    if r["method"] == "POST" and r["path"].split("?", 1)[0].rstrip("/") == "/v1/messages"]
+        return self._posts_to("/v1/messages")
 
 
 _FAKE_CLAUDE = r'''

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -22,68 +21,18 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import check_store, content_hash, insert_plan, iso_z, make_plan, make_store, read_rows
+from fakes import (
+    bridge_args, check_store, closed_port, content_hash, dead_pid, insert_plan, iso_z, make_plan, plan_row, plan_state,
+    stored_results,
+)
 
 ROOT = Path(__file__).resolve().parent.parent      # where bridge.py lives
-RESULT_TAG = "bridge-result"
 DEFAULT_BASE_URL = "http://localhost:1234/v1"       # copied from the contract
 
 
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store (a copy of one made per module: making one costs ~0.15 s)."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
-
-
-def args(db: Path, url: str, state_dir: Path, *extra: str) -> list[str]:
-    return ["--db", str(db), "--base-url", url, "--state-dir", str(state_dir), "--retry-delay", "0", *extra]
-
-
-def closed_port_url() -> str:
-    """The URL of a port on 127.0.0.1 that nothing listens on."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def plan_row(db: Path, plan_id: str) -> dict:
-    for row in read_rows(db):
-        try:
-            content = json.loads(row["content"])
-        except ValueError:
-            continue
-        if isinstance(content, dict) and content.get("id") == plan_id and "steps" in content:
-            return row
-    raise AssertionError(f"plan {plan_id} not in {db}")
-
-
-def plan_state(db: Path, plan_id: str) -> dict:
-    return (plan_row(db, plan_id)["metadata_obj"] or {}).get("bridge") or {}
-
-
-def stored_results(db: Path) -> list[dict]:
-    return [json.loads(r["content"]) for r in read_rows(db) if RESULT_TAG in (r["tags"] or "").split(",")]
-
-
-def dead_pid() -> int:
-    """The pid of a process that has finished (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def bulk_insert_plans(db: Path, plans: list[dict]) -> None:
@@ -206,7 +155,7 @@ def test_conflicting_or_orphan_flags_are_usage_errors(capsys, db, fake_llm, stat
     exclude each other: argparse's usage error, exit 2, nothing done (original defect 21)."""
     insert_plan(db, make_plan("x"))
     with pytest.raises(SystemExit) as excinfo:
-        bridge.main(argv + args(db, fake_llm.url, state_dir), environ={})
+        bridge.main(argv + bridge_args(db, fake_llm.url, state_dir), environ={})
     assert excinfo.value.code == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -319,7 +268,7 @@ def _case_store_missing(db, fake_llm):
 
 def _case_server_unreachable(db, fake_llm):
     insert_plan(db, make_plan("p1"))
-    return closed_port_url()
+    return f"http://127.0.0.1:{closed_port()}/v1"
 
 
 EXIT_CASES = [  # setup, rc, stderr piece, plan p1's status afterwards (None: no plan)
@@ -337,7 +286,7 @@ def test_exit_codes(capsys, db, fake_llm, state_dir, setup, rc_expected, says, s
     """0 nothing to do or success, 1 a plan failed, 2 store missing or server unreachable
     (then nothing is claimed)."""
     url = setup(db, fake_llm)
-    rc = bridge.main(args(db, url, state_dir), environ={})
+    rc = bridge.main(bridge_args(db, url, state_dir), environ={})
     out, err = capsys.readouterr()
     assert rc == rc_expected
     assert out == ""
@@ -358,7 +307,7 @@ def test_signal_during_a_step_exits_130_and_records_the_interruption(db, fake_ll
     a result memory stored."""
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "task-one"}, {"id": 2, "prompt": "task-two"}]))
     fake_llm.enqueue("partial answer that never finishes " * 4, fault="stall", delay_s=5)
-    proc = subprocess.Popen([sys.executable, "bridge.py", *args(db, fake_llm.url, state_dir, "--timeout", "30")],
+    proc = subprocess.Popen([sys.executable, "bridge.py", *bridge_args(db, fake_llm.url, state_dir, "--timeout", "30")],
                             cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -484,7 +433,7 @@ def test_plan_flag_refuses_a_plan_in_progress(capsys, db, fake_llm, state_dir):
     fake_llm.enqueue("never")
     before = plan_row(db, "p1")["metadata"]
 
-    rc = bridge.main(args(db, fake_llm.url, state_dir, "--plan", "p1"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--plan", "p1"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2
@@ -531,7 +480,8 @@ def test_health_json_document(capsys, store, fake_llm):
 
 def test_health_server_down_exits_2(capsys, store):
     """--health with nothing listening: exit 2, ok false, reachable false."""
-    rc = bridge.main(["--health", "--json", "--db", str(store), "--base-url", closed_port_url()], environ={})
+    rc = bridge.main(["--health", "--json", "--db", str(store), "--base-url", f"http://127.0.0.1:{closed_port()}/v1"],
+                     environ={})
     out, _ = capsys.readouterr()
     assert rc == 2
     doc = json.loads(out)
@@ -562,7 +512,7 @@ def test_json_run_prints_one_document_on_stdout_progress_on_stderr(capsys, db, f
     """--json on a run: stdout is exactly {"plans": [result]}; progress goes to stderr."""
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("hello")
-    rc = bridge.main(args(db, fake_llm.url, state_dir, "--json"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--json"), environ={})
     out, err = capsys.readouterr()
     assert rc == 0
     doc = json.loads(out)                          # one document, nothing else on stdout
@@ -577,7 +527,7 @@ def test_quiet_run_prints_nothing_on_success(capsys, db, fake_llm, state_dir):
     """-q: a successful run writes nothing to stderr (or stdout)."""
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("hello")
-    rc = bridge.main(args(db, fake_llm.url, state_dir, "-q"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "-q"), environ={})
     out, err = capsys.readouterr()
     assert rc == 0
     assert out == "" and err == ""
@@ -592,10 +542,10 @@ def test_verbose_shows_prompt_and_output_default_does_not(capsys, db, fake_llm, 
     insert_plan(db, make_plan("p-verbose", [{"id": 1, "prompt": "PROMPT-MARKER-VERBOSE"}]))
     fake_llm.enqueue("OUTPUT-MARKER-PLAIN").enqueue("OUTPUT-MARKER-VERBOSE")
 
-    rc = bridge.main(args(db, fake_llm.url, state_dir, "--plan", "p-plain"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--plan", "p-plain"), environ={})
     out, plain_err = capsys.readouterr()
     assert rc == 0
-    rc = bridge.main(args(db, fake_llm.url, state_dir, "--plan", "p-verbose", "-v"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--plan", "p-verbose", "-v"), environ={})
     out, verbose_err = capsys.readouterr()
     assert rc == 0
 
@@ -647,7 +597,7 @@ def test_httpx_request_log_never_reaches_stderr(capsys, db, fake_llm, state_dir,
     appear (original defect 20)."""
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("hello")
-    rc = bridge.main(args(db, fake_llm.url, state_dir, "-v"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "-v"), environ={})
     out, err = capsys.readouterr()
     assert rc == 0
     assert "p1" in err                       # stderr was captured

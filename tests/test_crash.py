@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +20,10 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, make_store, read_rows
-
-# Literals copied from the contract (plan-format.md), never read at run time.
-RESULT_TAG = "bridge-result"
-TEMP_SUFFIX = ".bridge-tmp"
+from fakes import (
+    bridge_args, check_store, child_env, dead_pid, first_user, insert_plan, make_plan, plan_state, read_rows,
+    run_bridge, steps_by_id, stored_results, temp_files,
+)
 
 BRIDGE_PY = Path(bridge.__file__).resolve()
 PLAN_ID = "crash"
@@ -42,19 +40,6 @@ KILL_TIMEOUT_S = 20
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store (no fixture plan), copied from one made per module."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
 
 
 @pytest.fixture
@@ -80,26 +65,14 @@ def crash_plan(project: Path, step3_retries: int | None = None) -> dict:
     ], context={"objective": "crash test", "project": str(project)}, rollback_strategy="revert_files")
 
 
-def base_args(db: Path, fake_llm, state_dir: Path) -> list[str]:
-    return ["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir),
-            "--retry-delay", "0"]
-
-
-def child_env(crash_at: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    if crash_at:
-        env["BRIDGE_CRASH_AT"] = crash_at
-    return env
-
-
 def child_cmd(db: Path, fake_llm, state_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(BRIDGE_PY), *base_args(db, fake_llm, state_dir), "--plan", PLAN_ID, *extra]
+    return [sys.executable, str(BRIDGE_PY), *bridge_args(db, fake_llm.url, state_dir), "--plan", PLAN_ID, *extra]
 
 
 def run_killed(db: Path, fake_llm, state_dir: Path, crash_at: str, *extra: str) -> subprocess.Popen:
     """Run `python bridge.py --plan crash` with the crash hook; it must die by SIGKILL."""
     proc = subprocess.Popen(child_cmd(db, fake_llm, state_dir, *extra), cwd=BRIDGE_PY.parent,
-                            env=child_env(crash_at), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=child_env(BRIDGE_CRASH_AT=crash_at), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=KILL_TIMEOUT_S)
     finally:
@@ -115,7 +88,7 @@ def kill_during_step_two(db: Path, fake_llm, state_dir: Path) -> subprocess.Pope
     request has arrived (step 1 has then written keep.txt and been checkpointed)."""
     fake_llm.enqueue(STEP1_REPLY)
     fake_llm.enqueue(STEP2_REPLY, fault="stall", delay_s=5)
-    proc = subprocess.Popen(child_cmd(db, fake_llm, state_dir), cwd=BRIDGE_PY.parent, env=child_env(None),
+    proc = subprocess.Popen(child_cmd(db, fake_llm, state_dir), cwd=BRIDGE_PY.parent, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 5
@@ -132,9 +105,7 @@ def kill_during_step_two(db: Path, fake_llm, state_dir: Path) -> subprocess.Pope
 
 def resume(capsys, db: Path, fake_llm, state_dir: Path, *extra: str) -> tuple[int, dict | None, str]:
     """In-process `bridge --json --plan crash --resume` (no crash hook): (rc, result, stderr)."""
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--json", "--plan", PLAN_ID, "--resume", *extra],
-                     environ={})
-    out, err = capsys.readouterr()
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json", "--plan", PLAN_ID, "--resume", *extra)
     doc = json.loads(out) if out.strip() else None
     result = None
     if doc is not None and doc["plans"]:
@@ -145,45 +116,17 @@ def resume(capsys, db: Path, fake_llm, state_dir: Path, *extra: str) -> tuple[in
 
 def listed_status(capsys, db: Path, fake_llm, state_dir: Path, plan_id: str = PLAN_ID) -> str:
     """The status `bridge --list --all --json` shows for a plan."""
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--list", "--all", "--json"], environ={})
-    out, err = capsys.readouterr()
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all", "--json")
     assert rc == 0, err
     rows = [p for p in json.loads(out)["plans"] if p["id"] == plan_id]
     assert len(rows) == 1
     return rows[0]["status"]
 
 
-def plan_state(db: Path, plan_id: str = PLAN_ID) -> dict:
-    for row in read_rows(db):
-        try:
-            content = json.loads(row["content"])
-        except ValueError:
-            continue
-        if isinstance(content, dict) and content.get("$schema") == "bridge-plan-v1" and content.get("id") == plan_id:
-            return (row["metadata_obj"] or {}).get("bridge") or {}
-    raise AssertionError(f"plan {plan_id} not in {db}")
-
-
-def stored_results(db: Path) -> list[dict]:
-    return [json.loads(r["content"]) for r in read_rows(db) if RESULT_TAG in (r["tags"] or "").split(",")]
-
-
-def steps_by_id(result: dict) -> dict[int, dict]:
-    return {s["id"]: s for s in result["steps"]}
-
-
-def first_user(request: dict) -> str:
-    return next(m["content"] for m in request["json"]["messages"] if m["role"] == "user")
-
-
 def prompts_sent(fake_llm) -> list[str]:
     """Which step each chat request was for ("task-one", ...), in order."""
     names = ("task-one", "task-two", "task-three")
     return [next(n for n in names if f"Task:\n{n}" in first_user(r)) for r in fake_llm.chat_requests]
-
-
-def temp_files(project: Path) -> list[Path]:
-    return sorted(p for p in project.rglob(f"*{TEMP_SUFFIX}"))
 
 
 def backup_dirs(state_dir: Path) -> list[Path]:
@@ -220,13 +163,6 @@ def utc_iso(seconds_ago: float) -> str:
     return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def dead_pid() -> int:
-    """The id of a process of this host that has exited (and been reaped)."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def in_progress_state(host: str, pid: int, heartbeat_age_s: float, run_id: str = "20000101T000000Z-deadbeef") -> dict:
     stamp = utc_iso(heartbeat_age_s)
     return {"status": "in_progress", "run_id": run_id, "claimed_at": stamp, "heartbeat_at": stamp,
@@ -251,13 +187,13 @@ def test_crash_inside_the_claim_leaves_the_plan_pending_and_a_plain_run_complete
     assert fake_llm.chat_requests == []
     assert fake_llm.pending == 3
     assert listed_status(capsys, db, fake_llm, state_dir) == "pending"
-    assert plan_state(db) == {}
+    assert plan_state(db, PLAN_ID) == {}
     assert stored_results(db) == []
     assert_untouched(proj)
     assert not (state_dir / "runs").exists()
     check_store(db)
 
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--json"], environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir) + ["--json"], environ={})
     out, err = capsys.readouterr()
 
     assert rc == 0, err
@@ -267,7 +203,7 @@ def test_crash_inside_the_claim_leaves_the_plan_pending_and_a_plain_run_complete
     assert "Traceback" not in err
     assert prompts_sent(fake_llm) == ["task-one", "task-two", "task-three"]
     assert_final_files(proj)
-    assert plan_state(db)["status"] == "completed"
+    assert plan_state(db, PLAN_ID)["status"] == "completed"
     assert len(stored_results(db)) == 1
     check_store(db)
 
@@ -287,7 +223,7 @@ def test_crash_during_the_first_file_write_is_undone_and_resume_reruns_every_ste
 
     assert prompts_sent(fake_llm) == ["task-one"]
     assert listed_status(capsys, db, fake_llm, state_dir) == "stale"
-    state = plan_state(db)
+    state = plan_state(db, PLAN_ID)
     assert state["status"] == "in_progress"
     assert state["owner"] == {"host": socket.gethostname(), "pid": killed.pid}
     assert stored_results(db) == []
@@ -318,7 +254,7 @@ def test_crash_during_the_first_file_write_is_undone_and_resume_reruns_every_ste
     assert prompts_sent(fake_llm) == ["task-one", "task-two", "task-three"]
     assert_final_files(proj)
     assert backup_dirs(state_dir) == []
-    assert plan_state(db)["status"] == "completed"
+    assert plan_state(db, PLAN_ID)["status"] == "completed"
     assert [r["run_id"] for r in stored_results(db)] == [result["run_id"]]
     check_store(db)
 
@@ -336,7 +272,7 @@ def test_crash_inside_the_result_transaction_resumes_without_sending_anything(
     assert prompts_sent(fake_llm) == ["task-one", "task-two", "task-three"]
     assert listed_status(capsys, db, fake_llm, state_dir) == "stale"
     assert stored_results(db) == []
-    old_run = plan_state(db)["run_id"]
+    old_run = plan_state(db, PLAN_ID)["run_id"]
     assert [e["status"] for e in checkpoint(state_dir, old_run)] == ["succeeded"] * 3
     assert_final_files(proj)
     check_store(db)
@@ -355,7 +291,7 @@ def test_crash_inside_the_result_transaction_resumes_without_sending_anything(
     assert result["files"] == [{"path": "keep.txt", "action": "modified"}, {"path": MADE, "action": "created"}]
     assert "Traceback" not in err
     assert_final_files(proj)
-    assert plan_state(db)["status"] == "completed"
+    assert plan_state(db, PLAN_ID)["status"] == "completed"
     assert len(stored_results(db)) == 1
     check_store(db)
 
@@ -374,7 +310,7 @@ def test_resume_after_a_crash_while_storing_a_reverted_failure_does_not_trust_re
     assert listed_status(capsys, db, fake_llm, state_dir) == "stale"
     assert stored_results(db) == []
     assert_untouched(proj)          # the failed run reverted before it was killed
-    old_run = plan_state(db)["run_id"]
+    old_run = plan_state(db, PLAN_ID)["run_id"]
     assert [e["status"] for e in checkpoint(state_dir, old_run)] == ["succeeded", "succeeded", "failed"]
     check_store(db)
 
@@ -405,7 +341,7 @@ def test_run_killed_mid_stream_resumes_after_its_succeeded_step(capsys, db, proj
     assert (proj / "keep.txt").read_bytes() == STEP1_BYTES
     assert listed_status(capsys, db, fake_llm, state_dir) == "stale"
     assert stored_results(db) == []
-    old_run = plan_state(db)["run_id"]
+    old_run = plan_state(db, PLAN_ID)["run_id"]
     done = checkpoint(state_dir, old_run)
     assert [(e["id"], e["status"], e["output"]) for e in done] == [(1, "succeeded", STEP1_BYTES.decode())]
     check_store(db)
@@ -418,7 +354,7 @@ def test_run_killed_mid_stream_resumes_after_its_succeeded_step(capsys, db, proj
     assert rc == 0, err
     assert result["status"] == "completed"
     assert result["resumed_from"] == old_run
-    assert plan_state(db)["resumed_from"] == old_run
+    assert plan_state(db, PLAN_ID)["resumed_from"] == old_run
     assert prompts_sent(fake_llm) == ["task-two", "task-three"]
     assert f"```\n{STEP1_BYTES.decode()}\n```" in first_user(fake_llm.chat_requests[0])
     steps = steps_by_id(result)
@@ -430,7 +366,7 @@ def test_run_killed_mid_stream_resumes_after_its_succeeded_step(capsys, db, proj
     assert "Traceback" not in err
     assert_final_files(proj)
     assert backup_dirs(state_dir) == []
-    assert plan_state(db)["status"] == "completed"
+    assert plan_state(db, PLAN_ID)["status"] == "completed"
     assert len(stored_results(db)) == 1
     check_store(db)
 
@@ -442,11 +378,11 @@ def test_rerun_of_a_stale_plan_puts_back_the_dead_runs_files_and_starts_over(
     insert_plan(db, crash_plan(proj))
     kill_during_step_two(db, fake_llm, state_dir)
     assert (proj / "keep.txt").read_bytes() == STEP1_BYTES
-    old_run = plan_state(db)["run_id"]
+    old_run = plan_state(db, PLAN_ID)["run_id"]
 
     fake_llm.reset()
     enqueue_all(fake_llm)
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--json", "--plan", PLAN_ID, "--rerun"], environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir) + ["--json", "--plan", PLAN_ID, "--rerun"], environ={})
     out, err = capsys.readouterr()
     result = json.loads(out)["plans"][0]
 
@@ -468,7 +404,7 @@ def test_failed_resume_reverts_the_files_the_killed_run_wrote(capsys, db, proj, 
 
     kill_during_step_two(db, fake_llm, state_dir)
     assert (proj / "keep.txt").read_bytes() == STEP1_BYTES
-    old_run = plan_state(db)["run_id"]
+    old_run = plan_state(db, PLAN_ID)["run_id"]
 
     fake_llm.reset()
     fake_llm.enqueue(STEP2_REPLY)
@@ -484,7 +420,7 @@ def test_failed_resume_reverts_the_files_the_killed_run_wrote(capsys, db, proj, 
     assert "Traceback" not in err
     assert_untouched(proj)
     assert backup_dirs(state_dir) == []
-    assert plan_state(db)["status"] == "failed"
+    assert plan_state(db, PLAN_ID)["status"] == "failed"
     check_store(db)
 
 
@@ -495,12 +431,12 @@ def test_resume_killed_in_turn_still_reverts_the_first_runs_files(capsys, db, pr
     backups, which B took over and C must get from B."""
     insert_plan(db, crash_plan(proj, step3_retries=0))
     kill_during_step_two(db, fake_llm, state_dir)
-    run_a = plan_state(db)["run_id"]
+    run_a = plan_state(db, PLAN_ID)["run_id"]
 
     fake_llm.reset()
     fake_llm.enqueue(STEP2_REPLY)
     run_killed(db, fake_llm, state_dir, "journal", "--resume")
-    state = plan_state(db)
+    state = plan_state(db, PLAN_ID)
     run_b = state["run_id"]
     assert run_b != run_a and state["resumed_from"] == run_a
     assert prompts_sent(fake_llm) == ["task-two"]
@@ -558,7 +494,7 @@ def test_plan_flags_refuse_statuses_they_do_not_take(capsys, db, proj, fake_llm,
     before = read_rows(db)
     fake_llm.enqueue(STEP1_REPLY)
 
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--plan", PLAN_ID, *flags], environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir) + ["--plan", PLAN_ID, *flags], environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2
@@ -615,7 +551,7 @@ def test_two_resumes_at_once_run_the_stale_plan_once(capsys, db, proj, fake_llm,
     def go() -> None:
         try:
             start.wait(timeout=5)
-            codes.append(bridge.main(base_args(db, fake_llm, state_dir) + ["--plan", PLAN_ID, "--resume"],
+            codes.append(bridge.main(bridge_args(db, fake_llm.url, state_dir) + ["--plan", PLAN_ID, "--resume"],
                                      environ={}))
         except BaseException as exc:    # surfaced below
             errors.append(exc)
@@ -639,6 +575,6 @@ def test_two_resumes_at_once_run_the_stale_plan_once(capsys, db, proj, fake_llm,
     assert len(results) == 1
     assert results[0]["status"] == "completed"
     assert results[0]["resumed_from"] == "20000101T000000Z-deadbeef"
-    assert plan_state(db)["status"] == "completed"
+    assert plan_state(db, PLAN_ID)["status"] == "completed"
     assert_final_files(proj)
     check_store(db)

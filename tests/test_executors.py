@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 import bridge
-from fakes import FakeAnthropic, check_store, insert_plan, make_plan, make_store, read_rows, write_fake_claude
+from fakes import (
+    FakeAnthropic, bridge_args, check_store, insert_plan, make_plan, plan_state, read_rows, run_json, stored_results,
+    write_fake_claude,
+)
 
 # Literals copied from the contract (plan-format.md) and the Messages API, never read at run time.
-RESULT_TAG = "bridge-result"
 ANTHROPIC_VERSION = "2023-06-01"
 HAIKU = "anthropic:claude-haiku-4-5"
 HAIKU_PRICE = (1.00, 5.00)          # US dollars per million tokens, input and output
@@ -41,19 +42,6 @@ def _fake_anthropic_server():
 def fake_anthropic(_fake_anthropic_server) -> FakeAnthropic:
     """The module's FakeAnthropic, reset: empty queue, no recorded requests."""
     return _fake_anthropic_server.reset()
-
-
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store, so a plain run runs only what a test inserts."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
 
 
 @pytest.fixture
@@ -81,43 +69,8 @@ def claude_calls(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def base_args(db: Path, fake_llm, state_dir: Path, fake_anthropic: FakeAnthropic | None = None) -> list[str]:
-    args = ["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir), "--retry-delay", "0"]
-    if fake_anthropic is not None:
-        args += ["--anthropic-base-url", fake_anthropic.url]
-    return args
-
-
-def run_json(capsys, args: list[str], environ: dict) -> tuple[int, dict | None, str]:
-    """Run bridge --json; return (rc, the one plan result or None, stderr)."""
-    rc = bridge.main([*args, "--json"], environ=environ)
-    out, err = capsys.readouterr()
-    doc = json.loads(out) if out.strip() else None
-    result = None
-    if doc is not None:
-        assert list(doc) == ["plans"]
-        assert len(doc["plans"]) == 1
-        result = doc["plans"][0]
-    return rc, result, err
-
-
 def step1(result: dict) -> dict:
     return next(s for s in result["steps"] if s["id"] == 1)
-
-
-def plan_state(db: Path, plan_id: str) -> dict:
-    for row in read_rows(db):
-        try:
-            content = json.loads(row["content"])
-        except ValueError:
-            continue
-        if isinstance(content, dict) and content.get("$schema") == "bridge-plan-v1" and content.get("id") == plan_id:
-            return (row["metadata_obj"] or {}).get("bridge") or {}
-    raise AssertionError(f"plan {plan_id} not in {db}")
-
-
-def stored_results(db: Path) -> list[dict]:
-    return [json.loads(r["content"]) for r in read_rows(db) if RESULT_TAG in (r["tags"] or "").split(",")]
 
 
 def haiku_cost(prompt_tokens: int, completion_tokens: int) -> float:
@@ -181,8 +134,9 @@ def test_anthropic_model_sends_a_messages_request_and_records_its_cost(capsys, d
     fake_anthropic.enqueue('{"a": 1, "b": "two"}', input_tokens=1200, output_tokens=300)
     fake_anthropic.enqueue("ok", input_tokens=40, output_tokens=2)
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU],
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--model", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     assert result["status"] == "completed"
@@ -232,8 +186,9 @@ def test_anthropic_error_event_after_200_fails_the_attempt_and_the_next_attempt_
     fake_anthropic.enqueue(fault="error_event")
     fake_anthropic.enqueue('{"a": 1}', input_tokens=10, output_tokens=4)
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU],
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--model", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     step = step1(result)
@@ -252,8 +207,9 @@ def test_anthropic_error_event_names_the_error_when_attempts_run_out(capsys, db,
     insert_plan(db, make_plan("p1", [keys_step(max_retries=0)]))
     fake_anthropic.enqueue(fault="error_event")
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU],
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--model", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 1
     step = step1(result)
@@ -273,10 +229,10 @@ def test_anthropic_overloaded_and_rate_limited_are_retried_honouring_retry_after
     insert_plan(db, make_plan("p1", [keys_step(max_retries=0)]))
     fake_anthropic.enqueue(status=status, retry_after=0)
     fake_anthropic.enqueue('{"a": 1}', input_tokens=10, output_tokens=4)
-    args = base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU, "--retry-delay", retry_delay]
+    extra = ["--anthropic-base-url", fake_anthropic.url, "--model", HAIKU, "--retry-delay", retry_delay]
 
     started = time.monotonic()
-    rc, result, err = run_json(capsys, args, {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, *extra, environ={"ANTHROPIC_API_KEY": "sk-test"})
     elapsed = time.monotonic() - started
 
     assert rc == 0, err
@@ -296,8 +252,9 @@ def test_anthropic_retries_are_reported_like_local_ones(capsys, db, fake_llm, fa
     fake_anthropic.enqueue(status=529, retry_after=0)
     fake_anthropic.enqueue('{"a": 1}')
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU],
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--model", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     assert len(fake_anthropic.requests) == 2
@@ -312,7 +269,8 @@ def test_anthropic_without_api_key_exits_2_before_claiming(capsys, db, fake_llm,
     insert_plan(db, make_plan("p1", [keys_step()]))
     before = read_rows(db)
 
-    rc = bridge.main(base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU], environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                                 "--model", HAIKU), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2
@@ -335,8 +293,9 @@ def test_anthropic_error_body_message_appears_in_the_failure(capsys, db, fake_ll
     fake_anthropic.enqueue(status=400, error_body={"type": "error", "error": {
         "type": "invalid_request_error", "message": message}})
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--model", HAIKU],
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--model", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 1
     step = step1(result)
@@ -352,8 +311,8 @@ def test_anthropic_base_url_comes_from_the_environment(capsys, db, fake_llm, fak
     insert_plan(db, make_plan("p1", [keys_step()]))
     fake_anthropic.enqueue('{"a": 1}')
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir) + ["--model", HAIKU],
-                               {"ANTHROPIC_API_KEY": "sk-env", "ANTHROPIC_BASE_URL": fake_anthropic.url})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-env", "ANTHROPIC_BASE_URL": fake_anthropic.url})
 
     assert rc == 0, err
     assert step1(result)["status"] == "succeeded"
@@ -377,8 +336,8 @@ def test_claude_cli_runs_claude_p_in_the_project_with_a_clean_environment(
                      context={"objective": "cli test", "project": str(project)})
     insert_plan(db, plan)
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir) + ["--model", "claude-cli:haiku"],
-                               claude_env(claude_bin, claude_log))
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "claude-cli:haiku",
+                               environ=claude_env(claude_bin, claude_log))
 
     assert rc == 0, err
     step = step1(result)
@@ -416,8 +375,8 @@ def test_claude_cli_error_result_fails_the_attempt_with_its_text(
     """A result line with is_error (exit 0 or 1) fails the attempt with the result text."""
     insert_plan(db, make_plan("p1", [keys_step(max_retries=0)]))
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir) + ["--model", "claude-cli:haiku"],
-                               claude_env(claude_bin, claude_log, mode))
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "claude-cli:haiku",
+                               environ=claude_env(claude_bin, claude_log, mode))
 
     assert rc == 1
     step = step1(result)
@@ -438,8 +397,8 @@ def test_claude_cli_without_a_result_fails_saying_why(capsys, db, fake_llm, stat
     garbage fails "without a result". Each attempt is a new process."""
     insert_plan(db, make_plan("p1", [keys_step(max_retries=1)]))
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir) + ["--model", "claude-cli:haiku"],
-                               claude_env(claude_bin, claude_log, mode))
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "claude-cli:haiku",
+                               environ=claude_env(claude_bin, claude_log, mode))
 
     assert rc == 1
     step = step1(result)
@@ -456,8 +415,8 @@ def test_claude_cli_hang_is_killed_at_the_step_timeout(capsys, db, fake_llm, sta
     insert_plan(db, make_plan("p1", [keys_step(max_retries=0, timeout_s=0.5)]))
 
     started = time.monotonic()
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir) + ["--model", "claude-cli:haiku"],
-                               claude_env(claude_bin, claude_log, "hang"))
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "claude-cli:haiku",
+                               environ=claude_env(claude_bin, claude_log, "hang"))
     elapsed = time.monotonic() - started
 
     assert rc == 1
@@ -480,7 +439,7 @@ def test_claude_cli_missing_binary_exits_2_before_claiming(capsys, db, fake_llm,
     empty.mkdir()
     before = read_rows(db)
 
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--model", "claude-cli:haiku"],
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--model", "claude-cli:haiku"),
                      environ={"PATH": str(empty), "ANTHROPIC_API_KEY": "sk-test"})
     out, err = capsys.readouterr()
 
@@ -509,9 +468,9 @@ def test_escalation_to_anthropic_saves_a_failed_step(capsys, db, fake_llm, fake_
     fake_llm.enqueue(BAD_1).enqueue(BAD_2)
     fake_anthropic.enqueue('{"a": 42}', input_tokens=1200, output_tokens=300)
 
-    rc, result, err = run_json(
-        capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--escalate-to", HAIKU],
-        {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--escalate-to", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     assert result["status"] == "completed"
@@ -563,9 +522,9 @@ def test_escalation_that_fails_too_lets_on_failure_apply(capsys, db, fake_llm, f
     fake_llm.enqueue(BAD_1).enqueue(BAD_2)
     fake_anthropic.enqueue("nope, no JSON from me either")
 
-    rc, result, err = run_json(
-        capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--escalate-to", HAIKU],
-        {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--escalate-to", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == rc_expected
     assert result["status"] == plan_status
@@ -588,8 +547,8 @@ def test_plan_default_escalate_to_works_without_the_flag(capsys, db, fake_llm, f
     fake_llm.enqueue(BAD_1)
     fake_anthropic.enqueue('{"a": 1}')
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic),
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     step = step1(result)
@@ -608,9 +567,9 @@ def test_escalate_to_flag_wins_over_the_plan_default(capsys, db, fake_llm, fake_
     fake_llm.enqueue(BAD_1)
     fake_anthropic.enqueue('{"a": 1}')
 
-    rc, result, err = run_json(
-        capsys, base_args(db, fake_llm, state_dir, fake_anthropic) + ["--escalate-to", HAIKU],
-        {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               "--escalate-to", HAIKU,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     step = step1(result)
@@ -625,8 +584,8 @@ def test_bridge_escalate_to_environment_variable_escalates(capsys, db, fake_llm,
     fake_llm.enqueue(BAD_1)
     fake_anthropic.enqueue('{"a": 1}')
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic),
-                               {"ANTHROPIC_API_KEY": "sk-test", "BRIDGE_ESCALATE_TO": HAIKU})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               environ={"ANTHROPIC_API_KEY": "sk-test", "BRIDGE_ESCALATE_TO": HAIKU})
 
     assert rc == 0, err
     step = step1(result)
@@ -643,8 +602,8 @@ def test_escalation_to_claude_cli_uses_the_fake_claude(capsys, db, fake_llm, sta
     insert_plan(db, make_plan("p1", [keys_step(max_retries=1)]))
     fake_llm.enqueue(BAD_1).enqueue(BAD_2)
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir) + ["--escalate-to", "claude-cli:haiku"],
-                               claude_env(claude_bin, claude_log))
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--escalate-to", "claude-cli:haiku",
+                               environ=claude_env(claude_bin, claude_log))
 
     assert rc == 0, err
     step = step1(result)
@@ -673,8 +632,8 @@ def test_no_escalation_configured_means_exactly_the_planned_attempts(capsys, db,
     fake_llm.enqueue(BAD_1).enqueue(BAD_2)
     fake_anthropic.enqueue('{"a": 1}')
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic),
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 1
     step = step1(result)
@@ -705,8 +664,8 @@ def test_step_model_anthropic_goes_to_anthropic_while_others_stay_local(capsys, 
     fake_llm.enqueue("local-output-123")
     fake_anthropic.enqueue("remote-output", input_tokens=50, output_tokens=10)
 
-    rc, result, err = run_json(capsys, base_args(db, fake_llm, state_dir, fake_anthropic),
-                               {"ANTHROPIC_API_KEY": "sk-test"})
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
+                               environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     by_id = {s["id"]: s for s in result["steps"]}

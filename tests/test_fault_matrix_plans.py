@@ -52,8 +52,6 @@ The absolute file_output row uses an absolute path inside the outside folder (no
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -61,7 +59,7 @@ from typing import Any, Callable
 import pytest
 
 import bridge
-from fakes import check_store, insert_memory, insert_plan, make_plan, make_store, read_rows
+from fakes import bridge_args, check_store, insert_memory, insert_plan, make_plan, read_rows, snapshot, user_text
 
 # Literals copied from the contract (plan-format.md), never read at run time.
 RESULT_TAG = "bridge-result"
@@ -77,19 +75,6 @@ T0 = 1_700_000_000.0
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store, copied from one made once per module."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
 
 
 @dataclass
@@ -108,32 +93,6 @@ def ctx(tmp_path) -> Ctx:
     outside.mkdir()
     (outside / "x.txt").write_text("outside original\n", encoding="utf-8")
     return Ctx(project, outside, tmp_path / "no-such-project")
-
-
-def snapshot(root: Path) -> dict | None:
-    """Every entry under root (symlinks not followed): kind, bytes, mode, link target."""
-    if not root.exists() and not root.is_symlink():
-        return None
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                out[rel] = ("link", os.readlink(path))
-            elif path.is_dir():
-                out[rel] = ("dir",)
-            else:
-                out[rel] = ("file", path.read_bytes(), path.stat().st_mode)
-    return out
-
-
-def run_args(db: Path, fake_llm, state_dir: Path, *extra: str) -> list[str]:
-    return ["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir), *extra]
-
-
-def user_text(request: dict) -> str:
-    return "\n".join(m["content"] for m in request["json"]["messages"] if m["role"] != "system")
 
 
 def effective_statuses(db: Path) -> dict[Any, str]:
@@ -276,7 +235,7 @@ def test_plan_fault_matrix(capsys, db, ctx, fake_llm, state_dir, build, expect):
     if len(hostile_rows) > 1:   # the twins: the problem names both rows
         expect = expect + (f"(rows {', '.join(str(row) for row, _ in hostile_rows)})",)
 
-    rc = bridge.main(run_args(db, fake_llm, state_dir, "--json"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--json", retry_delay=None), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 1
@@ -356,7 +315,7 @@ def test_huge_load_file_is_cut_with_a_marker(capsys, db, ctx, fake_llm, state_di
     fake_llm.enqueue("big-reply").enqueue(GOOD_REPLY)
     before = snapshot(ctx.project)
 
-    rc = bridge.main(run_args(db, fake_llm, state_dir, "--json"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--json", retry_delay=None), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 0
@@ -383,7 +342,8 @@ def test_plan_flag_refuses_a_shared_id_naming_both_rows(capsys, db, fake_llm, st
     fake_llm.enqueue("never")
     before = read_rows(db)
 
-    rc = bridge.main(run_args(db, fake_llm, state_dir, "--json", "--plan", "twin"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--json", "--plan", "twin", retry_delay=None),
+                     environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2

@@ -40,18 +40,18 @@ step's 2 attempts. A context overflow is neither: it is final at once.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, make_store, read_rows
+from fakes import (
+    bridge_args, check_store, closed_port, first_user, insert_plan, listing, make_plan, read_rows, steps_by_id,
+    stored_results,
+)
 
 # Literals copied from the contract (plan-format.md), never read at run time.
-RESULT_TAG = "bridge-result"
 PLAN_ID = "fault-matrix"
 ORIGINAL = b"original\n"
 STEP1_PROMPT = "rewrite"
@@ -139,28 +139,6 @@ ROWS = [
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """A 12.x-fresh store: a copy of one make_store made for this module (saves its fsyncs)."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def plan_row(db: Path) -> dict:
     [row] = [r for r in read_rows(db) if "bridge-plan" in (r["tags"] or "").split(",")]
     return row
@@ -174,21 +152,8 @@ def effective_status(row: dict) -> str:
     return json.loads(row["content"])["status"]
 
 
-def stored_results(db: Path) -> list[dict]:
-    return [json.loads(r["content"]) for r in read_rows(db) if RESULT_TAG in (r["tags"] or "").split(",")]
-
-
 def requests_for(fake_llm, prompt: str) -> list[dict]:
-    out = []
-    for r in fake_llm.chat_requests:
-        user = next(m["content"] for m in r["json"]["messages"] if m["role"] == "user")
-        if f"Task:\n{prompt}" in user:
-            out.append(r)
-    return out
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    return [r for r in fake_llm.chat_requests if f"Task:\n{prompt}" in first_user(r)]
 
 
 # --------------------------------------------------------------------------------------
@@ -217,8 +182,7 @@ def test_server_fault_matrix(row, capsys, db, fake_llm, state_dir, tmp_path):
             reply = dict(reply)
             fake_llm.enqueue(reply.pop("content", ""), **reply)
     base_url = f"http://127.0.0.1:{closed_port()}/v1" if row["closed"] else fake_llm.url
-    argv = ["--db", str(db), "--base-url", base_url, "--state-dir", str(state_dir), "--json",
-            "--retries", "2", "--retry-delay", "0", "--timeout", "0.3", *row["extra"]]
+    argv = bridge_args(db, base_url, state_dir, "--json", "--retries", "2", "--timeout", "0.3", *row["extra"])
 
     clock = time.monotonic()
     rc = bridge.main(argv, environ={})
@@ -262,7 +226,7 @@ def test_server_fault_matrix(row, capsys, db, fake_llm, state_dir, tmp_path):
         assert result["success"] is (row["status"] == "completed")
         assert result["run_id"] == printed["run_id"]
         assert plan["metadata_obj"]["bridge"]["run_id"] == result["run_id"]
-        by_id = {s["id"]: s for s in result["steps"]}
+        by_id = steps_by_id(result)
         step1, step2 = by_id[1], by_id[2]
         assert (step1["status"], step1["attempts"]) == row["step1"]
         for text in row["step1_errors"]:

@@ -10,8 +10,6 @@ environment free of BRIDGE_* and explicit --db/--base-url/--state-dir."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -22,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from fakes import check_store, insert_plan, make_plan, make_store, read_rows
+from fakes import (
+    bridge_args, check_store, child_env, insert_plan, make_plan, plan_state, read_rows, stored_results, temp_files,
+)
 
 ROOT = Path(__file__).resolve().parent.parent      # where bridge.py lives
 TESTS = Path(__file__).resolve().parent
 # Literals copied from the contract (plan-format.md, doobidoo-store.md), never read at run time.
 RESULT_TAG = "bridge-result"
-TEMP_SUFFIX = ".bridge-tmp"
 EXIT_INTERRUPTED = 130
 
 
@@ -37,26 +36,8 @@ EXIT_INTERRUPTED = 130
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store (a copy of one made per module: making one costs ~0.15 s)."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-
-
 def start_bridge(db: Path, url: str, state_dir: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "bridge.py", "--db", str(db), "--base-url", url, "--state-dir", str(state_dir),
-            "--retry-delay", "0", *extra]
+    argv = [sys.executable, "bridge.py", *bridge_args(db, url, state_dir, *extra)]
     return subprocess.Popen(argv, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -75,25 +56,6 @@ def kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-
-
-def stored_results(db: Path) -> list[dict]:
-    return [json.loads(r["content"]) for r in read_rows(db) if RESULT_TAG in (r["tags"] or "").split(",")]
-
-
-def plan_state(db: Path, plan_id: str) -> dict:
-    for row in read_rows(db):
-        try:
-            content = json.loads(row["content"])
-        except ValueError:
-            continue
-        if isinstance(content, dict) and content.get("id") == plan_id and "steps" in content:
-            return (row["metadata_obj"] or {}).get("bridge") or {}
-    raise AssertionError(f"plan {plan_id} not in {db}")
-
-
-def temp_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.name.endswith(TEMP_SUFFIX))
 
 
 def interrupted_plan(project: Path, rollback: str) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import socket
 import time
 from email.utils import formatdate
 
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, read_rows
+from fakes import check_store, closed_port, insert_plan, make_plan, read_rows
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Say hello in three words."}]
@@ -46,15 +45,6 @@ def chat(url: str, sleeps: list | None = None, messages=None, **kw):
 def expected_prompt_tokens(messages) -> int:
     """What the fake reports as prompt_tokens: characters of the messages // 4 + 1."""
     return sum(len(m["content"]) for m in messages) // 4 + 1
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # --------------------------------------------------------------------------------------

@@ -11,18 +11,20 @@ the fake server does not serve that route and tests/fakes.py is not ours to chan
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, make_store, read_rows
+import fakes
+from fakes import (
+    bridge_args, check_store, insert_plan, make_plan, read_rows, steps_by_id, stored_results, user_text,
+)
 
 # Literals copied from the contract (plan-format.md), never read at run time.
-RESULT_TAG = "bridge-result"
 CUT_MARKER = "to fit the model's context"          # build_messages' marker on a cut block
 FEEDBACK_CUT = "cut to fit the context"            # fit_feedback's marker on a cut answer
 FEEDBACK_LEFT_OUT = "left out"                     # fit_feedback's note when the answer is dropped
@@ -33,44 +35,8 @@ FEEDBACK_LEFT_OUT = "left out"                     # fit_feedback's note when th
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store (no fixture plan), copied from one made per module."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
-
-
-def base_args(db: Path, fake_llm, state_dir: Path) -> list[str]:
-    return ["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir),
-            "--retry-delay", "0"]
-
-
-def run_json(capsys, db, fake_llm, state_dir, *extra, environ=None) -> tuple[int, dict, str]:
-    """Run bridge --json over the store's one pending plan; return (rc, its result, stderr)."""
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--json", *extra], environ=environ or {})
-    out, err = capsys.readouterr()
-    doc = json.loads(out)
-    assert list(doc) == ["plans"] and len(doc["plans"]) == 1, doc
-    return rc, doc["plans"][0], err
-
-
-def stored_results(db: Path) -> list[dict]:
-    return [json.loads(r["content"]) for r in read_rows(db)
-            if RESULT_TAG in (r["tags"] or "").split(",")]
-
-
-def steps_by_id(result: dict) -> dict[int, dict]:
-    return {s["id"]: s for s in result["steps"]}
-
-
-def user_text(request: dict) -> str:
-    return "\n".join(m["content"] for m in request["json"]["messages"] if m["role"] != "system")
+# bridge --json over the store's one pending plan: (rc, its result, stderr); bridge must print a document.
+run_json = functools.partial(fakes.run_json, require_output=True)
 
 
 def request_messages(request: dict) -> list[dict]:
@@ -688,7 +654,7 @@ def test_estimate_tokens_errs_large(text):
 
 def test_health_text_shows_kind_context_and_parallel(capsys, db, fake_llm, state_dir):
     llamacpp(fake_llm, slots=3, context=8192)
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--health"], environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir) + ["--health"], environ={})
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     server = next(line for line in out.splitlines() if line.startswith("server"))
@@ -701,7 +667,7 @@ def test_health_text_shows_kind_context_and_parallel(capsys, db, fake_llm, state
 
 def test_health_json_shows_kind_context_and_parallel(capsys, db, fake_llm, state_dir):
     llamacpp(fake_llm, slots=3, context=8192)
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--health", "--json"], environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir) + ["--health", "--json"], environ={})
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     report = json.loads(out)
@@ -716,7 +682,7 @@ def test_health_json_shows_kind_context_and_parallel(capsys, db, fake_llm, state
 
 def test_health_json_lmstudio_reports_context_and_no_parallel(capsys, db, fake_llm, state_dir):
     fake_llm.context_length = 32768
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--health", "--json"], environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir) + ["--health", "--json"], environ={})
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     server = json.loads(out)["server"]
@@ -741,7 +707,7 @@ def test_health_json_lmstudio_reports_context_and_no_parallel(capsys, db, fake_l
 def test_bad_parallel_or_context_length_is_a_config_error(capsys, db, fake_llm, state_dir, extra, environ, names):
     insert_plan(db, make_plan())
     before = read_rows(db)
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + extra, environ=environ)
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir) + extra, environ=environ)
     out, err = capsys.readouterr()
     assert rc == 2
     assert out == ""

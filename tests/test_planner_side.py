@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 import bridge
 from fakes import (
-    check_store, columns, content_hash, insert_plan, iso_z, make_plan, make_store, read_rows,
+    bridge_args, check_store, columns, content_hash, insert_plan, iso_z, make_plan, make_store, plan_rows, read_rows,
 )
 
 ROOT = Path(__file__).resolve().parent.parent      # where bridge.py, README.md and the schema live
@@ -42,25 +41,6 @@ COLUMNS_12 = ["id", "content_hash", "content", "tags", "memory_type", "metadata"
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store (a copy of one made per module), so a plain run runs only
-    what a test inserts."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
-
-
-def base(db: Path, fake_llm, state_dir: Path, *extra: str) -> list[str]:
-    return ["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir),
-            "--retry-delay", "0", *extra]
-
-
 def live_results(db: Path) -> list[tuple[dict, dict]]:
     """(row, parsed content) of every live result memory, oldest first."""
     out = []
@@ -70,20 +50,9 @@ def live_results(db: Path) -> list[tuple[dict, dict]]:
     return out
 
 
-def plan_rows(db: Path, plan_id: str) -> list[dict]:
-    rows = []
-    for row in read_rows(db):
-        try:
-            content = json.loads(row["content"])
-        except ValueError:
-            continue
-        if isinstance(content, dict) and content.get("$schema") == "bridge-plan-v1" \
-                and content.get("id") == plan_id:
-            rows.append(row)
-    return rows
-
-
 def plan_state(db: Path, plan_id: str) -> dict:
+    """The state of the plan's one live row (fakes.plan_state takes the first row, live or
+    not; here a replaced plan leaves a deleted row behind)."""
     (row,) = [r for r in plan_rows(db, plan_id) if r.get("deleted_at") is None]
     return (row["metadata_obj"] or {}).get("bridge") or {}
 
@@ -164,7 +133,7 @@ def test_events_stream_is_json_lines_in_run_order_with_deltas_and_totals(capsys,
     insert_plan(db, two_step_plan())
     enqueue_two_step(fake_llm)
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--events"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--events"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 0
@@ -236,7 +205,7 @@ def test_events_error_event_when_the_store_is_missing(capsys, tmp_path, fake_llm
     message and exit code."""
     missing = tmp_path / "nowhere" / "store.db"
 
-    rc = bridge.main(base(missing, fake_llm, state_dir, "--events"), environ={})
+    rc = bridge.main(bridge_args(missing, fake_llm.url, state_dir, "--events"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2
@@ -258,7 +227,7 @@ def test_events_skipped_step_has_step_end_but_no_step_start(capsys, db, fake_llm
     ]))
     fake_llm.enqueue("no", chunk_size=3)
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--events"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--events"), environ={})
     out, _ = capsys.readouterr()
 
     assert rc == 1
@@ -279,7 +248,7 @@ def test_events_skipped_step_has_step_end_but_no_step_start(capsys, db, fake_llm
 def test_events_with_json_or_an_action_is_a_usage_error(capsys, db, fake_llm, state_dir, extra):
     """--events goes with a run only, and never with --json (both write stdout)."""
     with pytest.raises(SystemExit) as exc:
-        bridge.main(base(db, fake_llm, state_dir, "--events", *extra), environ={})
+        bridge.main(bridge_args(db, fake_llm.url, state_dir, "--events", *extra), environ={})
     assert exc.value.code == 2
     assert "--events" in capsys.readouterr().err
     assert fake_llm.requests == []
@@ -312,7 +281,7 @@ def test_run_log_records_every_attempt_in_stream_json_lines(capsys, db, fake_llm
     insert_plan(db, two_step_plan())
     enqueue_two_step(fake_llm)
 
-    rc = bridge.main(base(db, fake_llm, state_dir), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})
     capsys.readouterr()
 
     assert rc == 0
@@ -369,7 +338,7 @@ def test_run_log_of_a_failed_step_ends_with_an_error_result(capsys, db, fake_llm
     fake_llm.enqueue("no", chunk_size=3)
     fake_llm.enqueue("still no", chunk_size=3)
 
-    rc = bridge.main(base(db, fake_llm, state_dir), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})
     capsys.readouterr()
 
     assert rc == 1
@@ -399,7 +368,7 @@ def usage_plan_run(capsys, db, fake_llm, state_dir, *extra, environ=None):
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "one"}, {"id": 2, "prompt": "two"}]))
     for n, (p, c) in enumerate(USAGES, start=1):
         fake_llm.enqueue(status=200, error_body=completion_body(f"answer {n}", p, c))
-    rc = bridge.main(base(db, fake_llm, state_dir, *extra), environ=environ or {})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, *extra), environ=environ or {})
     out, err = capsys.readouterr()
     return rc, err
 
@@ -453,7 +422,7 @@ def test_unknown_price_model_exits_2_naming_the_known_ones(capsys, db, fake_llm,
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("never sent")
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--price-model", "gpt-9"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--price-model", "gpt-9"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2
@@ -472,7 +441,7 @@ def test_streamed_steps_report_usage_from_the_server_and_tokens_per_second(capsy
     insert_plan(db, two_step_plan())
     enqueue_two_step(fake_llm)
 
-    rc = bridge.main(base(db, fake_llm, state_dir), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})
     capsys.readouterr()
 
     assert rc == 0
@@ -514,12 +483,12 @@ def test_show_prints_the_last_result_for_a_person(capsys, db, fake_llm, state_di
     fake_llm.enqueue("hello file")
     fake_llm.enqueue("nope")
     fake_llm.enqueue("nope again")
-    assert bridge.main(base(db, fake_llm, state_dir), environ={}) == 1
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={}) == 1
     capsys.readouterr()
     (_, result), = live_results(db)
     requests_before = len(fake_llm.requests)
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--show", "p1"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--show", "p1"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 0
@@ -546,10 +515,10 @@ def test_show_json_is_exactly_the_stored_result_document(capsys, db, fake_llm, s
     insert_plan(db, show_plan(project))
     for text in ("hello file", "yes"):
         fake_llm.enqueue(text)
-    assert bridge.main(base(db, fake_llm, state_dir), environ={}) == 0
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={}) == 0
     capsys.readouterr()
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--show", "p1", "--json"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--show", "p1", "--json"), environ={})
     out, _ = capsys.readouterr()
 
     assert rc == 0
@@ -562,7 +531,7 @@ def test_show_of_a_plan_without_result_exits_2_with_a_hint(capsys, db, fake_llm,
     """A plan never run has nothing to show: exit 2 and how to run it."""
     insert_plan(db, make_plan("p1"))
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--show", "p1"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--show", "p1"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2
@@ -573,7 +542,7 @@ def test_show_of_a_plan_without_result_exits_2_with_a_hint(capsys, db, fake_llm,
 
 
 def test_show_of_an_unknown_plan_exits_2(capsys, db, fake_llm, state_dir):
-    rc = bridge.main(base(db, fake_llm, state_dir, "--show", "ghost"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--show", "ghost"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2
@@ -585,14 +554,14 @@ def test_show_after_a_rerun_gives_the_newest_result(capsys, db, fake_llm, state_
     """Two runs (the second with --rerun) leave two results; --show gives the second."""
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("first answer")
-    assert bridge.main(base(db, fake_llm, state_dir), environ={}) == 0
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={}) == 0
     fake_llm.enqueue("second answer")
-    assert bridge.main(base(db, fake_llm, state_dir, "--plan", "p1", "--rerun"), environ={}) == 0
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir, "--plan", "p1", "--rerun"), environ={}) == 0
     capsys.readouterr()
     results = [doc for _, doc in live_results(db)]
     assert len(results) == 2
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--show", "p1", "--json"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--show", "p1", "--json"), environ={})
     out, _ = capsys.readouterr()
 
     assert rc == 0
@@ -600,7 +569,7 @@ def test_show_after_a_rerun_gives_the_newest_result(capsys, db, fake_llm, state_
     assert shown["run_id"] == results[1]["run_id"] != results[0]["run_id"]
     assert shown["steps"][0]["output"] == "second answer"
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--show", "p1"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--show", "p1"), environ={})
     out, _ = capsys.readouterr()
     assert rc == 0
     assert "second answer" in out and "first answer" not in out
@@ -638,7 +607,7 @@ def test_dry_run_prints_exact_messages_and_problems_and_touches_nothing(capsys, 
     before = db.read_bytes()
     fake_llm.enqueue("never sent")
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--dry-run"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--dry-run"), environ={})
     out, _ = capsys.readouterr()
 
     assert rc == 1
@@ -663,7 +632,7 @@ def test_dry_run_json_messages_are_what_a_real_run_sends(capsys, db, fake_llm, s
     the request a real run then sends; step 2's equal it once the placeholder is the output."""
     dry_run_store(db, project)
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--dry-run", "--json"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--dry-run", "--json"), environ={})
     out, _ = capsys.readouterr()
 
     assert rc == 1
@@ -686,7 +655,7 @@ def test_dry_run_json_messages_are_what_a_real_run_sends(capsys, db, fake_llm, s
 
     fake_llm.enqueue('{"k": 1}')
     fake_llm.enqueue("summary")
-    assert bridge.main(base(db, fake_llm, state_dir, "--plan", "good"), environ={}) == 0
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir, "--plan", "good"), environ={}) == 0
     capsys.readouterr()
     sent1, sent2 = (r["json"] for r in fake_llm.chat_requests)
     assert sent1["messages"] == step1["messages"]
@@ -701,7 +670,7 @@ def test_dry_run_json_messages_are_what_a_real_run_sends(capsys, db, fake_llm, s
 def test_dry_run_plan_shows_only_that_plan(capsys, db, fake_llm, state_dir, project):
     dry_run_store(db, project)
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--dry-run", "--plan", "good", "--json"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--dry-run", "--plan", "good", "--json"), environ={})
     out, _ = capsys.readouterr()
 
     assert rc == 0
@@ -712,7 +681,7 @@ def test_dry_run_plan_shows_only_that_plan(capsys, db, fake_llm, state_dir, proj
 
 def test_dry_run_with_an_action_is_a_usage_error(capsys, db, fake_llm, state_dir):
     with pytest.raises(SystemExit) as exc:
-        bridge.main(base(db, fake_llm, state_dir, "--dry-run", "--list"), environ={})
+        bridge.main(bridge_args(db, fake_llm.url, state_dir, "--dry-run", "--list"), environ={})
     assert exc.value.code == 2
     assert "--dry-run" in capsys.readouterr().err
 
@@ -954,7 +923,7 @@ def test_cancel_a_pending_plan_then_a_run_sends_nothing(capsys, db, fake_llm, st
     insert_plan(db, make_plan("p1"))
     (before,) = plan_rows(db, "p1")
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--cancel", "p1"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--cancel", "p1"), environ={})
     out, _ = capsys.readouterr()
 
     assert rc == 0
@@ -965,12 +934,12 @@ def test_cancel_a_pending_plan_then_a_run_sends_nothing(capsys, db, fake_llm, st
     check_store(db)
 
     fake_llm.enqueue("never sent")
-    assert bridge.main(base(db, fake_llm, state_dir), environ={}) == 0
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={}) == 0
     capsys.readouterr()
     assert fake_llm.chat_requests == []
     assert live_results(db) == []
 
-    assert bridge.main(base(db, fake_llm, state_dir, "--list", "--all"), environ={}) == 0
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir, "--list", "--all"), environ={}) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("p1"))
     assert "cancelled" in line
     check_store(db)
@@ -979,10 +948,10 @@ def test_cancel_a_pending_plan_then_a_run_sends_nothing(capsys, db, fake_llm, st
 def test_cancel_a_completed_plan_exits_2(capsys, db, fake_llm, state_dir):
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("done")
-    assert bridge.main(base(db, fake_llm, state_dir), environ={}) == 0
+    assert bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={}) == 0
     capsys.readouterr()
 
-    rc = bridge.main(base(db, fake_llm, state_dir, "--cancel", "p1"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--cancel", "p1"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2

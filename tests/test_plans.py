@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, make_store, read_rows
+from fakes import check_store, insert_plan, listing, make_plan, make_store, read_rows, run_bridge
 
 
 # --------------------------------------------------------------------------------------
@@ -36,10 +36,6 @@ def outside(tmp_path) -> Path:
     p = tmp_path / "outside"
     p.mkdir()
     return p
-
-
-def tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 # --------------------------------------------------------------------------------------
@@ -377,8 +373,8 @@ def test_file_output_leaving_the_project_is_invalid(project, outside, rel):
     assert len(problems) == 1
     assert problems[0].startswith("$.steps[0].file_output:")
     assert len(problems[0].split(":", 1)[1].strip()) > 10     # says why
-    assert tree(outside) == []
-    assert tree(project) == []
+    assert listing(outside) == []
+    assert listing(project) == []
 
 
 @pytest.mark.parametrize("rel", ["../x", "C:\\x", "/abs/x", "a/../../x"])
@@ -401,7 +397,7 @@ def test_symlink_folder_escaping_the_project_is_invalid_in_file_output(project, 
     assert len(problems) == 1
     assert problems[0].startswith("$.steps[0].file_output")
     assert "symlink" in problems[0]
-    assert tree(outside) == []
+    assert listing(outside) == []
 
 
 def test_symlink_escaping_the_project_is_invalid_in_files_context(project, outside):
@@ -510,13 +506,6 @@ def test_resolve_inside_refuses_symlink_escape(project, outside):
 # via main()
 # --------------------------------------------------------------------------------------
 
-def run_main(capsys, db: Path, fake_llm, state_dir: Path, *extra: str) -> tuple[int, str, str]:
-    rc = bridge.main(["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir),
-                      "--retry-delay", "0", *extra], environ={})
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def results_by_plan(db: Path) -> dict[str, dict]:
     out = {}
     for row in read_rows(db):
@@ -547,7 +536,7 @@ def test_invalid_plan_is_marked_failed_with_every_problem_and_other_plans_still_
     fake_llm.enqueue("answer A")
     fake_llm.enqueue("answer C")
 
-    rc, out, err = run_main(capsys, db, fake_llm, state_dir, "--json")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json")
 
     assert rc == 1
     doc = json.loads(out)
@@ -588,7 +577,7 @@ def test_invalid_plan_with_null_fields_fails_with_paths_and_is_not_retried(tmp_p
     insert_plan(db, make_plan(id="plan-null", steps=[{"id": 1, "prompt": "x", "validation": None,
                                                      "max_retries": None}]))
 
-    rc, out, err = run_main(capsys, db, fake_llm, state_dir)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir)
 
     assert rc == 1
     assert "internal error" not in err
@@ -600,7 +589,7 @@ def test_invalid_plan_with_null_fields_fails_with_paths_and_is_not_retried(tmp_p
     assert fake_llm.chat_requests == []
 
     # a second run finds nothing pending: the plan is not stuck in_progress
-    rc, out, err = run_main(capsys, db, fake_llm, state_dir)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir)
     assert rc == 0
     assert fake_llm.chat_requests == []
     check_store(db)
@@ -611,7 +600,7 @@ def test_list_shows_plan_without_context_and_steps_with_zero_steps(tmp_path, fak
     db = make_store(tmp_path / "store.db", "12.x-fresh")
     insert_plan(db, {"$schema": "bridge-plan-v1", "id": "bare-plan", "status": "pending"})
 
-    rc, out, err = run_main(capsys, db, fake_llm, state_dir, "--list", "--json")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json")
 
     assert rc == 0
     doc = json.loads(out)
@@ -622,7 +611,7 @@ def test_list_shows_plan_without_context_and_steps_with_zero_steps(tmp_path, fak
     assert row["objective"] == ""
     assert "internal error" not in err
 
-    rc, out, err = run_main(capsys, db, fake_llm, state_dir, "--list")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
 
     assert rc == 0
     assert "bare-plan" in out

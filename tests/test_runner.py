@@ -5,82 +5,15 @@ model choice, usage and <think> stripping."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, make_store, read_rows
-
-# Literals copied from the contract (plan-format.md), never read at run time.
-RESULT_TAG = "bridge-result"
-
-
-# --------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def _fresh_template(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("template") / "fresh.db", "12.x-fresh")
-
-
-@pytest.fixture
-def db(tmp_path, _fresh_template) -> Path:
-    """An empty 12.x store (no fixture plan), so a plain run runs only what a test inserts.
-    Copied from one made per module: making one costs ~0.15 s of fsyncs."""
-    path = tmp_path / "fresh.db"
-    shutil.copyfile(_fresh_template, path)
-    return path
-
-
-def base_args(db: Path, fake_llm, state_dir: Path) -> list[str]:
-    return ["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir),
-            "--retry-delay", "0"]
-
-
-def run_json(capsys, db, fake_llm, state_dir, *extra, environ=None) -> tuple[int, dict | None, str]:
-    """Run bridge --json; return (rc, the one plan result or None, stderr)."""
-    rc = bridge.main(base_args(db, fake_llm, state_dir) + ["--json", *extra], environ=environ or {})
-    out, err = capsys.readouterr()
-    doc = json.loads(out) if out.strip() else None
-    result = None
-    if doc is not None:
-        assert list(doc) == ["plans"]
-        assert len(doc["plans"]) == 1
-        result = doc["plans"][0]
-    return rc, result, err
-
-
-def steps_by_id(result: dict) -> dict[int, dict]:
-    return {s["id"]: s for s in result["steps"]}
-
-
-def user_text(request: dict) -> str:
-    """All non-system message text of a recorded chat request, joined."""
-    return "\n".join(m["content"] for m in request["json"]["messages"] if m["role"] != "system")
-
-
-def first_user(request: dict) -> str:
-    return next(m["content"] for m in request["json"]["messages"] if m["role"] == "user")
-
-
-def plan_state(db: Path, plan_id: str) -> dict:
-    for row in read_rows(db):
-        try:
-            content = json.loads(row["content"])
-        except ValueError:
-            continue
-        if isinstance(content, dict) and content.get("$schema") == "bridge-plan-v1" and content.get("id") == plan_id:
-            return (row["metadata_obj"] or {}).get("bridge") or {}
-    raise AssertionError(f"plan {plan_id} not in {db}")
-
-
-def stored_results(db: Path) -> list[dict]:
-    return [json.loads(r["content"]) for r in read_rows(db)
-            if RESULT_TAG in (r["tags"] or "").split(",")]
+from fakes import (
+    bridge_args, check_store, first_user, insert_plan, make_plan, plan_state, run_json, steps_by_id,
+    stored_results, user_text,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -469,7 +402,7 @@ def test_no_loaded_model_and_no_flag_exits_2_without_claiming(capsys, db, fake_l
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("never sent")
 
-    rc = bridge.main(base_args(db, fake_llm, state_dir), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 2

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import check_store, columns, insert_memory, insert_plan, iso_z, make_plan, make_store, read_rows
+from fakes import bridge_args, check_store, columns, insert_memory, insert_plan, iso_z, make_plan, read_rows
 
 ROOT = Path(bridge.__file__).resolve().parent
 ISO_SERVER = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")   # the *_iso columns
@@ -38,29 +37,9 @@ FTS_DROP = ("DROP TRIGGER memories_fts_ai", "DROP TRIGGER memories_fts_au", "DRO
 
 # -- helpers ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def _template_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("store-templates")
-
-
-@pytest.fixture
-def new_store(_template_dir):
-    """make_store, made once per layout and copied after that (creating one costs ~0.2 s of fsyncs)."""
-    def make(path: Path, layout: str) -> Path:
-        template = _template_dir / f"{layout}.db"
-        if not template.exists():
-            make_store(template, layout)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(template, path)
-        return path
-    return make
-
-
-
 def run(db, fake_llm, tmp_path, *args: str, environ: dict | None = None) -> int:
     """bridge.main with the store, server and state folder always given as flags."""
-    argv = [*args, "--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(tmp_path / "st"),
-            "--retry-delay", "0"]
+    argv = [*args, *bridge_args(db, fake_llm.url, tmp_path / "st")]
     return bridge.main(argv, environ={} if environ is None else environ)
 
 

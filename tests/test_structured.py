@@ -9,7 +9,7 @@ import json
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, make_store
+from fakes import bridge_args, check_store, insert_plan, make_plan, make_store
 
 # The body llama-cpp-python 0.3.36 sends (HTTP 500) for response_format json_schema,
 # recorded from the real server.
@@ -31,8 +31,7 @@ def db(tmp_path):
 
 
 def run(db, fake_llm, tmp_path, *extra, environ=None):
-    return bridge.main(["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(tmp_path / "st"),
-                        "--retry-delay", "0", "-q", *extra], environ=environ or {})
+    return bridge.main(bridge_args(db, fake_llm.url, tmp_path / "st", "-q", *extra), environ=environ or {})
 
 
 def formats(fake_llm):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, make_plan, make_store, read_rows
+from fakes import check_store, insert_plan, make_plan, make_store, run_json, snapshot, stored_results
 
 ORIGINAL_BIN = b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary \x80\x81 not utf-8 \xc3\x28\n"
 
@@ -22,20 +22,6 @@ ORIGINAL_BIN = b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary \x80\x81 not utf-8 \xc3\x2
 def tree(root: Path) -> set[str]:
     """Every file and folder below root, as relative POSIX paths."""
     return {p.relative_to(root).as_posix() for p in root.rglob("*")}
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Relative path -> bytes (None for folders, ("link", target) for symlinks) of everything below root."""
-    out: dict[str, object] = {}
-    for p in root.rglob("*"):
-        key = p.relative_to(root).as_posix()
-        if p.is_symlink():
-            out[key] = ("link", os.readlink(p))
-        elif p.is_dir():
-            out[key] = None
-        else:
-            out[key] = p.read_bytes()
-    return out
 
 
 def mode_of(path: Path) -> int:
@@ -407,18 +393,14 @@ README_BEFORE = b"# Project\r\nOriginal readme \xe2\x9c\x93\n\x00trailing"
 def run_plan(capsys, tmp_path, fake_llm, state_dir, plan: dict) -> tuple[int, dict, str, Path]:
     db = make_store(tmp_path / "store.db", "12.x-fresh")
     insert_plan(db, plan)
-    rc = bridge.main(["--db", str(db), "--base-url", fake_llm.url, "--state-dir", str(state_dir),
-                      "--retry-delay", "0", "--json"], environ={})
-    out, err = capsys.readouterr()
-    doc = json.loads(out)
-    assert len(doc["plans"]) == 1
-    return rc, doc["plans"][0], err, db
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, require_output=True)
+    return rc, result, err, db
 
 
 def stored_result(db: Path) -> dict:
-    rows = [r for r in read_rows(db) if "bridge-result" in (r["tags"] or "").split(",")]
-    assert len(rows) == 1
-    return json.loads(rows[0]["content"])
+    results = stored_results(db)
+    assert len(results) == 1
+    return results[0]
 
 
 def failing_plan(project: Path, strategy: str) -> dict:
