@@ -383,13 +383,24 @@ def tag_safe(text: str) -> str:
 
 
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
-    """Append one JSON line to path; with sync, fsync it, so it survives a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
+    """Append one JSON line to path (making its folder if needed); with sync, fsync
+    it, so it survives a crash."""
+    try:
+        handle = open(path, "a", encoding="utf-8")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a", encoding="utf-8")
+    with handle:
         handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
         if sync:
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _write_line(handle: Any, entry: dict) -> None:
+    """Write one JSON line to an open file and flush it (no fsync: see its callers)."""
+    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    handle.flush()
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -2697,12 +2708,19 @@ class RunLog:
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
         self.run_dir, self.run_id, self.plan_id, self.price_model = run_dir, run_id, plan_id, price_model
+        self.files: dict[int, Any] = {}     # step id -> its open transcript (one writer each)
 
     def _line(self, sid: int, entry: dict) -> None:
-        append_jsonl(self.run_dir / f"step-{sid}.jsonl", entry, sync=False)
+        _write_line(self.files[sid], entry)    # flushed: readable while the step runs
 
     def start(self, step: Step, model: str, cwd: Path | None) -> None:
         """Open a step's transcript."""
+        path = self.run_dir / f"step-{step.id}.jsonl"
+        try:
+            self.files[step.id] = open(path, "a", encoding="utf-8")
+        except FileNotFoundError:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.files[step.id] = open(path, "a", encoding="utf-8")
         self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id, "model": model,
                              "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
                              "step_id": step.id, "title": step.title})
@@ -2742,6 +2760,7 @@ class RunLog:
             "would_have_cost_usd": would_cost_usd(result.usage, self.price_model),
             "usage": {"input_tokens": result.usage["prompt_tokens"],
                       "output_tokens": result.usage["completion_tokens"]}})
+        self.files.pop(result.id).close()
 
 
 class _Heartbeat:
@@ -2997,14 +3016,26 @@ class Runner:
         Steps already succeeded (taken over from a killed run) are not sent again.
         Each finished step is appended to checkpoint, so a killed run can be resumed.
         """
-        import queue
-        import threading
         from graphlib import TopologicalSorter
 
         graph = step_graph(plan)
         order = TopologicalSorter(graph)
         order.prepare()
         self._log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
+        # line lost to a power cut only means that step runs again on --resume (its
+        # file writes are journaled and fsynced, so recovery puts them back first).
+        with open(checkpoint, "a", encoding="utf-8") as journal:
+            return self._schedule(plan, results, files, order,
+                                  lambda result: _write_line(journal, result.checkpoint()))
+
+    def _schedule(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
+                  order: Any, record: Callable[[StepResult], None]) -> str | None:
+        """The scheduling loop of _run_steps; record(result) checkpoints a finished step."""
+        import queue
+        import threading
+
         self._cancel = threading.Event()
         finished: queue.Queue = queue.Queue()
         outputs: dict[int, str] = {}
@@ -3024,7 +3055,7 @@ class Runner:
                     elif blocked := self._blocked_reason(step, results, halted_at):
                         result.error = blocked
                         self._log.say(sid, f"  {step.label}: skipped ({blocked})")
-                        append_jsonl(checkpoint, result.checkpoint())
+                        record(result)
                         self._step_ended(plan, result)
                     else:
                         started += 1
@@ -3052,7 +3083,7 @@ class Runner:
                     failed.append(sid)
                     if step.on_failure == "halt" and halted_at is None:
                         halted_at = sid
-                append_jsonl(checkpoint, result.checkpoint())
+                record(result)
                 self._step_ended(plan, result)
                 self._log.done(sid)
                 order.done(sid)
@@ -3068,6 +3099,8 @@ class Runner:
         return None
 
     def _step_ended(self, plan: Plan, result: StepResult) -> None:
+        if not self.events.enabled:
+            return
         entry = result.as_dict(self.config.price_model)
         self.events.emit("step_end", plan.id, result.id, **{k: v for k, v in entry.items() if k != "id"})
 
