@@ -2012,11 +2012,12 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 # is what later steps see and what file_output writes.
 ###############################################################################
 
-_THINK = re.compile(r"^\s*<think>.*?(?:</think>|\Z)\s*", re.DOTALL)
-_FENCE_OPEN = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$")
+# Patterns as strings: re compiles and caches each on first use, not at start-up.
+_THINK = r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*"
+_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
 # after prose on the same line ("Here it is: ```json"), a fence counts only when
 # nothing but a tag follows it, so prose that mentions ``` is not a fence
-_FENCE_AFTER_TEXT = re.compile(r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$")
+_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
 LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
                     "toml": {"toml"}}
 
@@ -2024,7 +2025,7 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
 def strip_think(text: str) -> str:
     """Remove leading <think>…</think> blocks (an unclosed one swallows the rest)."""
     while True:
-        stripped = _THINK.sub("", text, count=1)
+        stripped = re.sub(_THINK, "", text, count=1)
         if stripped == text:
             return text
         text = stripped
@@ -2042,7 +2043,7 @@ def find_fences(text: str) -> list[tuple[str, str]]:
     lines = text.split("\n")
     n = 0
     while n < len(lines):
-        match = _FENCE_OPEN.search(lines[n]) or _FENCE_AFTER_TEXT.search(lines[n])
+        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
         if not match:
             n += 1
             continue
