@@ -6,6 +6,10 @@ medians are given as a ratio to `python -c "import sqlite3"` measured in the sam
 run. bridge is started the way the installed console script starts it (import
 bridge; main_entry()), with its bytecode cached, as after `pip install`; after one
 warm-up run of each command. Prints figures; the last line is the summary.
+
+Run it in a clean virtual environment, as `make bench` does: a Python whose
+site-packages pre-import modules at start (a .pth file, say) makes the bare
+interpreter slower and these ratios look better than they are.
 """
 
 from __future__ import annotations
