@@ -36,9 +36,9 @@ Rooms, in the order a run passes through them:
     5 Store (SQLite) · 6 Plans · 7 Model servers: errors, streams, retries ·
     8 LLM client: OpenAI-compatible servers ·
     9 Other executors: the Anthropic API and the claude CLI · 10 Output validation ·
-    11 File writes & rollback · 12 Prompts · 13 Run records · 14 Runner ·
-    15 CLI: arguments and settings · 16 CLI: running and watching ·
-    17 CLI: the planner's side · 18 main()
+    11 File writes & rollback · 12 Prompts · 13 Run records · 14 Step scheduling ·
+    15 Runner · 16 CLI: arguments and settings · 17 CLI: running and watching ·
+    18 CLI: the planner's side · 19 main()
 """
 
 from __future__ import annotations
@@ -2841,7 +2841,144 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 ###############################################################################
-# 14. Runner
+# 14. Step scheduling
+# Which step runs when: dependency order, at most N at once, halts and skips.
+###############################################################################
+
+
+class StepScheduler:
+    """Runs a plan's steps in dependency order, up to `parallel` at once.
+
+    Independent steps run concurrently (at most `parallel` requests in flight, in
+    threads); with 1 they run one by one in the calling thread. Steps writing the
+    same file run one after the other, in id order (step_graph). A failed `halt`
+    step stops new steps from starting; steps already running finish and their
+    results count. Steps already succeeded (taken over from a killed run) are not
+    sent again; a step whose dependency did not succeed is skipped, saying which.
+
+    run_step(step, result, outputs, position) runs one step's attempts and fills
+    result; ended(result) hears of every step that is over. `cancel` is set when
+    the run stops early, for steps still running to see.
+    """
+
+    def __init__(self, plan: Plan, graph: dict[int, set[int]], results: dict[int, StepResult],
+                 parallel: int, log: _StepLog, run_step: Callable[..., None],
+                 ended: Callable[[StepResult], None]):
+        import threading
+
+        self.plan, self.graph, self.results, self.parallel = plan, graph, results, max(1, parallel)
+        self.log, self.run_step, self.ended = log, run_step, ended
+        self.cancel = threading.Event()
+        self.outputs: dict[int, str] = {}
+        self.ready: list[int] = []
+        self.running: set[int] = set()
+        self.halted_at: int | None = None
+        self.failed: list[int] = []
+        self.started = 0
+
+    def run(self, record: Callable[[StepResult], None]) -> str | None:
+        """Run every step; record(result) checkpoints each finished one. Returns the
+        plan's error, or None when no step failed. Re-raises what stopped it."""
+        import queue
+        from graphlib import TopologicalSorter
+
+        order = TopologicalSorter(self.graph)
+        order.prepare()
+        finished: queue.Queue = queue.Queue()
+        try:
+            while order.is_active():
+                self.ready += sorted(order.get_ready())
+                self._start_ready(order, finished, record)
+                if self.running:
+                    self._collect(order, finished, record)
+        except BaseException:
+            self.cancel.set()           # steps still running must not touch results or files
+            raise
+        if self.halted_at is not None:
+            return f"step {self.halted_at} failed and halted the plan"
+        if self.failed:
+            return f"step(s) {', '.join(map(str, sorted(self.failed)))} failed"
+        return None
+
+    def _start_ready(self, order: Any, finished: Any, record: Callable[[StepResult], None]) -> None:
+        """Start ready steps while slots are free; settle those that need no request."""
+        import threading
+
+        while self.ready and len(self.running) < self.parallel:
+            sid = self.ready.pop(0)
+            step, result = self.plan.steps[sid], self.results[sid]
+            if result.status == "succeeded":
+                self.outputs[sid] = result.output
+                self.log.say(sid, f"  {step.label}: succeeded in the run taken over; not sent again")
+            elif blocked := self._blocked_reason(step):
+                result.error = blocked
+                self.log.say(sid, f"  {step.label}: skipped ({blocked})")
+                record(result)
+            else:
+                self.started += 1
+                result.status = "running"
+                self.running.add(sid)
+                work = (step, result, dict(self.outputs), self.started, finished)
+                if self.parallel == 1:
+                    self._worker(*work)
+                else:
+                    threading.Thread(target=self._worker, args=work, daemon=True, name=f"bridge-step-{sid}").start()
+                continue
+            self.ended(result)
+            self.log.done(sid)
+            order.done(sid)
+
+    def _collect(self, order: Any, finished: Any, record: Callable[[StepResult], None]) -> None:
+        """Wait for one running step to finish and settle it."""
+        sid, exc = self._next_finished(finished)
+        self.running.discard(sid)
+        if exc is not None:
+            raise exc
+        step, result = self.plan.steps[sid], self.results[sid]
+        if result.status == "succeeded":
+            self.outputs[sid] = result.output
+        elif step.on_failure != "skip":
+            self.failed.append(sid)
+            if step.on_failure == "halt" and self.halted_at is None:
+                self.halted_at = sid
+        record(result)
+        self.ended(result)
+        self.log.done(sid)
+        order.done(sid)
+
+    def _worker(self, step: Step, result: StepResult, outputs: dict[int, str], position: int,
+                finished: Any) -> None:
+        """Run one step and report (step id, None or the exception) on finished."""
+        try:
+            self.run_step(step, result, outputs, position)
+        except BaseException as exc:     # handed to the scheduling thread, which re-raises it
+            finished.put((step.id, exc))
+            return
+        finished.put((step.id, None))
+
+    @staticmethod
+    def _next_finished(finished: Any) -> tuple[int, BaseException | None]:
+        """Wait for the next finished step, staying responsive to Ctrl-C."""
+        import queue
+
+        while True:
+            try:
+                return finished.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def _blocked_reason(self, step: Step) -> str | None:
+        if self.halted_at is not None:
+            return f"not run: step {self.halted_at} failed and halted the plan"
+        for dep in step.depends_on:
+            if self.results[dep].status != "succeeded":
+                verb = "failed" if self.results[dep].status == "failed" else "was skipped"
+                return f"dependency {dep} {verb}"
+        return None
+
+
+###############################################################################
+# 15. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -3006,135 +3143,36 @@ class Runner:
 
     def _run_steps(self, plan: Plan, results: dict[int, StepResult],
                    files: FileTransaction | None, checkpoint: Path) -> str | None:
-        """Run every step in dependency order, up to self.parallel at once; return
-        the plan's error or None.
+        """Run every step through a StepScheduler; return the plan's error or None.
 
-        Independent steps run concurrently (at most self.parallel requests in
-        flight); with 1 they run one by one in this thread. Steps writing the same
-        file run one after the other, in id order. A failed `halt` step stops new
-        steps from starting; steps already running finish and their results count.
-        Progress lines come out in step order whatever order steps finish in.
-        Steps already succeeded (taken over from a killed run) are not sent again.
         Each finished step is appended to checkpoint, so a killed run can be resumed.
+        When the run stops early (Ctrl-C, a bug), steps still running may neither
+        write files nor touch their results.
         """
-        from graphlib import TopologicalSorter
-
         graph = step_graph(plan)
-        order = TopologicalSorter(graph)
-        order.prepare()
         self._log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
+        scheduler = StepScheduler(plan, graph, results, self.parallel, self._log,
+                                  lambda step, result, outputs, position:
+                                  self._run_step(plan, step, result, outputs, files, position),
+                                  functools.partial(self._step_ended, plan))
+        self._cancel = scheduler.cancel
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
         # line lost to a power cut only means that step runs again on --resume (its
         # file writes are journaled and fsynced, so recovery puts them back first).
         with open(checkpoint, "a", encoding="utf-8") as journal:
-            return self._schedule(plan, results, files, order,
-                                  lambda result: _write_line(journal, result.checkpoint()))
-
-    def _schedule(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
-                  order: Any, record: Callable[[StepResult], None]) -> str | None:
-        """The scheduling loop of _run_steps; record(result) checkpoints a finished step."""
-        import queue
-        import threading
-
-        self._cancel = threading.Event()
-        finished: queue.Queue = queue.Queue()
-        outputs: dict[int, str] = {}
-        ready: list[int] = []
-        running: set[int] = set()
-        halted_at, failed, started = None, [], 0
-        try:
-            while order.is_active():
-                ready += sorted(order.get_ready())
-                while ready and len(running) < self.parallel:
-                    sid = ready.pop(0)
-                    step, result = plan.steps[sid], results[sid]
-                    if result.status == "succeeded":
-                        outputs[sid] = result.output
-                        self._log.say(sid, f"  {step.label}: succeeded in the run taken over; not sent again")
-                        self._step_ended(plan, result)
-                    elif blocked := self._blocked_reason(step, results, halted_at):
-                        result.error = blocked
-                        self._log.say(sid, f"  {step.label}: skipped ({blocked})")
-                        record(result)
-                        self._step_ended(plan, result)
-                    else:
-                        started += 1
-                        result.status = "running"
-                        running.add(sid)
-                        work = (plan, step, result, dict(outputs), files, started, finished)
-                        if self.parallel == 1:
-                            self._step_worker(*work)
-                        else:
-                            threading.Thread(target=self._step_worker, args=work, daemon=True,
-                                             name=f"bridge-step-{sid}").start()
-                        continue
-                    self._log.done(sid)
-                    order.done(sid)
-                if not running:
-                    continue
-                sid, exc = self._next_finished(finished)
-                running.discard(sid)
-                if exc is not None:
-                    raise exc
-                step, result = plan.steps[sid], results[sid]
-                if result.status == "succeeded":
-                    outputs[sid] = result.output
-                elif step.on_failure != "skip":
-                    failed.append(sid)
-                    if step.on_failure == "halt" and halted_at is None:
-                        halted_at = sid
-                record(result)
-                self._step_ended(plan, result)
-                self._log.done(sid)
-                order.done(sid)
-        except BaseException:
-            self._cancel.set()          # steps still running must not touch results or files
-            if files is not None:
-                files.close()
-            raise
-        if halted_at is not None:
-            return f"step {halted_at} failed and halted the plan"
-        if failed:
-            return f"step(s) {', '.join(map(str, sorted(failed)))} failed"
-        return None
+            try:
+                return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
+            except BaseException:
+                if files is not None:
+                    files.close()
+                raise
 
     def _step_ended(self, plan: Plan, result: StepResult) -> None:
         if not self.events.enabled:
             return
         entry = result.as_dict(self.config.price_model)
         self.events.emit("step_end", plan.id, result.id, **{k: v for k, v in entry.items() if k != "id"})
-
-    def _step_worker(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
-                     files: FileTransaction | None, position: int, finished: Any) -> None:
-        """Run one step and report (step id, None or the exception) on finished."""
-        try:
-            self._run_step(plan, step, result, outputs, files, position)
-        except BaseException as exc:     # handed to the scheduling thread, which re-raises it
-            finished.put((step.id, exc))
-            return
-        finished.put((step.id, None))
-
-    @staticmethod
-    def _next_finished(finished: Any) -> tuple[int, BaseException | None]:
-        """Wait for the next finished step, staying responsive to Ctrl-C."""
-        import queue
-
-        while True:
-            try:
-                return finished.get(timeout=0.1)
-            except queue.Empty:
-                continue
-
-    @staticmethod
-    def _blocked_reason(step: Step, results: dict[int, StepResult], halted_at: int | None) -> str | None:
-        if halted_at is not None:
-            return f"not run: step {halted_at} failed and halted the plan"
-        for dep in step.depends_on:
-            if results[dep].status != "succeeded":
-                verb = "failed" if results[dep].status == "failed" else "was skipped"
-                return f"dependency {dep} {verb}"
-        return None
 
     def _run_step(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
                   files: FileTransaction | None, position: int) -> None:
@@ -3328,7 +3366,7 @@ class Runner:
 
 
 ###############################################################################
-# 15. CLI: arguments and settings
+# 16. CLI: arguments and settings
 ###############################################################################
 
 
@@ -3501,7 +3539,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 16. CLI: running and watching
+# 17. CLI: running and watching
 ###############################################################################
 
 
@@ -3750,7 +3788,7 @@ def render_result(result: dict) -> str:
 
 
 ###############################################################################
-# 17. CLI: the planner's side
+# 18. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -3886,7 +3924,7 @@ def _render_dry_run(entry: dict) -> str:
 
 
 ###############################################################################
-# 18. main()
+# 19. main()
 ###############################################################################
 
 
