@@ -3640,49 +3640,55 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
     claimed.
     """
     progress = Progress(config.verbosity)
-    shared: dict[str, list[str]] = {}
     with Store.open(config) as store:
-        if plan_id is None:
-            plans = store.find_plans()
-            shared = shared_id_problems(plans)
-            records = [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
-            allowed: tuple[str, ...] = ("pending", "invalid")
-            if not records:
-                progress.info(f"no pending plans in {store.path}")
-                if config.json:
-                    _print_json({"plans": []})
-                return EXIT_OK
-        else:
-            records = [store.get_plan(plan_id)]
-            allowed = _allowed_statuses(records[0], rerun, resume)
+        records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
+        if not records:
+            progress.info(f"no pending plans in {store.path}")
         results = []
         with LLMClient(config, on_retry=progress.retrying) as client:
-            local = config.model is None or parse_model_ref(config.model)[0] == "openai"
-            info = client.probe() if local else None
-            model = _pick_model(config, info)
-            # the server's numbers describe its loaded model only
-            same = info is not None and parse_model_ref(model)[1] == info.loaded
-            context = config.context_length or (info.context_length if same else None)
-            parallel = config.parallel or (info.parallel if same else None) or 1
-            runner = Runner(config, store, client, model, progress, context, parallel)
+            runner = _open_runner(config, store, client, progress) if records else None
             try:
-                for ref in (model, config.escalate_to):
-                    if ref:
-                        runner.executor(ref)      # no key, no claude binary: say so before claiming
                 for record in records:
                     result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
-                    if result is not None:
-                        results.append(result)
-                    elif plan_id is not None:
+                    if result is None and plan_id is not None:
                         raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
                                           "see it with: bridge --list --all")
+                    results += [result] if result is not None else []
             finally:
-                runner.close()
+                if runner is not None:
+                    runner.close()
     if len(results) > 1:
         progress.info(run_summary(results))
     if config.json:
         _print_json({"plans": results})
     return EXIT_OK if all(r["success"] for r in results) else EXIT_PLAN_FAILED
+
+
+def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
+                  resume: bool) -> tuple[list[PlanRecord], tuple[str, ...], dict[str, list[str]]]:
+    """Return (records, statuses they may be claimed from, problems of shared ids)."""
+    if plan_id is not None:
+        record = store.get_plan(plan_id)
+        return [record], _allowed_statuses(record, rerun, resume), {}
+    plans = store.find_plans()
+    records = [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
+    return records, ("pending", "invalid"), shared_id_problems(plans)
+
+
+def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress) -> Runner:
+    """Probe the server, pick the model, context and parallel slots; return a Runner
+    whose executors are checked (no key, no claude binary: said before any claim)."""
+    local = config.model is None or parse_model_ref(config.model)[0] == "openai"
+    info = client.probe() if local else None
+    model = _pick_model(config, info)
+    same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
+    context = config.context_length or (info.context_length if same else None)
+    parallel = config.parallel or (info.parallel if same else None) or 1
+    runner = Runner(config, store, client, model, progress, context, parallel)
+    for ref in (model, config.escalate_to):
+        if ref:
+            runner.executor(ref)
+    return runner
 
 
 def run_summary(results: list[dict]) -> str:
@@ -3942,16 +3948,8 @@ def _ignore_interrupts() -> None:
                 signal.signal(sig, signal.SIG_IGN)
 
 
-def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    """Run bridge with argv (default sys.argv[1:]); return the exit code.
-
-    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
-    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, and from
-    then on both signals are ignored until the process ends; anything else is a
-    bug: "internal error", exit 70, the traceback only with --debug.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags that only make sense with an action they were not given (exit 2)."""
     if args.all and not args.list:
         parser.error("--all goes with --list")
     if (args.rerun or args.resume) and not args.plan:
@@ -3967,6 +3965,19 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         parser.error("--events goes with a run (no action flag, or --plan ID)")
     if args.events and args.json_:
         parser.error("--events and --json both write to stdout: pick one")
+
+
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Run bridge with argv (default sys.argv[1:]); return the exit code.
+
+    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
+    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, and from
+    then on both signals are ignored until the process ends; anything else is a
+    bug: "internal error", exit 70, the traceback only with --debug.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_flag_combinations(parser, args)
     environ = dict(os.environ if environ is None else environ)
     debug = args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
     try:
