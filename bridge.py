@@ -480,6 +480,7 @@ class Events:
 
     def emit(self, kind: str, plan_id: str | None = None, step_id: int | None = None, **fields: Any) -> None:
         """Write one event line (and flush), when enabled."""
+        assert kind in EVENT_KINDS, kind     # the vocabulary is public: README and tests pin it
         if not self.enabled:
             return
         now = datetime.now(timezone.utc)
@@ -980,10 +981,6 @@ class Store:
             self._set_state(record.row_id, {"heartbeat_at": utc_now_iso()})
             return True
         return self._write(work)
-
-    def set_status(self, record: PlanRecord, status: str, **extra: Any) -> None:
-        """Record a plan's status (and extra state keys) in its metadata."""
-        self._write(lambda: self._set_state(record.row_id, {"status": status, **extra}))
 
     def finish(self, record: PlanRecord, result: dict) -> str:
         """Store the run's result memory and the plan's final state in one transaction.
@@ -1581,14 +1578,6 @@ class LLMClient(HTTPExecutor):
         if not isinstance(models, list):
             raise LLMProtocolError(f"{self.base_url}/models did not list models (no 'data' array)")
         return [m for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)]
-
-    def list_models(self) -> list[str]:
-        """Return the model ids of GET {base_url}/models. Raises LLMError."""
-        return [m["id"] for m in self._model_entries()]
-
-    def loaded_model(self) -> str | None:
-        """Return the model the server has loaded, or None if it says none (see probe)."""
-        return self.probe().loaded
 
     def _try_json(self, url: str) -> Any:
         """GET url as JSON; None when the route is missing or answers something else."""

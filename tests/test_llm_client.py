@@ -401,7 +401,7 @@ def test_whole_body_past_max_output_bytes_is_cut(fake_llm):
 
 
 # --------------------------------------------------------------------------------------
-# loaded_model()
+# probe().loaded: which model the server has loaded
 # --------------------------------------------------------------------------------------
 
 def test_loaded_model_prefers_lm_studio_loaded_state(fake_llm):
@@ -409,7 +409,7 @@ def test_loaded_model_prefers_lm_studio_loaded_state(fake_llm):
     fake_llm.models = ["first", "second", "third"]
     fake_llm.loaded = "second"
     with bridge.LLMClient(config(fake_llm.url)) as c:
-        assert c.loaded_model() == "second"
+        assert c.probe().loaded == "second"
     assert any(r["path"] == "/api/v0/models" for r in fake_llm.requests)
 
 
@@ -418,14 +418,14 @@ def test_loaded_model_without_lm_studio_route_is_first_listed(fake_llm):
     fake_llm.loaded = "second"
     fake_llm.lmstudio = False
     with bridge.LLMClient(config(fake_llm.url)) as c:
-        assert c.loaded_model() == "first"
+        assert c.probe().loaded == "first"
 
 
 def test_loaded_model_is_none_when_lm_studio_has_none_loaded(fake_llm):
     fake_llm.models = ["first", "second"]
     fake_llm.loaded = None
     with bridge.LLMClient(config(fake_llm.url)) as c:
-        assert c.loaded_model() is None
+        assert c.probe().loaded is None
 
 
 def test_loaded_model_against_closed_port_raises_unavailable():
@@ -433,7 +433,7 @@ def test_loaded_model_against_closed_port_raises_unavailable():
     port = closed_port()
     with bridge.LLMClient(config(f"http://127.0.0.1:{port}/v1")) as c:
         with pytest.raises(bridge.LLMUnavailable) as info:
-            c.loaded_model()
+            c.probe().loaded
     assert f"http://127.0.0.1:{port}/" in str(info.value)
     assert "localhost:1234" not in str(info.value)
 
