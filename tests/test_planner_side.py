@@ -121,6 +121,17 @@ def enqueue_two_step(fake_llm) -> None:
     fake_llm.enqueue(TWO, chunk_size=3)
 
 
+def run_two_step(capsys, db, fake_llm, state_dir) -> dict:
+    """Run the two-step plan (step 1 fails once, then passes); return its stored result."""
+    insert_plan(db, two_step_plan())
+    enqueue_two_step(fake_llm)
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})
+    capsys.readouterr()
+    assert rc == 0
+    (_, result), = live_results(db)
+    return result
+
+
 # --------------------------------------------------------------------------------------
 # 1. --events
 # --------------------------------------------------------------------------------------
@@ -278,14 +289,7 @@ def sent_messages(lines: list[dict]) -> list[dict]:
 def test_run_log_records_every_attempt_in_stream_json_lines(capsys, db, fake_llm, state_dir):
     """runs/<run_id>/step-N.jsonl: init line, per attempt the exact messages sent, the raw
     answer with the server's usage, the validation outcome, then a result line."""
-    insert_plan(db, two_step_plan())
-    enqueue_two_step(fake_llm)
-
-    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})
-    capsys.readouterr()
-
-    assert rc == 0
-    (_, result), = live_results(db)
+    result = run_two_step(capsys, db, fake_llm, state_dir)
     run_id = result["run_id"]
     run_dir = state_dir / "runs" / run_id
     assert result["run_log"] == str(run_dir)
@@ -438,14 +442,7 @@ def test_unknown_price_model_exits_2_naming_the_known_ones(capsys, db, fake_llm,
 def test_streamed_steps_report_usage_from_the_server_and_tokens_per_second(capsys, db, fake_llm, state_dir):
     """Streamed replies: each step's usage is what the server reported (prompt and chunk
     counts) and tokens_per_s is positive for steps and the plan."""
-    insert_plan(db, two_step_plan())
-    enqueue_two_step(fake_llm)
-
-    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})
-    capsys.readouterr()
-
-    assert rc == 0
-    (_, result), = live_results(db)
+    result = run_two_step(capsys, db, fake_llm, state_dir)
     req = fake_llm.chat_requests
     want = {1: (prompt_tokens_of(req[0]) + prompt_tokens_of(req[1]), len(chunks(BAD_1, 3)) + len(chunks(GOOD_1, 3))),
             2: (prompt_tokens_of(req[2]), len(chunks(TWO, 3)))}
