@@ -49,20 +49,21 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import NamedTuple
+from collections import namedtuple
 
 # Start-up matters (bridge --help, --list): modules only some actions need (httpx,
-# jsonschema, hashlib, socket, tempfile, random, shutil) are imported where used.
-# Value types are NamedTuples, not dataclasses: importing dataclasses (inspect, ast,
-# dis) and building ten of them cost ~12 ms of every start-up. Every annotation is
-# a string, so the rest of typing is for type checkers only.
+# jsonschema, sqlite3, pathlib, datetime, hashlib, socket, tempfile, random, shutil)
+# are imported where used; `bridge --help` loads argparse and little else. Value
+# types are collections.namedtuple classes: typing.NamedTuple (typing, and a
+# ForwardRef compiled per string annotation) or dataclasses (inspect, ast, dis)
+# cost several milliseconds of every start-up. Every annotation is a string, so
+# typing is for type checkers only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import sqlite3
+    from pathlib import Path
     from typing import Any, Callable, Iterator
 
 __version__ = "0.1.0"
@@ -137,6 +138,8 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
     MCP_MEMORY_BASE_DIR/sqlite_vec.db, then the platform data folder), plus the path
     the original bridge script assumed. BRIDGE_DB and --db come before these.
     """
+    from pathlib import Path
+
     home = Path(environ.get("HOME") or Path.home())
     if environ.get("MCP_MEMORY_SQLITE_PATH"):
         return [Path(environ["MCP_MEMORY_SQLITE_PATH"]).expanduser()]
@@ -154,13 +157,40 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
 
 def default_state_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
+    from pathlib import Path
+
     if environ.get("XDG_STATE_HOME"):
         return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
     home = Path(environ.get("HOME") or Path.home())
     return home / ".local" / "state" / "bridge"
 
 
-class Config(NamedTuple):
+_CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
+    "base_url": DEFAULT_BASE_URL,
+    "model": None,                      # str | None
+    "timeout_s": DEFAULT_TIMEOUT_S,
+    "state_dir": ".",                   # str | Path
+    "retries": DEFAULT_RETRIES,
+    "retry_delay_s": DEFAULT_RETRY_DELAY_S,
+    "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
+    "structured": True,
+    "parallel": None,                   # int | None
+    "context_length": None,             # int | None
+    "price_model": DEFAULT_PRICE_MODEL,
+    "events": False,
+    "db_explicit": False,
+    "anthropic_base_url": "https://api.anthropic.com",
+    "anthropic_api_key": None,          # str | None
+    "escalate_to": None,                # str | None
+    "tool_env": (),                     # tuple[tuple[str, str], ...]
+    "crash_at": None,                   # str | None
+    "verbosity": 1,
+    "json": False,
+    "debug": False,
+}
+
+
+class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CONFIG_DEFAULTS.values())):
     """Every setting of one bridge invocation, resolved once (see resolve_config).
 
     db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
@@ -174,33 +204,20 @@ class Config(NamedTuple):
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
-    more attempt on. tool_env: the environment a claude-cli: executor runs in. crash_at: a test hook (BRIDGE_CRASH_AT) naming a point
-    where the process kills itself, to prove recovery. verbosity: 0 errors only,
-    1 progress, 2 prompts and outputs.
+    more attempt on. tool_env: the environment a claude-cli: executor runs in.
+    crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
+    itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
+    outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
     """
 
-    db_paths: tuple[Path, ...]
-    base_url: str = DEFAULT_BASE_URL
-    model: str | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    state_dir: Path = Path(".")
-    retries: int = DEFAULT_RETRIES
-    retry_delay_s: float = DEFAULT_RETRY_DELAY_S
-    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
-    structured: bool = True
-    parallel: int | None = None
-    context_length: int | None = None
-    price_model: str = DEFAULT_PRICE_MODEL
-    events: bool = False
-    db_explicit: bool = False
-    anthropic_base_url: str = "https://api.anthropic.com"
-    anthropic_api_key: str | None = None
-    escalate_to: str | None = None
-    tool_env: tuple[tuple[str, str], ...] = ()
-    crash_at: str | None = None
-    verbosity: int = 1
-    json: bool = False
-    debug: bool = False
+    __slots__ = ()
+
+    @property
+    def runs_dir(self) -> Path:
+        """The folder holding one folder per run: state_dir/runs."""
+        from pathlib import Path
+
+        return Path(self.state_dir, "runs")
 
 
 ###############################################################################
@@ -338,12 +355,14 @@ def content_hash(content: str) -> str:
 
 def iso_from_ts(ts: float) -> str:
     """Format Unix seconds the way the memory server fills its *_iso columns."""
+    from datetime import datetime, timezone
+
     return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None).isoformat() + "Z"
 
 
 def utc_now_iso() -> str:
     """Return the current UTC time as ISO 8601 with a Z, to the second."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def clip(text: str, max_chars: int, what: str = "text") -> str:
@@ -366,7 +385,7 @@ def pid_alive(pid: int) -> bool:
 
 def new_run_id() -> str:
     """Return a sortable, unique run id: UTC time plus random hex."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(4).hex()
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(4).hex()
 
 
 @functools.cache
@@ -483,9 +502,9 @@ class Events:
         assert kind in EVENT_KINDS, kind     # the vocabulary is public: README and tests pin it
         if not self.enabled:
             return
-        now = datetime.now(timezone.utc)
-        event = {"event": kind, "ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
-                 "plan_id": plan_id}
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(now)) + f"{int(now % 1 * 1000):03d}Z"
+        event = {"event": kind, "ts": stamp, "plan_id": plan_id}
         if step_id is not None:
             event["step_id"] = step_id
         event.update(fields)
@@ -602,20 +621,17 @@ CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories BEGIN
 """
 
 
-class PlanRecord(NamedTuple):
+class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags", defaults=("",))):
     """One plan memory as read from the store.
 
     row_id: memories.id. plan: the parsed content (a dict for a well-formed plan;
     anything else is reported as invalid). metadata: the row's metadata object.
     created_at: as stored (Unix seconds, or ISO text in the original layout).
+    row_id is an int (a str in the original layout); content and tags are the
+    row's text.
     """
 
-    row_id: int | str
-    content: str
-    plan: Any
-    metadata: dict
-    created_at: Any
-    tags: str = ""
+    __slots__ = ()
 
     @property
     def plan_id(self) -> str:
@@ -650,6 +666,8 @@ class PlanRecord(NamedTuple):
         """True when in_progress but its owner is gone: the owner process no longer
         runs on this host, or its heartbeat is older than STALE_AFTER_S seconds
         (a running bridge refreshes it every HEARTBEAT_INTERVAL_S)."""
+        from datetime import datetime, timezone
+
         if self.status != "in_progress":
             return False
         owner = self.owner
@@ -708,6 +726,8 @@ class Store:
         Raises StoreError naming every path tried when none exists, or when the file
         is not SQLite or has a layout bridge does not know.
         """
+        import sqlite3
+
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
             tried = ", ".join(str(p) for p in config.db_paths)
@@ -736,6 +756,8 @@ class Store:
 
         Raises StoreError when path exists or cannot be written.
         """
+        import sqlite3
+
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
         try:
@@ -846,6 +868,8 @@ class Store:
         (prose that merely mentions the marker is not). Raises StoreError on
         SQLite errors.
         """
+        import sqlite3
+
         tags = "m.tags" if "tags" in self.columns else "''"
         select = f"SELECT m.id, m.content, m.metadata, m.created_at, {tags} FROM memories m"
         live = self._live_filter()
@@ -904,6 +928,8 @@ class Store:
 
     def _write(self, work: Callable[[], Any]) -> Any:
         """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
+        import sqlite3
+
         for attempt in range(1, STORE_WRITE_TRIES + 1):
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
@@ -1009,6 +1035,8 @@ class Store:
         (the row gets no embedding: tag and keyword search find it, semantic search
         does not). Raises StoreError when identical content is already stored.
         """
+        import sqlite3
+
         now = time.time()
         digest = content_hash(content)
         tags_text = ",".join(tag_safe(t.strip()) for t in tags)
@@ -1048,6 +1076,8 @@ def load_schema() -> dict:
 
     Raises BridgeError when the file is missing (a broken install).
     """
+    from pathlib import Path
+
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -1056,22 +1086,25 @@ def load_schema() -> dict:
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
 
 
-class Step(NamedTuple):
-    """One step of a plan, with plan defaults and plan-format.md defaults applied."""
+_STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s")
+_STEP_DEFAULTS = {                      # every field of Step after id (int) and prompt (str)
+    "title": "",
+    "depends_on": (),                   # tuple[int, ...]
+    "validation": DEFAULT_VALIDATION,   # shared, never changed
+    "max_retries": DEFAULT_MAX_RETRIES,
+    "on_failure": DEFAULT_ON_FAILURE,
+    "file_output": None,                # str | None
+    **dict.fromkeys(_STEP_OVERRIDES),   # plan defaults a step may override; None: not set
+}
 
-    id: int
-    prompt: str
-    title: str = ""
-    depends_on: tuple[int, ...] = ()
-    validation: dict = DEFAULT_VALIDATION       # shared, never changed
-    max_retries: int = DEFAULT_MAX_RETRIES
-    on_failure: str = DEFAULT_ON_FAILURE
-    file_output: str | None = None
-    system: str | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-    model: str | None = None
-    timeout_s: float | None = None
+
+class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_DEFAULTS.values())):
+    """One step of a plan, with plan defaults and plan-format.md defaults applied.
+
+    Fields as in plan-format.md; timeout_s is in seconds, max_tokens in tokens.
+    """
+
+    __slots__ = ()
 
     @property
     def label(self) -> str:
@@ -1079,19 +1112,16 @@ class Step(NamedTuple):
         return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
 
 
-class Plan(NamedTuple):
-    """A validated plan: steps by id, the project root, and its file context."""
+class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy escalate_to",
+                      defaults=("", None, {}, "none", None))):
+    """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
+    project root, a Path, or None), files_context ({relative path: "LOAD" or
+    "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
+    escalate_to (a model reference, or None)."""
 
-    id: str
-    steps: dict[int, Step]
-    objective: str = ""
-    project: Path | None = None
-    files_context: dict[str, str] = {}          # shared, never changed
-    rollback_strategy: str = "none"
-    escalate_to: str | None = None
+    __slots__ = ()
 
 
-_STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s")
 
 
 def _schema_problems(plan: Any) -> list[str]:
@@ -1124,6 +1154,8 @@ def resolve_inside(project: Path, rel: str) -> Path:
     location (symlinks followed) is outside the project's real location.
     Raises PathError saying which.
     """
+    from pathlib import PurePosixPath, PureWindowsPath
+
     if not rel or "\x00" in rel:
         raise PathError(f"path {rel!r} is empty or holds a NUL byte")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
@@ -1219,6 +1251,8 @@ def _validation_problems(validation: dict, where: str) -> list[str]:
 
 
 def _path_problems(plan: dict) -> list[str]:
+    from pathlib import Path
+
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
     files = context.get("files_context") if isinstance(context.get("files_context"), dict) else {}
     steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
@@ -1285,6 +1319,8 @@ def check_plan(plan: Any) -> Plan:
 
 
 def _build_plan(plan: dict) -> Plan:
+    from pathlib import Path
+
     defaults = plan.get("defaults", {})
     steps = {}
     for raw in plan["steps"]:
@@ -1312,17 +1348,14 @@ def _build_plan(plan: dict) -> Plan:
 ###############################################################################
 
 
-class Completion(NamedTuple):
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd",
+                            defaults=(0.0,))):
     """One model reply: text (reasoning fields excluded), usage as the server sent
     it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered, finish_reason, and duration_s (seconds)."""
+    model that answered (or None), finish_reason (or None), duration_s (seconds),
+    and cost_usd, what the request cost in US dollars (0 on a local server)."""
 
-    text: str
-    usage: dict | None
-    model: str | None
-    finish_reason: str | None
-    duration_s: float
-    cost_usd: float = 0.0        # what the request cost (0 on a local server)
+    __slots__ = ()
 
 
 def _error_message(body: bytes) -> str:
@@ -1732,17 +1765,13 @@ class LLMClient(HTTPExecutor):
         return Completion("".join(received), usage, model, finish, time.monotonic() - started)
 
 
-class ServerInfo(NamedTuple):
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel")):
     """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
     "llama.cpp", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
     or None), context_length (tokens the loaded model takes, per request; None if
     not said), parallel (requests it serves at once; None if not said)."""
 
-    kind: str
-    models: list[str]
-    loaded: str | None
-    context_length: int | None
-    parallel: int | None
+    __slots__ = ()
 
 
 def _positive(value: Any) -> int | None:
@@ -2343,6 +2372,8 @@ class FileTransaction:
         left by an interrupted write are removed. Returns the paths put back.
         Raises RollbackError naming the files that could not be restored.
         """
+        from pathlib import Path
+
         self.old_runs.append(old_run_dir)
         entries = read_jsonl(old_run_dir / "journal.jsonl")
         if any(entry.get("reverted") for entry in entries):
@@ -2531,13 +2562,12 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
             note]
 
 
-class AttemptError(NamedTuple):
+class AttemptError(namedtuple("AttemptError", "message retryable feedback", defaults=(True, ()))):
     """Why an attempt failed: message (for the result), retryable (another attempt
-    may help), feedback (messages appended to the next attempt's prompt)."""
+    may help; default True), feedback (messages appended to the next attempt's
+    prompt; default none)."""
 
-    message: str
-    retryable: bool = True
-    feedback: tuple[dict, ...] = ()
+    __slots__ = ()
 
     @classmethod
     def from_request(cls, exc: LLMError) -> "AttemptError":
@@ -3054,7 +3084,7 @@ class Runner:
                  previous: str | None, keep_finished: bool) -> dict:
         self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
                            f"· {len(plan.steps)} step(s) · model {self.model}")
-        run_dir = self.config.state_dir / "runs" / run_id
+        run_dir = self.config.runs_dir / run_id
         self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
         self._plan_id, self._project = plan.id, plan.project
         files = FileTransaction(plan.project, run_dir, self.config.crash_at) if plan.project else None
@@ -3101,7 +3131,7 @@ class Runner:
         files; files written by any other step are restored from its journal.
         Raises RollbackError when such a file cannot be restored.
         """
-        old_dir = self.config.state_dir / "runs" / previous
+        old_dir = self.config.runs_dir / previous
         reverted = any(e.get("reverted") for e in read_jsonl(old_dir / "journal.jsonl"))
         done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl")
                 if keep_finished and not reverted and e.get("status") == "succeeded" and e.get("id") in plan.steps}
@@ -3328,7 +3358,7 @@ class Runner:
                 "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
                                 for s in steps if s.escalated_to],
                 "counts": counts, "steps": [s.as_dict(price) for s in steps], "files": files, "error": error,
-                "run_log": str(self.config.state_dir / "runs" / run_id),
+                "run_log": str(self.config.runs_dir / run_id),
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, record: PlanRecord, result: dict) -> dict:
@@ -3476,6 +3506,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     environ is passed in (tests give a plain dict). Raises ConfigError for a
     value that cannot be used, naming it.
     """
+    from pathlib import Path
+
     def pick(flag_value: Any, var: str) -> Any:
         # flag first, then the environment; None means "use the default"
         return flag_value if flag_value is not None else (environ.get(var) or None)
@@ -3788,11 +3820,12 @@ def render_result(result: dict) -> str:
 ###############################################################################
 
 
-def _read_plan_file(path: Path) -> Any:
+def _read_plan_file(path: str) -> Any:
     """Return the parsed JSON of a plan file. Raises PlanInvalid (not JSON) or
     BridgeError (unreadable)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise BridgeError(f"cannot read the plan file {path}: {exc}", "check the path") from exc
     try:
@@ -3801,7 +3834,7 @@ def _read_plan_file(path: Path) -> Any:
         raise PlanInvalid(str(path), [f"$: not JSON ({exc})"]) from exc
 
 
-def cmd_validate(config: Config, path: Path) -> int:
+def cmd_validate(config: Config, path: str) -> int:
     """Check a plan file with the schema and the semantic rules; print every
     problem with its JSON path. Returns EXIT_OK or EXIT_PLAN_FAILED."""
     try:
@@ -3821,7 +3854,7 @@ def cmd_validate(config: Config, path: Path) -> int:
     return EXIT_PLAN_FAILED if problems else EXIT_OK
 
 
-def cmd_submit(config: Config, path: Path, replace: bool) -> int:
+def cmd_submit(config: Config, path: str, replace: bool) -> int:
     """Validate a plan file and store it as a new plan memory.
 
     A --db (or BRIDGE_DB) naming a file that does not exist gets a new store in
@@ -3978,9 +4011,9 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         if args.show:
             return cmd_show(config, args.show)
         if args.validate:
-            return cmd_validate(config, Path(args.validate))
+            return cmd_validate(config, args.validate)
         if args.submit:
-            return cmd_submit(config, Path(args.submit), args.replace)
+            return cmd_submit(config, args.submit, args.replace)
         if args.cancel:
             return cmd_cancel(config, args.cancel)
         if args.schema:
