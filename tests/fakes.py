@@ -583,14 +583,14 @@ _DDL_INDEXES_12 = _DDL_INDEXES_10 + [
     "CREATE INDEX idx_memories_embedding_pending ON memories(embedding_pending)",
 ]
 
-_DDL_FTS = """CREATE VIRTUAL TABLE memory_content_fts USING fts5(
+DDL_FTS = """CREATE VIRTUAL TABLE memory_content_fts USING fts5(
                     content,
                     content='memories',
                     content_rowid='id',
                     tokenize='trigram'
                 )"""
 
-_DDL_TRIGGERS = [
+DDL_TRIGGERS = [
     """CREATE TRIGGER memories_fts_ai AFTER INSERT ON memories
                 BEGIN
                     INSERT INTO memory_content_fts(rowid, content)
@@ -670,8 +670,8 @@ def make_store(path: str | Path, layout: str = "12.x") -> Path:
                 conn.execute(_DDL_MEMORIES_12 if fresh12 else _DDL_MEMORIES_10)
                 for ddl in (_DDL_INDEXES_12 if fresh12 else _DDL_INDEXES_10):
                     conn.execute(ddl)
-                conn.execute(_DDL_FTS)
-                for ddl in _DDL_TRIGGERS:
+                conn.execute(DDL_FTS)
+                for ddl in DDL_TRIGGERS:
                     conn.execute(ddl)
     finally:
         conn.close()

@@ -95,13 +95,37 @@ def test_help_lists_every_flag_with_env_vars_and_defaults():
     assert proc.stderr == ""
 
 
-def test_building_help_imports_neither_httpx_nor_jsonschema():
-    """--help stays fast: neither httpx nor jsonschema is imported to build it."""
-    proc = run_python("import sys, bridge\n"
+def test_building_help_imports_only_what_it_needs():
+    """--help stays fast: building it imports none of httpx, jsonschema, sqlite3, pathlib,
+    typing or shutil (modules the interpreter had loaded before bridge do not count)."""
+    proc = run_python("import sys\n"
+                      "before = set(sys.modules)\n"
+                      "import bridge\n"
                       "bridge.build_parser().format_help()\n"
-                      "print('httpx' in sys.modules, 'jsonschema' in sys.modules)")
+                      "heavy = ('httpx', 'jsonschema', 'sqlite3', 'pathlib', 'typing', 'shutil')\n"
+                      "print([m for m in heavy if m in sys.modules and m not in before])")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False False"
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("columns, width", [("60", 60), ("120", 120), ("0", 80), ("wide", 80), (None, 80)])
+def test_help_fits_the_terminal_width(monkeypatch, capsys, columns, width):
+    """Help is wrapped to $COLUMNS, else to stdout's terminal, else to 80 columns
+    (shutil.get_terminal_size's rule, which terminal_columns follows)."""
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+
+    def no_terminal(fd: int = 1):
+        raise OSError("not a terminal")
+    monkeypatch.setattr(os, "get_terminal_size", no_terminal)
+    with pytest.raises(SystemExit) as exited:
+        bridge.main(["--help"])
+    assert exited.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    entries = lines[lines.index("options:"):]        # the usage lines are written by hand
+    assert width - 12 < max(map(len, entries)) <= width - 2
 
 
 def test_list_imports_neither_httpx_nor_jsonschema(db):

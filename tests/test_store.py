@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import bridge_args, check_store, columns, insert_memory, insert_plan, iso_z, make_plan, read_rows
+from fakes import (DDL_FTS, DDL_TRIGGERS, bridge_args, check_store, columns, insert_memory, insert_plan, iso_z,
+                   make_plan, read_rows)
 
 ROOT = Path(bridge.__file__).resolve().parent
 ISO_SERVER = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")   # the *_iso columns
@@ -288,17 +289,22 @@ def test_unusable_store_exits_2_with_one_error_line_naming_the_path(make, action
 # -- discovery (original defects 7 and 9) -------------------------------------------------
 
 DISCOVERY_MODES = {"fts-12.x": "12.x-fresh", "fts-10.x": "10.x", "scan-dropped-fts": "12.x-fresh",
-                   "scan-original": "original"}
+                   "scan-word-fts": "12.x-fresh", "scan-original": "original"}
 
 
 def discovery_store(new_store, tmp_path: Path, mode: str) -> tuple[Path, dict]:
     """A store holding plans inserted out of date order, plus rows that are not live plans."""
     db = new_store(tmp_path / "store.db", DISCOVERY_MODES[mode])
-    if mode == "scan-dropped-fts":
+    if mode in ("scan-dropped-fts", "scan-word-fts"):
         conn = sqlite3.connect(db)
         with conn:
             for sql in FTS_DROP:
                 conn.execute(sql)
+            if mode == "scan-word-fts":     # an index of words, not the server's trigrams: not used
+                conn.execute(DDL_FTS.replace("tokenize='trigram'", "tokenize='unicode61'"))
+                for sql in DDL_TRIGGERS:
+                    conn.execute(sql)
+                conn.execute("INSERT INTO memory_content_fts(memory_content_fts) VALUES ('rebuild')")
         conn.close()
     cols = set(columns(db))
     rows = {}
