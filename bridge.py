@@ -1600,9 +1600,11 @@ class HTTPExecutor:
                 return self._parse(response, url, started, on_delta, received)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
-            if received:
-                error = LLMProtocolError(f"the stream from {url} broke after "
-                                         f"{sum(map(len, received))} characters ({error})")
+            if received:    # the server was reached: say how the stream ended, not "cannot reach"
+                stalled = isinstance(error, LLMTimeout)
+                why = error if stalled else str(exc) or type(exc).__name__
+                error = LLMProtocolError(f"the stream from {url} {'stalled' if stalled else 'ended early'} "
+                                         f"after {sum(map(len, received))} characters ({why})")
             raise error from exc
 
 
@@ -1747,9 +1749,13 @@ class LLMClient(HTTPExecutor):
         limit = self.config.max_output_bytes
         usage = model = finish = None
         size, done = 0, False
-        for event, data in _iter_sse(response.iter_bytes(), limit + 65536):
+        events = _iter_sse(response.iter_bytes(), limit + 65536)
+        for event, data in events:
             if data.strip() == "[DONE]":
                 done = True
+                # read on to the stream's end (servers end it here), so the connection is
+                # kept for the next request; stop at the first event, should one come
+                next(events, None)
                 break
             try:
                 chunk = json.loads(data)

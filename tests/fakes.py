@@ -140,6 +140,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "headers": {k.lower(): v for k, v in self.headers.items()},
             "json": parsed,
             "body": raw.decode("utf-8", "replace"),
+            "client_port": self.client_address[1],     # one per connection the client opened
         }
         fake = self.server.fake
         with fake._lock:
@@ -166,24 +167,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _start_sse(self, extra: dict | None = None) -> None:
+        """Start a text/event-stream reply: chunked on a connection that stays open, as
+        llama.cpp and LM Studio send it (fake.keep_alive), else ended by closing."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
+        self._chunked = self.server.fake.keep_alive
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         for k, v in (extra or {}).items():
             self.send_header(k, str(v))
         self.end_headers()
         self.wfile.flush()
-        self.close_connection = True
+
+    def _write_sse(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        self.wfile.flush()
 
     def _event(self, data: Any) -> None:
         payload = data if isinstance(data, str) else json.dumps(data)
-        self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
-        self.wfile.flush()
+        self._write_sse(f"data: {payload}\n\n")
 
     def _guard(self, fn) -> None:
+        self._chunked = False
         try:
             fn()
+            if self._chunked and not self.close_connection:
+                self.wfile.write(b"0\r\n\r\n")     # the stream's end; the connection stays open
+                self.wfile.flush()
         except _CONN_ERRORS:
             self.close_connection = True
 
@@ -299,15 +314,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 time.sleep(r["delay_s"])
             return
 
-        # Everything below is a text/event-stream reply that ends by closing.
+        # Everything below is a text/event-stream reply.
         self._start_sse(extra)
         if fault == "empty_stream":
             self._event("[DONE]")
             return
         if fault == "sse_error":
             msg = r["error"] or "Input does not fit in context length."
-            self.wfile.write(("event: error\ndata: " + json.dumps({"error": {"message": msg}}) + "\n\n").encode())
-            self.wfile.flush()
+            self._write_sse("event: error\ndata: " + json.dumps({"error": {"message": msg}}) + "\n\n")
             return
         if fault == "no_choices":
             for _ in range(max(1, len(pieces))):
@@ -340,8 +354,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         for i, ev in enumerate(events):
             if fault == "comments" and i > 0:
-                self.wfile.write(b": ping\n\n")
+                self._write_sse(": ping\n\n")
             self._event(ev)
+        if fault in ("stall", "cut"):
+            self.close_connection = True        # the stream never ends: no last chunk
         if fault == "stall":
             time.sleep(r["delay_s"])
 
@@ -371,6 +387,7 @@ class _FakeServer:
         self._queue: list[dict] = []
         self.requests: list[dict] = []
         self.errors: list[str] = []
+        self.keep_alive = True
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -414,11 +431,13 @@ class _FakeServer:
 
     # -- recording --------------------------------------------------------------------
     def reset(self):
-        """Forget the queue, the recorded requests and the errors."""
+        """Forget the queue, the recorded requests and the errors; streams go back to
+        being chunked on a connection that stays open (keep_alive)."""
         with self._lock:
             self._queue.clear()
             self.requests.clear()
             self.errors.clear()
+        self.keep_alive = True
         return self
 
     @property
@@ -978,8 +997,7 @@ class _AnthropicHandler(_Handler):
         self._send(status, {"type": "error", "error": {"type": kind, "message": message}}, extra=extra)
 
     def _sse(self, event: str, data: dict) -> None:
-        self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode("utf-8"))
-        self.wfile.flush()
+        self._write_sse(f"event: {event}\ndata: {json.dumps(data)}\n\n")
 
     def _post(self) -> None:
         raw = self._read_body()

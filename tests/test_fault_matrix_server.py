@@ -124,7 +124,7 @@ ROWS = [
     _failed("empty-stream", [{"content": GOOD_STEP2, "fault": "empty_stream"}] * 2, ("no output",)),
     _failed("cut", [{"content": LONG_JSON, "fault": "cut"}] * 2, ("ended early",)),
     _ok_after({"content": LONG_JSON, "fault": "cut"}, "cut-then-ok"),
-    _failed("stall", [{"content": LONG_JSON, "fault": "stall", "delay_s": 1.0}] * 2, ("broke",)),
+    _failed("stall", [{"content": LONG_JSON, "fault": "stall", "delay_s": 1.0}] * 2, ("stalled after",)),
     _ok_after({"content": LONG_JSON, "fault": "stall", "delay_s": 1.0}, "stall-then-ok"),
     _failed("not-json", [{"content": GOOD_STEP2, "fault": "not_json"}] * 2, ("not a chat completion",)),
     _failed("no-choices", [{"content": GOOD_STEP2, "fault": "no_choices"}] * 2, ("without 'choices'",)),

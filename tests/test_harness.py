@@ -114,7 +114,7 @@ def test_streaming_reassembles_with_usage(fake_llm, client):
                                                {"role": "user", "content": "0123456789ab"}])
     assert r.status_code == 200
     assert r.headers["content-type"] == "text/event-stream"
-    assert r.headers["connection"] == "close"
+    assert r.headers["transfer-encoding"] == "chunked" and "connection" not in r.headers
     objs = data_objs(r.text)
     assert objs[-1] == "[DONE]"
     assert content_of(objs) == text
@@ -255,11 +255,37 @@ def test_fault_stall_times_out_after_half(fake_llm, httpx):
     assert content_of(objs) == "aaaabbbb"
 
 
-def test_fault_cut(fake_llm, client):
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_streams_keep_the_connection_open_like_real_servers(fake_llm, httpx, keep_alive):
+    """Streams are chunked and the connection serves the next request, as llama.cpp's and
+    LM Studio's do; with keep_alive off, each stream ends by closing its connection."""
+    fake_llm.keep_alive = keep_alive
+    fake_llm.enqueue("one").enqueue("two")
+    with httpx.Client(timeout=3.0) as c:
+        first, _ = chat(fake_llm, c)
+        second, _ = chat(fake_llm, c)
+    assert [content_of(data_objs(r.text)) for r in (first, second)] == ["one", "two"]
+    assert ("connection" not in first.headers) is keep_alive
+    assert len({r["client_port"] for r in fake_llm.chat_requests}) == (1 if keep_alive else 2)
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_fault_cut(fake_llm, httpx, client, keep_alive):
+    """A cut stream never ends: chunked, the last chunk is missing (a protocol error at
+    the client); else the connection closes before [DONE]."""
+    fake_llm.keep_alive = keep_alive
     fake_llm.enqueue("aaaabbbbccccdddd", chunk_size=4, fault="cut")
-    r, _ = chat(fake_llm, client)
-    assert r.status_code == 200
-    objs = data_objs(r.text)
+    body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    lines = []
+    with client.stream("POST", fake_llm.url + "/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        try:
+            lines.extend(r.iter_lines())
+            ended = "closed"
+        except httpx.RemoteProtocolError:
+            ended = "incomplete chunked read"
+    assert ended == ("incomplete chunked read" if keep_alive else "closed")
+    objs = data_objs("\n".join(lines) + "\n\n")
     assert "[DONE]" not in objs
     assert content_of(objs) == "aaaabbbb"
     assert all(o["choices"][0]["finish_reason"] is None for o in objs)

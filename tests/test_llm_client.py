@@ -349,7 +349,11 @@ def test_empty_stream_raises_protocol_error(fake_llm):
         chat(fake_llm.url)
 
 
-def test_cut_stream_raises_protocol_error_ended_early(fake_llm):
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["chunked", "closed"])
+def test_cut_stream_raises_protocol_error_ended_early(fake_llm, keep_alive):
+    """A stream cut mid-way is the same error whether it was chunked (the last chunk
+    never comes) or ended by closing the connection (no finish_reason, no [DONE])."""
+    fake_llm.keep_alive = keep_alive
     fake_llm.enqueue("a reply that will be cut in half", fault="cut", chunk_size=4).enqueue("never reached")
     with pytest.raises(bridge.LLMProtocolError) as info:
         chat(fake_llm.url)
@@ -547,3 +551,19 @@ def test_cli_http_400_fails_the_plan_cleanly(fake_llm, store, state_dir, capsys)
     assert step["status"] == "failed"
     assert "unknown field 'frobnicate'" in step["error"]
     check_store(store)
+
+
+def test_consecutive_requests_share_one_connection(fake_llm):
+    """A client keeps its connection to the server between requests (the server streams
+    chunked and keeps it open, as llama.cpp and LM Studio do), so a plan's steps do not
+    each pay for a new connection; after a cut stream the next request opens a new one."""
+    fake_llm.enqueue("one").enqueue("two").enqueue("cut here and there", fault="cut", chunk_size=4) \
+        .enqueue("three")
+    with bridge.LLMClient(config(fake_llm.url, retries=0)) as client:
+        replies = [client.chat([{"role": "user", "content": "x"}], model="m").text for _ in range(2)]
+        with pytest.raises(bridge.LLMProtocolError, match="ended early"):
+            client.chat([{"role": "user", "content": "x"}], model="m")
+        replies.append(client.chat([{"role": "user", "content": "x"}], model="m").text)
+    assert replies == ["one", "two", "three"]
+    ports = [r["client_port"] for r in fake_llm.chat_requests]
+    assert ports[0] == ports[1] == ports[2] != ports[3]
