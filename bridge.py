@@ -1037,7 +1037,7 @@ class Store:
         status, finished_at, error and result_hash. Returns the result's content_hash.
         Raises StoreError when the store cannot be written.
         """
-        content = json.dumps(result, ensure_ascii=False, indent=1)
+        content = json.dumps(result, ensure_ascii=False)   # one line: fewer tokens for the planner
 
         def work() -> str:
             digest = self.insert_memory(content, [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"],
