@@ -2751,7 +2751,9 @@ class RunLog:
     "assistant", "message": …} lines), the streamed answer as an "assistant"
     message with its usage, a {"type": "system", "subtype": "validation"} line;
     last a {"type": "result", …} line with usage, duration_ms, total_cost_usd (0:
-    the work was local) and would_have_cost_usd.
+    the work was local) and would_have_cost_usd. A transcript is flushed once an
+    attempt's messages are written and again after its check, so it can be read
+    while the model answers; not after every line, which costs a write each.
     """
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
@@ -2759,7 +2761,7 @@ class RunLog:
         self.files: dict[int, Any] = {}     # step id -> its open transcript (one writer each)
 
     def _line(self, sid: int, entry: dict) -> None:
-        _write_line(self.files[sid], entry)    # flushed: readable while the step runs
+        self.files[sid].write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def start(self, step: Step, model: str, cwd: Path | None) -> None:
         """Open a step's transcript."""
@@ -2783,6 +2785,7 @@ class RunLog:
                 self._line(sid, {"type": message["role"], "attempt": attempt, "session_id": self.run_id,
                                  "message": {"role": message["role"],
                                              "content": [{"type": "text", "text": message["content"]}]}})
+        self.files[sid].flush()
 
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
         """Record a streamed answer (as received, <think> included) and its usage."""
@@ -2796,6 +2799,7 @@ class RunLog:
         """Record the validation outcome (or the request error) of one attempt."""
         self._line(sid, {"type": "system", "subtype": "validation", "attempt": attempt,
                          "ok": error is None, "error": error})
+        self.files[sid].flush()
 
     def end(self, result: StepResult) -> None:
         """Close a step's transcript with the result line."""

@@ -3,7 +3,7 @@
 bridge runs as a subprocess (python bridge.py), so its CPU time and peak memory
 are read from getrusage(RUSAGE_CHILDREN) apart from the fake server's. The CPU of
 a bare `python -c "import bridge, httpx, jsonschema"` is measured too and
-subtracted, so the figure per step is the run's own work. The plan runs 3 times
+subtracted, so the figure per step is the run's own work. The plan runs 5 times
 (CPU time as the kernel counts it moves by a few tenths of a millisecond per step
 from run to run); the median run is the figure. Prints figures; the last line is
 the summary.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _common import ROOT, FakeLLM, store_with_plan
 
-STEPS, RUNS = 200, 3
+STEPS, RUNS = 200, 5
 
 
 def child_cpu_s(command: list[str]) -> tuple[float, float, float]:

@@ -333,6 +333,32 @@ def test_run_log_records_every_attempt_in_stream_json_lines(capsys, db, fake_llm
     check_store(db)
 
 
+def test_run_log_shows_the_messages_while_the_model_is_answering(capsys, db, fake_llm, state_dir):
+    """A step's transcript holds its prompt while the request is still in flight (it is
+    flushed when the messages are sent, not only when the step ends)."""
+    import threading
+    import time
+
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "take your time"}]))
+    fake_llm.latency_s = 0.5
+    fake_llm.enqueue("done")
+    runner = threading.Thread(target=lambda: codes.append(
+        bridge.main(bridge_args(db, fake_llm.url, state_dir), environ={})))
+    codes: list[int] = []
+    runner.start()
+    seen: list[str] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "user" not in seen:
+        logs = list((state_dir / "runs").glob("*/step-1.jsonl")) if (state_dir / "runs").exists() else []
+        seen = [line.get("type") for line in read_log(logs[0])] if logs else []
+        time.sleep(0.01)                            # poll; the request takes 0.5 s
+    runner.join(timeout=10)
+    capsys.readouterr()
+
+    assert seen == ["system", "system", "user"]      # init, the system prompt, the task: no answer yet
+    assert codes == [0]
+
+
 def test_run_log_of_a_failed_step_ends_with_an_error_result(capsys, db, fake_llm, state_dir):
     """A failed step's transcript ends error_during_execution; a skipped step has none."""
     insert_plan(db, make_plan("p1", [
