@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +24,17 @@ from fakes import (  # noqa: E402  (re-exported for tests that import from conft
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 _OTHER_VARS = ("SSL_CERT_FILE", "SSL_CERT_DIR", "MCP_MEMORY_SQLITE_PATH", "MCP_MEMORY_BASE_DIR",
                "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_reaches_children():
+    """The bridge processes the tests start get Ctrl-C as they would in a terminal.
+
+    A test run started with SIGINT ignored (a background job of a script, `make test &`)
+    would hand that on to every child, and the interrupt tests would wait in vain.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
