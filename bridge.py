@@ -416,10 +416,12 @@ def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
             os.fsync(handle.fileno())
 
 
-def _write_line(handle: Any, entry: dict) -> None:
-    """Write one JSON line to an open file and flush it (no fsync: see its callers)."""
+def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
+    """Write one JSON line to an open file and, with flush, flush it (no fsync: see
+    its callers)."""
     handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    handle.flush()
+    if flush:
+        handle.flush()
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -2761,7 +2763,7 @@ class RunLog:
         self.files: dict[int, Any] = {}     # step id -> its open transcript (one writer each)
 
     def _line(self, sid: int, entry: dict) -> None:
-        self.files[sid].write(json.dumps(entry, ensure_ascii=False) + "\n")
+        _write_line(self.files[sid], entry, flush=False)     # flushed by sent() and checked()
 
     def start(self, step: Step, model: str, cwd: Path | None) -> None:
         """Open a step's transcript."""

@@ -12,6 +12,8 @@ import json
 import math
 import re
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -336,9 +338,6 @@ def test_run_log_records_every_attempt_in_stream_json_lines(capsys, db, fake_llm
 def test_run_log_shows_the_messages_while_the_model_is_answering(capsys, db, fake_llm, state_dir):
     """A step's transcript holds its prompt while the request is still in flight (it is
     flushed when the messages are sent, not only when the step ends)."""
-    import threading
-    import time
-
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "take your time"}]))
     fake_llm.latency_s = 0.5
     fake_llm.enqueue("done")
