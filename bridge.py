@@ -20,7 +20,10 @@ Usage:
 Exit codes:
     0    success, or nothing to do
     1    a plan failed (its result memory says why)
-    2    usage, configuration, store or server unusable
+    2    usage, configuration, store or server unusable: said before any plan is
+         claimed, except when the store cannot be written as a run finishes (its
+         files stay as the run left them; the plan shows as stale, and
+         bridge --show ID says how to --resume or --rerun it)
     70   internal error (a bug: run with --debug or BRIDGE_DEBUG=1 for the traceback)
     130  interrupted (Ctrl-C or SIGTERM)
 
@@ -93,6 +96,7 @@ MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes th
 CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-4.5 chars a token)
 ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
 MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps at least this
+PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
@@ -263,13 +267,24 @@ class PlanNotFound(StoreError):
 
 
 class PlanInvalid(BridgeError):
-    """A plan failed schema or semantic validation; .problems lists every problem."""
+    """A plan failed schema or semantic validation; .problems lists every problem.
+
+    The message names the first PROBLEMS_SHOWN of them and how many more there are.
+    """
 
     exit_code = EXIT_PLAN_FAILED
 
     def __init__(self, plan_id: str, problems: list[str]):
-        super().__init__(f"plan {plan_id!r} is invalid: " + "; ".join(problems))
+        super().__init__(f"plan {plan_id!r} is invalid: " + problems_line(problems))
         self.problems = problems
+
+
+def problems_line(problems: list[str]) -> str:
+    """Return the first PROBLEMS_SHOWN problems joined by "; ", and "and N more"
+    when there are more (bridge --validate FILE lists every one)."""
+    shown = "; ".join(problems[:PROBLEMS_SHOWN])
+    more = len(problems) - PROBLEMS_SHOWN
+    return shown + (f"; and {more} more (bridge --validate lists them all)" if more > 0 else "")
 
 
 class PathError(BridgeError):
@@ -747,7 +762,8 @@ class Store:
         if path is None:
             tried = ", ".join(str(p) for p in config.db_paths)
             raise StoreError(f"no memory store found (tried {tried})",
-                             "pass --db PATH or set BRIDGE_DB to the memory server's sqlite_vec.db")
+                             "pass --db PATH or set BRIDGE_DB to the memory server's sqlite_vec.db; "
+                             "to start an empty store: bridge --submit PLAN.json --db NEWFILE")
         try:
             conn = sqlite3.connect(path, timeout=STORE_BUSY_TIMEOUT_S, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
@@ -1084,6 +1100,35 @@ class Store:
                              "identical content was stored before (perhaps soft-deleted)") from exc
         return digest
 
+    def check_usable(self) -> str | None:
+        """Return why a run could not use this store, or None when it can.
+
+        Runs PRAGMA quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
+        "ok", else the problems found, such as a corrupted page), then proves a
+        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
+        file is never changed (a read-only mount fails here, "attempt to write a
+        readonly database"). A store busy with another writer counts as writable.
+        """
+        import sqlite3
+
+        try:
+            found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            return f"PRAGMA quick_check failed: {exc}"
+        if found != ["ok"]:
+            return "PRAGMA quick_check found: " + "; ".join(map(str, found))
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
+        try:
+            self.conn.execute("CREATE TABLE bridge_write_probe (x)")
+        except sqlite3.DatabaseError as exc:
+            return f"cannot write: {exc}"
+        finally:
+            self.conn.execute("ROLLBACK")
+        return None
+
     def pending_count(self) -> int:
         """Count the live plans whose effective status is pending."""
         return sum(1 for r in self.find_plans() if r.status == "pending")
@@ -1310,6 +1355,10 @@ def _path_problems(plan: dict) -> list[str]:
         except (PathError, IsADirectoryError) as exc:
             problems.append(f"$.context.files_context[{rel!r}]: {exc}")
     for rel, n in outputs.items():
+        if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
+            problems.append(f"$.steps[{n}].file_output: {rel!r} names a folder, not a file; "
+                            "give the file's name (e.g. newdir/notes.md)")
+            continue
         try:
             path = resolve_inside(project, rel)
         except PathError as exc:
@@ -3106,7 +3155,7 @@ class Runner:
         except PlanInvalid as exc:
             problems += exc.problems
         if problems:
-            self.progress.error(f"plan {record.plan_id}: invalid: {'; '.join(problems)}")
+            self.progress.error(f"plan {record.plan_id}: invalid: {problems_line(problems)}")
             result = self._result(record, run_id, started, clock, [], [], "failed",
                                   f"plan is invalid ({len(problems)} problem(s))")
             result["problems"] = problems
@@ -3367,9 +3416,10 @@ class Runner:
         result.output = artifact
         if step.file_output:
             try:
-                files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]  # see check_plan
+                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
             except PathError as exc:
                 return AttemptError(str(exc), retryable=False)
+            self._log.say(step.id, f"  {step.label}: wrote {step.file_output} ({change.action})")
         return None
 
     def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
@@ -3407,6 +3457,8 @@ class Runner:
         if result["error"]:
             line += f" · {result['error']}"
         (self.progress.info if result["success"] else self.progress.error)(line)
+        for change in result["files"]:
+            self.progress.info(f"  file {change['path']}: {change['action']}")
         if len(result["ledger"]) > 1 or result["escalations"]:
             for text in ledger_lines(result):
                 self.progress.info(text)
@@ -3660,8 +3712,12 @@ def cmd_health(config: Config) -> int:
         report["server"].update(reachable=False, error=str(exc))
     try:
         with Store.open(config) as store:
-            report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts,
-                                   pending=store.pending_count())
+            report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts)
+            problem = store.check_usable()
+            if problem:
+                raise StoreError(f"the store {store.path} is not usable: {problem}",
+                                 "restore it from a backup, or point --db at a store that can be written")
+            report["store"].update(pending=store.pending_count())
             store_ok = True
     except StoreError as exc:
         report["store"].update(error=str(exc), hint=exc.hint)
@@ -3681,6 +3737,8 @@ def cmd_health(config: Config) -> int:
                   f"{store_info['pending']} pending plan(s)")
         else:
             print(f"store   FAIL  {store_info['error']}")
+            if store_info.get("hint"):
+                print(f"              hint: {store_info['hint']}")
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -3814,12 +3872,26 @@ def cmd_show(config: Config, plan_id: str) -> int:
         result = store.find_result(record)
     if result is None:
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
-                          f"run it with: bridge --plan {plan_id}")
+                          run_hint(record))
     if config.json:
         _print_json(result)
     else:
         print(render_result(result))
     return EXIT_OK
+
+
+def run_hint(record: PlanRecord) -> str:
+    """Return the command that runs a plan from where it is: --plan for a pending
+    one, --resume / --rerun for a stale one, --rerun for a finished one."""
+    status, plan_id = record.display_status, record.plan_id
+    if status == "stale":
+        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
+                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
+    if status == "in_progress":
+        return "it is running now; see it with: bridge --list --all"
+    if status == "pending":
+        return f"run it with: bridge --plan {plan_id}"
+    return f"run it again with: bridge --plan {plan_id} --rerun"
 
 
 def render_result(result: dict) -> str:
@@ -3881,12 +3953,15 @@ def _read_plan_file(path: str) -> Any:
 def cmd_validate(config: Config, path: str) -> int:
     """Check a plan file with the schema and the semantic rules; print every
     problem with its JSON path. Returns EXIT_OK or EXIT_PLAN_FAILED."""
+    raw = None
     try:
-        plan = check_plan(_read_plan_file(path))
+        raw = _read_plan_file(path)
+        plan = check_plan(raw)
         problems, plan_id = [], plan.id
     except PlanInvalid as exc:
         problems = exc.problems
-        plan_id = None
+        # an invalid plan that has an id is still named by it
+        plan_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
     if config.json:
         _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id, "problems": problems})
     elif problems:
@@ -3961,7 +4036,7 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     except PlanInvalid as exc:
         return {"plan_id": record.plan_id, "valid": False, "problems": exc.problems, "steps": []}
     placeholders = {sid: f"<the output of step {sid}, once it has run>" for sid in plan.steps}
-    steps = []
+    steps, targets = [], set()
     for sid in sequential_order(step_graph(plan)):
         step = plan.steps[sid]
         budget = None
@@ -3975,8 +4050,19 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
         schema = output_schema(step.validation)
         steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
                       "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
-                      else None})
+                      else None, "file_output": _dry_run_target(plan, step, targets)})
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps}
+
+
+def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
+    """Return {"path", "target" (absolute), "action": "create" | "overwrite"} of a
+    step's file_output, or None. A file an earlier step writes is overwritten."""
+    if not step.file_output:
+        return None
+    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]  # see check_plan
+    action = "overwrite" if step.file_output in targets or os.path.lexists(target) else "create"
+    targets.add(step.file_output)
+    return {"path": step.file_output, "target": target, "action": action}
 
 
 def _render_dry_run(entry: dict) -> str:
@@ -3992,6 +4078,8 @@ def _render_dry_run(entry: dict) -> str:
             lines.append(f"--- {message['role']} ---\n{message['content']}")
         if step["response_format"]:
             lines.append(f"--- response_format ---\n{json.dumps(step['response_format'])}")
+        if step["file_output"]:
+            lines.append(f"--- file_output ---\nwould {step['file_output']['action']} {step['file_output']['target']}")
     return "\n".join(lines)
 
 
@@ -4083,8 +4171,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         return EXIT_OK
     except Exception:
         if debug:
-            raise
-        print("bridge: internal error (a bug); run again with --debug to see the traceback",
+            import traceback
+
+            traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
+        print("bridge: internal error (a bug)" + ("" if debug else "; run again with --debug to see the traceback"),
               file=sys.stderr)
         return EXIT_INTERNAL
 
