@@ -1116,7 +1116,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             return f"PRAGMA quick_check failed: {exc}"
         if found != ["ok"]:
-            return "PRAGMA quick_check found: " + "; ".join(map(str, found))
+            return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
