@@ -97,6 +97,8 @@ CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-
 ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
 MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps at least this
 PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
+DEFAULT_KEEP_RUNS = 10                 # file backups of this many runs per plan are kept for --undo
+RUN_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}"    # what new_run_id() makes
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
@@ -188,6 +190,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
     "crash_at": None,                   # str | None
+    "keep_runs": DEFAULT_KEEP_RUNS,
     "verbosity": 1,
     "json": False,
     "debug": False,
@@ -212,6 +215,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
     itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
     outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
+    keep_runs: how many runs of each plan keep their file backups for --undo.
     """
 
     __slots__ = ()
@@ -1099,6 +1103,11 @@ class Store:
             raise StoreError(f"the store already holds a memory with content hash {digest[:12]}…",
                              "identical content was stored before (perhaps soft-deleted)") from exc
         return digest
+
+    def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
+        """Record in the plan's state that --undo put back the files of run run_id at
+        undone_at (ISO 8601): {"undone_run", "undone_at"}."""
+        self._write(lambda: self._set_state(record.row_id, {"undone_run": run_id, "undone_at": undone_at}))
 
     def check_usable(self) -> str | None:
         """Return why a run could not use this store, or None when it can.
@@ -2523,6 +2532,288 @@ class FileTransaction:
         return [{"path": c.path, "action": c.action} for c in self.changes.values()]
 
 
+# -- Kept runs: what a run changed, for --diff and --undo ---------------------
+#
+# Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
+# project, start) and written.jsonl (the sha256 of every file write, made as it is
+# written), so --diff can tell a file changed since the run and --undo can refuse to
+# overwrite it. The backups of the last keep_runs runs of a plan are kept (0600 in a
+# 0700 folder); older ones are deleted. Only bridge writes these files, and each path
+# read back is still checked: a run id by its form, a project path by resolve_inside,
+# a backup by being inside the runs folder.
+
+
+def sha256_hex(data: bytes) -> str:
+    """Return the sha256 of bytes, in hex."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_run_dir(run_dir: Path) -> None:
+    """Make a run's folder, for this user only (0700): its backups and transcripts
+    hold the project's files and prompts."""
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+
+
+def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str) -> None:
+    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at"},
+    which --diff and --undo read back."""
+    info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
+            "project": os.path.abspath(project) if project is not None else None}
+    atomic_write(run_dir / "run.json", json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+
+
+def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
+    """Append {"step", "path", "sha256", "bytes"} of one file write to written.jsonl
+    (fsynced): what the run left in that file, to tell later changes from it."""
+    append_jsonl(run_dir / "written.jsonl", {"step": step, "path": rel, "sha256": sha256_hex(data),
+                                             "bytes": len(data)})
+
+
+def keep_backups(run_dir: Path) -> None:
+    """Make a finished run's backups private (files 0600, folder 0700), to keep for --undo."""
+    backups = run_dir / "backups"
+    if backups.is_dir() and not backups.is_symlink():
+        os.chmod(backups, 0o700)
+        for entry in os.scandir(backups):
+            if entry.is_file(follow_symlinks=False):
+                os.chmod(entry.path, 0o600)
+
+
+def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
+    """Return the folders of a plan's runs (by their run.json), oldest first."""
+    from pathlib import Path
+
+    found = []
+    with _suppress(FileNotFoundError):
+        for entry in os.scandir(runs_dir):
+            if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
+                info = _read_json(Path(entry.path) / "run.json")
+                if isinstance(info, dict) and info.get("plan_id") == plan_id:
+                    found.append(Path(entry.path))
+    return sorted(found, key=lambda p: p.name)       # run ids sort by time
+
+
+def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
+    """Delete the backups of a plan's runs but the newest keep; return the run ids
+    pruned. Transcripts and journals stay; those runs can no longer be undone."""
+    import shutil
+
+    older = plan_runs(runs_dir, plan_id)
+    older = older[: max(0, len(older) - keep)]
+    pruned = []
+    for run_dir in older:
+        if (run_dir / "backups").is_dir() and not (run_dir / "backups").is_symlink():
+            shutil.rmtree(run_dir / "backups", ignore_errors=True)
+            pruned.append(run_dir.name)
+    return pruned
+
+
+def backups_usage(runs_dir: Path) -> dict:
+    """Return {"runs": runs with backups, "bytes": their size} under runs_dir (symlinks
+    not followed)."""
+    from pathlib import Path
+
+    runs = total = 0
+    with _suppress(FileNotFoundError):
+        for entry in os.scandir(runs_dir):
+            backups = Path(entry.path, "backups")
+            if not entry.is_dir(follow_symlinks=False) or not backups.is_dir() or backups.is_symlink():
+                continue
+            runs += 1
+            total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
+                         if e.is_file(follow_symlinks=False))
+    return {"runs": runs, "bytes": total}
+
+
+def _read_json(path: Path) -> Any:
+    """Return a small JSON file's value, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
+    """Return the folder of run run_id: a folder directly inside runs_dir (not a
+    symlink) whose name has the form of new_run_id(). Raises ConfigError for any
+    other value (a run id read back from the store is checked the same way),
+    BridgeError when there is no such run."""
+    import stat
+
+    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise ConfigError(f"{run_id!r} is not a bridge run id (like 20261204T192316Z-1a2b3c4d)",
+                          "run ids are in bridge --show ID (run …) and are the folders of STATE_DIR/runs")
+    run_dir = runs_dir / run_id
+    try:
+        mode = os.lstat(run_dir).st_mode
+    except FileNotFoundError:
+        raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir") from None
+    if not stat.S_ISDIR(mode):
+        raise BridgeError(f"run {run_id} in {runs_dir} is not a folder", "remove it; bridge made no such entry")
+    return run_dir
+
+
+class KeptFile(namedtuple("KeptFile", "path action backup mode written_sha256")):
+    """One path a run wrote, from its journal: path (relative to the project), action
+    ("created" or "modified"), backup (the original's copy, or None), mode (the
+    original's permission bits), written_sha256 (what the run last wrote, or None
+    when that was not recorded)."""
+
+    __slots__ = ()
+
+
+class KeptRun:
+    """What one finished run changed, read back from its folder under --state-dir.
+
+    run_id, run_dir, plan_id, project (the project's absolute Path, or None),
+    files (list of KeptFile, in write order), reverted (the run put its files back
+    itself), undone_at (ISO time of its --undo, or None). Build with KeptRun.load.
+    """
+
+    def __init__(self, run_id: str, run_dir: Path, plan_id: str, project: Path | None,
+                 files: list[KeptFile], reverted: bool, undone_at: str | None):
+        self.run_id, self.run_dir, self.plan_id, self.project = run_id, run_dir, plan_id, project
+        self.files, self.reverted, self.undone_at = files, reverted, undone_at
+
+    @classmethod
+    def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
+        """Read and check run run_id of plan plan_id. Raises ConfigError for a
+        malformed run id, BridgeError when the run is not there, is another plan's,
+        predates run.json, or its journal names a path outside the project or a
+        backup outside runs_dir."""
+        from pathlib import Path
+
+        run_dir = run_dir_of(runs_dir, run_id)
+        info = _read_json(run_dir / "run.json")
+        if not isinstance(info, dict):
+            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
+                              "only runs made since can be shown or undone")
+        if info.get("plan_id") != plan_id:
+            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not {plan_id!r}",
+                              f"pass that plan's id, or a run of {plan_id!r} with --run")
+        project = Path(info["project"]) if isinstance(info.get("project"), str) else None
+        if project is not None and not project.is_absolute():
+            raise BridgeError(f"run {run_id}: run.json names a relative project {project}", "remove that run")
+        written = {e["path"]: e.get("sha256") for e in read_jsonl(run_dir / "written.jsonl")
+                   if isinstance(e.get("path"), str)}
+        entries = read_jsonl(run_dir / "journal.jsonl")
+        files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
+        undone = _read_json(run_dir / "undone.json")
+        return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
+                   undone.get("undone_at") if isinstance(undone, dict) else None)
+
+    @staticmethod
+    def _checked(run_id: str, runs_dir: Path, project: Path | None, entry: dict, written: dict) -> KeptFile:
+        """Return a journal entry as a KeptFile once its paths are checked."""
+        from pathlib import Path
+
+        rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
+        if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
+            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: {entry!r}",
+                              "the run cannot be shown or undone")
+        resolve_inside(project, rel)          # raises PathError for a path leaving the project
+        for folder in entry.get("created_dirs") or []:
+            where = Path(os.path.abspath(folder))
+            if where == project or not (where.is_relative_to(project) or where.is_relative_to(project.resolve())):
+                raise PathError(f"run {run_id}: journal names a folder outside the project: {folder}")
+        backup_path = Path(backup) if isinstance(backup, str) and backup else None
+        if backup_path is not None and not backup_path.resolve().is_relative_to(runs_dir.resolve()):
+            raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
+        mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
+        return KeptFile(rel, action, backup_path, mode, written.get(rel))
+
+    def current(self, kept: KeptFile) -> bytes | None:
+        """Return the file's bytes now, or None when it is missing or not a regular
+        file (a symlink is not followed)."""
+        import stat
+
+        target = self.project / kept.path        # type: ignore[operator]  # files imply a project
+        try:
+            if not stat.S_ISREG(os.lstat(target).st_mode):
+                return None
+            return target.read_bytes()
+        except OSError:
+            return None
+
+    def original(self, kept: KeptFile) -> bytes | None:
+        """Return the bytes before the run: the backup's (None when it was removed
+        by retention), b"" for a file the run created."""
+        if kept.action == "created":
+            return b""
+        try:
+            return kept.backup.read_bytes() if kept.backup else None
+        except OSError:
+            return None
+
+    def diff(self) -> list[dict]:
+        """Return, per file: path, action, original_sha256, written_sha256,
+        current_sha256 (None: missing now), changed_since_run, diff (a unified diff
+        from the original to the file as it is now, paths relative to the project)."""
+        entries = []
+        for kept in self.files:
+            before, now = self.original(kept), self.current(kept)
+            current_sha = sha256_hex(now) if now is not None else None
+            entries.append({
+                "path": kept.path, "action": kept.action,
+                "original_sha256": None if kept.action == "created" or before is None else sha256_hex(before),
+                "written_sha256": kept.written_sha256, "current_sha256": current_sha,
+                "changed_since_run": current_sha != kept.written_sha256,
+                "diff": file_diff(kept.path, before if kept.action == "modified" else None, now,
+                                  backup_gone=before is None)})
+        return entries
+
+    def undo(self, force: bool = False) -> list[str]:
+        """Put back every file the run changed, with the originals' bytes and modes, and
+        remove the files and folders it created (FileTransaction.recover of this run).
+
+        Returns the paths put back. Raises BridgeError, changing nothing, when a
+        file changed after the run (unless force) or an original's backup is gone,
+        naming each file; RollbackError when a file could not be restored.
+        """
+        gone = [k.path for k in self.files if k.action == "modified" and self.original(k) is None]
+        if gone:
+            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} file(s) are no "
+                              f"longer kept: {', '.join(gone)}", "backups are kept for the last runs of a plan "
+                              "only (--keep-runs, BRIDGE_KEEP_RUNS)")
+        changed = [entry["path"] for entry in self.diff() if entry["changed_since_run"]]
+        if changed and not force:
+            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed after the run: "
+                              f"{', '.join(changed)}",
+                              f"see them with bridge --diff {self.plan_id} --run {self.run_id}; "
+                              "--force puts the originals back anyway")
+        restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
+        self.undone_at = utc_now_iso()
+        append_jsonl(self.run_dir / "journal.jsonl", {"reverted": True, "undone_at": self.undone_at})
+        atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
+        return restored
+
+
+def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
+    """Return the unified diff (difflib) of one file from before (None: did not
+    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
+    not UTF-8, one "Binary files … differ" line."""
+    import difflib
+
+    if backup_gone:
+        return f"(the original of {rel} is no longer kept; no diff)\n"
+    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
+        ("b/" + rel) if now is not None else "/dev/null"
+    if before == now:
+        return ""
+    try:
+        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return f"Binary files {old_name} and {new_name} differ\n"
+    lines = []
+    for line in difflib.unified_diff(old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
+                                     old_name, new_name):
+        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(lines)
+
+
 ###############################################################################
 # 12. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
@@ -3168,6 +3459,8 @@ class Runner:
         self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
                            f"· {len(plan.steps)} step(s) · model {self.model}")
         run_dir = self.config.runs_dir / run_id
+        open_run_dir(run_dir)
+        write_run_info(run_dir, plan.id, run_id, plan.project, started)
         self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
         self._plan_id, self._project = plan.id, plan.project
         files = FileTransaction(plan.project, run_dir, self.config.crash_at) if plan.project else None
@@ -3221,6 +3514,9 @@ class Runner:
         for sid, entry in done.items():
             results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
             append_jsonl(run_dir / "steps.jsonl", results[sid].checkpoint())
+        for entry in read_jsonl(old_dir / "written.jsonl"):     # what the kept steps wrote, for --undo
+            if entry.get("step") in done:
+                append_jsonl(run_dir / "written.jsonl", entry)
         restored = files.recover(old_dir, set(done)) if files else []
         self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
                            f"succeeded, {len(restored)} file(s) put back")
@@ -3234,7 +3530,7 @@ class Runner:
                 files.rollback()
                 self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
             else:
-                files.discard()
+                self._keep_backups(plan, files)
                 if status == "failed":
                     kept = ", ".join(files.changes)
                     self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
@@ -3242,6 +3538,18 @@ class Runner:
             self.progress.error(str(exc))
             return str(exc)
         return None
+
+    def _keep_backups(self, plan: Plan, files: FileTransaction) -> None:
+        """Keep the run's backups for --undo (0600), then delete those of the plan's
+        runs older than the last keep_runs; with keep_runs 0, delete them all now."""
+        if self.config.keep_runs == 0:
+            files.discard()
+            return
+        keep_backups(self._runlog.run_dir)
+        pruned = prune_backups(self.config.runs_dir, plan.id, self.config.keep_runs)
+        if pruned:
+            self.progress.detail(f"plan {plan.id}: removed the backups of {len(pruned)} older run(s) "
+                                 f"(keeping {self.config.keep_runs}): {', '.join(pruned)}")
 
     def _run_steps(self, plan: Plan, results: dict[int, StepResult],
                    files: FileTransaction | None, checkpoint: Path) -> str | None:
@@ -3419,6 +3727,7 @@ class Runner:
                 change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
             except PathError as exc:
                 return AttemptError(str(exc), retryable=False)
+            record_written(self._runlog.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
             self._log.say(step.id, f"  {step.label}: wrote {step.file_output} ({change.action})")
         return None
 
@@ -3492,6 +3801,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bridge", formatter_class=_HelpFormatter,
         usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
               "       bridge --list [--all] | --show ID | --health | --cancel ID [options]\n"
+              "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
               "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]",
         description="Run plans from the doobidoo memory store on a local OpenAI-compatible model. "
                     "With no action flag, every pending plan runs, oldest first.",
@@ -3509,12 +3819,20 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
                                                           "memory (creates the store when --db names a new file)")
     actions.add_argument("--cancel", metavar="ID", help="cancel a pending plan")
+    actions.add_argument("--diff", metavar="ID", help="show what the plan's last run (or --run RUN_ID) changed "
+                                                      "in its files, as a unified diff")
+    actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "
+                                                      "changed; refuses files changed since, unless --force")
     actions.add_argument("--schema", action="store_true", help="print the plan JSON Schema")
     parser.add_argument("--dry-run", action="store_true",
                         help="with no action or --plan: check the plans that would run and print each step's "
                              "exact messages, without a server; the store is not touched")
     parser.add_argument("--replace", action="store_true",
                         help="with --submit: soft-delete the live plan with the same id")
+    parser.add_argument("--run", metavar="RUN_ID", dest="run_id",
+                        help="with --diff or --undo: that run of the plan instead of its last")
+    parser.add_argument("--force", action="store_true",
+                        help="with --undo: put the originals back even over files changed since the run")
     parser.add_argument("--events", action="store_true",
                         help="print the run as JSON events on stdout, one per line (progress stays on stderr)")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
@@ -3569,6 +3887,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
         "bridge's own journals and backups", "BRIDGE_STATE_DIR",
         "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
+    settings.add_argument("--keep-runs", metavar="N", help=_env_help(
+        "runs per plan whose file backups are kept for --undo; older ones are deleted (0: none kept)",
+        "BRIDGE_KEEP_RUNS", DEFAULT_KEEP_RUNS))
     parser.add_argument("--version", action="version", version=f"bridge {__version__}")
     return parser
 
@@ -3649,6 +3970,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
         state_dir=Path(state).expanduser() if state else default_state_dir(environ),
         crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
+        keep_runs=_number("runs kept", "--keep-runs or BRIDGE_KEEP_RUNS", pick(args.keep_runs, "BRIDGE_KEEP_RUNS"),
+                          DEFAULT_KEEP_RUNS, int),
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         json=args.json_,
         debug=args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0"),
@@ -3721,6 +4044,8 @@ def cmd_health(config: Config) -> int:
             store_ok = True
     except StoreError as exc:
         report["store"].update(error=str(exc), hint=exc.hint)
+    report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
+                         "keep_runs": config.keep_runs}
     report["ok"] = server_ok and store_ok
     if config.json:
         _print_json(report)
@@ -3739,6 +4064,9 @@ def cmd_health(config: Config) -> int:
             print(f"store   FAIL  {store_info['error']}")
             if store_info.get("hint"):
                 print(f"              hint: {store_info['hint']}")
+        backups = report["backups"]
+        print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
+              f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -3873,10 +4201,75 @@ def cmd_show(config: Config, plan_id: str) -> int:
     if result is None:
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
                           run_hint(record))
+    if record.state.get("undone_run") == result.get("run_id") and record.state.get("undone_at"):
+        result = {**result, "undone_at": record.state["undone_at"]}   # shown, not stored: the result is as run
     if config.json:
         _print_json(result)
     else:
         print(render_result(result))
+        if record.display_status == "stale":
+            print(f"  now: stale; {run_hint(record)}")
+    return EXIT_OK
+
+
+def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRecord, KeptRun]:
+    """Return a plan's record and its run run_id (default: its last, from its state;
+    checked like --run). Raises PlanNotFound, BridgeError when it never ran."""
+    with Store.open(config) as store:
+        record = store.get_plan(plan_id)
+    if run_id is None:
+        run_id = record.state.get("run_id")
+        if run_id is None:
+            raise BridgeError(f"plan {plan_id!r} has not run yet (it is {record.display_status})", run_hint(record))
+    return record, KeptRun.load(config.runs_dir, run_id, record.plan_id)
+
+
+def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
+    """Print what a run changed: per file its action and whether it changed since the
+    run, then the unified diff from its original to the file as it is now (--json:
+    {"plan_id", "run_id", "project", "reverted", "undone_at", "files": [...]}, each
+    file as KeptRun.diff gives it). Returns EXIT_OK."""
+    record, kept = _kept_run(config, plan_id, run_id)
+    files = kept.diff()
+    if config.json:
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
+                     "project": str(kept.project) if kept.project else None,
+                     "reverted": kept.reverted, "undone_at": kept.undone_at, "files": files})
+        return EXIT_OK
+    state = " · undone at " + kept.undone_at if kept.undone_at else \
+        " · the run put its files back itself" if kept.reverted else ""
+    print(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} file(s){state}")
+    for entry in files:
+        now = "missing now" if entry["current_sha256"] is None else \
+            "changed since the run" if entry["changed_since_run"] else "as the run left it"
+        print(f"=== {entry['path']}: {entry['action']} · {now}")
+        sys.stdout.write(entry["diff"])
+    return EXIT_OK
+
+
+def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
+    """Put back the files a run changed (KeptRun.undo) and record it in the plan's
+    state. A run already undone, or that put its files back itself, is a no-op
+    (EXIT_OK, saying so). Raises BridgeError when the plan is running or stale, or
+    when KeptRun.undo refuses."""
+    record, kept = _kept_run(config, plan_id, run_id)
+    if record.display_status in ("in_progress", "stale"):
+        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; not undoing a run under it",
+                          run_hint(record))
+    if kept.undone_at or kept.reverted:
+        why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
+        print(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo")
+        return EXIT_OK
+    restored = kept.undo(force)
+    with Store.open(config) as store:
+        store.record_undo(store.get_plan(plan_id), kept.run_id, kept.undone_at)   # type: ignore[arg-type]
+    if config.json:
+        _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": restored})
+        return EXIT_OK
+    print(f"undid run {kept.run_id} of plan {plan_id}: {len(restored)} file(s) put back")
+    for kept_file in kept.files:
+        verb = "removed (the run created it)" if kept_file.action == "created" else "restored"
+        print(f"  {kept_file.path}: {verb}")
     return EXIT_OK
 
 
@@ -3909,6 +4302,8 @@ def render_result(result: dict) -> str:
         lines.append(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
     if result.get("error"):
         lines.append(f"  error: {result['error']}")
+    if result.get("undone_at"):
+        lines.append(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
     for problem in result.get("problems") or []:
         lines.append(f"  problem: {problem}")
     for step in result.get("steps", []):
@@ -4112,7 +4507,12 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--rerun starts over, --resume continues: pick one")
     if args.replace and not args.submit:
         parser.error("--replace goes with --submit FILE")
-    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel or args.schema
+    if args.run_id and not (args.diff or args.undo):
+        parser.error("--run RUN_ID goes with --diff ID or --undo ID")
+    if args.force and not args.undo:
+        parser.error("--force goes with --undo ID")
+    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
+        or args.schema or args.diff or args.undo
     if args.dry_run and other_action:
         parser.error("--dry-run goes with a run (no action flag, or --plan ID)")
     if args.events and (other_action or args.dry_run):
@@ -4148,6 +4548,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return cmd_submit(config, args.submit, args.replace)
         if args.cancel:
             return cmd_cancel(config, args.cancel)
+        if args.diff:
+            return cmd_diff(config, args.diff, args.run_id)
+        if args.undo:
+            return cmd_undo(config, args.undo, args.run_id, args.force)
         if args.schema:
             sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
             return EXIT_OK
