@@ -3545,7 +3545,8 @@ class Runner:
         if self.config.keep_runs == 0:
             files.discard()
             return
-        keep_backups(self._runlog.run_dir)
+        for run_dir in plan_runs(self.config.runs_dir, plan.id):   # this one, and those it took over
+            keep_backups(run_dir)
         pruned = prune_backups(self.config.runs_dir, plan.id, self.config.keep_runs)
         if pruned:
             self.progress.detail(f"plan {plan.id}: removed the backups of {len(pruned)} older run(s) "

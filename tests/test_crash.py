@@ -133,6 +133,13 @@ def backup_dirs(state_dir: Path) -> list[Path]:
     return sorted((state_dir / "runs").glob("*/backups"))
 
 
+def assert_backups_private(state_dir: Path) -> None:
+    """A completed run keeps its backups for --undo, readable by this user only."""
+    files = [p for folder in backup_dirs(state_dir) for p in folder.iterdir()]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files), files
+    assert all((p.parent.parent.stat().st_mode & 0o777) == 0o700 for p in files), files
+
+
 def journal(state_dir: Path, run_id: str) -> list[dict]:
     return bridge.read_jsonl(state_dir / "runs" / run_id / "journal.jsonl")
 
@@ -253,7 +260,7 @@ def test_crash_during_the_first_file_write_is_undone_and_resume_reruns_every_ste
     assert "Traceback" not in err
     assert prompts_sent(fake_llm) == ["task-one", "task-two", "task-three"]
     assert_final_files(proj)
-    assert backup_dirs(state_dir) == []
+    assert_backups_private(state_dir)
     assert plan_state(db, PLAN_ID)["status"] == "completed"
     assert [r["run_id"] for r in stored_results(db)] == [result["run_id"]]
     check_store(db)
@@ -365,7 +372,7 @@ def test_run_killed_mid_stream_resumes_after_its_succeeded_step(capsys, db, proj
     assert result["files"] == [{"path": "keep.txt", "action": "modified"}, {"path": MADE, "action": "created"}]
     assert "Traceback" not in err
     assert_final_files(proj)
-    assert backup_dirs(state_dir) == []
+    assert_backups_private(state_dir)
     assert plan_state(db, PLAN_ID)["status"] == "completed"
     assert len(stored_results(db)) == 1
     check_store(db)
@@ -393,7 +400,7 @@ def test_rerun_of_a_stale_plan_puts_back_the_dead_runs_files_and_starts_over(
     # keep.txt was put back before step 1 rewrote it, so its original is what a revert would restore
     assert result["files"][0] == {"path": "keep.txt", "action": "modified"}
     assert_final_files(proj)
-    assert backup_dirs(state_dir) == []
+    assert_backups_private(state_dir)
     check_store(db)
 
 

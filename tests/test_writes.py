@@ -491,7 +491,8 @@ def test_successful_run_leaves_exactly_its_outputs_in_the_project(project, tmp_p
     assert tree(project) == before | {"lib", "lib/util", "lib/util/helper.py"}
     assert (project / "README.md").read_text() == "# Better readme"
     assert (project / "src" / "old.py").read_text() == "old = False\n"
-    assert not list(state_dir.rglob("backups/*"))
+    kept = list(state_dir.rglob("backups/*"))           # kept for --undo, private
+    assert len(kept) == 2 and all(p.stat().st_mode & 0o777 == 0o600 for p in kept)
 
 
 @pytest.mark.parametrize("reply", [
