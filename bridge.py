@@ -14,8 +14,10 @@ Usage:
     bridge --plan ID [--rerun]  run one plan (a finished one only with --rerun)
     bridge --list [--all]       list pending plans (--all: every plan and its status)
     bridge --health             check the model server and the store
+    bridge --diff ID [--run RUN_ID]   what the plan's last run (or that run) changed
+    bridge --undo ID [--run RUN_ID] [--force]   put back the files that run changed
     Add --json for one JSON document on stdout, -v for prompts and outputs, -q for
-    errors only.
+    errors only. --keep-runs N: how many runs per plan keep their backups for --undo.
 
 Exit codes:
     0    success, or nothing to do
@@ -23,7 +25,8 @@ Exit codes:
     2    usage, configuration, store or server unusable: said before any plan is
          claimed, except when the store cannot be written as a run finishes (its
          files stay as the run left them; the plan shows as stale, and
-         bridge --show ID says how to --resume or --rerun it)
+         bridge --show ID says how to --resume or --rerun it); --undo refusing
+         (a file changed since the run) exits 2 and changes nothing
     70   internal error (a bug: run with --debug or BRIDGE_DEBUG=1 for the traceback)
     130  interrupted (Ctrl-C or SIGTERM)
 
@@ -32,6 +35,7 @@ Environment (a flag wins over its variable):
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES
     BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
+    BRIDGE_KEEP_RUNS                                          runs per plan kept for --undo
     BRIDGE_DEBUG                                              tracebacks for bugs
 
 Rooms, in the order a run passes through them:
@@ -2593,7 +2597,8 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
                 info = _read_json(Path(entry.path) / "run.json")
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
-    return sorted(found, key=lambda p: p.name)       # run ids sort by time
+    # a run id sorts by its second only; run.json is written as the run starts
+    return sorted(found, key=lambda p: (p.name[:16], (p / "run.json").stat().st_mtime_ns, p.name))
 
 
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
