@@ -117,7 +117,7 @@ PLAN_TAG = "bridge-plan"
 RESULT_TAG = "bridge-result"
 PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x ontology
 RESULT_MEMORY_TYPE = "tool_outcome"
-PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled", "awaiting_review")
 
 # What the same tokens would cost on Claude, in US dollars per million tokens
 # (input, output). Source: https://platform.claude.com/docs/en/about-claude/pricing,
@@ -195,6 +195,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "tool_env": (),                     # tuple[tuple[str, str], ...]
     "crash_at": None,                   # str | None
     "keep_runs": DEFAULT_KEEP_RUNS,
+    "review": False,
     "verbosity": 1,
     "json": False,
     "debug": False,
@@ -220,6 +221,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
     outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
     keep_runs: how many runs of each plan keep their file backups for --undo.
+    review: stage the files a run writes under its folder (--review), not in the project.
     """
 
     __slots__ = ()
@@ -1112,6 +1114,17 @@ class Store:
         """Record in the plan's state that --undo put back the files of run run_id at
         undone_at (ISO 8601): {"undone_run", "undone_at"}."""
         self._write(lambda: self._set_state(record.row_id, {"undone_run": run_id, "undone_at": undone_at}))
+
+    def record_review(self, record: PlanRecord, run_id: str, expected: str, changes: dict) -> bool:
+        """Merge changes into the plan's state if it is still `expected` with run
+        run_id (one transaction); False, changing nothing, when it is not."""
+        def work() -> bool:
+            state = self.reload(record).state
+            if state.get("status") != expected or state.get("run_id") != run_id:
+                return False
+            self._set_state(record.row_id, changes)
+            return True
+        return self._write(work)
 
     def check_usable(self) -> str | None:
         """Return why a run could not use this store, or None when it can.
@@ -2675,13 +2688,23 @@ class KeptRun:
 
     run_id, run_dir, plan_id, project (the project's absolute Path, or None),
     files (list of KeptFile, in write order), reverted (the run put its files back
-    itself), undone_at (ISO time of its --undo, or None). Build with KeptRun.load.
+    itself), undone_at (ISO time of its --undo, or None); for a --review run,
+    staged ({path: {"step", "action", "base_sha256", "sha256"}}, in staging order)
+    and reads ({LOAD path: sha256 or None} as the run read them). Build with
+    KeptRun.load.
     """
 
     def __init__(self, run_id: str, run_dir: Path, plan_id: str, project: Path | None,
-                 files: list[KeptFile], reverted: bool, undone_at: str | None):
+                 files: list[KeptFile], reverted: bool, undone_at: str | None,
+                 staged: dict[str, dict] | None = None, reads: dict[str, Any] | None = None):
         self.run_id, self.run_dir, self.plan_id, self.project = run_id, run_dir, plan_id, project
         self.files, self.reverted, self.undone_at = files, reverted, undone_at
+        self.staged, self.reads = staged or {}, reads or {}
+
+    @property
+    def awaiting_review(self) -> bool:
+        """True for a --review run whose staged files are not applied (nor dropped)."""
+        return bool(self.staged) and not self.files and (self.run_dir / "staged").is_dir()
 
     @classmethod
     def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
@@ -2707,8 +2730,17 @@ class KeptRun:
         entries = read_jsonl(run_dir / "journal.jsonl")
         files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
         undone = _read_json(run_dir / "undone.json")
+        staged: dict[str, dict] = {}
+        for entry in read_jsonl(run_dir / "staged.jsonl"):
+            if project is None or not isinstance(entry.get("path"), str):
+                raise BridgeError(f"run {run_id}: staged.jsonl has an entry bridge did not write: {entry!r}")
+            resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
+            first = staged.setdefault(entry["path"], dict(entry))
+            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
+        reads = _read_json(run_dir / "reads.json")
         return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
-                   undone.get("undone_at") if isinstance(undone, dict) else None)
+                   undone.get("undone_at") if isinstance(undone, dict) else None, staged,
+                   {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
 
     @staticmethod
     def _checked(run_id: str, runs_dir: Path, project: Path | None, entry: dict, written: dict) -> KeptFile:
@@ -2733,15 +2765,7 @@ class KeptRun:
     def current(self, kept: KeptFile) -> bytes | None:
         """Return the file's bytes now, or None when it is missing or not a regular
         file (a symlink is not followed)."""
-        import stat
-
-        target = self.project / kept.path        # type: ignore[operator]  # files imply a project
-        try:
-            if not stat.S_ISREG(os.lstat(target).st_mode):
-                return None
-            return target.read_bytes()
-        except OSError:
-            return None
+        return read_regular(self.project / kept.path)       # type: ignore[operator]  # files imply a project
 
     def original(self, kept: KeptFile) -> bytes | None:
         """Return the bytes before the run: the backup's (None when it was removed
@@ -2770,6 +2794,53 @@ class KeptRun:
                                   backup_gone=before is None)})
         return entries
 
+    def staged_diff(self) -> list[dict]:
+        """Return, per staged file: path, action, original_sha256 (the project file's
+        when the run staged it), staged_sha256, current_sha256 (the project file's now,
+        None: missing), changed_since_run, diff (from the project file now to the
+        staged file: what --apply would change)."""
+        entries = []
+        for rel, entry in self.staged.items():
+            now, staged = read_regular(self.project / rel), read_regular(self.run_dir / "staged" / rel)  # type: ignore[operator]
+            current_sha = sha256_hex(now) if now is not None else None
+            entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
+                            "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
+                            "changed_since_run": current_sha != entry.get("base_sha256"),
+                            "diff": file_diff(rel, now, staged)})
+        return entries
+
+    def apply_conflicts(self) -> list[str]:
+        """Return "PATH (why)" for every file the run read or would replace that
+        changed in the project since the run; [] when --apply may go ahead."""
+        found = [f"{e['path']} (to be replaced; changed since the run)"
+                 for e in self.staged_diff() if e["changed_since_run"]]
+        for rel, digest in self.reads.items():
+            data = read_regular(self.project / rel)           # type: ignore[operator]
+            if rel not in self.staged and (sha256_hex(data) if data is not None else None) != digest:
+                found.append(f"{rel} (read by the run; changed since)")
+        return found
+
+    def apply(self) -> list[dict]:
+        """Write the staged files into the project through a FileTransaction of this
+        run (atomic, journalled, backups kept), recording each write's sha256; on any
+        failure put back what was written and re-raise. Returns the summary."""
+        files = FileTransaction(self.project, self.run_dir)      # type: ignore[arg-type]
+        try:
+            for rel, entry in self.staged.items():
+                data = read_regular(self.run_dir / "staged" / rel)
+                if data is None or sha256_hex(data) != entry.get("sha256"):
+                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or changed",
+                                      "reject the run (bridge --reject ID) and run it again")
+                step = entry.get("step") if isinstance(entry.get("step"), int) else 0
+                files.write(rel, data.decode("utf-8"), step)
+                record_written(self.run_dir, rel, data, step)
+        except BaseException:
+            with shielded_signals(lambda text: None):
+                files.rollback()
+            raise
+        keep_backups(self.run_dir)
+        return files.summary()
+
     def undo(self, force: bool = False) -> list[str]:
         """Put back every file the run changed, with the originals' bytes and modes, and
         remove the files and folders it created (FileTransaction.recover of this run).
@@ -2794,6 +2865,98 @@ class KeptRun:
         append_jsonl(self.run_dir / "journal.jsonl", {"reverted": True, "undone_at": self.undone_at})
         atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
         return restored
+
+
+class StagedFiles:
+    """The files of a --review run: written under the run's folder (staged/PATH, 0600),
+    never into the project; --apply writes them there later.
+
+    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
+    changes, so the runner uses either. staged.jsonl records each write: {"step",
+    "path", "action" (created | modified, as the project was), "base_sha256" (the
+    project file's before its first staging, None when absent), "sha256"};
+    reads.json the sha256 of every LOAD file as the run found it in the project.
+    """
+
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
+        import threading
+
+        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
+        self.changes: dict[str, FileChange] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def note_reads(self, files_context: dict[str, str]) -> None:
+        """Record the sha256 of every LOAD file as it is in the project now (None: absent)."""
+        reads = {}
+        for rel, mode in files_context.items():
+            if mode == "LOAD":
+                data = read_regular(self.project / rel)
+                reads[rel] = sha256_hex(data) if data is not None else None
+        atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
+
+    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
+        """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
+        when rel leads outside the project, or the run is ending."""
+        target = resolve_inside(self.project, rel)
+        data = text.encode("utf-8")
+        with self.lock:
+            if self.closed:
+                raise PathError(f"not staging {rel!r}: the run is ending")
+            try:
+                staged = self.run_dir / "staged" / rel
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(staged, data, 0o600)
+            except OSError as exc:
+                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: {exc.strerror or exc}") from exc
+            change = self.changes.get(rel)
+            base = None
+            if change is None:
+                base = read_regular(target)
+                change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
+            append_jsonl(self.run_dir / "staged.jsonl", {
+                "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
+                "base_sha256": sha256_hex(base) if base is not None else None})
+        return change
+
+    def path_of(self, rel: str) -> Path | None:
+        """Return the staged copy of rel, or None when no step staged it."""
+        return self.run_dir / "staged" / rel if rel in self.changes else None
+
+    def close(self) -> None:
+        """Refuse every later write."""
+        with self.lock:
+            self.closed = True
+
+    def rollback(self) -> None:
+        """Drop the staged files (the project was never touched)."""
+        self.close()
+        self.discard()
+
+    def discard(self) -> None:
+        """Delete the staged files."""
+        import shutil
+
+        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
+
+    def summary(self) -> list[dict]:
+        """Return [{"path", "action", "staged": True}] in staging order (action as the
+        project would see it: created or modified)."""
+        return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
+
+
+def read_regular(path: Path) -> bytes | None:
+    """Return a regular file's bytes, or None when it is missing or not a regular
+    file (a symlink is not followed)."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
 
 
 def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
@@ -2848,7 +3011,8 @@ class _Block:
         return self.head + self.body + self.tail
 
 
-def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str]) -> list[_Block]:
+def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
+                   staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
     blocks = []
     if plan.objective:
         blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
@@ -2856,7 +3020,8 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str]) -> list[_Blo
         if mode != "LOAD":
             continue
         try:
-            text = read_load_file(plan.project / rel, rel)  # type: ignore[operator]
+            # a --review run reads the staged version of a file an earlier step wrote
+            text = read_load_file((staged and staged(rel)) or plan.project / rel, rel)  # type: ignore[operator]
         except FileNotFoundError:
             text = "(this file does not exist yet)"
         except (PathError, IsADirectoryError) as exc:   # it changed since the plan was checked
@@ -2876,7 +3041,8 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str]) -> list[_Blo
 
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
-                   budget_tokens: int | None = None) -> list[dict]:
+                   budget_tokens: int | None = None,
+                   staged: Callable[[str], Path | None] | None = None) -> list[dict]:
     """Return the chat messages of a step's first attempt.
 
     The system message is the step's (or plan default's) system prompt, else
@@ -2890,9 +3056,10 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
     cut, the largest first, each keeping at least MIN_CUT_CHARS characters and a
     marker saying what was cut; REFERENCE entries are never expanded; the task,
     the objective and the answer-format line are never cut. Raises PromptTooLarge
-    with the numbers when even that does not fit.
+    with the numbers when even that does not fit. staged: for a --review run,
+    returns the staged copy of a project path (or None), read instead of the file.
     """
-    blocks = _prompt_blocks(plan, step, outputs)
+    blocks = _prompt_blocks(plan, step, outputs, staged)
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
 
     def messages() -> list[dict]:
@@ -3468,7 +3635,10 @@ class Runner:
         write_run_info(run_dir, plan.id, run_id, plan.project, started)
         self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
         self._plan_id, self._project = plan.id, plan.project
-        files = FileTransaction(plan.project, run_dir, self.config.crash_at) if plan.project else None
+        kind = StagedFiles if self.config.review else FileTransaction
+        files = kind(plan.project, run_dir, self.config.crash_at) if plan.project else None
+        if isinstance(files, StagedFiles):
+            files.note_reads(plan.files_context)
         self._files = files
         results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
         error, interrupted = None, None
@@ -3493,6 +3663,8 @@ class Runner:
             if file_error:
                 error = f"{error}; {file_error}" if error else file_error
                 status = "failed"
+            if status == "completed" and isinstance(files, StagedFiles) and files.changes:
+                status = "awaiting_review"          # nothing is in the project until --apply
             ordered = [results[sid] for sid in sorted(results)]
             result = self._result(record, run_id, started, clock, ordered,
                                   files.summary() if files else [], status, error)
@@ -3529,6 +3701,10 @@ class Runner:
     def _settle_files(self, plan: Plan, files: FileTransaction | None, status: str) -> str | None:
         """Revert or keep the run's files as the plan asks; return an error or None."""
         if files is None or not files.changes:
+            return None
+        if isinstance(files, StagedFiles):
+            if status == "failed":
+                files.discard()         # nothing reached the project; nothing to review
             return None
         try:
             if status == "failed" and plan.rollback_strategy == "revert_files":
@@ -3613,8 +3789,9 @@ class Runner:
                   files: FileTransaction | None, position: int, model: str, clock: float,
                   say: Callable[..., None]) -> None:
         budget = self._budget(step, model)
+        staged = files.path_of if isinstance(files, StagedFiles) else None
         try:
-            messages = build_messages(plan, step, outputs, budget)
+            messages = build_messages(plan, step, outputs, budget, staged)
         except PromptTooLarge as exc:
             result.error = f"{exc} ({exc.hint})"
             result.status = "skipped" if step.on_failure == "skip" else "failed"
@@ -3733,8 +3910,11 @@ class Runner:
                 change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
             except PathError as exc:
                 return AttemptError(str(exc), retryable=False)
-            record_written(self._runlog.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
-            self._log.say(step.id, f"  {step.label}: wrote {step.file_output} ({change.action})")
+            if isinstance(files, StagedFiles):
+                self._log.say(step.id, f"  {step.label}: staged {step.file_output} ({change.action}) for review")
+            else:
+                record_written(self._runlog.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
+                self._log.say(step.id, f"  {step.label}: wrote {step.file_output} ({change.action})")
         return None
 
     def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
@@ -3746,7 +3926,8 @@ class Runner:
         generation_s = sum(s.generation_s for s in steps)
         price = self.config.price_model
         return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run_id,
-                "objective": record.objective, "status": status, "success": status == "completed",
+                "objective": record.objective, "status": status,
+                "success": status in ("completed", "awaiting_review"),
                 "started_at": started, "finished_at": utc_now_iso(),
                 "duration_s": round(time.monotonic() - clock, 3), "model": self.model,
                 "base_url": self.config.base_url, "usage": usage,
@@ -3773,7 +3954,12 @@ class Runner:
             line += f" · {result['error']}"
         (self.progress.info if result["success"] else self.progress.error)(line)
         for change in result["files"]:
-            self.progress.info(f"  file {change['path']}: {change['action']}")
+            staged = " (staged, not written)" if change.get("staged") else ""
+            self.progress.info(f"  file {change['path']}: {change['action']}{staged}")
+        if result["status"] == "awaiting_review":
+            plan_id = result["plan_id"]
+            self.progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
+                               f"bridge --apply {plan_id} or bridge --reject {plan_id}")
         if len(result["ledger"]) > 1 or result["escalations"]:
             for text in ledger_lines(result):
                 self.progress.info(text)
@@ -3808,6 +3994,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
               "       bridge --list [--all] | --show ID | --health | --cancel ID [options]\n"
               "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
+              "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
               "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]",
         description="Run plans from the doobidoo memory store on a local OpenAI-compatible model. "
                     "With no action flag, every pending plan runs, oldest first.",
@@ -3829,12 +4016,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "in its files, as a unified diff")
     actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "
                                                       "changed; refuses files changed since, unless --force")
+    actions.add_argument("--apply", metavar="ID", help="write the files a --review run of the plan staged, once "
+                                                       "the files it read and replaces are unchanged")
+    actions.add_argument("--reject", metavar="ID", help="drop the files a --review run of the plan staged")
     actions.add_argument("--schema", action="store_true", help="print the plan JSON Schema")
     parser.add_argument("--dry-run", action="store_true",
                         help="with no action or --plan: check the plans that would run and print each step's "
                              "exact messages, without a server; the store is not touched")
     parser.add_argument("--replace", action="store_true",
                         help="with --submit: soft-delete the live plan with the same id")
+    parser.add_argument("--review", action="store_true",
+                        help="with a run: stage the files it writes under --state-dir, not in the project; "
+                             "the plan waits as awaiting_review for --apply or --reject")
     parser.add_argument("--run", metavar="RUN_ID", dest="run_id",
                         help="with --diff or --undo: that run of the plan instead of its last")
     parser.add_argument("--force", action="store_true",
@@ -3976,6 +4169,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
         state_dir=Path(state).expanduser() if state else default_state_dir(environ),
         crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
+        review=args.review,
         keep_runs=_number("runs kept", "--keep-runs or BRIDGE_KEEP_RUNS", pick(args.keep_runs, "BRIDGE_KEEP_RUNS"),
                           DEFAULT_KEEP_RUNS, int),
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
@@ -4191,6 +4385,10 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
     if status == "stale" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
                           "take it over with --resume (keeps finished steps) or --rerun (starts over)")
+    if status == "awaiting_review" and not rerun:
+        raise BridgeError(f"plan {record.plan_id!r} is awaiting review of its staged files",
+                          f"see them with bridge --diff {record.plan_id}, then bridge --apply {record.plan_id} "
+                          f"or bridge --reject {record.plan_id}")
     if not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
     return (status,)
@@ -4209,6 +4407,8 @@ def cmd_show(config: Config, plan_id: str) -> int:
                           run_hint(record))
     if record.state.get("undone_run") == result.get("run_id") and record.state.get("undone_at"):
         result = {**result, "undone_at": record.state["undone_at"]}   # shown, not stored: the result is as run
+    if record.state.get("run_id") == result.get("run_id"):
+        result = {**result, **{k: record.state[k] for k in ("applied_at", "rejected_at") if record.state.get(k)}}
     if config.json:
         _print_json(result)
     else:
@@ -4236,6 +4436,8 @@ def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
     {"plan_id", "run_id", "project", "reverted", "undone_at", "files": [...]}, each
     file as KeptRun.diff gives it). Returns EXIT_OK."""
     record, kept = _kept_run(config, plan_id, run_id)
+    if kept.awaiting_review:
+        return _print_staged_diff(config, record, kept)
     files = kept.diff()
     if config.json:
         _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
@@ -4253,13 +4455,87 @@ def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
     return EXIT_OK
 
 
+def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int:
+    """Print what --apply would change (KeptRun.staged_diff); --json as cmd_diff, with
+    "awaiting_review": true."""
+    files = kept.staged_diff()
+    if config.json:
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, "project": str(kept.project),
+                     "awaiting_review": True, "files": files})
+        return EXIT_OK
+    print(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} file(s) "
+          f"staged for review: what bridge --apply {record.plan_id} would change")
+    for entry in files:
+        now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
+        print(f"=== {entry['path']}: would be {entry['action']}{now}")
+        sys.stdout.write(entry["diff"])
+    return EXIT_OK
+
+
+def _awaiting(config: Config, plan_id: str) -> tuple[PlanRecord, KeptRun]:
+    """Return a plan awaiting review and its staged run. Raises BridgeError otherwise."""
+    record, kept = _kept_run(config, plan_id, None)
+    if record.display_status != "awaiting_review" or not kept.awaiting_review:
+        raise BridgeError(f"plan {plan_id!r} is {record.display_status}, not awaiting review",
+                          "a run with --review stages its files for --apply or --reject")
+    return record, kept
+
+
+def cmd_apply(config: Config, plan_id: str) -> int:
+    """Write the files a --review run staged (KeptRun.apply), once none of the files it
+    read or will replace changed since the run; the plan becomes completed. Raises
+    BridgeError naming every changed file, changing nothing."""
+    record, kept = _awaiting(config, plan_id)
+    conflicts = kept.apply_conflicts()
+    if conflicts:
+        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed since the run: "
+                          + ", ".join(conflicts),
+                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, then run it again")
+    with Store.open(config) as store:
+        if not store.claim(record, kept.run_id, ("awaiting_review",)):     # one --apply at a time
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+        try:
+            summary = kept.apply()
+        except BaseException:
+            store.record_review(record, kept.run_id, "in_progress", {"status": "awaiting_review", "owner": None})
+            raise
+        store.record_review(record, kept.run_id, "in_progress", {
+            "status": "completed", "applied_at": utc_now_iso(), "owner": None, "finished_at": utc_now_iso()})
+    for run_dir in plan_runs(config.runs_dir, record.plan_id):
+        keep_backups(run_dir)
+    prune_backups(config.runs_dir, record.plan_id, config.keep_runs)
+    if config.json:
+        _print_json({"plan_id": plan_id, "run_id": kept.run_id, "files": summary})
+        return EXIT_OK
+    print(f"applied run {kept.run_id} of plan {plan_id}: {len(summary)} file(s) written")
+    for change in summary:
+        print(f"  {change['path']}: {change['action']}")
+    return EXIT_OK
+
+
+def cmd_reject(config: Config, plan_id: str) -> int:
+    """Drop the files a --review run staged; the plan becomes cancelled (rerun it with
+    --plan ID --rerun). Raises BridgeError when it is not awaiting review."""
+    import shutil
+
+    record, kept = _awaiting(config, plan_id)
+    with Store.open(config) as store:
+        if not store.record_review(record, kept.run_id, "awaiting_review", {
+                "status": "cancelled", "rejected_at": utc_now_iso(), "error": "staged files rejected at review"}):
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+    shutil.rmtree(kept.run_dir / "staged", ignore_errors=True)
+    print(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) dropped, "
+          "nothing written")
+    return EXIT_OK
+
+
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
     """Put back the files a run changed (KeptRun.undo) and record it in the plan's
     state. A run already undone, or that put its files back itself, is a no-op
     (EXIT_OK, saying so). Raises BridgeError when the plan is running or stale, or
     when KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
-    if record.display_status in ("in_progress", "stale"):
+    if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; not undoing a run under it",
                           run_hint(record))
     if kept.undone_at or kept.reverted:
@@ -4288,6 +4564,9 @@ def run_hint(record: PlanRecord) -> str:
                 f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
     if status == "in_progress":
         return "it is running now; see it with: bridge --list --all"
+    if status == "awaiting_review":
+        return (f"its files are staged, not written: bridge --diff {plan_id}, then bridge --apply {plan_id} "
+                f"or bridge --reject {plan_id}")
     if status == "pending":
         return f"run it with: bridge --plan {plan_id}"
     return f"run it again with: bridge --plan {plan_id} --rerun"
@@ -4310,6 +4589,10 @@ def render_result(result: dict) -> str:
         lines.append(f"  error: {result['error']}")
     if result.get("undone_at"):
         lines.append(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
+    if result.get("applied_at"):
+        lines.append(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
+    if result.get("rejected_at"):
+        lines.append(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
     for problem in result.get("problems") or []:
         lines.append(f"  problem: {problem}")
     for step in result.get("steps", []):
@@ -4518,7 +4801,9 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
     if args.force and not args.undo:
         parser.error("--force goes with --undo ID")
     other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
-        or args.schema or args.diff or args.undo
+        or args.schema or args.diff or args.undo or args.apply or args.reject
+    if args.review and (other_action or args.dry_run or args.resume):
+        parser.error("--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or --resume")
     if args.dry_run and other_action:
         parser.error("--dry-run goes with a run (no action flag, or --plan ID)")
     if args.events and (other_action or args.dry_run):
@@ -4558,6 +4843,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return cmd_diff(config, args.diff, args.run_id)
         if args.undo:
             return cmd_undo(config, args.undo, args.run_id, args.force)
+        if args.apply:
+            return cmd_apply(config, args.apply)
+        if args.reject:
+            return cmd_reject(config, args.reject)
         if args.schema:
             sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
             return EXIT_OK
