@@ -16,6 +16,8 @@ Usage:
     bridge --health             check the model server and the store
     bridge --diff ID [--run RUN_ID]   what the plan's last run (or that run) changed
     bridge --undo ID [--run RUN_ID] [--force]   put back the files that run changed
+    bridge --review [--plan ID] run, staging files under --state-dir (awaiting_review)
+    bridge --apply ID | --reject ID   write or drop what a --review run staged
     Add --json for one JSON document on stdout, -v for prompts and outputs, -q for
     errors only. --keep-runs N: how many runs per plan keep their backups for --undo.
 

@@ -416,3 +416,186 @@ def test_new_flags_and_env_are_documented():
     for flag in ("--diff", "--undo", "--run", "--force"):
         assert re.search(rf"^bridge .*{flag}", usage, re.M), f"{flag} not in the README usage block"
     assert "BRIDGE_KEEP_RUNS" in doc and "BRIDGE_KEEP_RUNS" in readme
+
+
+# --------------------------------------------------------------------------------------
+# --review, --apply, --reject
+# --------------------------------------------------------------------------------------
+
+
+def review_plan(proj: Path) -> dict:
+    """Step 1 rewrites greet.py; step 2 (LOAD greet.py) must see step 1's staged version."""
+    return make_plan("p1", context={"objective": "t", "project": str(proj),
+                                    "files_context": {"greet.py": "LOAD", "logo.bin": "REFERENCE"}}, steps=[
+        {"id": 1, "prompt": "helper", "file_output": "greet.py", "validation": {"type": "syntax_check"}},
+        {"id": 2, "prompt": "docs", "file_output": "docs/new/greet.txt", "depends_on": [1]}])
+
+
+@pytest.fixture
+def reviewed(capsys, db, fake_llm, state_dir, proj) -> dict:
+    """Plan p1 ran with --review; returns the project's snapshot (untouched)."""
+    before = snapshot(proj)
+    insert_plan(db, review_plan(proj))
+    fake_llm.enqueue(HELPER)
+    fake_llm.enqueue("greet(name) greets.")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--review", "--json")
+    assert rc == 0, err
+    result = json.loads(out)["plans"][0]
+    assert result["status"] == "awaiting_review" and result["success"] is True
+    assert "staged greet.py (modified) for review" in err and "bridge --apply p1" in err
+    return before
+
+
+def test_review_writes_nothing_into_the_project_and_the_plan_waits(db, state_dir, proj, reviewed):
+    assert snapshot(proj) == reviewed
+    assert plan_state(db, "p1")["status"] == "awaiting_review"
+    staged = state_dir / "runs" / plan_state(db, "p1")["run_id"] / "staged"
+    assert (staged / "greet.py").read_text() == "def greet(name):\n    return f'Hello, {name}!'\n"
+    assert mode_of(staged / "greet.py") == 0o600
+    check_store(db)
+
+
+def test_a_later_step_reads_the_staged_version_of_a_load_file(fake_llm, reviewed):
+    second = fake_llm.chat_requests[1]["json"]["messages"][-1]["content"]
+    assert "return f'Hello, {name}!'" in second
+    assert "'hi ' + name" not in second
+
+
+def test_diff_of_a_run_awaiting_review_shows_what_apply_would_change(capsys, db, fake_llm, state_dir, proj,
+                                                                     reviewed):
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--diff", "p1")
+    assert rc == 0, err
+    assert "staged for review: what bridge --apply p1 would change" in out.splitlines()[0]
+    assert "=== greet.py: would be modified\n--- a/greet.py\n+++ b/greet.py\n" in out
+    assert "=== docs/new/greet.txt: would be created\n--- /dev/null\n" in out
+
+    doc = diff_json(capsys, db, fake_llm, state_dir)
+    assert doc["awaiting_review"] is True
+    files = {f["path"]: f for f in doc["files"]}
+    assert files["greet.py"]["original_sha256"] == sha((proj / "greet.py").read_bytes())
+    assert files["greet.py"]["changed_since_run"] is False
+
+
+def test_apply_writes_the_staged_files_and_undo_takes_them_back(capsys, db, fake_llm, state_dir, proj, reviewed):
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--apply", "p1")
+
+    assert rc == 0, err
+    assert "applied run" in out and "2 file(s) written" in out
+    assert (proj / "greet.py").read_text() == "def greet(name):\n    return f'Hello, {name}!'\n"
+    assert (proj / "docs" / "new" / "greet.txt").read_text() == "greet(name) greets."
+    state = plan_state(db, "p1")
+    assert state["status"] == "completed" and state["applied_at"]
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1")
+    assert f"applied at {state['applied_at']}" in out
+    doc = diff_json(capsys, db, fake_llm, state_dir)
+    assert "awaiting_review" not in doc and len(doc["files"]) == 2
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "p1")
+    assert rc == 0, err
+    assert snapshot(proj) == reviewed
+    check_store(db)
+
+
+def test_apply_refuses_naming_files_replaced_or_read_that_changed(capsys, db, fake_llm, state_dir, proj, reviewed):
+    (proj / "greet.py").write_text("edited meanwhile\n")
+    after_edit = snapshot(proj)
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--apply", "p1")
+
+    assert rc == 2
+    assert "1 file(s) changed since the run: greet.py (to be replaced; changed since the run)" in err
+    assert snapshot(proj) == after_edit
+    assert plan_state(db, "p1")["status"] == "awaiting_review"
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--diff", "p1")
+    assert "=== greet.py: would be modified · changed since the run: --apply will refuse" in out
+
+
+def test_apply_refuses_when_a_file_the_run_only_read_changed(capsys, db, fake_llm, state_dir, proj):
+    insert_plan(db, make_plan("p1", context={"objective": "t", "project": str(proj),
+                                             "files_context": {"logo.bin": "LOAD"}},
+                              steps=[{"id": 1, "prompt": "x", "file_output": "out.txt"}]))
+    (proj / "logo.bin").write_text("text now\n")
+    fake_llm.enqueue("out")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--review")
+    assert rc == 0, err
+    (proj / "logo.bin").write_text("changed after the run\n")
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--apply", "p1")
+
+    assert rc == 2 and "logo.bin (read by the run; changed since)" in err
+    assert not (proj / "out.txt").exists()
+
+
+def test_reject_drops_the_staged_files(capsys, db, fake_llm, state_dir, proj, reviewed):
+    run_id = plan_state(db, "p1")["run_id"]
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--reject", "p1")
+
+    assert rc == 0, err
+    assert "2 staged file(s) dropped, nothing written" in out
+    assert snapshot(proj) == reviewed
+    assert not (state_dir / "runs" / run_id / "staged").exists()
+    state = plan_state(db, "p1")
+    assert state["status"] == "cancelled" and state["rejected_at"]
+    for action in ("--apply", "--reject"):
+        rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, action, "p1")
+        assert rc == 2 and "is cancelled, not awaiting review" in err
+    check_store(db)
+
+
+def test_a_plan_awaiting_review_says_how_to_leave_that_state(capsys, db, fake_llm, state_dir, proj, reviewed):
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--plan", "p1")
+    assert rc == 2 and "awaiting review" in err and "bridge --apply p1" in err and "bridge --reject p1" in err
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "p1")
+    assert rc == 2 and "bridge --reject p1" in err
+    assert snapshot(proj) == reviewed
+
+
+def test_a_failed_review_run_drops_its_staged_files(capsys, db, fake_llm, state_dir, proj):
+    before = snapshot(proj)
+    insert_plan(db, make_plan("p1", context={"objective": "t", "project": str(proj)},
+                              steps=[{"id": 1, "prompt": "a", "file_output": "greet.py"},
+                                     {"id": 2, "prompt": "b", "max_retries": 0, "validation": {"type": "json"}}]))
+    fake_llm.enqueue("new greet")
+    fake_llm.enqueue("not json")
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--review")
+
+    assert rc == 1
+    assert plan_state(db, "p1")["status"] == "failed"
+    assert snapshot(proj) == before
+    assert not (state_dir / "runs" / plan_state(db, "p1")["run_id"] / "staged").exists()
+
+
+def test_a_staged_path_leaving_the_project_is_refused(capsys, db, fake_llm, state_dir, proj, reviewed, tmp_path):
+    run_dir = state_dir / "runs" / plan_state(db, "p1")["run_id"]
+    with open(run_dir / "staged.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 1, "path": "../victim.txt", "action": "created", "sha256": "0",
+                                 "base_sha256": None}) + "\n")
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--apply", "p1")
+
+    assert rc == 1 and "climbs out" in err
+    assert not (tmp_path / "victim.txt").exists() and snapshot(proj) == reviewed
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--review", "--dry-run"], "--review goes with a run"),
+    (["--review", "--plan", "p1", "--resume"], "--review goes with a run"),
+    (["--review", "--list"], "--review goes with a run"),
+    (["--apply", "p1", "--force"], "--force goes with --undo"),
+    (["--apply", "p1", "--reject", "p1"], "not allowed with"),
+])
+def test_review_flags_out_of_place_are_usage_errors(capsys, db, fake_llm, state_dir, argv, says):
+    with pytest.raises(SystemExit) as caught:
+        bridge.main(argv + bridge_args(db, fake_llm.url, state_dir), environ={})
+    assert caught.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_review_flags_are_documented():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    usage = readme[readme.index("## Usage"):readme.index("### Configuration")]
+    for flag in ("--review", "--apply", "--reject"):
+        assert flag in bridge.__doc__, f"{flag} not in the module docstring"
+        assert re.search(rf"^\| `{flag}", usage, re.M), f"{flag} not in the README flag table"
+        assert re.search(rf"^bridge .*{flag}", usage, re.M), f"{flag} not in the README usage block"
