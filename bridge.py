@@ -4044,7 +4044,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "that had succeeded")
     parser.add_argument("--json", dest="json_", action="store_true",
                         help="print one JSON document on stdout (--list, --health, --show, --validate, "
-                             "--submit, --dry-run, a run's summary)")
+                             "--submit, --dry-run, --diff, --undo, --apply, --reject, a run's summary)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
     noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
@@ -4526,6 +4526,9 @@ def cmd_reject(config: Config, plan_id: str) -> int:
                 "status": "cancelled", "rejected_at": utc_now_iso(), "error": "staged files rejected at review"}):
             raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
     shutil.rmtree(kept.run_dir / "staged", ignore_errors=True)
+    if config.json:
+        _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
+        return EXIT_OK
     print(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) dropped, "
           "nothing written")
     return EXIT_OK
