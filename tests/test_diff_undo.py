@@ -599,3 +599,24 @@ def test_review_flags_are_documented():
         assert flag in bridge.__doc__, f"{flag} not in the module docstring"
         assert re.search(rf"^\| `{flag}", usage, re.M), f"{flag} not in the README flag table"
         assert re.search(rf"^bridge .*{flag}", usage, re.M), f"{flag} not in the README usage block"
+
+
+def test_undo_of_a_resumed_run_puts_back_what_the_killed_run_wrote_too(capsys, db, project, fake_llm, state_dir):
+    """Run A is killed after step 1 wrote keep.txt; resume B adopts it and completes.
+    Undoing B puts back keep.txt (its original is in A's backups) and B's own files."""
+    import test_crash as crash
+
+    (project / "keep.txt").write_bytes(crash.ORIGINAL)          # as test_crash's proj fixture
+    insert_plan(db, crash.crash_plan(project))
+    crash.kill_during_step_two(db, fake_llm, state_dir)
+    fake_llm.reset()
+    fake_llm.enqueue(crash.STEP2_REPLY)
+    fake_llm.enqueue(crash.STEP3_REPLY)
+    rc, result, err = crash.resume(capsys, db, fake_llm, state_dir)
+    assert rc == 0 and result["status"] == "completed", err
+    crash.assert_final_files(project)
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", crash.PLAN_ID)
+
+    assert rc == 0, err
+    crash.assert_untouched(project)
