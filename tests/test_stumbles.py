@@ -158,6 +158,26 @@ def test_show_of_a_stale_plan_suggests_resume_and_rerun_not_plan(capsys, db):
     assert not hint.endswith("bridge --plan p-stale")
 
 
+def test_show_of_a_stale_plan_with_an_earlier_result_says_it_is_stale_now(capsys, db, fake_llm, state_dir):
+    import sqlite3
+    insert_plan(db, make_plan("p1"))
+    fake_llm.enqueue("hi")
+    assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
+    conn = sqlite3.connect(db)
+    with conn:
+        row_id, meta = next((r, json.loads(m)) for r, m in conn.execute("SELECT id, metadata FROM memories")
+                            if m and json.loads(m).get("bridge"))
+        meta["bridge"].update(status="in_progress", owner={"host": socket.gethostname(), "pid": dead_pid()})
+        conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (json.dumps(meta), row_id))
+    conn.close()
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1")
+
+    assert rc == 0
+    assert out.startswith("plan p1: completed")
+    assert "now: stale" in out and "bridge --plan p1 --resume" in out
+
+
 def test_store_locked_at_the_finish_exits_2_after_the_claim_as_documented(
         capsys, db, fake_llm, state_dir, project, monkeypatch):
     """The store is locked by another writer while the step runs: the finish cannot be
