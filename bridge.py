@@ -2803,7 +2803,8 @@ class KeptRun:
         staged file: what --apply would change)."""
         entries = []
         for rel, entry in self.staged.items():
-            now, staged = read_regular(self.project / rel), read_regular(self.run_dir / "staged" / rel)  # type: ignore[operator]
+            now = read_regular(self.project / rel)        # type: ignore[operator]  # staging implies a project
+            staged = read_regular(self.run_dir / "staged" / rel)
             current_sha = sha256_hex(now) if now is not None else None
             entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
                             "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
