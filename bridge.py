@@ -4416,8 +4416,8 @@ def cmd_show(config: Config, plan_id: str) -> int:
         _print_json(result)
     else:
         print(render_result(result))
-        if record.display_status == "stale":
-            print(f"  now: stale; {run_hint(record)}")
+        if record.display_status in ("stale", "awaiting_review"):
+            print(f"  now: {record.display_status}; {run_hint(record)}")
     return EXIT_OK
 
 

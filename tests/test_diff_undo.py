@@ -547,6 +547,9 @@ def test_a_plan_awaiting_review_says_how_to_leave_that_state(capsys, db, fake_ll
     assert rc == 2 and "awaiting review" in err and "bridge --apply p1" in err and "bridge --reject p1" in err
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "p1")
     assert rc == 2 and "bridge --reject p1" in err
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1")
+    assert out.startswith("plan p1: awaiting_review") and "now: awaiting_review;" in out
+    assert "file greet.py: modified" in out
     assert snapshot(proj) == reviewed
 
 
