@@ -2823,11 +2823,12 @@ class KeptRun:
                 found.append(f"{rel} (read by the run; changed since)")
         return found
 
-    def apply(self) -> list[dict]:
+    def apply(self, crash_at: str | None = None) -> list[dict]:
         """Write the staged files into the project through a FileTransaction of this
         run (atomic, journalled, backups kept), recording each write's sha256; on any
-        failure put back what was written and re-raise. Returns the summary."""
-        files = FileTransaction(self.project, self.run_dir)      # type: ignore[arg-type]
+        failure put back what was written and re-raise. Returns the summary.
+        crash_at: the crash test hook (Config.crash_at)."""
+        files = FileTransaction(self.project, self.run_dir, crash_at)      # type: ignore[arg-type]
         try:
             for rel, entry in self.staged.items():
                 data = read_regular(self.run_dir / "staged" / rel)
@@ -3684,10 +3685,15 @@ class Runner:
 
         With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
         keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal.
-        Raises RollbackError when such a file cannot be restored.
+        files; files written by any other step are restored from its journal. A
+        --review run (or its --apply) that died starts over: its outputs never all
+        reached the project. Raises RollbackError when such a file cannot be restored.
         """
         old_dir = self.config.runs_dir / previous
+        if keep_finished and (old_dir / "staged.jsonl").exists():
+            # a --review run (or its --apply) died: its outputs never all reached the project
+            keep_finished = False
+            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; starting its steps over")
         reverted = any(e.get("reverted") for e in read_jsonl(old_dir / "journal.jsonl"))
         done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl")
                 if keep_finished and not reverted and e.get("status") == "succeeded" and e.get("id") in plan.steps}
@@ -4498,7 +4504,7 @@ def cmd_apply(config: Config, plan_id: str) -> int:
         if not store.claim(record, kept.run_id, ("awaiting_review",)):     # one --apply at a time
             raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
         try:
-            summary = kept.apply()
+            summary = kept.apply(config.crash_at)
         except BaseException:
             store.record_review(record, kept.run_id, "in_progress", {"status": "awaiting_review", "owner": None})
             raise

@@ -623,3 +623,33 @@ def test_undo_of_a_resumed_run_puts_back_what_the_killed_run_wrote_too(capsys, d
 
     assert rc == 0, err
     crash.assert_untouched(project)
+
+
+def test_a_bridge_killed_during_apply_leaves_a_stale_plan_that_resume_completes(
+        capsys, db, fake_llm, state_dir, proj, reviewed):
+    """SIGKILL while --apply writes (hook `journal`, at its first file): the plan is stale;
+    --resume puts back what the apply had begun and runs the steps again, writing for real."""
+    import signal
+    import subprocess
+    import sys
+
+    from fakes import child_env
+    proc = subprocess.run([sys.executable, str(ROOT / "bridge.py"), *bridge_args(db, fake_llm.url, state_dir),
+                           "--apply", "p1"], env=child_env(BRIDGE_CRASH_AT="journal"), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all", "--json")
+    assert [p["status"] for p in json.loads(out)["plans"]] == ["stale"]
+
+    fake_llm.reset()
+    fake_llm.enqueue(HELPER)
+    fake_llm.enqueue("greet(name) greets.")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--plan", "p1", "--resume")
+
+    assert rc == 0, err
+    assert "staged its files for review; starting its steps over" in err
+    assert len(fake_llm.chat_requests) == 2
+    assert (proj / "greet.py").read_text() == "def greet(name):\n    return f'Hello, {name}!'\n"
+    assert (proj / "docs" / "new" / "greet.txt").read_text() == "greet(name) greets."
+    assert plan_state(db, "p1")["status"] == "completed"
+    check_store(db)
