@@ -4552,7 +4552,11 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
                           run_hint(record))
     if kept.undone_at or kept.reverted:
         why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
-        print(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo")
+        if config.json:
+            _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": [],
+                         "nothing_to_do": f"the run {why}"})
+        else:
+            print(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo")
         return EXIT_OK
     restored = kept.undo(force)
     with Store.open(config) as store:

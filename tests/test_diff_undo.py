@@ -268,6 +268,9 @@ def test_undo_json(capsys, db, fake_llm, state_dir, proj, ran):
     assert rc == 0
     assert doc["run_id"] == plan_state(db, "p1")["run_id"] and doc["undone_at"] == plan_state(db, "p1")["undone_at"]
     assert sorted(doc["restored"]) == sorted(["greet.py", "logo.bin", "docs/new/greet.txt", "src/made.txt"])
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "p1", "--json")
+    again = json.loads(out)
+    assert rc == 0 and again["restored"] == [] and "was undone at" in again["nothing_to_do"]
 
 
 def test_undo_of_a_run_that_reverted_itself_is_a_no_op(capsys, db, fake_llm, state_dir, proj):
