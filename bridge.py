@@ -2923,6 +2923,11 @@ class StagedFiles:
                 "base_sha256": sha256_hex(base) if base is not None else None})
         return change
 
+    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
+        """Put back in the project every file a killed run wrote (FileTransaction.recover
+        with no step kept: a --review run never keeps a dead run's files); return them."""
+        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir, set())
+
     def path_of(self, rel: str) -> Path | None:
         """Return the staged copy of rel, or None when no step staged it."""
         return self.run_dir / "staged" / rel if rel in self.changes else None

@@ -656,3 +656,20 @@ def test_a_bridge_killed_during_apply_leaves_a_stale_plan_that_resume_completes(
     assert (proj / "docs" / "new" / "greet.txt").read_text() == "greet(name) greets."
     assert plan_state(db, "p1")["status"] == "completed"
     check_store(db)
+
+
+def test_review_rerun_of_a_stale_plan_puts_back_the_dead_runs_files_first(capsys, db, project, fake_llm, state_dir):
+    import test_crash as crash
+
+    (project / "keep.txt").write_bytes(crash.ORIGINAL)
+    insert_plan(db, crash.crash_plan(project))
+    crash.kill_during_step_two(db, fake_llm, state_dir)
+    assert (project / "keep.txt").read_bytes() == crash.STEP1_BYTES
+    fake_llm.reset()
+    crash.enqueue_all(fake_llm)
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--plan", crash.PLAN_ID, "--rerun", "--review")
+
+    assert rc == 0, err
+    crash.assert_untouched(project)                  # put back, and nothing new written
+    assert plan_state(db, crash.PLAN_ID)["status"] == "awaiting_review"
