@@ -26,15 +26,16 @@ from fakes import (bridge_args, check_store, dead_pid, insert_memory, insert_pla
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def corrupt_a_page(path: Path) -> None:
-    """Fill a page in the middle of a store with 0xff bytes (a torn or rotten disk page)."""
-    for n in range(150):
-        insert_memory(path, f"note {n} " + "x" * 500)
+def corrupt_a_page(path: Path, which: str = "middle") -> None:
+    """Fill one page of a store with 0xff bytes (a torn or rotten disk page): page 2
+    (SQLite then fails to read it at all) or one in the middle (quick_check names it)."""
+    for n in range(3):
+        insert_memory(path, f"note {n}")
     conn = sqlite3.connect(path)
     size, count = conn.execute("PRAGMA page_size").fetchone()[0], conn.execute("PRAGMA page_count").fetchone()[0]
     conn.close()
     with open(path, "r+b") as handle:
-        handle.seek(size * (count // 2))
+        handle.seek(size * (1 if which == "second" else count // 2))
         handle.write(b"\xff" * size)
 
 
@@ -43,8 +44,9 @@ def corrupt_a_page(path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_health_reports_a_corrupted_page_as_unusable(capsys, db, fake_llm):
-    corrupt_a_page(db)
+@pytest.mark.parametrize("which", ["middle", "second"])
+def test_health_reports_a_corrupted_page_as_unusable(capsys, db, fake_llm, which):
+    corrupt_a_page(db, which)
 
     rc = bridge.main(["--health", "--json", "--db", str(db), "--base-url", fake_llm.url], environ={})
     doc = json.loads(capsys.readouterr().out)
@@ -80,7 +82,8 @@ def test_health_of_a_good_store_is_ok_and_leaves_it_unchanged(capsys, db, fake_l
     check_store(db)
 
 
-def test_health_counts_a_store_busy_with_another_writer_as_writable(capsys, db, fake_llm):
+def test_health_counts_a_store_busy_with_another_writer_as_writable(capsys, db, fake_llm, monkeypatch):
+    monkeypatch.setattr(bridge, "STORE_BUSY_TIMEOUT_S", 0.05)      # the lock is held throughout
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
