@@ -512,6 +512,53 @@ def would_cost_usd(usage: dict, price_model: str) -> float:
     return round(cost, 4)
 
 
+# Characters a terminal may act on rather than show: C0 controls but tab and newline,
+# DEL, C1 controls (U+009B is a one-character CSI on terminals that honour C1),
+# line and paragraph separators, the bidi embeddings, overrides and isolates that can
+# reorder what a line seems to say (U+202A-202E, U+2066-2069, "Trojan Source"), and
+# lone surrogates (no encoder can write them, so a print would crash).
+_UNSAFE_CODEPOINTS = (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029,
+                      *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))
+
+
+@functools.cache
+def _escapes(multiline: bool) -> dict[int, str]:
+    table = {cp: (f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}") for cp in _UNSAFE_CODEPOINTS}
+    table[0x0D] = "\\r"
+    if not multiline:
+        table[0x0A] = "\\n"
+    return table
+
+
+def printable(text: Any, multiline: bool = False) -> str:
+    """Return text safe to write to a terminal: every character a terminal could act
+    on (see _UNSAFE_CODEPOINTS: ESC and so CSI/OSC sequences, CR, BEL, backspace,
+    other C0 and C1 controls, bidi overrides and isolates, lone surrogates) becomes
+    a visible escape such as \\x1b or \\u202e. A newline is escaped too (\\n), so a
+    single-line field cannot forge a line, unless multiline (prompts and outputs
+    shown by -v, --show and --dry-run keep their lines). Tabs stay. Applied where
+    text from a plan, a model, a server or the store is printed: Progress, the
+    renderers and main()'s error lines.
+    """
+    return str(text).translate(_escapes(multiline))
+
+
+@functools.cache
+def _json_escapes() -> dict[int, str]:
+    # json.dumps escapes C0 controls itself; with ensure_ascii=False the rest of
+    # _UNSAFE_CODEPOINTS would pass raw. Outside strings a JSON text holds none of
+    # them, so escaping them as \\uXXXX keeps the document exactly the same JSON.
+    return {cp: f"\\u{cp:04x}" for cp in _UNSAFE_CODEPOINTS if cp >= 0x20}
+
+
+def json_text(document: Any, indent: int | None = None) -> str:
+    """Return json.dumps(document, ensure_ascii=False, indent=indent) with the
+    characters of _UNSAFE_CODEPOINTS that json leaves raw (DEL, C1, separators,
+    bidi controls, lone surrogates) written as \\u escapes: the same JSON value,
+    readable text, and nothing a terminal acts on (--json and --events)."""
+    return json.dumps(document, indent=indent, ensure_ascii=False).translate(_json_escapes())
+
+
 class Events:
     """The run as a stream of JSON objects, one per line, on stdout (--events).
 
@@ -537,7 +584,7 @@ class Events:
         if step_id is not None:
             event["step_id"] = step_id
         event.update(fields)
-        line = json.dumps(event, ensure_ascii=False) + "\n"
+        line = json_text(event) + "\n"
         with self.lock:
             stream = self.stream or sys.stdout
             stream.write(line)
@@ -546,7 +593,9 @@ class Events:
 
 class Progress:
     """Human progress on stderr: a live line per step on a terminal, plain lines
-    otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too."""
+    otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too.
+    Every line goes through printable(): progress and error lines as one line each,
+    prompts and outputs (detail) keeping their newlines."""
 
     def __init__(self, verbosity: int = 1, stream: Any = None):
         self.stream = stream or sys.stderr
@@ -555,11 +604,11 @@ class Progress:
         self._line = ""
         self._last_draw = 0.0
 
-    def _emit(self, text: str) -> None:
+    def _emit(self, text: str, multiline: bool = False) -> None:
         if self._line:
             self.stream.write("\r\x1b[2K")
             self._line = ""
-        self.stream.write(text + "\n")
+        self.stream.write(printable(text, multiline) + "\n")
         self.stream.flush()
 
     def info(self, text: str) -> None:
@@ -570,7 +619,7 @@ class Progress:
     def detail(self, text: str) -> None:
         """Print prompts and outputs (only at -v)."""
         if self.verbosity >= 2:
-            self._emit(text)
+            self._emit(text, multiline=True)
 
     def retrying(self, text: str) -> None:
         """Print that a request is being retried, and why."""
@@ -587,7 +636,7 @@ class Progress:
             return
         self._last_draw = now
         self._line = text
-        self.stream.write("\r\x1b[2K" + text[: terminal_columns() - 1])
+        self.stream.write("\r\x1b[2K" + printable(text)[: terminal_columns() - 1])
         self.stream.flush()
 
 
@@ -4198,7 +4247,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 def _print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(json_text(document, indent=2) + "\n")
 
 
 def _created(record: PlanRecord) -> str:
@@ -4225,10 +4274,11 @@ def cmd_list(config: Config, show_all: bool) -> int:
     if not rows:
         print(f"no {'' if show_all else 'pending '}plans in {store.path}")
         return EXIT_OK
-    width = max(len(r["id"]) for r in rows)
+    width = max(len(printable(r["id"])) for r in rows)
     for r in rows:
         status = f"{r['status']:<12}" if show_all else ""
-        print(f"{r['id']:<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  {r['objective']}")
+        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
+                        f"{r['objective']}"))
     return EXIT_OK
 
 
@@ -4266,18 +4316,18 @@ def cmd_health(config: Config) -> int:
     else:
         server, store_info = report["server"], report["store"]
         if server_ok:
-            print(f"server  ok    {config.base_url} ({server['kind']}) · {len(server['models'])} model(s) · "
-                  f"loaded: {server['loaded'] or 'none reported'} · context "
-                  f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}")
+            print(printable(f"server  ok    {config.base_url} ({server['kind']}) · {len(server['models'])} "
+                            f"model(s) · loaded: {server['loaded'] or 'none reported'} · context "
+                            f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}"))
         else:
-            print(f"server  FAIL  {server['error']}")
+            print(printable(f"server  FAIL  {server['error']}"))
         if store_ok:
-            print(f"store   ok    {store_info['path']} · {store_info['layout']} · "
-                  f"{store_info['pending']} pending plan(s)")
+            print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                            f"{store_info['pending']} pending plan(s)"))
         else:
-            print(f"store   FAIL  {store_info['error']}")
+            print(printable(f"store   FAIL  {store_info['error']}"))
             if store_info.get("hint"):
-                print(f"              hint: {store_info['hint']}")
+                print(printable(f"              hint: {store_info['hint']}"))
         backups = report["backups"]
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
@@ -4595,43 +4645,49 @@ def run_hint(record: PlanRecord) -> str:
 
 def render_result(result: dict) -> str:
     """Return a stored result document as text for a person: steps, outputs,
-    errors, files, usage, cost and where the run log is."""
+    errors, files, usage, cost and where the run log is. Every line goes through
+    printable(); an output keeps its own lines."""
     usage = result.get("usage") or {}
-    lines = [f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})"]
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        lines.append(printable(line))
+
+    add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
     if result.get("objective"):
-        lines.append(f"  objective: {result['objective']}")
+        add(f"  objective: {result['objective']}")
     speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
-    lines.append(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
-                 f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
-                 f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
+    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
+        f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
     if "would_have_cost_usd" in result:
-        lines.append(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
+        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
     if result.get("error"):
-        lines.append(f"  error: {result['error']}")
+        add(f"  error: {result['error']}")
     if result.get("undone_at"):
-        lines.append(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
+        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
     if result.get("applied_at"):
-        lines.append(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
+        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
     if result.get("rejected_at"):
-        lines.append(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
+        add(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
     for problem in result.get("problems") or []:
-        lines.append(f"  problem: {problem}")
+        add(f"  problem: {problem}")
     for step in result.get("steps", []):
         title = f" ({step['title']})" if step.get("title") else ""
-        lines.append(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
-                     f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
+        add(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
+            f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
         if step.get("error"):
-            lines.append(f"      error: {step['error']}")
+            add(f"      error: {step['error']}")
         if step.get("file_output"):
-            lines.append(f"      file: {step['file_output']}")
+            add(f"      file: {step['file_output']}")
         output = (step.get("output") or "").strip()
         if output:
             shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
-            lines.append("      output: " + shown.replace("\n", "\n              "))
+            lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
     for change in result.get("files", []):
-        lines.append(f"  file {change['path']}: {change['action']}")
+        add(f"  file {change['path']}: {change['action']}")
     if result.get("run_log"):
-        lines.append(f"  run log: {result['run_log']}")
+        add(f"  run log: {result['run_log']}")
     return "\n".join(lines)
 
 
@@ -4670,11 +4726,11 @@ def cmd_validate(config: Config, path: str) -> int:
     if config.json:
         _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id, "problems": problems})
     elif problems:
-        print(f"{path}: invalid plan, {len(problems)} problem(s):")
+        print(printable(f"{path}: invalid plan, {len(problems)} problem(s):"))
         for problem in problems:
-            print(f"  {problem}")
+            print(printable(f"  {problem}"))
     else:
-        print(f"{path}: valid plan {plan_id!r} ({len(plan.steps)} step(s))")
+        print(printable(f"{path}: valid plan {plan_id!r} ({len(plan.steps)} step(s))"))
     return EXIT_PLAN_FAILED if problems else EXIT_OK
 
 
@@ -4697,7 +4753,7 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
         _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where), "replaced_rows": replaced})
     else:
         note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
-        print(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}")
+        print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
     return EXIT_OK
 
 
@@ -4709,7 +4765,7 @@ def cmd_cancel(config: Config, plan_id: str) -> int:
             status = store.reload(record).display_status
             raise BridgeError(f"plan {plan_id!r} is {status}; only a pending plan can be cancelled",
                               "see its state with: bridge --list --all")
-    print(f"cancelled plan {plan_id!r}")
+    print(printable(f"cancelled plan {plan_id!r}"))
     return EXIT_OK
 
 
@@ -4771,20 +4827,25 @@ def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
 
 
 def _render_dry_run(entry: dict) -> str:
+    """Return one plan's --dry-run report as text; every line through printable(),
+    the messages keeping their own lines."""
     if not entry["valid"]:
-        return "\n".join([f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
-    lines = [f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"]
+        return "\n".join(printable(line) for line in
+                         [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
+    lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
+                       "in this order")]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
-        lines.append(f"=== step {step['id']}{title}")
+        lines.append(printable(f"=== step {step['id']}{title}"))
         if step["error"]:
-            lines.append(f"would fail: {step['error']}")
+            lines.append(printable(f"would fail: {step['error']}"))
         for message in step["messages"]:
-            lines.append(f"--- {message['role']} ---\n{message['content']}")
+            lines.append(f"--- {message['role']} ---\n" + printable(message["content"], multiline=True))
         if step["response_format"]:
-            lines.append(f"--- response_format ---\n{json.dumps(step['response_format'])}")
+            lines.append(f"--- response_format ---\n{json_text(step['response_format'])}")
         if step["file_output"]:
-            lines.append(f"--- file_output ---\nwould {step['file_output']['action']} {step['file_output']['target']}")
+            lines.append("--- file_output ---")
+            lines.append(printable(f"would {step['file_output']['action']} {step['file_output']['target']}"))
     return "\n".join(lines)
 
 
@@ -4875,9 +4936,9 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return cmd_dry_run(config, args.plan)
         return cmd_run(config, args.plan, args.rerun, args.resume)
     except BridgeError as exc:
-        print(f"bridge: error: {exc}", file=sys.stderr)
+        print(printable(f"bridge: error: {exc}"), file=sys.stderr)
         if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+            print(printable(f"hint: {exc.hint}"), file=sys.stderr)
         Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint, exit_code=exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
