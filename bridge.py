@@ -105,6 +105,12 @@ MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to
 PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
 DEFAULT_KEEP_RUNS = 10                 # file backups of this many runs per plan are kept for --undo
 RUN_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}"    # what new_run_id() makes
+# JSON read from the store or a plan file nests at most this deep: json, jsonschema and
+# repr recurse once (jsonschema's check_schema ~6 frames) per level, and Python stops at
+# 1000 frames; a real plan with a step schema nests ~10-25 levels.
+MAX_JSON_DEPTH = 64
+NAME_MAX_BYTES = 255                   # a path component, when os.pathconf cannot say (Linux, macOS)
+PATH_MAX_BYTES = 4096                  # a whole path, likewise
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
@@ -451,6 +457,39 @@ def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
         handle.flush()
 
 
+class JSONTooDeep(ValueError):
+    """JSON that nests deeper than MAX_JSON_DEPTH levels (a ValueError, as bad JSON is)."""
+
+
+def json_depth(value: Any) -> int:
+    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
+    recursion, so any value json.loads could build can be measured."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
+    rows, results, metadata). Raises ValueError for bad JSON and JSONTooDeep (a
+    ValueError) when it nests deeper than max_depth levels, or so deep that json
+    itself gives up (RecursionError), so what reads it next cannot recurse to death."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JSONTooDeep(f"nests deeper than {max_depth} levels (more than json can parse)") from None
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise JSONTooDeep(f"nests {depth} levels deep; bridge reads at most {max_depth}")
+    return value
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored."""
     entries = []
@@ -460,7 +499,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return []
     for line in lines:
         try:
-            entry = json.loads(line)
+            entry = load_json(line)
         except ValueError:
             continue
         if isinstance(entry, dict):
@@ -712,6 +751,13 @@ CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories BEGIN
 """
 
 
+class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
+    """The content of a plan memory that is JSON bridge will not parse (it nests too
+    deep, see load_json); reason says why. check_plan reports it as the problem."""
+
+    __slots__ = ()
+
+
 class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags", defaults=("",))):
     """One plan memory as read from the store.
 
@@ -925,7 +971,7 @@ class Store:
                                       "ORDER BY created_at DESC").fetchall()
         for (content,) in rows:
             try:
-                document = json.loads(content)
+                document = load_json(content)
             except ValueError:
                 continue
             if isinstance(document, dict) and document.get("type") == "bridge_result" \
@@ -989,7 +1035,9 @@ class Store:
     @staticmethod
     def _record(row_id, content, metadata, created_at, tags) -> PlanRecord | None:
         try:
-            plan = json.loads(content)
+            plan = load_json(content)
+        except JSONTooDeep as exc:
+            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
         except ValueError:
             plan = None
         is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
@@ -997,7 +1045,7 @@ class Store:
         if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
             return None     # a note or result that merely mentions the marker
         try:
-            meta = json.loads(metadata) if metadata else {}
+            meta = load_json(metadata) if metadata else {}
         except ValueError:
             meta = {}
         return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
@@ -1022,7 +1070,10 @@ class Store:
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return a fresh copy of record's row (its metadata may have changed)."""
         row = self.conn.execute("SELECT metadata FROM memories WHERE id = ?", (record.row_id,)).fetchone()
-        meta = json.loads(row[0]) if row and row[0] else {}
+        try:
+            meta = load_json(row[0]) if row and row[0] else {}
+        except ValueError:
+            meta = {}
         return record._replace(metadata=meta if isinstance(meta, dict) else {})
 
     # -- writing -------------------------------------------------------------
@@ -1062,7 +1113,7 @@ class Store:
         if row is None:
             raise StoreError(f"plan row {row_id} vanished from {self.path}")
         try:
-            meta = json.loads(row[0]) if row[0] else {}
+            meta = load_json(row[0]) if row[0] else {}
         except ValueError:
             meta = None
         if not isinstance(meta, dict):
@@ -1308,11 +1359,46 @@ def resolve_inside(project: Path, rel: str) -> Path:
         raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         raise PathError(f"path {rel!r} climbs out with '..'")
-    root = project.resolve()
-    target = (project / rel).resolve()
+    _check_name_lengths(project, rel)
+    try:
+        root = project.resolve()
+        target = (project / rel).resolve()
+    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+        raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
     if not target.is_relative_to(root):
         raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
     return project / rel
+
+
+# A file bridge writes is first written as .NAME.XXXXXXXX.bridge-tmp beside it (atomic_write)
+TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX") + len(".bridge-tmp")
+
+
+def _check_name_lengths(project: Path, rel: str) -> None:
+    """Refuse a plan path the filesystem cannot hold: a folder name longer than
+    NAME_MAX bytes, a file name that leaves no room for its temp file's
+    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
+    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    def limit(name: str, default: int) -> int:
+        try:
+            return os.pathconf(project, name)
+        except (OSError, ValueError):
+            return default
+
+    name_max = limit("PC_NAME_MAX", NAME_MAX_BYTES)
+    parts = [part for part in rel.replace("\\", "/").split("/") if part]
+    shown = rel if len(rel) <= 60 else rel[:40] + "…"
+    for n, part in enumerate(parts):
+        room = name_max - (TEMP_NAME_EXTRA_BYTES if n == len(parts) - 1 else 0)
+        if len(part.encode("utf-8", "surrogatepass")) > room:
+            raise PathError(f"path {shown!r} has a name of {len(part.encode('utf-8', 'surrogatepass'))} bytes; "
+                            f"names here hold at most {room} bytes (file names keep "
+                            f"{TEMP_NAME_EXTRA_BYTES} for bridge's temp file)")
+    path_max = limit("PC_PATH_MAX", PATH_MAX_BYTES)
+    whole = len(os.fsencode(str(project.absolute()))) + 1 + len(rel.encode("utf-8", "surrogatepass"))
+    if whole + TEMP_NAME_EXTRA_BYTES > path_max:
+        raise PathError(f"path {shown!r} is {whole} bytes long in {project}; paths here hold at most "
+                        f"{path_max - TEMP_NAME_EXTRA_BYTES} bytes")
 
 
 def read_load_file(path: Path, rel: str) -> str:
@@ -1412,7 +1498,7 @@ def _path_problems(plan: dict) -> list[str]:
                     "(files_context or file_output)"]
         return []
     project = Path(context["project"])
-    if not project.is_dir():
+    if not os.path.isdir(project):      # False, not OSError, for a name too long to look up
         return [f"$.context.project: folder {project} does not exist"]
     problems = []
     for rel, mode in files.items():
@@ -1456,11 +1542,20 @@ def check_plan(plan: Any) -> Plan:
     each prefixed with its JSON path.
     """
     plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
+    if isinstance(plan, UnreadablePlan):
+        raise PlanInvalid(plan_id, [f"$: {plan.reason}"])
     if not isinstance(plan, dict):
         raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
-    problems = _schema_problems(plan)
+    if (depth := json_depth(plan)) > MAX_JSON_DEPTH:
+        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at most {MAX_JSON_DEPTH}"])
+    try:
+        problems = _schema_problems(plan)
+    except RecursionError:      # MAX_JSON_DEPTH leaves room; this is the last guard
+        raise PlanInvalid(plan_id, ["$: the plan nests too deeply to check"]) from None
     try:
         problems += _semantic_problems(plan)
+    except RecursionError:
+        problems.append("$: the plan nests too deeply to check")
     except (KeyError, TypeError, AttributeError, ValueError):
         pass        # too malformed for the semantic rules; the schema problems say why
     if problems:
@@ -1516,7 +1611,7 @@ def _error_message(body: bytes) -> str:
     """
     text = body.decode("utf-8", "replace").strip()
     try:
-        data = json.loads(text)
+        data = load_json(text)
     except ValueError:
         return " ".join(clip(text, 300, "body").split()) or "(empty body)"
     err = data.get("error", data) if isinstance(data, dict) else data
@@ -1862,7 +1957,7 @@ class LLMClient(HTTPExecutor):
             raise LLMProtocolError(f"the reply from {url} is larger than --max-output-bytes "
                                    f"({self.config.max_output_bytes} bytes); cut")
         try:
-            data = json.loads(body)
+            data = load_json(body)
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -1886,7 +1981,7 @@ class LLMClient(HTTPExecutor):
                 next(events, None)
                 break
             try:
-                chunk = json.loads(data)
+                chunk = load_json(data)
             except ValueError as exc:
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
                                        f"{clip(data, 120, 'event')}") from exc
@@ -2006,7 +2101,7 @@ class AnthropicClient(HTTPExecutor):
         size, done = 0, False
         for event, data in _iter_sse(response.iter_bytes(), limit + 65536):
             try:
-                body = json.loads(data)
+                body = load_json(data)
             except ValueError as exc:
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: {clip(data, 120, 'event')}") from exc
             kind = body.get("type", event) if isinstance(body, dict) else event
@@ -2136,7 +2231,7 @@ class ClaudeCLI:
         size = 0
         for raw in proc.stdout:
             try:
-                event = json.loads(raw)
+                event = load_json(raw)
             except ValueError:
                 continue                        # not an event (a warning, garbage): skip it
             if not isinstance(event, dict):
@@ -3729,6 +3824,8 @@ class Runner:
             if previous:
                 result["resumed_from"] = previous
             result = self._finish(record, result)
+            if files is not None and self.config.keep_runs == 0 and not isinstance(files, StagedFiles):
+                files.discard()         # only now: a result that cannot be stored keeps the backups
         if interrupted:
             raise interrupted
         return result
@@ -3762,7 +3859,8 @@ class Runner:
                            f"succeeded, {len(restored)} file(s) put back")
 
     def _settle_files(self, plan: Plan, files: FileTransaction | None, status: str) -> str | None:
-        """Revert or keep the run's files as the plan asks; return an error or None."""
+        """Revert or keep the run's files as the plan asks; return an error or None.
+        Kept files keep their backups at least until the result is stored."""
         if files is None or not files.changes:
             return None
         if isinstance(files, StagedFiles):
@@ -3785,9 +3883,9 @@ class Runner:
 
     def _keep_backups(self, plan: Plan, files: FileTransaction) -> None:
         """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, delete them all now."""
+        runs older than the last keep_runs; with keep_runs 0, none are kept, but
+        _execute deletes them only once the result is stored."""
         if self.config.keep_runs == 0:
-            files.discard()
             return
         for run_dir in plan_runs(self.config.runs_dir, plan.id):   # this one, and those it took over
             keep_backups(run_dir)
@@ -4005,7 +4103,18 @@ class Runner:
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, record: PlanRecord, result: dict) -> dict:
-        result["result_hash"] = self.store.finish(record, result)
+        """Store the result and the plan's final state, then print its summary.
+
+        Raises StoreError (exit 2) when the store cannot be written: the plan stays
+        in_progress, stale once this process is gone, so --resume or --rerun can
+        take it over (the run's journal and backups are kept for that)."""
+        try:
+            result["result_hash"] = self.store.finish(record, result)
+        except StoreError as exc:
+            raise StoreError(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
+                             "in progress (stale once this bridge exits), its files and their backups kept",
+                             f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
+                             "succeeded steps) or --rerun (puts its files back, starts over)") from exc
         counts = result["counts"]
         tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
         line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
@@ -4706,7 +4815,9 @@ def _read_plan_file(path: str) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise BridgeError(f"cannot read the plan file {path}: {exc}", "check the path") from exc
     try:
-        return json.loads(text)
+        return load_json(text)
+    except JSONTooDeep as exc:
+        raise PlanInvalid(str(path), [f"$: the plan {exc}"]) from None
     except ValueError as exc:
         raise PlanInvalid(str(path), [f"$: not JSON ({exc})"]) from exc
 
