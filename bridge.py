@@ -91,7 +91,16 @@ DEFAULT_RETRIES = 4              # transport retries of one request (429, 5xx, r
 DEFAULT_RETRY_DELAY_S = 1.0      # first backoff delay; doubles each retry
 RETRY_MAX_DELAY_S = 30.0
 RETRY_BUDGET_S = 120.0           # a request gives up once its retries would pass this
-DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # a streamed reply larger than this is cut
+DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # a reply larger than this is cut
+# A body that is not a stream (a server ignoring "stream", /v1/models) may pass
+# --max-output-bytes by this much for its JSON envelope (ids, usage, quotes, escapes)
+RESPONSE_ENVELOPE_BYTES = 65_536
+ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much is read (for its message)
+# Every request ends by this many seconds after it was sent, whatever trickles in
+# (keep-alive comments, whitespace), unless its step sets timeout_s: 30 minutes is
+# 16k tokens at 10 tokens/s after a 5-minute model load, longer than a step a small
+# model should take, and a stream that never ends stops the same night.
+DEFAULT_REQUEST_DEADLINE_S = 1800.0
 STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to this
 LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
 STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
@@ -257,6 +266,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #    └── LLMError               the model server failed a request
 #         ├── LLMUnavailable    connection refused or reset (transient)
 #         ├── LLMTimeout        no byte within --timeout (transient)
+#         │    └── LLMDeadline  the request's overall deadline passed (not transient)
 #         ├── LLMHTTPError      an HTTP error status (transient for 429 and 5xx)
 #         └── LLMProtocolError  a body or stream that is not chat completions
 ###############################################################################
@@ -355,6 +365,14 @@ class LLMTimeout(LLMError):
     """The server sent nothing within the timeout."""
 
     transient = True
+
+
+class LLMDeadline(LLMTimeout):
+    """A request passed its overall deadline (the step's timeout_s, else
+    DEFAULT_REQUEST_DEADLINE_S) while the server kept sending; not retried, since
+    the same request would run as long again."""
+
+    transient = False
 
 
 class LLMHTTPError(LLMError):
@@ -1681,6 +1699,45 @@ def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, st
         yield event, "\n".join(data)
 
 
+class BoundedResponse:
+    """An httpx streaming response read within bounds: iter_bytes() raises
+    LLMDeadline once the request's deadline (time.monotonic() seconds) has passed,
+    and read(max_bytes) stops reading as soon as the body passes max_bytes.
+
+    The deadline is checked as each chunk arrives; a server that sends nothing is
+    cut by the per-chunk timeout (--timeout) instead. url and deadline_s (the
+    limit, for the message) name what was passed.
+    """
+
+    def __init__(self, response: Any, url: str, deadline: float, deadline_s: float):
+        self.response, self.url, self.deadline, self.deadline_s = response, url, deadline, deadline_s
+        self.headers, self.status_code = response.headers, response.status_code
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Yield the body's chunks; raise LLMDeadline past the deadline."""
+        for chunk in self.response.iter_bytes():
+            if time.monotonic() > self.deadline:
+                raise LLMDeadline(f"the request to {self.url} passed its deadline of {self.deadline_s:g} s "
+                                  "(the step's timeout_s, else the default); stopped",
+                                  "raise the step's timeout_s, or check the server: it kept sending "
+                                  "without finishing")
+            yield chunk
+
+    def read(self, max_bytes: int, cut: bool = False) -> bytes:
+        """Return the body, reading no more than max_bytes + one chunk. Past
+        max_bytes: with cut, the first max_bytes; else LLMProtocolError."""
+        body = b""
+        for chunk in self.iter_bytes():
+            body += chunk
+            if len(body) > max_bytes:
+                if cut:
+                    return body[:max_bytes]
+                raise LLMProtocolError(f"the reply from {self.url} passed {max_bytes} bytes "
+                                       f"(--max-output-bytes and {RESPONSE_ENVELOPE_BYTES} for its JSON); cut",
+                                       "raise --max-output-bytes or ask for less")
+        return body
+
+
 RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
     # OpenAI's form: LM Studio, llama.cpp's llama-server, vLLM and Ollama accept it
     # (lmstudio.ai/docs/developer/openai-compat/structured-output; llama.cpp
@@ -1749,17 +1806,23 @@ class HTTPExecutor:
         self.http.close()
 
     def _get_json(self, url: str) -> Any:
+        """GET url and return its JSON body, read within the bounds of a reply
+        (BoundedResponse). Raises LLMError."""
         import httpx
 
+        deadline_s = DEFAULT_REQUEST_DEADLINE_S
         try:
-            response = self.http.get(url)
+            with self.http.stream("GET", url) as raw:
+                response = BoundedResponse(raw, url, time.monotonic() + deadline_s, deadline_s)
+                if response.status_code >= 400:
+                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
+                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}",
+                                       response.status_code)
+                body = response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
-        if response.status_code >= 400:
-            raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
-                               f"{_error_message(response.content)}", response.status_code)
         try:
-            return response.json()
+            return load_json(body)
         except ValueError as exc:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
@@ -1812,10 +1875,12 @@ class HTTPExecutor:
         kwargs: dict[str, Any] = {"json": payload}
         if timeout_s is not None:
             kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+        deadline_s = timeout_s or DEFAULT_REQUEST_DEADLINE_S
         try:
-            with self.http.stream("POST", url, **kwargs) as response:
+            with self.http.stream("POST", url, **kwargs) as raw:
+                response = BoundedResponse(raw, url, started + deadline_s, deadline_s)
                 if response.status_code >= 400:
-                    message = _error_message(response.read())
+                    message = _error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))
                     raise LLMHTTPError(
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
@@ -1948,21 +2013,27 @@ class LLMClient(HTTPExecutor):
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
                received: list[str]) -> Completion:
         if "text/event-stream" not in response.headers.get("content-type", ""):
-            return self._parse_whole(response.read(), url, started)
+            return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
+                                     url, started)
         return self._parse_stream(response, url, started, on_delta, received)
 
     def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
-        """Read a non-streamed chat.completion body (servers that ignore stream)."""
-        if len(body) > self.config.max_output_bytes:
-            raise LLMProtocolError(f"the reply from {url} is larger than --max-output-bytes "
-                                   f"({self.config.max_output_bytes} bytes); cut")
+        """Read a non-streamed chat.completion body (servers that ignore stream); the
+        body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
+        text must fit --max-output-bytes as a stream's must."""
         try:
             data = load_json(body)
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError("content is not a string")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
                                    f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
+        if len(text.encode("utf-8", "surrogatepass")) > self.config.max_output_bytes:
+            raise LLMProtocolError(f"the reply from {url} is larger than --max-output-bytes "
+                                   f"({self.config.max_output_bytes} bytes); cut",
+                                   "raise --max-output-bytes or ask for less")
         return Completion(text, _usage(data.get("usage")), data.get("model"),
                           choice.get("finish_reason"), time.monotonic() - started)
 
