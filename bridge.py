@@ -1705,22 +1705,21 @@ class BoundedResponse:
     and read(max_bytes) stops reading as soon as the body passes max_bytes.
 
     The deadline is checked as each chunk arrives; a server that sends nothing is
-    cut by the per-chunk timeout (--timeout) instead. url and deadline_s (the
-    limit, for the message) name what was passed.
+    cut by the per-chunk timeout (--timeout) instead. url and limit (the deadline
+    in words, e.g. "0.5 s (the step's timeout_s)") name what was passed.
     """
 
-    def __init__(self, response: Any, url: str, deadline: float, deadline_s: float):
-        self.response, self.url, self.deadline, self.deadline_s = response, url, deadline, deadline_s
+    def __init__(self, response: Any, url: str, deadline: float, limit: str):
+        self.response, self.url, self.deadline, self.limit = response, url, deadline, limit
         self.headers, self.status_code = response.headers, response.status_code
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield the body's chunks; raise LLMDeadline past the deadline."""
         for chunk in self.response.iter_bytes():
             if time.monotonic() > self.deadline:
-                raise LLMDeadline(f"the request to {self.url} passed its deadline of {self.deadline_s:g} s "
-                                  "(the step's timeout_s, else the default); stopped",
-                                  "raise the step's timeout_s, or check the server: it kept sending "
-                                  "without finishing")
+                raise LLMDeadline(f"the request to {self.url} passed its deadline of {self.limit} "
+                                  "while the server kept sending; stopped",
+                                  "raise the step's timeout_s, or check the server: it sent without finishing")
             yield chunk
 
     def read(self, max_bytes: int, cut: bool = False) -> bytes:
@@ -1810,10 +1809,10 @@ class HTTPExecutor:
         (BoundedResponse). Raises LLMError."""
         import httpx
 
-        deadline_s = DEFAULT_REQUEST_DEADLINE_S
+        limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
-                response = BoundedResponse(raw, url, time.monotonic() + deadline_s, deadline_s)
+                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
                 if response.status_code >= 400:
                     raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
                                        f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}",
@@ -1876,9 +1875,11 @@ class HTTPExecutor:
         if timeout_s is not None:
             kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
         deadline_s = timeout_s or DEFAULT_REQUEST_DEADLINE_S
+        source = "the step's timeout_s" if timeout_s else "bridge's default; a step's timeout_s sets its own"
+        limit = f"{deadline_s:g} s ({source})"
         try:
             with self.http.stream("POST", url, **kwargs) as raw:
-                response = BoundedResponse(raw, url, started + deadline_s, deadline_s)
+                response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
                     message = _error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))
                     raise LLMHTTPError(

@@ -48,7 +48,10 @@ FIXTURE_PLAN_ID = "fixture-hello"
 FAULTS = (
     "drop", "delay", "stall", "cut", "not_json", "no_choices",
     "sse_error", "empty_stream", "no_stream", "comments",
+    "endless_body", "endless_sse",
 )
+ENDLESS_CAP_BYTES = 50 * 1024 * 1024   # an endless reply stops here if the client never hangs up
+ENDLESS_CAP_S = 30.0                   # ... or after this long
 _DEFAULT_MODELS = ("fake-model",)
 _DEFAULT_LOADED = "fake-model"
 _CONN_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
@@ -209,13 +212,39 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self._guard(self._post)
 
+    def _endless(self, piece: bytes, content_type: str, head: bytes = b"", pause_s: float = 0.0) -> None:
+        """Send a 200 body that never ends (head, then piece again and again) until the
+        client hangs up or ENDLESS_CAP_BYTES / ENDLESS_CAP_S pass; record in
+        fake.endless_sent how many bytes went out."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        sent, started = 0, time.monotonic()
+        try:
+            self.wfile.write(head)
+            sent += len(head)
+            while sent < ENDLESS_CAP_BYTES and time.monotonic() - started < ENDLESS_CAP_S:
+                self.wfile.write(piece)
+                sent += len(piece)
+                if pause_s:
+                    time.sleep(pause_s)
+            self.wfile.flush()
+        except _CONN_ERRORS + (OSError,):
+            pass
+        finally:
+            self.server.fake._ended(sent)
+
     def _get(self) -> None:
         raw = self._read_body()
         self._record(raw)
         fake = self.server.fake
         path = self.path.split("?", 1)[0].rstrip("/")
         models = list(fake.models)
-        if path == "/v1/models":
+        if path == "/v1/models" and fake.endless_models:
+            self._endless(b" " * 65536, "application/json", b'{"object": "list", "data": [')
+        elif path == "/v1/models":
             self._send(200, {"object": "list", "data": [
                 {"id": m, "object": "model", "owned_by": "fake"} for m in models]})
         elif path == "/api/v0/models" and fake.lmstudio:
@@ -287,6 +316,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault == "not_json":
             self._send(200, "<html>oops</html>", extra=extra)
+            return
+        if fault == "endless_body":     # a chat.completion whose content never ends, not streamed
+            self._endless(b"a" * 65536, "application/json",
+                          b'{"id": "x", "object": "chat.completion", "choices": [{"message": {"content": "')
+            return
+        if fault == "endless_sse":      # 200, then keep-alive comments and blank lines forever
+            self._endless(b": keep-alive\n\n\n", "text/event-stream", pause_s=0.001)
             return
 
         model = req.get("model") or (self.server.fake.models[0] if self.server.fake.models else "fake-model")
@@ -388,6 +424,9 @@ class _FakeServer:
         self.requests: list[dict] = []
         self.errors: list[str] = []
         self.keep_alive = True
+        self.endless_models = False          # GET /v1/models answers a body that never ends
+        self.endless_sent: list[int] = []    # bytes each endless reply sent before it ended
+        self._endless_done = threading.Condition(self._lock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -437,8 +476,24 @@ class _FakeServer:
             self._queue.clear()
             self.requests.clear()
             self.errors.clear()
+            self.endless_sent.clear()
         self.keep_alive = True
+        self.endless_models = False
         return self
+
+    def _ended(self, sent: int) -> None:
+        with self._endless_done:
+            self.endless_sent.append(sent)
+            self._endless_done.notify_all()
+
+    def wait_endless(self, count: int = 1, timeout_s: float = 10.0) -> list[int]:
+        """Wait until `count` endless replies have ended (the client hung up); return
+        the bytes each sent. Raises AssertionError when they have not within timeout_s."""
+        with self._endless_done:
+            if not self._endless_done.wait_for(lambda: len(self.endless_sent) >= count, timeout_s):
+                raise AssertionError(f"{count} endless replies did not end within {timeout_s} s "
+                                     f"(ended: {self.endless_sent})")
+            return list(self.endless_sent)
 
     @property
     def pending(self) -> int:
