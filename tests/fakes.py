@@ -48,7 +48,7 @@ FIXTURE_PLAN_ID = "fixture-hello"
 FAULTS = (
     "drop", "delay", "stall", "cut", "not_json", "no_choices",
     "sse_error", "empty_stream", "no_stream", "comments",
-    "endless_body", "endless_sse",
+    "endless_body", "endless_sse", "endless_error",
 )
 ENDLESS_CAP_BYTES = 50 * 1024 * 1024   # an endless reply stops here if the client never hangs up
 ENDLESS_CAP_S = 30.0                   # ... or after this long
@@ -212,11 +212,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self._guard(self._post)
 
-    def _endless(self, piece: bytes, content_type: str, head: bytes = b"", pause_s: float = 0.0) -> None:
-        """Send a 200 body that never ends (head, then piece again and again) until the
+    def _endless(self, piece: bytes, content_type: str, head: bytes = b"", pause_s: float = 0.0,
+                 status: int = 200) -> None:
+        """Send a body that never ends (head, then piece again and again) until the
         client hangs up or ENDLESS_CAP_BYTES / ENDLESS_CAP_S pass; record in
         fake.endless_sent how many bytes went out."""
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Connection", "close")
         self.end_headers()
@@ -323,6 +324,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault == "endless_sse":      # 200, then keep-alive comments and blank lines forever
             self._endless(b": keep-alive\n\n\n", "text/event-stream", pause_s=0.001)
+            return
+        if fault == "endless_error":    # 500 with an error body that never ends
+            self._endless(b"x" * 65536, "application/json", b'{"error": {"message": "', status=500)
             return
 
         model = req.get("model") or (self.server.fake.models[0] if self.server.fake.models else "fake-model")
@@ -1034,7 +1038,7 @@ def child_env(**extra: str) -> dict[str, str]:
 # Fake Anthropic Messages API server, and a fake `claude` CLI
 # --------------------------------------------------------------------------------------
 
-ANTHROPIC_FAULTS = ("error_event",)
+ANTHROPIC_FAULTS = ("error_event", "endless_body", "endless_sse")
 _OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 
 
@@ -1072,6 +1076,12 @@ class _AnthropicHandler(_Handler):
         if reply["status"] != 200:
             self._send(reply["status"], reply["error_body"] if reply["error_body"] is not None else _OVERLOADED,
                        extra=extra)
+            return
+        if reply["fault"] == "endless_body":
+            self._endless(b"a" * 65536, "application/json", b'{"type": "message", "content": [{"text": "')
+            return
+        if reply["fault"] == "endless_sse":
+            self._endless(b": keep-alive\n\n\n", "text/event-stream", pause_s=0.001)
             return
         pieces = _split(reply["text"], 4)
         output_tokens = reply["output_tokens"] if reply["output_tokens"] is not None else max(1, len(pieces))

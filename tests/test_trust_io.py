@@ -1,0 +1,446 @@
+"""Issue 11, points 7-9: what a hostile plan, model, server or store row can do to the
+terminal, to bridge's process, and to its memory and time.
+
+| row | attack | what bridge does now |
+|---|---|---|
+| terminal-run | ESC/OSC/CSI, BEL, CR, BS, C1 CSI, bidi override, "\\n" in a plan's objective, a step title, a file_output and a model output; run with and without -v | every progress and -v line printable(): `\\x1b]0;…`, `\\r`, `\\u202e`; single-line fields keep one line (`\\n` shown) |
+| terminal-list | the same plan, `--list --all` | one line per plan, escapes visible |
+| terminal-show | `--show` of that run | one line per field, the output keeps its lines but loses its controls |
+| terminal-dry-run | `--dry-run` | the same |
+| terminal-error | the model server's error body holds control sequences | `bridge: error: … \\x1b]0;…` on one line |
+| terminal-json | `--json`, `--events` | exact JSON (the same values), no raw ESC, C1 or bidi character |
+| surrogate | an objective holding a lone surrogate (`"\\ud800"` in the stored JSON) | `--list` prints `\\ud800`, exit 0 (was: UnicodeEncodeError, exit 70) |
+| long-name | a 300-byte file_output name | a plan problem "has a name of 300 bytes; names here hold at most 234 bytes" in --validate, --submit and a run; later plans run |
+| long-path | a file_output longer than PATH_MAX | a plan problem "… bytes long …; paths here hold at most N bytes" |
+| long-project | a context.project with a 300-byte name | "folder … does not exist" |
+| symlink-loop | file_output through a symlink loop | a plan problem "cannot be resolved" (was: RuntimeError, exit 70) |
+| deep-store | a plan memory nested 3,000 levels | `--list --all` shows it invalid; a run records it failed ("nests deeper than 64 levels"), later plans run |
+| deep-file | the same as a plan file | `--validate` and `--submit` exit 1 with that problem |
+| deep-schema | a step's json_schema nested 300 levels (json parses it, check_schema would recurse to death) | "nests 305 levels deep; bridge reads at most 64" |
+| deep-result | a forged result memory nested 3,000 levels | `--show` ignores it |
+| hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop | the plan runs; the loop fails its step ("nests too deeply to check"); no crash |
+| store-locked-finish | the store locked when the result is stored | exit 2, one error line naming --resume/--rerun; the plan in_progress (stale once bridge is gone), the modified file's backup kept; --rerun puts it back and completes |
+| endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
+| endless-error | an HTTP 500 error body that never ends | 64 KiB read for the message |
+| endless-models | /v1/models that never ends | --health: server FAIL "passed N bytes", exit 2 |
+| endless-sse | an SSE stream of keep-alive comments that never ends | cut at the step's timeout_s ("passed its deadline of 0.5 s (the step's timeout_s)"), not retried; with no timeout_s, at DEFAULT_REQUEST_DEADLINE_S |
+| anthropic-endless | the Anthropic executor, endless SSE and body | the same deadline and byte bound |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import bridge
+from fakes import (
+    ENDLESS_CAP_BYTES, FakeAnthropic, bridge_args, check_store, insert_memory, insert_plan, make_plan,
+    plan_state, run_bridge, run_json, stored_results,
+)
+
+# What a terminal would act on, never to reach stdout or stderr raw.
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[32mall good\x1b[0m\r\x08\x9b31m\u202eevil\u2066"
+RAW_CONTROLS = ("\x1b", "\x07", "\r", "\x08", "\x9b", "\u202e", "\u2066")
+FORGED = "\n  step 9: succeeded"
+
+
+def assert_no_controls(text: str) -> None:
+    found = sorted({repr(c) for c in RAW_CONTROLS if c in text})
+    assert not found, f"raw {found} reached the terminal stream: {text!r}"
+
+
+def hostile_plan(project: Path, plan_id: str = "ctl") -> dict:
+    return make_plan(plan_id, [{"id": 1, "title": "title " + HOSTILE + FORGED, "prompt": "say it",
+                                "file_output": "out" + FORGED + ".txt", "max_retries": 0}],
+                     context={"objective": "objective " + HOSTILE + FORGED, "project": str(project)})
+
+
+# --------------------------------------------------------------------------------------
+# 7. terminals get text, not control
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_run_progress_and_verbose_lines_escape_controls(capsys, db, project, fake_llm, state_dir, verbose):
+    insert_plan(db, hostile_plan(project))
+    fake_llm.enqueue("output " + HOSTILE + "\nsecond line")
+
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, *(["-v"] if verbose else []))
+
+    assert rc == 0, err
+    assert_no_controls(err)
+    assert "\\x1b]0;pwned\\x07" in err and "\\u202e" in err and "\\r" in err
+    assert (project / ("out" + FORGED + ".txt")).is_file()      # the name itself is the plan's business
+    if not verbose:         # every progress line is one line: the forged one never starts a line
+        assert not any(line.startswith("  step 9") for line in err.splitlines()), err
+        plan_line = next(line for line in err.splitlines() if line.startswith("plan ctl: objective"))
+        assert "\\n  step 9: succeeded · 1 step(s)" in plan_line
+    else:                   # -v shows the output with its own lines, without its controls
+        assert "second line" in err.splitlines()
+
+
+def test_list_show_and_dry_run_escape_controls(capsys, db, project, fake_llm, state_dir):
+    insert_plan(db, hostile_plan(project))
+    fake_llm.enqueue("output " + HOSTILE + "\nsecond line")
+    rc, dry, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run")
+    assert rc == 0, err
+    assert_no_controls(dry + err)
+    assert any(line.startswith("=== step 1 (title \\x1b]0;pwned") for line in dry.splitlines())
+
+    rc, listed, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
+    assert rc == 0, err
+    assert_no_controls(listed)
+    assert len(listed.splitlines()) == 1 and "objective \\x1b]0;pwned\\x07" in listed
+
+    assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
+    rc, shown, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "ctl")
+    assert rc == 0, err
+    assert_no_controls(shown)
+    lines = shown.splitlines()
+    assert not any(line.lstrip().startswith("step 9") for line in lines), shown
+    assert "      file: out\\n  step 9: succeeded.txt" in lines
+    assert any(line.strip() == "second line" for line in lines)     # the output keeps its lines
+
+
+def test_error_line_from_a_hostile_server_is_one_escaped_line(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1"))
+    fake_llm.enqueue(status=400, error_body={"error": {"message": "bad " + HOSTILE + FORGED}})
+
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model", "--retries", "0")
+
+    assert rc == 1, err
+    assert_no_controls(err)
+    failed = [line for line in err.splitlines() if "answered HTTP 400" in line]
+    assert failed and "\\x1b]0;pwned" in failed[0]
+
+
+def test_main_error_printer_escapes_the_message_and_hint(capsys, monkeypatch):
+    def hostile_list(config, show_all):
+        raise bridge.StoreError("cannot read " + HOSTILE + FORGED, "hint " + HOSTILE)
+    monkeypatch.setattr(bridge, "cmd_list", hostile_list)
+
+    rc = bridge.main(["--list"], environ={})
+
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert_no_controls(err)
+    assert err.splitlines()[0].startswith("bridge: error: cannot read \\x1b]0;pwned")
+    assert err.splitlines()[1].startswith("hint: hint \\x1b]0;pwned") and len(err.splitlines()) == 2
+
+
+def test_json_and_events_stay_exact_json_without_raw_controls(capsys, db, project, fake_llm, state_dir):
+    plan = hostile_plan(project)
+    insert_plan(db, plan)
+    fake_llm.enqueue("output " + HOSTILE)
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--events")
+    assert rc == 0, err
+    assert_no_controls(out)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["objective"] == plan["context"]["objective"]
+    assert "".join(e["text"] for e in events if e["event"] == "delta") == "output " + HOSTILE
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all", "--json")
+    assert rc == 0, err
+    assert_no_controls(out)
+    assert json.loads(out)["plans"][0]["objective"] == plan["context"]["objective"]
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "ctl", "--json")
+    assert_no_controls(out)
+    assert json.loads(out)["steps"][0]["title"] == plan["steps"][0]["title"]
+
+
+def test_lone_surrogate_in_an_objective_is_printed_escaped(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("sur", context={"objective": "half \ud800 a pair"}))     # json.dumps writes \ud800
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
+    assert rc == 0, err
+    assert "half \\ud800 a pair" in out
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["plans"][0]["objective"] == "half \ud800 a pair"
+
+
+def test_printable_escapes_each_kind_and_keeps_text():
+    assert bridge.printable("a\x1b[31mb\x07\x08\x7f\x9b\u202a\u2069\u2028") == \
+        "a\\x1b[31mb\\x07\\x08\\x7f\\x9b\\u202a\\u2069\\u2028"
+    assert bridge.printable("one\ntwo\r\tend") == "one\\ntwo\\r\tend"
+    assert bridge.printable("one\ntwo\r", multiline=True) == "one\ntwo\\r"
+    assert bridge.printable("héllo wörld · 日本") == "héllo wörld · 日本"
+    assert json.loads(bridge.json_text({"k": HOSTILE + "é"})) == {"k": HOSTILE + "é"}
+
+
+# --------------------------------------------------------------------------------------
+# 8. bad input is a recorded failure, never a crash
+# --------------------------------------------------------------------------------------
+
+def run_with_a_good_plan(capsys, db, fake_llm, state_dir, *extra):
+    """Insert plan "good" after what the test inserted, run everything; return (rc, err,
+    {plan id: stored result})."""
+    insert_plan(db, make_plan("good", [{"id": 1, "prompt": "good task"}]))
+    fake_llm.enqueue("good reply")
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model", *extra)
+    return rc, err, {r["plan_id"]: r for r in stored_results(db)}
+
+
+def long_name_plan(project: Path, file_output: str) -> dict:
+    return make_plan("long", [{"id": 1, "prompt": "p", "file_output": file_output}],
+                     context={"objective": "o", "project": str(project)})
+
+
+@pytest.mark.parametrize("file_output, expected", [
+    ("a" * 300, "has a name of 300 bytes; names here hold at most 234 bytes"),
+    ("d/" * 2100 + "f.txt", "bytes long in"),
+    ("é" * 150, "has a name of 300 bytes"),
+])
+def test_names_the_filesystem_cannot_hold_are_plan_problems(capsys, db, project, fake_llm, state_dir, tmp_path,
+                                                             file_output, expected):
+    plan = long_name_plan(project, file_output)
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(plan), encoding="utf-8")
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--validate", str(path))
+    assert rc == 1 and expected in out, out + err
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--submit", str(path))
+    assert rc == 1 and expected in err, out + err
+    assert len(err.splitlines()) == 1
+
+    insert_plan(db, plan)
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+    assert rc == 1, err
+    assert results["good"]["status"] == "completed"
+    assert results["long"]["status"] == "failed"
+    assert any(expected in p for p in results["long"]["problems"])
+    assert len(fake_llm.chat_requests) == 1 and os.listdir(project) == []
+
+
+def test_a_name_that_just_fits_is_written(capsys, db, project, fake_llm, state_dir):
+    insert_plan(db, long_name_plan(project, "b" * 250 + "/" + "a" * 234))
+    fake_llm.enqueue("fits")
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model")
+    assert rc == 0, err
+    assert (project / ("b" * 250) / ("a" * 234)).read_text() == "fits"
+
+
+def test_project_and_loops_that_cannot_be_looked_up_are_plan_problems(capsys, db, project, fake_llm, state_dir):
+    os.symlink("loop", project / "loop")
+    insert_plan(db, make_plan("loopy", [{"id": 1, "prompt": "p", "file_output": "loop/x.txt"}],
+                              context={"objective": "o", "project": str(project)}))
+    insert_plan(db, make_plan("far", [{"id": 1, "prompt": "p", "file_output": "x"}],
+                              context={"objective": "o", "project": str(project / ("p" * 300))}))
+
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+
+    assert rc == 1, err
+    assert results["good"]["status"] == "completed"
+    assert any("cannot be resolved" in p for p in results["loopy"]["problems"])
+    assert any("does not exist" in p for p in results["far"]["problems"])
+
+
+def deep_json(levels: int) -> str:
+    return '{"$schema": "bridge-plan-v1", "id": "deep", "status": "pending", "x": ' + \
+        "[" * levels + "]" * levels + "}"
+
+
+def test_a_plan_nested_3000_levels_is_listed_invalid_and_recorded_failed(capsys, db, fake_llm, state_dir):
+    insert_memory(db, deep_json(3000), tags="bridge-plan", memory_type="planning")
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
+    assert rc == 0, err
+    assert "invalid" in out
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+    assert rc == 1, err
+    assert results["good"]["status"] == "completed"
+    deep = next(r for plan_id, r in results.items() if plan_id != "good")
+    assert deep["status"] == "failed"
+    assert deep["problems"] == ["$: the plan nests deeper than 64 levels (more than json can parse)"]
+    check_store(db)
+    assert run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")[0] == 0
+
+
+def test_a_step_schema_nested_300_levels_is_refused_before_jsonschema_sees_it(capsys, db, fake_llm, state_dir):
+    schema: dict = {}
+    for _ in range(150):            # json parses it; jsonschema's check_schema would recurse to death
+        schema = {"type": "object", "properties": {"n": schema}}
+    insert_plan(db, make_plan("deep", [{"id": 1, "prompt": "p", "validation": {"type": "json_schema",
+                                                                                "schema": schema}}]))
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+    assert rc == 1, err
+    deep = next(r for plan_id, r in results.items() if plan_id != "good")
+    assert deep["problems"] == ["$: the plan nests 305 levels deep; bridge reads at most 64"]
+    assert results["good"]["status"] == "completed"
+
+
+def test_a_deep_plan_file_is_a_problem_for_validate_and_submit(capsys, db, fake_llm, state_dir, tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text(deep_json(3000), encoding="utf-8")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--validate", str(path))
+    assert rc == 1 and "nests deeper than 64 levels" in out, out + err
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--submit", str(path))
+    assert rc == 1 and "nests deeper than 64 levels" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_forged_deep_result_memory_is_ignored_by_show(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1"))
+    insert_memory(db, '{"type": "bridge_result", "plan_id": "p1", "x": ' + "[" * 3000 + "]" * 3000 + "}",
+                  tags="bridge-result,plan:p1", memory_type="tool_outcome")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1")
+    assert rc == 2 and "has no stored result yet" in err, out + err
+
+
+def nested_schema(levels: int) -> dict:
+    schema: dict = {"type": "number", "multipleOf": 1e-308, "maximum": 1e308}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"n": schema}, "minProperties": 1e308}
+    return schema
+
+
+def test_hostile_json_schema_validations_never_crash_a_run(capsys, db, fake_llm, state_dir):
+    loop = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    insert_plan(db, make_plan("schemas", [
+        {"id": 1, "prompt": "p", "max_retries": 0, "validation": {"type": "json_schema", "schema": nested_schema(28)}},
+        {"id": 2, "prompt": "p", "max_retries": 0, "validation": {"type": "json_schema", "schema": loop}},
+        {"id": 3, "prompt": "p", "max_retries": 0, "validation": {"type": "json", }}]))
+    value: object = 1e308
+    for _ in range(28):
+        value = {"n": value}
+    fake_llm.enqueue(json.dumps(value))
+    fake_llm.enqueue('{"a": 1}')
+    fake_llm.enqueue("[" * 5000 + "]" * 5000)
+
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir, "--no-structured")
+
+    assert rc == 1, err
+    steps = {s["id"]: s for s in results["schemas"]["steps"]}
+    assert steps[1]["status"] == "failed" and "minProperties" not in (steps[1]["error"] or "x")
+    assert "nests too deeply to check" in steps[2]["error"]
+    assert "nests too deeply to check" in steps[3]["error"]
+    assert results["good"]["status"] == "completed"
+
+
+def test_store_locked_at_the_finish_leaves_a_stale_plan_with_its_backups(
+        capsys, db, project, fake_llm, state_dir, monkeypatch):
+    (project / "a.txt").write_text("original\n", encoding="utf-8")
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "p", "file_output": "a.txt"}],
+                              context={"objective": "o", "project": str(project)}))
+    fake_llm.enqueue("changed")
+    monkeypatch.setattr(bridge, "STORE_BUSY_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(bridge, "STORE_WRITE_TRIES", 2)
+    real_finish = bridge.Store.finish
+    holder = sqlite3.connect(db, isolation_level=None)
+
+    def finish_while_locked(self, record, result):
+        holder.execute("BEGIN IMMEDIATE")          # another writer holds the store
+        try:
+            return real_finish(self, record, result)
+        finally:
+            holder.execute("ROLLBACK")
+    monkeypatch.setattr(bridge.Store, "finish", finish_while_locked)
+
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model")
+
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert lines[-2].startswith("bridge: error: plan p1: its result was not stored: the store")
+    assert "stayed locked" in lines[-2] and "the plan stays in progress" in lines[-2]
+    assert lines[-1].startswith("hint: when the store is free: bridge --plan p1 --resume")
+    assert stored_results(db) == []
+    state = plan_state(db, "p1")
+    assert state["status"] == "in_progress"
+    assert (project / "a.txt").read_text() == "changed"
+    backups = list((state_dir / "runs" / state["run_id"] / "backups").iterdir())
+    assert [b.read_text() for b in backups] == ["original\n"]       # never a modified file without its backup
+
+    monkeypatch.setattr(bridge.Store, "finish", real_finish)
+    monkeypatch.setattr(bridge, "pid_alive", lambda pid: pid != os.getpid())   # this bridge has exited
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
+    assert "stale" in out
+    fake_llm.enqueue("again")
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model", "--plan", "p1", "--rerun")
+    assert rc == 0, err
+    assert "1 file(s) put back" in err
+    assert (project / "a.txt").read_text() == "again"
+    assert stored_results(db)[-1]["status"] == "completed"
+    check_store(db)
+
+
+# --------------------------------------------------------------------------------------
+# 9. bounded responses
+# --------------------------------------------------------------------------------------
+
+# The client stops reading at max_output_bytes + 64 KiB; what the fake got out before it
+# saw the hang-up is that plus the loopback socket buffers (a few MB), far from the 50 MB
+# it offers.
+SENT_BOUND = 16 * 1024 * 1024
+ENVELOPE_BYTES = 65_536         # the README's allowance for a non-streamed body's JSON
+
+
+def test_a_non_streamed_body_that_never_ends_is_cut_at_the_byte_limit(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "p", "max_retries": 0}]))
+    fake_llm.enqueue(fault="endless_body")
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "fake-model",
+                               "--max-output-bytes", "100000")
+
+    assert rc == 1, err
+    assert f"passed {100000 + ENVELOPE_BYTES} bytes" in result["steps"][0]["error"]
+    sent = fake_llm.wait_endless(1)
+    assert sent[0] < SENT_BOUND < ENDLESS_CAP_BYTES
+
+
+def test_an_error_body_that_never_ends_is_read_for_its_message_only(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "p", "max_retries": 0}]))
+    fake_llm.enqueue(fault="endless_error")
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "fake-model", "--retries", "0")
+
+    assert rc == 1, err
+    assert "answered HTTP 500" in result["steps"][0]["error"]
+    assert fake_llm.wait_endless(1)[0] < SENT_BOUND
+
+
+def test_a_models_list_that_never_ends_fails_health(capsys, db, fake_llm, state_dir):
+    fake_llm.endless_models = True
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--health")
+    assert rc == 2
+    assert "server  FAIL" in out and "passed" in out
+    assert fake_llm.wait_endless(1)[0] < SENT_BOUND
+
+
+def test_an_sse_stream_of_keep_alives_ends_at_the_steps_timeout(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "p", "max_retries": 0, "timeout_s": 0.5}]))
+    fake_llm.enqueue(fault="endless_sse")
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "fake-model")
+
+    assert rc == 1, err
+    assert "passed its deadline of 0.5 s (the step's timeout_s)" in result["steps"][0]["error"]
+    assert len(fake_llm.chat_requests) == 1              # not retried: it would run as long again
+    fake_llm.wait_endless(1)
+
+
+def test_without_a_step_timeout_the_default_deadline_ends_the_request(capsys, db, fake_llm, state_dir,
+                                                                       monkeypatch):
+    monkeypatch.setattr(bridge, "DEFAULT_REQUEST_DEADLINE_S", 0.3, raising=False)
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "p", "max_retries": 0}]))
+    fake_llm.enqueue(fault="endless_sse")
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "fake-model")
+
+    assert rc == 1, err
+    assert "passed its deadline of 0.3 s (bridge's default" in result["steps"][0]["error"]
+
+
+@pytest.mark.parametrize("fault, expected", [("endless_sse", "passed its deadline of 0.5 s"),
+                                             ("endless_body", "longer than")])
+def test_the_anthropic_executor_has_the_same_bounds(fault, expected):
+    with FakeAnthropic() as fake:
+        fake.enqueue(fault=fault)
+        config = bridge.Config(db_paths=(), anthropic_base_url=fake.url, anthropic_api_key="k",
+                               max_output_bytes=100_000, retries=0)
+        with bridge.AnthropicClient(config) as client, pytest.raises(bridge.LLMError) as caught:
+            client.chat([{"role": "user", "content": "x"}], model="claude-haiku-4-5", timeout_s=0.5)
+        assert expected in str(caught.value)
+        assert fake.wait_endless(1)[0] < SENT_BOUND
