@@ -25,10 +25,12 @@ Exit codes:
     0    success, or nothing to do
     1    a plan failed (its result memory says why)
     2    usage, configuration, store or server unusable: said before any plan is
-         claimed, except when the store cannot be written as a run finishes (its
-         files stay as the run left them; the plan shows as stale, and
-         bridge --show ID says how to --resume or --rerun it); --undo refusing
-         (a file changed since the run) exits 2 and changes nothing
+         claimed, except when the store cannot be written as a plan finishes: its
+         result is not stored, the plan stays in_progress (stale once bridge exits)
+         with its files and backups kept, bridge --show ID says how to --resume or
+         --rerun it, and the other plans still run (so does a plan whose metadata
+         bridge will not overwrite: it is skipped); --undo refusing (a file changed
+         since the run) exits 2 and changes nothing
     70   internal error (a bug: run with --debug or BRIDGE_DEBUG=1 for the traceback)
     130  interrupted (Ctrl-C or SIGTERM)
 
@@ -39,6 +41,14 @@ Environment (a flag wins over its variable):
     BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
     BRIDGE_KEEP_RUNS                                          runs per plan kept for --undo
     BRIDGE_DEBUG                                              tracebacks for bugs
+
+Limits on what bridge reads (hostile input is a recorded failure, never a crash):
+    a reply, streamed or not, within --max-output-bytes (a non-streamed body plus
+    RESPONSE_ENVELOPE_BYTES); every request by its deadline (a step's timeout_s, else
+    DEFAULT_REQUEST_DEADLINE_S = 1800 s) besides --timeout per chunk; JSON from plans,
+    the store and servers at most MAX_JSON_DEPTH = 64 levels deep; plan paths within
+    NAME_MAX and PATH_MAX. Text from plans, models and the store is printed through
+    printable() (control characters escaped); --json through json_text().
 
 Rooms, in the order a run passes through them:
     1 Constants & defaults · 2 Errors · 3 Helpers · 4 Store layouts & plan records ·
