@@ -1383,6 +1383,10 @@ def resolve_inside(project: Path, rel: str) -> Path:
 
     if not rel or "\x00" in rel:
         raise PathError(f"path {rel!r} is empty or holds a NUL byte")
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:
+        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
         raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:

@@ -12,6 +12,7 @@ terminal, to bridge's process, and to its memory and time.
 | surrogate | an objective holding a lone surrogate (`"\\ud800"` in the stored JSON) | `--list` prints `\\ud800`, exit 0 (was: UnicodeEncodeError, exit 70) |
 | long-name | a 300-byte file_output name | a plan problem "has a name of 300 bytes; names here hold at most 234 bytes" in --validate, --submit and a run; later plans run |
 | long-path | a file_output longer than PATH_MAX | a plan problem "… bytes long …; paths here hold at most N bytes" |
+| surrogate-name | a file_output holding a lone surrogate | a plan problem "holds a lone surrogate" (was: valid, then UnicodeEncodeError, exit 70) |
 | long-project | a context.project with a 300-byte name | "folder … does not exist" |
 | symlink-loop | file_output through a symlink loop | a plan problem "cannot be resolved" (was: RuntimeError, exit 70) |
 | deep-store | a plan memory nested 3,000 levels | `--list --all` shows it invalid; a run records it failed ("nests deeper than 64 levels"), later plans run |
@@ -29,6 +30,7 @@ terminal, to bridge's process, and to its memory and time.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
@@ -163,6 +165,21 @@ def test_lone_surrogate_in_an_objective_is_printed_escaped(capsys, db, fake_llm,
     assert json.loads(out)["plans"][0]["objective"] == "half \ud800 a pair"
 
 
+def test_the_live_status_line_escapes_all_but_its_own_redraw():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    stream = Terminal()
+    progress = bridge.Progress(1, stream)
+
+    progress.status("title " + HOSTILE, force=True)
+    progress.info("plan " + HOSTILE)
+
+    text = stream.getvalue()
+    assert text.startswith("\r\x1b[2K")
+    assert_no_controls(text.replace("\r\x1b[2K", ""))
+
+
 def test_printable_escapes_each_kind_and_keeps_text():
     assert bridge.printable("a\x1b[31mb\x07\x08\x7f\x9b\u202a\u2069\u2028") == \
         "a\\x1b[31mb\\x07\\x08\\x7f\\x9b\\u202a\\u2069\\u2028"
@@ -194,6 +211,7 @@ def long_name_plan(project: Path, file_output: str) -> dict:
     ("a" * 300, "has a name of 300 bytes; names here hold at most 234 bytes"),
     ("d/" * 2100 + "f.txt", "bytes long in"),
     ("é" * 150, "has a name of 300 bytes"),
+    ("half\ud800.txt", "holds a lone surrogate"),          # was: valid, then UnicodeEncodeError at the write
 ])
 def test_names_the_filesystem_cannot_hold_are_plan_problems(capsys, db, project, fake_llm, state_dir, tmp_path,
                                                              file_output, expected):
