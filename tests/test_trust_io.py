@@ -19,6 +19,7 @@ terminal, to bridge's process, and to its memory and time.
 | deep-file | the same as a plan file | `--validate` and `--submit` exit 1 with that problem |
 | deep-schema | a step's json_schema nested 300 levels (json parses it, check_schema would recurse to death) | "nests 305 levels deep; bridge reads at most 64" |
 | deep-result | a forged result memory nested 3,000 levels | `--show` ignores it |
+| huge-timeout | timeout_s 1e12 in a step or the defaults (was: OverflowError in the socket, exit 70, plan stale) | a plan problem "greater than the maximum of 86400" (the schema's new maximum) |
 | hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop | the plan runs; the loop fails its step ("nests too deeply to check"); no crash |
 | store-locked-finish | the store locked when the result is stored | exit 2, one error line naming --resume/--rerun; the plan in_progress (stale once bridge is gone), the modified file's backup kept; --rerun puts it back and completes |
 | endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
@@ -306,6 +307,19 @@ def test_a_forged_deep_result_memory_is_ignored_by_show(capsys, db, fake_llm, st
                   tags="bridge-result,plan:p1", memory_type="tool_outcome")
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1")
     assert rc == 2 and "has no stored result yet" in err, out + err
+
+
+def test_a_timeout_no_clock_can_hold_is_a_plan_problem(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("slow", [{"id": 1, "prompt": "p", "timeout_s": 1e12}],
+                              defaults={"timeout_s": 1e300}))
+
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+
+    assert rc == 1, err
+    assert results["good"]["status"] == "completed"
+    problems = results["slow"]["problems"]
+    assert any(p.startswith("$.steps[0].timeout_s:") and "maximum of 86400" in p for p in problems), problems
+    assert any(p.startswith("$.defaults.timeout_s:") for p in problems), problems
 
 
 def nested_schema(levels: int) -> dict:
