@@ -485,8 +485,14 @@ def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
         handle.flush()
 
 
-class JSONTooDeep(ValueError):
-    """JSON that nests deeper than MAX_JSON_DEPTH levels (a ValueError, as bad JSON is)."""
+class JSONRefused(ValueError):
+    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
+    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
+    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
 
 
 def json_depth(value: Any) -> int:
@@ -505,16 +511,17 @@ def json_depth(value: Any) -> int:
 
 def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads with a nesting limit, for JSON bridge did not write (plans, store
-    rows, results, metadata). Raises ValueError for bad JSON and JSONTooDeep (a
-    ValueError) when it nests deeper than max_depth levels, or so deep that json
-    itself gives up (RecursionError), so what reads it next cannot recurse to death."""
+    rows, results, metadata, server replies). Raises ValueError for bad JSON and
+    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
+    max_depth levels or so deep that json itself gives up (RecursionError), so what
+    reads it next cannot recurse to death."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
-        raise JSONTooDeep(f"nests deeper than {max_depth} levels (more than json can parse)") from None
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") from None
     depth = json_depth(value)
     if depth > max_depth:
-        raise JSONTooDeep(f"nests {depth} levels deep; bridge reads at most {max_depth}")
+        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
     return value
 
 
@@ -780,8 +787,8 @@ CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories BEGIN
 
 
 class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
-    """The content of a plan memory that is JSON bridge will not parse (it nests too
-    deep, see load_json); reason says why. check_plan reports it as the problem."""
+    """The content of a plan memory that is JSON bridge will not take (it nests too
+    deep or holds NaN, see load_json); reason says why. check_plan reports it as the problem."""
 
     __slots__ = ()
 
@@ -1064,7 +1071,7 @@ class Store:
     def _record(row_id, content, metadata, created_at, tags) -> PlanRecord | None:
         try:
             plan = load_json(content)
-        except JSONTooDeep as exc:
+        except JSONRefused as exc:
             plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
         except ValueError:
             plan = None
@@ -1580,6 +1587,13 @@ def check_plan(plan: Any) -> Plan:
         raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
     if (depth := json_depth(plan)) > MAX_JSON_DEPTH:
         raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at most {MAX_JSON_DEPTH}"])
+    try:
+        json.dumps(plan, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:   # "\ud800" in JSON: no request body or file name can carry it
+        raise PlanInvalid(plan_id, [f"$: the plan holds a lone surrogate ({exc.object[exc.start]!r}), "
+                                    "which is not text; write the character whole"]) from None
+    except ValueError as exc:           # NaN or Infinity in a plan given as a dict
+        raise PlanInvalid(plan_id, [f"$: the plan cannot be written as JSON ({exc})"]) from None
     try:
         problems = _schema_problems(plan)
     except RecursionError:      # MAX_JSON_DEPTH leaves room; this is the last guard
@@ -4902,7 +4916,7 @@ def _read_plan_file(path: str) -> Any:
         raise BridgeError(f"cannot read the plan file {path}: {exc}", "check the path") from exc
     try:
         return load_json(text)
-    except JSONTooDeep as exc:
+    except JSONRefused as exc:
         raise PlanInvalid(str(path), [f"$: the plan {exc}"]) from None
     except ValueError as exc:
         raise PlanInvalid(str(path), [f"$: not JSON ({exc})"]) from exc

@@ -20,6 +20,7 @@ terminal, to bridge's process, and to its memory and time.
 | deep-schema | a step's json_schema nested 300 levels (json parses it, check_schema would recurse to death) | "nests 305 levels deep; bridge reads at most 64" |
 | deep-result | a forged result memory nested 3,000 levels | `--show` ignores it |
 | huge-timeout | timeout_s 1e12 in a step or the defaults (was: OverflowError in the socket, exit 70, plan stale) | a plan problem "greater than the maximum of 86400" (the schema's new maximum) |
+| nan-surrogate | `NaN` in a plan (passes the schema's 0..2 for temperature), `"\\ud800"` in a prompt (was: ValueError / UnicodeEncodeError in httpx, exit 70) | plan problems "holds NaN, which is not JSON" and "holds a lone surrogate" |
 | hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop | the plan runs; the loop fails its step ("nests too deeply to check"); no crash |
 | store-locked-finish | the store locked when the result is stored | exit 2, one error line naming --resume/--rerun; the plan in_progress (stale once bridge is gone), the modified file's backup kept; --rerun puts it back and completes |
 | endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
@@ -320,6 +321,24 @@ def test_a_timeout_no_clock_can_hold_is_a_plan_problem(capsys, db, fake_llm, sta
     problems = results["slow"]["problems"]
     assert any(p.startswith("$.steps[0].timeout_s:") and "maximum of 86400" in p for p in problems), problems
     assert any(p.startswith("$.defaults.timeout_s:") for p in problems), problems
+
+
+def test_nan_and_lone_surrogates_in_a_plan_are_plan_problems(capsys, db, fake_llm, state_dir):
+    # NaN passes every minimum and maximum of a schema; httpx refuses to send it (allow_nan=False)
+    insert_memory(db, json.dumps(make_plan("nan", [{"id": 1, "prompt": "p", "temperature": float("nan")}])),
+                  tags="bridge-plan", memory_type="planning")
+    # "\ud800" in the stored JSON: no request body (UTF-8) can carry it
+    insert_plan(db, make_plan("sur", [{"id": 1, "prompt": "half \ud800 a pair"}]))
+
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+
+    assert rc == 1, err
+    assert results["good"]["status"] == "completed"
+    nan = next(r for plan_id, r in results.items() if plan_id.startswith("row-"))
+    assert nan["problems"] == ["$: the plan holds NaN, which is not JSON (RFC 8259)"]
+    assert results["sur"]["problems"] == ["$: the plan holds a lone surrogate ('\\ud800'), which is not text; "
+                                          "write the character whole"]
+    assert len(fake_llm.chat_requests) == 1
 
 
 def nested_schema(levels: int) -> dict:
