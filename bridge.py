@@ -525,6 +525,26 @@ def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return value
 
 
+def load_reply(text: str | bytes) -> Any:
+    """load_json for what a server or executor sent, with every lone surrogate in
+    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
+    carrying it back, the file, the run log and the store would all refuse it)
+    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
+    value = load_json(text)
+    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
+    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
+
+
+def _scrub_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub("[\ud800-\udfff]", "\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub_surrogates(item) for item in value]
+    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
+        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
+    return value
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored."""
     entries = []
@@ -1657,7 +1677,7 @@ def _error_message(body: bytes) -> str:
     """
     text = body.decode("utf-8", "replace").strip()
     try:
-        data = load_json(text)
+        data = load_reply(text)
     except ValueError:
         return " ".join(clip(text, 300, "body").split()) or "(empty body)"
     err = data.get("error", data) if isinstance(data, dict) else data
@@ -1849,7 +1869,7 @@ class HTTPExecutor:
         except httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         try:
-            return load_json(body)
+            return load_reply(body)
         except ValueError as exc:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
@@ -2051,7 +2071,7 @@ class LLMClient(HTTPExecutor):
         body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
         text must fit --max-output-bytes as a stream's must."""
         try:
-            data = load_json(body)
+            data = load_reply(body)
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
             if not isinstance(text, str):
@@ -2081,7 +2101,7 @@ class LLMClient(HTTPExecutor):
                 next(events, None)
                 break
             try:
-                chunk = load_json(data)
+                chunk = load_reply(data)
             except ValueError as exc:
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
                                        f"{clip(data, 120, 'event')}") from exc
@@ -2201,7 +2221,7 @@ class AnthropicClient(HTTPExecutor):
         size, done = 0, False
         for event, data in _iter_sse(response.iter_bytes(), limit + 65536):
             try:
-                body = load_json(data)
+                body = load_reply(data)
             except ValueError as exc:
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: {clip(data, 120, 'event')}") from exc
             kind = body.get("type", event) if isinstance(body, dict) else event
@@ -2331,7 +2351,7 @@ class ClaudeCLI:
         size = 0
         for raw in proc.stdout:
             try:
-                event = load_json(raw)
+                event = load_reply(raw)
             except ValueError:
                 continue                        # not an event (a warning, garbage): skip it
             if not isinstance(event, dict):

@@ -21,6 +21,7 @@ terminal, to bridge's process, and to its memory and time.
 | deep-result | a forged result memory nested 3,000 levels | `--show` ignores it |
 | huge-timeout | timeout_s 1e12 in a step or the defaults (was: OverflowError in the socket, exit 70, plan stale) | a plan problem "greater than the maximum of 86400" (the schema's new maximum) |
 | nan-surrogate | `NaN` in a plan (passes the schema's 0..2 for temperature), `"\\ud800"` in a prompt (was: ValueError / UnicodeEncodeError in httpx, exit 70) | plan problems "holds NaN, which is not JSON" and "holds a lone surrogate" |
+| server-surrogate | the model server streams `"\\ud800"` in content or an error (was: UnicodeEncodeError, exit 70) | U+FFFD, as for undecodable bytes: the file, the result, the next request carry it |
 | hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop | the plan runs; the loop fails its step ("nests too deeply to check"); no crash |
 | store-locked-finish | the store locked when the result is stored | exit 2, one error line naming --resume/--rerun; the plan in_progress (stale once bridge is gone), the modified file's backup kept; --rerun puts it back and completes |
 | endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
@@ -339,6 +340,23 @@ def test_nan_and_lone_surrogates_in_a_plan_are_plan_problems(capsys, db, fake_ll
     assert results["sur"]["problems"] == ["$: the plan holds a lone surrogate ('\\ud800'), which is not text; "
                                           "write the character whole"]
     assert len(fake_llm.chat_requests) == 1
+
+
+def test_a_lone_surrogate_from_the_server_becomes_a_replacement_character(capsys, db, project, fake_llm,
+                                                                         state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "p", "file_output": "out.txt"},
+                                     {"id": 2, "prompt": "p", "depends_on": [1], "max_retries": 0}],
+                              context={"objective": "o", "project": str(project)}))
+    fake_llm.enqueue("half \ud800 a pair")          # the fake's JSON carries it as "\ud800"
+    fake_llm.enqueue(status=400, error_body={"error": {"message": "bad \udfff"}})
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--model", "fake-model", "--retries", "0")
+
+    assert rc == 1, err
+    assert (project / "out.txt").read_text(encoding="utf-8") == "half \ufffd a pair"
+    assert "bad \ufffd" in result["steps"][1]["error"]
+    assert stored_results(db)[0]["steps"][0]["output"] == "half \ufffd a pair"
+    assert "\ufffd" in fake_llm.chat_requests[1]["body"] or "\\ufffd" in fake_llm.chat_requests[1]["body"]
 
 
 def nested_schema(levels: int) -> dict:
