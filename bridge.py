@@ -2349,7 +2349,9 @@ class ClaudeCLI:
         pieces: list[str] = []
         final = model = None
         size = 0
-        for raw in proc.stdout:
+        # a line longer than a reply may be is read in parts (none of them JSON), never whole
+        line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
+        for raw in iter(lambda: proc.stdout.readline(line_max), b""):
             try:
                 event = load_reply(raw)
             except ValueError:

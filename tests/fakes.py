@@ -1198,6 +1198,17 @@ if mode == "hang":
     out(init)
     time.sleep(60)
     sys.exit(0)
+if mode == "endless_line":      # one line that never ends (stops at 100 MB or a closed pipe)
+    out(init)
+    piece = "a" * 65536
+    try:
+        for _ in range(1600):
+            sys.stdout.write(piece)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    time.sleep(60)
+    sys.exit(0)
 if mode == "garbage":
     out("not json at all")
     out("[1, 2, 3]")
@@ -1216,8 +1227,9 @@ def write_fake_claude(bin_dir: str | Path) -> Path:
     line, an assistant message and a success result with usage 100/20 and
     total_cost_usd 0.0123, exit 0), error_result (is_error result "Invalid API key ·
     Please run /login", exit 0; error_result_exit1: the same, exit 1), nonzero (one
-    stderr line, exit 1, no result), hang (init, then sleep 60), garbage (only non-event
-    lines, exit 0). The text is $FAKE_CLAUDE_TEXT, default {"a": 1}.
+    stderr line, exit 1, no result), hang (init, then sleep 60), endless_line (init, then
+    one line of 100 MB without a newline, then sleep 60), garbage (only non-event lines,
+    exit 0). The text is $FAKE_CLAUDE_TEXT, default {"a": 1}.
     """
     import os
     import sys

@@ -28,6 +28,7 @@ terminal, to bridge's process, and to its memory and time.
 | endless-error | an HTTP 500 error body that never ends | 64 KiB read for the message |
 | endless-models | /v1/models that never ends | --health: server FAIL "passed N bytes", exit 2 |
 | endless-sse | an SSE stream of keep-alive comments that never ends | cut at the step's timeout_s ("passed its deadline of 0.5 s (the step's timeout_s)"), not retried; with no timeout_s, at DEFAULT_REQUEST_DEADLINE_S |
+| claude-endless-line | `claude -p` writes one 100 MB line | read in parts of --max-output-bytes + 64 KiB (peak < 8 MB traced), none of them JSON |
 | anthropic-endless | the Anthropic executor, endless SSE and body | the same deadline and byte bound |
 """
 
@@ -37,14 +38,15 @@ import io
 import json
 import os
 import sqlite3
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 import bridge
 from fakes import (
-    ENDLESS_CAP_BYTES, FakeAnthropic, bridge_args, check_store, insert_memory, insert_plan, make_plan,
-    plan_state, run_bridge, run_json, stored_results,
+    ENDLESS_CAP_BYTES, FakeAnthropic, check_store, insert_memory, insert_plan, make_plan, plan_state,
+    run_bridge, run_json, stored_results, write_fake_claude,
 )
 
 # What a terminal would act on, never to reach stdout or stderr raw.
@@ -513,3 +515,19 @@ def test_the_anthropic_executor_has_the_same_bounds(fault, expected):
             client.chat([{"role": "user", "content": "x"}], model="claude-haiku-4-5", timeout_s=0.5)
         assert expected in str(caught.value)
         assert fake.wait_endless(1)[0] < SENT_BOUND
+
+
+def test_a_claude_cli_line_that_never_ends_is_read_in_bounded_parts(tmp_path):
+    write_fake_claude(tmp_path / "bin")
+    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_CLAUDE_MODE": "endless_line"}
+    config = bridge.Config(db_paths=(), tool_env=tuple(env.items()), max_output_bytes=100_000)
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(bridge.LLMTimeout):       # the 100 MB line ends only when claude is killed
+            bridge.ClaudeCLI(config).chat([{"role": "user", "content": "x"}], model="haiku", timeout_s=1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 8 * 1024 * 1024, f"{peak:,} bytes held while reading claude's output"
