@@ -610,23 +610,21 @@ def would_cost_usd(usage: dict, price_model: str) -> float:
 # DEL, C1 controls (U+009B is a one-character CSI on terminals that honour C1),
 # line and paragraph separators, the bidi embeddings, overrides and isolates that can
 # reorder what a line seems to say (U+202A-202E, U+2066-2069, "Trojan Source"), and
-# lone surrogates (no encoder can write them, so a print would crash).
-_UNSAFE_CODEPOINTS = (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029,
-                      *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))
+# lone surrogates (no encoder can write them, so a print would crash). As a regex
+# character class (re compiles and caches it on first use).
+_UNSAFE = "\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
 
 
-@functools.cache
-def _escapes(multiline: bool) -> dict[int, str]:
-    table = {cp: (f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}") for cp in _UNSAFE_CODEPOINTS}
-    table[0x0D] = "\\r"
-    if not multiline:
-        table[0x0A] = "\\n"
-    return table
+def _escape(match: Any) -> str:
+    code = ord(match.group())
+    if code in (0x0A, 0x0D):
+        return "\\n" if code == 0x0A else "\\r"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def printable(text: Any, multiline: bool = False) -> str:
     """Return text safe to write to a terminal: every character a terminal could act
-    on (see _UNSAFE_CODEPOINTS: ESC and so CSI/OSC sequences, CR, BEL, backspace,
+    on (see _UNSAFE: ESC and so CSI/OSC sequences, CR, BEL, backspace,
     other C0 and C1 controls, bidi overrides and isolates, lone surrogates) becomes
     a visible escape such as \\x1b or \\u202e. A newline is escaped too (\\n), so a
     single-line field cannot forge a line, unless multiline (prompts and outputs
@@ -634,23 +632,26 @@ def printable(text: Any, multiline: bool = False) -> str:
     text from a plan, a model, a server or the store is printed: Progress, the
     renderers and main()'s error lines.
     """
-    return str(text).translate(_escapes(multiline))
+    text = str(text)
+    pattern = f"[{_UNSAFE}]" if multiline else f"[{_UNSAFE}\\n]"
+    return re.sub(pattern, _escape, text) if re.search(pattern, text) else text
 
 
-@functools.cache
-def _json_escapes() -> dict[int, str]:
-    # json.dumps escapes C0 controls itself; with ensure_ascii=False the rest of
-    # _UNSAFE_CODEPOINTS would pass raw. Outside strings a JSON text holds none of
-    # them, so escaping them as \\uXXXX keeps the document exactly the same JSON.
-    return {cp: f"\\u{cp:04x}" for cp in _UNSAFE_CODEPOINTS if cp >= 0x20}
+# json.dumps escapes C0 controls itself; with ensure_ascii=False the rest of _UNSAFE
+# would pass raw. Outside strings a JSON text holds none of them, so escaping them as
+# \uXXXX keeps the document exactly the same JSON.
+_JSON_UNSAFE = "[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 
 
 def json_text(document: Any, indent: int | None = None) -> str:
     """Return json.dumps(document, ensure_ascii=False, indent=indent) with the
-    characters of _UNSAFE_CODEPOINTS that json leaves raw (DEL, C1, separators,
-    bidi controls, lone surrogates) written as \\u escapes: the same JSON value,
+    characters of _UNSAFE that json leaves raw (DEL, C1, separators, bidi
+    controls, lone surrogates) written as \\u escapes: the same JSON value,
     readable text, and nothing a terminal acts on (--json and --events)."""
-    return json.dumps(document, indent=indent, ensure_ascii=False).translate(_json_escapes())
+    text = json.dumps(document, indent=indent, ensure_ascii=False)
+    if not re.search(_JSON_UNSAFE, text):
+        return text
+    return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 class Events:
