@@ -267,7 +267,8 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #   BridgeError (exit 2 unless the class says otherwise)
 #    ├── ConfigError            bad flag or environment value
 #    ├── StoreError             the store cannot be opened, read or written
-#    │    └── PlanNotFound      no live plan has that id
+#    │    ├── PlanNotFound      no live plan has that id
+#    │    └── ResultNotStored   a plan ran, but its result could not be stored
 #    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
 #    ├── PathError (1)          a plan path leaves the project or cannot be used
 #    │    └── RollbackError (1) files could not be put back; names every one
@@ -302,6 +303,13 @@ class StoreError(BridgeError):
 
 class PlanNotFound(StoreError):
     """No live plan memory has the requested id."""
+
+
+class ResultNotStored(StoreError):
+    """A plan ran but the store refused its result (locked past STORE_WRITE_TRIES,
+    or unwritable): the plan stays in_progress, stale once this process is gone,
+    with its journal and backups kept for --resume or --rerun. A run goes on with
+    its other plans and exits 2."""
 
 
 class PlanInvalid(BridgeError):
@@ -720,9 +728,11 @@ class Progress:
         """Print that a request is being retried, and why."""
         self.info(f"  retrying: {text}")
 
-    def error(self, text: str) -> None:
-        """Print an error line, always."""
+    def error(self, text: str, hint: str | None = None) -> None:
+        """Print an error line (and its hint line), always."""
         self._emit(f"bridge: error: {text}")
+        if hint:
+            self._emit(f"hint: {hint}")
 
     def status(self, text: str, force: bool = False) -> None:
         """Redraw the live status line (terminals only, at most 10 times a second)."""
@@ -3946,7 +3956,13 @@ class Runner:
                                   files.summary() if files else [], status, error)
             if previous:
                 result["resumed_from"] = previous
-            result = self._finish(record, result)
+            try:
+                result = self._finish(record, result)
+            except ResultNotStored as exc:
+                if interrupted is None:
+                    raise
+                self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
+                raise interrupted from exc
             if files is not None and self.config.keep_runs == 0 and not isinstance(files, StagedFiles):
                 files.discard()         # only now: a result that cannot be stored keeps the backups
         if interrupted:
@@ -4228,13 +4244,13 @@ class Runner:
     def _finish(self, record: PlanRecord, result: dict) -> dict:
         """Store the result and the plan's final state, then print its summary.
 
-        Raises StoreError (exit 2) when the store cannot be written: the plan stays
+        Raises ResultNotStored when the store cannot be written: the plan stays
         in_progress, stale once this process is gone, so --resume or --rerun can
         take it over (the run's journal and backups are kept for that)."""
         try:
             result["result_hash"] = self.store.finish(record, result)
         except StoreError as exc:
-            raise StoreError(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
+            raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
                              "in progress (stale once this bridge exits), its files and their backups kept",
                              f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
                              "succeeded steps) or --rerun (puts its files back, starts over)") from exc
@@ -4582,21 +4598,27 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
     Every pending plan also takes in the plan memories never run that are not
     valid plan objects, and plans whose id another live plan shares: those are
     recorded as failed with the reason. Returns EXIT_OK when every plan run
-    completed (or none was pending), EXIT_PLAN_FAILED when one failed. Raises
-    BridgeError when the store or the server cannot be used, before any plan is
-    claimed.
+    completed (or none was pending), EXIT_PLAN_FAILED when one failed,
+    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored: said
+    on stderr, and the other plans still run). Raises BridgeError when the store
+    or the server cannot be used, before that plan is claimed.
     """
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
         if not records:
             progress.info(f"no pending plans in {store.path}")
-        results = []
+        results, unstored = [], 0
         with LLMClient(config, on_retry=progress.retrying) as client:
             runner = _open_runner(config, store, client, progress) if records else None
             try:
                 for record in records:
-                    result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
+                    try:
+                        result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
+                    except ResultNotStored as exc:      # the plans after it still run
+                        progress.error(str(exc), exc.hint)
+                        unstored += 1
+                        continue
                     if result is None and plan_id is not None:
                         raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
                                           "see it with: bridge --list --all")
@@ -4608,6 +4630,8 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
         progress.info(run_summary(results))
     if config.json:
         _print_json({"plans": results})
+    if unstored:
+        return EXIT_UNUSABLE
     return EXIT_OK if all(r["success"] for r in results) else EXIT_PLAN_FAILED
 
 
