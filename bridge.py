@@ -4617,6 +4617,8 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
                         result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
                     except ResultNotStored as exc:      # the plans after it still run
                         progress.error(str(exc), exc.hint)
+                        runner.events.emit("error", record.plan_id, message=str(exc), hint=exc.hint,
+                                           exit_code=exc.exit_code)
                         unstored += 1
                         continue
                     if result is None and plan_id is not None:

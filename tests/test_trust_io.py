@@ -414,9 +414,12 @@ def test_store_locked_at_the_finish_leaves_a_stale_plan_with_its_backups(
             holder.execute("ROLLBACK")
     monkeypatch.setattr(bridge.Store, "finish", finish_while_locked)
 
-    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model", "--events")
 
     assert rc == 2, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["event"], e["plan_id"]) for e in events if e["event"] in ("error", "plan_end")] == \
+        [("error", "p1"), ("plan_end", "later")]
     lines = err.splitlines()
     error = next(n for n, line in enumerate(lines) if line.startswith("bridge: error: plan p1: its result"))
     assert "stayed locked" in lines[error] and "the plan stays in progress" in lines[error]
