@@ -112,6 +112,23 @@ def test_list_show_and_dry_run_escape_controls(capsys, db, project, fake_llm, st
     assert any(line.strip() == "second line" for line in lines)     # the output keeps its lines
 
 
+def test_a_hostile_id_of_an_invalid_plan_is_printed_escaped(capsys, db, fake_llm, state_dir):
+    plan_id = "id" + HOSTILE + FORGED          # the schema refuses it, so the plan is recorded invalid
+    insert_plan(db, make_plan(plan_id))
+
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model")
+    assert rc == 1, err
+    rc, listed, _ = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
+    rc, shown, _ = run_bridge(capsys, db, fake_llm, state_dir, "--show", plan_id)
+    rc, dry, _ = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run", "--plan", plan_id)
+
+    for text in (err, listed, shown, dry):
+        assert_no_controls(text)
+        assert "id\\x1b]0;pwned" in text
+        assert not any(line.startswith("  step 9") for line in text.splitlines()), text
+    assert len(listed.splitlines()) == 1
+
+
 def test_error_line_from_a_hostile_server_is_one_escaped_line(capsys, db, fake_llm, state_dir):
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue(status=400, error_body={"error": {"message": "bad " + HOSTILE + FORGED}})
