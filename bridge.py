@@ -1549,6 +1549,25 @@ def _validation_problems(validation: dict, where: str) -> list[str]:
             Draft202012Validator.check_schema(validation["schema"])
         except SchemaError as exc:
             return [f"{where}.schema: not a valid JSON Schema ({schema_message(exc)})"]
+        return _schema_use_problems(validation["schema"], f"{where}.schema")
+    return []
+
+
+def _schema_use_problems(schema: Any, where: str) -> list[str]:
+    """Apply a step's schema (valid by check_schema) to a few plain values, so a
+    $ref that resolves nowhere or refers to itself without end at the top is a plan
+    problem before anything is sent; deeper ones fail the step (check_output)."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema)
+    for probe in (None, {}, [], "", 0):
+        try:
+            for _ in validator.iter_errors(probe):
+                pass
+        except RecursionError:
+            return [f"{where}: refers to itself without end"]
+        except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
+            return [f"{where}: cannot be applied ({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
     return []
 
 
@@ -2548,8 +2567,15 @@ def _check_output(text: str, validation: dict) -> str:
         from jsonschema import Draft202012Validator
 
         value, artifact = _json_artifact(text)
-        errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                        key=lambda e: list(e.absolute_path))
+        try:
+            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
+                            key=lambda e: list(e.absolute_path))
+        except (RecursionError, MemoryError):
+            raise
+        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
+            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
+            raise OutputInvalid(f"the step's json_schema cannot be applied "
+                                f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})") from None
         if errors:
             raise OutputInvalid("JSON does not match the schema: " + "; ".join(
                 f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))

@@ -22,7 +22,8 @@ terminal, to bridge's process, and to its memory and time.
 | huge-timeout | timeout_s 1e12 in a step or the defaults (was: OverflowError in the socket, exit 70, plan stale) | a plan problem "greater than the maximum of 86400" (the schema's new maximum) |
 | nan-surrogate | `NaN` in a plan (passes the schema's 0..2 for temperature), `"\\ud800"` in a prompt (was: ValueError / UnicodeEncodeError in httpx, exit 70) | plan problems "holds NaN, which is not JSON" and "holds a lone surrogate" |
 | server-surrogate | the model server streams `"\\ud800"` in content or an error (was: UnicodeEncodeError, exit 70) | U+FFFD, as for undecodable bytes: the file, the result, the next request carry it |
-| hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop | the plan runs; the loop fails its step ("nests too deeply to check"); no crash |
+| schema-refs | a step schema `{"$ref": "0"}` (resolves nowhere; was: exit 70 at the check) or `{"$ref": "#"}`-like loop at its top | plan problems "cannot be applied (…Unresolvable…)" and "refers to itself without end" |
+| hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop or a dangling $ref below the top | the plan runs; those steps fail ("nests too deeply to check", "the step's json_schema cannot be applied"); no crash |
 | store-locked-finish | the store locked when the result is stored | one error line (and its hint) naming --resume/--rerun; the plan in_progress (stale once bridge is gone), the modified file's backup kept; the plans after it still run; exit 2; --rerun puts the file back and completes |
 | endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
 | endless-error | an HTTP 500 error body that never ends | 64 KiB read for the message |
@@ -385,18 +386,38 @@ def nested_schema(levels: int) -> dict:
     return schema
 
 
-def test_hostile_json_schema_validations_never_crash_a_run(capsys, db, fake_llm, state_dir):
+def test_schemas_that_cannot_be_applied_are_plan_problems(capsys, db, fake_llm, state_dir):
     loop = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    insert_plan(db, make_plan("refs", [
+        {"id": 1, "prompt": "p", "validation": {"type": "json_schema", "schema": {"$ref": "0"}}},
+        {"id": 2, "prompt": "p", "validation": {"type": "json_schema", "schema": loop}}]))
+
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+
+    assert rc == 1, err
+    assert results["good"]["status"] == "completed"
+    problems = results["refs"]["problems"]
+    assert any(p.startswith("$.steps[0].validation.schema: cannot be applied (") and "Unresolvable" in p
+               for p in problems), problems
+    assert "$.steps[1].validation.schema: refers to itself without end" in problems
+
+
+def test_hostile_json_schema_validations_never_crash_a_run(capsys, db, fake_llm, state_dir):
+    # reached only by an object with "x": the plan check's probes cannot see them
+    loop = {"properties": {"x": {"$ref": "#/properties/x"}}}
+    dangling = {"properties": {"x": {"$ref": "nowhere.json"}}}
     insert_plan(db, make_plan("schemas", [
         {"id": 1, "prompt": "p", "max_retries": 0, "validation": {"type": "json_schema", "schema": nested_schema(28)}},
         {"id": 2, "prompt": "p", "max_retries": 0, "validation": {"type": "json_schema", "schema": loop}},
-        {"id": 3, "prompt": "p", "max_retries": 0, "validation": {"type": "json", }}]))
+        {"id": 3, "prompt": "p", "max_retries": 0, "validation": {"type": "json", }},
+        {"id": 4, "prompt": "p", "max_retries": 0, "validation": {"type": "json_schema", "schema": dangling}}]))
     value: object = 1e308
     for _ in range(28):
         value = {"n": value}
     fake_llm.enqueue(json.dumps(value))
-    fake_llm.enqueue('{"a": 1}')
+    fake_llm.enqueue('{"x": 1}')
     fake_llm.enqueue("[" * 5000 + "]" * 5000)
+    fake_llm.enqueue('{"x": 1}')
 
     rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir, "--no-structured")
 
@@ -405,6 +426,7 @@ def test_hostile_json_schema_validations_never_crash_a_run(capsys, db, fake_llm,
     assert steps[1]["status"] == "failed" and "minProperties" not in (steps[1]["error"] or "x")
     assert "nests too deeply to check" in steps[2]["error"]
     assert "nests too deeply to check" in steps[3]["error"]
+    assert "the step's json_schema cannot be applied (" in steps[4]["error"]      # was: exit 70
     assert results["good"]["status"] == "completed"
 
 
