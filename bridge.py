@@ -268,7 +268,8 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #    ├── ConfigError            bad flag or environment value
 #    ├── StoreError             the store cannot be opened, read or written
 #    │    ├── PlanNotFound      no live plan has that id
-#    │    └── ResultNotStored   a plan ran, but its result could not be stored
+#    │    ├── ResultNotStored   a plan ran, but its result could not be stored
+#    │    └── StateUnusable     a plan's metadata is not an object bridge may overwrite
 #    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
 #    ├── PathError (1)          a plan path leaves the project or cannot be used
 #    │    └── RollbackError (1) files could not be put back; names every one
@@ -310,6 +311,12 @@ class ResultNotStored(StoreError):
     or unwritable): the plan stays in_progress, stale once this process is gone,
     with its journal and backups kept for --resume or --rerun. A run goes on with
     its other plans and exits 2."""
+
+
+class StateUnusable(StoreError):
+    """A plan row's metadata is not a JSON object (or nests too deep), so bridge
+    will not overwrite it to record a state; the plan is not run. A run goes on
+    with its other plans and exits 2."""
 
 
 class PlanInvalid(BridgeError):
@@ -1183,8 +1190,9 @@ class Store:
         except ValueError:
             meta = None
         if not isinstance(meta, dict):
-            raise StoreError(f"plan row {row_id} has metadata that is not a JSON object",
-                             "fix or delete that memory; bridge will not overwrite it")
+            raise StateUnusable(f"plan row {row_id} has metadata that is not a JSON object (or nests deeper "
+                                f"than {MAX_JSON_DEPTH} levels); it is not run",
+                                "fix or delete that memory; bridge will not overwrite it")
         state = {**(meta.get("bridge") if isinstance(meta.get("bridge"), dict) else {}), **changes}
         meta["bridge"] = state
         now = time.time()
@@ -4625,8 +4633,9 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
     valid plan objects, and plans whose id another live plan shares: those are
     recorded as failed with the reason. Returns EXIT_OK when every plan run
     completed (or none was pending), EXIT_PLAN_FAILED when one failed,
-    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored: said
-    on stderr, and the other plans still run). Raises BridgeError when the store
+    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored) or
+    its state cannot be recorded (StateUnusable): said on stderr, and the other
+    plans still run. Raises BridgeError when the store
     or the server cannot be used, before that plan is claimed.
     """
     progress = Progress(config.verbosity)
@@ -4634,18 +4643,18 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
         if not records:
             progress.info(f"no pending plans in {store.path}")
-        results, unstored = [], 0
+        results, not_recorded = [], 0
         with LLMClient(config, on_retry=progress.retrying) as client:
             runner = _open_runner(config, store, client, progress) if records else None
             try:
                 for record in records:
                     try:
                         result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
-                    except ResultNotStored as exc:      # the plans after it still run
+                    except (ResultNotStored, StateUnusable) as exc:     # the plans after it still run
                         progress.error(str(exc), exc.hint)
                         runner.events.emit("error", record.plan_id, message=str(exc), hint=exc.hint,
                                            exit_code=exc.exit_code)
-                        unstored += 1
+                        not_recorded += 1
                         continue
                     if result is None and plan_id is not None:
                         raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
@@ -4658,7 +4667,7 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
         progress.info(run_summary(results))
     if config.json:
         _print_json({"plans": results})
-    if unstored:
+    if not_recorded:
         return EXIT_UNUSABLE
     return EXIT_OK if all(r["success"] for r in results) else EXIT_PLAN_FAILED
 

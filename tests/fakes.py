@@ -888,7 +888,7 @@ def read_rows(path: str | Path) -> list[dict]:
         meta = r.get("metadata")
         try:
             r["metadata_obj"] = json.loads(meta) if meta is not None else None
-        except ValueError:
+        except (ValueError, RecursionError):       # a hostile row may nest past json's limit
             r["metadata_obj"] = None
     return rows
 
@@ -950,7 +950,7 @@ def plan_rows(db: str | Path, plan_id: str) -> list[dict]:
     for row in read_rows(db):
         try:
             content = json.loads(row["content"])
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(content, dict) and content.get("$schema") == _PLAN_SCHEMA and content.get("id") == plan_id:
             rows.append(row)

@@ -24,6 +24,7 @@ terminal, to bridge's process, and to its memory and time.
 | server-surrogate | the model server streams `"\\ud800"` in content or an error (was: UnicodeEncodeError, exit 70) | U+FFFD, as for undecodable bytes: the file, the result, the next request carry it |
 | schema-refs | a step schema `{"$ref": "0"}` (resolves nowhere; was: exit 70 at the check) or `{"$ref": "#"}`-like loop at its top | plan problems "cannot be applied (…Unresolvable…)" and "refers to itself without end" |
 | hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop or a dangling $ref below the top | the plan runs; those steps fail ("nests too deeply to check", "the step's json_schema cannot be applied"); no crash |
+| bad-metadata | a plan row whose metadata is `[1, 2]` or nested 3,000 levels (was: that row stopped the run, exit 2; deep: exit 70 in --list) | that plan is skipped with one error line and its hint; the others run; exit 2 |
 | store-locked-finish | the store locked when the result is stored | one error line (and its hint) naming --resume/--rerun; the plan in_progress (stale once bridge is gone), the modified file's backup kept; the plans after it still run; exit 2; --rerun puts the file back and completes |
 | endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
 | endless-error | an HTTP 500 error body that never ends | 64 KiB read for the message |
@@ -377,6 +378,27 @@ def test_a_lone_surrogate_from_the_server_becomes_a_replacement_character(capsys
     assert "bad \ufffd" in result["steps"][1]["error"]
     assert stored_results(db)[0]["steps"][0]["output"] == "half \ufffd a pair"
     assert "\ufffd" in fake_llm.chat_requests[1]["body"] or "\\ufffd" in fake_llm.chat_requests[1]["body"]
+
+
+def test_metadata_bridge_will_not_overwrite_skips_that_plan_only(capsys, db, fake_llm, state_dir):
+    rows = {insert_plan(db, make_plan("listy")): "[1, 2]",
+            insert_plan(db, make_plan("deepmeta")): '{"a": ' + "[" * 3000 + "]" * 3000 + "}"}
+    with sqlite3.connect(db) as conn:       # metadata as another writer left it
+        for row_id, metadata in rows.items():
+            conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (metadata, row_id))
+    conn.close()
+    assert run_bridge(capsys, db, fake_llm, state_dir, "--list")[0] == 0
+
+    rc, err, results = run_with_a_good_plan(capsys, db, fake_llm, state_dir)
+
+    assert rc == 2, err                       # was: exit 2 at the first, and "good" never ran
+    assert list(results) == ["good"] and results["good"]["status"] == "completed"
+    errors = [line for line in err.splitlines() if line.startswith("bridge: error: plan row")]
+    assert len(errors) == 2 and all("metadata that is not a JSON object" in line for line in errors)
+    with sqlite3.connect(db) as conn:
+        assert {row_id: conn.execute("SELECT metadata FROM memories WHERE id = ?", (row_id,)).fetchone()[0]
+                for row_id in rows} == rows         # neither overwritten
+    conn.close()
 
 
 def nested_schema(levels: int) -> dict:
