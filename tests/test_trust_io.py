@@ -506,6 +506,34 @@ def test_store_locked_at_the_finish_leaves_a_stale_plan_with_its_backups(
     check_store(db)
 
 
+def test_an_interrupt_still_wins_when_its_result_cannot_be_stored(capsys, db, fake_llm, state_dir, monkeypatch):
+    insert_plan(db, make_plan("p1"))
+    insert_plan(db, make_plan("later"))
+    monkeypatch.setattr(bridge, "STORE_BUSY_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(bridge, "STORE_WRITE_TRIES", 1)
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bridge.Runner, "_run_steps", interrupted)
+    holder = sqlite3.connect(db, isolation_level=None)
+    real_finish = bridge.Store.finish
+
+    def finish_while_locked(self, record, result):
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            return real_finish(self, record, result)
+        finally:
+            holder.execute("ROLLBACK")
+    monkeypatch.setattr(bridge.Store, "finish", finish_while_locked)
+
+    rc, _, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model")
+
+    assert rc == 130, err                   # the interrupt ends the run; "later" is not started
+    assert "bridge: error: plan p1: its result was not stored" in err
+    assert plan_state(db, "p1")["status"] == "in_progress" and plan_state(db, "later") == {}
+    holder.close()
+
+
 # --------------------------------------------------------------------------------------
 # 9. bounded responses
 # --------------------------------------------------------------------------------------
