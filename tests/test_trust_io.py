@@ -7,6 +7,8 @@ terminal, to bridge's process, and to its memory and time.
 | terminal-list | the same plan, `--list --all` | one line per plan, escapes visible |
 | terminal-show | `--show` of that run | one line per field, the output keeps its lines but loses its controls |
 | terminal-dry-run | `--dry-run` | the same |
+| terminal-id | an invalid plan whose id holds those characters | a run, `--list`, `--show ID` and `--dry-run --plan ID` print it escaped |
+| terminal-live | the live status line on a terminal | only bridge's own `\r\x1b[2K` redraw is raw |
 | terminal-error | the model server's error body holds control sequences | `bridge: error: … \\x1b]0;…` on one line |
 | terminal-json | `--json`, `--events` | exact JSON (the same values), no raw ESC, C1 or bidi character |
 | surrogate | an objective holding a lone surrogate (`"\\ud800"` in the stored JSON) | `--list` prints `\\ud800`, exit 0 (was: UnicodeEncodeError, exit 70) |
@@ -26,6 +28,7 @@ terminal, to bridge's process, and to its memory and time.
 | hostile-schema | json_schema validations with huge numbers, 30-level nesting, a $ref loop or a dangling $ref below the top | the plan runs; those steps fail ("nests too deeply to check", "the step's json_schema cannot be applied"); no crash |
 | bad-metadata | a plan row whose metadata is `[1, 2]` or nested 3,000 levels (was: that row stopped the run, exit 2; deep: exit 70 in --list) | that plan is skipped with one error line and its hint; the others run; exit 2 |
 | store-locked-finish | the store locked when the result is stored | one error line (and its hint) naming --resume/--rerun; the plan in_progress (stale once bridge is gone), the modified file's backup kept; the plans after it still run; exit 2; --rerun puts the file back and completes |
+| interrupt-unstored | Ctrl-C, then the store locked at that plan's finish | the error line, then exit 130; the plans after it are not started |
 | endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
 | endless-error | an HTTP 500 error body that never ends | 64 KiB read for the message |
 | endless-models | /v1/models that never ends | --health: server FAIL "passed N bytes", exit 2 |
