@@ -4771,7 +4771,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
     else:
         print(render_result(result))
         if record.display_status in ("stale", "awaiting_review"):
-            print(f"  now: {record.display_status}; {run_hint(record)}")
+            print(printable(f"  now: {record.display_status}; {run_hint(record)}"))
     return EXIT_OK
 
 
@@ -4803,12 +4803,13 @@ def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
         return EXIT_OK
     state = " · undone at " + kept.undone_at if kept.undone_at else \
         " · the run put its files back itself" if kept.reverted else ""
-    print(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} file(s){state}")
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+                    f"{len(files)} file(s){state}"))
     for entry in files:
         now = "missing now" if entry["current_sha256"] is None else \
             "changed since the run" if entry["changed_since_run"] else "as the run left it"
-        print(f"=== {entry['path']}: {entry['action']} · {now}")
-        sys.stdout.write(entry["diff"])
+        print(printable(f"=== {entry['path']}: {entry['action']} · {now}"))
+        sys.stdout.write(printable(entry["diff"], multiline=True))     # a model wrote those lines
     return EXIT_OK
 
 
@@ -4820,12 +4821,12 @@ def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int
         _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, "project": str(kept.project),
                      "awaiting_review": True, "files": files})
         return EXIT_OK
-    print(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} file(s) "
-          f"staged for review: what bridge --apply {record.plan_id} would change")
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} "
+                    f"file(s) staged for review: what bridge --apply {record.plan_id} would change"))
     for entry in files:
         now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
-        print(f"=== {entry['path']}: would be {entry['action']}{now}")
-        sys.stdout.write(entry["diff"])
+        print(printable(f"=== {entry['path']}: would be {entry['action']}{now}"))
+        sys.stdout.write(printable(entry["diff"], multiline=True))
     return EXIT_OK
 
 
@@ -4864,9 +4865,9 @@ def cmd_apply(config: Config, plan_id: str) -> int:
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "files": summary})
         return EXIT_OK
-    print(f"applied run {kept.run_id} of plan {plan_id}: {len(summary)} file(s) written")
+    print(printable(f"applied run {kept.run_id} of plan {plan_id}: {len(summary)} file(s) written"))
     for change in summary:
-        print(f"  {change['path']}: {change['action']}")
+        print(printable(f"  {change['path']}: {change['action']}"))
     return EXIT_OK
 
 
@@ -4884,8 +4885,8 @@ def cmd_reject(config: Config, plan_id: str) -> int:
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
         return EXIT_OK
-    print(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) dropped, "
-          "nothing written")
+    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) "
+                    "dropped, nothing written"))
     return EXIT_OK
 
 
@@ -4904,7 +4905,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
             _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
         else:
-            print(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo")
+            print(printable(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo"))
         return EXIT_OK
     restored = kept.undo(force)
     with Store.open(config) as store:
@@ -4912,10 +4913,10 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": restored})
         return EXIT_OK
-    print(f"undid run {kept.run_id} of plan {plan_id}: {len(restored)} file(s) put back")
+    print(printable(f"undid run {kept.run_id} of plan {plan_id}: {len(restored)} file(s) put back"))
     for kept_file in kept.files:
         verb = "removed (the run created it)" if kept_file.action == "created" else "restored"
-        print(f"  {kept_file.path}: {verb}")
+        print(printable(f"  {kept_file.path}: {verb}"))
     return EXIT_OK
 
 

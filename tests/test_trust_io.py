@@ -7,6 +7,7 @@ terminal, to bridge's process, and to its memory and time.
 | terminal-list | the same plan, `--list --all` | one line per plan, escapes visible |
 | terminal-show | `--show` of that run | one line per field, the output keeps its lines but loses its controls |
 | terminal-dry-run | `--dry-run` | the same |
+| terminal-diff | `--diff` and `--undo` of that run | the file's name on one line, escaped; the diff keeps its lines, without controls |
 | terminal-id | an invalid plan whose id holds those characters | a run, `--list`, `--show ID` and `--dry-run --plan ID` print it escaped |
 | terminal-live | the live status line on a terminal | only bridge's own `\r\x1b[2K` redraw is raw |
 | terminal-error | the model server's error body holds control sequences | `bridge: error: … \\x1b]0;…` on one line |
@@ -115,6 +116,16 @@ def test_list_show_and_dry_run_escape_controls(capsys, db, project, fake_llm, st
     assert not any(line.lstrip().startswith("step 9") for line in lines), shown
     assert "      file: out\\n  step 9: succeeded.txt" in lines
     assert any(line.strip() == "second line" for line in lines)     # the output keeps its lines
+
+    rc, diff, err = run_bridge(capsys, db, fake_llm, state_dir, "--diff", "ctl")
+    assert rc == 0, err
+    assert_no_controls(diff)
+    assert "=== out\\n  step 9: succeeded.txt: created · as the run left it" in diff.splitlines()
+    assert "+second line" in diff.splitlines()
+    rc, undone, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "ctl")
+    assert rc == 0, err
+    assert_no_controls(undone)
+    assert "  out\\n  step 9: succeeded.txt: removed (the run created it)" in undone.splitlines()
 
 
 def test_a_hostile_id_of_an_invalid_plan_is_printed_escaped(capsys, db, fake_llm, state_dir):
