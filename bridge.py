@@ -25,7 +25,7 @@ Exit codes:
     0    success, or nothing to do
     1    a plan failed (its result memory says why)
     2    usage, configuration, store or server unusable: said before any plan is
-         claimed, except when the store cannot be written as a plan finishes: its
+         claimed, except when the store cannot be written as a run finishes: its
          result is not stored, the plan stays in_progress (stale once bridge exits)
          with its files and backups kept, bridge --show ID says how to --resume or
          --rerun it, and the other plans still run (so does a plan whose metadata
