@@ -489,7 +489,9 @@ def test_store_locked_at_the_finish_leaves_a_stale_plan_with_its_backups(
             holder.execute("ROLLBACK")
     monkeypatch.setattr(bridge.Store, "finish", finish_while_locked)
 
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model", "--events")
+    # --keep-runs 0: no backups are kept for --undo, but they must outlive the failed finish
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--model", "fake-model", "--events",
+                              "--keep-runs", "0")
 
     assert rc == 2, err
     events = [json.loads(line) for line in out.splitlines()]
