@@ -2962,7 +2962,7 @@ def backups_usage(runs_dir: Path) -> dict:
 def _read_json(path: Path) -> Any:
     """Return a small JSON file's value, or None when it is missing or not JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
