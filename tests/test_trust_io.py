@@ -35,6 +35,7 @@ terminal, to bridge's process, and to its memory and time.
 | endless-models | /v1/models that never ends | --health: server FAIL "passed N bytes", exit 2 |
 | endless-sse | an SSE stream of keep-alive comments that never ends | cut at the step's timeout_s ("passed its deadline of 0.5 s (the step's timeout_s)"), not retried; with no timeout_s, at DEFAULT_REQUEST_DEADLINE_S |
 | claude-endless-line | `claude -p` writes one 100 MB line | read in parts of --max-output-bytes + 64 KiB (peak < 8 MB traced), none of them JSON |
+| printable-property | any text (hypothesis), with bidi, separators and lone surrogates mixed in | printable(): no unsafe character left, newlines only where multiline keeps them, always UTF-8-writable; json_text(): the same value back |
 | anthropic-endless | the Anthropic executor, endless SSE and body | the same deadline and byte bound |
 """
 
@@ -48,6 +49,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import bridge
 from fakes import (
@@ -216,6 +218,23 @@ def test_the_live_status_line_escapes_all_but_its_own_redraw():
     text = stream.getvalue()
     assert text.startswith("\r\x1b[2K")
     assert_no_controls(text.replace("\r\x1b[2K", ""))
+
+
+UNSAFE = {*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029,
+          *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2100) | st.sampled_from(
+    ["\u202e", "\u2066", "\ud800", "\udfff", "\u2028"]), max_size=60))
+def test_printable_leaves_nothing_a_terminal_acts_on(text):
+    for multiline in (False, True):
+        shown = bridge.printable(text, multiline)
+        assert not {ord(c) for c in shown} & UNSAFE
+        assert shown.count("\n") == (text.count("\n") if multiline else 0)
+        shown.encode("utf-8")                        # always writable
+    assert json.loads(bridge.json_text({"t": text})) == {"t": text}
+    assert not {ord(c) for c in bridge.json_text({"t": text})} & UNSAFE
 
 
 def test_printable_escapes_each_kind_and_keeps_text():
