@@ -8,7 +8,7 @@ terminal, to bridge's process, and to its memory and time.
 | terminal-show | `--show` of that run | one line per field, the output keeps its lines but loses its controls |
 | terminal-dry-run | `--dry-run` | the same |
 | terminal-diff | `--diff` and `--undo` of that run | the file's name on one line, escaped; the diff keeps its lines, without controls |
-| terminal-id | an invalid plan whose id holds those characters | a run, `--list`, `--show ID` and `--dry-run --plan ID` print it escaped |
+| terminal-id | an invalid plan whose id holds those characters | a run, `--list`, `--show ID`, `--dry-run --plan ID` and `--validate` print it escaped |
 | terminal-live | the live status line on a terminal | only bridge's own `\r\x1b[2K` redraw is raw |
 | terminal-error | the model server's error body holds control sequences | `bridge: error: … \\x1b]0;…` on one line |
 | terminal-json | `--json`, `--events` | exact JSON (the same values), no raw ESC, C1 or bidi character |
@@ -130,7 +130,7 @@ def test_list_show_and_dry_run_escape_controls(capsys, db, project, fake_llm, st
     assert "  out\\n  step 9: succeeded.txt: removed (the run created it)" in undone.splitlines()
 
 
-def test_a_hostile_id_of_an_invalid_plan_is_printed_escaped(capsys, db, fake_llm, state_dir):
+def test_a_hostile_id_of_an_invalid_plan_is_printed_escaped(capsys, db, fake_llm, state_dir, tmp_path):
     plan_id = "id" + HOSTILE + FORGED          # the schema refuses it, so the plan is recorded invalid
     insert_plan(db, make_plan(plan_id))
 
@@ -145,6 +145,13 @@ def test_a_hostile_id_of_an_invalid_plan_is_printed_escaped(capsys, db, fake_llm
         assert "id\\x1b]0;pwned" in text
         assert not any(line.startswith("  step 9") for line in text.splitlines()), text
     assert len(listed.splitlines()) == 1
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(make_plan(plan_id, [{"id": 1, "prompt": "p", "title": 7}])), encoding="utf-8")
+    rc, validated, _ = run_bridge(capsys, db, fake_llm, state_dir, "--validate", str(path))
+    assert rc == 1
+    assert_no_controls(validated)
+    assert len(validated.splitlines()) == 4         # the header and one line per problem
 
 
 def test_error_line_from_a_hostile_server_is_one_escaped_line(capsys, db, fake_llm, state_dir):
