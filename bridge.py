@@ -1892,7 +1892,8 @@ class HTTPExecutor:
 
     def _get_json(self, url: str) -> Any:
         """GET url and return its JSON body, read within the bounds of a reply
-        (BoundedResponse). Raises LLMError."""
+        (BoundedResponse; at least DEFAULT_MAX_OUTPUT_BYTES, so a lower
+        --max-output-bytes cuts replies, not the model list). Raises LLMError."""
         import httpx
 
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
@@ -1903,7 +1904,9 @@ class HTTPExecutor:
                     raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
                                        f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}",
                                        response.status_code)
-                body = response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES)
+                # a --max-output-bytes lowered for replies must not break the probe
+                limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
+                body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         try:

@@ -33,6 +33,7 @@ terminal, to bridge's process, and to its memory and time.
 | endless-body | a non-streamed chat body that never ends (50 MB offered) | cut after --max-output-bytes + 64 KiB: "passed N bytes"; the fake sent a few MB at most |
 | endless-error | an HTTP 500 error body that never ends | 64 KiB read for the message |
 | endless-models | /v1/models that never ends | --health: server FAIL "passed N bytes", exit 2 |
+| low-limit | `--max-output-bytes 100` with a 140 KB model list | the probe still reads it (its bound is at least the default); replies are cut at 100 |
 | endless-sse | an SSE stream of keep-alive comments that never ends | cut at the step's timeout_s ("passed its deadline of 0.5 s (the step's timeout_s)"), not retried; with no timeout_s, at DEFAULT_REQUEST_DEADLINE_S |
 | claude-endless-line | `claude -p` writes one 100 MB line | read in parts of --max-output-bytes + 64 KiB (peak < 8 MB traced), none of them JSON |
 | printable-property | any text (hypothesis), with bidi, separators and lone surrogates mixed in | printable(): no unsafe character left, newlines only where multiline keeps them, always UTF-8-writable; json_text(): the same value back |
@@ -617,6 +618,17 @@ def test_a_models_list_that_never_ends_fails_health(capsys, db, fake_llm, state_
     assert rc == 2
     assert "server  FAIL" in out and "passed" in out
     assert fake_llm.wait_endless(1)[0] < SENT_BOUND
+
+
+def test_a_low_max_output_bytes_cuts_replies_not_the_model_list(capsys, db, fake_llm, state_dir):
+    fake_llm.models = [f"model-{n:04d}-" + "x" * 80 for n in range(1000)] + ["fake-model"]   # ~140 KB
+    insert_plan(db, make_plan("p1"))
+    fake_llm.enqueue("hi")
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--max-output-bytes", "100")
+
+    assert rc == 0, err
+    assert result["steps"][0]["output"] == "hi"
 
 
 def test_an_sse_stream_of_keep_alives_ends_at_the_steps_timeout(capsys, db, fake_llm, state_dir):
