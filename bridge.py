@@ -130,6 +130,10 @@ RUN_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}"    # what new_run_id() makes
 MAX_JSON_DEPTH = 64
 NAME_MAX_BYTES = 255                   # a path component, when os.pathconf cannot say (Linux, macOS)
 PATH_MAX_BYTES = 4096                  # a whole path, likewise
+COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without timeout_s
+COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
+COMMAND_TAIL_BYTES = 8000              # the end of a command's output kept for the result and run log
+COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
@@ -220,6 +224,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "anthropic_api_key": None,          # str | None
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
+    "trusted_projects": (),             # tuple[Path, ...]
     "crash_at": None,                   # str | None
     "keep_runs": DEFAULT_KEEP_RUNS,
     "review": False,
@@ -244,6 +249,8 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
     more attempt on. tool_env: the environment a claude-cli: executor runs in.
+    trusted_projects: the project folders where plans may run commands
+    (BRIDGE_TRUSTED_PROJECTS).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
     itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
     outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
@@ -1383,12 +1390,13 @@ class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_
         return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
 
 
-class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy escalate_to",
-                      defaults=("", None, {}, "none", None))):
+class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy escalate_to verify",
+                      defaults=("", None, {}, "none", None, None))):
     """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
     project root, a Path, or None), files_context ({relative path: "LOAD" or
     "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
-    escalate_to (a model reference, or None)."""
+    escalate_to (a model reference, or None), verify (the plan-level check
+    {"run": argv, "timeout_s": seconds}, or None)."""
 
     __slots__ = ()
 
@@ -1530,8 +1538,7 @@ def _semantic_problems(plan: dict) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
             elif dep not in known:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
-        if isinstance(step.get("validation"), dict):
-            problems += _validation_problems(step["validation"], f"$.steps[{n}].validation")
+        problems += _validations_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
@@ -1542,6 +1549,16 @@ def _semantic_problems(plan: dict) -> list[str]:
             cycle = " -> ".join(str(i) for i in exc.args[1])
             problems.append(f"$.steps: dependency cycle {cycle}")
     return problems + _path_problems(plan)
+
+
+def _validations_problems(validation: Any, where: str) -> list[str]:
+    """The semantic problems of a step's validation: one object, or each of a list."""
+    if isinstance(validation, dict):
+        return _validation_problems(validation, where)
+    if isinstance(validation, list):
+        return [problem for k, item in enumerate(validation) if isinstance(item, dict)
+                for problem in _validation_problems(item, f"{where}[{k}]")]
+    return []
 
 
 def _validation_problems(validation: dict, where: str) -> list[str]:
@@ -1593,7 +1610,8 @@ def _path_problems(plan: dict) -> list[str]:
         if files or outputs:
             return ["$.context.project: required when the plan names files "
                     "(files_context or file_output)"]
-        return []
+        return [f"{where}: a command runs in the project; set context.project to the folder it checks"
+                for where in _command_paths(plan)]
     project = Path(context["project"])
     if not os.path.isdir(project):      # False, not OSError, for a name too long to look up
         return [f"$.context.project: folder {project} does not exist"]
@@ -1629,13 +1647,25 @@ def _path_problems(plan: dict) -> list[str]:
     return problems
 
 
+def _command_paths(plan: dict) -> list[str]:
+    """The JSON paths of a plan's commands: command validations, and verify."""
+    paths = ["$.verify"] if isinstance(plan.get("verify"), dict) else []
+    steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
+    for n, step in enumerate(steps):
+        validation = step.get("validation") if isinstance(step, dict) else None
+        items = validation if isinstance(validation, list) else [validation]
+        paths += [f"$.steps[{n}].validation" + (f"[{k}]" if isinstance(validation, list) else "")
+                  for k, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "command"]
+    return paths
+
+
 def check_plan(plan: Any) -> Plan:
     """Validate a parsed plan with the schema, then semantically; return a Plan.
 
     Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
     valid regex and json_schema validations, `project` exists when given (and is
-    required when the plan names files), every path relative and inside the
-    project with symlinks followed. Raises PlanInvalid listing every problem found,
+    required when the plan names files or runs commands), every path relative and
+    inside the project with symlinks followed. Raises PlanInvalid listing every problem found,
     each prefixed with its JSON path.
     """
     plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
@@ -1685,7 +1715,8 @@ def _build_plan(plan: dict) -> Plan:
     project = Path(context["project"]) if "project" in context else None
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
                 project=project, files_context=dict(context.get("files_context", {})),
-                rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"))
+                rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"),
+                verify=plan.get("verify"))
 
 
 ###############################################################################
@@ -2439,9 +2470,10 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 ###############################################################################
 # 10. Output validation
 #
-# The six validation types of plan-format.md. Each check returns the artifact: the
+# The validation types of plan-format.md. Each check returns the artifact: the
 # text that counts as the step's output (the code inside a fence when fenced), which
-# is what later steps see and what file_output writes.
+# is what later steps see and what file_output writes. A command validation (and a
+# plan's verify) runs the project's own test or linter, only where the user trusts it.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -2542,14 +2574,34 @@ def _json_artifact(text: str) -> tuple[Any, str]:
     return value, json.dumps(value, ensure_ascii=False, indent=2)
 
 
-def check_output(text: str, validation: dict) -> str:
+def validations_of(validation: dict | list) -> list[dict]:
+    """Return a step's validation as a list: a list as given, an object as [object]."""
+    return list(validation) if isinstance(validation, list) else [validation]
+
+
+def _commands_of(step: Step) -> list[dict]:
+    """The command validations of a step, in order."""
+    return [v for v in validations_of(step.validation) if v.get("type") == "command"]
+
+
+def check_output(text: str, validation: dict | list) -> str:
     """Check a model output against a step's validation; return the artifact.
 
     text: the output with <think> blocks already stripped. validation: a
-    validation object of plan-format.md. The artifact is the fenced code when the
-    output is fenced (for json types: the parsed JSON, re-serialised), else the
-    stripped text. Raises OutputInvalid with a message the model can act on.
+    validation object of plan-format.md, or a list of them, checked in order up
+    to the first that fails. The artifact is the fenced code when the output is
+    fenced (for json types: the parsed JSON, re-serialised), else the stripped
+    text; for a list, that of its first check. Command validations are not run
+    here (the Runner runs them once the file is written); a list of commands
+    only is checked as non_empty. Raises OutputInvalid with a message the model
+    can act on.
     """
+    checks = [v for v in validations_of(validation) if v.get("type") != "command"] or [DEFAULT_VALIDATION]
+    artifacts = [_check_one(text, check) for check in checks]
+    return artifacts[0]
+
+
+def _check_one(text: str, validation: dict) -> str:
     try:
         return _check_output(text, validation)
     except (RecursionError, MemoryError) as exc:
@@ -2619,11 +2671,15 @@ def _check_syntax(text: str, language: str) -> str:
     return code if code.endswith("\n") else code + "\n"
 
 
-def output_schema(validation: dict) -> dict | None:
+def output_schema(validation: dict | list) -> dict | None:
     """Return the JSON Schema a step's output must meet, for constrained decoding.
 
-    None for steps whose output is not JSON (non_empty, syntax_check, regex).
+    None for steps whose output is not JSON (non_empty, syntax_check, regex,
+    command). A list uses its first JSON validation (json, contains_keys,
+    json_schema).
     """
+    if isinstance(validation, list):
+        return next((schema for item in validation if (schema := output_schema(item)) is not None), None)
     kind = validation.get("type")
     if kind == "json":
         return {}
@@ -2635,9 +2691,14 @@ def output_schema(validation: dict) -> dict | None:
     return None
 
 
-def describe_validation(validation: dict) -> str:
-    """Return one sentence telling the model what form of answer will be accepted."""
+def describe_validation(validation: dict | list) -> str:
+    """Return one sentence telling the model what form of answer will be accepted
+    (for a list, one per check, in order)."""
+    if isinstance(validation, list):
+        return " ".join(filter(None, (describe_validation(item) for item in validation)))
     kind = validation.get("type", "non_empty")
+    if kind == "command":
+        return f"It will then be checked by running `{shell_words(validation['run'])}` in the project."
     return {
         "non_empty": "Answer with the requested content.",
         "json": "Answer with valid JSON only, in a ```json fenced block.",
@@ -2649,6 +2710,139 @@ def describe_validation(validation: dict) -> str:
                         f"```{validation.get('language', 'python')} fenced block.",
         "regex": f"Your answer must match the regular expression {validation.get('pattern')!r}.",
     }.get(kind, "")
+
+
+def shell_words(argv: list[str]) -> str:
+    """Return an argv as a person would type it in a POSIX shell (for messages only;
+    commands never go through a shell)."""
+    import shlex
+
+    return shlex.join(argv)
+
+
+def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
+    """Tell whether this plan may run commands: its context.project resolves inside
+    one of config.trusted_projects (BRIDGE_TRUSTED_PROJECTS). plan_hash: the plan
+    memory's content_hash (approvals are not known here: never True for them)."""
+    # interim: the trust-policy work replaces this
+    if plan.project is None:
+        return False
+    project = plan.project.resolve()
+    return any(project.is_relative_to(root.resolve()) for root in config.trusted_projects)
+
+
+def untrusted_message(plan: Plan) -> str:
+    """Return why a plan's commands do not run, and the command that would let them."""
+    return (f"commands run only in trusted projects, and {plan.project} is not one; trust it with "
+            f"`bridge --trust {plan.project}` (or BRIDGE_TRUSTED_PROJECTS), or approve this plan with "
+            f"`bridge --approve {plan.id}`")
+
+
+def command_env(config: Config) -> dict[str, str]:
+    """Return the environment a plan's commands run in: the user's (as bridge was
+    started with it) less bridge's own BRIDGE_* settings, the memory server's
+    MCP_API_KEY and ANTHROPIC_API_KEY, so a check never sees a secret it does not need."""
+    return {k: v for k, v in config.tool_env if k != "ANTHROPIC_API_KEY"}
+
+
+class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail output_bytes timed_out error")):
+    """What one command did: argv (list of str), exit_code (int; negative: killed by
+    that signal; None: it never started), duration_s (seconds), output_tail (the
+    last COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a
+    marker when the start is left out), output_bytes (all it wrote), timed_out,
+    error (why it failed, one line, or None when it passed)."""
+
+    __slots__ = ()
+
+    def as_dict(self) -> dict:
+        """Return the record kept in the result and the run log."""
+        return {"argv": list(self.argv), "exit_code": self.exit_code, "duration_s": round(self.duration_s, 3),
+                "output_tail": self.output_tail, "output_bytes": self.output_bytes,
+                "timed_out": self.timed_out, "error": self.error}
+
+
+def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
+                cancel: Any = None) -> CommandRun:
+    """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
+
+    stdout and stderr go to one pipe, read as it comes: only the last
+    COMMAND_TAIL_BYTES bytes are kept, so a flood costs no memory. The command
+    leads its own process group; once it exits, or after timeout_s seconds, or
+    when cancel (a threading.Event) is set, the whole group is killed, so nothing
+    it started outlives the check. Never raises for a command that cannot start
+    (that is a failed check saying why).
+    """
+    import subprocess
+
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
+                          f"`{shell_words(argv)}` could not start: {exc.strerror or exc}")
+    try:
+        tail, total, stopped = _read_tail(proc, started + timeout_s, cancel)
+    finally:
+        _kill_group(proc)               # the command's children too, even those that outlive it
+        proc.stdout.close()
+        code = proc.wait()
+    return _command_outcome(argv, code, time.monotonic() - started, tail, total, stopped, timeout_s)
+
+
+def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str | None]:
+    """Read a command's output until it exits (its children may still hold the pipe:
+    what they wrote so far is read), the deadline passes or cancel is set.
+    Returns (the last COMMAND_TAIL_BYTES bytes, bytes read, "timeout" | "cancel" | None)."""
+    import selectors
+
+    tail, total, exited_at = bytearray(), 0, None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return bytes(tail), total, "timeout"
+            if cancel is not None and cancel.is_set():
+                return bytes(tail), total, "cancel"
+            if exited_at is None and _exited(proc.pid):
+                exited_at = now
+            if exited_at is not None and now - exited_at > 0.2:
+                return bytes(tail), total, None      # it exited; a child may keep the pipe open
+            if not selector.select(min(0.1, deadline - now)):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                return bytes(tail), total, None
+            total += len(chunk)
+            tail += chunk
+            del tail[:-COMMAND_TAIL_BYTES]
+
+
+def _exited(pid: int) -> bool:
+    """Tell whether a child has exited, without reaping it (its pid, and so its
+    process group's id, cannot be reused before proc.wait())."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes, total: int,
+                     stopped: str | None, timeout_s: float) -> CommandRun:
+    text = tail.decode("utf-8", "replace")
+    if total > len(tail):
+        text = f"[bridge: the first {total - len(tail)} of {total} bytes of output are left out]\n" + text
+    shown = f"`{shell_words(argv)}`"
+    if stopped == "timeout":
+        error = f"{shown} did not finish within {timeout_s:g} s; killed it and its process group"
+    elif stopped == "cancel":
+        error = f"{shown} was stopped: the run is ending"
+    elif code != 0:
+        error = f"{shown} failed (exit {code})"
+    else:
+        error = None
+    return CommandRun(list(argv), code, duration_s, text, total, stopped == "timeout", error)
 
 
 ###############################################################################
@@ -2754,6 +2948,9 @@ class FileTransaction:
                 raise PathError(f"not writing {rel!r}: the run is ending")
             try:
                 change = self.changes.get(rel) or self._record(rel, target, step)
+                if change.action == "reverted":      # put back by revert_path, written again
+                    change.action = "created" if change.backup is None else "modified"
+                    target.parent.mkdir(parents=True, exist_ok=True)
                 crash_point(self.crash_at, "journal")
                 mode = target.stat().st_mode & 0o7777 if target.exists() else None
                 atomic_write(target, text.encode("utf-8"), mode, self.crash_at)
@@ -2816,6 +3013,19 @@ class FileTransaction:
             restored.append(change.path)
         self._restore(undo)
         return restored
+
+    def revert_path(self, rel: str) -> None:
+        """Put one path back as it was before this run first wrote it (a failed
+        attempt's file must not stay): its original bytes and mode, or removed with
+        the folders the run made for it. Its action becomes "reverted" until it is
+        written again. Does nothing for a path this run never wrote or already put
+        back (a rollback puts back all). Raises RollbackError when it cannot be
+        restored.
+        """
+        with self.lock:
+            change = self.changes.get(rel)
+            if change is not None and change.action != "reverted":
+                self._restore([change])
 
     def rollback(self) -> None:
         """Put every written path back as it was, newest first.
@@ -3452,6 +3662,23 @@ class AttemptError(namedtuple("AttemptError", "message retryable feedback", defa
         return cls(error, feedback=[{"role": "assistant", "content": shown},
                                     {"role": "user", "content": note}])
 
+    @classmethod
+    def from_command(cls, run: CommandRun, output: str, file_output: str | None,
+                     validation: dict | list) -> "AttemptError":
+        """A failed command check: the next prompt shows the answer, the command and
+        the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
+        text = run.output_tail.strip() or "(no output)"
+        if len(text) > COMMAND_FEEDBACK_CHARS:
+            text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} characters are "
+                    "left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
+        where = f"written to {file_output} and " if file_output else ""
+        note = (f"Your answer was {where}checked with `{shell_words(run.argv)}`, which failed: {run.error}. "
+                f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
+                f"{describe_validation(validation)} Reply again with the corrected answer only.")
+        shown = clip(output, 20_000, "previous answer") or "(empty)"
+        return cls(run.error, feedback=[{"role": "assistant", "content": shown},
+                                        {"role": "user", "content": note}])
+
 
 ###############################################################################
 # 13. Run records
@@ -3467,12 +3694,13 @@ class StepResult:
     (prompt_tokens, completion_tokens), usage_reported (False: estimated), the
     model that answered, resumed (taken over from a killed run), generation_s
     (seconds in model requests, for tokens per second), cost_usd (real), the
-    escalation (escalated_to, escalation_saved) and the ledger per model
-    reference. See as_dict."""
+    escalation (escalated_to, escalation_saved), the ledger per model
+    reference and checks (every command validation run: CommandRun.as_dict plus
+    its attempt). See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
-              "escalation_saved", "ledger")
+              "escalation_saved", "ledger", "checks")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
@@ -3485,6 +3713,7 @@ class StepResult:
         self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
+        self.checks: list[dict] = []        # each command run: attempt, argv, exit_code, duration_s, output_tail
 
     def checkpoint(self) -> dict:
         """Return every field, whole, for the run's steps.jsonl."""
@@ -3513,7 +3742,7 @@ class StepResult:
                 "tokens_per_s": round(speed, 1) if speed is not None else None,
                 "cost_usd": self.cost_usd, "would_have_cost_usd": would_cost_usd(self.usage, price_model),
                 "model": self.model, "resumed": self.resumed, "escalated_to": self.escalated_to,
-                "escalation_saved": self.escalation_saved, "ledger": self.ledger}
+                "escalation_saved": self.escalation_saved, "ledger": self.ledger, "checks": self.checks}
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
@@ -3586,7 +3815,9 @@ class RunLog:
     Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages
     sent ({"type": "system", "subtype": "system_prompt"} and {"type": "user" |
     "assistant", "message": …} lines), the streamed answer as an "assistant"
-    message with its usage, a {"type": "system", "subtype": "validation"} line;
+    message with its usage, a {"type": "system", "subtype": "command"} line per
+    command run (argv, exit_code, duration_s, output_tail), a {"type": "system",
+    "subtype": "validation"} line;
     last a {"type": "result", …} line with usage, duration_ms, total_cost_usd (0:
     the work was local) and would_have_cost_usd. A transcript is flushed once an
     attempt's messages are written and again after its check, so it can be read
@@ -3637,6 +3868,10 @@ class RunLog:
         self._line(sid, {"type": "system", "subtype": "validation", "attempt": attempt,
                          "ok": error is None, "error": error})
         self.files[sid].flush()
+
+    def command(self, sid: int, attempt: int, run: CommandRun) -> None:
+        """Record one command validation run: argv, exit code, seconds, output tail."""
+        self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt, **run.as_dict()})
 
     def end(self, result: StepResult) -> None:
         """Close a step's transcript with the result line."""
@@ -3889,6 +4124,8 @@ class Runner:
         self._executors: dict[tuple, Any] = {}
         self._files: FileTransaction | None = None
         self._project: Path | None = None
+        self._trusted = False                   # may this plan run commands (plan_trusted)
+        self._kept: dict[str, str] = {}         # path -> what a succeeded step of this run wrote there
 
     def executor(self, ref: str) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -3958,17 +4195,18 @@ class Runner:
         write_run_info(run_dir, plan.id, run_id, plan.project, started)
         self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
         self._plan_id, self._project = plan.id, plan.project
+        self._trusted, self._kept = plan_trusted(self.config, plan, content_hash(record.content)), {}
         kind = StagedFiles if self.config.review else FileTransaction
         files = kind(plan.project, run_dir, self.config.crash_at) if plan.project else None
         if isinstance(files, StagedFiles):
             files.note_reads(plan.files_context)
         self._files = files
         results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
-        error, interrupted = None, None
+        error, interrupted, verify = None, None, None
         try:
             if previous:
                 self._take_over(plan, results, files, previous, run_dir, keep_finished)
-            error = self._run_steps(plan, results, files, run_dir / "steps.jsonl")
+            error, verify = self._run_and_verify(plan, results, files, run_dir)
         except KeyboardInterrupt as exc:
             current = sorted(r.id for r in results.values() if r.status == "running")
             for result in results.values():
@@ -3993,6 +4231,8 @@ class Runner:
                                   files.summary() if files else [], status, error)
             if previous:
                 result["resumed_from"] = previous
+            if verify is not None:
+                result["verify"] = verify
             try:
                 result = self._finish(record, result)
             except ResultNotStored as exc:
@@ -4027,12 +4267,41 @@ class Runner:
         for sid, entry in done.items():
             results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
             append_jsonl(run_dir / "steps.jsonl", results[sid].checkpoint())
+            if plan.steps[sid].file_output:
+                self._kept[plan.steps[sid].file_output] = results[sid].output
         for entry in read_jsonl(old_dir / "written.jsonl"):     # what the kept steps wrote, for --undo
             if entry.get("step") in done:
                 append_jsonl(run_dir / "written.jsonl", entry)
         restored = files.recover(old_dir, set(done)) if files else []
         self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
                            f"succeeded, {len(restored)} file(s) put back")
+
+    def _run_and_verify(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
+                        run_dir: Path) -> tuple[str | None, dict | None]:
+        """Run the steps, then the plan's verify once they all succeeded or were
+        skipped; return (the plan's error or None, the verify record or None). A
+        verify that may not run here (plan_trusted) fails the plan before any step
+        is sent, so no model time is spent on a plan that cannot pass."""
+        if plan.verify is not None and not self._trusted:
+            for result in results.values():
+                result.error = result.error or "not run: the plan's verify cannot run in this project"
+            message = untrusted_message(plan)
+            self.progress.error(f"plan {plan.id}: verify: {message}")
+            return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False, "error": message}
+        error = self._run_steps(plan, results, files, run_dir / "steps.jsonl")
+        if error is not None or plan.verify is None:
+            return error, None
+        argv = plan.verify["run"]
+        self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
+        run = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
+                          plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self._cancel)
+        append_jsonl(run_dir / "verify.jsonl", run.as_dict(), sync=False)
+        if run.error is None:
+            self.progress.info(f"plan {plan.id}: verify passed in {run.duration_s:.1f} s")
+            return None, {"ran": True, **run.as_dict()}
+        self.progress.error(f"plan {plan.id}: verify failed: {run.error}")
+        self.progress.detail(run.output_tail)
+        return f"verify failed: {run.error}", {"ran": True, **run.as_dict()}
 
     def _settle_files(self, plan: Plan, files: FileTransaction | None, status: str) -> str | None:
         """Revert or keep the run's files as the plan asks; return an error or None.
@@ -4133,6 +4402,11 @@ class Runner:
             result.error = f"{exc} ({exc.hint})"
             result.status = "skipped" if step.on_failure == "skip" else "failed"
             say(f"  {step.label}: {result.status}: {exc}")
+            return
+        if not self._trusted and _commands_of(step):    # nothing is sent, nothing runs
+            result.error = untrusted_message(plan)
+            result.status = "skipped" if step.on_failure == "skip" else "failed"
+            say(f"  {step.label}: {result.status}: {result.error}")
             return
         retry_note: list[dict] = []
         failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
@@ -4235,24 +4509,79 @@ class Runner:
         output = strip_think(reply.text)
         result.output = output
         self._log.say(step.id, f"--- output ---\n{output}", detail=True)
+        return self._check(step, result, output, reply.text, files, attempt)
+
+    def _check(self, step: Step, result: StepResult, output: str, answer: str,
+               files: FileTransaction | None, attempt: int) -> "AttemptError | None":
+        """Check an output, write its file, run the step's commands; return None or the
+        AttemptError. The checks of the answer itself come first (they cost nothing,
+        and the commands need the file they produce), then each command in order, up
+        to the first that fails. A failed command puts the file back at once, and so
+        does anything that stops the run while a command runs."""
         try:
             artifact = check_output(output, step.validation)
         except OutputInvalid as exc:
             self._runlog.checked(step.id, attempt, str(exc))
-            return AttemptError.from_output(str(exc), reply.text, step.validation)
-        self._runlog.checked(step.id, attempt, None)
+            return AttemptError.from_output(str(exc), answer, step.validation)
         result.output = artifact
         if step.file_output:
             try:
                 change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
             except PathError as exc:
+                self._runlog.checked(step.id, attempt, str(exc))
                 return AttemptError(str(exc), retryable=False)
             if isinstance(files, StagedFiles):
                 self._log.say(step.id, f"  {step.label}: staged {step.file_output} ({change.action}) for review")
             else:
-                record_written(self._runlog.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
                 self._log.say(step.id, f"  {step.label}: wrote {step.file_output} ({change.action})")
+        try:
+            error = self._run_commands(step, result, answer, attempt)
+        except BaseException:
+            with _suppress(PathError):
+                self._put_back(step, files)
+            raise
+        if error is not None:
+            try:
+                self._put_back(step, files)
+            except PathError as exc:
+                return AttemptError(f"{error.message}; and {exc}", retryable=False)
+            return error
+        self._runlog.checked(step.id, attempt, None)
+        if step.file_output:
+            self._kept[step.file_output] = artifact
+            if not isinstance(files, StagedFiles):     # only a write that stays is what the run left
+                record_written(self._runlog.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
         return None
+
+    def _run_commands(self, step: Step, result: StepResult, answer: str, attempt: int) -> "AttemptError | None":
+        """Run a step's command validations in order in the project; return the first
+        failure as an AttemptError (its output goes into the next prompt), or None."""
+        for validation in _commands_of(step):
+            argv = validation["run"]
+            self._log.say(step.id, f"  {step.label}: checking with `{shell_words(argv)}`")
+            run = run_command(argv, self._project, command_env(self.config),  # type: ignore[arg-type]
+                              validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self._cancel)
+            result.checks.append({"attempt": attempt, **run.as_dict()})
+            self._runlog.command(step.id, attempt, run)
+            if run.error is None:
+                self._log.say(step.id, f"  {step.label}: check passed in {run.duration_s:.1f} s")
+                continue
+            self._log.say(step.id, f"--- output of `{shell_words(argv)}` ---\n{run.output_tail}", detail=True)
+            self._runlog.checked(step.id, attempt, run.error)
+            if self._cancel.is_set():
+                return AttemptError("interrupted", retryable=False)
+            return AttemptError.from_command(run, answer, step.file_output, step.validation)
+        return None
+
+    def _put_back(self, step: Step, files: FileTransaction | None) -> None:
+        """Undo a failed attempt's file: what an earlier step of this run wrote there,
+        else the original. Raises PathError (RollbackError) when it cannot."""
+        if not step.file_output or files is None:
+            return
+        if step.file_output in self._kept:
+            files.write(step.file_output, self._kept[step.file_output], step.id)
+        else:
+            files.revert_path(step.file_output)
 
     def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
                 steps: list[StepResult], files: list[dict], status: str, error: str | None) -> dict:

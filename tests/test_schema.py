@@ -129,6 +129,22 @@ INVALID = {
     "plan that is a JSON list": [DOC_EXAMPLE],
     "plan that is a string": json.dumps(DOC_EXAMPLE),
     "unknown key in defaults": _with(defaults={"model": "qwen", "top_p": 0.9}),
+    "command without run": _step(validation={"type": "command"}),
+    "command run as a shell string": _step(validation={"type": "command", "run": "pytest -q"}),
+    "command run empty": _step(validation={"type": "command", "run": []}),
+    "command program empty": _step(validation={"type": "command", "run": ["", "-q"]}),
+    "command argument with NUL": _step(validation={"type": "command", "run": ["pytest", "a\u0000b"]}),
+    "command argument too long": _step(validation={"type": "command", "run": ["echo", "x" * 4097]}),
+    "command of 257 items": _step(validation={"type": "command", "run": ["echo"] * 257}),
+    "command timeout 0": _step(validation={"type": "command", "run": ["true"], "timeout_s": 0}),
+    "command timeout past the maximum": _step(validation={"type": "command", "run": ["true"],
+                                                          "timeout_s": 3601}),
+    "empty validation list": _step(validation=[]),
+    "validation list with a bad item": _step(validation=[{"type": "syntax_check"}, {"type": "bogus"}]),
+    "validation list of 11": _step(validation=[{"type": "non_empty"}] * 11),
+    "verify without run": _with(verify={"timeout_s": 5}),
+    "verify with an unknown key": _with(verify={"run": ["true"], "shell": True}),
+    "verify run as a string": _with(verify={"run": "make test"}),
 }
 
 
@@ -169,6 +185,11 @@ VALID = {
 }
 
 
+VALID["validation list: syntax_check then a command"] = _step(validation=[
+    {"type": "syntax_check"}, {"type": "command", "run": ["python", "-m", "pytest", "-q"], "timeout_s": 120}])
+VALID["verify with a timeout"] = _with(verify={"run": ["make", "test"], "timeout_s": 3600})
+
+
 @pytest.mark.parametrize("plan", list(VALID.values()), ids=list(VALID))
 def test_valid_plan_is_accepted(plan):
     assert errors(plan) == []
@@ -176,15 +197,17 @@ def test_valid_plan_is_accepted(plan):
 
 # plan-format.md's tables, copied.
 DOC_PLAN_FIELDS = {"$schema", "id", "status", "context", "steps", "rollback_strategy",
-                   "defaults", "created_by"}
+                   "defaults", "created_by", "verify"}
+DOC_VERIFY_FIELDS = {"run", "timeout_s"}
 DOC_CONTEXT_FIELDS = {"objective", "project", "files_context"}
 DOC_DEFAULTS_FIELDS = {"model", "temperature", "max_tokens", "system", "timeout_s"}
 DOC_STEP_FIELDS = {"id", "prompt", "title", "depends_on", "validation", "max_retries",
                    "on_failure", "file_output", "system", "temperature", "max_tokens",
                    "model", "timeout_s"}
 DOC_VALIDATION_TYPES = {"non_empty", "json", "contains_keys", "syntax_check",
-                        "json_schema", "regex"}
-DOC_VALIDATION_FIELDS = {"type", "keys", "language", "schema", "pattern"}
+                        "json_schema", "regex", "command"}
+DOC_VALIDATION_FIELDS = {"type", "keys", "language", "schema", "pattern", "run", "timeout_s"}
+DOC_COMMAND_MAX_TIMEOUT_S = 3600
 DOC_SYNTAX_LANGUAGES = {"python", "json", "toml"}
 DOC_ON_FAILURE = {"retry_with_context", "skip", "halt"}
 DOC_STATUS = {"pending", "in_progress", "completed", "failed", "cancelled"}
@@ -210,6 +233,8 @@ def test_schema_agrees_with_doc_tables():
     assert set(plan_props["status"]["enum"]) == DOC_STATUS
     assert set(plan_props["rollback_strategy"]["enum"]) == DOC_ROLLBACK
     assert plan_props["$schema"]["const"] == "bridge-plan-v1"
+    assert set(defs["verify"]["properties"]) == DOC_VERIFY_FIELDS
+    assert defs["command_timeout"]["maximum"] == DOC_COMMAND_MAX_TIMEOUT_S
     # the per-step overrides are the defaults' fields
     assert DOC_DEFAULTS_FIELDS <= set(step_props)
 
@@ -217,5 +242,5 @@ def test_schema_agrees_with_doc_tables():
 @pytest.mark.parametrize("vtype", sorted(DOC_VALIDATION_TYPES))
 def test_every_documented_validation_type_is_accepted(vtype):
     extra = {"contains_keys": {"keys": ["k"]}, "json_schema": {"schema": {}},
-             "regex": {"pattern": "x"}}.get(vtype, {})
+             "regex": {"pattern": "x"}, "command": {"run": ["true"]}}.get(vtype, {})
     assert errors(_step(validation={"type": vtype, **extra})) == []
