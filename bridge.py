@@ -40,6 +40,7 @@ Environment (a flag wins over its variable):
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES
     BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
     BRIDGE_KEEP_RUNS                                          runs per plan kept for --undo
+    BRIDGE_TRUSTED_PROJECTS   folders (os.pathsep-separated) where plans may run commands
     BRIDGE_DEBUG                                              tracebacks for bugs
 
 Limits on what bridge reads (hostile input is a recorded failure, never a crash):
@@ -2741,8 +2742,16 @@ def untrusted_message(plan: Plan) -> str:
 def command_env(config: Config) -> dict[str, str]:
     """Return the environment a plan's commands run in: the user's (as bridge was
     started with it) less bridge's own BRIDGE_* settings, the memory server's
-    MCP_API_KEY and ANTHROPIC_API_KEY, so a check never sees a secret it does not need."""
-    return {k: v for k, v in config.tool_env if k != "ANTHROPIC_API_KEY"}
+    MCP_API_KEY and ANTHROPIC_API_KEY, so a check never sees a secret it does not need.
+
+    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the
+    source keeps its size and its mtime's second, and a retry rewrites a file
+    within the same second, often at the same size (`x + 2` → `x * 2`), so the
+    retry's test would run the failed attempt's code.
+    """
+    env = {k: v for k, v in config.tool_env if k != "ANTHROPIC_API_KEY"}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
 
 
 class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail output_bytes timed_out error")):
@@ -4318,8 +4327,8 @@ class Runner:
                 self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
             else:
                 self._keep_backups(plan, files)
-                if status == "failed":
-                    kept = ", ".join(files.changes)
+                kept = ", ".join(path for path, change in files.changes.items() if change.action != "reverted")
+                if status == "failed" and kept:
                     self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
         except RollbackError as exc:
             self.progress.error(str(exc))
@@ -4840,6 +4849,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         # settings and the memory server's key
         tool_env=tuple((k, v) for k, v in environ.items()
                        if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
+        trusted_projects=tuple(Path(folder).expanduser()
+                               for folder in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep) if folder),
         events=args.events,
         db_explicit=bool(db),
         structured=args.structured if args.structured is not None
@@ -5419,7 +5430,9 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
-    "steps": [{"id", "title", "messages", "response_format"}]} in run order."""
+    "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
+    order, "verify", "commands_trusted"}; commands: the step's command validations
+    ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted)."""
     try:
         plan = check_plan(record.plan)
     except PlanInvalid as exc:
@@ -5439,8 +5452,15 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
         schema = output_schema(step.validation)
         steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
                       "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
-                      else None, "file_output": _dry_run_target(plan, step, targets)})
-    return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps}
+                      else None, "file_output": _dry_run_target(plan, step, targets),
+                      "commands": [_command_entry(v) for v in _commands_of(step)]})
+    return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
+            "verify": _command_entry(plan.verify) if plan.verify else None,
+            "commands_trusted": plan_trusted(config, plan, content_hash(record.content))}
+
+
+def _command_entry(command: dict) -> dict:
+    return {"run": list(command["run"]), "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
 
 
 def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
@@ -5474,7 +5494,15 @@ def _render_dry_run(entry: dict) -> str:
         if step["file_output"]:
             lines.append("--- file_output ---")
             lines.append(printable(f"would {step['file_output']['action']} {step['file_output']['target']}"))
+        lines += [_render_command("check", command, entry["commands_trusted"]) for command in step["commands"]]
+    if entry["verify"]:
+        lines.append(_render_command("verify", entry["verify"], entry["commands_trusted"]))
     return "\n".join(lines)
+
+
+def _render_command(what: str, command: dict, trusted: bool) -> str:
+    note = "" if trusted else " (would not run: commands run only in trusted projects)"
+    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, timeout {command['timeout_s']:g} s{note}")
 
 
 ###############################################################################
