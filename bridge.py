@@ -3681,7 +3681,9 @@ class AttemptError(namedtuple("AttemptError", "message retryable feedback", defa
             text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} characters are "
                     "left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
         where = f"written to {file_output} and " if file_output else ""
-        note = (f"Your answer was {where}checked with `{shell_words(run.argv)}`, which failed: {run.error}. "
+        command = f"`{shell_words(run.argv)}`"
+        why = run.error.removeprefix(command + " ")      # "failed (exit 1)", "did not finish within …"
+        note = (f"Your answer was {where}checked with {command}, which {why}. "
                 f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
                 f"{describe_validation(validation)} Reply again with the corrected answer only.")
         shown = clip(output, 20_000, "previous answer") or "(empty)"
