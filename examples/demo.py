@@ -14,6 +14,7 @@ in progress, and the store passes SQLite's and the full-text index's integrity c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,13 @@ import bridge  # noqa: E402  (the checkout's bridge.py)
 import llama_server  # noqa: E402
 
 PLANS = ROOT / "examples" / "plans"
+# The project's own test, which example-check-command's step is checked with.
+TEST_HALF = """from half import half
+
+got = half(7)
+assert got == 3.5, f"half(7) returned {got!r}, expected 3.5"
+print("test_half: ok")
+"""
 
 
 def submit_examples(db: Path, project: Path) -> list[str]:
@@ -73,8 +81,26 @@ def print_results(db: Path) -> None:
                   f"{step['attempts']} attempt(s)" + (f" — {step['error']}" if step["error"] else ""))
             if output:
                 print(f"      {output[:400]}")
+            for check in step.get("checks", []):
+                print_check(check)
         for change in result["files"]:
             print(f"  file {change['path']}: {change['action']}")
+
+
+def print_check(check: dict) -> None:
+    """Print one command check of a step: the command, its exit code, its output's end."""
+    verdict = "passed" if check["exit_code"] == 0 else f"failed (exit {check['exit_code']})"
+    print(f"      attempt {check['attempt']}: `{' '.join(check['argv'])}` {verdict} "
+          f"in {check['duration_s']:.2f} s")
+    if check["exit_code"] != 0 and check["output_tail"].strip():
+        print(f"        | {check['output_tail'].strip().splitlines()[-1]}")
+
+
+def bridge_env(project: Path) -> dict[str, str]:
+    """The environment bridge runs in: the demo trusts its own temporary project (so the
+    check command runs), and `python` is this virtual environment's."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    return {**os.environ, "BRIDGE_TRUSTED_PROJECTS": str(project), "PATH": path}
 
 
 def main() -> int:
@@ -86,6 +112,7 @@ def main() -> int:
     project, db, log = work / "project", work / "store.db", work / "server.log"
     project.mkdir()
     (project / "README.md").write_text("# demo project\n", encoding="utf-8")
+    (project / "test_half.py").write_text(TEST_HALF, encoding="utf-8")
     model = llama_server.find_model()
     print(f"demo: model {model.name} ({model.stat().st_size // 1_000_000} MB); starting llama.cpp's server")
     started = time.monotonic()
@@ -113,7 +140,7 @@ def run_demo(base_url: str, work: Path, project: Path, db: Path) -> list[str]:
     started = time.monotonic()
     run = subprocess.run([sys.executable, str(ROOT / "bridge.py"), "--db", str(db),
                           "--base-url", base_url, "--state-dir", str(work / "state"),
-                          "--timeout", "120"])
+                          "--timeout", "120"], env=bridge_env(project))
     print(f"demo: bridge exited {run.returncode} after {time.monotonic() - started:.1f} s")
     print_results(db)
     print(f"\ndemo: files in the project folder {project}:")

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+import demo  # noqa: E402  (examples/demo.py: the project's test the check command runs)
 import llama_server  # noqa: E402
 
 import bridge  # noqa: E402
@@ -59,9 +60,10 @@ def test_example_plans_run_on_the_real_model(real_server, tmp_path, capsys):
     db, project = tmp_path / "store.db", tmp_path / "project"
     project.mkdir()
     (project / "README.md").write_text("# demo\n")
+    (project / "test_half.py").write_text(demo.TEST_HALF)
     ids = _submit_examples(db, project)
     rc = bridge.main(["--db", str(db), "--base-url", real_server, "--state-dir", str(tmp_path / "state"),
-                      "--timeout", "120", "--json"], environ={})
+                      "--timeout", "120", "--json"], environ=demo.bridge_env(project))
     assert rc in (0, 1)
     results = {r["plan_id"]: r for r in json.loads(capsys.readouterr().out)["plans"]}
     assert sorted(results) == sorted(ids)
@@ -79,3 +81,11 @@ def test_example_plans_run_on_the_real_model(real_server, tmp_path, capsys):
     assert helper[3]["status"] == "skipped"          # too hard for 135M parameters, on purpose
     assert helper[3]["attempts"] == 2
     assert results["example-python-helper"]["success"] is (helper[2]["status"] == "succeeded")
+
+    checked = results["example-check-command"]["steps"][0]
+    assert checked["checks"] and checked["checks"][0]["argv"] == ["python", "test_half.py"]
+    passed = [c for c in checked["checks"] if c["exit_code"] == 0]
+    assert (checked["status"] == "succeeded") is bool(passed)
+    if checked["status"] != "succeeded":                  # what SmolLM2-135M does: n // 2, three times
+        assert "half(7) returned" in checked["checks"][0]["output_tail"]
+        assert not (project / "half.py").exists()
