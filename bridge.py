@@ -5319,15 +5319,30 @@ def render_result(result: dict) -> str:
             add(f"      error: {step['error']}")
         if step.get("file_output"):
             add(f"      file: {step['file_output']}")
+        for check in step.get("checks") or []:
+            add(f"      check: {_check_line(check)}")
         output = (step.get("output") or "").strip()
         if output:
             shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
             lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
+    if result.get("verify"):
+        add(f"  verify: {_check_line(result['verify'])}")
     for change in result.get("files", []):
         add(f"  file {change['path']}: {change['action']}")
     if result.get("run_log"):
         add(f"  run log: {result['run_log']}")
     return "\n".join(lines)
+
+
+def _check_line(check: dict) -> str:
+    """One command run of a result for a person: command, outcome, seconds, last output line."""
+    if check.get("ran") is False:
+        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
+    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
+    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
+    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
+    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
+            + (f" · {last[0][:200]}" if last and check["error"] else ""))
 
 
 ###############################################################################

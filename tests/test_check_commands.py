@@ -513,3 +513,23 @@ def test_interrupting_a_running_command_puts_the_file_back(capsys, db, fake_llm,
             proc.kill()
     assert proc.returncode == 130, err
     assert not (project / "slug.py").exists()
+
+
+def test_show_prints_each_check_and_the_verify(capsys, db, fake_llm, state_dir, project):
+    verify = [PY, "-c", "import sys; print('2 passed'); sys.exit(0)"]
+    insert_plan(db, code_plan(project, [{"type": "syntax_check"}, {"type": "command", "run": TEST}],
+                              verify={"run": verify}))
+    fake_llm.enqueue(WRONG).enqueue(RIGHT)
+    run_bridge(capsys, db, fake_llm, state_dir, environ=env_for(project))
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "cmd", environ=env_for(project))
+
+    assert rc == 0, err
+    lines = [line.strip() for line in out.splitlines()]
+    checks = [line for line in lines if line.startswith("check: ")]
+    assert len(checks) == 2
+    assert checks[0].startswith("check: attempt 1: ") and "failed (exit 1)" in checks[0]
+    assert checks[0].endswith("AssertionError: double(5) returned 7, expected 10")
+    assert checks[1].startswith("check: attempt 2: ") and " passed in " in checks[1]
+    (shown,) = [line for line in lines if line.startswith("verify: ")]
+    assert " passed in " in shown
