@@ -2814,7 +2814,7 @@ def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str
                 return bytes(tail), total, "timeout"
             if cancel is not None and cancel.is_set():
                 return bytes(tail), total, "cancel"
-            if exited_at is None and _exited(proc.pid):
+            if exited_at is None and _exited(proc):
                 exited_at = now
             if exited_at is not None and now - exited_at > 0.2:
                 return bytes(tail), total, None      # it exited; a child may keep the pipe open
@@ -2828,11 +2828,13 @@ def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str
             del tail[:-COMMAND_TAIL_BYTES]
 
 
-def _exited(pid: int) -> bool:
-    """Tell whether a child has exited, without reaping it (its pid, and so its
-    process group's id, cannot be reused before proc.wait())."""
+def _exited(proc: Any) -> bool:
+    """Tell whether a child has exited, without reaping it where the OS allows (its
+    pid, and so its process group's id, cannot be reused before proc.wait())."""
+    if not hasattr(os, "waitid"):
+        return proc.poll() is not None
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
 
