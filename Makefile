@@ -22,6 +22,7 @@ bench: $(BIN)/.test-installed
 
 bench-real: $(BIN)/.demo-installed
 	$(BIN)/python bench/real_model.py
+	$(BIN)/python bench/check_commands.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

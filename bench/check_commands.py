@@ -88,10 +88,12 @@ def run_variant(base_url: str, work: Path, with_test: bool) -> dict:
                          env=env, capture_output=True, text=True)
     wall_s = time.monotonic() - started
     (result,) = json.loads(run.stdout)["plans"]
-    passing = sum(1 for module, *_ in TASKS if (project / f"{module}.py").exists() and subprocess.run(
+    written = [module for module, *_ in TASKS if (project / f"{module}.py").exists()]
+    passing = sum(1 for module in written if subprocess.run(
         ["python", f"test_{module}.py"], cwd=project, env=env, capture_output=True).returncode == 0)
     checks = [c for step in result["steps"] for c in step.get("checks", [])]
-    return {"passing": passing, "succeeded": result["counts"]["succeeded"], "wall_s": wall_s,
+    return {"passing": passing, "wrong_kept": len(written) - passing, "succeeded": result["counts"]["succeeded"],
+            "wall_s": wall_s,
             "attempts": sum(s["attempts"] for s in result["steps"]), "commands": len(checks),
             "commands_s": sum(c["duration_s"] for c in checks),
             "fixed_by_retry": sum(1 for s in result["steps"] if s["status"] == "succeeded" and s["attempts"] > 1)}
@@ -109,12 +111,13 @@ def main() -> int:
     n = len(TASKS)
     print(f"steps: {n} code steps, each with a one-assert test file; up to {MAX_RETRIES + 1} attempts, "
           "temperature 0, SmolLM2-135M-Instruct (llama.cpp), through the bridge CLI")
-    print(f"syntax_check alone:        {plain['succeeded']}/{n} steps succeeded, {plain['passing']}/{n} modules "
-          f"pass their test; {plain['attempts']} attempts, {plain['wall_s']:.1f} s")
-    print(f"syntax_check + test (fed back): {tested['succeeded']}/{n} steps succeeded, {tested['passing']}/{n} "
-          f"modules pass their test ({tested['fixed_by_retry']} after a retry); {tested['attempts']} attempts, "
-          f"{tested['wall_s']:.1f} s, of which {tested['commands']} command runs took {tested['commands_s']:.1f} s")
+    for label, figures in (("syntax_check alone", plain), ("syntax_check + test, fed back", tested)):
+        print(f"{label + ':':<31} {figures['succeeded']:>2}/{n} steps succeeded, {figures['passing']:>2}/{n} modules "
+              f"pass their test ({figures['fixed_by_retry']} after a retry), {figures['wrong_kept']} wrong modules "
+              f"left in the project; {figures['attempts']} attempts, {figures['wall_s']:.1f} s")
+    print(f"commands: {tested['commands']} runs, {tested['commands_s']:.1f} s in all")
     print(f"pass rate: syntax_check alone {plain['passing'] / n:.2f}, with the test {tested['passing'] / n:.2f}; "
+          f"wrong modules kept {plain['wrong_kept']} vs {tested['wrong_kept']}; "
           f"commands added {tested['commands_s']:.1f} s ({tested['commands_s'] / max(tested['commands'], 1):.3f} s "
           f"a run), retries {tested['wall_s'] - plain['wall_s']:+.1f} s of wall time")
     return 0
