@@ -533,3 +533,20 @@ def test_show_prints_each_check_and_the_verify(capsys, db, fake_llm, state_dir, 
     assert checks[1].startswith("check: attempt 2: ") and " passed in " in checks[1]
     (shown,) = [line for line in lines if line.startswith("verify: ")]
     assert " passed in " in shown
+
+
+def test_a_shell_string_command_is_a_recorded_invalid_plan_and_runs_nothing(capsys, db, fake_llm, state_dir,
+                                                                           project, tmp_path):
+    ran = tmp_path / "ran"
+    insert_plan(db, code_plan(project, {"type": "command", "run": f"touch {ran}"}))
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, environ=env_for(project))
+
+    assert rc == 1
+    assert any(p.startswith("$.steps[0].validation.run") for p in result["problems"]), result["problems"]
+    assert not ran.exists() and fake_llm.chat_requests == []
+
+
+def test_the_trusted_projects_variable_is_documented():
+    readme = (Path(bridge.__file__).parent / "README.md").read_text(encoding="utf-8")
+    assert "BRIDGE_TRUSTED_PROJECTS" in bridge.__doc__ and "BRIDGE_TRUSTED_PROJECTS" in readme
