@@ -112,8 +112,8 @@ def main() -> int:
     print(f"steps: {n} code steps, each with a one-assert test file; up to {MAX_RETRIES + 1} attempts, "
           "temperature 0, SmolLM2-135M-Instruct (llama.cpp), through the bridge CLI")
     for label, figures in (("syntax_check alone", plain), ("syntax_check + test, fed back", tested)):
-        print(f"{label + ':':<31} {figures['succeeded']:>2}/{n} steps succeeded, {figures['passing']:>2}/{n} modules "
-              f"pass their test ({figures['fixed_by_retry']} after a retry), {figures['wrong_kept']} wrong modules "
+        print(f"{label + ':':<31} {figures['succeeded']:>2}/{n} steps succeeded ({figures['fixed_by_retry']} after "
+              f"a retry), {figures['passing']:>2}/{n} modules pass their test, {figures['wrong_kept']} wrong modules "
               f"left in the project; {figures['attempts']} attempts, {figures['wall_s']:.1f} s")
     print(f"commands: {tested['commands']} runs, {tested['commands_s']:.1f} s in all")
     print(f"pass rate: syntax_check alone {plain['passing'] / n:.2f}, with the test {tested['passing'] / n:.2f}; "
