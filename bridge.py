@@ -4295,10 +4295,9 @@ class Runner:
         skipped; return (the plan's error or None, the verify record or None). A
         verify that may not run here (plan_trusted) fails the plan before any step
         is sent, so no model time is spent on a plan that cannot pass."""
-        if plan.verify is not None and not self._trusted:
+        if plan.verify is not None and (message := self._commands_refused(plan)):
             for result in results.values():
-                result.error = result.error or "not run: the plan's verify cannot run in this project"
-            message = untrusted_message(plan)
+                result.error = result.error or "not run: the plan's verify cannot run"
             self.progress.error(f"plan {plan.id}: verify: {message}")
             return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False, "error": message}
         error = self._run_steps(plan, results, files, run_dir / "steps.jsonl")
@@ -4315,6 +4314,15 @@ class Runner:
         self.progress.error(f"plan {plan.id}: verify failed: {run.error}")
         self.progress.detail(run.output_tail)
         return f"verify failed: {run.error}", {"ran": True, **run.as_dict()}
+
+    def _commands_refused(self, plan: Plan) -> str | None:
+        """Return why this run may not run the plan's commands, or None when it may."""
+        if not self._trusted:
+            return untrusted_message(plan)
+        if isinstance(self._files, StagedFiles):
+            return ("a command checks the file in the project, and --review stages files outside it; "
+                    "run the plan without --review to check it with its command")
+        return None
 
     def _settle_files(self, plan: Plan, files: FileTransaction | None, status: str) -> str | None:
         """Revert or keep the run's files as the plan asks; return an error or None.
@@ -4416,8 +4424,8 @@ class Runner:
             result.status = "skipped" if step.on_failure == "skip" else "failed"
             say(f"  {step.label}: {result.status}: {exc}")
             return
-        if not self._trusted and _commands_of(step):    # nothing is sent, nothing runs
-            result.error = untrusted_message(plan)
+        if _commands_of(step) and (refused := self._commands_refused(plan)):    # nothing is sent, nothing runs
+            result.error = refused
             result.status = "skipped" if step.on_failure == "skip" else "failed"
             say(f"  {step.label}: {result.status}: {result.error}")
             return

@@ -550,3 +550,17 @@ def test_a_shell_string_command_is_a_recorded_invalid_plan_and_runs_nothing(caps
 def test_the_trusted_projects_variable_is_documented():
     readme = (Path(bridge.__file__).parent / "README.md").read_text(encoding="utf-8")
     assert "BRIDGE_TRUSTED_PROJECTS" in bridge.__doc__ and "BRIDGE_TRUSTED_PROJECTS" in readme
+
+
+def test_a_review_run_refuses_commands_it_could_not_check(capsys, db, fake_llm, state_dir, project, tmp_path):
+    """--review stages files outside the project, where the command would not see them:
+    the step fails saying so, and nothing runs or is sent."""
+    ran = tmp_path / "ran"
+    insert_plan(db, code_plan(project, [{"type": "syntax_check"}, {"type": "command", "run": marker_command(ran)}]))
+    fake_llm.enqueue(RIGHT)
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--review", environ=env_for(project))
+
+    step = steps_by_id(result)[1]
+    assert step["status"] == "failed" and "--review stages files outside it" in step["error"], step
+    assert not ran.exists() and fake_llm.chat_requests == []
