@@ -564,3 +564,22 @@ def test_a_review_run_refuses_commands_it_could_not_check(capsys, db, fake_llm, 
     step = steps_by_id(result)[1]
     assert step["status"] == "failed" and "--review stages files outside it" in step["error"], step
     assert not ran.exists() and fake_llm.chat_requests == []
+
+
+def test_undo_after_a_retry_fixed_by_its_test_puts_back_the_original(capsys, db, fake_llm, state_dir, project):
+    """After a failed attempt's file was put back and the retry's written: --diff sees the
+    file as the run left it (no later change), and --undo puts the original back."""
+    (project / "slug.py").write_text("original\n")
+    insert_plan(db, code_plan(project, [{"type": "syntax_check"}, {"type": "command", "run": TEST}]))
+    fake_llm.enqueue(WRONG).enqueue(RIGHT)
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, environ=env_for(project))
+    assert rc == 0, err
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--diff", "cmd", "--json")
+    assert rc == 0, err
+    (entry,) = json.loads(out)["files"]
+    assert entry["path"] == "slug.py" and entry["changed_since_run"] is False
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "cmd")
+    assert rc == 0, err
+    assert (project / "slug.py").read_text() == "original\n"
