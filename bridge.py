@@ -1380,7 +1380,8 @@ _STEP_DEFAULTS = {                      # every field of Step after id (int) and
 class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_DEFAULTS.values())):
     """One step of a plan, with plan defaults and plan-format.md defaults applied.
 
-    Fields as in plan-format.md; timeout_s is in seconds, max_tokens in tokens.
+    Fields as in plan-format.md; timeout_s is in seconds, max_tokens in tokens;
+    validation is one validation object or a list of them (validations_of).
     """
 
     __slots__ = ()
