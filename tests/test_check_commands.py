@@ -583,3 +583,48 @@ def test_undo_after_a_retry_fixed_by_its_test_puts_back_the_original(capsys, db,
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "cmd")
     assert rc == 0, err
     assert (project / "slug.py").read_text() == "original\n"
+
+
+def test_a_bridge_killed_while_its_check_runs_leaves_a_file_that_resume_puts_back(capsys, db, fake_llm,
+                                                                                 state_dir, project, tmp_path):
+    """SIGKILL during the command: the attempt's file is in the project, journaled; --resume
+    puts the original back before the step runs again (and this time passes)."""
+    import signal
+    import subprocess
+
+    (project / "slug.py").write_text("original\n")
+    pid_file = tmp_path / "check.pid"
+    slow = [PY, "-c", "import os, pathlib, sys, time; "
+            f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); "
+            "time.sleep(0 if 'x * 2' in open('slug.py').read() else 60)"]
+    insert_plan(db, code_plan(project, {"type": "command", "run": slow, "timeout_s": 120}))
+    fake_llm.enqueue(WRONG)
+    argv = [PY, str(Path(bridge.__file__)), *bridge_args(db, fake_llm.url, state_dir)]
+    proc = subprocess.Popen(argv, env=env_for(project), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(pid_file.exists, 20)
+        assert "x + 2" in (project / "slug.py").read_text()
+        proc.kill()
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:                # a SIGKILLed bridge cannot stop its check (its own session): the test does
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    seen: list[str] = []
+    fake_llm.enqueue(RIGHT)
+
+    def watch() -> None:
+        if wait_for(lambda: len(fake_llm.chat_requests) == 2):
+            seen.append((project / "slug.py").read_text())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--plan", "cmd", "--resume", "--json",
+                              environ=env_for(project))
+    watcher.join()
+
+    assert rc == 0, err
+    assert seen == ["original\n"]
+    assert (project / "slug.py").read_text() == "def double(x):\n    return x * 2"
