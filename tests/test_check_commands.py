@@ -614,7 +614,7 @@ def test_a_bridge_killed_while_its_check_runs_leaves_a_file_that_resume_puts_bac
         except ProcessLookupError:
             pass
     seen: list[str] = []
-    fake_llm.enqueue(RIGHT)
+    fake_llm.enqueue(RIGHT, fault="delay", delay_s=1.0)      # held while the watcher looks
 
     def watch() -> None:
         if wait_for(lambda: len(fake_llm.chat_requests) == 2):
