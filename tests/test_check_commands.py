@@ -628,3 +628,13 @@ def test_a_bridge_killed_while_its_check_runs_leaves_a_file_that_resume_puts_bac
     assert rc == 0, err
     assert seen == ["original\n"]
     assert (project / "slug.py").read_text() == "def double(x):\n    return x * 2"
+
+
+def test_a_command_with_terminal_escapes_is_shown_escaped(capsys, db, fake_llm, state_dir, project):
+    insert_plan(db, code_plan(project, {"type": "command", "run": ["echo", "\x1b[2J\x1b]0;pwned\x07"]}))
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run", environ=env_for(project))
+
+    assert rc == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("--- check: ")]
+    assert "\x1b" not in line and "\x07" not in line and "\\x1b" in line
