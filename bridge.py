@@ -41,6 +41,8 @@ Environment (a flag wins over its variable):
     BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
     BRIDGE_KEEP_RUNS                                          runs per plan kept for --undo
     BRIDGE_TRUSTED_PROJECTS   folders (os.pathsep-separated) where plans may run commands
+    BRIDGE_MEMORY_URL (--memory-url), MCP_API_KEY             the memory server's HTTP API
+                                                              (loopback), which embeds results
     BRIDGE_DEBUG                                              tracebacks for bugs
 
 Limits on what bridge reads (hostile input is a recorded failure, never a crash):
@@ -226,6 +228,8 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
     "trusted_projects": (),             # tuple[Path, ...]
+    "memory_url": None,                 # str | None: the memory server's HTTP API (loopback)
+    "memory_api_key": None,             # str | None: MCP_API_KEY
     "crash_at": None,                   # str | None
     "keep_runs": DEFAULT_KEEP_RUNS,
     "review": False,
@@ -252,6 +256,8 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     more attempt on. tool_env: the environment a claude-cli: executor runs in.
     trusted_projects: the project folders where plans may run commands
     (BRIDGE_TRUSTED_PROJECTS).
+    memory_url: the memory server's HTTP API (loopback only) that stores result
+    memories so they get an embedding; memory_api_key: its key (MCP_API_KEY).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
     itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
     outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
@@ -749,6 +755,10 @@ class Progress:
         if hint:
             self._emit(f"hint: {hint}")
 
+    def warning(self, text: str) -> None:
+        """Print a warning line (something worked another way than asked), always."""
+        self._emit(f"bridge: warning: {text}")
+
     def status(self, text: str, force: bool = False) -> None:
         """Redraw the live status line (terminals only, at most 10 times a second)."""
         now = time.monotonic()
@@ -786,7 +796,8 @@ def terminal_columns() -> int:
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
 # UPDATE content (its FTS trigger would corrupt the index); a plan's state lives in
-# its metadata under "bridge"; short transactions only, never one held open while a
+# bridge's own table (STATE_TABLE), never in metadata, which the server rewrites
+# after every semantic search; short transactions only, never one held open while a
 # model generates; never touch memory_embeddings (needs the vec0 extension).
 ###############################################################################
 
@@ -839,17 +850,62 @@ class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
     __slots__ = ()
 
 
-class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags", defaults=("",))):
+# bridge's one table in the memory server's file: a plan's state, keyed by the plan
+# memory's content_hash (its content never changes, so neither does the key). The
+# server's write-backs, its tools and its HTTP API only touch its own tables, so
+# nothing there can undo a claim or a finish. CREATE ... IF NOT EXISTS: the server
+# never creates, reads or drops it; `memory check-db` and the server's migrations
+# ignore tables they do not know (checked on 12.2.0 and 12.4.0: tests/test_real_server.py).
+STATE_TABLE = "bridge_plan_state"
+STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host", "owner_pid",
+                 "finished_at", "error", "result_hash", "resumed_from")
+STATE_DDL = f"""
+CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
+    content_hash TEXT PRIMARY KEY,     -- the plan memory's (computed on the original layout)
+    status TEXT NOT NULL,              -- one of PLAN_STATUSES
+    plan_id TEXT, run_id TEXT, claimed_at TEXT, heartbeat_at TEXT,
+    owner_host TEXT, owner_pid INTEGER,
+    finished_at TEXT, error TEXT,
+    result_hash TEXT,                  -- the run's result memory; set before an HTTP store
+    resumed_from TEXT,
+    updated_at TEXT NOT NULL)
+"""
+# Tags the server's consolidation puts on the rows it makes (compression: `cluster`,
+# `compressed`; associations: `association`); such a row is never a plan, even when it
+# shares a plan's tags (mcp-memory-service consolidation/compression.py, consolidator.py).
+CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
+SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (800-character limit of its hybrid "
+                      "backend): store it with bridge --submit")
+
+
+class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest saved",
+                            defaults=("", None, None))):
     """One plan memory as read from the store.
 
     row_id: memories.id. plan: the parsed content (a dict for a well-formed plan;
-    anything else is reported as invalid). metadata: the row's metadata object.
-    created_at: as stored (Unix seconds, or ISO text in the original layout).
-    row_id is an int (a str in the original layout); content and tags are the
-    row's text.
+    anything else is reported as invalid). metadata: the row's metadata object
+    (the server's; never read for state). created_at: as stored (Unix seconds, or
+    ISO text in the original layout). row_id is an int (a str in the original
+    layout); content and tags are the row's text. digest: the row's content_hash
+    (None: computed from content). saved: the row of STATE_TABLE as a state dict,
+    or None when bridge has recorded nothing.
     """
 
     __slots__ = ()
+
+    @property
+    def content_hash(self) -> str:
+        """The plan memory's content_hash: the key of its state."""
+        return self.digest or content_hash(self.content)
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the memory server split this memory into (its metadata's
+        total_chunks, set by memory_store on content over its length limit), else 0."""
+        total = self.metadata.get("total_chunks")
+        if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
+            return total
+        return 0
 
     @property
     def plan_id(self) -> str:
@@ -860,9 +916,10 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def state(self) -> dict:
-        """The bridge's recorded state (metadata["bridge"]), or {}."""
-        value = self.metadata.get("bridge")
-        return value if isinstance(value, dict) else {}
+        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
+        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
+        result_hash, resumed_from."""
+        return self.saved if isinstance(self.saved, dict) else {}
 
     @property
     def owner(self) -> dict:
@@ -917,6 +974,68 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
         return len(steps) if isinstance(steps, list) else 0
 
 
+RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
+RESULT_SUMMARY_FILES = 10
+
+
+def _summary_text(value: Any, max_chars: int) -> str:
+    """Return value as one line of at most max_chars characters (plans are untrusted:
+    no newline or control character of theirs may shape the summary)."""
+    text = " ".join(str(value or "").split())
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def result_summary(result: dict) -> str:
+    """Return the first lines of a stored result: plan, outcome, run id, each step's
+    status (and error), files changed, and the error; plain text, for the memory
+    server's embedding (which reads a memory's first few hundred words) and for a
+    planner reading search hits."""
+    counts = result.get("counts") or {}
+    lines = [f"bridge result: plan {result['plan_id']} {result['status']} (run {result['run_id']})",
+             f"objective: {_summary_text(result.get('objective'), 200)}",
+             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
+             f"{counts.get('skipped', 0)} skipped"]
+    steps = result.get("steps") or []
+    for step in steps[:RESULT_SUMMARY_STEPS]:
+        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
+        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
+        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
+    if len(steps) > RESULT_SUMMARY_STEPS:
+        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
+    files = result.get("files") or []
+    if files:
+        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}" for f in files[:RESULT_SUMMARY_FILES])
+        more = f" and {len(files) - RESULT_SUMMARY_FILES} more" if len(files) > RESULT_SUMMARY_FILES else ""
+        lines.append(f"files: {shown}{more}")
+    if result.get("error"):
+        lines.append(f"error: {_summary_text(result['error'], 300)}")
+    for problem in (result.get("problems") or [])[:5]:
+        lines.append(f"problem: {_summary_text(problem, 200)}")
+    return "\n".join(lines)
+
+
+def result_content(result: dict) -> str:
+    """Return the content of a result memory: result_summary(), a blank line, then the
+    whole result document as one line of JSON (the last line; JSON escapes every
+    newline, so nothing in the document can end it early)."""
+    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+
+
+def parse_result_content(content: str) -> dict | None:
+    """Return the result document of a result memory's content, or None when it is not
+    one: the JSON of its last line (result_content), or the whole content as JSON
+    (results stored before the summary existed). A document is a JSON object whose
+    "type" is "bridge_result"."""
+    for text in (content.rpartition("\n")[2], content):
+        try:
+            document = load_json(text)
+        except ValueError:
+            continue
+        if isinstance(document, dict) and document.get("type") == "bridge_result":
+            return document
+    return None
+
+
 ###############################################################################
 # 5. Store (SQLite)
 # Short transactions on someone else's file: discovery, the claim, the result.
@@ -941,8 +1060,10 @@ class Store:
     def open(cls, config: Config) -> "Store":
         """Open the first existing store of config.db_paths.
 
-        Raises StoreError naming every path tried when none exists, or when the file
-        is not SQLite or has a layout bridge does not know.
+        Opening writes nothing. STATE_TABLE is made by the first state bridge records
+        there (see _set_state); until then the store is read as that migration will
+        leave it. Raises StoreError naming every path tried when none exists, or when
+        the file is not SQLite or has a layout bridge does not know.
         """
         import sqlite3
 
@@ -969,6 +1090,50 @@ class Store:
             raise StoreError(f"unsupported store layout in {path} ({shown})",
                              "bridge reads mcp-memory-service 10.x/12.x stores and the original bridge layout")
         return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL, config.crash_at)
+
+    @property
+    def has_state_table(self) -> bool:
+        """Whether STATE_TABLE exists (asked each time: another bridge may make it)."""
+        return self._has_table(STATE_TABLE)
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (name,)).fetchone() is not None
+
+    def _create_state_table(self) -> None:
+        """Create STATE_TABLE and fill it from the metadata["bridge"] objects an older
+        bridge wrote: the migration, run once. Call inside _write: the table, its
+        migrated rows and the state being recorded commit together."""
+        if not self._has_table(STATE_TABLE):      # another process may have made it first
+            self.conn.execute(STATE_DDL)
+            for digest, state in self._legacy_states().items():
+                self._save_state(digest, state.get("plan_id"), state)
+
+    def _legacy_states(self) -> dict[str, dict]:
+        """Return {content_hash: state} from every row whose metadata holds an older
+        bridge's "bridge" object with a known status (anything else is ignored)."""
+        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
+                                 "WHERE instr(metadata, '\"bridge\"') > 0").fetchall()
+        states = {}
+        for digest, content, metadata in rows:
+            try:
+                old = load_json(metadata).get("bridge")
+            except (ValueError, AttributeError):
+                continue
+            try:
+                plan = load_json(content)
+            except ValueError:
+                plan = None
+            if isinstance(old, dict) and old.get("status") in PLAN_STATUSES:
+                text = {k: old[k] if isinstance(old.get(k), str) else None for k in STATE_COLUMNS}
+                owner = old.get("owner") if isinstance(old.get("owner"), dict) else {}
+                text["owner"] = {"host": owner.get("host") if isinstance(owner.get("host"), str) else None,
+                                 "pid": owner.get("pid") if isinstance(owner.get("pid"), int) else None}
+                text["plan_id"] = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) \
+                    else None
+                states[digest or content_hash(content)] = text
+        return states
 
     @staticmethod
     def create(path: Path) -> None:
@@ -1027,8 +1192,8 @@ class Store:
         def work() -> bool:
             if self.reload(record).status != "pending":
                 return False
-            self._set_state(record.row_id, {"status": "cancelled", "finished_at": utc_now_iso(),
-                                            "error": "cancelled by the user"})
+            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
+                                     "error": "cancelled by the user"})
             return True
         return self._write(work)
 
@@ -1037,7 +1202,7 @@ class Store:
 
         By the result_hash in the plan's state first; else the live results tagged
         plan:<id>, newest first (the memory server's own tag match), each
-        confirmed by parsing it.
+        confirmed by parsing it (parse_result_content).
         """
         rows: list = []
         digest = record.state.get("result_hash")
@@ -1051,12 +1216,8 @@ class Store:
             rows += self.conn.execute("SELECT content FROM memories WHERE instr(content, 'bridge_result') > 0 "
                                       "ORDER BY created_at DESC").fetchall()
         for (content,) in rows:
-            try:
-                document = load_json(content)
-            except ValueError:
-                continue
-            if isinstance(document, dict) and document.get("type") == "bridge_result" \
-                    and document.get("plan_id") == record.plan_id:
+            document = parse_result_content(content)
+            if document is not None and document.get("plan_id") == record.plan_id:
                 return document
         return None
 
@@ -1098,7 +1259,8 @@ class Store:
         import sqlite3
 
         tags = "m.tags" if "tags" in self.columns else "''"
-        select = f"SELECT m.id, m.content, m.metadata, m.created_at, {tags} FROM memories m"
+        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        select = f"SELECT m.id, m.content, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
         live = self._live_filter()
         where = f"instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
         if self.has_fts:
@@ -1108,13 +1270,26 @@ class Store:
             sql = f"{select} WHERE {where}"
         try:
             rows = self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()
+            states = self._states()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
-        records = (self._record(*row) for row in rows)
-        return [r for r in records if r is not None]
+        records, split = [], set()
+        for row in rows:
+            record = self._record(*row)
+            if record is None:
+                continue
+            if record.chunks:       # one report per split plan, whichever chunks hold the marker
+                original = str(record.metadata.get("original_hash"))
+                if original in split:
+                    continue
+                split.add(original)
+            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
+        return records
 
     @staticmethod
-    def _record(row_id, content, metadata, created_at, tags) -> PlanRecord | None:
+    def _record(row_id, content, metadata, created_at, tags, digest=None) -> PlanRecord | None:
+        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
+            return None     # the server's consolidation made it: never a plan
         try:
             plan = load_json(content)
         except JSONRefused as exc:
@@ -1130,7 +1305,7 @@ class Store:
         except ValueError:
             meta = {}
         return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
-                          created_at, tags or "")
+                          created_at, tags or "", digest)
 
     def get_plan(self, plan_id: str) -> PlanRecord:
         """Return the one live plan whose parsed id equals plan_id exactly.
@@ -1149,13 +1324,55 @@ class Store:
         return matches[0]
 
     def reload(self, record: PlanRecord) -> PlanRecord:
-        """Return a fresh copy of record's row (its metadata may have changed)."""
-        row = self.conn.execute("SELECT metadata FROM memories WHERE id = ?", (record.row_id,)).fetchone()
-        try:
-            meta = load_json(row[0]) if row and row[0] else {}
-        except ValueError:
-            meta = {}
-        return record._replace(metadata=meta if isinstance(meta, dict) else {})
+        """Return record with its state read again (another process may have changed it)."""
+        return record._replace(saved=self._settled(self._read_state(record.content_hash)))
+
+    # -- plan state (STATE_TABLE) -----------------------------------------------
+
+    def _states(self) -> dict[str, dict]:
+        """Return {plan content_hash: state} of every plan bridge has recorded."""
+        if not self.has_state_table:
+            return self._legacy_states()      # read-only on a store bridge has not used since
+        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)} FROM {STATE_TABLE}")
+        return {row[0]: self._state_of(row[1:]) for row in rows}
+
+    def _read_state(self, digest: str) -> dict | None:
+        if not self.has_state_table:
+            return self._legacy_states().get(digest)
+        row = self.conn.execute(f"SELECT {', '.join(STATE_COLUMNS)} FROM {STATE_TABLE} WHERE content_hash = ?",
+                                (digest,)).fetchone()
+        return self._state_of(row) if row else None
+
+    @staticmethod
+    def _state_of(row: tuple) -> dict:
+        state = dict(zip(STATE_COLUMNS, row))
+        host, pid = state.pop("owner_host"), state.pop("owner_pid")
+        state["owner"] = {"host": host, "pid": pid}
+        return state
+
+    def _settled(self, state: dict | None) -> dict | None:
+        """Return state, finished from its result memory when the run stored that
+        result but died before its final transaction (state in_progress, result_hash
+        set, and a live result of that run_id stored under that hash)."""
+        if not state or state.get("status") != "in_progress" or not state.get("result_hash") \
+                or "content_hash" not in self.columns:
+            return state
+        row = self.conn.execute(f"SELECT content FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
+                                (state["result_hash"],)).fetchone()
+        document = parse_result_content(row[0]) if row else None
+        if document is None or document.get("run_id") != state.get("run_id") \
+                or document.get("status") not in PLAN_STATUSES:
+            return state
+        return {**state, "status": document["status"], "finished_at": document.get("finished_at"),
+                "error": document.get("error")}
+
+    def _save_state(self, digest: str, plan_id: str | None, state: dict) -> None:
+        owner = state.get("owner") if isinstance(state.get("owner"), dict) else {}
+        values = {**{k: state.get(k) for k in STATE_COLUMNS}, "plan_id": plan_id,
+                  "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
+        self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
+                          f"updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?)",
+                          (digest, *values.values(), utc_now_iso()))
 
     # -- writing -------------------------------------------------------------
 
@@ -1185,30 +1402,15 @@ class Store:
                     raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
                 raise
 
-    def _set_state(self, row_id: Any, changes: dict) -> dict:
-        """Merge changes into metadata["bridge"] of one row; return the new state.
+    def _set_state(self, record: PlanRecord, changes: dict) -> dict:
+        """Merge changes into the plan's row of STATE_TABLE; return the new state.
 
-        Call inside _write. Touches metadata and updated_at only, never content.
+        Call inside _write. The memories table is not touched.
         """
-        row = self.conn.execute("SELECT metadata FROM memories WHERE id = ?", (row_id,)).fetchone()
-        if row is None:
-            raise StoreError(f"plan row {row_id} vanished from {self.path}")
-        try:
-            meta = load_json(row[0]) if row[0] else {}
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict):
-            raise StateUnusable(f"plan row {row_id} has metadata that is not a JSON object (or nests deeper "
-                                f"than {MAX_JSON_DEPTH} levels); it is not run",
-                                "fix or delete that memory; bridge will not overwrite it")
-        state = {**(meta.get("bridge") if isinstance(meta.get("bridge"), dict) else {}), **changes}
-        meta["bridge"] = state
-        now = time.time()
-        if "updated_at" in self.columns:
-            self.conn.execute("UPDATE memories SET metadata = ?, updated_at = ?, updated_at_iso = ? "
-                              "WHERE id = ?", (json.dumps(meta), now, iso_from_ts(now), row_id))
-        else:
-            self.conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (json.dumps(meta), row_id))
+        state = {**(self._read_state(record.content_hash) or {}), **changes}
+        if not self.has_state_table:
+            self._create_state_table()
+        self._save_state(record.content_hash, record.plan_id, state)
         return state
 
     def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
@@ -1225,10 +1427,10 @@ class Store:
             if fresh.display_status not in allowed:
                 return False
             now = utc_now_iso()
-            self._set_state(record.row_id, {
+            self._set_state(record, {
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
                 "heartbeat_at": now, "owner": {"host": hostname(), "pid": os.getpid()},
-                "finished_at": None, "error": None, "resumed_from": resumed_from})
+                "finished_at": None, "error": None, "result_hash": None, "resumed_from": resumed_from})
             crash_point(self.crash_at, "claim")
             return True
         return self._write(work)
@@ -1238,28 +1440,58 @@ class Store:
         def work() -> bool:
             if self.reload(record).state.get("run_id") != run_id:
                 return False
-            self._set_state(record.row_id, {"heartbeat_at": utc_now_iso()})
+            self._set_state(record, {"heartbeat_at": utc_now_iso()})
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, result: dict) -> str:
-        """Store the run's result memory and the plan's final state in one transaction.
+    def finish(self, record: PlanRecord, result: dict, memory_api: MemoryAPI | None = None,
+               warn: Callable[[str], None] | None = None) -> str:
+        """Store the run's result memory and record the plan's final state; return the
+        result's content_hash.
 
-        result: the result document of plan-format.md. The plan's metadata gets its
-        status, finished_at, error and result_hash. Returns the result's content_hash.
-        Raises StoreError when the store cannot be written.
+        result: the result document of plan-format.md, stored as result_content().
+        Without memory_api, the result row and the final state (status, finished_at,
+        error, result_hash) are one transaction. With memory_api the result goes
+        through the memory server's HTTP API first, so it gets an embedding: (1) the
+        state records result_hash while still in_progress; (2) POST /api/memories;
+        (3) one transaction stores the result directly unless a live row already has
+        that hash (the server's, in this file), and records the final state. A crash
+        after (2) leaves a stored result its state points to (read as finished, see
+        _settled); a refusal or an unreachable server leaves nothing, so (3) writes it,
+        and warn() gets one line. The result is never lost and never stored twice in
+        this file. Raises StoreError when the store cannot be written.
         """
-        content = json.dumps(result, ensure_ascii=False)   # one line: fewer tokens for the planner
+        content = result_content(result)
+        digest = content_hash(content)
+        tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
+        metadata = {"plan_id": result["plan_id"], "run_id": result["run_id"]}
+        why = None
+        if memory_api is not None:
+            self._write(lambda: self._set_state(record, {"result_hash": digest}))
+            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata, result["run_id"])
+            crash_point(self.crash_at, "result_posted")
+            if stored is not None and stored != digest:
+                why = f"it stored the result as another memory ({stored[:12]}…: split into chunks by its length limit?)"
 
         def work() -> str:
-            digest = self.insert_memory(content, [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"],
-                                        RESULT_MEMORY_TYPE, {"plan_id": result["plan_id"],
-                                                             "run_id": result["run_id"]})
-            self._set_state(record.row_id, {"status": result["status"], "finished_at": result["finished_at"],
-                                            "error": result["error"], "result_hash": digest})
+            if not self._has_live_hash(digest):
+                self.insert_memory(content, tags, RESULT_MEMORY_TYPE, metadata)
+                if memory_api is not None and warn is not None:
+                    reason = why or f"it writes another store file than {self.path}"
+                    warn(f"the memory server at {memory_api.url} did not store the result of plan "
+                         f"{result['plan_id']} ({reason}); stored it directly: tag search finds it, "
+                         "semantic search does not")
+            self._set_state(record, {"status": result["status"], "finished_at": result["finished_at"],
+                                     "error": result["error"], "result_hash": digest})
             crash_point(self.crash_at, "finish")
             return digest
         return self._write(work)
+
+    def _has_live_hash(self, digest: str) -> bool:
+        if "content_hash" not in self.columns:
+            return False
+        return self.conn.execute(f"SELECT 1 FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
+                                 (digest,)).fetchone() is not None
 
     def insert_memory(self, content: str, tags: list[str], memory_type: str, metadata: dict) -> str:
         """Insert one memory the way the memory server does; return its content_hash.
@@ -1297,7 +1529,7 @@ class Store:
     def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
         """Record in the plan's state that --undo put back the files of run run_id at
         undone_at (ISO 8601): {"undone_run", "undone_at"}."""
-        self._write(lambda: self._set_state(record.row_id, {"undone_run": run_id, "undone_at": undone_at}))
+        self._write(lambda: self._set_state(record, {"undone_run": run_id, "undone_at": undone_at}))
 
     def record_review(self, record: PlanRecord, run_id: str, expected: str, changes: dict) -> bool:
         """Merge changes into the plan's state if it is still `expected` with run
@@ -1306,7 +1538,7 @@ class Store:
             state = self.reload(record).state
             if state.get("status") != expected or state.get("run_id") != run_id:
                 return False
-            self._set_state(record.row_id, changes)
+            self._set_state(record, changes)
             return True
         return self._write(work)
 
@@ -1339,9 +1571,141 @@ class Store:
             self.conn.execute("ROLLBACK")
         return None
 
+    def memory_report(self) -> dict:
+        """Return the store as the memory server sees it: {"schema_version" (its
+        metadata table's schema_version, or None), "migrations" (rows of its
+        migration_registry, or None), "state_table" (STATE_TABLE exists),
+        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
+        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
+        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
+        memories.id; None without it)}."""
+        report: dict[str, Any] = {"schema_version": None, "migrations": None, "state_table": self.has_state_table,
+                                  "plans_recorded": 0, "bridge_rows": 0, "without_embedding": None}
+        if self._has_table("metadata"):
+            row = self.conn.execute("SELECT value FROM metadata WHERE key = 'schema_version'").fetchone()
+            report["schema_version"] = row[0] if row else None
+        if self._has_table("migration_registry"):
+            report["migrations"] = self.conn.execute("SELECT COUNT(*) FROM migration_registry").fetchone()[0]
+        if self.has_state_table:
+            report["plans_recorded"] = self.conn.execute(f"SELECT COUNT(*) FROM {STATE_TABLE}").fetchone()[0]
+        if "tags" not in self.columns:
+            return report
+        ours = (f"FROM memories m WHERE {self._live_filter()} AND ((',' || m.tags || ',') LIKE '%,{PLAN_TAG},%' "
+                f"OR (',' || m.tags || ',') LIKE '%,{RESULT_TAG},%')")
+        report["bridge_rows"] = self.conn.execute(f"SELECT COUNT(*) {ours}").fetchone()[0]
+        if self._has_table("memory_embeddings_rowids"):
+            report["without_embedding"] = self.conn.execute(
+                f"SELECT COUNT(*) {ours} AND m.id NOT IN (SELECT rowid FROM memory_embeddings_rowids)").fetchone()[0]
+        return report
+
     def pending_count(self) -> int:
         """Count the live plans whose effective status is pending."""
         return sum(1 for r in self.find_plans() if r.status == "pending")
+
+
+# The memory server's HTTP API (`memory server --http`), for result memories the server
+# embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
+# checked against 12.4.0 (tests/test_real_server.py): POST /api/memories {content,
+# tags, memory_type, metadata, conversation_id} -> {success, message, content_hash};
+# GET /api/health answers without a key, GET /api/health/detailed needs it (401).
+MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
+MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
+MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_memory_url(url: str) -> str:
+    """Return the memory server's base URL (no trailing slash) when it is an http URL on
+    this machine (LOOPBACK_HOSTS); raise ConfigError otherwise. Only the user's flag or
+    environment sets it: the key goes with every request."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port          # raises ValueError on a port that is not a number in range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS \
+            or parts.query or parts.username is not None:
+        raise ConfigError(f"memory URL {url!r} is not an http URL on this machine",
+                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost or [::1])")
+    return url.rstrip("/")
+
+
+class MemoryAPI:
+    """A client of the memory server's HTTP API at url (see check_memory_url), sending
+    api_key (MCP_API_KEY) as X-API-Key. timeout_s: seconds to connect or wait for
+    an answer. Nothing here raises: every failure is a reason string."""
+
+    def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S):
+        self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+        """Return (HTTP status, parsed JSON or None). Raises httpx.HTTPError or ValueError."""
+        import httpx
+
+        headers = {"X-API-Key": self.api_key} if self.api_key else {}
+        with httpx.Client(timeout=self.timeout_s, trust_env=False) as client:
+            with client.stream(method, self.url + path, json=body, headers=headers) as response:
+                raw = b""
+                for piece in response.iter_bytes():
+                    raw += piece
+                    if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
+                        raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
+        try:
+            return response.status_code, json.loads(raw)
+        except ValueError:
+            return response.status_code, None
+
+    def store(self, content: str, tags: list[str], memory_type: str, metadata: dict,
+              conversation_id: str) -> tuple[str | None, str | None]:
+        """POST one memory; return (its content_hash, None) when the server stored it,
+        else (None, why not). conversation_id (the run id) keeps the server's 24-hour
+        near-duplicate check from refusing a rerun's result."""
+        import httpx
+
+        body = {"content": content, "tags": tags, "memory_type": memory_type, "metadata": metadata,
+                "conversation_id": conversation_id}
+        size = len(json.dumps(body).encode("utf-8"))
+        if size > MEMORY_API_MAX_BODY_BYTES:
+            return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
+        try:
+            status, reply = self._request("POST", "/api/memories", body)
+        except (httpx.HTTPError, ValueError) as exc:
+            return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
+        digest = reply.get("content_hash") if isinstance(reply, dict) else None
+        if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
+                and re.fullmatch(r"[0-9a-f]{64}", digest):
+            return digest, None
+        if status in (401, 403):
+            return None, f"HTTP {status}: it refused the key (MCP_API_KEY)"
+        message = reply.get("message") or reply.get("detail") if isinstance(reply, dict) else None
+        return None, f"HTTP {status}" + (f": {_summary_text(message, 200)}" if message else "")
+
+    def probe(self) -> dict:
+        """Return {"reachable", "key_accepted", "version", "backend", "error"} from GET
+        /api/health (no key needed) and GET /api/health/detailed (needs the key)."""
+        import httpx
+
+        report: dict[str, Any] = {"url": self.url, "reachable": False, "key_accepted": None,
+                                  "version": None, "backend": None, "error": None}
+        try:
+            status, _ = self._request("GET", "/api/health")
+            report["reachable"] = status == 200
+            detail_status, detail = self._request("GET", "/api/health/detailed")
+        except (httpx.HTTPError, ValueError) as exc:
+            report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
+            return report
+        if not report["reachable"]:
+            report["error"] = f"{self.url}/api/health answered HTTP {status}"
+            return report
+        report["key_accepted"] = detail_status == 200
+        if detail_status in (401, 403):
+            report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
+        elif isinstance(detail, dict):
+            storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
+            report.update(version=detail.get("version"), backend=storage.get("backend"))
+        return report
 
 
 ###############################################################################
@@ -4140,6 +4504,7 @@ class Runner:
         self._project: Path | None = None
         self._trusted = False                   # may this plan run commands (plan_trusted)
         self._kept: dict[str, str] = {}         # path -> what a succeeded step of this run wrote there
+        self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
 
     def executor(self, ref: str) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -4188,6 +4553,8 @@ class Runner:
                          steps=record.step_count, model=self.model)
         problems = list(problems or [])
         try:
+            if record.chunks:
+                raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
             plan = check_plan(record.plan)
         except PlanInvalid as exc:
             problems += exc.problems
@@ -4636,7 +5003,7 @@ class Runner:
         in_progress, stale once this process is gone, so --resume or --rerun can
         take it over (the run's journal and backups are kept for that)."""
         try:
-            result["result_hash"] = self.store.finish(record, result)
+            result["result_hash"] = self.store.finish(record, result, self.memory_api, self.progress.warning)
         except StoreError as exc:
             raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
                              "in progress (stale once this bridge exits), its files and their backups kept",
@@ -4782,6 +5149,10 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--price-model", metavar="MODEL", help=_env_help(
         "the Claude model whose prices value the tokens a run used", "BRIDGE_PRICE_MODEL",
         f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
+    settings.add_argument("--memory-url", metavar="URL", help=_env_help(
+        "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): result "
+        "memories are stored through it, so its semantic search finds them", "BRIDGE_MEMORY_URL",
+        "none: results are written into the store directly"))
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
         "bridge's own journals and backups", "BRIDGE_STATE_DIR",
         "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
@@ -4833,6 +5204,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         db_paths = tuple(default_db_candidates(environ))
     state = pick(args.state_dir, "BRIDGE_STATE_DIR")
     base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
+    memory_url = pick(args.memory_url, "BRIDGE_MEMORY_URL")
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"base URL {base_url!r} is not an http(s) URL",
                           "pass e.g. --base-url http://localhost:1234/v1")
@@ -4855,6 +5227,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                                pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
         price_model=_price_model(pick(args.price_model, "BRIDGE_PRICE_MODEL")),
         escalate_to=pick(args.escalate_to, "BRIDGE_ESCALATE_TO"),
+        memory_url=check_memory_url(memory_url) if memory_url else None,
+        memory_api_key=environ.get("MCP_API_KEY") or None,
         anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
                             or "https://api.anthropic.com").rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
@@ -4942,13 +5316,17 @@ def cmd_health(config: Config) -> int:
             if problem:
                 raise StoreError(f"the store {store.path} is not usable: {problem}",
                                  "restore it from a backup, or point --db at a store that can be written")
-            report["store"].update(pending=store.pending_count())
+            report["store"].update(pending=store.pending_count(), **store.memory_report())
             store_ok = True
     except StoreError as exc:
         report["store"].update(error=str(exc), hint=exc.hint)
     report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
                          "keep_runs": config.keep_runs}
-    report["ok"] = server_ok and store_ok
+    memory_ok = True
+    if config.memory_url:
+        report["memory_api"] = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0).probe()
+        memory_ok = bool(report["memory_api"]["key_accepted"])
+    report["ok"] = server_ok and store_ok and memory_ok
     if config.json:
         _print_json(report)
     else:
@@ -4962,6 +5340,7 @@ def cmd_health(config: Config) -> int:
         if store_ok:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
+            print(printable("memory  " + _memory_store_line(store_info)))
         else:
             print(printable(f"store   FAIL  {store_info['error']}"))
             if store_info.get("hint"):
@@ -4969,7 +5348,30 @@ def cmd_health(config: Config) -> int:
         backups = report["backups"]
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
+        if "memory_api" in report:
+            print("memory  " + _memory_api_line(report["memory_api"]))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+def _memory_store_line(info: dict) -> str:
+    """The --health line of the store as the memory server sees it."""
+    schema = f"schema version {info['schema_version']}" if info["schema_version"] else "no schema version"
+    state = f"{STATE_TABLE}: {info['plans_recorded']} plan(s)" if info["state_table"] \
+        else f"no {STATE_TABLE} yet (made by the first run)"
+    if info["without_embedding"] is None:
+        embeddings = "embeddings not readable (no memory_embeddings table)"
+    else:
+        embeddings = (f"{info['without_embedding']} of bridge's {info['bridge_rows']} row(s) without an embedding"
+                      + (" (semantic search misses them; --memory-url stores results with one)"
+                         if info["without_embedding"] else ""))
+    return f"ok    {schema} · {state} · {embeddings}"
+
+
+def _memory_api_line(probe: dict) -> str:
+    """The --health line of the memory server's HTTP API."""
+    if not probe["key_accepted"]:
+        return f"FAIL  {probe['url']}: {probe['error']}"
+    return f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, {probe['backend']}) · key accepted"
 
 
 def _pick_model(config: Config, info: ServerInfo | None) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "columns",
     "FakeAnthropic", "write_fake_claude",
     "bridge_args", "run_bridge", "run_json", "stored_results", "plan_rows", "plan_row", "plan_state",
+    "state_of_row", "STATE_TABLE", "result_document",
     "steps_by_id", "first_user", "user_text", "snapshot", "listing", "temp_files", "closed_port",
     "dead_pid", "child_env",
 ]
@@ -939,9 +940,17 @@ def run_json(capsys, db: str | Path, fake_llm, state_dir: str | Path, *extra: st
     return rc, result, err
 
 
+def result_document(content: str) -> dict:
+    """The result document of a result memory's content: a plain-text summary, a blank
+    line, then the document as one line of JSON (its last line)."""
+    summary, blank, document = content.rpartition("\n")
+    assert summary and blank == "\n" and summary.endswith("\n"), f"no summary before the JSON: {content[:200]!r}"
+    return json.loads(document)
+
+
 def stored_results(db: str | Path) -> list[dict]:
-    """The parsed content of every result memory (tagged bridge-result), oldest first."""
-    return [json.loads(r["content"]) for r in read_rows(db) if _RESULT_TAG in (r["tags"] or "").split(",")]
+    """The result document of every result memory (tagged bridge-result), oldest first."""
+    return [result_document(r["content"]) for r in read_rows(db) if _RESULT_TAG in (r["tags"] or "").split(",")]
 
 
 def plan_rows(db: str | Path, plan_id: str) -> list[dict]:
@@ -965,9 +974,33 @@ def plan_row(db: str | Path, plan_id: str) -> dict:
     return rows[0]
 
 
+STATE_TABLE = "bridge_plan_state"     # bridge's own table in the store (README)
+
+
+def state_of_row(db: str | Path, row: dict) -> dict:
+    """What bridge recorded of the plan memory `row` (a read_rows dict): its row of
+    bridge_plan_state, keyed by the row's content_hash (computed on the original
+    layout), as {status, run_id, claimed_at, heartbeat_at, owner: {host, pid},
+    finished_at, error, result_hash, resumed_from}; {} when none (or no table yet)."""
+    digest = row.get("content_hash") or content_hash(row["content"])
+    conn = _connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        if not _has_table(conn, STATE_TABLE):
+            return {}
+        found = conn.execute(f"SELECT * FROM {STATE_TABLE} WHERE content_hash = ?", (digest,)).fetchone()
+    finally:
+        conn.close()
+    if found is None:
+        return {}
+    state = {k: found[k] for k in found.keys() if k not in ("content_hash", "plan_id", "updated_at")}
+    state["owner"] = {"host": state.pop("owner_host"), "pid": state.pop("owner_pid")}
+    return state
+
+
 def plan_state(db: str | Path, plan_id: str) -> dict:
-    """What bridge recorded of plan `plan_id` (its metadata's "bridge" object; {} when none)."""
-    return (plan_row(db, plan_id)["metadata_obj"] or {}).get("bridge") or {}
+    """What bridge recorded of plan `plan_id` (see state_of_row; {} when none)."""
+    return state_of_row(db, plan_row(db, plan_id))
 
 
 def steps_by_id(result: dict) -> dict[int, dict]:

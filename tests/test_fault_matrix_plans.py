@@ -59,7 +59,8 @@ from typing import Any, Callable
 import pytest
 
 import bridge
-from fakes import bridge_args, check_store, insert_memory, insert_plan, make_plan, read_rows, snapshot, user_text
+from fakes import (bridge_args, check_store, insert_memory, insert_plan, make_plan, read_rows, result_document,
+                   snapshot, state_of_row, user_text)
 
 # Literals copied from the contract (plan-format.md), never read at run time.
 RESULT_TAG = "bridge-result"
@@ -271,14 +272,14 @@ def test_plan_fault_matrix(capsys, db, ctx, fake_llm, state_dir, build, expect):
     for (row, content), plan_id in zip(hostile_rows, hostile_ids):
         assert statuses[row] == "failed"
         assert by_id[row]["content"] == content
-        state = by_id[row]["metadata_obj"]["bridge"]
-        mine = [r for r in results if json.loads(r["content"])["plan_id"] == plan_id]
+        state = state_of_row(db, by_id[row])
+        mine = [r for r in results if result_document(r["content"])["plan_id"] == plan_id]
         if plan_id == "twin":
             mine = [r for r in mine if r["content_hash"] == state["result_hash"]]
         assert len(mine) == 1
         result_row = mine[0]
         assert result_row["content_hash"] == state["result_hash"]
-        result = json.loads(result_row["content"])
+        result = result_document(result_row["content"])
         assert result["status"] == "failed" and result["success"] is False
         assert isinstance(result["problems"], list) and result["problems"]
         assert any(all(piece in p for piece in expect) for p in result["problems"]), result["problems"]

@@ -48,7 +48,7 @@ import pytest
 import bridge
 from fakes import (
     bridge_args, check_store, closed_port, first_user, insert_plan, listing, make_plan, read_rows, steps_by_id,
-    stored_results,
+    state_of_row, stored_results,
 )
 
 # Literals copied from the contract (plan-format.md), never read at run time.
@@ -144,10 +144,10 @@ def plan_row(db: Path) -> dict:
     return row
 
 
-def effective_status(row: dict) -> str:
-    """The recorded state (metadata bridge.status) when present, else the content's status."""
-    state = (row["metadata_obj"] or {}).get("bridge")
-    if isinstance(state, dict) and state.get("status"):
+def effective_status(db: Path, row: dict) -> str:
+    """The recorded state (bridge_plan_state) when present, else the content's status."""
+    state = state_of_row(db, row)
+    if state.get("status"):
         return state["status"]
     return json.loads(row["content"])["status"]
 
@@ -214,18 +214,18 @@ def test_server_fault_matrix(row, capsys, db, fake_llm, state_dir, tmp_path):
         assert len(fake_llm.chat_requests) == 1 + row["step2_requests"]
     # the store
     plan = plan_row(db)
-    assert effective_status(plan) == row["status"]
+    assert effective_status(db, plan) == row["status"]
     results = stored_results(db)
     if row["rc"] == 2:
         assert results == []
-        assert (plan["metadata_obj"] or {}).get("bridge") is None   # never claimed
+        assert state_of_row(db, plan) == {}   # never claimed
     else:
         [result] = results
         assert result["plan_id"] == PLAN_ID
         assert result["status"] == row["status"]
         assert result["success"] is (row["status"] == "completed")
         assert result["run_id"] == printed["run_id"]
-        assert plan["metadata_obj"]["bridge"]["run_id"] == result["run_id"]
+        assert state_of_row(db, plan)["run_id"] == result["run_id"]
         by_id = steps_by_id(result)
         step1, step2 = by_id[1], by_id[2]
         assert (step1["status"], step1["attempts"]) == row["step1"]

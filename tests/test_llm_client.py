@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import bridge
-from fakes import check_store, closed_port, insert_plan, make_plan, read_rows
+from fakes import check_store, closed_port, insert_plan, make_plan, read_rows, result_document, state_of_row
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Say hello in three words."}]
@@ -507,7 +507,7 @@ def _plan_and_result(store, plan_id):
     result_rows = [r for r in rows if "bridge-result" in (r["tags"] or "")
                    and (r["metadata_obj"] or {}).get("plan_id") == plan_id]
     assert len(plan_rows) == 1 and len(result_rows) == 1
-    return plan_rows[0], json.loads(result_rows[0]["content"])
+    return plan_rows[0], result_document(result_rows[0]["content"])
 
 
 def test_cli_http_500_on_every_request_fails_the_plan_cleanly(fake_llm, store, state_dir, capsys):
@@ -524,7 +524,7 @@ def test_cli_http_500_on_every_request_fails_the_plan_cleanly(fake_llm, store, s
     # 2 attempts (max_retries 1) x 2 requests (--retries 1)
     assert len(fake_llm.chat_requests) == 4
     plan_row, stored = _plan_and_result(store, "p-http-500")
-    assert plan_row["metadata_obj"]["bridge"]["status"] == "failed"
+    assert state_of_row(store, plan_row)["status"] == "failed"
     assert stored["status"] == "failed"
     [step] = stored["steps"]
     assert step["status"] == "failed"
@@ -546,7 +546,7 @@ def test_cli_http_400_fails_the_plan_cleanly(fake_llm, store, state_dir, capsys)
     # 2 attempts, one request each: a 400 is not retried by the client
     assert len(fake_llm.chat_requests) == 2
     plan_row, stored = _plan_and_result(store, "p-http-400")
-    assert plan_row["metadata_obj"]["bridge"]["status"] == "failed"
+    assert state_of_row(store, plan_row)["status"] == "failed"
     [step] = stored["steps"]
     assert step["status"] == "failed"
     assert "unknown field 'frobnicate'" in step["error"]

@@ -20,6 +20,7 @@ import pytest
 import bridge
 from fakes import (
     bridge_args, check_store, columns, content_hash, insert_plan, iso_z, make_plan, make_store, plan_rows, read_rows,
+    result_document, state_of_row,
 )
 
 ROOT = Path(__file__).resolve().parent.parent      # where bridge.py, README.md and the schema live
@@ -43,11 +44,11 @@ COLUMNS_12 = ["id", "content_hash", "content", "tags", "memory_type", "metadata"
 
 
 def live_results(db: Path) -> list[tuple[dict, dict]]:
-    """(row, parsed content) of every live result memory, oldest first."""
+    """(row, result document) of every live result memory, oldest first."""
     out = []
     for row in read_rows(db):
         if RESULT_TAG in (row["tags"] or "").split(",") and row.get("deleted_at") is None:
-            out.append((row, json.loads(row["content"])))
+            out.append((row, result_document(row["content"])))
     return out
 
 
@@ -55,7 +56,7 @@ def plan_state(db: Path, plan_id: str) -> dict:
     """The state of the plan's one live row (fakes.plan_state takes the first row, live or
     not; here a replaced plan leaves a deleted row behind)."""
     (row,) = [r for r in plan_rows(db, plan_id) if r.get("deleted_at") is None]
-    return (row["metadata_obj"] or {}).get("bridge") or {}
+    return state_of_row(db, row)
 
 
 def prompt_tokens_of(request: dict) -> int:
@@ -544,7 +545,7 @@ def test_show_json_is_exactly_the_stored_result_document(capsys, db, fake_llm, s
 
     assert rc == 0
     (row, _), = live_results(db)
-    assert json.loads(out) == json.loads(row["content"])
+    assert json.loads(out) == result_document(row["content"])
     check_store(db)
 
 
@@ -951,7 +952,8 @@ def test_cancel_a_pending_plan_then_a_run_sends_nothing(capsys, db, fake_llm, st
     assert "cancelled plan 'p1'" in out
     (after,) = plan_rows(db, "p1")
     assert after["content"] == before["content"] and after["content_hash"] == before["content_hash"]
-    assert after["metadata_obj"]["bridge"]["status"] == "cancelled"
+    assert after["metadata"] == before["metadata"]
+    assert state_of_row(db, after)["status"] == "cancelled"
     check_store(db)
 
     fake_llm.enqueue("never sent")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import check_store, insert_plan, listing, make_plan, make_store, read_rows, run_bridge
+from fakes import check_store, insert_plan, listing, make_plan, make_store, read_rows, result_document, run_bridge, state_of_row
 
 
 # --------------------------------------------------------------------------------------
@@ -510,7 +510,7 @@ def results_by_plan(db: Path) -> dict[str, dict]:
     out = {}
     for row in read_rows(db):
         if "bridge-result" in (row["tags"] or "").split(","):
-            doc = json.loads(row["content"])
+            doc = result_document(row["content"])
             out[doc["plan_id"]] = doc
     return out
 
@@ -520,7 +520,7 @@ def plan_states(db: Path) -> dict[str, dict]:
     for row in read_rows(db):
         if "bridge-plan" in (row["tags"] or "").split(","):
             plan_id = json.loads(row["content"])["id"]
-            out[plan_id] = (row["metadata_obj"] or {}).get("bridge", {})
+            out[plan_id] = state_of_row(db, row)
     return out
 
 

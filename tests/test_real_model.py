@@ -16,7 +16,7 @@ import demo  # noqa: E402  (examples/demo.py: the project's test the check comma
 import llama_server  # noqa: E402
 
 import bridge  # noqa: E402
-from fakes import check_store, read_rows  # noqa: E402
+from fakes import check_store, read_rows, result_document  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 
@@ -68,7 +68,7 @@ def test_example_plans_run_on_the_real_model(real_server, tmp_path, capsys):
     results = {r["plan_id"]: r for r in json.loads(capsys.readouterr().out)["plans"]}
     assert sorted(results) == sorted(ids)
     check_store(db)
-    stored = [json.loads(r["content"]) for r in read_rows(db) if r["memory_type"] == "tool_outcome"]
+    stored = [result_document(r["content"]) for r in read_rows(db) if r["memory_type"] == "tool_outcome"]
     assert sorted(r["plan_id"] for r in stored) == sorted(ids)
 
     extraction = results["example-extract-contact"]["steps"][0]

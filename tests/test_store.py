@@ -23,7 +23,7 @@ import pytest
 
 import bridge
 from fakes import (DDL_FTS, DDL_TRIGGERS, bridge_args, check_store, columns, insert_memory, insert_plan, iso_z,
-                   make_plan, read_rows)
+                   make_plan, read_rows, result_document, state_of_row)
 
 ROOT = Path(bridge.__file__).resolve().parent
 ISO_SERVER = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")   # the *_iso columns
@@ -83,8 +83,9 @@ def row_by_id(db, row_id) -> dict:
     return next(r for r in read_rows(db) if r["id"] == row_id)
 
 
-def state_of(row: dict) -> dict:
-    return (row["metadata_obj"] or {}).get("bridge") or {}
+def state_of(db, row: dict) -> dict:
+    """What bridge recorded of a plan row (its row of bridge_plan_state)."""
+    return state_of_row(db, row)
 
 
 def sha(content: str) -> str:
@@ -99,7 +100,7 @@ def assert_result_row(row: dict, *, plan_id: str, state: dict, base_url: str, la
     """Check one result memory against plan-format.md and the store rules; return its document."""
     assert type_of(row) == "tool_outcome"
     assert tags_of(row) == ["bridge-result", f"plan:{plan_id.lower()}"]
-    doc = json.loads(row["content"])
+    doc = result_document(row["content"])
     assert isinstance(doc, dict)
     assert RESULT_KEYS <= set(doc), RESULT_KEYS - set(doc)
     assert doc["type"] == "bridge_result"
@@ -175,13 +176,12 @@ def test_fixture_plan_of_real_12x_store_is_found_and_completed_without_touching_
     assert plan["content_hash"] == before[2]["content_hash"] == sha(plan["content"])
     for col in ("tags", "memory_type", "created_at", "created_at_iso", "deleted_at", "store"):
         assert plan[col] == before[2][col], col
-    state = state_of(plan)
+    state = state_of(store, plan)
     assert state["status"] == "completed"
     assert state["owner"] == {"host": socket.gethostname(), "pid": os.getpid()}
     assert state["run_id"] == out["plans"][0]["run_id"]
-    assert isinstance(plan["updated_at"], float) and plan["updated_at_iso"] == iso_z(plan["updated_at"])
-    for other in (1, 3):
-        assert after[other] == before[other]
+    for other in (1, 2, 3):
+        assert after[other] == before[other]      # the plan row too: its state is in bridge's table
     new = [r for r in after.values() if r["id"] not in before]
     assert len(new) == 1
     assert_result_row(new[0], plan_id="fixture-hello", state=state, base_url=fake_llm.url, layout="12.x")
@@ -193,8 +193,9 @@ def test_fixture_plan_of_real_12x_store_is_found_and_completed_without_touching_
 @pytest.mark.parametrize("layout", ["12.x", "12.x-fresh", "10.x", "original"])
 def test_run_keeps_plan_content_and_metadata_and_stores_one_result_on_each_layout(
         new_store, layout, fake_llm, tmp_path, capsys):
-    """On every supported layout a run records its state in metadata (other keys kept), never
-    rewrites the plan's content, and stores one result memory (original defect 6)."""
+    """On every supported layout a run records its state in bridge's own table (the plan's
+    metadata is left exactly as it was), never rewrites the plan's content, and stores one
+    result memory (original defect 6)."""
     db = new_store(tmp_path / "store.db", layout)
     plan_id = "Release-Notes.V2"
     row_id = insert_plan(db, plan_with_prompt(plan_id), metadata={"keep": 1, "source": "claude"})
@@ -210,19 +211,19 @@ def test_run_keeps_plan_content_and_metadata_and_stores_one_result_on_each_layou
     assert plan["content"].encode() == before[row_id]["content"].encode()
     assert plan["created_at"] == before[row_id]["created_at"]
     meta = plan["metadata_obj"]
-    assert meta["keep"] == 1 and meta["source"] == "claude"
+    assert plan["metadata"] == before[row_id]["metadata"]
+    assert meta["keep"] == 1 and meta["source"] == "claude" and "bridge" not in meta
     if layout == "original":
         assert (meta["tags"], meta["type"]) == (["bridge-plan"], "planning")
     else:
         assert plan["content_hash"] == before[row_id]["content_hash"]
         assert (plan["tags"], plan["memory_type"]) == ("bridge-plan", "planning")
-    state = meta["bridge"]
+    state = state_of(db, plan)
     assert state["status"] == "completed"
     assert {"run_id", "result_hash", "owner", "finished_at"} <= set(state)
     assert state["owner"] == {"host": socket.gethostname(), "pid": os.getpid()}
     for rid, row in before.items():
-        if rid != row_id:
-            assert after[rid] == row
+        assert after[rid] == row      # the plan row too: bridge's state is in its own table
     new = [r for r in after.values() if r["id"] not in before]
     assert len(new) == 1
     assert_result_row(new[0], plan_id=plan_id, state=state, base_url=fake_llm.url, layout=layout)
@@ -370,11 +371,11 @@ def test_plans_are_found_compact_or_pretty_oldest_first_and_only_when_live(new_s
     assert out[3]["status"] == "failed" and "not a JSON list" in out[3]["problems"][0]
     assert sent_plans(fake_llm) == ["oldest", "middle", "newest"]
     assert fake_llm.pending == 1
-    assert sorted(json.loads(r["content"])["plan_id"] for r in result_rows(db)) == \
+    assert sorted(result_document(r["content"])["plan_id"] for r in result_rows(db)) == \
         sorted(["middle", "newest", "oldest", list_id])
     for name in ("oldest", "middle", "newest"):
-        assert state_of(row_by_id(db, rows[name]))["status"] == "completed"
-    assert state_of(row_by_id(db, rows["list"]))["status"] == "failed"
+        assert state_of(db, row_by_id(db, rows[name]))["status"] == "completed"
+    assert state_of(db, row_by_id(db, rows["list"]))["status"] == "failed"
     untouched.pop("list", None)
     for name, row in untouched.items():
         assert row_by_id(db, rows[name]) == row, name
@@ -408,8 +409,8 @@ def test_plan_id_with_wildcard_characters_matches_only_that_exact_plan(target, l
     assert rc == 0
     assert sent_plans(fake_llm) == [target]
     assert len(fake_llm.chat_requests) == 1
-    assert [json.loads(r["content"])["plan_id"] for r in result_rows(db)] == [target]
-    assert state_of(row_by_id(db, rows[target]))["status"] == "completed"
+    assert [result_document(r["content"])["plan_id"] for r in result_rows(db)] == [target]
+    assert state_of(db, row_by_id(db, rows[target]))["status"] == "completed"
     for rid, row in before.items():
         if rid != rows[target]:
             assert row_by_id(db, rid) == row
@@ -429,10 +430,10 @@ def test_plan_id_with_percent_picks_only_that_plan(lookalikes, fake_llm, tmp_pat
     assert "a%c" in capsys.readouterr().err
     assert fake_llm.chat_requests == []
     results = result_rows(db)
-    assert [json.loads(r["content"])["plan_id"] for r in results] == ["a%c"]
+    assert [result_document(r["content"])["plan_id"] for r in results] == ["a%c"]
     # an id outside the schema's pattern is made tag-safe: a comma in it would split the tag list
     assert tags_of(results[0]) == ["bridge-result", "plan:a-c"]
-    assert state_of(row_by_id(db, rows["a%c"]))["status"] == "failed"
+    assert state_of(db, row_by_id(db, rows["a%c"]))["status"] == "failed"
     for rid, row in before.items():
         if rid != rows["a%c"]:
             assert row_by_id(db, rid) == row
@@ -513,11 +514,11 @@ def test_completed_plan_is_not_rerun_without_flag_and_each_rerun_stores_its_own_
     assert len(fake_llm.chat_requests) == 3
     results = sorted(result_rows(db), key=lambda r: r["id"])
     assert len(results) == 3, f"3 runs in {elapsed:.2f} s"
-    docs = [json.loads(r["content"]) for r in results]
+    docs = [result_document(r["content"]) for r in results]
     assert len({d["run_id"] for d in docs}) == 3
     assert len({r["content_hash"] for r in results}) == 3
     assert [d["steps"][0]["output"] for d in docs] == ["first answer", "second answer", "third answer"]
-    state = state_of(row_by_id(db, row_id))
+    state = state_of(db, row_by_id(db, row_id))
     assert state["status"] == "completed"
     assert state["run_id"] == docs[-1]["run_id"]
     assert state["result_hash"] == results[-1]["content_hash"]
@@ -545,7 +546,7 @@ def test_plan_state_and_result_memory_are_written_in_one_transaction(new_store, 
     assert "Traceback" not in captured.err
     assert len(fake_llm.chat_requests) == 1
     assert result_rows(db) == []
-    state = state_of(row_by_id(db, row_id))
+    state = state_of(db, row_by_id(db, row_id))
     assert state.get("status") != "completed"
     assert state.get("result_hash") is None
     assert state.get("finished_at") is None
@@ -568,8 +569,8 @@ def test_two_store_connections_claiming_one_plan_exactly_one_wins(new_store, fak
 
     assert won == [True, False]
     (plan,) = [r for r in read_rows(db) if r["memory_type"] == "planning"]
-    assert state_of(plan)["status"] == "in_progress"
-    assert state_of(plan)["run_id"] == "run-one"
+    assert state_of(db, plan)["status"] == "in_progress"
+    assert state_of(db, plan)["run_id"] == "run-one"
     check_store(db)
 
 
@@ -604,7 +605,7 @@ def test_concurrent_claims_from_threads_give_each_plan_one_owner(new_store, fake
     assert errors == []
     assert all(len(w) == 1 for w in wins.values()), wins
     for row in read_rows(db):
-        assert state_of(row)["run_id"] == f"run-{wins[json.loads(row['content'])['id']][0]}"
+        assert state_of(db, row)["run_id"] == f"run-{wins[json.loads(row['content'])['id']][0]}"
     check_store(db)
 
 
@@ -628,11 +629,11 @@ def test_two_bridge_processes_started_together_run_each_plan_once(new_store, fak
     assert len(fake_llm.chat_requests) == 6
     assert sorted(sent_plans(fake_llm)) == sorted(ids)
     assert fake_llm.pending == 3
-    per_plan = [json.loads(r["content"])["plan_id"] for r in result_rows(db)]
+    per_plan = [result_document(r["content"])["plan_id"] for r in result_rows(db)]
     assert sorted(per_plan) == sorted(ids)
     for row in read_rows(db):
         if row["memory_type"] == "planning":
-            assert state_of(row)["status"] == "completed"
+            assert state_of(db, row)["status"] == "completed"
     check_store(db)
 
 
@@ -665,7 +666,7 @@ def test_run_waits_for_a_brief_write_lock_held_by_another_connection(new_store, 
 
     assert rc == 0
     assert released_at and finished > released_at[0]
-    assert state_of(row_by_id(db, row_id))["status"] == "completed"
+    assert state_of(db, row_by_id(db, row_id))["status"] == "completed"
     assert len(result_rows(db)) == 1
     check_store(db)
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import bridge
-from fakes import bridge_args, check_store, insert_plan, make_plan, make_store
+from fakes import bridge_args, check_store, insert_plan, make_plan, make_store, result_document
 
 # The body llama-cpp-python 0.3.36 sends (HTTP 500) for response_format json_schema,
 # recorded from the real server.
@@ -42,7 +42,7 @@ def stored_step(db, plan_id="p1"):
     import sqlite3
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT content FROM memories WHERE memory_type = 'tool_outcome'").fetchall()
-    results = [json.loads(c) for (c,) in rows if json.loads(c)["plan_id"] == plan_id]
+    results = [result_document(c) for (c,) in rows if result_document(c)["plan_id"] == plan_id]
     return results[-1]["steps"]
 
 
