@@ -33,7 +33,7 @@ __all__ = [
     "columns",
     "FakeAnthropic", "write_fake_claude",
     "bridge_args", "run_bridge", "run_json", "stored_results", "plan_rows", "plan_row", "plan_state",
-    "state_of_row", "STATE_TABLE", "result_document",
+    "state_of_row", "STATE_TABLE", "result_document", "FakeMemoryAPI", "MEMORY_API_MODES",
     "steps_by_id", "first_user", "user_text", "snapshot", "listing", "temp_files", "closed_port",
     "dead_pid", "child_env",
 ]
@@ -1276,3 +1276,103 @@ def write_fake_claude(bin_dir: str | Path) -> Path:
 
 
 __all__ += ["ANTHROPIC_FAULTS", "FakeAnthropic", "write_fake_claude"]
+
+
+# --------------------------------------------------------------------------------------
+# Fake memory server HTTP API (mcp-memory-service `memory server --http`)
+# --------------------------------------------------------------------------------------
+
+MEMORY_API_MODES = ("store", "duplicate", "error", "other_file", "chunked", "drop")
+
+
+class FakeMemoryAPI:
+    """A real HTTP server on 127.0.0.1 (port 0) answering the memory server's routes as
+    mcp-memory-service 12.4.0 does (web/api/memories.py, web/api/health.py; checked
+    against the real one in tests/test_real_server.py): POST /api/memories stores the
+    memory into `db` the way the server writes rows (insert_memory; no embedding here)
+    and answers {success, message, content_hash}; GET /api/health needs no key, GET
+    /api/health/detailed and POST /api/memories need X-API-Key == key (else 401).
+
+    mode: "store" (default); "duplicate" (HTTP 200, success false, nothing stored);
+    "error" (HTTP 500); "other_file" (success, but stored in no file bridge sees);
+    "chunked" (stores only the first 800 characters, answers that chunk's hash);
+    "drop" (closes the connection without an answer). .requests records each
+    request as {"method", "path", "headers", "json"}.
+    """
+
+    def __init__(self, db: str | Path, key: str = "test-key"):
+        self.db, self.key, self.mode = Path(db), key, "store"
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # noqa: D401 - silence
+                pass
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if self.headers.get("X-API-Key") == fake.key:
+                    return True
+                self._answer(401, {"detail": {"error": "authorization_required"}})
+                return False
+
+            def do_GET(self):  # noqa: N802 - http.server's name
+                fake.requests.append({"method": "GET", "path": self.path, "headers": dict(self.headers),
+                                      "json": None})
+                if self.path == "/api/health":
+                    self._answer(200, {"status": "healthy"})
+                elif self.path == "/api/health/detailed" and self._authorized():
+                    self._answer(200, {"status": "healthy", "version": "12.4.0",
+                                       "storage": {"backend": "sqlite-vec"}})
+                elif self.path != "/api/health/detailed":
+                    self._answer(404, {"detail": "Not Found"})
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+                fake.requests.append({"method": "POST", "path": self.path, "headers": dict(self.headers),
+                                      "json": body})
+                if fake.mode == "drop":
+                    self.close_connection = True
+                    return
+                if not self._authorized():
+                    return
+                fake._store(self, body)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    def _store(self, handler, body: dict) -> None:
+        if self.mode == "error":
+            return handler._answer(500, {"detail": "Internal Server Error"})
+        if self.mode == "duplicate":
+            return handler._answer(200, {"success": False, "message": "Duplicate content detected",
+                                         "content_hash": None})
+        content = body["content"][:800] if self.mode == "chunked" else body["content"]
+        if self.mode != "other_file":
+            metadata = {**body.get("metadata", {}), "conversation_id": body.get("conversation_id")}
+            insert_memory(self.db, content, tags=body["tags"], memory_type=body["memory_type"], metadata=metadata)
+        handler._answer(200, {"success": True, "message": "Memory stored successfully",
+                              "content_hash": content_hash(content)})
+
+    @property
+    def posts(self) -> list[dict]:
+        return [r for r in self.requests if r["method"] == "POST"]
+
+    def __enter__(self) -> "FakeMemoryAPI":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
