@@ -95,10 +95,11 @@ def db(tmp_path, new_store) -> Path:
     return new_store(tmp_path / "fresh.db", "12.x-fresh")
 
 
-@pytest.fixture
-def store(tmp_path) -> Path:
-    """A copy of the real 12.2.0 store (3 memories; row 2 is plan "fixture-hello")."""
-    return make_store(tmp_path / "store.db", "12.x")
+@pytest.fixture(params=["12.2.0", "12.4.0"])
+def store(tmp_path, request) -> Path:
+    """A copy of a store the real server made, once per version in tests/data (3 memories;
+    row 2 is plan "fixture-hello")."""
+    return make_store(tmp_path / "store.db", "12.x", version=request.param)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "DATA", "FIXTURE_STORE", "FIXTURE_PLAN_ID", "LAYOUTS", "FAULTS",
+    "DATA", "FIXTURE_STORE", "FIXTURE_STORES", "FIXTURE_PLAN_ID", "LAYOUTS", "FAULTS",
     "FakeLLM", "content_hash", "iso_z",
     "make_store", "insert_memory", "insert_plan", "make_plan", "check_store", "read_rows",
     "columns",
@@ -40,6 +40,8 @@ __all__ = [
 
 DATA = Path(__file__).parent / "data"
 FIXTURE_STORE = DATA / "doobidoo-12.2.0-store.db"
+# Stores the real server made, by version (how: tests/data/README.md); same 3 memories.
+FIXTURE_STORES = {"12.2.0": FIXTURE_STORE, "12.4.0": DATA / "doobidoo-12.4.0-store.db"}
 FIXTURE_PLAN_ID = "fixture-hello"
 
 # --------------------------------------------------------------------------------------
@@ -721,10 +723,11 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
 
-def make_store(path: str | Path, layout: str = "12.x") -> Path:
+def make_store(path: str | Path, layout: str = "12.x", version: str = "12.2.0") -> Path:
     """Create a store at `path` in one of LAYOUTS and return its Path.
 
-    12.x        copy of the real 12.2.0 store (3 memories, plan "fixture-hello" at row 2)
+    12.x        copy of the real store of that server version (FIXTURE_STORES; 3 memories,
+                plan "fixture-hello" at row 2)
     12.x-fresh  empty; memories/metadata/FTS/triggers/indexes DDL of 12.2.0, no vec0 table
     10.x        empty; memories up to deleted_at, same FTS table and triggers
     original    empty; the original script's memories(id TEXT PK, content, metadata, created_at TEXT)
@@ -736,7 +739,7 @@ def make_store(path: str | Path, layout: str = "12.x") -> Path:
         raise FileExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout == "12.x":
-        shutil.copyfile(FIXTURE_STORE, path)  # copyfile: the copy is writable
+        shutil.copyfile(FIXTURE_STORES[version], path)  # copyfile: the copy is writable
         return path
     conn = _connect(path)
     try:
