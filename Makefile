@@ -1,18 +1,26 @@
-# bridge — make test (default), make demo, make test-real, make bench, make bench-real, make clean
+# bridge — make test (default), make demo, make test-real, make test-real-server, make bench,
+# make bench-real, make clean
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# the real memory server (mcp-memory-service) for test-real: its own venv, on a Python
+# whose sqlite3 can load extensions (tools/mms_venv.sh finds one; MMS_PYTHON overrides)
+MMS_VENV := .venv-mms
 
-.PHONY: test demo test-real bench bench-real clean
+.PHONY: test demo test-real test-real-server bench bench-real clean
 
 test: $(BIN)/.test-installed
-	$(BIN)/python -m pytest -q -m "not real_model"
+	$(BIN)/python -m pytest -q -m "not real_model and not real_server"
 
 demo: $(BIN)/.demo-installed
 	$(BIN)/python examples/demo.py
 
-test-real: $(BIN)/.demo-installed $(BIN)/.test-installed
-	$(BIN)/python -m pytest -q -m real_model -rs
+test-real: $(BIN)/.demo-installed $(BIN)/.test-installed $(MMS_VENV)/.installed
+	MMS_VENV=$(MMS_VENV) $(BIN)/python -m pytest -q -m "real_model or real_server" -rs
+
+# the real memory server's tests alone (no llama.cpp build)
+test-real-server: $(BIN)/.test-installed $(MMS_VENV)/.installed
+	MMS_VENV=$(MMS_VENV) $(BIN)/python -m pytest -q -m real_server -rs
 
 # Figures, never pass/fail; each script prints its summary on its last line.
 bench: $(BIN)/.test-installed
@@ -37,5 +45,8 @@ $(BIN)/.demo-installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[demo]'
 	touch $@
 
+$(MMS_VENV)/.installed: tools/mms_venv.sh
+	tools/mms_venv.sh $(MMS_VENV)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MMS_VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -1156,7 +1156,7 @@ class Store:
             raise StoreError(f"cannot create a store at {path}: {exc}") from exc
 
     def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's store_memory does
+        """Store a plan as a new memory, the way the memory server's memory_store does
         (memory_type planning, tag bridge-plan, hash and timestamps).
 
         replace: soft-delete the live plans with the same id, in the same

@@ -9,8 +9,8 @@ by the tests (their Python cannot load SQLite extensions).
                                                        run that command between its read
                                                        of the hits and its metadata write-back
     python mms_driver.py store DB ITEMS_JSON           store [{content, tags, memory_type}]
-                                                       through MemoryService.store_memory,
-                                                       the code memory_store's handler runs
+                                                       through MemoryService, the code
+                                                       memory_store's handler runs
     python mms_driver.py init DB                       open the store the way the server
                                                        starts (creates or migrates it)
 

@@ -72,6 +72,7 @@ SETTINGS = [  # flag, metavar-free env var, a piece of the default the help must
     ("--model", "BRIDGE_MODEL", "loaded"),
     ("--timeout", "BRIDGE_TIMEOUT", "300"),
     ("--state-dir", "BRIDGE_STATE_DIR", "XDG_STATE_HOME"),
+    ("--memory-url", "BRIDGE_MEMORY_URL", "none"),
 ]
 
 

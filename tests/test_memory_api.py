@@ -8,7 +8,6 @@ and writes into the same store file; tests/test_real_server.py runs the real one
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import (FakeMemoryAPI, bridge_args, check_store, child_env, closed_port, insert_plan, make_plan,
-                   make_store, plan_state, read_rows, result_document, stored_results)
+from fakes import (FakeMemoryAPI, bridge_args, check_store, child_env, closed_port, insert_memory, insert_plan,
+                   make_plan, plan_state, read_rows, result_document, stored_results)
 
 BRIDGE_PY = Path(bridge.__file__).resolve()
 KEY = "test-key"
@@ -212,3 +211,25 @@ def test_health_without_embeddings_table_says_so(capsys, db, fake_llm, state_dir
     assert json.loads(captured.out)["store"]["without_embedding"] is None
     rc, captured = run(capsys, db, fake_llm, state_dir, "--health")
     assert "embeddings not readable (no memory_embeddings table)" in captured.out
+
+
+def test_show_still_reads_results_stored_before_the_summary(capsys, db, fake_llm, state_dir):
+    """A result an older bridge stored (the content was the document alone, as one line
+    or pretty-printed) is still found and shown whole; prose mentioning bridge_result is not."""
+    insert_plan(db, make_plan("old"))
+    document = {"type": "bridge_result", "plan_id": "old", "run_id": "20250101T000000Z-00000001",
+                "status": "completed", "success": True, "steps": [], "files": [], "error": None}
+    insert_memory(db, json.dumps(document, indent=2), tags="bridge-result,plan:old", memory_type="tool_outcome",
+                  created_at=1)
+    insert_memory(db, "notes on bridge_result parsing", tags="bridge-result,plan:old", created_at=2)
+    rc, captured = run(capsys, db, fake_llm, state_dir, "--show", "old", "--json")
+    assert rc == 0 and json.loads(captured.out) == document
+
+
+def test_summary_names_the_files_a_run_changed(capsys, db, fake_llm, state_dir, project):
+    insert_plan(db, make_plan("files", steps=[{"id": 1, "prompt": "write", "file_output": "out/a.txt"}],
+                              context={"objective": "write a file", "project": str(project)}))
+    fake_llm.enqueue("content")
+    assert run(capsys, db, fake_llm, state_dir)[0] == 0
+    (row,) = [r for r in read_rows(db) if r["memory_type"] == "tool_outcome"]
+    assert "\nfiles: out/a.txt created\n" in row["content"]

@@ -21,8 +21,8 @@ import time
 import pytest
 
 import bridge
-from fakes import (bridge_args, check_store, content_hash, insert_memory, insert_plan, make_plan, plan_row, plan_state,
-                   read_rows, stored_results)
+from fakes import (bridge_args, check_store, insert_memory, insert_plan, make_plan, plan_row, plan_state,
+                   stored_results)
 
 STATE_TABLE = "bridge_plan_state"
 

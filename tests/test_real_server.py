@@ -7,7 +7,7 @@ offline (server_env) and is driven as Claude Code drives it: its MCP tools over 
 (tests/mms_driver.py, with the `mcp` client package), its own semantic search
 (storage.retrieve, whose access tracking writes metadata back), and `memory server
 --http`. The model steps are answered by FakeLLM: the real model is
-tests/test_real_model.py's job. BRIDGE_MMS_VENV points at another such venv.
+tests/test_real_model.py's job. MMS_VENV points at another such venv.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import httpx
 import pytest
 
 import bridge
-from fakes import (bridge_args, check_store, child_env, insert_plan, make_plan, plan_state, read_rows,
+from fakes import (bridge_args, check_store, child_env, make_plan, plan_state, read_rows,
                    result_document, stored_results)
 
 pytestmark = pytest.mark.real_server
 
 ROOT = Path(bridge.__file__).resolve().parent
 DRIVER = ROOT / "tests" / "mms_driver.py"
-MMS_VENV = Path(os.environ.get("BRIDGE_MMS_VENV") or ROOT / ".venv-mms")
+MMS_VENV = Path(os.environ.get("MMS_VENV") or ROOT / ".venv-mms")
 MMS_PYTHON, MEMORY = MMS_VENV / "bin" / "python", MMS_VENV / "bin" / "memory"
 KEY = "real-server-test-key"
 PLAN_ID = "real-greeting"
