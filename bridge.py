@@ -981,7 +981,7 @@ RESULT_SUMMARY_FILES = 10
 def _summary_text(value: Any, max_chars: int) -> str:
     """Return value as one line of at most max_chars characters (plans are untrusted:
     no newline or control character of theirs may shape the summary)."""
-    text = " ".join(str(value or "").split())
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(value or "")).split())
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
@@ -991,7 +991,7 @@ def result_summary(result: dict) -> str:
     server's embedding (which reads a memory's first few hundred words) and for a
     planner reading search hits."""
     counts = result.get("counts") or {}
-    lines = [f"bridge result: plan {result['plan_id']} {result['status']} (run {result['run_id']})",
+    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']} (run {result['run_id']})",
              f"objective: {_summary_text(result.get('objective'), 200)}",
              f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
              f"{counts.get('skipped', 0)} skipped"]
@@ -1004,7 +1004,8 @@ def result_summary(result: dict) -> str:
         lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
     files = result.get("files") or []
     if files:
-        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}" for f in files[:RESULT_SUMMARY_FILES])
+        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
+                          for f in files[:RESULT_SUMMARY_FILES])
         more = f" and {len(files) - RESULT_SUMMARY_FILES} more" if len(files) > RESULT_SUMMARY_FILES else ""
         lines.append(f"files: {shown}{more}")
     if result.get("error"):
