@@ -868,6 +868,7 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     finished_at TEXT, error TEXT,
     result_hash TEXT,                  -- the run's result memory; set before an HTTP store
     resumed_from TEXT,
+    extra TEXT,                        -- any other field of the state, as a JSON object
     updated_at TEXT NOT NULL)
 """
 # Tags the server's consolidation puts on the rows it makes (compression: `cluster`,
@@ -1127,7 +1128,7 @@ class Store:
             except ValueError:
                 plan = None
             if isinstance(old, dict) and old.get("status") in PLAN_STATUSES:
-                text = {k: old[k] if isinstance(old.get(k), str) else None for k in STATE_COLUMNS}
+                text = {**old, **{k: old[k] if isinstance(old.get(k), str) else None for k in STATE_COLUMNS}}
                 owner = old.get("owner") if isinstance(old.get("owner"), dict) else {}
                 text["owner"] = {"host": owner.get("host") if isinstance(owner.get("host"), str) else None,
                                  "pid": owner.get("pid") if isinstance(owner.get("pid"), int) else None}
@@ -1334,22 +1335,27 @@ class Store:
         """Return {plan content_hash: state} of every plan bridge has recorded."""
         if not self.has_state_table:
             return self._legacy_states()      # read-only on a store bridge has not used since
-        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)} FROM {STATE_TABLE}")
+        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra FROM {STATE_TABLE}")
         return {row[0]: self._state_of(row[1:]) for row in rows}
 
     def _read_state(self, digest: str) -> dict | None:
         if not self.has_state_table:
             return self._legacy_states().get(digest)
-        row = self.conn.execute(f"SELECT {', '.join(STATE_COLUMNS)} FROM {STATE_TABLE} WHERE content_hash = ?",
-                                (digest,)).fetchone()
+        row = self.conn.execute(f"SELECT {', '.join(STATE_COLUMNS)}, extra FROM {STATE_TABLE} "
+                                "WHERE content_hash = ?", (digest,)).fetchone()
         return self._state_of(row) if row else None
 
     @staticmethod
     def _state_of(row: tuple) -> dict:
+        """A STATE_TABLE row (STATE_COLUMNS, then extra) as a state dict."""
         state = dict(zip(STATE_COLUMNS, row))
         host, pid = state.pop("owner_host"), state.pop("owner_pid")
-        state["owner"] = {"host": host, "pid": pid}
-        return state
+        state["owner"] = {"host": host, "pid": pid} if host is not None or pid is not None else None
+        try:
+            extra = json.loads(row[len(STATE_COLUMNS)] or "{}")
+        except ValueError:
+            extra = {}
+        return {**(extra if isinstance(extra, dict) else {}), **state}
 
     def _settled(self, state: dict | None) -> dict | None:
         """Return state, finished from its result memory when the run stored that
@@ -1371,9 +1377,10 @@ class Store:
         owner = state.get("owner") if isinstance(state.get("owner"), dict) else {}
         values = {**{k: state.get(k) for k in STATE_COLUMNS}, "plan_id": plan_id,
                   "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
+        extra = {k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"}
         self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
-                          f"updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?)",
-                          (digest, *values.values(), utc_now_iso()))
+                          f"extra, updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
+                          (digest, *values.values(), json.dumps(extra) if extra else None, utc_now_iso()))
 
     # -- writing -------------------------------------------------------------
 

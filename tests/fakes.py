@@ -983,8 +983,9 @@ STATE_TABLE = "bridge_plan_state"     # bridge's own table in the store (README)
 def state_of_row(db: str | Path, row: dict) -> dict:
     """What bridge recorded of the plan memory `row` (a read_rows dict): its row of
     bridge_plan_state, keyed by the row's content_hash (computed on the original
-    layout), as {status, run_id, claimed_at, heartbeat_at, owner: {host, pid},
-    finished_at, error, result_hash, resumed_from}; {} when none (or no table yet)."""
+    layout), as {status, run_id, claimed_at, heartbeat_at, owner: {host, pid} or None,
+    finished_at, error, result_hash, resumed_from, and the fields of its extra column};
+    {} when none (or no table yet)."""
     digest = row.get("content_hash") or content_hash(row["content"])
     conn = _connect(db)
     conn.row_factory = sqlite3.Row
@@ -996,9 +997,10 @@ def state_of_row(db: str | Path, row: dict) -> dict:
         conn.close()
     if found is None:
         return {}
-    state = {k: found[k] for k in found.keys() if k not in ("content_hash", "plan_id", "updated_at")}
-    state["owner"] = {"host": state.pop("owner_host"), "pid": state.pop("owner_pid")}
-    return state
+    state = {k: found[k] for k in found.keys() if k not in ("content_hash", "plan_id", "updated_at", "extra")}
+    host, pid = state.pop("owner_host"), state.pop("owner_pid")
+    state["owner"] = {"host": host, "pid": pid} if host is not None or pid is not None else None
+    return {**json.loads(found["extra"] or "{}"), **state}
 
 
 def plan_state(db: str | Path, plan_id: str) -> dict:
