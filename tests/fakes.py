@@ -33,7 +33,7 @@ __all__ = [
     "columns",
     "FakeAnthropic", "write_fake_claude",
     "bridge_args", "run_bridge", "run_json", "stored_results", "plan_rows", "plan_row", "plan_state",
-    "state_of_row", "STATE_TABLE", "result_document", "FakeMemoryAPI", "MEMORY_API_MODES",
+    "state_of_row", "set_plan_state", "STATE_TABLE", "result_document", "FakeMemoryAPI", "MEMORY_API_MODES",
     "steps_by_id", "first_user", "user_text", "snapshot", "listing", "temp_files", "closed_port",
     "dead_pid", "child_env",
 ]
@@ -1001,6 +1001,24 @@ def state_of_row(db: str | Path, row: dict) -> dict:
     host, pid = state.pop("owner_host"), state.pop("owner_pid")
     state["owner"] = {"host": host, "pid": pid} if host is not None or pid is not None else None
     return {**json.loads(found["extra"] or "{}"), **state}
+
+
+def set_plan_state(db: str | Path, plan_id: str, **changes: Any) -> None:
+    """Change what bridge recorded of plan `plan_id` behind its back (a poisoned or
+    stale state): columns of its bridge_plan_state row; owner={"host", "pid"} sets
+    owner_host and owner_pid. The row must exist (bridge has run the plan)."""
+    digest = plan_row(db, plan_id).get("content_hash") or content_hash(plan_row(db, plan_id)["content"])
+    owner = changes.pop("owner", None)
+    if owner is not None:
+        changes.update(owner_host=owner.get("host"), owner_pid=owner.get("pid"))
+    conn = _connect(db)
+    try:
+        with conn:
+            cur = conn.execute(f"UPDATE {STATE_TABLE} SET {', '.join(f'{k} = ?' for k in changes)} "
+                               "WHERE content_hash = ?", (*changes.values(), digest))
+        assert cur.rowcount == 1, f"no {STATE_TABLE} row for plan {plan_id}"
+    finally:
+        conn.close()
 
 
 def plan_state(db: str | Path, plan_id: str) -> dict:

@@ -15,7 +15,7 @@ import pytest
 
 import bridge
 from fakes import (bridge_args, check_store, dead_pid, insert_plan, make_plan, plan_row, plan_state,
-                   run_bridge, snapshot)
+                   run_bridge, set_plan_state, snapshot)
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_BIN = b"\x89PNG\r\n\x1a\n\x00\xff binary \x80 not utf-8\n"
@@ -153,14 +153,7 @@ def test_a_malformed_run_id_is_refused(capsys, db, fake_llm, state_dir, proj, ra
 
 def test_a_run_id_from_the_store_is_checked_like_one_from_the_flag(capsys, db, fake_llm, state_dir, proj, ran):
     """A poisoned plan state pointing its run id out of the runs folder is refused."""
-    import sqlite3
-    row = plan_row(db, "p1")
-    meta = row["metadata_obj"]
-    meta["bridge"]["run_id"] = "../../../" + str(proj)
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (json.dumps(meta), row["id"]))
-    conn.close()
+    set_plan_state(db, "p1", run_id="../../../" + str(proj))
     before = snapshot(proj)
 
     for action in ("--diff", "--undo"):
@@ -306,14 +299,8 @@ def test_undo_of_a_failed_run_that_kept_its_files(capsys, db, fake_llm, state_di
 
 
 def test_undo_refuses_a_plan_in_progress_or_stale(capsys, db, fake_llm, state_dir, proj, ran):
-    import sqlite3
-    row = plan_row(db, "p1")
-    meta = row["metadata_obj"]
-    meta["bridge"].update(status="in_progress", owner={"host": socket.gethostname(), "pid": dead_pid()})
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (json.dumps(meta), row["id"]))
-    conn.close()
+    set_plan_state(db, "p1", status="in_progress", result_hash=None,   # as a claim leaves it
+                   owner={"host": socket.gethostname(), "pid": dead_pid()})
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "p1")
 

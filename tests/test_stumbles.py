@@ -21,7 +21,7 @@ import pytest
 
 import bridge
 from fakes import (bridge_args, check_store, dead_pid, insert_memory, insert_plan, make_plan, plan_state,
-                   run_bridge)
+                   run_bridge, set_plan_state)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,17 +162,11 @@ def test_show_of_a_stale_plan_suggests_resume_and_rerun_not_plan(capsys, db):
 
 
 def test_show_of_a_stale_plan_with_an_earlier_result_says_it_is_stale_now(capsys, db, fake_llm, state_dir):
-    import sqlite3
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("hi")
     assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
-    conn = sqlite3.connect(db)
-    with conn:
-        row_id, meta = next((r, json.loads(m)) for r, m in conn.execute("SELECT id, metadata FROM memories")
-                            if m and json.loads(m).get("bridge"))
-        meta["bridge"].update(status="in_progress", owner={"host": socket.gethostname(), "pid": dead_pid()})
-        conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (json.dumps(meta), row_id))
-    conn.close()
+    set_plan_state(db, "p1", status="in_progress", result_hash=None,   # as a claim leaves it
+                   owner={"host": socket.gethostname(), "pid": dead_pid()})
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1")
 
