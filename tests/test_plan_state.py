@@ -134,7 +134,8 @@ def test_state_an_older_bridge_kept_in_metadata_is_migrated_once(capsys, db, fak
     done plans stay done, the pending one runs); later metadata is never read again."""
     old_run = "20250101T000000Z-0000abcd"
     insert_plan(db, make_plan("done"), created_at=1, metadata={"bridge": {
-        "status": "completed", "run_id": old_run, "finished_at": "2025-01-01T00:00:00Z", "result_hash": "ab"}})
+        "status": "completed", "run_id": old_run, "finished_at": "2025-01-01T00:00:00Z", "result_hash": "ab",
+        "undone_run": old_run, "undone_at": "2025-01-02T00:00:00Z"}})
     insert_plan(db, make_plan("broken"), created_at=2, metadata={"bridge": {"status": "failed", "error": "x",
                                                                             "owner": [1, 2]}})
     insert_plan(db, make_plan("odd"), created_at=3, metadata={"bridge": {"status": "running"}})
@@ -154,6 +155,8 @@ def test_state_an_older_bridge_kept_in_metadata_is_migrated_once(capsys, db, fak
     assert [r[:2] for r in rows] == [("broken", "failed"), ("done", "completed"), ("new", "completed"),
                                      ("odd", "completed")]
     assert rows[1][2] == old_run
+    done = plan_state(db, "done")
+    assert (done["undone_run"], done["undone_at"]) == (old_run, "2025-01-02T00:00:00Z")   # extra fields too
     assert plan_state(db, "broken")["owner"] is None
 
     conn = sqlite3.connect(db)       # an agent (or an older bridge) writes metadata.bridge now
