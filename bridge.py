@@ -28,8 +28,7 @@ Exit codes:
          claimed, except when the store cannot be written as a run finishes: its
          result is not stored, the plan stays in_progress (stale once bridge exits)
          with its files and backups kept, bridge --show ID says how to --resume or
-         --rerun it, and the other plans still run (so does a plan whose metadata
-         bridge will not overwrite: it is skipped); --undo refusing (a file changed
+         --rerun it, and the other plans still run; --undo refusing (a file changed
          since the run) exits 2 and changes nothing
     70   internal error (a bug: run with --debug or BRIDGE_DEBUG=1 for the traceback)
     130  interrupted (Ctrl-C or SIGTERM)
