@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 import bridge
-from fakes import (bridge_args, check_store, child_env, make_plan, plan_state, read_rows,
+from fakes import (bridge_args, check_store, child_env, insert_plan, make_plan, make_store, plan_state, read_rows,
                    result_document, stored_results)
 
 pytestmark = pytest.mark.real_server
@@ -261,3 +261,26 @@ def test_results_through_memory_url_are_found_by_semantic_search_and_searches_du
     assert report["memory_api"]["key_accepted"] is True and report["memory_api"]["version"]
     assert report["store"]["schema_version"] == "19" and report["store"]["without_embedding"] == 0
     check_db(offline, db)
+
+
+def test_the_server_migrates_an_older_store_that_has_bridges_table(capsys, tmp_path, offline, fake_llm, state_dir):
+    """A 10.x-layout store bridge has used (so it holds bridge_plan_state): the real server
+    opens it and applies its migrations (new columns, tables, schema version 19),
+    check-db is clean, and bridge still reads the plan's state afterwards."""
+    db = make_store(tmp_path / "sqlite_vec.db", "10.x")
+    insert_plan(db, make_plan("old-layout"))
+    fake_llm.enqueue("done")
+    assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
+
+    driver(offline, db, "init")
+
+    conn = sqlite3.connect(db)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
+    version = conn.execute("SELECT value FROM metadata WHERE key = 'schema_version'").fetchone()[0]
+    conn.close()
+    assert {"store", "embedding_pending", "superseded_by"} <= columns and version == "19"
+    check_db(offline, db)
+    assert plan_state(db, "old-layout")["status"] == "completed"
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all", "--json")
+    assert rc == 0 and [(p["id"], p["status"]) for p in json.loads(out)["plans"]] == [("old-layout", "completed")]
+    assert len(fake_llm.chat_requests) == 1
