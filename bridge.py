@@ -1478,7 +1478,8 @@ class Store:
             stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata, result["run_id"])
             crash_point(self.crash_at, "result_posted")
             if stored is not None and stored != digest:
-                why = f"it stored the result as another memory ({stored[:12]}…: split into chunks by its length limit?)"
+                why = (f"it stored the result as another memory ({stored[:12]}…: split into chunks by its "
+                       "length limit?)")
 
         def work() -> str:
             if not self._has_live_hash(digest):
