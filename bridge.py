@@ -491,13 +491,14 @@ def tag_safe(text: str) -> str:
 
 
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
-    """Append one JSON line to path (making its folder if needed); with sync, fsync
-    it, so it survives a crash."""
+    """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
+    never through a symlink); with sync, fsync it, so it survives a crash. Raises
+    OSError."""
     try:
-        handle = open(path, "a", encoding="utf-8")
+        handle = open(path, "a", encoding="utf-8", opener=private_opener)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a", encoding="utf-8")
+        private_dir(path.parent)
+        handle = open(path, "a", encoding="utf-8", opener=private_opener)
     with handle:
         handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
         if sync:
@@ -574,10 +575,11 @@ def _scrub_surrogates(value: Any) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored."""
+    """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored.
+    The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
     entries = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
@@ -1861,15 +1863,18 @@ def _check_name_lengths(project: Path, rel: str) -> None:
                         f"{path_max - TEMP_NAME_EXTRA_BYTES} bytes")
 
 
-def read_load_file(path: Path, rel: str) -> str:
+def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
     """Return the text of a LOAD file for a prompt.
 
-    A file larger than LOAD_FILE_MAX_BYTES is cut there, with a marker saying so.
-    Raises FileNotFoundError when it does not exist, PathError when it cannot be
-    read or is binary (holds a NUL byte) or not UTF-8.
+    With project, the file is project/rel opened through real folders only, as
+    writes are (open_inside: a folder swapped for a symlink cannot make it read a
+    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
+    with a marker saying so. Raises FileNotFoundError when it does not exist,
+    PathError when it cannot be read, goes through a symlink, or is binary (holds a
+    NUL byte) or not UTF-8.
     """
     try:
-        with open(path, "rb") as handle:
+        with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
     except FileNotFoundError:
         raise
@@ -1891,7 +1896,7 @@ def read_load_file(path: Path, rel: str) -> str:
     return text
 
 
-def _semantic_problems(plan: dict) -> list[str]:
+def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The rules a schema cannot state. They run on a plan the schema found fault
     with too, skipping whatever part is malformed (the schema already said so)."""
     from graphlib import CycleError, TopologicalSorter
@@ -1922,7 +1927,7 @@ def _semantic_problems(plan: dict) -> list[str]:
         except CycleError as exc:
             cycle = " -> ".join(str(i) for i in exc.args[1])
             problems.append(f"$.steps: dependency cycle {cycle}")
-    return problems + _path_problems(plan)
+    return problems + _path_problems(plan, guard)
 
 
 def _validations_problems(validation: Any, where: str) -> list[str]:
@@ -1970,7 +1975,56 @@ def _schema_use_problems(schema: Any, where: str) -> list[str]:
     return []
 
 
-def _path_problems(plan: dict) -> list[str]:
+SECRET_FOLDERS = (".ssh", ".gnupg", ".aws")
+SECRET_NAME = re.compile(r"id_[^.]*|.*\.(pem|key|p12|pfx)|\.env(\.(?!(example|sample|template|dist)$)[^/]*)?"
+                         r"|\.netrc|\.pgpass", re.IGNORECASE)
+
+
+def secret_file_reason(rel: str) -> str | None:
+    """Return why a LOAD path looks like a private key or a secret store, or None.
+
+    Refused: anything in a .ssh, .gnupg or .aws folder; SSH private keys (id_*
+    with no extension; id_*.pub is public); *.pem, *.key, *.p12, *.pfx; .env and
+    .env.* (but .env.example, .sample, .template, .dist); .netrc, .pgpass. Their
+    text would go to the model and into the result memory and the run logs.
+    """
+    from pathlib import PurePosixPath
+
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    folder = next((p for p in parts[:-1] if p.lower() in SECRET_FOLDERS), None)
+    if folder:
+        return f"LOAD file {rel!r} is in {folder}/, which holds secrets; bridge does not send it to a model"
+    if parts and SECRET_NAME.fullmatch(parts[-1]):
+        return (f"LOAD file {rel!r} looks like a private key or secret store; bridge does not send it "
+                "to a model (name it as REFERENCE, or give the model what it needs another way)")
+    return None
+
+
+def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
+    """Why a step may not write rel (forbidden_target_reason, or a symlink on its way
+    that the write would refuse), or None."""
+    import stat
+    from pathlib import PurePosixPath
+
+    reason = forbidden_target_reason(project, rel, guard)
+    if reason:
+        return reason
+    path = project
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        try:
+            kind = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(kind):
+            return (f"path {rel!r} goes through the symlink {part!r}; bridge writes only through real "
+                    "folders of the project")
+    if not stat.S_ISREG(kind):
+        return f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files"
+    return None
+
+
+def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     from pathlib import Path
 
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
@@ -1998,8 +2052,12 @@ def _path_problems(plan: dict) -> list[str]:
             continue
         if mode != "LOAD":
             continue
+        secret = secret_file_reason(rel) or secret_file_reason(os.path.relpath(_realpath(path), _realpath(project)))
+        if secret:
+            problems.append(f"$.context.files_context[{rel!r}]: {secret}")
+            continue
         try:
-            read_load_file(path, rel)
+            read_load_file(path, rel, project)
         except FileNotFoundError:
             if rel not in outputs:
                 problems.append(f"$.context.files_context[{rel!r}]: LOAD file does not exist "
@@ -2018,6 +2076,8 @@ def _path_problems(plan: dict) -> list[str]:
             continue
         if path.is_dir():
             problems.append(f"$.steps[{n}].file_output: {rel!r} is a folder")
+        elif reason := _output_problem(project, rel, guard):
+            problems.append(f"$.steps[{n}].file_output: {reason}")
     return problems
 
 
@@ -2033,14 +2093,17 @@ def _command_paths(plan: dict) -> list[str]:
     return paths
 
 
-def check_plan(plan: Any) -> Plan:
+def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     """Validate a parsed plan with the schema, then semantically; return a Plan.
 
     Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
     valid regex and json_schema validations, `project` exists when given (and is
     required when the plan names files or runs commands), every path relative and
-    inside the project with symlinks followed. Raises PlanInvalid listing every problem found,
-    each prefixed with its JSON path.
+    inside the project with symlinks followed, no file_output through a symlink or
+    to what forbidden_target_reason refuses (guard: the store and state dir of the
+    config; .git/ always), no LOAD of a private key or secret store
+    (secret_file_reason). Raises PlanInvalid listing every problem found, each
+    prefixed with its JSON path.
     """
     plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
     if isinstance(plan, UnreadablePlan):
@@ -2061,7 +2124,7 @@ def check_plan(plan: Any) -> Plan:
     except RecursionError:      # MAX_JSON_DEPTH leaves room; this is the last guard
         raise PlanInvalid(plan_id, ["$: the plan nests too deeply to check"]) from None
     try:
-        problems += _semantic_problems(plan)
+        problems += _semantic_problems(plan, guard)
     except RecursionError:
         problems.append("$: the plan nests too deeply to check")
     except (KeyError, TypeError, AttributeError, ValueError):
@@ -3253,39 +3316,276 @@ class FileChange:
         self.created_dirs = created_dirs or []
 
 
+TEMP_SUFFIX = ".bridge-tmp"
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
+
+
+class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
+    """What no plan may write, whatever project it names: stores (the memory store
+    paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
+    (bridge's journals, backups and run logs). Anything under .git/ is refused too
+    (see forbidden_target_reason)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, config: Config) -> "Guard":
+        """The store candidates and the state dir of a config."""
+        return cls(tuple(config.db_paths), config.state_dir)
+
+
+def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
+    """Return why project/rel may never be written, or None when it may.
+
+    Refused whatever the project: any component named .git (hooks there run on
+    the next git command; any case, for case-insensitive disks), the memory store
+    file and its SQLite sidecars, and anything in the state dir. rel is a plan path
+    already checked to be relative without '..'; the target is compared both as
+    written and with symlinks resolved. The one rule validation and every write use.
+    """
+    from pathlib import PurePosixPath
+
+    if any(part.lower() == ".git" for part in PurePosixPath(rel.replace("\\", "/")).parts):
+        return f"path {rel!r} is under .git/ (git runs its hooks); bridge never writes there"
+    guard = guard or Guard()
+    root = _realpath(project)
+    targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
+    for store in guard.stores:
+        real = _realpath(store)
+        if targets & {real + sidecar for sidecar in STORE_SIDECARS}:
+            return f"path {rel!r} is the memory store {store}; bridge never writes it"
+    if guard.state_dir is not None:
+        state = _realpath(guard.state_dir)
+        if any(t == state or t.startswith(state.rstrip(os.sep) + os.sep) for t in targets):
+            return f"path {rel!r} is in bridge's state dir {guard.state_dir}; bridge never writes there"
+    return None
+
+
+def _realpath(path: str | Path) -> str:
+    """os.path.realpath, or the normalized path when a folder swapped under it makes
+    that fail (readlink of what is no longer a symlink: EINVAL)."""
+    try:
+        return os.path.realpath(path)
+    except OSError:
+        return os.path.normpath(path)
+
+
+def plan_path_parts(rel: str) -> list[str]:
+    """Return the components of a plan path, refusing what could leave the project.
+
+    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
+    Windows) and '..' paths. '.' and empty components are dropped.
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not rel or "\x00" in rel:
+        raise PathError(f"path {rel!r} is empty or holds a NUL byte")
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:
+        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise PathError(f"path {rel!r} climbs out with '..'")
+    parts = list(PurePosixPath(rel).parts)
+    if not parts:
+        raise PathError(f"path {rel!r} names the project folder itself, not a file")
+    return parts
+
+
+def _open_root(project: Path) -> int:
+    """Open the project folder for the dir_fd walks; PathError when it cannot be, or
+    when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
+    if not _HAS_DIR_FD:
+        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file operations",
+                        "run bridge on Linux or macOS")
+    try:
+        return os.open(project, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+    except OSError as exc:
+        raise PathError(f"cannot open the project folder {project}: {exc.strerror or exc}") from exc
+
+
+def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[int, int]:
+    """Open the folders parts, one component at a time below dir_fd, never through a
+    symlink (O_NOFOLLOW): return (descriptor of the deepest one reached, how many of
+    parts it is). With make, missing folders are made (mode 0o777 less the umask);
+    else the walk stops at the first missing one. The caller closes the descriptor.
+    Raises PathError when a component is a symlink or not a folder, OSError else."""
+    import errno
+
+    fd, depth = os.dup(dir_fd), 0
+    try:
+        for depth, part in enumerate(parts):
+            try:
+                step = os.open(part, _DIR_OPEN, dir_fd=fd)
+            except FileNotFoundError:
+                if not make:
+                    return fd, depth
+                with _suppress(FileExistsError):
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                step = os.open(part, _DIR_OPEN, dir_fd=fd)
+            os.close(fd)
+            fd = step
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            where = "/".join(parts[:depth + 1])
+            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge writes only "
+                            "through real folders of the project") from exc
+        raise
+    return fd, len(parts)
+
+
+def open_inside(project: Path, rel: str) -> Any:
+    """Open project/rel for reading (a binary file object) through real folders of
+    the project and without following a symlink at the end. Raises
+    FileNotFoundError, PathError (a symlink on the way, not a regular file) or
+    OSError (IsADirectoryError on reading a folder)."""
+    import errno
+    import stat
+
+    parts = plan_path_parts(rel)
+    root = _open_root(project)
+    try:
+        fd, depth = _walk(root, parts[:-1], rel)
+    finally:
+        os.close(root)
+    try:
+        if depth < len(parts) - 1:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
+        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)   # a FIFO must not block
+        try:
+            handle = os.fdopen(os.open(parts[-1], flags, dir_fd=fd), "rb")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real files "
+                                "of the project") from exc
+            raise
+        kind = os.fstat(handle.fileno()).st_mode
+        if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):     # a folder: reading it says so
+            handle.close()
+            raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device)")
+        return handle
+    finally:
+        os.close(fd)
+
+
+def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
+    """Return the permission bits of the file name in dir_fd, None when there is none.
+    Raises PathError when it is a symlink or a folder."""
+    import stat
+
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over symlinks")
+    if stat.S_ISDIR(info.st_mode):
+        raise PathError(f"path {rel!r} is a folder")
+    if not stat.S_ISREG(info.st_mode):     # a FIFO would hang the read of its original
+        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files")
+    return info.st_mode & 0o7777
+
+
+def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
+    """Return the bytes of a regular file, opened without following a symlink."""
+    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _replace_in(dir_fd: int, name: str, data: bytes, mode: int | None, crash_at: str | None = None) -> None:
+    """Write data to name in the folder dir_fd through a new temp file beside it and
+    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
+    them). mode: the bits to give the file; None: a new file's usual mode (the
+    kernel applies the umask, which bridge never changes). Raises OSError; the
+    temp file never outlives a failure (only a crash)."""
+    tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+    fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
+    try:
+        try:
+            _write_all(fd, data)
+            if mode is not None:
+                os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        crash_point(crash_at, "replace")
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with _suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
     """Write data to path through a temp file in the same folder and os.replace.
 
     mode: permission bits to give the file (default: what a new file gets under
-    the process umask). The temp file is named .NAME.*.bridge-tmp. Raises
-    OSError; the temp file never outlives a failure (only a crash).
+    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
+    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
+    outlives a failure (only a crash).
     """
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode() if mode is None else mode)
-        crash_point(crash_at, "replace")
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress(OSError):
-            os.unlink(tmp)
-        raise
+        _replace_in(dir_fd, path.name, data, mode, crash_at)
+    finally:
+        os.close(dir_fd)
 
 
-TEMP_SUFFIX = ".bridge-tmp"
+def private_dir(path: Path) -> Path:
+    """Make the folder path, and its missing parents, mode 0o700; return path.
+    An existing folder keeps its mode. Raises OSError."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        private_dir(path.parent)
+        with _suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+    return path
 
 
-@functools.cache
-def _new_file_mode() -> int:
-    """Return the mode open() gives a new file: 0o666 less the umask (read once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def private_opener(path: str, flags: int) -> int:
+    """open()'s opener for bridge's own records: new files are 0o600, never through a symlink."""
+    return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
+
+
+def run_folder(runs_dir: Path, run_id: Any) -> Path:
+    """Return runs_dir/run_id for a run id read back from the store, once checked.
+
+    A run id is what new_run_id() makes (RUN_ID_PATTERN, whole); its folder must be
+    directly in runs_dir and, when it exists, a real folder (not a symlink). Raises
+    PathError saying which, for anything else: nothing read back is a path.
+    """
+    import stat
+
+    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not one bridge makes "
+                        "(YYYYMMDDTHHMMSSZ-8 hex digits); its files are left alone")
+    folder = runs_dir / run_id
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return folder
+    if folder.parent != runs_dir or not stat.S_ISDIR(info.st_mode):
+        raise PathError(f"run folder {folder} is not a folder of bridge's runs (a symlink?); "
+                        "its files are left alone")
+    return folder
 
 
 class _suppress:
@@ -3304,40 +3604,76 @@ class _suppress:
 class FileTransaction:
     """The files one plan run writes inside its project, with their originals.
 
-    project: the plan's root (every path is relative to it). run_dir: this run's
-    folder under --state-dir, where backups and journal.jsonl go. write() records
-    each path's original before its first write; rollback() restores them in
-    reverse order and removes what the run created; discard() drops the backups.
-    recover() puts back what a killed run left behind.
+    project: the plan's root (every path is relative to it); it is opened once and
+    every write, folder, rename, removal and restore works relative to that open
+    folder, one component at a time without following symlinks, so a folder
+    swapped for a symlink mid-run makes that write fail (PathError), never land
+    outside. run_dir: this run's folder under --state-dir, where backups (0o600, in
+    0o700 folders) and journal.jsonl go. guard: what may never be written
+    (forbidden_target_reason). write() records each path's original before its
+    first write; rollback() restores them in reverse order and removes what the run
+    created; discard() drops the backups. recover() puts back what a killed run
+    left behind; refused lists the journal entries of that run it would not use.
     """
 
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None, guard: Guard | None = None):
         import threading
 
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
+        self.guard = guard or Guard()
         self.changes: dict[str, FileChange] = {}
         self.old_runs: list[Path] = []
+        self.refused: list[str] = []
         self.lock = threading.Lock()     # parallel steps write; the rollback must see them all
         self.closed = False
+        self._root_fd: int | None = None
+
+    def _root(self) -> int:
+        """The project folder's descriptor, opened on first use (PathError when it cannot be)."""
+        if self._root_fd is None:
+            self._root_fd = _open_root(self.project)
+        return self._root_fd
+
+    def _release(self) -> None:
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+
+    def check(self, rel: str) -> list[str]:
+        """Return rel's components, or raise PathError when it may not be written."""
+        parts = plan_path_parts(rel)
+        reason = forbidden_target_reason(self.project, rel, self.guard)
+        if reason:
+            raise PathError(reason)
+        return parts
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
 
-        Raises PathError when rel leads outside the project or cannot be written,
-        or when the transaction was closed (the run is ending).
+        Raises PathError when rel leads outside the project, is forbidden
+        (forbidden_target_reason), goes through a symlink, or cannot be written
+        (a full disk, a read-only folder: the original is then untouched and its
+        backup kept), or when the transaction was closed (the run is ending).
         """
-        target = resolve_inside(self.project, rel)
+        parts = self.check(rel)
         with self.lock:
             if self.closed:
                 raise PathError(f"not writing {rel!r}: the run is ending")
             try:
-                change = self.changes.get(rel) or self._record(rel, target, step)
-                if change.action == "reverted":      # put back by revert_path, written again
-                    change.action = "created" if change.backup is None else "modified"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                crash_point(self.crash_at, "journal")
-                mode = target.stat().st_mode & 0o7777 if target.exists() else None
-                atomic_write(target, text.encode("utf-8"), mode, self.crash_at)
+                fd, depth = _walk(self._root(), parts[:-1], rel)
+                try:
+                    change = self.changes.get(rel) or self._record(rel, parts, fd, depth, step)
+                    if change.action == "reverted":      # put back by revert_path, written again
+                        change.action = "created" if change.backup is None else "modified"
+                    crash_point(self.crash_at, "journal")
+                    if depth < len(parts) - 1:
+                        inner, _ = _walk(fd, parts[depth:-1], rel, make=True)
+                        os.close(fd)
+                        fd = inner
+                    mode = _file_mode(fd, parts[-1], rel)
+                    _replace_in(fd, parts[-1], text.encode("utf-8"), mode, self.crash_at)
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
         return change
@@ -3347,23 +3683,42 @@ class FileTransaction:
         with self.lock:
             self.closed = True
 
-    def _record(self, rel: str, target: Path, step: int) -> FileChange:
-        """Journal a path's original (and the folders about to be made) before touching it."""
-        backups = self.run_dir / "backups"
-        backups.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            backup = backups / f"{len(self.changes):04d}-{target.name}"
-            backup.write_bytes(target.read_bytes())
-            change = FileChange(rel, "modified", backup, target.stat().st_mode & 0o7777)
+    def _record(self, rel: str, parts: list[str], fd: int, depth: int, step: int) -> FileChange:
+        """Journal a path's original (and the folders about to be made) before touching it.
+        fd: the deepest existing folder on its way, depth folders down."""
+        import hashlib
+        from pathlib import Path
+
+        mode = _file_mode(fd, parts[-1], rel) if depth == len(parts) - 1 else None
+        if mode is not None:
+            original = _read_nofollow(parts[-1], fd)
+            backup = self._save_backup(f"{len(self.changes):04d}-{parts[-1][:200]}", original)
+            change = FileChange(rel, "modified", backup, mode)
+            digest = hashlib.sha256(original).hexdigest()
         else:
-            missing = [p for p in reversed(target.parents) if not p.exists()]
-            change = FileChange(rel, "created", created_dirs=missing)
+            missing = [self.project / Path(*parts[:n + 1]) for n in range(depth, len(parts) - 1)]
+            change, digest = FileChange(rel, "created", created_dirs=missing), None
         append_jsonl(self.run_dir / "journal.jsonl", {
             "step": step, "path": rel, "action": change.action, "backup": str(change.backup or ""),
-            "mode": change.mode, "created_dirs": [str(p) for p in change.created_dirs]})
+            "mode": change.mode, "created_dirs": [str(p) for p in change.created_dirs],
+            "backup_sha256": digest})
         self.changes[rel] = change
-        target.parent.mkdir(parents=True, exist_ok=True)
         return change
+
+    def _save_backup(self, name: str, data: bytes) -> Path:
+        """Keep an original as run_dir/backups/name, 0o600 in a 0o700 folder, fsynced."""
+        backup = private_dir(private_dir(self.run_dir) / "backups") / name
+        fd = os.open(backup, _NEW_FILE, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with _suppress(OSError):
+                os.unlink(backup)
+            raise
+        os.close(fd)
+        return backup
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
         """Take over the files of a killed run (its folder old_run_dir).
@@ -3371,31 +3726,42 @@ class FileTransaction:
         Files written by steps in kept_steps (those that succeeded) stay, and this
         transaction adopts their originals, so a later rollback still restores
         them. Files of any other step are put back as they were, and temp files
-        left by an interrupted write are removed. Returns the paths put back.
+        left by an interrupted write are removed. The journal is untrusted: it is
+        read only from a run folder beside this run's (run_folder); an entry whose
+        path is not a plan path inside the project that may be written, whose
+        backup is not in that run's backups folder, or that is malformed is refused
+        (listed in self.refused) and not used. Returns the paths put back.
         Raises RollbackError naming the files that could not be restored.
         """
-        from pathlib import Path
-
+        try:
+            old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
+            entries = self._journal_of(old_run_dir)
+        except (PathError, OSError) as exc:
+            self.refused.append(f"journal of {old_run_dir.name}: {getattr(exc, 'strerror', None) or exc}")
+            return []
         self.old_runs.append(old_run_dir)
-        entries = read_jsonl(old_run_dir / "journal.jsonl")
-        if any(entry.get("reverted") for entry in entries):
+        if any(entry.get("reverted") is True for entry in entries):
             return []               # that run had already put everything back
         restored, undo = [], []
         for entry in entries:
-            change = FileChange(entry["path"], entry["action"], Path(entry["backup"]) if entry["backup"] else None,
-                                entry.get("mode"), [Path(p) for p in entry.get("created_dirs", [])])
+            change = self._journalled(entry, old_run_dir)
+            if change is None:
+                continue
             if entry.get("step") in kept_steps and change.path not in self.changes:
+                if change.backup is not None and not self._adopt_backup(change, old_run_dir):
+                    continue
                 self.changes[change.path] = change
-                append_jsonl(self.run_dir / "journal.jsonl", entry)   # a second crash still knows it
+                append_jsonl(self.run_dir / "journal.jsonl", {   # a second crash still knows it
+                    **entry, "backup": str(change.backup or ""),
+                    "created_dirs": [str(p) for p in change.created_dirs]})
             elif entry.get("step") not in kept_steps:
                 undo.append(change)
         for change in undo:
-            target = self.project / change.path
-            for temp in target.parent.glob(f".{target.name}.*{TEMP_SUFFIX}"):
-                with _suppress(OSError):
-                    temp.unlink()
+            self._remove_temps(change.path)
             restored.append(change.path)
         self._restore(undo)
+        if old_run_dir != self.run_dir:     # what it kept is copied here, the rest is back
+            self._drop_backups(old_run_dir)
         return restored
 
     def revert_path(self, rel: str) -> None:
@@ -3411,11 +3777,82 @@ class FileTransaction:
             if change is not None and change.action != "reverted":
                 self._restore([change])
 
+    def _adopt_backup(self, change: FileChange, run_dir: Path) -> bool:
+        """Copy a kept file's original from a taken-over run into this run's backups
+        (each journal names only its own run's backups); False (refused) when it
+        cannot be read."""
+        try:
+            original = _read_nofollow(change.backup)     # type: ignore[arg-type]
+        except OSError as exc:
+            self.refused.append(f"journal entry of {run_dir.name} refused: backup {change.backup} of "
+                                f"{change.path!r} cannot be read ({exc.strerror or exc})")
+            return False
+        change.backup = self._save_backup(f"{len(self.changes):04d}-{change.backup.name[5:205]}", original)
+        return True
+
+    @staticmethod
+    def _journal_of(run_dir: Path) -> list[dict]:
+        """Return the entries of a run's journal.jsonl, opened without following symlinks."""
+        return read_jsonl(run_dir / "journal.jsonl")
+
+    def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
+        """Return the FileChange a journal entry of run_dir describes, or None when the
+        entry is refused (the reason goes to self.refused) or is a marker."""
+        from pathlib import Path
+
+        if "path" not in entry:
+            return None             # {"reverted": true} and other markers
+        try:
+            rel, action, backup, mode = entry["path"], entry.get("action"), entry.get("backup") or "", entry.get("mode")
+            if not isinstance(rel, str):
+                raise PathError(f"path {rel!r} is not a string")
+            self.check(rel)
+            if action not in ("created", "modified") or (action == "modified") != bool(backup):
+                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not one bridge writes")
+            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
+                raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
+            if backup and (not isinstance(backup, str)
+                           or Path(_realpath(backup)).parent != Path(_realpath(run_dir / "backups"))):
+                raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
+            dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
+        except PathError as exc:
+            self.refused.append(f"journal entry of {run_dir.name} refused: {exc}")
+            return None
+        return FileChange(rel, action, Path(backup) if backup else None, mode, dirs)
+
+    def _inside_dir(self, folder: Any, rel: str) -> Path:
+        """Return a journalled folder as a Path inside the project, or raise PathError."""
+        from pathlib import Path
+
+        inside = None
+        if isinstance(folder, str) and Path(folder).is_absolute():
+            with _suppress(ValueError):
+                inside = Path(folder).relative_to(self.project)
+        if inside is None or not inside.parts:
+            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {self.project}")
+        plan_path_parts(inside.as_posix())
+        return self.project / inside
+
+    def _remove_temps(self, rel: str) -> None:
+        """Remove the temp files an interrupted write of rel left beside it."""
+        parts = plan_path_parts(rel)
+        with _suppress(OSError, PathError):
+            fd, depth = _walk(self._root(), parts[:-1], rel)
+            try:
+                if depth == len(parts) - 1:
+                    for name in os.listdir(fd):
+                        if name.startswith(f".{parts[-1]}.") and name.endswith(TEMP_SUFFIX):
+                            with _suppress(OSError):
+                                os.unlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
+
     def rollback(self) -> None:
         """Put every written path back as it was, newest first.
 
         Modified files get their original bytes and mode back (atomically); created
-        files are removed, then the folders the run made if they are empty. The
+        files are removed, then the folders the run made if they are empty. All of
+        it relative to the open project folder, never through a symlink. The
         journal then says so, so no later takeover trusts those files. Raises
         RollbackError naming every path that could not be restored.
         """
@@ -3428,31 +3865,60 @@ class FileTransaction:
     def _restore(self, changes: list[FileChange]) -> None:
         failed = []
         for change in reversed(changes):
-            target = self.project / change.path
             try:
-                if change.backup is not None:
-                    atomic_write(target, change.backup.read_bytes(), change.mode)
-                else:
-                    with _suppress(FileNotFoundError):
-                        target.unlink()
-                    for folder in reversed(change.created_dirs):
-                        with _suppress(OSError):   # not empty: something else lives there now
-                            folder.rmdir()
+                self._restore_one(change)
                 change.action = "reverted"
-            except OSError as exc:
-                failed.append(f"{change.path} ({exc.strerror or exc})")
+            except (OSError, PathError) as exc:
+                failed.append(f"{change.path} ({getattr(exc, 'strerror', None) or exc})")
         if failed:
             raise RollbackError(f"could not restore {len(failed)} file(s): {', '.join(failed)}",
                                 f"the originals are kept in {self.run_dir / 'backups'}")
 
+    def _restore_one(self, change: FileChange) -> None:
+        parts = self.check(change.path)
+        if change.backup is not None:
+            original = _read_nofollow(change.backup)
+            fd, _ = _walk(self._root(), parts[:-1], change.path, make=True)
+            try:
+                mode = _file_mode(fd, parts[-1], change.path)
+                if mode == change.mode and mode is not None and _read_nofollow(parts[-1], fd) == original:
+                    return          # never changed (the write failed): nothing to put back
+                _replace_in(fd, parts[-1], original, change.mode)
+            finally:
+                os.close(fd)
+            return
+        fd, depth = _walk(self._root(), parts[:-1], change.path)
+        try:
+            if depth == len(parts) - 1:
+                with _suppress(FileNotFoundError):
+                    os.unlink(parts[-1], dir_fd=fd)
+        finally:
+            os.close(fd)
+        for folder in reversed(change.created_dirs):
+            self._remove_dir(folder)
+
+    def _remove_dir(self, folder: Path) -> None:
+        """Remove a folder the run made, if it is still empty (never through a symlink)."""
+        with _suppress(OSError, PathError, ValueError):   # not empty: something else lives there now
+            parts = plan_path_parts(folder.relative_to(self.project).as_posix())
+            fd, depth = _walk(self._root(), parts[:-1], folder.name)
+            try:
+                if depth == len(parts) - 1:
+                    os.rmdir(parts[-1], dir_fd=fd)
+            finally:
+                os.close(fd)
+
     def discard(self) -> None:
         """Delete this run's backups, and those of the runs it took over."""
+        for run in {self.run_dir, *self.old_runs}:
+            self._drop_backups(run)
+        self._release()
+
+    @staticmethod
+    def _drop_backups(run_dir: Path) -> None:
         import shutil
 
-        folders = {self.run_dir / "backups", *(run / "backups" for run in self.old_runs)}
-        folders |= {c.backup.parent for c in self.changes.values() if c.backup is not None}
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(run_dir / "backups", ignore_errors=True)
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action"}] for the result memory, in write order."""
@@ -3938,7 +4404,9 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
             continue
         try:
             # a --review run reads the staged version of a file an earlier step wrote
-            text = read_load_file((staged and staged(rel)) or plan.project / rel, rel)  # type: ignore[operator]
+            copy = staged(rel) if staged else None
+            text = read_load_file(copy, rel) if copy else \
+                read_load_file(plan.project / rel, rel, plan.project)  # type: ignore[operator]
         except FileNotFoundError:
             text = "(this file does not exist yet)"
         except (PathError, IsADirectoryError) as exc:   # it changed since the plan was checked
@@ -4221,10 +4689,10 @@ class RunLog:
         """Open a step's transcript."""
         path = self.run_dir / f"step-{step.id}.jsonl"
         try:
-            self.files[step.id] = open(path, "a", encoding="utf-8")
+            self.files[step.id] = open(path, "a", encoding="utf-8", opener=private_opener)
         except FileNotFoundError:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.files[step.id] = open(path, "a", encoding="utf-8")
+            private_dir(self.run_dir)
+            self.files[step.id] = open(path, "a", encoding="utf-8", opener=private_opener)
         self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id, "model": model,
                              "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
                              "step_id": step.id, "title": step.title})
@@ -4493,6 +4961,15 @@ class StepScheduler:
 ###############################################################################
 
 
+def _stop_running(results: dict[int, StepResult], why: str) -> None:
+    """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
+    for result in results.values():
+        if result.status == "running":
+            result.status, result.error = "failed", why
+        elif result.attempts == 0 and result.error is None:
+            result.error = f"not run: {why}"
+
+
 class Runner:
     """Runs plans from one store on one model server.
 
@@ -4551,19 +5028,27 @@ class Runner:
         when the store cannot be written.
         """
         run_id = new_run_id()
-        # a stale plan's dead run may have left files half done: take them over
-        previous = record.state.get("run_id") if record.display_status == "stale" else None
+        # a stale plan's dead run may have left files half done: take them over, if the
+        # run id read back from the store is one bridge made (nothing read back is a path)
+        previous, refused = record.state.get("run_id") if record.display_status == "stale" else None, None
+        if previous is not None:
+            try:
+                run_folder(self.config.runs_dir, previous)
+            except PathError as exc:
+                previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {exc}"
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
         started, clock = utc_now_iso(), time.monotonic()
         self.events.emit("plan_start", record.plan_id, run_id=run_id, objective=record.objective,
                          steps=record.step_count, model=self.model)
+        if refused:
+            self.progress.error(refused)
         problems = list(problems or [])
         try:
             if record.chunks:
                 raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
-            plan = check_plan(record.plan)
+            plan = check_plan(record.plan, Guard.of(self.config))
         except PlanInvalid as exc:
             problems += exc.problems
         if problems:
@@ -4571,28 +5056,34 @@ class Runner:
             result = self._result(record, run_id, started, clock, [], [], "failed",
                                   f"plan is invalid ({len(problems)} problem(s))")
             result["problems"] = problems
+            if refused:
+                result["refused"] = [refused]
             return self._finish(record, result)
         with _Heartbeat(self.config, record, run_id):
-            return self._execute(record, plan, run_id, started, clock, previous, resume)
+            return self._execute(record, plan, run_id, started, clock, previous, resume, refused)
 
     def _execute(self, record: PlanRecord, plan: Plan, run_id: str, started: str, clock: float,
-                 previous: str | None, keep_finished: bool) -> dict:
+                 previous: str | None, keep_finished: bool, refused: str | None = None) -> dict:
         self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
                            f"· {len(plan.steps)} step(s) · model {self.model}")
         run_dir = self.config.runs_dir / run_id
-        open_run_dir(run_dir)
-        write_run_info(run_dir, plan.id, run_id, plan.project, started)
         self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
         self._plan_id, self._project = plan.id, plan.project
         self._trusted, self._kept = plan_trusted(self.config, plan, content_hash(record.content)), {}
-        kind = StagedFiles if self.config.review else FileTransaction
-        files = kind(plan.project, run_dir, self.config.crash_at) if plan.project else None
-        if isinstance(files, StagedFiles):
-            files.note_reads(plan.files_context)
+        if not plan.project:
+            files = None
+        elif self.config.review:
+            files = StagedFiles(plan.project, run_dir, self.config.crash_at)
+        else:
+            files = FileTransaction(plan.project, run_dir, self.config.crash_at, Guard.of(self.config))
         self._files = files
         results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
         error, interrupted, verify = None, None, None
         try:
+            open_run_dir(run_dir)
+            write_run_info(run_dir, plan.id, run_id, plan.project, started)
+            if isinstance(files, StagedFiles):
+                files.note_reads(plan.files_context)
             if previous:
                 self._take_over(plan, results, files, previous, run_dir, keep_finished)
             error, verify = self._run_and_verify(plan, results, files, run_dir)
@@ -4607,6 +5098,10 @@ class Runner:
             interrupted = exc
         except RollbackError as exc:        # files of a killed run could not be put back
             error = str(exc)
+        except OSError as exc:              # a full disk or read-only state dir: the run's records
+            _stop_running(results, "the run's records could not be written")
+            error = (f"cannot write the run's records in {run_dir}: {exc.strerror or exc} "
+                     "(free some space, or make --state-dir writable)")
         with shielded_signals(self.progress.error, for_good=interrupted is not None):
             status = "failed" if error else "completed"
             file_error = self._settle_files(plan, files, status)
@@ -4622,6 +5117,9 @@ class Runner:
                 result["resumed_from"] = previous
             if verify is not None:
                 result["verify"] = verify
+            refusals = ([refused] if refused else []) + getattr(files, "refused", [])
+            if refusals:
+                result["refused"] = refusals
             try:
                 result = self._finish(record, result)
             except ResultNotStored as exc:
@@ -4629,6 +5127,9 @@ class Runner:
                     raise
                 self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
                 raise interrupted from exc
+            finally:
+                if isinstance(files, FileTransaction):
+                    files._release()        # the project folder's descriptor
             if files is not None and self.config.keep_runs == 0 and not isinstance(files, StagedFiles):
                 files.discard()         # only now: a result that cannot be stored keeps the backups
         if interrupted:
@@ -4645,14 +5146,19 @@ class Runner:
         --review run (or its --apply) that died starts over: its outputs never all
         reached the project. Raises RollbackError when such a file cannot be restored.
         """
-        old_dir = self.config.runs_dir / previous
+        old_dir = run_folder(self.config.runs_dir, previous)
         if keep_finished and (old_dir / "staged.jsonl").exists():
             # a --review run (or its --apply) died: its outputs never all reached the project
             keep_finished = False
             self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; starting its steps over")
-        reverted = any(e.get("reverted") for e in read_jsonl(old_dir / "journal.jsonl"))
-        done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl")
-                if keep_finished and not reverted and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+        try:
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / "journal.jsonl"))
+            done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl") if keep_finished and not reverted
+                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+        except OSError as exc:      # a symlink where its records should be: not bridge's
+            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
+                                f"({exc.strerror or exc}); every step runs again")
+            done = {}
         for sid, entry in done.items():
             results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
             append_jsonl(run_dir / "steps.jsonl", results[sid].checkpoint())
@@ -4664,6 +5170,8 @@ class Runner:
         restored = files.recover(old_dir, set(done)) if files else []
         self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
                            f"succeeded, {len(restored)} file(s) put back")
+        for reason in getattr(files, "refused", []):
+            self.progress.error(f"plan {plan.id}: {reason}")
 
     def _run_and_verify(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
                         run_dir: Path) -> tuple[str | None, dict | None]:
@@ -4751,11 +5259,13 @@ class Runner:
                                   self._run_step(plan, step, result, outputs, files, position),
                                   functools.partial(self._step_ended, plan))
         self._cancel = scheduler.cancel
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(checkpoint.parent)
+        with _suppress(OSError):            # a runs folder made before bridge kept it private
+            os.chmod(checkpoint.parent.parent, 0o700)
         # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
         # line lost to a power cut only means that step runs again on --resume (its
         # file writes are journaled and fsynced, so recovery puts them back first).
-        with open(checkpoint, "a", encoding="utf-8") as journal:
+        with open(checkpoint, "a", encoding="utf-8", opener=private_opener) as journal:
             try:
                 return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
             except BaseException:
@@ -5532,6 +6042,11 @@ def cmd_show(config: Config, plan_id: str) -> int:
         result = {**result, "undone_at": record.state["undone_at"]}   # shown, not stored: the result is as run
     if record.state.get("run_id") == result.get("run_id"):
         result = {**result, **{k: record.state[k] for k in ("applied_at", "rejected_at") if record.state.get(k)}}
+    if "run_log" in result:     # the stored run_log is not a path: shown only as bridge makes it
+        try:
+            result = {**result, "run_log": str(run_folder(config.runs_dir, result.get("run_id")))}
+        except PathError:
+            result = {**result, "run_log": None}
     if config.json:
         _print_json(result)
     else:
@@ -5794,7 +6309,7 @@ def cmd_validate(config: Config, path: str) -> int:
     raw = None
     try:
         raw = _read_plan_file(path)
-        plan = check_plan(raw)
+        plan = check_plan(raw, Guard.of(config))
         problems, plan_id = [], plan.id
     except PlanInvalid as exc:
         problems = exc.problems
@@ -5819,7 +6334,7 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
     id is taken (without replace) or the store cannot be written.
     """
     raw = _read_plan_file(path)
-    check_plan(raw)
+    check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
     if config.db_explicit and not target.exists():
         Store.create(target)
@@ -5872,7 +6387,7 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     order, "verify", "commands_trusted"}; commands: the step's command validations
     ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted)."""
     try:
-        plan = check_plan(record.plan)
+        plan = check_plan(record.plan, Guard.of(config))
     except PlanInvalid as exc:
         return {"plan_id": record.plan_id, "valid": False, "problems": exc.problems, "steps": []}
     placeholders = {sid: f"<the output of step {sid}, once it has run>" for sid in plan.steps}

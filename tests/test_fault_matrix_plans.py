@@ -34,6 +34,12 @@ unchanged; check_store passes.
 | output-absolute | file_output = absolute path into the outside folder | `$.steps[0].file_output`, `absolute` |
 | output-dotdot | file_output `../outside/x.txt` | `$.steps[0].file_output`, `climbs out` |
 | output-symlink | file_output `link/x.txt`, project/link -> outside | `$.steps[0].file_output`, `symlink` |
+| output-symlink-inside | file_output `alias/x.txt`, project/alias -> project/real | `$.steps[0].file_output`, `symlink 'alias'` |
+| output-git-hook | file_output `.git/hooks/pre-commit` (an existing hook) | `$.steps[0].file_output`, `under .git/` |
+| output-store | project = the store's folder, file_output = the store file | `$.steps[0].file_output`, `is the memory store` |
+| output-state-dir | project = the state dir's parent, file_output `state/x.txt` | `$.steps[0].file_output`, `in bridge's state dir` |
+| load-ssh-key | LOAD `.ssh/id_ed25519` | `'.ssh/id_ed25519'`, `does not send it to a model` |
+| load-env | LOAD `.env` | `'.env'`, `does not send it to a model` |
 | project-missing | context.project names no folder | `$.context.project`, `does not exist` |
 | id-percent | id `a%b` | `$.id`, `does not match` |
 | id-quote | id `a"b` | `$.id`, `does not match` |
@@ -139,6 +145,26 @@ def _output(rel: Callable[[Ctx], str], symlink: bool = False) -> Build:
     return build
 
 
+def _output_symlink_inside(c: Ctx) -> list:
+    (c.project / "real").mkdir()
+    (c.project / "alias").symlink_to(c.project / "real", target_is_directory=True)
+    return [with_project(hostile([step(file_output="alias/x.txt")]), c.project)]
+
+
+def _git_hook(c: Ctx) -> list:
+    (c.project / ".git" / "hooks").mkdir(parents=True)
+    (c.project / ".git" / "hooks" / "pre-commit").write_text("#!/bin/sh\n")
+    return [with_project(hostile([step(file_output=".git/hooks/pre-commit")]), c.project)]
+
+
+def _secret(rel: str) -> Build:
+    def build(c: Ctx) -> list:
+        (c.project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (c.project / rel).write_text("secret\n")
+        return [with_project(hostile(), c.project, files_context={rel: "LOAD"})]
+    return build
+
+
 def _twin(c: Ctx) -> list:
     return [hostile([step(prompt="twin-task-one")], id="twin"),
             hostile([step(prompt="twin-task-two")], id="twin")]
@@ -187,6 +213,15 @@ ROWS = [
                  ("$.steps[0].file_output", "climbs out"), id="output-dotdot"),
     pytest.param(_output(lambda c: "link/x.txt", symlink=True),
                  ("$.steps[0].file_output", "symlink"), id="output-symlink"),
+    pytest.param(_output_symlink_inside, ("$.steps[0].file_output", "symlink 'alias'"), id="output-symlink-inside"),
+    pytest.param(_git_hook, ("$.steps[0].file_output", "under .git/"), id="output-git-hook"),
+    pytest.param(lambda c: [with_project(hostile([step(file_output="fresh.db")]), c.project.parent)],
+                 ("$.steps[0].file_output", "is the memory store"), id="output-store"),
+    pytest.param(lambda c: [with_project(hostile([step(file_output="state/x.txt")]), c.project.parent)],
+                 ("$.steps[0].file_output", "in bridge's state dir"), id="output-state-dir"),
+    pytest.param(_secret(".ssh/id_ed25519"), ("'.ssh/id_ed25519'", "does not send it to a model"),
+                 id="load-ssh-key"),
+    pytest.param(_secret(".env"), ("'.env'", "does not send it to a model"), id="load-env"),
     pytest.param(lambda c: [with_project(hostile([step(file_output="out.txt")]), c.missing)],
                  ("$.context.project", "does not exist"), id="project-missing"),
     pytest.param(lambda c: [hostile(id="a%b")], ("$.id", "does not match"), id="id-percent"),

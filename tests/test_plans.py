@@ -412,13 +412,18 @@ def test_symlink_escaping_the_project_is_invalid_in_files_context(project, outsi
     assert problems[0].startswith("$.context.files_context")
 
 
-def test_symlink_staying_inside_the_project_is_accepted(project):
+def test_file_output_through_a_symlink_staying_inside_the_project_is_refused(project):
+    """Writes go through real folders only (a symlink could be swapped mid-run), so
+    --validate says so up front rather than the run failing."""
     (project / "real").mkdir()
     (project / "alias").symlink_to(project / "real", target_is_directory=True)
 
-    plan = bridge.check_plan(with_project(project, [{"id": 1, "prompt": "a", "file_output": "alias/x.py"}]))
+    problems = problems_of(with_project(project, [{"id": 1, "prompt": "a", "file_output": "alias/x.py"}]))
 
-    assert plan.steps[1].file_output == "alias/x.py"
+    assert len(problems) == 1
+    assert problems[0].startswith("$.steps[0].file_output") and "symlink 'alias'" in problems[0]
+    plan = bridge.check_plan(with_project(project, [{"id": 1, "prompt": "a", "file_output": "real/x.py"}]))
+    assert plan.steps[1].file_output == "real/x.py"
 
 
 def test_file_output_naming_a_folder_is_invalid(project):

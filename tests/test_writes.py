@@ -157,16 +157,29 @@ def test_journal_gets_one_entry_per_path(project, run_dir, ft):
     assert entries[1]["created_dirs"] == [str(project / "dir")]
 
 
-def test_journal_entry_is_written_before_the_file_changes(project, run_dir, ft):
+def test_journal_entry_is_written_before_the_file_changes(project, run_dir, ft, monkeypatch):
     """When the write itself then fails, the journal already names the path."""
-    (project / "blocker").write_text("a file where a folder is needed")
+    (project / "blocker").write_text("the original")
 
-    with pytest.raises(bridge.PathError):
-        ft.write("blocker/inner.txt", "never written")
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bridge, "_replace_in", refuse)
+    with pytest.raises(bridge.PathError, match="No space left"):
+        ft.write("blocker", "never written")
 
     entries = journal(run_dir)
-    assert [e["path"] for e in entries] == ["blocker/inner.txt"]
+    assert [e["path"] for e in entries] == ["blocker"]
+    assert (project / "blocker").read_text() == "the original"
+
+
+def test_a_file_where_a_folder_is_needed_fails_before_anything_changes(project, run_dir, ft):
+    (project / "blocker").write_text("a file where a folder is needed")
+
+    with pytest.raises(bridge.PathError, match="not a folder"):
+        ft.write("blocker/inner.txt", "never written")
+
     assert (project / "blocker").read_text() == "a file where a folder is needed"
+    assert not (run_dir / "journal.jsonl").exists()
 
 
 @pytest.mark.parametrize("rel", ["/ABS", "../outside/escape.txt", "pkg/../../outside/escape.txt",
