@@ -5155,16 +5155,17 @@ class Runner:
             reverted = any(e.get("reverted") for e in read_jsonl(old_dir / "journal.jsonl"))
             done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl") if keep_finished and not reverted
                     and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+            written = read_jsonl(old_dir / "written.jsonl")
         except OSError as exc:      # a symlink where its records should be: not bridge's
             self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
                                 f"({exc.strerror or exc}); every step runs again")
-            done = {}
+            done, written = {}, []
         for sid, entry in done.items():
             results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
             append_jsonl(run_dir / "steps.jsonl", results[sid].checkpoint())
             if plan.steps[sid].file_output:
                 self._kept[plan.steps[sid].file_output] = results[sid].output
-        for entry in read_jsonl(old_dir / "written.jsonl"):     # what the kept steps wrote, for --undo
+        for entry in written:                   # what the kept steps wrote, for --undo
             if entry.get("step") in done:
                 append_jsonl(run_dir / "written.jsonl", entry)
         restored = files.recover(old_dir, set(done)) if files else []
