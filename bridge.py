@@ -6465,6 +6465,10 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once:
+    a second signal landing before the cleanup shields itself (shielded_signals)
+    would cut the restore of files or the result short."""
+    _ignore_interrupts()
     raise KeyboardInterrupt
 
 
@@ -6571,7 +6575,11 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
 
 
 def main_entry() -> None:
-    """Console-script entry point: install the SIGTERM handler, run main, exit."""
+    """Console-script entry point: install the Ctrl-C and SIGTERM handler, run main, exit.
+
+    A SIGINT ignored by whoever started bridge (a background job) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _raise_interrupt)
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_interrupt)
     sys.exit(main())
