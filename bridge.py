@@ -1802,12 +1802,11 @@ def schema_message(error: Any) -> str:
     return clip(" ".join(message.split()), 300, "message")
 
 
-def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
+def plan_path_parts(rel: str) -> list[str]:
+    """Return the components of a plan path, refusing what could leave the project.
 
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
+    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
+    Windows) and '..' paths. '.' and empty components are dropped.
     """
     from pathlib import PurePosixPath, PureWindowsPath
 
@@ -1821,6 +1820,20 @@ def resolve_inside(project: Path, rel: str) -> Path:
         raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         raise PathError(f"path {rel!r} climbs out with '..'")
+    parts = list(PurePosixPath(rel).parts)
+    if not parts:
+        raise PathError(f"path {rel!r} names the project folder itself, not a file")
+    return parts
+
+
+def resolve_inside(project: Path, rel: str) -> Path:
+    """Return project/rel, refusing anything that could land outside the project.
+
+    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
+    location (symlinks followed) is outside the project's real location.
+    Raises PathError saying which.
+    """
+    plan_path_parts(rel)
     _check_name_lengths(project, rel)
     try:
         root = project.resolve()
@@ -3375,30 +3388,6 @@ def _realpath(path: str | Path) -> str:
         return os.path.normpath(path)
 
 
-def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path, refusing what could leave the project.
-
-    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
-    Windows) and '..' paths. '.' and empty components are dropped.
-    """
-    from pathlib import PurePosixPath, PureWindowsPath
-
-    if not rel or "\x00" in rel:
-        raise PathError(f"path {rel!r} is empty or holds a NUL byte")
-    try:
-        os.fsencode(rel)
-    except UnicodeEncodeError:
-        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
-        raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
-    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
-        raise PathError(f"path {rel!r} climbs out with '..'")
-    parts = list(PurePosixPath(rel).parts)
-    if not parts:
-        raise PathError(f"path {rel!r} names the project folder itself, not a file")
-    return parts
-
-
 def _open_root(project: Path) -> int:
     """Open the project folder for the dir_fd walks; PathError when it cannot be, or
     when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
@@ -3575,8 +3564,8 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
     import stat
 
     if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
-        raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not one bridge makes "
-                        "(YYYYMMDDTHHMMSSZ-8 hex digits); its files are left alone")
+        raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not a bridge run id "
+                        "(like 20261204T192316Z-1a2b3c4d); its files are left alone")
     folder = runs_dir / run_id
     try:
         info = os.lstat(folder)
@@ -4031,22 +4020,16 @@ def _read_json(path: Path) -> Any:
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
-    """Return the folder of run run_id: a folder directly inside runs_dir (not a
-    symlink) whose name has the form of new_run_id(). Raises ConfigError for any
-    other value (a run id read back from the store is checked the same way),
-    BridgeError when there is no such run."""
-    import stat
-
-    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
-        raise ConfigError(f"{run_id!r} is not a bridge run id (like 20261204T192316Z-1a2b3c4d)",
-                          "run ids are in bridge --show ID (run …) and are the folders of STATE_DIR/runs")
-    run_dir = runs_dir / run_id
+    """Return the folder of an existing run run_id, checked as run_folder() checks a
+    run id read back from the store. Raises ConfigError for a value that is no run
+    id or no folder of bridge's runs, BridgeError when there is no such run."""
     try:
-        mode = os.lstat(run_dir).st_mode
-    except FileNotFoundError:
-        raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir") from None
-    if not stat.S_ISDIR(mode):
-        raise BridgeError(f"run {run_id} in {runs_dir} is not a folder", "remove it; bridge made no such entry")
+        run_dir = run_folder(runs_dir, run_id)
+    except PathError as exc:
+        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the folders of "
+                                    "STATE_DIR/runs") from None
+    if not run_dir.is_dir():
+        raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir")
     return run_dir
 
 

@@ -256,7 +256,7 @@ def test_run_folder_accepts_only_run_ids_bridge_makes(tmp_path):
     assert bridge.run_folder(runs, good) == runs / good
     for bad in ["../..", "/etc", "20260101T000000Z-0badc0de/..", "20260101T000000Z-0BADC0DE",
                 "20260101T000000Z-0badc0de\n", 42, None, ["x"]]:
-        with pytest.raises(bridge.PathError, match="not one bridge makes"):
+        with pytest.raises(bridge.PathError, match="is not a bridge run id"):
             bridge.run_folder(runs, bad)
 
 
