@@ -37,6 +37,7 @@ Environment (a flag wins over its variable):
     BRIDGE_DB, MCP_MEMORY_SQLITE_PATH, MCP_MEMORY_BASE_DIR   the store file
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES
+    BRIDGE_RETRY_SAMPLING                                     how retries sample (--retry-sampling)
     BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
     BRIDGE_KEEP_RUNS                                          runs per plan kept for --undo
     BRIDGE_TRUSTED_PROJECTS   folders (os.pathsep-separated) where plans may run commands
@@ -136,9 +137,43 @@ COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without 
 COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
 COMMAND_TAIL_BYTES = 8000              # the end of a command's output kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
+# max_tokens of a step that sets none, by validation type (then at most a quarter of a
+# known context). A JSON answer is an object of a few values: a six-key extraction is
+# 40-90 tokens on SmolLM2, so 256 stops a runaway within seconds on a small CPU;
+# json_schema objects may nest and list more; code and prose keep the general reserve.
+DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "syntax_check": ANSWER_RESERVE_TOKENS,
+                      "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
+# Bounds added to the schema sent for constrained decoding (bounded_schema), where the
+# plan sets none. The check itself still uses the plan's own validation.
+JSON_VALUE_MAX_LENGTH = 200            # characters of a string value: a value copied from a sentence is a
+                                       # few words; a string the model does not close ends here
+JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
+# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
+# above what a sound answer does, so it only cuts output that would run to max_tokens.
+DEGENERATE_NEWLINES = 8                # newlines in one run of whitespace: PEP 8 and Markdown never need more
+                                       # than 3 (two blank lines); llama.cpp's JSON grammar allows 2
+DEGENERATE_WHITESPACE = 160            # characters in one run of whitespace: 3x the indentation of 12 levels
+                                       # of 4 spaces; llama.cpp's JSON grammar allows 20 spaces
+DEGENERATE_REPEAT_WORDS = 40           # a unit of words repeated in a row over at least this many words...
+DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 words is ~60 tokens (2 s on a
+                                       # small CPU), and a sound answer rarely says one thing 4 times running
+                                       # (a list of 40 equal literals is the rare case it stops)
+DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
+# How attempt 2 and later sample (--retry-sampling; see retry_sampling). "plain": as the
+# first. "hotter": a temperature of at least RETRY_TEMPERATURES[retry - 1] (the step's
+# own when higher) and a new seed, so a retry does not redraw the same answer (DSPy's
+# Refine retries hotter). "penalty": hotter, plus repeat_penalty where the server takes
+# it (llama.cpp, LM Studio, llama-cpp-python) and DRY on llama.cpp (dry_multiplier 0.8,
+# "a typical recommended value": ggml-org/llama.cpp PR #9702). Chosen by the bench in
+# the README (bench/real_model.py).
+RETRY_SAMPLING = ("plain", "hotter", "penalty")
+DEFAULT_RETRY_SAMPLING = "hotter"
+RETRY_TEMPERATURES = (0.5, 0.8, 1.0)   # retry 1, 2, 3 and later
+RETRY_REPEAT_PENALTY = 1.15            # llama.cpp's default is 1.0 (off), LM Studio's 1.1
+RETRY_DRY_MULTIPLIER = 0.8
 DEFAULT_VALIDATION = {"type": "non_empty"}
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful software engineer executing one step of a larger plan. "
@@ -217,6 +252,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "retry_delay_s": DEFAULT_RETRY_DELAY_S,
     "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
     "structured": True,
+    "retry_sampling": DEFAULT_RETRY_SAMPLING,
     "parallel": None,                   # int | None
     "context_length": None,             # int | None
     "price_model": DEFAULT_PRICE_MODEL,
@@ -246,7 +282,8 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     next byte. retries / retry_delay_s: transport retries of one request and the
     first backoff delay (seconds). max_output_bytes: a streamed reply past this many
     bytes is cut and the attempt fails. structured: ask the server for constrained
-    JSON on JSON steps. parallel: steps in flight at once (None: what the server
+    JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
+    RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
     reports, else 1). context_length: the model's context in tokens (None: what
     the server reports, else unknown). price_model: the Claude model whose prices
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
@@ -288,6 +325,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #    │    └── RollbackError (1) files could not be put back; names every one
 #    ├── PromptTooLarge (1)     a step's prompt cannot fit the model's context
 #    ├── OutputInvalid (1)      a model output failed its step's validation
+#    │    └── OutputDegenerate  stopped while it streamed: it degenerated
 #    └── LLMError               the model server failed a request
 #         ├── LLMUnavailable    connection refused or reset (transient)
 #         ├── LLMTimeout        no byte within --timeout (transient)
@@ -373,6 +411,11 @@ class OutputInvalid(BridgeError):
     """A model output failed its step's validation (the message says how)."""
 
     exit_code = EXIT_PLAN_FAILED
+
+
+class OutputDegenerate(OutputInvalid):
+    """A streamed output degenerated (DegenerationGuard) and its request was cancelled;
+    the message says what was seen ("stopped: 212 newlines in a row")."""
 
 
 class LLMError(BridgeError):
@@ -2315,6 +2358,15 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 )
 
 
+# Sampling fields beyond OpenAI's (temperature, seed) that each kind of server takes
+# (ServerInfo.kind); bridge sends them only there (see LLMClient.accepted_sampling).
+SAMPLING_FIELDS = {
+    "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
+    "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
+    "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
+}
+
+
 def _refuses_response_format(exc: LLMError) -> bool:
     """Tell whether an error is the server refusing our response_format.
 
@@ -2487,6 +2539,8 @@ class LLMClient(HTTPExecutor):
         super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry)
         # index into RESPONSE_FORMS of the first form this server has not refused
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
+        self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
+        self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -2510,7 +2564,8 @@ class LLMClient(HTTPExecutor):
         [].config.context_length and .parallel; lmstudio docs 1_developer/2_rest/
         list.md); LM Studio GET /api/v0/models (state "loaded", loaded_context_length
         or max_context_length); llama.cpp's GET /props (default_generation_settings.
-        n_ctx, total_slots; tools/server/README.md); vLLM's max_model_len in
+        n_ctx, total_slots; tools/server/README.md); llama-cpp-python's /v1/models
+        (owned_by "me"; llama_cpp/server/app.py); vLLM's max_model_len in
         /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
         when the server cannot be reached.
         """
@@ -2539,15 +2594,26 @@ class LLMClient(HTTPExecutor):
             settings = props.get("default_generation_settings") or {}
             return ServerInfo("llama.cpp", models, first, _positive(settings.get("n_ctx")),
                               _positive(props.get("total_slots")))
+        if entries and all(m.get("owned_by") == "me" for m in entries):    # llama_cpp/server/app.py get_models
+            return ServerInfo("llama-cpp-python", models, first, None, None)
         return ServerInfo("OpenAI-compatible", models, first,
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
     # -- chat ------------------------------------------------------------------
 
+    def accepted_sampling(self, sampling: dict) -> dict:
+        """Return the fields of sampling ({"temperature", "seed", "repeat_penalty",
+        "dry_multiplier", …}) this server takes: OpenAI's own (temperature, seed,
+        max_tokens) always, the others as SAMPLING_FIELDS lists for its kind, unless
+        it refused one. OpenAI-strict servers refuse unknown fields, so none is sent
+        to a server bridge could not identify."""
+        extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
+        return {k: v for k, v in sampling.items() if k in ("temperature", "seed", "max_tokens") or k in extras}
+
     def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
              max_tokens: int | None = None, timeout_s: float | None = None,
              json_schema: dict | None = None,
-             on_delta: Callable[[str], None] | None = None) -> Completion:
+             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
         messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
@@ -2555,9 +2621,12 @@ class LLMClient(HTTPExecutor):
         client's timeout (seconds) for this request. json_schema: ask for JSON
         constrained by this schema (see RESPONSE_FORMS); a form the server refuses
         is dropped for the rest of this client's life and the request is resent at
-        once, without counting as a retry. Transient failures are retried as the
-        class says, unless output had already streamed. Raises LLMError (never an
-        httpx exception) when the request finally fails.
+        once, without counting as a retry. sampling: more sampling fields (seed,
+        repeat_penalty, dry_multiplier), sent as accepted_sampling says; a server
+        refusing one (HTTP 400/422 naming it) gets none of the extras again, and the
+        request is resent at once. Transient failures are retried as the class
+        says, unless output had already streamed. Raises LLMError (never an httpx
+        exception) when the request finally fails.
         """
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
@@ -2565,6 +2634,7 @@ class LLMClient(HTTPExecutor):
             payload["temperature"] = temperature
         if max_tokens is not None:
             payload["max_tokens"] = max_tokens
+        payload.update(self.accepted_sampling(sampling or {}))
         while True:
             form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
                 self.structured_level < len(RESPONSE_FORMS) else None
@@ -2575,6 +2645,14 @@ class LLMClient(HTTPExecutor):
             try:
                 return self._send_with_retries(payload, timeout_s, on_delta)
             except LLMHTTPError as exc:
+                refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ()) if k in payload and k in str(exc)]
+                if refused and exc.status in (400, 422):
+                    self._on_retry(f"the server refused {', '.join(refused)} ({clip(str(exc), 160, 'message')}); "
+                                   "sending no extra sampling fields")
+                    self.extras_refused = True
+                    for key in SAMPLING_FIELDS[self.server_kind]:   # type: ignore[index]
+                        payload.pop(key, None)
+                    continue
                 if form is None or not _refuses_response_format(exc):
                     raise
                 self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
@@ -3122,11 +3200,16 @@ def _check_syntax(text: str, language: str) -> str:
 
 
 def output_schema(validation: dict | list) -> dict | None:
-    """Return the JSON Schema a step's output must meet, for constrained decoding.
+    """Return the JSON Schema sent for constrained decoding of a step's output.
 
     None for steps whose output is not JSON (non_empty, syntax_check, regex,
-    command). A list uses its first JSON validation (json, contains_keys,
-    json_schema).
+    command); {} for json. A list uses its first JSON validation (json,
+    contains_keys, json_schema). contains_keys: an object of exactly its keys, each
+    a bounded value (a scalar or a list of scalars, see bounded_value), so a small
+    model puts the sentence's values in the keys instead of nesting objects.
+    json_schema: the plan's schema with bounds added where it sets none
+    (bounded_schema). Only what is sent is bounded: check_output still applies the
+    plan's own validation.
     """
     if isinstance(validation, list):
         return next((schema for item in validation if (schema := output_schema(item)) is not None), None)
@@ -3134,11 +3217,183 @@ def output_schema(validation: dict | list) -> dict | None:
     if kind == "json":
         return {}
     if kind == "contains_keys":
-        return {"type": "object", "properties": {key: {} for key in validation["keys"]},
-                "required": list(validation["keys"])}
+        return {"type": "object", "properties": {key: bounded_value() for key in validation["keys"]},
+                "required": list(validation["keys"]), "additionalProperties": False}
     if kind == "json_schema":
-        return validation["schema"] if isinstance(validation["schema"], dict) else {}
+        return bounded_schema(validation["schema"]) if isinstance(validation["schema"], dict) else {}
     return None
+
+
+def bounded_value() -> dict:
+    """Return the schema of a value a plan leaves open: a string of at most
+    JSON_VALUE_MAX_LENGTH characters, a number, true/false, null, or a list of at
+    most JSON_LIST_MAX_ITEMS of those. Spelled as anyOf, not a list of types:
+    llama.cpp's and llama-cpp-python's converters drop maxLength from a type list
+    (llama_cpp/llama_grammar.py visit)."""
+    scalars = [{"type": "string", "maxLength": JSON_VALUE_MAX_LENGTH}, {"type": "number"},
+               {"type": "boolean"}, {"type": "null"}]
+    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}, "maxItems": JSON_LIST_MAX_ITEMS}]}
+
+
+_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def bounded_schema(schema: Any) -> Any:
+    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
+    maxLength JSON_VALUE_MAX_LENGTH on strings, maxItems JSON_LIST_MAX_ITEMS on
+    arrays, additionalProperties false on objects listing their properties, and an
+    open value ({} or an array without items) made a bounded_value. Whatever the
+    plan sets is kept as it is."""
+    if not isinstance(schema, dict):
+        return schema
+    if _is_open(schema):
+        return bounded_value()
+    out = dict(schema)
+    for key in _SCHEMA_CHILDREN:
+        if isinstance(out.get(key), dict):
+            out[key] = bounded_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded_schema(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
+    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    if "string" in types and not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
+        out["maxLength"] = JSON_VALUE_MAX_LENGTH
+    if "array" in types:
+        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
+        if "items" not in out and "prefixItems" not in out:
+            out["items"] = bounded_value()["anyOf"][-1]["items"]
+    if "object" in types and "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def _is_open(schema: dict) -> bool:
+    """Tell whether a schema says nothing about its value ({} or only annotations)."""
+    annotations = {"title", "description", "default", "examples", "$comment"}
+    return not (set(schema) - annotations)
+
+
+def schema_depth(schema: Any) -> int | None:
+    """Return how deep a JSON value meeting schema can nest ({} and [] count one
+    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
+    an object that takes any other property)."""
+    if schema is True or not isinstance(schema, dict):
+        return None if schema is True or schema is None else 0
+    if "$ref" in schema or _is_open(schema):
+        return None
+    if "const" in schema or "enum" in schema:
+        return 1 if any(isinstance(v, (dict, list)) for v in schema.get("enum", [schema.get("const")])) else 0
+    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
+    children += list((schema.get("properties") or {}).values())
+    for key in ("items", "additionalProperties"):
+        if key in schema and schema[key] is not False:
+            children.append(schema[key])
+    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
+        return None                     # any type of value, arrays and objects included
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "object" in types and "additionalProperties" not in schema:
+        return None
+    if "array" in types and "items" not in schema and "prefixItems" not in schema:
+        return None
+    depths = [schema_depth(child) for child in children]
+    if None in depths:
+        return None
+    nested = max(depths, default=0)
+    return nested + 1 if {"object", "array"} & set(types) else nested
+
+
+class DegenerationGuard:
+    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
+    server, llama-cpp-python's and LM Studio stop generating when the client
+    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
+    is_connection_closed to the completion; llama_cpp/server/app.py checks
+    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
+    Stopping generation...", lmstudio-ai/.github#10).
+
+    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
+    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
+    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
+    words or more (the same line or phrase over and over); JSON nested deeper than
+    max_depth (the depth its schema allows, see schema_depth; None: not checked).
+    text is what was fed.
+    """
+
+    def __init__(self, max_depth: int | None = None):
+        self.max_depth = max_depth
+        self.pieces: list[str] = []
+        self.words: list[str] = []
+        self._partial = ""              # a word not yet ended by whitespace
+        self._space = ""                # the run of whitespace at the end of the text
+        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
+
+    @property
+    def text(self) -> str:
+        """The output fed so far."""
+        return "".join(self.pieces)
+
+    def feed(self, piece: str) -> None:
+        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
+        self.pieces.append(piece)
+        for char in piece:
+            self._whitespace(char)
+            if self.max_depth is not None:
+                self._nesting(char)
+        self._repeats(piece)
+
+    def _whitespace(self, char: str) -> None:
+        if not char.isspace():
+            self._space = ""
+            return
+        self._space += char
+        newlines = self._space.count("\n")
+        if newlines > DEGENERATE_NEWLINES:
+            raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
+        if len(self._space) > DEGENERATE_WHITESPACE:
+            raise OutputDegenerate(f"stopped: {len(self._space)} whitespace characters in a row")
+
+    def _nesting(self, char: str) -> None:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+        elif char == '"' and self._json:
+            self._in_string = True
+        elif char in "{[":
+            self._json, self._depth = True, self._depth + 1
+            if self._depth > self.max_depth:    # type: ignore[operator]
+                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
+                                       f"{self.max_depth} its schema allows")
+        elif char in "}]" and self._depth:
+            self._depth -= 1
+
+    def _repeats(self, piece: str) -> None:
+        parts = (self._partial + piece).split()
+        ended = piece[-1:].isspace()
+        self._partial = "" if ended or not parts else parts.pop()
+        for word in parts:
+            self.words.append(word)
+            self._check_tail()
+        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
+
+    def _check_tail(self) -> None:
+        words = self.words
+        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
+            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
+            if len(words) < period * times:
+                return
+            unit = words[-period:]
+            if all(words[-(n + 1) * period:len(words) - n * period] == unit for n in range(1, times)):
+                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} times in a row "
+                                       f"({' '.join(unit)[:80]!r})")
 
 
 def describe_validation(validation: dict | list) -> str:
@@ -4365,6 +4620,32 @@ def estimate_tokens(messages: list[dict]) -> int:
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
+def answer_tokens(step: Step, context_length: int | None) -> int:
+    """Return the max_tokens of a step's answer: the step's own, else
+    DEFAULT_MAX_TOKENS for its validation type, at most a quarter of context_length
+    (tokens; None: not known). The prompt budget keeps this much free (Runner._budget)."""
+    if step.max_tokens:
+        return step.max_tokens
+    default = DEFAULT_MAX_TOKENS.get(step.validation.get("type", "non_empty"), ANSWER_RESERVE_TOKENS)
+    return min(default, context_length // 4) if context_length else default
+
+
+def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
+    """Return how attempt number attempt (1 is the first) of a step samples under a
+    schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
+    "dry_multiplier"?}. The first attempt, and every attempt of "plain", samples as
+    the step says (its temperature, else the server's default). Seeds are the
+    attempt's number, so a rerun samples the same."""
+    fields = {} if step.temperature is None else {"temperature": step.temperature}
+    if schedule == "plain" or attempt == 1:
+        return fields
+    floor = RETRY_TEMPERATURES[min(attempt - 2, len(RETRY_TEMPERATURES) - 1)]
+    fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
+    if schedule == "penalty":
+        fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)
+    return fields
+
+
 class _Block:
     """One part of a step's prompt; body may be cut to fit the context when cuttable."""
 
@@ -4489,6 +4770,14 @@ class AttemptError(namedtuple("AttemptError", "message retryable feedback", defa
         return cls(str(exc), feedback=[{"role": "user", "content": note}])
 
     @classmethod
+    def from_stop(cls, error: str, validation: dict) -> "AttemptError":
+        """An output stopped before its end (degenerate, or at max_tokens): the next
+        prompt says why, without the output (it would only be copied)."""
+        note = (f"Your previous answer was rejected: {error}. {describe_validation(validation)} "
+                "Reply again with a short, complete answer only.")
+        return cls(error, feedback=[{"role": "user", "content": note}])
+
+    @classmethod
     def from_output(cls, error: str, output: str, validation: dict) -> "AttemptError":
         """A failed check: the next prompt shows the output and the error."""
         note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
@@ -4532,12 +4821,13 @@ class StepResult:
     model that answered, resumed (taken over from a killed run), generation_s
     (seconds in model requests, for tokens per second), cost_usd (real), the
     escalation (escalated_to, escalation_saved), the ledger per model
-    reference and checks (every command validation run: CommandRun.as_dict plus
-    its attempt). See as_dict."""
+    reference, checks (every command validation run: CommandRun.as_dict plus
+    its attempt), and sampling: how each attempt sampled ([{"attempt", "max_tokens",
+    "temperature"?, "seed"?, …}], the fields sent). See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
-              "escalation_saved", "ledger", "checks")
+              "escalation_saved", "ledger", "checks", "sampling")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
@@ -4551,6 +4841,7 @@ class StepResult:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
         self.checks: list[dict] = []        # each command run: attempt, argv, exit_code, duration_s, output_tail
+        self.sampling: list[dict] = []      # per attempt: the sampling fields sent
 
     def checkpoint(self) -> dict:
         """Return every field, whole, for the run's steps.jsonl."""
@@ -4579,7 +4870,8 @@ class StepResult:
                 "tokens_per_s": round(speed, 1) if speed is not None else None,
                 "cost_usd": self.cost_usd, "would_have_cost_usd": would_cost_usd(self.usage, price_model),
                 "model": self.model, "resumed": self.resumed, "escalated_to": self.escalated_to,
-                "escalation_saved": self.escalation_saved, "ledger": self.ledger, "checks": self.checks}
+                "escalation_saved": self.escalation_saved, "ledger": self.ledger, "checks": self.checks,
+                "sampling": self.sampling}
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
@@ -4649,7 +4941,8 @@ class RunLog:
     per step, in Claude Code's stream-json line format (code.claude.com/docs/en/
     headless), so tools that read Claude Code transcripts read these too.
 
-    Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages
+    Lines: {"type": "system", "subtype": "init", …} once; per attempt its sampling
+    ({"type": "system", "subtype": "sampling", "sampling": {…}}), the messages
     sent ({"type": "system", "subtype": "system_prompt"} and {"type": "user" |
     "assistant", "message": …} lines), the streamed answer as an "assistant"
     message with its usage, a {"type": "system", "subtype": "command"} line per
@@ -4679,6 +4972,10 @@ class RunLog:
         self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id, "model": model,
                              "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
                              "step_id": step.id, "title": step.title})
+
+    def sampled(self, sid: int, attempt: int, sampling: dict) -> None:
+        """Record how one attempt samples (max_tokens, temperature, seed, …: the fields sent)."""
+        self._line(sid, {"type": "system", "subtype": "sampling", "attempt": attempt, "sampling": sampling})
 
     def sent(self, sid: int, attempt: int, messages: list[dict]) -> None:
         """Record the exact messages of one attempt."""
@@ -5307,7 +5604,8 @@ class Runner:
             say(f"  {step.label}: attempt {attempt}/{step.max_retries + 1}")
             say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
             result.output = ""
-            error = self._attempt(step, result, messages + retry_note, model, files, where, attempt)
+            sampling = retry_sampling(self.config.retry_sampling, step, attempt)
+            error = self._attempt(step, result, messages + retry_note, model, files, where, attempt, sampling)
             result.duration_s = time.monotonic() - clock
             if error is None:
                 result.status, result.error = "succeeded", None
@@ -5359,42 +5657,75 @@ class Runner:
 
         The context length (--context-length, else what the server reported for the
         loaded model) less the answer's share: the step's max_tokens, else
-        ANSWER_RESERVE_TOKENS (at most a quarter of the context).
+        its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
+        see answer_tokens).
         """
         if self.context_length is None or model != self.model:
             return None
-        answer = step.max_tokens or min(ANSWER_RESERVE_TOKENS, self.context_length // 4)
-        return self.context_length - answer
+        return self.context_length - answer_tokens(step, self.context_length)
+
+    def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
+        """Return the max_tokens of one request: answer_tokens, capped by the context
+        the prompt leaves (estimate_tokens) when the model's context is known."""
+        context = self.context_length if model == self.model else None
+        limit = answer_tokens(step, context)
+        return max(1, min(limit, context - estimate_tokens(messages))) if context else limit
 
     def _attempt(self, step: Step, result: StepResult, messages: list[dict], model: str,
-                 files: FileTransaction | None, where: str, attempt: int) -> "AttemptError | None":
-        """Send one attempt, check it, write its file; return None or the AttemptError."""
+                 files: FileTransaction | None, where: str, attempt: int,
+                 sampling: dict | None = None) -> "AttemptError | None":
+        """Send one attempt, check it, write its file; return None or the AttemptError.
+
+        sampling: its fields (retry_sampling; None: as the step says). A local
+        model's output is watched while it streams (DegenerationGuard): when it
+        degenerates, the request is cancelled and the attempt fails saying why; so
+        does an answer cut at max_tokens (finish_reason "length").
+        """
         try:
             executor, name = self.executor(model)
         except LLMError as exc:          # no key, no claude binary: another attempt cannot help
             return AttemptError(str(exc), retryable=False)
         started, pieces = time.monotonic(), [0]
+        sampling = dict(retry_sampling("plain", step, 1) if sampling is None else sampling,
+                        max_tokens=self._max_tokens(step, model, messages))
+        local = isinstance(executor, LLMClient)
+        sent = executor.accepted_sampling(sampling) if local else sampling
+        result.sampling.append({"attempt": attempt, **sent})
+        self._runlog.sampled(step.id, attempt, sent)
         self._runlog.sent(step.id, attempt, messages)
+        guard = DegenerationGuard(schema_depth(output_schema(step.validation))) if local else None
 
         def on_delta(piece: str) -> None:
             pieces[0] += 1
+            if guard is not None:
+                guard.feed(piece)       # raises OutputDegenerate: the stream is closed on the way out
             elapsed = time.monotonic() - started
             self.events.emit("delta", self._plan_id, step.id, attempt=attempt, text=piece)
             self.progress.status(f"{where} · {step.title or f'step {step.id}'} · attempt {attempt} · "
                                  f"{elapsed:.1f} s · {pieces[0] / max(elapsed, 1e-6):.1f} tok/s")
+        extra = {"sampling": sampling} if local else {}
         try:
-            reply = executor.chat(messages, model=name, temperature=step.temperature,
-                                  max_tokens=step.max_tokens, timeout_s=step.timeout_s,
-                                  json_schema=output_schema(step.validation), on_delta=on_delta)
+            reply = executor.chat(messages, model=name, temperature=sampling.get("temperature"),
+                                  max_tokens=sampling["max_tokens"], timeout_s=step.timeout_s,
+                                  json_schema=output_schema(step.validation), on_delta=on_delta, **extra)
         except LLMError as exc:
             result.generation_s += time.monotonic() - started
             self._runlog.checked(step.id, attempt, str(exc))
             return AttemptError.from_request(exc)
+        except OutputDegenerate as exc:
+            result.generation_s += time.monotonic() - started
+            return self._stopped(step, result, attempt, messages, model, pieces[0], guard.text, str(exc))
         result.generation_s += time.monotonic() - started
         if self._cancel.is_set():
             return AttemptError("interrupted", retryable=False)
         self._runlog.answer(step.id, attempt, reply)
         _add_usage(result, reply, messages, pieces[0], model)
+        if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
+            why = (f"stopped at max_tokens={sampling['max_tokens']}: the answer was cut before it ended "
+                   "(raise the step's max_tokens if it needs more)")
+            result.output = strip_think(reply.text)
+            self._runlog.checked(step.id, attempt, why)
+            return AttemptError.from_stop(why, step.validation)
         if reply.model and reply.model != name:
             result.model = reply.model
         output = strip_think(reply.text)
@@ -5473,6 +5804,16 @@ class Runner:
             files.write(step.file_output, self._kept[step.file_output], step.id)
         else:
             files.revert_path(step.file_output)
+    def _stopped(self, step: Step, result: StepResult, attempt: int, messages: list[dict], model: str,
+                 pieces: int, text: str, why: str) -> AttemptError:
+        """Record an attempt whose output degenerated and was cut (its tokens are
+        estimated: the server sent no usage); return its AttemptError."""
+        reply = Completion(text, None, None, "cancelled", 0.0)
+        self._runlog.answer(step.id, attempt, reply)
+        _add_usage(result, reply, messages, pieces, model)
+        result.output = text
+        self._runlog.checked(step.id, attempt, why)
+        return AttemptError.from_stop(why, step.validation)
 
     def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
                 steps: list[StepResult], files: list[dict], status: str, error: str | None) -> dict:
@@ -5636,6 +5977,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="never ask the server for constrained JSON (response_format) "
                                "(env BRIDGE_STRUCTURED=0; default: ask on json, contains_keys "
                                "and json_schema steps)")
+    settings.add_argument("--retry-sampling", choices=RETRY_SAMPLING, help=_env_help(
+        "how attempt 2 and later sample: plain (as the first), hotter (higher temperature, new seed), "
+        "penalty (hotter, plus repeat_penalty/DRY where the server takes them)", "BRIDGE_RETRY_SAMPLING",
+        DEFAULT_RETRY_SAMPLING))
     settings.add_argument("--parallel", metavar="N", help=_env_help(
         "independent steps in flight at once", "BRIDGE_PARALLEL",
         "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"))
@@ -5688,6 +6033,15 @@ def _price_model(name: str | None) -> str:
     return name
 
 
+def _retry_sampling(name: str | None) -> str:
+    if name is None:
+        return DEFAULT_RETRY_SAMPLING
+    if name not in RETRY_SAMPLING:
+        raise ConfigError(f"unknown retry sampling {name!r}",
+                          f"pick one of {', '.join(RETRY_SAMPLING)} (--retry-sampling or BRIDGE_RETRY_SAMPLING)")
+    return name
+
+
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
 
@@ -5728,6 +6082,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         context_length=_number("context length", "--context-length or BRIDGE_CONTEXT_LENGTH",
                                pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
         price_model=_price_model(pick(args.price_model, "BRIDGE_PRICE_MODEL")),
+        retry_sampling=_retry_sampling(pick(args.retry_sampling, "BRIDGE_RETRY_SAMPLING")),
         escalate_to=pick(args.escalate_to, "BRIDGE_ESCALATE_TO"),
         memory_url=check_memory_url(memory_url) if memory_url else None,
         memory_api_key=environ.get("MCP_API_KEY") or None,
@@ -5948,6 +6303,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     whose executors are checked (no key, no claude binary: said before any claim)."""
     local = config.model is None or parse_model_ref(config.model)[0] == "openai"
     info = client.probe() if local else None
+    client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
     same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
     context = config.context_length or (info.context_length if same else None)
@@ -6380,8 +6736,7 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
         step = plan.steps[sid]
         budget = None
         if config.context_length:
-            budget = config.context_length - (step.max_tokens or min(ANSWER_RESERVE_TOKENS,
-                                                                     config.context_length // 4))
+            budget = config.context_length - answer_tokens(step, config.context_length)
         try:
             messages, error = build_messages(plan, step, placeholders, budget), None
         except PromptTooLarge as exc:

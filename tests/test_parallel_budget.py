@@ -60,9 +60,9 @@ def independent_steps(n: int) -> list[dict]:
     return [{"id": i, "prompt": f"Task number {i}", "max_retries": 0} for i in range(1, n + 1)]
 
 
-def budget_of(context: int, max_tokens: int | None = None) -> int:
+def budget_of(context: int, max_tokens: int | None = None, kind: str = "non_empty") -> int:
     """The prompt tokens that fit (Runner._budget): context less the answer's share."""
-    return context - (max_tokens or min(bridge.ANSWER_RESERVE_TOKENS, context // 4))
+    return context - (max_tokens or min(bridge.DEFAULT_MAX_TOKENS[kind], context // 4))
 
 
 def file_plan(project: Path, prompt: str = "Summarise the file.", files: dict | None = None,
@@ -593,7 +593,7 @@ def test_retry_feedback_cut_to_fit_the_context(capsys, db, fake_llm, state_dir):
     requests = fake_llm.chat_requests
     assert len(requests) == 2
     second = request_messages(requests[1])
-    assert bridge.estimate_tokens(second) <= budget_of(2000)
+    assert bridge.estimate_tokens(second) <= budget_of(2000, kind="contains_keys")
     joined = "\n".join(m["content"] for m in second)
     assert FEEDBACK_CUT in joined or FEEDBACK_LEFT_OUT in joined
     assert "rejected" in joined                      # the validation error is kept

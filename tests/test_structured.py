@@ -50,8 +50,10 @@ def test_json_schema_form_first_with_the_step_schema(db, fake_llm, tmp_path):
     insert_plan(db, make_plan("p1", steps=[KEYS_STEP]))
     fake_llm.enqueue('{"a": 1, "b": 2}')
     assert run(db, fake_llm, tmp_path) == 0
+    value = bridge.bounded_value()
     assert formats(fake_llm) == [{"type": "json_schema", "json_schema": {"name": "step_output", "schema": {
-        "type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"]}}}]
+        "type": "object", "properties": {"a": value, "b": value}, "required": ["a", "b"],
+        "additionalProperties": False}}}]
     check_store(db)
 
 
