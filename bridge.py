@@ -145,8 +145,9 @@ DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "sy
                       "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
 # Bounds added to the schema sent for constrained decoding (bounded_schema), where the
 # plan sets none. The check itself still uses the plan's own validation.
-JSON_VALUE_MAX_LENGTH = 200            # characters of a string value: a value copied from a sentence is a
-                                       # few words; a string the model does not close ends here
+JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
+                                       # few words (a name, an email, a date); SmolLM2 was seen filling
+                                       # 200 characters of junk into a value, 60 tokens of one step's 10 s
 JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
 # Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
 # above what a sound answer does, so it only cuts output that would run to max_tokens.
@@ -162,16 +163,17 @@ DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, 
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
-# How attempt 2 and later sample (--retry-sampling; see retry_sampling). "plain": as the
-# first. "hotter": a temperature of at least RETRY_TEMPERATURES[retry - 1] (the step's
-# own when higher) and a new seed, so a retry does not redraw the same answer (DSPy's
-# Refine retries hotter). "penalty": hotter, plus repeat_penalty where the server takes
+# How attempts sample (--retry-sampling; see retry_sampling). "plain": every attempt as
+# the step says. "hotter": the first greedy (temperature 0) unless the step sets one,
+# then a temperature of at least RETRY_TEMPERATURES[attempt - 1] (the step's own when
+# higher) and a new seed, so a retry does not redraw the same answer (DSPy's Refine
+# retries hotter; aider's benchmark retries with the error at temperature 0). "penalty": hotter, plus repeat_penalty where the server takes
 # it (llama.cpp, LM Studio, llama-cpp-python) and DRY on llama.cpp (dry_multiplier 0.8,
 # "a typical recommended value": ggml-org/llama.cpp PR #9702). Chosen by the bench in
 # the README (bench/real_model.py).
 RETRY_SAMPLING = ("plain", "hotter", "penalty")
 DEFAULT_RETRY_SAMPLING = "hotter"
-RETRY_TEMPERATURES = (0.5, 0.8, 1.0)   # retry 1, 2, 3 and later
+RETRY_TEMPERATURES = (0.0, 0.5, 0.8, 1.0)   # attempt 1 (when the step sets none), 2, 3, 4 and later
 RETRY_REPEAT_PENALTY = 1.15            # llama.cpp's default is 1.0 (off), LM Studio's 1.1
 RETRY_DRY_MULTIPLIER = 0.8
 DEFAULT_VALIDATION = {"type": "non_empty"}
@@ -4633,13 +4635,16 @@ def answer_tokens(step: Step, context_length: int | None) -> int:
 def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
     """Return how attempt number attempt (1 is the first) of a step samples under a
     schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
-    "dry_multiplier"?}. The first attempt, and every attempt of "plain", samples as
-    the step says (its temperature, else the server's default). Seeds are the
-    attempt's number, so a rerun samples the same."""
+    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
+    temperature, else the server's default); the first of the others too, but
+    greedy when the step sets no temperature. Seeds are the attempt's number, so a
+    rerun samples the same."""
     fields = {} if step.temperature is None else {"temperature": step.temperature}
-    if schedule == "plain" or attempt == 1:
+    if schedule == "plain":
         return fields
-    floor = RETRY_TEMPERATURES[min(attempt - 2, len(RETRY_TEMPERATURES) - 1)]
+    if attempt == 1:
+        return fields or {"temperature": RETRY_TEMPERATURES[0]}
+    floor = RETRY_TEMPERATURES[min(attempt - 1, len(RETRY_TEMPERATURES) - 1)]
     fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
     if schedule == "penalty":
         fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)

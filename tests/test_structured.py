@@ -65,7 +65,7 @@ def test_json_schema_step_sends_its_own_schema_and_json_step_any_json(db, fake_l
     fake_llm.enqueue('{"n": 3}').enqueue("[1, 2]")
     assert run(db, fake_llm, tmp_path) == 0
     sent = formats(fake_llm)
-    assert sent[0]["json_schema"]["schema"] == schema
+    assert sent[0]["json_schema"]["schema"] == {**schema, "additionalProperties": False}   # bounds added
     assert sent[1]["json_schema"]["schema"] == {}
     check_store(db)
 
@@ -87,8 +87,7 @@ def test_llama_cpp_python_refusal_falls_back_to_json_object_without_spending_an_
     fake_llm.enqueue('{"a": 1, "b": 2}').enqueue('{"a": 3, "b": 4}')
     assert run(db, fake_llm, tmp_path, "--max-output-bytes", "100000") == 0
     assert [f and f["type"] for f in formats(fake_llm)] == ["json_schema", "json_object", "json_object"]
-    assert formats(fake_llm)[1]["schema"] == {"type": "object", "properties": {"a": {}, "b": {}},
-                                              "required": ["a", "b"]}
+    assert formats(fake_llm)[1]["schema"] == bridge.output_schema(KEYS_STEP["validation"])
     assert [s["attempts"] for s in stored_step(db)] == [1, 1]
     check_store(db)
 
