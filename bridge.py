@@ -4827,12 +4827,13 @@ class StepResult:
     (seconds in model requests, for tokens per second), cost_usd (real), the
     escalation (escalated_to, escalation_saved), the ledger per model
     reference, checks (every command validation run: CommandRun.as_dict plus
-    its attempt), and sampling: how each attempt sampled ([{"attempt", "max_tokens",
-    "temperature"?, "seed"?, …}], the fields sent). See as_dict."""
+    its attempt), and attempt_log: one entry per attempt, [{"attempt", "sampling":
+    {"max_tokens", "temperature"?, "seed"?, …} (the fields sent), "completion_tokens",
+    "error" (None when it passed)}]. See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
-              "escalation_saved", "ledger", "checks", "sampling")
+              "escalation_saved", "ledger", "checks", "attempt_log")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
@@ -4846,7 +4847,7 @@ class StepResult:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
         self.checks: list[dict] = []        # each command run: attempt, argv, exit_code, duration_s, output_tail
-        self.sampling: list[dict] = []      # per attempt: the sampling fields sent
+        self.attempt_log: list[dict] = []   # per attempt: sampling sent, completion tokens, error
 
     def checkpoint(self) -> dict:
         """Return every field, whole, for the run's steps.jsonl."""
@@ -4876,7 +4877,7 @@ class StepResult:
                 "cost_usd": self.cost_usd, "would_have_cost_usd": would_cost_usd(self.usage, price_model),
                 "model": self.model, "resumed": self.resumed, "escalated_to": self.escalated_to,
                 "escalation_saved": self.escalation_saved, "ledger": self.ledger, "checks": self.checks,
-                "sampling": self.sampling}
+                "attempt_log": self.attempt_log}
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
@@ -5609,8 +5610,11 @@ class Runner:
             say(f"  {step.label}: attempt {attempt}/{step.max_retries + 1}")
             say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
             result.output = ""
-            sampling = retry_sampling(self.config.retry_sampling, step, attempt)
+            sampling, spent = retry_sampling(self.config.retry_sampling, step, attempt), result.usage["completion_tokens"]
             error = self._attempt(step, result, messages + retry_note, model, files, where, attempt, sampling)
+            if result.attempt_log:
+                result.attempt_log[-1].update(completion_tokens=result.usage["completion_tokens"] - spent,
+                                              error=error and error.message)
             result.duration_s = time.monotonic() - clock
             if error is None:
                 result.status, result.error = "succeeded", None
@@ -5695,7 +5699,7 @@ class Runner:
                         max_tokens=self._max_tokens(step, model, messages))
         local = isinstance(executor, LLMClient)
         sent = executor.accepted_sampling(sampling) if local else sampling
-        result.sampling.append({"attempt": attempt, **sent})
+        result.attempt_log.append({"attempt": attempt, "sampling": sent, "completion_tokens": 0, "error": None})
         self._runlog.sampled(step.id, attempt, sent)
         self._runlog.sent(step.id, attempt, messages)
         guard = DegenerationGuard(schema_depth(output_schema(step.validation))) if local else None
