@@ -3226,14 +3226,23 @@ def output_schema(validation: dict | list) -> dict | None:
     return None
 
 
+def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
+    """Return the schema of a bounded string value: min_length to max_length characters, none
+    of them a quote, a backslash or a control character. The pattern says so because
+    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
+    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
+    small model fills "" where the sentence has the value (null stays allowed)."""
+    return {"type": "string", "minLength": min_length, "maxLength": max_length,
+            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
+
+
 def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a string of at most
-    JSON_VALUE_MAX_LENGTH characters, a number, true/false, null, or a list of at
-    most JSON_LIST_MAX_ITEMS of those. Spelled as anyOf, not a list of types:
-    llama.cpp's and llama-cpp-python's converters drop maxLength from a type list
-    (llama_cpp/llama_grammar.py visit)."""
-    scalars = [{"type": "string", "maxLength": JSON_VALUE_MAX_LENGTH}, {"type": "number"},
-               {"type": "boolean"}, {"type": "null"}]
+    """Return the schema of a value a plan leaves open: a bounded_string, a number,
+    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
+    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
+    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
     return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}, "maxItems": JSON_LIST_MAX_ITEMS}]}
 
 
@@ -3244,7 +3253,8 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 def bounded_schema(schema: Any) -> Any:
     """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    maxLength JSON_VALUE_MAX_LENGTH on strings, maxItems JSON_LIST_MAX_ITEMS on
+    a bounded_string for strings (unless the plan sets a length, a pattern, a format
+    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
     arrays, additionalProperties false on objects listing their properties, and an
     open value ({} or an array without items) made a bounded_value. Whatever the
     plan sets is kept as it is."""
@@ -3263,8 +3273,10 @@ def bounded_schema(schema: Any) -> Any:
         if isinstance(out.get(key), dict):
             out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
     types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
-    if "string" in types and not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
-        out["maxLength"] = JSON_VALUE_MAX_LENGTH
+    shortest = out.get("minLength", 1)
+    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
+            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
+        out.update(bounded_string(shortest))
     if "array" in types:
         out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
         if "items" not in out and "prefixItems" not in out:
