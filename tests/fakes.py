@@ -288,6 +288,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(400, {"error": {"message": "fake server: no scripted reply queued",
                                        "type": "invalid_request_error"}})
             return
+        self._rec = rec
         with fake._slot():
             if fake.latency_s:
                 time.sleep(fake.latency_s)
@@ -386,7 +387,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if events:
             events[0]["choices"][0]["delta"] = {"role": "assistant", **events[0]["choices"][0]["delta"]}
         if fault not in ("stall", "cut"):
-            events.append(chunk({}, "stop"))
+            events.append(chunk({}, r["finish_reason"]))
             so = req.get("stream_options")
             if r["usage"] and isinstance(so, dict) and so.get("include_usage"):
                 c = len(pieces)
@@ -398,7 +399,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for i, ev in enumerate(events):
             if fault == "comments" and i > 0:
                 self._write_sse(": ping\n\n")
+            if r["chunk_delay_s"] and i:
+                time.sleep(r["chunk_delay_s"])
             self._event(ev)
+            self._rec["events_sent"] = i + 1      # how far the stream got before the client left
         if fault in ("stall", "cut"):
             self.close_connection = True        # the stream never ends: no last chunk
         if fault == "stall":
@@ -411,7 +415,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             msg["reasoning_content"] = r["reasoning"]
             msg["reasoning"] = r["reasoning"]
         out: dict[str, Any] = {"id": "x", "object": "chat.completion", "model": model,
-                               "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}
+                               "choices": [{"index": 0, "message": msg, "finish_reason": r["finish_reason"]}]}
         if r["usage"]:
             out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n_chunks,
                             "total_tokens": prompt_tokens + n_chunks}
@@ -589,14 +593,16 @@ class FakeLLM(_FakeServer):
                 error_body: str | dict | None = None, retry_after: Any = None,
                 headers: dict | None = None, usage: bool = True, chunk_size: int = 8,
                 reasoning: str | None = None, fault: str | None = None,
-                delay_s: float = 1.0) -> "FakeLLM":
+                delay_s: float = 1.0, finish_reason: str = "stop",
+                chunk_delay_s: float = 0.0) -> "FakeLLM":
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         reply = self._reply(content, status=status, error=error, error_body=error_body,
                             retry_after=retry_after, headers=headers, usage=usage, chunk_size=chunk_size,
-                            reasoning=reasoning, fault=fault, delay_s=delay_s)
+                            reasoning=reasoning, fault=fault, delay_s=delay_s, finish_reason=finish_reason,
+                            chunk_delay_s=chunk_delay_s)
         with self._lock:
             self._queue.append(reply)
         return self
@@ -605,11 +611,11 @@ class FakeLLM(_FakeServer):
     def _reply(content: str, *, status: int = 200, error: str | None = None, error_body: Any = None,
                retry_after: Any = None, headers: dict | None = None, usage: bool = True,
                chunk_size: int = 8, reasoning: str | None = None, fault: str | None = None,
-               delay_s: float = 1.0) -> dict:
+               delay_s: float = 1.0, finish_reason: str = "stop", chunk_delay_s: float = 0.0) -> dict:
         return {"content": content, "status": int(status), "error": error, "error_body": error_body,
                 "retry_after": retry_after, "headers": dict(headers or {}), "usage": bool(usage),
                 "chunk_size": int(chunk_size), "reasoning": reasoning, "fault": fault,
-                "delay_s": float(delay_s)}
+                "delay_s": float(delay_s), "finish_reason": finish_reason, "chunk_delay_s": float(chunk_delay_s)}
 
     @property
     def chat_requests(self) -> list[dict]:
