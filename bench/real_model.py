@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -116,16 +117,30 @@ def plan_document(plan_id: str) -> dict:
             "context": {"objective": "bench: real small model"}, "steps": steps}
 
 
+def _words(text: str) -> list[str]:
+    return [w.strip(".,;!?") for w in re.findall(r"[^\s\"']+", text.lower())]
+
+
 def faithful(value, sentence: str) -> bool:
-    """Tell whether a value (a scalar or a list of them) is found in the sentence."""
+    """Tell whether a value (a scalar or a non-empty list of them) is found in the
+    sentence: a number equal to one of its numbers, a string equal to a run of its
+    words ("LIS 09:10" is in "departs LIS 09:10 and"; "21" is not in "reads 21.5")."""
     if isinstance(value, list):
         return bool(value) and all(faithful(v, sentence) for v in value)
     if isinstance(value, bool) or value is None or isinstance(value, dict):
         return False
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip().lower()
-    return bool(text) and text in sentence.lower()
+    words = _words(sentence)
+    if isinstance(value, (int, float)):
+        return any(_number(w) == value for w in words)
+    wanted = _words(str(value))
+    return bool(wanted) and any(words[i:i + len(wanted)] == wanted for i in range(len(words)))
+
+
+def _number(word: str) -> float | None:
+    try:
+        return float(word)
+    except ValueError:
+        return None
 
 
 def values_faithful(task: dict, output: str) -> bool:
