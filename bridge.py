@@ -5697,7 +5697,8 @@ class Runner:
                  sampling: dict | None = None) -> "AttemptError | None":
         """Send one attempt, check it, write its file; return None or the AttemptError.
 
-        sampling: its fields (retry_sampling; None: as the step says). A local
+        sampling: its fields (retry_sampling; None: as the step says; the Anthropic
+        API and the claude CLI always sample as the step says). A local
         model's output is watched while it streams (DegenerationGuard): when it
         degenerates, the request is cancelled and the attempt fails saying why; so
         does an answer cut at max_tokens (finish_reason "length").
@@ -5707,9 +5708,11 @@ class Runner:
         except LLMError as exc:          # no key, no claude binary: another attempt cannot help
             return AttemptError(str(exc), retryable=False)
         started, pieces = time.monotonic(), [0]
-        sampling = dict(retry_sampling("plain", step, 1) if sampling is None else sampling,
-                        max_tokens=self._max_tokens(step, model, messages))
-        local = isinstance(executor, LLMClient)
+        local = isinstance(executor, LLMClient)      # the other executors keep their own limits
+        sampling = dict(retry_sampling("plain", step, 1) if sampling is None or not local else sampling)
+        limit = self._max_tokens(step, model, messages) if local else step.max_tokens
+        if limit:
+            sampling["max_tokens"] = limit
         sent = executor.accepted_sampling(sampling) if local else sampling
         result.attempt_log.append({"attempt": attempt, "sampling": sent, "completion_tokens": 0, "error": None})
         self._runlog.sampled(step.id, attempt, sent)
@@ -5727,7 +5730,7 @@ class Runner:
         extra = {"sampling": sampling} if local else {}
         try:
             reply = executor.chat(messages, model=name, temperature=sampling.get("temperature"),
-                                  max_tokens=sampling["max_tokens"], timeout_s=step.timeout_s,
+                                  max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
                                   json_schema=output_schema(step.validation), on_delta=on_delta, **extra)
         except LLMError as exc:
             result.generation_s += time.monotonic() - started
@@ -5742,7 +5745,8 @@ class Runner:
         self._runlog.answer(step.id, attempt, reply)
         _add_usage(result, reply, messages, pieces[0], model)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            why = (f"stopped at max_tokens={sampling['max_tokens']}: the answer was cut before it ended "
+            limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
+            why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             result.output = strip_think(reply.text)
             self._runlog.checked(step.id, attempt, why)

