@@ -250,7 +250,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._endless(b" " * 65536, "application/json", b'{"object": "list", "data": [')
         elif path == "/v1/models":
             self._send(200, {"object": "list", "data": [
-                {"id": m, "object": "model", "owned_by": "fake"} for m in models]})
+                {"id": m, "object": "model", "owned_by": fake.owned_by} for m in models]})
         elif path == "/api/v0/models" and fake.lmstudio:
             data = []
             for m in models:
@@ -527,6 +527,7 @@ class FakeLLM(_FakeServer):
         self.models: list[str] = list(_DEFAULT_MODELS)
         self.loaded: str | None = _DEFAULT_LOADED
         self.lmstudio: bool = True
+        self.owned_by = "fake"              # /v1/models owned_by ("me": llama-cpp-python's server)
         self.context_length: int = 4096     # LM Studio loaded_context_length, llama.cpp n_ctx
         self.slots: int | None = None       # llama.cpp total_slots: set to serve /props and cap concurrency
         self.latency_s: float = 0.0         # held per chat request, inside a slot
@@ -556,6 +557,7 @@ class FakeLLM(_FakeServer):
         self.models = list(_DEFAULT_MODELS)
         self.loaded = _DEFAULT_LOADED
         self.lmstudio = True
+        self.owned_by = "fake"
         self.context_length = 4096
         self.slots = None
         self.latency_s = 0.0

@@ -162,16 +162,23 @@ def test_step_temperature_above_the_schedule_is_kept(capsys, db, fake_llm, state
 
 @pytest.mark.parametrize("server, extras", [
     ("llama.cpp", {"repeat_penalty", "dry_multiplier"}), ("LM Studio", {"repeat_penalty"}),
-    ("OpenAI-compatible", set())])
+    ("llama-cpp-python", {"repeat_penalty"}), ("OpenAI-compatible", set())])
 def test_penalty_fields_only_where_the_server_takes_them(capsys, db, fake_llm, state_dir, server, extras):
     fake_llm.lmstudio = server == "LM Studio"
     fake_llm.slots = 1 if server == "llama.cpp" else None
+    fake_llm.owned_by = "me" if server == "llama-cpp-python" else "fake"     # llama_cpp/server/app.py
     fake_llm.enqueue("no json").enqueue('{"name": "Ada", "city": "London"}')
     insert_plan(db, make_plan(steps=[step(KEYS)]))
     rc, _, err = run_json(capsys, db, fake_llm, state_dir, "--retry-sampling", "penalty", "--model", "fake-model")
     assert rc == 0, err
     first, second = (set(r["json"]) & {"repeat_penalty", "dry_multiplier"} for r in fake_llm.chat_requests)
     assert (first, second) == (set(), extras)
+
+
+def test_probe_tells_llama_cpp_python(capsys, db, fake_llm, state_dir):
+    fake_llm.lmstudio, fake_llm.owned_by = False, "me"
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--health", "--json")
+    assert json.loads(out)["server"]["kind"] == "llama-cpp-python", err
 
 
 def test_server_refusing_an_extra_field_gets_none_and_no_attempt_is_spent(capsys, db, fake_llm, state_dir):
