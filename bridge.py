@@ -163,14 +163,15 @@ DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, 
 
 DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
-# How attempts sample (--retry-sampling; see retry_sampling). "plain": every attempt as
-# the step says. "hotter": the first greedy (temperature 0) unless the step sets one,
-# then a temperature of at least RETRY_TEMPERATURES[attempt - 1] (the step's own when
-# higher) and a new seed, so a retry does not redraw the same answer (DSPy's Refine
-# retries hotter; aider's benchmark retries with the error at temperature 0). "penalty": hotter, plus repeat_penalty where the server takes
-# it (llama.cpp, LM Studio, llama-cpp-python) and DRY on llama.cpp (dry_multiplier 0.8,
-# "a typical recommended value": ggml-org/llama.cpp PR #9702). Chosen by the bench in
-# the README (bench/real_model.py).
+# How attempts on the local server sample (--retry-sampling; see retry_sampling).
+# "plain": every attempt as the step says. "hotter": the first greedy (temperature 0)
+# unless the step sets one, then a temperature of at least RETRY_TEMPERATURES[attempt
+# - 1] (the step's own when higher) and a new seed, so a retry does not redraw the same
+# answer (DSPy's Refine retries hotter; aider's benchmark retries with the error at
+# temperature 0). "penalty": hotter, plus repeat_penalty where the server takes it
+# (llama.cpp, LM Studio, llama-cpp-python) and DRY on llama.cpp (dry_multiplier 0.8,
+# "a typical recommended value": ggml-org/llama.cpp PR #9702). The default is the one
+# the README's bench figures favour (bench/real_model.py).
 RETRY_SAMPLING = ("plain", "hotter", "penalty")
 DEFAULT_RETRY_SAMPLING = "hotter"
 RETRY_TEMPERATURES = (0.0, 0.5, 0.8, 1.0)   # attempt 1 (when the step sets none), 2, 3, 4 and later
