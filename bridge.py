@@ -3355,22 +3355,23 @@ class DegenerationGuard:
     def feed(self, piece: str) -> None:
         """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
         self.pieces.append(piece)
-        for char in piece:
-            self._whitespace(char)
-            if self.max_depth is not None:
+        self._whitespace(piece)
+        if self.max_depth is not None:
+            for char in piece:
                 self._nesting(char)
         self._repeats(piece)
 
-    def _whitespace(self, char: str) -> None:
-        if not char.isspace():
-            self._space = ""
-            return
-        self._space += char
-        newlines = self._space.count("\n")
-        if newlines > DEGENERATE_NEWLINES:
-            raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
-        if len(self._space) > DEGENERATE_WHITESPACE:
-            raise OutputDegenerate(f"stopped: {len(self._space)} whitespace characters in a row")
+    def _whitespace(self, piece: str) -> None:
+        text = self._space + piece          # a run may have begun in an earlier piece
+        self._space = ""
+        for run in re.finditer(r"\s+", text):
+            newlines = run.group().count("\n")
+            if newlines > DEGENERATE_NEWLINES:
+                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
+            if len(run.group()) > DEGENERATE_WHITESPACE:
+                raise OutputDegenerate(f"stopped: {len(run.group())} whitespace characters in a row")
+            if run.end() == len(text):
+                self._space = run.group()
 
     def _nesting(self, char: str) -> None:
         if self._in_string:
@@ -3405,6 +3406,8 @@ class DegenerationGuard:
             times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
             if len(words) < period * times:
                 return
+            if words[-1] != words[-1 - period]:
+                continue                    # the cheap test first: most words repeat nothing
             unit = words[-period:]
             if all(words[-(n + 1) * period:len(words) - n * period] == unit for n in range(1, times)):
                 raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} times in a row "
@@ -4960,13 +4963,12 @@ class RunLog:
     per step, in Claude Code's stream-json line format (code.claude.com/docs/en/
     headless), so tools that read Claude Code transcripts read these too.
 
-    Lines: {"type": "system", "subtype": "init", …} once; per attempt its sampling
-    ({"type": "system", "subtype": "sampling", "sampling": {…}}), the messages
-    sent ({"type": "system", "subtype": "system_prompt"} and {"type": "user" |
-    "assistant", "message": …} lines), the streamed answer as an "assistant"
-    message with its usage, a {"type": "system", "subtype": "command"} line per
-    command run (argv, exit_code, duration_s, output_tail), a {"type": "system",
-    "subtype": "validation"} line;
+    Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages
+    sent ({"type": "system", "subtype": "system_prompt", "sampling": {the fields
+    sent}} and {"type": "user" | "assistant", "message": …} lines), the streamed
+    answer as an "assistant" message with its usage, a {"type": "system",
+    "subtype": "command"} line per command run (argv, exit_code, duration_s,
+    output_tail), a {"type": "system", "subtype": "validation"} line;
     last a {"type": "result", …} line with usage, duration_ms, total_cost_usd (0:
     the work was local) and would_have_cost_usd. A transcript is flushed once an
     attempt's messages are written and again after its check, so it can be read
@@ -4992,16 +4994,13 @@ class RunLog:
                              "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
                              "step_id": step.id, "title": step.title})
 
-    def sampled(self, sid: int, attempt: int, sampling: dict) -> None:
-        """Record how one attempt samples (max_tokens, temperature, seed, …: the fields sent)."""
-        self._line(sid, {"type": "system", "subtype": "sampling", "attempt": attempt, "sampling": sampling})
-
-    def sent(self, sid: int, attempt: int, messages: list[dict]) -> None:
-        """Record the exact messages of one attempt."""
+    def sent(self, sid: int, attempt: int, messages: list[dict], sampling: dict | None = None) -> None:
+        """Record the exact messages of one attempt, and on its system prompt line how
+        it samples (sampling: max_tokens, temperature, seed, …, the fields sent)."""
         for message in messages:
             if message["role"] == "system":
-                self._line(sid, {"type": "system", "subtype": "system_prompt", "attempt": attempt,
-                                 "text": message["content"]})
+                line = {"type": "system", "subtype": "system_prompt", "attempt": attempt, "text": message["content"]}
+                self._line(sid, line if sampling is None else {**line, "sampling": sampling})
             else:
                 self._line(sid, {"type": message["role"], "attempt": attempt, "session_id": self.run_id,
                                  "message": {"role": message["role"],
@@ -5716,8 +5715,7 @@ class Runner:
             sampling["max_tokens"] = limit
         sent = executor.accepted_sampling(sampling) if local else sampling
         result.attempt_log.append({"attempt": attempt, "sampling": sent, "completion_tokens": 0, "error": None})
-        self._runlog.sampled(step.id, attempt, sent)
-        self._runlog.sent(step.id, attempt, messages)
+        self._runlog.sent(step.id, attempt, messages, sent)
         guard = DegenerationGuard(schema_depth(output_schema(step.validation))) if local else None
 
         def on_delta(piece: str) -> None:
