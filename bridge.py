@@ -3322,6 +3322,14 @@ def schema_depth(schema: Any) -> int | None:
     return nested + 1 if {"object", "array"} & set(types) else nested
 
 
+def checked_depth(validation: dict | list) -> int | None:
+    """Return how deep the output of a step can nest and still pass its check: the
+    depth of a json_schema step's own schema (schema_depth), else None (not bounded:
+    a contains_keys value may be anything, though the schema sent bounds it)."""
+    first = next((v for v in validations_of(validation) if output_schema(v) is not None), None)
+    return schema_depth(first["schema"]) if first and first.get("type") == "json_schema" else None
+
+
 class DegenerationGuard:
     """Watch an output while it streams and raise OutputDegenerate as soon as it
     degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
@@ -3335,7 +3343,7 @@ class DegenerationGuard:
     or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
     repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
     words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its schema allows, see schema_depth; None: not checked).
+    max_depth (the depth its check allows, see checked_depth; None: not checked).
     text is what was fed.
     """
 
@@ -4640,11 +4648,13 @@ def estimate_tokens(messages: list[dict]) -> int:
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else
-    DEFAULT_MAX_TOKENS for its validation type, at most a quarter of context_length
+    DEFAULT_MAX_TOKENS for its validation type (of a list, the largest but command's,
+    which checks a file, not the answer's form), at most a quarter of context_length
     (tokens; None: not known). The prompt budget keeps this much free (Runner._budget)."""
     if step.max_tokens:
         return step.max_tokens
-    default = DEFAULT_MAX_TOKENS.get(step.validation.get("type", "non_empty"), ANSWER_RESERVE_TOKENS)
+    kinds = [v.get("type", "non_empty") for v in validations_of(step.validation) if v.get("type") != "command"]
+    default = max((DEFAULT_MAX_TOKENS.get(kind, ANSWER_RESERVE_TOKENS) for kind in kinds or ["non_empty"]))
     return min(default, context_length // 4) if context_length else default
 
 
@@ -5716,7 +5726,7 @@ class Runner:
         sent = executor.accepted_sampling(sampling) if local else sampling
         result.attempt_log.append({"attempt": attempt, "sampling": sent, "completion_tokens": 0, "error": None})
         self._runlog.sent(step.id, attempt, messages, sent)
-        guard = DegenerationGuard(schema_depth(output_schema(step.validation))) if local else None
+        guard = DegenerationGuard(checked_depth(step.validation)) if local else None
 
         def on_delta(piece: str) -> None:
             pieces[0] += 1

@@ -13,6 +13,8 @@ import bridge
 from fakes import check_store, insert_plan, make_plan, run_bridge, run_json, steps_by_id
 
 KEYS = {"type": "contains_keys", "keys": ["name", "city"]}
+FLAT = {"type": "json_schema", "schema": {"type": "object", "required": ["name", "city"], "properties": {
+    "name": {"type": "string"}, "city": {"type": "string"}}, "additionalProperties": False}}
 CODE = {"type": "syntax_check", "language": "python"}
 
 
@@ -44,6 +46,13 @@ def test_max_tokens_default_per_validation_type(capsys, db, fake_llm, state_dir,
     assert rc == 0, err
     assert fake_llm.chat_requests[0]["json"]["max_tokens"] == expected
     assert steps_by_id(result)[1]["attempt_log"][0]["sampling"]["max_tokens"] == expected
+
+
+def test_max_tokens_of_a_list_of_validations():
+    step = bridge.Step(id=1, prompt="p", validation=[KEYS, {"type": "command", "run": ["true"]}])
+    assert bridge.answer_tokens(step, None) == 256
+    assert bridge.answer_tokens(step._replace(validation=[KEYS, CODE]), 4096) == 1024
+    assert bridge.answer_tokens(step._replace(validation=[{"type": "command", "run": ["true"]}]), 4096) == 1024
 
 
 def test_step_max_tokens_wins_and_unknown_context_keeps_the_default(capsys, db, fake_llm, state_dir):
@@ -83,7 +92,7 @@ def test_cut_answer_that_passes_the_check_still_fails(capsys, db, fake_llm, stat
     ('{"name": "Ada",' + "\n" * 2000, r"(9|10) newlines in a row"),       # one more than the limit of 8
     ("def f():" + " " * 4000, r"16[12] whitespace characters in a row"),   # ... of 160
     ("The answer is " + "the same line again\n" * 400, r"the same 4 word\(s\) repeated 10 times in a row"),
-    ('{"name": {"first": {"x": ' * 50, "JSON nested 3 deep, deeper than the 2 its schema allows"),
+    ('{"name": {"first": {"x": ' * 50, "JSON nested 2 deep, deeper than the 1 its schema allows"),
 ])
 def test_degenerate_stream_is_cancelled_and_the_retry_told(capsys, db, fake_llm, state_dir, stream, seen):
     """The attempt ends as soon as the text degenerates: the client closes the stream (the
@@ -91,7 +100,7 @@ def test_degenerate_stream_is_cancelled_and_the_retry_told(capsys, db, fake_llm,
     and that message is what the retry's prompt carries."""
     fake_llm.enqueue(stream, chunk_size=2, chunk_delay_s=0.002)
     fake_llm.enqueue('{"name": "Ada", "city": "London"}')
-    insert_plan(db, make_plan(steps=[step(KEYS)]))
+    insert_plan(db, make_plan(steps=[step(FLAT)]))
     rc, result, err = run_json(capsys, db, fake_llm, state_dir)
     assert rc == 0, err
     entry = steps_by_id(result)[1]
@@ -232,7 +241,9 @@ def test_json_schema_keeps_the_plans_bounds_and_adds_missing_ones():
 
 
 def test_the_check_still_takes_nested_values(capsys, db, fake_llm, state_dir):
-    fake_llm.enqueue('{"name": {"first": "Ada"}, "city": "London"}')
+    """Unconstrained, a contains_keys value may nest as deep as it likes: nothing stops it."""
+    assert bridge.checked_depth(KEYS) is None and bridge.checked_depth(FLAT) == 1
+    fake_llm.enqueue('{"name": {"first": {"given": ["Ada"]}}, "city": "London"}')
     insert_plan(db, make_plan(steps=[step(KEYS, max_retries=0)]))
     rc, _, err = run_json(capsys, db, fake_llm, state_dir, "--no-structured")
     assert rc == 0, err
