@@ -105,7 +105,8 @@ def _number(word: str) -> float | None:
 
 def json_values(step: dict, output: str) -> dict | None:
     """Return the required values of a JSON step's output ({key: value}), or None."""
-    validation = step.get("validation") or {}
+    validation = next((v for v in bridge.validations_of(step.get("validation") or {})
+                       if v.get("type") in ("contains_keys", "json_schema")), {})
     keys = validation.get("keys") or (validation.get("schema") or {}).get("required")
     if validation.get("type") not in ("contains_keys", "json_schema") or not keys:
         return None
@@ -141,7 +142,9 @@ def print_results(db: Path) -> tuple[int, int]:
                                   (bridge.RESULT_MEMORY_TYPE,)).fetchall()
     counted = faithful = 0
     for (content,) in rows:
-        result = json.loads(content)
+        result = bridge.parse_result_content(content)    # a summary, then the document as one line
+        if result is None:
+            continue
         steps = {s["id"]: s for s in plans.get(result["plan_id"], {}).get("steps", [])}
         print(f"\n== result memory of plan {result['plan_id']}: {result['status']} ==")
         for step in result["steps"]:
