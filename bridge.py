@@ -18,11 +18,13 @@ Usage:
     bridge --undo ID [--run RUN_ID] [--force]   put back the files that run changed
     bridge --review [--plan ID] run, staging files under --state-dir (awaiting_review)
     bridge --apply ID | --reject ID   write or drop what a --review run staged
+    bridge --trust DIR          trust a project folder (--untrust DIR takes it back)
+    bridge --approve ID         let one plan run, pinned to its content hash
     Add --json for one JSON document on stdout, -v for prompts and outputs, -q for
     errors only. --keep-runs N: how many runs per plan keep their backups for --undo.
 
 Exit codes:
-    0    success, or nothing to do
+    0    success, or nothing to do (plans awaiting approval are not failures)
     1    a plan failed (its result memory says why)
     2    usage, configuration, store or server unusable: said before any plan is
          claimed, except when the store cannot be written as a run finishes: its
@@ -44,6 +46,10 @@ Environment (a flag wins over its variable):
     BRIDGE_MEMORY_URL (--memory-url), MCP_API_KEY             the memory server's HTTP API
                                                               (loopback), which embeds results
     BRIDGE_DEBUG                                              tracebacks for bugs
+    BRIDGE_TRUSTED_PROJECTS   trusted project folders, os.pathsep-separated (besides --trust)
+    BRIDGE_ALLOW_EXECUTORS    anthropic, claude-cli: comma-separated (like --allow-executor)
+    BRIDGE_MAX_COST_USD       the spend cap of one run (like --max-cost-usd; default 0.50)
+    XDG_CONFIG_HOME           the folder of bridge/trusted-projects.json and approvals.json
 
 Limits on what bridge reads (hostile input is a recorded failure, never a crash):
     a reply, streamed or not, within --max-output-bytes (a non-streamed body plus
@@ -211,6 +217,24 @@ EXIT_INTERRUPTED = 130
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
+# Paid or agentic executors run only when the user allowed them (--allow-executor).
+PAID_EXECUTORS = ("anthropic", "claude-cli")
+# The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
+# output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
+# a run's escalations, small enough that a looping or hostile plan costs cents.
+DEFAULT_MAX_COST_USD = 0.50
+TRUST_FILENAME = "trusted-projects.json"     # in config_dir: {"trusted_projects": [path, …]}
+APPROVALS_FILENAME = "approvals.json"        # in config_dir: {"approvals": {plan id: {content_hash, …}}}
+# What a claude-cli: model's process gets of the user's environment: an allow-list.
+# PATH finds node; HOME and CLAUDE_* hold its login and settings; the rest is locale,
+# terminal, temp folder and proxies. Cloud credentials, tokens and BRIDGE_* stay out.
+TOOL_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TMPDIR", "TZ", "LANG", "LANGUAGE",
+    "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "SYSTEMROOT"})
+TOOL_ENV_PREFIXES = ("LC_", "CLAUDE_")
+
 
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
     """Return the store paths the memory server would use, in the order tried.
@@ -234,6 +258,16 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
     else:
         server_default = home / ".local" / "share" / "mcp-memory" / "sqlite_vec.db"
     return [server_default, home / ".mcp-memory-service" / "memories.db"]
+
+
+def default_config_dir(environ: dict[str, str]) -> Path:
+    """Return $XDG_CONFIG_HOME/bridge, else ~/.config/bridge: the user's trust and approvals."""
+    from pathlib import Path
+
+    if environ.get("XDG_CONFIG_HOME"):
+        return Path(environ["XDG_CONFIG_HOME"]).expanduser() / "bridge"
+    home = Path(environ.get("HOME") or Path.home())
+    return home / ".config" / "bridge"
 
 
 def default_state_dir(environ: dict[str, str]) -> Path:
@@ -265,7 +299,11 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "anthropic_api_key": None,          # str | None
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
-    "trusted_projects": (),             # tuple[Path, ...]
+    "trusted_projects": (),             # tuple[Path, ...], real paths
+    "config_dir": ".",                  # str | Path
+    "home": None,                       # Path | None: the user's home folder
+    "allowed_executors": ("openai",),   # tuple[str, ...]
+    "max_cost_usd": DEFAULT_MAX_COST_USD,
     "memory_url": None,                 # str | None: the memory server's HTTP API (loopback)
     "memory_api_key": None,             # str | None: MCP_API_KEY
     "crash_at": None,                   # str | None
@@ -293,8 +331,6 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
     more attempt on. tool_env: the environment a claude-cli: executor runs in.
-    trusted_projects: the project folders where plans may run commands
-    (BRIDGE_TRUSTED_PROJECTS).
     memory_url: the memory server's HTTP API (loopback only) that stores result
     memories so they get an embedding; memory_api_key: its key (MCP_API_KEY).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
@@ -302,6 +338,11 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
     keep_runs: how many runs of each plan keep their file backups for --undo.
     review: stage the files a run writes under its folder (--review), not in the project.
+    trusted_projects: the user's trusted folders (real paths; --trust and
+    BRIDGE_TRUSTED_PROJECTS). config_dir: the folder of the trust and approvals
+    files. home: the user's home folder. allowed_executors: the executors steps may
+    use ("openai" always; anthropic and claude-cli by --allow-executor, --model or
+    --escalate-to). max_cost_usd: US dollars of paid requests one run may spend.
     """
 
     __slots__ = ()
@@ -2215,6 +2256,158 @@ def _build_plan(plan: dict) -> Plan:
                 verify=plan.get("verify"))
 
 
+# Trust: which plans may run. Only the user's own files and flags decide (trusted
+# projects, approvals pinned to a plan's content hash, allowed executors); nothing a
+# plan or the store says can widen it.
+
+
+def real_path(path: str | Path) -> Path:
+    """Return path with symlinks and `..` resolved (os.path.realpath; need not exist)."""
+    from pathlib import Path
+
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's
+    project, or None: the filesystem root, the home folder itself, or a folder holding
+    (equal to, or an ancestor of) the memory store, the state dir or the config dir.
+    A plan working there could replace the store, its own journals or the trust file."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir), ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+    return None
+
+
+def trusted_root(config: Config, project: Path) -> Path | None:
+    """Return the trusted folder a project lies in (real paths compared), or None.
+
+    A folder refused by untrustable_reason trusts nothing, however it was given
+    (the trust file, BRIDGE_TRUSTED_PROJECTS), and such a project is never trusted."""
+    real = real_path(project)
+    if untrustable_reason(config, real):
+        return None
+    for root in config.trusted_projects:
+        if (real == root or real.is_relative_to(root)) and not untrustable_reason(config, root):
+            return root
+    return None
+
+
+def read_config_file(path: Path, key: str, kind: type) -> Any:
+    """Return document[key] of one of bridge's JSON config files (kind() when the file
+    does not exist). Raises ConfigError when it cannot be read or has another shape."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except FileNotFoundError:
+        return kind()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", "fix the file or delete it") from exc
+    value = document.get(key) if isinstance(document, dict) else None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path} has no {key!r} {kind.__name__}", "fix the file or delete it")
+    return value
+
+
+def write_config_file(path: Path, document: dict) -> None:
+    """Write one of bridge's config files atomically: JSON in a 0600 file (mkstemp),
+    fsynced, renamed over the old one, in a 0700 folder. Raises ConfigError on OSError."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(document, indent=2) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            with _suppress(OSError):
+                os.unlink(temp)
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}",
+                          "check that folder's permissions") from exc
+
+
+def load_approvals(config: Config) -> dict:
+    """Return {plan id: {"content_hash", "approved_at"}} from config_dir/approvals.json."""
+    from pathlib import Path
+
+    return read_config_file(Path(config.config_dir, APPROVALS_FILENAME), "approvals", dict)
+
+
+def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
+    """True when plan.project lies inside one of the user's trusted projects, or the
+    user approved this plan (bridge --approve) for exactly this content hash
+    (content_hash of the plan memory's content). Never True for a project refused by
+    untrustable_reason, approved or not. Raises ConfigError when approvals.json is
+    unreadable."""
+    if plan.project is not None:
+        if untrustable_reason(config, real_path(plan.project)):
+            return False
+        if trusted_root(config, plan.project) is not None:
+            return True
+    entry = load_approvals(config).get(plan.id)
+    return isinstance(entry, dict) and entry.get("content_hash") == plan_hash
+
+
+def _executor_of(ref: str) -> str:
+    return parse_model_ref(ref)[0]
+
+
+def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
+    """Return what the user needs to decide on a valid plan, and whether it may run.
+
+    {"plan_id", "content_hash", "project" (str or None), "files" (its file_output
+    paths), "models" (every model it names: steps, defaults, escalation), "trusted"
+    (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
+    would let it run), "escalation_unused" (why its escalation will be skipped, or
+    None), "may_run"}. A plan needs approval unless its project is trusted, or it has
+    no project and runs only on the local server; paid and agentic executors need the
+    user's --allow-executor besides, which no approval replaces."""
+    named = sorted({s.model for s in plan.steps.values() if s.model} | ({plan.escalate_to} if plan.escalate_to else set()))
+    allowed = set(config.allowed_executors)
+    step_kinds = sorted({_executor_of(s.model) for s in plan.steps.values() if s.model} - {"openai"})
+    escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
+    escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
+    trusted = plan_trusted(config, plan, plan_hash)
+    reasons, commands = [], []
+    refused = untrustable_reason(config, real_path(plan.project)) if plan.project is not None else None
+    if refused:
+        reasons.append(f"project {plan.project} can never be a target: {refused}")
+        commands.append(f"bridge --cancel {plan.id}")
+    elif not trusted and (plan.project is not None or step_kinds or (escalation_used and escalation != "openai")):
+        reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
+                       else "it names models beyond the local server and has no project")
+        commands.append(f"bridge --approve {plan.id}")
+        if plan.project is not None:
+            commands.append(f"bridge --trust {plan.project}")
+    for kind in step_kinds:
+        if kind not in allowed:
+            reasons.append(f"its steps run on {kind}: models, which you have not allowed")
+            commands.append(f"bridge --allow-executor {kind}")
+    unused = None
+    if escalation is not None and escalation not in allowed and config.escalate_to is None:
+        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
+                  f"(pass --allow-executor {escalation})")
+    return {"plan_id": plan.id, "content_hash": plan_hash,
+            "project": str(plan.project) if plan.project is not None else None,
+            "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
+            "models": named, "trusted": trusted, "reasons": reasons, "commands": commands,
+            "escalation_unused": unused, "may_run": not reasons}
+
+
 ###############################################################################
 # 7. Model servers: errors, streams, retries
 #
@@ -2864,9 +3057,11 @@ class ClaudeCLI:
     """The executor that hands a step to Claude Code itself: `claude -p`.
 
     Runs `claude -p --output-format stream-json --verbose --model M
-    --no-session-persistence [--append-system-prompt S]` from an argv list (never a
-    shell), the prompt on stdin, in the plan's project folder, with an environment
-    without bridge's own settings (BRIDGE_*) or the memory server's key; kills the
+    --no-session-persistence` plus LOCKDOWN `[--append-system-prompt S]` from an
+    argv list (never a shell), the prompt on stdin, in the plan's project folder
+    only when that is a trusted project (else a fresh scratch folder under the state
+    dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
+    TOOL_ENV_PREFIXES (tool_env); kills the
     process group when the step's time (timeout_s, else --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
     messages (their text streams as deltas), and the closing result (result,
@@ -2874,6 +3069,13 @@ class ClaudeCLI:
     are skipped. A non-zero exit or is_error fails the attempt with the result text
     or the last lines of stderr.
     """
+
+    # No tools (built-in: --tools ""; MCP: --strict-mcp-config without --mcp-config),
+    # only the user's own settings (never the project's .claude/settings*.json and its
+    # hooks), and the default permission mode whatever a settings file asks for.
+    # Source: https://code.claude.com/docs/en/cli-reference (--tools, --strict-mcp-config,
+    # --setting-sources, --permission-mode), read 2026-12-04.
+    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user", "--permission-mode", "default")
 
     def __init__(self, config: Config, cwd: Path | None = None):
         import shutil
@@ -2900,19 +3102,34 @@ class ClaudeCLI:
         """Run one `claude -p` request; see the class. temperature, max_tokens and
         json_schema have no claude flag and are not passed. Raises LLMTimeout when
         the time runs out, LLMError when claude fails."""
-        import subprocess
-        import threading
-
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
             f"[{m['role']}]\n{m['content']}" for m in turns)
         argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
-                "--no-session-persistence"] + (["--append-system-prompt", system] if system else [])
+                "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
+        with self._workdir() as cwd:
+            return self._run(argv, prompt, cwd, timeout_s or self.config.timeout_s, on_delta)
+
+    def _workdir(self) -> Any:
+        """The folder claude runs in: the trusted project, else a fresh scratch folder
+        (0700, under the state dir) removed afterwards."""
+        import tempfile
+
+        if self.cwd is not None:
+            return _Nothing(self.cwd)
+        root = os.path.join(self.config.state_dir, "scratch")
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix="claude-", dir=root)
+
+    def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
+             on_delta: Callable[[str], None] | None) -> Completion:
+        import subprocess
+        import threading
+
         started = time.monotonic()
-        limit_s = timeout_s or self.config.timeout_s
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=self.cwd, env=dict(self.config.tool_env), start_new_session=True)
+                                cwd=cwd, env=dict(self.config.tool_env), start_new_session=True)
         stderr: list[bytes] = []
         reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
         reader.start()
@@ -2977,6 +3194,19 @@ class ClaudeCLI:
             elif event.get("type") == "result":
                 final = event
         return "".join(pieces), final, model
+
+
+class _Nothing:
+    """A context manager giving value and doing nothing (contextlib.nullcontext)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _kill_group(proc: Any) -> None:
@@ -3449,17 +3679,6 @@ def shell_words(argv: list[str]) -> str:
     import shlex
 
     return shlex.join(argv)
-
-
-def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
-    """Tell whether this plan may run commands: its context.project resolves inside
-    one of config.trusted_projects (BRIDGE_TRUSTED_PROJECTS). plan_hash: the plan
-    memory's content_hash (approvals are not known here: never True for them)."""
-    # interim: the trust-policy work replaces this
-    if plan.project is None:
-        return False
-    project = plan.project.resolve()
-    return any(project.is_relative_to(root.resolve()) for root in config.trusted_projects)
 
 
 def untrusted_message(plan: Plan) -> str:
@@ -5298,6 +5517,11 @@ class Runner:
         self._trusted = False                   # may this plan run commands (plan_trusted)
         self._kept: dict[str, str] = {}         # path -> what a succeeded step of this run wrote there
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
+        self._cli_cwd: Path | None = None       # claude runs here: a trusted project, else a scratch folder
+        self._spent_usd = 0.0                   # paid requests of this run, for --max-cost-usd
+        self._cap_hit = False
+        import threading
+        self._spend_lock = threading.Lock()
 
     def executor(self, ref: str) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -5307,10 +5531,13 @@ class Runner:
         if kind == "openai":
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
-        key = (kind, self._project) if kind == "claude-cli" else (kind,)
+        if kind not in self.config.allowed_executors:
+            raise LLMError(f"the {kind} executor is not allowed (model {ref})",
+                           f"let it run with --allow-executor {kind}")
+        key = (kind, self._cli_cwd) if kind == "claude-cli" else (kind,)
         if key not in self._executors:
             self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
-                if kind == "anthropic" else ClaudeCLI(self.config, self._project)
+                if kind == "anthropic" else ClaudeCLI(self.config, self._cli_cwd)
         return self._executors[key], name
 
     def report_retry(self, message: str) -> None:
@@ -5348,6 +5575,7 @@ class Runner:
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
         started, clock = utc_now_iso(), time.monotonic()
+        self._cap_hit = False
         self.events.emit("plan_start", record.plan_id, run_id=run_id, objective=record.objective,
                          steps=record.step_count, model=self.model)
         if refused:
@@ -5378,6 +5606,8 @@ class Runner:
         self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
         self._plan_id, self._project = plan.id, plan.project
         self._trusted, self._kept = plan_trusted(self.config, plan, content_hash(record.content)), {}
+        trusted = plan.project is not None and trusted_root(self.config, plan.project) is not None
+        self._cli_cwd = plan.project if trusted else None
         if not plan.project:
             files = None
         elif self.config.review:
@@ -5651,6 +5881,10 @@ class Runner:
                 break
             retry_note = fit_feedback(messages, error.feedback, budget)
         escalate_to = self.config.escalate_to or plan.escalate_to
+        if escalate_to and _executor_of(escalate_to) not in self.config.allowed_executors:
+            say(f"  {step.label}: escalation to {escalate_to} not used: the {_executor_of(escalate_to)} "
+                f"executor is not allowed (pass --allow-executor {_executor_of(escalate_to)})")
+            escalate_to = None
         if escalate_to and not self._cancel.is_set():
             if self._escalate(plan, step, result, messages, failures, escalate_to, where, say):
                 result.duration_s = time.monotonic() - clock
@@ -5715,8 +5949,11 @@ class Runner:
         """
         try:
             executor, name = self.executor(model)
-        except LLMError as exc:          # no key, no claude binary: another attempt cannot help
+        except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
             return AttemptError(str(exc), retryable=False)
+        paid = _executor_of(model) in PAID_EXECUTORS
+        if paid and (refused := self._over_cap()):
+            return AttemptError(refused, retryable=False)
         started, pieces = time.monotonic(), [0]
         local = isinstance(executor, LLMClient)      # the other executors keep their own limits
         sampling = dict(retry_sampling("plain", step, 1) if sampling is None or not local else sampling)
@@ -5749,6 +5986,9 @@ class Runner:
             result.generation_s += time.monotonic() - started
             return self._stopped(step, result, attempt, messages, model, pieces[0], guard.text, str(exc))
         result.generation_s += time.monotonic() - started
+        if paid:
+            with self._spend_lock:
+                self._spent_usd += reply.cost_usd or 0.0
         if self._cancel.is_set():
             return AttemptError("interrupted", retryable=False)
         self._runlog.answer(step.id, attempt, reply)
@@ -5849,6 +6089,18 @@ class Runner:
         self._runlog.checked(step.id, attempt, why)
         return AttemptError.from_stop(why, step.validation)
 
+    def _over_cap(self) -> str | None:
+        """Return why no more paid requests may be sent (--max-cost-usd reached by
+        what this run's paid requests have cost so far), or None. Checked before each
+        request, so steps in flight at once can pass the cap by their own cost."""
+        with self._spend_lock:
+            spent = self._spent_usd
+        if spent < self.config.max_cost_usd:
+            return None
+        self._cap_hit = True
+        return (f"spend cap reached: this run spent ${spent:.4f} of --max-cost-usd "
+                f"${self.config.max_cost_usd:.2f}; no more paid requests (raise --max-cost-usd)")
+
     def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
                 steps: list[StepResult], files: list[dict], status: str, error: str | None) -> dict:
         """Build the result document of plan-format.md."""
@@ -5857,6 +6109,8 @@ class Runner:
         counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}
         generation_s = sum(s.generation_s for s in steps)
         price = self.config.price_model
+        if self._cap_hit and error:
+            error += f"; spend cap reached (--max-cost-usd {self.config.max_cost_usd:.2f})"
         return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run_id,
                 "objective": record.objective, "status": status,
                 "success": status in ("completed", "awaiting_review"),
@@ -5869,6 +6123,7 @@ class Runner:
                 "ledger": merge_ledgers(s.ledger for s in steps),
                 "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
                                 for s in steps if s.escalated_to],
+                "max_cost_usd": self.config.max_cost_usd, "spend_cap_reached": self._cap_hit,
                 "counts": counts, "steps": [s.as_dict(price) for s in steps], "files": files, "error": error,
                 "run_log": str(self.config.runs_dir / run_id),
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
@@ -5938,7 +6193,8 @@ def build_parser() -> argparse.ArgumentParser:
               "       bridge --list [--all] | --show ID | --health | --cancel ID [options]\n"
               "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
               "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
-              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]",
+              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
+              "       bridge --trust DIR | --untrust DIR | --approve ID [options]",
         description="Run plans from the doobidoo memory store on a local OpenAI-compatible model. "
                     "With no action flag, every pending plan runs, oldest first.",
         epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
@@ -5963,6 +6219,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "the files it read and replaces are unchanged")
     actions.add_argument("--reject", metavar="ID", help="drop the files a --review run of the plan staged")
     actions.add_argument("--schema", action="store_true", help="print the plan JSON Schema")
+    actions.add_argument("--trust", metavar="DIR", help="trust a project folder and everything under it: plans "
+                                                        "whose project lies there run without approval")
+    actions.add_argument("--untrust", metavar="DIR", help="take a folder off the trusted projects")
+    actions.add_argument("--approve", metavar="ID", help="let one plan run, as its content is now (a plan "
+                                                         "replaced with other content needs approval again)")
     parser.add_argument("--dry-run", action="store_true",
                         help="with no action or --plan: check the plans that would run and print each step's "
                              "exact messages, without a server; the store is not touched")
@@ -6024,6 +6285,13 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--escalate-to", metavar="MODEL", help=_env_help(
         "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
         "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
+    settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
+                          help=_env_help("let steps run on a paid or agentic executor (anthropic, claude-cli); "
+                                         "repeatable", "BRIDGE_ALLOW_EXECUTORS, comma-separated",
+                                         "none; your own --model and --escalate-to count"))
+    settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
+        "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
+        f"{DEFAULT_MAX_COST_USD:.2f}"))
     settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
         "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
         "https://api.anthropic.com"))
@@ -6076,6 +6344,34 @@ def _retry_sampling(name: str | None) -> str:
     return name
 
 
+def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
+    """The user's trusted folders as real paths: the trust file's, then
+    BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
+    from pathlib import Path
+
+    listed = read_config_file(Path(config_dir, TRUST_FILENAME), "trusted_projects", list)
+    listed += [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep) if p.strip()]
+    return tuple(dict.fromkeys(real_path(p) for p in listed if isinstance(p, str)))
+
+
+def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
+    """openai, plus what the user allowed: --allow-executor, BRIDGE_ALLOW_EXECUTORS
+    (comma- or os.pathsep-separated), and the executors of their own --model and
+    --escalate-to (or BRIDGE_MODEL, BRIDGE_ESCALATE_TO). Raises ConfigError for an
+    unknown name."""
+    names = list(args.allow_executor or [])
+    names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
+    names = [n.strip() for n in names if n.strip()]
+    for name in names:
+        if name not in PAID_EXECUTORS:
+            raise ConfigError(f"unknown executor {name!r} to allow",
+                              f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
+    for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
+        if ref:
+            names.append(parse_model_ref(ref)[0])
+    return tuple(dict.fromkeys(["openai", *names]))
+
+
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
 
@@ -6093,6 +6389,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     else:
         db_paths = tuple(default_db_candidates(environ))
     state = pick(args.state_dir, "BRIDGE_STATE_DIR")
+    config_dir = default_config_dir(environ)
     base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
     memory_url = pick(args.memory_url, "BRIDGE_MEMORY_URL")
     if not re.match(r"^https?://[^/\s]+", base_url):
@@ -6123,12 +6420,14 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
                             or "https://api.anthropic.com").rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
-        # what a claude-cli: model runs with: the user's environment less bridge's own
-        # settings and the memory server's key
         tool_env=tuple((k, v) for k, v in environ.items()
-                       if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
-        trusted_projects=tuple(Path(folder).expanduser()
-                               for folder in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep) if folder),
+                       if k in TOOL_ENV_NAMES or k.startswith(TOOL_ENV_PREFIXES)),
+        trusted_projects=_trusted_projects(config_dir, environ),
+        config_dir=config_dir,
+        home=Path(environ.get("HOME") or Path.home()),
+        allowed_executors=_allowed_executors(args, environ),
+        max_cost_usd=_number("max cost", "--max-cost-usd or BRIDGE_MAX_COST_USD",
+                             pick(args.max_cost_usd, "BRIDGE_MAX_COST_USD"), DEFAULT_MAX_COST_USD),
         events=args.events,
         db_explicit=bool(db),
         structured=args.structured if args.structured is not None
@@ -6170,9 +6469,17 @@ def cmd_list(config: Config, show_all: bool) -> int:
     """Print the pending plans (or, with show_all, every plan and its status)."""
     with Store.open(config) as store:
         records = store.find_plans()
-    rows = [plan_summary(r) for r in records if show_all or r.status == "pending"]
+    rows = []
+    for record in records:
+        if show_all or record.status == "pending":
+            row = plan_summary(record)
+            facts = _plan_facts(config, record, validate=False) if record.display_status == "pending" else None
+            if facts is not None and not facts["may_run"]:
+                row.update(status="awaiting_approval", approval=facts)
+            rows.append(row)
     if config.json:
-        _print_json({"db": str(store.path), "layout": store.layout, "plans": rows})
+        _print_json({"db": str(store.path), "layout": store.layout, "plans": rows,
+                     "trusted_projects": [str(p) for p in config.trusted_projects]})
         return EXIT_OK
     if not rows:
         print(f"no {'' if show_all else 'pending '}plans in {store.path}")
@@ -6182,6 +6489,8 @@ def cmd_list(config: Config, show_all: bool) -> int:
         status = f"{r['status']:<12}" if show_all else ""
         print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
                         f"{r['objective']}"))
+        if r["status"] == "awaiting_approval":
+            print(f"  awaiting approval\n{render_facts(r['approval'])}")
     return EXIT_OK
 
 
@@ -6265,6 +6574,117 @@ def _memory_api_line(probe: dict) -> str:
     return f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, {probe['backend']}) · key accepted"
 
 
+def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
+    """Add a folder to the trusted projects (trust) or take it off, in
+    config_dir/trusted-projects.json. Raises ConfigError when the folder does not
+    exist (trust), can never be trusted (untrustable_reason), or is not listed (untrust)."""
+    from pathlib import Path
+
+    path = Path(config.config_dir, TRUST_FILENAME)
+    listed = [p for p in read_config_file(path, "trusted_projects", list) if isinstance(p, str)]
+    real = real_path(folder)
+    if trust:
+        if not real.is_dir():
+            raise ConfigError(f"cannot trust {folder}: no such folder", "pass an existing project folder")
+        if reason := untrustable_reason(config, real):
+            raise ConfigError(f"refused to trust {real}: {reason}", "trust a project folder that holds none of these")
+        kept = [*listed, str(real)] if str(real) not in listed else listed
+    else:
+        kept = [p for p in listed if p != str(real) and p != folder]
+        if kept == listed:
+            raise ConfigError(f"{real} is not in the trusted projects ({path})",
+                              "trusted: " + (", ".join(listed) or "none"))
+    write_config_file(path, {"trusted_projects": kept})
+    print(printable(f"{'trusted' if trust else 'no longer trusted'}: {real}"))
+    if not trust and (root := trusted_root(config._replace(trusted_projects=tuple(map(real_path, kept))), real)):
+        print(f"note: it is still inside the trusted {root}, or BRIDGE_TRUSTED_PROJECTS names it")
+    return EXIT_OK
+
+
+def cmd_approve(config: Config, plan_id: str) -> int:
+    """Approve one plan for its current content (config_dir/approvals.json); print
+    what it may do. Raises PlanNotFound, PlanInvalid (an invalid plan cannot run),
+    or ConfigError when its project can never be a target."""
+    from pathlib import Path
+
+    with Store.open(config) as store:
+        record = store.get_plan(plan_id)
+    plan = check_plan(record.plan)
+    digest = content_hash(record.content)
+    if plan.project is not None and (reason := untrustable_reason(config, real_path(plan.project))):
+        raise ConfigError(f"refused to approve plan {plan_id!r}: project {plan.project}: {reason}",
+                          f"cancel it: bridge --cancel {plan_id}")
+    approvals = load_approvals(config)
+    approvals[plan.id] = {"content_hash": digest, "approved_at": utc_now_iso()}
+    write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
+    facts = approval_facts(config, plan, digest)
+    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
+    print(render_facts(facts))
+    return EXIT_OK
+
+
+def render_facts(facts: dict) -> str:
+    """Return approval_facts as indented lines for a person."""
+    lines = [f"  project: {facts['project'] or '(none: no files)'}",
+             f"  writes: {', '.join(facts['files']) or 'nothing'}",
+             f"  models: {', '.join(facts['models']) or 'the run model only'}"]
+    lines += [f"  waits: {reason}" for reason in facts["reasons"]]
+    if facts["commands"]:
+        lines.append(f"  to run it: {' ; '.join(facts['commands'])}")
+    if facts["escalation_unused"]:
+        lines.append(f"  note: {facts['escalation_unused']}")
+    return "\n".join(printable(line) for line in lines)     # plan strings: escaped
+
+
+def _plan_facts(config: Config, record: PlanRecord, validate: bool = True) -> dict | None:
+    """Return approval_facts of a record's plan, or None when the plan is invalid (a
+    run records it failed with its problems, approved or not). validate=False (for
+    --list, which must not import jsonschema) reads the plan without the schema."""
+    try:
+        plan = check_plan(record.plan) if validate else _build_plan(record.plan)
+    except (PlanInvalid, KeyError, TypeError, AttributeError, ValueError):
+        return None
+    return approval_facts(config, plan, content_hash(record.content))
+
+
+def _may_ask() -> bool:
+    """True when a person can answer a question: stdin and stderr are terminals."""
+    return all(hasattr(f, "isatty") and f.isatty() for f in (sys.stdin, sys.stderr))
+
+
+def _ask_to_run(facts: dict) -> bool:
+    """Ask on the terminal whether a plan waiting only for approval runs this once
+    (default No; end of input is No)."""
+    sys.stderr.write(f"plan {printable(facts['plan_id'])} needs your approval:\n{render_facts(facts)}\n"
+                     f"run it this time? [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def gate_records(config: Config, records: list[PlanRecord], progress: Progress) -> tuple[list[PlanRecord], list[dict]]:
+    """Split the records a run would claim into (those that run, facts of those that wait).
+
+    Invalid plans run (to be recorded failed). A plan waiting only for approval is
+    asked about on a terminal (once, default No); otherwise it is skipped with one
+    line naming the command that would let it run. Nothing is written for a waiting plan.
+    """
+    runnable, waiting = [], []
+    for record in records:
+        facts = _plan_facts(config, record)
+        if facts is None or facts["may_run"]:
+            runnable.append(record)
+            continue
+        only_approval = all(c.startswith(("bridge --approve", "bridge --trust")) for c in facts["commands"])
+        if only_approval and _may_ask() and _ask_to_run(facts):
+            runnable.append(record)
+            continue
+        waiting.append(facts)
+        progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
+                      f"to run it: {' ; '.join(facts['commands'])}")
+    return runnable, waiting
+
+
 def _pick_model(config: Config, info: ServerInfo | None) -> str:
     """Return --model, else the server's loaded model. Raises LLMError if there is none."""
     if config.model:
@@ -6292,6 +6712,7 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
         if not records:
             progress.info(f"no pending plans in {store.path}")
+        records, waiting = gate_records(config, records, progress)
         results, not_recorded = [], 0
         with LLMClient(config, on_retry=progress.retrying) as client:
             runner = _open_runner(config, store, client, progress) if records else None
@@ -6314,8 +6735,10 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
                     runner.close()
     if len(results) > 1:
         progress.info(run_summary(results))
+    if waiting:
+        progress.info(f"run: {len(waiting)} plan(s) await approval; see them with: bridge --list")
     if config.json:
-        _print_json({"plans": results})
+        _print_json({"plans": results, **({"awaiting_approval": waiting} if waiting else {})})
     if not_recorded:
         return EXIT_UNUSABLE
     return EXIT_OK if all(r["success"] for r in results) else EXIT_PLAN_FAILED
@@ -6869,7 +7292,8 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
     if args.force and not args.undo:
         parser.error("--force goes with --undo ID")
     other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
-        or args.schema or args.diff or args.undo or args.apply or args.reject
+        or args.schema or args.diff or args.undo or args.apply or args.reject \
+        or args.trust or args.untrust or args.approve
     if args.review and (other_action or args.dry_run or args.resume):
         parser.error("--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or --resume")
     if args.dry_run and other_action:
@@ -6918,6 +7342,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         if args.schema:
             sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
             return EXIT_OK
+        if args.trust or args.untrust:
+            return cmd_trust(config, args.trust or args.untrust, trust=bool(args.trust))
+        if args.approve:
+            return cmd_approve(config, args.approve)
         if args.dry_run:
             return cmd_dry_run(config, args.plan)
         return cmd_run(config, args.plan, args.rerun, args.resume)

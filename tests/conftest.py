@@ -1,4 +1,4 @@
-"""Shared pytest fixtures for bridge's tests. Nothing here imports bridge."""
+"""Shared pytest fixtures for bridge's tests. Nothing here imports bridge (fakes does, lazily)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ for _p in (str(TESTS), str(ROOT)):  # `import fakes` and `import bridge` work un
 
 from fakes import (  # noqa: E402  (re-exported for tests that import from conftest)
     DATA, FIXTURE_PLAN_ID, FIXTURE_STORE, FakeLLM, check_store, content_hash, insert_memory,
-    insert_plan, iso_z, make_plan, make_store, read_rows,
+    insert_plan, iso_z, make_plan, make_store, read_rows, trust_project,
 )
 
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -104,9 +104,11 @@ def store(tmp_path, request) -> Path:
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """An existing, empty project folder."""
+    """An existing, empty project folder, trusted the documented way (`bridge --trust`,
+    into this test's $HOME/.config/bridge). A test of untrusted plans makes its own folder."""
     p = tmp_path / "project"
     p.mkdir()
+    trust_project(p)
     return p
 
 

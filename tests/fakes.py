@@ -35,7 +35,7 @@ __all__ = [
     "bridge_args", "run_bridge", "run_json", "stored_results", "plan_rows", "plan_row", "plan_state",
     "state_of_row", "set_plan_state", "STATE_TABLE", "result_document", "FakeMemoryAPI", "MEMORY_API_MODES",
     "steps_by_id", "first_user", "user_text", "snapshot", "listing", "temp_files", "closed_port",
-    "dead_pid", "child_env",
+    "dead_pid", "child_env", "trust_project",
 ]
 
 DATA = Path(__file__).parent / "data"
@@ -1093,6 +1093,19 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def trust_project(folder: str | Path) -> None:
+    """Trust a project folder as a user would: `bridge --trust FOLDER`, written under this
+    process's $HOME/.config/bridge (the tests' hermetic home), which every later bridge run
+    of the test reads (in-process with an environ lacking HOME, or a child with child_env())."""
+    import contextlib
+    import io
+
+    import bridge
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = bridge.main(["--trust", str(folder)], environ={"HOME": os.environ["HOME"]})
+    assert rc == 0, f"bridge --trust {folder} exited {rc}"
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment without BRIDGE_* variables, plus `extra`: for a bridge subprocess."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}, **extra}
@@ -1223,13 +1236,13 @@ import sys
 import time
 
 stdin = sys.stdin.read()
-log = os.environ.get("FAKE_CLAUDE_LOG")
+log = os.environ.get("CLAUDE_FAKE_LOG")
 if log:
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "stdin": stdin,
                              "env": sorted(os.environ), "pid": os.getpid()}) + "\n")
-mode = os.environ.get("FAKE_CLAUDE_MODE", "ok")
-text = os.environ.get("FAKE_CLAUDE_TEXT", '{"a": 1}')
+mode = os.environ.get("CLAUDE_FAKE_MODE", "ok")
+text = os.environ.get("CLAUDE_FAKE_TEXT", '{"a": 1}')
 
 
 def out(obj):
@@ -1278,7 +1291,7 @@ if mode == "garbage":
     out("[1, 2, 3]")
     out("{broken")
     sys.exit(0)
-sys.stderr.write(f"fake claude: unknown FAKE_CLAUDE_MODE {mode!r}\n")
+sys.stderr.write(f"fake claude: unknown CLAUDE_FAKE_MODE {mode!r}\n")
 sys.exit(3)
 '''
 
@@ -1287,13 +1300,14 @@ def write_fake_claude(bin_dir: str | Path) -> Path:
     """Write an executable fake `claude` into bin_dir and return its path.
 
     It appends {"argv", "cwd", "stdin", "env" (names), "pid"} as one JSON line to the
-    file named by $FAKE_CLAUDE_LOG, then acts by $FAKE_CLAUDE_MODE: ok (init, a garbage
+    file named by $CLAUDE_FAKE_LOG, then acts by $CLAUDE_FAKE_MODE: ok (init, a garbage
     line, an assistant message and a success result with usage 100/20 and
     total_cost_usd 0.0123, exit 0), error_result (is_error result "Invalid API key ·
     Please run /login", exit 0; error_result_exit1: the same, exit 1), nonzero (one
     stderr line, exit 1, no result), hang (init, then sleep 60), endless_line (init, then
     one line of 100 MB without a newline, then sleep 60), garbage (only non-event lines,
-    exit 0). The text is $FAKE_CLAUDE_TEXT, default {"a": 1}.
+    exit 0). The text is $CLAUDE_FAKE_TEXT, default {"a": 1}. (CLAUDE_*: bridge passes
+    claude only an allow-list of its environment, and CLAUDE_* is on it.)
     """
     import os
     import sys

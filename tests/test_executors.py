@@ -13,8 +13,8 @@ import pytest
 
 import bridge
 from fakes import (
-    FakeAnthropic, bridge_args, check_store, insert_plan, make_plan, plan_state, read_rows, run_json, stored_results,
-    write_fake_claude,
+    FakeAnthropic, bridge_args, check_store, insert_plan, make_plan, plan_state, read_rows, run_bridge, run_json,
+    stored_results, write_fake_claude,
 )
 
 # Literals copied from the contract (plan-format.md) and the Messages API, never read at run time.
@@ -58,15 +58,23 @@ def claude_log(tmp_path) -> Path:
 
 
 def claude_env(bin_dir: Path, log: Path, mode: str = "ok", **extra: str) -> dict:
-    """The environ passed to main for a claude-cli: run: the fake's folder first on PATH."""
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_CLAUDE_MODE": mode, "FAKE_CLAUDE_LOG": str(log),
-            "ANTHROPIC_API_KEY": "sk-test", "BRIDGE_SECRET": "x", "MCP_API_KEY": "y", **extra}
+    """The environ passed to main for a claude-cli: run: the fake's folder first on PATH,
+    and secrets claude must not get (BRIDGE_*, MCP_API_KEY, GITHUB_TOKEN, AWS_*)."""
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CLAUDE_FAKE_MODE": mode, "CLAUDE_FAKE_LOG": str(log),
+            "ANTHROPIC_API_KEY": "sk-test", "BRIDGE_SECRET": "x", "MCP_API_KEY": "y", "GITHUB_TOKEN": "ghp_x",
+            "AWS_SECRET_ACCESS_KEY": "aws", **extra}
 
 
 def claude_calls(log: Path) -> list[dict]:
     if not log.exists():
         return []
     return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def approve(capsys, db, fake_llm, state_dir, plan_id: str) -> None:
+    """`bridge --approve ID`, as the user would (into the test's hermetic home)."""
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--approve", plan_id)
+    assert rc == 0, err
 
 
 def step1(result: dict) -> dict:
@@ -356,7 +364,9 @@ def test_claude_cli_runs_claude_p_in_the_project_with_a_clean_environment(
     call = calls[0]
     assert Path(call["argv"][0]) == claude_bin / "claude"
     assert call["argv"][1:] == ["-p", "--output-format", "stream-json", "--verbose", "--model", "haiku",
-                                "--no-session-persistence", "--append-system-prompt", "Be terse."]
+                                "--no-session-persistence", "--tools", "", "--strict-mcp-config",
+                                "--setting-sources", "user", "--permission-mode", "default",
+                                "--append-system-prompt", "Be terse."]
     assert "Reply with a JSON object holding key a." in call["stdin"]
     assert "Objective of the whole plan: cli test" in call["stdin"]
     assert "Be terse." not in call["stdin"]
@@ -364,7 +374,8 @@ def test_claude_cli_runs_claude_p_in_the_project_with_a_clean_environment(
     env = set(call["env"])
     assert not [name for name in env if name.startswith("BRIDGE_")]
     assert "MCP_API_KEY" not in env
-    assert {"PATH", "ANTHROPIC_API_KEY", "FAKE_CLAUDE_MODE"} <= env
+    assert {"PATH", "ANTHROPIC_API_KEY", "CLAUDE_FAKE_MODE"} <= env
+    assert "GITHUB_TOKEN" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert plan_state(db, "p1")["status"] == "completed"
     check_store(db)
 
@@ -542,13 +553,15 @@ def test_escalation_that_fails_too_lets_on_failure_apply(capsys, db, fake_llm, f
 
 
 def test_plan_default_escalate_to_works_without_the_flag(capsys, db, fake_llm, fake_anthropic, state_dir):
-    """defaults.escalate_to in the plan escalates with no --escalate-to."""
+    """defaults.escalate_to in the plan escalates with no --escalate-to, once the user
+    allowed the executor and approved the plan (it names a paid model)."""
     insert_plan(db, make_plan("p1", [keys_step(max_retries=0)], defaults={"escalate_to": HAIKU}))
     fake_llm.enqueue(BAD_1)
     fake_anthropic.enqueue('{"a": 1}')
+    approve(capsys, db, fake_llm, state_dir, "p1")
 
     rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
-                               environ={"ANTHROPIC_API_KEY": "sk-test"})
+                               "--allow-executor", "anthropic", environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     step = step1(result)
@@ -663,9 +676,10 @@ def test_step_model_anthropic_goes_to_anthropic_while_others_stay_local(capsys, 
     insert_plan(db, make_plan("p1", steps))
     fake_llm.enqueue("local-output-123")
     fake_anthropic.enqueue("remote-output", input_tokens=50, output_tokens=10)
+    approve(capsys, db, fake_llm, state_dir, "p1")
 
     rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--anthropic-base-url", fake_anthropic.url,
-                               environ={"ANTHROPIC_API_KEY": "sk-test"})
+                               "--allow-executor", "anthropic", environ={"ANTHROPIC_API_KEY": "sk-test"})
 
     assert rc == 0, err
     by_id = {s["id"]: s for s in result["steps"]}

@@ -65,8 +65,10 @@ from typing import Any, Callable
 import pytest
 
 import bridge
-from fakes import (bridge_args, check_store, insert_memory, insert_plan, make_plan, read_rows, result_document,
-                   snapshot, state_of_row, user_text)
+from fakes import (
+    bridge_args, check_store, insert_memory, insert_plan, make_plan, read_rows, result_document, snapshot,
+    state_of_row, trust_project, user_text,
+)
 
 # Literals copied from the contract (plan-format.md), never read at run time.
 RESULT_TAG = "bridge-result"
@@ -96,6 +98,7 @@ def ctx(tmp_path) -> Ctx:
     project = tmp_path / "project"
     project.mkdir()
     (project / "inside.txt").write_text("inside\n", encoding="utf-8")
+    trust_project(project)          # hostile plans in a trusted project: the defences below still hold
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "x.txt").write_text("outside original\n", encoding="utf-8")

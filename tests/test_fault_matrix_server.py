@@ -48,7 +48,7 @@ import pytest
 import bridge
 from fakes import (
     bridge_args, check_store, closed_port, first_user, insert_plan, listing, make_plan, read_rows, steps_by_id,
-    state_of_row, stored_results,
+    state_of_row, stored_results, trust_project,
 )
 
 # Literals copied from the contract (plan-format.md), never read at run time.
@@ -169,6 +169,7 @@ def test_server_fault_matrix(row, capsys, db, fake_llm, state_dir, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "README.md").write_bytes(ORIGINAL)
+    trust_project(project)
     steps = [
         {"id": 1, "prompt": STEP1_PROMPT, "validation": {"type": "non_empty"}, "file_output": "README.md"},
         {"id": 2, "prompt": STEP2_PROMPT, "validation": {"type": "contains_keys", "keys": ["a"]},
