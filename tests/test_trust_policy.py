@@ -485,3 +485,17 @@ def test_spend_cap_stops_paid_requests(capsys, db, fake_llm, fake_anthropic, sta
     assert "spend cap reached" in result["error"]
     assert all("spend cap reached" in s["error"] for s in result["steps"][1:])
     check_store(db)
+
+
+def test_runner_refuses_a_disallowed_executor_whatever_asks_for_it(tmp_path):
+    """Behind the gate, the runner itself hands out no executor the user did not allow
+    (an escalation or a step that slipped past would fail unsent, not run)."""
+    config = bridge.Config(db_paths=(tmp_path / "s.db",), state_dir=tmp_path, anthropic_api_key="k")
+    runner = bridge.Runner(config, None, None, "m", bridge.Progress(0))
+    for ref in ("anthropic:claude-haiku-4-5", "claude-cli:opus"):
+        with pytest.raises(bridge.LLMError, match="executor is not allowed"):
+            runner.executor(ref)
+    allowed = bridge.Runner(config._replace(allowed_executors=("openai", "anthropic")), None, None, "m",
+                            bridge.Progress(0))
+    assert isinstance(allowed.executor("anthropic:claude-haiku-4-5")[0], bridge.AnthropicClient)
+    allowed.close()
