@@ -173,8 +173,9 @@ def print_check(check: dict) -> None:
 
 
 def bridge_env(project: Path) -> dict[str, str]:
-    """The environment bridge runs in: the demo trusts its own temporary project (so the
-    check command runs), and `python` is this virtual environment's."""
+    """The environment bridge runs in: the demo trusts its own temporary project the
+    documented way (so its plans run with no question and the check command runs), and
+    `python` is this virtual environment's."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
     return {**os.environ, "BRIDGE_TRUSTED_PROJECTS": str(project), "PATH": path}
 
@@ -217,7 +218,7 @@ def run_demo(base_url: str, work: Path, project: Path, db: Path) -> list[str]:
     run = subprocess.run([sys.executable, str(ROOT / "bridge.py"), "--db", str(db),
                           "--base-url", base_url, "--state-dir", str(work / "state"),
                           "--timeout", "120", "--context-length", str(llama_server.CONTEXT_TOKENS)],
-                         env=bridge_env(project))
+                         env=bridge_env(project), stdin=subprocess.DEVNULL)
     print(f"demo: bridge exited {run.returncode} after {time.monotonic() - started:.1f} s")
     counted, faithful = print_results(db)
     print(f"\ndemo: {faithful} of {counted} JSON step(s) that read a sentence took every value from it")

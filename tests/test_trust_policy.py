@@ -499,3 +499,34 @@ def test_runner_refuses_a_disallowed_executor_whatever_asks_for_it(tmp_path):
                             bridge.Progress(0))
     assert isinstance(allowed.executor("anthropic:claude-haiku-4-5")[0], bridge.AnthropicClient)
     allowed.close()
+
+
+@pytest.mark.parametrize("extra, environ, words", [
+    (("--max-cost-usd", "-1"), {}, "max cost must be a number"),
+    ((), {"BRIDGE_MAX_COST_USD": "lots"}, "max cost must be a number"),
+    ((), {"BRIDGE_ALLOW_EXECUTORS": "anthropic,shell"}, "unknown executor 'shell'"),
+])
+def test_bad_trust_settings_exit_2_with_one_line(capsys, db, fake_llm, state_dir, extra, environ, words):
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, *extra, environ=environ)
+    assert rc == 2
+    assert words in err and "Traceback" not in err
+
+
+def test_unknown_allow_executor_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as caught:
+        bridge.main(["--allow-executor", "shell"], environ={})
+    assert caught.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_allowed_executors_come_from_flags_environment_and_the_users_own_models():
+    parser = bridge.build_parser()
+    config = bridge.resolve_config(parser.parse_args(["--allow-executor", "claude-cli",
+                                                      "--escalate-to", "anthropic:claude-haiku-4-5"]),
+                                   {"HOME": "/home/someone"})
+    assert config.allowed_executors == ("openai", "claude-cli", "anthropic")
+    config = bridge.resolve_config(parser.parse_args([]), {"HOME": "/home/someone",
+                                                           "BRIDGE_ALLOW_EXECUTORS": f"anthropic{os.pathsep}"})
+    assert config.allowed_executors == ("openai", "anthropic")
+    assert bridge.resolve_config(parser.parse_args([]), {"HOME": "/h"}).allowed_executors == ("openai",)
+    assert bridge.resolve_config(parser.parse_args([]), {"HOME": "/h"}).max_cost_usd == 0.50
