@@ -5525,8 +5525,9 @@ class Runner:
 
     def executor(self, ref: str) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
-        the local client for openai:, else an AnthropicClient or a ClaudeCLI, made
-        once. Raises LLMError when it cannot be used (no key, no claude binary)."""
+        the local client for openai:, else an AnthropicClient or a ClaudeCLI (run in
+        the plan's project only when it is trusted), made once. Raises LLMError when
+        it cannot be used (not in config.allowed_executors, no key, no claude binary)."""
         kind, name = parse_model_ref(ref)
         if kind == "openai":
             assert self.client is not None, "a plan with steps needs a model client"
