@@ -2376,9 +2376,10 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     None), "may_run"}. A plan needs approval unless its project is trusted, or it has
     no project and runs only on the local server; paid and agentic executors need the
     user's --allow-executor besides, which no approval replaces."""
-    named = sorted({s.model for s in plan.steps.values() if s.model} | ({plan.escalate_to} if plan.escalate_to else set()))
+    step_models = {s.model for s in plan.steps.values() if s.model}
+    named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
-    step_kinds = sorted({_executor_of(s.model) for s in plan.steps.values() if s.model} - {"openai"})
+    step_kinds = sorted({_executor_of(m) for m in step_models} - {"openai"})
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
     escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
     trusted = plan_trusted(config, plan, plan_hash)
