@@ -22,6 +22,9 @@ Usage:
     bridge --approve ID         let one plan run, pinned to its content hash
     Add --json for one JSON document on stdout, -v for prompts and outputs, -q for
     errors only. --keep-runs N: how many runs per plan keep their backups for --undo.
+    Paid and agentic models (anthropic:, claude-cli:) run only with --allow-executor
+    NAME (or your own --model / --escalate-to), up to --max-cost-usd US dollars a
+    run. A plan outside a trusted project waits for --approve.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
