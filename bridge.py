@@ -2273,13 +2273,16 @@ def real_path(path: str | Path) -> Path:
 
 def untrustable_reason(config: Config, folder: Path) -> str | None:
     """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself, or a folder holding
-    (equal to, or an ancestor of) the memory store, the state dir or the config dir.
+    project, or None: the filesystem root, the home folder itself or a folder holding
+    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
+    dir or the config dir.
     A plan working there could replace the store, its own journals or the trust file."""
     if folder == folder.parent:
         return "it is the filesystem root"
     if config.home is not None and folder == real_path(config.home):
         return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
     held = [("the memory store", p) for p in config.db_paths] + [
         ("bridge's state folder", config.state_dir), ("bridge's trust and approvals folder", config.config_dir)]
     for what, path in held:

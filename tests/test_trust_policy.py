@@ -345,6 +345,17 @@ def test_a_folder_holding_the_store_or_state_dir_is_refused_even_when_trusted(
     check_store(db)
 
 
+def test_a_folder_holding_the_home_folder_is_refused(capsys, db, fake_llm, state_dir):
+    """Trusting the folder above home (/home) would let project /home write u/.bashrc."""
+    above = Path(os.environ["HOME"]).parent
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--trust", str(above))
+    assert rc == 2 and "holds your home folder" in err
+    insert_plan(db, file_plan("p1", above, rel="home/.bashrc"))
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, environ={"BRIDGE_TRUSTED_PROJECTS": str(above)})
+    assert rc == 0 and "can never be a target" in err
+    assert not (Path(os.environ["HOME"]) / ".bashrc").exists()
+
+
 def test_trusting_the_folder_of_the_trust_file_is_refused(capsys, db, fake_llm, state_dir):
     """~/.config holds bridge's own trust file: a plan there could trust itself."""
     folder = config_dir().parent
