@@ -2275,7 +2275,7 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
     """Return why a folder (a real path) can never be a trusted project nor a plan's
     project, or None: the filesystem root, the home folder itself or a folder holding
     it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir.
+    dir or the config dir, or inside one of those two.
     A plan working there could replace the store, its own journals or the trust file."""
     if folder == folder.parent:
         return "it is the filesystem root"
@@ -2289,6 +2289,8 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
         real = real_path(path)
         if real == folder or real.is_relative_to(folder):
             return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
     return None
 
 

@@ -356,6 +356,14 @@ def test_a_folder_holding_the_home_folder_is_refused(capsys, db, fake_llm, state
     assert not (Path(os.environ["HOME"]) / ".bashrc").exists()
 
 
+def test_a_folder_inside_the_state_dir_is_refused(capsys, db, fake_llm, state_dir):
+    """A project inside bridge's own state folder could rewrite other runs' journals."""
+    runs = Path(state_dir) / "runs"
+    runs.mkdir(parents=True)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--trust", str(runs))
+    assert rc == 2 and "inside bridge's state folder" in err
+
+
 def test_trusting_the_folder_of_the_trust_file_is_refused(capsys, db, fake_llm, state_dir):
     """~/.config holds bridge's own trust file: a plan there could trust itself."""
     folder = config_dir().parent
