@@ -21,7 +21,7 @@ import pytest
 import bridge
 from fakes import (
     FakeAnthropic, bridge_args, check_store, child_env, insert_plan, make_plan, plan_rows, plan_state, run_bridge,
-    run_json, stored_results, trust_project, write_fake_claude,
+    run_json, stored_results, write_fake_claude,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
