@@ -566,3 +566,17 @@ def test_trust_actions_are_exclusive(capsys, argv):
     with pytest.raises(SystemExit) as caught:
         bridge.main(argv, environ={})
     assert caught.value.code == 2
+
+
+def test_trust_and_untrust_errors_are_one_line(capsys, db, fake_llm, state_dir, tmp_path):
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--trust", str(tmp_path / "missing"))
+    assert rc == 2 and "no such folder" in err
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--untrust", str(tmp_path / "a"))
+    assert rc == 2 and "is not in the trusted projects" in err
+    assert run_bridge(capsys, db, fake_llm, state_dir, "--trust", str(tmp_path / "a"))[0] == 0
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--untrust", str(tmp_path / "a" / "b"))
+    assert rc == 2 and "trusted: " + str((tmp_path / "a").resolve()) in err
+    (config_dir() / "trusted-projects.json").write_text("{not json")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
+    assert rc == 2 and "trusted-projects.json" in err and "Traceback" not in err
