@@ -6597,7 +6597,7 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
         if not real.is_dir():
             raise ConfigError(f"cannot trust {folder}: no such folder", "pass an existing project folder")
         if reason := untrustable_reason(config, real):
-            raise ConfigError(f"refused to trust {real}: {reason}", "trust a project folder that holds none of these")
+            raise ConfigError(f"refused to trust {real}: {reason}", "trust the project's own folder instead")
         kept = [*listed, str(real)] if str(real) not in listed else listed
     else:
         kept = [p for p in listed if p != str(real) and p != folder]
@@ -6640,10 +6640,21 @@ def render_facts(facts: dict) -> str:
              f"  models: {', '.join(facts['models']) or 'the run model only'}"]
     lines += [f"  waits: {reason}" for reason in facts["reasons"]]
     if facts["commands"]:
-        lines.append(f"  to run it: {' ; '.join(facts['commands'])}")
+        lines.append(f"  to run it: {commands_text(facts['commands'])}")
     if facts["escalation_unused"]:
         lines.append(f"  note: {facts['escalation_unused']}")
     return "\n".join(printable(line) for line in lines)     # plan strings: escaped
+
+
+def commands_text(commands: list[str]) -> str:
+    """Join approval_facts commands for a person: approving or trusting are
+    alternatives ("or"); each executor to allow is needed besides ("and")."""
+    either = [c for c in commands if not c.startswith("bridge --allow-executor")]
+    needed = [c for c in commands if c.startswith("bridge --allow-executor")]
+    text = " or ".join(either)
+    if needed:
+        text += (", and run with " if text else "run with ") + " ".join(c.removeprefix("bridge ") for c in needed)
+    return text
 
 
 def _plan_facts(config: Config, record: PlanRecord, validate: bool = True) -> dict | None:
@@ -6691,7 +6702,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
             continue
         waiting.append(facts)
         progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
-                      f"to run it: {' ; '.join(facts['commands'])}")
+                      f"to run it: {commands_text(facts['commands'])}")
     return runnable, waiting
 
 

@@ -462,7 +462,7 @@ def test_step_on_a_disallowed_executor_waits_even_when_approved(capsys, db, fake
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, *extra, environ={"ANTHROPIC_API_KEY": "k"})
     assert rc == 0
-    assert "bridge --allow-executor anthropic" in err
+    assert "run with --allow-executor anthropic" in err
     assert fake_anthropic.requests == []
 
     rc, result, err = run_json(capsys, db, fake_llm, state_dir, *extra,
