@@ -672,8 +672,8 @@ def test_the_anthropic_executor_has_the_same_bounds(fault, expected):
 
 def test_a_claude_cli_line_that_never_ends_is_read_in_bounded_parts(tmp_path):
     write_fake_claude(tmp_path / "bin")
-    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_CLAUDE_MODE": "endless_line"}
-    config = bridge.Config(db_paths=(), tool_env=tuple(env.items()), max_output_bytes=100_000)
+    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "CLAUDE_FAKE_MODE": "endless_line"}
+    config = bridge.Config(db_paths=(), tool_env=tuple(env.items()), max_output_bytes=100_000, state_dir=tmp_path)
 
     tracemalloc.start()
     try:

@@ -580,3 +580,13 @@ def test_trust_and_untrust_errors_are_one_line(capsys, db, fake_llm, state_dir, 
     (config_dir() / "trusted-projects.json").write_text("{not json")
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
     assert rc == 2 and "trusted-projects.json" in err and "Traceback" not in err
+
+
+def test_facts_of_a_waiting_plan_are_printed_escaped(capsys, db, fake_llm, state_dir, untrusted):
+    """A file name holding an escape sequence and a newline cannot drive the terminal
+    or forge a line in --list or the run's skip line."""
+    insert_plan(db, file_plan("p1", untrusted, rel="a\x1b]0;owned\x07\nfake line.txt"))
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
+    assert rc == 0
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+    assert not any(line.startswith("fake line") for line in out.splitlines())
