@@ -3,7 +3,26 @@ or when the user approved its exact content; some folders are never a target; pa
 agentic executors run only by the user's choice, under a spend cap; the claude CLI runs
 with no tools, no project settings and an allow-listed environment. Every test here is
 an attack of the issue's list (or its defence's edge) driven through bridge.main() or a
-real bridge process, against the fake servers of tests/fakes.py."""
+real bridge process, against the fake servers of tests/fakes.py.
+
+| row | attack | what bridge does now |
+|---|---|---|
+| untrusted | a valid plan whose project nobody trusted | not run, nothing written or claimed; one line with `bridge --approve ID or bridge --trust DIR`; `run: N plan(s) await approval`; exit 0; `--list --json`: `awaiting_approval` with project, files, models |
+| approval-pinned | the approved plan replaced (same id) with other content | waits again until approved again; the approved content runs |
+| home | project = home, file_output `.bashrc` (home trusted through BRIDGE_TRUSTED_PROJECTS even) | nothing written; "home folder itself", `bridge --cancel ID`; `--trust ~` and `--approve` refuse |
+| above-home | project = the folder holding home, `home/.bashrc` | refused the same way ("holds your home folder") |
+| store-holder | project = a folder holding the store (or the state dir, or /), trusted by variable | refused ("can never be a target: it holds the memory store …"); `--trust` exit 2 with the reason; store valid |
+| inside-state / config | trusting a folder inside the state dir, or the folder of the trust file | exit 2 with the reason |
+| escalate-claude | the plan's `defaults.escalate_to: claude-cli:opus` | claude never started without `--allow-executor claude-cli`; one progress line says so |
+| claude-cwd | claude-cli in an approved but untrusted project | runs in a fresh 0700 scratch folder under the state dir, removed after |
+| claude-env | claude-cli with GITHUB_TOKEN, AWS_*, GOOGLE_*, AZURE_*, BRIDGE_*, MCP_API_KEY set | none reach claude (allow-list); argv has `--tools "" --strict-mcp-config --setting-sources user --permission-mode default` |
+| paid-step | the plan's own anthropic: step, approved | waits for `--allow-executor anthropic` (or BRIDGE_ALLOW_EXECUTORS) |
+| spend | 5 steps on claude-opus-4-1, max_retries 10, a regex that never matches | 6 requests at the default $0.50 cap (each $0.09), then every attempt fails unsent, "spend cap reached", `spend_cap_reached: true` |
+| no-tty | stdin holds "y" but is not a terminal | nothing asked or read; the plan waits |
+| tty | a pseudo-terminal | asked once with project and files; Enter is No, "y" runs it |
+| invalid | an invalid plan in an untrusted project | recorded failed with its problems, as before |
+| escapes | a file_output holding ESC/BEL and a newline | `--list` prints it escaped, on one line |
+"""
 
 from __future__ import annotations
 
