@@ -45,11 +45,11 @@ Environment (a flag wins over its variable):
     BRIDGE_RETRY_SAMPLING                                     how retries sample (--retry-sampling)
     BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
     BRIDGE_KEEP_RUNS                                          runs per plan kept for --undo
-    BRIDGE_TRUSTED_PROJECTS   folders (os.pathsep-separated) where plans may run commands
     BRIDGE_MEMORY_URL (--memory-url), MCP_API_KEY             the memory server's HTTP API
                                                               (loopback), which embeds results
     BRIDGE_DEBUG                                              tracebacks for bugs
-    BRIDGE_TRUSTED_PROJECTS   trusted project folders, os.pathsep-separated (besides --trust)
+    BRIDGE_TRUSTED_PROJECTS   trusted project folders, os.pathsep-separated (besides --trust):
+                              their plans run without approval and may run commands
     BRIDGE_ALLOW_EXECUTORS    anthropic, claude-cli: comma-separated (like --allow-executor)
     BRIDGE_MAX_COST_USD       the spend cap of one run (like --max-cost-usd; default 0.50)
     XDG_CONFIG_HOME           the folder of bridge/trusted-projects.json and approvals.json
@@ -333,7 +333,9 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
-    more attempt on. tool_env: the environment a claude-cli: executor runs in.
+    more attempt on. tool_env: the user's environment less BRIDGE_* and
+    MCP_API_KEY: commands run in it, a claude-cli: executor in its allow-listed
+    part (claude_env).
     memory_url: the memory server's HTTP API (loopback only) that stores result
     memories so they get an embedding; memory_api_key: its key (MCP_API_KEY).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
@@ -3070,7 +3072,7 @@ class ClaudeCLI:
     argv list (never a shell), the prompt on stdin, in the plan's project folder
     only when that is a trusted project (else a fresh scratch folder under the state
     dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
-    TOOL_ENV_PREFIXES (tool_env); kills the
+    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the
     process group when the step's time (timeout_s, else --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
     messages (their text streams as deltas), and the closing result (result,
@@ -3138,7 +3140,7 @@ class ClaudeCLI:
 
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=dict(self.config.tool_env), start_new_session=True)
+                                cwd=cwd, env=claude_env(self.config.tool_env), start_new_session=True)
         stderr: list[bytes] = []
         reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
         reader.start()
@@ -3203,6 +3205,13 @@ class ClaudeCLI:
             elif event.get("type") == "result":
                 final = event
         return "".join(pieces), final, model
+
+
+def claude_env(environ: Any) -> dict[str, str]:
+    """Return the part of an environment (pairs or a dict) a claude-cli: process gets:
+    the names in TOOL_ENV_NAMES and those starting with TOOL_ENV_PREFIXES."""
+    pairs = environ.items() if isinstance(environ, dict) else environ
+    return {k: v for k, v in pairs if k in TOOL_ENV_NAMES or k.startswith(TOOL_ENV_PREFIXES)}
 
 
 class _Nothing:
@@ -6430,8 +6439,10 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
                             or "https://api.anthropic.com").rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
+        # the user's environment less bridge's own settings and the memory server's key:
+        # commands run in it; a claude-cli: model gets only its allow-listed part
         tool_env=tuple((k, v) for k, v in environ.items()
-                       if k in TOOL_ENV_NAMES or k.startswith(TOOL_ENV_PREFIXES)),
+                       if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
         trusted_projects=_trusted_projects(config_dir, environ),
         config_dir=config_dir,
         home=Path(environ.get("HOME") or Path.home()),

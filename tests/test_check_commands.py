@@ -381,8 +381,21 @@ def test_verify_does_not_run_when_a_step_failed(capsys, db, fake_llm, state_dir,
 # trust, environment, plans that cannot run commands
 # --------------------------------------------------------------------------------------
 
-def test_an_untrusted_project_runs_no_command_and_sends_nothing(capsys, db, fake_llm, state_dir, project,
+@pytest.fixture
+def untrusted(tmp_path, monkeypatch) -> Path:
+    """A folder nobody trusted, whose plans the user lets run this once by answering "y"
+    to the terminal question (tests/test_trust_policy.py asks it on a real pty): such
+    a plan is neither trusted nor approved (plan_trusted is False)."""
+    monkeypatch.setattr(bridge, "_may_ask", lambda: True)
+    monkeypatch.setattr(bridge, "_ask_to_run", lambda facts: True)
+    folder = tmp_path / "untrusted"
+    folder.mkdir()
+    return folder
+
+
+def test_an_untrusted_project_runs_no_command_and_sends_nothing(capsys, db, fake_llm, state_dir, untrusted,
                                                                tmp_path):
+    project = untrusted
     ran = tmp_path / "ran"
     insert_plan(db, code_plan(project, [{"type": "syntax_check"}, {"type": "command", "run": marker_command(ran)}]))
     fake_llm.enqueue(RIGHT)
@@ -397,8 +410,9 @@ def test_an_untrusted_project_runs_no_command_and_sends_nothing(capsys, db, fake
     assert not ran.exists() and fake_llm.chat_requests == [] and not (project / "slug.py").exists()
 
 
-def test_an_untrusted_verify_fails_the_plan_before_any_step_is_sent(capsys, db, fake_llm, state_dir, project,
+def test_an_untrusted_verify_fails_the_plan_before_any_step_is_sent(capsys, db, fake_llm, state_dir, untrusted,
                                                                    tmp_path):
+    project = untrusted
     ran = tmp_path / "ran"
     insert_plan(db, code_plan(project, {"type": "syntax_check"}, verify={"run": marker_command(ran)}))
     fake_llm.enqueue(RIGHT)
