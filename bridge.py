@@ -6630,7 +6630,7 @@ def cmd_approve(config: Config, plan_id: str) -> int:
 
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
-    plan = check_plan(record.plan)
+    plan = check_plan(record.plan, Guard.of(config))
     digest = content_hash(record.content)
     if plan.project is not None and (reason := untrustable_reason(config, real_path(plan.project))):
         raise ConfigError(f"refused to approve plan {plan_id!r}: project {plan.project}: {reason}",
@@ -6673,7 +6673,7 @@ def _plan_facts(config: Config, record: PlanRecord, validate: bool = True) -> di
     run records it failed with its problems, approved or not). validate=False (for
     --list, which must not import jsonschema) reads the plan without the schema."""
     try:
-        plan = check_plan(record.plan) if validate else _build_plan(record.plan)
+        plan = check_plan(record.plan, Guard.of(config)) if validate else _build_plan(record.plan)
     except (PlanInvalid, KeyError, TypeError, AttributeError, ValueError):
         return None
     return approval_facts(config, plan, content_hash(record.content))

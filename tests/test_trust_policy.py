@@ -347,7 +347,8 @@ def test_a_folder_holding_the_store_or_state_dir_is_refused_even_when_trusted(
     state_dir = work / "state" if holder == "state" else tmp_path / "state"
     work.mkdir(exist_ok=True)
     project = Path("/") if holder == "root" else work
-    target = {"store": "data/store.db", "state": "state/runs/x", "root": "tmp/bridge-root-test"}[holder]
+    # a file beside the store, not the store itself (writing that is refused per path, below the folder rule)
+    target = {"store": "data/notes.txt", "state": "notes.txt", "root": "tmp/bridge-root-test"}[holder]
     insert_plan(db, file_plan("p1", project, rel=target))
     fake_llm.enqueue("not a database")
     reason = {"store": "holds the memory store", "state": "holds bridge's state folder",
