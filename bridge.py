@@ -9,22 +9,42 @@ depended on a failure, writes files atomically inside the project (and puts them
 when a plan asks for it), and stores one result memory per run where Claude Code will
 find it.
 
-Usage:
+Usage (one action at most; no action runs every pending plan):
+  running
     bridge                      run every pending plan, oldest first
-    bridge --plan ID [--rerun]  run one plan (a finished one only with --rerun)
-    bridge --list [--all]       list pending plans (--all: every plan and its status)
-    bridge --health             check the model server and the store
+    bridge --plan ID            run one plan; --rerun: a finished or stale one again from
+                                the start; --resume: take over a stale one, keeping the
+                                steps that had succeeded
+    bridge --review [--plan ID] run, staging files under the state dir (awaiting_review)
+    bridge --dry-run [--plan ID]  print each step's exact messages; no server, no store write
+    bridge --events             run, printing JSON events on stdout
+  looking
+    bridge --list [--all]       pending plans (--all: every plan and its status)
+    bridge --show ID            the last result of a plan, and where its run log is
+    bridge --health             the model server and the store (and --memory-url's API)
     bridge --diff ID [--run RUN_ID]   what the plan's last run (or that run) changed
+    bridge --schema             print the plan JSON Schema
+  changing
     bridge --undo ID [--run RUN_ID] [--force]   put back the files that run changed
-    bridge --review [--plan ID] run, staging files under --state-dir (awaiting_review)
     bridge --apply ID | --reject ID   write or drop what a --review run staged
-    bridge --trust DIR          trust a project folder (--untrust DIR takes it back)
+    bridge --cancel ID          cancel a pending plan
+    bridge --validate FILE      check a plan file: every problem with its JSON path
+    bridge --submit FILE [--replace]  store a plan file as a plan memory (a --db naming a
+                                new file makes a new, empty 12.x store first)
+  trusting (kept in $XDG_CONFIG_HOME/bridge/, never in the store)
+    bridge --trust DIR | --untrust DIR   trust a project folder, or take it back
     bridge --approve ID         let one plan run, pinned to its content hash
-    Add --json for one JSON document on stdout, -v for prompts and outputs, -q for
-    errors only. --keep-runs N: how many runs per plan keep their backups for --undo.
-    Paid and agentic models (anthropic:, claude-cli:) run only with --allow-executor
-    NAME (or your own --model / --escalate-to), up to --max-cost-usd US dollars a
-    run. A plan outside a trusted project waits for --approve.
+  Add --json for one JSON document on stdout, -v for prompts and outputs, -q for errors
+  only, --debug for the traceback of a bug. Paid and agentic models (anthropic:,
+  claude-cli:) run only with --allow-executor NAME (or your own --model / --escalate-to),
+  up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
+  --approve or --trust.
+  Settings, each with its variable below (bridge --help gives the defaults): --db,
+  --base-url, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
+  --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
+  --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
+  --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
+  --version, and with their action --all, --rerun, --resume, --run, --force, --replace.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
@@ -39,20 +59,28 @@ Exit codes:
     130  interrupted (Ctrl-C or SIGTERM)
 
 Environment (a flag wins over its variable):
-    BRIDGE_DB, MCP_MEMORY_SQLITE_PATH, MCP_MEMORY_BASE_DIR   the store file
+    BRIDGE_DB, MCP_MEMORY_SQLITE_PATH, MCP_MEMORY_BASE_DIR   the store file (then the
+        memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
-    BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES
-    BRIDGE_RETRY_SAMPLING                                     how retries sample (--retry-sampling)
-    BRIDGE_STATE_DIR, XDG_STATE_HOME                          journals and backups
-    BRIDGE_KEEP_RUNS                                          runs per plan kept for --undo
-    BRIDGE_MEMORY_URL (--memory-url), MCP_API_KEY             the memory server's HTTP API
-                                                              (loopback), which embeds results
-    BRIDGE_DEBUG                                              tracebacks for bugs
-    BRIDGE_TRUSTED_PROJECTS   trusted project folders, os.pathsep-separated (besides --trust):
-                              their plans run without approval and may run commands
-    BRIDGE_ALLOW_EXECUTORS    anthropic, claude-cli: comma-separated (like --allow-executor)
-    BRIDGE_MAX_COST_USD       the spend cap of one run (like --max-cost-usd; default 0.50)
-    XDG_CONFIG_HOME           the folder of bridge/trusted-projects.json and approvals.json
+    BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
+    BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
+    BRIDGE_STRUCTURED=0          never ask for constrained JSON (--no-structured)
+    BRIDGE_RETRY_SAMPLING        how retries sample (--retry-sampling)
+    BRIDGE_ESCALATE_TO           one more attempt on this model (--escalate-to)
+    BRIDGE_PRICE_MODEL           whose prices value the tokens (--price-model)
+    ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY     the anthropic: executor
+    BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli: comma-separated (--allow-executor)
+    BRIDGE_MAX_COST_USD          the spend cap of one run (--max-cost-usd; default 0.50)
+    BRIDGE_TRUSTED_PROJECTS      trusted project folders, os.pathsep-separated (besides
+                                 --trust): their plans run without approval, and commands
+    XDG_CONFIG_HOME              the folder of bridge/trusted-projects.json, approvals.json
+    BRIDGE_STATE_DIR, XDG_STATE_HOME          journals, backups and run logs
+    BRIDGE_KEEP_RUNS             runs per plan whose backups are kept for --undo
+    BRIDGE_MEMORY_URL, MCP_API_KEY            the memory server's HTTP API (loopback),
+                                              which embeds results (--memory-url)
+    BRIDGE_DEBUG                 tracebacks for bugs (--debug)
+    COLUMNS                      the width of --help
+    BRIDGE_CRASH_AT              a test hook: the process kills itself at that point
 
 Limits on what bridge reads (hostile input is a recorded failure, never a crash):
     a reply, streamed or not, within --max-output-bytes (a non-streamed body plus
@@ -62,7 +90,9 @@ Limits on what bridge reads (hostile input is a recorded failure, never a crash)
     NAME_MAX and PATH_MAX. Text from plans, models and the store is printed through
     printable() (control characters escaped); --json through json_text().
 
-Rooms, in the order a run passes through them:
+Rooms, foundations first: each room uses only names from the rooms above it (where
+one does not, a comment says why), so the file reads from the store and the plan up to
+the runner and the command line:
     1 Constants & defaults · 2 Errors · 3 Helpers · 4 Store layouts & plan records ·
     5 Store (SQLite) · 6 Plans · 7 Model servers: errors, streams, retries ·
     8 LLM client: OpenAI-compatible servers ·
@@ -170,7 +200,7 @@ DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 wor
                                        # (a list of 40 equal literals is the rare case it stops)
 DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
-DEFAULT_MAX_RETRIES = 2          # plan-format.md: further attempts per step
+DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 DEFAULT_ON_FAILURE = "retry_with_context"
 # How attempts on the local server sample (--retry-sampling; see retry_sampling).
 # "plain": every attempt as the step says. "hotter": the first greedy (temperature 0)
@@ -1550,7 +1580,7 @@ class Store:
         """Store the run's result memory and record the plan's final state; return the
         result's content_hash.
 
-        result: the result document of plan-format.md, stored as result_content().
+        result: the result document (README: "What bridge writes into the store"), stored as result_content().
         Without memory_api, the result row and the final state (status, finished_at,
         error, result_hash) are one transaction. With memory_api the result goes
         through the memory server's HTTP API first, so it gets an embedding: (1) the
@@ -1844,9 +1874,9 @@ _STEP_DEFAULTS = {                      # every field of Step after id (int) and
 
 
 class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_DEFAULTS.values())):
-    """One step of a plan, with plan defaults and plan-format.md defaults applied.
+    """One step of a plan, with plan defaults and the schema's defaults applied.
 
-    Fields as in plan-format.md; timeout_s is in seconds, max_tokens in tokens;
+    Fields as in bridge-plan-schema.json; timeout_s is in seconds, max_tokens in tokens;
     validation is one validation object or a list of them (validations_of).
     """
 
@@ -3249,7 +3279,7 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 ###############################################################################
 # 10. Output validation
 #
-# The validation types of plan-format.md. Each check returns the artifact: the
+# The validation types of bridge-plan-schema.json. Each check returns the artifact: the
 # text that counts as the step's output (the code inside a fence when fenced), which
 # is what later steps see and what file_output writes. A command validation (and a
 # plan's verify) runs the project's own test or linter, only where the user trusts it.
@@ -3367,7 +3397,7 @@ def check_output(text: str, validation: dict | list) -> str:
     """Check a model output against a step's validation; return the artifact.
 
     text: the output with <think> blocks already stripped. validation: a
-    validation object of plan-format.md, or a list of them, checked in order up
+    validation object of bridge-plan-schema.json, or a list of them, checked in order up
     to the first that fails. The artifact is the fenced code when the output is
     fenced (for json types: the parsed JSON, re-serialised), else the stripped
     text; for a list, that of its first check. Command validations are not run
@@ -5127,7 +5157,7 @@ class StepResult:
         return result
 
     def as_dict(self, price_model: str = DEFAULT_PRICE_MODEL) -> dict:
-        """Return the step entry of plan-format.md's result (output clipped to
+        """Return the step entry of the result document (output clipped to
         STORED_OUTPUT_MAX_CHARS characters, with a marker saying so), with
         tokens_per_s (completion tokens over generation seconds) and what the tokens
         would have cost on price_model."""
@@ -6122,7 +6152,7 @@ class Runner:
 
     def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
                 steps: list[StepResult], files: list[dict], status: str, error: str | None) -> dict:
-        """Build the result document of plan-format.md."""
+        """Build the result document (README: "What bridge writes into the store")."""
         usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
                  "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
         counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}

@@ -561,11 +561,6 @@ def test_a_shell_string_command_is_a_recorded_invalid_plan_and_runs_nothing(caps
     assert not ran.exists() and fake_llm.chat_requests == []
 
 
-def test_the_trusted_projects_variable_is_documented():
-    readme = (Path(bridge.__file__).parent / "README.md").read_text(encoding="utf-8")
-    assert "BRIDGE_TRUSTED_PROJECTS" in bridge.__doc__ and "BRIDGE_TRUSTED_PROJECTS" in readme
-
-
 def test_a_review_run_refuses_commands_it_could_not_check(capsys, db, fake_llm, state_dir, project, tmp_path):
     """--review stages files outside the project, where the command would not see them:
     the step fails saying so, and nothing runs or is sent."""

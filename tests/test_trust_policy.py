@@ -571,15 +571,6 @@ def test_allowed_executors_come_from_flags_environment_and_the_users_own_models(
     assert bridge.resolve_config(parser.parse_args([]), {"HOME": "/h"}).max_cost_usd == 0.50
 
 
-@pytest.mark.parametrize("name", ["--trust", "--untrust", "--approve", "--allow-executor", "--max-cost-usd",
-                                  "BRIDGE_TRUSTED_PROJECTS", "BRIDGE_ALLOW_EXECUTORS", "BRIDGE_MAX_COST_USD",
-                                  "XDG_CONFIG_HOME"])
-def test_new_flags_and_variables_are_documented(name):
-    """Each new flag and variable is in the module docstring and the README."""
-    assert name in bridge.__doc__
-    assert name in (ROOT / "README.md").read_text(encoding="utf-8")
-
-
 @pytest.mark.parametrize("argv", [["--trust", "/x", "--list"], ["--approve", "p1", "--untrust", "/x"],
                                   ["--approve", "p1", "--dry-run"]])
 def test_trust_actions_are_exclusive(capsys, argv):

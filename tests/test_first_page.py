@@ -1,0 +1,60 @@
+"""The first page stays true: every action flag, every flag and every environment
+variable bridge reads is named in the module docstring and in the README."""
+
+import re
+from pathlib import Path
+
+import bridge
+
+ROOT = Path(bridge.__file__).resolve().parent
+SOURCE = (ROOT / "bridge.py").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+# every way bridge.py reads a variable: environ.get("X"), environ["X"], "X" in environ,
+# pick(flag, "X") and the help strings' _env_help(what, "X", default)
+_READS = (r'environ(?:\.get)?[(\[]\s*"([A-Z][A-Z0-9_]+)"', r'"([A-Z][A-Z0-9_]+)"\s+(?:not\s+)?in\s+environ',
+          r'pick\([^,()]+,\s*"([A-Z][A-Z0-9_]+)"', r'_env_help\([^)]*?"([A-Z][A-Z0-9_]+)"')
+
+
+def env_vars_read() -> set[str]:
+    return {name for pattern in _READS for name in re.findall(pattern, SOURCE)}
+
+
+def test_the_scan_finds_variables_bridge_is_known_to_read():
+    # the scan itself must work, or the tests below pass on nothing
+    assert {"BRIDGE_DB", "BRIDGE_BASE_URL", "MCP_MEMORY_SQLITE_PATH", "BRIDGE_DEBUG"} <= env_vars_read()
+
+
+def test_every_environment_variable_read_is_documented():
+    doc = bridge.__doc__
+    assert [v for v in sorted(env_vars_read()) if v not in doc] == []
+    assert [v for v in sorted(env_vars_read()) if v not in README] == []
+
+
+def _long_flags(group_title: str | None = None) -> list[str]:
+    parser = bridge.build_parser()
+    actions = parser._actions
+    if group_title == "actions":
+        actions = [a for g in parser._mutually_exclusive_groups for a in g._group_actions
+                   if any(o in ("--plan", "--list") for o in g._group_actions[0].option_strings)]
+    return sorted(o for a in actions for o in a.option_strings if o.startswith("--") and o != "--help")
+
+
+def test_every_action_is_on_the_first_page():
+    actions = _long_flags("actions")
+    assert "--list" in actions and "--health" in actions
+    assert [a for a in actions if not re.search(re.escape(a) + r"\b", bridge.__doc__)] == []
+
+
+def test_every_flag_is_on_the_first_page_and_in_a_readme_table():
+    flags = _long_flags()
+    assert "--db" in flags and "--plan" in flags
+    assert [f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", bridge.__doc__)] == []
+    tables = "\n".join(line for line in README.splitlines() if line.startswith("|"))
+    assert [f for f in flags if f != "--version" and not re.search(re.escape(f) + r"(?![\w-])", tables)] == []
+
+
+def test_every_action_is_in_the_readme_usage_block():
+    usage = README[README.index("## Usage"):README.index("### Configuration")]
+    block = "\n".join(line for line in usage.splitlines() if line.startswith("bridge"))
+    assert [a for a in _long_flags("actions") if not re.search(re.escape(a) + r"(?![\w-])", block)] == []
