@@ -397,8 +397,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #    ├── ConfigError            bad flag or environment value
 #    ├── StoreError             the store cannot be opened, read or written
 #    │    ├── PlanNotFound      no live plan has that id
-#    │    ├── ResultNotStored   a plan ran, but its result could not be stored
-#    │    └── StateUnusable     a plan's metadata is not an object bridge may overwrite
+#    │    └── ResultNotStored   a plan ran, but its result could not be stored
 #    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
 #    ├── PathError (1)          a plan path leaves the project or cannot be used
 #    │    └── RollbackError (1) files could not be put back; names every one
@@ -441,12 +440,6 @@ class ResultNotStored(StoreError):
     or unwritable): the plan stays in_progress, stale once this process is gone,
     with its journal and backups kept for --resume or --rerun. A run goes on with
     its other plans and exits 2."""
-
-
-class StateUnusable(StoreError):
-    """A plan row's metadata is not a JSON object (or nests too deep), so bridge
-    will not overwrite it to record a state; the plan is not run. A run goes on
-    with its other plans and exits 2."""
 
 
 class PlanInvalid(BridgeError):
@@ -6764,8 +6757,8 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
     valid plan objects, and plans whose id another live plan shares: those are
     recorded as failed with the reason. Returns EXIT_OK when every plan run
     completed (or none was pending), EXIT_PLAN_FAILED when one failed,
-    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored) or
-    its state cannot be recorded (StateUnusable): said on stderr, and the other
+    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored):
+    said on stderr, and the other
     plans still run. Raises BridgeError when the store
     or the server cannot be used, before that plan is claimed.
     """
@@ -6782,7 +6775,7 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
                 for record in records:
                     try:
                         result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
-                    except (ResultNotStored, StateUnusable) as exc:     # the plans after it still run
+                    except ResultNotStored as exc:     # the plans after it still run
                         progress.error(str(exc), exc.hint)
                         runner.events.emit("error", record.plan_id, message=str(exc), hint=exc.hint,
                                            exit_code=exc.exit_code)
