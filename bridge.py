@@ -111,6 +111,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections import namedtuple
 
@@ -222,6 +223,14 @@ DEFAULT_SYSTEM_PROMPT = (
     "Do exactly what the step asks and nothing more. When code or JSON is asked "
     "for, reply with it in a single fenced block and no commentary."
 )
+
+# The files of a run's folder (runs/<run_id>/ under --state-dir), named once
+RUN_INFO_FILE = "run.json"          # plan id, run id, project, started_at
+JOURNAL_FILE = "journal.jsonl"      # each file's original, before it is touched
+STEPS_FILE = "steps.jsonl"          # each finished step, for --resume
+WRITTEN_FILE = "written.jsonl"      # each write that stayed, for --diff and --undo
+STAGED_FILE = "staged.jsonl"        # each write a --review run staged
+VERIFY_FILE = "verify.jsonl"        # the plan's verify command
 
 PLAN_TAG = "bridge-plan"
 RESULT_TAG = "bridge-result"
@@ -4192,7 +4201,7 @@ class FileTransaction:
             try:
                 fd, depth = _walk(self._root(), parts[:-1], rel)
                 try:
-                    change = self.changes.get(rel) or self._record(rel, parts, fd, depth, step)
+                    change = self.changes.get(rel) or self._journal_original(rel, parts, fd, depth, step)
                     if change.action == "reverted":      # put back by revert_path, written again
                         change.action = "created" if change.backup is None else "modified"
                     crash_point(self.crash_at, "journal")
@@ -4213,7 +4222,7 @@ class FileTransaction:
         with self.lock:
             self.closed = True
 
-    def _record(self, rel: str, parts: list[str], fd: int, depth: int, step: int) -> FileChange:
+    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int, step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
         import hashlib
@@ -4228,7 +4237,7 @@ class FileTransaction:
         else:
             missing = [self.project / Path(*parts[:n + 1]) for n in range(depth, len(parts) - 1)]
             change, digest = FileChange(rel, "created", created_dirs=missing), None
-        append_jsonl(self.run_dir / "journal.jsonl", {
+        append_jsonl(self.run_dir / JOURNAL_FILE, {
             "step": step, "path": rel, "action": change.action, "backup": str(change.backup or ""),
             "mode": change.mode, "created_dirs": [str(p) for p in change.created_dirs],
             "backup_sha256": digest})
@@ -4281,7 +4290,7 @@ class FileTransaction:
                 if change.backup is not None and not self._adopt_backup(change, old_run_dir):
                     continue
                 self.changes[change.path] = change
-                append_jsonl(self.run_dir / "journal.jsonl", {   # a second crash still knows it
+                append_jsonl(self.run_dir / JOURNAL_FILE, {   # a second crash still knows it
                     **entry, "backup": str(change.backup or ""),
                     "created_dirs": [str(p) for p in change.created_dirs]})
             elif entry.get("step") not in kept_steps:
@@ -4323,7 +4332,7 @@ class FileTransaction:
     @staticmethod
     def _journal_of(run_dir: Path) -> list[dict]:
         """Return the entries of a run's journal.jsonl, opened without following symlinks."""
-        return read_jsonl(run_dir / "journal.jsonl")
+        return read_jsonl(run_dir / JOURNAL_FILE)
 
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
@@ -4389,7 +4398,7 @@ class FileTransaction:
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
-            append_jsonl(self.run_dir / "journal.jsonl", {"reverted": True})
+            append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True})
         self.discard()
 
     def _restore(self, changes: list[FileChange]) -> None:
@@ -4485,13 +4494,13 @@ def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | Non
     which --diff and --undo read back."""
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None}
-    atomic_write(run_dir / "run.json", json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+    atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
 
 
 def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
     """Append {"step", "path", "sha256", "bytes"} of one file write to written.jsonl
     (fsynced): what the run left in that file, to tell later changes from it."""
-    append_jsonl(run_dir / "written.jsonl", {"step": step, "path": rel, "sha256": sha256_hex(data),
+    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel, "sha256": sha256_hex(data),
                                              "bytes": len(data)})
 
 
@@ -4513,11 +4522,11 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
-                info = _read_json(Path(entry.path) / "run.json")
+                info = _read_json(Path(entry.path) / RUN_INFO_FILE)
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
-    return sorted(found, key=lambda p: (p.name[:16], (p / "run.json").stat().st_mtime_ns, p.name))
+    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns, p.name))
 
 
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
@@ -4615,7 +4624,7 @@ class KeptRun:
         from pathlib import Path
 
         run_dir = run_dir_of(runs_dir, run_id)
-        info = _read_json(run_dir / "run.json")
+        info = _read_json(run_dir / RUN_INFO_FILE)
         if not isinstance(info, dict):
             raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
                               "only runs made since can be shown or undone")
@@ -4625,13 +4634,13 @@ class KeptRun:
         project = Path(info["project"]) if isinstance(info.get("project"), str) else None
         if project is not None and not project.is_absolute():
             raise BridgeError(f"run {run_id}: run.json names a relative project {project}", "remove that run")
-        written = {e["path"]: e.get("sha256") for e in read_jsonl(run_dir / "written.jsonl")
+        written = {e["path"]: e.get("sha256") for e in read_jsonl(run_dir / WRITTEN_FILE)
                    if isinstance(e.get("path"), str)}
-        entries = read_jsonl(run_dir / "journal.jsonl")
+        entries = read_jsonl(run_dir / JOURNAL_FILE)
         files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
         undone = _read_json(run_dir / "undone.json")
         staged: dict[str, dict] = {}
-        for entry in read_jsonl(run_dir / "staged.jsonl"):
+        for entry in read_jsonl(run_dir / STAGED_FILE):
             if project is None or not isinstance(entry.get("path"), str):
                 raise BridgeError(f"run {run_id}: staged.jsonl has an entry bridge did not write: {entry!r}")
             resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
@@ -4764,7 +4773,7 @@ class KeptRun:
                               "--force puts the originals back anyway")
         restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
         self.undone_at = utc_now_iso()
-        append_jsonl(self.run_dir / "journal.jsonl", {"reverted": True, "undone_at": self.undone_at})
+        append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
         atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
         return restored
 
@@ -4816,7 +4825,7 @@ class StagedFiles:
             if change is None:
                 base = read_regular(target)
                 change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
-            append_jsonl(self.run_dir / "staged.jsonl", {
+            append_jsonl(self.run_dir / STAGED_FILE, {
                 "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
                 "base_sha256": sha256_hex(base) if base is not None else None})
         return change
@@ -5044,7 +5053,7 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
             note]
 
 
-class AttemptError(namedtuple("AttemptError", "message retryable feedback", defaults=(True, ()))):
+class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", defaults=(True, ()))):
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
     prompt; default none)."""
@@ -5052,7 +5061,7 @@ class AttemptError(namedtuple("AttemptError", "message retryable feedback", defa
     __slots__ = ()
 
     @classmethod
-    def from_request(cls, exc: LLMError) -> "AttemptError":
+    def from_request(cls, exc: LLMError) -> "AttemptFailure":
         """A failed request: context overflow is final; anything else is retried."""
         if exc.context_overflow:
             hint = exc.hint or "load the model with a larger context length, or shorten the step"
@@ -5061,7 +5070,7 @@ class AttemptError(namedtuple("AttemptError", "message retryable feedback", defa
         return cls(str(exc), feedback=[{"role": "user", "content": note}])
 
     @classmethod
-    def from_stop(cls, error: str, validation: dict) -> "AttemptError":
+    def from_stop(cls, error: str, validation: dict) -> "AttemptFailure":
         """An output stopped before its end (degenerate, or at max_tokens): the next
         prompt says why, without the output (it would only be copied)."""
         note = (f"Your previous answer was rejected: {error}. {describe_validation(validation)} "
@@ -5069,7 +5078,7 @@ class AttemptError(namedtuple("AttemptError", "message retryable feedback", defa
         return cls(error, feedback=[{"role": "user", "content": note}])
 
     @classmethod
-    def from_output(cls, error: str, output: str, validation: dict) -> "AttemptError":
+    def from_output(cls, error: str, output: str, validation: dict) -> "AttemptFailure":
         """A failed check: the next prompt shows the output and the error."""
         note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
                 "Reply again with the corrected answer only.")
@@ -5079,7 +5088,7 @@ class AttemptError(namedtuple("AttemptError", "message retryable feedback", defa
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
-                     validation: dict | list) -> "AttemptError":
+                     validation: dict | list) -> "AttemptFailure":
         """A failed command check: the next prompt shows the answer, the command and
         the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
         text = run.output_tail.strip() or "(no output)"
@@ -5408,12 +5417,10 @@ class StepScheduler:
 
     def __init__(self, plan: Plan, graph: dict[int, set[int]], results: dict[int, StepResult],
                  parallel: int, log: _StepLog, run_step: Callable[..., None],
-                 ended: Callable[[StepResult], None]):
-        import threading
-
+                 ended: Callable[[StepResult], None], cancel: threading.Event | None = None):
         self.plan, self.graph, self.results, self.parallel = plan, graph, results, max(1, parallel)
         self.log, self.run_step, self.ended = log, run_step, ended
-        self.cancel = threading.Event()
+        self.cancel = cancel or threading.Event()
         self.outputs: dict[int, str] = {}
         self.ready: list[int] = []
         self.running: set[int] = set()
@@ -5421,8 +5428,8 @@ class StepScheduler:
         self.failed: list[int] = []
         self.started = 0
 
-    def run(self, record: Callable[[StepResult], None]) -> str | None:
-        """Run every step; record(result) checkpoints each finished one. Returns the
+    def run(self, checkpoint: Callable[[StepResult], None]) -> str | None:
+        """Run every step; checkpoint(result) saves each finished one. Returns the
         plan's error, or None when no step failed. Re-raises what stopped it."""
         import queue
         from graphlib import TopologicalSorter
@@ -5433,9 +5440,9 @@ class StepScheduler:
         try:
             while order.is_active():
                 self.ready += sorted(order.get_ready())
-                self._start_ready(order, finished, record)
+                self._start_ready(order, finished, checkpoint)
                 if self.running:
-                    self._collect(order, finished, record)
+                    self._collect(order, finished, checkpoint)
         except BaseException:
             self.cancel.set()           # steps still running must not touch results or files
             raise
@@ -5445,7 +5452,7 @@ class StepScheduler:
             return f"step(s) {', '.join(map(str, sorted(self.failed)))} failed"
         return None
 
-    def _start_ready(self, order: Any, finished: Any, record: Callable[[StepResult], None]) -> None:
+    def _start_ready(self, order: Any, finished: Any, checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
         import threading
 
@@ -5458,7 +5465,7 @@ class StepScheduler:
             elif blocked := self._blocked_reason(step):
                 result.error = blocked
                 self.log.say(sid, f"  {step.label}: skipped ({blocked})")
-                record(result)
+                checkpoint(result)
             else:
                 self.started += 1
                 result.status = "running"
@@ -5473,7 +5480,7 @@ class StepScheduler:
             self.log.done(sid)
             order.done(sid)
 
-    def _collect(self, order: Any, finished: Any, record: Callable[[StepResult], None]) -> None:
+    def _collect(self, order: Any, finished: Any, checkpoint: Callable[[StepResult], None]) -> None:
         """Wait for one running step to finish and settle it."""
         sid, exc = self._next_finished(finished)
         self.running.discard(sid)
@@ -5486,7 +5493,7 @@ class StepScheduler:
             self.failed.append(sid)
             if step.on_failure == "halt" and self.halted_at is None:
                 self.halted_at = sid
-        record(result)
+        checkpoint(result)
         self.ended(result)
         self.log.done(sid)
         order.done(sid)
@@ -5538,12 +5545,95 @@ def _stop_running(results: dict[int, StepResult], why: str) -> None:
             result.error = f"not run: {why}"
 
 
+class PlanRun:
+    """What one run of one plan shares from claim to result, as one object (CPython's
+    venv passes a `context` the same way): record, plan (None until checked), run_id,
+    run_dir, started (UTC ISO) and clock (time.monotonic() at the claim), previous
+    (the killed run it takes over, or None), keep_finished (--resume), refused
+    (why it does not take over a run, or None), files (FileTransaction, StagedFiles,
+    or None without a project), results (step id -> StepResult), runlog (RunLog),
+    log (_StepLog), cancel (set when the run stops early, for steps still running),
+    trusted (may it run commands: plan_trusted), cli_cwd (where claude runs: a
+    trusted project, else None for a scratch folder), kept (path -> what a
+    succeeded step of this run wrote there), positions (step id -> its place in
+    the order it started), cap_hit (--max-cost-usd was reached)."""
+
+    __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
+                 "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
+                 "positions", "cap_hit")
+
+    def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
+                 keep_finished: bool):
+        self.record, self.run_id, self.run_dir = record, run_id, runs_dir / run_id
+        self.started, self.clock = utc_now_iso(), time.monotonic()
+        self.previous, self.keep_finished, self.refused = previous, keep_finished, None
+        self.plan: Plan | None = None
+        self.files: FileTransaction | StagedFiles | None = None
+        self.results: dict[int, StepResult] = {}
+        self.runlog: RunLog | None = None
+        self.log: _StepLog | None = None
+        self.cancel = threading.Event()
+        self.trusted, self.cli_cwd = False, None
+        self.kept: dict[str, str] = {}
+        self.positions: dict[int, int] = {}
+        self.cap_hit = False
+
+    @property
+    def staged(self) -> bool:
+        """True when the run stages its files for review (--review) instead of writing them."""
+        return isinstance(self.files, StagedFiles)
+
+    def where(self, step: Step) -> str:
+        """Return "plan ID · step N/M" for a progress line of a step that started."""
+        return f"plan {self.plan.id} · step {self.positions.get(step.id, 0)}/{len(self.plan.steps)}"
+
+
+class Attempt:
+    """One request of a step as it is sent and streamed: number (1 for the first),
+    model (the model reference asked), messages (the prompt sent), sampling (the
+    fields of retry_sampling, or None: as the step says), started (time.monotonic()),
+    pieces (streamed pieces so far: the token estimate when the server sends no
+    usage), guard (a DegenerationGuard for a local model, else None)."""
+
+    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard")
+
+    def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
+        self.number, self.model, self.messages, self.sampling = number, model, messages, sampling
+        self.started, self.pieces, self.guard = time.monotonic(), 0, None
+
+
+class SpendCap:
+    """What paid requests have cost so far in this bridge process (US dollars), against
+    --max-cost-usd; thread-safe (steps run in threads)."""
+
+    def __init__(self, max_cost_usd: float):
+        self.max_cost_usd, self.spent_usd = max_cost_usd, 0.0
+        self._lock = threading.Lock()
+
+    def add(self, cost_usd: float) -> None:
+        """Count one paid reply's cost (US dollars)."""
+        with self._lock:
+            self.spent_usd += cost_usd
+
+    def refused(self) -> str | None:
+        """Return why no more paid requests may be sent (the cap is reached), or None."""
+        with self._lock:
+            spent = self.spent_usd
+        if spent < self.max_cost_usd:
+            return None
+        return (f"spend cap reached: this run spent ${spent:.4f} of --max-cost-usd "
+                f"${self.max_cost_usd:.2f}; no more paid requests (raise --max-cost-usd)")
+
+
 class Runner:
-    """Runs plans from one store on one model server.
+    """Runs plans from one store, each step on the executor its model reference names
+    (the local model server, the Anthropic API or the claude CLI).
 
     store: an open Store. client: an open LLMClient, or None when no plan will be
     sent (then only invalid plans can be recorded). model: the default model id
-    (steps and plan defaults may name another). progress: a Progress.
+    (steps and plan defaults may name another). progress: a Progress. One plan
+    run's state is a PlanRun, passed from method to method; the Runner keeps only
+    what outlives a run (the executors, the spend cap).
     """
 
     def __init__(self, config: Config, store: Store, client: LLMClient | None, model: str | None,
@@ -5553,22 +5643,15 @@ class Runner:
         self.context_length, self.parallel = context_length, max(1, parallel)
         self.events = Events(config.events)
         self._executors: dict[tuple, Any] = {}
-        self._files: FileTransaction | None = None
-        self._project: Path | None = None
-        self._trusted = False                   # may this plan run commands (plan_trusted)
-        self._kept: dict[str, str] = {}         # path -> what a succeeded step of this run wrote there
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
-        self._cli_cwd: Path | None = None       # claude runs here: a trusted project, else a scratch folder
-        self._spent_usd = 0.0                   # paid requests of this run, for --max-cost-usd
-        self._cap_hit = False
-        import threading
-        self._spend_lock = threading.Lock()
+        self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
 
-    def executor(self, ref: str) -> tuple[Any, str]:
+    def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
         the local client for openai:, else an AnthropicClient or a ClaudeCLI (run in
-        the plan's project only when it is trusted), made once. Raises LLMError when
-        it cannot be used (not in config.allowed_executors, no key, no claude binary)."""
+        cli_cwd, the plan's project when it is trusted, else a scratch folder), made
+        once. Raises LLMError when it cannot be used (not in config.allowed_executors,
+        no key, no claude binary)."""
         kind, name = parse_model_ref(ref)
         if kind == "openai":
             assert self.client is not None, "a plan with steps needs a model client"
@@ -5576,10 +5659,10 @@ class Runner:
         if kind not in self.config.allowed_executors:
             raise LLMError(f"the {kind} executor is not allowed (model {ref})",
                            f"let it run with --allow-executor {kind}")
-        key = (kind, self._cli_cwd) if kind == "claude-cli" else (kind,)
+        key = (kind, cli_cwd) if kind == "claude-cli" else (kind,)
         if key not in self._executors:
             self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
-                if kind == "anthropic" else ClaudeCLI(self.config, self._cli_cwd)
+                if kind == "anthropic" else ClaudeCLI(self.config, cli_cwd)
         return self._executors[key], name
 
     def report_retry(self, message: str) -> None:
@@ -5616,8 +5699,8 @@ class Runner:
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
-        started, clock = utc_now_iso(), time.monotonic()
-        self._cap_hit = False
+        run = PlanRun(record, run_id, self.config.runs_dir, previous, resume)
+        run.refused = refused
         self.events.emit("plan_start", record.plan_id, run_id=run_id, objective=record.objective,
                          steps=record.step_count, model=self.model)
         if refused:
@@ -5626,47 +5709,49 @@ class Runner:
         try:
             if record.chunks:
                 raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
-            plan = check_plan(record.plan, Guard.of(self.config))
+            run.plan = check_plan(record.plan, Guard.of(self.config))
         except PlanInvalid as exc:
             problems += exc.problems
         if problems:
             self.progress.error(f"plan {record.plan_id}: invalid: {problems_line(problems)}")
-            result = self._result(record, run_id, started, clock, [], [], "failed",
-                                  f"plan is invalid ({len(problems)} problem(s))")
+            result = self._result(run, "failed", f"plan is invalid ({len(problems)} problem(s))")
             result["problems"] = problems
             if refused:
                 result["refused"] = [refused]
             return self._finish(record, result)
         with _Heartbeat(self.config, record, run_id):
-            return self._execute(record, plan, run_id, started, clock, previous, resume, refused)
+            return self._execute(run)
 
-    def _execute(self, record: PlanRecord, plan: Plan, run_id: str, started: str, clock: float,
-                 previous: str | None, keep_finished: bool, refused: str | None = None) -> dict:
+    def _open_run(self, run: PlanRun) -> None:
+        """Fill in what a checked plan's run needs: its logs, trust, files and step results."""
+        plan = run.plan
         self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
                            f"· {len(plan.steps)} step(s) · model {self.model}")
-        run_dir = self.config.runs_dir / run_id
-        self._runlog = RunLog(run_dir, run_id, plan.id, self.config.price_model)
-        self._plan_id, self._project = plan.id, plan.project
-        self._trusted, self._kept = plan_trusted(self.config, plan, content_hash(record.content)), {}
-        trusted = plan.project is not None and trusted_root(self.config, plan.project) is not None
-        self._cli_cwd = plan.project if trusted else None
+        run.runlog = RunLog(run.run_dir, run.run_id, plan.id, self.config.price_model)
+        run.trusted = plan_trusted(self.config, plan, content_hash(run.record.content))
+        if plan.project is not None and trusted_root(self.config, plan.project) is not None:
+            run.cli_cwd = plan.project
         if not plan.project:
-            files = None
+            run.files = None
         elif self.config.review:
-            files = StagedFiles(plan.project, run_dir, self.config.crash_at)
+            run.files = StagedFiles(plan.project, run.run_dir, self.config.crash_at)
         else:
-            files = FileTransaction(plan.project, run_dir, self.config.crash_at, Guard.of(self.config))
-        self._files = files
-        results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
+            run.files = FileTransaction(plan.project, run.run_dir, self.config.crash_at, Guard.of(self.config))
+        run.results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
+
+    def _execute(self, run: PlanRun) -> dict:
+        """Run a checked plan's steps and verify, then settle and store; return the result."""
+        self._open_run(run)
+        plan, files, results = run.plan, run.files, run.results
         error, interrupted, verify = None, None, None
         try:
-            open_run_dir(run_dir)
-            write_run_info(run_dir, plan.id, run_id, plan.project, started)
-            if isinstance(files, StagedFiles):
+            open_run_dir(run.run_dir)
+            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started)
+            if run.staged:
                 files.note_reads(plan.files_context)
-            if previous:
-                self._take_over(plan, results, files, previous, run_dir, keep_finished)
-            error, verify = self._run_and_verify(plan, results, files, run_dir)
+            if run.previous:
+                self._take_over(run)
+            error, verify = self._run_and_verify(run)
         except KeyboardInterrupt as exc:
             current = sorted(r.id for r in results.values() if r.status == "running")
             for result in results.values():
@@ -5680,121 +5765,128 @@ class Runner:
             error = str(exc)
         except OSError as exc:              # a full disk or read-only state dir: the run's records
             _stop_running(results, "the run's records could not be written")
-            error = (f"cannot write the run's records in {run_dir}: {exc.strerror or exc} "
+            error = (f"cannot write the run's records in {run.run_dir}: {exc.strerror or exc} "
                      "(free some space, or make --state-dir writable)")
         with shielded_signals(self.progress.error, for_good=interrupted is not None):
-            status = "failed" if error else "completed"
-            file_error = self._settle_files(plan, files, status)
-            if file_error:
-                error = f"{error}; {file_error}" if error else file_error
-                status = "failed"
-            if status == "completed" and isinstance(files, StagedFiles) and files.changes:
-                status = "awaiting_review"          # nothing is in the project until --apply
-            ordered = [results[sid] for sid in sorted(results)]
-            result = self._result(record, run_id, started, clock, ordered,
-                                  files.summary() if files else [], status, error)
-            if previous:
-                result["resumed_from"] = previous
-            if verify is not None:
-                result["verify"] = verify
-            refusals = ([refused] if refused else []) + getattr(files, "refused", [])
-            if refusals:
-                result["refused"] = refusals
-            try:
-                result = self._finish(record, result)
-            except ResultNotStored as exc:
-                if interrupted is None:
-                    raise
-                self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
-                raise interrupted from exc
-            finally:
-                if isinstance(files, FileTransaction):
-                    files._release()        # the project folder's descriptor
-            if files is not None and self.config.keep_runs == 0 and not isinstance(files, StagedFiles):
-                files.discard()         # only now: a result that cannot be stored keeps the backups
+            result = self._close_run(run, error, verify, interrupted)
         if interrupted:
             raise interrupted
         return result
 
-    def _take_over(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
-                   previous: str, run_dir: Path, keep_finished: bool) -> None:
-        """Take over what a killed run (id previous) left, and put back what it left half done.
+    def _close_run(self, run: PlanRun, error: str | None, verify: dict | None,
+                   interrupted: BaseException | None) -> dict:
+        """Settle the run's files, then store its result (see _finish); return it."""
+        files = run.files
+        status = "failed" if error else "completed"
+        file_error = self._settle_files(run, status)
+        if file_error:
+            error = f"{error}; {file_error}" if error else file_error
+            status = "failed"
+        if status == "completed" and run.staged and files.changes:
+            status = "awaiting_review"          # nothing is in the project until --apply
+        result = self._result(run, status, error)
+        if run.previous:
+            result["resumed_from"] = run.previous
+        if verify is not None:
+            result["verify"] = verify
+        refusals = ([run.refused] if run.refused else []) + getattr(files, "refused", [])
+        if refusals:
+            result["refused"] = refusals
+        try:
+            result = self._finish(run.record, result)
+        except ResultNotStored as exc:
+            if interrupted is None:
+                raise
+            self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
+            raise interrupted from exc
+        finally:
+            if isinstance(files, FileTransaction):
+                files._release()        # the project folder's descriptor
+        if files is not None and self.config.keep_runs == 0 and not run.staged:
+            files.discard()         # only now: a result that cannot be stored keeps the backups
+        return result
 
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+    def _take_over(self, run: PlanRun) -> None:
+        """Take over what a killed run (run.previous) left, and put back what it left half done.
+
+        With run.keep_finished (--resume), its succeeded steps (from its steps.jsonl)
         keep their outputs and files, unless that run had already reverted its
         files; files written by any other step are restored from its journal. A
         --review run (or its --apply) that died starts over: its outputs never all
         reached the project. Raises RollbackError when such a file cannot be restored.
         """
+        plan, previous, results, files = run.plan, run.previous, run.results, run.files
         old_dir = run_folder(self.config.runs_dir, previous)
-        if keep_finished and (old_dir / "staged.jsonl").exists():
+        keep_finished = run.keep_finished
+        if keep_finished and (old_dir / STAGED_FILE).exists():
             # a --review run (or its --apply) died: its outputs never all reached the project
             keep_finished = False
             self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; starting its steps over")
         try:
-            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / "journal.jsonl"))
-            done = {e["id"]: e for e in read_jsonl(old_dir / "steps.jsonl") if keep_finished and not reverted
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
+            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE) if keep_finished and not reverted
                     and e.get("status") == "succeeded" and e.get("id") in plan.steps}
-            written = read_jsonl(old_dir / "written.jsonl")
+            written = read_jsonl(old_dir / WRITTEN_FILE)
         except OSError as exc:      # a symlink where its records should be: not bridge's
             self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
                                 f"({exc.strerror or exc}); every step runs again")
             done, written = {}, []
         for sid, entry in done.items():
             results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
-            append_jsonl(run_dir / "steps.jsonl", results[sid].checkpoint())
+            append_jsonl(run.run_dir / STEPS_FILE, results[sid].checkpoint())
             if plan.steps[sid].file_output:
-                self._kept[plan.steps[sid].file_output] = results[sid].output
+                run.kept[plan.steps[sid].file_output] = results[sid].output
         for entry in written:                   # what the kept steps wrote, for --undo
             if entry.get("step") in done:
-                append_jsonl(run_dir / "written.jsonl", entry)
+                append_jsonl(run.run_dir / WRITTEN_FILE, entry)
         restored = files.recover(old_dir, set(done)) if files else []
         self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
                            f"succeeded, {len(restored)} file(s) put back")
         for reason in getattr(files, "refused", []):
             self.progress.error(f"plan {plan.id}: {reason}")
 
-    def _run_and_verify(self, plan: Plan, results: dict[int, StepResult], files: FileTransaction | None,
-                        run_dir: Path) -> tuple[str | None, dict | None]:
+    def _run_and_verify(self, run: PlanRun) -> tuple[str | None, dict | None]:
         """Run the steps, then the plan's verify once they all succeeded or were
         skipped; return (the plan's error or None, the verify record or None). A
         verify that may not run here (plan_trusted) fails the plan before any step
         is sent, so no model time is spent on a plan that cannot pass."""
-        if plan.verify is not None and (message := self._commands_refused(plan)):
-            for result in results.values():
+        plan = run.plan
+        if plan.verify is not None and (message := self._commands_refused(run)):
+            for result in run.results.values():
                 result.error = result.error or "not run: the plan's verify cannot run"
             self.progress.error(f"plan {plan.id}: verify: {message}")
             return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False, "error": message}
-        error = self._run_steps(plan, results, files, run_dir / "steps.jsonl")
+        error = self._run_steps(run)
         if error is not None or plan.verify is None:
             return error, None
         argv = plan.verify["run"]
         self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
-        run = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
-                          plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self._cancel)
-        append_jsonl(run_dir / "verify.jsonl", run.as_dict(), sync=False)
-        if run.error is None:
-            self.progress.info(f"plan {plan.id}: verify passed in {run.duration_s:.1f} s")
-            return None, {"ran": True, **run.as_dict()}
-        self.progress.error(f"plan {plan.id}: verify failed: {run.error}")
-        self.progress.detail(run.output_tail)
-        return f"verify failed: {run.error}", {"ran": True, **run.as_dict()}
+        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
+                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+        append_jsonl(run.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        if command.error is None:
+            self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
+            return None, {"ran": True, **command.as_dict()}
+        self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
+        self.progress.detail(command.output_tail)
+        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
 
-    def _commands_refused(self, plan: Plan) -> str | None:
+    def _commands_refused(self, run: PlanRun) -> str | None:
         """Return why this run may not run the plan's commands, or None when it may."""
-        if not self._trusted:
-            return untrusted_message(plan)
-        if isinstance(self._files, StagedFiles):
+        if not run.trusted:
+            return untrusted_message(run.plan)
+        if run.staged:
             return ("a command checks the file in the project, and --review stages files outside it; "
                     "run the plan without --review to check it with its command")
         return None
 
-    def _settle_files(self, plan: Plan, files: FileTransaction | None, status: str) -> str | None:
+    def _settle_files(self, run: PlanRun, status: str) -> str | None:
         """Revert or keep the run's files as the plan asks; return an error or None.
         Kept files keep their backups at least until the result is stored."""
+        plan, files = run.plan, run.files
         if files is None or not files.changes:
             return None
-        if isinstance(files, StagedFiles):
+        if run.staged:
             if status == "failed":
                 files.discard()         # nothing reached the project; nothing to review
             return None
@@ -5803,7 +5895,7 @@ class Runner:
                 files.rollback()
                 self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
             else:
-                self._keep_backups(plan, files)
+                self._keep_backups(plan)
                 kept = ", ".join(path for path, change in files.changes.items() if change.action != "reverted")
                 if status == "failed" and kept:
                     self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
@@ -5812,10 +5904,10 @@ class Runner:
             return str(exc)
         return None
 
-    def _keep_backups(self, plan: Plan, files: FileTransaction) -> None:
+    def _keep_backups(self, plan: Plan) -> None:
         """Keep the run's backups for --undo (0600), then delete those of the plan's
         runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _execute deletes them only once the result is stored."""
+        _close_run deletes them only once the result is stored."""
         if self.config.keep_runs == 0:
             return
         for run_dir in plan_runs(self.config.runs_dir, plan.id):   # this one, and those it took over
@@ -5825,21 +5917,19 @@ class Runner:
             self.progress.detail(f"plan {plan.id}: removed the backups of {len(pruned)} older run(s) "
                                  f"(keeping {self.config.keep_runs}): {', '.join(pruned)}")
 
-    def _run_steps(self, plan: Plan, results: dict[int, StepResult],
-                   files: FileTransaction | None, checkpoint: Path) -> str | None:
+    def _run_steps(self, run: PlanRun) -> str | None:
         """Run every step through a StepScheduler; return the plan's error or None.
 
-        Each finished step is appended to checkpoint, so a killed run can be resumed.
-        When the run stops early (Ctrl-C, a bug), steps still running may neither
-        write files nor touch their results.
+        Each finished step is appended to the run's steps.jsonl, so a killed run can
+        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
+        neither write files nor touch their results.
         """
+        plan, checkpoint = run.plan, run.run_dir / STEPS_FILE
         graph = step_graph(plan)
-        self._log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
-        scheduler = StepScheduler(plan, graph, results, self.parallel, self._log,
-                                  lambda step, result, outputs, position:
-                                  self._run_step(plan, step, result, outputs, files, position),
-                                  functools.partial(self._step_ended, plan))
-        self._cancel = scheduler.cancel
+        run.log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
+        scheduler = StepScheduler(plan, graph, run.results, self.parallel, run.log,
+                                  functools.partial(self._run_step, run),
+                                  functools.partial(self._step_ended, plan), run.cancel)
         private_dir(checkpoint.parent)
         with _suppress(OSError):            # a runs folder made before bridge kept it private
             os.chmod(checkpoint.parent.parent, 0o700)
@@ -5850,8 +5940,8 @@ class Runner:
             try:
                 return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
             except BaseException:
-                if files is not None:
-                    files.close()
+                if run.files is not None:
+                    run.files.close()
                 raise
 
     def _step_ended(self, plan: Plan, result: StepResult) -> None:
@@ -5860,103 +5950,121 @@ class Runner:
         entry = result.as_dict(self.config.price_model)
         self.events.emit("step_end", plan.id, result.id, **{k: v for k, v in entry.items() if k != "id"})
 
-    def _run_step(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
-                  files: FileTransaction | None, position: int) -> None:
+    def _run_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str],
+                  position: int) -> None:
         """Run one step's attempts; fill result (status, output, error, usage, …).
 
         A prompt that cannot fit the model's context fails the step at once, with
         the numbers, and nothing is sent.
         """
-        model = step.model or self.model
+        plan, model = run.plan, step.model or self.model
         result.status, result.file_output, result.model = "running", step.file_output, model
-        clock = time.monotonic()
-        say = functools.partial(self._log.say, step.id)
-        self._runlog.start(step, model, plan.project)
+        run.positions[step.id] = position
+        run.runlog.start(step, model, plan.project)
         self.events.emit("step_start", plan.id, step.id, title=step.title, position=position,
                          steps=len(plan.steps), max_attempts=step.max_retries + 1, model=model)
         try:
-            self._attempts(plan, step, result, outputs, files, position, model, clock, say)
+            self._try_step(run, step, result, outputs)
         finally:
-            self._runlog.end(result)
+            run.runlog.end(result)
 
-    def _attempts(self, plan: Plan, step: Step, result: StepResult, outputs: dict[int, str],
-                  files: FileTransaction | None, position: int, model: str, clock: float,
-                  say: Callable[..., None]) -> None:
-        budget = self._budget(step, model)
-        staged = files.path_of if isinstance(files, StagedFiles) else None
+    def _first_prompt(self, run: PlanRun, step: Step, result: StepResult,
+                      outputs: dict[int, str]) -> list[dict] | None:
+        """Return a step's first prompt, or None when the step cannot be sent (its
+        prompt does not fit the model's context, or its commands may not run here):
+        then the step is settled, failed or skipped, and nothing is sent."""
+        staged = run.files.path_of if run.staged else None
         try:
-            messages = build_messages(plan, step, outputs, budget, staged)
+            messages = build_messages(run.plan, step, outputs, self._budget(step, result.model), staged)
         except PromptTooLarge as exc:
-            result.error = f"{exc} ({exc.hint})"
-            result.status = "skipped" if step.on_failure == "skip" else "failed"
-            say(f"  {step.label}: {result.status}: {exc}")
-            return
-        if _commands_of(step) and (refused := self._commands_refused(plan)):    # nothing is sent, nothing runs
-            result.error = refused
-            result.status = "skipped" if step.on_failure == "skip" else "failed"
-            say(f"  {step.label}: {result.status}: {result.error}")
+            result.error, shown = f"{exc} ({exc.hint})", str(exc)
+        else:
+            refused = self._commands_refused(run) if _commands_of(step) else None   # nothing is sent, nothing runs
+            if refused is None:
+                return messages
+            result.error = shown = refused
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        run.log.say(step.id, f"  {step.label}: {result.status}: {shown}")
+        return None
+
+    def _try_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str]) -> None:
+        """Send a step's attempts until one passes or they are spent (step.max_retries
+        + 1), then escalate when the config or plan says so; settle result."""
+        model, clock = result.model, time.monotonic()
+        say = functools.partial(run.log.say, step.id)
+        budget = self._budget(step, model)
+        messages = self._first_prompt(run, step, result, outputs)
+        if messages is None:
             return
         retry_note: list[dict] = []
         failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
-        where = f"plan {plan.id} · step {position}/{len(plan.steps)}"
-        for attempt in range(1, step.max_retries + 2):
-            result.attempts = attempt
-            say(f"  {step.label}: attempt {attempt}/{step.max_retries + 1}")
+        for number in range(1, step.max_retries + 2):
+            result.attempts = number
+            say(f"  {step.label}: attempt {number}/{step.max_retries + 1}")
             say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
             result.output = ""
-            sampling, spent = retry_sampling(self.config.retry_sampling, step, attempt), result.usage["completion_tokens"]
-            error = self._attempt(step, result, messages + retry_note, model, files, where, attempt, sampling)
+            sampling, spent = retry_sampling(self.config.retry_sampling, step, number), result.usage["completion_tokens"]
+            failure = self._send_attempt(run, step, result, Attempt(number, model, messages + retry_note, sampling))
             if result.attempt_log:
                 result.attempt_log[-1].update(completion_tokens=result.usage["completion_tokens"] - spent,
-                                              error=error and error.message)
+                                              error=failure and failure.message)
             result.duration_s = time.monotonic() - clock
-            if error is None:
+            if failure is None:
                 result.status, result.error = "succeeded", None
                 say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
                 return
-            result.error = error.message
-            failures.append((result.output, error.message))
-            say(f"  {step.label}: attempt {attempt} failed: {error.message}")
-            self.events.emit("attempt_failed", plan.id, step.id, attempt=attempt, error=error.message,
-                             retrying=error.retryable and attempt <= step.max_retries)
-            if not error.retryable:
+            result.error = failure.message
+            failures.append((result.output, failure.message))
+            say(f"  {step.label}: attempt {number} failed: {failure.message}")
+            self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
+                             retrying=failure.retryable and number <= step.max_retries)
+            if not failure.retryable:
                 break
-            retry_note = fit_feedback(messages, error.feedback, budget)
-        escalate_to = self.config.escalate_to or plan.escalate_to
-        if escalate_to and _executor_of(escalate_to) not in self.config.allowed_executors:
-            say(f"  {step.label}: escalation to {escalate_to} not used: the {_executor_of(escalate_to)} "
-                f"executor is not allowed (pass --allow-executor {_executor_of(escalate_to)})")
-            escalate_to = None
-        if escalate_to and not self._cancel.is_set():
-            if self._escalate(plan, step, result, messages, failures, escalate_to, where, say):
-                result.duration_s = time.monotonic() - clock
-                return
+            retry_note = fit_feedback(messages, failure.feedback, budget)
+        if self._escalation(run, step) and not run.cancel.is_set():
+            saved = self._escalate(run, step, result, messages, failures)
             result.duration_s = time.monotonic() - clock
+            if saved:
+                return
         result.status = "skipped" if step.on_failure == "skip" else "failed"
         say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
 
-    def _escalate(self, plan: Plan, step: Step, result: StepResult, messages: list[dict],
-                  failures: list[tuple[str, str]], escalate_to: str, where: str,
-                  say: Callable[..., None]) -> bool:
-        """Give a step whose attempts are spent one more attempt on escalate_to, with
-        the failed outputs and errors in its prompt. Returns True when that saved it."""
-        attempt = result.attempts + 1
-        result.attempts, result.escalated_to, result.output = attempt, escalate_to, ""
-        say(f"  {step.label}: escalating to {escalate_to} (attempt {attempt})")
+    def _escalation(self, run: PlanRun, step: Step) -> str | None:
+        """Return the model reference a failed step escalates to (--escalate-to, else
+        the plan's escalate_to), or None: none is named, or its executor is not allowed."""
+        escalate_to = self.config.escalate_to or run.plan.escalate_to
+        if escalate_to and _executor_of(escalate_to) not in self.config.allowed_executors:
+            run.log.say(step.id, f"  {step.label}: escalation to {escalate_to} not used: the "
+                        f"{_executor_of(escalate_to)} executor is not allowed "
+                        f"(pass --allow-executor {_executor_of(escalate_to)})")
+            return None
+        return escalate_to
+
+    def _escalate(self, run: PlanRun, step: Step, result: StepResult, messages: list[dict],
+                  failures: list[tuple[str, str]]) -> bool:
+        """Give a step whose attempts are spent one more attempt on its escalation
+        model, with the failed outputs and errors in its prompt. Returns True when
+        that saved it."""
+        escalate_to = self._escalation(run, step)
+        say = functools.partial(run.log.say, step.id)
+        number = result.attempts + 1
+        result.attempts, result.escalated_to, result.output = number, escalate_to, ""
+        say(f"  {step.label}: escalating to {escalate_to} (attempt {number})")
         tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}\n```\n"
                              f"Rejected because: {why}" for n, (output, why) in enumerate(failures, 1))
         note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its answers and why "
                 f"they were rejected:\n\n{tried}\n\nGive the correct answer.")
         escalated = [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
-        error = self._attempt(step, result, escalated, escalate_to, self._files, where, attempt)
-        result.escalation_saved = error is None
-        if error is None:
+        failure = self._send_attempt(run, step, result, Attempt(number, escalate_to, escalated))
+        result.escalation_saved = failure is None
+        if failure is None:
             result.status, result.error = "succeeded", None
             say(f"  {step.label}: succeeded on {escalate_to}")
             return True
-        result.error = f"{error.message} (after escalating to {escalate_to})"
-        self.events.emit("attempt_failed", plan.id, step.id, attempt=attempt, error=error.message, retrying=False)
-        say(f"  {step.label}: the escalation failed too: {error.message}")
+        result.error = f"{failure.message} (after escalating to {escalate_to})"
+        self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
+                         retrying=False)
+        say(f"  {step.label}: the escalation failed too: {failure.message}")
         return False
 
     def _budget(self, step: Step, model: str) -> int | None:
@@ -5978,186 +6086,181 @@ class Runner:
         limit = answer_tokens(step, context)
         return max(1, min(limit, context - estimate_tokens(messages))) if context else limit
 
-    def _attempt(self, step: Step, result: StepResult, messages: list[dict], model: str,
-                 files: FileTransaction | None, where: str, attempt: int,
-                 sampling: dict | None = None) -> "AttemptError | None":
-        """Send one attempt, check it, write its file; return None or the AttemptError.
+    def _send_attempt(self, run: PlanRun, step: Step, result: StepResult,
+                      attempt: Attempt) -> "AttemptFailure | None":
+        """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        sampling: its fields (retry_sampling; None: as the step says; the Anthropic
-        API and the claude CLI always sample as the step says). A local
+        attempt.sampling: its fields (retry_sampling; None: as the step says; the
+        Anthropic API and the claude CLI always sample as the step says). A local
         model's output is watched while it streams (DegenerationGuard): when it
         degenerates, the request is cancelled and the attempt fails saying why; so
         does an answer cut at max_tokens (finish_reason "length").
         """
         try:
-            executor, name = self.executor(model)
+            executor, name = self.executor(attempt.model, run.cli_cwd)
         except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
-            return AttemptError(str(exc), retryable=False)
-        paid = _executor_of(model) in PAID_EXECUTORS
-        if paid and (refused := self._over_cap()):
-            return AttemptError(refused, retryable=False)
-        started, pieces = time.monotonic(), [0]
+            return AttemptFailure(str(exc), retryable=False)
+        paid = _executor_of(attempt.model) in PAID_EXECUTORS
+        if paid and (refused := self._spend.refused()):
+            run.cap_hit = True
+            return AttemptFailure(refused, retryable=False)
         local = isinstance(executor, LLMClient)      # the other executors keep their own limits
-        sampling = dict(retry_sampling("plain", step, 1) if sampling is None or not local else sampling)
-        limit = self._max_tokens(step, model, messages) if local else step.max_tokens
+        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
+                        else attempt.sampling)
+        limit = self._max_tokens(step, attempt.model, attempt.messages) if local else step.max_tokens
         if limit:
             sampling["max_tokens"] = limit
         sent = executor.accepted_sampling(sampling) if local else sampling
-        result.attempt_log.append({"attempt": attempt, "sampling": sent, "completion_tokens": 0, "error": None})
-        self._runlog.sent(step.id, attempt, messages, sent)
-        guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-
-        def on_delta(piece: str) -> None:
-            pieces[0] += 1
-            if guard is not None:
-                guard.feed(piece)       # raises OutputDegenerate: the stream is closed on the way out
-            elapsed = time.monotonic() - started
-            self.events.emit("delta", self._plan_id, step.id, attempt=attempt, text=piece)
-            self.progress.status(f"{where} · {step.title or f'step {step.id}'} · attempt {attempt} · "
-                                 f"{elapsed:.1f} s · {pieces[0] / max(elapsed, 1e-6):.1f} tok/s")
+        result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
+                                   "error": None})
+        run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
+        attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
         extra = {"sampling": sampling} if local else {}
         try:
-            reply = executor.chat(messages, model=name, temperature=sampling.get("temperature"),
+            reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
                                   max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
-                                  json_schema=output_schema(step.validation), on_delta=on_delta, **extra)
+                                  json_schema=output_schema(step.validation),
+                                  on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
         except LLMError as exc:
-            result.generation_s += time.monotonic() - started
-            self._runlog.checked(step.id, attempt, str(exc))
-            return AttemptError.from_request(exc)
+            result.generation_s += time.monotonic() - attempt.started
+            run.runlog.checked(step.id, attempt.number, str(exc))
+            return AttemptFailure.from_request(exc)
         except OutputDegenerate as exc:
-            result.generation_s += time.monotonic() - started
-            return self._stopped(step, result, attempt, messages, model, pieces[0], guard.text, str(exc))
-        result.generation_s += time.monotonic() - started
+            result.generation_s += time.monotonic() - attempt.started
+            return self._stopped(run, step, result, attempt, str(exc))
+        result.generation_s += time.monotonic() - attempt.started
         if paid:
-            with self._spend_lock:
-                self._spent_usd += reply.cost_usd or 0.0
-        if self._cancel.is_set():
-            return AttemptError("interrupted", retryable=False)
-        self._runlog.answer(step.id, attempt, reply)
-        _add_usage(result, reply, messages, pieces[0], model)
+            self._spend.add(reply.cost_usd or 0.0)
+        if run.cancel.is_set():
+            return AttemptFailure("interrupted", retryable=False)
+        run.runlog.answer(step.id, attempt.number, reply)
+        _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
             limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             result.output = strip_think(reply.text)
-            self._runlog.checked(step.id, attempt, why)
-            return AttemptError.from_stop(why, step.validation)
+            run.runlog.checked(step.id, attempt.number, why)
+            return AttemptFailure.from_stop(why, step.validation)
         if reply.model and reply.model != name:
             result.model = reply.model
         output = strip_think(reply.text)
         result.output = output
-        self._log.say(step.id, f"--- output ---\n{output}", detail=True)
-        return self._check(step, result, output, reply.text, files, attempt)
+        run.log.say(step.id, f"--- output ---\n{output}", detail=True)
+        return self._check(run, step, result, output, reply.text)
 
-    def _check(self, step: Step, result: StepResult, output: str, answer: str,
-               files: FileTransaction | None, attempt: int) -> "AttemptError | None":
+    def _on_delta(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
+        """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
+        closed on the way out), emit it as an event, show the attempt's progress."""
+        attempt.pieces += 1
+        if attempt.guard is not None:
+            attempt.guard.feed(piece)
+        elapsed = time.monotonic() - attempt.started
+        self.events.emit("delta", run.plan.id, step.id, attempt=attempt.number, text=piece)
+        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt {attempt.number} · "
+                             f"{elapsed:.1f} s · {attempt.pieces / max(elapsed, 1e-6):.1f} tok/s")
+
+    def _check(self, run: PlanRun, step: Step, result: StepResult, output: str,
+               answer: str) -> "AttemptFailure | None":
         """Check an output, write its file, run the step's commands; return None or the
-        AttemptError. The checks of the answer itself come first (they cost nothing,
+        AttemptFailure. The checks of the answer itself come first (they cost nothing,
         and the commands need the file they produce), then each command in order, up
         to the first that fails. A failed command puts the file back at once, and so
         does anything that stops the run while a command runs."""
+        files, number = run.files, result.attempts
         try:
             artifact = check_output(output, step.validation)
         except OutputInvalid as exc:
-            self._runlog.checked(step.id, attempt, str(exc))
-            return AttemptError.from_output(str(exc), answer, step.validation)
+            run.runlog.checked(step.id, number, str(exc))
+            return AttemptFailure.from_output(str(exc), answer, step.validation)
         result.output = artifact
         if step.file_output:
             try:
                 change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
             except PathError as exc:
-                self._runlog.checked(step.id, attempt, str(exc))
-                return AttemptError(str(exc), retryable=False)
-            if isinstance(files, StagedFiles):
-                self._log.say(step.id, f"  {step.label}: staged {step.file_output} ({change.action}) for review")
-            else:
-                self._log.say(step.id, f"  {step.label}: wrote {step.file_output} ({change.action})")
+                run.runlog.checked(step.id, number, str(exc))
+                return AttemptFailure(str(exc), retryable=False)
+            done = "staged" if run.staged else "wrote"
+            review = " for review" if run.staged else ""
+            run.log.say(step.id, f"  {step.label}: {done} {step.file_output} ({change.action}){review}")
         try:
-            error = self._run_commands(step, result, answer, attempt)
+            failure = self._run_commands(run, step, result, answer)
         except BaseException:
             with _suppress(PathError):
-                self._put_back(step, files)
+                self._put_back(run, step)
             raise
-        if error is not None:
+        if failure is not None:
             try:
-                self._put_back(step, files)
+                self._put_back(run, step)
             except PathError as exc:
-                return AttemptError(f"{error.message}; and {exc}", retryable=False)
-            return error
-        self._runlog.checked(step.id, attempt, None)
+                return AttemptFailure(f"{failure.message}; and {exc}", retryable=False)
+            return failure
+        run.runlog.checked(step.id, number, None)
         if step.file_output:
-            self._kept[step.file_output] = artifact
-            if not isinstance(files, StagedFiles):     # only a write that stays is what the run left
-                record_written(self._runlog.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
+            run.kept[step.file_output] = artifact
+            if not run.staged:     # only a write that stays is what the run left
+                record_written(run.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
         return None
 
-    def _run_commands(self, step: Step, result: StepResult, answer: str, attempt: int) -> "AttemptError | None":
+    def _run_commands(self, run: PlanRun, step: Step, result: StepResult, answer: str) -> "AttemptFailure | None":
         """Run a step's command validations in order in the project; return the first
-        failure as an AttemptError (its output goes into the next prompt), or None."""
+        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        number = result.attempts
         for validation in _commands_of(step):
             argv = validation["run"]
-            self._log.say(step.id, f"  {step.label}: checking with `{shell_words(argv)}`")
-            run = run_command(argv, self._project, command_env(self.config),  # type: ignore[arg-type]
-                              validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self._cancel)
-            result.checks.append({"attempt": attempt, **run.as_dict()})
-            self._runlog.command(step.id, attempt, run)
-            if run.error is None:
-                self._log.say(step.id, f"  {step.label}: check passed in {run.duration_s:.1f} s")
+            run.log.say(step.id, f"  {step.label}: checking with `{shell_words(argv)}`")
+            command = run_command(argv, run.plan.project, command_env(self.config),  # type: ignore[arg-type]
+                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+            result.checks.append({"attempt": number, **command.as_dict()})
+            run.runlog.command(step.id, number, command)
+            if command.error is None:
+                run.log.say(step.id, f"  {step.label}: check passed in {command.duration_s:.1f} s")
                 continue
-            self._log.say(step.id, f"--- output of `{shell_words(argv)}` ---\n{run.output_tail}", detail=True)
-            self._runlog.checked(step.id, attempt, run.error)
-            if self._cancel.is_set():
-                return AttemptError("interrupted", retryable=False)
-            return AttemptError.from_command(run, answer, step.file_output, step.validation)
+            run.log.say(step.id, f"--- output of `{shell_words(argv)}` ---\n{command.output_tail}", detail=True)
+            run.runlog.checked(step.id, number, command.error)
+            if run.cancel.is_set():
+                return AttemptFailure("interrupted", retryable=False)
+            return AttemptFailure.from_command(command, answer, step.file_output, step.validation)
         return None
 
-    def _put_back(self, step: Step, files: FileTransaction | None) -> None:
+    def _put_back(self, run: PlanRun, step: Step) -> None:
         """Undo a failed attempt's file: what an earlier step of this run wrote there,
         else the original. Raises PathError (RollbackError) when it cannot."""
-        if not step.file_output or files is None:
+        if not step.file_output or run.files is None:
             return
-        if step.file_output in self._kept:
-            files.write(step.file_output, self._kept[step.file_output], step.id)
+        if step.file_output in run.kept:
+            run.files.write(step.file_output, run.kept[step.file_output], step.id)
         else:
-            files.revert_path(step.file_output)
-    def _stopped(self, step: Step, result: StepResult, attempt: int, messages: list[dict], model: str,
-                 pieces: int, text: str, why: str) -> AttemptError:
+            run.files.revert_path(step.file_output)
+
+    def _stopped(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt, why: str) -> AttemptFailure:
         """Record an attempt whose output degenerated and was cut (its tokens are
-        estimated: the server sent no usage); return its AttemptError."""
+        estimated: the server sent no usage); return its AttemptFailure."""
+        text = attempt.guard.text if attempt.guard is not None else ""
         reply = Completion(text, None, None, "cancelled", 0.0)
-        self._runlog.answer(step.id, attempt, reply)
-        _add_usage(result, reply, messages, pieces, model)
+        run.runlog.answer(step.id, attempt.number, reply)
+        _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
         result.output = text
-        self._runlog.checked(step.id, attempt, why)
-        return AttemptError.from_stop(why, step.validation)
+        run.runlog.checked(step.id, attempt.number, why)
+        return AttemptFailure.from_stop(why, step.validation)
 
-    def _over_cap(self) -> str | None:
-        """Return why no more paid requests may be sent (--max-cost-usd reached by
-        what this run's paid requests have cost so far), or None. Checked before each
-        request, so steps in flight at once can pass the cap by their own cost."""
-        with self._spend_lock:
-            spent = self._spent_usd
-        if spent < self.config.max_cost_usd:
-            return None
-        self._cap_hit = True
-        return (f"spend cap reached: this run spent ${spent:.4f} of --max-cost-usd "
-                f"${self.config.max_cost_usd:.2f}; no more paid requests (raise --max-cost-usd)")
-
-    def _result(self, record: PlanRecord, run_id: str, started: str, clock: float,
-                steps: list[StepResult], files: list[dict], status: str, error: str | None) -> dict:
-        """Build the result document (README: "What bridge writes into the store")."""
+    def _result(self, run: PlanRun, status: str, error: str | None) -> dict:
+        """Build a run's result document (README: "What bridge writes into the store";
+        what --json and --show --json print is shown_result of it)."""
+        steps = [run.results[sid] for sid in sorted(run.results)]
         usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
                  "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
         counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}
         generation_s = sum(s.generation_s for s in steps)
         price = self.config.price_model
-        if self._cap_hit and error:
+        if run.cap_hit and error:
             error += f"; spend cap reached (--max-cost-usd {self.config.max_cost_usd:.2f})"
-        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run_id,
+        record = run.record
+        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run.run_id,
                 "objective": record.objective, "status": status,
                 "success": status in ("completed", "awaiting_review"),
-                "started_at": started, "finished_at": utc_now_iso(),
-                "duration_s": round(time.monotonic() - clock, 3), "model": self.model,
+                "started_at": run.started, "finished_at": utc_now_iso(),
+                "duration_s": round(time.monotonic() - run.clock, 3), "model": self.model,
                 "base_url": self.config.base_url, "usage": usage,
                 "tokens_per_s": round(usage["completion_tokens"] / generation_s, 1) if generation_s else None,
                 "cost_usd": round(sum(s.cost_usd for s in steps), 6),
@@ -6165,9 +6268,10 @@ class Runner:
                 "ledger": merge_ledgers(s.ledger for s in steps),
                 "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
                                 for s in steps if s.escalated_to],
-                "max_cost_usd": self.config.max_cost_usd, "spend_cap_reached": self._cap_hit,
-                "counts": counts, "steps": [s.as_dict(price) for s in steps], "files": files, "error": error,
-                "run_log": str(self.config.runs_dir / run_id),
+                "max_cost_usd": self.config.max_cost_usd, "spend_cap_reached": run.cap_hit,
+                "counts": counts, "steps": [s.as_dict(price) for s in steps],
+                "files": run.files.summary() if run.files else [], "error": error,
+                "run_log": str(self.config.runs_dir / run.run_id),
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, record: PlanRecord, result: dict) -> dict:
