@@ -5350,13 +5350,15 @@ class _Heartbeat:
 
 def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
-    model reference that answered; estimate usage (4 chars a token) when not sent."""
+    model reference that answered. When the server sent no usage it is estimated
+    (usage_reported False): the prompt by estimate_tokens, the answer by its streamed
+    pieces, else by CHARS_PER_TOKEN like the prompt."""
     if reply.usage:
         usage = reply.usage
     else:
         result.usage_reported = False
-        usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4,
-                 "completion_tokens": pieces or len(reply.text) // 4}
+        usage = {"prompt_tokens": estimate_tokens(messages),
+                 "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
     line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                             "cost_usd": 0.0})
     line["requests"] += 1

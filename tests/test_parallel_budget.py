@@ -647,6 +647,13 @@ def test_estimate_tokens_errs_large(text):
     assert bridge.estimate_tokens(two) >= 2 * len(text) / 4
 
 
+def test_the_estimate_is_pinned():
+    """One token per 3.5 characters (CHARS_PER_TOKEN), plus 5 a message and 3 for the
+    reply: 700 characters are 200 tokens, 35 are 10; any other divisor changes this."""
+    messages = [{"role": "system", "content": "x" * 700}, {"role": "user", "content": "y" * 35}]
+    assert bridge.estimate_tokens(messages) == 200 + 5 + 10 + 5 + 3
+
+
 # --------------------------------------------------------------------------------------
 # F. --health
 # --------------------------------------------------------------------------------------

@@ -480,6 +480,25 @@ def test_missing_usage_is_estimated_and_flagged(capsys, db, fake_llm, state_dir)
     check_store(db)
 
 
+def test_missing_usage_is_estimated_like_the_prompt_budget(capsys, db, fake_llm, state_dir):
+    """No usage from the server: the prompt is estimated by estimate_tokens (the rule
+    the prompt budget uses, CHARS_PER_TOKEN), the answer by its streamed pieces, or
+    by CHARS_PER_TOKEN when it did not stream (35 characters: 10 tokens)."""
+    insert_plan(db, make_plan("p1", steps=[{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}]))
+    fake_llm.enqueue("some reply text here", usage=False, chunk_size=5)     # 4 pieces
+    fake_llm.enqueue("z" * 35, fault="no_stream", usage=False)
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert rc == 0
+    first, second = ([{"role": m["role"], "content": m["content"]} for m in r["json"]["messages"]]
+                     for r in fake_llm.chat_requests)
+    steps = steps_by_id(result)
+    assert steps[1]["usage"] == {"prompt_tokens": bridge.estimate_tokens(first), "completion_tokens": 4}
+    assert steps[2]["usage"] == {"prompt_tokens": bridge.estimate_tokens(second), "completion_tokens": 10}
+    assert not steps[1]["usage_reported"] and not steps[2]["usage_reported"]
+
+
 # --------------------------------------------------------------------------------------
 # <think> and reasoning
 # --------------------------------------------------------------------------------------
