@@ -1163,6 +1163,26 @@ def parse_result_content(content: str) -> dict | None:
     return None
 
 
+def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
+    """Return a result document as bridge prints it (the --json of a run, --show
+    --json): the stored document (result_content), its result_hash (the
+    content_hash of its memory), what the plan's state says happened to that run
+    since (undone_at, applied_at, rejected_at; state: the plan's state, {} for a run
+    just stored), and run_log as bridge makes it from the run id (the stored one is
+    not a path; None when the run id is not bridge's)."""
+    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
+    if state.get("undone_run") == run_id and state.get("undone_at"):
+        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
+    if state.get("run_id") == run_id:
+        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
+    if "run_log" in document:
+        try:
+            shown["run_log"] = str(run_folder(runs_dir, run_id))
+        except PathError:
+            shown["run_log"] = None
+    return shown
+
+
 ###############################################################################
 # 5. Store (SQLite)
 # Short transactions on someone else's file: discovery, the claim, the result.
@@ -1324,8 +1344,9 @@ class Store:
             return True
         return self._write(work)
 
-    def find_result(self, record: PlanRecord) -> dict | None:
-        """Return the newest stored result document of a plan, or None.
+    def find_result(self, record: PlanRecord) -> tuple[dict, str] | None:
+        """Return the newest stored result document of a plan and its memory's
+        content_hash, or None.
 
         By the result_hash in the plan's state first; else the live results tagged
         plan:<id>, newest first (the memory server's own tag match), each
@@ -1345,7 +1366,7 @@ class Store:
         for (content,) in rows:
             document = parse_result_content(content)
             if document is not None and document.get("plan_id") == record.plan_id:
-                return document
+                return document, content_hash(content)
         return None
 
     def __enter__(self) -> "Store":
@@ -6283,12 +6304,13 @@ class Runner:
         in_progress, stale once this process is gone, so --resume or --rerun can
         take it over (the run's journal and backups are kept for that)."""
         try:
-            result["result_hash"] = self.store.finish(record, result, self.memory_api, self.progress.warning)
+            digest = self.store.finish(record, result, self.memory_api, self.progress.warning)
         except StoreError as exc:
             raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
                              "in progress (stale once this bridge exits), its files and their backups kept",
                              f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
                              "succeeded steps) or --rerun (puts its files back, starts over)") from exc
+        result = shown_result(result, digest, {}, self.config.runs_dir)     # as --show --json shows it
         counts = result["counts"]
         tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
         line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
@@ -6992,19 +7014,11 @@ def cmd_show(config: Config, plan_id: str) -> int:
     """
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
-        result = store.find_result(record)
-    if result is None:
+        found = store.find_result(record)
+    if found is None:
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
                           run_hint(record))
-    if record.state.get("undone_run") == result.get("run_id") and record.state.get("undone_at"):
-        result = {**result, "undone_at": record.state["undone_at"]}   # shown, not stored: the result is as run
-    if record.state.get("run_id") == result.get("run_id"):
-        result = {**result, **{k: record.state[k] for k in ("applied_at", "rejected_at") if record.state.get(k)}}
-    if "run_log" in result:     # the stored run_log is not a path: shown only as bridge makes it
-        try:
-            result = {**result, "run_log": str(run_folder(config.runs_dir, result.get("run_id")))}
-        except PathError:
-            result = {**result, "run_log": None}
+    result = shown_result(*found, record.state, config.runs_dir)
     if config.json:
         _print_json(result)
     else:

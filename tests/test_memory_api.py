@@ -63,7 +63,7 @@ def test_result_goes_through_the_http_api_once_with_the_run_id_and_key(capsys, d
     assert row["metadata_obj"]["conversation_id"] == result["run_id"]     # the server's row, not bridge's
     assert plan_state(db, "p1")["result_hash"] == row["content_hash"] == result["result_hash"]
     rc, shown = run(capsys, db, fake_llm, state_dir, "--show", "p1", "--json")
-    assert rc == 0 and json.loads(shown.out) == result_document(row["content"])
+    assert rc == 0 and json.loads(shown.out) == {**result_document(row["content"]), "result_hash": row["content_hash"]}
     check_store(db)
 
 
@@ -223,7 +223,8 @@ def test_show_still_reads_results_stored_before_the_summary(capsys, db, fake_llm
                   created_at=1)
     insert_memory(db, "notes on bridge_result parsing", tags="bridge-result,plan:old", created_at=2)
     rc, captured = run(capsys, db, fake_llm, state_dir, "--show", "old", "--json")
-    assert rc == 0 and json.loads(captured.out) == document
+    digest = bridge.content_hash(json.dumps(document, indent=2))
+    assert rc == 0 and json.loads(captured.out) == {**document, "result_hash": digest}
 
 
 def test_summary_names_the_files_a_run_changed(capsys, db, fake_llm, state_dir, project):

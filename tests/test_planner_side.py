@@ -533,7 +533,8 @@ def test_show_prints_the_last_result_for_a_person(capsys, db, fake_llm, state_di
 
 
 def test_show_json_is_exactly_the_stored_result_document(capsys, db, fake_llm, state_dir, project):
-    """--show ID --json prints the result memory's content, parsed, and nothing else."""
+    """--show ID --json prints the result memory's content, parsed, with its content_hash
+    as result_hash (as the run's --json does), and nothing else."""
     insert_plan(db, show_plan(project))
     for text in ("hello file", "yes"):
         fake_llm.enqueue(text)
@@ -545,7 +546,7 @@ def test_show_json_is_exactly_the_stored_result_document(capsys, db, fake_llm, s
 
     assert rc == 0
     (row, _), = live_results(db)
-    assert json.loads(out) == result_document(row["content"])
+    assert json.loads(out) == {**result_document(row["content"]), "result_hash": row["content_hash"]}
     check_store(db)
 
 

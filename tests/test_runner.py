@@ -11,8 +11,8 @@ import pytest
 
 import bridge
 from fakes import (
-    bridge_args, check_store, first_user, insert_plan, make_plan, plan_state, run_json, steps_by_id,
-    stored_results, user_text,
+    bridge_args, check_store, first_user, insert_plan, make_plan, plan_state, read_rows, run_bridge, run_json,
+    steps_by_id, stored_results, user_text,
 )
 
 
@@ -609,3 +609,24 @@ def test_no_terminal_gets_plain_lines_only(db, fake_llm, state_dir, tmp_path):
     assert "step 1 (say hi): succeeded" in text
     assert "plan plain: completed" in text
     check_store(db)
+
+
+def test_the_result_is_the_same_document_in_the_run_json_the_show_json_and_the_store(capsys, db, fake_llm,
+                                                                                     state_dir):
+    """One document, three places: `bridge --json` of the run, `--show --json`, and the
+    result memory (parsed by bridge's own parse_result_content, with its content_hash
+    as result_hash) are equal, field for field (shown_result builds what is printed)."""
+    insert_plan(db, make_plan("p1", steps=[{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b",
+                                                                         "on_failure": "skip"}]))
+    fake_llm.enqueue("first answer")
+    fake_llm.enqueue("", usage=False)           # an empty answer: step 2 fails and is skipped
+
+    rc, ran, _ = run_json(capsys, db, fake_llm, state_dir)
+    rc_show, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1", "--json")
+
+    assert rc == 0 and rc_show == 0, err
+    shown = json.loads(out)
+    [row] = [r for r in read_rows(db) if "bridge-result" in r["tags"].split(",")]
+    stored = {**bridge.parse_result_content(row["content"]), "result_hash": row["content_hash"]}
+    assert ran == shown == stored
+    assert ran["counts"] == {"succeeded": 1, "failed": 0, "skipped": 1}
