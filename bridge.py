@@ -232,6 +232,7 @@ WRITTEN_FILE = "written.jsonl"      # each write that stayed, for --diff and --u
 STAGED_FILE = "staged.jsonl"        # each write a --review run staged
 VERIFY_FILE = "verify.jsonl"        # the plan's verify command
 
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"   # https://docs.anthropic.com/en/api/messages
 PLAN_TAG = "bridge-plan"
 RESULT_TAG = "bridge-result"
 PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x ontology
@@ -337,7 +338,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "price_model": DEFAULT_PRICE_MODEL,
     "events": False,
     "db_explicit": False,
-    "anthropic_base_url": "https://api.anthropic.com",
+    "anthropic_base_url": ANTHROPIC_BASE_URL,
     "anthropic_api_key": None,          # str | None
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
@@ -752,12 +753,17 @@ class shielded_signals:
             signal.signal(sig, signal.SIG_IGN if self.for_good else handler)
 
 
+def usage_cost_usd(usage: dict, price: tuple[float, float]) -> float:
+    """Return what usage ({"prompt_tokens", "completion_tokens"}) costs at price (US
+    dollars per million input and output tokens, as CLAUDE_PRICES_USD_PER_MTOK), in
+    US dollars, unrounded."""
+    return (usage["prompt_tokens"] * price[0] + usage["completion_tokens"] * price[1]) / 1e6
+
+
 def would_cost_usd(usage: dict, price_model: str) -> float:
     """Return what usage ({"prompt_tokens", "completion_tokens"}) would cost on a Claude
     model, in US dollars (CLAUDE_PRICES_USD_PER_MTOK), rounded to 1/10000 dollar."""
-    price_in, price_out = CLAUDE_PRICES_USD_PER_MTOK[price_model]
-    cost = usage["prompt_tokens"] * price_in / 1e6 + usage["completion_tokens"] * price_out / 1e6
-    return round(cost, 4)
+    return round(usage_cost_usd(usage, CLAUDE_PRICES_USD_PER_MTOK[price_model]), 4)
 
 
 # Characters a terminal may act on rather than show: C0 controls but tab and newline,
@@ -2537,6 +2543,17 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
 
 
+def reply_size(size: int, text: str, limit: int) -> int:
+    """Return a reply's size in bytes (UTF-8) once text is added to the size bytes
+    received before it; raise LLMProtocolError when it passes limit (bytes:
+    --max-output-bytes), the one bound every executor's reply is held to."""
+    size += len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut",
+                               "raise --max-output-bytes or ask for less")
+    return size
+
+
 def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
     """Yield (event, data) pairs from a server-sent-events byte stream.
 
@@ -2939,10 +2956,7 @@ class LLMClient(HTTPExecutor):
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
                                    f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
-        if len(text.encode("utf-8", "surrogatepass")) > self.config.max_output_bytes:
-            raise LLMProtocolError(f"the reply from {url} is larger than --max-output-bytes "
-                                   f"({self.config.max_output_bytes} bytes); cut",
-                                   "raise --max-output-bytes or ask for less")
+        reply_size(0, text, self.config.max_output_bytes)
         return Completion(text, _usage(data.get("usage")), data.get("model"),
                           choice.get("finish_reason"), time.monotonic() - started)
 
@@ -2952,7 +2966,7 @@ class LLMClient(HTTPExecutor):
         limit = self.config.max_output_bytes
         usage = model = finish = None
         size, done = 0, False
-        events = _iter_sse(response.iter_bytes(), limit + 65536)
+        events = _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES)
         for event, data in events:
             if data.strip() == "[DONE]":
                 done = True
@@ -2980,10 +2994,7 @@ class LLMClient(HTTPExecutor):
                 piece = (choice.get("delta") or {}).get("content") or ""
                 finish = choice.get("finish_reason") or finish
                 if piece:
-                    size += len(piece.encode("utf-8"))
-                    if size > limit:
-                        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); "
-                                               "cut", "raise --max-output-bytes or ask for less")
+                    size = reply_size(size, piece, limit)
                     received.append(piece)
                     if on_delta:
                         on_delta(piece)
@@ -3079,7 +3090,7 @@ class AnthropicClient(HTTPExecutor):
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         model = stop = None
         size, done = 0, False
-        for event, data in _iter_sse(response.iter_bytes(), limit + 65536):
+        for event, data in _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 body = load_reply(data)
             except ValueError as exc:
@@ -3097,9 +3108,7 @@ class AnthropicClient(HTTPExecutor):
                 delta = body.get("delta") or {}
                 piece = delta.get("text") if delta.get("type") == "text_delta" else None
                 if piece:
-                    size += len(piece.encode("utf-8"))
-                    if size > limit:
-                        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut")
+                    size = reply_size(size, piece, limit)
                     received.append(piece)
                     if on_delta:
                         on_delta(piece)
@@ -3113,7 +3122,7 @@ class AnthropicClient(HTTPExecutor):
             raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
                                    f"{sum(map(len, received))} characters")
         price = claude_price(model or "")
-        cost = (usage["prompt_tokens"] * price[0] + usage["completion_tokens"] * price[1]) / 1e6 if price else 0.0
+        cost = usage_cost_usd(usage, price) if price else 0.0
         return Completion("".join(received), usage, model, stop, time.monotonic() - started, round(cost, 6))
 
 
@@ -3247,11 +3256,11 @@ class ClaudeCLI:
             elif event.get("type") == "assistant":
                 for block in (event.get("message") or {}).get("content") or []:
                     if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
-                        size += len(block["text"].encode("utf-8"))
-                        if size > self.config.max_output_bytes:
+                        try:
+                            size = reply_size(size, block["text"], self.config.max_output_bytes)
+                        except LLMProtocolError:
                             _kill_group(proc)
-                            raise LLMProtocolError(f"the reply passed --max-output-bytes "
-                                                   f"({self.config.max_output_bytes} bytes); cut")
+                            raise
                         pieces.append(block["text"])
                         if on_delta:
                             on_delta(block["text"])
@@ -4936,6 +4945,15 @@ def estimate_tokens(messages: list[dict]) -> int:
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
+def prompt_budget(step: Step, context_length: int | None) -> int | None:
+    """Return the prompt tokens that fit for a step in a context of context_length
+    tokens, or None when it is not known: the context less the answer's share
+    (answer_tokens)."""
+    if context_length is None:
+        return None
+    return context_length - answer_tokens(step, context_length)
+
+
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else
     DEFAULT_MAX_TOKENS for its validation type (of a list, the largest but command's,
@@ -5559,6 +5577,15 @@ class StepScheduler:
 ###############################################################################
 
 
+def runnable_plan(record: PlanRecord, config: Config) -> Plan:
+    """Return a stored plan as a run would run it: whole (not split into chunks by the
+    memory server) and valid (check_plan, with the config's Guard). Raises
+    PlanInvalid with the problems otherwise."""
+    if record.chunks:
+        raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
+    return check_plan(record.plan, Guard.of(config))
+
+
 def _stop_running(results: dict[int, StepResult], why: str) -> None:
     """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
     for result in results.values():
@@ -5730,9 +5757,7 @@ class Runner:
             self.progress.error(refused)
         problems = list(problems or [])
         try:
-            if record.chunks:
-                raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
-            run.plan = check_plan(record.plan, Guard.of(self.config))
+            run.plan = runnable_plan(record, self.config)
         except PlanInvalid as exc:
             problems += exc.problems
         if problems:
@@ -6098,9 +6123,7 @@ class Runner:
         its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
         see answer_tokens).
         """
-        if self.context_length is None or model != self.model:
-            return None
-        return self.context_length - answer_tokens(step, self.context_length)
+        return prompt_budget(step, self.context_length if model == self.model else None)
 
     def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
         """Return the max_tokens of one request: answer_tokens, capped by the context
@@ -6464,7 +6487,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_MAX_COST_USD:.2f}"))
     settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
         "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
-        "https://api.anthropic.com"))
+        ANTHROPIC_BASE_URL))
     settings.add_argument("--price-model", metavar="MODEL", help=_env_help(
         "the Claude model whose prices value the tokens a run used", "BRIDGE_PRICE_MODEL",
         f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
@@ -6542,6 +6565,12 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     return tuple(dict.fromkeys(["openai", *names]))
 
 
+def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
+    """Return True when internal errors show their traceback: --debug, or BRIDGE_DEBUG
+    set to anything but "" or "0"."""
+    return args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
+
+
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
 
@@ -6588,7 +6617,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         memory_url=check_memory_url(memory_url) if memory_url else None,
         memory_api_key=environ.get("MCP_API_KEY") or None,
         anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
-                            or "https://api.anthropic.com").rstrip("/"),
+                            or ANTHROPIC_BASE_URL).rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
         # the user's environment less bridge's own settings and the memory server's key:
         # commands run in it; a claude-cli: model gets only its allow-listed part
@@ -6611,7 +6640,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                           DEFAULT_KEEP_RUNS, int),
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         json=args.json_,
-        debug=args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0"),
+        debug=debug_wanted(args, environ),
     )
 
 
@@ -6781,7 +6810,7 @@ def cmd_approve(config: Config, plan_id: str) -> int:
 
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
-    plan = check_plan(record.plan, Guard.of(config))
+    plan = runnable_plan(record, config)
     digest = content_hash(record.content)
     if plan.project is not None and (reason := untrustable_reason(config, real_path(plan.project))):
         raise ConfigError(f"refused to approve plan {plan_id!r}: project {plan.project}: {reason}",
@@ -6824,7 +6853,7 @@ def _plan_facts(config: Config, record: PlanRecord, validate: bool = True) -> di
     run records it failed with its problems, approved or not). validate=False (for
     --list, which must not import jsonschema) reads the plan without the schema."""
     try:
-        plan = check_plan(record.plan, Guard.of(config)) if validate else _build_plan(record.plan)
+        plan = runnable_plan(record, config) if validate else _build_plan(record.plan)
     except (PlanInvalid, KeyError, TypeError, AttributeError, ValueError):
         return None
     return approval_facts(config, plan, content_hash(record.content))
@@ -7359,16 +7388,14 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     order, "verify", "commands_trusted"}; commands: the step's command validations
     ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted)."""
     try:
-        plan = check_plan(record.plan, Guard.of(config))
+        plan = runnable_plan(record, config)
     except PlanInvalid as exc:
         return {"plan_id": record.plan_id, "valid": False, "problems": exc.problems, "steps": []}
     placeholders = {sid: f"<the output of step {sid}, once it has run>" for sid in plan.steps}
     steps, targets = [], set()
     for sid in sequential_order(step_graph(plan)):
         step = plan.steps[sid]
-        budget = None
-        if config.context_length:
-            budget = config.context_length - answer_tokens(step, config.context_length)
+        budget = prompt_budget(step, config.context_length)
         try:
             messages, error = build_messages(plan, step, placeholders, budget), None
         except PromptTooLarge as exc:
@@ -7491,7 +7518,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parser.parse_args(argv)
     _check_flag_combinations(parser, args)
     environ = dict(os.environ if environ is None else environ)
-    debug = args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
+    debug = debug_wanted(args, environ)
     try:
         config = resolve_config(args, environ)
         if args.list:

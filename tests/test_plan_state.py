@@ -221,6 +221,27 @@ def test_a_plan_split_into_chunks_by_the_server_is_reported_once(capsys, db, fak
     assert [p["status"] for p in json.loads(captured.out)["plans"]] == ["failed"]
 
 
+def test_a_split_plan_is_as_invalid_to_dry_run_as_to_run(capsys, db, fake_llm, state_dir):
+    """--dry-run asks runnable_plan, as a run does: a plan the server split into chunks
+    is not shown as valid, with the same problem, and nothing is sent."""
+    plan = make_plan("long", steps=[{"id": n, "prompt": f"step {n} " + "x" * 150} for n in range(1, 9)])
+    content = json.dumps(plan, indent=2)
+    chunks = memory_store_chunks(content)
+    for index, chunk in enumerate(chunks):
+        insert_memory(db, chunk, tags="bridge-plan", memory_type="planning", created_at=1000 + index,
+                      metadata={"chunk_index": index, "total_chunks": len(chunks),
+                                "original_hash": bridge.content_hash(content)})
+
+    rc, captured = run(capsys, db, fake_llm, state_dir, "--dry-run", "--json")
+
+    assert rc == 1
+    (entry,) = json.loads(captured.out)["plans"]
+    assert entry["valid"] is False
+    assert entry["problems"] == [f"plan split into {len(chunks)} chunks by the memory server (800-character "
+                                 "limit of its hybrid backend): store it with bridge --submit"]
+    assert fake_llm.chat_requests == []
+
+
 def test_rows_made_by_consolidation_are_never_plans(capsys, db, fake_llm, state_dir):
     """Consolidation's rows sharing a plan's tags (a compressed cluster summary quoting
     the plan, an association memory, even one holding the plan's very JSON) are not
