@@ -2671,13 +2671,8 @@ class HTTPExecutor:
 
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
                  sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[str], None] | None = None):
-        import logging
-
         import httpx
 
-        # httpx logs every request at INFO: never let that reach the user's terminal
-        for name in ("httpx", "httpcore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         self.config = config
         self.base_url = base_url.rstrip("/")
         self._sleep = sleep
@@ -7506,6 +7501,17 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--events and --json both write to stdout: pick one")
 
 
+def quiet_http_logs() -> None:
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
+    logging a program embedding bridge set up. Logger levels are process-wide: main
+    sets them once, before the actions that make HTTP requests (--health, a run) start
+    any client or thread; the other actions do not import logging at all."""
+    import logging
+
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run bridge with argv (default sys.argv[1:]); return the exit code.
 
@@ -7524,6 +7530,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         if args.list:
             return cmd_list(config, args.all)
         if args.health:
+            quiet_http_logs()
             return cmd_health(config)
         if args.show:
             return cmd_show(config, args.show)
@@ -7550,6 +7557,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return cmd_approve(config, args.approve)
         if args.dry_run:
             return cmd_dry_run(config, args.plan)
+        quiet_http_logs()
         return cmd_run(config, args.plan, args.rerun, args.resume)
     except BridgeError as exc:
         print(printable(f"bridge: error: {exc}"), file=sys.stderr)
