@@ -105,13 +105,14 @@ the runner and the command line:
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
 import re
 import signal
+import stat
 import sys
-import threading
 import time
 from collections import namedtuple
 
@@ -2167,7 +2168,6 @@ def secret_file_reason(rel: str) -> str | None:
 def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
     """Why a step may not write rel (forbidden_target_reason, or a symlink on its way
     that the write would refuse), or None."""
-    import stat
     from pathlib import PurePosixPath
 
     reason = forbidden_target_reason(project, rel, guard)
@@ -3981,8 +3981,6 @@ def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[
     parts it is). With make, missing folders are made (mode 0o777 less the umask);
     else the walk stops at the first missing one. The caller closes the descriptor.
     Raises PathError when a component is a symlink or not a folder, OSError else."""
-    import errno
-
     fd, depth = os.dup(dir_fd), 0
     try:
         for depth, part in enumerate(parts):
@@ -4011,9 +4009,6 @@ def open_inside(project: Path, rel: str) -> Any:
     the project and without following a symlink at the end. Raises
     FileNotFoundError, PathError (a symlink on the way, not a regular file) or
     OSError (IsADirectoryError on reading a folder)."""
-    import errno
-    import stat
-
     parts = plan_path_parts(rel)
     root = _open_root(project)
     try:
@@ -4043,8 +4038,6 @@ def open_inside(project: Path, rel: str) -> Any:
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     """Return the permission bits of the file name in dir_fd, None when there is none.
     Raises PathError when it is a symlink or a folder."""
-    import stat
-
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -4136,8 +4129,6 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
     directly in runs_dir and, when it exists, a real folder (not a symlink). Raises
     PathError saying which, for anything else: nothing read back is a path.
     """
-    import stat
-
     if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not a bridge run id "
                         "(like 20261204T192316Z-1a2b3c4d); its files are left alone")
@@ -4889,8 +4880,6 @@ class StagedFiles:
 def read_regular(path: Path) -> bytes | None:
     """Return a regular file's bytes, or None when it is missing or not a regular
     file (a symlink is not followed)."""
-    import stat
-
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return None
@@ -5454,6 +5443,8 @@ class StepScheduler:
     def __init__(self, plan: Plan, graph: dict[int, set[int]], results: dict[int, StepResult],
                  parallel: int, log: _StepLog, run_step: Callable[..., None],
                  ended: Callable[[StepResult], None], cancel: threading.Event | None = None):
+        import threading
+
         self.plan, self.graph, self.results, self.parallel = plan, graph, results, max(1, parallel)
         self.log, self.run_step, self.ended = log, run_step, ended
         self.cancel = cancel or threading.Event()
@@ -5609,6 +5600,8 @@ class PlanRun:
 
     def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
                  keep_finished: bool):
+        import threading        # not at the top: `bridge --help` does without it
+
         self.record, self.run_id, self.run_dir = record, run_id, runs_dir / run_id
         self.started, self.clock = utc_now_iso(), time.monotonic()
         self.previous, self.keep_finished, self.refused = previous, keep_finished, None
@@ -5652,6 +5645,8 @@ class SpendCap:
     --max-cost-usd; thread-safe (steps run in threads)."""
 
     def __init__(self, max_cost_usd: float):
+        import threading
+
         self.max_cost_usd, self.spent_usd = max_cost_usd, 0.0
         self._lock = threading.Lock()
 
