@@ -6509,22 +6509,23 @@ def _number(name: str, flag: str, raw: str | None, default: float, kind: type = 
     return value
 
 
-def _price_model(name: str | None) -> str:
+def _one_of(name: str | None, choices: Any, default: str, what: str, where: str) -> str:
+    """Return name when it is one of choices, default when it is None; raise ConfigError
+    naming what was asked and where it is set (where: the flag, or flag and variable)."""
     if name is None:
-        return DEFAULT_PRICE_MODEL
-    if name not in CLAUDE_PRICES_USD_PER_MTOK:
-        raise ConfigError(f"unknown price model {name!r}",
-                          f"pick one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)} (--price-model)")
+        return default
+    if name not in choices:
+        raise ConfigError(f"unknown {what} {name!r}", f"pick one of {', '.join(choices)} ({where})")
     return name
+
+
+def _price_model(name: str | None) -> str:
+    return _one_of(name, CLAUDE_PRICES_USD_PER_MTOK, DEFAULT_PRICE_MODEL, "price model", "--price-model")
 
 
 def _retry_sampling(name: str | None) -> str:
-    if name is None:
-        return DEFAULT_RETRY_SAMPLING
-    if name not in RETRY_SAMPLING:
-        raise ConfigError(f"unknown retry sampling {name!r}",
-                          f"pick one of {', '.join(RETRY_SAMPLING)} (--retry-sampling or BRIDGE_RETRY_SAMPLING)")
-    return name
+    return _one_of(name, RETRY_SAMPLING, DEFAULT_RETRY_SAMPLING, "retry sampling",
+                   "--retry-sampling or BRIDGE_RETRY_SAMPLING")
 
 
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:

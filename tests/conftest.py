@@ -17,7 +17,7 @@ for _p in (str(TESTS), str(ROOT)):  # `import fakes` and `import bridge` work un
         sys.path.insert(0, _p)
 
 from fakes import (  # noqa: E402  (re-exported for tests that import from conftest)
-    DATA, FIXTURE_PLAN_ID, FIXTURE_STORE, FakeLLM, check_store, content_hash, insert_memory,
+    DATA, FIXTURE_PLAN_ID, FIXTURE_STORE, FakeAnthropic, FakeLLM, check_store, content_hash, insert_memory,
     insert_plan, iso_z, make_plan, make_store, read_rows, trust_project,
 )
 
@@ -67,6 +67,21 @@ def _fake_llm_server():
 def fake_llm(_fake_llm_server) -> FakeLLM:
     """The session's FakeLLM, reset: empty queue, no recorded requests, default models."""
     return _fake_llm_server.reset()
+
+
+@pytest.fixture(scope="session")
+def _fake_anthropic_server():
+    server = FakeAnthropic().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fake_anthropic(_fake_anthropic_server) -> FakeAnthropic:
+    """The session's FakeAnthropic, reset: empty queue, no recorded requests."""
+    return _fake_anthropic_server.reset()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 
 import bridge
 from fakes import (
-    FakeAnthropic, bridge_args, check_store, insert_plan, make_plan, plan_state, read_rows, run_bridge, run_json,
+    bridge_args, check_store, insert_plan, make_plan, plan_state, read_rows, run_bridge, run_json,
     stored_results, write_fake_claude,
 )
 
@@ -27,21 +27,6 @@ FAKE_CLAUDE_COST = 0.0123           # total_cost_usd of the fake claude's result
 # --------------------------------------------------------------------------------------
 # fixtures and helpers
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def _fake_anthropic_server():
-    server = FakeAnthropic().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def fake_anthropic(_fake_anthropic_server) -> FakeAnthropic:
-    """The module's FakeAnthropic, reset: empty queue, no recorded requests."""
-    return _fake_anthropic_server.reset()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ import pytest
 
 import bridge
 from fakes import (
-    FakeAnthropic, bridge_args, check_store, child_env, insert_plan, make_plan, plan_rows, plan_state, run_bridge,
+    bridge_args, check_store, child_env, insert_plan, make_plan, plan_rows, plan_state, run_bridge,
     run_json, stored_results, write_fake_claude,
 )
 
@@ -47,20 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 OPUS = "anthropic:claude-opus-4-1"
 OPUS_PRICE = (15.00, 75.00)          # US dollars per million tokens (the pricing page, as in bridge)
 NEVER = {"type": "regex", "pattern": "^THIS NEVER MATCHES$"}
-
-
-@pytest.fixture(scope="module")
-def _fake_anthropic_server():
-    server = FakeAnthropic().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def fake_anthropic(_fake_anthropic_server) -> FakeAnthropic:
-    return _fake_anthropic_server.reset()
 
 
 @pytest.fixture
