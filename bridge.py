@@ -6141,11 +6141,7 @@ class Runner:
             run.cap_hit = True
             return AttemptFailure(refused, retryable=False)
         local = isinstance(executor, LLMClient)      # the other executors keep their own limits
-        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
-                        else attempt.sampling)
-        limit = self._max_tokens(step, attempt.model, attempt.messages) if local else step.max_tokens
-        if limit:
-            sampling["max_tokens"] = limit
+        sampling = self._sampling(step, attempt, local)
         sent = executor.accepted_sampling(sampling) if local else sampling
         result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
                                    "error": None})
@@ -6184,6 +6180,16 @@ class Runner:
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
         return self._check(run, step, result, output, reply.text)
+
+    def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
+        """Return the sampling fields an attempt asks for, with its max_tokens: the
+        attempt's own on a local model (retry_sampling), else as the step says."""
+        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
+                        else attempt.sampling)
+        limit = self._max_tokens(step, attempt.model, attempt.messages) if local else step.max_tokens
+        if limit:
+            sampling["max_tokens"] = limit
+        return sampling
 
     def _on_delta(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
         """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
