@@ -2291,8 +2291,11 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
         problems += _semantic_problems(plan, guard)
     except RecursionError:
         problems.append("$: the plan nests too deeply to check")
-    except (KeyError, TypeError, AttributeError, ValueError):
-        pass        # too malformed for the semantic rules; the schema problems say why
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if not problems:        # schema-valid, yet a rule could not check it: never run it unchecked
+            problems.append(f"$: the plan could not be checked ({type(exc).__name__}: {exc}); "
+                            "it is refused rather than run unchecked")
+        # else too malformed for the semantic rules; the schema problems say why
     if problems:
         raise PlanInvalid(plan_id, problems)
     return _build_plan(plan)

@@ -624,3 +624,15 @@ def test_list_shows_plan_without_context_and_steps_with_zero_steps(tmp_path, fak
     assert "internal error" not in err
     check_store(db)
     assert fake_llm.chat_requests == []
+
+
+def test_a_schema_valid_plan_a_rule_cannot_check_is_refused_not_run_unchecked(monkeypatch):
+    """A semantic rule that breaks on a plan the schema passed (a bug, or input no rule
+    foresaw) makes the plan invalid, saying so; it is never run with its paths unchecked."""
+    def broken(plan, guard=None):
+        raise TypeError("unforeseen")
+    monkeypatch.setattr(bridge, "_semantic_problems", broken)
+    with pytest.raises(bridge.PlanInvalid) as caught:
+        bridge.check_plan(make_plan("p1"))
+    assert caught.value.problems == ["$: the plan could not be checked (TypeError: unforeseen); "
+                                     "it is refused rather than run unchecked"]
