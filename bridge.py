@@ -90,16 +90,22 @@ Limits on what bridge reads (hostile input is a recorded failure, never a crash)
     NAME_MAX and PATH_MAX. Text from plans, models and the store is printed through
     printable() (control characters escaped); --json through json_text().
 
-Rooms, foundations first: each room uses only names from the rooms above it (where
-one does not, a comment says why), so the file reads from the store and the plan up to
-the runner and the command line:
-    1 Constants & defaults · 2 Errors · 3 Helpers · 4 Store layouts & plan records ·
-    5 Store (SQLite) · 6 Plans · 7 Model servers: errors, streams, retries ·
-    8 LLM client: OpenAI-compatible servers ·
-    9 Other executors: the Anthropic API and the claude CLI · 10 Output validation ·
-    11 File writes & rollback · 12 Prompts · 13 Run records · 14 Step scheduling ·
-    15 Runner · 16 CLI: arguments and settings · 17 CLI: running and watching ·
-    18 CLI: the planner's side · 19 main()
+Rooms, foundations first: each room uses only names from the rooms above it (a test
+keeps it so), so the file reads from files and the store, through plans, model servers
+and checks, up to the runner and the command line:
+    1 Constants & defaults · 2 Errors · 3 Helpers · 4 File writes inside the project ·
+    5 Store layouts & plan records · 6 The memory server's HTTP API ·
+    7 Store (SQLite) · 8 Plans · 9 Trust: projects, approvals, executors ·
+    10 Model servers: errors, streams, retries ·
+    11 LLM client: OpenAI-compatible servers ·
+    12 Other executors: the Anthropic API and the claude CLI · 13 Output validation ·
+    14 Constrained JSON and degenerate output ·
+    15 Check commands, and what the model is told of the checks ·
+    16 File transactions: journal, rollback, recovery ·
+    17 Kept runs: backups, diff, undo, review · 18 Prompts · 19 Run records ·
+    20 Step scheduling · 21 Runner · 22 CLI: arguments and settings ·
+    23 CLI: listing, health, trust and approval · 24 CLI: running and showing ·
+    25 CLI: diff, undo, review · 26 CLI: the planner's side · 27 main()
 """
 
 from __future__ import annotations
@@ -616,22 +622,6 @@ def tag_safe(text: str) -> str:
     return re.sub(r"[^a-z0-9._:-]+", "-", text.lower())
 
 
-def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
-    """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
-    never through a symlink); with sync, fsync it, so it survives a crash. Raises
-    OSError."""
-    try:
-        handle = open(path, "a", encoding="utf-8", opener=private_opener)
-    except FileNotFoundError:
-        private_dir(path.parent)
-        handle = open(path, "a", encoding="utf-8", opener=private_opener)
-    with handle:
-        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        if sync:
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
 def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     """Write one JSON line to an open file and, with flush, flush it (no fsync: see
     its callers)."""
@@ -698,24 +688,6 @@ def _scrub_surrogates(value: Any) -> Any:
     if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
         return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
     return value
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored.
-    The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
-    entries = []
-    try:
-        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            entry = load_json(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            entries.append(entry)
-    return entries
 
 
 def crash_point(crash_at: str | None, name: str) -> None:
@@ -923,7 +895,341 @@ def terminal_columns() -> int:
 
 
 ###############################################################################
-# 4. Store layouts & plan records
+# 4. File writes inside the project
+#
+# Every write goes to a temp file in the target's folder, then os.replace: a reader
+# sees the old bytes or the new, never half. Before the first write to a path, its
+# original is copied into the run's folder under --state-dir and an entry is added
+# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
+# it back. Nothing of this lives in the project.
+###############################################################################
+
+
+def plan_path_parts(rel: str) -> list[str]:
+    """Return the components of a plan path, refusing what could leave the project.
+
+    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
+    Windows) and '..' paths. '.' and empty components are dropped.
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not rel or "\x00" in rel:
+        raise PathError(f"path {rel!r} is empty or holds a NUL byte")
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:
+        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise PathError(f"path {rel!r} climbs out with '..'")
+    parts = list(PurePosixPath(rel).parts)
+    if not parts:
+        raise PathError(f"path {rel!r} names the project folder itself, not a file")
+    return parts
+
+
+class FileChange:
+    """What one run did to one path: action is "created" or "modified" (then
+    "reverted" after a rollback). backup: the copy of the original, if any, and
+    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
+
+    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
+
+    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
+                 created_dirs: list[Path] | None = None):
+        self.path, self.action, self.backup, self.mode = path, action, backup, mode
+        self.created_dirs = created_dirs or []
+
+
+TEMP_SUFFIX = ".bridge-tmp"
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
+
+
+class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
+    """What no plan may write, whatever project it names: stores (the memory store
+    paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
+    (bridge's journals, backups and run logs). Anything under .git/ is refused too
+    (see forbidden_target_reason)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, config: Config) -> "Guard":
+        """The store candidates and the state dir of a config."""
+        return cls(tuple(config.db_paths), config.state_dir)
+
+
+def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
+    """Return why project/rel may never be written, or None when it may.
+
+    Refused whatever the project: any component named .git (hooks there run on
+    the next git command; any case, for case-insensitive disks), the memory store
+    file and its SQLite sidecars, and anything in the state dir. rel is a plan path
+    already checked to be relative without '..'; the target is compared both as
+    written and with symlinks resolved. The one rule validation and every write use.
+    """
+    from pathlib import PurePosixPath
+
+    if any(part.lower() == ".git" for part in PurePosixPath(rel.replace("\\", "/")).parts):
+        return f"path {rel!r} is under .git/ (git runs its hooks); bridge never writes there"
+    guard = guard or Guard()
+    root = _realpath(project)
+    targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
+    for store in guard.stores:
+        real = _realpath(store)
+        if targets & {real + sidecar for sidecar in STORE_SIDECARS}:
+            return f"path {rel!r} is the memory store {store}; bridge never writes it"
+    if guard.state_dir is not None:
+        state = _realpath(guard.state_dir)
+        if any(t == state or t.startswith(state.rstrip(os.sep) + os.sep) for t in targets):
+            return f"path {rel!r} is in bridge's state dir {guard.state_dir}; bridge never writes there"
+    return None
+
+
+def _realpath(path: str | Path) -> str:
+    """os.path.realpath, or the normalized path when a folder swapped under it makes
+    that fail (readlink of what is no longer a symlink: EINVAL)."""
+    try:
+        return os.path.realpath(path)
+    except OSError:
+        return os.path.normpath(path)
+
+
+def _open_root(project: Path) -> int:
+    """Open the project folder for the dir_fd walks; PathError when it cannot be, or
+    when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
+    if not _HAS_DIR_FD:
+        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file operations",
+                        "run bridge on Linux or macOS")
+    try:
+        return os.open(project, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+    except OSError as exc:
+        raise PathError(f"cannot open the project folder {project}: {exc.strerror or exc}") from exc
+
+
+def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[int, int]:
+    """Open the folders parts, one component at a time below dir_fd, never through a
+    symlink (O_NOFOLLOW): return (descriptor of the deepest one reached, how many of
+    parts it is). With make, missing folders are made (mode 0o777 less the umask);
+    else the walk stops at the first missing one. The caller closes the descriptor.
+    Raises PathError when a component is a symlink or not a folder, OSError else."""
+    fd, depth = os.dup(dir_fd), 0
+    try:
+        for depth, part in enumerate(parts):
+            try:
+                step = os.open(part, _DIR_OPEN, dir_fd=fd)
+            except FileNotFoundError:
+                if not make:
+                    return fd, depth
+                with _suppress(FileExistsError):
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                step = os.open(part, _DIR_OPEN, dir_fd=fd)
+            os.close(fd)
+            fd = step
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            where = "/".join(parts[:depth + 1])
+            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge writes only "
+                            "through real folders of the project") from exc
+        raise
+    return fd, len(parts)
+
+
+def open_inside(project: Path, rel: str) -> Any:
+    """Open project/rel for reading (a binary file object) through real folders of
+    the project and without following a symlink at the end. Raises
+    FileNotFoundError, PathError (a symlink on the way, not a regular file) or
+    OSError (IsADirectoryError on reading a folder)."""
+    parts = plan_path_parts(rel)
+    root = _open_root(project)
+    try:
+        fd, depth = _walk(root, parts[:-1], rel)
+    finally:
+        os.close(root)
+    try:
+        if depth < len(parts) - 1:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
+        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)   # a FIFO must not block
+        try:
+            handle = os.fdopen(os.open(parts[-1], flags, dir_fd=fd), "rb")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real files "
+                                "of the project") from exc
+            raise
+        kind = os.fstat(handle.fileno()).st_mode
+        if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):     # a folder: reading it says so
+            handle.close()
+            raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device)")
+        return handle
+    finally:
+        os.close(fd)
+
+
+def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
+    """Return the permission bits of the file name in dir_fd, None when there is none.
+    Raises PathError when it is a symlink or a folder."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over symlinks")
+    if stat.S_ISDIR(info.st_mode):
+        raise PathError(f"path {rel!r} is a folder")
+    if not stat.S_ISREG(info.st_mode):     # a FIFO would hang the read of its original
+        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files")
+    return info.st_mode & 0o7777
+
+
+def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
+    """Return the bytes of a regular file, opened without following a symlink."""
+    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _replace_in(dir_fd: int, name: str, data: bytes, mode: int | None, crash_at: str | None = None) -> None:
+    """Write data to name in the folder dir_fd through a new temp file beside it and
+    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
+    them). mode: the bits to give the file; None: a new file's usual mode (the
+    kernel applies the umask, which bridge never changes). Raises OSError; the
+    temp file never outlives a failure (only a crash)."""
+    tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+    fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
+    try:
+        try:
+            _write_all(fd, data)
+            if mode is not None:
+                os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        crash_point(crash_at, "replace")
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with _suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
+    """Write data to path through a temp file in the same folder and os.replace.
+
+    mode: permission bits to give the file (default: what a new file gets under
+    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
+    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
+    outlives a failure (only a crash).
+    """
+    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+    try:
+        _replace_in(dir_fd, path.name, data, mode, crash_at)
+    finally:
+        os.close(dir_fd)
+
+
+def private_dir(path: Path) -> Path:
+    """Make the folder path, and its missing parents, mode 0o700; return path.
+    An existing folder keeps its mode. Raises OSError."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        private_dir(path.parent)
+        with _suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+    return path
+
+
+def private_opener(path: str, flags: int) -> int:
+    """open()'s opener for bridge's own records: new files are 0o600, never through a symlink."""
+    return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
+
+
+def run_folder(runs_dir: Path, run_id: Any) -> Path:
+    """Return runs_dir/run_id for a run id read back from the store, once checked.
+
+    A run id is what new_run_id() makes (RUN_ID_PATTERN, whole); its folder must be
+    directly in runs_dir and, when it exists, a real folder (not a symlink). Raises
+    PathError saying which, for anything else: nothing read back is a path.
+    """
+    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not a bridge run id "
+                        "(like 20261204T192316Z-1a2b3c4d); its files are left alone")
+    folder = runs_dir / run_id
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return folder
+    if folder.parent != runs_dir or not stat.S_ISDIR(info.st_mode):
+        raise PathError(f"run folder {folder} is not a folder of bridge's runs (a symlink?); "
+                        "its files are left alone")
+    return folder
+
+
+class _suppress:
+    """contextlib.suppress without importing contextlib at start-up."""
+
+    def __init__(self, *kinds: type[BaseException]):
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
+    """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
+    never through a symlink); with sync, fsync it, so it survives a crash. Raises
+    OSError."""
+    try:
+        handle = open(path, "a", encoding="utf-8", opener=private_opener)
+    except FileNotFoundError:
+        private_dir(path.parent)
+        handle = open(path, "a", encoding="utf-8", opener=private_opener)
+    with handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored.
+    The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
+    entries = []
+    try:
+        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            entry = load_json(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+###############################################################################
+# 5. Store layouts & plan records
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -1191,7 +1497,118 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
 
 
 ###############################################################################
-# 5. Store (SQLite)
+# 6. The memory server's HTTP API
+#
+# The memory server's HTTP API (`memory server --http`), for result memories the server
+# embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
+# checked against 12.4.0 (tests/test_real_server.py): POST /api/memories {content,
+# tags, memory_type, metadata, conversation_id} -> {success, message, content_hash};
+# GET /api/health answers without a key, GET /api/health/detailed needs it (401).
+###############################################################################
+
+
+MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
+MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
+MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_memory_url(url: str) -> str:
+    """Return the memory server's base URL (no trailing slash) when it is an http URL on
+    this machine (LOOPBACK_HOSTS); raise ConfigError otherwise. Only the user's flag or
+    environment sets it: the key goes with every request."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port          # raises ValueError on a port that is not a number in range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS \
+            or parts.query or parts.username is not None:
+        raise ConfigError(f"memory URL {url!r} is not an http URL on this machine",
+                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost or [::1])")
+    return url.rstrip("/")
+
+
+class MemoryAPI:
+    """A client of the memory server's HTTP API at url (see check_memory_url), sending
+    api_key (MCP_API_KEY) as X-API-Key. timeout_s: seconds to connect or wait for
+    an answer. Nothing here raises: every failure is a reason string."""
+
+    def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S):
+        self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+        """Return (HTTP status, parsed JSON or None). Raises httpx.HTTPError or ValueError."""
+        import httpx
+
+        headers = {"X-API-Key": self.api_key} if self.api_key else {}
+        with httpx.Client(timeout=self.timeout_s, trust_env=False) as client:
+            with client.stream(method, self.url + path, json=body, headers=headers) as response:
+                raw = b""
+                for piece in response.iter_bytes():
+                    raw += piece
+                    if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
+                        raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
+        try:
+            return response.status_code, json.loads(raw)
+        except ValueError:
+            return response.status_code, None
+
+    def store(self, content: str, tags: list[str], memory_type: str, metadata: dict,
+              conversation_id: str) -> tuple[str | None, str | None]:
+        """POST one memory; return (its content_hash, None) when the server stored it,
+        else (None, why not). conversation_id (the run id) keeps the server's 24-hour
+        near-duplicate check from refusing a rerun's result."""
+        import httpx
+
+        body = {"content": content, "tags": tags, "memory_type": memory_type, "metadata": metadata,
+                "conversation_id": conversation_id}
+        size = len(json.dumps(body).encode("utf-8"))
+        if size > MEMORY_API_MAX_BODY_BYTES:
+            return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
+        try:
+            status, reply = self._request("POST", "/api/memories", body)
+        except (httpx.HTTPError, ValueError) as exc:
+            return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
+        digest = reply.get("content_hash") if isinstance(reply, dict) else None
+        if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
+                and re.fullmatch(r"[0-9a-f]{64}", digest):
+            return digest, None
+        if status in (401, 403):
+            return None, f"HTTP {status}: it refused the key (MCP_API_KEY)"
+        message = reply.get("message") or reply.get("detail") if isinstance(reply, dict) else None
+        return None, f"HTTP {status}" + (f": {_summary_text(message, 200)}" if message else "")
+
+    def probe(self) -> dict:
+        """Return {"reachable", "key_accepted", "version", "backend", "error"} from GET
+        /api/health (no key needed) and GET /api/health/detailed (needs the key)."""
+        import httpx
+
+        report: dict[str, Any] = {"url": self.url, "reachable": False, "key_accepted": None,
+                                  "version": None, "backend": None, "error": None}
+        try:
+            status, _ = self._request("GET", "/api/health")
+            report["reachable"] = status == 200
+            detail_status, detail = self._request("GET", "/api/health/detailed")
+        except (httpx.HTTPError, ValueError) as exc:
+            report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
+            return report
+        if not report["reachable"]:
+            report["error"] = f"{self.url}/api/health answered HTTP {status}"
+            return report
+        report["key_accepted"] = detail_status == 200
+        if detail_status in (401, 403):
+            report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
+        elif isinstance(detail, dict):
+            storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
+            report.update(version=detail.get("version"), backend=storage.get("backend"))
+        return report
+
+
+###############################################################################
+# 7. Store (SQLite)
 # Short transactions on someone else's file: discovery, the claim, the result.
 ###############################################################################
 
@@ -1765,113 +2182,8 @@ class Store:
         return sum(1 for r in self.find_plans() if r.status == "pending")
 
 
-# The memory server's HTTP API (`memory server --http`), for result memories the server
-# embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
-# checked against 12.4.0 (tests/test_real_server.py): POST /api/memories {content,
-# tags, memory_type, metadata, conversation_id} -> {success, message, content_hash};
-# GET /api/health answers without a key, GET /api/health/detailed needs it (401).
-MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
-MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
-MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def check_memory_url(url: str) -> str:
-    """Return the memory server's base URL (no trailing slash) when it is an http URL on
-    this machine (LOOPBACK_HOSTS); raise ConfigError otherwise. Only the user's flag or
-    environment sets it: the key goes with every request."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        parts.port          # raises ValueError on a port that is not a number in range
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS \
-            or parts.query or parts.username is not None:
-        raise ConfigError(f"memory URL {url!r} is not an http URL on this machine",
-                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost or [::1])")
-    return url.rstrip("/")
-
-
-class MemoryAPI:
-    """A client of the memory server's HTTP API at url (see check_memory_url), sending
-    api_key (MCP_API_KEY) as X-API-Key. timeout_s: seconds to connect or wait for
-    an answer. Nothing here raises: every failure is a reason string."""
-
-    def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S):
-        self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
-
-    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
-        """Return (HTTP status, parsed JSON or None). Raises httpx.HTTPError or ValueError."""
-        import httpx
-
-        headers = {"X-API-Key": self.api_key} if self.api_key else {}
-        with httpx.Client(timeout=self.timeout_s, trust_env=False) as client:
-            with client.stream(method, self.url + path, json=body, headers=headers) as response:
-                raw = b""
-                for piece in response.iter_bytes():
-                    raw += piece
-                    if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
-                        raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
-        try:
-            return response.status_code, json.loads(raw)
-        except ValueError:
-            return response.status_code, None
-
-    def store(self, content: str, tags: list[str], memory_type: str, metadata: dict,
-              conversation_id: str) -> tuple[str | None, str | None]:
-        """POST one memory; return (its content_hash, None) when the server stored it,
-        else (None, why not). conversation_id (the run id) keeps the server's 24-hour
-        near-duplicate check from refusing a rerun's result."""
-        import httpx
-
-        body = {"content": content, "tags": tags, "memory_type": memory_type, "metadata": metadata,
-                "conversation_id": conversation_id}
-        size = len(json.dumps(body).encode("utf-8"))
-        if size > MEMORY_API_MAX_BODY_BYTES:
-            return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
-        try:
-            status, reply = self._request("POST", "/api/memories", body)
-        except (httpx.HTTPError, ValueError) as exc:
-            return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
-        digest = reply.get("content_hash") if isinstance(reply, dict) else None
-        if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
-                and re.fullmatch(r"[0-9a-f]{64}", digest):
-            return digest, None
-        if status in (401, 403):
-            return None, f"HTTP {status}: it refused the key (MCP_API_KEY)"
-        message = reply.get("message") or reply.get("detail") if isinstance(reply, dict) else None
-        return None, f"HTTP {status}" + (f": {_summary_text(message, 200)}" if message else "")
-
-    def probe(self) -> dict:
-        """Return {"reachable", "key_accepted", "version", "backend", "error"} from GET
-        /api/health (no key needed) and GET /api/health/detailed (needs the key)."""
-        import httpx
-
-        report: dict[str, Any] = {"url": self.url, "reachable": False, "key_accepted": None,
-                                  "version": None, "backend": None, "error": None}
-        try:
-            status, _ = self._request("GET", "/api/health")
-            report["reachable"] = status == 200
-            detail_status, detail = self._request("GET", "/api/health/detailed")
-        except (httpx.HTTPError, ValueError) as exc:
-            report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
-            return report
-        if not report["reachable"]:
-            report["error"] = f"{self.url}/api/health answered HTTP {status}"
-            return report
-        report["key_accepted"] = detail_status == 200
-        if detail_status in (401, 403):
-            report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
-        elif isinstance(detail, dict):
-            storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
-            report.update(version=detail.get("version"), backend=storage.get("backend"))
-        return report
-
-
 ###############################################################################
-# 6. Plans
+# 8. Plans
 ###############################################################################
 
 
@@ -1929,8 +2241,6 @@ class Plan(namedtuple("Plan", "id steps objective project files_context rollback
     __slots__ = ()
 
 
-
-
 def _schema_problems(plan: Any) -> list[str]:
     from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
 
@@ -1952,30 +2262,6 @@ def schema_message(error: Any) -> str:
         else:
             message = message.replace(shown, shown[:60] + "…")
     return clip(" ".join(message.split()), 300, "message")
-
-
-def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path, refusing what could leave the project.
-
-    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
-    Windows) and '..' paths. '.' and empty components are dropped.
-    """
-    from pathlib import PurePosixPath, PureWindowsPath
-
-    if not rel or "\x00" in rel:
-        raise PathError(f"path {rel!r} is empty or holds a NUL byte")
-    try:
-        os.fsencode(rel)
-    except UnicodeEncodeError:
-        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
-        raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
-    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
-        raise PathError(f"path {rel!r} climbs out with '..'")
-    parts = list(PurePosixPath(rel).parts)
-    if not parts:
-        raise PathError(f"path {rel!r} names the project folder itself, not a file")
-    return parts
 
 
 def resolve_inside(project: Path, rel: str) -> Path:
@@ -2323,9 +2609,26 @@ def _build_plan(plan: dict) -> Plan:
                 verify=plan.get("verify"))
 
 
+EXECUTORS = ("openai", "anthropic", "claude-cli")
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
+    → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
+    that is no executor stays part of the name (LM Studio keys hold colons)."""
+    kind, sep, name = ref.partition(":")
+    if sep and kind in EXECUTORS and name:
+        return kind, name
+    return "openai", ref
+
+
+###############################################################################
+# 9. Trust: projects, approvals, executors
+#
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
 # plan or the store says can widen it.
+###############################################################################
 
 
 def real_path(path: str | Path) -> Path:
@@ -2482,7 +2785,7 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
 
 
 ###############################################################################
-# 7. Model servers: errors, streams, retries
+# 10. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -2795,7 +3098,7 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 8. LLM client: OpenAI-compatible servers
+# 11. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -3030,7 +3333,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 9. Other executors: the Anthropic API and the claude CLI
+# 12. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -3293,21 +3596,8 @@ def _kill_group(proc: Any) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-EXECUTORS = ("openai", "anthropic", "claude-cli")
-
-
-def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
-    → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor stays part of the name (LM Studio keys hold colons)."""
-    kind, sep, name = ref.partition(":")
-    if sep and kind in EXECUTORS and name:
-        return kind, name
-    return "openai", ref
-
-
 ###############################################################################
-# 10. Output validation
+# 13. Output validation
 #
 # The validation types of bridge-plan-schema.json. Each check returns the artifact: the
 # text that counts as the step's output (the code inside a fence when fenced), which
@@ -3508,6 +3798,11 @@ def _check_syntax(text: str, language: str) -> str:
     except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
         raise OutputInvalid(f"{language} does not parse: {exc}") from exc
     return code if code.endswith("\n") else code + "\n"
+
+
+###############################################################################
+# 14. Constrained JSON and degenerate output
+###############################################################################
 
 
 def output_schema(validation: dict | list) -> dict | None:
@@ -3730,6 +4025,11 @@ class DegenerationGuard:
                                        f"({' '.join(unit)[:80]!r})")
 
 
+###############################################################################
+# 15. Check commands, and what the model is told of the checks
+###############################################################################
+
+
 def describe_validation(validation: dict | list) -> str:
     """Return one sentence telling the model what form of answer will be accepted
     (for a list, one per check, in order)."""
@@ -3884,279 +4184,8 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 11. File writes & rollback
-#
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# 16. File transactions: journal, rollback, recovery
 ###############################################################################
-
-
-class FileChange:
-    """What one run did to one path: action is "created" or "modified" (then
-    "reverted" after a rollback). backup: the copy of the original, if any, and
-    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
-
-    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
-
-    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
-                 created_dirs: list[Path] | None = None):
-        self.path, self.action, self.backup, self.mode = path, action, backup, mode
-        self.created_dirs = created_dirs or []
-
-
-TEMP_SUFFIX = ".bridge-tmp"
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
-STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
-
-
-class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
-    """What no plan may write, whatever project it names: stores (the memory store
-    paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
-    (bridge's journals, backups and run logs). Anything under .git/ is refused too
-    (see forbidden_target_reason)."""
-
-    __slots__ = ()
-
-    @classmethod
-    def of(cls, config: Config) -> "Guard":
-        """The store candidates and the state dir of a config."""
-        return cls(tuple(config.db_paths), config.state_dir)
-
-
-def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
-    """Return why project/rel may never be written, or None when it may.
-
-    Refused whatever the project: any component named .git (hooks there run on
-    the next git command; any case, for case-insensitive disks), the memory store
-    file and its SQLite sidecars, and anything in the state dir. rel is a plan path
-    already checked to be relative without '..'; the target is compared both as
-    written and with symlinks resolved. The one rule validation and every write use.
-    """
-    from pathlib import PurePosixPath
-
-    if any(part.lower() == ".git" for part in PurePosixPath(rel.replace("\\", "/")).parts):
-        return f"path {rel!r} is under .git/ (git runs its hooks); bridge never writes there"
-    guard = guard or Guard()
-    root = _realpath(project)
-    targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
-    for store in guard.stores:
-        real = _realpath(store)
-        if targets & {real + sidecar for sidecar in STORE_SIDECARS}:
-            return f"path {rel!r} is the memory store {store}; bridge never writes it"
-    if guard.state_dir is not None:
-        state = _realpath(guard.state_dir)
-        if any(t == state or t.startswith(state.rstrip(os.sep) + os.sep) for t in targets):
-            return f"path {rel!r} is in bridge's state dir {guard.state_dir}; bridge never writes there"
-    return None
-
-
-def _realpath(path: str | Path) -> str:
-    """os.path.realpath, or the normalized path when a folder swapped under it makes
-    that fail (readlink of what is no longer a symlink: EINVAL)."""
-    try:
-        return os.path.realpath(path)
-    except OSError:
-        return os.path.normpath(path)
-
-
-def _open_root(project: Path) -> int:
-    """Open the project folder for the dir_fd walks; PathError when it cannot be, or
-    when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
-    if not _HAS_DIR_FD:
-        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file operations",
-                        "run bridge on Linux or macOS")
-    try:
-        return os.open(project, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
-    except OSError as exc:
-        raise PathError(f"cannot open the project folder {project}: {exc.strerror or exc}") from exc
-
-
-def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[int, int]:
-    """Open the folders parts, one component at a time below dir_fd, never through a
-    symlink (O_NOFOLLOW): return (descriptor of the deepest one reached, how many of
-    parts it is). With make, missing folders are made (mode 0o777 less the umask);
-    else the walk stops at the first missing one. The caller closes the descriptor.
-    Raises PathError when a component is a symlink or not a folder, OSError else."""
-    fd, depth = os.dup(dir_fd), 0
-    try:
-        for depth, part in enumerate(parts):
-            try:
-                step = os.open(part, _DIR_OPEN, dir_fd=fd)
-            except FileNotFoundError:
-                if not make:
-                    return fd, depth
-                with _suppress(FileExistsError):
-                    os.mkdir(part, 0o777, dir_fd=fd)
-                step = os.open(part, _DIR_OPEN, dir_fd=fd)
-            os.close(fd)
-            fd = step
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-            where = "/".join(parts[:depth + 1])
-            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge writes only "
-                            "through real folders of the project") from exc
-        raise
-    return fd, len(parts)
-
-
-def open_inside(project: Path, rel: str) -> Any:
-    """Open project/rel for reading (a binary file object) through real folders of
-    the project and without following a symlink at the end. Raises
-    FileNotFoundError, PathError (a symlink on the way, not a regular file) or
-    OSError (IsADirectoryError on reading a folder)."""
-    parts = plan_path_parts(rel)
-    root = _open_root(project)
-    try:
-        fd, depth = _walk(root, parts[:-1], rel)
-    finally:
-        os.close(root)
-    try:
-        if depth < len(parts) - 1:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
-        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)   # a FIFO must not block
-        try:
-            handle = os.fdopen(os.open(parts[-1], flags, dir_fd=fd), "rb")
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real files "
-                                "of the project") from exc
-            raise
-        kind = os.fstat(handle.fileno()).st_mode
-        if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):     # a folder: reading it says so
-            handle.close()
-            raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device)")
-        return handle
-    finally:
-        os.close(fd)
-
-
-def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
-    """Return the permission bits of the file name in dir_fd, None when there is none.
-    Raises PathError when it is a symlink or a folder."""
-    try:
-        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(info.st_mode):
-        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over symlinks")
-    if stat.S_ISDIR(info.st_mode):
-        raise PathError(f"path {rel!r} is a folder")
-    if not stat.S_ISREG(info.st_mode):     # a FIFO would hang the read of its original
-        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files")
-    return info.st_mode & 0o7777
-
-
-def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
-    """Return the bytes of a regular file, opened without following a symlink."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _replace_in(dir_fd: int, name: str, data: bytes, mode: int | None, crash_at: str | None = None) -> None:
-    """Write data to name in the folder dir_fd through a new temp file beside it and
-    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
-    them). mode: the bits to give the file; None: a new file's usual mode (the
-    kernel applies the umask, which bridge never changes). Raises OSError; the
-    temp file never outlives a failure (only a crash)."""
-    tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
-    fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
-    try:
-        try:
-            _write_all(fd, data)
-            if mode is not None:
-                os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        crash_point(crash_at, "replace")
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with _suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-
-
-def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
-    """Write data to path through a temp file in the same folder and os.replace.
-
-    mode: permission bits to give the file (default: what a new file gets under
-    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
-    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
-    outlives a failure (only a crash).
-    """
-    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
-    try:
-        _replace_in(dir_fd, path.name, data, mode, crash_at)
-    finally:
-        os.close(dir_fd)
-
-
-def private_dir(path: Path) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700; return path.
-    An existing folder keeps its mode. Raises OSError."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        private_dir(path.parent)
-        with _suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-    return path
-
-
-def private_opener(path: str, flags: int) -> int:
-    """open()'s opener for bridge's own records: new files are 0o600, never through a symlink."""
-    return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
-
-
-def run_folder(runs_dir: Path, run_id: Any) -> Path:
-    """Return runs_dir/run_id for a run id read back from the store, once checked.
-
-    A run id is what new_run_id() makes (RUN_ID_PATTERN, whole); its folder must be
-    directly in runs_dir and, when it exists, a real folder (not a symlink). Raises
-    PathError saying which, for anything else: nothing read back is a path.
-    """
-    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
-        raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not a bridge run id "
-                        "(like 20261204T192316Z-1a2b3c4d); its files are left alone")
-    folder = runs_dir / run_id
-    try:
-        info = os.lstat(folder)
-    except FileNotFoundError:
-        return folder
-    if folder.parent != runs_dir or not stat.S_ISDIR(info.st_mode):
-        raise PathError(f"run folder {folder} is not a folder of bridge's runs (a symlink?); "
-                        "its files are left alone")
-    return folder
-
-
-class _suppress:
-    """contextlib.suppress without importing contextlib at start-up."""
-
-    def __init__(self, *kinds: type[BaseException]):
-        self.kinds = kinds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, self.kinds)
 
 
 class FileTransaction:
@@ -4483,7 +4512,8 @@ class FileTransaction:
         return [{"path": c.path, "action": c.action} for c in self.changes.values()]
 
 
-# -- Kept runs: what a run changed, for --diff and --undo ---------------------
+###############################################################################
+# 17. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -4492,6 +4522,7 @@ class FileTransaction:
 # 0700 folder); older ones are deleted. Only bridge writes these files, and each path
 # read back is still checked: a run id by its form, a project path by resolve_inside,
 # a backup by being inside the runs folder.
+###############################################################################
 
 
 def sha256_hex(data: bytes) -> str:
@@ -4916,7 +4947,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 12. Prompts
+# 18. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -5133,7 +5164,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 13. Run records
+# 19. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -5423,7 +5454,7 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 ###############################################################################
-# 14. Step scheduling
+# 20. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -5560,7 +5591,7 @@ class StepScheduler:
 
 
 ###############################################################################
-# 15. Runner
+# 21. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -6362,7 +6393,7 @@ class Runner:
 
 
 ###############################################################################
-# 16. CLI: arguments and settings
+# 22. CLI: arguments and settings
 ###############################################################################
 
 
@@ -6645,7 +6676,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 17. CLI: running and watching
+# 23. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -6897,6 +6928,11 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
     return runnable, waiting
 
 
+###############################################################################
+# 24. CLI: running and showing
+###############################################################################
+
+
 def _pick_model(config: Config, info: ServerInfo | None) -> str:
     """Return --model, else the server's loaded model. Raises LLMError if there is none."""
     if config.model:
@@ -7057,6 +7093,91 @@ def cmd_show(config: Config, plan_id: str) -> int:
     return EXIT_OK
 
 
+def run_hint(record: PlanRecord) -> str:
+    """Return the command that runs a plan from where it is: --plan for a pending
+    one, --resume / --rerun for a stale one, --rerun for a finished one."""
+    status, plan_id = record.display_status, record.plan_id
+    if status == "stale":
+        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
+                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
+    if status == "in_progress":
+        return "it is running now; see it with: bridge --list --all"
+    if status == "awaiting_review":
+        return (f"its files are staged, not written: bridge --diff {plan_id}, then bridge --apply {plan_id} "
+                f"or bridge --reject {plan_id}")
+    if status == "pending":
+        return f"run it with: bridge --plan {plan_id}"
+    return f"run it again with: bridge --plan {plan_id} --rerun"
+
+
+def render_result(result: dict) -> str:
+    """Return a stored result document as text for a person: steps, outputs,
+    errors, files, usage, cost and where the run log is. Every line goes through
+    printable(); an output keeps its own lines."""
+    usage = result.get("usage") or {}
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        lines.append(printable(line))
+
+    add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("objective"):
+        add(f"  objective: {result['objective']}")
+    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
+    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
+        f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
+    if "would_have_cost_usd" in result:
+        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
+    if result.get("error"):
+        add(f"  error: {result['error']}")
+    if result.get("undone_at"):
+        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
+    if result.get("applied_at"):
+        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
+    if result.get("rejected_at"):
+        add(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
+    for problem in result.get("problems") or []:
+        add(f"  problem: {problem}")
+    for step in result.get("steps", []):
+        title = f" ({step['title']})" if step.get("title") else ""
+        add(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
+            f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
+        if step.get("error"):
+            add(f"      error: {step['error']}")
+        if step.get("file_output"):
+            add(f"      file: {step['file_output']}")
+        for check in step.get("checks") or []:
+            add(f"      check: {_check_line(check)}")
+        output = (step.get("output") or "").strip()
+        if output:
+            shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
+            lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
+    if result.get("verify"):
+        add(f"  verify: {_check_line(result['verify'])}")
+    for change in result.get("files", []):
+        add(f"  file {change['path']}: {change['action']}")
+    if result.get("run_log"):
+        add(f"  run log: {result['run_log']}")
+    return "\n".join(lines)
+
+
+def _check_line(check: dict) -> str:
+    """One command run of a result for a person: command, outcome, seconds, last output line."""
+    if check.get("ran") is False:
+        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
+    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
+    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
+    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
+    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
+            + (f" · {last[0][:200]}" if last and check["error"] else ""))
+
+
+###############################################################################
+# 25. CLI: diff, undo, review
+###############################################################################
+
+
 def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRecord, KeptRun]:
     """Return a plan's record and its run run_id (default: its last, from its state;
     checked like --run). Raises PlanNotFound, BridgeError when it never ran."""
@@ -7202,88 +7323,8 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
     return EXIT_OK
 
 
-def run_hint(record: PlanRecord) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one, --rerun for a finished one."""
-    status, plan_id = record.display_status, record.plan_id
-    if status == "stale":
-        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
-                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
-    if status == "in_progress":
-        return "it is running now; see it with: bridge --list --all"
-    if status == "awaiting_review":
-        return (f"its files are staged, not written: bridge --diff {plan_id}, then bridge --apply {plan_id} "
-                f"or bridge --reject {plan_id}")
-    if status == "pending":
-        return f"run it with: bridge --plan {plan_id}"
-    return f"run it again with: bridge --plan {plan_id} --rerun"
-
-
-def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs,
-    errors, files, usage, cost and where the run log is. Every line goes through
-    printable(); an output keeps its own lines."""
-    usage = result.get("usage") or {}
-    lines: list[str] = []
-
-    def add(line: str) -> None:
-        lines.append(printable(line))
-
-    add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
-    if result.get("objective"):
-        add(f"  objective: {result['objective']}")
-    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
-    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
-        f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
-        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
-    if "would_have_cost_usd" in result:
-        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
-    if result.get("error"):
-        add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
-    for problem in result.get("problems") or []:
-        add(f"  problem: {problem}")
-    for step in result.get("steps", []):
-        title = f" ({step['title']})" if step.get("title") else ""
-        add(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
-            f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
-        if step.get("error"):
-            add(f"      error: {step['error']}")
-        if step.get("file_output"):
-            add(f"      file: {step['file_output']}")
-        for check in step.get("checks") or []:
-            add(f"      check: {_check_line(check)}")
-        output = (step.get("output") or "").strip()
-        if output:
-            shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
-            lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
-    if result.get("verify"):
-        add(f"  verify: {_check_line(result['verify'])}")
-    for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
-    if result.get("run_log"):
-        add(f"  run log: {result['run_log']}")
-    return "\n".join(lines)
-
-
-def _check_line(check: dict) -> str:
-    """One command run of a result for a person: command, outcome, seconds, last output line."""
-    if check.get("ran") is False:
-        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
-    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
-    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
-    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
-    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
-            + (f" · {last[0][:200]}" if last and check["error"] else ""))
-
-
 ###############################################################################
-# 18. CLI: the planner's side
+# 26. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -7457,7 +7498,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 19. main()
+# 27. main()
 ###############################################################################
 
 

@@ -58,3 +58,38 @@ def test_every_action_is_in_the_readme_usage_block():
     usage = README[README.index("## Usage"):README.index("### Configuration")]
     block = "\n".join(line for line in usage.splitlines() if line.startswith("bridge"))
     assert [a for a in _long_flags("actions") if not re.search(re.escape(a) + r"(?![\w-])", block)] == []
+
+
+def _rooms() -> list[tuple[int, int, str]]:
+    """(first line, number, title) of every room banner, in file order."""
+    lines = SOURCE.split("\n")
+    return [(n + 1, int(m.group(1)), m.group(2)) for n, line in enumerate(lines)
+            if (m := re.match(r"# (\d+)\. (.*)", line)) and lines[n - 1] == "#" * 79]
+
+
+def test_the_rooms_on_the_first_page_are_the_rooms_in_the_file():
+    rooms = _rooms()
+    assert [number for _, number, _ in rooms] == list(range(1, len(rooms) + 1))
+    listed = " ".join(bridge.__doc__.split("the command line:", 1)[1].split())
+    assert listed == " · ".join(f"{number} {title}" for _, number, title in rooms)
+
+
+def test_each_room_uses_only_names_from_the_rooms_above_it():
+    import ast
+
+    starts = [(line, number) for line, number, _ in _rooms()]
+
+    def room_of(line: int) -> int:
+        return max((number for start, number in starts if start <= line), default=0)
+
+    tree = ast.parse(SOURCE)
+    defined = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for name in names:
+            defined[name] = room_of(node.lineno)
+    later = sorted({(room_of(node.lineno), getattr(node, "name", "?"), sub.id)
+                    for node in tree.body for sub in ast.walk(node)
+                    if isinstance(sub, ast.Name) and defined.get(sub.id, 0) > room_of(node.lineno)})
+    assert later == []
