@@ -1680,12 +1680,17 @@ class Store:
             for digest, state in self._legacy_states().items():
                 self._save_state(digest, state.get("plan_id"), state)
 
-    def _legacy_states(self) -> dict[str, dict]:
+    def _legacy_states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
         """Return {content_hash: state} from every row whose metadata holds an older
-        bridge's "bridge" object with a known status (anything else is ignored)."""
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-        rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
-                                 "WHERE instr(metadata, '\"bridge\"') > 0").fetchall()
+        bridge's "bridge" object with a known status (anything else is ignored).
+
+        rows: (content_hash or None, content, metadata) of the rows to look at, e.g.
+        the plan candidates find_plans already read; None reads every such row of the
+        store (a scan: the migration, once)."""
+        if rows is None:
+            digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+            rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
+                                     "WHERE instr(metadata, '\"bridge\"') > 0").fetchall()
         states = {}
         for digest, content, metadata in rows:
             try:
@@ -1842,7 +1847,8 @@ class Store:
             sql = f"{select} WHERE {where}"
         try:
             rows = self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()
-            states = self._states()
+            # the old metadata states lie on plan rows only: those just read
+            states = self._states([(row[5], row[1], row[2]) for row in rows])
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
         records, split = [], set()
@@ -1901,10 +1907,11 @@ class Store:
 
     # -- plan state (STATE_TABLE) -----------------------------------------------
 
-    def _states(self) -> dict[str, dict]:
-        """Return {plan content_hash: state} of every plan bridge has recorded."""
+    def _states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
+        """Return {plan content_hash: state} of every plan bridge has recorded (on a
+        store without STATE_TABLE, of the rows given: see _legacy_states)."""
         if not self.has_state_table:
-            return self._legacy_states()      # read-only on a store bridge has not used since
+            return self._legacy_states(rows)  # read-only on a store bridge has not used since
         rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra FROM {STATE_TABLE}")
         return {row[0]: self._state_of(row[1:]) for row in rows}
 
