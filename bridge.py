@@ -5046,10 +5046,10 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
     for dep in step.depends_on:
         blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""), "\n```",
                              cuttable=True))
-    blocks.append(_Block(f"Task:\n{step.prompt}"))
     if step.file_output:
         blocks.append(_Block(f"Your answer will be written to the file {step.file_output}."))
     blocks.append(_Block(describe_validation(step.validation)))
+    blocks.append(_Block(f"Task:\n{step.prompt}"))
     return blocks
 
 
@@ -5061,7 +5061,9 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
     The system message is the step's (or plan default's) system prompt, else
     DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
     now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on, the task, and what answer form passes.
+    outputs of the steps it depends on, what answer form passes, and the task last
+    (read just before the model answers: on SmolLM2-135M that took more values
+    from the text; README, Small local models).
 
     budget_tokens: the prompt tokens that fit (the context length less what the
     answer needs), or None for no limit. When the estimate (estimate_tokens) is

@@ -203,6 +203,9 @@ def score(name: str, wall: float, steps: list[dict]) -> dict:
             "first": sum(1 for _, s in json_steps if s["ok"] and s["attempts"] == 1),
             "after": sum(1 for _, s in json_steps if s["ok"]),
             "faithful": sum(1 for t, s in json_steps if s["ok"] and values_faithful(t, s["output"])),
+            "extractions": sum(1 for t, _ in json_steps if t["kind"] != "lists"),
+            "extractions_faithful": sum(1 for t, s in json_steps if t["kind"] != "lists" and s["ok"]
+                                        and values_faithful(t, s["output"])),
             "code": f"{sum(1 for _, s in code_steps if s['ok'])}/{len(code_steps)}", "wall": wall,
             "tokens": sum(known) if known else None, "failed_tokens": sum(failed) if failed else None,
             "slowest": slowest}
@@ -217,6 +220,8 @@ def print_row(row: dict) -> None:
     failed = row["failed_tokens"] if row["failed_tokens"] is not None else "n/a"
     print(f"{row['name']:<14} {row['first']:>2}/{row['json']} {row['after']:>5}/{row['json']} "
           f"{row['faithful']:>8}/{row['json']} {row['code']:>5} {row['wall']:>7.1f} s {tokens!s:>7} {failed!s:>7}  {slowest}",
+          flush=True)
+    print(f"{'':<14} faithful extractions (lists aside): {row['extractions_faithful']}/{row['extractions']}",
           flush=True)
 
 
