@@ -17,7 +17,8 @@ Usage (one action at most; no action runs every pending plan):
                                 steps that had succeeded
     bridge --review [--plan ID] run, staging files under the state dir (awaiting_review)
     bridge --dry-run [--plan ID]  print each step's exact messages; no server, no store write
-    bridge --events             run, printing JSON events on stdout
+    bridge --events [--deltas]  run, printing JSON events on stdout: a line per step and
+                                plan event (--deltas: and one per streamed piece)
   looking
     bridge --list [--all]       pending plans (--all: every plan and its status)
     bridge --show ID            the last result of a plan, and where its run log is
@@ -44,7 +45,8 @@ Usage (one action at most; no action runs every pending plan):
   --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
   --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
   --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
-  --version, and with their action --all, --rerun, --resume, --run, --force, --replace.
+  --version, and with their action --all, --rerun, --resume, --run, --force, --replace,
+  --deltas.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
@@ -344,6 +346,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "context_length": None,             # int | None
     "price_model": DEFAULT_PRICE_MODEL,
     "events": False,
+    "deltas": False,                    # with events: a delta event per streamed piece too
     "db_explicit": False,
     "anthropic_base_url": ANTHROPIC_BASE_URL,
     "anthropic_api_key": None,          # str | None
@@ -378,7 +381,8 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     reports, else 1). context_length: the model's context in tokens (None: what
     the server reports, else unknown). price_model: the Claude model whose prices
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
-    run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
+    run as JSON events on stdout; deltas: with them, one delta event per streamed
+    piece (off: a line per step and plan event only). anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
     more attempt on. tool_env: the user's environment less BRIDGE_* and
     MCP_API_KEY: commands run in it, a claude-cli: executor in its allow-listed
@@ -792,19 +796,22 @@ class Events:
 
     Each has "event" (one of EVENT_KINDS), "ts" (ISO 8601 UTC, milliseconds),
     "plan_id" and, for step events, "step_id", plus the fields of its kind (see the
-    README). Disabled, emit() does nothing. Safe to call from several threads.
+    README). Disabled, emit() does nothing; "delta" events are written only with
+    deltas (--deltas): under Claude Code's Monitor tool every line reaches the
+    planner's context, and a line per token would flood it. Safe to call from
+    several threads.
     """
 
-    def __init__(self, enabled: bool, stream: Any = None):
+    def __init__(self, enabled: bool, stream: Any = None, deltas: bool = False):
         import threading
 
-        self.enabled, self.stream = enabled, stream
+        self.enabled, self.stream, self.deltas = enabled, stream, deltas
         self.lock = threading.Lock()
 
     def emit(self, kind: str, plan_id: str | None = None, step_id: int | None = None, **fields: Any) -> None:
         """Write one event line (and flush), when enabled."""
         assert kind in EVENT_KINDS, kind     # the vocabulary is public: README and tests pin it
-        if not self.enabled:
+        if not self.enabled or (kind == "delta" and not self.deltas):
             return
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(now)) + f"{int(now % 1 * 1000):03d}Z"
@@ -1424,13 +1431,27 @@ def _summary_text(value: Any, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
+def savings_line(savings: dict) -> str:
+    """Return a result's savings (Runner's run_savings: local_tokens,
+    would_have_cost_usd, price_model, retries, escalations, escalations_saved,
+    paid_usd) as one line for a person or a planner."""
+    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
+            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices (the planner's own "
+            f"tokens not counted); {savings['retries']} retr{'y' if savings['retries'] == 1 else 'ies'}")
+    if savings["escalations"]:
+        line += f", {savings['escalations']} escalated ({savings['escalations_saved']} saved by it)"
+    return line + f"; ${savings['paid_usd']:.4f} paid"
+
+
 def result_summary(result: dict) -> str:
     """Return the first lines of a stored result: plan, outcome, run id, each step's
     status (and error), files changed, and the error; plain text, for the memory
     server's embedding (which reads a memory's first few hundred words) and for a
     planner reading search hits."""
     counts = result.get("counts") or {}
-    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']} (run {result['run_id']})",
+    project = f" in project {_summary_text(result['project'], 100)}" if result.get("project") else ""
+    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}{project} "
+             f"(run {result['run_id']})",
              f"objective: {_summary_text(result.get('objective'), 200)}",
              f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
              f"{counts.get('skipped', 0)} skipped"]
@@ -1449,6 +1470,8 @@ def result_summary(result: dict) -> str:
         lines.append(f"files: {shown}{more}")
     if result.get("error"):
         lines.append(f"error: {_summary_text(result['error'], 300)}")
+    if isinstance(result.get("savings"), dict):
+        lines.append(savings_line(result["savings"]))
     for problem in (result.get("problems") or [])[:5]:
         lines.append(f"problem: {_summary_text(problem, 200)}")
     return "\n".join(lines)
@@ -2049,6 +2072,8 @@ class Store:
         content = result_content(result)
         digest = content_hash(content)
         tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
+        if result.get("project"):       # the memory server's hooks inject memories tagged so
+            tags.append(tag_safe(result["project"]))
         metadata = {"plan_id": result["plan_id"], "run_id": result["run_id"]}
         why = None
         if memory_api is not None:
@@ -2643,6 +2668,55 @@ def real_path(path: str | Path) -> Path:
     from pathlib import Path
 
     return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+PROJECT_NAME_MAX_CHARS = 100     # a longer detected name is cut (it becomes a tag and a summary word)
+PROJECT_FILE_MAX_BYTES = 1_000_000   # a package.json or pyproject.toml larger than this is not read
+
+
+def project_name(folder: Path) -> str:
+    """Return the project's name as the memory server's Claude Code hooks detect it, so
+    a result tagged with it is among the memories they inject when a session starts in
+    that folder: package.json's "name" (else "node-project"), else pyproject.toml's
+    first `name = "…"` line (else "python-project"), else the git repository's name
+    from remote.origin.url (only when folder/.git exists), else the folder's name.
+    Source: mcp-memory-service claude-hooks/utilities/project-detector.js
+    (detectFramework, getGitInfo, detectProjectContext). The files are the project's
+    (untrusted): read within PROJECT_FILE_MAX_BYTES; the name is one printable line of
+    at most PROJECT_NAME_MAX_CHARS. Never raises."""
+    import subprocess
+
+    def read(name: str) -> str | None:
+        try:
+            with open(folder / name, "rb") as handle:
+                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
+        except OSError:
+            return None
+
+    name = None
+    if (text := read("package.json")) is not None:
+        try:
+            package = load_json(text)
+        except ValueError:
+            package = None
+        given = package.get("name") if isinstance(package, dict) else None
+        name = given if isinstance(given, str) and given else "node-project"
+    elif (text := read("pyproject.toml")) is not None:
+        match = re.search(r"""^name\s*=\s*["']([^"']+)["']""", text, re.MULTILINE)
+        name = match.group(1) if match else "python-project"
+    elif os.path.lexists(folder / ".git"):
+        try:
+            url = subprocess.run(["git", "-C", str(folder), "config", "--get", "remote.origin.url"],
+                                 capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+            remote = url.stdout.strip() if url.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            remote = ""
+        if remote:     # the hooks: the last path part, its first ".git" removed
+            name = remote.rsplit("/", 1)[-1].replace(".git", "", 1) or "unknown-repo"
+    if not name:
+        name = folder.name
+    name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
+    return name[:PROJECT_NAME_MAX_CHARS] or folder.name
 
 
 def untrustable_reason(config: Config, folder: Path) -> str | None:
@@ -5449,6 +5523,28 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     return total
 
 
+def run_savings(steps: list[StepResult], price_model: str) -> dict:
+    """Return what a run's local work saved, said plainly: local_tokens (prompt and
+    completion tokens on the local server, openai: references), would_have_cost_usd
+    (those tokens at price_model's prices: what the planner's model would have been
+    paid for the same tokens; the planner's own tokens writing and reading the plan
+    are not counted), paid_usd (what paid escalations really cost), retries
+    (attempts after a step's first, escalations not counted), escalations and
+    escalations_saved (steps escalated, and those the escalation saved)."""
+    local = {"prompt_tokens": 0, "completion_tokens": 0}
+    for step in steps:
+        for model, line in step.ledger.items():
+            if parse_model_ref(model)[0] == "openai":
+                for key in local:
+                    local[key] += line[key]
+    escalated = [s for s in steps if s.escalated_to]
+    return {"local_tokens": local["prompt_tokens"] + local["completion_tokens"], "local_usage": local,
+            "would_have_cost_usd": would_cost_usd(local, price_model), "price_model": price_model,
+            "paid_usd": round(sum(s.cost_usd for s in steps), 6),
+            "retries": sum(max(0, s.attempts - 1 - bool(s.escalated_to)) for s in steps),
+            "escalations": len(escalated), "escalations_saved": sum(1 for s in escalated if s.escalation_saved)}
+
+
 def ledger_lines(result: dict) -> list[str]:
     """Return the usage ledger of a result as lines for a person: one per model,
     then which steps escalated and whether that saved them."""
@@ -5724,7 +5820,7 @@ class Runner:
         self.config, self.store, self.client = config, store, client
         self.model, self.progress = model, progress
         self.context_length, self.parallel = context_length, max(1, parallel)
-        self.events = Events(config.events)
+        self.events = Events(config.events, deltas=config.deltas)
         self._executors: dict[tuple, Any] = {}
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
         self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
@@ -6343,6 +6439,7 @@ class Runner:
         record = run.record
         return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run.run_id,
                 "objective": record.objective, "status": status,
+                "project": project_name(run.plan.project) if run.plan and run.plan.project else None,
                 "success": status in ("completed", "awaiting_review"),
                 "started_at": run.started, "finished_at": utc_now_iso(),
                 "duration_s": round(time.monotonic() - run.clock, 3), "model": self.model,
@@ -6354,6 +6451,7 @@ class Runner:
                 "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
                                 for s in steps if s.escalated_to],
                 "max_cost_usd": self.config.max_cost_usd, "spend_cap_reached": run.cap_hit,
+                "savings": run_savings(steps, price),
                 "counts": counts, "steps": [s.as_dict(price) for s in steps],
                 "files": run.files.summary() if run.files else [], "error": error,
                 "run_log": str(self.config.runs_dir / run.run_id),
@@ -6390,6 +6488,7 @@ class Runner:
             plan_id = result["plan_id"]
             self.progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
                                f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+        self.progress.info("  " + savings_line(result["savings"]))
         if len(result["ledger"]) > 1 or result["escalations"]:
             for text in ledger_lines(result):
                 self.progress.info(text)
@@ -6469,7 +6568,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="with --undo: put the originals back even over files changed since the run")
     parser.add_argument("--events", action="store_true",
-                        help="print the run as JSON events on stdout, one per line (progress stays on stderr)")
+                        help="print the run as JSON events on stdout, one per line: a line per step and "
+                             "plan event (progress stays on stderr)")
+    parser.add_argument("--deltas", action="store_true",
+                        help="with --events: also one delta event per streamed piece of text")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
     parser.add_argument("--rerun", action="store_true",
                         help="with --plan: run a completed, failed or cancelled plan again, from the start")
@@ -6670,6 +6772,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         max_cost_usd=_number("max cost", "--max-cost-usd or BRIDGE_MAX_COST_USD",
                              pick(args.max_cost_usd, "BRIDGE_MAX_COST_USD"), DEFAULT_MAX_COST_USD),
         events=args.events,
+        deltas=args.deltas,
         db_explicit=bool(db),
         structured=args.structured if args.structured is not None
         else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
@@ -7552,6 +7655,8 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--dry-run goes with a run (no action flag, or --plan ID)")
     if args.events and (other_action or args.dry_run):
         parser.error("--events goes with a run (no action flag, or --plan ID)")
+    if args.deltas and not args.events:
+        parser.error("--deltas goes with --events")
     if args.events and args.json_:
         parser.error("--events and --json both write to stdout: pick one")
 

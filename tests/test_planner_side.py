@@ -146,7 +146,7 @@ def test_events_stream_is_json_lines_in_run_order_with_deltas_and_totals(capsys,
     insert_plan(db, two_step_plan())
     enqueue_two_step(fake_llm)
 
-    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--events"), environ={})
+    rc = bridge.main(bridge_args(db, fake_llm.url, state_dir, "--events", "--deltas"), environ={})
     out, err = capsys.readouterr()
 
     assert rc == 0

@@ -186,7 +186,7 @@ def test_json_and_events_stay_exact_json_without_raw_controls(capsys, db, projec
     insert_plan(db, plan)
     fake_llm.enqueue("output " + HOSTILE)
 
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--events")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--events", "--deltas")
     assert rc == 0, err
     assert_no_controls(out)
     events = [json.loads(line) for line in out.splitlines()]
