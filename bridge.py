@@ -79,7 +79,10 @@ Environment (a flag wins over its variable):
     BRIDGE_STATE_DIR, XDG_STATE_HOME          journals, backups and run logs
     BRIDGE_KEEP_RUNS             runs per plan whose backups are kept for --undo
     BRIDGE_MEMORY_URL, MCP_API_KEY            the memory server's HTTP API (loopback),
-                                              which embeds results (--memory-url)
+                                              which embeds results (--memory-url; "off":
+                                              none); else the endpoint and key the memory
+                                              server's Claude Code hooks use, from
+                                              ~/.claude/hooks/config.json (memoryService.http)
     BRIDGE_DEBUG                 tracebacks for bugs (--debug)
     COLUMNS                      the width of --help
     BRIDGE_CRASH_AT              a test hook: the process kills itself at that point
@@ -359,6 +362,8 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "max_cost_usd": DEFAULT_MAX_COST_USD,
     "memory_url": None,                 # str | None: the memory server's HTTP API (loopback)
     "memory_api_key": None,             # str | None: MCP_API_KEY
+    "memory_source": None,              # str | None: where memory_url came from
+    "memory_note": None,                # str | None: why the hooks' endpoint is not used
     "crash_at": None,                   # str | None
     "keep_runs": DEFAULT_KEEP_RUNS,
     "review": False,
@@ -388,7 +393,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     MCP_API_KEY: commands run in it, a claude-cli: executor in its allow-listed
     part (claude_env).
     memory_url: the memory server's HTTP API (loopback only) that stores result
-    memories so they get an embedding; memory_api_key: its key (MCP_API_KEY).
+    memories so they get an embedding; memory_api_key: its key (MCP_API_KEY, else
+    the hooks' apiKey); memory_source: where memory_url came from ("--memory-url",
+    "BRIDGE_MEMORY_URL", HOOKS_CONFIG_SHOWN), memory_note: why the hooks' config
+    names no endpoint bridge uses (see hooks_memory_endpoint).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
     itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
     outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
@@ -1552,6 +1560,46 @@ def check_memory_url(url: str) -> str:
         raise ConfigError(f"memory URL {url!r} is not an http URL on this machine",
                           "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost or [::1])")
     return url.rstrip("/")
+
+
+HOOKS_CONFIG_SHOWN = "~/.claude/hooks/config.json"    # the memory server's Claude Code hooks' settings
+HOOKS_CONFIG_MAX_BYTES = 1_000_000
+
+
+def hooks_memory_endpoint(home: Path) -> tuple[str | None, str | None, str | None]:
+    """Return (url, api_key, note) from the memory server's Claude Code hooks' settings,
+    home/.claude/hooks/config.json: memoryService.http.endpoint and .apiKey (the
+    hooks' current layout), else memoryService.endpoint and .apiKey (the older
+    template). url is check_memory_url's form, or None: then note says why (no
+    endpoint, unreadable, or not an http URL on this machine) when the file exists.
+    Source: mcp-memory-service claude-hooks/config.json, config.template.json and
+    scripts/ensure-server.js (keeps `memory server --http` on 127.0.0.1:8000).
+    Never raises."""
+    path = home / ".claude" / "hooks" / "config.json"
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(HOOKS_CONFIG_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None, None, None
+    except OSError as exc:
+        return None, None, f"{HOOKS_CONFIG_SHOWN} cannot be read ({exc.strerror or exc})"
+    try:
+        document = load_json(raw) if len(raw) <= HOOKS_CONFIG_MAX_BYTES else None
+    except ValueError:
+        document = None
+    service = document.get("memoryService") if isinstance(document, dict) else None
+    if not isinstance(service, dict):
+        return None, None, f"{HOOKS_CONFIG_SHOWN} has no memoryService object"
+    http = service.get("http") if isinstance(service.get("http"), dict) else service
+    url, key = http.get("endpoint"), http.get("apiKey")
+    if not isinstance(url, str) or not url:
+        return None, None, f"{HOOKS_CONFIG_SHOWN} names no memoryService.http.endpoint"
+    try:
+        url = check_memory_url(url)
+    except ConfigError:
+        return None, None, (f"{HOOKS_CONFIG_SHOWN} names {_summary_text(url, 120)!r}, not an http URL on "
+                            "this machine: not used")
+    return url, key if isinstance(key, str) and key else None, None
 
 
 class MemoryAPI:
@@ -6634,8 +6682,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
     settings.add_argument("--memory-url", metavar="URL", help=_env_help(
         "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): result "
-        "memories are stored through it, so its semantic search finds them", "BRIDGE_MEMORY_URL",
-        "none: results are written into the store directly"))
+        "memories are stored through it, so its semantic search finds them; off: never", "BRIDGE_MEMORY_URL",
+        "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written into the "
+        "store directly"))
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
         "bridge's own journals and backups", "BRIDGE_STATE_DIR",
         "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
@@ -6733,6 +6782,16 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     config_dir = default_config_dir(environ)
     base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
     memory_url = pick(args.memory_url, "BRIDGE_MEMORY_URL")
+    memory_key = environ.get("MCP_API_KEY") or None
+    memory_source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if memory_url else None
+    memory_note = None
+    if memory_url and memory_url.strip().lower() == "off":
+        memory_url, memory_note = None, f"{memory_source} is off"
+    elif not memory_url:
+        home = Path(environ.get("HOME") or Path.home())
+        memory_url, hooks_key, memory_note = hooks_memory_endpoint(home)
+        if memory_url:
+            memory_source, memory_key = HOOKS_CONFIG_SHOWN, memory_key or hooks_key
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"base URL {base_url!r} is not an http(s) URL",
                           "pass e.g. --base-url http://localhost:1234/v1")
@@ -6757,7 +6816,9 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         retry_sampling=_retry_sampling(pick(args.retry_sampling, "BRIDGE_RETRY_SAMPLING")),
         escalate_to=pick(args.escalate_to, "BRIDGE_ESCALATE_TO"),
         memory_url=check_memory_url(memory_url) if memory_url else None,
-        memory_api_key=environ.get("MCP_API_KEY") or None,
+        memory_api_key=memory_key,
+        memory_source=memory_source,
+        memory_note=memory_note,
         anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
                             or ANTHROPIC_BASE_URL).rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
@@ -6867,6 +6928,8 @@ def cmd_health(config: Config) -> int:
     report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
                          "keep_runs": config.keep_runs}
     memory_ok = True
+    report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
+                                "note": config.memory_note}
     if config.memory_url:
         report["memory_api"] = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0).probe()
         memory_ok = bool(report["memory_api"]["key_accepted"])
@@ -6892,6 +6955,7 @@ def cmd_health(config: Config) -> int:
         backups = report["backups"]
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
+        print(printable("memory  " + _memory_setting_line(report["memory_setting"])))
         if "memory_api" in report:
             print("memory  " + _memory_api_line(report["memory_api"]))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
@@ -6909,6 +6973,16 @@ def _memory_store_line(info: dict) -> str:
                       + (" (semantic search misses them; --memory-url stores results with one)"
                          if info["without_embedding"] else ""))
     return f"ok    {schema} · {state} · {embeddings}"
+
+
+def _memory_setting_line(setting: dict) -> str:
+    """The --health line saying which memory server HTTP API results go through, and
+    where that setting came from."""
+    if setting["url"]:
+        return f"API   {setting['url']} (from {setting['source']})"
+    why = f"{setting['note']}; " if setting["note"] else ""
+    return (f"API   none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN}): results "
+            "are written into the store directly, without an embedding")
 
 
 def _memory_api_line(probe: dict) -> str:
