@@ -22,6 +22,8 @@ Usage (one action at most; no action runs every pending plan):
   looking
     bridge --list [--all]       pending plans (--all: every plan and its status)
     bridge --show ID            the last result of a plan, and where its run log is
+    bridge --stats              per model and validation type: steps passed first time,
+                                after retries, only on escalation, failed; medians
     bridge --health             the model server and the store (and --memory-url's API)
     bridge --diff ID [--run RUN_ID]   what the plan's last run (or that run) changed
     bridge --schema             print the plan JSON Schema
@@ -240,6 +242,7 @@ DEFAULT_SYSTEM_PROMPT = (
 RUN_INFO_FILE = "run.json"          # plan id, run id, project, started_at
 JOURNAL_FILE = "journal.jsonl"      # each file's original, before it is touched
 STEPS_FILE = "steps.jsonl"          # each finished step, for --resume
+STATS_FILE = "stats.jsonl"          # under --state-dir: one line per step run, for --stats
 WRITTEN_FILE = "written.jsonl"      # each write that stayed, for --diff and --undo
 STAGED_FILE = "staged.jsonl"        # each write a --review run staged
 VERIFY_FILE = "verify.jsonl"        # the plan's verify command
@@ -5571,6 +5574,71 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     return total
 
 
+STEP_OUTCOMES = ("first_attempt", "after_retries", "on_escalation", "failed")
+
+
+def step_outcome(result: StepResult) -> str:
+    """Return how a step that ran ended (STEP_OUTCOMES): succeeded on its first
+    attempt, after retries on the same model, only on its escalation, or failed."""
+    if result.status != "succeeded":
+        return "failed"
+    if result.escalated_to and result.escalation_saved:
+        return "on_escalation"
+    return "first_attempt" if result.attempts == 1 else "after_retries"
+
+
+def append_step_stats(state_dir: Path, entry: dict) -> None:
+    """Append one step's record to state_dir/STATS_FILE (private, one JSON line,
+    O_APPEND: lines of concurrent bridges do not mix). entry: {"ts", "plan_id",
+    "run_id", "step_id", "model", "validation": [types], "outcome", "attempts",
+    "tokens", "seconds"}. A file that cannot be written costs only this record."""
+    with _suppress(OSError):
+        private_dir(state_dir)
+        with open(state_dir / STATS_FILE, "a", encoding="utf-8", opener=private_opener) as handle:
+            _write_line(handle, entry)
+
+
+def read_step_stats(path: Path) -> dict:
+    """Return the --stats report of a STATS_FILE: {"stats_file", "steps" (records
+    read), "skipped_lines", "models": {model: {validation type: {"steps",
+    "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
+    "median_s"}}}}. A step with several validations counts under each of its types
+    (a `command` check included). Lines that are not such records are counted in
+    skipped_lines. A missing file is an empty report."""
+    from statistics import median
+
+    groups: dict[str, dict[str, list[dict]]] = {}
+    report: dict[str, Any] = {"stats_file": str(path), "steps": 0, "skipped_lines": 0, "models": {}}
+    try:
+        handle = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return report
+    with handle:
+        for line in handle:
+            try:
+                entry = load_json(line)
+            except ValueError:
+                entry = None
+            if not (isinstance(entry, dict) and isinstance(entry.get("model"), str)
+                    and entry.get("outcome") in STEP_OUTCOMES and isinstance(entry.get("validation"), list)
+                    and all(isinstance(v, str) for v in entry["validation"])
+                    and all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+                            for k in ("tokens", "seconds"))):
+                report["skipped_lines"] += 1
+                continue
+            report["steps"] += 1
+            for kind in dict.fromkeys(entry["validation"]):
+                groups.setdefault(entry["model"], {}).setdefault(kind, []).append(entry)
+    for model, kinds in sorted(groups.items()):
+        report["models"][model] = {
+            kind: {"steps": len(entries),
+                   **{outcome: sum(1 for e in entries if e["outcome"] == outcome) for outcome in STEP_OUTCOMES},
+                   "median_tokens": median(e["tokens"] for e in entries),
+                   "median_s": round(median(e["seconds"] for e in entries), 3)}
+            for kind, entries in sorted(kinds.items())}
+    return report
+
+
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
     """Return what a run's local work saved, said plainly: local_tokens (prompt and
     completion tokens on the local server, openai: references), would_have_cost_usd
@@ -6192,6 +6260,13 @@ class Runner:
             self._try_step(run, step, result, outputs)
         finally:
             run.runlog.end(result)
+        if result.attempts and not run.cancel.is_set():     # a step never sent, or interrupted, says nothing
+            append_step_stats(self.config.runs_dir.parent, {
+                "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
+                "model": model, "validation": [v.get("type") for v in validations_of(step.validation)],
+                "outcome": step_outcome(result), "attempts": result.attempts, "escalated_to": result.escalated_to,
+                "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
+                "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self, run: PlanRun, step: Step, result: StepResult,
                       outputs: dict[int, str]) -> list[dict] | None:
@@ -6585,6 +6660,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--health", action="store_true",
                          help="check the model server and the store; exit 0 only when both are usable")
     actions.add_argument("--show", metavar="ID", help="show the last result of a plan, and its run log")
+    actions.add_argument("--stats", action="store_true",
+                         help="per model and validation type, from bridge's own runs: steps that passed on the "
+                              "first attempt, after retries, only on escalation, or failed; median tokens, seconds")
     actions.add_argument("--validate", metavar="FILE", help="check a plan file (schema and semantic rules); "
                                                             "exit 0 when valid, 1 with every problem")
     actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
@@ -6627,7 +6705,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --plan: take over a stale plan (its bridge died), keeping the steps "
                              "that had succeeded")
     parser.add_argument("--json", dest="json_", action="store_true",
-                        help="print one JSON document on stdout (--list, --health, --show, --validate, "
+                        help="print one JSON document on stdout (--list, --health, --stats, --show, --validate, "
                              "--submit, --dry-run, --diff, --undo, --apply, --reject, a run's summary)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
@@ -6973,6 +7051,28 @@ def _memory_store_line(info: dict) -> str:
                       + (" (semantic search misses them; --memory-url stores results with one)"
                          if info["without_embedding"] else ""))
     return f"ok    {schema} · {state} · {embeddings}"
+
+
+def cmd_stats(config: Config) -> int:
+    """Print what each model did with each validation type over bridge's runs (read_step_stats)."""
+    report = read_step_stats(config.runs_dir.parent / STATS_FILE)
+    if config.json:
+        _print_json(report)
+        return EXIT_OK
+    if not report["models"]:
+        print(printable(f"no step records yet in {report['stats_file']} (every step bridge runs adds one)"))
+        return EXIT_OK
+    print(printable(f"{report['steps']} step(s) recorded in {report['stats_file']}; a step counts under each of "
+                    "its validation types"))
+    for model, kinds in report["models"].items():
+        print(printable(f"model {model}"))
+        print(f"  {'validation':<16}{'steps':>6}{'first':>7}{'retries':>9}{'escalation':>12}{'failed':>8}"
+              f"{'median tokens':>15}{'median s':>10}")
+        for kind, row in kinds.items():
+            print(printable(f"  {kind:<16}{row['steps']:>6}{row['first_attempt']:>7}{row['after_retries']:>9}"
+                            f"{row['on_escalation']:>12}{row['failed']:>8}{row['median_tokens']:>15g}"
+                            f"{row['median_s']:>10.1f}"))
+    return EXIT_OK
 
 
 def _memory_setting_line(setting: dict) -> str:
@@ -7720,7 +7820,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--run RUN_ID goes with --diff ID or --undo ID")
     if args.force and not args.undo:
         parser.error("--force goes with --undo ID")
-    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
+    other_action = args.list or args.health or args.stats or args.show or args.validate or args.submit or args.cancel \
         or args.schema or args.diff or args.undo or args.apply or args.reject \
         or args.trust or args.untrust or args.approve
     if args.review and (other_action or args.dry_run or args.resume):
@@ -7766,6 +7866,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         if args.health:
             quiet_http_logs()
             return cmd_health(config)
+        if args.stats:
+            return cmd_stats(config)
         if args.show:
             return cmd_show(config, args.show)
         if args.validate:
