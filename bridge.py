@@ -1446,9 +1446,11 @@ def savings_line(savings: dict) -> str:
     """Return a result's savings (Runner's run_savings: local_tokens,
     would_have_cost_usd, price_model, retries, escalations, escalations_saved,
     paid_usd) as one line for a person or a planner."""
+    retries = savings["retries"]
     line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
-            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices (the planner's own "
-            f"tokens not counted); {savings['retries']} retr{'y' if savings['retries'] == 1 else 'ies'}")
+            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
+            f"(the planner's own tokens not counted); "
+            f"{retries} retr{'y' if retries == 1 else 'ies'}")
     if savings["escalations"]:
         line += f", {savings['escalations']} escalated ({savings['escalations_saved']} saved by it)"
     return line + f"; ${savings['paid_usd']:.4f} paid"
@@ -1460,9 +1462,10 @@ def result_summary(result: dict) -> str:
     server's embedding (which reads a memory's first few hundred words) and for a
     planner reading search hits."""
     counts = result.get("counts") or {}
-    project = f" in project {_summary_text(result['project'], 100)}" if result.get("project") else ""
-    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}{project} "
-             f"(run {result['run_id']})",
+    project = result.get("project")
+    project = f" in project {_summary_text(project, 100)}" if project else ""
+    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
+             f"{project} (run {result['run_id']})",
              f"objective: {_summary_text(result.get('objective'), 200)}",
              f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
              f"{counts.get('skipped', 0)} skipped"]
@@ -1565,7 +1568,8 @@ def check_memory_url(url: str) -> str:
     return url.rstrip("/")
 
 
-HOOKS_CONFIG_SHOWN = "~/.claude/hooks/config.json"    # the memory server's Claude Code hooks' settings
+# the settings of the memory server's Claude Code hooks, as bridge names the file
+HOOKS_CONFIG_SHOWN = "~/.claude/hooks/config.json"
 HOOKS_CONFIG_MAX_BYTES = 1_000_000
 
 
@@ -1600,8 +1604,8 @@ def hooks_memory_endpoint(home: Path) -> tuple[str | None, str | None, str | Non
     try:
         url = check_memory_url(url)
     except ConfigError:
-        return None, None, (f"{HOOKS_CONFIG_SHOWN} names {_summary_text(url, 120)!r}, not an http URL on "
-                            "this machine: not used")
+        return None, None, (f"{HOOKS_CONFIG_SHOWN} names {_summary_text(url, 120)!r}, not an "
+                            "http URL on this machine: not used")
     return url, key if isinstance(key, str) and key else None, None
 
 
@@ -2721,8 +2725,8 @@ def real_path(path: str | Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
-PROJECT_NAME_MAX_CHARS = 100     # a longer detected name is cut (it becomes a tag and a summary word)
-PROJECT_FILE_MAX_BYTES = 1_000_000   # a package.json or pyproject.toml larger than this is not read
+PROJECT_NAME_MAX_CHARS = 100         # a longer detected name is cut (it becomes a tag)
+PROJECT_FILE_MAX_BYTES = 1_000_000   # of a package.json or pyproject.toml, only this is read
 
 
 def project_name(folder: Path) -> str:
@@ -2757,8 +2761,9 @@ def project_name(folder: Path) -> str:
         name = match.group(1) if match else "python-project"
     elif os.path.lexists(folder / ".git"):
         try:
-            url = subprocess.run(["git", "-C", str(folder), "config", "--get", "remote.origin.url"],
-                                 capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+            url = subprocess.run(
+                ["git", "-C", str(folder), "config", "--get", "remote.origin.url"],
+                capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
             remote = url.stdout.strip() if url.returncode == 0 else ""
         except (OSError, subprocess.SubprocessError):
             remote = ""
@@ -5619,11 +5624,13 @@ def read_step_stats(path: Path) -> dict:
                 entry = load_json(line)
             except ValueError:
                 entry = None
-            if not (isinstance(entry, dict) and isinstance(entry.get("model"), str)
-                    and entry.get("outcome") in STEP_OUTCOMES and isinstance(entry.get("validation"), list)
-                    and all(isinstance(v, str) for v in entry["validation"])
-                    and all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
-                            for k in ("tokens", "seconds"))):
+            numbers = isinstance(entry, dict) and all(
+                isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+                for k in ("tokens", "seconds"))
+            if not (numbers and isinstance(entry.get("model"), str)
+                    and entry.get("outcome") in STEP_OUTCOMES
+                    and isinstance(entry.get("validation"), list)
+                    and all(isinstance(v, str) for v in entry["validation"])):
                 report["skipped_lines"] += 1
                 continue
             report["steps"] += 1
@@ -5632,7 +5639,8 @@ def read_step_stats(path: Path) -> dict:
     for model, kinds in sorted(groups.items()):
         report["models"][model] = {
             kind: {"steps": len(entries),
-                   **{outcome: sum(1 for e in entries if e["outcome"] == outcome) for outcome in STEP_OUTCOMES},
+                   **{outcome: sum(1 for e in entries if e["outcome"] == outcome)
+                      for outcome in STEP_OUTCOMES},
                    "median_tokens": median(e["tokens"] for e in entries),
                    "median_s": round(median(e["seconds"] for e in entries), 3)}
             for kind, entries in sorted(kinds.items())}
@@ -5654,11 +5662,12 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
                 for key in local:
                     local[key] += line[key]
     escalated = [s for s in steps if s.escalated_to]
-    return {"local_tokens": local["prompt_tokens"] + local["completion_tokens"], "local_usage": local,
-            "would_have_cost_usd": would_cost_usd(local, price_model), "price_model": price_model,
-            "paid_usd": round(sum(s.cost_usd for s in steps), 6),
+    return {"local_tokens": local["prompt_tokens"] + local["completion_tokens"],
+            "local_usage": local, "would_have_cost_usd": would_cost_usd(local, price_model),
+            "price_model": price_model, "paid_usd": round(sum(s.cost_usd for s in steps), 6),
             "retries": sum(max(0, s.attempts - 1 - bool(s.escalated_to)) for s in steps),
-            "escalations": len(escalated), "escalations_saved": sum(1 for s in escalated if s.escalation_saved)}
+            "escalations": len(escalated),
+            "escalations_saved": sum(1 for s in escalated if s.escalation_saved)}
 
 
 def ledger_lines(result: dict) -> list[str]:
@@ -6260,11 +6269,13 @@ class Runner:
             self._try_step(run, step, result, outputs)
         finally:
             run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # a step never sent, or interrupted, says nothing
+        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
             append_step_stats(self.config.runs_dir.parent, {
                 "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
-                "model": model, "validation": [v.get("type") for v in validations_of(step.validation)],
-                "outcome": step_outcome(result), "attempts": result.attempts, "escalated_to": result.escalated_to,
+                "model": model,
+                "validation": [v.get("type") for v in validations_of(step.validation)],
+                "outcome": step_outcome(result), "attempts": result.attempts,
+                "escalated_to": result.escalated_to,
                 "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
                 "seconds": round(result.duration_s, 3)})
 
@@ -6562,7 +6573,8 @@ class Runner:
         record = run.record
         return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run.run_id,
                 "objective": record.objective, "status": status,
-                "project": project_name(run.plan.project) if run.plan and run.plan.project else None,
+                "project": project_name(run.plan.project)
+                if run.plan and run.plan.project else None,
                 "success": status in ("completed", "awaiting_review"),
                 "started_at": run.started, "finished_at": utc_now_iso(),
                 "duration_s": round(time.monotonic() - run.clock, 3), "model": self.model,
@@ -6661,8 +6673,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="check the model server and the store; exit 0 only when both are usable")
     actions.add_argument("--show", metavar="ID", help="show the last result of a plan, and its run log")
     actions.add_argument("--stats", action="store_true",
-                         help="per model and validation type, from bridge's own runs: steps that passed on the "
-                              "first attempt, after retries, only on escalation, or failed; median tokens, seconds")
+                         help="per model and validation type, from bridge's own runs: steps that "
+                              "passed on the first attempt, after retries, only on escalation, or "
+                              "failed; median tokens and seconds")
     actions.add_argument("--validate", metavar="FILE", help="check a plan file (schema and semantic rules); "
                                                             "exit 0 when valid, 1 with every problem")
     actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
@@ -6694,8 +6707,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="with --undo: put the originals back even over files changed since the run")
     parser.add_argument("--events", action="store_true",
-                        help="print the run as JSON events on stdout, one per line: a line per step and "
-                             "plan event (progress stays on stderr)")
+                        help="print the run as JSON events on stdout, one per line: a line per "
+                             "step and plan event (progress stays on stderr)")
     parser.add_argument("--deltas", action="store_true",
                         help="with --events: also one delta event per streamed piece of text")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
@@ -6705,8 +6718,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --plan: take over a stale plan (its bridge died), keeping the steps "
                              "that had succeeded")
     parser.add_argument("--json", dest="json_", action="store_true",
-                        help="print one JSON document on stdout (--list, --health, --stats, --show, --validate, "
-                             "--submit, --dry-run, --diff, --undo, --apply, --reject, a run's summary)")
+                        help="print one JSON document on stdout (--list, --health, --stats, "
+                             "--show, --validate, --submit, --dry-run, --diff, --undo, --apply, "
+                             "--reject, a run's summary)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
     noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
@@ -6760,9 +6774,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
     settings.add_argument("--memory-url", metavar="URL", help=_env_help(
         "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): result "
-        "memories are stored through it, so its semantic search finds them; off: never", "BRIDGE_MEMORY_URL",
-        "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written into the "
-        "store directly"))
+        "memories are stored through it, so its semantic search finds them; off: never",
+        "BRIDGE_MEMORY_URL",
+        "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written into "
+        "the store directly"))
     settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
         "bridge's own journals and backups", "BRIDGE_STATE_DIR",
         "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
@@ -6861,7 +6876,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
     memory_url = pick(args.memory_url, "BRIDGE_MEMORY_URL")
     memory_key = environ.get("MCP_API_KEY") or None
-    memory_source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if memory_url else None
+    memory_source = ("--memory-url" if args.memory_url is not None
+                     else "BRIDGE_MEMORY_URL" if memory_url else None)
     memory_note = None
     if memory_url and memory_url.strip().lower() == "off":
         memory_url, memory_note = None, f"{memory_source} is off"
@@ -7060,18 +7076,19 @@ def cmd_stats(config: Config) -> int:
         _print_json(report)
         return EXIT_OK
     if not report["models"]:
-        print(printable(f"no step records yet in {report['stats_file']} (every step bridge runs adds one)"))
+        print(printable(f"no step records yet in {report['stats_file']} "
+                        "(every step bridge runs adds one)"))
         return EXIT_OK
-    print(printable(f"{report['steps']} step(s) recorded in {report['stats_file']}; a step counts under each of "
-                    "its validation types"))
+    print(printable(f"{report['steps']} step(s) recorded in {report['stats_file']}; "
+                    "a step counts under each of its validation types"))
     for model, kinds in report["models"].items():
         print(printable(f"model {model}"))
-        print(f"  {'validation':<16}{'steps':>6}{'first':>7}{'retries':>9}{'escalation':>12}{'failed':>8}"
-              f"{'median tokens':>15}{'median s':>10}")
+        print(f"  {'validation':<16}{'steps':>6}{'first':>7}{'retries':>9}{'escalation':>12}"
+              f"{'failed':>8}{'median tokens':>15}{'median s':>10}")
         for kind, row in kinds.items():
-            print(printable(f"  {kind:<16}{row['steps']:>6}{row['first_attempt']:>7}{row['after_retries']:>9}"
-                            f"{row['on_escalation']:>12}{row['failed']:>8}{row['median_tokens']:>15g}"
-                            f"{row['median_s']:>10.1f}"))
+            print(printable(f"  {kind:<16}{row['steps']:>6}{row['first_attempt']:>7}"
+                            f"{row['after_retries']:>9}{row['on_escalation']:>12}{row['failed']:>8}"
+                            f"{row['median_tokens']:>15g}{row['median_s']:>10.1f}"))
     return EXIT_OK
 
 
@@ -7081,8 +7098,8 @@ def _memory_setting_line(setting: dict) -> str:
     if setting["url"]:
         return f"API   {setting['url']} (from {setting['source']})"
     why = f"{setting['note']}; " if setting["note"] else ""
-    return (f"API   none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN}): results "
-            "are written into the store directly, without an embedding")
+    return (f"API   none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN}): "
+            "results are written into the store directly, without an embedding")
 
 
 def _memory_api_line(probe: dict) -> str:
@@ -7820,7 +7837,8 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--run RUN_ID goes with --diff ID or --undo ID")
     if args.force and not args.undo:
         parser.error("--force goes with --undo ID")
-    other_action = args.list or args.health or args.stats or args.show or args.validate or args.submit or args.cancel \
+    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
+        or args.stats \
         or args.schema or args.diff or args.undo or args.apply or args.reject \
         or args.trust or args.untrust or args.approve
     if args.review and (other_action or args.dry_run or args.resume):

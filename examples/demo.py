@@ -225,6 +225,10 @@ def run_demo(base_url: str, work: Path, project: Path, db: Path) -> list[str]:
     print(f"\ndemo: files in the project folder {project}:")
     for path in sorted(p for p in project.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(project)} ({path.stat().st_size} bytes)")
+    state = work / "state"
+    print(f"\ndemo: what the model got right, per validation type (bridge --stats --state-dir {state}):")
+    subprocess.run([sys.executable, str(ROOT / "bridge.py"), "--stats", "--state-dir", str(state)],
+                   stdin=subprocess.DEVNULL)
     return check_outcome(db, ids) if run.returncode in (0, 1) else [f"bridge exited {run.returncode}"]
 
 

@@ -28,9 +28,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SKILL_DIR = ROOT / "examples" / "claude" / "skills" / "bridge"
 SKILL = (SKILL_DIR / "SKILL.md").read_text(encoding="utf-8")
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-DOCUMENTED_KEYS = {"name", "description", "when_to_use", "argument-hint", "arguments", "disable-model-invocation",
-                   "user-invocable", "allowed-tools", "disallowed-tools", "model", "effort", "context", "agent",
-                   "hooks", "paths", "shell"}
+DOCUMENTED_KEYS = {
+    "name",
+    "description",
+    "when_to_use",
+    "argument-hint",
+    "arguments",
+    "disable-model-invocation",
+    "user-invocable",
+    "allowed-tools",
+    "disallowed-tools",
+    "model",
+    "effort",
+    "context",
+    "agent",
+    "hooks",
+    "paths",
+    "shell",
+}
 PLAN_ID = "slug-run-1"
 
 
@@ -69,30 +84,40 @@ def test_the_frontmatter_uses_only_documented_keys_and_guards_side_effects():
     pairs, _ = frontmatter()
     assert set(pairs) <= DOCUMENTED_KEYS, set(pairs) - DOCUMENTED_KEYS
     assert pairs["name"] == SKILL_DIR.name and re.fullmatch(r"[a-z0-9-]{1,64}", pairs["name"])
-    assert pairs["disable-model-invocation"] == "true"     # it writes a shared store: the user invokes it
+    assert (
+        pairs["disable-model-invocation"] == "true"
+    )  # it writes a shared store: the user invokes it
     assert pairs["argument-hint"] and len(pairs["description"]) <= 1024
 
 
 def test_allowed_tools_are_scoped_to_what_the_skill_runs():
     pairs, _ = frontmatter()
     tools = re.findall(r"\S+\([^)]*\)|\S+", pairs["allowed-tools"])
-    assert "Write" not in tools and "Bash" not in tools and "Edit" not in tools     # nothing unscoped
+    assert "Write" not in tools and "Bash" not in tools and "Edit" not in tools  # nothing unscoped
     assert [t for t in tools if t.startswith("Edit(")] == ["Edit(.bridge/plans/**)"]
     bash = [t[5:-1] for t in tools if t.startswith("Bash(")]
     assert all(re.fullmatch(r"bridge --[a-z-]+ \*", rule) for rule in bash), bash
     granted = {rule.split()[1] for rule in bash}
-    assert not granted & {"--approve", "--trust", "--untrust", "--cancel"}      # the user's decisions
+    assert not granted & {"--approve", "--trust", "--untrust", "--cancel"}  # the user's decisions
     used = {cmd.split()[1] for cmd in skill_commands()} - {"--approve"}
     assert used == granted, used ^ granted
-    assert {t for t in tools if t.startswith("mcp__")} <= {"mcp__memory__memory_search", "mcp__memory__memory_list"}
+    assert {t for t in tools if t.startswith("mcp__")} <= {
+        "mcp__memory__memory_search",
+        "mcp__memory__memory_list",
+    }
 
 
 def test_the_supporting_files_are_bridges_own():
-    assert (SKILL_DIR / "bridge-plan-schema.json").read_bytes() == (ROOT / "bridge-plan-schema.json").read_bytes()
+    assert (SKILL_DIR / "bridge-plan-schema.json").read_bytes() == (
+        ROOT / "bridge-plan-schema.json"
+    ).read_bytes()
     example = json.loads((SKILL_DIR / "example-plan.json").read_text())
-    assert "${CLAUDE_SKILL_DIR}/bridge-plan-schema.json" in SKILL and "${CLAUDE_SKILL_DIR}/example-plan.json" in SKILL
+    assert (
+        "${CLAUDE_SKILL_DIR}/bridge-plan-schema.json" in SKILL
+        and "${CLAUDE_SKILL_DIR}/example-plan.json" in SKILL
+    )
     for part in [example.get("defaults") or {}, *example["steps"]]:
-        assert not {"temperature", "top_p", "seed"} & set(part)        # sampling is left to bridge
+        assert not {"temperature", "top_p", "seed"} & set(part)  # sampling is left to bridge
 
 
 def test_the_skills_claims_about_bridge_are_true():
@@ -101,10 +126,12 @@ def test_the_skills_claims_about_bridge_are_true():
     assert {f for f in re.findall(r"(?<![\w-])--[a-z][a-z-]+", body)} <= flags
     for status in ("pending", "awaiting_approval", "awaiting_review"):
         assert status in body
-    assert set(re.findall(r"`(claude-(?:opus|sonnet|haiku)-[0-9-]+)`", body)) == set(bridge.CLAUDE_PRICES_USD_PER_MTOK)
+    assert set(re.findall(r"`(claude-(?:opus|sonnet|haiku)-[0-9-]+)`", body)) == set(
+        bridge.CLAUDE_PRICES_USD_PER_MTOK
+    )
     for event in ("plan_start", "step_start", "attempt_failed", "step_end", "plan_end", "error"):
         assert f"`{event}`" in body and event in bridge.EVENT_KINDS
-    assert "`delta`" not in body                  # the Monitor stream has none
+    assert "`delta`" not in body  # the Monitor stream has none
     assert "temperature" in body and "Leave sampling to bridge" in body
 
 
@@ -124,12 +151,19 @@ def loop(tmp_path, fake_llm):
     home, project, bin_dir = tmp_path / "home", tmp_path / "shop", tmp_path / "bin"
     for folder in (home, project, bin_dir):
         folder.mkdir(exist_ok=True)
-    (bin_dir / "bridge").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "bridge.py"}" "$@"\n')
+    (bin_dir / "bridge").write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "bridge.py"}" "$@"\n'
+    )
     (bin_dir / "bridge").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "MCP_"))}
-    env.update(HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-               BRIDGE_BASE_URL=fake_llm.url, BRIDGE_RETRY_DELAY="0", XDG_STATE_HOME=str(tmp_path / "state"),
-               XDG_CONFIG_HOME=str(tmp_path / "config"))
+    env.update(
+        HOME=str(home),
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        BRIDGE_BASE_URL=fake_llm.url,
+        BRIDGE_RETRY_DELAY="0",
+        XDG_STATE_HOME=str(tmp_path / "state"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+    )
     (project / "pyproject.toml").write_text('[project]\nname = "shop"\n')
     plans = project / ".bridge" / "plans"
     plans.mkdir(parents=True)
@@ -137,30 +171,45 @@ def loop(tmp_path, fake_llm):
     def write_plan(plan_id: str, commands: bool = True) -> Path:
         plan = json.loads((SKILL_DIR / "example-plan.json").read_text())
         plan["id"], plan["context"]["project"] = plan_id, str(project)
-        plan["steps"][1]["validation"][1]["run"][0] = sys.executable      # pytest is in the test venv
-        if not commands:                                                  # what --review can run
+        plan["steps"][1]["validation"][1]["run"][0] = sys.executable  # pytest is in the test venv
+        if not commands:  # what --review can run
             plan["steps"][1]["validation"].pop(1)
         path = plans / f"{plan_id}.json"
         path.write_text(json.dumps(plan, indent=2))
         return path
 
     def run(command: str, plan_id: str = PLAN_ID, extra: tuple = ()) -> subprocess.CompletedProcess:
-        text = (command.replace("${CLAUDE_PROJECT_DIR}", str(project)).replace("${CLAUDE_SKILL_DIR}", str(SKILL_DIR))
-                .replace("PLAN_ID", plan_id))
+        text = (
+            command.replace("${CLAUDE_PROJECT_DIR}", str(project))
+            .replace("${CLAUDE_SKILL_DIR}", str(SKILL_DIR))
+            .replace("PLAN_ID", plan_id)
+        )
         argv = shlex.split(text) + list(extra)
         assert argv[0] == "bridge", command
-        return subprocess.run(argv, env=env, cwd=project, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            argv, env=env, cwd=project, capture_output=True, text=True, timeout=60
+        )
 
     def enqueue_slug_run() -> None:
-        fake_llm.enqueue("```python\nfrom slug import slugify\n\n\ndef test_slugify():\n"
-                         "    assert slugify('Hello, World!') == 'hello-world'\n"
-                         "    assert slugify('  a  b ') == 'a-b'\n```")
-        fake_llm.enqueue("```python\nimport re\n\n\ndef slugify(s: str) -> str:\n"
-                         "    return re.sub(r'[^a-z0-9]+', '-', s.lower()).strip('-')\n```")
+        fake_llm.enqueue(
+            "```python\nfrom slug import slugify\n\n\ndef test_slugify():\n"
+            "    assert slugify('Hello, World!') == 'hello-world'\n"
+            "    assert slugify('  a  b ') == 'a-b'\n```"
+        )
+        fake_llm.enqueue(
+            "```python\nimport re\n\n\ndef slugify(s: str) -> str:\n"
+            "    return re.sub(r'[^a-z0-9]+', '-', s.lower()).strip('-')\n```"
+        )
         fake_llm.enqueue("It turns text into a lowercase, dash-separated slug.")
 
-    return {"home": home, "project": project, "write_plan": write_plan, "run": run, "env": env,
-            "enqueue": enqueue_slug_run}
+    return {
+        "home": home,
+        "project": project,
+        "write_plan": write_plan,
+        "run": run,
+        "env": env,
+        "enqueue": enqueue_slug_run,
+    }
 
 
 def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
@@ -168,9 +217,16 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
     ran: set[str] = set()
     run = loop["run"]
 
-    def step(command: str, rc: int, plan_id: str = PLAN_ID, extra: tuple = ()) -> subprocess.CompletedProcess:
+    def step(
+        command: str, rc: int, plan_id: str = PLAN_ID, extra: tuple = ()
+    ) -> subprocess.CompletedProcess:
         done = run(command, plan_id, extra)
-        assert done.returncode == rc, (command, done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+        assert done.returncode == rc, (
+            command,
+            done.returncode,
+            done.stdout[-2000:],
+            done.stderr[-2000:],
+        )
         ran.add(command)
         return done
 
@@ -181,7 +237,7 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
     # the injections: no store yet, so --health exits 2 and names the default to make
     health = json.loads(step(the("bridge --health"), 2).stdout)
     assert health["server"]["reachable"] is True
-    for key in ("loaded", "context_length", "parallel"):          # model, context length, slots
+    for key in ("loaded", "context_length", "parallel"):  # model, context length, slots
         assert key in health["server"]
     assert health["server"]["loaded"] == "fake-model" and health["server"]["context_length"] == 4096
     assert "no memory store found" in health["store"]["error"]
@@ -199,22 +255,29 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
     assert row["id"] == PLAN_ID and row["status"] == "awaiting_approval"
     assert row["approval"]["project"] == str(loop["project"])
     assert f"bridge --approve {PLAN_ID}" in row["approval"]["commands"]
-    waiting = run(the("bridge --plan"))                            # unapproved: it waits, nothing runs
-    assert waiting.returncode == 0 and waiting.stdout == "" and "awaiting approval" in waiting.stderr
-    step(the("bridge --approve"), 0)                               # the user's yes
+    waiting = run(the("bridge --plan"))  # unapproved: it waits, nothing runs
+    assert (
+        waiting.returncode == 0 and waiting.stdout == "" and "awaiting approval" in waiting.stderr
+    )
+    step(the("bridge --approve"), 0)  # the user's yes
 
     # 3. run and watch: a line per step and plan event
     loop["enqueue"]()
     done = step(the("bridge --plan"), 0)
     events = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [e["event"] for e in events] == ["plan_start"] + ["step_start", "step_end"] * 3 + ["plan_end"]
+    assert [e["event"] for e in events] == ["plan_start"] + ["step_start", "step_end"] * 3 + [
+        "plan_end"
+    ]
     assert events[-1]["status"] == "completed"
     assert (loop["project"] / "slug.py").exists()
 
     # 4. review
     shown = json.loads(step(the("bridge --show"), 0).stdout)
     assert [s["status"] for s in shown["steps"]] == ["succeeded"] * 3
-    assert shown["savings"]["price_model"] == "claude-opus-4-5" and shown["savings"]["local_tokens"] > 0
+    assert (
+        shown["savings"]["price_model"] == "claude-opus-4-5"
+        and shown["savings"]["local_tokens"] > 0
+    )
     assert "+def slugify" in step(the("bridge --diff"), 0).stdout
 
     # 5. take back
@@ -233,7 +296,7 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
         assert not (loop["project"] / "slug.py").exists()
         step(the(verdict), 0, plan_id)
         assert (loop["project"] / "slug.py").exists() == (verdict == "bridge --apply")
-        if verdict == "bridge --apply":            # an applied run is undone like any other
+        if verdict == "bridge --apply":  # an applied run is undone like any other
             step(the("bridge --undo"), 0, plan_id)
 
     # 6. what the report reads: the result memory names and tags the project
