@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import read_rows
+from fakes import closed_port, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 SKILL_DIR = ROOT / "examples" / "claude" / "skills" / "bridge"
@@ -249,8 +249,19 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
     assert "valid" in step(the("bridge --validate"), 0).stdout
     submitted = json.loads(step(the("bridge --submit"), 0, extra=("--db", default_store)).stdout)
     assert submitted["plan_id"] == PLAN_ID and submitted["db"] == default_store
-    health = json.loads(run(the("bridge --health")).stdout)
+    missing_store, health = health, json.loads(run(the("bridge --health")).stdout)
+    down = json.loads(
+        run(
+            the("bridge --health"),
+            extra=("--base-url", f"http://127.0.0.1:{closed_port()}/v1", "--retries", "0"),
+        ).stdout
+    )
     assert health["ok"] is True and health["store"]["path"] == default_store
+    # every --health field the skill reads is there (in a good or a failing report)
+    _, body = frontmatter()
+    for part, key in re.findall(r"`(server|store)\.([a-z_]+)`", body):
+        assert any(key in doc[part] for doc in (health, missing_store, down)), f"{part}.{key}"
+    assert "`memory_setting`" in body and "memory_setting" in health
     (row,) = json.loads(step(the("bridge --list"), 0).stdout)["plans"]
     assert row["id"] == PLAN_ID and row["status"] == "awaiting_approval"
     assert row["approval"]["project"] == str(loop["project"])
@@ -273,6 +284,16 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
 
     # 4. review
     shown = json.loads(step(the("bridge --show"), 0).stdout)
+    report = body[body.index("## 6. Report") :]
+    for key in (
+        "local_tokens",
+        "would_have_cost_usd",
+        "price_model",
+        "retries",
+        "escalations",
+        "paid_usd",
+    ):
+        assert f"`{key}`" in report and key in shown["savings"], key
     assert [s["status"] for s in shown["steps"]] == ["succeeded"] * 3
     assert (
         shown["savings"]["price_model"] == "claude-opus-4-5"
