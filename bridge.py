@@ -2737,16 +2737,23 @@ def project_name(folder: Path) -> str:
     from remote.origin.url (only when folder/.git exists), else the folder's name.
     Source: mcp-memory-service claude-hooks/utilities/project-detector.js
     (detectFramework, getGitInfo, detectProjectContext). The files are the project's
-    (untrusted): read within PROJECT_FILE_MAX_BYTES; the name is one printable line of
-    at most PROJECT_NAME_MAX_CHARS. Never raises."""
+    (untrusted): only regular files, not through a symlink (no FIFO to hang on, no file
+    elsewhere to quote in a tag), within PROJECT_FILE_MAX_BYTES; the name is one
+    printable line of at most PROJECT_NAME_MAX_CHARS. Never raises."""
     import subprocess
 
     def read(name: str) -> str | None:
         try:
-            with open(folder / name, "rb") as handle:
-                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return None
+        with open(fd, "rb") as handle:
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
+            except OSError:
+                return None
 
     name = None
     if (text := read("package.json")) is not None:

@@ -10,6 +10,7 @@ Anthropic API and real doobidoo stores."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -532,3 +533,15 @@ def test_savings_count_local_tokens_apart_from_paid_ones(
     ) in summary
     assert "1 retry, 1 escalated (1 saved by it)" in summary
     assert "  savings: " in err
+
+
+def test_project_files_that_are_not_regular_files_are_passed_over(tmp_path):
+    """A FIFO would hang the read, a symlink would quote a file from elsewhere in a tag:
+    both are passed over, as if absent."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    os.mkfifo(folder / "package.json")
+    secret = tmp_path / "secret.toml"
+    secret.write_text('name = "a-secret-name"\n')
+    (folder / "pyproject.toml").symlink_to(secret)
+    assert bridge.project_name(folder) == "proj"
