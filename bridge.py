@@ -1457,8 +1457,9 @@ def savings_line(savings: dict) -> str:
 
 
 def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result: plan, outcome, run id, each step's
-    status (and error), files changed, and the error; plain text, for the memory
+    """Return the first lines of a stored result: plan, outcome, project (its name
+    as the memory server's hooks detect it), run id, each step's status (and
+    error), files changed, the error and the savings (savings_line); plain text, for the memory
     server's embedding (which reads a memory's first few hundred words) and for a
     planner reading search hits."""
     counts = result.get("counts") or {}
