@@ -169,6 +169,10 @@ HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at t
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
 MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes the plan invalid
 CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-4.5 chars a token)
+# A token count a server reports (usage) is believed only from 0 to this: ten times the
+# longest context any model serves (Llama 4 Scout's 10M tokens). Outside it, or not an
+# int, the count is unknown and estimated as when none is sent (usage_count).
+USAGE_MAX_TOKENS = 100_000_000
 ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
 MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps at least this
 PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
@@ -1510,6 +1514,10 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
 MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
 MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
 MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
+# Each request ends by this many seconds after it was sent, however the server trickles
+# its answer (timeout_s is per read): four times the per-read limit, for a first store
+# that loads the embedding model.
+MEMORY_API_DEADLINE_S = 120.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -1519,6 +1527,11 @@ def check_memory_url(url: str) -> str:
     environment sets it: the key goes with every request."""
     from urllib.parse import urlsplit
 
+    # urlsplit drops \r, \n and \t silently; httpx then refuses the URL mid-run
+    if re.search(r"[\x00-\x20\x7f-\x9f]", url):
+        raise ConfigError(f"memory URL {url!r} holds a control character or a space",
+                          "pass the URL alone, e.g. --memory-url http://127.0.0.1:8000 "
+                          "(check the variable's line ending)")
     try:
         parts = urlsplit(url)
         parts.port          # raises ValueError on a port that is not a number in range
@@ -1531,16 +1544,56 @@ def check_memory_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def server_label(value: Any) -> str | None:
+    """Return a short label the memory server sent (its version, its backend) as it will
+    be shown: a str or number as text, at most 80 characters, None for anything else.
+    Printing still goes through printable(): the text may hold escape sequences."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    return clip(str(value), 80, "label")
+
+
 class MemoryAPI:
     """A client of the memory server's HTTP API at url (see check_memory_url), sending
     api_key (MCP_API_KEY) as X-API-Key. timeout_s: seconds to connect or wait for
-    an answer. Nothing here raises: every failure is a reason string."""
+    each part of an answer; deadline_s: seconds the whole request may take (None:
+    MEMORY_API_DEADLINE_S). Its answers are read as hostile: at most
+    MEMORY_API_MAX_REPLY_BYTES, JSON by load_reply (the depth guard), every string
+    printed through printable(). Nothing here raises: every failure is a reason string."""
 
-    def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S):
+    def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S,
+                 deadline_s: float | None = None):
         self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
+        self.deadline_s = deadline_s
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
-        """Return (HTTP status, parsed JSON or None). Raises httpx.HTTPError or ValueError."""
+        """Return (HTTP status, parsed JSON or None) within the request's deadline: the
+        request runs in a daemon thread, so a server trickling its status line or headers
+        cannot hold bridge past it either. Raises httpx.HTTPError, httpx.InvalidURL or
+        ValueError (an answer too long or too late)."""
+        import threading
+
+        deadline_s = MEMORY_API_DEADLINE_S if self.deadline_s is None else self.deadline_s
+        deadline = time.monotonic() + deadline_s
+        outcome: list[Any] = []
+
+        def attempt() -> None:
+            try:
+                outcome.append(self._exchange(method, path, body, deadline))
+            except Exception as exc:    # handed to the caller's thread, raised there
+                outcome.append(exc)
+
+        worker = threading.Thread(target=attempt, name="memory-api", daemon=True)
+        worker.start()
+        worker.join(deadline_s)
+        if not outcome:     # the worker stops by itself at the next piece or timeout_s
+            raise ValueError(f"no whole answer within {deadline_s:g} s (MEMORY_API_DEADLINE_S)")
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    def _exchange(self, method: str, path: str, body: dict | None,
+                  deadline: float) -> tuple[int, Any]:
         import httpx
 
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
@@ -1551,9 +1604,12 @@ class MemoryAPI:
                     raw += piece
                     if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
                         raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        raise ValueError("no whole answer within its deadline "
+                                         "(MEMORY_API_DEADLINE_S)")
         try:
-            return response.status_code, json.loads(raw)
-        except ValueError:
+            return response.status_code, load_reply(raw)
+        except ValueError:      # not JSON, NaN, or nested past MAX_JSON_DEPTH
             return response.status_code, None
 
     def store(self, content: str, tags: list[str], memory_type: str, metadata: dict,
@@ -1570,7 +1626,7 @@ class MemoryAPI:
             return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
         try:
             status, reply = self._request("POST", "/api/memories", body)
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
         if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
@@ -1592,7 +1648,7 @@ class MemoryAPI:
             status, _ = self._request("GET", "/api/health")
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
             return report
         if not report["reachable"]:
@@ -1603,7 +1659,8 @@ class MemoryAPI:
             report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
         elif isinstance(detail, dict):
             storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
-            report.update(version=detail.get("version"), backend=storage.get("backend"))
+            report.update(version=server_label(detail.get("version")),
+                          backend=server_label(storage.get("backend")))
         return report
 
 
@@ -2805,7 +2862,8 @@ class Completion(namedtuple("Completion", "text usage model finish_reason durati
     """One model reply: text (reasoning fields excluded), usage as the server sent
     it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
     model that answered (or None), finish_reason (or None), duration_s (seconds),
-    and cost_usd, what the request cost in US dollars (0 on a local server)."""
+    and cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it)."""
 
     __slots__ = ()
 
@@ -2865,6 +2923,81 @@ def reply_size(size: int, text: str, limit: int) -> int:
         raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut",
                                "raise --max-output-bytes or ask for less")
     return size
+
+
+def usage_count(value: Any) -> int | None:
+    """Return a token count a server reported (usage's prompt_tokens or completion_tokens,
+    Anthropic's input_tokens or output_tokens, the claude CLI's) when it is an int from 0
+    to USAGE_MAX_TOKENS; else None: unknown, estimated as when the server sends none (a
+    negative count must not lower what a run spent, nor 10**400 overflow a price)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX_TOKENS:
+        return value
+    return None
+
+
+def checked_usage(prompt: Any, completion: Any) -> dict | None:
+    """Return {"prompt_tokens", "completion_tokens"} when both counts pass usage_count,
+    else None (the usage is unknown)."""
+    prompt, completion = usage_count(prompt), usage_count(completion)
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def reported_cost_usd(value: Any, most: float) -> float | None:
+    """Return a cost an executor reported (US dollars, e.g. the claude CLI's
+    total_cost_usd) when it is a number from 0 to most, else None (unknown: estimated)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most:
+        return float(value)
+    return None
+
+
+def reply_object(value: Any, what: str, url: str) -> dict:
+    """Return a part of a server's reply that must be a JSON object (a chunk's delta, a
+    message, a usage): {} when absent (None), value when a dict. Raises LLMProtocolError
+    naming what (e.g. "a chunk's delta") for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LLMProtocolError(f"{url} sent {what} that is not an object: "
+                               f"{clip(repr(value), 80, 'value')}")
+    return value
+
+
+def reply_text(value: Any, what: str, url: str) -> str:
+    """Return a part of a server's reply that must be text (a delta's content, a text
+    block): "" when absent (None), value when a str. Raises LLMProtocolError naming what
+    for a number, list, object or anything else."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise LLMProtocolError(f"{url} sent {what} that is not a string: "
+                               f"{clip(repr(value), 80, 'value')}")
+    return value
+
+
+def reply_label(value: Any) -> str | None:
+    """Return a short label a server sent (model, finish_reason, stop_reason) when it is
+    a str, clipped to 200 characters; None for anything else (ignored, as when absent)."""
+    return value[:200] if isinstance(value, str) and value else None
+
+
+def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
+    """Return (delta, finish_reason) of the first choice of an OpenAI chat.completion.chunk
+    (delta {} when absent; finish_reason by reply_label), or None when its choices are
+    empty (the usage chunk). Raises LLMProtocolError when choices is missing or not a
+    list, or its first choice or that choice's delta is not an object."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
+    if not choices:
+        return None
+    if not isinstance(choices[0], dict):
+        raise LLMProtocolError(f"{url} streamed a choice that is not an object: "
+                               f"{clip(repr(choices[0]), 80, 'value')}")
+    choice = choices[0]
+    delta = reply_object(choice.get("delta"), "a chunk's delta", url)
+    return delta, reply_label(choice.get("finish_reason"))
 
 
 def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
@@ -3265,8 +3398,8 @@ class LLMClient(HTTPExecutor):
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
                                    f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
         reply_size(0, text, self.config.max_output_bytes)
-        return Completion(text, _usage(data.get("usage")), data.get("model"),
-                          choice.get("finish_reason"), time.monotonic() - started)
+        return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
+                          reply_label(choice.get("finish_reason")), time.monotonic() - started)
 
     def _parse_stream(self, response: Any, url: str, started: float,
                       on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
@@ -3294,13 +3427,11 @@ class LLMClient(HTTPExecutor):
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a chunk that is not an object")
             usage = _usage(chunk.get("usage")) or usage
-            model = chunk.get("model") or model
-            choices = chunk.get("choices")
-            if not isinstance(choices, list):
-                raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
-            for choice in choices[:1]:
-                piece = (choice.get("delta") or {}).get("content") or ""
-                finish = choice.get("finish_reason") or finish
+            model = reply_label(chunk.get("model")) or model
+            choice = chunk_choice(chunk, url)
+            if choice is not None:
+                delta, finish = choice[0], choice[1] or finish
+                piece = reply_text(delta.get("content"), "a chunk's delta content", url)
                 if piece:
                     size = reply_size(size, piece, limit)
                     received.append(piece)
@@ -3330,13 +3461,12 @@ def _positive(value: Any) -> int | None:
 
 
 def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} from a usage object, or None."""
+    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
+    when there is none or a count is not one usage_count believes (a string usage from a
+    gateway, a negative count, 10**400): then it is estimated."""
     if not isinstance(value, dict):
         return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return {"prompt_tokens": prompt, "completion_tokens": completion}
+    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
 
 
 ###############################################################################
@@ -3350,6 +3480,18 @@ def claude_price(model: str) -> tuple[float, float] | None:
     dated or not (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
     known = [name for name in CLAUDE_PRICES_USD_PER_MTOK if model.startswith(name)]
     return CLAUDE_PRICES_USD_PER_MTOK[max(known, key=len)] if known else None
+
+
+def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | None) -> tuple:
+    """Return (usage, cost_usd) for a Completion from the counts a Messages stream
+    reported: usage by checked_usage; cost_usd that usage at claude_price(model) (0 for
+    a model without a price), or None when the usage is unknown and the model has a
+    price: the runner then prices the estimated usage (priced_reply), so a bad count
+    still counts against --max-cost-usd."""
+    usage, price = checked_usage(input_tokens, output_tokens), claude_price(model or "")
+    if not price:
+        return usage, 0.0
+    return usage, round(usage_cost_usd(usage, price), 6) if usage else None
 
 
 class AnthropicClient(HTTPExecutor):
@@ -3395,8 +3537,7 @@ class AnthropicClient(HTTPExecutor):
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
                received: list[str]) -> Completion:
         limit = self.config.max_output_bytes
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        model = stop = None
+        prompt = completion = model = stop = None
         size, done = 0, False
         for event, data in _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
             try:
@@ -3408,30 +3549,36 @@ class AnthropicClient(HTTPExecutor):
                 message = _error_message(data.encode())
                 raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
                                    context_overflow=_is_context_overflow(message))
+            if not isinstance(body, dict):
+                raise LLMProtocolError(f"{url} streamed an event that is not an object: "
+                                       f"{clip(data, 120, 'event')}")
             if kind == "message_start":
-                message = body.get("message") or {}
-                model = message.get("model")
-                usage["prompt_tokens"] = (message.get("usage") or {}).get("input_tokens") or 0
+                message = reply_object(body.get("message"), "message_start's message", url)
+                model = reply_label(message.get("model"))
+                usage = reply_object(message.get("usage"), "message_start's usage", url)
+                prompt = usage.get("input_tokens")
             elif kind == "content_block_delta":
-                delta = body.get("delta") or {}
-                piece = delta.get("text") if delta.get("type") == "text_delta" else None
+                delta = reply_object(body.get("delta"), "a content_block_delta's delta", url)
+                piece = reply_text(delta.get("text"), "a text_delta's text", url) \
+                    if delta.get("type") == "text_delta" else None
                 if piece:
                     size = reply_size(size, piece, limit)
                     received.append(piece)
                     if on_delta:
                         on_delta(piece)
             elif kind == "message_delta":
-                stop = (body.get("delta") or {}).get("stop_reason") or stop
-                usage["completion_tokens"] = (body.get("usage") or {}).get("output_tokens") or 0
+                stop = reply_label(reply_object(body.get("delta"), "message_delta's delta", url)
+                                   .get("stop_reason")) or stop
+                usage = reply_object(body.get("usage"), "message_delta's usage", url)
+                completion = usage.get("output_tokens")
             elif kind == "message_stop":
                 done = True
                 break
         if not done:
             raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
                                    f"{sum(map(len, received))} characters")
-        price = claude_price(model or "")
-        cost = usage_cost_usd(usage, price) if price else 0.0
-        return Completion("".join(received), usage, model, stop, time.monotonic() - started, round(cost, 6))
+        usage, cost = anthropic_usage_cost(prompt, completion, model)
+        return Completion("".join(received), usage, model, stop, time.monotonic() - started, cost)
 
 
 class ClaudeCLI:
@@ -3536,14 +3683,16 @@ class ClaudeCLI:
         tail = " | ".join(b"".join(stderr).decode("utf-8", "replace").strip().splitlines()[-3:])
         if final is None:
             raise LLMError(f"claude exited {code} without a result" + (f": {tail}" if tail else ""))
+        errors = final.get("errors") if isinstance(final.get("errors"), list) else []
         if code != 0 or final.get("is_error"):
-            reason = final.get("result") or "; ".join(map(str, final.get("errors") or [])) or tail
-            raise LLMError(f"claude failed ({final.get('subtype')}, exit {code}): {clip(str(reason), 300, 'text')}")
-        usage = final.get("usage") or {}
-        return Completion(final.get("result") or text,
-                          {"prompt_tokens": int(usage.get("input_tokens") or 0),
-                           "completion_tokens": int(usage.get("output_tokens") or 0)},
-                          answered_by, final.get("subtype"), elapsed, float(final.get("total_cost_usd") or 0.0))
+            reason = final.get("result") or "; ".join(map(str, errors)) or tail
+            raise LLMError(f"claude failed ({reply_label(final.get('subtype'))}, exit {code}): "
+                           f"{clip(str(reason), 300, 'text')}")
+        usage, cost = claude_usage_cost(final)
+        result = final.get("result")
+        result = result if isinstance(result, str) and result else text
+        return Completion(result, usage, reply_label(answered_by),
+                          reply_label(final.get("subtype")), elapsed, cost)
 
     def _read_events(self, proc: Any, on_delta: Callable[[str], None] | None) -> tuple[str, dict | None, str | None]:
         """Read claude's NDJSON to its end: (assistant text, the result event, model)."""
@@ -3562,7 +3711,9 @@ class ClaudeCLI:
             if event.get("type") == "system" and event.get("subtype") == "init":
                 model = event.get("model") or model
             elif event.get("type") == "assistant":
-                for block in (event.get("message") or {}).get("content") or []:
+                message = event.get("message") if isinstance(event.get("message"), dict) else {}
+                blocks = message.get("content") if isinstance(message.get("content"), list) else []
+                for block in blocks:
                     if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
                         try:
                             size = reply_size(size, block["text"], self.config.max_output_bytes)
@@ -3575,6 +3726,18 @@ class ClaudeCLI:
             elif event.get("type") == "result":
                 final = event
         return "".join(pieces), final, model
+
+
+def claude_usage_cost(final: dict) -> tuple:
+    """Return (usage, cost_usd) from the claude CLI's result event: usage by
+    checked_usage of its input_tokens and output_tokens (None: unknown), cost_usd its
+    total_cost_usd when reported_cost_usd believes it (at most what USAGE_MAX_TOKENS
+    tokens would cost at the dearest CLAUDE_PRICES_USD_PER_MTOK), else None: the runner
+    prices the estimated usage (priced_reply)."""
+    usage = final.get("usage") if isinstance(final.get("usage"), dict) else {}
+    most = USAGE_MAX_TOKENS * max(max(p) for p in CLAUDE_PRICES_USD_PER_MTOK.values()) / 1e6
+    return (checked_usage(usage.get("input_tokens"), usage.get("output_tokens")),
+            reported_cost_usd(final.get("total_cost_usd"), most))
 
 
 def claude_env(environ: Any) -> dict[str, str]:
@@ -5414,6 +5577,26 @@ class _Heartbeat:
         self.thread.join(timeout=STORE_BUSY_TIMEOUT_S * 2)
 
 
+def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dict:
+    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply whose server
+    sent no usage it could be believed on: the prompt by estimate_tokens, the answer by
+    its streamed pieces, else by CHARS_PER_TOKEN like the prompt."""
+    return {"prompt_tokens": estimate_tokens(messages),
+            "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
+
+
+def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: str) -> Completion:
+    """Return reply with a cost_usd: its own, or, when its executor could not believe the
+    counts it was sent (cost_usd None), the estimated_usage priced at claude_price of the
+    model that answered, else of model (the id asked for); 0 for a model without a price.
+    So a paid request with a negative or absurd count still counts against --max-cost-usd."""
+    if reply.cost_usd is not None:
+        return reply
+    price = claude_price(reply.model or "") or claude_price(model)
+    cost = usage_cost_usd(estimated_usage(reply, messages, pieces), price) if price else 0.0
+    return reply._replace(cost_usd=round(cost, 6))
+
+
 def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
     model reference that answered. When the server sent no usage it is estimated
@@ -5423,8 +5606,7 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
         usage = reply.usage
     else:
         result.usage_reported = False
-        usage = {"prompt_tokens": estimate_tokens(messages),
-                 "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
+        usage = estimated_usage(reply, messages, pieces)
     line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                             "cost_usd": 0.0})
     line["requests"] += 1
@@ -5696,7 +5878,7 @@ class SpendCap:
     def add(self, cost_usd: float) -> None:
         """Count one paid reply's cost (US dollars)."""
         with self._lock:
-            self.spent_usd += cost_usd
+            self.spent_usd += max(0.0, cost_usd)     # never below what was spent (priced_reply)
 
     def refused(self) -> str | None:
         """Return why no more paid requests may be sent (the cap is reached), or None."""
@@ -6204,6 +6386,7 @@ class Runner:
             result.generation_s += time.monotonic() - attempt.started
             return self._stopped(run, step, result, attempt, str(exc))
         result.generation_s += time.monotonic() - attempt.started
+        reply = priced_reply(reply, attempt.messages, attempt.pieces, name)
         if paid:
             self._spend.add(reply.cost_usd or 0.0)
         if run.cancel.is_set():
@@ -6811,8 +6994,9 @@ def _memory_store_line(info: dict) -> str:
 def _memory_api_line(probe: dict) -> str:
     """The --health line of the memory server's HTTP API."""
     if not probe["key_accepted"]:
-        return f"FAIL  {probe['url']}: {probe['error']}"
-    return f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, {probe['backend']}) · key accepted"
+        return printable(f"FAIL  {probe['url']}: {probe['error']}")
+    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
+                     f"{probe['backend']}) · key accepted")
 
 
 def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
