@@ -1579,7 +1579,7 @@ class MemoryAPI:
 
         def attempt() -> None:
             try:
-                outcome.append(self._exchange(method, path, body, deadline))
+                outcome.append(self._exchange(method, path, body, deadline, deadline_s))
             except Exception as exc:    # handed to the caller's thread, raised there
                 outcome.append(exc)
 
@@ -1592,8 +1592,8 @@ class MemoryAPI:
             raise outcome[0]
         return outcome[0]
 
-    def _exchange(self, method: str, path: str, body: dict | None,
-                  deadline: float) -> tuple[int, Any]:
+    def _exchange(self, method: str, path: str, body: dict | None, deadline: float,
+                  deadline_s: float) -> tuple[int, Any]:
         import httpx
 
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
@@ -1605,7 +1605,7 @@ class MemoryAPI:
                     if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
                         raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
                     if time.monotonic() > deadline:
-                        raise ValueError("no whole answer within its deadline "
+                        raise ValueError(f"no whole answer within {deadline_s:g} s "
                                          "(MEMORY_API_DEADLINE_S)")
         try:
             return response.status_code, load_reply(raw)
