@@ -163,11 +163,20 @@ ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much i
 DEFAULT_REQUEST_DEADLINE_S = 1800.0
 STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to this
 LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
+# --diff and --review show a unified diff of a file only when both sides are at most this
+# big (difflib holds each side's lines several times over); larger files are compared by
+# sha256, read in COPY_PIECE_BYTES pieces, so memory is bounded whatever a file's size.
+DIFF_MAX_BYTES = 2_000_000
+COPY_PIECE_BYTES = 1 << 20             # files are hashed, backed up and restored in pieces this big
 STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
 MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes the plan invalid
+# A plan memory longer than this (bytes of UTF-8) is never read into memory: its size is
+# asked of SQLite (incremental blob I/O), and a row tagged bridge-plan is reported as an
+# invalid plan that says so. Four step prompts of MAX_PROMPT_CHARS; real plans are KBs.
+PLAN_MAX_BYTES = 4_000_000
 CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-4.5 chars a token)
 # A token count a server reports (usage) is believed only from 0 to this: ten times the
 # longest context any model serves (Llama 4 Scout's 10M tokens). Outside it, or not an
@@ -1100,14 +1109,65 @@ def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
         return handle.read()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def open_regular(name: str | Path, dir_fd: int | None = None) -> Any:
+    """Open a regular file for reading, without following a symlink or waiting on a FIFO;
+    return its binary file object. Raises OSError (ELOOP: a symlink; EINVAL: not a
+    regular file)."""
+    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(name))
+    return os.fdopen(fd, "rb")
+
+
+def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
+    """Return the sha256 (hex) of a regular file, read in pieces (hashlib.file_digest), so
+    memory stays bounded whatever its size; None when it is missing, a symlink, not a
+    regular file or unreadable."""
+    import hashlib
+
+    try:
+        with open_regular(name, dir_fd) as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _same_bytes(handle: Any, name: str, dir_fd: int) -> bool:
+    """Tell whether the open binary file handle (read from its start) holds the same bytes
+    as the regular file name in dir_fd, comparing COPY_PIECE_BYTES at a time."""
+    try:
+        other = open_regular(name, dir_fd)
+    except OSError:
+        return False
+    with other:
+        if os.fstat(other.fileno()).st_size != os.fstat(handle.fileno()).st_size:
+            return False
+        handle.seek(0)
+        while True:
+            piece = handle.read(COPY_PIECE_BYTES)
+            if piece != other.read(COPY_PIECE_BYTES):
+                return False
+            if not piece:
+                return True
+
+
+def _write_all(fd: int, data: Any) -> None:
+    """Write bytes, or everything a binary file object holds from where it stands (copied
+    COPY_PIECE_BYTES at a time), to fd."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        for piece in iter(lambda: data.read(COPY_PIECE_BYTES), b""):
+            _write_all(fd, piece)
+        return
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
-def _replace_in(dir_fd: int, name: str, data: bytes, mode: int | None, crash_at: str | None = None) -> None:
-    """Write data to name in the folder dir_fd through a new temp file beside it and
+def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
+                crash_at: str | None = None) -> None:
+    """Write data (bytes, or a binary file object copied in pieces) to name in the folder
+    dir_fd through a new temp file beside it and
     os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
     them). mode: the bits to give the file; None: a new file's usual mode (the
     kernel applies the umask, which bridge never changes). Raises OSError; the
@@ -1894,23 +1954,24 @@ class Store:
 
         tags = "m.tags" if "tags" in self.columns else "''"
         digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
-        select = f"SELECT m.id, m.content, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
+        select = f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
         live = self._live_filter()
-        where = f"instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
-        if self.has_fts:
+        if self.has_fts:        # the index picks the candidates: no row's content is read here
             sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
-                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {where}")
-        else:
-            sql = f"{select} WHERE {where}"
+                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
+        else:                   # a scan: SQLite reads each row's content, for the marker
+            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
         try:
-            rows = self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()
+            rows = [self._with_content(*row) for row in
+                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
+            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
             # the old metadata states lie on plan rows only: those just read
-            states = self._states([(row[5], row[1], row[2]) for row in rows])
+            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
         records, split = [], set()
         for row in rows:
-            record = self._record(*row)
+            record = self._record(*row) if row[1] is not None else self._oversized(*row)
             if record is None:
                 continue
             if record.chunks:       # one report per split plan, whichever chunks hold the marker
@@ -1920,6 +1981,37 @@ class Store:
                 split.add(original)
             records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
         return records
+
+    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
+        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
+        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
+        from SQLite's incremental blob I/O, which reads no content."""
+        import sqlite3
+
+        try:
+            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
+                size = len(blob)
+        except sqlite3.Error:       # not text (NULL, a number): read it as before
+            size = 0
+        if size > PLAN_MAX_BYTES:
+            return (row_id, None, *rest, size)
+        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
+                                    (rowid,)).fetchone()
+        return (row_id, content[0] if content else "", *rest)
+
+    @staticmethod
+    def _oversized(row_id, content, metadata, created_at, tags, digest, size) -> PlanRecord | None:
+        """The record of a plan row over PLAN_MAX_BYTES (content None: never read), when
+        it is tagged bridge-plan: reported as invalid, saying its size and the limit. An
+        untagged one may be any memory naming the marker (a big result): skipped."""
+        names = (tags or "").split(",")
+        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
+            return None
+        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
+                  "(PLAN_MAX_BYTES); not read")
+        # the original layout stores no content_hash: this row's state is keyed by its id
+        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
+                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
 
     @staticmethod
     def _record(row_id, content, metadata, created_at, tags, digest=None) -> PlanRecord | None:
@@ -4448,10 +4540,11 @@ class FileTransaction:
 
         mode = _file_mode(fd, parts[-1], rel) if depth == len(parts) - 1 else None
         if mode is not None:
-            original = _read_nofollow(parts[-1], fd)
-            backup = self._save_backup(f"{len(self.changes):04d}-{parts[-1][:200]}", original)
+            with open_regular(parts[-1], fd) as original:      # copied in pieces, never held whole
+                digest = hashlib.file_digest(original, "sha256").hexdigest()
+                original.seek(0)
+                backup = self._save_backup(f"{len(self.changes):04d}-{parts[-1][:200]}", original)
             change = FileChange(rel, "modified", backup, mode)
-            digest = hashlib.sha256(original).hexdigest()
         else:
             missing = [self.project / Path(*parts[:n + 1]) for n in range(depth, len(parts) - 1)]
             change, digest = FileChange(rel, "created", created_dirs=missing), None
@@ -4462,7 +4555,7 @@ class FileTransaction:
         self.changes[rel] = change
         return change
 
-    def _save_backup(self, name: str, data: bytes) -> Path:
+    def _save_backup(self, name: str, data: Any) -> Path:
         """Keep an original as run_dir/backups/name, 0o600 in a 0o700 folder, fsynced."""
         backup = private_dir(private_dir(self.run_dir) / "backups") / name
         fd = os.open(backup, _NEW_FILE, 0o600)
@@ -4539,12 +4632,15 @@ class FileTransaction:
         (each journal names only its own run's backups); False (refused) when it
         cannot be read."""
         try:
-            original = _read_nofollow(change.backup)     # type: ignore[arg-type]
+            original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
             self.refused.append(f"journal entry of {run_dir.name} refused: backup {change.backup} of "
                                 f"{change.path!r} cannot be read ({exc.strerror or exc})")
             return False
-        change.backup = self._save_backup(f"{len(self.changes):04d}-{change.backup.name[5:205]}", original)
+        with original:
+            kept = change.backup.name[5:205]          # type: ignore[union-attr]
+            name = f"{len(self.changes):04d}-{kept}"
+            change.backup = self._save_backup(name, original)
         return True
 
     @staticmethod
@@ -4634,15 +4730,17 @@ class FileTransaction:
     def _restore_one(self, change: FileChange) -> None:
         parts = self.check(change.path)
         if change.backup is not None:
-            original = _read_nofollow(change.backup)
-            fd, _ = _walk(self._root(), parts[:-1], change.path, make=True)
-            try:
-                mode = _file_mode(fd, parts[-1], change.path)
-                if mode == change.mode and mode is not None and _read_nofollow(parts[-1], fd) == original:
-                    return          # never changed (the write failed): nothing to put back
-                _replace_in(fd, parts[-1], original, change.mode)
-            finally:
-                os.close(fd)
+            with open_regular(change.backup) as original:     # compared and copied in pieces
+                fd, _ = _walk(self._root(), parts[:-1], change.path, make=True)
+                try:
+                    mode = _file_mode(fd, parts[-1], change.path)
+                    same = mode is not None and _same_bytes(original, parts[-1], fd)
+                    if mode == change.mode and same:
+                        return          # never changed (the write failed): nothing to put back
+                    original.seek(0)
+                    _replace_in(fd, parts[-1], original, change.mode)
+                finally:
+                    os.close(fd)
             return
         fd, depth = _walk(self._root(), parts[:-1], change.path)
         try:
@@ -4912,15 +5010,17 @@ class KeptRun:
         from the original to the file as it is now, paths relative to the project)."""
         entries = []
         for kept in self.files:
-            before, now = self.original(kept), self.current(kept)
-            current_sha = sha256_hex(now) if now is not None else None
+            now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
+            before_path = kept.backup if kept.action == "modified" else None
+            current_sha = file_sha256(now_path)
+            original_sha = file_sha256(before_path) if before_path is not None else None
+            gone = kept.action == "modified" and original_sha is None
             entries.append({
-                "path": kept.path, "action": kept.action,
-                "original_sha256": None if kept.action == "created" or before is None else sha256_hex(before),
+                "path": kept.path, "action": kept.action, "original_sha256": original_sha,
                 "written_sha256": kept.written_sha256, "current_sha256": current_sha,
                 "changed_since_run": current_sha != kept.written_sha256,
-                "diff": file_diff(kept.path, before if kept.action == "modified" else None, now,
-                                  backup_gone=before is None)})
+                "diff": bounded_diff(kept.path, before_path, now_path, original_sha, current_sha,
+                                     gone)})
         return entries
 
     def staged_diff(self) -> list[dict]:
@@ -4930,13 +5030,14 @@ class KeptRun:
         staged file: what --apply would change)."""
         entries = []
         for rel, entry in self.staged.items():
-            now = read_regular(self.project / rel)        # type: ignore[operator]  # staging implies a project
-            staged = read_regular(self.run_dir / "staged" / rel)
-            current_sha = sha256_hex(now) if now is not None else None
+            now_path = self.project / rel        # type: ignore[operator]  # staging: a project
+            staged_path = self.run_dir / "staged" / rel
+            current_sha = file_sha256(now_path)
             entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
                             "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
                             "changed_since_run": current_sha != entry.get("base_sha256"),
-                            "diff": file_diff(rel, now, staged)})
+                            "diff": bounded_diff(rel, now_path, staged_path, current_sha,
+                                                 file_sha256(staged_path))})
         return entries
 
     def apply_conflicts(self) -> list[str]:
@@ -4945,8 +5046,8 @@ class KeptRun:
         found = [f"{e['path']} (to be replaced; changed since the run)"
                  for e in self.staged_diff() if e["changed_since_run"]]
         for rel, digest in self.reads.items():
-            data = read_regular(self.project / rel)           # type: ignore[operator]
-            if rel not in self.staged and (sha256_hex(data) if data is not None else None) != digest:
+            now = file_sha256(self.project / rel)        # type: ignore[operator]
+            if rel not in self.staged and now != digest:
                 found.append(f"{rel} (read by the run; changed since)")
         return found
 
@@ -4980,12 +5081,14 @@ class KeptRun:
         file changed after the run (unless force) or an original's backup is gone,
         naming each file; RollbackError when a file could not be restored.
         """
-        gone = [k.path for k in self.files if k.action == "modified" and self.original(k) is None]
+        gone = [k.path for k in self.files
+                if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
             raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} file(s) are no "
                               f"longer kept: {', '.join(gone)}", "backups are kept for the last runs of a plan "
                               "only (--keep-runs, BRIDGE_KEEP_RUNS)")
-        changed = [entry["path"] for entry in self.diff() if entry["changed_since_run"]]
+        project: Path = self.project      # type: ignore[assignment]  # files imply a project
+        changed = [k.path for k in self.files if file_sha256(project / k.path) != k.written_sha256]
         if changed and not force:
             raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed after the run: "
                               f"{', '.join(changed)}",
@@ -5022,8 +5125,7 @@ class StagedFiles:
         reads = {}
         for rel, mode in files_context.items():
             if mode == "LOAD":
-                data = read_regular(self.project / rel)
-                reads[rel] = sha256_hex(data) if data is not None else None
+                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
         atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
@@ -5043,11 +5145,11 @@ class StagedFiles:
             change = self.changes.get(rel)
             base = None
             if change is None:
-                base = read_regular(target)
+                base = file_sha256(target)
                 change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
             append_jsonl(self.run_dir / STAGED_FILE, {
                 "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
-                "base_sha256": sha256_hex(base) if base is not None else None})
+                "base_sha256": base})
         return change
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
@@ -5091,6 +5193,34 @@ def read_regular(path: Path) -> bytes | None:
             return handle.read()
     except OSError:
         return None
+
+
+def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
+                 now_sha: str | None, backup_gone: bool = False) -> str:
+    """Return file_diff of one file from the file at before to the file at now (None, or
+    a path that is missing: no such file), reading them only when both are at most
+    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
+    now_sha, computed in pieces, still tell whether they differ)."""
+    if backup_gone:
+        return file_diff(rel, None, None, backup_gone=True)
+    if before_sha == now_sha:
+        return ""
+    sizes = [_regular_size(path) for path in (before, now)]
+    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
+        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
+        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} bytes; "
+                "the sha256 values say whether it changed)\n")
+    return file_diff(rel, read_regular(before) if before is not None else None,
+                     read_regular(now) if now is not None else None)
+
+
+def _regular_size(path: Path | None) -> int | None:
+    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
+    try:
+        info = os.lstat(path) if path is not None else None
+    except OSError:
+        return None
+    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
 
 
 def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
@@ -6884,7 +7014,9 @@ def _created(record: PlanRecord) -> str:
 
 def plan_summary(record: PlanRecord) -> dict:
     """Return the --list row of a plan: id, status, objective, steps, created, row."""
-    return {"id": record.plan_id, "status": record.display_status, "objective": record.objective,
+    # a plan bridge would not read (too deep, too big: UnreadablePlan) says why in its place
+    objective = record.plan.reason if isinstance(record.plan, UnreadablePlan) else record.objective
+    return {"id": record.plan_id, "status": record.display_status, "objective": objective,
             "steps": record.step_count, "created": _created(record), "row": record.row_id,
             "error": record.state.get("error")}
 
