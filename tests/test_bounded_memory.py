@@ -23,6 +23,7 @@ ROOT = Path(bridge.__file__).resolve().parent
 MB = 1 << 20
 BIG = 48 * MB           # 24 x DIFF_MAX_BYTES, 190 x LOAD_FILE_MAX_BYTES
 GROWTH_ALLOWED = BIG // 4       # a whole read costs BIG at least; pieces cost a few MB
+PLAN_MAX_BYTES = 4_000_000      # bridge.PLAN_MAX_BYTES, as the README says it (checked below)
 
 _MEASURE = """
 import json, resource, subprocess, sys
@@ -123,13 +124,13 @@ def test_diff_and_undo_of_a_run_that_replaced_a_huge_file(db, fake_llm, state_di
         assert undo["rc"] == 0, undo["err"]
         assert (project / "data.txt").read_bytes() == data          # put back whole
         peaks[label] = (run, diff, undo)
-    assert f"over bridge's diff limit of {bridge.DIFF_MAX_BYTES:,} bytes" in peaks["big"][1]["out"]
-    assert "-old" in peaks["small"][1]["out"] and "+new" in peaks["small"][1]["out"]   # small files: a diff
     for step, name in ((0, "the run"), (1, "--diff"), (2, "--undo")):
         figures.append(f"{name}: {peaks['small'][step]['peak'] / MB:.1f} MiB replacing 4 bytes, "
                        f"{peaks['big'][step]['peak'] / MB:.1f} MiB replacing {BIG // MB} MiB")
     for step in (0, 1, 2):
         assert grew(peaks["small"][step], peaks["big"][step]) < GROWTH_ALLOWED, figures
+    assert "over bridge's diff limit of 2,000,000 bytes" in peaks["big"][1]["out"]
+    assert "-old" in peaks["small"][1]["out"] and "+new" in peaks["small"][1]["out"]   # small files: a diff
 
 
 def test_diff_json_still_gives_the_hashes_of_a_huge_file(capsys, db, fake_llm, state_dir, project):
@@ -166,7 +167,7 @@ def huge_plan_row(db, plan_id: str, size: int, tags: str = "bridge-plan") -> Non
 
 
 def test_list_never_loads_a_plan_row_over_the_plan_size_limit(db, fake_llm, state_dir, figures):
-    size = 5 * bridge.PLAN_MAX_BYTES        # 20 MB each: two of them, as written
+    size = 5 * PLAN_MAX_BYTES        # 20 MB each: two of them, as written
     small = measured(db, fake_llm, state_dir, "--list", "--all")
     huge_plan_row(db, "huge-1", size)
     huge_plan_row(db, "huge-2", size)
@@ -174,11 +175,11 @@ def test_list_never_loads_a_plan_row_over_the_plan_size_limit(db, fake_llm, stat
     big = measured(db, fake_llm, state_dir, "--list", "--all")
 
     assert big["rc"] == 0, big["err"]
-    limit = f"over bridge's limit of {bridge.PLAN_MAX_BYTES:,} (PLAN_MAX_BYTES)"
-    assert big["out"].count(limit) == 2, big["out"]         # each tagged row said, the untagged skipped
     figures.append(f"--list: {small['peak'] / MB:.1f} MiB on an empty store, {big['peak'] / MB:.1f} MiB "
                    f"with two {size // MB} MiB plan rows and a {size // MB} MiB result")
-    assert grew(small, big) < 2 * bridge.PLAN_MAX_BYTES, figures
+    assert grew(small, big) < 2 * PLAN_MAX_BYTES, figures
+    limit = f"over bridge's limit of {PLAN_MAX_BYTES:,} (PLAN_MAX_BYTES)"
+    assert big["out"].count(limit) == 2, big["out"]         # each tagged row said, the untagged skipped
 
 
 def test_a_plan_row_over_the_limit_is_reported_invalid_and_never_run(capsys, db, fake_llm, state_dir):
@@ -214,3 +215,7 @@ def test_a_plan_row_at_the_limit_is_read(capsys, db, fake_llm, state_dir):
 
     assert rc == 0, err
     assert [p["id"] for p in json.loads(out)["plans"]] == ["edge"]
+
+
+def test_the_limits_are_the_documented_ones():
+    assert bridge.PLAN_MAX_BYTES == PLAN_MAX_BYTES and bridge.DIFF_MAX_BYTES == 2_000_000
