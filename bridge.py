@@ -3548,8 +3548,9 @@ class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length par
 
 
 def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int, else None (servers send odd things)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
+    (servers send odd things: a context length of 10**400 is not said at all)."""
+    return value if usage_count(value) and value > 0 else None
 
 
 def _usage(value: Any) -> dict | None:

@@ -499,3 +499,14 @@ def test_a_whole_body_usage_that_cannot_be_true_is_estimated(capsys, db, raw_llm
     assert rc == 0, err
     assert results["p1"]["steps"][0]["usage_reported"] is False
     no_negative_tokens(results["p1"])
+
+
+@pytest.mark.parametrize("context", [10**400, -4096, "4096", 4096.5])
+def test_a_context_length_that_cannot_be_true_is_not_reported(capsys, db, raw_llm, state_dir, context):
+    """A variant of row 20 in the probe: LM Studio's loaded_context_length of 10**400 (or
+    negative, a string, a float) is "not reported", never a limit bridge computes with."""
+    raw_llm.context_length = context
+    rc, out, err = run_bridge(capsys, db, raw_llm, state_dir, "--health", "--json")
+
+    assert rc == 0, err
+    assert json.loads(out)["server"]["context_length"] is None
