@@ -502,7 +502,8 @@ def test_a_whole_body_usage_that_cannot_be_true_is_estimated(capsys, db, raw_llm
 
 
 @pytest.mark.parametrize("context", [10**400, -4096, "4096", 4096.5])
-def test_a_context_length_that_cannot_be_true_is_not_reported(capsys, db, raw_llm, state_dir, context):
+def test_a_context_length_that_cannot_be_true_is_not_reported(capsys, db, raw_llm, state_dir,
+                                                              context):
     """A variant of row 20 in the probe: LM Studio's loaded_context_length of 10**400 (or
     negative, a string, a float) is "not reported", never a limit bridge computes with."""
     raw_llm.context_length = context
