@@ -3577,14 +3577,12 @@ def claude_price(model: str) -> tuple[float, float] | None:
 
 def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | None) -> tuple:
     """Return (usage, cost_usd) for a Completion from the counts a Messages stream
-    reported: usage by checked_usage; cost_usd that usage at claude_price(model) (0 for
-    a model without a price), or None when the usage is unknown and the model has a
-    price: the runner then prices the estimated usage (priced_reply), so a bad count
-    still counts against --max-cost-usd."""
+    reported: usage by checked_usage; cost_usd that usage at claude_price(model), or
+    None when the usage is unknown or the model it names has no price (a gateway naming
+    none, or another): the runner then prices it (priced_reply, by the model asked for
+    and the usage estimated when unknown), so neither can slip past --max-cost-usd."""
     usage, price = checked_usage(input_tokens, output_tokens), claude_price(model or "")
-    if not price:
-        return usage, 0.0
-    return usage, round(usage_cost_usd(usage, price), 6) if usage else None
+    return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
 
 class AnthropicClient(HTTPExecutor):
@@ -5717,15 +5715,16 @@ def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dic
 
 
 def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: str) -> Completion:
-    """Return reply with a cost_usd: its own, or, when its executor could not believe the
-    counts it was sent (cost_usd None), the estimated_usage priced at claude_price of the
-    model that answered, else of model (the id asked for); 0 for a model without a price.
-    So a paid request with a negative or absurd count still counts against --max-cost-usd."""
+    """Return reply with a cost_usd: its own, or, when its executor could not price it
+    (cost_usd None: counts it could not believe, or no price for the model it named),
+    its usage (estimated_usage when unknown) at claude_price of the model that answered,
+    else of model (the id asked for); 0 for a model without a price (a local one). So a
+    paid request with a negative or absurd count still counts against --max-cost-usd."""
     if reply.cost_usd is not None:
         return reply
     price = claude_price(reply.model or "") or claude_price(model)
-    cost = usage_cost_usd(estimated_usage(reply, messages, pieces), price) if price else 0.0
-    return reply._replace(cost_usd=round(cost, 6))
+    usage = reply.usage or estimated_usage(reply, messages, pieces)
+    return reply._replace(cost_usd=round(usage_cost_usd(usage, price), 6) if price else 0.0)
 
 
 def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:

@@ -511,3 +511,24 @@ def test_a_context_length_that_cannot_be_true_is_not_reported(capsys, db, raw_ll
 
     assert rc == 0, err
     assert json.loads(out)["server"]["context_length"] is None
+
+
+@pytest.mark.parametrize("model", ["null", '"gpt-4o"', '""'],
+                         ids=["no model", "another model", "empty"])
+def test_a_gateway_naming_no_priced_model_still_pays_for_what_it_counts(
+        capsys, db, raw_llm, raw_anthropic, state_dir, model):
+    """A variant of row 12: message_start names no Claude model (or none), so the price
+    table has no line for it; the request is priced as the model asked for, and the cap
+    trips after the first $2 request (before: $0 each, all six sent)."""
+    steps = [{"id": i, "prompt": f"Say {i}.", "max_retries": 0} for i in range(1, 7)]
+    insert_plan(db, make_plan("p1", steps))
+    for _ in range(6):
+        start = message_start('{"input_tokens": 2000000, "output_tokens": 1}', model=model)
+        raw_anthropic.enqueue_raw([start, text_delta('"ok"'), *message_end()])
+
+    rc, out, err = run_bridge(capsys, db, raw_llm, state_dir, *anthropic_args(raw_anthropic),
+                              environ={"ANTHROPIC_API_KEY": "sk-test"})
+
+    assert rc == 1, err
+    assert len(raw_anthropic.messages_requests) == 1, out + err
+    assert "spend cap reached" in out + err
