@@ -3387,9 +3387,11 @@ class LLMClient(HTTPExecutor):
         if isinstance(v1, dict) and isinstance(v1.get("models"), list):
             for entry in v1["models"]:
                 instances = entry.get("loaded_instances") if isinstance(entry, dict) else None
-                if instances and isinstance(instances[0], dict):
-                    config = instances[0].get("config") or {}
-                    return ServerInfo("LM Studio", models, entry.get("key") or instances[0].get("id"),
+                if isinstance(instances, list) and instances and isinstance(instances[0], dict):
+                    config = instances[0].get("config")
+                    config = config if isinstance(config, dict) else {}     # odd shapes happen
+                    loaded = reply_label(entry.get("key")) or reply_label(instances[0].get("id"))
+                    return ServerInfo("LM Studio", models, loaded,
                                       _positive(config.get("context_length")), _positive(config.get("parallel")))
             return ServerInfo("LM Studio", models, None, None, None)
         v0 = self._try_json(f"{root}/api/v0/models")
@@ -3397,11 +3399,13 @@ class LLMClient(HTTPExecutor):
             for entry in v0["data"]:
                 if isinstance(entry, dict) and entry.get("state") == "loaded":
                     context = entry.get("loaded_context_length") or entry.get("max_context_length")
-                    return ServerInfo("LM Studio", models, entry.get("id"), _positive(context), None)
+                    return ServerInfo("LM Studio", models, reply_label(entry.get("id")),
+                                      _positive(context), None)
             return ServerInfo("LM Studio", models, None, None, None)
         props = self._try_json(f"{root}/props")
         if isinstance(props, dict) and ("total_slots" in props or "default_generation_settings" in props):
-            settings = props.get("default_generation_settings") or {}
+            settings = props.get("default_generation_settings")
+            settings = settings if isinstance(settings, dict) else {}
             return ServerInfo("llama.cpp", models, first, _positive(settings.get("n_ctx")),
                               _positive(props.get("total_slots")))
         if entries and all(m.get("owned_by") == "me" for m in entries):    # llama_cpp/server/app.py get_models

@@ -50,8 +50,23 @@ class _RawHandler(_Handler):
             self._write_sse(f"data: {text}\n\n")
 
 
+    def _get(self) -> None:
+        body = self.server.fake.raw_routes.get(self.path.split("?", 1)[0])
+        if body is None:
+            return super()._get()
+        self._record(self._read_body())
+        self._send(200, body)
+
+
 class RawLLM(FakeLLM):
+    """FakeLLM, plus raw replies: enqueue_raw for chat, raw_routes {path: body text} for GETs."""
+
     _handler = _RawHandler
+
+    def reset(self) -> "RawLLM":
+        super().reset()
+        self.raw_routes: dict[str, str] = {}
+        return self
 
     def enqueue_raw(self, kind: str, payload) -> "RawLLM":
         with self._lock:
@@ -532,3 +547,36 @@ def test_a_gateway_naming_no_priced_model_still_pays_for_what_it_counts(
     assert rc == 1, err
     assert len(raw_anthropic.messages_requests) == 1, out + err
     assert "spend cap reached" in out + err
+
+
+PROBE_SHAPES = {
+    "loaded_instances an object": ("/api/v1/models",
+                                   '{"models": [{"key": "m", "loaded_instances": {"a": 1}}]}'),
+    "config a string": ("/api/v1/models",
+                        '{"models": [{"key": "m", "loaded_instances": [{"config": "x"}]}]}'),
+    "key a list": ("/api/v1/models",
+                   '{"models": [{"key": ["m"], "loaded_instances": [{"id": 5}]}]}'),
+    "v0 id an object": ("/api/v0/models", '{"data": [{"id": {"x": 1}, "state": "loaded"}]}'),
+    "props settings a list": ("/props", '{"total_slots": 2, "default_generation_settings": [1]}'),
+}
+
+
+@pytest.mark.parametrize("path, body", PROBE_SHAPES.values(), ids=PROBE_SHAPES.keys())
+def test_a_probe_answer_of_the_wrong_shape_is_not_a_crash(capsys, db, raw_llm, state_dir, path,
+                                                          body):
+    """Variants of row 16 in what a server says of itself (LM Studio's /api/v1/models and
+    /api/v0/models, llama.cpp's /props): --health and a run still work; a loaded model
+    id that is not a string is not taken."""
+    raw_llm.raw_routes[path] = body
+    raw_llm.lmstudio = path != "/props"         # llama.cpp's server answers /props, not LM Studio's
+    step = {"id": 1, "prompt": "Give a.", "validation": {"type": "json"}}
+    insert_plan(db, make_plan("p1", [step]))
+    raw_llm.enqueue(OK)
+
+    rc, out, err = run_bridge(capsys, db, raw_llm, state_dir, "--health", "--json")
+    assert rc == 0, err
+    loaded = json.loads(out)["server"]["loaded"]
+    assert loaded is None or isinstance(loaded, str)
+    rc, results, err = run_all(capsys, db, raw_llm, state_dir)
+    assert rc == 0, err
+    assert results["p1"]["status"] == "completed"
