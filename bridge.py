@@ -4992,25 +4992,12 @@ class KeptRun:
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
         return KeptFile(rel, action, backup_path, mode, written.get(rel))
 
-    def current(self, kept: KeptFile) -> bytes | None:
-        """Return the file's bytes now, or None when it is missing or not a regular
-        file (a symlink is not followed)."""
-        return read_regular(self.project / kept.path)       # type: ignore[operator]  # files imply a project
-
-    def original(self, kept: KeptFile) -> bytes | None:
-        """Return the bytes before the run: the backup's (None when it was removed
-        by retention), b"" for a file the run created."""
-        if kept.action == "created":
-            return b""
-        try:
-            return kept.backup.read_bytes() if kept.backup else None
-        except OSError:
-            return None
-
     def diff(self) -> list[dict]:
         """Return, per file: path, action, original_sha256, written_sha256,
         current_sha256 (None: missing now), changed_since_run, diff (a unified diff
-        from the original to the file as it is now, paths relative to the project)."""
+        from the original to the file as it is now, paths relative to the project; one
+        line instead for a side over DIFF_MAX_BYTES: bounded_diff). Files are hashed in
+        pieces (file_sha256), never held whole."""
         entries = []
         for kept in self.files:
             now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
