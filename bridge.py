@@ -7363,9 +7363,12 @@ def cmd_health(config: Config) -> int:
         backups = report["backups"]
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
-        print(printable("memory  " + _memory_setting_line(report["memory_setting"])))
-        if "memory_api" in report:
+        if "memory_api" in report:      # then where that setting came from
             print("memory  " + _memory_api_line(report["memory_api"]))
+            print(printable(f"memory  from  {report['memory_setting']['source']}: results are "
+                            "stored through that API"))
+        else:
+            print(printable("memory  " + _memory_setting_line(report["memory_setting"])))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -7407,10 +7410,8 @@ def cmd_stats(config: Config) -> int:
 
 
 def _memory_setting_line(setting: dict) -> str:
-    """The --health line saying which memory server HTTP API results go through, and
-    where that setting came from."""
-    if setting["url"]:
-        return f"API   {setting['url']} (from {setting['source']})"
+    """The --health line when no memory server HTTP API is set: why not, and where one
+    could be set."""
     why = f"{setting['note']}; " if setting["note"] else ""
     return (f"API   none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN}): "
             "results are written into the store directly, without an embedding")
