@@ -1,0 +1,272 @@
+"""Answers grounded in the text (issue 25): "grounded": true on a JSON validation checks
+that every value of the answer occurs in the step's input (its prompt, LOAD files and
+the outputs of the steps it depends on), and where the input is short the schema sent
+lets each string value be only a span of it.
+
+The fake server answers as queued; like a server that ignores the constraint
+(llama.cpp#10732), it cannot slip an invented value past the check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bridge
+from fakes import check_store, first_user, insert_plan, make_plan, run_json, steps_by_id, user_text
+
+SENTENCE = "Ada Lovelace lives in London and is 36 years old."
+PROMPT = f'Read this sentence: "{SENTENCE}" Return name, city and age.'
+KEYS = {"type": "contains_keys", "keys": ["name", "city", "age"], "grounded": True}
+
+
+# --------------------------------------------------------------------------------------
+# the check
+# --------------------------------------------------------------------------------------
+
+
+def test_values_taken_from_the_text_pass():
+    answer = '{"name": "Ada Lovelace", "city": "London", "age": 36}'
+    assert json.loads(bridge.check_output(answer, KEYS, PROMPT)) == json.loads(answer)
+
+
+def test_a_made_up_value_fails_naming_key_and_value_and_saying_to_copy():
+    answer = '{"name": "Ada Lovelace", "city": "adala@engines.example", "age": 36}'
+    with pytest.raises(bridge.OutputInvalid) as caught:
+        bridge.check_output(answer, KEYS, PROMPT)
+    message = str(caught.value)
+    assert '$.city = "adala@engines.example"' in message
+    assert "Copy each value exactly from the text" in message
+    assert "name" not in message.split("Copy")[0].replace("$.city", "")
+
+
+def test_without_grounded_a_made_up_value_passes():
+    answer = '{"name": "Grace", "city": "Paris", "age": 99}'
+    plain = {k: v for k, v in KEYS.items() if k != "grounded"}
+    assert bridge.check_output(answer, plain, PROMPT)
+
+
+def test_value_split_across_whitespace_or_in_another_case_occurs():
+    source = "Contact:  ADA\n   lovelace,\tada@example.org"
+    assert bridge.ungrounded_values({"name": "Ada Lovelace", "email": "ADA@EXAMPLE.ORG"}, source) == []
+    assert bridge.ungrounded_values({"name": "ada  lovelace  "}, source) == []
+
+
+def test_nested_objects_and_lists_are_checked_at_every_depth():
+    source = "Rome, Vienna and Prague; Ada is 36, Alan 41."
+    answer = {"trip": {"cities": ["Rome", "Paris", "Prague"], "people": [{"name": "Ada", "age": 36},
+                                                                         {"name": "Alan", "age": 40}]}}
+    assert bridge.ungrounded_values(answer, source) == [("$.trip.cities[1]", "Paris"),
+                                                        ("$.trip.people[1].age", 40)]
+
+
+def test_keys_null_booleans_and_empty_strings_are_exempt():
+    assert bridge.ungrounded_values({"invented_key": None, "flag": True, "other": False, "e": ""}, "text") == []
+
+
+def test_a_value_inside_a_longer_word_or_number_does_not_occur():
+    source = "Adam reads 21.5 C in room 1013."
+    assert bridge.ungrounded_values(["Ada", 21, 101, "Adam", 21.5, 1013, "21.5 C"], source) == [
+        ("$[0]", "Ada"), ("$[1]", 21), ("$[2]", 101)]
+
+
+def test_numbers_compare_by_value_with_what_is_written():
+    source = "a desk lamp at 19.90 EUR, 2 of them, -3 degrees"
+    assert bridge.ungrounded_values([19.9, 19.90, 2, 2.0, -3, "19.90"], source) == []
+    # -3 is written, 3 is not; in "A-1001" the dash joins words, so 1001 is written
+    assert bridge.ungrounded_values([19, 3], source) == [("$[0]", 19), ("$[1]", 3)]
+    assert bridge.ungrounded_values([1001, 2026, 5, 14], "Order A-1001 on 2026-05-14") == []
+
+
+def test_grounded_applies_to_each_json_validation_type():
+    for validation in ({"type": "json", "grounded": True},
+                       {"type": "json_schema", "schema": {"type": "object"}, "grounded": True}):
+        bridge.check_output('{"a": "London"}', validation, SENTENCE)
+        with pytest.raises(bridge.OutputInvalid, match=r'\$\.a = "Paris"'):
+            bridge.check_output('{"a": "Paris"}', validation, SENTENCE)
+
+
+def test_the_prompt_tells_the_model_to_copy():
+    assert "Copy every value exactly from the text" in bridge.describe_validation(KEYS)
+    assert "Copy" not in bridge.describe_validation({"type": "contains_keys", "keys": ["a"]})
+
+
+# --------------------------------------------------------------------------------------
+# the schema sent
+# --------------------------------------------------------------------------------------
+
+
+def test_span_candidates_of_a_short_input():
+    spans = bridge.span_candidates(['Ada lives in "London".', "Go!"])
+    # punctuation trimmed at the ends, a span holding a quote left out, no span across pieces
+    assert spans == ["Ada", "Ada lives", "Ada lives in", "lives", "lives in", "in", "London", "Go"]
+
+
+def test_span_schema_for_a_short_input_holds_its_candidates():
+    schema = bridge.output_schema(KEYS, [PROMPT])
+    spans = bridge.span_candidates([PROMPT])
+    assert schema["$defs"]["bridge_span"] == {"enum": spans}
+    assert schema["$defs"]["bridge_number"] == {"enum": [36]}
+    assert {"Ada Lovelace", "London", "Read this sentence", "36"} <= set(spans)
+    value = schema["properties"]["name"]["anyOf"]
+    assert value[0] == {"$ref": "#/$defs/bridge_span"} and value[1] == {"$ref": "#/$defs/bridge_number"}
+    assert value[-1]["items"]["anyOf"][0] == {"$ref": "#/$defs/bridge_span"}
+    assert schema["required"] == ["name", "city", "age"] and schema["additionalProperties"] is False
+    # what the grammar takes is a valid JSON Schema, and a copied answer meets it
+    from jsonschema import Draft202012Validator
+    Draft202012Validator.check_schema(schema)
+    assert Draft202012Validator(schema).is_valid({"name": "Ada Lovelace", "city": "London", "age": 36})
+    assert not Draft202012Validator(schema).is_valid({"name": "Grace", "city": "London", "age": 36})
+
+
+def test_a_long_input_falls_back_to_the_usual_schema():
+    long_text = " ".join(f"word{n}" for n in range(bridge.GROUNDED_MAX_SPANS))
+    assert bridge.span_candidates([long_text]) is None
+    assert bridge.output_schema(KEYS, [long_text]) == bridge.output_schema(KEYS)
+    assert bridge.output_schema(KEYS, [long_text]) == bridge.output_schema(
+        {k: v for k, v in KEYS.items() if k != "grounded"})
+
+
+def test_span_schema_reaches_nested_objects_and_lists_and_keeps_what_the_plan_bounds():
+    schema = {"type": "object", "required": ["trip"], "properties": {"trip": {
+        "type": "object", "properties": {
+            "cities": {"type": "array", "items": {"type": "string"}},
+            "kind": {"type": "string", "enum": ["work", "leisure"]},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "days": {"type": "integer"}}}}}
+    sent = bridge.output_schema({"type": "json_schema", "schema": schema, "grounded": True},
+                                ["She visited Rome, Vienna and Prague for 3 days, 2.5 weeks."])
+    trip = sent["properties"]["trip"]["properties"]
+    assert trip["cities"]["items"] == {"$ref": "#/$defs/bridge_span"}
+    assert trip["kind"] == {"type": "string", "enum": ["work", "leisure"]}
+    assert trip["code"] == {"type": "string", "pattern": "^[A-Z]{3}$"}
+    assert trip["days"] == {"enum": [3]}                    # the integers written; 2.5 is not one
+    assert sent["$defs"]["bridge_number"] == {"enum": [3, 2.5]}
+    assert "Rome" in sent["$defs"]["bridge_span"]["enum"]
+
+
+def test_not_grounded_or_json_type_sends_the_usual_schema():
+    assert bridge.output_schema({k: v for k, v in KEYS.items() if k != "grounded"}, [PROMPT]) == \
+        bridge.output_schema(KEYS)
+    assert bridge.output_schema({"type": "json", "grounded": True}, [PROMPT]) == {}
+
+
+# --------------------------------------------------------------------------------------
+# a run, on the fake server
+# --------------------------------------------------------------------------------------
+
+
+def _log_lines(state_dir, result, step_id=1):
+    path = state_dir / "runs" / result["run_id"] / f"step-{step_id}.jsonl"
+    return [json.loads(line) for line in path.open()]
+
+
+def test_run_retries_a_made_up_value_with_the_message_and_sends_spans(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": PROMPT, "validation": KEYS, "max_retries": 1}]))
+    fake_llm.enqueue('{"name": "Ada Lovelace", "city": "Paris", "age": 36}')
+    fake_llm.enqueue('{"name": "Ada Lovelace", "city": "London", "age": 36}')
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert rc == 0
+    step = steps_by_id(result)[1]
+    assert step["status"] == "succeeded" and step["attempts"] == 2
+    assert json.loads(step["output"])["city"] == "London"
+    first, retry = fake_llm.chat_requests
+    assert "Copy every value exactly from the text" in first_user(first)
+    assert '$.city = "Paris"' in user_text(retry) and "Copy each value exactly" in user_text(retry)
+    sent = first["json"]["response_format"]["json_schema"]["schema"]
+    assert sent["$defs"]["bridge_span"]["enum"] == bridge.span_candidates([PROMPT])
+    forms = [line for line in _log_lines(state_dir, result) if line.get("subtype") == "constrained_output"]
+    assert [(f["attempt"], f["form"], f["spans"]) for f in forms] == [
+        (1, "spans", len(bridge.span_candidates([PROMPT]))), (2, "spans", len(bridge.span_candidates([PROMPT])))]
+    check_store(db)
+
+
+def test_spent_attempts_on_made_up_values_fail_the_step(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": PROMPT, "validation": KEYS, "max_retries": 0}]))
+    fake_llm.enqueue('{"name": "Ada", "city": "London", "age": 37}')
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert rc == 1
+    step = steps_by_id(result)[1]
+    assert step["status"] == "failed" and "$.age = 37" in step["error"]
+
+
+def test_load_files_and_dependency_outputs_are_the_text(capsys, db, fake_llm, state_dir, project):
+    (project / "card.txt").write_text("Grace Hopper\nArlington\n", encoding="utf-8")
+    insert_plan(db, make_plan("p1", [
+        {"id": 1, "prompt": "Name a language."},
+        {"id": 2, "prompt": "Extract.", "depends_on": [1], "max_retries": 0,
+         "validation": {"type": "contains_keys", "keys": ["name", "city", "language"], "grounded": True}}],
+        context={"objective": "o", "project": str(project), "files_context": {"card.txt": "LOAD"}}))
+    fake_llm.enqueue("COBOL").enqueue('{"name": "grace hopper", "city": "Arlington", "language": "COBOL"}')
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert rc == 0, result
+    sent = fake_llm.chat_requests[1]["json"]["response_format"]["json_schema"]["schema"]
+    assert {"Grace Hopper", "Arlington", "COBOL", "Extract"} <= set(sent["$defs"]["bridge_span"]["enum"])
+    assert "o" not in sent["$defs"]["bridge_span"]["enum"]      # the objective is not the text
+
+
+def test_a_long_input_sends_the_usual_schema_and_the_log_says_so(capsys, db, fake_llm, state_dir, project):
+    (project / "long.txt").write_text(" ".join(f"w{n}" for n in range(2000)) + " Ada", encoding="utf-8")
+    validation = {"type": "contains_keys", "keys": ["name"], "grounded": True}
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "Who?", "validation": validation, "max_retries": 0}],
+                              context={"objective": "o", "project": str(project),
+                                       "files_context": {"long.txt": "LOAD"}}))
+    fake_llm.enqueue('{"name": "Ada"}')
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert rc == 0
+    sent = fake_llm.chat_requests[0]["json"]["response_format"]["json_schema"]["schema"]
+    assert sent == bridge.output_schema(validation)
+    forms = [line for line in _log_lines(state_dir, result) if line.get("subtype") == "constrained_output"]
+    assert [(f["form"], f["spans"]) for f in forms] == [("schema", None)]
+
+
+def test_no_structured_logs_that_only_the_check_applies(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": PROMPT, "validation": KEYS}]))
+    fake_llm.enqueue('{"name": "Ada Lovelace", "city": "London", "age": 36}')
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir, "--no-structured")
+
+    assert rc == 0 and fake_llm.chat_requests[0]["json"].get("response_format") is None
+    forms = [line for line in _log_lines(state_dir, result) if line.get("subtype") == "constrained_output"]
+    assert [f["form"] for f in forms] == ["none"]
+
+
+# --------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------
+
+
+def plan_problems(plan: dict) -> list[str]:
+    try:
+        bridge.check_plan(plan)
+    except bridge.PlanInvalid as exc:
+        return exc.problems
+    return []
+
+
+@pytest.mark.parametrize("validation", [{"type": "json"}, {"type": "contains_keys", "keys": ["a"]},
+                                        {"type": "json_schema", "schema": {}}])
+def test_validate_accepts_grounded_on_json_validations(validation):
+    plan = make_plan("p1", [{"id": 1, "prompt": "x", "validation": {**validation, "grounded": True}}])
+    assert plan_problems(plan) == []
+
+
+@pytest.mark.parametrize("validation", [{"type": "non_empty"}, {"type": "regex", "pattern": "x"},
+                                        {"type": "syntax_check"}, {"type": "command", "run": ["true"]}])
+def test_validate_refuses_grounded_where_it_does_not_apply(validation):
+    plan = make_plan("p1", [{"id": 1, "prompt": "x", "validation": {**validation, "grounded": True}}])
+    problems = plan_problems(plan)
+    assert problems and "validation.type" in problems[0] and "contains_keys" in problems[0]
+
+
+def test_validate_refuses_a_grounded_that_is_not_a_boolean():
+    plan = make_plan("p1", [{"id": 1, "prompt": "x", "validation": {"type": "json", "grounded": "yes"}}])
+    assert any("grounded" in p for p in plan_problems(plan))
