@@ -3808,7 +3808,21 @@ def fold_text(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-_NUMBER = r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w]|\.\d)"
+_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
+
+
+def written_numbers(text: str) -> dict[float, int | float]:
+    """Return the numbers written in text as words of their own: each whitespace-separated
+    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
+    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
+    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001")."""
+    found: dict[float, int | float] = {}
+    for word in text.split():
+        word = word.strip(_SPAN_TRIM)
+        if re.fullmatch(r"-?\d+(?:\.\d+)?", word):
+            value = float(word)
+            found.setdefault(value, int(word) if "." not in word else value)
+    return found
 
 
 def _occurs(value: str, folded_source: str) -> bool:
@@ -3831,11 +3845,12 @@ def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[st
     in source, in document order.
 
     A string occurs when its fold_text does in source's, not inside a longer word or
-    number; a number when it equals a number written in source (19.9 is "19.90"); each
+    number; a number when it equals a number written in source as a word of its own
+    (written_numbers: 19.9 is "19.90", 5 is not in "2026-05-14"); each
     item of a list and each value of an object (at any depth) is checked. Key names,
     null, booleans and empty strings are exempt."""
     folded = fold_text(source)
-    numbers = {float(n) for n in re.findall(_NUMBER, folded)}
+    numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
     def visit(item: Any, where: str) -> None:
@@ -3927,9 +3942,6 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
     return None
 
 
-_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"
-
-
 def span_candidates(pieces: list[str]) -> list[str] | None:
     """Return the spans a grounded answer's string values may be: every run of 1 to
     GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
@@ -3962,21 +3974,26 @@ def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str]
     spans = span_candidates(pieces)
     if spans is None or not spans:
         return None
-    numbers = {}
+    numbers: dict[float, int | float] = {}
     for text in pieces:
-        for written in re.findall(_NUMBER, text):
-            number = float(written)
-            numbers[number] = int(number) if number.is_integer() and "." not in written else number
+        for value, number in written_numbers(text).items():
+            numbers.setdefault(value, number)
     return spans, list(numbers.values())
 
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
     """Return a sent schema (output_schema) with every string it leaves open (a
     bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters turn a
-    $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
+    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
+    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
     resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept."""
+    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
+    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
+    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    def open_number(node: Any) -> bool:
+        return isinstance(node, dict) and set(node) == {"type"} and \
+            node["type"] in ("number", "integer")
+
     def swap(node: Any) -> Any:
         if isinstance(node, list):
             return [swap(item) for item in node]
@@ -3997,6 +4014,9 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
                 out[key] = {name: swap(sub) for name, sub in child.items()}
             elif key in ("enum", "const", "required"):
                 out[key] = child
+            elif key in ("anyOf", "oneOf") and isinstance(child, list):
+                alternatives = [swap(sub) for sub in child]
+                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
             else:
                 out[key] = swap(child)
         return out

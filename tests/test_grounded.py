@@ -48,34 +48,41 @@ def test_without_grounded_a_made_up_value_passes():
 
 def test_value_split_across_whitespace_or_in_another_case_occurs():
     source = "Contact:  ADA\n   lovelace,\tada@example.org"
-    assert bridge.ungrounded_values({"name": "Ada Lovelace", "email": "ADA@EXAMPLE.ORG"}, source) == []
+    answer = {"name": "Ada Lovelace", "email": "ADA@EXAMPLE.ORG"}
+    assert bridge.ungrounded_values(answer, source) == []
     assert bridge.ungrounded_values({"name": "ada  lovelace  "}, source) == []
 
 
 def test_nested_objects_and_lists_are_checked_at_every_depth():
     source = "Rome, Vienna and Prague; Ada is 36, Alan 41."
-    answer = {"trip": {"cities": ["Rome", "Paris", "Prague"], "people": [{"name": "Ada", "age": 36},
-                                                                         {"name": "Alan", "age": 40}]}}
+    people = [{"name": "Ada", "age": 36}, {"name": "Alan", "age": 40}]
+    answer = {"trip": {"cities": ["Rome", "Paris", "Prague"], "people": people}}
     assert bridge.ungrounded_values(answer, source) == [("$.trip.cities[1]", "Paris"),
                                                         ("$.trip.people[1].age", 40)]
 
 
 def test_keys_null_booleans_and_empty_strings_are_exempt():
-    assert bridge.ungrounded_values({"invented_key": None, "flag": True, "other": False, "e": ""}, "text") == []
+    answer = {"invented_key": None, "flag": True, "other": False, "e": ""}
+    assert bridge.ungrounded_values(answer, "text") == []
 
 
 def test_a_value_inside_a_longer_word_or_number_does_not_occur():
     source = "Adam reads 21.5 C in room 1013."
-    assert bridge.ungrounded_values(["Ada", 21, 101, "Adam", 21.5, 1013, "21.5 C"], source) == [
-        ("$[0]", "Ada"), ("$[1]", 21), ("$[2]", 101)]
+    answer = ["Ada", 21, 101, "Adam", 21.5, 1013, "21.5 C", "21"]
+    assert bridge.ungrounded_values(answer, source) == [
+        ("$[0]", "Ada"), ("$[1]", 21), ("$[2]", 101), ("$[7]", "21")]
 
 
 def test_numbers_compare_by_value_with_what_is_written():
     source = "a desk lamp at 19.90 EUR, 2 of them, -3 degrees"
     assert bridge.ungrounded_values([19.9, 19.90, 2, 2.0, -3, "19.90"], source) == []
-    # -3 is written, 3 is not; in "A-1001" the dash joins words, so 1001 is written
+    # -3 is written, 3 is not; a number must be a word of its own, not part of a code, a
+    # date or a time (SmolLM2 answered "version": 2024 for "released on 2024-07-08")
     assert bridge.ungrounded_values([19, 3], source) == [("$[0]", 19), ("$[1]", 3)]
-    assert bridge.ungrounded_values([1001, 2026, 5, 14], "Order A-1001 on 2026-05-14") == []
+    order = "Order A-1001 on 2026-05-14 at 09:10, gate 14."
+    assert bridge.ungrounded_values([1001, 2026, 5, 9, 14], order) == [
+        ("$[0]", 1001), ("$[1]", 2026), ("$[2]", 5), ("$[3]", 9)]
+    assert bridge.ungrounded_values(["A-1001", "2026-05-14", "09:10"], order) == []
 
 
 def test_grounded_applies_to_each_json_validation_type():
@@ -109,14 +116,16 @@ def test_span_schema_for_a_short_input_holds_its_candidates():
     assert schema["$defs"]["bridge_number"] == {"enum": [36]}
     assert {"Ada Lovelace", "London", "Read this sentence", "36"} <= set(spans)
     value = schema["properties"]["name"]["anyOf"]
-    assert value[0] == {"$ref": "#/$defs/bridge_span"} and value[1] == {"$ref": "#/$defs/bridge_number"}
+    assert value[0] == {"$ref": "#/$defs/bridge_span"}
+    assert value[1] == {"$ref": "#/$defs/bridge_number"}
     assert value[-1]["items"]["anyOf"][0] == {"$ref": "#/$defs/bridge_span"}
     assert schema["required"] == ["name", "city", "age"] and schema["additionalProperties"] is False
     # what the grammar takes is a valid JSON Schema, and a copied answer meets it
     from jsonschema import Draft202012Validator
     Draft202012Validator.check_schema(schema)
-    assert Draft202012Validator(schema).is_valid({"name": "Ada Lovelace", "city": "London", "age": 36})
-    assert not Draft202012Validator(schema).is_valid({"name": "Grace", "city": "London", "age": 36})
+    validator = Draft202012Validator(schema)
+    assert validator.is_valid({"name": "Ada Lovelace", "city": "London", "age": 36})
+    assert not validator.is_valid({"name": "Grace", "city": "London", "age": 36})
 
 
 def test_a_long_input_falls_back_to_the_usual_schema():
@@ -156,13 +165,17 @@ def test_not_grounded_or_json_type_sends_the_usual_schema():
 # --------------------------------------------------------------------------------------
 
 
-def _log_lines(state_dir, result, step_id=1):
+def _forms(state_dir, result, step_id=1):
+    """The constrained_output lines of a step's run log."""
     path = state_dir / "runs" / result["run_id"] / f"step-{step_id}.jsonl"
-    return [json.loads(line) for line in path.open()]
+    lines = [json.loads(line) for line in path.open()]
+    return [line for line in lines if line.get("subtype") == "constrained_output"]
 
 
-def test_run_retries_a_made_up_value_with_the_message_and_sends_spans(capsys, db, fake_llm, state_dir):
-    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": PROMPT, "validation": KEYS, "max_retries": 1}]))
+def test_run_retries_a_made_up_value_with_the_message_and_sends_spans(
+        capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": PROMPT, "validation": KEYS,
+                                      "max_retries": 1}]))
     fake_llm.enqueue('{"name": "Ada Lovelace", "city": "Paris", "age": 36}')
     fake_llm.enqueue('{"name": "Ada Lovelace", "city": "London", "age": 36}')
 
@@ -177,14 +190,15 @@ def test_run_retries_a_made_up_value_with_the_message_and_sends_spans(capsys, db
     assert '$.city = "Paris"' in user_text(retry) and "Copy each value exactly" in user_text(retry)
     sent = first["json"]["response_format"]["json_schema"]["schema"]
     assert sent["$defs"]["bridge_span"]["enum"] == bridge.span_candidates([PROMPT])
-    forms = [line for line in _log_lines(state_dir, result) if line.get("subtype") == "constrained_output"]
-    assert [(f["attempt"], f["form"], f["spans"]) for f in forms] == [
-        (1, "spans", len(bridge.span_candidates([PROMPT]))), (2, "spans", len(bridge.span_candidates([PROMPT])))]
+    spans = len(bridge.span_candidates([PROMPT]))
+    assert [(f["attempt"], f["form"], f["spans"]) for f in _forms(state_dir, result)] == [
+        (1, "spans", spans), (2, "spans", spans)]
     check_store(db)
 
 
 def test_spent_attempts_on_made_up_values_fail_the_step(capsys, db, fake_llm, state_dir):
-    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": PROMPT, "validation": KEYS, "max_retries": 0}]))
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": PROMPT, "validation": KEYS,
+                                      "max_retries": 0}]))
     fake_llm.enqueue('{"name": "Ada", "city": "London", "age": 37}')
 
     rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
@@ -199,22 +213,28 @@ def test_load_files_and_dependency_outputs_are_the_text(capsys, db, fake_llm, st
     insert_plan(db, make_plan("p1", [
         {"id": 1, "prompt": "Name a language."},
         {"id": 2, "prompt": "Extract.", "depends_on": [1], "max_retries": 0,
-         "validation": {"type": "contains_keys", "keys": ["name", "city", "language"], "grounded": True}}],
+         "validation": {"type": "contains_keys", "keys": ["name", "city", "language"],
+                        "grounded": True}}],
         context={"objective": "o", "project": str(project), "files_context": {"card.txt": "LOAD"}}))
-    fake_llm.enqueue("COBOL").enqueue('{"name": "grace hopper", "city": "Arlington", "language": "COBOL"}')
+    fake_llm.enqueue("COBOL")
+    fake_llm.enqueue('{"name": "grace hopper", "city": "Arlington", "language": "COBOL"}')
 
     rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
 
     assert rc == 0, result
     sent = fake_llm.chat_requests[1]["json"]["response_format"]["json_schema"]["schema"]
-    assert {"Grace Hopper", "Arlington", "COBOL", "Extract"} <= set(sent["$defs"]["bridge_span"]["enum"])
-    assert "o" not in sent["$defs"]["bridge_span"]["enum"]      # the objective is not the text
+    spans = set(sent["$defs"]["bridge_span"]["enum"])
+    assert {"Grace Hopper", "Arlington", "COBOL", "Extract"} <= spans
+    assert "o" not in spans      # the objective is not the text
 
 
-def test_a_long_input_sends_the_usual_schema_and_the_log_says_so(capsys, db, fake_llm, state_dir, project):
-    (project / "long.txt").write_text(" ".join(f"w{n}" for n in range(2000)) + " Ada", encoding="utf-8")
+def test_a_long_input_sends_the_usual_schema_and_the_log_says_so(
+        capsys, db, fake_llm, state_dir, project):
+    long_text = " ".join(f"w{n}" for n in range(2000)) + " Ada"
+    (project / "long.txt").write_text(long_text, encoding="utf-8")
     validation = {"type": "contains_keys", "keys": ["name"], "grounded": True}
-    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "Who?", "validation": validation, "max_retries": 0}],
+    step = {"id": 1, "prompt": "Who?", "validation": validation, "max_retries": 0}
+    insert_plan(db, make_plan("p1", [step],
                               context={"objective": "o", "project": str(project),
                                        "files_context": {"long.txt": "LOAD"}}))
     fake_llm.enqueue('{"name": "Ada"}')
@@ -224,8 +244,7 @@ def test_a_long_input_sends_the_usual_schema_and_the_log_says_so(capsys, db, fak
     assert rc == 0
     sent = fake_llm.chat_requests[0]["json"]["response_format"]["json_schema"]["schema"]
     assert sent == bridge.output_schema(validation)
-    forms = [line for line in _log_lines(state_dir, result) if line.get("subtype") == "constrained_output"]
-    assert [(f["form"], f["spans"]) for f in forms] == [("schema", None)]
+    assert [(f["form"], f["spans"]) for f in _forms(state_dir, result)] == [("schema", None)]
 
 
 def test_no_structured_logs_that_only_the_check_applies(capsys, db, fake_llm, state_dir):
@@ -235,8 +254,7 @@ def test_no_structured_logs_that_only_the_check_applies(capsys, db, fake_llm, st
     rc, result, _ = run_json(capsys, db, fake_llm, state_dir, "--no-structured")
 
     assert rc == 0 and fake_llm.chat_requests[0]["json"].get("response_format") is None
-    forms = [line for line in _log_lines(state_dir, result) if line.get("subtype") == "constrained_output"]
-    assert [f["form"] for f in forms] == ["none"]
+    assert [f["form"] for f in _forms(state_dir, result)] == ["none"]
 
 
 # --------------------------------------------------------------------------------------
@@ -255,18 +273,36 @@ def plan_problems(plan: dict) -> list[str]:
 @pytest.mark.parametrize("validation", [{"type": "json"}, {"type": "contains_keys", "keys": ["a"]},
                                         {"type": "json_schema", "schema": {}}])
 def test_validate_accepts_grounded_on_json_validations(validation):
-    plan = make_plan("p1", [{"id": 1, "prompt": "x", "validation": {**validation, "grounded": True}}])
+    step = {"id": 1, "prompt": "x", "validation": {**validation, "grounded": True}}
+    plan = make_plan("p1", [step])
     assert plan_problems(plan) == []
 
 
-@pytest.mark.parametrize("validation", [{"type": "non_empty"}, {"type": "regex", "pattern": "x"},
-                                        {"type": "syntax_check"}, {"type": "command", "run": ["true"]}])
+@pytest.mark.parametrize("validation", [
+    {"type": "non_empty"}, {"type": "regex", "pattern": "x"}, {"type": "syntax_check"},
+    {"type": "command", "run": ["true"]}])
 def test_validate_refuses_grounded_where_it_does_not_apply(validation):
-    plan = make_plan("p1", [{"id": 1, "prompt": "x", "validation": {**validation, "grounded": True}}])
+    step = {"id": 1, "prompt": "x", "validation": {**validation, "grounded": True}}
+    plan = make_plan("p1", [step])
     problems = plan_problems(plan)
     assert problems and "validation.type" in problems[0] and "contains_keys" in problems[0]
 
 
 def test_validate_refuses_a_grounded_that_is_not_a_boolean():
-    plan = make_plan("p1", [{"id": 1, "prompt": "x", "validation": {"type": "json", "grounded": "yes"}}])
+    step = {"id": 1, "prompt": "x", "validation": {"type": "json", "grounded": "yes"}}
+    plan = make_plan("p1", [step])
     assert any("grounded" in p for p in plan_problems(plan))
+
+
+def test_no_number_is_offered_where_the_input_writes_none():
+    """SmolLM2 answered "version": 4.23 for "jsonschema 4.23.0" while numbers were open."""
+    validation = {"type": "contains_keys", "keys": ["package", "version"], "grounded": True}
+    sent = bridge.output_schema(validation, ["jsonschema 4.23.0 was released on 2024-07-08."])
+    value = sent["properties"]["version"]["anyOf"]
+    assert {"type": "number"} not in value and {"type": "number"} not in value[-1]["items"]["anyOf"]
+    assert value[0] == {"$ref": "#/$defs/bridge_span"} and "bridge_number" not in sent["$defs"]
+    assert "4.23.0" in sent["$defs"]["bridge_span"]["enum"]
+    required = {"type": "json_schema", "grounded": True, "schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}}}
+    sent = bridge.output_schema(required, ["no figures here"])
+    assert sent["properties"]["n"] == {"type": "integer"}
