@@ -3967,18 +3967,35 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
     """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
     grounded contains_keys or json_schema validation whose input has at most
-    GROUNDED_MAX_SPANS spans; else None (the usual schema is sent)."""
+    GROUNDED_MAX_SPANS spans; else None (the usual schema is sent). A span that is one of
+    the answer's key names (keys, or a schema's property names; case folded) is left
+    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
+    listing the keys "quantity" and "unit". The check still takes such a value."""
     if not validation.get("grounded") or validation.get("type") not in GROUNDED_TYPES[1:]:
         return None
     pieces = [source] if isinstance(source, str) else source
     spans = span_candidates(pieces)
-    if spans is None or not spans:
+    names = {fold_text(name) for name in
+             validation.get("keys") or _property_names(validation.get("schema"))}
+    spans = [span for span in spans or [] if fold_text(span) not in names]
+    if not spans:
         return None
     numbers: dict[float, int | float] = {}
     for text in pieces:
         for value, number in written_numbers(text).items():
             numbers.setdefault(value, number)
     return spans, list(numbers.values())
+
+
+def _property_names(schema: Any) -> set[str]:
+    """The property names a JSON Schema lists, at any depth."""
+    if isinstance(schema, list):
+        return {name for item in schema for name in _property_names(item)}
+    if not isinstance(schema, dict):
+        return set()
+    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
+    return names.union(*(_property_names(child) for key, child in schema.items()
+                         if key not in ("enum", "const")))
 
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:

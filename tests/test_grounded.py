@@ -20,6 +20,11 @@ PROMPT = f'Read this sentence: "{SENTENCE}" Return name, city and age.'
 KEYS = {"type": "contains_keys", "keys": ["name", "city", "age"], "grounded": True}
 
 
+def spans_sent(pieces: list[str], keys: list[str] = KEYS["keys"]) -> list[str]:
+    """The spans of the input less the key names (the task names them)."""
+    return [span for span in bridge.span_candidates(pieces) if span.casefold() not in keys]
+
+
 # --------------------------------------------------------------------------------------
 # the check
 # --------------------------------------------------------------------------------------
@@ -111,8 +116,9 @@ def test_span_candidates_of_a_short_input():
 
 def test_span_schema_for_a_short_input_holds_its_candidates():
     schema = bridge.output_schema(KEYS, [PROMPT])
-    spans = bridge.span_candidates([PROMPT])
+    spans = spans_sent([PROMPT])
     assert schema["$defs"]["bridge_span"] == {"enum": spans}
+    assert {"name", "city", "age"} <= set(bridge.span_candidates([PROMPT])) - set(spans)
     assert schema["$defs"]["bridge_number"] == {"enum": [36]}
     assert {"Ada Lovelace", "London", "Read this sentence", "36"} <= set(spans)
     value = schema["properties"]["name"]["anyOf"]
@@ -189,8 +195,8 @@ def test_run_retries_a_made_up_value_with_the_message_and_sends_spans(
     assert "Copy every value exactly from the text" in first_user(first)
     assert '$.city = "Paris"' in user_text(retry) and "Copy each value exactly" in user_text(retry)
     sent = first["json"]["response_format"]["json_schema"]["schema"]
-    assert sent["$defs"]["bridge_span"]["enum"] == bridge.span_candidates([PROMPT])
-    spans = len(bridge.span_candidates([PROMPT]))
+    assert sent["$defs"]["bridge_span"]["enum"] == spans_sent([PROMPT])
+    spans = len(spans_sent([PROMPT]))
     assert [(f["attempt"], f["form"], f["spans"]) for f in _forms(state_dir, result)] == [
         (1, "spans", spans), (2, "spans", spans)]
     check_store(db)
@@ -306,3 +312,16 @@ def test_no_number_is_offered_where_the_input_writes_none():
         "type": "object", "properties": {"n": {"type": "integer"}}}}
     sent = bridge.output_schema(required, ["no figures here"])
     assert sent["properties"]["n"] == {"type": "integer"}
+
+
+def test_key_names_are_not_offered_as_spans_but_pass_the_check():
+    """SmolLM2 answered "unit": "quantity" from a prompt listing the keys "quantity" and "unit"."""
+    prompt = 'The humidity in the cellar reads 48 %. Return the keys "quantity", "unit", "Place".'
+    validation = {"type": "contains_keys", "keys": ["quantity", "unit", "place"], "grounded": True}
+    spans = bridge.output_schema(validation, [prompt])["$defs"]["bridge_span"]["enum"]
+    assert not {"quantity", "unit", "Place"} & set(spans) and "humidity" in spans
+    schema = {"type": "json_schema", "grounded": True, "schema": {"type": "object", "properties": {
+        "reading": {"type": "object", "properties": {"humidity": {"type": "string"}}}}}}
+    assert "humidity" not in bridge.output_schema(schema, [prompt])["$defs"]["bridge_span"]["enum"]
+    bridge.check_output('{"quantity": "humidity", "unit": "quantity", "place": "cellar"}',
+                        validation, prompt)
