@@ -4253,9 +4253,6 @@ def describe_validation(validation: dict | list) -> str:
     kind = validation.get("type", "non_empty")
     if kind == "command":
         return f"It will then be checked by running `{shell_words(validation['run'])}` in the project."
-    if validation.get("grounded") and kind in GROUNDED_TYPES:
-        return (describe_validation({k: v for k, v in validation.items() if k != "grounded"})
-                + " Copy every value exactly from the text; use null where the text has none.")
     return {
         "non_empty": "Answer with the requested content.",
         "json": "Answer with valid JSON only, in a ```json fenced block.",

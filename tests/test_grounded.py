@@ -98,9 +98,12 @@ def test_grounded_applies_to_each_json_validation_type():
             bridge.check_output('{"a": "Paris"}', validation, SENTENCE)
 
 
-def test_the_prompt_tells_the_model_to_copy():
-    assert "Copy every value exactly from the text" in bridge.describe_validation(KEYS)
-    assert "Copy" not in bridge.describe_validation({"type": "contains_keys", "keys": ["a"]})
+def test_the_first_prompt_says_nothing_more():
+    """On SmolLM2-135M, adding "Copy every value exactly from the text; use null where the
+    text has none." to the answer-form line gave 29 of 32 faithful against 32 of 32
+    without it (bench/real_model.py, grounded): only a retry is told."""
+    plain = {k: v for k, v in KEYS.items() if k != "grounded"}
+    assert bridge.describe_validation(KEYS) == bridge.describe_validation(plain)
 
 
 # --------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ def test_run_retries_a_made_up_value_with_the_message_and_sends_spans(
     assert step["status"] == "succeeded" and step["attempts"] == 2
     assert json.loads(step["output"])["city"] == "London"
     first, retry = fake_llm.chat_requests
-    assert "Copy every value exactly from the text" in first_user(first)
+    assert "Copy" not in first_user(first)
     assert '$.city = "Paris"' in user_text(retry) and "Copy each value exactly" in user_text(retry)
     sent = first["json"]["response_format"]["json_schema"]["schema"]
     assert sent["$defs"]["bridge_span"]["enum"] == spans_sent([PROMPT])
