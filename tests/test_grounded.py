@@ -13,7 +13,9 @@ import json
 import pytest
 
 import bridge
-from fakes import check_store, first_user, insert_plan, make_plan, run_json, steps_by_id, user_text
+from fakes import (
+    check_store, first_user, insert_plan, make_plan, run_bridge, run_json, steps_by_id, user_text,
+)
 
 SENTENCE = "Ada Lovelace lives in London and is 36 years old."
 PROMPT = f'Read this sentence: "{SENTENCE}" Return name, city and age.'
@@ -328,3 +330,24 @@ def test_key_names_are_not_offered_as_spans_but_pass_the_check():
     assert "humidity" not in bridge.output_schema(schema, [prompt])["$defs"]["bridge_span"]["enum"]
     bridge.check_output('{"quantity": "humidity", "unit": "quantity", "place": "cellar"}',
                         validation, prompt)
+
+
+def test_dry_run_shows_the_spans_a_run_then_sends(capsys, db, fake_llm, state_dir):
+    """--dry-run --json shows a grounded step's span schema when no other step's output is
+    in its input (it equals what the run sends); a dependent step shows the usual one."""
+    dependent = {"type": "contains_keys", "keys": ["name"], "grounded": True}
+    insert_plan(db, make_plan("p1", [
+        {"id": 1, "prompt": PROMPT, "validation": KEYS},
+        {"id": 2, "prompt": "Who?", "depends_on": [1], "validation": dependent}]))
+
+    rc, out, _ = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run", "--json")
+
+    assert rc == 0 and fake_llm.requests == []
+    first, second = json.loads(out)["plans"][0]["steps"]
+    assert first["response_format"]["json_schema"]["schema"]["$defs"]["bridge_span"] == {
+        "enum": spans_sent([PROMPT])}
+    assert second["response_format"]["json_schema"]["schema"] == bridge.output_schema(dependent)
+    fake_llm.enqueue('{"name": "Ada Lovelace", "city": "London", "age": 36}')
+    fake_llm.enqueue('{"name": "Ada Lovelace"}')
+    run_json(capsys, db, fake_llm, state_dir)
+    assert fake_llm.chat_requests[0]["json"]["response_format"] == first["response_format"]
