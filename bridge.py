@@ -5529,7 +5529,9 @@ class RunLog:
     sent}} and {"type": "user" | "assistant", "message": …} lines), the streamed
     answer as an "assistant" message with its usage, a {"type": "system",
     "subtype": "command"} line per command run (argv, exit_code, duration_s,
-    output_tail), a {"type": "system", "subtype": "validation"} line;
+    output_tail), a {"type": "system", "subtype": "validation"} line (and before the
+    answer, for a grounded step, a {"type": "system", "subtype": "constrained_output"}
+    line: which schema was asked for);
     last a {"type": "result", …} line with usage, duration_ms, total_cost_usd (0:
     the work was local) and would_have_cost_usd. A transcript is flushed once an
     attempt's messages are written and again after its check, so it can be read
