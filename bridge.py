@@ -3930,8 +3930,9 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
     kind = validation.get("type")
-    if source is not None and (spans := grounded_spans(validation, source)) is not None:
-        return span_schema(output_schema(validation), *spans)
+    if source is not None and (spans := grounded_spans(validation, source)) is not None and \
+            (usual := output_schema(validation)):
+        return span_schema(usual, *spans)
     if kind == "json":
         return {}
     if kind == "contains_keys":
@@ -6466,9 +6467,9 @@ class Runner:
         first = next((v for v in validations_of(step.validation)
                       if output_schema(v) is not None), {})
         if first.get("grounded") and schema is not None:
-            spans = grounded_spans(first, source) if sends else None
+            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
             form = "none" if not sends else "spans" if spans else "schema"
-            run.runlog.constrained(step.id, number, form, len(spans[0]) if spans else None)
+            run.runlog.constrained(step.id, number, form, len(spans["enum"]) if spans else None)
         return schema
 
     def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:

@@ -351,3 +351,10 @@ def test_dry_run_shows_the_spans_a_run_then_sends(capsys, db, fake_llm, state_di
     fake_llm.enqueue('{"name": "Ada Lovelace"}')
     run_json(capsys, db, fake_llm, state_dir)
     assert fake_llm.chat_requests[0]["json"]["response_format"] == first["response_format"]
+
+
+def test_a_schema_that_takes_anything_gets_no_spans_an_open_value_does():
+    validation = {"type": "json_schema", "schema": True, "grounded": True}
+    assert bridge.output_schema(validation, [PROMPT]) == bridge.output_schema(validation) == {}
+    open_value = {"type": "json_schema", "schema": {}, "grounded": True}
+    assert bridge.output_schema(open_value, [PROMPT])["anyOf"][0] == {"$ref": "#/$defs/bridge_span"}
