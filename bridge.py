@@ -3994,8 +3994,9 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
     fenced (for json types: the parsed JSON, re-serialised), else the stripped
     text; for a list, that of its first check. Command validations are not run
     here (the Runner runs them once the file is written); a list of commands
-    only is checked as non_empty. source: the step's input (step_source), which
-    the values of a "grounded" JSON validation must come from (check_grounded).
+    only is checked as non_empty. source: the step's input (the pieces build_messages
+    gives as sources, joined), which the values of a "grounded" JSON validation must
+    come from (check_grounded).
     Raises OutputInvalid with a message the model can act on.
     """
     checks = [v for v in validations_of(validation) if v.get("type") != "command"] or [DEFAULT_VALIDATION]
@@ -4061,7 +4062,7 @@ GROUNDED_TYPES = ("json", "contains_keys", "json_schema")   # the validations "g
 
 
 def fold_text(text: str) -> str:
-    """Return text as grounded values are compared: case folded (str.casefold), each run
+    """Return text as key names and spans are compared: case folded (str.casefold), each run
     of whitespace one space, no whitespace at either end."""
     return " ".join(text.casefold().split())
 
@@ -4073,41 +4074,40 @@ def written_numbers(text: str) -> dict[float, int | float]:
     """Return the numbers written in text as words of their own: each whitespace-separated
     word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
     ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001")."""
+    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
+    One regular expression over text: no copy of it, however large."""
+    trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
-    for word in text.split():
-        word = word.strip(_SPAN_TRIM)
-        if re.fullmatch(r"-?\d+(?:\.\d+)?", word):
-            value = float(word)
-            found.setdefault(value, int(word) if "." not in word else value)
+    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
+        value = float(match[1])
+        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
     return found
 
 
-def _occurs(value: str, folded_source: str) -> bool:
-    """Tell whether a folded value occurs in a folded source, not as part of a longer
-    word or number ("ada" is not in "adam", "21" is not in "21.5")."""
-    start = folded_source.find(value)
-    while start >= 0:
-        before = folded_source[start - 1:start]
-        after = folded_source[start + len(value):start + len(value) + 2]
-        if not (value[:1].isalnum() and (before.isalnum() or before == "_")) and \
-                not (value[-1:].isalnum() and (after[:1].isalnum() or after[:1] == "_")) and \
-                not (value[-1:].isdigit() and re.match(r"[.,]\d", after)):
-            return True
-        start = folded_source.find(value, start + 1)
-    return False
+def _occurs(value: str, source: str) -> bool:
+    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
+    run of whitespace matching any other, not as part of a longer word or number ("Ada"
+    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    words = value.split()
+    if not words:
+        return True
+    pattern = r"\s+".join(map(re.escape, words))
+    if re.match(r"\w", words[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.search(r"\w$", words[-1]):
+        pattern += r"(?!\w|[.,]\d)"
+    return re.search(pattern, source, re.IGNORECASE) is not None
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
     """Return the (JSON path, value) of every value of a JSON answer that does not occur
     in source, in document order.
 
-    A string occurs when its fold_text does in source's, not inside a longer word or
-    number; a number when it equals a number written in source as a word of its own
-    (written_numbers: 19.9 is "19.90", 5 is not in "2026-05-14"); each
-    item of a list and each value of an object (at any depth) is checked. Key names,
-    null, booleans and empty strings are exempt."""
-    folded = fold_text(source)
+    A string occurs when it is in source, case and runs of whitespace folded, not inside
+    a longer word or number (_occurs); a number when it equals a number written in
+    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"); each item of a list and each value of an object (at any depth) is
+    checked. Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -4124,7 +4124,7 @@ def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[st
         elif isinstance(item, (int, float)):
             if float(item) not in numbers:
                 found.append((where, item))
-        elif isinstance(item, str) and fold_text(item) and not _occurs(fold_text(item), folded):
+        elif isinstance(item, str) and not _occurs(item, source):
             found.append((where, item))
 
     visit(value, path)
@@ -4180,7 +4180,8 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
     (bounded_schema). Only what is sent is bounded: check_output still applies the
     plan's own validation.
 
-    source: the step's input (step_source). A "grounded" contains_keys or json_schema
+    source: the step's input (the pieces build_messages gives as sources). A "grounded"
+    contains_keys or json_schema
     step whose input has few enough spans (span_candidates) gets span_schema instead:
     its string values can only be copied from the input.
     """
@@ -4206,15 +4207,21 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
     GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
     punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
     them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in order of first occurrence. None when there are more than GROUNDED_MAX_SPANS:
-    the grammar a server builds from an enum grows with it (measured in the README,
-    Grounded answers)."""
+    once, in the order they end in the input (the shorter first). None when the input
+    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
+    enum grows with it (measured in the README, Answers grounded in the text). Words are
+    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
     seen: dict[str, None] = {}
+    read = 0
     for piece in pieces:
-        words = piece.split()
-        for start in range(len(words)):
-            for end in range(start + 1, min(start + GROUNDED_SPAN_WORDS, len(words)) + 1):
-                span = " ".join(words[start:end]).strip(_SPAN_TRIM)
+        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
+        for match in re.finditer(r"\S+", piece):
+            read += 1
+            if read > GROUNDED_MAX_SPANS:
+                return None
+            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
+            for start in range(len(words) - 1, -1, -1):
+                span = " ".join(words[start:]).strip(_SPAN_TRIM)
                 if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
                         not re.search(r'["\\\x00-\x1f]', span):
                     seen[span] = None
@@ -5864,8 +5871,8 @@ class RunLog:
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
-        "spans" (its string values one of spans candidates, span_schema) or "schema"
-        (the usual schema; spans None)."""
+        "spans" (its string values one of spans candidates, span_schema), "schema"
+        (the usual schema) or "none" (no schema sent); spans None but for "spans"."""
         self._line(sid, {"type": "system", "subtype": "constrained_output", "attempt": attempt,
                          "form": form, "spans": spans})
 

@@ -116,7 +116,10 @@ def test_the_first_prompt_says_nothing_more():
 def test_span_candidates_of_a_short_input():
     spans = bridge.span_candidates(['Ada lives in "London".', "Go!"])
     # punctuation trimmed at the ends, a span holding a quote left out, no span across pieces
-    assert spans == ["Ada", "Ada lives", "Ada lives in", "lives", "lives in", "in", "London", "Go"]
+    assert spans == ["Ada", "lives", "Ada lives", "in", "lives in", "Ada lives in", "London", "Go"]
+    six = bridge.span_candidates(["a b c d e f g"])
+    assert "a b c d e f" in six and "b c d e f g" in six and "a b c d e f g" not in six
+    assert len(six) == 7 + 6 + 5 + 4 + 3 + 2
 
 
 def test_span_schema_for_a_short_input_holds_its_candidates():
@@ -358,3 +361,11 @@ def test_a_schema_that_takes_anything_gets_no_spans_an_open_value_does():
     assert bridge.output_schema(validation, [PROMPT]) == bridge.output_schema(validation) == {}
     open_value = {"type": "json_schema", "schema": {}, "grounded": True}
     assert bridge.output_schema(open_value, [PROMPT])["anyOf"][0] == {"$ref": "#/$defs/bridge_span"}
+
+
+def test_a_long_input_of_few_spans_falls_back_too():
+    """The spans are read word by word and stop at GROUNDED_MAX_SPANS words: a large LOAD
+    file costs its first words, not a pass over all of it (it has 6 distinct spans)."""
+    text = "word " * (bridge.GROUNDED_MAX_SPANS + 1)
+    assert bridge.span_candidates([text]) is None
+    assert bridge.span_candidates([text[:-10]]) == [" ".join(["word"] * n) for n in range(1, 7)]
