@@ -245,6 +245,8 @@ RESULT_TAG = "bridge-result"
 PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x ontology
 RESULT_MEMORY_TYPE = "tool_outcome"
 PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled", "awaiting_review")
+# What --cancel takes (display statuses): all but a live run and a finished one
+CANCELLABLE_STATUSES = ("pending", "stale", "invalid", "awaiting_review")
 
 # What the same tokens would cost on Claude, in US dollars per million tokens
 # (input, output). Source: https://platform.claude.com/docs/en/about-claude/pricing,
@@ -954,8 +956,8 @@ STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's fi
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
     """What no plan may write, whatever project it names: stores (the memory store
     paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
-    (bridge's journals, backups and run logs). Anything under .git/ is refused too
-    (see forbidden_target_reason)."""
+    (bridge's journals, backups and run logs). Anything in a version-control folder
+    is refused too (see forbidden_target_reason)."""
 
     __slots__ = ()
 
@@ -965,19 +967,94 @@ class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
         return cls(tuple(config.db_paths), config.state_dir)
 
 
+# Folders of version-control systems, whose hooks and config run commands on the next
+# command of that system (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks]
+# in .hg/hgrc; Subversion, Jujutsu, Bazaar, darcs: their own config and hooks).
+VCS_FOLDERS = (".git", ".hg", ".svn", ".jj", ".bzr", "_darcs")
+# What a name may hold that some disk drops when it looks the name up, so that the
+# name still opens a VCS folder: code points HFS+ and APFS ignore (git's utf8.c
+# is_hfs_dotgit), trailing dots and spaces (NTFS, FAT), and 8.3 short names (GIT~1).
+_NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
+
+
+def vcs_folder_of(name: str) -> str | None:
+    """Return the VCS folder (one of VCS_FOLDERS) a path component opens on some disk
+    (any case; see _NAME_IGNORED), or None: ".GIT", ".git.", ".g\u200cit", "GIT~1"
+    all give ".git"."""
+    seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
+    for folder in VCS_FOLDERS:
+        if seen in (folder, folder.lstrip(".")[:6] + "~1"):
+            return folder
+    return None
+
+
+def _is_git_dir(folder: str) -> bool:
+    """Whether folder is a git directory by git's own test (setup.c
+    is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
+    worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
+    if not os.path.isfile(os.path.join(folder, "HEAD")):
+        return False
+    return os.path.isfile(os.path.join(folder, "commondir")) or (
+        os.path.isdir(os.path.join(folder, "objects")) and os.path.isdir(os.path.join(folder, "refs")))
+
+
+def _gitdir_named(folder: str) -> str | None:
+    """The real path a `.git` file in folder points to ("gitdir: PATH", git's
+    gitfile format, as a worktree or submodule has), or None."""
+    try:
+        with open(os.path.join(folder, ".git"), "rb") as handle:
+            head = handle.read(4096).decode("utf-8", "replace")
+    except OSError:         # none, or a folder: a real .git, refused by its name
+        return None
+    if not head.startswith("gitdir:"):
+        return None
+    target = head[len("gitdir:"):].split("\n")[0].strip()
+    return _realpath(os.path.join(folder, target)) if target else None
+
+
+def vcs_target_reason(project: Path, rel: str) -> str | None:
+    """Return why project/rel lies in a version-control folder, or None.
+
+    Refused: a component of rel, or of the project's path (as given, made absolute,
+    and with symlinks resolved), that opens one of VCS_FOLDERS (vcs_folder_of);
+    and a target inside a git directory of any name (_is_git_dir: a bare repository,
+    a worktree's gitdir) or inside the gitdir a `.git` file above it points to."""
+    from pathlib import PurePosixPath
+
+    for part in PurePosixPath(rel.replace("\\", "/")).parts:
+        if folder := vcs_folder_of(part):
+            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
+                    "bridge never writes there")
+    root = _realpath(project)
+    for shown in dict.fromkeys((os.path.abspath(project), root)):
+        for part in PurePosixPath(shown).parts:
+            if folder := vcs_folder_of(part):
+                return (f"project {project} lies inside {part}/ ({folder}: its hooks and config run "
+                        f"commands); bridge never writes there")
+    target = _realpath(os.path.join(root, rel))
+    folder = os.path.dirname(target)
+    while True:
+        gitdir = _gitdir_named(folder)
+        if _is_git_dir(folder) or (gitdir and (target + os.sep).startswith(gitdir.rstrip(os.sep) + os.sep)):
+            where = folder if _is_git_dir(folder) else gitdir
+            return f"path {rel!r} lies in the git directory {where}; bridge never writes there"
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
     """Return why project/rel may never be written, or None when it may.
 
-    Refused whatever the project: any component named .git (hooks there run on
-    the next git command; any case, for case-insensitive disks), the memory store
-    file and its SQLite sidecars, and anything in the state dir. rel is a plan path
-    already checked to be relative without '..'; the target is compared both as
-    written and with symlinks resolved. The one rule validation and every write use.
+    Refused whatever the project: anything in a version-control folder, under the
+    project or around it (vcs_target_reason), the memory store file and its SQLite
+    sidecars, and anything in the state dir. rel is a plan path already checked to
+    be relative without '..'; the target is compared both as written and with
+    symlinks resolved. The one rule validation and every write use.
     """
-    from pathlib import PurePosixPath
-
-    if any(part.lower() == ".git" for part in PurePosixPath(rel.replace("\\", "/")).parts):
-        return f"path {rel!r} is under .git/ (git runs its hooks); bridge never writes there"
+    if reason := vcs_target_reason(project, rel):
+        return reason
     guard = guard or Guard()
     root = _realpath(project)
     targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
@@ -1378,8 +1455,10 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
     @property
     def stale(self) -> bool:
         """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is older than STALE_AFTER_S seconds
-        (a running bridge refreshes it every HEARTBEAT_INTERVAL_S)."""
+        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
+        from now, in the past or the future (a running bridge refreshes it every
+        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
+        reads as a time (a plan whose own content says in_progress has none)."""
         from datetime import datetime, timezone
 
         if self.status != "in_progress":
@@ -1390,9 +1469,11 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
             return True
         try:
             beat = datetime.fromisoformat(str(self.state.get("heartbeat_at")).replace("Z", "+00:00"))
-        except ValueError:
-            return False
-        return (datetime.now(timezone.utc) - beat).total_seconds() > STALE_AFTER_S
+            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
+                beat = beat.replace(tzinfo=timezone.utc)
+            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
+        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
+            return True
 
     @property
     def display_status(self) -> str:
@@ -1764,37 +1845,49 @@ class Store:
                           (now, now, iso_from_ts(now), row_id))
 
     def cancel(self, record: PlanRecord) -> bool:
-        """Mark a pending plan cancelled, atomically; False when it is no longer pending."""
+        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
+        died, or its state is forged: the files its run left stay as they are),
+        invalid or awaiting review (its staged files stay unapplied in its run's
+        folder); False, changing nothing, when it is running or finished."""
         def work() -> bool:
-            if self.reload(record).status != "pending":
+            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
                 return False
             self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
                                      "error": "cancelled by the user"})
             return True
         return self._write(work)
 
-    def find_result(self, record: PlanRecord) -> tuple[dict, str] | None:
-        """Return the newest stored result document of a plan and its memory's
-        content_hash, or None.
+    def find_result(self, record: PlanRecord, named_only: bool = True) -> tuple[dict, str] | None:
+        """Return the newest stored result document of a plan that bridge's state
+        names, and its memory's content_hash, or None.
 
-        By the result_hash in the plan's state first; else the live results tagged
-        plan:<id>, newest first (the memory server's own tag match), each
-        confirmed by parsing it (parse_result_content).
+        Named: the memory's content_hash is the state's result_hash, or its
+        last_result_hash (the result before the claim of the run now recorded). A
+        memory merely tagged bridge-result and plan:<id> is anyone's (a forgery):
+        with named_only False, the newest such is returned too. Candidates: by the
+        state's hashes, then the live results tagged plan:<id>, newest first (the
+        memory server's own tag match), each confirmed by parsing it
+        (parse_result_content).
         """
         rows: list = []
-        digest = record.state.get("result_hash")
-        if digest and "content_hash" in self.columns:
-            rows = self.conn.execute("SELECT content FROM memories WHERE content_hash = ?", (digest,)).fetchall()
+        named = {h for h in (record.state.get("result_hash"), record.state.get("last_result_hash"))
+                 if isinstance(h, str) and h}
+        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        if named and "content_hash" in self.columns:
+            rows = self.conn.execute(f"SELECT content_hash, content FROM memories WHERE content_hash IN "
+                                     f"({', '.join('?' for _ in named)})", tuple(named)).fetchall()
         if "tags" in self.columns:
             rows += self.conn.execute(
-                f"SELECT content FROM memories m WHERE (',' || m.tags || ',') LIKE ? AND {self._live_filter()} "
-                "ORDER BY m.created_at DESC", (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
+                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') LIKE ? AND "
+                f"{self._live_filter()} ORDER BY m.created_at DESC",
+                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
         else:
-            rows += self.conn.execute("SELECT content FROM memories WHERE instr(content, 'bridge_result') > 0 "
-                                      "ORDER BY created_at DESC").fetchall()
-        for (content,) in rows:
+            rows += self.conn.execute(f"SELECT {digest_column}, content FROM memories WHERE "
+                                      "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
+        for digest, content in rows:
             document = parse_result_content(content)
-            if document is not None and document.get("plan_id") == record.plan_id:
+            if document is not None and document.get("plan_id") == record.plan_id \
+                    and (not named_only or (digest or content_hash(content)) in named):
                 return document, content_hash(content)
         return None
 
@@ -2012,7 +2105,9 @@ class Store:
             if fresh.display_status not in allowed:
                 return False
             now = utc_now_iso()
+            last = fresh.state.get("result_hash") or fresh.state.get("last_result_hash")
             self._set_state(record, {
+                "last_result_hash": last if isinstance(last, str) else None,
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
                 "heartbeat_at": now, "owner": {"host": hostname(), "pid": os.getpid()},
                 "finished_at": None, "error": None, "result_hash": None, "resumed_from": resumed_from})
@@ -2433,29 +2528,94 @@ def _schema_use_problems(schema: Any, where: str) -> list[str]:
     return []
 
 
-SECRET_FOLDERS = (".ssh", ".gnupg", ".aws")
-SECRET_NAME = re.compile(r"id_[^.]*|.*\.(pem|key|p12|pfx)|\.env(\.(?!(example|sample|template|dist)$)[^/]*)?"
-                         r"|\.netrc|\.pgpass", re.IGNORECASE)
+# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
+# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
+# under it (a/b/ names the two folders in a row); else it is matched against the
+# file's name, or, with a "/", against the last components of its path. Patterns are
+# shell globs, any case. The README's table is this one.
+SECRET_LOAD_TABLE = (
+    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
+    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
+    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
+    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
+    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
+    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
+    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
+    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
+      for folder in VCS_FOLDERS),
+    ("id_*", "SSH private key (id_*.pub is public)"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"), ("*.ppk", "PuTTY private key"),
+    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
+    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
+    (".env", "environment secrets"), (".env.*", "environment secrets"), (".envrc", "direnv secrets"),
+    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
+    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
+    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
+    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
+    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
+    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
+    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
+    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"), ("terraform.rc", "Terraform tokens"),
+    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
+    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
+    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
+    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
+    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
+    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"), ("secrets.yaml", "app secrets"),
+)
+# Names LOAD reads although a row above matches: public keys and samples of secret files
+SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
+# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
+# the name is checked again without it.
+_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
+
+
+def _secret_row(parts: list[str]) -> tuple[str, str] | None:
+    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
+    from fnmatch import fnmatchcase
+
+    parts = [part.casefold() for part in parts]
+    folders, name = parts[:-1], parts[-1]
+    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
+    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
+        return "id_*", "SSH private key (id_*.pub is public)"
+    for pattern, holds in SECRET_LOAD_TABLE:
+        seq = pattern.rstrip("/").casefold().split("/")
+        if pattern.endswith("/"):
+            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
+                return pattern, holds
+            continue
+        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
+            continue
+        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
+            continue
+        head = [fnmatchcase(part, glob) for part, glob in zip(folders[len(folders) - len(seq) + 1:], seq)]
+        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
+            return pattern, holds
+    return None
 
 
 def secret_file_reason(rel: str) -> str | None:
     """Return why a LOAD path looks like a private key or a secret store, or None.
 
-    Refused: anything in a .ssh, .gnupg or .aws folder; SSH private keys (id_*
-    with no extension; id_*.pub is public); *.pem, *.key, *.p12, *.pfx; .env and
-    .env.* (but .env.example, .sample, .template, .dist); .netrc, .pgpass. Their
-    text would go to the model and into the result memory and the run logs.
+    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
+    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
+    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
+    Their text would go to the model, into the result memory and the run logs.
     """
     from pathlib import PurePosixPath
 
-    parts = PurePosixPath(rel.replace("\\", "/")).parts
-    folder = next((p for p in parts[:-1] if p.lower() in SECRET_FOLDERS), None)
-    if folder:
-        return f"LOAD file {rel!r} is in {folder}/, which holds secrets; bridge does not send it to a model"
-    if parts and SECRET_NAME.fullmatch(parts[-1]):
-        return (f"LOAD file {rel!r} looks like a private key or secret store; bridge does not send it "
-                "to a model (name it as REFERENCE, or give the model what it needs another way)")
-    return None
+    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
+    row = _secret_row(parts) if parts else None
+    if row is None:
+        return None
+    pattern, holds = row
+    if pattern.endswith("/"):
+        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge does not "
+                "send it to a model")
+    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); bridge "
+            "does not send it to a model (name it as REFERENCE, or give the model what it needs another way)")
 
 
 def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
@@ -2489,6 +2649,7 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
     outputs = {s["file_output"]: n for n, s in enumerate(steps)
                if isinstance(s, dict) and isinstance(s.get("file_output"), str)}
+    written = {same_file_path(rel) for rel in outputs}
     if "project" in context and not isinstance(context["project"], str):
         return []                   # the schema has said what is wrong with it
     if "project" not in context:
@@ -2509,14 +2670,15 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
             continue
         if mode != "LOAD":
             continue
-        secret = secret_file_reason(rel) or secret_file_reason(os.path.relpath(_realpath(path), _realpath(project)))
+        secret = secret_file_reason(rel) or secret_file_reason(os.path.relpath(_realpath(path), _realpath(project))) \
+            or secret_file_reason(_realpath(path))
         if secret:
             problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
         try:
             read_load_file(path, rel, project)
         except FileNotFoundError:
-            if rel not in outputs:
+            if same_file_path(rel) not in written:
                 problems.append(f"$.context.files_context[{rel!r}]: LOAD file does not exist "
                                 "and no step writes it")
         except (PathError, IsADirectoryError) as exc:
@@ -2594,6 +2756,17 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     return _build_plan(plan)
 
 
+def same_file_path(rel: str) -> str:
+    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
+    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
+    locking, journaling and reporting agree on one name. rel is a path
+    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    try:
+        return "/".join(plan_path_parts(rel))
+    except PathError:
+        return rel
+
+
 def _build_plan(plan: dict) -> Plan:
     from pathlib import Path
 
@@ -2607,11 +2780,15 @@ def _build_plan(plan: dict) -> Plan:
             validation=raw.get("validation", dict(DEFAULT_VALIDATION)),
             max_retries=raw.get("max_retries", DEFAULT_MAX_RETRIES),
             on_failure=raw.get("on_failure", DEFAULT_ON_FAILURE),
-            file_output=raw.get("file_output"), **overrides)
+            file_output=same_file_path(raw["file_output"]) if "file_output" in raw else None, **overrides)
     context = plan.get("context", {})
     project = Path(context["project"]) if "project" in context else None
+    files_context: dict[str, str] = {}
+    for rel, mode in context.get("files_context", {}).items():      # LOAD wins over REFERENCE
+        key = same_file_path(rel)
+        files_context[key] = "LOAD" if "LOAD" in (mode, files_context.get(key)) else mode
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
-                project=project, files_context=dict(context.get("files_context", {})),
+                project=project, files_context=files_context,
                 rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"),
                 verify=plan.get("verify"))
 
@@ -2653,6 +2830,8 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
     A plan working there could replace the store, its own journals or the trust file."""
     if folder == folder.parent:
         return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
     if config.home is not None and folder == real_path(config.home):
         return "it is your home folder itself (trust a project folder inside it)"
     if config.home is not None and real_path(config.home).is_relative_to(folder):
@@ -2682,9 +2861,38 @@ def trusted_root(config: Config, project: Path) -> Path | None:
     return None
 
 
+def config_file_problem(path: Path) -> tuple[str, str] | None:
+    """Return (what is wrong, how to fix it) when a trust or approvals file, or its
+    folder, could have been written by someone else, as ssh checks its files
+    (StrictModes): owned by another user than you (root may own it), or writable
+    by group or others. None when both are safe, or the file does not exist, or
+    the system has no user ids (Windows)."""
+    if not hasattr(os, "geteuid"):
+        return None
+    for where in (path, path.parent):
+        try:
+            info = os.stat(where)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"cannot check {where}: {exc.strerror or exc}", "check that folder's permissions"
+        kind = "folder" if stat.S_ISDIR(info.st_mode) else "file"
+        if info.st_uid not in (os.geteuid(), 0):
+            return (f"{kind} {where} is owned by another user (uid {info.st_uid})",
+                    f"if its content is yours: chown {os.geteuid()} {where}; else delete it")
+        if info.st_mode & 0o022:
+            bits = 0o700 if kind == "folder" else 0o600
+            return (f"{kind} {where} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})",
+                    f"check its content, then: chmod {bits:o} {where}")
+    return None
+
+
 def read_config_file(path: Path, key: str, kind: type) -> Any:
     """Return document[key] of one of bridge's JSON config files (kind() when the file
-    does not exist). Raises ConfigError when it cannot be read or has another shape."""
+    does not exist). Raises ConfigError when it cannot be read or has another shape,
+    or when someone else could have written it (config_file_problem)."""
+    if problem := config_file_problem(path):
+        raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours", problem[1])
     try:
         with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
@@ -2741,7 +2949,11 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
         if trusted_root(config, plan.project) is not None:
             return True
     entry = load_approvals(config).get(plan.id)
-    return isinstance(entry, dict) and entry.get("content_hash") == plan_hash
+    if not isinstance(entry, dict) or entry.get("content_hash") != plan_hash:
+        return False
+    # pinned to the folder approved (real path): a project given as a symlink re-pointed since
+    # is another folder, and needs approval again
+    return entry.get("project") == (str(real_path(plan.project)) if plan.project is not None else None)
 
 
 def _executor_of(ref: str) -> str:
@@ -4546,12 +4758,39 @@ def open_run_dir(run_dir: Path) -> None:
     os.chmod(run_dir, 0o700)
 
 
-def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str) -> None:
-    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at"},
-    which --diff and --undo read back."""
+def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
+                   plan_hash: str | None = None) -> None:
+    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
+    "content_hash" (the plan memory's)}, which --diff, --undo and a take-over read back."""
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
-            "project": os.path.abspath(project) if project is not None else None}
+            "project": os.path.abspath(project) if project is not None else None, "content_hash": plan_hash}
     atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+
+
+def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
+    """Return why the run run_id (a run id run_folder accepts) is not the plan's own
+    run, so that a take-over (--resume, --rerun of a stale plan) must not touch its
+    files; None when its run.json names this plan (id and content hash) and this
+    project, or when it left no folder (nothing to take over). A state read back
+    from the store naming another plan's run is forged."""
+    folder = runs_dir / run_id
+    if not os.path.lexists(folder):
+        return None
+    info = _read_json(folder / RUN_INFO_FILE)
+    context = record.plan.get("context") if isinstance(record.plan, dict) else None
+    project = context.get("project") if isinstance(context, dict) else None
+    project = os.path.abspath(project) if isinstance(project, str) and "\x00" not in project else None
+    if not isinstance(info, dict):
+        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from before "
+                "bridge recorded it); its files are left alone")
+    if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
+        return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
+                f"({str(info.get('content_hash'))[:12]}), not of this plan ({record.content_hash[:12]}): "
+                "the plan's state is forged; its files are left alone")
+    if info.get("project") != project:
+        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in this plan's "
+                f"project {project!r}: the plan's state is forged; its files are left alone")
+    return None
 
 
 def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
@@ -5779,6 +6018,9 @@ class Runner:
                 run_folder(self.config.runs_dir, previous)
             except PathError as exc:
                 previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {exc}"
+            else:
+                if foreign := foreign_run_reason(self.config.runs_dir, previous, record):
+                    previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {foreign}"
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
@@ -5827,7 +6069,7 @@ class Runner:
         error, interrupted, verify = None, None, None
         try:
             open_run_dir(run.run_dir)
-            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started)
+            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started, run.record.content_hash)
             if run.staged:
                 files.note_reads(plan.files_context)
             if run.previous:
@@ -6582,9 +6824,15 @@ def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, 
     BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
     from pathlib import Path
 
-    listed = read_config_file(Path(config_dir, TRUST_FILENAME), "trusted_projects", list)
-    listed += [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep) if p.strip()]
-    return tuple(dict.fromkeys(real_path(p) for p in listed if isinstance(p, str)))
+    path = Path(config_dir, TRUST_FILENAME)
+    listed = read_config_file(path, "trusted_projects", list)
+    from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep) if p.strip()]
+    for where, entries in ((str(path), listed), ("BRIDGE_TRUSTED_PROJECTS", from_env)):
+        for entry in entries:
+            if isinstance(entry, str) and not os.path.isabs(os.path.expanduser(entry)):
+                raise ConfigError(f"{where} names the relative folder {entry!r}: trust would follow "
+                                  "whatever folder bridge starts in", "give the project's absolute path")
+    return tuple(dict.fromkeys(real_path(p) for p in [*listed, *from_env] if isinstance(p, str)))
 
 
 def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
@@ -6856,7 +7104,8 @@ def cmd_approve(config: Config, plan_id: str) -> int:
         raise ConfigError(f"refused to approve plan {plan_id!r}: project {plan.project}: {reason}",
                           f"cancel it: bridge --cancel {plan_id}")
     approvals = load_approvals(config)
-    approvals[plan.id] = {"content_hash": digest, "approved_at": utc_now_iso()}
+    approvals[plan.id] = {"content_hash": digest, "approved_at": utc_now_iso(),
+                          "project": str(real_path(plan.project)) if plan.project is not None else None}
     write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
     facts = approval_facts(config, plan, digest)
     print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
@@ -7089,23 +7338,36 @@ def cmd_show(config: Config, plan_id: str) -> int:
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
+        other = store.find_result(record, named_only=False) if found is None else None
     if found is None:
-        raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
-                          run_hint(record))
+        note = ""
+        if other is not None:       # tagged as its result by someone, named by no state of bridge's
+            note = (f"; a memory tagged as its result ({other[1][:12]}…, run "
+                    f"{clip(repr(other[0].get('run_id')), 60, 'run id')}) was not recorded by bridge and "
+                    "is not shown")
+        raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
+                          f"{record.display_status}){note}", run_hint(record, config.runs_dir))
     result = shown_result(*found, record.state, config.runs_dir)
     if config.json:
         _print_json(result)
     else:
         print(render_result(result))
         if record.display_status in ("stale", "awaiting_review"):
-            print(printable(f"  now: {record.display_status}; {run_hint(record)}"))
+            print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
     return EXIT_OK
 
 
-def run_hint(record: PlanRecord) -> str:
+def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
     """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one, --rerun for a finished one."""
+    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
+    run that is not the plan's own is said to be forged: foreign_run_reason),
+    --rerun for a finished one."""
     status, plan_id = record.display_status, record.plan_id
+    run_id = record.state.get("run_id")
+    if status == "stale" and runs_dir is not None and isinstance(run_id, str) \
+            and re.fullmatch(RUN_ID_PATTERN, run_id) and (why := foreign_run_reason(runs_dir, run_id, record)):
+        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, which "
+                f"touches none of that run's files, or drop it with bridge --cancel {plan_id}")
     if status == "stale":
         return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
                 f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
@@ -7401,13 +7663,14 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
 
 
 def cmd_cancel(config: Config, plan_id: str) -> int:
-    """Cancel a pending plan. Raises BridgeError when it is not pending."""
+    """Cancel a plan that is not running nor finished (CANCELLABLE_STATUSES).
+    Raises BridgeError when it is."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         if not store.cancel(record):
             status = store.reload(record).display_status
-            raise BridgeError(f"plan {plan_id!r} is {status}; only a pending plan can be cancelled",
-                              "see its state with: bridge --list --all")
+            raise BridgeError(f"plan {plan_id!r} is {status}; only a plan that is not running nor "
+                              "finished can be cancelled", run_hint(store.reload(record)))
     print(printable(f"cancelled plan {plan_id!r}"))
     return EXIT_OK
 
