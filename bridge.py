@@ -994,8 +994,9 @@ def _is_git_dir(folder: str) -> bool:
     worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
     if not os.path.isfile(os.path.join(folder, "HEAD")):
         return False
-    return os.path.isfile(os.path.join(folder, "commondir")) or (
-        os.path.isdir(os.path.join(folder, "objects")) and os.path.isdir(os.path.join(folder, "refs")))
+    inside = functools.partial(os.path.join, folder)
+    return os.path.isfile(inside("commondir")) or (
+        os.path.isdir(inside("objects")) and os.path.isdir(inside("refs")))
 
 
 def _gitdir_named(folder: str) -> str | None:
@@ -1029,13 +1030,14 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
     for shown in dict.fromkeys((os.path.abspath(project), root)):
         for part in PurePosixPath(shown).parts:
             if folder := vcs_folder_of(part):
-                return (f"project {project} lies inside {part}/ ({folder}: its hooks and config run "
-                        f"commands); bridge never writes there")
+                return (f"project {project} lies inside {part}/ ({folder}: its hooks and config "
+                        "run commands); bridge never writes there")
     target = _realpath(os.path.join(root, rel))
     folder = os.path.dirname(target)
     while True:
         gitdir = _gitdir_named(folder)
-        if _is_git_dir(folder) or (gitdir and (target + os.sep).startswith(gitdir.rstrip(os.sep) + os.sep)):
+        under = gitdir is not None and (target + os.sep).startswith(gitdir.rstrip(os.sep) + os.sep)
+        if _is_git_dir(folder) or under:
             where = folder if _is_git_dir(folder) else gitdir
             return f"path {rel!r} lies in the git directory {where}; bridge never writes there"
         parent = os.path.dirname(folder)
@@ -1874,16 +1876,18 @@ class Store:
                  if isinstance(h, str) and h}
         digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
         if named and "content_hash" in self.columns:
-            rows = self.conn.execute(f"SELECT content_hash, content FROM memories WHERE content_hash IN "
-                                     f"({', '.join('?' for _ in named)})", tuple(named)).fetchall()
+            marks = ", ".join("?" for _ in named)
+            rows = self.conn.execute("SELECT content_hash, content FROM memories WHERE "
+                                     f"content_hash IN ({marks})", tuple(named)).fetchall()
         if "tags" in self.columns:
             rows += self.conn.execute(
-                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') LIKE ? AND "
-                f"{self._live_filter()} ORDER BY m.created_at DESC",
+                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
+                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
                 (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
         else:
-            rows += self.conn.execute(f"SELECT {digest_column}, content FROM memories WHERE "
-                                      "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories WHERE "
+                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
         for digest, content in rows:
             document = parse_result_content(content)
             if document is not None and document.get("plan_id") == record.plan_id \
@@ -2544,10 +2548,12 @@ SECRET_LOAD_TABLE = (
     *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
       for folder in VCS_FOLDERS),
     ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"), ("*.ppk", "PuTTY private key"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"),
+    ("*.ppk", "PuTTY private key"),
     ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
     ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"), (".envrc", "direnv secrets"),
+    (".env", "environment secrets"), (".env.*", "environment secrets"),
+    (".envrc", "direnv secrets"),
     (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
     (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
     (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
@@ -2555,14 +2561,16 @@ SECRET_LOAD_TABLE = (
     (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
     (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
     (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
-    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"), ("terraform.rc", "Terraform tokens"),
+    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
+    ("terraform.rc", "Terraform tokens"),
     ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
     ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
     (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
     ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
     ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
     ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
-    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"), ("secrets.yaml", "app secrets"),
+    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
+    ("secrets.yaml", "app secrets"),
 )
 # Names LOAD reads although a row above matches: public keys and samples of secret files
 SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
@@ -2590,7 +2598,8 @@ def _secret_row(parts: list[str]) -> tuple[str, str] | None:
             continue
         if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
             continue
-        head = [fnmatchcase(part, glob) for part, glob in zip(folders[len(folders) - len(seq) + 1:], seq)]
+        last_folders = folders[len(folders) - len(seq) + 1:]
+        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
         if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
             return pattern, holds
     return None
@@ -2612,10 +2621,11 @@ def secret_file_reason(rel: str) -> str | None:
         return None
     pattern, holds = row
     if pattern.endswith("/"):
-        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge does not "
-                "send it to a model")
-    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); bridge "
-            "does not send it to a model (name it as REFERENCE, or give the model what it needs another way)")
+        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
+                "does not send it to a model")
+    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
+            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
+            "needs another way)")
 
 
 def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
@@ -2670,8 +2680,9 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
             continue
         if mode != "LOAD":
             continue
-        secret = secret_file_reason(rel) or secret_file_reason(os.path.relpath(_realpath(path), _realpath(project))) \
-            or secret_file_reason(_realpath(path))
+        real = _realpath(path)
+        inside = os.path.relpath(real, _realpath(project))
+        secret = secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(real)
         if secret:
             problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
@@ -2780,7 +2791,8 @@ def _build_plan(plan: dict) -> Plan:
             validation=raw.get("validation", dict(DEFAULT_VALIDATION)),
             max_retries=raw.get("max_retries", DEFAULT_MAX_RETRIES),
             on_failure=raw.get("on_failure", DEFAULT_ON_FAILURE),
-            file_output=same_file_path(raw["file_output"]) if "file_output" in raw else None, **overrides)
+            file_output=same_file_path(raw["file_output"]) if "file_output" in raw else None,
+            **overrides)
     context = plan.get("context", {})
     project = Path(context["project"]) if "project" in context else None
     files_context: dict[str, str] = {}
@@ -2882,7 +2894,8 @@ def config_file_problem(path: Path) -> tuple[str, str] | None:
                     f"if its content is yours: chown {os.geteuid()} {where}; else delete it")
         if info.st_mode & 0o022:
             bits = 0o700 if kind == "folder" else 0o600
-            return (f"{kind} {where} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})",
+            mode = stat.S_IMODE(info.st_mode)
+            return (f"{kind} {where} is writable by other users (mode {mode:04o})",
                     f"check its content, then: chmod {bits:o} {where}")
     return None
 
@@ -2892,7 +2905,8 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
     does not exist). Raises ConfigError when it cannot be read or has another shape,
     or when someone else could have written it (config_file_problem)."""
     if problem := config_file_problem(path):
-        raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours", problem[1])
+        raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
+                          problem[1])
     try:
         with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
@@ -2953,7 +2967,8 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
         return False
     # pinned to the folder approved (real path): a project given as a symlink re-pointed since
     # is another folder, and needs approval again
-    return entry.get("project") == (str(real_path(plan.project)) if plan.project is not None else None)
+    pinned = str(real_path(plan.project)) if plan.project is not None else None
+    return entry.get("project") == pinned
 
 
 def _executor_of(ref: str) -> str:
@@ -4763,7 +4778,8 @@ def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | Non
     """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
     "content_hash" (the plan memory's)}, which --diff, --undo and a take-over read back."""
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
-            "project": os.path.abspath(project) if project is not None else None, "content_hash": plan_hash}
+            "project": os.path.abspath(project) if project is not None else None,
+            "content_hash": plan_hash}
     atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
 
 
@@ -4779,17 +4795,20 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     info = _read_json(folder / RUN_INFO_FILE)
     context = record.plan.get("context") if isinstance(record.plan, dict) else None
     project = context.get("project") if isinstance(context, dict) else None
-    project = os.path.abspath(project) if isinstance(project, str) and "\x00" not in project else None
+    usable = isinstance(project, str) and "\x00" not in project
+    project = os.path.abspath(project) if usable else None
     if not isinstance(info, dict):
-        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from before "
-                "bridge recorded it); its files are left alone")
+        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
+                "before bridge recorded it); its files are left alone")
     if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
         return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
-                f"({str(info.get('content_hash'))[:12]}), not of this plan ({record.content_hash[:12]}): "
-                "the plan's state is forged; its files are left alone")
+                f"({str(info.get('content_hash'))[:12]}), not of this plan "
+                f"({record.content_hash[:12]}): the plan's state is forged; its files are left "
+                "alone")
     if info.get("project") != project:
-        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in this plan's "
-                f"project {project!r}: the plan's state is forged; its files are left alone")
+        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
+                f"this plan's project {project!r}: the plan's state is forged; its files are left "
+                "alone")
     return None
 
 
@@ -6020,7 +6039,8 @@ class Runner:
                 previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {exc}"
             else:
                 if foreign := foreign_run_reason(self.config.runs_dir, previous, record):
-                    previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {foreign}"
+                    previous = None
+                    refused = f"plan {record.plan_id}: not taking over its last run: {foreign}"
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
@@ -6069,7 +6089,8 @@ class Runner:
         error, interrupted, verify = None, None, None
         try:
             open_run_dir(run.run_dir)
-            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started, run.record.content_hash)
+            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
+                           run.record.content_hash)
             if run.staged:
                 files.note_reads(plan.files_context)
             if run.previous:
@@ -6826,12 +6847,14 @@ def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, 
 
     path = Path(config_dir, TRUST_FILENAME)
     listed = read_config_file(path, "trusted_projects", list)
-    from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep) if p.strip()]
+    from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep)
+                if p.strip()]
     for where, entries in ((str(path), listed), ("BRIDGE_TRUSTED_PROJECTS", from_env)):
         for entry in entries:
             if isinstance(entry, str) and not os.path.isabs(os.path.expanduser(entry)):
-                raise ConfigError(f"{where} names the relative folder {entry!r}: trust would follow "
-                                  "whatever folder bridge starts in", "give the project's absolute path")
+                raise ConfigError(f"{where} names the relative folder {entry!r}: trust would "
+                                  "follow whatever folder bridge starts in",
+                                  "give the project's absolute path")
     return tuple(dict.fromkeys(real_path(p) for p in [*listed, *from_env] if isinstance(p, str)))
 
 
@@ -7105,7 +7128,7 @@ def cmd_approve(config: Config, plan_id: str) -> int:
                           f"cancel it: bridge --cancel {plan_id}")
     approvals = load_approvals(config)
     approvals[plan.id] = {"content_hash": digest, "approved_at": utc_now_iso(),
-                          "project": str(real_path(plan.project)) if plan.project is not None else None}
+                          "project": None if plan.project is None else str(real_path(plan.project))}
     write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
     facts = approval_facts(config, plan, digest)
     print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
@@ -7343,8 +7366,8 @@ def cmd_show(config: Config, plan_id: str) -> int:
         note = ""
         if other is not None:       # tagged as its result by someone, named by no state of bridge's
             note = (f"; a memory tagged as its result ({other[1][:12]}…, run "
-                    f"{clip(repr(other[0].get('run_id')), 60, 'run id')}) was not recorded by bridge and "
-                    "is not shown")
+                    f"{clip(repr(other[0].get('run_id')), 60, 'run id')}) was not recorded by "
+                    "bridge and is not shown")
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
                           f"{record.display_status}){note}", run_hint(record, config.runs_dir))
     result = shown_result(*found, record.state, config.runs_dir)
@@ -7364,10 +7387,12 @@ def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
     --rerun for a finished one."""
     status, plan_id = record.display_status, record.plan_id
     run_id = record.state.get("run_id")
-    if status == "stale" and runs_dir is not None and isinstance(run_id, str) \
-            and re.fullmatch(RUN_ID_PATTERN, run_id) and (why := foreign_run_reason(runs_dir, run_id, record)):
-        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, which "
-                f"touches none of that run's files, or drop it with bridge --cancel {plan_id}")
+    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
+    if status == "stale" and runs_dir is not None and ours \
+            and (why := foreign_run_reason(runs_dir, run_id, record)):
+        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
+                f"which touches none of that run's files, or drop it with bridge --cancel "
+                f"{plan_id}")
     if status == "stale":
         return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
                 f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")

@@ -441,7 +441,8 @@ def test_in_progress_plan_with_dead_owner_is_listed_as_stale(capsys, db):
     insert_plan(db, make_plan("p-stale"), metadata={"bridge": {
         "status": "in_progress", "owner": {"host": host, "pid": dead_pid()}}})
     insert_plan(db, make_plan("p-live"), metadata={"bridge": {     # a live run beats (issue 20)
-        "status": "in_progress", "owner": {"host": host, "pid": os.getpid()}, "heartbeat_at": _now_z()}})
+        "status": "in_progress", "owner": {"host": host, "pid": os.getpid()},
+        "heartbeat_at": _now_z()}})
 
     rc = bridge.main(["--list", "--all", "--json", "--db", str(db)], environ={})
     out, _ = capsys.readouterr()

@@ -89,7 +89,8 @@ def _folder(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("variant", sorted(PROJECT_VARIANTS))
-def test_row1_variants_of_a_project_inside_a_vcs_folder(capsys, db, project, fake_llm, state_dir, variant):
+def test_row1_variants_of_a_project_inside_a_vcs_folder(capsys, db, project, fake_llm, state_dir,
+        variant):
     repo = project / "repo"
     repo.mkdir()
     target = PROJECT_VARIANTS[variant](repo)
@@ -106,7 +107,8 @@ def test_row1_a_project_given_through_a_symlink_into_git(capsys, db, project, fa
     assert_refused(capsys, db, fake_llm, state_dir, repo)
 
 
-def test_row1_the_gitdir_a_dot_git_file_points_to_is_never_written(capsys, db, project, fake_llm, state_dir):
+def test_row1_the_gitdir_a_dot_git_file_points_to_is_never_written(capsys, db, project, fake_llm,
+        state_dir):
     """A worktree's `.git` file names a gitdir inside the project under another name, not
     yet a git directory: writes into it are refused all the same."""
     (project / ".git").write_text("gitdir: meta/gd\n")
@@ -156,7 +158,8 @@ def test_row2_no_vcs_folder_is_written(capsys, db, project, fake_llm, state_dir,
     assert "hooks and config run commands" in result["problems"][0]
 
 
-def test_row2_a_bare_repository_under_the_project_is_never_written(capsys, db, project, fake_llm, state_dir):
+def test_row2_a_bare_repository_under_the_project_is_never_written(capsys, db, project, fake_llm,
+        state_dir):
     fake_git_dir(project / "vendor" / "lib.git")
     insert_plan(db, writes(project, ["vendor/lib.git/hooks/post-update"]))
     result = assert_refused(capsys, db, fake_llm, state_dir, project)
@@ -165,7 +168,8 @@ def test_row2_a_bare_repository_under_the_project_is_never_written(capsys, db, p
 
 @pytest.mark.parametrize("name", ["hg", ".github/workflows/ci.yml", ".gitignore", "git/notes.md",
                                   ".hgignore", "svn.txt", "_darcs.md", "jj/x"])
-def test_row2_names_that_only_look_alike_are_written(capsys, db, project, fake_llm, state_dir, name):
+def test_row2_names_that_only_look_alike_are_written(capsys, db, project, fake_llm, state_dir,
+                                                     name):
     insert_plan(db, writes(project, [name]))
     fake_llm.default_reply = "ok"
     rc, result, err = run_json(capsys, db, fake_llm, state_dir, require_output=True)
@@ -190,16 +194,19 @@ ROW7 = [".npmrc", ".git/config", ".git-credentials", ".pypirc", ".envrc", "id_rs
         ".streamlit/secrets.toml"]
 ROW7_VARIANTS = [
     ".yarnrc.yml", ".terraformrc", ".vault-token", ".cargo/credentials.toml", ".gem/credentials",
-    "auth.json", ".config/gcloud/application_default_credentials.json", ".azure/msal_token_cache.json",
+    "auth.json", ".config/gcloud/application_default_credentials.json",
+    ".azure/msal_token_cache.json",
     ".config/gh/hosts.yml", ".hg/hgrc", ".pgpass", ".my.cnf", "pip.conf", "kubeconfig",
     "server.key.orig", ".npmrc~", "id_ed25519.old", "deploy/id_rsa.1", "terraform.tfstate.backup",
     "prod.tfvars", "client_secret_123.apps.json", "gcp-service-account-key.json", "secrets.yaml",
-    "KEYS/ID_RSA", ".Docker/Config.json", "release.jks", "vault.kdbx", "putty.ppk", ".password-store/x.gpg",
+    "KEYS/ID_RSA", ".Docker/Config.json", "release.jks", "vault.kdbx", "putty.ppk",
+    ".password-store/x.gpg",
 ]
 
 
 def load_plan(project: Path, rels: list[str]) -> dict:
-    return make_plan("load", [{"id": 1, "prompt": "Repeat the files you were given, word for word."}],
+    return make_plan("load", [{"id": 1,
+                               "prompt": "Repeat the files you were given, word for word."}],
                      context={"objective": "leak", "project": str(project),
                               "files_context": {rel: "LOAD" for rel in rels}})
 
@@ -239,12 +246,14 @@ def test_row7_each_secret_file_is_refused(capsys, db, project, fake_llm, state_d
 def test_row7_a_project_inside_git_cannot_load_its_config(capsys, db, project, fake_llm, state_dir):
     """The relative path is plain `config`; its real path is .git/config."""
     gitdir = fake_git_dir(project / "repo" / ".git")
-    (gitdir / "config").write_text(f"[remote \"origin\"]\n\turl = https://x:{SECRET}@github.com/a/b\n")
+    remote = f"[remote \"origin\"]\n\turl = https://x:{SECRET}@github.com/a/b\n"
+    (gitdir / "config").write_text(remote)
     insert_plan(db, load_plan(gitdir, ["config"]))
     assert_not_sent(capsys, db, fake_llm, state_dir, 1)
 
 
-@pytest.mark.parametrize("rel", ["id_generator.py", "credentials.py", "auth.json.example", ".npmrc.example",
+@pytest.mark.parametrize("rel", ["id_generator.py", "credentials.py", "auth.json.example",
+                                 ".npmrc.example",
                                  "terraform.tfvars.example", "docs/kubeconfig.md", "id_ed25519.pub",
                                  "secrets_test.py", "src/config.json", "keys.md", "notes.bak"])
 def test_row7_files_that_only_look_alike_still_load(project, rel):
@@ -269,8 +278,10 @@ def test_row7_the_readme_table_is_the_code_table():
 SLOW_FAIL = [sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(1)"]
 
 
-@pytest.mark.parametrize("pair", [("x.py", "./x.py"), ("a/x.py", "a//x.py"), ("a/./x.py", "a/x.py")])
-def test_row11_two_spellings_of_one_file_are_one_file(capsys, db, project, fake_llm, state_dir, pair):
+@pytest.mark.parametrize("pair", [("x.py", "./x.py"), ("a/x.py", "a//x.py"), ("a/./x.py",
+                                                                              "a/x.py")])
+def test_row11_two_spellings_of_one_file_are_one_file(capsys, db, project, fake_llm, state_dir,
+        pair):
     first, second = pair
     insert_plan(db, make_plan("same", [
         {"id": 1, "prompt": "one", "file_output": first, "max_retries": 0, "on_failure": "skip",
@@ -279,7 +290,8 @@ def test_row11_two_spellings_of_one_file_are_one_file(capsys, db, project, fake_
         context={"objective": "same file", "project": str(project)}))
     fake_llm.default_reply = "print('written')"
 
-    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--parallel", "2", require_output=True)
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--parallel", "2",
+                               require_output=True)
 
     steps = {s["id"]: s for s in result["steps"]}
     assert steps[1]["status"] != "succeeded" and steps[2]["status"] == "succeeded", err

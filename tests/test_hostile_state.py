@@ -31,7 +31,8 @@ from fakes import (
 
 
 def one_file(project: Path, plan_id: str, rel: str = "notes.md", **fields) -> dict:
-    return make_plan(plan_id, [{"id": 1, "prompt": f"write {rel}", "file_output": rel, "max_retries": 0}],
+    return make_plan(plan_id, [{"id": 1, "prompt": f"write {rel}", "file_output": rel,
+                                "max_retries": 0}],
                      context={"objective": "write", "project": str(project)}, **fields)
 
 
@@ -43,8 +44,10 @@ def forge_state(db: Path, plan_id: str, **state) -> None:
               "owner_pid": owner.get("pid"), "updated_at": "2026-01-01T00:00:00Z", **state}
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute(f"INSERT OR REPLACE INTO bridge_plan_state (content_hash, {', '.join(values)}) "
-                     f"VALUES (?, {', '.join('?' for _ in values)})", (row["content_hash"], *values.values()))
+        names = ", ".join(values)
+        conn.execute(f"INSERT OR REPLACE INTO bridge_plan_state (content_hash, {names}) "
+                     f"VALUES (?, {', '.join('?' for _ in values)})", (row["content_hash"],
+                                                                       *values.values()))
     conn.close()
 
 
@@ -78,7 +81,8 @@ def ran_y(capsys, db, tmp_path, fake_llm, state_dir):
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--rerun"])
-def test_row5_a_forged_state_cannot_replay_another_plans_run(capsys, db, fake_llm, state_dir, ran_y, flag):
+def test_row5_a_forged_state_cannot_replay_another_plans_run(capsys, db, fake_llm, state_dir,
+        ran_y, flag):
     a, b, y_run = ran_y
     insert_plan(db, one_file(b, "X"))
     forge_state(db, "X", run_id=y_run, claimed_at=iso(-3600), heartbeat_at=iso(-3600),
@@ -87,24 +91,29 @@ def test_row5_a_forged_state_cannot_replay_another_plans_run(capsys, db, fake_ll
     before_y, before_a = snapshot(y_folder), snapshot(a)
     before_b = {p: (b / p).read_bytes() for p in ("src/app.py", "settings.py")}
 
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "X")       # as --show advises
+    # as --show advises
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "X")
     assert rc == 2 and "forged" in err and "--rerun" in err and "--cancel" in err, err
 
-    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--plan", "X", flag, require_output=True)
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--plan", "X", flag,
+                               require_output=True)
 
     assert rc == 0, err
     assert {p: (b / p).read_bytes() for p in before_b} == before_b          # X's files untouched
     assert (b / "notes.md").exists()                                        # X ran from scratch
-    assert snapshot(y_folder) == before_y and snapshot(a) == before_a       # Y's run and files untouched
+    # Y's run and files untouched
+    assert snapshot(y_folder) == before_y and snapshot(a) == before_a
     assert "resumed_from" not in result
     assert any("forged" in r for r in result["refused"]), result["refused"]
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--undo", "Y")
     assert rc == 0, err
-    assert (a / "settings.py").read_text() == "A = 'original'\n" and not (a / "src" / "app.py").exists()
+    assert (a / "settings.py").read_text() == "A = 'original'\n"
+    assert not (a / "src" / "app.py").exists()
     check_store(db)
 
 
-def test_row5_variant_a_run_of_the_same_id_with_other_content(capsys, db, fake_llm, state_dir, ran_y):
+def test_row5_variant_a_run_of_the_same_id_with_other_content(capsys, db, fake_llm, state_dir,
+        ran_y):
     """X replaced (--replace) by new content whose forged state points at the old X's run in
     the same project: another content hash, so not taken over."""
     a, b, _ = ran_y
@@ -114,7 +123,8 @@ def test_row5_variant_a_run_of_the_same_id_with_other_content(capsys, db, fake_l
     old_run = plan_state(db, "X")["run_id"]
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute("UPDATE memories SET deleted_at = 1 WHERE content_hash = ?", (plan_row(db, "X")["content_hash"],))
+        conn.execute("UPDATE memories SET deleted_at = 1 WHERE content_hash = ?",
+                     (plan_row(db, "X")["content_hash"],))
     conn.close()
     insert_plan(db, one_file(b, "X", rel="other.md", title="v2"))
     v2 = [r for r in _plan_rows(db, "X") if r["deleted_at"] is None][0]
@@ -122,10 +132,12 @@ def test_row5_variant_a_run_of_the_same_id_with_other_content(capsys, db, fake_l
                owner_host=socket.gethostname(), owner_pid=dead_pid())
     before = (b / "settings.py").read_bytes()
 
-    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--plan", "X", "--rerun", require_output=True)
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--plan", "X", "--rerun",
+                               require_output=True)
 
     assert rc == 0, err
-    assert (b / "settings.py").read_bytes() == before            # the old run's file is not put back
+    # the old run's file is not put back
+    assert (b / "settings.py").read_bytes() == before
     assert any("not of this plan" in r for r in result["refused"]), result["refused"]
 
 
@@ -138,7 +150,8 @@ def _forge_row(db: Path, digest: str, plan_id: str, **columns) -> None:
     values = {"status": "in_progress", "plan_id": plan_id, "updated_at": "x", **columns}
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute(f"INSERT OR REPLACE INTO bridge_plan_state (content_hash, {', '.join(values)}) "
+        names = ", ".join(values)
+        conn.execute(f"INSERT OR REPLACE INTO bridge_plan_state (content_hash, {names}) "
                      f"VALUES (?, {', '.join('?' for _ in values)})", (digest, *values.values()))
     conn.close()
 
@@ -162,7 +175,8 @@ HEARTBEATS = {
 @pytest.mark.parametrize("beat", sorted(HEARTBEATS))
 @pytest.mark.parametrize("action", [("--cancel",), ("--rerun",), ("--resume",)])
 def test_row6_a_forged_in_progress_state_can_be_left(capsys, db, fake_llm, state_dir, beat, action):
-    insert_plan(db, make_plan("stuck"), metadata={"bridge": {**FOREVER, "heartbeat_at": HEARTBEATS[beat]}})
+    insert_plan(db, make_plan("stuck"), metadata={"bridge": {**FOREVER,
+                                                             "heartbeat_at": HEARTBEATS[beat]}})
     fake_llm.default_reply = "hi"
     args = ("--cancel", "stuck") if action == ("--cancel",) else ("--plan", "stuck", *action)
 
@@ -170,13 +184,15 @@ def test_row6_a_forged_in_progress_state_can_be_left(capsys, db, fake_llm, state
 
     assert rc == 0, err
     assert "Traceback" not in err
-    assert plan_state(db, "stuck")["status"] == ("cancelled" if action == ("--cancel",) else "completed")
+    wanted = "cancelled" if action == ("--cancel",) else "completed"
+    assert plan_state(db, "stuck")["status"] == wanted
     check_store(db)
 
 
 @pytest.mark.parametrize("content_status", ["in_progress"])       # the schema's only unfinished one
 @pytest.mark.parametrize("action", ["--cancel", "--rerun", "--resume"])
-def test_row6_a_plans_own_status_does_not_block(capsys, db, fake_llm, state_dir, content_status, action):
+def test_row6_a_plans_own_status_does_not_block(capsys, db, fake_llm, state_dir, content_status,
+        action):
     insert_plan(db, {**make_plan("own"), "status": content_status})
     fake_llm.default_reply = "hi"
     args = ("--cancel", "own") if action == "--cancel" else ("--plan", "own", action)
@@ -218,7 +234,8 @@ def _other_uid() -> int:
     return 54321
 
 
-def assert_refused_config(capsys, db, fake_llm, state_dir, project: Path, name: str, fix: str) -> None:
+def assert_refused_config(capsys, db, fake_llm, state_dir, project: Path, name: str,
+                          fix: str) -> None:
     fake_llm.default_reply = "x"
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir)
     assert rc == 2, err
@@ -236,21 +253,25 @@ def test_row13_a_trust_file_of_another_user_writable_by_all_in_an_open_folder(
     os.chown(path, _other_uid(), -1)
     path.chmod(0o666)
     config_dir().chmod(0o777)
-    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file, "owned by another user", "chown")
+    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file,
+                          "owned by another user", "chown")
 
 
 @pytest.mark.parametrize("what,mode,fix", [
     ("file", 0o666, "chmod 600"), ("file", 0o620, "chmod 600"),
     ("folder", 0o777, "chmod 700"), ("folder", 0o770, "chmod 700")])
-def test_row13_variants_writable_by_others(capsys, db, fake_llm, state_dir, trusted_by_file, what, mode, fix):
+def test_row13_variants_writable_by_others(capsys, db, fake_llm, state_dir, trusted_by_file, what,
+        mode, fix):
     target = config_dir() / bridge.TRUST_FILENAME if what == "file" else config_dir()
     target.chmod(mode)
-    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file, "writable by other users", fix)
+    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file,
+                          "writable by other users", fix)
 
 
 def test_row13_variant_a_folder_of_another_user(capsys, db, fake_llm, state_dir, trusted_by_file):
     os.chown(config_dir(), _other_uid(), -1)
-    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file, "owned by another user", "chown")
+    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file,
+                          "owned by another user", "chown")
 
 
 def test_row13_variant_a_trust_file_linked_to_a_file_anyone_writes(capsys, db, fake_llm, state_dir,
@@ -261,7 +282,8 @@ def test_row13_variant_a_trust_file_linked_to_a_file_anyone_writes(capsys, db, f
     shared.chmod(0o666)
     path.unlink()
     path.symlink_to(shared)
-    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file, "writable by other users", "chmod 600")
+    assert_refused_config(capsys, db, fake_llm, state_dir, trusted_by_file,
+                          "writable by other users", "chmod 600")
 
 
 def test_row13_variant_an_approvals_file_anyone_writes(capsys, db, fake_llm, state_dir, tmp_path):
@@ -300,7 +322,8 @@ def run_waiting(capsys, db, fake_llm, state_dir) -> tuple[int, dict, str]:
     return rc, json.loads(out), err
 
 
-def test_row14_an_approved_symlinked_project_re_pointed_waits_again(capsys, db, fake_llm, state_dir, linked):
+def test_row14_an_approved_symlinked_project_re_pointed_waits_again(capsys, db, fake_llm,
+        state_dir, linked):
     link, real1, real2 = linked
     insert_plan(db, one_file(link, "sym"))
     assert run_bridge(capsys, db, fake_llm, state_dir, "--approve", "sym")[0] == 0
@@ -315,7 +338,8 @@ def test_row14_an_approved_symlinked_project_re_pointed_waits_again(capsys, db, 
     assert fake_llm.chat_requests == []
 
 
-def test_row14_variant_the_approval_still_holds_while_the_link_is_unchanged(capsys, db, fake_llm, state_dir,
+def test_row14_variant_the_approval_still_holds_while_the_link_is_unchanged(capsys, db, fake_llm,
+                                                                            state_dir,
                                                                           linked):
     link, real1, _ = linked
     insert_plan(db, one_file(link, "sym"))
@@ -325,7 +349,8 @@ def test_row14_variant_the_approval_still_holds_while_the_link_is_unchanged(caps
     assert (real1 / "notes.md").read_text() == "written"
 
 
-def test_row14_variant_an_approval_without_a_pinned_project_is_no_approval(capsys, db, fake_llm, state_dir,
+def test_row14_variant_an_approval_without_a_pinned_project_is_no_approval(capsys, db, fake_llm,
+                                                                           state_dir,
                                                                          linked):
     """An approvals.json entry naming only the content hash (as written before issue 20,
     or by hand) approves nothing: approve again."""
@@ -343,7 +368,8 @@ def test_row14_variant_an_approval_without_a_pinned_project_is_no_approval(capsy
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [".", "./", "src/..", "p", f"/nowhere{os.pathsep}."])
-def test_row15_a_relative_trusted_folder_is_refused(capsys, db, fake_llm, state_dir, tmp_path, monkeypatch,
+def test_row15_a_relative_trusted_folder_is_refused(capsys, db, fake_llm, state_dir, tmp_path,
+                                                    monkeypatch,
                                                     value):
     project = tmp_path / "p"
     project.mkdir()
@@ -351,7 +377,8 @@ def test_row15_a_relative_trusted_folder_is_refused(capsys, db, fake_llm, state_
     monkeypatch.chdir(project if value != "p" else tmp_path)
     fake_llm.default_reply = "x"
 
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, environ={"BRIDGE_TRUSTED_PROJECTS": value})
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir,
+                              environ={"BRIDGE_TRUSTED_PROJECTS": value})
 
     assert rc == 2, err
     assert "BRIDGE_TRUSTED_PROJECTS" in err and "relative" in err and "absolute" in err, err
@@ -359,7 +386,8 @@ def test_row15_a_relative_trusted_folder_is_refused(capsys, db, fake_llm, state_
     assert fake_llm.chat_requests == []
 
 
-def test_row15_variant_a_relative_entry_in_the_trust_file(capsys, db, fake_llm, state_dir, tmp_path, monkeypatch):
+def test_row15_variant_a_relative_entry_in_the_trust_file(capsys, db, fake_llm, state_dir,
+        tmp_path, monkeypatch):
     project = tmp_path / "p"
     project.mkdir()
     insert_plan(db, one_file(project, "p1"))
@@ -375,7 +403,8 @@ def test_row15_a_home_relative_entry_is_absolute(capsys, db, fake_llm, state_dir
     (home / "proj").mkdir()
     insert_plan(db, one_file(home / "proj", "p1"))
     fake_llm.default_reply = "x"
-    rc, result, err = run_json(capsys, db, fake_llm, state_dir, environ={"BRIDGE_TRUSTED_PROJECTS": "~/proj",
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir,
+                               environ={"BRIDGE_TRUSTED_PROJECTS": "~/proj",
                                                                         "HOME": str(home)},
                                require_output=True)
     assert rc == 0, err
@@ -386,8 +415,10 @@ def test_row15_a_home_relative_entry_is_absolute(capsys, db, fake_llm, state_dir
 # Row 19: --show says whose result it shows
 # --------------------------------------------------------------------------------------
 
-def forged_result(db: Path, plan_id: str, run_id: str = "20260101T000000Z-0badc0de", **fields) -> None:
-    document = {"type": "bridge_result", "plan_id": plan_id, "run_id": run_id, "status": "completed",
+def forged_result(db: Path, plan_id: str, run_id: str = "20260101T000000Z-0badc0de",
+                  **fields) -> None:
+    document = {"type": "bridge_result", "plan_id": plan_id, "run_id": run_id,
+                "status": "completed",
                 "success": True, "steps": [], "files": [], "error": None, "objective": "forged",
                 "counts": {"succeeded": 1, "failed": 0, "skipped": 0}, **fields}
     insert_memory(db, bridge.result_content(document), tags=f"bridge-result,plan:{plan_id}",
@@ -395,7 +426,8 @@ def forged_result(db: Path, plan_id: str, run_id: str = "20260101T000000Z-0badc0
 
 
 @pytest.mark.parametrize("json_flag", [(), ("--json",)])
-def test_row19_a_forged_result_of_a_plan_that_never_ran_is_not_shown(capsys, db, fake_llm, state_dir, json_flag):
+def test_row19_a_forged_result_of_a_plan_that_never_ran_is_not_shown(capsys, db, fake_llm,
+        state_dir, json_flag):
     insert_plan(db, make_plan("never"))
     forged_result(db, "never")
 
@@ -426,4 +458,5 @@ def test_row19_variant_a_forged_result_of_the_run_now_claimed(capsys, db, fake_l
     assert rc == 0, err
     shown = json.loads(out)
     assert shown["status"] == "failed" and shown["run_id"] != new_run
-    assert [r["status"] for r in stored_results(db)][-1] == "completed"       # the forgery is there, unshown
+    # the forgery is there, unshown
+    assert [r["status"] for r in stored_results(db)][-1] == "completed"

@@ -218,7 +218,8 @@ def test_show_still_reads_results_stored_before_the_summary(capsys, db, fake_llm
     or pretty-printed) is still found and shown whole; prose mentioning bridge_result is not."""
     document = {"type": "bridge_result", "plan_id": "old", "run_id": "20250101T000000Z-00000001",
                 "status": "completed", "success": True, "steps": [], "files": [], "error": None}
-    insert_plan(db, make_plan("old"), metadata={"bridge": {      # the state that older bridge recorded
+    # the state that older bridge recorded
+    insert_plan(db, make_plan("old"), metadata={"bridge": {
         "status": "completed", "run_id": document["run_id"],
         "result_hash": bridge.content_hash(json.dumps(document, indent=2))}})
     insert_memory(db, json.dumps(document, indent=2), tags="bridge-result,plan:old", memory_type="tool_outcome",

@@ -196,7 +196,8 @@ def test_forged_state_cannot_make_resume_or_rerun_touch_anything_outside(
         {"id": 2, "prompt": "two", "file_output": "a.txt"}],
         context={"objective": "forged", "project": str(project)}, rollback_strategy="revert_files"),
         metadata={"bridge": stale_state(run_id)})
-    if forgery == "crafted-journal-in-the-runs-folder":     # with the run.json a take-over needs (issue 20)
+    # with the run.json a take-over needs (issue 20)
+    if forgery == "crafted-journal-in-the-runs-folder":
         own_run_info(runs / run_id, db, "forged", project)
     fake_llm.default_reply = "plain text"
     before_outside, before_evil = snapshot(outside), snapshot(evil)
