@@ -91,10 +91,6 @@ def test_row5_a_forged_state_cannot_replay_another_plans_run(capsys, db, fake_ll
     before_y, before_a = snapshot(y_folder), snapshot(a)
     before_b = {p: (b / p).read_bytes() for p in ("src/app.py", "settings.py")}
 
-    # as --show advises
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "X")
-    assert rc == 2 and "forged" in err and "--rerun" in err and "--cancel" in err, err
-
     rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--plan", "X", flag,
                                require_output=True)
 
@@ -110,6 +106,18 @@ def test_row5_a_forged_state_cannot_replay_another_plans_run(capsys, db, fake_ll
     assert (a / "settings.py").read_text() == "A = 'original'\n"
     assert not (a / "src" / "app.py").exists()
     check_store(db)
+
+
+def test_row5_show_says_the_state_is_forged_and_how_to_leave(capsys, db, fake_llm, state_dir, ran_y):
+    a, b, y_run = ran_y
+    insert_plan(db, one_file(b, "X"))
+    forge_state(db, "X", run_id=y_run, claimed_at=iso(-3600), heartbeat_at=iso(-3600),
+                owner={"host": socket.gethostname(), "pid": dead_pid()})
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "X")
+    assert rc == 2 and "forged" in err, err
+    assert "bridge --plan X --rerun" in err and "bridge --cancel X" in err, err
+    assert run_bridge(capsys, db, fake_llm, state_dir, "--cancel", "X")[0] == 0
+    assert plan_state(db, "X")["status"] == "cancelled"
 
 
 def test_row5_variant_a_run_of_the_same_id_with_other_content(capsys, db, fake_llm, state_dir,
