@@ -27,7 +27,7 @@ Usage (one action at most; no action runs every pending plan):
   changing
     bridge --undo ID [--run RUN_ID] [--force]   put back the files that run changed
     bridge --apply ID | --reject ID   write or drop what a --review run staged
-    bridge --cancel ID          cancel a pending plan
+    bridge --cancel ID          cancel a plan that is not running nor finished
     bridge --validate FILE      check a plan file: every problem with its JSON path
     bridge --submit FILE [--replace]  store a plan file as a plan memory (a --db naming a
                                 new file makes a new, empty 12.x store first)
@@ -6705,7 +6705,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "exit 0 when valid, 1 with every problem")
     actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
                                                           "memory (creates the store when --db names a new file)")
-    actions.add_argument("--cancel", metavar="ID", help="cancel a pending plan")
+    actions.add_argument("--cancel", metavar="ID", help="cancel a plan that is not running nor finished")
     actions.add_argument("--diff", metavar="ID", help="show what the plan's last run (or --run RUN_ID) changed "
                                                       "in its files, as a unified diff")
     actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "

@@ -108,7 +108,8 @@ def test_row5_a_forged_state_cannot_replay_another_plans_run(capsys, db, fake_ll
     check_store(db)
 
 
-def test_row5_show_says_the_state_is_forged_and_how_to_leave(capsys, db, fake_llm, state_dir, ran_y):
+def test_row5_show_says_the_state_is_forged_and_how_to_leave(capsys, db, fake_llm, state_dir,
+                                                             ran_y):
     a, b, y_run = ran_y
     insert_plan(db, one_file(b, "X"))
     forge_state(db, "X", run_id=y_run, claimed_at=iso(-3600), heartbeat_at=iso(-3600),
