@@ -1002,11 +1002,15 @@ def _is_git_dir(folder: str) -> bool:
 def _gitdir_named(folder: str) -> str | None:
     """The real path a `.git` file in folder points to ("gitdir: PATH", git's
     gitfile format, as a worktree or submodule has), or None."""
-    try:
-        with open(os.path.join(folder, ".git"), "rb") as handle:
-            head = handle.read(4096).decode("utf-8", "replace")
-    except OSError:         # none, or a folder: a real .git, refused by its name
+    try:        # O_NONBLOCK: a FIFO named .git must not hang the check
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+        fd = os.open(os.path.join(folder, ".git"), flags)
+    except OSError:         # none (or unreadable)
         return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
+            return None
+        head = handle.read(4096).decode("utf-8", "replace")
     if not head.startswith("gitdir:"):
         return None
     target = head[len("gitdir:"):].split("\n")[0].strip()
@@ -6705,7 +6709,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "exit 0 when valid, 1 with every problem")
     actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
                                                           "memory (creates the store when --db names a new file)")
-    actions.add_argument("--cancel", metavar="ID", help="cancel a plan that is not running nor finished")
+    actions.add_argument("--cancel", metavar="ID",
+                         help="cancel a plan that is not running nor finished")
     actions.add_argument("--diff", metavar="ID", help="show what the plan's last run (or --run RUN_ID) changed "
                                                       "in its files, as a unified diff")
     actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "

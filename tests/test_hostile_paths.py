@@ -13,6 +13,7 @@ of its class the table did not list:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -314,3 +315,14 @@ def test_row11_a_load_file_another_spelling_writes_is_known(project):
 def test_row11_same_file_path():
     assert bridge.same_file_path("./x.py") == bridge.same_file_path("x.py") == "x.py"
     assert bridge.same_file_path("a//b/./c.py") == "a/b/c.py"
+
+
+def test_row1_a_fifo_named_git_above_the_project_does_not_hang(capsys, db, project, fake_llm,
+                                                               state_dir):
+    """The gitfile check opens .git without blocking: a FIFO there is no gitfile."""
+    os.mkfifo(project / ".git")
+    insert_plan(db, writes(project, ["ok.txt"]))
+    fake_llm.default_reply = "ok"
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, require_output=True)
+    assert rc == 0, err
+    assert (project / "ok.txt").read_text() == "ok"
