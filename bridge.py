@@ -1007,9 +1007,10 @@ def _gitdir_named(folder: str) -> str | None:
         fd = os.open(os.path.join(folder, ".git"), flags)
     except OSError:         # none (or unreadable)
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
-            return None
         head = handle.read(4096).decode("utf-8", "replace")
     if not head.startswith("gitdir:"):
         return None
