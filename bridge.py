@@ -4805,6 +4805,9 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     if not isinstance(info, dict):
         return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
                 "before bridge recorded it); its files are left alone")
+    if info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
+        return (f"run {run_id} was made by a bridge that did not record its plan's content hash; "
+                "not taken over: its files are left alone")
     if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
         return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
                 f"({str(info.get('content_hash'))[:12]}), not of this plan "

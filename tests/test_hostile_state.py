@@ -469,3 +469,21 @@ def test_row19_variant_a_forged_result_of_the_run_now_claimed(capsys, db, fake_l
     assert shown["status"] == "failed" and shown["run_id"] != new_run
     # the forgery is there, unshown
     assert [r["status"] for r in stored_results(db)][-1] == "completed"
+
+
+def test_row5_variant_a_run_folder_of_an_older_bridge_is_left_alone(tmp_path):
+    """A run.json naming the plan but no content hash (written before issue 20): not taken
+    over, and said so without calling it forged."""
+    runs = tmp_path / "runs"
+    run_id = "20260101T000000Z-00000abc"
+    (runs / run_id).mkdir(parents=True)
+    (runs / run_id / "run.json").write_text(json.dumps({"plan_id": "p1", "run_id": run_id,
+                                                        "project": str(tmp_path)}))
+    content = json.dumps(make_plan("p1", context={"objective": "o", "project": str(tmp_path)}))
+    record = bridge.PlanRecord(1, content, json.loads(content), {}, 0)
+    why = bridge.foreign_run_reason(runs, run_id, record)
+    assert why is not None and "did not record" in why and "forged" not in why
+    (runs / run_id / "run.json").write_text(json.dumps({
+        "plan_id": "p1", "run_id": run_id, "project": str(tmp_path),
+        "content_hash": record.content_hash}))
+    assert bridge.foreign_run_reason(runs, run_id, record) is None
