@@ -7706,6 +7706,8 @@ def cmd_cancel(config: Config, plan_id: str) -> int:
             raise BridgeError(f"plan {plan_id!r} is {status}; only a plan that is not running nor "
                               "finished can be cancelled", run_hint(store.reload(record)))
     print(printable(f"cancelled plan {plan_id!r}"))
+    if record.display_status == "stale":        # as it was just before: its dead run's files stay
+        print("note: the files its last run left are as that run left them; bridge changed none")
     return EXIT_OK
 
 
