@@ -487,3 +487,14 @@ def test_row5_variant_a_run_folder_of_an_older_bridge_is_left_alone(tmp_path):
         "plan_id": "p1", "run_id": run_id, "project": str(tmp_path),
         "content_hash": record.content_hash}))
     assert bridge.foreign_run_reason(runs, run_id, record) is None
+
+
+def test_row6_variant_a_forged_awaiting_review_with_no_run_can_be_cancelled(capsys, db, fake_llm,
+                                                                           state_dir):
+    """awaiting_review naming a run that staged nothing: --apply and --reject cannot find
+    it; --cancel still leaves it, and --rerun runs it."""
+    insert_plan(db, make_plan("review"), metadata={"bridge": {
+        "status": "awaiting_review", "run_id": "20260101T000000Z-0000beef"}})
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--cancel", "review")
+    assert rc == 0, err
+    assert plan_state(db, "review")["status"] == "cancelled"
