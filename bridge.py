@@ -1877,13 +1877,12 @@ class Store:
         (parse_result_content).
         """
         rows: list = []
-        named = {h for h in (record.state.get("result_hash"), record.state.get("last_result_hash"))
-                 if isinstance(h, str) and h}
+        named = [h for h in (record.state.get("result_hash"), record.state.get("last_result_hash"))
+                 if isinstance(h, str) and h]         # the newest first
         digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-        if named and "content_hash" in self.columns:
-            marks = ", ".join("?" for _ in named)
-            rows = self.conn.execute("SELECT content_hash, content FROM memories WHERE "
-                                     f"content_hash IN ({marks})", tuple(named)).fetchall()
+        for digest in named if "content_hash" in self.columns else ():
+            rows += self.conn.execute("SELECT content_hash, content FROM memories "
+                                      "WHERE content_hash = ?", (digest,)).fetchall()
         if "tags" in self.columns:
             rows += self.conn.execute(
                 f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
