@@ -43,8 +43,10 @@ Usage (one action at most; no action runs every pending plan):
   --base-url, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
   --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
   --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
-  --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
-  --version, and with their action --all, --rerun, --resume, --run, --force, --replace.
+  --allow-executor, --max-cost-usd, --pass-env; also -v/--verbose, -q/--quiet, --json,
+  --debug, --version, and with their action --all, --rerun, --resume, --run, --force,
+  --replace. Check commands get no credential of your environment but --pass-env's;
+  secrets of bridge's environment are redacted from all it stores or prints.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
@@ -70,6 +72,8 @@ Environment (a flag wins over its variable):
     BRIDGE_PRICE_MODEL           whose prices value the tokens (--price-model)
     ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY     the anthropic: executor
     BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli: comma-separated (--allow-executor)
+    BRIDGE_PASS_ENV              credential variables check commands get all the same,
+                                 comma-separated (--pass-env); by default they get none
     BRIDGE_MAX_COST_USD          the spend cap of one run (--max-cost-usd; default 0.50)
     BRIDGE_TRUSTED_PROJECTS      trusted project folders, os.pathsep-separated (besides
                                  --trust): their plans run without approval, and commands
@@ -284,6 +288,23 @@ TOOL_ENV_NAMES = frozenset({
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "SYSTEMROOT"})
 TOOL_ENV_PREFIXES = ("LC_", "CLAUDE_")
+# Variables that hold credentials, in one table. A check command (a command validation,
+# verify) gets none of them unless the user names it (--pass-env, BRIDGE_PASS_ENV); the
+# value of every variable whose *name* looks secret (SECRET_ENV_NAME, SECRET_ENV_NAMES) and
+# is at least SECRET_MIN_CHARS long is redacted from all bridge stores or prints (redact).
+# A name looks secret when a `_`-separated word of it is or ends in TOKEN, SECRET,
+# PASSWORD, PASSWD, PASSPHRASE, APIKEY or CREDENTIAL(S), or is KEY(S), PASS, PAT, CREDS,
+# AUTH, OAUTH, DSN or COOKIE (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID,
+# PGPASSWORD, OPENAI_API_KEY, SSH_AUTH_SOCK; not TOKENIZERS_PARALLELISM, GIT_AUTHOR_NAME).
+SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|APIKEY"
+                             r"|CREDENTIALS?)S?|KEYS?|PASS|PAT|CREDS|AUTH|OAUTH|DSN|COOKIE)(?=_|$)")
+SECRET_ENV_NAMES = frozenset({"DATABASE_URL", "MYSQL_PWD", "REDIS_URL", "MONGODB_URI", "KUBECONFIG",
+                              "DOCKER_CONFIG", "NETRC"})
+# the cloud, CI and model-provider families kept out of check commands whole (AWS_REGION too)
+SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "CLOUDSDK_", "ANTHROPIC_",
+                       "OPENAI_", "BRIDGE_", "MCP_", "VAULT_", "DIGITALOCEAN_", "HEROKU_", "ACTIONS_",
+                       "TWINE_", "HF_", "HUGGING_FACE_")
+SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) would hit ordinary text
 
 
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
@@ -349,6 +370,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "anthropic_api_key": None,          # str | None
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
+    "pass_env": (),                     # tuple[str, ...]: credentials check commands get
     "trusted_projects": (),             # tuple[Path, ...], real paths
     "config_dir": ".",                  # str | Path
     "home": None,                       # Path | None: the user's home folder
@@ -381,8 +403,9 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
     more attempt on. tool_env: the user's environment less BRIDGE_* and
-    MCP_API_KEY: commands run in it, a claude-cli: executor in its allow-listed
-    part (claude_env).
+    MCP_API_KEY: commands run in it less its credentials (command_env), a
+    claude-cli: executor in its allow-listed part (claude_env). pass_env: the
+    credential variables check commands get all the same (--pass-env).
     memory_url: the memory server's HTTP API (loopback only) that stores result
     memories so they get an embedding; memory_api_key: its key (MCP_API_KEY).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
@@ -625,7 +648,7 @@ def tag_safe(text: str) -> str:
 def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     """Write one JSON line to an open file and, with flush, flush it (no fsync: see
     its callers)."""
-    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
 
@@ -755,6 +778,52 @@ def _escape(match: Any) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def secret_env_name(name: str) -> bool:
+    """True when an environment variable's name says its value is a secret
+    (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
+    upper = name.upper()
+    return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
+
+
+def credential_env_name(name: str) -> bool:
+    """True when a check command must not get this variable unless the user names it
+    (--pass-env): a secret-looking name, or one of SECRET_ENV_PREFIXES' families."""
+    return secret_env_name(name) or name.upper().startswith(SECRET_ENV_PREFIXES)
+
+
+# (value, name) of every secret-looking variable of bridge's own environment, longest
+# value first; set once per invocation by main() (remember_secrets), read by redact().
+_SECRETS: list[tuple[str, str]] = []
+
+
+def remember_secrets(environ: dict[str, str]) -> None:
+    """Take the values redact() hides from environ: those of secret_env_name names at
+    least SECRET_MIN_CHARS long (a value also found under a harmless name is skipped:
+    HOME=/home/me must not vanish because some SECRET_DIR says the same)."""
+    plain = {v for k, v in environ.items() if not secret_env_name(k)}
+    found = {v: k for k, v in environ.items()
+             if secret_env_name(k) and len(v) >= SECRET_MIN_CHARS and v not in plain}
+    _SECRETS[:] = sorted(((v, k) for v, k in found.items()), key=lambda item: -len(item[0]))
+
+
+def redact(value: Any) -> Any:
+    """Return value with every secret of remember_secrets replaced by "[redacted $NAME]":
+    a str, or the strings inside lists, tuples and dicts (keys too), so a document is
+    redacted before it becomes JSON. Anything else is returned as it is."""
+    if not _SECRETS:
+        return value
+    if isinstance(value, str):
+        for secret, name in _SECRETS:
+            if secret in value:
+                value = value.replace(secret, f"[redacted ${name}]")
+        return value
+    if isinstance(value, dict):
+        return {redact(k): redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
 def printable(text: Any, multiline: bool = False) -> str:
     """Return text safe to write to a terminal: every character a terminal could act
     on (see _UNSAFE: ESC and so CSI/OSC sequences, CR, BEL, backspace,
@@ -765,7 +834,7 @@ def printable(text: Any, multiline: bool = False) -> str:
     text from a plan, a model, a server or the store is printed: Progress, the
     renderers and main()'s error lines.
     """
-    text = str(text)
+    text = redact(str(text))
     pattern = f"[{_UNSAFE}]" if multiline else f"[{_UNSAFE}\\n]"
     return re.sub(pattern, _escape, text) if re.search(pattern, text) else text
 
@@ -781,7 +850,7 @@ def json_text(document: Any, indent: int | None = None) -> str:
     characters of _UNSAFE that json leaves raw (DEL, C1, separators, bidi
     controls, lone surrogates) written as \\u escapes: the same JSON value,
     readable text, and nothing a terminal acts on (--json and --events)."""
-    text = json.dumps(document, indent=indent, ensure_ascii=False)
+    text = json.dumps(redact(document), indent=indent, ensure_ascii=False)
     if not re.search(_JSON_UNSAFE, text):
         return text
     return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
@@ -1458,6 +1527,7 @@ def result_content(result: dict) -> str:
     """Return the content of a result memory: result_summary(), a blank line, then the
     whole result document as one line of JSON (the last line; JSON escapes every
     newline, so nothing in the document can end it early)."""
+    result = redact(result)
     return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
 
 
@@ -1954,7 +2024,8 @@ class Store:
         owner = state.get("owner") if isinstance(state.get("owner"), dict) else {}
         values = {**{k: state.get(k) for k in STATE_COLUMNS}, "plan_id": plan_id,
                   "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
-        extra = {k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"}
+        extra = redact({k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"})
+        values = redact(values)         # an error line may quote a model's or a command's words
         self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
                           f"extra, updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
                           (digest, *values.values(), json.dumps(extra) if extra else None, utc_now_iso()))
@@ -4075,15 +4146,19 @@ def untrusted_message(plan: Plan) -> str:
 
 def command_env(config: Config) -> dict[str, str]:
     """Return the environment a plan's commands run in: the user's (as bridge was
-    started with it) less bridge's own BRIDGE_* settings, the memory server's
-    MCP_API_KEY and ANTHROPIC_API_KEY, so a check never sees a secret it does not need.
+    started with it) less every credential (credential_env_name: bridge's own
+    BRIDGE_* settings, the memory server's MCP_API_KEY, names that look like tokens,
+    keys, secrets or passwords, and the cloud, CI and model-provider families of
+    SECRET_ENV_PREFIXES), but those the user named with --pass-env (config.pass_env),
+    so a check never sees a secret it was not given.
 
     PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the
     source keeps its size and its mtime's second, and a retry rewrites a file
     within the same second, often at the same size (`x + 2` → `x * 2`), so the
     retry's test would run the failed attempt's code.
     """
-    env = {k: v for k, v in config.tool_env if k != "ANTHROPIC_API_KEY"}
+    passed = set(config.pass_env)
+    env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
@@ -4092,7 +4167,8 @@ class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail
     """What one command did: argv (list of str), exit_code (int; negative: killed by
     that signal; None: it never started), duration_s (seconds), output_tail (the
     last COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a
-    marker when the start is left out), output_bytes (all it wrote), timed_out,
+    marker when the start is left out, secrets redacted; "" when it passed),
+    output_bytes (all it wrote), timed_out,
     error (why it failed, one line, or None when it passed)."""
 
     __slots__ = ()
@@ -4104,6 +4180,78 @@ class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail
                 "timed_out": self.timed_out, "error": self.error}
 
 
+# The program a check command runs under on Linux (reaped_argv): `python -I -S -c
+# REAPER_SOURCE FD ARGV...`. It makes itself a child subreaper (prctl
+# PR_SET_CHILD_SUBREAPER = 36, Linux 3.4+; man 2 prctl), so every process the command
+# leaves behind, setsid and double-forked daemons included, is re-parented to it instead
+# of to init; it runs the command in a process group of its own; once the command exits,
+# or at SIGTERM (bridge's time-out or cancel), it SIGKILLs that group, then every process
+# re-parented to it, again until none is left, and exits as the command did (a signal's
+# death re-raised, with no core file). When exec fails, the errno goes back on FD.
+REAPER_SOURCE = r"""
+import ctypes, os, resource, signal, sys
+report, argv, pid, stopping = int(sys.argv[1]), sys.argv[2:], 0, False
+os.set_inheritable(report, False)
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+def stop(signum, frame):
+    global stopping
+    stopping = True
+    if pid:
+        try: os.killpg(pid, signal.SIGKILL)
+        except OSError: pass
+signal.signal(signal.SIGTERM, stop)
+pid = os.fork()
+if pid == 0:
+    try:
+        os.setpgid(0, 0)
+        for name in ("SIGTERM", "SIGPIPE", "SIGXFSZ"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(report, str(exc.errno).encode())
+    os._exit(127)
+os.close(report)
+try: os.setpgid(pid, pid)
+except OSError: pass
+if stopping: stop(0, None)
+status = os.waitpid(pid, 0)[1]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def children():
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError: continue
+        if name.isdigit() and int(fields[1]) == os.getpid(): found.append(int(name))
+    return found
+try: os.killpg(pid, signal.SIGKILL)
+except OSError: pass
+while kids := children():
+    for kid in kids:
+        try: os.kill(kid, signal.SIGKILL)
+        except OSError: pass
+    for kid in kids:
+        try: os.waitpid(kid, 0)
+        except OSError: pass
+if os.WIFSIGNALED(status):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if os.WTERMSIG(status) != signal.SIGKILL: signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+os._exit(os.waitstatus_to_exitcode(status) & 255)
+"""
+REAPER_GRACE_S = 5.0       # after its SIGTERM, the reaper has this long to sweep before it is killed
+
+
+def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
+    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None
+    where there is no child subreaper (not Linux, or no sys.executable): there only the
+    command's process group is killed, and a child that leaves it (setsid) can live on."""
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return None
+    return [sys.executable, "-I", "-S", "-c", REAPER_SOURCE, str(report_fd), *argv]
+
+
 def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
@@ -4111,26 +4259,53 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
     stdout and stderr go to one pipe, read as it comes: only the last
     COMMAND_TAIL_BYTES bytes are kept, so a flood costs no memory. The command
     leads its own process group; once it exits, or after timeout_s seconds, or
-    when cancel (a threading.Event) is set, the whole group is killed, so nothing
-    it started outlives the check. Never raises for a command that cannot start
-    (that is a failed check saying why).
+    when cancel (a threading.Event) is set, the whole group is killed, and on Linux
+    every other process it started too, daemons that left the group included
+    (REAPER_SOURCE), so nothing it started outlives the check. Never raises for a
+    command that cannot start (that is a failed check saying why).
     """
     import subprocess
 
     started = time.monotonic()
+    report, report_w = os.pipe()
+    reaped = reaped_argv(argv, report_w)
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(reaped or argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=(report_w,) if reaped else ())
     except OSError as exc:
+        os.close(report)
         return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
                           f"`{shell_words(argv)}` could not start: {exc.strerror or exc}")
+    finally:
+        os.close(report_w)
     try:
         tail, total, stopped = _read_tail(proc, started + timeout_s, cancel)
     finally:
+        if reaped:
+            _stop_reaper(proc)
         _kill_group(proc)               # the command's children too, even those that outlive it
         proc.stdout.close()
         code = proc.wait()
+        with open(report, "rb") as handle:
+            failed = handle.read(32)
+    if failed.isdigit():
+        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
+                          f"`{shell_words(argv)}` could not start: {os.strerror(int(failed))}")
     return _command_outcome(argv, code, time.monotonic() - started, tail, total, stopped, timeout_s)
+
+
+def _stop_reaper(proc: Any) -> None:
+    """Have a command's reaper end it and sweep its descendants (SIGTERM), when it has
+    not exited yet; wait for it up to REAPER_GRACE_S without reaping it (its pid names
+    the process group _kill_group kills after)."""
+    if _exited(proc):
+        return
+    with _suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + REAPER_GRACE_S
+    while not _exited(proc) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str | None]:
@@ -4175,7 +4350,7 @@ def _exited(proc: Any) -> bool:
 
 def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes, total: int,
                      stopped: str | None, timeout_s: float) -> CommandRun:
-    text = tail.decode("utf-8", "replace")
+    text = redact(tail.decode("utf-8", "replace"))
     if total > len(tail):
         text = f"[bridge: the first {total - len(tail)} of {total} bytes of output are left out]\n" + text
     shown = f"`{shell_words(argv)}`"
@@ -4187,6 +4362,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
         error = f"{shown} failed (exit {code})"
     else:
         error = None
+        text = ""       # a passing check keeps no output: `env`, a test printing its config
     return CommandRun(list(argv), code, duration_s, text, total, stopped == "timeout", error)
 
 
@@ -5679,7 +5855,8 @@ class Attempt:
     __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard")
 
     def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
-        self.number, self.model, self.messages, self.sampling = number, model, messages, sampling
+        self.number, self.model, self.sampling = number, model, sampling
+        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
         self.started, self.pieces, self.guard = time.monotonic(), 0, None
 
 
@@ -6524,6 +6701,10 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
         "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
         f"{DEFAULT_MAX_COST_USD:.2f}"))
+    settings.add_argument("--pass-env", metavar="NAME", action="append", help=_env_help(
+        "give check commands (command validations, verify) this credential variable of your environment "
+        "all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
+        "none: checks get no token, key, secret, password or cloud/CI variable"))
     settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
         "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
         ANTHROPIC_BASE_URL))
@@ -6605,6 +6786,12 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     return tuple(dict.fromkeys(["openai", *names]))
 
 
+def _pass_env(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
+    """The variable names of --pass-env and BRIDGE_PASS_ENV (comma-separated)."""
+    names = [*(args.pass_env or []), *environ.get("BRIDGE_PASS_ENV", "").split(",")]
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+
+
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
     """Return True when internal errors show their traceback: --debug, or BRIDGE_DEBUG
     set to anything but "" or "0"."""
@@ -6663,6 +6850,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         # commands run in it; a claude-cli: model gets only its allow-listed part
         tool_env=tuple((k, v) for k, v in environ.items()
                        if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
+        pass_env=_pass_env(args, environ),
         trusted_projects=_trusted_projects(config_dir, environ),
         config_dir=config_dir,
         home=Path(environ.get("HOME") or Path.home()),
@@ -7579,6 +7767,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parser.parse_args(argv)
     _check_flag_combinations(parser, args)
     environ = dict(os.environ if environ is None else environ)
+    remember_secrets(environ)
     debug = debug_wanted(args, environ)
     try:
         config = resolve_config(args, environ)
