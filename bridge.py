@@ -778,6 +778,12 @@ def _escape(match: Any) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def narrowed(asked: Any, limit: Any) -> Any:
+    """Return what a plan asked (asked: a number, or None when it asked nothing) when it
+    is lower than the user's limit, else the limit: a plan only narrows the user's limits."""
+    return limit if asked is None or asked >= limit else asked
+
+
 def secret_env_name(name: str) -> bool:
     """True when an environment variable's name says its value is a secret
     (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
@@ -2823,8 +2829,12 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
     {"plan_id", "content_hash", "project" (str or None), "files" (its file_output
-    paths), "models" (every model it names: steps, defaults, escalation), "trusted"
-    (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
+    paths), "reads" (the files it LOADs and sends to a model, each with why it is
+    refused or None: _load_facts), "runs" (every command and verify argv with its
+    folder and timeout: _run_facts), "models" (every model it names: steps,
+    defaults, escalation), "executors" (the executors its steps and escalation use),
+    "limits" (what it asks above the user's limits, and what is used: _limit_facts),
+    "trusted" (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
     would let it run), "escalation_unused" (why its escalation will be skipped, or
     None), "may_run"}. A plan needs approval unless its project is trusted, or it has
     no project and runs only on the local server; paid and agentic executors need the
@@ -2855,11 +2865,59 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if escalation is not None and escalation not in allowed and config.escalate_to is None:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
+    executors = sorted({_executor_of(m) for m in named}
+                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
-            "models": named, "trusted": trusted, "reasons": reasons, "commands": commands,
-            "escalation_unused": unused, "may_run": not reasons}
+            "reads": _load_facts(plan), "runs": _run_facts(plan), "models": named, "executors": executors,
+            "limits": _limit_facts(config, plan), "trusted": trusted, "reasons": reasons,
+            "commands": commands, "escalation_unused": unused, "may_run": not reasons}
+
+
+def _load_facts(plan: Plan) -> list[dict]:
+    """[{"path", "refused" (why bridge will not send it: secret_file_reason, or None)}]
+    of the files a plan LOADs into its prompts, sorted by path."""
+    facts = []
+    for rel, mode in sorted(plan.files_context.items()):
+        if mode != "LOAD":
+            continue
+        refused = secret_file_reason(rel)
+        if refused is None and plan.project is not None:
+            real, root = os.path.realpath(plan.project / rel), os.path.realpath(plan.project)
+            refused = secret_file_reason(os.path.relpath(real, root)) if real != root else None
+        facts.append({"path": rel, "refused": refused})
+    return facts
+
+
+def _run_facts(plan: Plan) -> list[dict]:
+    """[{"what": "step N check" | "verify", "run" (argv), "cwd", "timeout_s"}]: every
+    command a plan runs (its command validations, then its verify), where, how long."""
+    cwd = str(plan.project) if plan.project is not None else None
+    facts = []
+    for sid, step in sorted(plan.steps.items()):
+        items = step.validation if isinstance(step.validation, list) else [step.validation]
+        facts += [{"what": f"step {sid} check", "run": list(v["run"]), "cwd": cwd,
+                   "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+                  for v in items if isinstance(v, dict) and v.get("type") == "command"]
+    if plan.verify:
+        facts.append({"what": "verify", "run": list(plan.verify["run"]), "cwd": cwd,
+                      "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
+    return facts
+
+
+def _limit_facts(config: Config, plan: Plan) -> list[dict]:
+    """[{"step", "field", "asked", "limit", "setting", "used"}]: each limit a plan asks
+    above the user's, and the user's value that is used instead (narrowed)."""
+    facts = []
+    for sid, step in sorted(plan.steps.items()):
+        if isinstance(step.timeout_s, (int, float)):
+            for limit, setting in ((config.timeout_s, "--timeout (per read)"),
+                                   (DEFAULT_REQUEST_DEADLINE_S, "the request deadline")):
+                if step.timeout_s > limit:
+                    facts.append({"step": sid, "field": "timeout_s", "asked": step.timeout_s, "limit": limit,
+                                  "setting": setting, "used": narrowed(step.timeout_s, limit)})
+    return facts
 
 
 ###############################################################################
@@ -3150,10 +3208,12 @@ class HTTPExecutor:
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = time.monotonic()
         kwargs: dict[str, Any] = {"json": payload}
-        if timeout_s is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
-        deadline_s = timeout_s or DEFAULT_REQUEST_DEADLINE_S
-        source = "the step's timeout_s" if timeout_s else "bridge's default; a step's timeout_s sets its own"
+        if timeout_s is not None:      # a plan only narrows: --timeout per read, the default deadline
+            read_s = narrowed(timeout_s, self.config.timeout_s)
+            kwargs["timeout"] = httpx.Timeout(read_s, connect=min(CONNECT_TIMEOUT_S, read_s))
+        deadline_s = narrowed(timeout_s, DEFAULT_REQUEST_DEADLINE_S)
+        source = "the step's timeout_s" if deadline_s != DEFAULT_REQUEST_DEADLINE_S \
+            else "bridge's default; a step's lower timeout_s sets its own"
         limit = f"{deadline_s:g} s ({source})"
         try:
             with self.http.stream("POST", url, **kwargs) as raw:
@@ -3513,8 +3573,8 @@ class ClaudeCLI:
     argv list (never a shell), the prompt on stdin, in the plan's project folder
     only when that is a trusted project (else a fresh scratch folder under the state
     dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
-    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the
-    process group when the step's time (timeout_s, else --timeout) runs out. Reads
+    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the process group when the
+    step's time (its timeout_s when lower than --timeout, else --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
     messages (their text streams as deltas), and the closing result (result,
     is_error, usage, total_cost_usd, duration_ms); other lines, garbage included,
@@ -3561,7 +3621,7 @@ class ClaudeCLI:
         argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
                 "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
         with self._workdir() as cwd:
-            return self._run(argv, prompt, cwd, timeout_s or self.config.timeout_s, on_delta)
+            return self._run(argv, prompt, cwd, narrowed(timeout_s, self.config.timeout_s), on_delta)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -7056,7 +7116,15 @@ def render_facts(facts: dict) -> str:
     """Return approval_facts as indented lines for a person."""
     lines = [f"  project: {facts['project'] or '(none: no files)'}",
              f"  writes: {', '.join(facts['files']) or 'nothing'}",
-             f"  models: {', '.join(facts['models']) or 'the run model only'}"]
+             "  reads (sent to the model): " + (", ".join(
+                 f"{read['path']}" + (f" (refused: {read['refused']})" if read["refused"] else "")
+                 for read in facts["reads"]) or "no file"),
+             f"  models: {', '.join(facts['models']) or 'the run model only'} "
+             f"(executors: {', '.join(facts['executors']) or 'none'})"]
+    lines += [f"  runs: {run['what']}: `{shell_words(run['run'])}` in {run['cwd']}, "
+              f"timeout {run['timeout_s']:g} s" for run in facts["runs"]] or ["  runs: no command"]
+    lines += [f"  limit: step {limit['step']} asks {limit['field']} {limit['asked']:g} s, above "
+              f"{limit['setting']} {limit['limit']:g} s; {limit['used']:g} s is used" for limit in facts["limits"]]
     lines += [f"  waits: {reason}" for reason in facts["reasons"]]
     if facts["commands"]:
         lines.append(f"  to run it: {commands_text(facts['commands'])}")
@@ -7122,6 +7190,9 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
         waiting.append(facts)
         progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
                       f"to run it: {commands_text(facts['commands'])}")
+        for line in render_facts(facts).splitlines():      # what approving it would let happen
+            if not line.startswith(("  waits:", "  to run it:")):
+                progress.info(line)
     return runnable, waiting
 
 
@@ -7623,7 +7694,8 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
     "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted"}; commands: the step's command validations
+    order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
+    may do, the same facts --list and --approve show)}; commands: the step's command validations
     ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted)."""
     try:
         plan = runnable_plan(record, config)
@@ -7643,9 +7715,10 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
                       "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
                       else None, "file_output": _dry_run_target(plan, step, targets),
                       "commands": [_command_entry(v) for v in _commands_of(step)]})
+    facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
             "verify": _command_entry(plan.verify) if plan.verify else None,
-            "commands_trusted": plan_trusted(config, plan, content_hash(record.content))}
+            "commands_trusted": facts["trusted"], "approval": facts}
 
 
 def _command_entry(command: dict) -> dict:
@@ -7670,7 +7743,7 @@ def _render_dry_run(entry: dict) -> str:
         return "\n".join(printable(line) for line in
                          [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
     lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
-                       "in this order")]
+                       "in this order"), render_facts(entry["approval"])]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
         lines.append(printable(f"=== step {step['id']}{title}"))
