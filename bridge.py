@@ -788,6 +788,8 @@ def secret_env_name(name: str) -> bool:
     """True when an environment variable's name says its value is a secret
     (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
     upper = name.upper()
+    if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names, never holds)
+        return False
     return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
 
 
@@ -797,9 +799,11 @@ def credential_env_name(name: str) -> bool:
     return secret_env_name(name) or name.upper().startswith(SECRET_ENV_PREFIXES)
 
 
-# (value, name) of every secret-looking variable of bridge's own environment, longest
-# value first; set once per invocation by main() (remember_secrets), read by redact().
-_SECRETS: list[tuple[str, str]] = []
+# {value: name} of every secret-looking variable of bridge's own environment, and one
+# pattern matching any of them, longest first; set once per invocation by main()
+# (remember_secrets), read by redact().
+_SECRETS: dict[str, str] = {}
+_SECRET_PATTERN: list[Any] = []
 
 
 def remember_secrets(environ: dict[str, str]) -> None:
@@ -807,22 +811,22 @@ def remember_secrets(environ: dict[str, str]) -> None:
     least SECRET_MIN_CHARS long (a value also found under a harmless name is skipped:
     HOME=/home/me must not vanish because some SECRET_DIR says the same)."""
     plain = {v for k, v in environ.items() if not secret_env_name(k)}
-    found = {v: k for k, v in environ.items()
+    found = {v: k for k, v in sorted(environ.items())
              if secret_env_name(k) and len(v) >= SECRET_MIN_CHARS and v not in plain}
-    _SECRETS[:] = sorted(((v, k) for v, k in found.items()), key=lambda item: -len(item[0]))
+    _SECRETS.clear()
+    _SECRETS.update(found)
+    _SECRET_PATTERN[:] = [re.compile("|".join(map(re.escape, sorted(found, key=len, reverse=True))))] \
+        if found else []
 
 
 def redact(value: Any) -> Any:
     """Return value with every secret of remember_secrets replaced by "[redacted $NAME]":
     a str, or the strings inside lists, tuples and dicts (keys too), so a document is
     redacted before it becomes JSON. Anything else is returned as it is."""
-    if not _SECRETS:
+    if not _SECRET_PATTERN:
         return value
     if isinstance(value, str):
-        for secret, name in _SECRETS:
-            if secret in value:
-                value = value.replace(secret, f"[redacted ${name}]")
-        return value
+        return _SECRET_PATTERN[0].sub(lambda match: f"[redacted ${_SECRETS[match.group()]}]", value)
     if isinstance(value, dict):
         return {redact(k): redact(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
