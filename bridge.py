@@ -40,13 +40,14 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
-  --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
-  --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
+  --base-url, --model, --timeout, --retries, --max-retries, --retry-delay,
+  --max-output-bytes, --no-structured, --parallel, --context-length, --retry-sampling,
+  --escalate-to, --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
   --allow-executor, --max-cost-usd, --pass-env; also -v/--verbose, -q/--quiet, --json,
   --debug, --version, and with their action --all, --rerun, --resume, --run, --force,
   --replace. Check commands get no credential of your environment but --pass-env's;
-  secrets of bridge's environment are redacted from all it stores or prints.
+  secrets of bridge's environment are redacted from all it stores or prints. A plan
+  only narrows your limits: its timeout_s and max_retries count where they are lower.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
@@ -65,6 +66,7 @@ Environment (a flag wins over its variable):
         memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
+    BRIDGE_MAX_RETRIES           the most further attempts a step gets (--max-retries)
     BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
     BRIDGE_STRUCTURED=0          never ask for constrained JSON (--no-structured)
     BRIDGE_RETRY_SAMPLING        how retries sample (--retry-sampling)
@@ -213,6 +215,7 @@ DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 wor
 DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
+MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
 DEFAULT_ON_FAILURE = "retry_with_context"
 # How attempts on the local server sample (--retry-sampling; see retry_sampling).
 # "plain": every attempt as the step says. "hotter": the first greedy (temperature 0)
@@ -301,9 +304,9 @@ SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSW
 SECRET_ENV_NAMES = frozenset({"DATABASE_URL", "MYSQL_PWD", "REDIS_URL", "MONGODB_URI", "KUBECONFIG",
                               "DOCKER_CONFIG", "NETRC"})
 # the cloud, CI and model-provider families kept out of check commands whole (AWS_REGION too)
-SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "CLOUDSDK_", "ANTHROPIC_",
-                       "OPENAI_", "BRIDGE_", "MCP_", "VAULT_", "DIGITALOCEAN_", "HEROKU_", "ACTIONS_",
-                       "TWINE_", "HF_", "HUGGING_FACE_")
+SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "CLOUDSDK_",
+                       "ANTHROPIC_", "OPENAI_", "BRIDGE_", "MCP_", "VAULT_", "DIGITALOCEAN_",
+                       "HEROKU_", "ACTIONS_", "TWINE_", "HF_", "HUGGING_FACE_")
 SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) would hit ordinary text
 
 
@@ -357,6 +360,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
     "retries": DEFAULT_RETRIES,
+    "max_retries": MAX_RETRIES_LIMIT,   # the most further attempts a step's max_retries gets
     "retry_delay_s": DEFAULT_RETRY_DELAY_S,
     "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
     "structured": True,
@@ -392,8 +396,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 
     db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
     the only candidate). timeout_s: seconds to wait to connect or for the server's
-    next byte. retries / retry_delay_s: transport retries of one request and the
-    first backoff delay (seconds). max_output_bytes: a streamed reply past this many
+    next byte. max_retries: the most further attempts a step gets (a plan's
+    max_retries above it is cut). retries / retry_delay_s: transport retries of
+    one request and the first backoff delay (seconds).
+    max_output_bytes: a streamed reply past this many
     bytes is cut and the attempt fails. structured: ask the server for constrained
     JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
     RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
@@ -815,8 +821,8 @@ def remember_secrets(environ: dict[str, str]) -> None:
              if secret_env_name(k) and len(v) >= SECRET_MIN_CHARS and v not in plain}
     _SECRETS.clear()
     _SECRETS.update(found)
-    _SECRET_PATTERN[:] = [re.compile("|".join(map(re.escape, sorted(found, key=len, reverse=True))))] \
-        if found else []
+    longest_first = sorted(found, key=len, reverse=True)
+    _SECRET_PATTERN[:] = [re.compile("|".join(map(re.escape, longest_first)))] if found else []
 
 
 def redact(value: Any) -> Any:
@@ -2874,9 +2880,10 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
-            "reads": _load_facts(plan), "runs": _run_facts(plan), "models": named, "executors": executors,
-            "limits": _limit_facts(config, plan), "trusted": trusted, "reasons": reasons,
-            "commands": commands, "escalation_unused": unused, "may_run": not reasons}
+            "reads": _load_facts(plan), "runs": _run_facts(plan), "models": named,
+            "executors": executors, "limits": _limit_facts(config, plan), "trusted": trusted,
+            "reasons": reasons, "commands": commands, "escalation_unused": unused,
+            "may_run": not reasons}
 
 
 def _load_facts(plan: Plan) -> list[dict]:
@@ -2915,12 +2922,17 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
     above the user's, and the user's value that is used instead (narrowed)."""
     facts = []
     for sid, step in sorted(plan.steps.items()):
+        if isinstance(step.max_retries, int) and step.max_retries > config.max_retries:
+            facts.append({"step": sid, "field": "max_retries", "asked": step.max_retries,
+                          "limit": config.max_retries, "setting": "--max-retries",
+                          "used": config.max_retries})
         if isinstance(step.timeout_s, (int, float)):
             for limit, setting in ((config.timeout_s, "--timeout (per read)"),
                                    (DEFAULT_REQUEST_DEADLINE_S, "the request deadline")):
                 if step.timeout_s > limit:
-                    facts.append({"step": sid, "field": "timeout_s", "asked": step.timeout_s, "limit": limit,
-                                  "setting": setting, "used": narrowed(step.timeout_s, limit)})
+                    facts.append({"step": sid, "field": "timeout_s", "asked": step.timeout_s,
+                                  "limit": limit, "setting": setting,
+                                  "used": narrowed(step.timeout_s, limit)})
     return facts
 
 
@@ -3212,7 +3224,7 @@ class HTTPExecutor:
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = time.monotonic()
         kwargs: dict[str, Any] = {"json": payload}
-        if timeout_s is not None:      # a plan only narrows: --timeout per read, the default deadline
+        if timeout_s is not None:   # a plan only narrows: --timeout per read, the default deadline
             read_s = narrowed(timeout_s, self.config.timeout_s)
             kwargs["timeout"] = httpx.Timeout(read_s, connect=min(CONNECT_TIMEOUT_S, read_s))
         deadline_s = narrowed(timeout_s, DEFAULT_REQUEST_DEADLINE_S)
@@ -3625,7 +3637,8 @@ class ClaudeCLI:
         argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
                 "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
         with self._workdir() as cwd:
-            return self._run(argv, prompt, cwd, narrowed(timeout_s, self.config.timeout_s), on_delta)
+            limit_s = narrowed(timeout_s, self.config.timeout_s)
+            return self._run(argv, prompt, cwd, limit_s, on_delta)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -4304,7 +4317,7 @@ if os.WIFSIGNALED(status):
     os.kill(os.getpid(), os.WTERMSIG(status))
 os._exit(os.waitstatus_to_exitcode(status) & 255)
 """
-REAPER_GRACE_S = 5.0       # after its SIGTERM, the reaper has this long to sweep before it is killed
+REAPER_GRACE_S = 5.0       # after its SIGTERM the reaper has this long to sweep, then it is killed
 
 
 def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
@@ -4335,8 +4348,8 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
     reaped = reaped_argv(argv, report_w)
     try:
         proc = subprocess.Popen(reaped or argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                pass_fds=(report_w,) if reaped else ())
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, pass_fds=(report_w,) if reaped else ())
     except OSError as exc:
         os.close(report)
         return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
@@ -5855,6 +5868,15 @@ def runnable_plan(record: PlanRecord, config: Config) -> Plan:
     return check_plan(record.plan, Guard.of(config))
 
 
+def narrowed_plan(plan: Plan, config: Config) -> Plan:
+    """Return plan with each step's max_retries cut to --max-retries (config.max_retries)
+    where it asks more: a plan only narrows the user's limits (timeout_s is narrowed
+    where it is used, per read and per request: see HTTPExecutor and ClaudeCLI)."""
+    steps = {sid: step._replace(max_retries=narrowed(step.max_retries, config.max_retries))
+             for sid, step in plan.steps.items()}
+    return plan._replace(steps=steps)
+
+
 def _stop_running(results: dict[int, StepResult], why: str) -> None:
     """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
     for result in results.values():
@@ -6031,7 +6053,7 @@ class Runner:
             self.progress.error(refused)
         problems = list(problems or [])
         try:
-            run.plan = runnable_plan(record, self.config)
+            run.plan = narrowed_plan(runnable_plan(record, self.config), self.config)
         except PlanInvalid as exc:
             problems += exc.problems
         if problems:
@@ -6737,6 +6759,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TIMEOUT_S:g}"))
     settings.add_argument("--retries", metavar="N", help=_env_help(
         "retries of one request after 429, 5xx or a connection error", "BRIDGE_RETRIES", DEFAULT_RETRIES))
+    settings.add_argument("--max-retries", metavar="N", help=_env_help(
+        "the most further attempts a step gets: a plan's max_retries above it is cut to it",
+        "BRIDGE_MAX_RETRIES", MAX_RETRIES_LIMIT))
     settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
         "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
     settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
@@ -6766,8 +6791,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
         f"{DEFAULT_MAX_COST_USD:.2f}"))
     settings.add_argument("--pass-env", metavar="NAME", action="append", help=_env_help(
-        "give check commands (command validations, verify) this credential variable of your environment "
-        "all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
+        "give check commands (command validations, verify) this credential variable of your "
+        "environment all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
         "none: checks get no token, key, secret, password or cloud/CI variable"))
     settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
         "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
@@ -6893,6 +6918,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
                         pick(args.retries, "BRIDGE_RETRIES"), DEFAULT_RETRIES, int),
+        max_retries=_number("max retries", "--max-retries or BRIDGE_MAX_RETRIES",
+                            pick(args.max_retries, "BRIDGE_MAX_RETRIES"), MAX_RETRIES_LIMIT, int),
         retry_delay_s=_number("retry delay", "--retry-delay or BRIDGE_RETRY_DELAY",
                               pick(args.retry_delay, "BRIDGE_RETRY_DELAY"), DEFAULT_RETRY_DELAY_S),
         max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
@@ -7127,8 +7154,12 @@ def render_facts(facts: dict) -> str:
              f"(executors: {', '.join(facts['executors']) or 'none'})"]
     lines += [f"  runs: {run['what']}: `{shell_words(run['run'])}` in {run['cwd']}, "
               f"timeout {run['timeout_s']:g} s" for run in facts["runs"]] or ["  runs: no command"]
-    lines += [f"  limit: step {limit['step']} asks {limit['field']} {limit['asked']:g} s, above "
-              f"{limit['setting']} {limit['limit']:g} s; {limit['used']:g} s is used" for limit in facts["limits"]]
+    for limit in facts["limits"]:
+        unit = " s" if limit["field"] == "timeout_s" else ""
+        lines.append(f"  limit: step {limit['step']} asks {limit['field']} "
+                     f"{limit['asked']:g}{unit}, above {limit['setting']} "
+                     f"{limit['limit']:g}{unit}; "
+                     f"{limit['used']:g}{unit} is used")
     lines += [f"  waits: {reason}" for reason in facts["reasons"]]
     if facts["commands"]:
         lines.append(f"  to run it: {commands_text(facts['commands'])}")

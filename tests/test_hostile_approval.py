@@ -12,6 +12,8 @@ fake LLM server of tests/fakes.py on 127.0.0.1, a real store and a temporary HOM
 | 10 | a plan with no project, step `timeout_s: 86400`, the user's `--timeout 1`, a silent server | waited for the server as long as the plan said | the user's 1 s holds; the step fails on it |
 | 10b | the same through `defaults.timeout_s`; the approval facts of such a plan | - | narrowed the same; `limits` says what the plan asked and what is used |
 | 10c | a step's `timeout_s` lower than the user's `--timeout` | used | still used (a plan may narrow) |
+| 10d | a step's `max_retries: 10`, the user's `--max-retries 1` (or BRIDGE_MAX_RETRIES) | no such limit: 11 attempts | 2 attempts |
+| 10e | a step's `max_tokens: 10**9`, the user's `--max-output-bytes 1000` | held already | still holds: the reply is cut, the attempt fails |
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def command_plan(project: Path, plan_id: str = "cmds", **fields) -> dict:
     (project / "notes.md").write_text("notes\n")
     step = {"id": 1, "prompt": "Write slug.py.", "file_output": "slug.py",
             "validation": {"type": "command", "run": CHECK, "timeout_s": 30}}
-    return make_plan(plan_id, [step], verify={"run": VERIFY, "timeout_s": 600},
-                     context={"objective": "t", "project": str(project), "files_context": {"notes.md": "LOAD"}},
+    context = {"objective": "t", "project": str(project), "files_context": {"notes.md": "LOAD"}}
+    return make_plan(plan_id, [step], verify={"run": VERIFY, "timeout_s": 600}, context=context,
                      **fields)
 
 
@@ -59,7 +61,8 @@ def argv_shown(text: str, argv: list[str]) -> bool:
 # row 3: every command and verify argv, with its folder, in every view of approval
 # --------------------------------------------------------------------------------------
 
-def test_row3_list_and_list_json_show_every_command_with_its_folder(capsys, db, fake_llm, state_dir, untrusted):
+def test_row3_list_and_list_json_show_every_command_with_its_folder(capsys, db, fake_llm, state_dir,
+                                                                    untrusted):
     insert_plan(db, command_plan(untrusted))
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
@@ -75,7 +78,8 @@ def test_row3_list_and_list_json_show_every_command_with_its_folder(capsys, db, 
         {"what": "verify", "run": VERIFY, "cwd": str(untrusted), "timeout_s": 600}]
 
 
-def test_row3_the_waiting_line_and_approve_show_the_commands(capsys, db, fake_llm, state_dir, untrusted):
+def test_row3_the_waiting_line_and_approve_show_the_commands(capsys, db, fake_llm, state_dir,
+                                                             untrusted):
     insert_plan(db, command_plan(untrusted))
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir)          # the waiting line
@@ -94,8 +98,9 @@ def test_row3_the_terminal_question_shows_the_commands(db, fake_llm, state_dir, 
     import pty
     insert_plan(db, command_plan(untrusted))
     master, slave = pty.openpty()
-    proc = subprocess.Popen([PY, str(ROOT / "bridge.py"), *bridge_args(db, fake_llm.url, state_dir)],
-                            stdin=slave, stderr=slave, stdout=subprocess.DEVNULL, env=child_env())
+    argv = [PY, str(ROOT / "bridge.py"), *bridge_args(db, fake_llm.url, state_dir)]
+    proc = subprocess.Popen(argv, stdin=slave, stderr=slave, stdout=subprocess.DEVNULL,
+                            env=child_env())
     os.close(slave)
     seen, deadline = b"", time.monotonic() + 20
     try:
@@ -110,10 +115,12 @@ def test_row3_the_terminal_question_shows_the_commands(db, fake_llm, state_dir, 
         os.close(master)
     question = seen.decode("utf-8", "replace")
     assert "[y/N]" in question
-    assert argv_shown(question, CHECK) and argv_shown(question, VERIFY) and str(untrusted) in question
+    assert argv_shown(question, CHECK) and argv_shown(question, VERIFY)
+    assert str(untrusted) in question
 
 
-def test_row3b_a_trusted_projects_dry_run_shows_the_same_facts(capsys, db, fake_llm, state_dir, project):
+def test_row3b_a_trusted_projects_dry_run_shows_the_same_facts(capsys, db, fake_llm, state_dir,
+                                                               project):
     insert_plan(db, command_plan(project))
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run")
@@ -136,7 +143,8 @@ def test_row4_approval_names_the_files_a_plan_loads(capsys, db, fake_llm, state_
     (untrusted / ".env").write_text("SECRET=1\n")
     plan = make_plan("reads", [{"id": 1, "prompt": "Repeat the files."}],
                      context={"objective": "t", "project": str(untrusted),
-                              "files_context": {".npmrc": "LOAD", ".env": "LOAD", "README.md": "REFERENCE"}})
+                              "files_context": {".npmrc": "LOAD", ".env": "LOAD",
+                                                "README.md": "REFERENCE"}})
     insert_plan(db, plan)
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
@@ -149,7 +157,8 @@ def test_row4_approval_names_the_files_a_plan_loads(capsys, db, fake_llm, state_
     assert reads[".env"] and "private key or secret store" in reads[".env"]
 
 
-def test_row4_approve_prints_the_files_it_lets_the_model_read(capsys, db, fake_llm, state_dir, untrusted):
+def test_row4_approve_prints_the_files_it_lets_the_model_read(capsys, db, fake_llm, state_dir,
+                                                              untrusted):
     (untrusted / "config").mkdir()
     (untrusted / "config" / "settings.toml").write_text("[db]\nhost = 'x'\n")
     plan = make_plan("reads", [{"id": 1, "prompt": "Summarise."}],
@@ -164,14 +173,15 @@ def test_row4_approve_prints_the_files_it_lets_the_model_read(capsys, db, fake_l
 
 
 def test_row4b_approval_names_the_executors(capsys, db, fake_llm, state_dir, untrusted):
-    plan = make_plan("paid", [{"id": 1, "prompt": "a", "model": "anthropic:claude-haiku-4-5"},
-                              {"id": 2, "prompt": "b", "model": "claude-cli:haiku"}, {"id": 3, "prompt": "c"}],
-                     context={"objective": "t", "project": str(untrusted)})
+    steps = [{"id": 1, "prompt": "a", "model": "anthropic:claude-haiku-4-5"},
+             {"id": 2, "prompt": "b", "model": "claude-cli:haiku"}, {"id": 3, "prompt": "c"}]
+    plan = make_plan("paid", steps, context={"objective": "t", "project": str(untrusted)})
     insert_plan(db, plan)
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json")
 
-    assert json.loads(out)["plans"][0]["approval"]["executors"] == ["anthropic", "claude-cli", "openai"]
+    executors = json.loads(out)["plans"][0]["approval"]["executors"]
+    assert executors == ["anthropic", "claude-cli", "openai"]
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
     assert "(executors: anthropic, claude-cli, openai)" in out
 
@@ -194,32 +204,66 @@ def test_row10_a_plans_timeout_does_not_replace_the_users(capsys, db, fake_llm, 
     rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--timeout", "1", "--retries", "0")
 
     assert rc == 1, err
-    assert result["steps"][0]["status"] == "failed" and result["steps"][0]["output"] != "late answer"
+    (step,) = result["steps"]
+    assert step["status"] == "failed" and step["output"] != "late answer"
 
 
 def test_row10c_a_lower_step_timeout_still_narrows(capsys, db, fake_llm, state_dir):
-    insert_plan(db, make_plan("quick", [{"id": 1, "prompt": "hi", "max_retries": 0, "timeout_s": 0.5}]))
+    step = {"id": 1, "prompt": "hi", "max_retries": 0, "timeout_s": 0.5}
+    insert_plan(db, make_plan("quick", [step]))
     fake_llm.enqueue("late answer", fault="delay", delay_s=3)
 
-    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--retries", "0")      # --timeout 300
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--retries", "0")   # --timeout 300
 
     assert rc == 1, err
     assert result["steps"][0]["status"] == "failed"
 
 
-def test_row10b_approval_says_which_limit_a_plan_asks_above_the_users(capsys, db, fake_llm, state_dir, untrusted):
-    plan = make_plan("slow", [{"id": 1, "prompt": "hi", "timeout_s": 86400}, {"id": 2, "prompt": "ok", "timeout_s": 1}],
-                     context={"objective": "t", "project": str(untrusted)})
+def test_row10b_approval_names_the_limits_a_plan_asks_above_the_users(capsys, db, fake_llm,
+                                                                     state_dir, untrusted):
+    steps = [{"id": 1, "prompt": "hi", "timeout_s": 86400, "max_retries": 10},
+             {"id": 2, "prompt": "ok", "timeout_s": 1}]
+    plan = make_plan("slow", steps, context={"objective": "t", "project": str(untrusted)})
     insert_plan(db, plan)
 
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json", "--timeout", "2")
+    limited = ("--timeout", "2", "--max-retries", "3")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json", *limited)
 
     limits = json.loads(out)["plans"][0]["approval"]["limits"]
-    assert [(x["step"], x["asked"], x["limit"], x["used"]) for x in limits] == [
-        (1, 86400, 2, 2), (1, 86400, bridge.DEFAULT_REQUEST_DEADLINE_S, bridge.DEFAULT_REQUEST_DEADLINE_S)]
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--timeout", "2")
-    assert "limit: step 1 asks timeout_s 86400 s, above --timeout (per read) 2 s; 2 s is used" in out
+    deadline = bridge.DEFAULT_REQUEST_DEADLINE_S
+    assert [(x["step"], x["field"], x["asked"], x["limit"], x["used"]) for x in limits] == [
+        (1, "max_retries", 10, 3, 3), (1, "timeout_s", 86400, 2, 2),
+        (1, "timeout_s", 86400, deadline, deadline)]
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", *limited)
+    assert "step 1 asks timeout_s 86400 s, above --timeout (per read) 2 s; 2 s is used" in out
+    assert "limit: step 1 asks max_retries 10, above --max-retries 3; 3 is used" in out
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_row10d_a_plans_max_retries_is_cut_to_the_users(capsys, db, fake_llm, state_dir, flag):
+    never = {"type": "regex", "pattern": "^THIS NEVER MATCHES$"}
+    insert_plan(db, make_plan("many", [{"id": 1, "prompt": "hi", "max_retries": 10,
+                                        "validation": never}]))
+    for _ in range(11):
+        fake_llm.enqueue("no")
+    extra, environ = (("--max-retries", "1"), {}) if flag else ((), {"BRIDGE_MAX_RETRIES": "1"})
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, *extra, environ=environ)
+
+    assert rc == 1, err
+    assert result["steps"][0]["attempts"] == 2 and len(fake_llm.chat_requests) == 2
+
+
+def test_row10e_a_plans_max_tokens_does_not_raise_the_output_limit(capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("big", [{"id": 1, "prompt": "hi", "max_retries": 0,
+                                       "max_tokens": 10**9}]))
+    fake_llm.enqueue("x" * 5000)
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--max-output-bytes", "1000")
+
+    assert rc == 1, err
+    assert result["steps"][0]["status"] == "failed"
 
 
 def test_narrowed():
-    assert bridge.narrowed(None, 5) == 5 and bridge.narrowed(9, 5) == 5 and bridge.narrowed(2, 5) == 2
+    assert (bridge.narrowed(None, 5), bridge.narrowed(9, 5), bridge.narrowed(2, 5)) == (5, 5, 2)

@@ -53,12 +53,14 @@ DUMP_ENV = [PY, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
 
 
 def env_for(project: Path, **extra: str) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", os.defpath), "BRIDGE_TRUSTED_PROJECTS": str(project), **extra}
+    return {"PATH": os.environ.get("PATH", os.defpath), "BRIDGE_TRUSTED_PROJECTS": str(project),
+            **extra}
 
 
 def command_plan(project: Path, run: list[str], *, max_retries: int = 0, **fields) -> dict:
-    step = {"id": 1, "title": "double", "prompt": "Write slug.py with double(x).", "file_output": "slug.py",
-            "validation": [{"type": "syntax_check"}, {"type": "command", "run": run}], "max_retries": max_retries}
+    step = {"id": 1, "title": "double", "prompt": "Write slug.py with double(x).",
+            "file_output": "slug.py", "max_retries": max_retries,
+            "validation": [{"type": "syntax_check"}, {"type": "command", "run": run}]}
     return make_plan("cmd", [step], context={"objective": "t", "project": str(project)}, **fields)
 
 
@@ -98,7 +100,8 @@ def test_row8_a_passing_env_check_stores_no_credential(capsys, db, fake_llm, sta
     insert_plan(db, command_plan(project, ["env"]))
     fake_llm.enqueue(RIGHT)
 
-    rc, result, err = run_json(capsys, db, fake_llm, state_dir, environ=env_for(project, **CREDENTIALS))
+    environ = env_for(project, **CREDENTIALS)
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, environ=environ)
 
     assert rc == 0, err
     (check,) = steps_by_id(result)[1]["checks"]
@@ -107,32 +110,36 @@ def test_row8_a_passing_env_check_stores_no_credential(capsys, db, fake_llm, sta
     assert [name for name, value in CREDENTIALS.items() if value.encode() in stored] == []
 
 
-def test_row8_variants_no_credential_reaches_a_check_but_ordinary_variables_do(capsys, db, fake_llm, state_dir,
-                                                                                project):
+def test_row8_variants_no_credential_reaches_a_check_but_ordinary_variables_do(
+        capsys, db, fake_llm, state_dir, project):
     seen = project.parent / "seen.json"
-    dump = [PY, "-c", f"import json, os, pathlib; pathlib.Path({str(seen)!r}).write_text(json.dumps(dict(os.environ)))"]
+    dump = [PY, "-c", "import json, os, pathlib; "
+                      f"pathlib.Path({str(seen)!r}).write_text(json.dumps(dict(os.environ)))"]
     insert_plan(db, command_plan(project, dump))
     fake_llm.enqueue(RIGHT)
+    environ = env_for(project, **CREDENTIALS, **MORE_CREDENTIALS, **HARMLESS,
+                      MCP_API_KEY="mcp-key-of-the-memory-server")
 
-    rc, result, err = run_json(capsys, db, fake_llm, state_dir,
-                               environ=env_for(project, **CREDENTIALS, **MORE_CREDENTIALS, **HARMLESS,
-                                               MCP_API_KEY="mcp-key-of-the-memory-server"))
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, environ=environ)
 
     assert rc == 0, err
     got = json.loads(seen.read_text())
-    assert sorted(set(got) & {*CREDENTIALS, *MORE_CREDENTIALS, "MCP_API_KEY", "BRIDGE_TRUSTED_PROJECTS"}) == []
-    assert {k: got.get(k) for k in HARMLESS} == HARMLESS and got["PATH"] == os.environ.get("PATH", os.defpath)
+    kept_out = {*CREDENTIALS, *MORE_CREDENTIALS, "MCP_API_KEY", "BRIDGE_TRUSTED_PROJECTS"}
+    assert sorted(set(got) & kept_out) == []
+    assert {k: got.get(k) for k in HARMLESS} == HARMLESS
+    assert got["PATH"] == os.environ.get("PATH", os.defpath)
 
 
-def test_row8_a_failing_check_that_prints_a_secret_is_redacted_everywhere(capsys, db, fake_llm, state_dir,
-                                                                           project):
+def test_row8_a_failing_check_that_prints_a_secret_is_redacted_everywhere(
+        capsys, db, fake_llm, state_dir, project):
     token = CREDENTIALS["GITHUB_TOKEN"]
     (project / "ci.cfg").write_text(f"token = {token}\n")     # the check finds it another way
     leak = [PY, "-c", "import sys; print(open('ci.cfg').read()); sys.exit(1)"]
     insert_plan(db, command_plan(project, leak, max_retries=1))
     fake_llm.enqueue(RIGHT).enqueue(RIGHT)
 
-    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json", "-v", environ=env_for(project, **CREDENTIALS))
+    environ = env_for(project, **CREDENTIALS)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json", "-v", environ=environ)
 
     assert rc == 1, err
     result = json.loads(out)["plans"][0]
@@ -144,11 +151,12 @@ def test_row8_a_failing_check_that_prints_a_secret_is_redacted_everywhere(capsys
     assert token.encode() not in every_byte_written(db, state_dir)
 
 
-def test_row8_a_secret_in_a_load_file_or_echoed_by_the_model_is_redacted(capsys, db, fake_llm, state_dir, project):
+def test_row8_a_secret_in_a_load_file_or_echoed_by_the_model_is_redacted(
+        capsys, db, fake_llm, state_dir, project):
     secret = MORE_CREDENTIALS["MY_SERVICE_API_KEY"]
     (project / "notes.md").write_text(f"the service key is {secret}\n")
-    plan = make_plan("echo", [{"id": 1, "prompt": "Repeat the notes."}],
-                     context={"objective": "t", "project": str(project), "files_context": {"notes.md": "LOAD"}})
+    context = {"objective": "t", "project": str(project), "files_context": {"notes.md": "LOAD"}}
+    plan = make_plan("echo", [{"id": 1, "prompt": "Repeat the notes."}], context=context)
     insert_plan(db, plan)
     fake_llm.enqueue(f"The key: {secret}")
 
@@ -167,40 +175,44 @@ def test_row8_a_secret_in_a_load_file_or_echoed_by_the_model_is_redacted(capsys,
 
 
 @pytest.mark.parametrize("how", ["flag", "variable"])
-def test_row8_pass_env_lets_a_named_credential_through_still_redacted(capsys, db, fake_llm, state_dir, project,
-                                                                       how):
+def test_row8_pass_env_lets_a_named_credential_through_still_redacted(
+        capsys, db, fake_llm, state_dir, project, how):
     token = MORE_CREDENTIALS["NPM_TOKEN"]
     check = [PY, "-c", "import os, sys; print(os.environ.get('NPM_TOKEN')); "
                        "print(os.environ.get('GITHUB_TOKEN')); sys.exit(1)"]
     insert_plan(db, command_plan(project, check))
     fake_llm.enqueue(RIGHT)
-    extra, environ = (("--pass-env", "NPM_TOKEN"), {}) if how == "flag" else ((), {"BRIDGE_PASS_ENV": "NPM_TOKEN"})
+    extra, environ = ((("--pass-env", "NPM_TOKEN"), {}) if how == "flag"
+                      else ((), {"BRIDGE_PASS_ENV": "NPM_TOKEN"}))
 
     rc, result, err = run_json(capsys, db, fake_llm, state_dir, *extra,
                                environ=env_for(project, NPM_TOKEN=token, **CREDENTIALS, **environ))
 
     assert rc == 1, err
     tail = steps_by_id(result)[1]["checks"][0]["output_tail"]
-    assert tail.splitlines() == ["[redacted $NPM_TOKEN]", "None"]      # got it; still not shown; no other
+    assert tail.splitlines() == ["[redacted $NPM_TOKEN]", "None"]  # got it, not shown; no other
 
 
 def test_secret_env_names_table():
-    looks = ["GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "OPENAI_API_KEY", "PGPASSWORD",
-             "ANTHROPIC_AUTH_TOKEN", "MCP_API_KEY", "DB_PASS", "SLACK_WEBHOOK_SECRET", "GHTOKEN", "APIKEY",
-             "SENTRY_DSN", "DATABASE_URL", "github_pat", "SSH_AUTH_SOCK", "X_CREDENTIALS"]
-    plain = ["PATH", "HOME", "PWD", "OLDPWD", "TOKENIZERS_PARALLELISM", "GIT_AUTHOR_NAME", "KEYTIMEOUT",
-             "MONKEY_MODE", "PASSAGE", "LANG", "AWS_REGION"]
+    looks = ["GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "OPENAI_API_KEY",
+             "PGPASSWORD", "ANTHROPIC_AUTH_TOKEN", "MCP_API_KEY", "DB_PASS", "SLACK_WEBHOOK_SECRET",
+             "GHTOKEN", "APIKEY", "SENTRY_DSN", "DATABASE_URL", "github_pat", "SSH_AUTH_SOCK",
+             "X_CREDENTIALS"]
+    plain = ["PATH", "HOME", "PWD", "OLDPWD", "TOKENIZERS_PARALLELISM", "GIT_AUTHOR_NAME",
+             "KEYTIMEOUT", "MONKEY_MODE", "PASSAGE", "LANG", "AWS_REGION", "BRIDGE_PASS_ENV"]
     assert [n for n in looks if not bridge.secret_env_name(n)] == []
     assert [n for n in plain if bridge.secret_env_name(n)] == []
-    assert bridge.credential_env_name("AWS_REGION") and bridge.credential_env_name("ANTHROPIC_BASE_URL")
+    assert bridge.credential_env_name("AWS_REGION")
+    assert bridge.credential_env_name("ANTHROPIC_BASE_URL")
     assert not bridge.credential_env_name("GIT_AUTHOR_NAME")
 
 
 def test_redaction_skips_short_values_and_values_also_held_by_plain_names():
-    bridge.remember_secrets({"SHORT_TOKEN": "1234567", "SAME_SECRET": "/home/me", "HOME": "/home/me",
-                             "LONG_TOKEN": "abcdefgh"})
+    bridge.remember_secrets({"SHORT_TOKEN": "1234567", "SAME_SECRET": "/home/me",
+                             "HOME": "/home/me", "LONG_TOKEN": "abcdefgh"})
     try:
-        assert bridge.redact("1234567 /home/me abcdefgh") == "1234567 /home/me [redacted $LONG_TOKEN]"
+        shown = bridge.redact("1234567 /home/me abcdefgh")
+        assert shown == "1234567 /home/me [redacted $LONG_TOKEN]"
         assert bridge.redact({"k": ["abcdefgh", 3]}) == {"k": ["[redacted $LONG_TOKEN]", 3]}
     finally:
         bridge.remember_secrets({})
@@ -211,10 +223,11 @@ def test_redaction_skips_short_values_and_values_also_held_by_plain_names():
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child subreaper is Linux's")
-def test_row9_a_setsid_child_of_a_passing_check_is_gone_when_it_ends(capsys, db, fake_llm, state_dir, project,
-                                                                     tmp_path):
+def test_row9_a_setsid_child_of_a_passing_check_is_gone_when_it_ends(
+        capsys, db, fake_llm, state_dir, project, tmp_path):
     pid_file = tmp_path / "daemon.pid"
-    daemon = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(300)"
+    daemon = (f"import os, pathlib, time; pathlib.Path({str(pid_file)!r})"
+              ".write_text(str(os.getpid())); time.sleep(300)")
     check = [PY, "-c", "import pathlib, subprocess, sys, time\n"
                        f"subprocess.Popen(['setsid', sys.executable, '-c', {daemon!r}])\n"
                        f"while not pathlib.Path({str(pid_file)!r}).exists(): time.sleep(0.01)\n"]
@@ -234,7 +247,8 @@ DAEMON = ("import os, pathlib, signal, sys, time\n"
           "if os.fork() == 0:\n"
           "    os.setsid()\n"
           "    if os.fork() == 0:\n"
-          "        signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+          "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+          "        signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
           "        pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n"
           "        time.sleep(300)\n"
           "    os._exit(0)\n"
@@ -263,9 +277,13 @@ def test_row9_a_daemon_of_a_check_that_times_out_or_is_cancelled_is_gone(tmp_pat
         argv = [PY, "-c", DAEMON + "time.sleep(300)", str(pid_file)]
         cancel = threading.Event()
         if stop == "cancel":
-            threading.Thread(target=lambda: (pid_file_ready(pid_file), cancel.set()), daemon=True).start()
+            def cancel_once_started(path=pid_file):
+                pid_file_ready(path)
+                cancel.set()
+            threading.Thread(target=cancel_once_started, daemon=True).start()
         try:
-            run = bridge.run_command(argv, tmp_path, dict(os.environ), 2 if stop == "timeout" else 60, cancel)
+            limit_s = 2 if stop == "timeout" else 60
+            run = bridge.run_command(argv, tmp_path, dict(os.environ), limit_s, cancel)
 
             assert run.error and (run.timed_out is (stop == "timeout")), run
             assert gone(int(pid_file.read_text()))
@@ -282,10 +300,11 @@ def pid_file_ready(path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child subreaper is Linux's")
-def test_row9_a_daemon_of_the_verify_is_gone_and_a_missing_program_still_says_so(capsys, db, fake_llm,
-                                                                                 state_dir, project, tmp_path):
+def test_row9_a_daemon_of_the_verify_is_gone_and_a_missing_program_still_says_so(
+        capsys, db, fake_llm, state_dir, project, tmp_path):
     pid_file = tmp_path / "verify.pid"
-    plan = make_plan("v", [{"id": 1, "prompt": "hi"}], context={"objective": "t", "project": str(project)},
+    plan = make_plan("v", [{"id": 1, "prompt": "hi"}],
+                     context={"objective": "t", "project": str(project)},
                      verify={"run": [PY, "-c", DAEMON, str(pid_file)]})
     insert_plan(db, plan)
     fake_llm.enqueue("hello")
@@ -297,4 +316,5 @@ def test_row9_a_daemon_of_the_verify_is_gone_and_a_missing_program_still_says_so
     finally:
         kill_left(pid_file)
     missing = bridge.run_command(["no-such-program-of-row-9"], tmp_path, dict(os.environ), 10)
-    assert missing.exit_code is None and missing.error.endswith("could not start: No such file or directory")
+    assert missing.exit_code is None
+    assert missing.error.endswith("could not start: No such file or directory")
