@@ -149,12 +149,12 @@ def test_row4_approval_names_the_files_a_plan_loads(capsys, db, fake_llm, state_
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
     assert rc == 0, err
-    assert ".npmrc" in out and ".env (refused: LOAD file '.env' looks like a private key" in out
+    assert ".npmrc" in out and ".env (refused: LOAD file '.env' " in out
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json")
     reads = {r["path"]: r["refused"] for r in json.loads(out)["plans"][0]["approval"]["reads"]}
     assert set(reads) == {".npmrc", ".env"}                      # REFERENCE sends no text
-    assert reads[".env"] and "private key or secret store" in reads[".env"]
+    assert reads[".env"] == bridge.secret_file_reason(".env")        # the deny-list's own words
 
 
 def test_row4_approve_prints_the_files_it_lets_the_model_read(capsys, db, fake_llm, state_dir,
