@@ -2908,11 +2908,11 @@ def _run_facts(plan: Plan) -> list[dict]:
     facts = []
     for sid, step in sorted(plan.steps.items()):
         items = step.validation if isinstance(step.validation, list) else [step.validation]
-        facts += [{"what": f"step {sid} check", "run": list(v["run"]), "cwd": cwd,
+        facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
                    "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
                   for v in items if isinstance(v, dict) and v.get("type") == "command"]
     if plan.verify:
-        facts.append({"what": "verify", "run": list(plan.verify["run"]), "cwd": cwd,
+        facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
                       "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
     return facts
 
@@ -7152,8 +7152,7 @@ def render_facts(facts: dict) -> str:
                  for read in facts["reads"]) or "no file"),
              f"  models: {', '.join(facts['models']) or 'the run model only'} "
              f"(executors: {', '.join(facts['executors']) or 'none'})"]
-    lines += [f"  runs: {run['what']}: `{shell_words(run['run'])}` in {run['cwd']}, "
-              f"timeout {run['timeout_s']:g} s" for run in facts["runs"]] or ["  runs: no command"]
+    lines += [_run_line(run) for run in facts["runs"]] or ["  runs: no command"]
     for limit in facts["limits"]:
         unit = " s" if limit["field"] == "timeout_s" else ""
         lines.append(f"  limit: step {limit['step']} asks {limit['field']} "
@@ -7166,6 +7165,13 @@ def render_facts(facts: dict) -> str:
     if facts["escalation_unused"]:
         lines.append(f"  note: {facts['escalation_unused']}")
     return "\n".join(printable(line) for line in lines)     # plan strings: escaped
+
+
+def _run_line(run: dict) -> str:
+    """One command of approval_facts' runs, as render_facts shows it."""
+    limit = run["timeout_s"]     # --list reads plans unchecked: any JSON value
+    limit = f"{limit:g} s" if isinstance(limit, (int, float)) else repr(limit)
+    return f"  runs: {run['what']}: `{shell_words(run['run'])}` in {run['cwd']}, timeout {limit}"
 
 
 def commands_text(commands: list[str]) -> str:

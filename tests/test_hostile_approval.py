@@ -267,3 +267,17 @@ def test_row10e_a_plans_max_tokens_does_not_raise_the_output_limit(capsys, db, f
 
 def test_narrowed():
     assert (bridge.narrowed(None, 5), bridge.narrowed(9, 5), bridge.narrowed(2, 5)) == (5, 5, 2)
+
+
+def test_list_shows_the_facts_of_a_plan_it_does_not_check(capsys, db, fake_llm, state_dir, untrusted):
+    """--list reads plans without the schema: odd shapes in what it shows are still shown."""
+    step = {"id": 1, "prompt": "x", "timeout_s": "soon", "max_retries": "many",
+            "validation": {"type": "command", "run": ["make", 7], "timeout_s": "later"}}
+    plan = make_plan("odd", [step], context={"objective": "t", "project": str(untrusted)},
+                     verify={"run": ["true"], "timeout_s": None})
+    insert_plan(db, plan)
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
+
+    assert rc == 0, err
+    assert "runs: step 1 check: `make 7` in" in out and "timeout 'later'" in out
