@@ -269,7 +269,8 @@ def test_narrowed():
     assert (bridge.narrowed(None, 5), bridge.narrowed(9, 5), bridge.narrowed(2, 5)) == (5, 5, 2)
 
 
-def test_list_shows_the_facts_of_a_plan_it_does_not_check(capsys, db, fake_llm, state_dir, untrusted):
+def test_list_shows_the_facts_of_a_plan_it_does_not_check(capsys, db, fake_llm, state_dir,
+                                                          untrusted):
     """--list reads plans without the schema: odd shapes in what it shows are still shown."""
     step = {"id": 1, "prompt": "x", "timeout_s": "soon", "max_retries": "many",
             "validation": {"type": "command", "run": ["make", 7], "timeout_s": "later"}}
