@@ -4304,12 +4304,15 @@ def children():
     return found
 try: os.killpg(pid, signal.SIGKILL)
 except OSError: pass
-while kids := children():
+kept = set()       # a setuid child (sudo -b) refuses the signal: left, never waited for
+while kids := [kid for kid in children() if kid not in kept]:
     for kid in kids:
         try: os.kill(kid, signal.SIGKILL)
+        except PermissionError: kept.add(kid)
         except OSError: pass
     for kid in kids:
-        try: os.waitpid(kid, 0)
+        try:
+            if kid not in kept: os.waitpid(kid, 0)
         except OSError: pass
 if os.WIFSIGNALED(status):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
