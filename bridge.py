@@ -2887,13 +2887,19 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
 
 
 def _load_facts(plan: Plan) -> list[dict]:
-    """[{"path", "refused" (why bridge will not send it: secret_file_reason, or None)}]
-    of the files a plan LOADs into its prompts, sorted by path."""
+    """[{"path", "refused" (why bridge will not send it: outside the project
+    (resolve_inside), or secret_file_reason of its path or of where a symlink leads;
+    else None)}] of the files a plan LOADs into its prompts, sorted by path."""
     facts = []
     for rel, mode in sorted(plan.files_context.items()):
         if mode != "LOAD":
             continue
         refused = secret_file_reason(rel)
+        if refused is None and plan.project is not None:
+            try:
+                resolve_inside(plan.project, rel)       # --list reads plans unchecked
+            except PathError as exc:
+                refused = str(exc)
         if refused is None and plan.project is not None:
             real, root = os.path.realpath(plan.project / rel), os.path.realpath(plan.project)
             refused = secret_file_reason(os.path.relpath(real, root)) if real != root else None

@@ -141,10 +141,12 @@ def test_row3b_a_trusted_projects_dry_run_shows_the_same_facts(capsys, db, fake_
 def test_row4_approval_names_the_files_a_plan_loads(capsys, db, fake_llm, state_dir, untrusted):
     (untrusted / ".npmrc").write_text("//registry.npmjs.org/:_authToken=npm_row4\n")
     (untrusted / ".env").write_text("SECRET=1\n")
+    (untrusted / "settings.txt").symlink_to(untrusted / ".env")         # a variant: by a link
+    (untrusted.parent / "outside.txt").write_text("not the project's\n")
+    files = {".npmrc": "LOAD", ".env": "LOAD", "README.md": "REFERENCE", "settings.txt": "LOAD",
+             "../outside.txt": "LOAD"}
     plan = make_plan("reads", [{"id": 1, "prompt": "Repeat the files."}],
-                     context={"objective": "t", "project": str(untrusted),
-                              "files_context": {".npmrc": "LOAD", ".env": "LOAD",
-                                                "README.md": "REFERENCE"}})
+                     context={"objective": "t", "project": str(untrusted), "files_context": files})
     insert_plan(db, plan)
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list")
@@ -153,8 +155,10 @@ def test_row4_approval_names_the_files_a_plan_loads(capsys, db, fake_llm, state_
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json")
     reads = {r["path"]: r["refused"] for r in json.loads(out)["plans"][0]["approval"]["reads"]}
-    assert set(reads) == {".npmrc", ".env"}                      # REFERENCE sends no text
+    assert set(reads) == {".npmrc", ".env", "settings.txt", "../outside.txt"}  # REFERENCE: no text
     assert reads[".env"] == bridge.secret_file_reason(".env")        # the deny-list's own words
+    assert reads["settings.txt"] == bridge.secret_file_reason(".env")
+    assert reads["../outside.txt"] and "'..'" in reads["../outside.txt"]
 
 
 def test_row4_approve_prints_the_files_it_lets_the_model_read(capsys, db, fake_llm, state_dir,
