@@ -7008,7 +7008,7 @@ class Runner:
         try:
             reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
                                   max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
-                                  json_schema=schema,
+                                  json_schema=redact(schema),     # grounded spans copy the input
                                   on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started

@@ -174,6 +174,25 @@ def test_row8_a_secret_in_a_load_file_or_echoed_by_the_model_is_redacted(
     assert "[redacted $MY_SERVICE_API_KEY]" in memory["content"]
 
 
+def test_row8_a_secret_in_the_input_of_a_grounded_step_is_not_in_its_span_schema(
+        capsys, db, fake_llm, state_dir, project):
+    secret = MORE_CREDENTIALS["MY_SERVICE_API_KEY"]
+    (project / "notes.md").write_text(f"service key {secret} owner Ada\n")
+    context = {"objective": "t", "project": str(project), "files_context": {"notes.md": "LOAD"}}
+    step = {"id": 1, "prompt": "Who owns it?", "max_retries": 0,
+            "validation": {"type": "contains_keys", "keys": ["owner"], "grounded": True}}
+    insert_plan(db, make_plan("spans", [step], context=context))
+    fake_llm.enqueue('```json\n{"owner": "Ada"}\n```')
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json",
+                              environ=env_for(project, MY_SERVICE_API_KEY=secret))
+
+    assert rc == 0, err
+    sent = fake_llm.chat_requests[0]["json"]
+    assert "response_format" in sent and "Ada" in json.dumps(sent["response_format"])
+    assert secret not in json.dumps(sent)
+
+
 @pytest.mark.parametrize("how", ["flag", "variable"])
 def test_row8_pass_env_lets_a_named_credential_through_still_redacted(
         capsys, db, fake_llm, state_dir, project, how):
