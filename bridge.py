@@ -40,11 +40,14 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
-  --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
-  --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
-  --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
-  --version, and with their action --all, --rerun, --resume, --run, --force, --replace.
+  --base-url, --model, --timeout, --retries, --max-retries, --retry-delay,
+  --max-output-bytes, --no-structured, --parallel, --context-length, --retry-sampling,
+  --escalate-to, --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
+  --allow-executor, --max-cost-usd, --pass-env; also -v/--verbose, -q/--quiet, --json,
+  --debug, --version, and with their action --all, --rerun, --resume, --run, --force,
+  --replace. Check commands get no credential of your environment but --pass-env's;
+  secrets of bridge's environment are redacted from all it stores or prints. A plan
+  only narrows your limits: its timeout_s and max_retries count where they are lower.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
@@ -63,6 +66,7 @@ Environment (a flag wins over its variable):
         memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
+    BRIDGE_MAX_RETRIES           the most further attempts a step gets (--max-retries)
     BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
     BRIDGE_STRUCTURED=0          never ask for constrained JSON (--no-structured)
     BRIDGE_RETRY_SAMPLING        how retries sample (--retry-sampling)
@@ -70,6 +74,8 @@ Environment (a flag wins over its variable):
     BRIDGE_PRICE_MODEL           whose prices value the tokens (--price-model)
     ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY     the anthropic: executor
     BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli: comma-separated (--allow-executor)
+    BRIDGE_PASS_ENV              credential variables check commands get all the same,
+                                 comma-separated (--pass-env); by default they get none
     BRIDGE_MAX_COST_USD          the spend cap of one run (--max-cost-usd; default 0.50)
     BRIDGE_TRUSTED_PROJECTS      trusted project folders, os.pathsep-separated (besides
                                  --trust): their plans run without approval, and commands
@@ -229,6 +235,7 @@ DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 wor
 DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
+MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
 DEFAULT_ON_FAILURE = "retry_with_context"
 # How attempts on the local server sample (--retry-sampling; see retry_sampling).
 # "plain": every attempt as the step says. "hotter": the first greedy (temperature 0)
@@ -306,6 +313,23 @@ TOOL_ENV_NAMES = frozenset({
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "SYSTEMROOT"})
 TOOL_ENV_PREFIXES = ("LC_", "CLAUDE_")
+# Variables that hold credentials, in one table. A check command (a command validation,
+# verify) gets none of them unless the user names it (--pass-env, BRIDGE_PASS_ENV); the
+# value of every variable whose *name* looks secret (SECRET_ENV_NAME, SECRET_ENV_NAMES) and
+# is at least SECRET_MIN_CHARS long is redacted from all bridge stores or prints (redact).
+# A name looks secret when a `_`-separated word of it is or ends in TOKEN, SECRET,
+# PASSWORD, PASSWD, PASSPHRASE, APIKEY or CREDENTIAL(S), or is KEY(S), PASS, PAT, CREDS,
+# AUTH, OAUTH, DSN or COOKIE (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID,
+# PGPASSWORD, OPENAI_API_KEY, SSH_AUTH_SOCK; not TOKENIZERS_PARALLELISM, GIT_AUTHOR_NAME).
+SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|APIKEY"
+                             r"|CREDENTIALS?)S?|KEYS?|PASS|PAT|CREDS|AUTH|OAUTH|DSN|COOKIE)(?=_|$)")
+SECRET_ENV_NAMES = frozenset({"DATABASE_URL", "MYSQL_PWD", "REDIS_URL", "MONGODB_URI", "KUBECONFIG",
+                              "DOCKER_CONFIG", "NETRC"})
+# the cloud, CI and model-provider families kept out of check commands whole (AWS_REGION too)
+SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "CLOUDSDK_",
+                       "ANTHROPIC_", "OPENAI_", "BRIDGE_", "MCP_", "VAULT_", "DIGITALOCEAN_",
+                       "HEROKU_", "ACTIONS_", "TWINE_", "HF_", "HUGGING_FACE_")
+SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) would hit ordinary text
 
 
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
@@ -358,6 +382,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
     "retries": DEFAULT_RETRIES,
+    "max_retries": MAX_RETRIES_LIMIT,   # the most further attempts a step's max_retries gets
     "retry_delay_s": DEFAULT_RETRY_DELAY_S,
     "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
     "structured": True,
@@ -371,6 +396,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "anthropic_api_key": None,          # str | None
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
+    "pass_env": (),                     # tuple[str, ...]: credentials check commands get
     "trusted_projects": (),             # tuple[Path, ...], real paths
     "config_dir": ".",                  # str | Path
     "home": None,                       # Path | None: the user's home folder
@@ -392,8 +418,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 
     db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
     the only candidate). timeout_s: seconds to wait to connect or for the server's
-    next byte. retries / retry_delay_s: transport retries of one request and the
-    first backoff delay (seconds). max_output_bytes: a streamed reply past this many
+    next byte. max_retries: the most further attempts a step gets (a plan's
+    max_retries above it is cut). retries / retry_delay_s: transport retries of
+    one request and the first backoff delay (seconds).
+    max_output_bytes: a streamed reply past this many
     bytes is cut and the attempt fails. structured: ask the server for constrained
     JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
     RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
@@ -403,8 +431,9 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
     more attempt on. tool_env: the user's environment less BRIDGE_* and
-    MCP_API_KEY: commands run in it, a claude-cli: executor in its allow-listed
-    part (claude_env).
+    MCP_API_KEY: commands run in it less its credentials (command_env), a
+    claude-cli: executor in its allow-listed part (claude_env). pass_env: the
+    credential variables check commands get all the same (--pass-env).
     memory_url: the memory server's HTTP API (loopback only) that stores result
     memories so they get an embedding; memory_api_key: its key (MCP_API_KEY).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
@@ -647,7 +676,7 @@ def tag_safe(text: str) -> str:
 def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     """Write one JSON line to an open file and, with flush, flush it (no fsync: see
     its callers)."""
-    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
 
@@ -777,6 +806,62 @@ def _escape(match: Any) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def narrowed(asked: Any, limit: Any) -> Any:
+    """Return what a plan asked (asked: a number, or None when it asked nothing) when it
+    is lower than the user's limit, else the limit: a plan only narrows the user's limits."""
+    return limit if asked is None or asked >= limit else asked
+
+
+def secret_env_name(name: str) -> bool:
+    """True when an environment variable's name says its value is a secret
+    (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
+    upper = name.upper()
+    if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names, never holds)
+        return False
+    return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
+
+
+def credential_env_name(name: str) -> bool:
+    """True when a check command must not get this variable unless the user names it
+    (--pass-env): a secret-looking name, or one of SECRET_ENV_PREFIXES' families."""
+    return secret_env_name(name) or name.upper().startswith(SECRET_ENV_PREFIXES)
+
+
+# {value: name} of every secret-looking variable of bridge's own environment, and one
+# pattern matching any of them, longest first; set once per invocation by main()
+# (remember_secrets), read by redact().
+_SECRETS: dict[str, str] = {}
+_SECRET_PATTERN: list[Any] = []
+
+
+def remember_secrets(environ: dict[str, str]) -> None:
+    """Take the values redact() hides from environ: those of secret_env_name names at
+    least SECRET_MIN_CHARS long (a value also found under a harmless name is skipped:
+    HOME=/home/me must not vanish because some SECRET_DIR says the same)."""
+    plain = {v for k, v in environ.items() if not secret_env_name(k)}
+    found = {v: k for k, v in sorted(environ.items())
+             if secret_env_name(k) and len(v) >= SECRET_MIN_CHARS and v not in plain}
+    _SECRETS.clear()
+    _SECRETS.update(found)
+    longest_first = sorted(found, key=len, reverse=True)
+    _SECRET_PATTERN[:] = [re.compile("|".join(map(re.escape, longest_first)))] if found else []
+
+
+def redact(value: Any) -> Any:
+    """Return value with every secret of remember_secrets replaced by "[redacted $NAME]":
+    a str, or the strings inside lists, tuples and dicts (keys too), so a document is
+    redacted before it becomes JSON. Anything else is returned as it is."""
+    if not _SECRET_PATTERN:
+        return value
+    if isinstance(value, str):
+        return _SECRET_PATTERN[0].sub(lambda match: f"[redacted ${_SECRETS[match.group()]}]", value)
+    if isinstance(value, dict):
+        return {redact(k): redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
 def printable(text: Any, multiline: bool = False) -> str:
     """Return text safe to write to a terminal: every character a terminal could act
     on (see _UNSAFE: ESC and so CSI/OSC sequences, CR, BEL, backspace,
@@ -787,7 +872,7 @@ def printable(text: Any, multiline: bool = False) -> str:
     text from a plan, a model, a server or the store is printed: Progress, the
     renderers and main()'s error lines.
     """
-    text = str(text)
+    text = redact(str(text))
     pattern = f"[{_UNSAFE}]" if multiline else f"[{_UNSAFE}\\n]"
     return re.sub(pattern, _escape, text) if re.search(pattern, text) else text
 
@@ -803,7 +888,7 @@ def json_text(document: Any, indent: int | None = None) -> str:
     characters of _UNSAFE that json leaves raw (DEL, C1, separators, bidi
     controls, lone surrogates) written as \\u escapes: the same JSON value,
     readable text, and nothing a terminal acts on (--json and --events)."""
-    text = json.dumps(document, indent=indent, ensure_ascii=False)
+    text = json.dumps(redact(document), indent=indent, ensure_ascii=False)
     if not re.search(_JSON_UNSAFE, text):
         return text
     return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
@@ -1617,6 +1702,7 @@ def result_content(result: dict) -> str:
     """Return the content of a result memory: result_summary(), a blank line, then the
     whole result document as one line of JSON (the last line; JSON escapes every
     newline, so nothing in the document can end it early)."""
+    result = redact(result)
     return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
 
 
@@ -2211,7 +2297,8 @@ class Store:
         owner = state.get("owner") if isinstance(state.get("owner"), dict) else {}
         values = {**{k: state.get(k) for k in STATE_COLUMNS}, "plan_id": plan_id,
                   "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
-        extra = {k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"}
+        extra = redact({k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"})
+        values = redact(values)         # an error line may quote a model's or a command's words
         self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
                           f"extra, updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
                           (digest, *values.values(), json.dumps(extra) if extra else None, utc_now_iso()))
@@ -3139,8 +3226,12 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
     {"plan_id", "content_hash", "project" (str or None), "files" (its file_output
-    paths), "models" (every model it names: steps, defaults, escalation), "trusted"
-    (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
+    paths), "reads" (the files it LOADs and sends to a model, each with why it is
+    refused or None: _load_facts), "runs" (every command and verify argv with its
+    folder and timeout: _run_facts), "models" (every model it names: steps,
+    defaults, escalation), "executors" (the executors its steps and escalation use),
+    "limits" (what it asks above the user's limits, and what is used: _limit_facts),
+    "trusted" (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
     would let it run), "escalation_unused" (why its escalation will be skipped, or
     None), "may_run"}. A plan needs approval unless its project is trusted, or it has
     no project and runs only on the local server; paid and agentic executors need the
@@ -3171,11 +3262,71 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if escalation is not None and escalation not in allowed and config.escalate_to is None:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
+    executors = sorted({_executor_of(m) for m in named}
+                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
-            "models": named, "trusted": trusted, "reasons": reasons, "commands": commands,
-            "escalation_unused": unused, "may_run": not reasons}
+            "reads": _load_facts(plan), "runs": _run_facts(plan), "models": named,
+            "executors": executors, "limits": _limit_facts(config, plan), "trusted": trusted,
+            "reasons": reasons, "commands": commands, "escalation_unused": unused,
+            "may_run": not reasons}
+
+
+def _load_facts(plan: Plan) -> list[dict]:
+    """[{"path", "refused" (why bridge will not send it: outside the project
+    (resolve_inside), or secret_file_reason of its path or of where a symlink leads;
+    else None)}] of the files a plan LOADs into its prompts, sorted by path."""
+    facts = []
+    for rel, mode in sorted(plan.files_context.items()):
+        if mode != "LOAD":
+            continue
+        refused = secret_file_reason(rel)
+        if refused is None and plan.project is not None:
+            try:
+                resolve_inside(plan.project, rel)       # --list reads plans unchecked
+            except PathError as exc:
+                refused = str(exc)
+        if refused is None and plan.project is not None:
+            real, root = os.path.realpath(plan.project / rel), os.path.realpath(plan.project)
+            refused = secret_file_reason(os.path.relpath(real, root)) if real != root else None
+        facts.append({"path": rel, "refused": refused})
+    return facts
+
+
+def _run_facts(plan: Plan) -> list[dict]:
+    """[{"what": "step N check" | "verify", "run" (argv), "cwd", "timeout_s"}]: every
+    command a plan runs (its command validations, then its verify), where, how long."""
+    cwd = str(plan.project) if plan.project is not None else None
+    facts = []
+    for sid, step in sorted(plan.steps.items()):
+        items = step.validation if isinstance(step.validation, list) else [step.validation]
+        facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
+                   "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+                  for v in items if isinstance(v, dict) and v.get("type") == "command"]
+    if plan.verify:
+        facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
+                      "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
+    return facts
+
+
+def _limit_facts(config: Config, plan: Plan) -> list[dict]:
+    """[{"step", "field", "asked", "limit", "setting", "used"}]: each limit a plan asks
+    above the user's, and the user's value that is used instead (narrowed)."""
+    facts = []
+    for sid, step in sorted(plan.steps.items()):
+        if isinstance(step.max_retries, int) and step.max_retries > config.max_retries:
+            facts.append({"step": sid, "field": "max_retries", "asked": step.max_retries,
+                          "limit": config.max_retries, "setting": "--max-retries",
+                          "used": config.max_retries})
+        if isinstance(step.timeout_s, (int, float)):
+            for limit, setting in ((config.timeout_s, "--timeout (per read)"),
+                                   (DEFAULT_REQUEST_DEADLINE_S, "the request deadline")):
+                if step.timeout_s > limit:
+                    facts.append({"step": sid, "field": "timeout_s", "asked": step.timeout_s,
+                                  "limit": limit, "setting": setting,
+                                  "used": narrowed(step.timeout_s, limit)})
+    return facts
 
 
 ###############################################################################
@@ -3542,10 +3693,12 @@ class HTTPExecutor:
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = time.monotonic()
         kwargs: dict[str, Any] = {"json": payload}
-        if timeout_s is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
-        deadline_s = timeout_s or DEFAULT_REQUEST_DEADLINE_S
-        source = "the step's timeout_s" if timeout_s else "bridge's default; a step's timeout_s sets its own"
+        if timeout_s is not None:   # a plan only narrows: --timeout per read, the default deadline
+            read_s = narrowed(timeout_s, self.config.timeout_s)
+            kwargs["timeout"] = httpx.Timeout(read_s, connect=min(CONNECT_TIMEOUT_S, read_s))
+        deadline_s = narrowed(timeout_s, DEFAULT_REQUEST_DEADLINE_S)
+        source = "the step's timeout_s" if deadline_s != DEFAULT_REQUEST_DEADLINE_S \
+            else "bridge's default; a step's lower timeout_s sets its own"
         limit = f"{deadline_s:g} s ({source})"
         try:
             with self.http.stream("POST", url, **kwargs) as raw:
@@ -3922,8 +4075,8 @@ class ClaudeCLI:
     argv list (never a shell), the prompt on stdin, in the plan's project folder
     only when that is a trusted project (else a fresh scratch folder under the state
     dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
-    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the
-    process group when the step's time (timeout_s, else --timeout) runs out. Reads
+    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the process group when the
+    step's time (its timeout_s when lower than --timeout, else --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
     messages (their text streams as deltas), and the closing result (result,
     is_error, usage, total_cost_usd, duration_ms); other lines, garbage included,
@@ -3970,7 +4123,8 @@ class ClaudeCLI:
         argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
                 "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
         with self._workdir() as cwd:
-            return self._run(argv, prompt, cwd, timeout_s or self.config.timeout_s, on_delta)
+            limit_s = narrowed(timeout_s, self.config.timeout_s)
+            return self._run(argv, prompt, cwd, limit_s, on_delta)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -4780,15 +4934,19 @@ def untrusted_message(plan: Plan) -> str:
 
 def command_env(config: Config) -> dict[str, str]:
     """Return the environment a plan's commands run in: the user's (as bridge was
-    started with it) less bridge's own BRIDGE_* settings, the memory server's
-    MCP_API_KEY and ANTHROPIC_API_KEY, so a check never sees a secret it does not need.
+    started with it) less every credential (credential_env_name: bridge's own
+    BRIDGE_* settings, the memory server's MCP_API_KEY, names that look like tokens,
+    keys, secrets or passwords, and the cloud, CI and model-provider families of
+    SECRET_ENV_PREFIXES), but those the user named with --pass-env (config.pass_env),
+    so a check never sees a secret it was not given.
 
     PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the
     source keeps its size and its mtime's second, and a retry rewrites a file
     within the same second, often at the same size (`x + 2` → `x * 2`), so the
     retry's test would run the failed attempt's code.
     """
-    env = {k: v for k, v in config.tool_env if k != "ANTHROPIC_API_KEY"}
+    passed = set(config.pass_env)
+    env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
@@ -4797,7 +4955,8 @@ class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail
     """What one command did: argv (list of str), exit_code (int; negative: killed by
     that signal; None: it never started), duration_s (seconds), output_tail (the
     last COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a
-    marker when the start is left out), output_bytes (all it wrote), timed_out,
+    marker when the start is left out, secrets redacted; "" when it passed),
+    output_bytes (all it wrote), timed_out,
     error (why it failed, one line, or None when it passed)."""
 
     __slots__ = ()
@@ -4809,6 +4968,81 @@ class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail
                 "timed_out": self.timed_out, "error": self.error}
 
 
+# The program a check command runs under on Linux (reaped_argv): `python -I -S -c
+# REAPER_SOURCE FD ARGV...`. It makes itself a child subreaper (prctl
+# PR_SET_CHILD_SUBREAPER = 36, Linux 3.4+; man 2 prctl), so every process the command
+# leaves behind, setsid and double-forked daemons included, is re-parented to it instead
+# of to init; it runs the command in a process group of its own; once the command exits,
+# or at SIGTERM (bridge's time-out or cancel), it SIGKILLs that group, then every process
+# re-parented to it, again until none is left, and exits as the command did (a signal's
+# death re-raised, with no core file). When exec fails, the errno goes back on FD.
+REAPER_SOURCE = r"""
+import ctypes, os, resource, signal, sys
+report, argv, pid, stopping = int(sys.argv[1]), sys.argv[2:], 0, False
+os.set_inheritable(report, False)
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+def stop(signum, frame):
+    global stopping
+    stopping = True
+    if pid:
+        try: os.killpg(pid, signal.SIGKILL)
+        except OSError: pass
+signal.signal(signal.SIGTERM, stop)
+pid = os.fork()
+if pid == 0:
+    try:
+        os.setpgid(0, 0)
+        for name in ("SIGTERM", "SIGPIPE", "SIGXFSZ"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(report, str(exc.errno).encode())
+    os._exit(127)
+os.close(report)
+try: os.setpgid(pid, pid)
+except OSError: pass
+if stopping: stop(0, None)
+status = os.waitpid(pid, 0)[1]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def children():
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError: continue
+        if name.isdigit() and int(fields[1]) == os.getpid(): found.append(int(name))
+    return found
+try: os.killpg(pid, signal.SIGKILL)
+except OSError: pass
+kept = set()       # a setuid child (sudo -b) refuses the signal: left, never waited for
+while kids := [kid for kid in children() if kid not in kept]:
+    for kid in kids:
+        try: os.kill(kid, signal.SIGKILL)
+        except PermissionError: kept.add(kid)
+        except OSError: pass
+    for kid in kids:
+        try:
+            if kid not in kept: os.waitpid(kid, 0)
+        except OSError: pass
+if os.WIFSIGNALED(status):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if os.WTERMSIG(status) != signal.SIGKILL: signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+os._exit(os.waitstatus_to_exitcode(status) & 255)
+"""
+REAPER_GRACE_S = 5.0       # after its SIGTERM the reaper has this long to sweep, then it is killed
+
+
+def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
+    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None
+    where there is no child subreaper (not Linux, or no sys.executable): there only the
+    command's process group is killed, and a child that leaves it (setsid) can live on."""
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return None
+    return [sys.executable, "-I", "-S", "-c", REAPER_SOURCE, str(report_fd), *argv]
+
+
 def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
@@ -4816,26 +5050,53 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
     stdout and stderr go to one pipe, read as it comes: only the last
     COMMAND_TAIL_BYTES bytes are kept, so a flood costs no memory. The command
     leads its own process group; once it exits, or after timeout_s seconds, or
-    when cancel (a threading.Event) is set, the whole group is killed, so nothing
-    it started outlives the check. Never raises for a command that cannot start
-    (that is a failed check saying why).
+    when cancel (a threading.Event) is set, the whole group is killed, and on Linux
+    every other process it started too, daemons that left the group included
+    (REAPER_SOURCE), so nothing it started outlives the check. Never raises for a
+    command that cannot start (that is a failed check saying why).
     """
     import subprocess
 
     started = time.monotonic()
+    report, report_w = os.pipe()
+    reaped = reaped_argv(argv, report_w)
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(reaped or argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, pass_fds=(report_w,) if reaped else ())
     except OSError as exc:
+        os.close(report)
         return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
                           f"`{shell_words(argv)}` could not start: {exc.strerror or exc}")
+    finally:
+        os.close(report_w)
     try:
         tail, total, stopped = _read_tail(proc, started + timeout_s, cancel)
     finally:
+        if reaped:
+            _stop_reaper(proc)
         _kill_group(proc)               # the command's children too, even those that outlive it
         proc.stdout.close()
         code = proc.wait()
+        with open(report, "rb") as handle:
+            failed = handle.read(32)
+    if failed.isdigit():
+        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
+                          f"`{shell_words(argv)}` could not start: {os.strerror(int(failed))}")
     return _command_outcome(argv, code, time.monotonic() - started, tail, total, stopped, timeout_s)
+
+
+def _stop_reaper(proc: Any) -> None:
+    """Have a command's reaper end it and sweep its descendants (SIGTERM), when it has
+    not exited yet; wait for it up to REAPER_GRACE_S without reaping it (its pid names
+    the process group _kill_group kills after)."""
+    if _exited(proc):
+        return
+    with _suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + REAPER_GRACE_S
+    while not _exited(proc) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str | None]:
@@ -4880,7 +5141,7 @@ def _exited(proc: Any) -> bool:
 
 def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes, total: int,
                      stopped: str | None, timeout_s: float) -> CommandRun:
-    text = tail.decode("utf-8", "replace")
+    text = redact(tail.decode("utf-8", "replace"))
     if total > len(tail):
         text = f"[bridge: the first {total - len(tail)} of {total} bytes of output are left out]\n" + text
     shown = f"`{shell_words(argv)}`"
@@ -4892,6 +5153,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
         error = f"{shown} failed (exit {code})"
     else:
         error = None
+        text = ""       # a passing check keeps no output: `env`, a test printing its config
     return CommandRun(list(argv), code, duration_s, text, total, stopped == "timeout", error)
 
 
@@ -6416,6 +6678,15 @@ def runnable_plan(record: PlanRecord, config: Config) -> Plan:
     return check_plan(record.plan, Guard.of(config))
 
 
+def narrowed_plan(plan: Plan, config: Config) -> Plan:
+    """Return plan with each step's max_retries cut to --max-retries (config.max_retries)
+    where it asks more: a plan only narrows the user's limits (timeout_s is narrowed
+    where it is used, per read and per request: see HTTPExecutor and ClaudeCLI)."""
+    steps = {sid: step._replace(max_retries=narrowed(step.max_retries, config.max_retries))
+             for sid, step in plan.steps.items()}
+    return plan._replace(steps=steps)
+
+
 def _stop_running(results: dict[int, StepResult], why: str) -> None:
     """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
     for result in results.values():
@@ -6482,7 +6753,8 @@ class Attempt:
     __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard")
 
     def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
-        self.number, self.model, self.messages, self.sampling = number, model, messages, sampling
+        self.number, self.model, self.sampling = number, model, sampling
+        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
         self.started, self.pieces, self.guard = time.monotonic(), 0, None
 
 
@@ -6597,7 +6869,7 @@ class Runner:
             self.progress.error(refused)
         problems = list(problems or [])
         try:
-            run.plan = runnable_plan(record, self.config)
+            run.plan = narrowed_plan(runnable_plan(record, self.config), self.config)
         except PlanInvalid as exc:
             problems += exc.problems
         if problems:
@@ -7006,7 +7278,7 @@ class Runner:
         try:
             reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
                                   max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
-                                  json_schema=schema,
+                                  json_schema=redact(schema),     # grounded spans copy the input
                                   on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
@@ -7327,6 +7599,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TIMEOUT_S:g}"))
     settings.add_argument("--retries", metavar="N", help=_env_help(
         "retries of one request after 429, 5xx or a connection error", "BRIDGE_RETRIES", DEFAULT_RETRIES))
+    settings.add_argument("--max-retries", metavar="N", help=_env_help(
+        "the most further attempts a step gets: a plan's max_retries above it is cut to it",
+        "BRIDGE_MAX_RETRIES", MAX_RETRIES_LIMIT))
     settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
         "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
     settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
@@ -7355,6 +7630,10 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
         "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
         f"{DEFAULT_MAX_COST_USD:.2f}"))
+    settings.add_argument("--pass-env", metavar="NAME", action="append", help=_env_help(
+        "give check commands (command validations, verify) this credential variable of your "
+        "environment all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
+        "none: checks get no token, key, secret, password or cloud/CI variable"))
     settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
         "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
         ANTHROPIC_BASE_URL))
@@ -7444,6 +7723,12 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     return tuple(dict.fromkeys(["openai", *names]))
 
 
+def _pass_env(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
+    """The variable names of --pass-env and BRIDGE_PASS_ENV (comma-separated)."""
+    names = [*(args.pass_env or []), *environ.get("BRIDGE_PASS_ENV", "").split(",")]
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+
+
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
     """Return True when internal errors show their traceback: --debug, or BRIDGE_DEBUG
     set to anything but "" or "0"."""
@@ -7481,6 +7766,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
                         pick(args.retries, "BRIDGE_RETRIES"), DEFAULT_RETRIES, int),
+        max_retries=_number("max retries", "--max-retries or BRIDGE_MAX_RETRIES",
+                            pick(args.max_retries, "BRIDGE_MAX_RETRIES"), MAX_RETRIES_LIMIT, int),
         retry_delay_s=_number("retry delay", "--retry-delay or BRIDGE_RETRY_DELAY",
                               pick(args.retry_delay, "BRIDGE_RETRY_DELAY"), DEFAULT_RETRY_DELAY_S),
         max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
@@ -7502,6 +7789,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         # commands run in it; a claude-cli: model gets only its allow-listed part
         tool_env=tuple((k, v) for k, v in environ.items()
                        if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
+        pass_env=_pass_env(args, environ),
         trusted_projects=_trusted_projects(config_dir, environ),
         config_dir=config_dir,
         home=Path(environ.get("HOME") or Path.home()),
@@ -7711,13 +7999,31 @@ def render_facts(facts: dict) -> str:
     """Return approval_facts as indented lines for a person."""
     lines = [f"  project: {facts['project'] or '(none: no files)'}",
              f"  writes: {', '.join(facts['files']) or 'nothing'}",
-             f"  models: {', '.join(facts['models']) or 'the run model only'}"]
+             "  reads (sent to the model): " + (", ".join(
+                 f"{read['path']}" + (f" (refused: {read['refused']})" if read["refused"] else "")
+                 for read in facts["reads"]) or "no file"),
+             f"  models: {', '.join(facts['models']) or 'the run model only'} "
+             f"(executors: {', '.join(facts['executors']) or 'none'})"]
+    lines += [_run_line(run) for run in facts["runs"]] or ["  runs: no command"]
+    for limit in facts["limits"]:
+        unit = " s" if limit["field"] == "timeout_s" else ""
+        lines.append(f"  limit: step {limit['step']} asks {limit['field']} "
+                     f"{limit['asked']:g}{unit}, above {limit['setting']} "
+                     f"{limit['limit']:g}{unit}; "
+                     f"{limit['used']:g}{unit} is used")
     lines += [f"  waits: {reason}" for reason in facts["reasons"]]
     if facts["commands"]:
         lines.append(f"  to run it: {commands_text(facts['commands'])}")
     if facts["escalation_unused"]:
         lines.append(f"  note: {facts['escalation_unused']}")
     return "\n".join(printable(line) for line in lines)     # plan strings: escaped
+
+
+def _run_line(run: dict) -> str:
+    """One command of approval_facts' runs, as render_facts shows it."""
+    limit = run["timeout_s"]     # --list reads plans unchecked: any JSON value
+    limit = f"{limit:g} s" if isinstance(limit, (int, float)) else repr(limit)
+    return f"  runs: {run['what']}: `{shell_words(run['run'])}` in {run['cwd']}, timeout {limit}"
 
 
 def commands_text(commands: list[str]) -> str:
@@ -7777,6 +8083,9 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
         waiting.append(facts)
         progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
                       f"to run it: {commands_text(facts['commands'])}")
+        for line in render_facts(facts).splitlines():      # what approving it would let happen
+            if not line.startswith(("  waits:", "  to run it:")):
+                progress.info(line)
     return runnable, waiting
 
 
@@ -8296,10 +8605,11 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
     "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted"}; commands: the step's command validations
-    ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted).
-    A grounded step that depends on others shows the usual schema: the spans it will
-    be sent come from outputs not made yet."""
+    order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
+    may do, the same facts --list and --approve show)}; commands: the step's command
+    validations ({"run", "timeout_s"}), which run only when commands_trusted
+    (plan_trusted). A grounded step that depends on others shows the usual schema:
+    the spans it will be sent come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -8321,9 +8631,10 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
                       "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
                       else None, "file_output": _dry_run_target(plan, step, targets),
                       "commands": [_command_entry(v) for v in _commands_of(step)]})
+    facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
             "verify": _command_entry(plan.verify) if plan.verify else None,
-            "commands_trusted": plan_trusted(config, plan, content_hash(record.content))}
+            "commands_trusted": facts["trusted"], "approval": facts}
 
 
 def _command_entry(command: dict) -> dict:
@@ -8348,7 +8659,7 @@ def _render_dry_run(entry: dict) -> str:
         return "\n".join(printable(line) for line in
                          [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
     lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
-                       "in this order")]
+                       "in this order"), render_facts(entry["approval"])]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
         lines.append(printable(f"=== step {step['id']}{title}"))
@@ -8445,6 +8756,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parser.parse_args(argv)
     _check_flag_combinations(parser, args)
     environ = dict(os.environ if environ is None else environ)
+    remember_secrets(environ)
     debug = debug_wanted(args, environ)
     try:
         config = resolve_config(args, environ)
