@@ -2855,18 +2855,21 @@ class OutputTally:
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
-        self.answer_bytes = reply_size(self.answer_bytes + self.reasoning_bytes, piece, self.limit) \
-            - self.reasoning_bytes
+        total = reply_size(self.answer_bytes + self.reasoning_bytes, piece, self.limit)
+        self.answer_bytes = total - self.reasoning_bytes
         self.answer_pieces += 1
 
     def add_reasoning(self, piece: str) -> None:
         """Count one piece of thinking text."""
-        size = self.answer_bytes + self.reasoning_bytes + len(piece.encode("utf-8", "surrogatepass"))
+        size = self.answer_bytes + self.reasoning_bytes
+        size += len(piece.encode("utf-8", "surrogatepass"))
         if size > self.limit:
             raise LLMProtocolError(
-                f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was thinking "
-                f"({size - self.answer_bytes} bytes of reasoning, {self.answer_bytes} of answer); cut",
-                "ask the server not to think (the step's \"thinking\": \"off\") or raise --max-output-bytes")
+                f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was "
+                f"thinking ({size - self.answer_bytes} bytes of reasoning, {self.answer_bytes} of "
+                "answer); cut",
+                "ask the server not to think (the step's \"thinking\": \"off\") "
+                "or raise --max-output-bytes")
         self.reasoning_bytes = size - self.answer_bytes
         self.reasoning_pieces += 1
 
@@ -3036,7 +3039,8 @@ THINKING_OFF_FIELDS: dict[str, dict] = {
     # no reasoning parser: a model's thinking arrives in content, and split_reasoning takes it out
     "llama-cpp-python": {},
 }
-THINKING_OFF_DEFAULT = {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": False}}
+THINKING_OFF_DEFAULT = {"reasoning_effort": "none",
+                        "chat_template_kwargs": {"enable_thinking": False}}
 
 
 def _refuses_response_format(exc: LLMError) -> bool:
@@ -3177,7 +3181,8 @@ class HTTPExecutor:
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
-                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}   # only LLMClient takes it
+                # only LLMClient's _parse takes on_reasoning
+                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}
                 return self._parse(response, url, started, on_delta, received, **hooks)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
@@ -3211,7 +3216,7 @@ class LLMClient(HTTPExecutor):
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
-        self.thinking_refused: set[str] = set()     # fields of THINKING_OFF_FIELDS the server refused
+        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
         # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
         self.unconstrained: dict[str, str] = {}
 
@@ -3299,7 +3304,8 @@ class LLMClient(HTTPExecutor):
              max_tokens: int | None = None, timeout_s: float | None = None,
              json_schema: dict | None = None,
              on_delta: Callable[[str], None] | None = None, sampling: dict | None = None,
-             thinking: str | None = None, on_reasoning: Callable[[str], None] | None = None) -> Completion:
+             thinking: str | None = None,
+             on_reasoning: Callable[[str], None] | None = None) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
         messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
@@ -3329,7 +3335,8 @@ class LLMClient(HTTPExecutor):
             if thinking == "off":
                 payload.update(self.thinking_fields())
             form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
-                self.structured_level < len(RESPONSE_FORMS) and model not in self.unconstrained else None
+                self.structured_level < len(RESPONSE_FORMS) and \
+                model not in self.unconstrained else None
             if form is None:
                 payload.pop("response_format", None)
             else:
@@ -3355,19 +3362,21 @@ class LLMClient(HTTPExecutor):
                 self.structured_level += 1
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
-        """Drop from payload, for good, the thinking fields a 400/422 names; tell whether any was."""
+        """Drop from payload, for good, the thinking fields a 400/422 names; tell
+        whether any was."""
         refused = [k for k in THINKING_OFF_DEFAULT if k in payload and k in str(exc)]
         if exc.status not in (400, 422) or not refused:
             return False
-        self._on_retry(f"the server refused {', '.join(refused)} ({clip(str(exc), 160, 'message')}); "
-                       "not sending it again")
+        self._on_retry(f"the server refused {', '.join(refused)} "
+                       f"({clip(str(exc), 160, 'message')}); not sending it again")
         self.thinking_refused.update(refused)
         for key in refused:
             payload.pop(key)
         return True
 
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str], on_reasoning: Callable[[str], None] | None = None) -> Completion:
+               received: list[str],
+               on_reasoning: Callable[[str], None] | None = None) -> Completion:
         if "text/event-stream" not in response.headers.get("content-type", ""):
             return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
                                      url, started)
@@ -4144,10 +4153,12 @@ def grammar_damage(output: str, schema: dict | None, validation: dict | list) ->
 
     try:
         error = next(Draft202012Validator(schema or {}).iter_errors(value), None)
-    except Exception:     # noqa: BLE001 - a schema that cannot be applied says nothing of the grammar
+    except Exception:     # noqa: BLE001 - a schema that does not apply says nothing of the grammar
         return None
-    return f"it is outside the schema it was held to ({error.json_path}: {clip(error.message, 80, 'message')})" \
-        if error is not None else None
+    if error is None:
+        return None
+    return (f"it is outside the schema it was held to "
+            f"({error.json_path}: {clip(error.message, 80, 'message')})")
 
 
 class DegenerationGuard:
@@ -5205,7 +5216,9 @@ def thinking_reserve(context_length: int | None) -> int:
     """Return the tokens kept for thinking on top of an answer's max_tokens:
     THINKING_RESERVE_TOKENS, at most a quarter of context_length (tokens; None: not
     known)."""
-    return min(THINKING_RESERVE_TOKENS, context_length // 4) if context_length else THINKING_RESERVE_TOKENS
+    if not context_length:
+        return THINKING_RESERVE_TOKENS
+    return min(THINKING_RESERVE_TOKENS, context_length // 4)
 
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
@@ -5591,9 +5604,11 @@ class RunLog:
         usage = reply.usage or {}
         content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
         self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id, "message": {
-            "role": "assistant", "model": reply.model, "content": [*content, {"type": "text", "text": reply.text}],
+            "role": "assistant", "model": reply.model,
+            "content": [*content, {"type": "text", "text": reply.text}],
             "stop_reason": reply.finish_reason,
-            "usage": {"input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens")}},
+            "usage": {"input_tokens": usage.get("prompt_tokens"),
+                      "output_tokens": usage.get("completion_tokens")}},
             "response_format": reply.response_format})
 
     def checked(self, sid: int, attempt: int, error: str | None) -> None:
@@ -5967,7 +5982,7 @@ class Runner:
         self._executors: dict[tuple, Any] = {}
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
         self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
-        self._thinkers: set[str] = set()    # model references seen thinking: their requests keep a reserve
+        self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -6436,11 +6451,13 @@ class Runner:
         thinking = thinking_asked(step) if local else None
         reserve = self._reserve(step, attempt.model) if local else 0
         result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
-                                   "error": None, "thinking": thinking, "thinking_reserve_tokens": reserve})
+                                   "error": None, "thinking": thinking,
+                                   "thinking_reserve_tokens": reserve})
         run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
         if reserve:
-            run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to {reserve} "
-                        "for thinking (the step asks for it, or the model thought earlier in this run)")
+            run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
+                        f"{reserve} for thinking (the step asks for it, or the model thought "
+                        "earlier in this run)")
         attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
         attempt.thinking_guard = DegenerationGuard() if local else None
         extra = {"sampling": sampling, "thinking": thinking,
@@ -6475,14 +6492,7 @@ class Runner:
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             if thought:
-                spent = f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
-                reserve = self._reserve(step, attempt.model)
-                why = spent + (f"the answer was cut after {max(1, attempt.pieces)}" if output.strip()
-                               else "no answer") + (
-                    f" (asked not to think, the model thought anyway; the next attempt keeps up to {reserve} "
-                    "tokens for thinking)" if thinking == "off" else
-                    f" (thinking has up to {reserve} tokens of it; raise the step's max_tokens)"
-                    if thinking == "on" else f" (the next attempt keeps up to {reserve} tokens for thinking)")
+                why = self._cut_thinking(step, attempt, limit, thought, output, thinking)
             result.output = output
             run.runlog.checked(step.id, attempt.number, why)
             return AttemptFailure.from_stop(why, step.validation)
@@ -6491,14 +6501,39 @@ class Runner:
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
         failure = self._check(run, step, result, output, output)
-        if failure is not None and local and reply.response_format and name not in executor.unconstrained:
-            damage = grammar_damage(output, output_schema(step.validation), step.validation)
-            if damage:
-                executor.drop_constraint(name, damage)
-                run.log.say(step.id, f"  {step.label}: the constrained answer ({reply.response_format}) "
-                            f"looks garbled by the grammar ({damage}); {name}'s answers go unconstrained "
-                            "for the rest of this run, still checked")
+        if failure is not None and local and reply.response_format:
+            self._garbled(run, step, executor, name, output, reply.response_format)
         return failure
+
+    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, output: str,
+                      thinking: str | None) -> str:
+        """Say how an attempt that thought was cut at max_tokens: what thinking spent,
+        whether an answer began, and what the next attempt keeps for thinking."""
+        reserve = self._reserve(step, attempt.model)
+        answer = f"the answer was cut after {max(1, attempt.pieces)} tokens" if output.strip() \
+            else "no answer"
+        if thinking == "off":
+            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
+                     f"to {reserve} tokens for thinking")
+        elif thinking == "on":
+            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
+        else:
+            after = f"the next attempt keeps up to {reserve} tokens for thinking"
+        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
+                f"{answer} ({after})")
+
+    def _garbled(self, run: PlanRun, step: Step, executor: "LLMClient", name: str, output: str,
+                 form: str) -> None:
+        """After a constrained answer failed: when it looks damaged by the grammar
+        (grammar_damage), send that model's later requests unconstrained, and say so."""
+        if name in executor.unconstrained:
+            return
+        damage = grammar_damage(output, output_schema(step.validation), step.validation)
+        if damage:
+            executor.drop_constraint(name, damage)
+            run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
+                        f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
+                        "rest of this run, still checked")
 
     def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
         """Return the sampling fields an attempt asks for, with its max_tokens: the
@@ -6518,10 +6553,11 @@ class Runner:
             try:
                 attempt.thinking_guard.feed(piece)
             except OutputDegenerate as exc:
-                raise OutputDegenerate(str(exc).replace("stopped:", "stopped while thinking:", 1)) from None
+                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
+                raise OutputDegenerate(why) from None
 
-    def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt, reply: Completion,
-                 inline: str) -> int:
+    def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt,
+                 reply: Completion, inline: str) -> int:
         """Record what an attempt thought (reasoning fields and reasoning inside content):
         its tokens (streamed pieces, else estimated by CHARS_PER_TOKEN) and bytes, on the
         attempt's attempt_log entry; remember the model thinks. Returns the tokens."""
@@ -6531,7 +6567,8 @@ class Runner:
         tokens = (reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)) \
             + int(len(inline) / CHARS_PER_TOKEN)
         tokens = max(1, tokens)
-        result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=len(text.encode("utf-8", "replace")))
+        size = len(text.encode("utf-8", "replace"))
+        result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
         self._thinkers.add(attempt.model)
         run.log.say(step.id, f"  {step.label}: the model thought for {tokens} tokens", detail=True)
         return tokens

@@ -335,15 +335,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         model = req.get("model") or (self.server.fake.models[0] if self.server.fake.models else "fake-model")
         fake = self.server.fake
-        content = r["content"] if r["garbled"] is None or "response_format" not in req else r["garbled"]
+        garbled = r["garbled"] is not None and "response_format" in req
+        content = r["garbled"] if garbled else r["content"]
         pieces = _split(content, r["chunk_size"])
         kwargs = req.get("chat_template_kwargs")
         thinking_off = req.get("reasoning_effort") == "none" or (
             isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False)
-        reasoning = [] if fake.thinking_off and thinking_off else _split(r["reasoning"] or "", r["chunk_size"])
+        reasoning = _split(r["reasoning"] or "", r["chunk_size"])
+        if fake.thinking_off and thinking_off:
+            reasoning = []
         finish_reason = r["finish_reason"]
         limit = req.get("max_tokens")
-        if fake.cut_at_max_tokens and isinstance(limit, int) and len(reasoning) + len(pieces) > limit:
+        if fake.cut_at_max_tokens and isinstance(limit, int) and \
+                len(reasoning) + len(pieces) > limit:
             reasoning = reasoning[:limit]
             pieces = pieces[:limit - len(reasoning)]
             finish_reason = "length"
@@ -388,7 +392,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
         events: list[Any] = []
-        fields = ("reasoning_content", "reasoning") if r["reasoning_field"] == "both" else (r["reasoning_field"],)
+        fields = ("reasoning_content", "reasoning") if r["reasoning_field"] == "both" \
+            else (r["reasoning_field"],)
         for p in reasoning:
             events.append(chunk({field: p for field in fields}))
         content_events = [chunk({"content": p}) for p in pieces]
@@ -648,8 +653,8 @@ class FakeLLM(_FakeServer):
         return {"content": content, "status": int(status), "error": error, "error_body": error_body,
                 "retry_after": retry_after, "headers": dict(headers or {}), "usage": bool(usage),
                 "chunk_size": int(chunk_size), "reasoning": reasoning, "fault": fault,
-                "delay_s": float(delay_s), "finish_reason": finish_reason, "chunk_delay_s": float(chunk_delay_s),
-                "reasoning_field": "both", "garbled": None}
+                "delay_s": float(delay_s), "finish_reason": finish_reason,
+                "chunk_delay_s": float(chunk_delay_s), "reasoning_field": "both", "garbled": None}
 
     @property
     def chat_requests(self) -> list[dict]:

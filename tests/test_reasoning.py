@@ -47,9 +47,10 @@ SHAPES = [
      '<|channel|>final<|message|>{"name": "Ada"}<|return|>', NAME),
     ("<thinking> block", '<thinking>maybe {"nome": "x"}</thinking>{"name": "Ada"}', NAME),
     ("[THINK] (Magistral)", '[THINK]the name is Ada[/THINK]{"name": "Ada"}', NAME),
-    ("prose with an orphan </think>", "The user wants a greeting. I will write one.\n</think>\nHello, Ada.",
-     "Hello, Ada."),
-    ("Gemma 4 thought channel", '<|channel>thought\nthe key is {"nome"}<channel|>{"name": "Ada"}', NAME),
+    ("prose with an orphan </think>",
+     "The user wants a greeting. I will write one.\n</think>\nHello, Ada.", "Hello, Ada."),
+    ("Gemma 4 thought channel",
+     '<|channel>thought\nthe key is {"nome"}<channel|>{"name": "Ada"}', NAME),
 ]
 
 
@@ -62,11 +63,12 @@ def test_split_reasoning_takes_every_shape_out(content, answer):
 
 
 @pytest.mark.parametrize("content, answer", [s[1:] for s in SHAPES], ids=[s[0] for s in SHAPES])
-def test_every_shape_passes_its_check_and_no_reasoning_reaches_the_file(capsys, db, fake_llm, state_dir,
-                                                                        project, content, answer):
+def test_every_shape_passes_its_check_and_no_reasoning_reaches_the_file(
+        capsys, db, fake_llm, state_dir, project, content, answer):
     """End to end: each shape passes on its first attempt, and the file written holds the
     answer only (on main: 1 of these 6 shapes passed, and prose kept its reasoning in the file)."""
-    validation = {"type": "non_empty"} if answer != NAME else {"type": "contains_keys", "keys": ["name"]}
+    validation = {"type": "contains_keys", "keys": ["name"]} if answer == NAME \
+        else {"type": "non_empty"}
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "task", "validation": validation,
                                       "file_output": "out.txt"}],
                               context={"objective": "o", "project": str(project)}))
@@ -103,10 +105,12 @@ def test_every_shape_in_the_table_names_its_source():
 
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
 def test_reasoning_in_either_field_is_read_apart_from_the_text(fake_llm, field):
-    fake_llm.enqueue("the answer", reasoning="step one. step two.", chunk_size=4, reasoning_field=field)
+    fake_llm.enqueue("the answer", reasoning="step one. step two.", chunk_size=4,
+                     reasoning_field=field)
     seen: list[str] = []
     with bridge.LLMClient(bridge.Config(db_paths=(), base_url=fake_llm.url)) as client:
-        reply = client.chat([{"role": "user", "content": "q"}], model="fake-model", on_reasoning=seen.append)
+        reply = client.chat([{"role": "user", "content": "q"}], model="fake-model",
+                            on_reasoning=seen.append)
     assert reply.text == "the answer"
     assert reply.reasoning == "step one. step two." == "".join(seen)
     assert reply.reasoning_pieces == len(seen) == 5
@@ -157,7 +161,8 @@ def test_reasoning_that_repeats_itself_is_stopped_while_it_streams(capsys, db, f
     assert fake_llm.chat_requests[0]["events_sent"] < 1000      # cut while it streamed
 
 
-def test_thinking_is_recorded_per_attempt_in_the_result_and_the_run_log(capsys, db, fake_llm, state_dir):
+def test_thinking_is_recorded_per_attempt_in_the_result_and_the_run_log(
+        capsys, db, fake_llm, state_dir):
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "task"}]))
     fake_llm.enqueue("the answer", reasoning="I should answer briefly.", chunk_size=4,
                      reasoning_field="reasoning_content")
@@ -181,7 +186,8 @@ THINK_300 = "t" * 300           # 300 chunks of one character: 300 tokens of rea
 
 def _json_plan(db, **step):
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "Who? Ada.", "max_retries": 1,
-                                      "validation": {"type": "contains_keys", "keys": ["name"]}, **step}]))
+                                      "validation": {"type": "contains_keys", "keys": ["name"]},
+                                      **step}]))
 
 
 def test_a_json_step_asks_the_server_not_to_think(capsys, db, fake_llm, state_dir):
@@ -200,28 +206,31 @@ def test_a_json_step_asks_the_server_not_to_think(capsys, db, fake_llm, state_di
     assert step["attempt_log"][0]["thinking"] == "off"
 
 
-def test_thinking_anyway_names_thinking_and_the_retry_has_the_reserve(capsys, db, fake_llm, state_dir):
+def test_thinking_anyway_names_thinking_and_the_retry_has_the_reserve(
+        capsys, db, fake_llm, state_dir):
     """A model that thinks although asked not to: the cut attempt says thinking spent the
     budget (on main: "stopped at max_tokens=256: the answer was cut before it ended"), and
     the retry gets max_tokens 256 + the reserve, said on the progress line."""
     fake_llm.cut_at_max_tokens = True
     _json_plan(db)
     for _ in range(2):
-        fake_llm.enqueue(NAME, reasoning=THINK_300, chunk_size=1, reasoning_field="reasoning_content")
+        fake_llm.enqueue(NAME, reasoning=THINK_300, chunk_size=1,
+                         reasoning_field="reasoning_content")
 
     rc, result, err = run_json(capsys, db, fake_llm, state_dir)
 
     step = steps_by_id(result)[1]
     assert (rc, step["status"], step["attempts"]) == (0, "succeeded", 2)
     first, second = step["attempt_log"]
-    assert first["error"].startswith(f"stopped at max_tokens={JSON_DEFAULT_MAX_TOKENS}: spent "
-                                     f"{JSON_DEFAULT_MAX_TOKENS} of {JSON_DEFAULT_MAX_TOKENS} tokens "
-                                     "thinking; no answer (asked not to think, the model thought anyway")
+    budget = JSON_DEFAULT_MAX_TOKENS
+    assert first["error"].startswith(
+        f"stopped at max_tokens={budget}: spent {budget} of {budget} tokens thinking; no answer "
+        "(asked not to think, the model thought anyway")
     assert "the answer was cut" not in first["error"]
     assert (first["reasoning_tokens"], first["thinking_reserve_tokens"]) == (256, 0)
     maxes = [r["json"]["max_tokens"] for r in fake_llm.chat_requests]
     assert maxes == [JSON_DEFAULT_MAX_TOKENS, JSON_DEFAULT_MAX_TOKENS + RESERVE_AT_4096]
-    assert second["thinking_reserve_tokens"] == RESERVE_AT_4096 and second["reasoning_tokens"] == 300
+    assert (second["thinking_reserve_tokens"], second["reasoning_tokens"]) == (RESERVE_AT_4096, 300)
     assert all(r["json"]["reasoning_effort"] == "none" for r in fake_llm.chat_requests)
     assert f"keeps up to {RESERVE_AT_4096} for thinking" in err
     assert json.loads(step["output"]) == {"name": "Ada"}
@@ -269,8 +278,8 @@ def test_thinking_must_be_on_or_off():
     plan = make_plan("p1", [{"id": 1, "prompt": "x", "thinking": "maybe"}])
     with pytest.raises(bridge.PlanInvalid, match="thinking"):
         bridge.check_plan(plan)
-    assert bridge.check_plan(make_plan("p1", [{"id": 1, "prompt": "x", "thinking": "off"}])).steps[1].thinking \
-        == "off"
+    plan = bridge.check_plan(make_plan("p1", [{"id": 1, "prompt": "x", "thinking": "off"}]))
+    assert plan.steps[1].thinking == "off"
 
 
 def test_a_refused_thinking_field_is_dropped_and_the_other_kept(capsys, db, fake_llm, state_dir):
@@ -281,7 +290,8 @@ def test_a_refused_thinking_field_is_dropped_and_the_other_kept(capsys, db, fake
     insert_plan(db, make_plan("p1", [
         {"id": n, "prompt": "Who? Ada.", "max_retries": 0,
          "validation": {"type": "contains_keys", "keys": ["name"]}} for n in (1, 2)]))
-    fake_llm.enqueue(status=400, error="Unrecognized request argument supplied: chat_template_kwargs")
+    fake_llm.enqueue(status=400,
+                     error="Unrecognized request argument supplied: chat_template_kwargs")
     fake_llm.enqueue(NAME).enqueue(NAME)
 
     rc, result, _ = run_json(capsys, db, fake_llm, state_dir, "--parallel", "1")
@@ -320,7 +330,8 @@ def test_a_garbling_constraint_is_dropped_for_the_rest_of_the_run(capsys, db, fa
 
     steps = steps_by_id(result)
     assert rc == 0
-    assert [(s["status"], s["attempts"]) for s in result["steps"]] == [("succeeded", 2), ("succeeded", 1)]
+    assert [(s["status"], s["attempts"]) for s in result["steps"]] == \
+        [("succeeded", 2), ("succeeded", 1)]
     constrained = ["response_format" in r["json"] for r in fake_llm.chat_requests]
     assert constrained == [True, False, False]
     assert [e["response_format"] for e in steps[1]["attempt_log"]] == ["json_schema", None]
@@ -343,7 +354,8 @@ def test_an_unconstrained_answer_is_still_checked(capsys, db, fake_llm, state_di
 
 
 def test_a_wrong_but_well_formed_answer_keeps_the_constraint(capsys, db, fake_llm, state_dir):
-    """A value the check refuses, inside the schema sent, is the model's error, not the grammar's."""
+    """A value the check refuses, inside the schema sent, is the model's error, not the
+    grammar's: the constraint stays."""
     schema = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "n?", "max_retries": 1,
                                       "validation": [{"type": "json_schema", "schema": schema},
