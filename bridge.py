@@ -3362,11 +3362,19 @@ class LLMClient(HTTPExecutor):
                 self.structured_level += 1
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
-        """Drop from payload, for good, the thinking fields a 400/422 names; tell
-        whether any was."""
-        refused = [k for k in THINKING_OFF_DEFAULT if k in payload and k in str(exc)]
-        if exc.status not in (400, 422) or not refused:
+        """Drop from payload, for good, the thinking fields a 400/422 refused; tell
+        whether any was. Those it names; when it names none of them (nor
+        response_format or a sampling field, which have their own fallback), all
+        that were sent: a server that refuses without saying why must not lose
+        every attempt to a field bridge added."""
+        sent = [k for k in THINKING_OFF_DEFAULT if k in payload]
+        if exc.status not in (400, 422) or exc.context_overflow or not sent:
             return False
+        refused = [k for k in sent if k in str(exc)]
+        if not refused and (_refuses_response_format(exc) or any(
+                k in str(exc) for k in SAMPLING_FIELDS.get(self.server_kind or "", ()))):
+            return False
+        refused = refused or sent
         self._on_retry(f"the server refused {', '.join(refused)} "
                        f"({clip(str(exc), 160, 'message')}); not sending it again")
         self.thinking_refused.update(refused)
@@ -3444,6 +3452,7 @@ class LLMClient(HTTPExecutor):
                 if reasoning := reasoning_delta(delta):
                     tally.add_reasoning(reasoning)
                     thought.append(reasoning)
+                    received.append("")     # output has streamed: the request is not resent
                     if on_reasoning:
                         on_reasoning(reasoning)
                 if piece:
@@ -6672,7 +6681,7 @@ class Runner:
         reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, attempt.thought)
         run.runlog.answer(step.id, attempt.number, reply)
         _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        result.output = text
+        result.output = split_reasoning(text)[0]
         run.runlog.checked(step.id, attempt.number, why)
         return AttemptFailure.from_stop(why, step.validation)
 

@@ -149,8 +149,8 @@ def test_24_mb_of_reasoning_is_cut_at_max_output_bytes(capsys, db, fake_llm, sta
 
 def test_reasoning_that_repeats_itself_is_stopped_while_it_streams(capsys, db, fake_llm, state_dir):
     insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "task", "max_retries": 0}]))
-    fake_llm.enqueue("fine", reasoning="wait, let me check again. " * 200, chunk_size=5,
-                     reasoning_field="reasoning")
+    fake_llm.enqueue("fine", reasoning="wait, let me check again. " * 10_000, chunk_size=5,
+                     reasoning_field="reasoning")         # 52,000 chunks
 
     rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
 
@@ -158,7 +158,7 @@ def test_reasoning_that_repeats_itself_is_stopped_while_it_streams(capsys, db, f
     assert step["status"] == "failed"
     assert step["error"].startswith("stopped while thinking: the same")
     assert step["attempt_log"][0]["reasoning_tokens"] > 0
-    assert fake_llm.chat_requests[0]["events_sent"] < 1000      # cut while it streamed
+    assert fake_llm.chat_requests[0]["events_sent"] < 26_000    # cut while it streamed
 
 
 def test_thinking_is_recorded_per_attempt_in_the_result_and_the_run_log(
@@ -375,3 +375,27 @@ def test_grammar_damage_kinds():
     assert "U+FFFD" in bridge.grammar_damage('{"nam\ufffd": 1}', schema, check)
     assert "outside the schema" in bridge.grammar_damage('{"other": 1}', schema, check)
     assert bridge.grammar_damage(NAME, schema, check) is None
+
+
+def test_a_stream_cut_while_thinking_is_not_resent(fake_llm):
+    """Thinking that streamed is output: a stream cut after it is not sent again (its
+    pieces already reached the guard), as for answer text."""
+    fake_llm.enqueue("", reasoning="let me see " * 20, fault="cut", reasoning_field="reasoning")
+    fake_llm.enqueue("the answer")
+    config = bridge.Config(db_paths=(), base_url=fake_llm.url, retry_delay_s=0)
+    with bridge.LLMClient(config, sleep=lambda s: None) as client, pytest.raises(bridge.LLMError):
+        client.chat([{"role": "user", "content": "q"}], model="fake-model")
+    assert len(fake_llm.chat_requests) == 1
+
+
+def test_a_refusal_that_names_no_field_drops_the_thinking_fields(capsys, db, fake_llm, state_dir):
+    fake_llm.lmstudio = False
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "Who? Ada.", "max_retries": 0,
+                                      "validation": {"type": "contains_keys", "keys": ["name"]}}]))
+    fake_llm.enqueue(status=422, error="Invalid request").enqueue(NAME)
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert rc == 0
+    sent = [r["json"] for r in fake_llm.chat_requests]
+    assert ["reasoning_effort" in s for s in sent] == [True, False]
