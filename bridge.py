@@ -198,7 +198,6 @@ DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "sy
 # Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
 # bug tracker #1990, #1602: thinking used the whole max_tokens).
 THINKING_RESERVE_TOKENS = 2048
-THINKING_CHOICES = ("on", "off")       # what a plan's "thinking" may say (bridge-plan-schema.json)
 # Bounds added to the schema sent for constrained decoding (bounded_schema), where the
 # plan sets none. The check itself still uses the plan's own validation.
 JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
@@ -3777,29 +3776,34 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
 
 
 # Reasoning text a server leaves inside content (llm-servers.md §9), by shape: (name,
-# who writes it and the source, where the reasoning starts and ends, what ends the answer
-# or None). split_reasoning takes each out; a shape matches at the start of the text only.
+# who writes it and the source, a string the text must hold for the shape to be tried,
+# where the reasoning starts and ends, what ends the answer or None). split_reasoning
+# takes each out; a shape matches at the start of the text only.
 _HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
-REASONING_SHAPES: tuple[tuple[str, str, str, str | None], ...] = (
+REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
     # a leading block; an unclosed one swallows the rest
-    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
-    ("<thinking>", "several fine-tunes", r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
-    ("[THINK]", "Mistral Magistral", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
-    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768",
+    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
+     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
+    ("<thinking>", "several fine-tunes", "<thinking>",
+     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
+    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
+    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
      r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
     # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
     # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
     # it analysed) there is no answer
-    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181",
+    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
      rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
-    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed",
+    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
      r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
     # the opening tag is in the prompt template, so only the close arrives: reasoning…
     # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
     ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
-     r"(?s)^(?:(?!<think>).)*</think>\s*", None),
-    ("orphan </thinking>", "several fine-tunes", r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
-    ("orphan [/THINK]", "Mistral Magistral", r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
+     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
+    ("orphan </thinking>", "several fine-tunes", "</thinking>",
+     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
+    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
+     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
 )
 
 
@@ -3813,8 +3817,8 @@ def split_reasoning(text: str) -> tuple[str, str]:
     matched = True
     while matched and text:
         matched = False
-        for _name, _source, start, end in REASONING_SHAPES:
-            found = re.match(start, text)
+        for _name, _source, needle, start, end in REASONING_SHAPES:
+            found = re.match(start, text) if needle in text else None
             if found and found.group():
                 thought.append(found.group())
                 text, matched = text[found.end():], True

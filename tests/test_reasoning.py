@@ -96,7 +96,7 @@ def test_harmony_cut_while_analysing_has_no_answer():
 
 
 def test_every_shape_in_the_table_names_its_source():
-    assert all(name and source for name, source, _, _ in bridge.REASONING_SHAPES)
+    assert all(name and source and needle for name, source, needle, _, _ in bridge.REASONING_SHAPES)
 
 
 # --------------------------------------------------------------------------------------
