@@ -6448,7 +6448,11 @@ class Runner:
         Anthropic API and the claude CLI always sample as the step says). A local
         model's output is watched while it streams (DegenerationGuard): when it
         degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length").
+        does an answer cut at max_tokens (finish_reason "length"), saying what
+        thinking spent of it. On the local server the attempt asks for thinking as
+        thinking_asked says, keeps _reserve tokens for it, reads and records the
+        reasoning (_thought), and a constrained answer that comes back garbled makes
+        that model go unconstrained (_garbled).
         """
         try:
             executor, name = self.executor(attempt.model, run.cli_cwd)
