@@ -430,8 +430,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _completion(r: dict, model: str, n_chunks: int, prompt_tokens: int) -> dict:
         msg: dict[str, Any] = {"role": "assistant", "content": r["content"]}
         if r["reasoning"] is not None:
-            msg["reasoning_content"] = r["reasoning"]
-            msg["reasoning"] = r["reasoning"]
+            for field in ("reasoning_content", "reasoning"):
+                if r["reasoning_field"] in ("both", field):
+                    msg[field] = r["reasoning"]
         out: dict[str, Any] = {"id": "x", "object": "chat.completion", "model": model,
                                "choices": [{"index": 0, "message": msg, "finish_reason": r["finish_reason"]}]}
         if r["usage"]:

@@ -399,3 +399,19 @@ def test_a_refusal_that_names_no_field_drops_the_thinking_fields(capsys, db, fak
     assert rc == 0
     sent = [r["json"] for r in fake_llm.chat_requests]
     assert ["reasoning_effort" in s for s in sent] == [True, False]
+
+
+def test_harmony_final_channel_with_a_constrain_header():
+    text = ('<|start|>assistant<|channel|>analysis<|message|>JSON it is.<|end|><|start|>assistant'
+            '<|channel|>final <|constrain|>json<|message|>{"name": "Ada"}<|return|>')
+    assert bridge.split_reasoning(text)[0] == NAME
+
+
+def test_reasoning_of_a_reply_that_is_not_streamed_counts_too(fake_llm):
+    """A server that ignores "stream" sends message.reasoning_content in one body."""
+    fake_llm.enqueue("ok", reasoning="y" * 120_000, fault="no_stream",
+                     reasoning_field="reasoning_content")
+    config = bridge.Config(db_paths=(), base_url=fake_llm.url, max_output_bytes=100_000)
+    with bridge.LLMClient(config) as client, \
+            pytest.raises(bridge.LLMProtocolError, match="while the model was thinking"):
+        client.chat([{"role": "user", "content": "q"}], model="fake-model")
