@@ -6503,13 +6503,14 @@ class Runner:
         if local:
             result.attempt_log[-1]["response_format"] = reply.response_format
         _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        thought = self._thought(run, step, result, attempt, reply, inline)
+        thought, answered = self._thought(run, step, result, attempt, reply, inline)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
             limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             if thought:
-                why = self._cut_thinking(step, attempt, limit, thought, output, thinking)
+                answered = max(1, answered) if output.strip() else 0
+                why = self._cut_thinking(step, attempt, limit, thought, answered, thinking)
             result.output = output
             run.runlog.checked(step.id, attempt.number, why)
             return AttemptFailure.from_stop(why, step.validation)
@@ -6522,13 +6523,13 @@ class Runner:
             self._garbled(run, step, executor, name, output, reply.response_format)
         return failure
 
-    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, output: str,
+    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, answered: int,
                       thinking: str | None) -> str:
         """Say how an attempt that thought was cut at max_tokens: what thinking spent,
-        whether an answer began, and what the next attempt keeps for thinking."""
+        whether an answer began (answered: its tokens, 0: none), and what the next
+        attempt keeps for thinking."""
         reserve = self._reserve(step, attempt.model)
-        answer = f"the answer was cut after {max(1, attempt.pieces)} tokens" if output.strip() \
-            else "no answer"
+        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
         if thinking == "off":
             after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
                      f"to {reserve} tokens for thinking")
@@ -6574,21 +6575,27 @@ class Runner:
                 raise OutputDegenerate(why) from None
 
     def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt,
-                 reply: Completion, inline: str) -> int:
+                 reply: Completion, inline: str) -> tuple[int, int]:
         """Record what an attempt thought (reasoning fields and reasoning inside content):
-        its tokens (streamed pieces, else estimated by CHARS_PER_TOKEN) and bytes, on the
-        attempt's attempt_log entry; remember the model thinks. Returns the tokens."""
+        its tokens and bytes, on the attempt's attempt_log entry; remember the model
+        thinks. Returns the tokens, and the answer's (its pieces less the thinking
+        inside content). Tokens: the reasoning fields' streamed pieces (else
+        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
+        characters are (else CHARS_PER_TOKEN)."""
         text = reply.reasoning + inline
         if not text:
-            return 0
-        tokens = (reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)) \
-            + int(len(inline) / CHARS_PER_TOKEN)
-        tokens = max(1, tokens)
+            return 0, attempt.pieces
+        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
+        if attempt.pieces and inline:
+            within = round(attempt.pieces * len(inline) / len(reply.text))
+        else:
+            within = int(len(inline) / CHARS_PER_TOKEN)
+        tokens = max(1, fields + within)
         size = len(text.encode("utf-8", "replace"))
         result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
         self._thinkers.add(attempt.model)
         run.log.say(step.id, f"  {step.label}: the model thought for {tokens} tokens", detail=True)
-        return tokens
+        return tokens, max(0, attempt.pieces - within)
 
     def _thought_cut(self, result: StepResult, attempt: Attempt) -> None:
         """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""

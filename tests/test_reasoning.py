@@ -415,3 +415,33 @@ def test_reasoning_of_a_reply_that_is_not_streamed_counts_too(fake_llm):
     with bridge.LLMClient(config) as client, \
             pytest.raises(bridge.LLMProtocolError, match="while the model was thinking"):
         client.chat([{"role": "user", "content": "q"}], model="fake-model")
+
+
+def test_thinking_inside_content_that_runs_out_names_thinking(capsys, db, fake_llm, state_dir):
+    """llama-cpp-python has no reasoning parser: a thinking model's <think> arrives in
+    content. Cut at max_tokens inside it, the attempt says thinking spent the budget."""
+    fake_llm.cut_at_max_tokens = True
+    fake_llm.lmstudio, fake_llm.owned_by = False, "me"          # llama-cpp-python's /v1/models
+    _json_plan(db, max_retries=0)
+    fake_llm.enqueue("<think>" + "h" * 400 + "</think>" + NAME, chunk_size=1)
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    step = steps_by_id(result)[1]
+    assert step["error"].startswith("stopped at max_tokens=256: spent 256 of 256 tokens thinking; "
+                                    "no answer")
+    assert "reasoning_effort" not in fake_llm.chat_requests[0]["json"]
+    assert step["attempt_log"][0]["reasoning_bytes"] == 256
+
+
+def test_an_answer_cut_after_thinking_says_both(capsys, db, fake_llm, state_dir):
+    fake_llm.cut_at_max_tokens = True
+    _json_plan(db, max_retries=0)
+    fake_llm.enqueue('{"name": "Ada Lovelace"}', reasoning="t" * 250, chunk_size=1,
+                     reasoning_field="reasoning")
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert steps_by_id(result)[1]["error"].startswith(
+        "stopped at max_tokens=256: spent 250 of 256 tokens thinking; "
+        "the answer was cut after 6 tokens")
