@@ -6477,8 +6477,9 @@ class Runner:
                         "earlier in this run)")
         attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
         attempt.thinking_guard = DegenerationGuard() if local else None
+        on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
         extra = {"sampling": sampling, "thinking": thinking,
-                 "on_reasoning": functools.partial(self._on_reasoning, attempt)} if local else {}
+                 "on_reasoning": on_reasoning} if local else {}
         try:
             reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
                                   max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
@@ -6563,10 +6564,15 @@ class Runner:
             sampling["max_tokens"] = limit
         return sampling
 
-    def _on_reasoning(self, attempt: Attempt, piece: str) -> None:
-        """Take one streamed piece of thinking: count it and watch it (raises OutputDegenerate
-        naming the thinking: the stream is closed on the way out)."""
+    def _on_reasoning(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
+        """Take one streamed piece of thinking: count it, show it on the progress line
+        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
+        the stream is closed on the way out)."""
         attempt.thought += 1
+        elapsed = time.monotonic() - attempt.started
+        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
+                             f"{attempt.number} · {elapsed:.1f} s · thinking · "
+                             f"{attempt.thought} tokens")
         if attempt.thinking_guard is not None:
             try:
                 attempt.thinking_guard.feed(piece)
