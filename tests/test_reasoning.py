@@ -373,7 +373,9 @@ def test_grammar_damage_kinds():
     check = {"type": "contains_keys", "keys": ["name"]}
     assert bridge.grammar_damage(GARBLED, schema, check) == "it is not valid JSON"
     assert "U+FFFD" in bridge.grammar_damage('{"nam\ufffd": 1}', schema, check)
-    assert "outside the schema" in bridge.grammar_damage('{"other": 1}', schema, check)
+    assert bridge.grammar_damage('{"na?e": "Ada"}', schema, check) == \
+        "it has the garbled key 'na?e'"
+    assert bridge.grammar_damage('{"other": 1}', schema, check) is None   # the model's mistake
     assert bridge.grammar_damage(NAME, schema, check) is None
 
 
@@ -445,3 +447,21 @@ def test_an_answer_cut_after_thinking_says_both(capsys, db, fake_llm, state_dir)
     assert steps_by_id(result)[1]["error"].startswith(
         "stopped at max_tokens=256: spent 250 of 256 tokens thinking; "
         "the answer was cut after 6 tokens")
+
+
+def test_a_grounded_step_whose_constraint_garbles_goes_without_its_spans(capsys, db, fake_llm,
+                                                                        state_dir):
+    """Beside issue 25's grounded spans: once dropped, the run log says no schema was sent
+    ("none"), and the grounded check still applies to the unconstrained answer."""
+    prompt = 'Read this sentence: "Ada lives in London." Return name.'
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": prompt, "validation": {
+        "type": "contains_keys", "keys": ["name"], "grounded": True}}]))
+    fake_llm.enqueue(NAME, garbled=GARBLED).enqueue(NAME)
+
+    rc, result, _ = run_json(capsys, db, fake_llm, state_dir)
+
+    assert rc == 0 and steps_by_id(result)[1]["attempts"] == 2
+    forms = [line["form"] for line in _transcript(result)
+             if line.get("subtype") == "constrained_output"]
+    assert forms == ["spans", "none"]
+    assert ["response_format" in r["json"] for r in fake_llm.chat_requests] == [True, False]
