@@ -209,6 +209,14 @@ COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 # json_schema objects may nest and list more; code and prose keep the general reserve.
 DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "syntax_check": ANSWER_RESERVE_TOKENS,
                       "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
+# Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
+# A step whose answer is bounded (its check is JSON) asks the server not to think
+# (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
+# for it, or whose model was seen thinking earlier in the run, gets this many tokens on
+# top of its answer's max_tokens, at most a quarter of a known context: R1 distills and
+# Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
+# bug tracker #1990, #1602: thinking used the whole max_tokens).
+THINKING_RESERVE_TOKENS = 2048
 # Bounds added to the schema sent for constrained decoding (bounded_schema), where the
 # plan sets none. The check itself still uses the plan's own validation.
 JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
@@ -2556,7 +2564,7 @@ def load_schema() -> dict:
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
 
 
-_STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s")
+_STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s", "thinking")
 _STEP_DEFAULTS = {                      # every field of Step after id (int) and prompt (str)
     "title": "",
     "depends_on": (),                   # tuple[int, ...]
@@ -3338,15 +3346,70 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 ###############################################################################
 
 
-class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd",
-                            defaults=(0.0,))):
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
+                            "reasoning reasoning_pieces response_format",
+                            defaults=(0.0, "", 0, None))):
     """One model reply: text (reasoning fields excluded), usage as the server sent
     it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
     model that answered (or None), finish_reason (or None), duration_s (seconds),
-    and cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it)."""
+    cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it),
+    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
+    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
+    one token each) and response_format (the type of the constraint sent, e.g.
+    "json_schema", or None when the request went unconstrained)."""
 
     __slots__ = ()
+
+
+def reasoning_delta(delta: Any) -> str:
+    """Return the reasoning text of one chat-completion delta (or message), "" if none.
+
+    The field is reasoning_content on llama.cpp's server (--reasoning-format, the
+    default auto), LM Studio (DeepSeek-R1, 0.3.9) and vLLM before PR #27752; reasoning
+    on Ollama (openai/openai.go), LM Studio for gpt-oss (0.3.23) and vLLM since.
+    A server sending both with the same text is counted once."""
+    if not isinstance(delta, dict):
+        return ""
+    for key in ("reasoning_content", "reasoning"):
+        value = delta.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+class OutputTally:
+    """What one reply has used of its bound, as it streams: answer and reasoning
+    (thinking) text alike count against limit (bytes of UTF-8: --max-output-bytes).
+    answer_bytes, reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces
+    taken: about one token each on a streaming server). Every executor that reads
+    thinking (the SSE stream's reasoning fields, Ollama's message.thinking) counts
+    it with add_reasoning. Raises LLMProtocolError past limit, naming which part
+    ran over."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.answer_bytes = self.reasoning_bytes = self.answer_pieces = self.reasoning_pieces = 0
+
+    def add_answer(self, piece: str) -> None:
+        """Count one piece of answer text."""
+        total = reply_size(self.answer_bytes + self.reasoning_bytes, piece, self.limit)
+        self.answer_bytes = total - self.reasoning_bytes
+        self.answer_pieces += 1
+
+    def add_reasoning(self, piece: str) -> None:
+        """Count one piece of thinking text."""
+        size = self.answer_bytes + self.reasoning_bytes
+        size += len(piece.encode("utf-8", "surrogatepass"))
+        if size > self.limit:
+            raise LLMProtocolError(
+                f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was "
+                f"thinking ({size - self.answer_bytes} bytes of reasoning, {self.answer_bytes} of "
+                "answer); cut",
+                "ask the server not to think (the step's \"thinking\": \"off\") "
+                "or raise --max-output-bytes")
+        self.reasoning_bytes = size - self.answer_bytes
+        self.reasoning_pieces += 1
 
 
 def _error_message(body: bytes) -> str:
@@ -3571,6 +3634,28 @@ SAMPLING_FIELDS = {
 }
 
 
+# The fields that ask a server not to think (a step's thinking "off"), by ServerInfo.kind;
+# a kind not listed (an OpenAI-compatible server the probe could not name: vLLM, Ollama's
+# /v1) gets THINKING_OFF_DEFAULT, and a field it refuses (HTTP 400/422 naming it) is not
+# sent to it again (LLMClient.thinking_fields).
+THINKING_OFF_FIELDS: dict[str, dict] = {
+    # reasoning_effort "none" on /v1/chat/completions: LM Studio 0.4.17 (bug tracker #2057)
+    "LM Studio": {"reasoning_effort": "none"},
+    # the OpenAI layer maps reasoning_effort "none" to think false: ollama openai/openai.go
+    # (since v0.11.5), docs/api/openai-compatibility.mdx
+    "Ollama": {"reasoning_effort": "none"},
+    # either one: ggml-org/llama.cpp tools/server/README.md (reasoning_effort,
+    # chat_template_kwargs); the template reads enable_thinking (Qwen3-style)
+    "llama.cpp": {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": False}},
+    # Qwen3-style templates through chat_template_kwargs (vllm docs, reasoning outputs)
+    "vLLM": {"chat_template_kwargs": {"enable_thinking": False}},
+    # no reasoning parser: a model's thinking arrives in content, and split_reasoning takes it out
+    "llama-cpp-python": {},
+}
+THINKING_OFF_DEFAULT = {"reasoning_effort": "none",
+                        "chat_template_kwargs": {"enable_thinking": False}}
+
+
 def _refuses_response_format(exc: LLMError) -> bool:
     """Tell whether an error is the server refusing our response_format.
 
@@ -3647,12 +3732,13 @@ class HTTPExecutor:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
     def _send_with_retries(self, payload: dict, timeout_s: float | None,
-                           on_delta: Callable[[str], None] | None) -> Completion:
+                           on_delta: Callable[[str], None] | None,
+                           on_reasoning: Callable[[str], None] | None = None) -> Completion:
         deadline = time.monotonic() + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
             received: list[str] = []
             try:
-                return self._stream_once(payload, timeout_s, on_delta, received)
+                return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
             except LLMError as exc:
                 if not exc.transient or received or retry == self.config.retries \
                         or ("response_format" in payload and _refuses_response_format(exc)):
@@ -3687,7 +3773,8 @@ class HTTPExecutor:
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
-                     on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
+                     on_delta: Callable[[str], None] | None, received: list[str],
+                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
         import httpx
 
         url = f"{self.base_url}{self.CHAT_PATH}"
@@ -3709,7 +3796,9 @@ class HTTPExecutor:
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
-                return self._parse(response, url, started, on_delta, received)
+                # only LLMClient's _parse takes on_reasoning
+                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}
+                return self._parse(response, url, started, on_delta, received, **hooks)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
             if received:    # the server was reached: say how the stream ended, not "cannot reach"
@@ -3742,6 +3831,9 @@ class LLMClient(HTTPExecutor):
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
+        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
+        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
+        self.unconstrained: dict[str, str] = {}
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -3815,10 +3907,24 @@ class LLMClient(HTTPExecutor):
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items() if k in ("temperature", "seed", "max_tokens") or k in extras}
 
+    def thinking_fields(self) -> dict:
+        """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
+        for its kind (THINKING_OFF_DEFAULT when the probe could not name it), less
+        any it refused."""
+        fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
+        return {k: v for k, v in fields.items() if k not in self.thinking_refused}
+
+    def drop_constraint(self, model: str, why: str) -> None:
+        """Send model's JSON requests unconstrained from now on (no response_format):
+        its constrained output garbled (why says how). The answer is still checked."""
+        self.unconstrained.setdefault(model, why)
+
     def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
              max_tokens: int | None = None, timeout_s: float | None = None,
              json_schema: dict | None = None,
-             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None) -> Completion:
+             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None,
+             thinking: str | None = None,
+             on_reasoning: Callable[[str], None] | None = None) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
         messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
@@ -3830,8 +3936,12 @@ class LLMClient(HTTPExecutor):
         repeat_penalty, dry_multiplier), sent as accepted_sampling says; a server
         refusing one (HTTP 400/422 naming it) gets none of the extras again, and the
         request is resent at once. Transient failures are retried as the class
-        says, unless output had already streamed. Raises LLMError (never an httpx
-        exception) when the request finally fails.
+        says, unless output had already streamed. thinking "off" asks the server
+        not to think (thinking_fields; a field it refuses, HTTP 400/422 naming it,
+        is dropped for this client's life and the request resent at once); "on" or
+        None sends nothing. Reasoning deltas go to on_reasoning (reasoning_delta).
+        A model given to drop_constraint goes without response_format. Raises
+        LLMError (never an httpx exception) when the request finally fails.
         """
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
@@ -3841,15 +3951,21 @@ class LLMClient(HTTPExecutor):
             payload["max_tokens"] = max_tokens
         payload.update(self.accepted_sampling(sampling or {}))
         while True:
+            if thinking == "off":
+                payload.update(self.thinking_fields())
             form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
-                self.structured_level < len(RESPONSE_FORMS) else None
+                self.structured_level < len(RESPONSE_FORMS) and \
+                model not in self.unconstrained else None
             if form is None:
                 payload.pop("response_format", None)
             else:
                 payload["response_format"] = form(json_schema)
             try:
-                return self._send_with_retries(payload, timeout_s, on_delta)
+                reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+                return reply._replace(response_format=form and payload["response_format"]["type"])
             except LLMHTTPError as exc:
+                if thinking == "off" and self._thinking_refused(exc, payload):
+                    continue
                 refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ()) if k in payload and k in str(exc)]
                 if refused and exc.status in (400, 422):
                     self._on_retry(f"the server refused {', '.join(refused)} ({clip(str(exc), 160, 'message')}); "
@@ -3864,12 +3980,34 @@ class LLMClient(HTTPExecutor):
                                f"({clip(str(exc), 160, 'message')}); trying the next form")
                 self.structured_level += 1
 
+    def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
+        """Drop from payload, for good, the thinking fields a 400/422 refused; tell
+        whether any was. Those it names; when it names none of them (nor
+        response_format or a sampling field, which have their own fallback), all
+        that were sent: a server that refuses without saying why must not lose
+        every attempt to a field bridge added."""
+        sent = [k for k in THINKING_OFF_DEFAULT if k in payload]
+        if exc.status not in (400, 422) or exc.context_overflow or not sent:
+            return False
+        refused = [k for k in sent if k in str(exc)]
+        if not refused and (_refuses_response_format(exc) or any(
+                k in str(exc) for k in SAMPLING_FIELDS.get(self.server_kind or "", ()))):
+            return False
+        refused = refused or sent
+        self._on_retry(f"the server refused {', '.join(refused)} "
+                       f"({clip(str(exc), 160, 'message')}); not sending it again")
+        self.thinking_refused.update(refused)
+        for key in refused:
+            payload.pop(key)
+        return True
+
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str]) -> Completion:
+               received: list[str],
+               on_reasoning: Callable[[str], None] | None = None) -> Completion:
         if "text/event-stream" not in response.headers.get("content-type", ""):
             return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
                                      url, started)
-        return self._parse_stream(response, url, started, on_delta, received)
+        return self._parse_stream(response, url, started, on_delta, received, on_reasoning)
 
     def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
         """Read a non-streamed chat.completion body (servers that ignore stream); the
@@ -3881,19 +4019,27 @@ class LLMClient(HTTPExecutor):
             text = choice["message"].get("content") or ""
             if not isinstance(text, str):
                 raise TypeError("content is not a string")
+            reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
                                    f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
-        reply_size(0, text, self.config.max_output_bytes)
+        tally = OutputTally(self.config.max_output_bytes)
+        if reasoning:
+            tally.add_reasoning(reasoning)
+        tally.add_answer(text)
         return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
-                          reply_label(choice.get("finish_reason")), time.monotonic() - started)
+                          reply_label(choice.get("finish_reason")), time.monotonic() - started, 0.0,
+                          reasoning, int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
     def _parse_stream(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
-        """Read an SSE chat.completion.chunk stream to its end and return the Completion."""
+                      on_delta: Callable[[str], None] | None, received: list[str],
+                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        """Read an SSE chat.completion.chunk stream to its end and return the Completion.
+        Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
+        and given to on_reasoning, never to on_delta or the text."""
         limit = self.config.max_output_bytes
         usage = model = finish = None
-        size, done = 0, False
+        done, tally, thought = False, OutputTally(limit), []
         events = _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES)
         for event, data in events:
             if data.strip() == "[DONE]":
@@ -3919,18 +4065,25 @@ class LLMClient(HTTPExecutor):
             if choice is not None:
                 delta, finish = choice[0], choice[1] or finish
                 piece = reply_text(delta.get("content"), "a chunk's delta content", url)
+                if reasoning := reasoning_delta(delta):
+                    tally.add_reasoning(reasoning)
+                    thought.append(reasoning)
+                    received.append("")     # output has streamed: the request is not resent
+                    if on_reasoning:
+                        on_reasoning(reasoning)
                 if piece:
-                    size = reply_size(size, piece, limit)
+                    tally.add_answer(piece)
                     received.append(piece)
                     if on_delta:
                         on_delta(piece)
         if not done and finish is None:
             raise LLMProtocolError(f"the stream from {url} ended early, after "
                                    f"{sum(map(len, received))} characters and no finish_reason")
-        if not received and finish is None:
+        if not received and not thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started)
+        return Completion("".join(received), usage, model, finish, time.monotonic() - started, 0.0,
+                          "".join(thought), tally.reasoning_pieces)
 
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel")):
@@ -4263,7 +4416,6 @@ def _kill_group(proc: Any) -> None:
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
-_THINK = r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*"
 _FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
 # after prose on the same line ("Here it is: ```json"), a fence counts only when
 # nothing but a tag follows it, so prose that mentions ``` is not a fence
@@ -4272,13 +4424,62 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
+# Reasoning text a server leaves inside content (llm-servers.md §9), by shape: (name,
+# who writes it and the source, a string the text must hold for the shape to be tried,
+# where the reasoning starts and ends, what ends the answer or None). split_reasoning
+# takes each out; a shape matches at the start of the text only.
+_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
+REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
+    # a leading block; an unclosed one swallows the rest
+    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
+     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
+    ("<thinking>", "several fine-tunes", "<thinking>",
+     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
+    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
+    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
+     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
+    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
+    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
+    # it analysed) there is no answer
+    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
+     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
+    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
+     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
+    # the opening tag is in the prompt template, so only the close arrives: reasoning…
+    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
+    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
+     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
+    ("orphan </thinking>", "several fine-tunes", "</thinking>",
+     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
+    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
+     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
+)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split a model's content into (answer, reasoning), taking out every shape of
+    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
+    checked or written holds reasoning. Text with none comes back whole, reasoning
+    "". A tag inside an answer that opened with none is left alone ("Use the
+    <think> tag"); one that closed reasoning with no opening tag is not."""
+    thought: list[str] = []
+    matched = True
+    while matched and text:
+        matched = False
+        for _name, _source, needle, start, end in REASONING_SHAPES:
+            found = re.match(start, text) if needle in text else None
+            if found and found.group():
+                thought.append(found.group())
+                text, matched = text[found.end():], True
+                if end and (tail := re.search(end, text)):
+                    text = text[:tail.start()]
+                break
+    return text, "".join(thought)
+
+
 def strip_think(text: str) -> str:
-    """Remove leading <think>…</think> blocks (an unclosed one swallows the rest)."""
-    while True:
-        stripped = re.sub(_THINK, "", text, count=1)
-        if stripped == text:
-            return text
-        text = stripped
+    """Return text without its reasoning (split_reasoning's answer)."""
+    return split_reasoning(text)[0]
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
@@ -4797,6 +4998,34 @@ def checked_depth(validation: dict | list) -> int | None:
     a contains_keys value may be anything, though the schema sent bounds it)."""
     first = next((v for v in validations_of(validation) if output_schema(v) is not None), None)
     return schema_depth(first["schema"]) if first and first.get("type") == "json_schema" else None
+
+
+def grammar_damage(output: str, schema: dict | None, validation: dict | list) -> str | None:
+    """Tell how a constrained answer that failed its check looks damaged by the
+    grammar, or None when it does not (or passes validation: a command failed).
+
+    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
+    unclosed string), or an object key with a "?" in it where the schema (the one sent)
+    names no such key. These are what a garbling grammar makes (gpt-oss under LM
+    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
+    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
+    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
+    and the model's own mistakes are for the retry to fix."""
+    try:
+        check_output(output, validation)
+        return None
+    except OutputInvalid:
+        pass
+    if "\ufffd" in output:
+        return "it holds U+FFFD replacement characters"
+    try:
+        value = parse_json_output(output)
+    except OutputInvalid:
+        return "it is not valid JSON"
+    named = set((schema or {}).get("properties") or {})
+    keys = value if isinstance(value, dict) else {}
+    garbled = [key for key in keys if "?" in key and key not in named]
+    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
 
 
 class DegenerationGuard:
@@ -6002,7 +6231,28 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
     (answer_tokens)."""
     if context_length is None:
         return None
-    return context_length - answer_tokens(step, context_length)
+    reserve = thinking_reserve(context_length) if step.thinking == "on" else 0
+    return context_length - answer_tokens(step, context_length) - reserve
+
+
+def thinking_asked(step: Step) -> str | None:
+    """Return what a step asks of a thinking model: its "thinking" (or the plan's
+    defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
+    max_tokens is at most a JSON step's DEFAULT_MAX_TOKENS), else None (the server's
+    default: the model may think, and split_reasoning takes it out)."""
+    if step.thinking:
+        return step.thinking
+    short = step.max_tokens is not None and step.max_tokens <= DEFAULT_MAX_TOKENS["json"]
+    return "off" if short or output_schema(step.validation) is not None else None
+
+
+def thinking_reserve(context_length: int | None) -> int:
+    """Return the tokens kept for thinking on top of an answer's max_tokens:
+    THINKING_RESERVE_TOKENS, at most a quarter of context_length (tokens; None: not
+    known)."""
+    if not context_length:
+        return THINKING_RESERVE_TOKENS
+    return min(THINKING_RESERVE_TOKENS, context_length // 4)
 
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
@@ -6224,7 +6474,10 @@ class StepResult:
     reference, checks (every command validation run: CommandRun.as_dict plus
     its attempt), and attempt_log: one entry per attempt, [{"attempt", "sampling":
     {"max_tokens", "temperature"?, "seed"?, …} (the fields sent), "completion_tokens",
-    "error" (None when it passed)}]. See as_dict."""
+    "error" (None when it passed), "thinking" ("on", "off" or None: thinking_asked),
+    "thinking_reserve_tokens", "reasoning_tokens"? and "reasoning_bytes"? (when the
+    model thought), "response_format"? (the constraint's type, or None: unconstrained;
+    on the local server)}]. See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
@@ -6389,12 +6642,18 @@ class RunLog:
         self.files[sid].flush()
 
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
-        """Record a streamed answer (as received, <think> included) and its usage."""
+        """Record a streamed answer (as received, <think> included) and its usage; the
+        reasoning fields' text first as a "thinking" block (Anthropic's content block
+        type), and which constraint produced it ("response_format": its type, or null)."""
         usage = reply.usage or {}
+        content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
         self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id, "message": {
-            "role": "assistant", "model": reply.model, "content": [{"type": "text", "text": reply.text}],
+            "role": "assistant", "model": reply.model,
+            "content": [*content, {"type": "text", "text": reply.text}],
             "stop_reason": reply.finish_reason,
-            "usage": {"input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens")}}})
+            "usage": {"input_tokens": usage.get("prompt_tokens"),
+                      "output_tokens": usage.get("completion_tokens")}},
+            "response_format": reply.response_format})
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
@@ -6748,14 +7007,17 @@ class Attempt:
     model (the model reference asked), messages (the prompt sent), sampling (the
     fields of retry_sampling, or None: as the step says), started (time.monotonic()),
     pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None)."""
+    usage), guard (a DegenerationGuard for a local model, else None), thought (reasoning
+    pieces so far) and thinking_guard (the guard of the reasoning text)."""
 
-    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard")
+    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard",
+                 "thought", "thinking_guard")
 
     def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
         self.number, self.model, self.sampling = number, model, sampling
         self.messages = redact(messages)    # no secret of bridge's environment reaches a model
         self.started, self.pieces, self.guard = time.monotonic(), 0, None
+        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
 
 
 class SpendCap:
@@ -6803,6 +7065,7 @@ class Runner:
         self._executors: dict[tuple, Any] = {}
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
         self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
+        self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -7241,11 +7504,18 @@ class Runner:
         return prompt_budget(step, self.context_length if model == self.model else None)
 
     def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, capped by the context
-        the prompt leaves (estimate_tokens) when the model's context is known."""
+        """Return the max_tokens of one request: answer_tokens, plus _reserve, capped by
+        the context the prompt leaves (estimate_tokens) when the model's context is known."""
         context = self.context_length if model == self.model else None
-        limit = answer_tokens(step, context)
+        limit = answer_tokens(step, context) + self._reserve(step, model)
         return max(1, min(limit, context - estimate_tokens(messages))) if context else limit
+
+    def _reserve(self, step: Step, model: str) -> int:
+        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
+        when the step asks for thinking or the model was seen thinking in this run, else 0."""
+        if step.thinking != "on" and model not in self._thinkers:
+            return 0
+        return thinking_reserve(self.context_length if model == self.model else None)
 
     def _send_attempt(self, run: PlanRun, step: Step, result: StepResult,
                       attempt: Attempt) -> "AttemptFailure | None":
@@ -7255,7 +7525,11 @@ class Runner:
         Anthropic API and the claude CLI always sample as the step says). A local
         model's output is watched while it streams (DegenerationGuard): when it
         degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length").
+        does an answer cut at max_tokens (finish_reason "length"), saying what
+        thinking spent of it. On the local server the attempt asks for thinking as
+        thinking_asked says, keeps _reserve tokens for it, reads and records the
+        reasoning (_thought), and a constrained answer that comes back garbled makes
+        that model go unconstrained (_garbled).
         """
         try:
             executor, name = self.executor(attempt.model, run.cli_cwd)
@@ -7268,13 +7542,24 @@ class Runner:
         local = isinstance(executor, LLMClient)      # the other executors keep their own limits
         sampling = self._sampling(step, attempt, local)
         sent = executor.accepted_sampling(sampling) if local else sampling
+        thinking = thinking_asked(step) if local else None
+        reserve = self._reserve(step, attempt.model) if local else 0
         result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
-                                   "error": None})
+                                   "error": None, "thinking": thinking,
+                                   "thinking_reserve_tokens": reserve})
         run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
+        if reserve:
+            run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
+                        f"{reserve} for thinking (the step asks for it, or the model thought "
+                        "earlier in this run)")
         attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-        extra = {"sampling": sampling} if local else {}
-        schema = self._output_schema(run, step, attempt.number,
-                                     local and executor.structured_level < len(RESPONSE_FORMS))
+        attempt.thinking_guard = DegenerationGuard() if local else None
+        on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
+        extra = {"sampling": sampling, "thinking": thinking,
+                 "on_reasoning": on_reasoning} if local else {}
+        sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
+            name not in executor.unconstrained
+        schema = self._output_schema(run, step, attempt.number, sends)
         try:
             reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
                                   max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
@@ -7282,32 +7567,74 @@ class Runner:
                                   on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
+            self._thought_cut(result, attempt)
             run.runlog.checked(step.id, attempt.number, str(exc))
             return AttemptFailure.from_request(exc)
         except OutputDegenerate as exc:
             result.generation_s += time.monotonic() - attempt.started
+            self._thought_cut(result, attempt)
             return self._stopped(run, step, result, attempt, str(exc))
         result.generation_s += time.monotonic() - attempt.started
-        reply = priced_reply(reply, attempt.messages, attempt.pieces, name)
+        reply = priced_reply(reply, attempt.messages, attempt.pieces + attempt.thought, name)
         if paid:
             self._spend.add(reply.cost_usd or 0.0)
         if run.cancel.is_set():
             return AttemptFailure("interrupted", retryable=False)
+        output, inline = split_reasoning(reply.text)
         run.runlog.answer(step.id, attempt.number, reply)
-        _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
+        if local:
+            result.attempt_log[-1]["response_format"] = reply.response_format
+        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
+        thought, answered = self._thought(run, step, result, attempt, reply, inline)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
             limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
-            result.output = strip_think(reply.text)
+            if thought:
+                answered = max(1, answered) if output.strip() else 0
+                why = self._cut_thinking(step, attempt, limit, thought, answered, thinking)
+            result.output = output
             run.runlog.checked(step.id, attempt.number, why)
             return AttemptFailure.from_stop(why, step.validation)
         if reply.model and reply.model != name:
             result.model = reply.model
-        output = strip_think(reply.text)
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
-        return self._check(run, step, result, output, reply.text)
+        failure = self._check(run, step, result, output, output)
+        if failure is not None and local and reply.response_format:
+            self._garbled(run, step, executor, name, output, reply.response_format, schema)
+        return failure
+
+    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, answered: int,
+                      thinking: str | None) -> str:
+        """Say how an attempt that thought was cut at max_tokens: what thinking spent,
+        whether an answer began (answered: its tokens, 0: none), and what the next
+        attempt keeps for thinking."""
+        reserve = self._reserve(step, attempt.model)
+        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
+        if thinking == "off":
+            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
+                     f"to {reserve} tokens for thinking")
+        elif thinking == "on":
+            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
+        else:
+            after = f"the next attempt keeps up to {reserve} tokens for thinking"
+        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
+                f"{answer} ({after})")
+
+    def _garbled(self, run: PlanRun, step: Step, executor: "LLMClient", name: str, output: str,
+                 form: str, schema: dict | None) -> None:
+        """After a constrained answer failed: when it looks damaged by the grammar
+        (grammar_damage against schema, the one sent), send that model's later requests
+        unconstrained, and say so."""
+        if name in executor.unconstrained:
+            return
+        damage = grammar_damage(output, schema, step.validation)
+        if damage:
+            executor.drop_constraint(name, damage)
+            run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
+                        f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
+                        "rest of this run, still checked")
 
     def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input) and,
@@ -7334,6 +7661,52 @@ class Runner:
         if limit:
             sampling["max_tokens"] = limit
         return sampling
+
+    def _on_reasoning(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
+        """Take one streamed piece of thinking: count it, show it on the progress line
+        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
+        the stream is closed on the way out)."""
+        attempt.thought += 1
+        elapsed = time.monotonic() - attempt.started
+        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
+                             f"{attempt.number} · {elapsed:.1f} s · thinking · "
+                             f"{attempt.thought} tokens")
+        if attempt.thinking_guard is not None:
+            try:
+                attempt.thinking_guard.feed(piece)
+            except OutputDegenerate as exc:
+                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
+                raise OutputDegenerate(why) from None
+
+    def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt,
+                 reply: Completion, inline: str) -> tuple[int, int]:
+        """Record what an attempt thought (reasoning fields and reasoning inside content):
+        its tokens and bytes, on the attempt's attempt_log entry; remember the model
+        thinks. Returns the tokens, and the answer's (its pieces less the thinking
+        inside content). Tokens: the reasoning fields' streamed pieces (else
+        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
+        characters are (else CHARS_PER_TOKEN)."""
+        text = reply.reasoning + inline
+        if not text:
+            return 0, attempt.pieces
+        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
+        if attempt.pieces and inline:
+            within = round(attempt.pieces * len(inline) / len(reply.text))
+        else:
+            within = int(len(inline) / CHARS_PER_TOKEN)
+        tokens = max(1, fields + within)
+        size = len(text.encode("utf-8", "replace"))
+        result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self._thinkers.add(attempt.model)
+        run.log.say(step.id, f"  {step.label}: the model thought for {tokens} tokens", detail=True)
+        return tokens, max(0, attempt.pieces - within)
+
+    def _thought_cut(self, result: StepResult, attempt: Attempt) -> None:
+        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        if attempt.thought and attempt.thinking_guard is not None:
+            size = len(attempt.thinking_guard.text.encode("utf-8", "replace"))
+            result.attempt_log[-1].update(reasoning_tokens=attempt.thought, reasoning_bytes=size)
+            self._thinkers.add(attempt.model)
 
     def _on_delta(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
         """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
@@ -7424,10 +7797,11 @@ class Runner:
         """Record an attempt whose output degenerated and was cut (its tokens are
         estimated: the server sent no usage); return its AttemptFailure."""
         text = attempt.guard.text if attempt.guard is not None else ""
-        reply = Completion(text, None, None, "cancelled", 0.0)
+        thought = attempt.thinking_guard.text if attempt.thinking_guard is not None else ""
+        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, attempt.thought)
         run.runlog.answer(step.id, attempt.number, reply)
-        _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
-        result.output = text
+        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
+        result.output = split_reasoning(text)[0]
         run.runlog.checked(step.id, attempt.number, why)
         return AttemptFailure.from_stop(why, step.validation)
 
