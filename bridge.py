@@ -2252,8 +2252,36 @@ def _schema_problems(plan: Any) -> list[str]:
     from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
 
     validator = Draft202012Validator(load_schema())
-    return [f"{error.json_path}: {schema_message(error)}"
-            for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))]
+    return [problem for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
+            for problem in (_unknown_key_problems(error) or [f"{error.json_path}: {schema_message(error)}"])]
+
+
+PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
+
+
+def _unknown_key_problems(error: Any) -> list[str]:
+    """One problem per key the schema does not know (an additionalProperties or
+    unevaluatedProperties error), with its JSON path and the closest known key
+    (difflib.get_close_matches), e.g. "$.steps[0].file_ouput: unknown key; did you
+    mean 'file_output'?"; [] for any other error. The known keys are the schema's
+    own, so a key added to the schema is known at once."""
+    import difflib
+
+    if error.validator not in ("additionalProperties", "unevaluatedProperties") \
+            or not isinstance(error.instance, dict) or error.validator_value is not False:
+        return []
+    known = sorted(error.schema.get("properties", {}))
+    patterns = list(error.schema.get("patternProperties", {}))
+    problems = []
+    for key in error.instance:
+        if key in known or any(re.search(pattern, key) for pattern in patterns):
+            continue
+        where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
+        close = difflib.get_close_matches(key, known, n=1)
+        fix = (f"did you mean {close[0]!r}?" if close else
+               f"known here: {', '.join(known)} (a key of your own starts with {PLANNER_KEY_PREFIX})")
+        problems.append(f"{error.json_path}{where}: unknown key; {fix}")
+    return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
 def schema_message(error: Any) -> str:
@@ -2369,7 +2397,7 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     for n, step in enumerate(steps):
         deps = [d for d in step.get("depends_on") or [] if isinstance(d, int)] \
             if isinstance(step.get("depends_on"), list) else []
-        graph[step["id"]] = deps
+        graph[step["id"]] = [d for d in deps if d in known and d != step["id"]]   # each said below
         for dep in deps:
             if dep == step["id"]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
@@ -2379,12 +2407,11 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
-    if not any("depends on itself" in p or "unknown step" in p for p in problems):
-        try:
-            TopologicalSorter(graph).prepare()
-        except CycleError as exc:
-            cycle = " -> ".join(str(i) for i in exc.args[1])
-            problems.append(f"$.steps: dependency cycle {cycle}")
+    try:            # every problem at once: a cycle among the known steps as well
+        TopologicalSorter(graph).prepare()
+    except CycleError as exc:
+        cycle = " -> ".join(str(i) for i in exc.args[1])
+        problems.append(f"$.steps: dependency cycle {cycle}")
     return problems + _path_problems(plan, guard)
 
 

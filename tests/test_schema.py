@@ -145,6 +145,11 @@ INVALID = {
     "verify without run": _with(verify={"timeout_s": 5}),
     "verify with an unknown key": _with(verify={"run": ["true"], "shell": True}),
     "verify run as a string": _with(verify={"run": "make test"}),
+    # strict by default (issue 24): a misspelt key is an error, not silently dropped
+    "unknown top-level key": _with(rollback_stratgy="revert_files"),
+    "unknown key in context": _context(projct="/home/me/src/blog"),
+    "unknown key in step": _step(file_ouput="blog/slug.py"),
+    "x_ key (underscore) in step": _step(x_note="the prefix is x-"),
 }
 
 
@@ -157,9 +162,9 @@ VALID = {
     "200 steps": _with(steps=_steps(200)),
     "id of 128 chars": _with(id="a" * 128),
     "id with . _ : -": _with(id="A1.b_c:d-e"),
-    "unknown top-level key": _with(x_original_script_field={"anything": 1}),
-    "unknown key in context": _context(notes="kept for the planner"),
-    "unknown key in step": _step(x_note="ignored"),
+    "x- key at the top level": _with(**{"x-original-script-field": {"anything": 1}}),
+    "x- key in context": _context(**{"x-notes": "kept for the planner"}),
+    "x- key in step": _step(**{"x-note": "ignored"}),
     "windows drive project": _context(project="C:\\src\\blog"),
     "windows drive project, slash": _context(project="c:/src/blog"),
     "UNC project": _context(project="\\\\server\\share\\blog"),
