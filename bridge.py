@@ -163,7 +163,10 @@ ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much i
 DEFAULT_REQUEST_DEADLINE_S = 1800.0
 STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to this
 LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
-STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
+# How long one statement waits on a store another process holds locked (SQLite's
+# busy_timeout) before bridge says the store stayed locked: the memory server's own
+# writes (a consolidation, a batch of embeddings) can hold it for seconds; it waits 5 s.
+STORE_BUSY_TIMEOUT_S = 30.0
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
@@ -457,6 +460,21 @@ class ResultNotStored(StoreError):
     or unwritable): the plan stays in_progress, stale once this process is gone,
     with its journal and backups kept for --resume or --rerun. A run goes on with
     its other plans and exits 2."""
+
+
+RUNTIME_DEPENDENCIES = ("httpx", "jsonschema")     # pyproject.toml's dependencies
+
+
+def missing_dependency_error(exc: BaseException) -> ConfigError | None:
+    """The one-line error for an import of httpx or jsonschema (or a module of theirs)
+    that failed because the Python running bridge lacks it (python bridge.py outside
+    its venv), or None for any other exception."""
+    name = getattr(exc, "name", None) or ""
+    if not isinstance(exc, ModuleNotFoundError) or name.partition(".")[0] not in RUNTIME_DEPENDENCIES:
+        return None
+    return ConfigError(f"bridge needs {name.partition('.')[0]}, which {sys.executable} cannot import",
+                       "install httpx and jsonschema: pip install httpx jsonschema "
+                       "(or run bridge from its venv: make test builds .venv)")
 
 
 class PlanInvalid(BridgeError):
@@ -787,6 +805,18 @@ def json_text(document: Any, indent: int | None = None) -> str:
     return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
+def quiet_closed_stdout() -> None:
+    """Point stdout's file descriptor at os.devnull once its reader has gone (a
+    BrokenPipeError), so later writes, and Python's flush at exit, neither fail nor
+    print "Exception ignored" (the way the Python docs give for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):   # no real stdout (a test's capture): nothing to point
+        pass
+
+
 class Events:
     """The run as a stream of JSON objects, one per line, on stdout (--events).
 
@@ -815,8 +845,13 @@ class Events:
         line = json_text(event) + "\n"
         with self.lock:
             stream = self.stream or sys.stdout
-            stream.write(line)
-            stream.flush()
+            try:
+                stream.write(line)
+                stream.flush()
+            except BrokenPipeError:     # the reader left (bridge --events | head): the run goes on
+                self.enabled = False
+                if stream is sys.stdout:
+                    quiet_closed_stdout()
 
 
 class Progress:
@@ -1613,6 +1648,20 @@ class MemoryAPI:
 ###############################################################################
 
 
+READ_ONLY_STORE_HINT = ("the file or its folder is read-only (a read-only mount, chattr +i, or "
+                        "permissions): make both writable for this user, or point --db at a store "
+                        "that can be written; nothing is wrong with its content")
+
+
+def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
+    """The error of a store that another process kept locked for waited_s seconds
+    (default STORE_BUSY_TIMEOUT_S, SQLite's busy_timeout)."""
+    waited_s = STORE_BUSY_TIMEOUT_S if waited_s is None else waited_s
+    return StoreError(f"the store {path} stayed locked for {waited_s:g} s (another process holds it)",
+                      "retry when that process is done: the memory server's own writes end in "
+                      "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
+
+
 class Store:
     """The doobidoo memory store, opened for plan discovery, claims and results.
 
@@ -1652,6 +1701,8 @@ class Store:
             fts = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_content_fts'").fetchone()
             has_fts = fts is not None and "trigram" in (fts[0] or "")
         except sqlite3.Error as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
         layout = next((name for name, needed in _LAYOUT_COLUMNS.items() if needed <= columns), None)
@@ -1973,10 +2024,9 @@ class Store:
                     if attempt < STORE_WRITE_TRIES:
                         time.sleep(0.05 * attempt)
                         continue
-                    raise StoreError(f"the store {self.path} stayed locked for "
-                                     f"{STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S:.0f} s",
-                                     "another process holds a write lock; retry in a moment") from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+                    raise store_locked_error(self.path, STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S) from exc
+                raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
             try:
                 result = work()
                 self.conn.execute("COMMIT")
@@ -1984,7 +2034,8 @@ class Store:
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+                    raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
                 raise
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
@@ -2996,6 +3047,20 @@ def _refuses_response_format(exc: LLMError) -> bool:
         word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
 
 
+def missing_v1_hint(base_url: str, status: int) -> str:
+    """"; … try --base-url …/v1" for an HTTP 404 from a base URL whose path has no /v1
+    (every OpenAI-compatible server serves /v1/models and /v1/chat/completions:
+    LM Studio, Ollama, llama.cpp's server, vLLM), else ""."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(base_url).path
+    if status != 404 or "/v1" in path:
+        return ""
+    if path.strip("/"):
+        return "; the base URL of an OpenAI-compatible server ends in /v1 as a rule: check --base-url"
+    return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
+
+
 class HTTPExecutor:
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
     exceptions translated to LLMError, and the retry loop.
@@ -3047,7 +3112,8 @@ class HTTPExecutor:
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
                 if response.status_code >= 400:
                     raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
-                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}",
+                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}"
+                                       + missing_v1_hint(self.base_url, response.status_code),
                                        response.status_code)
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
@@ -6444,9 +6510,17 @@ class _HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, width=terminal_columns() - 2)   # argparse's own margin
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line, as every error of bridge is."""
+
+    def error(self, message: str) -> None:   # argparse's hook: print and exit 2
+        """Print "bridge: error: MESSAGE; see bridge --help" on stderr and exit 2."""
+        self.exit(EXIT_UNUSABLE, printable(f"{self.prog}: error: {message}; see {self.prog} --help") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser: one action at most, plus shared settings."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bridge", formatter_class=_HelpFormatter,
         usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
               "       bridge --list [--all] | --show ID | --health | --cancel ID [options]\n"
@@ -6499,7 +6573,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the run as JSON events on stdout, one per line (progress stays on stderr)")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
     parser.add_argument("--rerun", action="store_true",
-                        help="with --plan: run a completed, failed or cancelled plan again, from the start")
+                        help="with --plan: run a completed, failed, cancelled or stale plan again, "
+                             "from the start")
     parser.add_argument("--resume", action="store_true",
                         help="with --plan: take over a stale plan (its bridge died), keeping the steps "
                              "that had succeeded")
@@ -6783,6 +6858,7 @@ def cmd_health(config: Config) -> int:
             problem = store.check_usable()
             if problem:
                 raise StoreError(f"the store {store.path} is not usable: {problem}",
+                                 READ_ONLY_STORE_HINT if "readonly" in problem else
                                  "restore it from a backup, or point --db at a store that can be written")
             report["store"].update(pending=store.pending_count(), **store.memory_report())
             store_ok = True
@@ -7656,7 +7732,11 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         with _suppress(OSError):
             sys.stdout = open(os.devnull, "w")
         return EXIT_OK
-    except Exception:
+    except Exception as exc:
+        if (missing := missing_dependency_error(exc)) is not None:
+            print(printable(f"bridge: error: {missing}"), file=sys.stderr)
+            print(printable(f"hint: {missing.hint}"), file=sys.stderr)
+            return missing.exit_code
         if debug:
             import traceback
 

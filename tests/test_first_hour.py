@@ -5,13 +5,21 @@ finding of the issue; each failed on main before the change it covers."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fakes import insert_plan, make_plan, plan_state, run_bridge, stored_results
+from fakes import (
+    bridge_args, child_env, closed_port, insert_plan, make_plan, plan_state, run_bridge, stored_results,
+)
 
 import bridge
+
+ROOT = Path(__file__).resolve().parent.parent
+BRIDGE_PY = ROOT / "bridge.py"
 
 # Literals copied from the plan contract (bridge-plan-schema.json, README), never read at run time.
 PLAN_SCHEMA = "bridge-plan-v1"
@@ -135,3 +143,155 @@ def test_validate_lists_an_unknown_dependency_and_a_cycle_at_once():
     problems = info.value.problems
     assert "$.steps[0].depends_on: unknown step 9" in problems
     assert any(p.startswith("$.steps: dependency cycle") for p in problems), problems
+
+
+# -- 2. one-line errors ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> str:
+    """The python of a real venv made with --without-pip: no httpx, no jsonschema."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import httpx"], capture_output=True, timeout=60)
+    assert probe.returncode != 0, "the bare venv can import httpx"
+    return str(python)
+
+
+@pytest.mark.parametrize("action", [["--health"], ["--validate", "PLAN"], []], ids=["health", "validate", "run"])
+def test_python_bridge_py_without_httpx_and_jsonschema_says_what_to_install(
+        bare_python, tmp_path, db, action):
+    plan = _plan_file(tmp_path, make_plan(id="p"))
+    insert_plan(db, make_plan(id="p"))
+    argv = [a.replace("PLAN", str(plan)) for a in action]
+    proc = subprocess.run([bare_python, str(BRIDGE_PY), *argv, "--db", str(db), "--state-dir",
+                           str(tmp_path / "state"), "--base-url", f"http://127.0.0.1:{closed_port()}/v1"],
+                          capture_output=True, text=True, env=child_env(), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "internal error" not in proc.stderr
+    first, hint = proc.stderr.splitlines()[-2:]
+    assert first.startswith("bridge: error: bridge needs ") and "cannot import" in first
+    assert hint == ("hint: install httpx and jsonschema: pip install httpx jsonschema "
+                    "(or run bridge from its venv: make test builds .venv)")
+    assert plan_state(db, "p") == {}        # nothing claimed
+
+
+HIDE_HTTPX = """
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "httpx":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+sys.path.insert(0, sys.argv.pop(1))
+import bridge
+sys.exit(bridge.main(sys.argv[1:]))
+"""
+
+
+def test_a_run_without_httpx_alone_claims_nothing_and_says_what_to_install(tmp_path, db):
+    insert_plan(db, make_plan(id="p"))
+    proc = subprocess.run([sys.executable, "-c", HIDE_HTTPX, str(ROOT), "--db", str(db), "--state-dir",
+                           str(tmp_path / "state"), "--base-url", f"http://127.0.0.1:{closed_port()}/v1"],
+                          capture_output=True, text=True, env=child_env(), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "bridge: error: bridge needs httpx" in proc.stderr
+    assert "pip install httpx jsonschema" in proc.stderr
+    assert plan_state(db, "p") == {}
+
+
+def test_a_usage_error_is_one_line_pointing_at_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        bridge.main(["--lsit"], environ={})
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "bridge: error: unrecognized arguments: --lsit; see bridge --help\n"
+
+
+def test_help_names_stale_among_what_rerun_takes(capsys):
+    with pytest.raises(SystemExit):
+        bridge.main(["--help"], environ={})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stale" in text.split("--rerun with --plan:", 1)[1].split("--resume", 1)[0]
+
+
+def test_a_base_url_without_v1_gets_the_fix_in_its_error(db, fake_llm, tmp_path, capsys):
+    rc = bridge.main(["--health", "--db", str(db), "--base-url", fake_llm.root], environ={})
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert "HTTP 404" in out and f"try --base-url {fake_llm.root}/v1" in out
+
+
+HOLD_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def locked(db):
+    """db, held in BEGIN EXCLUSIVE by another process until the test writes a line to it."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+        holder.wait(timeout=30)
+
+
+def test_bridge_waits_at_least_30_s_on_a_locked_store_by_default():
+    assert bridge.STORE_BUSY_TIMEOUT_S >= 30
+
+
+@pytest.mark.parametrize("action", [["--list"], ["--submit", "PLAN"]], ids=["list", "submit"])
+def test_a_store_locked_past_the_wait_is_said_to_be_locked(locked, db, tmp_path, monkeypatch, capsys, action):
+    monkeypatch.setattr(bridge, "STORE_BUSY_TIMEOUT_S", 0.2)
+    plan = _plan_file(tmp_path, make_plan(id="p"))
+    rc = bridge.main(["--db", str(db), *[a.replace("PLAN", str(plan)) for a in action]], environ={})
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"bridge: error: the store {db} stayed locked for 0.2 s (another process holds it)" in err
+    assert "memory server's SQLite file" not in err
+
+
+def test_a_store_locked_for_a_moment_is_waited_for(locked, db, tmp_path, capsys):
+    import threading
+
+    insert_done = threading.Timer(0.5, lambda: (locked.stdin.write("\n"), locked.stdin.flush()))
+    insert_done.start()
+    try:
+        rc = bridge.main(["--db", str(db), "--list"], environ={})
+    finally:
+        insert_done.join()
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_a_read_only_store_is_said_to_be_read_only_not_broken(tmp_path, db, fake_llm):
+    from test_stumbles import _read_only_health
+
+    doc = json.loads(_read_only_health(tmp_path, db, fake_llm.url).stdout)
+    assert doc["ok"] is False
+    assert "read-only" in doc["store"]["hint"] and "backup" not in doc["store"]["hint"]
+
+
+def test_events_into_a_reader_that_left_ends_quietly_with_the_plans_own_outcome(
+        tmp_path, db, fake_llm):
+    insert_plan(db, make_plan(id="p", steps=[{"id": n, "prompt": f"step {n}"} for n in (1, 2, 3)]))
+    fake_llm.default_reply = "done"
+    fake_llm.latency_s = 0.2
+    proc = subprocess.Popen([sys.executable, str(BRIDGE_PY), "--events",
+                             *bridge_args(db, fake_llm.url, tmp_path / "state")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert json.loads(proc.stdout.readline())["event"] == "plan_start"
+    proc.stdout.close()                     # as `head -1` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Broken pipe" not in err and "Exception ignored" not in err
+    assert plan_state(db, "p")["status"] == "completed"
