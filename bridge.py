@@ -470,9 +470,10 @@ def missing_dependency_error(exc: BaseException) -> ConfigError | None:
     that failed because the Python running bridge lacks it (python bridge.py outside
     its venv), or None for any other exception."""
     name = getattr(exc, "name", None) or ""
-    if not isinstance(exc, ModuleNotFoundError) or name.partition(".")[0] not in RUNTIME_DEPENDENCIES:
+    package = name.partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or package not in RUNTIME_DEPENDENCIES:
         return None
-    return ConfigError(f"bridge needs {name.partition('.')[0]}, which {sys.executable} cannot import",
+    return ConfigError(f"bridge needs {package}, which {sys.executable} cannot import",
                        "install httpx and jsonschema: pip install httpx jsonschema "
                        "(or run bridge from its venv: make test builds .venv)")
 
@@ -1657,7 +1658,8 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
     """The error of a store that another process kept locked for waited_s seconds
     (default STORE_BUSY_TIMEOUT_S, SQLite's busy_timeout)."""
     waited_s = STORE_BUSY_TIMEOUT_S if waited_s is None else waited_s
-    return StoreError(f"the store {path} stayed locked for {waited_s:g} s (another process holds it)",
+    return StoreError(f"the store {path} stayed locked for {waited_s:g} s "
+                      "(another process holds it)",
                       "retry when that process is done: the memory server's own writes end in "
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
 
@@ -2024,7 +2026,8 @@ class Store:
                     if attempt < STORE_WRITE_TRIES:
                         time.sleep(0.05 * attempt)
                         continue
-                    raise store_locked_error(self.path, STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S) from exc
+                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                    raise store_locked_error(self.path, waited_s) from exc
                 raise StoreError(f"cannot write the store {self.path}: {exc}",
                                  READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
             try:
@@ -2303,8 +2306,9 @@ def _schema_problems(plan: Any) -> list[str]:
     from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
 
     validator = Draft202012Validator(load_schema())
-    return [problem for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
-            for problem in (_unknown_key_problems(error) or [f"{error.json_path}: {schema_message(error)}"])]
+    errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
+    return [problem for error in errors
+            for problem in _unknown_key_problems(error) or [f"{error.json_path}: {schema_message(error)}"]]
 
 
 PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
@@ -2330,7 +2334,8 @@ def _unknown_key_problems(error: Any) -> list[str]:
         where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
         close = difflib.get_close_matches(key, known, n=1)
         fix = (f"did you mean {close[0]!r}?" if close else
-               f"known here: {', '.join(known)} (a key of your own starts with {PLANNER_KEY_PREFIX})")
+               f"known here: {', '.join(known)} "
+               f"(a key of your own starts with {PLANNER_KEY_PREFIX})")
         problems.append(f"{error.json_path}{where}: unknown key; {fix}")
     return problems or [f"{error.json_path}: {schema_message(error)}"]
 
@@ -3057,7 +3062,8 @@ def missing_v1_hint(base_url: str, status: int) -> str:
     if status != 404 or "/v1" in path:
         return ""
     if path.strip("/"):
-        return "; the base URL of an OpenAI-compatible server ends in /v1 as a rule: check --base-url"
+        return ("; the base URL of an OpenAI-compatible server ends in /v1 as a rule: "
+                "check --base-url")
     return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
@@ -3154,9 +3160,14 @@ class HTTPExecutor:
         """Translate an httpx transport exception into the matching LLMError."""
         import httpx
 
+        if isinstance(exc, httpx.ConnectTimeout):
+            connect_s = min(CONNECT_TIMEOUT_S, self.config.timeout_s)
+            return LLMTimeout(f"no connection to {url} within {connect_s:g} s "
+                              f"(bridge's connect timeout) ({type(exc).__name__})",
+                              "check that the server is up and answering at --base-url")
         if isinstance(exc, httpx.TimeoutException):
             return LLMTimeout(f"no answer from {url} within {self.config.timeout_s:g} s "
-                              f"({type(exc).__name__})",
+                              f"(--timeout, for each chunk) ({type(exc).__name__})",
                               "a model may still be loading; raise --timeout or load it first")
         if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
                             httpx.RemoteProtocolError, httpx.CloseError)):
@@ -3189,6 +3200,13 @@ class HTTPExecutor:
                 return self._parse(response, url, started, on_delta, received)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
+            if timeout_s is not None and isinstance(error, LLMTimeout) \
+                    and not isinstance(exc, httpx.ConnectTimeout):
+                # the step's timeout_s is its chunk timeout and its deadline alike: waiting
+                # that long for a byte passed the deadline, and the same request would too
+                error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
+                                    f"({type(exc).__name__}); not retried",
+                                    "raise the step's timeout_s, or check what keeps the server")
             if received:    # the server was reached: say how the stream ended, not "cannot reach"
                 stalled = isinstance(error, LLMTimeout)
                 why = error if stalled else str(exc) or type(exc).__name__
@@ -6515,7 +6533,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:   # argparse's hook: print and exit 2
         """Print "bridge: error: MESSAGE; see bridge --help" on stderr and exit 2."""
-        self.exit(EXIT_UNUSABLE, printable(f"{self.prog}: error: {message}; see {self.prog} --help") + "\n")
+        line = printable(f"{self.prog}: error: {message}; see {self.prog} --help")
+        self.exit(EXIT_UNUSABLE, line + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -295,3 +295,27 @@ def test_events_into_a_reader_that_left_ends_quietly_with_the_plans_own_outcome(
     assert proc.wait(timeout=60) == 0, err
     assert "Broken pipe" not in err and "Exception ignored" not in err
     assert plan_state(db, "p")["status"] == "completed"
+
+
+# -- 3. a step's timeout_s ------------------------------------------------------------------
+
+
+def test_a_steps_timeout_s_is_named_when_it_fires_and_is_not_retried(db, fake_llm, state_dir, capsys):
+    insert_plan(db, make_plan(id="slow", steps=[{"id": 1, "prompt": "p", "timeout_s": 0.3, "max_retries": 0}]))
+    fake_llm.enqueue("late", fault="delay", delay_s=1.5).enqueue("never asked for")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--retries", "3", "--timeout", "300")
+    assert rc == 1
+    assert len(fake_llm.chat_requests) == 1, err
+    assert "retry 1/" not in err
+    assert "within 0.3 s (the step's timeout_s)" in err and "not retried" in err
+    assert "300 s" not in err
+    (step,) = stored_results(db)[-1]["steps"]
+    assert "within 0.3 s (the step's timeout_s)" in step["error"]
+
+
+def test_the_timeout_flag_is_named_when_it_fires_and_is_retried(db, fake_llm, state_dir, capsys):
+    insert_plan(db, make_plan(id="slow", steps=[{"id": 1, "prompt": "p"}]))
+    fake_llm.enqueue("late", fault="delay", delay_s=1.5).enqueue("on time")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--timeout", "0.3")
+    assert rc == 0, err
+    assert "within 0.3 s (--timeout, for each chunk) (ReadTimeout); retry 1/" in err
