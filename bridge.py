@@ -1851,6 +1851,15 @@ class Store:
                 return document, content_hash(content)
         return None
 
+    def run_owner(self, run_id: Any) -> tuple[str, str] | None:
+        """Return (content_hash, status) of the plan memory whose recorded state is
+        that of run run_id (its last run), or None (no such state: an older bridge's
+        run, or one its plan ran again since)."""
+        if not isinstance(run_id, str) or not self.has_state_table:
+            return None
+        return self.conn.execute(f"SELECT content_hash, status FROM {STATE_TABLE} WHERE run_id = ?",
+                                 (run_id,)).fetchone()
+
     def __enter__(self) -> "Store":
         return self
 
@@ -7211,10 +7220,21 @@ def cmd_show(config: Config, plan_id: str) -> int:
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
+        ran = store.run_owner(found[0].get("run_id")) if found is not None else None
+    if ran is not None and ran[0] != record.content_hash:
+        # the newest result is of content this plan had before --submit --replace
+        old = found[0]
+        raise BridgeError(f"plan {plan_id!r} has no stored result of its current content yet (it is "
+                          f"{record.display_status}); its replaced content's last run was "
+                          f"{old.get('run_id')} (now {ran[1]})", run_hint(record))
     if found is None:
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
                           run_hint(record))
     result = shown_result(*found, record.state, config.runs_dir)
+    now = record.display_status
+    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
+            and now not in ("stale", "in_progress"):
+        result["status_now"] = now      # after --apply or --reject: the plan's real status
     if config.json:
         _print_json(result)
     else:
@@ -7251,7 +7271,11 @@ def render_result(result: dict) -> str:
     def add(line: str) -> None:
         lines.append(printable(line))
 
-    add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("status_now"):
+        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
+            f"which ended {result['status']})")
+    else:
+        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
     if result.get("objective"):
         add(f"  objective: {result['objective']}")
     speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
@@ -7557,8 +7581,10 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
     "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted"}; commands: the step's command validations
-    ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted)."""
+    order, "verify", "commands_trusted", "approval"}; commands: the step's command
+    validations ({"run", "timeout_s"}), which run only when commands_trusted
+    (plan_trusted); approval: approval_facts when a run would wait for approval
+    (and send nothing), else None."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -7577,9 +7603,11 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
                       "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
                       else None, "file_output": _dry_run_target(plan, step, targets),
                       "commands": [_command_entry(v) for v in _commands_of(step)]})
+    facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
             "verify": _command_entry(plan.verify) if plan.verify else None,
-            "commands_trusted": plan_trusted(config, plan, content_hash(record.content))}
+            "commands_trusted": plan_trusted(config, plan, content_hash(record.content)),
+            "approval": None if facts["may_run"] else facts}
 
 
 def _command_entry(command: dict) -> dict:
@@ -7603,8 +7631,13 @@ def _render_dry_run(entry: dict) -> str:
     if not entry["valid"]:
         return "\n".join(printable(line) for line in
                          [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
-    lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
-                       "in this order")]
+    if entry.get("approval"):       # a real run sends nothing: it waits (approval_facts)
+        lines = [printable(f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
+                           f"until you let it; then these {len(entry['steps'])} step(s), in this order"),
+                 render_facts(entry["approval"])]
+    else:
+        lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
+                           "in this order")]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
         lines.append(printable(f"=== step {step['id']}{title}"))

@@ -319,3 +319,69 @@ def test_the_timeout_flag_is_named_when_it_fires_and_is_retried(db, fake_llm, st
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--timeout", "0.3")
     assert rc == 0, err
     assert "within 0.3 s (--timeout, for each chunk) (ReadTimeout); retry 1/" in err
+
+
+# -- 5. --dry-run of a plan that would wait for approval -------------------------------------
+
+
+def test_dry_run_of_an_untrusted_plan_says_it_would_wait_for_approval_and_why(
+        tmp_path, db, fake_llm, state_dir, capsys):
+    folder = tmp_path / "untrusted"
+    folder.mkdir()
+    insert_plan(db, make_plan(id="u", context={"objective": "o", "project": str(folder)},
+                              steps=[{"id": 1, "prompt": "a", "file_output": "a.txt"}, {"id": 2, "prompt": "b"}]))
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run")
+    assert rc == 0, err
+    head = out.splitlines()[0]
+    assert "awaiting approval: a run sends nothing until you let it" in head
+    assert "would be sent" not in head
+    assert f"waits: project {folder} is not a trusted project" in out
+    assert "bridge --approve u or bridge --trust" in out
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run", "--json")
+    (entry,) = json.loads(out)["plans"]
+    assert entry["approval"]["may_run"] is False and entry["approval"]["reasons"]
+
+
+def test_dry_run_of_a_plan_that_may_run_says_it_would_be_sent(db, fake_llm, state_dir, capsys):
+    insert_plan(db, make_plan(id="ok"))
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run", "--json")
+    assert json.loads(out)["plans"][0]["approval"] is None
+
+
+# -- 6. --show tells the current state ------------------------------------------------------
+
+
+def _review_run(capsys, db, fake_llm, state_dir, project) -> str:
+    insert_plan(db, make_plan(id="r", context={"objective": "first", "project": str(project)},
+                              steps=[{"id": 1, "prompt": "a", "file_output": "a.txt"}]))
+    fake_llm.enqueue("text")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--review", "--json")
+    assert rc == 0, err
+    return json.loads(out)["plans"][0]["run_id"]
+
+
+@pytest.mark.parametrize("decision, now", [("--apply", "completed"), ("--reject", "cancelled")])
+def test_show_after_apply_or_reject_heads_with_the_real_status(
+        capsys, db, fake_llm, state_dir, project, decision, now):
+    run_id = _review_run(capsys, db, fake_llm, state_dir, project)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, decision, "r")
+    assert rc == 0, err
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r")
+    assert rc == 0, err
+    assert out.splitlines()[0] == f"plan r: {now} (run {run_id}, which ended awaiting_review)"
+
+
+def test_show_of_a_replaced_plan_says_its_current_content_has_not_run(
+        capsys, tmp_path, db, fake_llm, state_dir, project):
+    run_id = _review_run(capsys, db, fake_llm, state_dir, project)
+    assert run_bridge(capsys, db, fake_llm, state_dir, "--reject", "r")[0] == 0
+    plan = make_plan(id="r", context={"objective": "second", "project": str(project)})
+    assert bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"],
+                       environ={}) == 0
+    capsys.readouterr()
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r")
+    assert rc == 2
+    assert "first" not in out
+    assert (f"plan 'r' has no stored result of its current content yet (it is pending); its replaced "
+            f"content's last run was {run_id} (now cancelled)") in err
+    assert "bridge --plan r" in err
