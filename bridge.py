@@ -5377,15 +5377,20 @@ def step_graph(plan: Plan) -> dict[int, set[int]]:
 
 
 def sequential_order(graph: dict[int, set[int]]) -> list[int]:
-    """Return the order steps run in one at a time: ready ones by id, batch by batch."""
+    """Return the order steps run in one at a time: the lowest id that is ready next,
+    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
+    import heapq
     from graphlib import TopologicalSorter
 
     order, out = TopologicalSorter(graph), []
     order.prepare()
+    ready: list[int] = []
     while order.is_active():
-        batch = sorted(order.get_ready())
-        out += batch
-        order.done(*batch)
+        for sid in order.get_ready():
+            heapq.heappush(ready, sid)
+        sid = heapq.heappop(ready)
+        out.append(sid)
+        order.done(sid)
     return out
 
 
@@ -5629,7 +5634,7 @@ class StepScheduler:
         finished: queue.Queue = queue.Queue()
         try:
             while order.is_active():
-                self.ready += sorted(order.get_ready())
+                self.ready = sorted([*self.ready, *order.get_ready()])   # lowest id first: step order
                 self._start_ready(order, finished, checkpoint)
                 if self.running:
                     self._collect(order, finished, checkpoint)

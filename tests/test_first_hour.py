@@ -385,3 +385,19 @@ def test_show_of_a_replaced_plan_says_its_current_content_has_not_run(
     assert (f"plan 'r' has no stored result of its current content yet (it is pending); its replaced "
             f"content's last run was {run_id} (now cancelled)") in err
     assert "bridge --plan r" in err
+
+
+# -- 7. progress lines in step order ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_progress_lines_keep_step_order_when_a_dependent_step_comes_before_an_independent_one(
+        db, fake_llm, state_dir, capsys, parallel):
+    """example-python-helper's shape: 2 depends on 1, 3 on nothing (it printed 1, 3, 2)."""
+    insert_plan(db, make_plan(id="order", steps=[
+        {"id": 1, "prompt": "one"}, {"id": 2, "prompt": "two", "depends_on": [1]}, {"id": 3, "prompt": "three"}]))
+    fake_llm.default_reply = "ok"
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--parallel", parallel)
+    assert rc == 0, err
+    started = [line.split(":")[0].strip() for line in err.splitlines() if "attempt 1/" in line]
+    assert started == ["step 1", "step 2", "step 3"], err
