@@ -6861,8 +6861,9 @@ def cmd_list(config: Config, show_all: bool) -> int:
         print(f"no {'' if show_all else 'pending '}plans in {store.path}")
         return EXIT_OK
     width = max(len(printable(r["id"])) for r in rows)
+    status_width = max(len(r["status"]) for r in rows) + 2     # awaiting_approval is 17
     for r in rows:
-        status = f"{r['status']:<12}" if show_all else ""
+        status = f"{r['status']:<{status_width}}" if show_all else ""
         print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
                         f"{r['objective']}"))
         if r["status"] == "awaiting_approval":
@@ -6917,7 +6918,11 @@ def cmd_health(config: Config) -> int:
         if store_ok:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
-            print(printable("memory  " + _memory_store_line(store_info)))
+            line = _memory_store_line(store_info)
+            if "memory_api" in report:     # one memory line: the store as the server reads it, its API
+                api = _memory_api_line(report["memory_api"])
+                line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+            print(printable("memory  " + line))
         else:
             print(printable(f"store   FAIL  {store_info['error']}"))
             if store_info.get("hint"):
@@ -6925,8 +6930,8 @@ def cmd_health(config: Config) -> int:
         backups = report["backups"]
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
-        if "memory_api" in report:
-            print("memory  " + _memory_api_line(report["memory_api"]))
+        if "memory_api" in report and not store_ok:
+            print(printable("memory  " + _memory_api_line(report["memory_api"])))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -7366,7 +7371,8 @@ def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
         return EXIT_OK
     state = " · undone at " + kept.undone_at if kept.undone_at else \
         " · the run put its files back itself" if kept.reverted else ""
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+    where = f"project {kept.project}" if kept.project else "no project"
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · {where} · "
                     f"{len(files)} file(s){state}"))
     for entry in files:
         now = "missing now" if entry["current_sha256"] is None else \

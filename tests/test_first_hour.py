@@ -401,3 +401,51 @@ def test_progress_lines_keep_step_order_when_a_dependent_step_comes_before_an_in
     assert rc == 0, err
     started = [line.split(":")[0].strip() for line in err.splitlines() if "attempt 1/" in line]
     assert started == ["step 1", "step 2", "step 3"], err
+
+
+# -- 4. what --schema and the docstrings cite ships -------------------------------------------
+
+
+# The design notes the project was started from; none of them ships with bridge.
+UNSHIPPED = [name + ".md" for name in ("plan-format", "doobidoo-store", "original-defects", "llm-servers",
+                                       "memory-server-offline", "style", "style-anchors")]
+
+
+def test_schema_cites_no_document_that_does_not_ship(capsys):
+    assert bridge.main(["--schema"], environ={}) == 0
+    text = capsys.readouterr().out
+    assert not [name for name in UNSHIPPED if name in text]
+    assert "docs/" not in text
+
+
+def test_no_shipped_file_cites_a_document_that_does_not_ship():
+    files = [ROOT / "bridge.py", ROOT / "bridge-plan-schema.json", ROOT / "README.md",
+             *sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "examples").rglob("*.*"))]
+    texts = {path.name: path.read_text(encoding="utf-8", errors="replace") for path in files
+             if path.is_file() and path.suffix in (".py", ".json", ".md")}
+    cited = {(file, name) for file, text in texts.items() for name in UNSHIPPED if name in text}
+    assert cited == set()
+
+
+# -- 13. papercuts -------------------------------------------------------------------------
+
+
+def test_list_all_keeps_its_columns_with_a_plan_awaiting_approval(tmp_path, db, fake_llm, state_dir, capsys):
+    folder = tmp_path / "untrusted"
+    folder.mkdir()
+    insert_plan(db, make_plan(id="waits", context={"objective": "held", "project": str(folder)}), created_at=1.0)
+    insert_plan(db, make_plan(id="runs", context={"objective": "free"}), created_at=2.0)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
+    assert rc == 0, err
+    rows = [line for line in out.splitlines() if line.split()[:1] in (["waits"], ["runs"])]
+    assert [row.split()[1] for row in rows] == ["awaiting_approval", "pending"]
+    assert len({row.index("step(s)") for row in rows}) == 1, rows       # the columns line up
+
+
+def test_diff_of_a_plan_without_a_project_says_no_project(db, fake_llm, state_dir, capsys):
+    insert_plan(db, make_plan(id="np"))
+    fake_llm.enqueue("answer")
+    assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--diff", "np")
+    assert rc == 0, err
+    assert "project None" not in out and " · no project · " in out.splitlines()[0]

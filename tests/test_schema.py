@@ -1,5 +1,5 @@
 """bridge-plan-schema.json: it is a valid draft 2020-12 schema, it accepts the
-documented plans, rejects the broken ones, and agrees with plan-format.md's tables
+documented plans, rejects the broken ones, and agrees with the first contract's field tables
 (copied here as literals: the tests never read the docs)."""
 
 import copy
@@ -15,7 +15,7 @@ FIXTURE_PLAN = Path(__file__).parent / "data" / "doobidoo-12.2.0-store.plan.json
 
 VALIDATOR = Draft202012Validator(SCHEMA)
 
-# The example of plan-format.md, verbatim.
+# The first contract's example plan (the original script's format), verbatim.
 DOC_EXAMPLE = json.loads(r"""
 {
   "$schema": "bridge-plan-v1",
@@ -200,7 +200,7 @@ def test_valid_plan_is_accepted(plan):
     assert errors(plan) == []
 
 
-# plan-format.md's tables, copied.
+# The first contract's field tables, copied (the README lists the same fields).
 DOC_PLAN_FIELDS = {"$schema", "id", "status", "context", "steps", "rollback_strategy",
                    "defaults", "created_by", "verify"}
 DOC_VERIFY_FIELDS = {"run", "timeout_s"}
