@@ -1768,14 +1768,16 @@ class Store:
     def create(path: Path) -> None:
         """Create an empty store at path in the memory server's 12.x layout.
 
-        Raises StoreError when path exists or cannot be written.
+        Raises StoreError when path exists, its folder does not, or it cannot be written.
         """
         import sqlite3
 
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
+        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
+            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not exist",
+                             "check --db for a typo; to start a store there, make the folder first")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path)
             try:
                 conn.executescript(STORE_DDL_12)
@@ -1797,6 +1799,14 @@ class Store:
 
         def work() -> tuple[str, list]:
             same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            identical = [r for r in same if r.content_hash == content_hash(content)]
+            if identical:       # --replace would fail on the unique content_hash: say what works
+                status = identical[0].display_status
+                again = f"bridge --plan {plan.get('id')}" + ("" if status == "pending" else " --rerun")
+                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
+                                 f"(row {identical[0].row_id}, {status})",
+                                 f"to run it again: {again}; to change it, edit the file and "
+                                 "submit it with --replace")
             if same and not replace:
                 rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
                 raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path} ({rows})",
@@ -7537,20 +7547,26 @@ def cmd_validate(config: Config, path: str) -> int:
 def cmd_submit(config: Config, path: str, replace: bool) -> int:
     """Validate a plan file and store it as a new plan memory.
 
-    A --db (or BRIDGE_DB) naming a file that does not exist gets a new store in
-    the 12.x layout. Raises PlanInvalid listing every problem, StoreError when the
-    id is taken (without replace) or the store cannot be written.
+    A --db (or BRIDGE_DB) naming a file that does not exist, in a folder that does,
+    gets a new store in the 12.x layout (said on stdout; --json: created_store).
+    Raises PlanInvalid listing every problem, StoreError when the id is taken
+    (without replace), this very content is stored already (the hint gives the
+    --plan ID --rerun that runs it again), or the store cannot be written.
     """
     raw = _read_plan_file(path)
     check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
-    if config.db_explicit and not target.exists():
+    created = config.db_explicit and not target.exists()
+    if created:
         Store.create(target)
+        if not config.json:
+            print(printable(f"created a new, empty store at {target} (the memory server's 12.x layout)"))
     with Store.open(config) as store:
         digest, replaced = store.submit(raw, replace)
         where = store.path
     if config.json:
-        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where), "replaced_rows": replaced})
+        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where), "replaced_rows": replaced,
+                     "created_store": created})
     else:
         note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
         print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))

@@ -449,3 +449,40 @@ def test_diff_of_a_plan_without_a_project_says_no_project(db, fake_llm, state_di
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--diff", "np")
     assert rc == 0, err
     assert "project None" not in out and " · no project · " in out.splitlines()[0]
+
+
+# -- 10, 11. --submit says what it made ------------------------------------------------------
+
+
+def test_submit_into_a_missing_folder_makes_nothing_and_says_so(tmp_path, capsys):
+    db = tmp_path / "typo" / "store.db"
+    rc = bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="p")))], environ={})
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"cannot create a store at {db}: folder {db.parent} does not exist" in err
+    assert "check --db for a typo" in err
+    assert not db.parent.exists()
+
+
+def test_submit_into_a_new_file_says_it_created_an_empty_store(tmp_path, capsys):
+    db = tmp_path / "store.db"
+    rc = bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="p")))], environ={})
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.splitlines()[0].startswith(f"created a new, empty store at {db}")
+    rc = bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="q"))), "--json"],
+                     environ={})
+    assert rc == 0 and json.loads(capsys.readouterr().out)["created_store"] is False
+
+
+@pytest.mark.parametrize("replace", [[], ["--replace"]], ids=["plain", "replace"])
+def test_resubmitting_a_plan_that_ran_points_to_rerun(db, fake_llm, state_dir, tmp_path, capsys, replace):
+    path = _plan_file(tmp_path, make_plan(id="again"))
+    assert bridge.main(["--db", str(db), "--submit", str(path)], environ={}) == 0
+    fake_llm.enqueue("done")
+    assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
+    rc = bridge.main(["--db", str(db), "--submit", str(path), *replace], environ={})
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "this very plan 'again' is already in" in err and "completed" in err
+    assert "hint: to run it again: bridge --plan again --rerun" in err
