@@ -1349,8 +1349,9 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
 # `compressed`; associations: `association`); such a row is never a plan, even when it
 # shares a plan's tags (mcp-memory-service consolidation/compression.py, consolidator.py).
 CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
-SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (800-character limit of its hybrid "
-                      "backend): store it with bridge --submit")
+SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character limit: "
+                      "MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
+                      "store it with bridge --submit")
 
 
 class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest saved",
@@ -6848,7 +6849,8 @@ def plan_summary(record: PlanRecord) -> dict:
     """Return the --list row of a plan: id, status, objective, steps, created, row."""
     return {"id": record.plan_id, "status": record.display_status, "objective": record.objective,
             "steps": record.step_count, "created": _created(record), "row": record.row_id,
-            "error": record.state.get("error")}
+            "error": record.state.get("error")
+            or (SPLIT_PLAN_PROBLEM.format(chunks=record.chunks) if record.chunks else None)}
 
 
 def cmd_list(config: Config, show_all: bool) -> int:
@@ -6878,6 +6880,8 @@ def cmd_list(config: Config, show_all: bool) -> int:
                         f"{r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
+        elif r["status"] in ("invalid", "pending") and r["error"]:    # a split plan: why, and the fix
+            print(printable(f"  invalid: {r['error']}"))
     return EXIT_OK
 
 

@@ -486,3 +486,27 @@ def test_resubmitting_a_plan_that_ran_points_to_rerun(db, fake_llm, state_dir, t
     assert rc == 2
     assert "this very plan 'again' is already in" in err and "completed" in err
     assert "hint: to run it again: bridge --plan again --rerun" in err
+
+
+# -- 16. a plan the memory server split ------------------------------------------------------
+
+
+def test_a_split_plan_says_so_with_the_fix_in_list_and_list_json(db, fake_llm, state_dir, capsys):
+    """memory_store cut a long plan into 800-character chunks and kept only the first (the
+    others refused as near-duplicates): --list --all and --list --all --json say why."""
+    from fakes import insert_memory
+
+    content = json.dumps(make_plan(id="long", steps=[{"id": n, "prompt": "x" * 150} for n in range(1, 9)]),
+                         indent=2)
+    insert_memory(db, content[:800], tags="bridge-plan", memory_type="planning",
+                  metadata={"chunk_index": 0, "total_chunks": 3, "original_hash": bridge.content_hash(content)})
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
+    assert rc == 0, err
+    row, reason = out.splitlines()[:2]
+    assert row.split()[1] == "invalid"
+    assert reason.startswith("  invalid: plan split into 3 chunks by the memory server")
+    assert reason.endswith("store it with bridge --submit")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all", "--json")
+    (entry,) = json.loads(out)["plans"]
+    assert entry["status"] == "invalid"
+    assert "split into 3 chunks" in entry["error"] and "bridge --submit" in entry["error"]
