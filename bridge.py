@@ -3051,6 +3051,12 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 )
 
 
+# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first: llama-cpp-python
+# takes only its own (response_format.type "text" | "json_object", llama_cpp/llama_types.py)
+# and answers json_schema with HTTP 500, so it is not asked for that one first.
+FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
+
+
 # Sampling fields beyond OpenAI's (temperature, seed) that each kind of server takes
 # (ServerInfo.kind); bridge sends them only there (see LLMClient.accepted_sampling).
 SAMPLING_FIELDS = {
@@ -3351,6 +3357,9 @@ class LLMClient(HTTPExecutor):
         if max_tokens is not None:
             payload["max_tokens"] = max_tokens
         payload.update(self.accepted_sampling(sampling or {}))
+        if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
+            first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
+            self.structured_level = max(self.structured_level, first)
         while True:
             form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
                 self.structured_level < len(RESPONSE_FORMS) else None

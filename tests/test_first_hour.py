@@ -510,3 +510,22 @@ def test_a_split_plan_says_so_with_the_fix_in_list_and_list_json(db, fake_llm, s
     (entry,) = json.loads(out)["plans"]
     assert entry["status"] == "invalid"
     assert "split into 3 chunks" in entry["error"] and "bridge --submit" in entry["error"]
+
+
+# -- 15. the demo's server gets the response form it takes ----------------------------------
+
+
+def test_llama_cpp_python_is_sent_its_own_response_form_first(db, fake_llm, state_dir, capsys):
+    """llama-cpp-python (owned_by "me" in /v1/models, llama_cpp/server/app.py) takes
+    response_format json_object with a schema and answers json_schema with HTTP 500
+    (llama_cpp/llama_types.py): bridge knows the server and sends json_object at once."""
+    fake_llm.owned_by = "me"
+    fake_llm.lmstudio = False
+    insert_plan(db, make_plan(id="j", steps=[
+        {"id": 1, "prompt": "p", "validation": {"type": "contains_keys", "keys": ["a"]}}]))
+    fake_llm.enqueue('{"a": 1}')
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir)
+    assert rc == 0, err
+    (request,) = fake_llm.chat_requests
+    assert request["json"]["response_format"]["type"] == "json_object"
+    assert "refused response_format" not in err
