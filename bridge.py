@@ -806,13 +806,14 @@ def json_text(document: Any, indent: int | None = None) -> str:
     return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
-def quiet_closed_stdout() -> None:
-    """Point stdout's file descriptor at os.devnull once its reader has gone (a
-    BrokenPipeError), so later writes, and Python's flush at exit, neither fail nor
-    print "Exception ignored" (the way the Python docs give for SIGPIPE)."""
+def quiet_closed_stream(stream: Any) -> None:
+    """Point a stream's file descriptor (stdout's, stderr's) at os.devnull once its
+    reader has gone (a BrokenPipeError), so later writes, and Python's flush at exit,
+    neither fail nor print "Exception ignored" (the way the Python docs give for
+    SIGPIPE)."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
         os.close(devnull)
     except (OSError, ValueError):   # no real stdout (a test's capture): nothing to point
         pass
@@ -851,8 +852,7 @@ class Events:
                 stream.flush()
             except BrokenPipeError:     # the reader left (bridge --events | head): the run goes on
                 self.enabled = False
-                if stream is sys.stdout:
-                    quiet_closed_stdout()
+                quiet_closed_stream(stream)
 
 
 class Progress:
@@ -869,11 +869,15 @@ class Progress:
         self._last_draw = 0.0
 
     def _emit(self, text: str, multiline: bool = False) -> None:
-        if self._line:
-            self.stream.write("\r\x1b[2K")
-            self._line = ""
-        self.stream.write(printable(text, multiline) + "\n")
-        self.stream.flush()
+        try:
+            if self._line:
+                self.stream.write("\r\x1b[2K")
+                self._line = ""
+            self.stream.write(printable(text, multiline) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:     # its reader left (bridge 2>&1 | head): the run goes on, unheard
+            quiet_closed_stream(self.stream)
+            self.live = False
 
     def info(self, text: str) -> None:
         """Print a progress line (not at -q)."""

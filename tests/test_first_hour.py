@@ -281,20 +281,24 @@ def test_a_read_only_store_is_said_to_be_read_only_not_broken(tmp_path, db, fake
     assert "read-only" in doc["store"]["hint"] and "backup" not in doc["store"]["hint"]
 
 
-def test_events_into_a_reader_that_left_ends_quietly_with_the_plans_own_outcome(
-        tmp_path, db, fake_llm):
+@pytest.mark.parametrize("reader", ["stdout", "stderr"])
+def test_a_reader_that_left_ends_the_output_quietly_and_the_plan_keeps_its_own_outcome(
+        tmp_path, db, fake_llm, reader):
+    """bridge --events | head -1 (stdout), bridge 2>&1 | head -1 (stderr, the progress)."""
     insert_plan(db, make_plan(id="p", steps=[{"id": n, "prompt": f"step {n}"} for n in (1, 2, 3)]))
     fake_llm.default_reply = "done"
     fake_llm.latency_s = 0.2
     proc = subprocess.Popen([sys.executable, str(BRIDGE_PY), "--events",
                              *bridge_args(db, fake_llm.url, tmp_path / "state")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-    assert json.loads(proc.stdout.readline())["event"] == "plan_start"
-    proc.stdout.close()                     # as `head -1` does
-    err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 0, err
-    assert "Broken pipe" not in err and "Exception ignored" not in err
+    left, other = (proc.stdout, proc.stderr) if reader == "stdout" else (proc.stderr, proc.stdout)
+    assert left.readline()                  # the first line, then gone, as `head -1` is
+    left.close()
+    rest = other.read()
+    assert proc.wait(timeout=60) == 0, rest
+    assert "Broken pipe" not in rest and "Exception ignored" not in rest
     assert plan_state(db, "p")["status"] == "completed"
+    assert stored_results(db)[-1]["status"] == "completed"
 
 
 # -- 3. a step's timeout_s ------------------------------------------------------------------
