@@ -2660,7 +2660,9 @@ def _command_paths(plan: dict) -> list[str]:
 def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     """Validate a parsed plan with the schema, then semantically; return a Plan.
 
-    Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
+    The schema is strict: a key it does not know, anywhere, is a problem naming the
+    closest known key (_unknown_key_problems); keys starting with x- are the planner's
+    own. Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
     valid regex and json_schema validations, `project` exists when given (and is
     required when the plan names files or runs commands), every path relative and
     inside the project with symlinks followed, no file_output through a symlink or
