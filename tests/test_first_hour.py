@@ -533,3 +533,21 @@ def test_llama_cpp_python_is_sent_its_own_response_form_first(db, fake_llm, stat
     (request,) = fake_llm.chat_requests
     assert request["json"]["response_format"]["type"] == "json_object"
     assert "refused response_format" not in err
+
+
+def test_a_plan_in_the_original_scripts_format_stays_valid(tmp_path):
+    """The original script's schema (the Claude Code Ultimate Guide's
+    examples/scripts/bridge-plan-schema.json) required a type and a description on
+    every step and allowed context.constraints: a plan written to it is still valid
+    to strict bridge; those fields are kept and never interpreted."""
+    plan = {"$schema": PLAN_SCHEMA, "id": "plan_add_cache", "status": "pending",
+            "context": {"project": str(tmp_path), "objective": "Cache the lookups",
+                        "constraints": ["no new dependencies"], "files_context": {}},
+            "steps": [{"id": 1, "type": "analysis", "description": "Find the slow lookups",
+                       "prompt": "List the lookups worth caching.", "validation": {"type": "non_empty"}},
+                      {"id": 2, "type": "code_generation", "description": "Write the cache",
+                       "prompt": "Write cache.py.", "depends_on": [1], "validation": {"type": "syntax_check"},
+                       "file_output": "cache.py", "on_failure": "halt", "max_retries": 2}],
+            "rollback_strategy": "revert_files"}
+    checked = bridge.check_plan(plan)
+    assert checked.steps[1].title == ""         # description is not the title: never interpreted

@@ -206,6 +206,11 @@ DOC_PLAN_FIELDS = {"$schema", "id", "status", "context", "steps", "rollback_stra
 DOC_VERIFY_FIELDS = {"run", "timeout_s"}
 DOC_CONTEXT_FIELDS = {"objective", "project", "files_context"}
 DOC_DEFAULTS_FIELDS = {"model", "temperature", "max_tokens", "system", "timeout_s"}
+# Fields of the original script's own schema (examples/scripts/bridge-plan-schema.json of the
+# Claude Code Ultimate Guide: steps required type and description; context had constraints),
+# which bridge accepts and never interprets, so the plans written for it stay valid.
+ORIGINAL_STEP_FIELDS = {"type", "description"}
+ORIGINAL_CONTEXT_FIELDS = {"constraints"}
 DOC_STEP_FIELDS = {"id", "prompt", "title", "depends_on", "validation", "max_retries",
                    "on_failure", "file_output", "system", "temperature", "max_tokens",
                    "model", "timeout_s"}
@@ -227,9 +232,9 @@ def test_schema_agrees_with_doc_tables():
 
     assert set(plan_props) == DOC_PLAN_FIELDS
     assert set(SCHEMA["required"]) == {"$schema", "id", "status", "steps"}
-    assert set(defs["context"]["properties"]) == DOC_CONTEXT_FIELDS
+    assert set(defs["context"]["properties"]) == DOC_CONTEXT_FIELDS | ORIGINAL_CONTEXT_FIELDS
     assert set(defs["model_params"]["properties"]) == DOC_DEFAULTS_FIELDS
-    assert set(step_props) == DOC_STEP_FIELDS
+    assert set(step_props) == DOC_STEP_FIELDS | ORIGINAL_STEP_FIELDS
     assert set(defs["step"]["required"]) == {"id", "prompt"}
     assert set(validation_props) == DOC_VALIDATION_FIELDS
     assert set(validation_props["type"]["enum"]) == DOC_VALIDATION_TYPES
