@@ -2062,7 +2062,7 @@ class Store:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
+                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
                 raise
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
@@ -6895,7 +6895,7 @@ def cmd_list(config: Config, show_all: bool) -> int:
                         f"{r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
-        elif r["status"] in ("invalid", "pending") and r["error"]:    # a split plan: why, and the fix
+        elif r["status"] == "invalid" and r["error"]:    # a split plan: why, and the fix
             print(printable(f"  invalid: {r['error']}"))
     return EXIT_OK
 
