@@ -1992,6 +1992,15 @@ class Store:
         return self.conn.execute(f"SELECT content_hash, status FROM {STATE_TABLE} WHERE run_id = ?",
                                  (run_id,)).fetchone()
 
+    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
+        """Return [(run_id, status)] of the last runs of the other contents this plan id
+        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        if not self.has_state_table:
+            return []
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
+                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+                                 (record.plan_id, record.content_hash)).fetchall()
+
     def __enter__(self) -> "Store":
         return self
 
@@ -7567,6 +7576,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
         ran = store.run_owner(found[0].get("run_id")) if found is not None else None
+        replaced = store.replaced_runs(record)
     if ran is not None and ran[0] != record.content_hash:
         # the newest result is of content this plan had before --submit --replace
         old = found[0]
@@ -7581,10 +7591,14 @@ def cmd_show(config: Config, plan_id: str) -> int:
     if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
             and now not in ("stale", "in_progress"):
         result["status_now"] = now      # after --apply or --reject: the plan's real status
+    if replaced:
+        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
     if config.json:
         _print_json(result)
     else:
         print(render_result(result))
+        for run, status in replaced:
+            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content of this plan"))
         if record.display_status in ("stale", "awaiting_review"):
             print(printable(f"  now: {record.display_status}; {run_hint(record)}"))
     return EXIT_OK

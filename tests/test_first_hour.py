@@ -551,3 +551,20 @@ def test_a_plan_in_the_original_scripts_format_stays_valid(tmp_path):
             "rollback_strategy": "revert_files"}
     checked = bridge.check_plan(plan)
     assert checked.steps[1].title == ""         # description is not the title: never interpreted
+
+
+def test_show_of_a_replaced_plan_that_ran_again_names_the_old_contents_run(
+        capsys, tmp_path, db, fake_llm, state_dir, project):
+    old_run = _review_run(capsys, db, fake_llm, state_dir, project)
+    assert run_bridge(capsys, db, fake_llm, state_dir, "--reject", "r")[0] == 0
+    plan = make_plan(id="r", context={"objective": "second", "project": str(project)})
+    assert bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"],
+                       environ={}) == 0
+    fake_llm.enqueue("second answer")
+    assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r")
+    assert rc == 0, err
+    assert out.startswith("plan r: completed")
+    assert f"  replaced content: run {old_run} (cancelled) ran an earlier content of this plan" in out
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r", "--json")
+    assert json.loads(out)["replaced_runs"] == [{"run_id": old_run, "status": "cancelled"}]
