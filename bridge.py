@@ -1417,8 +1417,8 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
 # `compressed`; associations: `association`); such a row is never a plan, even when it
 # shares a plan's tags (mcp-memory-service consolidation/compression.py, consolidator.py).
 CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
-SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character limit: "
-                      "MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
+SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
+                      "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
                       "store it with bridge --submit")
 
 
@@ -1897,8 +1897,9 @@ class Store:
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
         if not path.parent.is_dir():       # a typo in --db must not make folders and a store
-            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not exist",
-                             "check --db for a typo; to start a store there, make the folder first")
+            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
+                             "exist", "check --db for a typo; to start a store there, make the "
+                             "folder first")
         try:
             conn = sqlite3.connect(path)
             try:
@@ -1924,7 +1925,8 @@ class Store:
             identical = [r for r in same if r.content_hash == content_hash(content)]
             if identical:       # --replace would fail on the unique content_hash: say what works
                 status = identical[0].display_status
-                again = f"bridge --plan {plan.get('id')}" + ("" if status == "pending" else " --rerun")
+                rerun = " --rerun" if status != "pending" else ""
+                again = f"bridge --plan {plan.get('id')}{rerun}"
                 raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
                                  f"(row {identical[0].row_id}, {status})",
                                  f"to run it again: {again}; to change it, edit the file and "
@@ -2220,7 +2222,8 @@ class Store:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
+                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                        from exc
                 raise
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
@@ -2490,7 +2493,8 @@ def _schema_problems(plan: Any) -> list[str]:
     validator = Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
     return [problem for error in errors
-            for problem in _unknown_key_problems(error) or [f"{error.json_path}: {schema_message(error)}"]]
+            for problem in _unknown_key_problems(error)
+            or [f"{error.json_path}: {schema_message(error)}"]]
 
 
 PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
@@ -5972,7 +5976,7 @@ class StepScheduler:
         finished: queue.Queue = queue.Queue()
         try:
             while order.is_active():
-                self.ready = sorted([*self.ready, *order.get_ready()])   # lowest id first: step order
+                self.ready = sorted([*self.ready, *order.get_ready()])   # lowest id first
                 self._start_ready(order, finished, checkpoint)
                 if self.running:
                     self._collect(order, finished, checkpoint)
@@ -7263,7 +7267,7 @@ def cmd_health(config: Config) -> int:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
             line = _memory_store_line(store_info)
-            if "memory_api" in report:     # one memory line: the store as the server reads it, its API
+            if "memory_api" in report:     # one memory line: store and API
                 api = _memory_api_line(report["memory_api"])
                 line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
             print(printable("memory  " + line))
@@ -7580,8 +7584,8 @@ def cmd_show(config: Config, plan_id: str) -> int:
     if ran is not None and ran[0] != record.content_hash:
         # the newest result is of content this plan had before --submit --replace
         old = found[0]
-        raise BridgeError(f"plan {plan_id!r} has no stored result of its current content yet (it is "
-                          f"{record.display_status}); its replaced content's last run was "
+        raise BridgeError(f"plan {plan_id!r} has no stored result of its current content yet "
+                          f"(it is {record.display_status}); its replaced content's last run was "
                           f"{old.get('run_id')} (now {ran[1]})", run_hint(record))
     if found is None:
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
@@ -7598,7 +7602,8 @@ def cmd_show(config: Config, plan_id: str) -> int:
     else:
         print(render_result(result))
         for run, status in replaced:
-            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content of this plan"))
+            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
+                            "of this plan"))
         if record.display_status in ("stale", "awaiting_review"):
             print(printable(f"  now: {record.display_status}; {run_hint(record)}"))
     return EXIT_OK
@@ -7900,13 +7905,14 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
     if created:
         Store.create(target)
         if not config.json:
-            print(printable(f"created a new, empty store at {target} (the memory server's 12.x layout)"))
+            print(printable(f"created a new, empty store at {target} "
+                            "(the memory server's 12.x layout)"))
     with Store.open(config) as store:
         digest, replaced = store.submit(raw, replace)
         where = store.path
     if config.json:
-        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where), "replaced_rows": replaced,
-                     "created_store": created})
+        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where),
+                     "replaced_rows": replaced, "created_store": created})
     else:
         note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
         print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
@@ -7999,12 +8005,13 @@ def _render_dry_run(entry: dict) -> str:
         return "\n".join(printable(line) for line in
                          [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
     if entry.get("approval"):       # a real run sends nothing: it waits (approval_facts)
-        lines = [printable(f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
-                           f"until you let it; then these {len(entry['steps'])} step(s), in this order"),
+        count = len(entry["steps"])
+        lines = [printable(f"plan {entry['plan_id']}: valid · awaiting approval: a run sends "
+                           f"nothing until you let it; then these {count} step(s), in this order"),
                  render_facts(entry["approval"])]
     else:
-        lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
-                           "in this order")]
+        lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would "
+                           "be sent, in this order")]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
         lines.append(printable(f"=== step {step['id']}{title}"))

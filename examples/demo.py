@@ -204,7 +204,8 @@ def main() -> int:
     try:
         problems = demo_in(work)
     except KeyboardInterrupt:
-        print(f"demo: interrupted; the server was stopped; its files are kept in {work}", file=sys.stderr)
+        print(f"demo: interrupted; the server was stopped; its files are kept in {work}",
+              file=sys.stderr)
         return 130
     if problems is None or problems:
         print(f"demo: its files are kept in {work} (store.db, project/, state/, server.log)")

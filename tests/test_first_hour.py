@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from fakes import (
-    bridge_args, child_env, closed_port, insert_plan, make_plan, plan_state, run_bridge, stored_results,
+    bridge_args,
+    child_env,
+    closed_port,
+    insert_plan,
+    make_plan,
+    plan_state,
+    run_bridge,
+    stored_results,
 )
 
 import bridge
@@ -34,11 +41,17 @@ def _plan_file(tmp_path: Path, plan: dict, name: str = "plan.json") -> Path:
 def _typo_plan(project: Path) -> dict:
     """The issue's plan: projct (context), file_ouput, depend_on, on_failur (steps),
     rollback_stratgy (top level)."""
-    return {"$schema": PLAN_SCHEMA, "id": "typos", "status": "pending",
-            "rollback_stratgy": "revert_files",
-            "context": {"objective": "typos", "projct": str(project)},
-            "steps": [{"id": 1, "prompt": "write it", "file_ouput": "out.txt", "on_failur": "halt"},
-                      {"id": 2, "prompt": "then this", "depend_on": [1]}]}
+    return {
+        "$schema": PLAN_SCHEMA,
+        "id": "typos",
+        "status": "pending",
+        "rollback_stratgy": "revert_files",
+        "context": {"objective": "typos", "projct": str(project)},
+        "steps": [
+            {"id": 1, "prompt": "write it", "file_ouput": "out.txt", "on_failur": "halt"},
+            {"id": 2, "prompt": "then this", "depend_on": [1]},
+        ],
+    }
 
 
 TYPO_PROBLEMS = [
@@ -54,7 +67,8 @@ TYPO_PROBLEMS = [
 
 
 def test_validate_names_every_misspelt_key_with_its_path_and_the_closest_known_key(
-        tmp_path, capsys):
+    tmp_path, capsys
+):
     path = _plan_file(tmp_path, _typo_plan(tmp_path))
     rc = bridge.main(["--validate", str(path)], environ={})
     out, err = capsys.readouterr()
@@ -74,7 +88,8 @@ def test_submit_refuses_a_plan_with_a_misspelt_key_and_stores_nothing(tmp_path, 
 
 
 def test_a_run_of_a_stored_plan_with_a_misspelt_key_sends_nothing_and_fails_saying_why(
-        tmp_path, db, fake_llm, state_dir, capsys):
+    tmp_path, db, fake_llm, state_dir, capsys
+):
     insert_plan(db, _typo_plan(tmp_path))
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir)
     assert rc == 1
@@ -86,10 +101,19 @@ def test_a_run_of_a_stored_plan_with_a_misspelt_key_sends_nothing_and_fails_sayi
 
 def test_x_keys_are_the_planners_own_everywhere_and_stay_valid(tmp_path, capsys):
     mine = {"x-why": "the planner's note"}
-    plan = make_plan(id="mine", steps=[
-        {"id": 1, "prompt": "p", **mine,
-         "validation": [{"type": "json", **mine}, {"type": "non_empty"}]}],
-        defaults={"max_tokens": 50, **mine}, **mine)
+    plan = make_plan(
+        id="mine",
+        steps=[
+            {
+                "id": 1,
+                "prompt": "p",
+                **mine,
+                "validation": [{"type": "json", **mine}, {"type": "non_empty"}],
+            }
+        ],
+        defaults={"max_tokens": 50, **mine},
+        **mine,
+    )
     plan["context"] = {"objective": "o", **mine}
     rc = bridge.main(["--validate", str(_plan_file(tmp_path, plan))], environ={})
     out, err = capsys.readouterr()
@@ -135,9 +159,13 @@ def test_the_shipped_example_plans_have_no_unknown_key(name, tmp_path):
 
 
 def test_validate_lists_an_unknown_dependency_and_a_cycle_at_once():
-    plan = make_plan(id="both", steps=[
-        {"id": 1, "prompt": "a", "depends_on": [2, 9]},
-        {"id": 2, "prompt": "b", "depends_on": [1]}])
+    plan = make_plan(
+        id="both",
+        steps=[
+            {"id": 1, "prompt": "a", "depends_on": [2, 9]},
+            {"id": 2, "prompt": "b", "depends_on": [1]},
+        ],
+    )
     with pytest.raises(bridge.PlanInvalid) as info:
         bridge.check_plan(plan)
     problems = info.value.problems
@@ -152,29 +180,50 @@ def test_validate_lists_an_unknown_dependency_and_a_cycle_at_once():
 def bare_python(tmp_path_factory) -> str:
     """The python of a real venv made with --without-pip: no httpx, no jsonschema."""
     venv = tmp_path_factory.mktemp("bare") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
     python = venv / "bin" / "python"
     probe = subprocess.run([str(python), "-c", "import httpx"], capture_output=True, timeout=60)
     assert probe.returncode != 0, "the bare venv can import httpx"
     return str(python)
 
 
-@pytest.mark.parametrize("action", [["--health"], ["--validate", "PLAN"], []], ids=["health", "validate", "run"])
+@pytest.mark.parametrize(
+    "action", [["--health"], ["--validate", "PLAN"], []], ids=["health", "validate", "run"]
+)
 def test_python_bridge_py_without_httpx_and_jsonschema_says_what_to_install(
-        bare_python, tmp_path, db, action):
+    bare_python, tmp_path, db, action
+):
     plan = _plan_file(tmp_path, make_plan(id="p"))
     insert_plan(db, make_plan(id="p"))
     argv = [a.replace("PLAN", str(plan)) for a in action]
-    proc = subprocess.run([bare_python, str(BRIDGE_PY), *argv, "--db", str(db), "--state-dir",
-                           str(tmp_path / "state"), "--base-url", f"http://127.0.0.1:{closed_port()}/v1"],
-                          capture_output=True, text=True, env=child_env(), timeout=60)
+    proc = subprocess.run(
+        [
+            bare_python,
+            str(BRIDGE_PY),
+            *argv,
+            "--db",
+            str(db),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--base-url",
+            f"http://127.0.0.1:{closed_port()}/v1",
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "internal error" not in proc.stderr
     first, hint = proc.stderr.splitlines()[-2:]
     assert first.startswith("bridge: error: bridge needs ") and "cannot import" in first
-    assert hint == ("hint: install httpx and jsonschema: pip install httpx jsonschema "
-                    "(or run bridge from its venv: make test builds .venv)")
-    assert plan_state(db, "p") == {}        # nothing claimed
+    assert hint == (
+        "hint: install httpx and jsonschema: pip install httpx jsonschema "
+        "(or run bridge from its venv: make test builds .venv)"
+    )
+    assert plan_state(db, "p") == {}  # nothing claimed
 
 
 HIDE_HTTPX = """
@@ -192,9 +241,24 @@ sys.exit(bridge.main(sys.argv[1:]))
 
 def test_a_run_without_httpx_alone_claims_nothing_and_says_what_to_install(tmp_path, db):
     insert_plan(db, make_plan(id="p"))
-    proc = subprocess.run([sys.executable, "-c", HIDE_HTTPX, str(ROOT), "--db", str(db), "--state-dir",
-                           str(tmp_path / "state"), "--base-url", f"http://127.0.0.1:{closed_port()}/v1"],
-                          capture_output=True, text=True, env=child_env(), timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            HIDE_HTTPX,
+            str(ROOT),
+            "--db",
+            str(db),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--base-url",
+            f"http://127.0.0.1:{closed_port()}/v1",
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "bridge: error: bridge needs httpx" in proc.stderr
     assert "pip install httpx jsonschema" in proc.stderr
@@ -205,7 +269,10 @@ def test_a_usage_error_is_one_line_pointing_at_help(capsys):
     with pytest.raises(SystemExit) as info:
         bridge.main(["--lsit"], environ={})
     assert info.value.code == 2
-    assert capsys.readouterr().err == "bridge: error: unrecognized arguments: --lsit; see bridge --help\n"
+    assert (
+        capsys.readouterr().err
+        == "bridge: error: unrecognized arguments: --lsit; see bridge --help\n"
+    )
 
 
 def test_help_names_stale_among_what_rerun_takes(capsys):
@@ -234,8 +301,12 @@ sys.stdin.readline()
 @pytest.fixture
 def locked(db):
     """db, held in BEGIN EXCLUSIVE by another process until the test writes a line to it."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(db)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         yield holder
@@ -251,13 +322,17 @@ def test_bridge_waits_at_least_30_s_on_a_locked_store_by_default():
 
 
 @pytest.mark.parametrize("action", [["--list"], ["--submit", "PLAN"]], ids=["list", "submit"])
-def test_a_store_locked_past_the_wait_is_said_to_be_locked(locked, db, tmp_path, monkeypatch, capsys, action):
+def test_a_store_locked_past_the_wait_is_said_to_be_locked(
+    locked, db, tmp_path, monkeypatch, capsys, action
+):
     monkeypatch.setattr(bridge, "STORE_BUSY_TIMEOUT_S", 0.2)
     plan = _plan_file(tmp_path, make_plan(id="p"))
     rc = bridge.main(["--db", str(db), *[a.replace("PLAN", str(plan)) for a in action]], environ={})
     err = capsys.readouterr().err
     assert rc == 2
-    assert f"bridge: error: the store {db} stayed locked for 0.2 s (another process holds it)" in err
+    assert (
+        f"bridge: error: the store {db} stayed locked for 0.2 s (another process holds it)" in err
+    )
     assert "memory server's SQLite file" not in err
 
 
@@ -283,16 +358,26 @@ def test_a_read_only_store_is_said_to_be_read_only_not_broken(tmp_path, db, fake
 
 @pytest.mark.parametrize("reader", ["stdout", "stderr"])
 def test_a_reader_that_left_ends_the_output_quietly_and_the_plan_keeps_its_own_outcome(
-        tmp_path, db, fake_llm, reader):
+    tmp_path, db, fake_llm, reader
+):
     """bridge --events | head -1 (stdout), bridge 2>&1 | head -1 (stderr, the progress)."""
     insert_plan(db, make_plan(id="p", steps=[{"id": n, "prompt": f"step {n}"} for n in (1, 2, 3)]))
     fake_llm.default_reply = "done"
     fake_llm.latency_s = 0.2
-    proc = subprocess.Popen([sys.executable, str(BRIDGE_PY), "--events",
-                             *bridge_args(db, fake_llm.url, tmp_path / "state")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(BRIDGE_PY),
+            "--events",
+            *bridge_args(db, fake_llm.url, tmp_path / "state"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
     left, other = (proc.stdout, proc.stderr) if reader == "stdout" else (proc.stderr, proc.stdout)
-    assert left.readline()                  # the first line, then gone, as `head -1` is
+    assert left.readline()  # the first line, then gone, as `head -1` is
     left.close()
     rest = other.read()
     assert proc.wait(timeout=60) == 0, rest
@@ -304,8 +389,13 @@ def test_a_reader_that_left_ends_the_output_quietly_and_the_plan_keeps_its_own_o
 # -- 3. a step's timeout_s ------------------------------------------------------------------
 
 
-def test_a_steps_timeout_s_is_named_when_it_fires_and_is_not_retried(db, fake_llm, state_dir, capsys):
-    insert_plan(db, make_plan(id="slow", steps=[{"id": 1, "prompt": "p", "timeout_s": 0.3, "max_retries": 0}]))
+def test_a_steps_timeout_s_is_named_when_it_fires_and_is_not_retried(
+    db, fake_llm, state_dir, capsys
+):
+    insert_plan(
+        db,
+        make_plan(id="slow", steps=[{"id": 1, "prompt": "p", "timeout_s": 0.3, "max_retries": 0}]),
+    )
     fake_llm.enqueue("late", fault="delay", delay_s=1.5).enqueue("never asked for")
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--retries", "3", "--timeout", "300")
     assert rc == 1
@@ -329,11 +419,18 @@ def test_the_timeout_flag_is_named_when_it_fires_and_is_retried(db, fake_llm, st
 
 
 def test_dry_run_of_an_untrusted_plan_says_it_would_wait_for_approval_and_why(
-        tmp_path, db, fake_llm, state_dir, capsys):
+    tmp_path, db, fake_llm, state_dir, capsys
+):
     folder = tmp_path / "untrusted"
     folder.mkdir()
-    insert_plan(db, make_plan(id="u", context={"objective": "o", "project": str(folder)},
-                              steps=[{"id": 1, "prompt": "a", "file_output": "a.txt"}, {"id": 2, "prompt": "b"}]))
+    insert_plan(
+        db,
+        make_plan(
+            id="u",
+            context={"objective": "o", "project": str(folder)},
+            steps=[{"id": 1, "prompt": "a", "file_output": "a.txt"}, {"id": 2, "prompt": "b"}],
+        ),
+    )
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run")
     assert rc == 0, err
     head = out.splitlines()[0]
@@ -356,8 +453,14 @@ def test_dry_run_of_a_plan_that_may_run_says_it_would_be_sent(db, fake_llm, stat
 
 
 def _review_run(capsys, db, fake_llm, state_dir, project) -> str:
-    insert_plan(db, make_plan(id="r", context={"objective": "first", "project": str(project)},
-                              steps=[{"id": 1, "prompt": "a", "file_output": "a.txt"}]))
+    insert_plan(
+        db,
+        make_plan(
+            id="r",
+            context={"objective": "first", "project": str(project)},
+            steps=[{"id": 1, "prompt": "a", "file_output": "a.txt"}],
+        ),
+    )
     fake_llm.enqueue("text")
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--review", "--json")
     assert rc == 0, err
@@ -366,7 +469,8 @@ def _review_run(capsys, db, fake_llm, state_dir, project) -> str:
 
 @pytest.mark.parametrize("decision, now", [("--apply", "completed"), ("--reject", "cancelled")])
 def test_show_after_apply_or_reject_heads_with_the_real_status(
-        capsys, db, fake_llm, state_dir, project, decision, now):
+    capsys, db, fake_llm, state_dir, project, decision, now
+):
     run_id = _review_run(capsys, db, fake_llm, state_dir, project)
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, decision, "r")
     assert rc == 0, err
@@ -376,18 +480,25 @@ def test_show_after_apply_or_reject_heads_with_the_real_status(
 
 
 def test_show_of_a_replaced_plan_says_its_current_content_has_not_run(
-        capsys, tmp_path, db, fake_llm, state_dir, project):
+    capsys, tmp_path, db, fake_llm, state_dir, project
+):
     run_id = _review_run(capsys, db, fake_llm, state_dir, project)
     assert run_bridge(capsys, db, fake_llm, state_dir, "--reject", "r")[0] == 0
     plan = make_plan(id="r", context={"objective": "second", "project": str(project)})
-    assert bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"],
-                       environ={}) == 0
+    assert (
+        bridge.main(
+            ["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"], environ={}
+        )
+        == 0
+    )
     capsys.readouterr()
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r")
     assert rc == 2
     assert "first" not in out
-    assert (f"plan 'r' has no stored result of its current content yet (it is pending); its replaced "
-            f"content's last run was {run_id} (now cancelled)") in err
+    assert (
+        f"plan 'r' has no stored result of its current content yet (it is pending); its replaced "
+        f"content's last run was {run_id} (now cancelled)"
+    ) in err
     assert "bridge --plan r" in err
 
 
@@ -396,10 +507,20 @@ def test_show_of_a_replaced_plan_says_its_current_content_has_not_run(
 
 @pytest.mark.parametrize("parallel", ["1", "2"])
 def test_progress_lines_keep_step_order_when_a_dependent_step_comes_before_an_independent_one(
-        db, fake_llm, state_dir, capsys, parallel):
+    db, fake_llm, state_dir, capsys, parallel
+):
     """example-python-helper's shape: 2 depends on 1, 3 on nothing (it printed 1, 3, 2)."""
-    insert_plan(db, make_plan(id="order", steps=[
-        {"id": 1, "prompt": "one"}, {"id": 2, "prompt": "two", "depends_on": [1]}, {"id": 3, "prompt": "three"}]))
+    insert_plan(
+        db,
+        make_plan(
+            id="order",
+            steps=[
+                {"id": 1, "prompt": "one"},
+                {"id": 2, "prompt": "two", "depends_on": [1]},
+                {"id": 3, "prompt": "three"},
+            ],
+        ),
+    )
     fake_llm.default_reply = "ok"
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--parallel", parallel)
     assert rc == 0, err
@@ -411,8 +532,18 @@ def test_progress_lines_keep_step_order_when_a_dependent_step_comes_before_an_in
 
 
 # The design notes the project was started from; none of them ships with bridge.
-UNSHIPPED = [name + ".md" for name in ("plan-format", "doobidoo-store", "original-defects", "llm-servers",
-                                       "memory-server-offline", "style", "style-anchors")]
+UNSHIPPED = [
+    name + ".md"
+    for name in (
+        "plan-format",
+        "doobidoo-store",
+        "original-defects",
+        "llm-servers",
+        "memory-server-offline",
+        "style",
+        "style-anchors",
+    )
+]
 
 
 def test_schema_cites_no_document_that_does_not_ship(capsys):
@@ -423,10 +554,18 @@ def test_schema_cites_no_document_that_does_not_ship(capsys):
 
 
 def test_no_shipped_file_cites_a_document_that_does_not_ship():
-    files = [ROOT / "bridge.py", ROOT / "bridge-plan-schema.json", ROOT / "README.md",
-             *sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "examples").rglob("*.*"))]
-    texts = {path.name: path.read_text(encoding="utf-8", errors="replace") for path in files
-             if path.is_file() and path.suffix in (".py", ".json", ".md")}
+    files = [
+        ROOT / "bridge.py",
+        ROOT / "bridge-plan-schema.json",
+        ROOT / "README.md",
+        *sorted((ROOT / "tests").glob("*.py")),
+        *sorted((ROOT / "examples").rglob("*.*")),
+    ]
+    texts = {
+        path.name: path.read_text(encoding="utf-8", errors="replace")
+        for path in files
+        if path.is_file() and path.suffix in (".py", ".json", ".md")
+    }
     cited = {(file, name) for file, text in texts.items() for name in UNSHIPPED if name in text}
     assert cited == set()
 
@@ -434,16 +573,22 @@ def test_no_shipped_file_cites_a_document_that_does_not_ship():
 # -- 13. papercuts -------------------------------------------------------------------------
 
 
-def test_list_all_keeps_its_columns_with_a_plan_awaiting_approval(tmp_path, db, fake_llm, state_dir, capsys):
+def test_list_all_keeps_its_columns_with_a_plan_awaiting_approval(
+    tmp_path, db, fake_llm, state_dir, capsys
+):
     folder = tmp_path / "untrusted"
     folder.mkdir()
-    insert_plan(db, make_plan(id="waits", context={"objective": "held", "project": str(folder)}), created_at=1.0)
+    insert_plan(
+        db,
+        make_plan(id="waits", context={"objective": "held", "project": str(folder)}),
+        created_at=1.0,
+    )
     insert_plan(db, make_plan(id="runs", context={"objective": "free"}), created_at=2.0)
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
     assert rc == 0, err
     rows = [line for line in out.splitlines() if line.split()[:1] in (["waits"], ["runs"])]
     assert [row.split()[1] for row in rows] == ["awaiting_approval", "pending"]
-    assert len({row.index("step(s)") for row in rows}) == 1, rows       # the columns line up
+    assert len({row.index("step(s)") for row in rows}) == 1, rows  # the columns line up
 
 
 def test_diff_of_a_plan_without_a_project_says_no_project(db, fake_llm, state_dir, capsys):
@@ -460,7 +605,9 @@ def test_diff_of_a_plan_without_a_project_says_no_project(db, fake_llm, state_di
 
 def test_submit_into_a_missing_folder_makes_nothing_and_says_so(tmp_path, capsys):
     db = tmp_path / "typo" / "store.db"
-    rc = bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="p")))], environ={})
+    rc = bridge.main(
+        ["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="p")))], environ={}
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert f"cannot create a store at {db}: folder {db.parent} does not exist" in err
@@ -470,17 +617,23 @@ def test_submit_into_a_missing_folder_makes_nothing_and_says_so(tmp_path, capsys
 
 def test_submit_into_a_new_file_says_it_created_an_empty_store(tmp_path, capsys):
     db = tmp_path / "store.db"
-    rc = bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="p")))], environ={})
+    rc = bridge.main(
+        ["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="p")))], environ={}
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert out.splitlines()[0].startswith(f"created a new, empty store at {db}")
-    rc = bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="q"))), "--json"],
-                     environ={})
+    rc = bridge.main(
+        ["--db", str(db), "--submit", str(_plan_file(tmp_path, make_plan(id="q"))), "--json"],
+        environ={},
+    )
     assert rc == 0 and json.loads(capsys.readouterr().out)["created_store"] is False
 
 
 @pytest.mark.parametrize("replace", [[], ["--replace"]], ids=["plain", "replace"])
-def test_resubmitting_a_plan_that_ran_points_to_rerun(db, fake_llm, state_dir, tmp_path, capsys, replace):
+def test_resubmitting_a_plan_that_ran_points_to_rerun(
+    db, fake_llm, state_dir, tmp_path, capsys, replace
+):
     path = _plan_file(tmp_path, make_plan(id="again"))
     assert bridge.main(["--db", str(db), "--submit", str(path)], environ={}) == 0
     fake_llm.enqueue("done")
@@ -500,10 +653,20 @@ def test_a_split_plan_says_so_with_the_fix_in_list_and_list_json(db, fake_llm, s
     others refused as near-duplicates): --list --all and --list --all --json say why."""
     from fakes import insert_memory
 
-    content = json.dumps(make_plan(id="long", steps=[{"id": n, "prompt": "x" * 150} for n in range(1, 9)]),
-                         indent=2)
-    insert_memory(db, content[:800], tags="bridge-plan", memory_type="planning",
-                  metadata={"chunk_index": 0, "total_chunks": 3, "original_hash": bridge.content_hash(content)})
+    content = json.dumps(
+        make_plan(id="long", steps=[{"id": n, "prompt": "x" * 150} for n in range(1, 9)]), indent=2
+    )
+    insert_memory(
+        db,
+        content[:800],
+        tags="bridge-plan",
+        memory_type="planning",
+        metadata={
+            "chunk_index": 0,
+            "total_chunks": 3,
+            "original_hash": bridge.content_hash(content),
+        },
+    )
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all")
     assert rc == 0, err
     row, reason = out.splitlines()[:2]
@@ -525,8 +688,15 @@ def test_llama_cpp_python_is_sent_its_own_response_form_first(db, fake_llm, stat
     (llama_cpp/llama_types.py): bridge knows the server and sends json_object at once."""
     fake_llm.owned_by = "me"
     fake_llm.lmstudio = False
-    insert_plan(db, make_plan(id="j", steps=[
-        {"id": 1, "prompt": "p", "validation": {"type": "contains_keys", "keys": ["a"]}}]))
+    insert_plan(
+        db,
+        make_plan(
+            id="j",
+            steps=[
+                {"id": 1, "prompt": "p", "validation": {"type": "contains_keys", "keys": ["a"]}}
+            ],
+        ),
+    )
     fake_llm.enqueue('{"a": 1}')
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir)
     assert rc == 0, err
@@ -540,31 +710,61 @@ def test_a_plan_in_the_original_scripts_format_stays_valid(tmp_path):
     examples/scripts/bridge-plan-schema.json) required a type and a description on
     every step and allowed context.constraints: a plan written to it is still valid
     to strict bridge; those fields are kept and never interpreted."""
-    plan = {"$schema": PLAN_SCHEMA, "id": "plan_add_cache", "status": "pending",
-            "context": {"project": str(tmp_path), "objective": "Cache the lookups",
-                        "constraints": ["no new dependencies"], "files_context": {}},
-            "steps": [{"id": 1, "type": "analysis", "description": "Find the slow lookups",
-                       "prompt": "List the lookups worth caching.", "validation": {"type": "non_empty"}},
-                      {"id": 2, "type": "code_generation", "description": "Write the cache",
-                       "prompt": "Write cache.py.", "depends_on": [1], "validation": {"type": "syntax_check"},
-                       "file_output": "cache.py", "on_failure": "halt", "max_retries": 2}],
-            "rollback_strategy": "revert_files"}
+    plan = {
+        "$schema": PLAN_SCHEMA,
+        "id": "plan_add_cache",
+        "status": "pending",
+        "context": {
+            "project": str(tmp_path),
+            "objective": "Cache the lookups",
+            "constraints": ["no new dependencies"],
+            "files_context": {},
+        },
+        "steps": [
+            {
+                "id": 1,
+                "type": "analysis",
+                "description": "Find the slow lookups",
+                "prompt": "List the lookups worth caching.",
+                "validation": {"type": "non_empty"},
+            },
+            {
+                "id": 2,
+                "type": "code_generation",
+                "description": "Write the cache",
+                "prompt": "Write cache.py.",
+                "depends_on": [1],
+                "validation": {"type": "syntax_check"},
+                "file_output": "cache.py",
+                "on_failure": "halt",
+                "max_retries": 2,
+            },
+        ],
+        "rollback_strategy": "revert_files",
+    }
     checked = bridge.check_plan(plan)
-    assert checked.steps[1].title == ""         # description is not the title: never interpreted
+    assert checked.steps[1].title == ""  # description is not the title: never interpreted
 
 
 def test_show_of_a_replaced_plan_that_ran_again_names_the_old_contents_run(
-        capsys, tmp_path, db, fake_llm, state_dir, project):
+    capsys, tmp_path, db, fake_llm, state_dir, project
+):
     old_run = _review_run(capsys, db, fake_llm, state_dir, project)
     assert run_bridge(capsys, db, fake_llm, state_dir, "--reject", "r")[0] == 0
     plan = make_plan(id="r", context={"objective": "second", "project": str(project)})
-    assert bridge.main(["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"],
-                       environ={}) == 0
+    assert (
+        bridge.main(
+            ["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"], environ={}
+        )
+        == 0
+    )
     fake_llm.enqueue("second answer")
     assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r")
     assert rc == 0, err
     assert out.startswith("plan r: completed")
-    assert f"  replaced content: run {old_run} (cancelled) ran an earlier content of this plan" in out
+    assert (
+        f"  replaced content: run {old_run} (cancelled) ran an earlier content of this plan" in out
+    )
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r", "--json")
     assert json.loads(out)["replaced_runs"] == [{"run_id": old_run, "status": "cancelled"}]

@@ -138,7 +138,7 @@ def test_health_is_cut_at_the_deadline_too(capsys, db, fake_llm, state_dir, monk
         rc, out, err = run(capsys, db, fake_llm, state_dir, "--health", "--memory-url", api.url)
 
     assert rc == 2, out
-    (memory,) = [line for line in out.splitlines() if line.startswith("memory")]   # one line (issue 24)
+    (memory,) = [line for line in out.splitlines() if line.startswith("memory")]   # one line
     assert memory.startswith("memory  FAIL  ")
     assert f" · HTTP API {api.url}: cannot reach {api.url}: no whole answer within 0.3 s" in memory
 

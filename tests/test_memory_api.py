@@ -197,10 +197,10 @@ def test_health_reports_schema_embeddings_and_the_http_api(capsys, store, fake_l
         assert rc == 0, captured.out
         lines = captured.out.splitlines()
         (memory,) = [line for line in lines if line.startswith("memory")]     # one line (issue 24)
-        assert memory.startswith("memory  ok    schema version 19 · bridge_plan_state: 1 plan(s) · 1 of "
-                                 "bridge's 2 row(s) without an embedding")
-        assert memory.endswith(f" · HTTP API {api.url} answers (mcp-memory-service 12.4.0, sqlite-vec) · "
-                               "key accepted")
+        assert memory.startswith("memory  ok    schema version 19 · bridge_plan_state: 1 plan(s) · "
+                                 "1 of bridge's 2 row(s) without an embedding")
+        assert memory.endswith(f" · HTTP API {api.url} answers (mcp-memory-service 12.4.0, "
+                               "sqlite-vec) · key accepted")
         rc, captured = run(capsys, store, fake_llm, state_dir, "--health", "--memory-url", api.url,
                            environ={"MCP_API_KEY": "wrong"})
     assert rc == 2

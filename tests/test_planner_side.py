@@ -25,7 +25,7 @@ from fakes import (
 
 ROOT = Path(__file__).resolve().parent.parent      # where bridge.py, README.md and the schema live
 
-# Literals copied from the contract (bridge-plan-schema.json, bridge's README), never read at run time.
+# Literals copied from the contract (bridge's README), never read at run time.
 RESULT_TAG = "bridge-result"
 PLAN_TAG = "bridge-plan"
 KINDS = ("plan_start", "step_start", "delta", "attempt_failed", "step_end", "plan_end", "error")

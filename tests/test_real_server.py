@@ -167,9 +167,10 @@ def test_a_plan_the_server_split_into_chunks_is_reported_once(capsys, tmp_path, 
 
     assert rc == 1
     (result,) = json.loads(out)["plans"]
-    assert result["problems"] == [f"plan split into {chunks} chunks by the memory server (its 800-character "
-                                  "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
-                                  "store it with bridge --submit"]
+    assert result["problems"] == [f"plan split into {chunks} chunks by the memory server (its "
+                                  "800-character limit: MCP_HYBRID_MAX_CONTENT_LENGTH, "
+                                  "MCP_SQLITEVEC_MAX_CONTENT_LENGTH): store it with "
+                                  "bridge --submit"]
     assert fake_llm.chat_requests == []
     assert run_bridge(capsys, db, fake_llm, state_dir, "--json")[:2] == (0, '{\n  "plans": []\n}\n')
 
