@@ -2494,7 +2494,19 @@ def _schema_problems(plan: Any) -> list[str]:
     errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
     return [problem for error in errors
             for problem in _unknown_key_problems(error)
-            or [f"{error.json_path}: {schema_message(error)}"]]
+            or [f"{error.json_path}: {schema_message(error)}{_close_value_hint(error)}"]]
+
+
+def _close_value_hint(error: Any) -> str:
+    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
+    "enum" error; difflib.get_close_matches), else ""."""
+    import difflib
+
+    if error.validator != "enum" or not isinstance(error.instance, str):
+        return ""
+    values = [v for v in error.validator_value if isinstance(v, str)]
+    close = difflib.get_close_matches(error.instance, values, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose

@@ -768,3 +768,15 @@ def test_show_of_a_replaced_plan_that_ran_again_names_the_old_contents_run(
     )
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r", "--json")
     assert json.loads(out)["replaced_runs"] == [{"run_id": old_run, "status": "cancelled"}]
+
+
+def test_a_misspelt_value_of_a_closed_list_gets_the_closest_one():
+    plan = make_plan(id="v", steps=[{"id": 1, "prompt": "p", "on_failure": "skp",
+                                     "validation": {"type": "jsn"}}])
+    with pytest.raises(bridge.PlanInvalid) as info:
+        bridge.check_plan(plan)
+    problems = info.value.problems
+    assert any(p.startswith("$.steps[0].on_failure: ") and p.endswith("; did you mean 'skip'?")
+               for p in problems), problems
+    assert any(p.startswith("$.steps[0].validation.type: ") and p.endswith("; did you mean 'json'?")
+               for p in problems), problems
