@@ -947,7 +947,7 @@ def read_rows(path: str | Path) -> list[dict]:
 # Running bridge in-process, and reading what it left
 # --------------------------------------------------------------------------------------
 
-_RESULT_TAG = "bridge-result"      # literals copied from the contract (plan-format.md)
+_RESULT_TAG = "bridge-result"      # literals copied from the contract (the README)
 _PLAN_SCHEMA = "bridge-plan-v1"
 _TEMP_SUFFIX = ".bridge-tmp"
 
