@@ -4595,7 +4595,7 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
-# Reasoning text a server leaves inside content (llm-servers.md §9), by shape: (name,
+# Reasoning text a server leaves inside content (sources per row), by shape: (name,
 # who writes it and the source, a string the text must hold for the shape to be tried,
 # where the reasoning starts and ends, what ends the answer or None). split_reasoning
 # takes each out; a shape matches at the start of the text only.
@@ -8811,14 +8811,13 @@ def cmd_show(config: Config, plan_id: str) -> int:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
         other = store.find_result(record, named_only=False) if found is None else None
-        ran = store.run_owner(found[0].get("run_id")) if found is not None else None
         replaced = store.replaced_runs(record)
-    if ran is not None and ran[0] != record.content_hash:
-        # the newest result is of content this plan had before --submit --replace
-        old = found[0]
+    if found is None and replaced:
+        # bridge's state names runs of content this plan had before --submit --replace
+        run, status = replaced[-1]
         raise BridgeError(f"plan {plan_id!r} has no stored result of its current content yet "
                           f"(it is {record.display_status}); its replaced content's last run was "
-                          f"{old.get('run_id')} (now {ran[1]})", run_hint(record, config.runs_dir))
+                          f"{run} (now {status})", run_hint(record, config.runs_dir))
     if found is None:
         note = ""
         if other is not None:       # tagged as its result by someone, named by no state of bridge's
