@@ -8746,7 +8746,7 @@ def cmd_health(config: Config) -> int:
             if "memory_api" in report:     # one memory line: store and API
                 api = _memory_api_line(report["memory_api"])
                 line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
-            print(printable("memory  " + line))
+            print(printable("memory  " + line + _memory_setting_text(report["memory_setting"])))
         else:
             print(printable(f"store   FAIL  {store_info['error']}"))
             if store_info.get("hint"):
@@ -8755,12 +8755,8 @@ def cmd_health(config: Config) -> int:
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
         if "memory_api" in report and not store_ok:
-            print(printable("memory  " + _memory_api_line(report["memory_api"])))
-        if "memory_api" in report:      # and where that setting came from
-            print(printable(f"memory  from  {report['memory_setting']['source']}: results are "
-                            "stored through that API"))
-        else:
-            print(printable("memory  " + _memory_setting_line(report["memory_setting"])))
+            print(printable("memory  " + _memory_api_line(report["memory_api"])
+                            + _memory_setting_text(report["memory_setting"])))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -8801,12 +8797,13 @@ def cmd_stats(config: Config) -> int:
     return EXIT_OK
 
 
-def _memory_setting_line(setting: dict) -> str:
-    """The --health line when no memory server HTTP API is set: why not, and where one
-    could be set."""
+def _memory_setting_text(setting: dict) -> str:
+    """The end of the --health memory line: where the HTTP API setting came from, or,
+    with none set, why not and where one could be set."""
+    if setting["url"]:
+        return f" (set by {setting['source']})"
     why = f"{setting['note']}; " if setting["note"] else ""
-    return (f"API   none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN}): "
-            "results are written into the store directly, without an embedding")
+    return f" · HTTP API none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN})"
 
 
 def _memory_api_line(probe: dict) -> str:

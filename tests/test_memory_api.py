@@ -200,13 +200,14 @@ def test_health_reports_schema_embeddings_and_the_http_api(capsys, store, fake_l
         assert memory.startswith("memory  ok    schema version 19 · bridge_plan_state: 1 plan(s) · "
                                  "1 of bridge's 2 row(s) without an embedding")
         assert memory.endswith(f" · HTTP API {api.url} answers (mcp-memory-service 12.4.0, "
-                               "sqlite-vec) · key accepted")
+                               "sqlite-vec) · key accepted (set by --memory-url)")
         rc, captured = run(capsys, store, fake_llm, state_dir, "--health", "--memory-url", api.url,
                            environ={"MCP_API_KEY": "wrong"})
     assert rc == 2
     (memory,) = [line for line in captured.out.splitlines() if line.startswith("memory")]
     assert memory.startswith("memory  FAIL  schema version 19")
-    assert memory.endswith(f" · HTTP API {api.url}: the server refused the key (MCP_API_KEY)")
+    assert memory.endswith(f" · HTTP API {api.url}: the server refused the key (MCP_API_KEY) "
+                           "(set by --memory-url)")
 
 
 def test_health_without_embeddings_table_says_so(capsys, db, fake_llm, state_dir):

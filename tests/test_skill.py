@@ -4,8 +4,8 @@ Claude to run (its ```sh lines, its `bridge …` spans and its !`…` injections
 subprocess against the fake LLM server and a temporary store, and exits as the skill
 says; its flags, statuses, events, price rows and JSON fields are bridge's.
 
-Claude Code's skill frontmatter, per code.claude.com/docs/en/skills (read through the
-mirrors in /work/shared/docs/llm-servers.md §9): name, description, when_to_use,
+Claude Code's skill frontmatter, per code.claude.com/docs/en/skills (its frontmatter
+reference, as public copies of it list the fields): name, description, when_to_use,
 argument-hint, arguments, disable-model-invocation, user-invocable, allowed-tools,
 disallowed-tools, model, effort, context, agent, hooks, paths, shell."""
 
@@ -247,6 +247,9 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
     # 2. check and store (the first submit makes the store where the server looks)
     loop["write_plan"](PLAN_ID)
     assert "valid" in step(the("bridge --validate"), 0).stdout
+    refused = run(the("bridge --submit"), extra=("--db", default_store))
+    assert refused.returncode == 2 and "does not exist" in refused.stderr  # the skill asks the user
+    Path(default_store).parent.mkdir(parents=True)                             # the user: mkdir -p
     submitted = json.loads(step(the("bridge --submit"), 0, extra=("--db", default_store)).stdout)
     assert submitted["plan_id"] == PLAN_ID and submitted["db"] == default_store
     missing_store, health = health, json.loads(run(the("bridge --health")).stdout)
