@@ -40,7 +40,7 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
+  --base-url, --api-key, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
   --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
   --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
   --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
@@ -50,7 +50,10 @@ Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
     1    a plan failed (its result memory says why)
     2    usage, configuration, store or server unusable: said before any plan is
-         claimed, except when the store cannot be written as a run finishes: its
+         claimed, or once when the server fails mid-run (a refused key, no such model,
+         gone past its retries): the plans not started stay pending, the plan it cut
+         stays pending when nothing of it was done, else is left to --resume; or when
+         the store cannot be written as a run finishes: its
          result is not stored, the plan stays in_progress (stale once bridge exits)
          with its files and backups kept, bridge --show ID says how to --resume or
          --rerun it, and the other plans still run; --undo refusing (a file changed
@@ -62,6 +65,7 @@ Environment (a flag wins over its variable):
     BRIDGE_DB, MCP_MEMORY_SQLITE_PATH, MCP_MEMORY_BASE_DIR   the store file (then the
         memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
+    BRIDGE_API_KEY               its key (--api-key), sent to it alone, never printed
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
     BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
     BRIDGE_STRUCTURED=0          never ask for constrained JSON (--no-structured)
@@ -333,6 +337,7 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
     "base_url": DEFAULT_BASE_URL,
     "model": None,                      # str | None
+    "api_key": None,                    # str | None: the model server's key (never printed or stored)
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
     "retries": DEFAULT_RETRIES,
@@ -376,7 +381,8 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
     RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
     reports, else 1). context_length: the model's context in tokens (None: what
-    the server reports, else unknown). price_model: the Claude model whose prices
+    the server reports, else unknown). api_key: the model server's bearer token
+    (--api-key, BRIDGE_API_KEY), sent to that server only. price_model: the Claude model whose prices
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
@@ -426,7 +432,9 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #         ├── LLMTimeout        no byte within --timeout (transient)
 #         │    └── LLMDeadline  the request's overall deadline passed (not transient)
 #         ├── LLMHTTPError      an HTTP error status (transient for 429 and 5xx)
-#         └── LLMProtocolError  a body or stream that is not chat completions
+#         ├── LLMProtocolError  a body or stream that is not chat completions
+#         └── LLMServerUnusable the server, not the step: a refused key, no such
+#                               model, down; stops the run once (exit 2)
 ###############################################################################
 
 
@@ -556,6 +564,18 @@ class LLMHTTPError(LLMError):
 
 class LLMProtocolError(LLMError):
     """The reply was not a chat completion: bad JSON, no choices, a cut stream."""
+
+
+class LLMServerUnusable(LLMError):
+    """A failure of the model server itself, not of the step sent: a key refused
+    (401/403), no model loaded, the model not there or unable to chat or to load,
+    the server gone past its retries. Every later request would fail the same way,
+    so the run stops once (exit 2): the plans not started stay pending, the plan it
+    cut is left to --resume. status: the HTTP status, or None."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int | None = None):
+        super().__init__(message, hint)
+        self.status = status
 
 
 ###############################################################################
@@ -2029,6 +2049,17 @@ class Store:
             return True
         return self._write(work)
 
+    def release(self, record: PlanRecord, run_id: str) -> bool:
+        """Put a plan this run claimed back to pending, as if never claimed (a run the
+        model server stopped before it did anything); False if the run no longer owns it."""
+        def work() -> bool:
+            if self.reload(record).state.get("run_id") != run_id:
+                return False
+            self._set_state(record, {"status": "pending", "run_id": None, "claimed_at": None,
+                                     "heartbeat_at": None, "owner": None, "resumed_from": None})
+            return True
+        return self._write(work)
+
     def finish(self, record: PlanRecord, result: dict, memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
         """Store the run's result memory and record the plan's final state; return the
@@ -2841,6 +2872,50 @@ def _is_context_overflow(message: str) -> bool:
     return any(marker in lower for marker in _OVERFLOW_MARKERS)
 
 
+# Server-level failures (LLMServerUnusable), by what the server says: (pattern of its
+# message, lower case; the hint, formatted with the model name the message quotes).
+SERVER_FAULTS = (
+    # LM Studio with JIT off or failing: 404 "No models loaded. Please load a model in the
+    # developer page or use the 'lms load' command." (lmstudio-ai/lms#107, bug tracker #1730)
+    (r"no models loaded", "load one: lms load KEY (LM Studio's Developer page), or pass --model"),
+    # Ollama: 404 `model "x" not found, try pulling it first` (ollama server/routes.go)
+    (r"model [\"']?([^\"'\s]*)[\"']? not found, try pulling it first", "ollama pull {0}, or pick "
+     "another with --model (bridge --health lists them)"),
+    # Ollama: 400 `"x" does not support chat` for an embedding model (ollama server/routes.go)
+    (r"[\"']?([^\"'\s]*)[\"']? does not support chat", "{0} is not a chat model; pick one with --model "
+     "(bridge --health lists the chat models)"),
+    # LM Studio: 404 `Failed to load model "X". Error: … insufficient system resources`
+    # (agent-zero#215), 400 "… Operation canceled" (crush#2546)
+    (r"failed to load model [\"']?([^\"'\s]*)", "free memory, or load it yourself with a smaller "
+     "context: lms load {0} --context-length 8192"),
+    # LM Studio with two or more models loaded: 404 model_not_found (lmstudio-bug-tracker#619)
+    (r"model [\"']?([^\"'\s]*)[\"']? not found", "load it (lms load {0}) or pass --model with one the "
+     "server has (bridge --health lists them)"),
+)
+
+
+def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] | None:
+    """Return (what, hint) when an HTTP error is about the model server, not the step
+    (see LLMServerUnusable), else None. status: the HTTP status; message: the
+    server's own (_error_message); key_given: a key was sent (--api-key or
+    BRIDGE_API_KEY). 401/403: LM Studio's "Require Authentication" (invalid_api_key:
+    opencode-lmstudio#41), llama-server and vLLM --api-key."""
+    if status in (401, 403):
+        if key_given:
+            return ("the model server refused the key", "set BRIDGE_API_KEY (or --api-key) to the key "
+                    "the server expects (LM Studio: Developer > Server settings)")
+        return ("the model server wants a key", "set BRIDGE_API_KEY (or pass --api-key) to its key "
+                "(LM Studio: Developer > Server settings > Require Authentication)")
+    if status not in (400, 404, 500):
+        return None
+    for pattern, hint in SERVER_FAULTS:
+        if found := re.search(pattern, message.lower()):
+            name = re.search(pattern, message, re.IGNORECASE)
+            groups = name.groups() if name else found.groups()
+            return ("the model server cannot run the model", hint.format(*(g or "MODEL" for g in groups)))
+    return None
+
+
 def _retry_after_s(value: str | None) -> float | None:
     """Parse a Retry-After header (seconds or an HTTP date) into seconds, or None."""
     if not value:
@@ -3019,8 +3094,9 @@ class HTTPExecutor:
             with self.http.stream("GET", url) as raw:
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
                 if response.status_code >= 400:
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
-                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}",
+                    message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+                    self._raise_fault(url, response.status_code, message)
+                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}",
                                        response.status_code)
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
@@ -3032,14 +3108,29 @@ class HTTPExecutor:
         except ValueError as exc:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
+    def _scrub(self, text: str) -> str:
+        """Return a server's message without the key this client sends (a server may echo it)."""
+        return text
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        """Raise LLMServerUnusable when an HTTP error is about the server, not the request
+        (the local client: server_fault); here, nothing is."""
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """Return the error a request raises once its retries are spent on exc."""
+        return exc
+
     def _send_with_retries(self, payload: dict, timeout_s: float | None,
                            on_delta: Callable[[str], None] | None) -> Completion:
-        deadline = time.monotonic() + RETRY_BUDGET_S
+        started = time.monotonic()
+        deadline = started + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
             received: list[str] = []
             try:
                 return self._stream_once(payload, timeout_s, on_delta, received)
             except LLMError as exc:
+                if exc.transient and not received and retry == self.config.retries:
+                    raise self._gave_up(exc, started, retry) from exc
                 if not exc.transient or received or retry == self.config.retries \
                         or ("response_format" in payload and _refuses_response_format(exc)):
                     raise
@@ -3052,7 +3143,7 @@ class HTTPExecutor:
                 if time.monotonic() + delay > deadline:
                     exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
                                 f"{RETRY_BUDGET_S:.0f} s retry budget)",)
-                    raise exc
+                    raise self._gave_up(exc, started, retry) from exc
                 self._on_retry(f"{exc}; retry {retry + 1}/{self.config.retries} in {delay:.1f} s")
                 self._sleep(delay)
         raise AssertionError("unreachable")
@@ -3088,7 +3179,8 @@ class HTTPExecutor:
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    message = _error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))
+                    message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+                    self._raise_fault(url, response.status_code, message)
                     raise LLMHTTPError(
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
@@ -3121,11 +3213,35 @@ class LLMClient(HTTPExecutor):
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
-        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry)
+        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
+        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
+        key = config.api_key
+        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
+                         headers={"Authorization": f"Bearer {key}"} if key else None)
         # index into RESPONSE_FORMS of the first form this server has not refused
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
+
+    def _scrub(self, text: str) -> str:
+        key = self.config.api_key
+        return text.replace(key, "[the key]") if key else text
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        fault = server_fault(status, message, bool(self.config.api_key))
+        if fault is not None:
+            what, hint = fault
+            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint, status)
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """A server still unreachable after the request's retries is gone for the run
+        (LLMServerUnusable), said with how long bridge waited for it."""
+        if not isinstance(exc, LLMUnavailable):     # a timeout may be this step's own (a long prompt)
+            return exc
+        waited = time.monotonic() - started
+        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited {waited:.0f} s "
+                                 f"over {retries} retries (--retries, --retry-delay)",
+                                 "start it again, then resume the plan (bridge --plan ID --resume)")
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -4970,6 +5086,32 @@ def estimate_tokens(messages: list[dict]) -> int:
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
+# A prompt the server counts as fewer than this share of bridge's estimate, and fewer by
+# at least PROMPT_CUT_MIN_TOKENS, was cut by the server. Real tokenizers give 3.5-4.5
+# characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
+# estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
+PROMPT_CUT_RATIO = 0.5
+PROMPT_CUT_MIN_TOKENS = 256
+
+
+def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
+    """Return why a reply was to a cut prompt, or None: the server's usage
+    ({"prompt_tokens", …}) counts far fewer prompt tokens than estimate_tokens of the
+    messages sent (PROMPT_CUT_RATIO, PROMPT_CUT_MIN_TOKENS). Ollama cuts an over-long
+    prompt silently and answers 200 (ollama#3839, #17889); the answer then never saw
+    the start of the prompt, whatever its check says."""
+    if not usage or not isinstance(usage.get("prompt_tokens"), int):
+        return None
+    seen, sent = usage["prompt_tokens"], estimate_tokens(messages)
+    if seen >= sent * PROMPT_CUT_RATIO or sent - seen < PROMPT_CUT_MIN_TOKENS:
+        return None
+    return (f"the server cut the prompt: it counted {seen} prompt tokens of the ~{sent} sent "
+            "(bridge's estimate), so the model never saw most of it; give the model a larger "
+            "context (Ollama: --base-url http://localhost:11434, whose native API sets num_ctx, "
+            "or OLLAMA_CONTEXT_LENGTH; LM Studio: lms load KEY --context-length N) and pass "
+            "--context-length so bridge fits prompts to it")
+
+
 def prompt_budget(step: Step, context_length: int | None) -> int | None:
     """Return the prompt tokens that fit for a step in a context of context_length
     tokens, or None when it is not known: the context less the answer's share
@@ -5590,6 +5732,8 @@ class StepScheduler:
                 continue
 
     def _blocked_reason(self, step: Step) -> str | None:
+        if self.cancel.is_set():            # the run stops (the model server failed): start nothing
+            return "not run: the run stopped"
         if self.halted_at is not None:
             return f"not run: step {self.halted_at} failed and halted the plan"
         for dep in step.depends_on:
@@ -5635,11 +5779,12 @@ class PlanRun:
     trusted (may it run commands: plan_trusted), cli_cwd (where claude runs: a
     trusted project, else None for a scratch folder), kept (path -> what a
     succeeded step of this run wrote there), positions (step id -> its place in
-    the order it started), cap_hit (--max-cost-usd was reached)."""
+    the order it started), cap_hit (--max-cost-usd was reached), halt (the
+    LLMServerUnusable that stopped the run, or None)."""
 
     __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
                  "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
-                 "positions", "cap_hit")
+                 "positions", "cap_hit", "halt")
 
     def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
                  keep_finished: bool):
@@ -5658,6 +5803,7 @@ class PlanRun:
         self.kept: dict[str, str] = {}
         self.positions: dict[int, int] = {}
         self.cap_hit = False
+        self.halt: LLMServerUnusable | None = None
 
     @property
     def staged(self) -> bool:
@@ -5848,6 +5994,8 @@ class Runner:
             _stop_running(results, "the run's records could not be written")
             error = (f"cannot write the run's records in {run.run_dir}: {exc.strerror or exc} "
                      "(free some space, or make --state-dir writable)")
+        if run.halt is not None and interrupted is None:
+            self._halted(run)
         with shielded_signals(self.progress.error, for_good=interrupted is not None):
             result = self._close_run(run, error, verify, interrupted)
         if interrupted:
@@ -5886,6 +6034,25 @@ class Runner:
         if files is not None and self.config.keep_runs == 0 and not run.staged:
             files.discard()         # only now: a result that cannot be stored keeps the backups
         return result
+
+    def _halted(self, run: PlanRun) -> None:
+        """Leave a run the model server stopped (run.halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = run.record.plan_id, run.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in run.results.values())
+        if not done and not run.previous and not (files is not None and files.changes) \
+                and self.store.release(run.record, run.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint, run.halt.status)
 
     def _take_over(self, run: PlanRun) -> None:
         """Take over what a killed run (run.previous) left, and put back what it left half done.
@@ -6196,6 +6363,13 @@ class Runner:
                                   max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
                                   json_schema=output_schema(step.validation),
                                   on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
+        except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
+            result.generation_s += time.monotonic() - attempt.started
+            run.runlog.checked(step.id, attempt.number, str(exc))
+            if run.halt is None:
+                run.halt = exc
+            run.cancel.set()
+            return AttemptFailure(str(exc), retryable=False)
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
             run.runlog.checked(step.id, attempt.number, str(exc))
@@ -6210,6 +6384,10 @@ class Runner:
             return AttemptFailure("interrupted", retryable=False)
         run.runlog.answer(step.id, attempt.number, reply)
         _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
+        if local and (cut := prompt_cut(reply.usage, attempt.messages)):   # the same prompt is cut again
+            result.output = strip_think(reply.text)
+            run.runlog.checked(step.id, attempt.number, cut)
+            return AttemptFailure(cut, retryable=False)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
             limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
@@ -6489,6 +6667,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"))
     settings.add_argument("--base-url", metavar="URL", help=_env_help(
         "the OpenAI-compatible server", "BRIDGE_BASE_URL", DEFAULT_BASE_URL))
+    settings.add_argument("--api-key", metavar="KEY", help=_env_help(
+        "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
+        "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps",
+        "BRIDGE_API_KEY", "none"))
     settings.add_argument("--model", metavar="ID", help=_env_help(
         "the model to use", "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
     settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
@@ -6638,6 +6820,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         db_paths=db_paths,
         base_url=base_url.rstrip("/"),
         model=pick(args.model, "BRIDGE_MODEL"),
+        api_key=pick(args.api_key, "BRIDGE_API_KEY"),
         timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
@@ -6749,7 +6932,7 @@ def cmd_health(config: Config) -> int:
             if not models:
                 report["server"]["error"] = "the server lists no models; download or load one"
     except LLMError as exc:
-        report["server"].update(reachable=False, error=str(exc))
+        report["server"].update(reachable=False, error=str(exc), hint=exc.hint)
     try:
         with Store.open(config) as store:
             report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts)
@@ -6778,6 +6961,8 @@ def cmd_health(config: Config) -> int:
                             f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}"))
         else:
             print(printable(f"server  FAIL  {server['error']}"))
+            if server.get("hint"):
+                print(printable(f"              hint: {server['hint']}"))
         if store_ok:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
