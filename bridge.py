@@ -40,7 +40,7 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --api-key, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
+  --base-url, --api-key, --ollama-api, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
   --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
   --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
   --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
@@ -66,6 +66,7 @@ Environment (a flag wins over its variable):
         memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
     BRIDGE_API_KEY               its key (--api-key), sent to it alone, never printed
+    BRIDGE_OLLAMA_API            on Ollama: native (/api/chat, num_ctx set) or openai
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
     BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
     BRIDGE_STRUCTURED=0          never ask for constrained JSON (--no-structured)
@@ -149,6 +150,13 @@ SCHEMA_ID = "bridge-plan-v1"
 SCHEMA_FILENAME = "bridge-plan-schema.json"
 
 DEFAULT_BASE_URL = "http://localhost:1234/v1"   # LM Studio's server
+# Where local servers listen by default, tried in this order when no base URL is set
+# (discover_server), loopback only: LM Studio 1234 (lmstudio docs), Ollama 11434
+# (docs/api.md), llama-server 8080 and its announced 9931 (llama.cpp PR #26508), vLLM
+# and llama-cpp-python 8000 (which mcp-memory-service's hooks also use for its own
+# HTTP server: claude-hooks/scripts/ensure-server.js), each with the base URL it takes.
+DEFAULT_SERVER_PORTS = ((1234, "/v1"), (11434, ""), (8080, "/v1"), (9931, "/v1"), (8000, "/v1"))
+DISCOVER_TIMEOUT_S = 0.5               # a default port is given this long to connect and answer
 DEFAULT_TIMEOUT_S = 300.0        # a JIT model load can hold the first byte this long
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 4              # transport retries of one request (429, 5xx, refused)
@@ -271,6 +279,19 @@ EXIT_INTERRUPTED = 130
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
+# Ollama: which of its APIs steps go through (--ollama-api). "native" is /api/chat, which
+# takes options.num_ctx; its OpenAI endpoint cannot set the context and cuts an over-long
+# prompt silently (docs/api/openai-compatibility.mdx; llm/llama_server.go).
+OLLAMA_APIS = ("native", "openai")
+# The num_ctx a run asks of Ollama: enough for the largest first prompt of the plans it
+# runs plus its answer and this much more, in steps of OLLAMA_NUM_CTX_STEP, at least
+# OLLAMA_MIN_NUM_CTX, never past the model's trained context. One value per run:
+# changing num_ctx between requests reloads the model (aider#4687).
+OLLAMA_MIN_NUM_CTX = 8192
+OLLAMA_NUM_CTX_STEP = 2048
+OLLAMA_NUM_CTX_SLACK = 1024
+OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
+
 # Paid or agentic executors run only when the user allowed them (--allow-executor).
 PAID_EXECUTORS = ("anthropic", "claude-cli")
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
@@ -336,7 +357,9 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 
 _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
     "base_url": DEFAULT_BASE_URL,
+    "base_url_given": True,             # False: no --base-url or BRIDGE_BASE_URL (discover_server looks)
     "model": None,                      # str | None
+    "ollama_api": "native",             # one of OLLAMA_APIS
     "api_key": None,                    # str | None: the model server's key (never printed or stored)
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
@@ -382,7 +405,9 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
     reports, else 1). context_length: the model's context in tokens (None: what
     the server reports, else unknown). api_key: the model server's bearer token
-    (--api-key, BRIDGE_API_KEY), sent to that server only. price_model: the Claude model whose prices
+    (--api-key, BRIDGE_API_KEY), sent to that server only. ollama_api: on
+    Ollama, run steps through its native /api/chat or its OpenAI endpoint
+    (OLLAMA_APIS). price_model: the Claude model whose prices
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
@@ -2974,6 +2999,22 @@ def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, st
         yield event, "\n".join(data)
 
 
+def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
+    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API).
+    Raises LLMProtocolError when more than max_bytes arrive without a line break."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > max_bytes and b"\n" not in buffer:
+            raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            if raw.strip():
+                yield raw.decode("utf-8", "replace")
+    if buffer.strip():
+        yield buffer.decode("utf-8", "replace")
+
+
 class BoundedResponse:
     """An httpx streaming response read within bounds: iter_bytes() raises
     LLMDeadline once the request's deadline (time.monotonic() seconds) has passed,
@@ -3026,6 +3067,7 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 # Sampling fields beyond OpenAI's (temperature, seed) that each kind of server takes
 # (ServerInfo.kind); bridge sends them only there (see LLMClient.accepted_sampling).
 SAMPLING_FIELDS = {
+    "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile parameters)
     "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
     "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
     "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
@@ -3221,6 +3263,8 @@ class LLMClient(HTTPExecutor):
         # index into RESPONSE_FORMS of the first form this server has not refused
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
+        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
+        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
 
     def _scrub(self, text: str) -> str:
@@ -3257,6 +3301,121 @@ class LLMClient(HTTPExecutor):
         except (LLMHTTPError, LLMProtocolError):
             return None
 
+    @property
+    def cuts_prompts(self) -> bool:
+        """Whether this server may cut a prompt that does not fit and answer all the
+        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
+        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        return not self.native
+
+    def _post_json(self, url: str, body: dict) -> Any:
+        """POST body as JSON to url; return the JSON reply, or None when the route
+        refuses or answers something else (an Ollama probe). Raises LLMError when the
+        server cannot be reached."""
+        import httpx
+
+        try:
+            response = self.http.post(url, json=body, timeout=min(self.config.timeout_s, 30.0))
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, url) from exc
+        if response.status_code >= 400 or len(response.content) > DEFAULT_MAX_OUTPUT_BYTES:
+            return None
+        try:
+            return load_reply(response.content)
+        except ValueError:
+            return None
+
+    def _ollama_probe(self, root: str) -> "ServerInfo | None":
+        """Return what an Ollama server runs, or None when root is not Ollama.
+
+        Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
+        is running"). The model: --model (pulled, able to chat, not a cloud model), else
+        the first of /api/ps (loaded) that can chat, else the only chat model pulled.
+        Refused, with the reason: models whose /api/show capabilities lack
+        "completion" (embedding models), and cloud models (a *-cloud name or
+        /api/tags remote_host: they run on ollama.com, docs/cloud.mdx). Context:
+        /api/ps context_length (as loaded), /api/show model_info["<arch>.context_length"]
+        (trained). With the native API (--ollama-api native, the default) steps go
+        to /api/chat; else to /v1/chat/completions."""
+        version = self._try_json(f"{root}/api/version")
+        tags = self._try_json(f"{root}/api/tags") if isinstance(version, dict) else None
+        if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
+                or not isinstance(version.get("version"), str):
+            return None
+        pulled = {m["name"]: m for m in tags["models"] if isinstance(m, dict) and isinstance(m.get("name"), str)}
+        ps = self._try_json(f"{root}/api/ps")
+        running = {m["name"]: m for m in (ps.get("models") if isinstance(ps, dict) else None) or []
+                   if isinstance(m, dict) and isinstance(m.get("name"), str)}
+        shown: dict[str, dict] = {}
+        refused: list[tuple[str, str]] = []
+
+        def show(name: str) -> dict:
+            if name not in shown:
+                info = self._post_json(f"{root}/api/show", {"model": name}) if len(shown) < OLLAMA_SHOW_MAX else None
+                shown[name] = info if isinstance(info, dict) else {}
+            return shown[name]
+
+        def refusal(name: str) -> str | None:
+            remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
+            if name.endswith("-cloud") or ":cloud" in name or remote:
+                return "a cloud model: it runs on ollama.com, and the project's files would leave this machine"
+            caps = show(name).get("capabilities")
+            if isinstance(caps, list) and "completion" not in caps:
+                return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
+            return None
+
+        chosen = why = problem = None
+        wanted = self.config.model
+        if wanted and parse_model_ref(wanted)[0] == "openai":
+            wanted = parse_model_ref(wanted)[1]
+            name = next((n for n in (wanted, f"{wanted}:latest") if n in pulled or n in running), None)
+            if name is None:
+                problem = (f"model {wanted!r} is not pulled on this Ollama", f"ollama pull {wanted}")
+            elif reason := refusal(name):
+                refused.append((name, reason))
+                problem = (f"--model {name} is {reason}", "pick a local chat model with --model "
+                           "(bridge --health lists them)")
+            else:
+                chosen, why = name, "--model"
+        else:
+            for name in running:
+                if reason := refusal(name):
+                    refused.append((name, reason))
+                elif chosen is None:
+                    chosen, why = name, "loaded: Ollama /api/ps"
+            if chosen is None:
+                chat = []
+                for name in pulled:
+                    if name in running:
+                        continue
+                    if reason := refusal(name):
+                        refused.append((name, reason))
+                    else:
+                        chat.append(name)
+                if len(chat) == 1:
+                    chosen, why = chat[0], "the only chat model pulled (none is loaded)"
+                elif not chat:
+                    problem = ("this Ollama has no local chat model", "pull one: ollama pull llama3.1:8b")
+                else:
+                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: {', '.join(chat[:8])}",
+                               "pick one with --model NAME (or load one: ollama run NAME)")
+        listed = {name for name, _ in refused}
+        for name, tag in pulled.items():     # cloud models say so without a question to the server
+            if name not in listed and (name.endswith("-cloud") or ":cloud" in name or tag.get("remote_host")):
+                refused.append((name, refusal(name)))
+        trained = loaded_context = None
+        if chosen is not None:
+            info = show(chosen).get("model_info")
+            if isinstance(info, dict):
+                trained = next((_positive(v) for k, v in info.items()
+                                if isinstance(k, str) and k.endswith(".context_length") and _positive(v)), None)
+            loaded_context = _positive((running.get(chosen) or {}).get("context_length"))
+        self.native = self.config.ollama_api == "native"
+        self.base_url = root if self.native else f"{root}/v1"
+        self.CHAT_PATH = "/api/chat" if self.native else LLMClient.CHAT_PATH
+        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None, version["version"], why,
+                          tuple(refused), problem, trained)
+
     def probe(self) -> "ServerInfo":
         """Ask the server what it runs: models, the loaded one, its effective context
         length (tokens) and how many requests it serves at once.
@@ -3268,8 +3427,11 @@ class LLMClient(HTTPExecutor):
         n_ctx, total_slots; tools/server/README.md); llama-cpp-python's /v1/models
         (owned_by "me"; llama_cpp/server/app.py); vLLM's max_model_len in
         /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
-        when the server cannot be reached.
+        when the server cannot be reached. Ollama is asked first (_ollama_probe).
         """
+        ollama = self._ollama_probe(self.base_url.removesuffix("/v1"))
+        if ollama is not None:
+            return ollama
         entries = self._model_entries()
         models = [m["id"] for m in entries]
         first = models[0] if models else None
@@ -3329,6 +3491,9 @@ class LLMClient(HTTPExecutor):
         says, unless output had already streamed. Raises LLMError (never an httpx
         exception) when the request finally fails.
         """
+        if self.native:
+            return self._chat_native(messages, model, temperature, max_tokens, timeout_s, json_schema,
+                                     on_delta, sampling or {})
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
         if temperature is not None:
@@ -3360,8 +3525,68 @@ class LLMClient(HTTPExecutor):
                                f"({clip(str(exc), 160, 'message')}); trying the next form")
                 self.structured_level += 1
 
+    def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
+                     max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
+                     on_delta: Callable[[str], None] | None, sampling: dict) -> Completion:
+        """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
+        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
+        and structured output through `format` (a JSON schema). Streamed as NDJSON
+        (_parse_ndjson); retried as every request is."""
+        options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
+        if temperature is not None:
+            options["temperature"] = temperature
+        if max_tokens is not None:
+            options["num_predict"] = max_tokens
+        options.update({k: v for k, v in self.accepted_sampling(sampling).items()
+                        if k not in ("temperature", "max_tokens")})
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True, "options": options}
+        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS):
+            payload["format"] = json_schema
+        return self._send_with_retries(payload, timeout_s, on_delta)
+
+    def _parse_ndjson(self, response: Any, url: str, started: float,
+                      on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
+        """Read Ollama's NDJSON chat stream: {"message": {"content"}, "done": false}
+        lines, then done: true with done_reason, prompt_eval_count and eval_count
+        (docs/api.md); {"error": …} mid-stream is the server's error. Held to
+        --max-output-bytes like every reply."""
+        limit = self.config.max_output_bytes
+        size, model, finish, usage = 0, None, None, None
+        for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+            try:
+                chunk = load_reply(line)
+            except ValueError as exc:
+                raise LLMProtocolError(f"{url} streamed a line that is not JSON: {clip(line, 120, 'line')}") from exc
+            if not isinstance(chunk, dict):
+                raise LLMProtocolError(f"{url} streamed a line that is not an object")
+            if "error" in chunk:
+                message = self._scrub(_error_message(line.encode()))
+                self._raise_fault(url, 500, message)
+                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                                   context_overflow=_is_context_overflow(message))
+            model = chunk.get("model") if isinstance(chunk.get("model"), str) else model
+            message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+            piece = message.get("content") if isinstance(message.get("content"), str) else ""
+            if piece:
+                size = reply_size(size, piece, limit)
+                received.append(piece)
+                if on_delta:
+                    on_delta(piece)
+            if chunk.get("done") is True:
+                reason = chunk.get("done_reason")
+                finish = reason if isinstance(reason, str) and reason else "stop"
+                usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
+                                "completion_tokens": chunk.get("eval_count")})
+                break
+        if finish is None:
+            raise LLMProtocolError(f"the stream from {url} ended early, after "
+                                   f"{sum(map(len, received))} characters and no done line")
+        return Completion("".join(received), usage, model, finish, time.monotonic() - started)
+
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
                received: list[str]) -> Completion:
+        if self.native:
+            return self._parse_ndjson(response, url, started, on_delta, received)
         if "text/event-stream" not in response.headers.get("content-type", ""):
             return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
                                      url, started)
@@ -3431,11 +3656,16 @@ class LLMClient(HTTPExecutor):
         return Completion("".join(received), usage, model, finish, time.monotonic() - started)
 
 
-class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel")):
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why refused "
+                                         "problem trained_context",
+                            defaults=(None, None, (), None, None))):
     """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
+    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
     or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said)."""
+    not said), parallel (requests it serves at once; None if not said). Ollama's
+    probe also gives: version (str), why (how loaded was picked), refused ((model,
+    reason) pairs it will not send steps to), problem ((what, hint) when no model
+    can be used, else None), trained_context (the model's trained maximum, tokens)."""
 
     __slots__ = ()
 
@@ -6384,7 +6614,7 @@ class Runner:
             return AttemptFailure("interrupted", retryable=False)
         run.runlog.answer(step.id, attempt.number, reply)
         _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
-        if local and (cut := prompt_cut(reply.usage, attempt.messages)):   # the same prompt is cut again
+        if local and executor.cuts_prompts and (cut := prompt_cut(reply.usage, attempt.messages)):   # the same prompt is cut again
             result.output = strip_think(reply.text)
             run.runlog.checked(step.id, attempt.number, cut)
             return AttemptFailure(cut, retryable=False)
@@ -6671,6 +6901,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
         "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps",
         "BRIDGE_API_KEY", "none"))
+    settings.add_argument("--ollama-api", choices=OLLAMA_APIS, help=_env_help(
+        "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the prompts) or openai "
+        "(/v1/chat/completions: the context cannot be set, and Ollama cuts long prompts)",
+        "BRIDGE_OLLAMA_API", "native"))
     settings.add_argument("--model", metavar="ID", help=_env_help(
         "the model to use", "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
     settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
@@ -6819,8 +7053,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     return Config(
         db_paths=db_paths,
         base_url=base_url.rstrip("/"),
+        base_url_given=bool(pick(args.base_url, "BRIDGE_BASE_URL")),
         model=pick(args.model, "BRIDGE_MODEL"),
         api_key=pick(args.api_key, "BRIDGE_API_KEY"),
+        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native", "Ollama API",
+                           "--ollama-api or BRIDGE_OLLAMA_API"),
         timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
@@ -6922,15 +7159,20 @@ def cmd_health(config: Config) -> int:
     """Check the server and the store; print the report; 0 only when both work."""
     report: dict[str, Any] = {"server": {"base_url": config.base_url}, "store": {}}
     server_ok = store_ok = False
+    config, tried = discover_server(config)
+    report["server"].update(base_url=config.base_url, tried=tried)
     try:
         with LLMClient(config) as client:
             info = client.probe()
             models = info.models
             report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
                                     context_length=info.context_length, parallel=info.parallel)
-            server_ok = bool(models)
+            report["server"].update(run_plan(config, client, info))
+            server_ok = bool(models) and report["server"]["model"] is not None
             if not models:
                 report["server"]["error"] = "the server lists no models; download or load one"
+            elif not server_ok:
+                report["server"]["error"] = report["server"]["model_why"]
     except LLMError as exc:
         report["server"].update(reachable=False, error=str(exc), hint=exc.hint)
     try:
@@ -6956,13 +7198,16 @@ def cmd_health(config: Config) -> int:
     else:
         server, store_info = report["server"], report["store"]
         if server_ok:
-            print(printable(f"server  ok    {config.base_url} ({server['kind']}) · {len(server['models'])} "
+            version = f" {server['version']}" if server.get("version") else ""
+            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · {len(server['models'])} "
                             f"model(s) · loaded: {server['loaded'] or 'none reported'} · context "
                             f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}"))
         else:
             print(printable(f"server  FAIL  {server['error']}"))
             if server.get("hint"):
                 print(printable(f"              hint: {server['hint']}"))
+        for line in run_plan_lines(server):
+            print(printable(f"              {line}"))
         if store_ok:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
@@ -6977,6 +7222,155 @@ def cmd_health(config: Config) -> int:
         if "memory_api" in report:
             print("memory  " + _memory_api_line(report["memory_api"]))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
+def ollama_num_ctx(config: Config, records: list[PlanRecord], info: ServerInfo) -> int:
+    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
+    largest first prompt of the plans to run (estimate_tokens, with their LOAD files)
+    plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
+    OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
+    with when that is as large already (no reload); never past its trained context.
+    aider asks the request plus 8k the same way (llm-servers.md §9)."""
+    largest = 0
+    for record in records:
+        try:
+            plan = runnable_plan(record, config)
+        except PlanInvalid:
+            continue
+        for step in plan.steps.values():
+            try:
+                messages = build_messages(plan, step, {})
+            except (BridgeError, OSError):
+                continue
+            largest = max(largest, estimate_tokens(messages) + answer_tokens(step, None))
+    need = max(largest + OLLAMA_NUM_CTX_SLACK, OLLAMA_MIN_NUM_CTX)
+    if info.context_length and info.context_length >= need:
+        return info.context_length
+    num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
+    return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
+
+
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken. Returns (the config, with the
+    base URL found, or as it was when none answered; [{"url", "result"}] per port
+    tried). Nothing leaves this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
+
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False, headers=headers) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
+
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root, "result": "--memory-url's port: the memory server, skipped"})
+                continue
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    tried.append({"url": root, "result": "the memory server (its /api/health), skipped"
+                                  if memory else "answers, but not as a model server"})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
+    """Return what a run on this server will do, for --health (and its --json, whose
+    "server" object carries these keys; README, "Model servers"): model (str or None)
+    and model_why; context_length (tokens prompts are fitted to, or None) and
+    context_source; trained_context; slots (steps in flight); version; api (the chat route);
+    structured_output and prompts_cut (sentences); refused ([{"model", "reason"}])."""
+    try:
+        model, why = _pick_model(config, info), info.why or ("--model" if config.model
+                                                             else "the model the server reports loaded")
+    except LLMError as exc:
+        model, why = None, f"{exc} ({exc.hint})" if exc.hint else str(exc)
+    same = model is not None and parse_model_ref(model)[1] == info.loaded
+    context, source = config.context_length, "--context-length"
+    if context is None and client.native and same:
+        context, source = ollama_num_ctx(config, [], info), ("options.num_ctx, raised per run to fit the "
+                                                             "largest prompt (at most the trained context)")
+    elif context is None and same and info.context_length:
+        context, source = info.context_length, f"reported by {info.kind}"
+    if not config.structured:
+        structured = "off (--no-structured)"
+    elif client.native:
+        structured = "JSON steps send their schema as format (Ollama's native API)"
+    else:
+        structured = "JSON steps ask response_format json_schema (then json_object with a schema, then none)"
+    if client.native:
+        cut = "no: num_ctx is set to fit every prompt"
+    elif info.kind == "Ollama":
+        cut = ("yes: Ollama's OpenAI endpoint cannot set num_ctx and cuts long prompts silently; "
+               "bridge fails such an attempt (--ollama-api native avoids it)")
+    elif context:
+        cut = "no: prompts are fitted to the context; a cut seen in usage fails the attempt"
+    else:
+        cut = ("maybe: the context is not reported (pass --context-length); a cut seen in usage "
+               "fails the attempt")
+    return {"model": model, "model_why": why, "context_length": context,
+            "context_source": source if context else None, "trained_context": info.trained_context,
+            "slots": config.parallel or (info.parallel if same else None) or 1, "version": info.version,
+            "api": f"{client.base_url}{client.CHAT_PATH}", "structured_output": structured,
+            "prompts_cut": cut, "refused": [{"model": m, "reason": r} for m, r in info.refused]}
+
+
+def run_plan_lines(server: dict) -> list[str]:
+    """The --health lines under the server's: what a run will do (see run_plan)."""
+    lines = []
+    if server.get("model"):
+        context = (f"context {server['context_length']} ({server['context_source']})"
+                   if server.get("context_length") else "context not reported")
+        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
+        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
+                     f"{server['slots']} step(s) at once · {server['api']}")
+        lines.append(f"output: {server['structured_output']} · prompts cut: {server['prompts_cut']}")
+    for refused in server.get("refused") or []:
+        lines.append(f"refused {refused['model']}: {refused['reason']}")
+    for tried in server.get("tried") or []:
+        lines.append(f"tried {tried['url']}: {tried['result']}")
+    return lines
 
 
 def _memory_store_line(info: dict) -> str:
@@ -7127,16 +7521,6 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 ###############################################################################
 
 
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none."""
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
-
-
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
     """Run one plan (plan_id) or every pending plan; print the summary.
 
@@ -7152,12 +7536,16 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
+        if records and not config.base_url_given:
+            config, tried = discover_server(config)
+            if tried and tried[-1]["result"].endswith("used"):
+                progress.info(f"model server: found at {config.base_url} (no --base-url given)")
         if not records:
             progress.info(f"no pending plans in {store.path}")
         records, waiting = gate_records(config, records, progress)
         results, not_recorded = [], 0
         with LLMClient(config, on_retry=progress.retrying) as client:
-            runner = _open_runner(config, store, client, progress) if records else None
+            runner = _open_runner(config, store, client, progress, records) if records else None
             try:
                 for record in records:
                     try:
@@ -7197,14 +7585,20 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
     return records, ("pending", "invalid"), shared_id_problems(plans)
 
 
-def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress) -> Runner:
+def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
+                 records: list[PlanRecord] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
-    whose executors are checked (no key, no claude binary: said before any claim)."""
+    whose executors are checked (no key, no claude binary: said before any claim).
+    On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
+    --context-length), sent with every request."""
     local = config.model is None or parse_model_ref(config.model)[0] == "openai"
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
     same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
+    if same and client.native:
+        client.num_ctx = config.context_length or ollama_num_ctx(config, records or [], info)
+        info = info._replace(context_length=client.num_ctx)
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
     runner = Runner(config, store, client, model, progress, context, parallel)

@@ -186,6 +186,7 @@ def big_load_plan(project: Path) -> dict:
 
 def test_a_prompt_the_server_cut_fails_naming_both_numbers(capsys, db, ollama, state_dir, project):
     insert_plan(db, big_load_plan(project))
+    ollama.running = []         # loaded by this first request (the context it gets is not said)
     ollama.enqueue("a summary of the last rows only")
     rc, out, err = run(capsys, db, ollama.root + "/v1", state_dir, "--model", "llama3.1:8b", "--json",
                        "--ollama-api", "openai")
