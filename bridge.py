@@ -3325,6 +3325,43 @@ class LLMClient(HTTPExecutor):
         except ValueError:
             return None
 
+    def _lmstudio_models(self, models: list[str], entries: list[dict]) -> "ServerInfo":
+        """Read LM Studio 0.4's GET /api/v1/models (lmstudio docs 1_developer/2_rest/
+        list.md): only type "llm" and "vlm" entries are chat models (an "embedding"
+        one loaded for RAG is refused); --model matches an entry's key or any loaded
+        instance's id; the context and parallel slots are that instance's config. With
+        nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
+        first request), else a problem listing the LLMs."""
+        chat = [e for e in entries if e.get("type") in ("llm", "vlm") and isinstance(e.get("key"), str)]
+        refused = tuple((str(e.get("key")), f"not a chat model (type {e.get('type')!r})") for e in entries
+                        if e.get("type") not in ("llm", "vlm") and e.get("loaded_instances"))
+        wanted = self.config.model
+        wanted = parse_model_ref(wanted)[1] if wanted and parse_model_ref(wanted)[0] == "openai" else None
+
+        def instances(entry: dict) -> list[dict]:
+            found = entry.get("loaded_instances")
+            return [i for i in found if isinstance(i, dict)] if isinstance(found, list) else []
+        for entry in chat:
+            for instance in instances(entry):
+                if wanted is None or wanted in (entry["key"], instance.get("id")):
+                    config = instance.get("config") if isinstance(instance.get("config"), dict) else {}
+                    name = wanted or entry["key"]
+                    return ServerInfo("LM Studio", models, name, _positive(config.get("context_length")),
+                                      _positive(config.get("parallel")), None,
+                                      "--model" if wanted else "loaded (LM Studio /api/v1/models)", refused,
+                                      None, _positive(entry.get("max_context_length")))
+        if wanted is not None:      # not loaded: the first request loads it (JIT), then bridge re-reads
+            return ServerInfo("LM Studio", models, None, None, None, None,
+                              "--model, not loaded yet: LM Studio loads it on the first request", refused)
+        if len(chat) == 1:
+            return ServerInfo("LM Studio", models, chat[0]["key"], None, None, None,
+                              "the only LLM downloaded; LM Studio loads it on the first request", refused,
+                              None, _positive(chat[0].get("max_context_length")))
+        listed = ", ".join(e["key"] for e in chat[:8]) or "none"
+        return ServerInfo("LM Studio", models, None, None, None, None, None, refused,
+                          (f"LM Studio has no model loaded and {len(chat)} LLMs downloaded ({listed})",
+                           "load one (lms load KEY) or pass --model KEY"))
+
     def _ollama_probe(self, root: str) -> "ServerInfo | None":
         """Return what an Ollama server runs, or None when root is not Ollama.
 
@@ -3438,13 +3475,7 @@ class LLMClient(HTTPExecutor):
         root = self.base_url.removesuffix("/v1")
         v1 = self._try_json(f"{root}/api/v1/models")
         if isinstance(v1, dict) and isinstance(v1.get("models"), list):
-            for entry in v1["models"]:
-                instances = entry.get("loaded_instances") if isinstance(entry, dict) else None
-                if instances and isinstance(instances[0], dict):
-                    config = instances[0].get("config") or {}
-                    return ServerInfo("LM Studio", models, entry.get("key") or instances[0].get("id"),
-                                      _positive(config.get("context_length")), _positive(config.get("parallel")))
-            return ServerInfo("LM Studio", models, None, None, None)
+            return self._lmstudio_models(models, [e for e in v1["models"] if isinstance(e, dict)])
         v0 = self._try_json(f"{root}/api/v0/models")
         if isinstance(v0, dict) and isinstance(v0.get("data"), list):
             for entry in v0["data"]:
@@ -6104,6 +6135,12 @@ class Runner:
         self._executors: dict[tuple, Any] = {}
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
         self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
+        # LM Studio's model was not loaded when the run began (JIT): the first reply loads
+        # it, then the server is asked again for the context and slots it was loaded with
+        self.reprobe = False
+        import threading
+
+        self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -6608,6 +6645,8 @@ class Runner:
             result.generation_s += time.monotonic() - attempt.started
             return self._stopped(run, step, result, attempt, str(exc))
         result.generation_s += time.monotonic() - attempt.started
+        if local and self.reprobe:
+            self._reprobe(attempt.model)
         if paid:
             self._spend.add(reply.cost_usd or 0.0)
         if run.cancel.is_set():
@@ -6631,6 +6670,26 @@ class Runner:
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
         return self._check(run, step, result, output, reply.text)
+
+    def _reprobe(self, model: str) -> None:
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
+        context and parallel slots it was loaded with (JIT loads ignore saved settings
+        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
+        re-reads the same way): the steps sent after this fit them; said once."""
+        with self._reprobe_lock:
+            if not self.reprobe:
+                return
+            self.reprobe = False
+        try:
+            info = self.client.probe()
+        except LLMError:
+            return
+        if model != self.model or info.loaded != parse_model_ref(model)[1]:
+            return
+        self.context_length = self.config.context_length or info.context_length
+        self.parallel = self.config.parallel or info.parallel or 1
+        self.progress.info(f"model {info.loaded} is loaded now: context {info.context_length or 'not reported'}, "
+                           f"{info.parallel or 1} slot(s); the steps sent from now on are fitted to them")
 
     def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
         """Return the sampling fields an attempt asks for, with its max_tokens: the
@@ -7602,6 +7661,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
     runner = Runner(config, store, client, model, progress, context, parallel)
+    runner.reprobe = info is not None and info.kind == "LM Studio" and not (same and info.context_length)
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)

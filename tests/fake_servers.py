@@ -4,6 +4,8 @@
 tests/fakes.py's FakeLLM (its scripted reply queue and request record).
 
 - FakeKeyed: any FakeLLM kind that answers 401 to a request without its key.
+- FakeLMStudio: LM Studio 0.4: `/api/v1/models` with typed entries (an embedding model
+  loaded first, as RAG users have it) and JIT loading on the first chat request.
 - FakeOllama: Ollama 0.33: `/`, `/api/version`, `/api/tags`, `/api/ps`, `/api/show`, a
   native `/api/chat` (NDJSON) that honours `options.num_ctx`, and an OpenAI endpoint
   that cuts an over-long prompt silently, as Ollama does.
@@ -20,7 +22,7 @@ from typing import Any
 
 from fakes import FakeLLM, _Handler, _prompt_chars, _split
 
-__all__ = ["FakeKeyed", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
+__all__ = ["FakeKeyed", "FakeLMStudio", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
 
 CHARS_PER_FAKE_TOKEN = 4
 # Ollama keeps num_keep tokens (default 4) plus the tail when a prompt passes num_ctx, up to
@@ -238,3 +240,60 @@ class FakeOllama(FakeLLM):
     @property
     def chat_requests(self) -> list[dict]:
         return self._posts_to("/api/chat") + self._posts_to("/v1/chat/completions")
+
+
+class _LMStudioHandler(_Handler):
+    def _get(self) -> None:
+        fake: FakeLMStudio = self.server.fake   # type: ignore[assignment]
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/api/v1/models":
+            # lmstudio docs 1_developer/2_rest/list.md: type, key, loaded_instances[].config
+            self._record(self._read_body())
+            self._send(200, {"models": [{"type": kind, "key": key, "display_name": key,
+                                         "max_context_length": 131072, "format": "gguf",
+                                         "loaded_instances": [{"id": iid, "config": dict(config)}
+                                                              for iid, config in fake.instances.get(key, [])]}
+                                        for key, kind in fake.catalog.items()]})
+            return
+        if path == "/v1/models":
+            # JIT on: every downloaded model; off: only the loaded ones (core/headless.md)
+            self._record(self._read_body())
+            keys = [k for k in fake.catalog if fake.jit or fake.instances.get(k)]
+            self._send(200, {"object": "list", "data": [{"id": k, "object": "model", "owned_by": "organization_owner"}
+                                                        for k in keys]})
+            return
+        super()._get()
+
+    def _play(self, r: dict, req: dict) -> None:
+        fake: FakeLMStudio = self.server.fake   # type: ignore[assignment]
+        name = req.get("model")
+        if name in fake.catalog and not fake.instances.get(name) and fake.jit:
+            # JIT: the first request loads the model, at 4,096 tokens (bug tracker #2174)
+            fake.instances[name] = [(name, {"context_length": fake.jit_context, "parallel": 4})]
+        super()._play(r, req)
+
+
+class FakeLMStudio(FakeLLM):
+    """LM Studio 0.4 (llm-servers.md §1 and §9). catalog: key -> type ("llm", "vlm",
+    "embedding"), in /api/v1/models order; instances: key -> [(instance id, config)];
+    jit: the first chat request for a model loads it at jit_context tokens."""
+
+    _handler = _LMStudioHandler
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setup()
+
+    def _setup(self) -> None:
+        self.catalog = {"text-embedding-nomic-embed-text-v1.5": "embedding", "qwen3-8b": "llm",
+                        "gemma-3-4b": "vlm"}
+        self.instances: dict[str, list[tuple[str, dict]]] = {
+            "text-embedding-nomic-embed-text-v1.5": [("text-embedding-nomic-embed-text-v1.5",
+                                                      {"context_length": 2048})]}
+        self.jit = True
+        self.jit_context = 4096
+
+    def reset(self) -> "FakeLMStudio":
+        super().reset()
+        self._setup()
+        return self
