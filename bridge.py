@@ -283,6 +283,10 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 # takes options.num_ctx; its OpenAI endpoint cannot set the context and cuts an over-long
 # prompt silently (docs/api/openai-compatibility.mdx; llm/llama_server.go).
 OLLAMA_APIS = ("native", "openai")
+# A stream llama-cpp-python cut to serve another request (LLMContention) is sent again
+# after each of these waits in turn (seconds, with jitter; about 30 s in all), then the
+# attempt fails as the server's error.
+CONTENTION_WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 # The num_ctx a run asks of Ollama: enough for the largest first prompt of the plans it
 # runs plus its answer and this much more, in steps of OLLAMA_NUM_CTX_STEP, at least
 # OLLAMA_MIN_NUM_CTX, never past the model's trained context. One value per run:
@@ -458,6 +462,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #         │    └── LLMDeadline  the request's overall deadline passed (not transient)
 #         ├── LLMHTTPError      an HTTP error status (transient for 429 and 5xx)
 #         ├── LLMProtocolError  a body or stream that is not chat completions
+#         ├── LLMContention     a stream the server ended to serve another request
 #         └── LLMServerUnusable the server, not the step: a refused key, no such
 #                               model, down; stops the run once (exit 2)
 ###############################################################################
@@ -589,6 +594,13 @@ class LLMHTTPError(LLMError):
 
 class LLMProtocolError(LLMError):
     """The reply was not a chat completion: bad JSON, no choices, a cut stream."""
+
+
+class LLMContention(LLMError):
+    """The server ended a stream to serve another request (llama-cpp-python, unless
+    started with --interrupt_requests False: llama_cpp/server/app.py sends [DONE]
+    with no finish_reason). Not the step's failure: the runner sends it again after a
+    backoff (CONTENTION_WAITS_S)."""
 
 
 class LLMServerUnusable(LLMError):
@@ -3541,6 +3553,10 @@ class LLMClient(HTTPExecutor):
                 payload["response_format"] = form(json_schema)
             try:
                 return self._send_with_retries(payload, timeout_s, on_delta)
+            except LLMProtocolError as exc:
+                if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
+                    self._overflow_check(payload, timeout_s)
+                raise
             except LLMHTTPError as exc:
                 refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ()) if k in payload and k in str(exc)]
                 if refused and exc.status in (400, 422):
@@ -3555,6 +3571,22 @@ class LLMClient(HTTPExecutor):
                 self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
                                f"({clip(str(exc), 160, 'message')}); trying the next form")
                 self.structured_level += 1
+
+    def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
+        """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
+        (the ValueError is raised inside the stream: llama_cpp/server/app.py); the same
+        request unstreamed, with max_tokens 1, gets its 400 context_length_exceeded
+        naming the tokens and the context (llama_cpp/server/errors.py). Raises that
+        LLMHTTPError; returns when the request is not over the context."""
+        once = {k: v for k, v in payload.items() if k != "stream_options"}
+        once.update(stream=False, max_tokens=1)
+        try:
+            self._stream_once(once, timeout_s, None, [])
+        except LLMHTTPError as exc:
+            if exc.context_overflow:
+                raise
+        except LLMError:
+            pass
 
     def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
                      max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
@@ -3679,8 +3711,14 @@ class LLMClient(HTTPExecutor):
                     if on_delta:
                         on_delta(piece)
         if not done and finish is None:
-            raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{sum(map(len, received))} characters and no finish_reason")
+            error = LLMProtocolError(f"the stream from {url} ended early, after "
+                                     f"{sum(map(len, received))} characters and no finish_reason")
+            error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
+            raise error
+        if finish is None and self.server_kind == "llama-cpp-python":
+            raise LLMContention(f"llama-cpp-python ended the stream from {url} after {sum(map(len, received))} "
+                                "characters to serve another request",
+                                "start it with --interrupt_requests False so requests queue instead")
         if not received and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
@@ -6138,6 +6176,7 @@ class Runner:
         # LM Studio's model was not loaded when the run began (JIT): the first reply loads
         # it, then the server is asked again for the context and slots it was loaded with
         self.reprobe = False
+        self._contention_said = False       # a cut stream (LLMContention) was said once
         import threading
 
         self._reprobe_lock = threading.Lock()
@@ -6623,13 +6662,9 @@ class Runner:
         result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
                                    "error": None})
         run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
-        attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
         extra = {"sampling": sampling} if local else {}
         try:
-            reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
-                                  max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
-                                  json_schema=output_schema(step.validation),
-                                  on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
+            reply = self._chat(run, step, attempt, executor, name, sampling, extra)
         except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
             result.generation_s += time.monotonic() - attempt.started
             run.runlog.checked(step.id, attempt.number, str(exc))
@@ -6640,6 +6675,8 @@ class Runner:
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
             run.runlog.checked(step.id, attempt.number, str(exc))
+            if exc.context_overflow and local and attempt.model == self.model and self.context_length is None:
+                self._learn_context(str(exc))
             return AttemptFailure.from_request(exc)
         except OutputDegenerate as exc:
             result.generation_s += time.monotonic() - attempt.started
@@ -6670,6 +6707,44 @@ class Runner:
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
         return self._check(run, step, result, output, reply.text)
+
+    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
+              sampling: dict, extra: dict) -> Completion:
+        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
+        a stream the server cut for another request (LLMContention) is sent again after
+        each of CONTENTION_WAITS_S (jittered; said once a run), then raised."""
+        import random
+
+        local = isinstance(executor, LLMClient)
+        for wait in (*CONTENTION_WAITS_S, None):
+            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
+            attempt.pieces = 0
+            try:
+                return executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
+                                     max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
+                                     json_schema=output_schema(step.validation),
+                                     on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
+            except LLMContention as exc:
+                if wait is None or run.cancel.is_set():
+                    raise
+                if not self._contention_said:
+                    self._contention_said = True
+                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as that goes on "
+                                           f"(hint: {exc.hint})")
+                run.cancel.wait(wait * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    def _learn_context(self, message: str) -> None:
+        """Take the context a server names in its overflow error (llama-cpp-python and
+        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
+        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
+        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens|n_ctx: (\d+)"
+                          r"|context length of only (\d+)", message)
+        number = next((int(g) for g in found.groups() if g), 0) if found else 0
+        if number >= 64:
+            self.context_length = number
+            self.progress.info(f"the server's context is {number} tokens (from its error): the steps "
+                               "sent from now on are fitted to it")
 
     def _reprobe(self, model: str) -> None:
         """Once a reply came from a model LM Studio loaded on demand (JIT), read the

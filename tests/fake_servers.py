@@ -6,6 +6,8 @@ tests/fakes.py's FakeLLM (its scripted reply queue and request record).
 - FakeKeyed: any FakeLLM kind that answers 401 to a request without its key.
 - FakeLMStudio: LM Studio 0.4: `/api/v1/models` with typed entries (an embedding model
   loaded first, as RAG users have it) and JIT loading on the first chat request.
+- FakeLlamaCppPython: llama-cpp-python 0.3's server: a stream cut to serve another
+  request, and a prompt over n_ctx that ends the stream silently (400 unstreamed).
 - FakeOllama: Ollama 0.33: `/`, `/api/version`, `/api/tags`, `/api/ps`, `/api/show`, a
   native `/api/chat` (NDJSON) that honours `options.num_ctx`, and an OpenAI endpoint
   that cuts an over-long prompt silently, as Ollama does.
@@ -22,7 +24,7 @@ from typing import Any
 
 from fakes import FakeLLM, _Handler, _prompt_chars, _split
 
-__all__ = ["FakeKeyed", "FakeLMStudio", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
+__all__ = ["FakeKeyed", "FakeLlamaCppPython", "FakeLMStudio", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
 
 CHARS_PER_FAKE_TOKEN = 4
 # Ollama keeps num_keep tokens (default 4) plus the tail when a prompt passes num_ctx, up to
@@ -294,6 +296,66 @@ class FakeLMStudio(FakeLLM):
         self.jit_context = 4096
 
     def reset(self) -> "FakeLMStudio":
+        super().reset()
+        self._setup()
+        return self
+
+
+class _LlamaCppPythonHandler(_Handler):
+    def _play(self, r: dict, req: dict) -> None:
+        fake: FakeLlamaCppPython = self.server.fake   # type: ignore[assignment]
+        prompt = _prompt_chars(req) // CHARS_PER_FAKE_TOKEN + 1
+        if prompt >= fake.n_ctx or (fake.interrupt > 0 and req.get("stream")):
+            with fake._lock:
+                fake._queue.insert(0, r)            # not played: the next request gets it
+        if prompt >= fake.n_ctx:
+            if req.get("stream"):
+                # the ValueError "Requested tokens (N) exceed context window of M" is raised
+                # inside the stream (llama_cpp/llama.py, server/app.py): 200, then it ends
+                self._start_sse()
+                return
+            # unstreamed it reaches llama_cpp/server/errors.py: 400 context_length_exceeded
+            completion = req.get("max_tokens") or 0
+            self._send(400, {"error": {
+                "message": f"This model's maximum context length is {fake.n_ctx} tokens. However, you "
+                           f"requested {prompt + completion} tokens ({prompt} in the messages, {completion} in "
+                           "the completion). Please reduce the length of the messages or completion.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
+            return
+        with fake._lock:
+            cut = fake.interrupt > 0
+            fake.interrupt -= cut
+        if cut and req.get("stream"):
+            # interrupt_requests (default True): another request arrived, so the stream in
+            # flight sends [DONE] with no finish_reason (llama_cpp/server/app.py)
+            self._start_sse()
+            self._event({"id": "x", "object": "chat.completion.chunk", "model": req.get("model"),
+                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial an"},
+                                      "finish_reason": None}]})
+            self._event("[DONE]")
+            return
+        super()._play(r, req)
+
+
+class FakeLlamaCppPython(FakeLLM):
+    """llama-cpp-python's server (llm-servers.md §3 and §9): /v1/models owned_by "me", no
+    /props, no usage in streams; n_ctx (default 2048, its --n_ctx default); interrupt:
+    how many of the next streams end cut for another request. A cut stream or an
+    overflow does not use up the scripted reply it would have played."""
+
+    _handler = _LlamaCppPythonHandler
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setup()
+
+    def _setup(self) -> None:
+        self.lmstudio = False
+        self.owned_by = "me"
+        self.n_ctx = 2048
+        self.interrupt = 0
+
+    def reset(self) -> "FakeLlamaCppPython":
         super().reset()
         self._setup()
         return self
