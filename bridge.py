@@ -3580,13 +3580,17 @@ class LLMClient(HTTPExecutor):
         LLMHTTPError; returns when the request is not over the context."""
         once = {k: v for k, v in payload.items() if k != "stream_options"}
         once.update(stream=False, max_tokens=1)
-        try:
-            self._stream_once(once, timeout_s, None, [])
-        except LLMHTTPError as exc:
-            if exc.context_overflow:
-                raise
-        except LLMError:
-            pass
+        for _ in range(2):      # the connection of the cut stream may be closed: once more on a new one
+            try:
+                self._stream_once(once, timeout_s, None, [])
+            except LLMUnavailable:
+                continue
+            except LLMHTTPError as exc:
+                if exc.context_overflow:
+                    raise
+            except LLMError:
+                pass
+            return
 
     def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
                      max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
