@@ -8,6 +8,7 @@ tests/fakes.py's FakeLLM (its scripted reply queue and request record).
   loaded first, as RAG users have it) and JIT loading on the first chat request.
 - FakeLlamaCppPython: llama-cpp-python 0.3's server: a stream cut to serve another
   request, and a prompt over n_ctx that ends the stream silently (400 unstreamed).
+- FakeVLLM: vLLM's OpenAI server: /v1/models cards with max_model_len.
 - FakeOllama: Ollama 0.33: `/`, `/api/version`, `/api/tags`, `/api/ps`, `/api/show`, a
   native `/api/chat` (NDJSON) that honours `options.num_ctx`, and an OpenAI endpoint
   that cuts an over-long prompt silently, as Ollama does.
@@ -24,7 +25,7 @@ from typing import Any
 
 from fakes import FakeLLM, _Handler, _prompt_chars, _split
 
-__all__ = ["FakeKeyed", "FakeLlamaCppPython", "FakeLMStudio", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
+__all__ = ["FakeKeyed", "FakeLlamaCppPython", "FakeLMStudio", "FakeVLLM", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
 
 CHARS_PER_FAKE_TOKEN = 4
 # Ollama keeps num_keep tokens (default 4) plus the tail when a prompt passes num_ctx, up to
@@ -356,6 +357,39 @@ class FakeLlamaCppPython(FakeLLM):
         self.interrupt = 0
 
     def reset(self) -> "FakeLlamaCppPython":
+        super().reset()
+        self._setup()
+        return self
+
+
+class _VLLMHandler(_Handler):
+    def _get(self) -> None:
+        fake: FakeVLLM = self.server.fake   # type: ignore[assignment]
+        if self.path.split("?", 1)[0].rstrip("/") == "/v1/models":
+            # vllm/entrypoints/openai/protocol.py ModelCard: id, object, created, owned_by, root, max_model_len
+            self._record(self._read_body())
+            self._send(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 1765000000, "owned_by": "vllm", "root": m,
+                 "parent": None, "max_model_len": fake.max_model_len} for m in fake.models]})
+            return
+        super()._get()
+
+
+class FakeVLLM(FakeLLM):
+    """vLLM (llm-servers.md §4): one model, its max_model_len in /v1/models, no /props."""
+
+    _handler = _VLLMHandler
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setup()
+
+    def _setup(self) -> None:
+        self.lmstudio = False
+        self.models = ["Qwen/Qwen3-8B"]
+        self.max_model_len = 32768
+
+    def reset(self) -> "FakeVLLM":
         super().reset()
         self._setup()
         return self
