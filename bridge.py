@@ -3185,9 +3185,9 @@ class HTTPExecutor:
             except LLMError as exc:
                 if exc.transient and not received and retry == self.config.retries:
                     raise self._gave_up(exc, started, retry) from exc
-                if not exc.transient or received or retry == self.config.retries \
+                if not exc.transient or received or retry == self.config.retries or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
-                    raise
+                    raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
                 delay = exc.retry_after_s
                 if delay is None:
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
@@ -6046,6 +6046,36 @@ class StepScheduler:
         return None
 
 
+class ContextPool:
+    """The tokens of one context that the requests in flight share: llama.cpp's slots
+    with unified KV (its default, auto slots: each slot's n_ctx is the whole -c, one
+    pool; PR #16736, #23652) and LM Studio's parallel predictions (lms#565) run out of
+    it together, and llama.cpp then ends every slot with 500 "Context size has been
+    exceeded". capacity: the context (tokens). Thread-safe."""
+
+    def __init__(self, capacity: int):
+        import threading
+
+        self.capacity, self.used = capacity, 0
+        self._free = threading.Condition()
+
+    def acquire(self, tokens: int, cancel: Any) -> int:
+        """Wait until tokens (at most the whole capacity) are free, or cancel (a
+        threading.Event) is set; take them and return how many were taken."""
+        tokens = max(1, min(tokens, self.capacity))
+        with self._free:
+            while self.used + tokens > self.capacity and not cancel.is_set():
+                self._free.wait(0.1)
+            self.used += tokens
+        return tokens
+
+    def release(self, tokens: int) -> None:
+        """Give back tokens taken by acquire."""
+        with self._free:
+            self.used -= tokens
+            self._free.notify_all()
+
+
 ###############################################################################
 # 21. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
@@ -6181,6 +6211,7 @@ class Runner:
         # it, then the server is asked again for the context and slots it was loaded with
         self.reprobe = False
         self._contention_said = False       # a cut stream (LLMContention) was said once
+        self.pool: ContextPool | None = None    # the default model's context, shared by requests in flight
         import threading
 
         self._reprobe_lock = threading.Lock()
@@ -6716,7 +6747,23 @@ class Runner:
               sampling: dict, extra: dict) -> Completion:
         """Send the attempt's request (with a fresh DegenerationGuard for a local model);
         a stream the server cut for another request (LLMContention) is sent again after
-        each of CONTENTION_WAITS_S (jittered; said once a run), then raised."""
+        each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
+        in parallel on a server whose slots share one context (Runner.pool), the
+        request first waits for its prompt (estimate_tokens) and max_tokens to fit
+        beside those in flight."""
+        local = isinstance(executor, LLMClient)
+        pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
+        need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
+        held = pool.acquire(need, run.cancel) if pool is not None else 0
+        try:
+            return self._chat_once(run, step, attempt, executor, name, sampling, extra)
+        finally:
+            if pool is not None:
+                pool.release(held)
+
+    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
+                   sampling: dict, extra: dict) -> Completion:
+        """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
         local = isinstance(executor, LLMClient)
@@ -7741,6 +7788,8 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     parallel = config.parallel or (info.parallel if same else None) or 1
     runner = Runner(config, store, client, model, progress, context, parallel)
     runner.reprobe = info is not None and info.kind == "LM Studio" and not (same and info.context_length)
+    if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
+        runner.pool = ContextPool(context)      # their slots share one KV pool (llm-servers.md §9)
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)

@@ -8,6 +8,8 @@ tests/fakes.py's FakeLLM (its scripted reply queue and request record).
   loaded first, as RAG users have it) and JIT loading on the first chat request.
 - FakeLlamaCppPython: llama-cpp-python 0.3's server: a stream cut to serve another
   request, and a prompt over n_ctx that ends the stream silently (400 unstreamed).
+- FakeLlamaServer: llama.cpp's llama-server with auto slots (4) and one unified KV pool
+  that answers 500 "Context size has been exceeded" when the requests in flight pass it.
 - FakeVLLM: vLLM's OpenAI server: /v1/models cards with max_model_len.
 - FakeOllama: Ollama 0.33: `/`, `/api/version`, `/api/tags`, `/api/ps`, `/api/show`, a
   native `/api/chat` (NDJSON) that honours `options.num_ctx`, and an OpenAI endpoint
@@ -25,7 +27,7 @@ from typing import Any
 
 from fakes import FakeLLM, _Handler, _prompt_chars, _split
 
-__all__ = ["FakeKeyed", "FakeLlamaCppPython", "FakeLMStudio", "FakeVLLM", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
+__all__ = ["FakeKeyed", "FakeLlamaCppPython", "FakeLlamaServer", "FakeLMStudio", "FakeVLLM", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
 
 CHARS_PER_FAKE_TOKEN = 4
 # Ollama keeps num_keep tokens (default 4) plus the tail when a prompt passes num_ctx, up to
@@ -390,6 +392,56 @@ class FakeVLLM(FakeLLM):
         self.max_model_len = 32768
 
     def reset(self) -> "FakeVLLM":
+        super().reset()
+        self._setup()
+        return self
+
+
+class _LlamaServerHandler(_Handler):
+    def _play(self, r: dict, req: dict) -> None:
+        fake: FakeLlamaServer = self.server.fake   # type: ignore[assignment]
+        need = _prompt_chars(req) // CHARS_PER_FAKE_TOKEN + 1 + int(req.get("max_tokens") or 0)
+        with fake._lock:
+            over = fake.pool_used + need > fake.context_length
+            if not over:
+                fake.pool_used += need
+                fake.pool_peak = max(fake.pool_peak, fake.pool_used)
+        if over:
+            # one unified KV pool: when it runs out the server ends the slots and answers 500
+            # (llama.cpp PR #16736, #23652; lemonade#3276)
+            fake.overflows += 1
+            with fake._lock:
+                fake._queue.insert(0, r)            # not played: the next request gets it
+            self._send(500, {"error": {"code": 500, "message": "Context size has been exceeded.",
+                                       "type": "server_error"}})
+            return
+        try:
+            time.sleep(fake.hold_s)
+            super()._play(r, req)
+        finally:
+            with fake._lock:
+                fake.pool_used -= need
+
+
+class FakeLlamaServer(FakeLLM):
+    """llama-server started with no -np (auto: 4 slots, --kv-unified): /props reports
+    total_slots 4 and each slot's n_ctx as the whole context (llm-servers.md §9), while
+    the slots share that one pool. hold_s: how long each request holds its tokens;
+    pool_peak: the most tokens held at once; overflows: 500s sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setup()
+
+    _handler = _LlamaServerHandler
+
+    def _setup(self) -> None:
+        self.lmstudio, self.slots, self.context_length = False, 4, 4096
+        self.models = ["model.gguf"]
+        self.hold_s = 0.2
+        self.pool_used = self.pool_peak = self.overflows = 0
+
+    def reset(self) -> "FakeLlamaServer":
         super().reset()
         self._setup()
         return self
