@@ -40,9 +40,9 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --api-key, --ollama-api, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
-  --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
-  --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
+  --base-url, --api-key, --ollama-api, --model, --timeout, --retries, --retry-delay,
+  --max-output-bytes, --no-structured, --parallel, --context-length, --retry-sampling,
+  --escalate-to, --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
   --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
   --version, and with their action --all, --rerun, --resume, --run, --force, --replace.
 
@@ -361,10 +361,10 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 
 _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
     "base_url": DEFAULT_BASE_URL,
-    "base_url_given": True,             # False: no --base-url or BRIDGE_BASE_URL (discover_server looks)
+    "base_url_given": True,             # False: neither --base-url nor BRIDGE_BASE_URL (discovered)
     "model": None,                      # str | None
     "ollama_api": "native",             # one of OLLAMA_APIS
-    "api_key": None,                    # str | None: the model server's key (never printed or stored)
+    "api_key": None,                    # str | None: the model server's key (never shown or stored)
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
     "retries": DEFAULT_RETRIES,
@@ -2919,15 +2919,15 @@ SERVER_FAULTS = (
     (r"model [\"']?([^\"'\s]*)[\"']? not found, try pulling it first", "ollama pull {0}, or pick "
      "another with --model (bridge --health lists them)"),
     # Ollama: 400 `"x" does not support chat` for an embedding model (ollama server/routes.go)
-    (r"[\"']?([^\"'\s]*)[\"']? does not support chat", "{0} is not a chat model; pick one with --model "
-     "(bridge --health lists the chat models)"),
+    (r"[\"']?([^\"'\s]*)[\"']? does not support chat",
+     "{0} is not a chat model; pick one with --model (bridge --health lists the chat models)"),
     # LM Studio: 404 `Failed to load model "X". Error: … insufficient system resources`
     # (agent-zero#215), 400 "… Operation canceled" (crush#2546)
     (r"failed to load model [\"']?([^\"'\s]*)", "free memory, or load it yourself with a smaller "
      "context: lms load {0} --context-length 8192"),
     # LM Studio with two or more models loaded: 404 model_not_found (lmstudio-bug-tracker#619)
-    (r"model [\"']?([^\"'\s]*)[\"']? not found", "load it (lms load {0}) or pass --model with one the "
-     "server has (bridge --health lists them)"),
+    (r"model [\"']?([^\"'\s]*)[\"']? not found",
+     "load it (lms load {0}) or pass --model with one the server has (bridge --health lists them)"),
 )
 
 
@@ -2939,8 +2939,8 @@ def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] 
     opencode-lmstudio#41), llama-server and vLLM --api-key."""
     if status in (401, 403):
         if key_given:
-            return ("the model server refused the key", "set BRIDGE_API_KEY (or --api-key) to the key "
-                    "the server expects (LM Studio: Developer > Server settings)")
+            return ("the model server refused the key", "set BRIDGE_API_KEY (or --api-key) to the "
+                    "key the server expects (LM Studio: Developer > Server settings)")
         return ("the model server wants a key", "set BRIDGE_API_KEY (or pass --api-key) to its key "
                 "(LM Studio: Developer > Server settings > Require Authentication)")
     if status not in (400, 404, 500):
@@ -2949,7 +2949,8 @@ def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] 
         if found := re.search(pattern, message.lower()):
             name = re.search(pattern, message, re.IGNORECASE)
             groups = name.groups() if name else found.groups()
-            return ("the model server cannot run the model", hint.format(*(g or "MODEL" for g in groups)))
+            return ("the model server cannot run the model",
+                    hint.format(*(g or "MODEL" for g in groups)))
     return None
 
 
@@ -3079,7 +3080,7 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 # Sampling fields beyond OpenAI's (temperature, seed) that each kind of server takes
 # (ServerInfo.kind); bridge sends them only there (see LLMClient.accepted_sampling).
 SAMPLING_FIELDS = {
-    "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile parameters)
+    "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile)
     "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
     "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
     "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
@@ -3148,7 +3149,8 @@ class HTTPExecutor:
             with self.http.stream("GET", url) as raw:
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
                 if response.status_code >= 400:
-                    message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
+                    message = self._scrub(_error_message(body))
                     self._raise_fault(url, response.status_code, message)
                     raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}",
                                        response.status_code)
@@ -3185,7 +3187,8 @@ class HTTPExecutor:
             except LLMError as exc:
                 if exc.transient and not received and retry == self.config.retries:
                     raise self._gave_up(exc, started, retry) from exc
-                if not exc.transient or received or retry == self.config.retries or exc.context_overflow \
+                if not exc.transient or received or retry == self.config.retries \
+                        or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
                     raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
                 delay = exc.retry_after_s
@@ -3233,7 +3236,8 @@ class HTTPExecutor:
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
+                    message = self._scrub(_error_message(body))
                     self._raise_fault(url, response.status_code, message)
                     raise LLMHTTPError(
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
@@ -3287,16 +3291,18 @@ class LLMClient(HTTPExecutor):
         fault = server_fault(status, message, bool(self.config.api_key))
         if fault is not None:
             what, hint = fault
-            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint, status)
+            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
+                                    status)
 
     def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
         """A server still unreachable after the request's retries is gone for the run
         (LLMServerUnusable), said with how long bridge waited for it."""
-        if not isinstance(exc, LLMUnavailable):     # a timeout may be this step's own (a long prompt)
+        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
             return exc
         waited = time.monotonic() - started
-        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited {waited:.0f} s "
-                                 f"over {retries} retries (--retries, --retry-delay)",
+        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
+                                 f"{waited:.0f} s over {retries} retries "
+                                 "(--retries, --retry-delay)",
                                  "start it again, then resume the plan (bridge --plan ID --resume)")
 
     def _model_entries(self) -> list[dict]:
@@ -3344,35 +3350,43 @@ class LLMClient(HTTPExecutor):
         instance's id; the context and parallel slots are that instance's config. With
         nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
         first request), else a problem listing the LLMs."""
-        chat = [e for e in entries if e.get("type") in ("llm", "vlm") and isinstance(e.get("key"), str)]
-        refused = tuple((str(e.get("key")), f"not a chat model (type {e.get('type')!r})") for e in entries
+        chat = [e for e in entries
+                if e.get("type") in ("llm", "vlm") and isinstance(e.get("key"), str)]
+        refused = tuple((str(e.get("key")), f"not a chat model (type {e.get('type')!r})")
+                        for e in entries
                         if e.get("type") not in ("llm", "vlm") and e.get("loaded_instances"))
         wanted = self.config.model
-        wanted = parse_model_ref(wanted)[1] if wanted and parse_model_ref(wanted)[0] == "openai" else None
+        if wanted and parse_model_ref(wanted)[0] == "openai":
+            wanted = parse_model_ref(wanted)[1]
+        else:
+            wanted = None
 
         def instances(entry: dict) -> list[dict]:
             found = entry.get("loaded_instances")
             return [i for i in found if isinstance(i, dict)] if isinstance(found, list) else []
         for entry in chat:
+            trained = _positive(entry.get("max_context_length"))
             for instance in instances(entry):
                 if wanted is None or wanted in (entry["key"], instance.get("id")):
-                    config = instance.get("config") if isinstance(instance.get("config"), dict) else {}
-                    name = wanted or entry["key"]
-                    return ServerInfo("LM Studio", models, name, _positive(config.get("context_length")),
-                                      _positive(config.get("parallel")), None,
-                                      "--model" if wanted else "loaded (LM Studio /api/v1/models)", refused,
-                                      None, _positive(entry.get("max_context_length")))
-        if wanted is not None:      # not loaded: the first request loads it (JIT), then bridge re-reads
+                    config = instance.get("config")
+                    config = config if isinstance(config, dict) else {}
+                    why = "--model" if wanted else "loaded: LM Studio /api/v1/models"
+                    return ServerInfo("LM Studio", models, wanted or entry["key"],
+                                      _positive(config.get("context_length")),
+                                      _positive(config.get("parallel")), None, why, refused,
+                                      None, trained)
+        if wanted is not None:      # not loaded: the first request loads it (JIT), then re-read
             return ServerInfo("LM Studio", models, None, None, None, None,
-                              "--model, not loaded yet: LM Studio loads it on the first request", refused)
+                              "--model, not loaded yet: LM Studio loads it on the first request",
+                              refused)
         if len(chat) == 1:
             return ServerInfo("LM Studio", models, chat[0]["key"], None, None, None,
-                              "the only LLM downloaded; LM Studio loads it on the first request", refused,
-                              None, _positive(chat[0].get("max_context_length")))
+                              "the only LLM downloaded; LM Studio loads it on the first request",
+                              refused, None, _positive(chat[0].get("max_context_length")))
         listed = ", ".join(e["key"] for e in chat[:8]) or "none"
         return ServerInfo("LM Studio", models, None, None, None, None, None, refused,
-                          (f"LM Studio has no model loaded and {len(chat)} LLMs downloaded ({listed})",
-                           "load one (lms load KEY) or pass --model KEY"))
+                          (f"LM Studio has no model loaded and {len(chat)} LLMs downloaded "
+                           f"({listed})", "load one (lms load KEY) or pass --model KEY"))
 
     def _ollama_probe(self, root: str) -> "ServerInfo | None":
         """Return what an Ollama server runs, or None when root is not Ollama.
@@ -3391,23 +3405,29 @@ class LLMClient(HTTPExecutor):
         if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
                 or not isinstance(version.get("version"), str):
             return None
-        pulled = {m["name"]: m for m in tags["models"] if isinstance(m, dict) and isinstance(m.get("name"), str)}
-        ps = self._try_json(f"{root}/api/ps")
-        running = {m["name"]: m for m in (ps.get("models") if isinstance(ps, dict) else None) or []
-                   if isinstance(m, dict) and isinstance(m.get("name"), str)}
+        def named(found: Any) -> dict[str, dict]:
+            found = found.get("models") if isinstance(found, dict) else None
+            return {m["name"]: m for m in found if isinstance(m, dict)
+                    and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
+        pulled, running = named(tags), named(self._try_json(f"{root}/api/ps"))
         shown: dict[str, dict] = {}
         refused: list[tuple[str, str]] = []
 
         def show(name: str) -> dict:
             if name not in shown:
-                info = self._post_json(f"{root}/api/show", {"model": name}) if len(shown) < OLLAMA_SHOW_MAX else None
+                info = self._post_json(f"{root}/api/show", {"model": name}) \
+                    if len(shown) < OLLAMA_SHOW_MAX else None
                 shown[name] = info if isinstance(info, dict) else {}
             return shown[name]
 
-        def refusal(name: str) -> str | None:
+        def cloud(name: str) -> bool:
             remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
-            if name.endswith("-cloud") or ":cloud" in name or remote:
-                return "a cloud model: it runs on ollama.com, and the project's files would leave this machine"
+            return name.endswith("-cloud") or ":cloud" in name or bool(remote)
+
+        def refusal(name: str) -> str | None:
+            if cloud(name):
+                return ("a cloud model: it runs on ollama.com, and the project's files would "
+                        "leave this machine")
             caps = show(name).get("capabilities")
             if isinstance(caps, list) and "completion" not in caps:
                 return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
@@ -3417,9 +3437,11 @@ class LLMClient(HTTPExecutor):
         wanted = self.config.model
         if wanted and parse_model_ref(wanted)[0] == "openai":
             wanted = parse_model_ref(wanted)[1]
-            name = next((n for n in (wanted, f"{wanted}:latest") if n in pulled or n in running), None)
+            name = next((n for n in (wanted, f"{wanted}:latest")
+                         if n in pulled or n in running), None)
             if name is None:
-                problem = (f"model {wanted!r} is not pulled on this Ollama", f"ollama pull {wanted}")
+                problem = (f"model {wanted!r} is not pulled on this Ollama",
+                           f"ollama pull {wanted}")
             elif reason := refusal(name):
                 refused.append((name, reason))
                 problem = (f"--model {name} is {reason}", "pick a local chat model with --model "
@@ -3444,25 +3466,28 @@ class LLMClient(HTTPExecutor):
                 if len(chat) == 1:
                     chosen, why = chat[0], "the only chat model pulled (none is loaded)"
                 elif not chat:
-                    problem = ("this Ollama has no local chat model", "pull one: ollama pull llama3.1:8b")
+                    problem = ("this Ollama has no local chat model",
+                               "pull one: ollama pull llama3.1:8b")
                 else:
-                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: {', '.join(chat[:8])}",
+                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: "
+                               f"{', '.join(chat[:8])}",
                                "pick one with --model NAME (or load one: ollama run NAME)")
         listed = {name for name, _ in refused}
-        for name, tag in pulled.items():     # cloud models say so without a question to the server
-            if name not in listed and (name.endswith("-cloud") or ":cloud" in name or tag.get("remote_host")):
+        for name in pulled:     # cloud models say so without a question to the server
+            if name not in listed and cloud(name):
                 refused.append((name, refusal(name)))
         trained = loaded_context = None
         if chosen is not None:
             info = show(chosen).get("model_info")
             if isinstance(info, dict):
-                trained = next((_positive(v) for k, v in info.items()
-                                if isinstance(k, str) and k.endswith(".context_length") and _positive(v)), None)
+                trained = next((_positive(v) for k, v in info.items() if isinstance(k, str)
+                                and k.endswith(".context_length") and _positive(v)), None)
             loaded_context = _positive((running.get(chosen) or {}).get("context_length"))
         self.native = self.config.ollama_api == "native"
         self.base_url = root if self.native else f"{root}/v1"
         self.CHAT_PATH = "/api/chat" if self.native else LLMClient.CHAT_PATH
-        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None, version["version"], why,
+        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None,
+                          version["version"], why,
                           tuple(refused), problem, trained)
 
     def probe(self) -> "ServerInfo":
@@ -3535,8 +3560,8 @@ class LLMClient(HTTPExecutor):
         exception) when the request finally fails.
         """
         if self.native:
-            return self._chat_native(messages, model, temperature, max_tokens, timeout_s, json_schema,
-                                     on_delta, sampling or {})
+            return self._chat_native(messages, model, temperature, max_tokens, timeout_s,
+                                     json_schema, on_delta, sampling or {})
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
         if temperature is not None:
@@ -3580,7 +3605,7 @@ class LLMClient(HTTPExecutor):
         LLMHTTPError; returns when the request is not over the context."""
         once = {k: v for k, v in payload.items() if k != "stream_options"}
         once.update(stream=False, max_tokens=1)
-        for _ in range(2):      # the connection of the cut stream may be closed: once more on a new one
+        for _ in range(2):      # the cut stream's connection may be closed: again on a new one
             try:
                 self._stream_once(once, timeout_s, None, [])
             except LLMUnavailable:
@@ -3606,7 +3631,8 @@ class LLMClient(HTTPExecutor):
             options["num_predict"] = max_tokens
         options.update({k: v for k, v in self.accepted_sampling(sampling).items()
                         if k not in ("temperature", "max_tokens")})
-        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True, "options": options}
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                                   "options": options}
         if json_schema is not None and self.structured_level < len(RESPONSE_FORMS):
             payload["format"] = json_schema
         return self._send_with_retries(payload, timeout_s, on_delta)
@@ -3623,7 +3649,8 @@ class LLMClient(HTTPExecutor):
             try:
                 chunk = load_reply(line)
             except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed a line that is not JSON: {clip(line, 120, 'line')}") from exc
+                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
+                                       f"{clip(line, 120, 'line')}") from exc
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
@@ -3720,17 +3747,17 @@ class LLMClient(HTTPExecutor):
             error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
             raise error
         if finish is None and self.server_kind == "llama-cpp-python":
-            raise LLMContention(f"llama-cpp-python ended the stream from {url} after {sum(map(len, received))} "
-                                "characters to serve another request",
-                                "start it with --interrupt_requests False so requests queue instead")
+            raise LLMContention(f"llama-cpp-python ended the stream from {url} after "
+                                f"{sum(map(len, received))} characters to serve another request",
+                                "start it with --interrupt_requests False so requests queue")
         if not received and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
         return Completion("".join(received), usage, model, finish, time.monotonic() - started)
 
 
-class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why refused "
-                                         "problem trained_context",
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
+                                         "refused problem trained_context",
                             defaults=(None, None, (), None, None))):
     """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
     "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
@@ -6211,7 +6238,7 @@ class Runner:
         # it, then the server is asked again for the context and slots it was loaded with
         self.reprobe = False
         self._contention_said = False       # a cut stream (LLMContention) was said once
-        self.pool: ContextPool | None = None    # the default model's context, shared by requests in flight
+        self.pool: ContextPool | None = None    # the default model's context, shared in flight
         import threading
 
         self._reprobe_lock = threading.Lock()
@@ -6393,7 +6420,8 @@ class Runner:
             where = f"plan {plan_id} stays pending"
         else:
             where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
-        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint, run.halt.status)
+        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint,
+                                run.halt.status)
 
     def _take_over(self, run: PlanRun) -> None:
         """Take over what a killed run (run.previous) left, and put back what it left half done.
@@ -6710,7 +6738,8 @@ class Runner:
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
             run.runlog.checked(step.id, attempt.number, str(exc))
-            if exc.context_overflow and local and attempt.model == self.model and self.context_length is None:
+            if exc.context_overflow and local and attempt.model == self.model \
+                    and self.context_length is None:
                 self._learn_context(str(exc))
             return AttemptFailure.from_request(exc)
         except OutputDegenerate as exc:
@@ -6725,7 +6754,8 @@ class Runner:
             return AttemptFailure("interrupted", retryable=False)
         run.runlog.answer(step.id, attempt.number, reply)
         _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
-        if local and executor.cuts_prompts and (cut := prompt_cut(reply.usage, attempt.messages)):   # the same prompt is cut again
+        cut = prompt_cut(reply.usage, attempt.messages) if local and executor.cuts_prompts else None
+        if cut:         # the same prompt would be cut again: not retried
             result.output = strip_think(reply.text)
             run.runlog.checked(step.id, attempt.number, cut)
             return AttemptFailure(cut, retryable=False)
@@ -6771,17 +6801,20 @@ class Runner:
             attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
             attempt.pieces = 0
             try:
-                return executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
-                                     max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
+                on_delta = functools.partial(self._on_delta, run, step, attempt)
+                return executor.chat(attempt.messages, model=name,
+                                     temperature=sampling.get("temperature"),
+                                     max_tokens=sampling.get("max_tokens"),
+                                     timeout_s=step.timeout_s,
                                      json_schema=output_schema(step.validation),
-                                     on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
+                                     on_delta=on_delta, **extra)
             except LLMContention as exc:
                 if wait is None or run.cancel.is_set():
                     raise
                 if not self._contention_said:
                     self._contention_said = True
-                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as that goes on "
-                                           f"(hint: {exc.hint})")
+                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
+                                           f"that goes on (hint: {exc.hint})")
                 run.cancel.wait(wait * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
@@ -6789,13 +6822,13 @@ class Runner:
         """Take the context a server names in its overflow error (llama-cpp-python and
         vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
         LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
-        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens|n_ctx: (\d+)"
-                          r"|context length of only (\d+)", message)
+        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
+                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
         number = next((int(g) for g in found.groups() if g), 0) if found else 0
         if number >= 64:
             self.context_length = number
-            self.progress.info(f"the server's context is {number} tokens (from its error): the steps "
-                               "sent from now on are fitted to it")
+            self.progress.info(f"the server's context is {number} tokens (from its error): "
+                               "the steps sent from now on are fitted to it")
 
     def _reprobe(self, model: str) -> None:
         """Once a reply came from a model LM Studio loaded on demand (JIT), read the
@@ -6814,8 +6847,10 @@ class Runner:
             return
         self.context_length = self.config.context_length or info.context_length
         self.parallel = self.config.parallel or info.parallel or 1
-        self.progress.info(f"model {info.loaded} is loaded now: context {info.context_length or 'not reported'}, "
-                           f"{info.parallel or 1} slot(s); the steps sent from now on are fitted to them")
+        self.progress.info(f"model {info.loaded} is loaded now: context "
+                           f"{info.context_length or 'not reported'}, "
+                           f"{info.parallel or 1} slot(s); "
+                           "the steps sent from now on are fitted to them")
 
     def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
         """Return the sampling fields an attempt asks for, with its max_tokens: the
@@ -7241,8 +7276,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         base_url_given=bool(pick(args.base_url, "BRIDGE_BASE_URL")),
         model=pick(args.model, "BRIDGE_MODEL"),
         api_key=pick(args.api_key, "BRIDGE_API_KEY"),
-        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native", "Ollama API",
-                           "--ollama-api or BRIDGE_OLLAMA_API"),
+        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native",
+                           "Ollama API", "--ollama-api or BRIDGE_OLLAMA_API"),
         timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
@@ -7384,9 +7419,11 @@ def cmd_health(config: Config) -> int:
         server, store_info = report["server"], report["store"]
         if server_ok:
             version = f" {server['version']}" if server.get("version") else ""
-            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · {len(server['models'])} "
-                            f"model(s) · loaded: {server['loaded'] or 'none reported'} · context "
-                            f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}"))
+            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                            f"{len(server['models'])} model(s) · loaded: "
+                            f"{server['loaded'] or 'none reported'} · context "
+                            f"{server['context_length'] or 'not reported'} · parallel "
+                            f"{server['parallel'] or 1}"))
         else:
             print(printable(f"server  FAIL  {server['error']}"))
             if server.get("hint"):
@@ -7479,7 +7516,8 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
                 except (httpx.HTTPError, ValueError):
                     return None
             if port == memory_port:
-                tried.append({"url": root, "result": "--memory-url's port: the memory server, skipped"})
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
                 continue
             try:
                 http.get(root + "/")
@@ -7492,8 +7530,9 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
                 if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
                     health = get("/api/health")
                     memory = isinstance(health, dict) and health.get("status") == "healthy"
-                    tried.append({"url": root, "result": "the memory server (its /api/health), skipped"
-                                  if memory else "answers, but not as a model server"})
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
                     continue
             tried.append({"url": root, "result": "a model server: used"})
             return config._replace(base_url=root + (suffix if models is not None else "")), tried
@@ -7507,15 +7546,15 @@ def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
     context_source; trained_context; slots (steps in flight); version; api (the chat route);
     structured_output and prompts_cut (sentences); refused ([{"model", "reason"}])."""
     try:
-        model, why = _pick_model(config, info), info.why or ("--model" if config.model
-                                                             else "the model the server reports loaded")
+        model = _pick_model(config, info)
+        why = info.why or ("--model" if config.model else "the model the server reports loaded")
     except LLMError as exc:
         model, why = None, f"{exc} ({exc.hint})" if exc.hint else str(exc)
     same = model is not None and parse_model_ref(model)[1] == info.loaded
     context, source = config.context_length, "--context-length"
     if context is None and client.native and same:
-        context, source = ollama_num_ctx(config, [], info), ("options.num_ctx, raised per run to fit the "
-                                                             "largest prompt (at most the trained context)")
+        context = ollama_num_ctx(config, [], info)
+        source = "options.num_ctx, raised per run to fit its largest prompt (at most as trained)"
     elif context is None and same and info.context_length:
         context, source = info.context_length, f"reported by {info.kind}"
     if not config.structured:
@@ -7523,7 +7562,8 @@ def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
     elif client.native:
         structured = "JSON steps send their schema as format (Ollama's native API)"
     else:
-        structured = "JSON steps ask response_format json_schema (then json_object with a schema, then none)"
+        structured = ("JSON steps ask response_format json_schema (then json_object with a "
+                      "schema, then none)")
     if client.native:
         cut = "no: num_ctx is set to fit every prompt"
     elif info.kind == "Ollama":
@@ -7536,7 +7576,8 @@ def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
                "fails the attempt")
     return {"model": model, "model_why": why, "context_length": context,
             "context_source": source if context else None, "trained_context": info.trained_context,
-            "slots": config.parallel or (info.parallel if same else None) or 1, "version": info.version,
+            "slots": config.parallel or (info.parallel if same else None) or 1,
+            "version": info.version,
             "api": f"{client.base_url}{client.CHAT_PATH}", "structured_output": structured,
             "prompts_cut": cut, "refused": [{"model": m, "reason": r} for m, r in info.refused]}
 
@@ -7550,7 +7591,8 @@ def run_plan_lines(server: dict) -> list[str]:
         trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
         lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
                      f"{server['slots']} step(s) at once · {server['api']}")
-        lines.append(f"output: {server['structured_output']} · prompts cut: {server['prompts_cut']}")
+        lines.append(f"output: {server['structured_output']} · "
+                     f"prompts cut: {server['prompts_cut']}")
     for refused in server.get("refused") or []:
         lines.append(f"refused {refused['model']}: {refused['reason']}")
     for tried in server.get("tried") or []:
@@ -7787,7 +7829,8 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
     runner = Runner(config, store, client, model, progress, context, parallel)
-    runner.reprobe = info is not None and info.kind == "LM Studio" and not (same and info.context_length)
+    runner.reprobe = info is not None and info.kind == "LM Studio" \
+        and not (same and info.context_length)
     if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
         runner.pool = ContextPool(context)      # their slots share one KV pool (llm-servers.md §9)
     for ref in (model, config.escalate_to):
