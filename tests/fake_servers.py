@@ -27,7 +27,8 @@ from typing import Any
 
 from fakes import FakeLLM, _Handler, _prompt_chars, _split
 
-__all__ = ["FakeKeyed", "FakeLlamaCppPython", "FakeLlamaServer", "FakeLMStudio", "FakeVLLM", "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
+__all__ = ["FakeKeyed", "FakeLlamaCppPython", "FakeLlamaServer", "FakeLMStudio", "FakeVLLM",
+           "FakeOllama", "OLLAMA_NUM_KEEP", "ollama_kept_tokens"]
 
 CHARS_PER_FAKE_TOKEN = 4
 # Ollama keeps num_keep tokens (default 4) plus the tail when a prompt passes num_ctx, up to
@@ -51,8 +52,8 @@ class _KeyedHandler(_Handler):
         if key is None or self.headers.get("Authorization") == f"Bearer {key}":
             return False
         self._record(self._read_body())
-        self._send(401, {"error": {"message": "Invalid or missing API key", "type": "invalid_request",
-                                   "code": "invalid_api_key"}})
+        self._send(401, {"error": {"message": "Invalid or missing API key",
+                                   "type": "invalid_request", "code": "invalid_api_key"}})
         return True
 
     def do_GET(self):  # noqa: N802
@@ -81,11 +82,11 @@ class _OllamaHandler(_Handler):
         raw = self._read_body()
         self._record(raw)
         path = self.path.split("?", 1)[0]
-        if path == "/":                    # `GET /` answers "Ollama is running" (llm-servers.md §9)
+        if path == "/":                    # "Ollama is running" (llm-servers.md §9)
             self._text(200, "Ollama is running")
         elif path == "/api/version":       # docs/api.md: {"version": "0.33.0"}
             self._send(200, {"version": fake.version})
-        elif path == "/api/tags":          # docs/api.md; cloud models carry remote_host (docs/cloud.mdx)
+        elif path == "/api/tags":          # docs/api.md; cloud: remote_host (docs/cloud.mdx)
             self._send(200, {"models": [fake._tag(name) for name in fake.pulled]})
         elif path == "/api/ps":            # api/types.go ProcessModelResponse
             self._send(200, {"models": [{**fake._tag(name), "expires_at": "2026-12-08T03:00:00Z",
@@ -113,7 +114,7 @@ class _OllamaHandler(_Handler):
         body = rec["json"] if isinstance(rec["json"], dict) else {}
         path = self.path.split("?", 1)[0]
         name = body.get("model") or ""
-        if path == "/api/show":            # capabilities, parameters, model_info (llm-servers.md §9)
+        if path == "/api/show":            # capabilities, parameters, model_info (§9)
             if self._missing(name):
                 return
             info = fake.pulled[name]
@@ -166,7 +167,8 @@ class _OllamaHandler(_Handler):
         done = {"model": model, "created_at": "2026-12-08T01:00:00Z",
                 "message": {"role": "assistant", "content": "" if stream else r["content"]},
                 "done": True, "done_reason": "length" if r["finish_reason"] == "length" else "stop",
-                "total_duration": 1000, "prompt_eval_count": prompt_tokens, "eval_count": len(pieces)}
+                "total_duration": 1000, "prompt_eval_count": prompt_tokens,
+                "eval_count": len(pieces)}
         if not stream:
             self._send(200, done)
             return
@@ -204,8 +206,8 @@ class FakeOllama(FakeLLM):
         self.version = "0.33.0"
         self.pulled: dict[str, dict[str, Any]] = {
             "nomic-embed-text:latest": {"capabilities": ["embedding"], "trained_ctx": 2048},
-            "gpt-oss:120b-cloud": {"capabilities": ["completion", "tools", "thinking"], "trained_ctx": 131072,
-                                   "remote_host": "https://ollama.com:443"},
+            "gpt-oss:120b-cloud": {"capabilities": ["completion", "tools", "thinking"],
+                                   "trained_ctx": 131072, "remote_host": "https://ollama.com:443"},
             "llama3.1:8b": {"capabilities": ["completion", "tools"], "trained_ctx": 131072},
         }
         self.running: list[str] = ["nomic-embed-text:latest", "llama3.1:8b"]
@@ -235,12 +237,13 @@ class FakeOllama(FakeLLM):
         """The request as the model sees it: a prompt past num_ctx keeps num_keep tokens
         and the tail (llm/llama_server.go), and the reply is 200 all the same."""
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        text = "".join(m.get("content") or "" for m in messages if isinstance(m.get("content"), str))
+        text = "".join(m["content"] for m in messages if isinstance(m.get("content"), str))
         if len(text) // CHARS_PER_FAKE_TOKEN <= num_ctx:
             return body
         keep = ollama_kept_tokens(num_ctx) * CHARS_PER_FAKE_TOKEN
         head = OLLAMA_NUM_KEEP * CHARS_PER_FAKE_TOKEN
-        return {**body, "messages": [{"role": "user", "content": text[:head] + text[-(keep - head):]}]}
+        kept = text[:head] + text[-(keep - head):]
+        return {**body, "messages": [{"role": "user", "content": kept}]}
 
     @property
     def chat_requests(self) -> list[dict]:
@@ -256,16 +259,17 @@ class _LMStudioHandler(_Handler):
             self._record(self._read_body())
             self._send(200, {"models": [{"type": kind, "key": key, "display_name": key,
                                          "max_context_length": 131072, "format": "gguf",
-                                         "loaded_instances": [{"id": iid, "config": dict(config)}
-                                                              for iid, config in fake.instances.get(key, [])]}
+                                         "loaded_instances": [
+                                             {"id": iid, "config": dict(config)}
+                                             for iid, config in fake.instances.get(key, [])]}
                                         for key, kind in fake.catalog.items()]})
             return
         if path == "/v1/models":
             # JIT on: every downloaded model; off: only the loaded ones (core/headless.md)
             self._record(self._read_body())
             keys = [k for k in fake.catalog if fake.jit or fake.instances.get(k)]
-            self._send(200, {"object": "list", "data": [{"id": k, "object": "model", "owned_by": "organization_owner"}
-                                                        for k in keys]})
+            self._send(200, {"object": "list", "data": [
+                {"id": k, "object": "model", "owned_by": "organization_owner"} for k in keys]})
             return
         super()._get()
 
@@ -319,11 +323,12 @@ class _LlamaCppPythonHandler(_Handler):
                 return
             # unstreamed it reaches llama_cpp/server/errors.py: 400 context_length_exceeded
             completion = req.get("max_tokens") or 0
-            self._send(400, {"error": {
-                "message": f"This model's maximum context length is {fake.n_ctx} tokens. However, you "
-                           f"requested {prompt + completion} tokens ({prompt} in the messages, {completion} in "
-                           "the completion). Please reduce the length of the messages or completion.",
-                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
+            message = (f"This model's maximum context length is {fake.n_ctx} tokens. However, "
+                       f"you requested {prompt + completion} tokens ({prompt} in the messages, "
+                       f"{completion} in the completion). Please reduce the length of the "
+                       "messages or completion.")
+            self._send(400, {"error": {"message": message, "type": "invalid_request_error",
+                                       "param": "messages", "code": "context_length_exceeded"}})
             return
         with fake._lock:
             cut = fake.interrupt > 0
@@ -333,8 +338,8 @@ class _LlamaCppPythonHandler(_Handler):
             # flight sends [DONE] with no finish_reason (llama_cpp/server/app.py)
             self._start_sse()
             self._event({"id": "x", "object": "chat.completion.chunk", "model": req.get("model"),
-                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial an"},
-                                      "finish_reason": None}]})
+                         "choices": [{"index": 0, "finish_reason": None,
+                                      "delta": {"role": "assistant", "content": "partial an"}}]})
             self._event("[DONE]")
             return
         super()._play(r, req)
@@ -368,7 +373,7 @@ class _VLLMHandler(_Handler):
     def _get(self) -> None:
         fake: FakeVLLM = self.server.fake   # type: ignore[assignment]
         if self.path.split("?", 1)[0].rstrip("/") == "/v1/models":
-            # vllm/entrypoints/openai/protocol.py ModelCard: id, object, created, owned_by, root, max_model_len
+            # vllm/entrypoints/openai/protocol.py ModelCard: id, …, root, max_model_len
             self._record(self._read_body())
             self._send(200, {"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1765000000, "owned_by": "vllm", "root": m,

@@ -28,7 +28,8 @@ def test_health_tries_the_default_ports_skips_the_memory_server_and_says_so(
         nothing = closed_port()
         monkeypatch.setattr(bridge, "DEFAULT_SERVER_PORTS",
                             ((nothing, "/v1"), (memory_port, "/v1"), (ollama.port, "")))
-        rc = bridge.main(["--health", "--json", "--db", str(db), "--state-dir", str(state_dir)], environ={})
+        rc = bridge.main(["--health", "--json", "--db", str(db), "--state-dir", str(state_dir)],
+                         environ={})
         out, err = capsys.readouterr()
     assert rc == 0, out + err
     server = json.loads(out)["server"]
@@ -39,7 +40,8 @@ def test_health_tries_the_default_ports_skips_the_memory_server_and_says_so(
     assert memory.posts == []
 
 
-def test_a_run_with_no_base_url_finds_the_server_and_says_where(capsys, db, ollama, state_dir, monkeypatch):
+def test_a_run_with_no_base_url_finds_the_server_and_says_where(
+        capsys, db, ollama, state_dir, monkeypatch):
     monkeypatch.setattr(bridge, "DEFAULT_SERVER_PORTS", ((closed_port(), "/v1"), (ollama.port, "")))
     insert_plan(db, make_plan("d"))
     ollama.enqueue("hi")
@@ -58,4 +60,4 @@ def test_memory_url_port_is_never_tried(capsys, db, fake_llm, state_dir, monkeyp
     out, _ = capsys.readouterr()
     assert rc == 2
     assert json.loads(out)["server"]["tried"][0]["result"].startswith("--memory-url's port")
-    assert fake_llm.requests == [r for r in fake_llm.requests if r["path"].startswith("/api/health")]
+    assert all(r["path"].startswith("/api/health") for r in fake_llm.requests)

@@ -33,8 +33,10 @@ def run(capsys, db, url, state_dir, *extra):
     return rc, doc["plans"][0] if doc else None, err
 
 
-def test_a_stream_cut_for_another_request_is_sent_again_and_said_once(capsys, db, server, state_dir):
-    insert_plan(db, make_plan("c", [{"id": 1, "prompt": "a", "max_retries": 0}, {"id": 2, "prompt": "b"}]))
+def test_a_stream_cut_for_another_request_is_sent_again_and_said_once(
+        capsys, db, server, state_dir):
+    insert_plan(db, make_plan("c", [{"id": 1, "prompt": "a", "max_retries": 0},
+                                    {"id": 2, "prompt": "b"}]))
     server.interrupt = 3
     server.enqueue("first answer").enqueue("second answer")
     rc, result, err = run(capsys, db, server.url, state_dir)
@@ -55,7 +57,8 @@ def test_a_stream_cut_past_every_wait_fails_the_attempt(capsys, db, server, stat
     assert len(server.chat_requests) == 4          # the first and one after each of the 3 waits
 
 
-def test_a_prompt_over_n_ctx_is_one_failure_naming_tokens_and_context(capsys, db, server, state_dir):
+def test_a_prompt_over_n_ctx_is_one_failure_naming_tokens_and_context(
+        capsys, db, server, state_dir):
     big = "number 12345 " * 800                    # ~2,600 fake tokens, over n_ctx 2048
     insert_plan(db, make_plan("o", [{"id": 1, "prompt": f"Sum: {big}", "max_retries": 2},
                                     {"id": 2, "prompt": f"Again: {big}", "max_retries": 2}]))
@@ -64,7 +67,8 @@ def test_a_prompt_over_n_ctx_is_one_failure_naming_tokens_and_context(capsys, db
     assert rc == 1, err
     step1, step2 = steps_by_id(result)[1], steps_by_id(result)[2]
     assert step1["attempts"] == 1
-    assert "maximum context length is 2048 tokens" in step1["error"] and "in the messages" in step1["error"]
+    assert "maximum context length is 2048 tokens" in step1["error"]
+    assert "in the messages" in step1["error"]
     assert "ended early" not in step1["error"]
     # the context learnt from that error fits step 2 before anything is sent
     assert "the server's context is 2048 tokens" in err

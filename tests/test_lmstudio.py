@@ -49,7 +49,8 @@ def test_an_embedding_model_loaded_first_is_never_sent_chat(capsys, db, lmstudio
 def test_model_matches_a_loaded_instance_id(capsys, db, lmstudio, state_dir):
     lmstudio.instances["qwen3-8b"] = [("qwen3-8b", {"context_length": 8192, "parallel": 1}),
                                       ("qwen3-8b:2", {"context_length": 32768, "parallel": 3})]
-    rc, out, err = run(capsys, db, lmstudio.url, state_dir, "--health", "--json", "--model", "qwen3-8b:2")
+    rc, out, err = run(capsys, db, lmstudio.url, state_dir, "--health", "--json",
+                       "--model", "qwen3-8b:2")
     assert rc == 0, err
     server = json.loads(out)["server"]
     assert (server["model"], server["context_length"], server["slots"]) == ("qwen3-8b:2", 32768, 3)
@@ -76,5 +77,6 @@ def test_nothing_loaded_several_llms_stops_naming_them(capsys, db, lmstudio, sta
     insert_plan(db, make_plan("n"))
     rc, _, err = run(capsys, db, lmstudio.url, state_dir)
     assert rc == 2
-    assert "no model loaded and 2 LLMs downloaded (qwen3-8b, gemma-3-4b)" in err and "lms load" in err
+    assert "no model loaded and 2 LLMs downloaded (qwen3-8b, gemma-3-4b)" in err
+    assert "lms load" in err
     assert lmstudio.chat_requests == [] and plan_state(db, "n") == {} and stored_results(db) == []

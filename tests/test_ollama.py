@@ -34,7 +34,8 @@ def run(capsys, db, url, state_dir, *extra):
     return rc, out, err
 
 
-def test_the_29kb_load_step_reaches_the_model_whole_through_num_ctx(capsys, db, ollama, state_dir, project):
+def test_the_29kb_load_step_reaches_the_model_whole_through_num_ctx(
+        capsys, db, ollama, state_dir, project):
     insert_plan(db, big_load_plan(project))
     ollama.enqueue("a summary of all 900 rows")
     rc, out, err = run(capsys, db, ollama.url, state_dir, "--json")
@@ -44,7 +45,7 @@ def test_the_29kb_load_step_reaches_the_model_whole_through_num_ctx(capsys, db, 
     sent = request["json"]
     assert sent["model"] == "llama3.1:8b"
     prompt = "".join(m["content"] for m in sent["messages"])
-    assert "row 899: value 6293" in prompt and "row 0: value 0" in prompt      # nothing cut by bridge
+    assert "row 899: value 6293" in prompt and "row 0: value 0" in prompt     # nothing cut
     estimate = bridge.estimate_tokens(sent["messages"])
     num_ctx = sent["options"]["num_ctx"]
     assert estimate + 1024 <= num_ctx <= 131072 and num_ctx % bridge.OLLAMA_NUM_CTX_STEP == 0
@@ -64,7 +65,8 @@ def test_one_num_ctx_for_every_request_of_a_run(capsys, db, ollama, state_dir):
     assert len(sizes) == 1 and sizes.pop() >= 40_000 / 3.5
 
 
-def test_the_loaded_chat_model_is_picked_and_the_others_refused_with_the_reason(capsys, db, ollama, state_dir):
+def test_the_loaded_chat_model_is_picked_and_the_others_refused_with_the_reason(
+        capsys, db, ollama, state_dir):
     rc, out, err = run(capsys, db, ollama.url, state_dir, "--health", "--json")
     assert rc == 0, err
     server = json.loads(out)["server"]
@@ -108,8 +110,8 @@ def test_the_only_chat_model_pulled_is_used_when_none_is_loaded(capsys, db, olla
 
 
 def test_a_json_step_sends_its_schema_as_format(capsys, db, ollama, state_dir):
-    insert_plan(db, make_plan("j", [{"id": 1, "prompt": "emit", "validation": {"type": "contains_keys",
-                                                                             "keys": ["a"]}}]))
+    validation = {"type": "contains_keys", "keys": ["a"]}
+    insert_plan(db, make_plan("j", [{"id": 1, "prompt": "emit", "validation": validation}]))
     ollama.enqueue('{"a": 1}')
     rc, _, err = run(capsys, db, ollama.url, state_dir)
     assert rc == 0, err

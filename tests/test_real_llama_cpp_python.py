@@ -37,17 +37,19 @@ def real_server(tmp_path_factory):
         yield base_url
 
 
-def test_a_prompt_over_the_context_fails_once_naming_tokens_and_context(real_server, tmp_path, capsys):
+def test_a_prompt_over_the_context_fails_once_naming_tokens_and_context(
+        real_server, tmp_path, capsys):
     db = make_store(tmp_path / "s.db", "12.x-fresh")
     big = " ".join(f"{n}" for n in range(3000))            # number-dense: ~1.85 characters a token
     insert_plan(db, make_plan("over", [{"id": 1, "prompt": f"Add these: {big}", "max_retries": 2}]))
-    rc = bridge.main(["--db", str(db), "--base-url", real_server, "--state-dir", str(tmp_path / "st"),
-                      "--json", "--retry-delay", "0"], environ={"HOME": str(tmp_path)})
+    rc = bridge.main(["--db", str(db), "--base-url", real_server, "--json", "--retry-delay", "0",
+                      "--state-dir", str(tmp_path / "st")], environ={"HOME": str(tmp_path)})
     out, err = capsys.readouterr()
     assert rc == 1, err
     step = steps_by_id(json.loads(out)["plans"][0])[1]
     assert step["attempts"] == 1, err
-    assert f"maximum context length is {llama_server.CONTEXT_TOKENS} tokens" in step["error"], step["error"]
+    said = f"maximum context length is {llama_server.CONTEXT_TOKENS} tokens"
+    assert said in step["error"], step["error"]
     assert "in the messages" in step["error"]
 
 
@@ -62,8 +64,9 @@ def test_two_bridges_at_once_on_one_server_both_finish(real_server, tmp_path, ca
                 "--state-dir", str(tmp_path / f"st-{name}"), "--json"]
         runs.append((name, argv))
     started = time.monotonic()
-    procs = [(name, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=child_env(HOME=str(tmp_path))), time.monotonic())
+    env = child_env(HOME=str(tmp_path))
+    procs = [(name, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env), time.monotonic())
              for name, argv in runs]
     figures = []
     for name, proc, began in procs:
@@ -72,6 +75,7 @@ def test_two_bridges_at_once_on_one_server_both_finish(real_server, tmp_path, ca
         assert proc.returncode == 0, err
         [result] = json.loads(out)["plans"]
         assert result["status"] == "completed", err
-        figures.append(f"bridge {name}: {elapsed:.1f} s, {err.count('ended the stream')} cut(s) said")
+        cuts = err.count("ended the stream")
+        figures.append(f"bridge {name}: {elapsed:.1f} s, {cuts} cut(s) said")
     with capsys.disabled():
         print(f"\n[two bridges] {'; '.join(figures)}; {time.monotonic() - started:.1f} s in all")

@@ -22,8 +22,8 @@ import pytest
 import bridge
 from fake_servers import FakeKeyed, FakeOllama, ollama_kept_tokens
 from fakes import (
-    bridge_args, dead_pid, insert_plan, make_plan, plan_state, read_rows, set_plan_state, steps_by_id,
-    stored_results,
+    bridge_args, dead_pid, insert_plan, make_plan, plan_state, read_rows, set_plan_state,
+    steps_by_id, stored_results,
 )
 
 KEY = "sk-fake-secret-7f3a"
@@ -56,19 +56,22 @@ def run(capsys, db, url, state_dir, *extra, environ=None):
 
 
 @pytest.mark.parametrize("how", ["env", "flag"])
-def test_key_goes_to_every_request_of_the_model_server_and_nowhere_else(capsys, db, keyed, state_dir, how):
+def test_key_goes_to_every_request_of_the_model_server_and_nowhere_else(
+        capsys, db, keyed, state_dir, how):
     insert_plan(db, make_plan("k1"))
     keyed.enqueue("hello")
     environ = {"BRIDGE_API_KEY": KEY} if how == "env" else {}
     extra = ("--api-key", KEY) if how == "flag" else ()
     rc, out, err = run(capsys, db, keyed.url, state_dir, "--json", "-v", *extra, environ=environ)
     assert rc == 0, err
-    assert keyed.requests and all(r["headers"].get("authorization") == f"Bearer {KEY}" for r in keyed.requests)
+    assert keyed.requests
+    assert all(r["headers"].get("authorization") == f"Bearer {KEY}" for r in keyed.requests)
     assert KEY not in out + err
     assert all(KEY not in json.dumps(row) for row in read_rows(db))
     assert KEY not in _files_text(state_dir)
     # a step's commands never get it: bridge's own variables stay out of their environment
-    config = bridge.resolve_config(bridge.build_parser().parse_args(["--api-key", KEY]), {"BRIDGE_API_KEY": KEY})
+    args = bridge.build_parser().parse_args(["--api-key", KEY])
+    config = bridge.resolve_config(args, {"BRIDGE_API_KEY": KEY})
     assert all(KEY not in value for _, value in config.tool_env)
 
 
@@ -86,7 +89,8 @@ def test_no_key_stops_before_any_plan_is_claimed_naming_the_setting(capsys, db, 
     rc, out, err = run(capsys, db, keyed.url, state_dir)
     assert rc == 2
     lines = err.strip().splitlines()
-    assert lines[0].startswith("bridge: error: the model server wants a key") and "HTTP 401" in lines[0]
+    assert lines[0].startswith("bridge: error: the model server wants a key")
+    assert "HTTP 401" in lines[0]
     assert lines[1].startswith("hint:") and "BRIDGE_API_KEY" in lines[1] and "--api-key" in lines[1]
     assert len(lines) == 2
     assert stored_results(db) == []
@@ -99,16 +103,18 @@ def test_no_key_stops_before_any_plan_is_claimed_naming_the_setting(capsys, db, 
 
 FAULTS = {
     # LM Studio with JIT off or failing (lmstudio-ai/lms#107; bug tracker #1730)
-    "no-models-loaded": (404, {"error": "No models loaded. Please load a model in the developer page or "
-                                        "use the 'lms load' command."}, "lms load"),
+    "no-models-loaded": (404, {"error": "No models loaded. Please load a model in the developer "
+                                        "page or use the 'lms load' command."}, "lms load"),
     # Ollama server/routes.go
-    "ollama-not-pulled": (404, {"error": {"message": 'model "qwen3:4b" not found, try pulling it first',
-                                          "type": "not_found_error"}}, "ollama pull qwen3:4b"),
+    "ollama-not-pulled": (404, {"error": {
+        "message": 'model "qwen3:4b" not found, try pulling it first', "type": "not_found_error"}},
+        "ollama pull qwen3:4b"),
     "no-chat": (400, {"error": {"message": '"nomic-embed-text:latest" does not support chat',
                                 "type": "invalid_request_error"}}, "not a chat model"),
     # LM Studio load failure (agent-zero#215)
-    "failed-to-load": (404, {"error": 'Failed to load model "big-model". Error: Model loading aborted due to '
-                                      "insufficient system resources"}, "lms load big-model --context-length"),
+    "failed-to-load": (404, {"error": 'Failed to load model "big-model". Error: Model loading '
+                                      "aborted due to insufficient system resources"},
+                       "lms load big-model --context-length"),
     # a key revoked mid-run (LM Studio 0.4 Require Authentication: opencode-lmstudio#41)
     "key-refused": (401, {"error": {"message": "Invalid API key", "type": "invalid_request",
                                     "code": "invalid_api_key"}}, "BRIDGE_API_KEY"),
@@ -116,7 +122,8 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("name", sorted(FAULTS))
-def test_a_failure_of_the_server_stops_the_run_once_and_no_plan_fails(capsys, db, fake_llm, state_dir, name):
+def test_a_failure_of_the_server_stops_the_run_once_and_no_plan_fails(
+        capsys, db, fake_llm, state_dir, name):
     status, body, fix = FAULTS[name]
     for plan_id in ("s1", "s2", "s3"):
         insert_plan(db, make_plan(plan_id, [{"id": 1, "prompt": "a", "max_retries": 3},
@@ -148,7 +155,8 @@ def test_a_plan_cut_mid_run_is_left_to_resume_and_resume_keeps_its_done_steps(
     state = plan_state(db, "cut")
     assert state["status"] == "in_progress"          # not failed: stale once this bridge exits
     assert (project / "a.txt").read_text() == "first file"
-    set_plan_state(db, "cut", owner={"host": socket.gethostname(), "pid": dead_pid()})  # bridge exited
+    # bridge has exited
+    set_plan_state(db, "cut", owner={"host": socket.gethostname(), "pid": dead_pid()})
     fake_llm.reset().enqueue("second")
     rc, out, err = run(capsys, db, fake_llm.url, state_dir, "--plan", "cut", "--resume", "--json")
     assert rc == 0, err
@@ -158,8 +166,10 @@ def test_a_plan_cut_mid_run_is_left_to_resume_and_resume_keeps_its_done_steps(
     assert steps_by_id(result)[1]["output"] == "first file"
 
 
-def test_a_server_gone_mid_run_is_waited_for_then_stops_the_run_once(capsys, db, fake_llm, state_dir):
-    insert_plan(db, make_plan("g1", [{"id": 1, "prompt": "a", "max_retries": 2}, {"id": 2, "prompt": "b"}]))
+def test_a_server_gone_mid_run_is_waited_for_then_stops_the_run_once(
+        capsys, db, fake_llm, state_dir):
+    insert_plan(db, make_plan("g1", [{"id": 1, "prompt": "a", "max_retries": 2},
+                                     {"id": 2, "prompt": "b"}]))
     insert_plan(db, make_plan("g2"))
     for _ in range(3):                              # 1 + --retries 2, all dropped
         fake_llm.enqueue(fault="drop")
@@ -177,9 +187,11 @@ def test_a_server_gone_mid_run_is_waited_for_then_stops_the_run_once(capsys, db,
 
 def big_load_plan(project: Path) -> dict:
     """A step with a 29 KB LOAD file (~8,300 tokens by bridge's estimate): issue 21's case."""
-    (project / "data.txt").write_text("".join(f"row {i}: value {i * 7} of the table\n" for i in range(900)))
+    rows = "".join(f"row {i}: value {i * 7} of the table\n" for i in range(900))
+    (project / "data.txt").write_text(rows)
     assert 28_000 < (project / "data.txt").stat().st_size < 31_000
-    return make_plan("big", [{"id": 1, "prompt": "Summarise data.txt in one line.", "max_retries": 2}],
+    step = {"id": 1, "prompt": "Summarise data.txt in one line.", "max_retries": 2}
+    return make_plan("big", [step],
                      context={"objective": "summarise", "project": str(project),
                               "files_context": {"data.txt": "LOAD"}})
 
@@ -188,8 +200,8 @@ def test_a_prompt_the_server_cut_fails_naming_both_numbers(capsys, db, ollama, s
     insert_plan(db, big_load_plan(project))
     ollama.running = []         # loaded by this first request (the context it gets is not said)
     ollama.enqueue("a summary of the last rows only")
-    rc, out, err = run(capsys, db, ollama.root + "/v1", state_dir, "--model", "llama3.1:8b", "--json",
-                       "--ollama-api", "openai")
+    rc, out, err = run(capsys, db, ollama.root + "/v1", state_dir, "--model", "llama3.1:8b",
+                       "--json", "--ollama-api", "openai")
     assert rc == 1, err
     [result] = json.loads(out)["plans"]
     step = steps_by_id(result)[1]

@@ -48,7 +48,8 @@ ROWS = {
     "LM Studio": (lmstudio, ("LM Studio", "qwen3-8b", 16384, 4, "response_format")),
     "Ollama": (ollama, ("Ollama", "llama3.1:8b", 8192, 1, "format")),
     "llama-server": (llama_server, ("llama.cpp", "model.gguf", 8192, 4, "response_format")),
-    "llama-cpp-python": (llama_cpp_python, ("llama-cpp-python", "smollm2-135m", None, 1, "response_format")),
+    "llama-cpp-python": (llama_cpp_python,
+                         ("llama-cpp-python", "smollm2-135m", None, 1, "response_format")),
     "vLLM": (vllm, ("OpenAI-compatible", "Qwen/Qwen3-8B", 32768, 1, "response_format")),
 }
 
@@ -58,16 +59,16 @@ def test_each_row_of_the_model_servers_table(capsys, db, state_dir, name):
     make, (kind, model, context, slots, constraint) = ROWS[name]
     fake, url = make()
     with fake:
-        rc = bridge.main(["--health", "--json", "--db", str(db), "--base-url", url, "--state-dir", str(state_dir)],
-                         environ={})
+        rc = bridge.main(["--health", "--json", "--db", str(db), "--base-url", url,
+                          "--state-dir", str(state_dir)], environ={})
         out, err = capsys.readouterr()
         assert rc == 0, out + err
         server = json.loads(out)["server"]
         assert (server["kind"], server["model"], server["context_length"], server["slots"]) == \
             (kind, model, context, slots)
         assert constraint in server["structured_output"]
-        insert_plan(db, make_plan("t", [{"id": 1, "prompt": "emit", "validation": {"type": "contains_keys",
-                                                                                 "keys": ["a"]}}]))
+        validation = {"type": "contains_keys", "keys": ["a"]}
+        insert_plan(db, make_plan("t", [{"id": 1, "prompt": "emit", "validation": validation}]))
         fake.enqueue('{"a": 1}')
         rc = bridge.main(bridge_args(db, url, state_dir), environ={})
         _, err = capsys.readouterr()

@@ -40,14 +40,14 @@ def test_steps_in_flight_together_fit_the_shared_context(capsys, db, server, sta
     assert rc == 0, err
     assert server.overflows == 0
     assert 0 < server.pool_peak <= 4096
-    assert 1 < server.max_in_flight < 4            # parallel still, but only as far as the pool goes
+    assert 1 < server.max_in_flight < 4            # parallel, as far as the pool goes
 
 
 def test_a_500_context_exceeded_is_not_resent_unchanged(capsys, db, fake_llm, state_dir):
     fake_llm.lmstudio = False
     insert_plan(db, make_plan("o", [{"id": 1, "prompt": "a", "max_retries": 2}]))
-    fake_llm.enqueue(status=500, error_body={"error": {"code": 500, "message": "Context size has been exceeded.",
-                                                       "type": "server_error"}})
+    fake_llm.enqueue(status=500, error_body={"error": {
+        "code": 500, "message": "Context size has been exceeded.", "type": "server_error"}})
     rc, result, err = run(capsys, db, fake_llm.url, state_dir, "--retries", "3")
     assert rc == 1, err
     assert len(fake_llm.chat_requests) == 1
