@@ -7494,9 +7494,11 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
     a model server (GET /api/version with a version: Ollama; else GET /v1/models with
     a data list). A port whose GET /api/health answers as mcp-memory-service does
     ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken. Returns (the config, with the
-    base URL found, or as it was when none answered; [{"url", "result"}] per port
-    tried). Nothing leaves this machine."""
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
     if config.base_url_given:
         return config, []
     import httpx
@@ -7504,14 +7506,15 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
 
     memory_port = urlsplit(config.memory_url).port if config.memory_url else None
     tried = []
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
-    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False, headers=headers) as http:
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
         for port, suffix in DEFAULT_SERVER_PORTS:
             root = f"http://127.0.0.1:{port}"
 
             def get(path: str) -> Any:
                 try:
                     response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
                     return load_reply(response.content) if response.status_code == 200 else None
                 except (httpx.HTTPError, ValueError):
                     return None

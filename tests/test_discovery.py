@@ -61,3 +61,21 @@ def test_memory_url_port_is_never_tried(capsys, db, fake_llm, state_dir, monkeyp
     assert rc == 2
     assert json.loads(out)["server"]["tried"][0]["result"].startswith("--memory-url's port")
     assert all(r["path"].startswith("/api/health") for r in fake_llm.requests)
+
+
+def test_a_keyed_server_is_found_and_the_key_is_not_sent_while_looking(
+        capsys, db, state_dir, monkeypatch):
+    from fake_servers import FakeKeyed
+
+    with FakeKeyed("sk-look") as keyed:
+        monkeypatch.setattr(bridge, "DEFAULT_SERVER_PORTS", ((keyed.port, "/v1"),))
+        rc = bridge.main(["--health", "--json", "--db", str(db), "--state-dir", str(state_dir)],
+                         environ={"BRIDGE_API_KEY": "sk-look"})
+        out, err = capsys.readouterr()
+        assert rc == 0, out + err
+        assert json.loads(out)["server"]["base_url"] == keyed.url
+        # discovery's GET / and its first GET /api/version; the probe after it sends the key
+        looking = [keyed.requests[0], next(r for r in keyed.requests if r["path"] == "/api/version")]
+        assert looking[0]["path"] == "/"
+        assert all("authorization" not in r["headers"] for r in looking)
+        assert keyed.requests[-1]["headers"]["authorization"] == "Bearer sk-look"
