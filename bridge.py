@@ -7126,7 +7126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(/v1/chat/completions: the context cannot be set, and Ollama cuts long prompts)",
         "BRIDGE_OLLAMA_API", "native"))
     settings.add_argument("--model", metavar="ID", help=_env_help(
-        "the model to use", "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
+        "the model to use", "BRIDGE_MODEL",
+        "the chat model the server reports loaded (README: Model servers)"))
     settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
         "seconds a request waits to connect or for the next streamed chunk", "BRIDGE_TIMEOUT",
         f"{DEFAULT_TIMEOUT_S:g}"))
