@@ -3281,6 +3281,7 @@ class LLMClient(HTTPExecutor):
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
         self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
         self.num_ctx: int | None = None         # the options.num_ctx every native request sends
+        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
 
     def _scrub(self, text: str) -> str:
@@ -3318,6 +3319,31 @@ class LLMClient(HTTPExecutor):
             return self._get_json(url)
         except (LLMHTTPError, LLMProtocolError):
             return None
+
+    def count_tokens(self, messages: list[dict]) -> int | None:
+        """Count messages' tokens with the server's own tokenizer where it offers one:
+        llama-cpp-python POST /extras/tokenize/count {"input"} -> {"count"}
+        (llama_cpp/server/app.py), llama.cpp POST /tokenize {"content"} -> {"tokens"}
+        (tools/server/README.md); plus 5 a message for the chat template, as
+        estimate_tokens adds. None elsewhere, or when the route fails (not asked again)."""
+        if self.server_kind not in ("llama-cpp-python", "llama.cpp") or self.tokenizer_refused:
+            return None
+        text = "\n".join(m["content"] for m in messages)
+        root = self.base_url.removesuffix("/v1")
+        try:
+            if self.server_kind == "llama-cpp-python":
+                found = self._post_json(f"{root}/extras/tokenize/count", {"input": text})
+                count = found.get("count") if isinstance(found, dict) else None
+            else:
+                found = self._post_json(f"{root}/tokenize", {"content": text})
+                tokens = found.get("tokens") if isinstance(found, dict) else None
+                count = len(tokens) if isinstance(tokens, list) else None
+        except LLMError:
+            count = None
+        if _positive(count) is None:
+            self.tokenizer_refused = True
+            return None
+        return count + 5 * len(messages) + 3
 
     @property
     def cuts_prompts(self) -> bool:
@@ -5421,6 +5447,12 @@ def estimate_tokens(messages: list[dict]) -> int:
 # characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
 # estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
 PROMPT_CUT_RATIO = 0.5
+# The most server tokens one estimated token may count for (Runner._calibrate): a
+# prompt of digits alone runs ~1 character a token, 3.5 times the estimate. Counts of
+# shorter prompts than CALIBRATE_MIN_TOKENS are not used (a chat template's own tokens
+# would weigh too much).
+MAX_CALIBRATION = 4.0
+CALIBRATE_MIN_TOKENS = 256
 PROMPT_CUT_MIN_TOKENS = 256
 
 
@@ -6239,6 +6271,7 @@ class Runner:
         self.reprobe = False
         self._contention_said = False       # a cut stream (LLMContention) was said once
         self.pool: ContextPool | None = None    # the default model's context, shared in flight
+        self.calibration = 1.0      # the server's tokens per estimated token (_calibrate)
         import threading
 
         self._reprobe_lock = threading.Lock()
@@ -6593,6 +6626,10 @@ class Runner:
         staged = run.files.path_of if run.staged else None
         try:
             messages = build_messages(run.plan, step, outputs, self._budget(step, result.model), staged)
+            if self._calibrate(result.model, messages, self.client.count_tokens(messages)
+                               if self.client is not None and result.model == self.model else None):
+                messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
+                                          staged)       # fitted again, to the server's own count
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:
@@ -6692,14 +6729,34 @@ class Runner:
         its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
         see answer_tokens).
         """
-        return prompt_budget(step, self.context_length if model == self.model else None)
+        budget = prompt_budget(step, self.context_length if model == self.model else None)
+        return int(budget / self.calibration) if budget is not None else None
+
+    def _calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
+        """Learn how many of the server's tokens one estimated token is (calibration,
+        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
+        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
+        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
+        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        estimate = estimate_tokens(messages)
+        if model != self.model or not isinstance(counted, int) or self.context_length is None \
+                or estimate < CALIBRATE_MIN_TOKENS:
+            return False
+        ratio = min(counted / estimate, MAX_CALIBRATION)
+        if ratio <= self.calibration * 1.02:
+            return False
+        self.calibration = ratio
+        return True
 
     def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
         """Return the max_tokens of one request: answer_tokens, capped by the context
-        the prompt leaves (estimate_tokens) when the model's context is known."""
+        the prompt leaves (estimate_tokens, times calibration) when the model's context
+        is known."""
         context = self.context_length if model == self.model else None
         limit = answer_tokens(step, context)
-        return max(1, min(limit, context - estimate_tokens(messages))) if context else limit
+        if not context:
+            return limit
+        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
 
     def _send_attempt(self, run: PlanRun, step: Step, result: StepResult,
                       attempt: Attempt) -> "AttemptFailure | None":
@@ -6754,6 +6811,8 @@ class Runner:
             return AttemptFailure("interrupted", retryable=False)
         run.runlog.answer(step.id, attempt.number, reply)
         _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
+        if local and executor.cuts_prompts and reply.usage:     # the steps after it fit better
+            self._calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
         cut = prompt_cut(reply.usage, attempt.messages) if local and executor.cuts_prompts else None
         if cut:         # the same prompt would be cut again: not retried
             result.output = strip_think(reply.text)

@@ -309,6 +309,16 @@ class FakeLMStudio(FakeLLM):
 
 
 class _LlamaCppPythonHandler(_Handler):
+    def _post(self) -> None:
+        fake: FakeLlamaCppPython = self.server.fake   # type: ignore[assignment]
+        if self.path.split("?", 1)[0] != "/extras/tokenize/count":
+            super()._post()
+            return
+        # llama_cpp/server/app.py count_query_tokens: {"input"} -> {"count"}
+        rec = self._record(self._read_body())
+        text = (rec["json"] or {}).get("input") or ""
+        self._send(200, {"count": int(len(text) / fake.tokenizer_chars_per_token)})
+
     def _play(self, r: dict, req: dict) -> None:
         fake: FakeLlamaCppPython = self.server.fake   # type: ignore[assignment]
         prompt = _prompt_chars(req) // CHARS_PER_FAKE_TOKEN + 1
@@ -348,7 +358,8 @@ class _LlamaCppPythonHandler(_Handler):
 class FakeLlamaCppPython(FakeLLM):
     """llama-cpp-python's server (llm-servers.md §3 and §9): /v1/models owned_by "me", no
     /props, no usage in streams; n_ctx (default 2048, its --n_ctx default); interrupt:
-    how many of the next streams end cut for another request. A cut stream or an
+    how many of the next streams end cut for another request; /extras/tokenize/count
+    counts tokenizer_chars_per_token characters a token. A cut stream or an
     overflow does not use up the scripted reply it would have played."""
 
     _handler = _LlamaCppPythonHandler
@@ -362,6 +373,9 @@ class FakeLlamaCppPython(FakeLLM):
         self.owned_by = "me"
         self.n_ctx = 2048
         self.interrupt = 0
+        # /extras/tokenize/count's rule: SmolLM2's tokenizer gives 1.85 characters a token
+        # on number-dense text (issue 21)
+        self.tokenizer_chars_per_token = 1.85
 
     def reset(self) -> "FakeLlamaCppPython":
         super().reset()

@@ -74,3 +74,21 @@ def test_a_prompt_over_n_ctx_is_one_failure_naming_tokens_and_context(
     assert "the server's context is 2048 tokens" in err
     assert step2["attempts"] == 0 and "fit the model's context" in step2["error"]
     assert len(server.chat_requests) == 2          # step 1: the stream, and the unstreamed check
+
+
+def test_prompts_are_fitted_with_the_servers_own_token_count(capsys, db, server, state_dir, project):
+    """A number-dense LOAD file: 3.5 characters a token by bridge's estimate, 1.85 by
+    the server's tokenizer; the prompt sent is cut to what fits by the server's count."""
+    (project / "numbers.txt").write_text(" ".join(str(n) for n in range(1000, 2500)))   # 7,499 chars
+    insert_plan(db, make_plan("n", [{"id": 1, "prompt": "Sum them.", "max_tokens": 64}],
+                              context={"objective": "o", "project": str(project),
+                                       "files_context": {"numbers.txt": "LOAD"}}))
+    server.enqueue("a sum")
+    rc, result, err = run(capsys, db, server.url, state_dir, "--context-length", "4096")
+    assert rc == 0, err
+    counts = [r for r in server.requests if r["path"] == "/extras/tokenize/count"]
+    assert counts
+    [chat] = server.chat_requests
+    text = "\n".join(m["content"] for m in chat["json"]["messages"])
+    assert len(text) / 1.85 + 64 <= 4096                # fits by the server's count
+    assert "cut" in text                               # the LOAD file was cut to fit, saying so
