@@ -76,10 +76,12 @@ def test_a_prompt_over_n_ctx_is_one_failure_naming_tokens_and_context(
     assert len(server.chat_requests) == 2          # step 1: the stream, and the unstreamed check
 
 
-def test_prompts_are_fitted_with_the_servers_own_token_count(capsys, db, server, state_dir, project):
+def test_prompts_are_fitted_with_the_servers_own_token_count(
+        capsys, db, server, state_dir, project):
     """A number-dense LOAD file: 3.5 characters a token by bridge's estimate, 1.85 by
     the server's tokenizer; the prompt sent is cut to what fits by the server's count."""
-    (project / "numbers.txt").write_text(" ".join(str(n) for n in range(1000, 2500)))   # 7,499 chars
+    numbers = " ".join(str(n) for n in range(1000, 2500))      # 7,499 characters
+    (project / "numbers.txt").write_text(numbers)
     insert_plan(db, make_plan("n", [{"id": 1, "prompt": "Sum them.", "max_tokens": 64}],
                               context={"objective": "o", "project": str(project),
                                        "files_context": {"numbers.txt": "LOAD"}}))
