@@ -74,7 +74,8 @@ Environment (a flag wins over its variable):
     BRIDGE_ESCALATE_TO           one more attempt on this model (--escalate-to)
     BRIDGE_PRICE_MODEL           whose prices value the tokens (--price-model)
     ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY     the anthropic: executor
-    BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli: comma-separated (--allow-executor)
+    BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli, ollama-cloud: comma-separated
+                                 (--allow-executor)
     BRIDGE_MAX_COST_USD          the spend cap of one run (--max-cost-usd; default 0.50)
     BRIDGE_TRUSTED_PROJECTS      trusted project folders, os.pathsep-separated (besides
                                  --trust): their plans run without approval, and commands
@@ -297,7 +298,9 @@ OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
 # Paid or agentic executors run only when the user allowed them (--allow-executor).
-PAID_EXECUTORS = ("anthropic", "claude-cli")
+# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
+# docs/cloud.mdx), where the project's files would go.
+PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -2812,8 +2815,17 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return isinstance(entry, dict) and entry.get("content_hash") == plan_hash
 
 
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
 def _executor_of(ref: str) -> str:
-    return parse_model_ref(ref)[0]
+    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
+    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
+    kind, name = parse_model_ref(ref)
+    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
 
 
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
@@ -3447,8 +3459,10 @@ class LLMClient(HTTPExecutor):
             return shown[name]
 
         def cloud(name: str) -> bool:
+            if "ollama-cloud" in self.config.allowed_executors:
+                return False            # allowed by the user (--allow-executor ollama-cloud)
             remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
-            return name.endswith("-cloud") or ":cloud" in name or bool(remote)
+            return is_cloud_model(name) or bool(remote)
 
         def refusal(name: str) -> str | None:
             if cloud(name):
@@ -6283,6 +6297,9 @@ class Runner:
         once. Raises LLMError when it cannot be used (not in config.allowed_executors,
         no key, no claude binary)."""
         kind, name = parse_model_ref(ref)
+        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
+            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
+                           "let it run with --allow-executor ollama-cloud")
         if kind == "openai":
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
@@ -7214,8 +7231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
         "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
     settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
-                          help=_env_help("let steps run on a paid or agentic executor (anthropic, claude-cli); "
-                                         "repeatable", "BRIDGE_ALLOW_EXECUTORS, comma-separated",
+                          help=_env_help("let steps run on a paid, agentic or remote executor "
+                                         "(anthropic, claude-cli, ollama-cloud); repeatable",
+                                         "BRIDGE_ALLOW_EXECUTORS, comma-separated",
                                          "none; your own --model and --escalate-to count"))
     settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
         "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
@@ -7297,7 +7315,7 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
                               f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
-            names.append(parse_model_ref(ref)[0])
+            names.append(_executor_of(ref))
     return tuple(dict.fromkeys(["openai", *names]))
 
 

@@ -5,7 +5,8 @@
 |---|---|
 | 29 KB LOAD, native | steps go to /api/chat with one options.num_ctx that fits the prompt; the model sees all of it; usage from prompt_eval_count/eval_count |
 | model picked | the loaded chat model, never the embedding model listed first, never a cloud model; each refusal said with its reason |
-| nothing usable | exit 2 before any claim: several chat models pulled (listed), none local, --model not pulled (`ollama pull`), --model a cloud model |
+| nothing usable | exit 2 before any claim: several chat models pulled (listed), none local, --model not pulled (`ollama pull`), --model an embedding model |
+| cloud model | a plan naming one waits for --allow-executor ollama-cloud (your own --model counts) |
 | structured output | a JSON step sends `format` with its schema |
 | stream bounds | NDJSON through the degeneration guard and --max-output-bytes |
 """
@@ -82,7 +83,6 @@ def test_the_loaded_chat_model_is_picked_and_the_others_refused_with_the_reason(
     ("several", (), "2 chat models are pulled: gpt-oss:20b, llama3.1:8b"),
     ("none local", (), "no local chat model"),
     ("not pulled", ("--model", "qwen3:4b"), "ollama pull qwen3:4b"),
-    ("cloud", ("--model", "gpt-oss:120b-cloud"), "cloud model"),
     ("embedding", ("--model", "nomic-embed-text"), "not a chat model"),
 ])
 def test_no_usable_model_stops_before_any_claim(capsys, db, ollama, state_dir, case, extra, said):
@@ -137,3 +137,17 @@ def test_the_openai_endpoint_stays_usable(capsys, db, ollama, state_dir):
     assert rc == 0, err
     [request] = ollama.chat_requests
     assert request["path"] == "/v1/chat/completions" and request["json"]["model"] == "llama3.1:8b"
+
+
+def test_a_plan_naming_a_cloud_model_waits_until_it_is_allowed(
+        capsys, db, ollama, state_dir, project):
+    step = {"id": 1, "prompt": "hi", "model": "gpt-oss:120b-cloud"}
+    insert_plan(db, make_plan("cloud", [step], context={"objective": "o", "project": str(project)}))
+    rc, _, err = run(capsys, db, ollama.url, state_dir)
+    assert rc == 0, err
+    assert "--allow-executor ollama-cloud" in err and ollama.chat_requests == []
+    assert plan_state(db, "cloud") == {}
+    ollama.enqueue("from the cloud")
+    rc, out, err = run(capsys, db, ollama.url, state_dir, "--allow-executor", "ollama-cloud", "--json")
+    assert rc == 0, err
+    assert ollama.chat_requests[0]["json"]["model"] == "gpt-oss:120b-cloud"
