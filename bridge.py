@@ -3370,14 +3370,21 @@ class LLMClient(HTTPExecutor):
         server cannot be reached."""
         import httpx
 
+        limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
-            response = self.http.post(url, json=body, timeout=min(self.config.timeout_s, 30.0))
+            with self.http.stream("POST", url, json=body,
+                                  timeout=min(self.config.timeout_s, 30.0)) as raw:
+                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
+                                           limit)
+                if response.status_code >= 400:
+                    return None
+                content = response.read(DEFAULT_MAX_OUTPUT_BYTES)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
-        if response.status_code >= 400 or len(response.content) > DEFAULT_MAX_OUTPUT_BYTES:
+        except LLMProtocolError:        # past the bound: not an answer to use
             return None
         try:
-            return load_reply(response.content)
+            return load_reply(content)
         except ValueError:
             return None
 
