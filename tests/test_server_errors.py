@@ -22,7 +22,7 @@ import pytest
 import bridge
 from fake_servers import FakeKeyed, FakeOllama, ollama_kept_tokens
 from fakes import (
-    bridge_args, dead_pid, insert_plan, make_plan, plan_state, read_rows, set_plan_state,
+    FakeMemoryAPI, bridge_args, dead_pid, insert_plan, make_plan, plan_state, read_rows, set_plan_state,
     steps_by_id, stored_results,
 )
 
@@ -73,6 +73,17 @@ def test_key_goes_to_every_request_of_the_model_server_and_nowhere_else(
     args = bridge.build_parser().parse_args(["--api-key", KEY])
     config = bridge.resolve_config(args, {"BRIDGE_API_KEY": KEY})
     assert all(KEY not in value for _, value in config.tool_env)
+
+
+def test_the_key_never_reaches_the_memory_server(capsys, db, keyed, state_dir):
+    insert_plan(db, make_plan("m"))
+    keyed.enqueue("hello")
+    with FakeMemoryAPI(db) as memory:
+        rc, _, err = run(capsys, db, keyed.url, state_dir, "--memory-url", memory.url,
+                         environ={"BRIDGE_API_KEY": KEY, "MCP_API_KEY": "test-key"})
+        assert rc == 0, err
+        assert memory.posts                         # the result went through it
+        assert all(KEY not in json.dumps(r["headers"]) for r in memory.requests)
 
 
 def test_health_with_the_key_and_without(capsys, db, keyed, state_dir):
