@@ -22,8 +22,8 @@ import pytest
 import bridge
 from fake_servers import FakeKeyed, FakeOllama, ollama_kept_tokens
 from fakes import (
-    FakeMemoryAPI, bridge_args, dead_pid, insert_plan, make_plan, plan_state, read_rows, set_plan_state,
-    steps_by_id, stored_results,
+    FakeMemoryAPI, bridge_args, dead_pid, insert_plan, make_plan, plan_state, read_rows,
+    set_plan_state, steps_by_id, stored_results,
 )
 
 KEY = "sk-fake-secret-7f3a"
