@@ -3316,7 +3316,7 @@ class LLMClient(HTTPExecutor):
         return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
                                  f"{waited:.0f} s over {retries} retries "
                                  "(--retries, --retry-delay)",
-                                 "start it again, then resume the plan (bridge --plan ID --resume)")
+                                 "start it again, then run bridge again")
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
