@@ -176,12 +176,25 @@ ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much i
 DEFAULT_REQUEST_DEADLINE_S = 1800.0
 STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to this
 LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
+# --diff and --review show a unified diff of a file only when both sides are at most this
+# big (difflib holds each side's lines several times over); larger files are compared by
+# sha256, read in COPY_PIECE_BYTES pieces, so memory is bounded whatever a file's size.
+DIFF_MAX_BYTES = 2_000_000
+COPY_PIECE_BYTES = 1 << 20             # files are hashed, backed up and restored in pieces this big
 STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
 MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes the plan invalid
+# A plan memory longer than this (bytes of UTF-8) is never read into memory: its size is
+# asked of SQLite (incremental blob I/O), and a row tagged bridge-plan is reported as an
+# invalid plan that says so. Four step prompts of MAX_PROMPT_CHARS; real plans are KBs.
+PLAN_MAX_BYTES = 4_000_000
 CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-4.5 chars a token)
+# A token count a server reports (usage) is believed only from 0 to this: ten times the
+# longest context any model serves (Llama 4 Scout's 10M tokens). Outside it, or not an
+# int, the count is unknown and estimated as when none is sent (usage_count).
+USAGE_MAX_TOKENS = 100_000_000
 ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
 MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps at least this
 PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
@@ -1156,14 +1169,65 @@ def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
         return handle.read()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def open_regular(name: str | Path, dir_fd: int | None = None) -> Any:
+    """Open a regular file for reading, without following a symlink or waiting on a FIFO;
+    return its binary file object. Raises OSError (ELOOP: a symlink; EINVAL: not a
+    regular file)."""
+    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(name))
+    return os.fdopen(fd, "rb")
+
+
+def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
+    """Return the sha256 (hex) of a regular file, read in pieces (hashlib.file_digest), so
+    memory stays bounded whatever its size; None when it is missing, a symlink, not a
+    regular file or unreadable."""
+    import hashlib
+
+    try:
+        with open_regular(name, dir_fd) as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _same_bytes(handle: Any, name: str, dir_fd: int) -> bool:
+    """Tell whether the open binary file handle (read from its start) holds the same bytes
+    as the regular file name in dir_fd, comparing COPY_PIECE_BYTES at a time."""
+    try:
+        other = open_regular(name, dir_fd)
+    except OSError:
+        return False
+    with other:
+        if os.fstat(other.fileno()).st_size != os.fstat(handle.fileno()).st_size:
+            return False
+        handle.seek(0)
+        while True:
+            piece = handle.read(COPY_PIECE_BYTES)
+            if piece != other.read(COPY_PIECE_BYTES):
+                return False
+            if not piece:
+                return True
+
+
+def _write_all(fd: int, data: Any) -> None:
+    """Write bytes, or everything a binary file object holds from where it stands (copied
+    COPY_PIECE_BYTES at a time), to fd."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        for piece in iter(lambda: data.read(COPY_PIECE_BYTES), b""):
+            _write_all(fd, piece)
+        return
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
-def _replace_in(dir_fd: int, name: str, data: bytes, mode: int | None, crash_at: str | None = None) -> None:
-    """Write data to name in the folder dir_fd through a new temp file beside it and
+def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
+                crash_at: str | None = None) -> None:
+    """Write data (bytes, or a binary file object copied in pieces) to name in the folder
+    dir_fd through a new temp file beside it and
     os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
     them). mode: the bits to give the file; None: a new file's usual mode (the
     kernel applies the umask, which bridge never changes). Raises OSError; the
@@ -1570,6 +1634,10 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
 MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
 MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
 MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
+# Each request ends by this many seconds after it was sent, however the server trickles
+# its answer (timeout_s is per read): four times the per-read limit, for a first store
+# that loads the embedding model.
+MEMORY_API_DEADLINE_S = 120.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -1579,6 +1647,11 @@ def check_memory_url(url: str) -> str:
     environment sets it: the key goes with every request."""
     from urllib.parse import urlsplit
 
+    # urlsplit drops \r, \n and \t silently; httpx then refuses the URL mid-run
+    if re.search(r"[\x00-\x20\x7f-\x9f]", url):
+        raise ConfigError(f"memory URL {url!r} holds a control character or a space",
+                          "pass the URL alone, e.g. --memory-url http://127.0.0.1:8000 "
+                          "(check the variable's line ending)")
     try:
         parts = urlsplit(url)
         parts.port          # raises ValueError on a port that is not a number in range
@@ -1591,16 +1664,56 @@ def check_memory_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def server_label(value: Any) -> str | None:
+    """Return a short label the memory server sent (its version, its backend) as it will
+    be shown: a str or number as text, at most 80 characters, None for anything else.
+    Printing still goes through printable(): the text may hold escape sequences."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    return clip(str(value), 80, "label")
+
+
 class MemoryAPI:
     """A client of the memory server's HTTP API at url (see check_memory_url), sending
     api_key (MCP_API_KEY) as X-API-Key. timeout_s: seconds to connect or wait for
-    an answer. Nothing here raises: every failure is a reason string."""
+    each part of an answer; deadline_s: seconds the whole request may take (None:
+    MEMORY_API_DEADLINE_S). Its answers are read as hostile: at most
+    MEMORY_API_MAX_REPLY_BYTES, JSON by load_reply (the depth guard), every string
+    printed through printable(). Nothing here raises: every failure is a reason string."""
 
-    def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S):
+    def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S,
+                 deadline_s: float | None = None):
         self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
+        self.deadline_s = deadline_s
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
-        """Return (HTTP status, parsed JSON or None). Raises httpx.HTTPError or ValueError."""
+        """Return (HTTP status, parsed JSON or None) within the request's deadline: the
+        request runs in a daemon thread, so a server trickling its status line or headers
+        cannot hold bridge past it either. Raises httpx.HTTPError, httpx.InvalidURL or
+        ValueError (an answer too long or too late)."""
+        import threading
+
+        deadline_s = MEMORY_API_DEADLINE_S if self.deadline_s is None else self.deadline_s
+        deadline = time.monotonic() + deadline_s
+        outcome: list[Any] = []
+
+        def attempt() -> None:
+            try:
+                outcome.append(self._exchange(method, path, body, deadline, deadline_s))
+            except Exception as exc:    # handed to the caller's thread, raised there
+                outcome.append(exc)
+
+        worker = threading.Thread(target=attempt, name="memory-api", daemon=True)
+        worker.start()
+        worker.join(deadline_s)
+        if not outcome:     # the worker stops by itself at the next piece or timeout_s
+            raise ValueError(f"no whole answer within {deadline_s:g} s (MEMORY_API_DEADLINE_S)")
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    def _exchange(self, method: str, path: str, body: dict | None, deadline: float,
+                  deadline_s: float) -> tuple[int, Any]:
         import httpx
 
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
@@ -1611,9 +1724,12 @@ class MemoryAPI:
                     raw += piece
                     if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
                         raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        raise ValueError(f"no whole answer within {deadline_s:g} s "
+                                         "(MEMORY_API_DEADLINE_S)")
         try:
-            return response.status_code, json.loads(raw)
-        except ValueError:
+            return response.status_code, load_reply(raw)
+        except ValueError:      # not JSON, NaN, or nested past MAX_JSON_DEPTH
             return response.status_code, None
 
     def store(self, content: str, tags: list[str], memory_type: str, metadata: dict,
@@ -1630,7 +1746,7 @@ class MemoryAPI:
             return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
         try:
             status, reply = self._request("POST", "/api/memories", body)
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
         if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
@@ -1652,7 +1768,7 @@ class MemoryAPI:
             status, _ = self._request("GET", "/api/health")
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
             return report
         if not report["reachable"]:
@@ -1663,7 +1779,8 @@ class MemoryAPI:
             report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
         elif isinstance(detail, dict):
             storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
-            report.update(version=detail.get("version"), backend=storage.get("backend"))
+            report.update(version=server_label(detail.get("version")),
+                          backend=server_label(storage.get("backend")))
         return report
 
 
@@ -1897,23 +2014,24 @@ class Store:
 
         tags = "m.tags" if "tags" in self.columns else "''"
         digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
-        select = f"SELECT m.id, m.content, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
+        select = f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
         live = self._live_filter()
-        where = f"instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
-        if self.has_fts:
+        if self.has_fts:        # the index picks the candidates: no row's content is read here
             sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
-                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {where}")
-        else:
-            sql = f"{select} WHERE {where}"
+                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
+        else:                   # a scan: SQLite reads each row's content, for the marker
+            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
         try:
-            rows = self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()
+            rows = [self._with_content(*row) for row in
+                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
+            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
             # the old metadata states lie on plan rows only: those just read
-            states = self._states([(row[5], row[1], row[2]) for row in rows])
+            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
         records, split = [], set()
         for row in rows:
-            record = self._record(*row)
+            record = self._record(*row) if row[1] is not None else self._oversized(*row)
             if record is None:
                 continue
             if record.chunks:       # one report per split plan, whichever chunks hold the marker
@@ -1923,6 +2041,37 @@ class Store:
                 split.add(original)
             records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
         return records
+
+    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
+        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
+        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
+        from SQLite's incremental blob I/O, which reads no content."""
+        import sqlite3
+
+        try:
+            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
+                size = len(blob)
+        except sqlite3.Error:       # not text (NULL, a number): read it as before
+            size = 0
+        if size > PLAN_MAX_BYTES:
+            return (row_id, None, *rest, size)
+        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
+                                    (rowid,)).fetchone()
+        return (row_id, content[0] if content else "", *rest)
+
+    @staticmethod
+    def _oversized(row_id, content, metadata, created_at, tags, digest, size) -> PlanRecord | None:
+        """The record of a plan row over PLAN_MAX_BYTES (content None: never read), when
+        it is tagged bridge-plan: reported as invalid, saying its size and the limit. An
+        untagged one may be any memory naming the marker (a big result): skipped."""
+        names = (tags or "").split(",")
+        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
+            return None
+        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
+                  "(PLAN_MAX_BYTES); not read")
+        # the original layout stores no content_hash: this row's state is keyed by its id
+        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
+                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
 
     @staticmethod
     def _record(row_id, content, metadata, created_at, tags, digest=None) -> PlanRecord | None:
@@ -2885,7 +3034,8 @@ class Completion(namedtuple("Completion", "text usage model finish_reason durati
     """One model reply: text (reasoning fields excluded), usage as the server sent
     it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
     model that answered (or None), finish_reason (or None), duration_s (seconds),
-    and cost_usd, what the request cost in US dollars (0 on a local server)."""
+    and cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it)."""
 
     __slots__ = ()
 
@@ -2990,6 +3140,81 @@ def reply_size(size: int, text: str, limit: int) -> int:
         raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut",
                                "raise --max-output-bytes or ask for less")
     return size
+
+
+def usage_count(value: Any) -> int | None:
+    """Return a token count a server reported (usage's prompt_tokens or completion_tokens,
+    Anthropic's input_tokens or output_tokens, the claude CLI's) when it is an int from 0
+    to USAGE_MAX_TOKENS; else None: unknown, estimated as when the server sends none (a
+    negative count must not lower what a run spent, nor 10**400 overflow a price)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX_TOKENS:
+        return value
+    return None
+
+
+def checked_usage(prompt: Any, completion: Any) -> dict | None:
+    """Return {"prompt_tokens", "completion_tokens"} when both counts pass usage_count,
+    else None (the usage is unknown)."""
+    prompt, completion = usage_count(prompt), usage_count(completion)
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def reported_cost_usd(value: Any, most: float) -> float | None:
+    """Return a cost an executor reported (US dollars, e.g. the claude CLI's
+    total_cost_usd) when it is a number from 0 to most, else None (unknown: estimated)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most:
+        return float(value)
+    return None
+
+
+def reply_object(value: Any, what: str, url: str) -> dict:
+    """Return a part of a server's reply that must be a JSON object (a chunk's delta, a
+    message, a usage): {} when absent (None), value when a dict. Raises LLMProtocolError
+    naming what (e.g. "a chunk's delta") for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LLMProtocolError(f"{url} sent {what} that is not an object: "
+                               f"{clip(repr(value), 80, 'value')}")
+    return value
+
+
+def reply_text(value: Any, what: str, url: str) -> str:
+    """Return a part of a server's reply that must be text (a delta's content, a text
+    block): "" when absent (None), value when a str. Raises LLMProtocolError naming what
+    for a number, list, object or anything else."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise LLMProtocolError(f"{url} sent {what} that is not a string: "
+                               f"{clip(repr(value), 80, 'value')}")
+    return value
+
+
+def reply_label(value: Any) -> str | None:
+    """Return a short label a server sent (model, finish_reason, stop_reason) when it is
+    a str, clipped to 200 characters; None for anything else (ignored, as when absent)."""
+    return value[:200] if isinstance(value, str) and value else None
+
+
+def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
+    """Return (delta, finish_reason) of the first choice of an OpenAI chat.completion.chunk
+    (delta {} when absent; finish_reason by reply_label), or None when its choices are
+    empty (the usage chunk). Raises LLMProtocolError when choices is missing or not a
+    list, or its first choice or that choice's delta is not an object."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
+    if not choices:
+        return None
+    if not isinstance(choices[0], dict):
+        raise LLMProtocolError(f"{url} streamed a choice that is not an object: "
+                               f"{clip(repr(choices[0]), 80, 'value')}")
+    choice = choices[0]
+    delta = reply_object(choice.get("delta"), "a chunk's delta", url)
+    return delta, reply_label(choice.get("finish_reason"))
 
 
 def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
@@ -3395,11 +3620,11 @@ class LLMClient(HTTPExecutor):
         instance's id; the context and parallel slots are that instance's config. With
         nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
         first request), else a problem listing the LLMs."""
-        chat = [e for e in entries
-                if e.get("type") in ("llm", "vlm") and isinstance(e.get("key"), str)]
-        refused = tuple((str(e.get("key")), f"not a chat model (type {e.get('type')!r})")
+        chat = [e for e in entries     # an entry saying no type is taken for an LLM
+                if e.get("type", "llm") in ("llm", "vlm") and isinstance(e.get("key"), str)]
+        refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
                         for e in entries
-                        if e.get("type") not in ("llm", "vlm") and e.get("loaded_instances"))
+                        if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
         wanted = self.config.model
         if wanted and parse_model_ref(wanted)[0] == "openai":
             wanted = parse_model_ref(wanted)[1]
@@ -3416,7 +3641,7 @@ class LLMClient(HTTPExecutor):
                     config = instance.get("config")
                     config = config if isinstance(config, dict) else {}
                     why = "--model" if wanted else "loaded: LM Studio /api/v1/models"
-                    return ServerInfo("LM Studio", models, wanted or entry["key"],
+                    return ServerInfo("LM Studio", models, reply_label(wanted or entry["key"]),
                                       _positive(config.get("context_length")),
                                       _positive(config.get("parallel")), None, why, refused,
                                       None, trained)
@@ -3424,8 +3649,10 @@ class LLMClient(HTTPExecutor):
             return ServerInfo("LM Studio", models, None, None, None, None,
                               "--model, not loaded yet: LM Studio loads it on the first request",
                               refused)
+        if not chat:                # nothing bridge can read as an LLM: --model decides
+            return ServerInfo("LM Studio", models, None, None, None, None, None, refused)
         if len(chat) == 1:
-            return ServerInfo("LM Studio", models, chat[0]["key"], None, None, None,
+            return ServerInfo("LM Studio", models, reply_label(chat[0]["key"]), None, None, None,
                               "the only LLM downloaded; LM Studio loads it on the first request",
                               refused, None, _positive(chat[0].get("max_context_length")))
         listed = ", ".join(e["key"] for e in chat[:8]) or "none"
@@ -3565,11 +3792,13 @@ class LLMClient(HTTPExecutor):
             for entry in v0["data"]:
                 if isinstance(entry, dict) and entry.get("state") == "loaded":
                     context = entry.get("loaded_context_length") or entry.get("max_context_length")
-                    return ServerInfo("LM Studio", models, entry.get("id"), _positive(context), None)
+                    return ServerInfo("LM Studio", models, reply_label(entry.get("id")),
+                                      _positive(context), None)
             return ServerInfo("LM Studio", models, None, None, None)
         props = self._try_json(f"{root}/props")
         if isinstance(props, dict) and ("total_slots" in props or "default_generation_settings" in props):
-            settings = props.get("default_generation_settings") or {}
+            settings = props.get("default_generation_settings")
+            settings = settings if isinstance(settings, dict) else {}
             return ServerInfo("llama.cpp", models, first, _positive(settings.get("n_ctx")),
                               _positive(props.get("total_slots")))
         if entries and all(m.get("owned_by") == "me" for m in entries):    # llama_cpp/server/app.py get_models
@@ -3705,17 +3934,16 @@ class LLMClient(HTTPExecutor):
                 self._raise_fault(url, 500, message)
                 raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
                                    context_overflow=_is_context_overflow(message))
-            model = chunk.get("model") if isinstance(chunk.get("model"), str) else model
+            model = reply_label(chunk.get("model")) or model
             message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
-            piece = message.get("content") if isinstance(message.get("content"), str) else ""
+            piece = reply_text(message.get("content"), "a line's message content", url)
             if piece:
                 size = reply_size(size, piece, limit)
                 received.append(piece)
                 if on_delta:
                     on_delta(piece)
             if chunk.get("done") is True:
-                reason = chunk.get("done_reason")
-                finish = reason if isinstance(reason, str) and reason else "stop"
+                finish = reply_label(chunk.get("done_reason")) or "stop"
                 usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
                                 "completion_tokens": chunk.get("eval_count")})
                 break
@@ -3747,8 +3975,8 @@ class LLMClient(HTTPExecutor):
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
                                    f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
         reply_size(0, text, self.config.max_output_bytes)
-        return Completion(text, _usage(data.get("usage")), data.get("model"),
-                          choice.get("finish_reason"), time.monotonic() - started)
+        return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
+                          reply_label(choice.get("finish_reason")), time.monotonic() - started)
 
     def _parse_stream(self, response: Any, url: str, started: float,
                       on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
@@ -3776,13 +4004,11 @@ class LLMClient(HTTPExecutor):
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a chunk that is not an object")
             usage = _usage(chunk.get("usage")) or usage
-            model = chunk.get("model") or model
-            choices = chunk.get("choices")
-            if not isinstance(choices, list):
-                raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
-            for choice in choices[:1]:
-                piece = (choice.get("delta") or {}).get("content") or ""
-                finish = choice.get("finish_reason") or finish
+            model = reply_label(chunk.get("model")) or model
+            choice = chunk_choice(chunk, url)
+            if choice is not None:
+                delta, finish = choice[0], choice[1] or finish
+                piece = reply_text(delta.get("content"), "a chunk's delta content", url)
                 if piece:
                     size = reply_size(size, piece, limit)
                     received.append(piece)
@@ -3818,18 +4044,18 @@ class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length par
 
 
 def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int, else None (servers send odd things)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
+    (servers send odd things: a context length of 10**400 is not said at all)."""
+    return value if usage_count(value) and value > 0 else None
 
 
 def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} from a usage object, or None."""
+    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
+    when there is none or a count is not one usage_count believes (a string usage from a
+    gateway, a negative count, 10**400): then it is estimated."""
     if not isinstance(value, dict):
         return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return {"prompt_tokens": prompt, "completion_tokens": completion}
+    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
 
 
 ###############################################################################
@@ -3843,6 +4069,16 @@ def claude_price(model: str) -> tuple[float, float] | None:
     dated or not (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
     known = [name for name in CLAUDE_PRICES_USD_PER_MTOK if model.startswith(name)]
     return CLAUDE_PRICES_USD_PER_MTOK[max(known, key=len)] if known else None
+
+
+def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | None) -> tuple:
+    """Return (usage, cost_usd) for a Completion from the counts a Messages stream
+    reported: usage by checked_usage; cost_usd that usage at claude_price(model), or
+    None when the usage is unknown or the model it names has no price (a gateway naming
+    none, or another): the runner then prices it (priced_reply, by the model asked for
+    and the usage estimated when unknown), so neither can slip past --max-cost-usd."""
+    usage, price = checked_usage(input_tokens, output_tokens), claude_price(model or "")
+    return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
 
 class AnthropicClient(HTTPExecutor):
@@ -3888,8 +4124,7 @@ class AnthropicClient(HTTPExecutor):
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
                received: list[str]) -> Completion:
         limit = self.config.max_output_bytes
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        model = stop = None
+        prompt = completion = model = stop = None
         size, done = 0, False
         for event, data in _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
             try:
@@ -3901,30 +4136,36 @@ class AnthropicClient(HTTPExecutor):
                 message = _error_message(data.encode())
                 raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
                                    context_overflow=_is_context_overflow(message))
+            if not isinstance(body, dict):
+                raise LLMProtocolError(f"{url} streamed an event that is not an object: "
+                                       f"{clip(data, 120, 'event')}")
             if kind == "message_start":
-                message = body.get("message") or {}
-                model = message.get("model")
-                usage["prompt_tokens"] = (message.get("usage") or {}).get("input_tokens") or 0
+                message = reply_object(body.get("message"), "message_start's message", url)
+                model = reply_label(message.get("model"))
+                usage = reply_object(message.get("usage"), "message_start's usage", url)
+                prompt = usage.get("input_tokens")
             elif kind == "content_block_delta":
-                delta = body.get("delta") or {}
-                piece = delta.get("text") if delta.get("type") == "text_delta" else None
+                delta = reply_object(body.get("delta"), "a content_block_delta's delta", url)
+                piece = reply_text(delta.get("text"), "a text_delta's text", url) \
+                    if delta.get("type") == "text_delta" else None
                 if piece:
                     size = reply_size(size, piece, limit)
                     received.append(piece)
                     if on_delta:
                         on_delta(piece)
             elif kind == "message_delta":
-                stop = (body.get("delta") or {}).get("stop_reason") or stop
-                usage["completion_tokens"] = (body.get("usage") or {}).get("output_tokens") or 0
+                stop = reply_label(reply_object(body.get("delta"), "message_delta's delta", url)
+                                   .get("stop_reason")) or stop
+                usage = reply_object(body.get("usage"), "message_delta's usage", url)
+                completion = usage.get("output_tokens")
             elif kind == "message_stop":
                 done = True
                 break
         if not done:
             raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
                                    f"{sum(map(len, received))} characters")
-        price = claude_price(model or "")
-        cost = usage_cost_usd(usage, price) if price else 0.0
-        return Completion("".join(received), usage, model, stop, time.monotonic() - started, round(cost, 6))
+        usage, cost = anthropic_usage_cost(prompt, completion, model)
+        return Completion("".join(received), usage, model, stop, time.monotonic() - started, cost)
 
 
 class ClaudeCLI:
@@ -4029,14 +4270,16 @@ class ClaudeCLI:
         tail = " | ".join(b"".join(stderr).decode("utf-8", "replace").strip().splitlines()[-3:])
         if final is None:
             raise LLMError(f"claude exited {code} without a result" + (f": {tail}" if tail else ""))
+        errors = final.get("errors") if isinstance(final.get("errors"), list) else []
         if code != 0 or final.get("is_error"):
-            reason = final.get("result") or "; ".join(map(str, final.get("errors") or [])) or tail
-            raise LLMError(f"claude failed ({final.get('subtype')}, exit {code}): {clip(str(reason), 300, 'text')}")
-        usage = final.get("usage") or {}
-        return Completion(final.get("result") or text,
-                          {"prompt_tokens": int(usage.get("input_tokens") or 0),
-                           "completion_tokens": int(usage.get("output_tokens") or 0)},
-                          answered_by, final.get("subtype"), elapsed, float(final.get("total_cost_usd") or 0.0))
+            reason = final.get("result") or "; ".join(map(str, errors)) or tail
+            raise LLMError(f"claude failed ({reply_label(final.get('subtype'))}, exit {code}): "
+                           f"{clip(str(reason), 300, 'text')}")
+        usage, cost = claude_usage_cost(final)
+        result = final.get("result")
+        result = result if isinstance(result, str) and result else text
+        return Completion(result, usage, reply_label(answered_by),
+                          reply_label(final.get("subtype")), elapsed, cost)
 
     def _read_events(self, proc: Any, on_delta: Callable[[str], None] | None) -> tuple[str, dict | None, str | None]:
         """Read claude's NDJSON to its end: (assistant text, the result event, model)."""
@@ -4055,7 +4298,9 @@ class ClaudeCLI:
             if event.get("type") == "system" and event.get("subtype") == "init":
                 model = event.get("model") or model
             elif event.get("type") == "assistant":
-                for block in (event.get("message") or {}).get("content") or []:
+                message = event.get("message") if isinstance(event.get("message"), dict) else {}
+                blocks = message.get("content") if isinstance(message.get("content"), list) else []
+                for block in blocks:
                     if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
                         try:
                             size = reply_size(size, block["text"], self.config.max_output_bytes)
@@ -4068,6 +4313,18 @@ class ClaudeCLI:
             elif event.get("type") == "result":
                 final = event
         return "".join(pieces), final, model
+
+
+def claude_usage_cost(final: dict) -> tuple:
+    """Return (usage, cost_usd) from the claude CLI's result event: usage by
+    checked_usage of its input_tokens and output_tokens (None: unknown), cost_usd its
+    total_cost_usd when reported_cost_usd believes it (at most what USAGE_MAX_TOKENS
+    tokens would cost at the dearest CLAUDE_PRICES_USD_PER_MTOK), else None: the runner
+    prices the estimated usage (priced_reply)."""
+    usage = final.get("usage") if isinstance(final.get("usage"), dict) else {}
+    most = USAGE_MAX_TOKENS * max(max(p) for p in CLAUDE_PRICES_USD_PER_MTOK.values()) / 1e6
+    return (checked_usage(usage.get("input_tokens"), usage.get("output_tokens")),
+            reported_cost_usd(final.get("total_cost_usd"), most))
 
 
 def claude_env(environ: Any) -> dict[str, str]:
@@ -4778,10 +5035,11 @@ class FileTransaction:
 
         mode = _file_mode(fd, parts[-1], rel) if depth == len(parts) - 1 else None
         if mode is not None:
-            original = _read_nofollow(parts[-1], fd)
-            backup = self._save_backup(f"{len(self.changes):04d}-{parts[-1][:200]}", original)
+            with open_regular(parts[-1], fd) as original:      # copied in pieces, never held whole
+                digest = hashlib.file_digest(original, "sha256").hexdigest()
+                original.seek(0)
+                backup = self._save_backup(f"{len(self.changes):04d}-{parts[-1][:200]}", original)
             change = FileChange(rel, "modified", backup, mode)
-            digest = hashlib.sha256(original).hexdigest()
         else:
             missing = [self.project / Path(*parts[:n + 1]) for n in range(depth, len(parts) - 1)]
             change, digest = FileChange(rel, "created", created_dirs=missing), None
@@ -4792,7 +5050,7 @@ class FileTransaction:
         self.changes[rel] = change
         return change
 
-    def _save_backup(self, name: str, data: bytes) -> Path:
+    def _save_backup(self, name: str, data: Any) -> Path:
         """Keep an original as run_dir/backups/name, 0o600 in a 0o700 folder, fsynced."""
         backup = private_dir(private_dir(self.run_dir) / "backups") / name
         fd = os.open(backup, _NEW_FILE, 0o600)
@@ -4869,12 +5127,15 @@ class FileTransaction:
         (each journal names only its own run's backups); False (refused) when it
         cannot be read."""
         try:
-            original = _read_nofollow(change.backup)     # type: ignore[arg-type]
+            original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
             self.refused.append(f"journal entry of {run_dir.name} refused: backup {change.backup} of "
                                 f"{change.path!r} cannot be read ({exc.strerror or exc})")
             return False
-        change.backup = self._save_backup(f"{len(self.changes):04d}-{change.backup.name[5:205]}", original)
+        with original:
+            kept = change.backup.name[5:205]          # type: ignore[union-attr]
+            name = f"{len(self.changes):04d}-{kept}"
+            change.backup = self._save_backup(name, original)
         return True
 
     @staticmethod
@@ -4964,15 +5225,17 @@ class FileTransaction:
     def _restore_one(self, change: FileChange) -> None:
         parts = self.check(change.path)
         if change.backup is not None:
-            original = _read_nofollow(change.backup)
-            fd, _ = _walk(self._root(), parts[:-1], change.path, make=True)
-            try:
-                mode = _file_mode(fd, parts[-1], change.path)
-                if mode == change.mode and mode is not None and _read_nofollow(parts[-1], fd) == original:
-                    return          # never changed (the write failed): nothing to put back
-                _replace_in(fd, parts[-1], original, change.mode)
-            finally:
-                os.close(fd)
+            with open_regular(change.backup) as original:     # compared and copied in pieces
+                fd, _ = _walk(self._root(), parts[:-1], change.path, make=True)
+                try:
+                    mode = _file_mode(fd, parts[-1], change.path)
+                    same = mode is not None and _same_bytes(original, parts[-1], fd)
+                    if mode == change.mode and same:
+                        return          # never changed (the write failed): nothing to put back
+                    original.seek(0)
+                    _replace_in(fd, parts[-1], original, change.mode)
+                finally:
+                    os.close(fd)
             return
         fd, depth = _walk(self._root(), parts[:-1], change.path)
         try:
@@ -5221,36 +5484,25 @@ class KeptRun:
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
         return KeptFile(rel, action, backup_path, mode, written.get(rel))
 
-    def current(self, kept: KeptFile) -> bytes | None:
-        """Return the file's bytes now, or None when it is missing or not a regular
-        file (a symlink is not followed)."""
-        return read_regular(self.project / kept.path)       # type: ignore[operator]  # files imply a project
-
-    def original(self, kept: KeptFile) -> bytes | None:
-        """Return the bytes before the run: the backup's (None when it was removed
-        by retention), b"" for a file the run created."""
-        if kept.action == "created":
-            return b""
-        try:
-            return kept.backup.read_bytes() if kept.backup else None
-        except OSError:
-            return None
-
     def diff(self) -> list[dict]:
         """Return, per file: path, action, original_sha256, written_sha256,
         current_sha256 (None: missing now), changed_since_run, diff (a unified diff
-        from the original to the file as it is now, paths relative to the project)."""
+        from the original to the file as it is now, paths relative to the project; one
+        line instead for a side over DIFF_MAX_BYTES: bounded_diff). Files are hashed in
+        pieces (file_sha256), never held whole."""
         entries = []
         for kept in self.files:
-            before, now = self.original(kept), self.current(kept)
-            current_sha = sha256_hex(now) if now is not None else None
+            now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
+            before_path = kept.backup if kept.action == "modified" else None
+            current_sha = file_sha256(now_path)
+            original_sha = file_sha256(before_path) if before_path is not None else None
+            gone = kept.action == "modified" and original_sha is None
             entries.append({
-                "path": kept.path, "action": kept.action,
-                "original_sha256": None if kept.action == "created" or before is None else sha256_hex(before),
+                "path": kept.path, "action": kept.action, "original_sha256": original_sha,
                 "written_sha256": kept.written_sha256, "current_sha256": current_sha,
                 "changed_since_run": current_sha != kept.written_sha256,
-                "diff": file_diff(kept.path, before if kept.action == "modified" else None, now,
-                                  backup_gone=before is None)})
+                "diff": bounded_diff(kept.path, before_path, now_path, original_sha, current_sha,
+                                     gone)})
         return entries
 
     def staged_diff(self) -> list[dict]:
@@ -5260,13 +5512,14 @@ class KeptRun:
         staged file: what --apply would change)."""
         entries = []
         for rel, entry in self.staged.items():
-            now = read_regular(self.project / rel)        # type: ignore[operator]  # staging implies a project
-            staged = read_regular(self.run_dir / "staged" / rel)
-            current_sha = sha256_hex(now) if now is not None else None
+            now_path = self.project / rel        # type: ignore[operator]  # staging: a project
+            staged_path = self.run_dir / "staged" / rel
+            current_sha = file_sha256(now_path)
             entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
                             "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
                             "changed_since_run": current_sha != entry.get("base_sha256"),
-                            "diff": file_diff(rel, now, staged)})
+                            "diff": bounded_diff(rel, now_path, staged_path, current_sha,
+                                                 file_sha256(staged_path))})
         return entries
 
     def apply_conflicts(self) -> list[str]:
@@ -5275,8 +5528,8 @@ class KeptRun:
         found = [f"{e['path']} (to be replaced; changed since the run)"
                  for e in self.staged_diff() if e["changed_since_run"]]
         for rel, digest in self.reads.items():
-            data = read_regular(self.project / rel)           # type: ignore[operator]
-            if rel not in self.staged and (sha256_hex(data) if data is not None else None) != digest:
+            now = file_sha256(self.project / rel)        # type: ignore[operator]
+            if rel not in self.staged and now != digest:
                 found.append(f"{rel} (read by the run; changed since)")
         return found
 
@@ -5310,12 +5563,14 @@ class KeptRun:
         file changed after the run (unless force) or an original's backup is gone,
         naming each file; RollbackError when a file could not be restored.
         """
-        gone = [k.path for k in self.files if k.action == "modified" and self.original(k) is None]
+        gone = [k.path for k in self.files
+                if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
             raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} file(s) are no "
                               f"longer kept: {', '.join(gone)}", "backups are kept for the last runs of a plan "
                               "only (--keep-runs, BRIDGE_KEEP_RUNS)")
-        changed = [entry["path"] for entry in self.diff() if entry["changed_since_run"]]
+        project: Path = self.project      # type: ignore[assignment]  # files imply a project
+        changed = [k.path for k in self.files if file_sha256(project / k.path) != k.written_sha256]
         if changed and not force:
             raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed after the run: "
                               f"{', '.join(changed)}",
@@ -5352,8 +5607,7 @@ class StagedFiles:
         reads = {}
         for rel, mode in files_context.items():
             if mode == "LOAD":
-                data = read_regular(self.project / rel)
-                reads[rel] = sha256_hex(data) if data is not None else None
+                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
         atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
@@ -5373,11 +5627,11 @@ class StagedFiles:
             change = self.changes.get(rel)
             base = None
             if change is None:
-                base = read_regular(target)
+                base = file_sha256(target)
                 change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
             append_jsonl(self.run_dir / STAGED_FILE, {
                 "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
-                "base_sha256": sha256_hex(base) if base is not None else None})
+                "base_sha256": base})
         return change
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
@@ -5421,6 +5675,34 @@ def read_regular(path: Path) -> bytes | None:
             return handle.read()
     except OSError:
         return None
+
+
+def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
+                 now_sha: str | None, backup_gone: bool = False) -> str:
+    """Return file_diff of one file from the file at before to the file at now (None, or
+    a path that is missing: no such file), reading them only when both are at most
+    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
+    now_sha, computed in pieces, still tell whether they differ)."""
+    if backup_gone:
+        return file_diff(rel, None, None, backup_gone=True)
+    if before_sha == now_sha:
+        return ""
+    sizes = [_regular_size(path) for path in (before, now)]
+    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
+        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
+        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} bytes; "
+                "the sha256 values say whether it changed)\n")
+    return file_diff(rel, read_regular(before) if before is not None else None,
+                     read_regular(now) if now is not None else None)
+
+
+def _regular_size(path: Path | None) -> int | None:
+    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
+    try:
+        info = os.lstat(path) if path is not None else None
+    except OSError:
+        return None
+    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
 
 
 def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
@@ -5939,6 +6221,27 @@ class _Heartbeat:
         self.thread.join(timeout=STORE_BUSY_TIMEOUT_S * 2)
 
 
+def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dict:
+    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply whose server
+    sent no usage it could be believed on: the prompt by estimate_tokens, the answer by
+    its streamed pieces, else by CHARS_PER_TOKEN like the prompt."""
+    return {"prompt_tokens": estimate_tokens(messages),
+            "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
+
+
+def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: str) -> Completion:
+    """Return reply with a cost_usd: its own, or, when its executor could not price it
+    (cost_usd None: counts it could not believe, or no price for the model it named),
+    its usage (estimated_usage when unknown) at claude_price of the model that answered,
+    else of model (the id asked for); 0 for a model without a price (a local one). So a
+    paid request with a negative or absurd count still counts against --max-cost-usd."""
+    if reply.cost_usd is not None:
+        return reply
+    price = claude_price(reply.model or "") or claude_price(model)
+    usage = reply.usage or estimated_usage(reply, messages, pieces)
+    return reply._replace(cost_usd=round(usage_cost_usd(usage, price), 6) if price else 0.0)
+
+
 def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
     model reference that answered. When the server sent no usage it is estimated
@@ -5948,8 +6251,7 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
         usage = reply.usage
     else:
         result.usage_reported = False
-        usage = {"prompt_tokens": estimate_tokens(messages),
-                 "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
+        usage = estimated_usage(reply, messages, pieces)
     line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                             "cost_usd": 0.0})
     line["requests"] += 1
@@ -6255,7 +6557,7 @@ class SpendCap:
     def add(self, cost_usd: float) -> None:
         """Count one paid reply's cost (US dollars)."""
         with self._lock:
-            self.spent_usd += cost_usd
+            self.spent_usd += max(0.0, cost_usd)     # never below what was spent (priced_reply)
 
     def refused(self) -> str | None:
         """Return why no more paid requests may be sent (the cap is reached), or None."""
@@ -6827,6 +7129,7 @@ class Runner:
             result.generation_s += time.monotonic() - attempt.started
             return self._stopped(run, step, result, attempt, str(exc))
         result.generation_s += time.monotonic() - attempt.started
+        reply = priced_reply(reply, attempt.messages, attempt.pieces, name)
         if local and self.reprobe:
             self._reprobe(attempt.model)
         if paid:
@@ -7426,7 +7729,9 @@ def _created(record: PlanRecord) -> str:
 
 def plan_summary(record: PlanRecord) -> dict:
     """Return the --list row of a plan: id, status, objective, steps, created, row."""
-    return {"id": record.plan_id, "status": record.display_status, "objective": record.objective,
+    # a plan bridge would not read (too deep, too big: UnreadablePlan) says why in its place
+    objective = record.plan.reason if isinstance(record.plan, UnreadablePlan) else record.objective
+    return {"id": record.plan_id, "status": record.display_status, "objective": objective,
             "steps": record.step_count, "created": _created(record), "row": record.row_id,
             "error": record.state.get("error")}
 
@@ -7473,7 +7778,7 @@ def cmd_health(config: Config) -> int:
             report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
                                     context_length=info.context_length, parallel=info.parallel)
             report["server"].update(run_plan(config, client, info))
-            server_ok = bool(models) and report["server"]["model"] is not None
+            server_ok = bool(models) and not info.problem
             if not models:
                 report["server"]["error"] = "the server lists no models; download or load one"
             elif not server_ok:
@@ -7705,8 +8010,9 @@ def _memory_store_line(info: dict) -> str:
 def _memory_api_line(probe: dict) -> str:
     """The --health line of the memory server's HTTP API."""
     if not probe["key_accepted"]:
-        return f"FAIL  {probe['url']}: {probe['error']}"
-    return f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, {probe['backend']}) · key accepted"
+        return printable(f"FAIL  {probe['url']}: {probe['error']}")
+    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
+                     f"{probe['backend']}) · key accepted")
 
 
 def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:

@@ -26,7 +26,7 @@ unchanged; check_store passes.
 | unknown-validation-type | `{"type": "bogus"}` | `$.steps[0].validation.type`, `'bogus' is not one of` |
 | duplicate-step-ids | two steps with id 1 | `step id 1 is used more than once` |
 | 201-steps | 201 steps (schema allows 200) | `$.steps`, `too long` |
-| 10-MB-prompt | prompt of 10 * 1024 * 1024 chars | `$.steps[0].prompt`, `characters; bridge takes at most` |
+| 2-MB-prompt | prompt of 2 * 1024 * 1024 chars (a larger plan row is over PLAN_MAX_BYTES: tests/test_bounded_memory.py) | `$.steps[0].prompt`, `characters; bridge takes at most` |
 | load-missing | LOAD `missing.txt` (absent, no step writes it) | `'missing.txt'`, `does not exist` |
 | load-binary | LOAD `blob.bin` holding a NUL byte | `'blob.bin'`, `binary` |
 | load-not-utf8 | LOAD `latin.txt` = b"\\xff\\xfe caf\\xe9" | `'latin.txt'`, `not UTF-8` |
@@ -200,8 +200,8 @@ ROWS = [
                  ("step id 1 is used more than once",), id="duplicate-step-ids"),
     pytest.param(lambda c: [hostile([{"id": i, "prompt": f"s{i}"} for i in range(1, 202)])],
                  ("$.steps", "too long"), id="201-steps"),
-    pytest.param(lambda c: [hostile([step(prompt="x" * (10 * 1024 * 1024))])],
-                 ("$.steps[0].prompt", "characters; bridge takes at most"), id="10-MB-prompt"),
+    pytest.param(lambda c: [hostile([step(prompt="x" * (2 * 1024 * 1024))])],
+                 ("$.steps[0].prompt", "characters; bridge takes at most"), id="2-MB-prompt"),
     pytest.param(lambda c: [with_project(hostile(), c.project, files_context={"missing.txt": "LOAD"})],
                  ("'missing.txt'", "does not exist"), id="load-missing"),
     pytest.param(_load("blob.bin", b"text\x00more"),
