@@ -222,6 +222,13 @@ JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value c
                                        # few words (a name, an email, a date); SmolLM2 was seen filling
                                        # 200 characters of junk into a value, 60 tokens of one step's 10 s
 JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
+# A grounded step's schema sent may restrict its string values to spans of the step's input
+# (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
+# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
+GROUNDED_SPAN_WORDS = 6                # words of a span: a name, an address, "Guido van Rossum"
+GROUNDED_MAX_SPANS = 1000              # about 170 words of input; on llama-cpp-python 0.3.36
+                                       # (SmolLM2-135M, 2 cores) 975 spans cost 0.8 s more a request
+                                       # than the usual schema, 2,023 spans 1.7 s, 4,060 4.7 s
 # Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
 # above what a sound answer does, so it only cuts output that would run to max_tokens.
 DEGENERATE_NEWLINES = 8                # newlines in one run of whitespace: PEP 8 and Markdown never need more
@@ -4470,7 +4477,7 @@ def _commands_of(step: Step) -> list[dict]:
     return [v for v in validations_of(step.validation) if v.get("type") == "command"]
 
 
-def check_output(text: str, validation: dict | list) -> str:
+def check_output(text: str, validation: dict | list, source: str = "") -> str:
     """Check a model output against a step's validation; return the artifact.
 
     text: the output with <think> blocks already stripped. validation: a
@@ -4479,17 +4486,22 @@ def check_output(text: str, validation: dict | list) -> str:
     fenced (for json types: the parsed JSON, re-serialised), else the stripped
     text; for a list, that of its first check. Command validations are not run
     here (the Runner runs them once the file is written); a list of commands
-    only is checked as non_empty. Raises OutputInvalid with a message the model
-    can act on.
+    only is checked as non_empty. source: the step's input (the pieces build_messages
+    gives as sources, joined), which the values of a "grounded" JSON validation must
+    come from (check_grounded).
+    Raises OutputInvalid with a message the model can act on.
     """
     checks = [v for v in validations_of(validation) if v.get("type") != "command"] or [DEFAULT_VALIDATION]
-    artifacts = [_check_one(text, check) for check in checks]
+    artifacts = [_check_one(text, check, source) for check in checks]
     return artifacts[0]
 
 
-def _check_one(text: str, validation: dict) -> str:
+def _check_one(text: str, validation: dict, source: str = "") -> str:
     try:
-        return _check_output(text, validation)
+        artifact = _check_output(text, validation)
+        if validation.get("grounded") and validation.get("type") in GROUNDED_TYPES:
+            check_grounded(json.loads(artifact), source)
+        return artifact
     except (RecursionError, MemoryError) as exc:
         # json, tomllib, compile() and jsonschema recurse per nesting level
         raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
@@ -4538,6 +4550,92 @@ def _check_output(text: str, validation: dict) -> str:
     raise OutputInvalid(f"unknown validation type {kind!r}")
 
 
+GROUNDED_TYPES = ("json", "contains_keys", "json_schema")   # the validations "grounded" applies to
+
+
+def fold_text(text: str) -> str:
+    """Return text as key names and spans are compared: case folded (str.casefold), each run
+    of whitespace one space, no whitespace at either end."""
+    return " ".join(text.casefold().split())
+
+
+_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
+
+
+def written_numbers(text: str) -> dict[float, int | float]:
+    """Return the numbers written in text as words of their own: each whitespace-separated
+    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
+    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
+    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
+    One regular expression over text: no copy of it, however large."""
+    trim = f"[{re.escape(_SPAN_TRIM)}]*"
+    found: dict[float, int | float] = {}
+    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
+        value = float(match[1])
+        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
+    return found
+
+
+def _occurs(value: str, source: str) -> bool:
+    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
+    run of whitespace matching any other, not as part of a longer word or number ("Ada"
+    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    words = value.split()
+    if not words:
+        return True
+    pattern = r"\s+".join(map(re.escape, words))
+    if re.match(r"\w", words[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.search(r"\w$", words[-1]):
+        pattern += r"(?!\w|[.,]\d)"
+    return re.search(pattern, source, re.IGNORECASE) is not None
+
+
+def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
+    """Return the (JSON path, value) of every value of a JSON answer that does not occur
+    in source, in document order.
+
+    A string occurs when it is in source, case and runs of whitespace folded, not inside
+    a longer word or number (_occurs); a number when it equals a number written in
+    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"); each item of a list and each value of an object (at any depth) is
+    checked. Key names, null, booleans and empty strings are exempt."""
+    numbers = written_numbers(source)
+    found: list[tuple[str, Any]] = []
+
+    def visit(item: Any, where: str) -> None:
+        if isinstance(item, dict):
+            for key, child in item.items():
+                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
+                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
+        elif isinstance(item, list):
+            for n, child in enumerate(item):
+                visit(child, f"{where}[{n}]")
+        elif isinstance(item, bool) or item is None:
+            return
+        elif isinstance(item, (int, float)):
+            if float(item) not in numbers:
+                found.append((where, item))
+        elif isinstance(item, str) and not _occurs(item, source):
+            found.append((where, item))
+
+    visit(value, path)
+    return found
+
+
+def check_grounded(value: Any, source: str) -> None:
+    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
+    step's input (ungrounded_values; at most five are named), telling the model to copy
+    each value exactly from the text."""
+    missing = ungrounded_values(value, source)
+    if missing:
+        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
+                          for where, item in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
+                            "text (use null where the text has none)")
+
+
 def _check_syntax(text: str, language: str) -> str:
     code = extract_code(text, language)
     if not code.strip():
@@ -4562,7 +4660,7 @@ def _check_syntax(text: str, language: str) -> str:
 ###############################################################################
 
 
-def output_schema(validation: dict | list) -> dict | None:
+def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
     """Return the JSON Schema sent for constrained decoding of a step's output.
 
     None for steps whose output is not JSON (non_empty, syntax_check, regex,
@@ -4573,10 +4671,19 @@ def output_schema(validation: dict | list) -> dict | None:
     json_schema: the plan's schema with bounds added where it sets none
     (bounded_schema). Only what is sent is bounded: check_output still applies the
     plan's own validation.
+
+    source: the step's input (the pieces build_messages gives as sources). A "grounded"
+    contains_keys or json_schema
+    step whose input has few enough spans (span_candidates) gets span_schema instead:
+    its string values can only be copied from the input.
     """
     if isinstance(validation, list):
-        return next((schema for item in validation if (schema := output_schema(item)) is not None), None)
+        return next((schema for item in validation
+                     if (schema := output_schema(item, source)) is not None), None)
     kind = validation.get("type")
+    if source is not None and (spans := grounded_spans(validation, source)) is not None and \
+            (usual := output_schema(validation)):
+        return span_schema(usual, *spans)
     if kind == "json":
         return {}
     if kind == "contains_keys":
@@ -4585,6 +4692,115 @@ def output_schema(validation: dict | list) -> dict | None:
     if kind == "json_schema":
         return bounded_schema(validation["schema"]) if isinstance(validation["schema"], dict) else {}
     return None
+
+
+def span_candidates(pieces: list[str]) -> list[str] | None:
+    """Return the spans a grounded answer's string values may be: every run of 1 to
+    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
+    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
+    them holding a quote, a backslash or a control character (see bounded_string), each
+    once, in the order they end in the input (the shorter first). None when the input
+    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
+    enum grows with it (measured in the README, Answers grounded in the text). Words are
+    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    seen: dict[str, None] = {}
+    read = 0
+    for piece in pieces:
+        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
+        for match in re.finditer(r"\S+", piece):
+            read += 1
+            if read > GROUNDED_MAX_SPANS:
+                return None
+            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
+            for start in range(len(words) - 1, -1, -1):
+                span = " ".join(words[start:]).strip(_SPAN_TRIM)
+                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
+                        not re.search(r'["\\\x00-\x1f]', span):
+                    seen[span] = None
+                    if len(seen) > GROUNDED_MAX_SPANS:
+                        return None
+    return list(seen)
+
+
+def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
+    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
+    grounded contains_keys or json_schema validation whose input has at most
+    GROUNDED_MAX_SPANS spans; else None (the usual schema is sent). A span that is one of
+    the answer's key names (keys, or a schema's property names; case folded) is left
+    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
+    listing the keys "quantity" and "unit". The check still takes such a value."""
+    if not validation.get("grounded") or validation.get("type") not in GROUNDED_TYPES[1:]:
+        return None
+    pieces = [source] if isinstance(source, str) else source
+    spans = span_candidates(pieces)
+    names = {fold_text(name) for name in
+             validation.get("keys") or _property_names(validation.get("schema"))}
+    spans = [span for span in spans or [] if fold_text(span) not in names]
+    if not spans:
+        return None
+    numbers: dict[float, int | float] = {}
+    for text in pieces:
+        for value, number in written_numbers(text).items():
+            numbers.setdefault(value, number)
+    return spans, list(numbers.values())
+
+
+def _property_names(schema: Any) -> set[str]:
+    """The property names a JSON Schema lists, at any depth."""
+    if isinstance(schema, list):
+        return {name for item in schema for name in _property_names(item)}
+    if not isinstance(schema, dict):
+        return set()
+    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
+    return names.union(*(_property_names(child) for key, child in schema.items()
+                         if key not in ("enum", "const")))
+
+
+def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
+    """Return a sent schema (output_schema) with every string it leaves open (a
+    bounded_string) made one of spans, and every number one of numbers, through
+    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
+    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
+    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
+    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
+    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
+    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    def open_number(node: Any) -> bool:
+        return isinstance(node, dict) and set(node) == {"type"} and \
+            node["type"] in ("number", "integer")
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, list):
+            return [swap(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "string" and node.get("pattern") == bounded_string(
+                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
+            return {"$ref": "#/$defs/bridge_span"}
+        if node.get("type") in ("number", "integer") and numbers and not (
+                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
+            if node["type"] == "number":
+                return {"$ref": "#/$defs/bridge_number"}
+            integers = [n for n in numbers if isinstance(n, int)]
+            return {"enum": integers} if integers else node
+        out = {}
+        for key, child in node.items():
+            if key in _SCHEMA_MAPS and isinstance(child, dict):
+                out[key] = {name: swap(sub) for name, sub in child.items()}
+            elif key in ("enum", "const", "required"):
+                out[key] = child
+            elif key in ("anyOf", "oneOf") and isinstance(child, list):
+                alternatives = [swap(sub) for sub in child]
+                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
+            else:
+                out[key] = swap(child)
+        return out
+
+    out = swap(schema)
+    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
+    if numbers:
+        defs["bridge_number"] = {"enum": numbers}
+    return {**out, "$defs": defs}
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
@@ -5862,7 +6078,8 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
                    budget_tokens: int | None = None,
-                   staged: Callable[[str], Path | None] | None = None) -> list[dict]:
+                   staged: Callable[[str], Path | None] | None = None,
+                   sources: list[str] | None = None) -> list[dict]:
     """Return the chat messages of a step's first attempt.
 
     The system message is the step's (or plan default's) system prompt, else
@@ -5880,11 +6097,17 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
     the objective and the answer-format line are never cut. Raises PromptTooLarge
     with the numbers when even that does not fit. staged: for a --review run,
     returns the staged copy of a project path (or None), read instead of the file.
+    sources: a list that gets the step's input as sent, the text a grounded answer
+    copies from: each LOAD file and dependency output (as far as it was sent), then
+    the task.
     """
     blocks = _prompt_blocks(plan, step, outputs, staged)
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
+    sent: dict[int, str] = {}           # id(block) -> its body as sent, without the cut marker
 
     def messages() -> list[dict]:
+        if sources is not None:
+            sources[:] = [sent.get(id(b), b.body) for b in blocks if b.cuttable] + [step.prompt]
         return [system, {"role": "user", "content": "\n\n".join(b.render() for b in blocks)}]
 
     if budget_tokens is None:
@@ -5900,6 +6123,7 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
                 "or lower its max_tokens")
         block = max(cuttable, key=lambda b: len(b.body))
         keep = max(MIN_CUT_CHARS, len(block.body) - int(excess * CHARS_PER_TOKEN) - 100)
+        sent[id(block)] = sent.get(id(block), block.body)[:keep]
         block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of {originals[id(block)]} characters "
                       "to fit the model's context]")
     return messages()
@@ -6120,7 +6344,9 @@ class RunLog:
     sent}} and {"type": "user" | "assistant", "message": …} lines), the streamed
     answer as an "assistant" message with its usage, a {"type": "system",
     "subtype": "command"} line per command run (argv, exit_code, duration_s,
-    output_tail), a {"type": "system", "subtype": "validation"} line;
+    output_tail), a {"type": "system", "subtype": "validation"} line (and before the
+    answer, for a grounded step, a {"type": "system", "subtype": "constrained_output"}
+    line: which schema was asked for);
     last a {"type": "result", …} line with usage, duration_ms, total_cost_usd (0:
     the work was local) and would_have_cost_usd. A transcript is flushed once an
     attempt's messages are written and again after its check, so it can be read
@@ -6166,6 +6392,13 @@ class RunLog:
             "role": "assistant", "model": reply.model, "content": [{"type": "text", "text": reply.text}],
             "stop_reason": reply.finish_reason,
             "usage": {"input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens")}}})
+
+    def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
+        """Record which constrained output a grounded step's attempt asked for: form
+        "spans" (its string values one of spans candidates, span_schema), "schema"
+        (the usual schema) or "none" (no schema sent); spans None but for "spans"."""
+        self._line(sid, {"type": "system", "subtype": "constrained_output", "attempt": attempt,
+                         "form": form, "spans": spans})
 
     def checked(self, sid: int, attempt: int, error: str | None) -> None:
         """Record the validation outcome (or the request error) of one attempt."""
@@ -6494,12 +6727,13 @@ class PlanRun:
     trusted (may it run commands: plan_trusted), cli_cwd (where claude runs: a
     trusted project, else None for a scratch folder), kept (path -> what a
     succeeded step of this run wrote there), positions (step id -> its place in
-    the order it started), cap_hit (--max-cost-usd was reached), halt (the
-    LLMServerUnusable that stopped the run, or None)."""
+    the order it started), cap_hit (--max-cost-usd was reached), sources (step id ->
+    its input as sent, the pieces build_messages gives: what a grounded answer copies),
+    halt (the LLMServerUnusable that stopped the run, or None)."""
 
     __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
                  "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
-                 "positions", "cap_hit", "halt")
+                 "positions", "cap_hit", "sources", "halt")
 
     def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
                  keep_finished: bool):
@@ -6518,6 +6752,7 @@ class PlanRun:
         self.kept: dict[str, str] = {}
         self.positions: dict[int, int] = {}
         self.cap_hit = False
+        self.sources: dict[int, list[str]] = {}
         self.halt: LLMServerUnusable | None = None
 
     @property
@@ -6950,12 +7185,15 @@ class Runner:
         prompt does not fit the model's context, or its commands may not run here):
         then the step is settled, failed or skipped, and nothing is sent."""
         staged = run.files.path_of if run.staged else None
+        run.sources[step.id] = []
         try:
-            messages = build_messages(run.plan, step, outputs, self._budget(step, result.model), staged)
+            messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
+                                      staged, run.sources[step.id])
             if self._calibrate(result.model, messages, self.client.count_tokens(messages)
                                if self.client is not None and result.model == self.model else None):
+                run.sources[step.id] = []           # fitted again, to the server's own count
                 messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
-                                          staged)       # fitted again, to the server's own count
+                                          staged, run.sources[step.id])
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:
@@ -7109,8 +7347,10 @@ class Runner:
                                    "error": None})
         run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
         extra = {"sampling": sampling} if local else {}
+        schema = self._output_schema(run, step, attempt.number,
+                                     local and executor.structured_level < len(RESPONSE_FORMS))
         try:
-            reply = self._chat(run, step, attempt, executor, name, sampling, extra)
+            reply = self._chat(run, step, attempt, executor, name, sampling, extra, schema)
         except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
             result.generation_s += time.monotonic() - attempt.started
             run.runlog.checked(step.id, attempt.number, str(exc))
@@ -7160,7 +7400,7 @@ class Runner:
         return self._check(run, step, result, output, reply.text)
 
     def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-              sampling: dict, extra: dict) -> Completion:
+              sampling: dict, extra: dict, schema: dict | None) -> Completion:
         """Send the attempt's request (with a fresh DegenerationGuard for a local model);
         a stream the server cut for another request (LLMContention) is sent again after
         each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
@@ -7172,13 +7412,13 @@ class Runner:
         need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
         try:
-            return self._chat_once(run, step, attempt, executor, name, sampling, extra)
+            return self._chat_once(run, step, attempt, executor, name, sampling, extra, schema)
         finally:
             if pool is not None:
                 pool.release(held)
 
     def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-                   sampling: dict, extra: dict) -> Completion:
+                   sampling: dict, extra: dict, schema: dict | None) -> Completion:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
@@ -7192,7 +7432,7 @@ class Runner:
                                      temperature=sampling.get("temperature"),
                                      max_tokens=sampling.get("max_tokens"),
                                      timeout_s=step.timeout_s,
-                                     json_schema=output_schema(step.validation),
+                                     json_schema=schema,
                                      on_delta=on_delta, **extra)
             except LLMContention as exc:
                 if wait is None or run.cancel.is_set():
@@ -7238,6 +7478,22 @@ class Runner:
                            f"{info.parallel or 1} slot(s); "
                            "the steps sent from now on are fitted to them")
 
+    def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
+        """Return the schema an attempt asks for (output_schema of the step's input) and,
+        for a grounded step, record in the run log which form it is: "spans" (its string
+        values can only be copied from the input), "schema" (the usual one: the input
+        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
+        (sends: False, the executor sends no schema: only the check applies)."""
+        source = run.sources.get(step.id, [])
+        schema = output_schema(step.validation, source)
+        first = next((v for v in validations_of(step.validation)
+                      if output_schema(v) is not None), {})
+        if first.get("grounded") and schema is not None:
+            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
+            form = "none" if not sends else "spans" if spans else "schema"
+            run.runlog.constrained(step.id, number, form, len(spans["enum"]) if spans else None)
+        return schema
+
     def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
         """Return the sampling fields an attempt asks for, with its max_tokens: the
         attempt's own on a local model (retry_sampling), else as the step says."""
@@ -7268,7 +7524,8 @@ class Runner:
         does anything that stops the run while a command runs."""
         files, number = run.files, result.attempts
         try:
-            artifact = check_output(output, step.validation)
+            source = "\n".join(run.sources.get(step.id, []))
+            artifact = check_output(output, step.validation, source)
         except OutputInvalid as exc:
             run.runlog.checked(step.id, number, str(exc))
             return AttemptFailure.from_output(str(exc), answer, step.validation)
@@ -8640,7 +8897,9 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
     "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
     order, "verify", "commands_trusted"}; commands: the step's command validations
-    ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted)."""
+    ({"run", "timeout_s"}), which run only when commands_trusted (plan_trusted).
+    A grounded step that depends on others shows the usual schema: the spans it will
+    be sent come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -8650,11 +8909,14 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     for sid in sequential_order(step_graph(plan)):
         step = plan.steps[sid]
         budget = prompt_budget(step, config.context_length)
+        sources: list[str] = []
         try:
-            messages, error = build_messages(plan, step, placeholders, budget), None
+            messages = build_messages(plan, step, placeholders, budget, sources=sources)
+            error = None
         except PromptTooLarge as exc:
             messages, error = [], str(exc)
-        schema = output_schema(step.validation)
+        # a grounded step's spans are known only when no output of another step is in its input
+        schema = output_schema(step.validation, None if step.depends_on else sources)
         steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
                       "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
                       else None, "file_output": _dry_run_target(plan, step, targets),

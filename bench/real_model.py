@@ -14,9 +14,16 @@ retries, extraction and list steps whose every value is found in the task's
 sentence ("faithful"), code steps valid, wall seconds of the bridge run, completion
 tokens (llama-cpp-python streams no usage: bridge counts one token a chunk) and
 those spent on failed attempts (from each step's attempt_log), and the slowest step.
+The second line of a row counts the extractions (lists aside) that are faithful, and
+the JSON steps that passed yet hold a made-up value (a string or number that is not in
+the sentence; a null is counted apart: it is no value, but not faithful either).
 
 Configurations (--only NAME,NAME picks some; the default runs all):
     hotter, plain, penalty   this checkout with --retry-sampling hotter / plain / penalty
+    grounded                 hotter with "grounded": true on every JSON step (issue 25):
+                             values checked against the step's input, span-constrained
+                             schema sent
+    grounded-check           the same with the span constraint off (only the check)
     no-guard                 hotter with the degeneration guard off (before point 2)
     open-values              hotter with the schema's values left open (before point 4)
     bridge@REV               with --before REV: bridge.py of a git revision of this
@@ -109,10 +116,13 @@ def tasks() -> list[dict]:
     return steps
 
 
-def plan_document(plan_id: str) -> dict:
-    """Return the benchmark plan: one step per task, independent of each other."""
-    steps = [{"id": n, "title": t["kind"], "prompt": t["prompt"], "validation": t["validation"],
-              "max_retries": RETRIES} for n, t in enumerate(tasks(), 1)]
+def plan_document(plan_id: str, grounded: bool = False) -> dict:
+    """Return the benchmark plan: one step per task, independent of each other; with
+    grounded, every JSON step's validation has "grounded": true."""
+    steps = [{"id": n, "title": t["kind"], "prompt": t["prompt"], "max_retries": RETRIES,
+              "validation": {**t["validation"], "grounded": True}
+              if grounded and t["kind"] != "code" else t["validation"]}
+             for n, t in enumerate(tasks(), 1)]
     return {"$schema": bridge.SCHEMA_ID, "id": plan_id, "status": "pending",
             "context": {"objective": "bench: real small model"}, "steps": steps}
 
@@ -129,13 +139,33 @@ def values_faithful(task: dict, output: str) -> bool:
     return all(key in data and faithful(data[key], task["sentence"]) for key in keys)
 
 
+def made_up(task: dict, output: str) -> str | None:
+    """Return "made-up" when a required value of a JSON task's output is a string or
+    number (or holds one) that is not in its sentence, "null" when it holds none but
+    a null, else None."""
+    try:
+        data = bridge.parse_json_output(output)
+    except bridge.OutputInvalid:
+        return None
+    keys = task["validation"].get("keys") or task["validation"]["schema"]["required"]
+    values = [data.get(key) for key in keys] if isinstance(data, dict) else []
+    flat = [item for value in values for item in (value if isinstance(value, list) else [value])]
+    if any(not isinstance(v, bool) and v is not None and not faithful(v, task["sentence"])
+           for v in flat):
+        return "made-up"
+    return "null" if None in flat else None
+
+
 # -- running the configurations ------------------------------------------------------
 
 # What the ablations change in this checkout's bridge, before main() runs.
 PATCHES = {
     "no-guard": "bridge.DegenerationGuard.feed = lambda self, piece: self.pieces.append(piece)\n",
     "open-values": "bridge.bounded_value = lambda: {}\nbridge.bounded_schema = lambda schema: schema\n",
+    "grounded": "",
+    "grounded-check": "bridge.GROUNDED_MAX_SPANS = 0\n",
 }
+GROUNDED = {"grounded", "grounded-check"}      # the configurations whose plan has grounded steps
 
 
 def bridge_command(source: Path, patch: str = "") -> list[str]:
@@ -150,7 +180,7 @@ def run_bridge(name: str, command: list[str], base_url: str, work: Path, extra: 
     folder = work / name.replace("@", "-")
     folder.mkdir()
     plan_file, db = folder / "plan.json", folder / "store.db"
-    plan_file.write_text(json.dumps(plan_document("bench")), encoding="utf-8")
+    plan_file.write_text(json.dumps(plan_document("bench", name in GROUNDED)), encoding="utf-8")
     subprocess.run([*command, "--submit", str(plan_file), "--db", str(db)], check=True, capture_output=True)
     started = time.monotonic()
     run = subprocess.run([*command, "--db", str(db), "--base-url", base_url, "--state-dir", str(folder / "state"),
@@ -206,6 +236,9 @@ def score(name: str, wall: float, steps: list[dict]) -> dict:
             "extractions": sum(1 for t, _ in json_steps if t["kind"] != "lists"),
             "extractions_faithful": sum(1 for t, s in json_steps if t["kind"] != "lists" and s["ok"]
                                         and values_faithful(t, s["output"])),
+            "made_up": sum(1 for t, s in json_steps
+                           if s["ok"] and made_up(t, s["output"]) == "made-up"),
+            "nulls": sum(1 for t, s in json_steps if s["ok"] and made_up(t, s["output"]) == "null"),
             "code": f"{sum(1 for _, s in code_steps if s['ok'])}/{len(code_steps)}", "wall": wall,
             "tokens": sum(known) if known else None, "failed_tokens": sum(failed) if failed else None,
             "slowest": slowest}
@@ -221,8 +254,9 @@ def print_row(row: dict) -> None:
     print(f"{row['name']:<14} {row['first']:>2}/{row['json']} {row['after']:>5}/{row['json']} "
           f"{row['faithful']:>8}/{row['json']} {row['code']:>5} {row['wall']:>7.1f} s {tokens!s:>7} {failed!s:>7}  {slowest}",
           flush=True)
-    print(f"{'':<14} faithful extractions (lists aside): {row['extractions_faithful']}/{row['extractions']}",
-          flush=True)
+    print(f"{'':<14} faithful extractions (lists aside): "
+          f"{row['extractions_faithful']}/{row['extractions']}; passed with a made-up value: "
+          f"{row['made_up']}/{row['json']}, with a null: {row['nulls']}", flush=True)
 
 
 def git_bridge(rev: str, work: Path) -> Path:

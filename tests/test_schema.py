@@ -206,7 +206,8 @@ DOC_STEP_FIELDS = {"id", "prompt", "title", "depends_on", "validation", "max_ret
                    "model", "timeout_s"}
 DOC_VALIDATION_TYPES = {"non_empty", "json", "contains_keys", "syntax_check",
                         "json_schema", "regex", "command"}
-DOC_VALIDATION_FIELDS = {"type", "keys", "language", "schema", "pattern", "run", "timeout_s"}
+DOC_VALIDATION_FIELDS = {"type", "keys", "language", "schema", "pattern", "run", "timeout_s",
+                         "grounded"}     # grounded: issue 25, after plan-format.md was written
 DOC_COMMAND_MAX_TIMEOUT_S = 3600
 DOC_SYNTAX_LANGUAGES = {"python", "json", "toml"}
 DOC_ON_FAILURE = {"retry_with_context", "skip", "halt"}
