@@ -9269,7 +9269,7 @@ def ollama_num_ctx(config: Config, records: list[PlanRecord], info: ServerInfo) 
     plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
     OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
     with when that is as large already (no reload); never past its trained context.
-    aider asks the request plus 8k the same way (llm-servers.md §9)."""
+    aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
     for record in records:
         try:
@@ -9659,7 +9659,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     runner.reprobe = info is not None and info.kind == "LM Studio" \
         and not (same and info.context_length)
     if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
-        runner.pool = ContextPool(context)      # their slots share one KV pool (llm-servers.md §9)
+        runner.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)
