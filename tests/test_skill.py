@@ -237,9 +237,8 @@ def test_every_command_of_the_skill_runs_and_exits_as_it_says(loop, fake_llm):
     # the injections: no store yet, so --health exits 2 and names the default to make
     health = json.loads(step(the("bridge --health"), 2).stdout)
     assert health["server"]["reachable"] is True
-    for key in ("loaded", "context_length", "parallel"):  # model, context length, slots
-        assert key in health["server"]
-    assert health["server"]["loaded"] == "fake-model" and health["server"]["context_length"] == 4096
+    server = health["server"]
+    assert (server["model"], server["context_length"], server["slots"]) == ("fake-model", 4096, 1)
     assert "no memory store found" in health["store"]["error"]
     default_store = re.search(r"tried (\S+?)[,)]", health["store"]["error"]).group(1)
     assert json.loads(step(the("bridge --stats"), 0).stdout)["models"] == {}
