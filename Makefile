@@ -27,6 +27,7 @@ bench: $(BIN)/.test-installed
 	$(BIN)/python bench/parallel.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/check_reaper.py
 
 bench-real: $(BIN)/.demo-installed
 	$(BIN)/python bench/real_model.py

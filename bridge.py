@@ -27,7 +27,7 @@ Usage (one action at most; no action runs every pending plan):
   changing
     bridge --undo ID [--run RUN_ID] [--force]   put back the files that run changed
     bridge --apply ID | --reject ID   write or drop what a --review run staged
-    bridge --cancel ID          cancel a pending plan
+    bridge --cancel ID          cancel a plan that is not running nor finished
     bridge --validate FILE      check a plan file: every problem with its JSON path
     bridge --submit FILE [--replace]  store a plan file as a plan memory (a --db naming a
                                 new file makes a new, empty 12.x store first)
@@ -40,11 +40,14 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --model, --timeout, --retries, --retry-delay, --max-output-bytes,
-  --no-structured, --parallel, --context-length, --retry-sampling, --escalate-to,
-  --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
-  --allow-executor, --max-cost-usd; also -v/--verbose, -q/--quiet, --json, --debug,
-  --version, and with their action --all, --rerun, --resume, --run, --force, --replace.
+  --base-url, --model, --timeout, --retries, --max-retries, --retry-delay,
+  --max-output-bytes, --no-structured, --parallel, --context-length, --retry-sampling,
+  --escalate-to, --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
+  --allow-executor, --max-cost-usd, --pass-env; also -v/--verbose, -q/--quiet, --json,
+  --debug, --version, and with their action --all, --rerun, --resume, --run, --force,
+  --replace. Check commands get no credential of your environment but --pass-env's;
+  secrets of bridge's environment are redacted from all it stores or prints. A plan
+  only narrows your limits: its timeout_s and max_retries count where they are lower.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
@@ -63,6 +66,7 @@ Environment (a flag wins over its variable):
         memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
+    BRIDGE_MAX_RETRIES           the most further attempts a step gets (--max-retries)
     BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
     BRIDGE_STRUCTURED=0          never ask for constrained JSON (--no-structured)
     BRIDGE_RETRY_SAMPLING        how retries sample (--retry-sampling)
@@ -70,6 +74,8 @@ Environment (a flag wins over its variable):
     BRIDGE_PRICE_MODEL           whose prices value the tokens (--price-model)
     ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY     the anthropic: executor
     BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli: comma-separated (--allow-executor)
+    BRIDGE_PASS_ENV              credential variables check commands get all the same,
+                                 comma-separated (--pass-env); by default they get none
     BRIDGE_MAX_COST_USD          the spend cap of one run (--max-cost-usd; default 0.50)
     BRIDGE_TRUSTED_PROJECTS      trusted project folders, os.pathsep-separated (besides
                                  --trust): their plans run without approval, and commands
@@ -206,6 +212,14 @@ COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 # json_schema objects may nest and list more; code and prose keep the general reserve.
 DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "syntax_check": ANSWER_RESERVE_TOKENS,
                       "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
+# Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
+# A step whose answer is bounded (its check is JSON) asks the server not to think
+# (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
+# for it, or whose model was seen thinking earlier in the run, gets this many tokens on
+# top of its answer's max_tokens, at most a quarter of a known context: R1 distills and
+# Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
+# bug tracker #1990, #1602: thinking used the whole max_tokens).
+THINKING_RESERVE_TOKENS = 2048
 # Bounds added to the schema sent for constrained decoding (bounded_schema), where the
 # plan sets none. The check itself still uses the plan's own validation.
 JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
@@ -232,6 +246,7 @@ DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 wor
 DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
+MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
 DEFAULT_ON_FAILURE = "retry_with_context"
 # How attempts on the local server sample (--retry-sampling; see retry_sampling).
 # "plain": every attempt as the step says. "hotter": the first greedy (temperature 0)
@@ -268,6 +283,8 @@ RESULT_TAG = "bridge-result"
 PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x ontology
 RESULT_MEMORY_TYPE = "tool_outcome"
 PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled", "awaiting_review")
+# What --cancel takes (display statuses): all but a live run and a finished one
+CANCELLABLE_STATUSES = ("pending", "stale", "invalid", "awaiting_review")
 
 # What the same tokens would cost on Claude, in US dollars per million tokens
 # (input, output). Source: https://platform.claude.com/docs/en/about-claude/pricing,
@@ -307,6 +324,23 @@ TOOL_ENV_NAMES = frozenset({
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "SYSTEMROOT"})
 TOOL_ENV_PREFIXES = ("LC_", "CLAUDE_")
+# Variables that hold credentials, in one table. A check command (a command validation,
+# verify) gets none of them unless the user names it (--pass-env, BRIDGE_PASS_ENV); the
+# value of every variable whose *name* looks secret (SECRET_ENV_NAME, SECRET_ENV_NAMES) and
+# is at least SECRET_MIN_CHARS long is redacted from all bridge stores or prints (redact).
+# A name looks secret when a `_`-separated word of it is or ends in TOKEN, SECRET,
+# PASSWORD, PASSWD, PASSPHRASE, APIKEY or CREDENTIAL(S), or is KEY(S), PASS, PAT, CREDS,
+# AUTH, OAUTH, DSN or COOKIE (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID,
+# PGPASSWORD, OPENAI_API_KEY, SSH_AUTH_SOCK; not TOKENIZERS_PARALLELISM, GIT_AUTHOR_NAME).
+SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|APIKEY"
+                             r"|CREDENTIALS?)S?|KEYS?|PASS|PAT|CREDS|AUTH|OAUTH|DSN|COOKIE)(?=_|$)")
+SECRET_ENV_NAMES = frozenset({"DATABASE_URL", "MYSQL_PWD", "REDIS_URL", "MONGODB_URI", "KUBECONFIG",
+                              "DOCKER_CONFIG", "NETRC"})
+# the cloud, CI and model-provider families kept out of check commands whole (AWS_REGION too)
+SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "CLOUDSDK_",
+                       "ANTHROPIC_", "OPENAI_", "BRIDGE_", "MCP_", "VAULT_", "DIGITALOCEAN_",
+                       "HEROKU_", "ACTIONS_", "TWINE_", "HF_", "HUGGING_FACE_")
+SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) would hit ordinary text
 
 
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
@@ -359,6 +393,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
     "retries": DEFAULT_RETRIES,
+    "max_retries": MAX_RETRIES_LIMIT,   # the most further attempts a step's max_retries gets
     "retry_delay_s": DEFAULT_RETRY_DELAY_S,
     "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
     "structured": True,
@@ -372,6 +407,7 @@ _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: it
     "anthropic_api_key": None,          # str | None
     "escalate_to": None,                # str | None
     "tool_env": (),                     # tuple[tuple[str, str], ...]
+    "pass_env": (),                     # tuple[str, ...]: credentials check commands get
     "trusted_projects": (),             # tuple[Path, ...], real paths
     "config_dir": ".",                  # str | Path
     "home": None,                       # Path | None: the user's home folder
@@ -393,8 +429,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 
     db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
     the only candidate). timeout_s: seconds to wait to connect or for the server's
-    next byte. retries / retry_delay_s: transport retries of one request and the
-    first backoff delay (seconds). max_output_bytes: a streamed reply past this many
+    next byte. max_retries: the most further attempts a step gets (a plan's
+    max_retries above it is cut). retries / retry_delay_s: transport retries of
+    one request and the first backoff delay (seconds).
+    max_output_bytes: a streamed reply past this many
     bytes is cut and the attempt fails. structured: ask the server for constrained
     JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
     RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
@@ -404,8 +442,9 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
     more attempt on. tool_env: the user's environment less BRIDGE_* and
-    MCP_API_KEY: commands run in it, a claude-cli: executor in its allow-listed
-    part (claude_env).
+    MCP_API_KEY: commands run in it less its credentials (command_env), a
+    claude-cli: executor in its allow-listed part (claude_env). pass_env: the
+    credential variables check commands get all the same (--pass-env).
     memory_url: the memory server's HTTP API (loopback only) that stores result
     memories so they get an embedding; memory_api_key: its key (MCP_API_KEY).
     crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
@@ -664,7 +703,7 @@ def tag_safe(text: str) -> str:
 def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     """Write one JSON line to an open file and, with flush, flush it (no fsync: see
     its callers)."""
-    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
 
@@ -794,6 +833,62 @@ def _escape(match: Any) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def narrowed(asked: Any, limit: Any) -> Any:
+    """Return what a plan asked (asked: a number, or None when it asked nothing) when it
+    is lower than the user's limit, else the limit: a plan only narrows the user's limits."""
+    return limit if asked is None or asked >= limit else asked
+
+
+def secret_env_name(name: str) -> bool:
+    """True when an environment variable's name says its value is a secret
+    (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
+    upper = name.upper()
+    if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names, never holds)
+        return False
+    return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
+
+
+def credential_env_name(name: str) -> bool:
+    """True when a check command must not get this variable unless the user names it
+    (--pass-env): a secret-looking name, or one of SECRET_ENV_PREFIXES' families."""
+    return secret_env_name(name) or name.upper().startswith(SECRET_ENV_PREFIXES)
+
+
+# {value: name} of every secret-looking variable of bridge's own environment, and one
+# pattern matching any of them, longest first; set once per invocation by main()
+# (remember_secrets), read by redact().
+_SECRETS: dict[str, str] = {}
+_SECRET_PATTERN: list[Any] = []
+
+
+def remember_secrets(environ: dict[str, str]) -> None:
+    """Take the values redact() hides from environ: those of secret_env_name names at
+    least SECRET_MIN_CHARS long (a value also found under a harmless name is skipped:
+    HOME=/home/me must not vanish because some SECRET_DIR says the same)."""
+    plain = {v for k, v in environ.items() if not secret_env_name(k)}
+    found = {v: k for k, v in sorted(environ.items())
+             if secret_env_name(k) and len(v) >= SECRET_MIN_CHARS and v not in plain}
+    _SECRETS.clear()
+    _SECRETS.update(found)
+    longest_first = sorted(found, key=len, reverse=True)
+    _SECRET_PATTERN[:] = [re.compile("|".join(map(re.escape, longest_first)))] if found else []
+
+
+def redact(value: Any) -> Any:
+    """Return value with every secret of remember_secrets replaced by "[redacted $NAME]":
+    a str, or the strings inside lists, tuples and dicts (keys too), so a document is
+    redacted before it becomes JSON. Anything else is returned as it is."""
+    if not _SECRET_PATTERN:
+        return value
+    if isinstance(value, str):
+        return _SECRET_PATTERN[0].sub(lambda match: f"[redacted ${_SECRETS[match.group()]}]", value)
+    if isinstance(value, dict):
+        return {redact(k): redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
 def printable(text: Any, multiline: bool = False) -> str:
     """Return text safe to write to a terminal: every character a terminal could act
     on (see _UNSAFE: ESC and so CSI/OSC sequences, CR, BEL, backspace,
@@ -804,7 +899,7 @@ def printable(text: Any, multiline: bool = False) -> str:
     text from a plan, a model, a server or the store is printed: Progress, the
     renderers and main()'s error lines.
     """
-    text = str(text)
+    text = redact(str(text))
     pattern = f"[{_UNSAFE}]" if multiline else f"[{_UNSAFE}\\n]"
     return re.sub(pattern, _escape, text) if re.search(pattern, text) else text
 
@@ -820,7 +915,7 @@ def json_text(document: Any, indent: int | None = None) -> str:
     characters of _UNSAFE that json leaves raw (DEL, C1, separators, bidi
     controls, lone surrogates) written as \\u escapes: the same JSON value,
     readable text, and nothing a terminal acts on (--json and --events)."""
-    text = json.dumps(document, indent=indent, ensure_ascii=False)
+    text = json.dumps(redact(document), indent=indent, ensure_ascii=False)
     if not re.search(_JSON_UNSAFE, text):
         return text
     return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
@@ -1014,8 +1109,8 @@ STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's fi
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
     """What no plan may write, whatever project it names: stores (the memory store
     paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
-    (bridge's journals, backups and run logs). Anything under .git/ is refused too
-    (see forbidden_target_reason)."""
+    (bridge's journals, backups and run logs). Anything in a version-control folder
+    is refused too (see forbidden_target_reason)."""
 
     __slots__ = ()
 
@@ -1025,19 +1120,101 @@ class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
         return cls(tuple(config.db_paths), config.state_dir)
 
 
+# Folders of version-control systems, whose hooks and config run commands on the next
+# command of that system (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks]
+# in .hg/hgrc; Subversion, Jujutsu, Bazaar, darcs: their own config and hooks).
+VCS_FOLDERS = (".git", ".hg", ".svn", ".jj", ".bzr", "_darcs")
+# What a name may hold that some disk drops when it looks the name up, so that the
+# name still opens a VCS folder: code points HFS+ and APFS ignore (git's utf8.c
+# is_hfs_dotgit), trailing dots and spaces (NTFS, FAT), and 8.3 short names (GIT~1).
+_NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
+
+
+def vcs_folder_of(name: str) -> str | None:
+    """Return the VCS folder (one of VCS_FOLDERS) a path component opens on some disk
+    (any case; see _NAME_IGNORED), or None: ".GIT", ".git.", ".g\u200cit", "GIT~1"
+    all give ".git"."""
+    seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
+    for folder in VCS_FOLDERS:
+        if seen in (folder, folder.lstrip(".")[:6] + "~1"):
+            return folder
+    return None
+
+
+def _is_git_dir(folder: str) -> bool:
+    """Whether folder is a git directory by git's own test (setup.c
+    is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
+    worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
+    if not os.path.isfile(os.path.join(folder, "HEAD")):
+        return False
+    inside = functools.partial(os.path.join, folder)
+    return os.path.isfile(inside("commondir")) or (
+        os.path.isdir(inside("objects")) and os.path.isdir(inside("refs")))
+
+
+def _gitdir_named(folder: str) -> str | None:
+    """The real path a `.git` file in folder points to ("gitdir: PATH", git's
+    gitfile format, as a worktree or submodule has), or None."""
+    try:        # O_NONBLOCK: a FIFO named .git must not hang the check
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+        fd = os.open(os.path.join(folder, ".git"), flags)
+    except OSError:         # none (or unreadable)
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        head = handle.read(4096).decode("utf-8", "replace")
+    if not head.startswith("gitdir:"):
+        return None
+    target = head[len("gitdir:"):].split("\n")[0].strip()
+    return _realpath(os.path.join(folder, target)) if target else None
+
+
+def vcs_target_reason(project: Path, rel: str) -> str | None:
+    """Return why project/rel lies in a version-control folder, or None.
+
+    Refused: a component of rel, or of the project's path (as given, made absolute,
+    and with symlinks resolved), that opens one of VCS_FOLDERS (vcs_folder_of);
+    and a target inside a git directory of any name (_is_git_dir: a bare repository,
+    a worktree's gitdir) or inside the gitdir a `.git` file above it points to."""
+    from pathlib import PurePosixPath
+
+    for part in PurePosixPath(rel.replace("\\", "/")).parts:
+        if folder := vcs_folder_of(part):
+            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
+                    "bridge never writes there")
+    root = _realpath(project)
+    for shown in dict.fromkeys((os.path.abspath(project), root)):
+        for part in PurePosixPath(shown).parts:
+            if folder := vcs_folder_of(part):
+                return (f"project {project} lies inside {part}/ ({folder}: its hooks and config "
+                        "run commands); bridge never writes there")
+    target = _realpath(os.path.join(root, rel))
+    folder = os.path.dirname(target)
+    while True:
+        gitdir = _gitdir_named(folder)
+        under = gitdir is not None and (target + os.sep).startswith(gitdir.rstrip(os.sep) + os.sep)
+        if _is_git_dir(folder) or under:
+            where = folder if _is_git_dir(folder) else gitdir
+            return f"path {rel!r} lies in the git directory {where}; bridge never writes there"
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
     """Return why project/rel may never be written, or None when it may.
 
-    Refused whatever the project: any component named .git (hooks there run on
-    the next git command; any case, for case-insensitive disks), the memory store
-    file and its SQLite sidecars, and anything in the state dir. rel is a plan path
-    already checked to be relative without '..'; the target is compared both as
-    written and with symlinks resolved. The one rule validation and every write use.
+    Refused whatever the project: anything in a version-control folder, under the
+    project or around it (vcs_target_reason), the memory store file and its SQLite
+    sidecars, and anything in the state dir. rel is a plan path already checked to
+    be relative without '..'; the target is compared both as written and with
+    symlinks resolved. The one rule validation and every write use.
     """
-    from pathlib import PurePosixPath
-
-    if any(part.lower() == ".git" for part in PurePosixPath(rel.replace("\\", "/")).parts):
-        return f"path {rel!r} is under .git/ (git runs its hooks); bridge never writes there"
+    if reason := vcs_target_reason(project, rel):
+        return reason
     guard = guard or Guard()
     root = _realpath(project)
     targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
@@ -1490,8 +1667,10 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
     @property
     def stale(self) -> bool:
         """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is older than STALE_AFTER_S seconds
-        (a running bridge refreshes it every HEARTBEAT_INTERVAL_S)."""
+        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
+        from now, in the past or the future (a running bridge refreshes it every
+        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
+        reads as a time (a plan whose own content says in_progress has none)."""
         from datetime import datetime, timezone
 
         if self.status != "in_progress":
@@ -1502,9 +1681,11 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
             return True
         try:
             beat = datetime.fromisoformat(str(self.state.get("heartbeat_at")).replace("Z", "+00:00"))
-        except ValueError:
-            return False
-        return (datetime.now(timezone.utc) - beat).total_seconds() > STALE_AFTER_S
+            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
+                beat = beat.replace(tzinfo=timezone.utc)
+            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
+        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
+            return True
 
     @property
     def display_status(self) -> str:
@@ -1570,6 +1751,7 @@ def result_content(result: dict) -> str:
     """Return the content of a result memory: result_summary(), a blank line, then the
     whole result document as one line of JSON (the last line; JSON escapes every
     newline, so nothing in the document can end it early)."""
+    result = redact(result)
     return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
 
 
@@ -1958,48 +2140,61 @@ class Store:
                           (now, now, iso_from_ts(now), row_id))
 
     def cancel(self, record: PlanRecord) -> bool:
-        """Mark a pending plan cancelled, atomically; False when it is no longer pending."""
+        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
+        died, or its state is forged: the files its run left stay as they are),
+        invalid or awaiting review (its staged files stay unapplied in its run's
+        folder); False, changing nothing, when it is running or finished."""
         def work() -> bool:
-            if self.reload(record).status != "pending":
+            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
                 return False
             self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
                                      "error": "cancelled by the user"})
             return True
         return self._write(work)
 
-    def find_result(self, record: PlanRecord) -> tuple[dict, str] | None:
-        """Return the newest stored result document of a plan and its memory's
-        content_hash, or None.
+    def find_result(self, record: PlanRecord, named_only: bool = True) -> tuple[dict, str] | None:
+        """Return the newest stored result document of a plan that bridge's state
+        names, and its memory's content_hash, or None.
 
-        By the result_hash in the plan's state first; else the live results tagged
-        plan:<id>, newest first (the memory server's own tag match), each
-        confirmed by parsing it (parse_result_content).
+        Named: the memory's content_hash is the state's result_hash, or its
+        last_result_hash (the result before the claim of the run now recorded). A
+        memory merely tagged bridge-result and plan:<id> is anyone's (a forgery):
+        with named_only False, the newest such is returned too. Candidates: by the
+        state's hashes, then the live results tagged plan:<id>, newest first (the
+        memory server's own tag match), each confirmed by parsing it
+        (parse_result_content).
         """
         rows: list = []
-        digest = record.state.get("result_hash")
-        if digest and "content_hash" in self.columns:
-            rows = self.conn.execute("SELECT content FROM memories WHERE content_hash = ?", (digest,)).fetchall()
+        named = [h for h in (record.state.get("result_hash"), record.state.get("last_result_hash"))
+                 if isinstance(h, str) and h]         # the newest first
+        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        for digest in named if "content_hash" in self.columns else ():
+            rows += self.conn.execute("SELECT content_hash, content FROM memories "
+                                      "WHERE content_hash = ?", (digest,)).fetchall()
         if "tags" in self.columns:
             rows += self.conn.execute(
-                f"SELECT content FROM memories m WHERE (',' || m.tags || ',') LIKE ? AND {self._live_filter()} "
-                "ORDER BY m.created_at DESC", (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
+                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
+                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
+                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
         else:
-            rows += self.conn.execute("SELECT content FROM memories WHERE instr(content, 'bridge_result') > 0 "
-                                      "ORDER BY created_at DESC").fetchall()
-        for (content,) in rows:
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories WHERE "
+                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
+        for digest, content in rows:
             document = parse_result_content(content)
-            if document is not None and document.get("plan_id") == record.plan_id:
+            if document is not None and document.get("plan_id") == record.plan_id \
+                    and (not named_only or (digest or content_hash(content)) in named):
                 return document, content_hash(content)
         return None
 
-    def run_owner(self, run_id: Any) -> tuple[str, str] | None:
-        """Return (content_hash, status) of the plan memory whose recorded state is
-        that of run run_id (its last run), or None (no such state: an older bridge's
-        run, or one its plan ran again since)."""
+    def run_owner(self, run_id: Any) -> tuple[str, str, str | None] | None:
+        """Return (content_hash, status, result_hash) of the plan memory whose recorded
+        state is that of run run_id (its last run), or None (no such state: an older
+        bridge's run, or one its plan ran again since)."""
         if not isinstance(run_id, str) or not self.has_state_table:
             return None
-        return self.conn.execute(f"SELECT content_hash, status FROM {STATE_TABLE} WHERE run_id = ?",
-                                 (run_id,)).fetchone()
+        return self.conn.execute(f"SELECT content_hash, status, result_hash FROM {STATE_TABLE} "
+                                 "WHERE run_id = ?", (run_id,)).fetchone()
 
     def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
         """Return [(run_id, status)] of the last runs of the other contents this plan id
@@ -2198,7 +2393,8 @@ class Store:
         owner = state.get("owner") if isinstance(state.get("owner"), dict) else {}
         values = {**{k: state.get(k) for k in STATE_COLUMNS}, "plan_id": plan_id,
                   "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
-        extra = {k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"}
+        extra = redact({k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"})
+        values = redact(values)         # an error line may quote a model's or a command's words
         self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
                           f"extra, updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
                           (digest, *values.values(), json.dumps(extra) if extra else None, utc_now_iso()))
@@ -2258,7 +2454,9 @@ class Store:
             if fresh.display_status not in allowed:
                 return False
             now = utc_now_iso()
+            last = fresh.state.get("result_hash") or fresh.state.get("last_result_hash")
             self._set_state(record, {
+                "last_result_hash": last if isinstance(last, str) else None,
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
                 "heartbeat_at": now, "owner": {"host": hostname(), "pid": os.getpid()},
                 "finished_at": None, "error": None, "result_hash": None, "resumed_from": resumed_from})
@@ -2456,7 +2654,7 @@ def load_schema() -> dict:
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
 
 
-_STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s")
+_STEP_OVERRIDES = ("system", "temperature", "max_tokens", "model", "timeout_s", "thinking")
 _STEP_DEFAULTS = {                      # every field of Step after id (int) and prompt (str)
     "title": "",
     "depends_on": (),                   # tuple[int, ...]
@@ -2721,29 +2919,100 @@ def _schema_use_problems(schema: Any, where: str) -> list[str]:
     return []
 
 
-SECRET_FOLDERS = (".ssh", ".gnupg", ".aws")
-SECRET_NAME = re.compile(r"id_[^.]*|.*\.(pem|key|p12|pfx)|\.env(\.(?!(example|sample|template|dist)$)[^/]*)?"
-                         r"|\.netrc|\.pgpass", re.IGNORECASE)
+# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
+# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
+# under it (a/b/ names the two folders in a row); else it is matched against the
+# file's name, or, with a "/", against the last components of its path. Patterns are
+# shell globs, any case. The README's table is this one.
+SECRET_LOAD_TABLE = (
+    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
+    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
+    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
+    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
+    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
+    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
+    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
+    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
+      for folder in VCS_FOLDERS),
+    ("id_*", "SSH private key (id_*.pub is public)"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"),
+    ("*.ppk", "PuTTY private key"),
+    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
+    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
+    (".env", "environment secrets"), (".env.*", "environment secrets"),
+    (".envrc", "direnv secrets"),
+    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
+    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
+    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
+    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
+    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
+    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
+    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
+    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
+    ("terraform.rc", "Terraform tokens"),
+    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
+    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
+    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
+    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
+    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
+    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
+    ("secrets.yaml", "app secrets"),
+)
+# Names LOAD reads although a row above matches: public keys and samples of secret files
+SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
+# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
+# the name is checked again without it.
+_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
+
+
+def _secret_row(parts: list[str]) -> tuple[str, str] | None:
+    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
+    from fnmatch import fnmatchcase
+
+    parts = [part.casefold() for part in parts]
+    folders, name = parts[:-1], parts[-1]
+    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
+    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
+        return "id_*", "SSH private key (id_*.pub is public)"
+    for pattern, holds in SECRET_LOAD_TABLE:
+        seq = pattern.rstrip("/").casefold().split("/")
+        if pattern.endswith("/"):
+            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
+                return pattern, holds
+            continue
+        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
+            continue
+        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
+            continue
+        last_folders = folders[len(folders) - len(seq) + 1:]
+        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
+        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
+            return pattern, holds
+    return None
 
 
 def secret_file_reason(rel: str) -> str | None:
     """Return why a LOAD path looks like a private key or a secret store, or None.
 
-    Refused: anything in a .ssh, .gnupg or .aws folder; SSH private keys (id_*
-    with no extension; id_*.pub is public); *.pem, *.key, *.p12, *.pfx; .env and
-    .env.* (but .env.example, .sample, .template, .dist); .netrc, .pgpass. Their
-    text would go to the model and into the result memory and the run logs.
+    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
+    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
+    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
+    Their text would go to the model, into the result memory and the run logs.
     """
     from pathlib import PurePosixPath
 
-    parts = PurePosixPath(rel.replace("\\", "/")).parts
-    folder = next((p for p in parts[:-1] if p.lower() in SECRET_FOLDERS), None)
-    if folder:
-        return f"LOAD file {rel!r} is in {folder}/, which holds secrets; bridge does not send it to a model"
-    if parts and SECRET_NAME.fullmatch(parts[-1]):
-        return (f"LOAD file {rel!r} looks like a private key or secret store; bridge does not send it "
-                "to a model (name it as REFERENCE, or give the model what it needs another way)")
-    return None
+    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
+    row = _secret_row(parts) if parts else None
+    if row is None:
+        return None
+    pattern, holds = row
+    if pattern.endswith("/"):
+        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
+                "does not send it to a model")
+    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
+            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
+            "needs another way)")
 
 
 def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
@@ -2777,6 +3046,7 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
     outputs = {s["file_output"]: n for n, s in enumerate(steps)
                if isinstance(s, dict) and isinstance(s.get("file_output"), str)}
+    written = {same_file_path(rel) for rel in outputs}
     if "project" in context and not isinstance(context["project"], str):
         return []                   # the schema has said what is wrong with it
     if "project" not in context:
@@ -2797,14 +3067,16 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
             continue
         if mode != "LOAD":
             continue
-        secret = secret_file_reason(rel) or secret_file_reason(os.path.relpath(_realpath(path), _realpath(project)))
+        real = _realpath(path)
+        inside = os.path.relpath(real, _realpath(project))
+        secret = secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(real)
         if secret:
             problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
         try:
             read_load_file(path, rel, project)
         except FileNotFoundError:
-            if rel not in outputs:
+            if same_file_path(rel) not in written:
                 problems.append(f"$.context.files_context[{rel!r}]: LOAD file does not exist "
                                 "and no step writes it")
         except (PathError, IsADirectoryError) as exc:
@@ -2884,6 +3156,17 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     return _build_plan(plan)
 
 
+def same_file_path(rel: str) -> str:
+    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
+    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
+    locking, journaling and reporting agree on one name. rel is a path
+    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    try:
+        return "/".join(plan_path_parts(rel))
+    except PathError:
+        return rel
+
+
 def _build_plan(plan: dict) -> Plan:
     from pathlib import Path
 
@@ -2897,11 +3180,16 @@ def _build_plan(plan: dict) -> Plan:
             validation=raw.get("validation", dict(DEFAULT_VALIDATION)),
             max_retries=raw.get("max_retries", DEFAULT_MAX_RETRIES),
             on_failure=raw.get("on_failure", DEFAULT_ON_FAILURE),
-            file_output=raw.get("file_output"), **overrides)
+            file_output=same_file_path(raw["file_output"]) if "file_output" in raw else None,
+            **overrides)
     context = plan.get("context", {})
     project = Path(context["project"]) if "project" in context else None
+    files_context: dict[str, str] = {}
+    for rel, mode in context.get("files_context", {}).items():      # LOAD wins over REFERENCE
+        key = same_file_path(rel)
+        files_context[key] = "LOAD" if "LOAD" in (mode, files_context.get(key)) else mode
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
-                project=project, files_context=dict(context.get("files_context", {})),
+                project=project, files_context=files_context,
                 rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"),
                 verify=plan.get("verify"))
 
@@ -2943,6 +3231,8 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
     A plan working there could replace the store, its own journals or the trust file."""
     if folder == folder.parent:
         return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
     if config.home is not None and folder == real_path(config.home):
         return "it is your home folder itself (trust a project folder inside it)"
     if config.home is not None and real_path(config.home).is_relative_to(folder):
@@ -2972,9 +3262,40 @@ def trusted_root(config: Config, project: Path) -> Path | None:
     return None
 
 
+def config_file_problem(path: Path) -> tuple[str, str] | None:
+    """Return (what is wrong, how to fix it) when a trust or approvals file, or its
+    folder, could have been written by someone else, as ssh checks its files
+    (StrictModes): owned by another user than you (root may own it), or writable
+    by group or others. None when both are safe, or the file does not exist, or
+    the system has no user ids (Windows)."""
+    if not hasattr(os, "geteuid"):
+        return None
+    for where in (path, path.parent):
+        try:
+            info = os.stat(where)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"cannot check {where}: {exc.strerror or exc}", "check that folder's permissions"
+        kind = "folder" if stat.S_ISDIR(info.st_mode) else "file"
+        if info.st_uid not in (os.geteuid(), 0):
+            return (f"{kind} {where} is owned by another user (uid {info.st_uid})",
+                    f"if its content is yours: chown {os.geteuid()} {where}; else delete it")
+        if info.st_mode & 0o022:
+            bits = 0o700 if kind == "folder" else 0o600
+            mode = stat.S_IMODE(info.st_mode)
+            return (f"{kind} {where} is writable by other users (mode {mode:04o})",
+                    f"check its content, then: chmod {bits:o} {where}")
+    return None
+
+
 def read_config_file(path: Path, key: str, kind: type) -> Any:
     """Return document[key] of one of bridge's JSON config files (kind() when the file
-    does not exist). Raises ConfigError when it cannot be read or has another shape."""
+    does not exist). Raises ConfigError when it cannot be read or has another shape,
+    or when someone else could have written it (config_file_problem)."""
+    if problem := config_file_problem(path):
+        raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
+                          problem[1])
     try:
         with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
@@ -3031,7 +3352,12 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
         if trusted_root(config, plan.project) is not None:
             return True
     entry = load_approvals(config).get(plan.id)
-    return isinstance(entry, dict) and entry.get("content_hash") == plan_hash
+    if not isinstance(entry, dict) or entry.get("content_hash") != plan_hash:
+        return False
+    # pinned to the folder approved (real path): a project given as a symlink re-pointed since
+    # is another folder, and needs approval again
+    pinned = str(real_path(plan.project)) if plan.project is not None else None
+    return entry.get("project") == pinned
 
 
 def _executor_of(ref: str) -> str:
@@ -3042,8 +3368,12 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
     {"plan_id", "content_hash", "project" (str or None), "files" (its file_output
-    paths), "models" (every model it names: steps, defaults, escalation), "trusted"
-    (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
+    paths), "reads" (the files it LOADs and sends to a model, each with why it is
+    refused or None: _load_facts), "runs" (every command and verify argv with its
+    folder and timeout: _run_facts), "models" (every model it names: steps,
+    defaults, escalation), "executors" (the executors its steps and escalation use),
+    "limits" (what it asks above the user's limits, and what is used: _limit_facts),
+    "trusted" (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
     would let it run), "escalation_unused" (why its escalation will be skipped, or
     None), "may_run"}. A plan needs approval unless its project is trusted, or it has
     no project and runs only on the local server; paid and agentic executors need the
@@ -3074,11 +3404,71 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if escalation is not None and escalation not in allowed and config.escalate_to is None:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
+    executors = sorted({_executor_of(m) for m in named}
+                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
-            "models": named, "trusted": trusted, "reasons": reasons, "commands": commands,
-            "escalation_unused": unused, "may_run": not reasons}
+            "reads": _load_facts(plan), "runs": _run_facts(plan), "models": named,
+            "executors": executors, "limits": _limit_facts(config, plan), "trusted": trusted,
+            "reasons": reasons, "commands": commands, "escalation_unused": unused,
+            "may_run": not reasons}
+
+
+def _load_facts(plan: Plan) -> list[dict]:
+    """[{"path", "refused" (why bridge will not send it: outside the project
+    (resolve_inside), or secret_file_reason of its path or of where a symlink leads;
+    else None)}] of the files a plan LOADs into its prompts, sorted by path."""
+    facts = []
+    for rel, mode in sorted(plan.files_context.items()):
+        if mode != "LOAD":
+            continue
+        refused = secret_file_reason(rel)
+        if refused is None and plan.project is not None:
+            try:
+                resolve_inside(plan.project, rel)       # --list reads plans unchecked
+            except PathError as exc:
+                refused = str(exc)
+        if refused is None and plan.project is not None:
+            real, root = os.path.realpath(plan.project / rel), os.path.realpath(plan.project)
+            refused = secret_file_reason(os.path.relpath(real, root)) if real != root else None
+        facts.append({"path": rel, "refused": refused})
+    return facts
+
+
+def _run_facts(plan: Plan) -> list[dict]:
+    """[{"what": "step N check" | "verify", "run" (argv), "cwd", "timeout_s"}]: every
+    command a plan runs (its command validations, then its verify), where, how long."""
+    cwd = str(plan.project) if plan.project is not None else None
+    facts = []
+    for sid, step in sorted(plan.steps.items()):
+        items = step.validation if isinstance(step.validation, list) else [step.validation]
+        facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
+                   "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+                  for v in items if isinstance(v, dict) and v.get("type") == "command"]
+    if plan.verify:
+        facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
+                      "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
+    return facts
+
+
+def _limit_facts(config: Config, plan: Plan) -> list[dict]:
+    """[{"step", "field", "asked", "limit", "setting", "used"}]: each limit a plan asks
+    above the user's, and the user's value that is used instead (narrowed)."""
+    facts = []
+    for sid, step in sorted(plan.steps.items()):
+        if isinstance(step.max_retries, int) and step.max_retries > config.max_retries:
+            facts.append({"step": sid, "field": "max_retries", "asked": step.max_retries,
+                          "limit": config.max_retries, "setting": "--max-retries",
+                          "used": config.max_retries})
+        if isinstance(step.timeout_s, (int, float)):
+            for limit, setting in ((config.timeout_s, "--timeout (per read)"),
+                                   (DEFAULT_REQUEST_DEADLINE_S, "the request deadline")):
+                if step.timeout_s > limit:
+                    facts.append({"step": sid, "field": "timeout_s", "asked": step.timeout_s,
+                                  "limit": limit, "setting": setting,
+                                  "used": narrowed(step.timeout_s, limit)})
+    return facts
 
 
 ###############################################################################
@@ -3090,15 +3480,70 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
 ###############################################################################
 
 
-class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd",
-                            defaults=(0.0,))):
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
+                            "reasoning reasoning_pieces response_format",
+                            defaults=(0.0, "", 0, None))):
     """One model reply: text (reasoning fields excluded), usage as the server sent
     it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
     model that answered (or None), finish_reason (or None), duration_s (seconds),
-    and cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it)."""
+    cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it),
+    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
+    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
+    one token each) and response_format (the type of the constraint sent, e.g.
+    "json_schema", or None when the request went unconstrained)."""
 
     __slots__ = ()
+
+
+def reasoning_delta(delta: Any) -> str:
+    """Return the reasoning text of one chat-completion delta (or message), "" if none.
+
+    The field is reasoning_content on llama.cpp's server (--reasoning-format, the
+    default auto), LM Studio (DeepSeek-R1, 0.3.9) and vLLM before PR #27752; reasoning
+    on Ollama (openai/openai.go), LM Studio for gpt-oss (0.3.23) and vLLM since.
+    A server sending both with the same text is counted once."""
+    if not isinstance(delta, dict):
+        return ""
+    for key in ("reasoning_content", "reasoning"):
+        value = delta.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+class OutputTally:
+    """What one reply has used of its bound, as it streams: answer and reasoning
+    (thinking) text alike count against limit (bytes of UTF-8: --max-output-bytes).
+    answer_bytes, reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces
+    taken: about one token each on a streaming server). Every executor that reads
+    thinking (the SSE stream's reasoning fields, Ollama's message.thinking) counts
+    it with add_reasoning. Raises LLMProtocolError past limit, naming which part
+    ran over."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.answer_bytes = self.reasoning_bytes = self.answer_pieces = self.reasoning_pieces = 0
+
+    def add_answer(self, piece: str) -> None:
+        """Count one piece of answer text."""
+        total = reply_size(self.answer_bytes + self.reasoning_bytes, piece, self.limit)
+        self.answer_bytes = total - self.reasoning_bytes
+        self.answer_pieces += 1
+
+    def add_reasoning(self, piece: str) -> None:
+        """Count one piece of thinking text."""
+        size = self.answer_bytes + self.reasoning_bytes
+        size += len(piece.encode("utf-8", "surrogatepass"))
+        if size > self.limit:
+            raise LLMProtocolError(
+                f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was "
+                f"thinking ({size - self.answer_bytes} bytes of reasoning, {self.answer_bytes} of "
+                "answer); cut",
+                "ask the server not to think (the step's \"thinking\": \"off\") "
+                "or raise --max-output-bytes")
+        self.reasoning_bytes = size - self.answer_bytes
+        self.reasoning_pieces += 1
 
 
 def _error_message(body: bytes) -> str:
@@ -3329,6 +3774,28 @@ SAMPLING_FIELDS = {
 }
 
 
+# The fields that ask a server not to think (a step's thinking "off"), by ServerInfo.kind;
+# a kind not listed (an OpenAI-compatible server the probe could not name: vLLM, Ollama's
+# /v1) gets THINKING_OFF_DEFAULT, and a field it refuses (HTTP 400/422 naming it) is not
+# sent to it again (LLMClient.thinking_fields).
+THINKING_OFF_FIELDS: dict[str, dict] = {
+    # reasoning_effort "none" on /v1/chat/completions: LM Studio 0.4.17 (bug tracker #2057)
+    "LM Studio": {"reasoning_effort": "none"},
+    # the OpenAI layer maps reasoning_effort "none" to think false: ollama openai/openai.go
+    # (since v0.11.5), docs/api/openai-compatibility.mdx
+    "Ollama": {"reasoning_effort": "none"},
+    # either one: ggml-org/llama.cpp tools/server/README.md (reasoning_effort,
+    # chat_template_kwargs); the template reads enable_thinking (Qwen3-style)
+    "llama.cpp": {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": False}},
+    # Qwen3-style templates through chat_template_kwargs (vllm docs, reasoning outputs)
+    "vLLM": {"chat_template_kwargs": {"enable_thinking": False}},
+    # no reasoning parser: a model's thinking arrives in content, and split_reasoning takes it out
+    "llama-cpp-python": {},
+}
+THINKING_OFF_DEFAULT = {"reasoning_effort": "none",
+                        "chat_template_kwargs": {"enable_thinking": False}}
+
+
 def _refuses_response_format(exc: LLMError) -> bool:
     """Tell whether an error is the server refusing our response_format.
 
@@ -3421,12 +3888,13 @@ class HTTPExecutor:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
     def _send_with_retries(self, payload: dict, timeout_s: float | None,
-                           on_delta: Callable[[str], None] | None) -> Completion:
+                           on_delta: Callable[[str], None] | None,
+                           on_reasoning: Callable[[str], None] | None = None) -> Completion:
         deadline = time.monotonic() + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
             received: list[str] = []
             try:
-                return self._stream_once(payload, timeout_s, on_delta, received)
+                return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
             except LLMError as exc:
                 if not exc.transient or received or retry == self.config.retries \
                         or ("response_format" in payload and _refuses_response_format(exc)):
@@ -3466,16 +3934,19 @@ class HTTPExecutor:
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
-                     on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
+                     on_delta: Callable[[str], None] | None, received: list[str],
+                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
         import httpx
 
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = time.monotonic()
         kwargs: dict[str, Any] = {"json": payload}
-        if timeout_s is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
-        deadline_s = timeout_s or DEFAULT_REQUEST_DEADLINE_S
-        source = "the step's timeout_s" if timeout_s else "bridge's default; a step's timeout_s sets its own"
+        if timeout_s is not None:   # a plan only narrows: --timeout per read, the default deadline
+            read_s = narrowed(timeout_s, self.config.timeout_s)
+            kwargs["timeout"] = httpx.Timeout(read_s, connect=min(CONNECT_TIMEOUT_S, read_s))
+        deadline_s = narrowed(timeout_s, DEFAULT_REQUEST_DEADLINE_S)
+        source = "the step's timeout_s" if deadline_s != DEFAULT_REQUEST_DEADLINE_S \
+            else "bridge's default; a step's lower timeout_s sets its own"
         limit = f"{deadline_s:g} s ({source})"
         try:
             with self.http.stream("POST", url, **kwargs) as raw:
@@ -3486,13 +3957,15 @@ class HTTPExecutor:
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
-                return self._parse(response, url, started, on_delta, received)
+                # only LLMClient's _parse takes on_reasoning
+                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}
+                return self._parse(response, url, started, on_delta, received, **hooks)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
-            if timeout_s is not None and isinstance(error, LLMTimeout) \
-                    and not isinstance(exc, httpx.ConnectTimeout):
-                # the step's timeout_s is its chunk timeout and its deadline alike: waiting
-                # that long for a byte passed the deadline, and the same request would too
+            if timeout_s is not None and narrowed(timeout_s, self.config.timeout_s) >= deadline_s \
+                    and isinstance(error, LLMTimeout) and not isinstance(exc, httpx.ConnectTimeout):
+                # the step's timeout_s, under --timeout, is its read timeout and its deadline
+                # alike: a wait for a byte that long passed the deadline, as a retry would
                 error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
                                     f"({type(exc).__name__}); not retried",
                                     "raise the step's timeout_s, or check what keeps the server")
@@ -3526,6 +3999,9 @@ class LLMClient(HTTPExecutor):
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
+        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
+        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
+        self.unconstrained: dict[str, str] = {}
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -3599,10 +4075,24 @@ class LLMClient(HTTPExecutor):
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items() if k in ("temperature", "seed", "max_tokens") or k in extras}
 
+    def thinking_fields(self) -> dict:
+        """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
+        for its kind (THINKING_OFF_DEFAULT when the probe could not name it), less
+        any it refused."""
+        fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
+        return {k: v for k, v in fields.items() if k not in self.thinking_refused}
+
+    def drop_constraint(self, model: str, why: str) -> None:
+        """Send model's JSON requests unconstrained from now on (no response_format):
+        its constrained output garbled (why says how). The answer is still checked."""
+        self.unconstrained.setdefault(model, why)
+
     def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
              max_tokens: int | None = None, timeout_s: float | None = None,
              json_schema: dict | None = None,
-             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None) -> Completion:
+             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None,
+             thinking: str | None = None,
+             on_reasoning: Callable[[str], None] | None = None) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
         messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
@@ -3614,8 +4104,12 @@ class LLMClient(HTTPExecutor):
         repeat_penalty, dry_multiplier), sent as accepted_sampling says; a server
         refusing one (HTTP 400/422 naming it) gets none of the extras again, and the
         request is resent at once. Transient failures are retried as the class
-        says, unless output had already streamed. Raises LLMError (never an httpx
-        exception) when the request finally fails.
+        says, unless output had already streamed. thinking "off" asks the server
+        not to think (thinking_fields; a field it refuses, HTTP 400/422 naming it,
+        is dropped for this client's life and the request resent at once); "on" or
+        None sends nothing. Reasoning deltas go to on_reasoning (reasoning_delta).
+        A model given to drop_constraint goes without response_format. Raises
+        LLMError (never an httpx exception) when the request finally fails.
         """
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
@@ -3628,15 +4122,21 @@ class LLMClient(HTTPExecutor):
             first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
             self.structured_level = max(self.structured_level, first)
         while True:
+            if thinking == "off":
+                payload.update(self.thinking_fields())
             form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
-                self.structured_level < len(RESPONSE_FORMS) else None
+                self.structured_level < len(RESPONSE_FORMS) and \
+                model not in self.unconstrained else None
             if form is None:
                 payload.pop("response_format", None)
             else:
                 payload["response_format"] = form(json_schema)
             try:
-                return self._send_with_retries(payload, timeout_s, on_delta)
+                reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+                return reply._replace(response_format=form and payload["response_format"]["type"])
             except LLMHTTPError as exc:
+                if thinking == "off" and self._thinking_refused(exc, payload):
+                    continue
                 refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ()) if k in payload and k in str(exc)]
                 if refused and exc.status in (400, 422):
                     self._on_retry(f"the server refused {', '.join(refused)} ({clip(str(exc), 160, 'message')}); "
@@ -3651,12 +4151,34 @@ class LLMClient(HTTPExecutor):
                                f"({clip(str(exc), 160, 'message')}); trying the next form")
                 self.structured_level += 1
 
+    def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
+        """Drop from payload, for good, the thinking fields a 400/422 refused; tell
+        whether any was. Those it names; when it names none of them (nor
+        response_format or a sampling field, which have their own fallback), all
+        that were sent: a server that refuses without saying why must not lose
+        every attempt to a field bridge added."""
+        sent = [k for k in THINKING_OFF_DEFAULT if k in payload]
+        if exc.status not in (400, 422) or exc.context_overflow or not sent:
+            return False
+        refused = [k for k in sent if k in str(exc)]
+        if not refused and (_refuses_response_format(exc) or any(
+                k in str(exc) for k in SAMPLING_FIELDS.get(self.server_kind or "", ()))):
+            return False
+        refused = refused or sent
+        self._on_retry(f"the server refused {', '.join(refused)} "
+                       f"({clip(str(exc), 160, 'message')}); not sending it again")
+        self.thinking_refused.update(refused)
+        for key in refused:
+            payload.pop(key)
+        return True
+
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str]) -> Completion:
+               received: list[str],
+               on_reasoning: Callable[[str], None] | None = None) -> Completion:
         if "text/event-stream" not in response.headers.get("content-type", ""):
             return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
                                      url, started)
-        return self._parse_stream(response, url, started, on_delta, received)
+        return self._parse_stream(response, url, started, on_delta, received, on_reasoning)
 
     def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
         """Read a non-streamed chat.completion body (servers that ignore stream); the
@@ -3668,19 +4190,27 @@ class LLMClient(HTTPExecutor):
             text = choice["message"].get("content") or ""
             if not isinstance(text, str):
                 raise TypeError("content is not a string")
+            reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
                                    f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
-        reply_size(0, text, self.config.max_output_bytes)
+        tally = OutputTally(self.config.max_output_bytes)
+        if reasoning:
+            tally.add_reasoning(reasoning)
+        tally.add_answer(text)
         return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
-                          reply_label(choice.get("finish_reason")), time.monotonic() - started)
+                          reply_label(choice.get("finish_reason")), time.monotonic() - started, 0.0,
+                          reasoning, int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
     def _parse_stream(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str]) -> Completion:
-        """Read an SSE chat.completion.chunk stream to its end and return the Completion."""
+                      on_delta: Callable[[str], None] | None, received: list[str],
+                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        """Read an SSE chat.completion.chunk stream to its end and return the Completion.
+        Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
+        and given to on_reasoning, never to on_delta or the text."""
         limit = self.config.max_output_bytes
         usage = model = finish = None
-        size, done = 0, False
+        done, tally, thought = False, OutputTally(limit), []
         events = _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES)
         for event, data in events:
             if data.strip() == "[DONE]":
@@ -3706,18 +4236,25 @@ class LLMClient(HTTPExecutor):
             if choice is not None:
                 delta, finish = choice[0], choice[1] or finish
                 piece = reply_text(delta.get("content"), "a chunk's delta content", url)
+                if reasoning := reasoning_delta(delta):
+                    tally.add_reasoning(reasoning)
+                    thought.append(reasoning)
+                    received.append("")     # output has streamed: the request is not resent
+                    if on_reasoning:
+                        on_reasoning(reasoning)
                 if piece:
-                    size = reply_size(size, piece, limit)
+                    tally.add_answer(piece)
                     received.append(piece)
                     if on_delta:
                         on_delta(piece)
         if not done and finish is None:
             raise LLMProtocolError(f"the stream from {url} ended early, after "
                                    f"{sum(map(len, received))} characters and no finish_reason")
-        if not received and finish is None:
+        if not received and not thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started)
+        return Completion("".join(received), usage, model, finish, time.monotonic() - started, 0.0,
+                          "".join(thought), tally.reasoning_pieces)
 
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel")):
@@ -3862,8 +4399,8 @@ class ClaudeCLI:
     argv list (never a shell), the prompt on stdin, in the plan's project folder
     only when that is a trusted project (else a fresh scratch folder under the state
     dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
-    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the
-    process group when the step's time (timeout_s, else --timeout) runs out. Reads
+    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the process group when the
+    step's time (its timeout_s when lower than --timeout, else --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
     messages (their text streams as deltas), and the closing result (result,
     is_error, usage, total_cost_usd, duration_ms); other lines, garbage included,
@@ -3910,7 +4447,8 @@ class ClaudeCLI:
         argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
                 "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
         with self._workdir() as cwd:
-            return self._run(argv, prompt, cwd, timeout_s or self.config.timeout_s, on_delta)
+            limit_s = narrowed(timeout_s, self.config.timeout_s)
+            return self._run(argv, prompt, cwd, limit_s, on_delta)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -4049,7 +4587,6 @@ def _kill_group(proc: Any) -> None:
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
-_THINK = r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*"
 _FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
 # after prose on the same line ("Here it is: ```json"), a fence counts only when
 # nothing but a tag follows it, so prose that mentions ``` is not a fence
@@ -4058,13 +4595,62 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
+# Reasoning text a server leaves inside content (llm-servers.md §9), by shape: (name,
+# who writes it and the source, a string the text must hold for the shape to be tried,
+# where the reasoning starts and ends, what ends the answer or None). split_reasoning
+# takes each out; a shape matches at the start of the text only.
+_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
+REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
+    # a leading block; an unclosed one swallows the rest
+    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
+     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
+    ("<thinking>", "several fine-tunes", "<thinking>",
+     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
+    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
+    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
+     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
+    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
+    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
+    # it analysed) there is no answer
+    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
+     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
+    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
+     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
+    # the opening tag is in the prompt template, so only the close arrives: reasoning…
+    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
+    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
+     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
+    ("orphan </thinking>", "several fine-tunes", "</thinking>",
+     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
+    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
+     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
+)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split a model's content into (answer, reasoning), taking out every shape of
+    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
+    checked or written holds reasoning. Text with none comes back whole, reasoning
+    "". A tag inside an answer that opened with none is left alone ("Use the
+    <think> tag"); one that closed reasoning with no opening tag is not."""
+    thought: list[str] = []
+    matched = True
+    while matched and text:
+        matched = False
+        for _name, _source, needle, start, end in REASONING_SHAPES:
+            found = re.match(start, text) if needle in text else None
+            if found and found.group():
+                thought.append(found.group())
+                text, matched = text[found.end():], True
+                if end and (tail := re.search(end, text)):
+                    text = text[:tail.start()]
+                break
+    return text, "".join(thought)
+
+
 def strip_think(text: str) -> str:
-    """Remove leading <think>…</think> blocks (an unclosed one swallows the rest)."""
-    while True:
-        stripped = re.sub(_THINK, "", text, count=1)
-        if stripped == text:
-            return text
-        text = stripped
+    """Return text without its reasoning (split_reasoning's answer)."""
+    return split_reasoning(text)[0]
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
@@ -4585,6 +5171,34 @@ def checked_depth(validation: dict | list) -> int | None:
     return schema_depth(first["schema"]) if first and first.get("type") == "json_schema" else None
 
 
+def grammar_damage(output: str, schema: dict | None, validation: dict | list) -> str | None:
+    """Tell how a constrained answer that failed its check looks damaged by the
+    grammar, or None when it does not (or passes validation: a command failed).
+
+    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
+    unclosed string), or an object key with a "?" in it where the schema (the one sent)
+    names no such key. These are what a garbling grammar makes (gpt-oss under LM
+    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
+    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
+    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
+    and the model's own mistakes are for the retry to fix."""
+    try:
+        check_output(output, validation)
+        return None
+    except OutputInvalid:
+        pass
+    if "\ufffd" in output:
+        return "it holds U+FFFD replacement characters"
+    try:
+        value = parse_json_output(output)
+    except OutputInvalid:
+        return "it is not valid JSON"
+    named = set((schema or {}).get("properties") or {})
+    keys = value if isinstance(value, dict) else {}
+    garbled = [key for key in keys if "?" in key and key not in named]
+    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
+
+
 class DegenerationGuard:
     """Watch an output while it streams and raise OutputDegenerate as soon as it
     degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
@@ -4720,15 +5334,19 @@ def untrusted_message(plan: Plan) -> str:
 
 def command_env(config: Config) -> dict[str, str]:
     """Return the environment a plan's commands run in: the user's (as bridge was
-    started with it) less bridge's own BRIDGE_* settings, the memory server's
-    MCP_API_KEY and ANTHROPIC_API_KEY, so a check never sees a secret it does not need.
+    started with it) less every credential (credential_env_name: bridge's own
+    BRIDGE_* settings, the memory server's MCP_API_KEY, names that look like tokens,
+    keys, secrets or passwords, and the cloud, CI and model-provider families of
+    SECRET_ENV_PREFIXES), but those the user named with --pass-env (config.pass_env),
+    so a check never sees a secret it was not given.
 
     PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the
     source keeps its size and its mtime's second, and a retry rewrites a file
     within the same second, often at the same size (`x + 2` → `x * 2`), so the
     retry's test would run the failed attempt's code.
     """
-    env = {k: v for k, v in config.tool_env if k != "ANTHROPIC_API_KEY"}
+    passed = set(config.pass_env)
+    env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
@@ -4737,7 +5355,8 @@ class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail
     """What one command did: argv (list of str), exit_code (int; negative: killed by
     that signal; None: it never started), duration_s (seconds), output_tail (the
     last COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a
-    marker when the start is left out), output_bytes (all it wrote), timed_out,
+    marker when the start is left out, secrets redacted; "" when it passed),
+    output_bytes (all it wrote), timed_out,
     error (why it failed, one line, or None when it passed)."""
 
     __slots__ = ()
@@ -4749,6 +5368,81 @@ class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail
                 "timed_out": self.timed_out, "error": self.error}
 
 
+# The program a check command runs under on Linux (reaped_argv): `python -I -S -c
+# REAPER_SOURCE FD ARGV...`. It makes itself a child subreaper (prctl
+# PR_SET_CHILD_SUBREAPER = 36, Linux 3.4+; man 2 prctl), so every process the command
+# leaves behind, setsid and double-forked daemons included, is re-parented to it instead
+# of to init; it runs the command in a process group of its own; once the command exits,
+# or at SIGTERM (bridge's time-out or cancel), it SIGKILLs that group, then every process
+# re-parented to it, again until none is left, and exits as the command did (a signal's
+# death re-raised, with no core file). When exec fails, the errno goes back on FD.
+REAPER_SOURCE = r"""
+import ctypes, os, resource, signal, sys
+report, argv, pid, stopping = int(sys.argv[1]), sys.argv[2:], 0, False
+os.set_inheritable(report, False)
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+def stop(signum, frame):
+    global stopping
+    stopping = True
+    if pid:
+        try: os.killpg(pid, signal.SIGKILL)
+        except OSError: pass
+signal.signal(signal.SIGTERM, stop)
+pid = os.fork()
+if pid == 0:
+    try:
+        os.setpgid(0, 0)
+        for name in ("SIGTERM", "SIGPIPE", "SIGXFSZ"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(report, str(exc.errno).encode())
+    os._exit(127)
+os.close(report)
+try: os.setpgid(pid, pid)
+except OSError: pass
+if stopping: stop(0, None)
+status = os.waitpid(pid, 0)[1]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def children():
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError: continue
+        if name.isdigit() and int(fields[1]) == os.getpid(): found.append(int(name))
+    return found
+try: os.killpg(pid, signal.SIGKILL)
+except OSError: pass
+kept = set()       # a setuid child (sudo -b) refuses the signal: left, never waited for
+while kids := [kid for kid in children() if kid not in kept]:
+    for kid in kids:
+        try: os.kill(kid, signal.SIGKILL)
+        except PermissionError: kept.add(kid)
+        except OSError: pass
+    for kid in kids:
+        try:
+            if kid not in kept: os.waitpid(kid, 0)
+        except OSError: pass
+if os.WIFSIGNALED(status):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if os.WTERMSIG(status) != signal.SIGKILL: signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+os._exit(os.waitstatus_to_exitcode(status) & 255)
+"""
+REAPER_GRACE_S = 5.0       # after its SIGTERM the reaper has this long to sweep, then it is killed
+
+
+def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
+    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None
+    where there is no child subreaper (not Linux, or no sys.executable): there only the
+    command's process group is killed, and a child that leaves it (setsid) can live on."""
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return None
+    return [sys.executable, "-I", "-S", "-c", REAPER_SOURCE, str(report_fd), *argv]
+
+
 def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
@@ -4756,26 +5450,53 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
     stdout and stderr go to one pipe, read as it comes: only the last
     COMMAND_TAIL_BYTES bytes are kept, so a flood costs no memory. The command
     leads its own process group; once it exits, or after timeout_s seconds, or
-    when cancel (a threading.Event) is set, the whole group is killed, so nothing
-    it started outlives the check. Never raises for a command that cannot start
-    (that is a failed check saying why).
+    when cancel (a threading.Event) is set, the whole group is killed, and on Linux
+    every other process it started too, daemons that left the group included
+    (REAPER_SOURCE), so nothing it started outlives the check. Never raises for a
+    command that cannot start (that is a failed check saying why).
     """
     import subprocess
 
     started = time.monotonic()
+    report, report_w = os.pipe()
+    reaped = reaped_argv(argv, report_w)
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(reaped or argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, pass_fds=(report_w,) if reaped else ())
     except OSError as exc:
+        os.close(report)
         return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
                           f"`{shell_words(argv)}` could not start: {exc.strerror or exc}")
+    finally:
+        os.close(report_w)
     try:
         tail, total, stopped = _read_tail(proc, started + timeout_s, cancel)
     finally:
+        if reaped:
+            _stop_reaper(proc)
         _kill_group(proc)               # the command's children too, even those that outlive it
         proc.stdout.close()
         code = proc.wait()
+        with open(report, "rb") as handle:
+            failed = handle.read(32)
+    if failed.isdigit():
+        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
+                          f"`{shell_words(argv)}` could not start: {os.strerror(int(failed))}")
     return _command_outcome(argv, code, time.monotonic() - started, tail, total, stopped, timeout_s)
+
+
+def _stop_reaper(proc: Any) -> None:
+    """Have a command's reaper end it and sweep its descendants (SIGTERM), when it has
+    not exited yet; wait for it up to REAPER_GRACE_S without reaping it (its pid names
+    the process group _kill_group kills after)."""
+    if _exited(proc):
+        return
+    with _suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + REAPER_GRACE_S
+    while not _exited(proc) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str | None]:
@@ -4820,7 +5541,7 @@ def _exited(proc: Any) -> bool:
 
 def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes, total: int,
                      stopped: str | None, timeout_s: float) -> CommandRun:
-    text = tail.decode("utf-8", "replace")
+    text = redact(tail.decode("utf-8", "replace"))
     if total > len(tail):
         text = f"[bridge: the first {total - len(tail)} of {total} bytes of output are left out]\n" + text
     shown = f"`{shell_words(argv)}`"
@@ -4832,6 +5553,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
         error = f"{shown} failed (exit {code})"
     else:
         error = None
+        text = ""       # a passing check keeps no output: `env`, a test printing its config
     return CommandRun(list(argv), code, duration_s, text, total, stopped == "timeout", error)
 
 
@@ -5197,12 +5919,46 @@ def open_run_dir(run_dir: Path) -> None:
     os.chmod(run_dir, 0o700)
 
 
-def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str) -> None:
-    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at"},
-    which --diff and --undo read back."""
+def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
+                   plan_hash: str | None = None) -> None:
+    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
+    "content_hash" (the plan memory's)}, which --diff, --undo and a take-over read back."""
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
-            "project": os.path.abspath(project) if project is not None else None}
+            "project": os.path.abspath(project) if project is not None else None,
+            "content_hash": plan_hash}
     atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+
+
+def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
+    """Return why the run run_id (a run id run_folder accepts) is not the plan's own
+    run, so that a take-over (--resume, --rerun of a stale plan) must not touch its
+    files; None when its run.json names this plan (id and content hash) and this
+    project, or when it left no folder (nothing to take over). A state read back
+    from the store naming another plan's run is forged."""
+    folder = runs_dir / run_id
+    if not os.path.lexists(folder):
+        return None
+    info = _read_json(folder / RUN_INFO_FILE)
+    context = record.plan.get("context") if isinstance(record.plan, dict) else None
+    project = context.get("project") if isinstance(context, dict) else None
+    usable = isinstance(project, str) and "\x00" not in project
+    project = os.path.abspath(project) if usable else None
+    if not isinstance(info, dict):
+        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
+                "before bridge recorded it); its files are left alone")
+    if info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
+        return (f"run {run_id} was made by a bridge that did not record its plan's content hash; "
+                "not taken over: its files are left alone")
+    if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
+        return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
+                f"({str(info.get('content_hash'))[:12]}), not of this plan "
+                f"({record.content_hash[:12]}): the plan's state is forged; its files are left "
+                "alone")
+    if info.get("project") != project:
+        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
+                f"this plan's project {project!r}: the plan's state is forged; its files are left "
+                "alone")
+    return None
 
 
 def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
@@ -5646,7 +6402,28 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
     (answer_tokens)."""
     if context_length is None:
         return None
-    return context_length - answer_tokens(step, context_length)
+    reserve = thinking_reserve(context_length) if step.thinking == "on" else 0
+    return context_length - answer_tokens(step, context_length) - reserve
+
+
+def thinking_asked(step: Step) -> str | None:
+    """Return what a step asks of a thinking model: its "thinking" (or the plan's
+    defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
+    max_tokens is at most a JSON step's DEFAULT_MAX_TOKENS), else None (the server's
+    default: the model may think, and split_reasoning takes it out)."""
+    if step.thinking:
+        return step.thinking
+    short = step.max_tokens is not None and step.max_tokens <= DEFAULT_MAX_TOKENS["json"]
+    return "off" if short or output_schema(step.validation) is not None else None
+
+
+def thinking_reserve(context_length: int | None) -> int:
+    """Return the tokens kept for thinking on top of an answer's max_tokens:
+    THINKING_RESERVE_TOKENS, at most a quarter of context_length (tokens; None: not
+    known)."""
+    if not context_length:
+        return THINKING_RESERVE_TOKENS
+    return min(THINKING_RESERVE_TOKENS, context_length // 4)
 
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
@@ -5868,7 +6645,10 @@ class StepResult:
     reference, checks (every command validation run: CommandRun.as_dict plus
     its attempt), and attempt_log: one entry per attempt, [{"attempt", "sampling":
     {"max_tokens", "temperature"?, "seed"?, …} (the fields sent), "completion_tokens",
-    "error" (None when it passed)}]. See as_dict."""
+    "error" (None when it passed), "thinking" ("on", "off" or None: thinking_asked),
+    "thinking_reserve_tokens", "reasoning_tokens"? and "reasoning_bytes"? (when the
+    model thought), "response_format"? (the constraint's type, or None: unconstrained;
+    on the local server)}]. See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
@@ -6038,12 +6818,18 @@ class RunLog:
         self.files[sid].flush()
 
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
-        """Record a streamed answer (as received, <think> included) and its usage."""
+        """Record a streamed answer (as received, <think> included) and its usage; the
+        reasoning fields' text first as a "thinking" block (Anthropic's content block
+        type), and which constraint produced it ("response_format": its type, or null)."""
         usage = reply.usage or {}
+        content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
         self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id, "message": {
-            "role": "assistant", "model": reply.model, "content": [{"type": "text", "text": reply.text}],
+            "role": "assistant", "model": reply.model,
+            "content": [*content, {"type": "text", "text": reply.text}],
             "stop_reason": reply.finish_reason,
-            "usage": {"input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens")}}})
+            "usage": {"input_tokens": usage.get("prompt_tokens"),
+                      "output_tokens": usage.get("completion_tokens")}},
+            "response_format": reply.response_format})
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
@@ -6327,6 +7113,15 @@ def runnable_plan(record: PlanRecord, config: Config) -> Plan:
     return check_plan(record.plan, Guard.of(config))
 
 
+def narrowed_plan(plan: Plan, config: Config) -> Plan:
+    """Return plan with each step's max_retries cut to --max-retries (config.max_retries)
+    where it asks more: a plan only narrows the user's limits (timeout_s is narrowed
+    where it is used, per read and per request: see HTTPExecutor and ClaudeCLI)."""
+    steps = {sid: step._replace(max_retries=narrowed(step.max_retries, config.max_retries))
+             for sid, step in plan.steps.items()}
+    return plan._replace(steps=steps)
+
+
 def _stop_running(results: dict[int, StepResult], why: str) -> None:
     """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
     for result in results.values():
@@ -6388,13 +7183,17 @@ class Attempt:
     model (the model reference asked), messages (the prompt sent), sampling (the
     fields of retry_sampling, or None: as the step says), started (time.monotonic()),
     pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None)."""
+    usage), guard (a DegenerationGuard for a local model, else None), thought (reasoning
+    pieces so far) and thinking_guard (the guard of the reasoning text)."""
 
-    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard")
+    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard",
+                 "thought", "thinking_guard")
 
     def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
-        self.number, self.model, self.messages, self.sampling = number, model, messages, sampling
+        self.number, self.model, self.sampling = number, model, sampling
+        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
         self.started, self.pieces, self.guard = time.monotonic(), 0, None
+        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
 
 
 class SpendCap:
@@ -6442,6 +7241,7 @@ class Runner:
         self._executors: dict[tuple, Any] = {}
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
         self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
+        self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -6493,6 +7293,10 @@ class Runner:
                 run_folder(self.config.runs_dir, previous)
             except PathError as exc:
                 previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {exc}"
+            else:
+                if foreign := foreign_run_reason(self.config.runs_dir, previous, record):
+                    previous = None
+                    refused = f"plan {record.plan_id}: not taking over its last run: {foreign}"
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
@@ -6504,7 +7308,7 @@ class Runner:
             self.progress.error(refused)
         problems = list(problems or [])
         try:
-            run.plan = runnable_plan(record, self.config)
+            run.plan = narrowed_plan(runnable_plan(record, self.config), self.config)
         except PlanInvalid as exc:
             problems += exc.problems
         if problems:
@@ -6541,7 +7345,8 @@ class Runner:
         error, interrupted, verify = None, None, None
         try:
             open_run_dir(run.run_dir)
-            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started)
+            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
+                           run.record.content_hash)
             if run.staged:
                 files.note_reads(plan.files_context)
             if run.previous:
@@ -6875,11 +7680,18 @@ class Runner:
         return prompt_budget(step, self.context_length if model == self.model else None)
 
     def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, capped by the context
-        the prompt leaves (estimate_tokens) when the model's context is known."""
+        """Return the max_tokens of one request: answer_tokens, plus _reserve, capped by
+        the context the prompt leaves (estimate_tokens) when the model's context is known."""
         context = self.context_length if model == self.model else None
-        limit = answer_tokens(step, context)
+        limit = answer_tokens(step, context) + self._reserve(step, model)
         return max(1, min(limit, context - estimate_tokens(messages))) if context else limit
+
+    def _reserve(self, step: Step, model: str) -> int:
+        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
+        when the step asks for thinking or the model was seen thinking in this run, else 0."""
+        if step.thinking != "on" and model not in self._thinkers:
+            return 0
+        return thinking_reserve(self.context_length if model == self.model else None)
 
     def _send_attempt(self, run: PlanRun, step: Step, result: StepResult,
                       attempt: Attempt) -> "AttemptFailure | None":
@@ -6889,7 +7701,11 @@ class Runner:
         Anthropic API and the claude CLI always sample as the step says). A local
         model's output is watched while it streams (DegenerationGuard): when it
         degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length").
+        does an answer cut at max_tokens (finish_reason "length"), saying what
+        thinking spent of it. On the local server the attempt asks for thinking as
+        thinking_asked says, keeps _reserve tokens for it, reads and records the
+        reasoning (_thought), and a constrained answer that comes back garbled makes
+        that model go unconstrained (_garbled).
         """
         try:
             executor, name = self.executor(attempt.model, run.cli_cwd)
@@ -6902,46 +7718,99 @@ class Runner:
         local = isinstance(executor, LLMClient)      # the other executors keep their own limits
         sampling = self._sampling(step, attempt, local)
         sent = executor.accepted_sampling(sampling) if local else sampling
+        thinking = thinking_asked(step) if local else None
+        reserve = self._reserve(step, attempt.model) if local else 0
         result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
-                                   "error": None})
+                                   "error": None, "thinking": thinking,
+                                   "thinking_reserve_tokens": reserve})
         run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
+        if reserve:
+            run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
+                        f"{reserve} for thinking (the step asks for it, or the model thought "
+                        "earlier in this run)")
         attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-        extra = {"sampling": sampling} if local else {}
-        schema = self._output_schema(run, step, attempt.number,
-                                     local and executor.structured_level < len(RESPONSE_FORMS))
+        attempt.thinking_guard = DegenerationGuard() if local else None
+        on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
+        extra = {"sampling": sampling, "thinking": thinking,
+                 "on_reasoning": on_reasoning} if local else {}
+        sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
+            name not in executor.unconstrained
+        schema = self._output_schema(run, step, attempt.number, sends)
         try:
             reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
                                   max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
-                                  json_schema=schema,
+                                  json_schema=redact(schema),     # grounded spans copy the input
                                   on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
+            self._thought_cut(result, attempt)
             run.runlog.checked(step.id, attempt.number, str(exc))
             return AttemptFailure.from_request(exc)
         except OutputDegenerate as exc:
             result.generation_s += time.monotonic() - attempt.started
+            self._thought_cut(result, attempt)
             return self._stopped(run, step, result, attempt, str(exc))
         result.generation_s += time.monotonic() - attempt.started
-        reply = priced_reply(reply, attempt.messages, attempt.pieces, name)
+        reply = priced_reply(reply, attempt.messages, attempt.pieces + attempt.thought, name)
         if paid:
             self._spend.add(reply.cost_usd or 0.0)
         if run.cancel.is_set():
             return AttemptFailure("interrupted", retryable=False)
+        output, inline = split_reasoning(reply.text)
         run.runlog.answer(step.id, attempt.number, reply)
-        _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
+        if local:
+            result.attempt_log[-1]["response_format"] = reply.response_format
+        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
+        thought, answered = self._thought(run, step, result, attempt, reply, inline)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
             limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
-            result.output = strip_think(reply.text)
+            if thought:
+                answered = max(1, answered) if output.strip() else 0
+                why = self._cut_thinking(step, attempt, limit, thought, answered, thinking)
+            result.output = output
             run.runlog.checked(step.id, attempt.number, why)
             return AttemptFailure.from_stop(why, step.validation)
         if reply.model and reply.model != name:
             result.model = reply.model
-        output = strip_think(reply.text)
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
-        return self._check(run, step, result, output, reply.text)
+        failure = self._check(run, step, result, output, output)
+        if failure is not None and local and reply.response_format:
+            self._garbled(run, step, executor, name, output, reply.response_format, schema)
+        return failure
+
+    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, answered: int,
+                      thinking: str | None) -> str:
+        """Say how an attempt that thought was cut at max_tokens: what thinking spent,
+        whether an answer began (answered: its tokens, 0: none), and what the next
+        attempt keeps for thinking."""
+        reserve = self._reserve(step, attempt.model)
+        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
+        if thinking == "off":
+            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
+                     f"to {reserve} tokens for thinking")
+        elif thinking == "on":
+            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
+        else:
+            after = f"the next attempt keeps up to {reserve} tokens for thinking"
+        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
+                f"{answer} ({after})")
+
+    def _garbled(self, run: PlanRun, step: Step, executor: "LLMClient", name: str, output: str,
+                 form: str, schema: dict | None) -> None:
+        """After a constrained answer failed: when it looks damaged by the grammar
+        (grammar_damage against schema, the one sent), send that model's later requests
+        unconstrained, and say so."""
+        if name in executor.unconstrained:
+            return
+        damage = grammar_damage(output, schema, step.validation)
+        if damage:
+            executor.drop_constraint(name, damage)
+            run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
+                        f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
+                        "rest of this run, still checked")
 
     def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input) and,
@@ -6968,6 +7837,52 @@ class Runner:
         if limit:
             sampling["max_tokens"] = limit
         return sampling
+
+    def _on_reasoning(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
+        """Take one streamed piece of thinking: count it, show it on the progress line
+        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
+        the stream is closed on the way out)."""
+        attempt.thought += 1
+        elapsed = time.monotonic() - attempt.started
+        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
+                             f"{attempt.number} · {elapsed:.1f} s · thinking · "
+                             f"{attempt.thought} tokens")
+        if attempt.thinking_guard is not None:
+            try:
+                attempt.thinking_guard.feed(piece)
+            except OutputDegenerate as exc:
+                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
+                raise OutputDegenerate(why) from None
+
+    def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt,
+                 reply: Completion, inline: str) -> tuple[int, int]:
+        """Record what an attempt thought (reasoning fields and reasoning inside content):
+        its tokens and bytes, on the attempt's attempt_log entry; remember the model
+        thinks. Returns the tokens, and the answer's (its pieces less the thinking
+        inside content). Tokens: the reasoning fields' streamed pieces (else
+        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
+        characters are (else CHARS_PER_TOKEN)."""
+        text = reply.reasoning + inline
+        if not text:
+            return 0, attempt.pieces
+        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
+        if attempt.pieces and inline:
+            within = round(attempt.pieces * len(inline) / len(reply.text))
+        else:
+            within = int(len(inline) / CHARS_PER_TOKEN)
+        tokens = max(1, fields + within)
+        size = len(text.encode("utf-8", "replace"))
+        result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self._thinkers.add(attempt.model)
+        run.log.say(step.id, f"  {step.label}: the model thought for {tokens} tokens", detail=True)
+        return tokens, max(0, attempt.pieces - within)
+
+    def _thought_cut(self, result: StepResult, attempt: Attempt) -> None:
+        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        if attempt.thought and attempt.thinking_guard is not None:
+            size = len(attempt.thinking_guard.text.encode("utf-8", "replace"))
+            result.attempt_log[-1].update(reasoning_tokens=attempt.thought, reasoning_bytes=size)
+            self._thinkers.add(attempt.model)
 
     def _on_delta(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
         """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
@@ -7058,10 +7973,11 @@ class Runner:
         """Record an attempt whose output degenerated and was cut (its tokens are
         estimated: the server sent no usage); return its AttemptFailure."""
         text = attempt.guard.text if attempt.guard is not None else ""
-        reply = Completion(text, None, None, "cancelled", 0.0)
+        thought = attempt.thinking_guard.text if attempt.thinking_guard is not None else ""
+        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, attempt.thought)
         run.runlog.answer(step.id, attempt.number, reply)
-        _add_usage(result, reply, attempt.messages, attempt.pieces, attempt.model)
-        result.output = text
+        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
+        result.output = split_reasoning(text)[0]
         run.runlog.checked(step.id, attempt.number, why)
         return AttemptFailure.from_stop(why, step.validation)
 
@@ -7187,7 +8103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "exit 0 when valid, 1 with every problem")
     actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
                                                           "memory (creates the store when --db names a new file)")
-    actions.add_argument("--cancel", metavar="ID", help="cancel a pending plan")
+    actions.add_argument("--cancel", metavar="ID",
+                         help="cancel a plan that is not running nor finished")
     actions.add_argument("--diff", metavar="ID", help="show what the plan's last run (or --run RUN_ID) changed "
                                                       "in its files, as a unified diff")
     actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "
@@ -7242,6 +8159,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TIMEOUT_S:g}"))
     settings.add_argument("--retries", metavar="N", help=_env_help(
         "retries of one request after 429, 5xx or a connection error", "BRIDGE_RETRIES", DEFAULT_RETRIES))
+    settings.add_argument("--max-retries", metavar="N", help=_env_help(
+        "the most further attempts a step gets: a plan's max_retries above it is cut to it",
+        "BRIDGE_MAX_RETRIES", MAX_RETRIES_LIMIT))
     settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
         "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
     settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
@@ -7270,6 +8190,10 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
         "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
         f"{DEFAULT_MAX_COST_USD:.2f}"))
+    settings.add_argument("--pass-env", metavar="NAME", action="append", help=_env_help(
+        "give check commands (command validations, verify) this credential variable of your "
+        "environment all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
+        "none: checks get no token, key, secret, password or cloud/CI variable"))
     settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
         "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
         ANTHROPIC_BASE_URL))
@@ -7328,9 +8252,17 @@ def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, 
     BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
     from pathlib import Path
 
-    listed = read_config_file(Path(config_dir, TRUST_FILENAME), "trusted_projects", list)
-    listed += [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep) if p.strip()]
-    return tuple(dict.fromkeys(real_path(p) for p in listed if isinstance(p, str)))
+    path = Path(config_dir, TRUST_FILENAME)
+    listed = read_config_file(path, "trusted_projects", list)
+    from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep)
+                if p.strip()]
+    for where, entries in ((str(path), listed), ("BRIDGE_TRUSTED_PROJECTS", from_env)):
+        for entry in entries:
+            if isinstance(entry, str) and not os.path.isabs(os.path.expanduser(entry)):
+                raise ConfigError(f"{where} names the relative folder {entry!r}: trust would "
+                                  "follow whatever folder bridge starts in",
+                                  "give the project's absolute path")
+    return tuple(dict.fromkeys(real_path(p) for p in [*listed, *from_env] if isinstance(p, str)))
 
 
 def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
@@ -7349,6 +8281,12 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
         if ref:
             names.append(parse_model_ref(ref)[0])
     return tuple(dict.fromkeys(["openai", *names]))
+
+
+def _pass_env(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
+    """The variable names of --pass-env and BRIDGE_PASS_ENV (comma-separated)."""
+    names = [*(args.pass_env or []), *environ.get("BRIDGE_PASS_ENV", "").split(",")]
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
 
 
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
@@ -7388,6 +8326,8 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
                         pick(args.retries, "BRIDGE_RETRIES"), DEFAULT_RETRIES, int),
+        max_retries=_number("max retries", "--max-retries or BRIDGE_MAX_RETRIES",
+                            pick(args.max_retries, "BRIDGE_MAX_RETRIES"), MAX_RETRIES_LIMIT, int),
         retry_delay_s=_number("retry delay", "--retry-delay or BRIDGE_RETRY_DELAY",
                               pick(args.retry_delay, "BRIDGE_RETRY_DELAY"), DEFAULT_RETRY_DELAY_S),
         max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
@@ -7409,6 +8349,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         # commands run in it; a claude-cli: model gets only its allow-listed part
         tool_env=tuple((k, v) for k, v in environ.items()
                        if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
+        pass_env=_pass_env(args, environ),
         trusted_projects=_trusted_projects(config_dir, environ),
         config_dir=config_dir,
         home=Path(environ.get("HOME") or Path.home()),
@@ -7614,7 +8555,8 @@ def cmd_approve(config: Config, plan_id: str) -> int:
         raise ConfigError(f"refused to approve plan {plan_id!r}: project {plan.project}: {reason}",
                           f"cancel it: bridge --cancel {plan_id}")
     approvals = load_approvals(config)
-    approvals[plan.id] = {"content_hash": digest, "approved_at": utc_now_iso()}
+    approvals[plan.id] = {"content_hash": digest, "approved_at": utc_now_iso(),
+                          "project": None if plan.project is None else str(real_path(plan.project))}
     write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
     facts = approval_facts(config, plan, digest)
     print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
@@ -7626,13 +8568,31 @@ def render_facts(facts: dict) -> str:
     """Return approval_facts as indented lines for a person."""
     lines = [f"  project: {facts['project'] or '(none: no files)'}",
              f"  writes: {', '.join(facts['files']) or 'nothing'}",
-             f"  models: {', '.join(facts['models']) or 'the run model only'}"]
+             "  reads (sent to the model): " + (", ".join(
+                 f"{read['path']}" + (f" (refused: {read['refused']})" if read["refused"] else "")
+                 for read in facts["reads"]) or "no file"),
+             f"  models: {', '.join(facts['models']) or 'the run model only'} "
+             f"(executors: {', '.join(facts['executors']) or 'none'})"]
+    lines += [_run_line(run) for run in facts["runs"]] or ["  runs: no command"]
+    for limit in facts["limits"]:
+        unit = " s" if limit["field"] == "timeout_s" else ""
+        lines.append(f"  limit: step {limit['step']} asks {limit['field']} "
+                     f"{limit['asked']:g}{unit}, above {limit['setting']} "
+                     f"{limit['limit']:g}{unit}; "
+                     f"{limit['used']:g}{unit} is used")
     lines += [f"  waits: {reason}" for reason in facts["reasons"]]
     if facts["commands"]:
         lines.append(f"  to run it: {commands_text(facts['commands'])}")
     if facts["escalation_unused"]:
         lines.append(f"  note: {facts['escalation_unused']}")
     return "\n".join(printable(line) for line in lines)     # plan strings: escaped
+
+
+def _run_line(run: dict) -> str:
+    """One command of approval_facts' runs, as render_facts shows it."""
+    limit = run["timeout_s"]     # --list reads plans unchecked: any JSON value
+    limit = f"{limit:g} s" if isinstance(limit, (int, float)) else repr(limit)
+    return f"  runs: {run['what']}: `{shell_words(run['run'])}` in {run['cwd']}, timeout {limit}"
 
 
 def commands_text(commands: list[str]) -> str:
@@ -7692,6 +8652,9 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
         waiting.append(facts)
         progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
                       f"to run it: {commands_text(facts['commands'])}")
+        for line in render_facts(facts).splitlines():      # what approving it would let happen
+            if not line.startswith(("  waits:", "  to run it:")):
+                progress.info(line)
     return runnable, waiting
 
 
@@ -7847,17 +8810,24 @@ def cmd_show(config: Config, plan_id: str) -> int:
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
-        ran = store.run_owner(found[0].get("run_id")) if found is not None else None
+        other = store.find_result(record, named_only=False) if found is None else None
+        ran = store.run_owner(other[0].get("run_id")) if other is not None else None
         replaced = store.replaced_runs(record)
-    if ran is not None and ran[0] != record.content_hash:
-        # the newest result is of content this plan had before --submit --replace
-        old = found[0]
+    if ran is not None and ran[0] != record.content_hash and ran[2] == other[1]:
+        # the newest result is the one bridge recorded for the content this plan had
+        # before --submit --replace
         raise BridgeError(f"plan {plan_id!r} has no stored result of its current content yet "
                           f"(it is {record.display_status}); its replaced content's last run was "
-                          f"{old.get('run_id')} (now {ran[1]})", run_hint(record))
+                          f"{other[0].get('run_id')} (now {ran[1]})",
+                          run_hint(record, config.runs_dir))
     if found is None:
-        raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is {record.display_status})",
-                          run_hint(record))
+        note = ""
+        if other is not None:       # tagged as its result by someone, named by no state of bridge's
+            note = (f"; a memory tagged as its result ({other[1][:12]}…, run "
+                    f"{clip(repr(other[0].get('run_id')), 60, 'run id')}) was not recorded by "
+                    "bridge and is not shown")
+        raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
+                          f"{record.display_status}){note}", run_hint(record, config.runs_dir))
     result = shown_result(*found, record.state, config.runs_dir)
     now = record.display_status
     if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
@@ -7873,14 +8843,23 @@ def cmd_show(config: Config, plan_id: str) -> int:
             print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
                             "of this plan"))
         if record.display_status in ("stale", "awaiting_review"):
-            print(printable(f"  now: {record.display_status}; {run_hint(record)}"))
+            print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
     return EXIT_OK
 
 
-def run_hint(record: PlanRecord) -> str:
+def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
     """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one, --rerun for a finished one."""
+    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
+    run that is not the plan's own is said to be forged: foreign_run_reason),
+    --rerun for a finished one."""
     status, plan_id = record.display_status, record.plan_id
+    run_id = record.state.get("run_id")
+    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
+    if status == "stale" and runs_dir is not None and ours \
+            and (why := foreign_run_reason(runs_dir, run_id, record)):
+        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
+                f"which touches none of that run's files, or drop it with bridge --cancel "
+                f"{plan_id}")
     if status == "stale":
         return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
                 f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
@@ -8188,14 +9167,17 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
 
 
 def cmd_cancel(config: Config, plan_id: str) -> int:
-    """Cancel a pending plan. Raises BridgeError when it is not pending."""
+    """Cancel a plan that is not running nor finished (CANCELLABLE_STATUSES).
+    Raises BridgeError when it is."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         if not store.cancel(record):
             status = store.reload(record).display_status
-            raise BridgeError(f"plan {plan_id!r} is {status}; only a pending plan can be cancelled",
-                              "see its state with: bridge --list --all")
+            raise BridgeError(f"plan {plan_id!r} is {status}; only a plan that is not running nor "
+                              "finished can be cancelled", run_hint(store.reload(record)))
     print(printable(f"cancelled plan {plan_id!r}"))
+    if record.display_status == "stale":        # as it was just before: its dead run's files stay
+        print("note: the files its last run left are as that run left them; bridge changed none")
     return EXIT_OK
 
 
@@ -8222,11 +9204,12 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
     "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted", "approval"}; commands: the step's command
+    order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
+    may do, the same facts --list and --approve show; when its may_run is false, a run
+    would wait for approval and send nothing)}; commands: the step's command
     validations ({"run", "timeout_s"}), which run only when commands_trusted
-    (plan_trusted); approval: approval_facts when a run would wait for approval
-    (and send nothing), else None. A grounded step that depends on others shows the
-    usual schema: the spans it will be sent come from outputs not made yet."""
+    (plan_trusted). A grounded step that depends on others shows the usual schema:
+    the spans it will be sent come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -8251,8 +9234,7 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
             "verify": _command_entry(plan.verify) if plan.verify else None,
-            "commands_trusted": plan_trusted(config, plan, content_hash(record.content)),
-            "approval": None if facts["may_run"] else facts}
+            "commands_trusted": facts["trusted"], "approval": facts}
 
 
 def _command_entry(command: dict) -> dict:
@@ -8276,14 +9258,14 @@ def _render_dry_run(entry: dict) -> str:
     if not entry["valid"]:
         return "\n".join(printable(line) for line in
                          [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
-    if entry.get("approval"):       # a real run sends nothing: it waits (approval_facts)
+    if not entry["approval"]["may_run"]:      # a real run sends nothing: it waits
         count = len(entry["steps"])
-        lines = [printable(f"plan {entry['plan_id']}: valid · awaiting approval: a run sends "
-                           f"nothing until you let it; then these {count} step(s), in this order"),
-                 render_facts(entry["approval"])]
+        head = (f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing until "
+                f"you let it; then these {count} step(s), in this order")
     else:
-        lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would "
-                           "be sent, in this order")]
+        head = (f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
+                "in this order")
+    lines = [printable(head), render_facts(entry["approval"])]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
         lines.append(printable(f"=== step {step['id']}{title}"))
@@ -8380,6 +9362,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parser.parse_args(argv)
     _check_flag_combinations(parser, args)
     environ = dict(os.environ if environ is None else environ)
+    remember_secrets(environ)
     debug = debug_wanted(args, environ)
     try:
         config = resolve_config(args, environ)

@@ -334,9 +334,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
 
         model = req.get("model") or (self.server.fake.models[0] if self.server.fake.models else "fake-model")
-        content = r["content"]
+        fake = self.server.fake
+        garbled = r["garbled"] is not None and "response_format" in req
+        content = r["garbled"] if garbled else r["content"]
         pieces = _split(content, r["chunk_size"])
+        kwargs = req.get("chat_template_kwargs")
+        thinking_off = req.get("reasoning_effort") == "none" or (
+            isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False)
         reasoning = _split(r["reasoning"] or "", r["chunk_size"])
+        if fake.thinking_off and thinking_off:
+            reasoning = []
+        finish_reason = r["finish_reason"]
+        limit = req.get("max_tokens")
+        if fake.cut_at_max_tokens and isinstance(limit, int) and \
+                len(reasoning) + len(pieces) > limit:
+            reasoning = reasoning[:limit]
+            pieces = pieces[:limit - len(reasoning)]
+            finish_reason = "length"
         prompt_tokens = _prompt_chars(req) // 4 + 1
         streaming = bool(req.get("stream"))
 
@@ -378,8 +392,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
         events: list[Any] = []
+        fields = ("reasoning_content", "reasoning") if r["reasoning_field"] == "both" \
+            else (r["reasoning_field"],)
         for p in reasoning:
-            events.append(chunk({"reasoning_content": p, "reasoning": p}))
+            events.append(chunk({field: p for field in fields}))
         content_events = [chunk({"content": p}) for p in pieces]
         if fault in ("stall", "cut"):
             content_events = content_events[: _half(len(content_events))]
@@ -387,10 +403,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if events:
             events[0]["choices"][0]["delta"] = {"role": "assistant", **events[0]["choices"][0]["delta"]}
         if fault not in ("stall", "cut"):
-            events.append(chunk({}, r["finish_reason"]))
+            events.append(chunk({}, finish_reason))
             so = req.get("stream_options")
             if r["usage"] and isinstance(so, dict) and so.get("include_usage"):
-                c = len(pieces)
+                # completion_tokens counts thinking too (OpenAI's usage: completion_tokens_details.
+                # reasoning_tokens is a part of it; llama.cpp counts every token decoded)
+                c = len(pieces) + len(reasoning)
                 events.append({"id": "x", "object": "chat.completion.chunk", "model": model, "choices": [],
                                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": c,
                                          "total_tokens": prompt_tokens + c}})
@@ -412,8 +430,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _completion(r: dict, model: str, n_chunks: int, prompt_tokens: int) -> dict:
         msg: dict[str, Any] = {"role": "assistant", "content": r["content"]}
         if r["reasoning"] is not None:
-            msg["reasoning_content"] = r["reasoning"]
-            msg["reasoning"] = r["reasoning"]
+            for field in ("reasoning_content", "reasoning"):
+                if r["reasoning_field"] in ("both", field):
+                    msg[field] = r["reasoning"]
         out: dict[str, Any] = {"id": "x", "object": "chat.completion", "model": model,
                                "choices": [{"index": 0, "message": msg, "finish_reason": r["finish_reason"]}]}
         if r["usage"]:
@@ -535,6 +554,14 @@ class FakeLLM(_FakeServer):
         self.max_in_flight = 0              # the most chat requests seen at once
         self._in_flight = 0
         self._generation = 0                # bumped by reset(): requests of earlier tests don't count
+        # Thinking models (llm-servers.md §9). cut_at_max_tokens: a streamed reply stops at the
+        # request's max_tokens, one chunk a token, reasoning first, with finish_reason "length"
+        # (thinking counts against max_tokens: LM Studio bug tracker #1990, #1602).
+        # thinking_off: a reply's reasoning is not sent when the request asks not to think
+        # (reasoning_effort "none": LM Studio 0.4.17 #2057, Ollama openai/openai.go, llama.cpp
+        # tools/server/README.md; chat_template_kwargs.enable_thinking false: llama.cpp, vLLM).
+        self.cut_at_max_tokens = False
+        self.thinking_off = False
         self._slots_sem: threading.Semaphore | None = None
 
     def start(self) -> "FakeLLM":
@@ -562,6 +589,8 @@ class FakeLLM(_FakeServer):
         self.slots = None
         self.latency_s = 0.0
         self.default_reply = None
+        self.cut_at_max_tokens = False
+        self.thinking_off = False
         with self._lock:
             self.max_in_flight = 0
             self._in_flight = 0
@@ -596,7 +625,14 @@ class FakeLLM(_FakeServer):
                 headers: dict | None = None, usage: bool = True, chunk_size: int = 8,
                 reasoning: str | None = None, fault: str | None = None,
                 delay_s: float = 1.0, finish_reason: str = "stop",
-                chunk_delay_s: float = 0.0) -> "FakeLLM":
+                chunk_delay_s: float = 0.0, reasoning_field: str = "both",
+                garbled: str | None = None) -> "FakeLLM":
+        """Script one chat reply. reasoning: thinking text, streamed before content in
+        reasoning_field: "reasoning_content" (llama.cpp --reasoning-format auto, LM Studio
+        for R1), "reasoning" (Ollama, LM Studio for gpt-oss, vLLM since PR #27752) or
+        "both". garbled: the content played instead when the request carries
+        response_format (grammar-constrained decoding that garbles a model: LM Studio bug
+        tracker #1555, gpt-oss's "?" substitutions and cut arrays)."""
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
         if chunk_size < 1:
@@ -605,6 +641,7 @@ class FakeLLM(_FakeServer):
                             retry_after=retry_after, headers=headers, usage=usage, chunk_size=chunk_size,
                             reasoning=reasoning, fault=fault, delay_s=delay_s, finish_reason=finish_reason,
                             chunk_delay_s=chunk_delay_s)
+        reply.update(reasoning_field=reasoning_field, garbled=garbled)
         with self._lock:
             self._queue.append(reply)
         return self
@@ -617,7 +654,8 @@ class FakeLLM(_FakeServer):
         return {"content": content, "status": int(status), "error": error, "error_body": error_body,
                 "retry_after": retry_after, "headers": dict(headers or {}), "usage": bool(usage),
                 "chunk_size": int(chunk_size), "reasoning": reasoning, "fault": fault,
-                "delay_s": float(delay_s), "finish_reason": finish_reason, "chunk_delay_s": float(chunk_delay_s)}
+                "delay_s": float(delay_s), "finish_reason": finish_reason,
+                "chunk_delay_s": float(chunk_delay_s), "reasoning_field": "both", "garbled": None}
 
     @property
     def chat_requests(self) -> list[dict]:

@@ -432,14 +432,19 @@ def test_list_json_document(capsys, db):
     assert statuses == {"p-pending": "pending", "p-done": "completed", "p-failed": "failed"}
 
 
+def _now_z() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def test_in_progress_plan_with_dead_owner_is_listed_as_stale(capsys, db):
     """--list --all: in_progress with an owner pid gone from this host shows "stale";
     a live owner still shows in_progress."""
     host = socket.gethostname()
     insert_plan(db, make_plan("p-stale"), metadata={"bridge": {
         "status": "in_progress", "owner": {"host": host, "pid": dead_pid()}}})
-    insert_plan(db, make_plan("p-live"), metadata={"bridge": {
-        "status": "in_progress", "owner": {"host": host, "pid": os.getpid()}}})
+    insert_plan(db, make_plan("p-live"), metadata={"bridge": {     # a live run beats (issue 20)
+        "status": "in_progress", "owner": {"host": host, "pid": os.getpid()},
+        "heartbeat_at": _now_z()}})
 
     rc = bridge.main(["--list", "--all", "--json", "--db", str(db)], environ={})
     out, _ = capsys.readouterr()
@@ -456,7 +461,8 @@ def test_in_progress_plan_with_dead_owner_is_listed_as_stale(capsys, db):
 def test_plan_flag_refuses_a_plan_in_progress(capsys, db, fake_llm, state_dir):
     """--plan on a plan a live process owns: exit 2, says it is in progress, changes nothing."""
     owner = {"host": socket.gethostname(), "pid": os.getpid()}
-    insert_plan(db, make_plan("p1"), metadata={"bridge": {"status": "in_progress", "owner": owner}})
+    insert_plan(db, make_plan("p1"), metadata={"bridge": {"status": "in_progress", "owner": owner,
+                                                          "heartbeat_at": _now_z()}})
     fake_llm.enqueue("never")
     before = plan_row(db, "p1")["metadata"]
 
@@ -650,11 +656,12 @@ def _simulate_a_bug(monkeypatch):
 
 
 def test_malformed_owner_in_metadata_is_not_a_crash(capsys, db):
-    """Someone else's odd metadata (owner not an object) still lists cleanly."""
+    """Someone else's odd metadata (owner not an object) still lists cleanly; with no
+    heartbeat it counts as stale (issue 20: no state may keep a plan in_progress for good)."""
     _store_with_malformed_owner(db)
     rc = bridge.main(["--list", "--all", "--db", str(db)], environ={})
     assert rc == 0
-    assert "in_progress" in capsys.readouterr().out
+    assert "stale" in capsys.readouterr().out
 
 
 def test_internal_error_exits_70_without_traceback(capsys, db, monkeypatch):

@@ -220,9 +220,12 @@ def test_health_without_embeddings_table_says_so(capsys, db, fake_llm, state_dir
 def test_show_still_reads_results_stored_before_the_summary(capsys, db, fake_llm, state_dir):
     """A result an older bridge stored (the content was the document alone, as one line
     or pretty-printed) is still found and shown whole; prose mentioning bridge_result is not."""
-    insert_plan(db, make_plan("old"))
     document = {"type": "bridge_result", "plan_id": "old", "run_id": "20250101T000000Z-00000001",
                 "status": "completed", "success": True, "steps": [], "files": [], "error": None}
+    # the state that older bridge recorded
+    insert_plan(db, make_plan("old"), metadata={"bridge": {
+        "status": "completed", "run_id": document["run_id"],
+        "result_hash": bridge.content_hash(json.dumps(document, indent=2))}})
     insert_memory(db, json.dumps(document, indent=2), tags="bridge-result,plan:old", memory_type="tool_outcome",
                   created_at=1)
     insert_memory(db, "notes on bridge_result parsing", tags="bridge-result,plan:old", created_at=2)

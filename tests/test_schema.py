@@ -205,7 +205,8 @@ DOC_PLAN_FIELDS = {"$schema", "id", "status", "context", "steps", "rollback_stra
                    "defaults", "created_by", "verify"}
 DOC_VERIFY_FIELDS = {"run", "timeout_s"}
 DOC_CONTEXT_FIELDS = {"objective", "project", "files_context"}
-DOC_DEFAULTS_FIELDS = {"model", "temperature", "max_tokens", "system", "timeout_s"}
+# thinking: new with issue 22 (README "Small local models": thinking models)
+DOC_DEFAULTS_FIELDS = {"model", "temperature", "max_tokens", "system", "timeout_s", "thinking"}
 # Fields of the original script's own schema (examples/scripts/bridge-plan-schema.json of the
 # Claude Code Ultimate Guide: steps required type and description; context had constraints),
 # which bridge accepts and never interprets, so the plans written for it stay valid.
@@ -213,7 +214,7 @@ ORIGINAL_STEP_FIELDS = {"type", "description"}
 ORIGINAL_CONTEXT_FIELDS = {"constraints"}
 DOC_STEP_FIELDS = {"id", "prompt", "title", "depends_on", "validation", "max_retries",
                    "on_failure", "file_output", "system", "temperature", "max_tokens",
-                   "model", "timeout_s"}
+                   "model", "timeout_s", "thinking"}
 DOC_VALIDATION_TYPES = {"non_empty", "json", "contains_keys", "syntax_check",
                         "json_schema", "regex", "command"}
 DOC_VALIDATION_FIELDS = {"type", "keys", "language", "schema", "pattern", "run", "timeout_s",

@@ -165,8 +165,10 @@ def test_show_of_a_stale_plan_with_an_earlier_result_says_it_is_stale_now(capsys
     insert_plan(db, make_plan("p1"))
     fake_llm.enqueue("hi")
     assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
+    last = plan_state(db, "p1")["result_hash"]
     set_plan_state(db, "p1", status="in_progress", result_hash=None,   # as a claim leaves it
-                   owner={"host": socket.gethostname(), "pid": dead_pid()})
+                   owner={"host": socket.gethostname(), "pid": dead_pid()},
+                   extra=json.dumps({"last_result_hash": last}))
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "p1")
 

@@ -163,6 +163,15 @@ def craft_run(folder: Path, project: Path, outside: Path) -> None:
 FORGED = ["absolute", "dotdot", "symlinked-run-folder", "crafted-journal-in-the-runs-folder"]
 
 
+def own_run_info(folder: Path, db: Path, plan_id: str, project: Path) -> None:
+    """The run.json bridge writes, naming plan_id (its content hash) and project: what a
+    forger who can write the runs folder would add so that a take-over reads the rest."""
+    from fakes import plan_row
+    (folder / "run.json").write_text(json.dumps({
+        "plan_id": plan_id, "run_id": folder.name, "project": str(project), "started_at": "x",
+        "content_hash": plan_row(db, plan_id)["content_hash"]}))
+
+
 @pytest.mark.parametrize("flag", ["--resume", "--rerun"])
 @pytest.mark.parametrize("forgery", FORGED)
 def test_forged_state_cannot_make_resume_or_rerun_touch_anything_outside(
@@ -187,6 +196,9 @@ def test_forged_state_cannot_make_resume_or_rerun_touch_anything_outside(
         {"id": 2, "prompt": "two", "file_output": "a.txt"}],
         context={"objective": "forged", "project": str(project)}, rollback_strategy="revert_files"),
         metadata={"bridge": stale_state(run_id)})
+    # with the run.json a take-over needs (issue 20)
+    if forgery == "crafted-journal-in-the-runs-folder":
+        own_run_info(runs / run_id, db, "forged", project)
     fake_llm.default_reply = "plain text"
     before_outside, before_evil = snapshot(outside), snapshot(evil)
 
@@ -225,6 +237,7 @@ def test_run_records_that_are_symlinks_are_not_read(capsys, db, project, outside
     (run / "steps.jsonl").symlink_to(evil / "steps.jsonl")
     insert_plan(db, files_plan(project, ["kept.txt", "a.txt"], "linked", rollback_strategy="revert_files"),
                 metadata={"bridge": stale_state(run_id)})
+    own_run_info(run, db, "linked", project)
     fake_llm.default_reply = "plain text"
     before = snapshot(outside)
 
@@ -573,7 +586,7 @@ def test_load_refuses_private_keys_and_secret_stores(capsys, db, project, fake_l
     assert "S3CR3T" not in json.dumps(stored_results(db))
 
 
-@pytest.mark.parametrize("rel", ["id_ed25519.pub", ".env.example", "identity.py", "keys.md", ".envrc"])
+@pytest.mark.parametrize("rel", ["id_ed25519.pub", ".env.example", "identity.py", "keys.md"])
 def test_load_still_takes_files_that_only_look_alike(project, rel):
     (project / rel).write_text("public\n")
 

@@ -292,6 +292,10 @@ def test_plan_trusted_interface(tmp_path, untrusted):
     bare = config._replace(trusted_projects=())
     assert bridge.plan_trusted(bare, plan, "h1") is False
     bridge.write_config_file(tmp_path / "cfg" / "approvals.json", {"approvals": {"p1": {"content_hash": "h1"}}})
+    # issue 20: pinned to the project's real path too
+    assert bridge.plan_trusted(bare, plan, "h1") is False
+    pinned = {"content_hash": "h1", "project": str(untrusted.resolve())}
+    bridge.write_config_file(tmp_path / "cfg" / "approvals.json", {"approvals": {"p1": pinned}})
     assert bridge.plan_trusted(bare, plan, "h1") is True
     assert bridge.plan_trusted(bare, plan, "h2") is False
 
