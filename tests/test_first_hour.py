@@ -446,9 +446,10 @@ def test_dry_run_of_an_untrusted_plan_says_it_would_wait_for_approval_and_why(
 def test_dry_run_of_a_plan_that_may_run_says_it_would_be_sent(db, fake_llm, state_dir, capsys):
     insert_plan(db, make_plan(id="ok"))
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run", "--json")
+    assert rc == 0, err
     assert json.loads(out)["plans"][0]["approval"]["may_run"] is True
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--dry-run")
-    assert out.splitlines()[0] == "plan ok: valid · 1 step(s) would be sent, in this order"
+    assert "step(s) would be sent" in out.splitlines()[0]
 
 
 # -- 6. --show tells the current state ------------------------------------------------------
@@ -533,15 +534,14 @@ def test_progress_lines_keep_step_order_when_a_dependent_step_comes_before_an_in
 # -- 4. what --schema and the docstrings cite ships -------------------------------------------
 
 
-# The design notes the project was started from; none of them ships with bridge. (The
-# servers' notes, llm-servers.md, are cited by the reasoning code as the source of what its
-# fakes answer; that is issue 22's to settle, and left out here.)
+# The design notes the project was started from; none of them ships with bridge.
 UNSHIPPED = [
     name + ".md"
     for name in (
         "plan-format",
         "doobidoo-store",
         "original-defects",
+        "llm-servers",
         "memory-server-offline",
         "style",
         "style-anchors",
