@@ -2328,15 +2328,6 @@ class Store:
                 return document, content_hash(content)
         return None
 
-    def run_owner(self, run_id: Any) -> tuple[str, str] | None:
-        """Return (content_hash, status) of the plan memory whose recorded state is
-        that of run run_id (its last run), or None (no such state: an older bridge's
-        run, or one its plan ran again since)."""
-        if not isinstance(run_id, str) or not self.has_state_table:
-            return None
-        return self.conn.execute(f"SELECT content_hash, status FROM {STATE_TABLE} WHERE run_id = ?",
-                                 (run_id,)).fetchone()
-
     def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
         """Return [(run_id, status)] of the last runs of the other contents this plan id
         had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
@@ -4264,10 +4255,10 @@ class HTTPExecutor:
                 return self._parse(response, url, started, on_delta, received, **hooks)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
-            if timeout_s is not None and isinstance(error, LLMTimeout) \
-                    and not isinstance(exc, httpx.ConnectTimeout):
-                # the step's timeout_s is its chunk timeout and its deadline alike: waiting
-                # that long for a byte passed the deadline, and the same request would too
+            if timeout_s is not None and narrowed(timeout_s, self.config.timeout_s) >= deadline_s \
+                    and isinstance(error, LLMTimeout) and not isinstance(exc, httpx.ConnectTimeout):
+                # the step's timeout_s, under --timeout, is its read timeout and its deadline
+                # alike: a wait for a byte that long passed the deadline, as a retry would
                 error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
                                     f"({type(exc).__name__}); not retried",
                                     "raise the step's timeout_s, or check what keeps the server")

@@ -783,3 +783,16 @@ def test_a_misspelt_value_of_a_closed_list_gets_the_closest_one():
                for p in problems), problems
     assert any(p.startswith("$.steps[0].validation.type: ") and p.endswith("; did you mean 'json'?")
                for p in problems), problems
+
+
+def test_a_steps_timeout_s_above_the_timeout_flag_leaves_the_flag_to_fire_and_retry(
+    db, fake_llm, state_dir, capsys
+):
+    """A plan only narrows (issue 20): timeout_s 600 under --timeout 0.3 reads with 0.3 s;
+    that is --timeout firing, named so and retried, not the step's deadline."""
+    insert_plan(db, make_plan(id="slow", steps=[{"id": 1, "prompt": "p", "timeout_s": 600}]))
+    fake_llm.enqueue("late", fault="delay", delay_s=1.5).enqueue("on time")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--timeout", "0.3")
+    assert rc == 0, err
+    assert "within 0.3 s (--timeout, for each chunk) (ReadTimeout); retry 1/" in err
+    assert "deadline" not in err
