@@ -40,20 +40,24 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --model, --timeout, --retries, --max-retries, --retry-delay,
-  --max-output-bytes, --no-structured, --parallel, --context-length, --retry-sampling,
-  --escalate-to, --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
-  --allow-executor, --max-cost-usd, --pass-env; also -v/--verbose, -q/--quiet, --json,
-  --debug, --version, and with their action --all, --rerun, --resume, --run, --force,
-  --replace. Check commands get no credential of your environment but --pass-env's;
-  secrets of bridge's environment are redacted from all it stores or prints. A plan
-  only narrows your limits: its timeout_s and max_retries count where they are lower.
+  --base-url, --api-key, --ollama-api, --model, --timeout, --retries, --max-retries,
+  --retry-delay, --max-output-bytes, --no-structured, --parallel, --context-length,
+  --retry-sampling, --escalate-to, --anthropic-base-url, --price-model, --state-dir,
+  --keep-runs, --memory-url, --allow-executor, --max-cost-usd, --pass-env; also
+  -v/--verbose, -q/--quiet, --json, --debug, --version, and with their action --all,
+  --rerun, --resume, --run, --force, --replace. Check commands get no credential of
+  your environment but --pass-env's; secrets of bridge's environment are redacted from
+  all it stores or prints. A plan only narrows your limits: its timeout_s and
+  max_retries count where they are lower.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
     1    a plan failed (its result memory says why)
     2    usage, configuration, store or server unusable: said before any plan is
-         claimed, except when the store cannot be written as a run finishes: its
+         claimed, or once when the server fails mid-run (a refused key, no such model,
+         gone past its retries): the plans not started stay pending, the plan it cut
+         stays pending when nothing of it was done, else is left to --resume; or when
+         the store cannot be written as a run finishes: its
          result is not stored, the plan stays in_progress (stale once bridge exits)
          with its files and backups kept, bridge --show ID says how to --resume or
          --rerun it, and the other plans still run; --undo refusing (a file changed
@@ -65,6 +69,8 @@ Environment (a flag wins over its variable):
     BRIDGE_DB, MCP_MEMORY_SQLITE_PATH, MCP_MEMORY_BASE_DIR   the store file (then the
         memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
+    BRIDGE_API_KEY               its key (--api-key), sent to it alone, never printed
+    BRIDGE_OLLAMA_API            on Ollama: native (/api/chat, num_ctx set) or openai
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
     BRIDGE_MAX_RETRIES           the most further attempts a step gets (--max-retries)
     BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
@@ -73,7 +79,8 @@ Environment (a flag wins over its variable):
     BRIDGE_ESCALATE_TO           one more attempt on this model (--escalate-to)
     BRIDGE_PRICE_MODEL           whose prices value the tokens (--price-model)
     ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY     the anthropic: executor
-    BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli: comma-separated (--allow-executor)
+    BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli, ollama-cloud: comma-separated
+                                 (--allow-executor)
     BRIDGE_PASS_ENV              credential variables check commands get all the same,
                                  comma-separated (--pass-env); by default they get none
     BRIDGE_MAX_COST_USD          the spend cap of one run (--max-cost-usd; default 0.50)
@@ -151,6 +158,13 @@ SCHEMA_ID = "bridge-plan-v1"
 SCHEMA_FILENAME = "bridge-plan-schema.json"
 
 DEFAULT_BASE_URL = "http://localhost:1234/v1"   # LM Studio's server
+# Where local servers listen by default, tried in this order when no base URL is set
+# (discover_server), loopback only: LM Studio 1234 (lmstudio docs), Ollama 11434
+# (docs/api.md), llama-server 8080 and its announced 9931 (llama.cpp PR #26508), vLLM
+# and llama-cpp-python 8000 (which mcp-memory-service's hooks also use for its own
+# HTTP server: claude-hooks/scripts/ensure-server.js), each with the base URL it takes.
+DEFAULT_SERVER_PORTS = ((1234, "/v1"), (11434, ""), (8080, "/v1"), (9931, "/v1"), (8000, "/v1"))
+DISCOVER_TIMEOUT_S = 0.5               # a default port is given this long to connect and answer
 DEFAULT_TIMEOUT_S = 300.0        # a JIT model load can hold the first byte this long
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 4              # transport retries of one request (429, 5xx, refused)
@@ -174,7 +188,10 @@ LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in 
 # sha256, read in COPY_PIECE_BYTES pieces, so memory is bounded whatever a file's size.
 DIFF_MAX_BYTES = 2_000_000
 COPY_PIECE_BYTES = 1 << 20             # files are hashed, backed up and restored in pieces this big
-STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
+# How long one statement waits on a store another process holds locked (SQLite's
+# busy_timeout) before bridge says the store stayed locked: the memory server's own
+# writes (a consolidation, a batch of embeddings) can hold it for seconds; it waits 5 s.
+STORE_BUSY_TIMEOUT_S = 30.0
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
@@ -304,8 +321,27 @@ EXIT_INTERRUPTED = 130
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
+# Ollama: which of its APIs steps go through (--ollama-api). "native" is /api/chat, which
+# takes options.num_ctx; its OpenAI endpoint cannot set the context and cuts an over-long
+# prompt silently (docs/api/openai-compatibility.mdx; llm/llama_server.go).
+OLLAMA_APIS = ("native", "openai")
+# A stream llama-cpp-python cut to serve another request (LLMContention) is sent again
+# after each of these waits in turn (seconds, with jitter; about 30 s in all), then the
+# attempt fails as the server's error.
+CONTENTION_WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+# The num_ctx a run asks of Ollama: enough for the largest first prompt of the plans it
+# runs plus its answer and this much more, in steps of OLLAMA_NUM_CTX_STEP, at least
+# OLLAMA_MIN_NUM_CTX, never past the model's trained context. One value per run:
+# changing num_ctx between requests reloads the model (aider#4687).
+OLLAMA_MIN_NUM_CTX = 8192
+OLLAMA_NUM_CTX_STEP = 2048
+OLLAMA_NUM_CTX_SLACK = 1024
+OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
+
 # Paid or agentic executors run only when the user allowed them (--allow-executor).
-PAID_EXECUTORS = ("anthropic", "claude-cli")
+# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
+# docs/cloud.mdx), where the project's files would go.
+PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -386,7 +422,10 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 
 _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
     "base_url": DEFAULT_BASE_URL,
+    "base_url_given": True,             # False: neither --base-url nor BRIDGE_BASE_URL (discovered)
     "model": None,                      # str | None
+    "ollama_api": "native",             # one of OLLAMA_APIS
+    "api_key": None,                    # str | None: the model server's key (never shown or stored)
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
     "retries": DEFAULT_RETRIES,
@@ -434,7 +473,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
     RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
     reports, else 1). context_length: the model's context in tokens (None: what
-    the server reports, else unknown). price_model: the Claude model whose prices
+    the server reports, else unknown). api_key: the model server's bearer token
+    (--api-key, BRIDGE_API_KEY), sent to that server only. ollama_api: on
+    Ollama, run steps through its native /api/chat or its OpenAI endpoint
+    (OLLAMA_APIS). price_model: the Claude model whose prices
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
@@ -485,7 +527,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #         ├── LLMTimeout        no byte within --timeout (transient)
 #         │    └── LLMDeadline  the request's overall deadline passed (not transient)
 #         ├── LLMHTTPError      an HTTP error status (transient for 429 and 5xx)
-#         └── LLMProtocolError  a body or stream that is not chat completions
+#         ├── LLMProtocolError  a body or stream that is not chat completions
+#         ├── LLMContention     a stream the server ended to serve another request
+#         └── LLMServerUnusable the server, not the step: a refused key, no such
+#                               model, down; stops the run once (exit 2)
 ###############################################################################
 
 
@@ -516,6 +561,22 @@ class ResultNotStored(StoreError):
     or unwritable): the plan stays in_progress, stale once this process is gone,
     with its journal and backups kept for --resume or --rerun. A run goes on with
     its other plans and exits 2."""
+
+
+RUNTIME_DEPENDENCIES = ("httpx", "jsonschema")     # pyproject.toml's dependencies
+
+
+def missing_dependency_error(exc: BaseException) -> ConfigError | None:
+    """The one-line error for an import of httpx or jsonschema (or a module of theirs)
+    that failed because the Python running bridge lacks it (python bridge.py outside
+    its venv), or None for any other exception."""
+    name = getattr(exc, "name", None) or ""
+    package = name.partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or package not in RUNTIME_DEPENDENCIES:
+        return None
+    return ConfigError(f"bridge needs {package}, which {sys.executable} cannot import",
+                       "install httpx and jsonschema: pip install httpx jsonschema "
+                       "(or run bridge from its venv: make test builds .venv)")
 
 
 class PlanInvalid(BridgeError):
@@ -615,6 +676,25 @@ class LLMHTTPError(LLMError):
 
 class LLMProtocolError(LLMError):
     """The reply was not a chat completion: bad JSON, no choices, a cut stream."""
+
+
+class LLMContention(LLMError):
+    """The server ended a stream to serve another request (llama-cpp-python, unless
+    started with --interrupt_requests False: llama_cpp/server/app.py sends [DONE]
+    with no finish_reason). Not the step's failure: the runner sends it again after a
+    backoff (CONTENTION_WAITS_S)."""
+
+
+class LLMServerUnusable(LLMError):
+    """A failure of the model server itself, not of the step sent: a key refused
+    (401/403), no model loaded, the model not there or unable to chat or to load,
+    the server gone past its retries. Every later request would fail the same way,
+    so the run stops once (exit 2): the plans not started stay pending, the plan it
+    cut is left to --resume. status: the HTTP status, or None."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int | None = None):
+        super().__init__(message, hint)
+        self.status = status
 
 
 ###############################################################################
@@ -824,6 +904,8 @@ def secret_env_name(name: str) -> bool:
     """True when an environment variable's name says its value is a secret
     (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
     upper = name.upper()
+    if upper == "BRIDGE_API_KEY":       # the model server's key (--api-key): a secret
+        return True
     if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names, never holds)
         return False
     return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
@@ -902,6 +984,19 @@ def json_text(document: Any, indent: int | None = None) -> str:
     return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
+def quiet_closed_stream(stream: Any) -> None:
+    """Point a stream's file descriptor (stdout's, stderr's) at os.devnull once its
+    reader has gone (a BrokenPipeError), so later writes, and Python's flush at exit,
+    neither fail nor print "Exception ignored" (the way the Python docs give for
+    SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):   # no real stdout (a test's capture): nothing to point
+        pass
+
+
 class Events:
     """The run as a stream of JSON objects, one per line, on stdout (--events).
 
@@ -930,8 +1025,12 @@ class Events:
         line = json_text(event) + "\n"
         with self.lock:
             stream = self.stream or sys.stdout
-            stream.write(line)
-            stream.flush()
+            try:
+                stream.write(line)
+                stream.flush()
+            except BrokenPipeError:     # the reader left (bridge --events | head): the run goes on
+                self.enabled = False
+                quiet_closed_stream(stream)
 
 
 class Progress:
@@ -948,11 +1047,15 @@ class Progress:
         self._last_draw = 0.0
 
     def _emit(self, text: str, multiline: bool = False) -> None:
-        if self._line:
-            self.stream.write("\r\x1b[2K")
-            self._line = ""
-        self.stream.write(printable(text, multiline) + "\n")
-        self.stream.flush()
+        try:
+            if self._line:
+                self.stream.write("\r\x1b[2K")
+                self._line = ""
+            self.stream.write(printable(text, multiline) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:     # its reader left (bridge 2>&1 | head): the run goes on, unheard
+            quiet_closed_stream(self.stream)
+            self.live = False
 
     def info(self, text: str) -> None:
         """Print a progress line (not at -q)."""
@@ -1561,8 +1664,9 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
 # `compressed`; associations: `association`); such a row is never a plan, even when it
 # shares a plan's tags (mcp-memory-service consolidation/compression.py, consolidator.py).
 CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
-SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (800-character limit of its hybrid "
-                      "backend): store it with bridge --submit")
+SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
+                      "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
+                      "store it with bridge --submit")
 
 
 class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest saved",
@@ -1919,6 +2023,21 @@ class MemoryAPI:
 ###############################################################################
 
 
+READ_ONLY_STORE_HINT = ("the file or its folder is read-only (a read-only mount, chattr +i, or "
+                        "permissions): make both writable for this user, or point --db at a store "
+                        "that can be written; nothing is wrong with its content")
+
+
+def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
+    """The error of a store that another process kept locked for waited_s seconds
+    (default STORE_BUSY_TIMEOUT_S, SQLite's busy_timeout)."""
+    waited_s = STORE_BUSY_TIMEOUT_S if waited_s is None else waited_s
+    return StoreError(f"the store {path} stayed locked for {waited_s:g} s "
+                      "(another process holds it)",
+                      "retry when that process is done: the memory server's own writes end in "
+                      "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
+
+
 class Store:
     """The doobidoo memory store, opened for plan discovery, claims and results.
 
@@ -1958,6 +2077,8 @@ class Store:
             fts = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_content_fts'").fetchone()
             has_fts = fts is not None and "trigram" in (fts[0] or "")
         except sqlite3.Error as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
         layout = next((name for name, needed in _LAYOUT_COLUMNS.items() if needed <= columns), None)
@@ -2021,14 +2142,17 @@ class Store:
     def create(path: Path) -> None:
         """Create an empty store at path in the memory server's 12.x layout.
 
-        Raises StoreError when path exists or cannot be written.
+        Raises StoreError when path exists, its folder does not, or it cannot be written.
         """
         import sqlite3
 
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
+        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
+            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
+                             "exist", "check --db for a typo; to start a store there, make the "
+                             "folder first")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path)
             try:
                 conn.executescript(STORE_DDL_12)
@@ -2050,6 +2174,15 @@ class Store:
 
         def work() -> tuple[str, list]:
             same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            identical = [r for r in same if r.content_hash == content_hash(content)]
+            if identical:       # --replace would fail on the unique content_hash: say what works
+                status = identical[0].display_status
+                rerun = " --rerun" if status != "pending" else ""
+                again = f"bridge --plan {plan.get('id')}{rerun}"
+                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
+                                 f"(row {identical[0].row_id}, {status})",
+                                 f"to run it again: {again}; to change it, edit the file and "
+                                 "submit it with --replace")
             if same and not replace:
                 rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
                 raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path} ({rows})",
@@ -2116,6 +2249,24 @@ class Store:
                     and (not named_only or (digest or content_hash(content)) in named):
                 return document, content_hash(content)
         return None
+
+    def run_owner(self, run_id: Any) -> tuple[str, str] | None:
+        """Return (content_hash, status) of the plan memory whose recorded state is
+        that of run run_id (its last run), or None (no such state: an older bridge's
+        run, or one its plan ran again since)."""
+        if not isinstance(run_id, str) or not self.has_state_table:
+            return None
+        return self.conn.execute(f"SELECT content_hash, status FROM {STATE_TABLE} WHERE run_id = ?",
+                                 (run_id,)).fetchone()
+
+    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
+        """Return [(run_id, status)] of the last runs of the other contents this plan id
+        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        if not self.has_state_table:
+            return []
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
+                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+                                 (record.plan_id, record.content_hash)).fetchall()
 
     def __enter__(self) -> "Store":
         return self
@@ -2325,10 +2476,10 @@ class Store:
                     if attempt < STORE_WRITE_TRIES:
                         time.sleep(0.05 * attempt)
                         continue
-                    raise StoreError(f"the store {self.path} stayed locked for "
-                                     f"{STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S:.0f} s",
-                                     "another process holds a write lock; retry in a moment") from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                    raise store_locked_error(self.path, waited_s) from exc
+                raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
             try:
                 result = work()
                 self.conn.execute("COMMIT")
@@ -2336,7 +2487,9 @@ class Store:
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+                    raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                        from exc
                 raise
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
@@ -2380,6 +2533,17 @@ class Store:
             if self.reload(record).state.get("run_id") != run_id:
                 return False
             self._set_state(record, {"heartbeat_at": utc_now_iso()})
+            return True
+        return self._write(work)
+
+    def release(self, record: PlanRecord, run_id: str) -> bool:
+        """Put a plan this run claimed back to pending, as if never claimed (a run the
+        model server stopped before it did anything); False if the run no longer owns it."""
+        def work() -> bool:
+            if self.reload(record).state.get("run_id") != run_id:
+                return False
+            self._set_state(record, {"status": "pending", "run_id": None, "claimed_at": None,
+                                     "heartbeat_at": None, "owner": None, "resumed_from": None})
             return True
         return self._write(work)
 
@@ -2606,8 +2770,51 @@ def _schema_problems(plan: Any) -> list[str]:
     from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
 
     validator = Draft202012Validator(load_schema())
-    return [f"{error.json_path}: {schema_message(error)}"
-            for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))]
+    errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
+    return [problem for error in errors
+            for problem in _unknown_key_problems(error)
+            or [f"{error.json_path}: {schema_message(error)}{_close_value_hint(error)}"]]
+
+
+def _close_value_hint(error: Any) -> str:
+    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
+    "enum" error; difflib.get_close_matches), else ""."""
+    import difflib
+
+    if error.validator != "enum" or not isinstance(error.instance, str):
+        return ""
+    values = [v for v in error.validator_value if isinstance(v, str)]
+    close = difflib.get_close_matches(error.instance, values, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
+
+
+def _unknown_key_problems(error: Any) -> list[str]:
+    """One problem per key the schema does not know (an additionalProperties or
+    unevaluatedProperties error), with its JSON path and the closest known key
+    (difflib.get_close_matches), e.g. "$.steps[0].file_ouput: unknown key; did you
+    mean 'file_output'?"; [] for any other error. The known keys are the schema's
+    own, so a key added to the schema is known at once."""
+    import difflib
+
+    if error.validator not in ("additionalProperties", "unevaluatedProperties") \
+            or not isinstance(error.instance, dict) or error.validator_value is not False:
+        return []
+    known = sorted(error.schema.get("properties", {}))
+    patterns = list(error.schema.get("patternProperties", {}))
+    problems = []
+    for key in error.instance:
+        if key in known or any(re.search(pattern, key) for pattern in patterns):
+            continue
+        where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
+        close = difflib.get_close_matches(key, known, n=1)
+        fix = (f"did you mean {close[0]!r}?" if close else
+               f"known here: {', '.join(known)} "
+               f"(a key of your own starts with {PLANNER_KEY_PREFIX})")
+        problems.append(f"{error.json_path}{where}: unknown key; {fix}")
+    return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
 def schema_message(error: Any) -> str:
@@ -2723,7 +2930,7 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     for n, step in enumerate(steps):
         deps = [d for d in step.get("depends_on") or [] if isinstance(d, int)] \
             if isinstance(step.get("depends_on"), list) else []
-        graph[step["id"]] = deps
+        graph[step["id"]] = [d for d in deps if d in known and d != step["id"]]   # each said below
         for dep in deps:
             if dep == step["id"]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
@@ -2733,12 +2940,11 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
-    if not any("depends on itself" in p or "unknown step" in p for p in problems):
-        try:
-            TopologicalSorter(graph).prepare()
-        except CycleError as exc:
-            cycle = " -> ".join(str(i) for i in exc.args[1])
-            problems.append(f"$.steps: dependency cycle {cycle}")
+    try:            # every problem at once: a cycle among the known steps as well
+        TopologicalSorter(graph).prepare()
+    except CycleError as exc:
+        cycle = " -> ".join(str(i) for i in exc.args[1])
+        problems.append(f"$.steps: dependency cycle {cycle}")
     return problems + _path_problems(plan, guard)
 
 
@@ -2981,7 +3187,9 @@ def _command_paths(plan: dict) -> list[str]:
 def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     """Validate a parsed plan with the schema, then semantically; return a Plan.
 
-    Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
+    The schema is strict: a key it does not know, anywhere, is a problem naming the
+    closest known key (_unknown_key_problems); keys starting with x- are the planner's
+    own. Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
     valid regex and json_schema validations, `project` exists when given (and is
     required when the plan names files or runs commands), every path relative and
     inside the project with symlinks followed, no file_output through a symlink or
@@ -3226,8 +3434,17 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return entry.get("project") == pinned
 
 
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
 def _executor_of(ref: str) -> str:
-    return parse_model_ref(ref)[0]
+    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
+    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
+    kind, name = parse_model_ref(ref)
+    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
 
 
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
@@ -3443,6 +3660,51 @@ def _is_context_overflow(message: str) -> bool:
     return any(marker in lower for marker in _OVERFLOW_MARKERS)
 
 
+# Server-level failures (LLMServerUnusable), by what the server says: (pattern of its
+# message, lower case; the hint, formatted with the model name the message quotes).
+SERVER_FAULTS = (
+    # LM Studio with JIT off or failing: 404 "No models loaded. Please load a model in the
+    # developer page or use the 'lms load' command." (lmstudio-ai/lms#107, bug tracker #1730)
+    (r"no models loaded", "load one: lms load KEY (LM Studio's Developer page), or pass --model"),
+    # Ollama: 404 `model "x" not found, try pulling it first` (ollama server/routes.go)
+    (r"model [\"']?([^\"'\s]*)[\"']? not found, try pulling it first", "ollama pull {0}, or pick "
+     "another with --model (bridge --health lists them)"),
+    # Ollama: 400 `"x" does not support chat` for an embedding model (ollama server/routes.go)
+    (r"[\"']?([^\"'\s]*)[\"']? does not support chat",
+     "{0} is not a chat model; pick one with --model (bridge --health lists the chat models)"),
+    # LM Studio: 404 `Failed to load model "X". Error: … insufficient system resources`
+    # (agent-zero#215), 400 "… Operation canceled" (crush#2546)
+    (r"failed to load model [\"']?([^\"'\s]*)", "free memory, or load it yourself with a smaller "
+     "context: lms load {0} --context-length 8192"),
+    # LM Studio with two or more models loaded: 404 model_not_found (lmstudio-bug-tracker#619)
+    (r"model [\"']?([^\"'\s]*)[\"']? not found",
+     "load it (lms load {0}) or pass --model with one the server has (bridge --health lists them)"),
+)
+
+
+def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] | None:
+    """Return (what, hint) when an HTTP error is about the model server, not the step
+    (see LLMServerUnusable), else None. status: the HTTP status; message: the
+    server's own (_error_message); key_given: a key was sent (--api-key or
+    BRIDGE_API_KEY). 401/403: LM Studio's "Require Authentication" (invalid_api_key:
+    opencode-lmstudio#41), llama-server and vLLM --api-key."""
+    if status in (401, 403):
+        if key_given:
+            return ("the model server refused the key", "set BRIDGE_API_KEY (or --api-key) to the "
+                    "key the server expects (LM Studio: Developer > Server settings)")
+        return ("the model server wants a key", "set BRIDGE_API_KEY (or pass --api-key) to its key "
+                "(LM Studio: Developer > Server settings > Require Authentication)")
+    if status not in (400, 404, 500):
+        return None
+    for pattern, hint in SERVER_FAULTS:
+        if found := re.search(pattern, message.lower()):
+            name = re.search(pattern, message, re.IGNORECASE)
+            groups = name.groups() if name else found.groups()
+            return ("the model server cannot run the model",
+                    hint.format(*(g or "MODEL" for g in groups)))
+    return None
+
+
 def _retry_after_s(value: str | None) -> float | None:
     """Parse a Retry-After header (seconds or an HTTP date) into seconds, or None."""
     if not value:
@@ -3576,6 +3838,22 @@ def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, st
         yield event, "\n".join(data)
 
 
+def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
+    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API).
+    Raises LLMProtocolError when more than max_bytes arrive without a line break."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > max_bytes and b"\n" not in buffer:
+            raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            if raw.strip():
+                yield raw.decode("utf-8", "replace")
+    if buffer.strip():
+        yield buffer.decode("utf-8", "replace")
+
+
 class BoundedResponse:
     """An httpx streaming response read within bounds: iter_bytes() raises
     LLMDeadline once the request's deadline (time.monotonic() seconds) has passed,
@@ -3625,9 +3903,16 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 )
 
 
+# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first: llama-cpp-python
+# takes only its own (response_format.type "text" | "json_object", llama_cpp/llama_types.py)
+# and answers json_schema with HTTP 500, so it is not asked for that one first.
+FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
+
+
 # Sampling fields beyond OpenAI's (temperature, seed) that each kind of server takes
 # (ServerInfo.kind); bridge sends them only there (see LLMClient.accepted_sampling).
 SAMPLING_FIELDS = {
+    "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile)
     "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
     "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
     "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
@@ -3666,6 +3951,21 @@ def _refuses_response_format(exc: LLMError) -> bool:
     text = str(exc).lower()
     return status in (400, 422, 500) and not exc.context_overflow and any(
         word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
+
+
+def missing_v1_hint(base_url: str, status: int) -> str:
+    """"; … try --base-url …/v1" for an HTTP 404 from a base URL whose path has no /v1
+    (every OpenAI-compatible server serves /v1/models and /v1/chat/completions:
+    LM Studio, Ollama, llama.cpp's server, vLLM), else ""."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(base_url).path
+    if status != 404 or "/v1" in path:
+        return ""
+    if path.strip("/"):
+        return ("; the base URL of an OpenAI-compatible server ends in /v1 as a rule: "
+                "check --base-url")
+    return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
 class HTTPExecutor:
@@ -3718,8 +4018,11 @@ class HTTPExecutor:
             with self.http.stream("GET", url) as raw:
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
                 if response.status_code >= 400:
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
-                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}",
+                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
+                    message = self._scrub(_error_message(body))
+                    self._raise_fault(url, response.status_code, message)
+                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}"
+                                       + missing_v1_hint(self.base_url, response.status_code),
                                        response.status_code)
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
@@ -3731,18 +4034,34 @@ class HTTPExecutor:
         except ValueError as exc:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
+    def _scrub(self, text: str) -> str:
+        """Return a server's message without the key this client sends (a server may echo it)."""
+        return text
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        """Raise LLMServerUnusable when an HTTP error is about the server, not the request
+        (the local client: server_fault); here, nothing is."""
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """Return the error a request raises once its retries are spent on exc."""
+        return exc
+
     def _send_with_retries(self, payload: dict, timeout_s: float | None,
                            on_delta: Callable[[str], None] | None,
                            on_reasoning: Callable[[str], None] | None = None) -> Completion:
-        deadline = time.monotonic() + RETRY_BUDGET_S
+        started = time.monotonic()
+        deadline = started + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
             received: list[str] = []
             try:
                 return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
             except LLMError as exc:
+                if exc.transient and not received and retry == self.config.retries:
+                    raise self._gave_up(exc, started, retry) from exc
                 if not exc.transient or received or retry == self.config.retries \
+                        or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
-                    raise
+                    raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
                 delay = exc.retry_after_s
                 if delay is None:
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
@@ -3752,7 +4071,7 @@ class HTTPExecutor:
                 if time.monotonic() + delay > deadline:
                     exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
                                 f"{RETRY_BUDGET_S:.0f} s retry budget)",)
-                    raise exc
+                    raise self._gave_up(exc, started, retry) from exc
                 self._on_retry(f"{exc}; retry {retry + 1}/{self.config.retries} in {delay:.1f} s")
                 self._sleep(delay)
         raise AssertionError("unreachable")
@@ -3761,9 +4080,14 @@ class HTTPExecutor:
         """Translate an httpx transport exception into the matching LLMError."""
         import httpx
 
+        if isinstance(exc, httpx.ConnectTimeout):
+            connect_s = min(CONNECT_TIMEOUT_S, self.config.timeout_s)
+            return LLMTimeout(f"no connection to {url} within {connect_s:g} s "
+                              f"(bridge's connect timeout) ({type(exc).__name__})",
+                              "check that the server is up and answering at --base-url")
         if isinstance(exc, httpx.TimeoutException):
             return LLMTimeout(f"no answer from {url} within {self.config.timeout_s:g} s "
-                              f"({type(exc).__name__})",
+                              f"(--timeout, for each chunk) ({type(exc).__name__})",
                               "a model may still be loading; raise --timeout or load it first")
         if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
                             httpx.RemoteProtocolError, httpx.CloseError)):
@@ -3791,7 +4115,9 @@ class HTTPExecutor:
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    message = _error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))
+                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
+                    message = self._scrub(_error_message(body))
+                    self._raise_fault(url, response.status_code, message)
                     raise LLMHTTPError(
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
@@ -3801,6 +4127,13 @@ class HTTPExecutor:
                 return self._parse(response, url, started, on_delta, received, **hooks)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
+            if timeout_s is not None and isinstance(error, LLMTimeout) \
+                    and not isinstance(exc, httpx.ConnectTimeout):
+                # the step's timeout_s is its chunk timeout and its deadline alike: waiting
+                # that long for a byte passed the deadline, and the same request would too
+                error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
+                                    f"({type(exc).__name__}); not retried",
+                                    "raise the step's timeout_s, or check what keeps the server")
             if received:    # the server was reached: say how the stream ended, not "cannot reach"
                 stalled = isinstance(error, LLMTimeout)
                 why = error if stalled else str(exc) or type(exc).__name__
@@ -3826,14 +4159,43 @@ class LLMClient(HTTPExecutor):
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
-        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry)
+        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
+        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
+        key = config.api_key
+        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
+                         headers={"Authorization": f"Bearer {key}"} if key else None)
         # index into RESPONSE_FORMS of the first form this server has not refused
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
+        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
+        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
+        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
         self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
         # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
         self.unconstrained: dict[str, str] = {}
+
+    def _scrub(self, text: str) -> str:
+        key = self.config.api_key
+        return text.replace(key, "[the key]") if key else text
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        fault = server_fault(status, message, bool(self.config.api_key))
+        if fault is not None:
+            what, hint = fault
+            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
+                                    status)
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """A server still unreachable after the request's retries is gone for the run
+        (LLMServerUnusable), said with how long bridge waited for it."""
+        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
+            return exc
+        waited = time.monotonic() - started
+        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
+                                 f"{waited:.0f} s over {retries} retries "
+                                 "(--retries, --retry-delay)",
+                                 "start it again, then run bridge again")
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -3849,6 +4211,213 @@ class LLMClient(HTTPExecutor):
         except (LLMHTTPError, LLMProtocolError):
             return None
 
+    def count_tokens(self, messages: list[dict]) -> int | None:
+        """Count messages' tokens with the server's own tokenizer where it offers one:
+        llama-cpp-python POST /extras/tokenize/count {"input"} -> {"count"}
+        (llama_cpp/server/app.py), llama.cpp POST /tokenize {"content"} -> {"tokens"}
+        (tools/server/README.md); plus 5 a message for the chat template, as
+        estimate_tokens adds. None elsewhere, or when the route fails (not asked again)."""
+        if self.server_kind not in ("llama-cpp-python", "llama.cpp") or self.tokenizer_refused:
+            return None
+        text = "\n".join(m["content"] for m in messages)
+        root = self.base_url.removesuffix("/v1")
+        try:
+            if self.server_kind == "llama-cpp-python":
+                found = self._post_json(f"{root}/extras/tokenize/count", {"input": text})
+                count = found.get("count") if isinstance(found, dict) else None
+            else:
+                found = self._post_json(f"{root}/tokenize", {"content": text})
+                tokens = found.get("tokens") if isinstance(found, dict) else None
+                count = len(tokens) if isinstance(tokens, list) else None
+        except LLMError:
+            count = None
+        if _positive(count) is None:
+            self.tokenizer_refused = True
+            return None
+        return count + 5 * len(messages) + 3
+
+    @property
+    def cuts_prompts(self) -> bool:
+        """Whether this server may cut a prompt that does not fit and answer all the
+        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
+        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        return not self.native
+
+    def _post_json(self, url: str, body: dict) -> Any:
+        """POST body as JSON to url; return the JSON reply, or None when the route
+        refuses or answers something else (an Ollama probe). Raises LLMError when the
+        server cannot be reached."""
+        import httpx
+
+        limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
+        try:
+            with self.http.stream("POST", url, json=body,
+                                  timeout=min(self.config.timeout_s, 30.0)) as raw:
+                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
+                                           limit)
+                if response.status_code >= 400:
+                    return None
+                content = response.read(DEFAULT_MAX_OUTPUT_BYTES)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, url) from exc
+        except LLMProtocolError:        # past the bound: not an answer to use
+            return None
+        try:
+            return load_reply(content)
+        except ValueError:
+            return None
+
+    def _lmstudio_models(self, models: list[str], entries: list[dict]) -> "ServerInfo":
+        """Read LM Studio 0.4's GET /api/v1/models (lmstudio docs 1_developer/2_rest/
+        list.md): only type "llm" and "vlm" entries are chat models (an "embedding"
+        one loaded for RAG is refused); --model matches an entry's key or any loaded
+        instance's id; the context and parallel slots are that instance's config. With
+        nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
+        first request), else a problem listing the LLMs."""
+        chat = [e for e in entries     # an entry saying no type is taken for an LLM
+                if e.get("type", "llm") in ("llm", "vlm") and isinstance(e.get("key"), str)]
+        refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
+                        for e in entries
+                        if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
+        wanted = self.config.model
+        if wanted and parse_model_ref(wanted)[0] == "openai":
+            wanted = parse_model_ref(wanted)[1]
+        else:
+            wanted = None
+
+        def instances(entry: dict) -> list[dict]:
+            found = entry.get("loaded_instances")
+            return [i for i in found if isinstance(i, dict)] if isinstance(found, list) else []
+        for entry in chat:
+            trained = _positive(entry.get("max_context_length"))
+            for instance in instances(entry):
+                if wanted is None or wanted in (entry["key"], instance.get("id")):
+                    config = instance.get("config")
+                    config = config if isinstance(config, dict) else {}
+                    why = "--model" if wanted else "loaded: LM Studio /api/v1/models"
+                    return ServerInfo("LM Studio", models, reply_label(wanted or entry["key"]),
+                                      _positive(config.get("context_length")),
+                                      _positive(config.get("parallel")), None, why, refused,
+                                      None, trained)
+        if wanted is not None:      # not loaded: the first request loads it (JIT), then re-read
+            return ServerInfo("LM Studio", models, None, None, None, None,
+                              "--model, not loaded yet: LM Studio loads it on the first request",
+                              refused)
+        if not chat:                # nothing bridge can read as an LLM: --model decides
+            return ServerInfo("LM Studio", models, None, None, None, None, None, refused)
+        if len(chat) == 1:
+            return ServerInfo("LM Studio", models, reply_label(chat[0]["key"]), None, None, None,
+                              "the only LLM downloaded; LM Studio loads it on the first request",
+                              refused, None, _positive(chat[0].get("max_context_length")))
+        listed = ", ".join(e["key"] for e in chat[:8]) or "none"
+        return ServerInfo("LM Studio", models, None, None, None, None, None, refused,
+                          (f"LM Studio has no model loaded and {len(chat)} LLMs downloaded "
+                           f"({listed})", "load one (lms load KEY) or pass --model KEY"))
+
+    def _ollama_probe(self, root: str) -> "ServerInfo | None":
+        """Return what an Ollama server runs, or None when root is not Ollama.
+
+        Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
+        is running"). The model: --model (pulled, able to chat, not a cloud model), else
+        the first of /api/ps (loaded) that can chat, else the only chat model pulled.
+        Refused, with the reason: models whose /api/show capabilities lack
+        "completion" (embedding models), and cloud models (a *-cloud name or
+        /api/tags remote_host: they run on ollama.com, docs/cloud.mdx). Context:
+        /api/ps context_length (as loaded), /api/show model_info["<arch>.context_length"]
+        (trained). With the native API (--ollama-api native, the default) steps go
+        to /api/chat; else to /v1/chat/completions."""
+        version = self._try_json(f"{root}/api/version")
+        tags = self._try_json(f"{root}/api/tags") if isinstance(version, dict) else None
+        if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
+                or not isinstance(version.get("version"), str):
+            return None
+        def named(found: Any) -> dict[str, dict]:
+            found = found.get("models") if isinstance(found, dict) else None
+            return {m["name"]: m for m in found if isinstance(m, dict)
+                    and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
+        pulled, running = named(tags), named(self._try_json(f"{root}/api/ps"))
+        shown: dict[str, dict] = {}
+        refused: list[tuple[str, str]] = []
+
+        def show(name: str) -> dict:
+            if name not in shown:
+                info = self._post_json(f"{root}/api/show", {"model": name}) \
+                    if len(shown) < OLLAMA_SHOW_MAX else None
+                shown[name] = info if isinstance(info, dict) else {}
+            return shown[name]
+
+        def cloud(name: str) -> bool:
+            if "ollama-cloud" in self.config.allowed_executors:
+                return False            # allowed by the user (--allow-executor ollama-cloud)
+            remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
+            return is_cloud_model(name) or bool(remote)
+
+        def refusal(name: str) -> str | None:
+            if cloud(name):
+                return ("a cloud model: it runs on ollama.com, and the project's files would "
+                        "leave this machine")
+            caps = show(name).get("capabilities")
+            if isinstance(caps, list) and "completion" not in caps:
+                return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
+            return None
+
+        chosen = why = problem = None
+        wanted = self.config.model
+        if wanted and parse_model_ref(wanted)[0] == "openai":
+            wanted = parse_model_ref(wanted)[1]
+            name = next((n for n in (wanted, f"{wanted}:latest")
+                         if n in pulled or n in running), None)
+            if name is None:
+                problem = (f"model {wanted!r} is not pulled on this Ollama",
+                           f"ollama pull {wanted}")
+            elif reason := refusal(name):
+                refused.append((name, reason))
+                problem = (f"--model {name} is {reason}", "pick a local chat model with --model "
+                           "(bridge --health lists them)")
+            else:
+                chosen, why = name, "--model"
+        else:
+            for name in running:
+                if reason := refusal(name):
+                    refused.append((name, reason))
+                elif chosen is None:
+                    chosen, why = name, "loaded: Ollama /api/ps"
+            if chosen is None:
+                chat = []
+                for name in pulled:
+                    if name in running:
+                        continue
+                    if reason := refusal(name):
+                        refused.append((name, reason))
+                    else:
+                        chat.append(name)
+                if len(chat) == 1:
+                    chosen, why = chat[0], "the only chat model pulled (none is loaded)"
+                elif not chat:
+                    problem = ("this Ollama has no local chat model",
+                               "pull one: ollama pull llama3.1:8b")
+                else:
+                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: "
+                               f"{', '.join(chat[:8])}",
+                               "pick one with --model NAME (or load one: ollama run NAME)")
+        listed = {name for name, _ in refused}
+        for name in pulled:     # cloud models say so without a question to the server
+            if name not in listed and cloud(name):
+                refused.append((name, refusal(name)))
+        trained = loaded_context = None
+        if chosen is not None:
+            info = show(chosen).get("model_info")
+            if isinstance(info, dict):
+                trained = next((_positive(v) for k, v in info.items() if isinstance(k, str)
+                                and k.endswith(".context_length") and _positive(v)), None)
+            loaded_context = _positive((running.get(chosen) or {}).get("context_length"))
+        self.native = self.config.ollama_api == "native"
+        self.base_url = root if self.native else f"{root}/v1"
+        self.CHAT_PATH = "/api/chat" if self.native else LLMClient.CHAT_PATH
+        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None,
+                          version["version"], why,
+                          tuple(refused), problem, trained)
+
     def probe(self) -> "ServerInfo":
         """Ask the server what it runs: models, the loaded one, its effective context
         length (tokens) and how many requests it serves at once.
@@ -3860,23 +4429,18 @@ class LLMClient(HTTPExecutor):
         n_ctx, total_slots; tools/server/README.md); llama-cpp-python's /v1/models
         (owned_by "me"; llama_cpp/server/app.py); vLLM's max_model_len in
         /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
-        when the server cannot be reached.
+        when the server cannot be reached. Ollama is asked first (_ollama_probe).
         """
+        ollama = self._ollama_probe(self.base_url.removesuffix("/v1"))
+        if ollama is not None:
+            return ollama
         entries = self._model_entries()
         models = [m["id"] for m in entries]
         first = models[0] if models else None
         root = self.base_url.removesuffix("/v1")
         v1 = self._try_json(f"{root}/api/v1/models")
         if isinstance(v1, dict) and isinstance(v1.get("models"), list):
-            for entry in v1["models"]:
-                instances = entry.get("loaded_instances") if isinstance(entry, dict) else None
-                if isinstance(instances, list) and instances and isinstance(instances[0], dict):
-                    config = instances[0].get("config")
-                    config = config if isinstance(config, dict) else {}     # odd shapes happen
-                    loaded = reply_label(entry.get("key")) or reply_label(instances[0].get("id"))
-                    return ServerInfo("LM Studio", models, loaded,
-                                      _positive(config.get("context_length")), _positive(config.get("parallel")))
-            return ServerInfo("LM Studio", models, None, None, None)
+            return self._lmstudio_models(models, [e for e in v1["models"] if isinstance(e, dict)])
         v0 = self._try_json(f"{root}/api/v0/models")
         if isinstance(v0, dict) and isinstance(v0.get("data"), list):
             for entry in v0["data"]:
@@ -3943,6 +4507,9 @@ class LLMClient(HTTPExecutor):
         A model given to drop_constraint goes without response_format. Raises
         LLMError (never an httpx exception) when the request finally fails.
         """
+        if self.native:
+            return self._chat_native(messages, model, temperature, max_tokens, timeout_s,
+                                     json_schema, on_delta, sampling or {}, thinking, on_reasoning)
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
         if temperature is not None:
@@ -3950,6 +4517,9 @@ class LLMClient(HTTPExecutor):
         if max_tokens is not None:
             payload["max_tokens"] = max_tokens
         payload.update(self.accepted_sampling(sampling or {}))
+        if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
+            first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
+            self.structured_level = max(self.structured_level, first)
         while True:
             if thinking == "off":
                 payload.update(self.thinking_fields())
@@ -3963,6 +4533,10 @@ class LLMClient(HTTPExecutor):
             try:
                 reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
                 return reply._replace(response_format=form and payload["response_format"]["type"])
+            except LLMProtocolError as exc:
+                if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
+                    self._overflow_check(payload, timeout_s)
+                raise
             except LLMHTTPError as exc:
                 if thinking == "off" and self._thinking_refused(exc, payload):
                     continue
@@ -3979,6 +4553,99 @@ class LLMClient(HTTPExecutor):
                 self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
                                f"({clip(str(exc), 160, 'message')}); trying the next form")
                 self.structured_level += 1
+
+    def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
+        """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
+        (the ValueError is raised inside the stream: llama_cpp/server/app.py); the same
+        request unstreamed, with max_tokens 1, gets its 400 context_length_exceeded
+        naming the tokens and the context (llama_cpp/server/errors.py). Raises that
+        LLMHTTPError; returns when the request is not over the context."""
+        once = {k: v for k, v in payload.items() if k != "stream_options"}
+        once.update(stream=False, max_tokens=1)
+        for _ in range(2):      # the cut stream's connection may be closed: again on a new one
+            try:
+                self._stream_once(once, timeout_s, None, [])
+            except LLMUnavailable:
+                continue
+            except LLMHTTPError as exc:
+                if exc.context_overflow:
+                    raise
+            except LLMError:
+                pass
+            return
+
+    def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
+                     max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
+                     on_delta: Callable[[str], None] | None, sampling: dict,
+                     thinking: str | None = None,
+                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
+        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
+        structured output through `format` (a JSON schema), and thinking "off" as
+        think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
+        options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
+        if temperature is not None:
+            options["temperature"] = temperature
+        if max_tokens is not None:
+            options["num_predict"] = max_tokens
+        options.update({k: v for k, v in self.accepted_sampling(sampling).items()
+                        if k not in ("temperature", "max_tokens")})
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                                   "options": options}
+        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS):
+            payload["format"] = json_schema
+        if thinking == "off":
+            payload["think"] = False
+        reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+        return reply._replace(response_format="format" if "format" in payload else None)
+
+    def _parse_ndjson(self, response: Any, url: str, started: float,
+                      on_delta: Callable[[str], None] | None, received: list[str],
+                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
+        false} lines, then done: true with done_reason, prompt_eval_count and eval_count
+        (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
+        on_reasoning, not the text. Held to --max-output-bytes like every reply."""
+        limit = self.config.max_output_bytes
+        size, model, finish, usage = 0, None, None, None
+        thought: list[str] = []
+        for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+            try:
+                chunk = load_reply(line)
+            except ValueError as exc:
+                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
+                                       f"{clip(line, 120, 'line')}") from exc
+            if not isinstance(chunk, dict):
+                raise LLMProtocolError(f"{url} streamed a line that is not an object")
+            if "error" in chunk:
+                message = self._scrub(_error_message(line.encode()))
+                self._raise_fault(url, 500, message)
+                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                                   context_overflow=_is_context_overflow(message))
+            model = reply_label(chunk.get("model")) or model
+            message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+            piece = reply_text(message.get("content"), "a line's message content", url)
+            thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
+            if thinking:
+                size = reply_size(size, thinking, limit)
+                thought.append(thinking)
+                if on_reasoning:
+                    on_reasoning(thinking)
+            if piece:
+                size = reply_size(size, piece, limit)
+                received.append(piece)
+                if on_delta:
+                    on_delta(piece)
+            if chunk.get("done") is True:
+                finish = reply_label(chunk.get("done_reason")) or "stop"
+                usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
+                                "completion_tokens": chunk.get("eval_count")})
+                break
+        if finish is None:
+            raise LLMProtocolError(f"the stream from {url} ended early, after "
+                                   f"{sum(map(len, received))} characters and no done line")
+        return Completion("".join(received), usage, model, finish, time.monotonic() - started,
+                          0.0, "".join(thought), len(thought))
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -4004,6 +4671,8 @@ class LLMClient(HTTPExecutor):
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
                received: list[str],
                on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        if self.native:
+            return self._parse_ndjson(response, url, started, on_delta, received, on_reasoning)
         if "text/event-stream" not in response.headers.get("content-type", ""):
             return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
                                      url, started)
@@ -4077,8 +4746,14 @@ class LLMClient(HTTPExecutor):
                     if on_delta:
                         on_delta(piece)
         if not done and finish is None:
-            raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{sum(map(len, received))} characters and no finish_reason")
+            error = LLMProtocolError(f"the stream from {url} ended early, after "
+                                     f"{sum(map(len, received))} characters and no finish_reason")
+            error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
+            raise error
+        if finish is None and self.server_kind == "llama-cpp-python":
+            raise LLMContention(f"llama-cpp-python ended the stream from {url} after "
+                                f"{sum(map(len, received))} characters to serve another request",
+                                "start it with --interrupt_requests False so requests queue")
         if not received and not thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
@@ -4086,11 +4761,16 @@ class LLMClient(HTTPExecutor):
                           "".join(thought), tally.reasoning_pieces)
 
 
-class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel")):
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
+                                         "refused problem trained_context",
+                            defaults=(None, None, (), None, None))):
     """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
+    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
     or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said)."""
+    not said), parallel (requests it serves at once; None if not said). Ollama's
+    probe also gives: version (str), why (how loaded was picked), refused ((model,
+    reason) pairs it will not send steps to), problem ((what, hint) when no model
+    can be used, else None), trained_context (the model's trained maximum, tokens)."""
 
     __slots__ = ()
 
@@ -4424,7 +5104,7 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
-# Reasoning text a server leaves inside content (llm-servers.md §9), by shape: (name,
+# Reasoning text a server leaves inside content (sources per row), by shape: (name,
 # who writes it and the source, a string the text must hold for the shape to be tried,
 # where the reasoning starts and ends, what ends the answer or None). split_reasoning
 # takes each out; a shape matches at the start of the text only.
@@ -6225,6 +6905,38 @@ def estimate_tokens(messages: list[dict]) -> int:
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
+# A prompt the server counts as fewer than this share of bridge's estimate, and fewer by
+# at least PROMPT_CUT_MIN_TOKENS, was cut by the server. Real tokenizers give 3.5-4.5
+# characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
+# estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
+PROMPT_CUT_RATIO = 0.5
+# The most server tokens one estimated token may count for (Runner._calibrate): a
+# prompt of digits alone runs ~1 character a token, 3.5 times the estimate. Counts of
+# shorter prompts than CALIBRATE_MIN_TOKENS are not used (a chat template's own tokens
+# would weigh too much).
+MAX_CALIBRATION = 4.0
+CALIBRATE_MIN_TOKENS = 256
+PROMPT_CUT_MIN_TOKENS = 256
+
+
+def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
+    """Return why a reply was to a cut prompt, or None: the server's usage
+    ({"prompt_tokens", …}) counts far fewer prompt tokens than estimate_tokens of the
+    messages sent (PROMPT_CUT_RATIO, PROMPT_CUT_MIN_TOKENS). Ollama cuts an over-long
+    prompt silently and answers 200 (ollama#3839, #17889); the answer then never saw
+    the start of the prompt, whatever its check says."""
+    if not usage or not isinstance(usage.get("prompt_tokens"), int):
+        return None
+    seen, sent = usage["prompt_tokens"], estimate_tokens(messages)
+    if seen >= sent * PROMPT_CUT_RATIO or sent - seen < PROMPT_CUT_MIN_TOKENS:
+        return None
+    return (f"the server cut the prompt: it counted {seen} prompt tokens of the ~{sent} sent "
+            "(bridge's estimate), so the model never saw most of it; give the model a larger "
+            "context (Ollama: --base-url http://localhost:11434, whose native API sets num_ctx, "
+            "or OLLAMA_CONTEXT_LENGTH; LM Studio: lms load KEY --context-length N) and pass "
+            "--context-length so bridge fits prompts to it")
+
+
 def prompt_budget(step: Step, context_length: int | None) -> int | None:
     """Return the prompt tokens that fit for a step in a context of context_length
     tokens, or None when it is not known: the context less the answer's share
@@ -6544,15 +7256,20 @@ def step_graph(plan: Plan) -> dict[int, set[int]]:
 
 
 def sequential_order(graph: dict[int, set[int]]) -> list[int]:
-    """Return the order steps run in one at a time: ready ones by id, batch by batch."""
+    """Return the order steps run in one at a time: the lowest id that is ready next,
+    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
+    import heapq
     from graphlib import TopologicalSorter
 
     order, out = TopologicalSorter(graph), []
     order.prepare()
+    ready: list[int] = []
     while order.is_active():
-        batch = sorted(order.get_ready())
-        out += batch
-        order.done(*batch)
+        for sid in order.get_ready():
+            heapq.heappush(ready, sid)
+        sid = heapq.heappop(ready)
+        out.append(sid)
+        order.done(sid)
     return out
 
 
@@ -6831,7 +7548,7 @@ class StepScheduler:
         finished: queue.Queue = queue.Queue()
         try:
             while order.is_active():
-                self.ready += sorted(order.get_ready())
+                self.ready = sorted([*self.ready, *order.get_ready()])   # lowest id first
                 self._start_ready(order, finished, checkpoint)
                 if self.running:
                     self._collect(order, finished, checkpoint)
@@ -6912,6 +7629,8 @@ class StepScheduler:
                 continue
 
     def _blocked_reason(self, step: Step) -> str | None:
+        if self.cancel.is_set():            # the run stops (the model server failed): start nothing
+            return "not run: the run stopped"
         if self.halted_at is not None:
             return f"not run: step {self.halted_at} failed and halted the plan"
         for dep in step.depends_on:
@@ -6919,6 +7638,36 @@ class StepScheduler:
                 verb = "failed" if self.results[dep].status == "failed" else "was skipped"
                 return f"dependency {dep} {verb}"
         return None
+
+
+class ContextPool:
+    """The tokens of one context that the requests in flight share: llama.cpp's slots
+    with unified KV (its default, auto slots: each slot's n_ctx is the whole -c, one
+    pool; PR #16736, #23652) and LM Studio's parallel predictions (lms#565) run out of
+    it together, and llama.cpp then ends every slot with 500 "Context size has been
+    exceeded". capacity: the context (tokens). Thread-safe."""
+
+    def __init__(self, capacity: int):
+        import threading
+
+        self.capacity, self.used = capacity, 0
+        self._free = threading.Condition()
+
+    def acquire(self, tokens: int, cancel: Any) -> int:
+        """Wait until tokens (at most the whole capacity) are free, or cancel (a
+        threading.Event) is set; take them and return how many were taken."""
+        tokens = max(1, min(tokens, self.capacity))
+        with self._free:
+            while self.used + tokens > self.capacity and not cancel.is_set():
+                self._free.wait(0.1)
+            self.used += tokens
+        return tokens
+
+    def release(self, tokens: int) -> None:
+        """Give back tokens taken by acquire."""
+        with self._free:
+            self.used -= tokens
+            self._free.notify_all()
 
 
 ###############################################################################
@@ -6967,11 +7716,12 @@ class PlanRun:
     trusted project, else None for a scratch folder), kept (path -> what a
     succeeded step of this run wrote there), positions (step id -> its place in
     the order it started), cap_hit (--max-cost-usd was reached), sources (step id ->
-    its input as sent, the pieces build_messages gives: what a grounded answer copies)."""
+    its input as sent, the pieces build_messages gives: what a grounded answer copies),
+    halt (the LLMServerUnusable that stopped the run, or None)."""
 
     __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
                  "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
-                 "positions", "cap_hit", "sources")
+                 "positions", "cap_hit", "sources", "halt")
 
     def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
                  keep_finished: bool):
@@ -6991,6 +7741,7 @@ class PlanRun:
         self.positions: dict[int, int] = {}
         self.cap_hit = False
         self.sources: dict[int, list[str]] = {}
+        self.halt: LLMServerUnusable | None = None
 
     @property
     def staged(self) -> bool:
@@ -7066,6 +7817,15 @@ class Runner:
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
         self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
         self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
+        # LM Studio's model was not loaded when the run began (JIT): the first reply loads
+        # it, then the server is asked again for the context and slots it was loaded with
+        self.reprobe = False
+        self._contention_said = False       # a cut stream (LLMContention) was said once
+        self.pool: ContextPool | None = None    # the default model's context, shared in flight
+        self.calibration = 1.0      # the server's tokens per estimated token (_calibrate)
+        import threading
+
+        self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -7074,6 +7834,9 @@ class Runner:
         once. Raises LLMError when it cannot be used (not in config.allowed_executors,
         no key, no claude binary)."""
         kind, name = parse_model_ref(ref)
+        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
+            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
+                           "let it run with --allow-executor ollama-cloud")
         if kind == "openai":
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
@@ -7191,6 +7954,8 @@ class Runner:
             _stop_running(results, "the run's records could not be written")
             error = (f"cannot write the run's records in {run.run_dir}: {exc.strerror or exc} "
                      "(free some space, or make --state-dir writable)")
+        if run.halt is not None and interrupted is None:
+            self._halted(run)
         with shielded_signals(self.progress.error, for_good=interrupted is not None):
             result = self._close_run(run, error, verify, interrupted)
         if interrupted:
@@ -7229,6 +7994,26 @@ class Runner:
         if files is not None and self.config.keep_runs == 0 and not run.staged:
             files.discard()         # only now: a result that cannot be stored keeps the backups
         return result
+
+    def _halted(self, run: PlanRun) -> None:
+        """Leave a run the model server stopped (run.halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = run.record.plan_id, run.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in run.results.values())
+        if not done and not run.previous and not (files is not None and files.changes) \
+                and self.store.release(run.record, run.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint,
+                                run.halt.status)
 
     def _take_over(self, run: PlanRun) -> None:
         """Take over what a killed run (run.previous) left, and put back what it left half done.
@@ -7402,6 +8187,11 @@ class Runner:
         try:
             messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
                                       staged, run.sources[step.id])
+            if self._calibrate(result.model, messages, self.client.count_tokens(messages)
+                               if self.client is not None and result.model == self.model else None):
+                run.sources[step.id] = []           # fitted again, to the server's own count
+                messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
+                                          staged, run.sources[step.id])
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:
@@ -7501,14 +8291,34 @@ class Runner:
         its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
         see answer_tokens).
         """
-        return prompt_budget(step, self.context_length if model == self.model else None)
+        budget = prompt_budget(step, self.context_length if model == self.model else None)
+        return int(budget / self.calibration) if budget is not None else None
+
+    def _calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
+        """Learn how many of the server's tokens one estimated token is (calibration,
+        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
+        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
+        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
+        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        estimate = estimate_tokens(messages)
+        if model != self.model or not isinstance(counted, int) or self.context_length is None \
+                or estimate < CALIBRATE_MIN_TOKENS:
+            return False
+        ratio = min(counted / estimate, MAX_CALIBRATION)
+        if ratio <= self.calibration * 1.02:
+            return False
+        self.calibration = ratio
+        return True
 
     def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
         """Return the max_tokens of one request: answer_tokens, plus _reserve, capped by
-        the context the prompt leaves (estimate_tokens) when the model's context is known."""
+        the context the prompt leaves (estimate_tokens, times calibration) when the
+        model's context is known."""
         context = self.context_length if model == self.model else None
         limit = answer_tokens(step, context) + self._reserve(step, model)
-        return max(1, min(limit, context - estimate_tokens(messages))) if context else limit
+        if not context:
+            return limit
+        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
 
     def _reserve(self, step: Step, model: str) -> int:
         """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
@@ -7552,23 +8362,29 @@ class Runner:
             run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
                         f"{reserve} for thinking (the step asks for it, or the model thought "
                         "earlier in this run)")
-        attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-        attempt.thinking_guard = DegenerationGuard() if local else None
         on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
         extra = {"sampling": sampling, "thinking": thinking,
                  "on_reasoning": on_reasoning} if local else {}
         sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
             name not in executor.unconstrained
         schema = self._output_schema(run, step, attempt.number, sends)
-        try:
-            reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
-                                  max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
-                                  json_schema=redact(schema),     # grounded spans copy the input
-                                  on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
+        try:        # redact: grounded spans copy the input
+            reply = self._chat(run, step, attempt, executor, name, sampling, extra, redact(schema))
+        except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
+            result.generation_s += time.monotonic() - attempt.started
+            self._thought_cut(result, attempt)
+            run.runlog.checked(step.id, attempt.number, str(exc))
+            if run.halt is None:
+                run.halt = exc
+            run.cancel.set()
+            return AttemptFailure(str(exc), retryable=False)
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
             self._thought_cut(result, attempt)
             run.runlog.checked(step.id, attempt.number, str(exc))
+            if exc.context_overflow and local and attempt.model == self.model \
+                    and self.context_length is None:
+                self._learn_context(str(exc))
             return AttemptFailure.from_request(exc)
         except OutputDegenerate as exc:
             result.generation_s += time.monotonic() - attempt.started
@@ -7576,6 +8392,8 @@ class Runner:
             return self._stopped(run, step, result, attempt, str(exc))
         result.generation_s += time.monotonic() - attempt.started
         reply = priced_reply(reply, attempt.messages, attempt.pieces + attempt.thought, name)
+        if local and self.reprobe:
+            self._reprobe(attempt.model)
         if paid:
             self._spend.add(reply.cost_usd or 0.0)
         if run.cancel.is_set():
@@ -7586,6 +8404,13 @@ class Runner:
             result.attempt_log[-1]["response_format"] = reply.response_format
         _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
         thought, answered = self._thought(run, step, result, attempt, reply, inline)
+        if local and executor.cuts_prompts and reply.usage:     # the steps after it fit better
+            self._calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
+        cut = prompt_cut(reply.usage, attempt.messages) if local and executor.cuts_prompts else None
+        if cut:         # the same prompt would be cut again: not retried
+            result.output = output
+            run.runlog.checked(step.id, attempt.number, cut)
+            return AttemptFailure(cut, retryable=False)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
             limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
@@ -7635,6 +8460,86 @@ class Runner:
             run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
                         f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
                         "rest of this run, still checked")
+
+    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
+              sampling: dict, extra: dict, schema: dict | None) -> Completion:
+        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
+        a stream the server cut for another request (LLMContention) is sent again after
+        each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
+        in parallel on a server whose slots share one context (Runner.pool), the
+        request first waits for its prompt (estimate_tokens) and max_tokens to fit
+        beside those in flight."""
+        local = isinstance(executor, LLMClient)
+        pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
+        need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
+        held = pool.acquire(need, run.cancel) if pool is not None else 0
+        try:
+            return self._chat_once(run, step, attempt, executor, name, sampling, extra, schema)
+        finally:
+            if pool is not None:
+                pool.release(held)
+
+    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
+                   sampling: dict, extra: dict, schema: dict | None) -> Completion:
+        """_chat's request, sent again while the server cuts it for another (LLMContention)."""
+        import random
+
+        local = isinstance(executor, LLMClient)
+        for wait in (*CONTENTION_WAITS_S, None):
+            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
+            attempt.thinking_guard = DegenerationGuard() if local else None
+            attempt.pieces = attempt.thought = 0
+            try:
+                on_delta = functools.partial(self._on_delta, run, step, attempt)
+                return executor.chat(attempt.messages, model=name,
+                                     temperature=sampling.get("temperature"),
+                                     max_tokens=sampling.get("max_tokens"),
+                                     timeout_s=step.timeout_s,
+                                     json_schema=schema,
+                                     on_delta=on_delta, **extra)
+            except LLMContention as exc:
+                if wait is None or run.cancel.is_set():
+                    raise
+                if not self._contention_said:
+                    self._contention_said = True
+                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
+                                           f"that goes on (hint: {exc.hint})")
+                run.cancel.wait(wait * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    def _learn_context(self, message: str) -> None:
+        """Take the context a server names in its overflow error (llama-cpp-python and
+        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
+        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
+        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
+                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
+        number = next((int(g) for g in found.groups() if g), 0) if found else 0
+        if number >= 64:
+            self.context_length = number
+            self.progress.info(f"the server's context is {number} tokens (from its error): "
+                               "the steps sent from now on are fitted to it")
+
+    def _reprobe(self, model: str) -> None:
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
+        context and parallel slots it was loaded with (JIT loads ignore saved settings
+        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
+        re-reads the same way): the steps sent after this fit them; said once."""
+        with self._reprobe_lock:
+            if not self.reprobe:
+                return
+            self.reprobe = False
+        try:
+            info = self.client.probe()
+        except LLMError:
+            return
+        if model != self.model or info.loaded != parse_model_ref(model)[1]:
+            return
+        self.context_length = self.config.context_length or info.context_length
+        self.parallel = self.config.parallel or info.parallel or 1
+        self.progress.info(f"model {info.loaded} is loaded now: context "
+                           f"{info.context_length or 'not reported'}, "
+                           f"{info.parallel or 1} slot(s); "
+                           "the steps sent from now on are fitted to them")
 
     def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input) and,
@@ -7893,9 +8798,18 @@ class _HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, width=terminal_columns() - 2)   # argparse's own margin
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line, as every error of bridge is."""
+
+    def error(self, message: str) -> None:   # argparse's hook: print and exit 2
+        """Print "bridge: error: MESSAGE; see bridge --help" on stderr and exit 2."""
+        line = printable(f"{self.prog}: error: {message}; see {self.prog} --help")
+        self.exit(EXIT_UNUSABLE, line + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser: one action at most, plus shared settings."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bridge", formatter_class=_HelpFormatter,
         usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
               "       bridge --list [--all] | --show ID | --health | --cancel ID [options]\n"
@@ -7949,7 +8863,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the run as JSON events on stdout, one per line (progress stays on stderr)")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
     parser.add_argument("--rerun", action="store_true",
-                        help="with --plan: run a completed, failed or cancelled plan again, from the start")
+                        help="with --plan: run a completed, failed, cancelled or stale plan again, "
+                             "from the start")
     parser.add_argument("--resume", action="store_true",
                         help="with --plan: take over a stale plan (its bridge died), keeping the steps "
                              "that had succeeded")
@@ -7966,8 +8881,17 @@ def build_parser() -> argparse.ArgumentParser:
         "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"))
     settings.add_argument("--base-url", metavar="URL", help=_env_help(
         "the OpenAI-compatible server", "BRIDGE_BASE_URL", DEFAULT_BASE_URL))
+    settings.add_argument("--api-key", metavar="KEY", help=_env_help(
+        "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
+        "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps",
+        "BRIDGE_API_KEY", "none"))
+    settings.add_argument("--ollama-api", choices=OLLAMA_APIS, help=_env_help(
+        "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the prompts) or openai "
+        "(/v1/chat/completions: the context cannot be set, and Ollama cuts long prompts)",
+        "BRIDGE_OLLAMA_API", "native"))
     settings.add_argument("--model", metavar="ID", help=_env_help(
-        "the model to use", "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
+        "the model to use", "BRIDGE_MODEL",
+        "the chat model the server reports loaded (README: Model servers)"))
     settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
         "seconds a request waits to connect or for the next streamed chunk", "BRIDGE_TIMEOUT",
         f"{DEFAULT_TIMEOUT_S:g}"))
@@ -7998,8 +8922,9 @@ def build_parser() -> argparse.ArgumentParser:
         "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
         "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
     settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
-                          help=_env_help("let steps run on a paid or agentic executor (anthropic, claude-cli); "
-                                         "repeatable", "BRIDGE_ALLOW_EXECUTORS, comma-separated",
+                          help=_env_help("let steps run on a paid, agentic or remote executor "
+                                         "(anthropic, claude-cli, ollama-cloud); repeatable",
+                                         "BRIDGE_ALLOW_EXECUTORS, comma-separated",
                                          "none; your own --model and --escalate-to count"))
     settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
         "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
@@ -8093,7 +9018,7 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
                               f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
-            names.append(parse_model_ref(ref)[0])
+            names.append(_executor_of(ref))
     return tuple(dict.fromkeys(["openai", *names]))
 
 
@@ -8135,7 +9060,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     return Config(
         db_paths=db_paths,
         base_url=base_url.rstrip("/"),
+        base_url_given=bool(pick(args.base_url, "BRIDGE_BASE_URL")),
         model=pick(args.model, "BRIDGE_MODEL"),
+        api_key=pick(args.api_key, "BRIDGE_API_KEY"),
+        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native",
+                           "Ollama API", "--ollama-api or BRIDGE_OLLAMA_API"),
         timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
@@ -8206,7 +9135,8 @@ def plan_summary(record: PlanRecord) -> dict:
     objective = record.plan.reason if isinstance(record.plan, UnreadablePlan) else record.objective
     return {"id": record.plan_id, "status": record.display_status, "objective": objective,
             "steps": record.step_count, "created": _created(record), "row": record.row_id,
-            "error": record.state.get("error")}
+            "error": record.state.get("error")
+            or (SPLIT_PLAN_PROBLEM.format(chunks=record.chunks) if record.chunks else None)}
 
 
 def cmd_list(config: Config, show_all: bool) -> int:
@@ -8229,12 +9159,15 @@ def cmd_list(config: Config, show_all: bool) -> int:
         print(f"no {'' if show_all else 'pending '}plans in {store.path}")
         return EXIT_OK
     width = max(len(printable(r["id"])) for r in rows)
+    status_width = max(len(r["status"]) for r in rows) + 2     # awaiting_approval is 17
     for r in rows:
-        status = f"{r['status']:<12}" if show_all else ""
+        status = f"{r['status']:<{status_width}}" if show_all else ""
         print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
                         f"{r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
+        elif r["status"] == "invalid" and r["error"]:    # a split plan: why, and the fix
+            print(printable(f"  invalid: {r['error']}"))
     return EXIT_OK
 
 
@@ -8242,23 +9175,29 @@ def cmd_health(config: Config) -> int:
     """Check the server and the store; print the report; 0 only when both work."""
     report: dict[str, Any] = {"server": {"base_url": config.base_url}, "store": {}}
     server_ok = store_ok = False
+    config, tried = discover_server(config)
+    report["server"].update(base_url=config.base_url, tried=tried)
     try:
         with LLMClient(config) as client:
             info = client.probe()
             models = info.models
             report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
                                     context_length=info.context_length, parallel=info.parallel)
-            server_ok = bool(models)
+            report["server"].update(run_plan(config, client, info))
+            server_ok = bool(models) and not info.problem
             if not models:
                 report["server"]["error"] = "the server lists no models; download or load one"
+            elif not server_ok:
+                report["server"]["error"] = report["server"]["model_why"]
     except LLMError as exc:
-        report["server"].update(reachable=False, error=str(exc))
+        report["server"].update(reachable=False, error=str(exc), hint=exc.hint)
     try:
         with Store.open(config) as store:
             report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts)
             problem = store.check_usable()
             if problem:
                 raise StoreError(f"the store {store.path} is not usable: {problem}",
+                                 READ_ONLY_STORE_HINT if "readonly" in problem else
                                  "restore it from a backup, or point --db at a store that can be written")
             report["store"].update(pending=store.pending_count(), **store.memory_report())
             store_ok = True
@@ -8276,15 +9215,26 @@ def cmd_health(config: Config) -> int:
     else:
         server, store_info = report["server"], report["store"]
         if server_ok:
-            print(printable(f"server  ok    {config.base_url} ({server['kind']}) · {len(server['models'])} "
-                            f"model(s) · loaded: {server['loaded'] or 'none reported'} · context "
-                            f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}"))
+            version = f" {server['version']}" if server.get("version") else ""
+            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                            f"{len(server['models'])} model(s) · loaded: "
+                            f"{server['loaded'] or 'none reported'} · context "
+                            f"{server['context_length'] or 'not reported'} · parallel "
+                            f"{server['parallel'] or 1}"))
         else:
             print(printable(f"server  FAIL  {server['error']}"))
+            if server.get("hint"):
+                print(printable(f"              hint: {server['hint']}"))
+        for line in run_plan_lines(server):
+            print(printable(f"              {line}"))
         if store_ok:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
-            print(printable("memory  " + _memory_store_line(store_info)))
+            line = _memory_store_line(store_info)
+            if "memory_api" in report:     # one memory line: store and API
+                api = _memory_api_line(report["memory_api"])
+                line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+            print(printable("memory  " + line))
         else:
             print(printable(f"store   FAIL  {store_info['error']}"))
             if store_info.get("hint"):
@@ -8292,9 +9242,166 @@ def cmd_health(config: Config) -> int:
         backups = report["backups"]
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
-        if "memory_api" in report:
-            print("memory  " + _memory_api_line(report["memory_api"]))
+        if "memory_api" in report and not store_ok:
+            print(printable("memory  " + _memory_api_line(report["memory_api"])))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
+def ollama_num_ctx(config: Config, records: list[PlanRecord], info: ServerInfo) -> int:
+    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
+    largest first prompt of the plans to run (estimate_tokens, with their LOAD files)
+    plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
+    OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
+    with when that is as large already (no reload); never past its trained context.
+    aider asks the request plus 8k the same way (aider#4687)."""
+    largest = 0
+    for record in records:
+        try:
+            plan = runnable_plan(record, config)
+        except PlanInvalid:
+            continue
+        for step in plan.steps.values():
+            try:
+                messages = build_messages(plan, step, {})
+            except (BridgeError, OSError):
+                continue
+            largest = max(largest, estimate_tokens(messages) + answer_tokens(step, None))
+    need = max(largest + OLLAMA_NUM_CTX_SLACK, OLLAMA_MIN_NUM_CTX)
+    if info.context_length and info.context_length >= need:
+        return info.context_length
+    num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
+    return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
+
+
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
+
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
+
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
+                continue
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
+    """Return what a run on this server will do, for --health (and its --json, whose
+    "server" object carries these keys; README, "Model servers"): model (str or None)
+    and model_why; context_length (tokens prompts are fitted to, or None) and
+    context_source; trained_context; slots (steps in flight); version; api (the chat route);
+    structured_output and prompts_cut (sentences); refused ([{"model", "reason"}])."""
+    try:
+        model = _pick_model(config, info)
+        why = info.why or ("--model" if config.model else "the model the server reports loaded")
+    except LLMError as exc:
+        model, why = None, f"{exc} ({exc.hint})" if exc.hint else str(exc)
+    same = model is not None and parse_model_ref(model)[1] == info.loaded
+    context, source = config.context_length, "--context-length"
+    if context is None and client.native and same:
+        context = ollama_num_ctx(config, [], info)
+        source = "options.num_ctx, raised per run to fit its largest prompt (at most as trained)"
+    elif context is None and same and info.context_length:
+        context, source = info.context_length, f"reported by {info.kind}"
+    if not config.structured:
+        structured = "off (--no-structured)"
+    elif client.native:
+        structured = "JSON steps send their schema as format (Ollama's native API)"
+    else:
+        structured = ("JSON steps ask response_format json_schema (then json_object with a "
+                      "schema, then none)")
+    if client.native:
+        cut = "no: num_ctx is set to fit every prompt"
+    elif info.kind == "Ollama":
+        cut = ("yes: Ollama's OpenAI endpoint cannot set num_ctx and cuts long prompts silently; "
+               "bridge fails such an attempt (--ollama-api native avoids it)")
+    elif context:
+        cut = "no: prompts are fitted to the context; a cut seen in usage fails the attempt"
+    else:
+        cut = ("maybe: the context is not reported (pass --context-length); a cut seen in usage "
+               "fails the attempt")
+    return {"model": model, "model_why": why, "context_length": context,
+            "context_source": source if context else None, "trained_context": info.trained_context,
+            "slots": config.parallel or (info.parallel if same else None) or 1,
+            "version": info.version,
+            "api": f"{client.base_url}{client.CHAT_PATH}", "structured_output": structured,
+            "prompts_cut": cut, "refused": [{"model": m, "reason": r} for m, r in info.refused]}
+
+
+def run_plan_lines(server: dict) -> list[str]:
+    """The --health lines under the server's: what a run will do (see run_plan)."""
+    lines = []
+    if server.get("model"):
+        context = (f"context {server['context_length']} ({server['context_source']})"
+                   if server.get("context_length") else "context not reported")
+        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
+        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
+                     f"{server['slots']} step(s) at once · {server['api']}")
+        lines.append(f"output: {server['structured_output']} · "
+                     f"prompts cut: {server['prompts_cut']}")
+    for refused in server.get("refused") or []:
+        lines.append(f"refused {refused['model']}: {refused['reason']}")
+    for tried in server.get("tried") or []:
+        lines.append(f"tried {tried['url']}: {tried['result']}")
+    return lines
 
 
 def _memory_store_line(info: dict) -> str:
@@ -8468,16 +9575,6 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 ###############################################################################
 
 
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none."""
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
-
-
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
     """Run one plan (plan_id) or every pending plan; print the summary.
 
@@ -8493,12 +9590,16 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
+        if records and not config.base_url_given:
+            config, tried = discover_server(config)
+            if tried and tried[-1]["result"].endswith("used"):
+                progress.info(f"model server: found at {config.base_url} (no --base-url given)")
         if not records:
             progress.info(f"no pending plans in {store.path}")
         records, waiting = gate_records(config, records, progress)
         results, not_recorded = [], 0
         with LLMClient(config, on_retry=progress.retrying) as client:
-            runner = _open_runner(config, store, client, progress) if records else None
+            runner = _open_runner(config, store, client, progress, records) if records else None
             try:
                 for record in records:
                     try:
@@ -8538,17 +9639,27 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
     return records, ("pending", "invalid"), shared_id_problems(plans)
 
 
-def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress) -> Runner:
+def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
+                 records: list[PlanRecord] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
-    whose executors are checked (no key, no claude binary: said before any claim)."""
+    whose executors are checked (no key, no claude binary: said before any claim).
+    On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
+    --context-length), sent with every request."""
     local = config.model is None or parse_model_ref(config.model)[0] == "openai"
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
     same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
+    if same and client.native:
+        client.num_ctx = config.context_length or ollama_num_ctx(config, records or [], info)
+        info = info._replace(context_length=client.num_ctx)
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
     runner = Runner(config, store, client, model, progress, context, parallel)
+    runner.reprobe = info is not None and info.kind == "LM Studio" \
+        and not (same and info.context_length)
+    if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
+        runner.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)
@@ -8616,6 +9727,13 @@ def cmd_show(config: Config, plan_id: str) -> int:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
         other = store.find_result(record, named_only=False) if found is None else None
+        replaced = store.replaced_runs(record)
+    if found is None and replaced:
+        # bridge's state names runs of content this plan had before --submit --replace
+        run, status = replaced[-1]
+        raise BridgeError(f"plan {plan_id!r} has no stored result of its current content yet "
+                          f"(it is {record.display_status}); its replaced content's last run was "
+                          f"{run} (now {status})", run_hint(record, config.runs_dir))
     if found is None:
         note = ""
         if other is not None:       # tagged as its result by someone, named by no state of bridge's
@@ -8625,10 +9743,19 @@ def cmd_show(config: Config, plan_id: str) -> int:
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
                           f"{record.display_status}){note}", run_hint(record, config.runs_dir))
     result = shown_result(*found, record.state, config.runs_dir)
+    now = record.display_status
+    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
+            and now not in ("stale", "in_progress"):
+        result["status_now"] = now      # after --apply or --reject: the plan's real status
+    if replaced:
+        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
     if config.json:
         _print_json(result)
     else:
         print(render_result(result))
+        for run, status in replaced:
+            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
+                            "of this plan"))
         if record.display_status in ("stale", "awaiting_review"):
             print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
     return EXIT_OK
@@ -8670,7 +9797,11 @@ def render_result(result: dict) -> str:
     def add(line: str) -> None:
         lines.append(printable(line))
 
-    add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("status_now"):
+        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
+            f"which ended {result['status']})")
+    else:
+        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
     if result.get("objective"):
         add(f"  objective: {result['objective']}")
     speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
@@ -8756,7 +9887,8 @@ def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
         return EXIT_OK
     state = " · undone at " + kept.undone_at if kept.undone_at else \
         " · the run put its files back itself" if kept.reverted else ""
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+    where = f"project {kept.project}" if kept.project else "no project"
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · {where} · "
                     f"{len(files)} file(s){state}"))
     for entry in files:
         now = "missing now" if entry["current_sha256"] is None else \
@@ -8921,20 +10053,27 @@ def cmd_validate(config: Config, path: str) -> int:
 def cmd_submit(config: Config, path: str, replace: bool) -> int:
     """Validate a plan file and store it as a new plan memory.
 
-    A --db (or BRIDGE_DB) naming a file that does not exist gets a new store in
-    the 12.x layout. Raises PlanInvalid listing every problem, StoreError when the
-    id is taken (without replace) or the store cannot be written.
+    A --db (or BRIDGE_DB) naming a file that does not exist, in a folder that does,
+    gets a new store in the 12.x layout (said on stdout; --json: created_store).
+    Raises PlanInvalid listing every problem, StoreError when the id is taken
+    (without replace), this very content is stored already (the hint gives the
+    --plan ID --rerun that runs it again), or the store cannot be written.
     """
     raw = _read_plan_file(path)
     check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
-    if config.db_explicit and not target.exists():
+    created = config.db_explicit and not target.exists()
+    if created:
         Store.create(target)
+        if not config.json:
+            print(printable(f"created a new, empty store at {target} "
+                            "(the memory server's 12.x layout)"))
     with Store.open(config) as store:
         digest, replaced = store.submit(raw, replace)
         where = store.path
     if config.json:
-        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where), "replaced_rows": replaced})
+        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where),
+                     "replaced_rows": replaced, "created_store": created})
     else:
         note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
         print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
@@ -8982,8 +10121,9 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
     may do, the same facts --list and --approve show)}; commands: the step's command
     validations ({"run", "timeout_s"}), which run only when commands_trusted
-    (plan_trusted). A grounded step that depends on others shows the usual schema:
-    the spans it will be sent come from outputs not made yet."""
+    (plan_trusted); the rendering says when a run would wait for approval (and send
+    nothing). A grounded step that depends on others shows the usual schema: the spans
+    it will be sent come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -9032,8 +10172,14 @@ def _render_dry_run(entry: dict) -> str:
     if not entry["valid"]:
         return "\n".join(printable(line) for line in
                          [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
-    lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
-                       "in this order"), render_facts(entry["approval"])]
+    facts = entry["approval"]
+    if not facts["may_run"]:        # a real run sends nothing: it waits (approval_facts)
+        count = len(entry["steps"])
+        head = (f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
+                f"until you let it; then these {count} step(s), in this order")
+    else:
+        head = f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"
+    lines = [printable(head), render_facts(facts)]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
         lines.append(printable(f"=== step {step['id']}{title}"))
@@ -9130,7 +10276,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parser.parse_args(argv)
     _check_flag_combinations(parser, args)
     environ = dict(os.environ if environ is None else environ)
-    remember_secrets(environ)
+    # the model server's key given as a flag is as secret as in its variable
+    remember_secrets({**environ, **({"BRIDGE_API_KEY": args.api_key} if args.api_key else {})})
     debug = debug_wanted(args, environ)
     try:
         config = resolve_config(args, environ)
@@ -9181,7 +10328,11 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         with _suppress(OSError):
             sys.stdout = open(os.devnull, "w")
         return EXIT_OK
-    except Exception:
+    except Exception as exc:
+        if (missing := missing_dependency_error(exc)) is not None:
+            print(printable(f"bridge: error: {missing}"), file=sys.stderr)
+            print(printable(f"hint: {missing.hint}"), file=sys.stderr)
+            return missing.exit_code
         if debug:
             import traceback
 
