@@ -117,6 +117,7 @@ def test_a_json_step_sends_its_schema_as_format(capsys, db, ollama, state_dir):
     assert rc == 0, err
     sent = ollama.chat_requests[0]["json"]
     assert sent["format"]["required"] == ["a"] and "response_format" not in sent
+    assert sent["think"] is False           # a JSON step asks a thinking model not to (docs/api.md)
 
 
 def test_the_ndjson_stream_goes_through_the_degeneration_guard_and_the_size_bound(
