@@ -1,5 +1,5 @@
 """Issue 21 (d): Ollama as a first-class server, on tests/fake_servers.py's FakeOllama
-(Ollama 0.33 as documented: llm-servers.md §2 and §9).
+(Ollama 0.33 as documented: ollama docs/api.md, docs/openai-compatibility.mdx).
 
 | test | what must hold |
 |---|---|
@@ -149,6 +149,7 @@ def test_a_plan_naming_a_cloud_model_waits_until_it_is_allowed(
     assert "--allow-executor ollama-cloud" in err and ollama.chat_requests == []
     assert plan_state(db, "cloud") == {}
     ollama.enqueue("from the cloud")
-    rc, out, err = run(capsys, db, ollama.url, state_dir, "--allow-executor", "ollama-cloud", "--json")
+    rc, out, err = run(capsys, db, ollama.url, state_dir, "--allow-executor", "ollama-cloud",
+                       "--json")
     assert rc == 0, err
     assert ollama.chat_requests[0]["json"]["model"] == "gpt-oss:120b-cloud"
