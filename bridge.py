@@ -9659,7 +9659,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     runner.reprobe = info is not None and info.kind == "LM Studio" \
         and not (same and info.context_length)
     if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
-        runner.pool = ContextPool(context)      # one KV pool (llama.cpp PR #16736; lms#565)
+        runner.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)

@@ -1,6 +1,6 @@
 """Fake model servers of the kinds users run, each answering as the real one documents
 (the source of each behaviour is named beside it; facts from
-the servers' own docs and source, as cited). Real HTTP servers on 127.0.0.1, built on
+the sources named next to each one). Real HTTP servers on 127.0.0.1, built on
 tests/fakes.py's FakeLLM (its scripted reply queue and request record).
 
 - FakeKeyed: any FakeLLM kind that answers 401 to a request without its key.
@@ -45,7 +45,7 @@ def ollama_kept_tokens(num_ctx: int) -> int:
 class _KeyedHandler(_Handler):
     """401 to every request without `Authorization: Bearer <fake.api_key>`, with LM
     Studio 0.4's body for Require Authentication (opencode-lmstudio#41); llama-server
-    and vLLM --api-key answer 401 the same way (tools/server/README.md; vLLM serve --api-key)."""
+    and vLLM --api-key answer 401 the same way (opencode-lmstudio#41)."""
 
     def _refused(self) -> bool:
         key = self.server.fake.api_key
@@ -82,7 +82,7 @@ class _OllamaHandler(_Handler):
         raw = self._read_body()
         self._record(raw)
         path = self.path.split("?", 1)[0]
-        if path == "/":                    # "Ollama is running" (ollama server/routes.go)
+        if path == "/":                    # "Ollama is running" (ollama/ollama docs/api.md)
             self._text(200, "Ollama is running")
         elif path == "/api/version":       # docs/api.md: {"version": "0.33.0"}
             self._send(200, {"version": fake.version})
@@ -190,7 +190,7 @@ class _OllamaHandler(_Handler):
 
 
 class FakeOllama(FakeLLM):
-    """Ollama 0.33 (ollama docs/api.md, openai-compatibility.mdx). pulled: name -> {capabilities,
+    """Ollama 0.33 (ollama/ollama docs/api.md, api/types.go, docs/context-length.mdx). pulled: name -> {capabilities,
     trained_ctx, parameters, remote_host?}, most recently pulled first; running: the
     names /api/ps lists; loaded_ctx: the context a model is loaded with when a request
     sets no num_ctx (the VRAM-tiered default). seen: what the model was given of each
@@ -283,10 +283,9 @@ class _LMStudioHandler(_Handler):
 
 
 class FakeLMStudio(FakeLLM):
-    """LM Studio 0.4 (lmstudio docs 2_rest/list.md, core/headless.md). catalog: key ->
-    type ("llm", "vlm", "embedding"), in /api/v1/models order; instances: key ->
-    [(instance id, config)]; jit: the first chat request for a model loads it at
-    jit_context tokens."""
+    """LM Studio 0.4 (lmstudio-ai/docs 1_developer/2_rest/list.md). catalog: key -> type ("llm", "vlm",
+    "embedding"), in /api/v1/models order; instances: key -> [(instance id, config)];
+    jit: the first chat request for a model loads it at jit_context tokens."""
 
     _handler = _LMStudioHandler
 
@@ -357,7 +356,7 @@ class _LlamaCppPythonHandler(_Handler):
 
 
 class FakeLlamaCppPython(FakeLLM):
-    """llama-cpp-python's server (llama_cpp/server/app.py): /v1/models owned_by "me", no
+    """llama-cpp-python's server (abetlen/llama-cpp-python llama_cpp/server/app.py): /v1/models owned_by "me", no
     /props, no usage in streams; n_ctx (default 2048, its --n_ctx default); interrupt:
     how many of the next streams end cut for another request; /extras/tokenize/count
     counts tokenizer_chars_per_token characters a token. A cut stream or an
@@ -398,8 +397,7 @@ class _VLLMHandler(_Handler):
 
 
 class FakeVLLM(FakeLLM):
-    """vLLM (vllm entrypoints/openai/protocol.py): one model, its max_model_len in
-    /v1/models, no /props."""
+    """vLLM (vllm-project/vllm docs: OpenAI-compatible server): one model, its max_model_len in /v1/models, no /props."""
 
     _handler = _VLLMHandler
 
@@ -446,7 +444,7 @@ class _LlamaServerHandler(_Handler):
 
 class FakeLlamaServer(FakeLLM):
     """llama-server started with no -np (auto: 4 slots, --kv-unified): /props reports
-    total_slots 4 and each slot's n_ctx as the whole context (llama.cpp PR #16736), while
+    total_slots 4 and each slot's n_ctx as the whole context (ggml-org/llama.cpp PR #16736, tools/server/README.md), while
     the slots share that one pool. hold_s: how long each request holds its tokens;
     pool_peak: the most tokens held at once; overflows: 500s sent."""
 

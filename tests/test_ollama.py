@@ -1,5 +1,5 @@
 """Issue 21 (d): Ollama as a first-class server, on tests/fake_servers.py's FakeOllama
-(Ollama 0.33 as documented: ollama docs/api.md, docs/openai-compatibility.mdx).
+(Ollama 0.33 as documented: ollama/ollama docs/api.md, docs/api/openai-compatibility.mdx).
 
 | test | what must hold |
 |---|---|
