@@ -117,6 +117,7 @@ def test_a_json_step_sends_its_schema_as_format(capsys, db, ollama, state_dir):
     assert rc == 0, err
     sent = ollama.chat_requests[0]["json"]
     assert sent["format"]["required"] == ["a"] and "response_format" not in sent
+    assert sent["think"] is False           # a JSON step asks a thinking model not to (docs/api.md)
 
 
 def test_the_ndjson_stream_goes_through_the_degeneration_guard_and_the_size_bound(
@@ -148,6 +149,7 @@ def test_a_plan_naming_a_cloud_model_waits_until_it_is_allowed(
     assert "--allow-executor ollama-cloud" in err and ollama.chat_requests == []
     assert plan_state(db, "cloud") == {}
     ollama.enqueue("from the cloud")
-    rc, out, err = run(capsys, db, ollama.url, state_dir, "--allow-executor", "ollama-cloud", "--json")
+    rc, out, err = run(capsys, db, ollama.url, state_dir, "--allow-executor", "ollama-cloud",
+                       "--json")
     assert rc == 0, err
     assert ollama.chat_requests[0]["json"]["model"] == "gpt-oss:120b-cloud"
