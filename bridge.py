@@ -174,7 +174,10 @@ LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in 
 # sha256, read in COPY_PIECE_BYTES pieces, so memory is bounded whatever a file's size.
 DIFF_MAX_BYTES = 2_000_000
 COPY_PIECE_BYTES = 1 << 20             # files are hashed, backed up and restored in pieces this big
-STORE_BUSY_TIMEOUT_S = 5.0             # the memory server uses 5000 ms too
+# How long one statement waits on a store another process holds locked (SQLite's
+# busy_timeout) before bridge says the store stayed locked: the memory server's own
+# writes (a consolidation, a batch of embeddings) can hold it for seconds; it waits 5 s.
+STORE_BUSY_TIMEOUT_S = 30.0
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
@@ -516,6 +519,22 @@ class ResultNotStored(StoreError):
     or unwritable): the plan stays in_progress, stale once this process is gone,
     with its journal and backups kept for --resume or --rerun. A run goes on with
     its other plans and exits 2."""
+
+
+RUNTIME_DEPENDENCIES = ("httpx", "jsonschema")     # pyproject.toml's dependencies
+
+
+def missing_dependency_error(exc: BaseException) -> ConfigError | None:
+    """The one-line error for an import of httpx or jsonschema (or a module of theirs)
+    that failed because the Python running bridge lacks it (python bridge.py outside
+    its venv), or None for any other exception."""
+    name = getattr(exc, "name", None) or ""
+    package = name.partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or package not in RUNTIME_DEPENDENCIES:
+        return None
+    return ConfigError(f"bridge needs {package}, which {sys.executable} cannot import",
+                       "install httpx and jsonschema: pip install httpx jsonschema "
+                       "(or run bridge from its venv: make test builds .venv)")
 
 
 class PlanInvalid(BridgeError):
@@ -902,6 +921,19 @@ def json_text(document: Any, indent: int | None = None) -> str:
     return re.sub(_JSON_UNSAFE, lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
+def quiet_closed_stream(stream: Any) -> None:
+    """Point a stream's file descriptor (stdout's, stderr's) at os.devnull once its
+    reader has gone (a BrokenPipeError), so later writes, and Python's flush at exit,
+    neither fail nor print "Exception ignored" (the way the Python docs give for
+    SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):   # no real stdout (a test's capture): nothing to point
+        pass
+
+
 class Events:
     """The run as a stream of JSON objects, one per line, on stdout (--events).
 
@@ -930,8 +962,12 @@ class Events:
         line = json_text(event) + "\n"
         with self.lock:
             stream = self.stream or sys.stdout
-            stream.write(line)
-            stream.flush()
+            try:
+                stream.write(line)
+                stream.flush()
+            except BrokenPipeError:     # the reader left (bridge --events | head): the run goes on
+                self.enabled = False
+                quiet_closed_stream(stream)
 
 
 class Progress:
@@ -948,11 +984,15 @@ class Progress:
         self._last_draw = 0.0
 
     def _emit(self, text: str, multiline: bool = False) -> None:
-        if self._line:
-            self.stream.write("\r\x1b[2K")
-            self._line = ""
-        self.stream.write(printable(text, multiline) + "\n")
-        self.stream.flush()
+        try:
+            if self._line:
+                self.stream.write("\r\x1b[2K")
+                self._line = ""
+            self.stream.write(printable(text, multiline) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:     # its reader left (bridge 2>&1 | head): the run goes on, unheard
+            quiet_closed_stream(self.stream)
+            self.live = False
 
     def info(self, text: str) -> None:
         """Print a progress line (not at -q)."""
@@ -1561,8 +1601,9 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
 # `compressed`; associations: `association`); such a row is never a plan, even when it
 # shares a plan's tags (mcp-memory-service consolidation/compression.py, consolidator.py).
 CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
-SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (800-character limit of its hybrid "
-                      "backend): store it with bridge --submit")
+SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
+                      "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
+                      "store it with bridge --submit")
 
 
 class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest saved",
@@ -1919,6 +1960,21 @@ class MemoryAPI:
 ###############################################################################
 
 
+READ_ONLY_STORE_HINT = ("the file or its folder is read-only (a read-only mount, chattr +i, or "
+                        "permissions): make both writable for this user, or point --db at a store "
+                        "that can be written; nothing is wrong with its content")
+
+
+def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
+    """The error of a store that another process kept locked for waited_s seconds
+    (default STORE_BUSY_TIMEOUT_S, SQLite's busy_timeout)."""
+    waited_s = STORE_BUSY_TIMEOUT_S if waited_s is None else waited_s
+    return StoreError(f"the store {path} stayed locked for {waited_s:g} s "
+                      "(another process holds it)",
+                      "retry when that process is done: the memory server's own writes end in "
+                      "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
+
+
 class Store:
     """The doobidoo memory store, opened for plan discovery, claims and results.
 
@@ -1958,6 +2014,8 @@ class Store:
             fts = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_content_fts'").fetchone()
             has_fts = fts is not None and "trigram" in (fts[0] or "")
         except sqlite3.Error as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
         layout = next((name for name, needed in _LAYOUT_COLUMNS.items() if needed <= columns), None)
@@ -2021,14 +2079,17 @@ class Store:
     def create(path: Path) -> None:
         """Create an empty store at path in the memory server's 12.x layout.
 
-        Raises StoreError when path exists or cannot be written.
+        Raises StoreError when path exists, its folder does not, or it cannot be written.
         """
         import sqlite3
 
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
+        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
+            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
+                             "exist", "check --db for a typo; to start a store there, make the "
+                             "folder first")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path)
             try:
                 conn.executescript(STORE_DDL_12)
@@ -2050,6 +2111,15 @@ class Store:
 
         def work() -> tuple[str, list]:
             same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            identical = [r for r in same if r.content_hash == content_hash(content)]
+            if identical:       # --replace would fail on the unique content_hash: say what works
+                status = identical[0].display_status
+                rerun = " --rerun" if status != "pending" else ""
+                again = f"bridge --plan {plan.get('id')}{rerun}"
+                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
+                                 f"(row {identical[0].row_id}, {status})",
+                                 f"to run it again: {again}; to change it, edit the file and "
+                                 "submit it with --replace")
             if same and not replace:
                 rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
                 raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path} ({rows})",
@@ -2116,6 +2186,24 @@ class Store:
                     and (not named_only or (digest or content_hash(content)) in named):
                 return document, content_hash(content)
         return None
+
+    def run_owner(self, run_id: Any) -> tuple[str, str] | None:
+        """Return (content_hash, status) of the plan memory whose recorded state is
+        that of run run_id (its last run), or None (no such state: an older bridge's
+        run, or one its plan ran again since)."""
+        if not isinstance(run_id, str) or not self.has_state_table:
+            return None
+        return self.conn.execute(f"SELECT content_hash, status FROM {STATE_TABLE} WHERE run_id = ?",
+                                 (run_id,)).fetchone()
+
+    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
+        """Return [(run_id, status)] of the last runs of the other contents this plan id
+        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        if not self.has_state_table:
+            return []
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
+                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+                                 (record.plan_id, record.content_hash)).fetchall()
 
     def __enter__(self) -> "Store":
         return self
@@ -2325,10 +2413,10 @@ class Store:
                     if attempt < STORE_WRITE_TRIES:
                         time.sleep(0.05 * attempt)
                         continue
-                    raise StoreError(f"the store {self.path} stayed locked for "
-                                     f"{STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S:.0f} s",
-                                     "another process holds a write lock; retry in a moment") from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                    raise store_locked_error(self.path, waited_s) from exc
+                raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
             try:
                 result = work()
                 self.conn.execute("COMMIT")
@@ -2336,7 +2424,9 @@ class Store:
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}") from exc
+                    raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                        from exc
                 raise
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
@@ -2606,8 +2696,51 @@ def _schema_problems(plan: Any) -> list[str]:
     from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
 
     validator = Draft202012Validator(load_schema())
-    return [f"{error.json_path}: {schema_message(error)}"
-            for error in sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))]
+    errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
+    return [problem for error in errors
+            for problem in _unknown_key_problems(error)
+            or [f"{error.json_path}: {schema_message(error)}{_close_value_hint(error)}"]]
+
+
+def _close_value_hint(error: Any) -> str:
+    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
+    "enum" error; difflib.get_close_matches), else ""."""
+    import difflib
+
+    if error.validator != "enum" or not isinstance(error.instance, str):
+        return ""
+    values = [v for v in error.validator_value if isinstance(v, str)]
+    close = difflib.get_close_matches(error.instance, values, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
+
+
+def _unknown_key_problems(error: Any) -> list[str]:
+    """One problem per key the schema does not know (an additionalProperties or
+    unevaluatedProperties error), with its JSON path and the closest known key
+    (difflib.get_close_matches), e.g. "$.steps[0].file_ouput: unknown key; did you
+    mean 'file_output'?"; [] for any other error. The known keys are the schema's
+    own, so a key added to the schema is known at once."""
+    import difflib
+
+    if error.validator not in ("additionalProperties", "unevaluatedProperties") \
+            or not isinstance(error.instance, dict) or error.validator_value is not False:
+        return []
+    known = sorted(error.schema.get("properties", {}))
+    patterns = list(error.schema.get("patternProperties", {}))
+    problems = []
+    for key in error.instance:
+        if key in known or any(re.search(pattern, key) for pattern in patterns):
+            continue
+        where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
+        close = difflib.get_close_matches(key, known, n=1)
+        fix = (f"did you mean {close[0]!r}?" if close else
+               f"known here: {', '.join(known)} "
+               f"(a key of your own starts with {PLANNER_KEY_PREFIX})")
+        problems.append(f"{error.json_path}{where}: unknown key; {fix}")
+    return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
 def schema_message(error: Any) -> str:
@@ -2723,7 +2856,7 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     for n, step in enumerate(steps):
         deps = [d for d in step.get("depends_on") or [] if isinstance(d, int)] \
             if isinstance(step.get("depends_on"), list) else []
-        graph[step["id"]] = deps
+        graph[step["id"]] = [d for d in deps if d in known and d != step["id"]]   # each said below
         for dep in deps:
             if dep == step["id"]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
@@ -2733,12 +2866,11 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
-    if not any("depends on itself" in p or "unknown step" in p for p in problems):
-        try:
-            TopologicalSorter(graph).prepare()
-        except CycleError as exc:
-            cycle = " -> ".join(str(i) for i in exc.args[1])
-            problems.append(f"$.steps: dependency cycle {cycle}")
+    try:            # every problem at once: a cycle among the known steps as well
+        TopologicalSorter(graph).prepare()
+    except CycleError as exc:
+        cycle = " -> ".join(str(i) for i in exc.args[1])
+        problems.append(f"$.steps: dependency cycle {cycle}")
     return problems + _path_problems(plan, guard)
 
 
@@ -2981,7 +3113,9 @@ def _command_paths(plan: dict) -> list[str]:
 def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     """Validate a parsed plan with the schema, then semantically; return a Plan.
 
-    Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
+    The schema is strict: a key it does not know, anywhere, is a problem naming the
+    closest known key (_unknown_key_problems); keys starting with x- are the planner's
+    own. Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
     valid regex and json_schema validations, `project` exists when given (and is
     required when the plan names files or runs commands), every path relative and
     inside the project with symlinks followed, no file_output through a symlink or
@@ -3625,6 +3759,12 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 )
 
 
+# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first: llama-cpp-python
+# takes only its own (response_format.type "text" | "json_object", llama_cpp/llama_types.py)
+# and answers json_schema with HTTP 500, so it is not asked for that one first.
+FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
+
+
 # Sampling fields beyond OpenAI's (temperature, seed) that each kind of server takes
 # (ServerInfo.kind); bridge sends them only there (see LLMClient.accepted_sampling).
 SAMPLING_FIELDS = {
@@ -3666,6 +3806,21 @@ def _refuses_response_format(exc: LLMError) -> bool:
     text = str(exc).lower()
     return status in (400, 422, 500) and not exc.context_overflow and any(
         word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
+
+
+def missing_v1_hint(base_url: str, status: int) -> str:
+    """"; … try --base-url …/v1" for an HTTP 404 from a base URL whose path has no /v1
+    (every OpenAI-compatible server serves /v1/models and /v1/chat/completions:
+    LM Studio, Ollama, llama.cpp's server, vLLM), else ""."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(base_url).path
+    if status != 404 or "/v1" in path:
+        return ""
+    if path.strip("/"):
+        return ("; the base URL of an OpenAI-compatible server ends in /v1 as a rule: "
+                "check --base-url")
+    return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
 class HTTPExecutor:
@@ -3719,7 +3874,8 @@ class HTTPExecutor:
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
                 if response.status_code >= 400:
                     raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
-                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}",
+                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}"
+                                       + missing_v1_hint(self.base_url, response.status_code),
                                        response.status_code)
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
@@ -3761,9 +3917,14 @@ class HTTPExecutor:
         """Translate an httpx transport exception into the matching LLMError."""
         import httpx
 
+        if isinstance(exc, httpx.ConnectTimeout):
+            connect_s = min(CONNECT_TIMEOUT_S, self.config.timeout_s)
+            return LLMTimeout(f"no connection to {url} within {connect_s:g} s "
+                              f"(bridge's connect timeout) ({type(exc).__name__})",
+                              "check that the server is up and answering at --base-url")
         if isinstance(exc, httpx.TimeoutException):
             return LLMTimeout(f"no answer from {url} within {self.config.timeout_s:g} s "
-                              f"({type(exc).__name__})",
+                              f"(--timeout, for each chunk) ({type(exc).__name__})",
                               "a model may still be loading; raise --timeout or load it first")
         if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
                             httpx.RemoteProtocolError, httpx.CloseError)):
@@ -3801,6 +3962,13 @@ class HTTPExecutor:
                 return self._parse(response, url, started, on_delta, received, **hooks)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
+            if timeout_s is not None and isinstance(error, LLMTimeout) \
+                    and not isinstance(exc, httpx.ConnectTimeout):
+                # the step's timeout_s is its chunk timeout and its deadline alike: waiting
+                # that long for a byte passed the deadline, and the same request would too
+                error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
+                                    f"({type(exc).__name__}); not retried",
+                                    "raise the step's timeout_s, or check what keeps the server")
             if received:    # the server was reached: say how the stream ended, not "cannot reach"
                 stalled = isinstance(error, LLMTimeout)
                 why = error if stalled else str(exc) or type(exc).__name__
@@ -3950,6 +4118,9 @@ class LLMClient(HTTPExecutor):
         if max_tokens is not None:
             payload["max_tokens"] = max_tokens
         payload.update(self.accepted_sampling(sampling or {}))
+        if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
+            first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
+            self.structured_level = max(self.structured_level, first)
         while True:
             if thinking == "off":
                 payload.update(self.thinking_fields())
@@ -4424,7 +4595,7 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
-# Reasoning text a server leaves inside content (llm-servers.md §9), by shape: (name,
+# Reasoning text a server leaves inside content (sources per row), by shape: (name,
 # who writes it and the source, a string the text must hold for the shape to be tried,
 # where the reasoning starts and ends, what ends the answer or None). split_reasoning
 # takes each out; a shape matches at the start of the text only.
@@ -6544,15 +6715,20 @@ def step_graph(plan: Plan) -> dict[int, set[int]]:
 
 
 def sequential_order(graph: dict[int, set[int]]) -> list[int]:
-    """Return the order steps run in one at a time: ready ones by id, batch by batch."""
+    """Return the order steps run in one at a time: the lowest id that is ready next,
+    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
+    import heapq
     from graphlib import TopologicalSorter
 
     order, out = TopologicalSorter(graph), []
     order.prepare()
+    ready: list[int] = []
     while order.is_active():
-        batch = sorted(order.get_ready())
-        out += batch
-        order.done(*batch)
+        for sid in order.get_ready():
+            heapq.heappush(ready, sid)
+        sid = heapq.heappop(ready)
+        out.append(sid)
+        order.done(sid)
     return out
 
 
@@ -6831,7 +7007,7 @@ class StepScheduler:
         finished: queue.Queue = queue.Queue()
         try:
             while order.is_active():
-                self.ready += sorted(order.get_ready())
+                self.ready = sorted([*self.ready, *order.get_ready()])   # lowest id first
                 self._start_ready(order, finished, checkpoint)
                 if self.running:
                     self._collect(order, finished, checkpoint)
@@ -7893,9 +8069,18 @@ class _HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, width=terminal_columns() - 2)   # argparse's own margin
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line, as every error of bridge is."""
+
+    def error(self, message: str) -> None:   # argparse's hook: print and exit 2
+        """Print "bridge: error: MESSAGE; see bridge --help" on stderr and exit 2."""
+        line = printable(f"{self.prog}: error: {message}; see {self.prog} --help")
+        self.exit(EXIT_UNUSABLE, line + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser: one action at most, plus shared settings."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bridge", formatter_class=_HelpFormatter,
         usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
               "       bridge --list [--all] | --show ID | --health | --cancel ID [options]\n"
@@ -7949,7 +8134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the run as JSON events on stdout, one per line (progress stays on stderr)")
     parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
     parser.add_argument("--rerun", action="store_true",
-                        help="with --plan: run a completed, failed or cancelled plan again, from the start")
+                        help="with --plan: run a completed, failed, cancelled or stale plan again, "
+                             "from the start")
     parser.add_argument("--resume", action="store_true",
                         help="with --plan: take over a stale plan (its bridge died), keeping the steps "
                              "that had succeeded")
@@ -8206,7 +8392,8 @@ def plan_summary(record: PlanRecord) -> dict:
     objective = record.plan.reason if isinstance(record.plan, UnreadablePlan) else record.objective
     return {"id": record.plan_id, "status": record.display_status, "objective": objective,
             "steps": record.step_count, "created": _created(record), "row": record.row_id,
-            "error": record.state.get("error")}
+            "error": record.state.get("error")
+            or (SPLIT_PLAN_PROBLEM.format(chunks=record.chunks) if record.chunks else None)}
 
 
 def cmd_list(config: Config, show_all: bool) -> int:
@@ -8229,12 +8416,15 @@ def cmd_list(config: Config, show_all: bool) -> int:
         print(f"no {'' if show_all else 'pending '}plans in {store.path}")
         return EXIT_OK
     width = max(len(printable(r["id"])) for r in rows)
+    status_width = max(len(r["status"]) for r in rows) + 2     # awaiting_approval is 17
     for r in rows:
-        status = f"{r['status']:<12}" if show_all else ""
+        status = f"{r['status']:<{status_width}}" if show_all else ""
         print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
                         f"{r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
+        elif r["status"] == "invalid" and r["error"]:    # a split plan: why, and the fix
+            print(printable(f"  invalid: {r['error']}"))
     return EXIT_OK
 
 
@@ -8259,6 +8449,7 @@ def cmd_health(config: Config) -> int:
             problem = store.check_usable()
             if problem:
                 raise StoreError(f"the store {store.path} is not usable: {problem}",
+                                 READ_ONLY_STORE_HINT if "readonly" in problem else
                                  "restore it from a backup, or point --db at a store that can be written")
             report["store"].update(pending=store.pending_count(), **store.memory_report())
             store_ok = True
@@ -8284,7 +8475,11 @@ def cmd_health(config: Config) -> int:
         if store_ok:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
-            print(printable("memory  " + _memory_store_line(store_info)))
+            line = _memory_store_line(store_info)
+            if "memory_api" in report:     # one memory line: store and API
+                api = _memory_api_line(report["memory_api"])
+                line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+            print(printable("memory  " + line))
         else:
             print(printable(f"store   FAIL  {store_info['error']}"))
             if store_info.get("hint"):
@@ -8292,8 +8487,8 @@ def cmd_health(config: Config) -> int:
         backups = report["backups"]
         print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
               f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
-        if "memory_api" in report:
-            print("memory  " + _memory_api_line(report["memory_api"]))
+        if "memory_api" in report and not store_ok:
+            print(printable("memory  " + _memory_api_line(report["memory_api"])))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -8616,6 +8811,13 @@ def cmd_show(config: Config, plan_id: str) -> int:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
         other = store.find_result(record, named_only=False) if found is None else None
+        replaced = store.replaced_runs(record)
+    if found is None and replaced:
+        # bridge's state names runs of content this plan had before --submit --replace
+        run, status = replaced[-1]
+        raise BridgeError(f"plan {plan_id!r} has no stored result of its current content yet "
+                          f"(it is {record.display_status}); its replaced content's last run was "
+                          f"{run} (now {status})", run_hint(record, config.runs_dir))
     if found is None:
         note = ""
         if other is not None:       # tagged as its result by someone, named by no state of bridge's
@@ -8625,10 +8827,19 @@ def cmd_show(config: Config, plan_id: str) -> int:
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
                           f"{record.display_status}){note}", run_hint(record, config.runs_dir))
     result = shown_result(*found, record.state, config.runs_dir)
+    now = record.display_status
+    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
+            and now not in ("stale", "in_progress"):
+        result["status_now"] = now      # after --apply or --reject: the plan's real status
+    if replaced:
+        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
     if config.json:
         _print_json(result)
     else:
         print(render_result(result))
+        for run, status in replaced:
+            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
+                            "of this plan"))
         if record.display_status in ("stale", "awaiting_review"):
             print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
     return EXIT_OK
@@ -8670,7 +8881,11 @@ def render_result(result: dict) -> str:
     def add(line: str) -> None:
         lines.append(printable(line))
 
-    add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("status_now"):
+        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
+            f"which ended {result['status']})")
+    else:
+        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
     if result.get("objective"):
         add(f"  objective: {result['objective']}")
     speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
@@ -8756,7 +8971,8 @@ def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
         return EXIT_OK
     state = " · undone at " + kept.undone_at if kept.undone_at else \
         " · the run put its files back itself" if kept.reverted else ""
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+    where = f"project {kept.project}" if kept.project else "no project"
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · {where} · "
                     f"{len(files)} file(s){state}"))
     for entry in files:
         now = "missing now" if entry["current_sha256"] is None else \
@@ -8921,20 +9137,27 @@ def cmd_validate(config: Config, path: str) -> int:
 def cmd_submit(config: Config, path: str, replace: bool) -> int:
     """Validate a plan file and store it as a new plan memory.
 
-    A --db (or BRIDGE_DB) naming a file that does not exist gets a new store in
-    the 12.x layout. Raises PlanInvalid listing every problem, StoreError when the
-    id is taken (without replace) or the store cannot be written.
+    A --db (or BRIDGE_DB) naming a file that does not exist, in a folder that does,
+    gets a new store in the 12.x layout (said on stdout; --json: created_store).
+    Raises PlanInvalid listing every problem, StoreError when the id is taken
+    (without replace), this very content is stored already (the hint gives the
+    --plan ID --rerun that runs it again), or the store cannot be written.
     """
     raw = _read_plan_file(path)
     check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
-    if config.db_explicit and not target.exists():
+    created = config.db_explicit and not target.exists()
+    if created:
         Store.create(target)
+        if not config.json:
+            print(printable(f"created a new, empty store at {target} "
+                            "(the memory server's 12.x layout)"))
     with Store.open(config) as store:
         digest, replaced = store.submit(raw, replace)
         where = store.path
     if config.json:
-        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where), "replaced_rows": replaced})
+        _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where),
+                     "replaced_rows": replaced, "created_store": created})
     else:
         note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
         print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
@@ -8982,8 +9205,9 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
     may do, the same facts --list and --approve show)}; commands: the step's command
     validations ({"run", "timeout_s"}), which run only when commands_trusted
-    (plan_trusted). A grounded step that depends on others shows the usual schema:
-    the spans it will be sent come from outputs not made yet."""
+    (plan_trusted); the rendering says when a run would wait for approval (and send
+    nothing). A grounded step that depends on others shows the usual schema: the spans
+    it will be sent come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -9032,8 +9256,14 @@ def _render_dry_run(entry: dict) -> str:
     if not entry["valid"]:
         return "\n".join(printable(line) for line in
                          [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
-    lines = [printable(f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, "
-                       "in this order"), render_facts(entry["approval"])]
+    facts = entry["approval"]
+    if not facts["may_run"]:        # a real run sends nothing: it waits (approval_facts)
+        count = len(entry["steps"])
+        head = (f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
+                f"until you let it; then these {count} step(s), in this order")
+    else:
+        head = f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"
+    lines = [printable(head), render_facts(facts)]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
         lines.append(printable(f"=== step {step['id']}{title}"))
@@ -9181,7 +9411,11 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         with _suppress(OSError):
             sys.stdout = open(os.devnull, "w")
         return EXIT_OK
-    except Exception:
+    except Exception as exc:
+        if (missing := missing_dependency_error(exc)) is not None:
+            print(printable(f"bridge: error: {missing}"), file=sys.stderr)
+            print(printable(f"hint: {missing.hint}"), file=sys.stderr)
+            return missing.exit_code
         if debug:
             import traceback
 

@@ -554,7 +554,7 @@ class FakeLLM(_FakeServer):
         self.max_in_flight = 0              # the most chat requests seen at once
         self._in_flight = 0
         self._generation = 0                # bumped by reset(): requests of earlier tests don't count
-        # Thinking models (llm-servers.md §9). cut_at_max_tokens: a streamed reply stops at the
+        # Thinking models (sources below). cut_at_max_tokens: a streamed reply stops at the
         # request's max_tokens, one chunk a token, reasoning first, with finish_reason "length"
         # (thinking counts against max_tokens: LM Studio bug tracker #1990, #1602).
         # thinking_off: a reply's reasoning is not sent when the request asks not to think
@@ -947,7 +947,7 @@ def read_rows(path: str | Path) -> list[dict]:
 # Running bridge in-process, and reading what it left
 # --------------------------------------------------------------------------------------
 
-_RESULT_TAG = "bridge-result"      # literals copied from the contract (plan-format.md)
+_RESULT_TAG = "bridge-result"      # literals copied from the contract (the README)
 _PLAN_SCHEMA = "bridge-plan-v1"
 _TEMP_SUFFIX = ".bridge-tmp"
 

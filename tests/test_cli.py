@@ -177,14 +177,16 @@ def test_importing_bridge_configures_no_logging():
 ], ids=["list+health", "plan+list", "health+plan", "v+q", "all-without-list", "rerun-without-plan"])
 def test_conflicting_or_orphan_flags_are_usage_errors(capsys, db, fake_llm, state_dir, argv):
     """Action flags exclude each other; --all and --rerun need their action; -v and -q
-    exclude each other: argparse's usage error, exit 2, nothing done (original defect 21)."""
+    exclude each other: argparse's usage error, on one line, exit 2, nothing done (original
+    defect 21; issue 24: one line plus "see bridge --help")."""
     insert_plan(db, make_plan("x"))
     with pytest.raises(SystemExit) as excinfo:
         bridge.main(argv + bridge_args(db, fake_llm.url, state_dir), environ={})
     assert excinfo.value.code == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith("usage:") and "error:" in err
+    assert err.startswith("bridge: error: ") and err.endswith("; see bridge --help\n")
+    assert err.count("\n") == 1
     assert fake_llm.requests == []
     assert plan_state(db, "x") == {}
     check_store(db)

@@ -17,7 +17,7 @@ from fakes import (
     stored_results, write_fake_claude,
 )
 
-# Literals copied from the contract (plan-format.md) and the Messages API, never read at run time.
+# Literals copied from the contract (the README) and the Messages API, never read at run time.
 ANTHROPIC_VERSION = "2023-06-01"
 HAIKU = "anthropic:claude-haiku-4-5"
 HAIKU_PRICE = (1.00, 5.00)          # US dollars per million tokens, input and output

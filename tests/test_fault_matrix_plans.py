@@ -70,7 +70,7 @@ from fakes import (
     state_of_row, trust_project, user_text,
 )
 
-# Literals copied from the contract (plan-format.md), never read at run time.
+# Literals copied from the contract (bridge-plan-schema.json, the README), never read at run time.
 RESULT_TAG = "bridge-result"
 PLAN_TAG = "bridge-plan"
 SCHEMA_ID = "bridge-plan-v1"

@@ -51,7 +51,7 @@ from fakes import (
     state_of_row, stored_results, trust_project,
 )
 
-# Literals copied from the contract (plan-format.md), never read at run time.
+# Literals copied from the contract (bridge-plan-schema.json, the README), never read at run time.
 PLAN_ID = "fault-matrix"
 ORIGINAL = b"original\n"
 STEP1_PROMPT = "rewrite"

@@ -135,7 +135,7 @@ def test_row5_variant_a_run_of_the_same_id_with_other_content(capsys, db, fake_l
         conn.execute("UPDATE memories SET deleted_at = 1 WHERE content_hash = ?",
                      (plan_row(db, "X")["content_hash"],))
     conn.close()
-    insert_plan(db, one_file(b, "X", rel="other.md", title="v2"))
+    insert_plan(db, one_file(b, "X", rel="other.md", **{"x-title": "v2"}))
     v2 = [r for r in _plan_rows(db, "X") if r["deleted_at"] is None][0]
     _forge_row(db, v2["content_hash"], "X", run_id=old_run, heartbeat_at=iso(-3600),
                owner_host=socket.gethostname(), owner_pid=dead_pid())

@@ -26,7 +26,7 @@ from fakes import (
 
 ROOT = Path(__file__).resolve().parent.parent      # where bridge.py lives
 TESTS = Path(__file__).resolve().parent
-# Literals copied from the contract (plan-format.md, doobidoo-store.md), never read at run time.
+# Literals copied from the contract (the README, tests/data/README.md), never read at run time.
 RESULT_TAG = "bridge-result"
 EXIT_INTERRUPTED = 130
 

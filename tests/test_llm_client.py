@@ -381,9 +381,12 @@ def test_delay_past_timeout_is_a_timeout(fake_llm):
 
 
 def test_delay_past_timeout_is_retried_then_succeeds(fake_llm):
+    """--timeout (per chunk) passed: retried. (A step's timeout_s is its deadline, never
+    retried: tests/test_first_hour.py.)"""
     fake_llm.enqueue("late", fault="delay", delay_s=0.6).enqueue("on time")
     sleeps: list[float] = []
-    reply = chat(fake_llm.url, sleeps, timeout_s=0.2, retries=2)
+    with bridge.LLMClient(config(fake_llm.url, timeout_s=0.2, retries=2), sleep=sleeps.append) as c:
+        reply = c.chat(MESSAGES, model="m")
     assert reply.text == "on time"
     assert len(fake_llm.chat_requests) == 2
     assert len(sleeps) == 1

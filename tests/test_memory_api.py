@@ -196,13 +196,17 @@ def test_health_reports_schema_embeddings_and_the_http_api(capsys, store, fake_l
         rc, captured = run(capsys, store, fake_llm, state_dir, "--health", "--memory-url", api.url)
         assert rc == 0, captured.out
         lines = captured.out.splitlines()
-        assert "memory  ok    schema version 19 · bridge_plan_state: 1 plan(s) · 1 of bridge's 2 row(s) " \
-               "without an embedding" in "\n".join(lines)
-        assert f"memory  ok    {api.url} answers (mcp-memory-service 12.4.0, sqlite-vec) · key accepted" in lines
+        (memory,) = [line for line in lines if line.startswith("memory")]     # one line (issue 24)
+        assert memory.startswith("memory  ok    schema version 19 · bridge_plan_state: 1 plan(s) · "
+                                 "1 of bridge's 2 row(s) without an embedding")
+        assert memory.endswith(f" · HTTP API {api.url} answers (mcp-memory-service 12.4.0, "
+                               "sqlite-vec) · key accepted")
         rc, captured = run(capsys, store, fake_llm, state_dir, "--health", "--memory-url", api.url,
                            environ={"MCP_API_KEY": "wrong"})
     assert rc == 2
-    assert f"memory  FAIL  {api.url}: the server refused the key (MCP_API_KEY)" in captured.out.splitlines()
+    (memory,) = [line for line in captured.out.splitlines() if line.startswith("memory")]
+    assert memory.startswith("memory  FAIL  schema version 19")
+    assert memory.endswith(f" · HTTP API {api.url}: the server refused the key (MCP_API_KEY)")
 
 
 def test_health_without_embeddings_table_says_so(capsys, db, fake_llm, state_dir):

@@ -24,7 +24,7 @@ from fakes import (
     bridge_args, check_store, insert_plan, make_plan, read_rows, steps_by_id, stored_results, user_text,
 )
 
-# Literals copied from the contract (plan-format.md), never read at run time.
+# Literals copied from the contract (bridge-plan-schema.json, the README), never read at run time.
 CUT_MARKER = "to fit the model's context"          # build_messages' marker on a cut block
 FEEDBACK_CUT = "cut to fit the context"            # fit_feedback's marker on a cut answer
 FEEDBACK_LEFT_OUT = "left out"                     # fit_feedback's note when the answer is dropped

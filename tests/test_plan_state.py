@@ -24,6 +24,11 @@ import bridge
 from fakes import (bridge_args, check_store, insert_memory, insert_plan, make_plan, plan_row, plan_state,
                    stored_results)
 
+# bridge's message for a plan the memory server split (README, "plan split into N chunks")
+SPLIT = ("plan split into {n} chunks by the memory server (its 800-character limit: "
+         "MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
+         "store it with bridge --submit")
+
 STATE_TABLE = "bridge_plan_state"
 
 
@@ -212,8 +217,7 @@ def test_a_plan_split_into_chunks_by_the_server_is_reported_once(capsys, db, fak
 
     assert rc == 1
     (result,) = json.loads(captured.out)["plans"]
-    assert result["problems"] == [f"plan split into {len(chunks)} chunks by the memory server (800-character "
-                                  "limit of its hybrid backend): store it with bridge --submit"]
+    assert result["problems"] == [SPLIT.format(n=len(chunks))]
     assert fake_llm.chat_requests == []
     rc, captured = run(capsys, db, fake_llm, state_dir, "--json")
     assert (rc, json.loads(captured.out)["plans"]) == (0, [])
@@ -237,8 +241,7 @@ def test_a_split_plan_is_as_invalid_to_dry_run_as_to_run(capsys, db, fake_llm, s
     assert rc == 1
     (entry,) = json.loads(captured.out)["plans"]
     assert entry["valid"] is False
-    assert entry["problems"] == [f"plan split into {len(chunks)} chunks by the memory server (800-character "
-                                 "limit of its hybrid backend): store it with bridge --submit"]
+    assert entry["problems"] == [SPLIT.format(n=len(chunks))]
     assert fake_llm.chat_requests == []
 
 

@@ -25,7 +25,7 @@ from fakes import (
 
 ROOT = Path(__file__).resolve().parent.parent      # where bridge.py, README.md and the schema live
 
-# Literals copied from the contract (plan-format.md, bridge's README), never read at run time.
+# Literals copied from the contract (bridge's README), never read at run time.
 RESULT_TAG = "bridge-result"
 PLAN_TAG = "bridge-plan"
 KINDS = ("plan_start", "step_start", "delta", "attempt_failed", "step_end", "plan_end", "error")
@@ -796,6 +796,7 @@ def test_submit_to_a_new_file_creates_a_12x_store_with_the_plan_as_the_server_wo
     """--submit with --db naming a new file: a 12.x store (columns, FTS) holding the plan
     as the memory server stores one."""
     db = tmp_path / "new" / "store.db"
+    db.parent.mkdir()               # a missing folder is refused (tests/test_first_hour.py)
     plan = make_plan("sub-1", context={"objective": "submitted"})
     path = write_json(tmp_path / "plan.json", plan)
 
@@ -804,6 +805,7 @@ def test_submit_to_a_new_file_creates_a_12x_store_with_the_plan_as_the_server_wo
 
     assert rc == 0
     assert "sub-1" in out
+    assert out.startswith(f"created a new, empty store at {db}")
     assert columns(db) == COLUMNS_12
     conn = sqlite3.connect(db)
     try:
@@ -884,8 +886,9 @@ def test_submit_replace_soft_deletes_the_old_plan(capsys, tmp_path):
 
 
 def test_submit_replace_with_identical_content_is_a_clear_error(capsys, tmp_path):
-    """Identical content cannot be stored twice (content_hash is unique): exit 2 saying so,
-    no traceback, and the live plan stays live."""
+    """Identical content cannot be stored twice (content_hash is unique): exit 2 saying so
+    and how to run it (issue 24: was a bare "content hash" error), no traceback, and the
+    live plan stays live."""
     db = tmp_path / "store.db"
     path = write_json(tmp_path / "a.json", make_plan("p1"))
     assert submit(db, path) == 0
@@ -896,7 +899,7 @@ def test_submit_replace_with_identical_content_is_a_clear_error(capsys, tmp_path
     out, err = capsys.readouterr()
 
     assert rc == 2
-    assert "content hash" in err
+    assert "this very plan 'p1' is already in" in err and "bridge --plan p1" in err
     assert "Traceback" not in err and "internal error" not in err
     assert db.read_bytes() == before
     assert read_rows(db)[0]["deleted_at"] is None

@@ -159,13 +159,18 @@ def test_a_plan_the_server_split_into_chunks_is_reported_once(capsys, tmp_path, 
                     MCP_SQLITEVEC_MAX_CONTENT_LENGTH="800")
     chunks = len(read_rows(db))
     assert chunks >= 2 and answer["answers"][0].get("total_chunks") == chunks
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--all", "--json")
+    (listed,) = json.loads(out)["plans"]           # before any run, --list says why (issue 24)
+    assert listed["status"] == "invalid" and f"split into {chunks} chunks" in listed["error"]
 
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json")
 
     assert rc == 1
     (result,) = json.loads(out)["plans"]
-    assert result["problems"] == [f"plan split into {chunks} chunks by the memory server (800-character "
-                                  "limit of its hybrid backend): store it with bridge --submit"]
+    assert result["problems"] == [f"plan split into {chunks} chunks by the memory server (its "
+                                  "800-character limit: MCP_HYBRID_MAX_CONTENT_LENGTH, "
+                                  "MCP_SQLITEVEC_MAX_CONTENT_LENGTH): store it with "
+                                  "bridge --submit"]
     assert fake_llm.chat_requests == []
     assert run_bridge(capsys, db, fake_llm, state_dir, "--json")[:2] == (0, '{\n  "plans": []\n}\n')
 

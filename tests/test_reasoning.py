@@ -4,7 +4,7 @@ the answer before its check and its file, and a constraint that garbles dropped.
 
 The fake server answers as the real ones document (tests/fakes.py FakeLLM: reasoning in
 reasoning_content or reasoning, cut at max_tokens with thinking counted, the thinking-off
-fields honoured or ignored, a grammar that garbles); llm-servers.md §9 has the facts.
+fields honoured or ignored, a grammar that garbles), with the sources cited there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import bridge
 from fakes import check_store, insert_plan, make_plan, run_json, steps_by_id
 
-# Literals copied from the issue and llm-servers.md §9, never read from bridge at run time.
+# Literals copied from the issue and the servers' docs, never read from bridge at run time.
 JSON_DEFAULT_MAX_TOKENS = 256
 RESERVE_AT_4096 = 1024          # the thinking reserve: 2048, at most a quarter of the 4,096 context
 NAME = '{"name": "Ada"}'

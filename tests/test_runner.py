@@ -241,7 +241,7 @@ def test_context_overflow_is_not_retried(capsys, db, fake_llm, state_dir, how):
 
 
 # --------------------------------------------------------------------------------------
-# failure policies (plan-format.md)
+# failure policies (README: on_failure)
 # --------------------------------------------------------------------------------------
 
 FAILING = {"validation": {"type": "regex", "pattern": "NEVER-MATCHES"}, "max_retries": 1}

@@ -1,5 +1,5 @@
 """bridge-plan-schema.json: it is a valid draft 2020-12 schema, it accepts the
-documented plans, rejects the broken ones, and agrees with plan-format.md's tables
+documented plans, rejects the broken ones, and agrees with the first contract's field tables
 (copied here as literals: the tests never read the docs)."""
 
 import copy
@@ -15,7 +15,7 @@ FIXTURE_PLAN = Path(__file__).parent / "data" / "doobidoo-12.2.0-store.plan.json
 
 VALIDATOR = Draft202012Validator(SCHEMA)
 
-# The example of plan-format.md, verbatim.
+# The first contract's example plan (the original script's format), verbatim.
 DOC_EXAMPLE = json.loads(r"""
 {
   "$schema": "bridge-plan-v1",
@@ -145,6 +145,11 @@ INVALID = {
     "verify without run": _with(verify={"timeout_s": 5}),
     "verify with an unknown key": _with(verify={"run": ["true"], "shell": True}),
     "verify run as a string": _with(verify={"run": "make test"}),
+    # strict by default (issue 24): a misspelt key is an error, not silently dropped
+    "unknown top-level key": _with(rollback_stratgy="revert_files"),
+    "unknown key in context": _context(projct="/home/me/src/blog"),
+    "unknown key in step": _step(file_ouput="blog/slug.py"),
+    "x_ key (underscore) in step": _step(x_note="the prefix is x-"),
 }
 
 
@@ -157,9 +162,9 @@ VALID = {
     "200 steps": _with(steps=_steps(200)),
     "id of 128 chars": _with(id="a" * 128),
     "id with . _ : -": _with(id="A1.b_c:d-e"),
-    "unknown top-level key": _with(x_original_script_field={"anything": 1}),
-    "unknown key in context": _context(notes="kept for the planner"),
-    "unknown key in step": _step(x_note="ignored"),
+    "x- key at the top level": _with(**{"x-original-script-field": {"anything": 1}}),
+    "x- key in context": _context(**{"x-notes": "kept for the planner"}),
+    "x- key in step": _step(**{"x-note": "ignored"}),
     "windows drive project": _context(project="C:\\src\\blog"),
     "windows drive project, slash": _context(project="c:/src/blog"),
     "UNC project": _context(project="\\\\server\\share\\blog"),
@@ -195,20 +200,25 @@ def test_valid_plan_is_accepted(plan):
     assert errors(plan) == []
 
 
-# plan-format.md's tables, copied.
+# The first contract's field tables, copied (the README lists the same fields).
 DOC_PLAN_FIELDS = {"$schema", "id", "status", "context", "steps", "rollback_strategy",
                    "defaults", "created_by", "verify"}
 DOC_VERIFY_FIELDS = {"run", "timeout_s"}
 DOC_CONTEXT_FIELDS = {"objective", "project", "files_context"}
 # thinking: new with issue 22 (README "Small local models": thinking models)
 DOC_DEFAULTS_FIELDS = {"model", "temperature", "max_tokens", "system", "timeout_s", "thinking"}
+# Fields of the original script's own schema (examples/scripts/bridge-plan-schema.json of the
+# Claude Code Ultimate Guide: steps required type and description; context had constraints),
+# which bridge accepts and never interprets, so the plans written for it stay valid.
+ORIGINAL_STEP_FIELDS = {"type", "description"}
+ORIGINAL_CONTEXT_FIELDS = {"constraints"}
 DOC_STEP_FIELDS = {"id", "prompt", "title", "depends_on", "validation", "max_retries",
                    "on_failure", "file_output", "system", "temperature", "max_tokens",
                    "model", "timeout_s", "thinking"}
 DOC_VALIDATION_TYPES = {"non_empty", "json", "contains_keys", "syntax_check",
                         "json_schema", "regex", "command"}
 DOC_VALIDATION_FIELDS = {"type", "keys", "language", "schema", "pattern", "run", "timeout_s",
-                         "grounded"}     # grounded: issue 25, after plan-format.md was written
+                         "grounded"}     # grounded: issue 25, after the first contract
 DOC_COMMAND_MAX_TIMEOUT_S = 3600
 DOC_SYNTAX_LANGUAGES = {"python", "json", "toml"}
 DOC_ON_FAILURE = {"retry_with_context", "skip", "halt"}
@@ -224,9 +234,9 @@ def test_schema_agrees_with_doc_tables():
 
     assert set(plan_props) == DOC_PLAN_FIELDS
     assert set(SCHEMA["required"]) == {"$schema", "id", "status", "steps"}
-    assert set(defs["context"]["properties"]) == DOC_CONTEXT_FIELDS
+    assert set(defs["context"]["properties"]) == DOC_CONTEXT_FIELDS | ORIGINAL_CONTEXT_FIELDS
     assert set(defs["model_params"]["properties"]) == DOC_DEFAULTS_FIELDS
-    assert set(step_props) == DOC_STEP_FIELDS
+    assert set(step_props) == DOC_STEP_FIELDS | ORIGINAL_STEP_FIELDS
     assert set(defs["step"]["required"]) == {"id", "prompt"}
     assert set(validation_props) == DOC_VALIDATION_FIELDS
     assert set(validation_props["type"]["enum"]) == DOC_VALIDATION_TYPES

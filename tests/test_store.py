@@ -2,7 +2,7 @@
 and lookup, a plan's state in its metadata, the result memory, claims, concurrency
 hygiene and where the store file is looked for.
 
-Original defects 6-10 (the store section of original-defects.md) each have a test here.
+Original defects 6-10 (the original script's store defects) each have a test here.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def error_lines(err: str) -> list[str]:
 
 
 def assert_result_row(row: dict, *, plan_id: str, state: dict, base_url: str, layout: str) -> dict:
-    """Check one result memory against plan-format.md and the store rules; return its document."""
+    """Check one result memory against the README (What bridge writes into the store) and
+    the store rules; return its document."""
     assert type_of(row) == "tool_outcome"
     assert tags_of(row) == ["bridge-result", f"plan:{plan_id.lower()}"]
     doc = result_document(row["content"])

@@ -1,6 +1,6 @@
 """Room 7 of bridge.py, output validation: strip_think, find_fences, extract_code,
 parse_json_output, check_output and describe_validation, the six validation types of
-plan-format.md, and original defects 16 and 17. Pure function tests: no server, no store."""
+the README, and original defects 16 and 17. Pure function tests: no server, no store."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PROPERTY = settings(max_examples=200, deadline=None)
 
 FENCE = "`" * 3  # written out once so the literals below stay readable
 
-# The validation objects every type is exercised with (plan-format.md's table).
+# The validation objects every type is exercised with (the README's validation types).
 ALL_VALIDATIONS = [
     {"type": "non_empty"},
     {"type": "json"},
@@ -568,7 +568,7 @@ _NOT_THINK_END = st.text().filter(lambda s: "</think>" not in s)
 @given(thought=_NOT_THINK_END, rest=st.text())
 def test_strip_think_of_a_leading_block_equals_strip_think_of_the_rest(thought, rest):
     # strip_think also eats the whitespace after the block, so `rest` must not start
-    # with whitespace for the two sides to agree (plan-format.md: the block is "removed").
+    # with whitespace for the two sides to agree (README: the block is "removed").
     assume(not re.match(r"\s", rest))
     assert bridge.strip_think(f"<think>{thought}</think>" + rest) == bridge.strip_think(rest)
 
