@@ -40,20 +40,24 @@ Usage (one action at most; no action runs every pending plan):
   up to --max-cost-usd US dollars a run. A plan outside a trusted project waits for
   --approve or --trust.
   Settings, each with its variable below (bridge --help gives the defaults): --db,
-  --base-url, --model, --timeout, --retries, --max-retries, --retry-delay,
-  --max-output-bytes, --no-structured, --parallel, --context-length, --retry-sampling,
-  --escalate-to, --anthropic-base-url, --price-model, --state-dir, --keep-runs, --memory-url,
-  --allow-executor, --max-cost-usd, --pass-env; also -v/--verbose, -q/--quiet, --json,
-  --debug, --version, and with their action --all, --rerun, --resume, --run, --force,
-  --replace. Check commands get no credential of your environment but --pass-env's;
-  secrets of bridge's environment are redacted from all it stores or prints. A plan
-  only narrows your limits: its timeout_s and max_retries count where they are lower.
+  --base-url, --api-key, --ollama-api, --model, --timeout, --retries, --max-retries,
+  --retry-delay, --max-output-bytes, --no-structured, --parallel, --context-length,
+  --retry-sampling, --escalate-to, --anthropic-base-url, --price-model, --state-dir,
+  --keep-runs, --memory-url, --allow-executor, --max-cost-usd, --pass-env; also
+  -v/--verbose, -q/--quiet, --json, --debug, --version, and with their action --all,
+  --rerun, --resume, --run, --force, --replace. Check commands get no credential of
+  your environment but --pass-env's; secrets of bridge's environment are redacted from
+  all it stores or prints. A plan only narrows your limits: its timeout_s and
+  max_retries count where they are lower.
 
 Exit codes:
     0    success, or nothing to do (plans awaiting approval are not failures)
     1    a plan failed (its result memory says why)
     2    usage, configuration, store or server unusable: said before any plan is
-         claimed, except when the store cannot be written as a run finishes: its
+         claimed, or once when the server fails mid-run (a refused key, no such model,
+         gone past its retries): the plans not started stay pending, the plan it cut
+         stays pending when nothing of it was done, else is left to --resume; or when
+         the store cannot be written as a run finishes: its
          result is not stored, the plan stays in_progress (stale once bridge exits)
          with its files and backups kept, bridge --show ID says how to --resume or
          --rerun it, and the other plans still run; --undo refusing (a file changed
@@ -65,6 +69,8 @@ Environment (a flag wins over its variable):
     BRIDGE_DB, MCP_MEMORY_SQLITE_PATH, MCP_MEMORY_BASE_DIR   the store file (then the
         memory server's default under HOME, or LOCALAPPDATA on Windows)
     BRIDGE_BASE_URL, BRIDGE_MODEL, BRIDGE_TIMEOUT             the model server
+    BRIDGE_API_KEY               its key (--api-key), sent to it alone, never printed
+    BRIDGE_OLLAMA_API            on Ollama: native (/api/chat, num_ctx set) or openai
     BRIDGE_RETRIES, BRIDGE_RETRY_DELAY, BRIDGE_MAX_OUTPUT_BYTES   its requests
     BRIDGE_MAX_RETRIES           the most further attempts a step gets (--max-retries)
     BRIDGE_PARALLEL, BRIDGE_CONTEXT_LENGTH    steps at once; the model's context (tokens)
@@ -73,7 +79,8 @@ Environment (a flag wins over its variable):
     BRIDGE_ESCALATE_TO           one more attempt on this model (--escalate-to)
     BRIDGE_PRICE_MODEL           whose prices value the tokens (--price-model)
     ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY     the anthropic: executor
-    BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli: comma-separated (--allow-executor)
+    BRIDGE_ALLOW_EXECUTORS       anthropic, claude-cli, ollama-cloud: comma-separated
+                                 (--allow-executor)
     BRIDGE_PASS_ENV              credential variables check commands get all the same,
                                  comma-separated (--pass-env); by default they get none
     BRIDGE_MAX_COST_USD          the spend cap of one run (--max-cost-usd; default 0.50)
@@ -151,6 +158,13 @@ SCHEMA_ID = "bridge-plan-v1"
 SCHEMA_FILENAME = "bridge-plan-schema.json"
 
 DEFAULT_BASE_URL = "http://localhost:1234/v1"   # LM Studio's server
+# Where local servers listen by default, tried in this order when no base URL is set
+# (discover_server), loopback only: LM Studio 1234 (lmstudio docs), Ollama 11434
+# (docs/api.md), llama-server 8080 and its announced 9931 (llama.cpp PR #26508), vLLM
+# and llama-cpp-python 8000 (which mcp-memory-service's hooks also use for its own
+# HTTP server: claude-hooks/scripts/ensure-server.js), each with the base URL it takes.
+DEFAULT_SERVER_PORTS = ((1234, "/v1"), (11434, ""), (8080, "/v1"), (9931, "/v1"), (8000, "/v1"))
+DISCOVER_TIMEOUT_S = 0.5               # a default port is given this long to connect and answer
 DEFAULT_TIMEOUT_S = 300.0        # a JIT model load can hold the first byte this long
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 4              # transport retries of one request (429, 5xx, refused)
@@ -307,8 +321,27 @@ EXIT_INTERRUPTED = 130
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
+# Ollama: which of its APIs steps go through (--ollama-api). "native" is /api/chat, which
+# takes options.num_ctx; its OpenAI endpoint cannot set the context and cuts an over-long
+# prompt silently (docs/api/openai-compatibility.mdx; llm/llama_server.go).
+OLLAMA_APIS = ("native", "openai")
+# A stream llama-cpp-python cut to serve another request (LLMContention) is sent again
+# after each of these waits in turn (seconds, with jitter; about 30 s in all), then the
+# attempt fails as the server's error.
+CONTENTION_WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+# The num_ctx a run asks of Ollama: enough for the largest first prompt of the plans it
+# runs plus its answer and this much more, in steps of OLLAMA_NUM_CTX_STEP, at least
+# OLLAMA_MIN_NUM_CTX, never past the model's trained context. One value per run:
+# changing num_ctx between requests reloads the model (aider#4687).
+OLLAMA_MIN_NUM_CTX = 8192
+OLLAMA_NUM_CTX_STEP = 2048
+OLLAMA_NUM_CTX_SLACK = 1024
+OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
+
 # Paid or agentic executors run only when the user allowed them (--allow-executor).
-PAID_EXECUTORS = ("anthropic", "claude-cli")
+# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
+# docs/cloud.mdx), where the project's files would go.
+PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -389,7 +422,10 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 
 _CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
     "base_url": DEFAULT_BASE_URL,
+    "base_url_given": True,             # False: neither --base-url nor BRIDGE_BASE_URL (discovered)
     "model": None,                      # str | None
+    "ollama_api": "native",             # one of OLLAMA_APIS
+    "api_key": None,                    # str | None: the model server's key (never shown or stored)
     "timeout_s": DEFAULT_TIMEOUT_S,
     "state_dir": ".",                   # str | Path
     "retries": DEFAULT_RETRIES,
@@ -437,7 +473,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
     JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
     RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
     reports, else 1). context_length: the model's context in tokens (None: what
-    the server reports, else unknown). price_model: the Claude model whose prices
+    the server reports, else unknown). api_key: the model server's bearer token
+    (--api-key, BRIDGE_API_KEY), sent to that server only. ollama_api: on
+    Ollama, run steps through its native /api/chat or its OpenAI endpoint
+    (OLLAMA_APIS). price_model: the Claude model whose prices
     value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
     run as JSON events on stdout. anthropic_base_url, anthropic_api_key: the
     anthropic: executor. escalate_to: the model reference a failed step gets one
@@ -488,7 +527,10 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #         ├── LLMTimeout        no byte within --timeout (transient)
 #         │    └── LLMDeadline  the request's overall deadline passed (not transient)
 #         ├── LLMHTTPError      an HTTP error status (transient for 429 and 5xx)
-#         └── LLMProtocolError  a body or stream that is not chat completions
+#         ├── LLMProtocolError  a body or stream that is not chat completions
+#         ├── LLMContention     a stream the server ended to serve another request
+#         └── LLMServerUnusable the server, not the step: a refused key, no such
+#                               model, down; stops the run once (exit 2)
 ###############################################################################
 
 
@@ -634,6 +676,25 @@ class LLMHTTPError(LLMError):
 
 class LLMProtocolError(LLMError):
     """The reply was not a chat completion: bad JSON, no choices, a cut stream."""
+
+
+class LLMContention(LLMError):
+    """The server ended a stream to serve another request (llama-cpp-python, unless
+    started with --interrupt_requests False: llama_cpp/server/app.py sends [DONE]
+    with no finish_reason). Not the step's failure: the runner sends it again after a
+    backoff (CONTENTION_WAITS_S)."""
+
+
+class LLMServerUnusable(LLMError):
+    """A failure of the model server itself, not of the step sent: a key refused
+    (401/403), no model loaded, the model not there or unable to chat or to load,
+    the server gone past its retries. Every later request would fail the same way,
+    so the run stops once (exit 2): the plans not started stay pending, the plan it
+    cut is left to --resume. status: the HTTP status, or None."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int | None = None):
+        super().__init__(message, hint)
+        self.status = status
 
 
 ###############################################################################
@@ -843,6 +904,8 @@ def secret_env_name(name: str) -> bool:
     """True when an environment variable's name says its value is a secret
     (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
     upper = name.upper()
+    if upper == "BRIDGE_API_KEY":       # the model server's key (--api-key): a secret
+        return True
     if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names, never holds)
         return False
     return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
@@ -2473,6 +2536,17 @@ class Store:
             return True
         return self._write(work)
 
+    def release(self, record: PlanRecord, run_id: str) -> bool:
+        """Put a plan this run claimed back to pending, as if never claimed (a run the
+        model server stopped before it did anything); False if the run no longer owns it."""
+        def work() -> bool:
+            if self.reload(record).state.get("run_id") != run_id:
+                return False
+            self._set_state(record, {"status": "pending", "run_id": None, "claimed_at": None,
+                                     "heartbeat_at": None, "owner": None, "resumed_from": None})
+            return True
+        return self._write(work)
+
     def finish(self, record: PlanRecord, result: dict, memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
         """Store the run's result memory and record the plan's final state; return the
@@ -3360,8 +3434,17 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return entry.get("project") == pinned
 
 
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
 def _executor_of(ref: str) -> str:
-    return parse_model_ref(ref)[0]
+    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
+    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
+    kind, name = parse_model_ref(ref)
+    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
 
 
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
@@ -3577,6 +3660,51 @@ def _is_context_overflow(message: str) -> bool:
     return any(marker in lower for marker in _OVERFLOW_MARKERS)
 
 
+# Server-level failures (LLMServerUnusable), by what the server says: (pattern of its
+# message, lower case; the hint, formatted with the model name the message quotes).
+SERVER_FAULTS = (
+    # LM Studio with JIT off or failing: 404 "No models loaded. Please load a model in the
+    # developer page or use the 'lms load' command." (lmstudio-ai/lms#107, bug tracker #1730)
+    (r"no models loaded", "load one: lms load KEY (LM Studio's Developer page), or pass --model"),
+    # Ollama: 404 `model "x" not found, try pulling it first` (ollama server/routes.go)
+    (r"model [\"']?([^\"'\s]*)[\"']? not found, try pulling it first", "ollama pull {0}, or pick "
+     "another with --model (bridge --health lists them)"),
+    # Ollama: 400 `"x" does not support chat` for an embedding model (ollama server/routes.go)
+    (r"[\"']?([^\"'\s]*)[\"']? does not support chat",
+     "{0} is not a chat model; pick one with --model (bridge --health lists the chat models)"),
+    # LM Studio: 404 `Failed to load model "X". Error: … insufficient system resources`
+    # (agent-zero#215), 400 "… Operation canceled" (crush#2546)
+    (r"failed to load model [\"']?([^\"'\s]*)", "free memory, or load it yourself with a smaller "
+     "context: lms load {0} --context-length 8192"),
+    # LM Studio with two or more models loaded: 404 model_not_found (lmstudio-bug-tracker#619)
+    (r"model [\"']?([^\"'\s]*)[\"']? not found",
+     "load it (lms load {0}) or pass --model with one the server has (bridge --health lists them)"),
+)
+
+
+def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] | None:
+    """Return (what, hint) when an HTTP error is about the model server, not the step
+    (see LLMServerUnusable), else None. status: the HTTP status; message: the
+    server's own (_error_message); key_given: a key was sent (--api-key or
+    BRIDGE_API_KEY). 401/403: LM Studio's "Require Authentication" (invalid_api_key:
+    opencode-lmstudio#41), llama-server and vLLM --api-key."""
+    if status in (401, 403):
+        if key_given:
+            return ("the model server refused the key", "set BRIDGE_API_KEY (or --api-key) to the "
+                    "key the server expects (LM Studio: Developer > Server settings)")
+        return ("the model server wants a key", "set BRIDGE_API_KEY (or pass --api-key) to its key "
+                "(LM Studio: Developer > Server settings > Require Authentication)")
+    if status not in (400, 404, 500):
+        return None
+    for pattern, hint in SERVER_FAULTS:
+        if found := re.search(pattern, message.lower()):
+            name = re.search(pattern, message, re.IGNORECASE)
+            groups = name.groups() if name else found.groups()
+            return ("the model server cannot run the model",
+                    hint.format(*(g or "MODEL" for g in groups)))
+    return None
+
+
 def _retry_after_s(value: str | None) -> float | None:
     """Parse a Retry-After header (seconds or an HTTP date) into seconds, or None."""
     if not value:
@@ -3710,6 +3838,22 @@ def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, st
         yield event, "\n".join(data)
 
 
+def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
+    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API).
+    Raises LLMProtocolError when more than max_bytes arrive without a line break."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > max_bytes and b"\n" not in buffer:
+            raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            if raw.strip():
+                yield raw.decode("utf-8", "replace")
+    if buffer.strip():
+        yield buffer.decode("utf-8", "replace")
+
+
 class BoundedResponse:
     """An httpx streaming response read within bounds: iter_bytes() raises
     LLMDeadline once the request's deadline (time.monotonic() seconds) has passed,
@@ -3768,6 +3912,7 @@ FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
 # Sampling fields beyond OpenAI's (temperature, seed) that each kind of server takes
 # (ServerInfo.kind); bridge sends them only there (see LLMClient.accepted_sampling).
 SAMPLING_FIELDS = {
+    "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile)
     "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
     "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
     "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
@@ -3873,8 +4018,10 @@ class HTTPExecutor:
             with self.http.stream("GET", url) as raw:
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
                 if response.status_code >= 400:
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: "
-                                       f"{_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))}"
+                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
+                    message = self._scrub(_error_message(body))
+                    self._raise_fault(url, response.status_code, message)
+                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}"
                                        + missing_v1_hint(self.base_url, response.status_code),
                                        response.status_code)
                 # a --max-output-bytes lowered for replies must not break the probe
@@ -3887,18 +4034,34 @@ class HTTPExecutor:
         except ValueError as exc:
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
+    def _scrub(self, text: str) -> str:
+        """Return a server's message without the key this client sends (a server may echo it)."""
+        return text
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        """Raise LLMServerUnusable when an HTTP error is about the server, not the request
+        (the local client: server_fault); here, nothing is."""
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """Return the error a request raises once its retries are spent on exc."""
+        return exc
+
     def _send_with_retries(self, payload: dict, timeout_s: float | None,
                            on_delta: Callable[[str], None] | None,
                            on_reasoning: Callable[[str], None] | None = None) -> Completion:
-        deadline = time.monotonic() + RETRY_BUDGET_S
+        started = time.monotonic()
+        deadline = started + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
             received: list[str] = []
             try:
                 return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
             except LLMError as exc:
+                if exc.transient and not received and retry == self.config.retries:
+                    raise self._gave_up(exc, started, retry) from exc
                 if not exc.transient or received or retry == self.config.retries \
+                        or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
-                    raise
+                    raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
                 delay = exc.retry_after_s
                 if delay is None:
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
@@ -3908,7 +4071,7 @@ class HTTPExecutor:
                 if time.monotonic() + delay > deadline:
                     exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
                                 f"{RETRY_BUDGET_S:.0f} s retry budget)",)
-                    raise exc
+                    raise self._gave_up(exc, started, retry) from exc
                 self._on_retry(f"{exc}; retry {retry + 1}/{self.config.retries} in {delay:.1f} s")
                 self._sleep(delay)
         raise AssertionError("unreachable")
@@ -3952,7 +4115,9 @@ class HTTPExecutor:
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    message = _error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True))
+                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
+                    message = self._scrub(_error_message(body))
+                    self._raise_fault(url, response.status_code, message)
                     raise LLMHTTPError(
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
@@ -3994,14 +4159,43 @@ class LLMClient(HTTPExecutor):
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
-        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry)
+        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
+        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
+        key = config.api_key
+        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
+                         headers={"Authorization": f"Bearer {key}"} if key else None)
         # index into RESPONSE_FORMS of the first form this server has not refused
         self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
         self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
+        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
+        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
+        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
         self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
         self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
         # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
         self.unconstrained: dict[str, str] = {}
+
+    def _scrub(self, text: str) -> str:
+        key = self.config.api_key
+        return text.replace(key, "[the key]") if key else text
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        fault = server_fault(status, message, bool(self.config.api_key))
+        if fault is not None:
+            what, hint = fault
+            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
+                                    status)
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """A server still unreachable after the request's retries is gone for the run
+        (LLMServerUnusable), said with how long bridge waited for it."""
+        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
+            return exc
+        waited = time.monotonic() - started
+        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
+                                 f"{waited:.0f} s over {retries} retries "
+                                 "(--retries, --retry-delay)",
+                                 "start it again, then run bridge again")
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -4017,6 +4211,213 @@ class LLMClient(HTTPExecutor):
         except (LLMHTTPError, LLMProtocolError):
             return None
 
+    def count_tokens(self, messages: list[dict]) -> int | None:
+        """Count messages' tokens with the server's own tokenizer where it offers one:
+        llama-cpp-python POST /extras/tokenize/count {"input"} -> {"count"}
+        (llama_cpp/server/app.py), llama.cpp POST /tokenize {"content"} -> {"tokens"}
+        (tools/server/README.md); plus 5 a message for the chat template, as
+        estimate_tokens adds. None elsewhere, or when the route fails (not asked again)."""
+        if self.server_kind not in ("llama-cpp-python", "llama.cpp") or self.tokenizer_refused:
+            return None
+        text = "\n".join(m["content"] for m in messages)
+        root = self.base_url.removesuffix("/v1")
+        try:
+            if self.server_kind == "llama-cpp-python":
+                found = self._post_json(f"{root}/extras/tokenize/count", {"input": text})
+                count = found.get("count") if isinstance(found, dict) else None
+            else:
+                found = self._post_json(f"{root}/tokenize", {"content": text})
+                tokens = found.get("tokens") if isinstance(found, dict) else None
+                count = len(tokens) if isinstance(tokens, list) else None
+        except LLMError:
+            count = None
+        if _positive(count) is None:
+            self.tokenizer_refused = True
+            return None
+        return count + 5 * len(messages) + 3
+
+    @property
+    def cuts_prompts(self) -> bool:
+        """Whether this server may cut a prompt that does not fit and answer all the
+        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
+        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        return not self.native
+
+    def _post_json(self, url: str, body: dict) -> Any:
+        """POST body as JSON to url; return the JSON reply, or None when the route
+        refuses or answers something else (an Ollama probe). Raises LLMError when the
+        server cannot be reached."""
+        import httpx
+
+        limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
+        try:
+            with self.http.stream("POST", url, json=body,
+                                  timeout=min(self.config.timeout_s, 30.0)) as raw:
+                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
+                                           limit)
+                if response.status_code >= 400:
+                    return None
+                content = response.read(DEFAULT_MAX_OUTPUT_BYTES)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, url) from exc
+        except LLMProtocolError:        # past the bound: not an answer to use
+            return None
+        try:
+            return load_reply(content)
+        except ValueError:
+            return None
+
+    def _lmstudio_models(self, models: list[str], entries: list[dict]) -> "ServerInfo":
+        """Read LM Studio 0.4's GET /api/v1/models (lmstudio docs 1_developer/2_rest/
+        list.md): only type "llm" and "vlm" entries are chat models (an "embedding"
+        one loaded for RAG is refused); --model matches an entry's key or any loaded
+        instance's id; the context and parallel slots are that instance's config. With
+        nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
+        first request), else a problem listing the LLMs."""
+        chat = [e for e in entries     # an entry saying no type is taken for an LLM
+                if e.get("type", "llm") in ("llm", "vlm") and isinstance(e.get("key"), str)]
+        refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
+                        for e in entries
+                        if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
+        wanted = self.config.model
+        if wanted and parse_model_ref(wanted)[0] == "openai":
+            wanted = parse_model_ref(wanted)[1]
+        else:
+            wanted = None
+
+        def instances(entry: dict) -> list[dict]:
+            found = entry.get("loaded_instances")
+            return [i for i in found if isinstance(i, dict)] if isinstance(found, list) else []
+        for entry in chat:
+            trained = _positive(entry.get("max_context_length"))
+            for instance in instances(entry):
+                if wanted is None or wanted in (entry["key"], instance.get("id")):
+                    config = instance.get("config")
+                    config = config if isinstance(config, dict) else {}
+                    why = "--model" if wanted else "loaded: LM Studio /api/v1/models"
+                    return ServerInfo("LM Studio", models, reply_label(wanted or entry["key"]),
+                                      _positive(config.get("context_length")),
+                                      _positive(config.get("parallel")), None, why, refused,
+                                      None, trained)
+        if wanted is not None:      # not loaded: the first request loads it (JIT), then re-read
+            return ServerInfo("LM Studio", models, None, None, None, None,
+                              "--model, not loaded yet: LM Studio loads it on the first request",
+                              refused)
+        if not chat:                # nothing bridge can read as an LLM: --model decides
+            return ServerInfo("LM Studio", models, None, None, None, None, None, refused)
+        if len(chat) == 1:
+            return ServerInfo("LM Studio", models, reply_label(chat[0]["key"]), None, None, None,
+                              "the only LLM downloaded; LM Studio loads it on the first request",
+                              refused, None, _positive(chat[0].get("max_context_length")))
+        listed = ", ".join(e["key"] for e in chat[:8]) or "none"
+        return ServerInfo("LM Studio", models, None, None, None, None, None, refused,
+                          (f"LM Studio has no model loaded and {len(chat)} LLMs downloaded "
+                           f"({listed})", "load one (lms load KEY) or pass --model KEY"))
+
+    def _ollama_probe(self, root: str) -> "ServerInfo | None":
+        """Return what an Ollama server runs, or None when root is not Ollama.
+
+        Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
+        is running"). The model: --model (pulled, able to chat, not a cloud model), else
+        the first of /api/ps (loaded) that can chat, else the only chat model pulled.
+        Refused, with the reason: models whose /api/show capabilities lack
+        "completion" (embedding models), and cloud models (a *-cloud name or
+        /api/tags remote_host: they run on ollama.com, docs/cloud.mdx). Context:
+        /api/ps context_length (as loaded), /api/show model_info["<arch>.context_length"]
+        (trained). With the native API (--ollama-api native, the default) steps go
+        to /api/chat; else to /v1/chat/completions."""
+        version = self._try_json(f"{root}/api/version")
+        tags = self._try_json(f"{root}/api/tags") if isinstance(version, dict) else None
+        if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
+                or not isinstance(version.get("version"), str):
+            return None
+        def named(found: Any) -> dict[str, dict]:
+            found = found.get("models") if isinstance(found, dict) else None
+            return {m["name"]: m for m in found if isinstance(m, dict)
+                    and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
+        pulled, running = named(tags), named(self._try_json(f"{root}/api/ps"))
+        shown: dict[str, dict] = {}
+        refused: list[tuple[str, str]] = []
+
+        def show(name: str) -> dict:
+            if name not in shown:
+                info = self._post_json(f"{root}/api/show", {"model": name}) \
+                    if len(shown) < OLLAMA_SHOW_MAX else None
+                shown[name] = info if isinstance(info, dict) else {}
+            return shown[name]
+
+        def cloud(name: str) -> bool:
+            if "ollama-cloud" in self.config.allowed_executors:
+                return False            # allowed by the user (--allow-executor ollama-cloud)
+            remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
+            return is_cloud_model(name) or bool(remote)
+
+        def refusal(name: str) -> str | None:
+            if cloud(name):
+                return ("a cloud model: it runs on ollama.com, and the project's files would "
+                        "leave this machine")
+            caps = show(name).get("capabilities")
+            if isinstance(caps, list) and "completion" not in caps:
+                return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
+            return None
+
+        chosen = why = problem = None
+        wanted = self.config.model
+        if wanted and parse_model_ref(wanted)[0] == "openai":
+            wanted = parse_model_ref(wanted)[1]
+            name = next((n for n in (wanted, f"{wanted}:latest")
+                         if n in pulled or n in running), None)
+            if name is None:
+                problem = (f"model {wanted!r} is not pulled on this Ollama",
+                           f"ollama pull {wanted}")
+            elif reason := refusal(name):
+                refused.append((name, reason))
+                problem = (f"--model {name} is {reason}", "pick a local chat model with --model "
+                           "(bridge --health lists them)")
+            else:
+                chosen, why = name, "--model"
+        else:
+            for name in running:
+                if reason := refusal(name):
+                    refused.append((name, reason))
+                elif chosen is None:
+                    chosen, why = name, "loaded: Ollama /api/ps"
+            if chosen is None:
+                chat = []
+                for name in pulled:
+                    if name in running:
+                        continue
+                    if reason := refusal(name):
+                        refused.append((name, reason))
+                    else:
+                        chat.append(name)
+                if len(chat) == 1:
+                    chosen, why = chat[0], "the only chat model pulled (none is loaded)"
+                elif not chat:
+                    problem = ("this Ollama has no local chat model",
+                               "pull one: ollama pull llama3.1:8b")
+                else:
+                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: "
+                               f"{', '.join(chat[:8])}",
+                               "pick one with --model NAME (or load one: ollama run NAME)")
+        listed = {name for name, _ in refused}
+        for name in pulled:     # cloud models say so without a question to the server
+            if name not in listed and cloud(name):
+                refused.append((name, refusal(name)))
+        trained = loaded_context = None
+        if chosen is not None:
+            info = show(chosen).get("model_info")
+            if isinstance(info, dict):
+                trained = next((_positive(v) for k, v in info.items() if isinstance(k, str)
+                                and k.endswith(".context_length") and _positive(v)), None)
+            loaded_context = _positive((running.get(chosen) or {}).get("context_length"))
+        self.native = self.config.ollama_api == "native"
+        self.base_url = root if self.native else f"{root}/v1"
+        self.CHAT_PATH = "/api/chat" if self.native else LLMClient.CHAT_PATH
+        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None,
+                          version["version"], why,
+                          tuple(refused), problem, trained)
+
     def probe(self) -> "ServerInfo":
         """Ask the server what it runs: models, the loaded one, its effective context
         length (tokens) and how many requests it serves at once.
@@ -4028,23 +4429,18 @@ class LLMClient(HTTPExecutor):
         n_ctx, total_slots; tools/server/README.md); llama-cpp-python's /v1/models
         (owned_by "me"; llama_cpp/server/app.py); vLLM's max_model_len in
         /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
-        when the server cannot be reached.
+        when the server cannot be reached. Ollama is asked first (_ollama_probe).
         """
+        ollama = self._ollama_probe(self.base_url.removesuffix("/v1"))
+        if ollama is not None:
+            return ollama
         entries = self._model_entries()
         models = [m["id"] for m in entries]
         first = models[0] if models else None
         root = self.base_url.removesuffix("/v1")
         v1 = self._try_json(f"{root}/api/v1/models")
         if isinstance(v1, dict) and isinstance(v1.get("models"), list):
-            for entry in v1["models"]:
-                instances = entry.get("loaded_instances") if isinstance(entry, dict) else None
-                if isinstance(instances, list) and instances and isinstance(instances[0], dict):
-                    config = instances[0].get("config")
-                    config = config if isinstance(config, dict) else {}     # odd shapes happen
-                    loaded = reply_label(entry.get("key")) or reply_label(instances[0].get("id"))
-                    return ServerInfo("LM Studio", models, loaded,
-                                      _positive(config.get("context_length")), _positive(config.get("parallel")))
-            return ServerInfo("LM Studio", models, None, None, None)
+            return self._lmstudio_models(models, [e for e in v1["models"] if isinstance(e, dict)])
         v0 = self._try_json(f"{root}/api/v0/models")
         if isinstance(v0, dict) and isinstance(v0.get("data"), list):
             for entry in v0["data"]:
@@ -4111,6 +4507,9 @@ class LLMClient(HTTPExecutor):
         A model given to drop_constraint goes without response_format. Raises
         LLMError (never an httpx exception) when the request finally fails.
         """
+        if self.native:
+            return self._chat_native(messages, model, temperature, max_tokens, timeout_s,
+                                     json_schema, on_delta, sampling or {}, thinking, on_reasoning)
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
         if temperature is not None:
@@ -4134,6 +4533,10 @@ class LLMClient(HTTPExecutor):
             try:
                 reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
                 return reply._replace(response_format=form and payload["response_format"]["type"])
+            except LLMProtocolError as exc:
+                if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
+                    self._overflow_check(payload, timeout_s)
+                raise
             except LLMHTTPError as exc:
                 if thinking == "off" and self._thinking_refused(exc, payload):
                     continue
@@ -4150,6 +4553,99 @@ class LLMClient(HTTPExecutor):
                 self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
                                f"({clip(str(exc), 160, 'message')}); trying the next form")
                 self.structured_level += 1
+
+    def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
+        """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
+        (the ValueError is raised inside the stream: llama_cpp/server/app.py); the same
+        request unstreamed, with max_tokens 1, gets its 400 context_length_exceeded
+        naming the tokens and the context (llama_cpp/server/errors.py). Raises that
+        LLMHTTPError; returns when the request is not over the context."""
+        once = {k: v for k, v in payload.items() if k != "stream_options"}
+        once.update(stream=False, max_tokens=1)
+        for _ in range(2):      # the cut stream's connection may be closed: again on a new one
+            try:
+                self._stream_once(once, timeout_s, None, [])
+            except LLMUnavailable:
+                continue
+            except LLMHTTPError as exc:
+                if exc.context_overflow:
+                    raise
+            except LLMError:
+                pass
+            return
+
+    def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
+                     max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
+                     on_delta: Callable[[str], None] | None, sampling: dict,
+                     thinking: str | None = None,
+                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
+        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
+        structured output through `format` (a JSON schema), and thinking "off" as
+        think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
+        options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
+        if temperature is not None:
+            options["temperature"] = temperature
+        if max_tokens is not None:
+            options["num_predict"] = max_tokens
+        options.update({k: v for k, v in self.accepted_sampling(sampling).items()
+                        if k not in ("temperature", "max_tokens")})
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                                   "options": options}
+        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS):
+            payload["format"] = json_schema
+        if thinking == "off":
+            payload["think"] = False
+        reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+        return reply._replace(response_format="format" if "format" in payload else None)
+
+    def _parse_ndjson(self, response: Any, url: str, started: float,
+                      on_delta: Callable[[str], None] | None, received: list[str],
+                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
+        false} lines, then done: true with done_reason, prompt_eval_count and eval_count
+        (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
+        on_reasoning, not the text. Held to --max-output-bytes like every reply."""
+        limit = self.config.max_output_bytes
+        size, model, finish, usage = 0, None, None, None
+        thought: list[str] = []
+        for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+            try:
+                chunk = load_reply(line)
+            except ValueError as exc:
+                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
+                                       f"{clip(line, 120, 'line')}") from exc
+            if not isinstance(chunk, dict):
+                raise LLMProtocolError(f"{url} streamed a line that is not an object")
+            if "error" in chunk:
+                message = self._scrub(_error_message(line.encode()))
+                self._raise_fault(url, 500, message)
+                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                                   context_overflow=_is_context_overflow(message))
+            model = reply_label(chunk.get("model")) or model
+            message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+            piece = reply_text(message.get("content"), "a line's message content", url)
+            thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
+            if thinking:
+                size = reply_size(size, thinking, limit)
+                thought.append(thinking)
+                if on_reasoning:
+                    on_reasoning(thinking)
+            if piece:
+                size = reply_size(size, piece, limit)
+                received.append(piece)
+                if on_delta:
+                    on_delta(piece)
+            if chunk.get("done") is True:
+                finish = reply_label(chunk.get("done_reason")) or "stop"
+                usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
+                                "completion_tokens": chunk.get("eval_count")})
+                break
+        if finish is None:
+            raise LLMProtocolError(f"the stream from {url} ended early, after "
+                                   f"{sum(map(len, received))} characters and no done line")
+        return Completion("".join(received), usage, model, finish, time.monotonic() - started,
+                          0.0, "".join(thought), len(thought))
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -4175,6 +4671,8 @@ class LLMClient(HTTPExecutor):
     def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
                received: list[str],
                on_reasoning: Callable[[str], None] | None = None) -> Completion:
+        if self.native:
+            return self._parse_ndjson(response, url, started, on_delta, received, on_reasoning)
         if "text/event-stream" not in response.headers.get("content-type", ""):
             return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
                                      url, started)
@@ -4248,8 +4746,14 @@ class LLMClient(HTTPExecutor):
                     if on_delta:
                         on_delta(piece)
         if not done and finish is None:
-            raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{sum(map(len, received))} characters and no finish_reason")
+            error = LLMProtocolError(f"the stream from {url} ended early, after "
+                                     f"{sum(map(len, received))} characters and no finish_reason")
+            error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
+            raise error
+        if finish is None and self.server_kind == "llama-cpp-python":
+            raise LLMContention(f"llama-cpp-python ended the stream from {url} after "
+                                f"{sum(map(len, received))} characters to serve another request",
+                                "start it with --interrupt_requests False so requests queue")
         if not received and not thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
@@ -4257,11 +4761,16 @@ class LLMClient(HTTPExecutor):
                           "".join(thought), tally.reasoning_pieces)
 
 
-class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel")):
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
+                                         "refused problem trained_context",
+                            defaults=(None, None, (), None, None))):
     """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
+    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
     or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said)."""
+    not said), parallel (requests it serves at once; None if not said). Ollama's
+    probe also gives: version (str), why (how loaded was picked), refused ((model,
+    reason) pairs it will not send steps to), problem ((what, hint) when no model
+    can be used, else None), trained_context (the model's trained maximum, tokens)."""
 
     __slots__ = ()
 
@@ -6396,6 +6905,38 @@ def estimate_tokens(messages: list[dict]) -> int:
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
+# A prompt the server counts as fewer than this share of bridge's estimate, and fewer by
+# at least PROMPT_CUT_MIN_TOKENS, was cut by the server. Real tokenizers give 3.5-4.5
+# characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
+# estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
+PROMPT_CUT_RATIO = 0.5
+# The most server tokens one estimated token may count for (Runner._calibrate): a
+# prompt of digits alone runs ~1 character a token, 3.5 times the estimate. Counts of
+# shorter prompts than CALIBRATE_MIN_TOKENS are not used (a chat template's own tokens
+# would weigh too much).
+MAX_CALIBRATION = 4.0
+CALIBRATE_MIN_TOKENS = 256
+PROMPT_CUT_MIN_TOKENS = 256
+
+
+def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
+    """Return why a reply was to a cut prompt, or None: the server's usage
+    ({"prompt_tokens", …}) counts far fewer prompt tokens than estimate_tokens of the
+    messages sent (PROMPT_CUT_RATIO, PROMPT_CUT_MIN_TOKENS). Ollama cuts an over-long
+    prompt silently and answers 200 (ollama#3839, #17889); the answer then never saw
+    the start of the prompt, whatever its check says."""
+    if not usage or not isinstance(usage.get("prompt_tokens"), int):
+        return None
+    seen, sent = usage["prompt_tokens"], estimate_tokens(messages)
+    if seen >= sent * PROMPT_CUT_RATIO or sent - seen < PROMPT_CUT_MIN_TOKENS:
+        return None
+    return (f"the server cut the prompt: it counted {seen} prompt tokens of the ~{sent} sent "
+            "(bridge's estimate), so the model never saw most of it; give the model a larger "
+            "context (Ollama: --base-url http://localhost:11434, whose native API sets num_ctx, "
+            "or OLLAMA_CONTEXT_LENGTH; LM Studio: lms load KEY --context-length N) and pass "
+            "--context-length so bridge fits prompts to it")
+
+
 def prompt_budget(step: Step, context_length: int | None) -> int | None:
     """Return the prompt tokens that fit for a step in a context of context_length
     tokens, or None when it is not known: the context less the answer's share
@@ -7088,6 +7629,8 @@ class StepScheduler:
                 continue
 
     def _blocked_reason(self, step: Step) -> str | None:
+        if self.cancel.is_set():            # the run stops (the model server failed): start nothing
+            return "not run: the run stopped"
         if self.halted_at is not None:
             return f"not run: step {self.halted_at} failed and halted the plan"
         for dep in step.depends_on:
@@ -7095,6 +7638,36 @@ class StepScheduler:
                 verb = "failed" if self.results[dep].status == "failed" else "was skipped"
                 return f"dependency {dep} {verb}"
         return None
+
+
+class ContextPool:
+    """The tokens of one context that the requests in flight share: llama.cpp's slots
+    with unified KV (its default, auto slots: each slot's n_ctx is the whole -c, one
+    pool; PR #16736, #23652) and LM Studio's parallel predictions (lms#565) run out of
+    it together, and llama.cpp then ends every slot with 500 "Context size has been
+    exceeded". capacity: the context (tokens). Thread-safe."""
+
+    def __init__(self, capacity: int):
+        import threading
+
+        self.capacity, self.used = capacity, 0
+        self._free = threading.Condition()
+
+    def acquire(self, tokens: int, cancel: Any) -> int:
+        """Wait until tokens (at most the whole capacity) are free, or cancel (a
+        threading.Event) is set; take them and return how many were taken."""
+        tokens = max(1, min(tokens, self.capacity))
+        with self._free:
+            while self.used + tokens > self.capacity and not cancel.is_set():
+                self._free.wait(0.1)
+            self.used += tokens
+        return tokens
+
+    def release(self, tokens: int) -> None:
+        """Give back tokens taken by acquire."""
+        with self._free:
+            self.used -= tokens
+            self._free.notify_all()
 
 
 ###############################################################################
@@ -7143,11 +7716,12 @@ class PlanRun:
     trusted project, else None for a scratch folder), kept (path -> what a
     succeeded step of this run wrote there), positions (step id -> its place in
     the order it started), cap_hit (--max-cost-usd was reached), sources (step id ->
-    its input as sent, the pieces build_messages gives: what a grounded answer copies)."""
+    its input as sent, the pieces build_messages gives: what a grounded answer copies),
+    halt (the LLMServerUnusable that stopped the run, or None)."""
 
     __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
                  "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
-                 "positions", "cap_hit", "sources")
+                 "positions", "cap_hit", "sources", "halt")
 
     def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
                  keep_finished: bool):
@@ -7167,6 +7741,7 @@ class PlanRun:
         self.positions: dict[int, int] = {}
         self.cap_hit = False
         self.sources: dict[int, list[str]] = {}
+        self.halt: LLMServerUnusable | None = None
 
     @property
     def staged(self) -> bool:
@@ -7242,6 +7817,15 @@ class Runner:
         self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
         self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
         self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
+        # LM Studio's model was not loaded when the run began (JIT): the first reply loads
+        # it, then the server is asked again for the context and slots it was loaded with
+        self.reprobe = False
+        self._contention_said = False       # a cut stream (LLMContention) was said once
+        self.pool: ContextPool | None = None    # the default model's context, shared in flight
+        self.calibration = 1.0      # the server's tokens per estimated token (_calibrate)
+        import threading
+
+        self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref):
@@ -7250,6 +7834,9 @@ class Runner:
         once. Raises LLMError when it cannot be used (not in config.allowed_executors,
         no key, no claude binary)."""
         kind, name = parse_model_ref(ref)
+        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
+            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
+                           "let it run with --allow-executor ollama-cloud")
         if kind == "openai":
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
@@ -7367,6 +7954,8 @@ class Runner:
             _stop_running(results, "the run's records could not be written")
             error = (f"cannot write the run's records in {run.run_dir}: {exc.strerror or exc} "
                      "(free some space, or make --state-dir writable)")
+        if run.halt is not None and interrupted is None:
+            self._halted(run)
         with shielded_signals(self.progress.error, for_good=interrupted is not None):
             result = self._close_run(run, error, verify, interrupted)
         if interrupted:
@@ -7405,6 +7994,26 @@ class Runner:
         if files is not None and self.config.keep_runs == 0 and not run.staged:
             files.discard()         # only now: a result that cannot be stored keeps the backups
         return result
+
+    def _halted(self, run: PlanRun) -> None:
+        """Leave a run the model server stopped (run.halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = run.record.plan_id, run.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in run.results.values())
+        if not done and not run.previous and not (files is not None and files.changes) \
+                and self.store.release(run.record, run.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint,
+                                run.halt.status)
 
     def _take_over(self, run: PlanRun) -> None:
         """Take over what a killed run (run.previous) left, and put back what it left half done.
@@ -7578,6 +8187,11 @@ class Runner:
         try:
             messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
                                       staged, run.sources[step.id])
+            if self._calibrate(result.model, messages, self.client.count_tokens(messages)
+                               if self.client is not None and result.model == self.model else None):
+                run.sources[step.id] = []           # fitted again, to the server's own count
+                messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
+                                          staged, run.sources[step.id])
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:
@@ -7677,14 +8291,34 @@ class Runner:
         its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
         see answer_tokens).
         """
-        return prompt_budget(step, self.context_length if model == self.model else None)
+        budget = prompt_budget(step, self.context_length if model == self.model else None)
+        return int(budget / self.calibration) if budget is not None else None
+
+    def _calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
+        """Learn how many of the server's tokens one estimated token is (calibration,
+        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
+        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
+        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
+        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        estimate = estimate_tokens(messages)
+        if model != self.model or not isinstance(counted, int) or self.context_length is None \
+                or estimate < CALIBRATE_MIN_TOKENS:
+            return False
+        ratio = min(counted / estimate, MAX_CALIBRATION)
+        if ratio <= self.calibration * 1.02:
+            return False
+        self.calibration = ratio
+        return True
 
     def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
         """Return the max_tokens of one request: answer_tokens, plus _reserve, capped by
-        the context the prompt leaves (estimate_tokens) when the model's context is known."""
+        the context the prompt leaves (estimate_tokens, times calibration) when the
+        model's context is known."""
         context = self.context_length if model == self.model else None
         limit = answer_tokens(step, context) + self._reserve(step, model)
-        return max(1, min(limit, context - estimate_tokens(messages))) if context else limit
+        if not context:
+            return limit
+        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
 
     def _reserve(self, step: Step, model: str) -> int:
         """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
@@ -7728,23 +8362,29 @@ class Runner:
             run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
                         f"{reserve} for thinking (the step asks for it, or the model thought "
                         "earlier in this run)")
-        attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-        attempt.thinking_guard = DegenerationGuard() if local else None
         on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
         extra = {"sampling": sampling, "thinking": thinking,
                  "on_reasoning": on_reasoning} if local else {}
         sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
             name not in executor.unconstrained
         schema = self._output_schema(run, step, attempt.number, sends)
-        try:
-            reply = executor.chat(attempt.messages, model=name, temperature=sampling.get("temperature"),
-                                  max_tokens=sampling.get("max_tokens"), timeout_s=step.timeout_s,
-                                  json_schema=redact(schema),     # grounded spans copy the input
-                                  on_delta=functools.partial(self._on_delta, run, step, attempt), **extra)
+        try:        # redact: grounded spans copy the input
+            reply = self._chat(run, step, attempt, executor, name, sampling, extra, redact(schema))
+        except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
+            result.generation_s += time.monotonic() - attempt.started
+            self._thought_cut(result, attempt)
+            run.runlog.checked(step.id, attempt.number, str(exc))
+            if run.halt is None:
+                run.halt = exc
+            run.cancel.set()
+            return AttemptFailure(str(exc), retryable=False)
         except LLMError as exc:
             result.generation_s += time.monotonic() - attempt.started
             self._thought_cut(result, attempt)
             run.runlog.checked(step.id, attempt.number, str(exc))
+            if exc.context_overflow and local and attempt.model == self.model \
+                    and self.context_length is None:
+                self._learn_context(str(exc))
             return AttemptFailure.from_request(exc)
         except OutputDegenerate as exc:
             result.generation_s += time.monotonic() - attempt.started
@@ -7752,6 +8392,8 @@ class Runner:
             return self._stopped(run, step, result, attempt, str(exc))
         result.generation_s += time.monotonic() - attempt.started
         reply = priced_reply(reply, attempt.messages, attempt.pieces + attempt.thought, name)
+        if local and self.reprobe:
+            self._reprobe(attempt.model)
         if paid:
             self._spend.add(reply.cost_usd or 0.0)
         if run.cancel.is_set():
@@ -7762,6 +8404,13 @@ class Runner:
             result.attempt_log[-1]["response_format"] = reply.response_format
         _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
         thought, answered = self._thought(run, step, result, attempt, reply, inline)
+        if local and executor.cuts_prompts and reply.usage:     # the steps after it fit better
+            self._calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
+        cut = prompt_cut(reply.usage, attempt.messages) if local and executor.cuts_prompts else None
+        if cut:         # the same prompt would be cut again: not retried
+            result.output = output
+            run.runlog.checked(step.id, attempt.number, cut)
+            return AttemptFailure(cut, retryable=False)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
             limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
@@ -7811,6 +8460,86 @@ class Runner:
             run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
                         f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
                         "rest of this run, still checked")
+
+    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
+              sampling: dict, extra: dict, schema: dict | None) -> Completion:
+        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
+        a stream the server cut for another request (LLMContention) is sent again after
+        each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
+        in parallel on a server whose slots share one context (Runner.pool), the
+        request first waits for its prompt (estimate_tokens) and max_tokens to fit
+        beside those in flight."""
+        local = isinstance(executor, LLMClient)
+        pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
+        need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
+        held = pool.acquire(need, run.cancel) if pool is not None else 0
+        try:
+            return self._chat_once(run, step, attempt, executor, name, sampling, extra, schema)
+        finally:
+            if pool is not None:
+                pool.release(held)
+
+    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
+                   sampling: dict, extra: dict, schema: dict | None) -> Completion:
+        """_chat's request, sent again while the server cuts it for another (LLMContention)."""
+        import random
+
+        local = isinstance(executor, LLMClient)
+        for wait in (*CONTENTION_WAITS_S, None):
+            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
+            attempt.thinking_guard = DegenerationGuard() if local else None
+            attempt.pieces = attempt.thought = 0
+            try:
+                on_delta = functools.partial(self._on_delta, run, step, attempt)
+                return executor.chat(attempt.messages, model=name,
+                                     temperature=sampling.get("temperature"),
+                                     max_tokens=sampling.get("max_tokens"),
+                                     timeout_s=step.timeout_s,
+                                     json_schema=schema,
+                                     on_delta=on_delta, **extra)
+            except LLMContention as exc:
+                if wait is None or run.cancel.is_set():
+                    raise
+                if not self._contention_said:
+                    self._contention_said = True
+                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
+                                           f"that goes on (hint: {exc.hint})")
+                run.cancel.wait(wait * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    def _learn_context(self, message: str) -> None:
+        """Take the context a server names in its overflow error (llama-cpp-python and
+        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
+        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
+        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
+                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
+        number = next((int(g) for g in found.groups() if g), 0) if found else 0
+        if number >= 64:
+            self.context_length = number
+            self.progress.info(f"the server's context is {number} tokens (from its error): "
+                               "the steps sent from now on are fitted to it")
+
+    def _reprobe(self, model: str) -> None:
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
+        context and parallel slots it was loaded with (JIT loads ignore saved settings
+        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
+        re-reads the same way): the steps sent after this fit them; said once."""
+        with self._reprobe_lock:
+            if not self.reprobe:
+                return
+            self.reprobe = False
+        try:
+            info = self.client.probe()
+        except LLMError:
+            return
+        if model != self.model or info.loaded != parse_model_ref(model)[1]:
+            return
+        self.context_length = self.config.context_length or info.context_length
+        self.parallel = self.config.parallel or info.parallel or 1
+        self.progress.info(f"model {info.loaded} is loaded now: context "
+                           f"{info.context_length or 'not reported'}, "
+                           f"{info.parallel or 1} slot(s); "
+                           "the steps sent from now on are fitted to them")
 
     def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input) and,
@@ -8152,8 +8881,17 @@ def build_parser() -> argparse.ArgumentParser:
         "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"))
     settings.add_argument("--base-url", metavar="URL", help=_env_help(
         "the OpenAI-compatible server", "BRIDGE_BASE_URL", DEFAULT_BASE_URL))
+    settings.add_argument("--api-key", metavar="KEY", help=_env_help(
+        "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
+        "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps",
+        "BRIDGE_API_KEY", "none"))
+    settings.add_argument("--ollama-api", choices=OLLAMA_APIS, help=_env_help(
+        "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the prompts) or openai "
+        "(/v1/chat/completions: the context cannot be set, and Ollama cuts long prompts)",
+        "BRIDGE_OLLAMA_API", "native"))
     settings.add_argument("--model", metavar="ID", help=_env_help(
-        "the model to use", "BRIDGE_MODEL", "the model the server reports loaded, else the first of /v1/models"))
+        "the model to use", "BRIDGE_MODEL",
+        "the chat model the server reports loaded (README: Model servers)"))
     settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
         "seconds a request waits to connect or for the next streamed chunk", "BRIDGE_TIMEOUT",
         f"{DEFAULT_TIMEOUT_S:g}"))
@@ -8184,8 +8922,9 @@ def build_parser() -> argparse.ArgumentParser:
         "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
         "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
     settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
-                          help=_env_help("let steps run on a paid or agentic executor (anthropic, claude-cli); "
-                                         "repeatable", "BRIDGE_ALLOW_EXECUTORS, comma-separated",
+                          help=_env_help("let steps run on a paid, agentic or remote executor "
+                                         "(anthropic, claude-cli, ollama-cloud); repeatable",
+                                         "BRIDGE_ALLOW_EXECUTORS, comma-separated",
                                          "none; your own --model and --escalate-to count"))
     settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
         "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
@@ -8279,7 +9018,7 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
                               f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
-            names.append(parse_model_ref(ref)[0])
+            names.append(_executor_of(ref))
     return tuple(dict.fromkeys(["openai", *names]))
 
 
@@ -8321,7 +9060,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     return Config(
         db_paths=db_paths,
         base_url=base_url.rstrip("/"),
+        base_url_given=bool(pick(args.base_url, "BRIDGE_BASE_URL")),
         model=pick(args.model, "BRIDGE_MODEL"),
+        api_key=pick(args.api_key, "BRIDGE_API_KEY"),
+        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native",
+                           "Ollama API", "--ollama-api or BRIDGE_OLLAMA_API"),
         timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
                           pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
         retries=_number("retries", "--retries or BRIDGE_RETRIES",
@@ -8432,17 +9175,22 @@ def cmd_health(config: Config) -> int:
     """Check the server and the store; print the report; 0 only when both work."""
     report: dict[str, Any] = {"server": {"base_url": config.base_url}, "store": {}}
     server_ok = store_ok = False
+    config, tried = discover_server(config)
+    report["server"].update(base_url=config.base_url, tried=tried)
     try:
         with LLMClient(config) as client:
             info = client.probe()
             models = info.models
             report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
                                     context_length=info.context_length, parallel=info.parallel)
-            server_ok = bool(models)
+            report["server"].update(run_plan(config, client, info))
+            server_ok = bool(models) and not info.problem
             if not models:
                 report["server"]["error"] = "the server lists no models; download or load one"
+            elif not server_ok:
+                report["server"]["error"] = report["server"]["model_why"]
     except LLMError as exc:
-        report["server"].update(reachable=False, error=str(exc))
+        report["server"].update(reachable=False, error=str(exc), hint=exc.hint)
     try:
         with Store.open(config) as store:
             report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts)
@@ -8467,11 +9215,18 @@ def cmd_health(config: Config) -> int:
     else:
         server, store_info = report["server"], report["store"]
         if server_ok:
-            print(printable(f"server  ok    {config.base_url} ({server['kind']}) · {len(server['models'])} "
-                            f"model(s) · loaded: {server['loaded'] or 'none reported'} · context "
-                            f"{server['context_length'] or 'not reported'} · parallel {server['parallel'] or 1}"))
+            version = f" {server['version']}" if server.get("version") else ""
+            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                            f"{len(server['models'])} model(s) · loaded: "
+                            f"{server['loaded'] or 'none reported'} · context "
+                            f"{server['context_length'] or 'not reported'} · parallel "
+                            f"{server['parallel'] or 1}"))
         else:
             print(printable(f"server  FAIL  {server['error']}"))
+            if server.get("hint"):
+                print(printable(f"              hint: {server['hint']}"))
+        for line in run_plan_lines(server):
+            print(printable(f"              {line}"))
         if store_ok:
             print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
                             f"{store_info['pending']} pending plan(s)"))
@@ -8490,6 +9245,163 @@ def cmd_health(config: Config) -> int:
         if "memory_api" in report and not store_ok:
             print(printable("memory  " + _memory_api_line(report["memory_api"])))
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
+def ollama_num_ctx(config: Config, records: list[PlanRecord], info: ServerInfo) -> int:
+    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
+    largest first prompt of the plans to run (estimate_tokens, with their LOAD files)
+    plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
+    OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
+    with when that is as large already (no reload); never past its trained context.
+    aider asks the request plus 8k the same way (aider#4687)."""
+    largest = 0
+    for record in records:
+        try:
+            plan = runnable_plan(record, config)
+        except PlanInvalid:
+            continue
+        for step in plan.steps.values():
+            try:
+                messages = build_messages(plan, step, {})
+            except (BridgeError, OSError):
+                continue
+            largest = max(largest, estimate_tokens(messages) + answer_tokens(step, None))
+    need = max(largest + OLLAMA_NUM_CTX_SLACK, OLLAMA_MIN_NUM_CTX)
+    if info.context_length and info.context_length >= need:
+        return info.context_length
+    num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
+    return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
+
+
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
+
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
+
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
+                continue
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
+    """Return what a run on this server will do, for --health (and its --json, whose
+    "server" object carries these keys; README, "Model servers"): model (str or None)
+    and model_why; context_length (tokens prompts are fitted to, or None) and
+    context_source; trained_context; slots (steps in flight); version; api (the chat route);
+    structured_output and prompts_cut (sentences); refused ([{"model", "reason"}])."""
+    try:
+        model = _pick_model(config, info)
+        why = info.why or ("--model" if config.model else "the model the server reports loaded")
+    except LLMError as exc:
+        model, why = None, f"{exc} ({exc.hint})" if exc.hint else str(exc)
+    same = model is not None and parse_model_ref(model)[1] == info.loaded
+    context, source = config.context_length, "--context-length"
+    if context is None and client.native and same:
+        context = ollama_num_ctx(config, [], info)
+        source = "options.num_ctx, raised per run to fit its largest prompt (at most as trained)"
+    elif context is None and same and info.context_length:
+        context, source = info.context_length, f"reported by {info.kind}"
+    if not config.structured:
+        structured = "off (--no-structured)"
+    elif client.native:
+        structured = "JSON steps send their schema as format (Ollama's native API)"
+    else:
+        structured = ("JSON steps ask response_format json_schema (then json_object with a "
+                      "schema, then none)")
+    if client.native:
+        cut = "no: num_ctx is set to fit every prompt"
+    elif info.kind == "Ollama":
+        cut = ("yes: Ollama's OpenAI endpoint cannot set num_ctx and cuts long prompts silently; "
+               "bridge fails such an attempt (--ollama-api native avoids it)")
+    elif context:
+        cut = "no: prompts are fitted to the context; a cut seen in usage fails the attempt"
+    else:
+        cut = ("maybe: the context is not reported (pass --context-length); a cut seen in usage "
+               "fails the attempt")
+    return {"model": model, "model_why": why, "context_length": context,
+            "context_source": source if context else None, "trained_context": info.trained_context,
+            "slots": config.parallel or (info.parallel if same else None) or 1,
+            "version": info.version,
+            "api": f"{client.base_url}{client.CHAT_PATH}", "structured_output": structured,
+            "prompts_cut": cut, "refused": [{"model": m, "reason": r} for m, r in info.refused]}
+
+
+def run_plan_lines(server: dict) -> list[str]:
+    """The --health lines under the server's: what a run will do (see run_plan)."""
+    lines = []
+    if server.get("model"):
+        context = (f"context {server['context_length']} ({server['context_source']})"
+                   if server.get("context_length") else "context not reported")
+        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
+        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
+                     f"{server['slots']} step(s) at once · {server['api']}")
+        lines.append(f"output: {server['structured_output']} · "
+                     f"prompts cut: {server['prompts_cut']}")
+    for refused in server.get("refused") or []:
+        lines.append(f"refused {refused['model']}: {refused['reason']}")
+    for tried in server.get("tried") or []:
+        lines.append(f"tried {tried['url']}: {tried['result']}")
+    return lines
 
 
 def _memory_store_line(info: dict) -> str:
@@ -8663,16 +9575,6 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 ###############################################################################
 
 
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none."""
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
-
-
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
     """Run one plan (plan_id) or every pending plan; print the summary.
 
@@ -8688,12 +9590,16 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
+        if records and not config.base_url_given:
+            config, tried = discover_server(config)
+            if tried and tried[-1]["result"].endswith("used"):
+                progress.info(f"model server: found at {config.base_url} (no --base-url given)")
         if not records:
             progress.info(f"no pending plans in {store.path}")
         records, waiting = gate_records(config, records, progress)
         results, not_recorded = [], 0
         with LLMClient(config, on_retry=progress.retrying) as client:
-            runner = _open_runner(config, store, client, progress) if records else None
+            runner = _open_runner(config, store, client, progress, records) if records else None
             try:
                 for record in records:
                     try:
@@ -8733,17 +9639,27 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
     return records, ("pending", "invalid"), shared_id_problems(plans)
 
 
-def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress) -> Runner:
+def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
+                 records: list[PlanRecord] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
-    whose executors are checked (no key, no claude binary: said before any claim)."""
+    whose executors are checked (no key, no claude binary: said before any claim).
+    On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
+    --context-length), sent with every request."""
     local = config.model is None or parse_model_ref(config.model)[0] == "openai"
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
     same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
+    if same and client.native:
+        client.num_ctx = config.context_length or ollama_num_ctx(config, records or [], info)
+        info = info._replace(context_length=client.num_ctx)
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
     runner = Runner(config, store, client, model, progress, context, parallel)
+    runner.reprobe = info is not None and info.kind == "LM Studio" \
+        and not (same and info.context_length)
+    if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
+        runner.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)
@@ -9360,7 +10276,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parser.parse_args(argv)
     _check_flag_combinations(parser, args)
     environ = dict(os.environ if environ is None else environ)
-    remember_secrets(environ)
+    # the model server's key given as a flag is as secret as in its variable
+    remember_secrets({**environ, **({"BRIDGE_API_KEY": args.api_key} if args.api_key else {})})
     debug = debug_wanted(args, environ)
     try:
         config = resolve_config(args, environ)

@@ -26,6 +26,7 @@ def run_once(server: FakeLLM) -> tuple[float, int, int]:
         server.reset()
         server.slots, server.latency_s, server.default_reply = SLOTS, LATENCY_S, "done"
         server.lmstudio = False          # a llama.cpp server: /props reports total_slots
+        server.context_length = 16384    # its slots share one pool: 4 prompts + answers fit
         db = store_with_plan(Path(tmp), [{"id": n, "prompt": f"task {n}"} for n in range(1, STEPS + 1)])
         started = time.perf_counter()
         rc = bridge.main(["--db", str(db), "--base-url", server.url, "--state-dir", f"{tmp}/state", "-q"],

@@ -229,15 +229,16 @@ def test_retry_after_beyond_budget_gives_up_at_once(fake_llm):
 
 
 def test_connection_refused_raises_unavailable_naming_the_real_url():
-    """A closed port: retried, then LLMUnavailable whose message names the URL used,
-    not localhost:1234 (original defect 4)."""
+    """A closed port: retried, then LLMServerUnusable (the server is gone for the run:
+    issue 21) whose message names the URL used, not localhost:1234 (original defect 4)."""
     url = f"http://127.0.0.1:{closed_port()}/v1"
     sleeps: list[float] = []
     retries_seen: list[str] = []
     with bridge.LLMClient(config(url, retries=2), sleep=sleeps.append, on_retry=retries_seen.append) as c:
-        with pytest.raises(bridge.LLMUnavailable) as info:
+        with pytest.raises(bridge.LLMServerUnusable) as info:
             c.chat(MESSAGES, model="m")
     message = str(info.value)
+    assert "stopped answering" in message and "over 2 retries" in message
     assert url in message
     assert "localhost:1234" not in message
     # retries + 1 tries: one sleep and one retry notice between each two
@@ -268,11 +269,12 @@ ERROR_BODIES = {
 @pytest.mark.parametrize("shape", sorted(ERROR_BODIES))
 @pytest.mark.parametrize("status", [400, 401, 404])
 def test_non_transient_status_raises_at_once_with_server_message(fake_llm, status, shape):
-    """Not retried, and the server's own message is in the error (original defect 1)."""
+    """Not retried, and the server's own message is in the error (original defect 1);
+    a 401 is the server's (a key), so it stops the run (issue 21)."""
     msg = f"the server says no ({shape} {status})"
     fake_llm.enqueue(status=status, error_body=ERROR_BODIES[shape](msg)).enqueue("never reached")
     sleeps: list[float] = []
-    with pytest.raises(bridge.LLMHTTPError) as info:
+    with pytest.raises(bridge.LLMServerUnusable if status == 401 else bridge.LLMHTTPError) as info:
         chat(fake_llm.url, sleeps, retries=3)
     assert info.value.status == status
     assert msg in str(info.value)

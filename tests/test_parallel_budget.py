@@ -137,7 +137,7 @@ def test_probe_plain_openai_server_reports_no_parallel_and_no_context(fake_llm):
 def test_steps_in_flight_follow_parallel_setting(capsys, db, fake_llm, state_dir, extra, environ, expected):
     """Independent steps run up to --parallel / BRIDGE_PARALLEL at once, else as many as
     the server serves at once (llama.cpp total_slots)."""
-    llamacpp(fake_llm, slots=4)
+    llamacpp(fake_llm, slots=4, context=16384)   # 4 prompts + answers in flight share it (issue 21)
     fake_llm.latency_s = 0.1
     fake_llm.default_reply = "done"
     insert_plan(db, make_plan(steps=independent_steps(8)))
@@ -173,6 +173,7 @@ def test_results_and_progress_in_step_order_when_steps_finish_out_of_order(capsy
     """With 4 in flight, the first request answered slowly (0.4 s) and the rest fast, step 5
     (started when a fast one freed a slot) finishes before the slow one; still the stored
     result, the --json summary and the progress lines list steps in id order."""
+    fake_llm.context_length = 16384     # 4 prompts + answers in flight share it (issue 21)
     fake_llm.enqueue("slow reply", fault="delay", delay_s=0.4)
     for i in range(4):
         fake_llm.enqueue(f"fast reply {i}", fault="delay", delay_s=0.05)
