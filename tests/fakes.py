@@ -1144,6 +1144,15 @@ def trust_project(folder: str | Path) -> None:
     assert rc == 0, f"bridge --trust {folder} exited {rc}"
 
 
+def gone(pid: int) -> bool:
+    """True when pid no longer runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment without BRIDGE_* variables, plus `extra`: for a bridge subprocess."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}, **extra}

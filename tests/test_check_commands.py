@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import bridge_args, insert_plan, make_plan, run_bridge, run_json, steps_by_id
+from fakes import bridge_args, gone, insert_plan, make_plan, run_bridge, run_json, steps_by_id
 
 PY = sys.executable
 # slug.py as the model writes it: right, and wrong in a way only running it shows
@@ -46,15 +46,6 @@ def marker_command(path: Path, code: int = 0) -> list[str]:
 def transcript(state_dir: Path, step: int = 1) -> list[dict]:
     (run,) = (state_dir / "runs").iterdir()
     return [json.loads(line) for line in (run / f"step-{step}.jsonl").read_text().splitlines()]
-
-
-def gone(pid: int) -> bool:
-    """True when pid no longer runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
 
 
 def wait_for(condition, timeout_s: float = 5.0) -> bool:

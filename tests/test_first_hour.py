@@ -189,6 +189,15 @@ def bare_python(tmp_path_factory) -> str:
     return str(python)
 
 
+def run_without_deps(command: list[str], db, tmp_path) -> subprocess.CompletedProcess:
+    """Run bridge as command (an interpreter lacking a dependency) on db, its state under
+    tmp_path, against a closed port: what a user without httpx would see."""
+    return subprocess.run(
+        [*command, "--db", str(db), "--state-dir", str(tmp_path / "state"),
+         "--base-url", f"http://127.0.0.1:{closed_port()}/v1"],
+        capture_output=True, text=True, env=child_env(), timeout=60)
+
+
 @pytest.mark.parametrize(
     "action", [["--health"], ["--validate", "PLAN"], []], ids=["health", "validate", "run"]
 )
@@ -198,23 +207,7 @@ def test_python_bridge_py_without_httpx_and_jsonschema_says_what_to_install(
     plan = _plan_file(tmp_path, make_plan(id="p"))
     insert_plan(db, make_plan(id="p"))
     argv = [a.replace("PLAN", str(plan)) for a in action]
-    proc = subprocess.run(
-        [
-            bare_python,
-            str(BRIDGE_PY),
-            *argv,
-            "--db",
-            str(db),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--base-url",
-            f"http://127.0.0.1:{closed_port()}/v1",
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=60,
-    )
+    proc = run_without_deps([bare_python, str(BRIDGE_PY), *argv], db, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "internal error" not in proc.stderr
     first, hint = proc.stderr.splitlines()[-2:]
@@ -241,24 +234,7 @@ sys.exit(bridge.main(sys.argv[1:]))
 
 def test_a_run_without_httpx_alone_claims_nothing_and_says_what_to_install(tmp_path, db):
     insert_plan(db, make_plan(id="p"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            HIDE_HTTPX,
-            str(ROOT),
-            "--db",
-            str(db),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--base-url",
-            f"http://127.0.0.1:{closed_port()}/v1",
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=60,
-    )
+    proc = run_without_deps([sys.executable, "-c", HIDE_HTTPX, str(ROOT)], db, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "bridge: error: bridge needs httpx" in proc.stderr
     assert "pip install httpx jsonschema" in proc.stderr

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from fakes import insert_plan, make_plan, read_rows, run_bridge, run_json, steps_by_id
+from fakes import gone, insert_plan, make_plan, read_rows, run_bridge, run_json, steps_by_id
 
 PY = sys.executable
 RIGHT = "```python\ndef double(x):\n    return x * 2\n```"
@@ -72,15 +72,6 @@ def every_byte_written(*roots: Path) -> bytes:
             if path.is_file():
                 found += path.read_bytes()
     return found
-
-
-def gone(pid: int) -> bool:
-    """True when pid no longer runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
 
 
 def kill_left(pid_file: Path) -> None:
