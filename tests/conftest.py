@@ -131,3 +131,18 @@ def project(tmp_path) -> Path:
 def state_dir(tmp_path) -> Path:
     """$XDG_STATE_HOME as set by _hermetic (tmp_path/"state"); not created."""
     return tmp_path / "state"
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory):
+    """The base URL (…/v1) of one real llama-cpp-python server serving SmolLM2-135M
+    (examples/llama_server.py), shared by the real_model tests; they skip, saying what
+    is missing, where llama-cpp-python or the model is not installed (make test-real)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import llama_server
+
+    missing = llama_server.missing_parts()
+    if missing:
+        pytest.skip(f"real model not available: {missing}")
+    with llama_server.running_server(tmp_path_factory.mktemp("llama") / "server.log") as base_url:
+        yield base_url

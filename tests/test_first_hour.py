@@ -458,18 +458,21 @@ def test_show_after_apply_or_reject_heads_with_the_real_status(
     assert out.splitlines()[0] == f"plan r: {now} (run {run_id}, which ended awaiting_review)"
 
 
-def test_show_of_a_replaced_plan_says_its_current_content_has_not_run(
-    capsys, tmp_path, db, fake_llm, state_dir, project
-):
+def _rejected_then_replaced(capsys, tmp_path, db, fake_llm, state_dir, project) -> str:
+    """Plan r runs under --review and is rejected, then --submit --replace gives it new
+    content; return the old content's run id."""
     run_id = _review_run(capsys, db, fake_llm, state_dir, project)
     assert run_bridge(capsys, db, fake_llm, state_dir, "--reject", "r")[0] == 0
     plan = make_plan(id="r", context={"objective": "second", "project": str(project)})
-    assert (
-        bridge.main(
-            ["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"], environ={}
-        )
-        == 0
-    )
+    argv = ["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"]
+    assert bridge.main(argv, environ={}) == 0
+    return run_id
+
+
+def test_show_of_a_replaced_plan_says_its_current_content_has_not_run(
+    capsys, tmp_path, db, fake_llm, state_dir, project
+):
+    run_id = _rejected_then_replaced(capsys, tmp_path, db, fake_llm, state_dir, project)
     capsys.readouterr()
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r")
     assert rc == 2
@@ -728,15 +731,7 @@ def test_a_plan_in_the_original_scripts_format_stays_valid(tmp_path):
 def test_show_of_a_replaced_plan_that_ran_again_names_the_old_contents_run(
     capsys, tmp_path, db, fake_llm, state_dir, project
 ):
-    old_run = _review_run(capsys, db, fake_llm, state_dir, project)
-    assert run_bridge(capsys, db, fake_llm, state_dir, "--reject", "r")[0] == 0
-    plan = make_plan(id="r", context={"objective": "second", "project": str(project)})
-    assert (
-        bridge.main(
-            ["--db", str(db), "--submit", str(_plan_file(tmp_path, plan)), "--replace"], environ={}
-        )
-        == 0
-    )
+    old_run = _rejected_then_replaced(capsys, tmp_path, db, fake_llm, state_dir, project)
     fake_llm.enqueue("second answer")
     assert run_bridge(capsys, db, fake_llm, state_dir)[0] == 0
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--show", "r")

@@ -5,34 +5,19 @@ answers is a span of the sentence. `make test-real` runs it; `make test` skips i
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-import llama_server  # noqa: E402
-
-import bridge  # noqa: E402
+import bridge
 
 pytestmark = pytest.mark.real_model
 
-_MISSING = llama_server.missing_parts()
-if _MISSING:
-    pytest.skip(f"real model not available: {_MISSING}", allow_module_level=True)
 
 SENTENCE = "Flight TP1234 departs LIS 09:10 and arrives OPO 10:05, gate 14."
 PROMPT = (f'Read this sentence: "{SENTENCE}" Return a JSON object with the keys "flight", "from", '
           '"to", "departs", "arrives" and "gate", taken from the sentence.')
 VALIDATION = {"type": "contains_keys", "grounded": True,
               "keys": ["flight", "from", "to", "departs", "arrives", "gate"]}
-
-
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
-    with llama_server.running_server(tmp_path_factory.mktemp("llama") / "server.log") as base_url:
-        yield base_url
 
 
 def test_the_span_schema_is_enforced_by_llama_cpp_python(real_server):

@@ -26,16 +26,6 @@ from fakes import child_env, insert_plan, make_plan, make_store, steps_by_id  # 
 
 pytestmark = pytest.mark.real_model
 
-_MISSING = llama_server.missing_parts()
-if _MISSING:
-    pytest.skip(f"real model not available: {_MISSING}", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
-    with llama_server.running_server(tmp_path_factory.mktemp("llama") / "server.log") as base_url:
-        yield base_url
-
 
 def test_a_prompt_over_the_context_fails_once_naming_tokens_and_context(
         real_server, tmp_path, capsys):

@@ -13,22 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 import demo  # noqa: E402  (examples/demo.py: the project's test the check command runs)
-import llama_server  # noqa: E402
 
 import bridge  # noqa: E402
 from fakes import check_store, read_rows, result_document  # noqa: E402
 
 pytestmark = pytest.mark.real_model
-
-_MISSING = llama_server.missing_parts()
-if _MISSING:
-    pytest.skip(f"real model not available: {_MISSING}", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
-    with llama_server.running_server(tmp_path_factory.mktemp("llama") / "server.log") as base_url:
-        yield base_url
 
 
 def _submit_examples(db: Path, project: Path) -> list[str]:
