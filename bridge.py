@@ -9044,7 +9044,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bridge", formatter_class=_HelpFormatter,
         usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
-              "       bridge --list [--all] | --show ID | --health | --cancel ID [options]\n"
+              "       bridge --list [--all] | --show ID | --health | --stats | --cancel ID [options]\n"
               "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
               "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
               "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
@@ -9056,7 +9056,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     actions = parser.add_mutually_exclusive_group()
     actions.add_argument("--plan", metavar="ID", help="run the plan with this id")
-    actions.add_argument("--list", action="store_true", help="list pending plans (id, objective, steps, created)")
+    actions.add_argument("--list", action="store_true", help="list pending plans (id, steps, created, objective)")
     actions.add_argument("--health", action="store_true",
                          help="check the model server and the store; exit 0 only when both are usable")
     actions.add_argument("--show", metavar="ID", help="show the last result of a plan, and its run log")
