@@ -352,6 +352,17 @@ def test_a_broken_hooks_config_costs_nothing_but_a_note(capsys, db, fake_llm, st
 # --------------------------------------------------------------------------------------
 
 
+def run_escalating(capsys, db, fake_llm, fake_anthropic, state_dir,
+                   *extra: str) -> tuple[dict, str]:
+    """Run the pending plans with --json, escalating failed steps to Haiku on the fake
+    Anthropic API; assert exit 0 and return the first plan's result document and stderr."""
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json", "--anthropic-base-url",
+                              fake_anthropic.url, "--escalate-to", HAIKU, *extra,
+                              environ={"ANTHROPIC_API_KEY": "sk-test"})
+    assert rc == 0, err
+    return json.loads(out)["plans"][0], err
+
+
 def test_stats_count_what_each_step_did_per_model_and_validation(
     capsys, db, fake_llm, fake_anthropic, state_dir, project
 ):
@@ -387,20 +398,7 @@ def test_stats_count_what_each_step_did_per_model_and_validation(
     fake_llm.enqueue("```python\nimport nothing_here\n```")  # 5: the command fails once
     fake_llm.enqueue("```python\nX = 1\n```")
     fake_anthropic.enqueue('{"a": 3}', input_tokens=100, output_tokens=10)
-    rc, out, err = run_bridge(
-        capsys,
-        db,
-        fake_llm,
-        state_dir,
-        "--json",
-        "--anthropic-base-url",
-        fake_anthropic.url,
-        "--escalate-to",
-        HAIKU,
-        environ={"ANTHROPIC_API_KEY": "sk-test"},
-    )
-    assert rc == 0, err
-    result = json.loads(out)["plans"][0]
+    result, _ = run_escalating(capsys, db, fake_llm, fake_anthropic, state_dir)
     insert_plan(db, make_plan("b", [keys_step(1, max_retries=0)]))
     fake_llm.enqueue("never json")  # failed
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json")
@@ -497,22 +495,8 @@ def test_savings_count_local_tokens_apart_from_paid_ones(
     insert_plan(db, make_plan("p1", [keys_step(1, max_retries=1), {"id": 2, "prompt": "Say hi"}]))
     fake_llm.enqueue("no").enqueue("still no").enqueue("hello")
     fake_anthropic.enqueue('{"a": 1}', input_tokens=1000, output_tokens=100)
-    rc, out, err = run_bridge(
-        capsys,
-        db,
-        fake_llm,
-        state_dir,
-        "--json",
-        "--anthropic-base-url",
-        fake_anthropic.url,
-        "--escalate-to",
-        HAIKU,
-        "--price-model",
-        "claude-opus-4-5",
-        environ={"ANTHROPIC_API_KEY": "sk-test"},
-    )
-    assert rc == 0, err
-    result = json.loads(out)["plans"][0]
+    result, err = run_escalating(capsys, db, fake_llm, fake_anthropic, state_dir,
+                                 "--price-model", "claude-opus-4-5")
     local = result["ledger"]["fake-model"]
     savings = result["savings"]
     assert savings["local_usage"] == {
