@@ -341,3 +341,11 @@ def test_validate_exits_1_with_every_problem_as_the_skill_says(loop):
     done = loop["run"](command)
     assert done.returncode == 1
     assert "$.steps[0].depends_on" in done.stdout and "$.steps[1].on_failure" in done.stdout
+
+
+def test_the_skill_carries_the_schema_bridge_checks_plans_with():
+    """The skill's copy of the schema (installed with it by cp -r) is bridge's own, byte for
+    byte: a plan the planner writes to it is checked against the same rules."""
+    shipped = (ROOT / "bridge-plan-schema.json").read_bytes()
+    assert (ROOT / "examples" / "claude" / "skills" / "bridge" / "bridge-plan-schema.json").read_bytes() \
+        == shipped
