@@ -3756,6 +3756,24 @@ class OutputTally:
         self.reasoning_bytes = size - self.answer_bytes
         self.reasoning_pieces += 1
 
+    def take(self, answer: str, reasoning: str, received: list[str], thought: list[str],
+             on_delta: "Callable[[str], None] | None",
+             on_reasoning: "Callable[[str], None] | None") -> None:
+        """Take one streamed piece of a reply, its thinking first: count each, keep it
+        (received: the answer's pieces, "" for thinking, so the request is not resent
+        once output has streamed; thought: the thinking) and hand it on."""
+        if reasoning:
+            self.add_reasoning(reasoning)
+            thought.append(reasoning)
+            received.append("")
+            if on_reasoning:
+                on_reasoning(reasoning)
+        if answer:
+            self.add_answer(answer)
+            received.append(answer)
+            if on_delta:
+                on_delta(answer)
+
 
 def _error_message(body: bytes) -> str:
     """Pull the server's own message out of an error body.
@@ -4720,7 +4738,8 @@ class LLMClient(HTTPExecutor):
                         if k not in ("temperature", "max_tokens")})
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "options": options}
-        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS):
+        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
+                and model not in self.unconstrained:      # drop_constraint: not for this model
             payload["format"] = json_schema
         if thinking == "off":
             payload["think"] = False
@@ -4735,7 +4754,7 @@ class LLMClient(HTTPExecutor):
         (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
         limit = self.config.max_output_bytes
-        size, model, finish, usage = 0, None, None, None
+        tally, model, finish, usage = OutputTally(limit), None, None, None
         thought: list[str] = []
         for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
             try:
@@ -4754,16 +4773,7 @@ class LLMClient(HTTPExecutor):
             message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
             piece = reply_text(message.get("content"), "a line's message content", url)
             thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
-            if thinking:
-                size = reply_size(size, thinking, limit)
-                thought.append(thinking)
-                if on_reasoning:
-                    on_reasoning(thinking)
-            if piece:
-                size = reply_size(size, piece, limit)
-                received.append(piece)
-                if on_delta:
-                    on_delta(piece)
+            tally.take(piece, thinking, received, thought, on_delta, on_reasoning)
             if chunk.get("done") is True:
                 finish = reply_label(chunk.get("done_reason")) or "stop"
                 usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
@@ -4773,7 +4783,7 @@ class LLMClient(HTTPExecutor):
             raise LLMProtocolError(f"the stream from {url} ended early, after "
                                    f"{sum(map(len, received))} characters and no done line")
         return Completion("".join(received), usage, model, finish, time.monotonic() - started,
-                          0.0, "".join(thought), len(thought))
+                          0.0, "".join(thought), tally.reasoning_pieces)
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -4862,17 +4872,7 @@ class LLMClient(HTTPExecutor):
             if choice is not None:
                 delta, finish = choice[0], choice[1] or finish
                 piece = reply_text(delta.get("content"), "a chunk's delta content", url)
-                if reasoning := reasoning_delta(delta):
-                    tally.add_reasoning(reasoning)
-                    thought.append(reasoning)
-                    received.append("")     # output has streamed: the request is not resent
-                    if on_reasoning:
-                        on_reasoning(reasoning)
-                if piece:
-                    tally.add_answer(piece)
-                    received.append(piece)
-                    if on_delta:
-                        on_delta(piece)
+                tally.take(piece, reasoning_delta(delta), received, thought, on_delta, on_reasoning)
         if not done and finish is None:
             error = LLMProtocolError(f"the stream from {url} ended early, after "
                                      f"{sum(map(len, received))} characters and no finish_reason")

@@ -177,12 +177,17 @@ class _OllamaHandler(_Handler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self._chunked = True
-        for piece in pieces:
+        # thinking comes first, in message.thinking, unless the request says think: false
+        # (docs/api.md); "cut" with no content ends the stream while the model thinks
+        thinking = _split(r["reasoning"], r["chunk_size"]) if r["reasoning"] and \
+            body.get("think") is not False else []
+        lines = [{"role": "assistant", "content": "", "thinking": piece} for piece in thinking]
+        lines += [{"role": "assistant", "content": piece} for piece in pieces]
+        for message in lines:
             if r["chunk_delay_s"]:
                 time.sleep(r["chunk_delay_s"])
             self._write_sse(json.dumps({"model": model, "created_at": "2026-12-08T01:00:00Z",
-                                        "message": {"role": "assistant", "content": piece},
-                                        "done": False}) + "\n")
+                                        "message": message, "done": False}) + "\n")
         if r["fault"] == "cut":
             self.close_connection = True
             return

@@ -153,3 +153,46 @@ def test_a_plan_naming_a_cloud_model_waits_until_it_is_allowed(
                        "--json")
     assert rc == 0, err
     assert ollama.chat_requests[0]["json"]["model"] == "gpt-oss:120b-cloud"
+
+
+def test_thinking_on_the_native_api_is_counted_and_a_stream_cut_while_thinking_not_resent(
+        capsys, db, ollama, state_dir):
+    """Ollama streams thinking in message.thinking (docs/api.md). It counts against
+    --max-output-bytes as the answer does, and a stream cut once thinking has streamed is
+    not resent by the request's retries (the step's own retry sends it again)."""
+    insert_plan(db, make_plan("t", [{"id": 1, "prompt": "think", "max_retries": 1,
+                                     "thinking": "on"}]))
+    ollama.enqueue("", reasoning="hmm " * 20, fault="cut").enqueue("done", reasoning="ok")
+    rc, out, err = run(capsys, db, ollama.url, state_dir, "--json")
+    assert rc == 0, err
+    assert len(ollama.chat_requests) == 2        # one per attempt: the cut one not resent
+    step = steps_by_id(json.loads(out)["plans"][0])[1]
+    assert step["output"] == "done"
+    assert "ended early" in step["attempt_log"][0]["error"]
+
+    insert_plan(db, make_plan("big", [{"id": 1, "prompt": "think", "max_retries": 0,
+                                       "thinking": "on"}]))
+    ollama.enqueue("short", reasoning="x" * 5000)
+    rc, out, err = run(capsys, db, ollama.url, state_dir, "--json", "--max-output-bytes", "1000")
+    assert rc == 1, err
+    step = steps_by_id(json.loads(out)["plans"][0])[1]
+    assert "while the model was thinking" in step["attempt_log"][0]["error"]
+
+
+def test_a_model_whose_constraint_was_dropped_gets_no_format(ollama):
+    """drop_constraint holds on the native API as on the OpenAI one: no `format` is sent."""
+    config = bridge.Config(db_paths=(), base_url=ollama.url, timeout_s=5)
+    client = bridge.LLMClient(config)
+    try:
+        client.probe()
+        ollama.enqueue('{"a": 1}').enqueue('{"a": 1}')
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        client.chat([{"role": "user", "content": "x"}], model="llama3.1:8b", json_schema=schema)
+        client.drop_constraint("llama3.1:8b", "garbled")
+        reply = client.chat([{"role": "user", "content": "x"}], model="llama3.1:8b",
+                            json_schema=schema)
+    finally:
+        client.close()
+    first, second = (r["json"] for r in ollama.chat_requests)
+    assert "format" in first and "format" not in second
+    assert reply.response_format is None
