@@ -2500,7 +2500,7 @@ class Store:
         host, pid = state.pop("owner_host"), state.pop("owner_pid")
         state["owner"] = {"host": host, "pid": pid} if host is not None or pid is not None else None
         try:
-            extra = json.loads(row[len(STATE_COLUMNS)] or "{}")
+            extra = load_json(row[len(STATE_COLUMNS)] or "{}")    # a row anyone may have written
         except ValueError:
             extra = {}
         return {**(extra if isinstance(extra, dict) else {}), **state}
@@ -5828,7 +5828,7 @@ def grammar_damage(output: str, schema: dict | None, validation: dict | list) ->
         return "it holds U+FFFD replacement characters"
     try:
         value = parse_json_output(output)
-    except OutputInvalid:
+    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
         return "it is not valid JSON"
     named = set((schema or {}).get("properties") or {})
     keys = value if isinstance(value, dict) else {}

@@ -498,3 +498,22 @@ def test_row6_variant_a_forged_awaiting_review_with_no_run_can_be_cancelled(caps
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--cancel", "review")
     assert rc == 0, err
     assert plan_state(db, "review")["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("action", [("--list", "--all"), ("--show", "deep"), ("--plan", "deep")])
+def test_a_state_row_whose_extra_nests_past_json_is_read_as_no_extra(capsys, db, fake_llm,
+                                                                     state_dir, action):
+    """bridge_plan_state's extra column is anyone's to write: 100,000 levels of JSON in it
+    are ignored (load_json), not a RecursionError that exits 70."""
+    insert_plan(db, make_plan("deep"))
+    fake_llm.default_reply = "hi"
+    assert run_bridge(capsys, db, fake_llm, state_dir, "--plan", "deep")[0] == 0
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE bridge_plan_state SET extra = ?", ("[" * 100_000 + "]" * 100_000,))
+    conn.close()
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, *action)
+
+    assert rc in (0, 2), err
+    assert "internal error" not in err and "Traceback" not in err

@@ -377,6 +377,8 @@ def test_grammar_damage_kinds():
         "it has the garbled key 'na?e'"
     assert bridge.grammar_damage('{"other": 1}', schema, check) is None   # the model's mistake
     assert bridge.grammar_damage(NAME, schema, check) is None
+    # nested past what json parses (a model's answer): not valid JSON, not a RecursionError
+    assert bridge.grammar_damage("[" * 5000 + "]" * 5000, schema, check) == "it is not valid JSON"
 
 
 def test_a_stream_cut_while_thinking_is_not_resent(fake_llm):
