@@ -3160,6 +3160,16 @@ def secret_file_reason(rel: str) -> str | None:
             "needs another way)")
 
 
+
+def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
+    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
+    secret_file_reason of the path as the plan wrote it, as it lies in the real project
+    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
+    None when it may. The one rule for validation and for what approval shows."""
+    real = _realpath(path)
+    inside = os.path.relpath(real, _realpath(project))
+    return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(real)
+
 def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
     """Why a step may not write rel (forbidden_target_reason, or a symlink on its way
     that the write would refuse), or None."""
@@ -3212,9 +3222,7 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
             continue
         if mode != "LOAD":
             continue
-        real = _realpath(path)
-        inside = os.path.relpath(real, _realpath(project))
-        secret = secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(real)
+        secret = load_secret_reason(project, rel, path)
         if secret:
             problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
@@ -3637,12 +3645,10 @@ def _load_facts(plan: Plan) -> list[dict]:
         refused = secret_file_reason(rel)
         if refused is None and plan.project is not None:
             try:
-                resolve_inside(plan.project, rel)       # --list reads plans unchecked
+                path = resolve_inside(plan.project, rel)        # --list reads plans unchecked
+                refused = load_secret_reason(plan.project, rel, path)
             except PathError as exc:
                 refused = str(exc)
-        if refused is None and plan.project is not None:
-            real, root = os.path.realpath(plan.project / rel), os.path.realpath(plan.project)
-            refused = secret_file_reason(os.path.relpath(real, root)) if real != root else None
         facts.append({"path": rel, "refused": refused})
     return facts
 

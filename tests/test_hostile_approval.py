@@ -286,3 +286,24 @@ def test_list_shows_the_facts_of_a_plan_it_does_not_check(capsys, db, fake_llm, 
 
     assert rc == 0, err
     assert "runs: step 1 check: `make 7` in" in out and "timeout 'later'" in out
+
+
+def test_approval_refuses_a_load_as_validation_does_when_the_project_lies_in_a_secret_folder(
+        capsys, db, fake_llm, state_dir, tmp_path):
+    """A project inside ~/.aws: its LOAD files are secrets by their absolute real path.
+    --list (which reads plans unchecked) shows the LOAD refused, with the reason
+    --validate gives (one rule: load_secret_reason)."""
+    project = tmp_path / ".aws" / "proj"
+    project.mkdir(parents=True)
+    (project / "notes.txt").write_text("aws_secret_access_key = x\n")
+    plan = make_plan("aws", [{"id": 1, "prompt": "Repeat it."}],
+                     context={"objective": "t", "project": str(project),
+                              "files_context": {"notes.txt": "LOAD"}})
+    insert_plan(db, plan)
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json")
+    assert rc == 0, err
+    (read,) = json.loads(out)["plans"][0]["approval"]["reads"]
+    with pytest.raises(bridge.PlanInvalid) as refused:
+        bridge.check_plan(plan)
+    assert read["refused"] and read["refused"] in str(refused.value)
