@@ -5291,11 +5291,6 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return text, "".join(thought)
 
 
-def strip_think(text: str) -> str:
-    """Return text without its reasoning (split_reasoning's answer)."""
-    return split_reasoning(text)[0]
-
-
 def find_fences(text: str) -> list[tuple[str, str]]:
     """Return every fenced block of text as (language tag lowercased, code).
 

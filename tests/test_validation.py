@@ -1,4 +1,4 @@
-"""Room 7 of bridge.py, output validation: strip_think, find_fences, extract_code,
+"""Room 7 of bridge.py, output validation: split_reasoning's answer, find_fences, extract_code,
 parse_json_output, check_output and describe_validation, the six validation types of
 the README, and original defects 16 and 17. Pure function tests: no server, no store."""
 
@@ -11,6 +11,11 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 import bridge
+
+
+def answer_of(text: str) -> str:
+    """What bridge checks and writes of a model's text: split_reasoning's answer."""
+    return bridge.split_reasoning(text)[0]
 
 PROPERTY = settings(max_examples=200, deadline=None)
 
@@ -56,46 +61,46 @@ def invalid(text: str, validation: dict) -> str:
 
 
 ###############################################################################
-# strip_think
+# split_reasoning's answer (reasoning taken out of what a model said)
 ###############################################################################
 
 def test_strip_think_removes_a_leading_block():
-    assert bridge.strip_think("<think>let me see</think>The answer is 4.") == "The answer is 4."
+    assert answer_of("<think>let me see</think>The answer is 4.") == "The answer is 4."
 
 
 def test_strip_think_removes_leading_whitespace_and_the_whitespace_after_the_block():
-    assert bridge.strip_think("\n  <think>hm</think>\n\n  x = 1\n") == "x = 1\n"
+    assert answer_of("\n  <think>hm</think>\n\n  x = 1\n") == "x = 1\n"
 
 
 def test_strip_think_removes_several_leading_blocks():
     text = "<think>one</think>\n<think>two</think>  <think>three</think>\nresult"
-    assert bridge.strip_think(text) == "result"
+    assert answer_of(text) == "result"
 
 
 def test_strip_think_removes_a_multiline_block():
     text = "<think>\nstep 1: read\nstep 2: write </thinking> is not the end\n</think>\n" + fenced("x = 1", "python")
-    assert bridge.strip_think(text) == fenced("x = 1", "python")
+    assert answer_of(text) == fenced("x = 1", "python")
 
 
 def test_strip_think_unclosed_leading_block_swallows_everything_so_non_empty_fails():
-    output = bridge.strip_think("<think>I keep thinking and never stop ... ```python\nx = 1\n```")
+    output = answer_of("<think>I keep thinking and never stop ... ```python\nx = 1\n```")
     assert output == ""
     assert "empty" in invalid(output, {"type": "non_empty"})
 
 
 def test_strip_think_leaves_a_think_tag_in_the_middle_alone():
     text = "Use the <think>tag</think> in your prompt."
-    assert bridge.strip_think(text) == text
+    assert answer_of(text) == text
 
 
 def test_strip_think_leaves_text_without_think_untouched():
     text = "  plain answer with <b>html</b>  \n"
-    assert bridge.strip_think(text) == text
+    assert answer_of(text) == text
 
 
 def test_strip_think_then_check_output_sees_only_the_answer():
     reply = '<think>they want {"wrong": true}</think>\n' + fenced('{"right": 1}', "json")
-    artifact = bridge.check_output(bridge.strip_think(reply), {"type": "contains_keys", "keys": ["right"]})
+    artifact = bridge.check_output(answer_of(reply), {"type": "contains_keys", "keys": ["right"]})
     assert json.loads(artifact) == {"right": 1}
 
 
@@ -570,13 +575,13 @@ def test_strip_think_of_a_leading_block_equals_strip_think_of_the_rest(thought, 
     # strip_think also eats the whitespace after the block, so `rest` must not start
     # with whitespace for the two sides to agree (README: the block is "removed").
     assume(not re.match(r"\s", rest))
-    assert bridge.strip_think(f"<think>{thought}</think>" + rest) == bridge.strip_think(rest)
+    assert answer_of(f"<think>{thought}</think>" + rest) == answer_of(rest)
 
 
 @PROPERTY
 @given(thought=_NOT_THINK_END, rest=st.text())
 def test_strip_think_of_a_leading_block_equals_strip_think_of_the_rest_lstripped(thought, rest):
-    assert bridge.strip_think(f"<think>{thought}</think>" + rest) == bridge.strip_think(rest.lstrip())
+    assert answer_of(f"<think>{thought}</think>" + rest) == answer_of(rest.lstrip())
 
 
 ###############################################################################
