@@ -64,41 +64,41 @@ def invalid(text: str, validation: dict) -> str:
 # split_reasoning's answer (reasoning taken out of what a model said)
 ###############################################################################
 
-def test_strip_think_removes_a_leading_block():
+def test_split_reasoning_removes_a_leading_block():
     assert answer_of("<think>let me see</think>The answer is 4.") == "The answer is 4."
 
 
-def test_strip_think_removes_leading_whitespace_and_the_whitespace_after_the_block():
+def test_split_reasoning_removes_leading_whitespace_and_the_whitespace_after_the_block():
     assert answer_of("\n  <think>hm</think>\n\n  x = 1\n") == "x = 1\n"
 
 
-def test_strip_think_removes_several_leading_blocks():
+def test_split_reasoning_removes_several_leading_blocks():
     text = "<think>one</think>\n<think>two</think>  <think>three</think>\nresult"
     assert answer_of(text) == "result"
 
 
-def test_strip_think_removes_a_multiline_block():
+def test_split_reasoning_removes_a_multiline_block():
     text = "<think>\nstep 1: read\nstep 2: write </thinking> is not the end\n</think>\n" + fenced("x = 1", "python")
     assert answer_of(text) == fenced("x = 1", "python")
 
 
-def test_strip_think_unclosed_leading_block_swallows_everything_so_non_empty_fails():
+def test_split_reasoning_unclosed_leading_block_swallows_everything_so_non_empty_fails():
     output = answer_of("<think>I keep thinking and never stop ... ```python\nx = 1\n```")
     assert output == ""
     assert "empty" in invalid(output, {"type": "non_empty"})
 
 
-def test_strip_think_leaves_a_think_tag_in_the_middle_alone():
+def test_split_reasoning_leaves_a_think_tag_in_the_middle_alone():
     text = "Use the <think>tag</think> in your prompt."
     assert answer_of(text) == text
 
 
-def test_strip_think_leaves_text_without_think_untouched():
+def test_split_reasoning_leaves_text_without_think_untouched():
     text = "  plain answer with <b>html</b>  \n"
     assert answer_of(text) == text
 
 
-def test_strip_think_then_check_output_sees_only_the_answer():
+def test_split_reasoning_then_check_output_sees_only_the_answer():
     reply = '<think>they want {"wrong": true}</think>\n' + fenced('{"right": 1}', "json")
     artifact = bridge.check_output(answer_of(reply), {"type": "contains_keys", "keys": ["right"]})
     assert json.loads(artifact) == {"right": 1}
@@ -571,7 +571,7 @@ _NOT_THINK_END = st.text().filter(lambda s: "</think>" not in s)
 
 @PROPERTY
 @given(thought=_NOT_THINK_END, rest=st.text())
-def test_strip_think_of_a_leading_block_equals_strip_think_of_the_rest(thought, rest):
+def test_split_reasoning_of_a_leading_block_equals_strip_think_of_the_rest(thought, rest):
     # strip_think also eats the whitespace after the block, so `rest` must not start
     # with whitespace for the two sides to agree (README: the block is "removed").
     assume(not re.match(r"\s", rest))
@@ -580,7 +580,7 @@ def test_strip_think_of_a_leading_block_equals_strip_think_of_the_rest(thought, 
 
 @PROPERTY
 @given(thought=_NOT_THINK_END, rest=st.text())
-def test_strip_think_of_a_leading_block_equals_strip_think_of_the_rest_lstripped(thought, rest):
+def test_split_reasoning_of_a_leading_block_equals_strip_think_of_the_rest_lstripped(thought, rest):
     assert answer_of(f"<think>{thought}</think>" + rest) == answer_of(rest.lstrip())
 
 
