@@ -113,18 +113,18 @@ Rooms, foundations first: each room uses only names from the rooms above it (a t
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Errors · 3 Helpers · 4 File writes inside the project ·
-    5 Store layouts & plan records · 6 The memory server's HTTP API ·
-    7 Store (SQLite) · 8 Plans · 9 Trust: projects, approvals, executors ·
-    10 Model servers: errors, streams, retries ·
-    11 LLM client: OpenAI-compatible servers ·
+    5 Store layouts & plan records · 6 The memory server's HTTP API · 7 Store (SQLite) ·
+    8 Plans · 9 Trust: projects, approvals, executors ·
+    10 Model servers: errors, streams, retries · 11 LLM client: OpenAI-compatible servers ·
     12 Other executors: the Anthropic API and the claude CLI · 13 Output validation ·
     14 Constrained JSON and degenerate output ·
     15 Check commands, and what the model is told of the checks ·
     16 File transactions: journal, rollback, recovery ·
     17 Kept runs: backups, diff, undo, review · 18 Prompts · 19 Run records ·
-    20 Step scheduling · 21 Runner · 22 CLI: arguments and settings ·
-    23 CLI: listing, health, trust and approval · 24 CLI: running and showing ·
-    25 CLI: diff, undo, review · 26 CLI: the planner's side · 27 main()
+    20 The result document · 21 Step scheduling · 22 Runner ·
+    23 CLI: arguments and settings · 24 CLI: listing, health, trust and approval ·
+    25 CLI: running and showing · 26 CLI: diff, undo, review · 27 CLI: the planner's side ·
+    28 main()
 """
 
 from __future__ import annotations
@@ -1786,10 +1786,6 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
         return len(steps) if isinstance(steps, list) else 0
 
 
-RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
-RESULT_SUMMARY_FILES = 10
-
-
 def _summary_text(value: Any, max_chars: int) -> str:
     """Return value as one line of at most max_chars characters (plans are untrusted:
     no newline or control character of theirs may shape the summary)."""
@@ -1797,69 +1793,20 @@ def _summary_text(value: Any, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def savings_line(savings: dict) -> str:
-    """Return a result's savings (Runner's run_savings: local_tokens,
-    would_have_cost_usd, price_model, retries, escalations, escalations_saved,
-    paid_usd) as one line for a person or a planner."""
-    retries = savings["retries"]
-    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
-            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
-            f"(the planner's own tokens not counted); "
-            f"{retries} retr{'y' if retries == 1 else 'ies'}")
-    if savings["escalations"]:
-        line += f", {savings['escalations']} escalated ({savings['escalations_saved']} saved by it)"
-    return line + f"; ${savings['paid_usd']:.4f} paid"
+class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
+    """A result memory as Store.finish stores it (built by result_memory, in the room
+    "The result document"): content (text), tags (list of str), metadata (dict),
+    conversation_id (the run id, for the memory server's HTTP API) and state, the
+    plan's final state {"status", "finished_at", "error"}."""
 
-
-def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result: plan, outcome, project (its name
-    as the memory server's hooks detect it), run id, each step's status (and
-    error), files changed, the error and the savings (savings_line); plain text, for the memory
-    server's embedding (which reads a memory's first few hundred words) and for a
-    planner reading search hits."""
-    counts = result.get("counts") or {}
-    project = result.get("project")
-    project = f" in project {_summary_text(project, 100)}" if project else ""
-    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
-             f"{project} (run {result['run_id']})",
-             f"objective: {_summary_text(result.get('objective'), 200)}",
-             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
-             f"{counts.get('skipped', 0)} skipped"]
-    steps = result.get("steps") or []
-    for step in steps[:RESULT_SUMMARY_STEPS]:
-        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
-        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
-        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
-    if len(steps) > RESULT_SUMMARY_STEPS:
-        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
-    files = result.get("files") or []
-    if files:
-        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
-                          for f in files[:RESULT_SUMMARY_FILES])
-        more = f" and {len(files) - RESULT_SUMMARY_FILES} more" if len(files) > RESULT_SUMMARY_FILES else ""
-        lines.append(f"files: {shown}{more}")
-    if result.get("error"):
-        lines.append(f"error: {_summary_text(result['error'], 300)}")
-    if isinstance(result.get("savings"), dict):
-        lines.append(savings_line(result["savings"]))
-    for problem in (result.get("problems") or [])[:5]:
-        lines.append(f"problem: {_summary_text(problem, 200)}")
-    return "\n".join(lines)
-
-
-def result_content(result: dict) -> str:
-    """Return the content of a result memory: result_summary(), a blank line, then the
-    whole result document as one line of JSON (the last line; JSON escapes every
-    newline, so nothing in the document can end it early)."""
-    result = redact(result)
-    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+    __slots__ = ()
 
 
 def parse_result_content(content: str) -> dict | None:
-    """Return the result document of a result memory's content, or None when it is not
-    one: the JSON of its last line (result_content), or the whole content as JSON
-    (results stored before the summary existed). A document is a JSON object whose
-    "type" is "bridge_result"."""
+    """Return the result document of a result memory's content (result_content: the
+    JSON of its last line, or the whole content as JSON for results stored before the
+    summary existed), or None when it is not one: a JSON object whose "type" is
+    "bridge_result"."""
     for text in (content.rpartition("\n")[2], content):
         try:
             document = load_json(text)
@@ -1868,26 +1815,6 @@ def parse_result_content(content: str) -> dict | None:
         if isinstance(document, dict) and document.get("type") == "bridge_result":
             return document
     return None
-
-
-def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
-    """Return a result document as bridge prints it (the --json of a run, --show
-    --json): the stored document (result_content), its result_hash (the
-    content_hash of its memory), what the plan's state says happened to that run
-    since (undone_at, applied_at, rejected_at; state: the plan's state, {} for a run
-    just stored), and run_log as bridge makes it from the run id (the stored one is
-    not a path; None when the run id is not bridge's)."""
-    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
-    if state.get("undone_run") == run_id and state.get("undone_at"):
-        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
-    if state.get("run_id") == run_id:
-        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
-    if "run_log" in document:
-        try:
-            shown["run_log"] = str(run_folder(runs_dir, run_id))
-        except PathError:
-            shown["run_log"] = None
-    return shown
 
 
 ###############################################################################
@@ -2616,48 +2543,42 @@ class Store:
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, result: dict, memory_api: MemoryAPI | None = None,
+    def finish(self, record: PlanRecord, memory: ResultMemory, memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the run's result memory and record the plan's final state; return the
-        result's content_hash.
+        """Store the run's result memory as given and record the plan's final state
+        (memory.state, with result_hash); return the result's content_hash.
 
-        result: the result document (README: "What bridge writes into the store"), stored as result_content().
-        Without memory_api, the result row and the final state (status, finished_at,
-        error, result_hash) are one transaction. With memory_api the result goes
-        through the memory server's HTTP API first, so it gets an embedding: (1) the
-        state records result_hash while still in_progress; (2) POST /api/memories;
-        (3) one transaction stores the result directly unless a live row already has
-        that hash (the server's, in this file), and records the final state. A crash
-        after (2) leaves a stored result its state points to (read as finished, see
-        _settled); a refusal or an unreachable server leaves nothing, so (3) writes it,
-        and warn() gets one line. The result is never lost and never stored twice in
-        this file. Raises StoreError when the store cannot be written.
+        Without memory_api, the result row and the final state are one transaction.
+        With memory_api the result goes through the memory server's HTTP API first, so
+        it gets an embedding: (1) the state records result_hash while still in_progress;
+        (2) POST /api/memories; (3) one transaction stores the result directly unless a
+        live row already has that hash (the server's, in this file), and records the
+        final state. A crash after (2) leaves a stored result its state points to (read
+        as finished, see _settled); a refusal or an unreachable server leaves nothing,
+        so (3) writes it, and warn() gets one line. The result is never lost and never
+        stored twice in this file. Raises StoreError when the store cannot be written.
         """
-        content = result_content(result)
+        content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
-        tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
-        if result.get("project"):       # the memory server's hooks inject memories tagged so
-            tags.append(tag_safe(result["project"]))
-        metadata = {"plan_id": result["plan_id"], "run_id": result["run_id"]}
         why = None
         if memory_api is not None:
             self._write(lambda: self._set_state(record, {"result_hash": digest}))
-            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata, result["run_id"])
+            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata,
+                                           memory.conversation_id)
             crash_point(self.crash_at, "result_posted")
             if stored is not None and stored != digest:
-                why = (f"it stored the result as another memory ({stored[:12]}…: split into chunks by its "
-                       "length limit?)")
+                why = (f"it stored the result as another memory ({stored[:12]}…: split into "
+                       "chunks by its length limit?)")
 
         def work() -> str:
             if not self._has_live_hash(digest):
                 self.insert_memory(content, tags, RESULT_MEMORY_TYPE, metadata)
                 if memory_api is not None and warn is not None:
                     reason = why or f"it writes another store file than {self.path}"
-                    warn(f"the memory server at {memory_api.url} did not store the result of plan "
-                         f"{result['plan_id']} ({reason}); stored it directly: tag search finds it, "
-                         "semantic search does not")
-            self._set_state(record, {"status": result["status"], "finished_at": result["finished_at"],
-                                     "error": result["error"], "result_hash": digest})
+                    warn(f"the memory server at {memory_api.url} did not store the result of "
+                         f"plan {record.plan_id} ({reason}); stored it directly: tag search "
+                         "finds it, semantic search does not")
+            self._set_state(record, {**memory.state, "result_hash": digest})
             crash_point(self.crash_at, "finish")
             return digest
         return self._write(work)
@@ -7685,14 +7606,26 @@ def read_step_stats(path: Path) -> dict:
     return report
 
 
+###############################################################################
+# 20. The result document
+# What a run leaves behind, built here alone from the facts Runner._result gathers
+# (README: "What bridge writes into the store"): the result memory's summary and
+# content (result_memory; the Store stores it as given, and parse_result_content in
+# the room "Store layouts & plan records" reads it back), the document --json and
+# --show --json print (shown_result, show_document), and the text of --show and of
+# a run's end (render_show, savings_line, ledger_lines).
+###############################################################################
+
+RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
+RESULT_SUMMARY_FILES = 10
+
+
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
-    """Return what a run's local work saved, said plainly: local_tokens (prompt and
-    completion tokens on the local server, openai: references), would_have_cost_usd
-    (those tokens at price_model's prices: what the planner's model would have been
-    paid for the same tokens; the planner's own tokens writing and reading the plan
-    are not counted), paid_usd (what paid escalations really cost), retries
-    (attempts after a step's first, escalations not counted), escalations and
-    escalations_saved (steps escalated, and those the escalation saved)."""
+    """Return what a run's local work saved: local_tokens (prompt and completion tokens
+    on the local server, openai: references), local_usage, would_have_cost_usd (those
+    tokens at price_model's prices; the planner's own tokens are not counted), paid_usd
+    (what paid escalations cost), retries (attempts after a step's first, escalations
+    not counted), escalations and escalations_saved (steps escalated, and those it saved)."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -7708,21 +7641,241 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
             "escalations_saved": sum(1 for s in escalated if s.escalation_saved)}
 
 
+def savings_line(savings: dict) -> str:
+    """Return a result's savings (run_savings) as one line for a person or a planner."""
+    retries = savings["retries"]
+    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
+            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
+            f"(the planner's own tokens not counted); "
+            f"{retries} retr{'y' if retries == 1 else 'ies'}")
+    if savings["escalations"]:
+        line += (f", {savings['escalations']} escalated "
+                 f"({savings['escalations_saved']} saved by it)")
+    return line + f"; ${savings['paid_usd']:.4f} paid"
+
+
 def ledger_lines(result: dict) -> list[str]:
     """Return the usage ledger of a result as lines for a person: one per model,
     then which steps escalated and whether that saved them."""
     lines = ["  ledger:"]
     for model, line in result["ledger"].items():
-        lines.append(f"    {model:<32} {line['requests']:>3} request(s) {line['prompt_tokens']:>8} in "
-                     f"{line['completion_tokens']:>7} out  ${line['cost_usd']:.4f}")
+        lines.append(f"    {model:<32} {line['requests']:>3} request(s) "
+                     f"{line['prompt_tokens']:>8} in {line['completion_tokens']:>7} out  "
+                     f"${line['cost_usd']:.4f}")
     for entry in result["escalations"]:
         verdict = "saved it" if entry["saved"] else "did not save it"
         lines.append(f"    step {entry['step']} escalated to {entry['model']}: {verdict}")
     return lines
 
 
+def result_summary(result: dict) -> str:
+    """Return the first lines of a stored result, plain text: plan, outcome, project (its
+    name as the memory server's hooks detect it), run id, each step's status and error,
+    files changed, the error, the savings and problems. For the memory server's embedding
+    (which reads a memory's first few hundred words) and a planner reading search hits."""
+    counts = result.get("counts") or {}
+    project = result.get("project")
+    project = f" in project {_summary_text(project, 100)}" if project else ""
+    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
+             f"{project} (run {result['run_id']})",
+             f"objective: {_summary_text(result.get('objective'), 200)}",
+             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
+             f"{counts.get('skipped', 0)} skipped"]
+    steps = result.get("steps") or []
+    for step in steps[:RESULT_SUMMARY_STEPS]:
+        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
+        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
+        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
+    if len(steps) > RESULT_SUMMARY_STEPS:
+        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
+    files = result.get("files") or []
+    if files:
+        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
+                          for f in files[:RESULT_SUMMARY_FILES])
+        more = len(files) - RESULT_SUMMARY_FILES
+        lines.append(f"files: {shown}" + (f" and {more} more" if more > 0 else ""))
+    if result.get("error"):
+        lines.append(f"error: {_summary_text(result['error'], 300)}")
+    if isinstance(result.get("savings"), dict):
+        lines.append(savings_line(result["savings"]))
+    for problem in (result.get("problems") or [])[:5]:
+        lines.append(f"problem: {_summary_text(problem, 200)}")
+    return "\n".join(lines)
+
+
+def result_content(result: dict) -> str:
+    """Return the content of a result memory: result_summary(), a blank line, then the
+    whole (redacted) document as one line of JSON, the last line (JSON escapes every
+    newline, so nothing in the document can end it early; parse_result_content)."""
+    result = redact(result)
+    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+
+
+def result_memory(result: dict) -> ResultMemory:
+    """Return the result memory of a result document, as Store.finish stores it: its
+    content (result_content), tags (bridge-result, plan:<id>, and the project's name,
+    the tag the memory server's hooks inject memories by), metadata, the run id as
+    the memory server's conversation_id, and the plan's final state."""
+    tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
+    if result.get("project"):
+        tags.append(tag_safe(result["project"]))
+    return ResultMemory(result_content(result), tags,
+                        {"plan_id": result["plan_id"], "run_id": result["run_id"]},
+                        result["run_id"], {"status": result["status"],
+                                           "finished_at": result["finished_at"],
+                                           "error": result["error"]})
+
+
+def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
+    """Return a result document as bridge prints it (the --json of a run, --show
+    --json): the stored document, its result_hash (its memory's content_hash), what
+    the plan's state says happened to that run since (undone_at, applied_at,
+    rejected_at; state {} for a run just stored), and run_log as bridge makes it from
+    the run id (the stored one is not a path; None when the run id is not bridge's)."""
+    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
+    if state.get("undone_run") == run_id and state.get("undone_at"):
+        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
+    if state.get("run_id") == run_id:
+        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
+    if "run_log" in document:
+        try:
+            shown["run_log"] = str(run_folder(runs_dir, run_id))
+        except PathError:
+            shown["run_log"] = None
+    return shown
+
+
+def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tuple[str, str]],
+                  runs_dir: Path) -> dict:
+    """Return what --show --json prints: shown_result of the found (document,
+    result_hash), with status_now when the plan moved on from that run (after --apply
+    or --reject) and replaced_runs [{"run_id", "status"}] (Store.replaced_runs)."""
+    result = shown_result(*found, record.state, runs_dir)
+    now = record.display_status
+    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
+            and now not in ("stale", "in_progress"):
+        result["status_now"] = now      # after --apply or --reject: the plan's real status
+    if replaced:
+        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    return result
+
+
+def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
+    """Return the command that runs a plan from where it is: --plan for a pending
+    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
+    run that is not the plan's own is said to be forged: foreign_run_reason),
+    --rerun for a finished one."""
+    status, plan_id = record.display_status, record.plan_id
+    run_id = record.state.get("run_id")
+    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
+    if status == "stale" and runs_dir is not None and ours \
+            and (why := foreign_run_reason(runs_dir, run_id, record)):
+        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
+                f"which touches none of that run's files, or drop it with bridge --cancel "
+                f"{plan_id}")
+    if status == "stale":
+        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
+                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
+    if status == "in_progress":
+        return "it is running now; see it with: bridge --list --all"
+    if status == "awaiting_review":
+        return (f"its files are staged, not written: bridge --diff {plan_id}, then "
+                f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+    if status == "pending":
+        return f"run it with: bridge --plan {plan_id}"
+    return f"run it again with: bridge --plan {plan_id} --rerun"
+
+
+def _check_line(check: dict) -> str:
+    """One command run of a result for a person: command, outcome, seconds, last output line."""
+    if check.get("ran") is False:
+        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
+    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
+    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
+    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
+    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
+            + (f" · {last[0][:200]}" if last and check["error"] else ""))
+
+
+def _step_lines(step: dict) -> list[str]:
+    """A result's step for a person (render_result); the output keeps its own lines."""
+    title = f" ({step['title']})" if step.get("title") else ""
+    lines = [printable(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} "
+                       f"attempt(s) · {step.get('duration_s', 0):.1f} s"
+                       + (" · resumed" if step.get("resumed") else ""))]
+    if step.get("error"):
+        lines.append(printable(f"      error: {step['error']}"))
+    if step.get("file_output"):
+        lines.append(printable(f"      file: {step['file_output']}"))
+    for check in step.get("checks") or []:
+        lines.append(printable(f"      check: {_check_line(check)}"))
+    output = (step.get("output") or "").strip()
+    if output:
+        shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
+        lines.append("      output: "
+                     + printable(shown, multiline=True).replace("\n", "\n              "))
+    return lines
+
+
+def render_result(result: dict) -> str:
+    """Return a stored result document as text for a person: steps, outputs, errors,
+    files, usage, cost and where the run log is. Every line goes through printable()."""
+    usage = result.get("usage") or {}
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        lines.append(printable(line))
+
+    if result.get("status_now"):
+        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
+            f"which ended {result['status']})")
+    else:
+        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("objective"):
+        add(f"  objective: {result['objective']}")
+    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
+    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')}"
+        f" · {result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
+    if "would_have_cost_usd" in result:
+        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
+    if result.get("error"):
+        add(f"  error: {result['error']}")
+    if result.get("undone_at"):
+        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
+    if result.get("applied_at"):
+        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
+    if result.get("rejected_at"):
+        add(f"  rejected at {result['rejected_at']}: its staged files were dropped "
+            "(bridge --reject)")
+    for problem in result.get("problems") or []:
+        add(f"  problem: {problem}")
+    for step in result.get("steps", []):
+        lines += _step_lines(step)
+    if result.get("verify"):
+        add(f"  verify: {_check_line(result['verify'])}")
+    for change in result.get("files", []):
+        add(f"  file {change['path']}: {change['action']}")
+    if result.get("run_log"):
+        add(f"  run log: {result['run_log']}")
+    return "\n".join(lines)
+
+
+def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
+    """Return what --show prints of show_document's result: render_result, the runs of
+    contents the plan had before --submit --replace, and what to do now when it is
+    stale or awaiting review."""
+    lines = [render_result(result)]
+    for entry in result.get("replaced_runs") or []:
+        lines.append(printable(f"  replaced content: run {entry['run_id']} ({entry['status']}) "
+                               "ran an earlier content of this plan"))
+    if record.display_status in ("stale", "awaiting_review"):
+        lines.append(printable(f"  now: {record.display_status}; {run_hint(record, runs_dir)}"))
+    return "\n".join(lines)
+
+
 ###############################################################################
-# 20. Step scheduling
+# 21. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -7891,7 +8044,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 21. Runner
+# 22. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8979,7 +9132,8 @@ class Runner:
         in_progress, stale once this process is gone, so --resume or --rerun can
         take it over (the run's journal and backups are kept for that)."""
         try:
-            digest = self.store.finish(record, result, self.memory_api, self.progress.warning)
+            digest = self.store.finish(record, result_memory(result), self.memory_api,
+                                       self.progress.warning)
         except StoreError as exc:
             raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
                              "in progress (stale once this bridge exits), its files and their backups kept",
@@ -9016,7 +9170,7 @@ class Runner:
 
 
 ###############################################################################
-# 22. CLI: arguments and settings
+# 23. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9372,7 +9526,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 23. CLI: listing, health, trust and approval
+# 24. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9863,7 +10017,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 24. CLI: running and showing
+# 25. CLI: running and showing
 ###############################################################################
 
 
@@ -10034,120 +10188,16 @@ def cmd_show(config: Config, plan_id: str) -> int:
                     "bridge and is not shown")
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
                           f"{record.display_status}){note}", run_hint(record, config.runs_dir))
-    result = shown_result(*found, record.state, config.runs_dir)
-    now = record.display_status
-    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
-            and now not in ("stale", "in_progress"):
-        result["status_now"] = now      # after --apply or --reject: the plan's real status
-    if replaced:
-        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    result = show_document(found, record, replaced, config.runs_dir)
     if config.json:
         _print_json(result)
     else:
-        print(render_result(result))
-        for run, status in replaced:
-            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
-                            "of this plan"))
-        if record.display_status in ("stale", "awaiting_review"):
-            print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
+        print(render_show(result, record, config.runs_dir))
     return EXIT_OK
 
 
-def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
-    run that is not the plan's own is said to be forged: foreign_run_reason),
-    --rerun for a finished one."""
-    status, plan_id = record.display_status, record.plan_id
-    run_id = record.state.get("run_id")
-    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
-    if status == "stale" and runs_dir is not None and ours \
-            and (why := foreign_run_reason(runs_dir, run_id, record)):
-        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
-                f"which touches none of that run's files, or drop it with bridge --cancel "
-                f"{plan_id}")
-    if status == "stale":
-        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
-                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
-    if status == "in_progress":
-        return "it is running now; see it with: bridge --list --all"
-    if status == "awaiting_review":
-        return (f"its files are staged, not written: bridge --diff {plan_id}, then bridge --apply {plan_id} "
-                f"or bridge --reject {plan_id}")
-    if status == "pending":
-        return f"run it with: bridge --plan {plan_id}"
-    return f"run it again with: bridge --plan {plan_id} --rerun"
-
-
-def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs,
-    errors, files, usage, cost and where the run log is. Every line goes through
-    printable(); an output keeps its own lines."""
-    usage = result.get("usage") or {}
-    lines: list[str] = []
-
-    def add(line: str) -> None:
-        lines.append(printable(line))
-
-    if result.get("status_now"):
-        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
-            f"which ended {result['status']})")
-    else:
-        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
-    if result.get("objective"):
-        add(f"  objective: {result['objective']}")
-    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
-    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
-        f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
-        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
-    if "would_have_cost_usd" in result:
-        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
-    if result.get("error"):
-        add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
-    for problem in result.get("problems") or []:
-        add(f"  problem: {problem}")
-    for step in result.get("steps", []):
-        title = f" ({step['title']})" if step.get("title") else ""
-        add(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
-            f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
-        if step.get("error"):
-            add(f"      error: {step['error']}")
-        if step.get("file_output"):
-            add(f"      file: {step['file_output']}")
-        for check in step.get("checks") or []:
-            add(f"      check: {_check_line(check)}")
-        output = (step.get("output") or "").strip()
-        if output:
-            shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
-            lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
-    if result.get("verify"):
-        add(f"  verify: {_check_line(result['verify'])}")
-    for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
-    if result.get("run_log"):
-        add(f"  run log: {result['run_log']}")
-    return "\n".join(lines)
-
-
-def _check_line(check: dict) -> str:
-    """One command run of a result for a person: command, outcome, seconds, last output line."""
-    if check.get("ran") is False:
-        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
-    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
-    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
-    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
-    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
-            + (f" · {last[0][:200]}" if last and check["error"] else ""))
-
-
 ###############################################################################
-# 25. CLI: diff, undo, review
+# 26. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10298,7 +10348,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 26. CLI: the planner's side
+# 27. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10496,7 +10546,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 27. main()
+# 28. main()
 ###############################################################################
 
 

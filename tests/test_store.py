@@ -835,7 +835,7 @@ def test_a_result_memory_is_stored_byte_for_byte_as_before(tmp_path):
     insert_plan(db, make_plan("pin"))
     document = _pinned_result()
     with bridge.Store.open(bridge.Config(db_paths=(db,))) as store:
-        digest = store.finish(store.get_plan("pin"), document)
+        digest = store.finish(store.get_plan("pin"), bridge.result_memory(document))
     [row] = [r for r in read_rows(db) if "bridge-result" in r["tags"].split(",")]
     summary = ["bridge result: plan pin failed in project proj one (run 20260101T000000Z-abc123)",
                "objective: pin the layout", "steps: 1 succeeded, 1 failed, 0 skipped",
