@@ -112,19 +112,20 @@ Limits on what bridge reads (hostile input is a recorded failure, never a crash)
 Rooms, foundations first: each room uses only names from the rooms above it (a test
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
-    1 Constants & defaults · 2 Errors · 3 Helpers · 4 File writes inside the project ·
-    5 Store layouts & plan records · 6 The memory server's HTTP API ·
-    7 Store (SQLite) · 8 Plans · 9 Trust: projects, approvals, executors ·
-    10 Model servers: errors, streams, retries ·
-    11 LLM client: OpenAI-compatible servers ·
-    12 Other executors: the Anthropic API and the claude CLI · 13 Output validation ·
-    14 Constrained JSON and degenerate output ·
-    15 Check commands, and what the model is told of the checks ·
-    16 File transactions: journal, rollback, recovery ·
-    17 Kept runs: backups, diff, undo, review · 18 Prompts · 19 Run records ·
-    20 Step scheduling · 21 Runner · 22 CLI: arguments and settings ·
-    23 CLI: listing, health, trust and approval · 24 CLI: running and showing ·
-    25 CLI: diff, undo, review · 26 CLI: the planner's side · 27 main()
+    1 Constants & defaults · 2 Errors · 3 Helpers ·
+    4 Path rules: what a plan may read and write · 5 File writes inside the project ·
+    6 Store layouts & plan records · 7 The memory server's HTTP API · 8 Store (SQLite) ·
+    9 Plans · 10 Trust: projects, approvals, executors ·
+    11 Model servers: errors, streams, retries · 12 LLM client: OpenAI-compatible servers ·
+    13 Other executors: the Anthropic API and the claude CLI · 14 Output validation ·
+    15 Constrained JSON and degenerate output ·
+    16 Check commands, and what the model is told of the checks ·
+    17 File transactions: journal, rollback, recovery ·
+    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Run records ·
+    21 The result document · 22 Step scheduling · 23 Runner ·
+    24 CLI: arguments and settings · 25 CLI: listing, health, trust and approval ·
+    26 CLI: running and showing · 27 CLI: diff, undo, review · 28 CLI: the planner's side ·
+    29 main()
 """
 
 from __future__ import annotations
@@ -533,6 +534,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
 #    ├── PathError (1)          a plan path leaves the project or cannot be used
 #    │    └── RollbackError (1) files could not be put back; names every one
+#    │                          (both in the room 'Path rules: what a plan may read and write')
 #    ├── PromptTooLarge (1)     a step's prompt cannot fit the model's context
 #    ├── OutputInvalid (1)      a model output failed its step's validation
 #    │    └── OutputDegenerate  stopped while it streamed: it degenerated
@@ -612,16 +614,6 @@ def problems_line(problems: list[str]) -> str:
     shown = "; ".join(problems[:PROBLEMS_SHOWN])
     more = len(problems) - PROBLEMS_SHOWN
     return shown + (f"; and {more} more (bridge --validate lists them all)" if more > 0 else "")
-
-
-class PathError(BridgeError):
-    """A plan's path is absolute, climbs out of the project, or cannot be written."""
-
-    exit_code = EXIT_PLAN_FAILED
-
-
-class RollbackError(PathError):
-    """Some files could not be restored; the message names every one."""
 
 
 class PromptTooLarge(BridgeError):
@@ -1130,14 +1122,48 @@ def terminal_columns() -> int:
 
 
 ###############################################################################
-# 4. File writes inside the project
+# 4. Path rules: what a plan may read and write
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
+# store) is in this room; the rooms that read and write files call these rules and decide
+# none themselves (the model: tarfile's extraction filters).
+#   names      plan_path_parts (relative, no '..', no NUL), same_file_path,
+#              _check_name_lengths (NAME_MAX, PATH_MAX)
+#   inside     resolve_inside (with symlinks followed, still inside the project), real_path
+#   writes     forbidden_target_reason (VCS folders, the store, the state dir),
+#              output_path_problem (what a step's file_output may be)
+#   reads      secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+#   projects   untrustable_reason (what can never be a project)
+# The writes then walk the project by dir_fd, never through a symlink (the room 'File
+# writes inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
+
+
+class PathError(BridgeError):
+    """A plan's path is absolute, climbs out of the project, or cannot be written."""
+
+    exit_code = EXIT_PLAN_FAILED
+
+
+class RollbackError(PathError):
+    """Some files could not be restored; the message names every one."""
+
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def real_path(path: str | Path) -> Path:
+    """Return path with ~ expanded and symlinks and `..` resolved (os.path.realpath; need
+    not exist), or only normalized when a folder swapped under it makes realpath fail
+    (readlink of what is no longer a symlink: EINVAL). bridge's one realpath."""
+    from pathlib import Path
+
+    path = os.path.expanduser(os.fspath(path))
+    try:
+        return Path(os.path.realpath(path))
+    except OSError:
+        return Path(os.path.normpath(path))
 
 
 def plan_path_parts(rel: str) -> list[str]:
@@ -1153,8 +1179,10 @@ def plan_path_parts(rel: str) -> list[str]:
     try:
         os.fsencode(rel)
     except UnicodeEncodeError:
-        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") \
+            from None
+    windows = PureWindowsPath(rel)
+    if PurePosixPath(rel).is_absolute() or windows.is_absolute() or windows.drive:
         raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         raise PathError(f"path {rel!r} climbs out with '..'")
@@ -1164,25 +1192,69 @@ def plan_path_parts(rel: str) -> list[str]:
     return parts
 
 
-class FileChange:
-    """What one run did to one path: action is "created" or "modified" (then
-    "reverted" after a rollback). backup: the copy of the original, if any, and
-    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
-
-    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
-
-    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
-                 created_dirs: list[Path] | None = None):
-        self.path, self.action, self.backup, self.mode = path, action, backup, mode
-        self.created_dirs = created_dirs or []
+def same_file_path(rel: str) -> str:
+    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
+    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
+    locking, journaling and reporting agree on one name. rel is a path
+    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    try:
+        return "/".join(plan_path_parts(rel))
+    except PathError:
+        return rel
 
 
+# A file bridge writes is first written as .NAME.XXXXXXXX.bridge-tmp beside it (atomic_write)
 TEMP_SUFFIX = ".bridge-tmp"
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
+
+
+def _check_name_lengths(project: Path, rel: str) -> None:
+    """Refuse a plan path the filesystem cannot hold: a folder name longer than
+    NAME_MAX bytes, a file name that leaves no room for its temp file's
+    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
+    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    def limit(name: str, default: int) -> int:
+        try:
+            return os.pathconf(project, name)
+        except (OSError, ValueError):
+            return default
+
+    name_max = limit("PC_NAME_MAX", NAME_MAX_BYTES)
+    parts = [part for part in rel.replace("\\", "/").split("/") if part]
+    shown = rel if len(rel) <= 60 else rel[:40] + "…"
+    for n, part in enumerate(parts):
+        room = name_max - (TEMP_NAME_EXTRA_BYTES if n == len(parts) - 1 else 0)
+        if (size := len(part.encode("utf-8", "surrogatepass"))) > room:
+            raise PathError(f"path {shown!r} has a name of {size} bytes; names here hold at "
+                            f"most {room} bytes (file names keep {TEMP_NAME_EXTRA_BYTES} for "
+                            "bridge's temp file)")
+    path_max = limit("PC_PATH_MAX", PATH_MAX_BYTES)
+    whole = len(os.fsencode(str(project.absolute()))) + 1 \
+        + len(rel.encode("utf-8", "surrogatepass"))
+    if whole + TEMP_NAME_EXTRA_BYTES > path_max:
+        raise PathError(f"path {shown!r} is {whole} bytes long in {project}; paths here hold "
+                        f"at most {path_max - TEMP_NAME_EXTRA_BYTES} bytes")
+
+
+def resolve_inside(project: Path, rel: str) -> Path:
+    """Return project/rel, refusing anything that could land outside the project.
+
+    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
+    location (symlinks followed) is outside the project's real location.
+    Raises PathError saying which.
+    """
+    plan_path_parts(rel)
+    _check_name_lengths(project, rel)
+    try:
+        root = project.resolve()
+        target = (project / rel).resolve()
+    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+        raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
+    if not target.is_relative_to(root):
+        raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
+    return project / rel
+
+
 STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
 
 
@@ -1204,6 +1276,8 @@ class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
 # command of that system (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks]
 # in .hg/hgrc; Subversion, Jujutsu, Bazaar, darcs: their own config and hooks).
 VCS_FOLDERS = (".git", ".hg", ".svn", ".jj", ".bzr", "_darcs")
+
+
 # What a name may hold that some disk drops when it looks the name up, so that the
 # name still opens a VCS folder: code points HFS+ and APFS ignore (git's utf8.c
 # is_hfs_dotgit), trailing dots and spaces (NTFS, FAT), and 8.3 short names (GIT~1).
@@ -1221,7 +1295,7 @@ def vcs_folder_of(name: str) -> str | None:
     return None
 
 
-def _is_git_dir(folder: str) -> bool:
+def _is_git_dir(folder: str | Path) -> bool:
     """Whether folder is a git directory by git's own test (setup.c
     is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
     worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
@@ -1232,7 +1306,7 @@ def _is_git_dir(folder: str) -> bool:
         os.path.isdir(inside("objects")) and os.path.isdir(inside("refs")))
 
 
-def _gitdir_named(folder: str) -> str | None:
+def _gitdir_named(folder: str | Path) -> Path | None:
     """The real path a `.git` file in folder points to ("gitdir: PATH", git's
     gitfile format, as a worktree or submodule has), or None."""
     try:        # O_NONBLOCK: a FIFO named .git must not hang the check
@@ -1248,7 +1322,7 @@ def _gitdir_named(folder: str) -> str | None:
     if not head.startswith("gitdir:"):
         return None
     target = head[len("gitdir:"):].split("\n")[0].strip()
-    return _realpath(os.path.join(folder, target)) if target else None
+    return real_path(os.path.join(folder, target)) if target else None
 
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
@@ -1264,24 +1338,19 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
         if folder := vcs_folder_of(part):
             return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
                     "bridge never writes there")
-    root = _realpath(project)
-    for shown in dict.fromkeys((os.path.abspath(project), root)):
+    root = real_path(project)
+    for shown in dict.fromkeys((os.path.abspath(project), str(root))):
         for part in PurePosixPath(shown).parts:
             if folder := vcs_folder_of(part):
                 return (f"project {project} lies inside {part}/ ({folder}: its hooks and config "
                         "run commands); bridge never writes there")
-    target = _realpath(os.path.join(root, rel))
-    folder = os.path.dirname(target)
-    while True:
+    target = real_path(root / rel)
+    for folder in target.parents:
         gitdir = _gitdir_named(folder)
-        under = gitdir is not None and (target + os.sep).startswith(gitdir.rstrip(os.sep) + os.sep)
-        if _is_git_dir(folder) or under:
+        if _is_git_dir(folder) or (gitdir is not None and target.is_relative_to(gitdir)):
             where = folder if _is_git_dir(folder) else gitdir
             return f"path {rel!r} lies in the git directory {where}; bridge never writes there"
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
+    return None
 
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
@@ -1296,26 +1365,214 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
-    root = _realpath(project)
-    targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
+    root = real_path(project)
+    targets = {root / rel, real_path(root / rel)}
     for store in guard.stores:
-        real = _realpath(store)
-        if targets & {real + sidecar for sidecar in STORE_SIDECARS}:
+        real = real_path(store)
+        if targets & {real.with_name(real.name + sidecar) for sidecar in STORE_SIDECARS}:
             return f"path {rel!r} is the memory store {store}; bridge never writes it"
     if guard.state_dir is not None:
-        state = _realpath(guard.state_dir)
-        if any(t == state or t.startswith(state.rstrip(os.sep) + os.sep) for t in targets):
-            return f"path {rel!r} is in bridge's state dir {guard.state_dir}; bridge never writes there"
+        state = real_path(guard.state_dir)
+        if any(t.is_relative_to(state) for t in targets):
+            return (f"path {rel!r} is in bridge's state dir {guard.state_dir}; "
+                    "bridge never writes there")
     return None
 
 
-def _realpath(path: str | Path) -> str:
-    """os.path.realpath, or the normalized path when a folder swapped under it makes
-    that fail (readlink of what is no longer a symlink: EINVAL)."""
+def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
+    """Why a step may not write rel (its file_output) in project, or None: a name of a
+    folder, what resolve_inside refuses, a folder, what forbidden_target_reason refuses,
+    a symlink on its way (which the write would refuse), not a regular file."""
+    from pathlib import PurePosixPath
+
+    if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
+        return f"{rel!r} names a folder, not a file; give the file's name (e.g. newdir/notes.md)"
     try:
-        return os.path.realpath(path)
-    except OSError:
-        return os.path.normpath(path)
+        if resolve_inside(project, rel).is_dir():
+            return f"{rel!r} is a folder"
+    except PathError as exc:
+        return str(exc)
+    if reason := forbidden_target_reason(project, rel, guard):
+        return reason
+    path = project
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        try:
+            kind = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(kind):
+            return (f"path {rel!r} goes through the symlink {part!r}; bridge writes only "
+                    "through real folders of the project")
+    if not stat.S_ISREG(kind):
+        return (f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes "
+                "only files")
+    return None
+
+
+# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
+# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
+# under it (a/b/ names the two folders in a row); else it is matched against the
+# file's name, or, with a "/", against the last components of its path. Patterns are
+# shell globs, any case. The README's table is this one.
+SECRET_LOAD_TABLE = (
+    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
+    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
+    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
+    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
+    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
+    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
+    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
+    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
+      for folder in VCS_FOLDERS),
+    ("id_*", "SSH private key (id_*.pub is public)"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"),
+    ("*.ppk", "PuTTY private key"),
+    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
+    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
+    (".env", "environment secrets"), (".env.*", "environment secrets"),
+    (".envrc", "direnv secrets"),
+    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
+    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
+    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
+    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
+    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
+    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
+    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
+    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
+    ("terraform.rc", "Terraform tokens"),
+    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
+    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
+    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
+    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
+    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
+    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
+    ("secrets.yaml", "app secrets"),
+)
+
+
+# Names LOAD reads although a row above matches: public keys and samples of secret files
+SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
+
+
+# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
+# the name is checked again without it.
+_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
+
+
+def _secret_row(parts: list[str]) -> tuple[str, str] | None:
+    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
+    from fnmatch import fnmatchcase
+
+    parts = [part.casefold() for part in parts]
+    folders, name = parts[:-1], parts[-1]
+    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
+    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
+        return "id_*", "SSH private key (id_*.pub is public)"
+    for pattern, holds in SECRET_LOAD_TABLE:
+        seq = pattern.rstrip("/").casefold().split("/")
+        if pattern.endswith("/"):
+            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
+                return pattern, holds
+            continue
+        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
+            continue
+        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
+            continue
+        last_folders = folders[len(folders) - len(seq) + 1:]
+        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
+        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
+            return pattern, holds
+    return None
+
+
+def secret_file_reason(rel: str) -> str | None:
+    """Return why a LOAD path looks like a private key or a secret store, or None.
+
+    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
+    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
+    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
+    Their text would go to the model, into the result memory and the run logs.
+    """
+    from pathlib import PurePosixPath
+
+    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
+    row = _secret_row(parts) if parts else None
+    if row is None:
+        return None
+    pattern, holds = row
+    if pattern.endswith("/"):
+        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
+                "does not send it to a model")
+    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
+            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
+            "needs another way)")
+
+
+def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
+    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
+    secret_file_reason of the path as the plan wrote it, as it lies in the real project
+    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
+    None when it may. The one rule for validation and for what approval shows."""
+    real = real_path(path)
+    inside = os.path.relpath(real, real_path(project))
+    return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's
+    project, or None: the filesystem root, the home folder itself or a folder holding
+    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
+    dir or the config dir, or inside one of those two.
+    A plan working there could replace the store, its own journals or the trust file."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir),
+        ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
+    return None
+
+
+###############################################################################
+# 5. File writes inside the project
+#
+# Every write goes to a temp file in the target's folder, then os.replace: a reader
+# sees the old bytes or the new, never half. Before the first write to a path, its
+# original is copied into the run's folder under --state-dir and an entry is added
+# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
+# it back. Nothing of this lives in the project.
+###############################################################################
+
+
+class FileChange:
+    """What one run did to one path: action is "created" or "modified" (then
+    "reverted" after a rollback). backup: the copy of the original, if any, and
+    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
+
+    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
+
+    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
+                 created_dirs: list[Path] | None = None):
+        self.path, self.action, self.backup, self.mode = path, action, backup, mode
+        self.created_dirs = created_dirs or []
+
+
+_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
 
 
 def _open_root(project: Path) -> int:
@@ -1388,6 +1645,40 @@ def open_inside(project: Path, rel: str) -> Any:
         return handle
     finally:
         os.close(fd)
+
+
+def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
+    """Return the text of a LOAD file for a prompt.
+
+    With project, the file is project/rel opened through real folders only, as
+    writes are (open_inside: a folder swapped for a symlink cannot make it read a
+    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
+    with a marker saying so. Raises FileNotFoundError when it does not exist,
+    PathError when it cannot be read, goes through a symlink, or is binary (holds a
+    NUL byte) or not UTF-8.
+    """
+    try:
+        with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
+            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise PathError(f"LOAD file {rel!r} cannot be read ({exc.strerror or exc})") from exc
+    if b"\x00" in data:
+        raise PathError(f"LOAD file {rel!r} is binary; name it as REFERENCE instead")
+    cut = len(data) > LOAD_FILE_MAX_BYTES
+    data = data[:LOAD_FILE_MAX_BYTES]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
+            raise PathError(f"LOAD file {rel!r} is not UTF-8 text (byte {exc.start}); "
+                            "name it as REFERENCE instead") from exc
+        text = data[:exc.start].decode("utf-8")
+    if cut:
+        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
+    return text
+
 
 
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
@@ -1597,7 +1888,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 5. Store layouts & plan records
+# 6. Store layouts & plan records
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -1786,10 +2077,6 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
         return len(steps) if isinstance(steps, list) else 0
 
 
-RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
-RESULT_SUMMARY_FILES = 10
-
-
 def _summary_text(value: Any, max_chars: int) -> str:
     """Return value as one line of at most max_chars characters (plans are untrusted:
     no newline or control character of theirs may shape the summary)."""
@@ -1797,69 +2084,20 @@ def _summary_text(value: Any, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def savings_line(savings: dict) -> str:
-    """Return a result's savings (Runner's run_savings: local_tokens,
-    would_have_cost_usd, price_model, retries, escalations, escalations_saved,
-    paid_usd) as one line for a person or a planner."""
-    retries = savings["retries"]
-    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
-            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
-            f"(the planner's own tokens not counted); "
-            f"{retries} retr{'y' if retries == 1 else 'ies'}")
-    if savings["escalations"]:
-        line += f", {savings['escalations']} escalated ({savings['escalations_saved']} saved by it)"
-    return line + f"; ${savings['paid_usd']:.4f} paid"
+class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
+    """A result memory as Store.finish stores it (built by result_memory, in the room
+    "The result document"): content (text), tags (list of str), metadata (dict),
+    conversation_id (the run id, for the memory server's HTTP API) and state, the
+    plan's final state {"status", "finished_at", "error"}."""
 
-
-def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result: plan, outcome, project (its name
-    as the memory server's hooks detect it), run id, each step's status (and
-    error), files changed, the error and the savings (savings_line); plain text, for the memory
-    server's embedding (which reads a memory's first few hundred words) and for a
-    planner reading search hits."""
-    counts = result.get("counts") or {}
-    project = result.get("project")
-    project = f" in project {_summary_text(project, 100)}" if project else ""
-    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
-             f"{project} (run {result['run_id']})",
-             f"objective: {_summary_text(result.get('objective'), 200)}",
-             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
-             f"{counts.get('skipped', 0)} skipped"]
-    steps = result.get("steps") or []
-    for step in steps[:RESULT_SUMMARY_STEPS]:
-        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
-        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
-        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
-    if len(steps) > RESULT_SUMMARY_STEPS:
-        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
-    files = result.get("files") or []
-    if files:
-        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
-                          for f in files[:RESULT_SUMMARY_FILES])
-        more = f" and {len(files) - RESULT_SUMMARY_FILES} more" if len(files) > RESULT_SUMMARY_FILES else ""
-        lines.append(f"files: {shown}{more}")
-    if result.get("error"):
-        lines.append(f"error: {_summary_text(result['error'], 300)}")
-    if isinstance(result.get("savings"), dict):
-        lines.append(savings_line(result["savings"]))
-    for problem in (result.get("problems") or [])[:5]:
-        lines.append(f"problem: {_summary_text(problem, 200)}")
-    return "\n".join(lines)
-
-
-def result_content(result: dict) -> str:
-    """Return the content of a result memory: result_summary(), a blank line, then the
-    whole result document as one line of JSON (the last line; JSON escapes every
-    newline, so nothing in the document can end it early)."""
-    result = redact(result)
-    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+    __slots__ = ()
 
 
 def parse_result_content(content: str) -> dict | None:
-    """Return the result document of a result memory's content, or None when it is not
-    one: the JSON of its last line (result_content), or the whole content as JSON
-    (results stored before the summary existed). A document is a JSON object whose
-    "type" is "bridge_result"."""
+    """Return the result document of a result memory's content (result_content: the
+    JSON of its last line, or the whole content as JSON for results stored before the
+    summary existed), or None when it is not one: a JSON object whose "type" is
+    "bridge_result"."""
     for text in (content.rpartition("\n")[2], content):
         try:
             document = load_json(text)
@@ -1870,28 +2108,8 @@ def parse_result_content(content: str) -> dict | None:
     return None
 
 
-def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
-    """Return a result document as bridge prints it (the --json of a run, --show
-    --json): the stored document (result_content), its result_hash (the
-    content_hash of its memory), what the plan's state says happened to that run
-    since (undone_at, applied_at, rejected_at; state: the plan's state, {} for a run
-    just stored), and run_log as bridge makes it from the run id (the stored one is
-    not a path; None when the run id is not bridge's)."""
-    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
-    if state.get("undone_run") == run_id and state.get("undone_at"):
-        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
-    if state.get("run_id") == run_id:
-        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
-    if "run_log" in document:
-        try:
-            shown["run_log"] = str(run_folder(runs_dir, run_id))
-        except PathError:
-            shown["run_log"] = None
-    return shown
-
-
 ###############################################################################
-# 6. The memory server's HTTP API
+# 7. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2096,7 +2314,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 7. Store (SQLite)
+# 8. Store (SQLite)
 # Short transactions on someone else's file: discovery, the claim, the result.
 ###############################################################################
 
@@ -2616,48 +2834,42 @@ class Store:
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, result: dict, memory_api: MemoryAPI | None = None,
+    def finish(self, record: PlanRecord, memory: ResultMemory, memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the run's result memory and record the plan's final state; return the
-        result's content_hash.
+        """Store the run's result memory as given and record the plan's final state
+        (memory.state, with result_hash); return the result's content_hash.
 
-        result: the result document (README: "What bridge writes into the store"), stored as result_content().
-        Without memory_api, the result row and the final state (status, finished_at,
-        error, result_hash) are one transaction. With memory_api the result goes
-        through the memory server's HTTP API first, so it gets an embedding: (1) the
-        state records result_hash while still in_progress; (2) POST /api/memories;
-        (3) one transaction stores the result directly unless a live row already has
-        that hash (the server's, in this file), and records the final state. A crash
-        after (2) leaves a stored result its state points to (read as finished, see
-        _settled); a refusal or an unreachable server leaves nothing, so (3) writes it,
-        and warn() gets one line. The result is never lost and never stored twice in
-        this file. Raises StoreError when the store cannot be written.
+        Without memory_api, the result row and the final state are one transaction.
+        With memory_api the result goes through the memory server's HTTP API first, so
+        it gets an embedding: (1) the state records result_hash while still in_progress;
+        (2) POST /api/memories; (3) one transaction stores the result directly unless a
+        live row already has that hash (the server's, in this file), and records the
+        final state. A crash after (2) leaves a stored result its state points to (read
+        as finished, see _settled); a refusal or an unreachable server leaves nothing,
+        so (3) writes it, and warn() gets one line. The result is never lost and never
+        stored twice in this file. Raises StoreError when the store cannot be written.
         """
-        content = result_content(result)
+        content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
-        tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
-        if result.get("project"):       # the memory server's hooks inject memories tagged so
-            tags.append(tag_safe(result["project"]))
-        metadata = {"plan_id": result["plan_id"], "run_id": result["run_id"]}
         why = None
         if memory_api is not None:
             self._write(lambda: self._set_state(record, {"result_hash": digest}))
-            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata, result["run_id"])
+            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata,
+                                           memory.conversation_id)
             crash_point(self.crash_at, "result_posted")
             if stored is not None and stored != digest:
-                why = (f"it stored the result as another memory ({stored[:12]}…: split into chunks by its "
-                       "length limit?)")
+                why = (f"it stored the result as another memory ({stored[:12]}…: split into "
+                       "chunks by its length limit?)")
 
         def work() -> str:
             if not self._has_live_hash(digest):
                 self.insert_memory(content, tags, RESULT_MEMORY_TYPE, metadata)
                 if memory_api is not None and warn is not None:
                     reason = why or f"it writes another store file than {self.path}"
-                    warn(f"the memory server at {memory_api.url} did not store the result of plan "
-                         f"{result['plan_id']} ({reason}); stored it directly: tag search finds it, "
-                         "semantic search does not")
-            self._set_state(record, {"status": result["status"], "finished_at": result["finished_at"],
-                                     "error": result["error"], "result_hash": digest})
+                    warn(f"the memory server at {memory_api.url} did not store the result of "
+                         f"plan {record.plan_id} ({reason}); stored it directly: tag search "
+                         "finds it, semantic search does not")
+            self._set_state(record, {**memory.state, "result_hash": digest})
             crash_point(self.crash_at, "finish")
             return digest
         return self._write(work)
@@ -2779,7 +2991,7 @@ class Store:
 
 
 ###############################################################################
-# 8. Plans
+# 9. Plans
 ###############################################################################
 
 
@@ -2903,89 +3115,6 @@ def schema_message(error: Any) -> str:
     return clip(" ".join(message.split()), 300, "message")
 
 
-def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
-
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
-    """
-    plan_path_parts(rel)
-    _check_name_lengths(project, rel)
-    try:
-        root = project.resolve()
-        target = (project / rel).resolve()
-    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
-        raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
-    if not target.is_relative_to(root):
-        raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
-    return project / rel
-
-
-# A file bridge writes is first written as .NAME.XXXXXXXX.bridge-tmp beside it (atomic_write)
-TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX") + len(".bridge-tmp")
-
-
-def _check_name_lengths(project: Path, rel: str) -> None:
-    """Refuse a plan path the filesystem cannot hold: a folder name longer than
-    NAME_MAX bytes, a file name that leaves no room for its temp file's
-    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
-    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
-    def limit(name: str, default: int) -> int:
-        try:
-            return os.pathconf(project, name)
-        except (OSError, ValueError):
-            return default
-
-    name_max = limit("PC_NAME_MAX", NAME_MAX_BYTES)
-    parts = [part for part in rel.replace("\\", "/").split("/") if part]
-    shown = rel if len(rel) <= 60 else rel[:40] + "…"
-    for n, part in enumerate(parts):
-        room = name_max - (TEMP_NAME_EXTRA_BYTES if n == len(parts) - 1 else 0)
-        if len(part.encode("utf-8", "surrogatepass")) > room:
-            raise PathError(f"path {shown!r} has a name of {len(part.encode('utf-8', 'surrogatepass'))} bytes; "
-                            f"names here hold at most {room} bytes (file names keep "
-                            f"{TEMP_NAME_EXTRA_BYTES} for bridge's temp file)")
-    path_max = limit("PC_PATH_MAX", PATH_MAX_BYTES)
-    whole = len(os.fsencode(str(project.absolute()))) + 1 + len(rel.encode("utf-8", "surrogatepass"))
-    if whole + TEMP_NAME_EXTRA_BYTES > path_max:
-        raise PathError(f"path {shown!r} is {whole} bytes long in {project}; paths here hold at most "
-                        f"{path_max - TEMP_NAME_EXTRA_BYTES} bytes")
-
-
-def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
-    try:
-        with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
-            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise PathError(f"LOAD file {rel!r} cannot be read ({exc.strerror or exc})") from exc
-    if b"\x00" in data:
-        raise PathError(f"LOAD file {rel!r} is binary; name it as REFERENCE instead")
-    cut = len(data) > LOAD_FILE_MAX_BYTES
-    data = data[:LOAD_FILE_MAX_BYTES]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
-            raise PathError(f"LOAD file {rel!r} is not UTF-8 text (byte {exc.start}); "
-                            "name it as REFERENCE instead") from exc
-        text = data[:exc.start].decode("utf-8")
-    if cut:
-        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
-    return text
-
-
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The rules a schema cannot state. They run on a plan the schema found fault
     with too, skipping whatever part is malformed (the schema already said so)."""
@@ -3064,135 +3193,6 @@ def _schema_use_problems(schema: Any, where: str) -> list[str]:
     return []
 
 
-# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
-# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
-# under it (a/b/ names the two folders in a row); else it is matched against the
-# file's name, or, with a "/", against the last components of its path. Patterns are
-# shell globs, any case. The README's table is this one.
-SECRET_LOAD_TABLE = (
-    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
-    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
-    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
-    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
-    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
-    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
-    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
-    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
-      for folder in VCS_FOLDERS),
-    ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"),
-    ("*.ppk", "PuTTY private key"),
-    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
-    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"),
-    (".envrc", "direnv secrets"),
-    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
-    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
-    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
-    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
-    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
-    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
-    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
-    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
-    ("terraform.rc", "Terraform tokens"),
-    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
-    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
-    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
-    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
-    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
-    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
-    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
-    ("secrets.yaml", "app secrets"),
-)
-# Names LOAD reads although a row above matches: public keys and samples of secret files
-SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
-# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
-# the name is checked again without it.
-_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
-
-
-def _secret_row(parts: list[str]) -> tuple[str, str] | None:
-    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
-    from fnmatch import fnmatchcase
-
-    parts = [part.casefold() for part in parts]
-    folders, name = parts[:-1], parts[-1]
-    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
-    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
-        return "id_*", "SSH private key (id_*.pub is public)"
-    for pattern, holds in SECRET_LOAD_TABLE:
-        seq = pattern.rstrip("/").casefold().split("/")
-        if pattern.endswith("/"):
-            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
-                return pattern, holds
-            continue
-        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
-            continue
-        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
-            continue
-        last_folders = folders[len(folders) - len(seq) + 1:]
-        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
-        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
-            return pattern, holds
-    return None
-
-
-def secret_file_reason(rel: str) -> str | None:
-    """Return why a LOAD path looks like a private key or a secret store, or None.
-
-    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
-    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
-    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
-    Their text would go to the model, into the result memory and the run logs.
-    """
-    from pathlib import PurePosixPath
-
-    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
-    row = _secret_row(parts) if parts else None
-    if row is None:
-        return None
-    pattern, holds = row
-    if pattern.endswith("/"):
-        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
-                "does not send it to a model")
-    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
-            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
-            "needs another way)")
-
-
-
-def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
-    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
-    secret_file_reason of the path as the plan wrote it, as it lies in the real project
-    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
-    None when it may. The one rule for validation and for what approval shows."""
-    real = _realpath(path)
-    inside = os.path.relpath(real, _realpath(project))
-    return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(real)
-
-def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (forbidden_target_reason, or a symlink on its way
-    that the write would refuse), or None."""
-    from pathlib import PurePosixPath
-
-    reason = forbidden_target_reason(project, rel, guard)
-    if reason:
-        return reason
-    path = project
-    for part in PurePosixPath(rel).parts:
-        path = path / part
-        try:
-            kind = os.lstat(path).st_mode
-        except OSError:
-            return None
-        if stat.S_ISLNK(kind):
-            return (f"path {rel!r} goes through the symlink {part!r}; bridge writes only through real "
-                    "folders of the project")
-    if not stat.S_ISREG(kind):
-        return f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files"
-    return None
-
-
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     from pathlib import Path
 
@@ -3235,18 +3235,7 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         except (PathError, IsADirectoryError) as exc:
             problems.append(f"$.context.files_context[{rel!r}]: {exc}")
     for rel, n in outputs.items():
-        if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
-            problems.append(f"$.steps[{n}].file_output: {rel!r} names a folder, not a file; "
-                            "give the file's name (e.g. newdir/notes.md)")
-            continue
-        try:
-            path = resolve_inside(project, rel)
-        except PathError as exc:
-            problems.append(f"$.steps[{n}].file_output: {exc}")
-            continue
-        if path.is_dir():
-            problems.append(f"$.steps[{n}].file_output: {rel!r} is a folder")
-        elif reason := _output_problem(project, rel, guard):
+        if reason := output_path_problem(project, rel, guard):
             problems.append(f"$.steps[{n}].file_output: {reason}")
     return problems
 
@@ -3309,17 +3298,6 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     return _build_plan(plan)
 
 
-def same_file_path(rel: str) -> str:
-    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
-    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
-    locking, journaling and reporting agree on one name. rel is a path
-    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
-    try:
-        return "/".join(plan_path_parts(rel))
-    except PathError:
-        return rel
-
-
 def _build_plan(plan: dict) -> Plan:
     from pathlib import Path
 
@@ -3361,19 +3339,12 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 9. Trust: projects, approvals, executors
+# 10. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
 # plan or the store says can widen it.
 ###############################################################################
-
-
-def real_path(path: str | Path) -> Path:
-    """Return path with symlinks and `..` resolved (os.path.realpath; need not exist)."""
-    from pathlib import Path
-
-    return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
 PROJECT_NAME_MAX_CHARS = 100         # a longer detected name is cut (it becomes a tag)
@@ -3431,31 +3402,6 @@ def project_name(folder: Path) -> str:
         name = folder.name
     name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
     return name[:PROJECT_NAME_MAX_CHARS] or folder.name
-
-
-def untrustable_reason(config: Config, folder: Path) -> str | None:
-    """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself or a folder holding
-    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir, or inside one of those two.
-    A plan working there could replace the store, its own journals or the trust file."""
-    if folder == folder.parent:
-        return "it is the filesystem root"
-    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
-        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
-    if config.home is not None and folder == real_path(config.home):
-        return "it is your home folder itself (trust a project folder inside it)"
-    if config.home is not None and real_path(config.home).is_relative_to(folder):
-        return f"it holds your home folder {real_path(config.home)}"
-    held = [("the memory store", p) for p in config.db_paths] + [
-        ("bridge's state folder", config.state_dir), ("bridge's trust and approvals folder", config.config_dir)]
-    for what, path in held:
-        real = real_path(path)
-        if real == folder or real.is_relative_to(folder):
-            return f"it holds {what} {real}"
-        if folder.is_relative_to(real):
-            return f"it is inside {what} {real}"
-    return None
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -3689,7 +3635,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 10. Model servers: errors, streams, retries
+# 11. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -4336,7 +4282,7 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 11. LLM client: OpenAI-compatible servers
+# 12. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -4935,7 +4881,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 12. Other executors: the Anthropic API and the claude CLI
+# 13. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -5225,7 +5171,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 13. Output validation
+# 14. Output validation
 #
 # The validation types of bridge-plan-schema.json. Each check returns the artifact: the
 # text that counts as the step's output (the code inside a fence when fenced), which
@@ -5563,7 +5509,7 @@ def _check_syntax(text: str, language: str) -> str:
 
 
 ###############################################################################
-# 14. Constrained JSON and degenerate output
+# 15. Constrained JSON and degenerate output
 ###############################################################################
 
 
@@ -5934,7 +5880,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 15. Check commands, and what the model is told of the checks
+# 16. Check commands, and what the model is told of the checks
 ###############################################################################
 
 
@@ -6200,7 +6146,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 16. File transactions: journal, rollback, recovery
+# 17. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6419,7 +6365,7 @@ class FileTransaction:
             if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
             if backup and (not isinstance(backup, str)
-                           or Path(_realpath(backup)).parent != Path(_realpath(run_dir / "backups"))):
+                           or real_path(backup).parent != real_path(run_dir / "backups")):
                 raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
             dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
         except PathError as exc:
@@ -6535,7 +6481,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 17. Kept runs: backups, diff, undo, review
+# 18. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7022,7 +6968,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 18. Prompts
+# 19. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7302,7 +7248,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 19. Run records
+# 20. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7689,14 +7635,26 @@ def read_step_stats(path: Path) -> dict:
     return report
 
 
+###############################################################################
+# 21. The result document
+# What a run leaves behind, built here alone from the facts Runner._result gathers
+# (README: "What bridge writes into the store"): the result memory's summary and
+# content (result_memory; the Store stores it as given, and parse_result_content in
+# the room "Store layouts & plan records" reads it back), the document --json and
+# --show --json print (shown_result, show_document), and the text of --show and of
+# a run's end (render_show, savings_line, ledger_lines).
+###############################################################################
+
+RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
+RESULT_SUMMARY_FILES = 10
+
+
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
-    """Return what a run's local work saved, said plainly: local_tokens (prompt and
-    completion tokens on the local server, openai: references), would_have_cost_usd
-    (those tokens at price_model's prices: what the planner's model would have been
-    paid for the same tokens; the planner's own tokens writing and reading the plan
-    are not counted), paid_usd (what paid escalations really cost), retries
-    (attempts after a step's first, escalations not counted), escalations and
-    escalations_saved (steps escalated, and those the escalation saved)."""
+    """Return what a run's local work saved: local_tokens (prompt and completion tokens
+    on the local server, openai: references), local_usage, would_have_cost_usd (those
+    tokens at price_model's prices; the planner's own tokens are not counted), paid_usd
+    (what paid escalations cost), retries (attempts after a step's first, escalations
+    not counted), escalations and escalations_saved (steps escalated, and those it saved)."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -7712,21 +7670,241 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
             "escalations_saved": sum(1 for s in escalated if s.escalation_saved)}
 
 
+def savings_line(savings: dict) -> str:
+    """Return a result's savings (run_savings) as one line for a person or a planner."""
+    retries = savings["retries"]
+    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
+            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
+            f"(the planner's own tokens not counted); "
+            f"{retries} retr{'y' if retries == 1 else 'ies'}")
+    if savings["escalations"]:
+        line += (f", {savings['escalations']} escalated "
+                 f"({savings['escalations_saved']} saved by it)")
+    return line + f"; ${savings['paid_usd']:.4f} paid"
+
+
 def ledger_lines(result: dict) -> list[str]:
     """Return the usage ledger of a result as lines for a person: one per model,
     then which steps escalated and whether that saved them."""
     lines = ["  ledger:"]
     for model, line in result["ledger"].items():
-        lines.append(f"    {model:<32} {line['requests']:>3} request(s) {line['prompt_tokens']:>8} in "
-                     f"{line['completion_tokens']:>7} out  ${line['cost_usd']:.4f}")
+        lines.append(f"    {model:<32} {line['requests']:>3} request(s) "
+                     f"{line['prompt_tokens']:>8} in {line['completion_tokens']:>7} out  "
+                     f"${line['cost_usd']:.4f}")
     for entry in result["escalations"]:
         verdict = "saved it" if entry["saved"] else "did not save it"
         lines.append(f"    step {entry['step']} escalated to {entry['model']}: {verdict}")
     return lines
 
 
+def result_summary(result: dict) -> str:
+    """Return the first lines of a stored result, plain text: plan, outcome, project (its
+    name as the memory server's hooks detect it), run id, each step's status and error,
+    files changed, the error, the savings and problems. For the memory server's embedding
+    (which reads a memory's first few hundred words) and a planner reading search hits."""
+    counts = result.get("counts") or {}
+    project = result.get("project")
+    project = f" in project {_summary_text(project, 100)}" if project else ""
+    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
+             f"{project} (run {result['run_id']})",
+             f"objective: {_summary_text(result.get('objective'), 200)}",
+             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
+             f"{counts.get('skipped', 0)} skipped"]
+    steps = result.get("steps") or []
+    for step in steps[:RESULT_SUMMARY_STEPS]:
+        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
+        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
+        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
+    if len(steps) > RESULT_SUMMARY_STEPS:
+        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
+    files = result.get("files") or []
+    if files:
+        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
+                          for f in files[:RESULT_SUMMARY_FILES])
+        more = len(files) - RESULT_SUMMARY_FILES
+        lines.append(f"files: {shown}" + (f" and {more} more" if more > 0 else ""))
+    if result.get("error"):
+        lines.append(f"error: {_summary_text(result['error'], 300)}")
+    if isinstance(result.get("savings"), dict):
+        lines.append(savings_line(result["savings"]))
+    for problem in (result.get("problems") or [])[:5]:
+        lines.append(f"problem: {_summary_text(problem, 200)}")
+    return "\n".join(lines)
+
+
+def result_content(result: dict) -> str:
+    """Return the content of a result memory: result_summary(), a blank line, then the
+    whole (redacted) document as one line of JSON, the last line (JSON escapes every
+    newline, so nothing in the document can end it early; parse_result_content)."""
+    result = redact(result)
+    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+
+
+def result_memory(result: dict) -> ResultMemory:
+    """Return the result memory of a result document, as Store.finish stores it: its
+    content (result_content), tags (bridge-result, plan:<id>, and the project's name,
+    the tag the memory server's hooks inject memories by), metadata, the run id as
+    the memory server's conversation_id, and the plan's final state."""
+    tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
+    if result.get("project"):
+        tags.append(tag_safe(result["project"]))
+    return ResultMemory(result_content(result), tags,
+                        {"plan_id": result["plan_id"], "run_id": result["run_id"]},
+                        result["run_id"], {"status": result["status"],
+                                           "finished_at": result["finished_at"],
+                                           "error": result["error"]})
+
+
+def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
+    """Return a result document as bridge prints it (the --json of a run, --show
+    --json): the stored document, its result_hash (its memory's content_hash), what
+    the plan's state says happened to that run since (undone_at, applied_at,
+    rejected_at; state {} for a run just stored), and run_log as bridge makes it from
+    the run id (the stored one is not a path; None when the run id is not bridge's)."""
+    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
+    if state.get("undone_run") == run_id and state.get("undone_at"):
+        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
+    if state.get("run_id") == run_id:
+        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
+    if "run_log" in document:
+        try:
+            shown["run_log"] = str(run_folder(runs_dir, run_id))
+        except PathError:
+            shown["run_log"] = None
+    return shown
+
+
+def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tuple[str, str]],
+                  runs_dir: Path) -> dict:
+    """Return what --show --json prints: shown_result of the found (document,
+    result_hash), with status_now when the plan moved on from that run (after --apply
+    or --reject) and replaced_runs [{"run_id", "status"}] (Store.replaced_runs)."""
+    result = shown_result(*found, record.state, runs_dir)
+    now = record.display_status
+    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
+            and now not in ("stale", "in_progress"):
+        result["status_now"] = now      # after --apply or --reject: the plan's real status
+    if replaced:
+        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    return result
+
+
+def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
+    """Return the command that runs a plan from where it is: --plan for a pending
+    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
+    run that is not the plan's own is said to be forged: foreign_run_reason),
+    --rerun for a finished one."""
+    status, plan_id = record.display_status, record.plan_id
+    run_id = record.state.get("run_id")
+    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
+    if status == "stale" and runs_dir is not None and ours \
+            and (why := foreign_run_reason(runs_dir, run_id, record)):
+        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
+                f"which touches none of that run's files, or drop it with bridge --cancel "
+                f"{plan_id}")
+    if status == "stale":
+        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
+                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
+    if status == "in_progress":
+        return "it is running now; see it with: bridge --list --all"
+    if status == "awaiting_review":
+        return (f"its files are staged, not written: bridge --diff {plan_id}, then "
+                f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+    if status == "pending":
+        return f"run it with: bridge --plan {plan_id}"
+    return f"run it again with: bridge --plan {plan_id} --rerun"
+
+
+def _check_line(check: dict) -> str:
+    """One command run of a result for a person: command, outcome, seconds, last output line."""
+    if check.get("ran") is False:
+        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
+    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
+    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
+    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
+    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
+            + (f" · {last[0][:200]}" if last and check["error"] else ""))
+
+
+def _step_lines(step: dict) -> list[str]:
+    """A result's step for a person (render_result); the output keeps its own lines."""
+    title = f" ({step['title']})" if step.get("title") else ""
+    lines = [printable(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} "
+                       f"attempt(s) · {step.get('duration_s', 0):.1f} s"
+                       + (" · resumed" if step.get("resumed") else ""))]
+    if step.get("error"):
+        lines.append(printable(f"      error: {step['error']}"))
+    if step.get("file_output"):
+        lines.append(printable(f"      file: {step['file_output']}"))
+    for check in step.get("checks") or []:
+        lines.append(printable(f"      check: {_check_line(check)}"))
+    output = (step.get("output") or "").strip()
+    if output:
+        shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
+        lines.append("      output: "
+                     + printable(shown, multiline=True).replace("\n", "\n              "))
+    return lines
+
+
+def render_result(result: dict) -> str:
+    """Return a stored result document as text for a person: steps, outputs, errors,
+    files, usage, cost and where the run log is. Every line goes through printable()."""
+    usage = result.get("usage") or {}
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        lines.append(printable(line))
+
+    if result.get("status_now"):
+        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
+            f"which ended {result['status']})")
+    else:
+        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("objective"):
+        add(f"  objective: {result['objective']}")
+    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
+    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')}"
+        f" · {result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
+    if "would_have_cost_usd" in result:
+        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
+    if result.get("error"):
+        add(f"  error: {result['error']}")
+    if result.get("undone_at"):
+        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
+    if result.get("applied_at"):
+        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
+    if result.get("rejected_at"):
+        add(f"  rejected at {result['rejected_at']}: its staged files were dropped "
+            "(bridge --reject)")
+    for problem in result.get("problems") or []:
+        add(f"  problem: {problem}")
+    for step in result.get("steps", []):
+        lines += _step_lines(step)
+    if result.get("verify"):
+        add(f"  verify: {_check_line(result['verify'])}")
+    for change in result.get("files", []):
+        add(f"  file {change['path']}: {change['action']}")
+    if result.get("run_log"):
+        add(f"  run log: {result['run_log']}")
+    return "\n".join(lines)
+
+
+def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
+    """Return what --show prints of show_document's result: render_result, the runs of
+    contents the plan had before --submit --replace, and what to do now when it is
+    stale or awaiting review."""
+    lines = [render_result(result)]
+    for entry in result.get("replaced_runs") or []:
+        lines.append(printable(f"  replaced content: run {entry['run_id']} ({entry['status']}) "
+                               "ran an earlier content of this plan"))
+    if record.display_status in ("stale", "awaiting_review"):
+        lines.append(printable(f"  now: {record.display_status}; {run_hint(record, runs_dir)}"))
+    return "\n".join(lines)
+
+
 ###############################################################################
-# 20. Step scheduling
+# 22. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -7895,7 +8073,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 21. Runner
+# 23. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8978,7 +9156,8 @@ class Runner:
         in_progress, stale once this process is gone, so --resume or --rerun can
         take it over (the run's journal and backups are kept for that)."""
         try:
-            digest = self.store.finish(record, result, self.memory_api, self.progress.warning)
+            digest = self.store.finish(record, result_memory(result), self.memory_api,
+                                       self.progress.warning)
         except StoreError as exc:
             raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
                              "in progress (stale once this bridge exits), its files and their backups kept",
@@ -9015,7 +9194,7 @@ class Runner:
 
 
 ###############################################################################
-# 22. CLI: arguments and settings
+# 24. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9371,7 +9550,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 23. CLI: listing, health, trust and approval
+# 25. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9862,7 +10041,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 24. CLI: running and showing
+# 26. CLI: running and showing
 ###############################################################################
 
 
@@ -10033,120 +10212,16 @@ def cmd_show(config: Config, plan_id: str) -> int:
                     "bridge and is not shown")
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
                           f"{record.display_status}){note}", run_hint(record, config.runs_dir))
-    result = shown_result(*found, record.state, config.runs_dir)
-    now = record.display_status
-    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
-            and now not in ("stale", "in_progress"):
-        result["status_now"] = now      # after --apply or --reject: the plan's real status
-    if replaced:
-        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    result = show_document(found, record, replaced, config.runs_dir)
     if config.json:
         _print_json(result)
     else:
-        print(render_result(result))
-        for run, status in replaced:
-            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
-                            "of this plan"))
-        if record.display_status in ("stale", "awaiting_review"):
-            print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
+        print(render_show(result, record, config.runs_dir))
     return EXIT_OK
 
 
-def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
-    run that is not the plan's own is said to be forged: foreign_run_reason),
-    --rerun for a finished one."""
-    status, plan_id = record.display_status, record.plan_id
-    run_id = record.state.get("run_id")
-    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
-    if status == "stale" and runs_dir is not None and ours \
-            and (why := foreign_run_reason(runs_dir, run_id, record)):
-        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
-                f"which touches none of that run's files, or drop it with bridge --cancel "
-                f"{plan_id}")
-    if status == "stale":
-        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
-                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
-    if status == "in_progress":
-        return "it is running now; see it with: bridge --list --all"
-    if status == "awaiting_review":
-        return (f"its files are staged, not written: bridge --diff {plan_id}, then bridge --apply {plan_id} "
-                f"or bridge --reject {plan_id}")
-    if status == "pending":
-        return f"run it with: bridge --plan {plan_id}"
-    return f"run it again with: bridge --plan {plan_id} --rerun"
-
-
-def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs,
-    errors, files, usage, cost and where the run log is. Every line goes through
-    printable(); an output keeps its own lines."""
-    usage = result.get("usage") or {}
-    lines: list[str] = []
-
-    def add(line: str) -> None:
-        lines.append(printable(line))
-
-    if result.get("status_now"):
-        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
-            f"which ended {result['status']})")
-    else:
-        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
-    if result.get("objective"):
-        add(f"  objective: {result['objective']}")
-    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
-    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
-        f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
-        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
-    if "would_have_cost_usd" in result:
-        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
-    if result.get("error"):
-        add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
-    for problem in result.get("problems") or []:
-        add(f"  problem: {problem}")
-    for step in result.get("steps", []):
-        title = f" ({step['title']})" if step.get("title") else ""
-        add(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
-            f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
-        if step.get("error"):
-            add(f"      error: {step['error']}")
-        if step.get("file_output"):
-            add(f"      file: {step['file_output']}")
-        for check in step.get("checks") or []:
-            add(f"      check: {_check_line(check)}")
-        output = (step.get("output") or "").strip()
-        if output:
-            shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
-            lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
-    if result.get("verify"):
-        add(f"  verify: {_check_line(result['verify'])}")
-    for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
-    if result.get("run_log"):
-        add(f"  run log: {result['run_log']}")
-    return "\n".join(lines)
-
-
-def _check_line(check: dict) -> str:
-    """One command run of a result for a person: command, outcome, seconds, last output line."""
-    if check.get("ran") is False:
-        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
-    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
-    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
-    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
-    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
-            + (f" · {last[0][:200]}" if last and check["error"] else ""))
-
-
 ###############################################################################
-# 25. CLI: diff, undo, review
+# 27. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10297,7 +10372,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 26. CLI: the planner's side
+# 28. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10495,7 +10570,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 27. main()
+# 29. main()
 ###############################################################################
 
 
