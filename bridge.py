@@ -3660,6 +3660,22 @@ class Completion(namedtuple("Completion", "text usage model finish_reason durati
     __slots__ = ()
 
 
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
 def reasoning_delta(delta: Any) -> str:
     """Return the reasoning text of one chat-completion delta (or message), "" if none.
 
@@ -3677,17 +3693,23 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """What one reply has used of its bound, as it streams: answer and reasoning
-    (thinking) text alike count against limit (bytes of UTF-8: --max-output-bytes).
-    answer_bytes, reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces
-    taken: about one token each on a streaming server). Every executor that reads
-    thinking (the SSE stream's reasoning fields, Ollama's message.thinking) counts
-    it with add_reasoning. Raises LLMProtocolError past limit, naming which part
-    ran over."""
+    """One reply as it streams, whichever executor reads it (the SSE stream, Ollama's
+    NDJSON, Anthropic's events, the claude CLI's): take() counts each piece against
+    limit (bytes of UTF-8: --max-output-bytes; answer and thinking alike), keeps it and
+    hands it to the request's on_delta or on_reasoning (a ChatRequest, or None).
+    received: the answer's pieces, "" for a piece of thinking (so a request is never
+    resent once output has streamed); thought: the thinking. answer_bytes,
+    reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces taken: about one
+    token each). started: time.monotonic() when the reply was asked for. Raises
+    LLMProtocolError past limit, naming which part ran over."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, request: "ChatRequest | None" = None):
+        self.limit, self.started = limit, time.monotonic()
+        self.on_delta = request.on_delta if request else None
+        self.on_reasoning = request.on_reasoning if request else None
         self.answer_bytes = self.reasoning_bytes = self.answer_pieces = self.reasoning_pieces = 0
+        self.received: list[str] = []
+        self.thought: list[str] = []
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
@@ -3709,23 +3731,32 @@ class OutputTally:
         self.reasoning_bytes = size - self.answer_bytes
         self.reasoning_pieces += 1
 
-    def take(self, answer: str, reasoning: str, received: list[str], thought: list[str],
-             on_delta: "Callable[[str], None] | None",
-             on_reasoning: "Callable[[str], None] | None") -> None:
+    def take(self, answer: str, reasoning: str = "") -> None:
         """Take one streamed piece of a reply, its thinking first: count each, keep it
-        (received: the answer's pieces, "" for thinking, so the request is not resent
-        once output has streamed; thought: the thinking) and hand it on."""
+        and hand it on."""
         if reasoning:
             self.add_reasoning(reasoning)
-            thought.append(reasoning)
-            received.append("")
-            if on_reasoning:
-                on_reasoning(reasoning)
+            self.thought.append(reasoning)
+            self.received.append("")
+            if self.on_reasoning:
+                self.on_reasoning(reasoning)
         if answer:
             self.add_answer(answer)
-            received.append(answer)
-            if on_delta:
-                on_delta(answer)
+            self.received.append(answer)
+            if self.on_delta:
+                self.on_delta(answer)
+
+    @property
+    def chars(self) -> int:
+        """Characters of answer received so far."""
+        return sum(map(len, self.received))
+
+    def completion(self, usage: dict | None, model: str | None, finish: str | None,
+                   cost_usd: float | None = 0.0) -> Completion:
+        """Return the Completion of what was taken (see Completion for the fields)."""
+        return Completion("".join(self.received), usage, model, finish,
+                          time.monotonic() - self.started, cost_usd, "".join(self.thought),
+                          self.reasoning_pieces)
 
 
 def _error_message(body: bytes) -> str:
@@ -4080,8 +4111,11 @@ class HTTPExecutor:
     same signature and returns a Completion.
     """
 
+    key: str | None = None      # the secret its headers carry, never shown (_scrub)
+
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
-                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[str], None] | None = None):
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
         import httpx
 
         self.config = config
@@ -4135,7 +4169,16 @@ class HTTPExecutor:
 
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
-        return text
+        return text.replace(self.key, "[the key]") if self.key else text
+
+    def _stream_error(self, url: str, data: str) -> LLMError:
+        """Return the error a server reported inside a 200 stream (an SSE "error" event, an
+        NDJSON {"error"} line): its message (_error_message), scrubbed of the key, as
+        LLMServerUnusable when it is about the server (_raise_fault), else LLMHTTPError."""
+        message = self._scrub(_error_message(data.encode()))
+        self._raise_fault(url, 500, message)
+        return LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                            context_overflow=_is_context_overflow(message))
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         """Raise LLMServerUnusable when an HTTP error is about the server, not the request
@@ -4145,19 +4188,17 @@ class HTTPExecutor:
         """Return the error a request raises once its retries are spent on exc."""
         return exc
 
-    def _send_with_retries(self, payload: dict, timeout_s: float | None,
-                           on_delta: Callable[[str], None] | None,
-                           on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _send_with_retries(self, payload: dict, request: ChatRequest) -> Completion:
         started = time.monotonic()
         deadline = started + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
-            received: list[str] = []
+            tally = OutputTally(self.config.max_output_bytes, request)
             try:
-                return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
+                return self._stream_once(payload, request.timeout_s, tally)
             except LLMError as exc:
-                if exc.transient and not received and retry == self.config.retries:
+                if exc.transient and not tally.received and retry == self.config.retries:
                     raise self._gave_up(exc, started, retry) from exc
-                if not exc.transient or received or retry == self.config.retries \
+                if not exc.transient or tally.received or retry == self.config.retries \
                         or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
                     raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
@@ -4196,12 +4237,13 @@ class HTTPExecutor:
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
-                     on_delta: Callable[[str], None] | None, received: list[str],
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+                     tally: OutputTally) -> Completion:
+        """POST payload once; read the reply into tally (_parse). timeout_s: the step's
+        (ChatRequest.timeout_s). Raises LLMError."""
         import httpx
 
         url = f"{self.base_url}{self.CHAT_PATH}"
-        started = time.monotonic()
+        started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
         if timeout_s is not None:   # a plan only narrows: --timeout per read, the default deadline
             read_s = narrowed(timeout_s, self.config.timeout_s)
@@ -4221,9 +4263,7 @@ class HTTPExecutor:
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
-                # only LLMClient's _parse takes on_reasoning
-                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}
-                return self._parse(response, url, started, on_delta, received, **hooks)
+                return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
             if timeout_s is not None and narrowed(timeout_s, self.config.timeout_s) >= deadline_s \
@@ -4233,11 +4273,12 @@ class HTTPExecutor:
                 error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
                                     f"({type(exc).__name__}); not retried",
                                     "raise the step's timeout_s, or check what keeps the server")
-            if received:    # the server was reached: say how the stream ended, not "cannot reach"
+            if tally.received:  # the server was reached: say how the stream ended
                 stalled = isinstance(error, LLMTimeout)
                 why = error if stalled else str(exc) or type(exc).__name__
-                error = LLMProtocolError(f"the stream from {url} {'stalled' if stalled else 'ended early'} "
-                                         f"after {sum(map(len, received))} characters ({why})")
+                error = LLMProtocolError(f"the stream from {url} "
+                                         f"{'stalled' if stalled else 'ended early'} "
+                                         f"after {tally.chars} characters ({why})")
             raise error from exc
 
 
@@ -4260,7 +4301,7 @@ class LLMClient(HTTPExecutor):
                  on_retry: Callable[[str], None] | None = None):
         # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
         # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
-        key = config.api_key
+        self.key = key = config.api_key
         super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
                          headers={"Authorization": f"Bearer {key}"} if key else None)
         # index into RESPONSE_FORMS of the first form this server has not refused
@@ -4273,10 +4314,6 @@ class LLMClient(HTTPExecutor):
         self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
         # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
         self.unconstrained: dict[str, str] = {}
-
-    def _scrub(self, text: str) -> str:
-        key = self.config.api_key
-        return text.replace(key, "[the key]") if key else text
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         fault = server_fault(status, message, bool(self.config.api_key))
@@ -4582,40 +4619,30 @@ class LLMClient(HTTPExecutor):
         its constrained output garbled (why says how). The answer is still checked."""
         self.unconstrained.setdefault(model, why)
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None,
-             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None,
-             thinking: str | None = None,
-             on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
-        is called with each piece of streamed text. timeout_s overrides the
-        client's timeout (seconds) for this request. json_schema: ask for JSON
-        constrained by this schema (see RESPONSE_FORMS); a form the server refuses
-        is dropped for the rest of this client's life and the request is resent at
-        once, without counting as a retry. sampling: more sampling fields (seed,
-        repeat_penalty, dry_multiplier), sent as accepted_sampling says; a server
-        refusing one (HTTP 400/422 naming it) gets none of the extras again, and the
-        request is resent at once. Transient failures are retried as the class
-        says, unless output had already streamed. thinking "off" asks the server
-        not to think (thinking_fields; a field it refuses, HTTP 400/422 naming it,
-        is dropped for this client's life and the request resent at once); "on" or
-        None sends nothing. Reasoning deltas go to on_reasoning (reasoning_delta).
-        A model given to drop_constraint goes without response_format. Raises
-        LLMError (never an httpx exception) when the request finally fails.
+        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
+        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
+        a form the server refuses is dropped for the rest of this client's life and the
+        request is resent at once, without counting as a retry. Its sampling is sent as
+        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
+        none of the extras again, and the request is resent at once. Transient failures
+        are retried as the class says, unless output had already streamed. thinking
+        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
+        400/422 naming it, is dropped for this client's life and the request resent at
+        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
+        drop_constraint goes without response_format. Raises LLMError (never an httpx
+        exception) when the request finally fails.
         """
         if self.native:
-            return self._chat_native(messages, model, temperature, max_tokens, timeout_s,
-                                     json_schema, on_delta, sampling or {}, thinking, on_reasoning)
+            return self._chat_native(messages, request)
+        model, json_schema, thinking = request.model, request.json_schema, request.thinking
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
-        if temperature is not None:
-            payload["temperature"] = temperature
-        if max_tokens is not None:
-            payload["max_tokens"] = max_tokens
-        payload.update(self.accepted_sampling(sampling or {}))
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        payload.update(self.accepted_sampling(request.sampling or {}))
         if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
             first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
             self.structured_level = max(self.structured_level, first)
@@ -4630,11 +4657,11 @@ class LLMClient(HTTPExecutor):
             else:
                 payload["response_format"] = form(json_schema)
             try:
-                reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+                reply = self._send_with_retries(payload, request)
                 return reply._replace(response_format=form and payload["response_format"]["type"])
             except LLMProtocolError as exc:
                 if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
-                    self._overflow_check(payload, timeout_s)
+                    self._overflow_check(payload, request.timeout_s)
                 raise
             except LLMHTTPError as exc:
                 if thinking == "off" and self._thinking_refused(exc, payload):
@@ -4663,7 +4690,7 @@ class LLMClient(HTTPExecutor):
         once.update(stream=False, max_tokens=1)
         for _ in range(2):      # the cut stream's connection may be closed: again on a new one
             try:
-                self._stream_once(once, timeout_s, None, [])
+                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
             except LLMUnavailable:
                 continue
             except LLMHTTPError as exc:
@@ -4673,43 +4700,36 @@ class LLMClient(HTTPExecutor):
                 pass
             return
 
-    def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
-                     max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
-                     on_delta: Callable[[str], None] | None, sampling: dict,
-                     thinking: str | None = None,
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
         options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
         structured output through `format` (a JSON schema), and thinking "off" as
         think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
         options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
-        if temperature is not None:
-            options["temperature"] = temperature
-        if max_tokens is not None:
-            options["num_predict"] = max_tokens
+        sampling, model = request.sampling or {}, request.model
+        if sampling.get("temperature") is not None:
+            options["temperature"] = sampling["temperature"]
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
         options.update({k: v for k, v in self.accepted_sampling(sampling).items()
                         if k not in ("temperature", "max_tokens")})
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "options": options}
-        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
+        if request.json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
                 and model not in self.unconstrained:      # drop_constraint: not for this model
-            payload["format"] = json_schema
-        if thinking == "off":
+            payload["format"] = request.json_schema
+        if request.thinking == "off":
             payload["think"] = False
-        reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+        reply = self._send_with_retries(payload, request)
         return reply._replace(response_format="format" if "format" in payload else None)
 
-    def _parse_ndjson(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
         false} lines, then done: true with done_reason, prompt_eval_count and eval_count
         (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
-        limit = self.config.max_output_bytes
-        tally, model, finish, usage = OutputTally(limit), None, None, None
-        thought: list[str] = []
-        for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        model = finish = usage = None
+        for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 chunk = load_reply(line)
             except ValueError as exc:
@@ -4718,15 +4738,12 @@ class LLMClient(HTTPExecutor):
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
-                message = self._scrub(_error_message(line.encode()))
-                self._raise_fault(url, 500, message)
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, line)
             model = reply_label(chunk.get("model")) or model
             message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
             piece = reply_text(message.get("content"), "a line's message content", url)
             thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
-            tally.take(piece, thinking, received, thought, on_delta, on_reasoning)
+            tally.take(piece, thinking)
             if chunk.get("done") is True:
                 finish = reply_label(chunk.get("done_reason")) or "stop"
                 usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
@@ -4734,9 +4751,8 @@ class LLMClient(HTTPExecutor):
                 break
         if finish is None:
             raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{sum(map(len, received))} characters and no done line")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started,
-                          0.0, "".join(thought), tally.reasoning_pieces)
+                                   f"{tally.chars} characters and no done line")
+        return tally.completion(usage, model, finish)
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -4759,17 +4775,16 @@ class LLMClient(HTTPExecutor):
             payload.pop(key)
         return True
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str],
-               on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a 200 reply: Ollama's NDJSON, an SSE stream, or a whole chat.completion."""
         if self.native:
-            return self._parse_ndjson(response, url, started, on_delta, received, on_reasoning)
+            return self._parse_ndjson(response, url, tally)
         if "text/event-stream" not in response.headers.get("content-type", ""):
-            return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
-                                     url, started)
-        return self._parse_stream(response, url, started, on_delta, received, on_reasoning)
+            body = response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES)
+            return self._parse_whole(body, url, tally)
+        return self._parse_stream(response, url, tally)
 
-    def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
+    def _parse_whole(self, body: bytes, url: str, tally: OutputTally) -> Completion:
         """Read a non-streamed chat.completion body (servers that ignore stream); the
         body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
         text must fit --max-output-bytes as a stream's must."""
@@ -4781,26 +4796,24 @@ class LLMClient(HTTPExecutor):
                 raise TypeError("content is not a string")
             reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
-                                   f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
-        tally = OutputTally(self.config.max_output_bytes)
+            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat "
+                                   f"completion: {clip(body.decode('utf-8', 'replace'), 120, 'body')}"
+                                   ) from exc
         if reasoning:
             tally.add_reasoning(reasoning)
         tally.add_answer(text)
         return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
-                          reply_label(choice.get("finish_reason")), time.monotonic() - started, 0.0,
-                          reasoning, int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
+                          reply_label(choice.get("finish_reason")),
+                          time.monotonic() - tally.started, 0.0, reasoning,
+                          int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
-    def _parse_stream(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_stream(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read an SSE chat.completion.chunk stream to its end and return the Completion.
         Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
         and given to on_reasoning, never to on_delta or the text."""
-        limit = self.config.max_output_bytes
         usage = model = finish = None
-        done, tally, thought = False, OutputTally(limit), []
-        events = _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES)
+        done = False
+        events = _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES)
         for event, data in events:
             if data.strip() == "[DONE]":
                 done = True
@@ -4814,9 +4827,7 @@ class LLMClient(HTTPExecutor):
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
                                        f"{clip(data, 120, 'event')}") from exc
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a chunk that is not an object")
             usage = _usage(chunk.get("usage")) or usage
@@ -4825,21 +4836,20 @@ class LLMClient(HTTPExecutor):
             if choice is not None:
                 delta, finish = choice[0], choice[1] or finish
                 piece = reply_text(delta.get("content"), "a chunk's delta content", url)
-                tally.take(piece, reasoning_delta(delta), received, thought, on_delta, on_reasoning)
+                tally.take(piece, reasoning_delta(delta))
         if not done and finish is None:
             error = LLMProtocolError(f"the stream from {url} ended early, after "
-                                     f"{sum(map(len, received))} characters and no finish_reason")
-            error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
+                                     f"{tally.chars} characters and no finish_reason")
+            error.silent_end = not tally.received   # llama-cpp-python's overflow looks so (chat)
             raise error
         if finish is None and self.server_kind == "llama-cpp-python":
             raise LLMContention(f"llama-cpp-python ended the stream from {url} after "
-                                f"{sum(map(len, received))} characters to serve another request",
+                                f"{tally.chars} characters to serve another request",
                                 "start it with --interrupt_requests False so requests queue")
-        if not received and not thought and finish is None:
+        if not tally.received and not tally.thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started, 0.0,
-                          "".join(thought), tally.reasoning_pieces)
+        return tally.completion(usage, model, finish)
 
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
@@ -4916,39 +4926,39 @@ class AnthropicClient(HTTPExecutor):
         if not config.anthropic_api_key:
             raise LLMError("no Anthropic API key for an anthropic: model",
                            "set ANTHROPIC_API_KEY (a gateway or LM Studio take any value)")
+        self.key = key = config.anthropic_api_key
         super().__init__(config, config.anthropic_base_url, sleep=sleep, on_retry=on_retry,
-                         headers={"x-api-key": config.anthropic_api_key, "anthropic-version": "2023-06-01"})
+                         headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Send one Messages request, streamed; see the class. json_schema is not
-        sent (the output is validated by bridge all the same)."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Send one Messages request, streamed; see the class. Of request.sampling only
+        temperature is sent; json_schema and thinking are not (the output is validated
+        by bridge all the same)."""
         payload: dict[str, Any] = {
-            "model": model, "max_tokens": max_tokens or self.DEFAULT_MAX_TOKENS, "stream": True,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]}
+            "model": request.model, "max_tokens": request.max_tokens or self.DEFAULT_MAX_TOKENS,
+            "stream": True, "messages": [{"role": m["role"], "content": m["content"]}
+                                         for m in messages if m["role"] != "system"]}
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         if system:
             payload["system"] = system
+        temperature = (request.sampling or {}).get("temperature")
         if temperature is not None:
             payload["temperature"] = temperature
-        return self._send_with_retries(payload, timeout_s, on_delta)
+        return self._send_with_retries(payload, request)
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str]) -> Completion:
-        limit = self.config.max_output_bytes
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a Messages event stream (see the class) into tally."""
         prompt = completion = model = stop = None
-        size, done = 0, False
-        for event, data in _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        done = False
+        for event, data in _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 body = load_reply(data)
             except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: {clip(data, 120, 'event')}") from exc
+                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
+                                       f"{clip(data, 120, 'event')}") from exc
             kind = body.get("type", event) if isinstance(body, dict) else event
             if kind == "error" or event == "error":
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(body, dict):
                 raise LLMProtocolError(f"{url} streamed an event that is not an object: "
                                        f"{clip(data, 120, 'event')}")
@@ -4961,11 +4971,7 @@ class AnthropicClient(HTTPExecutor):
                 delta = reply_object(body.get("delta"), "a content_block_delta's delta", url)
                 piece = reply_text(delta.get("text"), "a text_delta's text", url) \
                     if delta.get("type") == "text_delta" else None
-                if piece:
-                    size = reply_size(size, piece, limit)
-                    received.append(piece)
-                    if on_delta:
-                        on_delta(piece)
+                tally.take(piece or "")
             elif kind == "message_delta":
                 stop = reply_label(reply_object(body.get("delta"), "message_delta's delta", url)
                                    .get("stop_reason")) or stop
@@ -4976,9 +4982,9 @@ class AnthropicClient(HTTPExecutor):
                 break
         if not done:
             raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
-                                   f"{sum(map(len, received))} characters")
+                                   f"{tally.chars} characters")
         usage, cost = anthropic_usage_cost(prompt, completion, model)
-        return Completion("".join(received), usage, model, stop, time.monotonic() - started, cost)
+        return tally.completion(usage, model, stop, cost)
 
 
 class ClaudeCLI:
@@ -5024,21 +5030,21 @@ class ClaudeCLI:
     def close(self) -> None:
         """Nothing to close: each request is its own process."""
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Run one `claude -p` request; see the class. temperature, max_tokens and
-        json_schema have no claude flag and are not passed. Raises LLMTimeout when
-        the time runs out, LLMError when claude fails."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Run one `claude -p` request; see the class. Of request, model, timeout_s and
+        on_delta are used: sampling, max_tokens, json_schema and thinking have no claude
+        flag. Raises LLMTimeout when the time runs out, LLMError when claude fails."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
             f"[{m['role']}]\n{m['content']}" for m in turns)
-        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
-                "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
+        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose",
+                "--model", request.model, "--no-session-persistence", *self.LOCKDOWN]
+        argv += ["--append-system-prompt", system] if system else []
         with self._workdir() as cwd:
-            limit_s = narrowed(timeout_s, self.config.timeout_s)
-            return self._run(argv, prompt, cwd, limit_s, on_delta)
+            limit_s = narrowed(request.timeout_s, self.config.timeout_s)
+            tally = OutputTally(self.config.max_output_bytes, request)
+            return self._run(argv, prompt, cwd, limit_s, tally)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -5052,7 +5058,7 @@ class ClaudeCLI:
         return tempfile.TemporaryDirectory(prefix="claude-", dir=root)
 
     def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
-             on_delta: Callable[[str], None] | None) -> Completion:
+             tally: OutputTally) -> Completion:
         import subprocess
         import threading
 
@@ -5069,7 +5075,7 @@ class ClaudeCLI:
             with _suppress(BrokenPipeError):
                 proc.stdin.write(prompt.encode("utf-8"))
                 proc.stdin.close()
-            text, final, answered_by = self._read_events(proc, on_delta)
+            final, answered_by = self._read_events(proc, tally)
             code = proc.wait()
         except BaseException:
             _kill_group(proc)
@@ -5091,15 +5097,15 @@ class ClaudeCLI:
                            f"{clip(str(reason), 300, 'text')}")
         usage, cost = claude_usage_cost(final)
         result = final.get("result")
-        result = result if isinstance(result, str) and result else text
-        return Completion(result, usage, reply_label(answered_by),
-                          reply_label(final.get("subtype")), elapsed, cost)
+        reply = tally.completion(usage, reply_label(answered_by), reply_label(final.get("subtype")),
+                                 cost)
+        return reply._replace(text=result if isinstance(result, str) and result else reply.text,
+                              duration_s=elapsed)
 
-    def _read_events(self, proc: Any, on_delta: Callable[[str], None] | None) -> tuple[str, dict | None, str | None]:
-        """Read claude's NDJSON to its end: (assistant text, the result event, model)."""
-        pieces: list[str] = []
+    def _read_events(self, proc: Any, tally: OutputTally) -> tuple[dict | None, str | None]:
+        """Read claude's NDJSON to its end, its assistant text into tally: (the result
+        event, model)."""
         final = model = None
-        size = 0
         # a line longer than a reply may be is read in parts (none of them JSON), never whole
         line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
         for raw in iter(lambda: proc.stdout.readline(line_max), b""):
@@ -5115,18 +5121,16 @@ class ClaudeCLI:
                 message = event.get("message") if isinstance(event.get("message"), dict) else {}
                 blocks = message.get("content") if isinstance(message.get("content"), list) else []
                 for block in blocks:
-                    if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                    if isinstance(block, dict) and block.get("type") == "text" \
+                            and isinstance(block.get("text"), str):
                         try:
-                            size = reply_size(size, block["text"], self.config.max_output_bytes)
+                            tally.take(block["text"])
                         except LLMProtocolError:
                             _kill_group(proc)
                             raise
-                        pieces.append(block["text"])
-                        if on_delta:
-                            on_delta(block["text"])
             elif event.get("type") == "result":
                 final = event
-        return "".join(pieces), final, model
+        return final, model
 
 
 def claude_usage_cost(final: dict) -> tuple:
@@ -8585,21 +8589,17 @@ class StepRun:
         for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
-        need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
+        request = ChatRequest(attempt.name, sampling, sampling.get("max_tokens"),
+                              self.step.timeout_s, attempt.schema, attempt.thinking,
+                              attempt.on_delta, attempt.on_reasoning)
+        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, self.run.cancel) if pool is not None else 0
-        extra = {"sampling": sampling, "thinking": attempt.thinking,
-                 "on_reasoning": attempt.on_reasoning} if local else {}
 
         def send() -> Completion:
             attempt.guard = DegenerationGuard(checked_depth(self.step.validation)) if local else None
             attempt.thinking_guard = DegenerationGuard() if local else None
             attempt.pieces = attempt.thought = 0
-            return attempt.executor.chat(attempt.messages, model=attempt.name,
-                                         temperature=sampling.get("temperature"),
-                                         max_tokens=sampling.get("max_tokens"),
-                                         timeout_s=self.step.timeout_s,
-                                         json_schema=attempt.schema,
-                                         on_delta=attempt.on_delta, **extra)
+            return attempt.executor.chat(attempt.messages, request)
         try:
             return resend_on_contention(send, self.run.cancel, self.runner.contention)
         finally:
