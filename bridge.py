@@ -113,18 +113,16 @@ Rooms, foundations first: each room uses only names from the rooms above it (a t
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Errors · 3 Helpers · 4 File writes inside the project ·
-    5 Store layouts & plan records · 6 The memory server's HTTP API ·
-    7 Store (SQLite) · 8 Plans · 9 Trust: projects, approvals, executors ·
-    10 Model servers: errors, streams, retries ·
-    11 LLM client: OpenAI-compatible servers ·
-    12 Other executors: the Anthropic API and the claude CLI · 13 Output validation ·
-    14 Constrained JSON and degenerate output ·
-    15 Check commands, and what the model is told of the checks ·
-    16 File transactions: journal, rollback, recovery ·
-    17 Kept runs: backups, diff, undo, review · 18 Prompts · 19 Run records ·
-    20 Step scheduling · 21 Runner · 22 CLI: arguments and settings ·
-    23 CLI: listing, health, trust and approval · 24 CLI: running and showing ·
-    25 CLI: diff, undo, review · 26 CLI: the planner's side · 27 main()
+    5 Store layouts & plan records · 6 The memory server's HTTP API · 7 Store (SQLite) ·
+    8 Output validation · 9 Constrained JSON and degenerate output · 10 Validation types ·
+    11 Plans · 12 Trust: projects, approvals, executors ·
+    13 Model servers: errors, streams, retries · 14 LLM client: OpenAI-compatible servers ·
+    15 Other executors: the Anthropic API and the claude CLI · 16 Check commands ·
+    17 File transactions: journal, rollback, recovery ·
+    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Run records ·
+    21 Step scheduling · 22 Runner · 23 CLI: arguments and settings ·
+    24 CLI: listing, health, trust and approval · 25 CLI: running and showing ·
+    26 CLI: diff, undo, review · 27 CLI: the planner's side · 28 main()
 """
 
 from __future__ import annotations
@@ -226,12 +224,6 @@ COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without 
 COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
 COMMAND_TAIL_BYTES = 8000              # the end of a command's output kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
-# max_tokens of a step that sets none, by validation type (then at most a quarter of a
-# known context). A JSON answer is an object of a few values: a six-key extraction is
-# 40-90 tokens on SmolLM2, so 256 stops a runaway within seconds on a small CPU;
-# json_schema objects may nest and list more; code and prose keep the general reserve.
-DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "syntax_check": ANSWER_RESERVE_TOKENS,
-                      "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
 # Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
 # A step whose answer is bounded (its check is JSON) asks the server not to think
 # (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
@@ -2779,7 +2771,984 @@ class Store:
 
 
 ###############################################################################
-# 8. Plans
+# 8. Output validation
+#
+# What the checks of the validation types (see the room 'Validation types') read an
+# answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
+# that must parse. The artifact a check returns is the text that counts as the step's
+# output (the code inside a fence when fenced): what later steps see, what file_output
+# writes.
+###############################################################################
+
+# Patterns as strings: re compiles and caches each on first use, not at start-up.
+_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
+# after prose on the same line ("Here it is: ```json"), a fence counts only when
+# nothing but a tag follows it, so prose that mentions ``` is not a fence
+_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
+LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
+                    "toml": {"toml"}}
+
+
+# Reasoning text a server leaves inside content (sources per row), by shape: (name,
+# who writes it and the source, a string the text must hold for the shape to be tried,
+# where the reasoning starts and ends, what ends the answer or None). split_reasoning
+# takes each out; a shape matches at the start of the text only.
+_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
+REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
+    # a leading block; an unclosed one swallows the rest
+    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
+     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
+    ("<thinking>", "several fine-tunes", "<thinking>",
+     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
+    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
+    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
+     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
+    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
+    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
+    # it analysed) there is no answer
+    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
+     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
+    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
+     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
+    # the opening tag is in the prompt template, so only the close arrives: reasoning…
+    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
+    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
+     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
+    ("orphan </thinking>", "several fine-tunes", "</thinking>",
+     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
+    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
+     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
+)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split a model's content into (answer, reasoning), taking out every shape of
+    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
+    checked or written holds reasoning. Text with none comes back whole, reasoning
+    "". A tag inside an answer that opened with none is left alone ("Use the
+    <think> tag"); one that closed reasoning with no opening tag is not."""
+    thought: list[str] = []
+    matched = True
+    while matched and text:
+        matched = False
+        for _name, _source, needle, start, end in REASONING_SHAPES:
+            found = re.match(start, text) if needle in text else None
+            if found and found.group():
+                thought.append(found.group())
+                text, matched = text[found.end():], True
+                if end and (tail := re.search(end, text)):
+                    text = text[:tail.start()]
+                break
+    return text, "".join(thought)
+
+
+def find_fences(text: str) -> list[tuple[str, str]]:
+    """Return every fenced block of text as (language tag lowercased, code).
+
+    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
+    after its tag are ignored), or at the end of a line of prose (then only a tag
+    may follow it). The block ends at a line holding only the same fence; an
+    unclosed block runs to the end of the text.
+    """
+    blocks: list[tuple[str, str]] = []
+    lines = text.split("\n")
+    n = 0
+    while n < len(lines):
+        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
+        if not match:
+            n += 1
+            continue
+        fence, tag = match["fence"], match["tag"].lower()
+        body: list[str] = []
+        n += 1
+        while n < len(lines) and lines[n].strip() != fence:
+            stripped = lines[n].rstrip()
+            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
+                body.append(stripped[: -len(fence)])
+                break
+            body.append(lines[n])
+            n += 1
+        blocks.append((tag, "\n".join(body)))
+        n += 1
+    return blocks
+
+
+def extract_code(text: str, language: str | None = None) -> str:
+    """Return the code of text: the best fenced block, or the whole text stripped.
+
+    With a language ("python", "json", "toml"), a block tagged with one of its
+    aliases wins, then an untagged block, then the first block. Without one, the
+    first block. Text around the fence is dropped.
+    """
+    blocks = find_fences(text)
+    if not blocks:
+        return text.strip()
+    if language:
+        aliases = LANGUAGE_ALIASES.get(language, {language})
+        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
+            for tag, code in blocks:
+                if wanted(tag):
+                    return code
+    return blocks[0][1]
+
+
+def parse_json_output(text: str) -> Any:
+    """Parse JSON from a model output: whole, else the best fenced block, else the
+    first JSON value starting at the first { or [.
+
+    Raises OutputInvalid naming the parse error of the most likely candidate.
+    """
+    candidates = [text.strip()]
+    if find_fences(text):
+        candidates.insert(0, extract_code(text, "json"))
+    first_error = None
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except ValueError as exc:
+            first_error = first_error or exc
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
+        try:
+            return json.JSONDecoder().raw_decode(text, min(starts))[0]
+        except ValueError:
+            pass
+    raise OutputInvalid(f"output is not valid JSON ({first_error})")
+
+
+def _json_artifact(text: str) -> tuple[Any, str]:
+    value = parse_json_output(text)
+    return value, json.dumps(value, ensure_ascii=False, indent=2)
+
+
+def schema_message(error: Any) -> str:
+    """Return a jsonschema error's message on one line, with a long offending value
+    described by its size instead of printed, so the reason always shows."""
+    message, shown = error.message, repr(error.instance)
+    if len(shown) > 80:
+        value = error.instance
+        if isinstance(value, (list, dict, str)):
+            kind = {list: "a list of {} items", dict: "an object of {} keys",
+                    str: "a string of {} characters"}[type(value)]
+            message = message.replace(shown, kind.format(len(value)))
+        else:
+            message = message.replace(shown, shown[:60] + "…")
+    return clip(" ".join(message.split()), 300, "message")
+
+
+def fold_text(text: str) -> str:
+    """Return text as key names and spans are compared: case folded (str.casefold), each run
+    of whitespace one space, no whitespace at either end."""
+    return " ".join(text.casefold().split())
+
+
+_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
+
+
+def written_numbers(text: str) -> dict[float, int | float]:
+    """Return the numbers written in text as words of their own: each whitespace-separated
+    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
+    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
+    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
+    One regular expression over text: no copy of it, however large."""
+    trim = f"[{re.escape(_SPAN_TRIM)}]*"
+    found: dict[float, int | float] = {}
+    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
+        value = float(match[1])
+        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
+    return found
+
+
+def _occurs(value: str, source: str) -> bool:
+    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
+    run of whitespace matching any other, not as part of a longer word or number ("Ada"
+    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    words = value.split()
+    if not words:
+        return True
+    pattern = r"\s+".join(map(re.escape, words))
+    if re.match(r"\w", words[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.search(r"\w$", words[-1]):
+        pattern += r"(?!\w|[.,]\d)"
+    return re.search(pattern, source, re.IGNORECASE) is not None
+
+
+def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
+    """Return the (JSON path, value) of every value of a JSON answer that does not occur
+    in source, in document order.
+
+    A string occurs when it is in source, case and runs of whitespace folded, not inside
+    a longer word or number (_occurs); a number when it equals a number written in
+    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"); each item of a list and each value of an object (at any depth) is
+    checked. Key names, null, booleans and empty strings are exempt."""
+    numbers = written_numbers(source)
+    found: list[tuple[str, Any]] = []
+
+    def visit(item: Any, where: str) -> None:
+        if isinstance(item, dict):
+            for key, child in item.items():
+                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
+                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
+        elif isinstance(item, list):
+            for n, child in enumerate(item):
+                visit(child, f"{where}[{n}]")
+        elif isinstance(item, bool) or item is None:
+            return
+        elif isinstance(item, (int, float)):
+            if float(item) not in numbers:
+                found.append((where, item))
+        elif isinstance(item, str) and not _occurs(item, source):
+            found.append((where, item))
+
+    visit(value, path)
+    return found
+
+
+def check_grounded(value: Any, source: str) -> None:
+    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
+    step's input (ungrounded_values; at most five are named), telling the model to copy
+    each value exactly from the text."""
+    missing = ungrounded_values(value, source)
+    if missing:
+        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
+                          for where, item in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
+                            "text (use null where the text has none)")
+
+
+def _check_syntax(text: str, language: str) -> str:
+    code = extract_code(text, language)
+    if not code.strip():
+        raise OutputInvalid(f"no {language} code in the output")
+    try:
+        if language == "python":
+            compile(code, "<output>", "exec", dont_inherit=True)
+        elif language == "json":
+            json.loads(code)
+        elif language == "toml":
+            import tomllib
+            tomllib.loads(code)
+    except SyntaxError as exc:
+        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+    return code if code.endswith("\n") else code + "\n"
+
+
+###############################################################################
+# 9. Constrained JSON and degenerate output
+###############################################################################
+
+
+def span_candidates(pieces: list[str]) -> list[str] | None:
+    """Return the spans a grounded answer's string values may be: every run of 1 to
+    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
+    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
+    them holding a quote, a backslash or a control character (see bounded_string), each
+    once, in the order they end in the input (the shorter first). None when the input
+    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
+    enum grows with it (measured in the README, Answers grounded in the text). Words are
+    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    seen: dict[str, None] = {}
+    read = 0
+    for piece in pieces:
+        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
+        for match in re.finditer(r"\S+", piece):
+            read += 1
+            if read > GROUNDED_MAX_SPANS:
+                return None
+            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
+            for start in range(len(words) - 1, -1, -1):
+                span = " ".join(words[start:]).strip(_SPAN_TRIM)
+                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
+                        not re.search(r'["\\\x00-\x1f]', span):
+                    seen[span] = None
+                    if len(seen) > GROUNDED_MAX_SPANS:
+                        return None
+    return list(seen)
+
+
+def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
+    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
+    grounded validation whose input has at most GROUNDED_MAX_SPANS spans; else None (the
+    usual schema is sent; output_schema asks only for a type that sends one). A span that is one of
+    the answer's key names (keys, or a schema's property names; case folded) is left
+    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
+    listing the keys "quantity" and "unit". The check still takes such a value."""
+    if not validation.get("grounded"):
+        return None
+    pieces = [source] if isinstance(source, str) else source
+    spans = span_candidates(pieces)
+    names = {fold_text(name) for name in
+             validation.get("keys") or _property_names(validation.get("schema"))}
+    spans = [span for span in spans or [] if fold_text(span) not in names]
+    if not spans:
+        return None
+    numbers: dict[float, int | float] = {}
+    for text in pieces:
+        for value, number in written_numbers(text).items():
+            numbers.setdefault(value, number)
+    return spans, list(numbers.values())
+
+
+def _property_names(schema: Any) -> set[str]:
+    """The property names a JSON Schema lists, at any depth."""
+    if isinstance(schema, list):
+        return {name for item in schema for name in _property_names(item)}
+    if not isinstance(schema, dict):
+        return set()
+    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
+    return names.union(*(_property_names(child) for key, child in schema.items()
+                         if key not in ("enum", "const")))
+
+
+def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
+    """Return a sent schema (output_schema) with every string it leaves open (a
+    bounded_string) made one of spans, and every number one of numbers, through
+    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
+    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
+    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
+    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
+    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
+    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    def open_number(node: Any) -> bool:
+        return isinstance(node, dict) and set(node) == {"type"} and \
+            node["type"] in ("number", "integer")
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, list):
+            return [swap(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "string" and node.get("pattern") == bounded_string(
+                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
+            return {"$ref": "#/$defs/bridge_span"}
+        if node.get("type") in ("number", "integer") and numbers and not (
+                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
+            if node["type"] == "number":
+                return {"$ref": "#/$defs/bridge_number"}
+            integers = [n for n in numbers if isinstance(n, int)]
+            return {"enum": integers} if integers else node
+        out = {}
+        for key, child in node.items():
+            if key in _SCHEMA_MAPS and isinstance(child, dict):
+                out[key] = {name: swap(sub) for name, sub in child.items()}
+            elif key in ("enum", "const", "required"):
+                out[key] = child
+            elif key in ("anyOf", "oneOf") and isinstance(child, list):
+                alternatives = [swap(sub) for sub in child]
+                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
+            else:
+                out[key] = swap(child)
+        return out
+
+    out = swap(schema)
+    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
+    if numbers:
+        defs["bridge_number"] = {"enum": numbers}
+    return {**out, "$defs": defs}
+
+
+def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
+    """Return the schema of a bounded string value: min_length to max_length characters, none
+    of them a quote, a backslash or a control character. The pattern says so because
+    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
+    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
+    small model fills "" where the sentence has the value (null stays allowed)."""
+    return {"type": "string", "minLength": min_length, "maxLength": max_length,
+            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
+
+
+def bounded_value() -> dict:
+    """Return the schema of a value a plan leaves open: a bounded_string, a number,
+    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
+    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
+    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars},
+                                 "maxItems": JSON_LIST_MAX_ITEMS}]}
+
+
+_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def bounded_schema(schema: Any) -> Any:
+    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
+    a bounded_string for strings (unless the plan sets a length, a pattern, a format
+    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems
+    JSON_LIST_MAX_ITEMS on arrays, additionalProperties false on objects listing their
+    properties, and an open value ({} or an array without items) made a bounded_value.
+    Whatever the plan sets is kept as it is."""
+    if not isinstance(schema, dict):
+        return schema
+    if _is_open(schema):
+        return bounded_value()
+    out = dict(schema)
+    for key in _SCHEMA_CHILDREN:
+        if isinstance(out.get(key), dict):
+            out[key] = bounded_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded_schema(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
+    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    shortest = out.get("minLength", 1)
+    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
+            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
+        out.update(bounded_string(shortest))
+    if "array" in types:
+        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
+        if "items" not in out and "prefixItems" not in out:
+            out["items"] = bounded_value()["anyOf"][-1]["items"]
+    if "object" in types and "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def _is_open(schema: dict) -> bool:
+    """Tell whether a schema says nothing about its value ({} or only annotations)."""
+    annotations = {"title", "description", "default", "examples", "$comment"}
+    return not (set(schema) - annotations)
+
+
+def schema_depth(schema: Any) -> int | None:
+    """Return how deep a JSON value meeting schema can nest ({} and [] count one
+    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
+    an object that takes any other property)."""
+    if schema is True or not isinstance(schema, dict):
+        return None if schema is True or schema is None else 0
+    if "$ref" in schema or _is_open(schema):
+        return None
+    if "const" in schema or "enum" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return 1 if any(isinstance(v, (dict, list)) for v in values) else 0
+    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
+    children += list((schema.get("properties") or {}).values())
+    for key in ("items", "additionalProperties"):
+        if key in schema and schema[key] is not False:
+            children.append(schema[key])
+    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
+        return None                     # any type of value, arrays and objects included
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "object" in types and "additionalProperties" not in schema:
+        return None
+    if "array" in types and "items" not in schema and "prefixItems" not in schema:
+        return None
+    depths = [schema_depth(child) for child in children]
+    if None in depths:
+        return None
+    nested = max(depths, default=0)
+    return nested + 1 if {"object", "array"} & set(types) else nested
+
+
+def grammar_damage(output: str, schema: dict | None) -> str | None:
+    """Tell how a constrained answer that failed its check looks damaged by the
+    grammar, or None when it does not. Asked only of an answer its check refused (not
+    when a command or a write failed).
+
+    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
+    unclosed string), or an object key with a "?" in it where the schema (the one sent)
+    names no such key. These are what a garbling grammar makes (gpt-oss under LM
+    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
+    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
+    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
+    and the model's own mistakes are for the retry to fix."""
+    if "\ufffd" in output:
+        return "it holds U+FFFD replacement characters"
+    try:
+        value = parse_json_output(output)
+    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
+        return "it is not valid JSON"
+    named = set((schema or {}).get("properties") or {})
+    keys = value if isinstance(value, dict) else {}
+    garbled = [key for key in keys if "?" in key and key not in named]
+    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
+
+
+class DegenerationGuard:
+    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
+    server, llama-cpp-python's and LM Studio stop generating when the client
+    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
+    is_connection_closed to the completion; llama_cpp/server/app.py checks
+    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
+    Stopping generation...", lmstudio-ai/.github#10).
+
+    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
+    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
+    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
+    words or more (the same line or phrase over and over); JSON nested deeper than
+    max_depth (the depth its check allows, see checked_depth; None: not checked).
+    text is what was fed.
+    """
+
+    def __init__(self, max_depth: int | None = None):
+        self.max_depth = max_depth
+        self.pieces: list[str] = []
+        self.words: list[str] = []
+        self._partial = ""              # a word not yet ended by whitespace
+        self._space = ""                # the run of whitespace at the end of the text
+        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
+
+    @property
+    def text(self) -> str:
+        """The output fed so far."""
+        return "".join(self.pieces)
+
+    def feed(self, piece: str) -> None:
+        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
+        self.pieces.append(piece)
+        self._whitespace(piece)
+        if self.max_depth is not None:
+            for char in piece:
+                self._nesting(char)
+        self._repeats(piece)
+
+    def _whitespace(self, piece: str) -> None:
+        text = self._space + piece          # a run may have begun in an earlier piece
+        self._space = ""
+        for run in re.finditer(r"\s+", text):
+            newlines = run.group().count("\n")
+            if newlines > DEGENERATE_NEWLINES:
+                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
+            if len(run.group()) > DEGENERATE_WHITESPACE:
+                raise OutputDegenerate(
+                    f"stopped: {len(run.group())} whitespace characters in a row")
+            if run.end() == len(text):
+                self._space = run.group()
+
+    def _nesting(self, char: str) -> None:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+        elif char == '"' and self._json:
+            self._in_string = True
+        elif char in "{[":
+            self._json, self._depth = True, self._depth + 1
+            if self._depth > self.max_depth:    # type: ignore[operator]
+                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
+                                       f"{self.max_depth} its schema allows")
+        elif char in "}]" and self._depth:
+            self._depth -= 1
+
+    def _repeats(self, piece: str) -> None:
+        parts = (self._partial + piece).split()
+        ended = piece[-1:].isspace()
+        self._partial = "" if ended or not parts else parts.pop()
+        for word in parts:
+            self.words.append(word)
+            self._check_tail()
+        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
+
+    def _check_tail(self) -> None:
+        words = self.words
+        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
+            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
+            if len(words) < period * times:
+                return
+            if words[-1] != words[-1 - period]:
+                continue                    # the cheap test first: most words repeat nothing
+            unit = words[-period:]
+            if all(words[-(n + 1) * period:len(words) - n * period] == unit
+                   for n in range(1, times)):
+                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} "
+                                       f"times in a row ({' '.join(unit)[:80]!r})")
+
+
+###############################################################################
+# 10. Validation types
+#
+# One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
+# VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
+# with register_check: its check, its sentence for the prompt, the schema sent for
+# constrained decoding, its answer budget, its plan problems and its depth rule. The
+# plan checks, the trust gate and approval facts, the prompt, the budget and the Runner
+# read the registry through the functions below the classes. A new type is one class
+# here plus its name in the schema's enum (a test keeps the two equal).
+###############################################################################
+
+VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
+
+
+def register_validation(cls: type) -> type:
+    """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
+    under cls.name (the name again replaces the earlier class). Returns cls."""
+    VALIDATION_TYPES[cls.name] = cls()
+    return cls
+
+
+class ValidationType:
+    """One validation type; a subclass overrides what differs.
+
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step
+    sets none (then at most a quarter of a known context: answer_tokens); code and prose
+    keep the general ANSWER_RESERVE_TOKENS. runs_command: the type checks the project by
+    running a program once file_output is written (the Runner runs it, only where the
+    user trusts the project), not the answer. grounded: the type takes "grounded"
+    (check_grounded; the schema's if/then names the same types).
+    """
+
+    __slots__ = ()
+    name = ""
+    max_tokens = ANSWER_RESERVE_TOKENS
+    runs_command = False
+    grounded = False
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        """Return the artifact of an answer (reasoning already taken out); raise
+        OutputInvalid with a message the model can act on. source: the step's input
+        (the pieces build_messages gives as sources, joined)."""
+        raise NotImplementedError
+
+    def describe(self, validation: dict) -> str:
+        """One sentence telling the model what answer is accepted, or ""."""
+        return ""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The JSON Schema sent for constrained decoding, or None (the answer is not JSON)."""
+        return None
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """The problems a schema cannot state, each "<where>...: why". validation is
+        untrusted: it runs on a plan the schema found fault with too."""
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        """How deep an answer that passes can nest, or None (not bounded)."""
+        return None
+
+
+@register_validation
+class NonEmpty(ValidationType):
+    """The default: any answer but an empty one."""
+
+    __slots__ = ()
+    name = "non_empty"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        artifact = extract_code(text)
+        if not artifact.strip():
+            raise OutputInvalid("output is empty" if not text.strip()
+                                else "the fenced block is empty")
+        return artifact
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with the requested content."
+
+
+class JsonAnswer(ValidationType):
+    """An answer that is JSON: parsed once (parse_json_output), checked by check_value,
+    and when "grounded" its values against the step's input (check_grounded); the
+    artifact is the JSON re-serialised. A JSON answer is an object of a few values: a
+    six-key extraction is 40-90 tokens on SmolLM2, so 256 tokens stop a runaway within
+    seconds on a small CPU."""
+
+    __slots__ = ()
+    max_tokens = 256
+    grounded = True
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        value, artifact = _json_artifact(text)
+        self.check_value(value, validation)
+        if validation.get("grounded"):
+            check_grounded(value, source)
+        return artifact
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        """Raise OutputInvalid when the parsed answer does not pass."""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        return {}
+
+
+@register_validation
+class Json(JsonAnswer):
+    """Any JSON value."""
+
+    __slots__ = ()
+    name = "json"
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with valid JSON only, in a ```json fenced block."
+
+
+@register_validation
+class ContainsKeys(JsonAnswer):
+    """A JSON object holding the keys listed."""
+
+    __slots__ = ()
+    name = "contains_keys"
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        if not isinstance(value, dict):
+            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
+        missing = [key for key in validation["keys"] if key not in value]
+        if missing:
+            raise OutputInvalid(f"JSON object lacks the keys {missing}")
+
+    def describe(self, validation: dict) -> str:
+        keys = ", ".join(map(json.dumps, validation.get("keys", [])))
+        return f"Answer with one JSON object that has the keys {keys}, in a ```json fenced block."
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """An object of exactly its keys, each a bounded_value (a scalar or a list of
+        scalars), so a small model puts the sentence's values in the keys instead of
+        nesting objects. Only what is sent is bounded; the check takes any value."""
+        keys = validation["keys"]
+        return {"type": "object", "properties": {key: bounded_value() for key in keys},
+                "required": list(keys), "additionalProperties": False}
+
+
+@register_validation
+class JsonSchema(JsonAnswer):
+    """JSON valid by the plan's own JSON Schema (Draft 2020-12)."""
+
+    __slots__ = ()
+    name = "json_schema"
+    max_tokens = 512        # its objects may nest and list more
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        from jsonschema import Draft202012Validator
+
+        try:
+            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
+                            key=lambda e: list(e.absolute_path))
+        except (RecursionError, MemoryError):
+            raise
+        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
+            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
+            raise OutputInvalid(f"the step's json_schema cannot be applied ({type(exc).__name__}: "
+                                f"{clip(str(exc), 200, 'message')})") from None
+        if errors:
+            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
+                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
+
+    def describe(self, validation: dict) -> str:
+        return ("Answer with JSON matching this JSON Schema, in a ```json fenced block: "
+                + json.dumps(validation.get("schema")))
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The plan's schema with bounds added where it sets none (bounded_schema)."""
+        schema = validation["schema"]
+        return bounded_schema(schema) if isinstance(schema, dict) else {}
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """A schema check_schema refuses; then the schema applied to a few plain values,
+        so a $ref that resolves nowhere or refers to itself without end at the top is a
+        plan problem before anything is sent (deeper ones fail the step: check_value)."""
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        where = f"{where}.schema"
+        try:
+            Draft202012Validator.check_schema(validation["schema"])
+        except SchemaError as exc:
+            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
+        validator = Draft202012Validator(validation["schema"])
+        for probe in (None, {}, [], "", 0):
+            try:
+                for _ in validator.iter_errors(probe):
+                    pass
+            except RecursionError:
+                return [f"{where}: refers to itself without end"]
+            except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
+                return [f"{where}: cannot be applied "
+                        f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        return schema_depth(validation["schema"])
+
+
+@register_validation
+class SyntaxCheck(ValidationType):
+    """Code that parses in its language (python, json, toml)."""
+
+    __slots__ = ()
+    name = "syntax_check"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        return _check_syntax(text, validation.get("language", "python"))
+
+    def describe(self, validation: dict) -> str:
+        language = validation.get("language", "python")
+        return f"Answer with complete {language} code in one ```{language} fenced block."
+
+
+@register_validation
+class Regex(ValidationType):
+    """An answer re.search finds the pattern in."""
+
+    __slots__ = ()
+    name = "regex"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        if not re.search(validation["pattern"], text):
+            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
+        return extract_code(text)
+
+    def describe(self, validation: dict) -> str:
+        return f"Your answer must match the regular expression {validation.get('pattern')!r}."
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        try:
+            re.compile(validation["pattern"])
+        except re.error as exc:
+            return [f"{where}.pattern: not a valid regular expression ({exc})"]
+        return []
+
+
+def shell_words(argv: list[str]) -> str:
+    """Return an argv as a person would type it in a POSIX shell (for messages only;
+    commands never go through a shell)."""
+    import shlex
+
+    return shlex.join(argv)
+
+
+@register_validation
+class Command(ValidationType):
+    """The project's own check (a test, a linter: "run", "timeout_s"), run by the Runner
+    once file_output is written; it passes on exit 0. Never asked to check an answer
+    (answer_checks leaves it out)."""
+
+    __slots__ = ()
+    name = "command"
+    runs_command = True
+
+    def describe(self, validation: dict) -> str:
+        argv = shell_words(validation["run"])
+        return f"It will then be checked by running `{argv}` in the project."
+
+
+class UnknownType(ValidationType):
+    """A type no class is registered for (the plan schema refuses it before a run)."""
+
+    __slots__ = ()
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        raise OutputInvalid(f"unknown validation type {validation.get('type', 'non_empty')!r}")
+
+
+_UNKNOWN_TYPE = UnknownType()
+
+
+def validation_type(validation: dict) -> ValidationType:
+    """The registered class of a validation object (non_empty when it names no type;
+    an UnknownType when none is registered under its type, or its type is no string)."""
+    kind = validation.get("type", "non_empty")
+    return VALIDATION_TYPES.get(kind, _UNKNOWN_TYPE) if isinstance(kind, str) else _UNKNOWN_TYPE
+
+
+def validations_of(validation: dict | list) -> list[dict]:
+    """Return a step's validation as a list: a list as given, an object as [object]."""
+    return list(validation) if isinstance(validation, list) else [validation]
+
+
+def is_command(validation: Any) -> bool:
+    """Tell whether a validation (untrusted: any JSON value) runs a program in the project."""
+    return isinstance(validation, dict) and validation_type(validation).runs_command
+
+
+def _commands_of(step: "Step") -> list[dict]:
+    """The command validations of a step, in order."""
+    return [v for v in validations_of(step.validation) if is_command(v)]
+
+
+def answer_checks(validation: dict | list) -> list[dict]:
+    """The validations that check a step's answer itself, in order: all but its
+    commands (they check the file once written), or [DEFAULT_VALIDATION] when none is left."""
+    return [v for v in validations_of(validation) if not is_command(v)] or [DEFAULT_VALIDATION]
+
+
+def check_output(text: str, validation: dict | list, source: str = "") -> str:
+    """Check a model output against a step's validation; return the artifact.
+
+    text: the output, reasoning taken out (split_reasoning). validation: an object of
+    bridge-plan-schema.json or a list of them, checked in order (answer_checks) up to the
+    first that fails; the artifact is that of the first. source: the step's input, which
+    the values of a "grounded" JSON validation must come from (check_grounded).
+    Raises OutputInvalid with a message the model can act on.
+    """
+    artifacts = [_check_one(text, check, source) for check in answer_checks(validation)]
+    return artifacts[0]
+
+
+def _check_one(text: str, validation: dict, source: str) -> str:
+    try:
+        return validation_type(validation).check(text, validation, source)
+    except (RecursionError, MemoryError) as exc:
+        # json, tomllib, compile() and jsonschema recurse per nesting level
+        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+
+
+def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
+    """Return the JSON Schema sent for constrained decoding of a step's output: that of
+    its first validation whose type sends one (ValidationType.output_schema), else None.
+    Only what is sent is bounded: check_output still applies the plan's own validation.
+
+    source: the step's input (the pieces build_messages gives as sources). A "grounded"
+    step whose input has few enough spans (grounded_spans) gets span_schema instead: its
+    string values can only be copied from the input.
+    """
+    if isinstance(validation, list):
+        return next((schema for item in validation
+                     if (schema := output_schema(item, source)) is not None), None)
+    kind = validation_type(validation)
+    usual = kind.output_schema(validation)
+    if source is not None and usual and kind.grounded and \
+            (spans := grounded_spans(validation, source)) is not None:
+        return span_schema(usual, *spans)
+    return usual
+
+
+def checked_depth(validation: dict | list) -> int | None:
+    """Return how deep the output of a step can nest and still pass its check: the depth
+    rule of its first validation that sends a schema (a json_schema's own schema), else
+    None (not bounded: a contains_keys value may be anything, though the schema sent
+    bounds it)."""
+    first = next((v for v in validations_of(validation)
+                  if validation_type(v).output_schema(v) is not None), None)
+    return validation_type(first).depth(first) if first else None
+
+
+def describe_validation(validation: dict | list) -> str:
+    """Return one sentence telling the model what form of answer will be accepted
+    (for a list, one per check, in order)."""
+    if isinstance(validation, list):
+        return " ".join(filter(None, (describe_validation(item) for item in validation)))
+    return validation_type(validation).describe(validation)
+
+
+def validation_problems(validation: Any, where: str) -> list[str]:
+    """The problems of a step's validation (untrusted: any JSON value) the schema cannot
+    state: of one object, or of each object of a list; where: its JSON path."""
+    items = validation if isinstance(validation, list) else [validation]
+    return [problem for k, item in enumerate(items) if isinstance(item, dict)
+            for problem in validation_type(item).problems(
+                item, f"{where}[{k}]" if isinstance(validation, list) else where)]
+
+
+def default_max_tokens(validation: dict | list) -> int:
+    """The max_tokens of an answer whose step sets none: the largest of its answer
+    checks' types (ValidationType.max_tokens), before the context caps it."""
+    return max(validation_type(v).max_tokens for v in answer_checks(validation))
+
+
+###############################################################################
+# 11. Plans
 ###############################################################################
 
 
@@ -2888,21 +3857,6 @@ def _unknown_key_problems(error: Any) -> list[str]:
     return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
-def schema_message(error: Any) -> str:
-    """Return a jsonschema error's message on one line, with a long offending value
-    described by its size instead of printed, so the reason always shows."""
-    message, shown = error.message, repr(error.instance)
-    if len(shown) > 80:
-        value = error.instance
-        if isinstance(value, (list, dict, str)):
-            kind = {list: "a list of {} items", dict: "an object of {} keys",
-                    str: "a string of {} characters"}[type(value)]
-            message = message.replace(shown, kind.format(len(value)))
-        else:
-            message = message.replace(shown, shown[:60] + "…")
-    return clip(" ".join(message.split()), 300, "message")
-
-
 def resolve_inside(project: Path, rel: str) -> Path:
     """Return project/rel, refusing anything that could land outside the project.
 
@@ -3007,7 +3961,7 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
             elif dep not in known:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
-        problems += _validations_problems(step.get("validation"), f"$.steps[{n}].validation")
+        problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
@@ -3019,53 +3973,6 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     return problems + _path_problems(plan, guard)
 
 
-def _validations_problems(validation: Any, where: str) -> list[str]:
-    """The semantic problems of a step's validation: one object, or each of a list."""
-    if isinstance(validation, dict):
-        return _validation_problems(validation, where)
-    if isinstance(validation, list):
-        return [problem for k, item in enumerate(validation) if isinstance(item, dict)
-                for problem in _validation_problems(item, f"{where}[{k}]")]
-    return []
-
-
-def _validation_problems(validation: dict, where: str) -> list[str]:
-    if validation.get("type") == "regex":
-        try:
-            re.compile(validation["pattern"])
-        except re.error as exc:
-            return [f"{where}.pattern: not a valid regular expression ({exc})"]
-    if validation.get("type") == "json_schema":
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}.schema: not a valid JSON Schema ({schema_message(exc)})"]
-        return _schema_use_problems(validation["schema"], f"{where}.schema")
-    return []
-
-
-def _schema_use_problems(schema: Any, where: str) -> list[str]:
-    """Apply a step's schema (valid by check_schema) to a few plain values, so a
-    $ref that resolves nowhere or refers to itself without end at the top is a plan
-    problem before anything is sent; deeper ones fail the step (check_output)."""
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema)
-    for probe in (None, {}, [], "", 0):
-        try:
-            for _ in validator.iter_errors(probe):
-                pass
-        except RecursionError:
-            return [f"{where}: refers to itself without end"]
-        except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
-            return [f"{where}: cannot be applied ({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
-    return []
-
-
-# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
-# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
 # under it (a/b/ names the two folders in a row); else it is matched against the
 # file's name, or, with a "/", against the last components of its path. Patterns are
 # shell globs, any case. The README's table is this one.
@@ -3259,7 +4166,7 @@ def _command_paths(plan: dict) -> list[str]:
         validation = step.get("validation") if isinstance(step, dict) else None
         items = validation if isinstance(validation, list) else [validation]
         paths += [f"$.steps[{n}].validation" + (f"[{k}]" if isinstance(validation, list) else "")
-                  for k, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "command"]
+                  for k, item in enumerate(items) if is_command(item)]
     return paths
 
 
@@ -3361,7 +4268,7 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 9. Trust: projects, approvals, executors
+# 12. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -3662,7 +4569,7 @@ def _run_facts(plan: Plan) -> list[dict]:
         items = step.validation if isinstance(step.validation, list) else [step.validation]
         facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
                    "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
-                  for v in items if isinstance(v, dict) and v.get("type") == "command"]
+                  for v in items if is_command(v)]
     if plan.verify:
         facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
                       "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
@@ -3689,7 +4596,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 10. Model servers: errors, streams, retries
+# 13. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -4295,7 +5202,7 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 11. LLM client: OpenAI-compatible servers
+# 14. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -4925,7 +5832,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 12. Other executors: the Anthropic API and the claude CLI
+# 15. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -5221,746 +6128,8 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 13. Output validation
-#
-# The validation types of bridge-plan-schema.json. Each check returns the artifact: the
-# text that counts as the step's output (the code inside a fence when fenced), which
-# is what later steps see and what file_output writes. A command validation (and a
-# plan's verify) runs the project's own test or linter, only where the user trusts it.
+# 16. Check commands
 ###############################################################################
-
-# Patterns as strings: re compiles and caches each on first use, not at start-up.
-_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
-# after prose on the same line ("Here it is: ```json"), a fence counts only when
-# nothing but a tag follows it, so prose that mentions ``` is not a fence
-_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
-LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
-                    "toml": {"toml"}}
-
-
-# Reasoning text a server leaves inside content (sources per row), by shape: (name,
-# who writes it and the source, a string the text must hold for the shape to be tried,
-# where the reasoning starts and ends, what ends the answer or None). split_reasoning
-# takes each out; a shape matches at the start of the text only.
-_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
-REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
-    # a leading block; an unclosed one swallows the rest
-    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
-     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
-    ("<thinking>", "several fine-tunes", "<thinking>",
-     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
-    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
-    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
-     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
-    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
-    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
-    # it analysed) there is no answer
-    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
-     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
-    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
-     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
-    # the opening tag is in the prompt template, so only the close arrives: reasoning…
-    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
-    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
-     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
-    ("orphan </thinking>", "several fine-tunes", "</thinking>",
-     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
-    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
-     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
-)
-
-
-def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
-    thought: list[str] = []
-    matched = True
-    while matched and text:
-        matched = False
-        for _name, _source, needle, start, end in REASONING_SHAPES:
-            found = re.match(start, text) if needle in text else None
-            if found and found.group():
-                thought.append(found.group())
-                text, matched = text[found.end():], True
-                if end and (tail := re.search(end, text)):
-                    text = text[:tail.start()]
-                break
-    return text, "".join(thought)
-
-
-def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
-    blocks: list[tuple[str, str]] = []
-    lines = text.split("\n")
-    n = 0
-    while n < len(lines):
-        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
-        if not match:
-            n += 1
-            continue
-        fence, tag = match["fence"], match["tag"].lower()
-        body: list[str] = []
-        n += 1
-        while n < len(lines) and lines[n].strip() != fence:
-            stripped = lines[n].rstrip()
-            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
-                body.append(stripped[: -len(fence)])
-                break
-            body.append(lines[n])
-            n += 1
-        blocks.append((tag, "\n".join(body)))
-        n += 1
-    return blocks
-
-
-def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
-    blocks = find_fences(text)
-    if not blocks:
-        return text.strip()
-    if language:
-        aliases = LANGUAGE_ALIASES.get(language, {language})
-        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
-            for tag, code in blocks:
-                if wanted(tag):
-                    return code
-    return blocks[0][1]
-
-
-def parse_json_output(text: str) -> Any:
-    """Parse JSON from a model output: whole, else the best fenced block, else the
-    first JSON value starting at the first { or [.
-
-    Raises OutputInvalid naming the parse error of the most likely candidate.
-    """
-    candidates = [text.strip()]
-    if find_fences(text):
-        candidates.insert(0, extract_code(text, "json"))
-    first_error = None
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except ValueError as exc:
-            first_error = first_error or exc
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if starts:
-        try:
-            return json.JSONDecoder().raw_decode(text, min(starts))[0]
-        except ValueError:
-            pass
-    raise OutputInvalid(f"output is not valid JSON ({first_error})")
-
-
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
-def validations_of(validation: dict | list) -> list[dict]:
-    """Return a step's validation as a list: a list as given, an object as [object]."""
-    return list(validation) if isinstance(validation, list) else [validation]
-
-
-def _commands_of(step: Step) -> list[dict]:
-    """The command validations of a step, in order."""
-    return [v for v in validations_of(step.validation) if v.get("type") == "command"]
-
-
-def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output with <think> blocks already stripped. validation: a
-    validation object of bridge-plan-schema.json, or a list of them, checked in order up
-    to the first that fails. The artifact is the fenced code when the output is
-    fenced (for json types: the parsed JSON, re-serialised), else the stripped
-    text; for a list, that of its first check. Command validations are not run
-    here (the Runner runs them once the file is written); a list of commands
-    only is checked as non_empty. source: the step's input (the pieces build_messages
-    gives as sources, joined), which the values of a "grounded" JSON validation must
-    come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
-    checks = [v for v in validations_of(validation) if v.get("type") != "command"] or [DEFAULT_VALIDATION]
-    artifacts = [_check_one(text, check, source) for check in checks]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str = "") -> str:
-    try:
-        artifact = _check_output(text, validation)
-        if validation.get("grounded") and validation.get("type") in GROUNDED_TYPES:
-            check_grounded(json.loads(artifact), source)
-        return artifact
-    except (RecursionError, MemoryError) as exc:
-        # json, tomllib, compile() and jsonschema recurse per nesting level
-        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
-
-
-def _check_output(text: str, validation: dict) -> str:
-    kind = validation.get("type", "non_empty")
-    if kind == "non_empty":
-        artifact = extract_code(text)
-        if not artifact.strip():
-            raise OutputInvalid("output is empty" if not text.strip() else "the fenced block is empty")
-        return artifact
-    if kind == "json":
-        return _json_artifact(text)[1]
-    if kind == "contains_keys":
-        value, artifact = _json_artifact(text)
-        if not isinstance(value, dict):
-            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
-        missing = [key for key in validation["keys"] if key not in value]
-        if missing:
-            raise OutputInvalid(f"JSON object lacks the keys {missing}")
-        return artifact
-    if kind == "json_schema":
-        from jsonschema import Draft202012Validator
-
-        value, artifact = _json_artifact(text)
-        try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
-        except (RecursionError, MemoryError):
-            raise
-        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
-            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
-            raise OutputInvalid(f"the step's json_schema cannot be applied "
-                                f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})") from None
-        if errors:
-            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
-                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
-        return artifact
-    if kind == "syntax_check":
-        return _check_syntax(text, validation.get("language", "python"))
-    if kind == "regex":
-        if not re.search(validation["pattern"], text):
-            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
-        return extract_code(text)
-    raise OutputInvalid(f"unknown validation type {kind!r}")
-
-
-GROUNDED_TYPES = ("json", "contains_keys", "json_schema")   # the validations "grounded" applies to
-
-
-def fold_text(text: str) -> str:
-    """Return text as key names and spans are compared: case folded (str.casefold), each run
-    of whitespace one space, no whitespace at either end."""
-    return " ".join(text.casefold().split())
-
-
-_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
-
-
-def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
-    trim = f"[{re.escape(_SPAN_TRIM)}]*"
-    found: dict[float, int | float] = {}
-    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
-        value = float(match[1])
-        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
-    return found
-
-
-def _occurs(value: str, source: str) -> bool:
-    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
-    run of whitespace matching any other, not as part of a longer word or number ("Ada"
-    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
-    words = value.split()
-    if not words:
-        return True
-    pattern = r"\s+".join(map(re.escape, words))
-    if re.match(r"\w", words[0]):
-        pattern = r"(?<!\w)" + pattern
-    if re.search(r"\w$", words[-1]):
-        pattern += r"(?!\w|[.,]\d)"
-    return re.search(pattern, source, re.IGNORECASE) is not None
-
-
-def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
-    numbers = written_numbers(source)
-    found: list[tuple[str, Any]] = []
-
-    def visit(item: Any, where: str) -> None:
-        if isinstance(item, dict):
-            for key, child in item.items():
-                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
-                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
-        elif isinstance(item, list):
-            for n, child in enumerate(item):
-                visit(child, f"{where}[{n}]")
-        elif isinstance(item, bool) or item is None:
-            return
-        elif isinstance(item, (int, float)):
-            if float(item) not in numbers:
-                found.append((where, item))
-        elif isinstance(item, str) and not _occurs(item, source):
-            found.append((where, item))
-
-    visit(value, path)
-    return found
-
-
-def check_grounded(value: Any, source: str) -> None:
-    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
-    step's input (ungrounded_values; at most five are named), telling the model to copy
-    each value exactly from the text."""
-    missing = ungrounded_values(value, source)
-    if missing:
-        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
-                          for where, item in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
-                            "text (use null where the text has none)")
-
-
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
-###############################################################################
-# 14. Constrained JSON and degenerate output
-###############################################################################
-
-
-def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output.
-
-    None for steps whose output is not JSON (non_empty, syntax_check, regex,
-    command); {} for json. A list uses its first JSON validation (json,
-    contains_keys, json_schema). contains_keys: an object of exactly its keys, each
-    a bounded value (a scalar or a list of scalars, see bounded_value), so a small
-    model puts the sentence's values in the keys instead of nesting objects.
-    json_schema: the plan's schema with bounds added where it sets none
-    (bounded_schema). Only what is sent is bounded: check_output still applies the
-    plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    contains_keys or json_schema
-    step whose input has few enough spans (span_candidates) gets span_schema instead:
-    its string values can only be copied from the input.
-    """
-    if isinstance(validation, list):
-        return next((schema for item in validation
-                     if (schema := output_schema(item, source)) is not None), None)
-    kind = validation.get("type")
-    if source is not None and (spans := grounded_spans(validation, source)) is not None and \
-            (usual := output_schema(validation)):
-        return span_schema(usual, *spans)
-    if kind == "json":
-        return {}
-    if kind == "contains_keys":
-        return {"type": "object", "properties": {key: bounded_value() for key in validation["keys"]},
-                "required": list(validation["keys"]), "additionalProperties": False}
-    if kind == "json_schema":
-        return bounded_schema(validation["schema"]) if isinstance(validation["schema"], dict) else {}
-    return None
-
-
-def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
-    seen: dict[str, None] = {}
-    read = 0
-    for piece in pieces:
-        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
-        for match in re.finditer(r"\S+", piece):
-            read += 1
-            if read > GROUNDED_MAX_SPANS:
-                return None
-            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
-            for start in range(len(words) - 1, -1, -1):
-                span = " ".join(words[start:]).strip(_SPAN_TRIM)
-                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
-                        not re.search(r'["\\\x00-\x1f]', span):
-                    seen[span] = None
-                    if len(seen) > GROUNDED_MAX_SPANS:
-                        return None
-    return list(seen)
-
-
-def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded contains_keys or json_schema validation whose input has at most
-    GROUNDED_MAX_SPANS spans; else None (the usual schema is sent). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
-    if not validation.get("grounded") or validation.get("type") not in GROUNDED_TYPES[1:]:
-        return None
-    pieces = [source] if isinstance(source, str) else source
-    spans = span_candidates(pieces)
-    names = {fold_text(name) for name in
-             validation.get("keys") or _property_names(validation.get("schema"))}
-    spans = [span for span in spans or [] if fold_text(span) not in names]
-    if not spans:
-        return None
-    numbers: dict[float, int | float] = {}
-    for text in pieces:
-        for value, number in written_numbers(text).items():
-            numbers.setdefault(value, number)
-    return spans, list(numbers.values())
-
-
-def _property_names(schema: Any) -> set[str]:
-    """The property names a JSON Schema lists, at any depth."""
-    if isinstance(schema, list):
-        return {name for item in schema for name in _property_names(item)}
-    if not isinstance(schema, dict):
-        return set()
-    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
-    return names.union(*(_property_names(child) for key, child in schema.items()
-                         if key not in ("enum", "const")))
-
-
-def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
-    """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
-    def open_number(node: Any) -> bool:
-        return isinstance(node, dict) and set(node) == {"type"} and \
-            node["type"] in ("number", "integer")
-
-    def swap(node: Any) -> Any:
-        if isinstance(node, list):
-            return [swap(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        if node.get("type") == "string" and node.get("pattern") == bounded_string(
-                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
-            return {"$ref": "#/$defs/bridge_span"}
-        if node.get("type") in ("number", "integer") and numbers and not (
-                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
-            if node["type"] == "number":
-                return {"$ref": "#/$defs/bridge_number"}
-            integers = [n for n in numbers if isinstance(n, int)]
-            return {"enum": integers} if integers else node
-        out = {}
-        for key, child in node.items():
-            if key in _SCHEMA_MAPS and isinstance(child, dict):
-                out[key] = {name: swap(sub) for name, sub in child.items()}
-            elif key in ("enum", "const", "required"):
-                out[key] = child
-            elif key in ("anyOf", "oneOf") and isinstance(child, list):
-                alternatives = [swap(sub) for sub in child]
-                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
-            else:
-                out[key] = swap(child)
-        return out
-
-    out = swap(schema)
-    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
-    if numbers:
-        defs["bridge_number"] = {"enum": numbers}
-    return {**out, "$defs": defs}
-
-
-def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
-    return {"type": "string", "minLength": min_length, "maxLength": max_length,
-            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
-
-
-def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a bounded_string, a number,
-    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
-    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
-    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
-    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
-    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}, "maxItems": JSON_LIST_MAX_ITEMS}]}
-
-
-_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
-
-
-def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
-    arrays, additionalProperties false on objects listing their properties, and an
-    open value ({} or an array without items) made a bounded_value. Whatever the
-    plan sets is kept as it is."""
-    if not isinstance(schema, dict):
-        return schema
-    if _is_open(schema):
-        return bounded_value()
-    out = dict(schema)
-    for key in _SCHEMA_CHILDREN:
-        if isinstance(out.get(key), dict):
-            out[key] = bounded_schema(out[key])
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [bounded_schema(s) for s in out[key]]
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
-    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
-    shortest = out.get("minLength", 1)
-    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
-            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
-        out.update(bounded_string(shortest))
-    if "array" in types:
-        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
-        if "items" not in out and "prefixItems" not in out:
-            out["items"] = bounded_value()["anyOf"][-1]["items"]
-    if "object" in types and "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
-
-
-def _is_open(schema: dict) -> bool:
-    """Tell whether a schema says nothing about its value ({} or only annotations)."""
-    annotations = {"title", "description", "default", "examples", "$comment"}
-    return not (set(schema) - annotations)
-
-
-def schema_depth(schema: Any) -> int | None:
-    """Return how deep a JSON value meeting schema can nest ({} and [] count one
-    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
-    an object that takes any other property)."""
-    if schema is True or not isinstance(schema, dict):
-        return None if schema is True or schema is None else 0
-    if "$ref" in schema or _is_open(schema):
-        return None
-    if "const" in schema or "enum" in schema:
-        return 1 if any(isinstance(v, (dict, list)) for v in schema.get("enum", [schema.get("const")])) else 0
-    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
-    children += list((schema.get("properties") or {}).values())
-    for key in ("items", "additionalProperties"):
-        if key in schema and schema[key] is not False:
-            children.append(schema[key])
-    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
-        return None                     # any type of value, arrays and objects included
-    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
-    if "object" in types and "additionalProperties" not in schema:
-        return None
-    if "array" in types and "items" not in schema and "prefixItems" not in schema:
-        return None
-    depths = [schema_depth(child) for child in children]
-    if None in depths:
-        return None
-    nested = max(depths, default=0)
-    return nested + 1 if {"object", "array"} & set(types) else nested
-
-
-def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the
-    depth of a json_schema step's own schema (schema_depth), else None (not bounded:
-    a contains_keys value may be anything, though the schema sent bounds it)."""
-    first = next((v for v in validations_of(validation) if output_schema(v) is not None), None)
-    return schema_depth(first["schema"]) if first and first.get("type") == "json_schema" else None
-
-
-def grammar_damage(output: str, schema: dict | None, validation: dict | list) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not (or passes validation: a command failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
-    try:
-        check_output(output, validation)
-        return None
-    except OutputInvalid:
-        pass
-    if "\ufffd" in output:
-        return "it holds U+FFFD replacement characters"
-    try:
-        value = parse_json_output(output)
-    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
-        return "it is not valid JSON"
-    named = set((schema or {}).get("properties") or {})
-    keys = value if isinstance(value, dict) else {}
-    garbled = [key for key in keys if "?" in key and key not in named]
-    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
-
-
-class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
-    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
-
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
-    """
-
-    def __init__(self, max_depth: int | None = None):
-        self.max_depth = max_depth
-        self.pieces: list[str] = []
-        self.words: list[str] = []
-        self._partial = ""              # a word not yet ended by whitespace
-        self._space = ""                # the run of whitespace at the end of the text
-        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
-
-    @property
-    def text(self) -> str:
-        """The output fed so far."""
-        return "".join(self.pieces)
-
-    def feed(self, piece: str) -> None:
-        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
-        self.pieces.append(piece)
-        self._whitespace(piece)
-        if self.max_depth is not None:
-            for char in piece:
-                self._nesting(char)
-        self._repeats(piece)
-
-    def _whitespace(self, piece: str) -> None:
-        text = self._space + piece          # a run may have begun in an earlier piece
-        self._space = ""
-        for run in re.finditer(r"\s+", text):
-            newlines = run.group().count("\n")
-            if newlines > DEGENERATE_NEWLINES:
-                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
-            if len(run.group()) > DEGENERATE_WHITESPACE:
-                raise OutputDegenerate(f"stopped: {len(run.group())} whitespace characters in a row")
-            if run.end() == len(text):
-                self._space = run.group()
-
-    def _nesting(self, char: str) -> None:
-        if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif char == "\\":
-                self._escaped = True
-            elif char == '"':
-                self._in_string = False
-        elif char == '"' and self._json:
-            self._in_string = True
-        elif char in "{[":
-            self._json, self._depth = True, self._depth + 1
-            if self._depth > self.max_depth:    # type: ignore[operator]
-                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
-                                       f"{self.max_depth} its schema allows")
-        elif char in "}]" and self._depth:
-            self._depth -= 1
-
-    def _repeats(self, piece: str) -> None:
-        parts = (self._partial + piece).split()
-        ended = piece[-1:].isspace()
-        self._partial = "" if ended or not parts else parts.pop()
-        for word in parts:
-            self.words.append(word)
-            self._check_tail()
-        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
-
-    def _check_tail(self) -> None:
-        words = self.words
-        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
-            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
-            if len(words) < period * times:
-                return
-            if words[-1] != words[-1 - period]:
-                continue                    # the cheap test first: most words repeat nothing
-            unit = words[-period:]
-            if all(words[-(n + 1) * period:len(words) - n * period] == unit for n in range(1, times)):
-                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} times in a row "
-                                       f"({' '.join(unit)[:80]!r})")
-
-
-###############################################################################
-# 15. Check commands, and what the model is told of the checks
-###############################################################################
-
-
-def describe_validation(validation: dict | list) -> str:
-    """Return one sentence telling the model what form of answer will be accepted
-    (for a list, one per check, in order)."""
-    if isinstance(validation, list):
-        return " ".join(filter(None, (describe_validation(item) for item in validation)))
-    kind = validation.get("type", "non_empty")
-    if kind == "command":
-        return f"It will then be checked by running `{shell_words(validation['run'])}` in the project."
-    return {
-        "non_empty": "Answer with the requested content.",
-        "json": "Answer with valid JSON only, in a ```json fenced block.",
-        "contains_keys": "Answer with one JSON object that has the keys "
-                         f"{', '.join(map(json.dumps, validation.get('keys', [])))}, in a ```json fenced block.",
-        "json_schema": "Answer with JSON matching this JSON Schema, in a ```json fenced block: "
-                       + json.dumps(validation.get("schema")),
-        "syntax_check": f"Answer with complete {validation.get('language', 'python')} code in one "
-                        f"```{validation.get('language', 'python')} fenced block.",
-        "regex": f"Your answer must match the regular expression {validation.get('pattern')!r}.",
-    }.get(kind, "")
-
-
-def shell_words(argv: list[str]) -> str:
-    """Return an argv as a person would type it in a POSIX shell (for messages only;
-    commands never go through a shell)."""
-    import shlex
-
-    return shlex.join(argv)
 
 
 def untrusted_message(plan: Plan) -> str:
@@ -6196,7 +6365,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 16. File transactions: journal, rollback, recovery
+# 17. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6531,7 +6700,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 17. Kept runs: backups, diff, undo, review
+# 18. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7018,7 +7187,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 18. Prompts
+# 19. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7079,11 +7248,11 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
 def thinking_asked(step: Step) -> str | None:
     """Return what a step asks of a thinking model: its "thinking" (or the plan's
     defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
-    max_tokens is at most a JSON step's DEFAULT_MAX_TOKENS), else None (the server's
+    max_tokens is at most a json step's default max_tokens), else None (the server's
     default: the model may think, and split_reasoning takes it out)."""
     if step.thinking:
         return step.thinking
-    short = step.max_tokens is not None and step.max_tokens <= DEFAULT_MAX_TOKENS["json"]
+    short = step.max_tokens is not None and step.max_tokens <= VALIDATION_TYPES["json"].max_tokens
     return "off" if short or output_schema(step.validation) is not None else None
 
 
@@ -7097,14 +7266,12 @@ def thinking_reserve(context_length: int | None) -> int:
 
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
-    """Return the max_tokens of a step's answer: the step's own, else
-    DEFAULT_MAX_TOKENS for its validation type (of a list, the largest but command's,
-    which checks a file, not the answer's form), at most a quarter of context_length
-    (tokens; None: not known). The prompt budget keeps this much free (Runner._budget)."""
+    """Return the max_tokens of a step's answer: the step's own, else its validation's
+    (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
+    The prompt budget keeps this much free (Runner._budget)."""
     if step.max_tokens:
         return step.max_tokens
-    kinds = [v.get("type", "non_empty") for v in validations_of(step.validation) if v.get("type") != "command"]
-    default = max((DEFAULT_MAX_TOKENS.get(kind, ANSWER_RESERVE_TOKENS) for kind in kinds or ["non_empty"]))
+    default = default_max_tokens(step.validation)
     return min(default, context_length // 4) if context_length else default
 
 
@@ -7244,10 +7411,12 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
             note]
 
 
-class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", defaults=(True, ()))):
+class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
+                                defaults=(True, (), False))):
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
-    prompt; default none)."""
+    prompt; default none), answer_invalid (the answer failed its own check, not a
+    command or a write; default False)."""
 
     __slots__ = ()
 
@@ -7275,7 +7444,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
                 "Reply again with the corrected answer only.")
         shown = clip(output, 20_000, "previous answer") or "(empty)"
         return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}])
+                                    {"role": "user", "content": note}], answer_invalid=True)
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
@@ -7298,7 +7467,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 19. Run records
+# 20. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7722,7 +7891,7 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 ###############################################################################
-# 20. Step scheduling
+# 21. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -7891,7 +8060,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 21. Runner
+# 22. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8517,7 +8686,7 @@ class Runner:
 
         The context length (--context-length, else what the server reported for the
         loaded model) less the answer's share: the step's max_tokens, else
-        its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
+        its validation's default_max_tokens (at most a quarter of the context;
         see answer_tokens).
         """
         budget = prompt_budget(step, self.context_length if model == self.model else None)
@@ -8655,7 +8824,7 @@ class Runner:
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
         failure = self._check(run, step, result, output, output)
-        if failure is not None and local and reply.response_format:
+        if failure is not None and failure.answer_invalid and local and reply.response_format:
             self._garbled(run, step, executor, name, output, reply.response_format, schema)
         return failure
 
@@ -8683,7 +8852,7 @@ class Runner:
         unconstrained, and say so."""
         if name in executor.unconstrained:
             return
-        damage = grammar_damage(output, schema, step.validation)
+        damage = grammar_damage(output, schema)
         if damage:
             executor.drop_constraint(name, damage)
             run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
@@ -9016,7 +9185,7 @@ class Runner:
 
 
 ###############################################################################
-# 22. CLI: arguments and settings
+# 23. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9372,7 +9541,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 23. CLI: listing, health, trust and approval
+# 24. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9863,7 +10032,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 24. CLI: running and showing
+# 25. CLI: running and showing
 ###############################################################################
 
 
@@ -10147,7 +10316,7 @@ def _check_line(check: dict) -> str:
 
 
 ###############################################################################
-# 25. CLI: diff, undo, review
+# 26. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10298,7 +10467,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 26. CLI: the planner's side
+# 27. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10496,7 +10665,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 27. main()
+# 28. main()
 ###############################################################################
 
 
