@@ -112,17 +112,18 @@ Limits on what bridge reads (hostile input is a recorded failure, never a crash)
 Rooms, foundations first: each room uses only names from the rooms above it (a test
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
-    1 Constants & defaults · 2 Errors · 3 Helpers · 4 File writes inside the project ·
-    5 Store layouts & plan records · 6 The memory server's HTTP API · 7 Store (SQLite) ·
-    8 Output validation · 9 Constrained JSON and degenerate output · 10 Validation types ·
-    11 Plans · 12 Trust: projects, approvals, executors ·
-    13 Model servers: errors, streams, retries · 14 LLM client: OpenAI-compatible servers ·
-    15 Other executors: the Anthropic API and the claude CLI · 16 Check commands ·
-    17 File transactions: journal, rollback, recovery ·
-    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Run records ·
-    21 Step scheduling · 22 Runner · 23 CLI: arguments and settings ·
-    24 CLI: listing, health, trust and approval · 25 CLI: running and showing ·
-    26 CLI: diff, undo, review · 27 CLI: the planner's side · 28 main()
+    1 Constants & defaults · 2 Errors · 3 Helpers ·
+    4 Path rules: what a plan may read and write · 5 File writes inside the project ·
+    6 Store layouts & plan records · 7 The memory server's HTTP API · 8 Store (SQLite) ·
+    9 Output validation · 10 Constrained JSON and degenerate output · 11 Validation types ·
+    12 Plans · 13 Trust: projects, approvals, executors ·
+    14 Model servers: errors, streams, retries · 15 LLM client: OpenAI-compatible servers ·
+    16 Other executors: the Anthropic API and the claude CLI · 17 Check commands ·
+    18 File transactions: journal, rollback, recovery ·
+    19 Kept runs: backups, diff, undo, review · 20 Prompts · 21 Run records ·
+    22 Step scheduling · 23 Runner · 24 CLI: arguments and settings ·
+    25 CLI: listing, health, trust and approval · 26 CLI: running and showing ·
+    27 CLI: diff, undo, review · 28 CLI: the planner's side · 29 main()
 """
 
 from __future__ import annotations
@@ -525,6 +526,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 #    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
 #    ├── PathError (1)          a plan path leaves the project or cannot be used
 #    │    └── RollbackError (1) files could not be put back; names every one
+#    │                          (both in the room 'Path rules: what a plan may read and write')
 #    ├── PromptTooLarge (1)     a step's prompt cannot fit the model's context
 #    ├── OutputInvalid (1)      a model output failed its step's validation
 #    │    └── OutputDegenerate  stopped while it streamed: it degenerated
@@ -604,16 +606,6 @@ def problems_line(problems: list[str]) -> str:
     shown = "; ".join(problems[:PROBLEMS_SHOWN])
     more = len(problems) - PROBLEMS_SHOWN
     return shown + (f"; and {more} more (bridge --validate lists them all)" if more > 0 else "")
-
-
-class PathError(BridgeError):
-    """A plan's path is absolute, climbs out of the project, or cannot be written."""
-
-    exit_code = EXIT_PLAN_FAILED
-
-
-class RollbackError(PathError):
-    """Some files could not be restored; the message names every one."""
 
 
 class PromptTooLarge(BridgeError):
@@ -1122,14 +1114,48 @@ def terminal_columns() -> int:
 
 
 ###############################################################################
-# 4. File writes inside the project
+# 4. Path rules: what a plan may read and write
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
+# store) is in this room; the rooms that read and write files call these rules and decide
+# none themselves (the model: tarfile's extraction filters).
+#   names      plan_path_parts (relative, no '..', no NUL), same_file_path,
+#              _check_name_lengths (NAME_MAX, PATH_MAX)
+#   inside     resolve_inside (with symlinks followed, still inside the project), real_path
+#   writes     forbidden_target_reason (VCS folders, the store, the state dir),
+#              output_path_problem (what a step's file_output may be)
+#   reads      secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+#   projects   untrustable_reason (what can never be a project)
+# The writes then walk the project by dir_fd, never through a symlink (the room 'File
+# writes inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
+
+
+class PathError(BridgeError):
+    """A plan's path is absolute, climbs out of the project, or cannot be written."""
+
+    exit_code = EXIT_PLAN_FAILED
+
+
+class RollbackError(PathError):
+    """Some files could not be restored; the message names every one."""
+
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def real_path(path: str | Path) -> Path:
+    """Return path with ~ expanded and symlinks and `..` resolved (os.path.realpath; need
+    not exist), or only normalized when a folder swapped under it makes realpath fail
+    (readlink of what is no longer a symlink: EINVAL). bridge's one realpath."""
+    from pathlib import Path
+
+    path = os.path.expanduser(os.fspath(path))
+    try:
+        return Path(os.path.realpath(path))
+    except OSError:
+        return Path(os.path.normpath(path))
 
 
 def plan_path_parts(rel: str) -> list[str]:
@@ -1145,8 +1171,10 @@ def plan_path_parts(rel: str) -> list[str]:
     try:
         os.fsencode(rel)
     except UnicodeEncodeError:
-        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") \
+            from None
+    windows = PureWindowsPath(rel)
+    if PurePosixPath(rel).is_absolute() or windows.is_absolute() or windows.drive:
         raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         raise PathError(f"path {rel!r} climbs out with '..'")
@@ -1156,25 +1184,69 @@ def plan_path_parts(rel: str) -> list[str]:
     return parts
 
 
-class FileChange:
-    """What one run did to one path: action is "created" or "modified" (then
-    "reverted" after a rollback). backup: the copy of the original, if any, and
-    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
-
-    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
-
-    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
-                 created_dirs: list[Path] | None = None):
-        self.path, self.action, self.backup, self.mode = path, action, backup, mode
-        self.created_dirs = created_dirs or []
+def same_file_path(rel: str) -> str:
+    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
+    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
+    locking, journaling and reporting agree on one name. rel is a path
+    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    try:
+        return "/".join(plan_path_parts(rel))
+    except PathError:
+        return rel
 
 
+# A file bridge writes is first written as .NAME.XXXXXXXX.bridge-tmp beside it (atomic_write)
 TEMP_SUFFIX = ".bridge-tmp"
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
+
+
+def _check_name_lengths(project: Path, rel: str) -> None:
+    """Refuse a plan path the filesystem cannot hold: a folder name longer than
+    NAME_MAX bytes, a file name that leaves no room for its temp file's
+    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
+    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    def limit(name: str, default: int) -> int:
+        try:
+            return os.pathconf(project, name)
+        except (OSError, ValueError):
+            return default
+
+    name_max = limit("PC_NAME_MAX", NAME_MAX_BYTES)
+    parts = [part for part in rel.replace("\\", "/").split("/") if part]
+    shown = rel if len(rel) <= 60 else rel[:40] + "…"
+    for n, part in enumerate(parts):
+        room = name_max - (TEMP_NAME_EXTRA_BYTES if n == len(parts) - 1 else 0)
+        if (size := len(part.encode("utf-8", "surrogatepass"))) > room:
+            raise PathError(f"path {shown!r} has a name of {size} bytes; names here hold at "
+                            f"most {room} bytes (file names keep {TEMP_NAME_EXTRA_BYTES} for "
+                            "bridge's temp file)")
+    path_max = limit("PC_PATH_MAX", PATH_MAX_BYTES)
+    whole = len(os.fsencode(str(project.absolute()))) + 1 \
+        + len(rel.encode("utf-8", "surrogatepass"))
+    if whole + TEMP_NAME_EXTRA_BYTES > path_max:
+        raise PathError(f"path {shown!r} is {whole} bytes long in {project}; paths here hold "
+                        f"at most {path_max - TEMP_NAME_EXTRA_BYTES} bytes")
+
+
+def resolve_inside(project: Path, rel: str) -> Path:
+    """Return project/rel, refusing anything that could land outside the project.
+
+    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
+    location (symlinks followed) is outside the project's real location.
+    Raises PathError saying which.
+    """
+    plan_path_parts(rel)
+    _check_name_lengths(project, rel)
+    try:
+        root = project.resolve()
+        target = (project / rel).resolve()
+    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+        raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
+    if not target.is_relative_to(root):
+        raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
+    return project / rel
+
+
 STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
 
 
@@ -1196,6 +1268,8 @@ class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
 # command of that system (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks]
 # in .hg/hgrc; Subversion, Jujutsu, Bazaar, darcs: their own config and hooks).
 VCS_FOLDERS = (".git", ".hg", ".svn", ".jj", ".bzr", "_darcs")
+
+
 # What a name may hold that some disk drops when it looks the name up, so that the
 # name still opens a VCS folder: code points HFS+ and APFS ignore (git's utf8.c
 # is_hfs_dotgit), trailing dots and spaces (NTFS, FAT), and 8.3 short names (GIT~1).
@@ -1213,7 +1287,7 @@ def vcs_folder_of(name: str) -> str | None:
     return None
 
 
-def _is_git_dir(folder: str) -> bool:
+def _is_git_dir(folder: str | Path) -> bool:
     """Whether folder is a git directory by git's own test (setup.c
     is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
     worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
@@ -1224,7 +1298,7 @@ def _is_git_dir(folder: str) -> bool:
         os.path.isdir(inside("objects")) and os.path.isdir(inside("refs")))
 
 
-def _gitdir_named(folder: str) -> str | None:
+def _gitdir_named(folder: str | Path) -> Path | None:
     """The real path a `.git` file in folder points to ("gitdir: PATH", git's
     gitfile format, as a worktree or submodule has), or None."""
     try:        # O_NONBLOCK: a FIFO named .git must not hang the check
@@ -1240,7 +1314,7 @@ def _gitdir_named(folder: str) -> str | None:
     if not head.startswith("gitdir:"):
         return None
     target = head[len("gitdir:"):].split("\n")[0].strip()
-    return _realpath(os.path.join(folder, target)) if target else None
+    return real_path(os.path.join(folder, target)) if target else None
 
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
@@ -1256,24 +1330,19 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
         if folder := vcs_folder_of(part):
             return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
                     "bridge never writes there")
-    root = _realpath(project)
-    for shown in dict.fromkeys((os.path.abspath(project), root)):
+    root = real_path(project)
+    for shown in dict.fromkeys((os.path.abspath(project), str(root))):
         for part in PurePosixPath(shown).parts:
             if folder := vcs_folder_of(part):
                 return (f"project {project} lies inside {part}/ ({folder}: its hooks and config "
                         "run commands); bridge never writes there")
-    target = _realpath(os.path.join(root, rel))
-    folder = os.path.dirname(target)
-    while True:
+    target = real_path(root / rel)
+    for folder in target.parents:
         gitdir = _gitdir_named(folder)
-        under = gitdir is not None and (target + os.sep).startswith(gitdir.rstrip(os.sep) + os.sep)
-        if _is_git_dir(folder) or under:
+        if _is_git_dir(folder) or (gitdir is not None and target.is_relative_to(gitdir)):
             where = folder if _is_git_dir(folder) else gitdir
             return f"path {rel!r} lies in the git directory {where}; bridge never writes there"
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
+    return None
 
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
@@ -1288,26 +1357,214 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
-    root = _realpath(project)
-    targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
+    root = real_path(project)
+    targets = {root / rel, real_path(root / rel)}
     for store in guard.stores:
-        real = _realpath(store)
-        if targets & {real + sidecar for sidecar in STORE_SIDECARS}:
+        real = real_path(store)
+        if targets & {real.with_name(real.name + sidecar) for sidecar in STORE_SIDECARS}:
             return f"path {rel!r} is the memory store {store}; bridge never writes it"
     if guard.state_dir is not None:
-        state = _realpath(guard.state_dir)
-        if any(t == state or t.startswith(state.rstrip(os.sep) + os.sep) for t in targets):
-            return f"path {rel!r} is in bridge's state dir {guard.state_dir}; bridge never writes there"
+        state = real_path(guard.state_dir)
+        if any(t.is_relative_to(state) for t in targets):
+            return (f"path {rel!r} is in bridge's state dir {guard.state_dir}; "
+                    "bridge never writes there")
     return None
 
 
-def _realpath(path: str | Path) -> str:
-    """os.path.realpath, or the normalized path when a folder swapped under it makes
-    that fail (readlink of what is no longer a symlink: EINVAL)."""
+def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
+    """Why a step may not write rel (its file_output) in project, or None: a name of a
+    folder, what resolve_inside refuses, a folder, what forbidden_target_reason refuses,
+    a symlink on its way (which the write would refuse), not a regular file."""
+    from pathlib import PurePosixPath
+
+    if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
+        return f"{rel!r} names a folder, not a file; give the file's name (e.g. newdir/notes.md)"
     try:
-        return os.path.realpath(path)
-    except OSError:
-        return os.path.normpath(path)
+        if resolve_inside(project, rel).is_dir():
+            return f"{rel!r} is a folder"
+    except PathError as exc:
+        return str(exc)
+    if reason := forbidden_target_reason(project, rel, guard):
+        return reason
+    path = project
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        try:
+            kind = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(kind):
+            return (f"path {rel!r} goes through the symlink {part!r}; bridge writes only "
+                    "through real folders of the project")
+    if not stat.S_ISREG(kind):
+        return (f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes "
+                "only files")
+    return None
+
+
+# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
+# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
+# under it (a/b/ names the two folders in a row); else it is matched against the
+# file's name, or, with a "/", against the last components of its path. Patterns are
+# shell globs, any case. The README's table is this one.
+SECRET_LOAD_TABLE = (
+    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
+    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
+    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
+    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
+    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
+    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
+    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
+    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
+      for folder in VCS_FOLDERS),
+    ("id_*", "SSH private key (id_*.pub is public)"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"),
+    ("*.ppk", "PuTTY private key"),
+    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
+    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
+    (".env", "environment secrets"), (".env.*", "environment secrets"),
+    (".envrc", "direnv secrets"),
+    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
+    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
+    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
+    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
+    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
+    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
+    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
+    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
+    ("terraform.rc", "Terraform tokens"),
+    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
+    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
+    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
+    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
+    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
+    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
+    ("secrets.yaml", "app secrets"),
+)
+
+
+# Names LOAD reads although a row above matches: public keys and samples of secret files
+SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
+
+
+# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
+# the name is checked again without it.
+_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
+
+
+def _secret_row(parts: list[str]) -> tuple[str, str] | None:
+    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
+    from fnmatch import fnmatchcase
+
+    parts = [part.casefold() for part in parts]
+    folders, name = parts[:-1], parts[-1]
+    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
+    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
+        return "id_*", "SSH private key (id_*.pub is public)"
+    for pattern, holds in SECRET_LOAD_TABLE:
+        seq = pattern.rstrip("/").casefold().split("/")
+        if pattern.endswith("/"):
+            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
+                return pattern, holds
+            continue
+        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
+            continue
+        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
+            continue
+        last_folders = folders[len(folders) - len(seq) + 1:]
+        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
+        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
+            return pattern, holds
+    return None
+
+
+def secret_file_reason(rel: str) -> str | None:
+    """Return why a LOAD path looks like a private key or a secret store, or None.
+
+    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
+    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
+    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
+    Their text would go to the model, into the result memory and the run logs.
+    """
+    from pathlib import PurePosixPath
+
+    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
+    row = _secret_row(parts) if parts else None
+    if row is None:
+        return None
+    pattern, holds = row
+    if pattern.endswith("/"):
+        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
+                "does not send it to a model")
+    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
+            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
+            "needs another way)")
+
+
+def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
+    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
+    secret_file_reason of the path as the plan wrote it, as it lies in the real project
+    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
+    None when it may. The one rule for validation and for what approval shows."""
+    real = real_path(path)
+    inside = os.path.relpath(real, real_path(project))
+    return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's
+    project, or None: the filesystem root, the home folder itself or a folder holding
+    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
+    dir or the config dir, or inside one of those two.
+    A plan working there could replace the store, its own journals or the trust file."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir),
+        ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
+    return None
+
+
+###############################################################################
+# 5. File writes inside the project
+#
+# Every write goes to a temp file in the target's folder, then os.replace: a reader
+# sees the old bytes or the new, never half. Before the first write to a path, its
+# original is copied into the run's folder under --state-dir and an entry is added
+# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
+# it back. Nothing of this lives in the project.
+###############################################################################
+
+
+class FileChange:
+    """What one run did to one path: action is "created" or "modified" (then
+    "reverted" after a rollback). backup: the copy of the original, if any, and
+    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
+
+    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
+
+    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
+                 created_dirs: list[Path] | None = None):
+        self.path, self.action, self.backup, self.mode = path, action, backup, mode
+        self.created_dirs = created_dirs or []
+
+
+_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
 
 
 def _open_root(project: Path) -> int:
@@ -1380,6 +1637,40 @@ def open_inside(project: Path, rel: str) -> Any:
         return handle
     finally:
         os.close(fd)
+
+
+def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
+    """Return the text of a LOAD file for a prompt.
+
+    With project, the file is project/rel opened through real folders only, as
+    writes are (open_inside: a folder swapped for a symlink cannot make it read a
+    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
+    with a marker saying so. Raises FileNotFoundError when it does not exist,
+    PathError when it cannot be read, goes through a symlink, or is binary (holds a
+    NUL byte) or not UTF-8.
+    """
+    try:
+        with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
+            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise PathError(f"LOAD file {rel!r} cannot be read ({exc.strerror or exc})") from exc
+    if b"\x00" in data:
+        raise PathError(f"LOAD file {rel!r} is binary; name it as REFERENCE instead")
+    cut = len(data) > LOAD_FILE_MAX_BYTES
+    data = data[:LOAD_FILE_MAX_BYTES]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
+            raise PathError(f"LOAD file {rel!r} is not UTF-8 text (byte {exc.start}); "
+                            "name it as REFERENCE instead") from exc
+        text = data[:exc.start].decode("utf-8")
+    if cut:
+        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
+    return text
+
 
 
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
@@ -1589,7 +1880,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 5. Store layouts & plan records
+# 6. Store layouts & plan records
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -1883,7 +2174,7 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
 
 
 ###############################################################################
-# 6. The memory server's HTTP API
+# 7. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2088,7 +2379,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 7. Store (SQLite)
+# 8. Store (SQLite)
 # Short transactions on someone else's file: discovery, the claim, the result.
 ###############################################################################
 
@@ -2771,7 +3062,7 @@ class Store:
 
 
 ###############################################################################
-# 8. Output validation
+# 9. Output validation
 #
 # What the checks of the validation types (see the room 'Validation types') read an
 # answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
@@ -3039,7 +3330,7 @@ def _check_syntax(text: str, language: str) -> str:
 
 
 ###############################################################################
-# 9. Constrained JSON and degenerate output
+# 10. Constrained JSON and degenerate output
 ###############################################################################
 
 
@@ -3368,7 +3659,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 10. Validation types
+# 11. Validation types
 #
 # One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
 # VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
@@ -3748,7 +4039,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 
 ###############################################################################
-# 11. Plans
+# 12. Plans
 ###############################################################################
 
 
@@ -3857,89 +4148,6 @@ def _unknown_key_problems(error: Any) -> list[str]:
     return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
-def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
-
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
-    """
-    plan_path_parts(rel)
-    _check_name_lengths(project, rel)
-    try:
-        root = project.resolve()
-        target = (project / rel).resolve()
-    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
-        raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
-    if not target.is_relative_to(root):
-        raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
-    return project / rel
-
-
-# A file bridge writes is first written as .NAME.XXXXXXXX.bridge-tmp beside it (atomic_write)
-TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX") + len(".bridge-tmp")
-
-
-def _check_name_lengths(project: Path, rel: str) -> None:
-    """Refuse a plan path the filesystem cannot hold: a folder name longer than
-    NAME_MAX bytes, a file name that leaves no room for its temp file's
-    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
-    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
-    def limit(name: str, default: int) -> int:
-        try:
-            return os.pathconf(project, name)
-        except (OSError, ValueError):
-            return default
-
-    name_max = limit("PC_NAME_MAX", NAME_MAX_BYTES)
-    parts = [part for part in rel.replace("\\", "/").split("/") if part]
-    shown = rel if len(rel) <= 60 else rel[:40] + "…"
-    for n, part in enumerate(parts):
-        room = name_max - (TEMP_NAME_EXTRA_BYTES if n == len(parts) - 1 else 0)
-        if len(part.encode("utf-8", "surrogatepass")) > room:
-            raise PathError(f"path {shown!r} has a name of {len(part.encode('utf-8', 'surrogatepass'))} bytes; "
-                            f"names here hold at most {room} bytes (file names keep "
-                            f"{TEMP_NAME_EXTRA_BYTES} for bridge's temp file)")
-    path_max = limit("PC_PATH_MAX", PATH_MAX_BYTES)
-    whole = len(os.fsencode(str(project.absolute()))) + 1 + len(rel.encode("utf-8", "surrogatepass"))
-    if whole + TEMP_NAME_EXTRA_BYTES > path_max:
-        raise PathError(f"path {shown!r} is {whole} bytes long in {project}; paths here hold at most "
-                        f"{path_max - TEMP_NAME_EXTRA_BYTES} bytes")
-
-
-def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
-    try:
-        with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
-            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise PathError(f"LOAD file {rel!r} cannot be read ({exc.strerror or exc})") from exc
-    if b"\x00" in data:
-        raise PathError(f"LOAD file {rel!r} is binary; name it as REFERENCE instead")
-    cut = len(data) > LOAD_FILE_MAX_BYTES
-    data = data[:LOAD_FILE_MAX_BYTES]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
-            raise PathError(f"LOAD file {rel!r} is not UTF-8 text (byte {exc.start}); "
-                            "name it as REFERENCE instead") from exc
-        text = data[:exc.start].decode("utf-8")
-    if cut:
-        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
-    return text
-
-
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The rules a schema cannot state. They run on a plan the schema found fault
     with too, skipping whatever part is malformed (the schema already said so)."""
@@ -3971,133 +4179,6 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         cycle = " -> ".join(str(i) for i in exc.args[1])
         problems.append(f"$.steps: dependency cycle {cycle}")
     return problems + _path_problems(plan, guard)
-
-
-# under it (a/b/ names the two folders in a row); else it is matched against the
-# file's name, or, with a "/", against the last components of its path. Patterns are
-# shell globs, any case. The README's table is this one.
-SECRET_LOAD_TABLE = (
-    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
-    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
-    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
-    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
-    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
-    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
-    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
-    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
-      for folder in VCS_FOLDERS),
-    ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"),
-    ("*.ppk", "PuTTY private key"),
-    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
-    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"),
-    (".envrc", "direnv secrets"),
-    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
-    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
-    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
-    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
-    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
-    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
-    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
-    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
-    ("terraform.rc", "Terraform tokens"),
-    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
-    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
-    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
-    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
-    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
-    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
-    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
-    ("secrets.yaml", "app secrets"),
-)
-# Names LOAD reads although a row above matches: public keys and samples of secret files
-SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
-# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
-# the name is checked again without it.
-_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
-
-
-def _secret_row(parts: list[str]) -> tuple[str, str] | None:
-    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
-    from fnmatch import fnmatchcase
-
-    parts = [part.casefold() for part in parts]
-    folders, name = parts[:-1], parts[-1]
-    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
-    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
-        return "id_*", "SSH private key (id_*.pub is public)"
-    for pattern, holds in SECRET_LOAD_TABLE:
-        seq = pattern.rstrip("/").casefold().split("/")
-        if pattern.endswith("/"):
-            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
-                return pattern, holds
-            continue
-        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
-            continue
-        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
-            continue
-        last_folders = folders[len(folders) - len(seq) + 1:]
-        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
-        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
-            return pattern, holds
-    return None
-
-
-def secret_file_reason(rel: str) -> str | None:
-    """Return why a LOAD path looks like a private key or a secret store, or None.
-
-    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
-    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
-    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
-    Their text would go to the model, into the result memory and the run logs.
-    """
-    from pathlib import PurePosixPath
-
-    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
-    row = _secret_row(parts) if parts else None
-    if row is None:
-        return None
-    pattern, holds = row
-    if pattern.endswith("/"):
-        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
-                "does not send it to a model")
-    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
-            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
-            "needs another way)")
-
-
-
-def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
-    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
-    secret_file_reason of the path as the plan wrote it, as it lies in the real project
-    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
-    None when it may. The one rule for validation and for what approval shows."""
-    real = _realpath(path)
-    inside = os.path.relpath(real, _realpath(project))
-    return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(real)
-
-def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (forbidden_target_reason, or a symlink on its way
-    that the write would refuse), or None."""
-    from pathlib import PurePosixPath
-
-    reason = forbidden_target_reason(project, rel, guard)
-    if reason:
-        return reason
-    path = project
-    for part in PurePosixPath(rel).parts:
-        path = path / part
-        try:
-            kind = os.lstat(path).st_mode
-        except OSError:
-            return None
-        if stat.S_ISLNK(kind):
-            return (f"path {rel!r} goes through the symlink {part!r}; bridge writes only through real "
-                    "folders of the project")
-    if not stat.S_ISREG(kind):
-        return f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files"
-    return None
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
@@ -4142,18 +4223,7 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         except (PathError, IsADirectoryError) as exc:
             problems.append(f"$.context.files_context[{rel!r}]: {exc}")
     for rel, n in outputs.items():
-        if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
-            problems.append(f"$.steps[{n}].file_output: {rel!r} names a folder, not a file; "
-                            "give the file's name (e.g. newdir/notes.md)")
-            continue
-        try:
-            path = resolve_inside(project, rel)
-        except PathError as exc:
-            problems.append(f"$.steps[{n}].file_output: {exc}")
-            continue
-        if path.is_dir():
-            problems.append(f"$.steps[{n}].file_output: {rel!r} is a folder")
-        elif reason := _output_problem(project, rel, guard):
+        if reason := output_path_problem(project, rel, guard):
             problems.append(f"$.steps[{n}].file_output: {reason}")
     return problems
 
@@ -4216,17 +4286,6 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     return _build_plan(plan)
 
 
-def same_file_path(rel: str) -> str:
-    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
-    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
-    locking, journaling and reporting agree on one name. rel is a path
-    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
-    try:
-        return "/".join(plan_path_parts(rel))
-    except PathError:
-        return rel
-
-
 def _build_plan(plan: dict) -> Plan:
     from pathlib import Path
 
@@ -4268,19 +4327,12 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 12. Trust: projects, approvals, executors
+# 13. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
 # plan or the store says can widen it.
 ###############################################################################
-
-
-def real_path(path: str | Path) -> Path:
-    """Return path with symlinks and `..` resolved (os.path.realpath; need not exist)."""
-    from pathlib import Path
-
-    return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
 PROJECT_NAME_MAX_CHARS = 100         # a longer detected name is cut (it becomes a tag)
@@ -4338,31 +4390,6 @@ def project_name(folder: Path) -> str:
         name = folder.name
     name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
     return name[:PROJECT_NAME_MAX_CHARS] or folder.name
-
-
-def untrustable_reason(config: Config, folder: Path) -> str | None:
-    """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself or a folder holding
-    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir, or inside one of those two.
-    A plan working there could replace the store, its own journals or the trust file."""
-    if folder == folder.parent:
-        return "it is the filesystem root"
-    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
-        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
-    if config.home is not None and folder == real_path(config.home):
-        return "it is your home folder itself (trust a project folder inside it)"
-    if config.home is not None and real_path(config.home).is_relative_to(folder):
-        return f"it holds your home folder {real_path(config.home)}"
-    held = [("the memory store", p) for p in config.db_paths] + [
-        ("bridge's state folder", config.state_dir), ("bridge's trust and approvals folder", config.config_dir)]
-    for what, path in held:
-        real = real_path(path)
-        if real == folder or real.is_relative_to(folder):
-            return f"it holds {what} {real}"
-        if folder.is_relative_to(real):
-            return f"it is inside {what} {real}"
-    return None
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -4596,7 +4623,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 13. Model servers: errors, streams, retries
+# 14. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -5202,7 +5229,7 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 14. LLM client: OpenAI-compatible servers
+# 15. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -5832,7 +5859,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 15. Other executors: the Anthropic API and the claude CLI
+# 16. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6128,7 +6155,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 16. Check commands
+# 17. Check commands
 ###############################################################################
 
 
@@ -6365,7 +6392,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 17. File transactions: journal, rollback, recovery
+# 18. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6584,7 +6611,7 @@ class FileTransaction:
             if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
             if backup and (not isinstance(backup, str)
-                           or Path(_realpath(backup)).parent != Path(_realpath(run_dir / "backups"))):
+                           or real_path(backup).parent != real_path(run_dir / "backups")):
                 raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
             dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
         except PathError as exc:
@@ -6700,7 +6727,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 18. Kept runs: backups, diff, undo, review
+# 19. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7187,7 +7214,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 19. Prompts
+# 20. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7467,7 +7494,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
 
 
 ###############################################################################
-# 20. Run records
+# 21. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7891,7 +7918,7 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 ###############################################################################
-# 21. Step scheduling
+# 22. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8060,7 +8087,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 22. Runner
+# 23. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -9185,7 +9212,7 @@ class Runner:
 
 
 ###############################################################################
-# 23. CLI: arguments and settings
+# 24. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9541,7 +9568,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 24. CLI: listing, health, trust and approval
+# 25. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10032,7 +10059,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 25. CLI: running and showing
+# 26. CLI: running and showing
 ###############################################################################
 
 
@@ -10316,7 +10343,7 @@ def _check_line(check: dict) -> str:
 
 
 ###############################################################################
-# 26. CLI: diff, undo, review
+# 27. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10467,7 +10494,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 27. CLI: the planner's side
+# 28. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10665,7 +10692,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 28. main()
+# 29. main()
 ###############################################################################
 
 
