@@ -1696,22 +1696,20 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     return info.st_mode & 0o7777
 
 
-def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
-    """Return the bytes of a regular file, opened without following a symlink."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None) -> Any:
-    """Open a regular file for reading, without following a symlink or waiting on a FIFO;
-    return its binary file object. Raises OSError (ELOOP: a symlink; EINVAL: not a
-    regular file)."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading without waiting on a FIFO and, unless
+    follow_symlinks, without following a symlink: bridge's one way to open a file it
+    reads. Returns a binary file object, or with encoding a text one (undecodable bytes
+    replaced). Raises OSError (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(name))
-    return os.fdopen(fd, "rb")
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -1799,17 +1797,51 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str
         os.close(dir_fd)
 
 
-def private_dir(path: Path) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700; return path.
-    An existing folder keeps its mode. Raises OSError."""
+OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than this is not its
+
+
+def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False) -> Any:
+    """Return the JSON value of one of bridge's own files (run.json, reads.json,
+    undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
+    manager may link): a regular file (open_regular) of at most OWN_FILE_MAX_BYTES,
+    UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's one JSON file
+    reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL: not a regular
+    file) or ValueError (not JSON, too deep, too large); with or_none, returns None
+    instead."""
+    try:
+        with open_regular(path, follow_symlinks=follow_symlinks) as handle:
+            data = handle.read(OWN_FILE_MAX_BYTES + 1)
+        if len(data) > OWN_FILE_MAX_BYTES:
+            raise ValueError(f"it is larger than {OWN_FILE_MAX_BYTES:,} bytes")
+        return load_json(data.decode("utf-8"))
+    except (OSError, ValueError):
+        if or_none:
+            return None
+        raise
+
+
+def write_json_file(path: Path, document: Any, indent: int | None = None) -> None:
+    """Write document as one JSON text (and a newline) to path, 0o600, by atomic_write:
+    bridge's one JSON file writer. Raises OSError."""
+    text = json.dumps(document, ensure_ascii=False, indent=indent) + "\n"
+    atomic_write(path, text.encode("utf-8"), 0o600)
+
+
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Make the folder path, and its missing parents, mode 0o700 (this user's only);
+    return path. An existing folder keeps its mode unless tighten (a run's folder, the
+    config folder: made 0o700 whatever it was). bridge's one way to make a private
+    folder. Raises OSError."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except FileNotFoundError:
-        private_dir(path.parent)
+        private_dir(os.path.dirname(os.path.abspath(path)))
         with _suppress(FileExistsError):
             os.mkdir(path, 0o700)
+    if tighten:
+        os.chmod(path, 0o700)
     return path
 
 
@@ -1873,7 +1905,8 @@ def read_jsonl(path: Path) -> list[dict]:
     The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
     entries = []
     try:
-        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
+        with open_regular(path) as handle:
+            lines = handle.read().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
@@ -3444,16 +3477,10 @@ def project_name(folder: Path) -> str:
 
     def read(name: str) -> str | None:
         try:
-            fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with open_regular(folder / name) as handle:
+                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
         except OSError:
             return None
-        with open(fd, "rb") as handle:
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None
-                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
-            except OSError:
-                return None
 
     name = None
     if (text := read("package.json")) is not None:
@@ -3531,8 +3558,7 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+        document = read_json_file(path, follow_symlinks=True)
     except FileNotFoundError:
         return kind()
     except (OSError, ValueError) as exc:
@@ -3544,24 +3570,11 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
 
 
 def write_config_file(path: Path, document: dict) -> None:
-    """Write one of bridge's config files atomically: JSON in a 0600 file (mkstemp),
-    fsynced, renamed over the old one, in a 0700 folder. Raises ConfigError on OSError."""
-    import tempfile
-
+    """Write one of bridge's config files (write_json_file: atomic, 0600, fsynced) in a
+    folder made private (0700). Raises ConfigError on OSError."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(document, indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with _suppress(OSError):
-                os.unlink(temp)
-            raise
+        private_dir(path.parent, tighten=True)
+        write_json_file(path, document, indent=2)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}",
                           "check that folder's permissions") from exc
@@ -5125,7 +5138,7 @@ class ClaudeCLI:
         if self.cwd is not None:
             return _Nothing(self.cwd)
         root = os.path.join(self.config.state_dir, "scratch")
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        private_dir(root)
         return tempfile.TemporaryDirectory(prefix="claude-", dir=root)
 
     def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
@@ -6574,13 +6587,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def open_run_dir(run_dir: Path) -> None:
-    """Make a run's folder, for this user only (0700): its backups and transcripts
-    hold the project's files and prompts."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-
-
 def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
     """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
@@ -6588,7 +6594,7 @@ def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | Non
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
-    atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+    write_json_file(run_dir / RUN_INFO_FILE, info)
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
@@ -6600,7 +6606,7 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
-    info = _read_json(folder / RUN_INFO_FILE)
+    info = read_json_file(folder / RUN_INFO_FILE, or_none=True)
     context = record.plan.get("context") if isinstance(record.plan, dict) else None
     project = context.get("project") if isinstance(context, dict) else None
     usable = isinstance(project, str) and "\x00" not in project
@@ -6648,7 +6654,7 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
-                info = _read_json(Path(entry.path) / RUN_INFO_FILE)
+                info = read_json_file(Path(entry.path) / RUN_INFO_FILE, or_none=True)
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
@@ -6685,14 +6691,6 @@ def backups_usage(runs_dir: Path) -> dict:
             total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
                          if e.is_file(follow_symlinks=False))
     return {"runs": runs, "bytes": total}
-
-
-def _read_json(path: Path) -> Any:
-    """Return a small JSON file's value, or None when it is missing or not JSON."""
-    try:
-        return load_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
@@ -6750,7 +6748,7 @@ class KeptRun:
         from pathlib import Path
 
         run_dir = run_dir_of(runs_dir, run_id)
-        info = _read_json(run_dir / RUN_INFO_FILE)
+        info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
             raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
                               "only runs made since can be shown or undone")
@@ -6764,7 +6762,7 @@ class KeptRun:
                    if isinstance(e.get("path"), str)}
         entries = read_jsonl(run_dir / JOURNAL_FILE)
         files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = _read_json(run_dir / "undone.json")
+        undone = read_json_file(run_dir / "undone.json", or_none=True)
         staged: dict[str, dict] = {}
         for entry in read_jsonl(run_dir / STAGED_FILE):
             if project is None or not isinstance(entry.get("path"), str):
@@ -6772,7 +6770,7 @@ class KeptRun:
             resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
             first = staged.setdefault(entry["path"], dict(entry))
             first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = _read_json(run_dir / "reads.json")
+        reads = read_json_file(run_dir / "reads.json", or_none=True)
         return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
                    undone.get("undone_at") if isinstance(undone, dict) else None, staged,
                    {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
@@ -6892,7 +6890,7 @@ class KeptRun:
         restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
         self.undone_at = utc_now_iso()
         append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
-        atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
+        write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
         return restored
 
 
@@ -6921,7 +6919,7 @@ class StagedFiles:
         for rel, mode in files_context.items():
             if mode == "LOAD":
                 reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
-        atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
+        write_json_file(self.run_dir / "reads.json", reads)
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
@@ -6982,9 +6980,7 @@ def read_regular(path: Path) -> bytes | None:
     """Return a regular file's bytes, or None when it is missing or not a regular
     file (a symlink is not followed)."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             return handle.read()
     except OSError:
         return None
@@ -7677,9 +7673,12 @@ def read_step_stats(path: Path) -> dict:
     groups: dict[str, dict[str, list[dict]]] = {}
     report: dict[str, Any] = {"stats_file": str(path), "steps": 0, "skipped_lines": 0, "models": {}}
     try:
-        handle = open(path, encoding="utf-8", errors="replace")
+        handle = open_regular(path, encoding="utf-8")     # not through a symlink, nor a FIFO
     except FileNotFoundError:
         return report
+    except OSError as exc:
+        raise BridgeError(f"cannot read {path}: {exc.strerror or exc}",
+                          "it is bridge's own record of steps: remove it, or check --state-dir")
     with handle:
         for line in handle:
             try:
@@ -8175,7 +8174,7 @@ class Runner:
         plan, files, results = run.plan, run.files, run.results
         error, interrupted, verify = None, None, None
         try:
-            open_run_dir(run.run_dir)
+            private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
             write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
                            run.record.content_hash)
             if run.staged:
