@@ -121,9 +121,10 @@ and checks, up to the runner and the command line:
     16 Other executors: the Anthropic API and the claude CLI · 17 Check commands ·
     18 File transactions: journal, rollback, recovery ·
     19 Kept runs: backups, diff, undo, review · 20 Prompts · 21 Run records ·
-    22 Step scheduling · 23 Runner · 24 CLI: arguments and settings ·
-    25 CLI: listing, health, trust and approval · 26 CLI: running and showing ·
-    27 CLI: diff, undo, review · 28 CLI: the planner's side · 29 main()
+    22 The result document · 23 Step scheduling · 24 Runner ·
+    25 CLI: arguments and settings · 26 CLI: listing, health, trust and approval ·
+    27 CLI: running and showing · 28 CLI: diff, undo, review · 29 CLI: the planner's side ·
+    30 main()
 """
 
 from __future__ import annotations
@@ -1689,22 +1690,20 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     return info.st_mode & 0o7777
 
 
-def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
-    """Return the bytes of a regular file, opened without following a symlink."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None) -> Any:
-    """Open a regular file for reading, without following a symlink or waiting on a FIFO;
-    return its binary file object. Raises OSError (ELOOP: a symlink; EINVAL: not a
-    regular file)."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading without waiting on a FIFO and, unless
+    follow_symlinks, without following a symlink: bridge's one way to open a file it
+    reads. Returns a binary file object, or with encoding a text one (undecodable bytes
+    replaced). Raises OSError (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(name))
-    return os.fdopen(fd, "rb")
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -1792,17 +1791,51 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str
         os.close(dir_fd)
 
 
-def private_dir(path: Path) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700; return path.
-    An existing folder keeps its mode. Raises OSError."""
+OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than this is not its
+
+
+def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False) -> Any:
+    """Return the JSON value of one of bridge's own files (run.json, reads.json,
+    undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
+    manager may link): a regular file (open_regular) of at most OWN_FILE_MAX_BYTES,
+    UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's one JSON file
+    reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL: not a regular
+    file) or ValueError (not JSON, too deep, too large); with or_none, returns None
+    instead."""
+    try:
+        with open_regular(path, follow_symlinks=follow_symlinks) as handle:
+            data = handle.read(OWN_FILE_MAX_BYTES + 1)
+        if len(data) > OWN_FILE_MAX_BYTES:
+            raise ValueError(f"it is larger than {OWN_FILE_MAX_BYTES:,} bytes")
+        return load_json(data.decode("utf-8"))
+    except (OSError, ValueError):
+        if or_none:
+            return None
+        raise
+
+
+def write_json_file(path: Path, document: Any, indent: int | None = None) -> None:
+    """Write document as one JSON text (and a newline) to path, 0o600, by atomic_write:
+    bridge's one JSON file writer. Raises OSError."""
+    text = json.dumps(document, ensure_ascii=False, indent=indent) + "\n"
+    atomic_write(path, text.encode("utf-8"), 0o600)
+
+
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Make the folder path, and its missing parents, mode 0o700 (this user's only);
+    return path. An existing folder keeps its mode unless tighten (a run's folder, the
+    config folder: made 0o700 whatever it was). bridge's one way to make a private
+    folder. Raises OSError."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except FileNotFoundError:
-        private_dir(path.parent)
+        private_dir(os.path.dirname(os.path.abspath(path)))
         with _suppress(FileExistsError):
             os.mkdir(path, 0o700)
+    if tighten:
+        os.chmod(path, 0o700)
     return path
 
 
@@ -1866,7 +1899,8 @@ def read_jsonl(path: Path) -> list[dict]:
     The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
     entries = []
     try:
-        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
+        with open_regular(path) as handle:
+            lines = handle.read().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
@@ -2069,10 +2103,6 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
         return len(steps) if isinstance(steps, list) else 0
 
 
-RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
-RESULT_SUMMARY_FILES = 10
-
-
 def _summary_text(value: Any, max_chars: int) -> str:
     """Return value as one line of at most max_chars characters (plans are untrusted:
     no newline or control character of theirs may shape the summary)."""
@@ -2080,69 +2110,20 @@ def _summary_text(value: Any, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def savings_line(savings: dict) -> str:
-    """Return a result's savings (Runner's run_savings: local_tokens,
-    would_have_cost_usd, price_model, retries, escalations, escalations_saved,
-    paid_usd) as one line for a person or a planner."""
-    retries = savings["retries"]
-    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
-            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
-            f"(the planner's own tokens not counted); "
-            f"{retries} retr{'y' if retries == 1 else 'ies'}")
-    if savings["escalations"]:
-        line += f", {savings['escalations']} escalated ({savings['escalations_saved']} saved by it)"
-    return line + f"; ${savings['paid_usd']:.4f} paid"
+class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
+    """A result memory as Store.finish stores it (built by result_memory, in the room
+    "The result document"): content (text), tags (list of str), metadata (dict),
+    conversation_id (the run id, for the memory server's HTTP API) and state, the
+    plan's final state {"status", "finished_at", "error"}."""
 
-
-def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result: plan, outcome, project (its name
-    as the memory server's hooks detect it), run id, each step's status (and
-    error), files changed, the error and the savings (savings_line); plain text, for the memory
-    server's embedding (which reads a memory's first few hundred words) and for a
-    planner reading search hits."""
-    counts = result.get("counts") or {}
-    project = result.get("project")
-    project = f" in project {_summary_text(project, 100)}" if project else ""
-    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
-             f"{project} (run {result['run_id']})",
-             f"objective: {_summary_text(result.get('objective'), 200)}",
-             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
-             f"{counts.get('skipped', 0)} skipped"]
-    steps = result.get("steps") or []
-    for step in steps[:RESULT_SUMMARY_STEPS]:
-        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
-        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
-        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
-    if len(steps) > RESULT_SUMMARY_STEPS:
-        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
-    files = result.get("files") or []
-    if files:
-        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
-                          for f in files[:RESULT_SUMMARY_FILES])
-        more = f" and {len(files) - RESULT_SUMMARY_FILES} more" if len(files) > RESULT_SUMMARY_FILES else ""
-        lines.append(f"files: {shown}{more}")
-    if result.get("error"):
-        lines.append(f"error: {_summary_text(result['error'], 300)}")
-    if isinstance(result.get("savings"), dict):
-        lines.append(savings_line(result["savings"]))
-    for problem in (result.get("problems") or [])[:5]:
-        lines.append(f"problem: {_summary_text(problem, 200)}")
-    return "\n".join(lines)
-
-
-def result_content(result: dict) -> str:
-    """Return the content of a result memory: result_summary(), a blank line, then the
-    whole result document as one line of JSON (the last line; JSON escapes every
-    newline, so nothing in the document can end it early)."""
-    result = redact(result)
-    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+    __slots__ = ()
 
 
 def parse_result_content(content: str) -> dict | None:
-    """Return the result document of a result memory's content, or None when it is not
-    one: the JSON of its last line (result_content), or the whole content as JSON
-    (results stored before the summary existed). A document is a JSON object whose
-    "type" is "bridge_result"."""
+    """Return the result document of a result memory's content (result_content: the
+    JSON of its last line, or the whole content as JSON for results stored before the
+    summary existed), or None when it is not one: a JSON object whose "type" is
+    "bridge_result"."""
     for text in (content.rpartition("\n")[2], content):
         try:
             document = load_json(text)
@@ -2151,26 +2132,6 @@ def parse_result_content(content: str) -> dict | None:
         if isinstance(document, dict) and document.get("type") == "bridge_result":
             return document
     return None
-
-
-def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
-    """Return a result document as bridge prints it (the --json of a run, --show
-    --json): the stored document (result_content), its result_hash (the
-    content_hash of its memory), what the plan's state says happened to that run
-    since (undone_at, applied_at, rejected_at; state: the plan's state, {} for a run
-    just stored), and run_log as bridge makes it from the run id (the stored one is
-    not a path; None when the run id is not bridge's)."""
-    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
-    if state.get("undone_run") == run_id and state.get("undone_at"):
-        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
-    if state.get("run_id") == run_id:
-        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
-    if "run_log" in document:
-        try:
-            shown["run_log"] = str(run_folder(runs_dir, run_id))
-        except PathError:
-            shown["run_log"] = None
-    return shown
 
 
 ###############################################################################
@@ -2899,48 +2860,42 @@ class Store:
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, result: dict, memory_api: MemoryAPI | None = None,
+    def finish(self, record: PlanRecord, memory: ResultMemory, memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the run's result memory and record the plan's final state; return the
-        result's content_hash.
+        """Store the run's result memory as given and record the plan's final state
+        (memory.state, with result_hash); return the result's content_hash.
 
-        result: the result document (README: "What bridge writes into the store"), stored as result_content().
-        Without memory_api, the result row and the final state (status, finished_at,
-        error, result_hash) are one transaction. With memory_api the result goes
-        through the memory server's HTTP API first, so it gets an embedding: (1) the
-        state records result_hash while still in_progress; (2) POST /api/memories;
-        (3) one transaction stores the result directly unless a live row already has
-        that hash (the server's, in this file), and records the final state. A crash
-        after (2) leaves a stored result its state points to (read as finished, see
-        _settled); a refusal or an unreachable server leaves nothing, so (3) writes it,
-        and warn() gets one line. The result is never lost and never stored twice in
-        this file. Raises StoreError when the store cannot be written.
+        Without memory_api, the result row and the final state are one transaction.
+        With memory_api the result goes through the memory server's HTTP API first, so
+        it gets an embedding: (1) the state records result_hash while still in_progress;
+        (2) POST /api/memories; (3) one transaction stores the result directly unless a
+        live row already has that hash (the server's, in this file), and records the
+        final state. A crash after (2) leaves a stored result its state points to (read
+        as finished, see _settled); a refusal or an unreachable server leaves nothing,
+        so (3) writes it, and warn() gets one line. The result is never lost and never
+        stored twice in this file. Raises StoreError when the store cannot be written.
         """
-        content = result_content(result)
+        content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
-        tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
-        if result.get("project"):       # the memory server's hooks inject memories tagged so
-            tags.append(tag_safe(result["project"]))
-        metadata = {"plan_id": result["plan_id"], "run_id": result["run_id"]}
         why = None
         if memory_api is not None:
             self._write(lambda: self._set_state(record, {"result_hash": digest}))
-            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata, result["run_id"])
+            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata,
+                                           memory.conversation_id)
             crash_point(self.crash_at, "result_posted")
             if stored is not None and stored != digest:
-                why = (f"it stored the result as another memory ({stored[:12]}…: split into chunks by its "
-                       "length limit?)")
+                why = (f"it stored the result as another memory ({stored[:12]}…: split into "
+                       "chunks by its length limit?)")
 
         def work() -> str:
             if not self._has_live_hash(digest):
                 self.insert_memory(content, tags, RESULT_MEMORY_TYPE, metadata)
                 if memory_api is not None and warn is not None:
                     reason = why or f"it writes another store file than {self.path}"
-                    warn(f"the memory server at {memory_api.url} did not store the result of plan "
-                         f"{result['plan_id']} ({reason}); stored it directly: tag search finds it, "
-                         "semantic search does not")
-            self._set_state(record, {"status": result["status"], "finished_at": result["finished_at"],
-                                     "error": result["error"], "result_hash": digest})
+                    warn(f"the memory server at {memory_api.url} did not store the result of "
+                         f"plan {record.plan_id} ({reason}); stored it directly: tag search "
+                         "finds it, semantic search does not")
+            self._set_state(record, {**memory.state, "result_hash": digest})
             crash_point(self.crash_at, "finish")
             return digest
         return self._write(work)
@@ -4354,16 +4309,10 @@ def project_name(folder: Path) -> str:
 
     def read(name: str) -> str | None:
         try:
-            fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with open_regular(folder / name) as handle:
+                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
         except OSError:
             return None
-        with open(fd, "rb") as handle:
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None
-                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
-            except OSError:
-                return None
 
     name = None
     if (text := read("package.json")) is not None:
@@ -4441,8 +4390,7 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+        document = read_json_file(path, follow_symlinks=True)
     except FileNotFoundError:
         return kind()
     except (OSError, ValueError) as exc:
@@ -4454,24 +4402,11 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
 
 
 def write_config_file(path: Path, document: dict) -> None:
-    """Write one of bridge's config files atomically: JSON in a 0600 file (mkstemp),
-    fsynced, renamed over the old one, in a 0700 folder. Raises ConfigError on OSError."""
-    import tempfile
-
+    """Write one of bridge's config files (write_json_file: atomic, 0600, fsynced) in a
+    folder made private (0700). Raises ConfigError on OSError."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(document, indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with _suppress(OSError):
-                os.unlink(temp)
-            raise
+        private_dir(path.parent, tighten=True)
+        write_json_file(path, document, indent=2)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}",
                           "check that folder's permissions") from exc
@@ -4647,6 +4582,22 @@ class Completion(namedtuple("Completion", "text usage model finish_reason durati
     __slots__ = ()
 
 
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
 def reasoning_delta(delta: Any) -> str:
     """Return the reasoning text of one chat-completion delta (or message), "" if none.
 
@@ -4664,17 +4615,23 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """What one reply has used of its bound, as it streams: answer and reasoning
-    (thinking) text alike count against limit (bytes of UTF-8: --max-output-bytes).
-    answer_bytes, reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces
-    taken: about one token each on a streaming server). Every executor that reads
-    thinking (the SSE stream's reasoning fields, Ollama's message.thinking) counts
-    it with add_reasoning. Raises LLMProtocolError past limit, naming which part
-    ran over."""
+    """One reply as it streams, whichever executor reads it (the SSE stream, Ollama's
+    NDJSON, Anthropic's events, the claude CLI's): take() counts each piece against
+    limit (bytes of UTF-8: --max-output-bytes; answer and thinking alike), keeps it and
+    hands it to the request's on_delta or on_reasoning (a ChatRequest, or None).
+    received: the answer's pieces, "" for a piece of thinking (so a request is never
+    resent once output has streamed); thought: the thinking. answer_bytes,
+    reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces taken: about one
+    token each). started: time.monotonic() when the reply was asked for. Raises
+    LLMProtocolError past limit, naming which part ran over."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, request: "ChatRequest | None" = None):
+        self.limit, self.started = limit, time.monotonic()
+        self.on_delta = request.on_delta if request else None
+        self.on_reasoning = request.on_reasoning if request else None
         self.answer_bytes = self.reasoning_bytes = self.answer_pieces = self.reasoning_pieces = 0
+        self.received: list[str] = []
+        self.thought: list[str] = []
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
@@ -4696,23 +4653,32 @@ class OutputTally:
         self.reasoning_bytes = size - self.answer_bytes
         self.reasoning_pieces += 1
 
-    def take(self, answer: str, reasoning: str, received: list[str], thought: list[str],
-             on_delta: "Callable[[str], None] | None",
-             on_reasoning: "Callable[[str], None] | None") -> None:
+    def take(self, answer: str, reasoning: str = "") -> None:
         """Take one streamed piece of a reply, its thinking first: count each, keep it
-        (received: the answer's pieces, "" for thinking, so the request is not resent
-        once output has streamed; thought: the thinking) and hand it on."""
+        and hand it on."""
         if reasoning:
             self.add_reasoning(reasoning)
-            thought.append(reasoning)
-            received.append("")
-            if on_reasoning:
-                on_reasoning(reasoning)
+            self.thought.append(reasoning)
+            self.received.append("")
+            if self.on_reasoning:
+                self.on_reasoning(reasoning)
         if answer:
             self.add_answer(answer)
-            received.append(answer)
-            if on_delta:
-                on_delta(answer)
+            self.received.append(answer)
+            if self.on_delta:
+                self.on_delta(answer)
+
+    @property
+    def chars(self) -> int:
+        """Characters of answer received so far."""
+        return sum(map(len, self.received))
+
+    def completion(self, usage: dict | None, model: str | None, finish: str | None,
+                   cost_usd: float | None = 0.0) -> Completion:
+        """Return the Completion of what was taken (see Completion for the fields)."""
+        return Completion("".join(self.received), usage, model, finish,
+                          time.monotonic() - self.started, cost_usd, "".join(self.thought),
+                          self.reasoning_pieces)
 
 
 def _error_message(body: bytes) -> str:
@@ -5067,8 +5033,11 @@ class HTTPExecutor:
     same signature and returns a Completion.
     """
 
+    key: str | None = None      # the secret its headers carry, never shown (_scrub)
+
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
-                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[str], None] | None = None):
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
         import httpx
 
         self.config = config
@@ -5122,7 +5091,16 @@ class HTTPExecutor:
 
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
-        return text
+        return text.replace(self.key, "[the key]") if self.key else text
+
+    def _stream_error(self, url: str, data: str) -> LLMError:
+        """Return the error a server reported inside a 200 stream (an SSE "error" event, an
+        NDJSON {"error"} line): its message (_error_message), scrubbed of the key, as
+        LLMServerUnusable when it is about the server (_raise_fault), else LLMHTTPError."""
+        message = self._scrub(_error_message(data.encode()))
+        self._raise_fault(url, 500, message)
+        return LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                            context_overflow=_is_context_overflow(message))
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         """Raise LLMServerUnusable when an HTTP error is about the server, not the request
@@ -5132,19 +5110,17 @@ class HTTPExecutor:
         """Return the error a request raises once its retries are spent on exc."""
         return exc
 
-    def _send_with_retries(self, payload: dict, timeout_s: float | None,
-                           on_delta: Callable[[str], None] | None,
-                           on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _send_with_retries(self, payload: dict, request: ChatRequest) -> Completion:
         started = time.monotonic()
         deadline = started + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
-            received: list[str] = []
+            tally = OutputTally(self.config.max_output_bytes, request)
             try:
-                return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
+                return self._stream_once(payload, request.timeout_s, tally)
             except LLMError as exc:
-                if exc.transient and not received and retry == self.config.retries:
+                if exc.transient and not tally.received and retry == self.config.retries:
                     raise self._gave_up(exc, started, retry) from exc
-                if not exc.transient or received or retry == self.config.retries \
+                if not exc.transient or tally.received or retry == self.config.retries \
                         or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
                     raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
@@ -5183,12 +5159,13 @@ class HTTPExecutor:
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
-                     on_delta: Callable[[str], None] | None, received: list[str],
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+                     tally: OutputTally) -> Completion:
+        """POST payload once; read the reply into tally (_parse). timeout_s: the step's
+        (ChatRequest.timeout_s). Raises LLMError."""
         import httpx
 
         url = f"{self.base_url}{self.CHAT_PATH}"
-        started = time.monotonic()
+        started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
         if timeout_s is not None:   # a plan only narrows: --timeout per read, the default deadline
             read_s = narrowed(timeout_s, self.config.timeout_s)
@@ -5208,9 +5185,7 @@ class HTTPExecutor:
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
-                # only LLMClient's _parse takes on_reasoning
-                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}
-                return self._parse(response, url, started, on_delta, received, **hooks)
+                return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
             if timeout_s is not None and narrowed(timeout_s, self.config.timeout_s) >= deadline_s \
@@ -5220,11 +5195,12 @@ class HTTPExecutor:
                 error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
                                     f"({type(exc).__name__}); not retried",
                                     "raise the step's timeout_s, or check what keeps the server")
-            if received:    # the server was reached: say how the stream ended, not "cannot reach"
+            if tally.received:  # the server was reached: say how the stream ended
                 stalled = isinstance(error, LLMTimeout)
                 why = error if stalled else str(exc) or type(exc).__name__
-                error = LLMProtocolError(f"the stream from {url} {'stalled' if stalled else 'ended early'} "
-                                         f"after {sum(map(len, received))} characters ({why})")
+                error = LLMProtocolError(f"the stream from {url} "
+                                         f"{'stalled' if stalled else 'ended early'} "
+                                         f"after {tally.chars} characters ({why})")
             raise error from exc
 
 
@@ -5247,7 +5223,7 @@ class LLMClient(HTTPExecutor):
                  on_retry: Callable[[str], None] | None = None):
         # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
         # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
-        key = config.api_key
+        self.key = key = config.api_key
         super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
                          headers={"Authorization": f"Bearer {key}"} if key else None)
         # index into RESPONSE_FORMS of the first form this server has not refused
@@ -5260,10 +5236,6 @@ class LLMClient(HTTPExecutor):
         self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
         # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
         self.unconstrained: dict[str, str] = {}
-
-    def _scrub(self, text: str) -> str:
-        key = self.config.api_key
-        return text.replace(key, "[the key]") if key else text
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         fault = server_fault(status, message, bool(self.config.api_key))
@@ -5569,40 +5541,30 @@ class LLMClient(HTTPExecutor):
         its constrained output garbled (why says how). The answer is still checked."""
         self.unconstrained.setdefault(model, why)
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None,
-             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None,
-             thinking: str | None = None,
-             on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
-        is called with each piece of streamed text. timeout_s overrides the
-        client's timeout (seconds) for this request. json_schema: ask for JSON
-        constrained by this schema (see RESPONSE_FORMS); a form the server refuses
-        is dropped for the rest of this client's life and the request is resent at
-        once, without counting as a retry. sampling: more sampling fields (seed,
-        repeat_penalty, dry_multiplier), sent as accepted_sampling says; a server
-        refusing one (HTTP 400/422 naming it) gets none of the extras again, and the
-        request is resent at once. Transient failures are retried as the class
-        says, unless output had already streamed. thinking "off" asks the server
-        not to think (thinking_fields; a field it refuses, HTTP 400/422 naming it,
-        is dropped for this client's life and the request resent at once); "on" or
-        None sends nothing. Reasoning deltas go to on_reasoning (reasoning_delta).
-        A model given to drop_constraint goes without response_format. Raises
-        LLMError (never an httpx exception) when the request finally fails.
+        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
+        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
+        a form the server refuses is dropped for the rest of this client's life and the
+        request is resent at once, without counting as a retry. Its sampling is sent as
+        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
+        none of the extras again, and the request is resent at once. Transient failures
+        are retried as the class says, unless output had already streamed. thinking
+        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
+        400/422 naming it, is dropped for this client's life and the request resent at
+        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
+        drop_constraint goes without response_format. Raises LLMError (never an httpx
+        exception) when the request finally fails.
         """
         if self.native:
-            return self._chat_native(messages, model, temperature, max_tokens, timeout_s,
-                                     json_schema, on_delta, sampling or {}, thinking, on_reasoning)
+            return self._chat_native(messages, request)
+        model, json_schema, thinking = request.model, request.json_schema, request.thinking
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
-        if temperature is not None:
-            payload["temperature"] = temperature
-        if max_tokens is not None:
-            payload["max_tokens"] = max_tokens
-        payload.update(self.accepted_sampling(sampling or {}))
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        payload.update(self.accepted_sampling(request.sampling or {}))
         if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
             first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
             self.structured_level = max(self.structured_level, first)
@@ -5617,11 +5579,11 @@ class LLMClient(HTTPExecutor):
             else:
                 payload["response_format"] = form(json_schema)
             try:
-                reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+                reply = self._send_with_retries(payload, request)
                 return reply._replace(response_format=form and payload["response_format"]["type"])
             except LLMProtocolError as exc:
                 if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
-                    self._overflow_check(payload, timeout_s)
+                    self._overflow_check(payload, request.timeout_s)
                 raise
             except LLMHTTPError as exc:
                 if thinking == "off" and self._thinking_refused(exc, payload):
@@ -5650,7 +5612,7 @@ class LLMClient(HTTPExecutor):
         once.update(stream=False, max_tokens=1)
         for _ in range(2):      # the cut stream's connection may be closed: again on a new one
             try:
-                self._stream_once(once, timeout_s, None, [])
+                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
             except LLMUnavailable:
                 continue
             except LLMHTTPError as exc:
@@ -5660,43 +5622,36 @@ class LLMClient(HTTPExecutor):
                 pass
             return
 
-    def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
-                     max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
-                     on_delta: Callable[[str], None] | None, sampling: dict,
-                     thinking: str | None = None,
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
         options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
         structured output through `format` (a JSON schema), and thinking "off" as
         think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
         options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
-        if temperature is not None:
-            options["temperature"] = temperature
-        if max_tokens is not None:
-            options["num_predict"] = max_tokens
+        sampling, model = request.sampling or {}, request.model
+        if sampling.get("temperature") is not None:
+            options["temperature"] = sampling["temperature"]
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
         options.update({k: v for k, v in self.accepted_sampling(sampling).items()
                         if k not in ("temperature", "max_tokens")})
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "options": options}
-        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
+        if request.json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
                 and model not in self.unconstrained:      # drop_constraint: not for this model
-            payload["format"] = json_schema
-        if thinking == "off":
+            payload["format"] = request.json_schema
+        if request.thinking == "off":
             payload["think"] = False
-        reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+        reply = self._send_with_retries(payload, request)
         return reply._replace(response_format="format" if "format" in payload else None)
 
-    def _parse_ndjson(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
         false} lines, then done: true with done_reason, prompt_eval_count and eval_count
         (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
-        limit = self.config.max_output_bytes
-        tally, model, finish, usage = OutputTally(limit), None, None, None
-        thought: list[str] = []
-        for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        model = finish = usage = None
+        for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 chunk = load_reply(line)
             except ValueError as exc:
@@ -5705,15 +5660,12 @@ class LLMClient(HTTPExecutor):
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
-                message = self._scrub(_error_message(line.encode()))
-                self._raise_fault(url, 500, message)
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, line)
             model = reply_label(chunk.get("model")) or model
             message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
             piece = reply_text(message.get("content"), "a line's message content", url)
             thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
-            tally.take(piece, thinking, received, thought, on_delta, on_reasoning)
+            tally.take(piece, thinking)
             if chunk.get("done") is True:
                 finish = reply_label(chunk.get("done_reason")) or "stop"
                 usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
@@ -5721,9 +5673,8 @@ class LLMClient(HTTPExecutor):
                 break
         if finish is None:
             raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{sum(map(len, received))} characters and no done line")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started,
-                          0.0, "".join(thought), tally.reasoning_pieces)
+                                   f"{tally.chars} characters and no done line")
+        return tally.completion(usage, model, finish)
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -5746,17 +5697,16 @@ class LLMClient(HTTPExecutor):
             payload.pop(key)
         return True
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str],
-               on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a 200 reply: Ollama's NDJSON, an SSE stream, or a whole chat.completion."""
         if self.native:
-            return self._parse_ndjson(response, url, started, on_delta, received, on_reasoning)
+            return self._parse_ndjson(response, url, tally)
         if "text/event-stream" not in response.headers.get("content-type", ""):
-            return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
-                                     url, started)
-        return self._parse_stream(response, url, started, on_delta, received, on_reasoning)
+            body = response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES)
+            return self._parse_whole(body, url, tally)
+        return self._parse_stream(response, url, tally)
 
-    def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
+    def _parse_whole(self, body: bytes, url: str, tally: OutputTally) -> Completion:
         """Read a non-streamed chat.completion body (servers that ignore stream); the
         body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
         text must fit --max-output-bytes as a stream's must."""
@@ -5768,26 +5718,24 @@ class LLMClient(HTTPExecutor):
                 raise TypeError("content is not a string")
             reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
-                                   f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
-        tally = OutputTally(self.config.max_output_bytes)
+            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat "
+                                   f"completion: {clip(body.decode('utf-8', 'replace'), 120, 'body')}"
+                                   ) from exc
         if reasoning:
             tally.add_reasoning(reasoning)
         tally.add_answer(text)
         return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
-                          reply_label(choice.get("finish_reason")), time.monotonic() - started, 0.0,
-                          reasoning, int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
+                          reply_label(choice.get("finish_reason")),
+                          time.monotonic() - tally.started, 0.0, reasoning,
+                          int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
-    def _parse_stream(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_stream(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read an SSE chat.completion.chunk stream to its end and return the Completion.
         Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
         and given to on_reasoning, never to on_delta or the text."""
-        limit = self.config.max_output_bytes
         usage = model = finish = None
-        done, tally, thought = False, OutputTally(limit), []
-        events = _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES)
+        done = False
+        events = _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES)
         for event, data in events:
             if data.strip() == "[DONE]":
                 done = True
@@ -5801,9 +5749,7 @@ class LLMClient(HTTPExecutor):
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
                                        f"{clip(data, 120, 'event')}") from exc
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a chunk that is not an object")
             usage = _usage(chunk.get("usage")) or usage
@@ -5812,21 +5758,20 @@ class LLMClient(HTTPExecutor):
             if choice is not None:
                 delta, finish = choice[0], choice[1] or finish
                 piece = reply_text(delta.get("content"), "a chunk's delta content", url)
-                tally.take(piece, reasoning_delta(delta), received, thought, on_delta, on_reasoning)
+                tally.take(piece, reasoning_delta(delta))
         if not done and finish is None:
             error = LLMProtocolError(f"the stream from {url} ended early, after "
-                                     f"{sum(map(len, received))} characters and no finish_reason")
-            error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
+                                     f"{tally.chars} characters and no finish_reason")
+            error.silent_end = not tally.received   # llama-cpp-python's overflow looks so (chat)
             raise error
         if finish is None and self.server_kind == "llama-cpp-python":
             raise LLMContention(f"llama-cpp-python ended the stream from {url} after "
-                                f"{sum(map(len, received))} characters to serve another request",
+                                f"{tally.chars} characters to serve another request",
                                 "start it with --interrupt_requests False so requests queue")
-        if not received and not thought and finish is None:
+        if not tally.received and not tally.thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started, 0.0,
-                          "".join(thought), tally.reasoning_pieces)
+        return tally.completion(usage, model, finish)
 
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
@@ -5903,39 +5848,39 @@ class AnthropicClient(HTTPExecutor):
         if not config.anthropic_api_key:
             raise LLMError("no Anthropic API key for an anthropic: model",
                            "set ANTHROPIC_API_KEY (a gateway or LM Studio take any value)")
+        self.key = key = config.anthropic_api_key
         super().__init__(config, config.anthropic_base_url, sleep=sleep, on_retry=on_retry,
-                         headers={"x-api-key": config.anthropic_api_key, "anthropic-version": "2023-06-01"})
+                         headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Send one Messages request, streamed; see the class. json_schema is not
-        sent (the output is validated by bridge all the same)."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Send one Messages request, streamed; see the class. Of request.sampling only
+        temperature is sent; json_schema and thinking are not (the output is validated
+        by bridge all the same)."""
         payload: dict[str, Any] = {
-            "model": model, "max_tokens": max_tokens or self.DEFAULT_MAX_TOKENS, "stream": True,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]}
+            "model": request.model, "max_tokens": request.max_tokens or self.DEFAULT_MAX_TOKENS,
+            "stream": True, "messages": [{"role": m["role"], "content": m["content"]}
+                                         for m in messages if m["role"] != "system"]}
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         if system:
             payload["system"] = system
+        temperature = (request.sampling or {}).get("temperature")
         if temperature is not None:
             payload["temperature"] = temperature
-        return self._send_with_retries(payload, timeout_s, on_delta)
+        return self._send_with_retries(payload, request)
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str]) -> Completion:
-        limit = self.config.max_output_bytes
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a Messages event stream (see the class) into tally."""
         prompt = completion = model = stop = None
-        size, done = 0, False
-        for event, data in _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        done = False
+        for event, data in _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 body = load_reply(data)
             except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: {clip(data, 120, 'event')}") from exc
+                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
+                                       f"{clip(data, 120, 'event')}") from exc
             kind = body.get("type", event) if isinstance(body, dict) else event
             if kind == "error" or event == "error":
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(body, dict):
                 raise LLMProtocolError(f"{url} streamed an event that is not an object: "
                                        f"{clip(data, 120, 'event')}")
@@ -5948,11 +5893,7 @@ class AnthropicClient(HTTPExecutor):
                 delta = reply_object(body.get("delta"), "a content_block_delta's delta", url)
                 piece = reply_text(delta.get("text"), "a text_delta's text", url) \
                     if delta.get("type") == "text_delta" else None
-                if piece:
-                    size = reply_size(size, piece, limit)
-                    received.append(piece)
-                    if on_delta:
-                        on_delta(piece)
+                tally.take(piece or "")
             elif kind == "message_delta":
                 stop = reply_label(reply_object(body.get("delta"), "message_delta's delta", url)
                                    .get("stop_reason")) or stop
@@ -5963,9 +5904,9 @@ class AnthropicClient(HTTPExecutor):
                 break
         if not done:
             raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
-                                   f"{sum(map(len, received))} characters")
+                                   f"{tally.chars} characters")
         usage, cost = anthropic_usage_cost(prompt, completion, model)
-        return Completion("".join(received), usage, model, stop, time.monotonic() - started, cost)
+        return tally.completion(usage, model, stop, cost)
 
 
 class ClaudeCLI:
@@ -6011,21 +5952,21 @@ class ClaudeCLI:
     def close(self) -> None:
         """Nothing to close: each request is its own process."""
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Run one `claude -p` request; see the class. temperature, max_tokens and
-        json_schema have no claude flag and are not passed. Raises LLMTimeout when
-        the time runs out, LLMError when claude fails."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Run one `claude -p` request; see the class. Of request, model, timeout_s and
+        on_delta are used: sampling, max_tokens, json_schema and thinking have no claude
+        flag. Raises LLMTimeout when the time runs out, LLMError when claude fails."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
             f"[{m['role']}]\n{m['content']}" for m in turns)
-        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
-                "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
+        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose",
+                "--model", request.model, "--no-session-persistence", *self.LOCKDOWN]
+        argv += ["--append-system-prompt", system] if system else []
         with self._workdir() as cwd:
-            limit_s = narrowed(timeout_s, self.config.timeout_s)
-            return self._run(argv, prompt, cwd, limit_s, on_delta)
+            limit_s = narrowed(request.timeout_s, self.config.timeout_s)
+            tally = OutputTally(self.config.max_output_bytes, request)
+            return self._run(argv, prompt, cwd, limit_s, tally)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -6035,11 +5976,11 @@ class ClaudeCLI:
         if self.cwd is not None:
             return _Nothing(self.cwd)
         root = os.path.join(self.config.state_dir, "scratch")
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        private_dir(root)
         return tempfile.TemporaryDirectory(prefix="claude-", dir=root)
 
     def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
-             on_delta: Callable[[str], None] | None) -> Completion:
+             tally: OutputTally) -> Completion:
         import subprocess
         import threading
 
@@ -6056,7 +5997,7 @@ class ClaudeCLI:
             with _suppress(BrokenPipeError):
                 proc.stdin.write(prompt.encode("utf-8"))
                 proc.stdin.close()
-            text, final, answered_by = self._read_events(proc, on_delta)
+            final, answered_by = self._read_events(proc, tally)
             code = proc.wait()
         except BaseException:
             _kill_group(proc)
@@ -6078,15 +6019,15 @@ class ClaudeCLI:
                            f"{clip(str(reason), 300, 'text')}")
         usage, cost = claude_usage_cost(final)
         result = final.get("result")
-        result = result if isinstance(result, str) and result else text
-        return Completion(result, usage, reply_label(answered_by),
-                          reply_label(final.get("subtype")), elapsed, cost)
+        reply = tally.completion(usage, reply_label(answered_by), reply_label(final.get("subtype")),
+                                 cost)
+        return reply._replace(text=result if isinstance(result, str) and result else reply.text,
+                              duration_s=elapsed)
 
-    def _read_events(self, proc: Any, on_delta: Callable[[str], None] | None) -> tuple[str, dict | None, str | None]:
-        """Read claude's NDJSON to its end: (assistant text, the result event, model)."""
-        pieces: list[str] = []
+    def _read_events(self, proc: Any, tally: OutputTally) -> tuple[dict | None, str | None]:
+        """Read claude's NDJSON to its end, its assistant text into tally: (the result
+        event, model)."""
         final = model = None
-        size = 0
         # a line longer than a reply may be is read in parts (none of them JSON), never whole
         line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
         for raw in iter(lambda: proc.stdout.readline(line_max), b""):
@@ -6102,18 +6043,16 @@ class ClaudeCLI:
                 message = event.get("message") if isinstance(event.get("message"), dict) else {}
                 blocks = message.get("content") if isinstance(message.get("content"), list) else []
                 for block in blocks:
-                    if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                    if isinstance(block, dict) and block.get("type") == "text" \
+                            and isinstance(block.get("text"), str):
                         try:
-                            size = reply_size(size, block["text"], self.config.max_output_bytes)
+                            tally.take(block["text"])
                         except LLMProtocolError:
                             _kill_group(proc)
                             raise
-                        pieces.append(block["text"])
-                        if on_delta:
-                            on_delta(block["text"])
             elif event.get("type") == "result":
                 final = event
-        return "".join(pieces), final, model
+        return final, model
 
 
 def claude_usage_cost(final: dict) -> tuple:
@@ -6746,13 +6685,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def open_run_dir(run_dir: Path) -> None:
-    """Make a run's folder, for this user only (0700): its backups and transcripts
-    hold the project's files and prompts."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-
-
 def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
     """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
@@ -6760,7 +6692,7 @@ def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | Non
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
-    atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+    write_json_file(run_dir / RUN_INFO_FILE, info)
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
@@ -6772,7 +6704,7 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
-    info = _read_json(folder / RUN_INFO_FILE)
+    info = read_json_file(folder / RUN_INFO_FILE, or_none=True)
     context = record.plan.get("context") if isinstance(record.plan, dict) else None
     project = context.get("project") if isinstance(context, dict) else None
     usable = isinstance(project, str) and "\x00" not in project
@@ -6820,7 +6752,7 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
-                info = _read_json(Path(entry.path) / RUN_INFO_FILE)
+                info = read_json_file(Path(entry.path) / RUN_INFO_FILE, or_none=True)
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
@@ -6857,14 +6789,6 @@ def backups_usage(runs_dir: Path) -> dict:
             total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
                          if e.is_file(follow_symlinks=False))
     return {"runs": runs, "bytes": total}
-
-
-def _read_json(path: Path) -> Any:
-    """Return a small JSON file's value, or None when it is missing or not JSON."""
-    try:
-        return load_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
@@ -6922,7 +6846,7 @@ class KeptRun:
         from pathlib import Path
 
         run_dir = run_dir_of(runs_dir, run_id)
-        info = _read_json(run_dir / RUN_INFO_FILE)
+        info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
             raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
                               "only runs made since can be shown or undone")
@@ -6936,7 +6860,7 @@ class KeptRun:
                    if isinstance(e.get("path"), str)}
         entries = read_jsonl(run_dir / JOURNAL_FILE)
         files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = _read_json(run_dir / "undone.json")
+        undone = read_json_file(run_dir / "undone.json", or_none=True)
         staged: dict[str, dict] = {}
         for entry in read_jsonl(run_dir / STAGED_FILE):
             if project is None or not isinstance(entry.get("path"), str):
@@ -6944,7 +6868,7 @@ class KeptRun:
             resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
             first = staged.setdefault(entry["path"], dict(entry))
             first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = _read_json(run_dir / "reads.json")
+        reads = read_json_file(run_dir / "reads.json", or_none=True)
         return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
                    undone.get("undone_at") if isinstance(undone, dict) else None, staged,
                    {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
@@ -7064,7 +6988,7 @@ class KeptRun:
         restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
         self.undone_at = utc_now_iso()
         append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
-        atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
+        write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
         return restored
 
 
@@ -7093,7 +7017,7 @@ class StagedFiles:
         for rel, mode in files_context.items():
             if mode == "LOAD":
                 reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
-        atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
+        write_json_file(self.run_dir / "reads.json", reads)
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
@@ -7154,9 +7078,7 @@ def read_regular(path: Path) -> bytes | None:
     """Return a regular file's bytes, or None when it is missing or not a regular
     file (a symlink is not followed)."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             return handle.read()
     except OSError:
         return None
@@ -7849,9 +7771,12 @@ def read_step_stats(path: Path) -> dict:
     groups: dict[str, dict[str, list[dict]]] = {}
     report: dict[str, Any] = {"stats_file": str(path), "steps": 0, "skipped_lines": 0, "models": {}}
     try:
-        handle = open(path, encoding="utf-8", errors="replace")
+        handle = open_regular(path, encoding="utf-8")     # not through a symlink, nor a FIFO
     except FileNotFoundError:
         return report
+    except OSError as exc:
+        raise BridgeError(f"cannot read {path}: {exc.strerror or exc}",
+                          "it is bridge's own record of steps: remove it, or check --state-dir")
     with handle:
         for line in handle:
             try:
@@ -7881,14 +7806,26 @@ def read_step_stats(path: Path) -> dict:
     return report
 
 
+###############################################################################
+# 22. The result document
+# What a run leaves behind, built here alone from the facts Runner._result gathers
+# (README: "What bridge writes into the store"): the result memory's summary and
+# content (result_memory; the Store stores it as given, and parse_result_content in
+# the room "Store layouts & plan records" reads it back), the document --json and
+# --show --json print (shown_result, show_document), and the text of --show and of
+# a run's end (render_show, savings_line, ledger_lines).
+###############################################################################
+
+RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
+RESULT_SUMMARY_FILES = 10
+
+
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
-    """Return what a run's local work saved, said plainly: local_tokens (prompt and
-    completion tokens on the local server, openai: references), would_have_cost_usd
-    (those tokens at price_model's prices: what the planner's model would have been
-    paid for the same tokens; the planner's own tokens writing and reading the plan
-    are not counted), paid_usd (what paid escalations really cost), retries
-    (attempts after a step's first, escalations not counted), escalations and
-    escalations_saved (steps escalated, and those the escalation saved)."""
+    """Return what a run's local work saved: local_tokens (prompt and completion tokens
+    on the local server, openai: references), local_usage, would_have_cost_usd (those
+    tokens at price_model's prices; the planner's own tokens are not counted), paid_usd
+    (what paid escalations cost), retries (attempts after a step's first, escalations
+    not counted), escalations and escalations_saved (steps escalated, and those it saved)."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -7904,21 +7841,241 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
             "escalations_saved": sum(1 for s in escalated if s.escalation_saved)}
 
 
+def savings_line(savings: dict) -> str:
+    """Return a result's savings (run_savings) as one line for a person or a planner."""
+    retries = savings["retries"]
+    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
+            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
+            f"(the planner's own tokens not counted); "
+            f"{retries} retr{'y' if retries == 1 else 'ies'}")
+    if savings["escalations"]:
+        line += (f", {savings['escalations']} escalated "
+                 f"({savings['escalations_saved']} saved by it)")
+    return line + f"; ${savings['paid_usd']:.4f} paid"
+
+
 def ledger_lines(result: dict) -> list[str]:
     """Return the usage ledger of a result as lines for a person: one per model,
     then which steps escalated and whether that saved them."""
     lines = ["  ledger:"]
     for model, line in result["ledger"].items():
-        lines.append(f"    {model:<32} {line['requests']:>3} request(s) {line['prompt_tokens']:>8} in "
-                     f"{line['completion_tokens']:>7} out  ${line['cost_usd']:.4f}")
+        lines.append(f"    {model:<32} {line['requests']:>3} request(s) "
+                     f"{line['prompt_tokens']:>8} in {line['completion_tokens']:>7} out  "
+                     f"${line['cost_usd']:.4f}")
     for entry in result["escalations"]:
         verdict = "saved it" if entry["saved"] else "did not save it"
         lines.append(f"    step {entry['step']} escalated to {entry['model']}: {verdict}")
     return lines
 
 
+def result_summary(result: dict) -> str:
+    """Return the first lines of a stored result, plain text: plan, outcome, project (its
+    name as the memory server's hooks detect it), run id, each step's status and error,
+    files changed, the error, the savings and problems. For the memory server's embedding
+    (which reads a memory's first few hundred words) and a planner reading search hits."""
+    counts = result.get("counts") or {}
+    project = result.get("project")
+    project = f" in project {_summary_text(project, 100)}" if project else ""
+    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
+             f"{project} (run {result['run_id']})",
+             f"objective: {_summary_text(result.get('objective'), 200)}",
+             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
+             f"{counts.get('skipped', 0)} skipped"]
+    steps = result.get("steps") or []
+    for step in steps[:RESULT_SUMMARY_STEPS]:
+        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
+        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
+        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
+    if len(steps) > RESULT_SUMMARY_STEPS:
+        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
+    files = result.get("files") or []
+    if files:
+        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
+                          for f in files[:RESULT_SUMMARY_FILES])
+        more = len(files) - RESULT_SUMMARY_FILES
+        lines.append(f"files: {shown}" + (f" and {more} more" if more > 0 else ""))
+    if result.get("error"):
+        lines.append(f"error: {_summary_text(result['error'], 300)}")
+    if isinstance(result.get("savings"), dict):
+        lines.append(savings_line(result["savings"]))
+    for problem in (result.get("problems") or [])[:5]:
+        lines.append(f"problem: {_summary_text(problem, 200)}")
+    return "\n".join(lines)
+
+
+def result_content(result: dict) -> str:
+    """Return the content of a result memory: result_summary(), a blank line, then the
+    whole (redacted) document as one line of JSON, the last line (JSON escapes every
+    newline, so nothing in the document can end it early; parse_result_content)."""
+    result = redact(result)
+    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+
+
+def result_memory(result: dict) -> ResultMemory:
+    """Return the result memory of a result document, as Store.finish stores it: its
+    content (result_content), tags (bridge-result, plan:<id>, and the project's name,
+    the tag the memory server's hooks inject memories by), metadata, the run id as
+    the memory server's conversation_id, and the plan's final state."""
+    tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
+    if result.get("project"):
+        tags.append(tag_safe(result["project"]))
+    return ResultMemory(result_content(result), tags,
+                        {"plan_id": result["plan_id"], "run_id": result["run_id"]},
+                        result["run_id"], {"status": result["status"],
+                                           "finished_at": result["finished_at"],
+                                           "error": result["error"]})
+
+
+def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
+    """Return a result document as bridge prints it (the --json of a run, --show
+    --json): the stored document, its result_hash (its memory's content_hash), what
+    the plan's state says happened to that run since (undone_at, applied_at,
+    rejected_at; state {} for a run just stored), and run_log as bridge makes it from
+    the run id (the stored one is not a path; None when the run id is not bridge's)."""
+    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
+    if state.get("undone_run") == run_id and state.get("undone_at"):
+        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
+    if state.get("run_id") == run_id:
+        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
+    if "run_log" in document:
+        try:
+            shown["run_log"] = str(run_folder(runs_dir, run_id))
+        except PathError:
+            shown["run_log"] = None
+    return shown
+
+
+def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tuple[str, str]],
+                  runs_dir: Path) -> dict:
+    """Return what --show --json prints: shown_result of the found (document,
+    result_hash), with status_now when the plan moved on from that run (after --apply
+    or --reject) and replaced_runs [{"run_id", "status"}] (Store.replaced_runs)."""
+    result = shown_result(*found, record.state, runs_dir)
+    now = record.display_status
+    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
+            and now not in ("stale", "in_progress"):
+        result["status_now"] = now      # after --apply or --reject: the plan's real status
+    if replaced:
+        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    return result
+
+
+def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
+    """Return the command that runs a plan from where it is: --plan for a pending
+    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
+    run that is not the plan's own is said to be forged: foreign_run_reason),
+    --rerun for a finished one."""
+    status, plan_id = record.display_status, record.plan_id
+    run_id = record.state.get("run_id")
+    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
+    if status == "stale" and runs_dir is not None and ours \
+            and (why := foreign_run_reason(runs_dir, run_id, record)):
+        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
+                f"which touches none of that run's files, or drop it with bridge --cancel "
+                f"{plan_id}")
+    if status == "stale":
+        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
+                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
+    if status == "in_progress":
+        return "it is running now; see it with: bridge --list --all"
+    if status == "awaiting_review":
+        return (f"its files are staged, not written: bridge --diff {plan_id}, then "
+                f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+    if status == "pending":
+        return f"run it with: bridge --plan {plan_id}"
+    return f"run it again with: bridge --plan {plan_id} --rerun"
+
+
+def _check_line(check: dict) -> str:
+    """One command run of a result for a person: command, outcome, seconds, last output line."""
+    if check.get("ran") is False:
+        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
+    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
+    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
+    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
+    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
+            + (f" · {last[0][:200]}" if last and check["error"] else ""))
+
+
+def _step_lines(step: dict) -> list[str]:
+    """A result's step for a person (render_result); the output keeps its own lines."""
+    title = f" ({step['title']})" if step.get("title") else ""
+    lines = [printable(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} "
+                       f"attempt(s) · {step.get('duration_s', 0):.1f} s"
+                       + (" · resumed" if step.get("resumed") else ""))]
+    if step.get("error"):
+        lines.append(printable(f"      error: {step['error']}"))
+    if step.get("file_output"):
+        lines.append(printable(f"      file: {step['file_output']}"))
+    for check in step.get("checks") or []:
+        lines.append(printable(f"      check: {_check_line(check)}"))
+    output = (step.get("output") or "").strip()
+    if output:
+        shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
+        lines.append("      output: "
+                     + printable(shown, multiline=True).replace("\n", "\n              "))
+    return lines
+
+
+def render_result(result: dict) -> str:
+    """Return a stored result document as text for a person: steps, outputs, errors,
+    files, usage, cost and where the run log is. Every line goes through printable()."""
+    usage = result.get("usage") or {}
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        lines.append(printable(line))
+
+    if result.get("status_now"):
+        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
+            f"which ended {result['status']})")
+    else:
+        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("objective"):
+        add(f"  objective: {result['objective']}")
+    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
+    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')}"
+        f" · {result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
+    if "would_have_cost_usd" in result:
+        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
+    if result.get("error"):
+        add(f"  error: {result['error']}")
+    if result.get("undone_at"):
+        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
+    if result.get("applied_at"):
+        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
+    if result.get("rejected_at"):
+        add(f"  rejected at {result['rejected_at']}: its staged files were dropped "
+            "(bridge --reject)")
+    for problem in result.get("problems") or []:
+        add(f"  problem: {problem}")
+    for step in result.get("steps", []):
+        lines += _step_lines(step)
+    if result.get("verify"):
+        add(f"  verify: {_check_line(result['verify'])}")
+    for change in result.get("files", []):
+        add(f"  file {change['path']}: {change['action']}")
+    if result.get("run_log"):
+        add(f"  run log: {result['run_log']}")
+    return "\n".join(lines)
+
+
+def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
+    """Return what --show prints of show_document's result: render_result, the runs of
+    contents the plan had before --submit --replace, and what to do now when it is
+    stale or awaiting review."""
+    lines = [render_result(result)]
+    for entry in result.get("replaced_runs") or []:
+        lines.append(printable(f"  replaced content: run {entry['run_id']} ({entry['status']}) "
+                               "ran an earlier content of this plan"))
+    if record.display_status in ("stale", "awaiting_review"):
+        lines.append(printable(f"  now: {record.display_status}; {run_hint(record, runs_dir)}"))
+    return "\n".join(lines)
+
+
 ###############################################################################
-# 22. Step scheduling
+# 23. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8087,7 +8244,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 23. Runner
+# 24. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8347,7 +8504,7 @@ class Runner:
         plan, files, results = run.plan, run.files, run.results
         error, interrupted, verify = None, None, None
         try:
-            open_run_dir(run.run_dir)
+            private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
             write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
                            run.record.content_hash)
             if run.staged:
@@ -8787,14 +8944,15 @@ class Runner:
             run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
                         f"{reserve} for thinking (the step asks for it, or the model thought "
                         "earlier in this run)")
-        on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
-        extra = {"sampling": sampling, "thinking": thinking,
-                 "on_reasoning": on_reasoning} if local else {}
         sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
             name not in executor.unconstrained
         schema = self._output_schema(run, step, attempt.number, sends)
-        try:        # redact: grounded spans copy the input
-            reply = self._chat(run, step, attempt, executor, name, sampling, extra, redact(schema))
+        request = ChatRequest(name, sampling, sampling.get("max_tokens"), step.timeout_s,
+                              redact(schema), thinking,     # redact: grounded spans copy the input
+                              functools.partial(self._on_delta, run, step, attempt),
+                              functools.partial(self._on_reasoning, run, step, attempt))
+        try:
+            reply = self._chat(run, step, attempt, executor, request)
         except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
             result.generation_s += time.monotonic() - attempt.started
             self._thought_cut(result, attempt)
@@ -8886,8 +9044,8 @@ class Runner:
                         f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
                         "rest of this run, still checked")
 
-    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-              sampling: dict, extra: dict, schema: dict | None) -> Completion:
+    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
+              request: ChatRequest) -> Completion:
         """Send the attempt's request (with a fresh DegenerationGuard for a local model);
         a stream the server cut for another request (LLMContention) is sent again after
         each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
@@ -8896,16 +9054,16 @@ class Runner:
         beside those in flight."""
         local = isinstance(executor, LLMClient)
         pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
-        need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
+        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
         try:
-            return self._chat_once(run, step, attempt, executor, name, sampling, extra, schema)
+            return self._chat_once(run, step, attempt, executor, request)
         finally:
             if pool is not None:
                 pool.release(held)
 
-    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-                   sampling: dict, extra: dict, schema: dict | None) -> Completion:
+    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
+                   request: ChatRequest) -> Completion:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
@@ -8915,13 +9073,7 @@ class Runner:
             attempt.thinking_guard = DegenerationGuard() if local else None
             attempt.pieces = attempt.thought = 0
             try:
-                on_delta = functools.partial(self._on_delta, run, step, attempt)
-                return executor.chat(attempt.messages, model=name,
-                                     temperature=sampling.get("temperature"),
-                                     max_tokens=sampling.get("max_tokens"),
-                                     timeout_s=step.timeout_s,
-                                     json_schema=schema,
-                                     on_delta=on_delta, **extra)
+                return executor.chat(attempt.messages, request)
             except LLMContention as exc:
                 if wait is None or run.cancel.is_set():
                     raise
@@ -9175,7 +9327,8 @@ class Runner:
         in_progress, stale once this process is gone, so --resume or --rerun can
         take it over (the run's journal and backups are kept for that)."""
         try:
-            digest = self.store.finish(record, result, self.memory_api, self.progress.warning)
+            digest = self.store.finish(record, result_memory(result), self.memory_api,
+                                       self.progress.warning)
         except StoreError as exc:
             raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
                              "in progress (stale once this bridge exits), its files and their backups kept",
@@ -9212,7 +9365,7 @@ class Runner:
 
 
 ###############################################################################
-# 24. CLI: arguments and settings
+# 25. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9568,7 +9721,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 25. CLI: listing, health, trust and approval
+# 26. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10059,7 +10212,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 26. CLI: running and showing
+# 27. CLI: running and showing
 ###############################################################################
 
 
@@ -10230,120 +10383,16 @@ def cmd_show(config: Config, plan_id: str) -> int:
                     "bridge and is not shown")
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
                           f"{record.display_status}){note}", run_hint(record, config.runs_dir))
-    result = shown_result(*found, record.state, config.runs_dir)
-    now = record.display_status
-    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
-            and now not in ("stale", "in_progress"):
-        result["status_now"] = now      # after --apply or --reject: the plan's real status
-    if replaced:
-        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    result = show_document(found, record, replaced, config.runs_dir)
     if config.json:
         _print_json(result)
     else:
-        print(render_result(result))
-        for run, status in replaced:
-            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
-                            "of this plan"))
-        if record.display_status in ("stale", "awaiting_review"):
-            print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
+        print(render_show(result, record, config.runs_dir))
     return EXIT_OK
 
 
-def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
-    run that is not the plan's own is said to be forged: foreign_run_reason),
-    --rerun for a finished one."""
-    status, plan_id = record.display_status, record.plan_id
-    run_id = record.state.get("run_id")
-    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
-    if status == "stale" and runs_dir is not None and ours \
-            and (why := foreign_run_reason(runs_dir, run_id, record)):
-        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
-                f"which touches none of that run's files, or drop it with bridge --cancel "
-                f"{plan_id}")
-    if status == "stale":
-        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
-                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
-    if status == "in_progress":
-        return "it is running now; see it with: bridge --list --all"
-    if status == "awaiting_review":
-        return (f"its files are staged, not written: bridge --diff {plan_id}, then bridge --apply {plan_id} "
-                f"or bridge --reject {plan_id}")
-    if status == "pending":
-        return f"run it with: bridge --plan {plan_id}"
-    return f"run it again with: bridge --plan {plan_id} --rerun"
-
-
-def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs,
-    errors, files, usage, cost and where the run log is. Every line goes through
-    printable(); an output keeps its own lines."""
-    usage = result.get("usage") or {}
-    lines: list[str] = []
-
-    def add(line: str) -> None:
-        lines.append(printable(line))
-
-    if result.get("status_now"):
-        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
-            f"which ended {result['status']})")
-    else:
-        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
-    if result.get("objective"):
-        add(f"  objective: {result['objective']}")
-    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
-    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
-        f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
-        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
-    if "would_have_cost_usd" in result:
-        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
-    if result.get("error"):
-        add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
-    for problem in result.get("problems") or []:
-        add(f"  problem: {problem}")
-    for step in result.get("steps", []):
-        title = f" ({step['title']})" if step.get("title") else ""
-        add(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
-            f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
-        if step.get("error"):
-            add(f"      error: {step['error']}")
-        if step.get("file_output"):
-            add(f"      file: {step['file_output']}")
-        for check in step.get("checks") or []:
-            add(f"      check: {_check_line(check)}")
-        output = (step.get("output") or "").strip()
-        if output:
-            shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
-            lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
-    if result.get("verify"):
-        add(f"  verify: {_check_line(result['verify'])}")
-    for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
-    if result.get("run_log"):
-        add(f"  run log: {result['run_log']}")
-    return "\n".join(lines)
-
-
-def _check_line(check: dict) -> str:
-    """One command run of a result for a person: command, outcome, seconds, last output line."""
-    if check.get("ran") is False:
-        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
-    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
-    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
-    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
-    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
-            + (f" · {last[0][:200]}" if last and check["error"] else ""))
-
-
 ###############################################################################
-# 27. CLI: diff, undo, review
+# 28. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10494,7 +10543,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 28. CLI: the planner's side
+# 29. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10692,7 +10741,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 29. main()
+# 30. main()
 ###############################################################################
 
 
