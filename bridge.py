@@ -3019,11 +3019,10 @@ class Store:
 ###############################################################################
 # 9. Output validation
 #
-# What the checks of the validation types (see the room 'Validation types') read an
-# answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
-# that must parse. The artifact a check returns is the text that counts as the step's
-# output (the code inside a fence when fenced): what later steps see, what file_output
-# writes.
+# What the checks of the room 'Validation types' read an answer with: reasoning taken
+# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
+# text that counts as the step's output (the code inside a fence when fenced): what
+# later steps see, what file_output writes.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -3162,11 +3161,6 @@ def parse_json_output(text: str) -> Any:
     raise OutputInvalid(f"output is not valid JSON ({first_error})")
 
 
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
 def schema_message(error: Any) -> str:
     """Return a jsonschema error's message on one line, with a long offending value
     described by its size instead of printed, so the reason always shows."""
@@ -3265,25 +3259,6 @@ def check_grounded(value: Any, source: str) -> None:
                             "text (use null where the text has none)")
 
 
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
 ###############################################################################
 # 10. Constrained JSON and degenerate output
 ###############################################################################
@@ -3319,11 +3294,11 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
     """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded validation whose input has at most GROUNDED_MAX_SPANS spans; else None (the
-    usual schema is sent; output_schema asks only for a type that sends one). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
+    grounded validation whose input has at most GROUNDED_MAX_SPANS spans, else None (the
+    usual schema is sent). A span that is one of the answer's key names (keys, or a
+    schema's property names; case folded) is left out: the task names them, and SmolLM2
+    answered "unit": "quantity" from a prompt listing the keys "quantity" and "unit".
+    The check still takes such a value."""
     if not validation.get("grounded"):
         return None
     pieces = [source] if isinstance(source, str) else source
@@ -3706,11 +3681,11 @@ class JsonAnswer(ValidationType):
     grounded = True
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        value, artifact = _json_artifact(text)
+        value = parse_json_output(text)
         self.check_value(value, validation)
         if validation.get("grounded"):
             check_grounded(value, source)
-        return artifact
+        return json.dumps(value, ensure_ascii=False, indent=2)
 
     def check_value(self, value: Any, validation: dict) -> None:
         """Raise OutputInvalid when the parsed answer does not pass."""
@@ -3826,7 +3801,23 @@ class SyntaxCheck(ValidationType):
     name = "syntax_check"
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        return _check_syntax(text, validation.get("language", "python"))
+        language = validation.get("language", "python")
+        code = extract_code(text, language)
+        if not code.strip():
+            raise OutputInvalid(f"no {language} code in the output")
+        try:
+            if language == "python":
+                compile(code, "<output>", "exec", dont_inherit=True)
+            elif language == "json":
+                json.loads(code)
+            elif language == "toml":
+                import tomllib
+                tomllib.loads(code)
+        except SyntaxError as exc:
+            raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+        except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+            raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+        return code if code.endswith("\n") else code + "\n"
 
     def describe(self, validation: dict) -> str:
         language = validation.get("language", "python")
