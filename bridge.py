@@ -3628,9 +3628,7 @@ class ValidationType:
     grounded = False
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        """Return the artifact of an answer (reasoning already taken out); raise
-        OutputInvalid with a message the model can act on. source: the step's input
-        (the pieces build_messages gives as sources, joined)."""
+        """Return the artifact of an answer; raise OutputInvalid (see check_output)."""
         raise NotImplementedError
 
     def describe(self, validation: dict) -> str:
@@ -3642,8 +3640,7 @@ class ValidationType:
         return None
 
     def problems(self, validation: dict, where: str) -> list[str]:
-        """The problems a schema cannot state, each "<where>...: why". validation is
-        untrusted: it runs on a plan the schema found fault with too."""
+        """The problems a schema cannot state, each "<where>...: why" (validation_problems)."""
         return []
 
     def depth(self, validation: dict) -> int | None:
@@ -3919,16 +3916,12 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
     the values of a "grounded" JSON validation must come from (check_grounded).
     Raises OutputInvalid with a message the model can act on.
     """
-    artifacts = [_check_one(text, check, source) for check in answer_checks(validation)]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str) -> str:
     try:
-        return validation_type(validation).check(text, validation, source)
+        artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
         # json, tomllib, compile() and jsonschema recurse per nesting level
         raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+    return artifacts[0]
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
