@@ -113,18 +113,19 @@ Rooms, foundations first: each room uses only names from the rooms above it (a t
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
-    4 Helpers · 5 File writes inside the project · 6 Store layouts & plan records ·
-    7 The memory server's HTTP API · 8 Store (SQLite) · 9 Plans ·
-    10 Trust: projects, approvals, executors · 11 Model servers: errors, streams, retries ·
-    12 LLM client: OpenAI-compatible servers ·
-    13 Other executors: the Anthropic API and the claude CLI · 14 Output validation ·
-    15 Constrained JSON and degenerate output ·
-    16 Check commands, and what the model is told of the checks ·
-    17 File transactions: journal, rollback, recovery ·
-    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Run records ·
-    21 Step scheduling · 22 Runner · 23 CLI: arguments and settings ·
-    24 CLI: listing, health, trust and approval · 25 CLI: running and showing ·
-    26 CLI: diff, undo, review · 27 CLI: the planner's side · 28 main()
+    4 Helpers · 5 Path rules: what a plan may read and write ·
+    6 File writes inside the project · 7 Store layouts & plan records ·
+    8 The memory server's HTTP API · 9 Store (SQLite) · 10 Output validation ·
+    11 Constrained JSON and degenerate output · 12 Validation types · 13 Plans ·
+    14 Trust: projects, approvals, executors · 15 Model servers: errors, streams, retries ·
+    16 LLM client: OpenAI-compatible servers ·
+    17 Other executors: the Anthropic API and the claude CLI · 18 Check commands ·
+    19 File transactions: journal, rollback, recovery ·
+    20 Kept runs: backups, diff, undo, review · 21 Prompts · 22 Run records ·
+    23 The result document · 24 Step scheduling · 25 Runner ·
+    26 CLI: arguments and settings · 27 CLI: listing, health, trust and approval ·
+    28 CLI: running and showing · 29 CLI: diff, undo, review · 30 CLI: the planner's side ·
+    31 main()
 """
 
 from __future__ import annotations
@@ -226,12 +227,6 @@ COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without 
 COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
 COMMAND_TAIL_BYTES = 8000              # the end of a command's output kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
-# max_tokens of a step that sets none, by validation type (then at most a quarter of a
-# known context). A JSON answer is an object of a few values: a six-key extraction is
-# 40-90 tokens on SmolLM2, so 256 stops a runaway within seconds on a small CPU;
-# json_schema objects may nest and list more; code and prose keep the general reserve.
-DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "syntax_check": ANSWER_RESERVE_TOKENS,
-                      "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
 # Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
 # A step whose answer is bounded (its check is JSON) asks the server not to think
 # (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
@@ -574,6 +569,7 @@ class Config(namedtuple("Config", [*(row.field for row in SETTINGS), *_CONFIG_DE
 #    ├── PlanInvalid (1)        schema or semantic problems, listed in .problems
 #    ├── PathError (1)          a plan path leaves the project or cannot be used
 #    │    └── RollbackError (1) files could not be put back; names every one
+#    │                          (both in the room 'Path rules: what a plan may read and write')
 #    ├── PromptTooLarge (1)     a step's prompt cannot fit the model's context
 #    ├── OutputInvalid (1)      a model output failed its step's validation
 #    │    └── OutputDegenerate  stopped while it streamed: it degenerated
@@ -653,16 +649,6 @@ def problems_line(problems: list[str]) -> str:
     shown = "; ".join(problems[:PROBLEMS_SHOWN])
     more = len(problems) - PROBLEMS_SHOWN
     return shown + (f"; and {more} more (bridge --validate lists them all)" if more > 0 else "")
-
-
-class PathError(BridgeError):
-    """A plan's path is absolute, climbs out of the project, or cannot be written."""
-
-    exit_code = EXIT_PLAN_FAILED
-
-
-class RollbackError(PathError):
-    """Some files could not be restored; the message names every one."""
 
 
 class PromptTooLarge(BridgeError):
@@ -1171,14 +1157,48 @@ def terminal_columns() -> int:
 
 
 ###############################################################################
-# 5. File writes inside the project
+# 5. Path rules: what a plan may read and write
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
+# store) is in this room; the rooms that read and write files call these rules and decide
+# none themselves (the model: tarfile's extraction filters).
+#   names      plan_path_parts (relative, no '..', no NUL), same_file_path,
+#              _check_name_lengths (NAME_MAX, PATH_MAX)
+#   inside     resolve_inside (with symlinks followed, still inside the project), real_path
+#   writes     forbidden_target_reason (VCS folders, the store, the state dir),
+#              output_path_problem (what a step's file_output may be)
+#   reads      secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+#   projects   untrustable_reason (what can never be a project)
+# The writes then walk the project by dir_fd, never through a symlink (the room 'File
+# writes inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
+
+
+class PathError(BridgeError):
+    """A plan's path is absolute, climbs out of the project, or cannot be written."""
+
+    exit_code = EXIT_PLAN_FAILED
+
+
+class RollbackError(PathError):
+    """Some files could not be restored; the message names every one."""
+
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def real_path(path: str | Path) -> Path:
+    """Return path with ~ expanded and symlinks and `..` resolved (os.path.realpath; need
+    not exist), or only normalized when a folder swapped under it makes realpath fail
+    (readlink of what is no longer a symlink: EINVAL). bridge's one realpath."""
+    from pathlib import Path
+
+    path = os.path.expanduser(os.fspath(path))
+    try:
+        return Path(os.path.realpath(path))
+    except OSError:
+        return Path(os.path.normpath(path))
 
 
 def plan_path_parts(rel: str) -> list[str]:
@@ -1194,8 +1214,10 @@ def plan_path_parts(rel: str) -> list[str]:
     try:
         os.fsencode(rel)
     except UnicodeEncodeError:
-        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") from None
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise PathError(f"path {rel!r} holds a lone surrogate, which no file name can hold") \
+            from None
+    windows = PureWindowsPath(rel)
+    if PurePosixPath(rel).is_absolute() or windows.is_absolute() or windows.drive:
         raise PathError(f"path {rel!r} is absolute; plan paths are relative to the project")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         raise PathError(f"path {rel!r} climbs out with '..'")
@@ -1205,25 +1227,69 @@ def plan_path_parts(rel: str) -> list[str]:
     return parts
 
 
-class FileChange:
-    """What one run did to one path: action is "created" or "modified" (then
-    "reverted" after a rollback). backup: the copy of the original, if any, and
-    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
-
-    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
-
-    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
-                 created_dirs: list[Path] | None = None):
-        self.path, self.action, self.backup, self.mode = path, action, backup, mode
-        self.created_dirs = created_dirs or []
+def same_file_path(rel: str) -> str:
+    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
+    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
+    locking, journaling and reporting agree on one name. rel is a path
+    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    try:
+        return "/".join(plan_path_parts(rel))
+    except PathError:
+        return rel
 
 
+# A file bridge writes is first written as .NAME.XXXXXXXX.bridge-tmp beside it (atomic_write)
 TEMP_SUFFIX = ".bridge-tmp"
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
+
+
+def _check_name_lengths(project: Path, rel: str) -> None:
+    """Refuse a plan path the filesystem cannot hold: a folder name longer than
+    NAME_MAX bytes, a file name that leaves no room for its temp file's
+    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
+    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    def limit(name: str, default: int) -> int:
+        try:
+            return os.pathconf(project, name)
+        except (OSError, ValueError):
+            return default
+
+    name_max = limit("PC_NAME_MAX", NAME_MAX_BYTES)
+    parts = [part for part in rel.replace("\\", "/").split("/") if part]
+    shown = rel if len(rel) <= 60 else rel[:40] + "…"
+    for n, part in enumerate(parts):
+        room = name_max - (TEMP_NAME_EXTRA_BYTES if n == len(parts) - 1 else 0)
+        if (size := len(part.encode("utf-8", "surrogatepass"))) > room:
+            raise PathError(f"path {shown!r} has a name of {size} bytes; names here hold at "
+                            f"most {room} bytes (file names keep {TEMP_NAME_EXTRA_BYTES} for "
+                            "bridge's temp file)")
+    path_max = limit("PC_PATH_MAX", PATH_MAX_BYTES)
+    whole = len(os.fsencode(str(project.absolute()))) + 1 \
+        + len(rel.encode("utf-8", "surrogatepass"))
+    if whole + TEMP_NAME_EXTRA_BYTES > path_max:
+        raise PathError(f"path {shown!r} is {whole} bytes long in {project}; paths here hold "
+                        f"at most {path_max - TEMP_NAME_EXTRA_BYTES} bytes")
+
+
+def resolve_inside(project: Path, rel: str) -> Path:
+    """Return project/rel, refusing anything that could land outside the project.
+
+    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
+    location (symlinks followed) is outside the project's real location.
+    Raises PathError saying which.
+    """
+    plan_path_parts(rel)
+    _check_name_lengths(project, rel)
+    try:
+        root = project.resolve()
+        target = (project / rel).resolve()
+    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+        raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
+    if not target.is_relative_to(root):
+        raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
+    return project / rel
+
+
 STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
 
 
@@ -1245,6 +1311,8 @@ class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
 # command of that system (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks]
 # in .hg/hgrc; Subversion, Jujutsu, Bazaar, darcs: their own config and hooks).
 VCS_FOLDERS = (".git", ".hg", ".svn", ".jj", ".bzr", "_darcs")
+
+
 # What a name may hold that some disk drops when it looks the name up, so that the
 # name still opens a VCS folder: code points HFS+ and APFS ignore (git's utf8.c
 # is_hfs_dotgit), trailing dots and spaces (NTFS, FAT), and 8.3 short names (GIT~1).
@@ -1262,7 +1330,7 @@ def vcs_folder_of(name: str) -> str | None:
     return None
 
 
-def _is_git_dir(folder: str) -> bool:
+def _is_git_dir(folder: str | Path) -> bool:
     """Whether folder is a git directory by git's own test (setup.c
     is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
     worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
@@ -1273,7 +1341,7 @@ def _is_git_dir(folder: str) -> bool:
         os.path.isdir(inside("objects")) and os.path.isdir(inside("refs")))
 
 
-def _gitdir_named(folder: str) -> str | None:
+def _gitdir_named(folder: str | Path) -> Path | None:
     """The real path a `.git` file in folder points to ("gitdir: PATH", git's
     gitfile format, as a worktree or submodule has), or None."""
     try:        # O_NONBLOCK: a FIFO named .git must not hang the check
@@ -1289,7 +1357,7 @@ def _gitdir_named(folder: str) -> str | None:
     if not head.startswith("gitdir:"):
         return None
     target = head[len("gitdir:"):].split("\n")[0].strip()
-    return _realpath(os.path.join(folder, target)) if target else None
+    return real_path(os.path.join(folder, target)) if target else None
 
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
@@ -1305,24 +1373,19 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
         if folder := vcs_folder_of(part):
             return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
                     "bridge never writes there")
-    root = _realpath(project)
-    for shown in dict.fromkeys((os.path.abspath(project), root)):
+    root = real_path(project)
+    for shown in dict.fromkeys((os.path.abspath(project), str(root))):
         for part in PurePosixPath(shown).parts:
             if folder := vcs_folder_of(part):
                 return (f"project {project} lies inside {part}/ ({folder}: its hooks and config "
                         "run commands); bridge never writes there")
-    target = _realpath(os.path.join(root, rel))
-    folder = os.path.dirname(target)
-    while True:
+    target = real_path(root / rel)
+    for folder in target.parents:
         gitdir = _gitdir_named(folder)
-        under = gitdir is not None and (target + os.sep).startswith(gitdir.rstrip(os.sep) + os.sep)
-        if _is_git_dir(folder) or under:
+        if _is_git_dir(folder) or (gitdir is not None and target.is_relative_to(gitdir)):
             where = folder if _is_git_dir(folder) else gitdir
             return f"path {rel!r} lies in the git directory {where}; bridge never writes there"
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
+    return None
 
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
@@ -1337,26 +1400,214 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
-    root = _realpath(project)
-    targets = {os.path.normpath(os.path.join(root, rel)), _realpath(os.path.join(root, rel))}
+    root = real_path(project)
+    targets = {root / rel, real_path(root / rel)}
     for store in guard.stores:
-        real = _realpath(store)
-        if targets & {real + sidecar for sidecar in STORE_SIDECARS}:
+        real = real_path(store)
+        if targets & {real.with_name(real.name + sidecar) for sidecar in STORE_SIDECARS}:
             return f"path {rel!r} is the memory store {store}; bridge never writes it"
     if guard.state_dir is not None:
-        state = _realpath(guard.state_dir)
-        if any(t == state or t.startswith(state.rstrip(os.sep) + os.sep) for t in targets):
-            return f"path {rel!r} is in bridge's state dir {guard.state_dir}; bridge never writes there"
+        state = real_path(guard.state_dir)
+        if any(t.is_relative_to(state) for t in targets):
+            return (f"path {rel!r} is in bridge's state dir {guard.state_dir}; "
+                    "bridge never writes there")
     return None
 
 
-def _realpath(path: str | Path) -> str:
-    """os.path.realpath, or the normalized path when a folder swapped under it makes
-    that fail (readlink of what is no longer a symlink: EINVAL)."""
+def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
+    """Why a step may not write rel (its file_output) in project, or None: a name of a
+    folder, what resolve_inside refuses, a folder, what forbidden_target_reason refuses,
+    a symlink on its way (which the write would refuse), not a regular file."""
+    from pathlib import PurePosixPath
+
+    if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
+        return f"{rel!r} names a folder, not a file; give the file's name (e.g. newdir/notes.md)"
     try:
-        return os.path.realpath(path)
-    except OSError:
-        return os.path.normpath(path)
+        if resolve_inside(project, rel).is_dir():
+            return f"{rel!r} is a folder"
+    except PathError as exc:
+        return str(exc)
+    if reason := forbidden_target_reason(project, rel, guard):
+        return reason
+    path = project
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        try:
+            kind = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(kind):
+            return (f"path {rel!r} goes through the symlink {part!r}; bridge writes only "
+                    "through real folders of the project")
+    if not stat.S_ISREG(kind):
+        return (f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes "
+                "only files")
+    return None
+
+
+# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
+# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
+# under it (a/b/ names the two folders in a row); else it is matched against the
+# file's name, or, with a "/", against the last components of its path. Patterns are
+# shell globs, any case. The README's table is this one.
+SECRET_LOAD_TABLE = (
+    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
+    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
+    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
+    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
+    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
+    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
+    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
+    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
+      for folder in VCS_FOLDERS),
+    ("id_*", "SSH private key (id_*.pub is public)"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"),
+    ("*.ppk", "PuTTY private key"),
+    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
+    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
+    (".env", "environment secrets"), (".env.*", "environment secrets"),
+    (".envrc", "direnv secrets"),
+    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
+    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
+    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
+    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
+    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
+    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
+    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
+    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
+    ("terraform.rc", "Terraform tokens"),
+    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
+    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
+    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
+    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
+    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
+    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
+    ("secrets.yaml", "app secrets"),
+)
+
+
+# Names LOAD reads although a row above matches: public keys and samples of secret files
+SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
+
+
+# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
+# the name is checked again without it.
+_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
+
+
+def _secret_row(parts: list[str]) -> tuple[str, str] | None:
+    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
+    from fnmatch import fnmatchcase
+
+    parts = [part.casefold() for part in parts]
+    folders, name = parts[:-1], parts[-1]
+    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
+    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
+        return "id_*", "SSH private key (id_*.pub is public)"
+    for pattern, holds in SECRET_LOAD_TABLE:
+        seq = pattern.rstrip("/").casefold().split("/")
+        if pattern.endswith("/"):
+            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
+                return pattern, holds
+            continue
+        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
+            continue
+        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
+            continue
+        last_folders = folders[len(folders) - len(seq) + 1:]
+        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
+        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
+            return pattern, holds
+    return None
+
+
+def secret_file_reason(rel: str) -> str | None:
+    """Return why a LOAD path looks like a private key or a secret store, or None.
+
+    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
+    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
+    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
+    Their text would go to the model, into the result memory and the run logs.
+    """
+    from pathlib import PurePosixPath
+
+    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
+    row = _secret_row(parts) if parts else None
+    if row is None:
+        return None
+    pattern, holds = row
+    if pattern.endswith("/"):
+        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
+                "does not send it to a model")
+    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
+            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
+            "needs another way)")
+
+
+def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
+    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
+    secret_file_reason of the path as the plan wrote it, as it lies in the real project
+    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
+    None when it may. The one rule for validation and for what approval shows."""
+    real = real_path(path)
+    inside = os.path.relpath(real, real_path(project))
+    return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's
+    project, or None: the filesystem root, the home folder itself or a folder holding
+    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
+    dir or the config dir, or inside one of those two.
+    A plan working there could replace the store, its own journals or the trust file."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir),
+        ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
+    return None
+
+
+###############################################################################
+# 6. File writes inside the project
+#
+# Every write goes to a temp file in the target's folder, then os.replace: a reader
+# sees the old bytes or the new, never half. Before the first write to a path, its
+# original is copied into the run's folder under --state-dir and an entry is added
+# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
+# it back. Nothing of this lives in the project.
+###############################################################################
+
+
+class FileChange:
+    """What one run did to one path: action is "created" or "modified" (then
+    "reverted" after a rollback). backup: the copy of the original, if any, and
+    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
+
+    __slots__ = ("path", "action", "backup", "mode", "created_dirs")
+
+    def __init__(self, path: str, action: str, backup: Path | None = None, mode: int | None = None,
+                 created_dirs: list[Path] | None = None):
+        self.path, self.action, self.backup, self.mode = path, action, backup, mode
+        self.created_dirs = created_dirs or []
+
+
+_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
 
 
 def _open_root(project: Path) -> int:
@@ -1431,6 +1682,40 @@ def open_inside(project: Path, rel: str) -> Any:
         os.close(fd)
 
 
+def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
+    """Return the text of a LOAD file for a prompt.
+
+    With project, the file is project/rel opened through real folders only, as
+    writes are (open_inside: a folder swapped for a symlink cannot make it read a
+    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
+    with a marker saying so. Raises FileNotFoundError when it does not exist,
+    PathError when it cannot be read, goes through a symlink, or is binary (holds a
+    NUL byte) or not UTF-8.
+    """
+    try:
+        with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
+            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise PathError(f"LOAD file {rel!r} cannot be read ({exc.strerror or exc})") from exc
+    if b"\x00" in data:
+        raise PathError(f"LOAD file {rel!r} is binary; name it as REFERENCE instead")
+    cut = len(data) > LOAD_FILE_MAX_BYTES
+    data = data[:LOAD_FILE_MAX_BYTES]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
+            raise PathError(f"LOAD file {rel!r} is not UTF-8 text (byte {exc.start}); "
+                            "name it as REFERENCE instead") from exc
+        text = data[:exc.start].decode("utf-8")
+    if cut:
+        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
+    return text
+
+
+
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     """Return the permission bits of the file name in dir_fd, None when there is none.
     Raises PathError when it is a symlink or a folder."""
@@ -1447,22 +1732,20 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     return info.st_mode & 0o7777
 
 
-def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
-    """Return the bytes of a regular file, opened without following a symlink."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None) -> Any:
-    """Open a regular file for reading, without following a symlink or waiting on a FIFO;
-    return its binary file object. Raises OSError (ELOOP: a symlink; EINVAL: not a
-    regular file)."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading without waiting on a FIFO and, unless
+    follow_symlinks, without following a symlink: bridge's one way to open a file it
+    reads. Returns a binary file object, or with encoding a text one (undecodable bytes
+    replaced). Raises OSError (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(name))
-    return os.fdopen(fd, "rb")
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -1550,17 +1833,51 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str
         os.close(dir_fd)
 
 
-def private_dir(path: Path) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700; return path.
-    An existing folder keeps its mode. Raises OSError."""
+OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than this is not its
+
+
+def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False) -> Any:
+    """Return the JSON value of one of bridge's own files (run.json, reads.json,
+    undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
+    manager may link): a regular file (open_regular) of at most OWN_FILE_MAX_BYTES,
+    UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's one JSON file
+    reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL: not a regular
+    file) or ValueError (not JSON, too deep, too large); with or_none, returns None
+    instead."""
+    try:
+        with open_regular(path, follow_symlinks=follow_symlinks) as handle:
+            data = handle.read(OWN_FILE_MAX_BYTES + 1)
+        if len(data) > OWN_FILE_MAX_BYTES:
+            raise ValueError(f"it is larger than {OWN_FILE_MAX_BYTES:,} bytes")
+        return load_json(data.decode("utf-8"))
+    except (OSError, ValueError):
+        if or_none:
+            return None
+        raise
+
+
+def write_json_file(path: Path, document: Any, indent: int | None = None) -> None:
+    """Write document as one JSON text (and a newline) to path, 0o600, by atomic_write:
+    bridge's one JSON file writer. Raises OSError."""
+    text = json.dumps(document, ensure_ascii=False, indent=indent) + "\n"
+    atomic_write(path, text.encode("utf-8"), 0o600)
+
+
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Make the folder path, and its missing parents, mode 0o700 (this user's only);
+    return path. An existing folder keeps its mode unless tighten (a run's folder, the
+    config folder: made 0o700 whatever it was). bridge's one way to make a private
+    folder. Raises OSError."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except FileNotFoundError:
-        private_dir(path.parent)
+        private_dir(os.path.dirname(os.path.abspath(path)))
         with _suppress(FileExistsError):
             os.mkdir(path, 0o700)
+    if tighten:
+        os.chmod(path, 0o700)
     return path
 
 
@@ -1624,7 +1941,8 @@ def read_jsonl(path: Path) -> list[dict]:
     The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
     entries = []
     try:
-        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
+        with open_regular(path) as handle:
+            lines = handle.read().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
@@ -1638,7 +1956,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 6. Store layouts & plan records
+# 7. Store layouts & plan records
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -1827,10 +2145,6 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
         return len(steps) if isinstance(steps, list) else 0
 
 
-RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
-RESULT_SUMMARY_FILES = 10
-
-
 def _summary_text(value: Any, max_chars: int) -> str:
     """Return value as one line of at most max_chars characters (plans are untrusted:
     no newline or control character of theirs may shape the summary)."""
@@ -1838,69 +2152,20 @@ def _summary_text(value: Any, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def savings_line(savings: dict) -> str:
-    """Return a result's savings (Runner's run_savings: local_tokens,
-    would_have_cost_usd, price_model, retries, escalations, escalations_saved,
-    paid_usd) as one line for a person or a planner."""
-    retries = savings["retries"]
-    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
-            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
-            f"(the planner's own tokens not counted); "
-            f"{retries} retr{'y' if retries == 1 else 'ies'}")
-    if savings["escalations"]:
-        line += f", {savings['escalations']} escalated ({savings['escalations_saved']} saved by it)"
-    return line + f"; ${savings['paid_usd']:.4f} paid"
+class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
+    """A result memory as Store.finish stores it (built by result_memory, in the room
+    "The result document"): content (text), tags (list of str), metadata (dict),
+    conversation_id (the run id, for the memory server's HTTP API) and state, the
+    plan's final state {"status", "finished_at", "error"}."""
 
-
-def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result: plan, outcome, project (its name
-    as the memory server's hooks detect it), run id, each step's status (and
-    error), files changed, the error and the savings (savings_line); plain text, for the memory
-    server's embedding (which reads a memory's first few hundred words) and for a
-    planner reading search hits."""
-    counts = result.get("counts") or {}
-    project = result.get("project")
-    project = f" in project {_summary_text(project, 100)}" if project else ""
-    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
-             f"{project} (run {result['run_id']})",
-             f"objective: {_summary_text(result.get('objective'), 200)}",
-             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
-             f"{counts.get('skipped', 0)} skipped"]
-    steps = result.get("steps") or []
-    for step in steps[:RESULT_SUMMARY_STEPS]:
-        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
-        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
-        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
-    if len(steps) > RESULT_SUMMARY_STEPS:
-        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
-    files = result.get("files") or []
-    if files:
-        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
-                          for f in files[:RESULT_SUMMARY_FILES])
-        more = f" and {len(files) - RESULT_SUMMARY_FILES} more" if len(files) > RESULT_SUMMARY_FILES else ""
-        lines.append(f"files: {shown}{more}")
-    if result.get("error"):
-        lines.append(f"error: {_summary_text(result['error'], 300)}")
-    if isinstance(result.get("savings"), dict):
-        lines.append(savings_line(result["savings"]))
-    for problem in (result.get("problems") or [])[:5]:
-        lines.append(f"problem: {_summary_text(problem, 200)}")
-    return "\n".join(lines)
-
-
-def result_content(result: dict) -> str:
-    """Return the content of a result memory: result_summary(), a blank line, then the
-    whole result document as one line of JSON (the last line; JSON escapes every
-    newline, so nothing in the document can end it early)."""
-    result = redact(result)
-    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+    __slots__ = ()
 
 
 def parse_result_content(content: str) -> dict | None:
-    """Return the result document of a result memory's content, or None when it is not
-    one: the JSON of its last line (result_content), or the whole content as JSON
-    (results stored before the summary existed). A document is a JSON object whose
-    "type" is "bridge_result"."""
+    """Return the result document of a result memory's content (result_content: the
+    JSON of its last line, or the whole content as JSON for results stored before the
+    summary existed), or None when it is not one: a JSON object whose "type" is
+    "bridge_result"."""
     for text in (content.rpartition("\n")[2], content):
         try:
             document = load_json(text)
@@ -1911,28 +2176,8 @@ def parse_result_content(content: str) -> dict | None:
     return None
 
 
-def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
-    """Return a result document as bridge prints it (the --json of a run, --show
-    --json): the stored document (result_content), its result_hash (the
-    content_hash of its memory), what the plan's state says happened to that run
-    since (undone_at, applied_at, rejected_at; state: the plan's state, {} for a run
-    just stored), and run_log as bridge makes it from the run id (the stored one is
-    not a path; None when the run id is not bridge's)."""
-    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
-    if state.get("undone_run") == run_id and state.get("undone_at"):
-        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
-    if state.get("run_id") == run_id:
-        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
-    if "run_log" in document:
-        try:
-            shown["run_log"] = str(run_folder(runs_dir, run_id))
-        except PathError:
-            shown["run_log"] = None
-    return shown
-
-
 ###############################################################################
-# 7. The memory server's HTTP API
+# 8. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2137,7 +2382,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 8. Store (SQLite)
+# 9. Store (SQLite)
 # Short transactions on someone else's file: discovery, the claim, the result.
 ###############################################################################
 
@@ -2657,48 +2902,42 @@ class Store:
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, result: dict, memory_api: MemoryAPI | None = None,
+    def finish(self, record: PlanRecord, memory: ResultMemory, memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the run's result memory and record the plan's final state; return the
-        result's content_hash.
+        """Store the run's result memory as given and record the plan's final state
+        (memory.state, with result_hash); return the result's content_hash.
 
-        result: the result document (README: "What bridge writes into the store"), stored as result_content().
-        Without memory_api, the result row and the final state (status, finished_at,
-        error, result_hash) are one transaction. With memory_api the result goes
-        through the memory server's HTTP API first, so it gets an embedding: (1) the
-        state records result_hash while still in_progress; (2) POST /api/memories;
-        (3) one transaction stores the result directly unless a live row already has
-        that hash (the server's, in this file), and records the final state. A crash
-        after (2) leaves a stored result its state points to (read as finished, see
-        _settled); a refusal or an unreachable server leaves nothing, so (3) writes it,
-        and warn() gets one line. The result is never lost and never stored twice in
-        this file. Raises StoreError when the store cannot be written.
+        Without memory_api, the result row and the final state are one transaction.
+        With memory_api the result goes through the memory server's HTTP API first, so
+        it gets an embedding: (1) the state records result_hash while still in_progress;
+        (2) POST /api/memories; (3) one transaction stores the result directly unless a
+        live row already has that hash (the server's, in this file), and records the
+        final state. A crash after (2) leaves a stored result its state points to (read
+        as finished, see _settled); a refusal or an unreachable server leaves nothing,
+        so (3) writes it, and warn() gets one line. The result is never lost and never
+        stored twice in this file. Raises StoreError when the store cannot be written.
         """
-        content = result_content(result)
+        content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
-        tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
-        if result.get("project"):       # the memory server's hooks inject memories tagged so
-            tags.append(tag_safe(result["project"]))
-        metadata = {"plan_id": result["plan_id"], "run_id": result["run_id"]}
         why = None
         if memory_api is not None:
             self._write(lambda: self._set_state(record, {"result_hash": digest}))
-            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata, result["run_id"])
+            stored, why = memory_api.store(content, tags, RESULT_MEMORY_TYPE, metadata,
+                                           memory.conversation_id)
             crash_point(self.crash_at, "result_posted")
             if stored is not None and stored != digest:
-                why = (f"it stored the result as another memory ({stored[:12]}…: split into chunks by its "
-                       "length limit?)")
+                why = (f"it stored the result as another memory ({stored[:12]}…: split into "
+                       "chunks by its length limit?)")
 
         def work() -> str:
             if not self._has_live_hash(digest):
                 self.insert_memory(content, tags, RESULT_MEMORY_TYPE, metadata)
                 if memory_api is not None and warn is not None:
                     reason = why or f"it writes another store file than {self.path}"
-                    warn(f"the memory server at {memory_api.url} did not store the result of plan "
-                         f"{result['plan_id']} ({reason}); stored it directly: tag search finds it, "
-                         "semantic search does not")
-            self._set_state(record, {"status": result["status"], "finished_at": result["finished_at"],
-                                     "error": result["error"], "result_hash": digest})
+                    warn(f"the memory server at {memory_api.url} did not store the result of "
+                         f"plan {record.plan_id} ({reason}); stored it directly: tag search "
+                         "finds it, semantic search does not")
+            self._set_state(record, {**memory.state, "result_hash": digest})
             crash_point(self.crash_at, "finish")
             return digest
         return self._write(work)
@@ -2820,7 +3059,984 @@ class Store:
 
 
 ###############################################################################
-# 9. Plans
+# 10. Output validation
+#
+# What the checks of the validation types (see the room 'Validation types') read an
+# answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
+# that must parse. The artifact a check returns is the text that counts as the step's
+# output (the code inside a fence when fenced): what later steps see, what file_output
+# writes.
+###############################################################################
+
+# Patterns as strings: re compiles and caches each on first use, not at start-up.
+_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
+# after prose on the same line ("Here it is: ```json"), a fence counts only when
+# nothing but a tag follows it, so prose that mentions ``` is not a fence
+_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
+LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
+                    "toml": {"toml"}}
+
+
+# Reasoning text a server leaves inside content (sources per row), by shape: (name,
+# who writes it and the source, a string the text must hold for the shape to be tried,
+# where the reasoning starts and ends, what ends the answer or None). split_reasoning
+# takes each out; a shape matches at the start of the text only.
+_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
+REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
+    # a leading block; an unclosed one swallows the rest
+    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
+     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
+    ("<thinking>", "several fine-tunes", "<thinking>",
+     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
+    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
+    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
+     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
+    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
+    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
+    # it analysed) there is no answer
+    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
+     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
+    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
+     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
+    # the opening tag is in the prompt template, so only the close arrives: reasoning…
+    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
+    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
+     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
+    ("orphan </thinking>", "several fine-tunes", "</thinking>",
+     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
+    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
+     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
+)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split a model's content into (answer, reasoning), taking out every shape of
+    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
+    checked or written holds reasoning. Text with none comes back whole, reasoning
+    "". A tag inside an answer that opened with none is left alone ("Use the
+    <think> tag"); one that closed reasoning with no opening tag is not."""
+    thought: list[str] = []
+    matched = True
+    while matched and text:
+        matched = False
+        for _name, _source, needle, start, end in REASONING_SHAPES:
+            found = re.match(start, text) if needle in text else None
+            if found and found.group():
+                thought.append(found.group())
+                text, matched = text[found.end():], True
+                if end and (tail := re.search(end, text)):
+                    text = text[:tail.start()]
+                break
+    return text, "".join(thought)
+
+
+def find_fences(text: str) -> list[tuple[str, str]]:
+    """Return every fenced block of text as (language tag lowercased, code).
+
+    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
+    after its tag are ignored), or at the end of a line of prose (then only a tag
+    may follow it). The block ends at a line holding only the same fence; an
+    unclosed block runs to the end of the text.
+    """
+    blocks: list[tuple[str, str]] = []
+    lines = text.split("\n")
+    n = 0
+    while n < len(lines):
+        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
+        if not match:
+            n += 1
+            continue
+        fence, tag = match["fence"], match["tag"].lower()
+        body: list[str] = []
+        n += 1
+        while n < len(lines) and lines[n].strip() != fence:
+            stripped = lines[n].rstrip()
+            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
+                body.append(stripped[: -len(fence)])
+                break
+            body.append(lines[n])
+            n += 1
+        blocks.append((tag, "\n".join(body)))
+        n += 1
+    return blocks
+
+
+def extract_code(text: str, language: str | None = None) -> str:
+    """Return the code of text: the best fenced block, or the whole text stripped.
+
+    With a language ("python", "json", "toml"), a block tagged with one of its
+    aliases wins, then an untagged block, then the first block. Without one, the
+    first block. Text around the fence is dropped.
+    """
+    blocks = find_fences(text)
+    if not blocks:
+        return text.strip()
+    if language:
+        aliases = LANGUAGE_ALIASES.get(language, {language})
+        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
+            for tag, code in blocks:
+                if wanted(tag):
+                    return code
+    return blocks[0][1]
+
+
+def parse_json_output(text: str) -> Any:
+    """Parse JSON from a model output: whole, else the best fenced block, else the
+    first JSON value starting at the first { or [.
+
+    Raises OutputInvalid naming the parse error of the most likely candidate.
+    """
+    candidates = [text.strip()]
+    if find_fences(text):
+        candidates.insert(0, extract_code(text, "json"))
+    first_error = None
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except ValueError as exc:
+            first_error = first_error or exc
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
+        try:
+            return json.JSONDecoder().raw_decode(text, min(starts))[0]
+        except ValueError:
+            pass
+    raise OutputInvalid(f"output is not valid JSON ({first_error})")
+
+
+def _json_artifact(text: str) -> tuple[Any, str]:
+    value = parse_json_output(text)
+    return value, json.dumps(value, ensure_ascii=False, indent=2)
+
+
+def schema_message(error: Any) -> str:
+    """Return a jsonschema error's message on one line, with a long offending value
+    described by its size instead of printed, so the reason always shows."""
+    message, shown = error.message, repr(error.instance)
+    if len(shown) > 80:
+        value = error.instance
+        if isinstance(value, (list, dict, str)):
+            kind = {list: "a list of {} items", dict: "an object of {} keys",
+                    str: "a string of {} characters"}[type(value)]
+            message = message.replace(shown, kind.format(len(value)))
+        else:
+            message = message.replace(shown, shown[:60] + "…")
+    return clip(" ".join(message.split()), 300, "message")
+
+
+def fold_text(text: str) -> str:
+    """Return text as key names and spans are compared: case folded (str.casefold), each run
+    of whitespace one space, no whitespace at either end."""
+    return " ".join(text.casefold().split())
+
+
+_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
+
+
+def written_numbers(text: str) -> dict[float, int | float]:
+    """Return the numbers written in text as words of their own: each whitespace-separated
+    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
+    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
+    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
+    One regular expression over text: no copy of it, however large."""
+    trim = f"[{re.escape(_SPAN_TRIM)}]*"
+    found: dict[float, int | float] = {}
+    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
+        value = float(match[1])
+        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
+    return found
+
+
+def _occurs(value: str, source: str) -> bool:
+    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
+    run of whitespace matching any other, not as part of a longer word or number ("Ada"
+    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    words = value.split()
+    if not words:
+        return True
+    pattern = r"\s+".join(map(re.escape, words))
+    if re.match(r"\w", words[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.search(r"\w$", words[-1]):
+        pattern += r"(?!\w|[.,]\d)"
+    return re.search(pattern, source, re.IGNORECASE) is not None
+
+
+def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
+    """Return the (JSON path, value) of every value of a JSON answer that does not occur
+    in source, in document order.
+
+    A string occurs when it is in source, case and runs of whitespace folded, not inside
+    a longer word or number (_occurs); a number when it equals a number written in
+    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"); each item of a list and each value of an object (at any depth) is
+    checked. Key names, null, booleans and empty strings are exempt."""
+    numbers = written_numbers(source)
+    found: list[tuple[str, Any]] = []
+
+    def visit(item: Any, where: str) -> None:
+        if isinstance(item, dict):
+            for key, child in item.items():
+                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
+                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
+        elif isinstance(item, list):
+            for n, child in enumerate(item):
+                visit(child, f"{where}[{n}]")
+        elif isinstance(item, bool) or item is None:
+            return
+        elif isinstance(item, (int, float)):
+            if float(item) not in numbers:
+                found.append((where, item))
+        elif isinstance(item, str) and not _occurs(item, source):
+            found.append((where, item))
+
+    visit(value, path)
+    return found
+
+
+def check_grounded(value: Any, source: str) -> None:
+    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
+    step's input (ungrounded_values; at most five are named), telling the model to copy
+    each value exactly from the text."""
+    missing = ungrounded_values(value, source)
+    if missing:
+        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
+                          for where, item in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
+                            "text (use null where the text has none)")
+
+
+def _check_syntax(text: str, language: str) -> str:
+    code = extract_code(text, language)
+    if not code.strip():
+        raise OutputInvalid(f"no {language} code in the output")
+    try:
+        if language == "python":
+            compile(code, "<output>", "exec", dont_inherit=True)
+        elif language == "json":
+            json.loads(code)
+        elif language == "toml":
+            import tomllib
+            tomllib.loads(code)
+    except SyntaxError as exc:
+        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+    return code if code.endswith("\n") else code + "\n"
+
+
+###############################################################################
+# 11. Constrained JSON and degenerate output
+###############################################################################
+
+
+def span_candidates(pieces: list[str]) -> list[str] | None:
+    """Return the spans a grounded answer's string values may be: every run of 1 to
+    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
+    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
+    them holding a quote, a backslash or a control character (see bounded_string), each
+    once, in the order they end in the input (the shorter first). None when the input
+    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
+    enum grows with it (measured in the README, Answers grounded in the text). Words are
+    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    seen: dict[str, None] = {}
+    read = 0
+    for piece in pieces:
+        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
+        for match in re.finditer(r"\S+", piece):
+            read += 1
+            if read > GROUNDED_MAX_SPANS:
+                return None
+            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
+            for start in range(len(words) - 1, -1, -1):
+                span = " ".join(words[start:]).strip(_SPAN_TRIM)
+                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
+                        not re.search(r'["\\\x00-\x1f]', span):
+                    seen[span] = None
+                    if len(seen) > GROUNDED_MAX_SPANS:
+                        return None
+    return list(seen)
+
+
+def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
+    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
+    grounded validation whose input has at most GROUNDED_MAX_SPANS spans; else None (the
+    usual schema is sent; output_schema asks only for a type that sends one). A span that is one of
+    the answer's key names (keys, or a schema's property names; case folded) is left
+    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
+    listing the keys "quantity" and "unit". The check still takes such a value."""
+    if not validation.get("grounded"):
+        return None
+    pieces = [source] if isinstance(source, str) else source
+    spans = span_candidates(pieces)
+    names = {fold_text(name) for name in
+             validation.get("keys") or _property_names(validation.get("schema"))}
+    spans = [span for span in spans or [] if fold_text(span) not in names]
+    if not spans:
+        return None
+    numbers: dict[float, int | float] = {}
+    for text in pieces:
+        for value, number in written_numbers(text).items():
+            numbers.setdefault(value, number)
+    return spans, list(numbers.values())
+
+
+def _property_names(schema: Any) -> set[str]:
+    """The property names a JSON Schema lists, at any depth."""
+    if isinstance(schema, list):
+        return {name for item in schema for name in _property_names(item)}
+    if not isinstance(schema, dict):
+        return set()
+    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
+    return names.union(*(_property_names(child) for key, child in schema.items()
+                         if key not in ("enum", "const")))
+
+
+def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
+    """Return a sent schema (output_schema) with every string it leaves open (a
+    bounded_string) made one of spans, and every number one of numbers, through
+    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
+    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
+    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
+    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
+    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
+    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    def open_number(node: Any) -> bool:
+        return isinstance(node, dict) and set(node) == {"type"} and \
+            node["type"] in ("number", "integer")
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, list):
+            return [swap(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "string" and node.get("pattern") == bounded_string(
+                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
+            return {"$ref": "#/$defs/bridge_span"}
+        if node.get("type") in ("number", "integer") and numbers and not (
+                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
+            if node["type"] == "number":
+                return {"$ref": "#/$defs/bridge_number"}
+            integers = [n for n in numbers if isinstance(n, int)]
+            return {"enum": integers} if integers else node
+        out = {}
+        for key, child in node.items():
+            if key in _SCHEMA_MAPS and isinstance(child, dict):
+                out[key] = {name: swap(sub) for name, sub in child.items()}
+            elif key in ("enum", "const", "required"):
+                out[key] = child
+            elif key in ("anyOf", "oneOf") and isinstance(child, list):
+                alternatives = [swap(sub) for sub in child]
+                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
+            else:
+                out[key] = swap(child)
+        return out
+
+    out = swap(schema)
+    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
+    if numbers:
+        defs["bridge_number"] = {"enum": numbers}
+    return {**out, "$defs": defs}
+
+
+def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
+    """Return the schema of a bounded string value: min_length to max_length characters, none
+    of them a quote, a backslash or a control character. The pattern says so because
+    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
+    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
+    small model fills "" where the sentence has the value (null stays allowed)."""
+    return {"type": "string", "minLength": min_length, "maxLength": max_length,
+            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
+
+
+def bounded_value() -> dict:
+    """Return the schema of a value a plan leaves open: a bounded_string, a number,
+    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
+    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
+    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars},
+                                 "maxItems": JSON_LIST_MAX_ITEMS}]}
+
+
+_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def bounded_schema(schema: Any) -> Any:
+    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
+    a bounded_string for strings (unless the plan sets a length, a pattern, a format
+    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems
+    JSON_LIST_MAX_ITEMS on arrays, additionalProperties false on objects listing their
+    properties, and an open value ({} or an array without items) made a bounded_value.
+    Whatever the plan sets is kept as it is."""
+    if not isinstance(schema, dict):
+        return schema
+    if _is_open(schema):
+        return bounded_value()
+    out = dict(schema)
+    for key in _SCHEMA_CHILDREN:
+        if isinstance(out.get(key), dict):
+            out[key] = bounded_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded_schema(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
+    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    shortest = out.get("minLength", 1)
+    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
+            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
+        out.update(bounded_string(shortest))
+    if "array" in types:
+        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
+        if "items" not in out and "prefixItems" not in out:
+            out["items"] = bounded_value()["anyOf"][-1]["items"]
+    if "object" in types and "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def _is_open(schema: dict) -> bool:
+    """Tell whether a schema says nothing about its value ({} or only annotations)."""
+    annotations = {"title", "description", "default", "examples", "$comment"}
+    return not (set(schema) - annotations)
+
+
+def schema_depth(schema: Any) -> int | None:
+    """Return how deep a JSON value meeting schema can nest ({} and [] count one
+    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
+    an object that takes any other property)."""
+    if schema is True or not isinstance(schema, dict):
+        return None if schema is True or schema is None else 0
+    if "$ref" in schema or _is_open(schema):
+        return None
+    if "const" in schema or "enum" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return 1 if any(isinstance(v, (dict, list)) for v in values) else 0
+    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
+    children += list((schema.get("properties") or {}).values())
+    for key in ("items", "additionalProperties"):
+        if key in schema and schema[key] is not False:
+            children.append(schema[key])
+    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
+        return None                     # any type of value, arrays and objects included
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "object" in types and "additionalProperties" not in schema:
+        return None
+    if "array" in types and "items" not in schema and "prefixItems" not in schema:
+        return None
+    depths = [schema_depth(child) for child in children]
+    if None in depths:
+        return None
+    nested = max(depths, default=0)
+    return nested + 1 if {"object", "array"} & set(types) else nested
+
+
+def grammar_damage(output: str, schema: dict | None) -> str | None:
+    """Tell how a constrained answer that failed its check looks damaged by the
+    grammar, or None when it does not. Asked only of an answer its check refused (not
+    when a command or a write failed).
+
+    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
+    unclosed string), or an object key with a "?" in it where the schema (the one sent)
+    names no such key. These are what a garbling grammar makes (gpt-oss under LM
+    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
+    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
+    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
+    and the model's own mistakes are for the retry to fix."""
+    if "\ufffd" in output:
+        return "it holds U+FFFD replacement characters"
+    try:
+        value = parse_json_output(output)
+    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
+        return "it is not valid JSON"
+    named = set((schema or {}).get("properties") or {})
+    keys = value if isinstance(value, dict) else {}
+    garbled = [key for key in keys if "?" in key and key not in named]
+    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
+
+
+class DegenerationGuard:
+    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
+    server, llama-cpp-python's and LM Studio stop generating when the client
+    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
+    is_connection_closed to the completion; llama_cpp/server/app.py checks
+    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
+    Stopping generation...", lmstudio-ai/.github#10).
+
+    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
+    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
+    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
+    words or more (the same line or phrase over and over); JSON nested deeper than
+    max_depth (the depth its check allows, see checked_depth; None: not checked).
+    text is what was fed.
+    """
+
+    def __init__(self, max_depth: int | None = None):
+        self.max_depth = max_depth
+        self.pieces: list[str] = []
+        self.words: list[str] = []
+        self._partial = ""              # a word not yet ended by whitespace
+        self._space = ""                # the run of whitespace at the end of the text
+        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
+
+    @property
+    def text(self) -> str:
+        """The output fed so far."""
+        return "".join(self.pieces)
+
+    def feed(self, piece: str) -> None:
+        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
+        self.pieces.append(piece)
+        self._whitespace(piece)
+        if self.max_depth is not None:
+            for char in piece:
+                self._nesting(char)
+        self._repeats(piece)
+
+    def _whitespace(self, piece: str) -> None:
+        text = self._space + piece          # a run may have begun in an earlier piece
+        self._space = ""
+        for run in re.finditer(r"\s+", text):
+            newlines = run.group().count("\n")
+            if newlines > DEGENERATE_NEWLINES:
+                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
+            if len(run.group()) > DEGENERATE_WHITESPACE:
+                raise OutputDegenerate(
+                    f"stopped: {len(run.group())} whitespace characters in a row")
+            if run.end() == len(text):
+                self._space = run.group()
+
+    def _nesting(self, char: str) -> None:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+        elif char == '"' and self._json:
+            self._in_string = True
+        elif char in "{[":
+            self._json, self._depth = True, self._depth + 1
+            if self._depth > self.max_depth:    # type: ignore[operator]
+                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
+                                       f"{self.max_depth} its schema allows")
+        elif char in "}]" and self._depth:
+            self._depth -= 1
+
+    def _repeats(self, piece: str) -> None:
+        parts = (self._partial + piece).split()
+        ended = piece[-1:].isspace()
+        self._partial = "" if ended or not parts else parts.pop()
+        for word in parts:
+            self.words.append(word)
+            self._check_tail()
+        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
+
+    def _check_tail(self) -> None:
+        words = self.words
+        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
+            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
+            if len(words) < period * times:
+                return
+            if words[-1] != words[-1 - period]:
+                continue                    # the cheap test first: most words repeat nothing
+            unit = words[-period:]
+            if all(words[-(n + 1) * period:len(words) - n * period] == unit
+                   for n in range(1, times)):
+                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} "
+                                       f"times in a row ({' '.join(unit)[:80]!r})")
+
+
+###############################################################################
+# 12. Validation types
+#
+# One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
+# VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
+# with register_check: its check, its sentence for the prompt, the schema sent for
+# constrained decoding, its answer budget, its plan problems and its depth rule. The
+# plan checks, the trust gate and approval facts, the prompt, the budget and the Runner
+# read the registry through the functions below the classes. A new type is one class
+# here plus its name in the schema's enum (a test keeps the two equal).
+###############################################################################
+
+VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
+
+
+def register_validation(cls: type) -> type:
+    """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
+    under cls.name (the name again replaces the earlier class). Returns cls."""
+    VALIDATION_TYPES[cls.name] = cls()
+    return cls
+
+
+class ValidationType:
+    """One validation type; a subclass overrides what differs.
+
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step
+    sets none (then at most a quarter of a known context: answer_tokens); code and prose
+    keep the general ANSWER_RESERVE_TOKENS. runs_command: the type checks the project by
+    running a program once file_output is written (the Runner runs it, only where the
+    user trusts the project), not the answer. grounded: the type takes "grounded"
+    (check_grounded; the schema's if/then names the same types).
+    """
+
+    __slots__ = ()
+    name = ""
+    max_tokens = ANSWER_RESERVE_TOKENS
+    runs_command = False
+    grounded = False
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        """Return the artifact of an answer (reasoning already taken out); raise
+        OutputInvalid with a message the model can act on. source: the step's input
+        (the pieces build_messages gives as sources, joined)."""
+        raise NotImplementedError
+
+    def describe(self, validation: dict) -> str:
+        """One sentence telling the model what answer is accepted, or ""."""
+        return ""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The JSON Schema sent for constrained decoding, or None (the answer is not JSON)."""
+        return None
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """The problems a schema cannot state, each "<where>...: why". validation is
+        untrusted: it runs on a plan the schema found fault with too."""
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        """How deep an answer that passes can nest, or None (not bounded)."""
+        return None
+
+
+@register_validation
+class NonEmpty(ValidationType):
+    """The default: any answer but an empty one."""
+
+    __slots__ = ()
+    name = "non_empty"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        artifact = extract_code(text)
+        if not artifact.strip():
+            raise OutputInvalid("output is empty" if not text.strip()
+                                else "the fenced block is empty")
+        return artifact
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with the requested content."
+
+
+class JsonAnswer(ValidationType):
+    """An answer that is JSON: parsed once (parse_json_output), checked by check_value,
+    and when "grounded" its values against the step's input (check_grounded); the
+    artifact is the JSON re-serialised. A JSON answer is an object of a few values: a
+    six-key extraction is 40-90 tokens on SmolLM2, so 256 tokens stop a runaway within
+    seconds on a small CPU."""
+
+    __slots__ = ()
+    max_tokens = 256
+    grounded = True
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        value, artifact = _json_artifact(text)
+        self.check_value(value, validation)
+        if validation.get("grounded"):
+            check_grounded(value, source)
+        return artifact
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        """Raise OutputInvalid when the parsed answer does not pass."""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        return {}
+
+
+@register_validation
+class Json(JsonAnswer):
+    """Any JSON value."""
+
+    __slots__ = ()
+    name = "json"
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with valid JSON only, in a ```json fenced block."
+
+
+@register_validation
+class ContainsKeys(JsonAnswer):
+    """A JSON object holding the keys listed."""
+
+    __slots__ = ()
+    name = "contains_keys"
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        if not isinstance(value, dict):
+            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
+        missing = [key for key in validation["keys"] if key not in value]
+        if missing:
+            raise OutputInvalid(f"JSON object lacks the keys {missing}")
+
+    def describe(self, validation: dict) -> str:
+        keys = ", ".join(map(json.dumps, validation.get("keys", [])))
+        return f"Answer with one JSON object that has the keys {keys}, in a ```json fenced block."
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """An object of exactly its keys, each a bounded_value (a scalar or a list of
+        scalars), so a small model puts the sentence's values in the keys instead of
+        nesting objects. Only what is sent is bounded; the check takes any value."""
+        keys = validation["keys"]
+        return {"type": "object", "properties": {key: bounded_value() for key in keys},
+                "required": list(keys), "additionalProperties": False}
+
+
+@register_validation
+class JsonSchema(JsonAnswer):
+    """JSON valid by the plan's own JSON Schema (Draft 2020-12)."""
+
+    __slots__ = ()
+    name = "json_schema"
+    max_tokens = 512        # its objects may nest and list more
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        from jsonschema import Draft202012Validator
+
+        try:
+            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
+                            key=lambda e: list(e.absolute_path))
+        except (RecursionError, MemoryError):
+            raise
+        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
+            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
+            raise OutputInvalid(f"the step's json_schema cannot be applied ({type(exc).__name__}: "
+                                f"{clip(str(exc), 200, 'message')})") from None
+        if errors:
+            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
+                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
+
+    def describe(self, validation: dict) -> str:
+        return ("Answer with JSON matching this JSON Schema, in a ```json fenced block: "
+                + json.dumps(validation.get("schema")))
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The plan's schema with bounds added where it sets none (bounded_schema)."""
+        schema = validation["schema"]
+        return bounded_schema(schema) if isinstance(schema, dict) else {}
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """A schema check_schema refuses; then the schema applied to a few plain values,
+        so a $ref that resolves nowhere or refers to itself without end at the top is a
+        plan problem before anything is sent (deeper ones fail the step: check_value)."""
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        where = f"{where}.schema"
+        try:
+            Draft202012Validator.check_schema(validation["schema"])
+        except SchemaError as exc:
+            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
+        validator = Draft202012Validator(validation["schema"])
+        for probe in (None, {}, [], "", 0):
+            try:
+                for _ in validator.iter_errors(probe):
+                    pass
+            except RecursionError:
+                return [f"{where}: refers to itself without end"]
+            except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
+                return [f"{where}: cannot be applied "
+                        f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        return schema_depth(validation["schema"])
+
+
+@register_validation
+class SyntaxCheck(ValidationType):
+    """Code that parses in its language (python, json, toml)."""
+
+    __slots__ = ()
+    name = "syntax_check"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        return _check_syntax(text, validation.get("language", "python"))
+
+    def describe(self, validation: dict) -> str:
+        language = validation.get("language", "python")
+        return f"Answer with complete {language} code in one ```{language} fenced block."
+
+
+@register_validation
+class Regex(ValidationType):
+    """An answer re.search finds the pattern in."""
+
+    __slots__ = ()
+    name = "regex"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        if not re.search(validation["pattern"], text):
+            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
+        return extract_code(text)
+
+    def describe(self, validation: dict) -> str:
+        return f"Your answer must match the regular expression {validation.get('pattern')!r}."
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        try:
+            re.compile(validation["pattern"])
+        except re.error as exc:
+            return [f"{where}.pattern: not a valid regular expression ({exc})"]
+        return []
+
+
+def shell_words(argv: list[str]) -> str:
+    """Return an argv as a person would type it in a POSIX shell (for messages only;
+    commands never go through a shell)."""
+    import shlex
+
+    return shlex.join(argv)
+
+
+@register_validation
+class Command(ValidationType):
+    """The project's own check (a test, a linter: "run", "timeout_s"), run by the Runner
+    once file_output is written; it passes on exit 0. Never asked to check an answer
+    (answer_checks leaves it out)."""
+
+    __slots__ = ()
+    name = "command"
+    runs_command = True
+
+    def describe(self, validation: dict) -> str:
+        argv = shell_words(validation["run"])
+        return f"It will then be checked by running `{argv}` in the project."
+
+
+class UnknownType(ValidationType):
+    """A type no class is registered for (the plan schema refuses it before a run)."""
+
+    __slots__ = ()
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        raise OutputInvalid(f"unknown validation type {validation.get('type', 'non_empty')!r}")
+
+
+_UNKNOWN_TYPE = UnknownType()
+
+
+def validation_type(validation: dict) -> ValidationType:
+    """The registered class of a validation object (non_empty when it names no type;
+    an UnknownType when none is registered under its type, or its type is no string)."""
+    kind = validation.get("type", "non_empty")
+    return VALIDATION_TYPES.get(kind, _UNKNOWN_TYPE) if isinstance(kind, str) else _UNKNOWN_TYPE
+
+
+def validations_of(validation: dict | list) -> list[dict]:
+    """Return a step's validation as a list: a list as given, an object as [object]."""
+    return list(validation) if isinstance(validation, list) else [validation]
+
+
+def is_command(validation: Any) -> bool:
+    """Tell whether a validation (untrusted: any JSON value) runs a program in the project."""
+    return isinstance(validation, dict) and validation_type(validation).runs_command
+
+
+def _commands_of(step: "Step") -> list[dict]:
+    """The command validations of a step, in order."""
+    return [v for v in validations_of(step.validation) if is_command(v)]
+
+
+def answer_checks(validation: dict | list) -> list[dict]:
+    """The validations that check a step's answer itself, in order: all but its
+    commands (they check the file once written), or [DEFAULT_VALIDATION] when none is left."""
+    return [v for v in validations_of(validation) if not is_command(v)] or [DEFAULT_VALIDATION]
+
+
+def check_output(text: str, validation: dict | list, source: str = "") -> str:
+    """Check a model output against a step's validation; return the artifact.
+
+    text: the output, reasoning taken out (split_reasoning). validation: an object of
+    bridge-plan-schema.json or a list of them, checked in order (answer_checks) up to the
+    first that fails; the artifact is that of the first. source: the step's input, which
+    the values of a "grounded" JSON validation must come from (check_grounded).
+    Raises OutputInvalid with a message the model can act on.
+    """
+    artifacts = [_check_one(text, check, source) for check in answer_checks(validation)]
+    return artifacts[0]
+
+
+def _check_one(text: str, validation: dict, source: str) -> str:
+    try:
+        return validation_type(validation).check(text, validation, source)
+    except (RecursionError, MemoryError) as exc:
+        # json, tomllib, compile() and jsonschema recurse per nesting level
+        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+
+
+def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
+    """Return the JSON Schema sent for constrained decoding of a step's output: that of
+    its first validation whose type sends one (ValidationType.output_schema), else None.
+    Only what is sent is bounded: check_output still applies the plan's own validation.
+
+    source: the step's input (the pieces build_messages gives as sources). A "grounded"
+    step whose input has few enough spans (grounded_spans) gets span_schema instead: its
+    string values can only be copied from the input.
+    """
+    if isinstance(validation, list):
+        return next((schema for item in validation
+                     if (schema := output_schema(item, source)) is not None), None)
+    kind = validation_type(validation)
+    usual = kind.output_schema(validation)
+    if source is not None and usual and kind.grounded and \
+            (spans := grounded_spans(validation, source)) is not None:
+        return span_schema(usual, *spans)
+    return usual
+
+
+def checked_depth(validation: dict | list) -> int | None:
+    """Return how deep the output of a step can nest and still pass its check: the depth
+    rule of its first validation that sends a schema (a json_schema's own schema), else
+    None (not bounded: a contains_keys value may be anything, though the schema sent
+    bounds it)."""
+    first = next((v for v in validations_of(validation)
+                  if validation_type(v).output_schema(v) is not None), None)
+    return validation_type(first).depth(first) if first else None
+
+
+def describe_validation(validation: dict | list) -> str:
+    """Return one sentence telling the model what form of answer will be accepted
+    (for a list, one per check, in order)."""
+    if isinstance(validation, list):
+        return " ".join(filter(None, (describe_validation(item) for item in validation)))
+    return validation_type(validation).describe(validation)
+
+
+def validation_problems(validation: Any, where: str) -> list[str]:
+    """The problems of a step's validation (untrusted: any JSON value) the schema cannot
+    state: of one object, or of each object of a list; where: its JSON path."""
+    items = validation if isinstance(validation, list) else [validation]
+    return [problem for k, item in enumerate(items) if isinstance(item, dict)
+            for problem in validation_type(item).problems(
+                item, f"{where}[{k}]" if isinstance(validation, list) else where)]
+
+
+def default_max_tokens(validation: dict | list) -> int:
+    """The max_tokens of an answer whose step sets none: the largest of its answer
+    checks' types (ValidationType.max_tokens), before the context caps it."""
+    return max(validation_type(v).max_tokens for v in answer_checks(validation))
+
+
+###############################################################################
+# 13. Plans
 ###############################################################################
 
 
@@ -2929,104 +4145,6 @@ def _unknown_key_problems(error: Any) -> list[str]:
     return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
-def schema_message(error: Any) -> str:
-    """Return a jsonschema error's message on one line, with a long offending value
-    described by its size instead of printed, so the reason always shows."""
-    message, shown = error.message, repr(error.instance)
-    if len(shown) > 80:
-        value = error.instance
-        if isinstance(value, (list, dict, str)):
-            kind = {list: "a list of {} items", dict: "an object of {} keys",
-                    str: "a string of {} characters"}[type(value)]
-            message = message.replace(shown, kind.format(len(value)))
-        else:
-            message = message.replace(shown, shown[:60] + "…")
-    return clip(" ".join(message.split()), 300, "message")
-
-
-def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
-
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
-    """
-    plan_path_parts(rel)
-    _check_name_lengths(project, rel)
-    try:
-        root = project.resolve()
-        target = (project / rel).resolve()
-    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
-        raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
-    if not target.is_relative_to(root):
-        raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
-    return project / rel
-
-
-# A file bridge writes is first written as .NAME.XXXXXXXX.bridge-tmp beside it (atomic_write)
-TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX") + len(".bridge-tmp")
-
-
-def _check_name_lengths(project: Path, rel: str) -> None:
-    """Refuse a plan path the filesystem cannot hold: a folder name longer than
-    NAME_MAX bytes, a file name that leaves no room for its temp file's
-    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
-    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
-    def limit(name: str, default: int) -> int:
-        try:
-            return os.pathconf(project, name)
-        except (OSError, ValueError):
-            return default
-
-    name_max = limit("PC_NAME_MAX", NAME_MAX_BYTES)
-    parts = [part for part in rel.replace("\\", "/").split("/") if part]
-    shown = rel if len(rel) <= 60 else rel[:40] + "…"
-    for n, part in enumerate(parts):
-        room = name_max - (TEMP_NAME_EXTRA_BYTES if n == len(parts) - 1 else 0)
-        if len(part.encode("utf-8", "surrogatepass")) > room:
-            raise PathError(f"path {shown!r} has a name of {len(part.encode('utf-8', 'surrogatepass'))} bytes; "
-                            f"names here hold at most {room} bytes (file names keep "
-                            f"{TEMP_NAME_EXTRA_BYTES} for bridge's temp file)")
-    path_max = limit("PC_PATH_MAX", PATH_MAX_BYTES)
-    whole = len(os.fsencode(str(project.absolute()))) + 1 + len(rel.encode("utf-8", "surrogatepass"))
-    if whole + TEMP_NAME_EXTRA_BYTES > path_max:
-        raise PathError(f"path {shown!r} is {whole} bytes long in {project}; paths here hold at most "
-                        f"{path_max - TEMP_NAME_EXTRA_BYTES} bytes")
-
-
-def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
-    try:
-        with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
-            data = handle.read(LOAD_FILE_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise PathError(f"LOAD file {rel!r} cannot be read ({exc.strerror or exc})") from exc
-    if b"\x00" in data:
-        raise PathError(f"LOAD file {rel!r} is binary; name it as REFERENCE instead")
-    cut = len(data) > LOAD_FILE_MAX_BYTES
-    data = data[:LOAD_FILE_MAX_BYTES]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not (cut and exc.start >= len(data) - 3):   # only a character split by the cut is fine
-            raise PathError(f"LOAD file {rel!r} is not UTF-8 text (byte {exc.start}); "
-                            "name it as REFERENCE instead") from exc
-        text = data[:exc.start].decode("utf-8")
-    if cut:
-        text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
-    return text
-
-
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The rules a schema cannot state. They run on a plan the schema found fault
     with too, skipping whatever part is malformed (the schema already said so)."""
@@ -3048,7 +4166,7 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
             elif dep not in known:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
-        problems += _validations_problems(step.get("validation"), f"$.steps[{n}].validation")
+        problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
@@ -3058,180 +4176,6 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         cycle = " -> ".join(str(i) for i in exc.args[1])
         problems.append(f"$.steps: dependency cycle {cycle}")
     return problems + _path_problems(plan, guard)
-
-
-def _validations_problems(validation: Any, where: str) -> list[str]:
-    """The semantic problems of a step's validation: one object, or each of a list."""
-    if isinstance(validation, dict):
-        return _validation_problems(validation, where)
-    if isinstance(validation, list):
-        return [problem for k, item in enumerate(validation) if isinstance(item, dict)
-                for problem in _validation_problems(item, f"{where}[{k}]")]
-    return []
-
-
-def _validation_problems(validation: dict, where: str) -> list[str]:
-    if validation.get("type") == "regex":
-        try:
-            re.compile(validation["pattern"])
-        except re.error as exc:
-            return [f"{where}.pattern: not a valid regular expression ({exc})"]
-    if validation.get("type") == "json_schema":
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}.schema: not a valid JSON Schema ({schema_message(exc)})"]
-        return _schema_use_problems(validation["schema"], f"{where}.schema")
-    return []
-
-
-def _schema_use_problems(schema: Any, where: str) -> list[str]:
-    """Apply a step's schema (valid by check_schema) to a few plain values, so a
-    $ref that resolves nowhere or refers to itself without end at the top is a plan
-    problem before anything is sent; deeper ones fail the step (check_output)."""
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema)
-    for probe in (None, {}, [], "", 0):
-        try:
-            for _ in validator.iter_errors(probe):
-                pass
-        except RecursionError:
-            return [f"{where}: refers to itself without end"]
-        except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
-            return [f"{where}: cannot be applied ({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
-    return []
-
-
-# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
-# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
-# under it (a/b/ names the two folders in a row); else it is matched against the
-# file's name, or, with a "/", against the last components of its path. Patterns are
-# shell globs, any case. The README's table is this one.
-SECRET_LOAD_TABLE = (
-    (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
-    (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
-    (".config/gcloud/", "Google Cloud CLI credentials"), (".oci/", "Oracle Cloud keys"),
-    (".config/doctl/", "DigitalOcean CLI token"), (".config/gh/", "GitHub CLI token"),
-    (".config/hub", "hub's GitHub token"), (".kube/", "Kubernetes cluster credentials"),
-    (".docker/", "registry logins (config.json)"), (".terraform.d/", "Terraform Cloud tokens"),
-    (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
-    *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
-      for folder in VCS_FOLDERS),
-    ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"),
-    ("*.ppk", "PuTTY private key"),
-    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
-    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"),
-    (".envrc", "direnv secrets"),
-    (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
-    (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
-    (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
-    (".pypirc", "PyPI token"), ("pip.conf", "index URL with a password"),
-    (".gem/credentials", "RubyGems key"), (".cargo/credentials", "crates.io token"),
-    (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
-    (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
-    (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
-    ("terraform.rc", "Terraform tokens"),
-    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
-    ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
-    (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
-    ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
-    ("credentials.*.json", "credentials"), ("client_secret*.json", "OAuth client secret"),
-    ("*service-account*.json", "service-account key"), ("secrets.toml", "app secrets (Streamlit)"),
-    ("secrets.json", "app secrets"), ("secrets.yml", "app secrets"),
-    ("secrets.yaml", "app secrets"),
-)
-# Names LOAD reads although a row above matches: public keys and samples of secret files
-SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
-# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
-# the name is checked again without it.
-_BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
-
-
-def _secret_row(parts: list[str]) -> tuple[str, str] | None:
-    """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
-    from fnmatch import fnmatchcase
-
-    parts = [part.casefold() for part in parts]
-    folders, name = parts[:-1], parts[-1]
-    names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
-    if name.startswith("id_") and "." not in re.sub(_BACKUP_SUFFIX, "", name):
-        return "id_*", "SSH private key (id_*.pub is public)"
-    for pattern, holds in SECRET_LOAD_TABLE:
-        seq = pattern.rstrip("/").casefold().split("/")
-        if pattern.endswith("/"):
-            if any(folders[i:i + len(seq)] == seq for i in range(len(folders) - len(seq) + 1)):
-                return pattern, holds
-            continue
-        if pattern == "id_*":       # only a name with no dot: id_rsa, not id_generator.py
-            continue
-        if any(any(fnmatchcase(n, sample) for sample in SECRET_LOAD_SAMPLES) for n in names):
-            continue
-        last_folders = folders[len(folders) - len(seq) + 1:]
-        head = [fnmatchcase(part, glob) for part, glob in zip(last_folders, seq)]
-        if len(seq) <= len(parts) and all(head) and any(fnmatchcase(n, seq[-1]) for n in names):
-            return pattern, holds
-    return None
-
-
-def secret_file_reason(rel: str) -> str | None:
-    """Return why a LOAD path looks like a private key or a secret store, or None.
-
-    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
-    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
-    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
-    Their text would go to the model, into the result memory and the run logs.
-    """
-    from pathlib import PurePosixPath
-
-    parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
-    row = _secret_row(parts) if parts else None
-    if row is None:
-        return None
-    pattern, holds = row
-    if pattern.endswith("/"):
-        return (f"LOAD file {rel!r} is in {pattern} ({holds}), which holds secrets; bridge "
-                "does not send it to a model")
-    return (f"LOAD file {rel!r} looks like a private key or secret store ({pattern}: {holds}); "
-            "bridge does not send it to a model (name it as REFERENCE, or give the model what it "
-            "needs another way)")
-
-
-
-def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
-    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
-    secret_file_reason of the path as the plan wrote it, as it lies in the real project
-    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
-    None when it may. The one rule for validation and for what approval shows."""
-    real = _realpath(path)
-    inside = os.path.relpath(real, _realpath(project))
-    return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(real)
-
-def _output_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (forbidden_target_reason, or a symlink on its way
-    that the write would refuse), or None."""
-    from pathlib import PurePosixPath
-
-    reason = forbidden_target_reason(project, rel, guard)
-    if reason:
-        return reason
-    path = project
-    for part in PurePosixPath(rel).parts:
-        path = path / part
-        try:
-            kind = os.lstat(path).st_mode
-        except OSError:
-            return None
-        if stat.S_ISLNK(kind):
-            return (f"path {rel!r} goes through the symlink {part!r}; bridge writes only through real "
-                    "folders of the project")
-    if not stat.S_ISREG(kind):
-        return f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files"
-    return None
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
@@ -3276,18 +4220,7 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         except (PathError, IsADirectoryError) as exc:
             problems.append(f"$.context.files_context[{rel!r}]: {exc}")
     for rel, n in outputs.items():
-        if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
-            problems.append(f"$.steps[{n}].file_output: {rel!r} names a folder, not a file; "
-                            "give the file's name (e.g. newdir/notes.md)")
-            continue
-        try:
-            path = resolve_inside(project, rel)
-        except PathError as exc:
-            problems.append(f"$.steps[{n}].file_output: {exc}")
-            continue
-        if path.is_dir():
-            problems.append(f"$.steps[{n}].file_output: {rel!r} is a folder")
-        elif reason := _output_problem(project, rel, guard):
+        if reason := output_path_problem(project, rel, guard):
             problems.append(f"$.steps[{n}].file_output: {reason}")
     return problems
 
@@ -3300,7 +4233,7 @@ def _command_paths(plan: dict) -> list[str]:
         validation = step.get("validation") if isinstance(step, dict) else None
         items = validation if isinstance(validation, list) else [validation]
         paths += [f"$.steps[{n}].validation" + (f"[{k}]" if isinstance(validation, list) else "")
-                  for k, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "command"]
+                  for k, item in enumerate(items) if is_command(item)]
     return paths
 
 
@@ -3350,17 +4283,6 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     return _build_plan(plan)
 
 
-def same_file_path(rel: str) -> str:
-    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
-    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
-    locking, journaling and reporting agree on one name. rel is a path
-    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
-    try:
-        return "/".join(plan_path_parts(rel))
-    except PathError:
-        return rel
-
-
 def _build_plan(plan: dict) -> Plan:
     from pathlib import Path
 
@@ -3402,19 +4324,12 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 10. Trust: projects, approvals, executors
+# 14. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
 # plan or the store says can widen it.
 ###############################################################################
-
-
-def real_path(path: str | Path) -> Path:
-    """Return path with symlinks and `..` resolved (os.path.realpath; need not exist)."""
-    from pathlib import Path
-
-    return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
 PROJECT_NAME_MAX_CHARS = 100         # a longer detected name is cut (it becomes a tag)
@@ -3436,16 +4351,10 @@ def project_name(folder: Path) -> str:
 
     def read(name: str) -> str | None:
         try:
-            fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with open_regular(folder / name) as handle:
+                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
         except OSError:
             return None
-        with open(fd, "rb") as handle:
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None
-                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
-            except OSError:
-                return None
 
     name = None
     if (text := read("package.json")) is not None:
@@ -3472,31 +4381,6 @@ def project_name(folder: Path) -> str:
         name = folder.name
     name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
     return name[:PROJECT_NAME_MAX_CHARS] or folder.name
-
-
-def untrustable_reason(config: Config, folder: Path) -> str | None:
-    """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself or a folder holding
-    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir, or inside one of those two.
-    A plan working there could replace the store, its own journals or the trust file."""
-    if folder == folder.parent:
-        return "it is the filesystem root"
-    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
-        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
-    if config.home is not None and folder == real_path(config.home):
-        return "it is your home folder itself (trust a project folder inside it)"
-    if config.home is not None and real_path(config.home).is_relative_to(folder):
-        return f"it holds your home folder {real_path(config.home)}"
-    held = [("the memory store", p) for p in config.db_paths] + [
-        ("bridge's state folder", config.state_dir), ("bridge's trust and approvals folder", config.config_dir)]
-    for what, path in held:
-        real = real_path(path)
-        if real == folder or real.is_relative_to(folder):
-            return f"it holds {what} {real}"
-        if folder.is_relative_to(real):
-            return f"it is inside {what} {real}"
-    return None
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -3548,8 +4432,7 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+        document = read_json_file(path, follow_symlinks=True)
     except FileNotFoundError:
         return kind()
     except (OSError, ValueError) as exc:
@@ -3561,24 +4444,11 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
 
 
 def write_config_file(path: Path, document: dict) -> None:
-    """Write one of bridge's config files atomically: JSON in a 0600 file (mkstemp),
-    fsynced, renamed over the old one, in a 0700 folder. Raises ConfigError on OSError."""
-    import tempfile
-
+    """Write one of bridge's config files (write_json_file: atomic, 0600, fsynced) in a
+    folder made private (0700). Raises ConfigError on OSError."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(document, indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with _suppress(OSError):
-                os.unlink(temp)
-            raise
+        private_dir(path.parent, tighten=True)
+        write_json_file(path, document, indent=2)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}",
                           "check that folder's permissions") from exc
@@ -3703,7 +4573,7 @@ def _run_facts(plan: Plan) -> list[dict]:
         items = step.validation if isinstance(step.validation, list) else [step.validation]
         facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
                    "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
-                  for v in items if isinstance(v, dict) and v.get("type") == "command"]
+                  for v in items if is_command(v)]
     if plan.verify:
         facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
                       "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
@@ -3730,7 +4600,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 11. Model servers: errors, streams, retries
+# 15. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -3754,6 +4624,22 @@ class Completion(namedtuple("Completion", "text usage model finish_reason durati
     __slots__ = ()
 
 
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
 def reasoning_delta(delta: Any) -> str:
     """Return the reasoning text of one chat-completion delta (or message), "" if none.
 
@@ -3771,17 +4657,23 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """What one reply has used of its bound, as it streams: answer and reasoning
-    (thinking) text alike count against limit (bytes of UTF-8: --max-output-bytes).
-    answer_bytes, reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces
-    taken: about one token each on a streaming server). Every executor that reads
-    thinking (the SSE stream's reasoning fields, Ollama's message.thinking) counts
-    it with add_reasoning. Raises LLMProtocolError past limit, naming which part
-    ran over."""
+    """One reply as it streams, whichever executor reads it (the SSE stream, Ollama's
+    NDJSON, Anthropic's events, the claude CLI's): take() counts each piece against
+    limit (bytes of UTF-8: --max-output-bytes; answer and thinking alike), keeps it and
+    hands it to the request's on_delta or on_reasoning (a ChatRequest, or None).
+    received: the answer's pieces, "" for a piece of thinking (so a request is never
+    resent once output has streamed); thought: the thinking. answer_bytes,
+    reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces taken: about one
+    token each). started: time.monotonic() when the reply was asked for. Raises
+    LLMProtocolError past limit, naming which part ran over."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, request: "ChatRequest | None" = None):
+        self.limit, self.started = limit, time.monotonic()
+        self.on_delta = request.on_delta if request else None
+        self.on_reasoning = request.on_reasoning if request else None
         self.answer_bytes = self.reasoning_bytes = self.answer_pieces = self.reasoning_pieces = 0
+        self.received: list[str] = []
+        self.thought: list[str] = []
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
@@ -3803,23 +4695,32 @@ class OutputTally:
         self.reasoning_bytes = size - self.answer_bytes
         self.reasoning_pieces += 1
 
-    def take(self, answer: str, reasoning: str, received: list[str], thought: list[str],
-             on_delta: "Callable[[str], None] | None",
-             on_reasoning: "Callable[[str], None] | None") -> None:
+    def take(self, answer: str, reasoning: str = "") -> None:
         """Take one streamed piece of a reply, its thinking first: count each, keep it
-        (received: the answer's pieces, "" for thinking, so the request is not resent
-        once output has streamed; thought: the thinking) and hand it on."""
+        and hand it on."""
         if reasoning:
             self.add_reasoning(reasoning)
-            thought.append(reasoning)
-            received.append("")
-            if on_reasoning:
-                on_reasoning(reasoning)
+            self.thought.append(reasoning)
+            self.received.append("")
+            if self.on_reasoning:
+                self.on_reasoning(reasoning)
         if answer:
             self.add_answer(answer)
-            received.append(answer)
-            if on_delta:
-                on_delta(answer)
+            self.received.append(answer)
+            if self.on_delta:
+                self.on_delta(answer)
+
+    @property
+    def chars(self) -> int:
+        """Characters of answer received so far."""
+        return sum(map(len, self.received))
+
+    def completion(self, usage: dict | None, model: str | None, finish: str | None,
+                   cost_usd: float | None = 0.0) -> Completion:
+        """Return the Completion of what was taken (see Completion for the fields)."""
+        return Completion("".join(self.received), usage, model, finish,
+                          time.monotonic() - self.started, cost_usd, "".join(self.thought),
+                          self.reasoning_pieces)
 
 
 def _error_message(body: bytes) -> str:
@@ -4174,8 +5075,11 @@ class HTTPExecutor:
     same signature and returns a Completion.
     """
 
+    key: str | None = None      # the secret its headers carry, never shown (_scrub)
+
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
-                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[str], None] | None = None):
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
         import httpx
 
         self.config = config
@@ -4229,7 +5133,16 @@ class HTTPExecutor:
 
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
-        return text
+        return text.replace(self.key, "[the key]") if self.key else text
+
+    def _stream_error(self, url: str, data: str) -> LLMError:
+        """Return the error a server reported inside a 200 stream (an SSE "error" event, an
+        NDJSON {"error"} line): its message (_error_message), scrubbed of the key, as
+        LLMServerUnusable when it is about the server (_raise_fault), else LLMHTTPError."""
+        message = self._scrub(_error_message(data.encode()))
+        self._raise_fault(url, 500, message)
+        return LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                            context_overflow=_is_context_overflow(message))
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         """Raise LLMServerUnusable when an HTTP error is about the server, not the request
@@ -4239,19 +5152,17 @@ class HTTPExecutor:
         """Return the error a request raises once its retries are spent on exc."""
         return exc
 
-    def _send_with_retries(self, payload: dict, timeout_s: float | None,
-                           on_delta: Callable[[str], None] | None,
-                           on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _send_with_retries(self, payload: dict, request: ChatRequest) -> Completion:
         started = time.monotonic()
         deadline = started + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
-            received: list[str] = []
+            tally = OutputTally(self.config.max_output_bytes, request)
             try:
-                return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
+                return self._stream_once(payload, request.timeout_s, tally)
             except LLMError as exc:
-                if exc.transient and not received and retry == self.config.retries:
+                if exc.transient and not tally.received and retry == self.config.retries:
                     raise self._gave_up(exc, started, retry) from exc
-                if not exc.transient or received or retry == self.config.retries \
+                if not exc.transient or tally.received or retry == self.config.retries \
                         or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
                     raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
@@ -4290,12 +5201,13 @@ class HTTPExecutor:
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
-                     on_delta: Callable[[str], None] | None, received: list[str],
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+                     tally: OutputTally) -> Completion:
+        """POST payload once; read the reply into tally (_parse). timeout_s: the step's
+        (ChatRequest.timeout_s). Raises LLMError."""
         import httpx
 
         url = f"{self.base_url}{self.CHAT_PATH}"
-        started = time.monotonic()
+        started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
         if timeout_s is not None:   # a plan only narrows: --timeout per read, the default deadline
             read_s = narrowed(timeout_s, self.config.timeout_s)
@@ -4315,9 +5227,7 @@ class HTTPExecutor:
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
-                # only LLMClient's _parse takes on_reasoning
-                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}
-                return self._parse(response, url, started, on_delta, received, **hooks)
+                return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
             if timeout_s is not None and narrowed(timeout_s, self.config.timeout_s) >= deadline_s \
@@ -4327,16 +5237,17 @@ class HTTPExecutor:
                 error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
                                     f"({type(exc).__name__}); not retried",
                                     "raise the step's timeout_s, or check what keeps the server")
-            if received:    # the server was reached: say how the stream ended, not "cannot reach"
+            if tally.received:  # the server was reached: say how the stream ended
                 stalled = isinstance(error, LLMTimeout)
                 why = error if stalled else str(exc) or type(exc).__name__
-                error = LLMProtocolError(f"the stream from {url} {'stalled' if stalled else 'ended early'} "
-                                         f"after {sum(map(len, received))} characters ({why})")
+                error = LLMProtocolError(f"the stream from {url} "
+                                         f"{'stalled' if stalled else 'ended early'} "
+                                         f"after {tally.chars} characters ({why})")
             raise error from exc
 
 
 ###############################################################################
-# 12. LLM client: OpenAI-compatible servers
+# 16. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -4354,7 +5265,7 @@ class LLMClient(HTTPExecutor):
                  on_retry: Callable[[str], None] | None = None):
         # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
         # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
-        key = config.api_key
+        self.key = key = config.api_key
         super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
                          headers={"Authorization": f"Bearer {key}"} if key else None)
         # index into RESPONSE_FORMS of the first form this server has not refused
@@ -4367,10 +5278,6 @@ class LLMClient(HTTPExecutor):
         self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
         # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
         self.unconstrained: dict[str, str] = {}
-
-    def _scrub(self, text: str) -> str:
-        key = self.config.api_key
-        return text.replace(key, "[the key]") if key else text
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         fault = server_fault(status, message, bool(self.config.api_key))
@@ -4676,40 +5583,30 @@ class LLMClient(HTTPExecutor):
         its constrained output garbled (why says how). The answer is still checked."""
         self.unconstrained.setdefault(model, why)
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None,
-             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None,
-             thinking: str | None = None,
-             on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
-        is called with each piece of streamed text. timeout_s overrides the
-        client's timeout (seconds) for this request. json_schema: ask for JSON
-        constrained by this schema (see RESPONSE_FORMS); a form the server refuses
-        is dropped for the rest of this client's life and the request is resent at
-        once, without counting as a retry. sampling: more sampling fields (seed,
-        repeat_penalty, dry_multiplier), sent as accepted_sampling says; a server
-        refusing one (HTTP 400/422 naming it) gets none of the extras again, and the
-        request is resent at once. Transient failures are retried as the class
-        says, unless output had already streamed. thinking "off" asks the server
-        not to think (thinking_fields; a field it refuses, HTTP 400/422 naming it,
-        is dropped for this client's life and the request resent at once); "on" or
-        None sends nothing. Reasoning deltas go to on_reasoning (reasoning_delta).
-        A model given to drop_constraint goes without response_format. Raises
-        LLMError (never an httpx exception) when the request finally fails.
+        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
+        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
+        a form the server refuses is dropped for the rest of this client's life and the
+        request is resent at once, without counting as a retry. Its sampling is sent as
+        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
+        none of the extras again, and the request is resent at once. Transient failures
+        are retried as the class says, unless output had already streamed. thinking
+        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
+        400/422 naming it, is dropped for this client's life and the request resent at
+        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
+        drop_constraint goes without response_format. Raises LLMError (never an httpx
+        exception) when the request finally fails.
         """
         if self.native:
-            return self._chat_native(messages, model, temperature, max_tokens, timeout_s,
-                                     json_schema, on_delta, sampling or {}, thinking, on_reasoning)
+            return self._chat_native(messages, request)
+        model, json_schema, thinking = request.model, request.json_schema, request.thinking
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
-        if temperature is not None:
-            payload["temperature"] = temperature
-        if max_tokens is not None:
-            payload["max_tokens"] = max_tokens
-        payload.update(self.accepted_sampling(sampling or {}))
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        payload.update(self.accepted_sampling(request.sampling or {}))
         if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
             first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
             self.structured_level = max(self.structured_level, first)
@@ -4724,11 +5621,11 @@ class LLMClient(HTTPExecutor):
             else:
                 payload["response_format"] = form(json_schema)
             try:
-                reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+                reply = self._send_with_retries(payload, request)
                 return reply._replace(response_format=form and payload["response_format"]["type"])
             except LLMProtocolError as exc:
                 if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
-                    self._overflow_check(payload, timeout_s)
+                    self._overflow_check(payload, request.timeout_s)
                 raise
             except LLMHTTPError as exc:
                 if thinking == "off" and self._thinking_refused(exc, payload):
@@ -4757,7 +5654,7 @@ class LLMClient(HTTPExecutor):
         once.update(stream=False, max_tokens=1)
         for _ in range(2):      # the cut stream's connection may be closed: again on a new one
             try:
-                self._stream_once(once, timeout_s, None, [])
+                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
             except LLMUnavailable:
                 continue
             except LLMHTTPError as exc:
@@ -4767,43 +5664,36 @@ class LLMClient(HTTPExecutor):
                 pass
             return
 
-    def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
-                     max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
-                     on_delta: Callable[[str], None] | None, sampling: dict,
-                     thinking: str | None = None,
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
         options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
         structured output through `format` (a JSON schema), and thinking "off" as
         think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
         options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
-        if temperature is not None:
-            options["temperature"] = temperature
-        if max_tokens is not None:
-            options["num_predict"] = max_tokens
+        sampling, model = request.sampling or {}, request.model
+        if sampling.get("temperature") is not None:
+            options["temperature"] = sampling["temperature"]
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
         options.update({k: v for k, v in self.accepted_sampling(sampling).items()
                         if k not in ("temperature", "max_tokens")})
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "options": options}
-        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
+        if request.json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
                 and model not in self.unconstrained:      # drop_constraint: not for this model
-            payload["format"] = json_schema
-        if thinking == "off":
+            payload["format"] = request.json_schema
+        if request.thinking == "off":
             payload["think"] = False
-        reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+        reply = self._send_with_retries(payload, request)
         return reply._replace(response_format="format" if "format" in payload else None)
 
-    def _parse_ndjson(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
         false} lines, then done: true with done_reason, prompt_eval_count and eval_count
         (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
-        limit = self.config.max_output_bytes
-        tally, model, finish, usage = OutputTally(limit), None, None, None
-        thought: list[str] = []
-        for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        model = finish = usage = None
+        for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 chunk = load_reply(line)
             except ValueError as exc:
@@ -4812,15 +5702,12 @@ class LLMClient(HTTPExecutor):
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
-                message = self._scrub(_error_message(line.encode()))
-                self._raise_fault(url, 500, message)
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, line)
             model = reply_label(chunk.get("model")) or model
             message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
             piece = reply_text(message.get("content"), "a line's message content", url)
             thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
-            tally.take(piece, thinking, received, thought, on_delta, on_reasoning)
+            tally.take(piece, thinking)
             if chunk.get("done") is True:
                 finish = reply_label(chunk.get("done_reason")) or "stop"
                 usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
@@ -4828,9 +5715,8 @@ class LLMClient(HTTPExecutor):
                 break
         if finish is None:
             raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{sum(map(len, received))} characters and no done line")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started,
-                          0.0, "".join(thought), tally.reasoning_pieces)
+                                   f"{tally.chars} characters and no done line")
+        return tally.completion(usage, model, finish)
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -4853,17 +5739,16 @@ class LLMClient(HTTPExecutor):
             payload.pop(key)
         return True
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str],
-               on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a 200 reply: Ollama's NDJSON, an SSE stream, or a whole chat.completion."""
         if self.native:
-            return self._parse_ndjson(response, url, started, on_delta, received, on_reasoning)
+            return self._parse_ndjson(response, url, tally)
         if "text/event-stream" not in response.headers.get("content-type", ""):
-            return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
-                                     url, started)
-        return self._parse_stream(response, url, started, on_delta, received, on_reasoning)
+            body = response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES)
+            return self._parse_whole(body, url, tally)
+        return self._parse_stream(response, url, tally)
 
-    def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
+    def _parse_whole(self, body: bytes, url: str, tally: OutputTally) -> Completion:
         """Read a non-streamed chat.completion body (servers that ignore stream); the
         body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
         text must fit --max-output-bytes as a stream's must."""
@@ -4875,26 +5760,24 @@ class LLMClient(HTTPExecutor):
                 raise TypeError("content is not a string")
             reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
-                                   f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
-        tally = OutputTally(self.config.max_output_bytes)
+            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat "
+                                   f"completion: {clip(body.decode('utf-8', 'replace'), 120, 'body')}"
+                                   ) from exc
         if reasoning:
             tally.add_reasoning(reasoning)
         tally.add_answer(text)
         return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
-                          reply_label(choice.get("finish_reason")), time.monotonic() - started, 0.0,
-                          reasoning, int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
+                          reply_label(choice.get("finish_reason")),
+                          time.monotonic() - tally.started, 0.0, reasoning,
+                          int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
-    def _parse_stream(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_stream(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read an SSE chat.completion.chunk stream to its end and return the Completion.
         Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
         and given to on_reasoning, never to on_delta or the text."""
-        limit = self.config.max_output_bytes
         usage = model = finish = None
-        done, tally, thought = False, OutputTally(limit), []
-        events = _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES)
+        done = False
+        events = _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES)
         for event, data in events:
             if data.strip() == "[DONE]":
                 done = True
@@ -4908,9 +5791,7 @@ class LLMClient(HTTPExecutor):
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
                                        f"{clip(data, 120, 'event')}") from exc
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a chunk that is not an object")
             usage = _usage(chunk.get("usage")) or usage
@@ -4919,21 +5800,20 @@ class LLMClient(HTTPExecutor):
             if choice is not None:
                 delta, finish = choice[0], choice[1] or finish
                 piece = reply_text(delta.get("content"), "a chunk's delta content", url)
-                tally.take(piece, reasoning_delta(delta), received, thought, on_delta, on_reasoning)
+                tally.take(piece, reasoning_delta(delta))
         if not done and finish is None:
             error = LLMProtocolError(f"the stream from {url} ended early, after "
-                                     f"{sum(map(len, received))} characters and no finish_reason")
-            error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
+                                     f"{tally.chars} characters and no finish_reason")
+            error.silent_end = not tally.received   # llama-cpp-python's overflow looks so (chat)
             raise error
         if finish is None and self.server_kind == "llama-cpp-python":
             raise LLMContention(f"llama-cpp-python ended the stream from {url} after "
-                                f"{sum(map(len, received))} characters to serve another request",
+                                f"{tally.chars} characters to serve another request",
                                 "start it with --interrupt_requests False so requests queue")
-        if not received and not thought and finish is None:
+        if not tally.received and not tally.thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started, 0.0,
-                          "".join(thought), tally.reasoning_pieces)
+        return tally.completion(usage, model, finish)
 
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
@@ -4966,7 +5846,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 13. Other executors: the Anthropic API and the claude CLI
+# 17. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -5010,39 +5890,39 @@ class AnthropicClient(HTTPExecutor):
         if not config.anthropic_api_key:
             raise LLMError("no Anthropic API key for an anthropic: model",
                            "set ANTHROPIC_API_KEY (a gateway or LM Studio take any value)")
+        self.key = key = config.anthropic_api_key
         super().__init__(config, config.anthropic_base_url, sleep=sleep, on_retry=on_retry,
-                         headers={"x-api-key": config.anthropic_api_key, "anthropic-version": "2023-06-01"})
+                         headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Send one Messages request, streamed; see the class. json_schema is not
-        sent (the output is validated by bridge all the same)."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Send one Messages request, streamed; see the class. Of request.sampling only
+        temperature is sent; json_schema and thinking are not (the output is validated
+        by bridge all the same)."""
         payload: dict[str, Any] = {
-            "model": model, "max_tokens": max_tokens or self.DEFAULT_MAX_TOKENS, "stream": True,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]}
+            "model": request.model, "max_tokens": request.max_tokens or self.DEFAULT_MAX_TOKENS,
+            "stream": True, "messages": [{"role": m["role"], "content": m["content"]}
+                                         for m in messages if m["role"] != "system"]}
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         if system:
             payload["system"] = system
+        temperature = (request.sampling or {}).get("temperature")
         if temperature is not None:
             payload["temperature"] = temperature
-        return self._send_with_retries(payload, timeout_s, on_delta)
+        return self._send_with_retries(payload, request)
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str]) -> Completion:
-        limit = self.config.max_output_bytes
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a Messages event stream (see the class) into tally."""
         prompt = completion = model = stop = None
-        size, done = 0, False
-        for event, data in _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        done = False
+        for event, data in _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 body = load_reply(data)
             except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: {clip(data, 120, 'event')}") from exc
+                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
+                                       f"{clip(data, 120, 'event')}") from exc
             kind = body.get("type", event) if isinstance(body, dict) else event
             if kind == "error" or event == "error":
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(body, dict):
                 raise LLMProtocolError(f"{url} streamed an event that is not an object: "
                                        f"{clip(data, 120, 'event')}")
@@ -5055,11 +5935,7 @@ class AnthropicClient(HTTPExecutor):
                 delta = reply_object(body.get("delta"), "a content_block_delta's delta", url)
                 piece = reply_text(delta.get("text"), "a text_delta's text", url) \
                     if delta.get("type") == "text_delta" else None
-                if piece:
-                    size = reply_size(size, piece, limit)
-                    received.append(piece)
-                    if on_delta:
-                        on_delta(piece)
+                tally.take(piece or "")
             elif kind == "message_delta":
                 stop = reply_label(reply_object(body.get("delta"), "message_delta's delta", url)
                                    .get("stop_reason")) or stop
@@ -5070,9 +5946,9 @@ class AnthropicClient(HTTPExecutor):
                 break
         if not done:
             raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
-                                   f"{sum(map(len, received))} characters")
+                                   f"{tally.chars} characters")
         usage, cost = anthropic_usage_cost(prompt, completion, model)
-        return Completion("".join(received), usage, model, stop, time.monotonic() - started, cost)
+        return tally.completion(usage, model, stop, cost)
 
 
 class ClaudeCLI:
@@ -5118,21 +5994,21 @@ class ClaudeCLI:
     def close(self) -> None:
         """Nothing to close: each request is its own process."""
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Run one `claude -p` request; see the class. temperature, max_tokens and
-        json_schema have no claude flag and are not passed. Raises LLMTimeout when
-        the time runs out, LLMError when claude fails."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Run one `claude -p` request; see the class. Of request, model, timeout_s and
+        on_delta are used: sampling, max_tokens, json_schema and thinking have no claude
+        flag. Raises LLMTimeout when the time runs out, LLMError when claude fails."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
             f"[{m['role']}]\n{m['content']}" for m in turns)
-        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
-                "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
+        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose",
+                "--model", request.model, "--no-session-persistence", *self.LOCKDOWN]
+        argv += ["--append-system-prompt", system] if system else []
         with self._workdir() as cwd:
-            limit_s = narrowed(timeout_s, self.config.timeout_s)
-            return self._run(argv, prompt, cwd, limit_s, on_delta)
+            limit_s = narrowed(request.timeout_s, self.config.timeout_s)
+            tally = OutputTally(self.config.max_output_bytes, request)
+            return self._run(argv, prompt, cwd, limit_s, tally)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -5142,11 +6018,11 @@ class ClaudeCLI:
         if self.cwd is not None:
             return _Nothing(self.cwd)
         root = os.path.join(self.config.state_dir, "scratch")
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        private_dir(root)
         return tempfile.TemporaryDirectory(prefix="claude-", dir=root)
 
     def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
-             on_delta: Callable[[str], None] | None) -> Completion:
+             tally: OutputTally) -> Completion:
         import subprocess
         import threading
 
@@ -5163,7 +6039,7 @@ class ClaudeCLI:
             with _suppress(BrokenPipeError):
                 proc.stdin.write(prompt.encode("utf-8"))
                 proc.stdin.close()
-            text, final, answered_by = self._read_events(proc, on_delta)
+            final, answered_by = self._read_events(proc, tally)
             code = proc.wait()
         except BaseException:
             _kill_group(proc)
@@ -5185,15 +6061,15 @@ class ClaudeCLI:
                            f"{clip(str(reason), 300, 'text')}")
         usage, cost = claude_usage_cost(final)
         result = final.get("result")
-        result = result if isinstance(result, str) and result else text
-        return Completion(result, usage, reply_label(answered_by),
-                          reply_label(final.get("subtype")), elapsed, cost)
+        reply = tally.completion(usage, reply_label(answered_by), reply_label(final.get("subtype")),
+                                 cost)
+        return reply._replace(text=result if isinstance(result, str) and result else reply.text,
+                              duration_s=elapsed)
 
-    def _read_events(self, proc: Any, on_delta: Callable[[str], None] | None) -> tuple[str, dict | None, str | None]:
-        """Read claude's NDJSON to its end: (assistant text, the result event, model)."""
-        pieces: list[str] = []
+    def _read_events(self, proc: Any, tally: OutputTally) -> tuple[dict | None, str | None]:
+        """Read claude's NDJSON to its end, its assistant text into tally: (the result
+        event, model)."""
         final = model = None
-        size = 0
         # a line longer than a reply may be is read in parts (none of them JSON), never whole
         line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
         for raw in iter(lambda: proc.stdout.readline(line_max), b""):
@@ -5209,18 +6085,16 @@ class ClaudeCLI:
                 message = event.get("message") if isinstance(event.get("message"), dict) else {}
                 blocks = message.get("content") if isinstance(message.get("content"), list) else []
                 for block in blocks:
-                    if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                    if isinstance(block, dict) and block.get("type") == "text" \
+                            and isinstance(block.get("text"), str):
                         try:
-                            size = reply_size(size, block["text"], self.config.max_output_bytes)
+                            tally.take(block["text"])
                         except LLMProtocolError:
                             _kill_group(proc)
                             raise
-                        pieces.append(block["text"])
-                        if on_delta:
-                            on_delta(block["text"])
             elif event.get("type") == "result":
                 final = event
-        return "".join(pieces), final, model
+        return final, model
 
 
 def claude_usage_cost(final: dict) -> tuple:
@@ -5262,746 +6136,8 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 14. Output validation
-#
-# The validation types of bridge-plan-schema.json. Each check returns the artifact: the
-# text that counts as the step's output (the code inside a fence when fenced), which
-# is what later steps see and what file_output writes. A command validation (and a
-# plan's verify) runs the project's own test or linter, only where the user trusts it.
+# 18. Check commands
 ###############################################################################
-
-# Patterns as strings: re compiles and caches each on first use, not at start-up.
-_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
-# after prose on the same line ("Here it is: ```json"), a fence counts only when
-# nothing but a tag follows it, so prose that mentions ``` is not a fence
-_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
-LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
-                    "toml": {"toml"}}
-
-
-# Reasoning text a server leaves inside content (sources per row), by shape: (name,
-# who writes it and the source, a string the text must hold for the shape to be tried,
-# where the reasoning starts and ends, what ends the answer or None). split_reasoning
-# takes each out; a shape matches at the start of the text only.
-_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
-REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
-    # a leading block; an unclosed one swallows the rest
-    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
-     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
-    ("<thinking>", "several fine-tunes", "<thinking>",
-     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
-    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
-    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
-     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
-    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
-    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
-    # it analysed) there is no answer
-    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
-     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
-    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
-     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
-    # the opening tag is in the prompt template, so only the close arrives: reasoning…
-    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
-    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
-     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
-    ("orphan </thinking>", "several fine-tunes", "</thinking>",
-     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
-    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
-     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
-)
-
-
-def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
-    thought: list[str] = []
-    matched = True
-    while matched and text:
-        matched = False
-        for _name, _source, needle, start, end in REASONING_SHAPES:
-            found = re.match(start, text) if needle in text else None
-            if found and found.group():
-                thought.append(found.group())
-                text, matched = text[found.end():], True
-                if end and (tail := re.search(end, text)):
-                    text = text[:tail.start()]
-                break
-    return text, "".join(thought)
-
-
-def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
-    blocks: list[tuple[str, str]] = []
-    lines = text.split("\n")
-    n = 0
-    while n < len(lines):
-        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
-        if not match:
-            n += 1
-            continue
-        fence, tag = match["fence"], match["tag"].lower()
-        body: list[str] = []
-        n += 1
-        while n < len(lines) and lines[n].strip() != fence:
-            stripped = lines[n].rstrip()
-            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
-                body.append(stripped[: -len(fence)])
-                break
-            body.append(lines[n])
-            n += 1
-        blocks.append((tag, "\n".join(body)))
-        n += 1
-    return blocks
-
-
-def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
-    blocks = find_fences(text)
-    if not blocks:
-        return text.strip()
-    if language:
-        aliases = LANGUAGE_ALIASES.get(language, {language})
-        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
-            for tag, code in blocks:
-                if wanted(tag):
-                    return code
-    return blocks[0][1]
-
-
-def parse_json_output(text: str) -> Any:
-    """Parse JSON from a model output: whole, else the best fenced block, else the
-    first JSON value starting at the first { or [.
-
-    Raises OutputInvalid naming the parse error of the most likely candidate.
-    """
-    candidates = [text.strip()]
-    if find_fences(text):
-        candidates.insert(0, extract_code(text, "json"))
-    first_error = None
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except ValueError as exc:
-            first_error = first_error or exc
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if starts:
-        try:
-            return json.JSONDecoder().raw_decode(text, min(starts))[0]
-        except ValueError:
-            pass
-    raise OutputInvalid(f"output is not valid JSON ({first_error})")
-
-
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
-def validations_of(validation: dict | list) -> list[dict]:
-    """Return a step's validation as a list: a list as given, an object as [object]."""
-    return list(validation) if isinstance(validation, list) else [validation]
-
-
-def _commands_of(step: Step) -> list[dict]:
-    """The command validations of a step, in order."""
-    return [v for v in validations_of(step.validation) if v.get("type") == "command"]
-
-
-def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output with <think> blocks already stripped. validation: a
-    validation object of bridge-plan-schema.json, or a list of them, checked in order up
-    to the first that fails. The artifact is the fenced code when the output is
-    fenced (for json types: the parsed JSON, re-serialised), else the stripped
-    text; for a list, that of its first check. Command validations are not run
-    here (the Runner runs them once the file is written); a list of commands
-    only is checked as non_empty. source: the step's input (the pieces build_messages
-    gives as sources, joined), which the values of a "grounded" JSON validation must
-    come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
-    checks = [v for v in validations_of(validation) if v.get("type") != "command"] or [DEFAULT_VALIDATION]
-    artifacts = [_check_one(text, check, source) for check in checks]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str = "") -> str:
-    try:
-        artifact = _check_output(text, validation)
-        if validation.get("grounded") and validation.get("type") in GROUNDED_TYPES:
-            check_grounded(json.loads(artifact), source)
-        return artifact
-    except (RecursionError, MemoryError) as exc:
-        # json, tomllib, compile() and jsonschema recurse per nesting level
-        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
-
-
-def _check_output(text: str, validation: dict) -> str:
-    kind = validation.get("type", "non_empty")
-    if kind == "non_empty":
-        artifact = extract_code(text)
-        if not artifact.strip():
-            raise OutputInvalid("output is empty" if not text.strip() else "the fenced block is empty")
-        return artifact
-    if kind == "json":
-        return _json_artifact(text)[1]
-    if kind == "contains_keys":
-        value, artifact = _json_artifact(text)
-        if not isinstance(value, dict):
-            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
-        missing = [key for key in validation["keys"] if key not in value]
-        if missing:
-            raise OutputInvalid(f"JSON object lacks the keys {missing}")
-        return artifact
-    if kind == "json_schema":
-        from jsonschema import Draft202012Validator
-
-        value, artifact = _json_artifact(text)
-        try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
-        except (RecursionError, MemoryError):
-            raise
-        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
-            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
-            raise OutputInvalid(f"the step's json_schema cannot be applied "
-                                f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})") from None
-        if errors:
-            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
-                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
-        return artifact
-    if kind == "syntax_check":
-        return _check_syntax(text, validation.get("language", "python"))
-    if kind == "regex":
-        if not re.search(validation["pattern"], text):
-            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
-        return extract_code(text)
-    raise OutputInvalid(f"unknown validation type {kind!r}")
-
-
-GROUNDED_TYPES = ("json", "contains_keys", "json_schema")   # the validations "grounded" applies to
-
-
-def fold_text(text: str) -> str:
-    """Return text as key names and spans are compared: case folded (str.casefold), each run
-    of whitespace one space, no whitespace at either end."""
-    return " ".join(text.casefold().split())
-
-
-_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
-
-
-def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
-    trim = f"[{re.escape(_SPAN_TRIM)}]*"
-    found: dict[float, int | float] = {}
-    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
-        value = float(match[1])
-        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
-    return found
-
-
-def _occurs(value: str, source: str) -> bool:
-    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
-    run of whitespace matching any other, not as part of a longer word or number ("Ada"
-    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
-    words = value.split()
-    if not words:
-        return True
-    pattern = r"\s+".join(map(re.escape, words))
-    if re.match(r"\w", words[0]):
-        pattern = r"(?<!\w)" + pattern
-    if re.search(r"\w$", words[-1]):
-        pattern += r"(?!\w|[.,]\d)"
-    return re.search(pattern, source, re.IGNORECASE) is not None
-
-
-def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
-    numbers = written_numbers(source)
-    found: list[tuple[str, Any]] = []
-
-    def visit(item: Any, where: str) -> None:
-        if isinstance(item, dict):
-            for key, child in item.items():
-                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
-                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
-        elif isinstance(item, list):
-            for n, child in enumerate(item):
-                visit(child, f"{where}[{n}]")
-        elif isinstance(item, bool) or item is None:
-            return
-        elif isinstance(item, (int, float)):
-            if float(item) not in numbers:
-                found.append((where, item))
-        elif isinstance(item, str) and not _occurs(item, source):
-            found.append((where, item))
-
-    visit(value, path)
-    return found
-
-
-def check_grounded(value: Any, source: str) -> None:
-    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
-    step's input (ungrounded_values; at most five are named), telling the model to copy
-    each value exactly from the text."""
-    missing = ungrounded_values(value, source)
-    if missing:
-        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
-                          for where, item in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
-                            "text (use null where the text has none)")
-
-
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
-###############################################################################
-# 15. Constrained JSON and degenerate output
-###############################################################################
-
-
-def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output.
-
-    None for steps whose output is not JSON (non_empty, syntax_check, regex,
-    command); {} for json. A list uses its first JSON validation (json,
-    contains_keys, json_schema). contains_keys: an object of exactly its keys, each
-    a bounded value (a scalar or a list of scalars, see bounded_value), so a small
-    model puts the sentence's values in the keys instead of nesting objects.
-    json_schema: the plan's schema with bounds added where it sets none
-    (bounded_schema). Only what is sent is bounded: check_output still applies the
-    plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    contains_keys or json_schema
-    step whose input has few enough spans (span_candidates) gets span_schema instead:
-    its string values can only be copied from the input.
-    """
-    if isinstance(validation, list):
-        return next((schema for item in validation
-                     if (schema := output_schema(item, source)) is not None), None)
-    kind = validation.get("type")
-    if source is not None and (spans := grounded_spans(validation, source)) is not None and \
-            (usual := output_schema(validation)):
-        return span_schema(usual, *spans)
-    if kind == "json":
-        return {}
-    if kind == "contains_keys":
-        return {"type": "object", "properties": {key: bounded_value() for key in validation["keys"]},
-                "required": list(validation["keys"]), "additionalProperties": False}
-    if kind == "json_schema":
-        return bounded_schema(validation["schema"]) if isinstance(validation["schema"], dict) else {}
-    return None
-
-
-def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
-    seen: dict[str, None] = {}
-    read = 0
-    for piece in pieces:
-        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
-        for match in re.finditer(r"\S+", piece):
-            read += 1
-            if read > GROUNDED_MAX_SPANS:
-                return None
-            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
-            for start in range(len(words) - 1, -1, -1):
-                span = " ".join(words[start:]).strip(_SPAN_TRIM)
-                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
-                        not re.search(r'["\\\x00-\x1f]', span):
-                    seen[span] = None
-                    if len(seen) > GROUNDED_MAX_SPANS:
-                        return None
-    return list(seen)
-
-
-def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded contains_keys or json_schema validation whose input has at most
-    GROUNDED_MAX_SPANS spans; else None (the usual schema is sent). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
-    if not validation.get("grounded") or validation.get("type") not in GROUNDED_TYPES[1:]:
-        return None
-    pieces = [source] if isinstance(source, str) else source
-    spans = span_candidates(pieces)
-    names = {fold_text(name) for name in
-             validation.get("keys") or _property_names(validation.get("schema"))}
-    spans = [span for span in spans or [] if fold_text(span) not in names]
-    if not spans:
-        return None
-    numbers: dict[float, int | float] = {}
-    for text in pieces:
-        for value, number in written_numbers(text).items():
-            numbers.setdefault(value, number)
-    return spans, list(numbers.values())
-
-
-def _property_names(schema: Any) -> set[str]:
-    """The property names a JSON Schema lists, at any depth."""
-    if isinstance(schema, list):
-        return {name for item in schema for name in _property_names(item)}
-    if not isinstance(schema, dict):
-        return set()
-    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
-    return names.union(*(_property_names(child) for key, child in schema.items()
-                         if key not in ("enum", "const")))
-
-
-def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
-    """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
-    def open_number(node: Any) -> bool:
-        return isinstance(node, dict) and set(node) == {"type"} and \
-            node["type"] in ("number", "integer")
-
-    def swap(node: Any) -> Any:
-        if isinstance(node, list):
-            return [swap(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        if node.get("type") == "string" and node.get("pattern") == bounded_string(
-                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
-            return {"$ref": "#/$defs/bridge_span"}
-        if node.get("type") in ("number", "integer") and numbers and not (
-                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
-            if node["type"] == "number":
-                return {"$ref": "#/$defs/bridge_number"}
-            integers = [n for n in numbers if isinstance(n, int)]
-            return {"enum": integers} if integers else node
-        out = {}
-        for key, child in node.items():
-            if key in _SCHEMA_MAPS and isinstance(child, dict):
-                out[key] = {name: swap(sub) for name, sub in child.items()}
-            elif key in ("enum", "const", "required"):
-                out[key] = child
-            elif key in ("anyOf", "oneOf") and isinstance(child, list):
-                alternatives = [swap(sub) for sub in child]
-                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
-            else:
-                out[key] = swap(child)
-        return out
-
-    out = swap(schema)
-    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
-    if numbers:
-        defs["bridge_number"] = {"enum": numbers}
-    return {**out, "$defs": defs}
-
-
-def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
-    return {"type": "string", "minLength": min_length, "maxLength": max_length,
-            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
-
-
-def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a bounded_string, a number,
-    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
-    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
-    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
-    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
-    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}, "maxItems": JSON_LIST_MAX_ITEMS}]}
-
-
-_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
-
-
-def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
-    arrays, additionalProperties false on objects listing their properties, and an
-    open value ({} or an array without items) made a bounded_value. Whatever the
-    plan sets is kept as it is."""
-    if not isinstance(schema, dict):
-        return schema
-    if _is_open(schema):
-        return bounded_value()
-    out = dict(schema)
-    for key in _SCHEMA_CHILDREN:
-        if isinstance(out.get(key), dict):
-            out[key] = bounded_schema(out[key])
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [bounded_schema(s) for s in out[key]]
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
-    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
-    shortest = out.get("minLength", 1)
-    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
-            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
-        out.update(bounded_string(shortest))
-    if "array" in types:
-        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
-        if "items" not in out and "prefixItems" not in out:
-            out["items"] = bounded_value()["anyOf"][-1]["items"]
-    if "object" in types and "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
-
-
-def _is_open(schema: dict) -> bool:
-    """Tell whether a schema says nothing about its value ({} or only annotations)."""
-    annotations = {"title", "description", "default", "examples", "$comment"}
-    return not (set(schema) - annotations)
-
-
-def schema_depth(schema: Any) -> int | None:
-    """Return how deep a JSON value meeting schema can nest ({} and [] count one
-    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
-    an object that takes any other property)."""
-    if schema is True or not isinstance(schema, dict):
-        return None if schema is True or schema is None else 0
-    if "$ref" in schema or _is_open(schema):
-        return None
-    if "const" in schema or "enum" in schema:
-        return 1 if any(isinstance(v, (dict, list)) for v in schema.get("enum", [schema.get("const")])) else 0
-    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
-    children += list((schema.get("properties") or {}).values())
-    for key in ("items", "additionalProperties"):
-        if key in schema and schema[key] is not False:
-            children.append(schema[key])
-    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
-        return None                     # any type of value, arrays and objects included
-    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
-    if "object" in types and "additionalProperties" not in schema:
-        return None
-    if "array" in types and "items" not in schema and "prefixItems" not in schema:
-        return None
-    depths = [schema_depth(child) for child in children]
-    if None in depths:
-        return None
-    nested = max(depths, default=0)
-    return nested + 1 if {"object", "array"} & set(types) else nested
-
-
-def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the
-    depth of a json_schema step's own schema (schema_depth), else None (not bounded:
-    a contains_keys value may be anything, though the schema sent bounds it)."""
-    first = next((v for v in validations_of(validation) if output_schema(v) is not None), None)
-    return schema_depth(first["schema"]) if first and first.get("type") == "json_schema" else None
-
-
-def grammar_damage(output: str, schema: dict | None, validation: dict | list) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not (or passes validation: a command failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
-    try:
-        check_output(output, validation)
-        return None
-    except OutputInvalid:
-        pass
-    if "\ufffd" in output:
-        return "it holds U+FFFD replacement characters"
-    try:
-        value = parse_json_output(output)
-    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
-        return "it is not valid JSON"
-    named = set((schema or {}).get("properties") or {})
-    keys = value if isinstance(value, dict) else {}
-    garbled = [key for key in keys if "?" in key and key not in named]
-    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
-
-
-class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
-    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
-
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
-    """
-
-    def __init__(self, max_depth: int | None = None):
-        self.max_depth = max_depth
-        self.pieces: list[str] = []
-        self.words: list[str] = []
-        self._partial = ""              # a word not yet ended by whitespace
-        self._space = ""                # the run of whitespace at the end of the text
-        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
-
-    @property
-    def text(self) -> str:
-        """The output fed so far."""
-        return "".join(self.pieces)
-
-    def feed(self, piece: str) -> None:
-        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
-        self.pieces.append(piece)
-        self._whitespace(piece)
-        if self.max_depth is not None:
-            for char in piece:
-                self._nesting(char)
-        self._repeats(piece)
-
-    def _whitespace(self, piece: str) -> None:
-        text = self._space + piece          # a run may have begun in an earlier piece
-        self._space = ""
-        for run in re.finditer(r"\s+", text):
-            newlines = run.group().count("\n")
-            if newlines > DEGENERATE_NEWLINES:
-                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
-            if len(run.group()) > DEGENERATE_WHITESPACE:
-                raise OutputDegenerate(f"stopped: {len(run.group())} whitespace characters in a row")
-            if run.end() == len(text):
-                self._space = run.group()
-
-    def _nesting(self, char: str) -> None:
-        if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif char == "\\":
-                self._escaped = True
-            elif char == '"':
-                self._in_string = False
-        elif char == '"' and self._json:
-            self._in_string = True
-        elif char in "{[":
-            self._json, self._depth = True, self._depth + 1
-            if self._depth > self.max_depth:    # type: ignore[operator]
-                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
-                                       f"{self.max_depth} its schema allows")
-        elif char in "}]" and self._depth:
-            self._depth -= 1
-
-    def _repeats(self, piece: str) -> None:
-        parts = (self._partial + piece).split()
-        ended = piece[-1:].isspace()
-        self._partial = "" if ended or not parts else parts.pop()
-        for word in parts:
-            self.words.append(word)
-            self._check_tail()
-        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
-
-    def _check_tail(self) -> None:
-        words = self.words
-        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
-            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
-            if len(words) < period * times:
-                return
-            if words[-1] != words[-1 - period]:
-                continue                    # the cheap test first: most words repeat nothing
-            unit = words[-period:]
-            if all(words[-(n + 1) * period:len(words) - n * period] == unit for n in range(1, times)):
-                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} times in a row "
-                                       f"({' '.join(unit)[:80]!r})")
-
-
-###############################################################################
-# 16. Check commands, and what the model is told of the checks
-###############################################################################
-
-
-def describe_validation(validation: dict | list) -> str:
-    """Return one sentence telling the model what form of answer will be accepted
-    (for a list, one per check, in order)."""
-    if isinstance(validation, list):
-        return " ".join(filter(None, (describe_validation(item) for item in validation)))
-    kind = validation.get("type", "non_empty")
-    if kind == "command":
-        return f"It will then be checked by running `{shell_words(validation['run'])}` in the project."
-    return {
-        "non_empty": "Answer with the requested content.",
-        "json": "Answer with valid JSON only, in a ```json fenced block.",
-        "contains_keys": "Answer with one JSON object that has the keys "
-                         f"{', '.join(map(json.dumps, validation.get('keys', [])))}, in a ```json fenced block.",
-        "json_schema": "Answer with JSON matching this JSON Schema, in a ```json fenced block: "
-                       + json.dumps(validation.get("schema")),
-        "syntax_check": f"Answer with complete {validation.get('language', 'python')} code in one "
-                        f"```{validation.get('language', 'python')} fenced block.",
-        "regex": f"Your answer must match the regular expression {validation.get('pattern')!r}.",
-    }.get(kind, "")
-
-
-def shell_words(argv: list[str]) -> str:
-    """Return an argv as a person would type it in a POSIX shell (for messages only;
-    commands never go through a shell)."""
-    import shlex
-
-    return shlex.join(argv)
 
 
 def untrusted_message(plan: Plan) -> str:
@@ -6237,7 +6373,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 17. File transactions: journal, rollback, recovery
+# 19. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6456,7 +6592,7 @@ class FileTransaction:
             if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
             if backup and (not isinstance(backup, str)
-                           or Path(_realpath(backup)).parent != Path(_realpath(run_dir / "backups"))):
+                           or real_path(backup).parent != real_path(run_dir / "backups")):
                 raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
             dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
         except PathError as exc:
@@ -6572,7 +6708,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 18. Kept runs: backups, diff, undo, review
+# 20. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -6591,13 +6727,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def open_run_dir(run_dir: Path) -> None:
-    """Make a run's folder, for this user only (0700): its backups and transcripts
-    hold the project's files and prompts."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-
-
 def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
     """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
@@ -6605,7 +6734,7 @@ def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | Non
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
-    atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+    write_json_file(run_dir / RUN_INFO_FILE, info)
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
@@ -6617,7 +6746,7 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
-    info = _read_json(folder / RUN_INFO_FILE)
+    info = read_json_file(folder / RUN_INFO_FILE, or_none=True)
     context = record.plan.get("context") if isinstance(record.plan, dict) else None
     project = context.get("project") if isinstance(context, dict) else None
     usable = isinstance(project, str) and "\x00" not in project
@@ -6665,7 +6794,7 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
-                info = _read_json(Path(entry.path) / RUN_INFO_FILE)
+                info = read_json_file(Path(entry.path) / RUN_INFO_FILE, or_none=True)
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
@@ -6702,14 +6831,6 @@ def backups_usage(runs_dir: Path) -> dict:
             total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
                          if e.is_file(follow_symlinks=False))
     return {"runs": runs, "bytes": total}
-
-
-def _read_json(path: Path) -> Any:
-    """Return a small JSON file's value, or None when it is missing or not JSON."""
-    try:
-        return load_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
@@ -6767,7 +6888,7 @@ class KeptRun:
         from pathlib import Path
 
         run_dir = run_dir_of(runs_dir, run_id)
-        info = _read_json(run_dir / RUN_INFO_FILE)
+        info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
             raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
                               "only runs made since can be shown or undone")
@@ -6781,7 +6902,7 @@ class KeptRun:
                    if isinstance(e.get("path"), str)}
         entries = read_jsonl(run_dir / JOURNAL_FILE)
         files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = _read_json(run_dir / "undone.json")
+        undone = read_json_file(run_dir / "undone.json", or_none=True)
         staged: dict[str, dict] = {}
         for entry in read_jsonl(run_dir / STAGED_FILE):
             if project is None or not isinstance(entry.get("path"), str):
@@ -6789,7 +6910,7 @@ class KeptRun:
             resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
             first = staged.setdefault(entry["path"], dict(entry))
             first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = _read_json(run_dir / "reads.json")
+        reads = read_json_file(run_dir / "reads.json", or_none=True)
         return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
                    undone.get("undone_at") if isinstance(undone, dict) else None, staged,
                    {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
@@ -6909,7 +7030,7 @@ class KeptRun:
         restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
         self.undone_at = utc_now_iso()
         append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
-        atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
+        write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
         return restored
 
 
@@ -6938,7 +7059,7 @@ class StagedFiles:
         for rel, mode in files_context.items():
             if mode == "LOAD":
                 reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
-        atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
+        write_json_file(self.run_dir / "reads.json", reads)
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
@@ -6999,9 +7120,7 @@ def read_regular(path: Path) -> bytes | None:
     """Return a regular file's bytes, or None when it is missing or not a regular
     file (a symlink is not followed)."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             return handle.read()
     except OSError:
         return None
@@ -7059,7 +7178,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 19. Prompts
+# 21. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7120,11 +7239,11 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
 def thinking_asked(step: Step) -> str | None:
     """Return what a step asks of a thinking model: its "thinking" (or the plan's
     defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
-    max_tokens is at most a JSON step's DEFAULT_MAX_TOKENS), else None (the server's
+    max_tokens is at most a json step's default max_tokens), else None (the server's
     default: the model may think, and split_reasoning takes it out)."""
     if step.thinking:
         return step.thinking
-    short = step.max_tokens is not None and step.max_tokens <= DEFAULT_MAX_TOKENS["json"]
+    short = step.max_tokens is not None and step.max_tokens <= VALIDATION_TYPES["json"].max_tokens
     return "off" if short or output_schema(step.validation) is not None else None
 
 
@@ -7138,14 +7257,12 @@ def thinking_reserve(context_length: int | None) -> int:
 
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
-    """Return the max_tokens of a step's answer: the step's own, else
-    DEFAULT_MAX_TOKENS for its validation type (of a list, the largest but command's,
-    which checks a file, not the answer's form), at most a quarter of context_length
-    (tokens; None: not known). The prompt budget keeps this much free (Runner._budget)."""
+    """Return the max_tokens of a step's answer: the step's own, else its validation's
+    (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
+    The prompt budget keeps this much free (Runner._budget)."""
     if step.max_tokens:
         return step.max_tokens
-    kinds = [v.get("type", "non_empty") for v in validations_of(step.validation) if v.get("type") != "command"]
-    default = max((DEFAULT_MAX_TOKENS.get(kind, ANSWER_RESERVE_TOKENS) for kind in kinds or ["non_empty"]))
+    default = default_max_tokens(step.validation)
     return min(default, context_length // 4) if context_length else default
 
 
@@ -7285,10 +7402,12 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
             note]
 
 
-class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", defaults=(True, ()))):
+class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
+                                defaults=(True, (), False))):
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
-    prompt; default none)."""
+    prompt; default none), answer_invalid (the answer failed its own check, not a
+    command or a write; default False)."""
 
     __slots__ = ()
 
@@ -7316,7 +7435,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
                 "Reply again with the corrected answer only.")
         shown = clip(output, 20_000, "previous answer") or "(empty)"
         return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}])
+                                    {"role": "user", "content": note}], answer_invalid=True)
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
@@ -7339,7 +7458,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 20. Run records
+# 22. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7694,9 +7813,12 @@ def read_step_stats(path: Path) -> dict:
     groups: dict[str, dict[str, list[dict]]] = {}
     report: dict[str, Any] = {"stats_file": str(path), "steps": 0, "skipped_lines": 0, "models": {}}
     try:
-        handle = open(path, encoding="utf-8", errors="replace")
+        handle = open_regular(path, encoding="utf-8")     # not through a symlink, nor a FIFO
     except FileNotFoundError:
         return report
+    except OSError as exc:
+        raise BridgeError(f"cannot read {path}: {exc.strerror or exc}",
+                          "it is bridge's own record of steps: remove it, or check --state-dir")
     with handle:
         for line in handle:
             try:
@@ -7726,14 +7848,26 @@ def read_step_stats(path: Path) -> dict:
     return report
 
 
+###############################################################################
+# 23. The result document
+# What a run leaves behind, built here alone from the facts Runner._result gathers
+# (README: "What bridge writes into the store"): the result memory's summary and
+# content (result_memory; the Store stores it as given, and parse_result_content in
+# the room "Store layouts & plan records" reads it back), the document --json and
+# --show --json print (shown_result, show_document), and the text of --show and of
+# a run's end (render_show, savings_line, ledger_lines).
+###############################################################################
+
+RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
+RESULT_SUMMARY_FILES = 10
+
+
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
-    """Return what a run's local work saved, said plainly: local_tokens (prompt and
-    completion tokens on the local server, openai: references), would_have_cost_usd
-    (those tokens at price_model's prices: what the planner's model would have been
-    paid for the same tokens; the planner's own tokens writing and reading the plan
-    are not counted), paid_usd (what paid escalations really cost), retries
-    (attempts after a step's first, escalations not counted), escalations and
-    escalations_saved (steps escalated, and those the escalation saved)."""
+    """Return what a run's local work saved: local_tokens (prompt and completion tokens
+    on the local server, openai: references), local_usage, would_have_cost_usd (those
+    tokens at price_model's prices; the planner's own tokens are not counted), paid_usd
+    (what paid escalations cost), retries (attempts after a step's first, escalations
+    not counted), escalations and escalations_saved (steps escalated, and those it saved)."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -7749,21 +7883,241 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
             "escalations_saved": sum(1 for s in escalated if s.escalation_saved)}
 
 
+def savings_line(savings: dict) -> str:
+    """Return a result's savings (run_savings) as one line for a person or a planner."""
+    retries = savings["retries"]
+    line = (f"savings: {savings['local_tokens']} tokens ran on the local model, "
+            f"${savings['would_have_cost_usd']:.4f} at {savings['price_model']}'s prices "
+            f"(the planner's own tokens not counted); "
+            f"{retries} retr{'y' if retries == 1 else 'ies'}")
+    if savings["escalations"]:
+        line += (f", {savings['escalations']} escalated "
+                 f"({savings['escalations_saved']} saved by it)")
+    return line + f"; ${savings['paid_usd']:.4f} paid"
+
+
 def ledger_lines(result: dict) -> list[str]:
     """Return the usage ledger of a result as lines for a person: one per model,
     then which steps escalated and whether that saved them."""
     lines = ["  ledger:"]
     for model, line in result["ledger"].items():
-        lines.append(f"    {model:<32} {line['requests']:>3} request(s) {line['prompt_tokens']:>8} in "
-                     f"{line['completion_tokens']:>7} out  ${line['cost_usd']:.4f}")
+        lines.append(f"    {model:<32} {line['requests']:>3} request(s) "
+                     f"{line['prompt_tokens']:>8} in {line['completion_tokens']:>7} out  "
+                     f"${line['cost_usd']:.4f}")
     for entry in result["escalations"]:
         verdict = "saved it" if entry["saved"] else "did not save it"
         lines.append(f"    step {entry['step']} escalated to {entry['model']}: {verdict}")
     return lines
 
 
+def result_summary(result: dict) -> str:
+    """Return the first lines of a stored result, plain text: plan, outcome, project (its
+    name as the memory server's hooks detect it), run id, each step's status and error,
+    files changed, the error, the savings and problems. For the memory server's embedding
+    (which reads a memory's first few hundred words) and a planner reading search hits."""
+    counts = result.get("counts") or {}
+    project = result.get("project")
+    project = f" in project {_summary_text(project, 100)}" if project else ""
+    lines = [f"bridge result: plan {_summary_text(result['plan_id'], 130)} {result['status']}"
+             f"{project} (run {result['run_id']})",
+             f"objective: {_summary_text(result.get('objective'), 200)}",
+             f"steps: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
+             f"{counts.get('skipped', 0)} skipped"]
+    steps = result.get("steps") or []
+    for step in steps[:RESULT_SUMMARY_STEPS]:
+        title = f" ({_summary_text(step.get('title'), 60)})" if step.get("title") else ""
+        error = f": {_summary_text(step['error'], 160)}" if step.get("error") else ""
+        lines.append(f"step {step['id']}{title}: {step['status']}{error}")
+    if len(steps) > RESULT_SUMMARY_STEPS:
+        lines.append(f"… and {len(steps) - RESULT_SUMMARY_STEPS} more step(s)")
+    files = result.get("files") or []
+    if files:
+        shown = ", ".join(f"{_summary_text(f.get('path'), 120)} {f.get('action')}"
+                          for f in files[:RESULT_SUMMARY_FILES])
+        more = len(files) - RESULT_SUMMARY_FILES
+        lines.append(f"files: {shown}" + (f" and {more} more" if more > 0 else ""))
+    if result.get("error"):
+        lines.append(f"error: {_summary_text(result['error'], 300)}")
+    if isinstance(result.get("savings"), dict):
+        lines.append(savings_line(result["savings"]))
+    for problem in (result.get("problems") or [])[:5]:
+        lines.append(f"problem: {_summary_text(problem, 200)}")
+    return "\n".join(lines)
+
+
+def result_content(result: dict) -> str:
+    """Return the content of a result memory: result_summary(), a blank line, then the
+    whole (redacted) document as one line of JSON, the last line (JSON escapes every
+    newline, so nothing in the document can end it early; parse_result_content)."""
+    result = redact(result)
+    return result_summary(result) + "\n\n" + json.dumps(result, ensure_ascii=False)
+
+
+def result_memory(result: dict) -> ResultMemory:
+    """Return the result memory of a result document, as Store.finish stores it: its
+    content (result_content), tags (bridge-result, plan:<id>, and the project's name,
+    the tag the memory server's hooks inject memories by), metadata, the run id as
+    the memory server's conversation_id, and the plan's final state."""
+    tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
+    if result.get("project"):
+        tags.append(tag_safe(result["project"]))
+    return ResultMemory(result_content(result), tags,
+                        {"plan_id": result["plan_id"], "run_id": result["run_id"]},
+                        result["run_id"], {"status": result["status"],
+                                           "finished_at": result["finished_at"],
+                                           "error": result["error"]})
+
+
+def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
+    """Return a result document as bridge prints it (the --json of a run, --show
+    --json): the stored document, its result_hash (its memory's content_hash), what
+    the plan's state says happened to that run since (undone_at, applied_at,
+    rejected_at; state {} for a run just stored), and run_log as bridge makes it from
+    the run id (the stored one is not a path; None when the run id is not bridge's)."""
+    shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
+    if state.get("undone_run") == run_id and state.get("undone_at"):
+        shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
+    if state.get("run_id") == run_id:
+        shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
+    if "run_log" in document:
+        try:
+            shown["run_log"] = str(run_folder(runs_dir, run_id))
+        except PathError:
+            shown["run_log"] = None
+    return shown
+
+
+def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tuple[str, str]],
+                  runs_dir: Path) -> dict:
+    """Return what --show --json prints: shown_result of the found (document,
+    result_hash), with status_now when the plan moved on from that run (after --apply
+    or --reject) and replaced_runs [{"run_id", "status"}] (Store.replaced_runs)."""
+    result = shown_result(*found, record.state, runs_dir)
+    now = record.display_status
+    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
+            and now not in ("stale", "in_progress"):
+        result["status_now"] = now      # after --apply or --reject: the plan's real status
+    if replaced:
+        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    return result
+
+
+def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
+    """Return the command that runs a plan from where it is: --plan for a pending
+    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
+    run that is not the plan's own is said to be forged: foreign_run_reason),
+    --rerun for a finished one."""
+    status, plan_id = record.display_status, record.plan_id
+    run_id = record.state.get("run_id")
+    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
+    if status == "stale" and runs_dir is not None and ours \
+            and (why := foreign_run_reason(runs_dir, run_id, record)):
+        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
+                f"which touches none of that run's files, or drop it with bridge --cancel "
+                f"{plan_id}")
+    if status == "stale":
+        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
+                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
+    if status == "in_progress":
+        return "it is running now; see it with: bridge --list --all"
+    if status == "awaiting_review":
+        return (f"its files are staged, not written: bridge --diff {plan_id}, then "
+                f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+    if status == "pending":
+        return f"run it with: bridge --plan {plan_id}"
+    return f"run it again with: bridge --plan {plan_id} --rerun"
+
+
+def _check_line(check: dict) -> str:
+    """One command run of a result for a person: command, outcome, seconds, last output line."""
+    if check.get("ran") is False:
+        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
+    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
+    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
+    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
+    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
+            + (f" · {last[0][:200]}" if last and check["error"] else ""))
+
+
+def _step_lines(step: dict) -> list[str]:
+    """A result's step for a person (render_result); the output keeps its own lines."""
+    title = f" ({step['title']})" if step.get("title") else ""
+    lines = [printable(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} "
+                       f"attempt(s) · {step.get('duration_s', 0):.1f} s"
+                       + (" · resumed" if step.get("resumed") else ""))]
+    if step.get("error"):
+        lines.append(printable(f"      error: {step['error']}"))
+    if step.get("file_output"):
+        lines.append(printable(f"      file: {step['file_output']}"))
+    for check in step.get("checks") or []:
+        lines.append(printable(f"      check: {_check_line(check)}"))
+    output = (step.get("output") or "").strip()
+    if output:
+        shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
+        lines.append("      output: "
+                     + printable(shown, multiline=True).replace("\n", "\n              "))
+    return lines
+
+
+def render_result(result: dict) -> str:
+    """Return a stored result document as text for a person: steps, outputs, errors,
+    files, usage, cost and where the run log is. Every line goes through printable()."""
+    usage = result.get("usage") or {}
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        lines.append(printable(line))
+
+    if result.get("status_now"):
+        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
+            f"which ended {result['status']})")
+    else:
+        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
+    if result.get("objective"):
+        add(f"  objective: {result['objective']}")
+    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
+    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')}"
+        f" · {result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
+    if "would_have_cost_usd" in result:
+        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
+    if result.get("error"):
+        add(f"  error: {result['error']}")
+    if result.get("undone_at"):
+        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
+    if result.get("applied_at"):
+        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
+    if result.get("rejected_at"):
+        add(f"  rejected at {result['rejected_at']}: its staged files were dropped "
+            "(bridge --reject)")
+    for problem in result.get("problems") or []:
+        add(f"  problem: {problem}")
+    for step in result.get("steps", []):
+        lines += _step_lines(step)
+    if result.get("verify"):
+        add(f"  verify: {_check_line(result['verify'])}")
+    for change in result.get("files", []):
+        add(f"  file {change['path']}: {change['action']}")
+    if result.get("run_log"):
+        add(f"  run log: {result['run_log']}")
+    return "\n".join(lines)
+
+
+def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
+    """Return what --show prints of show_document's result: render_result, the runs of
+    contents the plan had before --submit --replace, and what to do now when it is
+    stale or awaiting review."""
+    lines = [render_result(result)]
+    for entry in result.get("replaced_runs") or []:
+        lines.append(printable(f"  replaced content: run {entry['run_id']} ({entry['status']}) "
+                               "ran an earlier content of this plan"))
+    if record.display_status in ("stale", "awaiting_review"):
+        lines.append(printable(f"  now: {record.display_status}; {run_hint(record, runs_dir)}"))
+    return "\n".join(lines)
+
+
 ###############################################################################
-# 21. Step scheduling
+# 24. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -7932,7 +8286,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 22. Runner
+# 25. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8192,7 +8546,7 @@ class Runner:
         plan, files, results = run.plan, run.files, run.results
         error, interrupted, verify = None, None, None
         try:
-            open_run_dir(run.run_dir)
+            private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
             write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
                            run.record.content_hash)
             if run.staged:
@@ -8558,7 +8912,7 @@ class Runner:
 
         The context length (--context-length, else what the server reported for the
         loaded model) less the answer's share: the step's max_tokens, else
-        its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
+        its validation's default_max_tokens (at most a quarter of the context;
         see answer_tokens).
         """
         budget = prompt_budget(step, self.context_length if model == self.model else None)
@@ -8632,14 +8986,15 @@ class Runner:
             run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
                         f"{reserve} for thinking (the step asks for it, or the model thought "
                         "earlier in this run)")
-        on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
-        extra = {"sampling": sampling, "thinking": thinking,
-                 "on_reasoning": on_reasoning} if local else {}
         sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
             name not in executor.unconstrained
         schema = self._output_schema(run, step, attempt.number, sends)
-        try:        # redact: grounded spans copy the input
-            reply = self._chat(run, step, attempt, executor, name, sampling, extra, redact(schema))
+        request = ChatRequest(name, sampling, sampling.get("max_tokens"), step.timeout_s,
+                              redact(schema), thinking,     # redact: grounded spans copy the input
+                              functools.partial(self._on_delta, run, step, attempt),
+                              functools.partial(self._on_reasoning, run, step, attempt))
+        try:
+            reply = self._chat(run, step, attempt, executor, request)
         except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
             result.generation_s += time.monotonic() - attempt.started
             self._thought_cut(result, attempt)
@@ -8696,7 +9051,7 @@ class Runner:
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
         failure = self._check(run, step, result, output, output)
-        if failure is not None and local and reply.response_format:
+        if failure is not None and failure.answer_invalid and local and reply.response_format:
             self._garbled(run, step, executor, name, output, reply.response_format, schema)
         return failure
 
@@ -8724,15 +9079,15 @@ class Runner:
         unconstrained, and say so."""
         if name in executor.unconstrained:
             return
-        damage = grammar_damage(output, schema, step.validation)
+        damage = grammar_damage(output, schema)
         if damage:
             executor.drop_constraint(name, damage)
             run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
                         f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
                         "rest of this run, still checked")
 
-    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-              sampling: dict, extra: dict, schema: dict | None) -> Completion:
+    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
+              request: ChatRequest) -> Completion:
         """Send the attempt's request (with a fresh DegenerationGuard for a local model);
         a stream the server cut for another request (LLMContention) is sent again after
         each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
@@ -8741,16 +9096,16 @@ class Runner:
         beside those in flight."""
         local = isinstance(executor, LLMClient)
         pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
-        need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
+        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
         try:
-            return self._chat_once(run, step, attempt, executor, name, sampling, extra, schema)
+            return self._chat_once(run, step, attempt, executor, request)
         finally:
             if pool is not None:
                 pool.release(held)
 
-    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-                   sampling: dict, extra: dict, schema: dict | None) -> Completion:
+    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
+                   request: ChatRequest) -> Completion:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
@@ -8760,13 +9115,7 @@ class Runner:
             attempt.thinking_guard = DegenerationGuard() if local else None
             attempt.pieces = attempt.thought = 0
             try:
-                on_delta = functools.partial(self._on_delta, run, step, attempt)
-                return executor.chat(attempt.messages, model=name,
-                                     temperature=sampling.get("temperature"),
-                                     max_tokens=sampling.get("max_tokens"),
-                                     timeout_s=step.timeout_s,
-                                     json_schema=schema,
-                                     on_delta=on_delta, **extra)
+                return executor.chat(attempt.messages, request)
             except LLMContention as exc:
                 if wait is None or run.cancel.is_set():
                     raise
@@ -9020,7 +9369,8 @@ class Runner:
         in_progress, stale once this process is gone, so --resume or --rerun can
         take it over (the run's journal and backups are kept for that)."""
         try:
-            digest = self.store.finish(record, result, self.memory_api, self.progress.warning)
+            digest = self.store.finish(record, result_memory(result), self.memory_api,
+                                       self.progress.warning)
         except StoreError as exc:
             raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
                              "in progress (stale once this bridge exits), its files and their backups kept",
@@ -9057,7 +9407,7 @@ class Runner:
 
 
 ###############################################################################
-# 23. CLI: arguments and settings
+# 26. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9427,7 +9777,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 24. CLI: listing, health, trust and approval
+# 27. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9945,7 +10295,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 25. CLI: running and showing
+# 28. CLI: running and showing
 ###############################################################################
 
 
@@ -10116,120 +10466,16 @@ def cmd_show(config: Config, plan_id: str) -> int:
                     "bridge and is not shown")
         raise BridgeError(f"plan {plan_id!r} has no stored result yet (it is "
                           f"{record.display_status}){note}", run_hint(record, config.runs_dir))
-    result = shown_result(*found, record.state, config.runs_dir)
-    now = record.display_status
-    if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
-            and now not in ("stale", "in_progress"):
-        result["status_now"] = now      # after --apply or --reject: the plan's real status
-    if replaced:
-        result["replaced_runs"] = [{"run_id": run, "status": status} for run, status in replaced]
+    result = show_document(found, record, replaced, config.runs_dir)
     if config.json:
         _print_json(result)
     else:
-        print(render_result(result))
-        for run, status in replaced:
-            print(printable(f"  replaced content: run {run} ({status}) ran an earlier content "
-                            "of this plan"))
-        if record.display_status in ("stale", "awaiting_review"):
-            print(printable(f"  now: {record.display_status}; {run_hint(record, config.runs_dir)}"))
+        print(render_show(result, record, config.runs_dir))
     return EXIT_OK
 
 
-def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
-    run that is not the plan's own is said to be forged: foreign_run_reason),
-    --rerun for a finished one."""
-    status, plan_id = record.display_status, record.plan_id
-    run_id = record.state.get("run_id")
-    ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
-    if status == "stale" and runs_dir is not None and ours \
-            and (why := foreign_run_reason(runs_dir, run_id, record)):
-        return (f"its state is forged ({why}): start over with bridge --plan {plan_id} --rerun, "
-                f"which touches none of that run's files, or drop it with bridge --cancel "
-                f"{plan_id}")
-    if status == "stale":
-        return (f"its bridge died mid-run: take it over with bridge --plan {plan_id} --resume "
-                f"(keeps finished steps) or start over with bridge --plan {plan_id} --rerun")
-    if status == "in_progress":
-        return "it is running now; see it with: bridge --list --all"
-    if status == "awaiting_review":
-        return (f"its files are staged, not written: bridge --diff {plan_id}, then bridge --apply {plan_id} "
-                f"or bridge --reject {plan_id}")
-    if status == "pending":
-        return f"run it with: bridge --plan {plan_id}"
-    return f"run it again with: bridge --plan {plan_id} --rerun"
-
-
-def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs,
-    errors, files, usage, cost and where the run log is. Every line goes through
-    printable(); an output keeps its own lines."""
-    usage = result.get("usage") or {}
-    lines: list[str] = []
-
-    def add(line: str) -> None:
-        lines.append(printable(line))
-
-    if result.get("status_now"):
-        add(f"plan {result['plan_id']}: {result['status_now']} (run {result.get('run_id')}, "
-            f"which ended {result['status']})")
-    else:
-        add(f"plan {result['plan_id']}: {result['status']} (run {result.get('run_id')})")
-    if result.get("objective"):
-        add(f"  objective: {result['objective']}")
-    speed = f" · {result['tokens_per_s']} tok/s" if result.get("tokens_per_s") else ""
-    add(f"  model {result.get('model')} at {result.get('base_url')} · {result.get('started_at')} · "
-        f"{result.get('duration_s', 0):.1f} s · {usage.get('prompt_tokens', 0)} prompt + "
-        f"{usage.get('completion_tokens', 0)} completion tokens{speed}")
-    if "would_have_cost_usd" in result:
-        add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
-    if result.get("error"):
-        add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped (bridge --reject)")
-    for problem in result.get("problems") or []:
-        add(f"  problem: {problem}")
-    for step in result.get("steps", []):
-        title = f" ({step['title']})" if step.get("title") else ""
-        add(f"  step {step['id']}{title}: {step['status']} · {step['attempts']} attempt(s) · "
-            f"{step.get('duration_s', 0):.1f} s" + (" · resumed" if step.get("resumed") else ""))
-        if step.get("error"):
-            add(f"      error: {step['error']}")
-        if step.get("file_output"):
-            add(f"      file: {step['file_output']}")
-        for check in step.get("checks") or []:
-            add(f"      check: {_check_line(check)}")
-        output = (step.get("output") or "").strip()
-        if output:
-            shown = output if len(output) <= 600 else output[:600] + f" … ({len(output)} characters)"
-            lines.append("      output: " + printable(shown, multiline=True).replace("\n", "\n              "))
-    if result.get("verify"):
-        add(f"  verify: {_check_line(result['verify'])}")
-    for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
-    if result.get("run_log"):
-        add(f"  run log: {result['run_log']}")
-    return "\n".join(lines)
-
-
-def _check_line(check: dict) -> str:
-    """One command run of a result for a person: command, outcome, seconds, last output line."""
-    if check.get("ran") is False:
-        return f"`{shell_words(check['argv'])}` not run: {check['error']}"
-    attempt = f"attempt {check['attempt']}: " if "attempt" in check else ""
-    last = (check.get("output_tail") or "").strip().splitlines()[-1:]
-    outcome = "passed" if check["error"] is None else check["error"].split("` ", 1)[-1]
-    return (f"{attempt}`{shell_words(check['argv'])}` {outcome} in {check['duration_s']:.2f} s"
-            + (f" · {last[0][:200]}" if last and check["error"] else ""))
-
-
 ###############################################################################
-# 26. CLI: diff, undo, review
+# 29. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10380,7 +10626,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 27. CLI: the planner's side
+# 30. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10578,7 +10824,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 28. main()
+# 31. main()
 ###############################################################################
 
 

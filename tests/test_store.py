@@ -23,7 +23,7 @@ import pytest
 
 import bridge
 from fakes import (DDL_FTS, DDL_TRIGGERS, bridge_args, check_store, columns, insert_memory, insert_plan, iso_z,
-                   make_plan, read_rows, result_document, state_of_row)
+                   content_hash, make_plan, make_store, plan_row, read_rows, result_document, state_of_row)
 
 ROOT = Path(bridge.__file__).resolve().parent
 ISO_SERVER = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")   # the *_iso columns
@@ -804,3 +804,50 @@ def test_no_store_anywhere_names_every_path_tried(with_base_dir, fake_llm, tmp_p
     assert str(home / ".mcp-memory-service" / "memories.db") in lines[0]
     assert "Traceback" not in err
     assert not first.exists()
+
+
+# -- the result memory, byte for byte --------------------------------------------------
+
+def _pinned_result() -> dict:
+    """A result document with every part the summary shows: a project, control characters
+    in titles and problems, a failed step, files, savings with an escalation."""
+    def step(sid: int, status: str, error: str | None = None) -> dict:
+        return {"id": sid, "title": f"t\x1b{sid}\nx", "status": status, "attempts": 2, "output": "out",
+                "error": error, "file_output": None, "duration_s": 1.5,
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+    savings = {"local_tokens": 14, "local_usage": {"prompt_tokens": 6, "completion_tokens": 8},
+               "would_have_cost_usd": 0.25, "price_model": "claude-opus-4", "paid_usd": 0.5,
+               "retries": 1, "escalations": 1, "escalations_saved": 0}
+    return {"type": "bridge_result", "plan_id": "pin", "run_id": "20260101T000000Z-abc123",
+            "objective": "pin\nthe  layout", "status": "failed", "project": "proj one", "success": False,
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:01:00Z",
+            "usage": {"prompt_tokens": 6, "completion_tokens": 8}, "savings": savings,
+            "counts": {"succeeded": 1, "failed": 1, "skipped": 0},
+            "steps": [step(1, "succeeded"), step(2, "failed", "bad answer")],
+            "files": [{"path": "a.py", "action": "created"}], "error": "step 2 failed",
+            "problems": ["p\x07roblem"], "run_log": "/x/runs/20260101T000000Z-abc123"}
+
+
+def test_a_result_memory_is_stored_byte_for_byte_as_before(tmp_path):
+    """The result memory's content, tags, type and metadata, and the final state, pinned:
+    a restructure of how the result is built or stored must not change one byte."""
+    db = make_store(tmp_path / "pin.db", "12.x-fresh")
+    insert_plan(db, make_plan("pin"))
+    document = _pinned_result()
+    with bridge.Store.open(bridge.Config(db_paths=(db,))) as store:
+        digest = store.finish(store.get_plan("pin"), bridge.result_memory(document))
+    [row] = [r for r in read_rows(db) if "bridge-result" in r["tags"].split(",")]
+    summary = ["bridge result: plan pin failed in project proj one (run 20260101T000000Z-abc123)",
+               "objective: pin the layout", "steps: 1 succeeded, 1 failed, 0 skipped",
+               "step 1 (t 1 x): succeeded", "step 2 (t 2 x): failed: bad answer", "files: a.py created",
+               "error: step 2 failed",
+               "savings: 14 tokens ran on the local model, $0.2500 at claude-opus-4's prices (the "
+               "planner's own tokens not counted); 1 retry, 1 escalated (0 saved by it); $0.5000 paid",
+               "problem: p roblem"]
+    assert row["content"] == "\n".join(summary) + "\n\n" + json.dumps(document, ensure_ascii=False)
+    assert digest == row["content_hash"] == content_hash(row["content"])
+    assert (row["tags"], row["memory_type"]) == ("bridge-result,plan:pin,proj-one", "tool_outcome")
+    assert json.loads(row["metadata"]) == {"plan_id": "pin", "run_id": "20260101T000000Z-abc123"}
+    state = state_of_row(db, plan_row(db, "pin"))
+    assert (state["status"], state["finished_at"], state["error"], state["result_hash"]) == \
+        ("failed", "2026-01-01T00:01:00Z", "step 2 failed", digest)
