@@ -112,19 +112,20 @@ Limits on what bridge reads (hostile input is a recorded failure, never a crash)
 Rooms, foundations first: each room uses only names from the rooms above it (a test
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
-    1 Constants & defaults · 2 Errors · 3 Helpers ·
-    4 Path rules: what a plan may read and write · 5 File writes inside the project ·
-    6 Store layouts & plan records · 7 The memory server's HTTP API · 8 Store (SQLite) ·
-    9 Output validation · 10 Constrained JSON and degenerate output · 11 Validation types ·
-    12 Plans · 13 Trust: projects, approvals, executors ·
-    14 Model servers: errors, streams, retries · 15 LLM client: OpenAI-compatible servers ·
-    16 Other executors: the Anthropic API and the claude CLI · 17 Check commands ·
-    18 File transactions: journal, rollback, recovery ·
-    19 Kept runs: backups, diff, undo, review · 20 Prompts · 21 Run records ·
-    22 The result document · 23 Step scheduling · 24 Runner ·
-    25 CLI: arguments and settings · 26 CLI: listing, health, trust and approval ·
-    27 CLI: running and showing · 28 CLI: diff, undo, review · 29 CLI: the planner's side ·
-    30 main()
+    1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
+    4 Helpers · 5 Path rules: what a plan may read and write ·
+    6 File writes inside the project · 7 Store layouts & plan records ·
+    8 The memory server's HTTP API · 9 Store (SQLite) · 10 Output validation ·
+    11 Constrained JSON and degenerate output · 12 Validation types · 13 Plans ·
+    14 Trust: projects, approvals, executors · 15 Model servers: errors, streams, retries ·
+    16 LLM client: OpenAI-compatible servers ·
+    17 Other executors: the Anthropic API and the claude CLI · 18 Check commands ·
+    19 File transactions: journal, rollback, recovery ·
+    20 Kept runs: backups, diff, undo, review · 21 Prompts · 22 Run records ·
+    23 The result document · 24 Step scheduling · 25 Runner ·
+    26 CLI: arguments and settings · 27 CLI: listing, health, trust and approval ·
+    28 CLI: running and showing · 29 CLI: diff, undo, review · 30 CLI: the planner's side ·
+    31 main()
 """
 
 from __future__ import annotations
@@ -377,6 +378,10 @@ SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "
 SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) would hit ordinary text
 
 
+###############################################################################
+# 2. Settings: one row per setting, and Config
+###############################################################################
+
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
     """Return the store paths the memory server would use, in the order tried.
 
@@ -421,89 +426,126 @@ def default_state_dir(environ: dict[str, str]) -> Path:
     return home / ".local" / "state" / "bridge"
 
 
-_CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
-    "base_url": DEFAULT_BASE_URL,
+# One row per setting (after bottle's ConfigDict._define: a setting's default, check and
+# help in one place). flag and env: where the user sets it (a flag wins over its
+# variable, which wins over the default); field: the Config field it fills; kind: how
+# resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
+# lines of its own there); limit: the least a number may be, or the names a choice takes
+# (a tuple argparse also checks on the flag; a dict only resolve_config checks); what:
+# its name in an error; shown: how --help gives the default (None: the default itself).
+# A tuple default makes the flag repeatable and the variable comma-separated. Adding a
+# setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
+# reads this table: each row's flag and variable must be on the first page and in the
+# README's tables.
+Setting = namedtuple("Setting", "flag env field kind default limit what metavar help shown")
+SETTINGS = tuple(map(Setting._make, (
+    ("--db", "BRIDGE_DB", "db_paths", None, None, None, "store", "PATH",
+     "the memory store file", "MCP_MEMORY_SQLITE_PATH, else the memory server's "
+     "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"),
+    ("--base-url", "BRIDGE_BASE_URL", "base_url", None, DEFAULT_BASE_URL, None, "base URL", "URL",
+     "the OpenAI-compatible server", None),
+    ("--api-key", "BRIDGE_API_KEY", "api_key", "text", None, None, "API key", "KEY",
+     "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
+     "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps", "none"),
+    ("--ollama-api", "BRIDGE_OLLAMA_API", "ollama_api", "choice", "native", OLLAMA_APIS,
+     "Ollama API", None, "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the "
+     "prompts) or openai (/v1/chat/completions: the context cannot be set, and Ollama cuts "
+     "long prompts)", None),
+    ("--model", "BRIDGE_MODEL", "model", "text", None, None, "model", "ID", "the model to use",
+     "the chat model the server reports loaded (README: Model servers)"),
+    ("--timeout", "BRIDGE_TIMEOUT", "timeout_s", "number", DEFAULT_TIMEOUT_S, 0.001, "timeout",
+     "SECONDS", "seconds a request waits to connect or for the next streamed chunk", None),
+    ("--retries", "BRIDGE_RETRIES", "retries", "count", DEFAULT_RETRIES, 0, "retries", "N",
+     "retries of one request after 429, 5xx or a connection error", None),
+    ("--max-retries", "BRIDGE_MAX_RETRIES", "max_retries", "count", MAX_RETRIES_LIMIT, 0,
+     "max retries", "N",
+     "the most further attempts a step gets: a plan's max_retries above it is cut to it", None),
+    ("--retry-delay", "BRIDGE_RETRY_DELAY", "retry_delay_s", "number", DEFAULT_RETRY_DELAY_S, 0,
+     "retry delay", "SECONDS", "first backoff delay, doubled each retry", None),
+    ("--max-output-bytes", "BRIDGE_MAX_OUTPUT_BYTES", "max_output_bytes", "count",
+     DEFAULT_MAX_OUTPUT_BYTES, 1, "max output bytes", "N",
+     "a longer reply is cut and its attempt fails", None),
+    ("--no-structured", "BRIDGE_STRUCTURED", "structured", "switch", True, None, "structured",
+     None, "never ask the server for constrained JSON (response_format)",
+     "ask on json, contains_keys and json_schema steps"),
+    ("--retry-sampling", "BRIDGE_RETRY_SAMPLING", "retry_sampling", "choice",
+     DEFAULT_RETRY_SAMPLING, RETRY_SAMPLING, "retry sampling", None,
+     "how attempt 2 and later sample: plain (as the first), hotter (higher temperature, new "
+     "seed), penalty (hotter, plus repeat_penalty/DRY where the server takes them)", None),
+    ("--parallel", "BRIDGE_PARALLEL", "parallel", "count", None, 1, "parallel", "N",
+     "independent steps in flight at once",
+     "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"),
+    ("--context-length", "BRIDGE_CONTEXT_LENGTH", "context_length", "count", None, 64,
+     "context length", "TOKENS", "the model's context, for fitting prompts",
+     "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM "
+     "max_model_len)"),
+    ("--escalate-to", "BRIDGE_ESCALATE_TO", "escalate_to", "text", None, None, "escalation",
+     "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
+     "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
+    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
+     PAID_EXECUTORS, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
+     "(anthropic, claude-cli, ollama-cloud); repeatable",
+     "none; your own --model and --escalate-to count"),
+    ("--max-cost-usd", "BRIDGE_MAX_COST_USD", "max_cost_usd", "number", DEFAULT_MAX_COST_USD, 0,
+     "max cost", "USD", "stop paid requests (anthropic:, claude-cli:) once a run has spent this "
+     "much", f"{DEFAULT_MAX_COST_USD:.2f}"),
+    ("--pass-env", "BRIDGE_PASS_ENV", "pass_env", "names", (), None, "passed variable", "NAME",
+     "give check commands (command validations, verify) this credential variable of your "
+     "environment all the same; repeatable",
+     "none: checks get no token, key, secret, password or cloud/CI variable"),
+    ("--anthropic-base-url", "ANTHROPIC_BASE_URL", "anthropic_base_url", "url",
+     ANTHROPIC_BASE_URL, None, "Anthropic base URL", "URL",
+     "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", None),
+    ("--price-model", "BRIDGE_PRICE_MODEL", "price_model", "choice", DEFAULT_PRICE_MODEL,
+     CLAUDE_PRICES_USD_PER_MTOK, "price model", "MODEL",
+     "the Claude model whose prices value the tokens a run used",
+     f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"),
+    ("--memory-url", "BRIDGE_MEMORY_URL", "memory_url", None, None, None, "memory URL", "URL",
+     "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): "
+     "result memories are stored through it, so its semantic search finds them; off: never",
+     "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written "
+     "into the store directly"),
+    ("--state-dir", "BRIDGE_STATE_DIR", "state_dir", None, ".", None, "state folder", "PATH",
+     "bridge's own journals and backups", "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"),
+    ("--keep-runs", "BRIDGE_KEEP_RUNS", "keep_runs", "count", DEFAULT_KEEP_RUNS, 0, "runs kept",
+     "N", "runs per plan whose file backups are kept for --undo; older ones are deleted (0: none "
+     "kept)", None),
+)))
+
+_CONFIG_DEFAULTS = {                    # the fields of Config no row of SETTINGS fills
     "base_url_given": True,             # False: neither --base-url nor BRIDGE_BASE_URL (discovered)
-    "model": None,                      # str | None
-    "ollama_api": "native",             # one of OLLAMA_APIS
-    "api_key": None,                    # str | None: the model server's key (never shown or stored)
-    "timeout_s": DEFAULT_TIMEOUT_S,
-    "state_dir": ".",                   # str | Path
-    "retries": DEFAULT_RETRIES,
-    "max_retries": MAX_RETRIES_LIMIT,   # the most further attempts a step's max_retries gets
-    "retry_delay_s": DEFAULT_RETRY_DELAY_S,
-    "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
-    "structured": True,
-    "retry_sampling": DEFAULT_RETRY_SAMPLING,
-    "parallel": None,                   # int | None
-    "context_length": None,             # int | None
-    "price_model": DEFAULT_PRICE_MODEL,
-    "events": False,
+    "events": False,                    # --events: the run as JSON events on stdout
     "deltas": False,                    # with events: a delta event per streamed piece too
-    "db_explicit": False,
-    "anthropic_base_url": ANTHROPIC_BASE_URL,
-    "anthropic_api_key": None,          # str | None
-    "escalate_to": None,                # str | None
+    "db_explicit": False,               # the store came from --db or BRIDGE_DB
+    "anthropic_api_key": None,          # str | None: ANTHROPIC_API_KEY
+    # the user's environment less BRIDGE_* and MCP_API_KEY: commands run in it less its
+    # credentials (command_env), a claude-cli: executor in its allow-listed part (claude_env)
     "tool_env": (),                     # tuple[tuple[str, str], ...]
-    "pass_env": (),                     # tuple[str, ...]: credentials check commands get
-    "trusted_projects": (),             # tuple[Path, ...], real paths
-    "config_dir": ".",                  # str | Path
+    "trusted_projects": (),             # tuple[Path, ...]: real paths (--trust and
+                                        # BRIDGE_TRUSTED_PROJECTS)
+    "config_dir": ".",                  # str | Path: the folder of the trust and approvals files
     "home": None,                       # Path | None: the user's home folder
-    "allowed_executors": ("openai",),   # tuple[str, ...]
-    "max_cost_usd": DEFAULT_MAX_COST_USD,
-    "memory_url": None,                 # str | None: the memory server's HTTP API (loopback)
-    "memory_api_key": None,             # str | None: MCP_API_KEY
+    "memory_api_key": None,             # str | None: MCP_API_KEY, else the hooks' apiKey
     "memory_source": None,              # str | None: where memory_url came from
     "memory_note": None,                # str | None: why the hooks' endpoint is not used
-    "crash_at": None,                   # str | None
-    "keep_runs": DEFAULT_KEEP_RUNS,
-    "review": False,
-    "verbosity": 1,
+    "crash_at": None,                   # str | None: BRIDGE_CRASH_AT, a test hook
+    "review": False,                    # --review: stage the files a run writes
+    "verbosity": 1,                     # 0 errors only, 1 progress, 2 prompts and outputs
     "json": False,
     "debug": False,
 }
 
 
-class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CONFIG_DEFAULTS.values())):
+class Config(namedtuple("Config", [*(row.field for row in SETTINGS), *_CONFIG_DEFAULTS],
+                        defaults=[*(row.default for row in SETTINGS[1:]),
+                                  *_CONFIG_DEFAULTS.values()])):
     """Every setting of one bridge invocation, resolved once (see resolve_config).
 
-    db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
-    the only candidate). timeout_s: seconds to wait to connect or for the server's
-    next byte. max_retries: the most further attempts a step gets (a plan's
-    max_retries above it is cut). retries / retry_delay_s: transport retries of
-    one request and the first backoff delay (seconds).
-    max_output_bytes: a streamed reply past this many
-    bytes is cut and the attempt fails. structured: ask the server for constrained
-    JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
-    RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
-    reports, else 1). context_length: the model's context in tokens (None: what
-    the server reports, else unknown). api_key: the model server's bearer token
-    (--api-key, BRIDGE_API_KEY), sent to that server only. ollama_api: on
-    Ollama, run steps through its native /api/chat or its OpenAI endpoint
-    (OLLAMA_APIS). price_model: the Claude model whose prices
-    value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
-    run as JSON events on stdout; deltas: with them, one delta event per streamed
-    piece (off: a line per step and plan event only). anthropic_base_url, anthropic_api_key: the
-    anthropic: executor. escalate_to: the model reference a failed step gets one
-    more attempt on. tool_env: the user's environment less BRIDGE_* and
-    MCP_API_KEY: commands run in it less its credentials (command_env), a
-    claude-cli: executor in its allow-listed part (claude_env). pass_env: the
-    credential variables check commands get all the same (--pass-env).
-    memory_url: the memory server's HTTP API (loopback only) that stores result
-    memories so they get an embedding; memory_api_key: its key (MCP_API_KEY, else
-    the hooks' apiKey); memory_source: where memory_url came from ("--memory-url",
-    "BRIDGE_MEMORY_URL", HOOKS_CONFIG_SHOWN), memory_note: why the hooks' config
-    names no endpoint bridge uses (see hooks_memory_endpoint).
-    crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
-    itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
-    outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
-    keep_runs: how many runs of each plan keep their file backups for --undo.
-    review: stage the files a run writes under its folder (--review), not in the project.
-    trusted_projects: the user's trusted folders (real paths; --trust and
-    BRIDGE_TRUSTED_PROJECTS). config_dir: the folder of the trust and approvals
-    files. home: the user's home folder. allowed_executors: the executors steps may
-    use ("openai" always; anthropic and claude-cli by --allow-executor, --model or
-    --escalate-to). max_cost_usd: US dollars of paid requests one run may spend.
+    A field per row of SETTINGS (its help says what it holds: seconds, bytes, tokens,
+    US dollars) and per key of _CONFIG_DEFAULTS. db_paths (required): the store
+    candidates, first existing wins (a --db or BRIDGE_DB path is the only candidate).
+    allowed_executors: "openai" always, plus those allowed (--allow-executor) or named by
+    the user's own --model or --escalate-to.
     """
 
     __slots__ = ()
@@ -517,7 +559,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 
 
 ###############################################################################
-# 2. Errors
+# 3. Errors
 #
 #   BridgeError (exit 2 unless the class says otherwise)
 #    ├── ConfigError            bad flag or environment value
@@ -697,7 +739,7 @@ class LLMServerUnusable(LLMError):
 
 
 ###############################################################################
-# 3. Helpers
+# 4. Helpers
 ###############################################################################
 
 
@@ -1115,7 +1157,7 @@ def terminal_columns() -> int:
 
 
 ###############################################################################
-# 4. Path rules: what a plan may read and write
+# 5. Path rules: what a plan may read and write
 #
 # Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
 # store) is in this room; the rooms that read and write files call these rules and decide
@@ -1540,7 +1582,7 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
 
 
 ###############################################################################
-# 5. File writes inside the project
+# 6. File writes inside the project
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader
 # sees the old bytes or the new, never half. Before the first write to a path, its
@@ -1914,7 +1956,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 6. Store layouts & plan records
+# 7. Store layouts & plan records
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -2135,7 +2177,7 @@ def parse_result_content(content: str) -> dict | None:
 
 
 ###############################################################################
-# 7. The memory server's HTTP API
+# 8. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2340,7 +2382,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 8. Store (SQLite)
+# 9. Store (SQLite)
 # Short transactions on someone else's file: discovery, the claim, the result.
 ###############################################################################
 
@@ -3017,7 +3059,7 @@ class Store:
 
 
 ###############################################################################
-# 9. Output validation
+# 10. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
 # out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
@@ -3260,7 +3302,7 @@ def check_grounded(value: Any, source: str) -> None:
 
 
 ###############################################################################
-# 10. Constrained JSON and degenerate output
+# 11. Constrained JSON and degenerate output
 ###############################################################################
 
 
@@ -3589,7 +3631,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 11. Validation types
+# 12. Validation types
 #
 # One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
 # VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
@@ -3978,7 +4020,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 
 ###############################################################################
-# 12. Plans
+# 13. Plans
 ###############################################################################
 
 
@@ -4266,7 +4308,7 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 13. Trust: projects, approvals, executors
+# 14. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4542,7 +4584,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 14. Model servers: errors, streams, retries
+# 15. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -5189,7 +5231,7 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 15. LLM client: OpenAI-compatible servers
+# 16. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -5788,7 +5830,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 16. Other executors: the Anthropic API and the claude CLI
+# 17. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6078,7 +6120,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 17. Check commands
+# 18. Check commands
 ###############################################################################
 
 
@@ -6315,7 +6357,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 18. File transactions: journal, rollback, recovery
+# 19. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6650,7 +6692,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 19. Kept runs: backups, diff, undo, review
+# 20. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7120,7 +7162,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 20. Prompts
+# 21. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7400,7 +7442,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
 
 
 ###############################################################################
-# 21. Run records
+# 22. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7791,7 +7833,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 22. The result document
+# 23. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -8059,7 +8101,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 23. Step scheduling
+# 24. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8228,7 +8270,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 24. Runner
+# 25. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -9349,12 +9391,19 @@ class Runner:
 
 
 ###############################################################################
-# 25. CLI: arguments and settings
+# 26. CLI: arguments and settings
 ###############################################################################
 
 
-def _env_help(what: str, var: str, default: Any) -> str:
-    return f"{what} (env {var}; default {default})"
+def _setting_help(row: Setting) -> str:
+    """The --help text of a row of SETTINGS: its help, its variable and its default."""
+    if row.kind == "switch":
+        return f"{row.help} (env {row.env}=0; default: {row.shown})"
+    env = f"{row.env}, comma-separated" if isinstance(row.default, tuple) else row.env
+    shown = row.shown
+    if shown is None:
+        shown = f"{row.default:g}" if isinstance(row.default, float) else row.default
+    return f"{row.help} (env {env}; default {shown})"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -9373,193 +9422,84 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_UNUSABLE, line + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser: one action at most, plus shared settings."""
-    parser = _Parser(
-        prog="bridge", formatter_class=_HelpFormatter,
-        usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
-              "       bridge --list [--all] | --show ID | --health | --stats | --cancel ID [options]\n"
-              "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
-              "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
-              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
-              "       bridge --trust DIR | --untrust DIR | --approve ID [options]",
-        description="Run plans from the doobidoo memory store on a local OpenAI-compatible model. "
-                    "With no action flag, every pending plan runs, oldest first.",
-        epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
-               "server unusable, 70 internal error, 130 interrupted",
-    )
-    actions = parser.add_mutually_exclusive_group()
-    actions.add_argument("--plan", metavar="ID", help="run the plan with this id")
-    actions.add_argument("--list", action="store_true", help="list pending plans (id, steps, created, objective)")
-    actions.add_argument("--health", action="store_true",
-                         help="check the model server and the store; exit 0 only when both are usable")
-    actions.add_argument("--show", metavar="ID", help="show the last result of a plan, and its run log")
-    actions.add_argument("--stats", action="store_true",
-                         help="per model and validation type, from bridge's own runs: steps that "
-                              "passed on the first attempt, after retries, only on escalation, or "
-                              "failed; median tokens and seconds")
-    actions.add_argument("--validate", metavar="FILE", help="check a plan file (schema and semantic rules); "
-                                                            "exit 0 when valid, 1 with every problem")
-    actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
-                                                          "memory (creates the store when --db names a new file)")
-    actions.add_argument("--cancel", metavar="ID",
-                         help="cancel a plan that is not running nor finished")
-    actions.add_argument("--diff", metavar="ID", help="show what the plan's last run (or --run RUN_ID) changed "
-                                                      "in its files, as a unified diff")
-    actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "
-                                                      "changed; refuses files changed since, unless --force")
-    actions.add_argument("--apply", metavar="ID", help="write the files a --review run of the plan staged, once "
-                                                       "the files it read and replaces are unchanged")
-    actions.add_argument("--reject", metavar="ID", help="drop the files a --review run of the plan staged")
-    actions.add_argument("--schema", action="store_true", help="print the plan JSON Schema")
-    actions.add_argument("--trust", metavar="DIR", help="trust a project folder and everything under it: plans "
-                                                        "whose project lies there run without approval")
-    actions.add_argument("--untrust", metavar="DIR", help="take a folder off the trusted projects")
-    actions.add_argument("--approve", metavar="ID", help="let one plan run, as its content is now (a plan "
-                                                         "replaced with other content needs approval again)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="with no action or --plan: check the plans that would run and print each step's "
-                             "exact messages, without a server; the store is not touched")
-    parser.add_argument("--replace", action="store_true",
-                        help="with --submit: soft-delete the live plan with the same id")
-    parser.add_argument("--review", action="store_true",
-                        help="with a run: stage the files it writes under --state-dir, not in the project; "
-                             "the plan waits as awaiting_review for --apply or --reject")
-    parser.add_argument("--run", metavar="RUN_ID", dest="run_id",
-                        help="with --diff or --undo: that run of the plan instead of its last")
-    parser.add_argument("--force", action="store_true",
-                        help="with --undo: put the originals back even over files changed since the run")
-    parser.add_argument("--events", action="store_true",
-                        help="print the run as JSON events on stdout, one per line: a line per "
-                             "step and plan event (progress stays on stderr)")
-    parser.add_argument("--deltas", action="store_true",
-                        help="with --events: also one delta event per streamed piece of text")
-    parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
-    parser.add_argument("--rerun", action="store_true",
-                        help="with --plan: run a completed, failed, cancelled or stale plan again, "
-                             "from the start")
-    parser.add_argument("--resume", action="store_true",
-                        help="with --plan: take over a stale plan (its bridge died), keeping the steps "
-                             "that had succeeded")
-    parser.add_argument("--json", dest="json_", action="store_true",
-                        help="print one JSON document on stdout (--list, --health, --stats, "
-                             "--show, --validate, --submit, --dry-run, --diff, --undo, --apply, "
-                             "--reject, a run's summary)")
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
-    noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
-    settings = parser.add_argument_group("settings (a flag wins over its environment variable)")
-    settings.add_argument("--db", metavar="PATH", help=_env_help(
-        "the memory store file", "BRIDGE_DB", "MCP_MEMORY_SQLITE_PATH, else the memory server's "
-        "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"))
-    settings.add_argument("--base-url", metavar="URL", help=_env_help(
-        "the OpenAI-compatible server", "BRIDGE_BASE_URL", DEFAULT_BASE_URL))
-    settings.add_argument("--api-key", metavar="KEY", help=_env_help(
-        "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
-        "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps",
-        "BRIDGE_API_KEY", "none"))
-    settings.add_argument("--ollama-api", choices=OLLAMA_APIS, help=_env_help(
-        "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the prompts) or openai "
-        "(/v1/chat/completions: the context cannot be set, and Ollama cuts long prompts)",
-        "BRIDGE_OLLAMA_API", "native"))
-    settings.add_argument("--model", metavar="ID", help=_env_help(
-        "the model to use", "BRIDGE_MODEL",
-        "the chat model the server reports loaded (README: Model servers)"))
-    settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
-        "seconds a request waits to connect or for the next streamed chunk", "BRIDGE_TIMEOUT",
-        f"{DEFAULT_TIMEOUT_S:g}"))
-    settings.add_argument("--retries", metavar="N", help=_env_help(
-        "retries of one request after 429, 5xx or a connection error", "BRIDGE_RETRIES", DEFAULT_RETRIES))
-    settings.add_argument("--max-retries", metavar="N", help=_env_help(
-        "the most further attempts a step gets: a plan's max_retries above it is cut to it",
-        "BRIDGE_MAX_RETRIES", MAX_RETRIES_LIMIT))
-    settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
-        "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
-    settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
-        "a longer reply is cut and its attempt fails", "BRIDGE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES))
-    settings.add_argument("--no-structured", dest="structured", action="store_false", default=None,
-                          help="never ask the server for constrained JSON (response_format) "
-                               "(env BRIDGE_STRUCTURED=0; default: ask on json, contains_keys "
-                               "and json_schema steps)")
-    settings.add_argument("--retry-sampling", choices=RETRY_SAMPLING, help=_env_help(
-        "how attempt 2 and later sample: plain (as the first), hotter (higher temperature, new seed), "
-        "penalty (hotter, plus repeat_penalty/DRY where the server takes them)", "BRIDGE_RETRY_SAMPLING",
-        DEFAULT_RETRY_SAMPLING))
-    settings.add_argument("--parallel", metavar="N", help=_env_help(
-        "independent steps in flight at once", "BRIDGE_PARALLEL",
-        "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"))
-    settings.add_argument("--context-length", metavar="TOKENS", help=_env_help(
-        "the model's context, for fitting prompts", "BRIDGE_CONTEXT_LENGTH",
-        "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM max_model_len)"))
-    settings.add_argument("--escalate-to", metavar="MODEL", help=_env_help(
-        "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
-        "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
-    settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
-                          help=_env_help("let steps run on a paid, agentic or remote executor "
-                                         "(anthropic, claude-cli, ollama-cloud); repeatable",
-                                         "BRIDGE_ALLOW_EXECUTORS, comma-separated",
-                                         "none; your own --model and --escalate-to count"))
-    settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
-        "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
-        f"{DEFAULT_MAX_COST_USD:.2f}"))
-    settings.add_argument("--pass-env", metavar="NAME", action="append", help=_env_help(
-        "give check commands (command validations, verify) this credential variable of your "
-        "environment all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
-        "none: checks get no token, key, secret, password or cloud/CI variable"))
-    settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
-        "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
-        ANTHROPIC_BASE_URL))
-    settings.add_argument("--price-model", metavar="MODEL", help=_env_help(
-        "the Claude model whose prices value the tokens a run used", "BRIDGE_PRICE_MODEL",
-        f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
-    settings.add_argument("--memory-url", metavar="URL", help=_env_help(
-        "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): result "
-        "memories are stored through it, so its semantic search finds them; off: never",
-        "BRIDGE_MEMORY_URL",
-        "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written into "
-        "the store directly"))
-    settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
-        "bridge's own journals and backups", "BRIDGE_STATE_DIR",
-        "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
-    settings.add_argument("--keep-runs", metavar="N", help=_env_help(
-        "runs per plan whose file backups are kept for --undo; older ones are deleted (0: none kept)",
-        "BRIDGE_KEEP_RUNS", DEFAULT_KEEP_RUNS))
-    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
-    return parser
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """Add the settings group to parser: an option per row of SETTINGS, in its order.
+
+    A switch is a store_true flag turning its default off; a tuple default makes the flag
+    repeatable (append); a tuple limit is the flag's argparse choices.
+    """
+    group = parser.add_argument_group("settings (a flag wins over its environment variable)")
+    for row in SETTINGS:
+        options: dict[str, Any] = {"help": _setting_help(row)}
+        if row.kind == "switch":
+            options.update(action="store_true", default=None)
+        else:
+            options["metavar"] = row.metavar
+        if isinstance(row.limit, tuple):
+            options["choices"] = row.limit
+        if isinstance(row.default, tuple):
+            options["action"] = "append"
+        group.add_argument(row.flag, **options)
 
 
-def _number(name: str, flag: str, raw: str | None, default: float, kind: type = float,
-            minimum: float = 0) -> Any:
+def _first(flag: Any, env: str | None) -> Any:
+    """The flag's value, else the variable's (an empty one counts as unset), else None."""
+    return flag if flag is not None else (env or None)
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute for a long flag: --max-retries is args.max_retries."""
+    return flag[2:].replace("-", "_")
+
+
+def _number(row: Setting, raw: str | None, kind: type = float) -> Any:
+    """Return raw as a kind (int or float) of at least row.limit, row.default when raw is
+    None. Raises ConfigError naming the setting, the value and where it is set."""
     if raw is None:
-        return default
+        return row.default
     try:
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum or value != value:
-        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number ≥ {minimum:g}, "
-                          f"got {raw!r}", f"fix {flag}")
+    if value is None or value < row.limit or value != value:
+        whole = "whole " if kind is int else ""
+        raise ConfigError(f"{row.what} must be a {whole}number ≥ {row.limit:g}, got {raw!r}",
+                          f"fix {row.flag} or {row.env}")
     return value
 
 
-def _one_of(name: str | None, choices: Any, default: str, what: str, where: str) -> str:
-    """Return name when it is one of choices, default when it is None; raise ConfigError
-    naming what was asked and where it is set (where: the flag, or flag and variable)."""
+def _one_of(row: Setting, name: str | None) -> str:
+    """Return name when it is one of row.limit, row.default when it is None; raise
+    ConfigError naming what was asked and where it is set."""
     if name is None:
-        return default
-    if name not in choices:
-        raise ConfigError(f"unknown {what} {name!r}", f"pick one of {', '.join(choices)} ({where})")
+        return row.default
+    if name not in row.limit:
+        raise ConfigError(f"unknown {row.what} {name!r}",
+                          f"pick one of {', '.join(row.limit)} ({row.flag} or {row.env})")
     return name
 
 
-def _price_model(name: str | None) -> str:
-    return _one_of(name, CLAUDE_PRICES_USD_PER_MTOK, DEFAULT_PRICE_MODEL, "price model", "--price-model")
+def _names(flag: list[str] | None, env: str | None) -> tuple[str, ...]:
+    """The names of a repeated flag and of its comma-separated variable, both, once each."""
+    names = [*(flag or []), *(env or "").split(",")]
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
 
 
-def _retry_sampling(name: str | None) -> str:
-    return _one_of(name, RETRY_SAMPLING, DEFAULT_RETRY_SAMPLING, "retry sampling",
-                   "--retry-sampling or BRIDGE_RETRY_SAMPLING")
+def _switch(flag: bool | None, env: str | None) -> bool:
+    """False when the switch's flag is given or its variable is 0, false, no or off."""
+    return not flag and (env or "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# How resolve_config reads a row of SETTINGS of each kind: (row, flag value, variable value)
+_READERS = {
+    "text": lambda row, flag, env: _first(flag, env),
+    "url": lambda row, flag, env: (_first(flag, env) or row.default).rstrip("/"),
+    "number": lambda row, flag, env: _number(row, _first(flag, env)),
+    "count": lambda row, flag, env: _number(row, _first(flag, env), int),
+    "choice": lambda row, flag, env: _one_of(row, _first(flag, env)),
+    "names": lambda row, flag, env: _names(flag, env),
+    "switch": lambda row, flag, env: _switch(flag, env),
+}
 
 
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
@@ -9598,114 +9538,230 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     return tuple(dict.fromkeys(["openai", *names]))
 
 
-def _pass_env(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
-    """The variable names of --pass-env and BRIDGE_PASS_ENV (comma-separated)."""
-    names = [*(args.pass_env or []), *environ.get("BRIDGE_PASS_ENV", "").split(",")]
-    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-
-
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
     """Return True when internal errors show their traceback: --debug, or BRIDGE_DEBUG
     set to anything but "" or "0"."""
     return args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
 
 
+def quiet_http_logs() -> None:
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
+    logging a program embedding bridge set up. Logger levels are process-wide: the
+    actions that make HTTP requests (--health, a run) set them once, before they start
+    any client or thread; the other actions do not import logging at all."""
+    import logging
+
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
+                    home: Path) -> tuple[str | None, str | None, str | None, str | None]:
+    """Return (memory_url, memory_api_key, memory_source, memory_note): --memory-url, else
+    BRIDGE_MEMORY_URL ("off": none), else the loopback endpoint of the memory server's
+    Claude Code hooks (hooks_memory_endpoint). Raises ConfigError for a URL bridge may
+    not use (check_memory_url)."""
+    url = _first(args.memory_url, environ.get("BRIDGE_MEMORY_URL"))
+    key = environ.get("MCP_API_KEY") or None
+    source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if url else None
+    note = None
+    if url and url.strip().lower() == "off":
+        url, note = None, f"{source} is off"
+    elif not url:
+        url, hooks_key, note = hooks_memory_endpoint(home)
+        if url:
+            source, key = HOOKS_CONFIG_SHOWN, key or hooks_key
+    return (check_memory_url(url) if url else None), key, source, note
+
+
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
 
-    environ is passed in (tests give a plain dict). Raises ConfigError for a
-    value that cannot be used, naming it.
+    The rows of SETTINGS with a kind are read by _READERS; the others below. environ is
+    passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
+    used, naming it.
     """
     from pathlib import Path
 
-    def pick(flag_value: Any, var: str) -> Any:
-        # flag first, then the environment; None means "use the default"
-        return flag_value if flag_value is not None else (environ.get(var) or None)
-
-    if db := pick(args.db, "BRIDGE_DB"):
-        db_paths: tuple[Path, ...] = (Path(db).expanduser(),)
-    else:
-        db_paths = tuple(default_db_candidates(environ))
-    state = pick(args.state_dir, "BRIDGE_STATE_DIR")
-    config_dir = default_config_dir(environ)
-    base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
-    memory_url = pick(args.memory_url, "BRIDGE_MEMORY_URL")
-    memory_key = environ.get("MCP_API_KEY") or None
-    memory_source = ("--memory-url" if args.memory_url is not None
-                     else "BRIDGE_MEMORY_URL" if memory_url else None)
-    memory_note = None
-    if memory_url and memory_url.strip().lower() == "off":
-        memory_url, memory_note = None, f"{memory_source} is off"
-    elif not memory_url:
-        home = Path(environ.get("HOME") or Path.home())
-        memory_url, hooks_key, memory_note = hooks_memory_endpoint(home)
-        if memory_url:
-            memory_source, memory_key = HOOKS_CONFIG_SHOWN, memory_key or hooks_key
+    given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
+    base_url = given_url or DEFAULT_BASE_URL
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"base URL {base_url!r} is not an http(s) URL",
                           "pass e.g. --base-url http://localhost:1234/v1")
+    values = {row.field: _READERS[row.kind](row, getattr(args, _dest(row.flag)),
+                                             environ.get(row.env))
+              for row in SETTINGS if row.kind}
+    db = _first(args.db, environ.get("BRIDGE_DB"))
+    state = _first(args.state_dir, environ.get("BRIDGE_STATE_DIR"))
+    home = Path(environ.get("HOME") or Path.home())
+    memory_url, memory_key, memory_source, memory_note = _memory_setting(args, environ, home)
+    config_dir = default_config_dir(environ)
     return Config(
-        db_paths=db_paths,
+        **values,
+        db_paths=(Path(db).expanduser(),) if db else tuple(default_db_candidates(environ)),
+        db_explicit=bool(db),
         base_url=base_url.rstrip("/"),
-        base_url_given=bool(pick(args.base_url, "BRIDGE_BASE_URL")),
-        model=pick(args.model, "BRIDGE_MODEL"),
-        api_key=pick(args.api_key, "BRIDGE_API_KEY"),
-        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native",
-                           "Ollama API", "--ollama-api or BRIDGE_OLLAMA_API"),
-        timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
-                          pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
-        retries=_number("retries", "--retries or BRIDGE_RETRIES",
-                        pick(args.retries, "BRIDGE_RETRIES"), DEFAULT_RETRIES, int),
-        max_retries=_number("max retries", "--max-retries or BRIDGE_MAX_RETRIES",
-                            pick(args.max_retries, "BRIDGE_MAX_RETRIES"), MAX_RETRIES_LIMIT, int),
-        retry_delay_s=_number("retry delay", "--retry-delay or BRIDGE_RETRY_DELAY",
-                              pick(args.retry_delay, "BRIDGE_RETRY_DELAY"), DEFAULT_RETRY_DELAY_S),
-        max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
-                                 pick(args.max_output_bytes, "BRIDGE_MAX_OUTPUT_BYTES"),
-                                 DEFAULT_MAX_OUTPUT_BYTES, int, minimum=1),
-        parallel=_number("parallel", "--parallel or BRIDGE_PARALLEL", pick(args.parallel, "BRIDGE_PARALLEL"),
-                         None, int, minimum=1),
-        context_length=_number("context length", "--context-length or BRIDGE_CONTEXT_LENGTH",
-                               pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
-        price_model=_price_model(pick(args.price_model, "BRIDGE_PRICE_MODEL")),
-        retry_sampling=_retry_sampling(pick(args.retry_sampling, "BRIDGE_RETRY_SAMPLING")),
-        escalate_to=pick(args.escalate_to, "BRIDGE_ESCALATE_TO"),
-        memory_url=check_memory_url(memory_url) if memory_url else None,
+        base_url_given=bool(given_url),
+        state_dir=Path(state).expanduser() if state else default_state_dir(environ),
+        memory_url=memory_url,
         memory_api_key=memory_key,
         memory_source=memory_source,
         memory_note=memory_note,
-        anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
-                            or ANTHROPIC_BASE_URL).rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
         # the user's environment less bridge's own settings and the memory server's key:
         # commands run in it; a claude-cli: model gets only its allow-listed part
         tool_env=tuple((k, v) for k, v in environ.items()
                        if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
-        pass_env=_pass_env(args, environ),
         trusted_projects=_trusted_projects(config_dir, environ),
         config_dir=config_dir,
-        home=Path(environ.get("HOME") or Path.home()),
+        home=home,
         allowed_executors=_allowed_executors(args, environ),
-        max_cost_usd=_number("max cost", "--max-cost-usd or BRIDGE_MAX_COST_USD",
-                             pick(args.max_cost_usd, "BRIDGE_MAX_COST_USD"), DEFAULT_MAX_COST_USD),
         events=args.events,
         deltas=args.deltas,
-        db_explicit=bool(db),
-        structured=args.structured if args.structured is not None
-        else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
-        state_dir=Path(state).expanduser() if state else default_state_dir(environ),
-        crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
         review=args.review,
-        keep_runs=_number("runs kept", "--keep-runs or BRIDGE_KEEP_RUNS", pick(args.keep_runs, "BRIDGE_KEEP_RUNS"),
-                          DEFAULT_KEEP_RUNS, int),
+        crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
-        json=args.json_,
+        json=args.json,
         debug=debug_wanted(args, environ),
     )
 
 
+# One row per action (after tarfile's CLI, whose --filter choices are its _NAMED_FILTERS):
+# the flag (mutually exclusive with the others; metavar None: a flag without a value),
+# its help, its handler, whether it prints a --json document, and the modifiers it takes
+# (MODIFIERS). The handler, a function of this module named by the row (looked up when
+# main calls it, in the room 'main()'), gets the Config, the flag's value when it takes
+# one, then the values of its modifiers that are handler arguments, in the row's order.
+# The first row is also the run of every pending plan when no action flag is given.
+# Adding an action is a row here plus its handler; tests/test_first_page.py reads this.
+Action = namedtuple("Action", "flag metavar help handler json modifiers")
+ACTIONS = tuple(map(Action._make, (
+    ("--plan", "ID", "run the plan with this id", "_run", True,
+     ("--rerun", "--resume", "--dry-run", "--review", "--events", "--deltas")),
+    ("--list", None, "list pending plans (id, steps, created, objective)", "cmd_list", True,
+     ("--all",)),
+    ("--health", None, "check the model server and the store; exit 0 only when both are usable",
+     "cmd_health", True, ()),
+    ("--show", "ID", "show the last result of a plan, and its run log", "cmd_show", True, ()),
+    ("--stats", None, "per model and validation type, from bridge's own runs: steps that passed "
+     "on the first attempt, after retries, only on escalation, or failed; median tokens and "
+     "seconds", "cmd_stats", True, ()),
+    ("--validate", "FILE", "check a plan file (schema and semantic rules); exit 0 when valid, 1 "
+     "with every problem", "cmd_validate", True, ()),
+    ("--submit", "FILE", "validate a plan file and store it as a new plan memory (creates the "
+     "store when --db names a new file)", "cmd_submit", True, ("--replace",)),
+    ("--cancel", "ID", "cancel a plan that is not running nor finished", "cmd_cancel", False, ()),
+    ("--diff", "ID", "show what the plan's last run (or --run RUN_ID) changed in its files, as "
+     "a unified diff", "cmd_diff", True, ("--run",)),
+    ("--undo", "ID", "put back every file the plan's last run (or --run RUN_ID) changed; "
+     "refuses files changed since, unless --force", "cmd_undo", True, ("--run", "--force")),
+    ("--apply", "ID", "write the files a --review run of the plan staged, once the files it "
+     "read and replaces are unchanged", "cmd_apply", True, ()),
+    ("--reject", "ID", "drop the files a --review run of the plan staged", "cmd_reject", True, ()),
+    ("--schema", None, "print the plan JSON Schema", "cmd_schema", False, ()),
+    ("--trust", "DIR", "trust a project folder and everything under it: plans whose project "
+     "lies there run without approval", "cmd_trust", False, ()),
+    ("--untrust", "DIR", "take a folder off the trusted projects", "cmd_untrust", False, ()),
+    ("--approve", "ID", "let one plan run, as its content is now (a plan replaced with other "
+     "content needs approval again)", "cmd_approve", False, ()),
+)))
+
+_RUN_ONLY = "goes with a run (no action flag, or --plan ID)"
+# One row per modifier: a flag that only some actions take (their rows of ACTIONS say
+# which). misuse: the usage error when it is given without one of them, or without the
+# flag it needs (needs); refuses: flags it cannot go with, each with its own error (None:
+# misuse); passed: its value is a handler argument (else resolve_config reads it into
+# Config). The rows are checked in this order, so the first error is as it always was.
+Modifier = namedtuple("Modifier", "flag metavar help misuse needs refuses passed")
+MODIFIERS = tuple(map(Modifier._make, (
+    ("--all", None, "with --list: every plan, with its status", "--all goes with --list",
+     None, (), True),
+    ("--rerun", None, "with --plan: run a completed, failed, cancelled or stale plan again, "
+     "from the start", "--rerun and --resume go with --plan ID", "--plan",
+     (("--resume", "--rerun starts over, --resume continues: pick one"),), True),
+    ("--resume", None, "with --plan: take over a stale plan (its bridge died), keeping the "
+     "steps that had succeeded", "--rerun and --resume go with --plan ID", "--plan", (), True),
+    ("--replace", None, "with --submit: soft-delete the live plan with the same id",
+     "--replace goes with --submit FILE", None, (), True),
+    ("--run", "RUN_ID", "with --diff or --undo: that run of the plan instead of its last",
+     "--run RUN_ID goes with --diff ID or --undo ID", None, (), True),
+    ("--force", None, "with --undo: put the originals back even over files changed since the "
+     "run", "--force goes with --undo ID", None, (), True),
+    ("--review", None, "with a run: stage the files it writes under --state-dir, not in the "
+     "project; the plan waits as awaiting_review for --apply or --reject",
+     "--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or "
+     "--resume", None, (("--dry-run", None), ("--resume", None)), False),
+    ("--dry-run", None, "with no action or --plan: check the plans that would run and print "
+     "each step's exact messages, without a server; the store is not touched",
+     f"--dry-run {_RUN_ONLY}", None, (), True),
+    ("--events", None, "print the run as JSON events on stdout, one per line: a line per step "
+     "and plan event (progress stays on stderr)", f"--events {_RUN_ONLY}", None,
+     (("--dry-run", None), ("--json", "--events and --json both write to stdout: pick one")),
+     False),
+    ("--deltas", None, "with --events: also one delta event per streamed piece of text",
+     "--deltas goes with --events", "--events", (), False),
+)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser: at most one of ACTIONS, MODIFIERS, the output options
+    and the settings (add_settings)."""
+    parser = _Parser(
+        prog="bridge", formatter_class=_HelpFormatter,
+        usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
+              "       bridge --list [--all] | --show ID | --health | --stats | --cancel ID "
+              "[options]\n"
+              "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
+              "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
+              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
+              "       bridge --trust DIR | --untrust DIR | --approve ID [options]",
+        description="Run plans from the doobidoo memory store on a local OpenAI-compatible "
+                    "model. With no action flag, every pending plan runs, oldest first.",
+        epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
+               "server unusable, 70 internal error, 130 interrupted",
+    )
+    actions = parser.add_mutually_exclusive_group()
+    for group, rows in ((actions, ACTIONS), (parser, MODIFIERS)):
+        for row in rows:
+            if row.metavar:
+                group.add_argument(row.flag, metavar=row.metavar, help=row.help)
+            else:
+                group.add_argument(row.flag, action="store_true", help=row.help)
+    documents = ", ".join(row.flag for row in ACTIONS[1:] if row.json)
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout "
+                        f"({documents}, --dry-run, a run's summary)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="show the prompts sent and the outputs")
+    noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
+    add_settings(parser)
+    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
+    return parser
+
+
+def chosen_action(args: argparse.Namespace) -> Action:
+    """The row of ACTIONS whose flag was given, else the first (a run)."""
+    return next((row for row in ACTIONS[1:] if getattr(args, _dest(row.flag))), ACTIONS[0])
+
+
+def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                             action: Action) -> None:
+    """Refuse a modifier the action does not take, without the flag it needs, or with a
+    flag it refuses (MODIFIERS): a usage error, exit 2."""
+    for row in MODIFIERS:
+        if not getattr(args, _dest(row.flag)):
+            continue
+        if row.flag not in action.modifiers or (row.needs and not getattr(args, _dest(row.needs))):
+            parser.error(row.misuse)
+        for other, message in row.refuses:
+            if getattr(args, _dest(other)):
+                parser.error(message or row.misuse)
+
+
 ###############################################################################
-# 26. CLI: listing, health, trust and approval
+# 27. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9761,82 +9817,109 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def cmd_health(config: Config) -> int:
-    """Check the server and the store; print the report; 0 only when both work."""
-    report: dict[str, Any] = {"server": {"base_url": config.base_url}, "store": {}}
-    server_ok = store_ok = False
+def _server_health(config: Config) -> tuple[Config, dict, bool]:
+    """Probe the model server (found by discover_server when no base URL is set): return
+    the config with its base URL, the report's "server" part, and whether a run could use
+    it (reachable, a model, no problem)."""
+    report: dict[str, Any] = {"base_url": config.base_url}
     config, tried = discover_server(config)
-    report["server"].update(base_url=config.base_url, tried=tried)
+    report.update(base_url=config.base_url, tried=tried)
+    ok = False
     try:
         with LLMClient(config) as client:
             info = client.probe()
             models = info.models
-            report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
-                                    context_length=info.context_length, parallel=info.parallel)
-            report["server"].update(run_plan(config, client, info))
-            server_ok = bool(models) and not info.problem
+            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
+                          context_length=info.context_length, parallel=info.parallel)
+            report.update(run_plan(config, client, info))
+            ok = bool(models) and not info.problem
             if not models:
-                report["server"]["error"] = "the server lists no models; download or load one"
-            elif not server_ok:
-                report["server"]["error"] = report["server"]["model_why"]
+                report["error"] = "the server lists no models; download or load one"
+            elif not ok:
+                report["error"] = report["model_why"]
     except LLMError as exc:
-        report["server"].update(reachable=False, error=str(exc), hint=exc.hint)
+        report.update(reachable=False, error=str(exc), hint=exc.hint)
+    return config, report, ok
+
+
+def _store_health(config: Config) -> tuple[dict, bool]:
+    """Open and check the store: return the report's "store" part and whether it is usable."""
+    report: dict[str, Any] = {}
+    ok = False
     try:
         with Store.open(config) as store:
-            report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts)
+            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
             problem = store.check_usable()
             if problem:
                 raise StoreError(f"the store {store.path} is not usable: {problem}",
                                  READ_ONLY_STORE_HINT if "readonly" in problem else
-                                 "restore it from a backup, or point --db at a store that can be written")
-            report["store"].update(pending=store.pending_count(), **store.memory_report())
-            store_ok = True
+                                 "restore it from a backup, or point --db at a store that can "
+                                 "be written")
+            report.update(pending=store.pending_count(), **store.memory_report())
+            ok = True
     except StoreError as exc:
-        report["store"].update(error=str(exc), hint=exc.hint)
+        report.update(error=str(exc), hint=exc.hint)
+    return report, ok
+
+
+def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
+    """Print the --health report as lines: server, run plan, store and memory, backups."""
+    server, store_info = report["server"], report["store"]
+    if server_ok:
+        version = f" {server['version']}" if server.get("version") else ""
+        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                        f"{len(server['models'])} model(s) · loaded: "
+                        f"{server['loaded'] or 'none reported'} · context "
+                        f"{server['context_length'] or 'not reported'} · parallel "
+                        f"{server['parallel'] or 1}"))
+    else:
+        print(printable(f"server  FAIL  {server['error']}"))
+        if server.get("hint"):
+            print(printable(f"              hint: {server['hint']}"))
+    for line in run_plan_lines(server):
+        print(printable(f"              {line}"))
+    memory_setting = _memory_setting_text(report["memory_setting"])
+    if store_ok:
+        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                        f"{store_info['pending']} pending plan(s)"))
+        line = _memory_store_line(store_info)
+        if "memory_api" in report:     # one memory line: store and API
+            api = _memory_api_line(report["memory_api"])
+            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+        print(printable("memory  " + line + memory_setting))
+    else:
+        print(printable(f"store   FAIL  {store_info['error']}"))
+        if store_info.get("hint"):
+            print(printable(f"              hint: {store_info['hint']}"))
+    backups = report["backups"]
+    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
+          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
+          "plan)")
+    if "memory_api" in report and not store_ok:
+        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def cmd_health(config: Config) -> int:
+    """Check the server, the store and the memory server's HTTP API when one is set; print
+    the report (--json: as a document); return 0 only when all of them work, else 2."""
+    quiet_http_logs()
+    config, server, server_ok = _server_health(config)
+    store, store_ok = _store_health(config)
+    report: dict[str, Any] = {"server": server, "store": store}
     report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
                          "keep_runs": config.keep_runs}
     memory_ok = True
     report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
                                 "note": config.memory_note}
     if config.memory_url:
-        report["memory_api"] = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0).probe()
+        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
+        report["memory_api"] = api.probe()
         memory_ok = bool(report["memory_api"]["key_accepted"])
     report["ok"] = server_ok and store_ok and memory_ok
     if config.json:
         _print_json(report)
     else:
-        server, store_info = report["server"], report["store"]
-        if server_ok:
-            version = f" {server['version']}" if server.get("version") else ""
-            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
-                            f"{len(server['models'])} model(s) · loaded: "
-                            f"{server['loaded'] or 'none reported'} · context "
-                            f"{server['context_length'] or 'not reported'} · parallel "
-                            f"{server['parallel'] or 1}"))
-        else:
-            print(printable(f"server  FAIL  {server['error']}"))
-            if server.get("hint"):
-                print(printable(f"              hint: {server['hint']}"))
-        for line in run_plan_lines(server):
-            print(printable(f"              {line}"))
-        if store_ok:
-            print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
-                            f"{store_info['pending']} pending plan(s)"))
-            line = _memory_store_line(store_info)
-            if "memory_api" in report:     # one memory line: store and API
-                api = _memory_api_line(report["memory_api"])
-                line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
-            print(printable("memory  " + line + _memory_setting_text(report["memory_setting"])))
-        else:
-            print(printable(f"store   FAIL  {store_info['error']}"))
-            if store_info.get("hint"):
-                print(printable(f"              hint: {store_info['hint']}"))
-        backups = report["backups"]
-        print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
-              f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
-        if "memory_api" in report and not store_ok:
-            print(printable("memory  " + _memory_api_line(report["memory_api"])
-                            + _memory_setting_text(report["memory_setting"])))
+        _print_health(config, report, server_ok, store_ok)
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -10196,7 +10279,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 27. CLI: running and showing
+# 28. CLI: running and showing
 ###############################################################################
 
 
@@ -10376,7 +10459,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 28. CLI: diff, undo, review
+# 29. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10527,7 +10610,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 29. CLI: the planner's side
+# 30. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10725,7 +10808,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 30. main()
+# 31. main()
 ###############################################################################
 
 
@@ -10747,45 +10830,31 @@ def _ignore_interrupts() -> None:
                 signal.signal(sig, signal.SIG_IGN)
 
 
-def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse flags that only make sense with an action they were not given (exit 2)."""
-    if args.all and not args.list:
-        parser.error("--all goes with --list")
-    if (args.rerun or args.resume) and not args.plan:
-        parser.error("--rerun and --resume go with --plan ID")
-    if args.rerun and args.resume:
-        parser.error("--rerun starts over, --resume continues: pick one")
-    if args.replace and not args.submit:
-        parser.error("--replace goes with --submit FILE")
-    if args.run_id and not (args.diff or args.undo):
-        parser.error("--run RUN_ID goes with --diff ID or --undo ID")
-    if args.force and not args.undo:
-        parser.error("--force goes with --undo ID")
-    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
-        or args.stats \
-        or args.schema or args.diff or args.undo or args.apply or args.reject \
-        or args.trust or args.untrust or args.approve
-    if args.review and (other_action or args.dry_run or args.resume):
-        parser.error("--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or --resume")
-    if args.dry_run and other_action:
-        parser.error("--dry-run goes with a run (no action flag, or --plan ID)")
-    if args.events and (other_action or args.dry_run):
-        parser.error("--events goes with a run (no action flag, or --plan ID)")
-    if args.deltas and not args.events:
-        parser.error("--deltas goes with --events")
-    if args.events and args.json_:
-        parser.error("--events and --json both write to stdout: pick one")
+def cmd_schema(config: Config) -> int:
+    """Print the plan JSON Schema (bridge-plan-schema.json) on stdout."""
+    sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
+    return EXIT_OK
 
 
-def quiet_http_logs() -> None:
-    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
-    logging a program embedding bridge set up. Logger levels are process-wide: main
-    sets them once, before the actions that make HTTP requests (--health, a run) start
-    any client or thread; the other actions do not import logging at all."""
-    import logging
+def cmd_untrust(config: Config, folder: str) -> int:
+    """Take a folder off the trusted projects (cmd_trust)."""
+    return cmd_trust(config, folder, trust=False)
 
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+
+def _run(config: Config, plan_id: str | None, rerun: bool, resume: bool, dry_run: bool) -> int:
+    """A run: every pending plan (no plan_id) or one; with dry_run, only its messages."""
+    if dry_run:
+        return cmd_dry_run(config, plan_id)
+    quiet_http_logs()
+    return cmd_run(config, plan_id, rerun, resume)
+
+
+def _call_action(action: Action, config: Config, args: argparse.Namespace) -> int:
+    """Call the action's handler with config, its value, and its passed modifiers' values."""
+    passed = {row.flag for row in MODIFIERS if row.passed}
+    values = [getattr(args, _dest(action.flag))] if action.metavar else []
+    values += [getattr(args, _dest(flag)) for flag in action.modifiers if flag in passed]
+    return globals()[action.handler](config, *values)
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -10798,52 +10867,20 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_flag_combinations(parser, args)
+    action = chosen_action(args)
+    _check_flag_combinations(parser, args, action)
     environ = dict(os.environ if environ is None else environ)
     # the model server's key given as a flag is as secret as in its variable
     remember_secrets({**environ, **({"BRIDGE_API_KEY": args.api_key} if args.api_key else {})})
     debug = debug_wanted(args, environ)
     try:
-        config = resolve_config(args, environ)
-        if args.list:
-            return cmd_list(config, args.all)
-        if args.health:
-            quiet_http_logs()
-            return cmd_health(config)
-        if args.stats:
-            return cmd_stats(config)
-        if args.show:
-            return cmd_show(config, args.show)
-        if args.validate:
-            return cmd_validate(config, args.validate)
-        if args.submit:
-            return cmd_submit(config, args.submit, args.replace)
-        if args.cancel:
-            return cmd_cancel(config, args.cancel)
-        if args.diff:
-            return cmd_diff(config, args.diff, args.run_id)
-        if args.undo:
-            return cmd_undo(config, args.undo, args.run_id, args.force)
-        if args.apply:
-            return cmd_apply(config, args.apply)
-        if args.reject:
-            return cmd_reject(config, args.reject)
-        if args.schema:
-            sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
-            return EXIT_OK
-        if args.trust or args.untrust:
-            return cmd_trust(config, args.trust or args.untrust, trust=bool(args.trust))
-        if args.approve:
-            return cmd_approve(config, args.approve)
-        if args.dry_run:
-            return cmd_dry_run(config, args.plan)
-        quiet_http_logs()
-        return cmd_run(config, args.plan, args.rerun, args.resume)
+        return _call_action(action, resolve_config(args, environ), args)
     except BridgeError as exc:
         print(printable(f"bridge: error: {exc}"), file=sys.stderr)
         if exc.hint:
             print(printable(f"hint: {exc.hint}"), file=sys.stderr)
-        Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint, exit_code=exc.exit_code)
+        Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint,
+                                 exit_code=exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         _ignore_interrupts()    # on the way out: a late Ctrl-C must not cut this short
@@ -10863,8 +10900,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             import traceback
 
             traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
-        print("bridge: internal error (a bug)" + ("" if debug else "; run again with --debug to see the traceback"),
-              file=sys.stderr)
+        print("bridge: internal error (a bug)"
+              + ("" if debug else "; run again with --debug to see the traceback"), file=sys.stderr)
         return EXIT_INTERNAL
 
 
