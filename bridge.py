@@ -235,30 +235,6 @@ COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 # Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
 # bug tracker #1990, #1602: thinking used the whole max_tokens).
 THINKING_RESERVE_TOKENS = 2048
-# Bounds added to the schema sent for constrained decoding (bounded_schema), where the
-# plan sets none. The check itself still uses the plan's own validation.
-JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
-                                       # few words (a name, an email, a date); SmolLM2 was seen filling
-                                       # 200 characters of junk into a value, 60 tokens of one step's 10 s
-JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
-# A grounded step's schema sent may restrict its string values to spans of the step's input
-# (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
-# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
-GROUNDED_SPAN_WORDS = 6                # words of a span: a name, an address, "Guido van Rossum"
-GROUNDED_MAX_SPANS = 1000              # about 170 words of input; on llama-cpp-python 0.3.36
-                                       # (SmolLM2-135M, 2 cores) 975 spans cost 0.8 s more a request
-                                       # than the usual schema, 2,023 spans 1.7 s, 4,060 4.7 s
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-DEGENERATE_NEWLINES = 8                # newlines in one run of whitespace: PEP 8 and Markdown never need more
-                                       # than 3 (two blank lines); llama.cpp's JSON grammar allows 2
-DEGENERATE_WHITESPACE = 160            # characters in one run of whitespace: 3x the indentation of 12 levels
-                                       # of 4 spaces; llama.cpp's JSON grammar allows 20 spaces
-DEGENERATE_REPEAT_WORDS = 40           # a unit of words repeated in a row over at least this many words...
-DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 words is ~60 tokens (2 s on a
-                                       # small CPU), and a sound answer rarely says one thing 4 times running
-                                       # (a list of 40 equal literals is the rare case it stops)
-DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
@@ -3304,6 +3280,33 @@ def check_grounded(value: Any, source: str) -> None:
 ###############################################################################
 # 11. Constrained JSON and degenerate output
 ###############################################################################
+
+# Bounds added to the schema sent for constrained decoding (bounded_schema) where the
+# plan sets none; the check still uses the plan's own validation. A string value copied
+# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
+# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
+# handful of things.
+JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
+JSON_LIST_MAX_ITEMS = 16        # items of a list value
+# A grounded step's schema sent may restrict its string values to spans of the step's
+# input (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
+# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
+# 1000 spans are about 170 words of input; on llama-cpp-python 0.3.36 (SmolLM2-135M,
+# 2 cores) 975 spans cost 0.8 s more a request than the usual schema, 2,023 spans 1.7 s,
+# 4,060 4.7 s.
+GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
+GROUNDED_MAX_SPANS = 1000
+# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
+# above what a sound answer does, so it only cuts output that would run to max_tokens.
+# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
+# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
+# (a list of 40 equal literals is the rare case it stops).
+DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
+DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
+DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
+DEGENERATE_REPEATS = 4          # ...and at least this many times
+DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in words (a line of code)
 
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
