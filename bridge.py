@@ -115,17 +115,18 @@ and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Errors · 3 Helpers ·
     4 Path rules: what a plan may read and write · 5 File writes inside the project ·
     6 Store layouts & plan records · 7 The memory server's HTTP API · 8 Store (SQLite) ·
-    9 Plans · 10 Trust: projects, approvals, executors ·
-    11 Model servers: errors, streams, retries · 12 LLM client: OpenAI-compatible servers ·
-    13 Other executors: the Anthropic API and the claude CLI · 14 Output validation ·
-    15 Constrained JSON and degenerate output ·
-    16 Check commands, and what the model is told of the checks ·
-    17 File transactions: journal, rollback, recovery ·
-    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Run records ·
-    21 The result document · 22 Step scheduling · 23 Runner ·
-    24 CLI: arguments and settings · 25 CLI: listing, health, trust and approval ·
-    26 CLI: running and showing · 27 CLI: diff, undo, review · 28 CLI: the planner's side ·
-    29 main()
+    9 Plans · 10 Executors: the registry, the chat contract, model references ·
+    11 Trust: projects, approvals, executors · 12 Model servers: errors, streams, retries ·
+    13 LLM client: OpenAI-compatible servers ·
+    14 Other executors: the Anthropic API and the claude CLI · 15 Output validation ·
+    16 Constrained JSON and degenerate output ·
+    17 Check commands, and what the model is told of the checks ·
+    18 File transactions: journal, rollback, recovery ·
+    19 Kept runs: backups, diff, undo, review · 20 Prompts · 21 Run records ·
+    22 The result document · 23 Step scheduling · 24 Runner ·
+    25 CLI: arguments and settings · 26 CLI: listing, health, trust and approval ·
+    27 CLI: running and showing · 28 CLI: diff, undo, review · 29 CLI: the planner's side ·
+    30 main()
 """
 
 from __future__ import annotations
@@ -346,10 +347,6 @@ OLLAMA_NUM_CTX_STEP = 2048
 OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
-# Paid or agentic executors run only when the user allowed them (--allow-executor).
-# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
-# docs/cloud.mdx), where the project's files would go.
-PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -3325,21 +3322,159 @@ def _build_plan(plan: dict) -> Plan:
                 verify=plan.get("verify"))
 
 
-EXECUTORS = ("openai", "anthropic", "claude-cli")
+###############################################################################
+# 10. Executors: the registry, the chat contract, model references
+#
+# An executor is one class (its facts: Executor) and its registry line
+# (@register_executor); every executor answers one call, chat(messages, ChatRequest)
+# -> Completion, dropping what it cannot send. The trust gate, the approval facts,
+# --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
+# (bottle's server_names and ServerAdapter are the model). The classes are in the
+# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+###############################################################################
+
+
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
+                            "reasoning reasoning_pieces response_format",
+                            defaults=(0.0, "", 0, None))):
+    """One model reply: text (reasoning fields excluded), usage as the server sent
+    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
+    model that answered (or None), finish_reason (or None), duration_s (seconds),
+    cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it),
+    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
+    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
+    one token each) and response_format (the type of the constraint sent, e.g.
+    "json_schema", or None when the request went unconstrained)."""
+
+    __slots__ = ()
+
+
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
+EXECUTORS: "dict[str, type[Executor]]" = {}     # NAME -> class: see register_executor
+DEFAULT_EXECUTOR = "openai"     # the executor of a model reference without a prefix
+
+
+class Executor:
+    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
+    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
+    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
+    the spend cap and the runner read these facts, never a class name:
+
+    NAME: what --allow-executor and the approval facts call it. PREFIX: model
+    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
+    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
+    in the plan's project when trusted, else a scratch folder; one instance a folder).
+    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
+    is the run's model server (Runner.client): probed for its context and slots, sent
+    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
+    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
+    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
+    executor runs only when the user allowed it (needs_allowing)."""
+
+    NAME = PREFIX = ""
+    PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
+    DEFAULT_MAX_TOKENS: "int | None" = None
+
+    @classmethod
+    def needs_allowing(cls) -> bool:
+        """Whether steps run on it only with --allow-executor NAME."""
+        return cls.PAID or cls.AGENTIC or cls.CLOUD
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        """Whether a model reference split into (prefix, name) (parse_model_ref) is
+        this executor's."""
+        return prefix == cls.PREFIX
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        """(message, hint) of an LLMError for a step on it the user has not allowed."""
+        return (f"the {cls.NAME} executor is not allowed (model {ref})",
+                f"let it run with --allow-executor {cls.NAME}")
+
+    @classmethod
+    def for_run(cls, config: Config, cwd: "Path | None",
+                on_retry: "Callable[[str], None]") -> "Executor":
+        """Open one for a run: cwd is the plan's project when trusted, else None (an
+        AGENTIC executor's scratch folder); on_retry(message) is told of each retry.
+        Raises LLMError when it cannot be used (no key, no binary)."""
+        return cls(config, on_retry=on_retry)
+
+    def chat(self, messages: list[dict], request: "ChatRequest") -> "Completion":
+        """Send one chat: messages [{"role", "content"}]; see ChatRequest, Completion."""
+        raise NotImplementedError
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what it holds (connections); nothing by default."""
+
+
+def register_executor(cls: "type[Executor]") -> "type[Executor]":
+    """Put an Executor class in EXECUTORS under its NAME (a class decorator: adding an
+    executor is its class and this line). Raises ValueError for a NAME or PREFIX taken."""
+    taken = {c.PREFIX for c in EXECUTORS.values() if c.PREFIX}
+    if not cls.NAME or cls.NAME in EXECUTORS or (cls.PREFIX and cls.PREFIX in taken):
+        raise ValueError(f"executor {cls.NAME!r} (prefix {cls.PREFIX!r}) is already registered")
+    EXECUTORS[cls.NAME] = cls
+    return cls
+
+
+def allowable_executors() -> tuple[str, ...]:
+    """The names --allow-executor takes: the executors that need allowing, in EXECUTORS order."""
+    return tuple(name for name, cls in EXECUTORS.items() if cls.needs_allowing())
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
     → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor stays part of the name (LM Studio keys hold colons)."""
+    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
     kind, sep, name = ref.partition(":")
-    if sep and kind in EXECUTORS and name:
+    if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
-    return "openai", ref
+    return DEFAULT_EXECUTOR, ref
+
+
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
+def _executor_of(ref: str) -> str:
+    """The NAME of the executor a model reference runs on: the first in EXECUTORS that
+    claims it (an Ollama cloud model's is "ollama-cloud"), else its prefix's."""
+    prefix, name = parse_model_ref(ref)
+    return next((n for n, cls in EXECUTORS.items() if cls.claims(prefix, name)), prefix)
+
+
+def executor_class(ref: str) -> "type[Executor]":
+    """The Executor class a model reference runs on (_executor_of)."""
+    return EXECUTORS[_executor_of(ref)]
 
 
 ###############################################################################
-# 10. Trust: projects, approvals, executors
+# 11. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -3516,19 +3651,6 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return entry.get("project") == pinned
 
 
-def is_cloud_model(name: str) -> bool:
-    """Whether an Ollama model name is one of its cloud models, run on ollama.com
-    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
-    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
-
-
-def _executor_of(ref: str) -> str:
-    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
-    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
-    kind, name = parse_model_ref(ref)
-    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
-
-
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
@@ -3546,7 +3668,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
-    step_kinds = sorted({_executor_of(m) for m in step_models} - {"openai"})
+    step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
+                        if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
     escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
     trusted = plan_trusted(config, plan, plan_hash)
@@ -3555,7 +3678,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
-    elif not trusted and (plan.project is not None or step_kinds or (escalation_used and escalation != "openai")):
+    elif not trusted and (plan.project is not None or step_kinds or (
+            escalation_used and EXECUTORS[escalation].needs_allowing())):
         reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
@@ -3570,7 +3694,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
-                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
+                       | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
+                          else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
@@ -3635,44 +3760,12 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 11. Model servers: errors, streams, retries
+# 12. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
 # inside functions, and every httpx exception is translated to an LLMError.
 ###############################################################################
-
-
-class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
-                            "reasoning reasoning_pieces response_format",
-                            defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
-
-    __slots__ = ()
-
-
-class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
-                             "thinking on_delta on_reasoning",
-                             defaults=(None, None, None, None, None, None, None))):
-    """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
-
-    __slots__ = ()
 
 
 def reasoning_delta(delta: Any) -> str:
@@ -4097,7 +4190,7 @@ def missing_v1_hint(base_url: str, status: int) -> str:
     return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
-class HTTPExecutor:
+class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
     exceptions translated to LLMError, and the retry loop.
 
@@ -4128,12 +4221,6 @@ class HTTPExecutor:
         https = self.base_url.lower().startswith("https://")
         self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
                                  headers=headers)
-
-    def __enter__(self) -> "HTTPExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
 
     def close(self) -> None:
         """Close the connections."""
@@ -4282,19 +4369,27 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 12. LLM client: OpenAI-compatible servers
+# 13. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
 
+@register_executor
 class LLMClient(HTTPExecutor):
     """The chat-completions executor for one OpenAI-compatible server (LM Studio,
     Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
     http://localhost:1234/v1 by default). Streams SSE chunks with
     stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe)."""
+    and probes what the server runs (probe). The run's model server: one instance,
+    opened by the CLI before the run (Runner.client)."""
 
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
     CHAT_PATH = "/chat/completions"
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
@@ -4415,7 +4510,7 @@ class LLMClient(HTTPExecutor):
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
         else:
             wanted = None
@@ -4498,7 +4593,7 @@ class LLMClient(HTTPExecutor):
 
         chosen = why = problem = None
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
             name = next((n for n in (wanted, f"{wanted}:latest")
                          if n in pulled or n in running), None)
@@ -4880,8 +4975,29 @@ def _usage(value: Any) -> dict | None:
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
 
 
+@register_executor
+class OllamaCloud(LLMClient):
+    """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
+    run's model server like a local one, but run on ollama.com, where the project's
+    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
+    the paid executors at the spend cap. Facts only: its requests go through the
+    run's LLMClient (PROBED)."""
+
+    NAME, PREFIX = "ollama-cloud", ""
+    PAID = CLOUD = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == LLMClient.PREFIX and is_cloud_model(name)
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        return (f"model {name} runs on ollama.com, where the project's files would go",
+                f"let it run with --allow-executor {cls.NAME}")
+
+
 ###############################################################################
-# 13. Other executors: the Anthropic API and the claude CLI
+# 14. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -4903,6 +5019,7 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
 
+@register_executor
 class AnthropicClient(HTTPExecutor):
     """The executor for the Anthropic Messages API, or any server speaking it (LM
     Studio and Ollama serve /v1/messages too; a gateway).
@@ -4917,6 +5034,8 @@ class AnthropicClient(HTTPExecutor):
     Raises LLMError (exit 2 at start-up) when no API key is set.
     """
 
+    NAME = PREFIX = "anthropic"
+    PAID = CLOUD = True
     CHAT_PATH = "/v1/messages"
     DEFAULT_MAX_TOKENS = 4096        # the API requires max_tokens
 
@@ -4986,7 +5105,8 @@ class AnthropicClient(HTTPExecutor):
         return tally.completion(usage, model, stop, cost)
 
 
-class ClaudeCLI:
+@register_executor
+class ClaudeCLI(Executor):
     """The executor that hands a step to Claude Code itself: `claude -p`.
 
     Runs `claude -p --output-format stream-json --verbose --model M
@@ -5008,7 +5128,10 @@ class ClaudeCLI:
     # hooks), and the default permission mode whatever a settings file asks for.
     # Source: https://code.claude.com/docs/en/cli-reference (--tools, --strict-mcp-config,
     # --setting-sources, --permission-mode), read 2026-12-04.
-    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user", "--permission-mode", "default")
+    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user",
+                "--permission-mode", "default")
+    NAME = PREFIX = "claude-cli"
+    PAID = AGENTIC = CLOUD = True
 
     def __init__(self, config: Config, cwd: Path | None = None):
         import shutil
@@ -5020,14 +5143,10 @@ class ClaudeCLI:
             raise LLMUnavailable("the claude CLI was not found on PATH, for a claude-cli: model",
                                  "install Claude Code (npm install -g @anthropic-ai/claude-code)")
 
-    def __enter__(self) -> "ClaudeCLI":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def close(self) -> None:
-        """Nothing to close: each request is its own process."""
+    @classmethod
+    def for_run(cls, config: Config, cwd: Path | None,
+                on_retry: Callable[[str], None]) -> "ClaudeCLI":
+        return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Run one `claude -p` request; see the class. Of request, model, timeout_s and
@@ -5171,7 +5290,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 14. Output validation
+# 15. Output validation
 #
 # The validation types of bridge-plan-schema.json. Each check returns the artifact: the
 # text that counts as the step's output (the code inside a fence when fenced), which
@@ -5509,7 +5628,7 @@ def _check_syntax(text: str, language: str) -> str:
 
 
 ###############################################################################
-# 15. Constrained JSON and degenerate output
+# 16. Constrained JSON and degenerate output
 ###############################################################################
 
 
@@ -5880,7 +5999,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 16. Check commands, and what the model is told of the checks
+# 17. Check commands, and what the model is told of the checks
 ###############################################################################
 
 
@@ -6146,7 +6265,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 17. File transactions: journal, rollback, recovery
+# 18. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6481,7 +6600,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 18. Kept runs: backups, diff, undo, review
+# 19. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -6968,7 +7087,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 19. Prompts
+# 20. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7248,7 +7367,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 20. Run records
+# 21. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7636,7 +7755,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 21. The result document
+# 22. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -7658,7 +7777,7 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
-            if parse_model_ref(model)[0] == "openai":
+            if executor_class(model).PROBED:
                 for key in local:
                     local[key] += line[key]
     escalated = [s for s in steps if s.escalated_to]
@@ -7904,7 +8023,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 22. Step scheduling
+# 23. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8073,7 +8192,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 23. Runner
+# 24. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8230,25 +8349,20 @@ class Runner:
         self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref):
-        the local client for openai:, else an AnthropicClient or a ClaudeCLI (run in
-        cli_cwd, the plan's project when it is trusted, else a scratch folder), made
-        once. Raises LLMError when it cannot be used (not in config.allowed_executors,
-        no key, no claude binary)."""
-        kind, name = parse_model_ref(ref)
-        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
-            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
-                           "let it run with --allow-executor ollama-cloud")
-        if kind == "openai":
+        """Return (executor, model name) for a model reference (see parse_model_ref and
+        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
+        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
+        else None, a scratch folder). Raises LLMError when it cannot be used (not in
+        config.allowed_executors, no key, no binary)."""
+        kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
+        if cls.needs_allowing() and kind not in self.config.allowed_executors:
+            raise LLMError(*cls.refusal(ref, name))
+        if cls.PROBED:
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
-        if kind not in self.config.allowed_executors:
-            raise LLMError(f"the {kind} executor is not allowed (model {ref})",
-                           f"let it run with --allow-executor {kind}")
-        key = (kind, cli_cwd) if kind == "claude-cli" else (kind,)
+        key = (kind, cli_cwd) if cls.AGENTIC else (kind,)
         if key not in self._executors:
-            self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
-                if kind == "anthropic" else ClaudeCLI(self.config, cli_cwd)
+            self._executors[key] = cls.for_run(self.config, cli_cwd, self.report_retry)
         return self._executors[key], name
 
     def report_retry(self, message: str) -> None:
@@ -8756,11 +8870,11 @@ class Runner:
             executor, name = self.executor(attempt.model, run.cli_cwd)
         except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
             return AttemptFailure(str(exc), retryable=False)
-        paid = _executor_of(attempt.model) in PAID_EXECUTORS
+        paid = executor_class(attempt.model).PAID
         if paid and (refused := self._spend.refused()):
             run.cap_hit = True
             return AttemptFailure(refused, retryable=False)
-        local = isinstance(executor, LLMClient)      # the other executors keep their own limits
+        local = executor.PROBED      # the other executors keep their own limits
         sampling = self._sampling(step, attempt, local)
         sent = executor.accepted_sampling(sampling) if local else sampling
         thinking = thinking_asked(step) if local else None
@@ -8824,7 +8938,8 @@ class Runner:
             run.runlog.checked(step.id, attempt.number, cut)
             return AttemptFailure(cut, retryable=False)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
+            limit = sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             if thought:
@@ -8859,7 +8974,7 @@ class Runner:
         return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
                 f"{answer} ({after})")
 
-    def _garbled(self, run: PlanRun, step: Step, executor: "LLMClient", name: str, output: str,
+    def _garbled(self, run: PlanRun, step: Step, executor: Executor, name: str, output: str,
                  form: str, schema: dict | None) -> None:
         """After a constrained answer failed: when it looks damaged by the grammar
         (grammar_damage against schema, the one sent), send that model's later requests
@@ -8881,7 +8996,7 @@ class Runner:
         in parallel on a server whose slots share one context (Runner.pool), the
         request first waits for its prompt (estimate_tokens) and max_tokens to fit
         beside those in flight."""
-        local = isinstance(executor, LLMClient)
+        local = executor.PROBED
         pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
         need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
@@ -8896,10 +9011,10 @@ class Runner:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
-        local = isinstance(executor, LLMClient)
+        watched = executor.WATCHED
         for wait in (*CONTENTION_WAITS_S, None):
-            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-            attempt.thinking_guard = DegenerationGuard() if local else None
+            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
             attempt.pieces = attempt.thought = 0
             try:
                 return executor.chat(attempt.messages, request)
@@ -9194,7 +9309,7 @@ class Runner:
 
 
 ###############################################################################
-# 24. CLI: arguments and settings
+# 25. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9340,7 +9455,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--escalate-to", metavar="MODEL", help=_env_help(
         "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
         "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
-    settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
+    settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=allowable_executors(),
                           help=_env_help("let steps run on a paid, agentic or remote executor "
                                          "(anthropic, claude-cli, ollama-cloud); repeatable",
                                          "BRIDGE_ALLOW_EXECUTORS, comma-separated",
@@ -9434,13 +9549,14 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
     for name in names:
-        if name not in PAID_EXECUTORS:
+        if name not in allowable_executors():
             raise ConfigError(f"unknown executor {name!r} to allow",
-                              f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
+                              f"pass one of {', '.join(allowable_executors())} "
+                              "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
-    return tuple(dict.fromkeys(["openai", *names]))
+    return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
 
 
 def _pass_env(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
@@ -9550,7 +9666,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 25. CLI: listing, health, trust and approval
+# 26. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10041,7 +10157,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 26. CLI: running and showing
+# 27. CLI: running and showing
 ###############################################################################
 
 
@@ -10115,7 +10231,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
     --context-length), sent with every request."""
-    local = config.model is None or parse_model_ref(config.model)[0] == "openai"
+    local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
@@ -10221,7 +10337,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 27. CLI: diff, undo, review
+# 28. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10372,7 +10488,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 28. CLI: the planner's side
+# 29. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10570,7 +10686,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 29. main()
+# 30. main()
 ###############################################################################
 
 
