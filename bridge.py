@@ -9455,7 +9455,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--escalate-to", metavar="MODEL", help=_env_help(
         "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
         "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
-    settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=allowable_executors(),
+    settings.add_argument("--allow-executor", metavar="NAME", action="append",
+                          choices=allowable_executors(),
                           help=_env_help("let steps run on a paid, agentic or remote executor "
                                          "(anthropic, claude-cli, ollama-cloud); repeatable",
                                          "BRIDGE_ALLOW_EXECUTORS, comma-separated",
