@@ -121,11 +121,11 @@ and checks, up to the runner and the command line:
     15 Constrained JSON and degenerate output ·
     16 Check commands, and what the model is told of the checks ·
     17 File transactions: journal, rollback, recovery ·
-    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Run records ·
-    21 The result document · 22 Step scheduling · 23 Runner ·
-    24 CLI: arguments and settings · 25 CLI: listing, health, trust and approval ·
-    26 CLI: running and showing · 27 CLI: diff, undo, review · 28 CLI: the planner's side ·
-    29 main()
+    18 Review staging and bounded diffs · 19 Kept runs: backups, diff, undo, review ·
+    20 Prompts · 21 Run records · 22 The result document · 23 Step scheduling · 24 Runner ·
+    25 CLI: arguments and settings · 26 CLI: listing, health, trust and approval ·
+    27 CLI: running and showing · 28 CLI: diff, undo, review · 29 CLI: the planner's side ·
+    30 main()
 """
 
 from __future__ import annotations
@@ -1678,7 +1678,6 @@ def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
     if cut:
         text += f"\n[bridge: {rel} cut at {LOAD_FILE_MAX_BYTES} bytes]"
     return text
-
 
 
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
@@ -6494,15 +6493,11 @@ class FileTransaction:
 
 
 ###############################################################################
-# 18. Kept runs: backups, diff, undo, review
+# 18. Review staging and bounded diffs
 #
-# Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, made as it is
-# written), so --diff can tell a file changed since the run and --undo can refuse to
-# overwrite it. The backups of the last keep_runs runs of a plan are kept (0600 in a
-# 0700 folder); older ones are deleted. Only bridge writes these files, and each path
-# read back is still checked: a run id by its form, a project path by resolve_inside,
-# a backup by being inside the runs folder.
+# A --review run writes nothing into the project: StagedFiles keeps each file under the
+# run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
+# diff (difflib), read only when both sides are at most DIFF_MAX_BYTES.
 ###############################################################################
 
 
@@ -6513,311 +6508,61 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
-                   plan_hash: str | None = None) -> None:
-    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
-    "content_hash" (the plan memory's)}, which --diff, --undo and a take-over read back."""
-    info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
-            "project": os.path.abspath(project) if project is not None else None,
-            "content_hash": plan_hash}
-    write_json_file(run_dir / RUN_INFO_FILE, info)
-
-
-def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
-    """Return why the run run_id (a run id run_folder accepts) is not the plan's own
-    run, so that a take-over (--resume, --rerun of a stale plan) must not touch its
-    files; None when its run.json names this plan (id and content hash) and this
-    project, or when it left no folder (nothing to take over). A state read back
-    from the store naming another plan's run is forged."""
-    folder = runs_dir / run_id
-    if not os.path.lexists(folder):
-        return None
-    info = read_json_file(folder / RUN_INFO_FILE, or_none=True)
-    context = record.plan.get("context") if isinstance(record.plan, dict) else None
-    project = context.get("project") if isinstance(context, dict) else None
-    usable = isinstance(project, str) and "\x00" not in project
-    project = os.path.abspath(project) if usable else None
-    if not isinstance(info, dict):
-        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
-                "before bridge recorded it); its files are left alone")
-    if info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
-        return (f"run {run_id} was made by a bridge that did not record its plan's content hash; "
-                "not taken over: its files are left alone")
-    if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
-        return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
-                f"({str(info.get('content_hash'))[:12]}), not of this plan "
-                f"({record.content_hash[:12]}): the plan's state is forged; its files are left "
-                "alone")
-    if info.get("project") != project:
-        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
-                f"this plan's project {project!r}: the plan's state is forged; its files are left "
-                "alone")
-    return None
-
-
-def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
-    """Append {"step", "path", "sha256", "bytes"} of one file write to written.jsonl
-    (fsynced): what the run left in that file, to tell later changes from it."""
-    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel, "sha256": sha256_hex(data),
-                                             "bytes": len(data)})
-
-
-def keep_backups(run_dir: Path) -> None:
-    """Make a finished run's backups private (files 0600, folder 0700), to keep for --undo."""
-    backups = run_dir / "backups"
-    if backups.is_dir() and not backups.is_symlink():
-        os.chmod(backups, 0o700)
-        for entry in os.scandir(backups):
-            if entry.is_file(follow_symlinks=False):
-                os.chmod(entry.path, 0o600)
-
-
-def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
-    """Return the folders of a plan's runs (by their run.json), oldest first."""
-    from pathlib import Path
-
-    found = []
-    with _suppress(FileNotFoundError):
-        for entry in os.scandir(runs_dir):
-            if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
-                info = read_json_file(Path(entry.path) / RUN_INFO_FILE, or_none=True)
-                if isinstance(info, dict) and info.get("plan_id") == plan_id:
-                    found.append(Path(entry.path))
-    # a run id sorts by its second only; run.json is written as the run starts
-    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns, p.name))
-
-
-def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
-    """Delete the backups of a plan's runs but the newest keep; return the run ids
-    pruned. Transcripts and journals stay; those runs can no longer be undone."""
-    import shutil
-
-    older = plan_runs(runs_dir, plan_id)
-    older = older[: max(0, len(older) - keep)]
-    pruned = []
-    for run_dir in older:
-        if (run_dir / "backups").is_dir() and not (run_dir / "backups").is_symlink():
-            shutil.rmtree(run_dir / "backups", ignore_errors=True)
-            pruned.append(run_dir.name)
-    return pruned
-
-
-def backups_usage(runs_dir: Path) -> dict:
-    """Return {"runs": runs with backups, "bytes": their size} under runs_dir (symlinks
-    not followed)."""
-    from pathlib import Path
-
-    runs = total = 0
-    with _suppress(FileNotFoundError):
-        for entry in os.scandir(runs_dir):
-            backups = Path(entry.path, "backups")
-            if not entry.is_dir(follow_symlinks=False) or not backups.is_dir() or backups.is_symlink():
-                continue
-            runs += 1
-            total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
-                         if e.is_file(follow_symlinks=False))
-    return {"runs": runs, "bytes": total}
-
-
-def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
-    """Return the folder of an existing run run_id, checked as run_folder() checks a
-    run id read back from the store. Raises ConfigError for a value that is no run
-    id or no folder of bridge's runs, BridgeError when there is no such run."""
+def read_regular(path: Path) -> bytes | None:
+    """Return a regular file's bytes, or None when it is missing or not a regular
+    file (a symlink is not followed)."""
     try:
-        run_dir = run_folder(runs_dir, run_id)
-    except PathError as exc:
-        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the folders of "
-                                    "STATE_DIR/runs") from None
-    if not run_dir.is_dir():
-        raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir")
-    return run_dir
+        with open_regular(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
 
 
-class KeptFile(namedtuple("KeptFile", "path action backup mode written_sha256")):
-    """One path a run wrote, from its journal: path (relative to the project), action
-    ("created" or "modified"), backup (the original's copy, or None), mode (the
-    original's permission bits), written_sha256 (what the run last wrote, or None
-    when that was not recorded)."""
+def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
+                 now_sha: str | None) -> str:
+    """Return file_diff of one file from the file at before to the file at now (None, or
+    a path that is missing: no such file), reading them only when both are at most
+    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
+    now_sha, computed in pieces, still tell whether they differ)."""
+    if before_sha == now_sha:
+        return ""
+    sizes = [_regular_size(path) for path in (before, now)]
+    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
+        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
+        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} "
+                "bytes; the sha256 values say whether it changed)\n")
+    return file_diff(rel, read_regular(before) if before is not None else None,
+                     read_regular(now) if now is not None else None)
 
-    __slots__ = ()
+
+def _regular_size(path: Path | None) -> int | None:
+    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
+    try:
+        info = os.lstat(path) if path is not None else None
+    except OSError:
+        return None
+    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
 
 
-class KeptRun:
-    """What one finished run changed, read back from its folder under --state-dir.
+def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
+    """Return the unified diff (difflib) of one file from before (None: did not
+    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
+    not UTF-8, one "Binary files … differ" line."""
+    import difflib
 
-    run_id, run_dir, plan_id, project (the project's absolute Path, or None),
-    files (list of KeptFile, in write order), reverted (the run put its files back
-    itself), undone_at (ISO time of its --undo, or None); for a --review run,
-    staged ({path: {"step", "action", "base_sha256", "sha256"}}, in staging order)
-    and reads ({LOAD path: sha256 or None} as the run read them). Build with
-    KeptRun.load.
-    """
-
-    def __init__(self, run_id: str, run_dir: Path, plan_id: str, project: Path | None,
-                 files: list[KeptFile], reverted: bool, undone_at: str | None,
-                 staged: dict[str, dict] | None = None, reads: dict[str, Any] | None = None):
-        self.run_id, self.run_dir, self.plan_id, self.project = run_id, run_dir, plan_id, project
-        self.files, self.reverted, self.undone_at = files, reverted, undone_at
-        self.staged, self.reads = staged or {}, reads or {}
-
-    @property
-    def awaiting_review(self) -> bool:
-        """True for a --review run whose staged files are not applied (nor dropped)."""
-        return bool(self.staged) and not self.files and (self.run_dir / "staged").is_dir()
-
-    @classmethod
-    def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
-        """Read and check run run_id of plan plan_id. Raises ConfigError for a
-        malformed run id, BridgeError when the run is not there, is another plan's,
-        predates run.json, or its journal names a path outside the project or a
-        backup outside runs_dir."""
-        from pathlib import Path
-
-        run_dir = run_dir_of(runs_dir, run_id)
-        info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
-        if not isinstance(info, dict):
-            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
-                              "only runs made since can be shown or undone")
-        if info.get("plan_id") != plan_id:
-            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not {plan_id!r}",
-                              f"pass that plan's id, or a run of {plan_id!r} with --run")
-        project = Path(info["project"]) if isinstance(info.get("project"), str) else None
-        if project is not None and not project.is_absolute():
-            raise BridgeError(f"run {run_id}: run.json names a relative project {project}", "remove that run")
-        written = {e["path"]: e.get("sha256") for e in read_jsonl(run_dir / WRITTEN_FILE)
-                   if isinstance(e.get("path"), str)}
-        entries = read_jsonl(run_dir / JOURNAL_FILE)
-        files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = read_json_file(run_dir / "undone.json", or_none=True)
-        staged: dict[str, dict] = {}
-        for entry in read_jsonl(run_dir / STAGED_FILE):
-            if project is None or not isinstance(entry.get("path"), str):
-                raise BridgeError(f"run {run_id}: staged.jsonl has an entry bridge did not write: {entry!r}")
-            resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
-            first = staged.setdefault(entry["path"], dict(entry))
-            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = read_json_file(run_dir / "reads.json", or_none=True)
-        return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
-                   undone.get("undone_at") if isinstance(undone, dict) else None, staged,
-                   {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
-
-    @staticmethod
-    def _checked(run_id: str, runs_dir: Path, project: Path | None, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked."""
-        from pathlib import Path
-
-        rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
-        if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
-            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: {entry!r}",
-                              "the run cannot be shown or undone")
-        resolve_inside(project, rel)          # raises PathError for a path leaving the project
-        for folder in entry.get("created_dirs") or []:
-            where = Path(os.path.abspath(folder))
-            if where == project or not (where.is_relative_to(project) or where.is_relative_to(project.resolve())):
-                raise PathError(f"run {run_id}: journal names a folder outside the project: {folder}")
-        backup_path = Path(backup) if isinstance(backup, str) and backup else None
-        if backup_path is not None and not backup_path.resolve().is_relative_to(runs_dir.resolve()):
-            raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
-        mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
-        return KeptFile(rel, action, backup_path, mode, written.get(rel))
-
-    def diff(self) -> list[dict]:
-        """Return, per file: path, action, original_sha256, written_sha256,
-        current_sha256 (None: missing now), changed_since_run, diff (a unified diff
-        from the original to the file as it is now, paths relative to the project; one
-        line instead for a side over DIFF_MAX_BYTES: bounded_diff). Files are hashed in
-        pieces (file_sha256), never held whole."""
-        entries = []
-        for kept in self.files:
-            now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
-            before_path = kept.backup if kept.action == "modified" else None
-            current_sha = file_sha256(now_path)
-            original_sha = file_sha256(before_path) if before_path is not None else None
-            gone = kept.action == "modified" and original_sha is None
-            entries.append({
-                "path": kept.path, "action": kept.action, "original_sha256": original_sha,
-                "written_sha256": kept.written_sha256, "current_sha256": current_sha,
-                "changed_since_run": current_sha != kept.written_sha256,
-                "diff": bounded_diff(kept.path, before_path, now_path, original_sha, current_sha,
-                                     gone)})
-        return entries
-
-    def staged_diff(self) -> list[dict]:
-        """Return, per staged file: path, action, original_sha256 (the project file's
-        when the run staged it), staged_sha256, current_sha256 (the project file's now,
-        None: missing), changed_since_run, diff (from the project file now to the
-        staged file: what --apply would change)."""
-        entries = []
-        for rel, entry in self.staged.items():
-            now_path = self.project / rel        # type: ignore[operator]  # staging: a project
-            staged_path = self.run_dir / "staged" / rel
-            current_sha = file_sha256(now_path)
-            entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
-                            "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
-                            "changed_since_run": current_sha != entry.get("base_sha256"),
-                            "diff": bounded_diff(rel, now_path, staged_path, current_sha,
-                                                 file_sha256(staged_path))})
-        return entries
-
-    def apply_conflicts(self) -> list[str]:
-        """Return "PATH (why)" for every file the run read or would replace that
-        changed in the project since the run; [] when --apply may go ahead."""
-        found = [f"{e['path']} (to be replaced; changed since the run)"
-                 for e in self.staged_diff() if e["changed_since_run"]]
-        for rel, digest in self.reads.items():
-            now = file_sha256(self.project / rel)        # type: ignore[operator]
-            if rel not in self.staged and now != digest:
-                found.append(f"{rel} (read by the run; changed since)")
-        return found
-
-    def apply(self, crash_at: str | None = None) -> list[dict]:
-        """Write the staged files into the project through a FileTransaction of this
-        run (atomic, journalled, backups kept), recording each write's sha256; on any
-        failure put back what was written and re-raise. Returns the summary.
-        crash_at: the crash test hook (Config.crash_at)."""
-        files = FileTransaction(self.project, self.run_dir, crash_at)      # type: ignore[arg-type]
-        try:
-            for rel, entry in self.staged.items():
-                data = read_regular(self.run_dir / "staged" / rel)
-                if data is None or sha256_hex(data) != entry.get("sha256"):
-                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or changed",
-                                      "reject the run (bridge --reject ID) and run it again")
-                step = entry.get("step") if isinstance(entry.get("step"), int) else 0
-                files.write(rel, data.decode("utf-8"), step)
-                record_written(self.run_dir, rel, data, step)
-        except BaseException:
-            with shielded_signals(lambda text: None):
-                files.rollback()
-            raise
-        keep_backups(self.run_dir)
-        return files.summary()
-
-    def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed, with the originals' bytes and modes, and
-        remove the files and folders it created (FileTransaction.recover of this run).
-
-        Returns the paths put back. Raises BridgeError, changing nothing, when a
-        file changed after the run (unless force) or an original's backup is gone,
-        naming each file; RollbackError when a file could not be restored.
-        """
-        gone = [k.path for k in self.files
-                if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
-        if gone:
-            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} file(s) are no "
-                              f"longer kept: {', '.join(gone)}", "backups are kept for the last runs of a plan "
-                              "only (--keep-runs, BRIDGE_KEEP_RUNS)")
-        project: Path = self.project      # type: ignore[assignment]  # files imply a project
-        changed = [k.path for k in self.files if file_sha256(project / k.path) != k.written_sha256]
-        if changed and not force:
-            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed after the run: "
-                              f"{', '.join(changed)}",
-                              f"see them with bridge --diff {self.plan_id} --run {self.run_id}; "
-                              "--force puts the originals back anyway")
-        restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
-        self.undone_at = utc_now_iso()
-        append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
-        write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
-        return restored
+    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
+        ("b/" + rel) if now is not None else "/dev/null"
+    if before == now:
+        return ""
+    try:
+        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return f"Binary files {old_name} and {new_name} differ\n"
+    lines = []
+    for line in difflib.unified_diff(old_text.splitlines(keepends=True),
+                                     new_text.splitlines(keepends=True), old_name, new_name):
+        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(lines)
 
 
 class StagedFiles:
@@ -6902,69 +6647,357 @@ class StagedFiles:
         return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
 
 
-def read_regular(path: Path) -> bytes | None:
-    """Return a regular file's bytes, or None when it is missing or not a regular
-    file (a symlink is not followed)."""
-    try:
-        with open_regular(path) as handle:
-            return handle.read()
-    except OSError:
+
+###############################################################################
+# 19. Kept runs: backups, diff, undo, review
+#
+# Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
+# project, start) and written.jsonl (the sha256 of every file write, made as it is
+# written), so --diff can tell a file changed since the run and --undo can refuse to
+# overwrite it. The backups of the last keep_runs runs of a plan are kept (0600 in a
+# 0700 folder); older ones are deleted. Only bridge writes these files, and each path
+# read back is still checked: a run id by its form, a project path by resolve_inside,
+# a backup by being inside the runs folder.
+###############################################################################
+
+
+def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: str,
+                   plan_hash: str | None = None) -> None:
+    """Write run.json, {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
+    None), "started_at", "content_hash" (the plan memory's)}, which --diff, --undo and a
+    take-over read back."""
+    info = {"plan_id": plan_id, "run_id": run_dir.name, "started_at": started,
+            "project": os.path.abspath(project) if project is not None else None,
+            "content_hash": plan_hash}
+    write_json_file(run_dir / RUN_INFO_FILE, info)
+
+
+def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
+    """Return why the run run_id (a run id run_folder accepts) is not the plan's own
+    run, so that a take-over (--resume, --rerun of a stale plan) must not touch its
+    files; None when its run.json names this plan (id and content hash) and this
+    project, or when it left no folder (nothing to take over). A state read back
+    from the store naming another plan's run is forged."""
+    folder = runs_dir / run_id
+    if not os.path.lexists(folder):
         return None
+    info = read_json_file(folder / RUN_INFO_FILE, or_none=True)
+    context = record.plan.get("context") if isinstance(record.plan, dict) else None
+    project = context.get("project") if isinstance(context, dict) else None
+    usable = isinstance(project, str) and "\x00" not in project
+    project = os.path.abspath(project) if usable else None
+    if not isinstance(info, dict):
+        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
+                "before bridge recorded it); its files are left alone")
+    if info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
+        return (f"run {run_id} was made by a bridge that did not record its plan's content hash; "
+                "not taken over: its files are left alone")
+    if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
+        return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
+                f"({str(info.get('content_hash'))[:12]}), not of this plan "
+                f"({record.content_hash[:12]}): the plan's state is forged; its files are left "
+                "alone")
+    if info.get("project") != project:
+        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
+                f"this plan's project {project!r}: the plan's state is forged; its files are left "
+                "alone")
+    return None
 
 
-def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
-                 now_sha: str | None, backup_gone: bool = False) -> str:
-    """Return file_diff of one file from the file at before to the file at now (None, or
-    a path that is missing: no such file), reading them only when both are at most
-    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
-    now_sha, computed in pieces, still tell whether they differ)."""
-    if backup_gone:
-        return file_diff(rel, None, None, backup_gone=True)
-    if before_sha == now_sha:
-        return ""
-    sizes = [_regular_size(path) for path in (before, now)]
-    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
-        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
-        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} bytes; "
-                "the sha256 values say whether it changed)\n")
-    return file_diff(rel, read_regular(before) if before is not None else None,
-                     read_regular(now) if now is not None else None)
+def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
+    """Append {"step", "path", "sha256", "bytes"} of one file write to written.jsonl
+    (fsynced): what the run left in that file, to tell later changes from it."""
+    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel, "sha256": sha256_hex(data),
+                                             "bytes": len(data)})
 
 
-def _regular_size(path: Path | None) -> int | None:
-    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
+def _real_folder(path: Path) -> bool:
+    """Whether path is a folder itself, not a symlink to one."""
     try:
-        info = os.lstat(path) if path is not None else None
+        return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
-        return None
-    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
+        return False
 
 
-def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
-    """Return the unified diff (difflib) of one file from before (None: did not
-    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
-    not UTF-8, one "Binary files … differ" line."""
-    import difflib
+def keep_backups(run_dir: Path) -> None:
+    """Make a finished run's backups private (files 0600, folder 0700), to keep for --undo."""
+    backups = run_dir / "backups"
+    if _real_folder(backups):
+        os.chmod(backups, 0o700)
+        for entry in os.scandir(backups):
+            if entry.is_file(follow_symlinks=False):
+                os.chmod(entry.path, 0o600)
 
-    if backup_gone:
-        return f"(the original of {rel} is no longer kept; no diff)\n"
-    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
-        ("b/" + rel) if now is not None else "/dev/null"
-    if before == now:
-        return ""
+
+def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
+    """Return the folders of a plan's runs (by their run.json), oldest first."""
+    from pathlib import Path
+
+    found = []
+    with _suppress(FileNotFoundError):
+        for entry in os.scandir(runs_dir):
+            if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
+                info = read_json_file(Path(entry.path) / RUN_INFO_FILE, or_none=True)
+                if isinstance(info, dict) and info.get("plan_id") == plan_id:
+                    found.append(Path(entry.path))
+    # a run id sorts by its second only; run.json is written as the run starts
+    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns,
+                                        p.name))
+
+
+def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
+    """Delete the backups of a plan's runs but the newest keep; return the run ids
+    pruned. Transcripts and journals stay; those runs can no longer be undone."""
+    import shutil
+
+    older = plan_runs(runs_dir, plan_id)
+    older = older[: max(0, len(older) - keep)]
+    pruned = []
+    for run_dir in older:
+        if _real_folder(run_dir / "backups"):
+            shutil.rmtree(run_dir / "backups", ignore_errors=True)
+            pruned.append(run_dir.name)
+    return pruned
+
+
+def backups_usage(runs_dir: Path) -> dict:
+    """Return {"runs": runs with backups, "bytes": their size} under runs_dir (symlinks
+    not followed)."""
+    from pathlib import Path
+
+    runs = total = 0
+    with _suppress(FileNotFoundError):
+        for entry in os.scandir(runs_dir):
+            backups = Path(entry.path, "backups")
+            if not entry.is_dir(follow_symlinks=False) or not _real_folder(backups):
+                continue
+            runs += 1
+            total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
+                         if e.is_file(follow_symlinks=False))
+    return {"runs": runs, "bytes": total}
+
+
+def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
+    """Return the folder of an existing run run_id, checked as run_folder() checks a
+    run id read back from the store. Raises ConfigError for a value that is no run
+    id or no folder of bridge's runs, BridgeError when there is no such run."""
     try:
-        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return f"Binary files {old_name} and {new_name} differ\n"
-    lines = []
-    for line in difflib.unified_diff(old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
-                                     old_name, new_name):
-        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
-    return "".join(lines)
+        run_dir = run_folder(runs_dir, run_id)
+    except PathError as exc:
+        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the "
+                                    "folders of STATE_DIR/runs") from None
+    if not run_dir.is_dir():
+        raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir")
+    return run_dir
+
+
+class KeptFile(namedtuple("KeptFile", "path action backup mode written_sha256")):
+    """One path a run wrote, from its journal: path (relative to the project), action
+    ("created" or "modified"), backup (the original's copy, or None), mode (the
+    original's permission bits), written_sha256 (what the run last wrote, or None
+    when that was not recorded)."""
+
+    __slots__ = ()
+
+
+class KeptRun:
+    """What one finished run changed, read back from its folder under --state-dir.
+
+    run_id, run_dir, plan_id, project (the project's absolute Path, or None),
+    files (list of KeptFile, in write order), reverted (the run put its files back
+    itself), undone_at (ISO time of its --undo, or None); for a --review run,
+    staged ({path: {"step", "action", "base_sha256", "sha256"}}, in staging order)
+    and reads ({LOAD path: sha256 or None} as the run read them). Build with
+    KeptRun.load.
+    """
+
+    def __init__(self, run_dir: Path, plan_id: str, project: Path | None):
+        self.run_id, self.run_dir, self.plan_id, self.project = \
+            run_dir.name, run_dir, plan_id, project
+        self.files: list[KeptFile] = []
+        self.reverted, self.undone_at = False, None
+        self.staged: dict[str, dict] = {}
+        self.reads: dict[str, Any] = {}
+
+    @property
+    def awaiting_review(self) -> bool:
+        """True for a --review run whose staged files are not applied (nor dropped)."""
+        return bool(self.staged) and not self.files and (self.run_dir / "staged").is_dir()
+
+    @classmethod
+    def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
+        """Read and check run run_id of plan plan_id. Raises ConfigError for a
+        malformed run id, BridgeError when the run is not there, is another plan's,
+        predates run.json, or its journal names a path outside the project or a
+        backup outside runs_dir."""
+        from pathlib import Path
+
+        run_dir = run_dir_of(runs_dir, run_id)
+        info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
+        if not isinstance(info, dict):
+            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older "
+                              "than --diff)", "only runs made since can be shown or undone")
+        if info.get("plan_id") != plan_id:
+            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not "
+                              f"{plan_id!r}", f"pass that plan's id, or a run of {plan_id!r} with --run")
+        project = Path(info["project"]) if isinstance(info.get("project"), str) else None
+        if project is not None and not project.is_absolute():
+            raise BridgeError(f"run {run_id}: run.json names a relative project {project}",
+                              "remove that run")
+        run = cls(run_dir, plan_id, project)
+        run._read_journal(runs_dir)
+        run._read_staging()
+        return run
+
+    def _read_journal(self, runs_dir: Path) -> None:
+        """files, reverted and undone_at from journal.jsonl, written.jsonl and undone.json."""
+        written = {e["path"]: e.get("sha256") for e in read_jsonl(self.run_dir / WRITTEN_FILE)
+                   if isinstance(e.get("path"), str)}
+        entries = read_jsonl(self.run_dir / JOURNAL_FILE)
+        self.files = [self._checked(runs_dir, e, written) for e in entries if "path" in e]
+        self.reverted = any(e.get("reverted") for e in entries)
+        undone = read_json_file(self.run_dir / "undone.json", or_none=True)
+        self.undone_at = undone.get("undone_at") if isinstance(undone, dict) else None
+
+    def _read_staging(self) -> None:
+        """staged and reads of a --review run, from staged.jsonl and reads.json."""
+        for entry in read_jsonl(self.run_dir / STAGED_FILE):
+            if self.project is None or not isinstance(entry.get("path"), str):
+                raise BridgeError(f"run {self.run_id}: staged.jsonl has an entry bridge did not "
+                                  f"write: {entry!r}")
+            resolve_inside(self.project, entry["path"])     # PathError for a path leaving it
+            first = self.staged.setdefault(entry["path"], dict(entry))
+            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last wins
+        reads = read_json_file(self.run_dir / "reads.json", or_none=True)
+        if isinstance(reads, dict):
+            self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
+
+    def _checked(self, runs_dir: Path, entry: dict, written: dict) -> KeptFile:
+        """Return a journal entry as a KeptFile once its paths are checked."""
+        from pathlib import Path
+
+        project, run_id = self.project, self.run_id
+        rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
+        if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
+            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: "
+                              f"{entry!r}", "the run cannot be shown or undone")
+        resolve_inside(project, rel)          # raises PathError for a path leaving the project
+        for folder in entry.get("created_dirs") or []:
+            where = Path(os.path.abspath(folder))
+            if where == project or not (where.is_relative_to(project)
+                                        or where.is_relative_to(project.resolve())):
+                raise PathError(f"run {run_id}: journal names a folder outside the project: "
+                                f"{folder}")
+        backup_path = Path(backup) if isinstance(backup, str) and backup else None
+        if backup_path is not None and not backup_path.resolve().is_relative_to(runs_dir.resolve()):
+            raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
+        mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
+        return KeptFile(rel, action, backup_path, mode, written.get(rel))
+
+    def diff(self) -> list[dict]:
+        """Return, per file: path, action, original_sha256, written_sha256,
+        current_sha256 (None: missing now), changed_since_run, diff (a unified diff
+        from the original to the file as it is now, paths relative to the project; one
+        line instead for a side over DIFF_MAX_BYTES: bounded_diff). Files are hashed in
+        pieces (file_sha256), never held whole."""
+        entries = []
+        for kept in self.files:
+            now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
+            before_path = kept.backup if kept.action == "modified" else None
+            current_sha = file_sha256(now_path)
+            original_sha = file_sha256(before_path) if before_path is not None else None
+            if kept.action == "modified" and original_sha is None:
+                diff = f"(the original of {kept.path} is no longer kept; no diff)\n"
+            else:
+                diff = bounded_diff(kept.path, before_path, now_path, original_sha, current_sha)
+            entries.append({
+                "path": kept.path, "action": kept.action, "original_sha256": original_sha,
+                "written_sha256": kept.written_sha256, "current_sha256": current_sha,
+                "changed_since_run": current_sha != kept.written_sha256, "diff": diff})
+        return entries
+
+    def staged_diff(self) -> list[dict]:
+        """Return, per staged file: path, action, original_sha256 (the project file's
+        when the run staged it), staged_sha256, current_sha256 (the project file's now,
+        None: missing), changed_since_run, diff (from the project file now to the
+        staged file: what --apply would change)."""
+        entries = []
+        for rel, entry in self.staged.items():
+            now_path = self.project / rel        # type: ignore[operator]  # staging: a project
+            staged_path = self.run_dir / "staged" / rel
+            current_sha = file_sha256(now_path)
+            entries.append({"path": rel, "action": entry.get("action"),
+                            "original_sha256": entry.get("base_sha256"),
+                            "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
+                            "changed_since_run": current_sha != entry.get("base_sha256"),
+                            "diff": bounded_diff(rel, now_path, staged_path, current_sha,
+                                                 file_sha256(staged_path))})
+        return entries
+
+    def apply_conflicts(self) -> list[str]:
+        """Return "PATH (why)" for every file the run read or would replace that
+        changed in the project since the run; [] when --apply may go ahead."""
+        found = [f"{e['path']} (to be replaced; changed since the run)"
+                 for e in self.staged_diff() if e["changed_since_run"]]
+        for rel, digest in self.reads.items():
+            now = file_sha256(self.project / rel)        # type: ignore[operator]
+            if rel not in self.staged and now != digest:
+                found.append(f"{rel} (read by the run; changed since)")
+        return found
+
+    def apply(self, crash_at: str | None = None) -> list[dict]:
+        """Write the staged files into the project through a FileTransaction of this
+        run (atomic, journalled, backups kept), recording each write's sha256; on any
+        failure put back what was written and re-raise. Returns the summary.
+        crash_at: the crash test hook (Config.crash_at)."""
+        files = FileTransaction(self.project, self.run_dir, crash_at)      # type: ignore[arg-type]
+        try:
+            for rel, entry in self.staged.items():
+                data = read_regular(self.run_dir / "staged" / rel)
+                if data is None or sha256_hex(data) != entry.get("sha256"):
+                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or "
+                                      "changed", "reject the run (bridge --reject ID) and run it again")
+                step = entry.get("step") if isinstance(entry.get("step"), int) else 0
+                files.write(rel, data.decode("utf-8"), step)
+                record_written(self.run_dir, rel, data, step)
+        except BaseException:
+            with shielded_signals(lambda text: None):
+                files.rollback()
+            raise
+        keep_backups(self.run_dir)
+        return files.summary()
+
+    def undo(self, force: bool = False) -> list[str]:
+        """Put back every file the run changed, with the originals' bytes and modes, and
+        remove the files and folders it created (FileTransaction.recover of this run).
+
+        Returns the paths put back. Raises BridgeError, changing nothing, when a
+        file changed after the run (unless force) or an original's backup is gone,
+        naming each file; RollbackError when a file could not be restored.
+        """
+        gone = [k.path for k in self.files
+                if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
+        if gone:
+            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} "
+                              f"file(s) are no longer kept: {', '.join(gone)}",
+                              "backups are kept for the last runs of a plan only (--keep-runs, "
+                              "BRIDGE_KEEP_RUNS)")
+        project: Path = self.project      # type: ignore[assignment]  # files imply a project
+        changed = [k.path for k in self.files if file_sha256(project / k.path) != k.written_sha256]
+        if changed and not force:
+            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed "
+                              f"after the run: {', '.join(changed)}",
+                              f"see them with bridge --diff {self.plan_id} --run {self.run_id}; "
+                              "--force puts the originals back anyway")
+        restored = FileTransaction(project, self.run_dir).recover(self.run_dir, set())
+        self.undone_at = utc_now_iso()
+        append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
+        write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
+        return restored
 
 
 ###############################################################################
-# 19. Prompts
+# 20. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7244,7 +7277,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 20. Run records
+# 21. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7635,7 +7668,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 21. The result document
+# 22. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -7903,7 +7936,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 22. Step scheduling
+# 23. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8072,7 +8105,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 23. Runner
+# 24. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8333,8 +8366,7 @@ class Runner:
         error, interrupted, verify = None, None, None
         try:
             private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
-            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
-                           run.record.content_hash)
+            write_run_info(run.run_dir, plan.id, plan.project, run.started, run.record.content_hash)
             if run.staged:
                 files.note_reads(plan.files_context)
             if run.previous:
@@ -9193,7 +9225,7 @@ class Runner:
 
 
 ###############################################################################
-# 24. CLI: arguments and settings
+# 25. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9549,7 +9581,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 25. CLI: listing, health, trust and approval
+# 26. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10040,7 +10072,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 26. CLI: running and showing
+# 27. CLI: running and showing
 ###############################################################################
 
 
@@ -10220,7 +10252,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 27. CLI: diff, undo, review
+# 28. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10371,7 +10403,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 28. CLI: the planner's side
+# 29. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10569,7 +10601,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 29. main()
+# 30. main()
 ###############################################################################
 
 
