@@ -791,9 +791,9 @@ def json_depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
+        if not isinstance(item, (dict, list)):
             continue
+        children = item.values() if isinstance(item, dict) else item
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
@@ -808,7 +808,8 @@ def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") from None
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
     depth = json_depth(value)
     if depth > max_depth:
         raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
@@ -1167,11 +1168,9 @@ def real_path(path: str | Path) -> Path:
 
 
 def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path, refusing what could leave the project.
-
-    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
-    Windows) and '..' paths. '.' and empty components are dropped.
-    """
+    """Return the components of a plan path ('.' and empty ones dropped). Raises PathError
+    for a path that is empty, holds a NUL or a lone surrogate, is absolute (POSIX or
+    Windows), climbs out with '..', or names the project itself."""
     from pathlib import PurePosixPath, PureWindowsPath
 
     if not rel or "\x00" in rel:
@@ -1237,12 +1236,8 @@ def _check_name_lengths(project: Path, rel: str) -> None:
 
 
 def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
-
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
-    """
+    """Return project/rel once plan_path_parts and _check_name_lengths accept rel and its
+    real location (symlinks followed) lies inside the project's. Raises PathError."""
     plan_path_parts(rel)
     _check_name_lengths(project, rel)
     try:
@@ -1572,15 +1567,16 @@ class FileChange:
 
 _DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+# POSIX has the dir_fd operations every write walks the project with; Windows has not
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd
 
 
 def _open_root(project: Path) -> int:
     """Open the project folder for the dir_fd walks; PathError when it cannot be, or
     when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
     if not _HAS_DIR_FD:
-        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file operations",
-                        "run bridge on Linux or macOS")
+        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file "
+                        "operations", "run bridge on Linux or macOS")
     try:
         return os.open(project, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     except OSError as exc:
@@ -1610,8 +1606,8 @@ def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[
         os.close(fd)
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
             where = "/".join(parts[:depth + 1])
-            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge writes only "
-                            "through real folders of the project") from exc
+            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge "
+                            "writes only through real folders of the project") from exc
         raise
     return fd, len(parts)
 
@@ -1630,13 +1626,13 @@ def open_inside(project: Path, rel: str) -> Any:
     try:
         if depth < len(parts) - 1:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
-        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)   # a FIFO must not block
+        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK     # a FIFO must not block
         try:
             handle = os.fdopen(os.open(parts[-1], flags, dir_fd=fd), "rb")
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real files "
-                                "of the project") from exc
+                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real "
+                                "files of the project") from exc
             raise
         kind = os.fstat(handle.fileno()).st_mode
         if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):     # a folder: reading it says so
@@ -1688,11 +1684,13 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     except FileNotFoundError:
         return None
     if stat.S_ISLNK(info.st_mode):
-        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over symlinks")
+        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over "
+                        "symlinks")
     if stat.S_ISDIR(info.st_mode):
         raise PathError(f"path {rel!r} is a folder")
     if not stat.S_ISREG(info.st_mode):     # a FIFO would hang the read of its original
-        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files")
+        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge "
+                        "writes only files")
     return info.st_mode & 0o7777
 
 
@@ -1782,7 +1780,8 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None,
+                 crash_at: str | None = None) -> None:
     """Write data to path through a temp file in the same folder and os.replace.
 
     mode: permission bits to give the file (default: what a new file gets under
@@ -3226,6 +3225,9 @@ def _schema_use_problems(schema: Any, where: str) -> list[str]:
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
+    """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
+    every files_context path (and LOAD's secrets, and that the file reads as text or a
+    step writes it), every file_output."""
     from pathlib import Path
 
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
@@ -3240,8 +3242,8 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if files or outputs:
             return ["$.context.project: required when the plan names files "
                     "(files_context or file_output)"]
-        return [f"{where}: a command runs in the project; set context.project to the folder it checks"
-                for where in _command_paths(plan)]
+        return [f"{where}: a command runs in the project; set context.project to the folder "
+                "it checks" for where in _command_paths(plan)]
     project = Path(context["project"])
     if not os.path.isdir(project):      # False, not OSError, for a name too long to look up
         return [f"$.context.project: folder {project} does not exist"]
@@ -3280,7 +3282,8 @@ def _command_paths(plan: dict) -> list[str]:
         validation = step.get("validation") if isinstance(step, dict) else None
         items = validation if isinstance(validation, list) else [validation]
         paths += [f"$.steps[{n}].validation" + (f"[{k}]" if isinstance(validation, list) else "")
-                  for k, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "command"]
+                  for k, item in enumerate(items)
+                  if isinstance(item, dict) and item.get("type") == "command"]
     return paths
 
 
@@ -6177,7 +6180,8 @@ class FileTransaction:
     left behind; refused lists the journal entries of that run it would not use.
     """
 
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None, guard: Guard | None = None):
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
+                 guard: Guard | None = None):
         import threading
 
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
@@ -6223,7 +6227,8 @@ class FileTransaction:
             try:
                 fd, depth = _walk(self._root(), parts[:-1], rel)
                 try:
-                    change = self.changes.get(rel) or self._journal_original(rel, parts, fd, depth, step)
+                    change = self.changes.get(rel) \
+                        or self._journal_original(rel, parts, fd, depth, step)
                     if change.action == "reverted":      # put back by revert_path, written again
                         change.action = "created" if change.backup is None else "modified"
                     crash_point(self.crash_at, "journal")
@@ -6236,7 +6241,8 @@ class FileTransaction:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
+                raise PathError(f"cannot write {rel!r} in {self.project}: "
+                                f"{exc.strerror or exc}") from exc
         return change
 
     def close(self) -> None:
@@ -6244,7 +6250,8 @@ class FileTransaction:
         with self.lock:
             self.closed = True
 
-    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int, step: int) -> FileChange:
+    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int,
+                          step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
         import hashlib
@@ -6299,7 +6306,8 @@ class FileTransaction:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
         except (PathError, OSError) as exc:
-            self.refused.append(f"journal of {old_run_dir.name}: {getattr(exc, 'strerror', None) or exc}")
+            why = getattr(exc, "strerror", None) or exc
+            self.refused.append(f"journal of {old_run_dir.name}: {why}")
             return []
         self.old_runs.append(old_run_dir)
         if any(entry.get("reverted") is True for entry in entries):
@@ -6346,8 +6354,9 @@ class FileTransaction:
         try:
             original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
-            self.refused.append(f"journal entry of {run_dir.name} refused: backup {change.backup} of "
-                                f"{change.path!r} cannot be read ({exc.strerror or exc})")
+            self.refused.append(f"journal entry of {run_dir.name} refused: backup "
+                                f"{change.backup} of {change.path!r} cannot be read "
+                                f"({exc.strerror or exc})")
             return False
         with original:
             kept = change.backup.name[5:205]          # type: ignore[union-attr]
@@ -6368,13 +6377,16 @@ class FileTransaction:
         if "path" not in entry:
             return None             # {"reverted": true} and other markers
         try:
-            rel, action, backup, mode = entry["path"], entry.get("action"), entry.get("backup") or "", entry.get("mode")
+            rel, action, mode = entry["path"], entry.get("action"), entry.get("mode")
+            backup = entry.get("backup") or ""
             if not isinstance(rel, str):
                 raise PathError(f"path {rel!r} is not a string")
             self.check(rel)
             if action not in ("created", "modified") or (action == "modified") != bool(backup):
-                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not one bridge writes")
-            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
+                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not "
+                                "one bridge writes")
+            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)
+                                     or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
             if backup and (not isinstance(backup, str)
                            or real_path(backup).parent != real_path(run_dir / "backups")):
@@ -6394,7 +6406,8 @@ class FileTransaction:
             with _suppress(ValueError):
                 inside = Path(folder).relative_to(self.project)
         if inside is None or not inside.parts:
-            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {self.project}")
+            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project "
+                            f"{self.project}")
         plan_path_parts(inside.as_posix())
         return self.project / inside
 
@@ -6466,7 +6479,8 @@ class FileTransaction:
 
     def _remove_dir(self, folder: Path) -> None:
         """Remove a folder the run made, if it is still empty (never through a symlink)."""
-        with _suppress(OSError, PathError, ValueError):   # not empty: something else lives there now
+        # not empty (something else lives there now): left as it is
+        with _suppress(OSError, PathError, ValueError):
             parts = plan_path_parts(folder.relative_to(self.project).as_posix())
             fd, depth = _walk(self._root(), parts[:-1], folder.name)
             try:
@@ -6605,12 +6619,14 @@ class StagedFiles:
                 staged.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(staged, data, 0o600)
             except OSError as exc:
-                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: {exc.strerror or exc}") from exc
+                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
+                                f"{exc.strerror or exc}") from exc
             change = self.changes.get(rel)
             base = None
             if change is None:
                 base = file_sha256(target)
-                change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
+                action = "created" if base is None else "modified"
+                change = self.changes[rel] = FileChange(rel, action)
             append_jsonl(self.run_dir / STAGED_FILE, {
                 "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
                 "base_sha256": base})
@@ -6619,7 +6635,8 @@ class StagedFiles:
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
         """Put back in the project every file a killed run wrote (FileTransaction.recover
         with no step kept: a --review run never keeps a dead run's files); return them."""
-        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir, set())
+        files = FileTransaction(self.project, self.run_dir, self.crash_at)
+        return files.recover(old_run_dir, set())
 
     def path_of(self, rel: str) -> Path | None:
         """Return the staged copy of rel, or None when no step staged it."""
@@ -6839,7 +6856,8 @@ class KeptRun:
                               "than --diff)", "only runs made since can be shown or undone")
         if info.get("plan_id") != plan_id:
             raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not "
-                              f"{plan_id!r}", f"pass that plan's id, or a run of {plan_id!r} with --run")
+                              f"{plan_id!r}",
+                              f"pass that plan's id, or a run of {plan_id!r} with --run")
         project = Path(info["project"]) if isinstance(info.get("project"), str) else None
         if project is not None and not project.is_absolute():
             raise BridgeError(f"run {run_id}: run.json names a relative project {project}",
@@ -6867,7 +6885,7 @@ class KeptRun:
                                   f"write: {entry!r}")
             resolve_inside(self.project, entry["path"])     # PathError for a path leaving it
             first = self.staged.setdefault(entry["path"], dict(entry))
-            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last wins
+            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")  # the last wins
         reads = read_json_file(self.run_dir / "reads.json", or_none=True)
         if isinstance(reads, dict):
             self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
@@ -6885,11 +6903,12 @@ class KeptRun:
         for folder in entry.get("created_dirs") or []:
             where = Path(os.path.abspath(folder))
             if where == project or not (where.is_relative_to(project)
-                                        or where.is_relative_to(project.resolve())):
+                                        or where.is_relative_to(real_path(project))):
                 raise PathError(f"run {run_id}: journal names a folder outside the project: "
                                 f"{folder}")
         backup_path = Path(backup) if isinstance(backup, str) and backup else None
-        if backup_path is not None and not backup_path.resolve().is_relative_to(runs_dir.resolve()):
+        if backup_path is not None \
+                and not real_path(backup_path).is_relative_to(real_path(runs_dir)):
             raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
         return KeptFile(rel, action, backup_path, mode, written.get(rel))
@@ -6956,7 +6975,8 @@ class KeptRun:
                 data = read_regular(self.run_dir / "staged" / rel)
                 if data is None or sha256_hex(data) != entry.get("sha256"):
                     raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or "
-                                      "changed", "reject the run (bridge --reject ID) and run it again")
+                                      "changed",
+                                      "reject the run (bridge --reject ID) and run it again")
                 step = entry.get("step") if isinstance(entry.get("step"), int) else 0
                 files.write(rel, data.decode("utf-8"), step)
                 record_written(self.run_dir, rel, data, step)
