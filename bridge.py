@@ -115,17 +115,18 @@ and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Errors · 3 Helpers ·
     4 Path rules: what a plan may read and write · 5 File writes inside the project ·
     6 Store layouts & plan records · 7 The memory server's HTTP API · 8 Store (SQLite) ·
-    9 Plans · 10 Trust: projects, approvals, executors ·
-    11 Model servers: errors, streams, retries · 12 LLM client: OpenAI-compatible servers ·
-    13 Other executors: the Anthropic API and the claude CLI · 14 Output validation ·
-    15 Constrained JSON and degenerate output ·
-    16 Check commands, and what the model is told of the checks ·
-    17 File transactions: journal, rollback, recovery ·
-    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Run records ·
-    21 The result document · 22 Step scheduling · 23 Runner ·
-    24 CLI: arguments and settings · 25 CLI: listing, health, trust and approval ·
-    26 CLI: running and showing · 27 CLI: diff, undo, review · 28 CLI: the planner's side ·
-    29 main()
+    9 Store: plans and their states · 10 Store: result memories · 11 Plans ·
+    12 Trust: projects, approvals, executors · 13 Model servers: errors, streams, retries ·
+    14 LLM client: OpenAI-compatible servers ·
+    15 Other executors: the Anthropic API and the claude CLI · 16 Output validation ·
+    17 Constrained JSON and degenerate output ·
+    18 Check commands, and what the model is told of the checks ·
+    19 File transactions: journal, rollback, recovery ·
+    20 Kept runs: backups, diff, undo, review · 21 Prompts · 22 Run records ·
+    23 The result document · 24 Step scheduling · 25 Runner ·
+    26 CLI: arguments and settings · 27 CLI: listing, health, trust and approval ·
+    28 CLI: running and showing · 29 CLI: diff, undo, review · 30 CLI: the planner's side ·
+    31 main()
 """
 
 from __future__ import annotations
@@ -1954,8 +1955,8 @@ class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
 # never creates, reads or drops it; `memory check-db` and the server's migrations
 # ignore tables they do not know (checked on 12.2.0 and 12.4.0: tests/test_real_server.py).
 STATE_TABLE = "bridge_plan_state"
-STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host", "owner_pid",
-                 "finished_at", "error", "result_hash", "resumed_from")
+STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host",
+                 "owner_pid", "finished_at", "error", "result_hash", "resumed_from")
 STATE_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     content_hash TEXT PRIMARY KEY,     -- the plan memory's (computed on the original layout)
@@ -1977,18 +1978,14 @@ SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its
                       "store it with bridge --submit")
 
 
-class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest saved",
-                            defaults=("", None, None))):
-    """One plan memory as read from the store.
-
-    row_id: memories.id. plan: the parsed content (a dict for a well-formed plan;
-    anything else is reported as invalid). metadata: the row's metadata object
-    (the server's; never read for state). created_at: as stored (Unix seconds, or
-    ISO text in the original layout). row_id is an int (a str in the original
-    layout); content and tags are the row's text. digest: the row's content_hash
-    (None: computed from content). saved: the row of STATE_TABLE as a state dict,
-    or None when bridge has recorded nothing.
-    """
+class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
+                            "saved", defaults=("", None, None))):
+    """One plan memory as read from the store. row_id: memories.id (an int; a str in
+    the original layout). content, tags: the row's text. plan: the parsed content (a
+    dict for a well-formed plan; anything else is reported as invalid). metadata: the
+    row's metadata object (the server's; never read for state). created_at: as stored
+    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
+    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
 
     __slots__ = ()
 
@@ -2051,7 +2048,8 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
                 and not pid_alive(owner["pid"]):
             return True
         try:
-            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at")).replace("Z", "+00:00"))
+            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at"))
+                                          .replace("Z", "+00:00"))
             if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
                 beat = beat.replace(tzinfo=timezone.utc)
             return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
@@ -2119,7 +2117,8 @@ def parse_result_content(content: str) -> dict | None:
 ###############################################################################
 
 
-MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
+# an embedding on a CPU takes well under a second; a model load longer
+MEMORY_API_TIMEOUT_S = 30.0
 MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
 MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
 # Each request ends by this many seconds after it was sent, however the server trickles
@@ -2148,7 +2147,8 @@ def check_memory_url(url: str) -> str:
     if parts is None or parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS \
             or parts.query or parts.username is not None:
         raise ConfigError(f"memory URL {url!r} is not an http URL on this machine",
-                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost or [::1])")
+                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost "
+                          "or [::1])")
     return url.rstrip("/")
 
 
@@ -2268,18 +2268,19 @@ class MemoryAPI:
         near-duplicate check from refusing a rerun's result."""
         import httpx
 
-        body = {"content": content, "tags": tags, "memory_type": memory_type, "metadata": metadata,
-                "conversation_id": conversation_id}
+        body = {"content": content, "tags": tags, "memory_type": memory_type,
+                "metadata": metadata, "conversation_id": conversation_id}
         size = len(json.dumps(body).encode("utf-8"))
         if size > MEMORY_API_MAX_BODY_BYTES:
-            return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
+            return None, (f"the result is {size} bytes, over the server's limit of "
+                          f"{MEMORY_API_MAX_BODY_BYTES}")
         try:
             status, reply = self._request("POST", "/api/memories", body)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
-        if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
-                and re.fullmatch(r"[0-9a-f]{64}", digest):
+        if status == 200 and isinstance(reply, dict) and reply.get("success") is True \
+                and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
             return digest, None
         if status in (401, 403):
             return None, f"HTTP {status}: it refused the key (MCP_API_KEY)"
@@ -2298,14 +2299,16 @@ class MemoryAPI:
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
+            why = _summary_text(exc, 200) or type(exc).__name__
+            report["error"] = f"cannot reach {self.url}: {why}"
             return report
         if not report["reachable"]:
             report["error"] = f"{self.url}/api/health answered HTTP {status}"
             return report
         report["key_accepted"] = detail_status == 200
         if detail_status in (401, 403):
-            report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
+            unset = "" if self.api_key else " is not set"
+            report["error"] = f"the server refused the key (MCP_API_KEY{unset})"
         elif isinstance(detail, dict):
             storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
             report.update(version=server_label(detail.get("version")),
@@ -2315,7 +2318,8 @@ class MemoryAPI:
 
 ###############################################################################
 # 8. Store (SQLite)
-# Short transactions on someone else's file: discovery, the claim, the result.
+# Short transactions on someone else's file: opening it, writing a memory the way the
+# memory server does, its health. Plans, their states and results: the next two rooms.
 ###############################################################################
 
 
@@ -2334,65 +2338,417 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
 
 
-class Store:
-    """The doobidoo memory store, opened for plan discovery, claims and results.
+class StoreFile:
+    """The memory server's SQLite file as bridge opens it: its layout, short write
+    transactions, memories inserted and soft-deleted the way the server does, and its
+    health. Store (the room "Store: result memories") is what the rest of bridge uses.
 
-    Use as a context manager: `with Store.open(path) as store: ...`. Works on the
+    Use as a context manager: `with Store.open(config) as store: ...`. Works on the
     12.x and 10.x layouts of mcp-memory-service and on the original bridge script's
-    layout (see _LAYOUT_COLUMNS). Raises StoreError for anything else.
+    layout (see _LAYOUT_COLUMNS); layout is None for any other (open refuses it).
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, layout: str,
-                 columns: set[str], has_fts: bool, crash_at: str | None = None):
-        self.conn, self.path, self.layout = conn, path, layout
-        self.columns, self.has_fts = columns, has_fts
-        self.crash_at = crash_at
+    def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
+        """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
+        self.conn, self.path, self.crash_at = conn, path, crash_at
+        self.columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
+        self.layout = next((name for name, needed in _LAYOUT_COLUMNS.items()
+                            if needed <= self.columns), None)
+        # only the memory server's trigram index finds a substring of the marker
+        fts = conn.execute("SELECT sql FROM sqlite_master "
+                           "WHERE name = 'memory_content_fts'").fetchone()
+        self.has_fts = fts is not None and "trigram" in (fts[0] or "") \
+            and self.layout != LAYOUT_ORIGINAL
 
     @classmethod
     def open(cls, config: Config) -> "Store":
-        """Open the first existing store of config.db_paths.
-
-        Opening writes nothing. STATE_TABLE is made by the first state bridge records
-        there (see _set_state); until then the store is read as that migration will
-        leave it. Raises StoreError naming every path tried when none exists, or when
-        the file is not SQLite or has a layout bridge does not know.
-        """
+        """Open the first existing store of config.db_paths. Opening writes nothing:
+        STATE_TABLE is made by the first state bridge records there (_set_state).
+        Raises StoreError naming every path tried when none exists, or when the file
+        is not SQLite or has a layout bridge does not know."""
         import sqlite3
 
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
             tried = ", ".join(str(p) for p in config.db_paths)
             raise StoreError(f"no memory store found (tried {tried})",
-                             "pass --db PATH or set BRIDGE_DB to the memory server's sqlite_vec.db; "
-                             "to start an empty store: bridge --submit PLAN.json --db NEWFILE")
+                             "pass --db PATH or set BRIDGE_DB to the memory server's "
+                             "sqlite_vec.db; to start an empty store: bridge --submit PLAN.json "
+                             "--db NEWFILE")
         try:
             conn = sqlite3.connect(path, timeout=STORE_BUSY_TIMEOUT_S, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
-            # only the memory server's trigram index finds a substring of the marker
-            fts = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_content_fts'").fetchone()
-            has_fts = fts is not None and "trigram" in (fts[0] or "")
+            store = cls(conn, path, config.crash_at)
         except sqlite3.Error as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
-        layout = next((name for name, needed in _LAYOUT_COLUMNS.items() if needed <= columns), None)
-        if layout is None:
+        if store.layout is None:
             conn.close()
-            shown = ", ".join(sorted(columns)) or "no memories table"
+            shown = ", ".join(sorted(store.columns)) or "no memories table"
             raise StoreError(f"unsupported store layout in {path} ({shown})",
-                             "bridge reads mcp-memory-service 10.x/12.x stores and the original bridge layout")
-        return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL, config.crash_at)
+                             "bridge reads mcp-memory-service 10.x/12.x stores and the original "
+                             "bridge layout")
+        return store
+
+    @staticmethod
+    def create(path: Path) -> None:
+        """Create an empty store at path in the memory server's 12.x layout.
+
+        Raises StoreError when path exists, its folder does not, or it cannot be written.
+        """
+        import sqlite3
+
+        if path.exists():
+            raise StoreError(f"cannot create a store at {path}: the file exists")
+        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
+            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
+                             "exist", "check --db for a typo; to start a store there, make the "
+                             "folder first")
+        try:
+            conn = sqlite3.connect(path)
+            try:
+                conn.executescript(STORE_DDL_12)
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot create a store at {path}: {exc}") from exc
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (name,)).fetchone() is not None
+
+    def _live_filter(self, alias: str = "m") -> str:
+        clauses = []
+        if "deleted_at" in self.columns:
+            clauses.append(f"{alias}.deleted_at IS NULL")
+        if "superseded_by" in self.columns:
+            clauses.append(f"{alias}.superseded_by IS NULL")
+        return " AND ".join(clauses) or "1"
+
+    def _write(self, work: Callable[[], Any]) -> Any:
+        """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
+        import sqlite3
+
+        for attempt in range(1, STORE_WRITE_TRIES + 1):
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    if attempt < STORE_WRITE_TRIES:
+                        time.sleep(0.05 * attempt)
+                        continue
+                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                    raise store_locked_error(self.path, waited_s) from exc
+                raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                    from exc
+            try:
+                result = work()
+                self.conn.execute("COMMIT")
+                return result
+            except BaseException as exc:
+                self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                        from exc
+                raise
+
+    def insert_memory(self, content: str, tags: list[str], memory_type: str,
+                      metadata: dict) -> str:
+        """Insert one memory the way the memory server does; return its content_hash.
+        Call inside _write. Fills the hash, both timestamps and their _iso twins,
+        store='default' and embedding_pending=0 where the layout has those columns
+        (no embedding: tag and keyword search find it, semantic search does not).
+        Raises StoreError when identical content is already stored."""
+        import sqlite3
+
+        now = time.time()
+        digest = content_hash(content)
+        tags_text = ",".join(tag_safe(t.strip()) for t in tags)
+        if self.layout == LAYOUT_ORIGINAL:
+            values = {"id": os.urandom(16).hex(), "content": content,
+                      "created_at": iso_from_ts(now),
+                      "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
+        else:
+            values = {"content_hash": digest, "content": content, "tags": tags_text,
+                      "memory_type": memory_type, "metadata": json.dumps(metadata),
+                      "created_at": now, "updated_at": now, "created_at_iso": iso_from_ts(now),
+                      "updated_at_iso": iso_from_ts(now), "store": "default",
+                      "embedding_pending": 0}
+            values = {k: v for k, v in values.items() if k in self.columns}
+        sql = (f"INSERT INTO memories ({', '.join(values)}) "
+               f"VALUES ({', '.join('?' for _ in values)})")
+        try:
+            self.conn.execute(sql, tuple(values.values()))
+        except sqlite3.IntegrityError as exc:
+            if "content_hash" not in str(exc):
+                raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
+            raise StoreError(f"the store already holds a memory with content hash "
+                             f"{digest[:12]}…", "identical content was stored before (perhaps "
+                             "soft-deleted)") from exc
+        return digest
+
+    def soft_delete(self, row_id: Any) -> None:
+        """Mark one memory deleted the way the memory server does (deleted_at and
+        updated_at). Call inside _write. Raises StoreError on a layout without it."""
+        if "deleted_at" not in self.columns:
+            raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
+                             "delete the old plan by hand, then submit again")
+        now = time.time()
+        self.conn.execute("UPDATE memories SET deleted_at = ?, updated_at = ?, updated_at_iso = ? "
+                          "WHERE id = ?", (now, now, iso_from_ts(now), row_id))
+
+    def _has_live_hash(self, digest: str) -> bool:
+        if "content_hash" not in self.columns:
+            return False
+        return self.conn.execute(f"SELECT 1 FROM memories m WHERE content_hash = ? "
+                                 f"AND {self._live_filter()}", (digest,)).fetchone() is not None
+
+    def check_usable(self) -> str | None:
+        """Return why a run could not use this store, or None when it can. Runs PRAGMA
+        quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
+        "ok", else the problems found, such as a corrupted page), then proves a
+        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
+        file is never changed (a read-only mount fails here, "attempt to write a
+        readonly database"). A store busy with another writer counts as writable."""
+        import sqlite3
+
+        try:
+            found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            return f"PRAGMA quick_check failed: {exc}"
+        if found != ["ok"]:
+            return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
+        try:
+            self.conn.execute("CREATE TABLE bridge_write_probe (x)")
+        except sqlite3.DatabaseError as exc:
+            return f"cannot write: {exc}"
+        finally:
+            self.conn.execute("ROLLBACK")
+        return None
+
+    def memory_report(self) -> dict:
+        """Return the store as the memory server sees it: {"schema_version" (its
+        metadata table's schema_version, or None), "migrations" (rows of its
+        migration_registry, or None), "state_table" (STATE_TABLE exists),
+        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
+        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
+        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
+        memories.id; None without it)}."""
+        def count(sql: str) -> int:
+            return self.conn.execute(sql).fetchone()[0]
+
+        report: dict[str, Any] = {"schema_version": None, "migrations": None,
+                                  "state_table": self._has_table(STATE_TABLE), "plans_recorded": 0,
+                                  "bridge_rows": 0, "without_embedding": None}
+        if self._has_table("metadata"):
+            row = self.conn.execute("SELECT value FROM metadata "
+                                    "WHERE key = 'schema_version'").fetchone()
+            report["schema_version"] = row[0] if row else None
+        if self._has_table("migration_registry"):
+            report["migrations"] = count("SELECT COUNT(*) FROM migration_registry")
+        if report["state_table"]:
+            report["plans_recorded"] = count(f"SELECT COUNT(*) FROM {STATE_TABLE}")
+        if "tags" not in self.columns:
+            return report
+        ours = (f"FROM memories m WHERE {self._live_filter()} AND "
+                f"((',' || m.tags || ',') LIKE '%,{PLAN_TAG},%' "
+                f"OR (',' || m.tags || ',') LIKE '%,{RESULT_TAG},%')")
+        report["bridge_rows"] = count(f"SELECT COUNT(*) {ours}")
+        if self._has_table("memory_embeddings_rowids"):
+            report["without_embedding"] = count(f"SELECT COUNT(*) {ours} AND m.id NOT IN "
+                                                "(SELECT rowid FROM memory_embeddings_rowids)")
+        return report
+
+
+###############################################################################
+# 9. Store: plans and their states
+# Finding plan memories, and every piece of claiming one that is the store's:
+# STATE_TABLE read and written (and migrated from an older bridge's metadata), the
+# claim, the heartbeat, the release, the cancel, and a dead run settled by its result.
+###############################################################################
+
+
+class PlanStore(StoreFile):
+    """The store's plan memories and their states (a plan's state is keyed by its
+    memory's content_hash; see STATE_TABLE). Store is the class to use."""
+
+    # The FTS phrase that picks plan candidates: the start of the marker. The index
+    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
+    # planner's store, so matching the whole marker reads far more of the index
+    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
+    _FTS_CANDIDATES = "bridge-p"
+
+    def find_plans(self) -> list[PlanRecord]:
+        """Return every live plan memory, oldest first. Candidates come from the FTS index
+        (memory_content_fts MATCH the start of the schema marker) when the store has the
+        memory server's trigram index, else from a scan; each must hold the marker and is
+        confirmed by parsing its JSON. A row counts as a plan when its content is a JSON
+        object whose "$schema" is "bridge-plan-v1". A row whose content holds the marker but
+        is not such an object is returned too, so it can be reported as invalid, when it is
+        tagged bridge-plan or is JSON that is not an object (prose that merely mentions the
+        marker is not). Raises StoreError on SQLite errors."""
+        import sqlite3
+
+        tags = "m.tags" if "tags" in self.columns else "''"
+        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
+                  "FROM memories m")
+        live = self._live_filter()
+        if self.has_fts:        # the index picks the candidates: no row's content is read here
+            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
+                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
+        else:                   # a scan: SQLite reads each row's content, for the marker
+            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
+        try:
+            rows = [self._with_content(*row) for row in
+                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
+            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
+            # the old metadata states lie on plan rows only: those just read
+            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
+        records, split = [], set()
+        for row in rows:
+            record = self._record(row) if row[1] is not None else self._oversized(row)
+            if record is None:
+                continue
+            if record.chunks:       # one report per split plan, whichever chunks hold the marker
+                original = str(record.metadata.get("original_hash"))
+                if original in split:
+                    continue
+                split.add(original)
+            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
+        return records
+
+    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
+        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
+        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
+        from SQLite's incremental blob I/O, which reads no content."""
+        import sqlite3
+
+        try:
+            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
+                size = len(blob)
+        except sqlite3.Error:       # not text (NULL, a number): read it as before
+            size = 0
+        if size > PLAN_MAX_BYTES:
+            return (row_id, None, *rest, size)
+        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
+                                    (rowid,)).fetchone()
+        return (row_id, content[0] if content else "", *rest)
+
+    @staticmethod
+    def _oversized(row: tuple) -> PlanRecord | None:
+        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
+        never read, then its size), when it is tagged bridge-plan: reported as invalid,
+        saying its size and the limit. An untagged one may be any memory naming the
+        marker (a big result): skipped."""
+        row_id, _, _, created_at, tags, digest, size = row
+        names = (tags or "").split(",")
+        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
+            return None
+        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
+                  "(PLAN_MAX_BYTES); not read")
+        # the original layout stores no content_hash: this row's state is keyed by its id
+        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
+                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
+
+    @staticmethod
+    def _record(row: tuple) -> PlanRecord | None:
+        """The record of a candidate row (_with_content's), or None when it is no plan."""
+        row_id, content, metadata, created_at, tags, digest = row
+        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
+            return None     # the server's consolidation made it: never a plan
+        try:
+            plan = load_json(content)
+        except JSONRefused as exc:
+            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
+        except ValueError:
+            plan = None
+        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
+        tagged = PLAN_TAG in (tags or "").split(",")
+        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
+            return None     # a note or result that merely mentions the marker
+        try:
+            meta = load_json(metadata) if metadata else {}
+        except ValueError:
+            meta = {}
+        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
+                          created_at, tags or "", digest)
+
+    def get_plan(self, plan_id: str) -> PlanRecord:
+        """Return the one live plan whose parsed id equals plan_id exactly. Raises
+        PlanNotFound when none matches, StoreError when several live plans share the id
+        (neither is run; the user must delete one)."""
+        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
+        if not matches:
+            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
+                               "see the plans with: bridge --list --all")
+        if len(matches) > 1:
+            rows = ", ".join(str(r.row_id) for r in matches)
+            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories "
+                             f"(rows {rows})",
+                             "delete all but one of them with the memory server, then run again")
+        return matches[0]
+
+    def reload(self, record: PlanRecord) -> PlanRecord:
+        """Return record with its state read again (another process may have changed it)."""
+        return record._replace(saved=self._settled(self._read_state(record.content_hash)))
+
+    def pending_count(self) -> int:
+        """Count the live plans whose effective status is pending."""
+        return sum(1 for r in self.find_plans() if r.status == "pending")
+
+    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
+        """Store a plan as a new memory, the way the memory server's memory_store does
+        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
+        soft-delete the live plans with the same id, in the same transaction. Returns
+        (content_hash, row ids replaced). Raises StoreError when a live plan has this
+        id and replace is off, or identical content is already stored."""
+        content = json.dumps(plan, ensure_ascii=False, indent=2)
+
+        def work() -> tuple[str, list]:
+            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            identical = [r for r in same if r.content_hash == content_hash(content)]
+            if identical:       # --replace would fail on the unique content_hash: say what works
+                status = identical[0].display_status
+                rerun = " --rerun" if status != "pending" else ""
+                again = f"bridge --plan {plan.get('id')}{rerun}"
+                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
+                                 f"(row {identical[0].row_id}, {status})",
+                                 f"to run it again: {again}; to change it, edit the file and "
+                                 "submit it with --replace")
+            if same and not replace:
+                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
+                raise StoreError(f"a plan with id {plan.get('id')!r} is already in "
+                                 f"{self.path} ({rows})",
+                                 "pass --replace to soft-delete it and store this one")
+            for record in same:
+                self.soft_delete(record.row_id)
+            digest = self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {})
+            return digest, [r.row_id for r in same]
+        return self._write(work)
+
+    # -- plan state (STATE_TABLE) -----------------------------------------------
 
     @property
     def has_state_table(self) -> bool:
         """Whether STATE_TABLE exists (asked each time: another bridge may make it)."""
         return self._has_table(STATE_TABLE)
-
-    def _has_table(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                 (name,)).fetchone() is not None
 
     def _create_state_table(self) -> None:
         """Create STATE_TABLE and fill it from the metadata["bridge"] objects an older
@@ -2425,283 +2781,24 @@ class Store:
             except ValueError:
                 plan = None
             if isinstance(old, dict) and old.get("status") in PLAN_STATUSES:
-                text = {**old, **{k: old[k] if isinstance(old.get(k), str) else None for k in STATE_COLUMNS}}
+                text = {**old, **{k: old[k] if isinstance(old.get(k), str) else None
+                                  for k in STATE_COLUMNS}}
                 owner = old.get("owner") if isinstance(old.get("owner"), dict) else {}
-                text["owner"] = {"host": owner.get("host") if isinstance(owner.get("host"), str) else None,
-                                 "pid": owner.get("pid") if isinstance(owner.get("pid"), int) else None}
-                text["plan_id"] = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) \
-                    else None
+                host, pid = owner.get("host"), owner.get("pid")
+                text["owner"] = {"host": host if isinstance(host, str) else None,
+                                 "pid": pid if isinstance(pid, int) else None}
+                plan_id = plan.get("id") if isinstance(plan, dict) else None
+                text["plan_id"] = plan_id if isinstance(plan_id, str) else None
                 states[digest or content_hash(content)] = text
         return states
-
-    @staticmethod
-    def create(path: Path) -> None:
-        """Create an empty store at path in the memory server's 12.x layout.
-
-        Raises StoreError when path exists, its folder does not, or it cannot be written.
-        """
-        import sqlite3
-
-        if path.exists():
-            raise StoreError(f"cannot create a store at {path}: the file exists")
-        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
-            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
-                             "exist", "check --db for a typo; to start a store there, make the "
-                             "folder first")
-        try:
-            conn = sqlite3.connect(path)
-            try:
-                conn.executescript(STORE_DDL_12)
-            finally:
-                conn.close()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot create a store at {path}: {exc}") from exc
-
-    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's memory_store does
-        (memory_type planning, tag bridge-plan, hash and timestamps).
-
-        replace: soft-delete the live plans with the same id, in the same
-        transaction. Returns (content_hash, row ids replaced). Raises StoreError
-        when a live plan has this id and replace is off, or identical content is
-        already stored.
-        """
-        content = json.dumps(plan, ensure_ascii=False, indent=2)
-
-        def work() -> tuple[str, list]:
-            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
-            identical = [r for r in same if r.content_hash == content_hash(content)]
-            if identical:       # --replace would fail on the unique content_hash: say what works
-                status = identical[0].display_status
-                rerun = " --rerun" if status != "pending" else ""
-                again = f"bridge --plan {plan.get('id')}{rerun}"
-                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
-                                 f"(row {identical[0].row_id}, {status})",
-                                 f"to run it again: {again}; to change it, edit the file and "
-                                 "submit it with --replace")
-            if same and not replace:
-                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
-                raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path} ({rows})",
-                                 "pass --replace to soft-delete it and store this one")
-            for record in same:
-                self.soft_delete(record.row_id)
-            return self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {}), [r.row_id for r in same]
-        return self._write(work)
-
-    def soft_delete(self, row_id: Any) -> None:
-        """Mark one memory deleted the way the memory server does (deleted_at and
-        updated_at). Call inside _write. Raises StoreError on a layout without it."""
-        if "deleted_at" not in self.columns:
-            raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
-                             "delete the old plan by hand, then submit again")
-        now = time.time()
-        self.conn.execute("UPDATE memories SET deleted_at = ?, updated_at = ?, updated_at_iso = ? WHERE id = ?",
-                          (now, now, iso_from_ts(now), row_id))
-
-    def cancel(self, record: PlanRecord) -> bool:
-        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
-        died, or its state is forged: the files its run left stay as they are),
-        invalid or awaiting review (its staged files stay unapplied in its run's
-        folder); False, changing nothing, when it is running or finished."""
-        def work() -> bool:
-            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
-                return False
-            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
-                                     "error": "cancelled by the user"})
-            return True
-        return self._write(work)
-
-    def find_result(self, record: PlanRecord, named_only: bool = True) -> tuple[dict, str] | None:
-        """Return the newest stored result document of a plan that bridge's state
-        names, and its memory's content_hash, or None.
-
-        Named: the memory's content_hash is the state's result_hash, or its
-        last_result_hash (the result before the claim of the run now recorded). A
-        memory merely tagged bridge-result and plan:<id> is anyone's (a forgery):
-        with named_only False, the newest such is returned too. Candidates: by the
-        state's hashes, then the live results tagged plan:<id>, newest first (the
-        memory server's own tag match), each confirmed by parsing it
-        (parse_result_content).
-        """
-        rows: list = []
-        named = [h for h in (record.state.get("result_hash"), record.state.get("last_result_hash"))
-                 if isinstance(h, str) and h]         # the newest first
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-        for digest in named if "content_hash" in self.columns else ():
-            rows += self.conn.execute("SELECT content_hash, content FROM memories "
-                                      "WHERE content_hash = ?", (digest,)).fetchall()
-        if "tags" in self.columns:
-            rows += self.conn.execute(
-                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
-                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
-                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
-        else:
-            rows += self.conn.execute(
-                f"SELECT {digest_column}, content FROM memories WHERE "
-                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
-        for digest, content in rows:
-            document = parse_result_content(content)
-            if document is not None and document.get("plan_id") == record.plan_id \
-                    and (not named_only or (digest or content_hash(content)) in named):
-                return document, content_hash(content)
-        return None
-
-    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
-        """Return [(run_id, status)] of the last runs of the other contents this plan id
-        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
-        if not self.has_state_table:
-            return []
-        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
-                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
-                                 (record.plan_id, record.content_hash)).fetchall()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
-
-    # -- reading -------------------------------------------------------------
-
-    def _live_filter(self, alias: str = "m") -> str:
-        clauses = []
-        if "deleted_at" in self.columns:
-            clauses.append(f"{alias}.deleted_at IS NULL")
-        if "superseded_by" in self.columns:
-            clauses.append(f"{alias}.superseded_by IS NULL")
-        return " AND ".join(clauses) or "1"
-
-    # The FTS phrase that picks plan candidates: the start of the marker. The index
-    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
-    # planner's store, so matching the whole marker reads far more of the index
-    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
-    _FTS_CANDIDATES = "bridge-p"
-
-    def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first.
-
-        Candidates come from the FTS index (memory_content_fts MATCH the start of
-        the schema marker) when the store has the memory server's trigram index,
-        else from a scan; each must hold the marker and is confirmed by parsing
-        its JSON. A row counts as a plan when its content is a JSON object
-        whose "$schema" is "bridge-plan-v1". A row whose content holds the marker
-        but is not such an object is returned too, so it can be reported as
-        invalid, when it is tagged bridge-plan or is JSON that is not an object
-        (prose that merely mentions the marker is not). Raises StoreError on
-        SQLite errors.
-        """
-        import sqlite3
-
-        tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
-        select = f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
-        live = self._live_filter()
-        if self.has_fts:        # the index picks the candidates: no row's content is read here
-            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
-                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
-        else:                   # a scan: SQLite reads each row's content, for the marker
-            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
-        try:
-            rows = [self._with_content(*row) for row in
-                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
-            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
-            # the old metadata states lie on plan rows only: those just read
-            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
-        records, split = [], set()
-        for row in rows:
-            record = self._record(*row) if row[1] is not None else self._oversized(*row)
-            if record is None:
-                continue
-            if record.chunks:       # one report per split plan, whichever chunks hold the marker
-                original = str(record.metadata.get("original_hash"))
-                if original in split:
-                    continue
-                split.add(original)
-            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
-        return records
-
-    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
-        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
-        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
-        from SQLite's incremental blob I/O, which reads no content."""
-        import sqlite3
-
-        try:
-            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
-                size = len(blob)
-        except sqlite3.Error:       # not text (NULL, a number): read it as before
-            size = 0
-        if size > PLAN_MAX_BYTES:
-            return (row_id, None, *rest, size)
-        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
-                                    (rowid,)).fetchone()
-        return (row_id, content[0] if content else "", *rest)
-
-    @staticmethod
-    def _oversized(row_id, content, metadata, created_at, tags, digest, size) -> PlanRecord | None:
-        """The record of a plan row over PLAN_MAX_BYTES (content None: never read), when
-        it is tagged bridge-plan: reported as invalid, saying its size and the limit. An
-        untagged one may be any memory naming the marker (a big result): skipped."""
-        names = (tags or "").split(",")
-        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
-            return None
-        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
-                  "(PLAN_MAX_BYTES); not read")
-        # the original layout stores no content_hash: this row's state is keyed by its id
-        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
-                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
-
-    @staticmethod
-    def _record(row_id, content, metadata, created_at, tags, digest=None) -> PlanRecord | None:
-        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
-            return None     # the server's consolidation made it: never a plan
-        try:
-            plan = load_json(content)
-        except JSONRefused as exc:
-            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
-        except ValueError:
-            plan = None
-        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
-        tagged = PLAN_TAG in (tags or "").split(",")
-        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
-            return None     # a note or result that merely mentions the marker
-        try:
-            meta = load_json(metadata) if metadata else {}
-        except ValueError:
-            meta = {}
-        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
-                          created_at, tags or "", digest)
-
-    def get_plan(self, plan_id: str) -> PlanRecord:
-        """Return the one live plan whose parsed id equals plan_id exactly.
-
-        Raises PlanNotFound when none matches, StoreError when several live plans
-        share the id (neither is run; the user must delete one).
-        """
-        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
-        if not matches:
-            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
-                               "see the plans with: bridge --list --all")
-        if len(matches) > 1:
-            rows = ", ".join(str(r.row_id) for r in matches)
-            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories (rows {rows})",
-                             "delete all but one of them with the memory server, then run again")
-        return matches[0]
-
-    def reload(self, record: PlanRecord) -> PlanRecord:
-        """Return record with its state read again (another process may have changed it)."""
-        return record._replace(saved=self._settled(self._read_state(record.content_hash)))
-
-    # -- plan state (STATE_TABLE) -----------------------------------------------
 
     def _states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
         """Return {plan content_hash: state} of every plan bridge has recorded (on a
         store without STATE_TABLE, of the rows given: see _legacy_states)."""
         if not self.has_state_table:
             return self._legacy_states(rows)  # read-only on a store bridge has not used since
-        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra FROM {STATE_TABLE}")
+        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra "
+                                 f"FROM {STATE_TABLE}")
         return {row[0]: self._state_of(row[1:]) for row in rows}
 
     def _read_state(self, digest: str) -> dict | None:
@@ -2730,8 +2827,8 @@ class Store:
         if not state or state.get("status") != "in_progress" or not state.get("result_hash") \
                 or "content_hash" not in self.columns:
             return state
-        row = self.conn.execute(f"SELECT content FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
-                                (state["result_hash"],)).fetchone()
+        row = self.conn.execute(f"SELECT content FROM memories m WHERE content_hash = ? "
+                                f"AND {self._live_filter()}", (state["result_hash"],)).fetchone()
         document = parse_result_content(row[0]) if row else None
         if document is None or document.get("run_id") != state.get("run_id") \
                 or document.get("status") not in PLAN_STATUSES:
@@ -2745,45 +2842,15 @@ class Store:
                   "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
         extra = redact({k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"})
         values = redact(values)         # an error line may quote a model's or a command's words
-        self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
-                          f"extra, updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
-                          (digest, *values.values(), json.dumps(extra) if extra else None, utc_now_iso()))
-
-    # -- writing -------------------------------------------------------------
-
-    def _write(self, work: Callable[[], Any]) -> Any:
-        """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
-        import sqlite3
-
-        for attempt in range(1, STORE_WRITE_TRIES + 1):
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    if attempt < STORE_WRITE_TRIES:
-                        time.sleep(0.05 * attempt)
-                        continue
-                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
-                    raise store_locked_error(self.path, waited_s) from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
-            try:
-                result = work()
-                self.conn.execute("COMMIT")
-                return result
-            except BaseException as exc:
-                self.conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                        from exc
-                raise
+        self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, "
+                          f"{', '.join(STATE_COLUMNS)}, extra, updated_at) "
+                          f"VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
+                          (digest, *values.values(), json.dumps(extra) if extra else None,
+                           utc_now_iso()))
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
         """Merge changes into the plan's row of STATE_TABLE; return the new state.
-
-        Call inside _write. The memories table is not touched.
-        """
+        Call inside _write. The memories table is not touched."""
         state = {**(self._read_state(record.content_hash) or {}), **changes}
         if not self.has_state_table:
             self._create_state_table()
@@ -2792,13 +2859,10 @@ class Store:
 
     def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
               resumed_from: str | None = None) -> bool:
-        """Move a plan to in_progress for this process, atomically.
-
-        allowed: effective statuses that may be claimed ("stale" means an in_progress
-        plan whose owner died). resumed_from: the run id this run takes over.
-        Returns False, changing nothing, when another process got there first or
-        the status is not allowed.
-        """
+        """Move a plan to in_progress for this process, atomically. allowed: effective
+        statuses that may be claimed ("stale": an in_progress plan whose owner died).
+        resumed_from: the run id this run takes over. Returns False, changing nothing,
+        when another process got there first or the status is not allowed."""
         def work() -> bool:
             fresh = self.reload(record)
             if fresh.display_status not in allowed:
@@ -2809,7 +2873,8 @@ class Store:
                 "last_result_hash": last if isinstance(last, str) else None,
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
                 "heartbeat_at": now, "owner": {"host": hostname(), "pid": os.getpid()},
-                "finished_at": None, "error": None, "result_hash": None, "resumed_from": resumed_from})
+                "finished_at": None, "error": None, "result_hash": None,
+                "resumed_from": resumed_from})
             crash_point(self.crash_at, "claim")
             return True
         return self._write(work)
@@ -2834,7 +2899,43 @@ class Store:
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, memory: ResultMemory, memory_api: MemoryAPI | None = None,
+    def cancel(self, record: PlanRecord) -> bool:
+        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
+        died, or its state is forged: the files its run left stay as they are),
+        invalid or awaiting review (its staged files stay unapplied in its run's
+        folder); False, changing nothing, when it is running or finished."""
+        def work() -> bool:
+            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
+                return False
+            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
+                                     "error": "cancelled by the user"})
+            return True
+        return self._write(work)
+
+    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
+        """Return [(run_id, status)] of the last runs of the other contents this plan id
+        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        if not self.has_state_table:
+            return []
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
+                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+                                 (record.plan_id, record.content_hash)).fetchall()
+
+
+###############################################################################
+# 10. Store: result memories
+# A run's result memory stored as the room "The result document" built it (directly,
+# or through the memory server's HTTP API for an embedding), found again, and what
+# --undo, --apply and --reject record of that run since.
+###############################################################################
+
+
+class Store(PlanStore):
+    """The doobidoo memory store, opened for plan discovery, claims and results:
+    `with Store.open(config) as store: ...` (StoreFile.open). Raises StoreError."""
+
+    def finish(self, record: PlanRecord, memory: ResultMemory,
+               memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
         """Store the run's result memory as given and record the plan's final state
         (memory.state, with result_hash); return the result's content_hash.
@@ -2874,51 +2975,47 @@ class Store:
             return digest
         return self._write(work)
 
-    def _has_live_hash(self, digest: str) -> bool:
-        if "content_hash" not in self.columns:
-            return False
-        return self.conn.execute(f"SELECT 1 FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
-                                 (digest,)).fetchone() is not None
-
-    def insert_memory(self, content: str, tags: list[str], memory_type: str, metadata: dict) -> str:
-        """Insert one memory the way the memory server does; return its content_hash.
-
-        Call inside _write. Fills the hash, both timestamps and their _iso twins,
-        store='default' and embedding_pending=0 where the layout has those columns
-        (the row gets no embedding: tag and keyword search find it, semantic search
-        does not). Raises StoreError when identical content is already stored.
-        """
-        import sqlite3
-
-        now = time.time()
-        digest = content_hash(content)
-        tags_text = ",".join(tag_safe(t.strip()) for t in tags)
-        if self.layout == LAYOUT_ORIGINAL:
-            values = {"id": os.urandom(16).hex(), "content": content, "created_at": iso_from_ts(now),
-                      "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
+    def find_result(self, record: PlanRecord,
+                    named_only: bool = True) -> tuple[dict, str] | None:
+        """Return the newest stored result document of a plan that bridge's state names, and
+        its memory's content_hash, or None. Named: the memory's content_hash is the state's
+        result_hash, or its last_result_hash (the result before the claim of the run now
+        recorded). A memory merely tagged bridge-result and plan:<id> is anyone's (a
+        forgery): with named_only False, the newest such is returned too. Candidates: by the
+        state's hashes, then the live results tagged plan:<id>, newest first (the memory
+        server's own tag match), each confirmed by parse_result_content."""
+        rows: list = []
+        state = record.state
+        named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
+                 if isinstance(h, str) and h]         # the newest first
+        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        for digest in named if "content_hash" in self.columns else ():
+            rows += self.conn.execute("SELECT content_hash, content FROM memories "
+                                      "WHERE content_hash = ?", (digest,)).fetchall()
+        if "tags" in self.columns:
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
+                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
+                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
         else:
-            values = {"content_hash": digest, "content": content, "tags": tags_text,
-                      "memory_type": memory_type, "metadata": json.dumps(metadata),
-                      "created_at": now, "updated_at": now, "created_at_iso": iso_from_ts(now),
-                      "updated_at_iso": iso_from_ts(now), "store": "default", "embedding_pending": 0}
-            values = {k: v for k, v in values.items() if k in self.columns}
-        sql = (f"INSERT INTO memories ({', '.join(values)}) "
-               f"VALUES ({', '.join('?' for _ in values)})")
-        try:
-            self.conn.execute(sql, tuple(values.values()))
-        except sqlite3.IntegrityError as exc:
-            if "content_hash" not in str(exc):
-                raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
-            raise StoreError(f"the store already holds a memory with content hash {digest[:12]}…",
-                             "identical content was stored before (perhaps soft-deleted)") from exc
-        return digest
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories WHERE "
+                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
+        for digest, content in rows:
+            document = parse_result_content(content)
+            if document is not None and document.get("plan_id") == record.plan_id \
+                    and (not named_only or (digest or content_hash(content)) in named):
+                return document, content_hash(content)
+        return None
 
     def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
         """Record in the plan's state that --undo put back the files of run run_id at
         undone_at (ISO 8601): {"undone_run", "undone_at"}."""
-        self._write(lambda: self._set_state(record, {"undone_run": run_id, "undone_at": undone_at}))
+        self._write(lambda: self._set_state(record, {"undone_run": run_id,
+                                                     "undone_at": undone_at}))
 
-    def record_review(self, record: PlanRecord, run_id: str, expected: str, changes: dict) -> bool:
+    def record_review(self, record: PlanRecord, run_id: str, expected: str,
+                      changes: dict) -> bool:
         """Merge changes into the plan's state if it is still `expected` with run
         run_id (one transaction); False, changing nothing, when it is not."""
         def work() -> bool:
@@ -2929,69 +3026,9 @@ class Store:
             return True
         return self._write(work)
 
-    def check_usable(self) -> str | None:
-        """Return why a run could not use this store, or None when it can.
-
-        Runs PRAGMA quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
-        "ok", else the problems found, such as a corrupted page), then proves a
-        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
-        file is never changed (a read-only mount fails here, "attempt to write a
-        readonly database"). A store busy with another writer counts as writable.
-        """
-        import sqlite3
-
-        try:
-            found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
-        except sqlite3.DatabaseError as exc:
-            return f"PRAGMA quick_check failed: {exc}"
-        if found != ["ok"]:
-            return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
-        try:
-            self.conn.execute("CREATE TABLE bridge_write_probe (x)")
-        except sqlite3.DatabaseError as exc:
-            return f"cannot write: {exc}"
-        finally:
-            self.conn.execute("ROLLBACK")
-        return None
-
-    def memory_report(self) -> dict:
-        """Return the store as the memory server sees it: {"schema_version" (its
-        metadata table's schema_version, or None), "migrations" (rows of its
-        migration_registry, or None), "state_table" (STATE_TABLE exists),
-        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
-        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
-        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
-        memories.id; None without it)}."""
-        report: dict[str, Any] = {"schema_version": None, "migrations": None, "state_table": self.has_state_table,
-                                  "plans_recorded": 0, "bridge_rows": 0, "without_embedding": None}
-        if self._has_table("metadata"):
-            row = self.conn.execute("SELECT value FROM metadata WHERE key = 'schema_version'").fetchone()
-            report["schema_version"] = row[0] if row else None
-        if self._has_table("migration_registry"):
-            report["migrations"] = self.conn.execute("SELECT COUNT(*) FROM migration_registry").fetchone()[0]
-        if self.has_state_table:
-            report["plans_recorded"] = self.conn.execute(f"SELECT COUNT(*) FROM {STATE_TABLE}").fetchone()[0]
-        if "tags" not in self.columns:
-            return report
-        ours = (f"FROM memories m WHERE {self._live_filter()} AND ((',' || m.tags || ',') LIKE '%,{PLAN_TAG},%' "
-                f"OR (',' || m.tags || ',') LIKE '%,{RESULT_TAG},%')")
-        report["bridge_rows"] = self.conn.execute(f"SELECT COUNT(*) {ours}").fetchone()[0]
-        if self._has_table("memory_embeddings_rowids"):
-            report["without_embedding"] = self.conn.execute(
-                f"SELECT COUNT(*) {ours} AND m.id NOT IN (SELECT rowid FROM memory_embeddings_rowids)").fetchone()[0]
-        return report
-
-    def pending_count(self) -> int:
-        """Count the live plans whose effective status is pending."""
-        return sum(1 for r in self.find_plans() if r.status == "pending")
-
 
 ###############################################################################
-# 9. Plans
+# 11. Plans
 ###############################################################################
 
 
@@ -3339,7 +3376,7 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 10. Trust: projects, approvals, executors
+# 12. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -3635,7 +3672,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 11. Model servers: errors, streams, retries
+# 13. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -4241,7 +4278,7 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 12. LLM client: OpenAI-compatible servers
+# 14. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -4871,7 +4908,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 13. Other executors: the Anthropic API and the claude CLI
+# 15. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -5167,7 +5204,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 14. Output validation
+# 16. Output validation
 #
 # The validation types of bridge-plan-schema.json. Each check returns the artifact: the
 # text that counts as the step's output (the code inside a fence when fenced), which
@@ -5505,7 +5542,7 @@ def _check_syntax(text: str, language: str) -> str:
 
 
 ###############################################################################
-# 15. Constrained JSON and degenerate output
+# 17. Constrained JSON and degenerate output
 ###############################################################################
 
 
@@ -5876,7 +5913,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 16. Check commands, and what the model is told of the checks
+# 18. Check commands, and what the model is told of the checks
 ###############################################################################
 
 
@@ -6142,7 +6179,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 17. File transactions: journal, rollback, recovery
+# 19. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6477,7 +6514,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 18. Kept runs: backups, diff, undo, review
+# 20. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -6964,7 +7001,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 19. Prompts
+# 21. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7244,7 +7281,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 20. Run records
+# 22. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7632,7 +7669,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 21. The result document
+# 23. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -7900,7 +7937,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 22. Step scheduling
+# 24. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8069,7 +8106,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 23. Runner
+# 25. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -9195,7 +9232,7 @@ class Runner:
 
 
 ###############################################################################
-# 24. CLI: arguments and settings
+# 26. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9551,7 +9588,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 ###############################################################################
-# 25. CLI: listing, health, trust and approval
+# 27. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10042,7 +10079,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 26. CLI: running and showing
+# 28. CLI: running and showing
 ###############################################################################
 
 
@@ -10222,7 +10259,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 27. CLI: diff, undo, review
+# 29. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10373,7 +10410,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 28. CLI: the planner's side
+# 30. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10571,7 +10608,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 29. main()
+# 31. main()
 ###############################################################################
 
 
