@@ -114,8 +114,8 @@ keeps it so), so the file reads from files and the store, through plans, model s
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Errors · 3 Helpers ·
     4 Path rules: what a plan may read and write · 5 File writes inside the project ·
-    6 Store layouts & plan records · 7 The memory server's HTTP API · 8 Store (SQLite) ·
-    9 Store: plans and their states · 10 Store: result memories · 11 Plans ·
+    6 Store layouts · 7 The memory server's HTTP API · 8 Store (SQLite) ·
+    9 Store: plan states and claims · 10 Store: plan and result memories · 11 Plans ·
     12 Trust: projects, approvals, executors · 13 Model servers: errors, streams, retries ·
     14 LLM client: OpenAI-compatible servers ·
     15 Other executors: the Anthropic API and the claude CLI · 16 Output validation ·
@@ -1889,7 +1889,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 6. Store layouts & plan records
+# 6. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -1976,103 +1976,6 @@ CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
 SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
                       "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
                       "store it with bridge --submit")
-
-
-class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
-                            "saved", defaults=("", None, None))):
-    """One plan memory as read from the store. row_id: memories.id (an int; a str in
-    the original layout). content, tags: the row's text. plan: the parsed content (a
-    dict for a well-formed plan; anything else is reported as invalid). metadata: the
-    row's metadata object (the server's; never read for state). created_at: as stored
-    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
-    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
-
-    __slots__ = ()
-
-    @property
-    def content_hash(self) -> str:
-        """The plan memory's content_hash: the key of its state."""
-        return self.digest or content_hash(self.content)
-
-    @property
-    def chunks(self) -> int:
-        """How many chunks the memory server split this memory into (its metadata's
-        total_chunks, set by memory_store on content over its length limit), else 0."""
-        total = self.metadata.get("total_chunks")
-        if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
-            return total
-        return 0
-
-    @property
-    def plan_id(self) -> str:
-        """The plan's own id, or "row-N" when its content has none."""
-        if isinstance(self.plan, dict) and isinstance(self.plan.get("id"), str):
-            return self.plan["id"]
-        return f"row-{self.row_id}"
-
-    @property
-    def state(self) -> dict:
-        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
-        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
-        result_hash, resumed_from."""
-        return self.saved if isinstance(self.saved, dict) else {}
-
-    @property
-    def owner(self) -> dict:
-        """The recorded owner {"host", "pid"} of an in_progress plan, or {}."""
-        value = self.state.get("owner")
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def status(self) -> str:
-        """The effective status: the recorded state, else the content's status."""
-        if self.state.get("status") in PLAN_STATUSES:
-            return self.state["status"]
-        if isinstance(self.plan, dict) and self.plan.get("status") in PLAN_STATUSES:
-            return self.plan["status"]
-        return "invalid"
-
-    @property
-    def stale(self) -> bool:
-        """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
-        from now, in the past or the future (a running bridge refreshes it every
-        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
-        reads as a time (a plan whose own content says in_progress has none)."""
-        from datetime import datetime, timezone
-
-        if self.status != "in_progress":
-            return False
-        owner = self.owner
-        if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
-                and not pid_alive(owner["pid"]):
-            return True
-        try:
-            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at"))
-                                          .replace("Z", "+00:00"))
-            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
-                beat = beat.replace(tzinfo=timezone.utc)
-            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
-        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
-            return True
-
-    @property
-    def display_status(self) -> str:
-        """The status as shown to users: "stale" for an in_progress plan whose owner died."""
-        return "stale" if self.stale else self.status
-
-    @property
-    def objective(self) -> str:
-        """The plan's one-line objective, or ""."""
-        context = self.plan.get("context") if isinstance(self.plan, dict) else None
-        objective = context.get("objective") if isinstance(context, dict) else None
-        return objective if isinstance(objective, str) else ""
-
-    @property
-    def step_count(self) -> int:
-        """How many steps the plan lists (0 when it lists none readable)."""
-        steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
-        return len(steps) if isinstance(steps, list) else 0
 
 
 def _summary_text(value: Any, max_chars: int) -> str:
@@ -2319,7 +2222,7 @@ class MemoryAPI:
 ###############################################################################
 # 8. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
-# memory server does, its health. Plans, their states and results: the next two rooms.
+# memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
 
 
@@ -2341,7 +2244,7 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
 class StoreFile:
     """The memory server's SQLite file as bridge opens it: its layout, short write
     transactions, memories inserted and soft-deleted the way the server does, and its
-    health. Store (the room "Store: result memories") is what the rest of bridge uses.
+    health. Store (the room "Store: plan and result memories") is what bridge uses.
 
     Use as a context manager: `with Store.open(config) as store: ...`. Works on the
     12.x and 10.x layouts of mcp-memory-service and on the original bridge script's
@@ -2575,175 +2478,120 @@ class StoreFile:
 
 
 ###############################################################################
-# 9. Store: plans and their states
-# Finding plan memories, and every piece of claiming one that is the store's:
-# STATE_TABLE read and written (and migrated from an older bridge's metadata), the
-# claim, the heartbeat, the release, the cancel, and a dead run settled by its result.
+# 9. Store: plan states and claims
+# Every piece of claiming a plan that is the store's: the plan record and its
+# effective status (stale: its owner is gone), STATE_TABLE read and written (and
+# migrated from an older bridge's metadata), the claim, the heartbeat, the release,
+# the cancel, and a run that died after storing its result settled by that result.
 ###############################################################################
 
 
-class PlanStore(StoreFile):
-    """The store's plan memories and their states (a plan's state is keyed by its
-    memory's content_hash; see STATE_TABLE). Store is the class to use."""
+class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
+                            "saved", defaults=("", None, None))):
+    """One plan memory as read from the store. row_id: memories.id (an int; a str in
+    the original layout). content, tags: the row's text. plan: the parsed content (a
+    dict for a well-formed plan; anything else is reported as invalid). metadata: the
+    row's metadata object (the server's; never read for state). created_at: as stored
+    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
+    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
 
-    # The FTS phrase that picks plan candidates: the start of the marker. The index
-    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
-    # planner's store, so matching the whole marker reads far more of the index
-    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
-    _FTS_CANDIDATES = "bridge-p"
+    __slots__ = ()
 
-    def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first. Candidates come from the FTS index
-        (memory_content_fts MATCH the start of the schema marker) when the store has the
-        memory server's trigram index, else from a scan; each must hold the marker and is
-        confirmed by parsing its JSON. A row counts as a plan when its content is a JSON
-        object whose "$schema" is "bridge-plan-v1". A row whose content holds the marker but
-        is not such an object is returned too, so it can be reported as invalid, when it is
-        tagged bridge-plan or is JSON that is not an object (prose that merely mentions the
-        marker is not). Raises StoreError on SQLite errors."""
-        import sqlite3
+    @property
+    def content_hash(self) -> str:
+        """The plan memory's content_hash: the key of its state."""
+        return self.digest or content_hash(self.content)
 
-        tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
-        select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
-                  "FROM memories m")
-        live = self._live_filter()
-        if self.has_fts:        # the index picks the candidates: no row's content is read here
-            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
-                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
-        else:                   # a scan: SQLite reads each row's content, for the marker
-            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
+    @property
+    def chunks(self) -> int:
+        """How many chunks the memory server split this memory into (its metadata's
+        total_chunks, set by memory_store on content over its length limit), else 0."""
+        total = self.metadata.get("total_chunks")
+        if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
+            return total
+        return 0
+
+    @property
+    def plan_id(self) -> str:
+        """The plan's own id, or "row-N" when its content has none."""
+        if isinstance(self.plan, dict) and isinstance(self.plan.get("id"), str):
+            return self.plan["id"]
+        return f"row-{self.row_id}"
+
+    @property
+    def state(self) -> dict:
+        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
+        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
+        result_hash, resumed_from."""
+        return self.saved if isinstance(self.saved, dict) else {}
+
+    @property
+    def owner(self) -> dict:
+        """The recorded owner {"host", "pid"} of an in_progress plan, or {}."""
+        value = self.state.get("owner")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def status(self) -> str:
+        """The effective status: the recorded state, else the content's status."""
+        if self.state.get("status") in PLAN_STATUSES:
+            return self.state["status"]
+        if isinstance(self.plan, dict) and self.plan.get("status") in PLAN_STATUSES:
+            return self.plan["status"]
+        return "invalid"
+
+    @property
+    def stale(self) -> bool:
+        """True when in_progress but its owner is gone: the owner process no longer
+        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
+        from now, in the past or the future (a running bridge refreshes it every
+        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
+        reads as a time (a plan whose own content says in_progress has none)."""
+        from datetime import datetime, timezone
+
+        if self.status != "in_progress":
+            return False
+        owner = self.owner
+        if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
+                and not pid_alive(owner["pid"]):
+            return True
         try:
-            rows = [self._with_content(*row) for row in
-                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
-            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
-            # the old metadata states lie on plan rows only: those just read
-            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
-        records, split = [], set()
-        for row in rows:
-            record = self._record(row) if row[1] is not None else self._oversized(row)
-            if record is None:
-                continue
-            if record.chunks:       # one report per split plan, whichever chunks hold the marker
-                original = str(record.metadata.get("original_hash"))
-                if original in split:
-                    continue
-                split.add(original)
-            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
-        return records
+            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at"))
+                                          .replace("Z", "+00:00"))
+            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
+                beat = beat.replace(tzinfo=timezone.utc)
+            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
+        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
+            return True
 
-    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
-        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
-        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
-        from SQLite's incremental blob I/O, which reads no content."""
-        import sqlite3
+    @property
+    def display_status(self) -> str:
+        """The status as shown to users: "stale" for an in_progress plan whose owner died."""
+        return "stale" if self.stale else self.status
 
-        try:
-            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
-                size = len(blob)
-        except sqlite3.Error:       # not text (NULL, a number): read it as before
-            size = 0
-        if size > PLAN_MAX_BYTES:
-            return (row_id, None, *rest, size)
-        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
-                                    (rowid,)).fetchone()
-        return (row_id, content[0] if content else "", *rest)
+    @property
+    def objective(self) -> str:
+        """The plan's one-line objective, or ""."""
+        context = self.plan.get("context") if isinstance(self.plan, dict) else None
+        objective = context.get("objective") if isinstance(context, dict) else None
+        return objective if isinstance(objective, str) else ""
 
-    @staticmethod
-    def _oversized(row: tuple) -> PlanRecord | None:
-        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
-        never read, then its size), when it is tagged bridge-plan: reported as invalid,
-        saying its size and the limit. An untagged one may be any memory naming the
-        marker (a big result): skipped."""
-        row_id, _, _, created_at, tags, digest, size = row
-        names = (tags or "").split(",")
-        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
-            return None
-        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
-                  "(PLAN_MAX_BYTES); not read")
-        # the original layout stores no content_hash: this row's state is keyed by its id
-        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
-                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
+    @property
+    def step_count(self) -> int:
+        """How many steps the plan lists (0 when it lists none readable)."""
+        steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
+        return len(steps) if isinstance(steps, list) else 0
 
-    @staticmethod
-    def _record(row: tuple) -> PlanRecord | None:
-        """The record of a candidate row (_with_content's), or None when it is no plan."""
-        row_id, content, metadata, created_at, tags, digest = row
-        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
-            return None     # the server's consolidation made it: never a plan
-        try:
-            plan = load_json(content)
-        except JSONRefused as exc:
-            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
-        except ValueError:
-            plan = None
-        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
-        tagged = PLAN_TAG in (tags or "").split(",")
-        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
-            return None     # a note or result that merely mentions the marker
-        try:
-            meta = load_json(metadata) if metadata else {}
-        except ValueError:
-            meta = {}
-        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
-                          created_at, tags or "", digest)
 
-    def get_plan(self, plan_id: str) -> PlanRecord:
-        """Return the one live plan whose parsed id equals plan_id exactly. Raises
-        PlanNotFound when none matches, StoreError when several live plans share the id
-        (neither is run; the user must delete one)."""
-        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
-        if not matches:
-            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
-                               "see the plans with: bridge --list --all")
-        if len(matches) > 1:
-            rows = ", ".join(str(r.row_id) for r in matches)
-            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories "
-                             f"(rows {rows})",
-                             "delete all but one of them with the memory server, then run again")
-        return matches[0]
+class PlanStates(StoreFile):
+    """The plans' states in the store (keyed by the plan memory's content_hash; see
+    STATE_TABLE) and their claims. Store is the class to use."""
 
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
 
-    def pending_count(self) -> int:
-        """Count the live plans whose effective status is pending."""
-        return sum(1 for r in self.find_plans() if r.status == "pending")
 
-    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's memory_store does
-        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
-        soft-delete the live plans with the same id, in the same transaction. Returns
-        (content_hash, row ids replaced). Raises StoreError when a live plan has this
-        id and replace is off, or identical content is already stored."""
-        content = json.dumps(plan, ensure_ascii=False, indent=2)
-
-        def work() -> tuple[str, list]:
-            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
-            identical = [r for r in same if r.content_hash == content_hash(content)]
-            if identical:       # --replace would fail on the unique content_hash: say what works
-                status = identical[0].display_status
-                rerun = " --rerun" if status != "pending" else ""
-                again = f"bridge --plan {plan.get('id')}{rerun}"
-                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
-                                 f"(row {identical[0].row_id}, {status})",
-                                 f"to run it again: {again}; to change it, edit the file and "
-                                 "submit it with --replace")
-            if same and not replace:
-                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
-                raise StoreError(f"a plan with id {plan.get('id')!r} is already in "
-                                 f"{self.path} ({rows})",
-                                 "pass --replace to soft-delete it and store this one")
-            for record in same:
-                self.soft_delete(record.row_id)
-            digest = self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {})
-            return digest, [r.row_id for r in same]
-        return self._write(work)
-
-    # -- plan state (STATE_TABLE) -----------------------------------------------
 
     @property
     def has_state_table(self) -> bool:
@@ -2923,16 +2771,172 @@ class PlanStore(StoreFile):
 
 
 ###############################################################################
-# 10. Store: result memories
-# A run's result memory stored as the room "The result document" built it (directly,
-# or through the memory server's HTTP API for an embedding), found again, and what
-# --undo, --apply and --reject record of that run since.
+# 10. Store: plan and result memories
+# The memories bridge reads and writes: plan memories found (by the memory server's
+# index when it has one) and submitted; a run's result memory stored as the room "The
+# result document" built it (directly, or through the memory server's HTTP API for an
+# embedding), found again, and what --undo, --apply and --reject record of that run.
 ###############################################################################
 
 
-class Store(PlanStore):
+class Store(PlanStates):
     """The doobidoo memory store, opened for plan discovery, claims and results:
     `with Store.open(config) as store: ...` (StoreFile.open). Raises StoreError."""
+
+    # The FTS phrase that picks plan candidates: the start of the marker. The index
+    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
+    # planner's store, so matching the whole marker reads far more of the index
+    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
+    _FTS_CANDIDATES = "bridge-p"
+
+    def find_plans(self) -> list[PlanRecord]:
+        """Return every live plan memory, oldest first. Candidates come from the FTS index
+        (memory_content_fts MATCH the start of the schema marker) when the store has the
+        memory server's trigram index, else from a scan; each must hold the marker and is
+        confirmed by parsing its JSON. A row counts as a plan when its content is a JSON
+        object whose "$schema" is "bridge-plan-v1". A row whose content holds the marker but
+        is not such an object is returned too, so it can be reported as invalid, when it is
+        tagged bridge-plan or is JSON that is not an object (prose that merely mentions the
+        marker is not). Raises StoreError on SQLite errors."""
+        import sqlite3
+
+        tags = "m.tags" if "tags" in self.columns else "''"
+        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
+                  "FROM memories m")
+        live = self._live_filter()
+        if self.has_fts:        # the index picks the candidates: no row's content is read here
+            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
+                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
+        else:                   # a scan: SQLite reads each row's content, for the marker
+            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
+        try:
+            rows = [self._with_content(*row) for row in
+                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
+            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
+            # the old metadata states lie on plan rows only: those just read
+            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
+        records, split = [], set()
+        for row in rows:
+            record = self._record(row) if row[1] is not None else self._oversized(row)
+            if record is None:
+                continue
+            if record.chunks:       # one report per split plan, whichever chunks hold the marker
+                original = str(record.metadata.get("original_hash"))
+                if original in split:
+                    continue
+                split.add(original)
+            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
+        return records
+
+    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
+        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
+        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
+        from SQLite's incremental blob I/O, which reads no content."""
+        import sqlite3
+
+        try:
+            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
+                size = len(blob)
+        except sqlite3.Error:       # not text (NULL, a number): read it as before
+            size = 0
+        if size > PLAN_MAX_BYTES:
+            return (row_id, None, *rest, size)
+        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
+                                    (rowid,)).fetchone()
+        return (row_id, content[0] if content else "", *rest)
+
+    @staticmethod
+    def _oversized(row: tuple) -> PlanRecord | None:
+        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
+        never read, then its size), when it is tagged bridge-plan: reported as invalid,
+        saying its size and the limit. An untagged one may be any memory naming the
+        marker (a big result): skipped."""
+        row_id, _, _, created_at, tags, digest, size = row
+        names = (tags or "").split(",")
+        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
+            return None
+        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
+                  "(PLAN_MAX_BYTES); not read")
+        # the original layout stores no content_hash: this row's state is keyed by its id
+        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
+                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
+
+    @staticmethod
+    def _record(row: tuple) -> PlanRecord | None:
+        """The record of a candidate row (_with_content's), or None when it is no plan."""
+        row_id, content, metadata, created_at, tags, digest = row
+        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
+            return None     # the server's consolidation made it: never a plan
+        try:
+            plan = load_json(content)
+        except JSONRefused as exc:
+            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
+        except ValueError:
+            plan = None
+        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
+        tagged = PLAN_TAG in (tags or "").split(",")
+        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
+            return None     # a note or result that merely mentions the marker
+        try:
+            meta = load_json(metadata) if metadata else {}
+        except ValueError:
+            meta = {}
+        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
+                          created_at, tags or "", digest)
+
+    def get_plan(self, plan_id: str) -> PlanRecord:
+        """Return the one live plan whose parsed id equals plan_id exactly. Raises
+        PlanNotFound when none matches, StoreError when several live plans share the id
+        (neither is run; the user must delete one)."""
+        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
+        if not matches:
+            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
+                               "see the plans with: bridge --list --all")
+        if len(matches) > 1:
+            rows = ", ".join(str(r.row_id) for r in matches)
+            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories "
+                             f"(rows {rows})",
+                             "delete all but one of them with the memory server, then run again")
+        return matches[0]
+
+    def pending_count(self) -> int:
+        """Count the live plans whose effective status is pending."""
+        return sum(1 for r in self.find_plans() if r.status == "pending")
+
+    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
+        """Store a plan as a new memory, the way the memory server's memory_store does
+        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
+        soft-delete the live plans with the same id, in the same transaction. Returns
+        (content_hash, row ids replaced). Raises StoreError when a live plan has this
+        id and replace is off, or identical content is already stored."""
+        content = json.dumps(plan, ensure_ascii=False, indent=2)
+
+        def work() -> tuple[str, list]:
+            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            identical = [r for r in same if r.content_hash == content_hash(content)]
+            if identical:       # --replace would fail on the unique content_hash: say what works
+                status = identical[0].display_status
+                rerun = " --rerun" if status != "pending" else ""
+                again = f"bridge --plan {plan.get('id')}{rerun}"
+                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
+                                 f"(row {identical[0].row_id}, {status})",
+                                 f"to run it again: {again}; to change it, edit the file and "
+                                 "submit it with --replace")
+            if same and not replace:
+                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
+                raise StoreError(f"a plan with id {plan.get('id')!r} is already in "
+                                 f"{self.path} ({rows})",
+                                 "pass --replace to soft-delete it and store this one")
+            for record in same:
+                self.soft_delete(record.row_id)
+            digest = self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {})
+            return digest, [r.row_id for r in same]
+        return self._write(work)
+
+    # -- result memories -----------------------------------------------------
 
     def finish(self, record: PlanRecord, memory: ResultMemory,
                memory_api: MemoryAPI | None = None,
@@ -7673,7 +7677,7 @@ def read_step_stats(path: Path) -> dict:
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts & plan records" reads it back), the document --json and
+# the room "Store layouts" reads it back), the document --json and
 # --show --json print (shown_result, show_document), and the text of --show and of
 # a run's end (render_show, savings_line, ledger_lines).
 ###############################################################################

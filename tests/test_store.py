@@ -1,5 +1,5 @@
-"""The rooms "Store layouts & plan records", "Store (SQLite)", "Store: plans and their
-states" and "Store: result memories" of bridge.py: the store layouts bridge reads and
+"""The rooms "Store layouts", "Store (SQLite)", "Store: plan states and claims" and
+"Store: plan and result memories" of bridge.py: the store layouts bridge reads and
 writes, plan discovery and lookup, a plan's state, the result memory, claims,
 concurrency hygiene and where the store file is looked for.
 
