@@ -112,21 +112,21 @@ Limits on what bridge reads (hostile input is a recorded failure, never a crash)
 Rooms, foundations first: each room uses only names from the rooms above it (a test
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
-    1 Constants & defaults · 2 Errors · 3 Helpers ·
-    4 Path rules: what a plan may read and write · 5 File writes inside the project ·
-    6 Store layouts · 7 The memory server's HTTP API · 8 Store (SQLite) ·
-    9 Store: plan states and claims · 10 Store: plan and result memories · 11 Plans ·
-    12 Trust: projects, approvals, executors · 13 Model servers: errors, streams, retries ·
-    14 LLM client: OpenAI-compatible servers ·
-    15 Other executors: the Anthropic API and the claude CLI · 16 Output validation ·
-    17 Constrained JSON and degenerate output ·
-    18 Check commands, and what the model is told of the checks ·
-    19 File transactions: journal, rollback, recovery ·
-    20 Kept runs: backups, diff, undo, review · 21 Prompts · 22 Run records ·
-    23 The result document · 24 Step scheduling · 25 Runner ·
-    26 CLI: arguments and settings · 27 CLI: listing, health, trust and approval ·
-    28 CLI: running and showing · 29 CLI: diff, undo, review · 30 CLI: the planner's side ·
-    31 main()
+    1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
+    4 Helpers · 5 Path rules: what a plan may read and write ·
+    6 File writes inside the project · 7 Store layouts · 8 The memory server's HTTP API ·
+    9 Store (SQLite) · 10 Store: plan states and claims ·
+    11 Store: plan and result memories · 12 Output validation ·
+    13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
+    16 Trust: projects, approvals, executors · 17 Model servers: errors, streams, retries ·
+    18 LLM client: OpenAI-compatible servers ·
+    19 Other executors: the Anthropic API and the claude CLI · 20 Check commands ·
+    21 File transactions: journal, rollback, recovery ·
+    22 Kept runs: backups, diff, undo, review · 23 Prompts · 24 Run records ·
+    25 The result document · 26 Step scheduling · 27 Runner ·
+    28 CLI: arguments and settings · 29 CLI: listing, health, trust and approval ·
+    30 CLI: running and showing · 31 CLI: diff, undo, review · 32 CLI: the planner's side ·
+    33 main()
 """
 
 from __future__ import annotations
@@ -228,12 +228,6 @@ COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without 
 COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
 COMMAND_TAIL_BYTES = 8000              # the end of a command's output kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
-# max_tokens of a step that sets none, by validation type (then at most a quarter of a
-# known context). A JSON answer is an object of a few values: a six-key extraction is
-# 40-90 tokens on SmolLM2, so 256 stops a runaway within seconds on a small CPU;
-# json_schema objects may nest and list more; code and prose keep the general reserve.
-DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "syntax_check": ANSWER_RESERVE_TOKENS,
-                      "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
 # Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
 # A step whose answer is bounded (its check is JSON) asks the server not to think
 # (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
@@ -385,6 +379,10 @@ SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "
 SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) would hit ordinary text
 
 
+###############################################################################
+# 2. Settings: one row per setting, and Config
+###############################################################################
+
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
     """Return the store paths the memory server would use, in the order tried.
 
@@ -429,89 +427,126 @@ def default_state_dir(environ: dict[str, str]) -> Path:
     return home / ".local" / "state" / "bridge"
 
 
-_CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
-    "base_url": DEFAULT_BASE_URL,
+# One row per setting (after bottle's ConfigDict._define: a setting's default, check and
+# help in one place). flag and env: where the user sets it (a flag wins over its
+# variable, which wins over the default); field: the Config field it fills; kind: how
+# resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
+# lines of its own there); limit: the least a number may be, or the names a choice takes
+# (a tuple argparse also checks on the flag; a dict only resolve_config checks); what:
+# its name in an error; shown: how --help gives the default (None: the default itself).
+# A tuple default makes the flag repeatable and the variable comma-separated. Adding a
+# setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
+# reads this table: each row's flag and variable must be on the first page and in the
+# README's tables.
+Setting = namedtuple("Setting", "flag env field kind default limit what metavar help shown")
+SETTINGS = tuple(map(Setting._make, (
+    ("--db", "BRIDGE_DB", "db_paths", None, None, None, "store", "PATH",
+     "the memory store file", "MCP_MEMORY_SQLITE_PATH, else the memory server's "
+     "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"),
+    ("--base-url", "BRIDGE_BASE_URL", "base_url", None, DEFAULT_BASE_URL, None, "base URL", "URL",
+     "the OpenAI-compatible server", None),
+    ("--api-key", "BRIDGE_API_KEY", "api_key", "text", None, None, "API key", "KEY",
+     "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
+     "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps", "none"),
+    ("--ollama-api", "BRIDGE_OLLAMA_API", "ollama_api", "choice", "native", OLLAMA_APIS,
+     "Ollama API", None, "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the "
+     "prompts) or openai (/v1/chat/completions: the context cannot be set, and Ollama cuts "
+     "long prompts)", None),
+    ("--model", "BRIDGE_MODEL", "model", "text", None, None, "model", "ID", "the model to use",
+     "the chat model the server reports loaded (README: Model servers)"),
+    ("--timeout", "BRIDGE_TIMEOUT", "timeout_s", "number", DEFAULT_TIMEOUT_S, 0.001, "timeout",
+     "SECONDS", "seconds a request waits to connect or for the next streamed chunk", None),
+    ("--retries", "BRIDGE_RETRIES", "retries", "count", DEFAULT_RETRIES, 0, "retries", "N",
+     "retries of one request after 429, 5xx or a connection error", None),
+    ("--max-retries", "BRIDGE_MAX_RETRIES", "max_retries", "count", MAX_RETRIES_LIMIT, 0,
+     "max retries", "N",
+     "the most further attempts a step gets: a plan's max_retries above it is cut to it", None),
+    ("--retry-delay", "BRIDGE_RETRY_DELAY", "retry_delay_s", "number", DEFAULT_RETRY_DELAY_S, 0,
+     "retry delay", "SECONDS", "first backoff delay, doubled each retry", None),
+    ("--max-output-bytes", "BRIDGE_MAX_OUTPUT_BYTES", "max_output_bytes", "count",
+     DEFAULT_MAX_OUTPUT_BYTES, 1, "max output bytes", "N",
+     "a longer reply is cut and its attempt fails", None),
+    ("--no-structured", "BRIDGE_STRUCTURED", "structured", "switch", True, None, "structured",
+     None, "never ask the server for constrained JSON (response_format)",
+     "ask on json, contains_keys and json_schema steps"),
+    ("--retry-sampling", "BRIDGE_RETRY_SAMPLING", "retry_sampling", "choice",
+     DEFAULT_RETRY_SAMPLING, RETRY_SAMPLING, "retry sampling", None,
+     "how attempt 2 and later sample: plain (as the first), hotter (higher temperature, new "
+     "seed), penalty (hotter, plus repeat_penalty/DRY where the server takes them)", None),
+    ("--parallel", "BRIDGE_PARALLEL", "parallel", "count", None, 1, "parallel", "N",
+     "independent steps in flight at once",
+     "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"),
+    ("--context-length", "BRIDGE_CONTEXT_LENGTH", "context_length", "count", None, 64,
+     "context length", "TOKENS", "the model's context, for fitting prompts",
+     "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM "
+     "max_model_len)"),
+    ("--escalate-to", "BRIDGE_ESCALATE_TO", "escalate_to", "text", None, None, "escalation",
+     "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
+     "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
+    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
+     PAID_EXECUTORS, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
+     "(anthropic, claude-cli, ollama-cloud); repeatable",
+     "none; your own --model and --escalate-to count"),
+    ("--max-cost-usd", "BRIDGE_MAX_COST_USD", "max_cost_usd", "number", DEFAULT_MAX_COST_USD, 0,
+     "max cost", "USD", "stop paid requests (anthropic:, claude-cli:) once a run has spent this "
+     "much", f"{DEFAULT_MAX_COST_USD:.2f}"),
+    ("--pass-env", "BRIDGE_PASS_ENV", "pass_env", "names", (), None, "passed variable", "NAME",
+     "give check commands (command validations, verify) this credential variable of your "
+     "environment all the same; repeatable",
+     "none: checks get no token, key, secret, password or cloud/CI variable"),
+    ("--anthropic-base-url", "ANTHROPIC_BASE_URL", "anthropic_base_url", "url",
+     ANTHROPIC_BASE_URL, None, "Anthropic base URL", "URL",
+     "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", None),
+    ("--price-model", "BRIDGE_PRICE_MODEL", "price_model", "choice", DEFAULT_PRICE_MODEL,
+     CLAUDE_PRICES_USD_PER_MTOK, "price model", "MODEL",
+     "the Claude model whose prices value the tokens a run used",
+     f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"),
+    ("--memory-url", "BRIDGE_MEMORY_URL", "memory_url", None, None, None, "memory URL", "URL",
+     "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): "
+     "result memories are stored through it, so its semantic search finds them; off: never",
+     "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written "
+     "into the store directly"),
+    ("--state-dir", "BRIDGE_STATE_DIR", "state_dir", None, ".", None, "state folder", "PATH",
+     "bridge's own journals and backups", "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"),
+    ("--keep-runs", "BRIDGE_KEEP_RUNS", "keep_runs", "count", DEFAULT_KEEP_RUNS, 0, "runs kept",
+     "N", "runs per plan whose file backups are kept for --undo; older ones are deleted (0: none "
+     "kept)", None),
+)))
+
+_CONFIG_DEFAULTS = {                    # the fields of Config no row of SETTINGS fills
     "base_url_given": True,             # False: neither --base-url nor BRIDGE_BASE_URL (discovered)
-    "model": None,                      # str | None
-    "ollama_api": "native",             # one of OLLAMA_APIS
-    "api_key": None,                    # str | None: the model server's key (never shown or stored)
-    "timeout_s": DEFAULT_TIMEOUT_S,
-    "state_dir": ".",                   # str | Path
-    "retries": DEFAULT_RETRIES,
-    "max_retries": MAX_RETRIES_LIMIT,   # the most further attempts a step's max_retries gets
-    "retry_delay_s": DEFAULT_RETRY_DELAY_S,
-    "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
-    "structured": True,
-    "retry_sampling": DEFAULT_RETRY_SAMPLING,
-    "parallel": None,                   # int | None
-    "context_length": None,             # int | None
-    "price_model": DEFAULT_PRICE_MODEL,
-    "events": False,
+    "events": False,                    # --events: the run as JSON events on stdout
     "deltas": False,                    # with events: a delta event per streamed piece too
-    "db_explicit": False,
-    "anthropic_base_url": ANTHROPIC_BASE_URL,
-    "anthropic_api_key": None,          # str | None
-    "escalate_to": None,                # str | None
+    "db_explicit": False,               # the store came from --db or BRIDGE_DB
+    "anthropic_api_key": None,          # str | None: ANTHROPIC_API_KEY
+    # the user's environment less BRIDGE_* and MCP_API_KEY: commands run in it less its
+    # credentials (command_env), a claude-cli: executor in its allow-listed part (claude_env)
     "tool_env": (),                     # tuple[tuple[str, str], ...]
-    "pass_env": (),                     # tuple[str, ...]: credentials check commands get
-    "trusted_projects": (),             # tuple[Path, ...], real paths
-    "config_dir": ".",                  # str | Path
+    "trusted_projects": (),             # tuple[Path, ...]: real paths (--trust and
+                                        # BRIDGE_TRUSTED_PROJECTS)
+    "config_dir": ".",                  # str | Path: the folder of the trust and approvals files
     "home": None,                       # Path | None: the user's home folder
-    "allowed_executors": ("openai",),   # tuple[str, ...]
-    "max_cost_usd": DEFAULT_MAX_COST_USD,
-    "memory_url": None,                 # str | None: the memory server's HTTP API (loopback)
-    "memory_api_key": None,             # str | None: MCP_API_KEY
+    "memory_api_key": None,             # str | None: MCP_API_KEY, else the hooks' apiKey
     "memory_source": None,              # str | None: where memory_url came from
     "memory_note": None,                # str | None: why the hooks' endpoint is not used
-    "crash_at": None,                   # str | None
-    "keep_runs": DEFAULT_KEEP_RUNS,
-    "review": False,
-    "verbosity": 1,
+    "crash_at": None,                   # str | None: BRIDGE_CRASH_AT, a test hook
+    "review": False,                    # --review: stage the files a run writes
+    "verbosity": 1,                     # 0 errors only, 1 progress, 2 prompts and outputs
     "json": False,
     "debug": False,
 }
 
 
-class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CONFIG_DEFAULTS.values())):
+class Config(namedtuple("Config", [*(row.field for row in SETTINGS), *_CONFIG_DEFAULTS],
+                        defaults=[*(row.default for row in SETTINGS[1:]),
+                                  *_CONFIG_DEFAULTS.values()])):
     """Every setting of one bridge invocation, resolved once (see resolve_config).
 
-    db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
-    the only candidate). timeout_s: seconds to wait to connect or for the server's
-    next byte. max_retries: the most further attempts a step gets (a plan's
-    max_retries above it is cut). retries / retry_delay_s: transport retries of
-    one request and the first backoff delay (seconds).
-    max_output_bytes: a streamed reply past this many
-    bytes is cut and the attempt fails. structured: ask the server for constrained
-    JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
-    RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
-    reports, else 1). context_length: the model's context in tokens (None: what
-    the server reports, else unknown). api_key: the model server's bearer token
-    (--api-key, BRIDGE_API_KEY), sent to that server only. ollama_api: on
-    Ollama, run steps through its native /api/chat or its OpenAI endpoint
-    (OLLAMA_APIS). price_model: the Claude model whose prices
-    value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
-    run as JSON events on stdout; deltas: with them, one delta event per streamed
-    piece (off: a line per step and plan event only). anthropic_base_url, anthropic_api_key: the
-    anthropic: executor. escalate_to: the model reference a failed step gets one
-    more attempt on. tool_env: the user's environment less BRIDGE_* and
-    MCP_API_KEY: commands run in it less its credentials (command_env), a
-    claude-cli: executor in its allow-listed part (claude_env). pass_env: the
-    credential variables check commands get all the same (--pass-env).
-    memory_url: the memory server's HTTP API (loopback only) that stores result
-    memories so they get an embedding; memory_api_key: its key (MCP_API_KEY, else
-    the hooks' apiKey); memory_source: where memory_url came from ("--memory-url",
-    "BRIDGE_MEMORY_URL", HOOKS_CONFIG_SHOWN), memory_note: why the hooks' config
-    names no endpoint bridge uses (see hooks_memory_endpoint).
-    crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
-    itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
-    outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
-    keep_runs: how many runs of each plan keep their file backups for --undo.
-    review: stage the files a run writes under its folder (--review), not in the project.
-    trusted_projects: the user's trusted folders (real paths; --trust and
-    BRIDGE_TRUSTED_PROJECTS). config_dir: the folder of the trust and approvals
-    files. home: the user's home folder. allowed_executors: the executors steps may
-    use ("openai" always; anthropic and claude-cli by --allow-executor, --model or
-    --escalate-to). max_cost_usd: US dollars of paid requests one run may spend.
+    A field per row of SETTINGS (its help says what it holds: seconds, bytes, tokens,
+    US dollars) and per key of _CONFIG_DEFAULTS. db_paths (required): the store
+    candidates, first existing wins (a --db or BRIDGE_DB path is the only candidate).
+    allowed_executors: "openai" always, plus those allowed (--allow-executor) or named by
+    the user's own --model or --escalate-to.
     """
 
     __slots__ = ()
@@ -525,7 +560,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 
 
 ###############################################################################
-# 2. Errors
+# 3. Errors
 #
 #   BridgeError (exit 2 unless the class says otherwise)
 #    ├── ConfigError            bad flag or environment value
@@ -705,7 +740,7 @@ class LLMServerUnusable(LLMError):
 
 
 ###############################################################################
-# 3. Helpers
+# 4. Helpers
 ###############################################################################
 
 
@@ -1123,7 +1158,7 @@ def terminal_columns() -> int:
 
 
 ###############################################################################
-# 4. Path rules: what a plan may read and write
+# 5. Path rules: what a plan may read and write
 #
 # Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
 # store) is in this room; the rooms that read and write files call these rules and decide
@@ -1548,7 +1583,7 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
 
 
 ###############################################################################
-# 5. File writes inside the project
+# 6. File writes inside the project
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader
 # sees the old bytes or the new, never half. Before the first write to a path, its
@@ -1698,22 +1733,20 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     return info.st_mode & 0o7777
 
 
-def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
-    """Return the bytes of a regular file, opened without following a symlink."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None) -> Any:
-    """Open a regular file for reading, without following a symlink or waiting on a FIFO;
-    return its binary file object. Raises OSError (ELOOP: a symlink; EINVAL: not a
-    regular file)."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading without waiting on a FIFO and, unless
+    follow_symlinks, without following a symlink: bridge's one way to open a file it
+    reads. Returns a binary file object, or with encoding a text one (undecodable bytes
+    replaced). Raises OSError (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(name))
-    return os.fdopen(fd, "rb")
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -1801,17 +1834,51 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str
         os.close(dir_fd)
 
 
-def private_dir(path: Path) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700; return path.
-    An existing folder keeps its mode. Raises OSError."""
+OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than this is not its
+
+
+def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False) -> Any:
+    """Return the JSON value of one of bridge's own files (run.json, reads.json,
+    undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
+    manager may link): a regular file (open_regular) of at most OWN_FILE_MAX_BYTES,
+    UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's one JSON file
+    reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL: not a regular
+    file) or ValueError (not JSON, too deep, too large); with or_none, returns None
+    instead."""
+    try:
+        with open_regular(path, follow_symlinks=follow_symlinks) as handle:
+            data = handle.read(OWN_FILE_MAX_BYTES + 1)
+        if len(data) > OWN_FILE_MAX_BYTES:
+            raise ValueError(f"it is larger than {OWN_FILE_MAX_BYTES:,} bytes")
+        return load_json(data.decode("utf-8"))
+    except (OSError, ValueError):
+        if or_none:
+            return None
+        raise
+
+
+def write_json_file(path: Path, document: Any, indent: int | None = None) -> None:
+    """Write document as one JSON text (and a newline) to path, 0o600, by atomic_write:
+    bridge's one JSON file writer. Raises OSError."""
+    text = json.dumps(document, ensure_ascii=False, indent=indent) + "\n"
+    atomic_write(path, text.encode("utf-8"), 0o600)
+
+
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Make the folder path, and its missing parents, mode 0o700 (this user's only);
+    return path. An existing folder keeps its mode unless tighten (a run's folder, the
+    config folder: made 0o700 whatever it was). bridge's one way to make a private
+    folder. Raises OSError."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except FileNotFoundError:
-        private_dir(path.parent)
+        private_dir(os.path.dirname(os.path.abspath(path)))
         with _suppress(FileExistsError):
             os.mkdir(path, 0o700)
+    if tighten:
+        os.chmod(path, 0o700)
     return path
 
 
@@ -1875,7 +1942,8 @@ def read_jsonl(path: Path) -> list[dict]:
     The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
     entries = []
     try:
-        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
+        with open_regular(path) as handle:
+            lines = handle.read().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
@@ -1889,7 +1957,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 6. Store layouts
+# 7. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -2010,7 +2078,7 @@ def parse_result_content(content: str) -> dict | None:
 
 
 ###############################################################################
-# 7. The memory server's HTTP API
+# 8. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2220,7 +2288,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 8. Store (SQLite)
+# 9. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
 # memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
@@ -2478,7 +2546,7 @@ class StoreFile:
 
 
 ###############################################################################
-# 9. Store: plan states and claims
+# 10. Store: plan states and claims
 # Every piece of claiming a plan that is the store's: the plan record and its
 # effective status (stale: its owner is gone), STATE_TABLE read and written (and
 # migrated from an older bridge's metadata), the claim, the heartbeat, the release,
@@ -2771,7 +2839,7 @@ class PlanStates(StoreFile):
 
 
 ###############################################################################
-# 10. Store: plan and result memories
+# 11. Store: plan and result memories
 # The memories bridge reads and writes: plan memories found (by the memory server's
 # index when it has one) and submitted; a run's result memory stored as the room "The
 # result document" built it (directly, or through the memory server's HTTP API for an
@@ -3032,7 +3100,984 @@ class Store(PlanStates):
 
 
 ###############################################################################
-# 11. Plans
+# 12. Output validation
+#
+# What the checks of the validation types (see the room 'Validation types') read an
+# answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
+# that must parse. The artifact a check returns is the text that counts as the step's
+# output (the code inside a fence when fenced): what later steps see, what file_output
+# writes.
+###############################################################################
+
+# Patterns as strings: re compiles and caches each on first use, not at start-up.
+_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
+# after prose on the same line ("Here it is: ```json"), a fence counts only when
+# nothing but a tag follows it, so prose that mentions ``` is not a fence
+_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
+LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
+                    "toml": {"toml"}}
+
+
+# Reasoning text a server leaves inside content (sources per row), by shape: (name,
+# who writes it and the source, a string the text must hold for the shape to be tried,
+# where the reasoning starts and ends, what ends the answer or None). split_reasoning
+# takes each out; a shape matches at the start of the text only.
+_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
+REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
+    # a leading block; an unclosed one swallows the rest
+    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
+     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
+    ("<thinking>", "several fine-tunes", "<thinking>",
+     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
+    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
+    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
+     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
+    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
+    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
+    # it analysed) there is no answer
+    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
+     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
+    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
+     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
+    # the opening tag is in the prompt template, so only the close arrives: reasoning…
+    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
+    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
+     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
+    ("orphan </thinking>", "several fine-tunes", "</thinking>",
+     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
+    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
+     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
+)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split a model's content into (answer, reasoning), taking out every shape of
+    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
+    checked or written holds reasoning. Text with none comes back whole, reasoning
+    "". A tag inside an answer that opened with none is left alone ("Use the
+    <think> tag"); one that closed reasoning with no opening tag is not."""
+    thought: list[str] = []
+    matched = True
+    while matched and text:
+        matched = False
+        for _name, _source, needle, start, end in REASONING_SHAPES:
+            found = re.match(start, text) if needle in text else None
+            if found and found.group():
+                thought.append(found.group())
+                text, matched = text[found.end():], True
+                if end and (tail := re.search(end, text)):
+                    text = text[:tail.start()]
+                break
+    return text, "".join(thought)
+
+
+def find_fences(text: str) -> list[tuple[str, str]]:
+    """Return every fenced block of text as (language tag lowercased, code).
+
+    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
+    after its tag are ignored), or at the end of a line of prose (then only a tag
+    may follow it). The block ends at a line holding only the same fence; an
+    unclosed block runs to the end of the text.
+    """
+    blocks: list[tuple[str, str]] = []
+    lines = text.split("\n")
+    n = 0
+    while n < len(lines):
+        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
+        if not match:
+            n += 1
+            continue
+        fence, tag = match["fence"], match["tag"].lower()
+        body: list[str] = []
+        n += 1
+        while n < len(lines) and lines[n].strip() != fence:
+            stripped = lines[n].rstrip()
+            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
+                body.append(stripped[: -len(fence)])
+                break
+            body.append(lines[n])
+            n += 1
+        blocks.append((tag, "\n".join(body)))
+        n += 1
+    return blocks
+
+
+def extract_code(text: str, language: str | None = None) -> str:
+    """Return the code of text: the best fenced block, or the whole text stripped.
+
+    With a language ("python", "json", "toml"), a block tagged with one of its
+    aliases wins, then an untagged block, then the first block. Without one, the
+    first block. Text around the fence is dropped.
+    """
+    blocks = find_fences(text)
+    if not blocks:
+        return text.strip()
+    if language:
+        aliases = LANGUAGE_ALIASES.get(language, {language})
+        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
+            for tag, code in blocks:
+                if wanted(tag):
+                    return code
+    return blocks[0][1]
+
+
+def parse_json_output(text: str) -> Any:
+    """Parse JSON from a model output: whole, else the best fenced block, else the
+    first JSON value starting at the first { or [.
+
+    Raises OutputInvalid naming the parse error of the most likely candidate.
+    """
+    candidates = [text.strip()]
+    if find_fences(text):
+        candidates.insert(0, extract_code(text, "json"))
+    first_error = None
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except ValueError as exc:
+            first_error = first_error or exc
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
+        try:
+            return json.JSONDecoder().raw_decode(text, min(starts))[0]
+        except ValueError:
+            pass
+    raise OutputInvalid(f"output is not valid JSON ({first_error})")
+
+
+def _json_artifact(text: str) -> tuple[Any, str]:
+    value = parse_json_output(text)
+    return value, json.dumps(value, ensure_ascii=False, indent=2)
+
+
+def schema_message(error: Any) -> str:
+    """Return a jsonschema error's message on one line, with a long offending value
+    described by its size instead of printed, so the reason always shows."""
+    message, shown = error.message, repr(error.instance)
+    if len(shown) > 80:
+        value = error.instance
+        if isinstance(value, (list, dict, str)):
+            kind = {list: "a list of {} items", dict: "an object of {} keys",
+                    str: "a string of {} characters"}[type(value)]
+            message = message.replace(shown, kind.format(len(value)))
+        else:
+            message = message.replace(shown, shown[:60] + "…")
+    return clip(" ".join(message.split()), 300, "message")
+
+
+def fold_text(text: str) -> str:
+    """Return text as key names and spans are compared: case folded (str.casefold), each run
+    of whitespace one space, no whitespace at either end."""
+    return " ".join(text.casefold().split())
+
+
+_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
+
+
+def written_numbers(text: str) -> dict[float, int | float]:
+    """Return the numbers written in text as words of their own: each whitespace-separated
+    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
+    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
+    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
+    One regular expression over text: no copy of it, however large."""
+    trim = f"[{re.escape(_SPAN_TRIM)}]*"
+    found: dict[float, int | float] = {}
+    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
+        value = float(match[1])
+        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
+    return found
+
+
+def _occurs(value: str, source: str) -> bool:
+    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
+    run of whitespace matching any other, not as part of a longer word or number ("Ada"
+    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    words = value.split()
+    if not words:
+        return True
+    pattern = r"\s+".join(map(re.escape, words))
+    if re.match(r"\w", words[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.search(r"\w$", words[-1]):
+        pattern += r"(?!\w|[.,]\d)"
+    return re.search(pattern, source, re.IGNORECASE) is not None
+
+
+def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
+    """Return the (JSON path, value) of every value of a JSON answer that does not occur
+    in source, in document order.
+
+    A string occurs when it is in source, case and runs of whitespace folded, not inside
+    a longer word or number (_occurs); a number when it equals a number written in
+    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"); each item of a list and each value of an object (at any depth) is
+    checked. Key names, null, booleans and empty strings are exempt."""
+    numbers = written_numbers(source)
+    found: list[tuple[str, Any]] = []
+
+    def visit(item: Any, where: str) -> None:
+        if isinstance(item, dict):
+            for key, child in item.items():
+                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
+                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
+        elif isinstance(item, list):
+            for n, child in enumerate(item):
+                visit(child, f"{where}[{n}]")
+        elif isinstance(item, bool) or item is None:
+            return
+        elif isinstance(item, (int, float)):
+            if float(item) not in numbers:
+                found.append((where, item))
+        elif isinstance(item, str) and not _occurs(item, source):
+            found.append((where, item))
+
+    visit(value, path)
+    return found
+
+
+def check_grounded(value: Any, source: str) -> None:
+    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
+    step's input (ungrounded_values; at most five are named), telling the model to copy
+    each value exactly from the text."""
+    missing = ungrounded_values(value, source)
+    if missing:
+        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
+                          for where, item in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
+                            "text (use null where the text has none)")
+
+
+def _check_syntax(text: str, language: str) -> str:
+    code = extract_code(text, language)
+    if not code.strip():
+        raise OutputInvalid(f"no {language} code in the output")
+    try:
+        if language == "python":
+            compile(code, "<output>", "exec", dont_inherit=True)
+        elif language == "json":
+            json.loads(code)
+        elif language == "toml":
+            import tomllib
+            tomllib.loads(code)
+    except SyntaxError as exc:
+        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+    return code if code.endswith("\n") else code + "\n"
+
+
+###############################################################################
+# 13. Constrained JSON and degenerate output
+###############################################################################
+
+
+def span_candidates(pieces: list[str]) -> list[str] | None:
+    """Return the spans a grounded answer's string values may be: every run of 1 to
+    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
+    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
+    them holding a quote, a backslash or a control character (see bounded_string), each
+    once, in the order they end in the input (the shorter first). None when the input
+    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
+    enum grows with it (measured in the README, Answers grounded in the text). Words are
+    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    seen: dict[str, None] = {}
+    read = 0
+    for piece in pieces:
+        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
+        for match in re.finditer(r"\S+", piece):
+            read += 1
+            if read > GROUNDED_MAX_SPANS:
+                return None
+            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
+            for start in range(len(words) - 1, -1, -1):
+                span = " ".join(words[start:]).strip(_SPAN_TRIM)
+                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
+                        not re.search(r'["\\\x00-\x1f]', span):
+                    seen[span] = None
+                    if len(seen) > GROUNDED_MAX_SPANS:
+                        return None
+    return list(seen)
+
+
+def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
+    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
+    grounded validation whose input has at most GROUNDED_MAX_SPANS spans; else None (the
+    usual schema is sent; output_schema asks only for a type that sends one). A span that is one of
+    the answer's key names (keys, or a schema's property names; case folded) is left
+    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
+    listing the keys "quantity" and "unit". The check still takes such a value."""
+    if not validation.get("grounded"):
+        return None
+    pieces = [source] if isinstance(source, str) else source
+    spans = span_candidates(pieces)
+    names = {fold_text(name) for name in
+             validation.get("keys") or _property_names(validation.get("schema"))}
+    spans = [span for span in spans or [] if fold_text(span) not in names]
+    if not spans:
+        return None
+    numbers: dict[float, int | float] = {}
+    for text in pieces:
+        for value, number in written_numbers(text).items():
+            numbers.setdefault(value, number)
+    return spans, list(numbers.values())
+
+
+def _property_names(schema: Any) -> set[str]:
+    """The property names a JSON Schema lists, at any depth."""
+    if isinstance(schema, list):
+        return {name for item in schema for name in _property_names(item)}
+    if not isinstance(schema, dict):
+        return set()
+    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
+    return names.union(*(_property_names(child) for key, child in schema.items()
+                         if key not in ("enum", "const")))
+
+
+def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
+    """Return a sent schema (output_schema) with every string it leaves open (a
+    bounded_string) made one of spans, and every number one of numbers, through
+    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
+    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
+    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
+    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
+    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
+    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    def open_number(node: Any) -> bool:
+        return isinstance(node, dict) and set(node) == {"type"} and \
+            node["type"] in ("number", "integer")
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, list):
+            return [swap(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "string" and node.get("pattern") == bounded_string(
+                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
+            return {"$ref": "#/$defs/bridge_span"}
+        if node.get("type") in ("number", "integer") and numbers and not (
+                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
+            if node["type"] == "number":
+                return {"$ref": "#/$defs/bridge_number"}
+            integers = [n for n in numbers if isinstance(n, int)]
+            return {"enum": integers} if integers else node
+        out = {}
+        for key, child in node.items():
+            if key in _SCHEMA_MAPS and isinstance(child, dict):
+                out[key] = {name: swap(sub) for name, sub in child.items()}
+            elif key in ("enum", "const", "required"):
+                out[key] = child
+            elif key in ("anyOf", "oneOf") and isinstance(child, list):
+                alternatives = [swap(sub) for sub in child]
+                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
+            else:
+                out[key] = swap(child)
+        return out
+
+    out = swap(schema)
+    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
+    if numbers:
+        defs["bridge_number"] = {"enum": numbers}
+    return {**out, "$defs": defs}
+
+
+def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
+    """Return the schema of a bounded string value: min_length to max_length characters, none
+    of them a quote, a backslash or a control character. The pattern says so because
+    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
+    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
+    small model fills "" where the sentence has the value (null stays allowed)."""
+    return {"type": "string", "minLength": min_length, "maxLength": max_length,
+            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
+
+
+def bounded_value() -> dict:
+    """Return the schema of a value a plan leaves open: a bounded_string, a number,
+    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
+    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
+    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars},
+                                 "maxItems": JSON_LIST_MAX_ITEMS}]}
+
+
+_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def bounded_schema(schema: Any) -> Any:
+    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
+    a bounded_string for strings (unless the plan sets a length, a pattern, a format
+    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems
+    JSON_LIST_MAX_ITEMS on arrays, additionalProperties false on objects listing their
+    properties, and an open value ({} or an array without items) made a bounded_value.
+    Whatever the plan sets is kept as it is."""
+    if not isinstance(schema, dict):
+        return schema
+    if _is_open(schema):
+        return bounded_value()
+    out = dict(schema)
+    for key in _SCHEMA_CHILDREN:
+        if isinstance(out.get(key), dict):
+            out[key] = bounded_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded_schema(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
+    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    shortest = out.get("minLength", 1)
+    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
+            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
+        out.update(bounded_string(shortest))
+    if "array" in types:
+        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
+        if "items" not in out and "prefixItems" not in out:
+            out["items"] = bounded_value()["anyOf"][-1]["items"]
+    if "object" in types and "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def _is_open(schema: dict) -> bool:
+    """Tell whether a schema says nothing about its value ({} or only annotations)."""
+    annotations = {"title", "description", "default", "examples", "$comment"}
+    return not (set(schema) - annotations)
+
+
+def schema_depth(schema: Any) -> int | None:
+    """Return how deep a JSON value meeting schema can nest ({} and [] count one
+    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
+    an object that takes any other property)."""
+    if schema is True or not isinstance(schema, dict):
+        return None if schema is True or schema is None else 0
+    if "$ref" in schema or _is_open(schema):
+        return None
+    if "const" in schema or "enum" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return 1 if any(isinstance(v, (dict, list)) for v in values) else 0
+    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
+    children += list((schema.get("properties") or {}).values())
+    for key in ("items", "additionalProperties"):
+        if key in schema and schema[key] is not False:
+            children.append(schema[key])
+    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
+        return None                     # any type of value, arrays and objects included
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "object" in types and "additionalProperties" not in schema:
+        return None
+    if "array" in types and "items" not in schema and "prefixItems" not in schema:
+        return None
+    depths = [schema_depth(child) for child in children]
+    if None in depths:
+        return None
+    nested = max(depths, default=0)
+    return nested + 1 if {"object", "array"} & set(types) else nested
+
+
+def grammar_damage(output: str, schema: dict | None) -> str | None:
+    """Tell how a constrained answer that failed its check looks damaged by the
+    grammar, or None when it does not. Asked only of an answer its check refused (not
+    when a command or a write failed).
+
+    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
+    unclosed string), or an object key with a "?" in it where the schema (the one sent)
+    names no such key. These are what a garbling grammar makes (gpt-oss under LM
+    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
+    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
+    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
+    and the model's own mistakes are for the retry to fix."""
+    if "\ufffd" in output:
+        return "it holds U+FFFD replacement characters"
+    try:
+        value = parse_json_output(output)
+    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
+        return "it is not valid JSON"
+    named = set((schema or {}).get("properties") or {})
+    keys = value if isinstance(value, dict) else {}
+    garbled = [key for key in keys if "?" in key and key not in named]
+    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
+
+
+class DegenerationGuard:
+    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
+    server, llama-cpp-python's and LM Studio stop generating when the client
+    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
+    is_connection_closed to the completion; llama_cpp/server/app.py checks
+    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
+    Stopping generation...", lmstudio-ai/.github#10).
+
+    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
+    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
+    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
+    words or more (the same line or phrase over and over); JSON nested deeper than
+    max_depth (the depth its check allows, see checked_depth; None: not checked).
+    text is what was fed.
+    """
+
+    def __init__(self, max_depth: int | None = None):
+        self.max_depth = max_depth
+        self.pieces: list[str] = []
+        self.words: list[str] = []
+        self._partial = ""              # a word not yet ended by whitespace
+        self._space = ""                # the run of whitespace at the end of the text
+        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
+
+    @property
+    def text(self) -> str:
+        """The output fed so far."""
+        return "".join(self.pieces)
+
+    def feed(self, piece: str) -> None:
+        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
+        self.pieces.append(piece)
+        self._whitespace(piece)
+        if self.max_depth is not None:
+            for char in piece:
+                self._nesting(char)
+        self._repeats(piece)
+
+    def _whitespace(self, piece: str) -> None:
+        text = self._space + piece          # a run may have begun in an earlier piece
+        self._space = ""
+        for run in re.finditer(r"\s+", text):
+            newlines = run.group().count("\n")
+            if newlines > DEGENERATE_NEWLINES:
+                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
+            if len(run.group()) > DEGENERATE_WHITESPACE:
+                raise OutputDegenerate(
+                    f"stopped: {len(run.group())} whitespace characters in a row")
+            if run.end() == len(text):
+                self._space = run.group()
+
+    def _nesting(self, char: str) -> None:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+        elif char == '"' and self._json:
+            self._in_string = True
+        elif char in "{[":
+            self._json, self._depth = True, self._depth + 1
+            if self._depth > self.max_depth:    # type: ignore[operator]
+                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
+                                       f"{self.max_depth} its schema allows")
+        elif char in "}]" and self._depth:
+            self._depth -= 1
+
+    def _repeats(self, piece: str) -> None:
+        parts = (self._partial + piece).split()
+        ended = piece[-1:].isspace()
+        self._partial = "" if ended or not parts else parts.pop()
+        for word in parts:
+            self.words.append(word)
+            self._check_tail()
+        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
+
+    def _check_tail(self) -> None:
+        words = self.words
+        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
+            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
+            if len(words) < period * times:
+                return
+            if words[-1] != words[-1 - period]:
+                continue                    # the cheap test first: most words repeat nothing
+            unit = words[-period:]
+            if all(words[-(n + 1) * period:len(words) - n * period] == unit
+                   for n in range(1, times)):
+                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} "
+                                       f"times in a row ({' '.join(unit)[:80]!r})")
+
+
+###############################################################################
+# 14. Validation types
+#
+# One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
+# VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
+# with register_check: its check, its sentence for the prompt, the schema sent for
+# constrained decoding, its answer budget, its plan problems and its depth rule. The
+# plan checks, the trust gate and approval facts, the prompt, the budget and the Runner
+# read the registry through the functions below the classes. A new type is one class
+# here plus its name in the schema's enum (a test keeps the two equal).
+###############################################################################
+
+VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
+
+
+def register_validation(cls: type) -> type:
+    """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
+    under cls.name (the name again replaces the earlier class). Returns cls."""
+    VALIDATION_TYPES[cls.name] = cls()
+    return cls
+
+
+class ValidationType:
+    """One validation type; a subclass overrides what differs.
+
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step
+    sets none (then at most a quarter of a known context: answer_tokens); code and prose
+    keep the general ANSWER_RESERVE_TOKENS. runs_command: the type checks the project by
+    running a program once file_output is written (the Runner runs it, only where the
+    user trusts the project), not the answer. grounded: the type takes "grounded"
+    (check_grounded; the schema's if/then names the same types).
+    """
+
+    __slots__ = ()
+    name = ""
+    max_tokens = ANSWER_RESERVE_TOKENS
+    runs_command = False
+    grounded = False
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        """Return the artifact of an answer (reasoning already taken out); raise
+        OutputInvalid with a message the model can act on. source: the step's input
+        (the pieces build_messages gives as sources, joined)."""
+        raise NotImplementedError
+
+    def describe(self, validation: dict) -> str:
+        """One sentence telling the model what answer is accepted, or ""."""
+        return ""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The JSON Schema sent for constrained decoding, or None (the answer is not JSON)."""
+        return None
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """The problems a schema cannot state, each "<where>...: why". validation is
+        untrusted: it runs on a plan the schema found fault with too."""
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        """How deep an answer that passes can nest, or None (not bounded)."""
+        return None
+
+
+@register_validation
+class NonEmpty(ValidationType):
+    """The default: any answer but an empty one."""
+
+    __slots__ = ()
+    name = "non_empty"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        artifact = extract_code(text)
+        if not artifact.strip():
+            raise OutputInvalid("output is empty" if not text.strip()
+                                else "the fenced block is empty")
+        return artifact
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with the requested content."
+
+
+class JsonAnswer(ValidationType):
+    """An answer that is JSON: parsed once (parse_json_output), checked by check_value,
+    and when "grounded" its values against the step's input (check_grounded); the
+    artifact is the JSON re-serialised. A JSON answer is an object of a few values: a
+    six-key extraction is 40-90 tokens on SmolLM2, so 256 tokens stop a runaway within
+    seconds on a small CPU."""
+
+    __slots__ = ()
+    max_tokens = 256
+    grounded = True
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        value, artifact = _json_artifact(text)
+        self.check_value(value, validation)
+        if validation.get("grounded"):
+            check_grounded(value, source)
+        return artifact
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        """Raise OutputInvalid when the parsed answer does not pass."""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        return {}
+
+
+@register_validation
+class Json(JsonAnswer):
+    """Any JSON value."""
+
+    __slots__ = ()
+    name = "json"
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with valid JSON only, in a ```json fenced block."
+
+
+@register_validation
+class ContainsKeys(JsonAnswer):
+    """A JSON object holding the keys listed."""
+
+    __slots__ = ()
+    name = "contains_keys"
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        if not isinstance(value, dict):
+            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
+        missing = [key for key in validation["keys"] if key not in value]
+        if missing:
+            raise OutputInvalid(f"JSON object lacks the keys {missing}")
+
+    def describe(self, validation: dict) -> str:
+        keys = ", ".join(map(json.dumps, validation.get("keys", [])))
+        return f"Answer with one JSON object that has the keys {keys}, in a ```json fenced block."
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """An object of exactly its keys, each a bounded_value (a scalar or a list of
+        scalars), so a small model puts the sentence's values in the keys instead of
+        nesting objects. Only what is sent is bounded; the check takes any value."""
+        keys = validation["keys"]
+        return {"type": "object", "properties": {key: bounded_value() for key in keys},
+                "required": list(keys), "additionalProperties": False}
+
+
+@register_validation
+class JsonSchema(JsonAnswer):
+    """JSON valid by the plan's own JSON Schema (Draft 2020-12)."""
+
+    __slots__ = ()
+    name = "json_schema"
+    max_tokens = 512        # its objects may nest and list more
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        from jsonschema import Draft202012Validator
+
+        try:
+            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
+                            key=lambda e: list(e.absolute_path))
+        except (RecursionError, MemoryError):
+            raise
+        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
+            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
+            raise OutputInvalid(f"the step's json_schema cannot be applied ({type(exc).__name__}: "
+                                f"{clip(str(exc), 200, 'message')})") from None
+        if errors:
+            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
+                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
+
+    def describe(self, validation: dict) -> str:
+        return ("Answer with JSON matching this JSON Schema, in a ```json fenced block: "
+                + json.dumps(validation.get("schema")))
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The plan's schema with bounds added where it sets none (bounded_schema)."""
+        schema = validation["schema"]
+        return bounded_schema(schema) if isinstance(schema, dict) else {}
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """A schema check_schema refuses; then the schema applied to a few plain values,
+        so a $ref that resolves nowhere or refers to itself without end at the top is a
+        plan problem before anything is sent (deeper ones fail the step: check_value)."""
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        where = f"{where}.schema"
+        try:
+            Draft202012Validator.check_schema(validation["schema"])
+        except SchemaError as exc:
+            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
+        validator = Draft202012Validator(validation["schema"])
+        for probe in (None, {}, [], "", 0):
+            try:
+                for _ in validator.iter_errors(probe):
+                    pass
+            except RecursionError:
+                return [f"{where}: refers to itself without end"]
+            except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
+                return [f"{where}: cannot be applied "
+                        f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        return schema_depth(validation["schema"])
+
+
+@register_validation
+class SyntaxCheck(ValidationType):
+    """Code that parses in its language (python, json, toml)."""
+
+    __slots__ = ()
+    name = "syntax_check"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        return _check_syntax(text, validation.get("language", "python"))
+
+    def describe(self, validation: dict) -> str:
+        language = validation.get("language", "python")
+        return f"Answer with complete {language} code in one ```{language} fenced block."
+
+
+@register_validation
+class Regex(ValidationType):
+    """An answer re.search finds the pattern in."""
+
+    __slots__ = ()
+    name = "regex"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        if not re.search(validation["pattern"], text):
+            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
+        return extract_code(text)
+
+    def describe(self, validation: dict) -> str:
+        return f"Your answer must match the regular expression {validation.get('pattern')!r}."
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        try:
+            re.compile(validation["pattern"])
+        except re.error as exc:
+            return [f"{where}.pattern: not a valid regular expression ({exc})"]
+        return []
+
+
+def shell_words(argv: list[str]) -> str:
+    """Return an argv as a person would type it in a POSIX shell (for messages only;
+    commands never go through a shell)."""
+    import shlex
+
+    return shlex.join(argv)
+
+
+@register_validation
+class Command(ValidationType):
+    """The project's own check (a test, a linter: "run", "timeout_s"), run by the Runner
+    once file_output is written; it passes on exit 0. Never asked to check an answer
+    (answer_checks leaves it out)."""
+
+    __slots__ = ()
+    name = "command"
+    runs_command = True
+
+    def describe(self, validation: dict) -> str:
+        argv = shell_words(validation["run"])
+        return f"It will then be checked by running `{argv}` in the project."
+
+
+class UnknownType(ValidationType):
+    """A type no class is registered for (the plan schema refuses it before a run)."""
+
+    __slots__ = ()
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        raise OutputInvalid(f"unknown validation type {validation.get('type', 'non_empty')!r}")
+
+
+_UNKNOWN_TYPE = UnknownType()
+
+
+def validation_type(validation: dict) -> ValidationType:
+    """The registered class of a validation object (non_empty when it names no type;
+    an UnknownType when none is registered under its type, or its type is no string)."""
+    kind = validation.get("type", "non_empty")
+    return VALIDATION_TYPES.get(kind, _UNKNOWN_TYPE) if isinstance(kind, str) else _UNKNOWN_TYPE
+
+
+def validations_of(validation: dict | list) -> list[dict]:
+    """Return a step's validation as a list: a list as given, an object as [object]."""
+    return list(validation) if isinstance(validation, list) else [validation]
+
+
+def is_command(validation: Any) -> bool:
+    """Tell whether a validation (untrusted: any JSON value) runs a program in the project."""
+    return isinstance(validation, dict) and validation_type(validation).runs_command
+
+
+def _commands_of(step: "Step") -> list[dict]:
+    """The command validations of a step, in order."""
+    return [v for v in validations_of(step.validation) if is_command(v)]
+
+
+def answer_checks(validation: dict | list) -> list[dict]:
+    """The validations that check a step's answer itself, in order: all but its
+    commands (they check the file once written), or [DEFAULT_VALIDATION] when none is left."""
+    return [v for v in validations_of(validation) if not is_command(v)] or [DEFAULT_VALIDATION]
+
+
+def check_output(text: str, validation: dict | list, source: str = "") -> str:
+    """Check a model output against a step's validation; return the artifact.
+
+    text: the output, reasoning taken out (split_reasoning). validation: an object of
+    bridge-plan-schema.json or a list of them, checked in order (answer_checks) up to the
+    first that fails; the artifact is that of the first. source: the step's input, which
+    the values of a "grounded" JSON validation must come from (check_grounded).
+    Raises OutputInvalid with a message the model can act on.
+    """
+    artifacts = [_check_one(text, check, source) for check in answer_checks(validation)]
+    return artifacts[0]
+
+
+def _check_one(text: str, validation: dict, source: str) -> str:
+    try:
+        return validation_type(validation).check(text, validation, source)
+    except (RecursionError, MemoryError) as exc:
+        # json, tomllib, compile() and jsonschema recurse per nesting level
+        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+
+
+def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
+    """Return the JSON Schema sent for constrained decoding of a step's output: that of
+    its first validation whose type sends one (ValidationType.output_schema), else None.
+    Only what is sent is bounded: check_output still applies the plan's own validation.
+
+    source: the step's input (the pieces build_messages gives as sources). A "grounded"
+    step whose input has few enough spans (grounded_spans) gets span_schema instead: its
+    string values can only be copied from the input.
+    """
+    if isinstance(validation, list):
+        return next((schema for item in validation
+                     if (schema := output_schema(item, source)) is not None), None)
+    kind = validation_type(validation)
+    usual = kind.output_schema(validation)
+    if source is not None and usual and kind.grounded and \
+            (spans := grounded_spans(validation, source)) is not None:
+        return span_schema(usual, *spans)
+    return usual
+
+
+def checked_depth(validation: dict | list) -> int | None:
+    """Return how deep the output of a step can nest and still pass its check: the depth
+    rule of its first validation that sends a schema (a json_schema's own schema), else
+    None (not bounded: a contains_keys value may be anything, though the schema sent
+    bounds it)."""
+    first = next((v for v in validations_of(validation)
+                  if validation_type(v).output_schema(v) is not None), None)
+    return validation_type(first).depth(first) if first else None
+
+
+def describe_validation(validation: dict | list) -> str:
+    """Return one sentence telling the model what form of answer will be accepted
+    (for a list, one per check, in order)."""
+    if isinstance(validation, list):
+        return " ".join(filter(None, (describe_validation(item) for item in validation)))
+    return validation_type(validation).describe(validation)
+
+
+def validation_problems(validation: Any, where: str) -> list[str]:
+    """The problems of a step's validation (untrusted: any JSON value) the schema cannot
+    state: of one object, or of each object of a list; where: its JSON path."""
+    items = validation if isinstance(validation, list) else [validation]
+    return [problem for k, item in enumerate(items) if isinstance(item, dict)
+            for problem in validation_type(item).problems(
+                item, f"{where}[{k}]" if isinstance(validation, list) else where)]
+
+
+def default_max_tokens(validation: dict | list) -> int:
+    """The max_tokens of an answer whose step sets none: the largest of its answer
+    checks' types (ValidationType.max_tokens), before the context caps it."""
+    return max(validation_type(v).max_tokens for v in answer_checks(validation))
+
+
+###############################################################################
+# 15. Plans
 ###############################################################################
 
 
@@ -3141,21 +4186,6 @@ def _unknown_key_problems(error: Any) -> list[str]:
     return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
-def schema_message(error: Any) -> str:
-    """Return a jsonschema error's message on one line, with a long offending value
-    described by its size instead of printed, so the reason always shows."""
-    message, shown = error.message, repr(error.instance)
-    if len(shown) > 80:
-        value = error.instance
-        if isinstance(value, (list, dict, str)):
-            kind = {list: "a list of {} items", dict: "an object of {} keys",
-                    str: "a string of {} characters"}[type(value)]
-            message = message.replace(shown, kind.format(len(value)))
-        else:
-            message = message.replace(shown, shown[:60] + "…")
-    return clip(" ".join(message.split()), 300, "message")
-
-
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The rules a schema cannot state. They run on a plan the schema found fault
     with too, skipping whatever part is malformed (the schema already said so)."""
@@ -3177,7 +4207,7 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
             elif dep not in known:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
-        problems += _validations_problems(step.get("validation"), f"$.steps[{n}].validation")
+        problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
@@ -3187,51 +4217,6 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         cycle = " -> ".join(str(i) for i in exc.args[1])
         problems.append(f"$.steps: dependency cycle {cycle}")
     return problems + _path_problems(plan, guard)
-
-
-def _validations_problems(validation: Any, where: str) -> list[str]:
-    """The semantic problems of a step's validation: one object, or each of a list."""
-    if isinstance(validation, dict):
-        return _validation_problems(validation, where)
-    if isinstance(validation, list):
-        return [problem for k, item in enumerate(validation) if isinstance(item, dict)
-                for problem in _validation_problems(item, f"{where}[{k}]")]
-    return []
-
-
-def _validation_problems(validation: dict, where: str) -> list[str]:
-    if validation.get("type") == "regex":
-        try:
-            re.compile(validation["pattern"])
-        except re.error as exc:
-            return [f"{where}.pattern: not a valid regular expression ({exc})"]
-    if validation.get("type") == "json_schema":
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}.schema: not a valid JSON Schema ({schema_message(exc)})"]
-        return _schema_use_problems(validation["schema"], f"{where}.schema")
-    return []
-
-
-def _schema_use_problems(schema: Any, where: str) -> list[str]:
-    """Apply a step's schema (valid by check_schema) to a few plain values, so a
-    $ref that resolves nowhere or refers to itself without end at the top is a plan
-    problem before anything is sent; deeper ones fail the step (check_output)."""
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema)
-    for probe in (None, {}, [], "", 0):
-        try:
-            for _ in validator.iter_errors(probe):
-                pass
-        except RecursionError:
-            return [f"{where}: refers to itself without end"]
-        except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
-            return [f"{where}: cannot be applied ({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
-    return []
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
@@ -3289,7 +4274,7 @@ def _command_paths(plan: dict) -> list[str]:
         validation = step.get("validation") if isinstance(step, dict) else None
         items = validation if isinstance(validation, list) else [validation]
         paths += [f"$.steps[{n}].validation" + (f"[{k}]" if isinstance(validation, list) else "")
-                  for k, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "command"]
+                  for k, item in enumerate(items) if is_command(item)]
     return paths
 
 
@@ -3380,7 +4365,7 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 ###############################################################################
-# 12. Trust: projects, approvals, executors
+# 16. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -3407,16 +4392,10 @@ def project_name(folder: Path) -> str:
 
     def read(name: str) -> str | None:
         try:
-            fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with open_regular(folder / name) as handle:
+                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
         except OSError:
             return None
-        with open(fd, "rb") as handle:
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None
-                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
-            except OSError:
-                return None
 
     name = None
     if (text := read("package.json")) is not None:
@@ -3494,8 +4473,7 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+        document = read_json_file(path, follow_symlinks=True)
     except FileNotFoundError:
         return kind()
     except (OSError, ValueError) as exc:
@@ -3507,24 +4485,11 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
 
 
 def write_config_file(path: Path, document: dict) -> None:
-    """Write one of bridge's config files atomically: JSON in a 0600 file (mkstemp),
-    fsynced, renamed over the old one, in a 0700 folder. Raises ConfigError on OSError."""
-    import tempfile
-
+    """Write one of bridge's config files (write_json_file: atomic, 0600, fsynced) in a
+    folder made private (0700). Raises ConfigError on OSError."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(document, indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with _suppress(OSError):
-                os.unlink(temp)
-            raise
+        private_dir(path.parent, tighten=True)
+        write_json_file(path, document, indent=2)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}",
                           "check that folder's permissions") from exc
@@ -3649,7 +4614,7 @@ def _run_facts(plan: Plan) -> list[dict]:
         items = step.validation if isinstance(step.validation, list) else [step.validation]
         facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
                    "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
-                  for v in items if isinstance(v, dict) and v.get("type") == "command"]
+                  for v in items if is_command(v)]
     if plan.verify:
         facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
                       "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
@@ -3676,7 +4641,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 13. Model servers: errors, streams, retries
+# 17. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -3700,6 +4665,22 @@ class Completion(namedtuple("Completion", "text usage model finish_reason durati
     __slots__ = ()
 
 
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
 def reasoning_delta(delta: Any) -> str:
     """Return the reasoning text of one chat-completion delta (or message), "" if none.
 
@@ -3717,17 +4698,23 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """What one reply has used of its bound, as it streams: answer and reasoning
-    (thinking) text alike count against limit (bytes of UTF-8: --max-output-bytes).
-    answer_bytes, reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces
-    taken: about one token each on a streaming server). Every executor that reads
-    thinking (the SSE stream's reasoning fields, Ollama's message.thinking) counts
-    it with add_reasoning. Raises LLMProtocolError past limit, naming which part
-    ran over."""
+    """One reply as it streams, whichever executor reads it (the SSE stream, Ollama's
+    NDJSON, Anthropic's events, the claude CLI's): take() counts each piece against
+    limit (bytes of UTF-8: --max-output-bytes; answer and thinking alike), keeps it and
+    hands it to the request's on_delta or on_reasoning (a ChatRequest, or None).
+    received: the answer's pieces, "" for a piece of thinking (so a request is never
+    resent once output has streamed); thought: the thinking. answer_bytes,
+    reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces taken: about one
+    token each). started: time.monotonic() when the reply was asked for. Raises
+    LLMProtocolError past limit, naming which part ran over."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, request: "ChatRequest | None" = None):
+        self.limit, self.started = limit, time.monotonic()
+        self.on_delta = request.on_delta if request else None
+        self.on_reasoning = request.on_reasoning if request else None
         self.answer_bytes = self.reasoning_bytes = self.answer_pieces = self.reasoning_pieces = 0
+        self.received: list[str] = []
+        self.thought: list[str] = []
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
@@ -3749,23 +4736,32 @@ class OutputTally:
         self.reasoning_bytes = size - self.answer_bytes
         self.reasoning_pieces += 1
 
-    def take(self, answer: str, reasoning: str, received: list[str], thought: list[str],
-             on_delta: "Callable[[str], None] | None",
-             on_reasoning: "Callable[[str], None] | None") -> None:
+    def take(self, answer: str, reasoning: str = "") -> None:
         """Take one streamed piece of a reply, its thinking first: count each, keep it
-        (received: the answer's pieces, "" for thinking, so the request is not resent
-        once output has streamed; thought: the thinking) and hand it on."""
+        and hand it on."""
         if reasoning:
             self.add_reasoning(reasoning)
-            thought.append(reasoning)
-            received.append("")
-            if on_reasoning:
-                on_reasoning(reasoning)
+            self.thought.append(reasoning)
+            self.received.append("")
+            if self.on_reasoning:
+                self.on_reasoning(reasoning)
         if answer:
             self.add_answer(answer)
-            received.append(answer)
-            if on_delta:
-                on_delta(answer)
+            self.received.append(answer)
+            if self.on_delta:
+                self.on_delta(answer)
+
+    @property
+    def chars(self) -> int:
+        """Characters of answer received so far."""
+        return sum(map(len, self.received))
+
+    def completion(self, usage: dict | None, model: str | None, finish: str | None,
+                   cost_usd: float | None = 0.0) -> Completion:
+        """Return the Completion of what was taken (see Completion for the fields)."""
+        return Completion("".join(self.received), usage, model, finish,
+                          time.monotonic() - self.started, cost_usd, "".join(self.thought),
+                          self.reasoning_pieces)
 
 
 def _error_message(body: bytes) -> str:
@@ -4120,8 +5116,11 @@ class HTTPExecutor:
     same signature and returns a Completion.
     """
 
+    key: str | None = None      # the secret its headers carry, never shown (_scrub)
+
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
-                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[str], None] | None = None):
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
         import httpx
 
         self.config = config
@@ -4175,7 +5174,16 @@ class HTTPExecutor:
 
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
-        return text
+        return text.replace(self.key, "[the key]") if self.key else text
+
+    def _stream_error(self, url: str, data: str) -> LLMError:
+        """Return the error a server reported inside a 200 stream (an SSE "error" event, an
+        NDJSON {"error"} line): its message (_error_message), scrubbed of the key, as
+        LLMServerUnusable when it is about the server (_raise_fault), else LLMHTTPError."""
+        message = self._scrub(_error_message(data.encode()))
+        self._raise_fault(url, 500, message)
+        return LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
+                            context_overflow=_is_context_overflow(message))
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         """Raise LLMServerUnusable when an HTTP error is about the server, not the request
@@ -4185,19 +5193,17 @@ class HTTPExecutor:
         """Return the error a request raises once its retries are spent on exc."""
         return exc
 
-    def _send_with_retries(self, payload: dict, timeout_s: float | None,
-                           on_delta: Callable[[str], None] | None,
-                           on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _send_with_retries(self, payload: dict, request: ChatRequest) -> Completion:
         started = time.monotonic()
         deadline = started + RETRY_BUDGET_S
         for retry in range(self.config.retries + 1):
-            received: list[str] = []
+            tally = OutputTally(self.config.max_output_bytes, request)
             try:
-                return self._stream_once(payload, timeout_s, on_delta, received, on_reasoning)
+                return self._stream_once(payload, request.timeout_s, tally)
             except LLMError as exc:
-                if exc.transient and not received and retry == self.config.retries:
+                if exc.transient and not tally.received and retry == self.config.retries:
                     raise self._gave_up(exc, started, retry) from exc
-                if not exc.transient or received or retry == self.config.retries \
+                if not exc.transient or tally.received or retry == self.config.retries \
                         or exc.context_overflow \
                         or ("response_format" in payload and _refuses_response_format(exc)):
                     raise       # an overflow (llama.cpp's 500 "Context size has been exceeded") too
@@ -4236,12 +5242,13 @@ class HTTPExecutor:
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
-                     on_delta: Callable[[str], None] | None, received: list[str],
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+                     tally: OutputTally) -> Completion:
+        """POST payload once; read the reply into tally (_parse). timeout_s: the step's
+        (ChatRequest.timeout_s). Raises LLMError."""
         import httpx
 
         url = f"{self.base_url}{self.CHAT_PATH}"
-        started = time.monotonic()
+        started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
         if timeout_s is not None:   # a plan only narrows: --timeout per read, the default deadline
             read_s = narrowed(timeout_s, self.config.timeout_s)
@@ -4261,9 +5268,7 @@ class HTTPExecutor:
                         f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
-                # only LLMClient's _parse takes on_reasoning
-                hooks = {"on_reasoning": on_reasoning} if on_reasoning else {}
-                return self._parse(response, url, started, on_delta, received, **hooks)
+                return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
             if timeout_s is not None and narrowed(timeout_s, self.config.timeout_s) >= deadline_s \
@@ -4273,16 +5278,17 @@ class HTTPExecutor:
                 error = LLMDeadline(f"no answer from {url} within {limit}: its deadline passed "
                                     f"({type(exc).__name__}); not retried",
                                     "raise the step's timeout_s, or check what keeps the server")
-            if received:    # the server was reached: say how the stream ended, not "cannot reach"
+            if tally.received:  # the server was reached: say how the stream ended
                 stalled = isinstance(error, LLMTimeout)
                 why = error if stalled else str(exc) or type(exc).__name__
-                error = LLMProtocolError(f"the stream from {url} {'stalled' if stalled else 'ended early'} "
-                                         f"after {sum(map(len, received))} characters ({why})")
+                error = LLMProtocolError(f"the stream from {url} "
+                                         f"{'stalled' if stalled else 'ended early'} "
+                                         f"after {tally.chars} characters ({why})")
             raise error from exc
 
 
 ###############################################################################
-# 14. LLM client: OpenAI-compatible servers
+# 18. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -4300,7 +5306,7 @@ class LLMClient(HTTPExecutor):
                  on_retry: Callable[[str], None] | None = None):
         # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
         # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
-        key = config.api_key
+        self.key = key = config.api_key
         super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
                          headers={"Authorization": f"Bearer {key}"} if key else None)
         # index into RESPONSE_FORMS of the first form this server has not refused
@@ -4313,10 +5319,6 @@ class LLMClient(HTTPExecutor):
         self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
         # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
         self.unconstrained: dict[str, str] = {}
-
-    def _scrub(self, text: str) -> str:
-        key = self.config.api_key
-        return text.replace(key, "[the key]") if key else text
 
     def _raise_fault(self, url: str, status: int, message: str) -> None:
         fault = server_fault(status, message, bool(self.config.api_key))
@@ -4622,40 +5624,30 @@ class LLMClient(HTTPExecutor):
         its constrained output garbled (why says how). The answer is still checked."""
         self.unconstrained.setdefault(model, why)
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None,
-             on_delta: Callable[[str], None] | None = None, sampling: dict | None = None,
-             thinking: str | None = None,
-             on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat completion, streamed, and return the Completion.
 
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]. on_delta
-        is called with each piece of streamed text. timeout_s overrides the
-        client's timeout (seconds) for this request. json_schema: ask for JSON
-        constrained by this schema (see RESPONSE_FORMS); a form the server refuses
-        is dropped for the rest of this client's life and the request is resent at
-        once, without counting as a retry. sampling: more sampling fields (seed,
-        repeat_penalty, dry_multiplier), sent as accepted_sampling says; a server
-        refusing one (HTTP 400/422 naming it) gets none of the extras again, and the
-        request is resent at once. Transient failures are retried as the class
-        says, unless output had already streamed. thinking "off" asks the server
-        not to think (thinking_fields; a field it refuses, HTTP 400/422 naming it,
-        is dropped for this client's life and the request resent at once); "on" or
-        None sends nothing. Reasoning deltas go to on_reasoning (reasoning_delta).
-        A model given to drop_constraint goes without response_format. Raises
-        LLMError (never an httpx exception) when the request finally fails.
+        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
+        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
+        a form the server refuses is dropped for the rest of this client's life and the
+        request is resent at once, without counting as a retry. Its sampling is sent as
+        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
+        none of the extras again, and the request is resent at once. Transient failures
+        are retried as the class says, unless output had already streamed. thinking
+        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
+        400/422 naming it, is dropped for this client's life and the request resent at
+        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
+        drop_constraint goes without response_format. Raises LLMError (never an httpx
+        exception) when the request finally fails.
         """
         if self.native:
-            return self._chat_native(messages, model, temperature, max_tokens, timeout_s,
-                                     json_schema, on_delta, sampling or {}, thinking, on_reasoning)
+            return self._chat_native(messages, request)
+        model, json_schema, thinking = request.model, request.json_schema, request.thinking
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "stream_options": {"include_usage": True}}
-        if temperature is not None:
-            payload["temperature"] = temperature
-        if max_tokens is not None:
-            payload["max_tokens"] = max_tokens
-        payload.update(self.accepted_sampling(sampling or {}))
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        payload.update(self.accepted_sampling(request.sampling or {}))
         if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
             first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
             self.structured_level = max(self.structured_level, first)
@@ -4670,11 +5662,11 @@ class LLMClient(HTTPExecutor):
             else:
                 payload["response_format"] = form(json_schema)
             try:
-                reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+                reply = self._send_with_retries(payload, request)
                 return reply._replace(response_format=form and payload["response_format"]["type"])
             except LLMProtocolError as exc:
                 if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
-                    self._overflow_check(payload, timeout_s)
+                    self._overflow_check(payload, request.timeout_s)
                 raise
             except LLMHTTPError as exc:
                 if thinking == "off" and self._thinking_refused(exc, payload):
@@ -4703,7 +5695,7 @@ class LLMClient(HTTPExecutor):
         once.update(stream=False, max_tokens=1)
         for _ in range(2):      # the cut stream's connection may be closed: again on a new one
             try:
-                self._stream_once(once, timeout_s, None, [])
+                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
             except LLMUnavailable:
                 continue
             except LLMHTTPError as exc:
@@ -4713,43 +5705,36 @@ class LLMClient(HTTPExecutor):
                 pass
             return
 
-    def _chat_native(self, messages: list[dict], model: str, temperature: float | None,
-                     max_tokens: int | None, timeout_s: float | None, json_schema: dict | None,
-                     on_delta: Callable[[str], None] | None, sampling: dict,
-                     thinking: str | None = None,
-                     on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
         options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
         structured output through `format` (a JSON schema), and thinking "off" as
         think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
         options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
-        if temperature is not None:
-            options["temperature"] = temperature
-        if max_tokens is not None:
-            options["num_predict"] = max_tokens
+        sampling, model = request.sampling or {}, request.model
+        if sampling.get("temperature") is not None:
+            options["temperature"] = sampling["temperature"]
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
         options.update({k: v for k, v in self.accepted_sampling(sampling).items()
                         if k not in ("temperature", "max_tokens")})
         payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                                    "options": options}
-        if json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
+        if request.json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
                 and model not in self.unconstrained:      # drop_constraint: not for this model
-            payload["format"] = json_schema
-        if thinking == "off":
+            payload["format"] = request.json_schema
+        if request.thinking == "off":
             payload["think"] = False
-        reply = self._send_with_retries(payload, timeout_s, on_delta, on_reasoning)
+        reply = self._send_with_retries(payload, request)
         return reply._replace(response_format="format" if "format" in payload else None)
 
-    def _parse_ndjson(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
         false} lines, then done: true with done_reason, prompt_eval_count and eval_count
         (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
-        limit = self.config.max_output_bytes
-        tally, model, finish, usage = OutputTally(limit), None, None, None
-        thought: list[str] = []
-        for line in _iter_lines(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        model = finish = usage = None
+        for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 chunk = load_reply(line)
             except ValueError as exc:
@@ -4758,15 +5743,12 @@ class LLMClient(HTTPExecutor):
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
-                message = self._scrub(_error_message(line.encode()))
-                self._raise_fault(url, 500, message)
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, line)
             model = reply_label(chunk.get("model")) or model
             message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
             piece = reply_text(message.get("content"), "a line's message content", url)
             thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
-            tally.take(piece, thinking, received, thought, on_delta, on_reasoning)
+            tally.take(piece, thinking)
             if chunk.get("done") is True:
                 finish = reply_label(chunk.get("done_reason")) or "stop"
                 usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
@@ -4774,9 +5756,8 @@ class LLMClient(HTTPExecutor):
                 break
         if finish is None:
             raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{sum(map(len, received))} characters and no done line")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started,
-                          0.0, "".join(thought), tally.reasoning_pieces)
+                                   f"{tally.chars} characters and no done line")
+        return tally.completion(usage, model, finish)
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -4799,17 +5780,16 @@ class LLMClient(HTTPExecutor):
             payload.pop(key)
         return True
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str],
-               on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a 200 reply: Ollama's NDJSON, an SSE stream, or a whole chat.completion."""
         if self.native:
-            return self._parse_ndjson(response, url, started, on_delta, received, on_reasoning)
+            return self._parse_ndjson(response, url, tally)
         if "text/event-stream" not in response.headers.get("content-type", ""):
-            return self._parse_whole(response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES),
-                                     url, started)
-        return self._parse_stream(response, url, started, on_delta, received, on_reasoning)
+            body = response.read(self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES)
+            return self._parse_whole(body, url, tally)
+        return self._parse_stream(response, url, tally)
 
-    def _parse_whole(self, body: bytes, url: str, started: float) -> Completion:
+    def _parse_whole(self, body: bytes, url: str, tally: OutputTally) -> Completion:
         """Read a non-streamed chat.completion body (servers that ignore stream); the
         body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
         text must fit --max-output-bytes as a stream's must."""
@@ -4821,26 +5801,24 @@ class LLMClient(HTTPExecutor):
                 raise TypeError("content is not a string")
             reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat completion: "
-                                   f"{clip(body.decode('utf-8', 'replace'), 120, 'body')}") from exc
-        tally = OutputTally(self.config.max_output_bytes)
+            raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat "
+                                   f"completion: {clip(body.decode('utf-8', 'replace'), 120, 'body')}"
+                                   ) from exc
         if reasoning:
             tally.add_reasoning(reasoning)
         tally.add_answer(text)
         return Completion(text, _usage(data.get("usage")), reply_label(data.get("model")),
-                          reply_label(choice.get("finish_reason")), time.monotonic() - started, 0.0,
-                          reasoning, int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
+                          reply_label(choice.get("finish_reason")),
+                          time.monotonic() - tally.started, 0.0, reasoning,
+                          int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
-    def _parse_stream(self, response: Any, url: str, started: float,
-                      on_delta: Callable[[str], None] | None, received: list[str],
-                      on_reasoning: Callable[[str], None] | None = None) -> Completion:
+    def _parse_stream(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read an SSE chat.completion.chunk stream to its end and return the Completion.
         Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
         and given to on_reasoning, never to on_delta or the text."""
-        limit = self.config.max_output_bytes
         usage = model = finish = None
-        done, tally, thought = False, OutputTally(limit), []
-        events = _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES)
+        done = False
+        events = _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES)
         for event, data in events:
             if data.strip() == "[DONE]":
                 done = True
@@ -4854,9 +5832,7 @@ class LLMClient(HTTPExecutor):
                 raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
                                        f"{clip(data, 120, 'event')}") from exc
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a chunk that is not an object")
             usage = _usage(chunk.get("usage")) or usage
@@ -4865,21 +5841,20 @@ class LLMClient(HTTPExecutor):
             if choice is not None:
                 delta, finish = choice[0], choice[1] or finish
                 piece = reply_text(delta.get("content"), "a chunk's delta content", url)
-                tally.take(piece, reasoning_delta(delta), received, thought, on_delta, on_reasoning)
+                tally.take(piece, reasoning_delta(delta))
         if not done and finish is None:
             error = LLMProtocolError(f"the stream from {url} ended early, after "
-                                     f"{sum(map(len, received))} characters and no finish_reason")
-            error.silent_end = not received         # llama-cpp-python's overflow looks so (chat)
+                                     f"{tally.chars} characters and no finish_reason")
+            error.silent_end = not tally.received   # llama-cpp-python's overflow looks so (chat)
             raise error
         if finish is None and self.server_kind == "llama-cpp-python":
             raise LLMContention(f"llama-cpp-python ended the stream from {url} after "
-                                f"{sum(map(len, received))} characters to serve another request",
+                                f"{tally.chars} characters to serve another request",
                                 "start it with --interrupt_requests False so requests queue")
-        if not received and not thought and finish is None:
+        if not tally.received and not tally.thought and finish is None:
             raise LLMProtocolError(f"{url} streamed no output at all",
                                    "the prompt may not fit the loaded context length")
-        return Completion("".join(received), usage, model, finish, time.monotonic() - started, 0.0,
-                          "".join(thought), tally.reasoning_pieces)
+        return tally.completion(usage, model, finish)
 
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
@@ -4912,7 +5887,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 15. Other executors: the Anthropic API and the claude CLI
+# 19. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -4956,39 +5931,39 @@ class AnthropicClient(HTTPExecutor):
         if not config.anthropic_api_key:
             raise LLMError("no Anthropic API key for an anthropic: model",
                            "set ANTHROPIC_API_KEY (a gateway or LM Studio take any value)")
+        self.key = key = config.anthropic_api_key
         super().__init__(config, config.anthropic_base_url, sleep=sleep, on_retry=on_retry,
-                         headers={"x-api-key": config.anthropic_api_key, "anthropic-version": "2023-06-01"})
+                         headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Send one Messages request, streamed; see the class. json_schema is not
-        sent (the output is validated by bridge all the same)."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Send one Messages request, streamed; see the class. Of request.sampling only
+        temperature is sent; json_schema and thinking are not (the output is validated
+        by bridge all the same)."""
         payload: dict[str, Any] = {
-            "model": model, "max_tokens": max_tokens or self.DEFAULT_MAX_TOKENS, "stream": True,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]}
+            "model": request.model, "max_tokens": request.max_tokens or self.DEFAULT_MAX_TOKENS,
+            "stream": True, "messages": [{"role": m["role"], "content": m["content"]}
+                                         for m in messages if m["role"] != "system"]}
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         if system:
             payload["system"] = system
+        temperature = (request.sampling or {}).get("temperature")
         if temperature is not None:
             payload["temperature"] = temperature
-        return self._send_with_retries(payload, timeout_s, on_delta)
+        return self._send_with_retries(payload, request)
 
-    def _parse(self, response: Any, url: str, started: float, on_delta: Callable[[str], None] | None,
-               received: list[str]) -> Completion:
-        limit = self.config.max_output_bytes
+    def _parse(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read a Messages event stream (see the class) into tally."""
         prompt = completion = model = stop = None
-        size, done = 0, False
-        for event, data in _iter_sse(response.iter_bytes(), limit + RESPONSE_ENVELOPE_BYTES):
+        done = False
+        for event, data in _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             try:
                 body = load_reply(data)
             except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: {clip(data, 120, 'event')}") from exc
+                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
+                                       f"{clip(data, 120, 'event')}") from exc
             kind = body.get("type", event) if isinstance(body, dict) else event
             if kind == "error" or event == "error":
-                message = _error_message(data.encode())
-                raise LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
-                                   context_overflow=_is_context_overflow(message))
+                raise self._stream_error(url, data)
             if not isinstance(body, dict):
                 raise LLMProtocolError(f"{url} streamed an event that is not an object: "
                                        f"{clip(data, 120, 'event')}")
@@ -5001,11 +5976,7 @@ class AnthropicClient(HTTPExecutor):
                 delta = reply_object(body.get("delta"), "a content_block_delta's delta", url)
                 piece = reply_text(delta.get("text"), "a text_delta's text", url) \
                     if delta.get("type") == "text_delta" else None
-                if piece:
-                    size = reply_size(size, piece, limit)
-                    received.append(piece)
-                    if on_delta:
-                        on_delta(piece)
+                tally.take(piece or "")
             elif kind == "message_delta":
                 stop = reply_label(reply_object(body.get("delta"), "message_delta's delta", url)
                                    .get("stop_reason")) or stop
@@ -5016,9 +5987,9 @@ class AnthropicClient(HTTPExecutor):
                 break
         if not done:
             raise LLMProtocolError(f"the stream from {url} ended before message_stop, after "
-                                   f"{sum(map(len, received))} characters")
+                                   f"{tally.chars} characters")
         usage, cost = anthropic_usage_cost(prompt, completion, model)
-        return Completion("".join(received), usage, model, stop, time.monotonic() - started, cost)
+        return tally.completion(usage, model, stop, cost)
 
 
 class ClaudeCLI:
@@ -5064,21 +6035,21 @@ class ClaudeCLI:
     def close(self) -> None:
         """Nothing to close: each request is its own process."""
 
-    def chat(self, messages: list[dict], *, model: str, temperature: float | None = None,
-             max_tokens: int | None = None, timeout_s: float | None = None,
-             json_schema: dict | None = None, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Run one `claude -p` request; see the class. temperature, max_tokens and
-        json_schema have no claude flag and are not passed. Raises LLMTimeout when
-        the time runs out, LLMError when claude fails."""
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Run one `claude -p` request; see the class. Of request, model, timeout_s and
+        on_delta are used: sampling, max_tokens, json_schema and thinking have no claude
+        flag. Raises LLMTimeout when the time runs out, LLMError when claude fails."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
             f"[{m['role']}]\n{m['content']}" for m in turns)
-        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose", "--model", model,
-                "--no-session-persistence", *self.LOCKDOWN] + (["--append-system-prompt", system] if system else [])
+        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose",
+                "--model", request.model, "--no-session-persistence", *self.LOCKDOWN]
+        argv += ["--append-system-prompt", system] if system else []
         with self._workdir() as cwd:
-            limit_s = narrowed(timeout_s, self.config.timeout_s)
-            return self._run(argv, prompt, cwd, limit_s, on_delta)
+            limit_s = narrowed(request.timeout_s, self.config.timeout_s)
+            tally = OutputTally(self.config.max_output_bytes, request)
+            return self._run(argv, prompt, cwd, limit_s, tally)
 
     def _workdir(self) -> Any:
         """The folder claude runs in: the trusted project, else a fresh scratch folder
@@ -5088,11 +6059,11 @@ class ClaudeCLI:
         if self.cwd is not None:
             return _Nothing(self.cwd)
         root = os.path.join(self.config.state_dir, "scratch")
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        private_dir(root)
         return tempfile.TemporaryDirectory(prefix="claude-", dir=root)
 
     def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
-             on_delta: Callable[[str], None] | None) -> Completion:
+             tally: OutputTally) -> Completion:
         import subprocess
         import threading
 
@@ -5109,7 +6080,7 @@ class ClaudeCLI:
             with _suppress(BrokenPipeError):
                 proc.stdin.write(prompt.encode("utf-8"))
                 proc.stdin.close()
-            text, final, answered_by = self._read_events(proc, on_delta)
+            final, answered_by = self._read_events(proc, tally)
             code = proc.wait()
         except BaseException:
             _kill_group(proc)
@@ -5131,15 +6102,15 @@ class ClaudeCLI:
                            f"{clip(str(reason), 300, 'text')}")
         usage, cost = claude_usage_cost(final)
         result = final.get("result")
-        result = result if isinstance(result, str) and result else text
-        return Completion(result, usage, reply_label(answered_by),
-                          reply_label(final.get("subtype")), elapsed, cost)
+        reply = tally.completion(usage, reply_label(answered_by), reply_label(final.get("subtype")),
+                                 cost)
+        return reply._replace(text=result if isinstance(result, str) and result else reply.text,
+                              duration_s=elapsed)
 
-    def _read_events(self, proc: Any, on_delta: Callable[[str], None] | None) -> tuple[str, dict | None, str | None]:
-        """Read claude's NDJSON to its end: (assistant text, the result event, model)."""
-        pieces: list[str] = []
+    def _read_events(self, proc: Any, tally: OutputTally) -> tuple[dict | None, str | None]:
+        """Read claude's NDJSON to its end, its assistant text into tally: (the result
+        event, model)."""
         final = model = None
-        size = 0
         # a line longer than a reply may be is read in parts (none of them JSON), never whole
         line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
         for raw in iter(lambda: proc.stdout.readline(line_max), b""):
@@ -5155,18 +6126,16 @@ class ClaudeCLI:
                 message = event.get("message") if isinstance(event.get("message"), dict) else {}
                 blocks = message.get("content") if isinstance(message.get("content"), list) else []
                 for block in blocks:
-                    if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                    if isinstance(block, dict) and block.get("type") == "text" \
+                            and isinstance(block.get("text"), str):
                         try:
-                            size = reply_size(size, block["text"], self.config.max_output_bytes)
+                            tally.take(block["text"])
                         except LLMProtocolError:
                             _kill_group(proc)
                             raise
-                        pieces.append(block["text"])
-                        if on_delta:
-                            on_delta(block["text"])
             elif event.get("type") == "result":
                 final = event
-        return "".join(pieces), final, model
+        return final, model
 
 
 def claude_usage_cost(final: dict) -> tuple:
@@ -5208,746 +6177,8 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 16. Output validation
-#
-# The validation types of bridge-plan-schema.json. Each check returns the artifact: the
-# text that counts as the step's output (the code inside a fence when fenced), which
-# is what later steps see and what file_output writes. A command validation (and a
-# plan's verify) runs the project's own test or linter, only where the user trusts it.
+# 20. Check commands
 ###############################################################################
-
-# Patterns as strings: re compiles and caches each on first use, not at start-up.
-_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
-# after prose on the same line ("Here it is: ```json"), a fence counts only when
-# nothing but a tag follows it, so prose that mentions ``` is not a fence
-_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
-LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
-                    "toml": {"toml"}}
-
-
-# Reasoning text a server leaves inside content (sources per row), by shape: (name,
-# who writes it and the source, a string the text must hold for the shape to be tried,
-# where the reasoning starts and ends, what ends the answer or None). split_reasoning
-# takes each out; a shape matches at the start of the text only.
-_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
-REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
-    # a leading block; an unclosed one swallows the rest
-    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
-     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
-    ("<thinking>", "several fine-tunes", "<thinking>",
-     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
-    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
-    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
-     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
-    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
-    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
-    # it analysed) there is no answer
-    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
-     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
-    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
-     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
-    # the opening tag is in the prompt template, so only the close arrives: reasoning…
-    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
-    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
-     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
-    ("orphan </thinking>", "several fine-tunes", "</thinking>",
-     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
-    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
-     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
-)
-
-
-def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
-    thought: list[str] = []
-    matched = True
-    while matched and text:
-        matched = False
-        for _name, _source, needle, start, end in REASONING_SHAPES:
-            found = re.match(start, text) if needle in text else None
-            if found and found.group():
-                thought.append(found.group())
-                text, matched = text[found.end():], True
-                if end and (tail := re.search(end, text)):
-                    text = text[:tail.start()]
-                break
-    return text, "".join(thought)
-
-
-def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
-    blocks: list[tuple[str, str]] = []
-    lines = text.split("\n")
-    n = 0
-    while n < len(lines):
-        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
-        if not match:
-            n += 1
-            continue
-        fence, tag = match["fence"], match["tag"].lower()
-        body: list[str] = []
-        n += 1
-        while n < len(lines) and lines[n].strip() != fence:
-            stripped = lines[n].rstrip()
-            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
-                body.append(stripped[: -len(fence)])
-                break
-            body.append(lines[n])
-            n += 1
-        blocks.append((tag, "\n".join(body)))
-        n += 1
-    return blocks
-
-
-def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
-    blocks = find_fences(text)
-    if not blocks:
-        return text.strip()
-    if language:
-        aliases = LANGUAGE_ALIASES.get(language, {language})
-        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
-            for tag, code in blocks:
-                if wanted(tag):
-                    return code
-    return blocks[0][1]
-
-
-def parse_json_output(text: str) -> Any:
-    """Parse JSON from a model output: whole, else the best fenced block, else the
-    first JSON value starting at the first { or [.
-
-    Raises OutputInvalid naming the parse error of the most likely candidate.
-    """
-    candidates = [text.strip()]
-    if find_fences(text):
-        candidates.insert(0, extract_code(text, "json"))
-    first_error = None
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except ValueError as exc:
-            first_error = first_error or exc
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if starts:
-        try:
-            return json.JSONDecoder().raw_decode(text, min(starts))[0]
-        except ValueError:
-            pass
-    raise OutputInvalid(f"output is not valid JSON ({first_error})")
-
-
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
-def validations_of(validation: dict | list) -> list[dict]:
-    """Return a step's validation as a list: a list as given, an object as [object]."""
-    return list(validation) if isinstance(validation, list) else [validation]
-
-
-def _commands_of(step: Step) -> list[dict]:
-    """The command validations of a step, in order."""
-    return [v for v in validations_of(step.validation) if v.get("type") == "command"]
-
-
-def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output with <think> blocks already stripped. validation: a
-    validation object of bridge-plan-schema.json, or a list of them, checked in order up
-    to the first that fails. The artifact is the fenced code when the output is
-    fenced (for json types: the parsed JSON, re-serialised), else the stripped
-    text; for a list, that of its first check. Command validations are not run
-    here (the Runner runs them once the file is written); a list of commands
-    only is checked as non_empty. source: the step's input (the pieces build_messages
-    gives as sources, joined), which the values of a "grounded" JSON validation must
-    come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
-    checks = [v for v in validations_of(validation) if v.get("type") != "command"] or [DEFAULT_VALIDATION]
-    artifacts = [_check_one(text, check, source) for check in checks]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str = "") -> str:
-    try:
-        artifact = _check_output(text, validation)
-        if validation.get("grounded") and validation.get("type") in GROUNDED_TYPES:
-            check_grounded(json.loads(artifact), source)
-        return artifact
-    except (RecursionError, MemoryError) as exc:
-        # json, tomllib, compile() and jsonschema recurse per nesting level
-        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
-
-
-def _check_output(text: str, validation: dict) -> str:
-    kind = validation.get("type", "non_empty")
-    if kind == "non_empty":
-        artifact = extract_code(text)
-        if not artifact.strip():
-            raise OutputInvalid("output is empty" if not text.strip() else "the fenced block is empty")
-        return artifact
-    if kind == "json":
-        return _json_artifact(text)[1]
-    if kind == "contains_keys":
-        value, artifact = _json_artifact(text)
-        if not isinstance(value, dict):
-            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
-        missing = [key for key in validation["keys"] if key not in value]
-        if missing:
-            raise OutputInvalid(f"JSON object lacks the keys {missing}")
-        return artifact
-    if kind == "json_schema":
-        from jsonschema import Draft202012Validator
-
-        value, artifact = _json_artifact(text)
-        try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
-        except (RecursionError, MemoryError):
-            raise
-        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
-            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
-            raise OutputInvalid(f"the step's json_schema cannot be applied "
-                                f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})") from None
-        if errors:
-            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
-                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
-        return artifact
-    if kind == "syntax_check":
-        return _check_syntax(text, validation.get("language", "python"))
-    if kind == "regex":
-        if not re.search(validation["pattern"], text):
-            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
-        return extract_code(text)
-    raise OutputInvalid(f"unknown validation type {kind!r}")
-
-
-GROUNDED_TYPES = ("json", "contains_keys", "json_schema")   # the validations "grounded" applies to
-
-
-def fold_text(text: str) -> str:
-    """Return text as key names and spans are compared: case folded (str.casefold), each run
-    of whitespace one space, no whitespace at either end."""
-    return " ".join(text.casefold().split())
-
-
-_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
-
-
-def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
-    trim = f"[{re.escape(_SPAN_TRIM)}]*"
-    found: dict[float, int | float] = {}
-    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
-        value = float(match[1])
-        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
-    return found
-
-
-def _occurs(value: str, source: str) -> bool:
-    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
-    run of whitespace matching any other, not as part of a longer word or number ("Ada"
-    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
-    words = value.split()
-    if not words:
-        return True
-    pattern = r"\s+".join(map(re.escape, words))
-    if re.match(r"\w", words[0]):
-        pattern = r"(?<!\w)" + pattern
-    if re.search(r"\w$", words[-1]):
-        pattern += r"(?!\w|[.,]\d)"
-    return re.search(pattern, source, re.IGNORECASE) is not None
-
-
-def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
-    numbers = written_numbers(source)
-    found: list[tuple[str, Any]] = []
-
-    def visit(item: Any, where: str) -> None:
-        if isinstance(item, dict):
-            for key, child in item.items():
-                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
-                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
-        elif isinstance(item, list):
-            for n, child in enumerate(item):
-                visit(child, f"{where}[{n}]")
-        elif isinstance(item, bool) or item is None:
-            return
-        elif isinstance(item, (int, float)):
-            if float(item) not in numbers:
-                found.append((where, item))
-        elif isinstance(item, str) and not _occurs(item, source):
-            found.append((where, item))
-
-    visit(value, path)
-    return found
-
-
-def check_grounded(value: Any, source: str) -> None:
-    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
-    step's input (ungrounded_values; at most five are named), telling the model to copy
-    each value exactly from the text."""
-    missing = ungrounded_values(value, source)
-    if missing:
-        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
-                          for where, item in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
-                            "text (use null where the text has none)")
-
-
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
-###############################################################################
-# 17. Constrained JSON and degenerate output
-###############################################################################
-
-
-def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output.
-
-    None for steps whose output is not JSON (non_empty, syntax_check, regex,
-    command); {} for json. A list uses its first JSON validation (json,
-    contains_keys, json_schema). contains_keys: an object of exactly its keys, each
-    a bounded value (a scalar or a list of scalars, see bounded_value), so a small
-    model puts the sentence's values in the keys instead of nesting objects.
-    json_schema: the plan's schema with bounds added where it sets none
-    (bounded_schema). Only what is sent is bounded: check_output still applies the
-    plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    contains_keys or json_schema
-    step whose input has few enough spans (span_candidates) gets span_schema instead:
-    its string values can only be copied from the input.
-    """
-    if isinstance(validation, list):
-        return next((schema for item in validation
-                     if (schema := output_schema(item, source)) is not None), None)
-    kind = validation.get("type")
-    if source is not None and (spans := grounded_spans(validation, source)) is not None and \
-            (usual := output_schema(validation)):
-        return span_schema(usual, *spans)
-    if kind == "json":
-        return {}
-    if kind == "contains_keys":
-        return {"type": "object", "properties": {key: bounded_value() for key in validation["keys"]},
-                "required": list(validation["keys"]), "additionalProperties": False}
-    if kind == "json_schema":
-        return bounded_schema(validation["schema"]) if isinstance(validation["schema"], dict) else {}
-    return None
-
-
-def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
-    seen: dict[str, None] = {}
-    read = 0
-    for piece in pieces:
-        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
-        for match in re.finditer(r"\S+", piece):
-            read += 1
-            if read > GROUNDED_MAX_SPANS:
-                return None
-            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
-            for start in range(len(words) - 1, -1, -1):
-                span = " ".join(words[start:]).strip(_SPAN_TRIM)
-                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
-                        not re.search(r'["\\\x00-\x1f]', span):
-                    seen[span] = None
-                    if len(seen) > GROUNDED_MAX_SPANS:
-                        return None
-    return list(seen)
-
-
-def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded contains_keys or json_schema validation whose input has at most
-    GROUNDED_MAX_SPANS spans; else None (the usual schema is sent). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
-    if not validation.get("grounded") or validation.get("type") not in GROUNDED_TYPES[1:]:
-        return None
-    pieces = [source] if isinstance(source, str) else source
-    spans = span_candidates(pieces)
-    names = {fold_text(name) for name in
-             validation.get("keys") or _property_names(validation.get("schema"))}
-    spans = [span for span in spans or [] if fold_text(span) not in names]
-    if not spans:
-        return None
-    numbers: dict[float, int | float] = {}
-    for text in pieces:
-        for value, number in written_numbers(text).items():
-            numbers.setdefault(value, number)
-    return spans, list(numbers.values())
-
-
-def _property_names(schema: Any) -> set[str]:
-    """The property names a JSON Schema lists, at any depth."""
-    if isinstance(schema, list):
-        return {name for item in schema for name in _property_names(item)}
-    if not isinstance(schema, dict):
-        return set()
-    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
-    return names.union(*(_property_names(child) for key, child in schema.items()
-                         if key not in ("enum", "const")))
-
-
-def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
-    """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
-    def open_number(node: Any) -> bool:
-        return isinstance(node, dict) and set(node) == {"type"} and \
-            node["type"] in ("number", "integer")
-
-    def swap(node: Any) -> Any:
-        if isinstance(node, list):
-            return [swap(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        if node.get("type") == "string" and node.get("pattern") == bounded_string(
-                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
-            return {"$ref": "#/$defs/bridge_span"}
-        if node.get("type") in ("number", "integer") and numbers and not (
-                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
-            if node["type"] == "number":
-                return {"$ref": "#/$defs/bridge_number"}
-            integers = [n for n in numbers if isinstance(n, int)]
-            return {"enum": integers} if integers else node
-        out = {}
-        for key, child in node.items():
-            if key in _SCHEMA_MAPS and isinstance(child, dict):
-                out[key] = {name: swap(sub) for name, sub in child.items()}
-            elif key in ("enum", "const", "required"):
-                out[key] = child
-            elif key in ("anyOf", "oneOf") and isinstance(child, list):
-                alternatives = [swap(sub) for sub in child]
-                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
-            else:
-                out[key] = swap(child)
-        return out
-
-    out = swap(schema)
-    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
-    if numbers:
-        defs["bridge_number"] = {"enum": numbers}
-    return {**out, "$defs": defs}
-
-
-def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
-    return {"type": "string", "minLength": min_length, "maxLength": max_length,
-            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
-
-
-def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a bounded_string, a number,
-    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
-    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
-    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
-    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
-    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}, "maxItems": JSON_LIST_MAX_ITEMS}]}
-
-
-_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
-
-
-def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
-    arrays, additionalProperties false on objects listing their properties, and an
-    open value ({} or an array without items) made a bounded_value. Whatever the
-    plan sets is kept as it is."""
-    if not isinstance(schema, dict):
-        return schema
-    if _is_open(schema):
-        return bounded_value()
-    out = dict(schema)
-    for key in _SCHEMA_CHILDREN:
-        if isinstance(out.get(key), dict):
-            out[key] = bounded_schema(out[key])
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [bounded_schema(s) for s in out[key]]
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
-    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
-    shortest = out.get("minLength", 1)
-    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
-            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
-        out.update(bounded_string(shortest))
-    if "array" in types:
-        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
-        if "items" not in out and "prefixItems" not in out:
-            out["items"] = bounded_value()["anyOf"][-1]["items"]
-    if "object" in types and "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
-
-
-def _is_open(schema: dict) -> bool:
-    """Tell whether a schema says nothing about its value ({} or only annotations)."""
-    annotations = {"title", "description", "default", "examples", "$comment"}
-    return not (set(schema) - annotations)
-
-
-def schema_depth(schema: Any) -> int | None:
-    """Return how deep a JSON value meeting schema can nest ({} and [] count one
-    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
-    an object that takes any other property)."""
-    if schema is True or not isinstance(schema, dict):
-        return None if schema is True or schema is None else 0
-    if "$ref" in schema or _is_open(schema):
-        return None
-    if "const" in schema or "enum" in schema:
-        return 1 if any(isinstance(v, (dict, list)) for v in schema.get("enum", [schema.get("const")])) else 0
-    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
-    children += list((schema.get("properties") or {}).values())
-    for key in ("items", "additionalProperties"):
-        if key in schema and schema[key] is not False:
-            children.append(schema[key])
-    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
-        return None                     # any type of value, arrays and objects included
-    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
-    if "object" in types and "additionalProperties" not in schema:
-        return None
-    if "array" in types and "items" not in schema and "prefixItems" not in schema:
-        return None
-    depths = [schema_depth(child) for child in children]
-    if None in depths:
-        return None
-    nested = max(depths, default=0)
-    return nested + 1 if {"object", "array"} & set(types) else nested
-
-
-def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the
-    depth of a json_schema step's own schema (schema_depth), else None (not bounded:
-    a contains_keys value may be anything, though the schema sent bounds it)."""
-    first = next((v for v in validations_of(validation) if output_schema(v) is not None), None)
-    return schema_depth(first["schema"]) if first and first.get("type") == "json_schema" else None
-
-
-def grammar_damage(output: str, schema: dict | None, validation: dict | list) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not (or passes validation: a command failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
-    try:
-        check_output(output, validation)
-        return None
-    except OutputInvalid:
-        pass
-    if "\ufffd" in output:
-        return "it holds U+FFFD replacement characters"
-    try:
-        value = parse_json_output(output)
-    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
-        return "it is not valid JSON"
-    named = set((schema or {}).get("properties") or {})
-    keys = value if isinstance(value, dict) else {}
-    garbled = [key for key in keys if "?" in key and key not in named]
-    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
-
-
-class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
-    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
-
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
-    """
-
-    def __init__(self, max_depth: int | None = None):
-        self.max_depth = max_depth
-        self.pieces: list[str] = []
-        self.words: list[str] = []
-        self._partial = ""              # a word not yet ended by whitespace
-        self._space = ""                # the run of whitespace at the end of the text
-        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
-
-    @property
-    def text(self) -> str:
-        """The output fed so far."""
-        return "".join(self.pieces)
-
-    def feed(self, piece: str) -> None:
-        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
-        self.pieces.append(piece)
-        self._whitespace(piece)
-        if self.max_depth is not None:
-            for char in piece:
-                self._nesting(char)
-        self._repeats(piece)
-
-    def _whitespace(self, piece: str) -> None:
-        text = self._space + piece          # a run may have begun in an earlier piece
-        self._space = ""
-        for run in re.finditer(r"\s+", text):
-            newlines = run.group().count("\n")
-            if newlines > DEGENERATE_NEWLINES:
-                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
-            if len(run.group()) > DEGENERATE_WHITESPACE:
-                raise OutputDegenerate(f"stopped: {len(run.group())} whitespace characters in a row")
-            if run.end() == len(text):
-                self._space = run.group()
-
-    def _nesting(self, char: str) -> None:
-        if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif char == "\\":
-                self._escaped = True
-            elif char == '"':
-                self._in_string = False
-        elif char == '"' and self._json:
-            self._in_string = True
-        elif char in "{[":
-            self._json, self._depth = True, self._depth + 1
-            if self._depth > self.max_depth:    # type: ignore[operator]
-                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
-                                       f"{self.max_depth} its schema allows")
-        elif char in "}]" and self._depth:
-            self._depth -= 1
-
-    def _repeats(self, piece: str) -> None:
-        parts = (self._partial + piece).split()
-        ended = piece[-1:].isspace()
-        self._partial = "" if ended or not parts else parts.pop()
-        for word in parts:
-            self.words.append(word)
-            self._check_tail()
-        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
-
-    def _check_tail(self) -> None:
-        words = self.words
-        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
-            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
-            if len(words) < period * times:
-                return
-            if words[-1] != words[-1 - period]:
-                continue                    # the cheap test first: most words repeat nothing
-            unit = words[-period:]
-            if all(words[-(n + 1) * period:len(words) - n * period] == unit for n in range(1, times)):
-                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} times in a row "
-                                       f"({' '.join(unit)[:80]!r})")
-
-
-###############################################################################
-# 18. Check commands, and what the model is told of the checks
-###############################################################################
-
-
-def describe_validation(validation: dict | list) -> str:
-    """Return one sentence telling the model what form of answer will be accepted
-    (for a list, one per check, in order)."""
-    if isinstance(validation, list):
-        return " ".join(filter(None, (describe_validation(item) for item in validation)))
-    kind = validation.get("type", "non_empty")
-    if kind == "command":
-        return f"It will then be checked by running `{shell_words(validation['run'])}` in the project."
-    return {
-        "non_empty": "Answer with the requested content.",
-        "json": "Answer with valid JSON only, in a ```json fenced block.",
-        "contains_keys": "Answer with one JSON object that has the keys "
-                         f"{', '.join(map(json.dumps, validation.get('keys', [])))}, in a ```json fenced block.",
-        "json_schema": "Answer with JSON matching this JSON Schema, in a ```json fenced block: "
-                       + json.dumps(validation.get("schema")),
-        "syntax_check": f"Answer with complete {validation.get('language', 'python')} code in one "
-                        f"```{validation.get('language', 'python')} fenced block.",
-        "regex": f"Your answer must match the regular expression {validation.get('pattern')!r}.",
-    }.get(kind, "")
-
-
-def shell_words(argv: list[str]) -> str:
-    """Return an argv as a person would type it in a POSIX shell (for messages only;
-    commands never go through a shell)."""
-    import shlex
-
-    return shlex.join(argv)
 
 
 def untrusted_message(plan: Plan) -> str:
@@ -6183,7 +6414,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 19. File transactions: journal, rollback, recovery
+# 21. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6518,7 +6749,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 20. Kept runs: backups, diff, undo, review
+# 22. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -6537,13 +6768,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def open_run_dir(run_dir: Path) -> None:
-    """Make a run's folder, for this user only (0700): its backups and transcripts
-    hold the project's files and prompts."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-
-
 def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
     """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
@@ -6551,7 +6775,7 @@ def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | Non
     info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
-    atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+    write_json_file(run_dir / RUN_INFO_FILE, info)
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
@@ -6563,7 +6787,7 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
-    info = _read_json(folder / RUN_INFO_FILE)
+    info = read_json_file(folder / RUN_INFO_FILE, or_none=True)
     context = record.plan.get("context") if isinstance(record.plan, dict) else None
     project = context.get("project") if isinstance(context, dict) else None
     usable = isinstance(project, str) and "\x00" not in project
@@ -6611,7 +6835,7 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
-                info = _read_json(Path(entry.path) / RUN_INFO_FILE)
+                info = read_json_file(Path(entry.path) / RUN_INFO_FILE, or_none=True)
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
@@ -6648,14 +6872,6 @@ def backups_usage(runs_dir: Path) -> dict:
             total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
                          if e.is_file(follow_symlinks=False))
     return {"runs": runs, "bytes": total}
-
-
-def _read_json(path: Path) -> Any:
-    """Return a small JSON file's value, or None when it is missing or not JSON."""
-    try:
-        return load_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
@@ -6713,7 +6929,7 @@ class KeptRun:
         from pathlib import Path
 
         run_dir = run_dir_of(runs_dir, run_id)
-        info = _read_json(run_dir / RUN_INFO_FILE)
+        info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
             raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
                               "only runs made since can be shown or undone")
@@ -6727,7 +6943,7 @@ class KeptRun:
                    if isinstance(e.get("path"), str)}
         entries = read_jsonl(run_dir / JOURNAL_FILE)
         files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = _read_json(run_dir / "undone.json")
+        undone = read_json_file(run_dir / "undone.json", or_none=True)
         staged: dict[str, dict] = {}
         for entry in read_jsonl(run_dir / STAGED_FILE):
             if project is None or not isinstance(entry.get("path"), str):
@@ -6735,7 +6951,7 @@ class KeptRun:
             resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
             first = staged.setdefault(entry["path"], dict(entry))
             first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = _read_json(run_dir / "reads.json")
+        reads = read_json_file(run_dir / "reads.json", or_none=True)
         return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
                    undone.get("undone_at") if isinstance(undone, dict) else None, staged,
                    {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
@@ -6855,7 +7071,7 @@ class KeptRun:
         restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
         self.undone_at = utc_now_iso()
         append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
-        atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
+        write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
         return restored
 
 
@@ -6884,7 +7100,7 @@ class StagedFiles:
         for rel, mode in files_context.items():
             if mode == "LOAD":
                 reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
-        atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
+        write_json_file(self.run_dir / "reads.json", reads)
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
@@ -6945,9 +7161,7 @@ def read_regular(path: Path) -> bytes | None:
     """Return a regular file's bytes, or None when it is missing or not a regular
     file (a symlink is not followed)."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             return handle.read()
     except OSError:
         return None
@@ -7005,7 +7219,7 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bo
 
 
 ###############################################################################
-# 21. Prompts
+# 23. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7066,11 +7280,11 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
 def thinking_asked(step: Step) -> str | None:
     """Return what a step asks of a thinking model: its "thinking" (or the plan's
     defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
-    max_tokens is at most a JSON step's DEFAULT_MAX_TOKENS), else None (the server's
+    max_tokens is at most a json step's default max_tokens), else None (the server's
     default: the model may think, and split_reasoning takes it out)."""
     if step.thinking:
         return step.thinking
-    short = step.max_tokens is not None and step.max_tokens <= DEFAULT_MAX_TOKENS["json"]
+    short = step.max_tokens is not None and step.max_tokens <= VALIDATION_TYPES["json"].max_tokens
     return "off" if short or output_schema(step.validation) is not None else None
 
 
@@ -7084,14 +7298,12 @@ def thinking_reserve(context_length: int | None) -> int:
 
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
-    """Return the max_tokens of a step's answer: the step's own, else
-    DEFAULT_MAX_TOKENS for its validation type (of a list, the largest but command's,
-    which checks a file, not the answer's form), at most a quarter of context_length
-    (tokens; None: not known). The prompt budget keeps this much free (Runner._budget)."""
+    """Return the max_tokens of a step's answer: the step's own, else its validation's
+    (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
+    The prompt budget keeps this much free (Runner._budget)."""
     if step.max_tokens:
         return step.max_tokens
-    kinds = [v.get("type", "non_empty") for v in validations_of(step.validation) if v.get("type") != "command"]
-    default = max((DEFAULT_MAX_TOKENS.get(kind, ANSWER_RESERVE_TOKENS) for kind in kinds or ["non_empty"]))
+    default = default_max_tokens(step.validation)
     return min(default, context_length // 4) if context_length else default
 
 
@@ -7231,10 +7443,12 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
             note]
 
 
-class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", defaults=(True, ()))):
+class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
+                                defaults=(True, (), False))):
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
-    prompt; default none)."""
+    prompt; default none), answer_invalid (the answer failed its own check, not a
+    command or a write; default False)."""
 
     __slots__ = ()
 
@@ -7262,7 +7476,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
                 "Reply again with the corrected answer only.")
         shown = clip(output, 20_000, "previous answer") or "(empty)"
         return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}])
+                                    {"role": "user", "content": note}], answer_invalid=True)
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
@@ -7285,7 +7499,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback", 
 
 
 ###############################################################################
-# 22. Run records
+# 24. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7640,9 +7854,12 @@ def read_step_stats(path: Path) -> dict:
     groups: dict[str, dict[str, list[dict]]] = {}
     report: dict[str, Any] = {"stats_file": str(path), "steps": 0, "skipped_lines": 0, "models": {}}
     try:
-        handle = open(path, encoding="utf-8", errors="replace")
+        handle = open_regular(path, encoding="utf-8")     # not through a symlink, nor a FIFO
     except FileNotFoundError:
         return report
+    except OSError as exc:
+        raise BridgeError(f"cannot read {path}: {exc.strerror or exc}",
+                          "it is bridge's own record of steps: remove it, or check --state-dir")
     with handle:
         for line in handle:
             try:
@@ -7673,7 +7890,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 23. The result document
+# 25. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -7941,7 +8158,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 24. Step scheduling
+# 26. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8110,7 +8327,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 25. Runner
+# 27. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8370,7 +8587,7 @@ class Runner:
         plan, files, results = run.plan, run.files, run.results
         error, interrupted, verify = None, None, None
         try:
-            open_run_dir(run.run_dir)
+            private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
             write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
                            run.record.content_hash)
             if run.staged:
@@ -8736,7 +8953,7 @@ class Runner:
 
         The context length (--context-length, else what the server reported for the
         loaded model) less the answer's share: the step's max_tokens, else
-        its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
+        its validation's default_max_tokens (at most a quarter of the context;
         see answer_tokens).
         """
         budget = prompt_budget(step, self.context_length if model == self.model else None)
@@ -8810,14 +9027,15 @@ class Runner:
             run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
                         f"{reserve} for thinking (the step asks for it, or the model thought "
                         "earlier in this run)")
-        on_reasoning = functools.partial(self._on_reasoning, run, step, attempt)
-        extra = {"sampling": sampling, "thinking": thinking,
-                 "on_reasoning": on_reasoning} if local else {}
         sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
             name not in executor.unconstrained
         schema = self._output_schema(run, step, attempt.number, sends)
-        try:        # redact: grounded spans copy the input
-            reply = self._chat(run, step, attempt, executor, name, sampling, extra, redact(schema))
+        request = ChatRequest(name, sampling, sampling.get("max_tokens"), step.timeout_s,
+                              redact(schema), thinking,     # redact: grounded spans copy the input
+                              functools.partial(self._on_delta, run, step, attempt),
+                              functools.partial(self._on_reasoning, run, step, attempt))
+        try:
+            reply = self._chat(run, step, attempt, executor, request)
         except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
             result.generation_s += time.monotonic() - attempt.started
             self._thought_cut(result, attempt)
@@ -8874,7 +9092,7 @@ class Runner:
         result.output = output
         run.log.say(step.id, f"--- output ---\n{output}", detail=True)
         failure = self._check(run, step, result, output, output)
-        if failure is not None and local and reply.response_format:
+        if failure is not None and failure.answer_invalid and local and reply.response_format:
             self._garbled(run, step, executor, name, output, reply.response_format, schema)
         return failure
 
@@ -8902,15 +9120,15 @@ class Runner:
         unconstrained, and say so."""
         if name in executor.unconstrained:
             return
-        damage = grammar_damage(output, schema, step.validation)
+        damage = grammar_damage(output, schema)
         if damage:
             executor.drop_constraint(name, damage)
             run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
                         f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
                         "rest of this run, still checked")
 
-    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-              sampling: dict, extra: dict, schema: dict | None) -> Completion:
+    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
+              request: ChatRequest) -> Completion:
         """Send the attempt's request (with a fresh DegenerationGuard for a local model);
         a stream the server cut for another request (LLMContention) is sent again after
         each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
@@ -8919,16 +9137,16 @@ class Runner:
         beside those in flight."""
         local = isinstance(executor, LLMClient)
         pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
-        need = estimate_tokens(attempt.messages) + int(sampling.get("max_tokens") or 0)
+        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
         try:
-            return self._chat_once(run, step, attempt, executor, name, sampling, extra, schema)
+            return self._chat_once(run, step, attempt, executor, request)
         finally:
             if pool is not None:
                 pool.release(held)
 
-    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any, name: str,
-                   sampling: dict, extra: dict, schema: dict | None) -> Completion:
+    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
+                   request: ChatRequest) -> Completion:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
@@ -8938,13 +9156,7 @@ class Runner:
             attempt.thinking_guard = DegenerationGuard() if local else None
             attempt.pieces = attempt.thought = 0
             try:
-                on_delta = functools.partial(self._on_delta, run, step, attempt)
-                return executor.chat(attempt.messages, model=name,
-                                     temperature=sampling.get("temperature"),
-                                     max_tokens=sampling.get("max_tokens"),
-                                     timeout_s=step.timeout_s,
-                                     json_schema=schema,
-                                     on_delta=on_delta, **extra)
+                return executor.chat(attempt.messages, request)
             except LLMContention as exc:
                 if wait is None or run.cancel.is_set():
                     raise
@@ -9236,12 +9448,19 @@ class Runner:
 
 
 ###############################################################################
-# 26. CLI: arguments and settings
+# 28. CLI: arguments and settings
 ###############################################################################
 
 
-def _env_help(what: str, var: str, default: Any) -> str:
-    return f"{what} (env {var}; default {default})"
+def _setting_help(row: Setting) -> str:
+    """The --help text of a row of SETTINGS: its help, its variable and its default."""
+    if row.kind == "switch":
+        return f"{row.help} (env {row.env}=0; default: {row.shown})"
+    env = f"{row.env}, comma-separated" if isinstance(row.default, tuple) else row.env
+    shown = row.shown
+    if shown is None:
+        shown = f"{row.default:g}" if isinstance(row.default, float) else row.default
+    return f"{row.help} (env {env}; default {shown})"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -9260,193 +9479,84 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_UNUSABLE, line + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser: one action at most, plus shared settings."""
-    parser = _Parser(
-        prog="bridge", formatter_class=_HelpFormatter,
-        usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
-              "       bridge --list [--all] | --show ID | --health | --stats | --cancel ID [options]\n"
-              "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
-              "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
-              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
-              "       bridge --trust DIR | --untrust DIR | --approve ID [options]",
-        description="Run plans from the doobidoo memory store on a local OpenAI-compatible model. "
-                    "With no action flag, every pending plan runs, oldest first.",
-        epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
-               "server unusable, 70 internal error, 130 interrupted",
-    )
-    actions = parser.add_mutually_exclusive_group()
-    actions.add_argument("--plan", metavar="ID", help="run the plan with this id")
-    actions.add_argument("--list", action="store_true", help="list pending plans (id, steps, created, objective)")
-    actions.add_argument("--health", action="store_true",
-                         help="check the model server and the store; exit 0 only when both are usable")
-    actions.add_argument("--show", metavar="ID", help="show the last result of a plan, and its run log")
-    actions.add_argument("--stats", action="store_true",
-                         help="per model and validation type, from bridge's own runs: steps that "
-                              "passed on the first attempt, after retries, only on escalation, or "
-                              "failed; median tokens and seconds")
-    actions.add_argument("--validate", metavar="FILE", help="check a plan file (schema and semantic rules); "
-                                                            "exit 0 when valid, 1 with every problem")
-    actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
-                                                          "memory (creates the store when --db names a new file)")
-    actions.add_argument("--cancel", metavar="ID",
-                         help="cancel a plan that is not running nor finished")
-    actions.add_argument("--diff", metavar="ID", help="show what the plan's last run (or --run RUN_ID) changed "
-                                                      "in its files, as a unified diff")
-    actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "
-                                                      "changed; refuses files changed since, unless --force")
-    actions.add_argument("--apply", metavar="ID", help="write the files a --review run of the plan staged, once "
-                                                       "the files it read and replaces are unchanged")
-    actions.add_argument("--reject", metavar="ID", help="drop the files a --review run of the plan staged")
-    actions.add_argument("--schema", action="store_true", help="print the plan JSON Schema")
-    actions.add_argument("--trust", metavar="DIR", help="trust a project folder and everything under it: plans "
-                                                        "whose project lies there run without approval")
-    actions.add_argument("--untrust", metavar="DIR", help="take a folder off the trusted projects")
-    actions.add_argument("--approve", metavar="ID", help="let one plan run, as its content is now (a plan "
-                                                         "replaced with other content needs approval again)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="with no action or --plan: check the plans that would run and print each step's "
-                             "exact messages, without a server; the store is not touched")
-    parser.add_argument("--replace", action="store_true",
-                        help="with --submit: soft-delete the live plan with the same id")
-    parser.add_argument("--review", action="store_true",
-                        help="with a run: stage the files it writes under --state-dir, not in the project; "
-                             "the plan waits as awaiting_review for --apply or --reject")
-    parser.add_argument("--run", metavar="RUN_ID", dest="run_id",
-                        help="with --diff or --undo: that run of the plan instead of its last")
-    parser.add_argument("--force", action="store_true",
-                        help="with --undo: put the originals back even over files changed since the run")
-    parser.add_argument("--events", action="store_true",
-                        help="print the run as JSON events on stdout, one per line: a line per "
-                             "step and plan event (progress stays on stderr)")
-    parser.add_argument("--deltas", action="store_true",
-                        help="with --events: also one delta event per streamed piece of text")
-    parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
-    parser.add_argument("--rerun", action="store_true",
-                        help="with --plan: run a completed, failed, cancelled or stale plan again, "
-                             "from the start")
-    parser.add_argument("--resume", action="store_true",
-                        help="with --plan: take over a stale plan (its bridge died), keeping the steps "
-                             "that had succeeded")
-    parser.add_argument("--json", dest="json_", action="store_true",
-                        help="print one JSON document on stdout (--list, --health, --stats, "
-                             "--show, --validate, --submit, --dry-run, --diff, --undo, --apply, "
-                             "--reject, a run's summary)")
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
-    noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
-    settings = parser.add_argument_group("settings (a flag wins over its environment variable)")
-    settings.add_argument("--db", metavar="PATH", help=_env_help(
-        "the memory store file", "BRIDGE_DB", "MCP_MEMORY_SQLITE_PATH, else the memory server's "
-        "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"))
-    settings.add_argument("--base-url", metavar="URL", help=_env_help(
-        "the OpenAI-compatible server", "BRIDGE_BASE_URL", DEFAULT_BASE_URL))
-    settings.add_argument("--api-key", metavar="KEY", help=_env_help(
-        "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
-        "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps",
-        "BRIDGE_API_KEY", "none"))
-    settings.add_argument("--ollama-api", choices=OLLAMA_APIS, help=_env_help(
-        "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the prompts) or openai "
-        "(/v1/chat/completions: the context cannot be set, and Ollama cuts long prompts)",
-        "BRIDGE_OLLAMA_API", "native"))
-    settings.add_argument("--model", metavar="ID", help=_env_help(
-        "the model to use", "BRIDGE_MODEL",
-        "the chat model the server reports loaded (README: Model servers)"))
-    settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
-        "seconds a request waits to connect or for the next streamed chunk", "BRIDGE_TIMEOUT",
-        f"{DEFAULT_TIMEOUT_S:g}"))
-    settings.add_argument("--retries", metavar="N", help=_env_help(
-        "retries of one request after 429, 5xx or a connection error", "BRIDGE_RETRIES", DEFAULT_RETRIES))
-    settings.add_argument("--max-retries", metavar="N", help=_env_help(
-        "the most further attempts a step gets: a plan's max_retries above it is cut to it",
-        "BRIDGE_MAX_RETRIES", MAX_RETRIES_LIMIT))
-    settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
-        "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
-    settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
-        "a longer reply is cut and its attempt fails", "BRIDGE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES))
-    settings.add_argument("--no-structured", dest="structured", action="store_false", default=None,
-                          help="never ask the server for constrained JSON (response_format) "
-                               "(env BRIDGE_STRUCTURED=0; default: ask on json, contains_keys "
-                               "and json_schema steps)")
-    settings.add_argument("--retry-sampling", choices=RETRY_SAMPLING, help=_env_help(
-        "how attempt 2 and later sample: plain (as the first), hotter (higher temperature, new seed), "
-        "penalty (hotter, plus repeat_penalty/DRY where the server takes them)", "BRIDGE_RETRY_SAMPLING",
-        DEFAULT_RETRY_SAMPLING))
-    settings.add_argument("--parallel", metavar="N", help=_env_help(
-        "independent steps in flight at once", "BRIDGE_PARALLEL",
-        "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"))
-    settings.add_argument("--context-length", metavar="TOKENS", help=_env_help(
-        "the model's context, for fitting prompts", "BRIDGE_CONTEXT_LENGTH",
-        "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM max_model_len)"))
-    settings.add_argument("--escalate-to", metavar="MODEL", help=_env_help(
-        "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
-        "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
-    settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
-                          help=_env_help("let steps run on a paid, agentic or remote executor "
-                                         "(anthropic, claude-cli, ollama-cloud); repeatable",
-                                         "BRIDGE_ALLOW_EXECUTORS, comma-separated",
-                                         "none; your own --model and --escalate-to count"))
-    settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
-        "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
-        f"{DEFAULT_MAX_COST_USD:.2f}"))
-    settings.add_argument("--pass-env", metavar="NAME", action="append", help=_env_help(
-        "give check commands (command validations, verify) this credential variable of your "
-        "environment all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
-        "none: checks get no token, key, secret, password or cloud/CI variable"))
-    settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
-        "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
-        ANTHROPIC_BASE_URL))
-    settings.add_argument("--price-model", metavar="MODEL", help=_env_help(
-        "the Claude model whose prices value the tokens a run used", "BRIDGE_PRICE_MODEL",
-        f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
-    settings.add_argument("--memory-url", metavar="URL", help=_env_help(
-        "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): result "
-        "memories are stored through it, so its semantic search finds them; off: never",
-        "BRIDGE_MEMORY_URL",
-        "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written into "
-        "the store directly"))
-    settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
-        "bridge's own journals and backups", "BRIDGE_STATE_DIR",
-        "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
-    settings.add_argument("--keep-runs", metavar="N", help=_env_help(
-        "runs per plan whose file backups are kept for --undo; older ones are deleted (0: none kept)",
-        "BRIDGE_KEEP_RUNS", DEFAULT_KEEP_RUNS))
-    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
-    return parser
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """Add the settings group to parser: an option per row of SETTINGS, in its order.
+
+    A switch is a store_true flag turning its default off; a tuple default makes the flag
+    repeatable (append); a tuple limit is the flag's argparse choices.
+    """
+    group = parser.add_argument_group("settings (a flag wins over its environment variable)")
+    for row in SETTINGS:
+        options: dict[str, Any] = {"help": _setting_help(row)}
+        if row.kind == "switch":
+            options.update(action="store_true", default=None)
+        else:
+            options["metavar"] = row.metavar
+        if isinstance(row.limit, tuple):
+            options["choices"] = row.limit
+        if isinstance(row.default, tuple):
+            options["action"] = "append"
+        group.add_argument(row.flag, **options)
 
 
-def _number(name: str, flag: str, raw: str | None, default: float, kind: type = float,
-            minimum: float = 0) -> Any:
+def _first(flag: Any, env: str | None) -> Any:
+    """The flag's value, else the variable's (an empty one counts as unset), else None."""
+    return flag if flag is not None else (env or None)
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute for a long flag: --max-retries is args.max_retries."""
+    return flag[2:].replace("-", "_")
+
+
+def _number(row: Setting, raw: str | None, kind: type = float) -> Any:
+    """Return raw as a kind (int or float) of at least row.limit, row.default when raw is
+    None. Raises ConfigError naming the setting, the value and where it is set."""
     if raw is None:
-        return default
+        return row.default
     try:
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum or value != value:
-        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number ≥ {minimum:g}, "
-                          f"got {raw!r}", f"fix {flag}")
+    if value is None or value < row.limit or value != value:
+        whole = "whole " if kind is int else ""
+        raise ConfigError(f"{row.what} must be a {whole}number ≥ {row.limit:g}, got {raw!r}",
+                          f"fix {row.flag} or {row.env}")
     return value
 
 
-def _one_of(name: str | None, choices: Any, default: str, what: str, where: str) -> str:
-    """Return name when it is one of choices, default when it is None; raise ConfigError
-    naming what was asked and where it is set (where: the flag, or flag and variable)."""
+def _one_of(row: Setting, name: str | None) -> str:
+    """Return name when it is one of row.limit, row.default when it is None; raise
+    ConfigError naming what was asked and where it is set."""
     if name is None:
-        return default
-    if name not in choices:
-        raise ConfigError(f"unknown {what} {name!r}", f"pick one of {', '.join(choices)} ({where})")
+        return row.default
+    if name not in row.limit:
+        raise ConfigError(f"unknown {row.what} {name!r}",
+                          f"pick one of {', '.join(row.limit)} ({row.flag} or {row.env})")
     return name
 
 
-def _price_model(name: str | None) -> str:
-    return _one_of(name, CLAUDE_PRICES_USD_PER_MTOK, DEFAULT_PRICE_MODEL, "price model", "--price-model")
+def _names(flag: list[str] | None, env: str | None) -> tuple[str, ...]:
+    """The names of a repeated flag and of its comma-separated variable, both, once each."""
+    names = [*(flag or []), *(env or "").split(",")]
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
 
 
-def _retry_sampling(name: str | None) -> str:
-    return _one_of(name, RETRY_SAMPLING, DEFAULT_RETRY_SAMPLING, "retry sampling",
-                   "--retry-sampling or BRIDGE_RETRY_SAMPLING")
+def _switch(flag: bool | None, env: str | None) -> bool:
+    """False when the switch's flag is given or its variable is 0, false, no or off."""
+    return not flag and (env or "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# How resolve_config reads a row of SETTINGS of each kind: (row, flag value, variable value)
+_READERS = {
+    "text": lambda row, flag, env: _first(flag, env),
+    "url": lambda row, flag, env: (_first(flag, env) or row.default).rstrip("/"),
+    "number": lambda row, flag, env: _number(row, _first(flag, env)),
+    "count": lambda row, flag, env: _number(row, _first(flag, env), int),
+    "choice": lambda row, flag, env: _one_of(row, _first(flag, env)),
+    "names": lambda row, flag, env: _names(flag, env),
+    "switch": lambda row, flag, env: _switch(flag, env),
+}
 
 
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
@@ -9485,114 +9595,230 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     return tuple(dict.fromkeys(["openai", *names]))
 
 
-def _pass_env(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
-    """The variable names of --pass-env and BRIDGE_PASS_ENV (comma-separated)."""
-    names = [*(args.pass_env or []), *environ.get("BRIDGE_PASS_ENV", "").split(",")]
-    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-
-
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
     """Return True when internal errors show their traceback: --debug, or BRIDGE_DEBUG
     set to anything but "" or "0"."""
     return args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
 
 
+def quiet_http_logs() -> None:
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
+    logging a program embedding bridge set up. Logger levels are process-wide: the
+    actions that make HTTP requests (--health, a run) set them once, before they start
+    any client or thread; the other actions do not import logging at all."""
+    import logging
+
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
+                    home: Path) -> tuple[str | None, str | None, str | None, str | None]:
+    """Return (memory_url, memory_api_key, memory_source, memory_note): --memory-url, else
+    BRIDGE_MEMORY_URL ("off": none), else the loopback endpoint of the memory server's
+    Claude Code hooks (hooks_memory_endpoint). Raises ConfigError for a URL bridge may
+    not use (check_memory_url)."""
+    url = _first(args.memory_url, environ.get("BRIDGE_MEMORY_URL"))
+    key = environ.get("MCP_API_KEY") or None
+    source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if url else None
+    note = None
+    if url and url.strip().lower() == "off":
+        url, note = None, f"{source} is off"
+    elif not url:
+        url, hooks_key, note = hooks_memory_endpoint(home)
+        if url:
+            source, key = HOOKS_CONFIG_SHOWN, key or hooks_key
+    return (check_memory_url(url) if url else None), key, source, note
+
+
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
 
-    environ is passed in (tests give a plain dict). Raises ConfigError for a
-    value that cannot be used, naming it.
+    The rows of SETTINGS with a kind are read by _READERS; the others below. environ is
+    passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
+    used, naming it.
     """
     from pathlib import Path
 
-    def pick(flag_value: Any, var: str) -> Any:
-        # flag first, then the environment; None means "use the default"
-        return flag_value if flag_value is not None else (environ.get(var) or None)
-
-    if db := pick(args.db, "BRIDGE_DB"):
-        db_paths: tuple[Path, ...] = (Path(db).expanduser(),)
-    else:
-        db_paths = tuple(default_db_candidates(environ))
-    state = pick(args.state_dir, "BRIDGE_STATE_DIR")
-    config_dir = default_config_dir(environ)
-    base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
-    memory_url = pick(args.memory_url, "BRIDGE_MEMORY_URL")
-    memory_key = environ.get("MCP_API_KEY") or None
-    memory_source = ("--memory-url" if args.memory_url is not None
-                     else "BRIDGE_MEMORY_URL" if memory_url else None)
-    memory_note = None
-    if memory_url and memory_url.strip().lower() == "off":
-        memory_url, memory_note = None, f"{memory_source} is off"
-    elif not memory_url:
-        home = Path(environ.get("HOME") or Path.home())
-        memory_url, hooks_key, memory_note = hooks_memory_endpoint(home)
-        if memory_url:
-            memory_source, memory_key = HOOKS_CONFIG_SHOWN, memory_key or hooks_key
+    given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
+    base_url = given_url or DEFAULT_BASE_URL
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"base URL {base_url!r} is not an http(s) URL",
                           "pass e.g. --base-url http://localhost:1234/v1")
+    values = {row.field: _READERS[row.kind](row, getattr(args, _dest(row.flag)),
+                                             environ.get(row.env))
+              for row in SETTINGS if row.kind}
+    db = _first(args.db, environ.get("BRIDGE_DB"))
+    state = _first(args.state_dir, environ.get("BRIDGE_STATE_DIR"))
+    home = Path(environ.get("HOME") or Path.home())
+    memory_url, memory_key, memory_source, memory_note = _memory_setting(args, environ, home)
+    config_dir = default_config_dir(environ)
     return Config(
-        db_paths=db_paths,
+        **values,
+        db_paths=(Path(db).expanduser(),) if db else tuple(default_db_candidates(environ)),
+        db_explicit=bool(db),
         base_url=base_url.rstrip("/"),
-        base_url_given=bool(pick(args.base_url, "BRIDGE_BASE_URL")),
-        model=pick(args.model, "BRIDGE_MODEL"),
-        api_key=pick(args.api_key, "BRIDGE_API_KEY"),
-        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native",
-                           "Ollama API", "--ollama-api or BRIDGE_OLLAMA_API"),
-        timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
-                          pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
-        retries=_number("retries", "--retries or BRIDGE_RETRIES",
-                        pick(args.retries, "BRIDGE_RETRIES"), DEFAULT_RETRIES, int),
-        max_retries=_number("max retries", "--max-retries or BRIDGE_MAX_RETRIES",
-                            pick(args.max_retries, "BRIDGE_MAX_RETRIES"), MAX_RETRIES_LIMIT, int),
-        retry_delay_s=_number("retry delay", "--retry-delay or BRIDGE_RETRY_DELAY",
-                              pick(args.retry_delay, "BRIDGE_RETRY_DELAY"), DEFAULT_RETRY_DELAY_S),
-        max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
-                                 pick(args.max_output_bytes, "BRIDGE_MAX_OUTPUT_BYTES"),
-                                 DEFAULT_MAX_OUTPUT_BYTES, int, minimum=1),
-        parallel=_number("parallel", "--parallel or BRIDGE_PARALLEL", pick(args.parallel, "BRIDGE_PARALLEL"),
-                         None, int, minimum=1),
-        context_length=_number("context length", "--context-length or BRIDGE_CONTEXT_LENGTH",
-                               pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
-        price_model=_price_model(pick(args.price_model, "BRIDGE_PRICE_MODEL")),
-        retry_sampling=_retry_sampling(pick(args.retry_sampling, "BRIDGE_RETRY_SAMPLING")),
-        escalate_to=pick(args.escalate_to, "BRIDGE_ESCALATE_TO"),
-        memory_url=check_memory_url(memory_url) if memory_url else None,
+        base_url_given=bool(given_url),
+        state_dir=Path(state).expanduser() if state else default_state_dir(environ),
+        memory_url=memory_url,
         memory_api_key=memory_key,
         memory_source=memory_source,
         memory_note=memory_note,
-        anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
-                            or ANTHROPIC_BASE_URL).rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
         # the user's environment less bridge's own settings and the memory server's key:
         # commands run in it; a claude-cli: model gets only its allow-listed part
         tool_env=tuple((k, v) for k, v in environ.items()
                        if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
-        pass_env=_pass_env(args, environ),
         trusted_projects=_trusted_projects(config_dir, environ),
         config_dir=config_dir,
-        home=Path(environ.get("HOME") or Path.home()),
+        home=home,
         allowed_executors=_allowed_executors(args, environ),
-        max_cost_usd=_number("max cost", "--max-cost-usd or BRIDGE_MAX_COST_USD",
-                             pick(args.max_cost_usd, "BRIDGE_MAX_COST_USD"), DEFAULT_MAX_COST_USD),
         events=args.events,
         deltas=args.deltas,
-        db_explicit=bool(db),
-        structured=args.structured if args.structured is not None
-        else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
-        state_dir=Path(state).expanduser() if state else default_state_dir(environ),
-        crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
         review=args.review,
-        keep_runs=_number("runs kept", "--keep-runs or BRIDGE_KEEP_RUNS", pick(args.keep_runs, "BRIDGE_KEEP_RUNS"),
-                          DEFAULT_KEEP_RUNS, int),
+        crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
-        json=args.json_,
+        json=args.json,
         debug=debug_wanted(args, environ),
     )
 
 
+# One row per action (after tarfile's CLI, whose --filter choices are its _NAMED_FILTERS):
+# the flag (mutually exclusive with the others; metavar None: a flag without a value),
+# its help, its handler, whether it prints a --json document, and the modifiers it takes
+# (MODIFIERS). The handler, a function of this module named by the row (looked up when
+# main calls it, in the room 'main()'), gets the Config, the flag's value when it takes
+# one, then the values of its modifiers that are handler arguments, in the row's order.
+# The first row is also the run of every pending plan when no action flag is given.
+# Adding an action is a row here plus its handler; tests/test_first_page.py reads this.
+Action = namedtuple("Action", "flag metavar help handler json modifiers")
+ACTIONS = tuple(map(Action._make, (
+    ("--plan", "ID", "run the plan with this id", "_run", True,
+     ("--rerun", "--resume", "--dry-run", "--review", "--events", "--deltas")),
+    ("--list", None, "list pending plans (id, steps, created, objective)", "cmd_list", True,
+     ("--all",)),
+    ("--health", None, "check the model server and the store; exit 0 only when both are usable",
+     "cmd_health", True, ()),
+    ("--show", "ID", "show the last result of a plan, and its run log", "cmd_show", True, ()),
+    ("--stats", None, "per model and validation type, from bridge's own runs: steps that passed "
+     "on the first attempt, after retries, only on escalation, or failed; median tokens and "
+     "seconds", "cmd_stats", True, ()),
+    ("--validate", "FILE", "check a plan file (schema and semantic rules); exit 0 when valid, 1 "
+     "with every problem", "cmd_validate", True, ()),
+    ("--submit", "FILE", "validate a plan file and store it as a new plan memory (creates the "
+     "store when --db names a new file)", "cmd_submit", True, ("--replace",)),
+    ("--cancel", "ID", "cancel a plan that is not running nor finished", "cmd_cancel", False, ()),
+    ("--diff", "ID", "show what the plan's last run (or --run RUN_ID) changed in its files, as "
+     "a unified diff", "cmd_diff", True, ("--run",)),
+    ("--undo", "ID", "put back every file the plan's last run (or --run RUN_ID) changed; "
+     "refuses files changed since, unless --force", "cmd_undo", True, ("--run", "--force")),
+    ("--apply", "ID", "write the files a --review run of the plan staged, once the files it "
+     "read and replaces are unchanged", "cmd_apply", True, ()),
+    ("--reject", "ID", "drop the files a --review run of the plan staged", "cmd_reject", True, ()),
+    ("--schema", None, "print the plan JSON Schema", "cmd_schema", False, ()),
+    ("--trust", "DIR", "trust a project folder and everything under it: plans whose project "
+     "lies there run without approval", "cmd_trust", False, ()),
+    ("--untrust", "DIR", "take a folder off the trusted projects", "cmd_untrust", False, ()),
+    ("--approve", "ID", "let one plan run, as its content is now (a plan replaced with other "
+     "content needs approval again)", "cmd_approve", False, ()),
+)))
+
+_RUN_ONLY = "goes with a run (no action flag, or --plan ID)"
+# One row per modifier: a flag that only some actions take (their rows of ACTIONS say
+# which). misuse: the usage error when it is given without one of them, or without the
+# flag it needs (needs); refuses: flags it cannot go with, each with its own error (None:
+# misuse); passed: its value is a handler argument (else resolve_config reads it into
+# Config). The rows are checked in this order, so the first error is as it always was.
+Modifier = namedtuple("Modifier", "flag metavar help misuse needs refuses passed")
+MODIFIERS = tuple(map(Modifier._make, (
+    ("--all", None, "with --list: every plan, with its status", "--all goes with --list",
+     None, (), True),
+    ("--rerun", None, "with --plan: run a completed, failed, cancelled or stale plan again, "
+     "from the start", "--rerun and --resume go with --plan ID", "--plan",
+     (("--resume", "--rerun starts over, --resume continues: pick one"),), True),
+    ("--resume", None, "with --plan: take over a stale plan (its bridge died), keeping the "
+     "steps that had succeeded", "--rerun and --resume go with --plan ID", "--plan", (), True),
+    ("--replace", None, "with --submit: soft-delete the live plan with the same id",
+     "--replace goes with --submit FILE", None, (), True),
+    ("--run", "RUN_ID", "with --diff or --undo: that run of the plan instead of its last",
+     "--run RUN_ID goes with --diff ID or --undo ID", None, (), True),
+    ("--force", None, "with --undo: put the originals back even over files changed since the "
+     "run", "--force goes with --undo ID", None, (), True),
+    ("--review", None, "with a run: stage the files it writes under --state-dir, not in the "
+     "project; the plan waits as awaiting_review for --apply or --reject",
+     "--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or "
+     "--resume", None, (("--dry-run", None), ("--resume", None)), False),
+    ("--dry-run", None, "with no action or --plan: check the plans that would run and print "
+     "each step's exact messages, without a server; the store is not touched",
+     f"--dry-run {_RUN_ONLY}", None, (), True),
+    ("--events", None, "print the run as JSON events on stdout, one per line: a line per step "
+     "and plan event (progress stays on stderr)", f"--events {_RUN_ONLY}", None,
+     (("--dry-run", None), ("--json", "--events and --json both write to stdout: pick one")),
+     False),
+    ("--deltas", None, "with --events: also one delta event per streamed piece of text",
+     "--deltas goes with --events", "--events", (), False),
+)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser: at most one of ACTIONS, MODIFIERS, the output options
+    and the settings (add_settings)."""
+    parser = _Parser(
+        prog="bridge", formatter_class=_HelpFormatter,
+        usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
+              "       bridge --list [--all] | --show ID | --health | --stats | --cancel ID "
+              "[options]\n"
+              "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
+              "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
+              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
+              "       bridge --trust DIR | --untrust DIR | --approve ID [options]",
+        description="Run plans from the doobidoo memory store on a local OpenAI-compatible "
+                    "model. With no action flag, every pending plan runs, oldest first.",
+        epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
+               "server unusable, 70 internal error, 130 interrupted",
+    )
+    actions = parser.add_mutually_exclusive_group()
+    for group, rows in ((actions, ACTIONS), (parser, MODIFIERS)):
+        for row in rows:
+            if row.metavar:
+                group.add_argument(row.flag, metavar=row.metavar, help=row.help)
+            else:
+                group.add_argument(row.flag, action="store_true", help=row.help)
+    documents = ", ".join(row.flag for row in ACTIONS[1:] if row.json)
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout "
+                        f"({documents}, --dry-run, a run's summary)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="show the prompts sent and the outputs")
+    noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
+    add_settings(parser)
+    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
+    return parser
+
+
+def chosen_action(args: argparse.Namespace) -> Action:
+    """The row of ACTIONS whose flag was given, else the first (a run)."""
+    return next((row for row in ACTIONS[1:] if getattr(args, _dest(row.flag))), ACTIONS[0])
+
+
+def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                             action: Action) -> None:
+    """Refuse a modifier the action does not take, without the flag it needs, or with a
+    flag it refuses (MODIFIERS): a usage error, exit 2."""
+    for row in MODIFIERS:
+        if not getattr(args, _dest(row.flag)):
+            continue
+        if row.flag not in action.modifiers or (row.needs and not getattr(args, _dest(row.needs))):
+            parser.error(row.misuse)
+        for other, message in row.refuses:
+            if getattr(args, _dest(other)):
+                parser.error(message or row.misuse)
+
+
 ###############################################################################
-# 27. CLI: listing, health, trust and approval
+# 29. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9648,82 +9874,109 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def cmd_health(config: Config) -> int:
-    """Check the server and the store; print the report; 0 only when both work."""
-    report: dict[str, Any] = {"server": {"base_url": config.base_url}, "store": {}}
-    server_ok = store_ok = False
+def _server_health(config: Config) -> tuple[Config, dict, bool]:
+    """Probe the model server (found by discover_server when no base URL is set): return
+    the config with its base URL, the report's "server" part, and whether a run could use
+    it (reachable, a model, no problem)."""
+    report: dict[str, Any] = {"base_url": config.base_url}
     config, tried = discover_server(config)
-    report["server"].update(base_url=config.base_url, tried=tried)
+    report.update(base_url=config.base_url, tried=tried)
+    ok = False
     try:
         with LLMClient(config) as client:
             info = client.probe()
             models = info.models
-            report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
-                                    context_length=info.context_length, parallel=info.parallel)
-            report["server"].update(run_plan(config, client, info))
-            server_ok = bool(models) and not info.problem
+            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
+                          context_length=info.context_length, parallel=info.parallel)
+            report.update(run_plan(config, client, info))
+            ok = bool(models) and not info.problem
             if not models:
-                report["server"]["error"] = "the server lists no models; download or load one"
-            elif not server_ok:
-                report["server"]["error"] = report["server"]["model_why"]
+                report["error"] = "the server lists no models; download or load one"
+            elif not ok:
+                report["error"] = report["model_why"]
     except LLMError as exc:
-        report["server"].update(reachable=False, error=str(exc), hint=exc.hint)
+        report.update(reachable=False, error=str(exc), hint=exc.hint)
+    return config, report, ok
+
+
+def _store_health(config: Config) -> tuple[dict, bool]:
+    """Open and check the store: return the report's "store" part and whether it is usable."""
+    report: dict[str, Any] = {}
+    ok = False
     try:
         with Store.open(config) as store:
-            report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts)
+            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
             problem = store.check_usable()
             if problem:
                 raise StoreError(f"the store {store.path} is not usable: {problem}",
                                  READ_ONLY_STORE_HINT if "readonly" in problem else
-                                 "restore it from a backup, or point --db at a store that can be written")
-            report["store"].update(pending=store.pending_count(), **store.memory_report())
-            store_ok = True
+                                 "restore it from a backup, or point --db at a store that can "
+                                 "be written")
+            report.update(pending=store.pending_count(), **store.memory_report())
+            ok = True
     except StoreError as exc:
-        report["store"].update(error=str(exc), hint=exc.hint)
+        report.update(error=str(exc), hint=exc.hint)
+    return report, ok
+
+
+def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
+    """Print the --health report as lines: server, run plan, store and memory, backups."""
+    server, store_info = report["server"], report["store"]
+    if server_ok:
+        version = f" {server['version']}" if server.get("version") else ""
+        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                        f"{len(server['models'])} model(s) · loaded: "
+                        f"{server['loaded'] or 'none reported'} · context "
+                        f"{server['context_length'] or 'not reported'} · parallel "
+                        f"{server['parallel'] or 1}"))
+    else:
+        print(printable(f"server  FAIL  {server['error']}"))
+        if server.get("hint"):
+            print(printable(f"              hint: {server['hint']}"))
+    for line in run_plan_lines(server):
+        print(printable(f"              {line}"))
+    memory_setting = _memory_setting_text(report["memory_setting"])
+    if store_ok:
+        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                        f"{store_info['pending']} pending plan(s)"))
+        line = _memory_store_line(store_info)
+        if "memory_api" in report:     # one memory line: store and API
+            api = _memory_api_line(report["memory_api"])
+            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+        print(printable("memory  " + line + memory_setting))
+    else:
+        print(printable(f"store   FAIL  {store_info['error']}"))
+        if store_info.get("hint"):
+            print(printable(f"              hint: {store_info['hint']}"))
+    backups = report["backups"]
+    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
+          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
+          "plan)")
+    if "memory_api" in report and not store_ok:
+        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def cmd_health(config: Config) -> int:
+    """Check the server, the store and the memory server's HTTP API when one is set; print
+    the report (--json: as a document); return 0 only when all of them work, else 2."""
+    quiet_http_logs()
+    config, server, server_ok = _server_health(config)
+    store, store_ok = _store_health(config)
+    report: dict[str, Any] = {"server": server, "store": store}
     report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
                          "keep_runs": config.keep_runs}
     memory_ok = True
     report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
                                 "note": config.memory_note}
     if config.memory_url:
-        report["memory_api"] = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0).probe()
+        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
+        report["memory_api"] = api.probe()
         memory_ok = bool(report["memory_api"]["key_accepted"])
     report["ok"] = server_ok and store_ok and memory_ok
     if config.json:
         _print_json(report)
     else:
-        server, store_info = report["server"], report["store"]
-        if server_ok:
-            version = f" {server['version']}" if server.get("version") else ""
-            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
-                            f"{len(server['models'])} model(s) · loaded: "
-                            f"{server['loaded'] or 'none reported'} · context "
-                            f"{server['context_length'] or 'not reported'} · parallel "
-                            f"{server['parallel'] or 1}"))
-        else:
-            print(printable(f"server  FAIL  {server['error']}"))
-            if server.get("hint"):
-                print(printable(f"              hint: {server['hint']}"))
-        for line in run_plan_lines(server):
-            print(printable(f"              {line}"))
-        if store_ok:
-            print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
-                            f"{store_info['pending']} pending plan(s)"))
-            line = _memory_store_line(store_info)
-            if "memory_api" in report:     # one memory line: store and API
-                api = _memory_api_line(report["memory_api"])
-                line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
-            print(printable("memory  " + line + _memory_setting_text(report["memory_setting"])))
-        else:
-            print(printable(f"store   FAIL  {store_info['error']}"))
-            if store_info.get("hint"):
-                print(printable(f"              hint: {store_info['hint']}"))
-        backups = report["backups"]
-        print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
-              f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
-        if "memory_api" in report and not store_ok:
-            print(printable("memory  " + _memory_api_line(report["memory_api"])
-                            + _memory_setting_text(report["memory_setting"])))
+        _print_health(config, report, server_ok, store_ok)
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -10083,7 +10336,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 28. CLI: running and showing
+# 30. CLI: running and showing
 ###############################################################################
 
 
@@ -10263,7 +10516,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 29. CLI: diff, undo, review
+# 31. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10414,7 +10667,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 30. CLI: the planner's side
+# 32. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10612,7 +10865,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 31. main()
+# 33. main()
 ###############################################################################
 
 
@@ -10634,45 +10887,31 @@ def _ignore_interrupts() -> None:
                 signal.signal(sig, signal.SIG_IGN)
 
 
-def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse flags that only make sense with an action they were not given (exit 2)."""
-    if args.all and not args.list:
-        parser.error("--all goes with --list")
-    if (args.rerun or args.resume) and not args.plan:
-        parser.error("--rerun and --resume go with --plan ID")
-    if args.rerun and args.resume:
-        parser.error("--rerun starts over, --resume continues: pick one")
-    if args.replace and not args.submit:
-        parser.error("--replace goes with --submit FILE")
-    if args.run_id and not (args.diff or args.undo):
-        parser.error("--run RUN_ID goes with --diff ID or --undo ID")
-    if args.force and not args.undo:
-        parser.error("--force goes with --undo ID")
-    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
-        or args.stats \
-        or args.schema or args.diff or args.undo or args.apply or args.reject \
-        or args.trust or args.untrust or args.approve
-    if args.review and (other_action or args.dry_run or args.resume):
-        parser.error("--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or --resume")
-    if args.dry_run and other_action:
-        parser.error("--dry-run goes with a run (no action flag, or --plan ID)")
-    if args.events and (other_action or args.dry_run):
-        parser.error("--events goes with a run (no action flag, or --plan ID)")
-    if args.deltas and not args.events:
-        parser.error("--deltas goes with --events")
-    if args.events and args.json_:
-        parser.error("--events and --json both write to stdout: pick one")
+def cmd_schema(config: Config) -> int:
+    """Print the plan JSON Schema (bridge-plan-schema.json) on stdout."""
+    sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
+    return EXIT_OK
 
 
-def quiet_http_logs() -> None:
-    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
-    logging a program embedding bridge set up. Logger levels are process-wide: main
-    sets them once, before the actions that make HTTP requests (--health, a run) start
-    any client or thread; the other actions do not import logging at all."""
-    import logging
+def cmd_untrust(config: Config, folder: str) -> int:
+    """Take a folder off the trusted projects (cmd_trust)."""
+    return cmd_trust(config, folder, trust=False)
 
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+
+def _run(config: Config, plan_id: str | None, rerun: bool, resume: bool, dry_run: bool) -> int:
+    """A run: every pending plan (no plan_id) or one; with dry_run, only its messages."""
+    if dry_run:
+        return cmd_dry_run(config, plan_id)
+    quiet_http_logs()
+    return cmd_run(config, plan_id, rerun, resume)
+
+
+def _call_action(action: Action, config: Config, args: argparse.Namespace) -> int:
+    """Call the action's handler with config, its value, and its passed modifiers' values."""
+    passed = {row.flag for row in MODIFIERS if row.passed}
+    values = [getattr(args, _dest(action.flag))] if action.metavar else []
+    values += [getattr(args, _dest(flag)) for flag in action.modifiers if flag in passed]
+    return globals()[action.handler](config, *values)
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -10685,52 +10924,20 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_flag_combinations(parser, args)
+    action = chosen_action(args)
+    _check_flag_combinations(parser, args, action)
     environ = dict(os.environ if environ is None else environ)
     # the model server's key given as a flag is as secret as in its variable
     remember_secrets({**environ, **({"BRIDGE_API_KEY": args.api_key} if args.api_key else {})})
     debug = debug_wanted(args, environ)
     try:
-        config = resolve_config(args, environ)
-        if args.list:
-            return cmd_list(config, args.all)
-        if args.health:
-            quiet_http_logs()
-            return cmd_health(config)
-        if args.stats:
-            return cmd_stats(config)
-        if args.show:
-            return cmd_show(config, args.show)
-        if args.validate:
-            return cmd_validate(config, args.validate)
-        if args.submit:
-            return cmd_submit(config, args.submit, args.replace)
-        if args.cancel:
-            return cmd_cancel(config, args.cancel)
-        if args.diff:
-            return cmd_diff(config, args.diff, args.run_id)
-        if args.undo:
-            return cmd_undo(config, args.undo, args.run_id, args.force)
-        if args.apply:
-            return cmd_apply(config, args.apply)
-        if args.reject:
-            return cmd_reject(config, args.reject)
-        if args.schema:
-            sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
-            return EXIT_OK
-        if args.trust or args.untrust:
-            return cmd_trust(config, args.trust or args.untrust, trust=bool(args.trust))
-        if args.approve:
-            return cmd_approve(config, args.approve)
-        if args.dry_run:
-            return cmd_dry_run(config, args.plan)
-        quiet_http_logs()
-        return cmd_run(config, args.plan, args.rerun, args.resume)
+        return _call_action(action, resolve_config(args, environ), args)
     except BridgeError as exc:
         print(printable(f"bridge: error: {exc}"), file=sys.stderr)
         if exc.hint:
             print(printable(f"hint: {exc.hint}"), file=sys.stderr)
-        Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint, exit_code=exc.exit_code)
+        Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint,
+                                 exit_code=exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         _ignore_interrupts()    # on the way out: a late Ctrl-C must not cut this short
@@ -10750,8 +10957,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             import traceback
 
             traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
-        print("bridge: internal error (a bug)" + ("" if debug else "; run again with --debug to see the traceback"),
-              file=sys.stderr)
+        print("bridge: internal error (a bug)"
+              + ("" if debug else "; run again with --debug to see the traceback"), file=sys.stderr)
         return EXIT_INTERNAL
 
 

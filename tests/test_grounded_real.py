@@ -25,8 +25,8 @@ def test_the_span_schema_is_enforced_by_llama_cpp_python(real_server):
     spans = schema["$defs"]["bridge_span"]["enum"]
     config = bridge.Config(db_paths=(), base_url=real_server, timeout_s=120)
     with bridge.LLMClient(config) as client:
-        reply = client.chat([{"role": "user", "content": PROMPT}], model="smollm2-135m",
-                            temperature=0, max_tokens=120, json_schema=schema)
+        reply = client.chat([{"role": "user", "content": PROMPT}], bridge.ChatRequest(
+            "smollm2-135m", {"temperature": 0}, max_tokens=120, json_schema=schema))
     answer = json.loads(reply.text)
     assert set(answer) == set(VALIDATION["keys"])
     for value in answer.values():

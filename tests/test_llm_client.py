@@ -36,10 +36,12 @@ def config(url: str, **kw) -> bridge.Config:
 
 def chat(url: str, sleeps: list | None = None, messages=None, **kw):
     """One chat call with a fresh client; returns the Completion."""
-    call_kw = {k: kw.pop(k) for k in ("temperature", "max_tokens", "timeout_s", "on_delta") if k in kw}
+    call_kw = {k: kw.pop(k) for k in ("max_tokens", "timeout_s", "on_delta") if k in kw}
+    if "temperature" in kw:
+        call_kw["sampling"] = {"temperature": kw.pop("temperature")}
     recorder = sleeps.append if sleeps is not None else (lambda s: None)
     with bridge.LLMClient(config(url, **kw), sleep=recorder) as c:
-        return c.chat(messages or MESSAGES, model="m", **call_kw)
+        return c.chat(messages or MESSAGES, bridge.ChatRequest("m", **call_kw))
 
 
 def expected_prompt_tokens(messages) -> int:
@@ -169,7 +171,7 @@ def test_backoff_delays_grow_exponentially_with_jitter(fake_llm):
     retries_seen: list[str] = []
     with bridge.LLMClient(config(fake_llm.url, retries=4, retry_delay_s=1.0), sleep=sleeps.append,
                           on_retry=retries_seen.append) as c:
-        reply = c.chat(MESSAGES, model="m")
+        reply = c.chat(MESSAGES, bridge.ChatRequest("m"))
     assert reply.text == "finally"
     assert len(fake_llm.chat_requests) == 5
     assert len(sleeps) == 4
@@ -236,7 +238,7 @@ def test_connection_refused_raises_unavailable_naming_the_real_url():
     retries_seen: list[str] = []
     with bridge.LLMClient(config(url, retries=2), sleep=sleeps.append, on_retry=retries_seen.append) as c:
         with pytest.raises(bridge.LLMServerUnusable) as info:
-            c.chat(MESSAGES, model="m")
+            c.chat(MESSAGES, bridge.ChatRequest("m"))
     message = str(info.value)
     assert "stopped answering" in message and "over 2 retries" in message
     assert url in message
@@ -388,7 +390,7 @@ def test_delay_past_timeout_is_retried_then_succeeds(fake_llm):
     fake_llm.enqueue("late", fault="delay", delay_s=0.6).enqueue("on time")
     sleeps: list[float] = []
     with bridge.LLMClient(config(fake_llm.url, timeout_s=0.2, retries=2), sleep=sleeps.append) as c:
-        reply = c.chat(MESSAGES, model="m")
+        reply = c.chat(MESSAGES, bridge.ChatRequest("m"))
     assert reply.text == "on time"
     assert len(fake_llm.chat_requests) == 2
     assert len(sleeps) == 1
@@ -565,10 +567,10 @@ def test_consecutive_requests_share_one_connection(fake_llm):
     fake_llm.enqueue("one").enqueue("two").enqueue("cut here and there", fault="cut", chunk_size=4) \
         .enqueue("three")
     with bridge.LLMClient(config(fake_llm.url, retries=0)) as client:
-        replies = [client.chat([{"role": "user", "content": "x"}], model="m").text for _ in range(2)]
+        replies = [client.chat([{"role": "user", "content": "x"}], bridge.ChatRequest("m")).text for _ in range(2)]
         with pytest.raises(bridge.LLMProtocolError, match="ended early"):
-            client.chat([{"role": "user", "content": "x"}], model="m")
-        replies.append(client.chat([{"role": "user", "content": "x"}], model="m").text)
+            client.chat([{"role": "user", "content": "x"}], bridge.ChatRequest("m"))
+        replies.append(client.chat([{"role": "user", "content": "x"}], bridge.ChatRequest("m")).text)
     assert replies == ["one", "two", "three"]
     ports = [r["client_port"] for r in fake_llm.chat_requests]
     assert ports[0] == ports[1] == ports[2] != ports[3]

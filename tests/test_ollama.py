@@ -187,10 +187,11 @@ def test_a_model_whose_constraint_was_dropped_gets_no_format(ollama):
         client.probe()
         ollama.enqueue('{"a": 1}').enqueue('{"a": 1}')
         schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-        client.chat([{"role": "user", "content": "x"}], model="llama3.1:8b", json_schema=schema)
+        client.chat([{"role": "user", "content": "x"}],
+                    bridge.ChatRequest("llama3.1:8b", json_schema=schema))
         client.drop_constraint("llama3.1:8b", "garbled")
-        reply = client.chat([{"role": "user", "content": "x"}], model="llama3.1:8b",
-                            json_schema=schema)
+        reply = client.chat([{"role": "user", "content": "x"}],
+                            bridge.ChatRequest("llama3.1:8b", json_schema=schema))
     finally:
         client.close()
     first, second = (r["json"] for r in ollama.chat_requests)

@@ -39,8 +39,8 @@ def test_structured_output_negotiates_json_object_with_llama_cpp_python(real_ser
     config = bridge.Config(db_paths=(), base_url=real_server, timeout_s=120)
     schema = {"type": "object", "required": ["greeting"], "properties": {"greeting": {"type": "string"}}}
     with bridge.LLMClient(config) as client:
-        reply = client.chat([{"role": "user", "content": "Greet me in JSON."}], model="smollm2-135m",
-                            temperature=0, max_tokens=60, json_schema=schema)
+        reply = client.chat([{"role": "user", "content": "Greet me in JSON."}], bridge.ChatRequest(
+            "smollm2-135m", {"temperature": 0}, max_tokens=60, json_schema=schema))
         assert client.structured_level == 1
     assert "greeting" in json.loads(reply.text)
 

@@ -109,8 +109,8 @@ def test_reasoning_in_either_field_is_read_apart_from_the_text(fake_llm, field):
                      reasoning_field=field)
     seen: list[str] = []
     with bridge.LLMClient(bridge.Config(db_paths=(), base_url=fake_llm.url)) as client:
-        reply = client.chat([{"role": "user", "content": "q"}], model="fake-model",
-                            on_reasoning=seen.append)
+        reply = client.chat([{"role": "user", "content": "q"}],
+                            bridge.ChatRequest("fake-model", on_reasoning=seen.append))
     assert reply.text == "the answer"
     assert reply.reasoning == "step one. step two." == "".join(seen)
     assert reply.reasoning_pieces == len(seen) == 5
@@ -307,7 +307,7 @@ def test_llama_cpp_python_gets_no_thinking_field(fake_llm):
     fake_llm.enqueue(NAME)
     with bridge.LLMClient(bridge.Config(db_paths=(), base_url=fake_llm.url)) as client:
         client.server_kind = "llama-cpp-python"
-        client.chat([{"role": "user", "content": "q"}], model="m", thinking="off")
+        client.chat([{"role": "user", "content": "q"}], bridge.ChatRequest("m", thinking="off"))
     sent = fake_llm.chat_requests[0]["json"]
     assert "reasoning_effort" not in sent and "chat_template_kwargs" not in sent
 
@@ -370,15 +370,14 @@ def test_a_wrong_but_well_formed_answer_keeps_the_constraint(capsys, db, fake_ll
 
 def test_grammar_damage_kinds():
     schema = bridge.output_schema({"type": "contains_keys", "keys": ["name"]})
-    check = {"type": "contains_keys", "keys": ["name"]}
-    assert bridge.grammar_damage(GARBLED, schema, check) == "it is not valid JSON"
-    assert "U+FFFD" in bridge.grammar_damage('{"nam\ufffd": 1}', schema, check)
-    assert bridge.grammar_damage('{"na?e": "Ada"}', schema, check) == \
+    assert bridge.grammar_damage(GARBLED, schema) == "it is not valid JSON"
+    assert "U+FFFD" in bridge.grammar_damage('{"nam\ufffd": 1}', schema)
+    assert bridge.grammar_damage('{"na?e": "Ada"}', schema) == \
         "it has the garbled key 'na?e'"
-    assert bridge.grammar_damage('{"other": 1}', schema, check) is None   # the model's mistake
-    assert bridge.grammar_damage(NAME, schema, check) is None
+    assert bridge.grammar_damage('{"other": 1}', schema) is None   # the model's mistake
+    assert bridge.grammar_damage(NAME, schema) is None
     # nested past what json parses (a model's answer): not valid JSON, not a RecursionError
-    assert bridge.grammar_damage("[" * 5000 + "]" * 5000, schema, check) == "it is not valid JSON"
+    assert bridge.grammar_damage("[" * 5000 + "]" * 5000, schema) == "it is not valid JSON"
 
 
 def test_a_stream_cut_while_thinking_is_not_resent(fake_llm):
@@ -388,7 +387,7 @@ def test_a_stream_cut_while_thinking_is_not_resent(fake_llm):
     fake_llm.enqueue("the answer")
     config = bridge.Config(db_paths=(), base_url=fake_llm.url, retry_delay_s=0)
     with bridge.LLMClient(config, sleep=lambda s: None) as client, pytest.raises(bridge.LLMError):
-        client.chat([{"role": "user", "content": "q"}], model="fake-model")
+        client.chat([{"role": "user", "content": "q"}], bridge.ChatRequest("fake-model"))
     assert len(fake_llm.chat_requests) == 1
 
 
@@ -418,7 +417,7 @@ def test_reasoning_of_a_reply_that_is_not_streamed_counts_too(fake_llm):
     config = bridge.Config(db_paths=(), base_url=fake_llm.url, max_output_bytes=100_000)
     with bridge.LLMClient(config) as client, \
             pytest.raises(bridge.LLMProtocolError, match="while the model was thinking"):
-        client.chat([{"role": "user", "content": "q"}], model="fake-model")
+        client.chat([{"role": "user", "content": "q"}], bridge.ChatRequest("fake-model"))
 
 
 def test_thinking_inside_content_that_runs_out_names_thinking(capsys, db, fake_llm, state_dir):

@@ -136,7 +136,7 @@ def test_client_remembers_the_form_per_server(fake_llm):
     config = bridge.Config(db_paths=(), base_url=fake_llm.url, retries=0)
     fake_llm.enqueue(status=500, error_body=LLAMA_CPP_PYTHON_REFUSAL).enqueue("{}").enqueue("{}")
     with bridge.LLMClient(config) as client:
-        client.chat([{"role": "user", "content": "x"}], model="m", json_schema={})
+        client.chat([{"role": "user", "content": "x"}], bridge.ChatRequest("m", json_schema={}))
         assert client.structured_level == 1
-        client.chat([{"role": "user", "content": "x"}], model="m", json_schema={})
+        client.chat([{"role": "user", "content": "x"}], bridge.ChatRequest("m", json_schema={}))
     assert len(fake_llm.chat_requests) == 3

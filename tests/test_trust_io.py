@@ -665,7 +665,8 @@ def test_the_anthropic_executor_has_the_same_bounds(fault, expected):
         config = bridge.Config(db_paths=(), anthropic_base_url=fake.url, anthropic_api_key="k",
                                max_output_bytes=100_000, retries=0)
         with bridge.AnthropicClient(config) as client, pytest.raises(bridge.LLMError) as caught:
-            client.chat([{"role": "user", "content": "x"}], model="claude-haiku-4-5", timeout_s=0.5)
+            client.chat([{"role": "user", "content": "x"}],
+                        bridge.ChatRequest("claude-haiku-4-5", timeout_s=0.5))
         assert expected in str(caught.value)
         assert fake.wait_endless(1)[0] < SENT_BOUND
 
@@ -678,7 +679,8 @@ def test_a_claude_cli_line_that_never_ends_is_read_in_bounded_parts(tmp_path):
     tracemalloc.start()
     try:
         with pytest.raises(bridge.LLMTimeout):       # the 100 MB line ends only when claude is killed
-            bridge.ClaudeCLI(config).chat([{"role": "user", "content": "x"}], model="haiku", timeout_s=1.0)
+            bridge.ClaudeCLI(config).chat([{"role": "user", "content": "x"}],
+                                          bridge.ChatRequest("haiku", timeout_s=1.0))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
