@@ -114,18 +114,20 @@ keeps it so), so the file reads from files and the store, through plans, model s
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
     4 Helpers · 5 Path rules: what a plan may read and write ·
-    6 File writes inside the project · 7 Store layouts & plan records ·
-    8 The memory server's HTTP API · 9 Store (SQLite) · 10 Output validation ·
-    11 Constrained JSON and degenerate output · 12 Validation types · 13 Plans ·
-    14 Trust: projects, approvals, executors · 15 Model servers: errors, streams, retries ·
-    16 LLM client: OpenAI-compatible servers ·
-    17 Other executors: the Anthropic API and the claude CLI · 18 Check commands ·
-    19 File transactions: journal, rollback, recovery ·
-    20 Kept runs: backups, diff, undo, review · 21 Prompts · 22 Run records ·
-    23 The result document · 24 Step scheduling · 25 Runner ·
-    26 CLI: arguments and settings · 27 CLI: listing, health, trust and approval ·
-    28 CLI: running and showing · 29 CLI: diff, undo, review · 30 CLI: the planner's side ·
-    31 main()
+    6 File writes inside the project · 7 Store layouts · 8 The memory server's HTTP API ·
+    9 Store (SQLite) · 10 Store: plan states and claims ·
+    11 Store: plan and result memories · 12 Output validation ·
+    13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
+    16 Executors: the registry, the chat contract, model references ·
+    17 Trust: projects, approvals, executors · 18 Model servers: errors, streams, retries ·
+    19 LLM client: OpenAI-compatible servers ·
+    20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
+    22 File transactions: journal, rollback, recovery ·
+    23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
+    25 Prompts · 26 Run records · 27 The result document · 28 Step scheduling · 29 Runner ·
+    30 CLI: arguments and settings · 31 CLI: listing, health, trust and approval ·
+    32 CLI: running and showing · 33 CLI: diff, undo, review · 34 CLI: the planner's side ·
+    35 main()
 """
 
 from __future__ import annotations
@@ -316,10 +318,18 @@ OLLAMA_NUM_CTX_STEP = 2048
 OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
-# Paid or agentic executors run only when the user allowed them (--allow-executor).
-# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
-# docs/cloud.mdx), where the project's files would go.
-PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
+# The executors, by NAME (register_executor, in the room 'Executors: the registry...'):
+# paid, agentic or remote ones run only when the user allowed them (--allow-executor).
+EXECUTORS: "dict[str, type[Executor]]" = {}
+DEFAULT_EXECUTOR = "openai"     # the executor of a model reference without a prefix
+
+
+def allowable_executors() -> tuple[str, ...]:
+    """The names --allow-executor takes: the executors that need allowing (PAID, AGENTIC
+    or CLOUD), in EXECUTORS order."""
+    return tuple(name for name, cls in EXECUTORS.items() if cls.needs_allowing())
+
+
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -407,7 +417,8 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 # variable, which wins over the default); field: the Config field it fills; kind: how
 # resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
 # lines of its own there); limit: the least a number may be, or the names a choice takes
-# (a tuple argparse also checks on the flag; a dict only resolve_config checks); what:
+# (a tuple argparse also checks on the flag, or a function returning one, read when the
+# parser is built; a dict only resolve_config checks); what:
 # its name in an error; shown: how --help gives the default (None: the default itself).
 # A tuple default makes the flag repeatable and the variable comma-separated. Adding a
 # setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
@@ -459,7 +470,7 @@ SETTINGS = tuple(map(Setting._make, (
      "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
     ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
-     PAID_EXECUTORS, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
+     allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
      "(anthropic, claude-cli, ollama-cloud); repeatable",
      "none; your own --model and --escalate-to count"),
     ("--max-cost-usd", "BRIDGE_MAX_COST_USD", "max_cost_usd", "number", DEFAULT_MAX_COST_USD, 0,
@@ -802,9 +813,9 @@ def json_depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
+        if not isinstance(item, (dict, list)):
             continue
+        children = item.values() if isinstance(item, dict) else item
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
@@ -819,7 +830,8 @@ def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") from None
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
     depth = json_depth(value)
     if depth > max_depth:
         raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
@@ -1178,11 +1190,9 @@ def real_path(path: str | Path) -> Path:
 
 
 def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path, refusing what could leave the project.
-
-    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
-    Windows) and '..' paths. '.' and empty components are dropped.
-    """
+    """Return the components of a plan path ('.' and empty ones dropped). Raises PathError
+    for a path that is empty, holds a NUL or a lone surrogate, is absolute (POSIX or
+    Windows), climbs out with '..', or names the project itself."""
     from pathlib import PurePosixPath, PureWindowsPath
 
     if not rel or "\x00" in rel:
@@ -1248,12 +1258,8 @@ def _check_name_lengths(project: Path, rel: str) -> None:
 
 
 def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
-
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
-    """
+    """Return project/rel once plan_path_parts and _check_name_lengths accept rel and its
+    real location (symlinks followed) lies inside the project's. Raises PathError."""
     plan_path_parts(rel)
     _check_name_lengths(project, rel)
     try:
@@ -1583,15 +1589,16 @@ class FileChange:
 
 _DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+# POSIX has the dir_fd operations every write walks the project with; Windows has not
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd
 
 
 def _open_root(project: Path) -> int:
     """Open the project folder for the dir_fd walks; PathError when it cannot be, or
     when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
     if not _HAS_DIR_FD:
-        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file operations",
-                        "run bridge on Linux or macOS")
+        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file "
+                        "operations", "run bridge on Linux or macOS")
     try:
         return os.open(project, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     except OSError as exc:
@@ -1621,8 +1628,8 @@ def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[
         os.close(fd)
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
             where = "/".join(parts[:depth + 1])
-            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge writes only "
-                            "through real folders of the project") from exc
+            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge "
+                            "writes only through real folders of the project") from exc
         raise
     return fd, len(parts)
 
@@ -1641,13 +1648,13 @@ def open_inside(project: Path, rel: str) -> Any:
     try:
         if depth < len(parts) - 1:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
-        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)   # a FIFO must not block
+        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK     # a FIFO must not block
         try:
             handle = os.fdopen(os.open(parts[-1], flags, dir_fd=fd), "rb")
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real files "
-                                "of the project") from exc
+                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real "
+                                "files of the project") from exc
             raise
         kind = os.fstat(handle.fileno()).st_mode
         if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):     # a folder: reading it says so
@@ -1691,7 +1698,6 @@ def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
     return text
 
 
-
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     """Return the permission bits of the file name in dir_fd, None when there is none.
     Raises PathError when it is a symlink or a folder."""
@@ -1700,11 +1706,13 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     except FileNotFoundError:
         return None
     if stat.S_ISLNK(info.st_mode):
-        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over symlinks")
+        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over "
+                        "symlinks")
     if stat.S_ISDIR(info.st_mode):
         raise PathError(f"path {rel!r} is a folder")
     if not stat.S_ISREG(info.st_mode):     # a FIFO would hang the read of its original
-        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files")
+        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge "
+                        "writes only files")
     return info.st_mode & 0o7777
 
 
@@ -1794,7 +1802,8 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None,
+                 crash_at: str | None = None) -> None:
     """Write data to path through a temp file in the same folder and os.replace.
 
     mode: permission bits to give the file (default: what a new file gets under
@@ -1932,7 +1941,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 7. Store layouts & plan records
+# 7. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -1998,8 +2007,8 @@ class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
 # never creates, reads or drops it; `memory check-db` and the server's migrations
 # ignore tables they do not know (checked on 12.2.0 and 12.4.0: tests/test_real_server.py).
 STATE_TABLE = "bridge_plan_state"
-STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host", "owner_pid",
-                 "finished_at", "error", "result_hash", "resumed_from")
+STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host",
+                 "owner_pid", "finished_at", "error", "result_hash", "resumed_from")
 STATE_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     content_hash TEXT PRIMARY KEY,     -- the plan memory's (computed on the original layout)
@@ -2019,106 +2028,6 @@ CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
 SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
                       "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
                       "store it with bridge --submit")
-
-
-class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest saved",
-                            defaults=("", None, None))):
-    """One plan memory as read from the store.
-
-    row_id: memories.id. plan: the parsed content (a dict for a well-formed plan;
-    anything else is reported as invalid). metadata: the row's metadata object
-    (the server's; never read for state). created_at: as stored (Unix seconds, or
-    ISO text in the original layout). row_id is an int (a str in the original
-    layout); content and tags are the row's text. digest: the row's content_hash
-    (None: computed from content). saved: the row of STATE_TABLE as a state dict,
-    or None when bridge has recorded nothing.
-    """
-
-    __slots__ = ()
-
-    @property
-    def content_hash(self) -> str:
-        """The plan memory's content_hash: the key of its state."""
-        return self.digest or content_hash(self.content)
-
-    @property
-    def chunks(self) -> int:
-        """How many chunks the memory server split this memory into (its metadata's
-        total_chunks, set by memory_store on content over its length limit), else 0."""
-        total = self.metadata.get("total_chunks")
-        if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
-            return total
-        return 0
-
-    @property
-    def plan_id(self) -> str:
-        """The plan's own id, or "row-N" when its content has none."""
-        if isinstance(self.plan, dict) and isinstance(self.plan.get("id"), str):
-            return self.plan["id"]
-        return f"row-{self.row_id}"
-
-    @property
-    def state(self) -> dict:
-        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
-        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
-        result_hash, resumed_from."""
-        return self.saved if isinstance(self.saved, dict) else {}
-
-    @property
-    def owner(self) -> dict:
-        """The recorded owner {"host", "pid"} of an in_progress plan, or {}."""
-        value = self.state.get("owner")
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def status(self) -> str:
-        """The effective status: the recorded state, else the content's status."""
-        if self.state.get("status") in PLAN_STATUSES:
-            return self.state["status"]
-        if isinstance(self.plan, dict) and self.plan.get("status") in PLAN_STATUSES:
-            return self.plan["status"]
-        return "invalid"
-
-    @property
-    def stale(self) -> bool:
-        """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
-        from now, in the past or the future (a running bridge refreshes it every
-        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
-        reads as a time (a plan whose own content says in_progress has none)."""
-        from datetime import datetime, timezone
-
-        if self.status != "in_progress":
-            return False
-        owner = self.owner
-        if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
-                and not pid_alive(owner["pid"]):
-            return True
-        try:
-            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at")).replace("Z", "+00:00"))
-            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
-                beat = beat.replace(tzinfo=timezone.utc)
-            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
-        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
-            return True
-
-    @property
-    def display_status(self) -> str:
-        """The status as shown to users: "stale" for an in_progress plan whose owner died."""
-        return "stale" if self.stale else self.status
-
-    @property
-    def objective(self) -> str:
-        """The plan's one-line objective, or ""."""
-        context = self.plan.get("context") if isinstance(self.plan, dict) else None
-        objective = context.get("objective") if isinstance(context, dict) else None
-        return objective if isinstance(objective, str) else ""
-
-    @property
-    def step_count(self) -> int:
-        """How many steps the plan lists (0 when it lists none readable)."""
-        steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
-        return len(steps) if isinstance(steps, list) else 0
 
 
 def _summary_text(value: Any, max_chars: int) -> str:
@@ -2163,7 +2072,8 @@ def parse_result_content(content: str) -> dict | None:
 ###############################################################################
 
 
-MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
+# an embedding on a CPU takes well under a second; a model load longer
+MEMORY_API_TIMEOUT_S = 30.0
 MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
 MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
 # Each request ends by this many seconds after it was sent, however the server trickles
@@ -2192,7 +2102,8 @@ def check_memory_url(url: str) -> str:
     if parts is None or parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS \
             or parts.query or parts.username is not None:
         raise ConfigError(f"memory URL {url!r} is not an http URL on this machine",
-                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost or [::1])")
+                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost "
+                          "or [::1])")
     return url.rstrip("/")
 
 
@@ -2312,18 +2223,19 @@ class MemoryAPI:
         near-duplicate check from refusing a rerun's result."""
         import httpx
 
-        body = {"content": content, "tags": tags, "memory_type": memory_type, "metadata": metadata,
-                "conversation_id": conversation_id}
+        body = {"content": content, "tags": tags, "memory_type": memory_type,
+                "metadata": metadata, "conversation_id": conversation_id}
         size = len(json.dumps(body).encode("utf-8"))
         if size > MEMORY_API_MAX_BODY_BYTES:
-            return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
+            return None, (f"the result is {size} bytes, over the server's limit of "
+                          f"{MEMORY_API_MAX_BODY_BYTES}")
         try:
             status, reply = self._request("POST", "/api/memories", body)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
-        if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
-                and re.fullmatch(r"[0-9a-f]{64}", digest):
+        if status == 200 and isinstance(reply, dict) and reply.get("success") is True \
+                and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
             return digest, None
         if status in (401, 403):
             return None, f"HTTP {status}: it refused the key (MCP_API_KEY)"
@@ -2342,14 +2254,16 @@ class MemoryAPI:
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
+            why = _summary_text(exc, 200) or type(exc).__name__
+            report["error"] = f"cannot reach {self.url}: {why}"
             return report
         if not report["reachable"]:
             report["error"] = f"{self.url}/api/health answered HTTP {status}"
             return report
         report["key_accepted"] = detail_status == 200
         if detail_status in (401, 403):
-            report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
+            unset = "" if self.api_key else " is not set"
+            report["error"] = f"the server refused the key (MCP_API_KEY{unset})"
         elif isinstance(detail, dict):
             storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
             report.update(version=server_label(detail.get("version")),
@@ -2359,7 +2273,8 @@ class MemoryAPI:
 
 ###############################################################################
 # 9. Store (SQLite)
-# Short transactions on someone else's file: discovery, the claim, the result.
+# Short transactions on someone else's file: opening it, writing a memory the way the
+# memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
 
 
@@ -2378,65 +2293,362 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
 
 
-class Store:
-    """The doobidoo memory store, opened for plan discovery, claims and results.
+class StoreFile:
+    """The memory server's SQLite file as bridge opens it: its layout, short write
+    transactions, memories inserted and soft-deleted the way the server does, and its
+    health. Store (the room "Store: plan and result memories") is what bridge uses.
 
-    Use as a context manager: `with Store.open(path) as store: ...`. Works on the
+    Use as a context manager: `with Store.open(config) as store: ...`. Works on the
     12.x and 10.x layouts of mcp-memory-service and on the original bridge script's
-    layout (see _LAYOUT_COLUMNS). Raises StoreError for anything else.
+    layout (see _LAYOUT_COLUMNS); layout is None for any other (open refuses it).
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, layout: str,
-                 columns: set[str], has_fts: bool, crash_at: str | None = None):
-        self.conn, self.path, self.layout = conn, path, layout
-        self.columns, self.has_fts = columns, has_fts
-        self.crash_at = crash_at
+    def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
+        """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
+        self.conn, self.path, self.crash_at = conn, path, crash_at
+        self.columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
+        self.layout = next((name for name, needed in _LAYOUT_COLUMNS.items()
+                            if needed <= self.columns), None)
+        # only the memory server's trigram index finds a substring of the marker
+        fts = conn.execute("SELECT sql FROM sqlite_master "
+                           "WHERE name = 'memory_content_fts'").fetchone()
+        self.has_fts = fts is not None and "trigram" in (fts[0] or "") \
+            and self.layout != LAYOUT_ORIGINAL
 
     @classmethod
     def open(cls, config: Config) -> "Store":
-        """Open the first existing store of config.db_paths.
-
-        Opening writes nothing. STATE_TABLE is made by the first state bridge records
-        there (see _set_state); until then the store is read as that migration will
-        leave it. Raises StoreError naming every path tried when none exists, or when
-        the file is not SQLite or has a layout bridge does not know.
-        """
+        """Open the first existing store of config.db_paths. Opening writes nothing:
+        STATE_TABLE is made by the first state bridge records there (_set_state).
+        Raises StoreError naming every path tried when none exists, or when the file
+        is not SQLite or has a layout bridge does not know."""
         import sqlite3
 
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
             tried = ", ".join(str(p) for p in config.db_paths)
             raise StoreError(f"no memory store found (tried {tried})",
-                             "pass --db PATH or set BRIDGE_DB to the memory server's sqlite_vec.db; "
-                             "to start an empty store: bridge --submit PLAN.json --db NEWFILE")
+                             "pass --db PATH or set BRIDGE_DB to the memory server's "
+                             "sqlite_vec.db; to start an empty store: bridge --submit PLAN.json "
+                             "--db NEWFILE")
         try:
             conn = sqlite3.connect(path, timeout=STORE_BUSY_TIMEOUT_S, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
-            # only the memory server's trigram index finds a substring of the marker
-            fts = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_content_fts'").fetchone()
-            has_fts = fts is not None and "trigram" in (fts[0] or "")
+            store = cls(conn, path, config.crash_at)
         except sqlite3.Error as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
-        layout = next((name for name, needed in _LAYOUT_COLUMNS.items() if needed <= columns), None)
-        if layout is None:
+        if store.layout is None:
             conn.close()
-            shown = ", ".join(sorted(columns)) or "no memories table"
+            shown = ", ".join(sorted(store.columns)) or "no memories table"
             raise StoreError(f"unsupported store layout in {path} ({shown})",
-                             "bridge reads mcp-memory-service 10.x/12.x stores and the original bridge layout")
-        return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL, config.crash_at)
+                             "bridge reads mcp-memory-service 10.x/12.x stores and the original "
+                             "bridge layout")
+        return store
+
+    @staticmethod
+    def create(path: Path) -> None:
+        """Create an empty store at path in the memory server's 12.x layout.
+
+        Raises StoreError when path exists, its folder does not, or it cannot be written.
+        """
+        import sqlite3
+
+        if path.exists():
+            raise StoreError(f"cannot create a store at {path}: the file exists")
+        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
+            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
+                             "exist", "check --db for a typo; to start a store there, make the "
+                             "folder first")
+        try:
+            conn = sqlite3.connect(path)
+            try:
+                conn.executescript(STORE_DDL_12)
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot create a store at {path}: {exc}") from exc
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (name,)).fetchone() is not None
+
+    def _live_filter(self, alias: str = "m") -> str:
+        clauses = []
+        if "deleted_at" in self.columns:
+            clauses.append(f"{alias}.deleted_at IS NULL")
+        if "superseded_by" in self.columns:
+            clauses.append(f"{alias}.superseded_by IS NULL")
+        return " AND ".join(clauses) or "1"
+
+    def _write(self, work: Callable[[], Any]) -> Any:
+        """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
+        import sqlite3
+
+        for attempt in range(1, STORE_WRITE_TRIES + 1):
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    if attempt < STORE_WRITE_TRIES:
+                        time.sleep(0.05 * attempt)
+                        continue
+                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                    raise store_locked_error(self.path, waited_s) from exc
+                raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                    from exc
+            try:
+                result = work()
+                self.conn.execute("COMMIT")
+                return result
+            except BaseException as exc:
+                self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                        from exc
+                raise
+
+    def insert_memory(self, content: str, tags: list[str], memory_type: str,
+                      metadata: dict) -> str:
+        """Insert one memory the way the memory server does; return its content_hash.
+        Call inside _write. Fills the hash, both timestamps and their _iso twins,
+        store='default' and embedding_pending=0 where the layout has those columns
+        (no embedding: tag and keyword search find it, semantic search does not).
+        Raises StoreError when identical content is already stored."""
+        import sqlite3
+
+        now = time.time()
+        digest = content_hash(content)
+        tags_text = ",".join(tag_safe(t.strip()) for t in tags)
+        if self.layout == LAYOUT_ORIGINAL:
+            values = {"id": os.urandom(16).hex(), "content": content,
+                      "created_at": iso_from_ts(now),
+                      "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
+        else:
+            values = {"content_hash": digest, "content": content, "tags": tags_text,
+                      "memory_type": memory_type, "metadata": json.dumps(metadata),
+                      "created_at": now, "updated_at": now, "created_at_iso": iso_from_ts(now),
+                      "updated_at_iso": iso_from_ts(now), "store": "default",
+                      "embedding_pending": 0}
+            values = {k: v for k, v in values.items() if k in self.columns}
+        sql = (f"INSERT INTO memories ({', '.join(values)}) "
+               f"VALUES ({', '.join('?' for _ in values)})")
+        try:
+            self.conn.execute(sql, tuple(values.values()))
+        except sqlite3.IntegrityError as exc:
+            if "content_hash" not in str(exc):
+                raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
+            raise StoreError(f"the store already holds a memory with content hash "
+                             f"{digest[:12]}…", "identical content was stored before (perhaps "
+                             "soft-deleted)") from exc
+        return digest
+
+    def soft_delete(self, row_id: Any) -> None:
+        """Mark one memory deleted the way the memory server does (deleted_at and
+        updated_at). Call inside _write. Raises StoreError on a layout without it."""
+        if "deleted_at" not in self.columns:
+            raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
+                             "delete the old plan by hand, then submit again")
+        now = time.time()
+        self.conn.execute("UPDATE memories SET deleted_at = ?, updated_at = ?, updated_at_iso = ? "
+                          "WHERE id = ?", (now, now, iso_from_ts(now), row_id))
+
+    def _has_live_hash(self, digest: str) -> bool:
+        if "content_hash" not in self.columns:
+            return False
+        return self.conn.execute(f"SELECT 1 FROM memories m WHERE content_hash = ? "
+                                 f"AND {self._live_filter()}", (digest,)).fetchone() is not None
+
+    def check_usable(self) -> str | None:
+        """Return why a run could not use this store, or None when it can. Runs PRAGMA
+        quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
+        "ok", else the problems found, such as a corrupted page), then proves a
+        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
+        file is never changed (a read-only mount fails here, "attempt to write a
+        readonly database"). A store busy with another writer counts as writable."""
+        import sqlite3
+
+        try:
+            found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            return f"PRAGMA quick_check failed: {exc}"
+        if found != ["ok"]:
+            return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
+        try:
+            self.conn.execute("CREATE TABLE bridge_write_probe (x)")
+        except sqlite3.DatabaseError as exc:
+            return f"cannot write: {exc}"
+        finally:
+            self.conn.execute("ROLLBACK")
+        return None
+
+    def memory_report(self) -> dict:
+        """Return the store as the memory server sees it: {"schema_version" (its
+        metadata table's schema_version, or None), "migrations" (rows of its
+        migration_registry, or None), "state_table" (STATE_TABLE exists),
+        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
+        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
+        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
+        memories.id; None without it)}."""
+        def count(sql: str) -> int:
+            return self.conn.execute(sql).fetchone()[0]
+
+        report: dict[str, Any] = {"schema_version": None, "migrations": None,
+                                  "state_table": self._has_table(STATE_TABLE), "plans_recorded": 0,
+                                  "bridge_rows": 0, "without_embedding": None}
+        if self._has_table("metadata"):
+            row = self.conn.execute("SELECT value FROM metadata "
+                                    "WHERE key = 'schema_version'").fetchone()
+            report["schema_version"] = row[0] if row else None
+        if self._has_table("migration_registry"):
+            report["migrations"] = count("SELECT COUNT(*) FROM migration_registry")
+        if report["state_table"]:
+            report["plans_recorded"] = count(f"SELECT COUNT(*) FROM {STATE_TABLE}")
+        if "tags" not in self.columns:
+            return report
+        ours = (f"FROM memories m WHERE {self._live_filter()} AND "
+                f"((',' || m.tags || ',') LIKE '%,{PLAN_TAG},%' "
+                f"OR (',' || m.tags || ',') LIKE '%,{RESULT_TAG},%')")
+        report["bridge_rows"] = count(f"SELECT COUNT(*) {ours}")
+        if self._has_table("memory_embeddings_rowids"):
+            report["without_embedding"] = count(f"SELECT COUNT(*) {ours} AND m.id NOT IN "
+                                                "(SELECT rowid FROM memory_embeddings_rowids)")
+        return report
+
+
+###############################################################################
+# 10. Store: plan states and claims
+# Every piece of claiming a plan that is the store's: the plan record and its
+# effective status (stale: its owner is gone), STATE_TABLE read and written (and
+# migrated from an older bridge's metadata), the claim, the heartbeat, the release,
+# the cancel, and a run that died after storing its result settled by that result.
+###############################################################################
+
+
+class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
+                            "saved", defaults=("", None, None))):
+    """One plan memory as read from the store. row_id: memories.id (an int; a str in
+    the original layout). content, tags: the row's text. plan: the parsed content (a
+    dict for a well-formed plan; anything else is reported as invalid). metadata: the
+    row's metadata object (the server's; never read for state). created_at: as stored
+    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
+    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
+
+    __slots__ = ()
+
+    @property
+    def content_hash(self) -> str:
+        """The plan memory's content_hash: the key of its state."""
+        return self.digest or content_hash(self.content)
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the memory server split this memory into (its metadata's
+        total_chunks, set by memory_store on content over its length limit), else 0."""
+        total = self.metadata.get("total_chunks")
+        if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
+            return total
+        return 0
+
+    @property
+    def plan_id(self) -> str:
+        """The plan's own id, or "row-N" when its content has none."""
+        if isinstance(self.plan, dict) and isinstance(self.plan.get("id"), str):
+            return self.plan["id"]
+        return f"row-{self.row_id}"
+
+    @property
+    def state(self) -> dict:
+        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
+        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
+        result_hash, resumed_from."""
+        return self.saved if isinstance(self.saved, dict) else {}
+
+    @property
+    def owner(self) -> dict:
+        """The recorded owner {"host", "pid"} of an in_progress plan, or {}."""
+        value = self.state.get("owner")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def status(self) -> str:
+        """The effective status: the recorded state, else the content's status."""
+        if self.state.get("status") in PLAN_STATUSES:
+            return self.state["status"]
+        if isinstance(self.plan, dict) and self.plan.get("status") in PLAN_STATUSES:
+            return self.plan["status"]
+        return "invalid"
+
+    @property
+    def stale(self) -> bool:
+        """True when in_progress but its owner is gone: the owner process no longer
+        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
+        from now, in the past or the future (a running bridge refreshes it every
+        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
+        reads as a time (a plan whose own content says in_progress has none)."""
+        from datetime import datetime, timezone
+
+        if self.status != "in_progress":
+            return False
+        owner = self.owner
+        if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
+                and not pid_alive(owner["pid"]):
+            return True
+        try:
+            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at"))
+                                          .replace("Z", "+00:00"))
+            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
+                beat = beat.replace(tzinfo=timezone.utc)
+            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
+        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
+            return True
+
+    @property
+    def display_status(self) -> str:
+        """The status as shown to users: "stale" for an in_progress plan whose owner died."""
+        return "stale" if self.stale else self.status
+
+    @property
+    def objective(self) -> str:
+        """The plan's one-line objective, or ""."""
+        context = self.plan.get("context") if isinstance(self.plan, dict) else None
+        objective = context.get("objective") if isinstance(context, dict) else None
+        return objective if isinstance(objective, str) else ""
+
+    @property
+    def step_count(self) -> int:
+        """How many steps the plan lists (0 when it lists none readable)."""
+        steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
+        return len(steps) if isinstance(steps, list) else 0
+
+
+class PlanStates(StoreFile):
+    """The plans' states in the store (keyed by the plan memory's content_hash; see
+    STATE_TABLE) and their claims. Store is the class to use."""
+
+    def reload(self, record: PlanRecord) -> PlanRecord:
+        """Return record with its state read again (another process may have changed it)."""
+        return record._replace(saved=self._settled(self._read_state(record.content_hash)))
+
+
 
     @property
     def has_state_table(self) -> bool:
         """Whether STATE_TABLE exists (asked each time: another bridge may make it)."""
         return self._has_table(STATE_TABLE)
-
-    def _has_table(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                 (name,)).fetchone() is not None
 
     def _create_state_table(self) -> None:
         """Create STATE_TABLE and fill it from the metadata["bridge"] objects an older
@@ -2469,283 +2681,24 @@ class Store:
             except ValueError:
                 plan = None
             if isinstance(old, dict) and old.get("status") in PLAN_STATUSES:
-                text = {**old, **{k: old[k] if isinstance(old.get(k), str) else None for k in STATE_COLUMNS}}
+                text = {**old, **{k: old[k] if isinstance(old.get(k), str) else None
+                                  for k in STATE_COLUMNS}}
                 owner = old.get("owner") if isinstance(old.get("owner"), dict) else {}
-                text["owner"] = {"host": owner.get("host") if isinstance(owner.get("host"), str) else None,
-                                 "pid": owner.get("pid") if isinstance(owner.get("pid"), int) else None}
-                text["plan_id"] = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) \
-                    else None
+                host, pid = owner.get("host"), owner.get("pid")
+                text["owner"] = {"host": host if isinstance(host, str) else None,
+                                 "pid": pid if isinstance(pid, int) else None}
+                plan_id = plan.get("id") if isinstance(plan, dict) else None
+                text["plan_id"] = plan_id if isinstance(plan_id, str) else None
                 states[digest or content_hash(content)] = text
         return states
-
-    @staticmethod
-    def create(path: Path) -> None:
-        """Create an empty store at path in the memory server's 12.x layout.
-
-        Raises StoreError when path exists, its folder does not, or it cannot be written.
-        """
-        import sqlite3
-
-        if path.exists():
-            raise StoreError(f"cannot create a store at {path}: the file exists")
-        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
-            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
-                             "exist", "check --db for a typo; to start a store there, make the "
-                             "folder first")
-        try:
-            conn = sqlite3.connect(path)
-            try:
-                conn.executescript(STORE_DDL_12)
-            finally:
-                conn.close()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot create a store at {path}: {exc}") from exc
-
-    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's memory_store does
-        (memory_type planning, tag bridge-plan, hash and timestamps).
-
-        replace: soft-delete the live plans with the same id, in the same
-        transaction. Returns (content_hash, row ids replaced). Raises StoreError
-        when a live plan has this id and replace is off, or identical content is
-        already stored.
-        """
-        content = json.dumps(plan, ensure_ascii=False, indent=2)
-
-        def work() -> tuple[str, list]:
-            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
-            identical = [r for r in same if r.content_hash == content_hash(content)]
-            if identical:       # --replace would fail on the unique content_hash: say what works
-                status = identical[0].display_status
-                rerun = " --rerun" if status != "pending" else ""
-                again = f"bridge --plan {plan.get('id')}{rerun}"
-                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
-                                 f"(row {identical[0].row_id}, {status})",
-                                 f"to run it again: {again}; to change it, edit the file and "
-                                 "submit it with --replace")
-            if same and not replace:
-                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
-                raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path} ({rows})",
-                                 "pass --replace to soft-delete it and store this one")
-            for record in same:
-                self.soft_delete(record.row_id)
-            return self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {}), [r.row_id for r in same]
-        return self._write(work)
-
-    def soft_delete(self, row_id: Any) -> None:
-        """Mark one memory deleted the way the memory server does (deleted_at and
-        updated_at). Call inside _write. Raises StoreError on a layout without it."""
-        if "deleted_at" not in self.columns:
-            raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
-                             "delete the old plan by hand, then submit again")
-        now = time.time()
-        self.conn.execute("UPDATE memories SET deleted_at = ?, updated_at = ?, updated_at_iso = ? WHERE id = ?",
-                          (now, now, iso_from_ts(now), row_id))
-
-    def cancel(self, record: PlanRecord) -> bool:
-        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
-        died, or its state is forged: the files its run left stay as they are),
-        invalid or awaiting review (its staged files stay unapplied in its run's
-        folder); False, changing nothing, when it is running or finished."""
-        def work() -> bool:
-            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
-                return False
-            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
-                                     "error": "cancelled by the user"})
-            return True
-        return self._write(work)
-
-    def find_result(self, record: PlanRecord, named_only: bool = True) -> tuple[dict, str] | None:
-        """Return the newest stored result document of a plan that bridge's state
-        names, and its memory's content_hash, or None.
-
-        Named: the memory's content_hash is the state's result_hash, or its
-        last_result_hash (the result before the claim of the run now recorded). A
-        memory merely tagged bridge-result and plan:<id> is anyone's (a forgery):
-        with named_only False, the newest such is returned too. Candidates: by the
-        state's hashes, then the live results tagged plan:<id>, newest first (the
-        memory server's own tag match), each confirmed by parsing it
-        (parse_result_content).
-        """
-        rows: list = []
-        named = [h for h in (record.state.get("result_hash"), record.state.get("last_result_hash"))
-                 if isinstance(h, str) and h]         # the newest first
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-        for digest in named if "content_hash" in self.columns else ():
-            rows += self.conn.execute("SELECT content_hash, content FROM memories "
-                                      "WHERE content_hash = ?", (digest,)).fetchall()
-        if "tags" in self.columns:
-            rows += self.conn.execute(
-                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
-                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
-                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
-        else:
-            rows += self.conn.execute(
-                f"SELECT {digest_column}, content FROM memories WHERE "
-                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
-        for digest, content in rows:
-            document = parse_result_content(content)
-            if document is not None and document.get("plan_id") == record.plan_id \
-                    and (not named_only or (digest or content_hash(content)) in named):
-                return document, content_hash(content)
-        return None
-
-    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
-        """Return [(run_id, status)] of the last runs of the other contents this plan id
-        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
-        if not self.has_state_table:
-            return []
-        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
-                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
-                                 (record.plan_id, record.content_hash)).fetchall()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
-
-    # -- reading -------------------------------------------------------------
-
-    def _live_filter(self, alias: str = "m") -> str:
-        clauses = []
-        if "deleted_at" in self.columns:
-            clauses.append(f"{alias}.deleted_at IS NULL")
-        if "superseded_by" in self.columns:
-            clauses.append(f"{alias}.superseded_by IS NULL")
-        return " AND ".join(clauses) or "1"
-
-    # The FTS phrase that picks plan candidates: the start of the marker. The index
-    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
-    # planner's store, so matching the whole marker reads far more of the index
-    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
-    _FTS_CANDIDATES = "bridge-p"
-
-    def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first.
-
-        Candidates come from the FTS index (memory_content_fts MATCH the start of
-        the schema marker) when the store has the memory server's trigram index,
-        else from a scan; each must hold the marker and is confirmed by parsing
-        its JSON. A row counts as a plan when its content is a JSON object
-        whose "$schema" is "bridge-plan-v1". A row whose content holds the marker
-        but is not such an object is returned too, so it can be reported as
-        invalid, when it is tagged bridge-plan or is JSON that is not an object
-        (prose that merely mentions the marker is not). Raises StoreError on
-        SQLite errors.
-        """
-        import sqlite3
-
-        tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
-        select = f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
-        live = self._live_filter()
-        if self.has_fts:        # the index picks the candidates: no row's content is read here
-            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
-                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
-        else:                   # a scan: SQLite reads each row's content, for the marker
-            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
-        try:
-            rows = [self._with_content(*row) for row in
-                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
-            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
-            # the old metadata states lie on plan rows only: those just read
-            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
-        records, split = [], set()
-        for row in rows:
-            record = self._record(*row) if row[1] is not None else self._oversized(*row)
-            if record is None:
-                continue
-            if record.chunks:       # one report per split plan, whichever chunks hold the marker
-                original = str(record.metadata.get("original_hash"))
-                if original in split:
-                    continue
-                split.add(original)
-            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
-        return records
-
-    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
-        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
-        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
-        from SQLite's incremental blob I/O, which reads no content."""
-        import sqlite3
-
-        try:
-            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
-                size = len(blob)
-        except sqlite3.Error:       # not text (NULL, a number): read it as before
-            size = 0
-        if size > PLAN_MAX_BYTES:
-            return (row_id, None, *rest, size)
-        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
-                                    (rowid,)).fetchone()
-        return (row_id, content[0] if content else "", *rest)
-
-    @staticmethod
-    def _oversized(row_id, content, metadata, created_at, tags, digest, size) -> PlanRecord | None:
-        """The record of a plan row over PLAN_MAX_BYTES (content None: never read), when
-        it is tagged bridge-plan: reported as invalid, saying its size and the limit. An
-        untagged one may be any memory naming the marker (a big result): skipped."""
-        names = (tags or "").split(",")
-        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
-            return None
-        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
-                  "(PLAN_MAX_BYTES); not read")
-        # the original layout stores no content_hash: this row's state is keyed by its id
-        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
-                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
-
-    @staticmethod
-    def _record(row_id, content, metadata, created_at, tags, digest=None) -> PlanRecord | None:
-        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
-            return None     # the server's consolidation made it: never a plan
-        try:
-            plan = load_json(content)
-        except JSONRefused as exc:
-            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
-        except ValueError:
-            plan = None
-        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
-        tagged = PLAN_TAG in (tags or "").split(",")
-        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
-            return None     # a note or result that merely mentions the marker
-        try:
-            meta = load_json(metadata) if metadata else {}
-        except ValueError:
-            meta = {}
-        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
-                          created_at, tags or "", digest)
-
-    def get_plan(self, plan_id: str) -> PlanRecord:
-        """Return the one live plan whose parsed id equals plan_id exactly.
-
-        Raises PlanNotFound when none matches, StoreError when several live plans
-        share the id (neither is run; the user must delete one).
-        """
-        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
-        if not matches:
-            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
-                               "see the plans with: bridge --list --all")
-        if len(matches) > 1:
-            rows = ", ".join(str(r.row_id) for r in matches)
-            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories (rows {rows})",
-                             "delete all but one of them with the memory server, then run again")
-        return matches[0]
-
-    def reload(self, record: PlanRecord) -> PlanRecord:
-        """Return record with its state read again (another process may have changed it)."""
-        return record._replace(saved=self._settled(self._read_state(record.content_hash)))
-
-    # -- plan state (STATE_TABLE) -----------------------------------------------
 
     def _states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
         """Return {plan content_hash: state} of every plan bridge has recorded (on a
         store without STATE_TABLE, of the rows given: see _legacy_states)."""
         if not self.has_state_table:
             return self._legacy_states(rows)  # read-only on a store bridge has not used since
-        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra FROM {STATE_TABLE}")
+        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra "
+                                 f"FROM {STATE_TABLE}")
         return {row[0]: self._state_of(row[1:]) for row in rows}
 
     def _read_state(self, digest: str) -> dict | None:
@@ -2774,8 +2727,8 @@ class Store:
         if not state or state.get("status") != "in_progress" or not state.get("result_hash") \
                 or "content_hash" not in self.columns:
             return state
-        row = self.conn.execute(f"SELECT content FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
-                                (state["result_hash"],)).fetchone()
+        row = self.conn.execute(f"SELECT content FROM memories m WHERE content_hash = ? "
+                                f"AND {self._live_filter()}", (state["result_hash"],)).fetchone()
         document = parse_result_content(row[0]) if row else None
         if document is None or document.get("run_id") != state.get("run_id") \
                 or document.get("status") not in PLAN_STATUSES:
@@ -2789,45 +2742,15 @@ class Store:
                   "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
         extra = redact({k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"})
         values = redact(values)         # an error line may quote a model's or a command's words
-        self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
-                          f"extra, updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
-                          (digest, *values.values(), json.dumps(extra) if extra else None, utc_now_iso()))
-
-    # -- writing -------------------------------------------------------------
-
-    def _write(self, work: Callable[[], Any]) -> Any:
-        """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
-        import sqlite3
-
-        for attempt in range(1, STORE_WRITE_TRIES + 1):
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    if attempt < STORE_WRITE_TRIES:
-                        time.sleep(0.05 * attempt)
-                        continue
-                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
-                    raise store_locked_error(self.path, waited_s) from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
-            try:
-                result = work()
-                self.conn.execute("COMMIT")
-                return result
-            except BaseException as exc:
-                self.conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                        from exc
-                raise
+        self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, "
+                          f"{', '.join(STATE_COLUMNS)}, extra, updated_at) "
+                          f"VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
+                          (digest, *values.values(), json.dumps(extra) if extra else None,
+                           utc_now_iso()))
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
         """Merge changes into the plan's row of STATE_TABLE; return the new state.
-
-        Call inside _write. The memories table is not touched.
-        """
+        Call inside _write. The memories table is not touched."""
         state = {**(self._read_state(record.content_hash) or {}), **changes}
         if not self.has_state_table:
             self._create_state_table()
@@ -2836,13 +2759,10 @@ class Store:
 
     def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
               resumed_from: str | None = None) -> bool:
-        """Move a plan to in_progress for this process, atomically.
-
-        allowed: effective statuses that may be claimed ("stale" means an in_progress
-        plan whose owner died). resumed_from: the run id this run takes over.
-        Returns False, changing nothing, when another process got there first or
-        the status is not allowed.
-        """
+        """Move a plan to in_progress for this process, atomically. allowed: effective
+        statuses that may be claimed ("stale": an in_progress plan whose owner died).
+        resumed_from: the run id this run takes over. Returns False, changing nothing,
+        when another process got there first or the status is not allowed."""
         def work() -> bool:
             fresh = self.reload(record)
             if fresh.display_status not in allowed:
@@ -2853,7 +2773,8 @@ class Store:
                 "last_result_hash": last if isinstance(last, str) else None,
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
                 "heartbeat_at": now, "owner": {"host": hostname(), "pid": os.getpid()},
-                "finished_at": None, "error": None, "result_hash": None, "resumed_from": resumed_from})
+                "finished_at": None, "error": None, "result_hash": None,
+                "resumed_from": resumed_from})
             crash_point(self.crash_at, "claim")
             return True
         return self._write(work)
@@ -2878,7 +2799,199 @@ class Store:
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, memory: ResultMemory, memory_api: MemoryAPI | None = None,
+    def cancel(self, record: PlanRecord) -> bool:
+        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
+        died, or its state is forged: the files its run left stay as they are),
+        invalid or awaiting review (its staged files stay unapplied in its run's
+        folder); False, changing nothing, when it is running or finished."""
+        def work() -> bool:
+            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
+                return False
+            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
+                                     "error": "cancelled by the user"})
+            return True
+        return self._write(work)
+
+    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
+        """Return [(run_id, status)] of the last runs of the other contents this plan id
+        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        if not self.has_state_table:
+            return []
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
+                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+                                 (record.plan_id, record.content_hash)).fetchall()
+
+
+###############################################################################
+# 11. Store: plan and result memories
+# The memories bridge reads and writes: plan memories found (by the memory server's
+# index when it has one) and submitted; a run's result memory stored as the room "The
+# result document" built it (directly, or through the memory server's HTTP API for an
+# embedding), found again, and what --undo, --apply and --reject record of that run.
+###############################################################################
+
+
+class Store(PlanStates):
+    """The doobidoo memory store, opened for plan discovery, claims and results:
+    `with Store.open(config) as store: ...` (StoreFile.open). Raises StoreError."""
+
+    # The FTS phrase that picks plan candidates: the start of the marker. The index
+    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
+    # planner's store, so matching the whole marker reads far more of the index
+    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
+    _FTS_CANDIDATES = "bridge-p"
+
+    def find_plans(self) -> list[PlanRecord]:
+        """Return every live plan memory, oldest first. Candidates come from the FTS index
+        (memory_content_fts MATCH the start of the schema marker) when the store has the
+        memory server's trigram index, else from a scan; each must hold the marker and is
+        confirmed by parsing its JSON. A row counts as a plan when its content is a JSON
+        object whose "$schema" is "bridge-plan-v1". A row whose content holds the marker but
+        is not such an object is returned too, so it can be reported as invalid, when it is
+        tagged bridge-plan or is JSON that is not an object (prose that merely mentions the
+        marker is not). Raises StoreError on SQLite errors."""
+        import sqlite3
+
+        tags = "m.tags" if "tags" in self.columns else "''"
+        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
+                  "FROM memories m")
+        live = self._live_filter()
+        if self.has_fts:        # the index picks the candidates: no row's content is read here
+            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
+                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
+        else:                   # a scan: SQLite reads each row's content, for the marker
+            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
+        try:
+            rows = [self._with_content(*row) for row in
+                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
+            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
+            # the old metadata states lie on plan rows only: those just read
+            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
+        records, split = [], set()
+        for row in rows:
+            record = self._record(row) if row[1] is not None else self._oversized(row)
+            if record is None:
+                continue
+            if record.chunks:       # one report per split plan, whichever chunks hold the marker
+                original = str(record.metadata.get("original_hash"))
+                if original in split:
+                    continue
+                split.add(original)
+            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
+        return records
+
+    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
+        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
+        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
+        from SQLite's incremental blob I/O, which reads no content."""
+        import sqlite3
+
+        try:
+            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
+                size = len(blob)
+        except sqlite3.Error:       # not text (NULL, a number): read it as before
+            size = 0
+        if size > PLAN_MAX_BYTES:
+            return (row_id, None, *rest, size)
+        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
+                                    (rowid,)).fetchone()
+        return (row_id, content[0] if content else "", *rest)
+
+    @staticmethod
+    def _oversized(row: tuple) -> PlanRecord | None:
+        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
+        never read, then its size), when it is tagged bridge-plan: reported as invalid,
+        saying its size and the limit. An untagged one may be any memory naming the
+        marker (a big result): skipped."""
+        row_id, _, _, created_at, tags, digest, size = row
+        names = (tags or "").split(",")
+        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
+            return None
+        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
+                  "(PLAN_MAX_BYTES); not read")
+        # the original layout stores no content_hash: this row's state is keyed by its id
+        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
+                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
+
+    @staticmethod
+    def _record(row: tuple) -> PlanRecord | None:
+        """The record of a candidate row (_with_content's), or None when it is no plan."""
+        row_id, content, metadata, created_at, tags, digest = row
+        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
+            return None     # the server's consolidation made it: never a plan
+        try:
+            plan = load_json(content)
+        except JSONRefused as exc:
+            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
+        except ValueError:
+            plan = None
+        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
+        tagged = PLAN_TAG in (tags or "").split(",")
+        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
+            return None     # a note or result that merely mentions the marker
+        try:
+            meta = load_json(metadata) if metadata else {}
+        except ValueError:
+            meta = {}
+        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
+                          created_at, tags or "", digest)
+
+    def get_plan(self, plan_id: str) -> PlanRecord:
+        """Return the one live plan whose parsed id equals plan_id exactly. Raises
+        PlanNotFound when none matches, StoreError when several live plans share the id
+        (neither is run; the user must delete one)."""
+        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
+        if not matches:
+            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
+                               "see the plans with: bridge --list --all")
+        if len(matches) > 1:
+            rows = ", ".join(str(r.row_id) for r in matches)
+            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories "
+                             f"(rows {rows})",
+                             "delete all but one of them with the memory server, then run again")
+        return matches[0]
+
+    def pending_count(self) -> int:
+        """Count the live plans whose effective status is pending."""
+        return sum(1 for r in self.find_plans() if r.status == "pending")
+
+    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
+        """Store a plan as a new memory, the way the memory server's memory_store does
+        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
+        soft-delete the live plans with the same id, in the same transaction. Returns
+        (content_hash, row ids replaced). Raises StoreError when a live plan has this
+        id and replace is off, or identical content is already stored."""
+        content = json.dumps(plan, ensure_ascii=False, indent=2)
+
+        def work() -> tuple[str, list]:
+            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            identical = [r for r in same if r.content_hash == content_hash(content)]
+            if identical:       # --replace would fail on the unique content_hash: say what works
+                status = identical[0].display_status
+                rerun = " --rerun" if status != "pending" else ""
+                again = f"bridge --plan {plan.get('id')}{rerun}"
+                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
+                                 f"(row {identical[0].row_id}, {status})",
+                                 f"to run it again: {again}; to change it, edit the file and "
+                                 "submit it with --replace")
+            if same and not replace:
+                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
+                raise StoreError(f"a plan with id {plan.get('id')!r} is already in "
+                                 f"{self.path} ({rows})",
+                                 "pass --replace to soft-delete it and store this one")
+            for record in same:
+                self.soft_delete(record.row_id)
+            digest = self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {})
+            return digest, [r.row_id for r in same]
+        return self._write(work)
+
+    # -- result memories -----------------------------------------------------
+
+    def finish(self, record: PlanRecord, memory: ResultMemory,
+               memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
         """Store the run's result memory as given and record the plan's final state
         (memory.state, with result_hash); return the result's content_hash.
@@ -2918,51 +3031,47 @@ class Store:
             return digest
         return self._write(work)
 
-    def _has_live_hash(self, digest: str) -> bool:
-        if "content_hash" not in self.columns:
-            return False
-        return self.conn.execute(f"SELECT 1 FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
-                                 (digest,)).fetchone() is not None
-
-    def insert_memory(self, content: str, tags: list[str], memory_type: str, metadata: dict) -> str:
-        """Insert one memory the way the memory server does; return its content_hash.
-
-        Call inside _write. Fills the hash, both timestamps and their _iso twins,
-        store='default' and embedding_pending=0 where the layout has those columns
-        (the row gets no embedding: tag and keyword search find it, semantic search
-        does not). Raises StoreError when identical content is already stored.
-        """
-        import sqlite3
-
-        now = time.time()
-        digest = content_hash(content)
-        tags_text = ",".join(tag_safe(t.strip()) for t in tags)
-        if self.layout == LAYOUT_ORIGINAL:
-            values = {"id": os.urandom(16).hex(), "content": content, "created_at": iso_from_ts(now),
-                      "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
+    def find_result(self, record: PlanRecord,
+                    named_only: bool = True) -> tuple[dict, str] | None:
+        """Return the newest stored result document of a plan that bridge's state names, and
+        its memory's content_hash, or None. Named: the memory's content_hash is the state's
+        result_hash, or its last_result_hash (the result before the claim of the run now
+        recorded). A memory merely tagged bridge-result and plan:<id> is anyone's (a
+        forgery): with named_only False, the newest such is returned too. Candidates: by the
+        state's hashes, then the live results tagged plan:<id>, newest first (the memory
+        server's own tag match), each confirmed by parse_result_content."""
+        rows: list = []
+        state = record.state
+        named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
+                 if isinstance(h, str) and h]         # the newest first
+        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        for digest in named if "content_hash" in self.columns else ():
+            rows += self.conn.execute("SELECT content_hash, content FROM memories "
+                                      "WHERE content_hash = ?", (digest,)).fetchall()
+        if "tags" in self.columns:
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
+                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
+                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
         else:
-            values = {"content_hash": digest, "content": content, "tags": tags_text,
-                      "memory_type": memory_type, "metadata": json.dumps(metadata),
-                      "created_at": now, "updated_at": now, "created_at_iso": iso_from_ts(now),
-                      "updated_at_iso": iso_from_ts(now), "store": "default", "embedding_pending": 0}
-            values = {k: v for k, v in values.items() if k in self.columns}
-        sql = (f"INSERT INTO memories ({', '.join(values)}) "
-               f"VALUES ({', '.join('?' for _ in values)})")
-        try:
-            self.conn.execute(sql, tuple(values.values()))
-        except sqlite3.IntegrityError as exc:
-            if "content_hash" not in str(exc):
-                raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
-            raise StoreError(f"the store already holds a memory with content hash {digest[:12]}…",
-                             "identical content was stored before (perhaps soft-deleted)") from exc
-        return digest
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories WHERE "
+                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
+        for digest, content in rows:
+            document = parse_result_content(content)
+            if document is not None and document.get("plan_id") == record.plan_id \
+                    and (not named_only or (digest or content_hash(content)) in named):
+                return document, content_hash(content)
+        return None
 
     def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
         """Record in the plan's state that --undo put back the files of run run_id at
         undone_at (ISO 8601): {"undone_run", "undone_at"}."""
-        self._write(lambda: self._set_state(record, {"undone_run": run_id, "undone_at": undone_at}))
+        self._write(lambda: self._set_state(record, {"undone_run": run_id,
+                                                     "undone_at": undone_at}))
 
-    def record_review(self, record: PlanRecord, run_id: str, expected: str, changes: dict) -> bool:
+    def record_review(self, record: PlanRecord, run_id: str, expected: str,
+                      changes: dict) -> bool:
         """Merge changes into the plan's state if it is still `expected` with run
         run_id (one transaction); False, changing nothing, when it is not."""
         def work() -> bool:
@@ -2973,69 +3082,9 @@ class Store:
             return True
         return self._write(work)
 
-    def check_usable(self) -> str | None:
-        """Return why a run could not use this store, or None when it can.
-
-        Runs PRAGMA quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
-        "ok", else the problems found, such as a corrupted page), then proves a
-        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
-        file is never changed (a read-only mount fails here, "attempt to write a
-        readonly database"). A store busy with another writer counts as writable.
-        """
-        import sqlite3
-
-        try:
-            found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
-        except sqlite3.DatabaseError as exc:
-            return f"PRAGMA quick_check failed: {exc}"
-        if found != ["ok"]:
-            return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
-        try:
-            self.conn.execute("CREATE TABLE bridge_write_probe (x)")
-        except sqlite3.DatabaseError as exc:
-            return f"cannot write: {exc}"
-        finally:
-            self.conn.execute("ROLLBACK")
-        return None
-
-    def memory_report(self) -> dict:
-        """Return the store as the memory server sees it: {"schema_version" (its
-        metadata table's schema_version, or None), "migrations" (rows of its
-        migration_registry, or None), "state_table" (STATE_TABLE exists),
-        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
-        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
-        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
-        memories.id; None without it)}."""
-        report: dict[str, Any] = {"schema_version": None, "migrations": None, "state_table": self.has_state_table,
-                                  "plans_recorded": 0, "bridge_rows": 0, "without_embedding": None}
-        if self._has_table("metadata"):
-            row = self.conn.execute("SELECT value FROM metadata WHERE key = 'schema_version'").fetchone()
-            report["schema_version"] = row[0] if row else None
-        if self._has_table("migration_registry"):
-            report["migrations"] = self.conn.execute("SELECT COUNT(*) FROM migration_registry").fetchone()[0]
-        if self.has_state_table:
-            report["plans_recorded"] = self.conn.execute(f"SELECT COUNT(*) FROM {STATE_TABLE}").fetchone()[0]
-        if "tags" not in self.columns:
-            return report
-        ours = (f"FROM memories m WHERE {self._live_filter()} AND ((',' || m.tags || ',') LIKE '%,{PLAN_TAG},%' "
-                f"OR (',' || m.tags || ',') LIKE '%,{RESULT_TAG},%')")
-        report["bridge_rows"] = self.conn.execute(f"SELECT COUNT(*) {ours}").fetchone()[0]
-        if self._has_table("memory_embeddings_rowids"):
-            report["without_embedding"] = self.conn.execute(
-                f"SELECT COUNT(*) {ours} AND m.id NOT IN (SELECT rowid FROM memory_embeddings_rowids)").fetchone()[0]
-        return report
-
-    def pending_count(self) -> int:
-        """Count the live plans whose effective status is pending."""
-        return sum(1 for r in self.find_plans() if r.status == "pending")
-
 
 ###############################################################################
-# 10. Output validation
+# 12. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
 # out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
@@ -3278,7 +3327,7 @@ def check_grounded(value: Any, source: str) -> None:
 
 
 ###############################################################################
-# 11. Constrained JSON and degenerate output
+# 13. Constrained JSON and degenerate output
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
@@ -3634,7 +3683,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 12. Validation types
+# 14. Validation types
 #
 # One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
 # VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
@@ -4023,7 +4072,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 
 ###############################################################################
-# 13. Plans
+# 15. Plans
 ###############################################################################
 
 
@@ -4166,6 +4215,9 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
+    """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
+    every files_context path (and LOAD's secrets, and that the file reads as text or a
+    step writes it), every file_output."""
     from pathlib import Path
 
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
@@ -4180,8 +4232,8 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if files or outputs:
             return ["$.context.project: required when the plan names files "
                     "(files_context or file_output)"]
-        return [f"{where}: a command runs in the project; set context.project to the folder it checks"
-                for where in _command_paths(plan)]
+        return [f"{where}: a command runs in the project; set context.project to the folder "
+                "it checks" for where in _command_paths(plan)]
     project = Path(context["project"])
     if not os.path.isdir(project):      # False, not OSError, for a name too long to look up
         return [f"$.context.project: folder {project} does not exist"]
@@ -4297,21 +4349,150 @@ def _build_plan(plan: dict) -> Plan:
                 verify=plan.get("verify"))
 
 
-EXECUTORS = ("openai", "anthropic", "claude-cli")
+###############################################################################
+# 16. Executors: the registry, the chat contract, model references
+#
+# An executor is one class (its facts: Executor) and its registry line
+# (@register_executor); every executor answers one call, chat(messages, ChatRequest)
+# -> Completion, dropping what it cannot send. The trust gate, the approval facts,
+# --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
+# (bottle's server_names and ServerAdapter are the model). The classes are in the
+# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+###############################################################################
+
+
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
+                            "reasoning reasoning_pieces response_format",
+                            defaults=(0.0, "", 0, None))):
+    """One model reply: text (reasoning fields excluded), usage as the server sent
+    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
+    model that answered (or None), finish_reason (or None), duration_s (seconds),
+    cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it),
+    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
+    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
+    one token each) and response_format (the type of the constraint sent, e.g.
+    "json_schema", or None when the request went unconstrained)."""
+
+    __slots__ = ()
+
+
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
+class Executor:
+    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
+    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
+    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
+    the spend cap and the runner read these facts, never a class name:
+
+    NAME: what --allow-executor and the approval facts call it. PREFIX: model
+    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
+    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
+    in the plan's project when trusted, else a scratch folder; one instance a folder).
+    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
+    is the run's model server (Runner.client): probed for its context and slots, sent
+    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
+    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
+    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
+    executor runs only when the user allowed it (needs_allowing)."""
+
+    NAME = PREFIX = ""
+    PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
+    DEFAULT_MAX_TOKENS: "int | None" = None
+
+    @classmethod
+    def needs_allowing(cls) -> bool:
+        """Whether steps run on it only with --allow-executor NAME."""
+        return cls.PAID or cls.AGENTIC or cls.CLOUD
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        """Whether a model reference split into (prefix, name) (parse_model_ref) is
+        this executor's."""
+        return prefix == cls.PREFIX
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        """(message, hint) of an LLMError for a step on it the user has not allowed."""
+        return (f"the {cls.NAME} executor is not allowed (model {ref})",
+                f"let it run with --allow-executor {cls.NAME}")
+
+    @classmethod
+    def for_run(cls, config: Config, cwd: "Path | None",
+                on_retry: "Callable[[str], None]") -> "Executor":
+        """Open one for a run: cwd is the plan's project when trusted, else None (an
+        AGENTIC executor's scratch folder); on_retry(message) is told of each retry.
+        Raises LLMError when it cannot be used (no key, no binary)."""
+        return cls(config, on_retry=on_retry)
+
+    def chat(self, messages: list[dict], request: "ChatRequest") -> "Completion":
+        """Send one chat: messages [{"role", "content"}]; see ChatRequest, Completion."""
+        raise NotImplementedError
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what it holds (connections); nothing by default."""
+
+
+def register_executor(cls: "type[Executor]") -> "type[Executor]":
+    """Put an Executor class in EXECUTORS under its NAME (a class decorator: adding an
+    executor is its class and this line). Raises ValueError for a NAME or PREFIX taken."""
+    taken = {c.PREFIX for c in EXECUTORS.values() if c.PREFIX}
+    if not cls.NAME or cls.NAME in EXECUTORS or (cls.PREFIX and cls.PREFIX in taken):
+        raise ValueError(f"executor {cls.NAME!r} (prefix {cls.PREFIX!r}) is already registered")
+    EXECUTORS[cls.NAME] = cls
+    return cls
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
     → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor stays part of the name (LM Studio keys hold colons)."""
+    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
     kind, sep, name = ref.partition(":")
-    if sep and kind in EXECUTORS and name:
+    if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
-    return "openai", ref
+    return DEFAULT_EXECUTOR, ref
+
+
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
+def _executor_of(ref: str) -> str:
+    """The NAME of the executor a model reference runs on: the first in EXECUTORS that
+    claims it (an Ollama cloud model's is "ollama-cloud"), else its prefix's."""
+    prefix, name = parse_model_ref(ref)
+    return next((n for n, cls in EXECUTORS.items() if cls.claims(prefix, name)), prefix)
+
+
+def executor_class(ref: str) -> "type[Executor]":
+    """The Executor class a model reference runs on (_executor_of)."""
+    return EXECUTORS[_executor_of(ref)]
 
 
 ###############################################################################
-# 14. Trust: projects, approvals, executors
+# 17. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4468,19 +4649,6 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return entry.get("project") == pinned
 
 
-def is_cloud_model(name: str) -> bool:
-    """Whether an Ollama model name is one of its cloud models, run on ollama.com
-    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
-    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
-
-
-def _executor_of(ref: str) -> str:
-    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
-    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
-    kind, name = parse_model_ref(ref)
-    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
-
-
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
@@ -4498,7 +4666,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
-    step_kinds = sorted({_executor_of(m) for m in step_models} - {"openai"})
+    step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
+                        if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
     escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
     trusted = plan_trusted(config, plan, plan_hash)
@@ -4507,7 +4676,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
-    elif not trusted and (plan.project is not None or step_kinds or (escalation_used and escalation != "openai")):
+    elif not trusted and (plan.project is not None or step_kinds or (
+            escalation_used and EXECUTORS[escalation].needs_allowing())):
         reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
@@ -4522,7 +4692,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
-                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
+                       | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
+                          else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
@@ -4587,44 +4758,12 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 15. Model servers: errors, streams, retries
+# 18. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
 # inside functions, and every httpx exception is translated to an LLMError.
 ###############################################################################
-
-
-class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
-                            "reasoning reasoning_pieces response_format",
-                            defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
-
-    __slots__ = ()
-
-
-class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
-                             "thinking on_delta on_reasoning",
-                             defaults=(None, None, None, None, None, None, None))):
-    """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
-
-    __slots__ = ()
 
 
 def reasoning_delta(delta: Any) -> str:
@@ -5049,7 +5188,7 @@ def missing_v1_hint(base_url: str, status: int) -> str:
     return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
-class HTTPExecutor:
+class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
     exceptions translated to LLMError, and the retry loop.
 
@@ -5080,12 +5219,6 @@ class HTTPExecutor:
         https = self.base_url.lower().startswith("https://")
         self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
                                  headers=headers)
-
-    def __enter__(self) -> "HTTPExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
 
     def close(self) -> None:
         """Close the connections."""
@@ -5234,19 +5367,27 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 16. LLM client: OpenAI-compatible servers
+# 19. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
 
+@register_executor
 class LLMClient(HTTPExecutor):
     """The chat-completions executor for one OpenAI-compatible server (LM Studio,
     Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
     http://localhost:1234/v1 by default). Streams SSE chunks with
     stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe)."""
+    and probes what the server runs (probe). The run's model server: one instance,
+    opened by the CLI before the run (Runner.client)."""
 
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
     CHAT_PATH = "/chat/completions"
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
@@ -5367,7 +5508,7 @@ class LLMClient(HTTPExecutor):
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
         else:
             wanted = None
@@ -5450,7 +5591,7 @@ class LLMClient(HTTPExecutor):
 
         chosen = why = problem = None
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
             name = next((n for n in (wanted, f"{wanted}:latest")
                          if n in pulled or n in running), None)
@@ -5832,8 +5973,29 @@ def _usage(value: Any) -> dict | None:
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
 
 
+@register_executor
+class OllamaCloud(LLMClient):
+    """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
+    run's model server like a local one, but run on ollama.com, where the project's
+    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
+    the paid executors at the spend cap. Facts only: its requests go through the
+    run's LLMClient (PROBED)."""
+
+    NAME, PREFIX = "ollama-cloud", ""
+    PAID = CLOUD = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == LLMClient.PREFIX and is_cloud_model(name)
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        return (f"model {name} runs on ollama.com, where the project's files would go",
+                f"let it run with --allow-executor {cls.NAME}")
+
+
 ###############################################################################
-# 17. Other executors: the Anthropic API and the claude CLI
+# 20. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -5855,6 +6017,7 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
 
+@register_executor
 class AnthropicClient(HTTPExecutor):
     """The executor for the Anthropic Messages API, or any server speaking it (LM
     Studio and Ollama serve /v1/messages too; a gateway).
@@ -5869,6 +6032,8 @@ class AnthropicClient(HTTPExecutor):
     Raises LLMError (exit 2 at start-up) when no API key is set.
     """
 
+    NAME = PREFIX = "anthropic"
+    PAID = CLOUD = True
     CHAT_PATH = "/v1/messages"
     DEFAULT_MAX_TOKENS = 4096        # the API requires max_tokens
 
@@ -5938,7 +6103,8 @@ class AnthropicClient(HTTPExecutor):
         return tally.completion(usage, model, stop, cost)
 
 
-class ClaudeCLI:
+@register_executor
+class ClaudeCLI(Executor):
     """The executor that hands a step to Claude Code itself: `claude -p`.
 
     Runs `claude -p --output-format stream-json --verbose --model M
@@ -5960,7 +6126,10 @@ class ClaudeCLI:
     # hooks), and the default permission mode whatever a settings file asks for.
     # Source: https://code.claude.com/docs/en/cli-reference (--tools, --strict-mcp-config,
     # --setting-sources, --permission-mode), read 2026-12-04.
-    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user", "--permission-mode", "default")
+    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user",
+                "--permission-mode", "default")
+    NAME = PREFIX = "claude-cli"
+    PAID = AGENTIC = CLOUD = True
 
     def __init__(self, config: Config, cwd: Path | None = None):
         import shutil
@@ -5972,14 +6141,10 @@ class ClaudeCLI:
             raise LLMUnavailable("the claude CLI was not found on PATH, for a claude-cli: model",
                                  "install Claude Code (npm install -g @anthropic-ai/claude-code)")
 
-    def __enter__(self) -> "ClaudeCLI":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def close(self) -> None:
-        """Nothing to close: each request is its own process."""
+    @classmethod
+    def for_run(cls, config: Config, cwd: Path | None,
+                on_retry: Callable[[str], None]) -> "ClaudeCLI":
+        return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Run one `claude -p` request; see the class. Of request, model, timeout_s and
@@ -6123,7 +6288,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 18. Check commands
+# 21. Check commands
 ###############################################################################
 
 
@@ -6360,7 +6525,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 19. File transactions: journal, rollback, recovery
+# 22. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6379,7 +6544,8 @@ class FileTransaction:
     left behind; refused lists the journal entries of that run it would not use.
     """
 
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None, guard: Guard | None = None):
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
+                 guard: Guard | None = None):
         import threading
 
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
@@ -6425,7 +6591,8 @@ class FileTransaction:
             try:
                 fd, depth = _walk(self._root(), parts[:-1], rel)
                 try:
-                    change = self.changes.get(rel) or self._journal_original(rel, parts, fd, depth, step)
+                    change = self.changes.get(rel) \
+                        or self._journal_original(rel, parts, fd, depth, step)
                     if change.action == "reverted":      # put back by revert_path, written again
                         change.action = "created" if change.backup is None else "modified"
                     crash_point(self.crash_at, "journal")
@@ -6438,7 +6605,8 @@ class FileTransaction:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
+                raise PathError(f"cannot write {rel!r} in {self.project}: "
+                                f"{exc.strerror or exc}") from exc
         return change
 
     def close(self) -> None:
@@ -6446,7 +6614,8 @@ class FileTransaction:
         with self.lock:
             self.closed = True
 
-    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int, step: int) -> FileChange:
+    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int,
+                          step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
         import hashlib
@@ -6501,7 +6670,8 @@ class FileTransaction:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
         except (PathError, OSError) as exc:
-            self.refused.append(f"journal of {old_run_dir.name}: {getattr(exc, 'strerror', None) or exc}")
+            why = getattr(exc, "strerror", None) or exc
+            self.refused.append(f"journal of {old_run_dir.name}: {why}")
             return []
         self.old_runs.append(old_run_dir)
         if any(entry.get("reverted") is True for entry in entries):
@@ -6548,8 +6718,9 @@ class FileTransaction:
         try:
             original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
-            self.refused.append(f"journal entry of {run_dir.name} refused: backup {change.backup} of "
-                                f"{change.path!r} cannot be read ({exc.strerror or exc})")
+            self.refused.append(f"journal entry of {run_dir.name} refused: backup "
+                                f"{change.backup} of {change.path!r} cannot be read "
+                                f"({exc.strerror or exc})")
             return False
         with original:
             kept = change.backup.name[5:205]          # type: ignore[union-attr]
@@ -6570,13 +6741,16 @@ class FileTransaction:
         if "path" not in entry:
             return None             # {"reverted": true} and other markers
         try:
-            rel, action, backup, mode = entry["path"], entry.get("action"), entry.get("backup") or "", entry.get("mode")
+            rel, action, mode = entry["path"], entry.get("action"), entry.get("mode")
+            backup = entry.get("backup") or ""
             if not isinstance(rel, str):
                 raise PathError(f"path {rel!r} is not a string")
             self.check(rel)
             if action not in ("created", "modified") or (action == "modified") != bool(backup):
-                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not one bridge writes")
-            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
+                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not "
+                                "one bridge writes")
+            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)
+                                     or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
             if backup and (not isinstance(backup, str)
                            or real_path(backup).parent != real_path(run_dir / "backups")):
@@ -6596,7 +6770,8 @@ class FileTransaction:
             with _suppress(ValueError):
                 inside = Path(folder).relative_to(self.project)
         if inside is None or not inside.parts:
-            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {self.project}")
+            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project "
+                            f"{self.project}")
         plan_path_parts(inside.as_posix())
         return self.project / inside
 
@@ -6668,7 +6843,8 @@ class FileTransaction:
 
     def _remove_dir(self, folder: Path) -> None:
         """Remove a folder the run made, if it is still empty (never through a symlink)."""
-        with _suppress(OSError, PathError, ValueError):   # not empty: something else lives there now
+        # not empty (something else lives there now): left as it is
+        with _suppress(OSError, PathError, ValueError):
             parts = plan_path_parts(folder.relative_to(self.project).as_posix())
             fd, depth = _walk(self._root(), parts[:-1], folder.name)
             try:
@@ -6695,7 +6871,166 @@ class FileTransaction:
 
 
 ###############################################################################
-# 20. Kept runs: backups, diff, undo, review
+# 23. Review staging and bounded diffs
+#
+# A --review run writes nothing into the project: StagedFiles keeps each file under the
+# run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
+# diff (difflib), read only when both sides are at most DIFF_MAX_BYTES.
+###############################################################################
+
+
+def sha256_hex(data: bytes) -> str:
+    """Return the sha256 of bytes, in hex."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_regular(path: Path) -> bytes | None:
+    """Return a regular file's bytes, or None when it is missing or not a regular
+    file (a symlink is not followed)."""
+    try:
+        with open_regular(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
+                 now_sha: str | None) -> str:
+    """Return file_diff of one file from the file at before to the file at now (None, or
+    a path that is missing: no such file), reading them only when both are at most
+    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
+    now_sha, computed in pieces, still tell whether they differ)."""
+    if before_sha == now_sha:
+        return ""
+    sizes = [_regular_size(path) for path in (before, now)]
+    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
+        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
+        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} "
+                "bytes; the sha256 values say whether it changed)\n")
+    return file_diff(rel, read_regular(before) if before is not None else None,
+                     read_regular(now) if now is not None else None)
+
+
+def _regular_size(path: Path | None) -> int | None:
+    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
+    try:
+        info = os.lstat(path) if path is not None else None
+    except OSError:
+        return None
+    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
+
+
+def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
+    """Return the unified diff (difflib) of one file from before (None: did not
+    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
+    not UTF-8, one "Binary files … differ" line."""
+    import difflib
+
+    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
+        ("b/" + rel) if now is not None else "/dev/null"
+    if before == now:
+        return ""
+    try:
+        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return f"Binary files {old_name} and {new_name} differ\n"
+    lines = []
+    for line in difflib.unified_diff(old_text.splitlines(keepends=True),
+                                     new_text.splitlines(keepends=True), old_name, new_name):
+        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(lines)
+
+
+class StagedFiles:
+    """The files of a --review run: written under the run's folder (staged/PATH, 0600),
+    never into the project; --apply writes them there later.
+
+    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
+    changes, so the runner uses either. staged.jsonl records each write: {"step",
+    "path", "action" (created | modified, as the project was), "base_sha256" (the
+    project file's before its first staging, None when absent), "sha256"};
+    reads.json the sha256 of every LOAD file as the run found it in the project.
+    """
+
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
+        import threading
+
+        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
+        self.changes: dict[str, FileChange] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def note_reads(self, files_context: dict[str, str]) -> None:
+        """Record the sha256 of every LOAD file as it is in the project now (None: absent)."""
+        reads = {}
+        for rel, mode in files_context.items():
+            if mode == "LOAD":
+                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
+        write_json_file(self.run_dir / "reads.json", reads)
+
+    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
+        """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
+        when rel leads outside the project, or the run is ending."""
+        target = resolve_inside(self.project, rel)
+        data = text.encode("utf-8")
+        with self.lock:
+            if self.closed:
+                raise PathError(f"not staging {rel!r}: the run is ending")
+            try:
+                staged = self.run_dir / "staged" / rel
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(staged, data, 0o600)
+            except OSError as exc:
+                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
+                                f"{exc.strerror or exc}") from exc
+            change = self.changes.get(rel)
+            base = None
+            if change is None:
+                base = file_sha256(target)
+                action = "created" if base is None else "modified"
+                change = self.changes[rel] = FileChange(rel, action)
+            append_jsonl(self.run_dir / STAGED_FILE, {
+                "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
+                "base_sha256": base})
+        return change
+
+    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
+        """Put back in the project every file a killed run wrote (FileTransaction.recover
+        with no step kept: a --review run never keeps a dead run's files); return them."""
+        files = FileTransaction(self.project, self.run_dir, self.crash_at)
+        return files.recover(old_run_dir, set())
+
+    def path_of(self, rel: str) -> Path | None:
+        """Return the staged copy of rel, or None when no step staged it."""
+        return self.run_dir / "staged" / rel if rel in self.changes else None
+
+    def close(self) -> None:
+        """Refuse every later write."""
+        with self.lock:
+            self.closed = True
+
+    def rollback(self) -> None:
+        """Drop the staged files (the project was never touched)."""
+        self.close()
+        self.discard()
+
+    def discard(self) -> None:
+        """Delete the staged files."""
+        import shutil
+
+        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
+
+    def summary(self) -> list[dict]:
+        """Return [{"path", "action", "staged": True}] in staging order (action as the
+        project would see it: created or modified)."""
+        return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
+
+
+
+###############################################################################
+# 24. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -6707,18 +7042,12 @@ class FileTransaction:
 ###############################################################################
 
 
-def sha256_hex(data: bytes) -> str:
-    """Return the sha256 of bytes, in hex."""
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
+def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
-    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
-    "content_hash" (the plan memory's)}, which --diff, --undo and a take-over read back."""
-    info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
+    """Write run.json, {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
+    None), "started_at", "content_hash" (the plan memory's)}, which --diff, --undo and a
+    take-over read back."""
+    info = {"plan_id": plan_id, "run_id": run_dir.name, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
     write_json_file(run_dir / RUN_INFO_FILE, info)
@@ -6763,10 +7092,18 @@ def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
                                              "bytes": len(data)})
 
 
+def _real_folder(path: Path) -> bool:
+    """Whether path is a folder itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def keep_backups(run_dir: Path) -> None:
     """Make a finished run's backups private (files 0600, folder 0700), to keep for --undo."""
     backups = run_dir / "backups"
-    if backups.is_dir() and not backups.is_symlink():
+    if _real_folder(backups):
         os.chmod(backups, 0o700)
         for entry in os.scandir(backups):
             if entry.is_file(follow_symlinks=False):
@@ -6785,7 +7122,8 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
-    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns, p.name))
+    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns,
+                                        p.name))
 
 
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
@@ -6797,7 +7135,7 @@ def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
     older = older[: max(0, len(older) - keep)]
     pruned = []
     for run_dir in older:
-        if (run_dir / "backups").is_dir() and not (run_dir / "backups").is_symlink():
+        if _real_folder(run_dir / "backups"):
             shutil.rmtree(run_dir / "backups", ignore_errors=True)
             pruned.append(run_dir.name)
     return pruned
@@ -6812,7 +7150,7 @@ def backups_usage(runs_dir: Path) -> dict:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             backups = Path(entry.path, "backups")
-            if not entry.is_dir(follow_symlinks=False) or not backups.is_dir() or backups.is_symlink():
+            if not entry.is_dir(follow_symlinks=False) or not _real_folder(backups):
                 continue
             runs += 1
             total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
@@ -6827,8 +7165,8 @@ def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
     try:
         run_dir = run_folder(runs_dir, run_id)
     except PathError as exc:
-        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the folders of "
-                                    "STATE_DIR/runs") from None
+        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the "
+                                    "folders of STATE_DIR/runs") from None
     if not run_dir.is_dir():
         raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir")
     return run_dir
@@ -6854,12 +7192,13 @@ class KeptRun:
     KeptRun.load.
     """
 
-    def __init__(self, run_id: str, run_dir: Path, plan_id: str, project: Path | None,
-                 files: list[KeptFile], reverted: bool, undone_at: str | None,
-                 staged: dict[str, dict] | None = None, reads: dict[str, Any] | None = None):
-        self.run_id, self.run_dir, self.plan_id, self.project = run_id, run_dir, plan_id, project
-        self.files, self.reverted, self.undone_at = files, reverted, undone_at
-        self.staged, self.reads = staged or {}, reads or {}
+    def __init__(self, run_dir: Path, plan_id: str, project: Path | None):
+        self.run_id, self.run_dir, self.plan_id, self.project = \
+            run_dir.name, run_dir, plan_id, project
+        self.files: list[KeptFile] = []
+        self.reverted, self.undone_at = False, None
+        self.staged: dict[str, dict] = {}
+        self.reads: dict[str, Any] = {}
 
     @property
     def awaiting_review(self) -> bool:
@@ -6877,47 +7216,63 @@ class KeptRun:
         run_dir = run_dir_of(runs_dir, run_id)
         info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
-            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
-                              "only runs made since can be shown or undone")
+            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older "
+                              "than --diff)", "only runs made since can be shown or undone")
         if info.get("plan_id") != plan_id:
-            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not {plan_id!r}",
+            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not "
+                              f"{plan_id!r}",
                               f"pass that plan's id, or a run of {plan_id!r} with --run")
         project = Path(info["project"]) if isinstance(info.get("project"), str) else None
         if project is not None and not project.is_absolute():
-            raise BridgeError(f"run {run_id}: run.json names a relative project {project}", "remove that run")
-        written = {e["path"]: e.get("sha256") for e in read_jsonl(run_dir / WRITTEN_FILE)
-                   if isinstance(e.get("path"), str)}
-        entries = read_jsonl(run_dir / JOURNAL_FILE)
-        files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = read_json_file(run_dir / "undone.json", or_none=True)
-        staged: dict[str, dict] = {}
-        for entry in read_jsonl(run_dir / STAGED_FILE):
-            if project is None or not isinstance(entry.get("path"), str):
-                raise BridgeError(f"run {run_id}: staged.jsonl has an entry bridge did not write: {entry!r}")
-            resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
-            first = staged.setdefault(entry["path"], dict(entry))
-            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = read_json_file(run_dir / "reads.json", or_none=True)
-        return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
-                   undone.get("undone_at") if isinstance(undone, dict) else None, staged,
-                   {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
+            raise BridgeError(f"run {run_id}: run.json names a relative project {project}",
+                              "remove that run")
+        run = cls(run_dir, plan_id, project)
+        run._read_journal(runs_dir)
+        run._read_staging()
+        return run
 
-    @staticmethod
-    def _checked(run_id: str, runs_dir: Path, project: Path | None, entry: dict, written: dict) -> KeptFile:
+    def _read_journal(self, runs_dir: Path) -> None:
+        """files, reverted and undone_at from journal.jsonl, written.jsonl and undone.json."""
+        written = {e["path"]: e.get("sha256") for e in read_jsonl(self.run_dir / WRITTEN_FILE)
+                   if isinstance(e.get("path"), str)}
+        entries = read_jsonl(self.run_dir / JOURNAL_FILE)
+        self.files = [self._checked(runs_dir, e, written) for e in entries if "path" in e]
+        self.reverted = any(e.get("reverted") for e in entries)
+        undone = read_json_file(self.run_dir / "undone.json", or_none=True)
+        self.undone_at = undone.get("undone_at") if isinstance(undone, dict) else None
+
+    def _read_staging(self) -> None:
+        """staged and reads of a --review run, from staged.jsonl and reads.json."""
+        for entry in read_jsonl(self.run_dir / STAGED_FILE):
+            if self.project is None or not isinstance(entry.get("path"), str):
+                raise BridgeError(f"run {self.run_id}: staged.jsonl has an entry bridge did not "
+                                  f"write: {entry!r}")
+            resolve_inside(self.project, entry["path"])     # PathError for a path leaving it
+            first = self.staged.setdefault(entry["path"], dict(entry))
+            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")  # the last wins
+        reads = read_json_file(self.run_dir / "reads.json", or_none=True)
+        if isinstance(reads, dict):
+            self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
+
+    def _checked(self, runs_dir: Path, entry: dict, written: dict) -> KeptFile:
         """Return a journal entry as a KeptFile once its paths are checked."""
         from pathlib import Path
 
+        project, run_id = self.project, self.run_id
         rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
         if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
-            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: {entry!r}",
-                              "the run cannot be shown or undone")
+            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: "
+                              f"{entry!r}", "the run cannot be shown or undone")
         resolve_inside(project, rel)          # raises PathError for a path leaving the project
         for folder in entry.get("created_dirs") or []:
             where = Path(os.path.abspath(folder))
-            if where == project or not (where.is_relative_to(project) or where.is_relative_to(project.resolve())):
-                raise PathError(f"run {run_id}: journal names a folder outside the project: {folder}")
+            if where == project or not (where.is_relative_to(project)
+                                        or where.is_relative_to(real_path(project))):
+                raise PathError(f"run {run_id}: journal names a folder outside the project: "
+                                f"{folder}")
         backup_path = Path(backup) if isinstance(backup, str) and backup else None
-        if backup_path is not None and not backup_path.resolve().is_relative_to(runs_dir.resolve()):
+        if backup_path is not None \
+                and not real_path(backup_path).is_relative_to(real_path(runs_dir)):
             raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
         return KeptFile(rel, action, backup_path, mode, written.get(rel))
@@ -6934,13 +7289,14 @@ class KeptRun:
             before_path = kept.backup if kept.action == "modified" else None
             current_sha = file_sha256(now_path)
             original_sha = file_sha256(before_path) if before_path is not None else None
-            gone = kept.action == "modified" and original_sha is None
+            if kept.action == "modified" and original_sha is None:
+                diff = f"(the original of {kept.path} is no longer kept; no diff)\n"
+            else:
+                diff = bounded_diff(kept.path, before_path, now_path, original_sha, current_sha)
             entries.append({
                 "path": kept.path, "action": kept.action, "original_sha256": original_sha,
                 "written_sha256": kept.written_sha256, "current_sha256": current_sha,
-                "changed_since_run": current_sha != kept.written_sha256,
-                "diff": bounded_diff(kept.path, before_path, now_path, original_sha, current_sha,
-                                     gone)})
+                "changed_since_run": current_sha != kept.written_sha256, "diff": diff})
         return entries
 
     def staged_diff(self) -> list[dict]:
@@ -6953,7 +7309,8 @@ class KeptRun:
             now_path = self.project / rel        # type: ignore[operator]  # staging: a project
             staged_path = self.run_dir / "staged" / rel
             current_sha = file_sha256(now_path)
-            entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
+            entries.append({"path": rel, "action": entry.get("action"),
+                            "original_sha256": entry.get("base_sha256"),
                             "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
                             "changed_since_run": current_sha != entry.get("base_sha256"),
                             "diff": bounded_diff(rel, now_path, staged_path, current_sha,
@@ -6981,7 +7338,8 @@ class KeptRun:
             for rel, entry in self.staged.items():
                 data = read_regular(self.run_dir / "staged" / rel)
                 if data is None or sha256_hex(data) != entry.get("sha256"):
-                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or changed",
+                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or "
+                                      "changed",
                                       "reject the run (bridge --reject ID) and run it again")
                 step = entry.get("step") if isinstance(entry.get("step"), int) else 0
                 files.write(rel, data.decode("utf-8"), step)
@@ -7004,168 +7362,26 @@ class KeptRun:
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
-            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} file(s) are no "
-                              f"longer kept: {', '.join(gone)}", "backups are kept for the last runs of a plan "
-                              "only (--keep-runs, BRIDGE_KEEP_RUNS)")
+            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} "
+                              f"file(s) are no longer kept: {', '.join(gone)}",
+                              "backups are kept for the last runs of a plan only (--keep-runs, "
+                              "BRIDGE_KEEP_RUNS)")
         project: Path = self.project      # type: ignore[assignment]  # files imply a project
         changed = [k.path for k in self.files if file_sha256(project / k.path) != k.written_sha256]
         if changed and not force:
-            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed after the run: "
-                              f"{', '.join(changed)}",
+            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed "
+                              f"after the run: {', '.join(changed)}",
                               f"see them with bridge --diff {self.plan_id} --run {self.run_id}; "
                               "--force puts the originals back anyway")
-        restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
+        restored = FileTransaction(project, self.run_dir).recover(self.run_dir, set())
         self.undone_at = utc_now_iso()
         append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
         write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
         return restored
 
 
-class StagedFiles:
-    """The files of a --review run: written under the run's folder (staged/PATH, 0600),
-    never into the project; --apply writes them there later.
-
-    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
-    changes, so the runner uses either. staged.jsonl records each write: {"step",
-    "path", "action" (created | modified, as the project was), "base_sha256" (the
-    project file's before its first staging, None when absent), "sha256"};
-    reads.json the sha256 of every LOAD file as the run found it in the project.
-    """
-
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
-        import threading
-
-        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
-        self.changes: dict[str, FileChange] = {}
-        self.lock = threading.Lock()
-        self.closed = False
-
-    def note_reads(self, files_context: dict[str, str]) -> None:
-        """Record the sha256 of every LOAD file as it is in the project now (None: absent)."""
-        reads = {}
-        for rel, mode in files_context.items():
-            if mode == "LOAD":
-                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
-        write_json_file(self.run_dir / "reads.json", reads)
-
-    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
-        when rel leads outside the project, or the run is ending."""
-        target = resolve_inside(self.project, rel)
-        data = text.encode("utf-8")
-        with self.lock:
-            if self.closed:
-                raise PathError(f"not staging {rel!r}: the run is ending")
-            try:
-                staged = self.run_dir / "staged" / rel
-                staged.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(staged, data, 0o600)
-            except OSError as exc:
-                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: {exc.strerror or exc}") from exc
-            change = self.changes.get(rel)
-            base = None
-            if change is None:
-                base = file_sha256(target)
-                change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
-            append_jsonl(self.run_dir / STAGED_FILE, {
-                "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
-                "base_sha256": base})
-        return change
-
-    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Put back in the project every file a killed run wrote (FileTransaction.recover
-        with no step kept: a --review run never keeps a dead run's files); return them."""
-        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir, set())
-
-    def path_of(self, rel: str) -> Path | None:
-        """Return the staged copy of rel, or None when no step staged it."""
-        return self.run_dir / "staged" / rel if rel in self.changes else None
-
-    def close(self) -> None:
-        """Refuse every later write."""
-        with self.lock:
-            self.closed = True
-
-    def rollback(self) -> None:
-        """Drop the staged files (the project was never touched)."""
-        self.close()
-        self.discard()
-
-    def discard(self) -> None:
-        """Delete the staged files."""
-        import shutil
-
-        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
-
-    def summary(self) -> list[dict]:
-        """Return [{"path", "action", "staged": True}] in staging order (action as the
-        project would see it: created or modified)."""
-        return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
-
-
-def read_regular(path: Path) -> bytes | None:
-    """Return a regular file's bytes, or None when it is missing or not a regular
-    file (a symlink is not followed)."""
-    try:
-        with open_regular(path) as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
-                 now_sha: str | None, backup_gone: bool = False) -> str:
-    """Return file_diff of one file from the file at before to the file at now (None, or
-    a path that is missing: no such file), reading them only when both are at most
-    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
-    now_sha, computed in pieces, still tell whether they differ)."""
-    if backup_gone:
-        return file_diff(rel, None, None, backup_gone=True)
-    if before_sha == now_sha:
-        return ""
-    sizes = [_regular_size(path) for path in (before, now)]
-    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
-        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
-        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} bytes; "
-                "the sha256 values say whether it changed)\n")
-    return file_diff(rel, read_regular(before) if before is not None else None,
-                     read_regular(now) if now is not None else None)
-
-
-def _regular_size(path: Path | None) -> int | None:
-    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
-    try:
-        info = os.lstat(path) if path is not None else None
-    except OSError:
-        return None
-    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
-
-
-def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
-    """Return the unified diff (difflib) of one file from before (None: did not
-    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
-    not UTF-8, one "Binary files … differ" line."""
-    import difflib
-
-    if backup_gone:
-        return f"(the original of {rel} is no longer kept; no diff)\n"
-    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
-        ("b/" + rel) if now is not None else "/dev/null"
-    if before == now:
-        return ""
-    try:
-        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return f"Binary files {old_name} and {new_name} differ\n"
-    lines = []
-    for line in difflib.unified_diff(old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
-                                     old_name, new_name):
-        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
-    return "".join(lines)
-
-
 ###############################################################################
-# 21. Prompts
+# 25. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7445,7 +7661,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
 
 
 ###############################################################################
-# 22. Run records
+# 26. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7836,11 +8052,11 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 23. The result document
+# 27. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts & plan records" reads it back), the document --json and
+# the room "Store layouts" reads it back), the document --json and
 # --show --json print (shown_result, show_document), and the text of --show and of
 # a run's end (render_show, savings_line, ledger_lines).
 ###############################################################################
@@ -7858,7 +8074,7 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
-            if parse_model_ref(model)[0] == "openai":
+            if executor_class(model).PROBED:
                 for key in local:
                     local[key] += line[key]
     escalated = [s for s in steps if s.escalated_to]
@@ -8104,7 +8320,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 24. Step scheduling
+# 28. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8273,7 +8489,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 25. Runner
+# 29. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8430,25 +8646,20 @@ class Runner:
         self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref):
-        the local client for openai:, else an AnthropicClient or a ClaudeCLI (run in
-        cli_cwd, the plan's project when it is trusted, else a scratch folder), made
-        once. Raises LLMError when it cannot be used (not in config.allowed_executors,
-        no key, no claude binary)."""
-        kind, name = parse_model_ref(ref)
-        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
-            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
-                           "let it run with --allow-executor ollama-cloud")
-        if kind == "openai":
+        """Return (executor, model name) for a model reference (see parse_model_ref and
+        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
+        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
+        else None, a scratch folder). Raises LLMError when it cannot be used (not in
+        config.allowed_executors, no key, no binary)."""
+        kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
+        if cls.needs_allowing() and kind not in self.config.allowed_executors:
+            raise LLMError(*cls.refusal(ref, name))
+        if cls.PROBED:
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
-        if kind not in self.config.allowed_executors:
-            raise LLMError(f"the {kind} executor is not allowed (model {ref})",
-                           f"let it run with --allow-executor {kind}")
-        key = (kind, cli_cwd) if kind == "claude-cli" else (kind,)
+        key = (kind, cli_cwd) if cls.AGENTIC else (kind,)
         if key not in self._executors:
-            self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
-                if kind == "anthropic" else ClaudeCLI(self.config, cli_cwd)
+            self._executors[key] = cls.for_run(self.config, cli_cwd, self.report_retry)
         return self._executors[key], name
 
     def report_retry(self, message: str) -> None:
@@ -8534,8 +8745,7 @@ class Runner:
         error, interrupted, verify = None, None, None
         try:
             private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
-            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
-                           run.record.content_hash)
+            write_run_info(run.run_dir, plan.id, plan.project, run.started, run.record.content_hash)
             if run.staged:
                 files.note_reads(plan.files_context)
             if run.previous:
@@ -8956,11 +9166,11 @@ class Runner:
             executor, name = self.executor(attempt.model, run.cli_cwd)
         except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
             return AttemptFailure(str(exc), retryable=False)
-        paid = _executor_of(attempt.model) in PAID_EXECUTORS
+        paid = executor_class(attempt.model).PAID
         if paid and (refused := self._spend.refused()):
             run.cap_hit = True
             return AttemptFailure(refused, retryable=False)
-        local = isinstance(executor, LLMClient)      # the other executors keep their own limits
+        local = executor.PROBED      # the other executors keep their own limits
         sampling = self._sampling(step, attempt, local)
         sent = executor.accepted_sampling(sampling) if local else sampling
         thinking = thinking_asked(step) if local else None
@@ -9024,7 +9234,8 @@ class Runner:
             run.runlog.checked(step.id, attempt.number, cut)
             return AttemptFailure(cut, retryable=False)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
+            limit = sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             if thought:
@@ -9059,7 +9270,7 @@ class Runner:
         return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
                 f"{answer} ({after})")
 
-    def _garbled(self, run: PlanRun, step: Step, executor: "LLMClient", name: str, output: str,
+    def _garbled(self, run: PlanRun, step: Step, executor: Executor, name: str, output: str,
                  form: str, schema: dict | None) -> None:
         """After a constrained answer failed: when it looks damaged by the grammar
         (grammar_damage against schema, the one sent), send that model's later requests
@@ -9081,7 +9292,7 @@ class Runner:
         in parallel on a server whose slots share one context (Runner.pool), the
         request first waits for its prompt (estimate_tokens) and max_tokens to fit
         beside those in flight."""
-        local = isinstance(executor, LLMClient)
+        local = executor.PROBED
         pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
         need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
@@ -9096,10 +9307,10 @@ class Runner:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
-        local = isinstance(executor, LLMClient)
+        watched = executor.WATCHED
         for wait in (*CONTENTION_WAITS_S, None):
-            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-            attempt.thinking_guard = DegenerationGuard() if local else None
+            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
             attempt.pieces = attempt.thought = 0
             try:
                 return executor.chat(attempt.messages, request)
@@ -9394,7 +9605,7 @@ class Runner:
 
 
 ###############################################################################
-# 26. CLI: arguments and settings
+# 30. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9438,8 +9649,9 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
             options.update(action="store_true", default=None)
         else:
             options["metavar"] = row.metavar
-        if isinstance(row.limit, tuple):
-            options["choices"] = row.limit
+        limit = row.limit() if callable(row.limit) else row.limit    # the executors: registered
+        if isinstance(limit, tuple):
+            options["choices"] = limit
         if isinstance(row.default, tuple):
             options["action"] = "append"
         group.add_argument(row.flag, **options)
@@ -9532,13 +9744,14 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
     for name in names:
-        if name not in PAID_EXECUTORS:
+        if name not in allowable_executors():
             raise ConfigError(f"unknown executor {name!r} to allow",
-                              f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
+                              f"pass one of {', '.join(allowable_executors())} "
+                              "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
-    return tuple(dict.fromkeys(["openai", *names]))
+    return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
 
 
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
@@ -9764,7 +9977,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 27. CLI: listing, health, trust and approval
+# 31. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10282,7 +10495,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 28. CLI: running and showing
+# 32. CLI: running and showing
 ###############################################################################
 
 
@@ -10356,7 +10569,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
     --context-length), sent with every request."""
-    local = config.model is None or parse_model_ref(config.model)[0] == "openai"
+    local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
@@ -10462,7 +10675,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 29. CLI: diff, undo, review
+# 33. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10613,7 +10826,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 30. CLI: the planner's side
+# 34. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10811,7 +11024,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 31. main()
+# 35. main()
 ###############################################################################
 
 
