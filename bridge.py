@@ -3134,11 +3134,10 @@ REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
+    """Split a model's content into (answer, reasoning): every shape of
+    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
+    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
+    that closed reasoning with no opening tag does not."""
     thought: list[str] = []
     matched = True
     while matched and text:
@@ -3155,13 +3154,10 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
+    """Return every fenced block of text as (language tag lowercased, code). A
+    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
+    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
+    at a line holding only the same fence, or at the end of the text."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
@@ -3186,12 +3182,9 @@ def find_fences(text: str) -> list[tuple[str, str]]:
 
 
 def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
+    """Return the code of text: the best fenced block (with a language, a block
+    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
+    the whole text stripped when it has none."""
     blocks = find_fences(text)
     if not blocks:
         return text.strip()
@@ -3253,11 +3246,10 @@ _SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carr
 
 
 def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
+    """Return the numbers written in text as words of their own (punctuation at
+    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
+    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
+    "09:10", "A-1001"). One regular expression over text, no copy of it."""
     trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
     for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
@@ -3282,14 +3274,11 @@ def _occurs(value: str, source: str) -> bool:
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
+    """Return the (JSON path, value) of every value of a JSON answer, at any
+    depth, that does not occur in source, in document order: a string not in it (_occurs:
+    case and whitespace folded, not inside a longer word or number), a number not written
+    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -3359,14 +3348,13 @@ DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in word
 
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    """Return the spans a grounded answer's string values may be, each once, in
+    the order they end in the input (the shorter first): every run of 1 to
+    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
+    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
+    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
+    builds from an enum grows with it (README, Answers grounded in the text); only that
+    many words are read."""
     seen: dict[str, None] = {}
     read = 0
     for piece in pieces:
@@ -3387,12 +3375,11 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded validation whose input has at most GROUNDED_MAX_SPANS spans, else None (the
-    usual schema is sent). A span that is one of the answer's key names (keys, or a
-    schema's property names; case folded) is left out: the task names them, and SmolLM2
-    answered "unit": "quantity" from a prompt listing the keys "quantity" and "unit".
-    The check still takes such a value."""
+    """Return (span_candidates, the numbers written in the input as JSON
+    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
+    else None (the usual schema is sent). The answer's key names (keys, or a schema's
+    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    "unit": "quantity" from a prompt listing both keys. The check still takes them."""
     if not validation.get("grounded"):
         return None
     pieces = [source] if isinstance(source, str) else source
@@ -3422,13 +3409,12 @@ def _property_names(schema: Any) -> set[str]:
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
     """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    bounded_string) made one of spans, and every number one of numbers, through "$defs"
+    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
+    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
+    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
+    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
+    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
     def open_number(node: Any) -> bool:
         return isinstance(node, dict) and set(node) == {"type"} and \
             node["type"] in ("number", "integer")
@@ -3468,12 +3454,12 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
+    """Return the schema of a bounded string: min_length to max_length
+    characters, none a quote, a backslash or a control character. The pattern says so
+    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
+    before maxLength. No empty string: a small model fills "" where the sentence has the
+    value (null stays allowed)."""
     return {"type": "string", "minLength": min_length, "maxLength": max_length,
             "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
 
@@ -3494,12 +3480,11 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems
-    JSON_LIST_MAX_ITEMS on arrays, additionalProperties false on objects listing their
-    properties, and an open value ({} or an array without items) made a bounded_value.
-    Whatever the plan sets is kept as it is."""
+    """Return a copy of a plan's JSON Schema with bounds where it sets none: a
+    bounded_string for a string (unless it sets a length, pattern, format or values, or
+    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
+    arrays, additionalProperties false on objects listing properties, and a bounded_value
+    for an open value ({} or an array without items). What the plan sets is kept."""
     if not isinstance(schema, dict):
         return schema
     if _is_open(schema):
@@ -3565,17 +3550,13 @@ def schema_depth(schema: Any) -> int | None:
 
 
 def grammar_damage(output: str, schema: dict | None) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not. Asked only of an answer its check refused (not
-    when a command or a write failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
+    """Tell how a constrained answer its check refused looks damaged by the
+    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
+    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
+    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
+    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
+    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
+    #10732) would gain nothing from its removal."""
     if "\ufffd" in output:
         return "it holds U+FFFD replacement characters"
     try:
@@ -3589,20 +3570,17 @@ def grammar_damage(output: str, schema: dict | None) -> str | None:
 
 
 class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    """Watch an output while it streams; raise OutputDegenerate as soon as it
     degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
+    server, llama-cpp-python's and LM Studio then stop generating: ggml-org/llama.cpp
+    tools/server/server.cpp hands the request's is_connection_closed to the completion;
+    llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
+    logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
 
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
+    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
+    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
+    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
+    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
     """
 
     def __init__(self, max_depth: int | None = None):
@@ -3685,13 +3663,12 @@ class DegenerationGuard:
 ###############################################################################
 # 14. Validation types
 #
-# One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
-# VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
-# with register_check: its check, its sentence for the prompt, the schema sent for
-# constrained decoding, its answer budget, its plan problems and its depth rule. The
-# plan checks, the trust gate and approval facts, the prompt, the budget and the Runner
-# read the registry through the functions below the classes. A new type is one class
-# here plus its name in the schema's enum (a test keeps the two equal).
+# One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
+# register_validation (as pycodestyle's register_check files a check): its check, its
+# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
+# depth rule. Everything else reads the registry through the functions after the
+# classes. A new type is one class here plus its name in the schema's enum (a test
+# keeps the two equal).
 ###############################################################################
 
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
@@ -3707,12 +3684,10 @@ def register_validation(cls: type) -> type:
 class ValidationType:
     """One validation type; a subclass overrides what differs.
 
-    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step
-    sets none (then at most a quarter of a known context: answer_tokens); code and prose
-    keep the general ANSWER_RESERVE_TOKENS. runs_command: the type checks the project by
-    running a program once file_output is written (the Runner runs it, only where the
-    user trusts the project), not the answer. grounded: the type takes "grounded"
-    (check_grounded; the schema's if/then names the same types).
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
+    none (answer_tokens caps it). runs_command: it runs a program in the project once
+    file_output is written (the Runner, only in trusted projects), instead of checking the
+    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
     """
 
     __slots__ = ()
@@ -3761,11 +3736,10 @@ class NonEmpty(ValidationType):
 
 
 class JsonAnswer(ValidationType):
-    """An answer that is JSON: parsed once (parse_json_output), checked by check_value,
-    and when "grounded" its values against the step's input (check_grounded); the
-    artifact is the JSON re-serialised. A JSON answer is an object of a few values: a
-    six-key extraction is 40-90 tokens on SmolLM2, so 256 tokens stop a runaway within
-    seconds on a small CPU."""
+    """An answer that is JSON, parsed once, checked by check_value and, when
+    "grounded", against the step's input; its artifact is the JSON re-serialised. A
+    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
+    small CPU."""
 
     __slots__ = ()
     max_tokens = 256
@@ -4002,14 +3976,11 @@ def answer_checks(validation: dict | list) -> list[dict]:
 
 
 def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output, reasoning taken out (split_reasoning). validation: an object of
-    bridge-plan-schema.json or a list of them, checked in order (answer_checks) up to the
-    first that fails; the artifact is that of the first. source: the step's input, which
-    the values of a "grounded" JSON validation must come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
+    """Check a model output (reasoning taken out: split_reasoning) against a
+    step's validation, an object or a list, in order up to the first that fails
+    (answer_checks); return the first's artifact. source: the step's input, which a
+    "grounded" answer's values must come from. Raises OutputInvalid with a message the
+    model can act on."""
     try:
         artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
@@ -4019,14 +3990,11 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output: that of
-    its first validation whose type sends one (ValidationType.output_schema), else None.
-    Only what is sent is bounded: check_output still applies the plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    step whose input has few enough spans (grounded_spans) gets span_schema instead: its
-    string values can only be copied from the input.
-    """
+    """Return the JSON Schema sent for constrained decoding: that of the first
+    validation whose type sends one, else None; check_output still applies the plan's
+    own. source: the step's input (build_messages' sources); a "grounded" step whose input
+    has few enough spans (grounded_spans) gets span_schema, its string values only spans
+    of the input."""
     if isinstance(validation, list):
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
@@ -4039,10 +4007,9 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
 
 
 def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the depth
-    rule of its first validation that sends a schema (a json_schema's own schema), else
-    None (not bounded: a contains_keys value may be anything, though the schema sent
-    bounds it)."""
+    """Return how deep a step's output can nest and pass: the depth rule of its
+    first validation that sends a schema (a json_schema's own schema), else None (a
+    contains_keys value may be anything, though the schema sent bounds it)."""
     first = next((v for v in validations_of(validation)
                   if validation_type(v).output_schema(v) is not None), None)
     return validation_type(first).depth(first) if first else None
