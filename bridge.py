@@ -118,15 +118,16 @@ and checks, up to the runner and the command line:
     9 Store (SQLite) · 10 Store: plan states and claims ·
     11 Store: plan and result memories · 12 Output validation ·
     13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
-    16 Trust: projects, approvals, executors · 17 Model servers: errors, streams, retries ·
-    18 LLM client: OpenAI-compatible servers ·
-    19 Other executors: the Anthropic API and the claude CLI · 20 Check commands ·
-    21 File transactions: journal, rollback, recovery ·
-    22 Review staging and bounded diffs · 23 Kept runs: backups, diff, undo, review ·
-    24 Prompts · 25 Run records · 26 The result document · 27 Step scheduling · 28 Runner ·
-    29 CLI: arguments and settings · 30 CLI: listing, health, trust and approval ·
-    31 CLI: running and showing · 32 CLI: diff, undo, review · 33 CLI: the planner's side ·
-    34 main()
+    16 Executors: the registry, the chat contract, model references ·
+    17 Trust: projects, approvals, executors · 18 Model servers: errors, streams, retries ·
+    19 LLM client: OpenAI-compatible servers ·
+    20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
+    22 File transactions: journal, rollback, recovery ·
+    23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
+    25 Prompts · 26 Run records · 27 The result document · 28 Step scheduling · 29 Runner ·
+    30 CLI: arguments and settings · 31 CLI: listing, health, trust and approval ·
+    32 CLI: running and showing · 33 CLI: diff, undo, review · 34 CLI: the planner's side ·
+    35 main()
 """
 
 from __future__ import annotations
@@ -236,30 +237,6 @@ COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 # Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
 # bug tracker #1990, #1602: thinking used the whole max_tokens).
 THINKING_RESERVE_TOKENS = 2048
-# Bounds added to the schema sent for constrained decoding (bounded_schema), where the
-# plan sets none. The check itself still uses the plan's own validation.
-JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
-                                       # few words (a name, an email, a date); SmolLM2 was seen filling
-                                       # 200 characters of junk into a value, 60 tokens of one step's 10 s
-JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
-# A grounded step's schema sent may restrict its string values to spans of the step's input
-# (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
-# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
-GROUNDED_SPAN_WORDS = 6                # words of a span: a name, an address, "Guido van Rossum"
-GROUNDED_MAX_SPANS = 1000              # about 170 words of input; on llama-cpp-python 0.3.36
-                                       # (SmolLM2-135M, 2 cores) 975 spans cost 0.8 s more a request
-                                       # than the usual schema, 2,023 spans 1.7 s, 4,060 4.7 s
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-DEGENERATE_NEWLINES = 8                # newlines in one run of whitespace: PEP 8 and Markdown never need more
-                                       # than 3 (two blank lines); llama.cpp's JSON grammar allows 2
-DEGENERATE_WHITESPACE = 160            # characters in one run of whitespace: 3x the indentation of 12 levels
-                                       # of 4 spaces; llama.cpp's JSON grammar allows 20 spaces
-DEGENERATE_REPEAT_WORDS = 40           # a unit of words repeated in a row over at least this many words...
-DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 words is ~60 tokens (2 s on a
-                                       # small CPU), and a sound answer rarely says one thing 4 times running
-                                       # (a list of 40 equal literals is the rare case it stops)
-DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
@@ -341,10 +318,18 @@ OLLAMA_NUM_CTX_STEP = 2048
 OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
-# Paid or agentic executors run only when the user allowed them (--allow-executor).
-# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
-# docs/cloud.mdx), where the project's files would go.
-PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
+# The executors, by NAME (register_executor, in the room 'Executors: the registry...'):
+# paid, agentic or remote ones run only when the user allowed them (--allow-executor).
+EXECUTORS: "dict[str, type[Executor]]" = {}
+DEFAULT_EXECUTOR = "openai"     # the executor of a model reference without a prefix
+
+
+def allowable_executors() -> tuple[str, ...]:
+    """The names --allow-executor takes: the executors that need allowing (PAID, AGENTIC
+    or CLOUD), in EXECUTORS order."""
+    return tuple(name for name, cls in EXECUTORS.items() if cls.needs_allowing())
+
+
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -432,7 +417,8 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 # variable, which wins over the default); field: the Config field it fills; kind: how
 # resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
 # lines of its own there); limit: the least a number may be, or the names a choice takes
-# (a tuple argparse also checks on the flag; a dict only resolve_config checks); what:
+# (a tuple argparse also checks on the flag, or a function returning one, read when the
+# parser is built; a dict only resolve_config checks); what:
 # its name in an error; shown: how --help gives the default (None: the default itself).
 # A tuple default makes the flag repeatable and the variable comma-separated. Adding a
 # setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
@@ -484,7 +470,7 @@ SETTINGS = tuple(map(Setting._make, (
      "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
     ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
-     PAID_EXECUTORS, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
+     allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
      "(anthropic, claude-cli, ollama-cloud); repeatable",
      "none; your own --model and --escalate-to count"),
     ("--max-cost-usd", "BRIDGE_MAX_COST_USD", "max_cost_usd", "number", DEFAULT_MAX_COST_USD, 0,
@@ -3079,11 +3065,10 @@ class Store(PlanStates):
 ###############################################################################
 # 12. Output validation
 #
-# What the checks of the validation types (see the room 'Validation types') read an
-# answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
-# that must parse. The artifact a check returns is the text that counts as the step's
-# output (the code inside a fence when fenced): what later steps see, what file_output
-# writes.
+# What the checks of the room 'Validation types' read an answer with: reasoning taken
+# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
+# text that counts as the step's output (the code inside a fence when fenced): what
+# later steps see, what file_output writes.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -3222,11 +3207,6 @@ def parse_json_output(text: str) -> Any:
     raise OutputInvalid(f"output is not valid JSON ({first_error})")
 
 
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
 def schema_message(error: Any) -> str:
     """Return a jsonschema error's message on one line, with a long offending value
     described by its size instead of printed, so the reason always shows."""
@@ -3325,28 +3305,36 @@ def check_grounded(value: Any, source: str) -> None:
                             "text (use null where the text has none)")
 
 
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
 ###############################################################################
 # 13. Constrained JSON and degenerate output
 ###############################################################################
+
+# Bounds added to the schema sent for constrained decoding (bounded_schema) where the
+# plan sets none; the check still uses the plan's own validation. A string value copied
+# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
+# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
+# handful of things.
+JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
+JSON_LIST_MAX_ITEMS = 16        # items of a list value
+# A grounded step's schema sent may restrict its string values to spans of the step's
+# input (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
+# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
+# 1000 spans are about 170 words of input; on llama-cpp-python 0.3.36 (SmolLM2-135M,
+# 2 cores) 975 spans cost 0.8 s more a request than the usual schema, 2,023 spans 1.7 s,
+# 4,060 4.7 s.
+GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
+GROUNDED_MAX_SPANS = 1000
+# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
+# above what a sound answer does, so it only cuts output that would run to max_tokens.
+# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
+# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
+# (a list of 40 equal literals is the rare case it stops).
+DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
+DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
+DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
+DEGENERATE_REPEATS = 4          # ...and at least this many times
+DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in words (a line of code)
 
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
@@ -3379,11 +3367,11 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
     """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded validation whose input has at most GROUNDED_MAX_SPANS spans; else None (the
-    usual schema is sent; output_schema asks only for a type that sends one). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
+    grounded validation whose input has at most GROUNDED_MAX_SPANS spans, else None (the
+    usual schema is sent). A span that is one of the answer's key names (keys, or a
+    schema's property names; case folded) is left out: the task names them, and SmolLM2
+    answered "unit": "quantity" from a prompt listing the keys "quantity" and "unit".
+    The check still takes such a value."""
     if not validation.get("grounded"):
         return None
     pieces = [source] if isinstance(source, str) else source
@@ -3713,9 +3701,7 @@ class ValidationType:
     grounded = False
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        """Return the artifact of an answer (reasoning already taken out); raise
-        OutputInvalid with a message the model can act on. source: the step's input
-        (the pieces build_messages gives as sources, joined)."""
+        """Return the artifact of an answer; raise OutputInvalid (see check_output)."""
         raise NotImplementedError
 
     def describe(self, validation: dict) -> str:
@@ -3727,8 +3713,7 @@ class ValidationType:
         return None
 
     def problems(self, validation: dict, where: str) -> list[str]:
-        """The problems a schema cannot state, each "<where>...: why". validation is
-        untrusted: it runs on a plan the schema found fault with too."""
+        """The problems a schema cannot state, each "<where>...: why" (validation_problems)."""
         return []
 
     def depth(self, validation: dict) -> int | None:
@@ -3766,11 +3751,11 @@ class JsonAnswer(ValidationType):
     grounded = True
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        value, artifact = _json_artifact(text)
+        value = parse_json_output(text)
         self.check_value(value, validation)
         if validation.get("grounded"):
             check_grounded(value, source)
-        return artifact
+        return json.dumps(value, ensure_ascii=False, indent=2)
 
     def check_value(self, value: Any, validation: dict) -> None:
         """Raise OutputInvalid when the parsed answer does not pass."""
@@ -3886,7 +3871,23 @@ class SyntaxCheck(ValidationType):
     name = "syntax_check"
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        return _check_syntax(text, validation.get("language", "python"))
+        language = validation.get("language", "python")
+        code = extract_code(text, language)
+        if not code.strip():
+            raise OutputInvalid(f"no {language} code in the output")
+        try:
+            if language == "python":
+                compile(code, "<output>", "exec", dont_inherit=True)
+            elif language == "json":
+                json.loads(code)
+            elif language == "toml":
+                import tomllib
+                tomllib.loads(code)
+        except SyntaxError as exc:
+            raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+        except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+            raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+        return code if code.endswith("\n") else code + "\n"
 
     def describe(self, validation: dict) -> str:
         language = validation.get("language", "python")
@@ -3988,16 +3989,12 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
     the values of a "grounded" JSON validation must come from (check_grounded).
     Raises OutputInvalid with a message the model can act on.
     """
-    artifacts = [_check_one(text, check, source) for check in answer_checks(validation)]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str) -> str:
     try:
-        return validation_type(validation).check(text, validation, source)
+        artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
         # json, tomllib, compile() and jsonschema recurse per nesting level
         raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+    return artifacts[0]
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
@@ -4331,21 +4328,150 @@ def _build_plan(plan: dict) -> Plan:
                 verify=plan.get("verify"))
 
 
-EXECUTORS = ("openai", "anthropic", "claude-cli")
+###############################################################################
+# 16. Executors: the registry, the chat contract, model references
+#
+# An executor is one class (its facts: Executor) and its registry line
+# (@register_executor); every executor answers one call, chat(messages, ChatRequest)
+# -> Completion, dropping what it cannot send. The trust gate, the approval facts,
+# --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
+# (bottle's server_names and ServerAdapter are the model). The classes are in the
+# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+###############################################################################
+
+
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
+                            "reasoning reasoning_pieces response_format",
+                            defaults=(0.0, "", 0, None))):
+    """One model reply: text (reasoning fields excluded), usage as the server sent
+    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
+    model that answered (or None), finish_reason (or None), duration_s (seconds),
+    cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it),
+    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
+    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
+    one token each) and response_format (the type of the constraint sent, e.g.
+    "json_schema", or None when the request went unconstrained)."""
+
+    __slots__ = ()
+
+
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
+class Executor:
+    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
+    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
+    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
+    the spend cap and the runner read these facts, never a class name:
+
+    NAME: what --allow-executor and the approval facts call it. PREFIX: model
+    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
+    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
+    in the plan's project when trusted, else a scratch folder; one instance a folder).
+    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
+    is the run's model server (Runner.client): probed for its context and slots, sent
+    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
+    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
+    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
+    executor runs only when the user allowed it (needs_allowing)."""
+
+    NAME = PREFIX = ""
+    PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
+    DEFAULT_MAX_TOKENS: "int | None" = None
+
+    @classmethod
+    def needs_allowing(cls) -> bool:
+        """Whether steps run on it only with --allow-executor NAME."""
+        return cls.PAID or cls.AGENTIC or cls.CLOUD
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        """Whether a model reference split into (prefix, name) (parse_model_ref) is
+        this executor's."""
+        return prefix == cls.PREFIX
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        """(message, hint) of an LLMError for a step on it the user has not allowed."""
+        return (f"the {cls.NAME} executor is not allowed (model {ref})",
+                f"let it run with --allow-executor {cls.NAME}")
+
+    @classmethod
+    def for_run(cls, config: Config, cwd: "Path | None",
+                on_retry: "Callable[[str], None]") -> "Executor":
+        """Open one for a run: cwd is the plan's project when trusted, else None (an
+        AGENTIC executor's scratch folder); on_retry(message) is told of each retry.
+        Raises LLMError when it cannot be used (no key, no binary)."""
+        return cls(config, on_retry=on_retry)
+
+    def chat(self, messages: list[dict], request: "ChatRequest") -> "Completion":
+        """Send one chat: messages [{"role", "content"}]; see ChatRequest, Completion."""
+        raise NotImplementedError
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what it holds (connections); nothing by default."""
+
+
+def register_executor(cls: "type[Executor]") -> "type[Executor]":
+    """Put an Executor class in EXECUTORS under its NAME (a class decorator: adding an
+    executor is its class and this line). Raises ValueError for a NAME or PREFIX taken."""
+    taken = {c.PREFIX for c in EXECUTORS.values() if c.PREFIX}
+    if not cls.NAME or cls.NAME in EXECUTORS or (cls.PREFIX and cls.PREFIX in taken):
+        raise ValueError(f"executor {cls.NAME!r} (prefix {cls.PREFIX!r}) is already registered")
+    EXECUTORS[cls.NAME] = cls
+    return cls
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
     → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor stays part of the name (LM Studio keys hold colons)."""
+    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
     kind, sep, name = ref.partition(":")
-    if sep and kind in EXECUTORS and name:
+    if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
-    return "openai", ref
+    return DEFAULT_EXECUTOR, ref
+
+
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
+def _executor_of(ref: str) -> str:
+    """The NAME of the executor a model reference runs on: the first in EXECUTORS that
+    claims it (an Ollama cloud model's is "ollama-cloud"), else its prefix's."""
+    prefix, name = parse_model_ref(ref)
+    return next((n for n, cls in EXECUTORS.items() if cls.claims(prefix, name)), prefix)
+
+
+def executor_class(ref: str) -> "type[Executor]":
+    """The Executor class a model reference runs on (_executor_of)."""
+    return EXECUTORS[_executor_of(ref)]
 
 
 ###############################################################################
-# 16. Trust: projects, approvals, executors
+# 17. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4528,19 +4654,6 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return entry.get("project") == pinned
 
 
-def is_cloud_model(name: str) -> bool:
-    """Whether an Ollama model name is one of its cloud models, run on ollama.com
-    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
-    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
-
-
-def _executor_of(ref: str) -> str:
-    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
-    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
-    kind, name = parse_model_ref(ref)
-    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
-
-
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
@@ -4558,7 +4671,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
-    step_kinds = sorted({_executor_of(m) for m in step_models} - {"openai"})
+    step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
+                        if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
     escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
     trusted = plan_trusted(config, plan, plan_hash)
@@ -4567,7 +4681,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
-    elif not trusted and (plan.project is not None or step_kinds or (escalation_used and escalation != "openai")):
+    elif not trusted and (plan.project is not None or step_kinds or (
+            escalation_used and EXECUTORS[escalation].needs_allowing())):
         reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
@@ -4582,7 +4697,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
-                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
+                       | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
+                          else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
@@ -4647,44 +4763,12 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 17. Model servers: errors, streams, retries
+# 18. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
 # inside functions, and every httpx exception is translated to an LLMError.
 ###############################################################################
-
-
-class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
-                            "reasoning reasoning_pieces response_format",
-                            defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
-
-    __slots__ = ()
-
-
-class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
-                             "thinking on_delta on_reasoning",
-                             defaults=(None, None, None, None, None, None, None))):
-    """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
-
-    __slots__ = ()
 
 
 def reasoning_delta(delta: Any) -> str:
@@ -5109,7 +5193,7 @@ def missing_v1_hint(base_url: str, status: int) -> str:
     return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
-class HTTPExecutor:
+class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
     exceptions translated to LLMError, and the retry loop.
 
@@ -5140,12 +5224,6 @@ class HTTPExecutor:
         https = self.base_url.lower().startswith("https://")
         self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
                                  headers=headers)
-
-    def __enter__(self) -> "HTTPExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
 
     def close(self) -> None:
         """Close the connections."""
@@ -5294,19 +5372,27 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 18. LLM client: OpenAI-compatible servers
+# 19. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
 
+@register_executor
 class LLMClient(HTTPExecutor):
     """The chat-completions executor for one OpenAI-compatible server (LM Studio,
     Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
     http://localhost:1234/v1 by default). Streams SSE chunks with
     stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe)."""
+    and probes what the server runs (probe). The run's model server: one instance,
+    opened by the CLI before the run (Runner.client)."""
 
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
     CHAT_PATH = "/chat/completions"
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
@@ -5427,7 +5513,7 @@ class LLMClient(HTTPExecutor):
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
         else:
             wanted = None
@@ -5510,7 +5596,7 @@ class LLMClient(HTTPExecutor):
 
         chosen = why = problem = None
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
             name = next((n for n in (wanted, f"{wanted}:latest")
                          if n in pulled or n in running), None)
@@ -5892,8 +5978,29 @@ def _usage(value: Any) -> dict | None:
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
 
 
+@register_executor
+class OllamaCloud(LLMClient):
+    """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
+    run's model server like a local one, but run on ollama.com, where the project's
+    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
+    the paid executors at the spend cap. Facts only: its requests go through the
+    run's LLMClient (PROBED)."""
+
+    NAME, PREFIX = "ollama-cloud", ""
+    PAID = CLOUD = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == LLMClient.PREFIX and is_cloud_model(name)
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        return (f"model {name} runs on ollama.com, where the project's files would go",
+                f"let it run with --allow-executor {cls.NAME}")
+
+
 ###############################################################################
-# 19. Other executors: the Anthropic API and the claude CLI
+# 20. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -5915,6 +6022,7 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
 
+@register_executor
 class AnthropicClient(HTTPExecutor):
     """The executor for the Anthropic Messages API, or any server speaking it (LM
     Studio and Ollama serve /v1/messages too; a gateway).
@@ -5929,6 +6037,8 @@ class AnthropicClient(HTTPExecutor):
     Raises LLMError (exit 2 at start-up) when no API key is set.
     """
 
+    NAME = PREFIX = "anthropic"
+    PAID = CLOUD = True
     CHAT_PATH = "/v1/messages"
     DEFAULT_MAX_TOKENS = 4096        # the API requires max_tokens
 
@@ -5998,7 +6108,8 @@ class AnthropicClient(HTTPExecutor):
         return tally.completion(usage, model, stop, cost)
 
 
-class ClaudeCLI:
+@register_executor
+class ClaudeCLI(Executor):
     """The executor that hands a step to Claude Code itself: `claude -p`.
 
     Runs `claude -p --output-format stream-json --verbose --model M
@@ -6020,7 +6131,10 @@ class ClaudeCLI:
     # hooks), and the default permission mode whatever a settings file asks for.
     # Source: https://code.claude.com/docs/en/cli-reference (--tools, --strict-mcp-config,
     # --setting-sources, --permission-mode), read 2026-12-04.
-    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user", "--permission-mode", "default")
+    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user",
+                "--permission-mode", "default")
+    NAME = PREFIX = "claude-cli"
+    PAID = AGENTIC = CLOUD = True
 
     def __init__(self, config: Config, cwd: Path | None = None):
         import shutil
@@ -6032,14 +6146,10 @@ class ClaudeCLI:
             raise LLMUnavailable("the claude CLI was not found on PATH, for a claude-cli: model",
                                  "install Claude Code (npm install -g @anthropic-ai/claude-code)")
 
-    def __enter__(self) -> "ClaudeCLI":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def close(self) -> None:
-        """Nothing to close: each request is its own process."""
+    @classmethod
+    def for_run(cls, config: Config, cwd: Path | None,
+                on_retry: Callable[[str], None]) -> "ClaudeCLI":
+        return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Run one `claude -p` request; see the class. Of request, model, timeout_s and
@@ -6183,7 +6293,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 20. Check commands
+# 21. Check commands
 ###############################################################################
 
 
@@ -6420,7 +6530,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 21. File transactions: journal, rollback, recovery
+# 22. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6744,7 +6854,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 22. Review staging and bounded diffs
+# 23. Review staging and bounded diffs
 #
 # A --review run writes nothing into the project: StagedFiles keeps each file under the
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
@@ -6902,7 +7012,7 @@ class StagedFiles:
 
 
 ###############################################################################
-# 23. Kept runs: backups, diff, undo, review
+# 24. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7246,7 +7356,7 @@ class KeptRun:
 
 
 ###############################################################################
-# 24. Prompts
+# 25. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7526,7 +7636,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
 
 
 ###############################################################################
-# 25. Run records
+# 26. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7917,7 +8027,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 26. The result document
+# 27. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -7939,7 +8049,7 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
-            if parse_model_ref(model)[0] == "openai":
+            if executor_class(model).PROBED:
                 for key in local:
                     local[key] += line[key]
     escalated = [s for s in steps if s.escalated_to]
@@ -8185,7 +8295,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 27. Step scheduling
+# 28. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8354,7 +8464,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 28. Runner
+# 29. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8511,25 +8621,20 @@ class Runner:
         self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref):
-        the local client for openai:, else an AnthropicClient or a ClaudeCLI (run in
-        cli_cwd, the plan's project when it is trusted, else a scratch folder), made
-        once. Raises LLMError when it cannot be used (not in config.allowed_executors,
-        no key, no claude binary)."""
-        kind, name = parse_model_ref(ref)
-        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
-            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
-                           "let it run with --allow-executor ollama-cloud")
-        if kind == "openai":
+        """Return (executor, model name) for a model reference (see parse_model_ref and
+        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
+        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
+        else None, a scratch folder). Raises LLMError when it cannot be used (not in
+        config.allowed_executors, no key, no binary)."""
+        kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
+        if cls.needs_allowing() and kind not in self.config.allowed_executors:
+            raise LLMError(*cls.refusal(ref, name))
+        if cls.PROBED:
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
-        if kind not in self.config.allowed_executors:
-            raise LLMError(f"the {kind} executor is not allowed (model {ref})",
-                           f"let it run with --allow-executor {kind}")
-        key = (kind, cli_cwd) if kind == "claude-cli" else (kind,)
+        key = (kind, cli_cwd) if cls.AGENTIC else (kind,)
         if key not in self._executors:
-            self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
-                if kind == "anthropic" else ClaudeCLI(self.config, cli_cwd)
+            self._executors[key] = cls.for_run(self.config, cli_cwd, self.report_retry)
         return self._executors[key], name
 
     def report_retry(self, message: str) -> None:
@@ -9036,11 +9141,11 @@ class Runner:
             executor, name = self.executor(attempt.model, run.cli_cwd)
         except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
             return AttemptFailure(str(exc), retryable=False)
-        paid = _executor_of(attempt.model) in PAID_EXECUTORS
+        paid = executor_class(attempt.model).PAID
         if paid and (refused := self._spend.refused()):
             run.cap_hit = True
             return AttemptFailure(refused, retryable=False)
-        local = isinstance(executor, LLMClient)      # the other executors keep their own limits
+        local = executor.PROBED      # the other executors keep their own limits
         sampling = self._sampling(step, attempt, local)
         sent = executor.accepted_sampling(sampling) if local else sampling
         thinking = thinking_asked(step) if local else None
@@ -9104,7 +9209,8 @@ class Runner:
             run.runlog.checked(step.id, attempt.number, cut)
             return AttemptFailure(cut, retryable=False)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
+            limit = sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             if thought:
@@ -9139,7 +9245,7 @@ class Runner:
         return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
                 f"{answer} ({after})")
 
-    def _garbled(self, run: PlanRun, step: Step, executor: "LLMClient", name: str, output: str,
+    def _garbled(self, run: PlanRun, step: Step, executor: Executor, name: str, output: str,
                  form: str, schema: dict | None) -> None:
         """After a constrained answer failed: when it looks damaged by the grammar
         (grammar_damage against schema, the one sent), send that model's later requests
@@ -9161,7 +9267,7 @@ class Runner:
         in parallel on a server whose slots share one context (Runner.pool), the
         request first waits for its prompt (estimate_tokens) and max_tokens to fit
         beside those in flight."""
-        local = isinstance(executor, LLMClient)
+        local = executor.PROBED
         pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
         need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
@@ -9176,10 +9282,10 @@ class Runner:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
-        local = isinstance(executor, LLMClient)
+        watched = executor.WATCHED
         for wait in (*CONTENTION_WAITS_S, None):
-            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-            attempt.thinking_guard = DegenerationGuard() if local else None
+            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
             attempt.pieces = attempt.thought = 0
             try:
                 return executor.chat(attempt.messages, request)
@@ -9474,7 +9580,7 @@ class Runner:
 
 
 ###############################################################################
-# 29. CLI: arguments and settings
+# 30. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9518,8 +9624,9 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
             options.update(action="store_true", default=None)
         else:
             options["metavar"] = row.metavar
-        if isinstance(row.limit, tuple):
-            options["choices"] = row.limit
+        limit = row.limit() if callable(row.limit) else row.limit    # the executors: registered
+        if isinstance(limit, tuple):
+            options["choices"] = limit
         if isinstance(row.default, tuple):
             options["action"] = "append"
         group.add_argument(row.flag, **options)
@@ -9612,13 +9719,14 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
     for name in names:
-        if name not in PAID_EXECUTORS:
+        if name not in allowable_executors():
             raise ConfigError(f"unknown executor {name!r} to allow",
-                              f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
+                              f"pass one of {', '.join(allowable_executors())} "
+                              "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
-    return tuple(dict.fromkeys(["openai", *names]))
+    return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
 
 
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
@@ -9844,7 +9952,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 30. CLI: listing, health, trust and approval
+# 31. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10362,7 +10470,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 31. CLI: running and showing
+# 32. CLI: running and showing
 ###############################################################################
 
 
@@ -10436,7 +10544,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
     --context-length), sent with every request."""
-    local = config.model is None or parse_model_ref(config.model)[0] == "openai"
+    local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
@@ -10542,7 +10650,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 32. CLI: diff, undo, review
+# 33. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10693,7 +10801,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 33. CLI: the planner's side
+# 34. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10891,7 +10999,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 34. main()
+# 35. main()
 ###############################################################################
 
 
