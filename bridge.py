@@ -1147,18 +1147,15 @@ def terminal_columns() -> int:
 ###############################################################################
 # 5. Path rules: what a plan may read and write
 #
-# Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
-# store) is in this room; the rooms that read and write files call these rules and decide
-# none themselves (the model: tarfile's extraction filters).
-#   names      plan_path_parts (relative, no '..', no NUL), same_file_path,
-#              _check_name_lengths (NAME_MAX, PATH_MAX)
-#   inside     resolve_inside (with symlinks followed, still inside the project), real_path
-#   writes     forbidden_target_reason (VCS folders, the store, the state dir),
-#              output_path_problem (what a step's file_output may be)
-#   reads      secret_file_reason, load_secret_reason (what LOAD never sends to a model)
-#   projects   untrustable_reason (what can never be a project)
-# The writes then walk the project by dir_fd, never through a symlink (the room 'File
-# writes inside the project'), so a folder swapped after a check still cannot redirect one.
+# Every rule for a path bridge did not choose (a plan's, a journal's, the store's); the rooms
+# that read and write files call them and decide none (the model: tarfile's filters).
+#   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
+#   inside    resolve_inside (symlinks followed, still inside the project), real_path
+#   writes    forbidden_target_reason (VCS folders, the store, the state dir),
+#             output_path_problem (a step's file_output), journalled_paths (a journal's)
+#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+# Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
+# inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
 
 
@@ -1177,9 +1174,8 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def real_path(path: str | Path) -> Path:
-    """Return path with ~ expanded and symlinks and `..` resolved (os.path.realpath; need
-    not exist), or only normalized when a folder swapped under it makes realpath fail
-    (readlink of what is no longer a symlink: EINVAL). bridge's one realpath."""
+    """bridge's one realpath: path with ~ expanded, symlinks and `..` resolved (need not
+    exist); only normalized when a folder swapped under it makes realpath fail (EINVAL)."""
     from pathlib import Path
 
     path = os.path.expanduser(os.fspath(path))
@@ -1190,9 +1186,9 @@ def real_path(path: str | Path) -> Path:
 
 
 def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path ('.' and empty ones dropped). Raises PathError
-    for a path that is empty, holds a NUL or a lone surrogate, is absolute (POSIX or
-    Windows), climbs out with '..', or names the project itself."""
+    """Return a plan path's components ('.' and empty ones dropped). Raises PathError for one
+    empty, with a NUL or lone surrogate, absolute (POSIX, Windows), with '..', or naming the
+    project itself."""
     from pathlib import PurePosixPath, PureWindowsPath
 
     if not rel or "\x00" in rel:
@@ -1214,10 +1210,9 @@ def plan_path_parts(rel: str) -> list[str]:
 
 
 def same_file_path(rel: str) -> str:
-    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
-    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
-    locking, journaling and reporting agree on one name. rel is a path
-    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    """Return a plan path as the filesystem sees it (./x.py is x.py, a//x.py a/x.py), so
+    locking, journaling and reporting agree on one name; a path plan_path_parts refuses
+    is returned as it is, for check_plan to refuse."""
     try:
         return "/".join(plan_path_parts(rel))
     except PathError:
@@ -1230,10 +1225,9 @@ TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
 
 
 def _check_name_lengths(project: Path, rel: str) -> None:
-    """Refuse a plan path the filesystem cannot hold: a folder name longer than
-    NAME_MAX bytes, a file name that leaves no room for its temp file's
-    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
-    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    """Raise PathError for a path the filesystem cannot hold: a name over NAME_MAX bytes (a
+    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX (both by
+    os.pathconf of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES)."""
     def limit(name: str, default: int) -> int:
         try:
             return os.pathconf(project, name)
@@ -1262,24 +1256,22 @@ def resolve_inside(project: Path, rel: str) -> Path:
     real location (symlinks followed) lies inside the project's. Raises PathError."""
     plan_path_parts(rel)
     _check_name_lengths(project, rel)
-    try:
+    try:        # Path.resolve, not real_path: it says so for a symlink loop (RuntimeError, 3.11)
         root = project.resolve()
         target = (project / rel).resolve()
-    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+    except (OSError, RuntimeError) as exc:
         raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
     if not target.is_relative_to(root):
         raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
     return project / rel
 
 
-STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
+STORE_SIDECARS = ("", "-wal", "-shm", "-journal")       # SQLite's files beside a store
 
 
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
-    """What no plan may write, whatever project it names: stores (the memory store
-    paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
-    (bridge's journals, backups and run logs). Anything in a version-control folder
-    is refused too (see forbidden_target_reason)."""
+    """What no plan may write, whatever its project: stores (the memory store Paths, and
+    their STORE_SIDECARS) and state_dir (bridge's journals, backups and run logs)."""
 
     __slots__ = ()
 
@@ -1302,9 +1294,8 @@ _NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
 
 
 def vcs_folder_of(name: str) -> str | None:
-    """Return the VCS folder (one of VCS_FOLDERS) a path component opens on some disk
-    (any case; see _NAME_IGNORED), or None: ".GIT", ".git.", ".g\u200cit", "GIT~1"
-    all give ".git"."""
+    """Return the VCS folder (of VCS_FOLDERS) a path component opens on some disk, or None:
+    ".GIT", ".git.", ".g\u200cit", "GIT~1" all give ".git" (see _NAME_IGNORED)."""
     seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
     for folder in VCS_FOLDERS:
         if seen in (folder, folder.lstrip(".")[:6] + "~1"):
@@ -1313,9 +1304,8 @@ def vcs_folder_of(name: str) -> str | None:
 
 
 def _is_git_dir(folder: str | Path) -> bool:
-    """Whether folder is a git directory by git's own test (setup.c
-    is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
-    worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
+    """Whether folder, whatever its name, is a git directory by git's test (setup.c
+    is_git_directory): a HEAD file, and objects/ and refs/ or a commondir file."""
     if not os.path.isfile(os.path.join(folder, "HEAD")):
         return False
     inside = functools.partial(os.path.join, folder)
@@ -1324,8 +1314,7 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 
 def _gitdir_named(folder: str | Path) -> Path | None:
-    """The real path a `.git` file in folder points to ("gitdir: PATH", git's
-    gitfile format, as a worktree or submodule has), or None."""
+    """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
     try:        # O_NONBLOCK: a FIFO named .git must not hang the check
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
         fd = os.open(os.path.join(folder, ".git"), flags)
@@ -1343,18 +1332,16 @@ def _gitdir_named(folder: str | Path) -> Path | None:
 
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
-    """Return why project/rel lies in a version-control folder, or None.
-
-    Refused: a component of rel, or of the project's path (as given, made absolute,
-    and with symlinks resolved), that opens one of VCS_FOLDERS (vcs_folder_of);
-    and a target inside a git directory of any name (_is_git_dir: a bare repository,
-    a worktree's gitdir) or inside the gitdir a `.git` file above it points to."""
+    """Return why project/rel lies in a version-control folder, or None: a component of
+    rel or of the project's path (as given, absolute, real) that opens one of VCS_FOLDERS
+    (vcs_folder_of), a git directory of any name above the target (_is_git_dir: a bare
+    repository, a worktree's gitdir), or the gitdir a `.git` file above it points to."""
     from pathlib import PurePosixPath
 
     for part in PurePosixPath(rel.replace("\\", "/")).parts:
         if folder := vcs_folder_of(part):
-            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
-                    "bridge never writes there")
+            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run "
+                    "commands); bridge never writes there")
     root = real_path(project)
     for shown in dict.fromkeys((os.path.abspath(project), str(root))):
         for part in PurePosixPath(shown).parts:
@@ -1371,14 +1358,9 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
 
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
-    """Return why project/rel may never be written, or None when it may.
-
-    Refused whatever the project: anything in a version-control folder, under the
-    project or around it (vcs_target_reason), the memory store file and its SQLite
-    sidecars, and anything in the state dir. rel is a plan path already checked to
-    be relative without '..'; the target is compared both as written and with
-    symlinks resolved. The one rule validation and every write use.
-    """
+    """Return why project/rel (a path plan_path_parts accepts) may never be written, or
+    None: in a version-control folder (vcs_target_reason), the store or its sidecars, in
+    the state dir; compared as written and as real. The rule validation and writes use."""
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
@@ -1397,9 +1379,9 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
 
 
 def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (its file_output) in project, or None: a name of a
-    folder, what resolve_inside refuses, a folder, what forbidden_target_reason refuses,
-    a symlink on its way (which the write would refuse), not a regular file."""
+    """Why a step may not write rel (its file_output) in project, or None: a folder's name
+    or a folder, what resolve_inside or forbidden_target_reason refuse, a symlink on its
+    way (the write would refuse it), not a regular file."""
     from pathlib import PurePosixPath
 
     if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
@@ -1427,11 +1409,41 @@ def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | N
     return None
 
 
-# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
-# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
-# under it (a/b/ names the two folders in a row); else it is matched against the
-# file's name, or, with a "/", against the last components of its path. Patterns are
-# shell globs, any case. The README's table is this one.
+def journalled_paths(project: Path, entry: dict, backups: Path,
+                     guard: Guard | None = None) -> tuple[str, Path | None, list[Path]]:
+    """Check an entry of a run's journal.jsonl (read back: untrusted): "path" a plan path
+    project may be written at (forbidden_target_reason), "backup" a file right in backups
+    (real paths), each of "created_dirs" an absolute folder below project. Returns (path,
+    backup or None, created_dirs). Raises PathError."""
+    from pathlib import Path
+
+    rel, backup, folders = entry.get("path"), entry.get("backup") or "", entry.get("created_dirs")
+    if not isinstance(rel, str):
+        raise PathError(f"path {rel!r} is not a string")
+    plan_path_parts(rel)
+    if reason := forbidden_target_reason(project, rel, guard):
+        raise PathError(reason)
+    if backup and (not isinstance(backup, str) or real_path(backup).parent != real_path(backups)):
+        raise PathError(f"path {rel!r}: backup {backup!r} is not in {backups}")
+    if not isinstance(folders or [], list):
+        raise PathError(f"path {rel!r}: created_dirs {folders!r} is not a list of folders")
+    dirs = []
+    for folder in folders or []:
+        inside = None
+        if isinstance(folder, str) and Path(folder).is_absolute() \
+                and Path(folder).is_relative_to(project):
+            inside = Path(folder).relative_to(project)
+        if inside is None or not inside.parts:
+            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {project}")
+        plan_path_parts(inside.as_posix())
+        dirs.append(project / inside)
+    return rel, Path(backup) if backup else None, dirs
+
+
+# What LOAD never sends to a model (secret_file_reason): (pattern, what it holds). A pattern
+# ending in "/" is a folder: every file anywhere under it (a/b/: the two folders in a row);
+# else it is matched against the file's name or, with a "/", the last components of its
+# path. Shell globs, any case. The README's table is this one.
 SECRET_LOAD_TABLE = (
     (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
     (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
@@ -1442,13 +1454,11 @@ SECRET_LOAD_TABLE = (
     (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
     *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
       for folder in VCS_FOLDERS),
-    ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"),
-    ("*.ppk", "PuTTY private key"),
-    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
-    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"),
-    (".envrc", "direnv secrets"),
+    ("id_*", "SSH private key (id_*.pub is public)"), ("*.ppk", "PuTTY private key"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"), ("*.p12", "key store"),
+    ("*.pfx", "key store"), ("*.jks", "Java key store"), ("*.keystore", "key store"),
+    ("*.kdbx", "KeePass database"), (".env", "environment secrets"),
+    (".env.*", "environment secrets"), (".envrc", "direnv secrets"),
     (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
     (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
     (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
@@ -1457,8 +1467,8 @@ SECRET_LOAD_TABLE = (
     (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
     (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
     (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
-    ("terraform.rc", "Terraform tokens"),
-    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("terraform.rc", "Terraform tokens"), ("*.tfstate", "Terraform state (secrets in clear)"),
+    ("*.tfstate.backup", "Terraform state"),
     ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
     (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
     ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
@@ -1505,13 +1515,10 @@ def _secret_row(parts: list[str]) -> tuple[str, str] | None:
 
 
 def secret_file_reason(rel: str) -> str | None:
-    """Return why a LOAD path looks like a private key or a secret store, or None.
-
-    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
-    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
-    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
-    Their text would go to the model, into the result memory and the run logs.
-    """
+    """Return why a LOAD path (or a file's absolute real one) looks like a private key or
+    secret store, or None: a row of SECRET_LOAD_TABLE matches (folders anywhere on the
+    path; names also without a _BACKUP_SUFFIX), but SECRET_LOAD_SAMPLES. Its text would go
+    to the model, into the result memory and the run logs."""
     from pathlib import PurePosixPath
 
     parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
@@ -1528,39 +1535,12 @@ def secret_file_reason(rel: str) -> str | None:
 
 
 def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
-    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
-    secret_file_reason of the path as the plan wrote it, as it lies in the real project
-    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
-    None when it may. The one rule for validation and for what approval shows."""
+    """Why a LOAD of rel (path: where it resolved inside project) may not go to a model, or
+    None: secret_file_reason of rel, of it in the real project, or of its real path (a
+    project inside ~/.aws). The one rule for validation and for what approval shows."""
     real = real_path(path)
     inside = os.path.relpath(real, real_path(project))
     return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
-
-
-def untrustable_reason(config: Config, folder: Path) -> str | None:
-    """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself or a folder holding
-    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir, or inside one of those two.
-    A plan working there could replace the store, its own journals or the trust file."""
-    if folder == folder.parent:
-        return "it is the filesystem root"
-    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
-        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
-    if config.home is not None and folder == real_path(config.home):
-        return "it is your home folder itself (trust a project folder inside it)"
-    if config.home is not None and real_path(config.home).is_relative_to(folder):
-        return f"it holds your home folder {real_path(config.home)}"
-    held = [("the memory store", p) for p in config.db_paths] + [
-        ("bridge's state folder", config.state_dir),
-        ("bridge's trust and approvals folder", config.config_dir)]
-    for what, path in held:
-        real = real_path(path)
-        if real == folder or real.is_relative_to(folder):
-            return f"it holds {what} {real}"
-        if folder.is_relative_to(real):
-            return f"it is inside {what} {real}"
-    return None
 
 
 ###############################################################################
@@ -2642,7 +2622,6 @@ class PlanStates(StoreFile):
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
-
 
 
     @property
@@ -4516,6 +4495,32 @@ def project_name(folder: Path) -> str:
         name = folder.name
     name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
     return name[:PROJECT_NAME_MAX_CHARS] or folder.name
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's, or
+    None: the filesystem root, a VCS folder, the home folder or one holding it, one
+    holding or inside the store, the state dir or the config dir (a plan working there
+    could replace the store, its own journals or the trust file)."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir),
+        ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
+    return None
+
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -6703,44 +6708,22 @@ class FileTransaction:
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
         entry is refused (the reason goes to self.refused) or is a marker."""
-        from pathlib import Path
-
         if "path" not in entry:
             return None             # {"reverted": true} and other markers
         try:
-            rel, action, mode = entry["path"], entry.get("action"), entry.get("mode")
-            backup = entry.get("backup") or ""
-            if not isinstance(rel, str):
-                raise PathError(f"path {rel!r} is not a string")
-            self.check(rel)
+            rel, backup, dirs = journalled_paths(self.project, entry, run_dir / "backups",
+                                                 self.guard)
+            action, mode = entry.get("action"), entry.get("mode")
             if action not in ("created", "modified") or (action == "modified") != bool(backup):
-                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not "
-                                "one bridge writes")
+                raise PathError(f"path {rel!r}: action {action!r} with backup "
+                                f"{entry.get('backup')!r} is not one bridge writes")
             if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)
                                      or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
-            if backup and (not isinstance(backup, str)
-                           or real_path(backup).parent != real_path(run_dir / "backups")):
-                raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
-            dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
         except PathError as exc:
             self.refused.append(f"journal entry of {run_dir.name} refused: {exc}")
             return None
-        return FileChange(rel, action, Path(backup) if backup else None, mode, dirs)
-
-    def _inside_dir(self, folder: Any, rel: str) -> Path:
-        """Return a journalled folder as a Path inside the project, or raise PathError."""
-        from pathlib import Path
-
-        inside = None
-        if isinstance(folder, str) and Path(folder).is_absolute():
-            with _suppress(ValueError):
-                inside = Path(folder).relative_to(self.project)
-        if inside is None or not inside.parts:
-            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project "
-                            f"{self.project}")
-        plan_path_parts(inside.as_posix())
-        return self.project / inside
+        return FileChange(rel, action, backup, mode, dirs)
 
     def _remove_temps(self, rel: str) -> None:
         """Remove the temp files an interrupted write of rel left beside it."""
@@ -6995,7 +6978,6 @@ class StagedFiles:
         return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
 
 
-
 ###############################################################################
 # 24. Kept runs: backups, diff, undo, review
 #
@@ -7194,16 +7176,16 @@ class KeptRun:
             raise BridgeError(f"run {run_id}: run.json names a relative project {project}",
                               "remove that run")
         run = cls(run_dir, plan_id, project)
-        run._read_journal(runs_dir)
+        run._read_journal()
         run._read_staging()
         return run
 
-    def _read_journal(self, runs_dir: Path) -> None:
+    def _read_journal(self) -> None:
         """files, reverted and undone_at from journal.jsonl, written.jsonl and undone.json."""
         written = {e["path"]: e.get("sha256") for e in read_jsonl(self.run_dir / WRITTEN_FILE)
                    if isinstance(e.get("path"), str)}
         entries = read_jsonl(self.run_dir / JOURNAL_FILE)
-        self.files = [self._checked(runs_dir, e, written) for e in entries if "path" in e]
+        self.files = [self._checked(e, written) for e in entries if "path" in e]
         self.reverted = any(e.get("reverted") for e in entries)
         undone = read_json_file(self.run_dir / "undone.json", or_none=True)
         self.undone_at = undone.get("undone_at") if isinstance(undone, dict) else None
@@ -7221,28 +7203,21 @@ class KeptRun:
         if isinstance(reads, dict):
             self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
 
-    def _checked(self, runs_dir: Path, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked."""
-        from pathlib import Path
-
-        project, run_id = self.project, self.run_id
-        rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
-        if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
-            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: "
-                              f"{entry!r}", "the run cannot be shown or undone")
-        resolve_inside(project, rel)          # raises PathError for a path leaving the project
-        for folder in entry.get("created_dirs") or []:
-            where = Path(os.path.abspath(folder))
-            if where == project or not (where.is_relative_to(project)
-                                        or where.is_relative_to(real_path(project))):
-                raise PathError(f"run {run_id}: journal names a folder outside the project: "
-                                f"{folder}")
-        backup_path = Path(backup) if isinstance(backup, str) and backup else None
-        if backup_path is not None \
-                and not real_path(backup_path).is_relative_to(real_path(runs_dir)):
-            raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
+    def _checked(self, entry: dict, written: dict) -> KeptFile:
+        """Return a journal entry as a KeptFile once its paths are checked (resolve_inside,
+        journalled_paths)."""
+        rel, action = entry.get("path"), entry.get("action")
+        if self.project is None or not isinstance(rel, str) \
+                or action not in ("created", "modified"):
+            raise BridgeError(f"run {self.run_id}: its journal has an entry bridge did not "
+                              f"write: {entry!r}", "the run cannot be shown or undone")
+        resolve_inside(self.project, rel)     # PathError for a path leaving the project
+        try:
+            _, backup, _ = journalled_paths(self.project, entry, self.run_dir / "backups")
+        except PathError as exc:
+            raise PathError(f"run {self.run_id}: its journal is not bridge's: {exc}") from None
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
-        return KeptFile(rel, action, backup_path, mode, written.get(rel))
+        return KeptFile(rel, action, backup, mode, written.get(rel))
 
     def diff(self) -> list[dict]:
         """Return, per file: path, action, original_sha256, written_sha256,
