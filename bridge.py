@@ -112,21 +112,23 @@ Limits on what bridge reads (hostile input is a recorded failure, never a crash)
 Rooms, foundations first: each room uses only names from the rooms above it (a test
 keeps it so), so the file reads from files and the store, through plans, model servers
 and checks, up to the runner and the command line:
-    1 Constants & defaults · 2 Errors · 3 Helpers ·
-    4 Path rules: what a plan may read and write · 5 File writes inside the project ·
-    6 Store layouts & plan records · 7 The memory server's HTTP API · 8 Store (SQLite) ·
-    9 Plans · 10 Trust: projects, approvals, executors ·
-    11 Model servers: errors, streams, retries · 12 LLM client: OpenAI-compatible servers ·
-    13 Other executors: the Anthropic API and the claude CLI · 14 Output validation ·
-    15 Constrained JSON and degenerate output ·
-    16 Check commands, and what the model is told of the checks ·
-    17 File transactions: journal, rollback, recovery ·
-    18 Kept runs: backups, diff, undo, review · 19 Prompts · 20 Retry policy ·
-    21 Run records · 22 The result document · 23 Step scheduling · 24 The model's context ·
-    25 An attempt · 26 A step run · 27 A plan run · 28 Runner ·
-    29 CLI: arguments and settings · 30 CLI: listing, health, trust and approval ·
-    31 CLI: running and showing · 32 CLI: diff, undo, review · 33 CLI: the planner's side ·
-    34 main()
+    1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
+    4 Helpers · 5 Path rules: what a plan may read and write ·
+    6 File writes inside the project · 7 Store layouts · 8 The memory server's HTTP API ·
+    9 Store (SQLite) · 10 Store: plan states and claims ·
+    11 Store: plan and result memories · 12 Output validation ·
+    13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
+    16 Executors: the registry, the chat contract, model references ·
+    17 Trust: projects, approvals, executors · 18 Model servers: errors, streams, retries ·
+    19 LLM client: OpenAI-compatible servers ·
+    20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
+    22 File transactions: journal, rollback, recovery ·
+    23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
+    25 Prompts · 26 Retry policy · 27 Run records · 28 The result document ·
+    29 Step scheduling · 30 The model's context · 31 An attempt · 32 A step run ·
+    33 A plan run · 34 Runner · 35 CLI: arguments and settings ·
+    36 CLI: listing, health, trust and approval · 37 CLI: running and showing ·
+    38 CLI: diff, undo, review · 39 CLI: the planner's side · 40 main()
 """
 
 from __future__ import annotations
@@ -228,12 +230,6 @@ COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without 
 COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
 COMMAND_TAIL_BYTES = 8000              # the end of a command's output kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
-# max_tokens of a step that sets none, by validation type (then at most a quarter of a
-# known context). A JSON answer is an object of a few values: a six-key extraction is
-# 40-90 tokens on SmolLM2, so 256 stops a runaway within seconds on a small CPU;
-# json_schema objects may nest and list more; code and prose keep the general reserve.
-DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "syntax_check": ANSWER_RESERVE_TOKENS,
-                      "regex": ANSWER_RESERVE_TOKENS, "non_empty": ANSWER_RESERVE_TOKENS}
 # Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
 # A step whose answer is bounded (its check is JSON) asks the server not to think
 # (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
@@ -242,30 +238,6 @@ DEFAULT_MAX_TOKENS = {"json": 256, "contains_keys": 256, "json_schema": 512, "sy
 # Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
 # bug tracker #1990, #1602: thinking used the whole max_tokens).
 THINKING_RESERVE_TOKENS = 2048
-# Bounds added to the schema sent for constrained decoding (bounded_schema), where the
-# plan sets none. The check itself still uses the plan's own validation.
-JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
-                                       # few words (a name, an email, a date); SmolLM2 was seen filling
-                                       # 200 characters of junk into a value, 60 tokens of one step's 10 s
-JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
-# A grounded step's schema sent may restrict its string values to spans of the step's input
-# (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
-# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
-GROUNDED_SPAN_WORDS = 6                # words of a span: a name, an address, "Guido van Rossum"
-GROUNDED_MAX_SPANS = 1000              # about 170 words of input; on llama-cpp-python 0.3.36
-                                       # (SmolLM2-135M, 2 cores) 975 spans cost 0.8 s more a request
-                                       # than the usual schema, 2,023 spans 1.7 s, 4,060 4.7 s
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-DEGENERATE_NEWLINES = 8                # newlines in one run of whitespace: PEP 8 and Markdown never need more
-                                       # than 3 (two blank lines); llama.cpp's JSON grammar allows 2
-DEGENERATE_WHITESPACE = 160            # characters in one run of whitespace: 3x the indentation of 12 levels
-                                       # of 4 spaces; llama.cpp's JSON grammar allows 20 spaces
-DEGENERATE_REPEAT_WORDS = 40           # a unit of words repeated in a row over at least this many words...
-DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 words is ~60 tokens (2 s on a
-                                       # small CPU), and a sound answer rarely says one thing 4 times running
-                                       # (a list of 40 equal literals is the rare case it stops)
-DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
@@ -347,10 +319,18 @@ OLLAMA_NUM_CTX_STEP = 2048
 OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
-# Paid or agentic executors run only when the user allowed them (--allow-executor).
-# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
-# docs/cloud.mdx), where the project's files would go.
-PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
+# The executors, by NAME (register_executor, in the room 'Executors: the registry...'):
+# paid, agentic or remote ones run only when the user allowed them (--allow-executor).
+EXECUTORS: "dict[str, type[Executor]]" = {}
+DEFAULT_EXECUTOR = "openai"     # the executor of a model reference without a prefix
+
+
+def allowable_executors() -> tuple[str, ...]:
+    """The names --allow-executor takes: the executors that need allowing (PAID, AGENTIC
+    or CLOUD), in EXECUTORS order."""
+    return tuple(name for name, cls in EXECUTORS.items() if cls.needs_allowing())
+
+
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -384,6 +364,10 @@ SECRET_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "GCP_", "GCLOUD_", "
                        "HEROKU_", "ACTIONS_", "TWINE_", "HF_", "HUGGING_FACE_")
 SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) would hit ordinary text
 
+
+###############################################################################
+# 2. Settings: one row per setting, and Config
+###############################################################################
 
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
     """Return the store paths the memory server would use, in the order tried.
@@ -429,89 +413,127 @@ def default_state_dir(environ: dict[str, str]) -> Path:
     return home / ".local" / "state" / "bridge"
 
 
-_CONFIG_DEFAULTS = {                    # every field of Config but db_paths: its default
-    "base_url": DEFAULT_BASE_URL,
+# One row per setting (after bottle's ConfigDict._define: a setting's default, check and
+# help in one place). flag and env: where the user sets it (a flag wins over its
+# variable, which wins over the default); field: the Config field it fills; kind: how
+# resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
+# lines of its own there); limit: the least a number may be, or the names a choice takes
+# (a tuple argparse also checks on the flag, or a function returning one, read when the
+# parser is built; a dict only resolve_config checks); what:
+# its name in an error; shown: how --help gives the default (None: the default itself).
+# A tuple default makes the flag repeatable and the variable comma-separated. Adding a
+# setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
+# reads this table: each row's flag and variable must be on the first page and in the
+# README's tables.
+Setting = namedtuple("Setting", "flag env field kind default limit what metavar help shown")
+SETTINGS = tuple(map(Setting._make, (
+    ("--db", "BRIDGE_DB", "db_paths", None, None, None, "store", "PATH",
+     "the memory store file", "MCP_MEMORY_SQLITE_PATH, else the memory server's "
+     "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"),
+    ("--base-url", "BRIDGE_BASE_URL", "base_url", None, DEFAULT_BASE_URL, None, "base URL", "URL",
+     "the OpenAI-compatible server", None),
+    ("--api-key", "BRIDGE_API_KEY", "api_key", "text", None, None, "API key", "KEY",
+     "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
+     "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps", "none"),
+    ("--ollama-api", "BRIDGE_OLLAMA_API", "ollama_api", "choice", "native", OLLAMA_APIS,
+     "Ollama API", None, "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the "
+     "prompts) or openai (/v1/chat/completions: the context cannot be set, and Ollama cuts "
+     "long prompts)", None),
+    ("--model", "BRIDGE_MODEL", "model", "text", None, None, "model", "ID", "the model to use",
+     "the chat model the server reports loaded (README: Model servers)"),
+    ("--timeout", "BRIDGE_TIMEOUT", "timeout_s", "number", DEFAULT_TIMEOUT_S, 0.001, "timeout",
+     "SECONDS", "seconds a request waits to connect or for the next streamed chunk", None),
+    ("--retries", "BRIDGE_RETRIES", "retries", "count", DEFAULT_RETRIES, 0, "retries", "N",
+     "retries of one request after 429, 5xx or a connection error", None),
+    ("--max-retries", "BRIDGE_MAX_RETRIES", "max_retries", "count", MAX_RETRIES_LIMIT, 0,
+     "max retries", "N",
+     "the most further attempts a step gets: a plan's max_retries above it is cut to it", None),
+    ("--retry-delay", "BRIDGE_RETRY_DELAY", "retry_delay_s", "number", DEFAULT_RETRY_DELAY_S, 0,
+     "retry delay", "SECONDS", "first backoff delay, doubled each retry", None),
+    ("--max-output-bytes", "BRIDGE_MAX_OUTPUT_BYTES", "max_output_bytes", "count",
+     DEFAULT_MAX_OUTPUT_BYTES, 1, "max output bytes", "N",
+     "a longer reply is cut and its attempt fails", None),
+    ("--no-structured", "BRIDGE_STRUCTURED", "structured", "switch", True, None, "structured",
+     None, "never ask the server for constrained JSON (response_format)",
+     "ask on json, contains_keys and json_schema steps"),
+    ("--retry-sampling", "BRIDGE_RETRY_SAMPLING", "retry_sampling", "choice",
+     DEFAULT_RETRY_SAMPLING, RETRY_SAMPLING, "retry sampling", None,
+     "how attempt 2 and later sample: plain (as the first), hotter (higher temperature, new "
+     "seed), penalty (hotter, plus repeat_penalty/DRY where the server takes them)", None),
+    ("--parallel", "BRIDGE_PARALLEL", "parallel", "count", None, 1, "parallel", "N",
+     "independent steps in flight at once",
+     "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"),
+    ("--context-length", "BRIDGE_CONTEXT_LENGTH", "context_length", "count", None, 64,
+     "context length", "TOKENS", "the model's context, for fitting prompts",
+     "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM "
+     "max_model_len)"),
+    ("--escalate-to", "BRIDGE_ESCALATE_TO", "escalate_to", "text", None, None, "escalation",
+     "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
+     "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
+    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
+     allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
+     "(anthropic, claude-cli, ollama-cloud); repeatable",
+     "none; your own --model and --escalate-to count"),
+    ("--max-cost-usd", "BRIDGE_MAX_COST_USD", "max_cost_usd", "number", DEFAULT_MAX_COST_USD, 0,
+     "max cost", "USD", "stop paid requests (anthropic:, claude-cli:) once a run has spent this "
+     "much", f"{DEFAULT_MAX_COST_USD:.2f}"),
+    ("--pass-env", "BRIDGE_PASS_ENV", "pass_env", "names", (), None, "passed variable", "NAME",
+     "give check commands (command validations, verify) this credential variable of your "
+     "environment all the same; repeatable",
+     "none: checks get no token, key, secret, password or cloud/CI variable"),
+    ("--anthropic-base-url", "ANTHROPIC_BASE_URL", "anthropic_base_url", "url",
+     ANTHROPIC_BASE_URL, None, "Anthropic base URL", "URL",
+     "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", None),
+    ("--price-model", "BRIDGE_PRICE_MODEL", "price_model", "choice", DEFAULT_PRICE_MODEL,
+     CLAUDE_PRICES_USD_PER_MTOK, "price model", "MODEL",
+     "the Claude model whose prices value the tokens a run used",
+     f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"),
+    ("--memory-url", "BRIDGE_MEMORY_URL", "memory_url", None, None, None, "memory URL", "URL",
+     "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): "
+     "result memories are stored through it, so its semantic search finds them; off: never",
+     "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written "
+     "into the store directly"),
+    ("--state-dir", "BRIDGE_STATE_DIR", "state_dir", None, ".", None, "state folder", "PATH",
+     "bridge's own journals and backups", "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"),
+    ("--keep-runs", "BRIDGE_KEEP_RUNS", "keep_runs", "count", DEFAULT_KEEP_RUNS, 0, "runs kept",
+     "N", "runs per plan whose file backups are kept for --undo; older ones are deleted (0: none "
+     "kept)", None),
+)))
+
+_CONFIG_DEFAULTS = {                    # the fields of Config no row of SETTINGS fills
     "base_url_given": True,             # False: neither --base-url nor BRIDGE_BASE_URL (discovered)
-    "model": None,                      # str | None
-    "ollama_api": "native",             # one of OLLAMA_APIS
-    "api_key": None,                    # str | None: the model server's key (never shown or stored)
-    "timeout_s": DEFAULT_TIMEOUT_S,
-    "state_dir": ".",                   # str | Path
-    "retries": DEFAULT_RETRIES,
-    "max_retries": MAX_RETRIES_LIMIT,   # the most further attempts a step's max_retries gets
-    "retry_delay_s": DEFAULT_RETRY_DELAY_S,
-    "max_output_bytes": DEFAULT_MAX_OUTPUT_BYTES,
-    "structured": True,
-    "retry_sampling": DEFAULT_RETRY_SAMPLING,
-    "parallel": None,                   # int | None
-    "context_length": None,             # int | None
-    "price_model": DEFAULT_PRICE_MODEL,
-    "events": False,
+    "events": False,                    # --events: the run as JSON events on stdout
     "deltas": False,                    # with events: a delta event per streamed piece too
-    "db_explicit": False,
-    "anthropic_base_url": ANTHROPIC_BASE_URL,
-    "anthropic_api_key": None,          # str | None
-    "escalate_to": None,                # str | None
+    "db_explicit": False,               # the store came from --db or BRIDGE_DB
+    "anthropic_api_key": None,          # str | None: ANTHROPIC_API_KEY
+    # the user's environment less BRIDGE_* and MCP_API_KEY: commands run in it less its
+    # credentials (command_env), a claude-cli: executor in its allow-listed part (claude_env)
     "tool_env": (),                     # tuple[tuple[str, str], ...]
-    "pass_env": (),                     # tuple[str, ...]: credentials check commands get
-    "trusted_projects": (),             # tuple[Path, ...], real paths
-    "config_dir": ".",                  # str | Path
+    "trusted_projects": (),             # tuple[Path, ...]: real paths (--trust and
+                                        # BRIDGE_TRUSTED_PROJECTS)
+    "config_dir": ".",                  # str | Path: the folder of the trust and approvals files
     "home": None,                       # Path | None: the user's home folder
-    "allowed_executors": ("openai",),   # tuple[str, ...]
-    "max_cost_usd": DEFAULT_MAX_COST_USD,
-    "memory_url": None,                 # str | None: the memory server's HTTP API (loopback)
-    "memory_api_key": None,             # str | None: MCP_API_KEY
+    "memory_api_key": None,             # str | None: MCP_API_KEY, else the hooks' apiKey
     "memory_source": None,              # str | None: where memory_url came from
     "memory_note": None,                # str | None: why the hooks' endpoint is not used
-    "crash_at": None,                   # str | None
-    "keep_runs": DEFAULT_KEEP_RUNS,
-    "review": False,
-    "verbosity": 1,
+    "crash_at": None,                   # str | None: BRIDGE_CRASH_AT, a test hook
+    "review": False,                    # --review: stage the files a run writes
+    "verbosity": 1,                     # 0 errors only, 1 progress, 2 prompts and outputs
     "json": False,
     "debug": False,
 }
 
 
-class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CONFIG_DEFAULTS.values())):
+class Config(namedtuple("Config", [*(row.field for row in SETTINGS), *_CONFIG_DEFAULTS],
+                        defaults=[*(row.default for row in SETTINGS[1:]),
+                                  *_CONFIG_DEFAULTS.values()])):
     """Every setting of one bridge invocation, resolved once (see resolve_config).
 
-    db_paths: the store candidates, first existing wins (a --db or BRIDGE_DB path is
-    the only candidate). timeout_s: seconds to wait to connect or for the server's
-    next byte. max_retries: the most further attempts a step gets (a plan's
-    max_retries above it is cut). retries / retry_delay_s: transport retries of
-    one request and the first backoff delay (seconds).
-    max_output_bytes: a streamed reply past this many
-    bytes is cut and the attempt fails. structured: ask the server for constrained
-    JSON on JSON steps. retry_sampling: how attempt 2 and later sample (one of
-    RETRY_SAMPLING). parallel: steps in flight at once (None: what the server
-    reports, else 1). context_length: the model's context in tokens (None: what
-    the server reports, else unknown). api_key: the model server's bearer token
-    (--api-key, BRIDGE_API_KEY), sent to that server only. ollama_api: on
-    Ollama, run steps through its native /api/chat or its OpenAI endpoint
-    (OLLAMA_APIS). price_model: the Claude model whose prices
-    value the tokens a run used (CLAUDE_PRICES_USD_PER_MTOK). events: print the
-    run as JSON events on stdout; deltas: with them, one delta event per streamed
-    piece (off: a line per step and plan event only). anthropic_base_url, anthropic_api_key: the
-    anthropic: executor. escalate_to: the model reference a failed step gets one
-    more attempt on. tool_env: the user's environment less BRIDGE_* and
-    MCP_API_KEY: commands run in it less its credentials (command_env), a
-    claude-cli: executor in its allow-listed part (claude_env). pass_env: the
-    credential variables check commands get all the same (--pass-env).
-    memory_url: the memory server's HTTP API (loopback only) that stores result
-    memories so they get an embedding; memory_api_key: its key (MCP_API_KEY, else
-    the hooks' apiKey); memory_source: where memory_url came from ("--memory-url",
-    "BRIDGE_MEMORY_URL", HOOKS_CONFIG_SHOWN), memory_note: why the hooks' config
-    names no endpoint bridge uses (see hooks_memory_endpoint).
-    crash_at: a test hook (BRIDGE_CRASH_AT) naming a point where the process kills
-    itself, to prove recovery. verbosity: 0 errors only, 1 progress, 2 prompts and
-    outputs. state_dir: the folder of journals, run logs and backups (runs_dir).
-    keep_runs: how many runs of each plan keep their file backups for --undo.
-    review: stage the files a run writes under its folder (--review), not in the project.
-    trusted_projects: the user's trusted folders (real paths; --trust and
-    BRIDGE_TRUSTED_PROJECTS). config_dir: the folder of the trust and approvals
-    files. home: the user's home folder. allowed_executors: the executors steps may
-    use ("openai" always; anthropic and claude-cli by --allow-executor, --model or
-    --escalate-to). max_cost_usd: US dollars of paid requests one run may spend.
+    A field per row of SETTINGS (its help says what it holds: seconds, bytes, tokens,
+    US dollars) and per key of _CONFIG_DEFAULTS. db_paths (required): the store
+    candidates, first existing wins (a --db or BRIDGE_DB path is the only candidate).
+    allowed_executors: "openai" always, plus those allowed (--allow-executor) or named by
+    the user's own --model or --escalate-to.
     """
 
     __slots__ = ()
@@ -525,7 +547,7 @@ class Config(namedtuple("Config", ["db_paths", *_CONFIG_DEFAULTS], defaults=_CON
 
 
 ###############################################################################
-# 2. Errors
+# 3. Errors
 #
 #   BridgeError (exit 2 unless the class says otherwise)
 #    ├── ConfigError            bad flag or environment value
@@ -705,7 +727,7 @@ class LLMServerUnusable(LLMError):
 
 
 ###############################################################################
-# 3. Helpers
+# 4. Helpers
 ###############################################################################
 
 
@@ -792,9 +814,9 @@ def json_depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
+        if not isinstance(item, (dict, list)):
             continue
+        children = item.values() if isinstance(item, dict) else item
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
@@ -809,7 +831,8 @@ def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") from None
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
     depth = json_depth(value)
     if depth > max_depth:
         raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
@@ -1123,20 +1146,17 @@ def terminal_columns() -> int:
 
 
 ###############################################################################
-# 4. Path rules: what a plan may read and write
+# 5. Path rules: what a plan may read and write
 #
-# Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
-# store) is in this room; the rooms that read and write files call these rules and decide
-# none themselves (the model: tarfile's extraction filters).
-#   names      plan_path_parts (relative, no '..', no NUL), same_file_path,
-#              _check_name_lengths (NAME_MAX, PATH_MAX)
-#   inside     resolve_inside (with symlinks followed, still inside the project), real_path
-#   writes     forbidden_target_reason (VCS folders, the store, the state dir),
-#              output_path_problem (what a step's file_output may be)
-#   reads      secret_file_reason, load_secret_reason (what LOAD never sends to a model)
-#   projects   untrustable_reason (what can never be a project)
-# The writes then walk the project by dir_fd, never through a symlink (the room 'File
-# writes inside the project'), so a folder swapped after a check still cannot redirect one.
+# Every rule for a path bridge did not choose (a plan's, a journal's, the store's); the rooms
+# that read and write files call them and decide none (the model: tarfile's filters).
+#   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
+#   inside    resolve_inside (symlinks followed, still inside the project), real_path
+#   writes    forbidden_target_reason (VCS folders, the store, the state dir),
+#             output_path_problem (a step's file_output), journalled_paths (a journal's)
+#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+# Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
+# inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
 
 
@@ -1155,9 +1175,8 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def real_path(path: str | Path) -> Path:
-    """Return path with ~ expanded and symlinks and `..` resolved (os.path.realpath; need
-    not exist), or only normalized when a folder swapped under it makes realpath fail
-    (readlink of what is no longer a symlink: EINVAL). bridge's one realpath."""
+    """bridge's one realpath: path with ~ expanded, symlinks and `..` resolved (need not
+    exist); only normalized when a folder swapped under it makes realpath fail (EINVAL)."""
     from pathlib import Path
 
     path = os.path.expanduser(os.fspath(path))
@@ -1168,11 +1187,9 @@ def real_path(path: str | Path) -> Path:
 
 
 def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path, refusing what could leave the project.
-
-    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
-    Windows) and '..' paths. '.' and empty components are dropped.
-    """
+    """Return a plan path's components ('.' and empty ones dropped). Raises PathError for one
+    empty, with a NUL or lone surrogate, absolute (POSIX, Windows), with '..', or naming the
+    project itself."""
     from pathlib import PurePosixPath, PureWindowsPath
 
     if not rel or "\x00" in rel:
@@ -1194,10 +1211,9 @@ def plan_path_parts(rel: str) -> list[str]:
 
 
 def same_file_path(rel: str) -> str:
-    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
-    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
-    locking, journaling and reporting agree on one name. rel is a path
-    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    """Return a plan path as the filesystem sees it (./x.py is x.py, a//x.py a/x.py), so
+    locking, journaling and reporting agree on one name; a path plan_path_parts refuses
+    is returned as it is, for check_plan to refuse."""
     try:
         return "/".join(plan_path_parts(rel))
     except PathError:
@@ -1210,10 +1226,9 @@ TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
 
 
 def _check_name_lengths(project: Path, rel: str) -> None:
-    """Refuse a plan path the filesystem cannot hold: a folder name longer than
-    NAME_MAX bytes, a file name that leaves no room for its temp file's
-    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
-    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    """Raise PathError for a path the filesystem cannot hold: a name over NAME_MAX bytes (a
+    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX (both by
+    os.pathconf of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES)."""
     def limit(name: str, default: int) -> int:
         try:
             return os.pathconf(project, name)
@@ -1238,32 +1253,26 @@ def _check_name_lengths(project: Path, rel: str) -> None:
 
 
 def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
-
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
-    """
+    """Return project/rel once plan_path_parts and _check_name_lengths accept rel and its
+    real location (symlinks followed) lies inside the project's. Raises PathError."""
     plan_path_parts(rel)
     _check_name_lengths(project, rel)
-    try:
+    try:        # Path.resolve, not real_path: it says so for a symlink loop (RuntimeError, 3.11)
         root = project.resolve()
         target = (project / rel).resolve()
-    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+    except (OSError, RuntimeError) as exc:
         raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
     if not target.is_relative_to(root):
         raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
     return project / rel
 
 
-STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
+STORE_SIDECARS = ("", "-wal", "-shm", "-journal")       # SQLite's files beside a store
 
 
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
-    """What no plan may write, whatever project it names: stores (the memory store
-    paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
-    (bridge's journals, backups and run logs). Anything in a version-control folder
-    is refused too (see forbidden_target_reason)."""
+    """What no plan may write, whatever its project: stores (the memory store Paths, and
+    their STORE_SIDECARS) and state_dir (bridge's journals, backups and run logs)."""
 
     __slots__ = ()
 
@@ -1286,9 +1295,8 @@ _NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
 
 
 def vcs_folder_of(name: str) -> str | None:
-    """Return the VCS folder (one of VCS_FOLDERS) a path component opens on some disk
-    (any case; see _NAME_IGNORED), or None: ".GIT", ".git.", ".g\u200cit", "GIT~1"
-    all give ".git"."""
+    """Return the VCS folder (of VCS_FOLDERS) a path component opens on some disk, or None:
+    ".GIT", ".git.", ".g\u200cit", "GIT~1" all give ".git" (see _NAME_IGNORED)."""
     seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
     for folder in VCS_FOLDERS:
         if seen in (folder, folder.lstrip(".")[:6] + "~1"):
@@ -1297,9 +1305,8 @@ def vcs_folder_of(name: str) -> str | None:
 
 
 def _is_git_dir(folder: str | Path) -> bool:
-    """Whether folder is a git directory by git's own test (setup.c
-    is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
-    worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
+    """Whether folder, whatever its name, is a git directory by git's test (setup.c
+    is_git_directory): a HEAD file, and objects/ and refs/ or a commondir file."""
     if not os.path.isfile(os.path.join(folder, "HEAD")):
         return False
     inside = functools.partial(os.path.join, folder)
@@ -1308,8 +1315,7 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 
 def _gitdir_named(folder: str | Path) -> Path | None:
-    """The real path a `.git` file in folder points to ("gitdir: PATH", git's
-    gitfile format, as a worktree or submodule has), or None."""
+    """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
     try:        # O_NONBLOCK: a FIFO named .git must not hang the check
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
         fd = os.open(os.path.join(folder, ".git"), flags)
@@ -1327,18 +1333,16 @@ def _gitdir_named(folder: str | Path) -> Path | None:
 
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
-    """Return why project/rel lies in a version-control folder, or None.
-
-    Refused: a component of rel, or of the project's path (as given, made absolute,
-    and with symlinks resolved), that opens one of VCS_FOLDERS (vcs_folder_of);
-    and a target inside a git directory of any name (_is_git_dir: a bare repository,
-    a worktree's gitdir) or inside the gitdir a `.git` file above it points to."""
+    """Return why project/rel lies in a version-control folder, or None: a component of
+    rel or of the project's path (as given, absolute, real) that opens one of VCS_FOLDERS
+    (vcs_folder_of), a git directory of any name above the target (_is_git_dir: a bare
+    repository, a worktree's gitdir), or the gitdir a `.git` file above it points to."""
     from pathlib import PurePosixPath
 
     for part in PurePosixPath(rel.replace("\\", "/")).parts:
         if folder := vcs_folder_of(part):
-            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
-                    "bridge never writes there")
+            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run "
+                    "commands); bridge never writes there")
     root = real_path(project)
     for shown in dict.fromkeys((os.path.abspath(project), str(root))):
         for part in PurePosixPath(shown).parts:
@@ -1355,14 +1359,9 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
 
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
-    """Return why project/rel may never be written, or None when it may.
-
-    Refused whatever the project: anything in a version-control folder, under the
-    project or around it (vcs_target_reason), the memory store file and its SQLite
-    sidecars, and anything in the state dir. rel is a plan path already checked to
-    be relative without '..'; the target is compared both as written and with
-    symlinks resolved. The one rule validation and every write use.
-    """
+    """Return why project/rel (a path plan_path_parts accepts) may never be written, or
+    None: in a version-control folder (vcs_target_reason), the store or its sidecars, in
+    the state dir; compared as written and as real. The rule validation and writes use."""
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
@@ -1381,9 +1380,9 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
 
 
 def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (its file_output) in project, or None: a name of a
-    folder, what resolve_inside refuses, a folder, what forbidden_target_reason refuses,
-    a symlink on its way (which the write would refuse), not a regular file."""
+    """Why a step may not write rel (its file_output) in project, or None: a folder's name
+    or a folder, what resolve_inside or forbidden_target_reason refuse, a symlink on its
+    way (the write would refuse it), not a regular file."""
     from pathlib import PurePosixPath
 
     if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
@@ -1411,11 +1410,41 @@ def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | N
     return None
 
 
-# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
-# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
-# under it (a/b/ names the two folders in a row); else it is matched against the
-# file's name, or, with a "/", against the last components of its path. Patterns are
-# shell globs, any case. The README's table is this one.
+def journalled_paths(project: Path, entry: dict, backups: Path,
+                     guard: Guard | None = None) -> tuple[str, Path | None, list[Path]]:
+    """Check an entry of a run's journal.jsonl (read back: untrusted): "path" a plan path
+    project may be written at (forbidden_target_reason), "backup" a file right in backups
+    (real paths), each of "created_dirs" an absolute folder below project. Returns (path,
+    backup or None, created_dirs). Raises PathError."""
+    from pathlib import Path
+
+    rel, backup, folders = entry.get("path"), entry.get("backup") or "", entry.get("created_dirs")
+    if not isinstance(rel, str):
+        raise PathError(f"path {rel!r} is not a string")
+    plan_path_parts(rel)
+    if reason := forbidden_target_reason(project, rel, guard):
+        raise PathError(reason)
+    if backup and (not isinstance(backup, str) or real_path(backup).parent != real_path(backups)):
+        raise PathError(f"path {rel!r}: backup {backup!r} is not in {backups}")
+    if not isinstance(folders or [], list):
+        raise PathError(f"path {rel!r}: created_dirs {folders!r} is not a list of folders")
+    dirs = []
+    for folder in folders or []:
+        inside = None
+        if isinstance(folder, str) and Path(folder).is_absolute() \
+                and Path(folder).is_relative_to(project):
+            inside = Path(folder).relative_to(project)
+        if inside is None or not inside.parts:
+            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {project}")
+        plan_path_parts(inside.as_posix())
+        dirs.append(project / inside)
+    return rel, Path(backup) if backup else None, dirs
+
+
+# What LOAD never sends to a model (secret_file_reason): (pattern, what it holds). A pattern
+# ending in "/" is a folder: every file anywhere under it (a/b/: the two folders in a row);
+# else it is matched against the file's name or, with a "/", the last components of its
+# path. Shell globs, any case. The README's table is this one.
 SECRET_LOAD_TABLE = (
     (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
     (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
@@ -1426,13 +1455,11 @@ SECRET_LOAD_TABLE = (
     (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
     *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
       for folder in VCS_FOLDERS),
-    ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"),
-    ("*.ppk", "PuTTY private key"),
-    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
-    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"),
-    (".envrc", "direnv secrets"),
+    ("id_*", "SSH private key (id_*.pub is public)"), ("*.ppk", "PuTTY private key"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"), ("*.p12", "key store"),
+    ("*.pfx", "key store"), ("*.jks", "Java key store"), ("*.keystore", "key store"),
+    ("*.kdbx", "KeePass database"), (".env", "environment secrets"),
+    (".env.*", "environment secrets"), (".envrc", "direnv secrets"),
     (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
     (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
     (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
@@ -1441,8 +1468,8 @@ SECRET_LOAD_TABLE = (
     (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
     (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
     (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
-    ("terraform.rc", "Terraform tokens"),
-    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("terraform.rc", "Terraform tokens"), ("*.tfstate", "Terraform state (secrets in clear)"),
+    ("*.tfstate.backup", "Terraform state"),
     ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
     (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
     ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
@@ -1489,13 +1516,10 @@ def _secret_row(parts: list[str]) -> tuple[str, str] | None:
 
 
 def secret_file_reason(rel: str) -> str | None:
-    """Return why a LOAD path looks like a private key or a secret store, or None.
-
-    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
-    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
-    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
-    Their text would go to the model, into the result memory and the run logs.
-    """
+    """Return why a LOAD path (or a file's absolute real one) looks like a private key or
+    secret store, or None: a row of SECRET_LOAD_TABLE matches (folders anywhere on the
+    path; names also without a _BACKUP_SUFFIX), but SECRET_LOAD_SAMPLES. Its text would go
+    to the model, into the result memory and the run logs."""
     from pathlib import PurePosixPath
 
     parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
@@ -1512,43 +1536,16 @@ def secret_file_reason(rel: str) -> str | None:
 
 
 def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
-    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
-    secret_file_reason of the path as the plan wrote it, as it lies in the real project
-    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
-    None when it may. The one rule for validation and for what approval shows."""
+    """Why a LOAD of rel (path: where it resolved inside project) may not go to a model, or
+    None: secret_file_reason of rel, of it in the real project, or of its real path (a
+    project inside ~/.aws). The one rule for validation and for what approval shows."""
     real = real_path(path)
     inside = os.path.relpath(real, real_path(project))
     return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
 
 
-def untrustable_reason(config: Config, folder: Path) -> str | None:
-    """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself or a folder holding
-    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir, or inside one of those two.
-    A plan working there could replace the store, its own journals or the trust file."""
-    if folder == folder.parent:
-        return "it is the filesystem root"
-    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
-        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
-    if config.home is not None and folder == real_path(config.home):
-        return "it is your home folder itself (trust a project folder inside it)"
-    if config.home is not None and real_path(config.home).is_relative_to(folder):
-        return f"it holds your home folder {real_path(config.home)}"
-    held = [("the memory store", p) for p in config.db_paths] + [
-        ("bridge's state folder", config.state_dir),
-        ("bridge's trust and approvals folder", config.config_dir)]
-    for what, path in held:
-        real = real_path(path)
-        if real == folder or real.is_relative_to(folder):
-            return f"it holds {what} {real}"
-        if folder.is_relative_to(real):
-            return f"it is inside {what} {real}"
-    return None
-
-
 ###############################################################################
-# 5. File writes inside the project
+# 6. File writes inside the project
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader
 # sees the old bytes or the new, never half. Before the first write to a path, its
@@ -1573,15 +1570,16 @@ class FileChange:
 
 _DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+# POSIX has the dir_fd operations every write walks the project with; Windows has not
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd
 
 
 def _open_root(project: Path) -> int:
     """Open the project folder for the dir_fd walks; PathError when it cannot be, or
     when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
     if not _HAS_DIR_FD:
-        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file operations",
-                        "run bridge on Linux or macOS")
+        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file "
+                        "operations", "run bridge on Linux or macOS")
     try:
         return os.open(project, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     except OSError as exc:
@@ -1611,8 +1609,8 @@ def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[
         os.close(fd)
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
             where = "/".join(parts[:depth + 1])
-            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge writes only "
-                            "through real folders of the project") from exc
+            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge "
+                            "writes only through real folders of the project") from exc
         raise
     return fd, len(parts)
 
@@ -1631,13 +1629,13 @@ def open_inside(project: Path, rel: str) -> Any:
     try:
         if depth < len(parts) - 1:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
-        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)   # a FIFO must not block
+        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK     # a FIFO must not block
         try:
             handle = os.fdopen(os.open(parts[-1], flags, dir_fd=fd), "rb")
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real files "
-                                "of the project") from exc
+                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real "
+                                "files of the project") from exc
             raise
         kind = os.fstat(handle.fileno()).st_mode
         if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):     # a folder: reading it says so
@@ -1681,7 +1679,6 @@ def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
     return text
 
 
-
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     """Return the permission bits of the file name in dir_fd, None when there is none.
     Raises PathError when it is a symlink or a folder."""
@@ -1690,30 +1687,30 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     except FileNotFoundError:
         return None
     if stat.S_ISLNK(info.st_mode):
-        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over symlinks")
+        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over "
+                        "symlinks")
     if stat.S_ISDIR(info.st_mode):
         raise PathError(f"path {rel!r} is a folder")
     if not stat.S_ISREG(info.st_mode):     # a FIFO would hang the read of its original
-        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files")
+        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge "
+                        "writes only files")
     return info.st_mode & 0o7777
 
 
-def _read_nofollow(name: str | Path, dir_fd: int | None = None) -> bytes:
-    """Return the bytes of a regular file, opened without following a symlink."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None) -> Any:
-    """Open a regular file for reading, without following a symlink or waiting on a FIFO;
-    return its binary file object. Raises OSError (ELOOP: a symlink; EINVAL: not a
-    regular file)."""
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading without waiting on a FIFO and, unless
+    follow_symlinks, without following a symlink: bridge's one way to open a file it
+    reads. Returns a binary file object, or with encoding a text one (undecodable bytes
+    replaced). Raises OSError (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(name))
-    return os.fdopen(fd, "rb")
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -1786,7 +1783,8 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None,
+                 crash_at: str | None = None) -> None:
     """Write data to path through a temp file in the same folder and os.replace.
 
     mode: permission bits to give the file (default: what a new file gets under
@@ -1801,17 +1799,51 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str
         os.close(dir_fd)
 
 
-def private_dir(path: Path) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700; return path.
-    An existing folder keeps its mode. Raises OSError."""
+OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than this is not its
+
+
+def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False) -> Any:
+    """Return the JSON value of one of bridge's own files (run.json, reads.json,
+    undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
+    manager may link): a regular file (open_regular) of at most OWN_FILE_MAX_BYTES,
+    UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's one JSON file
+    reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL: not a regular
+    file) or ValueError (not JSON, too deep, too large); with or_none, returns None
+    instead."""
+    try:
+        with open_regular(path, follow_symlinks=follow_symlinks) as handle:
+            data = handle.read(OWN_FILE_MAX_BYTES + 1)
+        if len(data) > OWN_FILE_MAX_BYTES:
+            raise ValueError(f"it is larger than {OWN_FILE_MAX_BYTES:,} bytes")
+        return load_json(data.decode("utf-8"))
+    except (OSError, ValueError):
+        if or_none:
+            return None
+        raise
+
+
+def write_json_file(path: Path, document: Any, indent: int | None = None) -> None:
+    """Write document as one JSON text (and a newline) to path, 0o600, by atomic_write:
+    bridge's one JSON file writer. Raises OSError."""
+    text = json.dumps(document, ensure_ascii=False, indent=indent) + "\n"
+    atomic_write(path, text.encode("utf-8"), 0o600)
+
+
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Make the folder path, and its missing parents, mode 0o700 (this user's only);
+    return path. An existing folder keeps its mode unless tighten (a run's folder, the
+    config folder: made 0o700 whatever it was). bridge's one way to make a private
+    folder. Raises OSError."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except FileNotFoundError:
-        private_dir(path.parent)
+        private_dir(os.path.dirname(os.path.abspath(path)))
         with _suppress(FileExistsError):
             os.mkdir(path, 0o700)
+    if tighten:
+        os.chmod(path, 0o700)
     return path
 
 
@@ -1875,7 +1907,8 @@ def read_jsonl(path: Path) -> list[dict]:
     The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
     entries = []
     try:
-        lines = _read_nofollow(path).decode("utf-8", "replace").splitlines()
+        with open_regular(path) as handle:
+            lines = handle.read().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
@@ -1889,7 +1922,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 ###############################################################################
-# 6. Store layouts & plan records
+# 7. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -1955,8 +1988,8 @@ class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
 # never creates, reads or drops it; `memory check-db` and the server's migrations
 # ignore tables they do not know (checked on 12.2.0 and 12.4.0: tests/test_real_server.py).
 STATE_TABLE = "bridge_plan_state"
-STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host", "owner_pid",
-                 "finished_at", "error", "result_hash", "resumed_from")
+STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host",
+                 "owner_pid", "finished_at", "error", "result_hash", "resumed_from")
 STATE_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     content_hash TEXT PRIMARY KEY,     -- the plan memory's (computed on the original layout)
@@ -1976,106 +2009,6 @@ CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
 SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
                       "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
                       "store it with bridge --submit")
-
-
-class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest saved",
-                            defaults=("", None, None))):
-    """One plan memory as read from the store.
-
-    row_id: memories.id. plan: the parsed content (a dict for a well-formed plan;
-    anything else is reported as invalid). metadata: the row's metadata object
-    (the server's; never read for state). created_at: as stored (Unix seconds, or
-    ISO text in the original layout). row_id is an int (a str in the original
-    layout); content and tags are the row's text. digest: the row's content_hash
-    (None: computed from content). saved: the row of STATE_TABLE as a state dict,
-    or None when bridge has recorded nothing.
-    """
-
-    __slots__ = ()
-
-    @property
-    def content_hash(self) -> str:
-        """The plan memory's content_hash: the key of its state."""
-        return self.digest or content_hash(self.content)
-
-    @property
-    def chunks(self) -> int:
-        """How many chunks the memory server split this memory into (its metadata's
-        total_chunks, set by memory_store on content over its length limit), else 0."""
-        total = self.metadata.get("total_chunks")
-        if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
-            return total
-        return 0
-
-    @property
-    def plan_id(self) -> str:
-        """The plan's own id, or "row-N" when its content has none."""
-        if isinstance(self.plan, dict) and isinstance(self.plan.get("id"), str):
-            return self.plan["id"]
-        return f"row-{self.row_id}"
-
-    @property
-    def state(self) -> dict:
-        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
-        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
-        result_hash, resumed_from."""
-        return self.saved if isinstance(self.saved, dict) else {}
-
-    @property
-    def owner(self) -> dict:
-        """The recorded owner {"host", "pid"} of an in_progress plan, or {}."""
-        value = self.state.get("owner")
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def status(self) -> str:
-        """The effective status: the recorded state, else the content's status."""
-        if self.state.get("status") in PLAN_STATUSES:
-            return self.state["status"]
-        if isinstance(self.plan, dict) and self.plan.get("status") in PLAN_STATUSES:
-            return self.plan["status"]
-        return "invalid"
-
-    @property
-    def stale(self) -> bool:
-        """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
-        from now, in the past or the future (a running bridge refreshes it every
-        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
-        reads as a time (a plan whose own content says in_progress has none)."""
-        from datetime import datetime, timezone
-
-        if self.status != "in_progress":
-            return False
-        owner = self.owner
-        if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
-                and not pid_alive(owner["pid"]):
-            return True
-        try:
-            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at")).replace("Z", "+00:00"))
-            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
-                beat = beat.replace(tzinfo=timezone.utc)
-            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
-        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
-            return True
-
-    @property
-    def display_status(self) -> str:
-        """The status as shown to users: "stale" for an in_progress plan whose owner died."""
-        return "stale" if self.stale else self.status
-
-    @property
-    def objective(self) -> str:
-        """The plan's one-line objective, or ""."""
-        context = self.plan.get("context") if isinstance(self.plan, dict) else None
-        objective = context.get("objective") if isinstance(context, dict) else None
-        return objective if isinstance(objective, str) else ""
-
-    @property
-    def step_count(self) -> int:
-        """How many steps the plan lists (0 when it lists none readable)."""
-        steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
-        return len(steps) if isinstance(steps, list) else 0
 
 
 def _summary_text(value: Any, max_chars: int) -> str:
@@ -2110,7 +2043,7 @@ def parse_result_content(content: str) -> dict | None:
 
 
 ###############################################################################
-# 7. The memory server's HTTP API
+# 8. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2120,7 +2053,8 @@ def parse_result_content(content: str) -> dict | None:
 ###############################################################################
 
 
-MEMORY_API_TIMEOUT_S = 30.0         # an embedding on a CPU takes well under a second; a model load longer
+# an embedding on a CPU takes well under a second; a model load longer
+MEMORY_API_TIMEOUT_S = 30.0
 MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
 MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
 # Each request ends by this many seconds after it was sent, however the server trickles
@@ -2149,7 +2083,8 @@ def check_memory_url(url: str) -> str:
     if parts is None or parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS \
             or parts.query or parts.username is not None:
         raise ConfigError(f"memory URL {url!r} is not an http URL on this machine",
-                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost or [::1])")
+                          "pass e.g. --memory-url http://127.0.0.1:8000 (127.0.0.1, localhost "
+                          "or [::1])")
     return url.rstrip("/")
 
 
@@ -2269,18 +2204,19 @@ class MemoryAPI:
         near-duplicate check from refusing a rerun's result."""
         import httpx
 
-        body = {"content": content, "tags": tags, "memory_type": memory_type, "metadata": metadata,
-                "conversation_id": conversation_id}
+        body = {"content": content, "tags": tags, "memory_type": memory_type,
+                "metadata": metadata, "conversation_id": conversation_id}
         size = len(json.dumps(body).encode("utf-8"))
         if size > MEMORY_API_MAX_BODY_BYTES:
-            return None, f"the result is {size} bytes, over the server's limit of {MEMORY_API_MAX_BODY_BYTES}"
+            return None, (f"the result is {size} bytes, over the server's limit of "
+                          f"{MEMORY_API_MAX_BODY_BYTES}")
         try:
             status, reply = self._request("POST", "/api/memories", body)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
-        if status == 200 and isinstance(reply, dict) and reply.get("success") is True and isinstance(digest, str) \
-                and re.fullmatch(r"[0-9a-f]{64}", digest):
+        if status == 200 and isinstance(reply, dict) and reply.get("success") is True \
+                and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
             return digest, None
         if status in (401, 403):
             return None, f"HTTP {status}: it refused the key (MCP_API_KEY)"
@@ -2299,14 +2235,16 @@ class MemoryAPI:
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            report["error"] = f"cannot reach {self.url}: {_summary_text(exc, 200) or type(exc).__name__}"
+            why = _summary_text(exc, 200) or type(exc).__name__
+            report["error"] = f"cannot reach {self.url}: {why}"
             return report
         if not report["reachable"]:
             report["error"] = f"{self.url}/api/health answered HTTP {status}"
             return report
         report["key_accepted"] = detail_status == 200
         if detail_status in (401, 403):
-            report["error"] = f"the server refused the key (MCP_API_KEY{' is not set' if not self.api_key else ''})"
+            unset = "" if self.api_key else " is not set"
+            report["error"] = f"the server refused the key (MCP_API_KEY{unset})"
         elif isinstance(detail, dict):
             storage = detail.get("storage") if isinstance(detail.get("storage"), dict) else {}
             report.update(version=server_label(detail.get("version")),
@@ -2315,8 +2253,9 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 8. Store (SQLite)
-# Short transactions on someone else's file: discovery, the claim, the result.
+# 9. Store (SQLite)
+# Short transactions on someone else's file: opening it, writing a memory the way the
+# memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
 
 
@@ -2335,65 +2274,361 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
 
 
-class Store:
-    """The doobidoo memory store, opened for plan discovery, claims and results.
+class StoreFile:
+    """The memory server's SQLite file as bridge opens it: its layout, short write
+    transactions, memories inserted and soft-deleted the way the server does, and its
+    health. Store (the room "Store: plan and result memories") is what bridge uses.
 
-    Use as a context manager: `with Store.open(path) as store: ...`. Works on the
+    Use as a context manager: `with Store.open(config) as store: ...`. Works on the
     12.x and 10.x layouts of mcp-memory-service and on the original bridge script's
-    layout (see _LAYOUT_COLUMNS). Raises StoreError for anything else.
+    layout (see _LAYOUT_COLUMNS); layout is None for any other (open refuses it).
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, layout: str,
-                 columns: set[str], has_fts: bool, crash_at: str | None = None):
-        self.conn, self.path, self.layout = conn, path, layout
-        self.columns, self.has_fts = columns, has_fts
-        self.crash_at = crash_at
+    def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
+        """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
+        self.conn, self.path, self.crash_at = conn, path, crash_at
+        self.columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
+        self.layout = next((name for name, needed in _LAYOUT_COLUMNS.items()
+                            if needed <= self.columns), None)
+        # only the memory server's trigram index finds a substring of the marker
+        fts = conn.execute("SELECT sql FROM sqlite_master "
+                           "WHERE name = 'memory_content_fts'").fetchone()
+        self.has_fts = fts is not None and "trigram" in (fts[0] or "") \
+            and self.layout != LAYOUT_ORIGINAL
 
     @classmethod
     def open(cls, config: Config) -> "Store":
-        """Open the first existing store of config.db_paths.
-
-        Opening writes nothing. STATE_TABLE is made by the first state bridge records
-        there (see _set_state); until then the store is read as that migration will
-        leave it. Raises StoreError naming every path tried when none exists, or when
-        the file is not SQLite or has a layout bridge does not know.
-        """
+        """Open the first existing store of config.db_paths. Opening writes nothing:
+        STATE_TABLE is made by the first state bridge records there (_set_state).
+        Raises StoreError naming every path tried when none exists, or when the file
+        is not SQLite or has a layout bridge does not know."""
         import sqlite3
 
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
             tried = ", ".join(str(p) for p in config.db_paths)
             raise StoreError(f"no memory store found (tried {tried})",
-                             "pass --db PATH or set BRIDGE_DB to the memory server's sqlite_vec.db; "
-                             "to start an empty store: bridge --submit PLAN.json --db NEWFILE")
+                             "pass --db PATH or set BRIDGE_DB to the memory server's "
+                             "sqlite_vec.db; to start an empty store: bridge --submit PLAN.json "
+                             "--db NEWFILE")
         try:
             conn = sqlite3.connect(path, timeout=STORE_BUSY_TIMEOUT_S, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
-            # only the memory server's trigram index finds a substring of the marker
-            fts = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_content_fts'").fetchone()
-            has_fts = fts is not None and "trigram" in (fts[0] or "")
+            store = cls(conn, path, config.crash_at)
         except sqlite3.Error as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
-        layout = next((name for name, needed in _LAYOUT_COLUMNS.items() if needed <= columns), None)
-        if layout is None:
+        if store.layout is None:
             conn.close()
-            shown = ", ".join(sorted(columns)) or "no memories table"
+            shown = ", ".join(sorted(store.columns)) or "no memories table"
             raise StoreError(f"unsupported store layout in {path} ({shown})",
-                             "bridge reads mcp-memory-service 10.x/12.x stores and the original bridge layout")
-        return cls(conn, path, layout, columns, has_fts and layout != LAYOUT_ORIGINAL, config.crash_at)
+                             "bridge reads mcp-memory-service 10.x/12.x stores and the original "
+                             "bridge layout")
+        return store
+
+    @staticmethod
+    def create(path: Path) -> None:
+        """Create an empty store at path in the memory server's 12.x layout.
+
+        Raises StoreError when path exists, its folder does not, or it cannot be written.
+        """
+        import sqlite3
+
+        if path.exists():
+            raise StoreError(f"cannot create a store at {path}: the file exists")
+        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
+            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
+                             "exist", "check --db for a typo; to start a store there, make the "
+                             "folder first")
+        try:
+            conn = sqlite3.connect(path)
+            try:
+                conn.executescript(STORE_DDL_12)
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot create a store at {path}: {exc}") from exc
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (name,)).fetchone() is not None
+
+    def _live_filter(self, alias: str = "m") -> str:
+        clauses = []
+        if "deleted_at" in self.columns:
+            clauses.append(f"{alias}.deleted_at IS NULL")
+        if "superseded_by" in self.columns:
+            clauses.append(f"{alias}.superseded_by IS NULL")
+        return " AND ".join(clauses) or "1"
+
+    def _write(self, work: Callable[[], Any]) -> Any:
+        """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
+        import sqlite3
+
+        for attempt in range(1, STORE_WRITE_TRIES + 1):
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    if attempt < STORE_WRITE_TRIES:
+                        time.sleep(0.05 * attempt)
+                        continue
+                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                    raise store_locked_error(self.path, waited_s) from exc
+                raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                    from exc
+            try:
+                result = work()
+                self.conn.execute("COMMIT")
+                return result
+            except BaseException as exc:
+                self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot write the store {self.path}: {exc}",
+                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
+                        from exc
+                raise
+
+    def insert_memory(self, content: str, tags: list[str], memory_type: str,
+                      metadata: dict) -> str:
+        """Insert one memory the way the memory server does; return its content_hash.
+        Call inside _write. Fills the hash, both timestamps and their _iso twins,
+        store='default' and embedding_pending=0 where the layout has those columns
+        (no embedding: tag and keyword search find it, semantic search does not).
+        Raises StoreError when identical content is already stored."""
+        import sqlite3
+
+        now = time.time()
+        digest = content_hash(content)
+        tags_text = ",".join(tag_safe(t.strip()) for t in tags)
+        if self.layout == LAYOUT_ORIGINAL:
+            values = {"id": os.urandom(16).hex(), "content": content,
+                      "created_at": iso_from_ts(now),
+                      "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
+        else:
+            values = {"content_hash": digest, "content": content, "tags": tags_text,
+                      "memory_type": memory_type, "metadata": json.dumps(metadata),
+                      "created_at": now, "updated_at": now, "created_at_iso": iso_from_ts(now),
+                      "updated_at_iso": iso_from_ts(now), "store": "default",
+                      "embedding_pending": 0}
+            values = {k: v for k, v in values.items() if k in self.columns}
+        sql = (f"INSERT INTO memories ({', '.join(values)}) "
+               f"VALUES ({', '.join('?' for _ in values)})")
+        try:
+            self.conn.execute(sql, tuple(values.values()))
+        except sqlite3.IntegrityError as exc:
+            if "content_hash" not in str(exc):
+                raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
+            raise StoreError(f"the store already holds a memory with content hash "
+                             f"{digest[:12]}…", "identical content was stored before (perhaps "
+                             "soft-deleted)") from exc
+        return digest
+
+    def soft_delete(self, row_id: Any) -> None:
+        """Mark one memory deleted the way the memory server does (deleted_at and
+        updated_at). Call inside _write. Raises StoreError on a layout without it."""
+        if "deleted_at" not in self.columns:
+            raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
+                             "delete the old plan by hand, then submit again")
+        now = time.time()
+        self.conn.execute("UPDATE memories SET deleted_at = ?, updated_at = ?, updated_at_iso = ? "
+                          "WHERE id = ?", (now, now, iso_from_ts(now), row_id))
+
+    def _has_live_hash(self, digest: str) -> bool:
+        if "content_hash" not in self.columns:
+            return False
+        return self.conn.execute(f"SELECT 1 FROM memories m WHERE content_hash = ? "
+                                 f"AND {self._live_filter()}", (digest,)).fetchone() is not None
+
+    def check_usable(self) -> str | None:
+        """Return why a run could not use this store, or None when it can. Runs PRAGMA
+        quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
+        "ok", else the problems found, such as a corrupted page), then proves a
+        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
+        file is never changed (a read-only mount fails here, "attempt to write a
+        readonly database"). A store busy with another writer counts as writable."""
+        import sqlite3
+
+        try:
+            found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            return f"PRAGMA quick_check failed: {exc}"
+        if found != ["ok"]:
+            return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
+        try:
+            self.conn.execute("CREATE TABLE bridge_write_probe (x)")
+        except sqlite3.DatabaseError as exc:
+            return f"cannot write: {exc}"
+        finally:
+            self.conn.execute("ROLLBACK")
+        return None
+
+    def memory_report(self) -> dict:
+        """Return the store as the memory server sees it: {"schema_version" (its
+        metadata table's schema_version, or None), "migrations" (rows of its
+        migration_registry, or None), "state_table" (STATE_TABLE exists),
+        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
+        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
+        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
+        memories.id; None without it)}."""
+        def count(sql: str) -> int:
+            return self.conn.execute(sql).fetchone()[0]
+
+        report: dict[str, Any] = {"schema_version": None, "migrations": None,
+                                  "state_table": self._has_table(STATE_TABLE), "plans_recorded": 0,
+                                  "bridge_rows": 0, "without_embedding": None}
+        if self._has_table("metadata"):
+            row = self.conn.execute("SELECT value FROM metadata "
+                                    "WHERE key = 'schema_version'").fetchone()
+            report["schema_version"] = row[0] if row else None
+        if self._has_table("migration_registry"):
+            report["migrations"] = count("SELECT COUNT(*) FROM migration_registry")
+        if report["state_table"]:
+            report["plans_recorded"] = count(f"SELECT COUNT(*) FROM {STATE_TABLE}")
+        if "tags" not in self.columns:
+            return report
+        ours = (f"FROM memories m WHERE {self._live_filter()} AND "
+                f"((',' || m.tags || ',') LIKE '%,{PLAN_TAG},%' "
+                f"OR (',' || m.tags || ',') LIKE '%,{RESULT_TAG},%')")
+        report["bridge_rows"] = count(f"SELECT COUNT(*) {ours}")
+        if self._has_table("memory_embeddings_rowids"):
+            report["without_embedding"] = count(f"SELECT COUNT(*) {ours} AND m.id NOT IN "
+                                                "(SELECT rowid FROM memory_embeddings_rowids)")
+        return report
+
+
+###############################################################################
+# 10. Store: plan states and claims
+# Every piece of claiming a plan that is the store's: the plan record and its
+# effective status (stale: its owner is gone), STATE_TABLE read and written (and
+# migrated from an older bridge's metadata), the claim, the heartbeat, the release,
+# the cancel, and a run that died after storing its result settled by that result.
+###############################################################################
+
+
+class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
+                            "saved", defaults=("", None, None))):
+    """One plan memory as read from the store. row_id: memories.id (an int; a str in
+    the original layout). content, tags: the row's text. plan: the parsed content (a
+    dict for a well-formed plan; anything else is reported as invalid). metadata: the
+    row's metadata object (the server's; never read for state). created_at: as stored
+    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
+    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
+
+    __slots__ = ()
+
+    @property
+    def content_hash(self) -> str:
+        """The plan memory's content_hash: the key of its state."""
+        return self.digest or content_hash(self.content)
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the memory server split this memory into (its metadata's
+        total_chunks, set by memory_store on content over its length limit), else 0."""
+        total = self.metadata.get("total_chunks")
+        if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
+            return total
+        return 0
+
+    @property
+    def plan_id(self) -> str:
+        """The plan's own id, or "row-N" when its content has none."""
+        if isinstance(self.plan, dict) and isinstance(self.plan.get("id"), str):
+            return self.plan["id"]
+        return f"row-{self.row_id}"
+
+    @property
+    def state(self) -> dict:
+        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
+        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
+        result_hash, resumed_from."""
+        return self.saved if isinstance(self.saved, dict) else {}
+
+    @property
+    def owner(self) -> dict:
+        """The recorded owner {"host", "pid"} of an in_progress plan, or {}."""
+        value = self.state.get("owner")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def status(self) -> str:
+        """The effective status: the recorded state, else the content's status."""
+        if self.state.get("status") in PLAN_STATUSES:
+            return self.state["status"]
+        if isinstance(self.plan, dict) and self.plan.get("status") in PLAN_STATUSES:
+            return self.plan["status"]
+        return "invalid"
+
+    @property
+    def stale(self) -> bool:
+        """True when in_progress but its owner is gone: the owner process no longer
+        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
+        from now, in the past or the future (a running bridge refreshes it every
+        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
+        reads as a time (a plan whose own content says in_progress has none)."""
+        from datetime import datetime, timezone
+
+        if self.status != "in_progress":
+            return False
+        owner = self.owner
+        if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
+                and not pid_alive(owner["pid"]):
+            return True
+        try:
+            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at"))
+                                          .replace("Z", "+00:00"))
+            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
+                beat = beat.replace(tzinfo=timezone.utc)
+            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
+        except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
+            return True
+
+    @property
+    def display_status(self) -> str:
+        """The status as shown to users: "stale" for an in_progress plan whose owner died."""
+        return "stale" if self.stale else self.status
+
+    @property
+    def objective(self) -> str:
+        """The plan's one-line objective, or ""."""
+        context = self.plan.get("context") if isinstance(self.plan, dict) else None
+        objective = context.get("objective") if isinstance(context, dict) else None
+        return objective if isinstance(objective, str) else ""
+
+    @property
+    def step_count(self) -> int:
+        """How many steps the plan lists (0 when it lists none readable)."""
+        steps = self.plan.get("steps") if isinstance(self.plan, dict) else None
+        return len(steps) if isinstance(steps, list) else 0
+
+
+class PlanStates(StoreFile):
+    """The plans' states in the store (keyed by the plan memory's content_hash; see
+    STATE_TABLE) and their claims. Store is the class to use."""
+
+    def reload(self, record: PlanRecord) -> PlanRecord:
+        """Return record with its state read again (another process may have changed it)."""
+        return record._replace(saved=self._settled(self._read_state(record.content_hash)))
+
 
     @property
     def has_state_table(self) -> bool:
         """Whether STATE_TABLE exists (asked each time: another bridge may make it)."""
         return self._has_table(STATE_TABLE)
-
-    def _has_table(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                 (name,)).fetchone() is not None
 
     def _create_state_table(self) -> None:
         """Create STATE_TABLE and fill it from the metadata["bridge"] objects an older
@@ -2426,283 +2661,24 @@ class Store:
             except ValueError:
                 plan = None
             if isinstance(old, dict) and old.get("status") in PLAN_STATUSES:
-                text = {**old, **{k: old[k] if isinstance(old.get(k), str) else None for k in STATE_COLUMNS}}
+                text = {**old, **{k: old[k] if isinstance(old.get(k), str) else None
+                                  for k in STATE_COLUMNS}}
                 owner = old.get("owner") if isinstance(old.get("owner"), dict) else {}
-                text["owner"] = {"host": owner.get("host") if isinstance(owner.get("host"), str) else None,
-                                 "pid": owner.get("pid") if isinstance(owner.get("pid"), int) else None}
-                text["plan_id"] = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) \
-                    else None
+                host, pid = owner.get("host"), owner.get("pid")
+                text["owner"] = {"host": host if isinstance(host, str) else None,
+                                 "pid": pid if isinstance(pid, int) else None}
+                plan_id = plan.get("id") if isinstance(plan, dict) else None
+                text["plan_id"] = plan_id if isinstance(plan_id, str) else None
                 states[digest or content_hash(content)] = text
         return states
-
-    @staticmethod
-    def create(path: Path) -> None:
-        """Create an empty store at path in the memory server's 12.x layout.
-
-        Raises StoreError when path exists, its folder does not, or it cannot be written.
-        """
-        import sqlite3
-
-        if path.exists():
-            raise StoreError(f"cannot create a store at {path}: the file exists")
-        if not path.parent.is_dir():       # a typo in --db must not make folders and a store
-            raise StoreError(f"cannot create a store at {path}: folder {path.parent} does not "
-                             "exist", "check --db for a typo; to start a store there, make the "
-                             "folder first")
-        try:
-            conn = sqlite3.connect(path)
-            try:
-                conn.executescript(STORE_DDL_12)
-            finally:
-                conn.close()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot create a store at {path}: {exc}") from exc
-
-    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's memory_store does
-        (memory_type planning, tag bridge-plan, hash and timestamps).
-
-        replace: soft-delete the live plans with the same id, in the same
-        transaction. Returns (content_hash, row ids replaced). Raises StoreError
-        when a live plan has this id and replace is off, or identical content is
-        already stored.
-        """
-        content = json.dumps(plan, ensure_ascii=False, indent=2)
-
-        def work() -> tuple[str, list]:
-            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
-            identical = [r for r in same if r.content_hash == content_hash(content)]
-            if identical:       # --replace would fail on the unique content_hash: say what works
-                status = identical[0].display_status
-                rerun = " --rerun" if status != "pending" else ""
-                again = f"bridge --plan {plan.get('id')}{rerun}"
-                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
-                                 f"(row {identical[0].row_id}, {status})",
-                                 f"to run it again: {again}; to change it, edit the file and "
-                                 "submit it with --replace")
-            if same and not replace:
-                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
-                raise StoreError(f"a plan with id {plan.get('id')!r} is already in {self.path} ({rows})",
-                                 "pass --replace to soft-delete it and store this one")
-            for record in same:
-                self.soft_delete(record.row_id)
-            return self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {}), [r.row_id for r in same]
-        return self._write(work)
-
-    def soft_delete(self, row_id: Any) -> None:
-        """Mark one memory deleted the way the memory server does (deleted_at and
-        updated_at). Call inside _write. Raises StoreError on a layout without it."""
-        if "deleted_at" not in self.columns:
-            raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
-                             "delete the old plan by hand, then submit again")
-        now = time.time()
-        self.conn.execute("UPDATE memories SET deleted_at = ?, updated_at = ?, updated_at_iso = ? WHERE id = ?",
-                          (now, now, iso_from_ts(now), row_id))
-
-    def cancel(self, record: PlanRecord) -> bool:
-        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
-        died, or its state is forged: the files its run left stay as they are),
-        invalid or awaiting review (its staged files stay unapplied in its run's
-        folder); False, changing nothing, when it is running or finished."""
-        def work() -> bool:
-            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
-                return False
-            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
-                                     "error": "cancelled by the user"})
-            return True
-        return self._write(work)
-
-    def find_result(self, record: PlanRecord, named_only: bool = True) -> tuple[dict, str] | None:
-        """Return the newest stored result document of a plan that bridge's state
-        names, and its memory's content_hash, or None.
-
-        Named: the memory's content_hash is the state's result_hash, or its
-        last_result_hash (the result before the claim of the run now recorded). A
-        memory merely tagged bridge-result and plan:<id> is anyone's (a forgery):
-        with named_only False, the newest such is returned too. Candidates: by the
-        state's hashes, then the live results tagged plan:<id>, newest first (the
-        memory server's own tag match), each confirmed by parsing it
-        (parse_result_content).
-        """
-        rows: list = []
-        named = [h for h in (record.state.get("result_hash"), record.state.get("last_result_hash"))
-                 if isinstance(h, str) and h]         # the newest first
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-        for digest in named if "content_hash" in self.columns else ():
-            rows += self.conn.execute("SELECT content_hash, content FROM memories "
-                                      "WHERE content_hash = ?", (digest,)).fetchall()
-        if "tags" in self.columns:
-            rows += self.conn.execute(
-                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
-                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
-                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
-        else:
-            rows += self.conn.execute(
-                f"SELECT {digest_column}, content FROM memories WHERE "
-                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
-        for digest, content in rows:
-            document = parse_result_content(content)
-            if document is not None and document.get("plan_id") == record.plan_id \
-                    and (not named_only or (digest or content_hash(content)) in named):
-                return document, content_hash(content)
-        return None
-
-    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
-        """Return [(run_id, status)] of the last runs of the other contents this plan id
-        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
-        if not self.has_state_table:
-            return []
-        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
-                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
-                                 (record.plan_id, record.content_hash)).fetchall()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
-
-    # -- reading -------------------------------------------------------------
-
-    def _live_filter(self, alias: str = "m") -> str:
-        clauses = []
-        if "deleted_at" in self.columns:
-            clauses.append(f"{alias}.deleted_at IS NULL")
-        if "superseded_by" in self.columns:
-            clauses.append(f"{alias}.superseded_by IS NULL")
-        return " AND ".join(clauses) or "1"
-
-    # The FTS phrase that picks plan candidates: the start of the marker. The index
-    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
-    # planner's store, so matching the whole marker reads far more of the index
-    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
-    _FTS_CANDIDATES = "bridge-p"
-
-    def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first.
-
-        Candidates come from the FTS index (memory_content_fts MATCH the start of
-        the schema marker) when the store has the memory server's trigram index,
-        else from a scan; each must hold the marker and is confirmed by parsing
-        its JSON. A row counts as a plan when its content is a JSON object
-        whose "$schema" is "bridge-plan-v1". A row whose content holds the marker
-        but is not such an object is returned too, so it can be reported as
-        invalid, when it is tagged bridge-plan or is JSON that is not an object
-        (prose that merely mentions the marker is not). Raises StoreError on
-        SQLite errors.
-        """
-        import sqlite3
-
-        tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
-        select = f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} FROM memories m"
-        live = self._live_filter()
-        if self.has_fts:        # the index picks the candidates: no row's content is read here
-            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
-                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
-        else:                   # a scan: SQLite reads each row's content, for the marker
-            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
-        try:
-            rows = [self._with_content(*row) for row in
-                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
-            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
-            # the old metadata states lie on plan rows only: those just read
-            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
-        records, split = [], set()
-        for row in rows:
-            record = self._record(*row) if row[1] is not None else self._oversized(*row)
-            if record is None:
-                continue
-            if record.chunks:       # one report per split plan, whichever chunks hold the marker
-                original = str(record.metadata.get("original_hash"))
-                if original in split:
-                    continue
-                split.add(original)
-            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
-        return records
-
-    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
-        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
-        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
-        from SQLite's incremental blob I/O, which reads no content."""
-        import sqlite3
-
-        try:
-            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
-                size = len(blob)
-        except sqlite3.Error:       # not text (NULL, a number): read it as before
-            size = 0
-        if size > PLAN_MAX_BYTES:
-            return (row_id, None, *rest, size)
-        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
-                                    (rowid,)).fetchone()
-        return (row_id, content[0] if content else "", *rest)
-
-    @staticmethod
-    def _oversized(row_id, content, metadata, created_at, tags, digest, size) -> PlanRecord | None:
-        """The record of a plan row over PLAN_MAX_BYTES (content None: never read), when
-        it is tagged bridge-plan: reported as invalid, saying its size and the limit. An
-        untagged one may be any memory naming the marker (a big result): skipped."""
-        names = (tags or "").split(",")
-        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
-            return None
-        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
-                  "(PLAN_MAX_BYTES); not read")
-        # the original layout stores no content_hash: this row's state is keyed by its id
-        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
-                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
-
-    @staticmethod
-    def _record(row_id, content, metadata, created_at, tags, digest=None) -> PlanRecord | None:
-        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
-            return None     # the server's consolidation made it: never a plan
-        try:
-            plan = load_json(content)
-        except JSONRefused as exc:
-            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
-        except ValueError:
-            plan = None
-        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
-        tagged = PLAN_TAG in (tags or "").split(",")
-        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
-            return None     # a note or result that merely mentions the marker
-        try:
-            meta = load_json(metadata) if metadata else {}
-        except ValueError:
-            meta = {}
-        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
-                          created_at, tags or "", digest)
-
-    def get_plan(self, plan_id: str) -> PlanRecord:
-        """Return the one live plan whose parsed id equals plan_id exactly.
-
-        Raises PlanNotFound when none matches, StoreError when several live plans
-        share the id (neither is run; the user must delete one).
-        """
-        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
-        if not matches:
-            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
-                               "see the plans with: bridge --list --all")
-        if len(matches) > 1:
-            rows = ", ".join(str(r.row_id) for r in matches)
-            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories (rows {rows})",
-                             "delete all but one of them with the memory server, then run again")
-        return matches[0]
-
-    def reload(self, record: PlanRecord) -> PlanRecord:
-        """Return record with its state read again (another process may have changed it)."""
-        return record._replace(saved=self._settled(self._read_state(record.content_hash)))
-
-    # -- plan state (STATE_TABLE) -----------------------------------------------
 
     def _states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
         """Return {plan content_hash: state} of every plan bridge has recorded (on a
         store without STATE_TABLE, of the rows given: see _legacy_states)."""
         if not self.has_state_table:
             return self._legacy_states(rows)  # read-only on a store bridge has not used since
-        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra FROM {STATE_TABLE}")
+        rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra "
+                                 f"FROM {STATE_TABLE}")
         return {row[0]: self._state_of(row[1:]) for row in rows}
 
     def _read_state(self, digest: str) -> dict | None:
@@ -2731,8 +2707,8 @@ class Store:
         if not state or state.get("status") != "in_progress" or not state.get("result_hash") \
                 or "content_hash" not in self.columns:
             return state
-        row = self.conn.execute(f"SELECT content FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
-                                (state["result_hash"],)).fetchone()
+        row = self.conn.execute(f"SELECT content FROM memories m WHERE content_hash = ? "
+                                f"AND {self._live_filter()}", (state["result_hash"],)).fetchone()
         document = parse_result_content(row[0]) if row else None
         if document is None or document.get("run_id") != state.get("run_id") \
                 or document.get("status") not in PLAN_STATUSES:
@@ -2746,45 +2722,15 @@ class Store:
                   "owner_host": owner.get("host"), "owner_pid": owner.get("pid")}
         extra = redact({k: v for k, v in state.items() if k not in STATE_COLUMNS and k != "owner"})
         values = redact(values)         # an error line may quote a model's or a command's words
-        self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, {', '.join(STATE_COLUMNS)}, "
-                          f"extra, updated_at) VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
-                          (digest, *values.values(), json.dumps(extra) if extra else None, utc_now_iso()))
-
-    # -- writing -------------------------------------------------------------
-
-    def _write(self, work: Callable[[], Any]) -> Any:
-        """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
-        import sqlite3
-
-        for attempt in range(1, STORE_WRITE_TRIES + 1):
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    if attempt < STORE_WRITE_TRIES:
-                        time.sleep(0.05 * attempt)
-                        continue
-                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
-                    raise store_locked_error(self.path, waited_s) from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) from exc
-            try:
-                result = work()
-                self.conn.execute("COMMIT")
-                return result
-            except BaseException as exc:
-                self.conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                        from exc
-                raise
+        self.conn.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} (content_hash, "
+                          f"{', '.join(STATE_COLUMNS)}, extra, updated_at) "
+                          f"VALUES (?, {', '.join('?' for _ in STATE_COLUMNS)}, ?, ?)",
+                          (digest, *values.values(), json.dumps(extra) if extra else None,
+                           utc_now_iso()))
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
         """Merge changes into the plan's row of STATE_TABLE; return the new state.
-
-        Call inside _write. The memories table is not touched.
-        """
+        Call inside _write. The memories table is not touched."""
         state = {**(self._read_state(record.content_hash) or {}), **changes}
         if not self.has_state_table:
             self._create_state_table()
@@ -2793,13 +2739,10 @@ class Store:
 
     def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
               resumed_from: str | None = None) -> bool:
-        """Move a plan to in_progress for this process, atomically.
-
-        allowed: effective statuses that may be claimed ("stale" means an in_progress
-        plan whose owner died). resumed_from: the run id this run takes over.
-        Returns False, changing nothing, when another process got there first or
-        the status is not allowed.
-        """
+        """Move a plan to in_progress for this process, atomically. allowed: effective
+        statuses that may be claimed ("stale": an in_progress plan whose owner died).
+        resumed_from: the run id this run takes over. Returns False, changing nothing,
+        when another process got there first or the status is not allowed."""
         def work() -> bool:
             fresh = self.reload(record)
             if fresh.display_status not in allowed:
@@ -2810,7 +2753,8 @@ class Store:
                 "last_result_hash": last if isinstance(last, str) else None,
                 "status": "in_progress", "run_id": run_id, "claimed_at": now,
                 "heartbeat_at": now, "owner": {"host": hostname(), "pid": os.getpid()},
-                "finished_at": None, "error": None, "result_hash": None, "resumed_from": resumed_from})
+                "finished_at": None, "error": None, "result_hash": None,
+                "resumed_from": resumed_from})
             crash_point(self.crash_at, "claim")
             return True
         return self._write(work)
@@ -2835,7 +2779,199 @@ class Store:
             return True
         return self._write(work)
 
-    def finish(self, record: PlanRecord, memory: ResultMemory, memory_api: MemoryAPI | None = None,
+    def cancel(self, record: PlanRecord) -> bool:
+        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
+        died, or its state is forged: the files its run left stay as they are),
+        invalid or awaiting review (its staged files stay unapplied in its run's
+        folder); False, changing nothing, when it is running or finished."""
+        def work() -> bool:
+            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
+                return False
+            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
+                                     "error": "cancelled by the user"})
+            return True
+        return self._write(work)
+
+    def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
+        """Return [(run_id, status)] of the last runs of the other contents this plan id
+        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        if not self.has_state_table:
+            return []
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
+                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+                                 (record.plan_id, record.content_hash)).fetchall()
+
+
+###############################################################################
+# 11. Store: plan and result memories
+# The memories bridge reads and writes: plan memories found (by the memory server's
+# index when it has one) and submitted; a run's result memory stored as the room "The
+# result document" built it (directly, or through the memory server's HTTP API for an
+# embedding), found again, and what --undo, --apply and --reject record of that run.
+###############################################################################
+
+
+class Store(PlanStates):
+    """The doobidoo memory store, opened for plan discovery, claims and results:
+    `with Store.open(config) as store: ...` (StoreFile.open). Raises StoreError."""
+
+    # The FTS phrase that picks plan candidates: the start of the marker. The index
+    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
+    # planner's store, so matching the whole marker reads far more of the index
+    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
+    _FTS_CANDIDATES = "bridge-p"
+
+    def find_plans(self) -> list[PlanRecord]:
+        """Return every live plan memory, oldest first. Candidates come from the FTS index
+        (memory_content_fts MATCH the start of the schema marker) when the store has the
+        memory server's trigram index, else from a scan; each must hold the marker and is
+        confirmed by parsing its JSON. A row counts as a plan when its content is a JSON
+        object whose "$schema" is "bridge-plan-v1". A row whose content holds the marker but
+        is not such an object is returned too, so it can be reported as invalid, when it is
+        tagged bridge-plan or is JSON that is not an object (prose that merely mentions the
+        marker is not). Raises StoreError on SQLite errors."""
+        import sqlite3
+
+        tags = "m.tags" if "tags" in self.columns else "''"
+        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
+                  "FROM memories m")
+        live = self._live_filter()
+        if self.has_fts:        # the index picks the candidates: no row's content is read here
+            sql = (f"{select} JOIN memory_content_fts f ON f.rowid = m.id "
+                   f"WHERE memory_content_fts MATCH '\"{self._FTS_CANDIDATES}\"' AND {live}")
+        else:                   # a scan: SQLite reads each row's content, for the marker
+            sql = f"{select} WHERE instr(m.content, '{SCHEMA_ID}') > 0 AND {live}"
+        try:
+            rows = [self._with_content(*row) for row in
+                    self.conn.execute(sql + " ORDER BY m.created_at, m.id").fetchall()]
+            rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
+            # the old metadata states lie on plan rows only: those just read
+            states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
+        records, split = [], set()
+        for row in rows:
+            record = self._record(row) if row[1] is not None else self._oversized(row)
+            if record is None:
+                continue
+            if record.chunks:       # one report per split plan, whichever chunks hold the marker
+                original = str(record.metadata.get("original_hash"))
+                if original in split:
+                    continue
+                split.add(original)
+            records.append(record._replace(saved=self._settled(states.get(record.content_hash))))
+        return records
+
+    def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
+        """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
+        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
+        from SQLite's incremental blob I/O, which reads no content."""
+        import sqlite3
+
+        try:
+            with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
+                size = len(blob)
+        except sqlite3.Error:       # not text (NULL, a number): read it as before
+            size = 0
+        if size > PLAN_MAX_BYTES:
+            return (row_id, None, *rest, size)
+        content = self.conn.execute("SELECT content FROM memories WHERE rowid = ?",
+                                    (rowid,)).fetchone()
+        return (row_id, content[0] if content else "", *rest)
+
+    @staticmethod
+    def _oversized(row: tuple) -> PlanRecord | None:
+        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
+        never read, then its size), when it is tagged bridge-plan: reported as invalid,
+        saying its size and the limit. An untagged one may be any memory naming the
+        marker (a big result): skipped."""
+        row_id, _, _, created_at, tags, digest, size = row
+        names = (tags or "").split(",")
+        if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
+            return None
+        reason = (f"the plan is {size:,} bytes, over bridge's limit of {PLAN_MAX_BYTES:,} "
+                  "(PLAN_MAX_BYTES); not read")
+        # the original layout stores no content_hash: this row's state is keyed by its id
+        return PlanRecord(row_id, "", UnreadablePlan(reason), {}, created_at, tags or "",
+                          digest or f"row-{row_id}-over-{PLAN_MAX_BYTES}")
+
+    @staticmethod
+    def _record(row: tuple) -> PlanRecord | None:
+        """The record of a candidate row (_with_content's), or None when it is no plan."""
+        row_id, content, metadata, created_at, tags, digest = row
+        if CONSOLIDATION_TAGS.intersection((tags or "").split(",")):
+            return None     # the server's consolidation made it: never a plan
+        try:
+            plan = load_json(content)
+        except JSONRefused as exc:
+            plan = UnreadablePlan(f"the plan {exc}")     # JSON, so reported, never run
+        except ValueError:
+            plan = None
+        is_plan = isinstance(plan, dict) and plan.get("$schema") == SCHEMA_ID
+        tagged = PLAN_TAG in (tags or "").split(",")
+        if not is_plan and not tagged and (plan is None or isinstance(plan, dict)):
+            return None     # a note or result that merely mentions the marker
+        try:
+            meta = load_json(metadata) if metadata else {}
+        except ValueError:
+            meta = {}
+        return PlanRecord(row_id, content, plan, meta if isinstance(meta, dict) else {},
+                          created_at, tags or "", digest)
+
+    def get_plan(self, plan_id: str) -> PlanRecord:
+        """Return the one live plan whose parsed id equals plan_id exactly. Raises
+        PlanNotFound when none matches, StoreError when several live plans share the id
+        (neither is run; the user must delete one)."""
+        matches = [r for r in self.find_plans() if r.plan_id == plan_id]
+        if not matches:
+            raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
+                               "see the plans with: bridge --list --all")
+        if len(matches) > 1:
+            rows = ", ".join(str(r.row_id) for r in matches)
+            raise StoreError(f"plan id {plan_id!r} is used by {len(matches)} live memories "
+                             f"(rows {rows})",
+                             "delete all but one of them with the memory server, then run again")
+        return matches[0]
+
+    def pending_count(self) -> int:
+        """Count the live plans whose effective status is pending."""
+        return sum(1 for r in self.find_plans() if r.status == "pending")
+
+    def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
+        """Store a plan as a new memory, the way the memory server's memory_store does
+        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
+        soft-delete the live plans with the same id, in the same transaction. Returns
+        (content_hash, row ids replaced). Raises StoreError when a live plan has this
+        id and replace is off, or identical content is already stored."""
+        content = json.dumps(plan, ensure_ascii=False, indent=2)
+
+        def work() -> tuple[str, list]:
+            same = [r for r in self.find_plans() if r.plan_id == plan.get("id")]
+            identical = [r for r in same if r.content_hash == content_hash(content)]
+            if identical:       # --replace would fail on the unique content_hash: say what works
+                status = identical[0].display_status
+                rerun = " --rerun" if status != "pending" else ""
+                again = f"bridge --plan {plan.get('id')}{rerun}"
+                raise StoreError(f"this very plan {plan.get('id')!r} is already in {self.path} "
+                                 f"(row {identical[0].row_id}, {status})",
+                                 f"to run it again: {again}; to change it, edit the file and "
+                                 "submit it with --replace")
+            if same and not replace:
+                rows = ", ".join(f"row {r.row_id}, {r.display_status}" for r in same)
+                raise StoreError(f"a plan with id {plan.get('id')!r} is already in "
+                                 f"{self.path} ({rows})",
+                                 "pass --replace to soft-delete it and store this one")
+            for record in same:
+                self.soft_delete(record.row_id)
+            digest = self.insert_memory(content, [PLAN_TAG], PLAN_MEMORY_TYPE, {})
+            return digest, [r.row_id for r in same]
+        return self._write(work)
+
+    # -- result memories -----------------------------------------------------
+
+    def finish(self, record: PlanRecord, memory: ResultMemory,
+               memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
         """Store the run's result memory as given and record the plan's final state
         (memory.state, with result_hash); return the result's content_hash.
@@ -2875,51 +3011,47 @@ class Store:
             return digest
         return self._write(work)
 
-    def _has_live_hash(self, digest: str) -> bool:
-        if "content_hash" not in self.columns:
-            return False
-        return self.conn.execute(f"SELECT 1 FROM memories m WHERE content_hash = ? AND {self._live_filter()}",
-                                 (digest,)).fetchone() is not None
-
-    def insert_memory(self, content: str, tags: list[str], memory_type: str, metadata: dict) -> str:
-        """Insert one memory the way the memory server does; return its content_hash.
-
-        Call inside _write. Fills the hash, both timestamps and their _iso twins,
-        store='default' and embedding_pending=0 where the layout has those columns
-        (the row gets no embedding: tag and keyword search find it, semantic search
-        does not). Raises StoreError when identical content is already stored.
-        """
-        import sqlite3
-
-        now = time.time()
-        digest = content_hash(content)
-        tags_text = ",".join(tag_safe(t.strip()) for t in tags)
-        if self.layout == LAYOUT_ORIGINAL:
-            values = {"id": os.urandom(16).hex(), "content": content, "created_at": iso_from_ts(now),
-                      "metadata": json.dumps({**metadata, "tags": tags, "type": memory_type})}
+    def find_result(self, record: PlanRecord,
+                    named_only: bool = True) -> tuple[dict, str] | None:
+        """Return the newest stored result document of a plan that bridge's state names, and
+        its memory's content_hash, or None. Named: the memory's content_hash is the state's
+        result_hash, or its last_result_hash (the result before the claim of the run now
+        recorded). A memory merely tagged bridge-result and plan:<id> is anyone's (a
+        forgery): with named_only False, the newest such is returned too. Candidates: by the
+        state's hashes, then the live results tagged plan:<id>, newest first (the memory
+        server's own tag match), each confirmed by parse_result_content."""
+        rows: list = []
+        state = record.state
+        named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
+                 if isinstance(h, str) and h]         # the newest first
+        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        for digest in named if "content_hash" in self.columns else ():
+            rows += self.conn.execute("SELECT content_hash, content FROM memories "
+                                      "WHERE content_hash = ?", (digest,)).fetchall()
+        if "tags" in self.columns:
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories m WHERE (',' || m.tags || ',') "
+                f"LIKE ? AND {self._live_filter()} ORDER BY m.created_at DESC",
+                (f"%,plan:{tag_safe(record.plan_id)},%",)).fetchall()
         else:
-            values = {"content_hash": digest, "content": content, "tags": tags_text,
-                      "memory_type": memory_type, "metadata": json.dumps(metadata),
-                      "created_at": now, "updated_at": now, "created_at_iso": iso_from_ts(now),
-                      "updated_at_iso": iso_from_ts(now), "store": "default", "embedding_pending": 0}
-            values = {k: v for k, v in values.items() if k in self.columns}
-        sql = (f"INSERT INTO memories ({', '.join(values)}) "
-               f"VALUES ({', '.join('?' for _ in values)})")
-        try:
-            self.conn.execute(sql, tuple(values.values()))
-        except sqlite3.IntegrityError as exc:
-            if "content_hash" not in str(exc):
-                raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
-            raise StoreError(f"the store already holds a memory with content hash {digest[:12]}…",
-                             "identical content was stored before (perhaps soft-deleted)") from exc
-        return digest
+            rows += self.conn.execute(
+                f"SELECT {digest_column}, content FROM memories WHERE "
+                "instr(content, 'bridge_result') > 0 ORDER BY created_at DESC").fetchall()
+        for digest, content in rows:
+            document = parse_result_content(content)
+            if document is not None and document.get("plan_id") == record.plan_id \
+                    and (not named_only or (digest or content_hash(content)) in named):
+                return document, content_hash(content)
+        return None
 
     def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
         """Record in the plan's state that --undo put back the files of run run_id at
         undone_at (ISO 8601): {"undone_run", "undone_at"}."""
-        self._write(lambda: self._set_state(record, {"undone_run": run_id, "undone_at": undone_at}))
+        self._write(lambda: self._set_state(record, {"undone_run": run_id,
+                                                     "undone_at": undone_at}))
 
-    def record_review(self, record: PlanRecord, run_id: str, expected: str, changes: dict) -> bool:
+    def record_review(self, record: PlanRecord, run_id: str, expected: str,
+                      changes: dict) -> bool:
         """Merge changes into the plan's state if it is still `expected` with run
         run_id (one transaction); False, changing nothing, when it is not."""
         def work() -> bool:
@@ -2930,69 +3062,964 @@ class Store:
             return True
         return self._write(work)
 
-    def check_usable(self) -> str | None:
-        """Return why a run could not use this store, or None when it can.
 
-        Runs PRAGMA quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
-        "ok", else the problems found, such as a corrupted page), then proves a
-        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
-        file is never changed (a read-only mount fails here, "attempt to write a
-        readonly database"). A store busy with another writer counts as writable.
-        """
-        import sqlite3
+###############################################################################
+# 12. Output validation
+#
+# What the checks of the room 'Validation types' read an answer with: reasoning taken
+# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
+# text that counts as the step's output (the code inside a fence when fenced): what
+# later steps see, what file_output writes.
+###############################################################################
 
+# Patterns as strings: re compiles and caches each on first use, not at start-up.
+_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
+# after prose on the same line ("Here it is: ```json"), a fence counts only when
+# nothing but a tag follows it, so prose that mentions ``` is not a fence
+_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
+LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
+                    "toml": {"toml"}}
+
+
+# Reasoning text a server leaves inside content (sources per row), by shape: (name,
+# who writes it and the source, a string the text must hold for the shape to be tried,
+# where the reasoning starts and ends, what ends the answer or None). split_reasoning
+# takes each out; a shape matches at the start of the text only.
+_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
+REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
+    # a leading block; an unclosed one swallows the rest
+    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
+     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
+    ("<thinking>", "several fine-tunes", "<thinking>",
+     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
+    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
+    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
+     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
+    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
+    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
+    # it analysed) there is no answer
+    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
+     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
+    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
+     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
+    # the opening tag is in the prompt template, so only the close arrives: reasoning…
+    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
+    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
+     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
+    ("orphan </thinking>", "several fine-tunes", "</thinking>",
+     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
+    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
+     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
+)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split a model's content into (answer, reasoning): every shape of
+    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
+    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
+    that closed reasoning with no opening tag does not."""
+    thought: list[str] = []
+    matched = True
+    while matched and text:
+        matched = False
+        for _name, _source, needle, start, end in REASONING_SHAPES:
+            found = re.match(start, text) if needle in text else None
+            if found and found.group():
+                thought.append(found.group())
+                text, matched = text[found.end():], True
+                if end and (tail := re.search(end, text)):
+                    text = text[:tail.start()]
+                break
+    return text, "".join(thought)
+
+
+def find_fences(text: str) -> list[tuple[str, str]]:
+    """Return every fenced block of text as (language tag lowercased, code). A
+    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
+    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
+    at a line holding only the same fence, or at the end of the text."""
+    blocks: list[tuple[str, str]] = []
+    lines = text.split("\n")
+    n = 0
+    while n < len(lines):
+        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
+        if not match:
+            n += 1
+            continue
+        fence, tag = match["fence"], match["tag"].lower()
+        body: list[str] = []
+        n += 1
+        while n < len(lines) and lines[n].strip() != fence:
+            stripped = lines[n].rstrip()
+            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
+                body.append(stripped[: -len(fence)])
+                break
+            body.append(lines[n])
+            n += 1
+        blocks.append((tag, "\n".join(body)))
+        n += 1
+    return blocks
+
+
+def extract_code(text: str, language: str | None = None) -> str:
+    """Return the code of text: the best fenced block (with a language, a block
+    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
+    the whole text stripped when it has none."""
+    blocks = find_fences(text)
+    if not blocks:
+        return text.strip()
+    if language:
+        aliases = LANGUAGE_ALIASES.get(language, {language})
+        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
+            for tag, code in blocks:
+                if wanted(tag):
+                    return code
+    return blocks[0][1]
+
+
+def parse_json_output(text: str) -> Any:
+    """Parse JSON from a model output: whole, else the best fenced block, else the
+    first JSON value starting at the first { or [.
+
+    Raises OutputInvalid naming the parse error of the most likely candidate.
+    """
+    candidates = [text.strip()]
+    if find_fences(text):
+        candidates.insert(0, extract_code(text, "json"))
+    first_error = None
+    for candidate in candidates:
         try:
-            found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
-        except sqlite3.DatabaseError as exc:
-            return f"PRAGMA quick_check failed: {exc}"
-        if found != ["ok"]:
-            return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
+            return json.loads(candidate)
+        except ValueError as exc:
+            first_error = first_error or exc
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
-        try:
-            self.conn.execute("CREATE TABLE bridge_write_probe (x)")
-        except sqlite3.DatabaseError as exc:
-            return f"cannot write: {exc}"
-        finally:
-            self.conn.execute("ROLLBACK")
-        return None
+            return json.JSONDecoder().raw_decode(text, min(starts))[0]
+        except ValueError:
+            pass
+    raise OutputInvalid(f"output is not valid JSON ({first_error})")
 
-    def memory_report(self) -> dict:
-        """Return the store as the memory server sees it: {"schema_version" (its
-        metadata table's schema_version, or None), "migrations" (rows of its
-        migration_registry, or None), "state_table" (STATE_TABLE exists),
-        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
-        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
-        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
-        memories.id; None without it)}."""
-        report: dict[str, Any] = {"schema_version": None, "migrations": None, "state_table": self.has_state_table,
-                                  "plans_recorded": 0, "bridge_rows": 0, "without_embedding": None}
-        if self._has_table("metadata"):
-            row = self.conn.execute("SELECT value FROM metadata WHERE key = 'schema_version'").fetchone()
-            report["schema_version"] = row[0] if row else None
-        if self._has_table("migration_registry"):
-            report["migrations"] = self.conn.execute("SELECT COUNT(*) FROM migration_registry").fetchone()[0]
-        if self.has_state_table:
-            report["plans_recorded"] = self.conn.execute(f"SELECT COUNT(*) FROM {STATE_TABLE}").fetchone()[0]
-        if "tags" not in self.columns:
-            return report
-        ours = (f"FROM memories m WHERE {self._live_filter()} AND ((',' || m.tags || ',') LIKE '%,{PLAN_TAG},%' "
-                f"OR (',' || m.tags || ',') LIKE '%,{RESULT_TAG},%')")
-        report["bridge_rows"] = self.conn.execute(f"SELECT COUNT(*) {ours}").fetchone()[0]
-        if self._has_table("memory_embeddings_rowids"):
-            report["without_embedding"] = self.conn.execute(
-                f"SELECT COUNT(*) {ours} AND m.id NOT IN (SELECT rowid FROM memory_embeddings_rowids)").fetchone()[0]
-        return report
 
-    def pending_count(self) -> int:
-        """Count the live plans whose effective status is pending."""
-        return sum(1 for r in self.find_plans() if r.status == "pending")
+def schema_message(error: Any) -> str:
+    """Return a jsonschema error's message on one line, with a long offending value
+    described by its size instead of printed, so the reason always shows."""
+    message, shown = error.message, repr(error.instance)
+    if len(shown) > 80:
+        value = error.instance
+        if isinstance(value, (list, dict, str)):
+            kind = {list: "a list of {} items", dict: "an object of {} keys",
+                    str: "a string of {} characters"}[type(value)]
+            message = message.replace(shown, kind.format(len(value)))
+        else:
+            message = message.replace(shown, shown[:60] + "…")
+    return clip(" ".join(message.split()), 300, "message")
+
+
+def fold_text(text: str) -> str:
+    """Return text as key names and spans are compared: case folded (str.casefold), each run
+    of whitespace one space, no whitespace at either end."""
+    return " ".join(text.casefold().split())
+
+
+_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
+
+
+def written_numbers(text: str) -> dict[float, int | float]:
+    """Return the numbers written in text as words of their own (punctuation at
+    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
+    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
+    "09:10", "A-1001"). One regular expression over text, no copy of it."""
+    trim = f"[{re.escape(_SPAN_TRIM)}]*"
+    found: dict[float, int | float] = {}
+    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
+        value = float(match[1])
+        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
+    return found
+
+
+def _occurs(value: str, source: str) -> bool:
+    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
+    run of whitespace matching any other, not as part of a longer word or number ("Ada"
+    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    words = value.split()
+    if not words:
+        return True
+    pattern = r"\s+".join(map(re.escape, words))
+    if re.match(r"\w", words[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.search(r"\w$", words[-1]):
+        pattern += r"(?!\w|[.,]\d)"
+    return re.search(pattern, source, re.IGNORECASE) is not None
+
+
+def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
+    """Return the (JSON path, value) of every value of a JSON answer, at any
+    depth, that does not occur in source, in document order: a string not in it (_occurs:
+    case and whitespace folded, not inside a longer word or number), a number not written
+    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
+    numbers = written_numbers(source)
+    found: list[tuple[str, Any]] = []
+
+    def visit(item: Any, where: str) -> None:
+        if isinstance(item, dict):
+            for key, child in item.items():
+                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
+                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
+        elif isinstance(item, list):
+            for n, child in enumerate(item):
+                visit(child, f"{where}[{n}]")
+        elif isinstance(item, bool) or item is None:
+            return
+        elif isinstance(item, (int, float)):
+            if float(item) not in numbers:
+                found.append((where, item))
+        elif isinstance(item, str) and not _occurs(item, source):
+            found.append((where, item))
+
+    visit(value, path)
+    return found
+
+
+def check_grounded(value: Any, source: str) -> None:
+    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
+    step's input (ungrounded_values; at most five are named), telling the model to copy
+    each value exactly from the text."""
+    missing = ungrounded_values(value, source)
+    if missing:
+        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
+                          for where, item in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
+                            "text (use null where the text has none)")
 
 
 ###############################################################################
-# 9. Plans
+# 13. Constrained JSON and degenerate output
+###############################################################################
+
+# Bounds added to the schema sent for constrained decoding (bounded_schema) where the
+# plan sets none; the check still uses the plan's own validation. A string value copied
+# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
+# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
+# handful of things.
+JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
+JSON_LIST_MAX_ITEMS = 16        # items of a list value
+# A grounded step's schema sent may restrict its string values to spans of the step's
+# input (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
+# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
+# 1000 spans are about 170 words of input; on llama-cpp-python 0.3.36 (SmolLM2-135M,
+# 2 cores) 975 spans cost 0.8 s more a request than the usual schema, 2,023 spans 1.7 s,
+# 4,060 4.7 s.
+GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
+GROUNDED_MAX_SPANS = 1000
+# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
+# above what a sound answer does, so it only cuts output that would run to max_tokens.
+# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
+# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
+# (a list of 40 equal literals is the rare case it stops).
+DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
+DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
+DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
+DEGENERATE_REPEATS = 4          # ...and at least this many times
+DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in words (a line of code)
+
+
+def span_candidates(pieces: list[str]) -> list[str] | None:
+    """Return the spans a grounded answer's string values may be, each once, in
+    the order they end in the input (the shorter first): every run of 1 to
+    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
+    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
+    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
+    builds from an enum grows with it (README, Answers grounded in the text); only that
+    many words are read."""
+    seen: dict[str, None] = {}
+    read = 0
+    for piece in pieces:
+        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
+        for match in re.finditer(r"\S+", piece):
+            read += 1
+            if read > GROUNDED_MAX_SPANS:
+                return None
+            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
+            for start in range(len(words) - 1, -1, -1):
+                span = " ".join(words[start:]).strip(_SPAN_TRIM)
+                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
+                        not re.search(r'["\\\x00-\x1f]', span):
+                    seen[span] = None
+                    if len(seen) > GROUNDED_MAX_SPANS:
+                        return None
+    return list(seen)
+
+
+def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
+    """Return (span_candidates, the numbers written in the input as JSON
+    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
+    else None (the usual schema is sent). The answer's key names (keys, or a schema's
+    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    "unit": "quantity" from a prompt listing both keys. The check still takes them."""
+    if not validation.get("grounded"):
+        return None
+    pieces = [source] if isinstance(source, str) else source
+    spans = span_candidates(pieces)
+    names = {fold_text(name) for name in
+             validation.get("keys") or _property_names(validation.get("schema"))}
+    spans = [span for span in spans or [] if fold_text(span) not in names]
+    if not spans:
+        return None
+    numbers: dict[float, int | float] = {}
+    for text in pieces:
+        for value, number in written_numbers(text).items():
+            numbers.setdefault(value, number)
+    return spans, list(numbers.values())
+
+
+def _property_names(schema: Any) -> set[str]:
+    """The property names a JSON Schema lists, at any depth."""
+    if isinstance(schema, list):
+        return {name for item in schema for name in _property_names(item)}
+    if not isinstance(schema, dict):
+        return set()
+    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
+    return names.union(*(_property_names(child) for key, child in schema.items()
+                         if key not in ("enum", "const")))
+
+
+def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
+    """Return a sent schema (output_schema) with every string it leaves open (a
+    bounded_string) made one of spans, and every number one of numbers, through "$defs"
+    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
+    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
+    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
+    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
+    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
+    def open_number(node: Any) -> bool:
+        return isinstance(node, dict) and set(node) == {"type"} and \
+            node["type"] in ("number", "integer")
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, list):
+            return [swap(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "string" and node.get("pattern") == bounded_string(
+                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
+            return {"$ref": "#/$defs/bridge_span"}
+        if node.get("type") in ("number", "integer") and numbers and not (
+                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
+            if node["type"] == "number":
+                return {"$ref": "#/$defs/bridge_number"}
+            integers = [n for n in numbers if isinstance(n, int)]
+            return {"enum": integers} if integers else node
+        out = {}
+        for key, child in node.items():
+            if key in _SCHEMA_MAPS and isinstance(child, dict):
+                out[key] = {name: swap(sub) for name, sub in child.items()}
+            elif key in ("enum", "const", "required"):
+                out[key] = child
+            elif key in ("anyOf", "oneOf") and isinstance(child, list):
+                alternatives = [swap(sub) for sub in child]
+                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
+            else:
+                out[key] = swap(child)
+        return out
+
+    out = swap(schema)
+    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
+    if numbers:
+        defs["bridge_number"] = {"enum": numbers}
+    return {**out, "$defs": defs}
+
+
+def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
+    """Return the schema of a bounded string: min_length to max_length
+    characters, none a quote, a backslash or a control character. The pattern says so
+    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
+    before maxLength. No empty string: a small model fills "" where the sentence has the
+    value (null stays allowed)."""
+    return {"type": "string", "minLength": min_length, "maxLength": max_length,
+            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
+
+
+def bounded_value() -> dict:
+    """Return the schema of a value a plan leaves open: a bounded_string, a number,
+    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
+    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
+    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars},
+                                 "maxItems": JSON_LIST_MAX_ITEMS}]}
+
+
+_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def bounded_schema(schema: Any) -> Any:
+    """Return a copy of a plan's JSON Schema with bounds where it sets none: a
+    bounded_string for a string (unless it sets a length, pattern, format or values, or
+    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
+    arrays, additionalProperties false on objects listing properties, and a bounded_value
+    for an open value ({} or an array without items). What the plan sets is kept."""
+    if not isinstance(schema, dict):
+        return schema
+    if _is_open(schema):
+        return bounded_value()
+    out = dict(schema)
+    for key in _SCHEMA_CHILDREN:
+        if isinstance(out.get(key), dict):
+            out[key] = bounded_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded_schema(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
+    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    shortest = out.get("minLength", 1)
+    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
+            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
+        out.update(bounded_string(shortest))
+    if "array" in types:
+        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
+        if "items" not in out and "prefixItems" not in out:
+            out["items"] = bounded_value()["anyOf"][-1]["items"]
+    if "object" in types and "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def _is_open(schema: dict) -> bool:
+    """Tell whether a schema says nothing about its value ({} or only annotations)."""
+    annotations = {"title", "description", "default", "examples", "$comment"}
+    return not (set(schema) - annotations)
+
+
+def schema_depth(schema: Any) -> int | None:
+    """Return how deep a JSON value meeting schema can nest ({} and [] count one
+    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
+    an object that takes any other property)."""
+    if schema is True or not isinstance(schema, dict):
+        return None if schema is True or schema is None else 0
+    if "$ref" in schema or _is_open(schema):
+        return None
+    if "const" in schema or "enum" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return 1 if any(isinstance(v, (dict, list)) for v in values) else 0
+    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
+    children += list((schema.get("properties") or {}).values())
+    for key in ("items", "additionalProperties"):
+        if key in schema and schema[key] is not False:
+            children.append(schema[key])
+    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
+        return None                     # any type of value, arrays and objects included
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "object" in types and "additionalProperties" not in schema:
+        return None
+    if "array" in types and "items" not in schema and "prefixItems" not in schema:
+        return None
+    depths = [schema_depth(child) for child in children]
+    if None in depths:
+        return None
+    nested = max(depths, default=0)
+    return nested + 1 if {"object", "array"} & set(types) else nested
+
+
+def grammar_damage(output: str, schema: dict | None) -> str | None:
+    """Tell how a constrained answer its check refused looks damaged by the
+    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
+    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
+    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
+    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
+    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
+    #10732) would gain nothing from its removal."""
+    if "\ufffd" in output:
+        return "it holds U+FFFD replacement characters"
+    try:
+        value = parse_json_output(output)
+    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
+        return "it is not valid JSON"
+    named = set((schema or {}).get("properties") or {})
+    keys = value if isinstance(value, dict) else {}
+    garbled = [key for key in keys if "?" in key and key not in named]
+    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
+
+
+class DegenerationGuard:
+    """Watch an output while it streams; raise OutputDegenerate as soon as it
+    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
+    server, llama-cpp-python's and LM Studio then stop generating: ggml-org/llama.cpp
+    tools/server/server.cpp hands the request's is_connection_closed to the completion;
+    llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
+    logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
+
+    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
+    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
+    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
+    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
+    """
+
+    def __init__(self, max_depth: int | None = None):
+        self.max_depth = max_depth
+        self.pieces: list[str] = []
+        self.words: list[str] = []
+        self._partial = ""              # a word not yet ended by whitespace
+        self._space = ""                # the run of whitespace at the end of the text
+        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
+
+    @property
+    def text(self) -> str:
+        """The output fed so far."""
+        return "".join(self.pieces)
+
+    def feed(self, piece: str) -> None:
+        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
+        self.pieces.append(piece)
+        self._whitespace(piece)
+        if self.max_depth is not None:
+            for char in piece:
+                self._nesting(char)
+        self._repeats(piece)
+
+    def _whitespace(self, piece: str) -> None:
+        text = self._space + piece          # a run may have begun in an earlier piece
+        self._space = ""
+        for run in re.finditer(r"\s+", text):
+            newlines = run.group().count("\n")
+            if newlines > DEGENERATE_NEWLINES:
+                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
+            if len(run.group()) > DEGENERATE_WHITESPACE:
+                raise OutputDegenerate(
+                    f"stopped: {len(run.group())} whitespace characters in a row")
+            if run.end() == len(text):
+                self._space = run.group()
+
+    def _nesting(self, char: str) -> None:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+        elif char == '"' and self._json:
+            self._in_string = True
+        elif char in "{[":
+            self._json, self._depth = True, self._depth + 1
+            if self._depth > self.max_depth:    # type: ignore[operator]
+                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
+                                       f"{self.max_depth} its schema allows")
+        elif char in "}]" and self._depth:
+            self._depth -= 1
+
+    def _repeats(self, piece: str) -> None:
+        parts = (self._partial + piece).split()
+        ended = piece[-1:].isspace()
+        self._partial = "" if ended or not parts else parts.pop()
+        for word in parts:
+            self.words.append(word)
+            self._check_tail()
+        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
+
+    def _check_tail(self) -> None:
+        words = self.words
+        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
+            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
+            if len(words) < period * times:
+                return
+            if words[-1] != words[-1 - period]:
+                continue                    # the cheap test first: most words repeat nothing
+            unit = words[-period:]
+            if all(words[-(n + 1) * period:len(words) - n * period] == unit
+                   for n in range(1, times)):
+                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} "
+                                       f"times in a row ({' '.join(unit)[:80]!r})")
+
+
+###############################################################################
+# 14. Validation types
+#
+# One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
+# register_validation (as pycodestyle's register_check files a check): its check, its
+# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
+# depth rule. Everything else reads the registry through the functions after the
+# classes. A new type is one class here plus its name in the schema's enum (a test
+# keeps the two equal).
+###############################################################################
+
+VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
+
+
+def register_validation(cls: type) -> type:
+    """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
+    under cls.name (the name again replaces the earlier class). Returns cls."""
+    VALIDATION_TYPES[cls.name] = cls()
+    return cls
+
+
+class ValidationType:
+    """One validation type; a subclass overrides what differs.
+
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
+    none (answer_tokens caps it). runs_command: it runs a program in the project once
+    file_output is written (the Runner, only in trusted projects), instead of checking the
+    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
+    """
+
+    __slots__ = ()
+    name = ""
+    max_tokens = ANSWER_RESERVE_TOKENS
+    runs_command = False
+    grounded = False
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        """Return the artifact of an answer; raise OutputInvalid (see check_output)."""
+        raise NotImplementedError
+
+    def describe(self, validation: dict) -> str:
+        """One sentence telling the model what answer is accepted, or ""."""
+        return ""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The JSON Schema sent for constrained decoding, or None (the answer is not JSON)."""
+        return None
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """The problems a schema cannot state, each "<where>...: why" (validation_problems)."""
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        """How deep an answer that passes can nest, or None (not bounded)."""
+        return None
+
+
+@register_validation
+class NonEmpty(ValidationType):
+    """The default: any answer but an empty one."""
+
+    __slots__ = ()
+    name = "non_empty"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        artifact = extract_code(text)
+        if not artifact.strip():
+            raise OutputInvalid("output is empty" if not text.strip()
+                                else "the fenced block is empty")
+        return artifact
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with the requested content."
+
+
+class JsonAnswer(ValidationType):
+    """An answer that is JSON, parsed once, checked by check_value and, when
+    "grounded", against the step's input; its artifact is the JSON re-serialised. A
+    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
+    small CPU."""
+
+    __slots__ = ()
+    max_tokens = 256
+    grounded = True
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        value = parse_json_output(text)
+        self.check_value(value, validation)
+        if validation.get("grounded"):
+            check_grounded(value, source)
+        return json.dumps(value, ensure_ascii=False, indent=2)
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        """Raise OutputInvalid when the parsed answer does not pass."""
+
+    def output_schema(self, validation: dict) -> dict | None:
+        return {}
+
+
+@register_validation
+class Json(JsonAnswer):
+    """Any JSON value."""
+
+    __slots__ = ()
+    name = "json"
+
+    def describe(self, validation: dict) -> str:
+        return "Answer with valid JSON only, in a ```json fenced block."
+
+
+@register_validation
+class ContainsKeys(JsonAnswer):
+    """A JSON object holding the keys listed."""
+
+    __slots__ = ()
+    name = "contains_keys"
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        if not isinstance(value, dict):
+            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
+        missing = [key for key in validation["keys"] if key not in value]
+        if missing:
+            raise OutputInvalid(f"JSON object lacks the keys {missing}")
+
+    def describe(self, validation: dict) -> str:
+        keys = ", ".join(map(json.dumps, validation.get("keys", [])))
+        return f"Answer with one JSON object that has the keys {keys}, in a ```json fenced block."
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """An object of exactly its keys, each a bounded_value (a scalar or a list of
+        scalars), so a small model puts the sentence's values in the keys instead of
+        nesting objects. Only what is sent is bounded; the check takes any value."""
+        keys = validation["keys"]
+        return {"type": "object", "properties": {key: bounded_value() for key in keys},
+                "required": list(keys), "additionalProperties": False}
+
+
+@register_validation
+class JsonSchema(JsonAnswer):
+    """JSON valid by the plan's own JSON Schema (Draft 2020-12)."""
+
+    __slots__ = ()
+    name = "json_schema"
+    max_tokens = 512        # its objects may nest and list more
+
+    def check_value(self, value: Any, validation: dict) -> None:
+        from jsonschema import Draft202012Validator
+
+        try:
+            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
+                            key=lambda e: list(e.absolute_path))
+        except (RecursionError, MemoryError):
+            raise
+        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
+            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
+            raise OutputInvalid(f"the step's json_schema cannot be applied ({type(exc).__name__}: "
+                                f"{clip(str(exc), 200, 'message')})") from None
+        if errors:
+            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
+                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
+
+    def describe(self, validation: dict) -> str:
+        return ("Answer with JSON matching this JSON Schema, in a ```json fenced block: "
+                + json.dumps(validation.get("schema")))
+
+    def output_schema(self, validation: dict) -> dict | None:
+        """The plan's schema with bounds added where it sets none (bounded_schema)."""
+        schema = validation["schema"]
+        return bounded_schema(schema) if isinstance(schema, dict) else {}
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        """A schema check_schema refuses; then the schema applied to a few plain values,
+        so a $ref that resolves nowhere or refers to itself without end at the top is a
+        plan problem before anything is sent (deeper ones fail the step: check_value)."""
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        where = f"{where}.schema"
+        try:
+            Draft202012Validator.check_schema(validation["schema"])
+        except SchemaError as exc:
+            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
+        validator = Draft202012Validator(validation["schema"])
+        for probe in (None, {}, [], "", 0):
+            try:
+                for _ in validator.iter_errors(probe):
+                    pass
+            except RecursionError:
+                return [f"{where}: refers to itself without end"]
+            except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
+                return [f"{where}: cannot be applied "
+                        f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
+        return []
+
+    def depth(self, validation: dict) -> int | None:
+        return schema_depth(validation["schema"])
+
+
+@register_validation
+class SyntaxCheck(ValidationType):
+    """Code that parses in its language (python, json, toml)."""
+
+    __slots__ = ()
+    name = "syntax_check"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        language = validation.get("language", "python")
+        code = extract_code(text, language)
+        if not code.strip():
+            raise OutputInvalid(f"no {language} code in the output")
+        try:
+            if language == "python":
+                compile(code, "<output>", "exec", dont_inherit=True)
+            elif language == "json":
+                json.loads(code)
+            elif language == "toml":
+                import tomllib
+                tomllib.loads(code)
+        except SyntaxError as exc:
+            raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+        except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+            raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+        return code if code.endswith("\n") else code + "\n"
+
+    def describe(self, validation: dict) -> str:
+        language = validation.get("language", "python")
+        return f"Answer with complete {language} code in one ```{language} fenced block."
+
+
+@register_validation
+class Regex(ValidationType):
+    """An answer re.search finds the pattern in."""
+
+    __slots__ = ()
+    name = "regex"
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        if not re.search(validation["pattern"], text):
+            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
+        return extract_code(text)
+
+    def describe(self, validation: dict) -> str:
+        return f"Your answer must match the regular expression {validation.get('pattern')!r}."
+
+    def problems(self, validation: dict, where: str) -> list[str]:
+        try:
+            re.compile(validation["pattern"])
+        except re.error as exc:
+            return [f"{where}.pattern: not a valid regular expression ({exc})"]
+        return []
+
+
+def shell_words(argv: list[str]) -> str:
+    """Return an argv as a person would type it in a POSIX shell (for messages only;
+    commands never go through a shell)."""
+    import shlex
+
+    return shlex.join(argv)
+
+
+@register_validation
+class Command(ValidationType):
+    """The project's own check (a test, a linter: "run", "timeout_s"), run by the Runner
+    once file_output is written; it passes on exit 0. Never asked to check an answer
+    (answer_checks leaves it out)."""
+
+    __slots__ = ()
+    name = "command"
+    runs_command = True
+
+    def describe(self, validation: dict) -> str:
+        argv = shell_words(validation["run"])
+        return f"It will then be checked by running `{argv}` in the project."
+
+
+class UnknownType(ValidationType):
+    """A type no class is registered for (the plan schema refuses it before a run)."""
+
+    __slots__ = ()
+
+    def check(self, text: str, validation: dict, source: str) -> str:
+        raise OutputInvalid(f"unknown validation type {validation.get('type', 'non_empty')!r}")
+
+
+_UNKNOWN_TYPE = UnknownType()
+
+
+def validation_type(validation: dict) -> ValidationType:
+    """The registered class of a validation object (non_empty when it names no type;
+    an UnknownType when none is registered under its type, or its type is no string)."""
+    kind = validation.get("type", "non_empty")
+    return VALIDATION_TYPES.get(kind, _UNKNOWN_TYPE) if isinstance(kind, str) else _UNKNOWN_TYPE
+
+
+def validations_of(validation: dict | list) -> list[dict]:
+    """Return a step's validation as a list: a list as given, an object as [object]."""
+    return list(validation) if isinstance(validation, list) else [validation]
+
+
+def is_command(validation: Any) -> bool:
+    """Tell whether a validation (untrusted: any JSON value) runs a program in the project."""
+    return isinstance(validation, dict) and validation_type(validation).runs_command
+
+
+def _commands_of(step: "Step") -> list[dict]:
+    """The command validations of a step, in order."""
+    return [v for v in validations_of(step.validation) if is_command(v)]
+
+
+def answer_checks(validation: dict | list) -> list[dict]:
+    """The validations that check a step's answer itself, in order: all but its
+    commands (they check the file once written), or [DEFAULT_VALIDATION] when none is left."""
+    return [v for v in validations_of(validation) if not is_command(v)] or [DEFAULT_VALIDATION]
+
+
+def check_output(text: str, validation: dict | list, source: str = "") -> str:
+    """Check a model output (reasoning taken out: split_reasoning) against a
+    step's validation, an object or a list, in order up to the first that fails
+    (answer_checks); return the first's artifact. source: the step's input, which a
+    "grounded" answer's values must come from. Raises OutputInvalid with a message the
+    model can act on."""
+    try:
+        artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
+    except (RecursionError, MemoryError) as exc:
+        # json, tomllib, compile() and jsonschema recurse per nesting level
+        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+    return artifacts[0]
+
+
+def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
+    """Return the JSON Schema sent for constrained decoding: that of the first
+    validation whose type sends one, else None; check_output still applies the plan's
+    own. source: the step's input (build_messages' sources); a "grounded" step whose input
+    has few enough spans (grounded_spans) gets span_schema, its string values only spans
+    of the input."""
+    if isinstance(validation, list):
+        return next((schema for item in validation
+                     if (schema := output_schema(item, source)) is not None), None)
+    kind = validation_type(validation)
+    usual = kind.output_schema(validation)
+    if source is not None and usual and kind.grounded and \
+            (spans := grounded_spans(validation, source)) is not None:
+        return span_schema(usual, *spans)
+    return usual
+
+
+def checked_depth(validation: dict | list) -> int | None:
+    """Return how deep a step's output can nest and pass: the depth rule of its
+    first validation that sends a schema (a json_schema's own schema), else None (a
+    contains_keys value may be anything, though the schema sent bounds it)."""
+    first = next((v for v in validations_of(validation)
+                  if validation_type(v).output_schema(v) is not None), None)
+    return validation_type(first).depth(first) if first else None
+
+
+def describe_validation(validation: dict | list) -> str:
+    """Return one sentence telling the model what form of answer will be accepted
+    (for a list, one per check, in order)."""
+    if isinstance(validation, list):
+        return " ".join(filter(None, (describe_validation(item) for item in validation)))
+    return validation_type(validation).describe(validation)
+
+
+def validation_problems(validation: Any, where: str) -> list[str]:
+    """The problems of a step's validation (untrusted: any JSON value) the schema cannot
+    state: of one object, or of each object of a list; where: its JSON path."""
+    items = validation if isinstance(validation, list) else [validation]
+    return [problem for k, item in enumerate(items) if isinstance(item, dict)
+            for problem in validation_type(item).problems(
+                item, f"{where}[{k}]" if isinstance(validation, list) else where)]
+
+
+def default_max_tokens(validation: dict | list) -> int:
+    """The max_tokens of an answer whose step sets none: the largest of its answer
+    checks' types (ValidationType.max_tokens), before the context caps it."""
+    return max(validation_type(v).max_tokens for v in answer_checks(validation))
+
+
+###############################################################################
+# 15. Plans
 ###############################################################################
 
 
@@ -3101,21 +4128,6 @@ def _unknown_key_problems(error: Any) -> list[str]:
     return problems or [f"{error.json_path}: {schema_message(error)}"]
 
 
-def schema_message(error: Any) -> str:
-    """Return a jsonschema error's message on one line, with a long offending value
-    described by its size instead of printed, so the reason always shows."""
-    message, shown = error.message, repr(error.instance)
-    if len(shown) > 80:
-        value = error.instance
-        if isinstance(value, (list, dict, str)):
-            kind = {list: "a list of {} items", dict: "an object of {} keys",
-                    str: "a string of {} characters"}[type(value)]
-            message = message.replace(shown, kind.format(len(value)))
-        else:
-            message = message.replace(shown, shown[:60] + "…")
-    return clip(" ".join(message.split()), 300, "message")
-
-
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The rules a schema cannot state. They run on a plan the schema found fault
     with too, skipping whatever part is malformed (the schema already said so)."""
@@ -3137,7 +4149,7 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: step {dep} depends on itself")
             elif dep not in known:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
-        problems += _validations_problems(step.get("validation"), f"$.steps[{n}].validation")
+        problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
             problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
                             f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
@@ -3149,52 +4161,10 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     return problems + _path_problems(plan, guard)
 
 
-def _validations_problems(validation: Any, where: str) -> list[str]:
-    """The semantic problems of a step's validation: one object, or each of a list."""
-    if isinstance(validation, dict):
-        return _validation_problems(validation, where)
-    if isinstance(validation, list):
-        return [problem for k, item in enumerate(validation) if isinstance(item, dict)
-                for problem in _validation_problems(item, f"{where}[{k}]")]
-    return []
-
-
-def _validation_problems(validation: dict, where: str) -> list[str]:
-    if validation.get("type") == "regex":
-        try:
-            re.compile(validation["pattern"])
-        except re.error as exc:
-            return [f"{where}.pattern: not a valid regular expression ({exc})"]
-    if validation.get("type") == "json_schema":
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}.schema: not a valid JSON Schema ({schema_message(exc)})"]
-        return _schema_use_problems(validation["schema"], f"{where}.schema")
-    return []
-
-
-def _schema_use_problems(schema: Any, where: str) -> list[str]:
-    """Apply a step's schema (valid by check_schema) to a few plain values, so a
-    $ref that resolves nowhere or refers to itself without end at the top is a plan
-    problem before anything is sent; deeper ones fail the step (check_output)."""
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema)
-    for probe in (None, {}, [], "", 0):
-        try:
-            for _ in validator.iter_errors(probe):
-                pass
-        except RecursionError:
-            return [f"{where}: refers to itself without end"]
-        except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
-            return [f"{where}: cannot be applied ({type(exc).__name__}: {clip(str(exc), 200, 'message')})"]
-    return []
-
-
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
+    """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
+    every files_context path (and LOAD's secrets, and that the file reads as text or a
+    step writes it), every file_output."""
     from pathlib import Path
 
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
@@ -3209,8 +4179,8 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if files or outputs:
             return ["$.context.project: required when the plan names files "
                     "(files_context or file_output)"]
-        return [f"{where}: a command runs in the project; set context.project to the folder it checks"
-                for where in _command_paths(plan)]
+        return [f"{where}: a command runs in the project; set context.project to the folder "
+                "it checks" for where in _command_paths(plan)]
     project = Path(context["project"])
     if not os.path.isdir(project):      # False, not OSError, for a name too long to look up
         return [f"$.context.project: folder {project} does not exist"]
@@ -3249,7 +4219,7 @@ def _command_paths(plan: dict) -> list[str]:
         validation = step.get("validation") if isinstance(step, dict) else None
         items = validation if isinstance(validation, list) else [validation]
         paths += [f"$.steps[{n}].validation" + (f"[{k}]" if isinstance(validation, list) else "")
-                  for k, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "command"]
+                  for k, item in enumerate(items) if is_command(item)]
     return paths
 
 
@@ -3326,21 +4296,150 @@ def _build_plan(plan: dict) -> Plan:
                 verify=plan.get("verify"))
 
 
-EXECUTORS = ("openai", "anthropic", "claude-cli")
+###############################################################################
+# 16. Executors: the registry, the chat contract, model references
+#
+# An executor is one class (its facts: Executor) and its registry line
+# (@register_executor); every executor answers one call, chat(messages, ChatRequest)
+# -> Completion, dropping what it cannot send. The trust gate, the approval facts,
+# --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
+# (bottle's server_names and ServerAdapter are the model). The classes are in the
+# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+###############################################################################
+
+
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
+                            "reasoning reasoning_pieces response_format",
+                            defaults=(0.0, "", 0, None))):
+    """One model reply: text (reasoning fields excluded), usage as the server sent
+    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
+    model that answered (or None), finish_reason (or None), duration_s (seconds),
+    cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it),
+    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
+    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
+    one token each) and response_format (the type of the constraint sent, e.g.
+    "json_schema", or None when the request went unconstrained)."""
+
+    __slots__ = ()
+
+
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
+class Executor:
+    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
+    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
+    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
+    the spend cap and the runner read these facts, never a class name:
+
+    NAME: what --allow-executor and the approval facts call it. PREFIX: model
+    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
+    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
+    in the plan's project when trusted, else a scratch folder; one instance a folder).
+    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
+    is the run's model server (Runner.client): probed for its context and slots, sent
+    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
+    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
+    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
+    executor runs only when the user allowed it (needs_allowing)."""
+
+    NAME = PREFIX = ""
+    PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
+    DEFAULT_MAX_TOKENS: "int | None" = None
+
+    @classmethod
+    def needs_allowing(cls) -> bool:
+        """Whether steps run on it only with --allow-executor NAME."""
+        return cls.PAID or cls.AGENTIC or cls.CLOUD
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        """Whether a model reference split into (prefix, name) (parse_model_ref) is
+        this executor's."""
+        return prefix == cls.PREFIX
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        """(message, hint) of an LLMError for a step on it the user has not allowed."""
+        return (f"the {cls.NAME} executor is not allowed (model {ref})",
+                f"let it run with --allow-executor {cls.NAME}")
+
+    @classmethod
+    def for_run(cls, config: Config, cwd: "Path | None",
+                on_retry: "Callable[[str], None]") -> "Executor":
+        """Open one for a run: cwd is the plan's project when trusted, else None (an
+        AGENTIC executor's scratch folder); on_retry(message) is told of each retry.
+        Raises LLMError when it cannot be used (no key, no binary)."""
+        return cls(config, on_retry=on_retry)
+
+    def chat(self, messages: list[dict], request: "ChatRequest") -> "Completion":
+        """Send one chat: messages [{"role", "content"}]; see ChatRequest, Completion."""
+        raise NotImplementedError
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what it holds (connections); nothing by default."""
+
+
+def register_executor(cls: "type[Executor]") -> "type[Executor]":
+    """Put an Executor class in EXECUTORS under its NAME (a class decorator: adding an
+    executor is its class and this line). Raises ValueError for a NAME or PREFIX taken."""
+    taken = {c.PREFIX for c in EXECUTORS.values() if c.PREFIX}
+    if not cls.NAME or cls.NAME in EXECUTORS or (cls.PREFIX and cls.PREFIX in taken):
+        raise ValueError(f"executor {cls.NAME!r} (prefix {cls.PREFIX!r}) is already registered")
+    EXECUTORS[cls.NAME] = cls
+    return cls
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
     → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor stays part of the name (LM Studio keys hold colons)."""
+    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
     kind, sep, name = ref.partition(":")
-    if sep and kind in EXECUTORS and name:
+    if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
-    return "openai", ref
+    return DEFAULT_EXECUTOR, ref
+
+
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
+def _executor_of(ref: str) -> str:
+    """The NAME of the executor a model reference runs on: the first in EXECUTORS that
+    claims it (an Ollama cloud model's is "ollama-cloud"), else its prefix's."""
+    prefix, name = parse_model_ref(ref)
+    return next((n for n, cls in EXECUTORS.items() if cls.claims(prefix, name)), prefix)
+
+
+def executor_class(ref: str) -> "type[Executor]":
+    """The Executor class a model reference runs on (_executor_of)."""
+    return EXECUTORS[_executor_of(ref)]
 
 
 ###############################################################################
-# 10. Trust: projects, approvals, executors
+# 17. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -3367,16 +4466,10 @@ def project_name(folder: Path) -> str:
 
     def read(name: str) -> str | None:
         try:
-            fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with open_regular(folder / name) as handle:
+                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
         except OSError:
             return None
-        with open(fd, "rb") as handle:
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None
-                return handle.read(PROJECT_FILE_MAX_BYTES).decode("utf-8", "replace")
-            except OSError:
-                return None
 
     name = None
     if (text := read("package.json")) is not None:
@@ -3403,6 +4496,32 @@ def project_name(folder: Path) -> str:
         name = folder.name
     name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
     return name[:PROJECT_NAME_MAX_CHARS] or folder.name
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's, or
+    None: the filesystem root, a VCS folder, the home folder or one holding it, one
+    holding or inside the store, the state dir or the config dir (a plan working there
+    could replace the store, its own journals or the trust file)."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir),
+        ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
+    return None
+
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -3454,8 +4573,7 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+        document = read_json_file(path, follow_symlinks=True)
     except FileNotFoundError:
         return kind()
     except (OSError, ValueError) as exc:
@@ -3467,24 +4585,11 @@ def read_config_file(path: Path, key: str, kind: type) -> Any:
 
 
 def write_config_file(path: Path, document: dict) -> None:
-    """Write one of bridge's config files atomically: JSON in a 0600 file (mkstemp),
-    fsynced, renamed over the old one, in a 0700 folder. Raises ConfigError on OSError."""
-    import tempfile
-
+    """Write one of bridge's config files (write_json_file: atomic, 0600, fsynced) in a
+    folder made private (0700). Raises ConfigError on OSError."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(document, indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with _suppress(OSError):
-                os.unlink(temp)
-            raise
+        private_dir(path.parent, tighten=True)
+        write_json_file(path, document, indent=2)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}",
                           "check that folder's permissions") from exc
@@ -3517,19 +4622,6 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return entry.get("project") == pinned
 
 
-def is_cloud_model(name: str) -> bool:
-    """Whether an Ollama model name is one of its cloud models, run on ollama.com
-    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
-    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
-
-
-def _executor_of(ref: str) -> str:
-    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
-    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
-    kind, name = parse_model_ref(ref)
-    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
-
-
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
@@ -3547,7 +4639,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
-    step_kinds = sorted({_executor_of(m) for m in step_models} - {"openai"})
+    step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
+                        if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
     escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
     trusted = plan_trusted(config, plan, plan_hash)
@@ -3556,7 +4649,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
-    elif not trusted and (plan.project is not None or step_kinds or (escalation_used and escalation != "openai")):
+    elif not trusted and (plan.project is not None or step_kinds or (
+            escalation_used and EXECUTORS[escalation].needs_allowing())):
         reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
@@ -3571,7 +4665,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
-                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
+                       | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
+                          else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
@@ -3609,7 +4704,7 @@ def _run_facts(plan: Plan) -> list[dict]:
         items = step.validation if isinstance(step.validation, list) else [step.validation]
         facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
                    "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
-                  for v in items if isinstance(v, dict) and v.get("type") == "command"]
+                  for v in items if is_command(v)]
     if plan.verify:
         facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
                       "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
@@ -3636,44 +4731,12 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 11. Model servers: errors, streams, retries
+# 18. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
 # inside functions, and every httpx exception is translated to an LLMError.
 ###############################################################################
-
-
-class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
-                            "reasoning reasoning_pieces response_format",
-                            defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
-
-    __slots__ = ()
-
-
-class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
-                             "thinking on_delta on_reasoning",
-                             defaults=(None, None, None, None, None, None, None))):
-    """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
-
-    __slots__ = ()
 
 
 def reasoning_delta(delta: Any) -> str:
@@ -4098,7 +5161,7 @@ def missing_v1_hint(base_url: str, status: int) -> str:
     return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
-class HTTPExecutor:
+class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
     exceptions translated to LLMError, and the retry loop.
 
@@ -4129,12 +5192,6 @@ class HTTPExecutor:
         https = self.base_url.lower().startswith("https://")
         self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
                                  headers=headers)
-
-    def __enter__(self) -> "HTTPExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
 
     def close(self) -> None:
         """Close the connections."""
@@ -4283,19 +5340,27 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 12. LLM client: OpenAI-compatible servers
+# 19. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
 
+@register_executor
 class LLMClient(HTTPExecutor):
     """The chat-completions executor for one OpenAI-compatible server (LM Studio,
     Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
     http://localhost:1234/v1 by default). Streams SSE chunks with
     stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe)."""
+    and probes what the server runs (probe). The run's model server: one instance,
+    opened by the CLI before the run (Runner.client)."""
 
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
     CHAT_PATH = "/chat/completions"
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
@@ -4416,7 +5481,7 @@ class LLMClient(HTTPExecutor):
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
         else:
             wanted = None
@@ -4499,7 +5564,7 @@ class LLMClient(HTTPExecutor):
 
         chosen = why = problem = None
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
             name = next((n for n in (wanted, f"{wanted}:latest")
                          if n in pulled or n in running), None)
@@ -4881,8 +5946,29 @@ def _usage(value: Any) -> dict | None:
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
 
 
+@register_executor
+class OllamaCloud(LLMClient):
+    """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
+    run's model server like a local one, but run on ollama.com, where the project's
+    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
+    the paid executors at the spend cap. Facts only: its requests go through the
+    run's LLMClient (PROBED)."""
+
+    NAME, PREFIX = "ollama-cloud", ""
+    PAID = CLOUD = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == LLMClient.PREFIX and is_cloud_model(name)
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        return (f"model {name} runs on ollama.com, where the project's files would go",
+                f"let it run with --allow-executor {cls.NAME}")
+
+
 ###############################################################################
-# 13. Other executors: the Anthropic API and the claude CLI
+# 20. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -4904,6 +5990,7 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
 
+@register_executor
 class AnthropicClient(HTTPExecutor):
     """The executor for the Anthropic Messages API, or any server speaking it (LM
     Studio and Ollama serve /v1/messages too; a gateway).
@@ -4918,6 +6005,8 @@ class AnthropicClient(HTTPExecutor):
     Raises LLMError (exit 2 at start-up) when no API key is set.
     """
 
+    NAME = PREFIX = "anthropic"
+    PAID = CLOUD = True
     CHAT_PATH = "/v1/messages"
     DEFAULT_MAX_TOKENS = 4096        # the API requires max_tokens
 
@@ -4987,7 +6076,8 @@ class AnthropicClient(HTTPExecutor):
         return tally.completion(usage, model, stop, cost)
 
 
-class ClaudeCLI:
+@register_executor
+class ClaudeCLI(Executor):
     """The executor that hands a step to Claude Code itself: `claude -p`.
 
     Runs `claude -p --output-format stream-json --verbose --model M
@@ -5009,7 +6099,10 @@ class ClaudeCLI:
     # hooks), and the default permission mode whatever a settings file asks for.
     # Source: https://code.claude.com/docs/en/cli-reference (--tools, --strict-mcp-config,
     # --setting-sources, --permission-mode), read 2026-12-04.
-    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user", "--permission-mode", "default")
+    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user",
+                "--permission-mode", "default")
+    NAME = PREFIX = "claude-cli"
+    PAID = AGENTIC = CLOUD = True
 
     def __init__(self, config: Config, cwd: Path | None = None):
         import shutil
@@ -5021,14 +6114,10 @@ class ClaudeCLI:
             raise LLMUnavailable("the claude CLI was not found on PATH, for a claude-cli: model",
                                  "install Claude Code (npm install -g @anthropic-ai/claude-code)")
 
-    def __enter__(self) -> "ClaudeCLI":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def close(self) -> None:
-        """Nothing to close: each request is its own process."""
+    @classmethod
+    def for_run(cls, config: Config, cwd: Path | None,
+                on_retry: Callable[[str], None]) -> "ClaudeCLI":
+        return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Run one `claude -p` request; see the class. Of request, model, timeout_s and
@@ -5054,7 +6143,7 @@ class ClaudeCLI:
         if self.cwd is not None:
             return _Nothing(self.cwd)
         root = os.path.join(self.config.state_dir, "scratch")
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        private_dir(root)
         return tempfile.TemporaryDirectory(prefix="claude-", dir=root)
 
     def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
@@ -5172,746 +6261,8 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 14. Output validation
-#
-# The validation types of bridge-plan-schema.json. Each check returns the artifact: the
-# text that counts as the step's output (the code inside a fence when fenced), which
-# is what later steps see and what file_output writes. A command validation (and a
-# plan's verify) runs the project's own test or linter, only where the user trusts it.
+# 21. Check commands
 ###############################################################################
-
-# Patterns as strings: re compiles and caches each on first use, not at start-up.
-_FENCE_OPEN = r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[^\n]*$"
-# after prose on the same line ("Here it is: ```json"), a fence counts only when
-# nothing but a tag follows it, so prose that mentions ``` is not a fence
-_FENCE_AFTER_TEXT = r"(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[A-Za-z0-9_+#.-]*)[ \t]*$"
-LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jsonc", "json5"},
-                    "toml": {"toml"}}
-
-
-# Reasoning text a server leaves inside content (sources per row), by shape: (name,
-# who writes it and the source, a string the text must hold for the shape to be tried,
-# where the reasoning starts and ends, what ends the answer or None). split_reasoning
-# takes each out; a shape matches at the start of the text only.
-_HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
-REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
-    # a leading block; an unclosed one swallows the rest
-    ("<think>", "many: Qwen3, DeepSeek-R1, QwQ", "<think>",
-     r"(?s)^\s*<think>.*?(?:</think>|\Z)\s*", None),
-    ("<thinking>", "several fine-tunes", "<thinking>",
-     r"(?s)^\s*<thinking>.*?(?:</thinking>|\Z)\s*", None),
-    ("[THINK]", "Mistral Magistral", "[THINK]", r"(?s)^\s*\[THINK\].*?(?:\[/THINK\]|\Z)\s*", None),
-    ("Gemma 4 thought channel", "Gemma 4: kekzl/imp PR #768", "<|channel>thought",
-     r"(?s)^\s*<\|channel>thought.*?(?:<channel\|>|\Z)\s*", None),
-    # gpt-oss's Harmony format, unparsed (llama.cpp PR #15181): the answer is the message of
-    # the last final channel, up to <|return|> or <|end|>; with no final channel (cut while
-    # it analysed) there is no answer
-    ("gpt-oss Harmony", "gpt-oss without a Harmony parser: llama.cpp PR #15181", "<|channel|>final",
-     rf"(?s)^.*{_HARMONY_FINAL}\s*", r"(?s)\s*<\|(?:return|end|call)\|>.*\Z"),
-    ("gpt-oss Harmony, no final channel", "gpt-oss cut while it analysed", "<|channel|>",
-     r"(?s)^\s*(?:<\|start\|>assistant)?<\|channel\|>.*\Z", None),
-    # the opening tag is in the prompt template, so only the close arrives: reasoning…
-    # </think>answer (DeepSeek-R1#352, vllm#13125); to the last close with no open before it
-    ("orphan </think>", "DeepSeek-R1 distills, QwQ, Qwen3: DeepSeek-R1#352, vllm#13125",
-     "</think>", r"(?s)^(?:(?!<think>).)*</think>\s*", None),
-    ("orphan </thinking>", "several fine-tunes", "</thinking>",
-     r"(?s)^(?:(?!<thinking>).)*</thinking>\s*", None),
-    ("orphan [/THINK]", "Mistral Magistral", "[/THINK]",
-     r"(?s)^(?:(?!\[THINK\]).)*\[/THINK\]\s*", None),
-)
-
-
-def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
-    thought: list[str] = []
-    matched = True
-    while matched and text:
-        matched = False
-        for _name, _source, needle, start, end in REASONING_SHAPES:
-            found = re.match(start, text) if needle in text else None
-            if found and found.group():
-                thought.append(found.group())
-                text, matched = text[found.end():], True
-                if end and (tail := re.search(end, text)):
-                    text = text[:tail.start()]
-                break
-    return text, "".join(thought)
-
-
-def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
-    blocks: list[tuple[str, str]] = []
-    lines = text.split("\n")
-    n = 0
-    while n < len(lines):
-        match = re.search(_FENCE_OPEN, lines[n]) or re.search(_FENCE_AFTER_TEXT, lines[n])
-        if not match:
-            n += 1
-            continue
-        fence, tag = match["fence"], match["tag"].lower()
-        body: list[str] = []
-        n += 1
-        while n < len(lines) and lines[n].strip() != fence:
-            stripped = lines[n].rstrip()
-            if stripped.endswith(fence) and not stripped.lstrip().startswith(fence):
-                body.append(stripped[: -len(fence)])
-                break
-            body.append(lines[n])
-            n += 1
-        blocks.append((tag, "\n".join(body)))
-        n += 1
-    return blocks
-
-
-def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
-    blocks = find_fences(text)
-    if not blocks:
-        return text.strip()
-    if language:
-        aliases = LANGUAGE_ALIASES.get(language, {language})
-        for wanted in (lambda tag: tag in aliases, lambda tag: tag == ""):
-            for tag, code in blocks:
-                if wanted(tag):
-                    return code
-    return blocks[0][1]
-
-
-def parse_json_output(text: str) -> Any:
-    """Parse JSON from a model output: whole, else the best fenced block, else the
-    first JSON value starting at the first { or [.
-
-    Raises OutputInvalid naming the parse error of the most likely candidate.
-    """
-    candidates = [text.strip()]
-    if find_fences(text):
-        candidates.insert(0, extract_code(text, "json"))
-    first_error = None
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except ValueError as exc:
-            first_error = first_error or exc
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if starts:
-        try:
-            return json.JSONDecoder().raw_decode(text, min(starts))[0]
-        except ValueError:
-            pass
-    raise OutputInvalid(f"output is not valid JSON ({first_error})")
-
-
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
-def validations_of(validation: dict | list) -> list[dict]:
-    """Return a step's validation as a list: a list as given, an object as [object]."""
-    return list(validation) if isinstance(validation, list) else [validation]
-
-
-def _commands_of(step: Step) -> list[dict]:
-    """The command validations of a step, in order."""
-    return [v for v in validations_of(step.validation) if v.get("type") == "command"]
-
-
-def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output with <think> blocks already stripped. validation: a
-    validation object of bridge-plan-schema.json, or a list of them, checked in order up
-    to the first that fails. The artifact is the fenced code when the output is
-    fenced (for json types: the parsed JSON, re-serialised), else the stripped
-    text; for a list, that of its first check. Command validations are not run
-    here (the Runner runs them once the file is written); a list of commands
-    only is checked as non_empty. source: the step's input (the pieces build_messages
-    gives as sources, joined), which the values of a "grounded" JSON validation must
-    come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
-    checks = [v for v in validations_of(validation) if v.get("type") != "command"] or [DEFAULT_VALIDATION]
-    artifacts = [_check_one(text, check, source) for check in checks]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str = "") -> str:
-    try:
-        artifact = _check_output(text, validation)
-        if validation.get("grounded") and validation.get("type") in GROUNDED_TYPES:
-            check_grounded(json.loads(artifact), source)
-        return artifact
-    except (RecursionError, MemoryError) as exc:
-        # json, tomllib, compile() and jsonschema recurse per nesting level
-        raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
-
-
-def _check_output(text: str, validation: dict) -> str:
-    kind = validation.get("type", "non_empty")
-    if kind == "non_empty":
-        artifact = extract_code(text)
-        if not artifact.strip():
-            raise OutputInvalid("output is empty" if not text.strip() else "the fenced block is empty")
-        return artifact
-    if kind == "json":
-        return _json_artifact(text)[1]
-    if kind == "contains_keys":
-        value, artifact = _json_artifact(text)
-        if not isinstance(value, dict):
-            raise OutputInvalid(f"output must be a JSON object, got a JSON {type(value).__name__}")
-        missing = [key for key in validation["keys"] if key not in value]
-        if missing:
-            raise OutputInvalid(f"JSON object lacks the keys {missing}")
-        return artifact
-    if kind == "json_schema":
-        from jsonschema import Draft202012Validator
-
-        value, artifact = _json_artifact(text)
-        try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
-        except (RecursionError, MemoryError):
-            raise
-        except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
-            # fail to apply: a $ref that resolves nowhere raises referencing's Unresolvable
-            raise OutputInvalid(f"the step's json_schema cannot be applied "
-                                f"({type(exc).__name__}: {clip(str(exc), 200, 'message')})") from None
-        if errors:
-            raise OutputInvalid("JSON does not match the schema: " + "; ".join(
-                f"{e.json_path}: {schema_message(e)}" for e in errors[:5]))
-        return artifact
-    if kind == "syntax_check":
-        return _check_syntax(text, validation.get("language", "python"))
-    if kind == "regex":
-        if not re.search(validation["pattern"], text):
-            raise OutputInvalid(f"output does not match the pattern {validation['pattern']!r}")
-        return extract_code(text)
-    raise OutputInvalid(f"unknown validation type {kind!r}")
-
-
-GROUNDED_TYPES = ("json", "contains_keys", "json_schema")   # the validations "grounded" applies to
-
-
-def fold_text(text: str) -> str:
-    """Return text as key names and spans are compared: case folded (str.casefold), each run
-    of whitespace one space, no whitespace at either end."""
-    return " ".join(text.casefold().split())
-
-
-_SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carry at its ends
-
-
-def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
-    trim = f"[{re.escape(_SPAN_TRIM)}]*"
-    found: dict[float, int | float] = {}
-    for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
-        value = float(match[1])
-        found.setdefault(value, int(match[1]) if "." not in match[1] else value)
-    return found
-
-
-def _occurs(value: str, source: str) -> bool:
-    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
-    run of whitespace matching any other, not as part of a longer word or number ("Ada"
-    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
-    words = value.split()
-    if not words:
-        return True
-    pattern = r"\s+".join(map(re.escape, words))
-    if re.match(r"\w", words[0]):
-        pattern = r"(?<!\w)" + pattern
-    if re.search(r"\w$", words[-1]):
-        pattern += r"(?!\w|[.,]\d)"
-    return re.search(pattern, source, re.IGNORECASE) is not None
-
-
-def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
-    numbers = written_numbers(source)
-    found: list[tuple[str, Any]] = []
-
-    def visit(item: Any, where: str) -> None:
-        if isinstance(item, dict):
-            for key, child in item.items():
-                visit(child, f"{where}.{key}" if re.fullmatch(r"[A-Za-z_]\w*", key)
-                      else f"{where}[{json.dumps(key, ensure_ascii=False)}]")
-        elif isinstance(item, list):
-            for n, child in enumerate(item):
-                visit(child, f"{where}[{n}]")
-        elif isinstance(item, bool) or item is None:
-            return
-        elif isinstance(item, (int, float)):
-            if float(item) not in numbers:
-                found.append((where, item))
-        elif isinstance(item, str) and not _occurs(item, source):
-            found.append((where, item))
-
-    visit(value, path)
-    return found
-
-
-def check_grounded(value: Any, source: str) -> None:
-    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
-    step's input (ungrounded_values; at most five are named), telling the model to copy
-    each value exactly from the text."""
-    missing = ungrounded_values(value, source)
-    if missing:
-        named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
-                          for where, item in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise OutputInvalid(f"not in the text: {named}{more}. Copy each value exactly from the "
-                            "text (use null where the text has none)")
-
-
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
-###############################################################################
-# 15. Constrained JSON and degenerate output
-###############################################################################
-
-
-def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output.
-
-    None for steps whose output is not JSON (non_empty, syntax_check, regex,
-    command); {} for json. A list uses its first JSON validation (json,
-    contains_keys, json_schema). contains_keys: an object of exactly its keys, each
-    a bounded value (a scalar or a list of scalars, see bounded_value), so a small
-    model puts the sentence's values in the keys instead of nesting objects.
-    json_schema: the plan's schema with bounds added where it sets none
-    (bounded_schema). Only what is sent is bounded: check_output still applies the
-    plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    contains_keys or json_schema
-    step whose input has few enough spans (span_candidates) gets span_schema instead:
-    its string values can only be copied from the input.
-    """
-    if isinstance(validation, list):
-        return next((schema for item in validation
-                     if (schema := output_schema(item, source)) is not None), None)
-    kind = validation.get("type")
-    if source is not None and (spans := grounded_spans(validation, source)) is not None and \
-            (usual := output_schema(validation)):
-        return span_schema(usual, *spans)
-    if kind == "json":
-        return {}
-    if kind == "contains_keys":
-        return {"type": "object", "properties": {key: bounded_value() for key in validation["keys"]},
-                "required": list(validation["keys"]), "additionalProperties": False}
-    if kind == "json_schema":
-        return bounded_schema(validation["schema"]) if isinstance(validation["schema"], dict) else {}
-    return None
-
-
-def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
-    seen: dict[str, None] = {}
-    read = 0
-    for piece in pieces:
-        words: list[str] = []          # the last GROUNDED_SPAN_WORDS words; each span ends at one
-        for match in re.finditer(r"\S+", piece):
-            read += 1
-            if read > GROUNDED_MAX_SPANS:
-                return None
-            words = [*words[max(0, len(words) - GROUNDED_SPAN_WORDS + 1):], match[0]]
-            for start in range(len(words) - 1, -1, -1):
-                span = " ".join(words[start:]).strip(_SPAN_TRIM)
-                if span and len(span) <= JSON_VALUE_MAX_LENGTH and \
-                        not re.search(r'["\\\x00-\x1f]', span):
-                    seen[span] = None
-                    if len(seen) > GROUNDED_MAX_SPANS:
-                        return None
-    return list(seen)
-
-
-def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded contains_keys or json_schema validation whose input has at most
-    GROUNDED_MAX_SPANS spans; else None (the usual schema is sent). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
-    if not validation.get("grounded") or validation.get("type") not in GROUNDED_TYPES[1:]:
-        return None
-    pieces = [source] if isinstance(source, str) else source
-    spans = span_candidates(pieces)
-    names = {fold_text(name) for name in
-             validation.get("keys") or _property_names(validation.get("schema"))}
-    spans = [span for span in spans or [] if fold_text(span) not in names]
-    if not spans:
-        return None
-    numbers: dict[float, int | float] = {}
-    for text in pieces:
-        for value, number in written_numbers(text).items():
-            numbers.setdefault(value, number)
-    return spans, list(numbers.values())
-
-
-def _property_names(schema: Any) -> set[str]:
-    """The property names a JSON Schema lists, at any depth."""
-    if isinstance(schema, list):
-        return {name for item in schema for name in _property_names(item)}
-    if not isinstance(schema, dict):
-        return set()
-    names = set(schema["properties"]) if isinstance(schema.get("properties"), dict) else set()
-    return names.union(*(_property_names(child) for key, child in schema.items()
-                         if key not in ("enum", "const")))
-
-
-def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
-    """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
-    def open_number(node: Any) -> bool:
-        return isinstance(node, dict) and set(node) == {"type"} and \
-            node["type"] in ("number", "integer")
-
-    def swap(node: Any) -> Any:
-        if isinstance(node, list):
-            return [swap(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        if node.get("type") == "string" and node.get("pattern") == bounded_string(
-                node.get("minLength", 1), node.get("maxLength", JSON_VALUE_MAX_LENGTH))["pattern"]:
-            return {"$ref": "#/$defs/bridge_span"}
-        if node.get("type") in ("number", "integer") and numbers and not (
-                {"enum", "const", "minimum", "maximum", "multipleOf"} & set(node)):
-            if node["type"] == "number":
-                return {"$ref": "#/$defs/bridge_number"}
-            integers = [n for n in numbers if isinstance(n, int)]
-            return {"enum": integers} if integers else node
-        out = {}
-        for key, child in node.items():
-            if key in _SCHEMA_MAPS and isinstance(child, dict):
-                out[key] = {name: swap(sub) for name, sub in child.items()}
-            elif key in ("enum", "const", "required"):
-                out[key] = child
-            elif key in ("anyOf", "oneOf") and isinstance(child, list):
-                alternatives = [swap(sub) for sub in child]
-                out[key] = [sub for sub in alternatives if not open_number(sub)] or alternatives
-            else:
-                out[key] = swap(child)
-        return out
-
-    out = swap(schema)
-    defs = {**(out.get("$defs") or {}), "bridge_span": {"enum": spans}}
-    if numbers:
-        defs["bridge_number"] = {"enum": numbers}
-    return {**out, "$defs": defs}
-
-
-def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
-    return {"type": "string", "minLength": min_length, "maxLength": max_length,
-            "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
-
-
-def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a bounded_string, a number,
-    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
-    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
-    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
-    scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
-    return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}, "maxItems": JSON_LIST_MAX_ITEMS}]}
-
-
-_SCHEMA_CHILDREN = ("items", "additionalProperties", "not", "if", "then", "else")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
-
-
-def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
-    arrays, additionalProperties false on objects listing their properties, and an
-    open value ({} or an array without items) made a bounded_value. Whatever the
-    plan sets is kept as it is."""
-    if not isinstance(schema, dict):
-        return schema
-    if _is_open(schema):
-        return bounded_value()
-    out = dict(schema)
-    for key in _SCHEMA_CHILDREN:
-        if isinstance(out.get(key), dict):
-            out[key] = bounded_schema(out[key])
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [bounded_schema(s) for s in out[key]]
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: bounded_schema(s) for name, s in out[key].items()}
-    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
-    shortest = out.get("minLength", 1)
-    if types == ["string"] and isinstance(shortest, int) and shortest <= JSON_VALUE_MAX_LENGTH and \
-            not any(k in out for k in ("maxLength", "enum", "const", "format", "pattern")):
-        out.update(bounded_string(shortest))
-    if "array" in types:
-        out.setdefault("maxItems", JSON_LIST_MAX_ITEMS)
-        if "items" not in out and "prefixItems" not in out:
-            out["items"] = bounded_value()["anyOf"][-1]["items"]
-    if "object" in types and "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
-
-
-def _is_open(schema: dict) -> bool:
-    """Tell whether a schema says nothing about its value ({} or only annotations)."""
-    annotations = {"title", "description", "default", "examples", "$comment"}
-    return not (set(schema) - annotations)
-
-
-def schema_depth(schema: Any) -> int | None:
-    """Return how deep a JSON value meeting schema can nest ({} and [] count one
-    each: {"a": [1]} is 2), or None when it is not bounded ($ref, an open value,
-    an object that takes any other property)."""
-    if schema is True or not isinstance(schema, dict):
-        return None if schema is True or schema is None else 0
-    if "$ref" in schema or _is_open(schema):
-        return None
-    if "const" in schema or "enum" in schema:
-        return 1 if any(isinstance(v, (dict, list)) for v in schema.get("enum", [schema.get("const")])) else 0
-    children: list[Any] = [s for key in _SCHEMA_LISTS for s in schema.get(key) or []]
-    children += list((schema.get("properties") or {}).values())
-    for key in ("items", "additionalProperties"):
-        if key in schema and schema[key] is not False:
-            children.append(schema[key])
-    if "type" not in schema and not any(key in schema for key in _SCHEMA_LISTS):
-        return None                     # any type of value, arrays and objects included
-    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
-    if "object" in types and "additionalProperties" not in schema:
-        return None
-    if "array" in types and "items" not in schema and "prefixItems" not in schema:
-        return None
-    depths = [schema_depth(child) for child in children]
-    if None in depths:
-        return None
-    nested = max(depths, default=0)
-    return nested + 1 if {"object", "array"} & set(types) else nested
-
-
-def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the
-    depth of a json_schema step's own schema (schema_depth), else None (not bounded:
-    a contains_keys value may be anything, though the schema sent bounds it)."""
-    first = next((v for v in validations_of(validation) if output_schema(v) is not None), None)
-    return schema_depth(first["schema"]) if first and first.get("type") == "json_schema" else None
-
-
-def grammar_damage(output: str, schema: dict | None, validation: dict | list) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not (or passes validation: a command failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
-    try:
-        check_output(output, validation)
-        return None
-    except OutputInvalid:
-        pass
-    if "\ufffd" in output:
-        return "it holds U+FFFD replacement characters"
-    try:
-        value = parse_json_output(output)
-    except (OutputInvalid, RecursionError):     # nested past what json parses: not valid JSON
-        return "it is not valid JSON"
-    named = set((schema or {}).get("properties") or {})
-    keys = value if isinstance(value, dict) else {}
-    garbled = [key for key in keys if "?" in key and key not in named]
-    return f"it has the garbled key {clip(garbled[0], 40, 'key')!r}" if garbled else None
-
-
-class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
-    degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
-
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
-    """
-
-    def __init__(self, max_depth: int | None = None):
-        self.max_depth = max_depth
-        self.pieces: list[str] = []
-        self.words: list[str] = []
-        self._partial = ""              # a word not yet ended by whitespace
-        self._space = ""                # the run of whitespace at the end of the text
-        self._depth, self._json, self._in_string, self._escaped = 0, False, False, False
-
-    @property
-    def text(self) -> str:
-        """The output fed so far."""
-        return "".join(self.pieces)
-
-    def feed(self, piece: str) -> None:
-        """Take the next piece of streamed text; raise OutputDegenerate when it degenerates."""
-        self.pieces.append(piece)
-        self._whitespace(piece)
-        if self.max_depth is not None:
-            for char in piece:
-                self._nesting(char)
-        self._repeats(piece)
-
-    def _whitespace(self, piece: str) -> None:
-        text = self._space + piece          # a run may have begun in an earlier piece
-        self._space = ""
-        for run in re.finditer(r"\s+", text):
-            newlines = run.group().count("\n")
-            if newlines > DEGENERATE_NEWLINES:
-                raise OutputDegenerate(f"stopped: {newlines} newlines in a row")
-            if len(run.group()) > DEGENERATE_WHITESPACE:
-                raise OutputDegenerate(f"stopped: {len(run.group())} whitespace characters in a row")
-            if run.end() == len(text):
-                self._space = run.group()
-
-    def _nesting(self, char: str) -> None:
-        if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif char == "\\":
-                self._escaped = True
-            elif char == '"':
-                self._in_string = False
-        elif char == '"' and self._json:
-            self._in_string = True
-        elif char in "{[":
-            self._json, self._depth = True, self._depth + 1
-            if self._depth > self.max_depth:    # type: ignore[operator]
-                raise OutputDegenerate(f"stopped: JSON nested {self._depth} deep, deeper than the "
-                                       f"{self.max_depth} its schema allows")
-        elif char in "}]" and self._depth:
-            self._depth -= 1
-
-    def _repeats(self, piece: str) -> None:
-        parts = (self._partial + piece).split()
-        ended = piece[-1:].isspace()
-        self._partial = "" if ended or not parts else parts.pop()
-        for word in parts:
-            self.words.append(word)
-            self._check_tail()
-        del self.words[:-(DEGENERATE_MAX_PERIOD * DEGENERATE_REPEATS + DEGENERATE_REPEAT_WORDS)]
-
-    def _check_tail(self) -> None:
-        words = self.words
-        for period in range(1, DEGENERATE_MAX_PERIOD + 1):
-            times = max(DEGENERATE_REPEATS, -(-DEGENERATE_REPEAT_WORDS // period))
-            if len(words) < period * times:
-                return
-            if words[-1] != words[-1 - period]:
-                continue                    # the cheap test first: most words repeat nothing
-            unit = words[-period:]
-            if all(words[-(n + 1) * period:len(words) - n * period] == unit for n in range(1, times)):
-                raise OutputDegenerate(f"stopped: the same {period} word(s) repeated {times} times in a row "
-                                       f"({' '.join(unit)[:80]!r})")
-
-
-###############################################################################
-# 16. Check commands, and what the model is told of the checks
-###############################################################################
-
-
-def describe_validation(validation: dict | list) -> str:
-    """Return one sentence telling the model what form of answer will be accepted
-    (for a list, one per check, in order)."""
-    if isinstance(validation, list):
-        return " ".join(filter(None, (describe_validation(item) for item in validation)))
-    kind = validation.get("type", "non_empty")
-    if kind == "command":
-        return f"It will then be checked by running `{shell_words(validation['run'])}` in the project."
-    return {
-        "non_empty": "Answer with the requested content.",
-        "json": "Answer with valid JSON only, in a ```json fenced block.",
-        "contains_keys": "Answer with one JSON object that has the keys "
-                         f"{', '.join(map(json.dumps, validation.get('keys', [])))}, in a ```json fenced block.",
-        "json_schema": "Answer with JSON matching this JSON Schema, in a ```json fenced block: "
-                       + json.dumps(validation.get("schema")),
-        "syntax_check": f"Answer with complete {validation.get('language', 'python')} code in one "
-                        f"```{validation.get('language', 'python')} fenced block.",
-        "regex": f"Your answer must match the regular expression {validation.get('pattern')!r}.",
-    }.get(kind, "")
-
-
-def shell_words(argv: list[str]) -> str:
-    """Return an argv as a person would type it in a POSIX shell (for messages only;
-    commands never go through a shell)."""
-    import shlex
-
-    return shlex.join(argv)
 
 
 def untrusted_message(plan: Plan) -> str:
@@ -6147,7 +6498,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 17. File transactions: journal, rollback, recovery
+# 22. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6166,7 +6517,8 @@ class FileTransaction:
     left behind; refused lists the journal entries of that run it would not use.
     """
 
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None, guard: Guard | None = None):
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
+                 guard: Guard | None = None):
         import threading
 
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
@@ -6212,7 +6564,8 @@ class FileTransaction:
             try:
                 fd, depth = _walk(self._root(), parts[:-1], rel)
                 try:
-                    change = self.changes.get(rel) or self._journal_original(rel, parts, fd, depth, step)
+                    change = self.changes.get(rel) \
+                        or self._journal_original(rel, parts, fd, depth, step)
                     if change.action == "reverted":      # put back by revert_path, written again
                         change.action = "created" if change.backup is None else "modified"
                     crash_point(self.crash_at, "journal")
@@ -6225,7 +6578,8 @@ class FileTransaction:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
+                raise PathError(f"cannot write {rel!r} in {self.project}: "
+                                f"{exc.strerror or exc}") from exc
         return change
 
     def close(self) -> None:
@@ -6233,7 +6587,8 @@ class FileTransaction:
         with self.lock:
             self.closed = True
 
-    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int, step: int) -> FileChange:
+    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int,
+                          step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
         import hashlib
@@ -6288,7 +6643,8 @@ class FileTransaction:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
         except (PathError, OSError) as exc:
-            self.refused.append(f"journal of {old_run_dir.name}: {getattr(exc, 'strerror', None) or exc}")
+            why = getattr(exc, "strerror", None) or exc
+            self.refused.append(f"journal of {old_run_dir.name}: {why}")
             return []
         self.old_runs.append(old_run_dir)
         if any(entry.get("reverted") is True for entry in entries):
@@ -6335,8 +6691,9 @@ class FileTransaction:
         try:
             original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
-            self.refused.append(f"journal entry of {run_dir.name} refused: backup {change.backup} of "
-                                f"{change.path!r} cannot be read ({exc.strerror or exc})")
+            self.refused.append(f"journal entry of {run_dir.name} refused: backup "
+                                f"{change.backup} of {change.path!r} cannot be read "
+                                f"({exc.strerror or exc})")
             return False
         with original:
             kept = change.backup.name[5:205]          # type: ignore[union-attr]
@@ -6352,40 +6709,22 @@ class FileTransaction:
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
         entry is refused (the reason goes to self.refused) or is a marker."""
-        from pathlib import Path
-
         if "path" not in entry:
             return None             # {"reverted": true} and other markers
         try:
-            rel, action, backup, mode = entry["path"], entry.get("action"), entry.get("backup") or "", entry.get("mode")
-            if not isinstance(rel, str):
-                raise PathError(f"path {rel!r} is not a string")
-            self.check(rel)
+            rel, backup, dirs = journalled_paths(self.project, entry, run_dir / "backups",
+                                                 self.guard)
+            action, mode = entry.get("action"), entry.get("mode")
             if action not in ("created", "modified") or (action == "modified") != bool(backup):
-                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not one bridge writes")
-            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
+                raise PathError(f"path {rel!r}: action {action!r} with backup "
+                                f"{entry.get('backup')!r} is not one bridge writes")
+            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)
+                                     or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
-            if backup and (not isinstance(backup, str)
-                           or real_path(backup).parent != real_path(run_dir / "backups")):
-                raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
-            dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
         except PathError as exc:
             self.refused.append(f"journal entry of {run_dir.name} refused: {exc}")
             return None
-        return FileChange(rel, action, Path(backup) if backup else None, mode, dirs)
-
-    def _inside_dir(self, folder: Any, rel: str) -> Path:
-        """Return a journalled folder as a Path inside the project, or raise PathError."""
-        from pathlib import Path
-
-        inside = None
-        if isinstance(folder, str) and Path(folder).is_absolute():
-            with _suppress(ValueError):
-                inside = Path(folder).relative_to(self.project)
-        if inside is None or not inside.parts:
-            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {self.project}")
-        plan_path_parts(inside.as_posix())
-        return self.project / inside
+        return FileChange(rel, action, backup, mode, dirs)
 
     def _remove_temps(self, rel: str) -> None:
         """Remove the temp files an interrupted write of rel left beside it."""
@@ -6455,7 +6794,8 @@ class FileTransaction:
 
     def _remove_dir(self, folder: Path) -> None:
         """Remove a folder the run made, if it is still empty (never through a symlink)."""
-        with _suppress(OSError, PathError, ValueError):   # not empty: something else lives there now
+        # not empty (something else lives there now): left as it is
+        with _suppress(OSError, PathError, ValueError):
             parts = plan_path_parts(folder.relative_to(self.project).as_posix())
             fd, depth = _walk(self._root(), parts[:-1], folder.name)
             try:
@@ -6482,7 +6822,165 @@ class FileTransaction:
 
 
 ###############################################################################
-# 18. Kept runs: backups, diff, undo, review
+# 23. Review staging and bounded diffs
+#
+# A --review run writes nothing into the project: StagedFiles keeps each file under the
+# run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
+# diff (difflib), read only when both sides are at most DIFF_MAX_BYTES.
+###############################################################################
+
+
+def sha256_hex(data: bytes) -> str:
+    """Return the sha256 of bytes, in hex."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_regular(path: Path) -> bytes | None:
+    """Return a regular file's bytes, or None when it is missing or not a regular
+    file (a symlink is not followed)."""
+    try:
+        with open_regular(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
+                 now_sha: str | None) -> str:
+    """Return file_diff of one file from the file at before to the file at now (None, or
+    a path that is missing: no such file), reading them only when both are at most
+    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
+    now_sha, computed in pieces, still tell whether they differ)."""
+    if before_sha == now_sha:
+        return ""
+    sizes = [_regular_size(path) for path in (before, now)]
+    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
+        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
+        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} "
+                "bytes; the sha256 values say whether it changed)\n")
+    return file_diff(rel, read_regular(before) if before is not None else None,
+                     read_regular(now) if now is not None else None)
+
+
+def _regular_size(path: Path | None) -> int | None:
+    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
+    try:
+        info = os.lstat(path) if path is not None else None
+    except OSError:
+        return None
+    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
+
+
+def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
+    """Return the unified diff (difflib) of one file from before (None: did not
+    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
+    not UTF-8, one "Binary files … differ" line."""
+    import difflib
+
+    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
+        ("b/" + rel) if now is not None else "/dev/null"
+    if before == now:
+        return ""
+    try:
+        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return f"Binary files {old_name} and {new_name} differ\n"
+    lines = []
+    for line in difflib.unified_diff(old_text.splitlines(keepends=True),
+                                     new_text.splitlines(keepends=True), old_name, new_name):
+        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(lines)
+
+
+class StagedFiles:
+    """The files of a --review run: written under the run's folder (staged/PATH, 0600),
+    never into the project; --apply writes them there later.
+
+    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
+    changes, so the runner uses either. staged.jsonl records each write: {"step",
+    "path", "action" (created | modified, as the project was), "base_sha256" (the
+    project file's before its first staging, None when absent), "sha256"};
+    reads.json the sha256 of every LOAD file as the run found it in the project.
+    """
+
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
+        import threading
+
+        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
+        self.changes: dict[str, FileChange] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def note_reads(self, files_context: dict[str, str]) -> None:
+        """Record the sha256 of every LOAD file as it is in the project now (None: absent)."""
+        reads = {}
+        for rel, mode in files_context.items():
+            if mode == "LOAD":
+                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
+        write_json_file(self.run_dir / "reads.json", reads)
+
+    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
+        """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
+        when rel leads outside the project, or the run is ending."""
+        target = resolve_inside(self.project, rel)
+        data = text.encode("utf-8")
+        with self.lock:
+            if self.closed:
+                raise PathError(f"not staging {rel!r}: the run is ending")
+            try:
+                staged = self.run_dir / "staged" / rel
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(staged, data, 0o600)
+            except OSError as exc:
+                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
+                                f"{exc.strerror or exc}") from exc
+            change = self.changes.get(rel)
+            base = None
+            if change is None:
+                base = file_sha256(target)
+                action = "created" if base is None else "modified"
+                change = self.changes[rel] = FileChange(rel, action)
+            append_jsonl(self.run_dir / STAGED_FILE, {
+                "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
+                "base_sha256": base})
+        return change
+
+    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
+        """Put back in the project every file a killed run wrote (FileTransaction.recover
+        with no step kept: a --review run never keeps a dead run's files); return them."""
+        files = FileTransaction(self.project, self.run_dir, self.crash_at)
+        return files.recover(old_run_dir, set())
+
+    def path_of(self, rel: str) -> Path | None:
+        """Return the staged copy of rel, or None when no step staged it."""
+        return self.run_dir / "staged" / rel if rel in self.changes else None
+
+    def close(self) -> None:
+        """Refuse every later write."""
+        with self.lock:
+            self.closed = True
+
+    def rollback(self) -> None:
+        """Drop the staged files (the project was never touched)."""
+        self.close()
+        self.discard()
+
+    def discard(self) -> None:
+        """Delete the staged files."""
+        import shutil
+
+        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
+
+    def summary(self) -> list[dict]:
+        """Return [{"path", "action", "staged": True}] in staging order (action as the
+        project would see it: created or modified)."""
+        return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
+
+
+###############################################################################
+# 24. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -6494,28 +6992,15 @@ class FileTransaction:
 ###############################################################################
 
 
-def sha256_hex(data: bytes) -> str:
-    """Return the sha256 of bytes, in hex."""
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def open_run_dir(run_dir: Path) -> None:
-    """Make a run's folder, for this user only (0700): its backups and transcripts
-    hold the project's files and prompts."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-
-
-def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
+def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
-    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
-    "content_hash" (the plan memory's)}, which --diff, --undo and a take-over read back."""
-    info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
+    """Write run.json, {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
+    None), "started_at", "content_hash" (the plan memory's)}, which --diff, --undo and a
+    take-over read back."""
+    info = {"plan_id": plan_id, "run_id": run_dir.name, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
-    atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, ensure_ascii=False).encode("utf-8"), 0o600)
+    write_json_file(run_dir / RUN_INFO_FILE, info)
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
@@ -6527,7 +7012,7 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
-    info = _read_json(folder / RUN_INFO_FILE)
+    info = read_json_file(folder / RUN_INFO_FILE, or_none=True)
     context = record.plan.get("context") if isinstance(record.plan, dict) else None
     project = context.get("project") if isinstance(context, dict) else None
     usable = isinstance(project, str) and "\x00" not in project
@@ -6557,10 +7042,18 @@ def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
                                              "bytes": len(data)})
 
 
+def _real_folder(path: Path) -> bool:
+    """Whether path is a folder itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def keep_backups(run_dir: Path) -> None:
     """Make a finished run's backups private (files 0600, folder 0700), to keep for --undo."""
     backups = run_dir / "backups"
-    if backups.is_dir() and not backups.is_symlink():
+    if _real_folder(backups):
         os.chmod(backups, 0o700)
         for entry in os.scandir(backups):
             if entry.is_file(follow_symlinks=False):
@@ -6575,11 +7068,12 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             if re.fullmatch(RUN_ID_PATTERN, entry.name) and entry.is_dir(follow_symlinks=False):
-                info = _read_json(Path(entry.path) / RUN_INFO_FILE)
+                info = read_json_file(Path(entry.path) / RUN_INFO_FILE, or_none=True)
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
-    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns, p.name))
+    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns,
+                                        p.name))
 
 
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
@@ -6591,7 +7085,7 @@ def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
     older = older[: max(0, len(older) - keep)]
     pruned = []
     for run_dir in older:
-        if (run_dir / "backups").is_dir() and not (run_dir / "backups").is_symlink():
+        if _real_folder(run_dir / "backups"):
             shutil.rmtree(run_dir / "backups", ignore_errors=True)
             pruned.append(run_dir.name)
     return pruned
@@ -6606,20 +7100,12 @@ def backups_usage(runs_dir: Path) -> dict:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             backups = Path(entry.path, "backups")
-            if not entry.is_dir(follow_symlinks=False) or not backups.is_dir() or backups.is_symlink():
+            if not entry.is_dir(follow_symlinks=False) or not _real_folder(backups):
                 continue
             runs += 1
             total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
                          if e.is_file(follow_symlinks=False))
     return {"runs": runs, "bytes": total}
-
-
-def _read_json(path: Path) -> Any:
-    """Return a small JSON file's value, or None when it is missing or not JSON."""
-    try:
-        return load_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
@@ -6629,8 +7115,8 @@ def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
     try:
         run_dir = run_folder(runs_dir, run_id)
     except PathError as exc:
-        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the folders of "
-                                    "STATE_DIR/runs") from None
+        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the "
+                                    "folders of STATE_DIR/runs") from None
     if not run_dir.is_dir():
         raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir")
     return run_dir
@@ -6656,12 +7142,13 @@ class KeptRun:
     KeptRun.load.
     """
 
-    def __init__(self, run_id: str, run_dir: Path, plan_id: str, project: Path | None,
-                 files: list[KeptFile], reverted: bool, undone_at: str | None,
-                 staged: dict[str, dict] | None = None, reads: dict[str, Any] | None = None):
-        self.run_id, self.run_dir, self.plan_id, self.project = run_id, run_dir, plan_id, project
-        self.files, self.reverted, self.undone_at = files, reverted, undone_at
-        self.staged, self.reads = staged or {}, reads or {}
+    def __init__(self, run_dir: Path, plan_id: str, project: Path | None):
+        self.run_id, self.run_dir, self.plan_id, self.project = \
+            run_dir.name, run_dir, plan_id, project
+        self.files: list[KeptFile] = []
+        self.reverted, self.undone_at = False, None
+        self.staged: dict[str, dict] = {}
+        self.reads: dict[str, Any] = {}
 
     @property
     def awaiting_review(self) -> bool:
@@ -6677,52 +7164,61 @@ class KeptRun:
         from pathlib import Path
 
         run_dir = run_dir_of(runs_dir, run_id)
-        info = _read_json(run_dir / RUN_INFO_FILE)
+        info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
-            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
-                              "only runs made since can be shown or undone")
+            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older "
+                              "than --diff)", "only runs made since can be shown or undone")
         if info.get("plan_id") != plan_id:
-            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not {plan_id!r}",
+            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not "
+                              f"{plan_id!r}",
                               f"pass that plan's id, or a run of {plan_id!r} with --run")
         project = Path(info["project"]) if isinstance(info.get("project"), str) else None
         if project is not None and not project.is_absolute():
-            raise BridgeError(f"run {run_id}: run.json names a relative project {project}", "remove that run")
-        written = {e["path"]: e.get("sha256") for e in read_jsonl(run_dir / WRITTEN_FILE)
+            raise BridgeError(f"run {run_id}: run.json names a relative project {project}",
+                              "remove that run")
+        run = cls(run_dir, plan_id, project)
+        run._read_journal()
+        run._read_staging()
+        return run
+
+    def _read_journal(self) -> None:
+        """files, reverted and undone_at from journal.jsonl, written.jsonl and undone.json."""
+        written = {e["path"]: e.get("sha256") for e in read_jsonl(self.run_dir / WRITTEN_FILE)
                    if isinstance(e.get("path"), str)}
-        entries = read_jsonl(run_dir / JOURNAL_FILE)
-        files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = _read_json(run_dir / "undone.json")
-        staged: dict[str, dict] = {}
-        for entry in read_jsonl(run_dir / STAGED_FILE):
-            if project is None or not isinstance(entry.get("path"), str):
-                raise BridgeError(f"run {run_id}: staged.jsonl has an entry bridge did not write: {entry!r}")
-            resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
-            first = staged.setdefault(entry["path"], dict(entry))
-            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = _read_json(run_dir / "reads.json")
-        return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
-                   undone.get("undone_at") if isinstance(undone, dict) else None, staged,
-                   {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
+        entries = read_jsonl(self.run_dir / JOURNAL_FILE)
+        self.files = [self._checked(e, written) for e in entries if "path" in e]
+        self.reverted = any(e.get("reverted") for e in entries)
+        undone = read_json_file(self.run_dir / "undone.json", or_none=True)
+        self.undone_at = undone.get("undone_at") if isinstance(undone, dict) else None
 
-    @staticmethod
-    def _checked(run_id: str, runs_dir: Path, project: Path | None, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked."""
-        from pathlib import Path
+    def _read_staging(self) -> None:
+        """staged and reads of a --review run, from staged.jsonl and reads.json."""
+        for entry in read_jsonl(self.run_dir / STAGED_FILE):
+            if self.project is None or not isinstance(entry.get("path"), str):
+                raise BridgeError(f"run {self.run_id}: staged.jsonl has an entry bridge did not "
+                                  f"write: {entry!r}")
+            resolve_inside(self.project, entry["path"])     # PathError for a path leaving it
+            first = self.staged.setdefault(entry["path"], dict(entry))
+            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")  # the last wins
+        reads = read_json_file(self.run_dir / "reads.json", or_none=True)
+        if isinstance(reads, dict):
+            self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
 
-        rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
-        if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
-            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: {entry!r}",
-                              "the run cannot be shown or undone")
-        resolve_inside(project, rel)          # raises PathError for a path leaving the project
-        for folder in entry.get("created_dirs") or []:
-            where = Path(os.path.abspath(folder))
-            if where == project or not (where.is_relative_to(project) or where.is_relative_to(project.resolve())):
-                raise PathError(f"run {run_id}: journal names a folder outside the project: {folder}")
-        backup_path = Path(backup) if isinstance(backup, str) and backup else None
-        if backup_path is not None and not backup_path.resolve().is_relative_to(runs_dir.resolve()):
-            raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
+    def _checked(self, entry: dict, written: dict) -> KeptFile:
+        """Return a journal entry as a KeptFile once its paths are checked (resolve_inside,
+        journalled_paths)."""
+        rel, action = entry.get("path"), entry.get("action")
+        if self.project is None or not isinstance(rel, str) \
+                or action not in ("created", "modified"):
+            raise BridgeError(f"run {self.run_id}: its journal has an entry bridge did not "
+                              f"write: {entry!r}", "the run cannot be shown or undone")
+        resolve_inside(self.project, rel)     # PathError for a path leaving the project
+        try:
+            _, backup, _ = journalled_paths(self.project, entry, self.run_dir / "backups")
+        except PathError as exc:
+            raise PathError(f"run {self.run_id}: its journal is not bridge's: {exc}") from None
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
-        return KeptFile(rel, action, backup_path, mode, written.get(rel))
+        return KeptFile(rel, action, backup, mode, written.get(rel))
 
     def diff(self) -> list[dict]:
         """Return, per file: path, action, original_sha256, written_sha256,
@@ -6736,13 +7232,14 @@ class KeptRun:
             before_path = kept.backup if kept.action == "modified" else None
             current_sha = file_sha256(now_path)
             original_sha = file_sha256(before_path) if before_path is not None else None
-            gone = kept.action == "modified" and original_sha is None
+            if kept.action == "modified" and original_sha is None:
+                diff = f"(the original of {kept.path} is no longer kept; no diff)\n"
+            else:
+                diff = bounded_diff(kept.path, before_path, now_path, original_sha, current_sha)
             entries.append({
                 "path": kept.path, "action": kept.action, "original_sha256": original_sha,
                 "written_sha256": kept.written_sha256, "current_sha256": current_sha,
-                "changed_since_run": current_sha != kept.written_sha256,
-                "diff": bounded_diff(kept.path, before_path, now_path, original_sha, current_sha,
-                                     gone)})
+                "changed_since_run": current_sha != kept.written_sha256, "diff": diff})
         return entries
 
     def staged_diff(self) -> list[dict]:
@@ -6755,7 +7252,8 @@ class KeptRun:
             now_path = self.project / rel        # type: ignore[operator]  # staging: a project
             staged_path = self.run_dir / "staged" / rel
             current_sha = file_sha256(now_path)
-            entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
+            entries.append({"path": rel, "action": entry.get("action"),
+                            "original_sha256": entry.get("base_sha256"),
                             "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
                             "changed_since_run": current_sha != entry.get("base_sha256"),
                             "diff": bounded_diff(rel, now_path, staged_path, current_sha,
@@ -6783,7 +7281,8 @@ class KeptRun:
             for rel, entry in self.staged.items():
                 data = read_regular(self.run_dir / "staged" / rel)
                 if data is None or sha256_hex(data) != entry.get("sha256"):
-                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or changed",
+                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or "
+                                      "changed",
                                       "reject the run (bridge --reject ID) and run it again")
                 step = entry.get("step") if isinstance(entry.get("step"), int) else 0
                 files.write(rel, data.decode("utf-8"), step)
@@ -6806,170 +7305,26 @@ class KeptRun:
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
-            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} file(s) are no "
-                              f"longer kept: {', '.join(gone)}", "backups are kept for the last runs of a plan "
-                              "only (--keep-runs, BRIDGE_KEEP_RUNS)")
+            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} "
+                              f"file(s) are no longer kept: {', '.join(gone)}",
+                              "backups are kept for the last runs of a plan only (--keep-runs, "
+                              "BRIDGE_KEEP_RUNS)")
         project: Path = self.project      # type: ignore[assignment]  # files imply a project
         changed = [k.path for k in self.files if file_sha256(project / k.path) != k.written_sha256]
         if changed and not force:
-            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed after the run: "
-                              f"{', '.join(changed)}",
+            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed "
+                              f"after the run: {', '.join(changed)}",
                               f"see them with bridge --diff {self.plan_id} --run {self.run_id}; "
                               "--force puts the originals back anyway")
-        restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
+        restored = FileTransaction(project, self.run_dir).recover(self.run_dir, set())
         self.undone_at = utc_now_iso()
         append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
-        atomic_write(self.run_dir / "undone.json", json.dumps({"undone_at": self.undone_at}).encode(), 0o600)
+        write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
         return restored
 
 
-class StagedFiles:
-    """The files of a --review run: written under the run's folder (staged/PATH, 0600),
-    never into the project; --apply writes them there later.
-
-    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
-    changes, so the runner uses either. staged.jsonl records each write: {"step",
-    "path", "action" (created | modified, as the project was), "base_sha256" (the
-    project file's before its first staging, None when absent), "sha256"};
-    reads.json the sha256 of every LOAD file as the run found it in the project.
-    """
-
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
-        import threading
-
-        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
-        self.changes: dict[str, FileChange] = {}
-        self.lock = threading.Lock()
-        self.closed = False
-
-    def note_reads(self, files_context: dict[str, str]) -> None:
-        """Record the sha256 of every LOAD file as it is in the project now (None: absent)."""
-        reads = {}
-        for rel, mode in files_context.items():
-            if mode == "LOAD":
-                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
-        atomic_write(self.run_dir / "reads.json", json.dumps(reads).encode("utf-8"), 0o600)
-
-    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
-        when rel leads outside the project, or the run is ending."""
-        target = resolve_inside(self.project, rel)
-        data = text.encode("utf-8")
-        with self.lock:
-            if self.closed:
-                raise PathError(f"not staging {rel!r}: the run is ending")
-            try:
-                staged = self.run_dir / "staged" / rel
-                staged.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(staged, data, 0o600)
-            except OSError as exc:
-                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: {exc.strerror or exc}") from exc
-            change = self.changes.get(rel)
-            base = None
-            if change is None:
-                base = file_sha256(target)
-                change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
-            append_jsonl(self.run_dir / STAGED_FILE, {
-                "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
-                "base_sha256": base})
-        return change
-
-    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Put back in the project every file a killed run wrote (FileTransaction.recover
-        with no step kept: a --review run never keeps a dead run's files); return them."""
-        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir, set())
-
-    def path_of(self, rel: str) -> Path | None:
-        """Return the staged copy of rel, or None when no step staged it."""
-        return self.run_dir / "staged" / rel if rel in self.changes else None
-
-    def close(self) -> None:
-        """Refuse every later write."""
-        with self.lock:
-            self.closed = True
-
-    def rollback(self) -> None:
-        """Drop the staged files (the project was never touched)."""
-        self.close()
-        self.discard()
-
-    def discard(self) -> None:
-        """Delete the staged files."""
-        import shutil
-
-        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
-
-    def summary(self) -> list[dict]:
-        """Return [{"path", "action", "staged": True}] in staging order (action as the
-        project would see it: created or modified)."""
-        return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
-
-
-def read_regular(path: Path) -> bytes | None:
-    """Return a regular file's bytes, or None when it is missing or not a regular
-    file (a symlink is not followed)."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
-                 now_sha: str | None, backup_gone: bool = False) -> str:
-    """Return file_diff of one file from the file at before to the file at now (None, or
-    a path that is missing: no such file), reading them only when both are at most
-    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
-    now_sha, computed in pieces, still tell whether they differ)."""
-    if backup_gone:
-        return file_diff(rel, None, None, backup_gone=True)
-    if before_sha == now_sha:
-        return ""
-    sizes = [_regular_size(path) for path in (before, now)]
-    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
-        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
-        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} bytes; "
-                "the sha256 values say whether it changed)\n")
-    return file_diff(rel, read_regular(before) if before is not None else None,
-                     read_regular(now) if now is not None else None)
-
-
-def _regular_size(path: Path | None) -> int | None:
-    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
-    try:
-        info = os.lstat(path) if path is not None else None
-    except OSError:
-        return None
-    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
-
-
-def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
-    """Return the unified diff (difflib) of one file from before (None: did not
-    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
-    not UTF-8, one "Binary files … differ" line."""
-    import difflib
-
-    if backup_gone:
-        return f"(the original of {rel} is no longer kept; no diff)\n"
-    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
-        ("b/" + rel) if now is not None else "/dev/null"
-    if before == now:
-        return ""
-    try:
-        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return f"Binary files {old_name} and {new_name} differ\n"
-    lines = []
-    for line in difflib.unified_diff(old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
-                                     old_name, new_name):
-        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
-    return "".join(lines)
-
-
 ###############################################################################
-# 19. Prompts
+# 25. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7030,11 +7385,11 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
 def thinking_asked(step: Step) -> str | None:
     """Return what a step asks of a thinking model: its "thinking" (or the plan's
     defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
-    max_tokens is at most a JSON step's DEFAULT_MAX_TOKENS), else None (the server's
+    max_tokens is at most a json step's default max_tokens), else None (the server's
     default: the model may think, and split_reasoning takes it out)."""
     if step.thinking:
         return step.thinking
-    short = step.max_tokens is not None and step.max_tokens <= DEFAULT_MAX_TOKENS["json"]
+    short = step.max_tokens is not None and step.max_tokens <= VALIDATION_TYPES["json"].max_tokens
     return "off" if short or output_schema(step.validation) is not None else None
 
 
@@ -7048,14 +7403,12 @@ def thinking_reserve(context_length: int | None) -> int:
 
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
-    """Return the max_tokens of a step's answer: the step's own, else
-    DEFAULT_MAX_TOKENS for its validation type (of a list, the largest but command's,
-    which checks a file, not the answer's form), at most a quarter of context_length
-    (tokens; None: not known). The prompt budget keeps this much free (Runner._budget)."""
+    """Return the max_tokens of a step's answer: the step's own, else its validation's
+    (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
+    The prompt budget keeps this much free (ContextFit.budget)."""
     if step.max_tokens:
         return step.max_tokens
-    kinds = [v.get("type", "non_empty") for v in validations_of(step.validation) if v.get("type") != "command"]
-    default = max((DEFAULT_MAX_TOKENS.get(kind, ANSWER_RESERVE_TOKENS) for kind in kinds or ["non_empty"]))
+    default = default_max_tokens(step.validation)
     return min(default, context_length // 4) if context_length else default
 
 
@@ -7156,7 +7509,7 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 ###############################################################################
-# 20. Retry policy
+# 26. Retry policy
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
@@ -7205,11 +7558,12 @@ def fit_feedback(messages: list[dict], feedback: list[dict],
              "content": answer["content"][:keep] + " [bridge: cut to fit the context]"}, note]
 
 
-class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback",
-                                defaults=(True, ()))):
+class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
+                                defaults=(True, (), False))):
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
-    prompt; default none). Each way an attempt fails is one constructor here."""
+    prompt; default none), answer_invalid (the answer failed its own check, not a
+    command or a write; default False). Each way an attempt fails is one constructor."""
 
     __slots__ = ()
 
@@ -7246,7 +7600,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback",
                 "Reply again with the corrected answer only.")
         shown = clip(output, 20_000, "previous answer") or "(empty)"
         return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}])
+                                    {"role": "user", "content": note}], answer_invalid=True)
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
@@ -7316,7 +7670,7 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 ###############################################################################
-# 21. Run records
+# 27. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7671,9 +8025,12 @@ def read_step_stats(path: Path) -> dict:
     groups: dict[str, dict[str, list[dict]]] = {}
     report: dict[str, Any] = {"stats_file": str(path), "steps": 0, "skipped_lines": 0, "models": {}}
     try:
-        handle = open(path, encoding="utf-8", errors="replace")
+        handle = open_regular(path, encoding="utf-8")     # not through a symlink, nor a FIFO
     except FileNotFoundError:
         return report
+    except OSError as exc:
+        raise BridgeError(f"cannot read {path}: {exc.strerror or exc}",
+                          "it is bridge's own record of steps: remove it, or check --state-dir")
     with handle:
         for line in handle:
             try:
@@ -7704,11 +8061,11 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 22. The result document
+# 28. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts & plan records" reads it back), the document --json and
+# the room "Store layouts" reads it back), the document --json and
 # --show --json print (shown_result, show_document), and the text of --show and of
 # a run's end (render_show, savings_line, ledger_lines).
 ###############################################################################
@@ -7726,7 +8083,7 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
-            if parse_model_ref(model)[0] == "openai":
+            if executor_class(model).PROBED:
                 for key in local:
                     local[key] += line[key]
     escalated = [s for s in steps if s.escalated_to]
@@ -7972,7 +8329,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 23. Step scheduling
+# 29. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8138,7 +8495,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 24. The model's context
+# 30. The model's context
 # What prompts and answers are fitted to, learned across the plans of one
 # process: the default model's context and slots, the server's tokens per
 # estimated token, the models seen thinking.
@@ -8181,7 +8538,7 @@ class ContextFit:
 
         The context length (--context-length, else what the server reported for the
         loaded model) less the answer's share: the step's max_tokens, else
-        its validation type's DEFAULT_MAX_TOKENS (at most a quarter of the context;
+        its validation's default_max_tokens (at most a quarter of the context;
         see answer_tokens).
         """
         budget = prompt_budget(step, self.context_of(model))
@@ -8260,7 +8617,7 @@ class ContextFit:
 
 
 ###############################################################################
-# 25. An attempt
+# 31. An attempt
 # One request of a step as it is sent and streamed: its progress, its watched
 # answer and thinking, and what it thought.
 ###############################################################################
@@ -8275,7 +8632,7 @@ class Attempt:
     usage), guard (a DegenerationGuard for a local model, else None), thought
     (reasoning pieces so far), thinking_guard (the guard of the reasoning text); once
     prepared (StepRun._prepare): executor and name (the model name it is asked by),
-    local (the local model server: LLMClient), thinking (thinking_asked, on the local
+    local (the run's model server: a PROBED executor), thinking (thinking_asked, on the local
     server), reserve (thinking reserve tokens) and schema (the output schema sent, or
     None)."""
 
@@ -8386,7 +8743,7 @@ class Attempt:
 
 
 ###############################################################################
-# 26. A step run
+# 32. A step run
 # One step from its first prompt to its settled result: its attempts (prompt,
 # send, check, write, commands, put back), then its escalation.
 ###############################################################################
@@ -8559,10 +8916,10 @@ class StepRun:
             attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
         except LLMError as exc:          # no key, no claude binary, not allowed
             return AttemptFailure.final(str(exc))
-        if _executor_of(attempt.model) in PAID_EXECUTORS and (refused := self.runner.spend.refused()):
+        if executor_class(attempt.model).PAID and (refused := self.runner.spend.refused()):
             run.cap_hit = True
             return AttemptFailure.final(refused)
-        local = attempt.local = isinstance(attempt.executor, LLMClient)  # others: own limits
+        local = attempt.local = attempt.executor.PROBED    # the others keep their own limits
         attempt.sampling = self._sampling(attempt)
         sent = attempt.executor.accepted_sampling(attempt.sampling) if local else attempt.sampling
         attempt.thinking = thinking_asked(step) if local else None
@@ -8588,6 +8945,7 @@ class StepRun:
         server whose slots share one context (ContextFit.pool), the request first waits
         for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
+        watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
         request = ChatRequest(attempt.name, sampling, sampling.get("max_tokens"),
                               self.step.timeout_s, attempt.schema, attempt.thinking,
@@ -8596,8 +8954,9 @@ class StepRun:
         held = pool.acquire(need, self.run.cancel) if pool is not None else 0
 
         def send() -> Completion:
-            attempt.guard = DegenerationGuard(checked_depth(self.step.validation)) if local else None
-            attempt.thinking_guard = DegenerationGuard() if local else None
+            attempt.guard = DegenerationGuard(checked_depth(self.step.validation)) \
+                if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
             attempt.pieces = attempt.thought = 0
             return attempt.executor.chat(attempt.messages, request)
         try:
@@ -8636,7 +8995,7 @@ class StepRun:
         reply = priced_reply(reply, attempt.messages, pieces, attempt.name)
         if local and fit.reprobe:
             fit.reprobe_loaded(attempt.model)
-        if _executor_of(attempt.model) in PAID_EXECUTORS:
+        if executor_class(attempt.model).PAID:
             self.runner.spend.add(reply.cost_usd or 0.0)
         if run.cancel.is_set():
             return AttemptFailure.final("interrupted")
@@ -8655,8 +9014,8 @@ class StepRun:
             run.runlog.checked(step.id, attempt.number, cut)
             return AttemptFailure.final(cut)    # the same prompt would be cut again
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = attempt.sampling.get("max_tokens") or \
-                getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
+            limit = attempt.sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             if thought:
@@ -8668,7 +9027,7 @@ class StepRun:
             result.model = reply.model
         self.say(f"--- output ---\n{output}", detail=True)
         failure = self._check(output, output)
-        if failure is not None and local and reply.response_format:
+        if failure is not None and failure.answer_invalid and local and reply.response_format:
             self._garbled(attempt, output, reply.response_format)
         return failure
 
@@ -8679,7 +9038,7 @@ class StepRun:
         executor, name = attempt.executor, attempt.name
         if name in executor.unconstrained:
             return
-        damage = grammar_damage(output, attempt.schema, self.step.validation)
+        damage = grammar_damage(output, attempt.schema)
         if damage:
             executor.drop_constraint(name, damage)
             self.say(f"  {self.step.label}: the constrained answer ({form}) looks garbled "
@@ -8793,7 +9152,7 @@ class StepRun:
 
 
 ###############################################################################
-# 27. A plan run
+# 33. A plan run
 # One plan from its claim to its stored result: open, take over, run the steps,
 # verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
@@ -8971,8 +9330,8 @@ class PlanRun:
         stopped it or None)."""
         plan, results = self.plan, self.results
         try:
-            open_run_dir(self.run_dir)
-            write_run_info(self.run_dir, plan.id, self.run_id, plan.project, self.started,
+            private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
+            write_run_info(self.run_dir, plan.id, plan.project, self.started,
                            self.record.content_hash)
             if self.staged:
                 self.files.note_reads(plan.files_context)
@@ -9284,7 +9643,7 @@ class PlanRun:
 
 
 ###############################################################################
-# 28. Runner
+# 34. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9339,25 +9698,20 @@ class Runner:
         self._contention_said = False       # a cut stream (LLMContention) was said once
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref):
-        the local client for openai:, else an AnthropicClient or a ClaudeCLI (run in
-        cli_cwd, the plan's project when it is trusted, else a scratch folder), made
-        once. Raises LLMError when it cannot be used (not in config.allowed_executors,
-        no key, no claude binary)."""
-        kind, name = parse_model_ref(ref)
-        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
-            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
-                           "let it run with --allow-executor ollama-cloud")
-        if kind == "openai":
+        """Return (executor, model name) for a model reference (see parse_model_ref and
+        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
+        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
+        else None, a scratch folder). Raises LLMError when it cannot be used (not in
+        config.allowed_executors, no key, no binary)."""
+        kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
+        if cls.needs_allowing() and kind not in self.config.allowed_executors:
+            raise LLMError(*cls.refusal(ref, name))
+        if cls.PROBED:
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
-        if kind not in self.config.allowed_executors:
-            raise LLMError(f"the {kind} executor is not allowed (model {ref})",
-                           f"let it run with --allow-executor {kind}")
-        key = (kind, cli_cwd) if kind == "claude-cli" else (kind,)
+        key = (kind, cli_cwd) if cls.AGENTIC else (kind,)
         if key not in self._executors:
-            self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
-                if kind == "anthropic" else ClaudeCLI(self.config, cli_cwd)
+            self._executors[key] = cls.for_run(self.config, cli_cwd, self.report_retry)
         return self._executors[key], name
 
     def report_retry(self, message: str) -> None:
@@ -9398,12 +9752,19 @@ class Runner:
 
 
 ###############################################################################
-# 29. CLI: arguments and settings
+# 35. CLI: arguments and settings
 ###############################################################################
 
 
-def _env_help(what: str, var: str, default: Any) -> str:
-    return f"{what} (env {var}; default {default})"
+def _setting_help(row: Setting) -> str:
+    """The --help text of a row of SETTINGS: its help, its variable and its default."""
+    if row.kind == "switch":
+        return f"{row.help} (env {row.env}=0; default: {row.shown})"
+    env = f"{row.env}, comma-separated" if isinstance(row.default, tuple) else row.env
+    shown = row.shown
+    if shown is None:
+        shown = f"{row.default:g}" if isinstance(row.default, float) else row.default
+    return f"{row.help} (env {env}; default {shown})"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -9422,193 +9783,85 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_UNUSABLE, line + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser: one action at most, plus shared settings."""
-    parser = _Parser(
-        prog="bridge", formatter_class=_HelpFormatter,
-        usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
-              "       bridge --list [--all] | --show ID | --health | --stats | --cancel ID [options]\n"
-              "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
-              "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
-              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
-              "       bridge --trust DIR | --untrust DIR | --approve ID [options]",
-        description="Run plans from the doobidoo memory store on a local OpenAI-compatible model. "
-                    "With no action flag, every pending plan runs, oldest first.",
-        epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
-               "server unusable, 70 internal error, 130 interrupted",
-    )
-    actions = parser.add_mutually_exclusive_group()
-    actions.add_argument("--plan", metavar="ID", help="run the plan with this id")
-    actions.add_argument("--list", action="store_true", help="list pending plans (id, steps, created, objective)")
-    actions.add_argument("--health", action="store_true",
-                         help="check the model server and the store; exit 0 only when both are usable")
-    actions.add_argument("--show", metavar="ID", help="show the last result of a plan, and its run log")
-    actions.add_argument("--stats", action="store_true",
-                         help="per model and validation type, from bridge's own runs: steps that "
-                              "passed on the first attempt, after retries, only on escalation, or "
-                              "failed; median tokens and seconds")
-    actions.add_argument("--validate", metavar="FILE", help="check a plan file (schema and semantic rules); "
-                                                            "exit 0 when valid, 1 with every problem")
-    actions.add_argument("--submit", metavar="FILE", help="validate a plan file and store it as a new plan "
-                                                          "memory (creates the store when --db names a new file)")
-    actions.add_argument("--cancel", metavar="ID",
-                         help="cancel a plan that is not running nor finished")
-    actions.add_argument("--diff", metavar="ID", help="show what the plan's last run (or --run RUN_ID) changed "
-                                                      "in its files, as a unified diff")
-    actions.add_argument("--undo", metavar="ID", help="put back every file the plan's last run (or --run RUN_ID) "
-                                                      "changed; refuses files changed since, unless --force")
-    actions.add_argument("--apply", metavar="ID", help="write the files a --review run of the plan staged, once "
-                                                       "the files it read and replaces are unchanged")
-    actions.add_argument("--reject", metavar="ID", help="drop the files a --review run of the plan staged")
-    actions.add_argument("--schema", action="store_true", help="print the plan JSON Schema")
-    actions.add_argument("--trust", metavar="DIR", help="trust a project folder and everything under it: plans "
-                                                        "whose project lies there run without approval")
-    actions.add_argument("--untrust", metavar="DIR", help="take a folder off the trusted projects")
-    actions.add_argument("--approve", metavar="ID", help="let one plan run, as its content is now (a plan "
-                                                         "replaced with other content needs approval again)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="with no action or --plan: check the plans that would run and print each step's "
-                             "exact messages, without a server; the store is not touched")
-    parser.add_argument("--replace", action="store_true",
-                        help="with --submit: soft-delete the live plan with the same id")
-    parser.add_argument("--review", action="store_true",
-                        help="with a run: stage the files it writes under --state-dir, not in the project; "
-                             "the plan waits as awaiting_review for --apply or --reject")
-    parser.add_argument("--run", metavar="RUN_ID", dest="run_id",
-                        help="with --diff or --undo: that run of the plan instead of its last")
-    parser.add_argument("--force", action="store_true",
-                        help="with --undo: put the originals back even over files changed since the run")
-    parser.add_argument("--events", action="store_true",
-                        help="print the run as JSON events on stdout, one per line: a line per "
-                             "step and plan event (progress stays on stderr)")
-    parser.add_argument("--deltas", action="store_true",
-                        help="with --events: also one delta event per streamed piece of text")
-    parser.add_argument("--all", action="store_true", help="with --list: every plan, with its status")
-    parser.add_argument("--rerun", action="store_true",
-                        help="with --plan: run a completed, failed, cancelled or stale plan again, "
-                             "from the start")
-    parser.add_argument("--resume", action="store_true",
-                        help="with --plan: take over a stale plan (its bridge died), keeping the steps "
-                             "that had succeeded")
-    parser.add_argument("--json", dest="json_", action="store_true",
-                        help="print one JSON document on stdout (--list, --health, --stats, "
-                             "--show, --validate, --submit, --dry-run, --diff, --undo, --apply, "
-                             "--reject, a run's summary)")
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("-v", "--verbose", action="store_true", help="show the prompts sent and the outputs")
-    noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
-    settings = parser.add_argument_group("settings (a flag wins over its environment variable)")
-    settings.add_argument("--db", metavar="PATH", help=_env_help(
-        "the memory store file", "BRIDGE_DB", "MCP_MEMORY_SQLITE_PATH, else the memory server's "
-        "sqlite_vec.db, else ~/.mcp-memory-service/memories.db"))
-    settings.add_argument("--base-url", metavar="URL", help=_env_help(
-        "the OpenAI-compatible server", "BRIDGE_BASE_URL", DEFAULT_BASE_URL))
-    settings.add_argument("--api-key", metavar="KEY", help=_env_help(
-        "the model server's key, sent to it alone as Authorization: Bearer (LM Studio's Require "
-        "Authentication, llama-server or vLLM --api-key); the variable keeps it out of ps",
-        "BRIDGE_API_KEY", "none"))
-    settings.add_argument("--ollama-api", choices=OLLAMA_APIS, help=_env_help(
-        "on Ollama: native (/api/chat, whose num_ctx bridge sets to fit the prompts) or openai "
-        "(/v1/chat/completions: the context cannot be set, and Ollama cuts long prompts)",
-        "BRIDGE_OLLAMA_API", "native"))
-    settings.add_argument("--model", metavar="ID", help=_env_help(
-        "the model to use", "BRIDGE_MODEL",
-        "the chat model the server reports loaded (README: Model servers)"))
-    settings.add_argument("--timeout", metavar="SECONDS", help=_env_help(
-        "seconds a request waits to connect or for the next streamed chunk", "BRIDGE_TIMEOUT",
-        f"{DEFAULT_TIMEOUT_S:g}"))
-    settings.add_argument("--retries", metavar="N", help=_env_help(
-        "retries of one request after 429, 5xx or a connection error", "BRIDGE_RETRIES", DEFAULT_RETRIES))
-    settings.add_argument("--max-retries", metavar="N", help=_env_help(
-        "the most further attempts a step gets: a plan's max_retries above it is cut to it",
-        "BRIDGE_MAX_RETRIES", MAX_RETRIES_LIMIT))
-    settings.add_argument("--retry-delay", metavar="SECONDS", help=_env_help(
-        "first backoff delay, doubled each retry", "BRIDGE_RETRY_DELAY", f"{DEFAULT_RETRY_DELAY_S:g}"))
-    settings.add_argument("--max-output-bytes", metavar="N", help=_env_help(
-        "a longer reply is cut and its attempt fails", "BRIDGE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES))
-    settings.add_argument("--no-structured", dest="structured", action="store_false", default=None,
-                          help="never ask the server for constrained JSON (response_format) "
-                               "(env BRIDGE_STRUCTURED=0; default: ask on json, contains_keys "
-                               "and json_schema steps)")
-    settings.add_argument("--retry-sampling", choices=RETRY_SAMPLING, help=_env_help(
-        "how attempt 2 and later sample: plain (as the first), hotter (higher temperature, new seed), "
-        "penalty (hotter, plus repeat_penalty/DRY where the server takes them)", "BRIDGE_RETRY_SAMPLING",
-        DEFAULT_RETRY_SAMPLING))
-    settings.add_argument("--parallel", metavar="N", help=_env_help(
-        "independent steps in flight at once", "BRIDGE_PARALLEL",
-        "the server's own capacity (LM Studio parallel, llama.cpp total_slots), else 1"))
-    settings.add_argument("--context-length", metavar="TOKENS", help=_env_help(
-        "the model's context, for fitting prompts", "BRIDGE_CONTEXT_LENGTH",
-        "what the server reports for the loaded model (LM Studio, llama.cpp n_ctx, vLLM max_model_len)"))
-    settings.add_argument("--escalate-to", metavar="MODEL", help=_env_help(
-        "give a step whose attempts are spent one more attempt on this model (e.g. anthropic:claude-haiku-4-5, "
-        "claude-cli:haiku)", "BRIDGE_ESCALATE_TO", "the plan's defaults.escalate_to, else none"))
-    settings.add_argument("--allow-executor", metavar="NAME", action="append", choices=PAID_EXECUTORS,
-                          help=_env_help("let steps run on a paid, agentic or remote executor "
-                                         "(anthropic, claude-cli, ollama-cloud); repeatable",
-                                         "BRIDGE_ALLOW_EXECUTORS, comma-separated",
-                                         "none; your own --model and --escalate-to count"))
-    settings.add_argument("--max-cost-usd", metavar="USD", help=_env_help(
-        "stop paid requests (anthropic:, claude-cli:) once a run has spent this much", "BRIDGE_MAX_COST_USD",
-        f"{DEFAULT_MAX_COST_USD:.2f}"))
-    settings.add_argument("--pass-env", metavar="NAME", action="append", help=_env_help(
-        "give check commands (command validations, verify) this credential variable of your "
-        "environment all the same; repeatable", "BRIDGE_PASS_ENV, comma-separated",
-        "none: checks get no token, key, secret, password or cloud/CI variable"))
-    settings.add_argument("--anthropic-base-url", metavar="URL", help=_env_help(
-        "the Anthropic Messages API for anthropic: models (key: ANTHROPIC_API_KEY)", "ANTHROPIC_BASE_URL",
-        ANTHROPIC_BASE_URL))
-    settings.add_argument("--price-model", metavar="MODEL", help=_env_help(
-        "the Claude model whose prices value the tokens a run used", "BRIDGE_PRICE_MODEL",
-        f"{DEFAULT_PRICE_MODEL}; one of {', '.join(CLAUDE_PRICES_USD_PER_MTOK)}"))
-    settings.add_argument("--memory-url", metavar="URL", help=_env_help(
-        "the memory server's HTTP API on this machine (memory server --http; key: MCP_API_KEY): result "
-        "memories are stored through it, so its semantic search finds them; off: never",
-        "BRIDGE_MEMORY_URL",
-        "the loopback endpoint in ~/.claude/hooks/config.json, else none: results are written into "
-        "the store directly"))
-    settings.add_argument("--state-dir", metavar="PATH", help=_env_help(
-        "bridge's own journals and backups", "BRIDGE_STATE_DIR",
-        "$XDG_STATE_HOME/bridge or ~/.local/state/bridge"))
-    settings.add_argument("--keep-runs", metavar="N", help=_env_help(
-        "runs per plan whose file backups are kept for --undo; older ones are deleted (0: none kept)",
-        "BRIDGE_KEEP_RUNS", DEFAULT_KEEP_RUNS))
-    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
-    return parser
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """Add the settings group to parser: an option per row of SETTINGS, in its order.
+
+    A switch is a store_true flag turning its default off; a tuple default makes the flag
+    repeatable (append); a tuple limit is the flag's argparse choices.
+    """
+    group = parser.add_argument_group("settings (a flag wins over its environment variable)")
+    for row in SETTINGS:
+        options: dict[str, Any] = {"help": _setting_help(row)}
+        if row.kind == "switch":
+            options.update(action="store_true", default=None)
+        else:
+            options["metavar"] = row.metavar
+        limit = row.limit() if callable(row.limit) else row.limit    # the executors: registered
+        if isinstance(limit, tuple):
+            options["choices"] = limit
+        if isinstance(row.default, tuple):
+            options["action"] = "append"
+        group.add_argument(row.flag, **options)
 
 
-def _number(name: str, flag: str, raw: str | None, default: float, kind: type = float,
-            minimum: float = 0) -> Any:
+def _first(flag: Any, env: str | None) -> Any:
+    """The flag's value, else the variable's (an empty one counts as unset), else None."""
+    return flag if flag is not None else (env or None)
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute for a long flag: --max-retries is args.max_retries."""
+    return flag[2:].replace("-", "_")
+
+
+def _number(row: Setting, raw: str | None, kind: type = float) -> Any:
+    """Return raw as a kind (int or float) of at least row.limit, row.default when raw is
+    None. Raises ConfigError naming the setting, the value and where it is set."""
     if raw is None:
-        return default
+        return row.default
     try:
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum or value != value:
-        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number ≥ {minimum:g}, "
-                          f"got {raw!r}", f"fix {flag}")
+    if value is None or value < row.limit or value != value:
+        whole = "whole " if kind is int else ""
+        raise ConfigError(f"{row.what} must be a {whole}number ≥ {row.limit:g}, got {raw!r}",
+                          f"fix {row.flag} or {row.env}")
     return value
 
 
-def _one_of(name: str | None, choices: Any, default: str, what: str, where: str) -> str:
-    """Return name when it is one of choices, default when it is None; raise ConfigError
-    naming what was asked and where it is set (where: the flag, or flag and variable)."""
+def _one_of(row: Setting, name: str | None) -> str:
+    """Return name when it is one of row.limit, row.default when it is None; raise
+    ConfigError naming what was asked and where it is set."""
     if name is None:
-        return default
-    if name not in choices:
-        raise ConfigError(f"unknown {what} {name!r}", f"pick one of {', '.join(choices)} ({where})")
+        return row.default
+    if name not in row.limit:
+        raise ConfigError(f"unknown {row.what} {name!r}",
+                          f"pick one of {', '.join(row.limit)} ({row.flag} or {row.env})")
     return name
 
 
-def _price_model(name: str | None) -> str:
-    return _one_of(name, CLAUDE_PRICES_USD_PER_MTOK, DEFAULT_PRICE_MODEL, "price model", "--price-model")
+def _names(flag: list[str] | None, env: str | None) -> tuple[str, ...]:
+    """The names of a repeated flag and of its comma-separated variable, both, once each."""
+    names = [*(flag or []), *(env or "").split(",")]
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
 
 
-def _retry_sampling(name: str | None) -> str:
-    return _one_of(name, RETRY_SAMPLING, DEFAULT_RETRY_SAMPLING, "retry sampling",
-                   "--retry-sampling or BRIDGE_RETRY_SAMPLING")
+def _switch(flag: bool | None, env: str | None) -> bool:
+    """False when the switch's flag is given or its variable is 0, false, no or off."""
+    return not flag and (env or "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# How resolve_config reads a row of SETTINGS of each kind: (row, flag value, variable value)
+_READERS = {
+    "text": lambda row, flag, env: _first(flag, env),
+    "url": lambda row, flag, env: (_first(flag, env) or row.default).rstrip("/"),
+    "number": lambda row, flag, env: _number(row, _first(flag, env)),
+    "count": lambda row, flag, env: _number(row, _first(flag, env), int),
+    "choice": lambda row, flag, env: _one_of(row, _first(flag, env)),
+    "names": lambda row, flag, env: _names(flag, env),
+    "switch": lambda row, flag, env: _switch(flag, env),
+}
 
 
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
@@ -9638,19 +9891,14 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
     for name in names:
-        if name not in PAID_EXECUTORS:
+        if name not in allowable_executors():
             raise ConfigError(f"unknown executor {name!r} to allow",
-                              f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
+                              f"pass one of {', '.join(allowable_executors())} "
+                              "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
-    return tuple(dict.fromkeys(["openai", *names]))
-
-
-def _pass_env(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
-    """The variable names of --pass-env and BRIDGE_PASS_ENV (comma-separated)."""
-    names = [*(args.pass_env or []), *environ.get("BRIDGE_PASS_ENV", "").split(",")]
-    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
 
 
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
@@ -9659,102 +9907,224 @@ def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
     return args.debug or environ.get("BRIDGE_DEBUG", "") not in ("", "0")
 
 
+def quiet_http_logs() -> None:
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
+    logging a program embedding bridge set up. Logger levels are process-wide: the
+    actions that make HTTP requests (--health, a run) set them once, before they start
+    any client or thread; the other actions do not import logging at all."""
+    import logging
+
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
+                    home: Path) -> tuple[str | None, str | None, str | None, str | None]:
+    """Return (memory_url, memory_api_key, memory_source, memory_note): --memory-url, else
+    BRIDGE_MEMORY_URL ("off": none), else the loopback endpoint of the memory server's
+    Claude Code hooks (hooks_memory_endpoint). Raises ConfigError for a URL bridge may
+    not use (check_memory_url)."""
+    url = _first(args.memory_url, environ.get("BRIDGE_MEMORY_URL"))
+    key = environ.get("MCP_API_KEY") or None
+    source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if url else None
+    note = None
+    if url and url.strip().lower() == "off":
+        url, note = None, f"{source} is off"
+    elif not url:
+        url, hooks_key, note = hooks_memory_endpoint(home)
+        if url:
+            source, key = HOOKS_CONFIG_SHOWN, key or hooks_key
+    return (check_memory_url(url) if url else None), key, source, note
+
+
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
 
-    environ is passed in (tests give a plain dict). Raises ConfigError for a
-    value that cannot be used, naming it.
+    The rows of SETTINGS with a kind are read by _READERS; the others below. environ is
+    passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
+    used, naming it.
     """
     from pathlib import Path
 
-    def pick(flag_value: Any, var: str) -> Any:
-        # flag first, then the environment; None means "use the default"
-        return flag_value if flag_value is not None else (environ.get(var) or None)
-
-    if db := pick(args.db, "BRIDGE_DB"):
-        db_paths: tuple[Path, ...] = (Path(db).expanduser(),)
-    else:
-        db_paths = tuple(default_db_candidates(environ))
-    state = pick(args.state_dir, "BRIDGE_STATE_DIR")
-    config_dir = default_config_dir(environ)
-    base_url = pick(args.base_url, "BRIDGE_BASE_URL") or DEFAULT_BASE_URL
-    memory_url = pick(args.memory_url, "BRIDGE_MEMORY_URL")
-    memory_key = environ.get("MCP_API_KEY") or None
-    memory_source = ("--memory-url" if args.memory_url is not None
-                     else "BRIDGE_MEMORY_URL" if memory_url else None)
-    memory_note = None
-    if memory_url and memory_url.strip().lower() == "off":
-        memory_url, memory_note = None, f"{memory_source} is off"
-    elif not memory_url:
-        home = Path(environ.get("HOME") or Path.home())
-        memory_url, hooks_key, memory_note = hooks_memory_endpoint(home)
-        if memory_url:
-            memory_source, memory_key = HOOKS_CONFIG_SHOWN, memory_key or hooks_key
+    given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
+    base_url = given_url or DEFAULT_BASE_URL
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"base URL {base_url!r} is not an http(s) URL",
                           "pass e.g. --base-url http://localhost:1234/v1")
+    values = {row.field: _READERS[row.kind](row, getattr(args, _dest(row.flag)),
+                                             environ.get(row.env))
+              for row in SETTINGS if row.kind}
+    db = _first(args.db, environ.get("BRIDGE_DB"))
+    state = _first(args.state_dir, environ.get("BRIDGE_STATE_DIR"))
+    home = Path(environ.get("HOME") or Path.home())
+    memory_url, memory_key, memory_source, memory_note = _memory_setting(args, environ, home)
+    config_dir = default_config_dir(environ)
     return Config(
-        db_paths=db_paths,
+        **values,
+        db_paths=(Path(db).expanduser(),) if db else tuple(default_db_candidates(environ)),
+        db_explicit=bool(db),
         base_url=base_url.rstrip("/"),
-        base_url_given=bool(pick(args.base_url, "BRIDGE_BASE_URL")),
-        model=pick(args.model, "BRIDGE_MODEL"),
-        api_key=pick(args.api_key, "BRIDGE_API_KEY"),
-        ollama_api=_one_of(pick(args.ollama_api, "BRIDGE_OLLAMA_API"), OLLAMA_APIS, "native",
-                           "Ollama API", "--ollama-api or BRIDGE_OLLAMA_API"),
-        timeout_s=_number("timeout", "--timeout or BRIDGE_TIMEOUT",
-                          pick(args.timeout, "BRIDGE_TIMEOUT"), DEFAULT_TIMEOUT_S, minimum=0.001),
-        retries=_number("retries", "--retries or BRIDGE_RETRIES",
-                        pick(args.retries, "BRIDGE_RETRIES"), DEFAULT_RETRIES, int),
-        max_retries=_number("max retries", "--max-retries or BRIDGE_MAX_RETRIES",
-                            pick(args.max_retries, "BRIDGE_MAX_RETRIES"), MAX_RETRIES_LIMIT, int),
-        retry_delay_s=_number("retry delay", "--retry-delay or BRIDGE_RETRY_DELAY",
-                              pick(args.retry_delay, "BRIDGE_RETRY_DELAY"), DEFAULT_RETRY_DELAY_S),
-        max_output_bytes=_number("max output bytes", "--max-output-bytes or BRIDGE_MAX_OUTPUT_BYTES",
-                                 pick(args.max_output_bytes, "BRIDGE_MAX_OUTPUT_BYTES"),
-                                 DEFAULT_MAX_OUTPUT_BYTES, int, minimum=1),
-        parallel=_number("parallel", "--parallel or BRIDGE_PARALLEL", pick(args.parallel, "BRIDGE_PARALLEL"),
-                         None, int, minimum=1),
-        context_length=_number("context length", "--context-length or BRIDGE_CONTEXT_LENGTH",
-                               pick(args.context_length, "BRIDGE_CONTEXT_LENGTH"), None, int, minimum=64),
-        price_model=_price_model(pick(args.price_model, "BRIDGE_PRICE_MODEL")),
-        retry_sampling=_retry_sampling(pick(args.retry_sampling, "BRIDGE_RETRY_SAMPLING")),
-        escalate_to=pick(args.escalate_to, "BRIDGE_ESCALATE_TO"),
-        memory_url=check_memory_url(memory_url) if memory_url else None,
+        base_url_given=bool(given_url),
+        state_dir=Path(state).expanduser() if state else default_state_dir(environ),
+        memory_url=memory_url,
         memory_api_key=memory_key,
         memory_source=memory_source,
         memory_note=memory_note,
-        anthropic_base_url=(pick(args.anthropic_base_url, "ANTHROPIC_BASE_URL")
-                            or ANTHROPIC_BASE_URL).rstrip("/"),
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
         # the user's environment less bridge's own settings and the memory server's key:
         # commands run in it; a claude-cli: model gets only its allow-listed part
         tool_env=tuple((k, v) for k, v in environ.items()
                        if not k.startswith("BRIDGE_") and k not in ("MCP_API_KEY",)),
-        pass_env=_pass_env(args, environ),
         trusted_projects=_trusted_projects(config_dir, environ),
         config_dir=config_dir,
-        home=Path(environ.get("HOME") or Path.home()),
+        home=home,
         allowed_executors=_allowed_executors(args, environ),
-        max_cost_usd=_number("max cost", "--max-cost-usd or BRIDGE_MAX_COST_USD",
-                             pick(args.max_cost_usd, "BRIDGE_MAX_COST_USD"), DEFAULT_MAX_COST_USD),
         events=args.events,
         deltas=args.deltas,
-        db_explicit=bool(db),
-        structured=args.structured if args.structured is not None
-        else environ.get("BRIDGE_STRUCTURED", "1").strip().lower() not in ("0", "false", "no", "off"),
-        state_dir=Path(state).expanduser() if state else default_state_dir(environ),
-        crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
         review=args.review,
-        keep_runs=_number("runs kept", "--keep-runs or BRIDGE_KEEP_RUNS", pick(args.keep_runs, "BRIDGE_KEEP_RUNS"),
-                          DEFAULT_KEEP_RUNS, int),
+        crash_at=environ.get("BRIDGE_CRASH_AT") or None,     # test hook only
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
-        json=args.json_,
+        json=args.json,
         debug=debug_wanted(args, environ),
     )
 
 
+# One row per action (after tarfile's CLI, whose --filter choices are its _NAMED_FILTERS):
+# the flag (mutually exclusive with the others; metavar None: a flag without a value),
+# its help, its handler, whether it prints a --json document, and the modifiers it takes
+# (MODIFIERS). The handler, a function of this module named by the row (looked up when
+# main calls it, in the room 'main()'), gets the Config, the flag's value when it takes
+# one, then the values of its modifiers that are handler arguments, in the row's order.
+# The first row is also the run of every pending plan when no action flag is given.
+# Adding an action is a row here plus its handler; tests/test_first_page.py reads this.
+Action = namedtuple("Action", "flag metavar help handler json modifiers")
+ACTIONS = tuple(map(Action._make, (
+    ("--plan", "ID", "run the plan with this id", "_run", True,
+     ("--rerun", "--resume", "--dry-run", "--review", "--events", "--deltas")),
+    ("--list", None, "list pending plans (id, steps, created, objective)", "cmd_list", True,
+     ("--all",)),
+    ("--health", None, "check the model server and the store; exit 0 only when both are usable",
+     "cmd_health", True, ()),
+    ("--show", "ID", "show the last result of a plan, and its run log", "cmd_show", True, ()),
+    ("--stats", None, "per model and validation type, from bridge's own runs: steps that passed "
+     "on the first attempt, after retries, only on escalation, or failed; median tokens and "
+     "seconds", "cmd_stats", True, ()),
+    ("--validate", "FILE", "check a plan file (schema and semantic rules); exit 0 when valid, 1 "
+     "with every problem", "cmd_validate", True, ()),
+    ("--submit", "FILE", "validate a plan file and store it as a new plan memory (creates the "
+     "store when --db names a new file)", "cmd_submit", True, ("--replace",)),
+    ("--cancel", "ID", "cancel a plan that is not running nor finished", "cmd_cancel", False, ()),
+    ("--diff", "ID", "show what the plan's last run (or --run RUN_ID) changed in its files, as "
+     "a unified diff", "cmd_diff", True, ("--run",)),
+    ("--undo", "ID", "put back every file the plan's last run (or --run RUN_ID) changed; "
+     "refuses files changed since, unless --force", "cmd_undo", True, ("--run", "--force")),
+    ("--apply", "ID", "write the files a --review run of the plan staged, once the files it "
+     "read and replaces are unchanged", "cmd_apply", True, ()),
+    ("--reject", "ID", "drop the files a --review run of the plan staged", "cmd_reject", True, ()),
+    ("--schema", None, "print the plan JSON Schema", "cmd_schema", False, ()),
+    ("--trust", "DIR", "trust a project folder and everything under it: plans whose project "
+     "lies there run without approval", "cmd_trust", False, ()),
+    ("--untrust", "DIR", "take a folder off the trusted projects", "cmd_untrust", False, ()),
+    ("--approve", "ID", "let one plan run, as its content is now (a plan replaced with other "
+     "content needs approval again)", "cmd_approve", False, ()),
+)))
+
+_RUN_ONLY = "goes with a run (no action flag, or --plan ID)"
+# One row per modifier: a flag that only some actions take (their rows of ACTIONS say
+# which). misuse: the usage error when it is given without one of them, or without the
+# flag it needs (needs); refuses: flags it cannot go with, each with its own error (None:
+# misuse); passed: its value is a handler argument (else resolve_config reads it into
+# Config). The rows are checked in this order, so the first error is as it always was.
+Modifier = namedtuple("Modifier", "flag metavar help misuse needs refuses passed")
+MODIFIERS = tuple(map(Modifier._make, (
+    ("--all", None, "with --list: every plan, with its status", "--all goes with --list",
+     None, (), True),
+    ("--rerun", None, "with --plan: run a completed, failed, cancelled or stale plan again, "
+     "from the start", "--rerun and --resume go with --plan ID", "--plan",
+     (("--resume", "--rerun starts over, --resume continues: pick one"),), True),
+    ("--resume", None, "with --plan: take over a stale plan (its bridge died), keeping the "
+     "steps that had succeeded", "--rerun and --resume go with --plan ID", "--plan", (), True),
+    ("--replace", None, "with --submit: soft-delete the live plan with the same id",
+     "--replace goes with --submit FILE", None, (), True),
+    ("--run", "RUN_ID", "with --diff or --undo: that run of the plan instead of its last",
+     "--run RUN_ID goes with --diff ID or --undo ID", None, (), True),
+    ("--force", None, "with --undo: put the originals back even over files changed since the "
+     "run", "--force goes with --undo ID", None, (), True),
+    ("--review", None, "with a run: stage the files it writes under --state-dir, not in the "
+     "project; the plan waits as awaiting_review for --apply or --reject",
+     "--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or "
+     "--resume", None, (("--dry-run", None), ("--resume", None)), False),
+    ("--dry-run", None, "with no action or --plan: check the plans that would run and print "
+     "each step's exact messages, without a server; the store is not touched",
+     f"--dry-run {_RUN_ONLY}", None, (), True),
+    ("--events", None, "print the run as JSON events on stdout, one per line: a line per step "
+     "and plan event (progress stays on stderr)", f"--events {_RUN_ONLY}", None,
+     (("--dry-run", None), ("--json", "--events and --json both write to stdout: pick one")),
+     False),
+    ("--deltas", None, "with --events: also one delta event per streamed piece of text",
+     "--deltas goes with --events", "--events", (), False),
+)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser: at most one of ACTIONS, MODIFIERS, the output options
+    and the settings (add_settings)."""
+    parser = _Parser(
+        prog="bridge", formatter_class=_HelpFormatter,
+        usage="bridge [--plan ID [--rerun | --resume]] [--dry-run] [options]\n"
+              "       bridge --list [--all] | --show ID | --health | --stats | --cancel ID "
+              "[options]\n"
+              "       bridge --diff ID | --undo ID [--force] [--run RUN_ID] [options]\n"
+              "       bridge --review [--plan ID] | --apply ID | --reject ID [options]\n"
+              "       bridge --validate FILE | --submit FILE [--replace] | --schema [options]\n"
+              "       bridge --trust DIR | --untrust DIR | --approve ID [options]",
+        description="Run plans from the doobidoo memory store on a local OpenAI-compatible "
+                    "model. With no action flag, every pending plan runs, oldest first.",
+        epilog="exit codes: 0 success or nothing to do, 1 a plan failed, 2 usage/config/store/"
+               "server unusable, 70 internal error, 130 interrupted",
+    )
+    actions = parser.add_mutually_exclusive_group()
+    for group, rows in ((actions, ACTIONS), (parser, MODIFIERS)):
+        for row in rows:
+            if row.metavar:
+                group.add_argument(row.flag, metavar=row.metavar, help=row.help)
+            else:
+                group.add_argument(row.flag, action="store_true", help=row.help)
+    documents = ", ".join(row.flag for row in ACTIONS[1:] if row.json)
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout "
+                        f"({documents}, --dry-run, a run's summary)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="show the prompts sent and the outputs")
+    noise.add_argument("-q", "--quiet", action="store_true", help="show errors only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of internal errors (env BRIDGE_DEBUG)")
+    add_settings(parser)
+    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
+    return parser
+
+
+def chosen_action(args: argparse.Namespace) -> Action:
+    """The row of ACTIONS whose flag was given, else the first (a run)."""
+    return next((row for row in ACTIONS[1:] if getattr(args, _dest(row.flag))), ACTIONS[0])
+
+
+def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                             action: Action) -> None:
+    """Refuse a modifier the action does not take, without the flag it needs, or with a
+    flag it refuses (MODIFIERS): a usage error, exit 2."""
+    for row in MODIFIERS:
+        if not getattr(args, _dest(row.flag)):
+            continue
+        if row.flag not in action.modifiers or (row.needs and not getattr(args, _dest(row.needs))):
+            parser.error(row.misuse)
+        for other, message in row.refuses:
+            if getattr(args, _dest(other)):
+                parser.error(message or row.misuse)
+
+
 ###############################################################################
-# 30. CLI: listing, health, trust and approval
+# 36. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9810,82 +10180,109 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def cmd_health(config: Config) -> int:
-    """Check the server and the store; print the report; 0 only when both work."""
-    report: dict[str, Any] = {"server": {"base_url": config.base_url}, "store": {}}
-    server_ok = store_ok = False
+def _server_health(config: Config) -> tuple[Config, dict, bool]:
+    """Probe the model server (found by discover_server when no base URL is set): return
+    the config with its base URL, the report's "server" part, and whether a run could use
+    it (reachable, a model, no problem)."""
+    report: dict[str, Any] = {"base_url": config.base_url}
     config, tried = discover_server(config)
-    report["server"].update(base_url=config.base_url, tried=tried)
+    report.update(base_url=config.base_url, tried=tried)
+    ok = False
     try:
         with LLMClient(config) as client:
             info = client.probe()
             models = info.models
-            report["server"].update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
-                                    context_length=info.context_length, parallel=info.parallel)
-            report["server"].update(run_plan(config, client, info))
-            server_ok = bool(models) and not info.problem
+            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
+                          context_length=info.context_length, parallel=info.parallel)
+            report.update(run_plan(config, client, info))
+            ok = bool(models) and not info.problem
             if not models:
-                report["server"]["error"] = "the server lists no models; download or load one"
-            elif not server_ok:
-                report["server"]["error"] = report["server"]["model_why"]
+                report["error"] = "the server lists no models; download or load one"
+            elif not ok:
+                report["error"] = report["model_why"]
     except LLMError as exc:
-        report["server"].update(reachable=False, error=str(exc), hint=exc.hint)
+        report.update(reachable=False, error=str(exc), hint=exc.hint)
+    return config, report, ok
+
+
+def _store_health(config: Config) -> tuple[dict, bool]:
+    """Open and check the store: return the report's "store" part and whether it is usable."""
+    report: dict[str, Any] = {}
+    ok = False
     try:
         with Store.open(config) as store:
-            report["store"].update(path=str(store.path), layout=store.layout, fts=store.has_fts)
+            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
             problem = store.check_usable()
             if problem:
                 raise StoreError(f"the store {store.path} is not usable: {problem}",
                                  READ_ONLY_STORE_HINT if "readonly" in problem else
-                                 "restore it from a backup, or point --db at a store that can be written")
-            report["store"].update(pending=store.pending_count(), **store.memory_report())
-            store_ok = True
+                                 "restore it from a backup, or point --db at a store that can "
+                                 "be written")
+            report.update(pending=store.pending_count(), **store.memory_report())
+            ok = True
     except StoreError as exc:
-        report["store"].update(error=str(exc), hint=exc.hint)
+        report.update(error=str(exc), hint=exc.hint)
+    return report, ok
+
+
+def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
+    """Print the --health report as lines: server, run plan, store and memory, backups."""
+    server, store_info = report["server"], report["store"]
+    if server_ok:
+        version = f" {server['version']}" if server.get("version") else ""
+        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                        f"{len(server['models'])} model(s) · loaded: "
+                        f"{server['loaded'] or 'none reported'} · context "
+                        f"{server['context_length'] or 'not reported'} · parallel "
+                        f"{server['parallel'] or 1}"))
+    else:
+        print(printable(f"server  FAIL  {server['error']}"))
+        if server.get("hint"):
+            print(printable(f"              hint: {server['hint']}"))
+    for line in run_plan_lines(server):
+        print(printable(f"              {line}"))
+    memory_setting = _memory_setting_text(report["memory_setting"])
+    if store_ok:
+        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                        f"{store_info['pending']} pending plan(s)"))
+        line = _memory_store_line(store_info)
+        if "memory_api" in report:     # one memory line: store and API
+            api = _memory_api_line(report["memory_api"])
+            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+        print(printable("memory  " + line + memory_setting))
+    else:
+        print(printable(f"store   FAIL  {store_info['error']}"))
+        if store_info.get("hint"):
+            print(printable(f"              hint: {store_info['hint']}"))
+    backups = report["backups"]
+    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
+          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
+          "plan)")
+    if "memory_api" in report and not store_ok:
+        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def cmd_health(config: Config) -> int:
+    """Check the server, the store and the memory server's HTTP API when one is set; print
+    the report (--json: as a document); return 0 only when all of them work, else 2."""
+    quiet_http_logs()
+    config, server, server_ok = _server_health(config)
+    store, store_ok = _store_health(config)
+    report: dict[str, Any] = {"server": server, "store": store}
     report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
                          "keep_runs": config.keep_runs}
     memory_ok = True
     report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
                                 "note": config.memory_note}
     if config.memory_url:
-        report["memory_api"] = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0).probe()
+        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
+        report["memory_api"] = api.probe()
         memory_ok = bool(report["memory_api"]["key_accepted"])
     report["ok"] = server_ok and store_ok and memory_ok
     if config.json:
         _print_json(report)
     else:
-        server, store_info = report["server"], report["store"]
-        if server_ok:
-            version = f" {server['version']}" if server.get("version") else ""
-            print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
-                            f"{len(server['models'])} model(s) · loaded: "
-                            f"{server['loaded'] or 'none reported'} · context "
-                            f"{server['context_length'] or 'not reported'} · parallel "
-                            f"{server['parallel'] or 1}"))
-        else:
-            print(printable(f"server  FAIL  {server['error']}"))
-            if server.get("hint"):
-                print(printable(f"              hint: {server['hint']}"))
-        for line in run_plan_lines(server):
-            print(printable(f"              {line}"))
-        if store_ok:
-            print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
-                            f"{store_info['pending']} pending plan(s)"))
-            line = _memory_store_line(store_info)
-            if "memory_api" in report:     # one memory line: store and API
-                api = _memory_api_line(report["memory_api"])
-                line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
-            print(printable("memory  " + line + _memory_setting_text(report["memory_setting"])))
-        else:
-            print(printable(f"store   FAIL  {store_info['error']}"))
-            if store_info.get("hint"):
-                print(printable(f"              hint: {store_info['hint']}"))
-        backups = report["backups"]
-        print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under {backups['path']} "
-              f"(kept for --undo: the last {backups['keep_runs']} run(s) of each plan)")
-        if "memory_api" in report and not store_ok:
-            print(printable("memory  " + _memory_api_line(report["memory_api"])
-                            + _memory_setting_text(report["memory_setting"])))
+        _print_health(config, report, server_ok, store_ok)
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
@@ -10249,7 +10646,7 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 31. CLI: running and showing
+# 37. CLI: running and showing
 ###############################################################################
 
 
@@ -10325,7 +10722,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
     --context-length), sent with every request."""
-    local = config.model is None or parse_model_ref(config.model)[0] == "openai"
+    local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
@@ -10434,7 +10831,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 32. CLI: diff, undo, review
+# 38. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10585,7 +10982,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 33. CLI: the planner's side
+# 39. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10783,7 +11180,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 34. main()
+# 40. main()
 ###############################################################################
 
 
@@ -10805,45 +11202,31 @@ def _ignore_interrupts() -> None:
                 signal.signal(sig, signal.SIG_IGN)
 
 
-def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse flags that only make sense with an action they were not given (exit 2)."""
-    if args.all and not args.list:
-        parser.error("--all goes with --list")
-    if (args.rerun or args.resume) and not args.plan:
-        parser.error("--rerun and --resume go with --plan ID")
-    if args.rerun and args.resume:
-        parser.error("--rerun starts over, --resume continues: pick one")
-    if args.replace and not args.submit:
-        parser.error("--replace goes with --submit FILE")
-    if args.run_id and not (args.diff or args.undo):
-        parser.error("--run RUN_ID goes with --diff ID or --undo ID")
-    if args.force and not args.undo:
-        parser.error("--force goes with --undo ID")
-    other_action = args.list or args.health or args.show or args.validate or args.submit or args.cancel \
-        or args.stats \
-        or args.schema or args.diff or args.undo or args.apply or args.reject \
-        or args.trust or args.untrust or args.approve
-    if args.review and (other_action or args.dry_run or args.resume):
-        parser.error("--review goes with a run (no action flag, or --plan ID [--rerun]), not --dry-run or --resume")
-    if args.dry_run and other_action:
-        parser.error("--dry-run goes with a run (no action flag, or --plan ID)")
-    if args.events and (other_action or args.dry_run):
-        parser.error("--events goes with a run (no action flag, or --plan ID)")
-    if args.deltas and not args.events:
-        parser.error("--deltas goes with --events")
-    if args.events and args.json_:
-        parser.error("--events and --json both write to stdout: pick one")
+def cmd_schema(config: Config) -> int:
+    """Print the plan JSON Schema (bridge-plan-schema.json) on stdout."""
+    sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
+    return EXIT_OK
 
 
-def quiet_http_logs() -> None:
-    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
-    logging a program embedding bridge set up. Logger levels are process-wide: main
-    sets them once, before the actions that make HTTP requests (--health, a run) start
-    any client or thread; the other actions do not import logging at all."""
-    import logging
+def cmd_untrust(config: Config, folder: str) -> int:
+    """Take a folder off the trusted projects (cmd_trust)."""
+    return cmd_trust(config, folder, trust=False)
 
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+
+def _run(config: Config, plan_id: str | None, rerun: bool, resume: bool, dry_run: bool) -> int:
+    """A run: every pending plan (no plan_id) or one; with dry_run, only its messages."""
+    if dry_run:
+        return cmd_dry_run(config, plan_id)
+    quiet_http_logs()
+    return cmd_run(config, plan_id, rerun, resume)
+
+
+def _call_action(action: Action, config: Config, args: argparse.Namespace) -> int:
+    """Call the action's handler with config, its value, and its passed modifiers' values."""
+    passed = {row.flag for row in MODIFIERS if row.passed}
+    values = [getattr(args, _dest(action.flag))] if action.metavar else []
+    values += [getattr(args, _dest(flag)) for flag in action.modifiers if flag in passed]
+    return globals()[action.handler](config, *values)
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -10856,52 +11239,20 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_flag_combinations(parser, args)
+    action = chosen_action(args)
+    _check_flag_combinations(parser, args, action)
     environ = dict(os.environ if environ is None else environ)
     # the model server's key given as a flag is as secret as in its variable
     remember_secrets({**environ, **({"BRIDGE_API_KEY": args.api_key} if args.api_key else {})})
     debug = debug_wanted(args, environ)
     try:
-        config = resolve_config(args, environ)
-        if args.list:
-            return cmd_list(config, args.all)
-        if args.health:
-            quiet_http_logs()
-            return cmd_health(config)
-        if args.stats:
-            return cmd_stats(config)
-        if args.show:
-            return cmd_show(config, args.show)
-        if args.validate:
-            return cmd_validate(config, args.validate)
-        if args.submit:
-            return cmd_submit(config, args.submit, args.replace)
-        if args.cancel:
-            return cmd_cancel(config, args.cancel)
-        if args.diff:
-            return cmd_diff(config, args.diff, args.run_id)
-        if args.undo:
-            return cmd_undo(config, args.undo, args.run_id, args.force)
-        if args.apply:
-            return cmd_apply(config, args.apply)
-        if args.reject:
-            return cmd_reject(config, args.reject)
-        if args.schema:
-            sys.stdout.write(json.dumps(load_schema(), indent=2) + "\n")
-            return EXIT_OK
-        if args.trust or args.untrust:
-            return cmd_trust(config, args.trust or args.untrust, trust=bool(args.trust))
-        if args.approve:
-            return cmd_approve(config, args.approve)
-        if args.dry_run:
-            return cmd_dry_run(config, args.plan)
-        quiet_http_logs()
-        return cmd_run(config, args.plan, args.rerun, args.resume)
+        return _call_action(action, resolve_config(args, environ), args)
     except BridgeError as exc:
         print(printable(f"bridge: error: {exc}"), file=sys.stderr)
         if exc.hint:
             print(printable(f"hint: {exc.hint}"), file=sys.stderr)
-        Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint, exit_code=exc.exit_code)
+        Events(args.events).emit("error", args.plan, message=str(exc), hint=exc.hint,
+                                 exit_code=exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         _ignore_interrupts()    # on the way out: a late Ctrl-C must not cut this short
@@ -10921,8 +11272,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             import traceback
 
             traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
-        print("bridge: internal error (a bug)" + ("" if debug else "; run again with --debug to see the traceback"),
-              file=sys.stderr)
+        print("bridge: internal error (a bug)"
+              + ("" if debug else "; run again with --debug to see the traceback"), file=sys.stderr)
         return EXIT_INTERNAL
 
 

@@ -11,13 +11,13 @@ SOURCE = (ROOT / "bridge.py").read_text(encoding="utf-8")
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 # every way bridge.py reads a variable: environ.get("X"), environ["X"], "X" in environ,
-# pick(flag, "X") and the help strings' _env_help(what, "X", default)
-_READS = (r'environ(?:\.get)?[(\[]\s*"([A-Z][A-Z0-9_]+)"', r'"([A-Z][A-Z0-9_]+)"\s+(?:not\s+)?in\s+environ',
-          r'pick\([^,()]+,\s*"([A-Z][A-Z0-9_]+)"', r'_env_help\([^)]*?"([A-Z][A-Z0-9_]+)"')
+# and the variable of each row of the settings table (bridge.SETTINGS)
+_READS = (r'environ(?:\.get)?[(\[]\s*"([A-Z][A-Z0-9_]+)"', r'"([A-Z][A-Z0-9_]+)"\s+(?:not\s+)?in\s+environ')
 
 
 def env_vars_read() -> set[str]:
-    return {name for pattern in _READS for name in re.findall(pattern, SOURCE)}
+    return {name for pattern in _READS for name in re.findall(pattern, SOURCE)} | \
+        {row.env for row in bridge.SETTINGS}
 
 
 def test_the_scan_finds_variables_bridge_is_known_to_read():
@@ -52,6 +52,38 @@ def test_every_flag_is_on_the_first_page_and_in_a_readme_table():
     assert [f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", bridge.__doc__)] == []
     tables = "\n".join(line for line in README.splitlines() if line.startswith("|"))
     assert [f for f in flags if f != "--version" and not re.search(re.escape(f) + r"(?![\w-])", tables)] == []
+
+
+def _readme_tables() -> str:
+    return "\n".join(line for line in README.splitlines() if line.startswith("|"))
+
+
+def test_every_setting_row_is_on_the_first_page_and_in_the_readme_configuration_table():
+    """The settings table builds --help, resolve_config and Config; each row's flag and
+    variable are named on the first page and in the README's Configuration table."""
+    rows = bridge.SETTINGS
+    assert len(rows) > 20 and {"--db", "--keep-runs"} <= {row.flag for row in rows}
+    assert set(bridge.Config._fields) >= {row.field for row in rows}
+    doc = bridge.__doc__
+    config = README[README.index("### Configuration"):README.index("### Model servers")]
+    table = "\n".join(line for line in config.splitlines() if line.startswith("|"))
+    for row in rows:
+        for name in (row.flag, row.env):
+            assert re.search(re.escape(name) + r"(?![\w-])", doc), f"{name} not on the first page"
+            assert re.search(re.escape(name) + r"(?![\w-])", table), f"{name} not in README's table"
+
+
+def test_every_action_and_modifier_row_is_on_the_first_page_and_in_the_readme():
+    """The actions table builds the action group, main's dispatch and the flag checks:
+    each action and modifier is on the first page and in a README table, and each
+    handler it names is a function of bridge."""
+    assert [row.flag for row in bridge.ACTIONS][:2] == ["--plan", "--list"]
+    flags = [row.flag for row in (*bridge.ACTIONS, *bridge.MODIFIERS)]
+    assert [f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", bridge.__doc__)] == []
+    assert [f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", _readme_tables())] == []
+    assert [row.handler for row in bridge.ACTIONS if not callable(getattr(bridge, row.handler, None))] == []
+    modifiers = {row.flag for row in bridge.MODIFIERS}
+    assert [f for row in bridge.ACTIONS for f in row.modifiers if f not in modifiers] == []
 
 
 def test_every_action_is_in_the_readme_usage_block():

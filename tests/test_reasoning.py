@@ -370,15 +370,14 @@ def test_a_wrong_but_well_formed_answer_keeps_the_constraint(capsys, db, fake_ll
 
 def test_grammar_damage_kinds():
     schema = bridge.output_schema({"type": "contains_keys", "keys": ["name"]})
-    check = {"type": "contains_keys", "keys": ["name"]}
-    assert bridge.grammar_damage(GARBLED, schema, check) == "it is not valid JSON"
-    assert "U+FFFD" in bridge.grammar_damage('{"nam\ufffd": 1}', schema, check)
-    assert bridge.grammar_damage('{"na?e": "Ada"}', schema, check) == \
+    assert bridge.grammar_damage(GARBLED, schema) == "it is not valid JSON"
+    assert "U+FFFD" in bridge.grammar_damage('{"nam\ufffd": 1}', schema)
+    assert bridge.grammar_damage('{"na?e": "Ada"}', schema) == \
         "it has the garbled key 'na?e'"
-    assert bridge.grammar_damage('{"other": 1}', schema, check) is None   # the model's mistake
-    assert bridge.grammar_damage(NAME, schema, check) is None
+    assert bridge.grammar_damage('{"other": 1}', schema) is None   # the model's mistake
+    assert bridge.grammar_damage(NAME, schema) is None
     # nested past what json parses (a model's answer): not valid JSON, not a RecursionError
-    assert bridge.grammar_damage("[" * 5000 + "]" * 5000, schema, check) == "it is not valid JSON"
+    assert bridge.grammar_damage("[" * 5000 + "]" * 5000, schema) == "it is not valid JSON"
 
 
 def test_a_stream_cut_while_thinking_is_not_resent(fake_llm):

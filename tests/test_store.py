@@ -1,6 +1,7 @@
-"""Room 4 of bridge.py (Store): the store layouts bridge reads and writes, plan discovery
-and lookup, a plan's state in its metadata, the result memory, claims, concurrency
-hygiene and where the store file is looked for.
+"""The rooms "Store layouts", "Store (SQLite)", "Store: plan states and claims" and
+"Store: plan and result memories" of bridge.py: the store layouts bridge reads and
+writes, plan discovery and lookup, a plan's state, the result memory, claims,
+concurrency hygiene and where the store file is looked for.
 
 Original defects 6-10 (the original script's store defects) each have a test here.
 """

@@ -250,6 +250,39 @@ def test_run_records_that_are_symlinks_are_not_read(capsys, db, project, outside
     assert (project / "kept.txt").read_text() == "plain text"
 
 
+def test_bridges_own_json_files_are_read_as_regular_files_only(tmp_path, outside):
+    """run.json, reads.json, undone.json (read_json_file): a symlink is not followed, a
+    FIFO is not waited on, a file past OWN_FILE_MAX_BYTES or nesting past MAX_JSON_DEPTH is
+    not parsed; the trust and approvals files (follow_symlinks) may be links."""
+    (outside / "run.json").write_text('{"plan_id": "theirs"}')
+    (tmp_path / "link.json").symlink_to(outside / "run.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "deep.json").write_text("[" * 100 + "]" * 100)
+    with pytest.raises(OSError) as refused:
+        bridge.read_json_file(tmp_path / "link.json")
+    assert refused.value.errno == errno.ELOOP
+    with pytest.raises(OSError) as refused:
+        bridge.read_json_file(tmp_path / "fifo.json")      # at once, not a hang
+    assert refused.value.errno == errno.EINVAL
+    with pytest.raises(ValueError, match="levels"):
+        bridge.read_json_file(tmp_path / "deep.json")
+    assert bridge.read_json_file(tmp_path / "link.json", or_none=True) is None
+    assert bridge.read_json_file(tmp_path / "link.json", follow_symlinks=True) == {"plan_id": "theirs"}
+
+
+def test_a_stats_file_that_is_a_fifo_or_a_symlink_is_an_error_not_a_hang(
+        capsys, db, fake_llm, state_dir, outside):
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(state_dir / bridge.STATS_FILE)
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--stats")
+    assert rc == 2 and "cannot read" in err and "internal error" not in err
+    (state_dir / bridge.STATS_FILE).unlink()
+    (outside / "stats.jsonl").write_text("")
+    (state_dir / bridge.STATS_FILE).symlink_to(outside / "stats.jsonl")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--stats")
+    assert rc == 2 and "cannot read" in err
+
+
 def test_a_journal_path_no_file_name_can_hold_is_refused(project, tmp_path):
     """A lone surrogate (valid JSON "\\ud800") in a journalled path: refused, not a crash."""
     runs = tmp_path / "runs"
@@ -261,6 +294,19 @@ def test_a_journal_path_no_file_name_can_hold_is_refused(project, tmp_path):
 
     assert files.recover(old, set()) == []
     assert "lone surrogate" in files.refused[0]
+
+
+def test_journalled_folders_that_are_no_list_are_refused_not_a_crash(project, tmp_path):
+    """created_dirs of 5 (valid JSON, not a list): a refused entry (was a TypeError, exit 70)."""
+    runs = tmp_path / "runs"
+    old = runs / "20260101T000000Z-00000005"
+    old.mkdir(parents=True)
+    (old / "journal.jsonl").write_text(json.dumps({"step": 1, "path": "a.txt", "action": "created",
+                                                   "backup": "", "mode": None, "created_dirs": 5}) + "\n")
+    files = bridge.FileTransaction(project, runs / bridge.new_run_id())
+
+    assert files.recover(old, set()) == []
+    assert "created_dirs 5 is not a list" in files.refused[0]
 
 
 def test_run_folder_accepts_only_run_ids_bridge_makes(tmp_path):
