@@ -126,9 +126,10 @@ and checks, up to the runner and the command line:
     23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
     25 Prompts · 26 Retry policy · 27 Run records · 28 The result document ·
     29 Step scheduling · 30 The model's context · 31 An attempt · 32 A step run ·
-    33 A plan run · 34 Runner · 35 CLI: arguments and settings ·
-    36 CLI: listing, health, trust and approval · 37 CLI: running and showing ·
-    38 CLI: diff, undo, review · 39 CLI: the planner's side · 40 main()
+    33 A plan run: the checked plan, take-over and files · 34 A plan run: its procedure ·
+    35 Runner · 36 CLI: arguments and settings ·
+    37 CLI: listing, health, trust and approval · 38 CLI: running and showing ·
+    39 CLI: diff, undo, review · 40 CLI: the planner's side · 41 main()
 """
 
 from __future__ import annotations
@@ -9152,9 +9153,10 @@ class StepRun:
 
 
 ###############################################################################
-# 33. A plan run
-# One plan from its claim to its stored result: open, take over, run the steps,
-# verify, settle the files, keep backups, store the result and the final state.
+# 33. A plan run: the checked plan, take-over and files
+# What the gate hands a plan run (its checked plan and trust), which killed run
+# it takes over, and what it does with the project's files beyond a step's
+# write: put back what that run left, settle them as the plan asks, keep backups.
 ###############################################################################
 
 
@@ -9211,7 +9213,120 @@ def _stop_running(results: dict[int, StepResult], why: str) -> None:
             result.error = f"not run: {why}"
 
 
-class PlanRun:
+class PlanRunFiles:
+    """The files side of a PlanRun, which inherits it (its fields are PlanRun's)."""
+
+    __slots__ = ()
+
+    def _take_over(self) -> None:
+        """Take over what a killed run (previous) left, and put back what it left half done.
+
+        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+        keep their outputs and files, unless that run had already reverted its
+        files; files written by any other step are restored from its journal. A
+        --review run (or its --apply) that died starts over: its outputs never all
+        reached the project. Raises RollbackError when such a file cannot be restored.
+        """
+        plan, previous, results, files = self.plan, self.previous, self.results, self.files
+        old_dir = run_folder(self.config.runs_dir, previous)
+        keep_finished = self.keep_finished
+        if keep_finished and (old_dir / STAGED_FILE).exists():
+            # a --review run (or its --apply) died: its outputs never all reached the project
+            keep_finished = False
+            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
+                               "starting its steps over")
+        try:
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
+            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
+                    if keep_finished and not reverted
+                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+            written = read_jsonl(old_dir / WRITTEN_FILE)
+        except OSError as exc:      # a symlink where its records should be: not bridge's
+            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
+                                f"({exc.strerror or exc}); every step runs again")
+            done, written = {}, []
+        for sid, entry in done.items():
+            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
+            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
+            if plan.steps[sid].file_output:
+                self.kept[plan.steps[sid].file_output] = results[sid].output
+        for entry in written:                   # what the kept steps wrote, for --undo
+            if entry.get("step") in done:
+                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
+        restored = files.recover(old_dir, set(done)) if files else []
+        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
+                           f"already succeeded, {len(restored)} file(s) put back")
+        for reason in getattr(files, "refused", []):
+            self.progress.error(f"plan {plan.id}: {reason}")
+
+    def _halted(self) -> None:
+        """Leave a run the model server stopped (halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = self.record.plan_id, self.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in self.results.values())
+        if not done and not self.previous and not (files is not None and files.changes) \
+                and self.runner.store.release(self.record, self.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
+                                self.halt.status)
+
+    def _settle_files(self, status: str) -> str | None:
+        """Revert or keep the run's files as the plan asks; return an error or None.
+        Kept files keep their backups at least until the result is stored."""
+        plan, files = self.plan, self.files
+        if files is None or not files.changes:
+            return None
+        if self.staged:
+            if status == "failed":
+                files.discard()         # nothing reached the project; nothing to review
+            return None
+        try:
+            if status == "failed" and plan.rollback_strategy == "revert_files":
+                files.rollback()
+                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
+            else:
+                self._keep_backups()
+                kept = ", ".join(path for path, change in files.changes.items()
+                                 if change.action != "reverted")
+                if status == "failed" and kept:
+                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
+        except RollbackError as exc:
+            self.progress.error(str(exc))
+            return str(exc)
+        return None
+
+    def _keep_backups(self) -> None:
+        """Keep the run's backups for --undo (0600), then delete those of the plan's
+        runs older than the last keep_runs; with keep_runs 0, none are kept, but
+        _close deletes them only once the result is stored."""
+        config, plan_id = self.config, self.plan.id
+        if config.keep_runs == 0:
+            return
+        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
+            keep_backups(run_dir)
+        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
+        if pruned:
+            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
+                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
+
+
+###############################################################################
+# 34. A plan run: its procedure
+# One plan from its claim to its stored result: open, take over, run the steps,
+# verify, settle the files, keep backups, store the result and the final state.
+###############################################################################
+
+
+class PlanRun(PlanRunFiles):
     """One run of one plan, from claim to result (CPython's venv passes a `context`
     the same way): runner (the Runner: store, executors, spend cap, events), record,
     plan (narrowed_plan of the checked plan, or None when invalid), problems (the
@@ -9354,47 +9469,6 @@ class PlanRun:
             return (f"cannot write the run's records in {self.run_dir}: {exc.strerror or exc} "
                     "(free some space, or make --state-dir writable)"), None, None
 
-    def _take_over(self) -> None:
-        """Take over what a killed run (previous) left, and put back what it left half done.
-
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
-        plan, previous, results, files = self.plan, self.previous, self.results, self.files
-        old_dir = run_folder(self.config.runs_dir, previous)
-        keep_finished = self.keep_finished
-        if keep_finished and (old_dir / STAGED_FILE).exists():
-            # a --review run (or its --apply) died: its outputs never all reached the project
-            keep_finished = False
-            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
-                               "starting its steps over")
-        try:
-            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
-            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
-                    if keep_finished and not reverted
-                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
-            written = read_jsonl(old_dir / WRITTEN_FILE)
-        except OSError as exc:      # a symlink where its records should be: not bridge's
-            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
-                                f"({exc.strerror or exc}); every step runs again")
-            done, written = {}, []
-        for sid, entry in done.items():
-            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
-            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
-            if plan.steps[sid].file_output:
-                self.kept[plan.steps[sid].file_output] = results[sid].output
-        for entry in written:                   # what the kept steps wrote, for --undo
-            if entry.get("step") in done:
-                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
-        restored = files.recover(old_dir, set(done)) if files else []
-        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
-                           f"already succeeded, {len(restored)} file(s) put back")
-        for reason in getattr(files, "refused", []):
-            self.progress.error(f"plan {plan.id}: {reason}")
-
     def _run_and_verify(self) -> tuple[str | None, dict | None]:
         """Run the steps, then the plan's verify once they all succeeded or were
         skipped; return (the plan's error or None, the verify record or None). A
@@ -9470,26 +9544,6 @@ class PlanRun:
         events.emit("step_end", self.plan.id, result.id,
                     **{k: v for k, v in entry.items() if k != "id"})
 
-    def _halted(self) -> None:
-        """Leave a run the model server stopped (halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
-        plan_id, files = self.record.plan_id, self.files
-        if files is not None:
-            files.close()
-            if isinstance(files, FileTransaction):
-                files._release()
-        done = any(r.status == "succeeded" for r in self.results.values())
-        if not done and not self.previous and not (files is not None and files.changes) \
-                and self.runner.store.release(self.record, self.run_id):
-            where = f"plan {plan_id} stays pending"
-        else:
-            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
-        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
-                                self.halt.status)
-
     def _close(self, error: str | None, verify: dict | None,
                interrupted: BaseException | None) -> dict:
         """Settle the run's files, then store its result (see _finish); return it."""
@@ -9522,45 +9576,6 @@ class PlanRun:
         if files is not None and self.config.keep_runs == 0 and not self.staged:
             files.discard()         # only now: a result that cannot be stored keeps the backups
         return result
-
-    def _settle_files(self, status: str) -> str | None:
-        """Revert or keep the run's files as the plan asks; return an error or None.
-        Kept files keep their backups at least until the result is stored."""
-        plan, files = self.plan, self.files
-        if files is None or not files.changes:
-            return None
-        if self.staged:
-            if status == "failed":
-                files.discard()         # nothing reached the project; nothing to review
-            return None
-        try:
-            if status == "failed" and plan.rollback_strategy == "revert_files":
-                files.rollback()
-                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
-            else:
-                self._keep_backups()
-                kept = ", ".join(path for path, change in files.changes.items()
-                                 if change.action != "reverted")
-                if status == "failed" and kept:
-                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
-        except RollbackError as exc:
-            self.progress.error(str(exc))
-            return str(exc)
-        return None
-
-    def _keep_backups(self) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close deletes them only once the result is stored."""
-        config, plan_id = self.config, self.plan.id
-        if config.keep_runs == 0:
-            return
-        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
-            keep_backups(run_dir)
-        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
-        if pruned:
-            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
-                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
 
     def _result(self, status: str, error: str | None) -> dict:
         """Build the run's result document (README: "What bridge writes into the store";
@@ -9643,7 +9658,7 @@ class PlanRun:
 
 
 ###############################################################################
-# 34. Runner
+# 35. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9752,7 +9767,7 @@ class Runner:
 
 
 ###############################################################################
-# 35. CLI: arguments and settings
+# 36. CLI: arguments and settings
 ###############################################################################
 
 
@@ -10124,7 +10139,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 36. CLI: listing, health, trust and approval
+# 37. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10646,7 +10661,7 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 37. CLI: running and showing
+# 38. CLI: running and showing
 ###############################################################################
 
 
@@ -10831,7 +10846,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 38. CLI: diff, undo, review
+# 39. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10982,7 +10997,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 39. CLI: the planner's side
+# 40. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11180,7 +11195,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 40. main()
+# 41. main()
 ###############################################################################
 
 
