@@ -7614,7 +7614,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
                     "characters are left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
         where = f"written to {file_output} and " if file_output else ""
         command = f"`{shell_words(run.argv)}`"
-        why = run.error.removeprefix(command + " ")      # "failed (exit 1)", "did not finish within …"
+        why = run.error.removeprefix(command + " ")  # "failed (exit 1)", "did not finish within …"
         note = (f"Your answer was {where}checked with {command}, which {why}. "
                 f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
                 f"{describe_validation(validation)} Reply again with the corrected answer only.")
@@ -7694,8 +7694,8 @@ class StepResult:
     on the local server)}]. See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
-              "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
-              "escalation_saved", "ledger", "checks", "attempt_log")
+              "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd",
+              "escalated_to", "escalation_saved", "ledger", "checks", "attempt_log")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
@@ -7708,7 +7708,7 @@ class StepResult:
         self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
-        self.checks: list[dict] = []        # each command run: attempt, argv, exit_code, duration_s, output_tail
+        self.checks: list[dict] = []    # each command run: attempt, argv, exit_code, …
         self.attempt_log: list[dict] = []   # per attempt: sampling sent, completion tokens, error
 
     def checkpoint(self) -> dict:
@@ -7731,15 +7731,17 @@ class StepResult:
         tokens_per_s (completion tokens over generation seconds) and what the tokens
         would have cost on price_model."""
         speed = self.usage["completion_tokens"] / self.generation_s if self.generation_s else None
-        return {"id": self.id, "title": self.title, "status": self.status, "attempts": self.attempts,
+        return {"id": self.id, "title": self.title, "status": self.status,
+                "attempts": self.attempts,
                 "output": clip(self.output, STORED_OUTPUT_MAX_CHARS, "output"), "error": self.error,
                 "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
                 "usage": dict(self.usage), "usage_reported": self.usage_reported,
                 "tokens_per_s": round(speed, 1) if speed is not None else None,
-                "cost_usd": self.cost_usd, "would_have_cost_usd": would_cost_usd(self.usage, price_model),
+                "cost_usd": self.cost_usd,
+                "would_have_cost_usd": would_cost_usd(self.usage, price_model),
                 "model": self.model, "resumed": self.resumed, "escalated_to": self.escalated_to,
-                "escalation_saved": self.escalation_saved, "ledger": self.ledger, "checks": self.checks,
-                "attempt_log": self.attempt_log}
+                "escalation_saved": self.escalation_saved, "ledger": self.ledger,
+                "checks": self.checks, "attempt_log": self.attempt_log}
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
@@ -7829,7 +7831,8 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
-        self.run_dir, self.run_id, self.plan_id, self.price_model = run_dir, run_id, plan_id, price_model
+        self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
+        self.price_model = price_model
         self.files: dict[int, Any] = {}     # step id -> its open transcript (one writer each)
 
     def _line(self, sid: int, entry: dict) -> None:
@@ -7843,21 +7846,24 @@ class RunLog:
         except FileNotFoundError:
             private_dir(self.run_dir)
             self.files[step.id] = open(path, "a", encoding="utf-8", opener=private_opener)
-        self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id, "model": model,
-                             "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
-                             "step_id": step.id, "title": step.title})
+        self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id,
+                             "model": model, "cwd": str(cwd) if cwd else None, "tools": [],
+                             "plan_id": self.plan_id, "step_id": step.id, "title": step.title})
 
-    def sent(self, sid: int, attempt: int, messages: list[dict], sampling: dict | None = None) -> None:
+    def sent(self, sid: int, attempt: int, messages: list[dict],
+             sampling: dict | None = None) -> None:
         """Record the exact messages of one attempt, and on its system prompt line how
         it samples (sampling: max_tokens, temperature, seed, …, the fields sent)."""
         for message in messages:
             if message["role"] == "system":
-                line = {"type": "system", "subtype": "system_prompt", "attempt": attempt, "text": message["content"]}
+                line = {"type": "system", "subtype": "system_prompt", "attempt": attempt,
+                        "text": message["content"]}
                 self._line(sid, line if sampling is None else {**line, "sampling": sampling})
             else:
-                self._line(sid, {"type": message["role"], "attempt": attempt, "session_id": self.run_id,
-                                 "message": {"role": message["role"],
-                                             "content": [{"type": "text", "text": message["content"]}]}})
+                text = [{"type": "text", "text": message["content"]}]
+                self._line(sid, {"type": message["role"], "attempt": attempt,
+                                 "session_id": self.run_id,
+                                 "message": {"role": message["role"], "content": text}})
         self.files[sid].flush()
 
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
@@ -7866,13 +7872,13 @@ class RunLog:
         type), and which constraint produced it ("response_format": its type, or null)."""
         usage = reply.usage or {}
         content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
-        self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id, "message": {
-            "role": "assistant", "model": reply.model,
-            "content": [*content, {"type": "text", "text": reply.text}],
-            "stop_reason": reply.finish_reason,
-            "usage": {"input_tokens": usage.get("prompt_tokens"),
-                      "output_tokens": usage.get("completion_tokens")}},
-            "response_format": reply.response_format})
+        message = {"role": "assistant", "model": reply.model,
+                   "content": [*content, {"type": "text", "text": reply.text}],
+                   "stop_reason": reply.finish_reason,
+                   "usage": {"input_tokens": usage.get("prompt_tokens"),
+                             "output_tokens": usage.get("completion_tokens")}}
+        self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id,
+                         "message": message, "response_format": reply.response_format})
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
@@ -7889,13 +7895,15 @@ class RunLog:
 
     def command(self, sid: int, attempt: int, run: CommandRun) -> None:
         """Record one command validation run: argv, exit code, seconds, output tail."""
-        self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt, **run.as_dict()})
+        self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt,
+                         **run.as_dict()})
 
     def end(self, result: StepResult) -> None:
         """Close a step's transcript with the result line."""
         ok = result.status == "succeeded"
         self._line(result.id, {
-            "type": "result", "subtype": "success" if ok else "error_during_execution", "is_error": not ok,
+            "type": "result", "subtype": "success" if ok else "error_during_execution",
+            "is_error": not ok,
             "result": result.output, "error": result.error, "status": result.status,
             "duration_ms": int(result.duration_s * 1000), "num_turns": result.attempts,
             "session_id": self.run_id, "total_cost_usd": 0,
@@ -7956,7 +7964,8 @@ def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: st
     return reply._replace(cost_usd=round(usage_cost_usd(usage, price), 6) if price else 0.0)
 
 
-def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
+def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int,
+               model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
     model reference that answered. When the server sent no usage it is estimated
     (usage_reported False): the prompt by estimate_tokens, the answer by its streamed
@@ -7966,8 +7975,8 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
     else:
         result.usage_reported = False
         usage = estimated_usage(reply, messages, pieces)
-    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
+    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "cost_usd": 0.0})
     line["requests"] += 1
     for key in ("prompt_tokens", "completion_tokens"):
         result.usage[key] += usage[key]
@@ -7982,8 +7991,8 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     total: dict[str, dict] = {}
     for ledger in ledgers:
         for model, line in ledger.items():
-            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
+            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "cost_usd": 0.0})
             for key in ("requests", "prompt_tokens", "completion_tokens"):
                 into[key] += line[key]
             into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
@@ -8386,7 +8395,8 @@ class StepScheduler:
             return f"step(s) {', '.join(map(str, sorted(self.failed)))} failed"
         return None
 
-    def _start_ready(self, order: Any, finished: Any, checkpoint: Callable[[StepResult], None]) -> None:
+    def _start_ready(self, order: Any, finished: Any,
+                     checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
         import threading
 
@@ -8395,7 +8405,8 @@ class StepScheduler:
             step, result = self.plan.steps[sid], self.results[sid]
             if result.status == "succeeded":
                 self.outputs[sid] = result.output
-                self.log.say(sid, f"  {step.label}: succeeded in the run taken over; not sent again")
+                self.log.say(sid, f"  {step.label}: succeeded in the run taken over; "
+                             "not sent again")
             elif blocked := self._blocked_reason(step):
                 result.error = blocked
                 self.log.say(sid, f"  {step.label}: skipped ({blocked})")
@@ -8408,7 +8419,8 @@ class StepScheduler:
                 if self.parallel == 1:
                     self._worker(*work)
                 else:
-                    threading.Thread(target=self._worker, args=work, daemon=True, name=f"bridge-step-{sid}").start()
+                    threading.Thread(target=self._worker, args=work, daemon=True,
+                                     name=f"bridge-step-{sid}").start()
                 continue
             self.ended(result)
             self.log.done(sid)
@@ -9092,7 +9104,8 @@ class StepRun:
         result.output = artifact
         if step.file_output:
             try:
-                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
+                change = files.write(step.file_output, artifact,  # type: ignore[union-attr]
+                                     step.id)
             except PathError as exc:
                 run.runlog.checked(step.id, number, str(exc))
                 return AttemptFailure.final(str(exc))
@@ -9125,8 +9138,9 @@ class StepRun:
         for validation in _commands_of(step):
             argv = validation["run"]
             self.say(f"  {step.label}: checking with `{shell_words(argv)}`")
-            command = run_command(argv, run.plan.project, command_env(run.config),  # type: ignore[arg-type]
-                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+            limit = validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)
+            command = run_command(argv, run.plan.project,  # type: ignore[arg-type]
+                                  command_env(run.config), limit, run.cancel)
             result.checks.append({"attempt": number, **command.as_dict()})
             run.runlog.command(step.id, number, command)
             if command.error is None:
@@ -9486,8 +9500,9 @@ class PlanRun(PlanRunFiles):
             return error, None
         argv = plan.verify["run"]
         self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
-        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
-                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self.cancel)
+        limit = plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)
+        command = run_command(argv, plan.project,  # type: ignore[arg-type]  # check_plan
+                              command_env(self.config), limit, self.cancel)
         append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
         if command.error is None:
             self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
@@ -9626,7 +9641,7 @@ class PlanRun(PlanRunFiles):
                 "progress (stale once this bridge exits), its files and their backups kept",
                 f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
                 "succeeded steps) or --rerun (puts its files back, starts over)") from exc
-        result = shown_result(result, digest, {}, self.config.runs_dir)   # as --show --json shows it
+        result = shown_result(result, digest, {}, self.config.runs_dir)  # as --show --json does
         counts = result["counts"]
         tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
         line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
@@ -10618,8 +10633,8 @@ def _may_ask() -> bool:
 def _ask_to_run(facts: dict) -> bool:
     """Ask on the terminal whether a plan waiting only for approval runs this once
     (default No; end of input is No)."""
-    sys.stderr.write(f"plan {printable(facts['plan_id'])} needs your approval:\n{render_facts(facts)}\n"
-                     f"run it this time? [y/N] ")
+    sys.stderr.write(f"plan {printable(facts['plan_id'])} needs your approval:\n"
+                     f"{render_facts(facts)}\nrun it this time? [y/N] ")
     sys.stderr.flush()
     answer = sys.stdin.readline()
     return answer.strip().lower() in ("y", "yes")
@@ -10703,8 +10718,8 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
                         not_recorded += 1
                         continue
                     if result is None and plan_id is not None:
-                        raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
-                                          "see it with: bridge --list --all")
+                        raise BridgeError(f"plan {plan_id!r} was claimed by another bridge "
+                                          "process first", "see it with: bridge --list --all")
                     results += [result] if result is not None else []
             finally:
                 if runner is not None:
@@ -10741,7 +10756,8 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
-    same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
+    # the server's numbers fit its loaded model only
+    same = info is not None and parse_model_ref(model)[1] == info.loaded
     if same and client.native:
         plans = [c.plan for c in checked or [] if c.plan is not None]
         client.num_ctx = config.context_length or ollama_num_ctx(config, plans, info)
