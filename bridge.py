@@ -8517,14 +8517,11 @@ class ContextPool:
 
 class ContextFit:
     """What this process knows of the default model's context (every plan it runs
-    shares it): model (the default model id; steps and plan defaults may name
-    another), context_length (tokens, or None: not known), parallel (steps in
-    flight), calibration (the server's tokens per estimated token: calibrate), pool
-    (a ContextPool when the server's slots share one context, else None), reprobe
-    (LM Studio's model was not loaded when the run began (JIT): the first reply loads
-    it, then the server is asked again for the context and slots it was loaded with),
-    and the models seen thinking (their requests keep a reserve). client: the
-    LLMClient, or None when no plan will be sent."""
+    shares it). model: the default model id; context_length: tokens, or None (not
+    known); parallel: steps in flight; calibration: the server's tokens per estimated
+    token (calibrate); pool: a ContextPool when the slots share one context, else None;
+    reprobe: LM Studio loaded the model on demand (JIT), so the first reply is followed
+    by a probe for the context and slots it got; client: the LLMClient, or None."""
 
     __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
                  "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
@@ -8547,13 +8544,9 @@ class ContextFit:
         return self.context_length if model == self.model else None
 
     def budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is unknown.
-
-        The context length (--context-length, else what the server reported for the
-        loaded model) less the answer's share: the step's max_tokens, else
-        its validation's default_max_tokens (at most a quarter of the context;
-        see answer_tokens).
-        """
+        """Return the prompt tokens that fit for a step, or None when the context is
+        unknown: the context (--context-length, else the server's for the loaded model) less
+        the answer's share (answer_tokens), over calibration."""
         budget = prompt_budget(step, self.context_of(model))
         return int(budget / self.calibration) if budget is not None else None
 
@@ -8637,17 +8630,14 @@ class ContextFit:
 
 
 class Attempt:
-    """One request of a step as it is sent and streamed: step_run (the StepRun it is
-    of), number (1 for the first), model (the model reference asked), messages (the
-    prompt sent, redacted), sampling (the fields of retry_sampling, or None: as the
-    step says; then the fields sent, with max_tokens), started (time.monotonic()),
-    pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None), thought
-    (reasoning pieces so far), thinking_guard (the guard of the reasoning text); once
-    prepared (StepRun._prepare): executor and name (the model name it is asked by),
-    local (the run's model server: a PROBED executor), thinking (thinking_asked, on the local
-    server), reserve (thinking reserve tokens) and schema (the output schema sent, or
-    None)."""
+    """One request of a step as it is sent and streamed. number: 1 for the first;
+    model: the model reference asked; messages: the prompt (redacted); sampling: the
+    fields of retry_sampling (None: as the step says), then those sent, with max_tokens;
+    started: time.monotonic(); pieces, thought: streamed pieces of answer and of thinking
+    (the token estimate when the server sends no usage); guard, thinking_guard:
+    DegenerationGuards of a WATCHED executor, else None. Set by StepRun._prepare:
+    executor, name (the model name it is asked by), local (a PROBED executor), thinking
+    (thinking_asked), reserve (thinking tokens) and schema (the output schema sent)."""
 
     __slots__ = ("step_run", "number", "model", "messages", "sampling", "started", "pieces",
                  "guard", "thought", "thinking_guard", "executor", "name", "local", "thinking",
@@ -8763,11 +8753,10 @@ class Attempt:
 
 
 class StepRun:
-    """One step of a plan run, from its first prompt to its settled result (run.results
-    [step.id]: status, output, error, usage, …): its attempts on its model, each checked,
-    its file written and its commands run (a failed one's file put back), until one
-    passes or the retry policy says stop; then its escalation. run: the PlanRun;
-    outputs: step id -> output, of the steps it may read."""
+    """One step of a plan run, from its first prompt to its settled result
+    (run.results[step.id]): its attempts, each checked, its file written and its
+    commands run (a failed one's file put back), until one passes or the retry policy
+    stops them; then its escalation. outputs: step id -> output, of the steps it reads."""
 
     __slots__ = ("run", "runner", "step", "result", "outputs", "say")
 
@@ -8802,10 +8791,9 @@ class StepRun:
                 "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self) -> list[dict] | None:
-        """Return the step's first prompt, or None when it cannot be sent (its prompt
-        does not fit the model's context, or its commands may not run here): then the
-        step is settled, failed or skipped, and nothing is sent. A prompt the server
-        counts as more tokens than estimated is fitted again (ContextFit.calibrate)."""
+        """Return the step's first prompt, or None when it cannot be sent (it does not fit
+        the model's context, or its commands may not run here): then the step is settled,
+        failed or skipped. A prompt the server counts larger is fitted again (calibrate)."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         staged = run.files.path_of if run.staged else None
         run.sources[step.id] = []
@@ -8832,8 +8820,7 @@ class StepRun:
 
     def _attempts(self) -> None:
         """Send the step's attempts until one passes or the retry policy stops them
-        (AttemptFailure.retries: at most step.max_retries + 1), then escalate when the
-        config or plan says so (escalation_target); settle the result."""
+        (AttemptFailure.retries), then escalate (escalation_target); settle the result."""
         run, step, result = self.run, self.step, self.result
         model, clock = result.model, time.monotonic()
         budget = self.runner.fit.budget(step, model)
@@ -8902,16 +8889,12 @@ class StepRun:
     def send(self, attempt: Attempt) -> "AttemptFailure | None":
         """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        attempt.sampling: its fields (retry_sampling; None: as the step says; the
-        Anthropic API and the claude CLI always sample as the step says). A local
-        model's output is watched while it streams (DegenerationGuard): when it
-        degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length"), saying what
-        thinking spent of it. On the local server the attempt asks for thinking as
-        thinking_asked says, keeps ContextFit.reserve tokens for it, reads and records
-        the reasoning (Attempt.thought_of), and a constrained answer that comes back
-        garbled makes that model go unconstrained (_garbled).
-        """
+        A WATCHED executor's output is watched while it streams (DegenerationGuard): a
+        degenerate answer is cancelled, and fails saying why; so does one cut at max_tokens
+        (finish_reason "length"), saying what thinking spent of it. On the run's model server
+        the attempt asks for thinking as thinking_asked says and keeps ContextFit.reserve
+        tokens for it; a constrained answer that comes back garbled makes that model go
+        unconstrained (_garbled)."""
         failure = self._prepare(attempt)
         if failure is not None:
             return failure
@@ -8952,11 +8935,10 @@ class StepRun:
         return None
 
     def _chat(self, attempt: Attempt) -> Completion:
-        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
-        a stream the server cut for another request (LLMContention) is sent again
-        (resend_on_contention; said once a process). With steps in parallel on a
-        server whose slots share one context (ContextFit.pool), the request first waits
-        for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        """Send the attempt's request (fresh DegenerationGuards on a WATCHED executor),
+        again while the server cuts it for another (resend_on_contention). With steps in
+        parallel on slots sharing one context (ContextFit.pool), it first waits for its
+        prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
@@ -8979,10 +8961,9 @@ class StepRun:
                 pool.release(held)
 
     def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
-        """Record an attempt whose request failed (LLMError) or whose output was stopped
-        while it streamed (OutputDegenerate); return its AttemptFailure. The server's
-        own failure (LLMServerUnusable) stops the run (PlanRun.halt, cancel); a context
-        overflow teaches the context (ContextFit.learn_context) when none is known."""
+        """Record an attempt whose request failed (LLMError) or whose stream was stopped
+        (OutputDegenerate); return its AttemptFailure. LLMServerUnusable stops the run
+        (halt, cancel); a context overflow teaches ContextFit the context when none is known."""
         run, fit = self.run, self.runner.fit
         self.result.generation_s += time.monotonic() - attempt.started
         attempt.thought_cut()
@@ -9059,11 +9040,10 @@ class StepRun:
                      "rest of this run, still checked")
 
     def _output_schema(self, number: int, sends: bool) -> dict | None:
-        """Return the schema an attempt asks for (output_schema of the step's input) and,
-        for a grounded step, record in the run log which form it is: "spans" (its string
-        values can only be copied from the input), "schema" (the usual one: the input
-        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
-        (sends: False, the executor sends no schema: only the check applies)."""
+        """Return the schema an attempt asks for (output_schema of the step's input); for a
+        grounded step, record which form it is: "spans" (string values copied from the
+        input only), "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or
+        "none" (sends False: the executor sends no schema, only the check applies)."""
         step = self.step
         schema = output_schema(step.validation, self.run.sources.get(step.id, []))
         first = next((v for v in validations_of(step.validation)
@@ -9088,11 +9068,9 @@ class StepRun:
         return sampling
 
     def _check(self, output: str, answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands; return None or the
-        AttemptFailure. The checks of the answer itself come first (they cost nothing,
-        and the commands need the file they produce), then each command in order, up
-        to the first that fails. A failed command puts the file back at once, and so
-        does anything that stops the run while a command runs."""
+        """Check an output, write its file, run the step's commands in order up to the
+        first that fails; return None or the AttemptFailure. A failed command puts the file
+        back at once, and so does anything that stops the run while a command runs."""
         run, step, result = self.run, self.step, self.result
         files, number = run.files, result.attempts
         try:
@@ -9342,20 +9320,17 @@ class PlanRunFiles:
 
 class PlanRun(PlanRunFiles):
     """One run of one plan, from claim to result (CPython's venv passes a `context`
-    the same way): runner (the Runner: store, executors, spend cap, events), record,
-    plan (narrowed_plan of the checked plan, or None when invalid), problems (the
-    gate's: CheckedPlan), trusted (may it run commands: plan_trusted), run_id,
-    run_dir, started (UTC ISO) and clock (time.monotonic() at the claim), previous
-    (the killed run it takes over, or None), keep_finished (--resume), refused
-    (why it does not take over a run, or None), files (FileTransaction, StagedFiles,
-    or None without a project), results (step id -> StepResult), runlog (RunLog),
-    log (_StepLog), cancel (set when the run stops early, for steps still running),
-    cli_cwd (where claude runs: a trusted project, else None for a scratch folder),
-    kept (path -> what a succeeded step of this run wrote there), positions (step id
-    -> its place in the order it started), cap_hit (--max-cost-usd was reached),
-    sources (step id -> its input as sent, the pieces build_messages gives: what a
-    grounded answer copies), halt (the LLMServerUnusable that stopped the run, or
-    None)."""
+    the same way). runner: the Runner; plan: narrowed_plan of the checked plan (None:
+    invalid); problems, trusted: the gate's (CheckedPlan); started (UTC ISO) and clock
+    (time.monotonic()) at the claim; previous: the killed run it takes over, or None;
+    keep_finished: --resume; refused: why it does not take over a run, or None; files:
+    FileTransaction, StagedFiles, or None without a project; results: step id ->
+    StepResult; runlog: RunLog; log: _StepLog; cancel: a threading.Event set when the run
+    stops early; cli_cwd: where claude runs (a trusted project, else None: a scratch
+    folder); kept: path -> what a succeeded step of this run wrote there; positions: step
+    id -> its place in the order steps started; cap_hit: --max-cost-usd was reached;
+    sources: step id -> its input as sent (build_messages' pieces, what a grounded answer
+    copies); halt: the LLMServerUnusable that stopped the run, or None."""
 
     __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
                  "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
@@ -9387,13 +9362,11 @@ class PlanRun(PlanRunFiles):
     def run(self, problems: list[str]) -> dict:
         """Run the plan and store its result; return the stored result document.
 
-        problems: reasons found outside the plan itself (an id shared with another
-        live plan); with any, or any of the gate's, the plan is recorded as failed with
-        every problem and nothing is sent. Re-raises KeyboardInterrupt after recording
-        the plan as failed ("interrupted at step N"). Raises LLMServerUnusable when the
-        model server stopped the run (_halted), ResultNotStored or StoreError when the
-        store cannot be written.
-        """
+        problems: reasons found outside the plan (an id shared with another live plan);
+        with any, or the gate's, the plan is recorded failed with every problem and nothing
+        is sent. Re-raises KeyboardInterrupt once the plan is recorded failed ("interrupted
+        at step N"). Raises LLMServerUnusable when the model server stopped the run
+        (_halted), ResultNotStored or StoreError when the store cannot be written."""
         self._announce()
         problems = [*problems, *self.problems]
         if problems:
@@ -9705,15 +9678,12 @@ class SpendCap:
 
 
 class Runner:
-    """Runs plans from one store, each step on the executor its model reference names
-    (the local model server, the Anthropic API or the claude CLI).
+    """Runs plans from one store, each step on the executor its model reference names.
 
-    store: an open Store. client: an open LLMClient, or None when no plan will be
-    sent (then only invalid plans can be recorded). model: the default model id
-    (steps and plan defaults may name another). progress: a Progress. The Runner
-    keeps only what outlives a plan: the executors, the spend cap (spend), the
-    events, the model's context (fit, a ContextFit); one plan's run is a PlanRun.
-    """
+    store: an open Store. client: an open LLMClient, or None when no plan will be sent
+    (then only invalid plans can be recorded). model: the default model id. progress: a
+    Progress. It keeps what outlives a plan: the executors, the spend cap (spend), the
+    events, the model's context (fit: ContextFit); each plan's run is a PlanRun."""
 
     def __init__(self, config: Config, store: Store, client: "LLMClient | None",
                  model: str | None, progress: Progress):
@@ -9763,14 +9733,12 @@ class Runner:
 
     def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
-        """Claim one plan the gate checked and run it (PlanRun.run); return its stored
-        result document, or None when another process claimed the plan first.
+        """Claim a plan the gate checked and run it (PlanRun.run); return its stored result
+        document, or None when another process claimed the plan first.
 
-        allowed: the effective statuses this run may claim. problems: reasons found
-        outside the plan itself (an id shared with another live plan). resume: take
-        over a stale plan, reusing the outputs of the steps its killed run finished.
-        Raises what PlanRun.run raises, and StoreError when the claim cannot be written.
-        """
+        allowed: the effective statuses it may claim. problems: reasons found outside the
+        plan (an id shared with another live plan). resume: take over a stale plan, keeping
+        the steps its killed run finished. Raises what PlanRun.run raises, and StoreError."""
         record, run_id = checked.record, new_run_id()
         previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
