@@ -1546,11 +1546,11 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 ###############################################################################
 # 6. File writes inside the project
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every write goes to a temp file in the target's folder, then os.replace: a reader sees
+# the old bytes or the new, never half. In the project the folders are walked by dir_fd,
+# never through a symlink (open_inside, _walk, _replace_in). bridge's own files have one
+# of each: atomic_write, open_regular, read_json_file and write_json_file, private_dir,
+# append_jsonl and read_jsonl.
 ###############################################################################
 
 
@@ -1646,15 +1646,10 @@ def open_inside(project: Path, rel: str) -> Any:
 
 
 def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
+    """Return the text of a LOAD file for a prompt: project/rel through real folders only
+    (open_inside), else path; cut at LOAD_FILE_MAX_BYTES with a marker. Raises
+    FileNotFoundError, or PathError when it cannot be read, goes through a symlink, is
+    binary (a NUL byte) or not UTF-8."""
     try:
         with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
@@ -1759,11 +1754,9 @@ def _write_all(fd: int, data: Any) -> None:
 def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
                 crash_at: str | None = None) -> None:
     """Write data (bytes, or a binary file object copied in pieces) to name in the folder
-    dir_fd through a new temp file beside it and
-    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
-    them). mode: the bits to give the file; None: a new file's usual mode (the
-    kernel applies the umask, which bridge never changes). Raises OSError; the
-    temp file never outlives a failure (only a crash)."""
+    dir_fd through a new temp file beside it and os.replace, both relative to dir_fd (a
+    folder swapped meanwhile cannot redirect them). mode: the file's bits; None: a new
+    file's (the umask's). Raises OSError; the temp file outlives only a crash."""
     tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
     try:
@@ -1784,13 +1777,9 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
-    """Write data to path through a temp file in the same folder and os.replace.
-
-    mode: permission bits to give the file (default: what a new file gets under
-    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
-    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
-    outlives a failure (only a crash).
-    """
+    """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
+    (O_EXCL|O_NOFOLLOW) in its folder and os.replace (_replace_in). mode: the file's
+    permission bits (None: the umask's). Raises OSError."""
     dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
         _replace_in(dir_fd, path.name, data, mode, crash_at)
@@ -6537,16 +6526,12 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 class FileTransaction:
     """The files one plan run writes inside its project, with their originals.
 
-    project: the plan's root (every path is relative to it); it is opened once and
-    every write, folder, rename, removal and restore works relative to that open
-    folder, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run makes that write fail (PathError), never land
-    outside. run_dir: this run's folder under --state-dir, where backups (0o600, in
-    0o700 folders) and journal.jsonl go. guard: what may never be written
-    (forbidden_target_reason). write() records each path's original before its
-    first write; rollback() restores them in reverse order and removes what the run
-    created; discard() drops the backups. recover() puts back what a killed run
-    left behind; refused lists the journal entries of that run it would not use.
+    project is opened once; every write, folder, rename, removal and restore works
+    relative to it, one component at a time without following symlinks, so a folder
+    swapped for a symlink mid-run fails that write (PathError), never lands outside.
+    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
+    guard: what may never be written (forbidden_target_reason). refused: the journal
+    entries of a killed run that recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
@@ -6582,13 +6567,10 @@ class FileTransaction:
         return parts
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
-
-        Raises PathError when rel leads outside the project, is forbidden
-        (forbidden_target_reason), goes through a symlink, or cannot be written
-        (a full disk, a read-only folder: the original is then untouched and its
-        backup kept), or when the transaction was closed (the run is ending).
-        """
+        """Write text (UTF-8) to project/rel atomically for a step, its original journalled
+        first; return its FileChange. Raises PathError when rel leads outside, is
+        forbidden, goes through a symlink, cannot be written (the original untouched, its
+        backup kept), or the transaction is closed (the run is ending)."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6659,18 +6641,12 @@ class FileTransaction:
         return backup
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Take over the files of a killed run (its folder old_run_dir).
-
-        Files written by steps in kept_steps (those that succeeded) stay, and this
-        transaction adopts their originals, so a later rollback still restores
-        them. Files of any other step are put back as they were, and temp files
-        left by an interrupted write are removed. The journal is untrusted: it is
-        read only from a run folder beside this run's (run_folder); an entry whose
-        path is not a plan path inside the project that may be written, whose
-        backup is not in that run's backups folder, or that is malformed is refused
-        (listed in self.refused) and not used. Returns the paths put back.
-        Raises RollbackError naming the files that could not be restored.
-        """
+        """Take over the files of a killed run (its folder old_run_dir): files of steps in
+        kept_steps stay and their originals are adopted (a later rollback still restores
+        them); the rest are put back, with the temp files an interrupted write left. The
+        journal is untrusted: read only from a run folder beside this one (run_folder);
+        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
+        the paths put back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
@@ -6704,13 +6680,10 @@ class FileTransaction:
         return restored
 
     def revert_path(self, rel: str) -> None:
-        """Put one path back as it was before this run first wrote it (a failed
-        attempt's file must not stay): its original bytes and mode, or removed with
-        the folders the run made for it. Its action becomes "reverted" until it is
-        written again. Does nothing for a path this run never wrote or already put
-        back (a rollback puts back all). Raises RollbackError when it cannot be
-        restored.
-        """
+        """Put one path back as it was before this run first wrote it (a failed attempt's
+        file must not stay): its original bytes and mode, or removed with the folders the
+        run made; its action is "reverted" until written again. Nothing for a path not
+        written or already put back. Raises RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
@@ -6773,14 +6746,10 @@ class FileTransaction:
                 os.close(fd)
 
     def rollback(self) -> None:
-        """Put every written path back as it was, newest first.
-
-        Modified files get their original bytes and mode back (atomically); created
-        files are removed, then the folders the run made if they are empty. All of
-        it relative to the open project folder, never through a symlink. The
-        journal then says so, so no later takeover trusts those files. Raises
-        RollbackError naming every path that could not be restored.
-        """
+        """Put every written path back, newest first: originals' bytes and modes
+        (atomically), created files removed, then the run's folders if empty; never
+        through a symlink. The journal then says so, so no later takeover trusts those
+        files. Raises RollbackError naming every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -7327,13 +7296,10 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed, with the originals' bytes and modes, and
-        remove the files and folders it created (FileTransaction.recover of this run).
-
-        Returns the paths put back. Raises BridgeError, changing nothing, when a
-        file changed after the run (unless force) or an original's backup is gone,
-        naming each file; RollbackError when a file could not be restored.
-        """
+        """Put back every file the run changed and remove what it created
+        (FileTransaction.recover of this run); return the paths put back. Raises
+        BridgeError, changing nothing, naming each file changed since the run (unless
+        force) or whose backup is gone; RollbackError when one could not be restored."""
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
