@@ -4054,7 +4054,7 @@ def load_schema() -> dict:
 
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, follow_symlinks=True)     # an install may link it
     except (OSError, ValueError) as exc:
         raise BridgeError(f"cannot read the plan schema {path}: {exc}",
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
