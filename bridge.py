@@ -126,10 +126,11 @@ and checks, up to the runner and the command line:
     23 Other executors: the Anthropic API and the claude CLI · 24 Check commands ·
     25 File transactions: journal, rollback, recovery ·
     26 Review staging and bounded diffs · 27 Kept runs: backups, diff, undo, review ·
-    28 Prompts · 29 Run records · 30 The result document · 31 Step scheduling · 32 Runner ·
-    33 CLI: arguments and settings · 34 CLI: listing, health, trust and approval ·
-    35 CLI: running and showing · 36 CLI: diff, undo, review · 37 CLI: the planner's side ·
-    38 main()
+    28 Prompts · 29 Retry policy · 30 Run records · 31 The result document ·
+    32 Step scheduling · 33 The model's context · 34 An attempt · 35 A step run ·
+    36 A plan run · 37 Runner · 38 CLI: arguments and settings ·
+    39 CLI: listing, health, trust and approval · 40 CLI: running and showing ·
+    41 CLI: diff, undo, review · 42 CLI: the planner's side · 43 main()
 """
 
 from __future__ import annotations
@@ -239,30 +240,6 @@ COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 # Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
 # bug tracker #1990, #1602: thinking used the whole max_tokens).
 THINKING_RESERVE_TOKENS = 2048
-# Bounds added to the schema sent for constrained decoding (bounded_schema), where the
-# plan sets none. The check itself still uses the plan's own validation.
-JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
-                                       # few words (a name, an email, a date); SmolLM2 was seen filling
-                                       # 200 characters of junk into a value, 60 tokens of one step's 10 s
-JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
-# A grounded step's schema sent may restrict its string values to spans of the step's input
-# (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
-# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
-GROUNDED_SPAN_WORDS = 6                # words of a span: a name, an address, "Guido van Rossum"
-GROUNDED_MAX_SPANS = 1000              # about 170 words of input; on llama-cpp-python 0.3.36
-                                       # (SmolLM2-135M, 2 cores) 975 spans cost 0.8 s more a request
-                                       # than the usual schema, 2,023 spans 1.7 s, 4,060 4.7 s
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-DEGENERATE_NEWLINES = 8                # newlines in one run of whitespace: PEP 8 and Markdown never need more
-                                       # than 3 (two blank lines); llama.cpp's JSON grammar allows 2
-DEGENERATE_WHITESPACE = 160            # characters in one run of whitespace: 3x the indentation of 12 levels
-                                       # of 4 spaces; llama.cpp's JSON grammar allows 20 spaces
-DEGENERATE_REPEAT_WORDS = 40           # a unit of words repeated in a row over at least this many words...
-DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 words is ~60 tokens (2 s on a
-                                       # small CPU), and a sound answer rarely says one thing 4 times running
-                                       # (a list of 40 equal literals is the rare case it stops)
-DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
@@ -1173,18 +1150,15 @@ def terminal_columns() -> int:
 ###############################################################################
 # 5. Path rules: what a plan may read and write
 #
-# Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
-# store) is in this room; the rooms that read and write files call these rules and decide
-# none themselves (the model: tarfile's extraction filters).
-#   names      plan_path_parts (relative, no '..', no NUL), same_file_path,
-#              _check_name_lengths (NAME_MAX, PATH_MAX)
-#   inside     resolve_inside (with symlinks followed, still inside the project), real_path
-#   writes     forbidden_target_reason (VCS folders, the store, the state dir),
-#              output_path_problem (what a step's file_output may be)
-#   reads      secret_file_reason, load_secret_reason (what LOAD never sends to a model)
-#   projects   untrustable_reason (what can never be a project)
-# The writes then walk the project by dir_fd, never through a symlink (the room 'File
-# writes inside the project'), so a folder swapped after a check still cannot redirect one.
+# Every rule for a path bridge did not choose (a plan's, a journal's, the store's); the rooms
+# that read and write files call them and decide none (the model: tarfile's filters).
+#   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
+#   inside    resolve_inside (symlinks followed, still inside the project), real_path
+#   writes    forbidden_target_reason (VCS folders, the store, the state dir),
+#             output_path_problem (a step's file_output), journalled_paths (a journal's)
+#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+# Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
+# inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
 
 
@@ -1203,9 +1177,8 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def real_path(path: str | Path) -> Path:
-    """Return path with ~ expanded and symlinks and `..` resolved (os.path.realpath; need
-    not exist), or only normalized when a folder swapped under it makes realpath fail
-    (readlink of what is no longer a symlink: EINVAL). bridge's one realpath."""
+    """bridge's one realpath: path with ~ expanded, symlinks and `..` resolved (need not
+    exist); only normalized when a folder swapped under it makes realpath fail (EINVAL)."""
     from pathlib import Path
 
     path = os.path.expanduser(os.fspath(path))
@@ -1216,9 +1189,9 @@ def real_path(path: str | Path) -> Path:
 
 
 def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path ('.' and empty ones dropped). Raises PathError
-    for a path that is empty, holds a NUL or a lone surrogate, is absolute (POSIX or
-    Windows), climbs out with '..', or names the project itself."""
+    """Return a plan path's components ('.' and empty ones dropped). Raises PathError for one
+    empty, with a NUL or lone surrogate, absolute (POSIX, Windows), with '..', or naming the
+    project itself."""
     from pathlib import PurePosixPath, PureWindowsPath
 
     if not rel or "\x00" in rel:
@@ -1240,10 +1213,9 @@ def plan_path_parts(rel: str) -> list[str]:
 
 
 def same_file_path(rel: str) -> str:
-    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
-    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
-    locking, journaling and reporting agree on one name. rel is a path
-    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    """Return a plan path as the filesystem sees it (./x.py is x.py, a//x.py a/x.py), so
+    locking, journaling and reporting agree on one name; a path plan_path_parts refuses
+    is returned as it is, for check_plan to refuse."""
     try:
         return "/".join(plan_path_parts(rel))
     except PathError:
@@ -1256,10 +1228,9 @@ TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
 
 
 def _check_name_lengths(project: Path, rel: str) -> None:
-    """Refuse a plan path the filesystem cannot hold: a folder name longer than
-    NAME_MAX bytes, a file name that leaves no room for its temp file's
-    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
-    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    """Raise PathError for a path the filesystem cannot hold: a name over NAME_MAX bytes (a
+    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX (both by
+    os.pathconf of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES)."""
     def limit(name: str, default: int) -> int:
         try:
             return os.pathconf(project, name)
@@ -1288,24 +1259,22 @@ def resolve_inside(project: Path, rel: str) -> Path:
     real location (symlinks followed) lies inside the project's. Raises PathError."""
     plan_path_parts(rel)
     _check_name_lengths(project, rel)
-    try:
+    try:        # Path.resolve, not real_path: it says so for a symlink loop (RuntimeError, 3.11)
         root = project.resolve()
         target = (project / rel).resolve()
-    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+    except (OSError, RuntimeError) as exc:
         raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
     if not target.is_relative_to(root):
         raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
     return project / rel
 
 
-STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
+STORE_SIDECARS = ("", "-wal", "-shm", "-journal")       # SQLite's files beside a store
 
 
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
-    """What no plan may write, whatever project it names: stores (the memory store
-    paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
-    (bridge's journals, backups and run logs). Anything in a version-control folder
-    is refused too (see forbidden_target_reason)."""
+    """What no plan may write, whatever its project: stores (the memory store Paths, and
+    their STORE_SIDECARS) and state_dir (bridge's journals, backups and run logs)."""
 
     __slots__ = ()
 
@@ -1328,9 +1297,8 @@ _NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
 
 
 def vcs_folder_of(name: str) -> str | None:
-    """Return the VCS folder (one of VCS_FOLDERS) a path component opens on some disk
-    (any case; see _NAME_IGNORED), or None: ".GIT", ".git.", ".g\u200cit", "GIT~1"
-    all give ".git"."""
+    """Return the VCS folder (of VCS_FOLDERS) a path component opens on some disk, or None:
+    ".GIT", ".git.", ".g\u200cit", "GIT~1" all give ".git" (see _NAME_IGNORED)."""
     seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
     for folder in VCS_FOLDERS:
         if seen in (folder, folder.lstrip(".")[:6] + "~1"):
@@ -1339,9 +1307,8 @@ def vcs_folder_of(name: str) -> str | None:
 
 
 def _is_git_dir(folder: str | Path) -> bool:
-    """Whether folder is a git directory by git's own test (setup.c
-    is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
-    worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
+    """Whether folder, whatever its name, is a git directory by git's test (setup.c
+    is_git_directory): a HEAD file, and objects/ and refs/ or a commondir file."""
     if not os.path.isfile(os.path.join(folder, "HEAD")):
         return False
     inside = functools.partial(os.path.join, folder)
@@ -1350,8 +1317,7 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 
 def _gitdir_named(folder: str | Path) -> Path | None:
-    """The real path a `.git` file in folder points to ("gitdir: PATH", git's
-    gitfile format, as a worktree or submodule has), or None."""
+    """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
     try:        # O_NONBLOCK: a FIFO named .git must not hang the check
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
         fd = os.open(os.path.join(folder, ".git"), flags)
@@ -1369,18 +1335,16 @@ def _gitdir_named(folder: str | Path) -> Path | None:
 
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
-    """Return why project/rel lies in a version-control folder, or None.
-
-    Refused: a component of rel, or of the project's path (as given, made absolute,
-    and with symlinks resolved), that opens one of VCS_FOLDERS (vcs_folder_of);
-    and a target inside a git directory of any name (_is_git_dir: a bare repository,
-    a worktree's gitdir) or inside the gitdir a `.git` file above it points to."""
+    """Return why project/rel lies in a version-control folder, or None: a component of
+    rel or of the project's path (as given, absolute, real) that opens one of VCS_FOLDERS
+    (vcs_folder_of), a git directory of any name above the target (_is_git_dir: a bare
+    repository, a worktree's gitdir), or the gitdir a `.git` file above it points to."""
     from pathlib import PurePosixPath
 
     for part in PurePosixPath(rel.replace("\\", "/")).parts:
         if folder := vcs_folder_of(part):
-            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
-                    "bridge never writes there")
+            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run "
+                    "commands); bridge never writes there")
     root = real_path(project)
     for shown in dict.fromkeys((os.path.abspath(project), str(root))):
         for part in PurePosixPath(shown).parts:
@@ -1397,14 +1361,9 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
 
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
-    """Return why project/rel may never be written, or None when it may.
-
-    Refused whatever the project: anything in a version-control folder, under the
-    project or around it (vcs_target_reason), the memory store file and its SQLite
-    sidecars, and anything in the state dir. rel is a plan path already checked to
-    be relative without '..'; the target is compared both as written and with
-    symlinks resolved. The one rule validation and every write use.
-    """
+    """Return why project/rel (a path plan_path_parts accepts) may never be written, or
+    None: in a version-control folder (vcs_target_reason), the store or its sidecars, in
+    the state dir; compared as written and as real. The rule validation and writes use."""
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
@@ -1423,9 +1382,9 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
 
 
 def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (its file_output) in project, or None: a name of a
-    folder, what resolve_inside refuses, a folder, what forbidden_target_reason refuses,
-    a symlink on its way (which the write would refuse), not a regular file."""
+    """Why a step may not write rel (its file_output) in project, or None: a folder's name
+    or a folder, what resolve_inside or forbidden_target_reason refuse, a symlink on its
+    way (the write would refuse it), not a regular file."""
     from pathlib import PurePosixPath
 
     if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
@@ -1453,11 +1412,41 @@ def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | N
     return None
 
 
-# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
-# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
-# under it (a/b/ names the two folders in a row); else it is matched against the
-# file's name, or, with a "/", against the last components of its path. Patterns are
-# shell globs, any case. The README's table is this one.
+def journalled_paths(project: Path, entry: dict, backups: Path,
+                     guard: Guard | None = None) -> tuple[str, Path | None, list[Path]]:
+    """Check an entry of a run's journal.jsonl (read back: untrusted): "path" a plan path
+    project may be written at (forbidden_target_reason), "backup" a file right in backups
+    (real paths), each of "created_dirs" an absolute folder below project. Returns (path,
+    backup or None, created_dirs). Raises PathError."""
+    from pathlib import Path
+
+    rel, backup, folders = entry.get("path"), entry.get("backup") or "", entry.get("created_dirs")
+    if not isinstance(rel, str):
+        raise PathError(f"path {rel!r} is not a string")
+    plan_path_parts(rel)
+    if reason := forbidden_target_reason(project, rel, guard):
+        raise PathError(reason)
+    if backup and (not isinstance(backup, str) or real_path(backup).parent != real_path(backups)):
+        raise PathError(f"path {rel!r}: backup {backup!r} is not in {backups}")
+    if not isinstance(folders or [], list):
+        raise PathError(f"path {rel!r}: created_dirs {folders!r} is not a list of folders")
+    dirs = []
+    for folder in folders or []:
+        inside = None
+        if isinstance(folder, str) and Path(folder).is_absolute() \
+                and Path(folder).is_relative_to(project):
+            inside = Path(folder).relative_to(project)
+        if inside is None or not inside.parts:
+            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {project}")
+        plan_path_parts(inside.as_posix())
+        dirs.append(project / inside)
+    return rel, Path(backup) if backup else None, dirs
+
+
+# What LOAD never sends to a model (secret_file_reason): (pattern, what it holds). A pattern
+# ending in "/" is a folder: every file anywhere under it (a/b/: the two folders in a row);
+# else it is matched against the file's name or, with a "/", the last components of its
+# path. Shell globs, any case. The README's table is this one.
 SECRET_LOAD_TABLE = (
     (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
     (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
@@ -1468,13 +1457,11 @@ SECRET_LOAD_TABLE = (
     (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
     *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
       for folder in VCS_FOLDERS),
-    ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"),
-    ("*.ppk", "PuTTY private key"),
-    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
-    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"),
-    (".envrc", "direnv secrets"),
+    ("id_*", "SSH private key (id_*.pub is public)"), ("*.ppk", "PuTTY private key"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"), ("*.p12", "key store"),
+    ("*.pfx", "key store"), ("*.jks", "Java key store"), ("*.keystore", "key store"),
+    ("*.kdbx", "KeePass database"), (".env", "environment secrets"),
+    (".env.*", "environment secrets"), (".envrc", "direnv secrets"),
     (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
     (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
     (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
@@ -1483,8 +1470,8 @@ SECRET_LOAD_TABLE = (
     (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
     (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
     (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
-    ("terraform.rc", "Terraform tokens"),
-    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("terraform.rc", "Terraform tokens"), ("*.tfstate", "Terraform state (secrets in clear)"),
+    ("*.tfstate.backup", "Terraform state"),
     ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
     (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
     ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
@@ -1531,13 +1518,10 @@ def _secret_row(parts: list[str]) -> tuple[str, str] | None:
 
 
 def secret_file_reason(rel: str) -> str | None:
-    """Return why a LOAD path looks like a private key or a secret store, or None.
-
-    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
-    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
-    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
-    Their text would go to the model, into the result memory and the run logs.
-    """
+    """Return why a LOAD path (or a file's absolute real one) looks like a private key or
+    secret store, or None: a row of SECRET_LOAD_TABLE matches (folders anywhere on the
+    path; names also without a _BACKUP_SUFFIX), but SECRET_LOAD_SAMPLES. Its text would go
+    to the model, into the result memory and the run logs."""
     from pathlib import PurePosixPath
 
     parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
@@ -1554,49 +1538,22 @@ def secret_file_reason(rel: str) -> str | None:
 
 
 def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
-    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
-    secret_file_reason of the path as the plan wrote it, as it lies in the real project
-    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
-    None when it may. The one rule for validation and for what approval shows."""
+    """Why a LOAD of rel (path: where it resolved inside project) may not go to a model, or
+    None: secret_file_reason of rel, of it in the real project, or of its real path (a
+    project inside ~/.aws). The one rule for validation and for what approval shows."""
     real = real_path(path)
     inside = os.path.relpath(real, real_path(project))
     return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
 
 
-def untrustable_reason(config: Config, folder: Path) -> str | None:
-    """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself or a folder holding
-    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir, or inside one of those two.
-    A plan working there could replace the store, its own journals or the trust file."""
-    if folder == folder.parent:
-        return "it is the filesystem root"
-    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
-        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
-    if config.home is not None and folder == real_path(config.home):
-        return "it is your home folder itself (trust a project folder inside it)"
-    if config.home is not None and real_path(config.home).is_relative_to(folder):
-        return f"it holds your home folder {real_path(config.home)}"
-    held = [("the memory store", p) for p in config.db_paths] + [
-        ("bridge's state folder", config.state_dir),
-        ("bridge's trust and approvals folder", config.config_dir)]
-    for what, path in held:
-        real = real_path(path)
-        if real == folder or real.is_relative_to(folder):
-            return f"it holds {what} {real}"
-        if folder.is_relative_to(real):
-            return f"it is inside {what} {real}"
-    return None
-
-
 ###############################################################################
 # 6. File writes inside the project
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every write goes to a temp file in the target's folder, then os.replace: a reader sees
+# the old bytes or the new, never half. In the project the folders are walked by dir_fd,
+# never through a symlink (open_inside, _walk, _replace_in). bridge's own files have one
+# of each: atomic_write, open_regular, read_json_file and write_json_file, private_dir,
+# append_jsonl and read_jsonl.
 ###############################################################################
 
 
@@ -1692,15 +1649,10 @@ def open_inside(project: Path, rel: str) -> Any:
 
 
 def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
+    """Return the text of a LOAD file for a prompt: project/rel through real folders only
+    (open_inside), else path; cut at LOAD_FILE_MAX_BYTES with a marker. Raises
+    FileNotFoundError, or PathError when it cannot be read, goes through a symlink, is
+    binary (a NUL byte) or not UTF-8."""
     try:
         with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
@@ -1805,11 +1757,9 @@ def _write_all(fd: int, data: Any) -> None:
 def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
                 crash_at: str | None = None) -> None:
     """Write data (bytes, or a binary file object copied in pieces) to name in the folder
-    dir_fd through a new temp file beside it and
-    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
-    them). mode: the bits to give the file; None: a new file's usual mode (the
-    kernel applies the umask, which bridge never changes). Raises OSError; the
-    temp file never outlives a failure (only a crash)."""
+    dir_fd through a new temp file beside it and os.replace, both relative to dir_fd (a
+    folder swapped meanwhile cannot redirect them). mode: the file's bits; None: a new
+    file's (the umask's). Raises OSError; the temp file outlives only a crash."""
     tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
     try:
@@ -1830,13 +1780,9 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
-    """Write data to path through a temp file in the same folder and os.replace.
-
-    mode: permission bits to give the file (default: what a new file gets under
-    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
-    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
-    outlives a failure (only a crash).
-    """
+    """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
+    (O_EXCL|O_NOFOLLOW) in its folder and os.replace (_replace_in). mode: the file's
+    permission bits (None: the umask's). Raises OSError."""
     dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
         _replace_in(dir_fd, path.name, data, mode, crash_at)
@@ -2670,7 +2616,6 @@ class PlanStates(StoreFile):
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
 
 
-
     @property
     def has_state_table(self) -> bool:
         """Whether STATE_TABLE exists (asked each time: another bridge may make it)."""
@@ -3112,11 +3057,10 @@ class Store(PlanStates):
 ###############################################################################
 # 12. Output validation
 #
-# What the checks of the validation types (see the room 'Validation types') read an
-# answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
-# that must parse. The artifact a check returns is the text that counts as the step's
-# output (the code inside a fence when fenced): what later steps see, what file_output
-# writes.
+# What the checks of the room 'Validation types' read an answer with: reasoning taken
+# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
+# text that counts as the step's output (the code inside a fence when fenced): what
+# later steps see, what file_output writes.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -3161,11 +3105,10 @@ REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
+    """Split a model's content into (answer, reasoning): every shape of
+    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
+    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
+    that closed reasoning with no opening tag does not."""
     thought: list[str] = []
     matched = True
     while matched and text:
@@ -3182,13 +3125,10 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
+    """Return every fenced block of text as (language tag lowercased, code). A
+    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
+    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
+    at a line holding only the same fence, or at the end of the text."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
@@ -3213,12 +3153,9 @@ def find_fences(text: str) -> list[tuple[str, str]]:
 
 
 def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
+    """Return the code of text: the best fenced block (with a language, a block
+    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
+    the whole text stripped when it has none."""
     blocks = find_fences(text)
     if not blocks:
         return text.strip()
@@ -3255,11 +3192,6 @@ def parse_json_output(text: str) -> Any:
     raise OutputInvalid(f"output is not valid JSON ({first_error})")
 
 
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
 def schema_message(error: Any) -> str:
     """Return a jsonschema error's message on one line, with a long offending value
     described by its size instead of printed, so the reason always shows."""
@@ -3285,11 +3217,10 @@ _SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carr
 
 
 def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
+    """Return the numbers written in text as words of their own (punctuation at
+    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
+    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
+    "09:10", "A-1001"). One regular expression over text, no copy of it."""
     trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
     for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
@@ -3314,14 +3245,11 @@ def _occurs(value: str, source: str) -> bool:
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
+    """Return the (JSON path, value) of every value of a JSON answer, at any
+    depth, that does not occur in source, in document order: a string not in it (_occurs:
+    case and whitespace folded, not inside a longer word or number), a number not written
+    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -3358,39 +3286,46 @@ def check_grounded(value: Any, source: str) -> None:
                             "text (use null where the text has none)")
 
 
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
 ###############################################################################
 # 13. Constrained JSON and degenerate output
 ###############################################################################
 
+# Bounds added to the schema sent for constrained decoding (bounded_schema) where the
+# plan sets none; the check still uses the plan's own validation. A string value copied
+# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
+# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
+# handful of things.
+JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
+JSON_LIST_MAX_ITEMS = 16        # items of a list value
+# A grounded step's schema sent may restrict its string values to spans of the step's
+# input (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
+# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
+# 1000 spans are about 170 words of input; on llama-cpp-python 0.3.36 (SmolLM2-135M,
+# 2 cores) 975 spans cost 0.8 s more a request than the usual schema, 2,023 spans 1.7 s,
+# 4,060 4.7 s.
+GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
+GROUNDED_MAX_SPANS = 1000
+# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
+# above what a sound answer does, so it only cuts output that would run to max_tokens.
+# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
+# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
+# (a list of 40 equal literals is the rare case it stops).
+DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
+DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
+DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
+DEGENERATE_REPEATS = 4          # ...and at least this many times
+DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in words (a line of code)
+
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    """Return the spans a grounded answer's string values may be, each once, in
+    the order they end in the input (the shorter first): every run of 1 to
+    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
+    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
+    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
+    builds from an enum grows with it (README, Answers grounded in the text); only that
+    many words are read."""
     seen: dict[str, None] = {}
     read = 0
     for piece in pieces:
@@ -3411,12 +3346,11 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded validation whose input has at most GROUNDED_MAX_SPANS spans; else None (the
-    usual schema is sent; output_schema asks only for a type that sends one). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
+    """Return (span_candidates, the numbers written in the input as JSON
+    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
+    else None (the usual schema is sent). The answer's key names (keys, or a schema's
+    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    "unit": "quantity" from a prompt listing both keys. The check still takes them."""
     if not validation.get("grounded"):
         return None
     pieces = [source] if isinstance(source, str) else source
@@ -3446,13 +3380,12 @@ def _property_names(schema: Any) -> set[str]:
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
     """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    bounded_string) made one of spans, and every number one of numbers, through "$defs"
+    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
+    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
+    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
+    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
+    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
     def open_number(node: Any) -> bool:
         return isinstance(node, dict) and set(node) == {"type"} and \
             node["type"] in ("number", "integer")
@@ -3492,12 +3425,12 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
+    """Return the schema of a bounded string: min_length to max_length
+    characters, none a quote, a backslash or a control character. The pattern says so
+    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
+    before maxLength. No empty string: a small model fills "" where the sentence has the
+    value (null stays allowed)."""
     return {"type": "string", "minLength": min_length, "maxLength": max_length,
             "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
 
@@ -3518,12 +3451,11 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems
-    JSON_LIST_MAX_ITEMS on arrays, additionalProperties false on objects listing their
-    properties, and an open value ({} or an array without items) made a bounded_value.
-    Whatever the plan sets is kept as it is."""
+    """Return a copy of a plan's JSON Schema with bounds where it sets none: a
+    bounded_string for a string (unless it sets a length, pattern, format or values, or
+    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
+    arrays, additionalProperties false on objects listing properties, and a bounded_value
+    for an open value ({} or an array without items). What the plan sets is kept."""
     if not isinstance(schema, dict):
         return schema
     if _is_open(schema):
@@ -3589,17 +3521,13 @@ def schema_depth(schema: Any) -> int | None:
 
 
 def grammar_damage(output: str, schema: dict | None) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not. Asked only of an answer its check refused (not
-    when a command or a write failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
+    """Tell how a constrained answer its check refused looks damaged by the
+    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
+    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
+    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
+    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
+    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
+    #10732) would gain nothing from its removal."""
     if "\ufffd" in output:
         return "it holds U+FFFD replacement characters"
     try:
@@ -3613,20 +3541,17 @@ def grammar_damage(output: str, schema: dict | None) -> str | None:
 
 
 class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    """Watch an output while it streams; raise OutputDegenerate as soon as it
     degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
+    server, llama-cpp-python's and LM Studio then stop generating: ggml-org/llama.cpp
+    tools/server/server.cpp hands the request's is_connection_closed to the completion;
+    llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
+    logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
 
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
+    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
+    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
+    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
+    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
     """
 
     def __init__(self, max_depth: int | None = None):
@@ -3709,13 +3634,12 @@ class DegenerationGuard:
 ###############################################################################
 # 14. Validation types
 #
-# One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
-# VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
-# with register_check: its check, its sentence for the prompt, the schema sent for
-# constrained decoding, its answer budget, its plan problems and its depth rule. The
-# plan checks, the trust gate and approval facts, the prompt, the budget and the Runner
-# read the registry through the functions below the classes. A new type is one class
-# here plus its name in the schema's enum (a test keeps the two equal).
+# One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
+# register_validation (as pycodestyle's register_check files a check): its check, its
+# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
+# depth rule. Everything else reads the registry through the functions after the
+# classes. A new type is one class here plus its name in the schema's enum (a test
+# keeps the two equal).
 ###############################################################################
 
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
@@ -3731,12 +3655,10 @@ def register_validation(cls: type) -> type:
 class ValidationType:
     """One validation type; a subclass overrides what differs.
 
-    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step
-    sets none (then at most a quarter of a known context: answer_tokens); code and prose
-    keep the general ANSWER_RESERVE_TOKENS. runs_command: the type checks the project by
-    running a program once file_output is written (the Runner runs it, only where the
-    user trusts the project), not the answer. grounded: the type takes "grounded"
-    (check_grounded; the schema's if/then names the same types).
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
+    none (answer_tokens caps it). runs_command: it runs a program in the project once
+    file_output is written (the Runner, only in trusted projects), instead of checking the
+    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
     """
 
     __slots__ = ()
@@ -3746,9 +3668,7 @@ class ValidationType:
     grounded = False
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        """Return the artifact of an answer (reasoning already taken out); raise
-        OutputInvalid with a message the model can act on. source: the step's input
-        (the pieces build_messages gives as sources, joined)."""
+        """Return the artifact of an answer; raise OutputInvalid (see check_output)."""
         raise NotImplementedError
 
     def describe(self, validation: dict) -> str:
@@ -3760,8 +3680,7 @@ class ValidationType:
         return None
 
     def problems(self, validation: dict, where: str) -> list[str]:
-        """The problems a schema cannot state, each "<where>...: why". validation is
-        untrusted: it runs on a plan the schema found fault with too."""
+        """The problems a schema cannot state, each "<where>...: why" (validation_problems)."""
         return []
 
     def depth(self, validation: dict) -> int | None:
@@ -3788,22 +3707,21 @@ class NonEmpty(ValidationType):
 
 
 class JsonAnswer(ValidationType):
-    """An answer that is JSON: parsed once (parse_json_output), checked by check_value,
-    and when "grounded" its values against the step's input (check_grounded); the
-    artifact is the JSON re-serialised. A JSON answer is an object of a few values: a
-    six-key extraction is 40-90 tokens on SmolLM2, so 256 tokens stop a runaway within
-    seconds on a small CPU."""
+    """An answer that is JSON, parsed once, checked by check_value and, when
+    "grounded", against the step's input; its artifact is the JSON re-serialised. A
+    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
+    small CPU."""
 
     __slots__ = ()
     max_tokens = 256
     grounded = True
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        value, artifact = _json_artifact(text)
+        value = parse_json_output(text)
         self.check_value(value, validation)
         if validation.get("grounded"):
             check_grounded(value, source)
-        return artifact
+        return json.dumps(value, ensure_ascii=False, indent=2)
 
     def check_value(self, value: Any, validation: dict) -> None:
         """Raise OutputInvalid when the parsed answer does not pass."""
@@ -3919,7 +3837,23 @@ class SyntaxCheck(ValidationType):
     name = "syntax_check"
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        return _check_syntax(text, validation.get("language", "python"))
+        language = validation.get("language", "python")
+        code = extract_code(text, language)
+        if not code.strip():
+            raise OutputInvalid(f"no {language} code in the output")
+        try:
+            if language == "python":
+                compile(code, "<output>", "exec", dont_inherit=True)
+            elif language == "json":
+                json.loads(code)
+            elif language == "toml":
+                import tomllib
+                tomllib.loads(code)
+        except SyntaxError as exc:
+            raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+        except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+            raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+        return code if code.endswith("\n") else code + "\n"
 
     def describe(self, validation: dict) -> str:
         language = validation.get("language", "python")
@@ -4013,35 +3947,25 @@ def answer_checks(validation: dict | list) -> list[dict]:
 
 
 def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output, reasoning taken out (split_reasoning). validation: an object of
-    bridge-plan-schema.json or a list of them, checked in order (answer_checks) up to the
-    first that fails; the artifact is that of the first. source: the step's input, which
-    the values of a "grounded" JSON validation must come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
-    artifacts = [_check_one(text, check, source) for check in answer_checks(validation)]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str) -> str:
+    """Check a model output (reasoning taken out: split_reasoning) against a
+    step's validation, an object or a list, in order up to the first that fails
+    (answer_checks); return the first's artifact. source: the step's input, which a
+    "grounded" answer's values must come from. Raises OutputInvalid with a message the
+    model can act on."""
     try:
-        return validation_type(validation).check(text, validation, source)
+        artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
         # json, tomllib, compile() and jsonschema recurse per nesting level
         raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+    return artifacts[0]
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output: that of
-    its first validation whose type sends one (ValidationType.output_schema), else None.
-    Only what is sent is bounded: check_output still applies the plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    step whose input has few enough spans (grounded_spans) gets span_schema instead: its
-    string values can only be copied from the input.
-    """
+    """Return the JSON Schema sent for constrained decoding: that of the first
+    validation whose type sends one, else None; check_output still applies the plan's
+    own. source: the step's input (build_messages' sources); a "grounded" step whose input
+    has few enough spans (grounded_spans) gets span_schema, its string values only spans
+    of the input."""
     if isinstance(validation, list):
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
@@ -4054,10 +3978,9 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
 
 
 def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the depth
-    rule of its first validation that sends a schema (a json_schema's own schema), else
-    None (not bounded: a contains_keys value may be anything, though the schema sent
-    bounds it)."""
+    """Return how deep a step's output can nest and pass: the depth rule of its
+    first validation that sends a schema (a json_schema's own schema), else None (a
+    contains_keys value may be anything, though the schema sent bounds it)."""
     first = next((v for v in validations_of(validation)
                   if validation_type(v).output_schema(v) is not None), None)
     return validation_type(first).depth(first) if first else None
@@ -4101,7 +4024,7 @@ def load_schema() -> dict:
 
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, follow_symlinks=True)     # an install may link it
     except (OSError, ValueError) as exc:
         raise BridgeError(f"cannot read the plan schema {path}: {exc}",
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
@@ -4564,6 +4487,32 @@ def project_name(folder: Path) -> str:
         name = folder.name
     name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
     return name[:PROJECT_NAME_MAX_CHARS] or folder.name
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's, or
+    None: the filesystem root, a VCS folder, the home folder or one holding it, one
+    holding or inside the store, the state dir or the config dir (a plan working there
+    could replace the store, its own journals or the trust file)."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir),
+        ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
+    return None
+
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -6631,16 +6580,12 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 class FileTransaction:
     """The files one plan run writes inside its project, with their originals.
 
-    project: the plan's root (every path is relative to it); it is opened once and
-    every write, folder, rename, removal and restore works relative to that open
-    folder, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run makes that write fail (PathError), never land
-    outside. run_dir: this run's folder under --state-dir, where backups (0o600, in
-    0o700 folders) and journal.jsonl go. guard: what may never be written
-    (forbidden_target_reason). write() records each path's original before its
-    first write; rollback() restores them in reverse order and removes what the run
-    created; discard() drops the backups. recover() puts back what a killed run
-    left behind; refused lists the journal entries of that run it would not use.
+    project is opened once; every write, folder, rename, removal and restore works
+    relative to it, one component at a time without following symlinks, so a folder
+    swapped for a symlink mid-run fails that write (PathError), never lands outside.
+    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
+    guard: what may never be written (forbidden_target_reason). refused: the journal
+    entries of a killed run that recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
@@ -6676,13 +6621,10 @@ class FileTransaction:
         return parts
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
-
-        Raises PathError when rel leads outside the project, is forbidden
-        (forbidden_target_reason), goes through a symlink, or cannot be written
-        (a full disk, a read-only folder: the original is then untouched and its
-        backup kept), or when the transaction was closed (the run is ending).
-        """
+        """Write text (UTF-8) to project/rel atomically for a step, its original journalled
+        first; return its FileChange. Raises PathError when rel leads outside, is
+        forbidden, goes through a symlink, cannot be written (the original untouched, its
+        backup kept), or the transaction is closed (the run is ending)."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6753,18 +6695,12 @@ class FileTransaction:
         return backup
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Take over the files of a killed run (its folder old_run_dir).
-
-        Files written by steps in kept_steps (those that succeeded) stay, and this
-        transaction adopts their originals, so a later rollback still restores
-        them. Files of any other step are put back as they were, and temp files
-        left by an interrupted write are removed. The journal is untrusted: it is
-        read only from a run folder beside this run's (run_folder); an entry whose
-        path is not a plan path inside the project that may be written, whose
-        backup is not in that run's backups folder, or that is malformed is refused
-        (listed in self.refused) and not used. Returns the paths put back.
-        Raises RollbackError naming the files that could not be restored.
-        """
+        """Take over the files of a killed run (its folder old_run_dir): files of steps in
+        kept_steps stay and their originals are adopted (a later rollback still restores
+        them); the rest are put back, with the temp files an interrupted write left. The
+        journal is untrusted: read only from a run folder beside this one (run_folder);
+        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
+        the paths put back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
@@ -6798,13 +6734,10 @@ class FileTransaction:
         return restored
 
     def revert_path(self, rel: str) -> None:
-        """Put one path back as it was before this run first wrote it (a failed
-        attempt's file must not stay): its original bytes and mode, or removed with
-        the folders the run made for it. Its action becomes "reverted" until it is
-        written again. Does nothing for a path this run never wrote or already put
-        back (a rollback puts back all). Raises RollbackError when it cannot be
-        restored.
-        """
+        """Put one path back as it was before this run first wrote it (a failed attempt's
+        file must not stay): its original bytes and mode, or removed with the folders the
+        run made; its action is "reverted" until written again. Nothing for a path not
+        written or already put back. Raises RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
@@ -6835,44 +6768,22 @@ class FileTransaction:
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
         entry is refused (the reason goes to self.refused) or is a marker."""
-        from pathlib import Path
-
         if "path" not in entry:
             return None             # {"reverted": true} and other markers
         try:
-            rel, action, mode = entry["path"], entry.get("action"), entry.get("mode")
-            backup = entry.get("backup") or ""
-            if not isinstance(rel, str):
-                raise PathError(f"path {rel!r} is not a string")
-            self.check(rel)
+            rel, backup, dirs = journalled_paths(self.project, entry, run_dir / "backups",
+                                                 self.guard)
+            action, mode = entry.get("action"), entry.get("mode")
             if action not in ("created", "modified") or (action == "modified") != bool(backup):
-                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not "
-                                "one bridge writes")
+                raise PathError(f"path {rel!r}: action {action!r} with backup "
+                                f"{entry.get('backup')!r} is not one bridge writes")
             if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)
                                      or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
-            if backup and (not isinstance(backup, str)
-                           or real_path(backup).parent != real_path(run_dir / "backups")):
-                raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
-            dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
         except PathError as exc:
             self.refused.append(f"journal entry of {run_dir.name} refused: {exc}")
             return None
-        return FileChange(rel, action, Path(backup) if backup else None, mode, dirs)
-
-    def _inside_dir(self, folder: Any, rel: str) -> Path:
-        """Return a journalled folder as a Path inside the project, or raise PathError."""
-        from pathlib import Path
-
-        inside = None
-        if isinstance(folder, str) and Path(folder).is_absolute():
-            with _suppress(ValueError):
-                inside = Path(folder).relative_to(self.project)
-        if inside is None or not inside.parts:
-            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project "
-                            f"{self.project}")
-        plan_path_parts(inside.as_posix())
-        return self.project / inside
+        return FileChange(rel, action, backup, mode, dirs)
 
     def _remove_temps(self, rel: str) -> None:
         """Remove the temp files an interrupted write of rel left beside it."""
@@ -6889,14 +6800,10 @@ class FileTransaction:
                 os.close(fd)
 
     def rollback(self) -> None:
-        """Put every written path back as it was, newest first.
-
-        Modified files get their original bytes and mode back (atomically); created
-        files are removed, then the folders the run made if they are empty. All of
-        it relative to the open project folder, never through a symlink. The
-        journal then says so, so no later takeover trusts those files. Raises
-        RollbackError naming every path that could not be restored.
-        """
+        """Put every written path back, newest first: originals' bytes and modes
+        (atomically), created files removed, then the run's folders if empty; never
+        through a symlink. The journal then says so, so no later takeover trusts those
+        files. Raises RollbackError naming every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -7127,7 +7034,6 @@ class StagedFiles:
         return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
 
 
-
 ###############################################################################
 # 27. Kept runs: backups, diff, undo, review
 #
@@ -7326,16 +7232,16 @@ class KeptRun:
             raise BridgeError(f"run {run_id}: run.json names a relative project {project}",
                               "remove that run")
         run = cls(run_dir, plan_id, project)
-        run._read_journal(runs_dir)
+        run._read_journal()
         run._read_staging()
         return run
 
-    def _read_journal(self, runs_dir: Path) -> None:
+    def _read_journal(self) -> None:
         """files, reverted and undone_at from journal.jsonl, written.jsonl and undone.json."""
         written = {e["path"]: e.get("sha256") for e in read_jsonl(self.run_dir / WRITTEN_FILE)
                    if isinstance(e.get("path"), str)}
         entries = read_jsonl(self.run_dir / JOURNAL_FILE)
-        self.files = [self._checked(runs_dir, e, written) for e in entries if "path" in e]
+        self.files = [self._checked(e, written) for e in entries if "path" in e]
         self.reverted = any(e.get("reverted") for e in entries)
         undone = read_json_file(self.run_dir / "undone.json", or_none=True)
         self.undone_at = undone.get("undone_at") if isinstance(undone, dict) else None
@@ -7353,28 +7259,21 @@ class KeptRun:
         if isinstance(reads, dict):
             self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
 
-    def _checked(self, runs_dir: Path, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked."""
-        from pathlib import Path
-
-        project, run_id = self.project, self.run_id
-        rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
-        if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
-            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: "
-                              f"{entry!r}", "the run cannot be shown or undone")
-        resolve_inside(project, rel)          # raises PathError for a path leaving the project
-        for folder in entry.get("created_dirs") or []:
-            where = Path(os.path.abspath(folder))
-            if where == project or not (where.is_relative_to(project)
-                                        or where.is_relative_to(real_path(project))):
-                raise PathError(f"run {run_id}: journal names a folder outside the project: "
-                                f"{folder}")
-        backup_path = Path(backup) if isinstance(backup, str) and backup else None
-        if backup_path is not None \
-                and not real_path(backup_path).is_relative_to(real_path(runs_dir)):
-            raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
+    def _checked(self, entry: dict, written: dict) -> KeptFile:
+        """Return a journal entry as a KeptFile once its paths are checked (resolve_inside,
+        journalled_paths)."""
+        rel, action = entry.get("path"), entry.get("action")
+        if self.project is None or not isinstance(rel, str) \
+                or action not in ("created", "modified"):
+            raise BridgeError(f"run {self.run_id}: its journal has an entry bridge did not "
+                              f"write: {entry!r}", "the run cannot be shown or undone")
+        resolve_inside(self.project, rel)     # PathError for a path leaving the project
+        try:
+            _, backup, _ = journalled_paths(self.project, entry, self.run_dir / "backups")
+        except PathError as exc:
+            raise PathError(f"run {self.run_id}: its journal is not bridge's: {exc}") from None
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
-        return KeptFile(rel, action, backup_path, mode, written.get(rel))
+        return KeptFile(rel, action, backup, mode, written.get(rel))
 
     def diff(self) -> list[dict]:
         """Return, per file: path, action, original_sha256, written_sha256,
@@ -7451,13 +7350,10 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed, with the originals' bytes and modes, and
-        remove the files and folders it created (FileTransaction.recover of this run).
-
-        Returns the paths put back. Raises BridgeError, changing nothing, when a
-        file changed after the run (unless force) or an original's backup is gone,
-        naming each file; RollbackError when a file could not be restored.
-        """
+        """Put back every file the run changed and remove what it created
+        (FileTransaction.recover of this run); return the paths put back. Raises
+        BridgeError, changing nothing, naming each file changed since the run (unless
+        force) or whose backup is gone; RollbackError when one could not be restored."""
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7561,30 +7457,11 @@ def thinking_reserve(context_length: int | None) -> int:
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else its validation's
     (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
-    The prompt budget keeps this much free (Runner._budget)."""
+    The prompt budget keeps this much free (ContextFit.budget)."""
     if step.max_tokens:
         return step.max_tokens
     default = default_max_tokens(step.validation)
     return min(default, context_length // 4) if context_length else default
-
-
-def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
-    """Return how attempt number attempt (1 is the first) of a step samples under a
-    schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
-    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
-    temperature, else the server's default); the first of the others too, but
-    greedy when the step sets no temperature. Seeds are the attempt's number, so a
-    rerun samples the same."""
-    fields = {} if step.temperature is None else {"temperature": step.temperature}
-    if schedule == "plain":
-        return fields
-    if attempt == 1:
-        return fields or {"temperature": RETRY_TEMPERATURES[0]}
-    floor = RETRY_TEMPERATURES[min(attempt - 1, len(RETRY_TEMPERATURES) - 1)]
-    fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
-    if schedule == "penalty":
-        fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)
-    return fields
 
 
 class _Block:
@@ -7683,7 +7560,36 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
     return messages()
 
 
-def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int | None) -> list[dict]:
+###############################################################################
+# 29. Retry policy
+# What makes a step's attempt retry, with what feedback and sampling; when a step
+# escalates to another model, and with what prompt; a stream the server cut for
+# another request is sent again (the transport's own retries are in the room
+# "Model servers: errors, streams, retries").
+###############################################################################
+
+
+def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
+    """Return how attempt number attempt (1 is the first) of a step samples under a
+    schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
+    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
+    temperature, else the server's default); the first of the others too, but
+    greedy when the step sets no temperature. Seeds are the attempt's number, so a
+    rerun samples the same."""
+    fields = {} if step.temperature is None else {"temperature": step.temperature}
+    if schedule == "plain":
+        return fields
+    if attempt == 1:
+        return fields or {"temperature": RETRY_TEMPERATURES[0]}
+    floor = RETRY_TEMPERATURES[min(attempt - 1, len(RETRY_TEMPERATURES) - 1)]
+    fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
+    if schedule == "penalty":
+        fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)
+    return fields
+
+
+def fit_feedback(messages: list[dict], feedback: list[dict],
+                 budget_tokens: int | None) -> list[dict]:
     """Return a retry's feedback messages cut to fit the budget with messages.
 
     The previous answer (the assistant message) is cut first, then left out with
@@ -7698,10 +7604,10 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
     answer, note = feedback
     keep = len(answer["content"]) - int(excess * CHARS_PER_TOKEN) - 100
     if keep < MIN_CUT_CHARS:
-        return [{"role": "user", "content": note["content"] + " (Your previous answer is left out here: "
-                 "it does not fit the model's context.)"}]
-    return [{"role": "assistant", "content": answer["content"][:keep] + " [bridge: cut to fit the context]"},
-            note]
+        return [{"role": "user", "content": note["content"] + " (Your previous answer is left "
+                 "out here: it does not fit the model's context.)"}]
+    return [{"role": "assistant",
+             "content": answer["content"][:keep] + " [bridge: cut to fit the context]"}, note]
 
 
 class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
@@ -7709,17 +7615,26 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
     prompt; default none), answer_invalid (the answer failed its own check, not a
-    command or a write; default False)."""
+    command or a write; default False). Each way an attempt fails is one constructor."""
 
     __slots__ = ()
 
     @classmethod
+    def final(cls, message: str) -> "AttemptFailure":
+        """A failure another attempt cannot help (no key, not allowed, the spend cap, a
+        prompt the server cut, a refused write, an interrupt): the attempts stop."""
+        return cls(message, retryable=False)
+
+    @classmethod
     def from_request(cls, exc: LLMError) -> "AttemptFailure":
-        """A failed request: context overflow is final; anything else is retried."""
+        """A failed request: the server's own failure (LLMServerUnusable: the run stops)
+        and a context overflow are final; anything else is retried."""
+        if isinstance(exc, LLMServerUnusable):
+            return cls.final(str(exc))
         if exc.context_overflow:
             hint = exc.hint or "load the model with a larger context length, or shorten the step"
-            return cls(f"{exc} ({hint})", retryable=False)
-        note = (f"(bridge: the previous request failed: {exc}. Please answer the task again.)")
+            return cls.final(f"{exc} ({hint})")
+        note = f"(bridge: the previous request failed: {exc}. Please answer the task again.)"
         return cls(str(exc), feedback=[{"role": "user", "content": note}])
 
     @classmethod
@@ -7746,8 +7661,8 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
         text = run.output_tail.strip() or "(no output)"
         if len(text) > COMMAND_FEEDBACK_CHARS:
-            text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} characters are "
-                    "left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
+            text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} "
+                    "characters are left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
         where = f"written to {file_output} and " if file_output else ""
         command = f"`{shell_words(run.argv)}`"
         why = run.error.removeprefix(command + " ")      # "failed (exit 1)", "did not finish within …"
@@ -7758,9 +7673,56 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         return cls(run.error, feedback=[{"role": "assistant", "content": shown},
                                         {"role": "user", "content": note}])
 
+    def retries(self, number: int, step: Step) -> bool:
+        """True when attempt number (1 is the first) of step is followed by another on
+        the same model: the failure is retryable and step.max_retries are not spent."""
+        return self.retryable and number <= step.max_retries
+
+
+def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | None]:
+    """Return (the model reference a step whose attempts are spent escalates to, or
+    None; why a named one is not used, or None): --escalate-to, else the plan's
+    escalate_to, unless its executor is not in config.allowed_executors."""
+    escalate_to = config.escalate_to or plan.escalate_to
+    if escalate_to and (kind := _executor_of(escalate_to)) not in config.allowed_executors:
+        return None, (f"escalation to {escalate_to} not used: the {kind} executor is not "
+                      f"allowed (pass --allow-executor {kind})")
+    return escalate_to, None
+
+
+def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
+    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    message followed by each failed answer (clipped to 4,000 characters) and why it was
+    rejected (failures: [(output, why)])."""
+    tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
+                        f"\n```\nRejected because: {why}"
+                        for n, (output, why) in enumerate(failures, 1))
+    note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its "
+            f"answers and why they were rejected:\n\n{tried}\n\nGive the correct answer.")
+    return [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
+
+
+def resend_on_contention(send: Callable[[], Any], cancel: Any,
+                         said: Callable[[LLMContention], None]) -> Any:
+    """Return send(), sent again after each of CONTENTION_WAITS_S (seconds, jittered
+    down to half) while the server cuts its stream for another request (LLMContention),
+    and no more once cancel (a threading.Event) is set; said(exc) hears of each cut
+    before its wait. Raises the last LLMContention."""
+    import random
+
+    for wait in (*CONTENTION_WAITS_S, None):
+        try:
+            return send()
+        except LLMContention as exc:
+            if wait is None or cancel.is_set():
+                raise
+            said(exc)
+            cancel.wait(wait * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
 
 ###############################################################################
-# 29. Run records
+# 30. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -8151,7 +8113,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 30. The result document
+# 31. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -8419,7 +8381,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 31. Step scheduling
+# 32. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8434,19 +8396,16 @@ class StepScheduler:
     results count. Steps already succeeded (taken over from a killed run) are not
     sent again; a step whose dependency did not succeed is skipped, saying which.
 
-    run_step(step, result, outputs, position) runs one step's attempts and fills
-    result; ended(result) hears of every step that is over. `cancel` is set when
-    the run stops early, for steps still running to see.
+    run: the PlanRun (or any object with plan, results, log, cancel and these two):
+    run.run_step(step, result, outputs, position) runs one step's attempts and fills
+    result; run.step_ended(result) hears of every step that is over. run.cancel (a
+    threading.Event) is set when the run stops early, for steps still running to see.
     """
 
-    def __init__(self, plan: Plan, graph: dict[int, set[int]], results: dict[int, StepResult],
-                 parallel: int, log: _StepLog, run_step: Callable[..., None],
-                 ended: Callable[[StepResult], None], cancel: threading.Event | None = None):
-        import threading
-
-        self.plan, self.graph, self.results, self.parallel = plan, graph, results, max(1, parallel)
-        self.log, self.run_step, self.ended = log, run_step, ended
-        self.cancel = cancel or threading.Event()
+    def __init__(self, graph: dict[int, set[int]], parallel: int, run: "PlanRun"):
+        self.plan, self.graph, self.results = run.plan, graph, run.results
+        self.parallel, self.log, self.cancel = max(1, parallel), run.log, run.cancel
+        self.run_step, self.ended = run.run_step, run.step_ended
         self.outputs: dict[int, str] = {}
         self.ready: list[int] = []
         self.running: set[int] = set()
@@ -8588,9 +8547,666 @@ class ContextPool:
 
 
 ###############################################################################
-# 32. Runner
-# One plan at a time: validate, claim, run the steps in dependency order with their
-# attempts, write files, then store the result and the final state together.
+# 33. The model's context
+# What prompts and answers are fitted to, learned across the plans of one
+# process: the default model's context and slots, the server's tokens per
+# estimated token, the models seen thinking.
+###############################################################################
+
+
+class ContextFit:
+    """What this process knows of the default model's context (every plan it runs
+    shares it): model (the default model id; steps and plan defaults may name
+    another), context_length (tokens, or None: not known), parallel (steps in
+    flight), calibration (the server's tokens per estimated token: calibrate), pool
+    (a ContextPool when the server's slots share one context, else None), reprobe
+    (LM Studio's model was not loaded when the run began (JIT): the first reply loads
+    it, then the server is asked again for the context and slots it was loaded with),
+    and the models seen thinking (their requests keep a reserve). client: the
+    LLMClient, or None when no plan will be sent."""
+
+    __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
+                 "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
+
+    def __init__(self, config: Config, client: "LLMClient | None", model: str | None,
+                 progress: Progress):
+        import threading
+
+        self.config, self.client, self.model, self.progress = config, client, model, progress
+        self.context_length: int | None = None
+        self.parallel, self.calibration = 1, 1.0
+        self.pool: ContextPool | None = None
+        self.reprobe = False
+        self._thinkers: set[str] = set()
+        self._reprobe_lock = threading.Lock()
+
+    def context_of(self, model: str) -> int | None:
+        """Return the context (tokens) a model's prompts are fitted to: the default
+        model's, else None (not known)."""
+        return self.context_length if model == self.model else None
+
+    def budget(self, step: Step, model: str) -> int | None:
+        """Return the prompt tokens that fit for a step, or None when the context is unknown.
+
+        The context length (--context-length, else what the server reported for the
+        loaded model) less the answer's share: the step's max_tokens, else
+        its validation's default_max_tokens (at most a quarter of the context;
+        see answer_tokens).
+        """
+        budget = prompt_budget(step, self.context_of(model))
+        return int(budget / self.calibration) if budget is not None else None
+
+    def calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
+        """Learn how many of the server's tokens one estimated token is (calibration,
+        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
+        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
+        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
+        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        estimate = estimate_tokens(messages)
+        if model != self.model or not isinstance(counted, int) or self.context_length is None \
+                or estimate < CALIBRATE_MIN_TOKENS:
+            return False
+        ratio = min(counted / estimate, MAX_CALIBRATION)
+        if ratio <= self.calibration * 1.02:
+            return False
+        self.calibration = ratio
+        return True
+
+    def max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
+        """Return the max_tokens of one request: answer_tokens, plus reserve, capped by
+        the context the prompt leaves (estimate_tokens, times calibration) when the
+        model's context is known."""
+        context = self.context_of(model)
+        limit = answer_tokens(step, context) + self.reserve(step, model)
+        if not context:
+            return limit
+        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
+
+    def reserve(self, step: Step, model: str) -> int:
+        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
+        when the step asks for thinking or the model was seen thinking, else 0."""
+        if step.thinking != "on" and model not in self._thinkers:
+            return 0
+        return thinking_reserve(self.context_of(model))
+
+    def thinks(self, model: str) -> None:
+        """Remember that a model thought: its later requests keep the reserve."""
+        self._thinkers.add(model)
+
+    def learn_context(self, message: str) -> None:
+        """Take the context a server names in its overflow error (llama-cpp-python and
+        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
+        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
+        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
+                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
+        number = next((int(g) for g in found.groups() if g), 0) if found else 0
+        if number >= 64:
+            self.context_length = number
+            self.progress.info(f"the server's context is {number} tokens (from its error): "
+                               "the steps sent from now on are fitted to it")
+
+    def reprobe_loaded(self, model: str) -> None:
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
+        context and parallel slots it was loaded with (JIT loads ignore saved settings
+        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
+        re-reads the same way): the steps sent after this fit them; said once."""
+        with self._reprobe_lock:
+            if not self.reprobe:
+                return
+            self.reprobe = False
+        try:
+            info = self.client.probe()
+        except LLMError:
+            return
+        if model != self.model or info.loaded != parse_model_ref(model)[1]:
+            return
+        self.context_length = self.config.context_length or info.context_length
+        self.parallel = self.config.parallel or info.parallel or 1
+        self.progress.info(f"model {info.loaded} is loaded now: context "
+                           f"{info.context_length or 'not reported'}, "
+                           f"{info.parallel or 1} slot(s); "
+                           "the steps sent from now on are fitted to them")
+
+
+###############################################################################
+# 34. An attempt
+# One request of a step as it is sent and streamed: its progress, its watched
+# answer and thinking, and what it thought.
+###############################################################################
+
+
+class Attempt:
+    """One request of a step as it is sent and streamed: step_run (the StepRun it is
+    of), number (1 for the first), model (the model reference asked), messages (the
+    prompt sent, redacted), sampling (the fields of retry_sampling, or None: as the
+    step says; then the fields sent, with max_tokens), started (time.monotonic()),
+    pieces (streamed pieces so far: the token estimate when the server sends no
+    usage), guard (a DegenerationGuard for a local model, else None), thought
+    (reasoning pieces so far), thinking_guard (the guard of the reasoning text); once
+    prepared (StepRun._prepare): executor and name (the model name it is asked by),
+    local (the run's model server: a PROBED executor), thinking (thinking_asked, on the local
+    server), reserve (thinking reserve tokens) and schema (the output schema sent, or
+    None)."""
+
+    __slots__ = ("step_run", "number", "model", "messages", "sampling", "started", "pieces",
+                 "guard", "thought", "thinking_guard", "executor", "name", "local", "thinking",
+                 "reserve", "schema")
+
+    def __init__(self, step_run: "StepRun", number: int, model: str, messages: list[dict],
+                 sampling: dict | None = None):
+        self.step_run, self.number, self.model, self.sampling = step_run, number, model, sampling
+        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
+        self.started, self.pieces, self.guard = time.monotonic(), 0, None
+        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+        self.executor, self.name, self.local = None, model, False
+        self.thinking, self.reserve, self.schema = None, 0, None
+
+    def _status(self, what: Callable[[float], str]) -> None:
+        """Show the attempt on the progress line: where, step, attempt, seconds, and
+        what(seconds since it started)."""
+        run, step = self.step_run.run, self.step_run.step
+        elapsed = time.monotonic() - self.started
+        run.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
+                            f"{self.number} · {elapsed:.1f} s · {what(elapsed)}")
+
+    def on_delta(self, piece: str) -> None:
+        """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
+        closed on the way out), emit it as an event, show the attempt's progress."""
+        self.pieces += 1
+        if self.guard is not None:
+            self.guard.feed(piece)
+        run = self.step_run.run
+        run.runner.events.emit("delta", run.plan.id, self.step_run.step.id,
+                               attempt=self.number, text=piece)
+        self._status(lambda elapsed: f"{self.pieces / max(elapsed, 1e-6):.1f} tok/s")
+
+    def on_reasoning(self, piece: str) -> None:
+        """Take one streamed piece of thinking: count it, show it on the progress line
+        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
+        the stream is closed on the way out)."""
+        self.thought += 1
+        self._status(lambda elapsed: f"thinking · {self.thought} tokens")
+        if self.thinking_guard is not None:
+            try:
+                self.thinking_guard.feed(piece)
+            except OutputDegenerate as exc:
+                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
+                raise OutputDegenerate(why) from None
+
+    def thought_of(self, reply: Completion, inline: str) -> tuple[int, int]:
+        """Record what the attempt thought (reasoning fields and reasoning inside content):
+        its tokens and bytes, on the step's attempt_log entry; remember the model
+        thinks. Returns the tokens, and the answer's (its pieces less the thinking
+        inside content). Tokens: the reasoning fields' streamed pieces (else
+        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
+        characters are (else CHARS_PER_TOKEN)."""
+        text = reply.reasoning + inline
+        if not text:
+            return 0, self.pieces
+        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
+        if self.pieces and inline:
+            within = round(self.pieces * len(inline) / len(reply.text))
+        else:
+            within = int(len(inline) / CHARS_PER_TOKEN)
+        tokens = max(1, fields + within)
+        size = len(text.encode("utf-8", "replace"))
+        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self.step_run.runner.fit.thinks(self.model)
+        self.step_run.say(f"  {self.step_run.step.label}: the model thought for {tokens} tokens",
+                          detail=True)
+        return tokens, max(0, self.pieces - within)
+
+    def thought_cut(self) -> None:
+        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        if self.thought and self.thinking_guard is not None:
+            size = len(self.thinking_guard.text.encode("utf-8", "replace"))
+            self.step_run.result.attempt_log[-1].update(reasoning_tokens=self.thought,
+                                                        reasoning_bytes=size)
+            self.step_run.runner.fit.thinks(self.model)
+
+    def cut_thinking(self, limit: Any, thought: int, answered: int) -> str:
+        """Say how an attempt that thought was cut at max_tokens (limit): what thinking
+        spent (thought: tokens), whether an answer began (answered: its tokens, 0: none),
+        and what the next attempt keeps for thinking."""
+        reserve = self.step_run.runner.fit.reserve(self.step_run.step, self.model)
+        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
+        if self.thinking == "off":
+            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
+                     f"to {reserve} tokens for thinking")
+        elif self.thinking == "on":
+            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
+        else:
+            after = f"the next attempt keeps up to {reserve} tokens for thinking"
+        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
+                f"{answer} ({after})")
+
+    def stopped(self, why: str) -> AttemptFailure:
+        """Record an attempt whose output degenerated and was cut (its tokens are
+        estimated: the server sent no usage); return its AttemptFailure."""
+        step_run = self.step_run
+        text = self.guard.text if self.guard is not None else ""
+        thought = self.thinking_guard.text if self.thinking_guard is not None else ""
+        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, self.thought)
+        step_run.run.runlog.answer(step_run.step.id, self.number, reply)
+        _add_usage(step_run.result, reply, self.messages, self.pieces + self.thought, self.model)
+        step_run.result.output = split_reasoning(text)[0]
+        step_run.run.runlog.checked(step_run.step.id, self.number, why)
+        return AttemptFailure.from_stop(why, step_run.step.validation)
+
+
+###############################################################################
+# 35. A step run
+# One step from its first prompt to its settled result: its attempts (prompt,
+# send, check, write, commands, put back), then its escalation.
+###############################################################################
+
+
+class StepRun:
+    """One step of a plan run, from its first prompt to its settled result (run.results
+    [step.id]: status, output, error, usage, …): its attempts on its model, each checked,
+    its file written and its commands run (a failed one's file put back), until one
+    passes or the retry policy says stop; then its escalation. run: the PlanRun;
+    outputs: step id -> output, of the steps it may read."""
+
+    __slots__ = ("run", "runner", "step", "result", "outputs", "say")
+
+    def __init__(self, run: "PlanRun", step: Step, outputs: dict[int, str]):
+        self.run, self.runner, self.step = run, run.runner, step
+        self.result, self.outputs = run.results[step.id], outputs
+        self.say = functools.partial(run.log.say, step.id)
+
+    def run_step(self, position: int) -> None:
+        """Run the step's attempts (position: its place in the order steps started);
+        fill its result and transcript, then its STATS_FILE record."""
+        run, step, result = self.run, self.step, self.result
+        plan, model = run.plan, step.model or self.runner.model
+        result.status, result.file_output, result.model = "running", step.file_output, model
+        run.positions[step.id] = position
+        run.runlog.start(step, model, plan.project)
+        self.runner.events.emit("step_start", plan.id, step.id, title=step.title,
+                                position=position, steps=len(plan.steps),
+                                max_attempts=step.max_retries + 1, model=model)
+        try:
+            self._attempts()
+        finally:
+            run.runlog.end(result)
+        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
+            append_step_stats(run.config.runs_dir.parent, {
+                "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
+                "model": model,
+                "validation": [v.get("type") for v in validations_of(step.validation)],
+                "outcome": step_outcome(result), "attempts": result.attempts,
+                "escalated_to": result.escalated_to,
+                "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
+                "seconds": round(result.duration_s, 3)})
+
+    def _first_prompt(self) -> list[dict] | None:
+        """Return the step's first prompt, or None when it cannot be sent (its prompt
+        does not fit the model's context, or its commands may not run here): then the
+        step is settled, failed or skipped, and nothing is sent. A prompt the server
+        counts as more tokens than estimated is fitted again (ContextFit.calibrate)."""
+        run, step, result, fit = self.run, self.step, self.result, self.runner.fit
+        staged = run.files.path_of if run.staged else None
+        run.sources[step.id] = []
+        try:
+            messages = build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
+                                      staged, run.sources[step.id])
+            counted = fit.client.count_tokens(messages) \
+                if fit.client is not None and result.model == fit.model else None
+            if fit.calibrate(result.model, messages, counted):
+                run.sources[step.id] = []           # fitted again, to the server's own count
+                messages = build_messages(run.plan, step, self.outputs,
+                                          fit.budget(step, result.model), staged,
+                                          run.sources[step.id])
+        except PromptTooLarge as exc:
+            result.error, shown = f"{exc} ({exc.hint})", str(exc)
+        else:       # commands that may not run here: nothing is sent, nothing runs
+            refused = run.commands_refused() if _commands_of(step) else None
+            if refused is None:
+                return messages
+            result.error = shown = refused
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        self.say(f"  {step.label}: {result.status}: {shown}")
+        return None
+
+    def _attempts(self) -> None:
+        """Send the step's attempts until one passes or the retry policy stops them
+        (AttemptFailure.retries: at most step.max_retries + 1), then escalate when the
+        config or plan says so (escalation_target); settle the result."""
+        run, step, result = self.run, self.step, self.result
+        model, clock = result.model, time.monotonic()
+        budget = self.runner.fit.budget(step, model)
+        messages = self._first_prompt()
+        if messages is None:
+            return
+        retry_note: list[dict] = []
+        failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
+        for number in range(1, step.max_retries + 2):
+            result.attempts = number
+            self.say(f"  {step.label}: attempt {number}/{step.max_retries + 1}")
+            self.say("\n".join(f"--- {m['role']} ---\n{m['content']}"
+                               for m in messages + retry_note), detail=True)
+            result.output = ""
+            sampling = retry_sampling(run.config.retry_sampling, step, number)
+            spent = result.usage["completion_tokens"]
+            failure = self.send(Attempt(self, number, model, messages + retry_note, sampling))
+            if result.attempt_log:
+                result.attempt_log[-1].update(
+                    completion_tokens=result.usage["completion_tokens"] - spent,
+                    error=failure and failure.message)
+            result.duration_s = time.monotonic() - clock
+            if failure is None:
+                result.status, result.error = "succeeded", None
+                self.say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
+                return
+            result.error = failure.message
+            failures.append((result.output, failure.message))
+            self.say(f"  {step.label}: attempt {number} failed: {failure.message}")
+            retrying = failure.retries(number, step)
+            self.runner.events.emit("attempt_failed", run.plan.id, step.id, attempt=number,
+                                    error=failure.message, retrying=retrying)
+            if not retrying:
+                break
+            retry_note = fit_feedback(messages, failure.feedback, budget)
+        escalate_to, unused = escalation_target(run.config, run.plan)
+        if unused:
+            self.say(f"  {step.label}: {unused}")
+        if escalate_to and not run.cancel.is_set():
+            saved = self._escalate(escalate_to, escalation_messages(messages, failures))
+            result.duration_s = time.monotonic() - clock
+            if saved:
+                return
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+
+    def _escalate(self, escalate_to: str, messages: list[dict]) -> bool:
+        """Give the step, its attempts spent, one more attempt on escalate_to with
+        messages (escalation_messages). Returns True when that saved it."""
+        step, result = self.step, self.result
+        number = result.attempts + 1
+        result.attempts, result.escalated_to, result.output = number, escalate_to, ""
+        self.say(f"  {step.label}: escalating to {escalate_to} (attempt {number})")
+        failure = self.send(Attempt(self, number, escalate_to, messages))
+        result.escalation_saved = failure is None
+        if failure is None:
+            result.status, result.error = "succeeded", None
+            self.say(f"  {step.label}: succeeded on {escalate_to}")
+            return True
+        result.error = f"{failure.message} (after escalating to {escalate_to})"
+        self.runner.events.emit("attempt_failed", self.run.plan.id, step.id, attempt=number,
+                                error=failure.message, retrying=False)
+        self.say(f"  {step.label}: the escalation failed too: {failure.message}")
+        return False
+
+    def send(self, attempt: Attempt) -> "AttemptFailure | None":
+        """Send one attempt, check it, write its file; return None or its AttemptFailure.
+
+        attempt.sampling: its fields (retry_sampling; None: as the step says; the
+        Anthropic API and the claude CLI always sample as the step says). A local
+        model's output is watched while it streams (DegenerationGuard): when it
+        degenerates, the request is cancelled and the attempt fails saying why; so
+        does an answer cut at max_tokens (finish_reason "length"), saying what
+        thinking spent of it. On the local server the attempt asks for thinking as
+        thinking_asked says, keeps ContextFit.reserve tokens for it, reads and records
+        the reasoning (Attempt.thought_of), and a constrained answer that comes back
+        garbled makes that model go unconstrained (_garbled).
+        """
+        failure = self._prepare(attempt)
+        if failure is not None:
+            return failure
+        try:
+            reply = self._chat(attempt)
+        except (LLMError, OutputDegenerate) as exc:
+            return self._unanswered(attempt, exc)
+        return self._answered(attempt, reply)
+
+    def _prepare(self, attempt: Attempt) -> "AttemptFailure | None":
+        """Find the attempt's executor, its sampling, thinking and schema, and record what
+        it sends (attempt_log, transcript); return why it cannot be sent, or None."""
+        run, step, result = self.run, self.step, self.result
+        try:
+            attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
+        except LLMError as exc:          # no key, no claude binary, not allowed
+            return AttemptFailure.final(str(exc))
+        if executor_class(attempt.model).PAID and (refused := self.runner.spend.refused()):
+            run.cap_hit = True
+            return AttemptFailure.final(refused)
+        local = attempt.local = attempt.executor.PROBED    # the others keep their own limits
+        attempt.sampling = self._sampling(attempt)
+        sent = attempt.executor.accepted_sampling(attempt.sampling) if local else attempt.sampling
+        attempt.thinking = thinking_asked(step) if local else None
+        attempt.reserve = self.runner.fit.reserve(step, attempt.model) if local else 0
+        result.attempt_log.append({"attempt": attempt.number, "sampling": sent,
+                                   "completion_tokens": 0, "error": None,
+                                   "thinking": attempt.thinking,
+                                   "thinking_reserve_tokens": attempt.reserve})
+        run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
+        if attempt.reserve:
+            self.say(f"  {step.label}: max_tokens {attempt.sampling['max_tokens']} keeps up to "
+                     f"{attempt.reserve} for thinking (the step asks for it, or the model "
+                     "thought earlier in this run)")
+        sends = local and attempt.executor.structured_level < len(RESPONSE_FORMS) and \
+            attempt.name not in attempt.executor.unconstrained
+        attempt.schema = redact(self._output_schema(attempt.number, sends))  # spans copy the input
+        return None
+
+    def _chat(self, attempt: Attempt) -> Completion:
+        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
+        a stream the server cut for another request (LLMContention) is sent again
+        (resend_on_contention; said once a process). With steps in parallel on a
+        server whose slots share one context (ContextFit.pool), the request first waits
+        for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
+        watched = attempt.executor.WATCHED
+        pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
+        request = ChatRequest(attempt.name, sampling, sampling.get("max_tokens"),
+                              self.step.timeout_s, attempt.schema, attempt.thinking,
+                              attempt.on_delta, attempt.on_reasoning)
+        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
+        held = pool.acquire(need, self.run.cancel) if pool is not None else 0
+
+        def send() -> Completion:
+            attempt.guard = DegenerationGuard(checked_depth(self.step.validation)) \
+                if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
+            attempt.pieces = attempt.thought = 0
+            return attempt.executor.chat(attempt.messages, request)
+        try:
+            return resend_on_contention(send, self.run.cancel, self.runner.contention)
+        finally:
+            if pool is not None:
+                pool.release(held)
+
+    def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
+        """Record an attempt whose request failed (LLMError) or whose output was stopped
+        while it streamed (OutputDegenerate); return its AttemptFailure. The server's
+        own failure (LLMServerUnusable) stops the run (PlanRun.halt, cancel); a context
+        overflow teaches the context (ContextFit.learn_context) when none is known."""
+        run, fit = self.run, self.runner.fit
+        self.result.generation_s += time.monotonic() - attempt.started
+        attempt.thought_cut()
+        if isinstance(exc, OutputDegenerate):
+            return attempt.stopped(str(exc))
+        run.runlog.checked(self.step.id, attempt.number, str(exc))
+        if isinstance(exc, LLMServerUnusable):      # the server's failure, not the step's
+            if run.halt is None:
+                run.halt = exc
+            run.cancel.set()
+        elif exc.context_overflow and attempt.local and attempt.model == fit.model \
+                and fit.context_length is None:
+            fit.learn_context(str(exc))
+        return AttemptFailure.from_request(exc)
+
+    def _answered(self, attempt: Attempt, reply: Completion) -> "AttemptFailure | None":
+        """Take an attempt's reply: price and record it, learn from its usage, then fail
+        it when its prompt was cut or its answer stopped at max_tokens, else check it."""
+        run, step, result, fit = self.run, self.step, self.result, self.runner.fit
+        local, executor = attempt.local, attempt.executor
+        result.generation_s += time.monotonic() - attempt.started
+        pieces = attempt.pieces + attempt.thought
+        reply = priced_reply(reply, attempt.messages, pieces, attempt.name)
+        if local and fit.reprobe:
+            fit.reprobe_loaded(attempt.model)
+        if executor_class(attempt.model).PAID:
+            self.runner.spend.add(reply.cost_usd or 0.0)
+        if run.cancel.is_set():
+            return AttemptFailure.final("interrupted")
+        output, inline = split_reasoning(reply.text)
+        run.runlog.answer(step.id, attempt.number, reply)
+        if local:
+            result.attempt_log[-1]["response_format"] = reply.response_format
+        _add_usage(result, reply, attempt.messages, pieces, attempt.model)
+        thought, answered = attempt.thought_of(reply, inline)
+        cuts = local and executor.cuts_prompts
+        if cuts and reply.usage:     # the steps after it fit better
+            fit.calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
+        result.output = output
+        cut = prompt_cut(reply.usage, attempt.messages) if cuts else None
+        if cut:
+            run.runlog.checked(step.id, attempt.number, cut)
+            return AttemptFailure.final(cut)    # the same prompt would be cut again
+        if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
+            limit = attempt.sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
+            why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
+                   "(raise the step's max_tokens if it needs more)")
+            if thought:
+                why = attempt.cut_thinking(limit, thought,
+                                           max(1, answered) if output.strip() else 0)
+            run.runlog.checked(step.id, attempt.number, why)
+            return AttemptFailure.from_stop(why, step.validation)
+        if reply.model and reply.model != attempt.name:
+            result.model = reply.model
+        self.say(f"--- output ---\n{output}", detail=True)
+        failure = self._check(output, output)
+        if failure is not None and failure.answer_invalid and local and reply.response_format:
+            self._garbled(attempt, output, reply.response_format)
+        return failure
+
+    def _garbled(self, attempt: Attempt, output: str, form: str) -> None:
+        """After a constrained answer failed: when it looks damaged by the grammar
+        (grammar_damage against attempt.schema, the one sent), send that model's later
+        requests unconstrained, and say so."""
+        executor, name = attempt.executor, attempt.name
+        if name in executor.unconstrained:
+            return
+        damage = grammar_damage(output, attempt.schema)
+        if damage:
+            executor.drop_constraint(name, damage)
+            self.say(f"  {self.step.label}: the constrained answer ({form}) looks garbled "
+                     f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
+                     "rest of this run, still checked")
+
+    def _output_schema(self, number: int, sends: bool) -> dict | None:
+        """Return the schema an attempt asks for (output_schema of the step's input) and,
+        for a grounded step, record in the run log which form it is: "spans" (its string
+        values can only be copied from the input), "schema" (the usual one: the input
+        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
+        (sends: False, the executor sends no schema: only the check applies)."""
+        step = self.step
+        schema = output_schema(step.validation, self.run.sources.get(step.id, []))
+        first = next((v for v in validations_of(step.validation)
+                      if output_schema(v) is not None), {})
+        if first.get("grounded") and schema is not None:
+            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
+            form = "none" if not sends else "spans" if spans else "schema"
+            self.run.runlog.constrained(step.id, number, form,
+                                        len(spans["enum"]) if spans else None)
+        return schema
+
+    def _sampling(self, attempt: Attempt) -> dict:
+        """Return the sampling fields an attempt asks for, with its max_tokens: the
+        attempt's own on a local model (retry_sampling), else as the step says."""
+        step, local = self.step, attempt.local
+        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
+                        else attempt.sampling)
+        limit = self.runner.fit.max_tokens(step, attempt.model, attempt.messages) if local \
+            else step.max_tokens
+        if limit:
+            sampling["max_tokens"] = limit
+        return sampling
+
+    def _check(self, output: str, answer: str) -> "AttemptFailure | None":
+        """Check an output, write its file, run the step's commands; return None or the
+        AttemptFailure. The checks of the answer itself come first (they cost nothing,
+        and the commands need the file they produce), then each command in order, up
+        to the first that fails. A failed command puts the file back at once, and so
+        does anything that stops the run while a command runs."""
+        run, step, result = self.run, self.step, self.result
+        files, number = run.files, result.attempts
+        try:
+            source = "\n".join(run.sources.get(step.id, []))
+            artifact = check_output(output, step.validation, source)
+        except OutputInvalid as exc:
+            run.runlog.checked(step.id, number, str(exc))
+            return AttemptFailure.from_output(str(exc), answer, step.validation)
+        result.output = artifact
+        if step.file_output:
+            try:
+                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
+            except PathError as exc:
+                run.runlog.checked(step.id, number, str(exc))
+                return AttemptFailure.final(str(exc))
+            done, review = ("staged", " for review") if run.staged else ("wrote", "")
+            self.say(f"  {step.label}: {done} {step.file_output} ({change.action}){review}")
+        try:
+            failure = self._run_commands(answer)
+        except BaseException:
+            with _suppress(PathError):
+                self._put_back()
+            raise
+        if failure is not None:
+            try:
+                self._put_back()
+            except PathError as exc:
+                return AttemptFailure.final(f"{failure.message}; and {exc}")
+            return failure
+        run.runlog.checked(step.id, number, None)
+        if step.file_output:
+            run.kept[step.file_output] = artifact
+            if not run.staged:     # only a write that stays is what the run left
+                record_written(run.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
+        return None
+
+    def _run_commands(self, answer: str) -> "AttemptFailure | None":
+        """Run the step's command validations in order in the project; return the first
+        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        run, step, result = self.run, self.step, self.result
+        number = result.attempts
+        for validation in _commands_of(step):
+            argv = validation["run"]
+            self.say(f"  {step.label}: checking with `{shell_words(argv)}`")
+            command = run_command(argv, run.plan.project, command_env(run.config),  # type: ignore[arg-type]
+                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+            result.checks.append({"attempt": number, **command.as_dict()})
+            run.runlog.command(step.id, number, command)
+            if command.error is None:
+                self.say(f"  {step.label}: check passed in {command.duration_s:.1f} s")
+                continue
+            self.say(f"--- output of `{shell_words(argv)}` ---\n{command.output_tail}",
+                     detail=True)
+            run.runlog.checked(step.id, number, command.error)
+            if run.cancel.is_set():
+                return AttemptFailure.final("interrupted")
+            return AttemptFailure.from_command(command, answer, step.file_output, step.validation)
+        return None
+
+    def _put_back(self) -> None:
+        """Undo a failed attempt's file: what an earlier step of this run wrote there,
+        else the original. Raises PathError (RollbackError) when it cannot."""
+        step, files = self.step, self.run.files
+        if not step.file_output or files is None:
+            return
+        if step.file_output in self.run.kept:
+            files.write(step.file_output, self.run.kept[step.file_output], step.id)
+        else:
+            files.revert_path(step.file_output)
+
+
+###############################################################################
+# 36. A plan run
+# One plan from its claim to its stored result: open, take over, run the steps,
+# verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
 
 
@@ -8612,6 +9228,32 @@ def narrowed_plan(plan: Plan, config: Config) -> Plan:
     return plan._replace(steps=steps)
 
 
+class CheckedPlan(namedtuple("CheckedPlan", "record plan problems trusted")):
+    """A stored plan as the gate checked it, handed to its run (check_plan and the trust
+    decision run once per run): record (PlanRecord), plan (runnable_plan of it, or None
+    when it is invalid), problems (why it is invalid; [] when valid), trusted
+    (plan_trusted for its content: may it run commands; False when invalid)."""
+
+    __slots__ = ()
+
+
+def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str | None]:
+    """Return (the run id of the killed run a stale plan's run takes over, or None; why
+    it does not take it over, or None). A stale plan's dead run may have left files
+    half done: they are taken over if the run id read back from the store is one bridge
+    made, and that run's folder is this plan's (nothing read back is a path)."""
+    previous = record.state.get("run_id") if record.display_status == "stale" else None
+    if previous is None:
+        return None, None
+    try:
+        run_folder(runs_dir, previous)
+    except PathError as exc:
+        return None, f"plan {record.plan_id}: not taking over its last run: {exc}"
+    if foreign := foreign_run_reason(runs_dir, previous, record):
+        return None, f"plan {record.plan_id}: not taking over its last run: {foreign}"
+    return previous, None
+
+
 def _stop_running(results: dict[int, StepResult], why: str) -> None:
     """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
     for result in results.values():
@@ -8622,43 +9264,73 @@ def _stop_running(results: dict[int, StepResult], why: str) -> None:
 
 
 class PlanRun:
-    """What one run of one plan shares from claim to result, as one object (CPython's
-    venv passes a `context` the same way): record, plan (None until checked), run_id,
+    """One run of one plan, from claim to result (CPython's venv passes a `context`
+    the same way): runner (the Runner: store, executors, spend cap, events), record,
+    plan (narrowed_plan of the checked plan, or None when invalid), problems (the
+    gate's: CheckedPlan), trusted (may it run commands: plan_trusted), run_id,
     run_dir, started (UTC ISO) and clock (time.monotonic() at the claim), previous
     (the killed run it takes over, or None), keep_finished (--resume), refused
     (why it does not take over a run, or None), files (FileTransaction, StagedFiles,
     or None without a project), results (step id -> StepResult), runlog (RunLog),
     log (_StepLog), cancel (set when the run stops early, for steps still running),
-    trusted (may it run commands: plan_trusted), cli_cwd (where claude runs: a
-    trusted project, else None for a scratch folder), kept (path -> what a
-    succeeded step of this run wrote there), positions (step id -> its place in
-    the order it started), cap_hit (--max-cost-usd was reached), sources (step id ->
-    its input as sent, the pieces build_messages gives: what a grounded answer copies),
-    halt (the LLMServerUnusable that stopped the run, or None)."""
+    cli_cwd (where claude runs: a trusted project, else None for a scratch folder),
+    kept (path -> what a succeeded step of this run wrote there), positions (step id
+    -> its place in the order it started), cap_hit (--max-cost-usd was reached),
+    sources (step id -> its input as sent, the pieces build_messages gives: what a
+    grounded answer copies), halt (the LLMServerUnusable that stopped the run, or
+    None)."""
 
-    __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
-                 "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
-                 "positions", "cap_hit", "sources", "halt")
+    __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
+                 "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
+                 "files", "results", "runlog", "log", "cancel", "cli_cwd", "kept", "positions",
+                 "cap_hit", "sources", "halt")
 
-    def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
-                 keep_finished: bool):
+    def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
+                 previous: str | None, keep_finished: bool):
         import threading        # not at the top: `bridge --help` does without it
 
-        self.record, self.run_id, self.run_dir = record, run_id, runs_dir / run_id
+        self.runner, self.config, self.progress = runner, runner.config, runner.progress
+        self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
+        self.plan = narrowed_plan(checked.plan, self.config) if checked.plan else None
+        self.run_id, self.run_dir = run_id, self.config.runs_dir / run_id
         self.started, self.clock = utc_now_iso(), time.monotonic()
         self.previous, self.keep_finished, self.refused = previous, keep_finished, None
-        self.plan: Plan | None = None
         self.files: FileTransaction | StagedFiles | None = None
         self.results: dict[int, StepResult] = {}
         self.runlog: RunLog | None = None
         self.log: _StepLog | None = None
         self.cancel = threading.Event()
-        self.trusted, self.cli_cwd = False, None
+        self.cli_cwd = None
         self.kept: dict[str, str] = {}
         self.positions: dict[int, int] = {}
         self.cap_hit = False
         self.sources: dict[int, list[str]] = {}
         self.halt: LLMServerUnusable | None = None
+
+    def run(self, problems: list[str]) -> dict:
+        """Run the plan and store its result; return the stored result document.
+
+        problems: reasons found outside the plan itself (an id shared with another
+        live plan); with any, or any of the gate's, the plan is recorded as failed with
+        every problem and nothing is sent. Re-raises KeyboardInterrupt after recording
+        the plan as failed ("interrupted at step N"). Raises LLMServerUnusable when the
+        model server stopped the run (_halted), ResultNotStored or StoreError when the
+        store cannot be written.
+        """
+        self._announce()
+        problems = [*problems, *self.problems]
+        if problems:
+            return self._invalid(problems)
+        with _Heartbeat(self.config, self.record, self.run_id):
+            self._open()                        # logs, trust, files, step results
+            error, verify, interrupted = self._work()   # records, take over, steps, verify
+            if self.halt is not None and interrupted is None:
+                self._halted()                  # raises: the plan stays pending or resumable
+            with shielded_signals(self.progress.error, for_good=interrupted is not None):
+                result = self._close(error, verify, interrupted)    # files, backups, result
+        if interrupted:
+            raise interrupted
+        return result
 
     @property
     def staged(self) -> bool:
@@ -8667,25 +9339,366 @@ class PlanRun:
 
     def where(self, step: Step) -> str:
         """Return "plan ID · step N/M" for a progress line of a step that started."""
-        return f"plan {self.plan.id} · step {self.positions.get(step.id, 0)}/{len(self.plan.steps)}"
+        return (f"plan {self.plan.id} · step {self.positions.get(step.id, 0)}"
+                f"/{len(self.plan.steps)}")
+
+    def _announce(self) -> None:
+        record = self.record
+        self.runner.events.emit("plan_start", record.plan_id, run_id=self.run_id,
+                                objective=record.objective, steps=record.step_count,
+                                model=self.runner.model)
+        if self.refused:
+            self.progress.error(self.refused)
+
+    def _invalid(self, problems: list[str]) -> dict:
+        """Record the plan failed with every problem, nothing sent; return the result."""
+        self.progress.error(f"plan {self.record.plan_id}: invalid: {problems_line(problems)}")
+        result = self._result("failed", f"plan is invalid ({len(problems)} problem(s))")
+        result["problems"] = problems
+        if self.refused:
+            result["refused"] = [self.refused]
+        return self._finish(result)
+
+    def _open(self) -> None:
+        """Fill in what a checked plan's run needs: its logs, files and step results."""
+        plan, config = self.plan, self.config
+        self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
+                           f"· {len(plan.steps)} step(s) · model {self.runner.model}")
+        self.runlog = RunLog(self.run_dir, self.run_id, plan.id, config.price_model)
+        if plan.project is not None and trusted_root(config, plan.project) is not None:
+            self.cli_cwd = plan.project
+        if not plan.project:
+            self.files = None
+        elif config.review:
+            self.files = StagedFiles(plan.project, self.run_dir, config.crash_at)
+        else:
+            self.files = FileTransaction(plan.project, self.run_dir, config.crash_at,
+                                         Guard.of(config))
+        self.results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
+
+    def _work(self) -> tuple[str | None, dict | None, BaseException | None]:
+        """Write the run's records, take over a killed run, run the steps and verify;
+        return (the plan's error or None, the verify record or None, the interrupt that
+        stopped it or None)."""
+        plan, results = self.plan, self.results
+        try:
+            private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
+            write_run_info(self.run_dir, plan.id, plan.project, self.started,
+                           self.record.content_hash)
+            if self.staged:
+                self.files.note_reads(plan.files_context)
+            if self.previous:
+                self._take_over()
+            return (*self._run_and_verify(), None)
+        except KeyboardInterrupt as exc:
+            current = sorted(r.id for r in results.values() if r.status == "running")
+            for result in results.values():
+                if result.status == "running":
+                    result.status, result.error = "failed", "interrupted"
+                elif result.attempts == 0 and result.error is None:
+                    result.error = "not run: the run was interrupted"
+            where = f" at step {', '.join(map(str, current))}" if current else ""
+            return f"interrupted{where}", None, exc
+        except RollbackError as exc:        # files of a killed run could not be put back
+            return str(exc), None, None
+        except OSError as exc:              # a full disk or read-only state dir: the run's records
+            _stop_running(results, "the run's records could not be written")
+            return (f"cannot write the run's records in {self.run_dir}: {exc.strerror or exc} "
+                    "(free some space, or make --state-dir writable)"), None, None
+
+    def _take_over(self) -> None:
+        """Take over what a killed run (previous) left, and put back what it left half done.
+
+        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+        keep their outputs and files, unless that run had already reverted its
+        files; files written by any other step are restored from its journal. A
+        --review run (or its --apply) that died starts over: its outputs never all
+        reached the project. Raises RollbackError when such a file cannot be restored.
+        """
+        plan, previous, results, files = self.plan, self.previous, self.results, self.files
+        old_dir = run_folder(self.config.runs_dir, previous)
+        keep_finished = self.keep_finished
+        if keep_finished and (old_dir / STAGED_FILE).exists():
+            # a --review run (or its --apply) died: its outputs never all reached the project
+            keep_finished = False
+            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
+                               "starting its steps over")
+        try:
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
+            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
+                    if keep_finished and not reverted
+                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+            written = read_jsonl(old_dir / WRITTEN_FILE)
+        except OSError as exc:      # a symlink where its records should be: not bridge's
+            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
+                                f"({exc.strerror or exc}); every step runs again")
+            done, written = {}, []
+        for sid, entry in done.items():
+            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
+            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
+            if plan.steps[sid].file_output:
+                self.kept[plan.steps[sid].file_output] = results[sid].output
+        for entry in written:                   # what the kept steps wrote, for --undo
+            if entry.get("step") in done:
+                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
+        restored = files.recover(old_dir, set(done)) if files else []
+        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
+                           f"already succeeded, {len(restored)} file(s) put back")
+        for reason in getattr(files, "refused", []):
+            self.progress.error(f"plan {plan.id}: {reason}")
+
+    def _run_and_verify(self) -> tuple[str | None, dict | None]:
+        """Run the steps, then the plan's verify once they all succeeded or were
+        skipped; return (the plan's error or None, the verify record or None). A
+        verify that may not run here (plan_trusted) fails the plan before any step
+        is sent, so no model time is spent on a plan that cannot pass."""
+        plan = self.plan
+        if plan.verify is not None and (message := self.commands_refused()):
+            for result in self.results.values():
+                result.error = result.error or "not run: the plan's verify cannot run"
+            self.progress.error(f"plan {plan.id}: verify: {message}")
+            return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False,
+                                          "error": message}
+        error = self._run_steps()
+        if error is not None or plan.verify is None:
+            return error, None
+        argv = plan.verify["run"]
+        self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
+        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
+                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self.cancel)
+        append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        if command.error is None:
+            self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
+            return None, {"ran": True, **command.as_dict()}
+        self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
+        self.progress.detail(command.output_tail)
+        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
+
+    def commands_refused(self) -> str | None:
+        """Return why this run may not run the plan's commands, or None when it may."""
+        if not self.trusted:
+            return untrusted_message(self.plan)
+        if self.staged:
+            return ("a command checks the file in the project, and --review stages files "
+                    "outside it; run the plan without --review to check it with its command")
+        return None
+
+    def _run_steps(self) -> str | None:
+        """Run every step through a StepScheduler; return the plan's error or None.
+
+        Each finished step is appended to the run's steps.jsonl, so a killed run can
+        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
+        neither write files nor touch their results.
+        """
+        plan, checkpoint = self.plan, self.run_dir / STEPS_FILE
+        graph, parallel = step_graph(plan), self.runner.fit.parallel
+        self.log = _StepLog(self.progress, sequential_order(graph), immediate=parallel == 1)
+        scheduler = StepScheduler(graph, parallel, self)
+        private_dir(checkpoint.parent)
+        with _suppress(OSError):            # a runs folder made before bridge kept it private
+            os.chmod(checkpoint.parent.parent, 0o700)
+        # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
+        # line lost to a power cut only means that step runs again on --resume (its
+        # file writes are journaled and fsynced, so recovery puts them back first).
+        with open(checkpoint, "a", encoding="utf-8", opener=private_opener) as journal:
+            try:
+                return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
+            except BaseException:
+                if self.files is not None:
+                    self.files.close()
+                raise
+
+    def run_step(self, step: Step, result: StepResult, outputs: dict[int, str],
+                 position: int) -> None:
+        """Run one step's attempts (StepRun); fill result (status, output, error, …)."""
+        StepRun(self, step, outputs).run_step(position)
+
+    def step_ended(self, result: StepResult) -> None:
+        """Emit a step_end event for a step that is over (with --events)."""
+        events = self.runner.events
+        if not events.enabled:
+            return
+        entry = result.as_dict(self.config.price_model)
+        events.emit("step_end", self.plan.id, result.id,
+                    **{k: v for k, v in entry.items() if k != "id"})
+
+    def _halted(self) -> None:
+        """Leave a run the model server stopped (halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = self.record.plan_id, self.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in self.results.values())
+        if not done and not self.previous and not (files is not None and files.changes) \
+                and self.runner.store.release(self.record, self.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
+                                self.halt.status)
+
+    def _close(self, error: str | None, verify: dict | None,
+               interrupted: BaseException | None) -> dict:
+        """Settle the run's files, then store its result (see _finish); return it."""
+        files = self.files
+        status = "failed" if error else "completed"
+        file_error = self._settle_files(status)
+        if file_error:
+            error = f"{error}; {file_error}" if error else file_error
+            status = "failed"
+        if status == "completed" and self.staged and files.changes:
+            status = "awaiting_review"          # nothing is in the project until --apply
+        result = self._result(status, error)
+        if self.previous:
+            result["resumed_from"] = self.previous
+        if verify is not None:
+            result["verify"] = verify
+        refusals = ([self.refused] if self.refused else []) + getattr(files, "refused", [])
+        if refusals:
+            result["refused"] = refusals
+        try:
+            result = self._finish(result)
+        except ResultNotStored as exc:
+            if interrupted is None:
+                raise
+            self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
+            raise interrupted from exc
+        finally:
+            if isinstance(files, FileTransaction):
+                files._release()        # the project folder's descriptor
+        if files is not None and self.config.keep_runs == 0 and not self.staged:
+            files.discard()         # only now: a result that cannot be stored keeps the backups
+        return result
+
+    def _settle_files(self, status: str) -> str | None:
+        """Revert or keep the run's files as the plan asks; return an error or None.
+        Kept files keep their backups at least until the result is stored."""
+        plan, files = self.plan, self.files
+        if files is None or not files.changes:
+            return None
+        if self.staged:
+            if status == "failed":
+                files.discard()         # nothing reached the project; nothing to review
+            return None
+        try:
+            if status == "failed" and plan.rollback_strategy == "revert_files":
+                files.rollback()
+                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
+            else:
+                self._keep_backups()
+                kept = ", ".join(path for path, change in files.changes.items()
+                                 if change.action != "reverted")
+                if status == "failed" and kept:
+                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
+        except RollbackError as exc:
+            self.progress.error(str(exc))
+            return str(exc)
+        return None
+
+    def _keep_backups(self) -> None:
+        """Keep the run's backups for --undo (0600), then delete those of the plan's
+        runs older than the last keep_runs; with keep_runs 0, none are kept, but
+        _close deletes them only once the result is stored."""
+        config, plan_id = self.config, self.plan.id
+        if config.keep_runs == 0:
+            return
+        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
+            keep_backups(run_dir)
+        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
+        if pruned:
+            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
+                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
+
+    def _result(self, status: str, error: str | None) -> dict:
+        """Build the run's result document (README: "What bridge writes into the store";
+        what --json and --show --json print is shown_result of it)."""
+        steps = [self.results[sid] for sid in sorted(self.results)]
+        usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
+                 "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
+        counts = {k: sum(1 for s in steps if s.status == k)
+                  for k in ("succeeded", "failed", "skipped")}
+        generation_s = sum(s.generation_s for s in steps)
+        config, record, price = self.config, self.record, self.config.price_model
+        if self.cap_hit and error:
+            error += f"; spend cap reached (--max-cost-usd {config.max_cost_usd:.2f})"
+        speed = round(usage["completion_tokens"] / generation_s, 1) if generation_s else None
+        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": self.run_id,
+                "objective": record.objective, "status": status,
+                "project": project_name(self.plan.project)
+                if self.plan and self.plan.project else None,
+                "success": status in ("completed", "awaiting_review"),
+                "started_at": self.started, "finished_at": utc_now_iso(),
+                "duration_s": round(time.monotonic() - self.clock, 3), "model": self.runner.model,
+                "base_url": config.base_url, "usage": usage, "tokens_per_s": speed,
+                "cost_usd": round(sum(s.cost_usd for s in steps), 6),
+                "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
+                "ledger": merge_ledgers(s.ledger for s in steps),
+                "escalations": [{"step": s.id, "model": s.escalated_to,
+                                 "saved": s.escalation_saved} for s in steps if s.escalated_to],
+                "max_cost_usd": config.max_cost_usd, "spend_cap_reached": self.cap_hit,
+                "savings": run_savings(steps, price),
+                "counts": counts, "steps": [s.as_dict(price) for s in steps],
+                "files": self.files.summary() if self.files else [], "error": error,
+                "run_log": str(config.runs_dir / self.run_id),
+                "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
+
+    def _finish(self, result: dict) -> dict:
+        """Store the result and the plan's final state, then print its summary.
+
+        Raises ResultNotStored when the store cannot be written: the plan stays
+        in_progress, stale once this process is gone, so --resume or --rerun can
+        take it over (the run's journal and backups are kept for that)."""
+        record, runner, progress = self.record, self.runner, self.progress
+        try:
+            digest = runner.store.finish(record, result_memory(result), runner.memory_api,
+                                         progress.warning)
+        except StoreError as exc:
+            raise ResultNotStored(
+                f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays in "
+                "progress (stale once this bridge exits), its files and their backups kept",
+                f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
+                "succeeded steps) or --rerun (puts its files back, starts over)") from exc
+        result = shown_result(result, digest, {}, self.config.runs_dir)   # as --show --json shows it
+        counts = result["counts"]
+        tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+        line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
+                f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
+                f"{result['duration_s']:.1f} s · "
+                + ("$0 here" if not result["cost_usd"] else f"${result['cost_usd']:.4f} spent")
+                + f", ${result['would_have_cost_usd']:.4f} on {result['price_model']}")
+        if result["error"]:
+            line += f" · {result['error']}"
+        (progress.info if result["success"] else progress.error)(line)
+        for change in result["files"]:
+            staged = " (staged, not written)" if change.get("staged") else ""
+            progress.info(f"  file {change['path']}: {change['action']}{staged}")
+        if result["status"] == "awaiting_review":
+            plan_id = result["plan_id"]
+            progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
+                          f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+        progress.info("  " + savings_line(result["savings"]))
+        if len(result["ledger"]) > 1 or result["escalations"]:
+            for text in ledger_lines(result):
+                progress.info(text)
+        runner.events.emit(
+            "plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
+            success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
+            cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
+            result_hash=result["result_hash"], error=result["error"],
+            problems=result.get("problems"), run_log=result["run_log"])
+        return result
 
 
-class Attempt:
-    """One request of a step as it is sent and streamed: number (1 for the first),
-    model (the model reference asked), messages (the prompt sent), sampling (the
-    fields of retry_sampling, or None: as the step says), started (time.monotonic()),
-    pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None), thought (reasoning
-    pieces so far) and thinking_guard (the guard of the reasoning text)."""
-
-    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard",
-                 "thought", "thinking_guard")
-
-    def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
-        self.number, self.model, self.sampling = number, model, sampling
-        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
-        self.started, self.pieces, self.guard = time.monotonic(), 0, None
-        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+###############################################################################
+# 37. Runner
+# What outlives one plan: the store, the executors, the spend cap, the events,
+# the model's context; each plan it claims runs as a PlanRun.
+###############################################################################
 
 
 class SpendCap:
@@ -8719,30 +9732,22 @@ class Runner:
 
     store: an open Store. client: an open LLMClient, or None when no plan will be
     sent (then only invalid plans can be recorded). model: the default model id
-    (steps and plan defaults may name another). progress: a Progress. One plan
-    run's state is a PlanRun, passed from method to method; the Runner keeps only
-    what outlives a run (the executors, the spend cap).
+    (steps and plan defaults may name another). progress: a Progress. The Runner
+    keeps only what outlives a plan: the executors, the spend cap (spend), the
+    events, the model's context (fit, a ContextFit); one plan's run is a PlanRun.
     """
 
-    def __init__(self, config: Config, store: Store, client: LLMClient | None, model: str | None,
-                 progress: Progress, context_length: int | None = None, parallel: int = 1):
+    def __init__(self, config: Config, store: Store, client: "LLMClient | None",
+                 model: str | None, progress: Progress):
         self.config, self.store, self.client = config, store, client
         self.model, self.progress = model, progress
-        self.context_length, self.parallel = context_length, max(1, parallel)
         self.events = Events(config.events, deltas=config.deltas)
+        self.fit = ContextFit(config, client, model, progress)
+        self.spend = SpendCap(config.max_cost_usd)   # paid requests of this process
+        self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) \
+            if config.memory_url else None
         self._executors: dict[tuple, Any] = {}
-        self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
-        self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
-        self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
-        # LM Studio's model was not loaded when the run began (JIT): the first reply loads
-        # it, then the server is asked again for the context and slots it was loaded with
-        self.reprobe = False
         self._contention_said = False       # a cut stream (LLMContention) was said once
-        self.pool: ContextPool | None = None    # the default model's context, shared in flight
-        self.calibration = 1.0      # the server's tokens per estimated token (_calibrate)
-        import threading
-
-        self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref and
@@ -8765,946 +9770,41 @@ class Runner:
         """Tell the user a request is being retried (every executor reports here)."""
         self.progress.retrying(message)
 
+    def contention(self, exc: LLMContention) -> None:
+        """Say, once a process, that a stream was cut for another request and is sent
+        again (resend_on_contention)."""
+        if not self._contention_said:
+            self._contention_said = True
+            self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
+                                   f"that goes on (hint: {exc.hint})")
+
     def close(self) -> None:
         """Close the executors this runner opened."""
         for executor in self._executors.values():
             executor.close()
 
-    def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",),
+    def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
-        """Claim, validate and run one plan; return its stored result document.
+        """Claim one plan the gate checked and run it (PlanRun.run); return its stored
+        result document, or None when another process claimed the plan first.
 
-        allowed: the effective statuses this run may claim. problems: reasons
-        found outside the plan itself (an id shared with another live plan); with
-        any, or any from check_plan, the plan is recorded as failed with every
-        problem and nothing is sent. resume: take over a stale plan, reusing the
-        outputs of the steps its killed run finished. Returns None when another
-        process claimed the plan first. Re-raises KeyboardInterrupt after
-        recording the plan as failed ("interrupted at step N"). Raises StoreError
-        when the store cannot be written.
+        allowed: the effective statuses this run may claim. problems: reasons found
+        outside the plan itself (an id shared with another live plan). resume: take
+        over a stale plan, reusing the outputs of the steps its killed run finished.
+        Raises what PlanRun.run raises, and StoreError when the claim cannot be written.
         """
-        run_id = new_run_id()
-        # a stale plan's dead run may have left files half done: take them over, if the
-        # run id read back from the store is one bridge made (nothing read back is a path)
-        previous, refused = record.state.get("run_id") if record.display_status == "stale" else None, None
-        if previous is not None:
-            try:
-                run_folder(self.config.runs_dir, previous)
-            except PathError as exc:
-                previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {exc}"
-            else:
-                if foreign := foreign_run_reason(self.config.runs_dir, previous, record):
-                    previous = None
-                    refused = f"plan {record.plan_id}: not taking over its last run: {foreign}"
+        record, run_id = checked.record, new_run_id()
+        previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
-        run = PlanRun(record, run_id, self.config.runs_dir, previous, resume)
+        run = PlanRun(self, checked, run_id, previous, resume)
         run.refused = refused
-        self.events.emit("plan_start", record.plan_id, run_id=run_id, objective=record.objective,
-                         steps=record.step_count, model=self.model)
-        if refused:
-            self.progress.error(refused)
-        problems = list(problems or [])
-        try:
-            run.plan = narrowed_plan(runnable_plan(record, self.config), self.config)
-        except PlanInvalid as exc:
-            problems += exc.problems
-        if problems:
-            self.progress.error(f"plan {record.plan_id}: invalid: {problems_line(problems)}")
-            result = self._result(run, "failed", f"plan is invalid ({len(problems)} problem(s))")
-            result["problems"] = problems
-            if refused:
-                result["refused"] = [refused]
-            return self._finish(record, result)
-        with _Heartbeat(self.config, record, run_id):
-            return self._execute(run)
-
-    def _open_run(self, run: PlanRun) -> None:
-        """Fill in what a checked plan's run needs: its logs, trust, files and step results."""
-        plan = run.plan
-        self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
-                           f"· {len(plan.steps)} step(s) · model {self.model}")
-        run.runlog = RunLog(run.run_dir, run.run_id, plan.id, self.config.price_model)
-        run.trusted = plan_trusted(self.config, plan, content_hash(run.record.content))
-        if plan.project is not None and trusted_root(self.config, plan.project) is not None:
-            run.cli_cwd = plan.project
-        if not plan.project:
-            run.files = None
-        elif self.config.review:
-            run.files = StagedFiles(plan.project, run.run_dir, self.config.crash_at)
-        else:
-            run.files = FileTransaction(plan.project, run.run_dir, self.config.crash_at, Guard.of(self.config))
-        run.results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
-
-    def _execute(self, run: PlanRun) -> dict:
-        """Run a checked plan's steps and verify, then settle and store; return the result."""
-        self._open_run(run)
-        plan, files, results = run.plan, run.files, run.results
-        error, interrupted, verify = None, None, None
-        try:
-            private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
-            write_run_info(run.run_dir, plan.id, plan.project, run.started, run.record.content_hash)
-            if run.staged:
-                files.note_reads(plan.files_context)
-            if run.previous:
-                self._take_over(run)
-            error, verify = self._run_and_verify(run)
-        except KeyboardInterrupt as exc:
-            current = sorted(r.id for r in results.values() if r.status == "running")
-            for result in results.values():
-                if result.status == "running":
-                    result.status, result.error = "failed", "interrupted"
-                elif result.attempts == 0 and result.error is None:
-                    result.error = "not run: the run was interrupted"
-            error = f"interrupted at step {', '.join(map(str, current))}" if current else "interrupted"
-            interrupted = exc
-        except RollbackError as exc:        # files of a killed run could not be put back
-            error = str(exc)
-        except OSError as exc:              # a full disk or read-only state dir: the run's records
-            _stop_running(results, "the run's records could not be written")
-            error = (f"cannot write the run's records in {run.run_dir}: {exc.strerror or exc} "
-                     "(free some space, or make --state-dir writable)")
-        if run.halt is not None and interrupted is None:
-            self._halted(run)
-        with shielded_signals(self.progress.error, for_good=interrupted is not None):
-            result = self._close_run(run, error, verify, interrupted)
-        if interrupted:
-            raise interrupted
-        return result
-
-    def _close_run(self, run: PlanRun, error: str | None, verify: dict | None,
-                   interrupted: BaseException | None) -> dict:
-        """Settle the run's files, then store its result (see _finish); return it."""
-        files = run.files
-        status = "failed" if error else "completed"
-        file_error = self._settle_files(run, status)
-        if file_error:
-            error = f"{error}; {file_error}" if error else file_error
-            status = "failed"
-        if status == "completed" and run.staged and files.changes:
-            status = "awaiting_review"          # nothing is in the project until --apply
-        result = self._result(run, status, error)
-        if run.previous:
-            result["resumed_from"] = run.previous
-        if verify is not None:
-            result["verify"] = verify
-        refusals = ([run.refused] if run.refused else []) + getattr(files, "refused", [])
-        if refusals:
-            result["refused"] = refusals
-        try:
-            result = self._finish(run.record, result)
-        except ResultNotStored as exc:
-            if interrupted is None:
-                raise
-            self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
-            raise interrupted from exc
-        finally:
-            if isinstance(files, FileTransaction):
-                files._release()        # the project folder's descriptor
-        if files is not None and self.config.keep_runs == 0 and not run.staged:
-            files.discard()         # only now: a result that cannot be stored keeps the backups
-        return result
-
-    def _halted(self, run: PlanRun) -> None:
-        """Leave a run the model server stopped (run.halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
-        plan_id, files = run.record.plan_id, run.files
-        if files is not None:
-            files.close()
-            if isinstance(files, FileTransaction):
-                files._release()
-        done = any(r.status == "succeeded" for r in run.results.values())
-        if not done and not run.previous and not (files is not None and files.changes) \
-                and self.store.release(run.record, run.run_id):
-            where = f"plan {plan_id} stays pending"
-        else:
-            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
-        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint,
-                                run.halt.status)
-
-    def _take_over(self, run: PlanRun) -> None:
-        """Take over what a killed run (run.previous) left, and put back what it left half done.
-
-        With run.keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
-        plan, previous, results, files = run.plan, run.previous, run.results, run.files
-        old_dir = run_folder(self.config.runs_dir, previous)
-        keep_finished = run.keep_finished
-        if keep_finished and (old_dir / STAGED_FILE).exists():
-            # a --review run (or its --apply) died: its outputs never all reached the project
-            keep_finished = False
-            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; starting its steps over")
-        try:
-            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
-            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE) if keep_finished and not reverted
-                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
-            written = read_jsonl(old_dir / WRITTEN_FILE)
-        except OSError as exc:      # a symlink where its records should be: not bridge's
-            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
-                                f"({exc.strerror or exc}); every step runs again")
-            done, written = {}, []
-        for sid, entry in done.items():
-            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
-            append_jsonl(run.run_dir / STEPS_FILE, results[sid].checkpoint())
-            if plan.steps[sid].file_output:
-                run.kept[plan.steps[sid].file_output] = results[sid].output
-        for entry in written:                   # what the kept steps wrote, for --undo
-            if entry.get("step") in done:
-                append_jsonl(run.run_dir / WRITTEN_FILE, entry)
-        restored = files.recover(old_dir, set(done)) if files else []
-        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
-                           f"succeeded, {len(restored)} file(s) put back")
-        for reason in getattr(files, "refused", []):
-            self.progress.error(f"plan {plan.id}: {reason}")
-
-    def _run_and_verify(self, run: PlanRun) -> tuple[str | None, dict | None]:
-        """Run the steps, then the plan's verify once they all succeeded or were
-        skipped; return (the plan's error or None, the verify record or None). A
-        verify that may not run here (plan_trusted) fails the plan before any step
-        is sent, so no model time is spent on a plan that cannot pass."""
-        plan = run.plan
-        if plan.verify is not None and (message := self._commands_refused(run)):
-            for result in run.results.values():
-                result.error = result.error or "not run: the plan's verify cannot run"
-            self.progress.error(f"plan {plan.id}: verify: {message}")
-            return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False, "error": message}
-        error = self._run_steps(run)
-        if error is not None or plan.verify is None:
-            return error, None
-        argv = plan.verify["run"]
-        self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
-        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
-                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
-        append_jsonl(run.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
-        if command.error is None:
-            self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
-            return None, {"ran": True, **command.as_dict()}
-        self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
-        self.progress.detail(command.output_tail)
-        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
-
-    def _commands_refused(self, run: PlanRun) -> str | None:
-        """Return why this run may not run the plan's commands, or None when it may."""
-        if not run.trusted:
-            return untrusted_message(run.plan)
-        if run.staged:
-            return ("a command checks the file in the project, and --review stages files outside it; "
-                    "run the plan without --review to check it with its command")
-        return None
-
-    def _settle_files(self, run: PlanRun, status: str) -> str | None:
-        """Revert or keep the run's files as the plan asks; return an error or None.
-        Kept files keep their backups at least until the result is stored."""
-        plan, files = run.plan, run.files
-        if files is None or not files.changes:
-            return None
-        if run.staged:
-            if status == "failed":
-                files.discard()         # nothing reached the project; nothing to review
-            return None
-        try:
-            if status == "failed" and plan.rollback_strategy == "revert_files":
-                files.rollback()
-                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
-            else:
-                self._keep_backups(plan)
-                kept = ", ".join(path for path, change in files.changes.items() if change.action != "reverted")
-                if status == "failed" and kept:
-                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
-        except RollbackError as exc:
-            self.progress.error(str(exc))
-            return str(exc)
-        return None
-
-    def _keep_backups(self, plan: Plan) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close_run deletes them only once the result is stored."""
-        if self.config.keep_runs == 0:
-            return
-        for run_dir in plan_runs(self.config.runs_dir, plan.id):   # this one, and those it took over
-            keep_backups(run_dir)
-        pruned = prune_backups(self.config.runs_dir, plan.id, self.config.keep_runs)
-        if pruned:
-            self.progress.detail(f"plan {plan.id}: removed the backups of {len(pruned)} older run(s) "
-                                 f"(keeping {self.config.keep_runs}): {', '.join(pruned)}")
-
-    def _run_steps(self, run: PlanRun) -> str | None:
-        """Run every step through a StepScheduler; return the plan's error or None.
-
-        Each finished step is appended to the run's steps.jsonl, so a killed run can
-        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
-        neither write files nor touch their results.
-        """
-        plan, checkpoint = run.plan, run.run_dir / STEPS_FILE
-        graph = step_graph(plan)
-        run.log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
-        scheduler = StepScheduler(plan, graph, run.results, self.parallel, run.log,
-                                  functools.partial(self._run_step, run),
-                                  functools.partial(self._step_ended, plan), run.cancel)
-        private_dir(checkpoint.parent)
-        with _suppress(OSError):            # a runs folder made before bridge kept it private
-            os.chmod(checkpoint.parent.parent, 0o700)
-        # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
-        # line lost to a power cut only means that step runs again on --resume (its
-        # file writes are journaled and fsynced, so recovery puts them back first).
-        with open(checkpoint, "a", encoding="utf-8", opener=private_opener) as journal:
-            try:
-                return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
-            except BaseException:
-                if run.files is not None:
-                    run.files.close()
-                raise
-
-    def _step_ended(self, plan: Plan, result: StepResult) -> None:
-        if not self.events.enabled:
-            return
-        entry = result.as_dict(self.config.price_model)
-        self.events.emit("step_end", plan.id, result.id, **{k: v for k, v in entry.items() if k != "id"})
-
-    def _run_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str],
-                  position: int) -> None:
-        """Run one step's attempts; fill result (status, output, error, usage, …).
-
-        A prompt that cannot fit the model's context fails the step at once, with
-        the numbers, and nothing is sent.
-        """
-        plan, model = run.plan, step.model or self.model
-        result.status, result.file_output, result.model = "running", step.file_output, model
-        run.positions[step.id] = position
-        run.runlog.start(step, model, plan.project)
-        self.events.emit("step_start", plan.id, step.id, title=step.title, position=position,
-                         steps=len(plan.steps), max_attempts=step.max_retries + 1, model=model)
-        try:
-            self._try_step(run, step, result, outputs)
-        finally:
-            run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
-            append_step_stats(self.config.runs_dir.parent, {
-                "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
-                "model": model,
-                "validation": [v.get("type") for v in validations_of(step.validation)],
-                "outcome": step_outcome(result), "attempts": result.attempts,
-                "escalated_to": result.escalated_to,
-                "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
-                "seconds": round(result.duration_s, 3)})
-
-    def _first_prompt(self, run: PlanRun, step: Step, result: StepResult,
-                      outputs: dict[int, str]) -> list[dict] | None:
-        """Return a step's first prompt, or None when the step cannot be sent (its
-        prompt does not fit the model's context, or its commands may not run here):
-        then the step is settled, failed or skipped, and nothing is sent."""
-        staged = run.files.path_of if run.staged else None
-        run.sources[step.id] = []
-        try:
-            messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
-                                      staged, run.sources[step.id])
-            if self._calibrate(result.model, messages, self.client.count_tokens(messages)
-                               if self.client is not None and result.model == self.model else None):
-                run.sources[step.id] = []           # fitted again, to the server's own count
-                messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
-                                          staged, run.sources[step.id])
-        except PromptTooLarge as exc:
-            result.error, shown = f"{exc} ({exc.hint})", str(exc)
-        else:
-            refused = self._commands_refused(run) if _commands_of(step) else None   # nothing is sent, nothing runs
-            if refused is None:
-                return messages
-            result.error = shown = refused
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
-        run.log.say(step.id, f"  {step.label}: {result.status}: {shown}")
-        return None
-
-    def _try_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str]) -> None:
-        """Send a step's attempts until one passes or they are spent (step.max_retries
-        + 1), then escalate when the config or plan says so; settle result."""
-        model, clock = result.model, time.monotonic()
-        say = functools.partial(run.log.say, step.id)
-        budget = self._budget(step, model)
-        messages = self._first_prompt(run, step, result, outputs)
-        if messages is None:
-            return
-        retry_note: list[dict] = []
-        failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
-        for number in range(1, step.max_retries + 2):
-            result.attempts = number
-            say(f"  {step.label}: attempt {number}/{step.max_retries + 1}")
-            say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
-            result.output = ""
-            sampling, spent = retry_sampling(self.config.retry_sampling, step, number), result.usage["completion_tokens"]
-            failure = self._send_attempt(run, step, result, Attempt(number, model, messages + retry_note, sampling))
-            if result.attempt_log:
-                result.attempt_log[-1].update(completion_tokens=result.usage["completion_tokens"] - spent,
-                                              error=failure and failure.message)
-            result.duration_s = time.monotonic() - clock
-            if failure is None:
-                result.status, result.error = "succeeded", None
-                say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
-                return
-            result.error = failure.message
-            failures.append((result.output, failure.message))
-            say(f"  {step.label}: attempt {number} failed: {failure.message}")
-            self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
-                             retrying=failure.retryable and number <= step.max_retries)
-            if not failure.retryable:
-                break
-            retry_note = fit_feedback(messages, failure.feedback, budget)
-        if self._escalation(run, step) and not run.cancel.is_set():
-            saved = self._escalate(run, step, result, messages, failures)
-            result.duration_s = time.monotonic() - clock
-            if saved:
-                return
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
-        say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
-
-    def _escalation(self, run: PlanRun, step: Step) -> str | None:
-        """Return the model reference a failed step escalates to (--escalate-to, else
-        the plan's escalate_to), or None: none is named, or its executor is not allowed."""
-        escalate_to = self.config.escalate_to or run.plan.escalate_to
-        if escalate_to and _executor_of(escalate_to) not in self.config.allowed_executors:
-            run.log.say(step.id, f"  {step.label}: escalation to {escalate_to} not used: the "
-                        f"{_executor_of(escalate_to)} executor is not allowed "
-                        f"(pass --allow-executor {_executor_of(escalate_to)})")
-            return None
-        return escalate_to
-
-    def _escalate(self, run: PlanRun, step: Step, result: StepResult, messages: list[dict],
-                  failures: list[tuple[str, str]]) -> bool:
-        """Give a step whose attempts are spent one more attempt on its escalation
-        model, with the failed outputs and errors in its prompt. Returns True when
-        that saved it."""
-        escalate_to = self._escalation(run, step)
-        say = functools.partial(run.log.say, step.id)
-        number = result.attempts + 1
-        result.attempts, result.escalated_to, result.output = number, escalate_to, ""
-        say(f"  {step.label}: escalating to {escalate_to} (attempt {number})")
-        tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}\n```\n"
-                             f"Rejected because: {why}" for n, (output, why) in enumerate(failures, 1))
-        note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its answers and why "
-                f"they were rejected:\n\n{tried}\n\nGive the correct answer.")
-        escalated = [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
-        failure = self._send_attempt(run, step, result, Attempt(number, escalate_to, escalated))
-        result.escalation_saved = failure is None
-        if failure is None:
-            result.status, result.error = "succeeded", None
-            say(f"  {step.label}: succeeded on {escalate_to}")
-            return True
-        result.error = f"{failure.message} (after escalating to {escalate_to})"
-        self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
-                         retrying=False)
-        say(f"  {step.label}: the escalation failed too: {failure.message}")
-        return False
-
-    def _budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is unknown.
-
-        The context length (--context-length, else what the server reported for the
-        loaded model) less the answer's share: the step's max_tokens, else
-        its validation's default_max_tokens (at most a quarter of the context;
-        see answer_tokens).
-        """
-        budget = prompt_budget(step, self.context_length if model == self.model else None)
-        return int(budget / self.calibration) if budget is not None else None
-
-    def _calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
-        """Learn how many of the server's tokens one estimated token is (calibration,
-        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
-        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
-        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
-        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
-        estimate = estimate_tokens(messages)
-        if model != self.model or not isinstance(counted, int) or self.context_length is None \
-                or estimate < CALIBRATE_MIN_TOKENS:
-            return False
-        ratio = min(counted / estimate, MAX_CALIBRATION)
-        if ratio <= self.calibration * 1.02:
-            return False
-        self.calibration = ratio
-        return True
-
-    def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, plus _reserve, capped by
-        the context the prompt leaves (estimate_tokens, times calibration) when the
-        model's context is known."""
-        context = self.context_length if model == self.model else None
-        limit = answer_tokens(step, context) + self._reserve(step, model)
-        if not context:
-            return limit
-        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
-
-    def _reserve(self, step: Step, model: str) -> int:
-        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
-        when the step asks for thinking or the model was seen thinking in this run, else 0."""
-        if step.thinking != "on" and model not in self._thinkers:
-            return 0
-        return thinking_reserve(self.context_length if model == self.model else None)
-
-    def _send_attempt(self, run: PlanRun, step: Step, result: StepResult,
-                      attempt: Attempt) -> "AttemptFailure | None":
-        """Send one attempt, check it, write its file; return None or its AttemptFailure.
-
-        attempt.sampling: its fields (retry_sampling; None: as the step says; the
-        Anthropic API and the claude CLI always sample as the step says). A local
-        model's output is watched while it streams (DegenerationGuard): when it
-        degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length"), saying what
-        thinking spent of it. On the local server the attempt asks for thinking as
-        thinking_asked says, keeps _reserve tokens for it, reads and records the
-        reasoning (_thought), and a constrained answer that comes back garbled makes
-        that model go unconstrained (_garbled).
-        """
-        try:
-            executor, name = self.executor(attempt.model, run.cli_cwd)
-        except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
-            return AttemptFailure(str(exc), retryable=False)
-        paid = executor_class(attempt.model).PAID
-        if paid and (refused := self._spend.refused()):
-            run.cap_hit = True
-            return AttemptFailure(refused, retryable=False)
-        local = executor.PROBED      # the other executors keep their own limits
-        sampling = self._sampling(step, attempt, local)
-        sent = executor.accepted_sampling(sampling) if local else sampling
-        thinking = thinking_asked(step) if local else None
-        reserve = self._reserve(step, attempt.model) if local else 0
-        result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
-                                   "error": None, "thinking": thinking,
-                                   "thinking_reserve_tokens": reserve})
-        run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
-        if reserve:
-            run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
-                        f"{reserve} for thinking (the step asks for it, or the model thought "
-                        "earlier in this run)")
-        sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
-            name not in executor.unconstrained
-        schema = self._output_schema(run, step, attempt.number, sends)
-        request = ChatRequest(name, sampling, sampling.get("max_tokens"), step.timeout_s,
-                              redact(schema), thinking,     # redact: grounded spans copy the input
-                              functools.partial(self._on_delta, run, step, attempt),
-                              functools.partial(self._on_reasoning, run, step, attempt))
-        try:
-            reply = self._chat(run, step, attempt, executor, request)
-        except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            run.runlog.checked(step.id, attempt.number, str(exc))
-            if run.halt is None:
-                run.halt = exc
-            run.cancel.set()
-            return AttemptFailure(str(exc), retryable=False)
-        except LLMError as exc:
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            run.runlog.checked(step.id, attempt.number, str(exc))
-            if exc.context_overflow and local and attempt.model == self.model \
-                    and self.context_length is None:
-                self._learn_context(str(exc))
-            return AttemptFailure.from_request(exc)
-        except OutputDegenerate as exc:
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            return self._stopped(run, step, result, attempt, str(exc))
-        result.generation_s += time.monotonic() - attempt.started
-        reply = priced_reply(reply, attempt.messages, attempt.pieces + attempt.thought, name)
-        if local and self.reprobe:
-            self._reprobe(attempt.model)
-        if paid:
-            self._spend.add(reply.cost_usd or 0.0)
-        if run.cancel.is_set():
-            return AttemptFailure("interrupted", retryable=False)
-        output, inline = split_reasoning(reply.text)
-        run.runlog.answer(step.id, attempt.number, reply)
-        if local:
-            result.attempt_log[-1]["response_format"] = reply.response_format
-        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        thought, answered = self._thought(run, step, result, attempt, reply, inline)
-        if local and executor.cuts_prompts and reply.usage:     # the steps after it fit better
-            self._calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
-        cut = prompt_cut(reply.usage, attempt.messages) if local and executor.cuts_prompts else None
-        if cut:         # the same prompt would be cut again: not retried
-            result.output = output
-            run.runlog.checked(step.id, attempt.number, cut)
-            return AttemptFailure(cut, retryable=False)
-        if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
-                or "the server's limit"
-            why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
-                   "(raise the step's max_tokens if it needs more)")
-            if thought:
-                answered = max(1, answered) if output.strip() else 0
-                why = self._cut_thinking(step, attempt, limit, thought, answered, thinking)
-            result.output = output
-            run.runlog.checked(step.id, attempt.number, why)
-            return AttemptFailure.from_stop(why, step.validation)
-        if reply.model and reply.model != name:
-            result.model = reply.model
-        result.output = output
-        run.log.say(step.id, f"--- output ---\n{output}", detail=True)
-        failure = self._check(run, step, result, output, output)
-        if failure is not None and failure.answer_invalid and local and reply.response_format:
-            self._garbled(run, step, executor, name, output, reply.response_format, schema)
-        return failure
-
-    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, answered: int,
-                      thinking: str | None) -> str:
-        """Say how an attempt that thought was cut at max_tokens: what thinking spent,
-        whether an answer began (answered: its tokens, 0: none), and what the next
-        attempt keeps for thinking."""
-        reserve = self._reserve(step, attempt.model)
-        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
-        if thinking == "off":
-            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
-                     f"to {reserve} tokens for thinking")
-        elif thinking == "on":
-            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
-        else:
-            after = f"the next attempt keeps up to {reserve} tokens for thinking"
-        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
-                f"{answer} ({after})")
-
-    def _garbled(self, run: PlanRun, step: Step, executor: Executor, name: str, output: str,
-                 form: str, schema: dict | None) -> None:
-        """After a constrained answer failed: when it looks damaged by the grammar
-        (grammar_damage against schema, the one sent), send that model's later requests
-        unconstrained, and say so."""
-        if name in executor.unconstrained:
-            return
-        damage = grammar_damage(output, schema)
-        if damage:
-            executor.drop_constraint(name, damage)
-            run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
-                        f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
-                        "rest of this run, still checked")
-
-    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
-              request: ChatRequest) -> Completion:
-        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
-        a stream the server cut for another request (LLMContention) is sent again after
-        each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
-        in parallel on a server whose slots share one context (Runner.pool), the
-        request first waits for its prompt (estimate_tokens) and max_tokens to fit
-        beside those in flight."""
-        local = executor.PROBED
-        pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
-        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
-        held = pool.acquire(need, run.cancel) if pool is not None else 0
-        try:
-            return self._chat_once(run, step, attempt, executor, request)
-        finally:
-            if pool is not None:
-                pool.release(held)
-
-    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
-                   request: ChatRequest) -> Completion:
-        """_chat's request, sent again while the server cuts it for another (LLMContention)."""
-        import random
-
-        watched = executor.WATCHED
-        for wait in (*CONTENTION_WAITS_S, None):
-            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if watched else None
-            attempt.thinking_guard = DegenerationGuard() if watched else None
-            attempt.pieces = attempt.thought = 0
-            try:
-                return executor.chat(attempt.messages, request)
-            except LLMContention as exc:
-                if wait is None or run.cancel.is_set():
-                    raise
-                if not self._contention_said:
-                    self._contention_said = True
-                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
-                                           f"that goes on (hint: {exc.hint})")
-                run.cancel.wait(wait * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
-
-    def _learn_context(self, message: str) -> None:
-        """Take the context a server names in its overflow error (llama-cpp-python and
-        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
-        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
-        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
-                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
-        number = next((int(g) for g in found.groups() if g), 0) if found else 0
-        if number >= 64:
-            self.context_length = number
-            self.progress.info(f"the server's context is {number} tokens (from its error): "
-                               "the steps sent from now on are fitted to it")
-
-    def _reprobe(self, model: str) -> None:
-        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
-        context and parallel slots it was loaded with (JIT loads ignore saved settings
-        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
-        re-reads the same way): the steps sent after this fit them; said once."""
-        with self._reprobe_lock:
-            if not self.reprobe:
-                return
-            self.reprobe = False
-        try:
-            info = self.client.probe()
-        except LLMError:
-            return
-        if model != self.model or info.loaded != parse_model_ref(model)[1]:
-            return
-        self.context_length = self.config.context_length or info.context_length
-        self.parallel = self.config.parallel or info.parallel or 1
-        self.progress.info(f"model {info.loaded} is loaded now: context "
-                           f"{info.context_length or 'not reported'}, "
-                           f"{info.parallel or 1} slot(s); "
-                           "the steps sent from now on are fitted to them")
-
-    def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
-        """Return the schema an attempt asks for (output_schema of the step's input) and,
-        for a grounded step, record in the run log which form it is: "spans" (its string
-        values can only be copied from the input), "schema" (the usual one: the input
-        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
-        (sends: False, the executor sends no schema: only the check applies)."""
-        source = run.sources.get(step.id, [])
-        schema = output_schema(step.validation, source)
-        first = next((v for v in validations_of(step.validation)
-                      if output_schema(v) is not None), {})
-        if first.get("grounded") and schema is not None:
-            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
-            form = "none" if not sends else "spans" if spans else "schema"
-            run.runlog.constrained(step.id, number, form, len(spans["enum"]) if spans else None)
-        return schema
-
-    def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
-        """Return the sampling fields an attempt asks for, with its max_tokens: the
-        attempt's own on a local model (retry_sampling), else as the step says."""
-        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
-                        else attempt.sampling)
-        limit = self._max_tokens(step, attempt.model, attempt.messages) if local else step.max_tokens
-        if limit:
-            sampling["max_tokens"] = limit
-        return sampling
-
-    def _on_reasoning(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
-        """Take one streamed piece of thinking: count it, show it on the progress line
-        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
-        the stream is closed on the way out)."""
-        attempt.thought += 1
-        elapsed = time.monotonic() - attempt.started
-        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
-                             f"{attempt.number} · {elapsed:.1f} s · thinking · "
-                             f"{attempt.thought} tokens")
-        if attempt.thinking_guard is not None:
-            try:
-                attempt.thinking_guard.feed(piece)
-            except OutputDegenerate as exc:
-                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
-                raise OutputDegenerate(why) from None
-
-    def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt,
-                 reply: Completion, inline: str) -> tuple[int, int]:
-        """Record what an attempt thought (reasoning fields and reasoning inside content):
-        its tokens and bytes, on the attempt's attempt_log entry; remember the model
-        thinks. Returns the tokens, and the answer's (its pieces less the thinking
-        inside content). Tokens: the reasoning fields' streamed pieces (else
-        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
-        characters are (else CHARS_PER_TOKEN)."""
-        text = reply.reasoning + inline
-        if not text:
-            return 0, attempt.pieces
-        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
-        if attempt.pieces and inline:
-            within = round(attempt.pieces * len(inline) / len(reply.text))
-        else:
-            within = int(len(inline) / CHARS_PER_TOKEN)
-        tokens = max(1, fields + within)
-        size = len(text.encode("utf-8", "replace"))
-        result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
-        self._thinkers.add(attempt.model)
-        run.log.say(step.id, f"  {step.label}: the model thought for {tokens} tokens", detail=True)
-        return tokens, max(0, attempt.pieces - within)
-
-    def _thought_cut(self, result: StepResult, attempt: Attempt) -> None:
-        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
-        if attempt.thought and attempt.thinking_guard is not None:
-            size = len(attempt.thinking_guard.text.encode("utf-8", "replace"))
-            result.attempt_log[-1].update(reasoning_tokens=attempt.thought, reasoning_bytes=size)
-            self._thinkers.add(attempt.model)
-
-    def _on_delta(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
-        """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
-        closed on the way out), emit it as an event, show the attempt's progress."""
-        attempt.pieces += 1
-        if attempt.guard is not None:
-            attempt.guard.feed(piece)
-        elapsed = time.monotonic() - attempt.started
-        self.events.emit("delta", run.plan.id, step.id, attempt=attempt.number, text=piece)
-        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt {attempt.number} · "
-                             f"{elapsed:.1f} s · {attempt.pieces / max(elapsed, 1e-6):.1f} tok/s")
-
-    def _check(self, run: PlanRun, step: Step, result: StepResult, output: str,
-               answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands; return None or the
-        AttemptFailure. The checks of the answer itself come first (they cost nothing,
-        and the commands need the file they produce), then each command in order, up
-        to the first that fails. A failed command puts the file back at once, and so
-        does anything that stops the run while a command runs."""
-        files, number = run.files, result.attempts
-        try:
-            source = "\n".join(run.sources.get(step.id, []))
-            artifact = check_output(output, step.validation, source)
-        except OutputInvalid as exc:
-            run.runlog.checked(step.id, number, str(exc))
-            return AttemptFailure.from_output(str(exc), answer, step.validation)
-        result.output = artifact
-        if step.file_output:
-            try:
-                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
-            except PathError as exc:
-                run.runlog.checked(step.id, number, str(exc))
-                return AttemptFailure(str(exc), retryable=False)
-            done = "staged" if run.staged else "wrote"
-            review = " for review" if run.staged else ""
-            run.log.say(step.id, f"  {step.label}: {done} {step.file_output} ({change.action}){review}")
-        try:
-            failure = self._run_commands(run, step, result, answer)
-        except BaseException:
-            with _suppress(PathError):
-                self._put_back(run, step)
-            raise
-        if failure is not None:
-            try:
-                self._put_back(run, step)
-            except PathError as exc:
-                return AttemptFailure(f"{failure.message}; and {exc}", retryable=False)
-            return failure
-        run.runlog.checked(step.id, number, None)
-        if step.file_output:
-            run.kept[step.file_output] = artifact
-            if not run.staged:     # only a write that stays is what the run left
-                record_written(run.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
-        return None
-
-    def _run_commands(self, run: PlanRun, step: Step, result: StepResult, answer: str) -> "AttemptFailure | None":
-        """Run a step's command validations in order in the project; return the first
-        failure as an AttemptFailure (its output goes into the next prompt), or None."""
-        number = result.attempts
-        for validation in _commands_of(step):
-            argv = validation["run"]
-            run.log.say(step.id, f"  {step.label}: checking with `{shell_words(argv)}`")
-            command = run_command(argv, run.plan.project, command_env(self.config),  # type: ignore[arg-type]
-                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
-            result.checks.append({"attempt": number, **command.as_dict()})
-            run.runlog.command(step.id, number, command)
-            if command.error is None:
-                run.log.say(step.id, f"  {step.label}: check passed in {command.duration_s:.1f} s")
-                continue
-            run.log.say(step.id, f"--- output of `{shell_words(argv)}` ---\n{command.output_tail}", detail=True)
-            run.runlog.checked(step.id, number, command.error)
-            if run.cancel.is_set():
-                return AttemptFailure("interrupted", retryable=False)
-            return AttemptFailure.from_command(command, answer, step.file_output, step.validation)
-        return None
-
-    def _put_back(self, run: PlanRun, step: Step) -> None:
-        """Undo a failed attempt's file: what an earlier step of this run wrote there,
-        else the original. Raises PathError (RollbackError) when it cannot."""
-        if not step.file_output or run.files is None:
-            return
-        if step.file_output in run.kept:
-            run.files.write(step.file_output, run.kept[step.file_output], step.id)
-        else:
-            run.files.revert_path(step.file_output)
-
-    def _stopped(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt, why: str) -> AttemptFailure:
-        """Record an attempt whose output degenerated and was cut (its tokens are
-        estimated: the server sent no usage); return its AttemptFailure."""
-        text = attempt.guard.text if attempt.guard is not None else ""
-        thought = attempt.thinking_guard.text if attempt.thinking_guard is not None else ""
-        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, attempt.thought)
-        run.runlog.answer(step.id, attempt.number, reply)
-        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        result.output = split_reasoning(text)[0]
-        run.runlog.checked(step.id, attempt.number, why)
-        return AttemptFailure.from_stop(why, step.validation)
-
-    def _result(self, run: PlanRun, status: str, error: str | None) -> dict:
-        """Build a run's result document (README: "What bridge writes into the store";
-        what --json and --show --json print is shown_result of it)."""
-        steps = [run.results[sid] for sid in sorted(run.results)]
-        usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
-                 "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
-        counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}
-        generation_s = sum(s.generation_s for s in steps)
-        price = self.config.price_model
-        if run.cap_hit and error:
-            error += f"; spend cap reached (--max-cost-usd {self.config.max_cost_usd:.2f})"
-        record = run.record
-        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run.run_id,
-                "objective": record.objective, "status": status,
-                "project": project_name(run.plan.project)
-                if run.plan and run.plan.project else None,
-                "success": status in ("completed", "awaiting_review"),
-                "started_at": run.started, "finished_at": utc_now_iso(),
-                "duration_s": round(time.monotonic() - run.clock, 3), "model": self.model,
-                "base_url": self.config.base_url, "usage": usage,
-                "tokens_per_s": round(usage["completion_tokens"] / generation_s, 1) if generation_s else None,
-                "cost_usd": round(sum(s.cost_usd for s in steps), 6),
-                "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
-                "ledger": merge_ledgers(s.ledger for s in steps),
-                "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
-                                for s in steps if s.escalated_to],
-                "max_cost_usd": self.config.max_cost_usd, "spend_cap_reached": run.cap_hit,
-                "savings": run_savings(steps, price),
-                "counts": counts, "steps": [s.as_dict(price) for s in steps],
-                "files": run.files.summary() if run.files else [], "error": error,
-                "run_log": str(self.config.runs_dir / run.run_id),
-                "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
-
-    def _finish(self, record: PlanRecord, result: dict) -> dict:
-        """Store the result and the plan's final state, then print its summary.
-
-        Raises ResultNotStored when the store cannot be written: the plan stays
-        in_progress, stale once this process is gone, so --resume or --rerun can
-        take it over (the run's journal and backups are kept for that)."""
-        try:
-            digest = self.store.finish(record, result_memory(result), self.memory_api,
-                                       self.progress.warning)
-        except StoreError as exc:
-            raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
-                             "in progress (stale once this bridge exits), its files and their backups kept",
-                             f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
-                             "succeeded steps) or --rerun (puts its files back, starts over)") from exc
-        result = shown_result(result, digest, {}, self.config.runs_dir)     # as --show --json shows it
-        counts = result["counts"]
-        tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
-        line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
-                f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
-                f"{result['duration_s']:.1f} s · "
-                + ("$0 here" if not result["cost_usd"] else f"${result['cost_usd']:.4f} spent")
-                + f", ${result['would_have_cost_usd']:.4f} on {result['price_model']}")
-        if result["error"]:
-            line += f" · {result['error']}"
-        (self.progress.info if result["success"] else self.progress.error)(line)
-        for change in result["files"]:
-            staged = " (staged, not written)" if change.get("staged") else ""
-            self.progress.info(f"  file {change['path']}: {change['action']}{staged}")
-        if result["status"] == "awaiting_review":
-            plan_id = result["plan_id"]
-            self.progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
-                               f"bridge --apply {plan_id} or bridge --reject {plan_id}")
-        self.progress.info("  " + savings_line(result["savings"]))
-        if len(result["ledger"]) > 1 or result["escalations"]:
-            for text in ledger_lines(result):
-                self.progress.info(text)
-        self.events.emit("plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
-                         success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
-                         cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
-                         result_hash=result["result_hash"], error=result["error"],
-                         problems=result.get("problems"), run_log=result["run_log"])
-        return result
+        return run.run(list(problems or []))
 
 
 ###############################################################################
-# 33. CLI: arguments and settings
+# 38. CLI: arguments and settings
 ###############################################################################
 
 
@@ -10076,7 +10176,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 34. CLI: listing, health, trust and approval
+# 39. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10108,7 +10208,7 @@ def cmd_list(config: Config, show_all: bool) -> int:
     for record in records:
         if show_all or record.status == "pending":
             row = plan_summary(record)
-            facts = _plan_facts(config, record, validate=False) if record.display_status == "pending" else None
+            facts = _plan_facts(config, record) if record.display_status == "pending" else None
             if facts is not None and not facts["may_run"]:
                 row.update(status="awaiting_approval", approval=facts)
             rows.append(row)
@@ -10254,19 +10354,15 @@ def _pick_model(config: Config, info: ServerInfo | None) -> str:
     return info.loaded
 
 
-def ollama_num_ctx(config: Config, records: list[PlanRecord], info: ServerInfo) -> int:
+def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
     """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
-    largest first prompt of the plans to run (estimate_tokens, with their LOAD files)
+    largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
     plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
     OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
     with when that is as large already (no reload); never past its trained context.
     aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
-    for record in records:
-        try:
-            plan = runnable_plan(record, config)
-        except PlanInvalid:
-            continue
+    for plan in plans:
         for step in plan.steps.values():
             try:
                 messages = build_messages(plan, step, {})
@@ -10541,12 +10637,11 @@ def commands_text(commands: list[str]) -> str:
     return text
 
 
-def _plan_facts(config: Config, record: PlanRecord, validate: bool = True) -> dict | None:
-    """Return approval_facts of a record's plan, or None when the plan is invalid (a
-    run records it failed with its problems, approved or not). validate=False (for
-    --list, which must not import jsonschema) reads the plan without the schema."""
+def _plan_facts(config: Config, record: PlanRecord) -> dict | None:
+    """Return approval_facts of a record's plan for --list, read without the schema (it
+    must not import jsonschema), or None when the plan cannot be read."""
     try:
-        plan = runnable_plan(record, config) if validate else _build_plan(record.plan)
+        plan = _build_plan(record.plan)
     except (PlanInvalid, KeyError, TypeError, AttributeError, ValueError):
         return None
     return approval_facts(config, plan, content_hash(record.content))
@@ -10567,8 +10662,10 @@ def _ask_to_run(facts: dict) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def gate_records(config: Config, records: list[PlanRecord], progress: Progress) -> tuple[list[PlanRecord], list[dict]]:
-    """Split the records a run would claim into (those that run, facts of those that wait).
+def gate_records(config: Config, records: list[PlanRecord],
+                 progress: Progress) -> tuple[list[CheckedPlan], list[dict]]:
+    """Split the records a run would claim into (those that run, each checked for its
+    run: CheckedPlan; facts of those that wait).
 
     Invalid plans run (to be recorded failed). A plan waiting only for approval is
     asked about on a terminal (once, default No); otherwise it is skipped with one
@@ -10576,13 +10673,20 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
     """
     runnable, waiting = [], []
     for record in records:
-        facts = _plan_facts(config, record)
-        if facts is None or facts["may_run"]:
-            runnable.append(record)
+        try:
+            plan = runnable_plan(record, config)
+        except PlanInvalid as exc:
+            runnable.append(CheckedPlan(record, None, exc.problems, False))
             continue
-        only_approval = all(c.startswith(("bridge --approve", "bridge --trust")) for c in facts["commands"])
+        facts = approval_facts(config, plan, content_hash(record.content))
+        checked = CheckedPlan(record, plan, [], facts["trusted"])
+        if facts["may_run"]:
+            runnable.append(checked)
+            continue
+        only_approval = all(c.startswith(("bridge --approve", "bridge --trust"))
+                            for c in facts["commands"])
         if only_approval and _may_ask() and _ask_to_run(facts):
-            runnable.append(record)
+            runnable.append(checked)
             continue
         waiting.append(facts)
         progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
@@ -10594,7 +10698,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 35. CLI: running and showing
+# 40. CLI: running and showing
 ###############################################################################
 
 
@@ -10624,9 +10728,11 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
         with LLMClient(config, on_retry=progress.retrying) as client:
             runner = _open_runner(config, store, client, progress, records) if records else None
             try:
-                for record in records:
+                for checked in records:
+                    record = checked.record
                     try:
-                        result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
+                        result = runner.run_record(checked, allowed, shared.get(record.plan_id),
+                                                   resume)
                     except ResultNotStored as exc:     # the plans after it still run
                         progress.error(str(exc), exc.hint)
                         runner.events.emit("error", record.plan_id, message=str(exc), hint=exc.hint,
@@ -10663,7 +10769,7 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
 
 
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
-                 records: list[PlanRecord] | None = None) -> Runner:
+                 checked: list[CheckedPlan] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
@@ -10674,15 +10780,18 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     model = _pick_model(config, info)
     same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
     if same and client.native:
-        client.num_ctx = config.context_length or ollama_num_ctx(config, records or [], info)
+        plans = [c.plan for c in checked or [] if c.plan is not None]
+        client.num_ctx = config.context_length or ollama_num_ctx(config, plans, info)
         info = info._replace(context_length=client.num_ctx)
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
-    runner = Runner(config, store, client, model, progress, context, parallel)
-    runner.reprobe = info is not None and info.kind == "LM Studio" \
+    runner = Runner(config, store, client, model, progress)
+    fit = runner.fit
+    fit.context_length, fit.parallel = context, max(1, parallel)
+    fit.reprobe = info is not None and info.kind == "LM Studio" \
         and not (same and info.context_length)
     if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
-        runner.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
+        fit.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)
@@ -10774,7 +10883,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 36. CLI: diff, undo, review
+# 41. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10925,7 +11034,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 37. CLI: the planner's side
+# 42. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11123,7 +11232,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 38. main()
+# 43. main()
 ###############################################################################
 
 
