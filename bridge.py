@@ -119,15 +119,19 @@ and checks, up to the runner and the command line:
     11 Store: plan and result memories · 12 Output validation ·
     13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
     16 Executors: the registry, the chat contract, model references ·
-    17 Trust: projects, approvals, executors · 18 Model servers: errors, streams, retries ·
-    19 LLM client: OpenAI-compatible servers ·
-    20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
-    22 File transactions: journal, rollback, recovery ·
-    23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
-    25 Prompts · 26 Run records · 27 The result document · 28 Step scheduling · 29 Runner ·
-    30 CLI: arguments and settings · 31 CLI: listing, server discovery, trust and approval ·
-    32 CLI: health · 33 CLI: running and showing · 34 CLI: diff, undo, review ·
-    35 CLI: the planner's side · 36 main()
+    17 Trust: projects, approvals, executors ·
+    18 Model server replies: bounds, errors, streams ·
+    19 HTTP executors: requests and retries · 20 Model server probes: what a server runs ·
+    21 Ollama's native API · 22 LLM client: OpenAI-compatible servers ·
+    23 Other executors: the Anthropic API and the claude CLI · 24 Check commands ·
+    25 File transactions: journal, rollback, recovery ·
+    26 Review staging and bounded diffs · 27 Kept runs: backups, diff, undo, review ·
+    28 Prompts · 29 Retry policy · 30 Run records · 31 The result document ·
+    32 Step scheduling · 33 The model's context · 34 An attempt · 35 A step run ·
+    36 A plan run · 37 Runner · 38 CLI: arguments and settings ·
+    39 CLI: listing, server discovery, trust and approval · 40 CLI: health ·
+    41 CLI: running and showing · 42 CLI: diff, undo, review · 43 CLI: the planner's side ·
+    44 main()
 """
 
 from __future__ import annotations
@@ -1546,11 +1550,11 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 ###############################################################################
 # 6. File writes inside the project
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every write goes to a temp file in the target's folder, then os.replace: a reader sees
+# the old bytes or the new, never half. In the project the folders are walked by dir_fd,
+# never through a symlink (open_inside, _walk, _replace_in). bridge's own files have one
+# of each: atomic_write, open_regular, read_json_file and write_json_file, private_dir,
+# append_jsonl and read_jsonl.
 ###############################################################################
 
 
@@ -1646,15 +1650,10 @@ def open_inside(project: Path, rel: str) -> Any:
 
 
 def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
+    """Return the text of a LOAD file for a prompt: project/rel through real folders only
+    (open_inside), else path; cut at LOAD_FILE_MAX_BYTES with a marker. Raises
+    FileNotFoundError, or PathError when it cannot be read, goes through a symlink, is
+    binary (a NUL byte) or not UTF-8."""
     try:
         with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
@@ -1759,11 +1758,9 @@ def _write_all(fd: int, data: Any) -> None:
 def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
                 crash_at: str | None = None) -> None:
     """Write data (bytes, or a binary file object copied in pieces) to name in the folder
-    dir_fd through a new temp file beside it and
-    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
-    them). mode: the bits to give the file; None: a new file's usual mode (the
-    kernel applies the umask, which bridge never changes). Raises OSError; the
-    temp file never outlives a failure (only a crash)."""
+    dir_fd through a new temp file beside it and os.replace, both relative to dir_fd (a
+    folder swapped meanwhile cannot redirect them). mode: the file's bits; None: a new
+    file's (the umask's). Raises OSError; the temp file outlives only a crash."""
     tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
     try:
@@ -1784,13 +1781,9 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
-    """Write data to path through a temp file in the same folder and os.replace.
-
-    mode: permission bits to give the file (default: what a new file gets under
-    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
-    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
-    outlives a failure (only a crash).
-    """
+    """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
+    (O_EXCL|O_NOFOLLOW) in its folder and os.replace (_replace_in). mode: the file's
+    permission bits (None: the umask's). Raises OSError."""
     dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
         _replace_in(dir_fd, path.name, data, mode, crash_at)
@@ -3113,11 +3106,10 @@ REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
+    """Split a model's content into (answer, reasoning): every shape of
+    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
+    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
+    that closed reasoning with no opening tag does not."""
     thought: list[str] = []
     matched = True
     while matched and text:
@@ -3134,13 +3126,10 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
+    """Return every fenced block of text as (language tag lowercased, code). A
+    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
+    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
+    at a line holding only the same fence, or at the end of the text."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
@@ -3165,12 +3154,9 @@ def find_fences(text: str) -> list[tuple[str, str]]:
 
 
 def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
+    """Return the code of text: the best fenced block (with a language, a block
+    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
+    the whole text stripped when it has none."""
     blocks = find_fences(text)
     if not blocks:
         return text.strip()
@@ -3232,11 +3218,10 @@ _SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carr
 
 
 def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
+    """Return the numbers written in text as words of their own (punctuation at
+    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
+    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
+    "09:10", "A-1001"). One regular expression over text, no copy of it."""
     trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
     for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
@@ -3261,14 +3246,11 @@ def _occurs(value: str, source: str) -> bool:
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
+    """Return the (JSON path, value) of every value of a JSON answer, at any
+    depth, that does not occur in source, in document order: a string not in it (_occurs:
+    case and whitespace folded, not inside a longer word or number), a number not written
+    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -3338,14 +3320,13 @@ DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in word
 
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    """Return the spans a grounded answer's string values may be, each once, in
+    the order they end in the input (the shorter first): every run of 1 to
+    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
+    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
+    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
+    builds from an enum grows with it (README, Answers grounded in the text); only that
+    many words are read."""
     seen: dict[str, None] = {}
     read = 0
     for piece in pieces:
@@ -3366,12 +3347,11 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded validation whose input has at most GROUNDED_MAX_SPANS spans, else None (the
-    usual schema is sent). A span that is one of the answer's key names (keys, or a
-    schema's property names; case folded) is left out: the task names them, and SmolLM2
-    answered "unit": "quantity" from a prompt listing the keys "quantity" and "unit".
-    The check still takes such a value."""
+    """Return (span_candidates, the numbers written in the input as JSON
+    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
+    else None (the usual schema is sent). The answer's key names (keys, or a schema's
+    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    "unit": "quantity" from a prompt listing both keys. The check still takes them."""
     if not validation.get("grounded"):
         return None
     pieces = [source] if isinstance(source, str) else source
@@ -3401,13 +3381,12 @@ def _property_names(schema: Any) -> set[str]:
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
     """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    bounded_string) made one of spans, and every number one of numbers, through "$defs"
+    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
+    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
+    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
+    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
+    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
     def open_number(node: Any) -> bool:
         return isinstance(node, dict) and set(node) == {"type"} and \
             node["type"] in ("number", "integer")
@@ -3447,12 +3426,12 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
+    """Return the schema of a bounded string: min_length to max_length
+    characters, none a quote, a backslash or a control character. The pattern says so
+    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
+    before maxLength. No empty string: a small model fills "" where the sentence has the
+    value (null stays allowed)."""
     return {"type": "string", "minLength": min_length, "maxLength": max_length,
             "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
 
@@ -3473,12 +3452,11 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems
-    JSON_LIST_MAX_ITEMS on arrays, additionalProperties false on objects listing their
-    properties, and an open value ({} or an array without items) made a bounded_value.
-    Whatever the plan sets is kept as it is."""
+    """Return a copy of a plan's JSON Schema with bounds where it sets none: a
+    bounded_string for a string (unless it sets a length, pattern, format or values, or
+    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
+    arrays, additionalProperties false on objects listing properties, and a bounded_value
+    for an open value ({} or an array without items). What the plan sets is kept."""
     if not isinstance(schema, dict):
         return schema
     if _is_open(schema):
@@ -3544,17 +3522,13 @@ def schema_depth(schema: Any) -> int | None:
 
 
 def grammar_damage(output: str, schema: dict | None) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not. Asked only of an answer its check refused (not
-    when a command or a write failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
+    """Tell how a constrained answer its check refused looks damaged by the
+    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
+    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
+    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
+    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
+    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
+    #10732) would gain nothing from its removal."""
     if "\ufffd" in output:
         return "it holds U+FFFD replacement characters"
     try:
@@ -3568,20 +3542,17 @@ def grammar_damage(output: str, schema: dict | None) -> str | None:
 
 
 class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    """Watch an output while it streams; raise OutputDegenerate as soon as it
     degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
+    server, llama-cpp-python's and LM Studio then stop generating: ggml-org/llama.cpp
+    tools/server/server.cpp hands the request's is_connection_closed to the completion;
+    llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
+    logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
 
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
+    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
+    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
+    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
+    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
     """
 
     def __init__(self, max_depth: int | None = None):
@@ -3664,13 +3635,12 @@ class DegenerationGuard:
 ###############################################################################
 # 14. Validation types
 #
-# One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
-# VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
-# with register_check: its check, its sentence for the prompt, the schema sent for
-# constrained decoding, its answer budget, its plan problems and its depth rule. The
-# plan checks, the trust gate and approval facts, the prompt, the budget and the Runner
-# read the registry through the functions below the classes. A new type is one class
-# here plus its name in the schema's enum (a test keeps the two equal).
+# One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
+# register_validation (as pycodestyle's register_check files a check): its check, its
+# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
+# depth rule. Everything else reads the registry through the functions after the
+# classes. A new type is one class here plus its name in the schema's enum (a test
+# keeps the two equal).
 ###############################################################################
 
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
@@ -3686,12 +3656,10 @@ def register_validation(cls: type) -> type:
 class ValidationType:
     """One validation type; a subclass overrides what differs.
 
-    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step
-    sets none (then at most a quarter of a known context: answer_tokens); code and prose
-    keep the general ANSWER_RESERVE_TOKENS. runs_command: the type checks the project by
-    running a program once file_output is written (the Runner runs it, only where the
-    user trusts the project), not the answer. grounded: the type takes "grounded"
-    (check_grounded; the schema's if/then names the same types).
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
+    none (answer_tokens caps it). runs_command: it runs a program in the project once
+    file_output is written (the Runner, only in trusted projects), instead of checking the
+    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
     """
 
     __slots__ = ()
@@ -3740,11 +3708,10 @@ class NonEmpty(ValidationType):
 
 
 class JsonAnswer(ValidationType):
-    """An answer that is JSON: parsed once (parse_json_output), checked by check_value,
-    and when "grounded" its values against the step's input (check_grounded); the
-    artifact is the JSON re-serialised. A JSON answer is an object of a few values: a
-    six-key extraction is 40-90 tokens on SmolLM2, so 256 tokens stop a runaway within
-    seconds on a small CPU."""
+    """An answer that is JSON, parsed once, checked by check_value and, when
+    "grounded", against the step's input; its artifact is the JSON re-serialised. A
+    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
+    small CPU."""
 
     __slots__ = ()
     max_tokens = 256
@@ -3981,14 +3948,11 @@ def answer_checks(validation: dict | list) -> list[dict]:
 
 
 def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output, reasoning taken out (split_reasoning). validation: an object of
-    bridge-plan-schema.json or a list of them, checked in order (answer_checks) up to the
-    first that fails; the artifact is that of the first. source: the step's input, which
-    the values of a "grounded" JSON validation must come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
+    """Check a model output (reasoning taken out: split_reasoning) against a
+    step's validation, an object or a list, in order up to the first that fails
+    (answer_checks); return the first's artifact. source: the step's input, which a
+    "grounded" answer's values must come from. Raises OutputInvalid with a message the
+    model can act on."""
     try:
         artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
@@ -3998,14 +3962,11 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output: that of
-    its first validation whose type sends one (ValidationType.output_schema), else None.
-    Only what is sent is bounded: check_output still applies the plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    step whose input has few enough spans (grounded_spans) gets span_schema instead: its
-    string values can only be copied from the input.
-    """
+    """Return the JSON Schema sent for constrained decoding: that of the first
+    validation whose type sends one, else None; check_output still applies the plan's
+    own. source: the step's input (build_messages' sources); a "grounded" step whose input
+    has few enough spans (grounded_spans) gets span_schema, its string values only spans
+    of the input."""
     if isinstance(validation, list):
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
@@ -4018,10 +3979,9 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
 
 
 def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the depth
-    rule of its first validation that sends a schema (a json_schema's own schema), else
-    None (not bounded: a contains_keys value may be anything, though the schema sent
-    bounds it)."""
+    """Return how deep a step's output can nest and pass: the depth rule of its
+    first validation that sends a schema (a json_schema's own schema), else None (a
+    contains_keys value may be anything, though the schema sent bounds it)."""
     first = next((v for v in validations_of(validation)
                   if validation_type(v).output_schema(v) is not None), None)
     return validation_type(first).depth(first) if first else None
@@ -4065,7 +4025,7 @@ def load_schema() -> dict:
 
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, follow_symlinks=True)     # an install may link it
     except (OSError, ValueError) as exc:
         raise BridgeError(f"cannot read the plan schema {path}: {exc}",
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
@@ -4763,11 +4723,11 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 18. Model servers: errors, streams, retries
+# 18. Model server replies: bounds, errors, streams
 #
-# Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
-# Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
-# inside functions, and every httpx exception is translated to an LLMError.
+# What a model server sends back, read as untrusted input: its error messages and
+# what they say about the server, usage counts, the parts of a reply, SSE and NDJSON
+# streams, and the one tally every executor's reply is held to (--max-output-bytes).
 ###############################################################################
 
 
@@ -4876,7 +4836,8 @@ def _error_message(body: bytes) -> str:
     return " ".join(message.split())     # one line, whatever the server sent
 
 
-_OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded", "maximum context length",
+_OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded",
+                     "maximum context length",
                      "context length", "n_keep", "context size", "does not fit in context")
 
 
@@ -5031,52 +4992,49 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
     return delta, reply_label(choice.get("finish_reason"))
 
 
-def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
-    """Yield (event, data) pairs from a server-sent-events byte stream.
-
-    Comment lines (": ping") are skipped. Raises LLMProtocolError when more than
-    max_bytes arrive without a line break, so memory stays bounded.
-    """
+def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
+                    tail: bool) -> Iterator[bytes]:
+    """Yield the lines of a byte stream, without their line breaks (and the bytes after
+    the last break when tail). Raises LLMProtocolError when more than max_bytes arrive
+    without a line break, so memory stays bounded."""
     buffer = b""
-    event, data = "message", []
     for chunk in chunks:
         buffer += chunk
         if len(buffer) > max_bytes and b"\n" not in buffer:
             raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
         *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if not line:
-                if data:
-                    yield event, "\n".join(data)
-                event, data = "message", []
-            elif line.startswith(":"):
-                continue
-            else:
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "event":
-                    event = value
-                elif name == "data":
-                    data.append(value)
+        yield from lines
+    if tail and buffer:
+        yield buffer
+
+
+def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
+    """Yield (event, data) pairs from a server-sent-events byte stream (comment lines
+    such as ": ping" skipped); lines bounded as _iter_raw_lines says."""
+    event, data = "message", []
+    for raw in _iter_raw_lines(chunks, max_bytes, tail=False):
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
     if data:
         yield event, "\n".join(data)
 
 
 def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
-    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API).
-    Raises LLMProtocolError when more than max_bytes arrive without a line break."""
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        if len(buffer) > max_bytes and b"\n" not in buffer:
-            raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
-        *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            if raw.strip():
-                yield raw.decode("utf-8", "replace")
-    if buffer.strip():
-        yield buffer.decode("utf-8", "replace")
+    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API); lines
+    bounded as _iter_raw_lines says."""
+    for raw in _iter_raw_lines(chunks, max_bytes, tail=True):
+        if raw.strip():
+            yield raw.decode("utf-8", "replace")
 
 
 class BoundedResponse:
@@ -5099,7 +5057,8 @@ class BoundedResponse:
             if time.monotonic() > self.deadline:
                 raise LLMDeadline(f"the request to {self.url} passed its deadline of {self.limit} "
                                   "while the server kept sending; stopped",
-                                  "raise the step's timeout_s, or check the server: it sent without finishing")
+                                  "raise the step's timeout_s, or check the server: it sent "
+                                  "without finishing")
             yield chunk
 
     def read(self, max_bytes: int, cut: bool = False) -> bytes:
@@ -5112,9 +5071,35 @@ class BoundedResponse:
                 if cut:
                     return body[:max_bytes]
                 raise LLMProtocolError(f"the reply from {self.url} passed {max_bytes} bytes "
-                                       f"(--max-output-bytes and {RESPONSE_ENVELOPE_BYTES} for its JSON); cut",
+                                       f"(--max-output-bytes and {RESPONSE_ENVELOPE_BYTES} for "
+                                       "its JSON); cut",
                                        "raise --max-output-bytes or ask for less")
         return body
+
+
+def _positive(value: Any) -> int | None:
+    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
+    (servers send odd things: a context length of 10**400 is not said at all)."""
+    return value if usage_count(value) and value > 0 else None
+
+
+def _usage(value: Any) -> dict | None:
+    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
+    when there is none or a count is not one usage_count believes (a string usage from a
+    gateway, a negative count, 10**400): then it is estimated."""
+    if not isinstance(value, dict):
+        return None
+    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
+
+
+###############################################################################
+# 19. HTTP executors: requests and retries
+#
+# Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
+# server and vLLM speak, and Anthropic's), what each kind of server takes, and the
+# retry loop. httpx is imported only inside functions, and every httpx exception is
+# translated to an LLMError.
+###############################################################################
 
 
 RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
@@ -5139,8 +5124,10 @@ FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
 SAMPLING_FIELDS = {
     "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile)
     "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
-    "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
-    "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
+    # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
+    "LM Studio": ("repeat_penalty",),
+    # llama_cpp/server/types.py (no DRY; unknown fields ignored)
+    "llama-cpp-python": ("repeat_penalty",),
 }
 
 
@@ -5174,8 +5161,9 @@ def _refuses_response_format(exc: LLMError) -> bool:
     """
     status = getattr(exc, "status", None)
     text = str(exc).lower()
+    words = ("response_format", "json_schema", "json_object", "'text'", "grammar")
     return status in (400, 422, 500) and not exc.context_overflow and any(
-        word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
+        word in text for word in words)
 
 
 def missing_v1_hint(base_url: str, status: int) -> str:
@@ -5238,7 +5226,8 @@ class HTTPExecutor(Executor):
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
-                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
+                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
+                                           limit)
                 if response.status_code >= 400:
                     body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
                     message = self._scrub(_error_message(body))
@@ -5296,7 +5285,7 @@ class HTTPExecutor(Executor):
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
                     import random
 
-                    delay *= random.uniform(0.5, 1.0)       # jitter: clients retrying together spread out
+                    delay *= random.uniform(0.5, 1.0)   # jitter: clients retrying together spread
                 if time.monotonic() + delay > deadline:
                     exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
                                 f"{RETRY_BUDGET_S:.0f} s retry budget)",)
@@ -5322,7 +5311,8 @@ class HTTPExecutor(Executor):
                             httpx.RemoteProtocolError, httpx.CloseError)):
             reason = str(exc) or type(exc).__name__
             return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
-                                  "start the server (LM Studio: Developer > Start server) or pass --base-url")
+                                  "start the server (LM Studio: Developer > Start server) "
+                                  "or pass --base-url")
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
@@ -5349,7 +5339,8 @@ class HTTPExecutor(Executor):
                     message = self._scrub(_error_message(body))
                     self._raise_fault(url, response.status_code, message)
                     raise LLMHTTPError(
-                        f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
+                        f"{url} answered HTTP {response.status_code}: {message}",
+                        response.status_code,
                         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
                         context_overflow=_is_context_overflow(message))
                 return self._parse(response, url, tally)
@@ -5372,63 +5363,129 @@ class HTTPExecutor(Executor):
 
 
 ###############################################################################
-# 19. LLM client: OpenAI-compatible servers
-# LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
+# 20. Model server probes: what a server runs
+#
+# LM Studio's, Ollama's, llama.cpp's and vLLM's own routes, asked once a run: the
+# model, its context, its slots (ServerInfo).
 ###############################################################################
 
 
-@register_executor
-class LLMClient(HTTPExecutor):
-    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
-    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
-    http://localhost:1234/v1 by default). Streams SSE chunks with
-    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe). The run's model server: one instance,
-    opened by the CLI before the run (Runner.client)."""
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
+                                         "refused problem trained_context",
+                            defaults=(None, None, (), None, None))):
+    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
+    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
+    or None), context_length (tokens the loaded model takes, per request; None if
+    not said), parallel (requests it serves at once; None if not said). Ollama's
+    probe also gives: version (str), why (how loaded was picked), refused ((model,
+    reason) pairs it will not send steps to), problem ((what, hint) when no model
+    can be used, else None), trained_context (the model's trained maximum, tokens)."""
 
-    NAME = PREFIX = "openai"
-    PROBED = WATCHED = True
-    CHAT_PATH = "/chat/completions"
+    __slots__ = ()
 
-    @classmethod
-    def claims(cls, prefix: str, name: str) -> bool:
-        return prefix == cls.PREFIX and not is_cloud_model(name)
 
-    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
-                 on_retry: Callable[[str], None] | None = None):
-        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
-        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
-        self.key = key = config.api_key
-        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
-                         headers={"Authorization": f"Bearer {key}"} if key else None)
-        # index into RESPONSE_FORMS of the first form this server has not refused
-        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
-        self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
-        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
-        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
-        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
-        self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
-        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
-        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
-        self.unconstrained: dict[str, str] = {}
+def _ollama_named(found: Any) -> dict[str, dict]:
+    """{name: entry} of an /api/tags or /api/ps answer's models ({} when it has none)."""
+    found = found.get("models") if isinstance(found, dict) else None
+    return {m["name"]: m for m in found if isinstance(m, dict)
+            and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
 
-    def _raise_fault(self, url: str, status: int, message: str) -> None:
-        fault = server_fault(status, message, bool(self.config.api_key))
-        if fault is not None:
-            what, hint = fault
-            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
-                                    status)
 
-    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
-        """A server still unreachable after the request's retries is gone for the run
-        (LLMServerUnusable), said with how long bridge waited for it."""
-        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
-            return exc
-        waited = time.monotonic() - started
-        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
-                                 f"{waited:.0f} s over {retries} retries "
-                                 "(--retries, --retry-delay)",
-                                 "start it again, then run bridge again")
+class OllamaModels:
+    """The models one Ollama probe sees: pulled (/api/tags) and running (/api/ps), by
+    name; the /api/show answers asked (at most OLLAMA_SHOW_MAX a probe); refused, the
+    (name, reason) pairs no step is sent to: models whose /api/show capabilities lack
+    "completion" (embedding models), and cloud models (a *-cloud name or /api/tags
+    remote_host: they run on ollama.com, docs/cloud.mdx) unless --allow-executor
+    ollama-cloud. The choice: wanted (--model), else loaded."""
+
+    __slots__ = ("client", "root", "pulled", "running", "shown", "refused")
+
+    def __init__(self, client: Any, root: str, tags: Any, ps: Any):
+        self.client, self.root = client, root
+        self.pulled, self.running = _ollama_named(tags), _ollama_named(ps)
+        self.shown: dict[str, dict] = {}
+        self.refused: list[tuple[str, str]] = []
+
+    def show(self, name: str) -> dict:
+        """POST /api/show for name, once; {} when refused or past OLLAMA_SHOW_MAX."""
+        if name not in self.shown:
+            info = self.client._post_json(f"{self.root}/api/show", {"model": name}) \
+                if len(self.shown) < OLLAMA_SHOW_MAX else None
+            self.shown[name] = info if isinstance(info, dict) else {}
+        return self.shown[name]
+
+    def cloud(self, name: str) -> bool:
+        """Whether name is a cloud model the user has not allowed."""
+        if "ollama-cloud" in self.client.config.allowed_executors:
+            return False            # allowed by the user (--allow-executor ollama-cloud)
+        remote = (self.pulled.get(name) or self.running.get(name) or {}).get("remote_host")
+        return is_cloud_model(name) or bool(remote)
+
+    def refusal(self, name: str) -> str | None:
+        """Why no step goes to name, or None."""
+        if self.cloud(name):
+            return ("a cloud model: it runs on ollama.com, and the project's files would "
+                    "leave this machine")
+        caps = self.show(name).get("capabilities")
+        if isinstance(caps, list) and "completion" not in caps:
+            return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
+        return None
+
+    def wanted(self, wanted: str) -> tuple:
+        """(chosen, why, problem) for --model wanted: pulled, able to chat, not cloud."""
+        name = next((n for n in (wanted, f"{wanted}:latest")
+                     if n in self.pulled or n in self.running), None)
+        if name is None:
+            return None, None, (f"model {wanted!r} is not pulled on this Ollama",
+                                f"ollama pull {wanted}")
+        if reason := self.refusal(name):
+            self.refused.append((name, reason))
+            return None, None, (f"--model {name} is {reason}", "pick a local chat model with "
+                                "--model (bridge --health lists them)")
+        return name, "--model", None
+
+    def loaded(self) -> tuple:
+        """(chosen, why, problem) without --model: the first of /api/ps that can chat,
+        else the only chat model pulled."""
+        chosen = None
+        for name in self.running:
+            if reason := self.refusal(name):
+                self.refused.append((name, reason))
+            elif chosen is None:
+                chosen = name
+        if chosen is not None:
+            return chosen, "loaded: Ollama /api/ps", None
+        chat = []
+        for name in self.pulled:
+            if name in self.running:
+                continue
+            if reason := self.refusal(name):
+                self.refused.append((name, reason))
+            else:
+                chat.append(name)
+        if len(chat) == 1:
+            return chat[0], "the only chat model pulled (none is loaded)", None
+        if not chat:
+            return None, None, ("this Ollama has no local chat model",
+                                "pull one: ollama pull llama3.1:8b")
+        return None, None, (f"no model is loaded and {len(chat)} chat models are pulled: "
+                            f"{', '.join(chat[:8])}",
+                            "pick one with --model NAME (or load one: ollama run NAME)")
+
+    def refuse_cloud(self) -> None:
+        """List the cloud models pulled, without a question to the server."""
+        listed = {name for name, _ in self.refused}
+        for name in self.pulled:
+            if name not in listed and self.cloud(name):
+                self.refused.append((name, self.refusal(name)))
+
+
+class ServerProbes:
+    """The probes of LLMClient (a mixin of HTTPExecutor's: self.http, self.config,
+    self.base_url): what the server runs (probe), its tokenizer (count_tokens)."""
+
+    CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -5468,13 +5525,6 @@ class LLMClient(HTTPExecutor):
             self.tokenizer_refused = True
             return None
         return count + 5 * len(messages) + 3
-
-    @property
-    def cuts_prompts(self) -> bool:
-        """Whether this server may cut a prompt that does not fit and answer all the
-        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
-        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
-        return not self.native
 
     def _post_json(self, url: str, body: dict) -> Any:
         """POST body as JSON to url; return the JSON reply, or None when the route
@@ -5551,12 +5601,8 @@ class LLMClient(HTTPExecutor):
         """Return what an Ollama server runs, or None when root is not Ollama.
 
         Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
-        is running"). The model: --model (pulled, able to chat, not a cloud model), else
-        the first of /api/ps (loaded) that can chat, else the only chat model pulled.
-        Refused, with the reason: models whose /api/show capabilities lack
-        "completion" (embedding models), and cloud models (a *-cloud name or
-        /api/tags remote_host: they run on ollama.com, docs/cloud.mdx). Context:
-        /api/ps context_length (as loaded), /api/show model_info["<arch>.context_length"]
+        is running"). The model and what is refused: OllamaModels. Context: /api/ps
+        context_length (as loaded), /api/show model_info["<arch>.context_length"]
         (trained). With the native API (--ollama-api native, the default) steps go
         to /api/chat; else to /v1/chat/completions."""
         version = self._try_json(f"{root}/api/version")
@@ -5564,92 +5610,25 @@ class LLMClient(HTTPExecutor):
         if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
                 or not isinstance(version.get("version"), str):
             return None
-        def named(found: Any) -> dict[str, dict]:
-            found = found.get("models") if isinstance(found, dict) else None
-            return {m["name"]: m for m in found if isinstance(m, dict)
-                    and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
-        pulled, running = named(tags), named(self._try_json(f"{root}/api/ps"))
-        shown: dict[str, dict] = {}
-        refused: list[tuple[str, str]] = []
-
-        def show(name: str) -> dict:
-            if name not in shown:
-                info = self._post_json(f"{root}/api/show", {"model": name}) \
-                    if len(shown) < OLLAMA_SHOW_MAX else None
-                shown[name] = info if isinstance(info, dict) else {}
-            return shown[name]
-
-        def cloud(name: str) -> bool:
-            if "ollama-cloud" in self.config.allowed_executors:
-                return False            # allowed by the user (--allow-executor ollama-cloud)
-            remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
-            return is_cloud_model(name) or bool(remote)
-
-        def refusal(name: str) -> str | None:
-            if cloud(name):
-                return ("a cloud model: it runs on ollama.com, and the project's files would "
-                        "leave this machine")
-            caps = show(name).get("capabilities")
-            if isinstance(caps, list) and "completion" not in caps:
-                return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
-            return None
-
-        chosen = why = problem = None
+        models = OllamaModels(self, root, tags, self._try_json(f"{root}/api/ps"))
         wanted = self.config.model
         if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            wanted = parse_model_ref(wanted)[1]
-            name = next((n for n in (wanted, f"{wanted}:latest")
-                         if n in pulled or n in running), None)
-            if name is None:
-                problem = (f"model {wanted!r} is not pulled on this Ollama",
-                           f"ollama pull {wanted}")
-            elif reason := refusal(name):
-                refused.append((name, reason))
-                problem = (f"--model {name} is {reason}", "pick a local chat model with --model "
-                           "(bridge --health lists them)")
-            else:
-                chosen, why = name, "--model"
+            chosen, why, problem = models.wanted(parse_model_ref(wanted)[1])
         else:
-            for name in running:
-                if reason := refusal(name):
-                    refused.append((name, reason))
-                elif chosen is None:
-                    chosen, why = name, "loaded: Ollama /api/ps"
-            if chosen is None:
-                chat = []
-                for name in pulled:
-                    if name in running:
-                        continue
-                    if reason := refusal(name):
-                        refused.append((name, reason))
-                    else:
-                        chat.append(name)
-                if len(chat) == 1:
-                    chosen, why = chat[0], "the only chat model pulled (none is loaded)"
-                elif not chat:
-                    problem = ("this Ollama has no local chat model",
-                               "pull one: ollama pull llama3.1:8b")
-                else:
-                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: "
-                               f"{', '.join(chat[:8])}",
-                               "pick one with --model NAME (or load one: ollama run NAME)")
-        listed = {name for name, _ in refused}
-        for name in pulled:     # cloud models say so without a question to the server
-            if name not in listed and cloud(name):
-                refused.append((name, refusal(name)))
+            chosen, why, problem = models.loaded()
+        models.refuse_cloud()
         trained = loaded_context = None
         if chosen is not None:
-            info = show(chosen).get("model_info")
+            info = models.show(chosen).get("model_info")
             if isinstance(info, dict):
                 trained = next((_positive(v) for k, v in info.items() if isinstance(k, str)
                                 and k.endswith(".context_length") and _positive(v)), None)
-            loaded_context = _positive((running.get(chosen) or {}).get("context_length"))
+            loaded_context = _positive((models.running.get(chosen) or {}).get("context_length"))
         self.native = self.config.ollama_api == "native"
         self.base_url = root if self.native else f"{root}/v1"
-        self.CHAT_PATH = "/api/chat" if self.native else LLMClient.CHAT_PATH
-        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None,
-                          version["version"], why,
-                          tuple(refused), problem, trained)
+        self.CHAT_PATH = "/api/chat" if self.native else ServerProbes.CHAT_PATH
+        return ServerInfo("Ollama", list(models.pulled), chosen, loaded_context, None,
+                          version["version"], why, tuple(models.refused), problem, trained)
 
     def probe(self) -> "ServerInfo":
         """Ask the server what it runs: models, the loaded one, its effective context
@@ -5683,17 +5662,152 @@ class LLMClient(HTTPExecutor):
                                       _positive(context), None)
             return ServerInfo("LM Studio", models, None, None, None)
         props = self._try_json(f"{root}/props")
-        if isinstance(props, dict) and ("total_slots" in props or "default_generation_settings" in props):
+        if isinstance(props, dict) and ("total_slots" in props
+                                        or "default_generation_settings" in props):
             settings = props.get("default_generation_settings")
             settings = settings if isinstance(settings, dict) else {}
             return ServerInfo("llama.cpp", models, first, _positive(settings.get("n_ctx")),
                               _positive(props.get("total_slots")))
-        if entries and all(m.get("owned_by") == "me" for m in entries):    # llama_cpp/server/app.py get_models
+        # llama-cpp-python: llama_cpp/server/app.py get_models
+        if entries and all(m.get("owned_by") == "me" for m in entries):
             return ServerInfo("llama-cpp-python", models, first, None, None)
         return ServerInfo("OpenAI-compatible", models, first,
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
-    # -- chat ------------------------------------------------------------------
+
+###############################################################################
+# 21. Ollama's native API
+#
+# POST /api/chat, streamed as NDJSON (docs/api.md): the run's num_ctx, its options
+# and format, and thinking as think: false.
+###############################################################################
+
+
+class OllamaNative:
+    """Ollama's native chat for LLMClient (a mixin: self.native, self.num_ctx, set by the
+    probe and the run)."""
+
+    @property
+    def cuts_prompts(self) -> bool:
+        """Whether this server may cut a prompt that does not fit and answer all the
+        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
+        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        return not self.native
+
+    def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
+        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
+        structured output through `format` (a JSON schema), and thinking "off" as
+        think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
+        options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
+        sampling, model = request.sampling or {}, request.model
+        if sampling.get("temperature") is not None:
+            options["temperature"] = sampling["temperature"]
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
+        options.update({k: v for k, v in self.accepted_sampling(sampling).items()
+                        if k not in ("temperature", "max_tokens")})
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                                   "options": options}
+        if request.json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
+                and model not in self.unconstrained:      # drop_constraint: not for this model
+            payload["format"] = request.json_schema
+        if request.thinking == "off":
+            payload["think"] = False
+        reply = self._send_with_retries(payload, request)
+        return reply._replace(response_format="format" if "format" in payload else None)
+
+    def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
+        """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
+        false} lines, then done: true with done_reason, prompt_eval_count and eval_count
+        (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
+        on_reasoning, not the text. Held to --max-output-bytes like every reply."""
+        model = finish = usage = None
+        for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
+            try:
+                chunk = load_reply(line)
+            except ValueError as exc:
+                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
+                                       f"{clip(line, 120, 'line')}") from exc
+            if not isinstance(chunk, dict):
+                raise LLMProtocolError(f"{url} streamed a line that is not an object")
+            if "error" in chunk:
+                raise self._stream_error(url, line)
+            model = reply_label(chunk.get("model")) or model
+            message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+            piece = reply_text(message.get("content"), "a line's message content", url)
+            thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
+            tally.take(piece, thinking)
+            if chunk.get("done") is True:
+                finish = reply_label(chunk.get("done_reason")) or "stop"
+                usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
+                                "completion_tokens": chunk.get("eval_count")})
+                break
+        if finish is None:
+            raise LLMProtocolError(f"the stream from {url} ended early, after "
+                                   f"{tally.chars} characters and no done line")
+        return tally.completion(usage, model, finish)
+
+
+###############################################################################
+# 22. LLM client: OpenAI-compatible servers
+#
+# LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON,
+# sampling and thinking fields a server refuses.
+###############################################################################
+
+
+@register_executor
+class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
+    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
+    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
+    http://localhost:1234/v1 by default). Streams SSE chunks with
+    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
+    and probes what the server runs (probe). The run's model server: one instance,
+    opened by the CLI before the run (Runner.client)."""
+
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
+
+    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
+        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
+        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
+        self.key = key = config.api_key
+        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
+                         headers={"Authorization": f"Bearer {key}"} if key else None)
+        # index into RESPONSE_FORMS of the first form this server has not refused
+        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
+        self.server_kind: str | None = None     # ServerInfo.kind, once probed (SAMPLING_FIELDS)
+        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
+        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
+        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
+        self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
+        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
+        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
+        self.unconstrained: dict[str, str] = {}
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        fault = server_fault(status, message, bool(self.config.api_key))
+        if fault is not None:
+            what, hint = fault
+            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
+                                    status)
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """A server still unreachable after the request's retries is gone for the run
+        (LLMServerUnusable), said with how long bridge waited for it."""
+        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
+            return exc
+        waited = time.monotonic() - started
+        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
+                                 f"{waited:.0f} s over {retries} retries "
+                                 "(--retries, --retry-delay)",
+                                 "start it again, then run bridge again")
 
     def accepted_sampling(self, sampling: dict) -> dict:
         """Return the fields of sampling ({"temperature", "seed", "repeat_penalty",
@@ -5702,7 +5816,8 @@ class LLMClient(HTTPExecutor):
         it refused one. OpenAI-strict servers refuse unknown fields, so none is sent
         to a server bridge could not identify."""
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
-        return {k: v for k, v in sampling.items() if k in ("temperature", "seed", "max_tokens") or k in extras}
+        return {k: v for k, v in sampling.items()
+                if k in ("temperature", "seed", "max_tokens") or k in extras}
 
     def thinking_fields(self) -> dict:
         """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
@@ -5761,21 +5876,32 @@ class LLMClient(HTTPExecutor):
                     self._overflow_check(payload, request.timeout_s)
                 raise
             except LLMHTTPError as exc:
-                if thinking == "off" and self._thinking_refused(exc, payload):
-                    continue
-                refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ()) if k in payload and k in str(exc)]
-                if refused and exc.status in (400, 422):
-                    self._on_retry(f"the server refused {', '.join(refused)} ({clip(str(exc), 160, 'message')}); "
-                                   "sending no extra sampling fields")
-                    self.extras_refused = True
-                    for key in SAMPLING_FIELDS[self.server_kind]:   # type: ignore[index]
-                        payload.pop(key, None)
-                    continue
-                if form is None or not _refuses_response_format(exc):
+                if not self._drop_refused(exc, payload, form is not None, thinking):
                     raise
-                self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
-                               f"({clip(str(exc), 160, 'message')}); trying the next form")
-                self.structured_level += 1
+
+    def _drop_refused(self, exc: LLMHTTPError, payload: dict, constrained: bool,
+                      thinking: str | None) -> bool:
+        """After an HTTP error: drop from payload, for this client's life, what the server
+        refused (a thinking field; the extra sampling fields; this response_format, for
+        the next of RESPONSE_FORMS) and tell whether the request goes again at once."""
+        if thinking == "off" and self._thinking_refused(exc, payload):
+            return True
+        refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ())
+                   if k in payload and k in str(exc)]
+        if refused and exc.status in (400, 422):
+            self._on_retry(f"the server refused {', '.join(refused)} "
+                           f"({clip(str(exc), 160, 'message')}); sending no extra sampling fields")
+            self.extras_refused = True
+            for key in SAMPLING_FIELDS[self.server_kind]:   # type: ignore[index]
+                payload.pop(key, None)
+            return True
+        if not constrained or not _refuses_response_format(exc):
+            return False
+        self._on_retry("the server refused response_format "
+                       f"{payload['response_format']['type']} "
+                       f"({clip(str(exc), 160, 'message')}); trying the next form")
+        self.structured_level += 1
+        return True
 
     def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
         """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
@@ -5796,60 +5922,6 @@ class LLMClient(HTTPExecutor):
             except LLMError:
                 pass
             return
-
-    def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
-        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
-        structured output through `format` (a JSON schema), and thinking "off" as
-        think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
-        options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
-        sampling, model = request.sampling or {}, request.model
-        if sampling.get("temperature") is not None:
-            options["temperature"] = sampling["temperature"]
-        if request.max_tokens is not None:
-            options["num_predict"] = request.max_tokens
-        options.update({k: v for k, v in self.accepted_sampling(sampling).items()
-                        if k not in ("temperature", "max_tokens")})
-        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
-                                   "options": options}
-        if request.json_schema is not None and self.structured_level < len(RESPONSE_FORMS) \
-                and model not in self.unconstrained:      # drop_constraint: not for this model
-            payload["format"] = request.json_schema
-        if request.thinking == "off":
-            payload["think"] = False
-        reply = self._send_with_retries(payload, request)
-        return reply._replace(response_format="format" if "format" in payload else None)
-
-    def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
-        """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
-        false} lines, then done: true with done_reason, prompt_eval_count and eval_count
-        (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
-        on_reasoning, not the text. Held to --max-output-bytes like every reply."""
-        model = finish = usage = None
-        for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
-            try:
-                chunk = load_reply(line)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
-                                       f"{clip(line, 120, 'line')}") from exc
-            if not isinstance(chunk, dict):
-                raise LLMProtocolError(f"{url} streamed a line that is not an object")
-            if "error" in chunk:
-                raise self._stream_error(url, line)
-            model = reply_label(chunk.get("model")) or model
-            message = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
-            piece = reply_text(message.get("content"), "a line's message content", url)
-            thinking = reply_text(message.get("thinking"), "a line's message thinking", url)
-            tally.take(piece, thinking)
-            if chunk.get("done") is True:
-                finish = reply_label(chunk.get("done_reason")) or "stop"
-                usage = _usage({"prompt_tokens": chunk.get("prompt_eval_count"),
-                                "completion_tokens": chunk.get("eval_count")})
-                break
-        if finish is None:
-            raise LLMProtocolError(f"the stream from {url} ended early, after "
-                                   f"{tally.chars} characters and no done line")
-        return tally.completion(usage, model, finish)
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
@@ -5893,9 +5965,9 @@ class LLMClient(HTTPExecutor):
                 raise TypeError("content is not a string")
             reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            shown = clip(body.decode("utf-8", "replace"), 120, "body")
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat "
-                                   f"completion: {clip(body.decode('utf-8', 'replace'), 120, 'body')}"
-                                   ) from exc
+                                   f"completion: {shown}") from exc
         if reasoning:
             tally.add_reasoning(reasoning)
         tally.add_answer(text)
@@ -5949,35 +6021,6 @@ class LLMClient(HTTPExecutor):
         return tally.completion(usage, model, finish)
 
 
-class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
-                                         "refused problem trained_context",
-                            defaults=(None, None, (), None, None))):
-    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
-    or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said). Ollama's
-    probe also gives: version (str), why (how loaded was picked), refused ((model,
-    reason) pairs it will not send steps to), problem ((what, hint) when no model
-    can be used, else None), trained_context (the model's trained maximum, tokens)."""
-
-    __slots__ = ()
-
-
-def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
-    (servers send odd things: a context length of 10**400 is not said at all)."""
-    return value if usage_count(value) and value > 0 else None
-
-
-def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
-    when there is none or a count is not one usage_count believes (a string usage from a
-    gateway, a negative count, 10**400): then it is estimated."""
-    if not isinstance(value, dict):
-        return None
-    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
-
-
 @register_executor
 class OllamaCloud(LLMClient):
     """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
@@ -6000,7 +6043,7 @@ class OllamaCloud(LLMClient):
 
 
 ###############################################################################
-# 20. Other executors: the Anthropic API and the claude CLI
+# 23. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6184,8 +6227,9 @@ class ClaudeCLI(Executor):
         import threading
 
         started = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=claude_env(self.config.tool_env), start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=cwd,
+                                env=claude_env(self.config.tool_env), start_new_session=True)
         stderr: list[bytes] = []
         reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
         reader.start()
@@ -6293,7 +6337,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 21. Check commands
+# 24. Check commands
 ###############################################################################
 
 
@@ -6530,23 +6574,19 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 22. File transactions: journal, rollback, recovery
+# 25. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
 class FileTransaction:
     """The files one plan run writes inside its project, with their originals.
 
-    project: the plan's root (every path is relative to it); it is opened once and
-    every write, folder, rename, removal and restore works relative to that open
-    folder, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run makes that write fail (PathError), never land
-    outside. run_dir: this run's folder under --state-dir, where backups (0o600, in
-    0o700 folders) and journal.jsonl go. guard: what may never be written
-    (forbidden_target_reason). write() records each path's original before its
-    first write; rollback() restores them in reverse order and removes what the run
-    created; discard() drops the backups. recover() puts back what a killed run
-    left behind; refused lists the journal entries of that run it would not use.
+    project is opened once; every write, folder, rename, removal and restore works
+    relative to it, one component at a time without following symlinks, so a folder
+    swapped for a symlink mid-run fails that write (PathError), never lands outside.
+    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
+    guard: what may never be written (forbidden_target_reason). refused: the journal
+    entries of a killed run that recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
@@ -6582,13 +6622,10 @@ class FileTransaction:
         return parts
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
-
-        Raises PathError when rel leads outside the project, is forbidden
-        (forbidden_target_reason), goes through a symlink, or cannot be written
-        (a full disk, a read-only folder: the original is then untouched and its
-        backup kept), or when the transaction was closed (the run is ending).
-        """
+        """Write text (UTF-8) to project/rel atomically for a step, its original journalled
+        first; return its FileChange. Raises PathError when rel leads outside, is
+        forbidden, goes through a symlink, cannot be written (the original untouched, its
+        backup kept), or the transaction is closed (the run is ending)."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6659,18 +6696,12 @@ class FileTransaction:
         return backup
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Take over the files of a killed run (its folder old_run_dir).
-
-        Files written by steps in kept_steps (those that succeeded) stay, and this
-        transaction adopts their originals, so a later rollback still restores
-        them. Files of any other step are put back as they were, and temp files
-        left by an interrupted write are removed. The journal is untrusted: it is
-        read only from a run folder beside this run's (run_folder); an entry whose
-        path is not a plan path inside the project that may be written, whose
-        backup is not in that run's backups folder, or that is malformed is refused
-        (listed in self.refused) and not used. Returns the paths put back.
-        Raises RollbackError naming the files that could not be restored.
-        """
+        """Take over the files of a killed run (its folder old_run_dir): files of steps in
+        kept_steps stay and their originals are adopted (a later rollback still restores
+        them); the rest are put back, with the temp files an interrupted write left. The
+        journal is untrusted: read only from a run folder beside this one (run_folder);
+        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
+        the paths put back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
@@ -6704,13 +6735,10 @@ class FileTransaction:
         return restored
 
     def revert_path(self, rel: str) -> None:
-        """Put one path back as it was before this run first wrote it (a failed
-        attempt's file must not stay): its original bytes and mode, or removed with
-        the folders the run made for it. Its action becomes "reverted" until it is
-        written again. Does nothing for a path this run never wrote or already put
-        back (a rollback puts back all). Raises RollbackError when it cannot be
-        restored.
-        """
+        """Put one path back as it was before this run first wrote it (a failed attempt's
+        file must not stay): its original bytes and mode, or removed with the folders the
+        run made; its action is "reverted" until written again. Nothing for a path not
+        written or already put back. Raises RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
@@ -6773,14 +6801,10 @@ class FileTransaction:
                 os.close(fd)
 
     def rollback(self) -> None:
-        """Put every written path back as it was, newest first.
-
-        Modified files get their original bytes and mode back (atomically); created
-        files are removed, then the folders the run made if they are empty. All of
-        it relative to the open project folder, never through a symlink. The
-        journal then says so, so no later takeover trusts those files. Raises
-        RollbackError naming every path that could not be restored.
-        """
+        """Put every written path back, newest first: originals' bytes and modes
+        (atomically), created files removed, then the run's folders if empty; never
+        through a symlink. The journal then says so, so no later takeover trusts those
+        files. Raises RollbackError naming every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -6854,7 +6878,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 23. Review staging and bounded diffs
+# 26. Review staging and bounded diffs
 #
 # A --review run writes nothing into the project: StagedFiles keeps each file under the
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
@@ -7012,7 +7036,7 @@ class StagedFiles:
 
 
 ###############################################################################
-# 24. Kept runs: backups, diff, undo, review
+# 27. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7327,13 +7351,10 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed, with the originals' bytes and modes, and
-        remove the files and folders it created (FileTransaction.recover of this run).
-
-        Returns the paths put back. Raises BridgeError, changing nothing, when a
-        file changed after the run (unless force) or an original's backup is gone,
-        naming each file; RollbackError when a file could not be restored.
-        """
+        """Put back every file the run changed and remove what it created
+        (FileTransaction.recover of this run); return the paths put back. Raises
+        BridgeError, changing nothing, naming each file changed since the run (unless
+        force) or whose backup is gone; RollbackError when one could not be restored."""
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7356,7 +7377,7 @@ class KeptRun:
 
 
 ###############################################################################
-# 25. Prompts
+# 28. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7437,30 +7458,11 @@ def thinking_reserve(context_length: int | None) -> int:
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else its validation's
     (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
-    The prompt budget keeps this much free (Runner._budget)."""
+    The prompt budget keeps this much free (ContextFit.budget)."""
     if step.max_tokens:
         return step.max_tokens
     default = default_max_tokens(step.validation)
     return min(default, context_length // 4) if context_length else default
-
-
-def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
-    """Return how attempt number attempt (1 is the first) of a step samples under a
-    schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
-    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
-    temperature, else the server's default); the first of the others too, but
-    greedy when the step sets no temperature. Seeds are the attempt's number, so a
-    rerun samples the same."""
-    fields = {} if step.temperature is None else {"temperature": step.temperature}
-    if schedule == "plain":
-        return fields
-    if attempt == 1:
-        return fields or {"temperature": RETRY_TEMPERATURES[0]}
-    floor = RETRY_TEMPERATURES[min(attempt - 1, len(RETRY_TEMPERATURES) - 1)]
-    fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
-    if schedule == "penalty":
-        fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)
-    return fields
 
 
 class _Block:
@@ -7559,7 +7561,36 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
     return messages()
 
 
-def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int | None) -> list[dict]:
+###############################################################################
+# 29. Retry policy
+# What makes a step's attempt retry, with what feedback and sampling; when a step
+# escalates to another model, and with what prompt; a stream the server cut for
+# another request is sent again (the transport's own retries are in the room
+# "Model servers: errors, streams, retries").
+###############################################################################
+
+
+def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
+    """Return how attempt number attempt (1 is the first) of a step samples under a
+    schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
+    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
+    temperature, else the server's default); the first of the others too, but
+    greedy when the step sets no temperature. Seeds are the attempt's number, so a
+    rerun samples the same."""
+    fields = {} if step.temperature is None else {"temperature": step.temperature}
+    if schedule == "plain":
+        return fields
+    if attempt == 1:
+        return fields or {"temperature": RETRY_TEMPERATURES[0]}
+    floor = RETRY_TEMPERATURES[min(attempt - 1, len(RETRY_TEMPERATURES) - 1)]
+    fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
+    if schedule == "penalty":
+        fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)
+    return fields
+
+
+def fit_feedback(messages: list[dict], feedback: list[dict],
+                 budget_tokens: int | None) -> list[dict]:
     """Return a retry's feedback messages cut to fit the budget with messages.
 
     The previous answer (the assistant message) is cut first, then left out with
@@ -7574,10 +7605,10 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
     answer, note = feedback
     keep = len(answer["content"]) - int(excess * CHARS_PER_TOKEN) - 100
     if keep < MIN_CUT_CHARS:
-        return [{"role": "user", "content": note["content"] + " (Your previous answer is left out here: "
-                 "it does not fit the model's context.)"}]
-    return [{"role": "assistant", "content": answer["content"][:keep] + " [bridge: cut to fit the context]"},
-            note]
+        return [{"role": "user", "content": note["content"] + " (Your previous answer is left "
+                 "out here: it does not fit the model's context.)"}]
+    return [{"role": "assistant",
+             "content": answer["content"][:keep] + " [bridge: cut to fit the context]"}, note]
 
 
 class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
@@ -7585,17 +7616,26 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
     prompt; default none), answer_invalid (the answer failed its own check, not a
-    command or a write; default False)."""
+    command or a write; default False). Each way an attempt fails is one constructor."""
 
     __slots__ = ()
 
     @classmethod
+    def final(cls, message: str) -> "AttemptFailure":
+        """A failure another attempt cannot help (no key, not allowed, the spend cap, a
+        prompt the server cut, a refused write, an interrupt): the attempts stop."""
+        return cls(message, retryable=False)
+
+    @classmethod
     def from_request(cls, exc: LLMError) -> "AttemptFailure":
-        """A failed request: context overflow is final; anything else is retried."""
+        """A failed request: the server's own failure (LLMServerUnusable: the run stops)
+        and a context overflow are final; anything else is retried."""
+        if isinstance(exc, LLMServerUnusable):
+            return cls.final(str(exc))
         if exc.context_overflow:
             hint = exc.hint or "load the model with a larger context length, or shorten the step"
-            return cls(f"{exc} ({hint})", retryable=False)
-        note = (f"(bridge: the previous request failed: {exc}. Please answer the task again.)")
+            return cls.final(f"{exc} ({hint})")
+        note = f"(bridge: the previous request failed: {exc}. Please answer the task again.)"
         return cls(str(exc), feedback=[{"role": "user", "content": note}])
 
     @classmethod
@@ -7622,8 +7662,8 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
         text = run.output_tail.strip() or "(no output)"
         if len(text) > COMMAND_FEEDBACK_CHARS:
-            text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} characters are "
-                    "left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
+            text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} "
+                    "characters are left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
         where = f"written to {file_output} and " if file_output else ""
         command = f"`{shell_words(run.argv)}`"
         why = run.error.removeprefix(command + " ")      # "failed (exit 1)", "did not finish within …"
@@ -7634,9 +7674,56 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         return cls(run.error, feedback=[{"role": "assistant", "content": shown},
                                         {"role": "user", "content": note}])
 
+    def retries(self, number: int, step: Step) -> bool:
+        """True when attempt number (1 is the first) of step is followed by another on
+        the same model: the failure is retryable and step.max_retries are not spent."""
+        return self.retryable and number <= step.max_retries
+
+
+def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | None]:
+    """Return (the model reference a step whose attempts are spent escalates to, or
+    None; why a named one is not used, or None): --escalate-to, else the plan's
+    escalate_to, unless its executor is not in config.allowed_executors."""
+    escalate_to = config.escalate_to or plan.escalate_to
+    if escalate_to and (kind := _executor_of(escalate_to)) not in config.allowed_executors:
+        return None, (f"escalation to {escalate_to} not used: the {kind} executor is not "
+                      f"allowed (pass --allow-executor {kind})")
+    return escalate_to, None
+
+
+def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
+    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    message followed by each failed answer (clipped to 4,000 characters) and why it was
+    rejected (failures: [(output, why)])."""
+    tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
+                        f"\n```\nRejected because: {why}"
+                        for n, (output, why) in enumerate(failures, 1))
+    note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its "
+            f"answers and why they were rejected:\n\n{tried}\n\nGive the correct answer.")
+    return [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
+
+
+def resend_on_contention(send: Callable[[], Any], cancel: Any,
+                         said: Callable[[LLMContention], None]) -> Any:
+    """Return send(), sent again after each of CONTENTION_WAITS_S (seconds, jittered
+    down to half) while the server cuts its stream for another request (LLMContention),
+    and no more once cancel (a threading.Event) is set; said(exc) hears of each cut
+    before its wait. Raises the last LLMContention."""
+    import random
+
+    for wait in (*CONTENTION_WAITS_S, None):
+        try:
+            return send()
+        except LLMContention as exc:
+            if wait is None or cancel.is_set():
+                raise
+            said(exc)
+            cancel.wait(wait * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
 
 ###############################################################################
-# 26. Run records
+# 30. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -8027,7 +8114,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 27. The result document
+# 31. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -8295,7 +8382,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 28. Step scheduling
+# 32. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8310,19 +8397,16 @@ class StepScheduler:
     results count. Steps already succeeded (taken over from a killed run) are not
     sent again; a step whose dependency did not succeed is skipped, saying which.
 
-    run_step(step, result, outputs, position) runs one step's attempts and fills
-    result; ended(result) hears of every step that is over. `cancel` is set when
-    the run stops early, for steps still running to see.
+    run: the PlanRun (or any object with plan, results, log, cancel and these two):
+    run.run_step(step, result, outputs, position) runs one step's attempts and fills
+    result; run.step_ended(result) hears of every step that is over. run.cancel (a
+    threading.Event) is set when the run stops early, for steps still running to see.
     """
 
-    def __init__(self, plan: Plan, graph: dict[int, set[int]], results: dict[int, StepResult],
-                 parallel: int, log: _StepLog, run_step: Callable[..., None],
-                 ended: Callable[[StepResult], None], cancel: threading.Event | None = None):
-        import threading
-
-        self.plan, self.graph, self.results, self.parallel = plan, graph, results, max(1, parallel)
-        self.log, self.run_step, self.ended = log, run_step, ended
-        self.cancel = cancel or threading.Event()
+    def __init__(self, graph: dict[int, set[int]], parallel: int, run: "PlanRun"):
+        self.plan, self.graph, self.results = run.plan, graph, run.results
+        self.parallel, self.log, self.cancel = max(1, parallel), run.log, run.cancel
+        self.run_step, self.ended = run.run_step, run.step_ended
         self.outputs: dict[int, str] = {}
         self.ready: list[int] = []
         self.running: set[int] = set()
@@ -8464,9 +8548,666 @@ class ContextPool:
 
 
 ###############################################################################
-# 29. Runner
-# One plan at a time: validate, claim, run the steps in dependency order with their
-# attempts, write files, then store the result and the final state together.
+# 33. The model's context
+# What prompts and answers are fitted to, learned across the plans of one
+# process: the default model's context and slots, the server's tokens per
+# estimated token, the models seen thinking.
+###############################################################################
+
+
+class ContextFit:
+    """What this process knows of the default model's context (every plan it runs
+    shares it): model (the default model id; steps and plan defaults may name
+    another), context_length (tokens, or None: not known), parallel (steps in
+    flight), calibration (the server's tokens per estimated token: calibrate), pool
+    (a ContextPool when the server's slots share one context, else None), reprobe
+    (LM Studio's model was not loaded when the run began (JIT): the first reply loads
+    it, then the server is asked again for the context and slots it was loaded with),
+    and the models seen thinking (their requests keep a reserve). client: the
+    LLMClient, or None when no plan will be sent."""
+
+    __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
+                 "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
+
+    def __init__(self, config: Config, client: "LLMClient | None", model: str | None,
+                 progress: Progress):
+        import threading
+
+        self.config, self.client, self.model, self.progress = config, client, model, progress
+        self.context_length: int | None = None
+        self.parallel, self.calibration = 1, 1.0
+        self.pool: ContextPool | None = None
+        self.reprobe = False
+        self._thinkers: set[str] = set()
+        self._reprobe_lock = threading.Lock()
+
+    def context_of(self, model: str) -> int | None:
+        """Return the context (tokens) a model's prompts are fitted to: the default
+        model's, else None (not known)."""
+        return self.context_length if model == self.model else None
+
+    def budget(self, step: Step, model: str) -> int | None:
+        """Return the prompt tokens that fit for a step, or None when the context is unknown.
+
+        The context length (--context-length, else what the server reported for the
+        loaded model) less the answer's share: the step's max_tokens, else
+        its validation's default_max_tokens (at most a quarter of the context;
+        see answer_tokens).
+        """
+        budget = prompt_budget(step, self.context_of(model))
+        return int(budget / self.calibration) if budget is not None else None
+
+    def calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
+        """Learn how many of the server's tokens one estimated token is (calibration,
+        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
+        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
+        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
+        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        estimate = estimate_tokens(messages)
+        if model != self.model or not isinstance(counted, int) or self.context_length is None \
+                or estimate < CALIBRATE_MIN_TOKENS:
+            return False
+        ratio = min(counted / estimate, MAX_CALIBRATION)
+        if ratio <= self.calibration * 1.02:
+            return False
+        self.calibration = ratio
+        return True
+
+    def max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
+        """Return the max_tokens of one request: answer_tokens, plus reserve, capped by
+        the context the prompt leaves (estimate_tokens, times calibration) when the
+        model's context is known."""
+        context = self.context_of(model)
+        limit = answer_tokens(step, context) + self.reserve(step, model)
+        if not context:
+            return limit
+        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
+
+    def reserve(self, step: Step, model: str) -> int:
+        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
+        when the step asks for thinking or the model was seen thinking, else 0."""
+        if step.thinking != "on" and model not in self._thinkers:
+            return 0
+        return thinking_reserve(self.context_of(model))
+
+    def thinks(self, model: str) -> None:
+        """Remember that a model thought: its later requests keep the reserve."""
+        self._thinkers.add(model)
+
+    def learn_context(self, message: str) -> None:
+        """Take the context a server names in its overflow error (llama-cpp-python and
+        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
+        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
+        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
+                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
+        number = next((int(g) for g in found.groups() if g), 0) if found else 0
+        if number >= 64:
+            self.context_length = number
+            self.progress.info(f"the server's context is {number} tokens (from its error): "
+                               "the steps sent from now on are fitted to it")
+
+    def reprobe_loaded(self, model: str) -> None:
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
+        context and parallel slots it was loaded with (JIT loads ignore saved settings
+        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
+        re-reads the same way): the steps sent after this fit them; said once."""
+        with self._reprobe_lock:
+            if not self.reprobe:
+                return
+            self.reprobe = False
+        try:
+            info = self.client.probe()
+        except LLMError:
+            return
+        if model != self.model or info.loaded != parse_model_ref(model)[1]:
+            return
+        self.context_length = self.config.context_length or info.context_length
+        self.parallel = self.config.parallel or info.parallel or 1
+        self.progress.info(f"model {info.loaded} is loaded now: context "
+                           f"{info.context_length or 'not reported'}, "
+                           f"{info.parallel or 1} slot(s); "
+                           "the steps sent from now on are fitted to them")
+
+
+###############################################################################
+# 34. An attempt
+# One request of a step as it is sent and streamed: its progress, its watched
+# answer and thinking, and what it thought.
+###############################################################################
+
+
+class Attempt:
+    """One request of a step as it is sent and streamed: step_run (the StepRun it is
+    of), number (1 for the first), model (the model reference asked), messages (the
+    prompt sent, redacted), sampling (the fields of retry_sampling, or None: as the
+    step says; then the fields sent, with max_tokens), started (time.monotonic()),
+    pieces (streamed pieces so far: the token estimate when the server sends no
+    usage), guard (a DegenerationGuard for a local model, else None), thought
+    (reasoning pieces so far), thinking_guard (the guard of the reasoning text); once
+    prepared (StepRun._prepare): executor and name (the model name it is asked by),
+    local (the run's model server: a PROBED executor), thinking (thinking_asked, on the local
+    server), reserve (thinking reserve tokens) and schema (the output schema sent, or
+    None)."""
+
+    __slots__ = ("step_run", "number", "model", "messages", "sampling", "started", "pieces",
+                 "guard", "thought", "thinking_guard", "executor", "name", "local", "thinking",
+                 "reserve", "schema")
+
+    def __init__(self, step_run: "StepRun", number: int, model: str, messages: list[dict],
+                 sampling: dict | None = None):
+        self.step_run, self.number, self.model, self.sampling = step_run, number, model, sampling
+        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
+        self.started, self.pieces, self.guard = time.monotonic(), 0, None
+        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+        self.executor, self.name, self.local = None, model, False
+        self.thinking, self.reserve, self.schema = None, 0, None
+
+    def _status(self, what: Callable[[float], str]) -> None:
+        """Show the attempt on the progress line: where, step, attempt, seconds, and
+        what(seconds since it started)."""
+        run, step = self.step_run.run, self.step_run.step
+        elapsed = time.monotonic() - self.started
+        run.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
+                            f"{self.number} · {elapsed:.1f} s · {what(elapsed)}")
+
+    def on_delta(self, piece: str) -> None:
+        """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
+        closed on the way out), emit it as an event, show the attempt's progress."""
+        self.pieces += 1
+        if self.guard is not None:
+            self.guard.feed(piece)
+        run = self.step_run.run
+        run.runner.events.emit("delta", run.plan.id, self.step_run.step.id,
+                               attempt=self.number, text=piece)
+        self._status(lambda elapsed: f"{self.pieces / max(elapsed, 1e-6):.1f} tok/s")
+
+    def on_reasoning(self, piece: str) -> None:
+        """Take one streamed piece of thinking: count it, show it on the progress line
+        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
+        the stream is closed on the way out)."""
+        self.thought += 1
+        self._status(lambda elapsed: f"thinking · {self.thought} tokens")
+        if self.thinking_guard is not None:
+            try:
+                self.thinking_guard.feed(piece)
+            except OutputDegenerate as exc:
+                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
+                raise OutputDegenerate(why) from None
+
+    def thought_of(self, reply: Completion, inline: str) -> tuple[int, int]:
+        """Record what the attempt thought (reasoning fields and reasoning inside content):
+        its tokens and bytes, on the step's attempt_log entry; remember the model
+        thinks. Returns the tokens, and the answer's (its pieces less the thinking
+        inside content). Tokens: the reasoning fields' streamed pieces (else
+        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
+        characters are (else CHARS_PER_TOKEN)."""
+        text = reply.reasoning + inline
+        if not text:
+            return 0, self.pieces
+        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
+        if self.pieces and inline:
+            within = round(self.pieces * len(inline) / len(reply.text))
+        else:
+            within = int(len(inline) / CHARS_PER_TOKEN)
+        tokens = max(1, fields + within)
+        size = len(text.encode("utf-8", "replace"))
+        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self.step_run.runner.fit.thinks(self.model)
+        self.step_run.say(f"  {self.step_run.step.label}: the model thought for {tokens} tokens",
+                          detail=True)
+        return tokens, max(0, self.pieces - within)
+
+    def thought_cut(self) -> None:
+        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        if self.thought and self.thinking_guard is not None:
+            size = len(self.thinking_guard.text.encode("utf-8", "replace"))
+            self.step_run.result.attempt_log[-1].update(reasoning_tokens=self.thought,
+                                                        reasoning_bytes=size)
+            self.step_run.runner.fit.thinks(self.model)
+
+    def cut_thinking(self, limit: Any, thought: int, answered: int) -> str:
+        """Say how an attempt that thought was cut at max_tokens (limit): what thinking
+        spent (thought: tokens), whether an answer began (answered: its tokens, 0: none),
+        and what the next attempt keeps for thinking."""
+        reserve = self.step_run.runner.fit.reserve(self.step_run.step, self.model)
+        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
+        if self.thinking == "off":
+            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
+                     f"to {reserve} tokens for thinking")
+        elif self.thinking == "on":
+            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
+        else:
+            after = f"the next attempt keeps up to {reserve} tokens for thinking"
+        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
+                f"{answer} ({after})")
+
+    def stopped(self, why: str) -> AttemptFailure:
+        """Record an attempt whose output degenerated and was cut (its tokens are
+        estimated: the server sent no usage); return its AttemptFailure."""
+        step_run = self.step_run
+        text = self.guard.text if self.guard is not None else ""
+        thought = self.thinking_guard.text if self.thinking_guard is not None else ""
+        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, self.thought)
+        step_run.run.runlog.answer(step_run.step.id, self.number, reply)
+        _add_usage(step_run.result, reply, self.messages, self.pieces + self.thought, self.model)
+        step_run.result.output = split_reasoning(text)[0]
+        step_run.run.runlog.checked(step_run.step.id, self.number, why)
+        return AttemptFailure.from_stop(why, step_run.step.validation)
+
+
+###############################################################################
+# 35. A step run
+# One step from its first prompt to its settled result: its attempts (prompt,
+# send, check, write, commands, put back), then its escalation.
+###############################################################################
+
+
+class StepRun:
+    """One step of a plan run, from its first prompt to its settled result (run.results
+    [step.id]: status, output, error, usage, …): its attempts on its model, each checked,
+    its file written and its commands run (a failed one's file put back), until one
+    passes or the retry policy says stop; then its escalation. run: the PlanRun;
+    outputs: step id -> output, of the steps it may read."""
+
+    __slots__ = ("run", "runner", "step", "result", "outputs", "say")
+
+    def __init__(self, run: "PlanRun", step: Step, outputs: dict[int, str]):
+        self.run, self.runner, self.step = run, run.runner, step
+        self.result, self.outputs = run.results[step.id], outputs
+        self.say = functools.partial(run.log.say, step.id)
+
+    def run_step(self, position: int) -> None:
+        """Run the step's attempts (position: its place in the order steps started);
+        fill its result and transcript, then its STATS_FILE record."""
+        run, step, result = self.run, self.step, self.result
+        plan, model = run.plan, step.model or self.runner.model
+        result.status, result.file_output, result.model = "running", step.file_output, model
+        run.positions[step.id] = position
+        run.runlog.start(step, model, plan.project)
+        self.runner.events.emit("step_start", plan.id, step.id, title=step.title,
+                                position=position, steps=len(plan.steps),
+                                max_attempts=step.max_retries + 1, model=model)
+        try:
+            self._attempts()
+        finally:
+            run.runlog.end(result)
+        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
+            append_step_stats(run.config.runs_dir.parent, {
+                "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
+                "model": model,
+                "validation": [v.get("type") for v in validations_of(step.validation)],
+                "outcome": step_outcome(result), "attempts": result.attempts,
+                "escalated_to": result.escalated_to,
+                "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
+                "seconds": round(result.duration_s, 3)})
+
+    def _first_prompt(self) -> list[dict] | None:
+        """Return the step's first prompt, or None when it cannot be sent (its prompt
+        does not fit the model's context, or its commands may not run here): then the
+        step is settled, failed or skipped, and nothing is sent. A prompt the server
+        counts as more tokens than estimated is fitted again (ContextFit.calibrate)."""
+        run, step, result, fit = self.run, self.step, self.result, self.runner.fit
+        staged = run.files.path_of if run.staged else None
+        run.sources[step.id] = []
+        try:
+            messages = build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
+                                      staged, run.sources[step.id])
+            counted = fit.client.count_tokens(messages) \
+                if fit.client is not None and result.model == fit.model else None
+            if fit.calibrate(result.model, messages, counted):
+                run.sources[step.id] = []           # fitted again, to the server's own count
+                messages = build_messages(run.plan, step, self.outputs,
+                                          fit.budget(step, result.model), staged,
+                                          run.sources[step.id])
+        except PromptTooLarge as exc:
+            result.error, shown = f"{exc} ({exc.hint})", str(exc)
+        else:       # commands that may not run here: nothing is sent, nothing runs
+            refused = run.commands_refused() if _commands_of(step) else None
+            if refused is None:
+                return messages
+            result.error = shown = refused
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        self.say(f"  {step.label}: {result.status}: {shown}")
+        return None
+
+    def _attempts(self) -> None:
+        """Send the step's attempts until one passes or the retry policy stops them
+        (AttemptFailure.retries: at most step.max_retries + 1), then escalate when the
+        config or plan says so (escalation_target); settle the result."""
+        run, step, result = self.run, self.step, self.result
+        model, clock = result.model, time.monotonic()
+        budget = self.runner.fit.budget(step, model)
+        messages = self._first_prompt()
+        if messages is None:
+            return
+        retry_note: list[dict] = []
+        failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
+        for number in range(1, step.max_retries + 2):
+            result.attempts = number
+            self.say(f"  {step.label}: attempt {number}/{step.max_retries + 1}")
+            self.say("\n".join(f"--- {m['role']} ---\n{m['content']}"
+                               for m in messages + retry_note), detail=True)
+            result.output = ""
+            sampling = retry_sampling(run.config.retry_sampling, step, number)
+            spent = result.usage["completion_tokens"]
+            failure = self.send(Attempt(self, number, model, messages + retry_note, sampling))
+            if result.attempt_log:
+                result.attempt_log[-1].update(
+                    completion_tokens=result.usage["completion_tokens"] - spent,
+                    error=failure and failure.message)
+            result.duration_s = time.monotonic() - clock
+            if failure is None:
+                result.status, result.error = "succeeded", None
+                self.say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
+                return
+            result.error = failure.message
+            failures.append((result.output, failure.message))
+            self.say(f"  {step.label}: attempt {number} failed: {failure.message}")
+            retrying = failure.retries(number, step)
+            self.runner.events.emit("attempt_failed", run.plan.id, step.id, attempt=number,
+                                    error=failure.message, retrying=retrying)
+            if not retrying:
+                break
+            retry_note = fit_feedback(messages, failure.feedback, budget)
+        escalate_to, unused = escalation_target(run.config, run.plan)
+        if unused:
+            self.say(f"  {step.label}: {unused}")
+        if escalate_to and not run.cancel.is_set():
+            saved = self._escalate(escalate_to, escalation_messages(messages, failures))
+            result.duration_s = time.monotonic() - clock
+            if saved:
+                return
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+
+    def _escalate(self, escalate_to: str, messages: list[dict]) -> bool:
+        """Give the step, its attempts spent, one more attempt on escalate_to with
+        messages (escalation_messages). Returns True when that saved it."""
+        step, result = self.step, self.result
+        number = result.attempts + 1
+        result.attempts, result.escalated_to, result.output = number, escalate_to, ""
+        self.say(f"  {step.label}: escalating to {escalate_to} (attempt {number})")
+        failure = self.send(Attempt(self, number, escalate_to, messages))
+        result.escalation_saved = failure is None
+        if failure is None:
+            result.status, result.error = "succeeded", None
+            self.say(f"  {step.label}: succeeded on {escalate_to}")
+            return True
+        result.error = f"{failure.message} (after escalating to {escalate_to})"
+        self.runner.events.emit("attempt_failed", self.run.plan.id, step.id, attempt=number,
+                                error=failure.message, retrying=False)
+        self.say(f"  {step.label}: the escalation failed too: {failure.message}")
+        return False
+
+    def send(self, attempt: Attempt) -> "AttemptFailure | None":
+        """Send one attempt, check it, write its file; return None or its AttemptFailure.
+
+        attempt.sampling: its fields (retry_sampling; None: as the step says; the
+        Anthropic API and the claude CLI always sample as the step says). A local
+        model's output is watched while it streams (DegenerationGuard): when it
+        degenerates, the request is cancelled and the attempt fails saying why; so
+        does an answer cut at max_tokens (finish_reason "length"), saying what
+        thinking spent of it. On the local server the attempt asks for thinking as
+        thinking_asked says, keeps ContextFit.reserve tokens for it, reads and records
+        the reasoning (Attempt.thought_of), and a constrained answer that comes back
+        garbled makes that model go unconstrained (_garbled).
+        """
+        failure = self._prepare(attempt)
+        if failure is not None:
+            return failure
+        try:
+            reply = self._chat(attempt)
+        except (LLMError, OutputDegenerate) as exc:
+            return self._unanswered(attempt, exc)
+        return self._answered(attempt, reply)
+
+    def _prepare(self, attempt: Attempt) -> "AttemptFailure | None":
+        """Find the attempt's executor, its sampling, thinking and schema, and record what
+        it sends (attempt_log, transcript); return why it cannot be sent, or None."""
+        run, step, result = self.run, self.step, self.result
+        try:
+            attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
+        except LLMError as exc:          # no key, no claude binary, not allowed
+            return AttemptFailure.final(str(exc))
+        if executor_class(attempt.model).PAID and (refused := self.runner.spend.refused()):
+            run.cap_hit = True
+            return AttemptFailure.final(refused)
+        local = attempt.local = attempt.executor.PROBED    # the others keep their own limits
+        attempt.sampling = self._sampling(attempt)
+        sent = attempt.executor.accepted_sampling(attempt.sampling) if local else attempt.sampling
+        attempt.thinking = thinking_asked(step) if local else None
+        attempt.reserve = self.runner.fit.reserve(step, attempt.model) if local else 0
+        result.attempt_log.append({"attempt": attempt.number, "sampling": sent,
+                                   "completion_tokens": 0, "error": None,
+                                   "thinking": attempt.thinking,
+                                   "thinking_reserve_tokens": attempt.reserve})
+        run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
+        if attempt.reserve:
+            self.say(f"  {step.label}: max_tokens {attempt.sampling['max_tokens']} keeps up to "
+                     f"{attempt.reserve} for thinking (the step asks for it, or the model "
+                     "thought earlier in this run)")
+        sends = local and attempt.executor.structured_level < len(RESPONSE_FORMS) and \
+            attempt.name not in attempt.executor.unconstrained
+        attempt.schema = redact(self._output_schema(attempt.number, sends))  # spans copy the input
+        return None
+
+    def _chat(self, attempt: Attempt) -> Completion:
+        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
+        a stream the server cut for another request (LLMContention) is sent again
+        (resend_on_contention; said once a process). With steps in parallel on a
+        server whose slots share one context (ContextFit.pool), the request first waits
+        for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
+        watched = attempt.executor.WATCHED
+        pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
+        request = ChatRequest(attempt.name, sampling, sampling.get("max_tokens"),
+                              self.step.timeout_s, attempt.schema, attempt.thinking,
+                              attempt.on_delta, attempt.on_reasoning)
+        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
+        held = pool.acquire(need, self.run.cancel) if pool is not None else 0
+
+        def send() -> Completion:
+            attempt.guard = DegenerationGuard(checked_depth(self.step.validation)) \
+                if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
+            attempt.pieces = attempt.thought = 0
+            return attempt.executor.chat(attempt.messages, request)
+        try:
+            return resend_on_contention(send, self.run.cancel, self.runner.contention)
+        finally:
+            if pool is not None:
+                pool.release(held)
+
+    def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
+        """Record an attempt whose request failed (LLMError) or whose output was stopped
+        while it streamed (OutputDegenerate); return its AttemptFailure. The server's
+        own failure (LLMServerUnusable) stops the run (PlanRun.halt, cancel); a context
+        overflow teaches the context (ContextFit.learn_context) when none is known."""
+        run, fit = self.run, self.runner.fit
+        self.result.generation_s += time.monotonic() - attempt.started
+        attempt.thought_cut()
+        if isinstance(exc, OutputDegenerate):
+            return attempt.stopped(str(exc))
+        run.runlog.checked(self.step.id, attempt.number, str(exc))
+        if isinstance(exc, LLMServerUnusable):      # the server's failure, not the step's
+            if run.halt is None:
+                run.halt = exc
+            run.cancel.set()
+        elif exc.context_overflow and attempt.local and attempt.model == fit.model \
+                and fit.context_length is None:
+            fit.learn_context(str(exc))
+        return AttemptFailure.from_request(exc)
+
+    def _answered(self, attempt: Attempt, reply: Completion) -> "AttemptFailure | None":
+        """Take an attempt's reply: price and record it, learn from its usage, then fail
+        it when its prompt was cut or its answer stopped at max_tokens, else check it."""
+        run, step, result, fit = self.run, self.step, self.result, self.runner.fit
+        local, executor = attempt.local, attempt.executor
+        result.generation_s += time.monotonic() - attempt.started
+        pieces = attempt.pieces + attempt.thought
+        reply = priced_reply(reply, attempt.messages, pieces, attempt.name)
+        if local and fit.reprobe:
+            fit.reprobe_loaded(attempt.model)
+        if executor_class(attempt.model).PAID:
+            self.runner.spend.add(reply.cost_usd or 0.0)
+        if run.cancel.is_set():
+            return AttemptFailure.final("interrupted")
+        output, inline = split_reasoning(reply.text)
+        run.runlog.answer(step.id, attempt.number, reply)
+        if local:
+            result.attempt_log[-1]["response_format"] = reply.response_format
+        _add_usage(result, reply, attempt.messages, pieces, attempt.model)
+        thought, answered = attempt.thought_of(reply, inline)
+        cuts = local and executor.cuts_prompts
+        if cuts and reply.usage:     # the steps after it fit better
+            fit.calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
+        result.output = output
+        cut = prompt_cut(reply.usage, attempt.messages) if cuts else None
+        if cut:
+            run.runlog.checked(step.id, attempt.number, cut)
+            return AttemptFailure.final(cut)    # the same prompt would be cut again
+        if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
+            limit = attempt.sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
+            why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
+                   "(raise the step's max_tokens if it needs more)")
+            if thought:
+                why = attempt.cut_thinking(limit, thought,
+                                           max(1, answered) if output.strip() else 0)
+            run.runlog.checked(step.id, attempt.number, why)
+            return AttemptFailure.from_stop(why, step.validation)
+        if reply.model and reply.model != attempt.name:
+            result.model = reply.model
+        self.say(f"--- output ---\n{output}", detail=True)
+        failure = self._check(output, output)
+        if failure is not None and failure.answer_invalid and local and reply.response_format:
+            self._garbled(attempt, output, reply.response_format)
+        return failure
+
+    def _garbled(self, attempt: Attempt, output: str, form: str) -> None:
+        """After a constrained answer failed: when it looks damaged by the grammar
+        (grammar_damage against attempt.schema, the one sent), send that model's later
+        requests unconstrained, and say so."""
+        executor, name = attempt.executor, attempt.name
+        if name in executor.unconstrained:
+            return
+        damage = grammar_damage(output, attempt.schema)
+        if damage:
+            executor.drop_constraint(name, damage)
+            self.say(f"  {self.step.label}: the constrained answer ({form}) looks garbled "
+                     f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
+                     "rest of this run, still checked")
+
+    def _output_schema(self, number: int, sends: bool) -> dict | None:
+        """Return the schema an attempt asks for (output_schema of the step's input) and,
+        for a grounded step, record in the run log which form it is: "spans" (its string
+        values can only be copied from the input), "schema" (the usual one: the input
+        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
+        (sends: False, the executor sends no schema: only the check applies)."""
+        step = self.step
+        schema = output_schema(step.validation, self.run.sources.get(step.id, []))
+        first = next((v for v in validations_of(step.validation)
+                      if output_schema(v) is not None), {})
+        if first.get("grounded") and schema is not None:
+            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
+            form = "none" if not sends else "spans" if spans else "schema"
+            self.run.runlog.constrained(step.id, number, form,
+                                        len(spans["enum"]) if spans else None)
+        return schema
+
+    def _sampling(self, attempt: Attempt) -> dict:
+        """Return the sampling fields an attempt asks for, with its max_tokens: the
+        attempt's own on a local model (retry_sampling), else as the step says."""
+        step, local = self.step, attempt.local
+        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
+                        else attempt.sampling)
+        limit = self.runner.fit.max_tokens(step, attempt.model, attempt.messages) if local \
+            else step.max_tokens
+        if limit:
+            sampling["max_tokens"] = limit
+        return sampling
+
+    def _check(self, output: str, answer: str) -> "AttemptFailure | None":
+        """Check an output, write its file, run the step's commands; return None or the
+        AttemptFailure. The checks of the answer itself come first (they cost nothing,
+        and the commands need the file they produce), then each command in order, up
+        to the first that fails. A failed command puts the file back at once, and so
+        does anything that stops the run while a command runs."""
+        run, step, result = self.run, self.step, self.result
+        files, number = run.files, result.attempts
+        try:
+            source = "\n".join(run.sources.get(step.id, []))
+            artifact = check_output(output, step.validation, source)
+        except OutputInvalid as exc:
+            run.runlog.checked(step.id, number, str(exc))
+            return AttemptFailure.from_output(str(exc), answer, step.validation)
+        result.output = artifact
+        if step.file_output:
+            try:
+                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
+            except PathError as exc:
+                run.runlog.checked(step.id, number, str(exc))
+                return AttemptFailure.final(str(exc))
+            done, review = ("staged", " for review") if run.staged else ("wrote", "")
+            self.say(f"  {step.label}: {done} {step.file_output} ({change.action}){review}")
+        try:
+            failure = self._run_commands(answer)
+        except BaseException:
+            with _suppress(PathError):
+                self._put_back()
+            raise
+        if failure is not None:
+            try:
+                self._put_back()
+            except PathError as exc:
+                return AttemptFailure.final(f"{failure.message}; and {exc}")
+            return failure
+        run.runlog.checked(step.id, number, None)
+        if step.file_output:
+            run.kept[step.file_output] = artifact
+            if not run.staged:     # only a write that stays is what the run left
+                record_written(run.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
+        return None
+
+    def _run_commands(self, answer: str) -> "AttemptFailure | None":
+        """Run the step's command validations in order in the project; return the first
+        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        run, step, result = self.run, self.step, self.result
+        number = result.attempts
+        for validation in _commands_of(step):
+            argv = validation["run"]
+            self.say(f"  {step.label}: checking with `{shell_words(argv)}`")
+            command = run_command(argv, run.plan.project, command_env(run.config),  # type: ignore[arg-type]
+                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+            result.checks.append({"attempt": number, **command.as_dict()})
+            run.runlog.command(step.id, number, command)
+            if command.error is None:
+                self.say(f"  {step.label}: check passed in {command.duration_s:.1f} s")
+                continue
+            self.say(f"--- output of `{shell_words(argv)}` ---\n{command.output_tail}",
+                     detail=True)
+            run.runlog.checked(step.id, number, command.error)
+            if run.cancel.is_set():
+                return AttemptFailure.final("interrupted")
+            return AttemptFailure.from_command(command, answer, step.file_output, step.validation)
+        return None
+
+    def _put_back(self) -> None:
+        """Undo a failed attempt's file: what an earlier step of this run wrote there,
+        else the original. Raises PathError (RollbackError) when it cannot."""
+        step, files = self.step, self.run.files
+        if not step.file_output or files is None:
+            return
+        if step.file_output in self.run.kept:
+            files.write(step.file_output, self.run.kept[step.file_output], step.id)
+        else:
+            files.revert_path(step.file_output)
+
+
+###############################################################################
+# 36. A plan run
+# One plan from its claim to its stored result: open, take over, run the steps,
+# verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
 
 
@@ -8488,6 +9229,32 @@ def narrowed_plan(plan: Plan, config: Config) -> Plan:
     return plan._replace(steps=steps)
 
 
+class CheckedPlan(namedtuple("CheckedPlan", "record plan problems trusted")):
+    """A stored plan as the gate checked it, handed to its run (check_plan and the trust
+    decision run once per run): record (PlanRecord), plan (runnable_plan of it, or None
+    when it is invalid), problems (why it is invalid; [] when valid), trusted
+    (plan_trusted for its content: may it run commands; False when invalid)."""
+
+    __slots__ = ()
+
+
+def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str | None]:
+    """Return (the run id of the killed run a stale plan's run takes over, or None; why
+    it does not take it over, or None). A stale plan's dead run may have left files
+    half done: they are taken over if the run id read back from the store is one bridge
+    made, and that run's folder is this plan's (nothing read back is a path)."""
+    previous = record.state.get("run_id") if record.display_status == "stale" else None
+    if previous is None:
+        return None, None
+    try:
+        run_folder(runs_dir, previous)
+    except PathError as exc:
+        return None, f"plan {record.plan_id}: not taking over its last run: {exc}"
+    if foreign := foreign_run_reason(runs_dir, previous, record):
+        return None, f"plan {record.plan_id}: not taking over its last run: {foreign}"
+    return previous, None
+
+
 def _stop_running(results: dict[int, StepResult], why: str) -> None:
     """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
     for result in results.values():
@@ -8498,43 +9265,73 @@ def _stop_running(results: dict[int, StepResult], why: str) -> None:
 
 
 class PlanRun:
-    """What one run of one plan shares from claim to result, as one object (CPython's
-    venv passes a `context` the same way): record, plan (None until checked), run_id,
+    """One run of one plan, from claim to result (CPython's venv passes a `context`
+    the same way): runner (the Runner: store, executors, spend cap, events), record,
+    plan (narrowed_plan of the checked plan, or None when invalid), problems (the
+    gate's: CheckedPlan), trusted (may it run commands: plan_trusted), run_id,
     run_dir, started (UTC ISO) and clock (time.monotonic() at the claim), previous
     (the killed run it takes over, or None), keep_finished (--resume), refused
     (why it does not take over a run, or None), files (FileTransaction, StagedFiles,
     or None without a project), results (step id -> StepResult), runlog (RunLog),
     log (_StepLog), cancel (set when the run stops early, for steps still running),
-    trusted (may it run commands: plan_trusted), cli_cwd (where claude runs: a
-    trusted project, else None for a scratch folder), kept (path -> what a
-    succeeded step of this run wrote there), positions (step id -> its place in
-    the order it started), cap_hit (--max-cost-usd was reached), sources (step id ->
-    its input as sent, the pieces build_messages gives: what a grounded answer copies),
-    halt (the LLMServerUnusable that stopped the run, or None)."""
+    cli_cwd (where claude runs: a trusted project, else None for a scratch folder),
+    kept (path -> what a succeeded step of this run wrote there), positions (step id
+    -> its place in the order it started), cap_hit (--max-cost-usd was reached),
+    sources (step id -> its input as sent, the pieces build_messages gives: what a
+    grounded answer copies), halt (the LLMServerUnusable that stopped the run, or
+    None)."""
 
-    __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
-                 "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
-                 "positions", "cap_hit", "sources", "halt")
+    __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
+                 "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
+                 "files", "results", "runlog", "log", "cancel", "cli_cwd", "kept", "positions",
+                 "cap_hit", "sources", "halt")
 
-    def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
-                 keep_finished: bool):
+    def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
+                 previous: str | None, keep_finished: bool):
         import threading        # not at the top: `bridge --help` does without it
 
-        self.record, self.run_id, self.run_dir = record, run_id, runs_dir / run_id
+        self.runner, self.config, self.progress = runner, runner.config, runner.progress
+        self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
+        self.plan = narrowed_plan(checked.plan, self.config) if checked.plan else None
+        self.run_id, self.run_dir = run_id, self.config.runs_dir / run_id
         self.started, self.clock = utc_now_iso(), time.monotonic()
         self.previous, self.keep_finished, self.refused = previous, keep_finished, None
-        self.plan: Plan | None = None
         self.files: FileTransaction | StagedFiles | None = None
         self.results: dict[int, StepResult] = {}
         self.runlog: RunLog | None = None
         self.log: _StepLog | None = None
         self.cancel = threading.Event()
-        self.trusted, self.cli_cwd = False, None
+        self.cli_cwd = None
         self.kept: dict[str, str] = {}
         self.positions: dict[int, int] = {}
         self.cap_hit = False
         self.sources: dict[int, list[str]] = {}
         self.halt: LLMServerUnusable | None = None
+
+    def run(self, problems: list[str]) -> dict:
+        """Run the plan and store its result; return the stored result document.
+
+        problems: reasons found outside the plan itself (an id shared with another
+        live plan); with any, or any of the gate's, the plan is recorded as failed with
+        every problem and nothing is sent. Re-raises KeyboardInterrupt after recording
+        the plan as failed ("interrupted at step N"). Raises LLMServerUnusable when the
+        model server stopped the run (_halted), ResultNotStored or StoreError when the
+        store cannot be written.
+        """
+        self._announce()
+        problems = [*problems, *self.problems]
+        if problems:
+            return self._invalid(problems)
+        with _Heartbeat(self.config, self.record, self.run_id):
+            self._open()                        # logs, trust, files, step results
+            error, verify, interrupted = self._work()   # records, take over, steps, verify
+            if self.halt is not None and interrupted is None:
+                self._halted()                  # raises: the plan stays pending or resumable
+            with shielded_signals(self.progress.error, for_good=interrupted is not None):
+                result = self._close(error, verify, interrupted)    # files, backups, result
+        if interrupted:
+            raise interrupted
+        return result
 
     @property
     def staged(self) -> bool:
@@ -8543,25 +9340,366 @@ class PlanRun:
 
     def where(self, step: Step) -> str:
         """Return "plan ID · step N/M" for a progress line of a step that started."""
-        return f"plan {self.plan.id} · step {self.positions.get(step.id, 0)}/{len(self.plan.steps)}"
+        return (f"plan {self.plan.id} · step {self.positions.get(step.id, 0)}"
+                f"/{len(self.plan.steps)}")
+
+    def _announce(self) -> None:
+        record = self.record
+        self.runner.events.emit("plan_start", record.plan_id, run_id=self.run_id,
+                                objective=record.objective, steps=record.step_count,
+                                model=self.runner.model)
+        if self.refused:
+            self.progress.error(self.refused)
+
+    def _invalid(self, problems: list[str]) -> dict:
+        """Record the plan failed with every problem, nothing sent; return the result."""
+        self.progress.error(f"plan {self.record.plan_id}: invalid: {problems_line(problems)}")
+        result = self._result("failed", f"plan is invalid ({len(problems)} problem(s))")
+        result["problems"] = problems
+        if self.refused:
+            result["refused"] = [self.refused]
+        return self._finish(result)
+
+    def _open(self) -> None:
+        """Fill in what a checked plan's run needs: its logs, files and step results."""
+        plan, config = self.plan, self.config
+        self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
+                           f"· {len(plan.steps)} step(s) · model {self.runner.model}")
+        self.runlog = RunLog(self.run_dir, self.run_id, plan.id, config.price_model)
+        if plan.project is not None and trusted_root(config, plan.project) is not None:
+            self.cli_cwd = plan.project
+        if not plan.project:
+            self.files = None
+        elif config.review:
+            self.files = StagedFiles(plan.project, self.run_dir, config.crash_at)
+        else:
+            self.files = FileTransaction(plan.project, self.run_dir, config.crash_at,
+                                         Guard.of(config))
+        self.results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
+
+    def _work(self) -> tuple[str | None, dict | None, BaseException | None]:
+        """Write the run's records, take over a killed run, run the steps and verify;
+        return (the plan's error or None, the verify record or None, the interrupt that
+        stopped it or None)."""
+        plan, results = self.plan, self.results
+        try:
+            private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
+            write_run_info(self.run_dir, plan.id, plan.project, self.started,
+                           self.record.content_hash)
+            if self.staged:
+                self.files.note_reads(plan.files_context)
+            if self.previous:
+                self._take_over()
+            return (*self._run_and_verify(), None)
+        except KeyboardInterrupt as exc:
+            current = sorted(r.id for r in results.values() if r.status == "running")
+            for result in results.values():
+                if result.status == "running":
+                    result.status, result.error = "failed", "interrupted"
+                elif result.attempts == 0 and result.error is None:
+                    result.error = "not run: the run was interrupted"
+            where = f" at step {', '.join(map(str, current))}" if current else ""
+            return f"interrupted{where}", None, exc
+        except RollbackError as exc:        # files of a killed run could not be put back
+            return str(exc), None, None
+        except OSError as exc:              # a full disk or read-only state dir: the run's records
+            _stop_running(results, "the run's records could not be written")
+            return (f"cannot write the run's records in {self.run_dir}: {exc.strerror or exc} "
+                    "(free some space, or make --state-dir writable)"), None, None
+
+    def _take_over(self) -> None:
+        """Take over what a killed run (previous) left, and put back what it left half done.
+
+        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+        keep their outputs and files, unless that run had already reverted its
+        files; files written by any other step are restored from its journal. A
+        --review run (or its --apply) that died starts over: its outputs never all
+        reached the project. Raises RollbackError when such a file cannot be restored.
+        """
+        plan, previous, results, files = self.plan, self.previous, self.results, self.files
+        old_dir = run_folder(self.config.runs_dir, previous)
+        keep_finished = self.keep_finished
+        if keep_finished and (old_dir / STAGED_FILE).exists():
+            # a --review run (or its --apply) died: its outputs never all reached the project
+            keep_finished = False
+            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
+                               "starting its steps over")
+        try:
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
+            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
+                    if keep_finished and not reverted
+                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+            written = read_jsonl(old_dir / WRITTEN_FILE)
+        except OSError as exc:      # a symlink where its records should be: not bridge's
+            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
+                                f"({exc.strerror or exc}); every step runs again")
+            done, written = {}, []
+        for sid, entry in done.items():
+            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
+            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
+            if plan.steps[sid].file_output:
+                self.kept[plan.steps[sid].file_output] = results[sid].output
+        for entry in written:                   # what the kept steps wrote, for --undo
+            if entry.get("step") in done:
+                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
+        restored = files.recover(old_dir, set(done)) if files else []
+        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
+                           f"already succeeded, {len(restored)} file(s) put back")
+        for reason in getattr(files, "refused", []):
+            self.progress.error(f"plan {plan.id}: {reason}")
+
+    def _run_and_verify(self) -> tuple[str | None, dict | None]:
+        """Run the steps, then the plan's verify once they all succeeded or were
+        skipped; return (the plan's error or None, the verify record or None). A
+        verify that may not run here (plan_trusted) fails the plan before any step
+        is sent, so no model time is spent on a plan that cannot pass."""
+        plan = self.plan
+        if plan.verify is not None and (message := self.commands_refused()):
+            for result in self.results.values():
+                result.error = result.error or "not run: the plan's verify cannot run"
+            self.progress.error(f"plan {plan.id}: verify: {message}")
+            return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False,
+                                          "error": message}
+        error = self._run_steps()
+        if error is not None or plan.verify is None:
+            return error, None
+        argv = plan.verify["run"]
+        self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
+        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
+                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self.cancel)
+        append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        if command.error is None:
+            self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
+            return None, {"ran": True, **command.as_dict()}
+        self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
+        self.progress.detail(command.output_tail)
+        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
+
+    def commands_refused(self) -> str | None:
+        """Return why this run may not run the plan's commands, or None when it may."""
+        if not self.trusted:
+            return untrusted_message(self.plan)
+        if self.staged:
+            return ("a command checks the file in the project, and --review stages files "
+                    "outside it; run the plan without --review to check it with its command")
+        return None
+
+    def _run_steps(self) -> str | None:
+        """Run every step through a StepScheduler; return the plan's error or None.
+
+        Each finished step is appended to the run's steps.jsonl, so a killed run can
+        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
+        neither write files nor touch their results.
+        """
+        plan, checkpoint = self.plan, self.run_dir / STEPS_FILE
+        graph, parallel = step_graph(plan), self.runner.fit.parallel
+        self.log = _StepLog(self.progress, sequential_order(graph), immediate=parallel == 1)
+        scheduler = StepScheduler(graph, parallel, self)
+        private_dir(checkpoint.parent)
+        with _suppress(OSError):            # a runs folder made before bridge kept it private
+            os.chmod(checkpoint.parent.parent, 0o700)
+        # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
+        # line lost to a power cut only means that step runs again on --resume (its
+        # file writes are journaled and fsynced, so recovery puts them back first).
+        with open(checkpoint, "a", encoding="utf-8", opener=private_opener) as journal:
+            try:
+                return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
+            except BaseException:
+                if self.files is not None:
+                    self.files.close()
+                raise
+
+    def run_step(self, step: Step, result: StepResult, outputs: dict[int, str],
+                 position: int) -> None:
+        """Run one step's attempts (StepRun); fill result (status, output, error, …)."""
+        StepRun(self, step, outputs).run_step(position)
+
+    def step_ended(self, result: StepResult) -> None:
+        """Emit a step_end event for a step that is over (with --events)."""
+        events = self.runner.events
+        if not events.enabled:
+            return
+        entry = result.as_dict(self.config.price_model)
+        events.emit("step_end", self.plan.id, result.id,
+                    **{k: v for k, v in entry.items() if k != "id"})
+
+    def _halted(self) -> None:
+        """Leave a run the model server stopped (halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = self.record.plan_id, self.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in self.results.values())
+        if not done and not self.previous and not (files is not None and files.changes) \
+                and self.runner.store.release(self.record, self.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
+                                self.halt.status)
+
+    def _close(self, error: str | None, verify: dict | None,
+               interrupted: BaseException | None) -> dict:
+        """Settle the run's files, then store its result (see _finish); return it."""
+        files = self.files
+        status = "failed" if error else "completed"
+        file_error = self._settle_files(status)
+        if file_error:
+            error = f"{error}; {file_error}" if error else file_error
+            status = "failed"
+        if status == "completed" and self.staged and files.changes:
+            status = "awaiting_review"          # nothing is in the project until --apply
+        result = self._result(status, error)
+        if self.previous:
+            result["resumed_from"] = self.previous
+        if verify is not None:
+            result["verify"] = verify
+        refusals = ([self.refused] if self.refused else []) + getattr(files, "refused", [])
+        if refusals:
+            result["refused"] = refusals
+        try:
+            result = self._finish(result)
+        except ResultNotStored as exc:
+            if interrupted is None:
+                raise
+            self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
+            raise interrupted from exc
+        finally:
+            if isinstance(files, FileTransaction):
+                files._release()        # the project folder's descriptor
+        if files is not None and self.config.keep_runs == 0 and not self.staged:
+            files.discard()         # only now: a result that cannot be stored keeps the backups
+        return result
+
+    def _settle_files(self, status: str) -> str | None:
+        """Revert or keep the run's files as the plan asks; return an error or None.
+        Kept files keep their backups at least until the result is stored."""
+        plan, files = self.plan, self.files
+        if files is None or not files.changes:
+            return None
+        if self.staged:
+            if status == "failed":
+                files.discard()         # nothing reached the project; nothing to review
+            return None
+        try:
+            if status == "failed" and plan.rollback_strategy == "revert_files":
+                files.rollback()
+                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
+            else:
+                self._keep_backups()
+                kept = ", ".join(path for path, change in files.changes.items()
+                                 if change.action != "reverted")
+                if status == "failed" and kept:
+                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
+        except RollbackError as exc:
+            self.progress.error(str(exc))
+            return str(exc)
+        return None
+
+    def _keep_backups(self) -> None:
+        """Keep the run's backups for --undo (0600), then delete those of the plan's
+        runs older than the last keep_runs; with keep_runs 0, none are kept, but
+        _close deletes them only once the result is stored."""
+        config, plan_id = self.config, self.plan.id
+        if config.keep_runs == 0:
+            return
+        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
+            keep_backups(run_dir)
+        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
+        if pruned:
+            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
+                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
+
+    def _result(self, status: str, error: str | None) -> dict:
+        """Build the run's result document (README: "What bridge writes into the store";
+        what --json and --show --json print is shown_result of it)."""
+        steps = [self.results[sid] for sid in sorted(self.results)]
+        usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
+                 "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
+        counts = {k: sum(1 for s in steps if s.status == k)
+                  for k in ("succeeded", "failed", "skipped")}
+        generation_s = sum(s.generation_s for s in steps)
+        config, record, price = self.config, self.record, self.config.price_model
+        if self.cap_hit and error:
+            error += f"; spend cap reached (--max-cost-usd {config.max_cost_usd:.2f})"
+        speed = round(usage["completion_tokens"] / generation_s, 1) if generation_s else None
+        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": self.run_id,
+                "objective": record.objective, "status": status,
+                "project": project_name(self.plan.project)
+                if self.plan and self.plan.project else None,
+                "success": status in ("completed", "awaiting_review"),
+                "started_at": self.started, "finished_at": utc_now_iso(),
+                "duration_s": round(time.monotonic() - self.clock, 3), "model": self.runner.model,
+                "base_url": config.base_url, "usage": usage, "tokens_per_s": speed,
+                "cost_usd": round(sum(s.cost_usd for s in steps), 6),
+                "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
+                "ledger": merge_ledgers(s.ledger for s in steps),
+                "escalations": [{"step": s.id, "model": s.escalated_to,
+                                 "saved": s.escalation_saved} for s in steps if s.escalated_to],
+                "max_cost_usd": config.max_cost_usd, "spend_cap_reached": self.cap_hit,
+                "savings": run_savings(steps, price),
+                "counts": counts, "steps": [s.as_dict(price) for s in steps],
+                "files": self.files.summary() if self.files else [], "error": error,
+                "run_log": str(config.runs_dir / self.run_id),
+                "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
+
+    def _finish(self, result: dict) -> dict:
+        """Store the result and the plan's final state, then print its summary.
+
+        Raises ResultNotStored when the store cannot be written: the plan stays
+        in_progress, stale once this process is gone, so --resume or --rerun can
+        take it over (the run's journal and backups are kept for that)."""
+        record, runner, progress = self.record, self.runner, self.progress
+        try:
+            digest = runner.store.finish(record, result_memory(result), runner.memory_api,
+                                         progress.warning)
+        except StoreError as exc:
+            raise ResultNotStored(
+                f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays in "
+                "progress (stale once this bridge exits), its files and their backups kept",
+                f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
+                "succeeded steps) or --rerun (puts its files back, starts over)") from exc
+        result = shown_result(result, digest, {}, self.config.runs_dir)   # as --show --json shows it
+        counts = result["counts"]
+        tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+        line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
+                f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
+                f"{result['duration_s']:.1f} s · "
+                + ("$0 here" if not result["cost_usd"] else f"${result['cost_usd']:.4f} spent")
+                + f", ${result['would_have_cost_usd']:.4f} on {result['price_model']}")
+        if result["error"]:
+            line += f" · {result['error']}"
+        (progress.info if result["success"] else progress.error)(line)
+        for change in result["files"]:
+            staged = " (staged, not written)" if change.get("staged") else ""
+            progress.info(f"  file {change['path']}: {change['action']}{staged}")
+        if result["status"] == "awaiting_review":
+            plan_id = result["plan_id"]
+            progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
+                          f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+        progress.info("  " + savings_line(result["savings"]))
+        if len(result["ledger"]) > 1 or result["escalations"]:
+            for text in ledger_lines(result):
+                progress.info(text)
+        runner.events.emit(
+            "plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
+            success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
+            cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
+            result_hash=result["result_hash"], error=result["error"],
+            problems=result.get("problems"), run_log=result["run_log"])
+        return result
 
 
-class Attempt:
-    """One request of a step as it is sent and streamed: number (1 for the first),
-    model (the model reference asked), messages (the prompt sent), sampling (the
-    fields of retry_sampling, or None: as the step says), started (time.monotonic()),
-    pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None), thought (reasoning
-    pieces so far) and thinking_guard (the guard of the reasoning text)."""
-
-    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard",
-                 "thought", "thinking_guard")
-
-    def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
-        self.number, self.model, self.sampling = number, model, sampling
-        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
-        self.started, self.pieces, self.guard = time.monotonic(), 0, None
-        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+###############################################################################
+# 37. Runner
+# What outlives one plan: the store, the executors, the spend cap, the events,
+# the model's context; each plan it claims runs as a PlanRun.
+###############################################################################
 
 
 class SpendCap:
@@ -8595,30 +9733,22 @@ class Runner:
 
     store: an open Store. client: an open LLMClient, or None when no plan will be
     sent (then only invalid plans can be recorded). model: the default model id
-    (steps and plan defaults may name another). progress: a Progress. One plan
-    run's state is a PlanRun, passed from method to method; the Runner keeps only
-    what outlives a run (the executors, the spend cap).
+    (steps and plan defaults may name another). progress: a Progress. The Runner
+    keeps only what outlives a plan: the executors, the spend cap (spend), the
+    events, the model's context (fit, a ContextFit); one plan's run is a PlanRun.
     """
 
-    def __init__(self, config: Config, store: Store, client: LLMClient | None, model: str | None,
-                 progress: Progress, context_length: int | None = None, parallel: int = 1):
+    def __init__(self, config: Config, store: Store, client: "LLMClient | None",
+                 model: str | None, progress: Progress):
         self.config, self.store, self.client = config, store, client
         self.model, self.progress = model, progress
-        self.context_length, self.parallel = context_length, max(1, parallel)
         self.events = Events(config.events, deltas=config.deltas)
+        self.fit = ContextFit(config, client, model, progress)
+        self.spend = SpendCap(config.max_cost_usd)   # paid requests of this process
+        self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) \
+            if config.memory_url else None
         self._executors: dict[tuple, Any] = {}
-        self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
-        self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
-        self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
-        # LM Studio's model was not loaded when the run began (JIT): the first reply loads
-        # it, then the server is asked again for the context and slots it was loaded with
-        self.reprobe = False
         self._contention_said = False       # a cut stream (LLMContention) was said once
-        self.pool: ContextPool | None = None    # the default model's context, shared in flight
-        self.calibration = 1.0      # the server's tokens per estimated token (_calibrate)
-        import threading
-
-        self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref and
@@ -8641,946 +9771,41 @@ class Runner:
         """Tell the user a request is being retried (every executor reports here)."""
         self.progress.retrying(message)
 
+    def contention(self, exc: LLMContention) -> None:
+        """Say, once a process, that a stream was cut for another request and is sent
+        again (resend_on_contention)."""
+        if not self._contention_said:
+            self._contention_said = True
+            self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
+                                   f"that goes on (hint: {exc.hint})")
+
     def close(self) -> None:
         """Close the executors this runner opened."""
         for executor in self._executors.values():
             executor.close()
 
-    def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",),
+    def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
-        """Claim, validate and run one plan; return its stored result document.
+        """Claim one plan the gate checked and run it (PlanRun.run); return its stored
+        result document, or None when another process claimed the plan first.
 
-        allowed: the effective statuses this run may claim. problems: reasons
-        found outside the plan itself (an id shared with another live plan); with
-        any, or any from check_plan, the plan is recorded as failed with every
-        problem and nothing is sent. resume: take over a stale plan, reusing the
-        outputs of the steps its killed run finished. Returns None when another
-        process claimed the plan first. Re-raises KeyboardInterrupt after
-        recording the plan as failed ("interrupted at step N"). Raises StoreError
-        when the store cannot be written.
+        allowed: the effective statuses this run may claim. problems: reasons found
+        outside the plan itself (an id shared with another live plan). resume: take
+        over a stale plan, reusing the outputs of the steps its killed run finished.
+        Raises what PlanRun.run raises, and StoreError when the claim cannot be written.
         """
-        run_id = new_run_id()
-        # a stale plan's dead run may have left files half done: take them over, if the
-        # run id read back from the store is one bridge made (nothing read back is a path)
-        previous, refused = record.state.get("run_id") if record.display_status == "stale" else None, None
-        if previous is not None:
-            try:
-                run_folder(self.config.runs_dir, previous)
-            except PathError as exc:
-                previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {exc}"
-            else:
-                if foreign := foreign_run_reason(self.config.runs_dir, previous, record):
-                    previous = None
-                    refused = f"plan {record.plan_id}: not taking over its last run: {foreign}"
+        record, run_id = checked.record, new_run_id()
+        previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
-        run = PlanRun(record, run_id, self.config.runs_dir, previous, resume)
+        run = PlanRun(self, checked, run_id, previous, resume)
         run.refused = refused
-        self.events.emit("plan_start", record.plan_id, run_id=run_id, objective=record.objective,
-                         steps=record.step_count, model=self.model)
-        if refused:
-            self.progress.error(refused)
-        problems = list(problems or [])
-        try:
-            run.plan = narrowed_plan(runnable_plan(record, self.config), self.config)
-        except PlanInvalid as exc:
-            problems += exc.problems
-        if problems:
-            self.progress.error(f"plan {record.plan_id}: invalid: {problems_line(problems)}")
-            result = self._result(run, "failed", f"plan is invalid ({len(problems)} problem(s))")
-            result["problems"] = problems
-            if refused:
-                result["refused"] = [refused]
-            return self._finish(record, result)
-        with _Heartbeat(self.config, record, run_id):
-            return self._execute(run)
-
-    def _open_run(self, run: PlanRun) -> None:
-        """Fill in what a checked plan's run needs: its logs, trust, files and step results."""
-        plan = run.plan
-        self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
-                           f"· {len(plan.steps)} step(s) · model {self.model}")
-        run.runlog = RunLog(run.run_dir, run.run_id, plan.id, self.config.price_model)
-        run.trusted = plan_trusted(self.config, plan, content_hash(run.record.content))
-        if plan.project is not None and trusted_root(self.config, plan.project) is not None:
-            run.cli_cwd = plan.project
-        if not plan.project:
-            run.files = None
-        elif self.config.review:
-            run.files = StagedFiles(plan.project, run.run_dir, self.config.crash_at)
-        else:
-            run.files = FileTransaction(plan.project, run.run_dir, self.config.crash_at, Guard.of(self.config))
-        run.results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
-
-    def _execute(self, run: PlanRun) -> dict:
-        """Run a checked plan's steps and verify, then settle and store; return the result."""
-        self._open_run(run)
-        plan, files, results = run.plan, run.files, run.results
-        error, interrupted, verify = None, None, None
-        try:
-            private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
-            write_run_info(run.run_dir, plan.id, plan.project, run.started, run.record.content_hash)
-            if run.staged:
-                files.note_reads(plan.files_context)
-            if run.previous:
-                self._take_over(run)
-            error, verify = self._run_and_verify(run)
-        except KeyboardInterrupt as exc:
-            current = sorted(r.id for r in results.values() if r.status == "running")
-            for result in results.values():
-                if result.status == "running":
-                    result.status, result.error = "failed", "interrupted"
-                elif result.attempts == 0 and result.error is None:
-                    result.error = "not run: the run was interrupted"
-            error = f"interrupted at step {', '.join(map(str, current))}" if current else "interrupted"
-            interrupted = exc
-        except RollbackError as exc:        # files of a killed run could not be put back
-            error = str(exc)
-        except OSError as exc:              # a full disk or read-only state dir: the run's records
-            _stop_running(results, "the run's records could not be written")
-            error = (f"cannot write the run's records in {run.run_dir}: {exc.strerror or exc} "
-                     "(free some space, or make --state-dir writable)")
-        if run.halt is not None and interrupted is None:
-            self._halted(run)
-        with shielded_signals(self.progress.error, for_good=interrupted is not None):
-            result = self._close_run(run, error, verify, interrupted)
-        if interrupted:
-            raise interrupted
-        return result
-
-    def _close_run(self, run: PlanRun, error: str | None, verify: dict | None,
-                   interrupted: BaseException | None) -> dict:
-        """Settle the run's files, then store its result (see _finish); return it."""
-        files = run.files
-        status = "failed" if error else "completed"
-        file_error = self._settle_files(run, status)
-        if file_error:
-            error = f"{error}; {file_error}" if error else file_error
-            status = "failed"
-        if status == "completed" and run.staged and files.changes:
-            status = "awaiting_review"          # nothing is in the project until --apply
-        result = self._result(run, status, error)
-        if run.previous:
-            result["resumed_from"] = run.previous
-        if verify is not None:
-            result["verify"] = verify
-        refusals = ([run.refused] if run.refused else []) + getattr(files, "refused", [])
-        if refusals:
-            result["refused"] = refusals
-        try:
-            result = self._finish(run.record, result)
-        except ResultNotStored as exc:
-            if interrupted is None:
-                raise
-            self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
-            raise interrupted from exc
-        finally:
-            if isinstance(files, FileTransaction):
-                files._release()        # the project folder's descriptor
-        if files is not None and self.config.keep_runs == 0 and not run.staged:
-            files.discard()         # only now: a result that cannot be stored keeps the backups
-        return result
-
-    def _halted(self, run: PlanRun) -> None:
-        """Leave a run the model server stopped (run.halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
-        plan_id, files = run.record.plan_id, run.files
-        if files is not None:
-            files.close()
-            if isinstance(files, FileTransaction):
-                files._release()
-        done = any(r.status == "succeeded" for r in run.results.values())
-        if not done and not run.previous and not (files is not None and files.changes) \
-                and self.store.release(run.record, run.run_id):
-            where = f"plan {plan_id} stays pending"
-        else:
-            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
-        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint,
-                                run.halt.status)
-
-    def _take_over(self, run: PlanRun) -> None:
-        """Take over what a killed run (run.previous) left, and put back what it left half done.
-
-        With run.keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
-        plan, previous, results, files = run.plan, run.previous, run.results, run.files
-        old_dir = run_folder(self.config.runs_dir, previous)
-        keep_finished = run.keep_finished
-        if keep_finished and (old_dir / STAGED_FILE).exists():
-            # a --review run (or its --apply) died: its outputs never all reached the project
-            keep_finished = False
-            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; starting its steps over")
-        try:
-            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
-            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE) if keep_finished and not reverted
-                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
-            written = read_jsonl(old_dir / WRITTEN_FILE)
-        except OSError as exc:      # a symlink where its records should be: not bridge's
-            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
-                                f"({exc.strerror or exc}); every step runs again")
-            done, written = {}, []
-        for sid, entry in done.items():
-            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
-            append_jsonl(run.run_dir / STEPS_FILE, results[sid].checkpoint())
-            if plan.steps[sid].file_output:
-                run.kept[plan.steps[sid].file_output] = results[sid].output
-        for entry in written:                   # what the kept steps wrote, for --undo
-            if entry.get("step") in done:
-                append_jsonl(run.run_dir / WRITTEN_FILE, entry)
-        restored = files.recover(old_dir, set(done)) if files else []
-        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
-                           f"succeeded, {len(restored)} file(s) put back")
-        for reason in getattr(files, "refused", []):
-            self.progress.error(f"plan {plan.id}: {reason}")
-
-    def _run_and_verify(self, run: PlanRun) -> tuple[str | None, dict | None]:
-        """Run the steps, then the plan's verify once they all succeeded or were
-        skipped; return (the plan's error or None, the verify record or None). A
-        verify that may not run here (plan_trusted) fails the plan before any step
-        is sent, so no model time is spent on a plan that cannot pass."""
-        plan = run.plan
-        if plan.verify is not None and (message := self._commands_refused(run)):
-            for result in run.results.values():
-                result.error = result.error or "not run: the plan's verify cannot run"
-            self.progress.error(f"plan {plan.id}: verify: {message}")
-            return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False, "error": message}
-        error = self._run_steps(run)
-        if error is not None or plan.verify is None:
-            return error, None
-        argv = plan.verify["run"]
-        self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
-        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
-                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
-        append_jsonl(run.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
-        if command.error is None:
-            self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
-            return None, {"ran": True, **command.as_dict()}
-        self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
-        self.progress.detail(command.output_tail)
-        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
-
-    def _commands_refused(self, run: PlanRun) -> str | None:
-        """Return why this run may not run the plan's commands, or None when it may."""
-        if not run.trusted:
-            return untrusted_message(run.plan)
-        if run.staged:
-            return ("a command checks the file in the project, and --review stages files outside it; "
-                    "run the plan without --review to check it with its command")
-        return None
-
-    def _settle_files(self, run: PlanRun, status: str) -> str | None:
-        """Revert or keep the run's files as the plan asks; return an error or None.
-        Kept files keep their backups at least until the result is stored."""
-        plan, files = run.plan, run.files
-        if files is None or not files.changes:
-            return None
-        if run.staged:
-            if status == "failed":
-                files.discard()         # nothing reached the project; nothing to review
-            return None
-        try:
-            if status == "failed" and plan.rollback_strategy == "revert_files":
-                files.rollback()
-                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
-            else:
-                self._keep_backups(plan)
-                kept = ", ".join(path for path, change in files.changes.items() if change.action != "reverted")
-                if status == "failed" and kept:
-                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
-        except RollbackError as exc:
-            self.progress.error(str(exc))
-            return str(exc)
-        return None
-
-    def _keep_backups(self, plan: Plan) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close_run deletes them only once the result is stored."""
-        if self.config.keep_runs == 0:
-            return
-        for run_dir in plan_runs(self.config.runs_dir, plan.id):   # this one, and those it took over
-            keep_backups(run_dir)
-        pruned = prune_backups(self.config.runs_dir, plan.id, self.config.keep_runs)
-        if pruned:
-            self.progress.detail(f"plan {plan.id}: removed the backups of {len(pruned)} older run(s) "
-                                 f"(keeping {self.config.keep_runs}): {', '.join(pruned)}")
-
-    def _run_steps(self, run: PlanRun) -> str | None:
-        """Run every step through a StepScheduler; return the plan's error or None.
-
-        Each finished step is appended to the run's steps.jsonl, so a killed run can
-        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
-        neither write files nor touch their results.
-        """
-        plan, checkpoint = run.plan, run.run_dir / STEPS_FILE
-        graph = step_graph(plan)
-        run.log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
-        scheduler = StepScheduler(plan, graph, run.results, self.parallel, run.log,
-                                  functools.partial(self._run_step, run),
-                                  functools.partial(self._step_ended, plan), run.cancel)
-        private_dir(checkpoint.parent)
-        with _suppress(OSError):            # a runs folder made before bridge kept it private
-            os.chmod(checkpoint.parent.parent, 0o700)
-        # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
-        # line lost to a power cut only means that step runs again on --resume (its
-        # file writes are journaled and fsynced, so recovery puts them back first).
-        with open(checkpoint, "a", encoding="utf-8", opener=private_opener) as journal:
-            try:
-                return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
-            except BaseException:
-                if run.files is not None:
-                    run.files.close()
-                raise
-
-    def _step_ended(self, plan: Plan, result: StepResult) -> None:
-        if not self.events.enabled:
-            return
-        entry = result.as_dict(self.config.price_model)
-        self.events.emit("step_end", plan.id, result.id, **{k: v for k, v in entry.items() if k != "id"})
-
-    def _run_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str],
-                  position: int) -> None:
-        """Run one step's attempts; fill result (status, output, error, usage, …).
-
-        A prompt that cannot fit the model's context fails the step at once, with
-        the numbers, and nothing is sent.
-        """
-        plan, model = run.plan, step.model or self.model
-        result.status, result.file_output, result.model = "running", step.file_output, model
-        run.positions[step.id] = position
-        run.runlog.start(step, model, plan.project)
-        self.events.emit("step_start", plan.id, step.id, title=step.title, position=position,
-                         steps=len(plan.steps), max_attempts=step.max_retries + 1, model=model)
-        try:
-            self._try_step(run, step, result, outputs)
-        finally:
-            run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
-            append_step_stats(self.config.runs_dir.parent, {
-                "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
-                "model": model,
-                "validation": [v.get("type") for v in validations_of(step.validation)],
-                "outcome": step_outcome(result), "attempts": result.attempts,
-                "escalated_to": result.escalated_to,
-                "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
-                "seconds": round(result.duration_s, 3)})
-
-    def _first_prompt(self, run: PlanRun, step: Step, result: StepResult,
-                      outputs: dict[int, str]) -> list[dict] | None:
-        """Return a step's first prompt, or None when the step cannot be sent (its
-        prompt does not fit the model's context, or its commands may not run here):
-        then the step is settled, failed or skipped, and nothing is sent."""
-        staged = run.files.path_of if run.staged else None
-        run.sources[step.id] = []
-        try:
-            messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
-                                      staged, run.sources[step.id])
-            if self._calibrate(result.model, messages, self.client.count_tokens(messages)
-                               if self.client is not None and result.model == self.model else None):
-                run.sources[step.id] = []           # fitted again, to the server's own count
-                messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
-                                          staged, run.sources[step.id])
-        except PromptTooLarge as exc:
-            result.error, shown = f"{exc} ({exc.hint})", str(exc)
-        else:
-            refused = self._commands_refused(run) if _commands_of(step) else None   # nothing is sent, nothing runs
-            if refused is None:
-                return messages
-            result.error = shown = refused
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
-        run.log.say(step.id, f"  {step.label}: {result.status}: {shown}")
-        return None
-
-    def _try_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str]) -> None:
-        """Send a step's attempts until one passes or they are spent (step.max_retries
-        + 1), then escalate when the config or plan says so; settle result."""
-        model, clock = result.model, time.monotonic()
-        say = functools.partial(run.log.say, step.id)
-        budget = self._budget(step, model)
-        messages = self._first_prompt(run, step, result, outputs)
-        if messages is None:
-            return
-        retry_note: list[dict] = []
-        failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
-        for number in range(1, step.max_retries + 2):
-            result.attempts = number
-            say(f"  {step.label}: attempt {number}/{step.max_retries + 1}")
-            say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
-            result.output = ""
-            sampling, spent = retry_sampling(self.config.retry_sampling, step, number), result.usage["completion_tokens"]
-            failure = self._send_attempt(run, step, result, Attempt(number, model, messages + retry_note, sampling))
-            if result.attempt_log:
-                result.attempt_log[-1].update(completion_tokens=result.usage["completion_tokens"] - spent,
-                                              error=failure and failure.message)
-            result.duration_s = time.monotonic() - clock
-            if failure is None:
-                result.status, result.error = "succeeded", None
-                say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
-                return
-            result.error = failure.message
-            failures.append((result.output, failure.message))
-            say(f"  {step.label}: attempt {number} failed: {failure.message}")
-            self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
-                             retrying=failure.retryable and number <= step.max_retries)
-            if not failure.retryable:
-                break
-            retry_note = fit_feedback(messages, failure.feedback, budget)
-        if self._escalation(run, step) and not run.cancel.is_set():
-            saved = self._escalate(run, step, result, messages, failures)
-            result.duration_s = time.monotonic() - clock
-            if saved:
-                return
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
-        say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
-
-    def _escalation(self, run: PlanRun, step: Step) -> str | None:
-        """Return the model reference a failed step escalates to (--escalate-to, else
-        the plan's escalate_to), or None: none is named, or its executor is not allowed."""
-        escalate_to = self.config.escalate_to or run.plan.escalate_to
-        if escalate_to and _executor_of(escalate_to) not in self.config.allowed_executors:
-            run.log.say(step.id, f"  {step.label}: escalation to {escalate_to} not used: the "
-                        f"{_executor_of(escalate_to)} executor is not allowed "
-                        f"(pass --allow-executor {_executor_of(escalate_to)})")
-            return None
-        return escalate_to
-
-    def _escalate(self, run: PlanRun, step: Step, result: StepResult, messages: list[dict],
-                  failures: list[tuple[str, str]]) -> bool:
-        """Give a step whose attempts are spent one more attempt on its escalation
-        model, with the failed outputs and errors in its prompt. Returns True when
-        that saved it."""
-        escalate_to = self._escalation(run, step)
-        say = functools.partial(run.log.say, step.id)
-        number = result.attempts + 1
-        result.attempts, result.escalated_to, result.output = number, escalate_to, ""
-        say(f"  {step.label}: escalating to {escalate_to} (attempt {number})")
-        tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}\n```\n"
-                             f"Rejected because: {why}" for n, (output, why) in enumerate(failures, 1))
-        note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its answers and why "
-                f"they were rejected:\n\n{tried}\n\nGive the correct answer.")
-        escalated = [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
-        failure = self._send_attempt(run, step, result, Attempt(number, escalate_to, escalated))
-        result.escalation_saved = failure is None
-        if failure is None:
-            result.status, result.error = "succeeded", None
-            say(f"  {step.label}: succeeded on {escalate_to}")
-            return True
-        result.error = f"{failure.message} (after escalating to {escalate_to})"
-        self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
-                         retrying=False)
-        say(f"  {step.label}: the escalation failed too: {failure.message}")
-        return False
-
-    def _budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is unknown.
-
-        The context length (--context-length, else what the server reported for the
-        loaded model) less the answer's share: the step's max_tokens, else
-        its validation's default_max_tokens (at most a quarter of the context;
-        see answer_tokens).
-        """
-        budget = prompt_budget(step, self.context_length if model == self.model else None)
-        return int(budget / self.calibration) if budget is not None else None
-
-    def _calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
-        """Learn how many of the server's tokens one estimated token is (calibration,
-        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
-        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
-        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
-        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
-        estimate = estimate_tokens(messages)
-        if model != self.model or not isinstance(counted, int) or self.context_length is None \
-                or estimate < CALIBRATE_MIN_TOKENS:
-            return False
-        ratio = min(counted / estimate, MAX_CALIBRATION)
-        if ratio <= self.calibration * 1.02:
-            return False
-        self.calibration = ratio
-        return True
-
-    def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, plus _reserve, capped by
-        the context the prompt leaves (estimate_tokens, times calibration) when the
-        model's context is known."""
-        context = self.context_length if model == self.model else None
-        limit = answer_tokens(step, context) + self._reserve(step, model)
-        if not context:
-            return limit
-        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
-
-    def _reserve(self, step: Step, model: str) -> int:
-        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
-        when the step asks for thinking or the model was seen thinking in this run, else 0."""
-        if step.thinking != "on" and model not in self._thinkers:
-            return 0
-        return thinking_reserve(self.context_length if model == self.model else None)
-
-    def _send_attempt(self, run: PlanRun, step: Step, result: StepResult,
-                      attempt: Attempt) -> "AttemptFailure | None":
-        """Send one attempt, check it, write its file; return None or its AttemptFailure.
-
-        attempt.sampling: its fields (retry_sampling; None: as the step says; the
-        Anthropic API and the claude CLI always sample as the step says). A local
-        model's output is watched while it streams (DegenerationGuard): when it
-        degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length"), saying what
-        thinking spent of it. On the local server the attempt asks for thinking as
-        thinking_asked says, keeps _reserve tokens for it, reads and records the
-        reasoning (_thought), and a constrained answer that comes back garbled makes
-        that model go unconstrained (_garbled).
-        """
-        try:
-            executor, name = self.executor(attempt.model, run.cli_cwd)
-        except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
-            return AttemptFailure(str(exc), retryable=False)
-        paid = executor_class(attempt.model).PAID
-        if paid and (refused := self._spend.refused()):
-            run.cap_hit = True
-            return AttemptFailure(refused, retryable=False)
-        local = executor.PROBED      # the other executors keep their own limits
-        sampling = self._sampling(step, attempt, local)
-        sent = executor.accepted_sampling(sampling) if local else sampling
-        thinking = thinking_asked(step) if local else None
-        reserve = self._reserve(step, attempt.model) if local else 0
-        result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
-                                   "error": None, "thinking": thinking,
-                                   "thinking_reserve_tokens": reserve})
-        run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
-        if reserve:
-            run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
-                        f"{reserve} for thinking (the step asks for it, or the model thought "
-                        "earlier in this run)")
-        sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
-            name not in executor.unconstrained
-        schema = self._output_schema(run, step, attempt.number, sends)
-        request = ChatRequest(name, sampling, sampling.get("max_tokens"), step.timeout_s,
-                              redact(schema), thinking,     # redact: grounded spans copy the input
-                              functools.partial(self._on_delta, run, step, attempt),
-                              functools.partial(self._on_reasoning, run, step, attempt))
-        try:
-            reply = self._chat(run, step, attempt, executor, request)
-        except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            run.runlog.checked(step.id, attempt.number, str(exc))
-            if run.halt is None:
-                run.halt = exc
-            run.cancel.set()
-            return AttemptFailure(str(exc), retryable=False)
-        except LLMError as exc:
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            run.runlog.checked(step.id, attempt.number, str(exc))
-            if exc.context_overflow and local and attempt.model == self.model \
-                    and self.context_length is None:
-                self._learn_context(str(exc))
-            return AttemptFailure.from_request(exc)
-        except OutputDegenerate as exc:
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            return self._stopped(run, step, result, attempt, str(exc))
-        result.generation_s += time.monotonic() - attempt.started
-        reply = priced_reply(reply, attempt.messages, attempt.pieces + attempt.thought, name)
-        if local and self.reprobe:
-            self._reprobe(attempt.model)
-        if paid:
-            self._spend.add(reply.cost_usd or 0.0)
-        if run.cancel.is_set():
-            return AttemptFailure("interrupted", retryable=False)
-        output, inline = split_reasoning(reply.text)
-        run.runlog.answer(step.id, attempt.number, reply)
-        if local:
-            result.attempt_log[-1]["response_format"] = reply.response_format
-        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        thought, answered = self._thought(run, step, result, attempt, reply, inline)
-        if local and executor.cuts_prompts and reply.usage:     # the steps after it fit better
-            self._calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
-        cut = prompt_cut(reply.usage, attempt.messages) if local and executor.cuts_prompts else None
-        if cut:         # the same prompt would be cut again: not retried
-            result.output = output
-            run.runlog.checked(step.id, attempt.number, cut)
-            return AttemptFailure(cut, retryable=False)
-        if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
-                or "the server's limit"
-            why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
-                   "(raise the step's max_tokens if it needs more)")
-            if thought:
-                answered = max(1, answered) if output.strip() else 0
-                why = self._cut_thinking(step, attempt, limit, thought, answered, thinking)
-            result.output = output
-            run.runlog.checked(step.id, attempt.number, why)
-            return AttemptFailure.from_stop(why, step.validation)
-        if reply.model and reply.model != name:
-            result.model = reply.model
-        result.output = output
-        run.log.say(step.id, f"--- output ---\n{output}", detail=True)
-        failure = self._check(run, step, result, output, output)
-        if failure is not None and failure.answer_invalid and local and reply.response_format:
-            self._garbled(run, step, executor, name, output, reply.response_format, schema)
-        return failure
-
-    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, answered: int,
-                      thinking: str | None) -> str:
-        """Say how an attempt that thought was cut at max_tokens: what thinking spent,
-        whether an answer began (answered: its tokens, 0: none), and what the next
-        attempt keeps for thinking."""
-        reserve = self._reserve(step, attempt.model)
-        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
-        if thinking == "off":
-            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
-                     f"to {reserve} tokens for thinking")
-        elif thinking == "on":
-            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
-        else:
-            after = f"the next attempt keeps up to {reserve} tokens for thinking"
-        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
-                f"{answer} ({after})")
-
-    def _garbled(self, run: PlanRun, step: Step, executor: Executor, name: str, output: str,
-                 form: str, schema: dict | None) -> None:
-        """After a constrained answer failed: when it looks damaged by the grammar
-        (grammar_damage against schema, the one sent), send that model's later requests
-        unconstrained, and say so."""
-        if name in executor.unconstrained:
-            return
-        damage = grammar_damage(output, schema)
-        if damage:
-            executor.drop_constraint(name, damage)
-            run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
-                        f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
-                        "rest of this run, still checked")
-
-    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
-              request: ChatRequest) -> Completion:
-        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
-        a stream the server cut for another request (LLMContention) is sent again after
-        each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
-        in parallel on a server whose slots share one context (Runner.pool), the
-        request first waits for its prompt (estimate_tokens) and max_tokens to fit
-        beside those in flight."""
-        local = executor.PROBED
-        pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
-        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
-        held = pool.acquire(need, run.cancel) if pool is not None else 0
-        try:
-            return self._chat_once(run, step, attempt, executor, request)
-        finally:
-            if pool is not None:
-                pool.release(held)
-
-    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
-                   request: ChatRequest) -> Completion:
-        """_chat's request, sent again while the server cuts it for another (LLMContention)."""
-        import random
-
-        watched = executor.WATCHED
-        for wait in (*CONTENTION_WAITS_S, None):
-            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if watched else None
-            attempt.thinking_guard = DegenerationGuard() if watched else None
-            attempt.pieces = attempt.thought = 0
-            try:
-                return executor.chat(attempt.messages, request)
-            except LLMContention as exc:
-                if wait is None or run.cancel.is_set():
-                    raise
-                if not self._contention_said:
-                    self._contention_said = True
-                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
-                                           f"that goes on (hint: {exc.hint})")
-                run.cancel.wait(wait * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
-
-    def _learn_context(self, message: str) -> None:
-        """Take the context a server names in its overflow error (llama-cpp-python and
-        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
-        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
-        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
-                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
-        number = next((int(g) for g in found.groups() if g), 0) if found else 0
-        if number >= 64:
-            self.context_length = number
-            self.progress.info(f"the server's context is {number} tokens (from its error): "
-                               "the steps sent from now on are fitted to it")
-
-    def _reprobe(self, model: str) -> None:
-        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
-        context and parallel slots it was loaded with (JIT loads ignore saved settings
-        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
-        re-reads the same way): the steps sent after this fit them; said once."""
-        with self._reprobe_lock:
-            if not self.reprobe:
-                return
-            self.reprobe = False
-        try:
-            info = self.client.probe()
-        except LLMError:
-            return
-        if model != self.model or info.loaded != parse_model_ref(model)[1]:
-            return
-        self.context_length = self.config.context_length or info.context_length
-        self.parallel = self.config.parallel or info.parallel or 1
-        self.progress.info(f"model {info.loaded} is loaded now: context "
-                           f"{info.context_length or 'not reported'}, "
-                           f"{info.parallel or 1} slot(s); "
-                           "the steps sent from now on are fitted to them")
-
-    def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
-        """Return the schema an attempt asks for (output_schema of the step's input) and,
-        for a grounded step, record in the run log which form it is: "spans" (its string
-        values can only be copied from the input), "schema" (the usual one: the input
-        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
-        (sends: False, the executor sends no schema: only the check applies)."""
-        source = run.sources.get(step.id, [])
-        schema = output_schema(step.validation, source)
-        first = next((v for v in validations_of(step.validation)
-                      if output_schema(v) is not None), {})
-        if first.get("grounded") and schema is not None:
-            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
-            form = "none" if not sends else "spans" if spans else "schema"
-            run.runlog.constrained(step.id, number, form, len(spans["enum"]) if spans else None)
-        return schema
-
-    def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
-        """Return the sampling fields an attempt asks for, with its max_tokens: the
-        attempt's own on a local model (retry_sampling), else as the step says."""
-        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
-                        else attempt.sampling)
-        limit = self._max_tokens(step, attempt.model, attempt.messages) if local else step.max_tokens
-        if limit:
-            sampling["max_tokens"] = limit
-        return sampling
-
-    def _on_reasoning(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
-        """Take one streamed piece of thinking: count it, show it on the progress line
-        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
-        the stream is closed on the way out)."""
-        attempt.thought += 1
-        elapsed = time.monotonic() - attempt.started
-        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
-                             f"{attempt.number} · {elapsed:.1f} s · thinking · "
-                             f"{attempt.thought} tokens")
-        if attempt.thinking_guard is not None:
-            try:
-                attempt.thinking_guard.feed(piece)
-            except OutputDegenerate as exc:
-                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
-                raise OutputDegenerate(why) from None
-
-    def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt,
-                 reply: Completion, inline: str) -> tuple[int, int]:
-        """Record what an attempt thought (reasoning fields and reasoning inside content):
-        its tokens and bytes, on the attempt's attempt_log entry; remember the model
-        thinks. Returns the tokens, and the answer's (its pieces less the thinking
-        inside content). Tokens: the reasoning fields' streamed pieces (else
-        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
-        characters are (else CHARS_PER_TOKEN)."""
-        text = reply.reasoning + inline
-        if not text:
-            return 0, attempt.pieces
-        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
-        if attempt.pieces and inline:
-            within = round(attempt.pieces * len(inline) / len(reply.text))
-        else:
-            within = int(len(inline) / CHARS_PER_TOKEN)
-        tokens = max(1, fields + within)
-        size = len(text.encode("utf-8", "replace"))
-        result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
-        self._thinkers.add(attempt.model)
-        run.log.say(step.id, f"  {step.label}: the model thought for {tokens} tokens", detail=True)
-        return tokens, max(0, attempt.pieces - within)
-
-    def _thought_cut(self, result: StepResult, attempt: Attempt) -> None:
-        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
-        if attempt.thought and attempt.thinking_guard is not None:
-            size = len(attempt.thinking_guard.text.encode("utf-8", "replace"))
-            result.attempt_log[-1].update(reasoning_tokens=attempt.thought, reasoning_bytes=size)
-            self._thinkers.add(attempt.model)
-
-    def _on_delta(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
-        """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
-        closed on the way out), emit it as an event, show the attempt's progress."""
-        attempt.pieces += 1
-        if attempt.guard is not None:
-            attempt.guard.feed(piece)
-        elapsed = time.monotonic() - attempt.started
-        self.events.emit("delta", run.plan.id, step.id, attempt=attempt.number, text=piece)
-        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt {attempt.number} · "
-                             f"{elapsed:.1f} s · {attempt.pieces / max(elapsed, 1e-6):.1f} tok/s")
-
-    def _check(self, run: PlanRun, step: Step, result: StepResult, output: str,
-               answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands; return None or the
-        AttemptFailure. The checks of the answer itself come first (they cost nothing,
-        and the commands need the file they produce), then each command in order, up
-        to the first that fails. A failed command puts the file back at once, and so
-        does anything that stops the run while a command runs."""
-        files, number = run.files, result.attempts
-        try:
-            source = "\n".join(run.sources.get(step.id, []))
-            artifact = check_output(output, step.validation, source)
-        except OutputInvalid as exc:
-            run.runlog.checked(step.id, number, str(exc))
-            return AttemptFailure.from_output(str(exc), answer, step.validation)
-        result.output = artifact
-        if step.file_output:
-            try:
-                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
-            except PathError as exc:
-                run.runlog.checked(step.id, number, str(exc))
-                return AttemptFailure(str(exc), retryable=False)
-            done = "staged" if run.staged else "wrote"
-            review = " for review" if run.staged else ""
-            run.log.say(step.id, f"  {step.label}: {done} {step.file_output} ({change.action}){review}")
-        try:
-            failure = self._run_commands(run, step, result, answer)
-        except BaseException:
-            with _suppress(PathError):
-                self._put_back(run, step)
-            raise
-        if failure is not None:
-            try:
-                self._put_back(run, step)
-            except PathError as exc:
-                return AttemptFailure(f"{failure.message}; and {exc}", retryable=False)
-            return failure
-        run.runlog.checked(step.id, number, None)
-        if step.file_output:
-            run.kept[step.file_output] = artifact
-            if not run.staged:     # only a write that stays is what the run left
-                record_written(run.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
-        return None
-
-    def _run_commands(self, run: PlanRun, step: Step, result: StepResult, answer: str) -> "AttemptFailure | None":
-        """Run a step's command validations in order in the project; return the first
-        failure as an AttemptFailure (its output goes into the next prompt), or None."""
-        number = result.attempts
-        for validation in _commands_of(step):
-            argv = validation["run"]
-            run.log.say(step.id, f"  {step.label}: checking with `{shell_words(argv)}`")
-            command = run_command(argv, run.plan.project, command_env(self.config),  # type: ignore[arg-type]
-                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
-            result.checks.append({"attempt": number, **command.as_dict()})
-            run.runlog.command(step.id, number, command)
-            if command.error is None:
-                run.log.say(step.id, f"  {step.label}: check passed in {command.duration_s:.1f} s")
-                continue
-            run.log.say(step.id, f"--- output of `{shell_words(argv)}` ---\n{command.output_tail}", detail=True)
-            run.runlog.checked(step.id, number, command.error)
-            if run.cancel.is_set():
-                return AttemptFailure("interrupted", retryable=False)
-            return AttemptFailure.from_command(command, answer, step.file_output, step.validation)
-        return None
-
-    def _put_back(self, run: PlanRun, step: Step) -> None:
-        """Undo a failed attempt's file: what an earlier step of this run wrote there,
-        else the original. Raises PathError (RollbackError) when it cannot."""
-        if not step.file_output or run.files is None:
-            return
-        if step.file_output in run.kept:
-            run.files.write(step.file_output, run.kept[step.file_output], step.id)
-        else:
-            run.files.revert_path(step.file_output)
-
-    def _stopped(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt, why: str) -> AttemptFailure:
-        """Record an attempt whose output degenerated and was cut (its tokens are
-        estimated: the server sent no usage); return its AttemptFailure."""
-        text = attempt.guard.text if attempt.guard is not None else ""
-        thought = attempt.thinking_guard.text if attempt.thinking_guard is not None else ""
-        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, attempt.thought)
-        run.runlog.answer(step.id, attempt.number, reply)
-        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        result.output = split_reasoning(text)[0]
-        run.runlog.checked(step.id, attempt.number, why)
-        return AttemptFailure.from_stop(why, step.validation)
-
-    def _result(self, run: PlanRun, status: str, error: str | None) -> dict:
-        """Build a run's result document (README: "What bridge writes into the store";
-        what --json and --show --json print is shown_result of it)."""
-        steps = [run.results[sid] for sid in sorted(run.results)]
-        usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
-                 "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
-        counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}
-        generation_s = sum(s.generation_s for s in steps)
-        price = self.config.price_model
-        if run.cap_hit and error:
-            error += f"; spend cap reached (--max-cost-usd {self.config.max_cost_usd:.2f})"
-        record = run.record
-        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run.run_id,
-                "objective": record.objective, "status": status,
-                "project": project_name(run.plan.project)
-                if run.plan and run.plan.project else None,
-                "success": status in ("completed", "awaiting_review"),
-                "started_at": run.started, "finished_at": utc_now_iso(),
-                "duration_s": round(time.monotonic() - run.clock, 3), "model": self.model,
-                "base_url": self.config.base_url, "usage": usage,
-                "tokens_per_s": round(usage["completion_tokens"] / generation_s, 1) if generation_s else None,
-                "cost_usd": round(sum(s.cost_usd for s in steps), 6),
-                "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
-                "ledger": merge_ledgers(s.ledger for s in steps),
-                "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
-                                for s in steps if s.escalated_to],
-                "max_cost_usd": self.config.max_cost_usd, "spend_cap_reached": run.cap_hit,
-                "savings": run_savings(steps, price),
-                "counts": counts, "steps": [s.as_dict(price) for s in steps],
-                "files": run.files.summary() if run.files else [], "error": error,
-                "run_log": str(self.config.runs_dir / run.run_id),
-                "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
-
-    def _finish(self, record: PlanRecord, result: dict) -> dict:
-        """Store the result and the plan's final state, then print its summary.
-
-        Raises ResultNotStored when the store cannot be written: the plan stays
-        in_progress, stale once this process is gone, so --resume or --rerun can
-        take it over (the run's journal and backups are kept for that)."""
-        try:
-            digest = self.store.finish(record, result_memory(result), self.memory_api,
-                                       self.progress.warning)
-        except StoreError as exc:
-            raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
-                             "in progress (stale once this bridge exits), its files and their backups kept",
-                             f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
-                             "succeeded steps) or --rerun (puts its files back, starts over)") from exc
-        result = shown_result(result, digest, {}, self.config.runs_dir)     # as --show --json shows it
-        counts = result["counts"]
-        tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
-        line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
-                f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
-                f"{result['duration_s']:.1f} s · "
-                + ("$0 here" if not result["cost_usd"] else f"${result['cost_usd']:.4f} spent")
-                + f", ${result['would_have_cost_usd']:.4f} on {result['price_model']}")
-        if result["error"]:
-            line += f" · {result['error']}"
-        (self.progress.info if result["success"] else self.progress.error)(line)
-        for change in result["files"]:
-            staged = " (staged, not written)" if change.get("staged") else ""
-            self.progress.info(f"  file {change['path']}: {change['action']}{staged}")
-        if result["status"] == "awaiting_review":
-            plan_id = result["plan_id"]
-            self.progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
-                               f"bridge --apply {plan_id} or bridge --reject {plan_id}")
-        self.progress.info("  " + savings_line(result["savings"]))
-        if len(result["ledger"]) > 1 or result["escalations"]:
-            for text in ledger_lines(result):
-                self.progress.info(text)
-        self.events.emit("plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
-                         success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
-                         cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
-                         result_hash=result["result_hash"], error=result["error"],
-                         problems=result.get("problems"), run_log=result["run_log"])
-        return result
+        return run.run(list(problems or []))
 
 
 ###############################################################################
-# 30. CLI: arguments and settings
+# 38. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9952,7 +10177,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 31. CLI: listing, server discovery, trust and approval
+# 39. CLI: listing, server discovery, trust and approval
 ###############################################################################
 
 
@@ -9984,7 +10209,7 @@ def cmd_list(config: Config, show_all: bool) -> int:
     for record in records:
         if show_all or record.status == "pending":
             row = plan_summary(record)
-            facts = _plan_facts(config, record, validate=False) if record.display_status == "pending" else None
+            facts = _plan_facts(config, record) if record.display_status == "pending" else None
             if facts is not None and not facts["may_run"]:
                 row.update(status="awaiting_approval", approval=facts)
             rows.append(row)
@@ -10024,19 +10249,15 @@ def _pick_model(config: Config, info: ServerInfo | None) -> str:
     return info.loaded
 
 
-def ollama_num_ctx(config: Config, records: list[PlanRecord], info: ServerInfo) -> int:
+def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
     """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
-    largest first prompt of the plans to run (estimate_tokens, with their LOAD files)
+    largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
     plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
     OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
     with when that is as large already (no reload); never past its trained context.
     aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
-    for record in records:
-        try:
-            plan = runnable_plan(record, config)
-        except PlanInvalid:
-            continue
+    for plan in plans:
         for step in plan.steps.values():
             try:
                 messages = build_messages(plan, step, {})
@@ -10262,12 +10483,11 @@ def commands_text(commands: list[str]) -> str:
     return text
 
 
-def _plan_facts(config: Config, record: PlanRecord, validate: bool = True) -> dict | None:
-    """Return approval_facts of a record's plan, or None when the plan is invalid (a
-    run records it failed with its problems, approved or not). validate=False (for
-    --list, which must not import jsonschema) reads the plan without the schema."""
+def _plan_facts(config: Config, record: PlanRecord) -> dict | None:
+    """Return approval_facts of a record's plan for --list, read without the schema (it
+    must not import jsonschema), or None when the plan cannot be read."""
     try:
-        plan = runnable_plan(record, config) if validate else _build_plan(record.plan)
+        plan = _build_plan(record.plan)
     except (PlanInvalid, KeyError, TypeError, AttributeError, ValueError):
         return None
     return approval_facts(config, plan, content_hash(record.content))
@@ -10288,8 +10508,10 @@ def _ask_to_run(facts: dict) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def gate_records(config: Config, records: list[PlanRecord], progress: Progress) -> tuple[list[PlanRecord], list[dict]]:
-    """Split the records a run would claim into (those that run, facts of those that wait).
+def gate_records(config: Config, records: list[PlanRecord],
+                 progress: Progress) -> tuple[list[CheckedPlan], list[dict]]:
+    """Split the records a run would claim into (those that run, each checked for its
+    run: CheckedPlan; facts of those that wait).
 
     Invalid plans run (to be recorded failed). A plan waiting only for approval is
     asked about on a terminal (once, default No); otherwise it is skipped with one
@@ -10297,13 +10519,20 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
     """
     runnable, waiting = [], []
     for record in records:
-        facts = _plan_facts(config, record)
-        if facts is None or facts["may_run"]:
-            runnable.append(record)
+        try:
+            plan = runnable_plan(record, config)
+        except PlanInvalid as exc:
+            runnable.append(CheckedPlan(record, None, exc.problems, False))
             continue
-        only_approval = all(c.startswith(("bridge --approve", "bridge --trust")) for c in facts["commands"])
+        facts = approval_facts(config, plan, content_hash(record.content))
+        checked = CheckedPlan(record, plan, [], facts["trusted"])
+        if facts["may_run"]:
+            runnable.append(checked)
+            continue
+        only_approval = all(c.startswith(("bridge --approve", "bridge --trust"))
+                            for c in facts["commands"])
         if only_approval and _may_ask() and _ask_to_run(facts):
-            runnable.append(record)
+            runnable.append(checked)
             continue
         waiting.append(facts)
         progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
@@ -10315,7 +10544,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 32. CLI: health
+# 40. CLI: health
 #
 # --health: the model server (and what a run on it will do: run_plan), the store as
 # bridge and the memory server see it, the kept backups, and the memory server's HTTP
@@ -10481,7 +10710,7 @@ def cmd_health(config: Config) -> int:
 
 
 ###############################################################################
-# 33. CLI: running and showing
+# 41. CLI: running and showing
 ###############################################################################
 
 
@@ -10511,9 +10740,11 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
         with LLMClient(config, on_retry=progress.retrying) as client:
             runner = _open_runner(config, store, client, progress, records) if records else None
             try:
-                for record in records:
+                for checked in records:
+                    record = checked.record
                     try:
-                        result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
+                        result = runner.run_record(checked, allowed, shared.get(record.plan_id),
+                                                   resume)
                     except ResultNotStored as exc:     # the plans after it still run
                         progress.error(str(exc), exc.hint)
                         runner.events.emit("error", record.plan_id, message=str(exc), hint=exc.hint,
@@ -10550,7 +10781,7 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
 
 
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
-                 records: list[PlanRecord] | None = None) -> Runner:
+                 checked: list[CheckedPlan] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
@@ -10561,15 +10792,18 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     model = _pick_model(config, info)
     same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
     if same and client.native:
-        client.num_ctx = config.context_length or ollama_num_ctx(config, records or [], info)
+        plans = [c.plan for c in checked or [] if c.plan is not None]
+        client.num_ctx = config.context_length or ollama_num_ctx(config, plans, info)
         info = info._replace(context_length=client.num_ctx)
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
-    runner = Runner(config, store, client, model, progress, context, parallel)
-    runner.reprobe = info is not None and info.kind == "LM Studio" \
+    runner = Runner(config, store, client, model, progress)
+    fit = runner.fit
+    fit.context_length, fit.parallel = context, max(1, parallel)
+    fit.reprobe = info is not None and info.kind == "LM Studio" \
         and not (same and info.context_length)
     if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
-        runner.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
+        fit.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)
@@ -10661,7 +10895,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 34. CLI: diff, undo, review
+# 42. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10812,7 +11046,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 35. CLI: the planner's side
+# 43. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11010,7 +11244,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 36. main()
+# 44. main()
 ###############################################################################
 
 
