@@ -473,7 +473,7 @@ SETTINGS = tuple(map(Setting._make, (
     ("--escalate-to", "BRIDGE_ESCALATE_TO", "escalate_to", "text", None, None, "escalation",
      "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
-    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
+    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, (DEFAULT_EXECUTOR,),
      allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
      "(anthropic, claude-cli, ollama-cloud); repeatable",
      "none; your own --model and --escalate-to count"),
@@ -9840,7 +9840,8 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     """Add the settings group to parser: an option per row of SETTINGS, in its order.
 
     A switch is a store_true flag turning its default off; a tuple default makes the flag
-    repeatable (append); a tuple limit is the flag's argparse choices.
+    repeatable (append); a tuple limit (or a function giving one, read now) is the flag's
+    argparse choices.
     """
     group = parser.add_argument_group("settings (a flag wins over its environment variable)")
     for row in SETTINGS:
@@ -9948,7 +9949,8 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
             raise ConfigError(f"unknown executor {name!r} to allow",
                               f"pass one of {', '.join(allowable_executors())} "
                               "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
-    for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
+    for ref in (args.model or environ.get("BRIDGE_MODEL"),
+                args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
     return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
