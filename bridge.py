@@ -114,21 +114,22 @@ keeps it so), so the file reads from files and the store, through plans, model s
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
     4 Helpers · 5 Path rules: what a plan may read and write ·
-    6 File writes inside the project · 7 Store layouts · 8 The memory server's HTTP API ·
-    9 Store (SQLite) · 10 Store: plan states and claims ·
-    11 Store: plan and result memories · 12 Output validation ·
-    13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
-    16 Executors: the registry, the chat contract, model references ·
-    17 Trust: projects, approvals, executors · 18 Model servers: errors, streams, retries ·
-    19 LLM client: OpenAI-compatible servers ·
-    20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
-    22 File transactions: journal, rollback, recovery ·
-    23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
-    25 Prompts · 26 Retry policy · 27 Run records · 28 The result document ·
-    29 Step scheduling · 30 The model's context · 31 An attempt · 32 A step run ·
-    33 A plan run · 34 Runner · 35 CLI: arguments and settings ·
-    36 CLI: listing, health, trust and approval · 37 CLI: running and showing ·
-    38 CLI: diff, undo, review · 39 CLI: the planner's side · 40 main()
+    6 File writes inside the project ·
+    7 bridge's own files: JSON, records, private folders · 8 Store layouts ·
+    9 The memory server's HTTP API · 10 Store (SQLite) · 11 Store: plan states and claims ·
+    12 Store: plan and result memories · 13 Output validation ·
+    14 Constrained JSON and degenerate output · 15 Validation types · 16 Plans ·
+    17 Executors: the registry, the chat contract, model references ·
+    18 Trust: projects, approvals, executors · 19 Model servers: errors, streams, retries ·
+    20 LLM client: OpenAI-compatible servers ·
+    21 Other executors: the Anthropic API and the claude CLI · 22 Check commands ·
+    23 File transactions: journal, rollback, recovery ·
+    24 Review staging and bounded diffs · 25 Kept runs: backups, diff, undo, review ·
+    26 Prompts · 27 Retry policy · 28 Run records · 29 The result document ·
+    30 Step scheduling · 31 The model's context · 32 An attempt · 33 A step run ·
+    34 A plan run · 35 Runner · 36 CLI: arguments and settings ·
+    37 CLI: listing, health, trust and approval · 38 CLI: running and showing ·
+    39 CLI: diff, undo, review · 40 CLI: the planner's side · 41 main()
 """
 
 from __future__ import annotations
@@ -796,67 +797,6 @@ def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
-
-
-class JSONRefused(ValueError):
-    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
-    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
-    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
-
-
-def json_depth(value: Any) -> int:
-    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
-    recursion, so any value json.loads could build can be measured."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, (dict, list)):
-            continue
-        children = item.values() if isinstance(item, dict) else item
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
-
-
-def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
-    rows, results, metadata, server replies). Raises ValueError for bad JSON and
-    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
-    max_depth levels or so deep that json itself gives up (RecursionError), so what
-    reads it next cannot recurse to death."""
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
-            from None
-    depth = json_depth(value)
-    if depth > max_depth:
-        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
-    return value
-
-
-def load_reply(text: str | bytes) -> Any:
-    """load_json for what a server or executor sent, with every lone surrogate in
-    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
-    carrying it back, the file, the run log and the store would all refuse it)
-    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
-    value = load_json(text)
-    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
-    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
-
-
-def _scrub_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return re.sub("[\ud800-\udfff]", "\ufffd", value)
-    if isinstance(value, list):
-        return [_scrub_surrogates(item) for item in value]
-    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
-        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
-    return value
 
 
 def crash_point(crash_at: str | None, name: str) -> None:
@@ -1549,9 +1489,8 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader sees
 # the old bytes or the new, never half. In the project the folders are walked by dir_fd,
-# never through a symlink (open_inside, _walk, _replace_in). bridge's own files have one
-# of each: atomic_write, open_regular, read_json_file and write_json_file, private_dir,
-# append_jsonl and read_jsonl.
+# never through a symlink (open_inside, _walk, _replace_in); every file bridge reads is
+# opened by open_regular (no symlink followed unless asked, no wait on a FIFO).
 ###############################################################################
 
 
@@ -1776,6 +1715,90 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
+class _suppress:
+    """contextlib.suppress without importing contextlib at start-up."""
+
+    def __init__(self, *kinds: type[BaseException]):
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+###############################################################################
+# 7. bridge's own files: JSON, records, private folders
+#
+# JSON bridge did not write (plans, store rows, server replies) is read by load_json: at
+# most MAX_JSON_DEPTH deep, no NaN. bridge's own files have one of each: atomic_write,
+# read_json_file and write_json_file, append_jsonl and read_jsonl, private_dir (0o700),
+# private_opener (0o600, never through a symlink); run_folder checks a run id read back.
+###############################################################################
+
+
+class JSONRefused(ValueError):
+    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
+    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
+    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
+
+
+def json_depth(value: Any) -> int:
+    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
+    recursion, so any value json.loads could build can be measured."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        children = item.values() if isinstance(item, dict) else item
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
+    rows, results, metadata, server replies). Raises ValueError for bad JSON and
+    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
+    max_depth levels or so deep that json itself gives up (RecursionError), so what
+    reads it next cannot recurse to death."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
+    return value
+
+
+def load_reply(text: str | bytes) -> Any:
+    """load_json for what a server or executor sent, with every lone surrogate in
+    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
+    carrying it back, the file, the run log and the store would all refuse it)
+    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
+    value = load_json(text)
+    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
+    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
+
+
+def _scrub_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub("[\ud800-\udfff]", "\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub_surrogates(item) for item in value]
+    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
+        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
+    return value
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
     """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
@@ -1862,19 +1885,6 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
     return folder
 
 
-class _suppress:
-    """contextlib.suppress without importing contextlib at start-up."""
-
-    def __init__(self, *kinds: type[BaseException]):
-        self.kinds = kinds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, self.kinds)
-
-
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
     """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
     never through a symlink); with sync, fsync it, so it survives a crash. Raises
@@ -1910,8 +1920,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return entries
 
 
+
 ###############################################################################
-# 7. Store layouts
+# 8. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -2032,7 +2043,7 @@ def parse_result_content(content: str) -> dict | None:
 
 
 ###############################################################################
-# 8. The memory server's HTTP API
+# 9. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2242,7 +2253,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 9. Store (SQLite)
+# 10. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
 # memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
@@ -2500,7 +2511,7 @@ class StoreFile:
 
 
 ###############################################################################
-# 10. Store: plan states and claims
+# 11. Store: plan states and claims
 # Every piece of claiming a plan that is the store's: the plan record and its
 # effective status (stale: its owner is gone), STATE_TABLE read and written (and
 # migrated from an older bridge's metadata), the claim, the heartbeat, the release,
@@ -2792,7 +2803,7 @@ class PlanStates(StoreFile):
 
 
 ###############################################################################
-# 11. Store: plan and result memories
+# 12. Store: plan and result memories
 # The memories bridge reads and writes: plan memories found (by the memory server's
 # index when it has one) and submitted; a run's result memory stored as the room "The
 # result document" built it (directly, or through the memory server's HTTP API for an
@@ -3053,7 +3064,7 @@ class Store(PlanStates):
 
 
 ###############################################################################
-# 12. Output validation
+# 13. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
 # out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
@@ -3285,7 +3296,7 @@ def check_grounded(value: Any, source: str) -> None:
 
 
 ###############################################################################
-# 13. Constrained JSON and degenerate output
+# 14. Constrained JSON and degenerate output
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
@@ -3630,7 +3641,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 14. Validation types
+# 15. Validation types
 #
 # One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
 # register_validation (as pycodestyle's register_check files a check): its check, its
@@ -4008,7 +4019,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 
 ###############################################################################
-# 15. Plans
+# 16. Plans
 ###############################################################################
 
 
@@ -4286,7 +4297,7 @@ def _build_plan(plan: dict) -> Plan:
 
 
 ###############################################################################
-# 16. Executors: the registry, the chat contract, model references
+# 17. Executors: the registry, the chat contract, model references
 #
 # An executor is one class (its facts: Executor) and its registry line
 # (@register_executor); every executor answers one call, chat(messages, ChatRequest)
@@ -4428,7 +4439,7 @@ def executor_class(ref: str) -> "type[Executor]":
 
 
 ###############################################################################
-# 17. Trust: projects, approvals, executors
+# 18. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4510,7 +4521,6 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
         if folder.is_relative_to(real):
             return f"it is inside {what} {real}"
     return None
-
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -4720,7 +4730,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 18. Model servers: errors, streams, retries
+# 19. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
@@ -5329,7 +5339,7 @@ class HTTPExecutor(Executor):
 
 
 ###############################################################################
-# 19. LLM client: OpenAI-compatible servers
+# 20. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
@@ -5957,7 +5967,7 @@ class OllamaCloud(LLMClient):
 
 
 ###############################################################################
-# 20. Other executors: the Anthropic API and the claude CLI
+# 21. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6250,7 +6260,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 21. Check commands
+# 22. Check commands
 ###############################################################################
 
 
@@ -6487,7 +6497,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 22. File transactions: journal, rollback, recovery
+# 23. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6791,7 +6801,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 23. Review staging and bounded diffs
+# 24. Review staging and bounded diffs
 #
 # A --review run writes nothing into the project: StagedFiles keeps each file under the
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
@@ -6949,7 +6959,7 @@ class StagedFiles:
 
 
 ###############################################################################
-# 24. Kept runs: backups, diff, undo, review
+# 25. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7290,7 +7300,7 @@ class KeptRun:
 
 
 ###############################################################################
-# 25. Prompts
+# 26. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7475,7 +7485,7 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 ###############################################################################
-# 26. Retry policy
+# 27. Retry policy
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
@@ -7636,7 +7646,7 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 ###############################################################################
-# 27. Run records
+# 28. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -8027,7 +8037,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 28. The result document
+# 29. The result document
 # What a run leaves behind, built here alone from the facts Runner._result gathers
 # (README: "What bridge writes into the store"): the result memory's summary and
 # content (result_memory; the Store stores it as given, and parse_result_content in
@@ -8295,7 +8305,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 29. Step scheduling
+# 30. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8461,7 +8471,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 30. The model's context
+# 31. The model's context
 # What prompts and answers are fitted to, learned across the plans of one
 # process: the default model's context and slots, the server's tokens per
 # estimated token, the models seen thinking.
@@ -8583,7 +8593,7 @@ class ContextFit:
 
 
 ###############################################################################
-# 31. An attempt
+# 32. An attempt
 # One request of a step as it is sent and streamed: its progress, its watched
 # answer and thinking, and what it thought.
 ###############################################################################
@@ -8709,7 +8719,7 @@ class Attempt:
 
 
 ###############################################################################
-# 32. A step run
+# 33. A step run
 # One step from its first prompt to its settled result: its attempts (prompt,
 # send, check, write, commands, put back), then its escalation.
 ###############################################################################
@@ -9118,7 +9128,7 @@ class StepRun:
 
 
 ###############################################################################
-# 33. A plan run
+# 34. A plan run
 # One plan from its claim to its stored result: open, take over, run the steps,
 # verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
@@ -9609,7 +9619,7 @@ class PlanRun:
 
 
 ###############################################################################
-# 34. Runner
+# 35. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9718,7 +9728,7 @@ class Runner:
 
 
 ###############################################################################
-# 35. CLI: arguments and settings
+# 36. CLI: arguments and settings
 ###############################################################################
 
 
@@ -10090,7 +10100,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 36. CLI: listing, health, trust and approval
+# 37. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10612,7 +10622,7 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 37. CLI: running and showing
+# 38. CLI: running and showing
 ###############################################################################
 
 
@@ -10797,7 +10807,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 38. CLI: diff, undo, review
+# 39. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10948,7 +10958,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 39. CLI: the planner's side
+# 40. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11146,7 +11156,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 40. main()
+# 41. main()
 ###############################################################################
 
 
