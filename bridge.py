@@ -4295,7 +4295,7 @@ def _build_plan(plan: dict) -> Plan:
 # -> Completion, dropping what it cannot send. The trust gate, the approval facts,
 # --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
 # (bottle's server_names and ServerAdapter are the model). The classes are in the
-# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+# rooms below it, from 'Model server replies' to 'Other executors'.
 ###############################################################################
 
 
@@ -5182,16 +5182,12 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop.
-
-    Use as a context manager. Transient failures (connection refused or reset,
-    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times
-    with exponential backoff and jitter starting at config.retry_delay_s seconds,
-    honouring Retry-After, never past RETRY_BUDGET_S seconds in all, and never once
-    output has streamed. sleep is injectable so tests see the delays without
-    waiting. Subclasses give chat() and _parse(); every executor's chat() has the
-    same signature and returns a Completion.
-    """
+    exceptions translated to LLMError, and the retry loop: transient failures
+    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
+    up to config.retries times, backing off from config.retry_delay_s seconds with
+    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
+    output has streamed. sleep is injectable (tests see the delays without waiting).
+    A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
@@ -5228,12 +5224,8 @@ class HTTPExecutor(Executor):
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
                                            limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}"
-                                       + missing_v1_hint(self.base_url, response.status_code),
-                                       response.status_code)
+                    raise self._http_error(response, url, missing_v1_hint(
+                        self.base_url, response.status_code))
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
@@ -5247,6 +5239,17 @@ class HTTPExecutor(Executor):
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
+
+    def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
+        """Return the error of an HTTP status >= 400: the server's message (_error_message,
+        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
+        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+        self._raise_fault(url, response.status_code, message)
+        return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
+                            response.status_code,
+                            retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                            context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
         """Return the error a server reported inside a 200 stream (an SSE "error" event, an
@@ -5334,14 +5337,7 @@ class HTTPExecutor(Executor):
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(
-                        f"{url} answered HTTP {response.status_code}: {message}",
-                        response.status_code,
-                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
-                        context_overflow=_is_context_overflow(message))
+                    raise self._http_error(response, url)
                 return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
@@ -5365,7 +5361,8 @@ class HTTPExecutor(Executor):
 # 20. Model server probes: what a server runs
 #
 # LM Studio's, Ollama's, llama.cpp's and vLLM's own routes, asked once a run: the
-# model, its context, its slots (ServerInfo).
+# model, its context, its slots (ServerInfo); the search for a server on the default
+# ports when no --base-url was given (discover_server), and the model a run takes.
 ###############################################################################
 
 
@@ -5674,6 +5671,76 @@ class ServerProbes:
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
 
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
+
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
+
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
+                continue
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
 ###############################################################################
 # 21. Ollama's native API
 #
@@ -5758,11 +5825,10 @@ class OllamaNative:
 
 @register_executor
 class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
-    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
-    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
-    http://localhost:1234/v1 by default). Streams SSE chunks with
-    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe). The run's model server: one instance,
+    """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
+    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
+    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
+    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
     opened by the CLI before the run (Runner.client)."""
 
     NAME = PREFIX = "openai"
@@ -5809,19 +5875,16 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                                  "start it again, then run bridge again")
 
     def accepted_sampling(self, sampling: dict) -> dict:
-        """Return the fields of sampling ({"temperature", "seed", "repeat_penalty",
-        "dry_multiplier", …}) this server takes: OpenAI's own (temperature, seed,
-        max_tokens) always, the others as SAMPLING_FIELDS lists for its kind, unless
-        it refused one. OpenAI-strict servers refuse unknown fields, so none is sent
-        to a server bridge could not identify."""
+        """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
+        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items()
                 if k in ("temperature", "seed", "max_tokens") or k in extras}
 
     def thinking_fields(self) -> dict:
-        """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
-        for its kind (THINKING_OFF_DEFAULT when the probe could not name it), less
-        any it refused."""
+        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
+        less those it refused."""
         fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
         return {k: v for k, v in fields.items() if k not in self.thinking_refused}
 
@@ -5831,21 +5894,12 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
         self.unconstrained.setdefault(model, why)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed, and return the Completion.
-
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
-        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
-        a form the server refuses is dropped for the rest of this client's life and the
-        request is resent at once, without counting as a retry. Its sampling is sent as
-        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
-        none of the extras again, and the request is resent at once. Transient failures
-        are retried as the class says, unless output had already streamed. thinking
-        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
-        400/422 naming it, is dropped for this client's life and the request resent at
-        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
-        drop_constraint goes without response_format. Raises LLMError (never an httpx
-        exception) when the request finally fails.
-        """
+        """Send one chat completion, streamed: messages [{"role", "content"}], request a
+        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
+        refused (none for a model given to drop_constraint), sampling as
+        accepted_sampling says, thinking "off" as thinking_fields; what the server
+        refuses is dropped for this client's life and the request resent at once, not
+        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
         if self.native:
             return self._chat_native(messages, request)
         model, json_schema, thinking = request.model, request.json_schema, request.thinking
@@ -10338,22 +10392,6 @@ def cmd_health(config: Config) -> int:
     return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
-    if info is not None and info.problem:
-        what, hint = info.problem
-        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
-    if info is not None and info.kind == "Ollama":
-        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
-
-
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
     """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
     largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
@@ -10374,60 +10412,6 @@ def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
         return info.context_length
     num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
     return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
-
-
-def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
-    if config.base_url_given:
-        return config, []
-    import httpx
-    from urllib.parse import urlsplit
-
-    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
-    tried = []
-    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
-        for port, suffix in DEFAULT_SERVER_PORTS:
-            root = f"http://127.0.0.1:{port}"
-
-            def get(path: str) -> Any:
-                try:
-                    response = http.get(root + path)
-                    if response.status_code in (401, 403):
-                        return {"data": []}         # a model server that wants its key
-                    return load_reply(response.content) if response.status_code == 200 else None
-                except (httpx.HTTPError, ValueError):
-                    return None
-            if port == memory_port:
-                tried.append({"url": root,
-                              "result": "--memory-url's port: the memory server, skipped"})
-                continue
-            try:
-                http.get(root + "/")
-            except httpx.HTTPError:
-                tried.append({"url": root, "result": "nothing answers"})
-                continue
-            version, models = get("/api/version"), None
-            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
-                models = get("/v1/models")
-                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
-                    health = get("/api/health")
-                    memory = isinstance(health, dict) and health.get("status") == "healthy"
-                    result = "the memory server (its /api/health), skipped" if memory \
-                        else "answers, but not as a model server"
-                    tried.append({"url": root, "result": result})
-                    continue
-            tried.append({"url": root, "result": "a model server: used"})
-            return config._replace(base_url=root + (suffix if models is not None else "")), tried
-    return config, tried
 
 
 def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
