@@ -2659,8 +2659,6 @@ class PlanStates(StoreFile):
         """Return record with its state read again (another process may have changed it)."""
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
 
-
-
     @property
     def has_state_table(self) -> bool:
         """Whether STATE_TABLE exists (asked each time: another bridge may make it)."""
