@@ -7889,12 +7889,12 @@ def read_step_stats(path: Path) -> dict:
 
 ###############################################################################
 # 25. The result document
-# What a run leaves behind, built here alone from the facts Runner._result gathers
-# (README: "What bridge writes into the store"): the result memory's summary and
-# content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts" reads it back), the document --json and
-# --show --json print (shown_result, show_document), and the text of --show and of
-# a run's end (render_show, savings_line, ledger_lines).
+# What a run leaves behind, built here alone from the facts its plan run gathers (the
+# _result document, README: "What bridge writes into the store"): the result memory's
+# summary and content (result_memory; the Store stores it as given, parse_result_content
+# in the room "Store layouts" reads it back), the document --json and --show --json
+# print (shown_result, show_document), and the text of --show and of a run's end
+# (render_show, savings_line, ledger_lines).
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
