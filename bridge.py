@@ -118,15 +118,16 @@ and checks, up to the runner and the command line:
     9 Store (SQLite) · 10 Store: plan states and claims ·
     11 Store: plan and result memories · 12 Output validation ·
     13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
-    16 Trust: projects, approvals, executors · 17 Model servers: errors, streams, retries ·
-    18 LLM client: OpenAI-compatible servers ·
-    19 Other executors: the Anthropic API and the claude CLI · 20 Check commands ·
-    21 File transactions: journal, rollback, recovery ·
-    22 Kept runs: backups, diff, undo, review · 23 Prompts · 24 Run records ·
-    25 The result document · 26 Step scheduling · 27 Runner ·
-    28 CLI: arguments and settings · 29 CLI: listing, health, trust and approval ·
-    30 CLI: running and showing · 31 CLI: diff, undo, review · 32 CLI: the planner's side ·
-    33 main()
+    16 Executors: the registry, the chat contract, model references ·
+    17 Trust: projects, approvals, executors · 18 Model servers: errors, streams, retries ·
+    19 LLM client: OpenAI-compatible servers ·
+    20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
+    22 File transactions: journal, rollback, recovery ·
+    23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
+    25 Prompts · 26 Run records · 27 The result document · 28 Step scheduling · 29 Runner ·
+    30 CLI: arguments and settings · 31 CLI: listing, health, trust and approval ·
+    32 CLI: running and showing · 33 CLI: diff, undo, review · 34 CLI: the planner's side ·
+    35 main()
 """
 
 from __future__ import annotations
@@ -236,30 +237,6 @@ COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 # Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
 # bug tracker #1990, #1602: thinking used the whole max_tokens).
 THINKING_RESERVE_TOKENS = 2048
-# Bounds added to the schema sent for constrained decoding (bounded_schema), where the
-# plan sets none. The check itself still uses the plan's own validation.
-JSON_VALUE_MAX_LENGTH = 80             # characters of a string value: a value copied from a sentence is a
-                                       # few words (a name, an email, a date); SmolLM2 was seen filling
-                                       # 200 characters of junk into a value, 60 tokens of one step's 10 s
-JSON_LIST_MAX_ITEMS = 16               # items of a list value: a sentence names a handful of things
-# A grounded step's schema sent may restrict its string values to spans of the step's input
-# (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
-# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
-GROUNDED_SPAN_WORDS = 6                # words of a span: a name, an address, "Guido van Rossum"
-GROUNDED_MAX_SPANS = 1000              # about 170 words of input; on llama-cpp-python 0.3.36
-                                       # (SmolLM2-135M, 2 cores) 975 spans cost 0.8 s more a request
-                                       # than the usual schema, 2,023 spans 1.7 s, 4,060 4.7 s
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-DEGENERATE_NEWLINES = 8                # newlines in one run of whitespace: PEP 8 and Markdown never need more
-                                       # than 3 (two blank lines); llama.cpp's JSON grammar allows 2
-DEGENERATE_WHITESPACE = 160            # characters in one run of whitespace: 3x the indentation of 12 levels
-                                       # of 4 spaces; llama.cpp's JSON grammar allows 20 spaces
-DEGENERATE_REPEAT_WORDS = 40           # a unit of words repeated in a row over at least this many words...
-DEGENERATE_REPEATS = 4                 # ...and at least this many times: 40 words is ~60 tokens (2 s on a
-                                       # small CPU), and a sound answer rarely says one thing 4 times running
-                                       # (a list of 40 equal literals is the rare case it stops)
-DEGENERATE_MAX_PERIOD = 24             # the longest repeating unit looked for, in words (a long line of code)
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
@@ -341,10 +318,18 @@ OLLAMA_NUM_CTX_STEP = 2048
 OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
-# Paid or agentic executors run only when the user allowed them (--allow-executor).
-# ollama-cloud: an Ollama model that runs on ollama.com (a *-cloud name: Ollama
-# docs/cloud.mdx), where the project's files would go.
-PAID_EXECUTORS = ("anthropic", "claude-cli", "ollama-cloud")
+# The executors, by NAME (register_executor, in the room 'Executors: the registry...'):
+# paid, agentic or remote ones run only when the user allowed them (--allow-executor).
+EXECUTORS: "dict[str, type[Executor]]" = {}
+DEFAULT_EXECUTOR = "openai"     # the executor of a model reference without a prefix
+
+
+def allowable_executors() -> tuple[str, ...]:
+    """The names --allow-executor takes: the executors that need allowing (PAID, AGENTIC
+    or CLOUD), in EXECUTORS order."""
+    return tuple(name for name, cls in EXECUTORS.items() if cls.needs_allowing())
+
+
 # The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
@@ -432,7 +417,8 @@ def default_state_dir(environ: dict[str, str]) -> Path:
 # variable, which wins over the default); field: the Config field it fills; kind: how
 # resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
 # lines of its own there); limit: the least a number may be, or the names a choice takes
-# (a tuple argparse also checks on the flag; a dict only resolve_config checks); what:
+# (a tuple argparse also checks on the flag, or a function returning one, read when the
+# parser is built; a dict only resolve_config checks); what:
 # its name in an error; shown: how --help gives the default (None: the default itself).
 # A tuple default makes the flag repeatable and the variable comma-separated. Adding a
 # setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
@@ -484,7 +470,7 @@ SETTINGS = tuple(map(Setting._make, (
      "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
     ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
-     PAID_EXECUTORS, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
+     allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
      "(anthropic, claude-cli, ollama-cloud); repeatable",
      "none; your own --model and --escalate-to count"),
     ("--max-cost-usd", "BRIDGE_MAX_COST_USD", "max_cost_usd", "number", DEFAULT_MAX_COST_USD, 0,
@@ -827,9 +813,9 @@ def json_depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
+        if not isinstance(item, (dict, list)):
             continue
+        children = item.values() if isinstance(item, dict) else item
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
@@ -844,7 +830,8 @@ def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") from None
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
     depth = json_depth(value)
     if depth > max_depth:
         raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
@@ -1160,18 +1147,15 @@ def terminal_columns() -> int:
 ###############################################################################
 # 5. Path rules: what a plan may read and write
 #
-# Every rule for a path bridge did not choose (a plan's, a journal's, one read back from the
-# store) is in this room; the rooms that read and write files call these rules and decide
-# none themselves (the model: tarfile's extraction filters).
-#   names      plan_path_parts (relative, no '..', no NUL), same_file_path,
-#              _check_name_lengths (NAME_MAX, PATH_MAX)
-#   inside     resolve_inside (with symlinks followed, still inside the project), real_path
-#   writes     forbidden_target_reason (VCS folders, the store, the state dir),
-#              output_path_problem (what a step's file_output may be)
-#   reads      secret_file_reason, load_secret_reason (what LOAD never sends to a model)
-#   projects   untrustable_reason (what can never be a project)
-# The writes then walk the project by dir_fd, never through a symlink (the room 'File
-# writes inside the project'), so a folder swapped after a check still cannot redirect one.
+# Every rule for a path bridge did not choose (a plan's, a journal's, the store's); the rooms
+# that read and write files call them and decide none (the model: tarfile's filters).
+#   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
+#   inside    resolve_inside (symlinks followed, still inside the project), real_path
+#   writes    forbidden_target_reason (VCS folders, the store, the state dir),
+#             output_path_problem (a step's file_output), journalled_paths (a journal's)
+#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+# Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
+# inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
 
 
@@ -1190,9 +1174,8 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def real_path(path: str | Path) -> Path:
-    """Return path with ~ expanded and symlinks and `..` resolved (os.path.realpath; need
-    not exist), or only normalized when a folder swapped under it makes realpath fail
-    (readlink of what is no longer a symlink: EINVAL). bridge's one realpath."""
+    """bridge's one realpath: path with ~ expanded, symlinks and `..` resolved (need not
+    exist); only normalized when a folder swapped under it makes realpath fail (EINVAL)."""
     from pathlib import Path
 
     path = os.path.expanduser(os.fspath(path))
@@ -1203,11 +1186,9 @@ def real_path(path: str | Path) -> Path:
 
 
 def plan_path_parts(rel: str) -> list[str]:
-    """Return the components of a plan path, refusing what could leave the project.
-
-    Refused (PathError saying which): empty or NUL-holding, absolute (POSIX or
-    Windows) and '..' paths. '.' and empty components are dropped.
-    """
+    """Return a plan path's components ('.' and empty ones dropped). Raises PathError for one
+    empty, with a NUL or lone surrogate, absolute (POSIX, Windows), with '..', or naming the
+    project itself."""
     from pathlib import PurePosixPath, PureWindowsPath
 
     if not rel or "\x00" in rel:
@@ -1229,10 +1210,9 @@ def plan_path_parts(rel: str) -> list[str]:
 
 
 def same_file_path(rel: str) -> str:
-    """Return a plan path as the filesystem sees it: x.py, ./x.py and a//x.py are
-    the same file, named x.py and a/x.py (the '.' and empty components dropped), so
-    locking, journaling and reporting agree on one name. rel is a path
-    plan_path_parts accepts (else it is returned as it is, for check_plan to refuse)."""
+    """Return a plan path as the filesystem sees it (./x.py is x.py, a//x.py a/x.py), so
+    locking, journaling and reporting agree on one name; a path plan_path_parts refuses
+    is returned as it is, for check_plan to refuse."""
     try:
         return "/".join(plan_path_parts(rel))
     except PathError:
@@ -1245,10 +1225,9 @@ TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
 
 
 def _check_name_lengths(project: Path, rel: str) -> None:
-    """Refuse a plan path the filesystem cannot hold: a folder name longer than
-    NAME_MAX bytes, a file name that leaves no room for its temp file's
-    TEMP_NAME_EXTRA_BYTES, or a whole path longer than PATH_MAX bytes (os.pathconf
-    of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES). Raises PathError."""
+    """Raise PathError for a path the filesystem cannot hold: a name over NAME_MAX bytes (a
+    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX (both by
+    os.pathconf of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES)."""
     def limit(name: str, default: int) -> int:
         try:
             return os.pathconf(project, name)
@@ -1273,32 +1252,26 @@ def _check_name_lengths(project: Path, rel: str) -> None:
 
 
 def resolve_inside(project: Path, rel: str) -> Path:
-    """Return project/rel, refusing anything that could land outside the project.
-
-    Refused: empty, absolute (POSIX or Windows) or `..` paths, and paths whose real
-    location (symlinks followed) is outside the project's real location.
-    Raises PathError saying which.
-    """
+    """Return project/rel once plan_path_parts and _check_name_lengths accept rel and its
+    real location (symlinks followed) lies inside the project's. Raises PathError."""
     plan_path_parts(rel)
     _check_name_lengths(project, rel)
-    try:
+    try:        # Path.resolve, not real_path: it says so for a symlink loop (RuntimeError, 3.11)
         root = project.resolve()
         target = (project / rel).resolve()
-    except (OSError, RuntimeError) as exc:     # RuntimeError: a symlink loop (Python 3.11)
+    except (OSError, RuntimeError) as exc:
         raise PathError(f"path {rel!r} cannot be resolved in {project} ({exc})") from None
     if not target.is_relative_to(root):
         raise PathError(f"path {rel!r} leads outside the project through a symlink (to {target})")
     return project / rel
 
 
-STORE_SIDECARS = ("", "-wal", "-shm", "-journal")                  # SQLite's files beside a store
+STORE_SIDECARS = ("", "-wal", "-shm", "-journal")       # SQLite's files beside a store
 
 
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
-    """What no plan may write, whatever project it names: stores (the memory store
-    paths, Paths; SQLite's -wal, -shm and -journal beside each too) and state_dir
-    (bridge's journals, backups and run logs). Anything in a version-control folder
-    is refused too (see forbidden_target_reason)."""
+    """What no plan may write, whatever its project: stores (the memory store Paths, and
+    their STORE_SIDECARS) and state_dir (bridge's journals, backups and run logs)."""
 
     __slots__ = ()
 
@@ -1321,9 +1294,8 @@ _NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
 
 
 def vcs_folder_of(name: str) -> str | None:
-    """Return the VCS folder (one of VCS_FOLDERS) a path component opens on some disk
-    (any case; see _NAME_IGNORED), or None: ".GIT", ".git.", ".g\u200cit", "GIT~1"
-    all give ".git"."""
+    """Return the VCS folder (of VCS_FOLDERS) a path component opens on some disk, or None:
+    ".GIT", ".git.", ".g\u200cit", "GIT~1" all give ".git" (see _NAME_IGNORED)."""
     seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
     for folder in VCS_FOLDERS:
         if seen in (folder, folder.lstrip(".")[:6] + "~1"):
@@ -1332,9 +1304,8 @@ def vcs_folder_of(name: str) -> str | None:
 
 
 def _is_git_dir(folder: str | Path) -> bool:
-    """Whether folder is a git directory by git's own test (setup.c
-    is_git_directory): a HEAD file, and objects/ and refs/, or a commondir file (a
-    worktree's gitdir); whatever its name (a bare repository, --separate-git-dir)."""
+    """Whether folder, whatever its name, is a git directory by git's test (setup.c
+    is_git_directory): a HEAD file, and objects/ and refs/ or a commondir file."""
     if not os.path.isfile(os.path.join(folder, "HEAD")):
         return False
     inside = functools.partial(os.path.join, folder)
@@ -1343,8 +1314,7 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 
 def _gitdir_named(folder: str | Path) -> Path | None:
-    """The real path a `.git` file in folder points to ("gitdir: PATH", git's
-    gitfile format, as a worktree or submodule has), or None."""
+    """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
     try:        # O_NONBLOCK: a FIFO named .git must not hang the check
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
         fd = os.open(os.path.join(folder, ".git"), flags)
@@ -1362,18 +1332,16 @@ def _gitdir_named(folder: str | Path) -> Path | None:
 
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
-    """Return why project/rel lies in a version-control folder, or None.
-
-    Refused: a component of rel, or of the project's path (as given, made absolute,
-    and with symlinks resolved), that opens one of VCS_FOLDERS (vcs_folder_of);
-    and a target inside a git directory of any name (_is_git_dir: a bare repository,
-    a worktree's gitdir) or inside the gitdir a `.git` file above it points to."""
+    """Return why project/rel lies in a version-control folder, or None: a component of
+    rel or of the project's path (as given, absolute, real) that opens one of VCS_FOLDERS
+    (vcs_folder_of), a git directory of any name above the target (_is_git_dir: a bare
+    repository, a worktree's gitdir), or the gitdir a `.git` file above it points to."""
     from pathlib import PurePosixPath
 
     for part in PurePosixPath(rel.replace("\\", "/")).parts:
         if folder := vcs_folder_of(part):
-            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run commands); "
-                    "bridge never writes there")
+            return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run "
+                    "commands); bridge never writes there")
     root = real_path(project)
     for shown in dict.fromkeys((os.path.abspath(project), str(root))):
         for part in PurePosixPath(shown).parts:
@@ -1390,14 +1358,9 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
 
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
-    """Return why project/rel may never be written, or None when it may.
-
-    Refused whatever the project: anything in a version-control folder, under the
-    project or around it (vcs_target_reason), the memory store file and its SQLite
-    sidecars, and anything in the state dir. rel is a plan path already checked to
-    be relative without '..'; the target is compared both as written and with
-    symlinks resolved. The one rule validation and every write use.
-    """
+    """Return why project/rel (a path plan_path_parts accepts) may never be written, or
+    None: in a version-control folder (vcs_target_reason), the store or its sidecars, in
+    the state dir; compared as written and as real. The rule validation and writes use."""
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
@@ -1416,9 +1379,9 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
 
 
 def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (its file_output) in project, or None: a name of a
-    folder, what resolve_inside refuses, a folder, what forbidden_target_reason refuses,
-    a symlink on its way (which the write would refuse), not a regular file."""
+    """Why a step may not write rel (its file_output) in project, or None: a folder's name
+    or a folder, what resolve_inside or forbidden_target_reason refuse, a symlink on its
+    way (the write would refuse it), not a regular file."""
     from pathlib import PurePosixPath
 
     if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
@@ -1446,11 +1409,41 @@ def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | N
     return None
 
 
-# What LOAD never sends to a model (secret_file_reason), one row per kind of secret:
-# (pattern, what it holds). A pattern ending in "/" is a folder: every file anywhere
-# under it (a/b/ names the two folders in a row); else it is matched against the
-# file's name, or, with a "/", against the last components of its path. Patterns are
-# shell globs, any case. The README's table is this one.
+def journalled_paths(project: Path, entry: dict, backups: Path,
+                     guard: Guard | None = None) -> tuple[str, Path | None, list[Path]]:
+    """Check an entry of a run's journal.jsonl (read back: untrusted): "path" a plan path
+    project may be written at (forbidden_target_reason), "backup" a file right in backups
+    (real paths), each of "created_dirs" an absolute folder below project. Returns (path,
+    backup or None, created_dirs). Raises PathError."""
+    from pathlib import Path
+
+    rel, backup, folders = entry.get("path"), entry.get("backup") or "", entry.get("created_dirs")
+    if not isinstance(rel, str):
+        raise PathError(f"path {rel!r} is not a string")
+    plan_path_parts(rel)
+    if reason := forbidden_target_reason(project, rel, guard):
+        raise PathError(reason)
+    if backup and (not isinstance(backup, str) or real_path(backup).parent != real_path(backups)):
+        raise PathError(f"path {rel!r}: backup {backup!r} is not in {backups}")
+    if not isinstance(folders or [], list):
+        raise PathError(f"path {rel!r}: created_dirs {folders!r} is not a list of folders")
+    dirs = []
+    for folder in folders or []:
+        inside = None
+        if isinstance(folder, str) and Path(folder).is_absolute() \
+                and Path(folder).is_relative_to(project):
+            inside = Path(folder).relative_to(project)
+        if inside is None or not inside.parts:
+            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {project}")
+        plan_path_parts(inside.as_posix())
+        dirs.append(project / inside)
+    return rel, Path(backup) if backup else None, dirs
+
+
+# What LOAD never sends to a model (secret_file_reason): (pattern, what it holds). A pattern
+# ending in "/" is a folder: every file anywhere under it (a/b/: the two folders in a row);
+# else it is matched against the file's name or, with a "/", the last components of its
+# path. Shell globs, any case. The README's table is this one.
 SECRET_LOAD_TABLE = (
     (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
     (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
@@ -1461,13 +1454,11 @@ SECRET_LOAD_TABLE = (
     (".password-store/", "pass's password store"), (".subversion/auth/", "Subversion logins"),
     *((f"{folder}/", "version-control metadata: remote URLs with tokens (.git/config), [auth]")
       for folder in VCS_FOLDERS),
-    ("id_*", "SSH private key (id_*.pub is public)"),
-    ("*.pem", "private key or certificate"), ("*.key", "private key"),
-    ("*.ppk", "PuTTY private key"),
-    ("*.p12", "key store"), ("*.pfx", "key store"), ("*.jks", "Java key store"),
-    ("*.keystore", "key store"), ("*.kdbx", "KeePass database"),
-    (".env", "environment secrets"), (".env.*", "environment secrets"),
-    (".envrc", "direnv secrets"),
+    ("id_*", "SSH private key (id_*.pub is public)"), ("*.ppk", "PuTTY private key"),
+    ("*.pem", "private key or certificate"), ("*.key", "private key"), ("*.p12", "key store"),
+    ("*.pfx", "key store"), ("*.jks", "Java key store"), ("*.keystore", "key store"),
+    ("*.kdbx", "KeePass database"), (".env", "environment secrets"),
+    (".env.*", "environment secrets"), (".envrc", "direnv secrets"),
     (".netrc", "logins"), ("_netrc", "logins"), (".pgpass", "PostgreSQL passwords"),
     (".my.cnf", "MySQL password"), (".mylogin.cnf", "MySQL logins"),
     (".npmrc", "npm token"), (".yarnrc", "yarn token"), (".yarnrc.yml", "yarn token"),
@@ -1476,8 +1467,8 @@ SECRET_LOAD_TABLE = (
     (".cargo/credentials.toml", "crates.io token"), ("auth.json", "Composer logins"),
     (".git-credentials", "git's stored passwords"), (".htpasswd", "password hashes"),
     (".vault-token", "Vault token"), (".terraformrc", "Terraform tokens"),
-    ("terraform.rc", "Terraform tokens"),
-    ("*.tfstate", "Terraform state (secrets in clear)"), ("*.tfstate.backup", "Terraform state"),
+    ("terraform.rc", "Terraform tokens"), ("*.tfstate", "Terraform state (secrets in clear)"),
+    ("*.tfstate.backup", "Terraform state"),
     ("*.tfvars", "Terraform variables (often secrets)"), ("kubeconfig", "Kubernetes credentials"),
     (".dockercfg", "registry logins"), (".s3cfg", "S3 keys"), (".boto", "cloud keys"),
     ("credentials", "cloud CLI credentials"), ("credentials.json", "OAuth or service-account keys"),
@@ -1524,13 +1515,10 @@ def _secret_row(parts: list[str]) -> tuple[str, str] | None:
 
 
 def secret_file_reason(rel: str) -> str | None:
-    """Return why a LOAD path looks like a private key or a secret store, or None.
-
-    Refused: what a row of SECRET_LOAD_TABLE matches (folders anywhere on the path;
-    names also once a backup suffix is dropped, see _BACKUP_SUFFIX), but
-    SECRET_LOAD_SAMPLES. rel may also be an absolute path (the file's real one).
-    Their text would go to the model, into the result memory and the run logs.
-    """
+    """Return why a LOAD path (or a file's absolute real one) looks like a private key or
+    secret store, or None: a row of SECRET_LOAD_TABLE matches (folders anywhere on the
+    path; names also without a _BACKUP_SUFFIX), but SECRET_LOAD_SAMPLES. Its text would go
+    to the model, into the result memory and the run logs."""
     from pathlib import PurePosixPath
 
     parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
@@ -1547,39 +1535,12 @@ def secret_file_reason(rel: str) -> str | None:
 
 
 def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
-    """Why a LOAD of rel (path: it resolved inside project) may not be sent to a model:
-    secret_file_reason of the path as the plan wrote it, as it lies in the real project
-    (a symlink followed) or as an absolute real path (a project inside ~/.aws, say);
-    None when it may. The one rule for validation and for what approval shows."""
+    """Why a LOAD of rel (path: where it resolved inside project) may not go to a model, or
+    None: secret_file_reason of rel, of it in the real project, or of its real path (a
+    project inside ~/.aws). The one rule for validation and for what approval shows."""
     real = real_path(path)
     inside = os.path.relpath(real, real_path(project))
     return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
-
-
-def untrustable_reason(config: Config, folder: Path) -> str | None:
-    """Return why a folder (a real path) can never be a trusted project nor a plan's
-    project, or None: the filesystem root, the home folder itself or a folder holding
-    it, or a folder holding (equal to, or an ancestor of) the memory store, the state
-    dir or the config dir, or inside one of those two.
-    A plan working there could replace the store, its own journals or the trust file."""
-    if folder == folder.parent:
-        return "it is the filesystem root"
-    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
-        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
-    if config.home is not None and folder == real_path(config.home):
-        return "it is your home folder itself (trust a project folder inside it)"
-    if config.home is not None and real_path(config.home).is_relative_to(folder):
-        return f"it holds your home folder {real_path(config.home)}"
-    held = [("the memory store", p) for p in config.db_paths] + [
-        ("bridge's state folder", config.state_dir),
-        ("bridge's trust and approvals folder", config.config_dir)]
-    for what, path in held:
-        real = real_path(path)
-        if real == folder or real.is_relative_to(folder):
-            return f"it holds {what} {real}"
-        if folder.is_relative_to(real):
-            return f"it is inside {what} {real}"
-    return None
 
 
 ###############################################################################
@@ -1608,15 +1569,16 @@ class FileChange:
 
 _DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd   # POSIX, not Windows
+# POSIX has the dir_fd operations every write walks the project with; Windows has not
+_HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_dir_fd
 
 
 def _open_root(project: Path) -> int:
     """Open the project folder for the dir_fd walks; PathError when it cannot be, or
     when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
     if not _HAS_DIR_FD:
-        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file operations",
-                        "run bridge on Linux or macOS")
+        raise PathError(f"cannot write safely in {project}: this system has no dir_fd file "
+                        "operations", "run bridge on Linux or macOS")
     try:
         return os.open(project, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     except OSError as exc:
@@ -1646,8 +1608,8 @@ def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[
         os.close(fd)
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
             where = "/".join(parts[:depth + 1])
-            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge writes only "
-                            "through real folders of the project") from exc
+            raise PathError(f"path {rel!r}: {where!r} is a symlink or not a folder; bridge "
+                            "writes only through real folders of the project") from exc
         raise
     return fd, len(parts)
 
@@ -1666,13 +1628,13 @@ def open_inside(project: Path, rel: str) -> Any:
     try:
         if depth < len(parts) - 1:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
-        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)   # a FIFO must not block
+        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK     # a FIFO must not block
         try:
             handle = os.fdopen(os.open(parts[-1], flags, dir_fd=fd), "rb")
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real files "
-                                "of the project") from exc
+                raise PathError(f"path {rel!r} is a symlink; bridge reads and writes only real "
+                                "files of the project") from exc
             raise
         kind = os.fstat(handle.fileno()).st_mode
         if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):     # a folder: reading it says so
@@ -1716,7 +1678,6 @@ def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
     return text
 
 
-
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     """Return the permission bits of the file name in dir_fd, None when there is none.
     Raises PathError when it is a symlink or a folder."""
@@ -1725,11 +1686,13 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     except FileNotFoundError:
         return None
     if stat.S_ISLNK(info.st_mode):
-        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over symlinks")
+        raise PathError(f"path {rel!r} is a symlink; bridge does not write through or over "
+                        "symlinks")
     if stat.S_ISDIR(info.st_mode):
         raise PathError(f"path {rel!r} is a folder")
     if not stat.S_ISREG(info.st_mode):     # a FIFO would hang the read of its original
-        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge writes only files")
+        raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge "
+                        "writes only files")
     return info.st_mode & 0o7777
 
 
@@ -1819,7 +1782,8 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None, crash_at: str | None = None) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None,
+                 crash_at: str | None = None) -> None:
     """Write data to path through a temp file in the same folder and os.replace.
 
     mode: permission bits to give the file (default: what a new file gets under
@@ -3100,11 +3064,10 @@ class Store(PlanStates):
 ###############################################################################
 # 12. Output validation
 #
-# What the checks of the validation types (see the room 'Validation types') read an
-# answer with: reasoning taken out, fences, JSON, the values of a grounded answer, code
-# that must parse. The artifact a check returns is the text that counts as the step's
-# output (the code inside a fence when fenced): what later steps see, what file_output
-# writes.
+# What the checks of the room 'Validation types' read an answer with: reasoning taken
+# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
+# text that counts as the step's output (the code inside a fence when fenced): what
+# later steps see, what file_output writes.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -3149,11 +3112,10 @@ REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning), taking out every shape of
-    REASONING_SHAPES at the start of the text, as often as they repeat, so nothing
-    checked or written holds reasoning. Text with none comes back whole, reasoning
-    "". A tag inside an answer that opened with none is left alone ("Use the
-    <think> tag"); one that closed reasoning with no opening tag is not."""
+    """Split a model's content into (answer, reasoning): every shape of
+    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
+    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
+    that closed reasoning with no opening tag does not."""
     thought: list[str] = []
     matched = True
     while matched and text:
@@ -3170,13 +3132,10 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code).
-
-    An opening fence is ``` or ~~~ (three or more) at the start of a line (words
-    after its tag are ignored), or at the end of a line of prose (then only a tag
-    may follow it). The block ends at a line holding only the same fence; an
-    unclosed block runs to the end of the text.
-    """
+    """Return every fenced block of text as (language tag lowercased, code). A
+    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
+    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
+    at a line holding only the same fence, or at the end of the text."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
@@ -3201,12 +3160,9 @@ def find_fences(text: str) -> list[tuple[str, str]]:
 
 
 def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block, or the whole text stripped.
-
-    With a language ("python", "json", "toml"), a block tagged with one of its
-    aliases wins, then an untagged block, then the first block. Without one, the
-    first block. Text around the fence is dropped.
-    """
+    """Return the code of text: the best fenced block (with a language, a block
+    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
+    the whole text stripped when it has none."""
     blocks = find_fences(text)
     if not blocks:
         return text.strip()
@@ -3243,11 +3199,6 @@ def parse_json_output(text: str) -> Any:
     raise OutputInvalid(f"output is not valid JSON ({first_error})")
 
 
-def _json_artifact(text: str) -> tuple[Any, str]:
-    value = parse_json_output(text)
-    return value, json.dumps(value, ensure_ascii=False, indent=2)
-
-
 def schema_message(error: Any) -> str:
     """Return a jsonschema error's message on one line, with a long offending value
     described by its size instead of printed, so the reason always shows."""
@@ -3273,11 +3224,10 @@ _SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carr
 
 
 def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own: each whitespace-separated
-    word that, punctuation at its ends trimmed (_SPAN_TRIM), is an integer or a decimal
-    ("19.90," "-3"), as {its value: the JSON number, an int when written without a
-    point}; not the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001").
-    One regular expression over text: no copy of it, however large."""
+    """Return the numbers written in text as words of their own (punctuation at
+    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
+    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
+    "09:10", "A-1001"). One regular expression over text, no copy of it."""
     trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
     for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
@@ -3302,14 +3252,11 @@ def _occurs(value: str, source: str) -> bool:
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer that does not occur
-    in source, in document order.
-
-    A string occurs when it is in source, case and runs of whitespace folded, not inside
-    a longer word or number (_occurs); a number when it equals a number written in
-    source as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"); each item of a list and each value of an object (at any depth) is
-    checked. Key names, null, booleans and empty strings are exempt."""
+    """Return the (JSON path, value) of every value of a JSON answer, at any
+    depth, that does not occur in source, in document order: a string not in it (_occurs:
+    case and whitespace folded, not inside a longer word or number), a number not written
+    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
+    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -3346,39 +3293,46 @@ def check_grounded(value: Any, source: str) -> None:
                             "text (use null where the text has none)")
 
 
-def _check_syntax(text: str, language: str) -> str:
-    code = extract_code(text, language)
-    if not code.strip():
-        raise OutputInvalid(f"no {language} code in the output")
-    try:
-        if language == "python":
-            compile(code, "<output>", "exec", dont_inherit=True)
-        elif language == "json":
-            json.loads(code)
-        elif language == "toml":
-            import tomllib
-            tomllib.loads(code)
-    except SyntaxError as exc:
-        raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise OutputInvalid(f"{language} does not parse: {exc}") from exc
-    return code if code.endswith("\n") else code + "\n"
-
-
 ###############################################################################
 # 13. Constrained JSON and degenerate output
 ###############################################################################
 
+# Bounds added to the schema sent for constrained decoding (bounded_schema) where the
+# plan sets none; the check still uses the plan's own validation. A string value copied
+# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
+# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
+# handful of things.
+JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
+JSON_LIST_MAX_ITEMS = 16        # items of a list value
+# A grounded step's schema sent may restrict its string values to spans of the step's
+# input (span_candidates): runs of up to GROUNDED_SPAN_WORDS words, when there are at most
+# GROUNDED_MAX_SPANS of them; a longer input gets the usual schema and only the check.
+# 1000 spans are about 170 words of input; on llama-cpp-python 0.3.36 (SmolLM2-135M,
+# 2 cores) 975 spans cost 0.8 s more a request than the usual schema, 2,023 spans 1.7 s,
+# 4,060 4.7 s.
+GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
+GROUNDED_MAX_SPANS = 1000
+# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
+# above what a sound answer does, so it only cuts output that would run to max_tokens.
+# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
+# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
+# (a list of 40 equal literals is the rare case it stops).
+DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
+DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
+DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
+DEGENERATE_REPEATS = 4          # ...and at least this many times
+DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in words (a line of code)
+
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be: every run of 1 to
-    GROUNDED_SPAN_WORDS words (split at whitespace, within one piece of the input) with
-    punctuation trimmed from its ends, at most JSON_VALUE_MAX_LENGTH characters, none of
-    them holding a quote, a backslash or a control character (see bounded_string), each
-    once, in the order they end in the input (the shorter first). None when the input
-    has more than GROUNDED_MAX_SPANS words or spans: the grammar a server builds from an
-    enum grows with it (measured in the README, Answers grounded in the text). Words are
-    read one by one, so a large input costs only its first GROUNDED_MAX_SPANS words."""
+    """Return the spans a grounded answer's string values may be, each once, in
+    the order they end in the input (the shorter first): every run of 1 to
+    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
+    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
+    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
+    builds from an enum grows with it (README, Answers grounded in the text); only that
+    many words are read."""
     seen: dict[str, None] = {}
     read = 0
     for piece in pieces:
@@ -3399,12 +3353,11 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input, as JSON numbers) for a
-    grounded validation whose input has at most GROUNDED_MAX_SPANS spans; else None (the
-    usual schema is sent; output_schema asks only for a type that sends one). A span that is one of
-    the answer's key names (keys, or a schema's property names; case folded) is left
-    out: the task names them, and SmolLM2 answered "unit": "quantity" from a prompt
-    listing the keys "quantity" and "unit". The check still takes such a value."""
+    """Return (span_candidates, the numbers written in the input as JSON
+    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
+    else None (the usual schema is sent). The answer's key names (keys, or a schema's
+    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    "unit": "quantity" from a prompt listing both keys. The check still takes them."""
     if not validation.get("grounded"):
         return None
     pieces = [source] if isinstance(source, str) else source
@@ -3434,13 +3387,12 @@ def _property_names(schema: Any) -> set[str]:
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
     """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through
-    "$defs" "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's
-    converters turn a $ref to "#/$defs/…" into one grammar rule, llama_cpp/llama_grammar.py
-    resolve_refs). Strings or numbers the plan bounds itself (enum, const, format, a
-    pattern of its own) are kept. An alternative of anyOf or oneOf that is a number,
-    where the input writes none, is left out (SmolLM2 answered "version": 4.23 for
-    "4.23.0" while numbers were open); a number the plan requires stays open."""
+    bounded_string) made one of spans, and every number one of numbers, through "$defs"
+    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
+    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
+    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
+    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
+    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
     def open_number(node: Any) -> bool:
         return isinstance(node, dict) and set(node) == {"type"} and \
             node["type"] in ("number", "integer")
@@ -3480,12 +3432,12 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string value: min_length to max_length characters, none
-    of them a quote, a backslash or a control character. The pattern says so because
-    llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py), which is not JSON; its converter, like
-    llama.cpp's, takes the pattern before maxLength. Empty strings are left out: a
-    small model fills "" where the sentence has the value (null stays allowed)."""
+    """Return the schema of a bounded string: min_length to max_length
+    characters, none a quote, a backslash or a control character. The pattern says so
+    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
+    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
+    before maxLength. No empty string: a small model fills "" where the sentence has the
+    value (null stays allowed)."""
     return {"type": "string", "minLength": min_length, "maxLength": max_length,
             "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
 
@@ -3506,12 +3458,11 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 def bounded_schema(schema: Any) -> Any:
-    """Return a copy of a plan's JSON Schema with bounds added where it sets none:
-    a bounded_string for strings (unless the plan sets a length, a pattern, a format
-    or values, or asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems
-    JSON_LIST_MAX_ITEMS on arrays, additionalProperties false on objects listing their
-    properties, and an open value ({} or an array without items) made a bounded_value.
-    Whatever the plan sets is kept as it is."""
+    """Return a copy of a plan's JSON Schema with bounds where it sets none: a
+    bounded_string for a string (unless it sets a length, pattern, format or values, or
+    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
+    arrays, additionalProperties false on objects listing properties, and a bounded_value
+    for an open value ({} or an array without items). What the plan sets is kept."""
     if not isinstance(schema, dict):
         return schema
     if _is_open(schema):
@@ -3577,17 +3528,13 @@ def schema_depth(schema: Any) -> int | None:
 
 
 def grammar_damage(output: str, schema: dict | None) -> str | None:
-    """Tell how a constrained answer that failed its check looks damaged by the
-    grammar, or None when it does not. Asked only of an answer its check refused (not
-    when a command or a write failed).
-
-    Damage: U+FFFD replacement characters, text that is not JSON (a cut array, an
-    unclosed string), or an object key with a "?" in it where the schema (the one sent)
-    names no such key. These are what a garbling grammar makes (gpt-oss under LM
-    Studio: "?" substitutions and cut arrays while unconstrained output is valid, LM
-    Studio bug tracker #1555). JSON that merely breaks the schema is not counted: a
-    server that does not enforce it (llama.cpp #10732) gains nothing from its removal,
-    and the model's own mistakes are for the retry to fix."""
+    """Tell how a constrained answer its check refused looks damaged by the
+    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
+    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
+    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
+    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
+    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
+    #10732) would gain nothing from its removal."""
     if "\ufffd" in output:
         return "it holds U+FFFD replacement characters"
     try:
@@ -3601,20 +3548,17 @@ def grammar_damage(output: str, schema: dict | None) -> str | None:
 
 
 class DegenerationGuard:
-    """Watch an output while it streams and raise OutputDegenerate as soon as it
+    """Watch an output while it streams; raise OutputDegenerate as soon as it
     degenerates, so its request is cancelled (the caller closes the stream; llama.cpp's
-    server, llama-cpp-python's and LM Studio stop generating when the client
-    disconnects: ggml-org/llama.cpp tools/server/server.cpp hands the request's
-    is_connection_closed to the completion; llama_cpp/server/app.py checks
-    request.is_disconnected() after each chunk; LM Studio logs "Client disconnected.
-    Stopping generation...", lmstudio-ai/.github#10).
+    server, llama-cpp-python's and LM Studio then stop generating: ggml-org/llama.cpp
+    tools/server/server.cpp hands the request's is_connection_closed to the completion;
+    llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
+    logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
 
-    Degenerate means: a run of whitespace with more than DEGENERATE_NEWLINES newlines
-    or DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words
-    repeated in a row DEGENERATE_REPEATS times or more over DEGENERATE_REPEAT_WORDS
-    words or more (the same line or phrase over and over); JSON nested deeper than
-    max_depth (the depth its check allows, see checked_depth; None: not checked).
-    text is what was fed.
+    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
+    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
+    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
+    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
     """
 
     def __init__(self, max_depth: int | None = None):
@@ -3697,13 +3641,12 @@ class DegenerationGuard:
 ###############################################################################
 # 14. Validation types
 #
-# One class per validation type of bridge-plan-schema.json ($defs.validation), filed in
-# VALIDATION_TYPES by register_validation, as pycodestyle files a check under its kind
-# with register_check: its check, its sentence for the prompt, the schema sent for
-# constrained decoding, its answer budget, its plan problems and its depth rule. The
-# plan checks, the trust gate and approval facts, the prompt, the budget and the Runner
-# read the registry through the functions below the classes. A new type is one class
-# here plus its name in the schema's enum (a test keeps the two equal).
+# One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
+# register_validation (as pycodestyle's register_check files a check): its check, its
+# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
+# depth rule. Everything else reads the registry through the functions after the
+# classes. A new type is one class here plus its name in the schema's enum (a test
+# keeps the two equal).
 ###############################################################################
 
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
@@ -3719,12 +3662,10 @@ def register_validation(cls: type) -> type:
 class ValidationType:
     """One validation type; a subclass overrides what differs.
 
-    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step
-    sets none (then at most a quarter of a known context: answer_tokens); code and prose
-    keep the general ANSWER_RESERVE_TOKENS. runs_command: the type checks the project by
-    running a program once file_output is written (the Runner runs it, only where the
-    user trusts the project), not the answer. grounded: the type takes "grounded"
-    (check_grounded; the schema's if/then names the same types).
+    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
+    none (answer_tokens caps it). runs_command: it runs a program in the project once
+    file_output is written (the Runner, only in trusted projects), instead of checking the
+    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
     """
 
     __slots__ = ()
@@ -3734,9 +3675,7 @@ class ValidationType:
     grounded = False
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        """Return the artifact of an answer (reasoning already taken out); raise
-        OutputInvalid with a message the model can act on. source: the step's input
-        (the pieces build_messages gives as sources, joined)."""
+        """Return the artifact of an answer; raise OutputInvalid (see check_output)."""
         raise NotImplementedError
 
     def describe(self, validation: dict) -> str:
@@ -3748,8 +3687,7 @@ class ValidationType:
         return None
 
     def problems(self, validation: dict, where: str) -> list[str]:
-        """The problems a schema cannot state, each "<where>...: why". validation is
-        untrusted: it runs on a plan the schema found fault with too."""
+        """The problems a schema cannot state, each "<where>...: why" (validation_problems)."""
         return []
 
     def depth(self, validation: dict) -> int | None:
@@ -3776,22 +3714,21 @@ class NonEmpty(ValidationType):
 
 
 class JsonAnswer(ValidationType):
-    """An answer that is JSON: parsed once (parse_json_output), checked by check_value,
-    and when "grounded" its values against the step's input (check_grounded); the
-    artifact is the JSON re-serialised. A JSON answer is an object of a few values: a
-    six-key extraction is 40-90 tokens on SmolLM2, so 256 tokens stop a runaway within
-    seconds on a small CPU."""
+    """An answer that is JSON, parsed once, checked by check_value and, when
+    "grounded", against the step's input; its artifact is the JSON re-serialised. A
+    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
+    small CPU."""
 
     __slots__ = ()
     max_tokens = 256
     grounded = True
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        value, artifact = _json_artifact(text)
+        value = parse_json_output(text)
         self.check_value(value, validation)
         if validation.get("grounded"):
             check_grounded(value, source)
-        return artifact
+        return json.dumps(value, ensure_ascii=False, indent=2)
 
     def check_value(self, value: Any, validation: dict) -> None:
         """Raise OutputInvalid when the parsed answer does not pass."""
@@ -3907,7 +3844,23 @@ class SyntaxCheck(ValidationType):
     name = "syntax_check"
 
     def check(self, text: str, validation: dict, source: str) -> str:
-        return _check_syntax(text, validation.get("language", "python"))
+        language = validation.get("language", "python")
+        code = extract_code(text, language)
+        if not code.strip():
+            raise OutputInvalid(f"no {language} code in the output")
+        try:
+            if language == "python":
+                compile(code, "<output>", "exec", dont_inherit=True)
+            elif language == "json":
+                json.loads(code)
+            elif language == "toml":
+                import tomllib
+                tomllib.loads(code)
+        except SyntaxError as exc:
+            raise OutputInvalid(f"python syntax error at line {exc.lineno}: {exc.msg}") from exc
+        except ValueError as exc:   # json.JSONDecodeError and tomllib.TOMLDecodeError
+            raise OutputInvalid(f"{language} does not parse: {exc}") from exc
+        return code if code.endswith("\n") else code + "\n"
 
     def describe(self, validation: dict) -> str:
         language = validation.get("language", "python")
@@ -4001,35 +3954,25 @@ def answer_checks(validation: dict | list) -> list[dict]:
 
 
 def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output against a step's validation; return the artifact.
-
-    text: the output, reasoning taken out (split_reasoning). validation: an object of
-    bridge-plan-schema.json or a list of them, checked in order (answer_checks) up to the
-    first that fails; the artifact is that of the first. source: the step's input, which
-    the values of a "grounded" JSON validation must come from (check_grounded).
-    Raises OutputInvalid with a message the model can act on.
-    """
-    artifacts = [_check_one(text, check, source) for check in answer_checks(validation)]
-    return artifacts[0]
-
-
-def _check_one(text: str, validation: dict, source: str) -> str:
+    """Check a model output (reasoning taken out: split_reasoning) against a
+    step's validation, an object or a list, in order up to the first that fails
+    (answer_checks); return the first's artifact. source: the step's input, which a
+    "grounded" answer's values must come from. Raises OutputInvalid with a message the
+    model can act on."""
     try:
-        return validation_type(validation).check(text, validation, source)
+        artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
         # json, tomllib, compile() and jsonschema recurse per nesting level
         raise OutputInvalid(f"output nests too deeply to check ({type(exc).__name__})") from None
+    return artifacts[0]
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding of a step's output: that of
-    its first validation whose type sends one (ValidationType.output_schema), else None.
-    Only what is sent is bounded: check_output still applies the plan's own validation.
-
-    source: the step's input (the pieces build_messages gives as sources). A "grounded"
-    step whose input has few enough spans (grounded_spans) gets span_schema instead: its
-    string values can only be copied from the input.
-    """
+    """Return the JSON Schema sent for constrained decoding: that of the first
+    validation whose type sends one, else None; check_output still applies the plan's
+    own. source: the step's input (build_messages' sources); a "grounded" step whose input
+    has few enough spans (grounded_spans) gets span_schema, its string values only spans
+    of the input."""
     if isinstance(validation, list):
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
@@ -4042,10 +3985,9 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
 
 
 def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep the output of a step can nest and still pass its check: the depth
-    rule of its first validation that sends a schema (a json_schema's own schema), else
-    None (not bounded: a contains_keys value may be anything, though the schema sent
-    bounds it)."""
+    """Return how deep a step's output can nest and pass: the depth rule of its
+    first validation that sends a schema (a json_schema's own schema), else None (a
+    contains_keys value may be anything, though the schema sent bounds it)."""
     first = next((v for v in validations_of(validation)
                   if validation_type(v).output_schema(v) is not None), None)
     return validation_type(first).depth(first) if first else None
@@ -4218,6 +4160,9 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
+    """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
+    every files_context path (and LOAD's secrets, and that the file reads as text or a
+    step writes it), every file_output."""
     from pathlib import Path
 
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
@@ -4232,8 +4177,8 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if files or outputs:
             return ["$.context.project: required when the plan names files "
                     "(files_context or file_output)"]
-        return [f"{where}: a command runs in the project; set context.project to the folder it checks"
-                for where in _command_paths(plan)]
+        return [f"{where}: a command runs in the project; set context.project to the folder "
+                "it checks" for where in _command_paths(plan)]
     project = Path(context["project"])
     if not os.path.isdir(project):      # False, not OSError, for a name too long to look up
         return [f"$.context.project: folder {project} does not exist"]
@@ -4349,21 +4294,150 @@ def _build_plan(plan: dict) -> Plan:
                 verify=plan.get("verify"))
 
 
-EXECUTORS = ("openai", "anthropic", "claude-cli")
+###############################################################################
+# 16. Executors: the registry, the chat contract, model references
+#
+# An executor is one class (its facts: Executor) and its registry line
+# (@register_executor); every executor answers one call, chat(messages, ChatRequest)
+# -> Completion, dropping what it cannot send. The trust gate, the approval facts,
+# --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
+# (bottle's server_names and ServerAdapter are the model). The classes are in the
+# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+###############################################################################
+
+
+class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
+                            "reasoning reasoning_pieces response_format",
+                            defaults=(0.0, "", 0, None))):
+    """One model reply: text (reasoning fields excluded), usage as the server sent
+    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
+    model that answered (or None), finish_reason (or None), duration_s (seconds),
+    cost_usd, what the request cost in US dollars (0 on a local server; None when
+    the executor could not believe the counts it was sent: priced_reply estimates it),
+    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
+    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
+    one token each) and response_format (the type of the constraint sent, e.g.
+    "json_schema", or None when the request went unconstrained)."""
+
+    __slots__ = ()
+
+
+class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
+                             "thinking on_delta on_reasoning",
+                             defaults=(None, None, None, None, None, None, None))):
+    """What one chat asks of an executor (the one contract: executor.chat(messages,
+    request) -> Completion). model: the model id, without its executor prefix;
+    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
+    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
+    step's: narrows --timeout per read and the request's deadline; None: the defaults);
+    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
+    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
+    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
+    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+
+    __slots__ = ()
+
+
+class Executor:
+    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
+    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
+    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
+    the spend cap and the runner read these facts, never a class name:
+
+    NAME: what --allow-executor and the approval facts call it. PREFIX: model
+    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
+    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
+    in the plan's project when trusted, else a scratch folder; one instance a folder).
+    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
+    is the run's model server (Runner.client): probed for its context and slots, sent
+    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
+    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
+    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
+    executor runs only when the user allowed it (needs_allowing)."""
+
+    NAME = PREFIX = ""
+    PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
+    DEFAULT_MAX_TOKENS: "int | None" = None
+
+    @classmethod
+    def needs_allowing(cls) -> bool:
+        """Whether steps run on it only with --allow-executor NAME."""
+        return cls.PAID or cls.AGENTIC or cls.CLOUD
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        """Whether a model reference split into (prefix, name) (parse_model_ref) is
+        this executor's."""
+        return prefix == cls.PREFIX
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        """(message, hint) of an LLMError for a step on it the user has not allowed."""
+        return (f"the {cls.NAME} executor is not allowed (model {ref})",
+                f"let it run with --allow-executor {cls.NAME}")
+
+    @classmethod
+    def for_run(cls, config: Config, cwd: "Path | None",
+                on_retry: "Callable[[str], None]") -> "Executor":
+        """Open one for a run: cwd is the plan's project when trusted, else None (an
+        AGENTIC executor's scratch folder); on_retry(message) is told of each retry.
+        Raises LLMError when it cannot be used (no key, no binary)."""
+        return cls(config, on_retry=on_retry)
+
+    def chat(self, messages: list[dict], request: "ChatRequest") -> "Completion":
+        """Send one chat: messages [{"role", "content"}]; see ChatRequest, Completion."""
+        raise NotImplementedError
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what it holds (connections); nothing by default."""
+
+
+def register_executor(cls: "type[Executor]") -> "type[Executor]":
+    """Put an Executor class in EXECUTORS under its NAME (a class decorator: adding an
+    executor is its class and this line). Raises ValueError for a NAME or PREFIX taken."""
+    taken = {c.PREFIX for c in EXECUTORS.values() if c.PREFIX}
+    if not cls.NAME or cls.NAME in EXECUTORS or (cls.PREFIX and cls.PREFIX in taken):
+        raise ValueError(f"executor {cls.NAME!r} (prefix {cls.PREFIX!r}) is already registered")
+    EXECUTORS[cls.NAME] = cls
+    return cls
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (executor, model): "anthropic:claude-haiku-4-5"
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
     → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor stays part of the name (LM Studio keys hold colons)."""
+    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
     kind, sep, name = ref.partition(":")
-    if sep and kind in EXECUTORS and name:
+    if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
-    return "openai", ref
+    return DEFAULT_EXECUTOR, ref
+
+
+def is_cloud_model(name: str) -> bool:
+    """Whether an Ollama model name is one of its cloud models, run on ollama.com
+    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
+    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
+
+
+def _executor_of(ref: str) -> str:
+    """The NAME of the executor a model reference runs on: the first in EXECUTORS that
+    claims it (an Ollama cloud model's is "ollama-cloud"), else its prefix's."""
+    prefix, name = parse_model_ref(ref)
+    return next((n for n, cls in EXECUTORS.items() if cls.claims(prefix, name)), prefix)
+
+
+def executor_class(ref: str) -> "type[Executor]":
+    """The Executor class a model reference runs on (_executor_of)."""
+    return EXECUTORS[_executor_of(ref)]
 
 
 ###############################################################################
-# 16. Trust: projects, approvals, executors
+# 17. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4420,6 +4494,32 @@ def project_name(folder: Path) -> str:
         name = folder.name
     name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", name).split())
     return name[:PROJECT_NAME_MAX_CHARS] or folder.name
+
+
+def untrustable_reason(config: Config, folder: Path) -> str | None:
+    """Return why a folder (a real path) can never be a trusted project nor a plan's, or
+    None: the filesystem root, a VCS folder, the home folder or one holding it, one
+    holding or inside the store, the state dir or the config dir (a plan working there
+    could replace the store, its own journals or the trust file)."""
+    if folder == folder.parent:
+        return "it is the filesystem root"
+    if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
+        return f"it is, or lies inside, the version-control folder {vcs} (its hooks run commands)"
+    if config.home is not None and folder == real_path(config.home):
+        return "it is your home folder itself (trust a project folder inside it)"
+    if config.home is not None and real_path(config.home).is_relative_to(folder):
+        return f"it holds your home folder {real_path(config.home)}"
+    held = [("the memory store", p) for p in config.db_paths] + [
+        ("bridge's state folder", config.state_dir),
+        ("bridge's trust and approvals folder", config.config_dir)]
+    for what, path in held:
+        real = real_path(path)
+        if real == folder or real.is_relative_to(folder):
+            return f"it holds {what} {real}"
+        if folder.is_relative_to(real):
+            return f"it is inside {what} {real}"
+    return None
+
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -4520,19 +4620,6 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
     return entry.get("project") == pinned
 
 
-def is_cloud_model(name: str) -> bool:
-    """Whether an Ollama model name is one of its cloud models, run on ollama.com
-    (gpt-oss:120b-cloud, NAME:cloud; Ollama docs/cloud.mdx)."""
-    return name.endswith("-cloud") or name.endswith(":cloud") or ":cloud-" in name
-
-
-def _executor_of(ref: str) -> str:
-    """The executor a model reference runs on (parse_model_ref), with an Ollama cloud
-    model's own: "ollama-cloud", allowed as a paid executor is (--allow-executor)."""
-    kind, name = parse_model_ref(ref)
-    return "ollama-cloud" if kind == "openai" and is_cloud_model(name) else kind
-
-
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     """Return what the user needs to decide on a valid plan, and whether it may run.
 
@@ -4550,7 +4637,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
-    step_kinds = sorted({_executor_of(m) for m in step_models} - {"openai"})
+    step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
+                        if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
     escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
     trusted = plan_trusted(config, plan, plan_hash)
@@ -4559,7 +4647,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
-    elif not trusted and (plan.project is not None or step_kinds or (escalation_used and escalation != "openai")):
+    elif not trusted and (plan.project is not None or step_kinds or (
+            escalation_used and EXECUTORS[escalation].needs_allowing())):
         reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
@@ -4574,7 +4663,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
         unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
                   f"(pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
-                       | ({"openai"} if any(not s.model for s in plan.steps.values()) else set()))
+                       | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
+                          else set()))
     return {"plan_id": plan.id, "content_hash": plan_hash,
             "project": str(plan.project) if plan.project is not None else None,
             "files": sorted({s.file_output for s in plan.steps.values() if s.file_output}),
@@ -4639,44 +4729,12 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 17. Model servers: errors, streams, retries
+# 18. Model servers: errors, streams, retries
 #
 # Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
 # Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
 # inside functions, and every httpx exception is translated to an LLMError.
 ###############################################################################
-
-
-class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
-                            "reasoning reasoning_pieces response_format",
-                            defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
-
-    __slots__ = ()
-
-
-class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s json_schema "
-                             "thinking on_delta on_reasoning",
-                             defaults=(None, None, None, None, None, None, None))):
-    """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
-
-    __slots__ = ()
 
 
 def reasoning_delta(delta: Any) -> str:
@@ -5101,7 +5159,7 @@ def missing_v1_hint(base_url: str, status: int) -> str:
     return f"; OpenAI-compatible servers answer under /v1: try --base-url {base_url.rstrip('/')}/v1"
 
 
-class HTTPExecutor:
+class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
     exceptions translated to LLMError, and the retry loop.
 
@@ -5132,12 +5190,6 @@ class HTTPExecutor:
         https = self.base_url.lower().startswith("https://")
         self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
                                  headers=headers)
-
-    def __enter__(self) -> "HTTPExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
 
     def close(self) -> None:
         """Close the connections."""
@@ -5286,19 +5338,27 @@ class HTTPExecutor:
 
 
 ###############################################################################
-# 18. LLM client: OpenAI-compatible servers
+# 19. LLM client: OpenAI-compatible servers
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
 ###############################################################################
 
 
+@register_executor
 class LLMClient(HTTPExecutor):
     """The chat-completions executor for one OpenAI-compatible server (LM Studio,
     Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
     http://localhost:1234/v1 by default). Streams SSE chunks with
     stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe)."""
+    and probes what the server runs (probe). The run's model server: one instance,
+    opened by the CLI before the run (Runner.client)."""
 
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
     CHAT_PATH = "/chat/completions"
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
 
     def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
@@ -5419,7 +5479,7 @@ class LLMClient(HTTPExecutor):
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
         else:
             wanted = None
@@ -5502,7 +5562,7 @@ class LLMClient(HTTPExecutor):
 
         chosen = why = problem = None
         wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == "openai":
+        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
             wanted = parse_model_ref(wanted)[1]
             name = next((n for n in (wanted, f"{wanted}:latest")
                          if n in pulled or n in running), None)
@@ -5884,8 +5944,29 @@ def _usage(value: Any) -> dict | None:
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
 
 
+@register_executor
+class OllamaCloud(LLMClient):
+    """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
+    run's model server like a local one, but run on ollama.com, where the project's
+    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
+    the paid executors at the spend cap. Facts only: its requests go through the
+    run's LLMClient (PROBED)."""
+
+    NAME, PREFIX = "ollama-cloud", ""
+    PAID = CLOUD = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == LLMClient.PREFIX and is_cloud_model(name)
+
+    @classmethod
+    def refusal(cls, ref: str, name: str) -> tuple[str, str]:
+        return (f"model {name} runs on ollama.com, where the project's files would go",
+                f"let it run with --allow-executor {cls.NAME}")
+
+
 ###############################################################################
-# 19. Other executors: the Anthropic API and the claude CLI
+# 20. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -5907,6 +5988,7 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
 
+@register_executor
 class AnthropicClient(HTTPExecutor):
     """The executor for the Anthropic Messages API, or any server speaking it (LM
     Studio and Ollama serve /v1/messages too; a gateway).
@@ -5921,6 +6003,8 @@ class AnthropicClient(HTTPExecutor):
     Raises LLMError (exit 2 at start-up) when no API key is set.
     """
 
+    NAME = PREFIX = "anthropic"
+    PAID = CLOUD = True
     CHAT_PATH = "/v1/messages"
     DEFAULT_MAX_TOKENS = 4096        # the API requires max_tokens
 
@@ -5990,7 +6074,8 @@ class AnthropicClient(HTTPExecutor):
         return tally.completion(usage, model, stop, cost)
 
 
-class ClaudeCLI:
+@register_executor
+class ClaudeCLI(Executor):
     """The executor that hands a step to Claude Code itself: `claude -p`.
 
     Runs `claude -p --output-format stream-json --verbose --model M
@@ -6012,7 +6097,10 @@ class ClaudeCLI:
     # hooks), and the default permission mode whatever a settings file asks for.
     # Source: https://code.claude.com/docs/en/cli-reference (--tools, --strict-mcp-config,
     # --setting-sources, --permission-mode), read 2026-12-04.
-    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user", "--permission-mode", "default")
+    LOCKDOWN = ("--tools", "", "--strict-mcp-config", "--setting-sources", "user",
+                "--permission-mode", "default")
+    NAME = PREFIX = "claude-cli"
+    PAID = AGENTIC = CLOUD = True
 
     def __init__(self, config: Config, cwd: Path | None = None):
         import shutil
@@ -6024,14 +6112,10 @@ class ClaudeCLI:
             raise LLMUnavailable("the claude CLI was not found on PATH, for a claude-cli: model",
                                  "install Claude Code (npm install -g @anthropic-ai/claude-code)")
 
-    def __enter__(self) -> "ClaudeCLI":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def close(self) -> None:
-        """Nothing to close: each request is its own process."""
+    @classmethod
+    def for_run(cls, config: Config, cwd: Path | None,
+                on_retry: Callable[[str], None]) -> "ClaudeCLI":
+        return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Run one `claude -p` request; see the class. Of request, model, timeout_s and
@@ -6175,7 +6259,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 20. Check commands
+# 21. Check commands
 ###############################################################################
 
 
@@ -6412,7 +6496,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 21. File transactions: journal, rollback, recovery
+# 22. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6431,7 +6515,8 @@ class FileTransaction:
     left behind; refused lists the journal entries of that run it would not use.
     """
 
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None, guard: Guard | None = None):
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
+                 guard: Guard | None = None):
         import threading
 
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
@@ -6477,7 +6562,8 @@ class FileTransaction:
             try:
                 fd, depth = _walk(self._root(), parts[:-1], rel)
                 try:
-                    change = self.changes.get(rel) or self._journal_original(rel, parts, fd, depth, step)
+                    change = self.changes.get(rel) \
+                        or self._journal_original(rel, parts, fd, depth, step)
                     if change.action == "reverted":      # put back by revert_path, written again
                         change.action = "created" if change.backup is None else "modified"
                     crash_point(self.crash_at, "journal")
@@ -6490,7 +6576,8 @@ class FileTransaction:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                raise PathError(f"cannot write {rel!r} in {self.project}: {exc.strerror or exc}") from exc
+                raise PathError(f"cannot write {rel!r} in {self.project}: "
+                                f"{exc.strerror or exc}") from exc
         return change
 
     def close(self) -> None:
@@ -6498,7 +6585,8 @@ class FileTransaction:
         with self.lock:
             self.closed = True
 
-    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int, step: int) -> FileChange:
+    def _journal_original(self, rel: str, parts: list[str], fd: int, depth: int,
+                          step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
         import hashlib
@@ -6553,7 +6641,8 @@ class FileTransaction:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
         except (PathError, OSError) as exc:
-            self.refused.append(f"journal of {old_run_dir.name}: {getattr(exc, 'strerror', None) or exc}")
+            why = getattr(exc, "strerror", None) or exc
+            self.refused.append(f"journal of {old_run_dir.name}: {why}")
             return []
         self.old_runs.append(old_run_dir)
         if any(entry.get("reverted") is True for entry in entries):
@@ -6600,8 +6689,9 @@ class FileTransaction:
         try:
             original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
-            self.refused.append(f"journal entry of {run_dir.name} refused: backup {change.backup} of "
-                                f"{change.path!r} cannot be read ({exc.strerror or exc})")
+            self.refused.append(f"journal entry of {run_dir.name} refused: backup "
+                                f"{change.backup} of {change.path!r} cannot be read "
+                                f"({exc.strerror or exc})")
             return False
         with original:
             kept = change.backup.name[5:205]          # type: ignore[union-attr]
@@ -6617,40 +6707,22 @@ class FileTransaction:
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
         entry is refused (the reason goes to self.refused) or is a marker."""
-        from pathlib import Path
-
         if "path" not in entry:
             return None             # {"reverted": true} and other markers
         try:
-            rel, action, backup, mode = entry["path"], entry.get("action"), entry.get("backup") or "", entry.get("mode")
-            if not isinstance(rel, str):
-                raise PathError(f"path {rel!r} is not a string")
-            self.check(rel)
+            rel, backup, dirs = journalled_paths(self.project, entry, run_dir / "backups",
+                                                 self.guard)
+            action, mode = entry.get("action"), entry.get("mode")
             if action not in ("created", "modified") or (action == "modified") != bool(backup):
-                raise PathError(f"path {rel!r}: action {action!r} with backup {backup!r} is not one bridge writes")
-            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777):
+                raise PathError(f"path {rel!r}: action {action!r} with backup "
+                                f"{entry.get('backup')!r} is not one bridge writes")
+            if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)
+                                     or not 0 <= mode <= 0o7777):
                 raise PathError(f"path {rel!r}: mode {mode!r} is not permission bits")
-            if backup and (not isinstance(backup, str)
-                           or real_path(backup).parent != real_path(run_dir / "backups")):
-                raise PathError(f"path {rel!r}: backup {backup!r} is not in {run_dir / 'backups'}")
-            dirs = [self._inside_dir(p, rel) for p in entry.get("created_dirs") or []]
         except PathError as exc:
             self.refused.append(f"journal entry of {run_dir.name} refused: {exc}")
             return None
-        return FileChange(rel, action, Path(backup) if backup else None, mode, dirs)
-
-    def _inside_dir(self, folder: Any, rel: str) -> Path:
-        """Return a journalled folder as a Path inside the project, or raise PathError."""
-        from pathlib import Path
-
-        inside = None
-        if isinstance(folder, str) and Path(folder).is_absolute():
-            with _suppress(ValueError):
-                inside = Path(folder).relative_to(self.project)
-        if inside is None or not inside.parts:
-            raise PathError(f"path {rel!r}: folder {folder!r} is not inside the project {self.project}")
-        plan_path_parts(inside.as_posix())
-        return self.project / inside
+        return FileChange(rel, action, backup, mode, dirs)
 
     def _remove_temps(self, rel: str) -> None:
         """Remove the temp files an interrupted write of rel left beside it."""
@@ -6720,7 +6792,8 @@ class FileTransaction:
 
     def _remove_dir(self, folder: Path) -> None:
         """Remove a folder the run made, if it is still empty (never through a symlink)."""
-        with _suppress(OSError, PathError, ValueError):   # not empty: something else lives there now
+        # not empty (something else lives there now): left as it is
+        with _suppress(OSError, PathError, ValueError):
             parts = plan_path_parts(folder.relative_to(self.project).as_posix())
             fd, depth = _walk(self._root(), parts[:-1], folder.name)
             try:
@@ -6747,7 +6820,165 @@ class FileTransaction:
 
 
 ###############################################################################
-# 22. Kept runs: backups, diff, undo, review
+# 23. Review staging and bounded diffs
+#
+# A --review run writes nothing into the project: StagedFiles keeps each file under the
+# run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
+# diff (difflib), read only when both sides are at most DIFF_MAX_BYTES.
+###############################################################################
+
+
+def sha256_hex(data: bytes) -> str:
+    """Return the sha256 of bytes, in hex."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_regular(path: Path) -> bytes | None:
+    """Return a regular file's bytes, or None when it is missing or not a regular
+    file (a symlink is not followed)."""
+    try:
+        with open_regular(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
+                 now_sha: str | None) -> str:
+    """Return file_diff of one file from the file at before to the file at now (None, or
+    a path that is missing: no such file), reading them only when both are at most
+    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
+    now_sha, computed in pieces, still tell whether they differ)."""
+    if before_sha == now_sha:
+        return ""
+    sizes = [_regular_size(path) for path in (before, now)]
+    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
+        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
+        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} "
+                "bytes; the sha256 values say whether it changed)\n")
+    return file_diff(rel, read_regular(before) if before is not None else None,
+                     read_regular(now) if now is not None else None)
+
+
+def _regular_size(path: Path | None) -> int | None:
+    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
+    try:
+        info = os.lstat(path) if path is not None else None
+    except OSError:
+        return None
+    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
+
+
+def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
+    """Return the unified diff (difflib) of one file from before (None: did not
+    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
+    not UTF-8, one "Binary files … differ" line."""
+    import difflib
+
+    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
+        ("b/" + rel) if now is not None else "/dev/null"
+    if before == now:
+        return ""
+    try:
+        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return f"Binary files {old_name} and {new_name} differ\n"
+    lines = []
+    for line in difflib.unified_diff(old_text.splitlines(keepends=True),
+                                     new_text.splitlines(keepends=True), old_name, new_name):
+        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(lines)
+
+
+class StagedFiles:
+    """The files of a --review run: written under the run's folder (staged/PATH, 0600),
+    never into the project; --apply writes them there later.
+
+    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
+    changes, so the runner uses either. staged.jsonl records each write: {"step",
+    "path", "action" (created | modified, as the project was), "base_sha256" (the
+    project file's before its first staging, None when absent), "sha256"};
+    reads.json the sha256 of every LOAD file as the run found it in the project.
+    """
+
+    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
+        import threading
+
+        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
+        self.changes: dict[str, FileChange] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def note_reads(self, files_context: dict[str, str]) -> None:
+        """Record the sha256 of every LOAD file as it is in the project now (None: absent)."""
+        reads = {}
+        for rel, mode in files_context.items():
+            if mode == "LOAD":
+                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
+        write_json_file(self.run_dir / "reads.json", reads)
+
+    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
+        """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
+        when rel leads outside the project, or the run is ending."""
+        target = resolve_inside(self.project, rel)
+        data = text.encode("utf-8")
+        with self.lock:
+            if self.closed:
+                raise PathError(f"not staging {rel!r}: the run is ending")
+            try:
+                staged = self.run_dir / "staged" / rel
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(staged, data, 0o600)
+            except OSError as exc:
+                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
+                                f"{exc.strerror or exc}") from exc
+            change = self.changes.get(rel)
+            base = None
+            if change is None:
+                base = file_sha256(target)
+                action = "created" if base is None else "modified"
+                change = self.changes[rel] = FileChange(rel, action)
+            append_jsonl(self.run_dir / STAGED_FILE, {
+                "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
+                "base_sha256": base})
+        return change
+
+    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
+        """Put back in the project every file a killed run wrote (FileTransaction.recover
+        with no step kept: a --review run never keeps a dead run's files); return them."""
+        files = FileTransaction(self.project, self.run_dir, self.crash_at)
+        return files.recover(old_run_dir, set())
+
+    def path_of(self, rel: str) -> Path | None:
+        """Return the staged copy of rel, or None when no step staged it."""
+        return self.run_dir / "staged" / rel if rel in self.changes else None
+
+    def close(self) -> None:
+        """Refuse every later write."""
+        with self.lock:
+            self.closed = True
+
+    def rollback(self) -> None:
+        """Drop the staged files (the project was never touched)."""
+        self.close()
+        self.discard()
+
+    def discard(self) -> None:
+        """Delete the staged files."""
+        import shutil
+
+        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
+
+    def summary(self) -> list[dict]:
+        """Return [{"path", "action", "staged": True}] in staging order (action as the
+        project would see it: created or modified)."""
+        return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
+
+
+###############################################################################
+# 24. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -6759,18 +6990,12 @@ class FileTransaction:
 ###############################################################################
 
 
-def sha256_hex(data: bytes) -> str:
-    """Return the sha256 of bytes, in hex."""
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_run_info(run_dir: Path, plan_id: str, run_id: str, project: Path | None, started: str,
+def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
-    """Write run.json, {"plan_id", "run_id", "project" (absolute, or None), "started_at",
-    "content_hash" (the plan memory's)}, which --diff, --undo and a take-over read back."""
-    info = {"plan_id": plan_id, "run_id": run_id, "started_at": started,
+    """Write run.json, {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
+    None), "started_at", "content_hash" (the plan memory's)}, which --diff, --undo and a
+    take-over read back."""
+    info = {"plan_id": plan_id, "run_id": run_dir.name, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
     write_json_file(run_dir / RUN_INFO_FILE, info)
@@ -6815,10 +7040,18 @@ def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
                                              "bytes": len(data)})
 
 
+def _real_folder(path: Path) -> bool:
+    """Whether path is a folder itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def keep_backups(run_dir: Path) -> None:
     """Make a finished run's backups private (files 0600, folder 0700), to keep for --undo."""
     backups = run_dir / "backups"
-    if backups.is_dir() and not backups.is_symlink():
+    if _real_folder(backups):
         os.chmod(backups, 0o700)
         for entry in os.scandir(backups):
             if entry.is_file(follow_symlinks=False):
@@ -6837,7 +7070,8 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
                 if isinstance(info, dict) and info.get("plan_id") == plan_id:
                     found.append(Path(entry.path))
     # a run id sorts by its second only; run.json is written as the run starts
-    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns, p.name))
+    return sorted(found, key=lambda p: (p.name[:16], (p / RUN_INFO_FILE).stat().st_mtime_ns,
+                                        p.name))
 
 
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
@@ -6849,7 +7083,7 @@ def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
     older = older[: max(0, len(older) - keep)]
     pruned = []
     for run_dir in older:
-        if (run_dir / "backups").is_dir() and not (run_dir / "backups").is_symlink():
+        if _real_folder(run_dir / "backups"):
             shutil.rmtree(run_dir / "backups", ignore_errors=True)
             pruned.append(run_dir.name)
     return pruned
@@ -6864,7 +7098,7 @@ def backups_usage(runs_dir: Path) -> dict:
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
             backups = Path(entry.path, "backups")
-            if not entry.is_dir(follow_symlinks=False) or not backups.is_dir() or backups.is_symlink():
+            if not entry.is_dir(follow_symlinks=False) or not _real_folder(backups):
                 continue
             runs += 1
             total += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(backups)
@@ -6879,8 +7113,8 @@ def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
     try:
         run_dir = run_folder(runs_dir, run_id)
     except PathError as exc:
-        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the folders of "
-                                    "STATE_DIR/runs") from None
+        raise ConfigError(str(exc), "run ids are in bridge --show ID (run …) and are the "
+                                    "folders of STATE_DIR/runs") from None
     if not run_dir.is_dir():
         raise BridgeError(f"no run {run_id} in {runs_dir}", "check --run and --state-dir")
     return run_dir
@@ -6906,12 +7140,13 @@ class KeptRun:
     KeptRun.load.
     """
 
-    def __init__(self, run_id: str, run_dir: Path, plan_id: str, project: Path | None,
-                 files: list[KeptFile], reverted: bool, undone_at: str | None,
-                 staged: dict[str, dict] | None = None, reads: dict[str, Any] | None = None):
-        self.run_id, self.run_dir, self.plan_id, self.project = run_id, run_dir, plan_id, project
-        self.files, self.reverted, self.undone_at = files, reverted, undone_at
-        self.staged, self.reads = staged or {}, reads or {}
+    def __init__(self, run_dir: Path, plan_id: str, project: Path | None):
+        self.run_id, self.run_dir, self.plan_id, self.project = \
+            run_dir.name, run_dir, plan_id, project
+        self.files: list[KeptFile] = []
+        self.reverted, self.undone_at = False, None
+        self.staged: dict[str, dict] = {}
+        self.reads: dict[str, Any] = {}
 
     @property
     def awaiting_review(self) -> bool:
@@ -6929,50 +7164,59 @@ class KeptRun:
         run_dir = run_dir_of(runs_dir, run_id)
         info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
-            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older than --diff)",
-                              "only runs made since can be shown or undone")
+            raise BridgeError(f"run {run_id} has no readable run.json (made by a bridge older "
+                              "than --diff)", "only runs made since can be shown or undone")
         if info.get("plan_id") != plan_id:
-            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not {plan_id!r}",
+            raise BridgeError(f"run {run_id} is a run of plan {info.get('plan_id')!r}, not "
+                              f"{plan_id!r}",
                               f"pass that plan's id, or a run of {plan_id!r} with --run")
         project = Path(info["project"]) if isinstance(info.get("project"), str) else None
         if project is not None and not project.is_absolute():
-            raise BridgeError(f"run {run_id}: run.json names a relative project {project}", "remove that run")
-        written = {e["path"]: e.get("sha256") for e in read_jsonl(run_dir / WRITTEN_FILE)
+            raise BridgeError(f"run {run_id}: run.json names a relative project {project}",
+                              "remove that run")
+        run = cls(run_dir, plan_id, project)
+        run._read_journal()
+        run._read_staging()
+        return run
+
+    def _read_journal(self) -> None:
+        """files, reverted and undone_at from journal.jsonl, written.jsonl and undone.json."""
+        written = {e["path"]: e.get("sha256") for e in read_jsonl(self.run_dir / WRITTEN_FILE)
                    if isinstance(e.get("path"), str)}
-        entries = read_jsonl(run_dir / JOURNAL_FILE)
-        files = [cls._checked(run_id, runs_dir, project, e, written) for e in entries if "path" in e]
-        undone = read_json_file(run_dir / "undone.json", or_none=True)
-        staged: dict[str, dict] = {}
-        for entry in read_jsonl(run_dir / STAGED_FILE):
-            if project is None or not isinstance(entry.get("path"), str):
-                raise BridgeError(f"run {run_id}: staged.jsonl has an entry bridge did not write: {entry!r}")
-            resolve_inside(project, entry["path"])     # raises PathError for a path leaving the project
-            first = staged.setdefault(entry["path"], dict(entry))
-            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")   # the last staging wins
-        reads = read_json_file(run_dir / "reads.json", or_none=True)
-        return cls(run_id, run_dir, plan_id, project, files, any(e.get("reverted") for e in entries),
-                   undone.get("undone_at") if isinstance(undone, dict) else None, staged,
-                   {k: v for k, v in reads.items() if isinstance(k, str)} if isinstance(reads, dict) else {})
+        entries = read_jsonl(self.run_dir / JOURNAL_FILE)
+        self.files = [self._checked(e, written) for e in entries if "path" in e]
+        self.reverted = any(e.get("reverted") for e in entries)
+        undone = read_json_file(self.run_dir / "undone.json", or_none=True)
+        self.undone_at = undone.get("undone_at") if isinstance(undone, dict) else None
 
-    @staticmethod
-    def _checked(run_id: str, runs_dir: Path, project: Path | None, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked."""
-        from pathlib import Path
+    def _read_staging(self) -> None:
+        """staged and reads of a --review run, from staged.jsonl and reads.json."""
+        for entry in read_jsonl(self.run_dir / STAGED_FILE):
+            if self.project is None or not isinstance(entry.get("path"), str):
+                raise BridgeError(f"run {self.run_id}: staged.jsonl has an entry bridge did not "
+                                  f"write: {entry!r}")
+            resolve_inside(self.project, entry["path"])     # PathError for a path leaving it
+            first = self.staged.setdefault(entry["path"], dict(entry))
+            first["sha256"], first["step"] = entry.get("sha256"), entry.get("step")  # the last wins
+        reads = read_json_file(self.run_dir / "reads.json", or_none=True)
+        if isinstance(reads, dict):
+            self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
 
-        rel, action, backup = entry.get("path"), entry.get("action"), entry.get("backup")
-        if project is None or not isinstance(rel, str) or action not in ("created", "modified"):
-            raise BridgeError(f"run {run_id}: its journal has an entry bridge did not write: {entry!r}",
-                              "the run cannot be shown or undone")
-        resolve_inside(project, rel)          # raises PathError for a path leaving the project
-        for folder in entry.get("created_dirs") or []:
-            where = Path(os.path.abspath(folder))
-            if where == project or not (where.is_relative_to(project) or where.is_relative_to(project.resolve())):
-                raise PathError(f"run {run_id}: journal names a folder outside the project: {folder}")
-        backup_path = Path(backup) if isinstance(backup, str) and backup else None
-        if backup_path is not None and not backup_path.resolve().is_relative_to(runs_dir.resolve()):
-            raise PathError(f"run {run_id}: journal names a backup outside {runs_dir}: {backup}")
+    def _checked(self, entry: dict, written: dict) -> KeptFile:
+        """Return a journal entry as a KeptFile once its paths are checked (resolve_inside,
+        journalled_paths)."""
+        rel, action = entry.get("path"), entry.get("action")
+        if self.project is None or not isinstance(rel, str) \
+                or action not in ("created", "modified"):
+            raise BridgeError(f"run {self.run_id}: its journal has an entry bridge did not "
+                              f"write: {entry!r}", "the run cannot be shown or undone")
+        resolve_inside(self.project, rel)     # PathError for a path leaving the project
+        try:
+            _, backup, _ = journalled_paths(self.project, entry, self.run_dir / "backups")
+        except PathError as exc:
+            raise PathError(f"run {self.run_id}: its journal is not bridge's: {exc}") from None
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else None
-        return KeptFile(rel, action, backup_path, mode, written.get(rel))
+        return KeptFile(rel, action, backup, mode, written.get(rel))
 
     def diff(self) -> list[dict]:
         """Return, per file: path, action, original_sha256, written_sha256,
@@ -6986,13 +7230,14 @@ class KeptRun:
             before_path = kept.backup if kept.action == "modified" else None
             current_sha = file_sha256(now_path)
             original_sha = file_sha256(before_path) if before_path is not None else None
-            gone = kept.action == "modified" and original_sha is None
+            if kept.action == "modified" and original_sha is None:
+                diff = f"(the original of {kept.path} is no longer kept; no diff)\n"
+            else:
+                diff = bounded_diff(kept.path, before_path, now_path, original_sha, current_sha)
             entries.append({
                 "path": kept.path, "action": kept.action, "original_sha256": original_sha,
                 "written_sha256": kept.written_sha256, "current_sha256": current_sha,
-                "changed_since_run": current_sha != kept.written_sha256,
-                "diff": bounded_diff(kept.path, before_path, now_path, original_sha, current_sha,
-                                     gone)})
+                "changed_since_run": current_sha != kept.written_sha256, "diff": diff})
         return entries
 
     def staged_diff(self) -> list[dict]:
@@ -7005,7 +7250,8 @@ class KeptRun:
             now_path = self.project / rel        # type: ignore[operator]  # staging: a project
             staged_path = self.run_dir / "staged" / rel
             current_sha = file_sha256(now_path)
-            entries.append({"path": rel, "action": entry.get("action"), "original_sha256": entry.get("base_sha256"),
+            entries.append({"path": rel, "action": entry.get("action"),
+                            "original_sha256": entry.get("base_sha256"),
                             "staged_sha256": entry.get("sha256"), "current_sha256": current_sha,
                             "changed_since_run": current_sha != entry.get("base_sha256"),
                             "diff": bounded_diff(rel, now_path, staged_path, current_sha,
@@ -7033,7 +7279,8 @@ class KeptRun:
             for rel, entry in self.staged.items():
                 data = read_regular(self.run_dir / "staged" / rel)
                 if data is None or sha256_hex(data) != entry.get("sha256"):
-                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or changed",
+                    raise BridgeError(f"the staged copy of {rel} in {self.run_dir} is missing or "
+                                      "changed",
                                       "reject the run (bridge --reject ID) and run it again")
                 step = entry.get("step") if isinstance(entry.get("step"), int) else 0
                 files.write(rel, data.decode("utf-8"), step)
@@ -7056,168 +7303,26 @@ class KeptRun:
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
-            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} file(s) are no "
-                              f"longer kept: {', '.join(gone)}", "backups are kept for the last runs of a plan "
-                              "only (--keep-runs, BRIDGE_KEEP_RUNS)")
+            raise BridgeError(f"cannot undo run {self.run_id}: the originals of {len(gone)} "
+                              f"file(s) are no longer kept: {', '.join(gone)}",
+                              "backups are kept for the last runs of a plan only (--keep-runs, "
+                              "BRIDGE_KEEP_RUNS)")
         project: Path = self.project      # type: ignore[assignment]  # files imply a project
         changed = [k.path for k in self.files if file_sha256(project / k.path) != k.written_sha256]
         if changed and not force:
-            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed after the run: "
-                              f"{', '.join(changed)}",
+            raise BridgeError(f"not undoing run {self.run_id}: {len(changed)} file(s) changed "
+                              f"after the run: {', '.join(changed)}",
                               f"see them with bridge --diff {self.plan_id} --run {self.run_id}; "
                               "--force puts the originals back anyway")
-        restored = FileTransaction(self.project, self.run_dir).recover(self.run_dir, set())  # type: ignore[arg-type]
+        restored = FileTransaction(project, self.run_dir).recover(self.run_dir, set())
         self.undone_at = utc_now_iso()
         append_jsonl(self.run_dir / JOURNAL_FILE, {"reverted": True, "undone_at": self.undone_at})
         write_json_file(self.run_dir / "undone.json", {"undone_at": self.undone_at})
         return restored
 
 
-class StagedFiles:
-    """The files of a --review run: written under the run's folder (staged/PATH, 0600),
-    never into the project; --apply writes them there later.
-
-    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
-    changes, so the runner uses either. staged.jsonl records each write: {"step",
-    "path", "action" (created | modified, as the project was), "base_sha256" (the
-    project file's before its first staging, None when absent), "sha256"};
-    reads.json the sha256 of every LOAD file as the run found it in the project.
-    """
-
-    def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
-        import threading
-
-        self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
-        self.changes: dict[str, FileChange] = {}
-        self.lock = threading.Lock()
-        self.closed = False
-
-    def note_reads(self, files_context: dict[str, str]) -> None:
-        """Record the sha256 of every LOAD file as it is in the project now (None: absent)."""
-        reads = {}
-        for rel, mode in files_context.items():
-            if mode == "LOAD":
-                reads[rel] = file_sha256(self.project / rel)     # in pieces: LOAD files may be huge
-        write_json_file(self.run_dir / "reads.json", reads)
-
-    def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Stage text (UTF-8) for project/rel; return its FileChange. Raises PathError
-        when rel leads outside the project, or the run is ending."""
-        target = resolve_inside(self.project, rel)
-        data = text.encode("utf-8")
-        with self.lock:
-            if self.closed:
-                raise PathError(f"not staging {rel!r}: the run is ending")
-            try:
-                staged = self.run_dir / "staged" / rel
-                staged.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(staged, data, 0o600)
-            except OSError as exc:
-                raise PathError(f"cannot stage {rel!r} in {self.run_dir}: {exc.strerror or exc}") from exc
-            change = self.changes.get(rel)
-            base = None
-            if change is None:
-                base = file_sha256(target)
-                change = self.changes[rel] = FileChange(rel, "created" if base is None else "modified")
-            append_jsonl(self.run_dir / STAGED_FILE, {
-                "step": step, "path": rel, "action": change.action, "sha256": sha256_hex(data),
-                "base_sha256": base})
-        return change
-
-    def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Put back in the project every file a killed run wrote (FileTransaction.recover
-        with no step kept: a --review run never keeps a dead run's files); return them."""
-        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir, set())
-
-    def path_of(self, rel: str) -> Path | None:
-        """Return the staged copy of rel, or None when no step staged it."""
-        return self.run_dir / "staged" / rel if rel in self.changes else None
-
-    def close(self) -> None:
-        """Refuse every later write."""
-        with self.lock:
-            self.closed = True
-
-    def rollback(self) -> None:
-        """Drop the staged files (the project was never touched)."""
-        self.close()
-        self.discard()
-
-    def discard(self) -> None:
-        """Delete the staged files."""
-        import shutil
-
-        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
-
-    def summary(self) -> list[dict]:
-        """Return [{"path", "action", "staged": True}] in staging order (action as the
-        project would see it: created or modified)."""
-        return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
-
-
-def read_regular(path: Path) -> bytes | None:
-    """Return a regular file's bytes, or None when it is missing or not a regular
-    file (a symlink is not followed)."""
-    try:
-        with open_regular(path) as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
-                 now_sha: str | None, backup_gone: bool = False) -> str:
-    """Return file_diff of one file from the file at before to the file at now (None, or
-    a path that is missing: no such file), reading them only when both are at most
-    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
-    now_sha, computed in pieces, still tell whether they differ)."""
-    if backup_gone:
-        return file_diff(rel, None, None, backup_gone=True)
-    if before_sha == now_sha:
-        return ""
-    sizes = [_regular_size(path) for path in (before, now)]
-    if max(size or 0 for size in sizes) > DIFF_MAX_BYTES:
-        said = " and ".join(f"{size:,} bytes" for size in sizes if size is not None)
-        return (f"(no diff of {rel}: {said}, over bridge's diff limit of {DIFF_MAX_BYTES:,} bytes; "
-                "the sha256 values say whether it changed)\n")
-    return file_diff(rel, read_regular(before) if before is not None else None,
-                     read_regular(now) if now is not None else None)
-
-
-def _regular_size(path: Path | None) -> int | None:
-    """Return a regular file's size in bytes, or None (no path, missing, not regular)."""
-    try:
-        info = os.lstat(path) if path is not None else None
-    except OSError:
-        return None
-    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
-
-
-def file_diff(rel: str, before: bytes | None, now: bytes | None, backup_gone: bool = False) -> str:
-    """Return the unified diff (difflib) of one file from before (None: did not
-    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
-    not UTF-8, one "Binary files … differ" line."""
-    import difflib
-
-    if backup_gone:
-        return f"(the original of {rel} is no longer kept; no diff)\n"
-    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
-        ("b/" + rel) if now is not None else "/dev/null"
-    if before == now:
-        return ""
-    try:
-        old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return f"Binary files {old_name} and {new_name} differ\n"
-    lines = []
-    for line in difflib.unified_diff(old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
-                                     old_name, new_name):
-        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
-    return "".join(lines)
-
-
 ###############################################################################
-# 23. Prompts
+# 25. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7497,7 +7602,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
 
 
 ###############################################################################
-# 24. Run records
+# 26. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7888,7 +7993,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 25. The result document
+# 27. The result document
 # What a run leaves behind, built here alone from the facts its plan run gathers (the
 # _result document, README: "What bridge writes into the store"): the result memory's
 # summary and content (result_memory; the Store stores it as given, parse_result_content
@@ -7910,7 +8015,7 @@ def run_savings(steps: list[StepResult], price_model: str) -> dict:
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
-            if parse_model_ref(model)[0] == "openai":
+            if executor_class(model).PROBED:
                 for key in local:
                     local[key] += line[key]
     escalated = [s for s in steps if s.escalated_to]
@@ -8156,7 +8261,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 26. Step scheduling
+# 28. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8325,7 +8430,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 27. Runner
+# 29. Runner
 # One plan at a time: validate, claim, run the steps in dependency order with their
 # attempts, write files, then store the result and the final state together.
 ###############################################################################
@@ -8482,25 +8587,20 @@ class Runner:
         self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref):
-        the local client for openai:, else an AnthropicClient or a ClaudeCLI (run in
-        cli_cwd, the plan's project when it is trusted, else a scratch folder), made
-        once. Raises LLMError when it cannot be used (not in config.allowed_executors,
-        no key, no claude binary)."""
-        kind, name = parse_model_ref(ref)
-        if kind == "openai" and _executor_of(ref) not in self.config.allowed_executors:
-            raise LLMError(f"model {name} runs on ollama.com, where the project's files would go",
-                           "let it run with --allow-executor ollama-cloud")
-        if kind == "openai":
+        """Return (executor, model name) for a model reference (see parse_model_ref and
+        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
+        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
+        else None, a scratch folder). Raises LLMError when it cannot be used (not in
+        config.allowed_executors, no key, no binary)."""
+        kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
+        if cls.needs_allowing() and kind not in self.config.allowed_executors:
+            raise LLMError(*cls.refusal(ref, name))
+        if cls.PROBED:
             assert self.client is not None, "a plan with steps needs a model client"
             return self.client, name
-        if kind not in self.config.allowed_executors:
-            raise LLMError(f"the {kind} executor is not allowed (model {ref})",
-                           f"let it run with --allow-executor {kind}")
-        key = (kind, cli_cwd) if kind == "claude-cli" else (kind,)
+        key = (kind, cli_cwd) if cls.AGENTIC else (kind,)
         if key not in self._executors:
-            self._executors[key] = AnthropicClient(self.config, on_retry=self.report_retry) \
-                if kind == "anthropic" else ClaudeCLI(self.config, cli_cwd)
+            self._executors[key] = cls.for_run(self.config, cli_cwd, self.report_retry)
         return self._executors[key], name
 
     def report_retry(self, message: str) -> None:
@@ -8586,8 +8686,7 @@ class Runner:
         error, interrupted, verify = None, None, None
         try:
             private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
-            write_run_info(run.run_dir, plan.id, run.run_id, plan.project, run.started,
-                           run.record.content_hash)
+            write_run_info(run.run_dir, plan.id, plan.project, run.started, run.record.content_hash)
             if run.staged:
                 files.note_reads(plan.files_context)
             if run.previous:
@@ -9008,11 +9107,11 @@ class Runner:
             executor, name = self.executor(attempt.model, run.cli_cwd)
         except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
             return AttemptFailure(str(exc), retryable=False)
-        paid = _executor_of(attempt.model) in PAID_EXECUTORS
+        paid = executor_class(attempt.model).PAID
         if paid and (refused := self._spend.refused()):
             run.cap_hit = True
             return AttemptFailure(refused, retryable=False)
-        local = isinstance(executor, LLMClient)      # the other executors keep their own limits
+        local = executor.PROBED      # the other executors keep their own limits
         sampling = self._sampling(step, attempt, local)
         sent = executor.accepted_sampling(sampling) if local else sampling
         thinking = thinking_asked(step) if local else None
@@ -9076,7 +9175,8 @@ class Runner:
             run.runlog.checked(step.id, attempt.number, cut)
             return AttemptFailure(cut, retryable=False)
         if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = sampling.get("max_tokens") or getattr(executor, "DEFAULT_MAX_TOKENS", "the server's limit")
+            limit = sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
             why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
                    "(raise the step's max_tokens if it needs more)")
             if thought:
@@ -9111,7 +9211,7 @@ class Runner:
         return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
                 f"{answer} ({after})")
 
-    def _garbled(self, run: PlanRun, step: Step, executor: "LLMClient", name: str, output: str,
+    def _garbled(self, run: PlanRun, step: Step, executor: Executor, name: str, output: str,
                  form: str, schema: dict | None) -> None:
         """After a constrained answer failed: when it looks damaged by the grammar
         (grammar_damage against schema, the one sent), send that model's later requests
@@ -9133,7 +9233,7 @@ class Runner:
         in parallel on a server whose slots share one context (Runner.pool), the
         request first waits for its prompt (estimate_tokens) and max_tokens to fit
         beside those in flight."""
-        local = isinstance(executor, LLMClient)
+        local = executor.PROBED
         pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
         need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
         held = pool.acquire(need, run.cancel) if pool is not None else 0
@@ -9148,10 +9248,10 @@ class Runner:
         """_chat's request, sent again while the server cuts it for another (LLMContention)."""
         import random
 
-        local = isinstance(executor, LLMClient)
+        watched = executor.WATCHED
         for wait in (*CONTENTION_WAITS_S, None):
-            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if local else None
-            attempt.thinking_guard = DegenerationGuard() if local else None
+            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
             attempt.pieces = attempt.thought = 0
             try:
                 return executor.chat(attempt.messages, request)
@@ -9446,7 +9546,7 @@ class Runner:
 
 
 ###############################################################################
-# 28. CLI: arguments and settings
+# 30. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9490,8 +9590,9 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
             options.update(action="store_true", default=None)
         else:
             options["metavar"] = row.metavar
-        if isinstance(row.limit, tuple):
-            options["choices"] = row.limit
+        limit = row.limit() if callable(row.limit) else row.limit    # the executors: registered
+        if isinstance(limit, tuple):
+            options["choices"] = limit
         if isinstance(row.default, tuple):
             options["action"] = "append"
         group.add_argument(row.flag, **options)
@@ -9584,13 +9685,14 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
     for name in names:
-        if name not in PAID_EXECUTORS:
+        if name not in allowable_executors():
             raise ConfigError(f"unknown executor {name!r} to allow",
-                              f"pass one of {', '.join(PAID_EXECUTORS)} (--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
+                              f"pass one of {', '.join(allowable_executors())} "
+                              "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
     for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
-    return tuple(dict.fromkeys(["openai", *names]))
+    return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
 
 
 def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
@@ -9816,7 +9918,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 29. CLI: listing, health, trust and approval
+# 31. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -10334,7 +10436,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 30. CLI: running and showing
+# 32. CLI: running and showing
 ###############################################################################
 
 
@@ -10408,7 +10510,7 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
     --context-length), sent with every request."""
-    local = config.model is None or parse_model_ref(config.model)[0] == "openai"
+    local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
@@ -10514,7 +10616,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 31. CLI: diff, undo, review
+# 33. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10665,7 +10767,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 32. CLI: the planner's side
+# 34. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10863,7 +10965,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 33. main()
+# 35. main()
 ###############################################################################
 
 

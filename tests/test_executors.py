@@ -112,6 +112,89 @@ def test_claude_price_knows_dated_ids_and_not_others():
 
 
 # --------------------------------------------------------------------------------------
+# the registry: adding an executor is one class and its registry line
+# --------------------------------------------------------------------------------------
+
+
+class EchoExecutor(bridge.Executor):
+    """A throwaway executor, registered by the echo_executor fixture: it answers each chat
+    with "ok", streamed, and keeps what it was asked."""
+
+    NAME = PREFIX = "echo-test"
+    AGENTIC = True                  # so it needs --allow-executor echo-test
+    asked: list = []
+
+    def __init__(self, config, on_retry=None):
+        self.config = config
+
+    def chat(self, messages, request):
+        EchoExecutor.asked.append((messages, request))
+        request.on_delta("ok")
+        return bridge.Completion("ok", {"prompt_tokens": 7, "completion_tokens": 1},
+                                 request.model, "stop", 0.01, 0.0)
+
+
+@pytest.fixture
+def echo_executor():
+    EchoExecutor.asked = []
+    bridge.register_executor(EchoExecutor)
+    try:
+        yield EchoExecutor
+    finally:
+        bridge.EXECUTORS.pop(EchoExecutor.NAME)
+
+
+def test_a_registered_executor_is_allowed_by_flag_and_runs_a_plans_step(capsys, db, fake_llm,
+                                                                         state_dir, echo_executor):
+    """One class plus register_executor: the approval facts name its executor, the plan
+    waits for --allow-executor echo-test (an AGENTIC one), and once allowed its step runs on
+    it through chat(messages, ChatRequest), the other on the local server."""
+    insert_plan(db, make_plan("p1", [{"id": 1, "prompt": "Say ok.", "model": "echo-test:m1"},
+                                     {"id": 2, "prompt": "Say hi.", "depends_on": [1]}]))
+    fake_llm.enqueue("hi")
+    approve(capsys, db, fake_llm, state_dir, "p1")
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--list", "--json")
+    [listed] = json.loads(out)["plans"]
+    assert listed["approval"]["executors"] == ["echo-test", "openai"], listed
+    assert "bridge --allow-executor echo-test" in listed["approval"]["commands"]
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--json")
+    [waiting] = json.loads(out)["awaiting_approval"]
+    assert waiting["reasons"] == ["its steps run on echo-test: models, which you have not allowed"]
+    assert echo_executor.asked == [] and "status" not in plan_state(db, "p1")
+
+    rc, result, err = run_json(capsys, db, fake_llm, state_dir, "--allow-executor", "echo-test")
+
+    assert rc == 0, err
+    assert result["status"] == "completed"
+    by_id = {s["id"]: s for s in result["steps"]}
+    assert by_id[1]["output"] == "ok" and by_id[1]["model"] == "echo-test:m1"
+    assert by_id[2]["output"] == "hi"
+    [(messages, request)] = echo_executor.asked
+    assert request.model == "m1" and "Say ok." in messages[-1]["content"]
+    assert isinstance(request, bridge.ChatRequest)
+    assert len(fake_llm.chat_requests) == 1
+    check_store(db)
+
+
+def test_an_executor_not_registered_is_no_name_to_allow(capsys, db, fake_llm, state_dir):
+    """--allow-executor takes the registry's names only (argparse choices, exit 2)."""
+    assert "echo-test" not in bridge.allowable_executors()
+    assert bridge.allowable_executors() == ("ollama-cloud", "anthropic", "claude-cli")
+    with pytest.raises(SystemExit) as info:
+        run_bridge(capsys, db, fake_llm, state_dir, "--allow-executor", "echo-test", "--list")
+    assert info.value.code == 2
+    assert bridge.parse_model_ref("echo-test:m1") == ("openai", "echo-test:m1")
+
+
+def test_registering_a_taken_name_or_prefix_is_refused():
+    class Twin(bridge.Executor):
+        NAME, PREFIX = "twin", "anthropic"
+    with pytest.raises(ValueError, match="already registered"):
+        bridge.register_executor(Twin)
+    assert "twin" not in bridge.EXECUTORS
+
+
+# --------------------------------------------------------------------------------------
 # anthropic: executor
 # --------------------------------------------------------------------------------------
 

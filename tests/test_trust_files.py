@@ -296,6 +296,19 @@ def test_a_journal_path_no_file_name_can_hold_is_refused(project, tmp_path):
     assert "lone surrogate" in files.refused[0]
 
 
+def test_journalled_folders_that_are_no_list_are_refused_not_a_crash(project, tmp_path):
+    """created_dirs of 5 (valid JSON, not a list): a refused entry (was a TypeError, exit 70)."""
+    runs = tmp_path / "runs"
+    old = runs / "20260101T000000Z-00000005"
+    old.mkdir(parents=True)
+    (old / "journal.jsonl").write_text(json.dumps({"step": 1, "path": "a.txt", "action": "created",
+                                                   "backup": "", "mode": None, "created_dirs": 5}) + "\n")
+    files = bridge.FileTransaction(project, runs / bridge.new_run_id())
+
+    assert files.recover(old, set()) == []
+    assert "created_dirs 5 is not a list" in files.refused[0]
+
+
 def test_run_folder_accepts_only_run_ids_bridge_makes(tmp_path):
     runs = tmp_path / "runs"
     good = bridge.new_run_id()
