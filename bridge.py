@@ -124,10 +124,11 @@ and checks, up to the runner and the command line:
     20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
     22 File transactions: journal, rollback, recovery ·
     23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
-    25 Prompts · 26 Run records · 27 The result document · 28 Step scheduling · 29 Runner ·
-    30 CLI: arguments and settings · 31 CLI: listing, health, trust and approval ·
-    32 CLI: running and showing · 33 CLI: diff, undo, review · 34 CLI: the planner's side ·
-    35 main()
+    25 Prompts · 26 Retry policy · 27 Run records · 28 The result document ·
+    29 Step scheduling · 30 The model's context · 31 An attempt · 32 A step run ·
+    33 A plan run · 34 Runner · 35 CLI: arguments and settings ·
+    36 CLI: listing, health, trust and approval · 37 CLI: running and showing ·
+    38 CLI: diff, undo, review · 39 CLI: the planner's side · 40 main()
 """
 
 from __future__ import annotations
@@ -1546,11 +1547,11 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 ###############################################################################
 # 6. File writes inside the project
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every write goes to a temp file in the target's folder, then os.replace: a reader sees
+# the old bytes or the new, never half. In the project the folders are walked by dir_fd,
+# never through a symlink (open_inside, _walk, _replace_in). bridge's own files have one
+# of each: atomic_write, open_regular, read_json_file and write_json_file, private_dir,
+# append_jsonl and read_jsonl.
 ###############################################################################
 
 
@@ -1646,15 +1647,10 @@ def open_inside(project: Path, rel: str) -> Any:
 
 
 def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
+    """Return the text of a LOAD file for a prompt: project/rel through real folders only
+    (open_inside), else path; cut at LOAD_FILE_MAX_BYTES with a marker. Raises
+    FileNotFoundError, or PathError when it cannot be read, goes through a symlink, is
+    binary (a NUL byte) or not UTF-8."""
     try:
         with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
@@ -1759,11 +1755,9 @@ def _write_all(fd: int, data: Any) -> None:
 def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
                 crash_at: str | None = None) -> None:
     """Write data (bytes, or a binary file object copied in pieces) to name in the folder
-    dir_fd through a new temp file beside it and
-    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
-    them). mode: the bits to give the file; None: a new file's usual mode (the
-    kernel applies the umask, which bridge never changes). Raises OSError; the
-    temp file never outlives a failure (only a crash)."""
+    dir_fd through a new temp file beside it and os.replace, both relative to dir_fd (a
+    folder swapped meanwhile cannot redirect them). mode: the file's bits; None: a new
+    file's (the umask's). Raises OSError; the temp file outlives only a crash."""
     tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
     try:
@@ -1784,13 +1778,9 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
-    """Write data to path through a temp file in the same folder and os.replace.
-
-    mode: permission bits to give the file (default: what a new file gets under
-    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
-    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
-    outlives a failure (only a crash).
-    """
+    """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
+    (O_EXCL|O_NOFOLLOW) in its folder and os.replace (_replace_in). mode: the file's
+    permission bits (None: the umask's). Raises OSError."""
     dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
         _replace_in(dir_fd, path.name, data, mode, crash_at)
@@ -4031,7 +4021,7 @@ def load_schema() -> dict:
 
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, follow_symlinks=True)     # an install may link it
     except (OSError, ValueError) as exc:
         raise BridgeError(f"cannot read the plan schema {path}: {exc}",
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
@@ -6503,16 +6493,12 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 class FileTransaction:
     """The files one plan run writes inside its project, with their originals.
 
-    project: the plan's root (every path is relative to it); it is opened once and
-    every write, folder, rename, removal and restore works relative to that open
-    folder, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run makes that write fail (PathError), never land
-    outside. run_dir: this run's folder under --state-dir, where backups (0o600, in
-    0o700 folders) and journal.jsonl go. guard: what may never be written
-    (forbidden_target_reason). write() records each path's original before its
-    first write; rollback() restores them in reverse order and removes what the run
-    created; discard() drops the backups. recover() puts back what a killed run
-    left behind; refused lists the journal entries of that run it would not use.
+    project is opened once; every write, folder, rename, removal and restore works
+    relative to it, one component at a time without following symlinks, so a folder
+    swapped for a symlink mid-run fails that write (PathError), never lands outside.
+    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
+    guard: what may never be written (forbidden_target_reason). refused: the journal
+    entries of a killed run that recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
@@ -6548,13 +6534,10 @@ class FileTransaction:
         return parts
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
-
-        Raises PathError when rel leads outside the project, is forbidden
-        (forbidden_target_reason), goes through a symlink, or cannot be written
-        (a full disk, a read-only folder: the original is then untouched and its
-        backup kept), or when the transaction was closed (the run is ending).
-        """
+        """Write text (UTF-8) to project/rel atomically for a step, its original journalled
+        first; return its FileChange. Raises PathError when rel leads outside, is
+        forbidden, goes through a symlink, cannot be written (the original untouched, its
+        backup kept), or the transaction is closed (the run is ending)."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6625,18 +6608,12 @@ class FileTransaction:
         return backup
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Take over the files of a killed run (its folder old_run_dir).
-
-        Files written by steps in kept_steps (those that succeeded) stay, and this
-        transaction adopts their originals, so a later rollback still restores
-        them. Files of any other step are put back as they were, and temp files
-        left by an interrupted write are removed. The journal is untrusted: it is
-        read only from a run folder beside this run's (run_folder); an entry whose
-        path is not a plan path inside the project that may be written, whose
-        backup is not in that run's backups folder, or that is malformed is refused
-        (listed in self.refused) and not used. Returns the paths put back.
-        Raises RollbackError naming the files that could not be restored.
-        """
+        """Take over the files of a killed run (its folder old_run_dir): files of steps in
+        kept_steps stay and their originals are adopted (a later rollback still restores
+        them); the rest are put back, with the temp files an interrupted write left. The
+        journal is untrusted: read only from a run folder beside this one (run_folder);
+        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
+        the paths put back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
@@ -6670,13 +6647,10 @@ class FileTransaction:
         return restored
 
     def revert_path(self, rel: str) -> None:
-        """Put one path back as it was before this run first wrote it (a failed
-        attempt's file must not stay): its original bytes and mode, or removed with
-        the folders the run made for it. Its action becomes "reverted" until it is
-        written again. Does nothing for a path this run never wrote or already put
-        back (a rollback puts back all). Raises RollbackError when it cannot be
-        restored.
-        """
+        """Put one path back as it was before this run first wrote it (a failed attempt's
+        file must not stay): its original bytes and mode, or removed with the folders the
+        run made; its action is "reverted" until written again. Nothing for a path not
+        written or already put back. Raises RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
@@ -6739,14 +6713,10 @@ class FileTransaction:
                 os.close(fd)
 
     def rollback(self) -> None:
-        """Put every written path back as it was, newest first.
-
-        Modified files get their original bytes and mode back (atomically); created
-        files are removed, then the folders the run made if they are empty. All of
-        it relative to the open project folder, never through a symlink. The
-        journal then says so, so no later takeover trusts those files. Raises
-        RollbackError naming every path that could not be restored.
-        """
+        """Put every written path back, newest first: originals' bytes and modes
+        (atomically), created files removed, then the run's folders if empty; never
+        through a symlink. The journal then says so, so no later takeover trusts those
+        files. Raises RollbackError naming every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -7293,13 +7263,10 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed, with the originals' bytes and modes, and
-        remove the files and folders it created (FileTransaction.recover of this run).
-
-        Returns the paths put back. Raises BridgeError, changing nothing, when a
-        file changed after the run (unless force) or an original's backup is gone,
-        naming each file; RollbackError when a file could not be restored.
-        """
+        """Put back every file the run changed and remove what it created
+        (FileTransaction.recover of this run); return the paths put back. Raises
+        BridgeError, changing nothing, naming each file changed since the run (unless
+        force) or whose backup is gone; RollbackError when one could not be restored."""
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7403,30 +7370,11 @@ def thinking_reserve(context_length: int | None) -> int:
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else its validation's
     (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
-    The prompt budget keeps this much free (Runner._budget)."""
+    The prompt budget keeps this much free (ContextFit.budget)."""
     if step.max_tokens:
         return step.max_tokens
     default = default_max_tokens(step.validation)
     return min(default, context_length // 4) if context_length else default
-
-
-def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
-    """Return how attempt number attempt (1 is the first) of a step samples under a
-    schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
-    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
-    temperature, else the server's default); the first of the others too, but
-    greedy when the step sets no temperature. Seeds are the attempt's number, so a
-    rerun samples the same."""
-    fields = {} if step.temperature is None else {"temperature": step.temperature}
-    if schedule == "plain":
-        return fields
-    if attempt == 1:
-        return fields or {"temperature": RETRY_TEMPERATURES[0]}
-    floor = RETRY_TEMPERATURES[min(attempt - 1, len(RETRY_TEMPERATURES) - 1)]
-    fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
-    if schedule == "penalty":
-        fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)
-    return fields
 
 
 class _Block:
@@ -7525,7 +7473,36 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
     return messages()
 
 
-def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int | None) -> list[dict]:
+###############################################################################
+# 26. Retry policy
+# What makes a step's attempt retry, with what feedback and sampling; when a step
+# escalates to another model, and with what prompt; a stream the server cut for
+# another request is sent again (the transport's own retries are in the room
+# "Model servers: errors, streams, retries").
+###############################################################################
+
+
+def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
+    """Return how attempt number attempt (1 is the first) of a step samples under a
+    schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
+    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
+    temperature, else the server's default); the first of the others too, but
+    greedy when the step sets no temperature. Seeds are the attempt's number, so a
+    rerun samples the same."""
+    fields = {} if step.temperature is None else {"temperature": step.temperature}
+    if schedule == "plain":
+        return fields
+    if attempt == 1:
+        return fields or {"temperature": RETRY_TEMPERATURES[0]}
+    floor = RETRY_TEMPERATURES[min(attempt - 1, len(RETRY_TEMPERATURES) - 1)]
+    fields.update(temperature=max(floor, step.temperature or 0.0), seed=attempt)
+    if schedule == "penalty":
+        fields.update(repeat_penalty=RETRY_REPEAT_PENALTY, dry_multiplier=RETRY_DRY_MULTIPLIER)
+    return fields
+
+
+def fit_feedback(messages: list[dict], feedback: list[dict],
+                 budget_tokens: int | None) -> list[dict]:
     """Return a retry's feedback messages cut to fit the budget with messages.
 
     The previous answer (the assistant message) is cut first, then left out with
@@ -7540,10 +7517,10 @@ def fit_feedback(messages: list[dict], feedback: list[dict], budget_tokens: int 
     answer, note = feedback
     keep = len(answer["content"]) - int(excess * CHARS_PER_TOKEN) - 100
     if keep < MIN_CUT_CHARS:
-        return [{"role": "user", "content": note["content"] + " (Your previous answer is left out here: "
-                 "it does not fit the model's context.)"}]
-    return [{"role": "assistant", "content": answer["content"][:keep] + " [bridge: cut to fit the context]"},
-            note]
+        return [{"role": "user", "content": note["content"] + " (Your previous answer is left "
+                 "out here: it does not fit the model's context.)"}]
+    return [{"role": "assistant",
+             "content": answer["content"][:keep] + " [bridge: cut to fit the context]"}, note]
 
 
 class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
@@ -7551,17 +7528,26 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
     """Why an attempt failed: message (for the result), retryable (another attempt
     may help; default True), feedback (messages appended to the next attempt's
     prompt; default none), answer_invalid (the answer failed its own check, not a
-    command or a write; default False)."""
+    command or a write; default False). Each way an attempt fails is one constructor."""
 
     __slots__ = ()
 
     @classmethod
+    def final(cls, message: str) -> "AttemptFailure":
+        """A failure another attempt cannot help (no key, not allowed, the spend cap, a
+        prompt the server cut, a refused write, an interrupt): the attempts stop."""
+        return cls(message, retryable=False)
+
+    @classmethod
     def from_request(cls, exc: LLMError) -> "AttemptFailure":
-        """A failed request: context overflow is final; anything else is retried."""
+        """A failed request: the server's own failure (LLMServerUnusable: the run stops)
+        and a context overflow are final; anything else is retried."""
+        if isinstance(exc, LLMServerUnusable):
+            return cls.final(str(exc))
         if exc.context_overflow:
             hint = exc.hint or "load the model with a larger context length, or shorten the step"
-            return cls(f"{exc} ({hint})", retryable=False)
-        note = (f"(bridge: the previous request failed: {exc}. Please answer the task again.)")
+            return cls.final(f"{exc} ({hint})")
+        note = f"(bridge: the previous request failed: {exc}. Please answer the task again.)"
         return cls(str(exc), feedback=[{"role": "user", "content": note}])
 
     @classmethod
@@ -7588,8 +7574,8 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
         text = run.output_tail.strip() or "(no output)"
         if len(text) > COMMAND_FEEDBACK_CHARS:
-            text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} characters are "
-                    "left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
+            text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} "
+                    "characters are left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
         where = f"written to {file_output} and " if file_output else ""
         command = f"`{shell_words(run.argv)}`"
         why = run.error.removeprefix(command + " ")      # "failed (exit 1)", "did not finish within …"
@@ -7600,9 +7586,56 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         return cls(run.error, feedback=[{"role": "assistant", "content": shown},
                                         {"role": "user", "content": note}])
 
+    def retries(self, number: int, step: Step) -> bool:
+        """True when attempt number (1 is the first) of step is followed by another on
+        the same model: the failure is retryable and step.max_retries are not spent."""
+        return self.retryable and number <= step.max_retries
+
+
+def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | None]:
+    """Return (the model reference a step whose attempts are spent escalates to, or
+    None; why a named one is not used, or None): --escalate-to, else the plan's
+    escalate_to, unless its executor is not in config.allowed_executors."""
+    escalate_to = config.escalate_to or plan.escalate_to
+    if escalate_to and (kind := _executor_of(escalate_to)) not in config.allowed_executors:
+        return None, (f"escalation to {escalate_to} not used: the {kind} executor is not "
+                      f"allowed (pass --allow-executor {kind})")
+    return escalate_to, None
+
+
+def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
+    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    message followed by each failed answer (clipped to 4,000 characters) and why it was
+    rejected (failures: [(output, why)])."""
+    tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
+                        f"\n```\nRejected because: {why}"
+                        for n, (output, why) in enumerate(failures, 1))
+    note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its "
+            f"answers and why they were rejected:\n\n{tried}\n\nGive the correct answer.")
+    return [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
+
+
+def resend_on_contention(send: Callable[[], Any], cancel: Any,
+                         said: Callable[[LLMContention], None]) -> Any:
+    """Return send(), sent again after each of CONTENTION_WAITS_S (seconds, jittered
+    down to half) while the server cuts its stream for another request (LLMContention),
+    and no more once cancel (a threading.Event) is set; said(exc) hears of each cut
+    before its wait. Raises the last LLMContention."""
+    import random
+
+    for wait in (*CONTENTION_WAITS_S, None):
+        try:
+            return send()
+        except LLMContention as exc:
+            if wait is None or cancel.is_set():
+                raise
+            said(exc)
+            cancel.wait(wait * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
 
 ###############################################################################
-# 26. Run records
+# 27. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7993,7 +8026,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 27. The result document
+# 28. The result document
 # What a run leaves behind, built here alone from the facts its plan run gathers (the
 # _result document, README: "What bridge writes into the store"): the result memory's
 # summary and content (result_memory; the Store stores it as given, parse_result_content
@@ -8261,7 +8294,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 28. Step scheduling
+# 29. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8276,19 +8309,16 @@ class StepScheduler:
     results count. Steps already succeeded (taken over from a killed run) are not
     sent again; a step whose dependency did not succeed is skipped, saying which.
 
-    run_step(step, result, outputs, position) runs one step's attempts and fills
-    result; ended(result) hears of every step that is over. `cancel` is set when
-    the run stops early, for steps still running to see.
+    run: the PlanRun (or any object with plan, results, log, cancel and these two):
+    run.run_step(step, result, outputs, position) runs one step's attempts and fills
+    result; run.step_ended(result) hears of every step that is over. run.cancel (a
+    threading.Event) is set when the run stops early, for steps still running to see.
     """
 
-    def __init__(self, plan: Plan, graph: dict[int, set[int]], results: dict[int, StepResult],
-                 parallel: int, log: _StepLog, run_step: Callable[..., None],
-                 ended: Callable[[StepResult], None], cancel: threading.Event | None = None):
-        import threading
-
-        self.plan, self.graph, self.results, self.parallel = plan, graph, results, max(1, parallel)
-        self.log, self.run_step, self.ended = log, run_step, ended
-        self.cancel = cancel or threading.Event()
+    def __init__(self, graph: dict[int, set[int]], parallel: int, run: "PlanRun"):
+        self.plan, self.graph, self.results = run.plan, graph, run.results
+        self.parallel, self.log, self.cancel = max(1, parallel), run.log, run.cancel
+        self.run_step, self.ended = run.run_step, run.step_ended
         self.outputs: dict[int, str] = {}
         self.ready: list[int] = []
         self.running: set[int] = set()
@@ -8430,9 +8460,666 @@ class ContextPool:
 
 
 ###############################################################################
-# 29. Runner
-# One plan at a time: validate, claim, run the steps in dependency order with their
-# attempts, write files, then store the result and the final state together.
+# 30. The model's context
+# What prompts and answers are fitted to, learned across the plans of one
+# process: the default model's context and slots, the server's tokens per
+# estimated token, the models seen thinking.
+###############################################################################
+
+
+class ContextFit:
+    """What this process knows of the default model's context (every plan it runs
+    shares it): model (the default model id; steps and plan defaults may name
+    another), context_length (tokens, or None: not known), parallel (steps in
+    flight), calibration (the server's tokens per estimated token: calibrate), pool
+    (a ContextPool when the server's slots share one context, else None), reprobe
+    (LM Studio's model was not loaded when the run began (JIT): the first reply loads
+    it, then the server is asked again for the context and slots it was loaded with),
+    and the models seen thinking (their requests keep a reserve). client: the
+    LLMClient, or None when no plan will be sent."""
+
+    __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
+                 "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
+
+    def __init__(self, config: Config, client: "LLMClient | None", model: str | None,
+                 progress: Progress):
+        import threading
+
+        self.config, self.client, self.model, self.progress = config, client, model, progress
+        self.context_length: int | None = None
+        self.parallel, self.calibration = 1, 1.0
+        self.pool: ContextPool | None = None
+        self.reprobe = False
+        self._thinkers: set[str] = set()
+        self._reprobe_lock = threading.Lock()
+
+    def context_of(self, model: str) -> int | None:
+        """Return the context (tokens) a model's prompts are fitted to: the default
+        model's, else None (not known)."""
+        return self.context_length if model == self.model else None
+
+    def budget(self, step: Step, model: str) -> int | None:
+        """Return the prompt tokens that fit for a step, or None when the context is unknown.
+
+        The context length (--context-length, else what the server reported for the
+        loaded model) less the answer's share: the step's max_tokens, else
+        its validation's default_max_tokens (at most a quarter of the context;
+        see answer_tokens).
+        """
+        budget = prompt_budget(step, self.context_of(model))
+        return int(budget / self.calibration) if budget is not None else None
+
+    def calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
+        """Learn how many of the server's tokens one estimated token is (calibration,
+        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
+        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
+        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
+        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        estimate = estimate_tokens(messages)
+        if model != self.model or not isinstance(counted, int) or self.context_length is None \
+                or estimate < CALIBRATE_MIN_TOKENS:
+            return False
+        ratio = min(counted / estimate, MAX_CALIBRATION)
+        if ratio <= self.calibration * 1.02:
+            return False
+        self.calibration = ratio
+        return True
+
+    def max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
+        """Return the max_tokens of one request: answer_tokens, plus reserve, capped by
+        the context the prompt leaves (estimate_tokens, times calibration) when the
+        model's context is known."""
+        context = self.context_of(model)
+        limit = answer_tokens(step, context) + self.reserve(step, model)
+        if not context:
+            return limit
+        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
+
+    def reserve(self, step: Step, model: str) -> int:
+        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
+        when the step asks for thinking or the model was seen thinking, else 0."""
+        if step.thinking != "on" and model not in self._thinkers:
+            return 0
+        return thinking_reserve(self.context_of(model))
+
+    def thinks(self, model: str) -> None:
+        """Remember that a model thought: its later requests keep the reserve."""
+        self._thinkers.add(model)
+
+    def learn_context(self, message: str) -> None:
+        """Take the context a server names in its overflow error (llama-cpp-python and
+        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
+        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
+        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
+                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
+        number = next((int(g) for g in found.groups() if g), 0) if found else 0
+        if number >= 64:
+            self.context_length = number
+            self.progress.info(f"the server's context is {number} tokens (from its error): "
+                               "the steps sent from now on are fitted to it")
+
+    def reprobe_loaded(self, model: str) -> None:
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
+        context and parallel slots it was loaded with (JIT loads ignore saved settings
+        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
+        re-reads the same way): the steps sent after this fit them; said once."""
+        with self._reprobe_lock:
+            if not self.reprobe:
+                return
+            self.reprobe = False
+        try:
+            info = self.client.probe()
+        except LLMError:
+            return
+        if model != self.model or info.loaded != parse_model_ref(model)[1]:
+            return
+        self.context_length = self.config.context_length or info.context_length
+        self.parallel = self.config.parallel or info.parallel or 1
+        self.progress.info(f"model {info.loaded} is loaded now: context "
+                           f"{info.context_length or 'not reported'}, "
+                           f"{info.parallel or 1} slot(s); "
+                           "the steps sent from now on are fitted to them")
+
+
+###############################################################################
+# 31. An attempt
+# One request of a step as it is sent and streamed: its progress, its watched
+# answer and thinking, and what it thought.
+###############################################################################
+
+
+class Attempt:
+    """One request of a step as it is sent and streamed: step_run (the StepRun it is
+    of), number (1 for the first), model (the model reference asked), messages (the
+    prompt sent, redacted), sampling (the fields of retry_sampling, or None: as the
+    step says; then the fields sent, with max_tokens), started (time.monotonic()),
+    pieces (streamed pieces so far: the token estimate when the server sends no
+    usage), guard (a DegenerationGuard for a local model, else None), thought
+    (reasoning pieces so far), thinking_guard (the guard of the reasoning text); once
+    prepared (StepRun._prepare): executor and name (the model name it is asked by),
+    local (the run's model server: a PROBED executor), thinking (thinking_asked, on the local
+    server), reserve (thinking reserve tokens) and schema (the output schema sent, or
+    None)."""
+
+    __slots__ = ("step_run", "number", "model", "messages", "sampling", "started", "pieces",
+                 "guard", "thought", "thinking_guard", "executor", "name", "local", "thinking",
+                 "reserve", "schema")
+
+    def __init__(self, step_run: "StepRun", number: int, model: str, messages: list[dict],
+                 sampling: dict | None = None):
+        self.step_run, self.number, self.model, self.sampling = step_run, number, model, sampling
+        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
+        self.started, self.pieces, self.guard = time.monotonic(), 0, None
+        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+        self.executor, self.name, self.local = None, model, False
+        self.thinking, self.reserve, self.schema = None, 0, None
+
+    def _status(self, what: Callable[[float], str]) -> None:
+        """Show the attempt on the progress line: where, step, attempt, seconds, and
+        what(seconds since it started)."""
+        run, step = self.step_run.run, self.step_run.step
+        elapsed = time.monotonic() - self.started
+        run.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
+                            f"{self.number} · {elapsed:.1f} s · {what(elapsed)}")
+
+    def on_delta(self, piece: str) -> None:
+        """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
+        closed on the way out), emit it as an event, show the attempt's progress."""
+        self.pieces += 1
+        if self.guard is not None:
+            self.guard.feed(piece)
+        run = self.step_run.run
+        run.runner.events.emit("delta", run.plan.id, self.step_run.step.id,
+                               attempt=self.number, text=piece)
+        self._status(lambda elapsed: f"{self.pieces / max(elapsed, 1e-6):.1f} tok/s")
+
+    def on_reasoning(self, piece: str) -> None:
+        """Take one streamed piece of thinking: count it, show it on the progress line
+        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
+        the stream is closed on the way out)."""
+        self.thought += 1
+        self._status(lambda elapsed: f"thinking · {self.thought} tokens")
+        if self.thinking_guard is not None:
+            try:
+                self.thinking_guard.feed(piece)
+            except OutputDegenerate as exc:
+                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
+                raise OutputDegenerate(why) from None
+
+    def thought_of(self, reply: Completion, inline: str) -> tuple[int, int]:
+        """Record what the attempt thought (reasoning fields and reasoning inside content):
+        its tokens and bytes, on the step's attempt_log entry; remember the model
+        thinks. Returns the tokens, and the answer's (its pieces less the thinking
+        inside content). Tokens: the reasoning fields' streamed pieces (else
+        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
+        characters are (else CHARS_PER_TOKEN)."""
+        text = reply.reasoning + inline
+        if not text:
+            return 0, self.pieces
+        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
+        if self.pieces and inline:
+            within = round(self.pieces * len(inline) / len(reply.text))
+        else:
+            within = int(len(inline) / CHARS_PER_TOKEN)
+        tokens = max(1, fields + within)
+        size = len(text.encode("utf-8", "replace"))
+        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self.step_run.runner.fit.thinks(self.model)
+        self.step_run.say(f"  {self.step_run.step.label}: the model thought for {tokens} tokens",
+                          detail=True)
+        return tokens, max(0, self.pieces - within)
+
+    def thought_cut(self) -> None:
+        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        if self.thought and self.thinking_guard is not None:
+            size = len(self.thinking_guard.text.encode("utf-8", "replace"))
+            self.step_run.result.attempt_log[-1].update(reasoning_tokens=self.thought,
+                                                        reasoning_bytes=size)
+            self.step_run.runner.fit.thinks(self.model)
+
+    def cut_thinking(self, limit: Any, thought: int, answered: int) -> str:
+        """Say how an attempt that thought was cut at max_tokens (limit): what thinking
+        spent (thought: tokens), whether an answer began (answered: its tokens, 0: none),
+        and what the next attempt keeps for thinking."""
+        reserve = self.step_run.runner.fit.reserve(self.step_run.step, self.model)
+        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
+        if self.thinking == "off":
+            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
+                     f"to {reserve} tokens for thinking")
+        elif self.thinking == "on":
+            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
+        else:
+            after = f"the next attempt keeps up to {reserve} tokens for thinking"
+        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
+                f"{answer} ({after})")
+
+    def stopped(self, why: str) -> AttemptFailure:
+        """Record an attempt whose output degenerated and was cut (its tokens are
+        estimated: the server sent no usage); return its AttemptFailure."""
+        step_run = self.step_run
+        text = self.guard.text if self.guard is not None else ""
+        thought = self.thinking_guard.text if self.thinking_guard is not None else ""
+        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, self.thought)
+        step_run.run.runlog.answer(step_run.step.id, self.number, reply)
+        _add_usage(step_run.result, reply, self.messages, self.pieces + self.thought, self.model)
+        step_run.result.output = split_reasoning(text)[0]
+        step_run.run.runlog.checked(step_run.step.id, self.number, why)
+        return AttemptFailure.from_stop(why, step_run.step.validation)
+
+
+###############################################################################
+# 32. A step run
+# One step from its first prompt to its settled result: its attempts (prompt,
+# send, check, write, commands, put back), then its escalation.
+###############################################################################
+
+
+class StepRun:
+    """One step of a plan run, from its first prompt to its settled result (run.results
+    [step.id]: status, output, error, usage, …): its attempts on its model, each checked,
+    its file written and its commands run (a failed one's file put back), until one
+    passes or the retry policy says stop; then its escalation. run: the PlanRun;
+    outputs: step id -> output, of the steps it may read."""
+
+    __slots__ = ("run", "runner", "step", "result", "outputs", "say")
+
+    def __init__(self, run: "PlanRun", step: Step, outputs: dict[int, str]):
+        self.run, self.runner, self.step = run, run.runner, step
+        self.result, self.outputs = run.results[step.id], outputs
+        self.say = functools.partial(run.log.say, step.id)
+
+    def run_step(self, position: int) -> None:
+        """Run the step's attempts (position: its place in the order steps started);
+        fill its result and transcript, then its STATS_FILE record."""
+        run, step, result = self.run, self.step, self.result
+        plan, model = run.plan, step.model or self.runner.model
+        result.status, result.file_output, result.model = "running", step.file_output, model
+        run.positions[step.id] = position
+        run.runlog.start(step, model, plan.project)
+        self.runner.events.emit("step_start", plan.id, step.id, title=step.title,
+                                position=position, steps=len(plan.steps),
+                                max_attempts=step.max_retries + 1, model=model)
+        try:
+            self._attempts()
+        finally:
+            run.runlog.end(result)
+        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
+            append_step_stats(run.config.runs_dir.parent, {
+                "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
+                "model": model,
+                "validation": [v.get("type") for v in validations_of(step.validation)],
+                "outcome": step_outcome(result), "attempts": result.attempts,
+                "escalated_to": result.escalated_to,
+                "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
+                "seconds": round(result.duration_s, 3)})
+
+    def _first_prompt(self) -> list[dict] | None:
+        """Return the step's first prompt, or None when it cannot be sent (its prompt
+        does not fit the model's context, or its commands may not run here): then the
+        step is settled, failed or skipped, and nothing is sent. A prompt the server
+        counts as more tokens than estimated is fitted again (ContextFit.calibrate)."""
+        run, step, result, fit = self.run, self.step, self.result, self.runner.fit
+        staged = run.files.path_of if run.staged else None
+        run.sources[step.id] = []
+        try:
+            messages = build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
+                                      staged, run.sources[step.id])
+            counted = fit.client.count_tokens(messages) \
+                if fit.client is not None and result.model == fit.model else None
+            if fit.calibrate(result.model, messages, counted):
+                run.sources[step.id] = []           # fitted again, to the server's own count
+                messages = build_messages(run.plan, step, self.outputs,
+                                          fit.budget(step, result.model), staged,
+                                          run.sources[step.id])
+        except PromptTooLarge as exc:
+            result.error, shown = f"{exc} ({exc.hint})", str(exc)
+        else:       # commands that may not run here: nothing is sent, nothing runs
+            refused = run.commands_refused() if _commands_of(step) else None
+            if refused is None:
+                return messages
+            result.error = shown = refused
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        self.say(f"  {step.label}: {result.status}: {shown}")
+        return None
+
+    def _attempts(self) -> None:
+        """Send the step's attempts until one passes or the retry policy stops them
+        (AttemptFailure.retries: at most step.max_retries + 1), then escalate when the
+        config or plan says so (escalation_target); settle the result."""
+        run, step, result = self.run, self.step, self.result
+        model, clock = result.model, time.monotonic()
+        budget = self.runner.fit.budget(step, model)
+        messages = self._first_prompt()
+        if messages is None:
+            return
+        retry_note: list[dict] = []
+        failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
+        for number in range(1, step.max_retries + 2):
+            result.attempts = number
+            self.say(f"  {step.label}: attempt {number}/{step.max_retries + 1}")
+            self.say("\n".join(f"--- {m['role']} ---\n{m['content']}"
+                               for m in messages + retry_note), detail=True)
+            result.output = ""
+            sampling = retry_sampling(run.config.retry_sampling, step, number)
+            spent = result.usage["completion_tokens"]
+            failure = self.send(Attempt(self, number, model, messages + retry_note, sampling))
+            if result.attempt_log:
+                result.attempt_log[-1].update(
+                    completion_tokens=result.usage["completion_tokens"] - spent,
+                    error=failure and failure.message)
+            result.duration_s = time.monotonic() - clock
+            if failure is None:
+                result.status, result.error = "succeeded", None
+                self.say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
+                return
+            result.error = failure.message
+            failures.append((result.output, failure.message))
+            self.say(f"  {step.label}: attempt {number} failed: {failure.message}")
+            retrying = failure.retries(number, step)
+            self.runner.events.emit("attempt_failed", run.plan.id, step.id, attempt=number,
+                                    error=failure.message, retrying=retrying)
+            if not retrying:
+                break
+            retry_note = fit_feedback(messages, failure.feedback, budget)
+        escalate_to, unused = escalation_target(run.config, run.plan)
+        if unused:
+            self.say(f"  {step.label}: {unused}")
+        if escalate_to and not run.cancel.is_set():
+            saved = self._escalate(escalate_to, escalation_messages(messages, failures))
+            result.duration_s = time.monotonic() - clock
+            if saved:
+                return
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+
+    def _escalate(self, escalate_to: str, messages: list[dict]) -> bool:
+        """Give the step, its attempts spent, one more attempt on escalate_to with
+        messages (escalation_messages). Returns True when that saved it."""
+        step, result = self.step, self.result
+        number = result.attempts + 1
+        result.attempts, result.escalated_to, result.output = number, escalate_to, ""
+        self.say(f"  {step.label}: escalating to {escalate_to} (attempt {number})")
+        failure = self.send(Attempt(self, number, escalate_to, messages))
+        result.escalation_saved = failure is None
+        if failure is None:
+            result.status, result.error = "succeeded", None
+            self.say(f"  {step.label}: succeeded on {escalate_to}")
+            return True
+        result.error = f"{failure.message} (after escalating to {escalate_to})"
+        self.runner.events.emit("attempt_failed", self.run.plan.id, step.id, attempt=number,
+                                error=failure.message, retrying=False)
+        self.say(f"  {step.label}: the escalation failed too: {failure.message}")
+        return False
+
+    def send(self, attempt: Attempt) -> "AttemptFailure | None":
+        """Send one attempt, check it, write its file; return None or its AttemptFailure.
+
+        attempt.sampling: its fields (retry_sampling; None: as the step says; the
+        Anthropic API and the claude CLI always sample as the step says). A local
+        model's output is watched while it streams (DegenerationGuard): when it
+        degenerates, the request is cancelled and the attempt fails saying why; so
+        does an answer cut at max_tokens (finish_reason "length"), saying what
+        thinking spent of it. On the local server the attempt asks for thinking as
+        thinking_asked says, keeps ContextFit.reserve tokens for it, reads and records
+        the reasoning (Attempt.thought_of), and a constrained answer that comes back
+        garbled makes that model go unconstrained (_garbled).
+        """
+        failure = self._prepare(attempt)
+        if failure is not None:
+            return failure
+        try:
+            reply = self._chat(attempt)
+        except (LLMError, OutputDegenerate) as exc:
+            return self._unanswered(attempt, exc)
+        return self._answered(attempt, reply)
+
+    def _prepare(self, attempt: Attempt) -> "AttemptFailure | None":
+        """Find the attempt's executor, its sampling, thinking and schema, and record what
+        it sends (attempt_log, transcript); return why it cannot be sent, or None."""
+        run, step, result = self.run, self.step, self.result
+        try:
+            attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
+        except LLMError as exc:          # no key, no claude binary, not allowed
+            return AttemptFailure.final(str(exc))
+        if executor_class(attempt.model).PAID and (refused := self.runner.spend.refused()):
+            run.cap_hit = True
+            return AttemptFailure.final(refused)
+        local = attempt.local = attempt.executor.PROBED    # the others keep their own limits
+        attempt.sampling = self._sampling(attempt)
+        sent = attempt.executor.accepted_sampling(attempt.sampling) if local else attempt.sampling
+        attempt.thinking = thinking_asked(step) if local else None
+        attempt.reserve = self.runner.fit.reserve(step, attempt.model) if local else 0
+        result.attempt_log.append({"attempt": attempt.number, "sampling": sent,
+                                   "completion_tokens": 0, "error": None,
+                                   "thinking": attempt.thinking,
+                                   "thinking_reserve_tokens": attempt.reserve})
+        run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
+        if attempt.reserve:
+            self.say(f"  {step.label}: max_tokens {attempt.sampling['max_tokens']} keeps up to "
+                     f"{attempt.reserve} for thinking (the step asks for it, or the model "
+                     "thought earlier in this run)")
+        sends = local and attempt.executor.structured_level < len(RESPONSE_FORMS) and \
+            attempt.name not in attempt.executor.unconstrained
+        attempt.schema = redact(self._output_schema(attempt.number, sends))  # spans copy the input
+        return None
+
+    def _chat(self, attempt: Attempt) -> Completion:
+        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
+        a stream the server cut for another request (LLMContention) is sent again
+        (resend_on_contention; said once a process). With steps in parallel on a
+        server whose slots share one context (ContextFit.pool), the request first waits
+        for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
+        watched = attempt.executor.WATCHED
+        pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
+        request = ChatRequest(attempt.name, sampling, sampling.get("max_tokens"),
+                              self.step.timeout_s, attempt.schema, attempt.thinking,
+                              attempt.on_delta, attempt.on_reasoning)
+        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
+        held = pool.acquire(need, self.run.cancel) if pool is not None else 0
+
+        def send() -> Completion:
+            attempt.guard = DegenerationGuard(checked_depth(self.step.validation)) \
+                if watched else None
+            attempt.thinking_guard = DegenerationGuard() if watched else None
+            attempt.pieces = attempt.thought = 0
+            return attempt.executor.chat(attempt.messages, request)
+        try:
+            return resend_on_contention(send, self.run.cancel, self.runner.contention)
+        finally:
+            if pool is not None:
+                pool.release(held)
+
+    def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
+        """Record an attempt whose request failed (LLMError) or whose output was stopped
+        while it streamed (OutputDegenerate); return its AttemptFailure. The server's
+        own failure (LLMServerUnusable) stops the run (PlanRun.halt, cancel); a context
+        overflow teaches the context (ContextFit.learn_context) when none is known."""
+        run, fit = self.run, self.runner.fit
+        self.result.generation_s += time.monotonic() - attempt.started
+        attempt.thought_cut()
+        if isinstance(exc, OutputDegenerate):
+            return attempt.stopped(str(exc))
+        run.runlog.checked(self.step.id, attempt.number, str(exc))
+        if isinstance(exc, LLMServerUnusable):      # the server's failure, not the step's
+            if run.halt is None:
+                run.halt = exc
+            run.cancel.set()
+        elif exc.context_overflow and attempt.local and attempt.model == fit.model \
+                and fit.context_length is None:
+            fit.learn_context(str(exc))
+        return AttemptFailure.from_request(exc)
+
+    def _answered(self, attempt: Attempt, reply: Completion) -> "AttemptFailure | None":
+        """Take an attempt's reply: price and record it, learn from its usage, then fail
+        it when its prompt was cut or its answer stopped at max_tokens, else check it."""
+        run, step, result, fit = self.run, self.step, self.result, self.runner.fit
+        local, executor = attempt.local, attempt.executor
+        result.generation_s += time.monotonic() - attempt.started
+        pieces = attempt.pieces + attempt.thought
+        reply = priced_reply(reply, attempt.messages, pieces, attempt.name)
+        if local and fit.reprobe:
+            fit.reprobe_loaded(attempt.model)
+        if executor_class(attempt.model).PAID:
+            self.runner.spend.add(reply.cost_usd or 0.0)
+        if run.cancel.is_set():
+            return AttemptFailure.final("interrupted")
+        output, inline = split_reasoning(reply.text)
+        run.runlog.answer(step.id, attempt.number, reply)
+        if local:
+            result.attempt_log[-1]["response_format"] = reply.response_format
+        _add_usage(result, reply, attempt.messages, pieces, attempt.model)
+        thought, answered = attempt.thought_of(reply, inline)
+        cuts = local and executor.cuts_prompts
+        if cuts and reply.usage:     # the steps after it fit better
+            fit.calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
+        result.output = output
+        cut = prompt_cut(reply.usage, attempt.messages) if cuts else None
+        if cut:
+            run.runlog.checked(step.id, attempt.number, cut)
+            return AttemptFailure.final(cut)    # the same prompt would be cut again
+        if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
+            limit = attempt.sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
+                or "the server's limit"
+            why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
+                   "(raise the step's max_tokens if it needs more)")
+            if thought:
+                why = attempt.cut_thinking(limit, thought,
+                                           max(1, answered) if output.strip() else 0)
+            run.runlog.checked(step.id, attempt.number, why)
+            return AttemptFailure.from_stop(why, step.validation)
+        if reply.model and reply.model != attempt.name:
+            result.model = reply.model
+        self.say(f"--- output ---\n{output}", detail=True)
+        failure = self._check(output, output)
+        if failure is not None and failure.answer_invalid and local and reply.response_format:
+            self._garbled(attempt, output, reply.response_format)
+        return failure
+
+    def _garbled(self, attempt: Attempt, output: str, form: str) -> None:
+        """After a constrained answer failed: when it looks damaged by the grammar
+        (grammar_damage against attempt.schema, the one sent), send that model's later
+        requests unconstrained, and say so."""
+        executor, name = attempt.executor, attempt.name
+        if name in executor.unconstrained:
+            return
+        damage = grammar_damage(output, attempt.schema)
+        if damage:
+            executor.drop_constraint(name, damage)
+            self.say(f"  {self.step.label}: the constrained answer ({form}) looks garbled "
+                     f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
+                     "rest of this run, still checked")
+
+    def _output_schema(self, number: int, sends: bool) -> dict | None:
+        """Return the schema an attempt asks for (output_schema of the step's input) and,
+        for a grounded step, record in the run log which form it is: "spans" (its string
+        values can only be copied from the input), "schema" (the usual one: the input
+        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
+        (sends: False, the executor sends no schema: only the check applies)."""
+        step = self.step
+        schema = output_schema(step.validation, self.run.sources.get(step.id, []))
+        first = next((v for v in validations_of(step.validation)
+                      if output_schema(v) is not None), {})
+        if first.get("grounded") and schema is not None:
+            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
+            form = "none" if not sends else "spans" if spans else "schema"
+            self.run.runlog.constrained(step.id, number, form,
+                                        len(spans["enum"]) if spans else None)
+        return schema
+
+    def _sampling(self, attempt: Attempt) -> dict:
+        """Return the sampling fields an attempt asks for, with its max_tokens: the
+        attempt's own on a local model (retry_sampling), else as the step says."""
+        step, local = self.step, attempt.local
+        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
+                        else attempt.sampling)
+        limit = self.runner.fit.max_tokens(step, attempt.model, attempt.messages) if local \
+            else step.max_tokens
+        if limit:
+            sampling["max_tokens"] = limit
+        return sampling
+
+    def _check(self, output: str, answer: str) -> "AttemptFailure | None":
+        """Check an output, write its file, run the step's commands; return None or the
+        AttemptFailure. The checks of the answer itself come first (they cost nothing,
+        and the commands need the file they produce), then each command in order, up
+        to the first that fails. A failed command puts the file back at once, and so
+        does anything that stops the run while a command runs."""
+        run, step, result = self.run, self.step, self.result
+        files, number = run.files, result.attempts
+        try:
+            source = "\n".join(run.sources.get(step.id, []))
+            artifact = check_output(output, step.validation, source)
+        except OutputInvalid as exc:
+            run.runlog.checked(step.id, number, str(exc))
+            return AttemptFailure.from_output(str(exc), answer, step.validation)
+        result.output = artifact
+        if step.file_output:
+            try:
+                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
+            except PathError as exc:
+                run.runlog.checked(step.id, number, str(exc))
+                return AttemptFailure.final(str(exc))
+            done, review = ("staged", " for review") if run.staged else ("wrote", "")
+            self.say(f"  {step.label}: {done} {step.file_output} ({change.action}){review}")
+        try:
+            failure = self._run_commands(answer)
+        except BaseException:
+            with _suppress(PathError):
+                self._put_back()
+            raise
+        if failure is not None:
+            try:
+                self._put_back()
+            except PathError as exc:
+                return AttemptFailure.final(f"{failure.message}; and {exc}")
+            return failure
+        run.runlog.checked(step.id, number, None)
+        if step.file_output:
+            run.kept[step.file_output] = artifact
+            if not run.staged:     # only a write that stays is what the run left
+                record_written(run.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
+        return None
+
+    def _run_commands(self, answer: str) -> "AttemptFailure | None":
+        """Run the step's command validations in order in the project; return the first
+        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        run, step, result = self.run, self.step, self.result
+        number = result.attempts
+        for validation in _commands_of(step):
+            argv = validation["run"]
+            self.say(f"  {step.label}: checking with `{shell_words(argv)}`")
+            command = run_command(argv, run.plan.project, command_env(run.config),  # type: ignore[arg-type]
+                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+            result.checks.append({"attempt": number, **command.as_dict()})
+            run.runlog.command(step.id, number, command)
+            if command.error is None:
+                self.say(f"  {step.label}: check passed in {command.duration_s:.1f} s")
+                continue
+            self.say(f"--- output of `{shell_words(argv)}` ---\n{command.output_tail}",
+                     detail=True)
+            run.runlog.checked(step.id, number, command.error)
+            if run.cancel.is_set():
+                return AttemptFailure.final("interrupted")
+            return AttemptFailure.from_command(command, answer, step.file_output, step.validation)
+        return None
+
+    def _put_back(self) -> None:
+        """Undo a failed attempt's file: what an earlier step of this run wrote there,
+        else the original. Raises PathError (RollbackError) when it cannot."""
+        step, files = self.step, self.run.files
+        if not step.file_output or files is None:
+            return
+        if step.file_output in self.run.kept:
+            files.write(step.file_output, self.run.kept[step.file_output], step.id)
+        else:
+            files.revert_path(step.file_output)
+
+
+###############################################################################
+# 33. A plan run
+# One plan from its claim to its stored result: open, take over, run the steps,
+# verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
 
 
@@ -8454,6 +9141,32 @@ def narrowed_plan(plan: Plan, config: Config) -> Plan:
     return plan._replace(steps=steps)
 
 
+class CheckedPlan(namedtuple("CheckedPlan", "record plan problems trusted")):
+    """A stored plan as the gate checked it, handed to its run (check_plan and the trust
+    decision run once per run): record (PlanRecord), plan (runnable_plan of it, or None
+    when it is invalid), problems (why it is invalid; [] when valid), trusted
+    (plan_trusted for its content: may it run commands; False when invalid)."""
+
+    __slots__ = ()
+
+
+def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str | None]:
+    """Return (the run id of the killed run a stale plan's run takes over, or None; why
+    it does not take it over, or None). A stale plan's dead run may have left files
+    half done: they are taken over if the run id read back from the store is one bridge
+    made, and that run's folder is this plan's (nothing read back is a path)."""
+    previous = record.state.get("run_id") if record.display_status == "stale" else None
+    if previous is None:
+        return None, None
+    try:
+        run_folder(runs_dir, previous)
+    except PathError as exc:
+        return None, f"plan {record.plan_id}: not taking over its last run: {exc}"
+    if foreign := foreign_run_reason(runs_dir, previous, record):
+        return None, f"plan {record.plan_id}: not taking over its last run: {foreign}"
+    return previous, None
+
+
 def _stop_running(results: dict[int, StepResult], why: str) -> None:
     """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
     for result in results.values():
@@ -8464,43 +9177,73 @@ def _stop_running(results: dict[int, StepResult], why: str) -> None:
 
 
 class PlanRun:
-    """What one run of one plan shares from claim to result, as one object (CPython's
-    venv passes a `context` the same way): record, plan (None until checked), run_id,
+    """One run of one plan, from claim to result (CPython's venv passes a `context`
+    the same way): runner (the Runner: store, executors, spend cap, events), record,
+    plan (narrowed_plan of the checked plan, or None when invalid), problems (the
+    gate's: CheckedPlan), trusted (may it run commands: plan_trusted), run_id,
     run_dir, started (UTC ISO) and clock (time.monotonic() at the claim), previous
     (the killed run it takes over, or None), keep_finished (--resume), refused
     (why it does not take over a run, or None), files (FileTransaction, StagedFiles,
     or None without a project), results (step id -> StepResult), runlog (RunLog),
     log (_StepLog), cancel (set when the run stops early, for steps still running),
-    trusted (may it run commands: plan_trusted), cli_cwd (where claude runs: a
-    trusted project, else None for a scratch folder), kept (path -> what a
-    succeeded step of this run wrote there), positions (step id -> its place in
-    the order it started), cap_hit (--max-cost-usd was reached), sources (step id ->
-    its input as sent, the pieces build_messages gives: what a grounded answer copies),
-    halt (the LLMServerUnusable that stopped the run, or None)."""
+    cli_cwd (where claude runs: a trusted project, else None for a scratch folder),
+    kept (path -> what a succeeded step of this run wrote there), positions (step id
+    -> its place in the order it started), cap_hit (--max-cost-usd was reached),
+    sources (step id -> its input as sent, the pieces build_messages gives: what a
+    grounded answer copies), halt (the LLMServerUnusable that stopped the run, or
+    None)."""
 
-    __slots__ = ("record", "plan", "run_id", "run_dir", "started", "clock", "previous", "keep_finished",
-                 "refused", "files", "results", "runlog", "log", "cancel", "trusted", "cli_cwd", "kept",
-                 "positions", "cap_hit", "sources", "halt")
+    __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
+                 "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
+                 "files", "results", "runlog", "log", "cancel", "cli_cwd", "kept", "positions",
+                 "cap_hit", "sources", "halt")
 
-    def __init__(self, record: PlanRecord, run_id: str, runs_dir: Path, previous: str | None,
-                 keep_finished: bool):
+    def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
+                 previous: str | None, keep_finished: bool):
         import threading        # not at the top: `bridge --help` does without it
 
-        self.record, self.run_id, self.run_dir = record, run_id, runs_dir / run_id
+        self.runner, self.config, self.progress = runner, runner.config, runner.progress
+        self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
+        self.plan = narrowed_plan(checked.plan, self.config) if checked.plan else None
+        self.run_id, self.run_dir = run_id, self.config.runs_dir / run_id
         self.started, self.clock = utc_now_iso(), time.monotonic()
         self.previous, self.keep_finished, self.refused = previous, keep_finished, None
-        self.plan: Plan | None = None
         self.files: FileTransaction | StagedFiles | None = None
         self.results: dict[int, StepResult] = {}
         self.runlog: RunLog | None = None
         self.log: _StepLog | None = None
         self.cancel = threading.Event()
-        self.trusted, self.cli_cwd = False, None
+        self.cli_cwd = None
         self.kept: dict[str, str] = {}
         self.positions: dict[int, int] = {}
         self.cap_hit = False
         self.sources: dict[int, list[str]] = {}
         self.halt: LLMServerUnusable | None = None
+
+    def run(self, problems: list[str]) -> dict:
+        """Run the plan and store its result; return the stored result document.
+
+        problems: reasons found outside the plan itself (an id shared with another
+        live plan); with any, or any of the gate's, the plan is recorded as failed with
+        every problem and nothing is sent. Re-raises KeyboardInterrupt after recording
+        the plan as failed ("interrupted at step N"). Raises LLMServerUnusable when the
+        model server stopped the run (_halted), ResultNotStored or StoreError when the
+        store cannot be written.
+        """
+        self._announce()
+        problems = [*problems, *self.problems]
+        if problems:
+            return self._invalid(problems)
+        with _Heartbeat(self.config, self.record, self.run_id):
+            self._open()                        # logs, trust, files, step results
+            error, verify, interrupted = self._work()   # records, take over, steps, verify
+            if self.halt is not None and interrupted is None:
+                self._halted()                  # raises: the plan stays pending or resumable
+            with shielded_signals(self.progress.error, for_good=interrupted is not None):
+                result = self._close(error, verify, interrupted)    # files, backups, result
+        if interrupted:
+            raise interrupted
+        return result
 
     @property
     def staged(self) -> bool:
@@ -8509,25 +9252,366 @@ class PlanRun:
 
     def where(self, step: Step) -> str:
         """Return "plan ID · step N/M" for a progress line of a step that started."""
-        return f"plan {self.plan.id} · step {self.positions.get(step.id, 0)}/{len(self.plan.steps)}"
+        return (f"plan {self.plan.id} · step {self.positions.get(step.id, 0)}"
+                f"/{len(self.plan.steps)}")
+
+    def _announce(self) -> None:
+        record = self.record
+        self.runner.events.emit("plan_start", record.plan_id, run_id=self.run_id,
+                                objective=record.objective, steps=record.step_count,
+                                model=self.runner.model)
+        if self.refused:
+            self.progress.error(self.refused)
+
+    def _invalid(self, problems: list[str]) -> dict:
+        """Record the plan failed with every problem, nothing sent; return the result."""
+        self.progress.error(f"plan {self.record.plan_id}: invalid: {problems_line(problems)}")
+        result = self._result("failed", f"plan is invalid ({len(problems)} problem(s))")
+        result["problems"] = problems
+        if self.refused:
+            result["refused"] = [self.refused]
+        return self._finish(result)
+
+    def _open(self) -> None:
+        """Fill in what a checked plan's run needs: its logs, files and step results."""
+        plan, config = self.plan, self.config
+        self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
+                           f"· {len(plan.steps)} step(s) · model {self.runner.model}")
+        self.runlog = RunLog(self.run_dir, self.run_id, plan.id, config.price_model)
+        if plan.project is not None and trusted_root(config, plan.project) is not None:
+            self.cli_cwd = plan.project
+        if not plan.project:
+            self.files = None
+        elif config.review:
+            self.files = StagedFiles(plan.project, self.run_dir, config.crash_at)
+        else:
+            self.files = FileTransaction(plan.project, self.run_dir, config.crash_at,
+                                         Guard.of(config))
+        self.results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
+
+    def _work(self) -> tuple[str | None, dict | None, BaseException | None]:
+        """Write the run's records, take over a killed run, run the steps and verify;
+        return (the plan's error or None, the verify record or None, the interrupt that
+        stopped it or None)."""
+        plan, results = self.plan, self.results
+        try:
+            private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
+            write_run_info(self.run_dir, plan.id, plan.project, self.started,
+                           self.record.content_hash)
+            if self.staged:
+                self.files.note_reads(plan.files_context)
+            if self.previous:
+                self._take_over()
+            return (*self._run_and_verify(), None)
+        except KeyboardInterrupt as exc:
+            current = sorted(r.id for r in results.values() if r.status == "running")
+            for result in results.values():
+                if result.status == "running":
+                    result.status, result.error = "failed", "interrupted"
+                elif result.attempts == 0 and result.error is None:
+                    result.error = "not run: the run was interrupted"
+            where = f" at step {', '.join(map(str, current))}" if current else ""
+            return f"interrupted{where}", None, exc
+        except RollbackError as exc:        # files of a killed run could not be put back
+            return str(exc), None, None
+        except OSError as exc:              # a full disk or read-only state dir: the run's records
+            _stop_running(results, "the run's records could not be written")
+            return (f"cannot write the run's records in {self.run_dir}: {exc.strerror or exc} "
+                    "(free some space, or make --state-dir writable)"), None, None
+
+    def _take_over(self) -> None:
+        """Take over what a killed run (previous) left, and put back what it left half done.
+
+        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+        keep their outputs and files, unless that run had already reverted its
+        files; files written by any other step are restored from its journal. A
+        --review run (or its --apply) that died starts over: its outputs never all
+        reached the project. Raises RollbackError when such a file cannot be restored.
+        """
+        plan, previous, results, files = self.plan, self.previous, self.results, self.files
+        old_dir = run_folder(self.config.runs_dir, previous)
+        keep_finished = self.keep_finished
+        if keep_finished and (old_dir / STAGED_FILE).exists():
+            # a --review run (or its --apply) died: its outputs never all reached the project
+            keep_finished = False
+            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
+                               "starting its steps over")
+        try:
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
+            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
+                    if keep_finished and not reverted
+                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+            written = read_jsonl(old_dir / WRITTEN_FILE)
+        except OSError as exc:      # a symlink where its records should be: not bridge's
+            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
+                                f"({exc.strerror or exc}); every step runs again")
+            done, written = {}, []
+        for sid, entry in done.items():
+            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
+            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
+            if plan.steps[sid].file_output:
+                self.kept[plan.steps[sid].file_output] = results[sid].output
+        for entry in written:                   # what the kept steps wrote, for --undo
+            if entry.get("step") in done:
+                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
+        restored = files.recover(old_dir, set(done)) if files else []
+        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
+                           f"already succeeded, {len(restored)} file(s) put back")
+        for reason in getattr(files, "refused", []):
+            self.progress.error(f"plan {plan.id}: {reason}")
+
+    def _run_and_verify(self) -> tuple[str | None, dict | None]:
+        """Run the steps, then the plan's verify once they all succeeded or were
+        skipped; return (the plan's error or None, the verify record or None). A
+        verify that may not run here (plan_trusted) fails the plan before any step
+        is sent, so no model time is spent on a plan that cannot pass."""
+        plan = self.plan
+        if plan.verify is not None and (message := self.commands_refused()):
+            for result in self.results.values():
+                result.error = result.error or "not run: the plan's verify cannot run"
+            self.progress.error(f"plan {plan.id}: verify: {message}")
+            return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False,
+                                          "error": message}
+        error = self._run_steps()
+        if error is not None or plan.verify is None:
+            return error, None
+        argv = plan.verify["run"]
+        self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
+        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
+                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self.cancel)
+        append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        if command.error is None:
+            self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
+            return None, {"ran": True, **command.as_dict()}
+        self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
+        self.progress.detail(command.output_tail)
+        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
+
+    def commands_refused(self) -> str | None:
+        """Return why this run may not run the plan's commands, or None when it may."""
+        if not self.trusted:
+            return untrusted_message(self.plan)
+        if self.staged:
+            return ("a command checks the file in the project, and --review stages files "
+                    "outside it; run the plan without --review to check it with its command")
+        return None
+
+    def _run_steps(self) -> str | None:
+        """Run every step through a StepScheduler; return the plan's error or None.
+
+        Each finished step is appended to the run's steps.jsonl, so a killed run can
+        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
+        neither write files nor touch their results.
+        """
+        plan, checkpoint = self.plan, self.run_dir / STEPS_FILE
+        graph, parallel = step_graph(plan), self.runner.fit.parallel
+        self.log = _StepLog(self.progress, sequential_order(graph), immediate=parallel == 1)
+        scheduler = StepScheduler(graph, parallel, self)
+        private_dir(checkpoint.parent)
+        with _suppress(OSError):            # a runs folder made before bridge kept it private
+            os.chmod(checkpoint.parent.parent, 0o700)
+        # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
+        # line lost to a power cut only means that step runs again on --resume (its
+        # file writes are journaled and fsynced, so recovery puts them back first).
+        with open(checkpoint, "a", encoding="utf-8", opener=private_opener) as journal:
+            try:
+                return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
+            except BaseException:
+                if self.files is not None:
+                    self.files.close()
+                raise
+
+    def run_step(self, step: Step, result: StepResult, outputs: dict[int, str],
+                 position: int) -> None:
+        """Run one step's attempts (StepRun); fill result (status, output, error, …)."""
+        StepRun(self, step, outputs).run_step(position)
+
+    def step_ended(self, result: StepResult) -> None:
+        """Emit a step_end event for a step that is over (with --events)."""
+        events = self.runner.events
+        if not events.enabled:
+            return
+        entry = result.as_dict(self.config.price_model)
+        events.emit("step_end", self.plan.id, result.id,
+                    **{k: v for k, v in entry.items() if k != "id"})
+
+    def _halted(self) -> None:
+        """Leave a run the model server stopped (halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = self.record.plan_id, self.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in self.results.values())
+        if not done and not self.previous and not (files is not None and files.changes) \
+                and self.runner.store.release(self.record, self.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
+                                self.halt.status)
+
+    def _close(self, error: str | None, verify: dict | None,
+               interrupted: BaseException | None) -> dict:
+        """Settle the run's files, then store its result (see _finish); return it."""
+        files = self.files
+        status = "failed" if error else "completed"
+        file_error = self._settle_files(status)
+        if file_error:
+            error = f"{error}; {file_error}" if error else file_error
+            status = "failed"
+        if status == "completed" and self.staged and files.changes:
+            status = "awaiting_review"          # nothing is in the project until --apply
+        result = self._result(status, error)
+        if self.previous:
+            result["resumed_from"] = self.previous
+        if verify is not None:
+            result["verify"] = verify
+        refusals = ([self.refused] if self.refused else []) + getattr(files, "refused", [])
+        if refusals:
+            result["refused"] = refusals
+        try:
+            result = self._finish(result)
+        except ResultNotStored as exc:
+            if interrupted is None:
+                raise
+            self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
+            raise interrupted from exc
+        finally:
+            if isinstance(files, FileTransaction):
+                files._release()        # the project folder's descriptor
+        if files is not None and self.config.keep_runs == 0 and not self.staged:
+            files.discard()         # only now: a result that cannot be stored keeps the backups
+        return result
+
+    def _settle_files(self, status: str) -> str | None:
+        """Revert or keep the run's files as the plan asks; return an error or None.
+        Kept files keep their backups at least until the result is stored."""
+        plan, files = self.plan, self.files
+        if files is None or not files.changes:
+            return None
+        if self.staged:
+            if status == "failed":
+                files.discard()         # nothing reached the project; nothing to review
+            return None
+        try:
+            if status == "failed" and plan.rollback_strategy == "revert_files":
+                files.rollback()
+                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
+            else:
+                self._keep_backups()
+                kept = ", ".join(path for path, change in files.changes.items()
+                                 if change.action != "reverted")
+                if status == "failed" and kept:
+                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
+        except RollbackError as exc:
+            self.progress.error(str(exc))
+            return str(exc)
+        return None
+
+    def _keep_backups(self) -> None:
+        """Keep the run's backups for --undo (0600), then delete those of the plan's
+        runs older than the last keep_runs; with keep_runs 0, none are kept, but
+        _close deletes them only once the result is stored."""
+        config, plan_id = self.config, self.plan.id
+        if config.keep_runs == 0:
+            return
+        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
+            keep_backups(run_dir)
+        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
+        if pruned:
+            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
+                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
+
+    def _result(self, status: str, error: str | None) -> dict:
+        """Build the run's result document (README: "What bridge writes into the store";
+        what --json and --show --json print is shown_result of it)."""
+        steps = [self.results[sid] for sid in sorted(self.results)]
+        usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
+                 "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
+        counts = {k: sum(1 for s in steps if s.status == k)
+                  for k in ("succeeded", "failed", "skipped")}
+        generation_s = sum(s.generation_s for s in steps)
+        config, record, price = self.config, self.record, self.config.price_model
+        if self.cap_hit and error:
+            error += f"; spend cap reached (--max-cost-usd {config.max_cost_usd:.2f})"
+        speed = round(usage["completion_tokens"] / generation_s, 1) if generation_s else None
+        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": self.run_id,
+                "objective": record.objective, "status": status,
+                "project": project_name(self.plan.project)
+                if self.plan and self.plan.project else None,
+                "success": status in ("completed", "awaiting_review"),
+                "started_at": self.started, "finished_at": utc_now_iso(),
+                "duration_s": round(time.monotonic() - self.clock, 3), "model": self.runner.model,
+                "base_url": config.base_url, "usage": usage, "tokens_per_s": speed,
+                "cost_usd": round(sum(s.cost_usd for s in steps), 6),
+                "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
+                "ledger": merge_ledgers(s.ledger for s in steps),
+                "escalations": [{"step": s.id, "model": s.escalated_to,
+                                 "saved": s.escalation_saved} for s in steps if s.escalated_to],
+                "max_cost_usd": config.max_cost_usd, "spend_cap_reached": self.cap_hit,
+                "savings": run_savings(steps, price),
+                "counts": counts, "steps": [s.as_dict(price) for s in steps],
+                "files": self.files.summary() if self.files else [], "error": error,
+                "run_log": str(config.runs_dir / self.run_id),
+                "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
+
+    def _finish(self, result: dict) -> dict:
+        """Store the result and the plan's final state, then print its summary.
+
+        Raises ResultNotStored when the store cannot be written: the plan stays
+        in_progress, stale once this process is gone, so --resume or --rerun can
+        take it over (the run's journal and backups are kept for that)."""
+        record, runner, progress = self.record, self.runner, self.progress
+        try:
+            digest = runner.store.finish(record, result_memory(result), runner.memory_api,
+                                         progress.warning)
+        except StoreError as exc:
+            raise ResultNotStored(
+                f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays in "
+                "progress (stale once this bridge exits), its files and their backups kept",
+                f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
+                "succeeded steps) or --rerun (puts its files back, starts over)") from exc
+        result = shown_result(result, digest, {}, self.config.runs_dir)   # as --show --json shows it
+        counts = result["counts"]
+        tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+        line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
+                f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
+                f"{result['duration_s']:.1f} s · "
+                + ("$0 here" if not result["cost_usd"] else f"${result['cost_usd']:.4f} spent")
+                + f", ${result['would_have_cost_usd']:.4f} on {result['price_model']}")
+        if result["error"]:
+            line += f" · {result['error']}"
+        (progress.info if result["success"] else progress.error)(line)
+        for change in result["files"]:
+            staged = " (staged, not written)" if change.get("staged") else ""
+            progress.info(f"  file {change['path']}: {change['action']}{staged}")
+        if result["status"] == "awaiting_review":
+            plan_id = result["plan_id"]
+            progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
+                          f"bridge --apply {plan_id} or bridge --reject {plan_id}")
+        progress.info("  " + savings_line(result["savings"]))
+        if len(result["ledger"]) > 1 or result["escalations"]:
+            for text in ledger_lines(result):
+                progress.info(text)
+        runner.events.emit(
+            "plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
+            success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
+            cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
+            result_hash=result["result_hash"], error=result["error"],
+            problems=result.get("problems"), run_log=result["run_log"])
+        return result
 
 
-class Attempt:
-    """One request of a step as it is sent and streamed: number (1 for the first),
-    model (the model reference asked), messages (the prompt sent), sampling (the
-    fields of retry_sampling, or None: as the step says), started (time.monotonic()),
-    pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None), thought (reasoning
-    pieces so far) and thinking_guard (the guard of the reasoning text)."""
-
-    __slots__ = ("number", "model", "messages", "sampling", "started", "pieces", "guard",
-                 "thought", "thinking_guard")
-
-    def __init__(self, number: int, model: str, messages: list[dict], sampling: dict | None = None):
-        self.number, self.model, self.sampling = number, model, sampling
-        self.messages = redact(messages)    # no secret of bridge's environment reaches a model
-        self.started, self.pieces, self.guard = time.monotonic(), 0, None
-        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+###############################################################################
+# 34. Runner
+# What outlives one plan: the store, the executors, the spend cap, the events,
+# the model's context; each plan it claims runs as a PlanRun.
+###############################################################################
 
 
 class SpendCap:
@@ -8561,30 +9645,22 @@ class Runner:
 
     store: an open Store. client: an open LLMClient, or None when no plan will be
     sent (then only invalid plans can be recorded). model: the default model id
-    (steps and plan defaults may name another). progress: a Progress. One plan
-    run's state is a PlanRun, passed from method to method; the Runner keeps only
-    what outlives a run (the executors, the spend cap).
+    (steps and plan defaults may name another). progress: a Progress. The Runner
+    keeps only what outlives a plan: the executors, the spend cap (spend), the
+    events, the model's context (fit, a ContextFit); one plan's run is a PlanRun.
     """
 
-    def __init__(self, config: Config, store: Store, client: LLMClient | None, model: str | None,
-                 progress: Progress, context_length: int | None = None, parallel: int = 1):
+    def __init__(self, config: Config, store: Store, client: "LLMClient | None",
+                 model: str | None, progress: Progress):
         self.config, self.store, self.client = config, store, client
         self.model, self.progress = model, progress
-        self.context_length, self.parallel = context_length, max(1, parallel)
         self.events = Events(config.events, deltas=config.deltas)
+        self.fit = ContextFit(config, client, model, progress)
+        self.spend = SpendCap(config.max_cost_usd)   # paid requests of this process
+        self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) \
+            if config.memory_url else None
         self._executors: dict[tuple, Any] = {}
-        self.memory_api = MemoryAPI(config.memory_url, config.memory_api_key) if config.memory_url else None
-        self._spend = SpendCap(config.max_cost_usd)     # paid requests of this process, for --max-cost-usd
-        self._thinkers: set[str] = set()    # models seen thinking: their requests keep a reserve
-        # LM Studio's model was not loaded when the run began (JIT): the first reply loads
-        # it, then the server is asked again for the context and slots it was loaded with
-        self.reprobe = False
         self._contention_said = False       # a cut stream (LLMContention) was said once
-        self.pool: ContextPool | None = None    # the default model's context, shared in flight
-        self.calibration = 1.0      # the server's tokens per estimated token (_calibrate)
-        import threading
-
-        self._reprobe_lock = threading.Lock()
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
         """Return (executor, model name) for a model reference (see parse_model_ref and
@@ -8607,946 +9683,41 @@ class Runner:
         """Tell the user a request is being retried (every executor reports here)."""
         self.progress.retrying(message)
 
+    def contention(self, exc: LLMContention) -> None:
+        """Say, once a process, that a stream was cut for another request and is sent
+        again (resend_on_contention)."""
+        if not self._contention_said:
+            self._contention_said = True
+            self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
+                                   f"that goes on (hint: {exc.hint})")
+
     def close(self) -> None:
         """Close the executors this runner opened."""
         for executor in self._executors.values():
             executor.close()
 
-    def run_record(self, record: PlanRecord, allowed: tuple[str, ...] = ("pending",),
+    def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
-        """Claim, validate and run one plan; return its stored result document.
+        """Claim one plan the gate checked and run it (PlanRun.run); return its stored
+        result document, or None when another process claimed the plan first.
 
-        allowed: the effective statuses this run may claim. problems: reasons
-        found outside the plan itself (an id shared with another live plan); with
-        any, or any from check_plan, the plan is recorded as failed with every
-        problem and nothing is sent. resume: take over a stale plan, reusing the
-        outputs of the steps its killed run finished. Returns None when another
-        process claimed the plan first. Re-raises KeyboardInterrupt after
-        recording the plan as failed ("interrupted at step N"). Raises StoreError
-        when the store cannot be written.
+        allowed: the effective statuses this run may claim. problems: reasons found
+        outside the plan itself (an id shared with another live plan). resume: take
+        over a stale plan, reusing the outputs of the steps its killed run finished.
+        Raises what PlanRun.run raises, and StoreError when the claim cannot be written.
         """
-        run_id = new_run_id()
-        # a stale plan's dead run may have left files half done: take them over, if the
-        # run id read back from the store is one bridge made (nothing read back is a path)
-        previous, refused = record.state.get("run_id") if record.display_status == "stale" else None, None
-        if previous is not None:
-            try:
-                run_folder(self.config.runs_dir, previous)
-            except PathError as exc:
-                previous, refused = None, f"plan {record.plan_id}: not taking over its last run: {exc}"
-            else:
-                if foreign := foreign_run_reason(self.config.runs_dir, previous, record):
-                    previous = None
-                    refused = f"plan {record.plan_id}: not taking over its last run: {foreign}"
+        record, run_id = checked.record, new_run_id()
+        previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
             self.progress.info(f"plan {record.plan_id}: taken by another bridge process; skipped")
             return None
-        run = PlanRun(record, run_id, self.config.runs_dir, previous, resume)
+        run = PlanRun(self, checked, run_id, previous, resume)
         run.refused = refused
-        self.events.emit("plan_start", record.plan_id, run_id=run_id, objective=record.objective,
-                         steps=record.step_count, model=self.model)
-        if refused:
-            self.progress.error(refused)
-        problems = list(problems or [])
-        try:
-            run.plan = narrowed_plan(runnable_plan(record, self.config), self.config)
-        except PlanInvalid as exc:
-            problems += exc.problems
-        if problems:
-            self.progress.error(f"plan {record.plan_id}: invalid: {problems_line(problems)}")
-            result = self._result(run, "failed", f"plan is invalid ({len(problems)} problem(s))")
-            result["problems"] = problems
-            if refused:
-                result["refused"] = [refused]
-            return self._finish(record, result)
-        with _Heartbeat(self.config, record, run_id):
-            return self._execute(run)
-
-    def _open_run(self, run: PlanRun) -> None:
-        """Fill in what a checked plan's run needs: its logs, trust, files and step results."""
-        plan = run.plan
-        self.progress.info(f"plan {plan.id}: {plan.objective or '(no objective)'} "
-                           f"· {len(plan.steps)} step(s) · model {self.model}")
-        run.runlog = RunLog(run.run_dir, run.run_id, plan.id, self.config.price_model)
-        run.trusted = plan_trusted(self.config, plan, content_hash(run.record.content))
-        if plan.project is not None and trusted_root(self.config, plan.project) is not None:
-            run.cli_cwd = plan.project
-        if not plan.project:
-            run.files = None
-        elif self.config.review:
-            run.files = StagedFiles(plan.project, run.run_dir, self.config.crash_at)
-        else:
-            run.files = FileTransaction(plan.project, run.run_dir, self.config.crash_at, Guard.of(self.config))
-        run.results = {sid: StepResult(sid, step.title) for sid, step in plan.steps.items()}
-
-    def _execute(self, run: PlanRun) -> dict:
-        """Run a checked plan's steps and verify, then settle and store; return the result."""
-        self._open_run(run)
-        plan, files, results = run.plan, run.files, run.results
-        error, interrupted, verify = None, None, None
-        try:
-            private_dir(run.run_dir, tighten=True)     # its backups hold the project's files
-            write_run_info(run.run_dir, plan.id, plan.project, run.started, run.record.content_hash)
-            if run.staged:
-                files.note_reads(plan.files_context)
-            if run.previous:
-                self._take_over(run)
-            error, verify = self._run_and_verify(run)
-        except KeyboardInterrupt as exc:
-            current = sorted(r.id for r in results.values() if r.status == "running")
-            for result in results.values():
-                if result.status == "running":
-                    result.status, result.error = "failed", "interrupted"
-                elif result.attempts == 0 and result.error is None:
-                    result.error = "not run: the run was interrupted"
-            error = f"interrupted at step {', '.join(map(str, current))}" if current else "interrupted"
-            interrupted = exc
-        except RollbackError as exc:        # files of a killed run could not be put back
-            error = str(exc)
-        except OSError as exc:              # a full disk or read-only state dir: the run's records
-            _stop_running(results, "the run's records could not be written")
-            error = (f"cannot write the run's records in {run.run_dir}: {exc.strerror or exc} "
-                     "(free some space, or make --state-dir writable)")
-        if run.halt is not None and interrupted is None:
-            self._halted(run)
-        with shielded_signals(self.progress.error, for_good=interrupted is not None):
-            result = self._close_run(run, error, verify, interrupted)
-        if interrupted:
-            raise interrupted
-        return result
-
-    def _close_run(self, run: PlanRun, error: str | None, verify: dict | None,
-                   interrupted: BaseException | None) -> dict:
-        """Settle the run's files, then store its result (see _finish); return it."""
-        files = run.files
-        status = "failed" if error else "completed"
-        file_error = self._settle_files(run, status)
-        if file_error:
-            error = f"{error}; {file_error}" if error else file_error
-            status = "failed"
-        if status == "completed" and run.staged and files.changes:
-            status = "awaiting_review"          # nothing is in the project until --apply
-        result = self._result(run, status, error)
-        if run.previous:
-            result["resumed_from"] = run.previous
-        if verify is not None:
-            result["verify"] = verify
-        refusals = ([run.refused] if run.refused else []) + getattr(files, "refused", [])
-        if refusals:
-            result["refused"] = refusals
-        try:
-            result = self._finish(run.record, result)
-        except ResultNotStored as exc:
-            if interrupted is None:
-                raise
-            self.progress.error(str(exc))       # the interrupt still ends the run (exit 130)
-            raise interrupted from exc
-        finally:
-            if isinstance(files, FileTransaction):
-                files._release()        # the project folder's descriptor
-        if files is not None and self.config.keep_runs == 0 and not run.staged:
-            files.discard()         # only now: a result that cannot be stored keeps the backups
-        return result
-
-    def _halted(self, run: PlanRun) -> None:
-        """Leave a run the model server stopped (run.halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
-        plan_id, files = run.record.plan_id, run.files
-        if files is not None:
-            files.close()
-            if isinstance(files, FileTransaction):
-                files._release()
-        done = any(r.status == "succeeded" for r in run.results.values())
-        if not done and not run.previous and not (files is not None and files.changes) \
-                and self.store.release(run.record, run.run_id):
-            where = f"plan {plan_id} stays pending"
-        else:
-            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
-        raise LLMServerUnusable(f"{run.halt}; the run stops ({where})", run.halt.hint,
-                                run.halt.status)
-
-    def _take_over(self, run: PlanRun) -> None:
-        """Take over what a killed run (run.previous) left, and put back what it left half done.
-
-        With run.keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
-        plan, previous, results, files = run.plan, run.previous, run.results, run.files
-        old_dir = run_folder(self.config.runs_dir, previous)
-        keep_finished = run.keep_finished
-        if keep_finished and (old_dir / STAGED_FILE).exists():
-            # a --review run (or its --apply) died: its outputs never all reached the project
-            keep_finished = False
-            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; starting its steps over")
-        try:
-            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
-            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE) if keep_finished and not reverted
-                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
-            written = read_jsonl(old_dir / WRITTEN_FILE)
-        except OSError as exc:      # a symlink where its records should be: not bridge's
-            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
-                                f"({exc.strerror or exc}); every step runs again")
-            done, written = {}, []
-        for sid, entry in done.items():
-            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
-            append_jsonl(run.run_dir / STEPS_FILE, results[sid].checkpoint())
-            if plan.steps[sid].file_output:
-                run.kept[plan.steps[sid].file_output] = results[sid].output
-        for entry in written:                   # what the kept steps wrote, for --undo
-            if entry.get("step") in done:
-                append_jsonl(run.run_dir / WRITTEN_FILE, entry)
-        restored = files.recover(old_dir, set(done)) if files else []
-        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) already "
-                           f"succeeded, {len(restored)} file(s) put back")
-        for reason in getattr(files, "refused", []):
-            self.progress.error(f"plan {plan.id}: {reason}")
-
-    def _run_and_verify(self, run: PlanRun) -> tuple[str | None, dict | None]:
-        """Run the steps, then the plan's verify once they all succeeded or were
-        skipped; return (the plan's error or None, the verify record or None). A
-        verify that may not run here (plan_trusted) fails the plan before any step
-        is sent, so no model time is spent on a plan that cannot pass."""
-        plan = run.plan
-        if plan.verify is not None and (message := self._commands_refused(run)):
-            for result in run.results.values():
-                result.error = result.error or "not run: the plan's verify cannot run"
-            self.progress.error(f"plan {plan.id}: verify: {message}")
-            return f"verify: {message}", {"argv": list(plan.verify["run"]), "ran": False, "error": message}
-        error = self._run_steps(run)
-        if error is not None or plan.verify is None:
-            return error, None
-        argv = plan.verify["run"]
-        self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
-        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
-                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
-        append_jsonl(run.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
-        if command.error is None:
-            self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
-            return None, {"ran": True, **command.as_dict()}
-        self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
-        self.progress.detail(command.output_tail)
-        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
-
-    def _commands_refused(self, run: PlanRun) -> str | None:
-        """Return why this run may not run the plan's commands, or None when it may."""
-        if not run.trusted:
-            return untrusted_message(run.plan)
-        if run.staged:
-            return ("a command checks the file in the project, and --review stages files outside it; "
-                    "run the plan without --review to check it with its command")
-        return None
-
-    def _settle_files(self, run: PlanRun, status: str) -> str | None:
-        """Revert or keep the run's files as the plan asks; return an error or None.
-        Kept files keep their backups at least until the result is stored."""
-        plan, files = run.plan, run.files
-        if files is None or not files.changes:
-            return None
-        if run.staged:
-            if status == "failed":
-                files.discard()         # nothing reached the project; nothing to review
-            return None
-        try:
-            if status == "failed" and plan.rollback_strategy == "revert_files":
-                files.rollback()
-                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
-            else:
-                self._keep_backups(plan)
-                kept = ", ".join(path for path, change in files.changes.items() if change.action != "reverted")
-                if status == "failed" and kept:
-                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
-        except RollbackError as exc:
-            self.progress.error(str(exc))
-            return str(exc)
-        return None
-
-    def _keep_backups(self, plan: Plan) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close_run deletes them only once the result is stored."""
-        if self.config.keep_runs == 0:
-            return
-        for run_dir in plan_runs(self.config.runs_dir, plan.id):   # this one, and those it took over
-            keep_backups(run_dir)
-        pruned = prune_backups(self.config.runs_dir, plan.id, self.config.keep_runs)
-        if pruned:
-            self.progress.detail(f"plan {plan.id}: removed the backups of {len(pruned)} older run(s) "
-                                 f"(keeping {self.config.keep_runs}): {', '.join(pruned)}")
-
-    def _run_steps(self, run: PlanRun) -> str | None:
-        """Run every step through a StepScheduler; return the plan's error or None.
-
-        Each finished step is appended to the run's steps.jsonl, so a killed run can
-        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
-        neither write files nor touch their results.
-        """
-        plan, checkpoint = run.plan, run.run_dir / STEPS_FILE
-        graph = step_graph(plan)
-        run.log = _StepLog(self.progress, sequential_order(graph), immediate=self.parallel == 1)
-        scheduler = StepScheduler(plan, graph, run.results, self.parallel, run.log,
-                                  functools.partial(self._run_step, run),
-                                  functools.partial(self._step_ended, plan), run.cancel)
-        private_dir(checkpoint.parent)
-        with _suppress(OSError):            # a runs folder made before bridge kept it private
-            os.chmod(checkpoint.parent.parent, 0o700)
-        # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
-        # line lost to a power cut only means that step runs again on --resume (its
-        # file writes are journaled and fsynced, so recovery puts them back first).
-        with open(checkpoint, "a", encoding="utf-8", opener=private_opener) as journal:
-            try:
-                return scheduler.run(lambda result: _write_line(journal, result.checkpoint()))
-            except BaseException:
-                if run.files is not None:
-                    run.files.close()
-                raise
-
-    def _step_ended(self, plan: Plan, result: StepResult) -> None:
-        if not self.events.enabled:
-            return
-        entry = result.as_dict(self.config.price_model)
-        self.events.emit("step_end", plan.id, result.id, **{k: v for k, v in entry.items() if k != "id"})
-
-    def _run_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str],
-                  position: int) -> None:
-        """Run one step's attempts; fill result (status, output, error, usage, …).
-
-        A prompt that cannot fit the model's context fails the step at once, with
-        the numbers, and nothing is sent.
-        """
-        plan, model = run.plan, step.model or self.model
-        result.status, result.file_output, result.model = "running", step.file_output, model
-        run.positions[step.id] = position
-        run.runlog.start(step, model, plan.project)
-        self.events.emit("step_start", plan.id, step.id, title=step.title, position=position,
-                         steps=len(plan.steps), max_attempts=step.max_retries + 1, model=model)
-        try:
-            self._try_step(run, step, result, outputs)
-        finally:
-            run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
-            append_step_stats(self.config.runs_dir.parent, {
-                "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
-                "model": model,
-                "validation": [v.get("type") for v in validations_of(step.validation)],
-                "outcome": step_outcome(result), "attempts": result.attempts,
-                "escalated_to": result.escalated_to,
-                "tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"],
-                "seconds": round(result.duration_s, 3)})
-
-    def _first_prompt(self, run: PlanRun, step: Step, result: StepResult,
-                      outputs: dict[int, str]) -> list[dict] | None:
-        """Return a step's first prompt, or None when the step cannot be sent (its
-        prompt does not fit the model's context, or its commands may not run here):
-        then the step is settled, failed or skipped, and nothing is sent."""
-        staged = run.files.path_of if run.staged else None
-        run.sources[step.id] = []
-        try:
-            messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
-                                      staged, run.sources[step.id])
-            if self._calibrate(result.model, messages, self.client.count_tokens(messages)
-                               if self.client is not None and result.model == self.model else None):
-                run.sources[step.id] = []           # fitted again, to the server's own count
-                messages = build_messages(run.plan, step, outputs, self._budget(step, result.model),
-                                          staged, run.sources[step.id])
-        except PromptTooLarge as exc:
-            result.error, shown = f"{exc} ({exc.hint})", str(exc)
-        else:
-            refused = self._commands_refused(run) if _commands_of(step) else None   # nothing is sent, nothing runs
-            if refused is None:
-                return messages
-            result.error = shown = refused
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
-        run.log.say(step.id, f"  {step.label}: {result.status}: {shown}")
-        return None
-
-    def _try_step(self, run: PlanRun, step: Step, result: StepResult, outputs: dict[int, str]) -> None:
-        """Send a step's attempts until one passes or they are spent (step.max_retries
-        + 1), then escalate when the config or plan says so; settle result."""
-        model, clock = result.model, time.monotonic()
-        say = functools.partial(run.log.say, step.id)
-        budget = self._budget(step, model)
-        messages = self._first_prompt(run, step, result, outputs)
-        if messages is None:
-            return
-        retry_note: list[dict] = []
-        failures: list[tuple[str, str]] = []       # (output, why it failed), for an escalation
-        for number in range(1, step.max_retries + 2):
-            result.attempts = number
-            say(f"  {step.label}: attempt {number}/{step.max_retries + 1}")
-            say("\n".join(f"--- {m['role']} ---\n{m['content']}" for m in messages + retry_note), detail=True)
-            result.output = ""
-            sampling, spent = retry_sampling(self.config.retry_sampling, step, number), result.usage["completion_tokens"]
-            failure = self._send_attempt(run, step, result, Attempt(number, model, messages + retry_note, sampling))
-            if result.attempt_log:
-                result.attempt_log[-1].update(completion_tokens=result.usage["completion_tokens"] - spent,
-                                              error=failure and failure.message)
-            result.duration_s = time.monotonic() - clock
-            if failure is None:
-                result.status, result.error = "succeeded", None
-                say(f"  {step.label}: succeeded in {result.duration_s:.1f} s")
-                return
-            result.error = failure.message
-            failures.append((result.output, failure.message))
-            say(f"  {step.label}: attempt {number} failed: {failure.message}")
-            self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
-                             retrying=failure.retryable and number <= step.max_retries)
-            if not failure.retryable:
-                break
-            retry_note = fit_feedback(messages, failure.feedback, budget)
-        if self._escalation(run, step) and not run.cancel.is_set():
-            saved = self._escalate(run, step, result, messages, failures)
-            result.duration_s = time.monotonic() - clock
-            if saved:
-                return
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
-        say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
-
-    def _escalation(self, run: PlanRun, step: Step) -> str | None:
-        """Return the model reference a failed step escalates to (--escalate-to, else
-        the plan's escalate_to), or None: none is named, or its executor is not allowed."""
-        escalate_to = self.config.escalate_to or run.plan.escalate_to
-        if escalate_to and _executor_of(escalate_to) not in self.config.allowed_executors:
-            run.log.say(step.id, f"  {step.label}: escalation to {escalate_to} not used: the "
-                        f"{_executor_of(escalate_to)} executor is not allowed "
-                        f"(pass --allow-executor {_executor_of(escalate_to)})")
-            return None
-        return escalate_to
-
-    def _escalate(self, run: PlanRun, step: Step, result: StepResult, messages: list[dict],
-                  failures: list[tuple[str, str]]) -> bool:
-        """Give a step whose attempts are spent one more attempt on its escalation
-        model, with the failed outputs and errors in its prompt. Returns True when
-        that saved it."""
-        escalate_to = self._escalation(run, step)
-        say = functools.partial(run.log.say, step.id)
-        number = result.attempts + 1
-        result.attempts, result.escalated_to, result.output = number, escalate_to, ""
-        say(f"  {step.label}: escalating to {escalate_to} (attempt {number})")
-        tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}\n```\n"
-                             f"Rejected because: {why}" for n, (output, why) in enumerate(failures, 1))
-        note = (f"\n\nA smaller model tried this step {len(failures)} time(s) and failed. Its answers and why "
-                f"they were rejected:\n\n{tried}\n\nGive the correct answer.")
-        escalated = [*messages[:-1], {"role": "user", "content": messages[-1]["content"] + note}]
-        failure = self._send_attempt(run, step, result, Attempt(number, escalate_to, escalated))
-        result.escalation_saved = failure is None
-        if failure is None:
-            result.status, result.error = "succeeded", None
-            say(f"  {step.label}: succeeded on {escalate_to}")
-            return True
-        result.error = f"{failure.message} (after escalating to {escalate_to})"
-        self.events.emit("attempt_failed", run.plan.id, step.id, attempt=number, error=failure.message,
-                         retrying=False)
-        say(f"  {step.label}: the escalation failed too: {failure.message}")
-        return False
-
-    def _budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is unknown.
-
-        The context length (--context-length, else what the server reported for the
-        loaded model) less the answer's share: the step's max_tokens, else
-        its validation's default_max_tokens (at most a quarter of the context;
-        see answer_tokens).
-        """
-        budget = prompt_budget(step, self.context_length if model == self.model else None)
-        return int(budget / self.calibration) if budget is not None else None
-
-    def _calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
-        """Learn how many of the server's tokens one estimated token is (calibration,
-        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
-        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
-        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
-        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
-        estimate = estimate_tokens(messages)
-        if model != self.model or not isinstance(counted, int) or self.context_length is None \
-                or estimate < CALIBRATE_MIN_TOKENS:
-            return False
-        ratio = min(counted / estimate, MAX_CALIBRATION)
-        if ratio <= self.calibration * 1.02:
-            return False
-        self.calibration = ratio
-        return True
-
-    def _max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, plus _reserve, capped by
-        the context the prompt leaves (estimate_tokens, times calibration) when the
-        model's context is known."""
-        context = self.context_length if model == self.model else None
-        limit = answer_tokens(step, context) + self._reserve(step, model)
-        if not context:
-            return limit
-        return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
-
-    def _reserve(self, step: Step, model: str) -> int:
-        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
-        when the step asks for thinking or the model was seen thinking in this run, else 0."""
-        if step.thinking != "on" and model not in self._thinkers:
-            return 0
-        return thinking_reserve(self.context_length if model == self.model else None)
-
-    def _send_attempt(self, run: PlanRun, step: Step, result: StepResult,
-                      attempt: Attempt) -> "AttemptFailure | None":
-        """Send one attempt, check it, write its file; return None or its AttemptFailure.
-
-        attempt.sampling: its fields (retry_sampling; None: as the step says; the
-        Anthropic API and the claude CLI always sample as the step says). A local
-        model's output is watched while it streams (DegenerationGuard): when it
-        degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length"), saying what
-        thinking spent of it. On the local server the attempt asks for thinking as
-        thinking_asked says, keeps _reserve tokens for it, reads and records the
-        reasoning (_thought), and a constrained answer that comes back garbled makes
-        that model go unconstrained (_garbled).
-        """
-        try:
-            executor, name = self.executor(attempt.model, run.cli_cwd)
-        except LLMError as exc:          # no key, no claude binary, not allowed: another attempt cannot help
-            return AttemptFailure(str(exc), retryable=False)
-        paid = executor_class(attempt.model).PAID
-        if paid and (refused := self._spend.refused()):
-            run.cap_hit = True
-            return AttemptFailure(refused, retryable=False)
-        local = executor.PROBED      # the other executors keep their own limits
-        sampling = self._sampling(step, attempt, local)
-        sent = executor.accepted_sampling(sampling) if local else sampling
-        thinking = thinking_asked(step) if local else None
-        reserve = self._reserve(step, attempt.model) if local else 0
-        result.attempt_log.append({"attempt": attempt.number, "sampling": sent, "completion_tokens": 0,
-                                   "error": None, "thinking": thinking,
-                                   "thinking_reserve_tokens": reserve})
-        run.runlog.sent(step.id, attempt.number, attempt.messages, sent)
-        if reserve:
-            run.log.say(step.id, f"  {step.label}: max_tokens {sampling['max_tokens']} keeps up to "
-                        f"{reserve} for thinking (the step asks for it, or the model thought "
-                        "earlier in this run)")
-        sends = local and executor.structured_level < len(RESPONSE_FORMS) and \
-            name not in executor.unconstrained
-        schema = self._output_schema(run, step, attempt.number, sends)
-        request = ChatRequest(name, sampling, sampling.get("max_tokens"), step.timeout_s,
-                              redact(schema), thinking,     # redact: grounded spans copy the input
-                              functools.partial(self._on_delta, run, step, attempt),
-                              functools.partial(self._on_reasoning, run, step, attempt))
-        try:
-            reply = self._chat(run, step, attempt, executor, request)
-        except LLMServerUnusable as exc:      # the server's failure, not the step's: the run stops
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            run.runlog.checked(step.id, attempt.number, str(exc))
-            if run.halt is None:
-                run.halt = exc
-            run.cancel.set()
-            return AttemptFailure(str(exc), retryable=False)
-        except LLMError as exc:
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            run.runlog.checked(step.id, attempt.number, str(exc))
-            if exc.context_overflow and local and attempt.model == self.model \
-                    and self.context_length is None:
-                self._learn_context(str(exc))
-            return AttemptFailure.from_request(exc)
-        except OutputDegenerate as exc:
-            result.generation_s += time.monotonic() - attempt.started
-            self._thought_cut(result, attempt)
-            return self._stopped(run, step, result, attempt, str(exc))
-        result.generation_s += time.monotonic() - attempt.started
-        reply = priced_reply(reply, attempt.messages, attempt.pieces + attempt.thought, name)
-        if local and self.reprobe:
-            self._reprobe(attempt.model)
-        if paid:
-            self._spend.add(reply.cost_usd or 0.0)
-        if run.cancel.is_set():
-            return AttemptFailure("interrupted", retryable=False)
-        output, inline = split_reasoning(reply.text)
-        run.runlog.answer(step.id, attempt.number, reply)
-        if local:
-            result.attempt_log[-1]["response_format"] = reply.response_format
-        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        thought, answered = self._thought(run, step, result, attempt, reply, inline)
-        if local and executor.cuts_prompts and reply.usage:     # the steps after it fit better
-            self._calibrate(attempt.model, attempt.messages, reply.usage.get("prompt_tokens"))
-        cut = prompt_cut(reply.usage, attempt.messages) if local and executor.cuts_prompts else None
-        if cut:         # the same prompt would be cut again: not retried
-            result.output = output
-            run.runlog.checked(step.id, attempt.number, cut)
-            return AttemptFailure(cut, retryable=False)
-        if reply.finish_reason in ("length", "max_tokens"):     # OpenAI's word, Anthropic's
-            limit = sampling.get("max_tokens") or executor.DEFAULT_MAX_TOKENS \
-                or "the server's limit"
-            why = (f"stopped at max_tokens={limit}: the answer was cut before it ended "
-                   "(raise the step's max_tokens if it needs more)")
-            if thought:
-                answered = max(1, answered) if output.strip() else 0
-                why = self._cut_thinking(step, attempt, limit, thought, answered, thinking)
-            result.output = output
-            run.runlog.checked(step.id, attempt.number, why)
-            return AttemptFailure.from_stop(why, step.validation)
-        if reply.model and reply.model != name:
-            result.model = reply.model
-        result.output = output
-        run.log.say(step.id, f"--- output ---\n{output}", detail=True)
-        failure = self._check(run, step, result, output, output)
-        if failure is not None and failure.answer_invalid and local and reply.response_format:
-            self._garbled(run, step, executor, name, output, reply.response_format, schema)
-        return failure
-
-    def _cut_thinking(self, step: Step, attempt: Attempt, limit: Any, thought: int, answered: int,
-                      thinking: str | None) -> str:
-        """Say how an attempt that thought was cut at max_tokens: what thinking spent,
-        whether an answer began (answered: its tokens, 0: none), and what the next
-        attempt keeps for thinking."""
-        reserve = self._reserve(step, attempt.model)
-        answer = f"the answer was cut after {answered} tokens" if answered else "no answer"
-        if thinking == "off":
-            after = (f"asked not to think, the model thought anyway; the next attempt keeps up "
-                     f"to {reserve} tokens for thinking")
-        elif thinking == "on":
-            after = f"thinking had up to {reserve} tokens of it; raise the step's max_tokens"
-        else:
-            after = f"the next attempt keeps up to {reserve} tokens for thinking"
-        return (f"stopped at max_tokens={limit}: spent {thought} of {limit} tokens thinking; "
-                f"{answer} ({after})")
-
-    def _garbled(self, run: PlanRun, step: Step, executor: Executor, name: str, output: str,
-                 form: str, schema: dict | None) -> None:
-        """After a constrained answer failed: when it looks damaged by the grammar
-        (grammar_damage against schema, the one sent), send that model's later requests
-        unconstrained, and say so."""
-        if name in executor.unconstrained:
-            return
-        damage = grammar_damage(output, schema)
-        if damage:
-            executor.drop_constraint(name, damage)
-            run.log.say(step.id, f"  {step.label}: the constrained answer ({form}) looks garbled "
-                        f"by the grammar ({damage}); {name}'s answers go unconstrained for the "
-                        "rest of this run, still checked")
-
-    def _chat(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
-              request: ChatRequest) -> Completion:
-        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
-        a stream the server cut for another request (LLMContention) is sent again after
-        each of CONTENTION_WAITS_S (jittered; said once a run), then raised. With steps
-        in parallel on a server whose slots share one context (Runner.pool), the
-        request first waits for its prompt (estimate_tokens) and max_tokens to fit
-        beside those in flight."""
-        local = executor.PROBED
-        pool = self.pool if local and attempt.model == self.model and self.parallel > 1 else None
-        need = estimate_tokens(attempt.messages) + int(request.max_tokens or 0)
-        held = pool.acquire(need, run.cancel) if pool is not None else 0
-        try:
-            return self._chat_once(run, step, attempt, executor, request)
-        finally:
-            if pool is not None:
-                pool.release(held)
-
-    def _chat_once(self, run: PlanRun, step: Step, attempt: Attempt, executor: Any,
-                   request: ChatRequest) -> Completion:
-        """_chat's request, sent again while the server cuts it for another (LLMContention)."""
-        import random
-
-        watched = executor.WATCHED
-        for wait in (*CONTENTION_WAITS_S, None):
-            attempt.guard = DegenerationGuard(checked_depth(step.validation)) if watched else None
-            attempt.thinking_guard = DegenerationGuard() if watched else None
-            attempt.pieces = attempt.thought = 0
-            try:
-                return executor.chat(attempt.messages, request)
-            except LLMContention as exc:
-                if wait is None or run.cancel.is_set():
-                    raise
-                if not self._contention_said:
-                    self._contention_said = True
-                    self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
-                                           f"that goes on (hint: {exc.hint})")
-                run.cancel.wait(wait * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
-
-    def _learn_context(self, message: str) -> None:
-        """Take the context a server names in its overflow error (llama-cpp-python and
-        vLLM "maximum context length is N tokens", llama.cpp "context size (N tokens)",
-        LM Studio "n_ctx: N") when it reported none: the steps sent after it fit it."""
-        found = re.search(r"maximum context length is (\d+)|context size \((\d+) tokens"
-                          r"|n_ctx: (\d+)|context length of only (\d+)", message)
-        number = next((int(g) for g in found.groups() if g), 0) if found else 0
-        if number >= 64:
-            self.context_length = number
-            self.progress.info(f"the server's context is {number} tokens (from its error): "
-                               "the steps sent from now on are fitted to it")
-
-    def _reprobe(self, model: str) -> None:
-        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
-        context and parallel slots it was loaded with (JIT loads ignore saved settings
-        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
-        re-reads the same way): the steps sent after this fit them; said once."""
-        with self._reprobe_lock:
-            if not self.reprobe:
-                return
-            self.reprobe = False
-        try:
-            info = self.client.probe()
-        except LLMError:
-            return
-        if model != self.model or info.loaded != parse_model_ref(model)[1]:
-            return
-        self.context_length = self.config.context_length or info.context_length
-        self.parallel = self.config.parallel or info.parallel or 1
-        self.progress.info(f"model {info.loaded} is loaded now: context "
-                           f"{info.context_length or 'not reported'}, "
-                           f"{info.parallel or 1} slot(s); "
-                           "the steps sent from now on are fitted to them")
-
-    def _output_schema(self, run: PlanRun, step: Step, number: int, sends: bool) -> dict | None:
-        """Return the schema an attempt asks for (output_schema of the step's input) and,
-        for a grounded step, record in the run log which form it is: "spans" (its string
-        values can only be copied from the input), "schema" (the usual one: the input
-        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
-        (sends: False, the executor sends no schema: only the check applies)."""
-        source = run.sources.get(step.id, [])
-        schema = output_schema(step.validation, source)
-        first = next((v for v in validations_of(step.validation)
-                      if output_schema(v) is not None), {})
-        if first.get("grounded") and schema is not None:
-            spans = (schema.get("$defs") or {}).get("bridge_span") if sends else None
-            form = "none" if not sends else "spans" if spans else "schema"
-            run.runlog.constrained(step.id, number, form, len(spans["enum"]) if spans else None)
-        return schema
-
-    def _sampling(self, step: Step, attempt: Attempt, local: bool) -> dict:
-        """Return the sampling fields an attempt asks for, with its max_tokens: the
-        attempt's own on a local model (retry_sampling), else as the step says."""
-        sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
-                        else attempt.sampling)
-        limit = self._max_tokens(step, attempt.model, attempt.messages) if local else step.max_tokens
-        if limit:
-            sampling["max_tokens"] = limit
-        return sampling
-
-    def _on_reasoning(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
-        """Take one streamed piece of thinking: count it, show it on the progress line
-        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
-        the stream is closed on the way out)."""
-        attempt.thought += 1
-        elapsed = time.monotonic() - attempt.started
-        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
-                             f"{attempt.number} · {elapsed:.1f} s · thinking · "
-                             f"{attempt.thought} tokens")
-        if attempt.thinking_guard is not None:
-            try:
-                attempt.thinking_guard.feed(piece)
-            except OutputDegenerate as exc:
-                why = str(exc).replace("stopped:", "stopped while thinking:", 1)
-                raise OutputDegenerate(why) from None
-
-    def _thought(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt,
-                 reply: Completion, inline: str) -> tuple[int, int]:
-        """Record what an attempt thought (reasoning fields and reasoning inside content):
-        its tokens and bytes, on the attempt's attempt_log entry; remember the model
-        thinks. Returns the tokens, and the answer's (its pieces less the thinking
-        inside content). Tokens: the reasoning fields' streamed pieces (else
-        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
-        characters are (else CHARS_PER_TOKEN)."""
-        text = reply.reasoning + inline
-        if not text:
-            return 0, attempt.pieces
-        fields = reply.reasoning_pieces or int(len(reply.reasoning) / CHARS_PER_TOKEN)
-        if attempt.pieces and inline:
-            within = round(attempt.pieces * len(inline) / len(reply.text))
-        else:
-            within = int(len(inline) / CHARS_PER_TOKEN)
-        tokens = max(1, fields + within)
-        size = len(text.encode("utf-8", "replace"))
-        result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
-        self._thinkers.add(attempt.model)
-        run.log.say(step.id, f"  {step.label}: the model thought for {tokens} tokens", detail=True)
-        return tokens, max(0, attempt.pieces - within)
-
-    def _thought_cut(self, result: StepResult, attempt: Attempt) -> None:
-        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
-        if attempt.thought and attempt.thinking_guard is not None:
-            size = len(attempt.thinking_guard.text.encode("utf-8", "replace"))
-            result.attempt_log[-1].update(reasoning_tokens=attempt.thought, reasoning_bytes=size)
-            self._thinkers.add(attempt.model)
-
-    def _on_delta(self, run: PlanRun, step: Step, attempt: Attempt, piece: str) -> None:
-        """Take one streamed piece: watch it (raises OutputDegenerate: the stream is
-        closed on the way out), emit it as an event, show the attempt's progress."""
-        attempt.pieces += 1
-        if attempt.guard is not None:
-            attempt.guard.feed(piece)
-        elapsed = time.monotonic() - attempt.started
-        self.events.emit("delta", run.plan.id, step.id, attempt=attempt.number, text=piece)
-        self.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt {attempt.number} · "
-                             f"{elapsed:.1f} s · {attempt.pieces / max(elapsed, 1e-6):.1f} tok/s")
-
-    def _check(self, run: PlanRun, step: Step, result: StepResult, output: str,
-               answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands; return None or the
-        AttemptFailure. The checks of the answer itself come first (they cost nothing,
-        and the commands need the file they produce), then each command in order, up
-        to the first that fails. A failed command puts the file back at once, and so
-        does anything that stops the run while a command runs."""
-        files, number = run.files, result.attempts
-        try:
-            source = "\n".join(run.sources.get(step.id, []))
-            artifact = check_output(output, step.validation, source)
-        except OutputInvalid as exc:
-            run.runlog.checked(step.id, number, str(exc))
-            return AttemptFailure.from_output(str(exc), answer, step.validation)
-        result.output = artifact
-        if step.file_output:
-            try:
-                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
-            except PathError as exc:
-                run.runlog.checked(step.id, number, str(exc))
-                return AttemptFailure(str(exc), retryable=False)
-            done = "staged" if run.staged else "wrote"
-            review = " for review" if run.staged else ""
-            run.log.say(step.id, f"  {step.label}: {done} {step.file_output} ({change.action}){review}")
-        try:
-            failure = self._run_commands(run, step, result, answer)
-        except BaseException:
-            with _suppress(PathError):
-                self._put_back(run, step)
-            raise
-        if failure is not None:
-            try:
-                self._put_back(run, step)
-            except PathError as exc:
-                return AttemptFailure(f"{failure.message}; and {exc}", retryable=False)
-            return failure
-        run.runlog.checked(step.id, number, None)
-        if step.file_output:
-            run.kept[step.file_output] = artifact
-            if not run.staged:     # only a write that stays is what the run left
-                record_written(run.run_dir, step.file_output, artifact.encode("utf-8"), step.id)
-        return None
-
-    def _run_commands(self, run: PlanRun, step: Step, result: StepResult, answer: str) -> "AttemptFailure | None":
-        """Run a step's command validations in order in the project; return the first
-        failure as an AttemptFailure (its output goes into the next prompt), or None."""
-        number = result.attempts
-        for validation in _commands_of(step):
-            argv = validation["run"]
-            run.log.say(step.id, f"  {step.label}: checking with `{shell_words(argv)}`")
-            command = run_command(argv, run.plan.project, command_env(self.config),  # type: ignore[arg-type]
-                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
-            result.checks.append({"attempt": number, **command.as_dict()})
-            run.runlog.command(step.id, number, command)
-            if command.error is None:
-                run.log.say(step.id, f"  {step.label}: check passed in {command.duration_s:.1f} s")
-                continue
-            run.log.say(step.id, f"--- output of `{shell_words(argv)}` ---\n{command.output_tail}", detail=True)
-            run.runlog.checked(step.id, number, command.error)
-            if run.cancel.is_set():
-                return AttemptFailure("interrupted", retryable=False)
-            return AttemptFailure.from_command(command, answer, step.file_output, step.validation)
-        return None
-
-    def _put_back(self, run: PlanRun, step: Step) -> None:
-        """Undo a failed attempt's file: what an earlier step of this run wrote there,
-        else the original. Raises PathError (RollbackError) when it cannot."""
-        if not step.file_output or run.files is None:
-            return
-        if step.file_output in run.kept:
-            run.files.write(step.file_output, run.kept[step.file_output], step.id)
-        else:
-            run.files.revert_path(step.file_output)
-
-    def _stopped(self, run: PlanRun, step: Step, result: StepResult, attempt: Attempt, why: str) -> AttemptFailure:
-        """Record an attempt whose output degenerated and was cut (its tokens are
-        estimated: the server sent no usage); return its AttemptFailure."""
-        text = attempt.guard.text if attempt.guard is not None else ""
-        thought = attempt.thinking_guard.text if attempt.thinking_guard is not None else ""
-        reply = Completion(text, None, None, "cancelled", 0.0, 0.0, thought, attempt.thought)
-        run.runlog.answer(step.id, attempt.number, reply)
-        _add_usage(result, reply, attempt.messages, attempt.pieces + attempt.thought, attempt.model)
-        result.output = split_reasoning(text)[0]
-        run.runlog.checked(step.id, attempt.number, why)
-        return AttemptFailure.from_stop(why, step.validation)
-
-    def _result(self, run: PlanRun, status: str, error: str | None) -> dict:
-        """Build a run's result document (README: "What bridge writes into the store";
-        what --json and --show --json print is shown_result of it)."""
-        steps = [run.results[sid] for sid in sorted(run.results)]
-        usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
-                 "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
-        counts = {k: sum(1 for s in steps if s.status == k) for k in ("succeeded", "failed", "skipped")}
-        generation_s = sum(s.generation_s for s in steps)
-        price = self.config.price_model
-        if run.cap_hit and error:
-            error += f"; spend cap reached (--max-cost-usd {self.config.max_cost_usd:.2f})"
-        record = run.record
-        return {"type": "bridge_result", "plan_id": record.plan_id, "run_id": run.run_id,
-                "objective": record.objective, "status": status,
-                "project": project_name(run.plan.project)
-                if run.plan and run.plan.project else None,
-                "success": status in ("completed", "awaiting_review"),
-                "started_at": run.started, "finished_at": utc_now_iso(),
-                "duration_s": round(time.monotonic() - run.clock, 3), "model": self.model,
-                "base_url": self.config.base_url, "usage": usage,
-                "tokens_per_s": round(usage["completion_tokens"] / generation_s, 1) if generation_s else None,
-                "cost_usd": round(sum(s.cost_usd for s in steps), 6),
-                "would_have_cost_usd": would_cost_usd(usage, price), "price_model": price,
-                "ledger": merge_ledgers(s.ledger for s in steps),
-                "escalations": [{"step": s.id, "model": s.escalated_to, "saved": s.escalation_saved}
-                                for s in steps if s.escalated_to],
-                "max_cost_usd": self.config.max_cost_usd, "spend_cap_reached": run.cap_hit,
-                "savings": run_savings(steps, price),
-                "counts": counts, "steps": [s.as_dict(price) for s in steps],
-                "files": run.files.summary() if run.files else [], "error": error,
-                "run_log": str(self.config.runs_dir / run.run_id),
-                "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
-
-    def _finish(self, record: PlanRecord, result: dict) -> dict:
-        """Store the result and the plan's final state, then print its summary.
-
-        Raises ResultNotStored when the store cannot be written: the plan stays
-        in_progress, stale once this process is gone, so --resume or --rerun can
-        take it over (the run's journal and backups are kept for that)."""
-        try:
-            digest = self.store.finish(record, result_memory(result), self.memory_api,
-                                       self.progress.warning)
-        except StoreError as exc:
-            raise ResultNotStored(f"plan {record.plan_id}: its result was not stored: {exc}; the plan stays "
-                             "in progress (stale once this bridge exits), its files and their backups kept",
-                             f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
-                             "succeeded steps) or --rerun (puts its files back, starts over)") from exc
-        result = shown_result(result, digest, {}, self.config.runs_dir)     # as --show --json shows it
-        counts = result["counts"]
-        tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
-        line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
-                f"{counts['failed']} failed, {counts['skipped']} skipped · {tokens} tokens · "
-                f"{result['duration_s']:.1f} s · "
-                + ("$0 here" if not result["cost_usd"] else f"${result['cost_usd']:.4f} spent")
-                + f", ${result['would_have_cost_usd']:.4f} on {result['price_model']}")
-        if result["error"]:
-            line += f" · {result['error']}"
-        (self.progress.info if result["success"] else self.progress.error)(line)
-        for change in result["files"]:
-            staged = " (staged, not written)" if change.get("staged") else ""
-            self.progress.info(f"  file {change['path']}: {change['action']}{staged}")
-        if result["status"] == "awaiting_review":
-            plan_id = result["plan_id"]
-            self.progress.info(f"  staged for review, nothing written: bridge --diff {plan_id}, then "
-                               f"bridge --apply {plan_id} or bridge --reject {plan_id}")
-        self.progress.info("  " + savings_line(result["savings"]))
-        if len(result["ledger"]) > 1 or result["escalations"]:
-            for text in ledger_lines(result):
-                self.progress.info(text)
-        self.events.emit("plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
-                         success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
-                         cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
-                         result_hash=result["result_hash"], error=result["error"],
-                         problems=result.get("problems"), run_log=result["run_log"])
-        return result
+        return run.run(list(problems or []))
 
 
 ###############################################################################
-# 30. CLI: arguments and settings
+# 35. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9918,7 +10089,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 31. CLI: listing, health, trust and approval
+# 36. CLI: listing, health, trust and approval
 ###############################################################################
 
 
@@ -9950,7 +10121,7 @@ def cmd_list(config: Config, show_all: bool) -> int:
     for record in records:
         if show_all or record.status == "pending":
             row = plan_summary(record)
-            facts = _plan_facts(config, record, validate=False) if record.display_status == "pending" else None
+            facts = _plan_facts(config, record) if record.display_status == "pending" else None
             if facts is not None and not facts["may_run"]:
                 row.update(status="awaiting_approval", approval=facts)
             rows.append(row)
@@ -10096,19 +10267,15 @@ def _pick_model(config: Config, info: ServerInfo | None) -> str:
     return info.loaded
 
 
-def ollama_num_ctx(config: Config, records: list[PlanRecord], info: ServerInfo) -> int:
+def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
     """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
-    largest first prompt of the plans to run (estimate_tokens, with their LOAD files)
+    largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
     plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
     OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
     with when that is as large already (no reload); never past its trained context.
     aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
-    for record in records:
-        try:
-            plan = runnable_plan(record, config)
-        except PlanInvalid:
-            continue
+    for plan in plans:
         for step in plan.steps.values():
             try:
                 messages = build_messages(plan, step, {})
@@ -10383,12 +10550,11 @@ def commands_text(commands: list[str]) -> str:
     return text
 
 
-def _plan_facts(config: Config, record: PlanRecord, validate: bool = True) -> dict | None:
-    """Return approval_facts of a record's plan, or None when the plan is invalid (a
-    run records it failed with its problems, approved or not). validate=False (for
-    --list, which must not import jsonschema) reads the plan without the schema."""
+def _plan_facts(config: Config, record: PlanRecord) -> dict | None:
+    """Return approval_facts of a record's plan for --list, read without the schema (it
+    must not import jsonschema), or None when the plan cannot be read."""
     try:
-        plan = runnable_plan(record, config) if validate else _build_plan(record.plan)
+        plan = _build_plan(record.plan)
     except (PlanInvalid, KeyError, TypeError, AttributeError, ValueError):
         return None
     return approval_facts(config, plan, content_hash(record.content))
@@ -10409,8 +10575,10 @@ def _ask_to_run(facts: dict) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def gate_records(config: Config, records: list[PlanRecord], progress: Progress) -> tuple[list[PlanRecord], list[dict]]:
-    """Split the records a run would claim into (those that run, facts of those that wait).
+def gate_records(config: Config, records: list[PlanRecord],
+                 progress: Progress) -> tuple[list[CheckedPlan], list[dict]]:
+    """Split the records a run would claim into (those that run, each checked for its
+    run: CheckedPlan; facts of those that wait).
 
     Invalid plans run (to be recorded failed). A plan waiting only for approval is
     asked about on a terminal (once, default No); otherwise it is skipped with one
@@ -10418,13 +10586,20 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
     """
     runnable, waiting = [], []
     for record in records:
-        facts = _plan_facts(config, record)
-        if facts is None or facts["may_run"]:
-            runnable.append(record)
+        try:
+            plan = runnable_plan(record, config)
+        except PlanInvalid as exc:
+            runnable.append(CheckedPlan(record, None, exc.problems, False))
             continue
-        only_approval = all(c.startswith(("bridge --approve", "bridge --trust")) for c in facts["commands"])
+        facts = approval_facts(config, plan, content_hash(record.content))
+        checked = CheckedPlan(record, plan, [], facts["trusted"])
+        if facts["may_run"]:
+            runnable.append(checked)
+            continue
+        only_approval = all(c.startswith(("bridge --approve", "bridge --trust"))
+                            for c in facts["commands"])
         if only_approval and _may_ask() and _ask_to_run(facts):
-            runnable.append(record)
+            runnable.append(checked)
             continue
         waiting.append(facts)
         progress.info(f"plan {record.plan_id}: awaiting approval: {'; '.join(facts['reasons'])}; "
@@ -10436,7 +10611,7 @@ def gate_records(config: Config, records: list[PlanRecord], progress: Progress) 
 
 
 ###############################################################################
-# 32. CLI: running and showing
+# 37. CLI: running and showing
 ###############################################################################
 
 
@@ -10466,9 +10641,11 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
         with LLMClient(config, on_retry=progress.retrying) as client:
             runner = _open_runner(config, store, client, progress, records) if records else None
             try:
-                for record in records:
+                for checked in records:
+                    record = checked.record
                     try:
-                        result = runner.run_record(record, allowed, shared.get(record.plan_id), resume)
+                        result = runner.run_record(checked, allowed, shared.get(record.plan_id),
+                                                   resume)
                     except ResultNotStored as exc:     # the plans after it still run
                         progress.error(str(exc), exc.hint)
                         runner.events.emit("error", record.plan_id, message=str(exc), hint=exc.hint,
@@ -10505,7 +10682,7 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
 
 
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
-                 records: list[PlanRecord] | None = None) -> Runner:
+                 checked: list[CheckedPlan] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
     whose executors are checked (no key, no claude binary: said before any claim).
     On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
@@ -10516,15 +10693,18 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     model = _pick_model(config, info)
     same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
     if same and client.native:
-        client.num_ctx = config.context_length or ollama_num_ctx(config, records or [], info)
+        plans = [c.plan for c in checked or [] if c.plan is not None]
+        client.num_ctx = config.context_length or ollama_num_ctx(config, plans, info)
         info = info._replace(context_length=client.num_ctx)
     context = config.context_length or (info.context_length if same else None)
     parallel = config.parallel or (info.parallel if same else None) or 1
-    runner = Runner(config, store, client, model, progress, context, parallel)
-    runner.reprobe = info is not None and info.kind == "LM Studio" \
+    runner = Runner(config, store, client, model, progress)
+    fit = runner.fit
+    fit.context_length, fit.parallel = context, max(1, parallel)
+    fit.reprobe = info is not None and info.kind == "LM Studio" \
         and not (same and info.context_length)
     if context and parallel > 1 and info is not None and info.kind in ("llama.cpp", "LM Studio"):
-        runner.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
+        fit.pool = ContextPool(context)      # one KV pool: llama.cpp PR #16736, LM Studio lms#565
     for ref in (model, config.escalate_to):
         if ref:
             runner.executor(ref)
@@ -10616,7 +10796,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 33. CLI: diff, undo, review
+# 38. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10767,7 +10947,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 34. CLI: the planner's side
+# 39. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -10965,7 +11145,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 35. main()
+# 40. main()
 ###############################################################################
 
 

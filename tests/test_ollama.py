@@ -19,7 +19,8 @@ import pytest
 
 import bridge
 from fake_servers import FakeOllama
-from fakes import bridge_args, insert_plan, make_plan, plan_state, steps_by_id, stored_results
+from fakes import (bridge_args, insert_plan, make_plan, plan_state, steps_by_id, stored_results,
+                   trust_project)
 from test_server_errors import big_load_plan
 
 
@@ -197,3 +198,29 @@ def test_a_model_whose_constraint_was_dropped_gets_no_format(ollama):
     first, second = (r["json"] for r in ollama.chat_requests)
     assert "format" in first and "format" not in second
     assert reply.response_format is None
+
+
+@pytest.mark.parametrize("server", ["ollama", "fake_llm"])
+def test_each_plan_is_checked_and_its_trust_decided_once_per_run(
+        capsys, db, state_dir, project, monkeypatch, request, server):
+    """The gate hands each run its checked plan and its trust facts (CheckedPlan, in the
+    room "A plan run"): check_plan and plan_trusted run once per plan run, also on
+    Ollama's native API, whose num_ctx is fitted to the checked plans' prompts."""
+    url = request.getfixturevalue(server).url
+    fake = request.getfixturevalue(server)
+    trust_project(project)
+    insert_plan(db, make_plan("files", [{"id": 1, "prompt": "a", "file_output": "a.txt"}],
+                              context={"objective": "o", "project": str(project)}))
+    insert_plan(db, make_plan("plain", [{"id": 1, "prompt": "b"}]))
+    fake.enqueue("x").enqueue("y")
+    calls = {"check_plan": 0, "plan_trusted": 0}
+    for name in calls:
+        def counted(*args, _real=getattr(bridge, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(bridge, name, counted)
+    rc, _, err = run(capsys, db, url, state_dir, *(["--model", "fake-model"]
+                                                    if server == "fake_llm" else []))
+    assert rc == 0, err
+    assert [plan_state(db, p)["status"] for p in ("files", "plain")] == ["completed"] * 2
+    assert calls == {"check_plan": 2, "plan_trusted": 2}

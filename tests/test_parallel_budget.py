@@ -61,7 +61,7 @@ def independent_steps(n: int) -> list[dict]:
 
 
 def budget_of(context: int, max_tokens: int | None = None, kind: str = "non_empty") -> int:
-    """The prompt tokens that fit (Runner._budget): context less the answer's share."""
+    """The prompt tokens that fit (ContextFit.budget): context less the answer's share."""
     return context - (max_tokens or min(bridge.VALIDATION_TYPES[kind].max_tokens, context // 4))
 
 

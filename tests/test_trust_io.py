@@ -559,7 +559,7 @@ def test_an_interrupt_still_wins_when_its_result_cannot_be_stored(capsys, db, fa
 
     def interrupted(self, *args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(bridge.Runner, "_run_steps", interrupted)
+    monkeypatch.setattr(bridge.PlanRun, "_run_steps", interrupted)
     holder = sqlite3.connect(db, isolation_level=None)
     real_finish = bridge.Store.finish
 
