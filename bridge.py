@@ -129,8 +129,9 @@ and checks, up to the runner and the command line:
     28 Prompts · 29 Retry policy · 30 Run records · 31 The result document ·
     32 Step scheduling · 33 The model's context · 34 An attempt · 35 A step run ·
     36 A plan run · 37 Runner · 38 CLI: arguments and settings ·
-    39 CLI: listing, health, trust and approval · 40 CLI: running and showing ·
-    41 CLI: diff, undo, review · 42 CLI: the planner's side · 43 main()
+    39 CLI: listing, server discovery, trust and approval · 40 CLI: health ·
+    41 CLI: running and showing · 42 CLI: diff, undo, review · 43 CLI: the planner's side ·
+    44 main()
 """
 
 from __future__ import annotations
@@ -2614,7 +2615,6 @@ class PlanStates(StoreFile):
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
-
 
     @property
     def has_state_table(self) -> bool:
@@ -8168,12 +8168,12 @@ def read_step_stats(path: Path) -> dict:
 
 ###############################################################################
 # 31. The result document
-# What a run leaves behind, built here alone from the facts Runner._result gathers
-# (README: "What bridge writes into the store"): the result memory's summary and
-# content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts" reads it back), the document --json and
-# --show --json print (shown_result, show_document), and the text of --show and of
-# a run's end (render_show, savings_line, ledger_lines).
+# What a run leaves behind, built here alone from the facts its plan run gathers (the
+# _result document, README: "What bridge writes into the store"): the result memory's
+# summary and content (result_memory; the Store stores it as given, parse_result_content
+# in the room "Store layouts" reads it back), the document --json and --show --json
+# print (shown_result, show_document), and the text of --show and of a run's end
+# (render_show, savings_line, ledger_lines).
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
@@ -10230,7 +10230,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 39. CLI: listing, health, trust and approval
+# 39. CLI: listing, server discovery, trust and approval
 ###############################################################################
 
 
@@ -10286,110 +10286,6 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def _server_health(config: Config) -> tuple[Config, dict, bool]:
-    """Probe the model server (found by discover_server when no base URL is set): return
-    the config with its base URL, the report's "server" part, and whether a run could use
-    it (reachable, a model, no problem)."""
-    report: dict[str, Any] = {"base_url": config.base_url}
-    config, tried = discover_server(config)
-    report.update(base_url=config.base_url, tried=tried)
-    ok = False
-    try:
-        with LLMClient(config) as client:
-            info = client.probe()
-            models = info.models
-            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
-                          context_length=info.context_length, parallel=info.parallel)
-            report.update(run_plan(config, client, info))
-            ok = bool(models) and not info.problem
-            if not models:
-                report["error"] = "the server lists no models; download or load one"
-            elif not ok:
-                report["error"] = report["model_why"]
-    except LLMError as exc:
-        report.update(reachable=False, error=str(exc), hint=exc.hint)
-    return config, report, ok
-
-
-def _store_health(config: Config) -> tuple[dict, bool]:
-    """Open and check the store: return the report's "store" part and whether it is usable."""
-    report: dict[str, Any] = {}
-    ok = False
-    try:
-        with Store.open(config) as store:
-            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
-            problem = store.check_usable()
-            if problem:
-                raise StoreError(f"the store {store.path} is not usable: {problem}",
-                                 READ_ONLY_STORE_HINT if "readonly" in problem else
-                                 "restore it from a backup, or point --db at a store that can "
-                                 "be written")
-            report.update(pending=store.pending_count(), **store.memory_report())
-            ok = True
-    except StoreError as exc:
-        report.update(error=str(exc), hint=exc.hint)
-    return report, ok
-
-
-def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
-    """Print the --health report as lines: server, run plan, store and memory, backups."""
-    server, store_info = report["server"], report["store"]
-    if server_ok:
-        version = f" {server['version']}" if server.get("version") else ""
-        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
-                        f"{len(server['models'])} model(s) · loaded: "
-                        f"{server['loaded'] or 'none reported'} · context "
-                        f"{server['context_length'] or 'not reported'} · parallel "
-                        f"{server['parallel'] or 1}"))
-    else:
-        print(printable(f"server  FAIL  {server['error']}"))
-        if server.get("hint"):
-            print(printable(f"              hint: {server['hint']}"))
-    for line in run_plan_lines(server):
-        print(printable(f"              {line}"))
-    memory_setting = _memory_setting_text(report["memory_setting"])
-    if store_ok:
-        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
-                        f"{store_info['pending']} pending plan(s)"))
-        line = _memory_store_line(store_info)
-        if "memory_api" in report:     # one memory line: store and API
-            api = _memory_api_line(report["memory_api"])
-            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
-        print(printable("memory  " + line + memory_setting))
-    else:
-        print(printable(f"store   FAIL  {store_info['error']}"))
-        if store_info.get("hint"):
-            print(printable(f"              hint: {store_info['hint']}"))
-    backups = report["backups"]
-    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
-          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
-          "plan)")
-    if "memory_api" in report and not store_ok:
-        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
-
-
-def cmd_health(config: Config) -> int:
-    """Check the server, the store and the memory server's HTTP API when one is set; print
-    the report (--json: as a document); return 0 only when all of them work, else 2."""
-    quiet_http_logs()
-    config, server, server_ok = _server_health(config)
-    store, store_ok = _store_health(config)
-    report: dict[str, Any] = {"server": server, "store": store}
-    report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
-                         "keep_runs": config.keep_runs}
-    memory_ok = True
-    report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
-                                "note": config.memory_note}
-    if config.memory_url:
-        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
-        report["memory_api"] = api.probe()
-        memory_ok = bool(report["memory_api"]["key_accepted"])
-    report["ok"] = server_ok and store_ok and memory_ok
-    if config.json:
-        _print_json(report)
-    else:
-        _print_health(config, report, server_ok, store_ok)
-    return EXIT_OK if report["ok"] else EXIT_UNUSABLE
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
@@ -10457,38 +10353,6 @@ def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
             "prompts_cut": cut, "refused": [{"model": m, "reason": r} for m, r in info.refused]}
 
 
-def run_plan_lines(server: dict) -> list[str]:
-    """The --health lines under the server's: what a run will do (see run_plan)."""
-    lines = []
-    if server.get("model"):
-        context = (f"context {server['context_length']} ({server['context_source']})"
-                   if server.get("context_length") else "context not reported")
-        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
-        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
-                     f"{server['slots']} step(s) at once · {server['api']}")
-        lines.append(f"output: {server['structured_output']} · "
-                     f"prompts cut: {server['prompts_cut']}")
-    for refused in server.get("refused") or []:
-        lines.append(f"refused {refused['model']}: {refused['reason']}")
-    for tried in server.get("tried") or []:
-        lines.append(f"tried {tried['url']}: {tried['result']}")
-    return lines
-
-
-def _memory_store_line(info: dict) -> str:
-    """The --health line of the store as the memory server sees it."""
-    schema = f"schema version {info['schema_version']}" if info["schema_version"] else "no schema version"
-    state = f"{STATE_TABLE}: {info['plans_recorded']} plan(s)" if info["state_table"] \
-        else f"no {STATE_TABLE} yet (made by the first run)"
-    if info["without_embedding"] is None:
-        embeddings = "embeddings not readable (no memory_embeddings table)"
-    else:
-        embeddings = (f"{info['without_embedding']} of bridge's {info['bridge_rows']} row(s) without an embedding"
-                      + (" (semantic search misses them; --memory-url stores results with one)"
-                         if info["without_embedding"] else ""))
-    return f"ok    {schema} · {state} · {embeddings}"
-
-
 def cmd_stats(config: Config) -> int:
     """Print what each model did with each validation type over bridge's runs (read_step_stats)."""
     report = read_step_stats(config.runs_dir.parent / STATS_FILE)
@@ -10510,23 +10374,6 @@ def cmd_stats(config: Config) -> int:
                             f"{row['after_retries']:>9}{row['on_escalation']:>12}{row['failed']:>8}"
                             f"{row['median_tokens']:>15g}{row['median_s']:>10.1f}"))
     return EXIT_OK
-
-
-def _memory_setting_text(setting: dict) -> str:
-    """The end of the --health memory line: where the HTTP API setting came from, or,
-    with none set, why not and where one could be set."""
-    if setting["url"]:
-        return f" (set by {setting['source']})"
-    why = f"{setting['note']}; " if setting["note"] else ""
-    return f" · HTTP API none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN})"
-
-
-def _memory_api_line(probe: dict) -> str:
-    """The --health line of the memory server's HTTP API."""
-    if not probe["key_accepted"]:
-        return printable(f"FAIL  {probe['url']}: {probe['error']}")
-    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
-                     f"{probe['backend']}) · key accepted")
 
 
 def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
@@ -10682,7 +10529,173 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 40. CLI: running and showing
+# 40. CLI: health
+#
+# --health: the model server (and what a run on it will do: run_plan), the store as
+# bridge and the memory server see it, the kept backups, and the memory server's HTTP
+# API when one is set; as lines, or one --json document.
+###############################################################################
+
+
+def run_plan_lines(server: dict) -> list[str]:
+    """The --health lines under the server's: what a run will do (see run_plan)."""
+    lines = []
+    if server.get("model"):
+        context = (f"context {server['context_length']} ({server['context_source']})"
+                   if server.get("context_length") else "context not reported")
+        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
+        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
+                     f"{server['slots']} step(s) at once · {server['api']}")
+        lines.append(f"output: {server['structured_output']} · "
+                     f"prompts cut: {server['prompts_cut']}")
+    for refused in server.get("refused") or []:
+        lines.append(f"refused {refused['model']}: {refused['reason']}")
+    for tried in server.get("tried") or []:
+        lines.append(f"tried {tried['url']}: {tried['result']}")
+    return lines
+
+
+def _memory_store_line(info: dict) -> str:
+    """The --health line of the store as the memory server sees it."""
+    schema = (f"schema version {info['schema_version']}" if info["schema_version"]
+              else "no schema version")
+    state = (f"{STATE_TABLE}: {info['plans_recorded']} plan(s)" if info["state_table"]
+             else f"no {STATE_TABLE} yet (made by the first run)")
+    if info["without_embedding"] is None:
+        embeddings = "embeddings not readable (no memory_embeddings table)"
+    else:
+        embeddings = (f"{info['without_embedding']} of bridge's {info['bridge_rows']} row(s) "
+                      "without an embedding"
+                      + (" (semantic search misses them; --memory-url stores results with one)"
+                         if info["without_embedding"] else ""))
+    return f"ok    {schema} · {state} · {embeddings}"
+
+
+def _memory_setting_text(setting: dict) -> str:
+    """The end of the --health memory line: where the HTTP API setting came from, or,
+    with none set, why not and where one could be set."""
+    if setting["url"]:
+        return f" (set by {setting['source']})"
+    why = f"{setting['note']}; " if setting["note"] else ""
+    return f" · HTTP API none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN})"
+
+
+def _memory_api_line(probe: dict) -> str:
+    """The --health line of the memory server's HTTP API."""
+    if not probe["key_accepted"]:
+        return printable(f"FAIL  {probe['url']}: {probe['error']}")
+    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
+                     f"{probe['backend']}) · key accepted")
+
+
+def _server_health(config: Config) -> tuple[Config, dict, bool]:
+    """Probe the model server (found by discover_server when no base URL is set): return
+    the config with its base URL, the report's "server" part, and whether a run could use
+    it (reachable, a model, no problem)."""
+    report: dict[str, Any] = {"base_url": config.base_url}
+    config, tried = discover_server(config)
+    report.update(base_url=config.base_url, tried=tried)
+    ok = False
+    try:
+        with LLMClient(config) as client:
+            info = client.probe()
+            models = info.models
+            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
+                          context_length=info.context_length, parallel=info.parallel)
+            report.update(run_plan(config, client, info))
+            ok = bool(models) and not info.problem
+            if not models:
+                report["error"] = "the server lists no models; download or load one"
+            elif not ok:
+                report["error"] = report["model_why"]
+    except LLMError as exc:
+        report.update(reachable=False, error=str(exc), hint=exc.hint)
+    return config, report, ok
+
+
+def _store_health(config: Config) -> tuple[dict, bool]:
+    """Open and check the store: return the report's "store" part and whether it is usable."""
+    report: dict[str, Any] = {}
+    ok = False
+    try:
+        with Store.open(config) as store:
+            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
+            problem = store.check_usable()
+            if problem:
+                raise StoreError(f"the store {store.path} is not usable: {problem}",
+                                 READ_ONLY_STORE_HINT if "readonly" in problem else
+                                 "restore it from a backup, or point --db at a store that can "
+                                 "be written")
+            report.update(pending=store.pending_count(), **store.memory_report())
+            ok = True
+    except StoreError as exc:
+        report.update(error=str(exc), hint=exc.hint)
+    return report, ok
+
+
+def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
+    """Print the --health report as lines: server, run plan, store and memory, backups."""
+    server, store_info = report["server"], report["store"]
+    if server_ok:
+        version = f" {server['version']}" if server.get("version") else ""
+        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                        f"{len(server['models'])} model(s) · loaded: "
+                        f"{server['loaded'] or 'none reported'} · context "
+                        f"{server['context_length'] or 'not reported'} · parallel "
+                        f"{server['parallel'] or 1}"))
+    else:
+        print(printable(f"server  FAIL  {server['error']}"))
+        if server.get("hint"):
+            print(printable(f"              hint: {server['hint']}"))
+    for line in run_plan_lines(server):
+        print(printable(f"              {line}"))
+    memory_setting = _memory_setting_text(report["memory_setting"])
+    if store_ok:
+        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                        f"{store_info['pending']} pending plan(s)"))
+        line = _memory_store_line(store_info)
+        if "memory_api" in report:     # one memory line: store and API
+            api = _memory_api_line(report["memory_api"])
+            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+        print(printable("memory  " + line + memory_setting))
+    else:
+        print(printable(f"store   FAIL  {store_info['error']}"))
+        if store_info.get("hint"):
+            print(printable(f"              hint: {store_info['hint']}"))
+    backups = report["backups"]
+    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
+          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
+          "plan)")
+    if "memory_api" in report and not store_ok:
+        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def cmd_health(config: Config) -> int:
+    """Check the server, the store and the memory server's HTTP API when one is set; print
+    the report (--json: as a document); return 0 only when all of them work, else 2."""
+    quiet_http_logs()
+    config, server, server_ok = _server_health(config)
+    store, store_ok = _store_health(config)
+    report: dict[str, Any] = {"server": server, "store": store}
+    report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
+                         "keep_runs": config.keep_runs}
+    memory_ok = True
+    report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
+                                "note": config.memory_note}
+    if config.memory_url:
+        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
+        report["memory_api"] = api.probe()
+        memory_ok = bool(report["memory_api"]["key_accepted"])
+    report["ok"] = server_ok and store_ok and memory_ok
+    if config.json:
+        _print_json(report)
+    else:
+        _print_health(config, report, server_ok, store_ok)
+    return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+###############################################################################
+# 41. CLI: running and showing
 ###############################################################################
 
 
@@ -10867,7 +10880,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 41. CLI: diff, undo, review
+# 42. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -11018,7 +11031,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 42. CLI: the planner's side
+# 43. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11216,7 +11229,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 43. main()
+# 44. main()
 ###############################################################################
 
 
