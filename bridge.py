@@ -120,16 +120,19 @@ and checks, up to the runner and the command line:
     12 Store: plan and result memories · 13 Output validation ·
     14 Constrained JSON and degenerate output · 15 Validation types · 16 Plans ·
     17 Executors: the registry, the chat contract, model references ·
-    18 Trust: projects, approvals, executors · 19 Model servers: errors, streams, retries ·
-    20 LLM client: OpenAI-compatible servers ·
-    21 Other executors: the Anthropic API and the claude CLI · 22 Check commands ·
-    23 File transactions: journal, rollback, recovery ·
-    24 Review staging and bounded diffs · 25 Kept runs: backups, diff, undo, review ·
-    26 Prompts · 27 Retry policy · 28 Run records · 29 The result document ·
-    30 Step scheduling · 31 The model's context · 32 An attempt · 33 A step run ·
-    34 A plan run · 35 Runner · 36 CLI: arguments and settings ·
-    37 CLI: listing, health, trust and approval · 38 CLI: running and showing ·
-    39 CLI: diff, undo, review · 40 CLI: the planner's side · 41 main()
+    18 Trust: projects, approvals, executors ·
+    19 Model server replies: bounds, errors, streams ·
+    20 HTTP executors: requests and retries · 21 Model server probes: what a server runs ·
+    22 Ollama's native API · 23 LLM client: OpenAI-compatible servers ·
+    24 Other executors: the Anthropic API and the claude CLI · 25 Check commands ·
+    26 File transactions: journal, rollback, recovery ·
+    27 Review staging and bounded diffs · 28 Kept runs: backups, diff, undo, review ·
+    29 Prompts · 30 Retry policy · 31 Run records · 32 The result document ·
+    33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
+    37 A plan run · 38 Runner · 39 CLI: arguments and settings ·
+    40 CLI: listing, server discovery, trust and approval · 41 CLI: health ·
+    42 CLI: running and showing · 43 CLI: diff, undo, review · 44 CLI: the planner's side ·
+    45 main()
 """
 
 from __future__ import annotations
@@ -2624,7 +2627,6 @@ class PlanStates(StoreFile):
         """Return record with its state read again (another process may have changed it)."""
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
 
-
     @property
     def has_state_table(self) -> bool:
         """Whether STATE_TABLE exists (asked each time: another bridge may make it)."""
@@ -4304,7 +4306,7 @@ def _build_plan(plan: dict) -> Plan:
 # -> Completion, dropping what it cannot send. The trust gate, the approval facts,
 # --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
 # (bottle's server_names and ServerAdapter are the model). The classes are in the
-# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+# rooms below it, from 'Model server replies' to 'Other executors'.
 ###############################################################################
 
 
@@ -4730,11 +4732,11 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 19. Model servers: errors, streams, retries
+# 19. Model server replies: bounds, errors, streams
 #
-# Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
-# Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
-# inside functions, and every httpx exception is translated to an LLMError.
+# What a model server sends back, read as untrusted input: its error messages and
+# what they say about the server, usage counts, the parts of a reply, SSE and NDJSON
+# streams, and the one tally every executor's reply is held to (--max-output-bytes).
 ###############################################################################
 
 
@@ -4843,7 +4845,8 @@ def _error_message(body: bytes) -> str:
     return " ".join(message.split())     # one line, whatever the server sent
 
 
-_OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded", "maximum context length",
+_OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded",
+                     "maximum context length",
                      "context length", "n_keep", "context size", "does not fit in context")
 
 
@@ -4998,52 +5001,49 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
     return delta, reply_label(choice.get("finish_reason"))
 
 
-def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
-    """Yield (event, data) pairs from a server-sent-events byte stream.
-
-    Comment lines (": ping") are skipped. Raises LLMProtocolError when more than
-    max_bytes arrive without a line break, so memory stays bounded.
-    """
+def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
+                    tail: bool) -> Iterator[bytes]:
+    """Yield the lines of a byte stream, without their line breaks (and the bytes after
+    the last break when tail). Raises LLMProtocolError when more than max_bytes arrive
+    without a line break, so memory stays bounded."""
     buffer = b""
-    event, data = "message", []
     for chunk in chunks:
         buffer += chunk
         if len(buffer) > max_bytes and b"\n" not in buffer:
             raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
         *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if not line:
-                if data:
-                    yield event, "\n".join(data)
-                event, data = "message", []
-            elif line.startswith(":"):
-                continue
-            else:
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "event":
-                    event = value
-                elif name == "data":
-                    data.append(value)
+        yield from lines
+    if tail and buffer:
+        yield buffer
+
+
+def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
+    """Yield (event, data) pairs from a server-sent-events byte stream (comment lines
+    such as ": ping" skipped); lines bounded as _iter_raw_lines says."""
+    event, data = "message", []
+    for raw in _iter_raw_lines(chunks, max_bytes, tail=False):
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
     if data:
         yield event, "\n".join(data)
 
 
 def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
-    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API).
-    Raises LLMProtocolError when more than max_bytes arrive without a line break."""
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        if len(buffer) > max_bytes and b"\n" not in buffer:
-            raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
-        *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            if raw.strip():
-                yield raw.decode("utf-8", "replace")
-    if buffer.strip():
-        yield buffer.decode("utf-8", "replace")
+    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API); lines
+    bounded as _iter_raw_lines says."""
+    for raw in _iter_raw_lines(chunks, max_bytes, tail=True):
+        if raw.strip():
+            yield raw.decode("utf-8", "replace")
 
 
 class BoundedResponse:
@@ -5066,7 +5066,8 @@ class BoundedResponse:
             if time.monotonic() > self.deadline:
                 raise LLMDeadline(f"the request to {self.url} passed its deadline of {self.limit} "
                                   "while the server kept sending; stopped",
-                                  "raise the step's timeout_s, or check the server: it sent without finishing")
+                                  "raise the step's timeout_s, or check the server: it sent "
+                                  "without finishing")
             yield chunk
 
     def read(self, max_bytes: int, cut: bool = False) -> bytes:
@@ -5079,9 +5080,35 @@ class BoundedResponse:
                 if cut:
                     return body[:max_bytes]
                 raise LLMProtocolError(f"the reply from {self.url} passed {max_bytes} bytes "
-                                       f"(--max-output-bytes and {RESPONSE_ENVELOPE_BYTES} for its JSON); cut",
+                                       f"(--max-output-bytes and {RESPONSE_ENVELOPE_BYTES} for "
+                                       "its JSON); cut",
                                        "raise --max-output-bytes or ask for less")
         return body
+
+
+def _positive(value: Any) -> int | None:
+    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
+    (servers send odd things: a context length of 10**400 is not said at all)."""
+    return value if usage_count(value) and value > 0 else None
+
+
+def _usage(value: Any) -> dict | None:
+    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
+    when there is none or a count is not one usage_count believes (a string usage from a
+    gateway, a negative count, 10**400): then it is estimated."""
+    if not isinstance(value, dict):
+        return None
+    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
+
+
+###############################################################################
+# 20. HTTP executors: requests and retries
+#
+# Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
+# server and vLLM speak, and Anthropic's), what each kind of server takes, and the
+# retry loop. httpx is imported only inside functions, and every httpx exception is
+# translated to an LLMError.
+###############################################################################
 
 
 RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
@@ -5106,8 +5133,10 @@ FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
 SAMPLING_FIELDS = {
     "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile)
     "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
-    "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
-    "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
+    # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
+    "LM Studio": ("repeat_penalty",),
+    # llama_cpp/server/types.py (no DRY; unknown fields ignored)
+    "llama-cpp-python": ("repeat_penalty",),
 }
 
 
@@ -5141,8 +5170,9 @@ def _refuses_response_format(exc: LLMError) -> bool:
     """
     status = getattr(exc, "status", None)
     text = str(exc).lower()
+    words = ("response_format", "json_schema", "json_object", "'text'", "grammar")
     return status in (400, 422, 500) and not exc.context_overflow and any(
-        word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
+        word in text for word in words)
 
 
 def missing_v1_hint(base_url: str, status: int) -> str:
@@ -5162,16 +5192,12 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop.
-
-    Use as a context manager. Transient failures (connection refused or reset,
-    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times
-    with exponential backoff and jitter starting at config.retry_delay_s seconds,
-    honouring Retry-After, never past RETRY_BUDGET_S seconds in all, and never once
-    output has streamed. sleep is injectable so tests see the delays without
-    waiting. Subclasses give chat() and _parse(); every executor's chat() has the
-    same signature and returns a Completion.
-    """
+    exceptions translated to LLMError, and the retry loop: transient failures
+    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
+    up to config.retries times, backing off from config.retry_delay_s seconds with
+    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
+    output has streamed. sleep is injectable (tests see the delays without waiting).
+    A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
@@ -5205,14 +5231,11 @@ class HTTPExecutor(Executor):
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
-                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
+                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
+                                           limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}"
-                                       + missing_v1_hint(self.base_url, response.status_code),
-                                       response.status_code)
+                    raise self._http_error(response, url, missing_v1_hint(
+                        self.base_url, response.status_code))
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
@@ -5226,6 +5249,17 @@ class HTTPExecutor(Executor):
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
+
+    def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
+        """Return the error of an HTTP status >= 400: the server's message (_error_message,
+        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
+        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+        self._raise_fault(url, response.status_code, message)
+        return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
+                            response.status_code,
+                            retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                            context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
         """Return the error a server reported inside a 200 stream (an SSE "error" event, an
@@ -5263,7 +5297,7 @@ class HTTPExecutor(Executor):
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
                     import random
 
-                    delay *= random.uniform(0.5, 1.0)       # jitter: clients retrying together spread out
+                    delay *= random.uniform(0.5, 1.0)   # jitter: clients retrying together spread
                 if time.monotonic() + delay > deadline:
                     exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
                                 f"{RETRY_BUDGET_S:.0f} s retry budget)",)
@@ -5289,7 +5323,8 @@ class HTTPExecutor(Executor):
                             httpx.RemoteProtocolError, httpx.CloseError)):
             reason = str(exc) or type(exc).__name__
             return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
-                                  "start the server (LM Studio: Developer > Start server) or pass --base-url")
+                                  "start the server (LM Studio: Developer > Start server) "
+                                  "or pass --base-url")
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
@@ -5312,13 +5347,7 @@ class HTTPExecutor(Executor):
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(
-                        f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
-                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
-                        context_overflow=_is_context_overflow(message))
+                    raise self._http_error(response, url)
                 return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
@@ -5339,63 +5368,130 @@ class HTTPExecutor(Executor):
 
 
 ###############################################################################
-# 20. LLM client: OpenAI-compatible servers
-# LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
+# 21. Model server probes: what a server runs
+#
+# LM Studio's, Ollama's, llama.cpp's and vLLM's own routes, asked once a run: the
+# model, its context, its slots (ServerInfo); the search for a server on the default
+# ports when no --base-url was given (discover_server), and the model a run takes.
 ###############################################################################
 
 
-@register_executor
-class LLMClient(HTTPExecutor):
-    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
-    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
-    http://localhost:1234/v1 by default). Streams SSE chunks with
-    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe). The run's model server: one instance,
-    opened by the CLI before the run (Runner.client)."""
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
+                                         "refused problem trained_context",
+                            defaults=(None, None, (), None, None))):
+    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
+    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
+    or None), context_length (tokens the loaded model takes, per request; None if
+    not said), parallel (requests it serves at once; None if not said). Ollama's
+    probe also gives: version (str), why (how loaded was picked), refused ((model,
+    reason) pairs it will not send steps to), problem ((what, hint) when no model
+    can be used, else None), trained_context (the model's trained maximum, tokens)."""
 
-    NAME = PREFIX = "openai"
-    PROBED = WATCHED = True
-    CHAT_PATH = "/chat/completions"
+    __slots__ = ()
 
-    @classmethod
-    def claims(cls, prefix: str, name: str) -> bool:
-        return prefix == cls.PREFIX and not is_cloud_model(name)
 
-    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
-                 on_retry: Callable[[str], None] | None = None):
-        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
-        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
-        self.key = key = config.api_key
-        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
-                         headers={"Authorization": f"Bearer {key}"} if key else None)
-        # index into RESPONSE_FORMS of the first form this server has not refused
-        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
-        self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
-        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
-        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
-        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
-        self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
-        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
-        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
-        self.unconstrained: dict[str, str] = {}
+def _ollama_named(found: Any) -> dict[str, dict]:
+    """{name: entry} of an /api/tags or /api/ps answer's models ({} when it has none)."""
+    found = found.get("models") if isinstance(found, dict) else None
+    return {m["name"]: m for m in found if isinstance(m, dict)
+            and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
 
-    def _raise_fault(self, url: str, status: int, message: str) -> None:
-        fault = server_fault(status, message, bool(self.config.api_key))
-        if fault is not None:
-            what, hint = fault
-            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
-                                    status)
 
-    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
-        """A server still unreachable after the request's retries is gone for the run
-        (LLMServerUnusable), said with how long bridge waited for it."""
-        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
-            return exc
-        waited = time.monotonic() - started
-        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
-                                 f"{waited:.0f} s over {retries} retries "
-                                 "(--retries, --retry-delay)",
-                                 "start it again, then run bridge again")
+class OllamaModels:
+    """The models one Ollama probe sees: pulled (/api/tags) and running (/api/ps), by
+    name; the /api/show answers asked (at most OLLAMA_SHOW_MAX a probe); refused, the
+    (name, reason) pairs no step is sent to: models whose /api/show capabilities lack
+    "completion" (embedding models), and cloud models (a *-cloud name or /api/tags
+    remote_host: they run on ollama.com, docs/cloud.mdx) unless --allow-executor
+    ollama-cloud. The choice: wanted (--model), else loaded."""
+
+    __slots__ = ("client", "root", "pulled", "running", "shown", "refused")
+
+    def __init__(self, client: Any, root: str, tags: Any, ps: Any):
+        self.client, self.root = client, root
+        self.pulled, self.running = _ollama_named(tags), _ollama_named(ps)
+        self.shown: dict[str, dict] = {}
+        self.refused: list[tuple[str, str]] = []
+
+    def show(self, name: str) -> dict:
+        """POST /api/show for name, once; {} when refused or past OLLAMA_SHOW_MAX."""
+        if name not in self.shown:
+            info = self.client._post_json(f"{self.root}/api/show", {"model": name}) \
+                if len(self.shown) < OLLAMA_SHOW_MAX else None
+            self.shown[name] = info if isinstance(info, dict) else {}
+        return self.shown[name]
+
+    def cloud(self, name: str) -> bool:
+        """Whether name is a cloud model the user has not allowed."""
+        if "ollama-cloud" in self.client.config.allowed_executors:
+            return False            # allowed by the user (--allow-executor ollama-cloud)
+        remote = (self.pulled.get(name) or self.running.get(name) or {}).get("remote_host")
+        return is_cloud_model(name) or bool(remote)
+
+    def refusal(self, name: str) -> str | None:
+        """Why no step goes to name, or None."""
+        if self.cloud(name):
+            return ("a cloud model: it runs on ollama.com, and the project's files would "
+                    "leave this machine")
+        caps = self.show(name).get("capabilities")
+        if isinstance(caps, list) and "completion" not in caps:
+            return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
+        return None
+
+    def wanted(self, wanted: str) -> tuple:
+        """(chosen, why, problem) for --model wanted: pulled, able to chat, not cloud."""
+        name = next((n for n in (wanted, f"{wanted}:latest")
+                     if n in self.pulled or n in self.running), None)
+        if name is None:
+            return None, None, (f"model {wanted!r} is not pulled on this Ollama",
+                                f"ollama pull {wanted}")
+        if reason := self.refusal(name):
+            self.refused.append((name, reason))
+            return None, None, (f"--model {name} is {reason}", "pick a local chat model with "
+                                "--model (bridge --health lists them)")
+        return name, "--model", None
+
+    def loaded(self) -> tuple:
+        """(chosen, why, problem) without --model: the first of /api/ps that can chat,
+        else the only chat model pulled."""
+        chosen = None
+        for name in self.running:
+            if reason := self.refusal(name):
+                self.refused.append((name, reason))
+            elif chosen is None:
+                chosen = name
+        if chosen is not None:
+            return chosen, "loaded: Ollama /api/ps", None
+        chat = []
+        for name in self.pulled:
+            if name in self.running:
+                continue
+            if reason := self.refusal(name):
+                self.refused.append((name, reason))
+            else:
+                chat.append(name)
+        if len(chat) == 1:
+            return chat[0], "the only chat model pulled (none is loaded)", None
+        if not chat:
+            return None, None, ("this Ollama has no local chat model",
+                                "pull one: ollama pull llama3.1:8b")
+        return None, None, (f"no model is loaded and {len(chat)} chat models are pulled: "
+                            f"{', '.join(chat[:8])}",
+                            "pick one with --model NAME (or load one: ollama run NAME)")
+
+    def refuse_cloud(self) -> None:
+        """List the cloud models pulled, without a question to the server."""
+        listed = {name for name, _ in self.refused}
+        for name in self.pulled:
+            if name not in listed and self.cloud(name):
+                self.refused.append((name, self.refusal(name)))
+
+
+class ServerProbes:
+    """The probes of LLMClient (a mixin of HTTPExecutor's: self.http, self.config,
+    self.base_url): what the server runs (probe), its tokenizer (count_tokens)."""
+
+    CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -5435,13 +5531,6 @@ class LLMClient(HTTPExecutor):
             self.tokenizer_refused = True
             return None
         return count + 5 * len(messages) + 3
-
-    @property
-    def cuts_prompts(self) -> bool:
-        """Whether this server may cut a prompt that does not fit and answer all the
-        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
-        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
-        return not self.native
 
     def _post_json(self, url: str, body: dict) -> Any:
         """POST body as JSON to url; return the JSON reply, or None when the route
@@ -5518,12 +5607,8 @@ class LLMClient(HTTPExecutor):
         """Return what an Ollama server runs, or None when root is not Ollama.
 
         Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
-        is running"). The model: --model (pulled, able to chat, not a cloud model), else
-        the first of /api/ps (loaded) that can chat, else the only chat model pulled.
-        Refused, with the reason: models whose /api/show capabilities lack
-        "completion" (embedding models), and cloud models (a *-cloud name or
-        /api/tags remote_host: they run on ollama.com, docs/cloud.mdx). Context:
-        /api/ps context_length (as loaded), /api/show model_info["<arch>.context_length"]
+        is running"). The model and what is refused: OllamaModels. Context: /api/ps
+        context_length (as loaded), /api/show model_info["<arch>.context_length"]
         (trained). With the native API (--ollama-api native, the default) steps go
         to /api/chat; else to /v1/chat/completions."""
         version = self._try_json(f"{root}/api/version")
@@ -5531,92 +5616,25 @@ class LLMClient(HTTPExecutor):
         if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
                 or not isinstance(version.get("version"), str):
             return None
-        def named(found: Any) -> dict[str, dict]:
-            found = found.get("models") if isinstance(found, dict) else None
-            return {m["name"]: m for m in found if isinstance(m, dict)
-                    and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
-        pulled, running = named(tags), named(self._try_json(f"{root}/api/ps"))
-        shown: dict[str, dict] = {}
-        refused: list[tuple[str, str]] = []
-
-        def show(name: str) -> dict:
-            if name not in shown:
-                info = self._post_json(f"{root}/api/show", {"model": name}) \
-                    if len(shown) < OLLAMA_SHOW_MAX else None
-                shown[name] = info if isinstance(info, dict) else {}
-            return shown[name]
-
-        def cloud(name: str) -> bool:
-            if "ollama-cloud" in self.config.allowed_executors:
-                return False            # allowed by the user (--allow-executor ollama-cloud)
-            remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
-            return is_cloud_model(name) or bool(remote)
-
-        def refusal(name: str) -> str | None:
-            if cloud(name):
-                return ("a cloud model: it runs on ollama.com, and the project's files would "
-                        "leave this machine")
-            caps = show(name).get("capabilities")
-            if isinstance(caps, list) and "completion" not in caps:
-                return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
-            return None
-
-        chosen = why = problem = None
+        models = OllamaModels(self, root, tags, self._try_json(f"{root}/api/ps"))
         wanted = self.config.model
         if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            wanted = parse_model_ref(wanted)[1]
-            name = next((n for n in (wanted, f"{wanted}:latest")
-                         if n in pulled or n in running), None)
-            if name is None:
-                problem = (f"model {wanted!r} is not pulled on this Ollama",
-                           f"ollama pull {wanted}")
-            elif reason := refusal(name):
-                refused.append((name, reason))
-                problem = (f"--model {name} is {reason}", "pick a local chat model with --model "
-                           "(bridge --health lists them)")
-            else:
-                chosen, why = name, "--model"
+            chosen, why, problem = models.wanted(parse_model_ref(wanted)[1])
         else:
-            for name in running:
-                if reason := refusal(name):
-                    refused.append((name, reason))
-                elif chosen is None:
-                    chosen, why = name, "loaded: Ollama /api/ps"
-            if chosen is None:
-                chat = []
-                for name in pulled:
-                    if name in running:
-                        continue
-                    if reason := refusal(name):
-                        refused.append((name, reason))
-                    else:
-                        chat.append(name)
-                if len(chat) == 1:
-                    chosen, why = chat[0], "the only chat model pulled (none is loaded)"
-                elif not chat:
-                    problem = ("this Ollama has no local chat model",
-                               "pull one: ollama pull llama3.1:8b")
-                else:
-                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: "
-                               f"{', '.join(chat[:8])}",
-                               "pick one with --model NAME (or load one: ollama run NAME)")
-        listed = {name for name, _ in refused}
-        for name in pulled:     # cloud models say so without a question to the server
-            if name not in listed and cloud(name):
-                refused.append((name, refusal(name)))
+            chosen, why, problem = models.loaded()
+        models.refuse_cloud()
         trained = loaded_context = None
         if chosen is not None:
-            info = show(chosen).get("model_info")
+            info = models.show(chosen).get("model_info")
             if isinstance(info, dict):
                 trained = next((_positive(v) for k, v in info.items() if isinstance(k, str)
                                 and k.endswith(".context_length") and _positive(v)), None)
-            loaded_context = _positive((running.get(chosen) or {}).get("context_length"))
+            loaded_context = _positive((models.running.get(chosen) or {}).get("context_length"))
         self.native = self.config.ollama_api == "native"
         self.base_url = root if self.native else f"{root}/v1"
-        self.CHAT_PATH = "/api/chat" if self.native else LLMClient.CHAT_PATH
-        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None,
-                          version["version"], why,
-                          tuple(refused), problem, trained)
+        self.CHAT_PATH = "/api/chat" if self.native else ServerProbes.CHAT_PATH
+        return ServerInfo("Ollama", list(models.pulled), chosen, loaded_context, None,
+                          version["version"], why, tuple(models.refused), problem, trained)
 
     def probe(self) -> "ServerInfo":
         """Ask the server what it runs: models, the loaded one, its effective context
@@ -5650,119 +5668,107 @@ class LLMClient(HTTPExecutor):
                                       _positive(context), None)
             return ServerInfo("LM Studio", models, None, None, None)
         props = self._try_json(f"{root}/props")
-        if isinstance(props, dict) and ("total_slots" in props or "default_generation_settings" in props):
+        if isinstance(props, dict) and ("total_slots" in props
+                                        or "default_generation_settings" in props):
             settings = props.get("default_generation_settings")
             settings = settings if isinstance(settings, dict) else {}
             return ServerInfo("llama.cpp", models, first, _positive(settings.get("n_ctx")),
                               _positive(props.get("total_slots")))
-        if entries and all(m.get("owned_by") == "me" for m in entries):    # llama_cpp/server/app.py get_models
+        # llama-cpp-python: llama_cpp/server/app.py get_models
+        if entries and all(m.get("owned_by") == "me" for m in entries):
             return ServerInfo("llama-cpp-python", models, first, None, None)
         return ServerInfo("OpenAI-compatible", models, first,
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
-    # -- chat ------------------------------------------------------------------
 
-    def accepted_sampling(self, sampling: dict) -> dict:
-        """Return the fields of sampling ({"temperature", "seed", "repeat_penalty",
-        "dry_multiplier", …}) this server takes: OpenAI's own (temperature, seed,
-        max_tokens) always, the others as SAMPLING_FIELDS lists for its kind, unless
-        it refused one. OpenAI-strict servers refuse unknown fields, so none is sent
-        to a server bridge could not identify."""
-        extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
-        return {k: v for k, v in sampling.items() if k in ("temperature", "seed", "max_tokens") or k in extras}
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
 
-    def thinking_fields(self) -> dict:
-        """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
-        for its kind (THINKING_OFF_DEFAULT when the probe could not name it), less
-        any it refused."""
-        fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
-        return {k: v for k, v in fields.items() if k not in self.thinking_refused}
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
 
-    def drop_constraint(self, model: str, why: str) -> None:
-        """Send model's JSON requests unconstrained from now on (no response_format):
-        its constrained output garbled (why says how). The answer is still checked."""
-        self.unconstrained.setdefault(model, why)
-
-    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed, and return the Completion.
-
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
-        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
-        a form the server refuses is dropped for the rest of this client's life and the
-        request is resent at once, without counting as a retry. Its sampling is sent as
-        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
-        none of the extras again, and the request is resent at once. Transient failures
-        are retried as the class says, unless output had already streamed. thinking
-        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
-        400/422 naming it, is dropped for this client's life and the request resent at
-        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
-        drop_constraint goes without response_format. Raises LLMError (never an httpx
-        exception) when the request finally fails.
-        """
-        if self.native:
-            return self._chat_native(messages, request)
-        model, json_schema, thinking = request.model, request.json_schema, request.thinking
-        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
-                                   "stream_options": {"include_usage": True}}
-        if request.max_tokens is not None:
-            payload["max_tokens"] = request.max_tokens
-        payload.update(self.accepted_sampling(request.sampling or {}))
-        if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
-            first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
-            self.structured_level = max(self.structured_level, first)
-        while True:
-            if thinking == "off":
-                payload.update(self.thinking_fields())
-            form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
-                self.structured_level < len(RESPONSE_FORMS) and \
-                model not in self.unconstrained else None
-            if form is None:
-                payload.pop("response_format", None)
-            else:
-                payload["response_format"] = form(json_schema)
-            try:
-                reply = self._send_with_retries(payload, request)
-                return reply._replace(response_format=form and payload["response_format"]["type"])
-            except LLMProtocolError as exc:
-                if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
-                    self._overflow_check(payload, request.timeout_s)
-                raise
-            except LLMHTTPError as exc:
-                if thinking == "off" and self._thinking_refused(exc, payload):
-                    continue
-                refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ()) if k in payload and k in str(exc)]
-                if refused and exc.status in (400, 422):
-                    self._on_retry(f"the server refused {', '.join(refused)} ({clip(str(exc), 160, 'message')}); "
-                                   "sending no extra sampling fields")
-                    self.extras_refused = True
-                    for key in SAMPLING_FIELDS[self.server_kind]:   # type: ignore[index]
-                        payload.pop(key, None)
-                    continue
-                if form is None or not _refuses_response_format(exc):
-                    raise
-                self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
-                               f"({clip(str(exc), 160, 'message')}); trying the next form")
-                self.structured_level += 1
-
-    def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
-        """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
-        (the ValueError is raised inside the stream: llama_cpp/server/app.py); the same
-        request unstreamed, with max_tokens 1, gets its 400 context_length_exceeded
-        naming the tokens and the context (llama_cpp/server/errors.py). Raises that
-        LLMHTTPError; returns when the request is not over the context."""
-        once = {k: v for k, v in payload.items() if k != "stream_options"}
-        once.update(stream=False, max_tokens=1)
-        for _ in range(2):      # the cut stream's connection may be closed: again on a new one
-            try:
-                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
-            except LLMUnavailable:
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
                 continue
-            except LLMHTTPError as exc:
-                if exc.context_overflow:
-                    raise
-            except LLMError:
-                pass
-            return
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
+###############################################################################
+# 22. Ollama's native API
+#
+# POST /api/chat, streamed as NDJSON (docs/api.md): the run's num_ctx, its options
+# and format, and thinking as think: false.
+###############################################################################
+
+
+class OllamaNative:
+    """Ollama's native chat for LLMClient (a mixin: self.native, self.num_ctx, set by the
+    probe and the run)."""
+
+    @property
+    def cuts_prompts(self) -> bool:
+        """Whether this server may cut a prompt that does not fit and answer all the
+        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
+        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        return not self.native
 
     def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
@@ -5818,6 +5824,168 @@ class LLMClient(HTTPExecutor):
                                    f"{tally.chars} characters and no done line")
         return tally.completion(usage, model, finish)
 
+
+###############################################################################
+# 23. LLM client: OpenAI-compatible servers
+#
+# LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON,
+# sampling and thinking fields a server refuses.
+###############################################################################
+
+
+@register_executor
+class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
+    """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
+    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
+    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
+    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
+    opened by the CLI before the run (Runner.client)."""
+
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
+
+    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
+        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
+        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
+        self.key = key = config.api_key
+        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
+                         headers={"Authorization": f"Bearer {key}"} if key else None)
+        # index into RESPONSE_FORMS of the first form this server has not refused
+        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
+        self.server_kind: str | None = None     # ServerInfo.kind, once probed (SAMPLING_FIELDS)
+        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
+        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
+        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
+        self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
+        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
+        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
+        self.unconstrained: dict[str, str] = {}
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        fault = server_fault(status, message, bool(self.config.api_key))
+        if fault is not None:
+            what, hint = fault
+            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
+                                    status)
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """A server still unreachable after the request's retries is gone for the run
+        (LLMServerUnusable), said with how long bridge waited for it."""
+        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
+            return exc
+        waited = time.monotonic() - started
+        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
+                                 f"{waited:.0f} s over {retries} retries "
+                                 "(--retries, --retry-delay)",
+                                 "start it again, then run bridge again")
+
+    def accepted_sampling(self, sampling: dict) -> dict:
+        """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
+        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
+        extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
+        return {k: v for k, v in sampling.items()
+                if k in ("temperature", "seed", "max_tokens") or k in extras}
+
+    def thinking_fields(self) -> dict:
+        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
+        less those it refused."""
+        fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
+        return {k: v for k, v in fields.items() if k not in self.thinking_refused}
+
+    def drop_constraint(self, model: str, why: str) -> None:
+        """Send model's JSON requests unconstrained from now on (no response_format):
+        its constrained output garbled (why says how). The answer is still checked."""
+        self.unconstrained.setdefault(model, why)
+
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Send one chat completion, streamed: messages [{"role", "content"}], request a
+        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
+        refused (none for a model given to drop_constraint), sampling as
+        accepted_sampling says, thinking "off" as thinking_fields; what the server
+        refuses is dropped for this client's life and the request resent at once, not
+        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
+        if self.native:
+            return self._chat_native(messages, request)
+        model, json_schema, thinking = request.model, request.json_schema, request.thinking
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                                   "stream_options": {"include_usage": True}}
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        payload.update(self.accepted_sampling(request.sampling or {}))
+        if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
+            first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
+            self.structured_level = max(self.structured_level, first)
+        while True:
+            if thinking == "off":
+                payload.update(self.thinking_fields())
+            form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
+                self.structured_level < len(RESPONSE_FORMS) and \
+                model not in self.unconstrained else None
+            if form is None:
+                payload.pop("response_format", None)
+            else:
+                payload["response_format"] = form(json_schema)
+            try:
+                reply = self._send_with_retries(payload, request)
+                return reply._replace(response_format=form and payload["response_format"]["type"])
+            except LLMProtocolError as exc:
+                if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
+                    self._overflow_check(payload, request.timeout_s)
+                raise
+            except LLMHTTPError as exc:
+                if not self._drop_refused(exc, payload, form is not None, thinking):
+                    raise
+
+    def _drop_refused(self, exc: LLMHTTPError, payload: dict, constrained: bool,
+                      thinking: str | None) -> bool:
+        """After an HTTP error: drop from payload, for this client's life, what the server
+        refused (a thinking field; the extra sampling fields; this response_format, for
+        the next of RESPONSE_FORMS) and tell whether the request goes again at once."""
+        if thinking == "off" and self._thinking_refused(exc, payload):
+            return True
+        refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ())
+                   if k in payload and k in str(exc)]
+        if refused and exc.status in (400, 422):
+            self._on_retry(f"the server refused {', '.join(refused)} "
+                           f"({clip(str(exc), 160, 'message')}); sending no extra sampling fields")
+            self.extras_refused = True
+            for key in SAMPLING_FIELDS[self.server_kind]:   # type: ignore[index]
+                payload.pop(key, None)
+            return True
+        if not constrained or not _refuses_response_format(exc):
+            return False
+        self._on_retry("the server refused response_format "
+                       f"{payload['response_format']['type']} "
+                       f"({clip(str(exc), 160, 'message')}); trying the next form")
+        self.structured_level += 1
+        return True
+
+    def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
+        """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
+        (the ValueError is raised inside the stream: llama_cpp/server/app.py); the same
+        request unstreamed, with max_tokens 1, gets its 400 context_length_exceeded
+        naming the tokens and the context (llama_cpp/server/errors.py). Raises that
+        LLMHTTPError; returns when the request is not over the context."""
+        once = {k: v for k, v in payload.items() if k != "stream_options"}
+        once.update(stream=False, max_tokens=1)
+        for _ in range(2):      # the cut stream's connection may be closed: again on a new one
+            try:
+                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
+            except LLMUnavailable:
+                continue
+            except LLMHTTPError as exc:
+                if exc.context_overflow:
+                    raise
+            except LLMError:
+                pass
+            return
+
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
         whether any was. Those it names; when it names none of them (nor
@@ -5860,9 +6028,9 @@ class LLMClient(HTTPExecutor):
                 raise TypeError("content is not a string")
             reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            shown = clip(body.decode("utf-8", "replace"), 120, "body")
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat "
-                                   f"completion: {clip(body.decode('utf-8', 'replace'), 120, 'body')}"
-                                   ) from exc
+                                   f"completion: {shown}") from exc
         if reasoning:
             tally.add_reasoning(reasoning)
         tally.add_answer(text)
@@ -5916,35 +6084,6 @@ class LLMClient(HTTPExecutor):
         return tally.completion(usage, model, finish)
 
 
-class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
-                                         "refused problem trained_context",
-                            defaults=(None, None, (), None, None))):
-    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
-    or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said). Ollama's
-    probe also gives: version (str), why (how loaded was picked), refused ((model,
-    reason) pairs it will not send steps to), problem ((what, hint) when no model
-    can be used, else None), trained_context (the model's trained maximum, tokens)."""
-
-    __slots__ = ()
-
-
-def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
-    (servers send odd things: a context length of 10**400 is not said at all)."""
-    return value if usage_count(value) and value > 0 else None
-
-
-def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
-    when there is none or a count is not one usage_count believes (a string usage from a
-    gateway, a negative count, 10**400): then it is estimated."""
-    if not isinstance(value, dict):
-        return None
-    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
-
-
 @register_executor
 class OllamaCloud(LLMClient):
     """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
@@ -5967,7 +6106,7 @@ class OllamaCloud(LLMClient):
 
 
 ###############################################################################
-# 21. Other executors: the Anthropic API and the claude CLI
+# 24. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6151,8 +6290,9 @@ class ClaudeCLI(Executor):
         import threading
 
         started = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=claude_env(self.config.tool_env), start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=cwd,
+                                env=claude_env(self.config.tool_env), start_new_session=True)
         stderr: list[bytes] = []
         reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
         reader.start()
@@ -6260,7 +6400,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 22. Check commands
+# 25. Check commands
 ###############################################################################
 
 
@@ -6497,7 +6637,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 23. File transactions: journal, rollback, recovery
+# 26. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6801,7 +6941,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 24. Review staging and bounded diffs
+# 27. Review staging and bounded diffs
 #
 # A --review run writes nothing into the project: StagedFiles keeps each file under the
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
@@ -6959,7 +7099,7 @@ class StagedFiles:
 
 
 ###############################################################################
-# 25. Kept runs: backups, diff, undo, review
+# 28. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7300,7 +7440,7 @@ class KeptRun:
 
 
 ###############################################################################
-# 26. Prompts
+# 29. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7485,7 +7625,7 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 ###############################################################################
-# 27. Retry policy
+# 30. Retry policy
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
@@ -7646,7 +7786,7 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 ###############################################################################
-# 28. Run records
+# 31. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -8037,13 +8177,13 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 29. The result document
-# What a run leaves behind, built here alone from the facts Runner._result gathers
-# (README: "What bridge writes into the store"): the result memory's summary and
-# content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts" reads it back), the document --json and
-# --show --json print (shown_result, show_document), and the text of --show and of
-# a run's end (render_show, savings_line, ledger_lines).
+# 32. The result document
+# What a run leaves behind, built here alone from the facts its plan run gathers (the
+# _result document, README: "What bridge writes into the store"): the result memory's
+# summary and content (result_memory; the Store stores it as given, parse_result_content
+# in the room "Store layouts" reads it back), the document --json and --show --json
+# print (shown_result, show_document), and the text of --show and of a run's end
+# (render_show, savings_line, ledger_lines).
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
@@ -8305,7 +8445,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 30. Step scheduling
+# 33. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8471,7 +8611,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 31. The model's context
+# 34. The model's context
 # What prompts and answers are fitted to, learned across the plans of one
 # process: the default model's context and slots, the server's tokens per
 # estimated token, the models seen thinking.
@@ -8593,7 +8733,7 @@ class ContextFit:
 
 
 ###############################################################################
-# 32. An attempt
+# 35. An attempt
 # One request of a step as it is sent and streamed: its progress, its watched
 # answer and thinking, and what it thought.
 ###############################################################################
@@ -8719,7 +8859,7 @@ class Attempt:
 
 
 ###############################################################################
-# 33. A step run
+# 36. A step run
 # One step from its first prompt to its settled result: its attempts (prompt,
 # send, check, write, commands, put back), then its escalation.
 ###############################################################################
@@ -9128,7 +9268,7 @@ class StepRun:
 
 
 ###############################################################################
-# 34. A plan run
+# 37. A plan run
 # One plan from its claim to its stored result: open, take over, run the steps,
 # verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
@@ -9619,7 +9759,7 @@ class PlanRun:
 
 
 ###############################################################################
-# 35. Runner
+# 38. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9728,7 +9868,7 @@ class Runner:
 
 
 ###############################################################################
-# 36. CLI: arguments and settings
+# 39. CLI: arguments and settings
 ###############################################################################
 
 
@@ -10100,7 +10240,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 37. CLI: listing, health, trust and approval
+# 40. CLI: listing, server discovery, trust and approval
 ###############################################################################
 
 
@@ -10156,126 +10296,6 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def _server_health(config: Config) -> tuple[Config, dict, bool]:
-    """Probe the model server (found by discover_server when no base URL is set): return
-    the config with its base URL, the report's "server" part, and whether a run could use
-    it (reachable, a model, no problem)."""
-    report: dict[str, Any] = {"base_url": config.base_url}
-    config, tried = discover_server(config)
-    report.update(base_url=config.base_url, tried=tried)
-    ok = False
-    try:
-        with LLMClient(config) as client:
-            info = client.probe()
-            models = info.models
-            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
-                          context_length=info.context_length, parallel=info.parallel)
-            report.update(run_plan(config, client, info))
-            ok = bool(models) and not info.problem
-            if not models:
-                report["error"] = "the server lists no models; download or load one"
-            elif not ok:
-                report["error"] = report["model_why"]
-    except LLMError as exc:
-        report.update(reachable=False, error=str(exc), hint=exc.hint)
-    return config, report, ok
-
-
-def _store_health(config: Config) -> tuple[dict, bool]:
-    """Open and check the store: return the report's "store" part and whether it is usable."""
-    report: dict[str, Any] = {}
-    ok = False
-    try:
-        with Store.open(config) as store:
-            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
-            problem = store.check_usable()
-            if problem:
-                raise StoreError(f"the store {store.path} is not usable: {problem}",
-                                 READ_ONLY_STORE_HINT if "readonly" in problem else
-                                 "restore it from a backup, or point --db at a store that can "
-                                 "be written")
-            report.update(pending=store.pending_count(), **store.memory_report())
-            ok = True
-    except StoreError as exc:
-        report.update(error=str(exc), hint=exc.hint)
-    return report, ok
-
-
-def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
-    """Print the --health report as lines: server, run plan, store and memory, backups."""
-    server, store_info = report["server"], report["store"]
-    if server_ok:
-        version = f" {server['version']}" if server.get("version") else ""
-        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
-                        f"{len(server['models'])} model(s) · loaded: "
-                        f"{server['loaded'] or 'none reported'} · context "
-                        f"{server['context_length'] or 'not reported'} · parallel "
-                        f"{server['parallel'] or 1}"))
-    else:
-        print(printable(f"server  FAIL  {server['error']}"))
-        if server.get("hint"):
-            print(printable(f"              hint: {server['hint']}"))
-    for line in run_plan_lines(server):
-        print(printable(f"              {line}"))
-    memory_setting = _memory_setting_text(report["memory_setting"])
-    if store_ok:
-        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
-                        f"{store_info['pending']} pending plan(s)"))
-        line = _memory_store_line(store_info)
-        if "memory_api" in report:     # one memory line: store and API
-            api = _memory_api_line(report["memory_api"])
-            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
-        print(printable("memory  " + line + memory_setting))
-    else:
-        print(printable(f"store   FAIL  {store_info['error']}"))
-        if store_info.get("hint"):
-            print(printable(f"              hint: {store_info['hint']}"))
-    backups = report["backups"]
-    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
-          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
-          "plan)")
-    if "memory_api" in report and not store_ok:
-        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
-
-
-def cmd_health(config: Config) -> int:
-    """Check the server, the store and the memory server's HTTP API when one is set; print
-    the report (--json: as a document); return 0 only when all of them work, else 2."""
-    quiet_http_logs()
-    config, server, server_ok = _server_health(config)
-    store, store_ok = _store_health(config)
-    report: dict[str, Any] = {"server": server, "store": store}
-    report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
-                         "keep_runs": config.keep_runs}
-    memory_ok = True
-    report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
-                                "note": config.memory_note}
-    if config.memory_url:
-        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
-        report["memory_api"] = api.probe()
-        memory_ok = bool(report["memory_api"]["key_accepted"])
-    report["ok"] = server_ok and store_ok and memory_ok
-    if config.json:
-        _print_json(report)
-    else:
-        _print_health(config, report, server_ok, store_ok)
-    return EXIT_OK if report["ok"] else EXIT_UNUSABLE
-
-
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
-    if info is not None and info.problem:
-        what, hint = info.problem
-        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
-    if info is not None and info.kind == "Ollama":
-        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
@@ -10298,60 +10318,6 @@ def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
         return info.context_length
     num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
     return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
-
-
-def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
-    if config.base_url_given:
-        return config, []
-    import httpx
-    from urllib.parse import urlsplit
-
-    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
-    tried = []
-    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
-        for port, suffix in DEFAULT_SERVER_PORTS:
-            root = f"http://127.0.0.1:{port}"
-
-            def get(path: str) -> Any:
-                try:
-                    response = http.get(root + path)
-                    if response.status_code in (401, 403):
-                        return {"data": []}         # a model server that wants its key
-                    return load_reply(response.content) if response.status_code == 200 else None
-                except (httpx.HTTPError, ValueError):
-                    return None
-            if port == memory_port:
-                tried.append({"url": root,
-                              "result": "--memory-url's port: the memory server, skipped"})
-                continue
-            try:
-                http.get(root + "/")
-            except httpx.HTTPError:
-                tried.append({"url": root, "result": "nothing answers"})
-                continue
-            version, models = get("/api/version"), None
-            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
-                models = get("/v1/models")
-                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
-                    health = get("/api/health")
-                    memory = isinstance(health, dict) and health.get("status") == "healthy"
-                    result = "the memory server (its /api/health), skipped" if memory \
-                        else "answers, but not as a model server"
-                    tried.append({"url": root, "result": result})
-                    continue
-            tried.append({"url": root, "result": "a model server: used"})
-            return config._replace(base_url=root + (suffix if models is not None else "")), tried
-    return config, tried
 
 
 def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
@@ -10397,38 +10363,6 @@ def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
             "prompts_cut": cut, "refused": [{"model": m, "reason": r} for m, r in info.refused]}
 
 
-def run_plan_lines(server: dict) -> list[str]:
-    """The --health lines under the server's: what a run will do (see run_plan)."""
-    lines = []
-    if server.get("model"):
-        context = (f"context {server['context_length']} ({server['context_source']})"
-                   if server.get("context_length") else "context not reported")
-        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
-        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
-                     f"{server['slots']} step(s) at once · {server['api']}")
-        lines.append(f"output: {server['structured_output']} · "
-                     f"prompts cut: {server['prompts_cut']}")
-    for refused in server.get("refused") or []:
-        lines.append(f"refused {refused['model']}: {refused['reason']}")
-    for tried in server.get("tried") or []:
-        lines.append(f"tried {tried['url']}: {tried['result']}")
-    return lines
-
-
-def _memory_store_line(info: dict) -> str:
-    """The --health line of the store as the memory server sees it."""
-    schema = f"schema version {info['schema_version']}" if info["schema_version"] else "no schema version"
-    state = f"{STATE_TABLE}: {info['plans_recorded']} plan(s)" if info["state_table"] \
-        else f"no {STATE_TABLE} yet (made by the first run)"
-    if info["without_embedding"] is None:
-        embeddings = "embeddings not readable (no memory_embeddings table)"
-    else:
-        embeddings = (f"{info['without_embedding']} of bridge's {info['bridge_rows']} row(s) without an embedding"
-                      + (" (semantic search misses them; --memory-url stores results with one)"
-                         if info["without_embedding"] else ""))
-    return f"ok    {schema} · {state} · {embeddings}"
-
-
 def cmd_stats(config: Config) -> int:
     """Print what each model did with each validation type over bridge's runs (read_step_stats)."""
     report = read_step_stats(config.runs_dir.parent / STATS_FILE)
@@ -10450,23 +10384,6 @@ def cmd_stats(config: Config) -> int:
                             f"{row['after_retries']:>9}{row['on_escalation']:>12}{row['failed']:>8}"
                             f"{row['median_tokens']:>15g}{row['median_s']:>10.1f}"))
     return EXIT_OK
-
-
-def _memory_setting_text(setting: dict) -> str:
-    """The end of the --health memory line: where the HTTP API setting came from, or,
-    with none set, why not and where one could be set."""
-    if setting["url"]:
-        return f" (set by {setting['source']})"
-    why = f"{setting['note']}; " if setting["note"] else ""
-    return f" · HTTP API none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN})"
-
-
-def _memory_api_line(probe: dict) -> str:
-    """The --health line of the memory server's HTTP API."""
-    if not probe["key_accepted"]:
-        return printable(f"FAIL  {probe['url']}: {probe['error']}")
-    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
-                     f"{probe['backend']}) · key accepted")
 
 
 def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
@@ -10622,7 +10539,173 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 38. CLI: running and showing
+# 41. CLI: health
+#
+# --health: the model server (and what a run on it will do: run_plan), the store as
+# bridge and the memory server see it, the kept backups, and the memory server's HTTP
+# API when one is set; as lines, or one --json document.
+###############################################################################
+
+
+def run_plan_lines(server: dict) -> list[str]:
+    """The --health lines under the server's: what a run will do (see run_plan)."""
+    lines = []
+    if server.get("model"):
+        context = (f"context {server['context_length']} ({server['context_source']})"
+                   if server.get("context_length") else "context not reported")
+        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
+        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
+                     f"{server['slots']} step(s) at once · {server['api']}")
+        lines.append(f"output: {server['structured_output']} · "
+                     f"prompts cut: {server['prompts_cut']}")
+    for refused in server.get("refused") or []:
+        lines.append(f"refused {refused['model']}: {refused['reason']}")
+    for tried in server.get("tried") or []:
+        lines.append(f"tried {tried['url']}: {tried['result']}")
+    return lines
+
+
+def _memory_store_line(info: dict) -> str:
+    """The --health line of the store as the memory server sees it."""
+    schema = (f"schema version {info['schema_version']}" if info["schema_version"]
+              else "no schema version")
+    state = (f"{STATE_TABLE}: {info['plans_recorded']} plan(s)" if info["state_table"]
+             else f"no {STATE_TABLE} yet (made by the first run)")
+    if info["without_embedding"] is None:
+        embeddings = "embeddings not readable (no memory_embeddings table)"
+    else:
+        embeddings = (f"{info['without_embedding']} of bridge's {info['bridge_rows']} row(s) "
+                      "without an embedding"
+                      + (" (semantic search misses them; --memory-url stores results with one)"
+                         if info["without_embedding"] else ""))
+    return f"ok    {schema} · {state} · {embeddings}"
+
+
+def _memory_setting_text(setting: dict) -> str:
+    """The end of the --health memory line: where the HTTP API setting came from, or,
+    with none set, why not and where one could be set."""
+    if setting["url"]:
+        return f" (set by {setting['source']})"
+    why = f"{setting['note']}; " if setting["note"] else ""
+    return f" · HTTP API none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN})"
+
+
+def _memory_api_line(probe: dict) -> str:
+    """The --health line of the memory server's HTTP API."""
+    if not probe["key_accepted"]:
+        return printable(f"FAIL  {probe['url']}: {probe['error']}")
+    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
+                     f"{probe['backend']}) · key accepted")
+
+
+def _server_health(config: Config) -> tuple[Config, dict, bool]:
+    """Probe the model server (found by discover_server when no base URL is set): return
+    the config with its base URL, the report's "server" part, and whether a run could use
+    it (reachable, a model, no problem)."""
+    report: dict[str, Any] = {"base_url": config.base_url}
+    config, tried = discover_server(config)
+    report.update(base_url=config.base_url, tried=tried)
+    ok = False
+    try:
+        with LLMClient(config) as client:
+            info = client.probe()
+            models = info.models
+            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
+                          context_length=info.context_length, parallel=info.parallel)
+            report.update(run_plan(config, client, info))
+            ok = bool(models) and not info.problem
+            if not models:
+                report["error"] = "the server lists no models; download or load one"
+            elif not ok:
+                report["error"] = report["model_why"]
+    except LLMError as exc:
+        report.update(reachable=False, error=str(exc), hint=exc.hint)
+    return config, report, ok
+
+
+def _store_health(config: Config) -> tuple[dict, bool]:
+    """Open and check the store: return the report's "store" part and whether it is usable."""
+    report: dict[str, Any] = {}
+    ok = False
+    try:
+        with Store.open(config) as store:
+            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
+            problem = store.check_usable()
+            if problem:
+                raise StoreError(f"the store {store.path} is not usable: {problem}",
+                                 READ_ONLY_STORE_HINT if "readonly" in problem else
+                                 "restore it from a backup, or point --db at a store that can "
+                                 "be written")
+            report.update(pending=store.pending_count(), **store.memory_report())
+            ok = True
+    except StoreError as exc:
+        report.update(error=str(exc), hint=exc.hint)
+    return report, ok
+
+
+def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
+    """Print the --health report as lines: server, run plan, store and memory, backups."""
+    server, store_info = report["server"], report["store"]
+    if server_ok:
+        version = f" {server['version']}" if server.get("version") else ""
+        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                        f"{len(server['models'])} model(s) · loaded: "
+                        f"{server['loaded'] or 'none reported'} · context "
+                        f"{server['context_length'] or 'not reported'} · parallel "
+                        f"{server['parallel'] or 1}"))
+    else:
+        print(printable(f"server  FAIL  {server['error']}"))
+        if server.get("hint"):
+            print(printable(f"              hint: {server['hint']}"))
+    for line in run_plan_lines(server):
+        print(printable(f"              {line}"))
+    memory_setting = _memory_setting_text(report["memory_setting"])
+    if store_ok:
+        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                        f"{store_info['pending']} pending plan(s)"))
+        line = _memory_store_line(store_info)
+        if "memory_api" in report:     # one memory line: store and API
+            api = _memory_api_line(report["memory_api"])
+            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+        print(printable("memory  " + line + memory_setting))
+    else:
+        print(printable(f"store   FAIL  {store_info['error']}"))
+        if store_info.get("hint"):
+            print(printable(f"              hint: {store_info['hint']}"))
+    backups = report["backups"]
+    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
+          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
+          "plan)")
+    if "memory_api" in report and not store_ok:
+        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def cmd_health(config: Config) -> int:
+    """Check the server, the store and the memory server's HTTP API when one is set; print
+    the report (--json: as a document); return 0 only when all of them work, else 2."""
+    quiet_http_logs()
+    config, server, server_ok = _server_health(config)
+    store, store_ok = _store_health(config)
+    report: dict[str, Any] = {"server": server, "store": store}
+    report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
+                         "keep_runs": config.keep_runs}
+    memory_ok = True
+    report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
+                                "note": config.memory_note}
+    if config.memory_url:
+        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
+        report["memory_api"] = api.probe()
+        memory_ok = bool(report["memory_api"]["key_accepted"])
+    report["ok"] = server_ok and store_ok and memory_ok
+    if config.json:
+        _print_json(report)
+    else:
+        _print_health(config, report, server_ok, store_ok)
+    return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+###############################################################################
+# 42. CLI: running and showing
 ###############################################################################
 
 
@@ -10807,7 +10890,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 39. CLI: diff, undo, review
+# 43. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10958,7 +11041,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 40. CLI: the planner's side
+# 44. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11156,7 +11239,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 41. main()
+# 45. main()
 ###############################################################################
 
 
