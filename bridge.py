@@ -114,24 +114,25 @@ keeps it so), so the file reads from files and the store, through plans, model s
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
     4 Helpers · 5 Path rules: what a plan may read and write ·
-    6 File writes inside the project · 7 Store layouts · 8 The memory server's HTTP API ·
-    9 Store (SQLite) · 10 Store: plan states and claims ·
-    11 Store: plan and result memories · 12 Output validation ·
-    13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
-    16 Executors: the registry, the chat contract, model references ·
-    17 Trust: projects, approvals, executors ·
-    18 Model server replies: bounds, errors, streams ·
-    19 HTTP executors: requests and retries · 20 Model server probes: what a server runs ·
-    21 Ollama's native API · 22 LLM client: OpenAI-compatible servers ·
-    23 Other executors: the Anthropic API and the claude CLI · 24 Check commands ·
-    25 File transactions: journal, rollback, recovery ·
-    26 Review staging and bounded diffs · 27 Kept runs: backups, diff, undo, review ·
-    28 Prompts · 29 Retry policy · 30 Run records · 31 The result document ·
-    32 Step scheduling · 33 The model's context · 34 An attempt · 35 A step run ·
-    36 A plan run · 37 Runner · 38 CLI: arguments and settings ·
-    39 CLI: listing, server discovery, trust and approval · 40 CLI: health ·
-    41 CLI: running and showing · 42 CLI: diff, undo, review · 43 CLI: the planner's side ·
-    44 main()
+    6 File writes inside the project ·
+    7 bridge's own files: JSON, records, private folders · 8 Store layouts ·
+    9 The memory server's HTTP API · 10 Store (SQLite) · 11 Store: plan states and claims ·
+    12 Store: plan and result memories · 13 Output validation ·
+    14 Constrained JSON and degenerate output · 15 Validation types · 16 Plans ·
+    17 Executors: the registry, the chat contract, model references ·
+    18 Trust: projects, approvals, executors ·
+    19 Model server replies: bounds, errors, streams ·
+    20 HTTP executors: requests and retries · 21 Model server probes: what a server runs ·
+    22 Ollama's native API · 23 LLM client: OpenAI-compatible servers ·
+    24 Other executors: the Anthropic API and the claude CLI · 25 Check commands ·
+    26 File transactions: journal, rollback, recovery ·
+    27 Review staging and bounded diffs · 28 Kept runs: backups, diff, undo, review ·
+    29 Prompts · 30 Retry policy · 31 Run records · 32 The result document ·
+    33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
+    37 A plan run · 38 Runner · 39 CLI: arguments and settings ·
+    40 CLI: listing, server discovery, trust and approval · 41 CLI: health ·
+    42 CLI: running and showing · 43 CLI: diff, undo, review · 44 CLI: the planner's side ·
+    45 main()
 """
 
 from __future__ import annotations
@@ -799,67 +800,6 @@ def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
-
-
-class JSONRefused(ValueError):
-    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
-    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
-    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
-
-
-def json_depth(value: Any) -> int:
-    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
-    recursion, so any value json.loads could build can be measured."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, (dict, list)):
-            continue
-        children = item.values() if isinstance(item, dict) else item
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
-
-
-def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
-    rows, results, metadata, server replies). Raises ValueError for bad JSON and
-    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
-    max_depth levels or so deep that json itself gives up (RecursionError), so what
-    reads it next cannot recurse to death."""
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
-            from None
-    depth = json_depth(value)
-    if depth > max_depth:
-        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
-    return value
-
-
-def load_reply(text: str | bytes) -> Any:
-    """load_json for what a server or executor sent, with every lone surrogate in
-    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
-    carrying it back, the file, the run log and the store would all refuse it)
-    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
-    value = load_json(text)
-    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
-    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
-
-
-def _scrub_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return re.sub("[\ud800-\udfff]", "\ufffd", value)
-    if isinstance(value, list):
-        return [_scrub_surrogates(item) for item in value]
-    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
-        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
-    return value
 
 
 def crash_point(crash_at: str | None, name: str) -> None:
@@ -1552,9 +1492,8 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader sees
 # the old bytes or the new, never half. In the project the folders are walked by dir_fd,
-# never through a symlink (open_inside, _walk, _replace_in). bridge's own files have one
-# of each: atomic_write, open_regular, read_json_file and write_json_file, private_dir,
-# append_jsonl and read_jsonl.
+# never through a symlink (open_inside, _walk, _replace_in); every file bridge reads is
+# opened by open_regular (no symlink followed unless asked, no wait on a FIFO).
 ###############################################################################
 
 
@@ -1779,6 +1718,90 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
+class _suppress:
+    """contextlib.suppress without importing contextlib at start-up."""
+
+    def __init__(self, *kinds: type[BaseException]):
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+###############################################################################
+# 7. bridge's own files: JSON, records, private folders
+#
+# JSON bridge did not write (plans, store rows, server replies) is read by load_json: at
+# most MAX_JSON_DEPTH deep, no NaN. bridge's own files have one of each: atomic_write,
+# read_json_file and write_json_file, append_jsonl and read_jsonl, private_dir (0o700),
+# private_opener (0o600, never through a symlink); run_folder checks a run id read back.
+###############################################################################
+
+
+class JSONRefused(ValueError):
+    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
+    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
+    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
+
+
+def json_depth(value: Any) -> int:
+    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
+    recursion, so any value json.loads could build can be measured."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        children = item.values() if isinstance(item, dict) else item
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
+    rows, results, metadata, server replies). Raises ValueError for bad JSON and
+    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
+    max_depth levels or so deep that json itself gives up (RecursionError), so what
+    reads it next cannot recurse to death."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
+    return value
+
+
+def load_reply(text: str | bytes) -> Any:
+    """load_json for what a server or executor sent, with every lone surrogate in
+    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
+    carrying it back, the file, the run log and the store would all refuse it)
+    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
+    value = load_json(text)
+    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
+    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
+
+
+def _scrub_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub("[\ud800-\udfff]", "\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub_surrogates(item) for item in value]
+    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
+        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
+    return value
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
     """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
@@ -1865,19 +1888,6 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
     return folder
 
 
-class _suppress:
-    """contextlib.suppress without importing contextlib at start-up."""
-
-    def __init__(self, *kinds: type[BaseException]):
-        self.kinds = kinds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, self.kinds)
-
-
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
     """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
     never through a symlink); with sync, fsync it, so it survives a crash. Raises
@@ -1913,8 +1923,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return entries
 
 
+
 ###############################################################################
-# 7. Store layouts
+# 8. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -2035,7 +2046,7 @@ def parse_result_content(content: str) -> dict | None:
 
 
 ###############################################################################
-# 8. The memory server's HTTP API
+# 9. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2245,7 +2256,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 9. Store (SQLite)
+# 10. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
 # memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
@@ -2503,7 +2514,7 @@ class StoreFile:
 
 
 ###############################################################################
-# 10. Store: plan states and claims
+# 11. Store: plan states and claims
 # Every piece of claiming a plan that is the store's: the plan record and its
 # effective status (stale: its owner is gone), STATE_TABLE read and written (and
 # migrated from an older bridge's metadata), the claim, the heartbeat, the release,
@@ -2615,7 +2626,6 @@ class PlanStates(StoreFile):
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
-
 
     @property
     def has_state_table(self) -> bool:
@@ -2795,7 +2805,7 @@ class PlanStates(StoreFile):
 
 
 ###############################################################################
-# 11. Store: plan and result memories
+# 12. Store: plan and result memories
 # The memories bridge reads and writes: plan memories found (by the memory server's
 # index when it has one) and submitted; a run's result memory stored as the room "The
 # result document" built it (directly, or through the memory server's HTTP API for an
@@ -3056,7 +3066,7 @@ class Store(PlanStates):
 
 
 ###############################################################################
-# 12. Output validation
+# 13. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
 # out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
@@ -3288,7 +3298,7 @@ def check_grounded(value: Any, source: str) -> None:
 
 
 ###############################################################################
-# 13. Constrained JSON and degenerate output
+# 14. Constrained JSON and degenerate output
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
@@ -3633,7 +3643,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 14. Validation types
+# 15. Validation types
 #
 # One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
 # register_validation (as pycodestyle's register_check files a check): its check, its
@@ -4011,7 +4021,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 
 ###############################################################################
-# 15. Plans
+# 16. Plans
 ###############################################################################
 
 
@@ -4289,14 +4299,14 @@ def _build_plan(plan: dict) -> Plan:
 
 
 ###############################################################################
-# 16. Executors: the registry, the chat contract, model references
+# 17. Executors: the registry, the chat contract, model references
 #
 # An executor is one class (its facts: Executor) and its registry line
 # (@register_executor); every executor answers one call, chat(messages, ChatRequest)
 # -> Completion, dropping what it cannot send. The trust gate, the approval facts,
 # --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
 # (bottle's server_names and ServerAdapter are the model). The classes are in the
-# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+# rooms below it, from 'Model server replies' to 'Other executors'.
 ###############################################################################
 
 
@@ -4431,7 +4441,7 @@ def executor_class(ref: str) -> "type[Executor]":
 
 
 ###############################################################################
-# 17. Trust: projects, approvals, executors
+# 18. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4513,7 +4523,6 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
         if folder.is_relative_to(real):
             return f"it is inside {what} {real}"
     return None
-
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -4723,7 +4732,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 18. Model server replies: bounds, errors, streams
+# 19. Model server replies: bounds, errors, streams
 #
 # What a model server sends back, read as untrusted input: its error messages and
 # what they say about the server, usage counts, the parts of a reply, SSE and NDJSON
@@ -5093,7 +5102,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 19. HTTP executors: requests and retries
+# 20. HTTP executors: requests and retries
 #
 # Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
 # server and vLLM speak, and Anthropic's), what each kind of server takes, and the
@@ -5183,16 +5192,12 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop.
-
-    Use as a context manager. Transient failures (connection refused or reset,
-    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times
-    with exponential backoff and jitter starting at config.retry_delay_s seconds,
-    honouring Retry-After, never past RETRY_BUDGET_S seconds in all, and never once
-    output has streamed. sleep is injectable so tests see the delays without
-    waiting. Subclasses give chat() and _parse(); every executor's chat() has the
-    same signature and returns a Completion.
-    """
+    exceptions translated to LLMError, and the retry loop: transient failures
+    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
+    up to config.retries times, backing off from config.retry_delay_s seconds with
+    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
+    output has streamed. sleep is injectable (tests see the delays without waiting).
+    A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
@@ -5229,12 +5234,8 @@ class HTTPExecutor(Executor):
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
                                            limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}"
-                                       + missing_v1_hint(self.base_url, response.status_code),
-                                       response.status_code)
+                    raise self._http_error(response, url, missing_v1_hint(
+                        self.base_url, response.status_code))
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
@@ -5248,6 +5249,17 @@ class HTTPExecutor(Executor):
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
+
+    def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
+        """Return the error of an HTTP status >= 400: the server's message (_error_message,
+        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
+        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+        self._raise_fault(url, response.status_code, message)
+        return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
+                            response.status_code,
+                            retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                            context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
         """Return the error a server reported inside a 200 stream (an SSE "error" event, an
@@ -5335,14 +5347,7 @@ class HTTPExecutor(Executor):
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(
-                        f"{url} answered HTTP {response.status_code}: {message}",
-                        response.status_code,
-                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
-                        context_overflow=_is_context_overflow(message))
+                    raise self._http_error(response, url)
                 return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
@@ -5363,10 +5368,11 @@ class HTTPExecutor(Executor):
 
 
 ###############################################################################
-# 20. Model server probes: what a server runs
+# 21. Model server probes: what a server runs
 #
 # LM Studio's, Ollama's, llama.cpp's and vLLM's own routes, asked once a run: the
-# model, its context, its slots (ServerInfo).
+# model, its context, its slots (ServerInfo); the search for a server on the default
+# ports when no --base-url was given (discover_server), and the model a run takes.
 ###############################################################################
 
 
@@ -5675,8 +5681,78 @@ class ServerProbes:
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
 
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
+
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
+
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
+                continue
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
 ###############################################################################
-# 21. Ollama's native API
+# 22. Ollama's native API
 #
 # POST /api/chat, streamed as NDJSON (docs/api.md): the run's num_ctx, its options
 # and format, and thinking as think: false.
@@ -5750,7 +5826,7 @@ class OllamaNative:
 
 
 ###############################################################################
-# 22. LLM client: OpenAI-compatible servers
+# 23. LLM client: OpenAI-compatible servers
 #
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON,
 # sampling and thinking fields a server refuses.
@@ -5759,11 +5835,10 @@ class OllamaNative:
 
 @register_executor
 class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
-    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
-    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
-    http://localhost:1234/v1 by default). Streams SSE chunks with
-    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe). The run's model server: one instance,
+    """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
+    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
+    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
+    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
     opened by the CLI before the run (Runner.client)."""
 
     NAME = PREFIX = "openai"
@@ -5810,19 +5885,16 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                                  "start it again, then run bridge again")
 
     def accepted_sampling(self, sampling: dict) -> dict:
-        """Return the fields of sampling ({"temperature", "seed", "repeat_penalty",
-        "dry_multiplier", …}) this server takes: OpenAI's own (temperature, seed,
-        max_tokens) always, the others as SAMPLING_FIELDS lists for its kind, unless
-        it refused one. OpenAI-strict servers refuse unknown fields, so none is sent
-        to a server bridge could not identify."""
+        """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
+        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items()
                 if k in ("temperature", "seed", "max_tokens") or k in extras}
 
     def thinking_fields(self) -> dict:
-        """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
-        for its kind (THINKING_OFF_DEFAULT when the probe could not name it), less
-        any it refused."""
+        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
+        less those it refused."""
         fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
         return {k: v for k, v in fields.items() if k not in self.thinking_refused}
 
@@ -5832,21 +5904,12 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
         self.unconstrained.setdefault(model, why)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed, and return the Completion.
-
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
-        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
-        a form the server refuses is dropped for the rest of this client's life and the
-        request is resent at once, without counting as a retry. Its sampling is sent as
-        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
-        none of the extras again, and the request is resent at once. Transient failures
-        are retried as the class says, unless output had already streamed. thinking
-        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
-        400/422 naming it, is dropped for this client's life and the request resent at
-        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
-        drop_constraint goes without response_format. Raises LLMError (never an httpx
-        exception) when the request finally fails.
-        """
+        """Send one chat completion, streamed: messages [{"role", "content"}], request a
+        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
+        refused (none for a model given to drop_constraint), sampling as
+        accepted_sampling says, thinking "off" as thinking_fields; what the server
+        refuses is dropped for this client's life and the request resent at once, not
+        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
         if self.native:
             return self._chat_native(messages, request)
         model, json_schema, thinking = request.model, request.json_schema, request.thinking
@@ -6043,7 +6106,7 @@ class OllamaCloud(LLMClient):
 
 
 ###############################################################################
-# 23. Other executors: the Anthropic API and the claude CLI
+# 24. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6337,7 +6400,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 24. Check commands
+# 25. Check commands
 ###############################################################################
 
 
@@ -6574,7 +6637,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 25. File transactions: journal, rollback, recovery
+# 26. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6878,7 +6941,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 26. Review staging and bounded diffs
+# 27. Review staging and bounded diffs
 #
 # A --review run writes nothing into the project: StagedFiles keeps each file under the
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
@@ -7036,7 +7099,7 @@ class StagedFiles:
 
 
 ###############################################################################
-# 27. Kept runs: backups, diff, undo, review
+# 28. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7377,7 +7440,7 @@ class KeptRun:
 
 
 ###############################################################################
-# 28. Prompts
+# 29. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7562,7 +7625,7 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 ###############################################################################
-# 29. Retry policy
+# 30. Retry policy
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
@@ -7723,7 +7786,7 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 ###############################################################################
-# 30. Run records
+# 31. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -8114,13 +8177,13 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 31. The result document
-# What a run leaves behind, built here alone from the facts Runner._result gathers
-# (README: "What bridge writes into the store"): the result memory's summary and
-# content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts" reads it back), the document --json and
-# --show --json print (shown_result, show_document), and the text of --show and of
-# a run's end (render_show, savings_line, ledger_lines).
+# 32. The result document
+# What a run leaves behind, built here alone from the facts its plan run gathers (the
+# _result document, README: "What bridge writes into the store"): the result memory's
+# summary and content (result_memory; the Store stores it as given, parse_result_content
+# in the room "Store layouts" reads it back), the document --json and --show --json
+# print (shown_result, show_document), and the text of --show and of a run's end
+# (render_show, savings_line, ledger_lines).
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
@@ -8382,7 +8445,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 32. Step scheduling
+# 33. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8548,7 +8611,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 33. The model's context
+# 34. The model's context
 # What prompts and answers are fitted to, learned across the plans of one
 # process: the default model's context and slots, the server's tokens per
 # estimated token, the models seen thinking.
@@ -8670,7 +8733,7 @@ class ContextFit:
 
 
 ###############################################################################
-# 34. An attempt
+# 35. An attempt
 # One request of a step as it is sent and streamed: its progress, its watched
 # answer and thinking, and what it thought.
 ###############################################################################
@@ -8796,7 +8859,7 @@ class Attempt:
 
 
 ###############################################################################
-# 35. A step run
+# 36. A step run
 # One step from its first prompt to its settled result: its attempts (prompt,
 # send, check, write, commands, put back), then its escalation.
 ###############################################################################
@@ -9205,7 +9268,7 @@ class StepRun:
 
 
 ###############################################################################
-# 36. A plan run
+# 37. A plan run
 # One plan from its claim to its stored result: open, take over, run the steps,
 # verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
@@ -9696,7 +9759,7 @@ class PlanRun:
 
 
 ###############################################################################
-# 37. Runner
+# 38. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9805,7 +9868,7 @@ class Runner:
 
 
 ###############################################################################
-# 38. CLI: arguments and settings
+# 39. CLI: arguments and settings
 ###############################################################################
 
 
@@ -10179,7 +10242,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 39. CLI: listing, server discovery, trust and approval
+# 40. CLI: listing, server discovery, trust and approval
 ###############################################################################
 
 
@@ -10235,20 +10298,6 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
-    if info is not None and info.problem:
-        what, hint = info.problem
-        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
-    if info is not None and info.kind == "Ollama":
-        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
@@ -10271,60 +10320,6 @@ def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
         return info.context_length
     num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
     return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
-
-
-def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
-    if config.base_url_given:
-        return config, []
-    import httpx
-    from urllib.parse import urlsplit
-
-    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
-    tried = []
-    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
-        for port, suffix in DEFAULT_SERVER_PORTS:
-            root = f"http://127.0.0.1:{port}"
-
-            def get(path: str) -> Any:
-                try:
-                    response = http.get(root + path)
-                    if response.status_code in (401, 403):
-                        return {"data": []}         # a model server that wants its key
-                    return load_reply(response.content) if response.status_code == 200 else None
-                except (httpx.HTTPError, ValueError):
-                    return None
-            if port == memory_port:
-                tried.append({"url": root,
-                              "result": "--memory-url's port: the memory server, skipped"})
-                continue
-            try:
-                http.get(root + "/")
-            except httpx.HTTPError:
-                tried.append({"url": root, "result": "nothing answers"})
-                continue
-            version, models = get("/api/version"), None
-            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
-                models = get("/v1/models")
-                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
-                    health = get("/api/health")
-                    memory = isinstance(health, dict) and health.get("status") == "healthy"
-                    result = "the memory server (its /api/health), skipped" if memory \
-                        else "answers, but not as a model server"
-                    tried.append({"url": root, "result": result})
-                    continue
-            tried.append({"url": root, "result": "a model server: used"})
-            return config._replace(base_url=root + (suffix if models is not None else "")), tried
-    return config, tried
 
 
 def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
@@ -10546,7 +10541,7 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 40. CLI: health
+# 41. CLI: health
 #
 # --health: the model server (and what a run on it will do: run_plan), the store as
 # bridge and the memory server see it, the kept backups, and the memory server's HTTP
@@ -10712,7 +10707,7 @@ def cmd_health(config: Config) -> int:
 
 
 ###############################################################################
-# 41. CLI: running and showing
+# 42. CLI: running and showing
 ###############################################################################
 
 
@@ -10897,7 +10892,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 42. CLI: diff, undo, review
+# 43. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -11048,7 +11043,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 43. CLI: the planner's side
+# 44. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11246,7 +11241,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 44. main()
+# 45. main()
 ###############################################################################
 
 
