@@ -114,22 +114,26 @@ keeps it so), so the file reads from files and the store, through plans, model s
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
     4 Helpers · 5 Path rules: what a plan may read and write ·
-    6 File writes inside the project · 7 Store layouts · 8 The memory server's HTTP API ·
-    9 Store (SQLite) · 10 Store: plan states and claims ·
-    11 Store: plan and result memories · 12 Output validation ·
-    13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
-    16 Executors: the registry, the chat contract, model references ·
-    17 Trust: projects, approvals, executors · 18 Model servers: errors, streams, retries ·
-    19 LLM client: OpenAI-compatible servers ·
-    20 Other executors: the Anthropic API and the claude CLI · 21 Check commands ·
-    22 File transactions: journal, rollback, recovery ·
-    23 Review staging and bounded diffs · 24 Kept runs: backups, diff, undo, review ·
-    25 Prompts · 26 Retry policy · 27 Run records · 28 The result document ·
-    29 Step scheduling · 30 The model's context · 31 An attempt · 32 A step run ·
-    33 A plan run: the checked plan, take-over and files · 34 A plan run: its procedure ·
-    35 Runner · 36 CLI: arguments and settings ·
-    37 CLI: listing, health, trust and approval · 38 CLI: running and showing ·
-    39 CLI: diff, undo, review · 40 CLI: the planner's side · 41 main()
+    6 File writes inside the project ·
+    7 bridge's own files: JSON, records, private folders · 8 Store layouts ·
+    9 The memory server's HTTP API · 10 Store (SQLite) · 11 Store: plan states and claims ·
+    12 Store: plan and result memories · 13 Output validation ·
+    14 Constrained JSON and degenerate output · 15 Validation types · 16 Plans ·
+    17 Executors: the registry, the chat contract, model references ·
+    18 Trust: projects, approvals, executors ·
+    19 Model server replies: bounds, errors, streams ·
+    20 HTTP executors: requests and retries · 21 Model server probes: what a server runs ·
+    22 Ollama's native API · 23 LLM client: OpenAI-compatible servers ·
+    24 Other executors: the Anthropic API and the claude CLI · 25 Check commands ·
+    26 File transactions: journal, rollback, recovery ·
+    27 Review staging and bounded diffs · 28 Kept runs: backups, diff, undo, review ·
+    29 Prompts · 30 Retry policy · 31 Run records · 32 The result document ·
+    33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
+    37 A plan run: the checked plan, take-over and files · 38 A plan run: its procedure ·
+    39 Runner · 40 CLI: arguments and settings ·
+    41 CLI: listing, server discovery, trust and approval · 42 CLI: health ·
+    43 CLI: running and showing · 44 CLI: diff, undo, review · 45 CLI: the planner's side ·
+    46 main()
 """
 
 from __future__ import annotations
@@ -471,7 +475,7 @@ SETTINGS = tuple(map(Setting._make, (
     ("--escalate-to", "BRIDGE_ESCALATE_TO", "escalate_to", "text", None, None, "escalation",
      "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
-    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
+    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, (DEFAULT_EXECUTOR,),
      allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
      "(anthropic, claude-cli, ollama-cloud); repeatable",
      "none; your own --model and --escalate-to count"),
@@ -797,67 +801,6 @@ def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
-
-
-class JSONRefused(ValueError):
-    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
-    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
-    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
-
-
-def json_depth(value: Any) -> int:
-    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
-    recursion, so any value json.loads could build can be measured."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, (dict, list)):
-            continue
-        children = item.values() if isinstance(item, dict) else item
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
-
-
-def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
-    rows, results, metadata, server replies). Raises ValueError for bad JSON and
-    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
-    max_depth levels or so deep that json itself gives up (RecursionError), so what
-    reads it next cannot recurse to death."""
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
-            from None
-    depth = json_depth(value)
-    if depth > max_depth:
-        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
-    return value
-
-
-def load_reply(text: str | bytes) -> Any:
-    """load_json for what a server or executor sent, with every lone surrogate in
-    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
-    carrying it back, the file, the run log and the store would all refuse it)
-    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
-    value = load_json(text)
-    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
-    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
-
-
-def _scrub_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return re.sub("[\ud800-\udfff]", "\ufffd", value)
-    if isinstance(value, list):
-        return [_scrub_surrogates(item) for item in value]
-    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
-        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
-    return value
 
 
 def crash_point(crash_at: str | None, name: str) -> None:
@@ -1548,11 +1491,10 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 ###############################################################################
 # 6. File writes inside the project
 #
-# Every write goes to a temp file in the target's folder, then os.replace: a reader
-# sees the old bytes or the new, never half. Before the first write to a path, its
-# original is copied into the run's folder under --state-dir and an entry is added
-# to the run's journal (journal.jsonl), so a revert, or a later recovery, can put
-# it back. Nothing of this lives in the project.
+# Every write goes to a temp file in the target's folder, then os.replace: a reader sees
+# the old bytes or the new, never half. In the project the folders are walked by dir_fd,
+# never through a symlink (open_inside, _walk, _replace_in); every file bridge reads is
+# opened by open_regular (no symlink followed unless asked, no wait on a FIFO).
 ###############################################################################
 
 
@@ -1648,15 +1590,10 @@ def open_inside(project: Path, rel: str) -> Any:
 
 
 def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt.
-
-    With project, the file is project/rel opened through real folders only, as
-    writes are (open_inside: a folder swapped for a symlink cannot make it read a
-    file outside); else path. A file larger than LOAD_FILE_MAX_BYTES is cut there,
-    with a marker saying so. Raises FileNotFoundError when it does not exist,
-    PathError when it cannot be read, goes through a symlink, or is binary (holds a
-    NUL byte) or not UTF-8.
-    """
+    """Return the text of a LOAD file for a prompt: project/rel through real folders only
+    (open_inside), else path; cut at LOAD_FILE_MAX_BYTES with a marker. Raises
+    FileNotFoundError, or PathError when it cannot be read, goes through a symlink, is
+    binary (a NUL byte) or not UTF-8."""
     try:
         with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
@@ -1761,11 +1698,9 @@ def _write_all(fd: int, data: Any) -> None:
 def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
                 crash_at: str | None = None) -> None:
     """Write data (bytes, or a binary file object copied in pieces) to name in the folder
-    dir_fd through a new temp file beside it and
-    os.replace, both relative to dir_fd (a folder swapped meanwhile cannot redirect
-    them). mode: the bits to give the file; None: a new file's usual mode (the
-    kernel applies the umask, which bridge never changes). Raises OSError; the
-    temp file never outlives a failure (only a crash)."""
+    dir_fd through a new temp file beside it and os.replace, both relative to dir_fd (a
+    folder swapped meanwhile cannot redirect them). mode: the file's bits; None: a new
+    file's (the umask's). Raises OSError; the temp file outlives only a crash."""
     tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
     try:
@@ -1784,15 +1719,95 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
+class _suppress:
+    """contextlib.suppress without importing contextlib at start-up."""
+
+    def __init__(self, *kinds: type[BaseException]):
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+###############################################################################
+# 7. bridge's own files: JSON, records, private folders
+#
+# JSON bridge did not write (plans, store rows, server replies) is read by load_json: at
+# most MAX_JSON_DEPTH deep, no NaN. bridge's own files have one of each: atomic_write,
+# read_json_file and write_json_file, append_jsonl and read_jsonl, private_dir (0o700),
+# private_opener (0o600, never through a symlink); run_folder checks a run id read back.
+###############################################################################
+
+
+class JSONRefused(ValueError):
+    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
+    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
+    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
+
+
+def json_depth(value: Any) -> int:
+    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
+    recursion, so any value json.loads could build can be measured."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        children = item.values() if isinstance(item, dict) else item
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
+    rows, results, metadata, server replies). Raises ValueError for bad JSON and
+    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
+    max_depth levels or so deep that json itself gives up (RecursionError), so what
+    reads it next cannot recurse to death."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
+    return value
+
+
+def load_reply(text: str | bytes) -> Any:
+    """load_json for what a server or executor sent, with every lone surrogate in
+    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
+    carrying it back, the file, the run log and the store would all refuse it)
+    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
+    value = load_json(text)
+    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
+    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
+
+
+def _scrub_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub("[\ud800-\udfff]", "\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub_surrogates(item) for item in value]
+    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
+        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
+    return value
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
-    """Write data to path through a temp file in the same folder and os.replace.
-
-    mode: permission bits to give the file (default: what a new file gets under
-    the process umask). The temp file is named .NAME.*.bridge-tmp and made with
-    O_EXCL|O_NOFOLLOW in the opened folder. Raises OSError; the temp file never
-    outlives a failure (only a crash).
-    """
+    """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
+    (O_EXCL|O_NOFOLLOW) in its folder and os.replace (_replace_in). mode: the file's
+    permission bits (None: the umask's). Raises OSError."""
     dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
         _replace_in(dir_fd, path.name, data, mode, crash_at)
@@ -1874,19 +1889,6 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
     return folder
 
 
-class _suppress:
-    """contextlib.suppress without importing contextlib at start-up."""
-
-    def __init__(self, *kinds: type[BaseException]):
-        self.kinds = kinds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, self.kinds)
-
-
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
     """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
     never through a symlink); with sync, fsync it, so it survives a crash. Raises
@@ -1922,8 +1924,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return entries
 
 
+
 ###############################################################################
-# 7. Store layouts
+# 8. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -2044,7 +2047,7 @@ def parse_result_content(content: str) -> dict | None:
 
 
 ###############################################################################
-# 8. The memory server's HTTP API
+# 9. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2254,7 +2257,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 9. Store (SQLite)
+# 10. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
 # memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
@@ -2512,7 +2515,7 @@ class StoreFile:
 
 
 ###############################################################################
-# 10. Store: plan states and claims
+# 11. Store: plan states and claims
 # Every piece of claiming a plan that is the store's: the plan record and its
 # effective status (stale: its owner is gone), STATE_TABLE read and written (and
 # migrated from an older bridge's metadata), the claim, the heartbeat, the release,
@@ -2624,7 +2627,6 @@ class PlanStates(StoreFile):
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
         return record._replace(saved=self._settled(self._read_state(record.content_hash)))
-
 
     @property
     def has_state_table(self) -> bool:
@@ -2804,7 +2806,7 @@ class PlanStates(StoreFile):
 
 
 ###############################################################################
-# 11. Store: plan and result memories
+# 12. Store: plan and result memories
 # The memories bridge reads and writes: plan memories found (by the memory server's
 # index when it has one) and submitted; a run's result memory stored as the room "The
 # result document" built it (directly, or through the memory server's HTTP API for an
@@ -3065,7 +3067,7 @@ class Store(PlanStates):
 
 
 ###############################################################################
-# 12. Output validation
+# 13. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
 # out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
@@ -3297,7 +3299,7 @@ def check_grounded(value: Any, source: str) -> None:
 
 
 ###############################################################################
-# 13. Constrained JSON and degenerate output
+# 14. Constrained JSON and degenerate output
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
@@ -3642,7 +3644,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 14. Validation types
+# 15. Validation types
 #
 # One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
 # register_validation (as pycodestyle's register_check files a check): its check, its
@@ -4020,7 +4022,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 
 ###############################################################################
-# 15. Plans
+# 16. Plans
 ###############################################################################
 
 
@@ -4034,7 +4036,7 @@ def load_schema() -> dict:
 
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, follow_symlinks=True)     # an install may link it
     except (OSError, ValueError) as exc:
         raise BridgeError(f"cannot read the plan schema {path}: {exc}",
                           "reinstall bridge: the schema file ships beside bridge.py") from exc
@@ -4298,14 +4300,14 @@ def _build_plan(plan: dict) -> Plan:
 
 
 ###############################################################################
-# 16. Executors: the registry, the chat contract, model references
+# 17. Executors: the registry, the chat contract, model references
 #
 # An executor is one class (its facts: Executor) and its registry line
 # (@register_executor); every executor answers one call, chat(messages, ChatRequest)
 # -> Completion, dropping what it cannot send. The trust gate, the approval facts,
 # --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
 # (bottle's server_names and ServerAdapter are the model). The classes are in the
-# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+# rooms below it, from 'Model server replies' to 'Other executors'.
 ###############################################################################
 
 
@@ -4440,7 +4442,7 @@ def executor_class(ref: str) -> "type[Executor]":
 
 
 ###############################################################################
-# 17. Trust: projects, approvals, executors
+# 18. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4522,7 +4524,6 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
         if folder.is_relative_to(real):
             return f"it is inside {what} {real}"
     return None
-
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -4732,11 +4733,11 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 18. Model servers: errors, streams, retries
+# 19. Model server replies: bounds, errors, streams
 #
-# Chat completions over HTTP with SSE streaming (the OpenAI wire format that LM
-# Studio, Ollama, llama.cpp's server and vLLM speak). httpx is imported only here,
-# inside functions, and every httpx exception is translated to an LLMError.
+# What a model server sends back, read as untrusted input: its error messages and
+# what they say about the server, usage counts, the parts of a reply, SSE and NDJSON
+# streams, and the one tally every executor's reply is held to (--max-output-bytes).
 ###############################################################################
 
 
@@ -4845,7 +4846,8 @@ def _error_message(body: bytes) -> str:
     return " ".join(message.split())     # one line, whatever the server sent
 
 
-_OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded", "maximum context length",
+_OVERFLOW_MARKERS = ("exceed_context_size_error", "context_length_exceeded",
+                     "maximum context length",
                      "context length", "n_keep", "context size", "does not fit in context")
 
 
@@ -5000,52 +5002,49 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
     return delta, reply_label(choice.get("finish_reason"))
 
 
-def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
-    """Yield (event, data) pairs from a server-sent-events byte stream.
-
-    Comment lines (": ping") are skipped. Raises LLMProtocolError when more than
-    max_bytes arrive without a line break, so memory stays bounded.
-    """
+def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
+                    tail: bool) -> Iterator[bytes]:
+    """Yield the lines of a byte stream, without their line breaks (and the bytes after
+    the last break when tail). Raises LLMProtocolError when more than max_bytes arrive
+    without a line break, so memory stays bounded."""
     buffer = b""
-    event, data = "message", []
     for chunk in chunks:
         buffer += chunk
         if len(buffer) > max_bytes and b"\n" not in buffer:
             raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
         *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if not line:
-                if data:
-                    yield event, "\n".join(data)
-                event, data = "message", []
-            elif line.startswith(":"):
-                continue
-            else:
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "event":
-                    event = value
-                elif name == "data":
-                    data.append(value)
+        yield from lines
+    if tail and buffer:
+        yield buffer
+
+
+def _iter_sse(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[str, str]]:
+    """Yield (event, data) pairs from a server-sent-events byte stream (comment lines
+    such as ": ping" skipped); lines bounded as _iter_raw_lines says."""
+    event, data = "message", []
+    for raw in _iter_raw_lines(chunks, max_bytes, tail=False):
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
     if data:
         yield event, "\n".join(data)
 
 
 def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
-    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API).
-    Raises LLMProtocolError when more than max_bytes arrive without a line break."""
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        if len(buffer) > max_bytes and b"\n" not in buffer:
-            raise LLMProtocolError(f"the server sent a line longer than {max_bytes} bytes")
-        *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            if raw.strip():
-                yield raw.decode("utf-8", "replace")
-    if buffer.strip():
-        yield buffer.decode("utf-8", "replace")
+    """Yield the non-blank lines of an NDJSON byte stream (Ollama's native API); lines
+    bounded as _iter_raw_lines says."""
+    for raw in _iter_raw_lines(chunks, max_bytes, tail=True):
+        if raw.strip():
+            yield raw.decode("utf-8", "replace")
 
 
 class BoundedResponse:
@@ -5068,7 +5067,8 @@ class BoundedResponse:
             if time.monotonic() > self.deadline:
                 raise LLMDeadline(f"the request to {self.url} passed its deadline of {self.limit} "
                                   "while the server kept sending; stopped",
-                                  "raise the step's timeout_s, or check the server: it sent without finishing")
+                                  "raise the step's timeout_s, or check the server: it sent "
+                                  "without finishing")
             yield chunk
 
     def read(self, max_bytes: int, cut: bool = False) -> bytes:
@@ -5081,9 +5081,35 @@ class BoundedResponse:
                 if cut:
                     return body[:max_bytes]
                 raise LLMProtocolError(f"the reply from {self.url} passed {max_bytes} bytes "
-                                       f"(--max-output-bytes and {RESPONSE_ENVELOPE_BYTES} for its JSON); cut",
+                                       f"(--max-output-bytes and {RESPONSE_ENVELOPE_BYTES} for "
+                                       "its JSON); cut",
                                        "raise --max-output-bytes or ask for less")
         return body
+
+
+def _positive(value: Any) -> int | None:
+    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
+    (servers send odd things: a context length of 10**400 is not said at all)."""
+    return value if usage_count(value) and value > 0 else None
+
+
+def _usage(value: Any) -> dict | None:
+    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
+    when there is none or a count is not one usage_count believes (a string usage from a
+    gateway, a negative count, 10**400): then it is estimated."""
+    if not isinstance(value, dict):
+        return None
+    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
+
+
+###############################################################################
+# 20. HTTP executors: requests and retries
+#
+# Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
+# server and vLLM speak, and Anthropic's), what each kind of server takes, and the
+# retry loop. httpx is imported only inside functions, and every httpx exception is
+# translated to an LLMError.
+###############################################################################
 
 
 RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
@@ -5108,8 +5134,10 @@ FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
 SAMPLING_FIELDS = {
     "Ollama": ("repeat_penalty",),                          # its options (docs/api.md, Modelfile)
     "llama.cpp": ("repeat_penalty", "dry_multiplier"),      # llama.cpp tools/server/README.md
-    "LM Studio": ("repeat_penalty",),                       # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
-    "llama-cpp-python": ("repeat_penalty",),                # llama_cpp/server/types.py (no DRY; unknown fields ignored)
+    # lmstudio docs 1_developer/3_openai-compat/chat-completions.md
+    "LM Studio": ("repeat_penalty",),
+    # llama_cpp/server/types.py (no DRY; unknown fields ignored)
+    "llama-cpp-python": ("repeat_penalty",),
 }
 
 
@@ -5143,8 +5171,9 @@ def _refuses_response_format(exc: LLMError) -> bool:
     """
     status = getattr(exc, "status", None)
     text = str(exc).lower()
+    words = ("response_format", "json_schema", "json_object", "'text'", "grammar")
     return status in (400, 422, 500) and not exc.context_overflow and any(
-        word in text for word in ("response_format", "json_schema", "json_object", "'text'", "grammar"))
+        word in text for word in words)
 
 
 def missing_v1_hint(base_url: str, status: int) -> str:
@@ -5164,16 +5193,12 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop.
-
-    Use as a context manager. Transient failures (connection refused or reset,
-    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times
-    with exponential backoff and jitter starting at config.retry_delay_s seconds,
-    honouring Retry-After, never past RETRY_BUDGET_S seconds in all, and never once
-    output has streamed. sleep is injectable so tests see the delays without
-    waiting. Subclasses give chat() and _parse(); every executor's chat() has the
-    same signature and returns a Completion.
-    """
+    exceptions translated to LLMError, and the retry loop: transient failures
+    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
+    up to config.retries times, backing off from config.retry_delay_s seconds with
+    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
+    output has streamed. sleep is injectable (tests see the delays without waiting).
+    A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
@@ -5207,14 +5232,11 @@ class HTTPExecutor(Executor):
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
-                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S, limit)
+                response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
+                                           limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}"
-                                       + missing_v1_hint(self.base_url, response.status_code),
-                                       response.status_code)
+                    raise self._http_error(response, url, missing_v1_hint(
+                        self.base_url, response.status_code))
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
@@ -5228,6 +5250,17 @@ class HTTPExecutor(Executor):
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
+
+    def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
+        """Return the error of an HTTP status >= 400: the server's message (_error_message,
+        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
+        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+        self._raise_fault(url, response.status_code, message)
+        return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
+                            response.status_code,
+                            retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                            context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
         """Return the error a server reported inside a 200 stream (an SSE "error" event, an
@@ -5265,7 +5298,7 @@ class HTTPExecutor(Executor):
                     delay = min(RETRY_MAX_DELAY_S, self.config.retry_delay_s * 2 ** retry)
                     import random
 
-                    delay *= random.uniform(0.5, 1.0)       # jitter: clients retrying together spread out
+                    delay *= random.uniform(0.5, 1.0)   # jitter: clients retrying together spread
                 if time.monotonic() + delay > deadline:
                     exc.args = (f"{exc} (a retry in {delay:.0f} s would pass the "
                                 f"{RETRY_BUDGET_S:.0f} s retry budget)",)
@@ -5291,7 +5324,8 @@ class HTTPExecutor(Executor):
                             httpx.RemoteProtocolError, httpx.CloseError)):
             reason = str(exc) or type(exc).__name__
             return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
-                                  "start the server (LM Studio: Developer > Start server) or pass --base-url")
+                                  "start the server (LM Studio: Developer > Start server) "
+                                  "or pass --base-url")
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
     def _stream_once(self, payload: dict, timeout_s: float | None,
@@ -5314,13 +5348,7 @@ class HTTPExecutor(Executor):
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(
-                        f"{url} answered HTTP {response.status_code}: {message}", response.status_code,
-                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
-                        context_overflow=_is_context_overflow(message))
+                    raise self._http_error(response, url)
                 return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
@@ -5341,63 +5369,130 @@ class HTTPExecutor(Executor):
 
 
 ###############################################################################
-# 19. LLM client: OpenAI-compatible servers
-# LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON, the probe.
+# 21. Model server probes: what a server runs
+#
+# LM Studio's, Ollama's, llama.cpp's and vLLM's own routes, asked once a run: the
+# model, its context, its slots (ServerInfo); the search for a server on the default
+# ports when no --base-url was given (discover_server), and the model a run takes.
 ###############################################################################
 
 
-@register_executor
-class LLMClient(HTTPExecutor):
-    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
-    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
-    http://localhost:1234/v1 by default). Streams SSE chunks with
-    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe). The run's model server: one instance,
-    opened by the CLI before the run (Runner.client)."""
+class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
+                                         "refused problem trained_context",
+                            defaults=(None, None, (), None, None))):
+    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
+    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
+    or None), context_length (tokens the loaded model takes, per request; None if
+    not said), parallel (requests it serves at once; None if not said). Ollama's
+    probe also gives: version (str), why (how loaded was picked), refused ((model,
+    reason) pairs it will not send steps to), problem ((what, hint) when no model
+    can be used, else None), trained_context (the model's trained maximum, tokens)."""
 
-    NAME = PREFIX = "openai"
-    PROBED = WATCHED = True
-    CHAT_PATH = "/chat/completions"
+    __slots__ = ()
 
-    @classmethod
-    def claims(cls, prefix: str, name: str) -> bool:
-        return prefix == cls.PREFIX and not is_cloud_model(name)
 
-    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
-                 on_retry: Callable[[str], None] | None = None):
-        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
-        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
-        self.key = key = config.api_key
-        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
-                         headers={"Authorization": f"Bearer {key}"} if key else None)
-        # index into RESPONSE_FORMS of the first form this server has not refused
-        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
-        self.server_kind: str | None = None     # ServerInfo.kind, once probed: which SAMPLING_FIELDS it takes
-        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
-        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
-        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
-        self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
-        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
-        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
-        self.unconstrained: dict[str, str] = {}
+def _ollama_named(found: Any) -> dict[str, dict]:
+    """{name: entry} of an /api/tags or /api/ps answer's models ({} when it has none)."""
+    found = found.get("models") if isinstance(found, dict) else None
+    return {m["name"]: m for m in found if isinstance(m, dict)
+            and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
 
-    def _raise_fault(self, url: str, status: int, message: str) -> None:
-        fault = server_fault(status, message, bool(self.config.api_key))
-        if fault is not None:
-            what, hint = fault
-            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
-                                    status)
 
-    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
-        """A server still unreachable after the request's retries is gone for the run
-        (LLMServerUnusable), said with how long bridge waited for it."""
-        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
-            return exc
-        waited = time.monotonic() - started
-        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
-                                 f"{waited:.0f} s over {retries} retries "
-                                 "(--retries, --retry-delay)",
-                                 "start it again, then run bridge again")
+class OllamaModels:
+    """The models one Ollama probe sees: pulled (/api/tags) and running (/api/ps), by
+    name; the /api/show answers asked (at most OLLAMA_SHOW_MAX a probe); refused, the
+    (name, reason) pairs no step is sent to: models whose /api/show capabilities lack
+    "completion" (embedding models), and cloud models (a *-cloud name or /api/tags
+    remote_host: they run on ollama.com, docs/cloud.mdx) unless --allow-executor
+    ollama-cloud. The choice: wanted (--model), else loaded."""
+
+    __slots__ = ("client", "root", "pulled", "running", "shown", "refused")
+
+    def __init__(self, client: Any, root: str, tags: Any, ps: Any):
+        self.client, self.root = client, root
+        self.pulled, self.running = _ollama_named(tags), _ollama_named(ps)
+        self.shown: dict[str, dict] = {}
+        self.refused: list[tuple[str, str]] = []
+
+    def show(self, name: str) -> dict:
+        """POST /api/show for name, once; {} when refused or past OLLAMA_SHOW_MAX."""
+        if name not in self.shown:
+            info = self.client._post_json(f"{self.root}/api/show", {"model": name}) \
+                if len(self.shown) < OLLAMA_SHOW_MAX else None
+            self.shown[name] = info if isinstance(info, dict) else {}
+        return self.shown[name]
+
+    def cloud(self, name: str) -> bool:
+        """Whether name is a cloud model the user has not allowed."""
+        if "ollama-cloud" in self.client.config.allowed_executors:
+            return False            # allowed by the user (--allow-executor ollama-cloud)
+        remote = (self.pulled.get(name) or self.running.get(name) or {}).get("remote_host")
+        return is_cloud_model(name) or bool(remote)
+
+    def refusal(self, name: str) -> str | None:
+        """Why no step goes to name, or None."""
+        if self.cloud(name):
+            return ("a cloud model: it runs on ollama.com, and the project's files would "
+                    "leave this machine")
+        caps = self.show(name).get("capabilities")
+        if isinstance(caps, list) and "completion" not in caps:
+            return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
+        return None
+
+    def wanted(self, wanted: str) -> tuple:
+        """(chosen, why, problem) for --model wanted: pulled, able to chat, not cloud."""
+        name = next((n for n in (wanted, f"{wanted}:latest")
+                     if n in self.pulled or n in self.running), None)
+        if name is None:
+            return None, None, (f"model {wanted!r} is not pulled on this Ollama",
+                                f"ollama pull {wanted}")
+        if reason := self.refusal(name):
+            self.refused.append((name, reason))
+            return None, None, (f"--model {name} is {reason}", "pick a local chat model with "
+                                "--model (bridge --health lists them)")
+        return name, "--model", None
+
+    def loaded(self) -> tuple:
+        """(chosen, why, problem) without --model: the first of /api/ps that can chat,
+        else the only chat model pulled."""
+        chosen = None
+        for name in self.running:
+            if reason := self.refusal(name):
+                self.refused.append((name, reason))
+            elif chosen is None:
+                chosen = name
+        if chosen is not None:
+            return chosen, "loaded: Ollama /api/ps", None
+        chat = []
+        for name in self.pulled:
+            if name in self.running:
+                continue
+            if reason := self.refusal(name):
+                self.refused.append((name, reason))
+            else:
+                chat.append(name)
+        if len(chat) == 1:
+            return chat[0], "the only chat model pulled (none is loaded)", None
+        if not chat:
+            return None, None, ("this Ollama has no local chat model",
+                                "pull one: ollama pull llama3.1:8b")
+        return None, None, (f"no model is loaded and {len(chat)} chat models are pulled: "
+                            f"{', '.join(chat[:8])}",
+                            "pick one with --model NAME (or load one: ollama run NAME)")
+
+    def refuse_cloud(self) -> None:
+        """List the cloud models pulled, without a question to the server."""
+        listed = {name for name, _ in self.refused}
+        for name in self.pulled:
+            if name not in listed and self.cloud(name):
+                self.refused.append((name, self.refusal(name)))
+
+
+class ServerProbes:
+    """The probes of LLMClient (a mixin of HTTPExecutor's: self.http, self.config,
+    self.base_url): what the server runs (probe), its tokenizer (count_tokens)."""
+
+    CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
@@ -5437,13 +5532,6 @@ class LLMClient(HTTPExecutor):
             self.tokenizer_refused = True
             return None
         return count + 5 * len(messages) + 3
-
-    @property
-    def cuts_prompts(self) -> bool:
-        """Whether this server may cut a prompt that does not fit and answer all the
-        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
-        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
-        return not self.native
 
     def _post_json(self, url: str, body: dict) -> Any:
         """POST body as JSON to url; return the JSON reply, or None when the route
@@ -5520,12 +5608,8 @@ class LLMClient(HTTPExecutor):
         """Return what an Ollama server runs, or None when root is not Ollama.
 
         Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
-        is running"). The model: --model (pulled, able to chat, not a cloud model), else
-        the first of /api/ps (loaded) that can chat, else the only chat model pulled.
-        Refused, with the reason: models whose /api/show capabilities lack
-        "completion" (embedding models), and cloud models (a *-cloud name or
-        /api/tags remote_host: they run on ollama.com, docs/cloud.mdx). Context:
-        /api/ps context_length (as loaded), /api/show model_info["<arch>.context_length"]
+        is running"). The model and what is refused: OllamaModels. Context: /api/ps
+        context_length (as loaded), /api/show model_info["<arch>.context_length"]
         (trained). With the native API (--ollama-api native, the default) steps go
         to /api/chat; else to /v1/chat/completions."""
         version = self._try_json(f"{root}/api/version")
@@ -5533,92 +5617,25 @@ class LLMClient(HTTPExecutor):
         if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
                 or not isinstance(version.get("version"), str):
             return None
-        def named(found: Any) -> dict[str, dict]:
-            found = found.get("models") if isinstance(found, dict) else None
-            return {m["name"]: m for m in found if isinstance(m, dict)
-                    and isinstance(m.get("name"), str)} if isinstance(found, list) else {}
-        pulled, running = named(tags), named(self._try_json(f"{root}/api/ps"))
-        shown: dict[str, dict] = {}
-        refused: list[tuple[str, str]] = []
-
-        def show(name: str) -> dict:
-            if name not in shown:
-                info = self._post_json(f"{root}/api/show", {"model": name}) \
-                    if len(shown) < OLLAMA_SHOW_MAX else None
-                shown[name] = info if isinstance(info, dict) else {}
-            return shown[name]
-
-        def cloud(name: str) -> bool:
-            if "ollama-cloud" in self.config.allowed_executors:
-                return False            # allowed by the user (--allow-executor ollama-cloud)
-            remote = (pulled.get(name) or running.get(name) or {}).get("remote_host")
-            return is_cloud_model(name) or bool(remote)
-
-        def refusal(name: str) -> str | None:
-            if cloud(name):
-                return ("a cloud model: it runs on ollama.com, and the project's files would "
-                        "leave this machine")
-            caps = show(name).get("capabilities")
-            if isinstance(caps, list) and "completion" not in caps:
-                return f"not a chat model (capabilities: {', '.join(map(str, caps)) or 'none'})"
-            return None
-
-        chosen = why = problem = None
+        models = OllamaModels(self, root, tags, self._try_json(f"{root}/api/ps"))
         wanted = self.config.model
         if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            wanted = parse_model_ref(wanted)[1]
-            name = next((n for n in (wanted, f"{wanted}:latest")
-                         if n in pulled or n in running), None)
-            if name is None:
-                problem = (f"model {wanted!r} is not pulled on this Ollama",
-                           f"ollama pull {wanted}")
-            elif reason := refusal(name):
-                refused.append((name, reason))
-                problem = (f"--model {name} is {reason}", "pick a local chat model with --model "
-                           "(bridge --health lists them)")
-            else:
-                chosen, why = name, "--model"
+            chosen, why, problem = models.wanted(parse_model_ref(wanted)[1])
         else:
-            for name in running:
-                if reason := refusal(name):
-                    refused.append((name, reason))
-                elif chosen is None:
-                    chosen, why = name, "loaded: Ollama /api/ps"
-            if chosen is None:
-                chat = []
-                for name in pulled:
-                    if name in running:
-                        continue
-                    if reason := refusal(name):
-                        refused.append((name, reason))
-                    else:
-                        chat.append(name)
-                if len(chat) == 1:
-                    chosen, why = chat[0], "the only chat model pulled (none is loaded)"
-                elif not chat:
-                    problem = ("this Ollama has no local chat model",
-                               "pull one: ollama pull llama3.1:8b")
-                else:
-                    problem = (f"no model is loaded and {len(chat)} chat models are pulled: "
-                               f"{', '.join(chat[:8])}",
-                               "pick one with --model NAME (or load one: ollama run NAME)")
-        listed = {name for name, _ in refused}
-        for name in pulled:     # cloud models say so without a question to the server
-            if name not in listed and cloud(name):
-                refused.append((name, refusal(name)))
+            chosen, why, problem = models.loaded()
+        models.refuse_cloud()
         trained = loaded_context = None
         if chosen is not None:
-            info = show(chosen).get("model_info")
+            info = models.show(chosen).get("model_info")
             if isinstance(info, dict):
                 trained = next((_positive(v) for k, v in info.items() if isinstance(k, str)
                                 and k.endswith(".context_length") and _positive(v)), None)
-            loaded_context = _positive((running.get(chosen) or {}).get("context_length"))
+            loaded_context = _positive((models.running.get(chosen) or {}).get("context_length"))
         self.native = self.config.ollama_api == "native"
         self.base_url = root if self.native else f"{root}/v1"
-        self.CHAT_PATH = "/api/chat" if self.native else LLMClient.CHAT_PATH
-        return ServerInfo("Ollama", list(pulled), chosen, loaded_context, None,
-                          version["version"], why,
-                          tuple(refused), problem, trained)
+        self.CHAT_PATH = "/api/chat" if self.native else ServerProbes.CHAT_PATH
+        return ServerInfo("Ollama", list(models.pulled), chosen, loaded_context, None,
+                          version["version"], why, tuple(models.refused), problem, trained)
 
     def probe(self) -> "ServerInfo":
         """Ask the server what it runs: models, the loaded one, its effective context
@@ -5652,119 +5669,107 @@ class LLMClient(HTTPExecutor):
                                       _positive(context), None)
             return ServerInfo("LM Studio", models, None, None, None)
         props = self._try_json(f"{root}/props")
-        if isinstance(props, dict) and ("total_slots" in props or "default_generation_settings" in props):
+        if isinstance(props, dict) and ("total_slots" in props
+                                        or "default_generation_settings" in props):
             settings = props.get("default_generation_settings")
             settings = settings if isinstance(settings, dict) else {}
             return ServerInfo("llama.cpp", models, first, _positive(settings.get("n_ctx")),
                               _positive(props.get("total_slots")))
-        if entries and all(m.get("owned_by") == "me" for m in entries):    # llama_cpp/server/app.py get_models
+        # llama-cpp-python: llama_cpp/server/app.py get_models
+        if entries and all(m.get("owned_by") == "me" for m in entries):
             return ServerInfo("llama-cpp-python", models, first, None, None)
         return ServerInfo("OpenAI-compatible", models, first,
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
-    # -- chat ------------------------------------------------------------------
 
-    def accepted_sampling(self, sampling: dict) -> dict:
-        """Return the fields of sampling ({"temperature", "seed", "repeat_penalty",
-        "dry_multiplier", …}) this server takes: OpenAI's own (temperature, seed,
-        max_tokens) always, the others as SAMPLING_FIELDS lists for its kind, unless
-        it refused one. OpenAI-strict servers refuse unknown fields, so none is sent
-        to a server bridge could not identify."""
-        extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
-        return {k: v for k, v in sampling.items() if k in ("temperature", "seed", "max_tokens") or k in extras}
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
 
-    def thinking_fields(self) -> dict:
-        """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
-        for its kind (THINKING_OFF_DEFAULT when the probe could not name it), less
-        any it refused."""
-        fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
-        return {k: v for k, v in fields.items() if k not in self.thinking_refused}
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
 
-    def drop_constraint(self, model: str, why: str) -> None:
-        """Send model's JSON requests unconstrained from now on (no response_format):
-        its constrained output garbled (why says how). The answer is still checked."""
-        self.unconstrained.setdefault(model, why)
-
-    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed, and return the Completion.
-
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
-        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
-        a form the server refuses is dropped for the rest of this client's life and the
-        request is resent at once, without counting as a retry. Its sampling is sent as
-        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
-        none of the extras again, and the request is resent at once. Transient failures
-        are retried as the class says, unless output had already streamed. thinking
-        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
-        400/422 naming it, is dropped for this client's life and the request resent at
-        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
-        drop_constraint goes without response_format. Raises LLMError (never an httpx
-        exception) when the request finally fails.
-        """
-        if self.native:
-            return self._chat_native(messages, request)
-        model, json_schema, thinking = request.model, request.json_schema, request.thinking
-        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
-                                   "stream_options": {"include_usage": True}}
-        if request.max_tokens is not None:
-            payload["max_tokens"] = request.max_tokens
-        payload.update(self.accepted_sampling(request.sampling or {}))
-        if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
-            first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
-            self.structured_level = max(self.structured_level, first)
-        while True:
-            if thinking == "off":
-                payload.update(self.thinking_fields())
-            form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
-                self.structured_level < len(RESPONSE_FORMS) and \
-                model not in self.unconstrained else None
-            if form is None:
-                payload.pop("response_format", None)
-            else:
-                payload["response_format"] = form(json_schema)
-            try:
-                reply = self._send_with_retries(payload, request)
-                return reply._replace(response_format=form and payload["response_format"]["type"])
-            except LLMProtocolError as exc:
-                if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
-                    self._overflow_check(payload, request.timeout_s)
-                raise
-            except LLMHTTPError as exc:
-                if thinking == "off" and self._thinking_refused(exc, payload):
-                    continue
-                refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ()) if k in payload and k in str(exc)]
-                if refused and exc.status in (400, 422):
-                    self._on_retry(f"the server refused {', '.join(refused)} ({clip(str(exc), 160, 'message')}); "
-                                   "sending no extra sampling fields")
-                    self.extras_refused = True
-                    for key in SAMPLING_FIELDS[self.server_kind]:   # type: ignore[index]
-                        payload.pop(key, None)
-                    continue
-                if form is None or not _refuses_response_format(exc):
-                    raise
-                self._on_retry(f"the server refused response_format {payload['response_format']['type']} "
-                               f"({clip(str(exc), 160, 'message')}); trying the next form")
-                self.structured_level += 1
-
-    def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
-        """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
-        (the ValueError is raised inside the stream: llama_cpp/server/app.py); the same
-        request unstreamed, with max_tokens 1, gets its 400 context_length_exceeded
-        naming the tokens and the context (llama_cpp/server/errors.py). Raises that
-        LLMHTTPError; returns when the request is not over the context."""
-        once = {k: v for k, v in payload.items() if k != "stream_options"}
-        once.update(stream=False, max_tokens=1)
-        for _ in range(2):      # the cut stream's connection may be closed: again on a new one
-            try:
-                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
-            except LLMUnavailable:
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
                 continue
-            except LLMHTTPError as exc:
-                if exc.context_overflow:
-                    raise
-            except LLMError:
-                pass
-            return
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
+###############################################################################
+# 22. Ollama's native API
+#
+# POST /api/chat, streamed as NDJSON (docs/api.md): the run's num_ctx, its options
+# and format, and thinking as think: false.
+###############################################################################
+
+
+class OllamaNative:
+    """Ollama's native chat for LLMClient (a mixin: self.native, self.num_ctx, set by the
+    probe and the run)."""
+
+    @property
+    def cuts_prompts(self) -> bool:
+        """Whether this server may cut a prompt that does not fit and answer all the
+        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
+        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        return not self.native
 
     def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
@@ -5820,6 +5825,168 @@ class LLMClient(HTTPExecutor):
                                    f"{tally.chars} characters and no done line")
         return tally.completion(usage, model, finish)
 
+
+###############################################################################
+# 23. LLM client: OpenAI-compatible servers
+#
+# LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON,
+# sampling and thinking fields a server refuses.
+###############################################################################
+
+
+@register_executor
+class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
+    """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
+    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
+    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
+    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
+    opened by the CLI before the run (Runner.client)."""
+
+    NAME = PREFIX = "openai"
+    PROBED = WATCHED = True
+
+    @classmethod
+    def claims(cls, prefix: str, name: str) -> bool:
+        return prefix == cls.PREFIX and not is_cloud_model(name)
+
+    def __init__(self, config: Config, *, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[str], None] | None = None):
+        # the model server's key (--api-key, BRIDGE_API_KEY) goes to this client's server
+        # only, as LM Studio, llama-server and vLLM take it (Authorization: Bearer)
+        self.key = key = config.api_key
+        super().__init__(config, config.base_url, sleep=sleep, on_retry=on_retry,
+                         headers={"Authorization": f"Bearer {key}"} if key else None)
+        # index into RESPONSE_FORMS of the first form this server has not refused
+        self.structured_level = 0 if config.structured else len(RESPONSE_FORMS)
+        self.server_kind: str | None = None     # ServerInfo.kind, once probed (SAMPLING_FIELDS)
+        self.native = False                     # Ollama's native /api/chat (probe; --ollama-api)
+        self.num_ctx: int | None = None         # the options.num_ctx every native request sends
+        self.tokenizer_refused = False          # the server's tokenizer route failed (count_tokens)
+        self.extras_refused = False             # the server refused a field of SAMPLING_FIELDS
+        self.thinking_refused: set[str] = set()     # THINKING_OFF_FIELDS it refused
+        # model -> why its constraint garbled: its JSON steps go unconstrained (drop_constraint)
+        self.unconstrained: dict[str, str] = {}
+
+    def _raise_fault(self, url: str, status: int, message: str) -> None:
+        fault = server_fault(status, message, bool(self.config.api_key))
+        if fault is not None:
+            what, hint = fault
+            raise LLMServerUnusable(f"{what}: {url} answered HTTP {status}: {message}", hint,
+                                    status)
+
+    def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
+        """A server still unreachable after the request's retries is gone for the run
+        (LLMServerUnusable), said with how long bridge waited for it."""
+        if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
+            return exc
+        waited = time.monotonic() - started
+        return LLMServerUnusable(f"the model server stopped answering: {exc}; waited "
+                                 f"{waited:.0f} s over {retries} retries "
+                                 "(--retries, --retry-delay)",
+                                 "start it again, then run bridge again")
+
+    def accepted_sampling(self, sampling: dict) -> dict:
+        """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
+        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
+        extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
+        return {k: v for k, v in sampling.items()
+                if k in ("temperature", "seed", "max_tokens") or k in extras}
+
+    def thinking_fields(self) -> dict:
+        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
+        less those it refused."""
+        fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
+        return {k: v for k, v in fields.items() if k not in self.thinking_refused}
+
+    def drop_constraint(self, model: str, why: str) -> None:
+        """Send model's JSON requests unconstrained from now on (no response_format):
+        its constrained output garbled (why says how). The answer is still checked."""
+        self.unconstrained.setdefault(model, why)
+
+    def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
+        """Send one chat completion, streamed: messages [{"role", "content"}], request a
+        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
+        refused (none for a model given to drop_constraint), sampling as
+        accepted_sampling says, thinking "off" as thinking_fields; what the server
+        refuses is dropped for this client's life and the request resent at once, not
+        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
+        if self.native:
+            return self._chat_native(messages, request)
+        model, json_schema, thinking = request.model, request.json_schema, request.thinking
+        payload: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                                   "stream_options": {"include_usage": True}}
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        payload.update(self.accepted_sampling(request.sampling or {}))
+        if self.structured_level < len(RESPONSE_FORMS):     # constrained JSON is on
+            first = FIRST_RESPONSE_FORM.get(self.server_kind or "", 0)
+            self.structured_level = max(self.structured_level, first)
+        while True:
+            if thinking == "off":
+                payload.update(self.thinking_fields())
+            form = RESPONSE_FORMS[self.structured_level] if json_schema is not None and \
+                self.structured_level < len(RESPONSE_FORMS) and \
+                model not in self.unconstrained else None
+            if form is None:
+                payload.pop("response_format", None)
+            else:
+                payload["response_format"] = form(json_schema)
+            try:
+                reply = self._send_with_retries(payload, request)
+                return reply._replace(response_format=form and payload["response_format"]["type"])
+            except LLMProtocolError as exc:
+                if getattr(exc, "silent_end", False) and self.server_kind == "llama-cpp-python":
+                    self._overflow_check(payload, request.timeout_s)
+                raise
+            except LLMHTTPError as exc:
+                if not self._drop_refused(exc, payload, form is not None, thinking):
+                    raise
+
+    def _drop_refused(self, exc: LLMHTTPError, payload: dict, constrained: bool,
+                      thinking: str | None) -> bool:
+        """After an HTTP error: drop from payload, for this client's life, what the server
+        refused (a thinking field; the extra sampling fields; this response_format, for
+        the next of RESPONSE_FORMS) and tell whether the request goes again at once."""
+        if thinking == "off" and self._thinking_refused(exc, payload):
+            return True
+        refused = [k for k in SAMPLING_FIELDS.get(self.server_kind or "", ())
+                   if k in payload and k in str(exc)]
+        if refused and exc.status in (400, 422):
+            self._on_retry(f"the server refused {', '.join(refused)} "
+                           f"({clip(str(exc), 160, 'message')}); sending no extra sampling fields")
+            self.extras_refused = True
+            for key in SAMPLING_FIELDS[self.server_kind]:   # type: ignore[index]
+                payload.pop(key, None)
+            return True
+        if not constrained or not _refuses_response_format(exc):
+            return False
+        self._on_retry("the server refused response_format "
+                       f"{payload['response_format']['type']} "
+                       f"({clip(str(exc), 160, 'message')}); trying the next form")
+        self.structured_level += 1
+        return True
+
+    def _overflow_check(self, payload: dict, timeout_s: float | None) -> None:
+        """llama-cpp-python ends a stream whose prompt is over its n_ctx with no word
+        (the ValueError is raised inside the stream: llama_cpp/server/app.py); the same
+        request unstreamed, with max_tokens 1, gets its 400 context_length_exceeded
+        naming the tokens and the context (llama_cpp/server/errors.py). Raises that
+        LLMHTTPError; returns when the request is not over the context."""
+        once = {k: v for k, v in payload.items() if k != "stream_options"}
+        once.update(stream=False, max_tokens=1)
+        for _ in range(2):      # the cut stream's connection may be closed: again on a new one
+            try:
+                self._stream_once(once, timeout_s, OutputTally(self.config.max_output_bytes))
+            except LLMUnavailable:
+                continue
+            except LLMHTTPError as exc:
+                if exc.context_overflow:
+                    raise
+            except LLMError:
+                pass
+            return
+
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
         whether any was. Those it names; when it names none of them (nor
@@ -5862,9 +6029,9 @@ class LLMClient(HTTPExecutor):
                 raise TypeError("content is not a string")
             reasoning = reasoning_delta(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            shown = clip(body.decode("utf-8", "replace"), 120, "body")
             raise LLMProtocolError(f"{url} answered 200 with a body that is not a chat "
-                                   f"completion: {clip(body.decode('utf-8', 'replace'), 120, 'body')}"
-                                   ) from exc
+                                   f"completion: {shown}") from exc
         if reasoning:
             tally.add_reasoning(reasoning)
         tally.add_answer(text)
@@ -5918,35 +6085,6 @@ class LLMClient(HTTPExecutor):
         return tally.completion(usage, model, finish)
 
 
-class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
-                                         "refused problem trained_context",
-                            defaults=(None, None, (), None, None))):
-    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
-    or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said). Ollama's
-    probe also gives: version (str), why (how loaded was picked), refused ((model,
-    reason) pairs it will not send steps to), problem ((what, hint) when no model
-    can be used, else None), trained_context (the model's trained maximum, tokens)."""
-
-    __slots__ = ()
-
-
-def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
-    (servers send odd things: a context length of 10**400 is not said at all)."""
-    return value if usage_count(value) and value > 0 else None
-
-
-def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
-    when there is none or a count is not one usage_count believes (a string usage from a
-    gateway, a negative count, 10**400): then it is estimated."""
-    if not isinstance(value, dict):
-        return None
-    return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
-
-
 @register_executor
 class OllamaCloud(LLMClient):
     """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
@@ -5969,7 +6107,7 @@ class OllamaCloud(LLMClient):
 
 
 ###############################################################################
-# 20. Other executors: the Anthropic API and the claude CLI
+# 24. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6153,8 +6291,9 @@ class ClaudeCLI(Executor):
         import threading
 
         started = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=claude_env(self.config.tool_env), start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=cwd,
+                                env=claude_env(self.config.tool_env), start_new_session=True)
         stderr: list[bytes] = []
         reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
         reader.start()
@@ -6262,7 +6401,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 21. Check commands
+# 25. Check commands
 ###############################################################################
 
 
@@ -6499,23 +6638,19 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 22. File transactions: journal, rollback, recovery
+# 26. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
 class FileTransaction:
     """The files one plan run writes inside its project, with their originals.
 
-    project: the plan's root (every path is relative to it); it is opened once and
-    every write, folder, rename, removal and restore works relative to that open
-    folder, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run makes that write fail (PathError), never land
-    outside. run_dir: this run's folder under --state-dir, where backups (0o600, in
-    0o700 folders) and journal.jsonl go. guard: what may never be written
-    (forbidden_target_reason). write() records each path's original before its
-    first write; rollback() restores them in reverse order and removes what the run
-    created; discard() drops the backups. recover() puts back what a killed run
-    left behind; refused lists the journal entries of that run it would not use.
+    project is opened once; every write, folder, rename, removal and restore works
+    relative to it, one component at a time without following symlinks, so a folder
+    swapped for a symlink mid-run fails that write (PathError), never lands outside.
+    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
+    guard: what may never be written (forbidden_target_reason). refused: the journal
+    entries of a killed run that recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
@@ -6551,13 +6686,10 @@ class FileTransaction:
         return parts
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
-        """Write text (UTF-8) to project/rel atomically for a step; return its FileChange.
-
-        Raises PathError when rel leads outside the project, is forbidden
-        (forbidden_target_reason), goes through a symlink, or cannot be written
-        (a full disk, a read-only folder: the original is then untouched and its
-        backup kept), or when the transaction was closed (the run is ending).
-        """
+        """Write text (UTF-8) to project/rel atomically for a step, its original journalled
+        first; return its FileChange. Raises PathError when rel leads outside, is
+        forbidden, goes through a symlink, cannot be written (the original untouched, its
+        backup kept), or the transaction is closed (the run is ending)."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6628,18 +6760,12 @@ class FileTransaction:
         return backup
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Take over the files of a killed run (its folder old_run_dir).
-
-        Files written by steps in kept_steps (those that succeeded) stay, and this
-        transaction adopts their originals, so a later rollback still restores
-        them. Files of any other step are put back as they were, and temp files
-        left by an interrupted write are removed. The journal is untrusted: it is
-        read only from a run folder beside this run's (run_folder); an entry whose
-        path is not a plan path inside the project that may be written, whose
-        backup is not in that run's backups folder, or that is malformed is refused
-        (listed in self.refused) and not used. Returns the paths put back.
-        Raises RollbackError naming the files that could not be restored.
-        """
+        """Take over the files of a killed run (its folder old_run_dir): files of steps in
+        kept_steps stay and their originals are adopted (a later rollback still restores
+        them); the rest are put back, with the temp files an interrupted write left. The
+        journal is untrusted: read only from a run folder beside this one (run_folder);
+        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
+        the paths put back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = self._journal_of(old_run_dir)
@@ -6673,13 +6799,10 @@ class FileTransaction:
         return restored
 
     def revert_path(self, rel: str) -> None:
-        """Put one path back as it was before this run first wrote it (a failed
-        attempt's file must not stay): its original bytes and mode, or removed with
-        the folders the run made for it. Its action becomes "reverted" until it is
-        written again. Does nothing for a path this run never wrote or already put
-        back (a rollback puts back all). Raises RollbackError when it cannot be
-        restored.
-        """
+        """Put one path back as it was before this run first wrote it (a failed attempt's
+        file must not stay): its original bytes and mode, or removed with the folders the
+        run made; its action is "reverted" until written again. Nothing for a path not
+        written or already put back. Raises RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
@@ -6742,14 +6865,10 @@ class FileTransaction:
                 os.close(fd)
 
     def rollback(self) -> None:
-        """Put every written path back as it was, newest first.
-
-        Modified files get their original bytes and mode back (atomically); created
-        files are removed, then the folders the run made if they are empty. All of
-        it relative to the open project folder, never through a symlink. The
-        journal then says so, so no later takeover trusts those files. Raises
-        RollbackError naming every path that could not be restored.
-        """
+        """Put every written path back, newest first: originals' bytes and modes
+        (atomically), created files removed, then the run's folders if empty; never
+        through a symlink. The journal then says so, so no later takeover trusts those
+        files. Raises RollbackError naming every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -6823,7 +6942,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 23. Review staging and bounded diffs
+# 27. Review staging and bounded diffs
 #
 # A --review run writes nothing into the project: StagedFiles keeps each file under the
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
@@ -6981,7 +7100,7 @@ class StagedFiles:
 
 
 ###############################################################################
-# 24. Kept runs: backups, diff, undo, review
+# 28. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
 # project, start) and written.jsonl (the sha256 of every file write, made as it is
@@ -7296,13 +7415,10 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed, with the originals' bytes and modes, and
-        remove the files and folders it created (FileTransaction.recover of this run).
-
-        Returns the paths put back. Raises BridgeError, changing nothing, when a
-        file changed after the run (unless force) or an original's backup is gone,
-        naming each file; RollbackError when a file could not be restored.
-        """
+        """Put back every file the run changed and remove what it created
+        (FileTransaction.recover of this run); return the paths put back. Raises
+        BridgeError, changing nothing, naming each file changed since the run (unless
+        force) or whose backup is gone; RollbackError when one could not be restored."""
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7325,7 +7441,7 @@ class KeptRun:
 
 
 ###############################################################################
-# 25. Prompts
+# 29. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7510,7 +7626,7 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 ###############################################################################
-# 26. Retry policy
+# 30. Retry policy
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
@@ -7671,7 +7787,7 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 ###############################################################################
-# 27. Run records
+# 31. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -8071,13 +8187,13 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 28. The result document
-# What a run leaves behind, built here alone from the facts Runner._result gathers
-# (README: "What bridge writes into the store"): the result memory's summary and
-# content (result_memory; the Store stores it as given, and parse_result_content in
-# the room "Store layouts" reads it back), the document --json and
-# --show --json print (shown_result, show_document), and the text of --show and of
-# a run's end (render_show, savings_line, ledger_lines).
+# 32. The result document
+# What a run leaves behind, built here alone from the facts its plan run gathers (the
+# _result document, README: "What bridge writes into the store"): the result memory's
+# summary and content (result_memory; the Store stores it as given, parse_result_content
+# in the room "Store layouts" reads it back), the document --json and --show --json
+# print (shown_result, show_document), and the text of --show and of a run's end
+# (render_show, savings_line, ledger_lines).
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
@@ -8339,7 +8455,7 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 29. Step scheduling
+# 33. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
 
@@ -8508,7 +8624,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 30. The model's context
+# 34. The model's context
 # What prompts and answers are fitted to, learned across the plans of one
 # process: the default model's context and slots, the server's tokens per
 # estimated token, the models seen thinking.
@@ -8623,7 +8739,7 @@ class ContextFit:
 
 
 ###############################################################################
-# 31. An attempt
+# 35. An attempt
 # One request of a step as it is sent and streamed: its progress, its watched
 # answer and thinking, and what it thought.
 ###############################################################################
@@ -8746,7 +8862,7 @@ class Attempt:
 
 
 ###############################################################################
-# 32. A step run
+# 36. A step run
 # One step from its first prompt to its settled result: its attempts (prompt,
 # send, check, write, commands, put back), then its escalation.
 ###############################################################################
@@ -9145,7 +9261,7 @@ class StepRun:
 
 
 ###############################################################################
-# 33. A plan run: the checked plan, take-over and files
+# 37. A plan run: the checked plan, take-over and files
 # What the gate hands a plan run (its checked plan and trust), which killed run
 # it takes over, and what it does with the project's files beyond a step's
 # write: put back what that run left, settle them as the plan asks, keep backups.
@@ -9312,7 +9428,7 @@ class PlanRunFiles:
 
 
 ###############################################################################
-# 34. A plan run: its procedure
+# 38. A plan run: its procedure
 # One plan from its claim to its stored result: open, take over, run the steps,
 # verify, settle the files, keep backups, store the result and the final state.
 ###############################################################################
@@ -9646,7 +9762,7 @@ class PlanRun(PlanRunFiles):
 
 
 ###############################################################################
-# 35. Runner
+# 39. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9750,7 +9866,7 @@ class Runner:
 
 
 ###############################################################################
-# 36. CLI: arguments and settings
+# 40. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9785,7 +9901,8 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     """Add the settings group to parser: an option per row of SETTINGS, in its order.
 
     A switch is a store_true flag turning its default off; a tuple default makes the flag
-    repeatable (append); a tuple limit is the flag's argparse choices.
+    repeatable (append); a tuple limit (or a function giving one, read now) is the flag's
+    argparse choices.
     """
     group = parser.add_argument_group("settings (a flag wins over its environment variable)")
     for row in SETTINGS:
@@ -9893,7 +10010,8 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
             raise ConfigError(f"unknown executor {name!r} to allow",
                               f"pass one of {', '.join(allowable_executors())} "
                               "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
-    for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
+    for ref in (args.model or environ.get("BRIDGE_MODEL"),
+                args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
     return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
@@ -10122,7 +10240,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 37. CLI: listing, health, trust and approval
+# 41. CLI: listing, server discovery, trust and approval
 ###############################################################################
 
 
@@ -10178,126 +10296,6 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def _server_health(config: Config) -> tuple[Config, dict, bool]:
-    """Probe the model server (found by discover_server when no base URL is set): return
-    the config with its base URL, the report's "server" part, and whether a run could use
-    it (reachable, a model, no problem)."""
-    report: dict[str, Any] = {"base_url": config.base_url}
-    config, tried = discover_server(config)
-    report.update(base_url=config.base_url, tried=tried)
-    ok = False
-    try:
-        with LLMClient(config) as client:
-            info = client.probe()
-            models = info.models
-            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
-                          context_length=info.context_length, parallel=info.parallel)
-            report.update(run_plan(config, client, info))
-            ok = bool(models) and not info.problem
-            if not models:
-                report["error"] = "the server lists no models; download or load one"
-            elif not ok:
-                report["error"] = report["model_why"]
-    except LLMError as exc:
-        report.update(reachable=False, error=str(exc), hint=exc.hint)
-    return config, report, ok
-
-
-def _store_health(config: Config) -> tuple[dict, bool]:
-    """Open and check the store: return the report's "store" part and whether it is usable."""
-    report: dict[str, Any] = {}
-    ok = False
-    try:
-        with Store.open(config) as store:
-            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
-            problem = store.check_usable()
-            if problem:
-                raise StoreError(f"the store {store.path} is not usable: {problem}",
-                                 READ_ONLY_STORE_HINT if "readonly" in problem else
-                                 "restore it from a backup, or point --db at a store that can "
-                                 "be written")
-            report.update(pending=store.pending_count(), **store.memory_report())
-            ok = True
-    except StoreError as exc:
-        report.update(error=str(exc), hint=exc.hint)
-    return report, ok
-
-
-def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
-    """Print the --health report as lines: server, run plan, store and memory, backups."""
-    server, store_info = report["server"], report["store"]
-    if server_ok:
-        version = f" {server['version']}" if server.get("version") else ""
-        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
-                        f"{len(server['models'])} model(s) · loaded: "
-                        f"{server['loaded'] or 'none reported'} · context "
-                        f"{server['context_length'] or 'not reported'} · parallel "
-                        f"{server['parallel'] or 1}"))
-    else:
-        print(printable(f"server  FAIL  {server['error']}"))
-        if server.get("hint"):
-            print(printable(f"              hint: {server['hint']}"))
-    for line in run_plan_lines(server):
-        print(printable(f"              {line}"))
-    memory_setting = _memory_setting_text(report["memory_setting"])
-    if store_ok:
-        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
-                        f"{store_info['pending']} pending plan(s)"))
-        line = _memory_store_line(store_info)
-        if "memory_api" in report:     # one memory line: store and API
-            api = _memory_api_line(report["memory_api"])
-            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
-        print(printable("memory  " + line + memory_setting))
-    else:
-        print(printable(f"store   FAIL  {store_info['error']}"))
-        if store_info.get("hint"):
-            print(printable(f"              hint: {store_info['hint']}"))
-    backups = report["backups"]
-    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
-          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
-          "plan)")
-    if "memory_api" in report and not store_ok:
-        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
-
-
-def cmd_health(config: Config) -> int:
-    """Check the server, the store and the memory server's HTTP API when one is set; print
-    the report (--json: as a document); return 0 only when all of them work, else 2."""
-    quiet_http_logs()
-    config, server, server_ok = _server_health(config)
-    store, store_ok = _store_health(config)
-    report: dict[str, Any] = {"server": server, "store": store}
-    report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
-                         "keep_runs": config.keep_runs}
-    memory_ok = True
-    report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
-                                "note": config.memory_note}
-    if config.memory_url:
-        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
-        report["memory_api"] = api.probe()
-        memory_ok = bool(report["memory_api"]["key_accepted"])
-    report["ok"] = server_ok and store_ok and memory_ok
-    if config.json:
-        _print_json(report)
-    else:
-        _print_health(config, report, server_ok, store_ok)
-    return EXIT_OK if report["ok"] else EXIT_UNUSABLE
-
-
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
-    if info is not None and info.problem:
-        what, hint = info.problem
-        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
-    if info is not None and info.kind == "Ollama":
-        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
@@ -10320,60 +10318,6 @@ def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
         return info.context_length
     num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
     return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
-
-
-def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
-    if config.base_url_given:
-        return config, []
-    import httpx
-    from urllib.parse import urlsplit
-
-    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
-    tried = []
-    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
-        for port, suffix in DEFAULT_SERVER_PORTS:
-            root = f"http://127.0.0.1:{port}"
-
-            def get(path: str) -> Any:
-                try:
-                    response = http.get(root + path)
-                    if response.status_code in (401, 403):
-                        return {"data": []}         # a model server that wants its key
-                    return load_reply(response.content) if response.status_code == 200 else None
-                except (httpx.HTTPError, ValueError):
-                    return None
-            if port == memory_port:
-                tried.append({"url": root,
-                              "result": "--memory-url's port: the memory server, skipped"})
-                continue
-            try:
-                http.get(root + "/")
-            except httpx.HTTPError:
-                tried.append({"url": root, "result": "nothing answers"})
-                continue
-            version, models = get("/api/version"), None
-            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
-                models = get("/v1/models")
-                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
-                    health = get("/api/health")
-                    memory = isinstance(health, dict) and health.get("status") == "healthy"
-                    result = "the memory server (its /api/health), skipped" if memory \
-                        else "answers, but not as a model server"
-                    tried.append({"url": root, "result": result})
-                    continue
-            tried.append({"url": root, "result": "a model server: used"})
-            return config._replace(base_url=root + (suffix if models is not None else "")), tried
-    return config, tried
 
 
 def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
@@ -10419,38 +10363,6 @@ def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
             "prompts_cut": cut, "refused": [{"model": m, "reason": r} for m, r in info.refused]}
 
 
-def run_plan_lines(server: dict) -> list[str]:
-    """The --health lines under the server's: what a run will do (see run_plan)."""
-    lines = []
-    if server.get("model"):
-        context = (f"context {server['context_length']} ({server['context_source']})"
-                   if server.get("context_length") else "context not reported")
-        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
-        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
-                     f"{server['slots']} step(s) at once · {server['api']}")
-        lines.append(f"output: {server['structured_output']} · "
-                     f"prompts cut: {server['prompts_cut']}")
-    for refused in server.get("refused") or []:
-        lines.append(f"refused {refused['model']}: {refused['reason']}")
-    for tried in server.get("tried") or []:
-        lines.append(f"tried {tried['url']}: {tried['result']}")
-    return lines
-
-
-def _memory_store_line(info: dict) -> str:
-    """The --health line of the store as the memory server sees it."""
-    schema = f"schema version {info['schema_version']}" if info["schema_version"] else "no schema version"
-    state = f"{STATE_TABLE}: {info['plans_recorded']} plan(s)" if info["state_table"] \
-        else f"no {STATE_TABLE} yet (made by the first run)"
-    if info["without_embedding"] is None:
-        embeddings = "embeddings not readable (no memory_embeddings table)"
-    else:
-        embeddings = (f"{info['without_embedding']} of bridge's {info['bridge_rows']} row(s) without an embedding"
-                      + (" (semantic search misses them; --memory-url stores results with one)"
-                         if info["without_embedding"] else ""))
-    return f"ok    {schema} · {state} · {embeddings}"
-
-
 def cmd_stats(config: Config) -> int:
     """Print what each model did with each validation type over bridge's runs (read_step_stats)."""
     report = read_step_stats(config.runs_dir.parent / STATS_FILE)
@@ -10472,23 +10384,6 @@ def cmd_stats(config: Config) -> int:
                             f"{row['after_retries']:>9}{row['on_escalation']:>12}{row['failed']:>8}"
                             f"{row['median_tokens']:>15g}{row['median_s']:>10.1f}"))
     return EXIT_OK
-
-
-def _memory_setting_text(setting: dict) -> str:
-    """The end of the --health memory line: where the HTTP API setting came from, or,
-    with none set, why not and where one could be set."""
-    if setting["url"]:
-        return f" (set by {setting['source']})"
-    why = f"{setting['note']}; " if setting["note"] else ""
-    return f" · HTTP API none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN})"
-
-
-def _memory_api_line(probe: dict) -> str:
-    """The --health line of the memory server's HTTP API."""
-    if not probe["key_accepted"]:
-        return printable(f"FAIL  {probe['url']}: {probe['error']}")
-    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
-                     f"{probe['backend']}) · key accepted")
 
 
 def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
@@ -10644,7 +10539,173 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 38. CLI: running and showing
+# 42. CLI: health
+#
+# --health: the model server (and what a run on it will do: run_plan), the store as
+# bridge and the memory server see it, the kept backups, and the memory server's HTTP
+# API when one is set; as lines, or one --json document.
+###############################################################################
+
+
+def run_plan_lines(server: dict) -> list[str]:
+    """The --health lines under the server's: what a run will do (see run_plan)."""
+    lines = []
+    if server.get("model"):
+        context = (f"context {server['context_length']} ({server['context_source']})"
+                   if server.get("context_length") else "context not reported")
+        trained = f"; trained {server['trained_context']}" if server.get("trained_context") else ""
+        lines.append(f"model {server['model']} ({server['model_why']}) · {context}{trained} · "
+                     f"{server['slots']} step(s) at once · {server['api']}")
+        lines.append(f"output: {server['structured_output']} · "
+                     f"prompts cut: {server['prompts_cut']}")
+    for refused in server.get("refused") or []:
+        lines.append(f"refused {refused['model']}: {refused['reason']}")
+    for tried in server.get("tried") or []:
+        lines.append(f"tried {tried['url']}: {tried['result']}")
+    return lines
+
+
+def _memory_store_line(info: dict) -> str:
+    """The --health line of the store as the memory server sees it."""
+    schema = (f"schema version {info['schema_version']}" if info["schema_version"]
+              else "no schema version")
+    state = (f"{STATE_TABLE}: {info['plans_recorded']} plan(s)" if info["state_table"]
+             else f"no {STATE_TABLE} yet (made by the first run)")
+    if info["without_embedding"] is None:
+        embeddings = "embeddings not readable (no memory_embeddings table)"
+    else:
+        embeddings = (f"{info['without_embedding']} of bridge's {info['bridge_rows']} row(s) "
+                      "without an embedding"
+                      + (" (semantic search misses them; --memory-url stores results with one)"
+                         if info["without_embedding"] else ""))
+    return f"ok    {schema} · {state} · {embeddings}"
+
+
+def _memory_setting_text(setting: dict) -> str:
+    """The end of the --health memory line: where the HTTP API setting came from, or,
+    with none set, why not and where one could be set."""
+    if setting["url"]:
+        return f" (set by {setting['source']})"
+    why = f"{setting['note']}; " if setting["note"] else ""
+    return f" · HTTP API none set ({why}--memory-url, BRIDGE_MEMORY_URL or {HOOKS_CONFIG_SHOWN})"
+
+
+def _memory_api_line(probe: dict) -> str:
+    """The --health line of the memory server's HTTP API."""
+    if not probe["key_accepted"]:
+        return printable(f"FAIL  {probe['url']}: {probe['error']}")
+    return printable(f"ok    {probe['url']} answers (mcp-memory-service {probe['version']}, "
+                     f"{probe['backend']}) · key accepted")
+
+
+def _server_health(config: Config) -> tuple[Config, dict, bool]:
+    """Probe the model server (found by discover_server when no base URL is set): return
+    the config with its base URL, the report's "server" part, and whether a run could use
+    it (reachable, a model, no problem)."""
+    report: dict[str, Any] = {"base_url": config.base_url}
+    config, tried = discover_server(config)
+    report.update(base_url=config.base_url, tried=tried)
+    ok = False
+    try:
+        with LLMClient(config) as client:
+            info = client.probe()
+            models = info.models
+            report.update(reachable=True, kind=info.kind, models=models, loaded=info.loaded,
+                          context_length=info.context_length, parallel=info.parallel)
+            report.update(run_plan(config, client, info))
+            ok = bool(models) and not info.problem
+            if not models:
+                report["error"] = "the server lists no models; download or load one"
+            elif not ok:
+                report["error"] = report["model_why"]
+    except LLMError as exc:
+        report.update(reachable=False, error=str(exc), hint=exc.hint)
+    return config, report, ok
+
+
+def _store_health(config: Config) -> tuple[dict, bool]:
+    """Open and check the store: return the report's "store" part and whether it is usable."""
+    report: dict[str, Any] = {}
+    ok = False
+    try:
+        with Store.open(config) as store:
+            report.update(path=str(store.path), layout=store.layout, fts=store.has_fts)
+            problem = store.check_usable()
+            if problem:
+                raise StoreError(f"the store {store.path} is not usable: {problem}",
+                                 READ_ONLY_STORE_HINT if "readonly" in problem else
+                                 "restore it from a backup, or point --db at a store that can "
+                                 "be written")
+            report.update(pending=store.pending_count(), **store.memory_report())
+            ok = True
+    except StoreError as exc:
+        report.update(error=str(exc), hint=exc.hint)
+    return report, ok
+
+
+def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool) -> None:
+    """Print the --health report as lines: server, run plan, store and memory, backups."""
+    server, store_info = report["server"], report["store"]
+    if server_ok:
+        version = f" {server['version']}" if server.get("version") else ""
+        print(printable(f"server  ok    {config.base_url} ({server['kind']}{version}) · "
+                        f"{len(server['models'])} model(s) · loaded: "
+                        f"{server['loaded'] or 'none reported'} · context "
+                        f"{server['context_length'] or 'not reported'} · parallel "
+                        f"{server['parallel'] or 1}"))
+    else:
+        print(printable(f"server  FAIL  {server['error']}"))
+        if server.get("hint"):
+            print(printable(f"              hint: {server['hint']}"))
+    for line in run_plan_lines(server):
+        print(printable(f"              {line}"))
+    memory_setting = _memory_setting_text(report["memory_setting"])
+    if store_ok:
+        print(printable(f"store   ok    {store_info['path']} · {store_info['layout']} · "
+                        f"{store_info['pending']} pending plan(s)"))
+        line = _memory_store_line(store_info)
+        if "memory_api" in report:     # one memory line: store and API
+            api = _memory_api_line(report["memory_api"])
+            line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
+        print(printable("memory  " + line + memory_setting))
+    else:
+        print(printable(f"store   FAIL  {store_info['error']}"))
+        if store_info.get("hint"):
+            print(printable(f"              hint: {store_info['hint']}"))
+    backups = report["backups"]
+    print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
+          f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
+          "plan)")
+    if "memory_api" in report and not store_ok:
+        print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def cmd_health(config: Config) -> int:
+    """Check the server, the store and the memory server's HTTP API when one is set; print
+    the report (--json: as a document); return 0 only when all of them work, else 2."""
+    quiet_http_logs()
+    config, server, server_ok = _server_health(config)
+    store, store_ok = _store_health(config)
+    report: dict[str, Any] = {"server": server, "store": store}
+    report["backups"] = {**backups_usage(config.runs_dir), "path": str(config.runs_dir),
+                         "keep_runs": config.keep_runs}
+    memory_ok = True
+    report["memory_setting"] = {"url": config.memory_url, "source": config.memory_source,
+                                "note": config.memory_note}
+    if config.memory_url:
+        api = MemoryAPI(config.memory_url, config.memory_api_key, timeout_s=5.0)
+        report["memory_api"] = api.probe()
+        memory_ok = bool(report["memory_api"]["key_accepted"])
+    report["ok"] = server_ok and store_ok and memory_ok
+    if config.json:
+        _print_json(report)
+    else:
+        _print_health(config, report, server_ok, store_ok)
+    return EXIT_OK if report["ok"] else EXIT_UNUSABLE
+
+
+###############################################################################
+# 43. CLI: running and showing
 ###############################################################################
 
 
@@ -10830,7 +10891,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 39. CLI: diff, undo, review
+# 44. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -10981,7 +11042,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 40. CLI: the planner's side
+# 45. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11179,7 +11240,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 41. main()
+# 46. main()
 ###############################################################################
 
 
