@@ -7462,7 +7462,7 @@ def estimate_tokens(messages: list[dict]) -> int:
 # characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
 # estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
 PROMPT_CUT_RATIO = 0.5
-# The most server tokens one estimated token may count for (Runner._calibrate): a
+# The most server tokens one estimated token may count for (ContextFit.calibrate): a
 # prompt of digits alone runs ~1 character a token, 3.5 times the estimate. Counts of
 # shorter prompts than CALIBRATE_MIN_TOKENS are not used (a chat template's own tokens
 # would weigh too much).
