@@ -7860,39 +7860,6 @@ class StepResult:
                 "checks": self.checks, "attempt_log": self.attempt_log}
 
 
-def step_graph(plan: Plan) -> dict[int, set[int]]:
-    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
-    the same file, the previous writer in sequential order (so parallel steps never
-    race on a file, and the last writer is always the same)."""
-    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
-    writers: dict[str, int] = {}
-    for sid in sequential_order(graph):
-        target = plan.steps[sid].file_output
-        if target:
-            if target in writers:
-                graph[sid].add(writers[target])
-            writers[target] = sid
-    return graph
-
-
-def sequential_order(graph: dict[int, set[int]]) -> list[int]:
-    """Return the order steps run in one at a time: the lowest id that is ready next,
-    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-    import heapq
-    from graphlib import TopologicalSorter
-
-    order, out = TopologicalSorter(graph), []
-    order.prepare()
-    ready: list[int] = []
-    while order.is_active():
-        for sid in order.get_ready():
-            heapq.heappush(ready, sid)
-        sid = heapq.heappop(ready)
-        out.append(sid)
-        order.done(sid)
-    return out
-
-
 class _StepLog:
     """Progress lines of a plan's steps. One at a time, they print as they come;
     with parallel steps, each step's lines are held and printed in step order, so
@@ -8458,6 +8425,39 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 # 33. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
+
+
+def step_graph(plan: Plan) -> dict[int, set[int]]:
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
+    the same file, the previous writer in sequential order (so parallel steps never
+    race on a file, and the last writer is always the same)."""
+    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
+    writers: dict[str, int] = {}
+    for sid in sequential_order(graph):
+        target = plan.steps[sid].file_output
+        if target:
+            if target in writers:
+                graph[sid].add(writers[target])
+            writers[target] = sid
+    return graph
+
+
+def sequential_order(graph: dict[int, set[int]]) -> list[int]:
+    """Return the order steps run in one at a time: the lowest id that is ready next,
+    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
+    import heapq
+    from graphlib import TopologicalSorter
+
+    order, out = TopologicalSorter(graph), []
+    order.prepare()
+    ready: list[int] = []
+    while order.is_active():
+        for sid in order.get_ready():
+            heapq.heappush(ready, sid)
+        sid = heapq.heappop(ready)
+        out.append(sid)
+        order.done(sid)
+    return out
 
 
 class StepScheduler:
