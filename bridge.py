@@ -8050,9 +8050,8 @@ def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: st
 def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int,
                model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
-    model reference that answered. When the server sent no usage it is estimated
-    (usage_reported False): the prompt by estimate_tokens, the answer by its streamed
-    pieces, else by CHARS_PER_TOKEN like the prompt."""
+    model reference that answered; a reply without usage is estimated (estimated_usage,
+    usage_reported False)."""
     if reply.usage:
         usage = reply.usage
     else:
