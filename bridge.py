@@ -7050,7 +7050,7 @@ class StagedFiles:
                 raise PathError(f"not staging {rel!r}: the run is ending")
             try:
                 staged = self.run_dir / "staged" / rel
-                staged.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(staged.parent)
                 atomic_write(staged, data, 0o600)
             except OSError as exc:
                 raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
@@ -9560,7 +9560,7 @@ class PlanRun:
         scheduler = StepScheduler(graph, parallel, self)
         private_dir(checkpoint.parent)
         with _suppress(OSError):            # a runs folder made before bridge kept it private
-            os.chmod(checkpoint.parent.parent, 0o700)
+            private_dir(checkpoint.parent.parent, tighten=True)
         # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
         # line lost to a power cut only means that step runs again on --resume (its
         # file writes are journaled and fsynced, so recovery puts them back first).
