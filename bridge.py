@@ -7102,12 +7102,11 @@ class StagedFiles:
 # 28. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, made as it is
-# written), so --diff can tell a file changed since the run and --undo can refuse to
-# overwrite it. The backups of the last keep_runs runs of a plan are kept (0600 in a
-# 0700 folder); older ones are deleted. Only bridge writes these files, and each path
-# read back is still checked: a run id by its form, a project path by resolve_inside,
-# a backup by being inside the runs folder.
+# project, start) and written.jsonl (the sha256 of every file write, as it is written), so
+# --diff can tell a file changed since the run and --undo can refuse to overwrite it. The
+# backups of the last keep_runs runs of a plan are kept (0600 in a 0700 folder). Only
+# bridge writes these files, and each path read back is still checked: a run id by
+# run_folder, a journal's paths by resolve_inside and journalled_paths.
 ###############################################################################
 
 
