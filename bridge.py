@@ -129,10 +129,11 @@ and checks, up to the runner and the command line:
     27 Review staging and bounded diffs · 28 Kept runs: backups, diff, undo, review ·
     29 Prompts · 30 Retry policy · 31 Run records · 32 The result document ·
     33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
-    37 A plan run · 38 Runner · 39 CLI: arguments and settings ·
-    40 CLI: listing, server discovery, trust and approval · 41 CLI: health ·
-    42 CLI: running and showing · 43 CLI: diff, undo, review · 44 CLI: the planner's side ·
-    45 main()
+    37 A plan run: the checked plan, take-over and files · 38 A plan run: its procedure ·
+    39 Runner · 40 CLI: arguments and settings ·
+    41 CLI: listing, server discovery, trust and approval · 42 CLI: health ·
+    43 CLI: running and showing · 44 CLI: diff, undo, review · 45 CLI: the planner's side ·
+    46 main()
 """
 
 from __future__ import annotations
@@ -474,7 +475,7 @@ SETTINGS = tuple(map(Setting._make, (
     ("--escalate-to", "BRIDGE_ESCALATE_TO", "escalate_to", "text", None, None, "escalation",
      "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
-    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
+    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, (DEFAULT_EXECUTOR,),
      allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
      "(anthropic, claude-cli, ollama-cloud); repeatable",
      "none; your own --model and --escalate-to count"),
@@ -4343,21 +4344,16 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
 
 
 class Executor:
-    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
-    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
-    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
-    the spend cap and the runner read these facts, never a class name:
-
-    NAME: what --allow-executor and the approval facts call it. PREFIX: model
-    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
-    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
-    in the plan's project when trusted, else a scratch folder; one instance a folder).
-    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
-    is the run's model server (Runner.client): probed for its context and slots, sent
-    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
-    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
-    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
-    executor runs only when the user allowed it (needs_allowing)."""
+    """One kind of executor, registered in EXECUTORS by its NAME (register_executor); an
+    instance answers chat(messages, ChatRequest) -> Completion, raising LLMError. Its
+    facts: NAME (--allow-executor's word); PREFIX (references "PREFIX:model" run on it;
+    "": claims() says which); PAID (counted against --max-cost-usd); AGENTIC (it acts:
+    run in the plan's project when trusted, else a scratch folder, one instance a
+    folder); CLOUD (the prompt and the project's files in it leave this machine);
+    PROBED (the run's model server, Runner.client: probed, sent the attempt's
+    sampling, thinking and constrained JSON); WATCHED (DegenerationGuard watches its
+    stream); DEFAULT_MAX_TOKENS (sent when a step names none; None: the server's).
+    A PAID, AGENTIC or CLOUD one runs only when the user allowed it."""
 
     NAME = PREFIX = ""
     PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
@@ -4777,8 +4773,12 @@ class OutputTally:
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
-        total = reply_size(self.answer_bytes + self.reasoning_bytes, piece, self.limit)
-        self.answer_bytes = total - self.reasoning_bytes
+        size = self.answer_bytes + self.reasoning_bytes
+        size += len(piece.encode("utf-8", "surrogatepass"))
+        if size > self.limit:
+            raise LLMProtocolError(f"the reply passed --max-output-bytes ({self.limit} bytes); "
+                                   "cut", "raise --max-output-bytes or ask for less")
+        self.answer_bytes = size - self.reasoning_bytes
         self.answer_pieces += 1
 
     def add_reasoning(self, piece: str) -> None:
@@ -4915,17 +4915,6 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
 
 
-def reply_size(size: int, text: str, limit: int) -> int:
-    """Return a reply's size in bytes (UTF-8) once text is added to the size bytes
-    received before it; raise LLMProtocolError when it passes limit (bytes:
-    --max-output-bytes), the one bound every executor's reply is held to."""
-    size += len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut",
-                               "raise --max-output-bytes or ask for less")
-    return size
-
-
 def usage_count(value: Any) -> int | None:
     """Return a token count a server reported (usage's prompt_tokens or completion_tokens,
     Anthropic's input_tokens or output_tokens, the claude CLI's) when it is an int from 0
@@ -5047,14 +5036,11 @@ def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
 
 
 class BoundedResponse:
-    """An httpx streaming response read within bounds: iter_bytes() raises
-    LLMDeadline once the request's deadline (time.monotonic() seconds) has passed,
-    and read(max_bytes) stops reading as soon as the body passes max_bytes.
-
-    The deadline is checked as each chunk arrives; a server that sends nothing is
-    cut by the per-chunk timeout (--timeout) instead. url and limit (the deadline
-    in words, e.g. "0.5 s (the step's timeout_s)") name what was passed.
-    """
+    """An httpx streaming response read within bounds: iter_bytes() raises LLMDeadline
+    once the deadline (time.monotonic() seconds) has passed, checked as each chunk
+    arrives (a server sending nothing is cut by --timeout instead); read(max_bytes)
+    stops once the body passes max_bytes. url and limit (the deadline in words, e.g.
+    "0.5 s (the step's timeout_s)") name what was passed."""
 
     def __init__(self, response: Any, url: str, deadline: float, limit: str):
         self.response, self.url, self.deadline, self.limit = response, url, deadline, limit
@@ -6130,18 +6116,14 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
 
 @register_executor
 class AnthropicClient(HTTPExecutor):
-    """The executor for the Anthropic Messages API, or any server speaking it (LM
-    Studio and Ollama serve /v1/messages too; a gateway).
-
-    POST {base}/v1/messages with x-api-key and anthropic-version 2023-06-01, the
-    system prompt as the top-level "system", streamed: message_start (input
-    usage), content_block_delta (text_delta), message_delta (stop_reason and
-    cumulative output usage), message_stop; ping and unknown events are ignored;
-    an "error" event after a 200 fails the request. Source: platform.claude.com/
-    docs/en/api/messages-streaming. Retries 429, 5xx and 529 as HTTPExecutor does.
-    The cost of each request is its usage times CLAUDE_PRICES_USD_PER_MTOK.
-    Raises LLMError (exit 2 at start-up) when no API key is set.
-    """
+    """The executor of the Anthropic Messages API, or a server speaking it (LM Studio,
+    Ollama, a gateway): POST {base}/v1/messages with x-api-key and anthropic-version
+    2023-06-01, the system prompt as the top-level "system", streamed: message_start
+    (input usage), content_block_delta (text_delta), message_delta (stop_reason,
+    cumulative output usage), message_stop; ping and unknown events ignored, an
+    "error" event fails the request (platform.claude.com/docs/en/api/messages-
+    streaming). Cost: its usage at CLAUDE_PRICES_USD_PER_MTOK. Raises LLMError when
+    no API key is set."""
 
     NAME = PREFIX = "anthropic"
     PAID = CLOUD = True
@@ -6216,21 +6198,16 @@ class AnthropicClient(HTTPExecutor):
 
 @register_executor
 class ClaudeCLI(Executor):
-    """The executor that hands a step to Claude Code itself: `claude -p`.
-
-    Runs `claude -p --output-format stream-json --verbose --model M
-    --no-session-persistence` plus LOCKDOWN `[--append-system-prompt S]` from an
-    argv list (never a shell), the prompt on stdin, in the plan's project folder
-    only when that is a trusted project (else a fresh scratch folder under the state
-    dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
-    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the process group when the
-    step's time (its timeout_s when lower than --timeout, else --timeout) runs out. Reads
+    """The executor that hands a step to Claude Code: `claude -p --output-format
+    stream-json --verbose --model M --no-session-persistence` plus LOCKDOWN
+    [--append-system-prompt S], an argv list (never a shell), the prompt on stdin, run
+    in the plan's project only when it is trusted (else a scratch folder under the
+    state dir, removed after), with the environment claude_env leaves; the process
+    group is killed when the step's time (timeout_s under --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
-    messages (their text streams as deltas), and the closing result (result,
-    is_error, usage, total_cost_usd, duration_ms); other lines, garbage included,
-    are skipped. A non-zero exit or is_error fails the attempt with the result text
-    or the last lines of stderr.
-    """
+    messages (their text streams), the closing result (result, is_error, usage,
+    total_cost_usd); other lines are skipped. A non-zero exit or is_error fails the
+    attempt with the result text or the last lines of stderr."""
 
     # No tools (built-in: --tools ""; MCP: --strict-mcp-config without --mcp-config),
     # only the user's own settings (never the project's .claude/settings*.json and its
@@ -7728,7 +7705,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
                     "characters are left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
         where = f"written to {file_output} and " if file_output else ""
         command = f"`{shell_words(run.argv)}`"
-        why = run.error.removeprefix(command + " ")      # "failed (exit 1)", "did not finish within …"
+        why = run.error.removeprefix(command + " ")  # "failed (exit 1)", "did not finish within …"
         note = (f"Your answer was {where}checked with {command}, which {why}. "
                 f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
                 f"{describe_validation(validation)} Reply again with the corrected answer only.")
@@ -7808,8 +7785,8 @@ class StepResult:
     on the local server)}]. See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
-              "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
-              "escalation_saved", "ledger", "checks", "attempt_log")
+              "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd",
+              "escalated_to", "escalation_saved", "ledger", "checks", "attempt_log")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
@@ -7822,7 +7799,7 @@ class StepResult:
         self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
-        self.checks: list[dict] = []        # each command run: attempt, argv, exit_code, duration_s, output_tail
+        self.checks: list[dict] = []    # each command run: attempt, argv, exit_code, …
         self.attempt_log: list[dict] = []   # per attempt: sampling sent, completion tokens, error
 
     def checkpoint(self) -> dict:
@@ -7845,15 +7822,17 @@ class StepResult:
         tokens_per_s (completion tokens over generation seconds) and what the tokens
         would have cost on price_model."""
         speed = self.usage["completion_tokens"] / self.generation_s if self.generation_s else None
-        return {"id": self.id, "title": self.title, "status": self.status, "attempts": self.attempts,
+        return {"id": self.id, "title": self.title, "status": self.status,
+                "attempts": self.attempts,
                 "output": clip(self.output, STORED_OUTPUT_MAX_CHARS, "output"), "error": self.error,
                 "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
                 "usage": dict(self.usage), "usage_reported": self.usage_reported,
                 "tokens_per_s": round(speed, 1) if speed is not None else None,
-                "cost_usd": self.cost_usd, "would_have_cost_usd": would_cost_usd(self.usage, price_model),
+                "cost_usd": self.cost_usd,
+                "would_have_cost_usd": would_cost_usd(self.usage, price_model),
                 "model": self.model, "resumed": self.resumed, "escalated_to": self.escalated_to,
-                "escalation_saved": self.escalation_saved, "ledger": self.ledger, "checks": self.checks,
-                "attempt_log": self.attempt_log}
+                "escalation_saved": self.escalation_saved, "ledger": self.ledger,
+                "checks": self.checks, "attempt_log": self.attempt_log}
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
@@ -7943,7 +7922,8 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
-        self.run_dir, self.run_id, self.plan_id, self.price_model = run_dir, run_id, plan_id, price_model
+        self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
+        self.price_model = price_model
         self.files: dict[int, Any] = {}     # step id -> its open transcript (one writer each)
 
     def _line(self, sid: int, entry: dict) -> None:
@@ -7957,21 +7937,24 @@ class RunLog:
         except FileNotFoundError:
             private_dir(self.run_dir)
             self.files[step.id] = open(path, "a", encoding="utf-8", opener=private_opener)
-        self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id, "model": model,
-                             "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
-                             "step_id": step.id, "title": step.title})
+        self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id,
+                             "model": model, "cwd": str(cwd) if cwd else None, "tools": [],
+                             "plan_id": self.plan_id, "step_id": step.id, "title": step.title})
 
-    def sent(self, sid: int, attempt: int, messages: list[dict], sampling: dict | None = None) -> None:
+    def sent(self, sid: int, attempt: int, messages: list[dict],
+             sampling: dict | None = None) -> None:
         """Record the exact messages of one attempt, and on its system prompt line how
         it samples (sampling: max_tokens, temperature, seed, …, the fields sent)."""
         for message in messages:
             if message["role"] == "system":
-                line = {"type": "system", "subtype": "system_prompt", "attempt": attempt, "text": message["content"]}
+                line = {"type": "system", "subtype": "system_prompt", "attempt": attempt,
+                        "text": message["content"]}
                 self._line(sid, line if sampling is None else {**line, "sampling": sampling})
             else:
-                self._line(sid, {"type": message["role"], "attempt": attempt, "session_id": self.run_id,
-                                 "message": {"role": message["role"],
-                                             "content": [{"type": "text", "text": message["content"]}]}})
+                text = [{"type": "text", "text": message["content"]}]
+                self._line(sid, {"type": message["role"], "attempt": attempt,
+                                 "session_id": self.run_id,
+                                 "message": {"role": message["role"], "content": text}})
         self.files[sid].flush()
 
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
@@ -7980,13 +7963,13 @@ class RunLog:
         type), and which constraint produced it ("response_format": its type, or null)."""
         usage = reply.usage or {}
         content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
-        self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id, "message": {
-            "role": "assistant", "model": reply.model,
-            "content": [*content, {"type": "text", "text": reply.text}],
-            "stop_reason": reply.finish_reason,
-            "usage": {"input_tokens": usage.get("prompt_tokens"),
-                      "output_tokens": usage.get("completion_tokens")}},
-            "response_format": reply.response_format})
+        message = {"role": "assistant", "model": reply.model,
+                   "content": [*content, {"type": "text", "text": reply.text}],
+                   "stop_reason": reply.finish_reason,
+                   "usage": {"input_tokens": usage.get("prompt_tokens"),
+                             "output_tokens": usage.get("completion_tokens")}}
+        self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id,
+                         "message": message, "response_format": reply.response_format})
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
@@ -8003,13 +7986,15 @@ class RunLog:
 
     def command(self, sid: int, attempt: int, run: CommandRun) -> None:
         """Record one command validation run: argv, exit code, seconds, output tail."""
-        self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt, **run.as_dict()})
+        self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt,
+                         **run.as_dict()})
 
     def end(self, result: StepResult) -> None:
         """Close a step's transcript with the result line."""
         ok = result.status == "succeeded"
         self._line(result.id, {
-            "type": "result", "subtype": "success" if ok else "error_during_execution", "is_error": not ok,
+            "type": "result", "subtype": "success" if ok else "error_during_execution",
+            "is_error": not ok,
             "result": result.output, "error": result.error, "status": result.status,
             "duration_ms": int(result.duration_s * 1000), "num_turns": result.attempts,
             "session_id": self.run_id, "total_cost_usd": 0,
@@ -8070,7 +8055,8 @@ def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: st
     return reply._replace(cost_usd=round(usage_cost_usd(usage, price), 6) if price else 0.0)
 
 
-def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
+def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int,
+               model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
     model reference that answered. When the server sent no usage it is estimated
     (usage_reported False): the prompt by estimate_tokens, the answer by its streamed
@@ -8080,8 +8066,8 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
     else:
         result.usage_reported = False
         usage = estimated_usage(reply, messages, pieces)
-    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
+    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "cost_usd": 0.0})
     line["requests"] += 1
     for key in ("prompt_tokens", "completion_tokens"):
         result.usage[key] += usage[key]
@@ -8096,8 +8082,8 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     total: dict[str, dict] = {}
     for ledger in ledgers:
         for model, line in ledger.items():
-            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
+            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "cost_usd": 0.0})
             for key in ("requests", "prompt_tokens", "completion_tokens"):
                 into[key] += line[key]
             into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
@@ -8500,7 +8486,8 @@ class StepScheduler:
             return f"step(s) {', '.join(map(str, sorted(self.failed)))} failed"
         return None
 
-    def _start_ready(self, order: Any, finished: Any, checkpoint: Callable[[StepResult], None]) -> None:
+    def _start_ready(self, order: Any, finished: Any,
+                     checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
         import threading
 
@@ -8509,7 +8496,8 @@ class StepScheduler:
             step, result = self.plan.steps[sid], self.results[sid]
             if result.status == "succeeded":
                 self.outputs[sid] = result.output
-                self.log.say(sid, f"  {step.label}: succeeded in the run taken over; not sent again")
+                self.log.say(sid, f"  {step.label}: succeeded in the run taken over; "
+                             "not sent again")
             elif blocked := self._blocked_reason(step):
                 result.error = blocked
                 self.log.say(sid, f"  {step.label}: skipped ({blocked})")
@@ -8522,7 +8510,8 @@ class StepScheduler:
                 if self.parallel == 1:
                     self._worker(*work)
                 else:
-                    threading.Thread(target=self._worker, args=work, daemon=True, name=f"bridge-step-{sid}").start()
+                    threading.Thread(target=self._worker, args=work, daemon=True,
+                                     name=f"bridge-step-{sid}").start()
                 continue
             self.ended(result)
             self.log.done(sid)
@@ -8619,14 +8608,11 @@ class ContextPool:
 
 class ContextFit:
     """What this process knows of the default model's context (every plan it runs
-    shares it): model (the default model id; steps and plan defaults may name
-    another), context_length (tokens, or None: not known), parallel (steps in
-    flight), calibration (the server's tokens per estimated token: calibrate), pool
-    (a ContextPool when the server's slots share one context, else None), reprobe
-    (LM Studio's model was not loaded when the run began (JIT): the first reply loads
-    it, then the server is asked again for the context and slots it was loaded with),
-    and the models seen thinking (their requests keep a reserve). client: the
-    LLMClient, or None when no plan will be sent."""
+    shares it). model: the default model id; context_length: tokens, or None (not
+    known); parallel: steps in flight; calibration: the server's tokens per estimated
+    token (calibrate); pool: a ContextPool when the slots share one context, else None;
+    reprobe: LM Studio loaded the model on demand (JIT), so the first reply is followed
+    by a probe for the context and slots it got; client: the LLMClient, or None."""
 
     __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
                  "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
@@ -8649,13 +8635,9 @@ class ContextFit:
         return self.context_length if model == self.model else None
 
     def budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is unknown.
-
-        The context length (--context-length, else what the server reported for the
-        loaded model) less the answer's share: the step's max_tokens, else
-        its validation's default_max_tokens (at most a quarter of the context;
-        see answer_tokens).
-        """
+        """Return the prompt tokens that fit for a step, or None when the context is
+        unknown: the context (--context-length, else the server's for the loaded model) less
+        the answer's share (answer_tokens), over calibration."""
         budget = prompt_budget(step, self.context_of(model))
         return int(budget / self.calibration) if budget is not None else None
 
@@ -8739,17 +8721,14 @@ class ContextFit:
 
 
 class Attempt:
-    """One request of a step as it is sent and streamed: step_run (the StepRun it is
-    of), number (1 for the first), model (the model reference asked), messages (the
-    prompt sent, redacted), sampling (the fields of retry_sampling, or None: as the
-    step says; then the fields sent, with max_tokens), started (time.monotonic()),
-    pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None), thought
-    (reasoning pieces so far), thinking_guard (the guard of the reasoning text); once
-    prepared (StepRun._prepare): executor and name (the model name it is asked by),
-    local (the run's model server: a PROBED executor), thinking (thinking_asked, on the local
-    server), reserve (thinking reserve tokens) and schema (the output schema sent, or
-    None)."""
+    """One request of a step as it is sent and streamed. number: 1 for the first;
+    model: the model reference asked; messages: the prompt (redacted); sampling: the
+    fields of retry_sampling (None: as the step says), then those sent, with max_tokens;
+    started: time.monotonic(); pieces, thought: streamed pieces of answer and of thinking
+    (the token estimate when the server sends no usage); guard, thinking_guard:
+    DegenerationGuards of a WATCHED executor, else None. Set by StepRun._prepare:
+    executor, name (the model name it is asked by), local (a PROBED executor), thinking
+    (thinking_asked), reserve (thinking tokens) and schema (the output schema sent)."""
 
     __slots__ = ("step_run", "number", "model", "messages", "sampling", "started", "pieces",
                  "guard", "thought", "thinking_guard", "executor", "name", "local", "thinking",
@@ -8865,11 +8844,10 @@ class Attempt:
 
 
 class StepRun:
-    """One step of a plan run, from its first prompt to its settled result (run.results
-    [step.id]: status, output, error, usage, …): its attempts on its model, each checked,
-    its file written and its commands run (a failed one's file put back), until one
-    passes or the retry policy says stop; then its escalation. run: the PlanRun;
-    outputs: step id -> output, of the steps it may read."""
+    """One step of a plan run, from its first prompt to its settled result
+    (run.results[step.id]): its attempts, each checked, its file written and its
+    commands run (a failed one's file put back), until one passes or the retry policy
+    stops them; then its escalation. outputs: step id -> output, of the steps it reads."""
 
     __slots__ = ("run", "runner", "step", "result", "outputs", "say")
 
@@ -8904,10 +8882,9 @@ class StepRun:
                 "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self) -> list[dict] | None:
-        """Return the step's first prompt, or None when it cannot be sent (its prompt
-        does not fit the model's context, or its commands may not run here): then the
-        step is settled, failed or skipped, and nothing is sent. A prompt the server
-        counts as more tokens than estimated is fitted again (ContextFit.calibrate)."""
+        """Return the step's first prompt, or None when it cannot be sent (it does not fit
+        the model's context, or its commands may not run here): then the step is settled,
+        failed or skipped. A prompt the server counts larger is fitted again (calibrate)."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         staged = run.files.path_of if run.staged else None
         run.sources[step.id] = []
@@ -8934,8 +8911,7 @@ class StepRun:
 
     def _attempts(self) -> None:
         """Send the step's attempts until one passes or the retry policy stops them
-        (AttemptFailure.retries: at most step.max_retries + 1), then escalate when the
-        config or plan says so (escalation_target); settle the result."""
+        (AttemptFailure.retries), then escalate (escalation_target); settle the result."""
         run, step, result = self.run, self.step, self.result
         model, clock = result.model, time.monotonic()
         budget = self.runner.fit.budget(step, model)
@@ -9004,16 +8980,12 @@ class StepRun:
     def send(self, attempt: Attempt) -> "AttemptFailure | None":
         """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        attempt.sampling: its fields (retry_sampling; None: as the step says; the
-        Anthropic API and the claude CLI always sample as the step says). A local
-        model's output is watched while it streams (DegenerationGuard): when it
-        degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length"), saying what
-        thinking spent of it. On the local server the attempt asks for thinking as
-        thinking_asked says, keeps ContextFit.reserve tokens for it, reads and records
-        the reasoning (Attempt.thought_of), and a constrained answer that comes back
-        garbled makes that model go unconstrained (_garbled).
-        """
+        A WATCHED executor's output is watched while it streams (DegenerationGuard): a
+        degenerate answer is cancelled, and fails saying why; so does one cut at max_tokens
+        (finish_reason "length"), saying what thinking spent of it. On the run's model server
+        the attempt asks for thinking as thinking_asked says and keeps ContextFit.reserve
+        tokens for it; a constrained answer that comes back garbled makes that model go
+        unconstrained (_garbled)."""
         failure = self._prepare(attempt)
         if failure is not None:
             return failure
@@ -9054,11 +9026,10 @@ class StepRun:
         return None
 
     def _chat(self, attempt: Attempt) -> Completion:
-        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
-        a stream the server cut for another request (LLMContention) is sent again
-        (resend_on_contention; said once a process). With steps in parallel on a
-        server whose slots share one context (ContextFit.pool), the request first waits
-        for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        """Send the attempt's request (fresh DegenerationGuards on a WATCHED executor),
+        again while the server cuts it for another (resend_on_contention). With steps in
+        parallel on slots sharing one context (ContextFit.pool), it first waits for its
+        prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
@@ -9081,10 +9052,9 @@ class StepRun:
                 pool.release(held)
 
     def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
-        """Record an attempt whose request failed (LLMError) or whose output was stopped
-        while it streamed (OutputDegenerate); return its AttemptFailure. The server's
-        own failure (LLMServerUnusable) stops the run (PlanRun.halt, cancel); a context
-        overflow teaches the context (ContextFit.learn_context) when none is known."""
+        """Record an attempt whose request failed (LLMError) or whose stream was stopped
+        (OutputDegenerate); return its AttemptFailure. LLMServerUnusable stops the run
+        (halt, cancel); a context overflow teaches ContextFit the context when none is known."""
         run, fit = self.run, self.runner.fit
         self.result.generation_s += time.monotonic() - attempt.started
         attempt.thought_cut()
@@ -9161,11 +9131,10 @@ class StepRun:
                      "rest of this run, still checked")
 
     def _output_schema(self, number: int, sends: bool) -> dict | None:
-        """Return the schema an attempt asks for (output_schema of the step's input) and,
-        for a grounded step, record in the run log which form it is: "spans" (its string
-        values can only be copied from the input), "schema" (the usual one: the input
-        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
-        (sends: False, the executor sends no schema: only the check applies)."""
+        """Return the schema an attempt asks for (output_schema of the step's input); for a
+        grounded step, record which form it is: "spans" (string values copied from the
+        input only), "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or
+        "none" (sends False: the executor sends no schema, only the check applies)."""
         step = self.step
         schema = output_schema(step.validation, self.run.sources.get(step.id, []))
         first = next((v for v in validations_of(step.validation)
@@ -9190,11 +9159,9 @@ class StepRun:
         return sampling
 
     def _check(self, output: str, answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands; return None or the
-        AttemptFailure. The checks of the answer itself come first (they cost nothing,
-        and the commands need the file they produce), then each command in order, up
-        to the first that fails. A failed command puts the file back at once, and so
-        does anything that stops the run while a command runs."""
+        """Check an output, write its file, run the step's commands in order up to the
+        first that fails; return None or the AttemptFailure. A failed command puts the file
+        back at once, and so does anything that stops the run while a command runs."""
         run, step, result = self.run, self.step, self.result
         files, number = run.files, result.attempts
         try:
@@ -9206,7 +9173,8 @@ class StepRun:
         result.output = artifact
         if step.file_output:
             try:
-                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
+                change = files.write(step.file_output, artifact,  # type: ignore[union-attr]
+                                     step.id)
             except PathError as exc:
                 run.runlog.checked(step.id, number, str(exc))
                 return AttemptFailure.final(str(exc))
@@ -9239,8 +9207,9 @@ class StepRun:
         for validation in _commands_of(step):
             argv = validation["run"]
             self.say(f"  {step.label}: checking with `{shell_words(argv)}`")
-            command = run_command(argv, run.plan.project, command_env(run.config),  # type: ignore[arg-type]
-                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+            limit = validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)
+            command = run_command(argv, run.plan.project,  # type: ignore[arg-type]
+                                  command_env(run.config), limit, run.cancel)
             result.checks.append({"attempt": number, **command.as_dict()})
             run.runlog.command(step.id, number, command)
             if command.error is None:
@@ -9267,9 +9236,10 @@ class StepRun:
 
 
 ###############################################################################
-# 37. A plan run
-# One plan from its claim to its stored result: open, take over, run the steps,
-# verify, settle the files, keep backups, store the result and the final state.
+# 37. A plan run: the checked plan, take-over and files
+# What the gate hands a plan run (its checked plan and trust), which killed run
+# it takes over, and what it does with the project's files beyond a step's
+# write: put back what that run left, settle them as the plan asks, keep backups.
 ###############################################################################
 
 
@@ -9326,22 +9296,132 @@ def _stop_running(results: dict[int, StepResult], why: str) -> None:
             result.error = f"not run: {why}"
 
 
-class PlanRun:
+class PlanRunFiles:
+    """The files side of a PlanRun, which inherits it (its fields are PlanRun's)."""
+
+    __slots__ = ()
+
+    def _take_over(self) -> None:
+        """Take over what a killed run (previous) left, and put back what it left half done.
+
+        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+        keep their outputs and files, unless that run had already reverted its
+        files; files written by any other step are restored from its journal. A
+        --review run (or its --apply) that died starts over: its outputs never all
+        reached the project. Raises RollbackError when such a file cannot be restored.
+        """
+        plan, previous, results, files = self.plan, self.previous, self.results, self.files
+        old_dir = run_folder(self.config.runs_dir, previous)
+        keep_finished = self.keep_finished
+        if keep_finished and (old_dir / STAGED_FILE).exists():
+            # a --review run (or its --apply) died: its outputs never all reached the project
+            keep_finished = False
+            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
+                               "starting its steps over")
+        try:
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
+            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
+                    if keep_finished and not reverted
+                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+            written = read_jsonl(old_dir / WRITTEN_FILE)
+        except OSError as exc:      # a symlink where its records should be: not bridge's
+            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
+                                f"({exc.strerror or exc}); every step runs again")
+            done, written = {}, []
+        for sid, entry in done.items():
+            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
+            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
+            if plan.steps[sid].file_output:
+                self.kept[plan.steps[sid].file_output] = results[sid].output
+        for entry in written:                   # what the kept steps wrote, for --undo
+            if entry.get("step") in done:
+                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
+        restored = files.recover(old_dir, set(done)) if files else []
+        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
+                           f"already succeeded, {len(restored)} file(s) put back")
+        for reason in getattr(files, "refused", []):
+            self.progress.error(f"plan {plan.id}: {reason}")
+
+    def _halted(self) -> None:
+        """Leave a run the model server stopped (halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = self.record.plan_id, self.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in self.results.values())
+        if not done and not self.previous and not (files is not None and files.changes) \
+                and self.runner.store.release(self.record, self.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
+                                self.halt.status)
+
+    def _settle_files(self, status: str) -> str | None:
+        """Revert or keep the run's files as the plan asks; return an error or None.
+        Kept files keep their backups at least until the result is stored."""
+        plan, files = self.plan, self.files
+        if files is None or not files.changes:
+            return None
+        if self.staged:
+            if status == "failed":
+                files.discard()         # nothing reached the project; nothing to review
+            return None
+        try:
+            if status == "failed" and plan.rollback_strategy == "revert_files":
+                files.rollback()
+                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
+            else:
+                self._keep_backups()
+                kept = ", ".join(path for path, change in files.changes.items()
+                                 if change.action != "reverted")
+                if status == "failed" and kept:
+                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
+        except RollbackError as exc:
+            self.progress.error(str(exc))
+            return str(exc)
+        return None
+
+    def _keep_backups(self) -> None:
+        """Keep the run's backups for --undo (0600), then delete those of the plan's
+        runs older than the last keep_runs; with keep_runs 0, none are kept, but
+        _close deletes them only once the result is stored."""
+        config, plan_id = self.config, self.plan.id
+        if config.keep_runs == 0:
+            return
+        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
+            keep_backups(run_dir)
+        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
+        if pruned:
+            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
+                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
+
+
+###############################################################################
+# 38. A plan run: its procedure
+# One plan from its claim to its stored result: open, take over, run the steps,
+# verify, settle the files, keep backups, store the result and the final state.
+###############################################################################
+
+
+class PlanRun(PlanRunFiles):
     """One run of one plan, from claim to result (CPython's venv passes a `context`
-    the same way): runner (the Runner: store, executors, spend cap, events), record,
-    plan (narrowed_plan of the checked plan, or None when invalid), problems (the
-    gate's: CheckedPlan), trusted (may it run commands: plan_trusted), run_id,
-    run_dir, started (UTC ISO) and clock (time.monotonic() at the claim), previous
-    (the killed run it takes over, or None), keep_finished (--resume), refused
-    (why it does not take over a run, or None), files (FileTransaction, StagedFiles,
-    or None without a project), results (step id -> StepResult), runlog (RunLog),
-    log (_StepLog), cancel (set when the run stops early, for steps still running),
-    cli_cwd (where claude runs: a trusted project, else None for a scratch folder),
-    kept (path -> what a succeeded step of this run wrote there), positions (step id
-    -> its place in the order it started), cap_hit (--max-cost-usd was reached),
-    sources (step id -> its input as sent, the pieces build_messages gives: what a
-    grounded answer copies), halt (the LLMServerUnusable that stopped the run, or
-    None)."""
+    the same way). runner: the Runner; plan: narrowed_plan of the checked plan (None:
+    invalid); problems, trusted: the gate's (CheckedPlan); started (UTC ISO) and clock
+    (time.monotonic()) at the claim; previous: the killed run it takes over, or None;
+    keep_finished: --resume; refused: why it does not take over a run, or None; files:
+    FileTransaction, StagedFiles, or None without a project; results: step id ->
+    StepResult; runlog: RunLog; log: _StepLog; cancel: a threading.Event set when the run
+    stops early; cli_cwd: where claude runs (a trusted project, else None: a scratch
+    folder); kept: path -> what a succeeded step of this run wrote there; positions: step
+    id -> its place in the order steps started; cap_hit: --max-cost-usd was reached;
+    sources: step id -> its input as sent (build_messages' pieces, what a grounded answer
+    copies); halt: the LLMServerUnusable that stopped the run, or None."""
 
     __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
                  "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
@@ -9373,13 +9453,11 @@ class PlanRun:
     def run(self, problems: list[str]) -> dict:
         """Run the plan and store its result; return the stored result document.
 
-        problems: reasons found outside the plan itself (an id shared with another
-        live plan); with any, or any of the gate's, the plan is recorded as failed with
-        every problem and nothing is sent. Re-raises KeyboardInterrupt after recording
-        the plan as failed ("interrupted at step N"). Raises LLMServerUnusable when the
-        model server stopped the run (_halted), ResultNotStored or StoreError when the
-        store cannot be written.
-        """
+        problems: reasons found outside the plan (an id shared with another live plan);
+        with any, or the gate's, the plan is recorded failed with every problem and nothing
+        is sent. Re-raises KeyboardInterrupt once the plan is recorded failed ("interrupted
+        at step N"). Raises LLMServerUnusable when the model server stopped the run
+        (_halted), ResultNotStored or StoreError when the store cannot be written."""
         self._announce()
         problems = [*problems, *self.problems]
         if problems:
@@ -9469,47 +9547,6 @@ class PlanRun:
             return (f"cannot write the run's records in {self.run_dir}: {exc.strerror or exc} "
                     "(free some space, or make --state-dir writable)"), None, None
 
-    def _take_over(self) -> None:
-        """Take over what a killed run (previous) left, and put back what it left half done.
-
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
-        plan, previous, results, files = self.plan, self.previous, self.results, self.files
-        old_dir = run_folder(self.config.runs_dir, previous)
-        keep_finished = self.keep_finished
-        if keep_finished and (old_dir / STAGED_FILE).exists():
-            # a --review run (or its --apply) died: its outputs never all reached the project
-            keep_finished = False
-            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
-                               "starting its steps over")
-        try:
-            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
-            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
-                    if keep_finished and not reverted
-                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
-            written = read_jsonl(old_dir / WRITTEN_FILE)
-        except OSError as exc:      # a symlink where its records should be: not bridge's
-            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
-                                f"({exc.strerror or exc}); every step runs again")
-            done, written = {}, []
-        for sid, entry in done.items():
-            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
-            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
-            if plan.steps[sid].file_output:
-                self.kept[plan.steps[sid].file_output] = results[sid].output
-        for entry in written:                   # what the kept steps wrote, for --undo
-            if entry.get("step") in done:
-                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
-        restored = files.recover(old_dir, set(done)) if files else []
-        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
-                           f"already succeeded, {len(restored)} file(s) put back")
-        for reason in getattr(files, "refused", []):
-            self.progress.error(f"plan {plan.id}: {reason}")
-
     def _run_and_verify(self) -> tuple[str | None, dict | None]:
         """Run the steps, then the plan's verify once they all succeeded or were
         skipped; return (the plan's error or None, the verify record or None). A
@@ -9527,8 +9564,9 @@ class PlanRun:
             return error, None
         argv = plan.verify["run"]
         self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
-        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
-                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self.cancel)
+        limit = plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)
+        command = run_command(argv, plan.project,  # type: ignore[arg-type]  # check_plan
+                              command_env(self.config), limit, self.cancel)
         append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
         if command.error is None:
             self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
@@ -9585,26 +9623,6 @@ class PlanRun:
         events.emit("step_end", self.plan.id, result.id,
                     **{k: v for k, v in entry.items() if k != "id"})
 
-    def _halted(self) -> None:
-        """Leave a run the model server stopped (halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
-        plan_id, files = self.record.plan_id, self.files
-        if files is not None:
-            files.close()
-            if isinstance(files, FileTransaction):
-                files._release()
-        done = any(r.status == "succeeded" for r in self.results.values())
-        if not done and not self.previous and not (files is not None and files.changes) \
-                and self.runner.store.release(self.record, self.run_id):
-            where = f"plan {plan_id} stays pending"
-        else:
-            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
-        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
-                                self.halt.status)
-
     def _close(self, error: str | None, verify: dict | None,
                interrupted: BaseException | None) -> dict:
         """Settle the run's files, then store its result (see _finish); return it."""
@@ -9637,45 +9655,6 @@ class PlanRun:
         if files is not None and self.config.keep_runs == 0 and not self.staged:
             files.discard()         # only now: a result that cannot be stored keeps the backups
         return result
-
-    def _settle_files(self, status: str) -> str | None:
-        """Revert or keep the run's files as the plan asks; return an error or None.
-        Kept files keep their backups at least until the result is stored."""
-        plan, files = self.plan, self.files
-        if files is None or not files.changes:
-            return None
-        if self.staged:
-            if status == "failed":
-                files.discard()         # nothing reached the project; nothing to review
-            return None
-        try:
-            if status == "failed" and plan.rollback_strategy == "revert_files":
-                files.rollback()
-                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
-            else:
-                self._keep_backups()
-                kept = ", ".join(path for path, change in files.changes.items()
-                                 if change.action != "reverted")
-                if status == "failed" and kept:
-                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
-        except RollbackError as exc:
-            self.progress.error(str(exc))
-            return str(exc)
-        return None
-
-    def _keep_backups(self) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close deletes them only once the result is stored."""
-        config, plan_id = self.config, self.plan.id
-        if config.keep_runs == 0:
-            return
-        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
-            keep_backups(run_dir)
-        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
-        if pruned:
-            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
-                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
 
     def _result(self, status: str, error: str | None) -> dict:
         """Build the run's result document (README: "What bridge writes into the store";
@@ -9726,7 +9705,7 @@ class PlanRun:
                 "progress (stale once this bridge exits), its files and their backups kept",
                 f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
                 "succeeded steps) or --rerun (puts its files back, starts over)") from exc
-        result = shown_result(result, digest, {}, self.config.runs_dir)   # as --show --json shows it
+        result = shown_result(result, digest, {}, self.config.runs_dir)  # as --show --json does
         counts = result["counts"]
         tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
         line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
@@ -9758,7 +9737,7 @@ class PlanRun:
 
 
 ###############################################################################
-# 38. Runner
+# 39. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9790,15 +9769,12 @@ class SpendCap:
 
 
 class Runner:
-    """Runs plans from one store, each step on the executor its model reference names
-    (the local model server, the Anthropic API or the claude CLI).
+    """Runs plans from one store, each step on the executor its model reference names.
 
-    store: an open Store. client: an open LLMClient, or None when no plan will be
-    sent (then only invalid plans can be recorded). model: the default model id
-    (steps and plan defaults may name another). progress: a Progress. The Runner
-    keeps only what outlives a plan: the executors, the spend cap (spend), the
-    events, the model's context (fit, a ContextFit); one plan's run is a PlanRun.
-    """
+    store: an open Store. client: an open LLMClient, or None when no plan will be sent
+    (then only invalid plans can be recorded). model: the default model id. progress: a
+    Progress. It keeps what outlives a plan: the executors, the spend cap (spend), the
+    events, the model's context (fit: ContextFit); each plan's run is a PlanRun."""
 
     def __init__(self, config: Config, store: Store, client: "LLMClient | None",
                  model: str | None, progress: Progress):
@@ -9848,14 +9824,12 @@ class Runner:
 
     def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
-        """Claim one plan the gate checked and run it (PlanRun.run); return its stored
-        result document, or None when another process claimed the plan first.
+        """Claim a plan the gate checked and run it (PlanRun.run); return its stored result
+        document, or None when another process claimed the plan first.
 
-        allowed: the effective statuses this run may claim. problems: reasons found
-        outside the plan itself (an id shared with another live plan). resume: take
-        over a stale plan, reusing the outputs of the steps its killed run finished.
-        Raises what PlanRun.run raises, and StoreError when the claim cannot be written.
-        """
+        allowed: the effective statuses it may claim. problems: reasons found outside the
+        plan (an id shared with another live plan). resume: take over a stale plan, keeping
+        the steps its killed run finished. Raises what PlanRun.run raises, and StoreError."""
         record, run_id = checked.record, new_run_id()
         previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
@@ -9867,7 +9841,7 @@ class Runner:
 
 
 ###############################################################################
-# 39. CLI: arguments and settings
+# 40. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9902,7 +9876,8 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     """Add the settings group to parser: an option per row of SETTINGS, in its order.
 
     A switch is a store_true flag turning its default off; a tuple default makes the flag
-    repeatable (append); a tuple limit is the flag's argparse choices.
+    repeatable (append); a tuple limit (or a function giving one, read now) is the flag's
+    argparse choices.
     """
     group = parser.add_argument_group("settings (a flag wins over its environment variable)")
     for row in SETTINGS:
@@ -10010,7 +9985,8 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
             raise ConfigError(f"unknown executor {name!r} to allow",
                               f"pass one of {', '.join(allowable_executors())} "
                               "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
-    for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
+    for ref in (args.model or environ.get("BRIDGE_MODEL"),
+                args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
     return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
@@ -10239,7 +10215,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 40. CLI: listing, server discovery, trust and approval
+# 41. CLI: listing, server discovery, trust and approval
 ###############################################################################
 
 
@@ -10495,8 +10471,8 @@ def _may_ask() -> bool:
 def _ask_to_run(facts: dict) -> bool:
     """Ask on the terminal whether a plan waiting only for approval runs this once
     (default No; end of input is No)."""
-    sys.stderr.write(f"plan {printable(facts['plan_id'])} needs your approval:\n{render_facts(facts)}\n"
-                     f"run it this time? [y/N] ")
+    sys.stderr.write(f"plan {printable(facts['plan_id'])} needs your approval:\n"
+                     f"{render_facts(facts)}\nrun it this time? [y/N] ")
     sys.stderr.flush()
     answer = sys.stdin.readline()
     return answer.strip().lower() in ("y", "yes")
@@ -10538,7 +10514,7 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 41. CLI: health
+# 42. CLI: health
 #
 # --health: the model server (and what a run on it will do: run_plan), the store as
 # bridge and the memory server see it, the kept backups, and the memory server's HTTP
@@ -10704,7 +10680,7 @@ def cmd_health(config: Config) -> int:
 
 
 ###############################################################################
-# 42. CLI: running and showing
+# 43. CLI: running and showing
 ###############################################################################
 
 
@@ -10746,8 +10722,8 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
                         not_recorded += 1
                         continue
                     if result is None and plan_id is not None:
-                        raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
-                                          "see it with: bridge --list --all")
+                        raise BridgeError(f"plan {plan_id!r} was claimed by another bridge "
+                                          "process first", "see it with: bridge --list --all")
                     results += [result] if result is not None else []
             finally:
                 if runner is not None:
@@ -10784,7 +10760,8 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
-    same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
+    # the server's numbers fit its loaded model only
+    same = info is not None and parse_model_ref(model)[1] == info.loaded
     if same and client.native:
         plans = [c.plan for c in checked or [] if c.plan is not None]
         client.num_ctx = config.context_length or ollama_num_ctx(config, plans, info)
@@ -10889,7 +10866,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 43. CLI: diff, undo, review
+# 44. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -11040,7 +11017,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 44. CLI: the planner's side
+# 45. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11238,7 +11215,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 45. main()
+# 46. main()
 ###############################################################################
 
 
