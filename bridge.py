@@ -4344,21 +4344,16 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
 
 
 class Executor:
-    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
-    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
-    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
-    the spend cap and the runner read these facts, never a class name:
-
-    NAME: what --allow-executor and the approval facts call it. PREFIX: model
-    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
-    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
-    in the plan's project when trusted, else a scratch folder; one instance a folder).
-    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
-    is the run's model server (Runner.client): probed for its context and slots, sent
-    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
-    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
-    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
-    executor runs only when the user allowed it (needs_allowing)."""
+    """One kind of executor, registered in EXECUTORS by its NAME (register_executor); an
+    instance answers chat(messages, ChatRequest) -> Completion, raising LLMError. Its
+    facts: NAME (--allow-executor's word); PREFIX (references "PREFIX:model" run on it;
+    "": claims() says which); PAID (counted against --max-cost-usd); AGENTIC (it acts:
+    run in the plan's project when trusted, else a scratch folder, one instance a
+    folder); CLOUD (the prompt and the project's files in it leave this machine);
+    PROBED (the run's model server, Runner.client: probed, sent the attempt's
+    sampling, thinking and constrained JSON); WATCHED (DegenerationGuard watches its
+    stream); DEFAULT_MAX_TOKENS (sent when a step names none; None: the server's).
+    A PAID, AGENTIC or CLOUD one runs only when the user allowed it."""
 
     NAME = PREFIX = ""
     PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
@@ -4778,8 +4773,12 @@ class OutputTally:
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
-        total = reply_size(self.answer_bytes + self.reasoning_bytes, piece, self.limit)
-        self.answer_bytes = total - self.reasoning_bytes
+        size = self.answer_bytes + self.reasoning_bytes
+        size += len(piece.encode("utf-8", "surrogatepass"))
+        if size > self.limit:
+            raise LLMProtocolError(f"the reply passed --max-output-bytes ({self.limit} bytes); "
+                                   "cut", "raise --max-output-bytes or ask for less")
+        self.answer_bytes = size - self.reasoning_bytes
         self.answer_pieces += 1
 
     def add_reasoning(self, piece: str) -> None:
@@ -4916,17 +4915,6 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
 
 
-def reply_size(size: int, text: str, limit: int) -> int:
-    """Return a reply's size in bytes (UTF-8) once text is added to the size bytes
-    received before it; raise LLMProtocolError when it passes limit (bytes:
-    --max-output-bytes), the one bound every executor's reply is held to."""
-    size += len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut",
-                               "raise --max-output-bytes or ask for less")
-    return size
-
-
 def usage_count(value: Any) -> int | None:
     """Return a token count a server reported (usage's prompt_tokens or completion_tokens,
     Anthropic's input_tokens or output_tokens, the claude CLI's) when it is an int from 0
@@ -5048,14 +5036,11 @@ def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
 
 
 class BoundedResponse:
-    """An httpx streaming response read within bounds: iter_bytes() raises
-    LLMDeadline once the request's deadline (time.monotonic() seconds) has passed,
-    and read(max_bytes) stops reading as soon as the body passes max_bytes.
-
-    The deadline is checked as each chunk arrives; a server that sends nothing is
-    cut by the per-chunk timeout (--timeout) instead. url and limit (the deadline
-    in words, e.g. "0.5 s (the step's timeout_s)") name what was passed.
-    """
+    """An httpx streaming response read within bounds: iter_bytes() raises LLMDeadline
+    once the deadline (time.monotonic() seconds) has passed, checked as each chunk
+    arrives (a server sending nothing is cut by --timeout instead); read(max_bytes)
+    stops once the body passes max_bytes. url and limit (the deadline in words, e.g.
+    "0.5 s (the step's timeout_s)") name what was passed."""
 
     def __init__(self, response: Any, url: str, deadline: float, limit: str):
         self.response, self.url, self.deadline, self.limit = response, url, deadline, limit
@@ -6131,18 +6116,14 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
 
 @register_executor
 class AnthropicClient(HTTPExecutor):
-    """The executor for the Anthropic Messages API, or any server speaking it (LM
-    Studio and Ollama serve /v1/messages too; a gateway).
-
-    POST {base}/v1/messages with x-api-key and anthropic-version 2023-06-01, the
-    system prompt as the top-level "system", streamed: message_start (input
-    usage), content_block_delta (text_delta), message_delta (stop_reason and
-    cumulative output usage), message_stop; ping and unknown events are ignored;
-    an "error" event after a 200 fails the request. Source: platform.claude.com/
-    docs/en/api/messages-streaming. Retries 429, 5xx and 529 as HTTPExecutor does.
-    The cost of each request is its usage times CLAUDE_PRICES_USD_PER_MTOK.
-    Raises LLMError (exit 2 at start-up) when no API key is set.
-    """
+    """The executor of the Anthropic Messages API, or a server speaking it (LM Studio,
+    Ollama, a gateway): POST {base}/v1/messages with x-api-key and anthropic-version
+    2023-06-01, the system prompt as the top-level "system", streamed: message_start
+    (input usage), content_block_delta (text_delta), message_delta (stop_reason,
+    cumulative output usage), message_stop; ping and unknown events ignored, an
+    "error" event fails the request (platform.claude.com/docs/en/api/messages-
+    streaming). Cost: its usage at CLAUDE_PRICES_USD_PER_MTOK. Raises LLMError when
+    no API key is set."""
 
     NAME = PREFIX = "anthropic"
     PAID = CLOUD = True
@@ -6217,21 +6198,16 @@ class AnthropicClient(HTTPExecutor):
 
 @register_executor
 class ClaudeCLI(Executor):
-    """The executor that hands a step to Claude Code itself: `claude -p`.
-
-    Runs `claude -p --output-format stream-json --verbose --model M
-    --no-session-persistence` plus LOCKDOWN `[--append-system-prompt S]` from an
-    argv list (never a shell), the prompt on stdin, in the plan's project folder
-    only when that is a trusted project (else a fresh scratch folder under the state
-    dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
-    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the process group when the
-    step's time (its timeout_s when lower than --timeout, else --timeout) runs out. Reads
+    """The executor that hands a step to Claude Code: `claude -p --output-format
+    stream-json --verbose --model M --no-session-persistence` plus LOCKDOWN
+    [--append-system-prompt S], an argv list (never a shell), the prompt on stdin, run
+    in the plan's project only when it is trusted (else a scratch folder under the
+    state dir, removed after), with the environment claude_env leaves; the process
+    group is killed when the step's time (timeout_s under --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
-    messages (their text streams as deltas), and the closing result (result,
-    is_error, usage, total_cost_usd, duration_ms); other lines, garbage included,
-    are skipped. A non-zero exit or is_error fails the attempt with the result text
-    or the last lines of stderr.
-    """
+    messages (their text streams), the closing result (result, is_error, usage,
+    total_cost_usd); other lines are skipped. A non-zero exit or is_error fails the
+    attempt with the result text or the last lines of stderr."""
 
     # No tools (built-in: --tools ""; MCP: --strict-mcp-config without --mcp-config),
     # only the user's own settings (never the project's .claude/settings*.json and its
@@ -7051,7 +7027,7 @@ class StagedFiles:
                 raise PathError(f"not staging {rel!r}: the run is ending")
             try:
                 staged = self.run_dir / "staged" / rel
-                staged.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(staged.parent)
                 atomic_write(staged, data, 0o600)
             except OSError as exc:
                 raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
@@ -7103,12 +7079,11 @@ class StagedFiles:
 # 28. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, made as it is
-# written), so --diff can tell a file changed since the run and --undo can refuse to
-# overwrite it. The backups of the last keep_runs runs of a plan are kept (0600 in a
-# 0700 folder); older ones are deleted. Only bridge writes these files, and each path
-# read back is still checked: a run id by its form, a project path by resolve_inside,
-# a backup by being inside the runs folder.
+# project, start) and written.jsonl (the sha256 of every file write, as it is written), so
+# --diff can tell a file changed since the run and --undo can refuse to overwrite it. The
+# backups of the last keep_runs runs of a plan are kept (0600 in a 0700 folder). Only
+# bridge writes these files, and each path read back is still checked: a run id by
+# run_folder, a journal's paths by resolve_inside and journalled_paths.
 ###############################################################################
 
 
@@ -9621,7 +9596,7 @@ class PlanRun(PlanRunFiles):
         scheduler = StepScheduler(graph, parallel, self)
         private_dir(checkpoint.parent)
         with _suppress(OSError):            # a runs folder made before bridge kept it private
-            os.chmod(checkpoint.parent.parent, 0o700)
+            private_dir(checkpoint.parent.parent, tighten=True)
         # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
         # line lost to a power cut only means that step runs again on --resume (its
         # file writes are journaled and fsynced, so recovery puts them back first).
