@@ -7769,20 +7769,17 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 class StepResult:
-    """The outcome of one step, filled in while it runs: status ("skipped" until it
-    runs, then "running", then succeeded | failed | skipped), attempts, output (the
-    artifact once validated), error, file_output, duration_s (seconds), usage
-    (prompt_tokens, completion_tokens), usage_reported (False: estimated), the
-    model that answered, resumed (taken over from a killed run), generation_s
-    (seconds in model requests, for tokens per second), cost_usd (real), the
-    escalation (escalated_to, escalation_saved), the ledger per model
-    reference, checks (every command validation run: CommandRun.as_dict plus
-    its attempt), and attempt_log: one entry per attempt, [{"attempt", "sampling":
-    {"max_tokens", "temperature"?, "seed"?, …} (the fields sent), "completion_tokens",
-    "error" (None when it passed), "thinking" ("on", "off" or None: thinking_asked),
-    "thinking_reserve_tokens", "reasoning_tokens"? and "reasoning_bytes"? (when the
-    model thought), "response_format"? (the constraint's type, or None: unconstrained;
-    on the local server)}]. See as_dict."""
+    """The outcome of one step, filled in while it runs. status: "skipped" until it
+    runs, then "running", then succeeded | failed | skipped; output: the artifact once
+    validated; duration_s, generation_s: seconds, in all and in model requests; usage:
+    {prompt_tokens, completion_tokens}, usage_reported False when estimated; model: the
+    one that answered; resumed: taken over from a killed run; cost_usd: real; the
+    escalation (escalated_to, escalation_saved); ledger: per model reference; checks:
+    each command run (CommandRun.as_dict and its attempt); attempt_log: per attempt
+    {"attempt", "sampling" (the fields sent: "max_tokens", "temperature"?, "seed"?, …),
+    "completion_tokens", "error" (None: passed), "thinking" (thinking_asked),
+    "thinking_reserve_tokens", "reasoning_tokens"?, "reasoning_bytes"? (when it thought),
+    "response_format"? (the constraint's type, None: unconstrained; the model server)}."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd",
@@ -7870,23 +7867,19 @@ class _StepLog:
 
 
 class RunLog:
-    """A run's transcript: runs/<run_id>/step-<N>.jsonl under --state-dir, one file
-    per step, in Claude Code's stream-json line format (code.claude.com/docs/en/
-    headless), so tools that read Claude Code transcripts read these too.
+    """A run's transcript: runs/<run_id>/step-<N>.jsonl under --state-dir, one file per
+    step, in Claude Code's stream-json line format (code.claude.com/docs/en/headless), so
+    tools that read Claude Code transcripts read these too.
 
-    Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages
-    sent ({"type": "system", "subtype": "system_prompt", "sampling": {the fields
-    sent}} and {"type": "user" | "assistant", "message": …} lines), the streamed
-    answer as an "assistant" message with its usage, a {"type": "system",
-    "subtype": "command"} line per command run (argv, exit_code, duration_s,
-    output_tail), a {"type": "system", "subtype": "validation"} line (and before the
-    answer, for a grounded step, a {"type": "system", "subtype": "constrained_output"}
-    line: which schema was asked for);
-    last a {"type": "result", …} line with usage, duration_ms, total_cost_usd (0:
-    the work was local) and would_have_cost_usd. A transcript is flushed once an
-    attempt's messages are written and again after its check, so it can be read
-    while the model answers; not after every line, which costs a write each.
-    """
+    Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages sent
+    ({"type": "system", "subtype": "system_prompt", "sampling": {the fields sent}}, then
+    {"type": "user" | "assistant", "message": …}), a "constrained_output" system line for
+    a grounded step, the streamed answer as an "assistant" message with its usage, a
+    "command" system line per command run (argv, exit_code, duration_s, output_tail) and
+    a "validation" one; last {"type": "result", …} with usage, duration_ms,
+    total_cost_usd (0: the work was local) and would_have_cost_usd. Flushed once an
+    attempt's messages are written and after its check (readable while the model
+    answers), not after every line, which costs a write each."""
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
         self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
