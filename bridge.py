@@ -7024,7 +7024,7 @@ class StagedFiles:
                 raise PathError(f"not staging {rel!r}: the run is ending")
             try:
                 staged = self.run_dir / "staged" / rel
-                staged.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(staged.parent)
                 atomic_write(staged, data, 0o600)
             except OSError as exc:
                 raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
@@ -7076,12 +7076,11 @@ class StagedFiles:
 # 28. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, made as it is
-# written), so --diff can tell a file changed since the run and --undo can refuse to
-# overwrite it. The backups of the last keep_runs runs of a plan are kept (0600 in a
-# 0700 folder); older ones are deleted. Only bridge writes these files, and each path
-# read back is still checked: a run id by its form, a project path by resolve_inside,
-# a backup by being inside the runs folder.
+# project, start) and written.jsonl (the sha256 of every file write, as it is written), so
+# --diff can tell a file changed since the run and --undo can refuse to overwrite it. The
+# backups of the last keep_runs runs of a plan are kept (0600 in a 0700 folder). Only
+# bridge writes these files, and each path read back is still checked: a run id by
+# run_folder, a journal's paths by resolve_inside and journalled_paths.
 ###############################################################################
 
 
@@ -7435,7 +7434,7 @@ def estimate_tokens(messages: list[dict]) -> int:
 # characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
 # estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
 PROMPT_CUT_RATIO = 0.5
-# The most server tokens one estimated token may count for (Runner._calibrate): a
+# The most server tokens one estimated token may count for (ContextFit.calibrate): a
 # prompt of digits alone runs ~1 character a token, 3.5 times the estimate. Counts of
 # shorter prompts than CALIBRATE_MIN_TOKENS are not used (a chat template's own tokens
 # would weigh too much).
@@ -7833,39 +7832,6 @@ class StepResult:
                 "checks": self.checks, "attempt_log": self.attempt_log}
 
 
-def step_graph(plan: Plan) -> dict[int, set[int]]:
-    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
-    the same file, the previous writer in sequential order (so parallel steps never
-    race on a file, and the last writer is always the same)."""
-    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
-    writers: dict[str, int] = {}
-    for sid in sequential_order(graph):
-        target = plan.steps[sid].file_output
-        if target:
-            if target in writers:
-                graph[sid].add(writers[target])
-            writers[target] = sid
-    return graph
-
-
-def sequential_order(graph: dict[int, set[int]]) -> list[int]:
-    """Return the order steps run in one at a time: the lowest id that is ready next,
-    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-    import heapq
-    from graphlib import TopologicalSorter
-
-    order, out = TopologicalSorter(graph), []
-    order.prepare()
-    ready: list[int] = []
-    while order.is_active():
-        for sid in order.get_ready():
-            heapq.heappush(ready, sid)
-        sid = heapq.heappop(ready)
-        out.append(sid)
-        order.done(sid)
-    return out
-
-
 class _StepLog:
     """Progress lines of a plan's steps. One at a time, they print as they come;
     with parallel steps, each step's lines are held and printed in step order, so
@@ -8056,9 +8022,8 @@ def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: st
 def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int,
                model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
-    model reference that answered. When the server sent no usage it is estimated
-    (usage_reported False): the prompt by estimate_tokens, the answer by its streamed
-    pieces, else by CHARS_PER_TOKEN like the prompt."""
+    model reference that answered; a reply without usage is estimated (estimated_usage,
+    usage_reported False)."""
     if reply.usage:
         usage = reply.usage
     else:
@@ -8431,6 +8396,39 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 # 33. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
+
+
+def step_graph(plan: Plan) -> dict[int, set[int]]:
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
+    the same file, the previous writer in sequential order (so parallel steps never
+    race on a file, and the last writer is always the same)."""
+    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
+    writers: dict[str, int] = {}
+    for sid in sequential_order(graph):
+        target = plan.steps[sid].file_output
+        if target:
+            if target in writers:
+                graph[sid].add(writers[target])
+            writers[target] = sid
+    return graph
+
+
+def sequential_order(graph: dict[int, set[int]]) -> list[int]:
+    """Return the order steps run in one at a time: the lowest id that is ready next,
+    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
+    import heapq
+    from graphlib import TopologicalSorter
+
+    order, out = TopologicalSorter(graph), []
+    order.prepare()
+    ready: list[int] = []
+    while order.is_active():
+        for sid in order.get_ready():
+            heapq.heappush(ready, sid)
+        sid = heapq.heappop(ready)
+        out.append(sid)
+        order.done(sid)
+    return out
 
 
 class StepScheduler:
@@ -9595,7 +9593,7 @@ class PlanRun(PlanRunFiles):
         scheduler = StepScheduler(graph, parallel, self)
         private_dir(checkpoint.parent)
         with _suppress(OSError):            # a runs folder made before bridge kept it private
-            os.chmod(checkpoint.parent.parent, 0o700)
+            private_dir(checkpoint.parent.parent, tighten=True)
         # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
         # line lost to a power cut only means that step runs again on --resume (its
         # file writes are journaled and fsynced, so recovery puts them back first).
