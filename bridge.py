@@ -4737,12 +4737,10 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 def reasoning_delta(delta: Any) -> str:
-    """Return the reasoning text of one chat-completion delta (or message), "" if none.
-
-    The field is reasoning_content on llama.cpp's server (--reasoning-format, the
-    default auto), LM Studio (DeepSeek-R1, 0.3.9) and vLLM before PR #27752; reasoning
-    on Ollama (openai/openai.go), LM Studio for gpt-oss (0.3.23) and vLLM since.
-    A server sending both with the same text is counted once."""
+    """Return the reasoning text of one chat-completion delta (or message), "" if none:
+    reasoning_content on llama.cpp's server (--reasoning-format auto), LM Studio
+    (DeepSeek-R1, 0.3.9) and vLLM before PR #27752; reasoning on Ollama
+    (openai/openai.go), LM Studio for gpt-oss (0.3.23) and vLLM since; both: once."""
     if not isinstance(delta, dict):
         return ""
     for key in ("reasoning_content", "reasoning"):
@@ -4753,15 +4751,13 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """One reply as it streams, whichever executor reads it (the SSE stream, Ollama's
-    NDJSON, Anthropic's events, the claude CLI's): take() counts each piece against
-    limit (bytes of UTF-8: --max-output-bytes; answer and thinking alike), keeps it and
-    hands it to the request's on_delta or on_reasoning (a ChatRequest, or None).
-    received: the answer's pieces, "" for a piece of thinking (so a request is never
-    resent once output has streamed); thought: the thinking. answer_bytes,
-    reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces taken: about one
-    token each). started: time.monotonic() when the reply was asked for. Raises
-    LLMProtocolError past limit, naming which part ran over."""
+    """One reply as it streams, whatever reads it (SSE, Ollama's NDJSON, Anthropic's or
+    the claude CLI's events): take() counts each piece against limit (bytes of UTF-8,
+    --max-output-bytes, answer and thinking alike; LLMProtocolError past it, naming
+    which ran over), keeps it and hands it to the request's on_delta or on_reasoning.
+    received: the answer's pieces, "" for thinking (a request is never resent once
+    output has streamed); thought: the thinking; *_bytes, *_pieces (about a token
+    each); started: time.monotonic() when the reply was asked for."""
 
     def __init__(self, limit: int, request: "ChatRequest | None" = None):
         self.limit, self.started = limit, time.monotonic()
@@ -4916,10 +4912,10 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 def usage_count(value: Any) -> int | None:
-    """Return a token count a server reported (usage's prompt_tokens or completion_tokens,
-    Anthropic's input_tokens or output_tokens, the claude CLI's) when it is an int from 0
-    to USAGE_MAX_TOKENS; else None: unknown, estimated as when the server sends none (a
-    negative count must not lower what a run spent, nor 10**400 overflow a price)."""
+    """Return a token count a server reported (prompt_tokens, completion_tokens,
+    Anthropic's and the claude CLI's input_tokens, output_tokens) when an int from 0 to
+    USAGE_MAX_TOKENS; else None, estimated (a negative count must not lower what a run
+    spent, nor 10**400 overflow a price)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX_TOKENS:
         return value
     return None
@@ -4943,9 +4939,8 @@ def reported_cost_usd(value: Any, most: float) -> float | None:
 
 
 def reply_object(value: Any, what: str, url: str) -> dict:
-    """Return a part of a server's reply that must be a JSON object (a chunk's delta, a
-    message, a usage): {} when absent (None), value when a dict. Raises LLMProtocolError
-    naming what (e.g. "a chunk's delta") for anything else."""
+    """Return a part of a reply that must be an object (a delta, a message, a usage): {}
+    when None; raise LLMProtocolError naming what (e.g. "a chunk's delta") if no dict."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -4955,9 +4950,8 @@ def reply_object(value: Any, what: str, url: str) -> dict:
 
 
 def reply_text(value: Any, what: str, url: str) -> str:
-    """Return a part of a server's reply that must be text (a delta's content, a text
-    block): "" when absent (None), value when a str. Raises LLMProtocolError naming what
-    for a number, list, object or anything else."""
+    """Return a part of a reply that must be text (a delta's content, a text block): ""
+    when None; raise LLMProtocolError naming what for anything but a str."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -4973,10 +4967,9 @@ def reply_label(value: Any) -> str | None:
 
 
 def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
-    """Return (delta, finish_reason) of the first choice of an OpenAI chat.completion.chunk
-    (delta {} when absent; finish_reason by reply_label), or None when its choices are
-    empty (the usage chunk). Raises LLMProtocolError when choices is missing or not a
-    list, or its first choice or that choice's delta is not an object."""
+    """Return (delta, finish_reason) of a chat.completion.chunk's first choice (delta {}
+    when absent), or None when choices is empty (the usage chunk). Raises
+    LLMProtocolError when choices is no list, or the choice or its delta no object."""
     choices = chunk.get("choices")
     if not isinstance(choices, list):
         raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
@@ -5090,9 +5083,8 @@ def _positive(value: Any) -> int | None:
 
 
 def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
-    when there is none or a count is not one usage_count believes (a string usage from a
-    gateway, a negative count, 10**400): then it is estimated."""
+    """Return {"prompt_tokens", "completion_tokens"} of an OpenAI usage object, or None
+    (estimated) when there is none or usage_count doubts a count."""
     if not isinstance(value, dict):
         return None
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
