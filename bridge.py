@@ -4990,6 +4990,17 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
     return delta, reply_label(choice.get("finish_reason"))
 
 
+def streamed_json(text: str, what: str, url: str) -> Any:
+    """Parse one streamed piece (what: "event", "line") as JSON; raise LLMProtocolError
+    showing its start when it is not."""
+    try:
+        return load_reply(text)
+    except ValueError as exc:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise LLMProtocolError(f"{url} streamed {article} {what} that is not JSON: "
+                               f"{clip(text, 120, what)}") from exc
+
+
 def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
                     tail: bool) -> Iterator[bytes]:
     """Yield the lines of a byte stream, without their line breaks (and the bytes after
@@ -5479,6 +5490,11 @@ class ServerProbes:
 
     CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
+    def _wanted(self) -> str | None:
+        """The model --model names on this server (its openai: name), or None."""
+        prefix, name = parse_model_ref(self.config.model or "")
+        return name if self.config.model and prefix == self.PREFIX else None
+
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
         models = data.get("data") if isinstance(data, dict) else None
@@ -5554,11 +5570,7 @@ class ServerProbes:
         refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
-        wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            wanted = parse_model_ref(wanted)[1]
-        else:
-            wanted = None
+        wanted = self._wanted()
 
         def instances(entry: dict) -> list[dict]:
             found = entry.get("loaded_instances")
@@ -5603,11 +5615,8 @@ class ServerProbes:
                 or not isinstance(version.get("version"), str):
             return None
         models = OllamaModels(self, root, tags, self._try_json(f"{root}/api/ps"))
-        wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            chosen, why, problem = models.wanted(parse_model_ref(wanted)[1])
-        else:
-            chosen, why, problem = models.loaded()
+        wanted = self._wanted()
+        chosen, why, problem = models.wanted(wanted) if wanted else models.loaded()
         models.refuse_cloud()
         trained = loaded_context = None
         if chosen is not None:
@@ -5786,11 +5795,7 @@ class OllamaNative:
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
         model = finish = usage = None
         for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
-            try:
-                chunk = load_reply(line)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
-                                       f"{clip(line, 120, 'line')}") from exc
+            chunk = streamed_json(line, "line", url)
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
@@ -6039,11 +6044,7 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                 # kept for the next request; stop at the first event, should one come
                 next(events, None)
                 break
-            try:
-                chunk = load_reply(data)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
-                                       f"{clip(data, 120, 'event')}") from exc
+            chunk = streamed_json(data, "event", url)
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
                 raise self._stream_error(url, data)
             if not isinstance(chunk, dict):
@@ -6160,11 +6161,7 @@ class AnthropicClient(HTTPExecutor):
         prompt = completion = model = stop = None
         done = False
         for event, data in _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
-            try:
-                body = load_reply(data)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
-                                       f"{clip(data, 120, 'event')}") from exc
+            body = streamed_json(data, "event", url)
             kind = body.get("type", event) if isinstance(body, dict) else event
             if kind == "error" or event == "error":
                 raise self._stream_error(url, data)
@@ -7437,7 +7434,7 @@ def estimate_tokens(messages: list[dict]) -> int:
 # characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
 # estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
 PROMPT_CUT_RATIO = 0.5
-# The most server tokens one estimated token may count for (Runner._calibrate): a
+# The most server tokens one estimated token may count for (ContextFit.calibrate): a
 # prompt of digits alone runs ~1 character a token, 3.5 times the estimate. Counts of
 # shorter prompts than CALIBRATE_MIN_TOKENS are not used (a chat template's own tokens
 # would weigh too much).
@@ -7835,39 +7832,6 @@ class StepResult:
                 "checks": self.checks, "attempt_log": self.attempt_log}
 
 
-def step_graph(plan: Plan) -> dict[int, set[int]]:
-    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
-    the same file, the previous writer in sequential order (so parallel steps never
-    race on a file, and the last writer is always the same)."""
-    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
-    writers: dict[str, int] = {}
-    for sid in sequential_order(graph):
-        target = plan.steps[sid].file_output
-        if target:
-            if target in writers:
-                graph[sid].add(writers[target])
-            writers[target] = sid
-    return graph
-
-
-def sequential_order(graph: dict[int, set[int]]) -> list[int]:
-    """Return the order steps run in one at a time: the lowest id that is ready next,
-    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-    import heapq
-    from graphlib import TopologicalSorter
-
-    order, out = TopologicalSorter(graph), []
-    order.prepare()
-    ready: list[int] = []
-    while order.is_active():
-        for sid in order.get_ready():
-            heapq.heappush(ready, sid)
-        sid = heapq.heappop(ready)
-        out.append(sid)
-        order.done(sid)
-    return out
-
-
 class _StepLog:
     """Progress lines of a plan's steps. One at a time, they print as they come;
     with parallel steps, each step's lines are held and printed in step order, so
@@ -8058,9 +8022,8 @@ def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: st
 def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int,
                model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
-    model reference that answered. When the server sent no usage it is estimated
-    (usage_reported False): the prompt by estimate_tokens, the answer by its streamed
-    pieces, else by CHARS_PER_TOKEN like the prompt."""
+    model reference that answered; a reply without usage is estimated (estimated_usage,
+    usage_reported False)."""
     if reply.usage:
         usage = reply.usage
     else:
@@ -8433,6 +8396,39 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 # 33. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
+
+
+def step_graph(plan: Plan) -> dict[int, set[int]]:
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
+    the same file, the previous writer in sequential order (so parallel steps never
+    race on a file, and the last writer is always the same)."""
+    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
+    writers: dict[str, int] = {}
+    for sid in sequential_order(graph):
+        target = plan.steps[sid].file_output
+        if target:
+            if target in writers:
+                graph[sid].add(writers[target])
+            writers[target] = sid
+    return graph
+
+
+def sequential_order(graph: dict[int, set[int]]) -> list[int]:
+    """Return the order steps run in one at a time: the lowest id that is ready next,
+    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
+    import heapq
+    from graphlib import TopologicalSorter
+
+    order, out = TopologicalSorter(graph), []
+    order.prepare()
+    ready: list[int] = []
+    while order.is_active():
+        for sid in order.get_ready():
+            heapq.heappush(ready, sid)
+        sid = heapq.heappop(ready)
+        out.append(sid)
+        order.done(sid)
+    return out
 
 
 class StepScheduler:
