@@ -114,24 +114,26 @@ keeps it so), so the file reads from files and the store, through plans, model s
 and checks, up to the runner and the command line:
     1 Constants & defaults · 2 Settings: one row per setting, and Config · 3 Errors ·
     4 Helpers · 5 Path rules: what a plan may read and write ·
-    6 File writes inside the project · 7 Store layouts · 8 The memory server's HTTP API ·
-    9 Store (SQLite) · 10 Store: plan states and claims ·
-    11 Store: plan and result memories · 12 Output validation ·
-    13 Constrained JSON and degenerate output · 14 Validation types · 15 Plans ·
-    16 Executors: the registry, the chat contract, model references ·
-    17 Trust: projects, approvals, executors ·
-    18 Model server replies: bounds, errors, streams ·
-    19 HTTP executors: requests and retries · 20 Model server probes: what a server runs ·
-    21 Ollama's native API · 22 LLM client: OpenAI-compatible servers ·
-    23 Other executors: the Anthropic API and the claude CLI · 24 Check commands ·
-    25 File transactions: journal, rollback, recovery ·
-    26 Review staging and bounded diffs · 27 Kept runs: backups, diff, undo, review ·
-    28 Prompts · 29 Retry policy · 30 Run records · 31 The result document ·
-    32 Step scheduling · 33 The model's context · 34 An attempt · 35 A step run ·
-    36 A plan run · 37 Runner · 38 CLI: arguments and settings ·
-    39 CLI: listing, server discovery, trust and approval · 40 CLI: health ·
-    41 CLI: running and showing · 42 CLI: diff, undo, review · 43 CLI: the planner's side ·
-    44 main()
+    6 File writes inside the project ·
+    7 bridge's own files: JSON, records, private folders · 8 Store layouts ·
+    9 The memory server's HTTP API · 10 Store (SQLite) · 11 Store: plan states and claims ·
+    12 Store: plan and result memories · 13 Output validation ·
+    14 Constrained JSON and degenerate output · 15 Validation types · 16 Plans ·
+    17 Executors: the registry, the chat contract, model references ·
+    18 Trust: projects, approvals, executors ·
+    19 Model server replies: bounds, errors, streams ·
+    20 HTTP executors: requests and retries · 21 Model server probes: what a server runs ·
+    22 Ollama's native API · 23 LLM client: OpenAI-compatible servers ·
+    24 Other executors: the Anthropic API and the claude CLI · 25 Check commands ·
+    26 File transactions: journal, rollback, recovery ·
+    27 Review staging and bounded diffs · 28 Kept runs: backups, diff, undo, review ·
+    29 Prompts · 30 Retry policy · 31 Run records · 32 The result document ·
+    33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
+    37 A plan run: the checked plan, take-over and files · 38 A plan run: its procedure ·
+    39 Runner · 40 CLI: arguments and settings ·
+    41 CLI: listing, server discovery, trust and approval · 42 CLI: health ·
+    43 CLI: running and showing · 44 CLI: diff, undo, review · 45 CLI: the planner's side ·
+    46 main()
 """
 
 from __future__ import annotations
@@ -473,7 +475,7 @@ SETTINGS = tuple(map(Setting._make, (
     ("--escalate-to", "BRIDGE_ESCALATE_TO", "escalate_to", "text", None, None, "escalation",
      "MODEL", "give a step whose attempts are spent one more attempt on this model (e.g. "
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
-    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, ("openai",),
+    ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, (DEFAULT_EXECUTOR,),
      allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
      "(anthropic, claude-cli, ollama-cloud); repeatable",
      "none; your own --model and --escalate-to count"),
@@ -799,67 +801,6 @@ def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
     handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
-
-
-class JSONRefused(ValueError):
-    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
-    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
-    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
-
-
-def json_depth(value: Any) -> int:
-    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
-    recursion, so any value json.loads could build can be measured."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, (dict, list)):
-            continue
-        children = item.values() if isinstance(item, dict) else item
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
-
-
-def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
-    rows, results, metadata, server replies). Raises ValueError for bad JSON and
-    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
-    max_depth levels or so deep that json itself gives up (RecursionError), so what
-    reads it next cannot recurse to death."""
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
-            from None
-    depth = json_depth(value)
-    if depth > max_depth:
-        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
-    return value
-
-
-def load_reply(text: str | bytes) -> Any:
-    """load_json for what a server or executor sent, with every lone surrogate in
-    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
-    carrying it back, the file, the run log and the store would all refuse it)
-    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
-    value = load_json(text)
-    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
-    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
-
-
-def _scrub_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return re.sub("[\ud800-\udfff]", "\ufffd", value)
-    if isinstance(value, list):
-        return [_scrub_surrogates(item) for item in value]
-    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
-        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
-    return value
 
 
 def crash_point(crash_at: str | None, name: str) -> None:
@@ -1552,9 +1493,8 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader sees
 # the old bytes or the new, never half. In the project the folders are walked by dir_fd,
-# never through a symlink (open_inside, _walk, _replace_in). bridge's own files have one
-# of each: atomic_write, open_regular, read_json_file and write_json_file, private_dir,
-# append_jsonl and read_jsonl.
+# never through a symlink (open_inside, _walk, _replace_in); every file bridge reads is
+# opened by open_regular (no symlink followed unless asked, no wait on a FIFO).
 ###############################################################################
 
 
@@ -1779,6 +1719,90 @@ def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
         raise
 
 
+class _suppress:
+    """contextlib.suppress without importing contextlib at start-up."""
+
+    def __init__(self, *kinds: type[BaseException]):
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+###############################################################################
+# 7. bridge's own files: JSON, records, private folders
+#
+# JSON bridge did not write (plans, store rows, server replies) is read by load_json: at
+# most MAX_JSON_DEPTH deep, no NaN. bridge's own files have one of each: atomic_write,
+# read_json_file and write_json_file, append_jsonl and read_jsonl, private_dir (0o700),
+# private_opener (0o600, never through a symlink); run_folder checks a run id read back.
+###############################################################################
+
+
+class JSONRefused(ValueError):
+    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
+    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
+    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JSONRefused(f"holds {name}, which is not JSON (RFC 8259)")
+
+
+def json_depth(value: Any) -> int:
+    """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
+    recursion, so any value json.loads could build can be measured."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        children = item.values() if isinstance(item, dict) else item
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
+    rows, results, metadata, server replies). Raises ValueError for bad JSON and
+    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
+    max_depth levels or so deep that json itself gives up (RecursionError), so what
+    reads it next cannot recurse to death."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise JSONRefused(f"nests deeper than {max_depth} levels (more than json can parse)") \
+            from None
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise JSONRefused(f"nests {depth} levels deep; bridge reads at most {max_depth}")
+    return value
+
+
+def load_reply(text: str | bytes) -> Any:
+    """load_json for what a server or executor sent, with every lone surrogate in
+    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
+    carrying it back, the file, the run log and the store would all refuse it)
+    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
+    value = load_json(text)
+    escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
+    return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
+
+
+def _scrub_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub("[\ud800-\udfff]", "\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub_surrogates(item) for item in value]
+    if isinstance(value, dict):     # at most MAX_JSON_DEPTH deep (load_json), so recursion is safe
+        return {_scrub_surrogates(key): _scrub_surrogates(item) for key, item in value.items()}
+    return value
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
     """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
@@ -1865,19 +1889,6 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
     return folder
 
 
-class _suppress:
-    """contextlib.suppress without importing contextlib at start-up."""
-
-    def __init__(self, *kinds: type[BaseException]):
-        self.kinds = kinds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, self.kinds)
-
-
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
     """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
     never through a symlink); with sync, fsync it, so it survives a crash. Raises
@@ -1913,8 +1924,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return entries
 
 
+
 ###############################################################################
-# 7. Store layouts
+# 8. Store layouts
 #
 # The store belongs to the memory server, which may have it open right now. Facts
 # and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
@@ -2034,7 +2046,7 @@ def parse_result_content(content: str) -> dict | None:
 
 
 ###############################################################################
-# 8. The memory server's HTTP API
+# 9. The memory server's HTTP API
 #
 # The memory server's HTTP API (`memory server --http`), for result memories the server
 # embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
@@ -2244,7 +2256,7 @@ class MemoryAPI:
 
 
 ###############################################################################
-# 9. Store (SQLite)
+# 10. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
 # memory server does, its health. Plan states, plans and results: the next two rooms.
 ###############################################################################
@@ -2498,7 +2510,7 @@ class StoreFile:
 
 
 ###############################################################################
-# 10. Store: plan states and claims
+# 11. Store: plan states and claims
 # Every piece of claiming a plan that is the store's: the plan record and its
 # effective status (stale: its owner is gone), STATE_TABLE read and written (and
 # migrated from an older bridge's metadata), the claim, the heartbeat, the release,
@@ -2789,7 +2801,7 @@ class PlanStates(StoreFile):
 
 
 ###############################################################################
-# 11. Store: plan and result memories
+# 12. Store: plan and result memories
 # The memories bridge reads and writes: plan memories found (by the memory server's
 # index when it has one) and submitted; a run's result memory stored as the room "The
 # result document" built it (directly, or through the memory server's HTTP API for an
@@ -3044,7 +3056,7 @@ class Store(PlanStates):
 
 
 ###############################################################################
-# 12. Output validation
+# 13. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
 # out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
@@ -3276,7 +3288,7 @@ def check_grounded(value: Any, source: str) -> None:
 
 
 ###############################################################################
-# 13. Constrained JSON and degenerate output
+# 14. Constrained JSON and degenerate output
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
@@ -3621,7 +3633,7 @@ class DegenerationGuard:
 
 
 ###############################################################################
-# 14. Validation types
+# 15. Validation types
 #
 # One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
 # register_validation (as pycodestyle's register_check files a check): its check, its
@@ -3999,7 +4011,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 
 ###############################################################################
-# 15. Plans
+# 16. Plans
 ###############################################################################
 
 
@@ -4277,14 +4289,14 @@ def _build_plan(plan: dict) -> Plan:
 
 
 ###############################################################################
-# 16. Executors: the registry, the chat contract, model references
+# 17. Executors: the registry, the chat contract, model references
 #
 # An executor is one class (its facts: Executor) and its registry line
 # (@register_executor); every executor answers one call, chat(messages, ChatRequest)
 # -> Completion, dropping what it cannot send. The trust gate, the approval facts,
 # --allow-executor, the spend cap and the runner read EXECUTORS, never a class name
 # (bottle's server_names and ServerAdapter are the model). The classes are in the
-# rooms below: 'Model servers...', 'LLM client...', 'Other executors...'.
+# rooms below it, from 'Model server replies' to 'Other executors'.
 ###############################################################################
 
 
@@ -4321,21 +4333,16 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
 
 
 class Executor:
-    """One kind of executor: a class holding its facts, registered in EXECUTORS by its
-    NAME (register_executor); an instance sends chats: chat(messages, ChatRequest) ->
-    Completion, raising LLMError. The trust gate, the approval facts, --allow-executor,
-    the spend cap and the runner read these facts, never a class name:
-
-    NAME: what --allow-executor and the approval facts call it. PREFIX: model
-    references "PREFIX:model" run on it ("": it claims names some other way, claims()).
-    PAID: its requests count against --max-cost-usd. AGENTIC: it acts on its own (run
-    in the plan's project when trusted, else a scratch folder; one instance a folder).
-    CLOUD: the prompt, and the project's files in it, leave this machine. PROBED: it
-    is the run's model server (Runner.client): probed for its context and slots, sent
-    the attempt's sampling, thinking and constrained JSON. WATCHED: its output is
-    watched as it streams (DegenerationGuard). DEFAULT_MAX_TOKENS: what it sends when
-    a step names no max_tokens (None: the server decides). A PAID, AGENTIC or CLOUD
-    executor runs only when the user allowed it (needs_allowing)."""
+    """One kind of executor, registered in EXECUTORS by its NAME (register_executor); an
+    instance answers chat(messages, ChatRequest) -> Completion, raising LLMError. Its
+    facts: NAME (--allow-executor's word); PREFIX (references "PREFIX:model" run on it;
+    "": claims() says which); PAID (counted against --max-cost-usd); AGENTIC (it acts:
+    run in the plan's project when trusted, else a scratch folder, one instance a
+    folder); CLOUD (the prompt and the project's files in it leave this machine);
+    PROBED (the run's model server, Runner.client: probed, sent the attempt's
+    sampling, thinking and constrained JSON); WATCHED (DegenerationGuard watches its
+    stream); DEFAULT_MAX_TOKENS (sent when a step names none; None: the server's).
+    A PAID, AGENTIC or CLOUD one runs only when the user allowed it."""
 
     NAME = PREFIX = ""
     PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
@@ -4419,7 +4426,7 @@ def executor_class(ref: str) -> "type[Executor]":
 
 
 ###############################################################################
-# 17. Trust: projects, approvals, executors
+# 18. Trust: projects, approvals, executors
 #
 # Trust: which plans may run. Only the user's own files and flags decide (trusted
 # projects, approvals pinned to a plan's content hash, allowed executors); nothing a
@@ -4501,7 +4508,6 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
         if folder.is_relative_to(real):
             return f"it is inside {what} {real}"
     return None
-
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
@@ -4711,7 +4717,7 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 ###############################################################################
-# 18. Model server replies: bounds, errors, streams
+# 19. Model server replies: bounds, errors, streams
 #
 # What a model server sends back, read as untrusted input: its error messages and
 # what they say about the server, usage counts, the parts of a reply, SSE and NDJSON
@@ -4756,8 +4762,12 @@ class OutputTally:
 
     def add_answer(self, piece: str) -> None:
         """Count one piece of answer text."""
-        total = reply_size(self.answer_bytes + self.reasoning_bytes, piece, self.limit)
-        self.answer_bytes = total - self.reasoning_bytes
+        size = self.answer_bytes + self.reasoning_bytes
+        size += len(piece.encode("utf-8", "surrogatepass"))
+        if size > self.limit:
+            raise LLMProtocolError(f"the reply passed --max-output-bytes ({self.limit} bytes); "
+                                   "cut", "raise --max-output-bytes or ask for less")
+        self.answer_bytes = size - self.reasoning_bytes
         self.answer_pieces += 1
 
     def add_reasoning(self, piece: str) -> None:
@@ -4894,17 +4904,6 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
 
 
-def reply_size(size: int, text: str, limit: int) -> int:
-    """Return a reply's size in bytes (UTF-8) once text is added to the size bytes
-    received before it; raise LLMProtocolError when it passes limit (bytes:
-    --max-output-bytes), the one bound every executor's reply is held to."""
-    size += len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise LLMProtocolError(f"the reply passed --max-output-bytes ({limit} bytes); cut",
-                               "raise --max-output-bytes or ask for less")
-    return size
-
-
 def usage_count(value: Any) -> int | None:
     """Return a token count a server reported (usage's prompt_tokens or completion_tokens,
     Anthropic's input_tokens or output_tokens, the claude CLI's) when it is an int from 0
@@ -4980,6 +4979,17 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
     return delta, reply_label(choice.get("finish_reason"))
 
 
+def streamed_json(text: str, what: str, url: str) -> Any:
+    """Parse one streamed piece (what: "event", "line") as JSON; raise LLMProtocolError
+    showing its start when it is not."""
+    try:
+        return load_reply(text)
+    except ValueError as exc:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise LLMProtocolError(f"{url} streamed {article} {what} that is not JSON: "
+                               f"{clip(text, 120, what)}") from exc
+
+
 def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
                     tail: bool) -> Iterator[bytes]:
     """Yield the lines of a byte stream, without their line breaks (and the bytes after
@@ -5026,14 +5036,11 @@ def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
 
 
 class BoundedResponse:
-    """An httpx streaming response read within bounds: iter_bytes() raises
-    LLMDeadline once the request's deadline (time.monotonic() seconds) has passed,
-    and read(max_bytes) stops reading as soon as the body passes max_bytes.
-
-    The deadline is checked as each chunk arrives; a server that sends nothing is
-    cut by the per-chunk timeout (--timeout) instead. url and limit (the deadline
-    in words, e.g. "0.5 s (the step's timeout_s)") name what was passed.
-    """
+    """An httpx streaming response read within bounds: iter_bytes() raises LLMDeadline
+    once the deadline (time.monotonic() seconds) has passed, checked as each chunk
+    arrives (a server sending nothing is cut by --timeout instead); read(max_bytes)
+    stops once the body passes max_bytes. url and limit (the deadline in words, e.g.
+    "0.5 s (the step's timeout_s)") name what was passed."""
 
     def __init__(self, response: Any, url: str, deadline: float, limit: str):
         self.response, self.url, self.deadline, self.limit = response, url, deadline, limit
@@ -5081,7 +5088,7 @@ def _usage(value: Any) -> dict | None:
 
 
 ###############################################################################
-# 19. HTTP executors: requests and retries
+# 20. HTTP executors: requests and retries
 #
 # Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
 # server and vLLM speak, and Anthropic's), what each kind of server takes, and the
@@ -5171,16 +5178,12 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop.
-
-    Use as a context manager. Transient failures (connection refused or reset,
-    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times
-    with exponential backoff and jitter starting at config.retry_delay_s seconds,
-    honouring Retry-After, never past RETRY_BUDGET_S seconds in all, and never once
-    output has streamed. sleep is injectable so tests see the delays without
-    waiting. Subclasses give chat() and _parse(); every executor's chat() has the
-    same signature and returns a Completion.
-    """
+    exceptions translated to LLMError, and the retry loop: transient failures
+    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
+    up to config.retries times, backing off from config.retry_delay_s seconds with
+    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
+    output has streamed. sleep is injectable (tests see the delays without waiting).
+    A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
@@ -5217,12 +5220,8 @@ class HTTPExecutor(Executor):
                 response = BoundedResponse(raw, url, time.monotonic() + DEFAULT_REQUEST_DEADLINE_S,
                                            limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}"
-                                       + missing_v1_hint(self.base_url, response.status_code),
-                                       response.status_code)
+                    raise self._http_error(response, url, missing_v1_hint(
+                        self.base_url, response.status_code))
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
@@ -5236,6 +5235,17 @@ class HTTPExecutor(Executor):
     def _scrub(self, text: str) -> str:
         """Return a server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
+
+    def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
+        """Return the error of an HTTP status >= 400: the server's message (_error_message,
+        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
+        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
+        self._raise_fault(url, response.status_code, message)
+        return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
+                            response.status_code,
+                            retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                            context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
         """Return the error a server reported inside a 200 stream (an SSE "error" event, an
@@ -5323,14 +5333,7 @@ class HTTPExecutor(Executor):
             with self.http.stream("POST", url, **kwargs) as raw:
                 response = BoundedResponse(raw, url, started + deadline_s, limit)
                 if response.status_code >= 400:
-                    body = response.read(ERROR_BODY_MAX_BYTES, cut=True)
-                    message = self._scrub(_error_message(body))
-                    self._raise_fault(url, response.status_code, message)
-                    raise LLMHTTPError(
-                        f"{url} answered HTTP {response.status_code}: {message}",
-                        response.status_code,
-                        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
-                        context_overflow=_is_context_overflow(message))
+                    raise self._http_error(response, url)
                 return self._parse(response, url, tally)
         except httpx.TransportError as exc:
             error = self._transport_error(exc, url)
@@ -5351,10 +5354,11 @@ class HTTPExecutor(Executor):
 
 
 ###############################################################################
-# 20. Model server probes: what a server runs
+# 21. Model server probes: what a server runs
 #
 # LM Studio's, Ollama's, llama.cpp's and vLLM's own routes, asked once a run: the
-# model, its context, its slots (ServerInfo).
+# model, its context, its slots (ServerInfo); the search for a server on the default
+# ports when no --base-url was given (discover_server), and the model a run takes.
 ###############################################################################
 
 
@@ -5475,6 +5479,11 @@ class ServerProbes:
 
     CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
+    def _wanted(self) -> str | None:
+        """The model --model names on this server (its openai: name), or None."""
+        prefix, name = parse_model_ref(self.config.model or "")
+        return name if self.config.model and prefix == self.PREFIX else None
+
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
         models = data.get("data") if isinstance(data, dict) else None
@@ -5550,11 +5559,7 @@ class ServerProbes:
         refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
-        wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            wanted = parse_model_ref(wanted)[1]
-        else:
-            wanted = None
+        wanted = self._wanted()
 
         def instances(entry: dict) -> list[dict]:
             found = entry.get("loaded_instances")
@@ -5599,11 +5604,8 @@ class ServerProbes:
                 or not isinstance(version.get("version"), str):
             return None
         models = OllamaModels(self, root, tags, self._try_json(f"{root}/api/ps"))
-        wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            chosen, why, problem = models.wanted(parse_model_ref(wanted)[1])
-        else:
-            chosen, why, problem = models.loaded()
+        wanted = self._wanted()
+        chosen, why, problem = models.wanted(wanted) if wanted else models.loaded()
         models.refuse_cloud()
         trained = loaded_context = None
         if chosen is not None:
@@ -5663,8 +5665,78 @@ class ServerProbes:
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
 
+def discover_server(config: Config) -> tuple[Config, list[dict]]:
+    """Find the model server when no base URL was given (config.base_url_given):
+    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
+    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
+    a data list). A port whose GET /api/health answers as mcp-memory-service does
+    ({"status": "healthy"} without a model list; web/api/health.py), or that is
+    --memory-url's, is the memory server: never taken; one answering 401/403 is a
+    model server wanting a key. The key (--api-key) is not sent while looking: it is
+    for the model server alone. Returns (the config, with the base URL found, or as
+    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
+    this machine."""
+    if config.base_url_given:
+        return config, []
+    import httpx
+    from urllib.parse import urlsplit
+
+    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
+    tried = []
+    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
+        for port, suffix in DEFAULT_SERVER_PORTS:
+            root = f"http://127.0.0.1:{port}"
+
+            def get(path: str) -> Any:
+                try:
+                    response = http.get(root + path)
+                    if response.status_code in (401, 403):
+                        return {"data": []}         # a model server that wants its key
+                    return load_reply(response.content) if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+            if port == memory_port:
+                tried.append({"url": root,
+                              "result": "--memory-url's port: the memory server, skipped"})
+                continue
+            try:
+                http.get(root + "/")
+            except httpx.HTTPError:
+                tried.append({"url": root, "result": "nothing answers"})
+                continue
+            version, models = get("/api/version"), None
+            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
+                models = get("/v1/models")
+                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+                    health = get("/api/health")
+                    memory = isinstance(health, dict) and health.get("status") == "healthy"
+                    result = "the memory server (its /api/health), skipped" if memory \
+                        else "answers, but not as a model server"
+                    tried.append({"url": root, "result": result})
+                    continue
+            tried.append({"url": root, "result": "a model server: used"})
+            return config._replace(base_url=root + (suffix if models is not None else "")), tried
+    return config, tried
+
+
+def _pick_model(config: Config, info: ServerInfo | None) -> str:
+    """Return --model, else the server's loaded model. Raises LLMError if there is none,
+    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    if info is not None and info.problem:
+        what, hint = info.problem
+        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
+    if info is not None and info.kind == "Ollama":
+        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
+    if config.model:
+        return config.model
+    if info is None or not info.loaded:
+        raise LLMError(f"the server at {config.base_url} has no model loaded",
+                       "load one (LM Studio: lms load MODEL) or pass --model")
+    return info.loaded
+
+
 ###############################################################################
-# 21. Ollama's native API
+# 22. Ollama's native API
 #
 # POST /api/chat, streamed as NDJSON (docs/api.md): the run's num_ctx, its options
 # and format, and thinking as think: false.
@@ -5712,11 +5784,7 @@ class OllamaNative:
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
         model = finish = usage = None
         for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
-            try:
-                chunk = load_reply(line)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
-                                       f"{clip(line, 120, 'line')}") from exc
+            chunk = streamed_json(line, "line", url)
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
@@ -5738,7 +5806,7 @@ class OllamaNative:
 
 
 ###############################################################################
-# 22. LLM client: OpenAI-compatible servers
+# 23. LLM client: OpenAI-compatible servers
 #
 # LM Studio, Ollama, llama.cpp's server, vLLM: chat completions, constrained JSON,
 # sampling and thinking fields a server refuses.
@@ -5747,11 +5815,10 @@ class OllamaNative:
 
 @register_executor
 class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
-    """The chat-completions executor for one OpenAI-compatible server (LM Studio,
-    Ollama, llama.cpp's server, vLLM): config.base_url ends in /v1 (LM Studio's
-    http://localhost:1234/v1 by default). Streams SSE chunks with
-    stream_options.include_usage, negotiates constrained JSON (RESPONSE_FORMS),
-    and probes what the server runs (probe). The run's model server: one instance,
+    """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
+    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
+    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
+    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
     opened by the CLI before the run (Runner.client)."""
 
     NAME = PREFIX = "openai"
@@ -5798,19 +5865,16 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                                  "start it again, then run bridge again")
 
     def accepted_sampling(self, sampling: dict) -> dict:
-        """Return the fields of sampling ({"temperature", "seed", "repeat_penalty",
-        "dry_multiplier", …}) this server takes: OpenAI's own (temperature, seed,
-        max_tokens) always, the others as SAMPLING_FIELDS lists for its kind, unless
-        it refused one. OpenAI-strict servers refuse unknown fields, so none is sent
-        to a server bridge could not identify."""
+        """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
+        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items()
                 if k in ("temperature", "seed", "max_tokens") or k in extras}
 
     def thinking_fields(self) -> dict:
-        """Return the fields that ask this server not to think: THINKING_OFF_FIELDS
-        for its kind (THINKING_OFF_DEFAULT when the probe could not name it), less
-        any it refused."""
+        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
+        less those it refused."""
         fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
         return {k: v for k, v in fields.items() if k not in self.thinking_refused}
 
@@ -5820,21 +5884,12 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
         self.unconstrained.setdefault(model, why)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed, and return the Completion.
-
-        messages: [{"role": "system"|"user"|"assistant", "content": str}]; request: a
-        ChatRequest. Its json_schema asks for JSON constrained by it (RESPONSE_FORMS);
-        a form the server refuses is dropped for the rest of this client's life and the
-        request is resent at once, without counting as a retry. Its sampling is sent as
-        accepted_sampling says; a server refusing a field (HTTP 400/422 naming it) gets
-        none of the extras again, and the request is resent at once. Transient failures
-        are retried as the class says, unless output had already streamed. thinking
-        "off" asks the server not to think (thinking_fields; a field it refuses, HTTP
-        400/422 naming it, is dropped for this client's life and the request resent at
-        once). Reasoning deltas go to on_reasoning (reasoning_delta). A model given to
-        drop_constraint goes without response_format. Raises LLMError (never an httpx
-        exception) when the request finally fails.
-        """
+        """Send one chat completion, streamed: messages [{"role", "content"}], request a
+        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
+        refused (none for a model given to drop_constraint), sampling as
+        accepted_sampling says, thinking "off" as thinking_fields; what the server
+        refuses is dropped for this client's life and the request resent at once, not
+        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
         if self.native:
             return self._chat_native(messages, request)
         model, json_schema, thinking = request.model, request.json_schema, request.thinking
@@ -5978,11 +6033,7 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                 # kept for the next request; stop at the first event, should one come
                 next(events, None)
                 break
-            try:
-                chunk = load_reply(data)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
-                                       f"{clip(data, 120, 'event')}") from exc
+            chunk = streamed_json(data, "event", url)
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
                 raise self._stream_error(url, data)
             if not isinstance(chunk, dict):
@@ -6031,7 +6082,7 @@ class OllamaCloud(LLMClient):
 
 
 ###############################################################################
-# 23. Other executors: the Anthropic API and the claude CLI
+# 24. Other executors: the Anthropic API and the claude CLI
 # The same chat() as LLMClient, so nothing above the runner knows which one runs.
 ###############################################################################
 
@@ -6055,18 +6106,14 @@ def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | Non
 
 @register_executor
 class AnthropicClient(HTTPExecutor):
-    """The executor for the Anthropic Messages API, or any server speaking it (LM
-    Studio and Ollama serve /v1/messages too; a gateway).
-
-    POST {base}/v1/messages with x-api-key and anthropic-version 2023-06-01, the
-    system prompt as the top-level "system", streamed: message_start (input
-    usage), content_block_delta (text_delta), message_delta (stop_reason and
-    cumulative output usage), message_stop; ping and unknown events are ignored;
-    an "error" event after a 200 fails the request. Source: platform.claude.com/
-    docs/en/api/messages-streaming. Retries 429, 5xx and 529 as HTTPExecutor does.
-    The cost of each request is its usage times CLAUDE_PRICES_USD_PER_MTOK.
-    Raises LLMError (exit 2 at start-up) when no API key is set.
-    """
+    """The executor of the Anthropic Messages API, or a server speaking it (LM Studio,
+    Ollama, a gateway): POST {base}/v1/messages with x-api-key and anthropic-version
+    2023-06-01, the system prompt as the top-level "system", streamed: message_start
+    (input usage), content_block_delta (text_delta), message_delta (stop_reason,
+    cumulative output usage), message_stop; ping and unknown events ignored, an
+    "error" event fails the request (platform.claude.com/docs/en/api/messages-
+    streaming). Cost: its usage at CLAUDE_PRICES_USD_PER_MTOK. Raises LLMError when
+    no API key is set."""
 
     NAME = PREFIX = "anthropic"
     PAID = CLOUD = True
@@ -6103,11 +6150,7 @@ class AnthropicClient(HTTPExecutor):
         prompt = completion = model = stop = None
         done = False
         for event, data in _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
-            try:
-                body = load_reply(data)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
-                                       f"{clip(data, 120, 'event')}") from exc
+            body = streamed_json(data, "event", url)
             kind = body.get("type", event) if isinstance(body, dict) else event
             if kind == "error" or event == "error":
                 raise self._stream_error(url, data)
@@ -6141,21 +6184,16 @@ class AnthropicClient(HTTPExecutor):
 
 @register_executor
 class ClaudeCLI(Executor):
-    """The executor that hands a step to Claude Code itself: `claude -p`.
-
-    Runs `claude -p --output-format stream-json --verbose --model M
-    --no-session-persistence` plus LOCKDOWN `[--append-system-prompt S]` from an
-    argv list (never a shell), the prompt on stdin, in the plan's project folder
-    only when that is a trusted project (else a fresh scratch folder under the state
-    dir, removed after), with only the environment variables of TOOL_ENV_NAMES and
-    TOOL_ENV_PREFIXES (claude_env of tool_env); kills the process group when the
-    step's time (its timeout_s when lower than --timeout, else --timeout) runs out. Reads
+    """The executor that hands a step to Claude Code: `claude -p --output-format
+    stream-json --verbose --model M --no-session-persistence` plus LOCKDOWN
+    [--append-system-prompt S], an argv list (never a shell), the prompt on stdin, run
+    in the plan's project only when it is trusted (else a scratch folder under the
+    state dir, removed after), with the environment claude_env leaves; the process
+    group is killed when the step's time (timeout_s under --timeout) runs out. Reads
     the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
-    messages (their text streams as deltas), and the closing result (result,
-    is_error, usage, total_cost_usd, duration_ms); other lines, garbage included,
-    are skipped. A non-zero exit or is_error fails the attempt with the result text
-    or the last lines of stderr.
-    """
+    messages (their text streams), the closing result (result, is_error, usage,
+    total_cost_usd); other lines are skipped. A non-zero exit or is_error fails the
+    attempt with the result text or the last lines of stderr."""
 
     # No tools (built-in: --tools ""; MCP: --strict-mcp-config without --mcp-config),
     # only the user's own settings (never the project's .claude/settings*.json and its
@@ -6325,7 +6363,7 @@ def _kill_group(proc: Any) -> None:
 
 
 ###############################################################################
-# 24. Check commands
+# 25. Check commands
 ###############################################################################
 
 
@@ -6562,7 +6600,7 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 
 
 ###############################################################################
-# 25. File transactions: journal, rollback, recovery
+# 26. File transactions: journal, rollback, recovery
 ###############################################################################
 
 
@@ -6866,7 +6904,7 @@ class FileTransaction:
 
 
 ###############################################################################
-# 26. Review staging and bounded diffs
+# 27. Review staging and bounded diffs
 #
 # A --review run writes nothing into the project: StagedFiles keeps each file under the
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
@@ -6975,7 +7013,7 @@ class StagedFiles:
                 raise PathError(f"not staging {rel!r}: the run is ending")
             try:
                 staged = self.run_dir / "staged" / rel
-                staged.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(staged.parent)
                 atomic_write(staged, data, 0o600)
             except OSError as exc:
                 raise PathError(f"cannot stage {rel!r} in {self.run_dir}: "
@@ -7024,15 +7062,14 @@ class StagedFiles:
 
 
 ###############################################################################
-# 27. Kept runs: backups, diff, undo, review
+# 28. Kept runs: backups, diff, undo, review
 #
 # Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, made as it is
-# written), so --diff can tell a file changed since the run and --undo can refuse to
-# overwrite it. The backups of the last keep_runs runs of a plan are kept (0600 in a
-# 0700 folder); older ones are deleted. Only bridge writes these files, and each path
-# read back is still checked: a run id by its form, a project path by resolve_inside,
-# a backup by being inside the runs folder.
+# project, start) and written.jsonl (the sha256 of every file write, as it is written), so
+# --diff can tell a file changed since the run and --undo can refuse to overwrite it. The
+# backups of the last keep_runs runs of a plan are kept (0600 in a 0700 folder). Only
+# bridge writes these files, and each path read back is still checked: a run id by
+# run_folder, a journal's paths by resolve_inside and journalled_paths.
 ###############################################################################
 
 
@@ -7365,7 +7402,7 @@ class KeptRun:
 
 
 ###############################################################################
-# 28. Prompts
+# 29. Prompts
 # What each step sends: its messages, fitted to the model's context, and the
 # feedback a retry carries.
 ###############################################################################
@@ -7386,7 +7423,7 @@ def estimate_tokens(messages: list[dict]) -> int:
 # characters a token (CHARS_PER_TOKEN is 3.5), so a whole prompt counts 0.75-1.0 of the
 # estimate; Ollama past its num_ctx keeps ~2,050 of 4,096 tokens (llm/llama_server.go).
 PROMPT_CUT_RATIO = 0.5
-# The most server tokens one estimated token may count for (Runner._calibrate): a
+# The most server tokens one estimated token may count for (ContextFit.calibrate): a
 # prompt of digits alone runs ~1 character a token, 3.5 times the estimate. Counts of
 # shorter prompts than CALIBRATE_MIN_TOKENS are not used (a chat template's own tokens
 # would weigh too much).
@@ -7550,7 +7587,7 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 ###############################################################################
-# 29. Retry policy
+# 30. Retry policy
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
@@ -7654,7 +7691,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
                     "characters are left out]\n" + text[-COMMAND_FEEDBACK_CHARS:])
         where = f"written to {file_output} and " if file_output else ""
         command = f"`{shell_words(run.argv)}`"
-        why = run.error.removeprefix(command + " ")      # "failed (exit 1)", "did not finish within …"
+        why = run.error.removeprefix(command + " ")  # "failed (exit 1)", "did not finish within …"
         note = (f"Your answer was {where}checked with {command}, which {why}. "
                 f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
                 f"{describe_validation(validation)} Reply again with the corrected answer only.")
@@ -7711,7 +7748,7 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 ###############################################################################
-# 30. Run records
+# 31. Run records
 # What a run keeps: each step's result and usage ledger, its transcript, the
 # order steps report in, and the heartbeat that tells a live run from a dead one.
 ###############################################################################
@@ -7734,8 +7771,8 @@ class StepResult:
     on the local server)}]. See as_dict."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
-              "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd", "escalated_to",
-              "escalation_saved", "ledger", "checks", "attempt_log")
+              "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd",
+              "escalated_to", "escalation_saved", "ledger", "checks", "attempt_log")
     __slots__ = FIELDS
 
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
@@ -7748,7 +7785,7 @@ class StepResult:
         self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
-        self.checks: list[dict] = []        # each command run: attempt, argv, exit_code, duration_s, output_tail
+        self.checks: list[dict] = []    # each command run: attempt, argv, exit_code, …
         self.attempt_log: list[dict] = []   # per attempt: sampling sent, completion tokens, error
 
     def checkpoint(self) -> dict:
@@ -7771,48 +7808,17 @@ class StepResult:
         tokens_per_s (completion tokens over generation seconds) and what the tokens
         would have cost on price_model."""
         speed = self.usage["completion_tokens"] / self.generation_s if self.generation_s else None
-        return {"id": self.id, "title": self.title, "status": self.status, "attempts": self.attempts,
+        return {"id": self.id, "title": self.title, "status": self.status,
+                "attempts": self.attempts,
                 "output": clip(self.output, STORED_OUTPUT_MAX_CHARS, "output"), "error": self.error,
                 "file_output": self.file_output, "duration_s": round(self.duration_s, 3),
                 "usage": dict(self.usage), "usage_reported": self.usage_reported,
                 "tokens_per_s": round(speed, 1) if speed is not None else None,
-                "cost_usd": self.cost_usd, "would_have_cost_usd": would_cost_usd(self.usage, price_model),
+                "cost_usd": self.cost_usd,
+                "would_have_cost_usd": would_cost_usd(self.usage, price_model),
                 "model": self.model, "resumed": self.resumed, "escalated_to": self.escalated_to,
-                "escalation_saved": self.escalation_saved, "ledger": self.ledger, "checks": self.checks,
-                "attempt_log": self.attempt_log}
-
-
-def step_graph(plan: Plan) -> dict[int, set[int]]:
-    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
-    the same file, the previous writer in sequential order (so parallel steps never
-    race on a file, and the last writer is always the same)."""
-    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
-    writers: dict[str, int] = {}
-    for sid in sequential_order(graph):
-        target = plan.steps[sid].file_output
-        if target:
-            if target in writers:
-                graph[sid].add(writers[target])
-            writers[target] = sid
-    return graph
-
-
-def sequential_order(graph: dict[int, set[int]]) -> list[int]:
-    """Return the order steps run in one at a time: the lowest id that is ready next,
-    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-    import heapq
-    from graphlib import TopologicalSorter
-
-    order, out = TopologicalSorter(graph), []
-    order.prepare()
-    ready: list[int] = []
-    while order.is_active():
-        for sid in order.get_ready():
-            heapq.heappush(ready, sid)
-        sid = heapq.heappop(ready)
-        out.append(sid)
-        order.done(sid)
-    return out
+                "escalation_saved": self.escalation_saved, "ledger": self.ledger,
+                "checks": self.checks, "attempt_log": self.attempt_log}
 
 
 class _StepLog:
@@ -7869,7 +7875,8 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
-        self.run_dir, self.run_id, self.plan_id, self.price_model = run_dir, run_id, plan_id, price_model
+        self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
+        self.price_model = price_model
         self.files: dict[int, Any] = {}     # step id -> its open transcript (one writer each)
 
     def _line(self, sid: int, entry: dict) -> None:
@@ -7883,21 +7890,24 @@ class RunLog:
         except FileNotFoundError:
             private_dir(self.run_dir)
             self.files[step.id] = open(path, "a", encoding="utf-8", opener=private_opener)
-        self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id, "model": model,
-                             "cwd": str(cwd) if cwd else None, "tools": [], "plan_id": self.plan_id,
-                             "step_id": step.id, "title": step.title})
+        self._line(step.id, {"type": "system", "subtype": "init", "session_id": self.run_id,
+                             "model": model, "cwd": str(cwd) if cwd else None, "tools": [],
+                             "plan_id": self.plan_id, "step_id": step.id, "title": step.title})
 
-    def sent(self, sid: int, attempt: int, messages: list[dict], sampling: dict | None = None) -> None:
+    def sent(self, sid: int, attempt: int, messages: list[dict],
+             sampling: dict | None = None) -> None:
         """Record the exact messages of one attempt, and on its system prompt line how
         it samples (sampling: max_tokens, temperature, seed, …, the fields sent)."""
         for message in messages:
             if message["role"] == "system":
-                line = {"type": "system", "subtype": "system_prompt", "attempt": attempt, "text": message["content"]}
+                line = {"type": "system", "subtype": "system_prompt", "attempt": attempt,
+                        "text": message["content"]}
                 self._line(sid, line if sampling is None else {**line, "sampling": sampling})
             else:
-                self._line(sid, {"type": message["role"], "attempt": attempt, "session_id": self.run_id,
-                                 "message": {"role": message["role"],
-                                             "content": [{"type": "text", "text": message["content"]}]}})
+                text = [{"type": "text", "text": message["content"]}]
+                self._line(sid, {"type": message["role"], "attempt": attempt,
+                                 "session_id": self.run_id,
+                                 "message": {"role": message["role"], "content": text}})
         self.files[sid].flush()
 
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
@@ -7906,13 +7916,13 @@ class RunLog:
         type), and which constraint produced it ("response_format": its type, or null)."""
         usage = reply.usage or {}
         content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
-        self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id, "message": {
-            "role": "assistant", "model": reply.model,
-            "content": [*content, {"type": "text", "text": reply.text}],
-            "stop_reason": reply.finish_reason,
-            "usage": {"input_tokens": usage.get("prompt_tokens"),
-                      "output_tokens": usage.get("completion_tokens")}},
-            "response_format": reply.response_format})
+        message = {"role": "assistant", "model": reply.model,
+                   "content": [*content, {"type": "text", "text": reply.text}],
+                   "stop_reason": reply.finish_reason,
+                   "usage": {"input_tokens": usage.get("prompt_tokens"),
+                             "output_tokens": usage.get("completion_tokens")}}
+        self._line(sid, {"type": "assistant", "attempt": attempt, "session_id": self.run_id,
+                         "message": message, "response_format": reply.response_format})
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
@@ -7929,13 +7939,15 @@ class RunLog:
 
     def command(self, sid: int, attempt: int, run: CommandRun) -> None:
         """Record one command validation run: argv, exit code, seconds, output tail."""
-        self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt, **run.as_dict()})
+        self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt,
+                         **run.as_dict()})
 
     def end(self, result: StepResult) -> None:
         """Close a step's transcript with the result line."""
         ok = result.status == "succeeded"
         self._line(result.id, {
-            "type": "result", "subtype": "success" if ok else "error_during_execution", "is_error": not ok,
+            "type": "result", "subtype": "success" if ok else "error_during_execution",
+            "is_error": not ok,
             "result": result.output, "error": result.error, "status": result.status,
             "duration_ms": int(result.duration_s * 1000), "num_turns": result.attempts,
             "session_id": self.run_id, "total_cost_usd": 0,
@@ -7996,18 +8008,18 @@ def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: st
     return reply._replace(cost_usd=round(usage_cost_usd(usage, price), 6) if price else 0.0)
 
 
-def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int, model: str) -> None:
+def _add_usage(result: StepResult, reply: Completion, messages: list[dict], pieces: int,
+               model: str) -> None:
     """Add a reply's usage and real cost to a step, and to its ledger line for the
-    model reference that answered. When the server sent no usage it is estimated
-    (usage_reported False): the prompt by estimate_tokens, the answer by its streamed
-    pieces, else by CHARS_PER_TOKEN like the prompt."""
+    model reference that answered; a reply without usage is estimated (estimated_usage,
+    usage_reported False)."""
     if reply.usage:
         usage = reply.usage
     else:
         result.usage_reported = False
         usage = estimated_usage(reply, messages, pieces)
-    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
+    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "cost_usd": 0.0})
     line["requests"] += 1
     for key in ("prompt_tokens", "completion_tokens"):
         result.usage[key] += usage[key]
@@ -8022,8 +8034,8 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     total: dict[str, dict] = {}
     for ledger in ledgers:
         for model, line in ledger.items():
-            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                            "cost_usd": 0.0})
+            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "cost_usd": 0.0})
             for key in ("requests", "prompt_tokens", "completion_tokens"):
                 into[key] += line[key]
             into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
@@ -8102,7 +8114,7 @@ def read_step_stats(path: Path) -> dict:
 
 
 ###############################################################################
-# 31. The result document
+# 32. The result document
 # What a run leaves behind, built here alone from the facts its plan run gathers (the
 # _result document, README: "What bridge writes into the store"): the result memory's
 # summary and content (result_memory; the Store stores it as given, parse_result_content
@@ -8370,9 +8382,42 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 ###############################################################################
-# 32. Step scheduling
+# 33. Step scheduling
 # Which step runs when: dependency order, at most N at once, halts and skips.
 ###############################################################################
+
+
+def step_graph(plan: Plan) -> dict[int, set[int]]:
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
+    the same file, the previous writer in sequential order (so parallel steps never
+    race on a file, and the last writer is always the same)."""
+    graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
+    writers: dict[str, int] = {}
+    for sid in sequential_order(graph):
+        target = plan.steps[sid].file_output
+        if target:
+            if target in writers:
+                graph[sid].add(writers[target])
+            writers[target] = sid
+    return graph
+
+
+def sequential_order(graph: dict[int, set[int]]) -> list[int]:
+    """Return the order steps run in one at a time: the lowest id that is ready next,
+    so a plan whose dependencies point to lower ids runs (and prints) in step order."""
+    import heapq
+    from graphlib import TopologicalSorter
+
+    order, out = TopologicalSorter(graph), []
+    order.prepare()
+    ready: list[int] = []
+    while order.is_active():
+        for sid in order.get_ready():
+            heapq.heappush(ready, sid)
+        sid = heapq.heappop(ready)
+        out.append(sid)
+        order.done(sid)
+    return out
 
 
 class StepScheduler:
@@ -8426,7 +8471,8 @@ class StepScheduler:
             return f"step(s) {', '.join(map(str, sorted(self.failed)))} failed"
         return None
 
-    def _start_ready(self, order: Any, finished: Any, checkpoint: Callable[[StepResult], None]) -> None:
+    def _start_ready(self, order: Any, finished: Any,
+                     checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
         import threading
 
@@ -8435,7 +8481,8 @@ class StepScheduler:
             step, result = self.plan.steps[sid], self.results[sid]
             if result.status == "succeeded":
                 self.outputs[sid] = result.output
-                self.log.say(sid, f"  {step.label}: succeeded in the run taken over; not sent again")
+                self.log.say(sid, f"  {step.label}: succeeded in the run taken over; "
+                             "not sent again")
             elif blocked := self._blocked_reason(step):
                 result.error = blocked
                 self.log.say(sid, f"  {step.label}: skipped ({blocked})")
@@ -8448,7 +8495,8 @@ class StepScheduler:
                 if self.parallel == 1:
                     self._worker(*work)
                 else:
-                    threading.Thread(target=self._worker, args=work, daemon=True, name=f"bridge-step-{sid}").start()
+                    threading.Thread(target=self._worker, args=work, daemon=True,
+                                     name=f"bridge-step-{sid}").start()
                 continue
             self.ended(result)
             self.log.done(sid)
@@ -8536,7 +8584,7 @@ class ContextPool:
 
 
 ###############################################################################
-# 33. The model's context
+# 34. The model's context
 # What prompts and answers are fitted to, learned across the plans of one
 # process: the default model's context and slots, the server's tokens per
 # estimated token, the models seen thinking.
@@ -8545,14 +8593,11 @@ class ContextPool:
 
 class ContextFit:
     """What this process knows of the default model's context (every plan it runs
-    shares it): model (the default model id; steps and plan defaults may name
-    another), context_length (tokens, or None: not known), parallel (steps in
-    flight), calibration (the server's tokens per estimated token: calibrate), pool
-    (a ContextPool when the server's slots share one context, else None), reprobe
-    (LM Studio's model was not loaded when the run began (JIT): the first reply loads
-    it, then the server is asked again for the context and slots it was loaded with),
-    and the models seen thinking (their requests keep a reserve). client: the
-    LLMClient, or None when no plan will be sent."""
+    shares it). model: the default model id; context_length: tokens, or None (not
+    known); parallel: steps in flight; calibration: the server's tokens per estimated
+    token (calibrate); pool: a ContextPool when the slots share one context, else None;
+    reprobe: LM Studio loaded the model on demand (JIT), so the first reply is followed
+    by a probe for the context and slots it got; client: the LLMClient, or None."""
 
     __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
                  "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
@@ -8575,13 +8620,9 @@ class ContextFit:
         return self.context_length if model == self.model else None
 
     def budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is unknown.
-
-        The context length (--context-length, else what the server reported for the
-        loaded model) less the answer's share: the step's max_tokens, else
-        its validation's default_max_tokens (at most a quarter of the context;
-        see answer_tokens).
-        """
+        """Return the prompt tokens that fit for a step, or None when the context is
+        unknown: the context (--context-length, else the server's for the loaded model) less
+        the answer's share (answer_tokens), over calibration."""
         budget = prompt_budget(step, self.context_of(model))
         return int(budget / self.calibration) if budget is not None else None
 
@@ -8658,24 +8699,21 @@ class ContextFit:
 
 
 ###############################################################################
-# 34. An attempt
+# 35. An attempt
 # One request of a step as it is sent and streamed: its progress, its watched
 # answer and thinking, and what it thought.
 ###############################################################################
 
 
 class Attempt:
-    """One request of a step as it is sent and streamed: step_run (the StepRun it is
-    of), number (1 for the first), model (the model reference asked), messages (the
-    prompt sent, redacted), sampling (the fields of retry_sampling, or None: as the
-    step says; then the fields sent, with max_tokens), started (time.monotonic()),
-    pieces (streamed pieces so far: the token estimate when the server sends no
-    usage), guard (a DegenerationGuard for a local model, else None), thought
-    (reasoning pieces so far), thinking_guard (the guard of the reasoning text); once
-    prepared (StepRun._prepare): executor and name (the model name it is asked by),
-    local (the run's model server: a PROBED executor), thinking (thinking_asked, on the local
-    server), reserve (thinking reserve tokens) and schema (the output schema sent, or
-    None)."""
+    """One request of a step as it is sent and streamed. number: 1 for the first;
+    model: the model reference asked; messages: the prompt (redacted); sampling: the
+    fields of retry_sampling (None: as the step says), then those sent, with max_tokens;
+    started: time.monotonic(); pieces, thought: streamed pieces of answer and of thinking
+    (the token estimate when the server sends no usage); guard, thinking_guard:
+    DegenerationGuards of a WATCHED executor, else None. Set by StepRun._prepare:
+    executor, name (the model name it is asked by), local (a PROBED executor), thinking
+    (thinking_asked), reserve (thinking tokens) and schema (the output schema sent)."""
 
     __slots__ = ("step_run", "number", "model", "messages", "sampling", "started", "pieces",
                  "guard", "thought", "thinking_guard", "executor", "name", "local", "thinking",
@@ -8784,18 +8822,17 @@ class Attempt:
 
 
 ###############################################################################
-# 35. A step run
+# 36. A step run
 # One step from its first prompt to its settled result: its attempts (prompt,
 # send, check, write, commands, put back), then its escalation.
 ###############################################################################
 
 
 class StepRun:
-    """One step of a plan run, from its first prompt to its settled result (run.results
-    [step.id]: status, output, error, usage, …): its attempts on its model, each checked,
-    its file written and its commands run (a failed one's file put back), until one
-    passes or the retry policy says stop; then its escalation. run: the PlanRun;
-    outputs: step id -> output, of the steps it may read."""
+    """One step of a plan run, from its first prompt to its settled result
+    (run.results[step.id]): its attempts, each checked, its file written and its
+    commands run (a failed one's file put back), until one passes or the retry policy
+    stops them; then its escalation. outputs: step id -> output, of the steps it reads."""
 
     __slots__ = ("run", "runner", "step", "result", "outputs", "say")
 
@@ -8830,10 +8867,9 @@ class StepRun:
                 "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self) -> list[dict] | None:
-        """Return the step's first prompt, or None when it cannot be sent (its prompt
-        does not fit the model's context, or its commands may not run here): then the
-        step is settled, failed or skipped, and nothing is sent. A prompt the server
-        counts as more tokens than estimated is fitted again (ContextFit.calibrate)."""
+        """Return the step's first prompt, or None when it cannot be sent (it does not fit
+        the model's context, or its commands may not run here): then the step is settled,
+        failed or skipped. A prompt the server counts larger is fitted again (calibrate)."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         staged = run.files.path_of if run.staged else None
         run.sources[step.id] = []
@@ -8860,8 +8896,7 @@ class StepRun:
 
     def _attempts(self) -> None:
         """Send the step's attempts until one passes or the retry policy stops them
-        (AttemptFailure.retries: at most step.max_retries + 1), then escalate when the
-        config or plan says so (escalation_target); settle the result."""
+        (AttemptFailure.retries), then escalate (escalation_target); settle the result."""
         run, step, result = self.run, self.step, self.result
         model, clock = result.model, time.monotonic()
         budget = self.runner.fit.budget(step, model)
@@ -8930,16 +8965,12 @@ class StepRun:
     def send(self, attempt: Attempt) -> "AttemptFailure | None":
         """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        attempt.sampling: its fields (retry_sampling; None: as the step says; the
-        Anthropic API and the claude CLI always sample as the step says). A local
-        model's output is watched while it streams (DegenerationGuard): when it
-        degenerates, the request is cancelled and the attempt fails saying why; so
-        does an answer cut at max_tokens (finish_reason "length"), saying what
-        thinking spent of it. On the local server the attempt asks for thinking as
-        thinking_asked says, keeps ContextFit.reserve tokens for it, reads and records
-        the reasoning (Attempt.thought_of), and a constrained answer that comes back
-        garbled makes that model go unconstrained (_garbled).
-        """
+        A WATCHED executor's output is watched while it streams (DegenerationGuard): a
+        degenerate answer is cancelled, and fails saying why; so does one cut at max_tokens
+        (finish_reason "length"), saying what thinking spent of it. On the run's model server
+        the attempt asks for thinking as thinking_asked says and keeps ContextFit.reserve
+        tokens for it; a constrained answer that comes back garbled makes that model go
+        unconstrained (_garbled)."""
         failure = self._prepare(attempt)
         if failure is not None:
             return failure
@@ -8980,11 +9011,10 @@ class StepRun:
         return None
 
     def _chat(self, attempt: Attempt) -> Completion:
-        """Send the attempt's request (with a fresh DegenerationGuard for a local model);
-        a stream the server cut for another request (LLMContention) is sent again
-        (resend_on_contention; said once a process). With steps in parallel on a
-        server whose slots share one context (ContextFit.pool), the request first waits
-        for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        """Send the attempt's request (fresh DegenerationGuards on a WATCHED executor),
+        again while the server cuts it for another (resend_on_contention). With steps in
+        parallel on slots sharing one context (ContextFit.pool), it first waits for its
+        prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
@@ -9007,10 +9037,9 @@ class StepRun:
                 pool.release(held)
 
     def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
-        """Record an attempt whose request failed (LLMError) or whose output was stopped
-        while it streamed (OutputDegenerate); return its AttemptFailure. The server's
-        own failure (LLMServerUnusable) stops the run (PlanRun.halt, cancel); a context
-        overflow teaches the context (ContextFit.learn_context) when none is known."""
+        """Record an attempt whose request failed (LLMError) or whose stream was stopped
+        (OutputDegenerate); return its AttemptFailure. LLMServerUnusable stops the run
+        (halt, cancel); a context overflow teaches ContextFit the context when none is known."""
         run, fit = self.run, self.runner.fit
         self.result.generation_s += time.monotonic() - attempt.started
         attempt.thought_cut()
@@ -9087,11 +9116,10 @@ class StepRun:
                      "rest of this run, still checked")
 
     def _output_schema(self, number: int, sends: bool) -> dict | None:
-        """Return the schema an attempt asks for (output_schema of the step's input) and,
-        for a grounded step, record in the run log which form it is: "spans" (its string
-        values can only be copied from the input), "schema" (the usual one: the input
-        has more than GROUNDED_MAX_SPANS spans, or the validation is json) or "none"
-        (sends: False, the executor sends no schema: only the check applies)."""
+        """Return the schema an attempt asks for (output_schema of the step's input); for a
+        grounded step, record which form it is: "spans" (string values copied from the
+        input only), "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or
+        "none" (sends False: the executor sends no schema, only the check applies)."""
         step = self.step
         schema = output_schema(step.validation, self.run.sources.get(step.id, []))
         first = next((v for v in validations_of(step.validation)
@@ -9116,11 +9144,9 @@ class StepRun:
         return sampling
 
     def _check(self, output: str, answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands; return None or the
-        AttemptFailure. The checks of the answer itself come first (they cost nothing,
-        and the commands need the file they produce), then each command in order, up
-        to the first that fails. A failed command puts the file back at once, and so
-        does anything that stops the run while a command runs."""
+        """Check an output, write its file, run the step's commands in order up to the
+        first that fails; return None or the AttemptFailure. A failed command puts the file
+        back at once, and so does anything that stops the run while a command runs."""
         run, step, result = self.run, self.step, self.result
         files, number = run.files, result.attempts
         try:
@@ -9132,7 +9158,8 @@ class StepRun:
         result.output = artifact
         if step.file_output:
             try:
-                change = files.write(step.file_output, artifact, step.id)   # type: ignore[union-attr]
+                change = files.write(step.file_output, artifact,  # type: ignore[union-attr]
+                                     step.id)
             except PathError as exc:
                 run.runlog.checked(step.id, number, str(exc))
                 return AttemptFailure.final(str(exc))
@@ -9165,8 +9192,9 @@ class StepRun:
         for validation in _commands_of(step):
             argv = validation["run"]
             self.say(f"  {step.label}: checking with `{shell_words(argv)}`")
-            command = run_command(argv, run.plan.project, command_env(run.config),  # type: ignore[arg-type]
-                                  validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), run.cancel)
+            limit = validation.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)
+            command = run_command(argv, run.plan.project,  # type: ignore[arg-type]
+                                  command_env(run.config), limit, run.cancel)
             result.checks.append({"attempt": number, **command.as_dict()})
             run.runlog.command(step.id, number, command)
             if command.error is None:
@@ -9193,9 +9221,10 @@ class StepRun:
 
 
 ###############################################################################
-# 36. A plan run
-# One plan from its claim to its stored result: open, take over, run the steps,
-# verify, settle the files, keep backups, store the result and the final state.
+# 37. A plan run: the checked plan, take-over and files
+# What the gate hands a plan run (its checked plan and trust), which killed run
+# it takes over, and what it does with the project's files beyond a step's
+# write: put back what that run left, settle them as the plan asks, keep backups.
 ###############################################################################
 
 
@@ -9252,22 +9281,132 @@ def _stop_running(results: dict[int, StepResult], why: str) -> None:
             result.error = f"not run: {why}"
 
 
-class PlanRun:
+class PlanRunFiles:
+    """The files side of a PlanRun, which inherits it (its fields are PlanRun's)."""
+
+    __slots__ = ()
+
+    def _take_over(self) -> None:
+        """Take over what a killed run (previous) left, and put back what it left half done.
+
+        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
+        keep their outputs and files, unless that run had already reverted its
+        files; files written by any other step are restored from its journal. A
+        --review run (or its --apply) that died starts over: its outputs never all
+        reached the project. Raises RollbackError when such a file cannot be restored.
+        """
+        plan, previous, results, files = self.plan, self.previous, self.results, self.files
+        old_dir = run_folder(self.config.runs_dir, previous)
+        keep_finished = self.keep_finished
+        if keep_finished and (old_dir / STAGED_FILE).exists():
+            # a --review run (or its --apply) died: its outputs never all reached the project
+            keep_finished = False
+            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
+                               "starting its steps over")
+        try:
+            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
+            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
+                    if keep_finished and not reverted
+                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
+            written = read_jsonl(old_dir / WRITTEN_FILE)
+        except OSError as exc:      # a symlink where its records should be: not bridge's
+            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
+                                f"({exc.strerror or exc}); every step runs again")
+            done, written = {}, []
+        for sid, entry in done.items():
+            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
+            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
+            if plan.steps[sid].file_output:
+                self.kept[plan.steps[sid].file_output] = results[sid].output
+        for entry in written:                   # what the kept steps wrote, for --undo
+            if entry.get("step") in done:
+                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
+        restored = files.recover(old_dir, set(done)) if files else []
+        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
+                           f"already succeeded, {len(restored)} file(s) put back")
+        for reason in getattr(files, "refused", []):
+            self.progress.error(f"plan {plan.id}: {reason}")
+
+    def _halted(self) -> None:
+        """Leave a run the model server stopped (halt) as a user can take it up, and
+        raise LLMServerUnusable saying so: no result is stored and nothing is marked
+        failed. A run that did nothing (no step succeeded, no file written, no run taken
+        over) goes back to pending; else the plan stays in_progress, stale once this
+        process exits, its journal kept, for --resume (the files stay as written)."""
+        plan_id, files = self.record.plan_id, self.files
+        if files is not None:
+            files.close()
+            if isinstance(files, FileTransaction):
+                files._release()
+        done = any(r.status == "succeeded" for r in self.results.values())
+        if not done and not self.previous and not (files is not None and files.changes) \
+                and self.runner.store.release(self.record, self.run_id):
+            where = f"plan {plan_id} stays pending"
+        else:
+            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
+        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
+                                self.halt.status)
+
+    def _settle_files(self, status: str) -> str | None:
+        """Revert or keep the run's files as the plan asks; return an error or None.
+        Kept files keep their backups at least until the result is stored."""
+        plan, files = self.plan, self.files
+        if files is None or not files.changes:
+            return None
+        if self.staged:
+            if status == "failed":
+                files.discard()         # nothing reached the project; nothing to review
+            return None
+        try:
+            if status == "failed" and plan.rollback_strategy == "revert_files":
+                files.rollback()
+                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
+            else:
+                self._keep_backups()
+                kept = ", ".join(path for path, change in files.changes.items()
+                                 if change.action != "reverted")
+                if status == "failed" and kept:
+                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
+        except RollbackError as exc:
+            self.progress.error(str(exc))
+            return str(exc)
+        return None
+
+    def _keep_backups(self) -> None:
+        """Keep the run's backups for --undo (0600), then delete those of the plan's
+        runs older than the last keep_runs; with keep_runs 0, none are kept, but
+        _close deletes them only once the result is stored."""
+        config, plan_id = self.config, self.plan.id
+        if config.keep_runs == 0:
+            return
+        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
+            keep_backups(run_dir)
+        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
+        if pruned:
+            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
+                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
+
+
+###############################################################################
+# 38. A plan run: its procedure
+# One plan from its claim to its stored result: open, take over, run the steps,
+# verify, settle the files, keep backups, store the result and the final state.
+###############################################################################
+
+
+class PlanRun(PlanRunFiles):
     """One run of one plan, from claim to result (CPython's venv passes a `context`
-    the same way): runner (the Runner: store, executors, spend cap, events), record,
-    plan (narrowed_plan of the checked plan, or None when invalid), problems (the
-    gate's: CheckedPlan), trusted (may it run commands: plan_trusted), run_id,
-    run_dir, started (UTC ISO) and clock (time.monotonic() at the claim), previous
-    (the killed run it takes over, or None), keep_finished (--resume), refused
-    (why it does not take over a run, or None), files (FileTransaction, StagedFiles,
-    or None without a project), results (step id -> StepResult), runlog (RunLog),
-    log (_StepLog), cancel (set when the run stops early, for steps still running),
-    cli_cwd (where claude runs: a trusted project, else None for a scratch folder),
-    kept (path -> what a succeeded step of this run wrote there), positions (step id
-    -> its place in the order it started), cap_hit (--max-cost-usd was reached),
-    sources (step id -> its input as sent, the pieces build_messages gives: what a
-    grounded answer copies), halt (the LLMServerUnusable that stopped the run, or
-    None)."""
+    the same way). runner: the Runner; plan: narrowed_plan of the checked plan (None:
+    invalid); problems, trusted: the gate's (CheckedPlan); started (UTC ISO) and clock
+    (time.monotonic()) at the claim; previous: the killed run it takes over, or None;
+    keep_finished: --resume; refused: why it does not take over a run, or None; files:
+    FileTransaction, StagedFiles, or None without a project; results: step id ->
+    StepResult; runlog: RunLog; log: _StepLog; cancel: a threading.Event set when the run
+    stops early; cli_cwd: where claude runs (a trusted project, else None: a scratch
+    folder); kept: path -> what a succeeded step of this run wrote there; positions: step
+    id -> its place in the order steps started; cap_hit: --max-cost-usd was reached;
+    sources: step id -> its input as sent (build_messages' pieces, what a grounded answer
+    copies); halt: the LLMServerUnusable that stopped the run, or None."""
 
     __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
                  "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
@@ -9299,13 +9438,11 @@ class PlanRun:
     def run(self, problems: list[str]) -> dict:
         """Run the plan and store its result; return the stored result document.
 
-        problems: reasons found outside the plan itself (an id shared with another
-        live plan); with any, or any of the gate's, the plan is recorded as failed with
-        every problem and nothing is sent. Re-raises KeyboardInterrupt after recording
-        the plan as failed ("interrupted at step N"). Raises LLMServerUnusable when the
-        model server stopped the run (_halted), ResultNotStored or StoreError when the
-        store cannot be written.
-        """
+        problems: reasons found outside the plan (an id shared with another live plan);
+        with any, or the gate's, the plan is recorded failed with every problem and nothing
+        is sent. Re-raises KeyboardInterrupt once the plan is recorded failed ("interrupted
+        at step N"). Raises LLMServerUnusable when the model server stopped the run
+        (_halted), ResultNotStored or StoreError when the store cannot be written."""
         self._announce()
         problems = [*problems, *self.problems]
         if problems:
@@ -9395,47 +9532,6 @@ class PlanRun:
             return (f"cannot write the run's records in {self.run_dir}: {exc.strerror or exc} "
                     "(free some space, or make --state-dir writable)"), None, None
 
-    def _take_over(self) -> None:
-        """Take over what a killed run (previous) left, and put back what it left half done.
-
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
-        plan, previous, results, files = self.plan, self.previous, self.results, self.files
-        old_dir = run_folder(self.config.runs_dir, previous)
-        keep_finished = self.keep_finished
-        if keep_finished and (old_dir / STAGED_FILE).exists():
-            # a --review run (or its --apply) died: its outputs never all reached the project
-            keep_finished = False
-            self.progress.info(f"plan {plan.id}: run {previous} staged its files for review; "
-                               "starting its steps over")
-        try:
-            reverted = any(e.get("reverted") for e in read_jsonl(old_dir / JOURNAL_FILE))
-            done = {e["id"]: e for e in read_jsonl(old_dir / STEPS_FILE)
-                    if keep_finished and not reverted
-                    and e.get("status") == "succeeded" and e.get("id") in plan.steps}
-            written = read_jsonl(old_dir / WRITTEN_FILE)
-        except OSError as exc:      # a symlink where its records should be: not bridge's
-            self.progress.error(f"plan {plan.id}: the records of run {previous} cannot be read "
-                                f"({exc.strerror or exc}); every step runs again")
-            done, written = {}, []
-        for sid, entry in done.items():
-            results[sid] = StepResult.from_checkpoint(entry, plan.steps[sid].title)
-            append_jsonl(self.run_dir / STEPS_FILE, results[sid].checkpoint())
-            if plan.steps[sid].file_output:
-                self.kept[plan.steps[sid].file_output] = results[sid].output
-        for entry in written:                   # what the kept steps wrote, for --undo
-            if entry.get("step") in done:
-                append_jsonl(self.run_dir / WRITTEN_FILE, entry)
-        restored = files.recover(old_dir, set(done)) if files else []
-        self.progress.info(f"plan {plan.id}: taking over run {previous}: {len(done)} step(s) "
-                           f"already succeeded, {len(restored)} file(s) put back")
-        for reason in getattr(files, "refused", []):
-            self.progress.error(f"plan {plan.id}: {reason}")
-
     def _run_and_verify(self) -> tuple[str | None, dict | None]:
         """Run the steps, then the plan's verify once they all succeeded or were
         skipped; return (the plan's error or None, the verify record or None). A
@@ -9453,8 +9549,9 @@ class PlanRun:
             return error, None
         argv = plan.verify["run"]
         self.progress.info(f"plan {plan.id}: verifying with `{shell_words(argv)}`")
-        command = run_command(argv, plan.project, command_env(self.config),  # type: ignore[arg-type]  # check_plan
-                              plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S), self.cancel)
+        limit = plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)
+        command = run_command(argv, plan.project,  # type: ignore[arg-type]  # check_plan
+                              command_env(self.config), limit, self.cancel)
         append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
         if command.error is None:
             self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
@@ -9485,7 +9582,7 @@ class PlanRun:
         scheduler = StepScheduler(graph, parallel, self)
         private_dir(checkpoint.parent)
         with _suppress(OSError):            # a runs folder made before bridge kept it private
-            os.chmod(checkpoint.parent.parent, 0o700)
+            private_dir(checkpoint.parent.parent, tighten=True)
         # Flushed, not fsynced: a killed process loses nothing from the page cache, and a
         # line lost to a power cut only means that step runs again on --resume (its
         # file writes are journaled and fsynced, so recovery puts them back first).
@@ -9510,26 +9607,6 @@ class PlanRun:
         entry = result.as_dict(self.config.price_model)
         events.emit("step_end", self.plan.id, result.id,
                     **{k: v for k, v in entry.items() if k != "id"})
-
-    def _halted(self) -> None:
-        """Leave a run the model server stopped (halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
-        plan_id, files = self.record.plan_id, self.files
-        if files is not None:
-            files.close()
-            if isinstance(files, FileTransaction):
-                files._release()
-        done = any(r.status == "succeeded" for r in self.results.values())
-        if not done and not self.previous and not (files is not None and files.changes) \
-                and self.runner.store.release(self.record, self.run_id):
-            where = f"plan {plan_id} stays pending"
-        else:
-            where = f"plan {plan_id} is left to resume: bridge --plan {plan_id} --resume"
-        raise LLMServerUnusable(f"{self.halt}; the run stops ({where})", self.halt.hint,
-                                self.halt.status)
 
     def _close(self, error: str | None, verify: dict | None,
                interrupted: BaseException | None) -> dict:
@@ -9563,45 +9640,6 @@ class PlanRun:
         if files is not None and self.config.keep_runs == 0 and not self.staged:
             files.discard()         # only now: a result that cannot be stored keeps the backups
         return result
-
-    def _settle_files(self, status: str) -> str | None:
-        """Revert or keep the run's files as the plan asks; return an error or None.
-        Kept files keep their backups at least until the result is stored."""
-        plan, files = self.plan, self.files
-        if files is None or not files.changes:
-            return None
-        if self.staged:
-            if status == "failed":
-                files.discard()         # nothing reached the project; nothing to review
-            return None
-        try:
-            if status == "failed" and plan.rollback_strategy == "revert_files":
-                files.rollback()
-                self.progress.info(f"plan {plan.id}: reverted {len(files.changes)} file(s)")
-            else:
-                self._keep_backups()
-                kept = ", ".join(path for path, change in files.changes.items()
-                                 if change.action != "reverted")
-                if status == "failed" and kept:
-                    self.progress.info(f"plan {plan.id}: kept the files it wrote: {kept}")
-        except RollbackError as exc:
-            self.progress.error(str(exc))
-            return str(exc)
-        return None
-
-    def _keep_backups(self) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close deletes them only once the result is stored."""
-        config, plan_id = self.config, self.plan.id
-        if config.keep_runs == 0:
-            return
-        for run_dir in plan_runs(config.runs_dir, plan_id):   # this one, and those it took over
-            keep_backups(run_dir)
-        pruned = prune_backups(config.runs_dir, plan_id, config.keep_runs)
-        if pruned:
-            self.progress.detail(f"plan {plan_id}: removed the backups of {len(pruned)} older "
-                                 f"run(s) (keeping {config.keep_runs}): {', '.join(pruned)}")
 
     def _result(self, status: str, error: str | None) -> dict:
         """Build the run's result document (README: "What bridge writes into the store";
@@ -9652,7 +9690,7 @@ class PlanRun:
                 "progress (stale once this bridge exits), its files and their backups kept",
                 f"when the store is free: bridge --plan {record.plan_id} --resume (keeps its "
                 "succeeded steps) or --rerun (puts its files back, starts over)") from exc
-        result = shown_result(result, digest, {}, self.config.runs_dir)   # as --show --json shows it
+        result = shown_result(result, digest, {}, self.config.runs_dir)  # as --show --json does
         counts = result["counts"]
         tokens = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
         line = (f"plan {result['plan_id']}: {result['status']} · {counts['succeeded']} succeeded, "
@@ -9684,7 +9722,7 @@ class PlanRun:
 
 
 ###############################################################################
-# 37. Runner
+# 39. Runner
 # What outlives one plan: the store, the executors, the spend cap, the events,
 # the model's context; each plan it claims runs as a PlanRun.
 ###############################################################################
@@ -9716,15 +9754,12 @@ class SpendCap:
 
 
 class Runner:
-    """Runs plans from one store, each step on the executor its model reference names
-    (the local model server, the Anthropic API or the claude CLI).
+    """Runs plans from one store, each step on the executor its model reference names.
 
-    store: an open Store. client: an open LLMClient, or None when no plan will be
-    sent (then only invalid plans can be recorded). model: the default model id
-    (steps and plan defaults may name another). progress: a Progress. The Runner
-    keeps only what outlives a plan: the executors, the spend cap (spend), the
-    events, the model's context (fit, a ContextFit); one plan's run is a PlanRun.
-    """
+    store: an open Store. client: an open LLMClient, or None when no plan will be sent
+    (then only invalid plans can be recorded). model: the default model id. progress: a
+    Progress. It keeps what outlives a plan: the executors, the spend cap (spend), the
+    events, the model's context (fit: ContextFit); each plan's run is a PlanRun."""
 
     def __init__(self, config: Config, store: Store, client: "LLMClient | None",
                  model: str | None, progress: Progress):
@@ -9774,14 +9809,12 @@ class Runner:
 
     def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
-        """Claim one plan the gate checked and run it (PlanRun.run); return its stored
-        result document, or None when another process claimed the plan first.
+        """Claim a plan the gate checked and run it (PlanRun.run); return its stored result
+        document, or None when another process claimed the plan first.
 
-        allowed: the effective statuses this run may claim. problems: reasons found
-        outside the plan itself (an id shared with another live plan). resume: take
-        over a stale plan, reusing the outputs of the steps its killed run finished.
-        Raises what PlanRun.run raises, and StoreError when the claim cannot be written.
-        """
+        allowed: the effective statuses it may claim. problems: reasons found outside the
+        plan (an id shared with another live plan). resume: take over a stale plan, keeping
+        the steps its killed run finished. Raises what PlanRun.run raises, and StoreError."""
         record, run_id = checked.record, new_run_id()
         previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
@@ -9793,7 +9826,7 @@ class Runner:
 
 
 ###############################################################################
-# 38. CLI: arguments and settings
+# 40. CLI: arguments and settings
 ###############################################################################
 
 
@@ -9828,7 +9861,8 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     """Add the settings group to parser: an option per row of SETTINGS, in its order.
 
     A switch is a store_true flag turning its default off; a tuple default makes the flag
-    repeatable (append); a tuple limit is the flag's argparse choices.
+    repeatable (append); a tuple limit (or a function giving one, read now) is the flag's
+    argparse choices.
     """
     group = parser.add_argument_group("settings (a flag wins over its environment variable)")
     for row in SETTINGS:
@@ -9936,7 +9970,8 @@ def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tup
             raise ConfigError(f"unknown executor {name!r} to allow",
                               f"pass one of {', '.join(allowable_executors())} "
                               "(--allow-executor or BRIDGE_ALLOW_EXECUTORS)")
-    for ref in (args.model or environ.get("BRIDGE_MODEL"), args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
+    for ref in (args.model or environ.get("BRIDGE_MODEL"),
+                args.escalate_to or environ.get("BRIDGE_ESCALATE_TO")):
         if ref:
             names.append(_executor_of(ref))
     return tuple(dict.fromkeys([DEFAULT_EXECUTOR, *names]))
@@ -10165,7 +10200,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 39. CLI: listing, server discovery, trust and approval
+# 41. CLI: listing, server discovery, trust and approval
 ###############################################################################
 
 
@@ -10221,20 +10256,6 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-def _pick_model(config: Config, info: ServerInfo | None) -> str:
-    """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
-    if info is not None and info.problem:
-        what, hint = info.problem
-        raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
-    if info is not None and info.kind == "Ollama":
-        return info.loaded          # --model as Ollama names it (a bare name is NAME:latest)
-    if config.model:
-        return config.model
-    if info is None or not info.loaded:
-        raise LLMError(f"the server at {config.base_url} has no model loaded",
-                       "load one (LM Studio: lms load MODEL) or pass --model")
-    return info.loaded
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
@@ -10257,60 +10278,6 @@ def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
         return info.context_length
     num_ctx = max(OLLAMA_MIN_NUM_CTX, -(-need // OLLAMA_NUM_CTX_STEP) * OLLAMA_NUM_CTX_STEP)
     return min(num_ctx, info.trained_context) if info.trained_context else num_ctx
-
-
-def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
-    if config.base_url_given:
-        return config, []
-    import httpx
-    from urllib.parse import urlsplit
-
-    memory_port = urlsplit(config.memory_url).port if config.memory_url else None
-    tried = []
-    with httpx.Client(timeout=DISCOVER_TIMEOUT_S, trust_env=False) as http:
-        for port, suffix in DEFAULT_SERVER_PORTS:
-            root = f"http://127.0.0.1:{port}"
-
-            def get(path: str) -> Any:
-                try:
-                    response = http.get(root + path)
-                    if response.status_code in (401, 403):
-                        return {"data": []}         # a model server that wants its key
-                    return load_reply(response.content) if response.status_code == 200 else None
-                except (httpx.HTTPError, ValueError):
-                    return None
-            if port == memory_port:
-                tried.append({"url": root,
-                              "result": "--memory-url's port: the memory server, skipped"})
-                continue
-            try:
-                http.get(root + "/")
-            except httpx.HTTPError:
-                tried.append({"url": root, "result": "nothing answers"})
-                continue
-            version, models = get("/api/version"), None
-            if not (isinstance(version, dict) and isinstance(version.get("version"), str)):
-                models = get("/v1/models")
-                if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
-                    health = get("/api/health")
-                    memory = isinstance(health, dict) and health.get("status") == "healthy"
-                    result = "the memory server (its /api/health), skipped" if memory \
-                        else "answers, but not as a model server"
-                    tried.append({"url": root, "result": result})
-                    continue
-            tried.append({"url": root, "result": "a model server: used"})
-            return config._replace(base_url=root + (suffix if models is not None else "")), tried
-    return config, tried
 
 
 def run_plan(config: Config, client: LLMClient, info: ServerInfo) -> dict:
@@ -10489,8 +10456,8 @@ def _may_ask() -> bool:
 def _ask_to_run(facts: dict) -> bool:
     """Ask on the terminal whether a plan waiting only for approval runs this once
     (default No; end of input is No)."""
-    sys.stderr.write(f"plan {printable(facts['plan_id'])} needs your approval:\n{render_facts(facts)}\n"
-                     f"run it this time? [y/N] ")
+    sys.stderr.write(f"plan {printable(facts['plan_id'])} needs your approval:\n"
+                     f"{render_facts(facts)}\nrun it this time? [y/N] ")
     sys.stderr.flush()
     answer = sys.stdin.readline()
     return answer.strip().lower() in ("y", "yes")
@@ -10532,7 +10499,7 @@ def gate_records(config: Config, records: list[PlanRecord],
 
 
 ###############################################################################
-# 40. CLI: health
+# 42. CLI: health
 #
 # --health: the model server (and what a run on it will do: run_plan), the store as
 # bridge and the memory server see it, the kept backups, and the memory server's HTTP
@@ -10698,7 +10665,7 @@ def cmd_health(config: Config) -> int:
 
 
 ###############################################################################
-# 41. CLI: running and showing
+# 43. CLI: running and showing
 ###############################################################################
 
 
@@ -10740,8 +10707,8 @@ def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bo
                         not_recorded += 1
                         continue
                     if result is None and plan_id is not None:
-                        raise BridgeError(f"plan {plan_id!r} was claimed by another bridge process first",
-                                          "see it with: bridge --list --all")
+                        raise BridgeError(f"plan {plan_id!r} was claimed by another bridge "
+                                          "process first", "see it with: bridge --list --all")
                     results += [result] if result is not None else []
             finally:
                 if runner is not None:
@@ -10778,7 +10745,8 @@ def _open_runner(config: Config, store: Store, client: LLMClient, progress: Prog
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
     model = _pick_model(config, info)
-    same = info is not None and parse_model_ref(model)[1] == info.loaded   # its numbers fit its model only
+    # the server's numbers fit its loaded model only
+    same = info is not None and parse_model_ref(model)[1] == info.loaded
     if same and client.native:
         plans = [c.plan for c in checked or [] if c.plan is not None]
         client.num_ctx = config.context_length or ollama_num_ctx(config, plans, info)
@@ -10883,7 +10851,7 @@ def cmd_show(config: Config, plan_id: str) -> int:
 
 
 ###############################################################################
-# 42. CLI: diff, undo, review
+# 44. CLI: diff, undo, review
 ###############################################################################
 
 
@@ -11034,7 +11002,7 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
 
 
 ###############################################################################
-# 43. CLI: the planner's side
+# 45. CLI: the planner's side
 # Plan files checked and stored, plans cancelled, runs rehearsed without a server.
 ###############################################################################
 
@@ -11232,7 +11200,7 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 ###############################################################################
-# 44. main()
+# 46. main()
 ###############################################################################
 
 

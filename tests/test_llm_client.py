@@ -574,3 +574,15 @@ def test_consecutive_requests_share_one_connection(fake_llm):
     assert replies == ["one", "two", "three"]
     ports = [r["client_port"] for r in fake_llm.chat_requests]
     assert ports[0] == ports[1] == ports[2] != ports[3]
+
+
+def test_an_error_event_mid_stream_is_scrubbed_of_the_key(fake_llm):
+    """An SSE error event is built as every server error is (HTTPExecutor._stream_error):
+    a server echoing the bearer key does not put it in bridge's message (it was shown
+    as sent before the executor contract)."""
+    key = "sk-local-9f3c2a"
+    fake_llm.enqueue(fault="sse_error", error=f"invalid token {key} for this slot")
+    with pytest.raises(bridge.LLMHTTPError) as info:
+        chat(fake_llm.url, api_key=key, retries=0)
+    assert "reported an error mid-stream" in str(info.value)
+    assert key not in str(info.value) and "[the key]" in str(info.value)

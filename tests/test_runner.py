@@ -1,6 +1,6 @@
-"""Room 9 (Runner), always driven through bridge.main() against the fake LLM server
-and a real doobidoo store: step order, prompt context, attempts, failure policies,
-model choice, usage and <think> stripping."""
+"""The rooms "A plan run: its procedure", "A step run" and "Retry policy", always driven
+through bridge.main() against the fake LLM server and a real doobidoo store: step order,
+prompt context, attempts, failure policies, model choice, usage and <think> stripping."""
 
 from __future__ import annotations
 
