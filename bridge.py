@@ -2023,10 +2023,9 @@ def _summary_text(value: Any, max_chars: int) -> str:
 
 
 class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
-    """A result memory as Store.finish stores it (built by result_memory, in the room
-    "The result document"): content (text), tags (list of str), metadata (dict),
-    conversation_id (the run id, for the memory server's HTTP API) and state, the
-    plan's final state {"status", "finished_at", "error"}."""
+    """A result memory as Store.finish stores it (result_memory builds it): content,
+    tags (list of str), metadata (dict), conversation_id (the run id, for the memory
+    server's HTTP API) and state, the plan's final {"status", "finished_at", "error"}."""
 
     __slots__ = ()
 
@@ -2279,14 +2278,10 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
 
 
 class StoreFile:
-    """The memory server's SQLite file as bridge opens it: its layout, short write
-    transactions, memories inserted and soft-deleted the way the server does, and its
-    health. Store (the room "Store: plan and result memories") is what bridge uses.
-
-    Use as a context manager: `with Store.open(config) as store: ...`. Works on the
-    12.x and 10.x layouts of mcp-memory-service and on the original bridge script's
-    layout (see _LAYOUT_COLUMNS); layout is None for any other (open refuses it).
-    """
+    """The memory server's SQLite file: its layout (mcp-memory-service 12.x or 10.x, or
+    the original script's: _LAYOUT_COLUMNS; None for any other, which open refuses),
+    write transactions, memories written the way the server does, its health. bridge
+    uses its subclass Store: `with Store.open(config) as store: ...`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
         """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
@@ -2825,14 +2820,11 @@ class Store(PlanStates):
     _FTS_CANDIDATES = "bridge-p"
 
     def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first. Candidates come from the FTS index
-        (memory_content_fts MATCH the start of the schema marker) when the store has the
-        memory server's trigram index, else from a scan; each must hold the marker and is
-        confirmed by parsing its JSON. A row counts as a plan when its content is a JSON
-        object whose "$schema" is "bridge-plan-v1". A row whose content holds the marker but
-        is not such an object is returned too, so it can be reported as invalid, when it is
-        tagged bridge-plan or is JSON that is not an object (prose that merely mentions the
-        marker is not). Raises StoreError on SQLite errors."""
+        """Return every live plan memory, oldest first: the rows holding the schema marker
+        (found by the server's trigram index when the store has one, else by a scan)
+        whose content is a JSON object with "$schema" "bridge-plan-v1", and, to be
+        reported as invalid, those tagged bridge-plan or holding JSON that is not an
+        object (prose that merely names the marker is not a plan). Raises StoreError."""
         import sqlite3
 
         tags = "m.tags" if "tags" in self.columns else "''"
@@ -2976,19 +2968,17 @@ class Store(PlanStates):
     def finish(self, record: PlanRecord, memory: ResultMemory,
                memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the run's result memory as given and record the plan's final state
-        (memory.state, with result_hash); return the result's content_hash.
+        """Store the result memory as given and record the plan's final state
+        (memory.state, with result_hash); return the result's content_hash. Raises
+        StoreError when the store cannot be written.
 
-        Without memory_api, the result row and the final state are one transaction.
-        With memory_api the result goes through the memory server's HTTP API first, so
-        it gets an embedding: (1) the state records result_hash while still in_progress;
-        (2) POST /api/memories; (3) one transaction stores the result directly unless a
-        live row already has that hash (the server's, in this file), and records the
-        final state. A crash after (2) leaves a stored result its state points to (read
-        as finished, see _settled); a refusal or an unreachable server leaves nothing,
-        so (3) writes it, and warn() gets one line. The result is never lost and never
-        stored twice in this file. Raises StoreError when the store cannot be written.
-        """
+        Without memory_api, the row and the final state are one transaction. With it,
+        for an embedding: (1) the state records result_hash, still in_progress; (2)
+        POST /api/memories; (3) one transaction stores the row unless a live row has
+        that hash (the server's, in this file) and records the final state. A crash
+        after (2) leaves a result its state points to (read as finished: _settled); a
+        refusal or an unreachable server leaves nothing, so (3) writes it and warn()
+        gets one line. Never lost, never stored twice in this file."""
         content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
         why = None
@@ -3016,13 +3006,12 @@ class Store(PlanStates):
 
     def find_result(self, record: PlanRecord,
                     named_only: bool = True) -> tuple[dict, str] | None:
-        """Return the newest stored result document of a plan that bridge's state names, and
-        its memory's content_hash, or None. Named: the memory's content_hash is the state's
-        result_hash, or its last_result_hash (the result before the claim of the run now
-        recorded). A memory merely tagged bridge-result and plan:<id> is anyone's (a
-        forgery): with named_only False, the newest such is returned too. Candidates: by the
-        state's hashes, then the live results tagged plan:<id>, newest first (the memory
-        server's own tag match), each confirmed by parse_result_content."""
+        """Return (document, content_hash) of the newest result of a plan that its state
+        names (result_hash, or last_result_hash: the result before the claim of the run
+        now recorded), or None. A memory merely tagged bridge-result and plan:<id> is
+        anyone's (a forgery); with named_only False the newest such is returned too.
+        Candidates: the state's hashes, then the live results tagged plan:<id> newest
+        first (the server's own tag match), each read by parse_result_content."""
         rows: list = []
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
