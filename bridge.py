@@ -2023,10 +2023,9 @@ def _summary_text(value: Any, max_chars: int) -> str:
 
 
 class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
-    """A result memory as Store.finish stores it (built by result_memory, in the room
-    "The result document"): content (text), tags (list of str), metadata (dict),
-    conversation_id (the run id, for the memory server's HTTP API) and state, the
-    plan's final state {"status", "finished_at", "error"}."""
+    """A result memory as Store.finish stores it (result_memory builds it): content,
+    tags (list of str), metadata (dict), conversation_id (the run id, for the memory
+    server's HTTP API) and state, the plan's final {"status", "finished_at", "error"}."""
 
     __slots__ = ()
 
@@ -2279,14 +2278,10 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
 
 
 class StoreFile:
-    """The memory server's SQLite file as bridge opens it: its layout, short write
-    transactions, memories inserted and soft-deleted the way the server does, and its
-    health. Store (the room "Store: plan and result memories") is what bridge uses.
-
-    Use as a context manager: `with Store.open(config) as store: ...`. Works on the
-    12.x and 10.x layouts of mcp-memory-service and on the original bridge script's
-    layout (see _LAYOUT_COLUMNS); layout is None for any other (open refuses it).
-    """
+    """The memory server's SQLite file: its layout (mcp-memory-service 12.x or 10.x, or
+    the original script's: _LAYOUT_COLUMNS; None for any other, which open refuses),
+    write transactions, memories written the way the server does, its health. bridge
+    uses its subclass Store: `with Store.open(config) as store: ...`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
         """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
@@ -2825,14 +2820,11 @@ class Store(PlanStates):
     _FTS_CANDIDATES = "bridge-p"
 
     def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first. Candidates come from the FTS index
-        (memory_content_fts MATCH the start of the schema marker) when the store has the
-        memory server's trigram index, else from a scan; each must hold the marker and is
-        confirmed by parsing its JSON. A row counts as a plan when its content is a JSON
-        object whose "$schema" is "bridge-plan-v1". A row whose content holds the marker but
-        is not such an object is returned too, so it can be reported as invalid, when it is
-        tagged bridge-plan or is JSON that is not an object (prose that merely mentions the
-        marker is not). Raises StoreError on SQLite errors."""
+        """Return every live plan memory, oldest first: the rows holding the schema marker
+        (found by the server's trigram index when the store has one, else by a scan)
+        whose content is a JSON object with "$schema" "bridge-plan-v1", and, to be
+        reported as invalid, those tagged bridge-plan or holding JSON that is not an
+        object (prose that merely names the marker is not a plan). Raises StoreError."""
         import sqlite3
 
         tags = "m.tags" if "tags" in self.columns else "''"
@@ -2976,19 +2968,17 @@ class Store(PlanStates):
     def finish(self, record: PlanRecord, memory: ResultMemory,
                memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the run's result memory as given and record the plan's final state
-        (memory.state, with result_hash); return the result's content_hash.
+        """Store the result memory as given and record the plan's final state
+        (memory.state, with result_hash); return the result's content_hash. Raises
+        StoreError when the store cannot be written.
 
-        Without memory_api, the result row and the final state are one transaction.
-        With memory_api the result goes through the memory server's HTTP API first, so
-        it gets an embedding: (1) the state records result_hash while still in_progress;
-        (2) POST /api/memories; (3) one transaction stores the result directly unless a
-        live row already has that hash (the server's, in this file), and records the
-        final state. A crash after (2) leaves a stored result its state points to (read
-        as finished, see _settled); a refusal or an unreachable server leaves nothing,
-        so (3) writes it, and warn() gets one line. The result is never lost and never
-        stored twice in this file. Raises StoreError when the store cannot be written.
-        """
+        Without memory_api, the row and the final state are one transaction. With it,
+        for an embedding: (1) the state records result_hash, still in_progress; (2)
+        POST /api/memories; (3) one transaction stores the row unless a live row has
+        that hash (the server's, in this file) and records the final state. A crash
+        after (2) leaves a result its state points to (read as finished: _settled); a
+        refusal or an unreachable server leaves nothing, so (3) writes it and warn()
+        gets one line. Never lost, never stored twice in this file."""
         content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
         why = None
@@ -3016,13 +3006,12 @@ class Store(PlanStates):
 
     def find_result(self, record: PlanRecord,
                     named_only: bool = True) -> tuple[dict, str] | None:
-        """Return the newest stored result document of a plan that bridge's state names, and
-        its memory's content_hash, or None. Named: the memory's content_hash is the state's
-        result_hash, or its last_result_hash (the result before the claim of the run now
-        recorded). A memory merely tagged bridge-result and plan:<id> is anyone's (a
-        forgery): with named_only False, the newest such is returned too. Candidates: by the
-        state's hashes, then the live results tagged plan:<id>, newest first (the memory
-        server's own tag match), each confirmed by parse_result_content."""
+        """Return (document, content_hash) of the newest result of a plan that its state
+        names (result_hash, or last_result_hash: the result before the claim of the run
+        now recorded), or None. A memory merely tagged bridge-result and plan:<id> is
+        anyone's (a forgery); with named_only False the newest such is returned too.
+        Candidates: the state's hashes, then the live results tagged plan:<id> newest
+        first (the server's own tag match), each read by parse_result_content."""
         rows: list = []
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
@@ -4737,12 +4726,10 @@ def _limit_facts(config: Config, plan: Plan) -> list[dict]:
 
 
 def reasoning_delta(delta: Any) -> str:
-    """Return the reasoning text of one chat-completion delta (or message), "" if none.
-
-    The field is reasoning_content on llama.cpp's server (--reasoning-format, the
-    default auto), LM Studio (DeepSeek-R1, 0.3.9) and vLLM before PR #27752; reasoning
-    on Ollama (openai/openai.go), LM Studio for gpt-oss (0.3.23) and vLLM since.
-    A server sending both with the same text is counted once."""
+    """Return the reasoning text of one chat-completion delta (or message), "" if none:
+    reasoning_content on llama.cpp's server (--reasoning-format auto), LM Studio
+    (DeepSeek-R1, 0.3.9) and vLLM before PR #27752; reasoning on Ollama
+    (openai/openai.go), LM Studio for gpt-oss (0.3.23) and vLLM since; both: once."""
     if not isinstance(delta, dict):
         return ""
     for key in ("reasoning_content", "reasoning"):
@@ -4753,15 +4740,13 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """One reply as it streams, whichever executor reads it (the SSE stream, Ollama's
-    NDJSON, Anthropic's events, the claude CLI's): take() counts each piece against
-    limit (bytes of UTF-8: --max-output-bytes; answer and thinking alike), keeps it and
-    hands it to the request's on_delta or on_reasoning (a ChatRequest, or None).
-    received: the answer's pieces, "" for a piece of thinking (so a request is never
-    resent once output has streamed); thought: the thinking. answer_bytes,
-    reasoning_bytes (bytes), answer_pieces, reasoning_pieces (pieces taken: about one
-    token each). started: time.monotonic() when the reply was asked for. Raises
-    LLMProtocolError past limit, naming which part ran over."""
+    """One reply as it streams, whatever reads it (SSE, Ollama's NDJSON, Anthropic's or
+    the claude CLI's events): take() counts each piece against limit (bytes of UTF-8,
+    --max-output-bytes, answer and thinking alike; LLMProtocolError past it, naming
+    which ran over), keeps it and hands it to the request's on_delta or on_reasoning.
+    received: the answer's pieces, "" for thinking (a request is never resent once
+    output has streamed); thought: the thinking; *_bytes, *_pieces (about a token
+    each); started: time.monotonic() when the reply was asked for."""
 
     def __init__(self, limit: int, request: "ChatRequest | None" = None):
         self.limit, self.started = limit, time.monotonic()
@@ -4916,10 +4901,10 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 def usage_count(value: Any) -> int | None:
-    """Return a token count a server reported (usage's prompt_tokens or completion_tokens,
-    Anthropic's input_tokens or output_tokens, the claude CLI's) when it is an int from 0
-    to USAGE_MAX_TOKENS; else None: unknown, estimated as when the server sends none (a
-    negative count must not lower what a run spent, nor 10**400 overflow a price)."""
+    """Return a token count a server reported (prompt_tokens, completion_tokens,
+    Anthropic's and the claude CLI's input_tokens, output_tokens) when an int from 0 to
+    USAGE_MAX_TOKENS; else None, estimated (a negative count must not lower what a run
+    spent, nor 10**400 overflow a price)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX_TOKENS:
         return value
     return None
@@ -4943,9 +4928,8 @@ def reported_cost_usd(value: Any, most: float) -> float | None:
 
 
 def reply_object(value: Any, what: str, url: str) -> dict:
-    """Return a part of a server's reply that must be a JSON object (a chunk's delta, a
-    message, a usage): {} when absent (None), value when a dict. Raises LLMProtocolError
-    naming what (e.g. "a chunk's delta") for anything else."""
+    """Return a part of a reply that must be an object (a delta, a message, a usage): {}
+    when None; raise LLMProtocolError naming what (e.g. "a chunk's delta") if no dict."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -4955,9 +4939,8 @@ def reply_object(value: Any, what: str, url: str) -> dict:
 
 
 def reply_text(value: Any, what: str, url: str) -> str:
-    """Return a part of a server's reply that must be text (a delta's content, a text
-    block): "" when absent (None), value when a str. Raises LLMProtocolError naming what
-    for a number, list, object or anything else."""
+    """Return a part of a reply that must be text (a delta's content, a text block): ""
+    when None; raise LLMProtocolError naming what for anything but a str."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -4973,10 +4956,9 @@ def reply_label(value: Any) -> str | None:
 
 
 def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
-    """Return (delta, finish_reason) of the first choice of an OpenAI chat.completion.chunk
-    (delta {} when absent; finish_reason by reply_label), or None when its choices are
-    empty (the usage chunk). Raises LLMProtocolError when choices is missing or not a
-    list, or its first choice or that choice's delta is not an object."""
+    """Return (delta, finish_reason) of a chat.completion.chunk's first choice (delta {}
+    when absent), or None when choices is empty (the usage chunk). Raises
+    LLMProtocolError when choices is no list, or the choice or its delta no object."""
     choices = chunk.get("choices")
     if not isinstance(choices, list):
         raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
@@ -4988,6 +4970,17 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
     choice = choices[0]
     delta = reply_object(choice.get("delta"), "a chunk's delta", url)
     return delta, reply_label(choice.get("finish_reason"))
+
+
+def streamed_json(text: str, what: str, url: str) -> Any:
+    """Parse one streamed piece (what: "event", "line") as JSON; raise LLMProtocolError
+    showing its start when it is not."""
+    try:
+        return load_reply(text)
+    except ValueError as exc:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise LLMProtocolError(f"{url} streamed {article} {what} that is not JSON: "
+                               f"{clip(text, 120, what)}") from exc
 
 
 def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
@@ -5079,9 +5072,8 @@ def _positive(value: Any) -> int | None:
 
 
 def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} from an OpenAI usage object, or None
-    when there is none or a count is not one usage_count believes (a string usage from a
-    gateway, a negative count, 10**400): then it is estimated."""
+    """Return {"prompt_tokens", "completion_tokens"} of an OpenAI usage object, or None
+    (estimated) when there is none or usage_count doubts a count."""
     if not isinstance(value, dict):
         return None
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
@@ -5479,6 +5471,11 @@ class ServerProbes:
 
     CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
+    def _wanted(self) -> str | None:
+        """The model --model names on this server (its openai: name), or None."""
+        prefix, name = parse_model_ref(self.config.model or "")
+        return name if self.config.model and prefix == self.PREFIX else None
+
     def _model_entries(self) -> list[dict]:
         data = self._get_json(f"{self.base_url}/models")
         models = data.get("data") if isinstance(data, dict) else None
@@ -5554,11 +5551,7 @@ class ServerProbes:
         refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
                         for e in entries
                         if e.get("type", "llm") not in ("llm", "vlm") and e.get("loaded_instances"))
-        wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            wanted = parse_model_ref(wanted)[1]
-        else:
-            wanted = None
+        wanted = self._wanted()
 
         def instances(entry: dict) -> list[dict]:
             found = entry.get("loaded_instances")
@@ -5603,11 +5596,8 @@ class ServerProbes:
                 or not isinstance(version.get("version"), str):
             return None
         models = OllamaModels(self, root, tags, self._try_json(f"{root}/api/ps"))
-        wanted = self.config.model
-        if wanted and parse_model_ref(wanted)[0] == self.PREFIX:
-            chosen, why, problem = models.wanted(parse_model_ref(wanted)[1])
-        else:
-            chosen, why, problem = models.loaded()
+        wanted = self._wanted()
+        chosen, why, problem = models.wanted(wanted) if wanted else models.loaded()
         models.refuse_cloud()
         trained = loaded_context = None
         if chosen is not None:
@@ -5786,11 +5776,7 @@ class OllamaNative:
         on_reasoning, not the text. Held to --max-output-bytes like every reply."""
         model = finish = usage = None
         for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
-            try:
-                chunk = load_reply(line)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed a line that is not JSON: "
-                                       f"{clip(line, 120, 'line')}") from exc
+            chunk = streamed_json(line, "line", url)
             if not isinstance(chunk, dict):
                 raise LLMProtocolError(f"{url} streamed a line that is not an object")
             if "error" in chunk:
@@ -6039,11 +6025,7 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                 # kept for the next request; stop at the first event, should one come
                 next(events, None)
                 break
-            try:
-                chunk = load_reply(data)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
-                                       f"{clip(data, 120, 'event')}") from exc
+            chunk = streamed_json(data, "event", url)
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
                 raise self._stream_error(url, data)
             if not isinstance(chunk, dict):
@@ -6160,11 +6142,7 @@ class AnthropicClient(HTTPExecutor):
         prompt = completion = model = stop = None
         done = False
         for event, data in _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
-            try:
-                body = load_reply(data)
-            except ValueError as exc:
-                raise LLMProtocolError(f"{url} streamed an event that is not JSON: "
-                                       f"{clip(data, 120, 'event')}") from exc
+            body = streamed_json(data, "event", url)
             kind = body.get("type", event) if isinstance(body, dict) else event
             if kind == "error" or event == "error":
                 raise self._stream_error(url, data)

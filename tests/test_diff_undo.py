@@ -197,6 +197,24 @@ def test_a_journal_path_leaving_the_project_is_refused(capsys, db, fake_llm, sta
     assert (proj / "logo.bin").read_bytes() == b"logo as text"     # nothing was undone
 
 
+def test_a_journal_naming_another_runs_backup_is_refused(capsys, db, fake_llm, state_dir, proj, ran):
+    """--diff takes a journal's backups only from that run's own backups folder
+    (journalled_paths, as a take-over does): another run's copy is not this run's original."""
+    other = state_dir / "runs" / "20260101T000000Z-0000000a" / "backups"
+    other.mkdir(parents=True)
+    (other / "0000-greet.py").write_text("another run's original\n")
+    journal = state_dir / "runs" / plan_state(db, "p1")["run_id"] / "journal.jsonl"
+    with open(journal, "a") as handle:
+        handle.write(json.dumps({"step": 9, "path": "greet.py", "action": "modified",
+                                 "backup": str(other / "0000-greet.py"), "mode": 0o644,
+                                 "created_dirs": []}) + "\n")
+
+    rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--diff", "p1")
+
+    assert rc == 1 and "is not in" in err, err
+    assert "another run's original" not in out
+
+
 # --------------------------------------------------------------------------------------
 # --undo
 # --------------------------------------------------------------------------------------
