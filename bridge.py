@@ -143,24 +143,27 @@ import errno
 import functools
 import json
 import os
+import queue
 import re
 import signal
 import stat
 import sys
+import threading
 import time
 from collections import namedtuple
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
-# Start-up matters (bridge --help, --list): modules only some actions need (httpx,
-# jsonschema, sqlite3, pathlib, datetime, hashlib, socket, tempfile, random, shutil)
-# are imported where used; `bridge --help` loads argparse and little else. Value
-# types are collections.namedtuple classes: typing.NamedTuple (typing, and a
-# ForwardRef compiled per string annotation) or dataclasses (inspect, ast, dis)
-# cost several milliseconds of every start-up. Every annotation is a string, so
-# typing is for type checkers only.
+# Start-up matters (bridge --help, --list): the cheap standard-library modules are
+# imported here; the heavy or optional ones (httpx, jsonschema, sqlite3, subprocess,
+# hashlib, tempfile, shutil, socket, tomllib, email, logging) where a room first needs
+# them, so `bridge --help` loads argparse and little else. Value types are
+# collections.namedtuple classes: typing.NamedTuple (typing, and a ForwardRef compiled
+# per string annotation) or dataclasses (inspect, ast, dis) cost several milliseconds
+# of every start-up. Every annotation is a string, so typing is for type checkers only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import sqlite3
-    from pathlib import Path
     from typing import Any, Callable, Iterator
 
 __version__ = "0.1.0"
@@ -381,7 +384,6 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
     MCP_MEMORY_BASE_DIR/sqlite_vec.db, then the platform data folder), plus the path
     the original bridge script assumed. BRIDGE_DB and --db come before these.
     """
-    from pathlib import Path
 
     home = Path(environ.get("HOME") or Path.home())
     if environ.get("MCP_MEMORY_SQLITE_PATH"):
@@ -400,7 +402,6 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
 
 def default_config_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_CONFIG_HOME/bridge, else ~/.config/bridge: the user's trust and approvals."""
-    from pathlib import Path
 
     if environ.get("XDG_CONFIG_HOME"):
         return Path(environ["XDG_CONFIG_HOME"]).expanduser() / "bridge"
@@ -410,7 +411,6 @@ def default_config_dir(environ: dict[str, str]) -> Path:
 
 def default_state_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
-    from pathlib import Path
 
     if environ.get("XDG_STATE_HOME"):
         return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
@@ -546,7 +546,6 @@ class Config(namedtuple("Config", [*(row.field for row in SETTINGS), *_CONFIG_DE
     @property
     def runs_dir(self) -> Path:
         """The folder holding one folder per run: state_dir/runs."""
-        from pathlib import Path
 
         return Path(self.state_dir, "runs")
 
@@ -826,7 +825,6 @@ class shielded_signals:
         self.note("finishing cleanup (restoring files, storing the result); please wait")
 
     def __enter__(self) -> "shielded_signals":
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
@@ -983,7 +981,6 @@ class Events:
     """
 
     def __init__(self, enabled: bool, stream: Any = None, deltas: bool = False):
-        import threading
 
         self.enabled, self.stream, self.deltas = enabled, stream, deltas
         self.lock = threading.Lock()
@@ -1121,7 +1118,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 def real_path(path: str | Path) -> Path:
     """bridge's one realpath: path with ~ expanded, symlinks and `..` resolved (need not
     exist); only normalized when a folder swapped under it makes realpath fail (EINVAL)."""
-    from pathlib import Path
 
     path = os.path.expanduser(os.fspath(path))
     try:
@@ -1134,7 +1130,6 @@ def plan_path_parts(rel: str) -> list[str]:
     """Return a plan path's components ('.' and empty ones dropped). Raises PathError for one
     empty, with a NUL or lone surrogate, absolute (POSIX, Windows), with '..', or naming the
     project itself."""
-    from pathlib import PurePosixPath, PureWindowsPath
 
     if not rel or "\x00" in rel:
         raise PathError(f"path {rel!r} is empty or holds a NUL byte")
@@ -1281,7 +1276,6 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
     rel or of the project's path (as given, absolute, real) that opens one of VCS_FOLDERS
     (vcs_folder_of), a git directory of any name above the target (_is_git_dir: a bare
     repository, a worktree's gitdir), or the gitdir a `.git` file above it points to."""
-    from pathlib import PurePosixPath
 
     for part in PurePosixPath(rel.replace("\\", "/")).parts:
         if folder := vcs_folder_of(part):
@@ -1327,7 +1321,6 @@ def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | N
     """Why a step may not write rel (its file_output) in project, or None: a folder's name
     or a folder, what resolve_inside or forbidden_target_reason refuse, a symlink on its
     way (the write would refuse it), not a regular file."""
-    from pathlib import PurePosixPath
 
     if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
         return f"{rel!r} names a folder, not a file; give the file's name (e.g. newdir/notes.md)"
@@ -1360,7 +1353,6 @@ def journalled_paths(project: Path, entry: dict, backups: Path,
     project may be written at (forbidden_target_reason), "backup" a file right in backups
     (real paths), each of "created_dirs" an absolute folder below project. Returns (path,
     backup or None, created_dirs). Raises PathError."""
-    from pathlib import Path
 
     rel, backup, folders = entry.get("path"), entry.get("backup") or "", entry.get("created_dirs")
     if not isinstance(rel, str):
@@ -1464,7 +1456,6 @@ def secret_file_reason(rel: str) -> str | None:
     secret store, or None: a row of SECRET_LOAD_TABLE matches (folders anywhere on the
     path; names also without a _BACKUP_SUFFIX), but SECRET_LOAD_SAMPLES. Its text would go
     to the model, into the result memory and the run logs."""
-    from pathlib import PurePosixPath
 
     parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
     row = _secret_row(parts) if parts else None
@@ -2159,7 +2150,6 @@ class MemoryAPI:
         request runs in a daemon thread, so a server trickling its status line or headers
         cannot hold bridge past it either. Raises httpx.HTTPError, httpx.InvalidURL or
         ValueError (an answer too long or too late)."""
-        import threading
 
         deadline_s = MEMORY_API_DEADLINE_S if self.deadline_s is None else self.deadline_s
         deadline = time.monotonic() + deadline_s
@@ -4021,7 +4011,6 @@ def load_schema() -> dict:
 
     Raises BridgeError when the file is missing (a broken install).
     """
-    from pathlib import Path
 
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
@@ -4123,7 +4112,6 @@ def _unknown_key_problems(error: Any) -> list[str]:
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The rules a schema cannot state. They run on a plan the schema found fault
     with too, skipping whatever part is malformed (the schema already said so)."""
-    from graphlib import CycleError, TopologicalSorter
 
     problems: list[str] = []
     steps = [s for s in plan.get("steps") or [] if isinstance(s, dict) and isinstance(s.get("id"), int)]
@@ -4157,7 +4145,6 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
     every files_context path (and LOAD's secrets, and that the file reads as text or a
     step writes it), every file_output."""
-    from pathlib import Path
 
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
     files = context.get("files_context") if isinstance(context.get("files_context"), dict) else {}
@@ -4262,7 +4249,6 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
 
 
 def _build_plan(plan: dict) -> Plan:
-    from pathlib import Path
 
     defaults = plan.get("defaults", {})
     steps = {}
@@ -4583,7 +4569,6 @@ def write_config_file(path: Path, document: dict) -> None:
 
 def load_approvals(config: Config) -> dict:
     """Return {plan id: {"content_hash", "approved_at"}} from config_dir/approvals.json."""
-    from pathlib import Path
 
     return read_config_file(Path(config.config_dir, APPROVALS_FILENAME), "approvals", dict)
 
@@ -6242,7 +6227,6 @@ class ClaudeCLI(Executor):
     def _run(self, argv: list[str], prompt: str, cwd: Any, limit_s: float,
              tally: OutputTally) -> Completion:
         import subprocess
-        import threading
 
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -6609,7 +6593,6 @@ class FileTransaction:
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
                  guard: Guard | None = None):
-        import threading
 
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.guard = guard or Guard()
@@ -6679,7 +6662,6 @@ class FileTransaction:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
         import hashlib
-        from pathlib import Path
 
         mode = _file_mode(fd, parts[-1], rel) if depth == len(parts) - 1 else None
         if mode is not None:
@@ -6980,7 +6962,6 @@ class StagedFiles:
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
-        import threading
 
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.changes: dict[str, FileChange] = {}
@@ -7135,7 +7116,6 @@ def keep_backups(run_dir: Path) -> None:
 
 def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     """Return the folders of a plan's runs (by their run.json), oldest first."""
-    from pathlib import Path
 
     found = []
     with _suppress(FileNotFoundError):
@@ -7167,7 +7147,6 @@ def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
 def backups_usage(runs_dir: Path) -> dict:
     """Return {"runs": runs with backups, "bytes": their size} under runs_dir (symlinks
     not followed)."""
-    from pathlib import Path
 
     runs = total = 0
     with _suppress(FileNotFoundError):
@@ -7234,7 +7213,6 @@ class KeptRun:
         malformed run id, BridgeError when the run is not there, is another plan's,
         predates run.json, or its journal names a path outside the project or a
         backup outside runs_dir."""
-        from pathlib import Path
 
         run_dir = run_dir_of(runs_dir, run_id)
         info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
@@ -7816,7 +7794,6 @@ class _StepLog:
     the log reads the same whatever order the steps finished in."""
 
     def __init__(self, progress: Progress, order: list[int], immediate: bool):
-        import threading
 
         self.progress, self.order, self.immediate = progress, order, immediate
         self.lines: dict[int, list[tuple[bool, str]]] = {sid: [] for sid in order}
@@ -7948,7 +7925,6 @@ class _Heartbeat:
     live run from a dead one (see PlanRecord.stale)."""
 
     def __init__(self, config: Config, record: PlanRecord, run_id: str):
-        import threading
 
         self.config, self.record, self.run_id = config, record, run_id
         self.stop = threading.Event()
@@ -8391,7 +8367,6 @@ def sequential_order(graph: dict[int, set[int]]) -> list[int]:
     """Return the order steps run in one at a time: the lowest id that is ready next,
     so a plan whose dependencies point to lower ids runs (and prints) in step order."""
     import heapq
-    from graphlib import TopologicalSorter
 
     order, out = TopologicalSorter(graph), []
     order.prepare()
@@ -8435,8 +8410,6 @@ class StepScheduler:
     def run(self, checkpoint: Callable[[StepResult], None]) -> str | None:
         """Run every step; checkpoint(result) saves each finished one. Returns the
         plan's error, or None when no step failed. Re-raises what stopped it."""
-        import queue
-        from graphlib import TopologicalSorter
 
         order = TopologicalSorter(self.graph)
         order.prepare()
@@ -8459,7 +8432,6 @@ class StepScheduler:
     def _start_ready(self, order: Any, finished: Any,
                      checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
-        import threading
 
         while self.ready and len(self.running) < self.parallel:
             sid = self.ready.pop(0)
@@ -8518,7 +8490,6 @@ class StepScheduler:
     @staticmethod
     def _next_finished(finished: Any) -> tuple[int, BaseException | None]:
         """Wait for the next finished step, staying responsive to Ctrl-C."""
-        import queue
 
         while True:
             try:
@@ -8546,7 +8517,6 @@ class ContextPool:
     exceeded". capacity: the context (tokens). Thread-safe."""
 
     def __init__(self, capacity: int):
-        import threading
 
         self.capacity, self.used = capacity, 0
         self._free = threading.Condition()
@@ -8589,7 +8559,6 @@ class ContextFit:
 
     def __init__(self, config: Config, client: "LLMClient | None", model: str | None,
                  progress: Progress):
-        import threading
 
         self.config, self.client, self.model, self.progress = config, client, model, progress
         self.context_length: int | None = None
@@ -9400,7 +9369,6 @@ class PlanRun(PlanRunFiles):
 
     def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
                  previous: str | None, keep_finished: bool):
-        import threading        # not at the top: `bridge --help` does without it
 
         self.runner, self.config, self.progress = runner, runner.config, runner.progress
         self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
@@ -9718,7 +9686,6 @@ class SpendCap:
     --max-cost-usd; thread-safe (steps run in threads)."""
 
     def __init__(self, max_cost_usd: float):
-        import threading
 
         self.max_cost_usd, self.spent_usd = max_cost_usd, 0.0
         self._lock = threading.Lock()
@@ -9927,7 +9894,6 @@ _READERS = {
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
     """The user's trusted folders as real paths: the trust file's, then
     BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
-    from pathlib import Path
 
     path = Path(config_dir, TRUST_FILENAME)
     listed = read_config_file(path, "trusted_projects", list)
@@ -10005,7 +9971,6 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
     used, naming it.
     """
-    from pathlib import Path
 
     given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
     base_url = given_url or DEFAULT_BASE_URL
@@ -10335,7 +10300,6 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
     """Add a folder to the trusted projects (trust) or take it off, in
     config_dir/trusted-projects.json. Raises ConfigError when the folder does not
     exist (trust), can never be trusted (untrustable_reason), or is not listed (untrust)."""
-    from pathlib import Path
 
     path = Path(config.config_dir, TRUST_FILENAME)
     listed = [p for p in read_config_file(path, "trusted_projects", list) if isinstance(p, str)]
@@ -10362,7 +10326,6 @@ def cmd_approve(config: Config, plan_id: str) -> int:
     """Approve one plan for its current content (config_dir/approvals.json); print
     what it may do. Raises PlanNotFound, PlanInvalid (an invalid plan cannot run),
     or ConfigError when its project can never be a target."""
-    from pathlib import Path
 
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
@@ -11199,7 +11162,6 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def _ignore_interrupts() -> None:
     """Ignore SIGINT and SIGTERM from now on (main thread only)."""
-    import threading
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):

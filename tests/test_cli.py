@@ -97,13 +97,13 @@ def test_help_lists_every_flag_with_env_vars_and_defaults():
 
 
 def test_building_help_imports_only_what_it_needs():
-    """--help stays fast: building it imports none of httpx, jsonschema, sqlite3, pathlib,
+    """--help stays fast: building it imports none of httpx, jsonschema, sqlite3,
     typing or shutil (modules the interpreter had loaded before bridge do not count)."""
     proc = run_python("import sys\n"
                       "before = set(sys.modules)\n"
                       "import bridge\n"
                       "bridge.build_parser().format_help()\n"
-                      "heavy = ('httpx', 'jsonschema', 'sqlite3', 'pathlib', 'typing', 'shutil')\n"
+                      "heavy = ('httpx', 'jsonschema', 'sqlite3', 'typing', 'shutil')\n"
                       "print([m for m in heavy if m in sys.modules and m not in before])")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
