@@ -141,6 +141,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import heapq
 import json
 import os
 import queue
@@ -151,8 +152,10 @@ import sys
 import threading
 import time
 from collections import namedtuple
+from fnmatch import fnmatchcase
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from urllib.parse import urlsplit
 
 # Start-up matters (bridge --help, --list): the cheap standard-library modules are
 # imported here; the heavy or optional ones (httpx, jsonschema, sqlite3, subprocess,
@@ -1427,7 +1430,6 @@ _BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0
 
 def _secret_row(parts: list[str]) -> tuple[str, str] | None:
     """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
-    from fnmatch import fnmatchcase
 
     parts = [part.casefold() for part in parts]
     folders, name = parts[:-1], parts[-1]
@@ -2062,7 +2064,6 @@ def check_memory_url(url: str) -> str:
     """Return the memory server's base URL (no trailing slash) when it is an http URL on
     this machine (LOOPBACK_HOSTS); raise ConfigError otherwise. Only the user's flag or
     environment sets it: the key goes with every request."""
-    from urllib.parse import urlsplit
 
     # urlsplit drops \r, \n and \t silently; httpx then refuses the URL mid-run
     if re.search(r"[\x00-\x20\x7f-\x9f]", url):
@@ -5142,7 +5143,6 @@ def missing_v1_hint(base_url: str, status: int) -> str:
     """"; … try --base-url …/v1" for an HTTP 404 from a base URL whose path has no /v1
     (every OpenAI-compatible server serves /v1/models and /v1/chat/completions:
     LM Studio, Ollama, llama.cpp's server, vLLM), else ""."""
-    from urllib.parse import urlsplit
 
     path = urlsplit(base_url).path
     if status != 404 or "/v1" in path:
@@ -5656,7 +5656,6 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
     if config.base_url_given:
         return config, []
     import httpx
-    from urllib.parse import urlsplit
 
     memory_port = urlsplit(config.memory_url).port if config.memory_url else None
     tried = []
@@ -8366,7 +8365,6 @@ def step_graph(plan: Plan) -> dict[int, set[int]]:
 def sequential_order(graph: dict[int, set[int]]) -> list[int]:
     """Return the order steps run in one at a time: the lowest id that is ready next,
     so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-    import heapq
 
     order, out = TopologicalSorter(graph), []
     order.prepare()
