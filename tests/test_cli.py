@@ -1,4 +1,4 @@
-"""Rooms 10-11 (CLI and main()): flags, configuration precedence, exit codes, --list,
+"""The CLI rooms and "main()": flags, configuration precedence, exit codes, --list,
 --health, output streams, logging, internal errors, broken pipes and signals.
 
 Mostly in-process through bridge.main(argv, environ=...); subprocesses only for --help,

@@ -1,4 +1,4 @@
-"""Room 6's other executors and the escalation (room "Retry policy"): anthropic: (the Messages API,
+"""The room "Other executors" and the escalation (room "Retry policy"): anthropic: (the Messages API,
 against a real fake HTTP server), claude-cli: (a fake `claude` script on PATH), model
 references, the usage ledger and --escalate-to. Always driven through bridge.main()."""
 

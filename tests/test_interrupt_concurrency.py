@@ -1,4 +1,4 @@
-"""Rooms 4, 8, 9 and 11 under real processes: Ctrl-C / SIGTERM in the middle of a plan
+"""The store, file-transaction, plan-run and main() rooms under real processes: Ctrl-C / SIGTERM in the middle of a plan
 (exit 130, the in-flight request dropped, the result stored, files reverted or kept as the
 plan asks, a second Ctrl-C unable to cut the cleanup short), and several bridge processes
 sharing one store with a memory-server-like writer (every plan claimed and run exactly

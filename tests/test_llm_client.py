@@ -1,4 +1,4 @@
-"""Tests of room 6 (LLM client) of bridge.py, and of original defects 1-5 where
+"""Tests of the rooms "LLM client: OpenAI-compatible servers" and "HTTP executors", and of original defects 1-5 where
 they are client behaviour.
 
 The model server is tests/fakes.py's FakeLLM, a real HTTP server on 127.0.0.1.

@@ -1,4 +1,4 @@
-"""Room 5 (Plans): check_plan, resolve_inside, and how main() treats invalid plans."""
+"""The rooms "Plans" and "Path rules": check_plan, resolve_inside, and how main() treats invalid plans."""
 
 from __future__ import annotations
 

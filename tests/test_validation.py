@@ -1,4 +1,4 @@
-"""Room 7 of bridge.py, output validation: split_reasoning's answer, find_fences, extract_code,
+"""The rooms "Output validation" and "Validation types": split_reasoning's answer, find_fences, extract_code,
 parse_json_output, check_output and describe_validation, the six validation types of
 the README, and original defects 16 and 17. Pure function tests: no server, no store."""
 

@@ -1,4 +1,4 @@
-"""Room 8 (File writes & rollback): FileTransaction, atomic_write, and file handling via main()."""
+"""The rooms "File writes inside the project" and "File transactions": FileTransaction, atomic_write, and file handling via main()."""
 
 from __future__ import annotations
 
