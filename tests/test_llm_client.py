@@ -1,5 +1,5 @@
-"""Tests of the rooms "LLM client: OpenAI-compatible servers" and "HTTP executors", and of original defects 1-5 where
-they are client behaviour.
+"""Tests of the rooms "LLM client: OpenAI-compatible servers" and "HTTP executors", and
+of original defects 1-5 where they are client behaviour.
 
 The model server is tests/fakes.py's FakeLLM, a real HTTP server on 127.0.0.1.
 Backoff is observed through LLMClient's injectable `sleep`, so nothing waits.
