@@ -6344,23 +6344,20 @@ def _kill_group(proc: Any) -> None:
 
 def untrusted_message(plan: Plan) -> str:
     """Return why a plan's commands do not run, and the command that would let them."""
-    return (f"commands run only in trusted projects, and {plan.project} is not one; trust it with "
-            f"`bridge --trust {plan.project}` (or BRIDGE_TRUSTED_PROJECTS), or approve this plan with "
-            f"`bridge --approve {plan.id}`")
+    return (f"commands run only in trusted projects, and {plan.project} is not one; trust it "
+            f"with `bridge --trust {plan.project}` (or BRIDGE_TRUSTED_PROJECTS), or approve "
+            f"this plan with `bridge --approve {plan.id}`")
 
 
 def command_env(config: Config) -> dict[str, str]:
-    """Return the environment a plan's commands run in: the user's (as bridge was
-    started with it) less every credential (credential_env_name: bridge's own
-    BRIDGE_* settings, the memory server's MCP_API_KEY, names that look like tokens,
-    keys, secrets or passwords, and the cloud, CI and model-provider families of
-    SECRET_ENV_PREFIXES), but those the user named with --pass-env (config.pass_env),
-    so a check never sees a secret it was not given.
+    """Return the environment a plan's commands run in: the user's as bridge started less
+    every name credential_env_name flags, but those named with --pass-env
+    (config.pass_env), so a check never sees a secret it was not given.
 
-    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the
-    source keeps its size and its mtime's second, and a retry rewrites a file
-    within the same second, often at the same size (`x + 2` → `x * 2`), so the
-    retry's test would run the failed attempt's code.
+    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the source keeps
+    its size and its mtime's second, and a retry rewrites a file within the same second,
+    often at the same size (`x + 2` → `x * 2`), so the retry's test would run the failed
+    attempt's code.
     """
     passed = set(config.pass_env)
     env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
@@ -6368,21 +6365,20 @@ def command_env(config: Config) -> dict[str, str]:
     return env
 
 
-class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail output_bytes timed_out error")):
-    """What one command did: argv (list of str), exit_code (int; negative: killed by
-    that signal; None: it never started), duration_s (seconds), output_tail (the
-    last COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a
-    marker when the start is left out, secrets redacted; "" when it passed),
-    output_bytes (all it wrote), timed_out,
-    error (why it failed, one line, or None when it passed)."""
+class CommandRun(namedtuple("CommandRun",
+                            "argv exit_code duration_s output_tail output_bytes timed_out error")):
+    """What one command did: argv (list of str), exit_code (int; negative: killed by that
+    signal; None: it never started), duration_s (seconds), output_tail (the last
+    COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a marker when the
+    start is left out, secrets redacted; "" when it passed), output_bytes (all it wrote),
+    timed_out, error (why it failed, one line, or None when it passed)."""
 
     __slots__ = ()
 
     def as_dict(self) -> dict:
         """Return the record kept in the result and the run log."""
-        return {"argv": list(self.argv), "exit_code": self.exit_code, "duration_s": round(self.duration_s, 3),
-                "output_tail": self.output_tail, "output_bytes": self.output_bytes,
-                "timed_out": self.timed_out, "error": self.error}
+        return {**self._asdict(), "argv": list(self.argv),
+                "duration_s": round(self.duration_s, 3)}
 
 
 # The program a check command runs under on Linux (reaped_argv): `python -I -S -c
@@ -6464,15 +6460,14 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
 
-    stdout and stderr go to one pipe, read as it comes: only the last
-    COMMAND_TAIL_BYTES bytes are kept, so a flood costs no memory. The command
-    leads its own process group; once it exits, or after timeout_s seconds, or
-    when cancel (a threading.Event) is set, the whole group is killed, and on Linux
-    every other process it started too, daemons that left the group included
-    (REAPER_SOURCE), so nothing it started outlives the check. Never raises for a
-    command that cannot start (that is a failed check saying why).
+    stdout and stderr go to one pipe, read as it comes: only the last COMMAND_TAIL_BYTES
+    bytes are kept, so a flood costs no memory. The command leads its own process group;
+    once it exits, or after timeout_s seconds, or when cancel (a threading.Event) is set,
+    the whole group is killed, and on Linux every other process it started too, daemons
+    that left the group included (REAPER_SOURCE). Never raises for a command that cannot
+    start (that is a failed check saying why).
     """
-    import subprocess
+    import selectors, subprocess
 
     started = time.monotonic()
     report, report_w = os.pipe()
@@ -6483,12 +6478,13 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
                                 start_new_session=True, pass_fds=(report_w,) if reaped else ())
     except OSError as exc:
         os.close(report)
-        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
-                          f"`{shell_words(argv)}` could not start: {exc.strerror or exc}")
+        return _not_started(argv, started, exc.strerror or exc)
     finally:
         os.close(report_w)
     try:
-        tail, total, stopped = _read_tail(proc, started + timeout_s, cancel)
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            read = _read_tail(proc, selector, started + timeout_s, cancel)
     finally:
         if reaped:
             _stop_reaper(proc)
@@ -6498,9 +6494,13 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
         with open(report, "rb") as handle:
             failed = handle.read(32)
     if failed.isdigit():
-        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
-                          f"`{shell_words(argv)}` could not start: {os.strerror(int(failed))}")
-    return _command_outcome(argv, code, time.monotonic() - started, tail, total, stopped, timeout_s)
+        return _not_started(argv, started, os.strerror(int(failed)))
+    return _command_outcome(argv, code, time.monotonic() - started, read, timeout_s)
+
+
+def _not_started(argv: list[str], started: float, why: Any) -> CommandRun:
+    return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
+                      f"`{shell_words(argv)}` could not start: {why}")
 
 
 def _stop_reaper(proc: Any) -> None:
@@ -6516,33 +6516,31 @@ def _stop_reaper(proc: Any) -> None:
         time.sleep(0.005)
 
 
-def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str | None]:
-    """Read a command's output until it exits (its children may still hold the pipe:
-    what they wrote so far is read), the deadline passes or cancel is set.
-    Returns (the last COMMAND_TAIL_BYTES bytes, bytes read, "timeout" | "cancel" | None)."""
-    import selectors
-
+def _read_tail(proc: Any, selector: Any, deadline: float,
+               cancel: Any) -> tuple[bytes, int, str | None]:
+    """Read a command's output (selector: proc.stdout registered) until it exits (its
+    children may still hold the pipe: what they wrote so far is read), the deadline passes
+    or cancel is set. Returns (the last COMMAND_TAIL_BYTES bytes, bytes read, "timeout" |
+    "cancel" | None)."""
     tail, total, exited_at = bytearray(), 0, None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return bytes(tail), total, "timeout"
-            if cancel is not None and cancel.is_set():
-                return bytes(tail), total, "cancel"
-            if exited_at is None and _exited(proc):
-                exited_at = now
-            if exited_at is not None and now - exited_at > 0.2:
-                return bytes(tail), total, None      # it exited; a child may keep the pipe open
-            if not selector.select(min(0.1, deadline - now)):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                return bytes(tail), total, None
-            total += len(chunk)
-            tail += chunk
-            del tail[:-COMMAND_TAIL_BYTES]
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return bytes(tail), total, "timeout"
+        if cancel is not None and cancel.is_set():
+            return bytes(tail), total, "cancel"
+        if exited_at is None and _exited(proc):
+            exited_at = now
+        if exited_at is not None and now - exited_at > 0.2:
+            return bytes(tail), total, None      # it exited; a child may keep the pipe open
+        if not selector.select(min(0.1, deadline - now)):
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            return bytes(tail), total, None
+        total += len(chunk)
+        tail += chunk
+        del tail[:-COMMAND_TAIL_BYTES]
 
 
 def _exited(proc: Any) -> bool:
@@ -6556,11 +6554,14 @@ def _exited(proc: Any) -> bool:
         return True
 
 
-def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes, total: int,
-                     stopped: str | None, timeout_s: float) -> CommandRun:
+def _command_outcome(argv: list[str], code: int, duration_s: float,
+                     read: tuple[bytes, int, str | None], timeout_s: float) -> CommandRun:
+    """read: what _read_tail returned."""
+    tail, total, stopped = read
     text = redact(tail.decode("utf-8", "replace"))
     if total > len(tail):
-        text = f"[bridge: the first {total - len(tail)} of {total} bytes of output are left out]\n" + text
+        text = (f"[bridge: the first {total - len(tail)} of {total} bytes of output are left "
+                "out]\n" + text)
     shown = f"`{shell_words(argv)}`"
     if stopped == "timeout":
         error = f"{shown} did not finish within {timeout_s:g} s; killed it and its process group"
@@ -6577,6 +6578,24 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 ###############################################################################
 # 26. File transactions: journal, rollback, recovery
 ###############################################################################
+
+
+def sha256_hex(data: Any) -> str:
+    """Return the sha256 (hex) of bytes, or of a binary file read from where it is to its
+    end, in pieces (hashlib.file_digest)."""
+    import hashlib
+
+    if isinstance(data, (bytes, bytearray)):
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.file_digest(data, "sha256").hexdigest()
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder of bridge's own (backups, staged files) and all in it; missing or
+    unremovable parts are left (shutil.rmtree, which does not follow symlinks)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class FileTransaction:
@@ -6660,12 +6679,10 @@ class FileTransaction:
                           step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
-        import hashlib
-
         mode = _file_mode(fd, parts[-1], rel) if depth == len(parts) - 1 else None
         if mode is not None:
             with open_regular(parts[-1], fd) as original:      # copied in pieces, never held whole
-                digest = hashlib.file_digest(original, "sha256").hexdigest()
+                digest = sha256_hex(original)
                 original.seek(0)
                 backup = self._save_backup(f"{len(self.changes):04d}-{parts[-1][:200]}", original)
             change = FileChange(rel, "modified", backup, mode)
@@ -6867,9 +6884,7 @@ class FileTransaction:
 
     @staticmethod
     def _drop_backups(run_dir: Path) -> None:
-        import shutil
-
-        shutil.rmtree(run_dir / "backups", ignore_errors=True)
+        remove_tree(run_dir / "backups")
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action"}] for the result memory, in write order."""
@@ -6883,13 +6898,6 @@ class FileTransaction:
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
 # diff (difflib), read only when both sides are at most DIFF_MAX_BYTES.
 ###############################################################################
-
-
-def sha256_hex(data: bytes) -> str:
-    """Return the sha256 of bytes, in hex."""
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_regular(path: Path) -> bytes | None:
@@ -7023,9 +7031,7 @@ class StagedFiles:
 
     def discard(self) -> None:
         """Delete the staged files."""
-        import shutil
-
-        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
+        remove_tree(self.run_dir / "staged")
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action", "staged": True}] in staging order (action as the
@@ -7131,14 +7137,12 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
     """Delete the backups of a plan's runs but the newest keep; return the run ids
     pruned. Transcripts and journals stay; those runs can no longer be undone."""
-    import shutil
-
     older = plan_runs(runs_dir, plan_id)
     older = older[: max(0, len(older) - keep)]
     pruned = []
     for run_dir in older:
         if _real_folder(run_dir / "backups"):
-            shutil.rmtree(run_dir / "backups", ignore_errors=True)
+            remove_tree(run_dir / "backups")
             pruned.append(run_dir.name)
     return pruned
 
@@ -7471,8 +7475,14 @@ class _Block:
         return self.head + self.body + self.tail
 
 
-def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
-                   staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
+def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
+                  staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
+    """Return the parts of a step's user message, for fitted_messages: the objective, LOAD
+    files (read now, so files written by earlier steps are current), REFERENCE paths, the
+    outputs of the steps it depends on (outputs: step id -> text), what answer form passes,
+    and the task last (read just before the model answers: on SmolLM2-135M that took more
+    values from the text; README, Small local models). staged: for a --review run, returns
+    the staged copy of a project path (or None), read instead of the file."""
     blocks = []
     if plan.objective:
         blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
@@ -7480,7 +7490,6 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
         if mode != "LOAD":
             continue
         try:
-            # a --review run reads the staged version of a file an earlier step wrote
             copy = staged(rel) if staged else None
             text = read_load_file(copy, rel) if copy else \
                 read_load_file(plan.project / rel, rel, plan.project)  # type: ignore[operator]
@@ -7493,8 +7502,8 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
     if refs:
         blocks.append(_Block("Files you may refer to by name (not included): " + ", ".join(refs)))
     for dep in step.depends_on:
-        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""), "\n```",
-                             cuttable=True))
+        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""),
+                             "\n```", cuttable=True))
     if step.file_output:
         blocks.append(_Block(f"Your answer will be written to the file {step.file_output}."))
     blocks.append(_Block(describe_validation(step.validation)))
@@ -7503,31 +7512,25 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
-                   budget_tokens: int | None = None,
-                   staged: Callable[[str], Path | None] | None = None,
-                   sources: list[str] | None = None) -> list[dict]:
-    """Return the chat messages of a step's first attempt.
+                   budget_tokens: int | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt: fitted_messages of its
+    prompt_blocks."""
+    return fitted_messages(step, prompt_blocks(plan, step, outputs), budget_tokens)
 
-    The system message is the step's (or plan default's) system prompt, else
-    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
-    now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on, what answer form passes, and the task last
-    (read just before the model answers: on SmolLM2-135M that took more values
-    from the text; README, Small local models).
 
-    budget_tokens: the prompt tokens that fit (the context length less what the
-    answer needs), or None for no limit. When the estimate (estimate_tokens) is
-    over it, the prompt shrinks by one rule: LOAD files and dependency outputs are
-    cut, the largest first, each keeping at least MIN_CUT_CHARS characters and a
-    marker saying what was cut; REFERENCE entries are never expanded; the task,
-    the objective and the answer-format line are never cut. Raises PromptTooLarge
-    with the numbers when even that does not fit. staged: for a --review run,
-    returns the staged copy of a project path (or None), read instead of the file.
-    sources: a list that gets the step's input as sent, the text a grounded answer
-    copies from: each LOAD file and dependency output (as far as it was sent), then
+def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
+                    sources: list[str] | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt from its prompt_blocks: the
+    step's (or plan default's) system prompt, else DEFAULT_SYSTEM_PROMPT, then the blocks.
+
+    budget_tokens: the prompt tokens that fit (the context length less what the answer
+    needs), or None for no limit. Over it (estimate_tokens), LOAD files and dependency
+    outputs are cut, the largest first, each keeping at least MIN_CUT_CHARS characters and
+    a marker; the rest is never cut. Raises PromptTooLarge with the numbers when even that
+    does not fit. sources: a list that gets the step's input as sent, the text a grounded
+    answer copies from: each LOAD file and dependency output (as far as it was sent), then
     the task.
     """
-    blocks = _prompt_blocks(plan, step, outputs, staged)
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
     sent: dict[int, str] = {}           # id(block) -> its body as sent, without the cut marker
 
@@ -7543,15 +7546,16 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
         cuttable = [b for b in blocks if b.cuttable and len(b.body) > MIN_CUT_CHARS + 100]
         if not cuttable:
             raise PromptTooLarge(
-                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, more than the "
-                f"{budget_tokens} that fit the model's context once the answer's tokens are kept free",
-                "load the model with a larger context (or pass --context-length), shorten the step, "
-                "or lower its max_tokens")
+                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, "
+                f"more than the {budget_tokens} that fit the model's context once the "
+                "answer's tokens are kept free",
+                "load the model with a larger context (or pass --context-length), shorten the "
+                "step, or lower its max_tokens")
         block = max(cuttable, key=lambda b: len(b.body))
         keep = max(MIN_CUT_CHARS, len(block.body) - int(excess * CHARS_PER_TOKEN) - 100)
         sent[id(block)] = sent.get(id(block), block.body)[:keep]
-        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of {originals[id(block)]} characters "
-                      "to fit the model's context]")
+        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of "
+                      f"{originals[id(block)]} characters to fit the model's context]")
     return messages()
 
 
@@ -8826,15 +8830,15 @@ class StepRun:
         staged = run.files.path_of if run.staged else None
         run.sources[step.id] = []
         try:
-            messages = build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
-                                      staged, run.sources[step.id])
+            messages = fitted_messages(step, prompt_blocks(run.plan, step, self.outputs, staged),
+                                       fit.budget(step, result.model), run.sources[step.id])
             counted = fit.client.count_tokens(messages) \
                 if fit.client is not None and result.model == fit.model else None
             if fit.calibrate(result.model, messages, counted):
                 run.sources[step.id] = []           # fitted again, to the server's own count
-                messages = build_messages(run.plan, step, self.outputs,
-                                          fit.budget(step, result.model), staged,
-                                          run.sources[step.id])
+                blocks = prompt_blocks(run.plan, step, self.outputs, staged)
+                messages = fitted_messages(step, blocks, fit.budget(step, result.model),
+                                           run.sources[step.id])
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:       # commands that may not run here: nothing is sent, nothing runs
@@ -10901,14 +10905,12 @@ def cmd_apply(config: Config, plan_id: str) -> int:
 def cmd_reject(config: Config, plan_id: str) -> int:
     """Drop the files a --review run staged; the plan becomes cancelled (rerun it with
     --plan ID --rerun). Raises BridgeError when it is not awaiting review."""
-    import shutil
-
     record, kept = _awaiting(config, plan_id)
     with Store.open(config) as store:
         if not store.record_review(record, kept.run_id, "awaiting_review", {
                 "status": "cancelled", "rejected_at": utc_now_iso(), "error": "staged files rejected at review"}):
             raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
-    shutil.rmtree(kept.run_dir / "staged", ignore_errors=True)
+    remove_tree(kept.run_dir / "staged")
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
         return EXIT_OK
@@ -11077,7 +11079,8 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
         budget = prompt_budget(step, config.context_length)
         sources: list[str] = []
         try:
-            messages = build_messages(plan, step, placeholders, budget, sources=sources)
+            blocks = prompt_blocks(plan, step, placeholders)
+            messages = fitted_messages(step, blocks, budget, sources)
             error = None
         except PromptTooLarge as exc:
             messages, error = [], str(exc)
