@@ -6585,16 +6585,6 @@ def _command_outcome(argv: list[str], code: int, duration_s: float,
 ###############################################################################
 
 
-def sha256_hex(data: Any) -> str:
-    """Return the sha256 (hex) of bytes, or of a binary file read from where it is to its
-    end, in pieces (hashlib.file_digest)."""
-    import hashlib
-
-    if isinstance(data, (bytes, bytearray)):
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.file_digest(data, "sha256").hexdigest()
-
-
 def remove_tree(path: Path) -> None:
     """Delete a folder of bridge's own (backups, staged files) and all in it; missing or
     unremovable parts are left (shutil.rmtree, which does not follow symlinks)."""
