@@ -6586,8 +6586,8 @@ def _command_outcome(argv: list[str], code: int, duration_s: float,
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a folder of bridge's own (backups, staged files) and all in it; missing or
-    unremovable parts are left (shutil.rmtree, which does not follow symlinks)."""
+    """Delete a folder of bridge's own and all in it, not following symlinks (shutil.rmtree);
+    what cannot be removed is left."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
@@ -6606,7 +6606,6 @@ class FileTransaction:
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
                  guard: Guard | None = None):
-
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.guard = guard or Guard()
         self.changes: dict[str, FileChange] = {}
@@ -6637,9 +6636,8 @@ class FileTransaction:
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Write text (UTF-8) to project/rel atomically for a step, its original journalled
-        first; return its FileChange. Raises PathError when rel leads outside, is
-        forbidden, goes through a symlink, cannot be written (the original untouched, its
-        backup kept), or the transaction is closed (the run is ending)."""
+        first; return its FileChange. Raises PathError when rel may not be written, cannot
+        be (the original untouched, its backup kept), or the run is ending."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6715,7 +6713,7 @@ class FileTransaction:
         the paths put back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
-            entries = self._journal_of(old_run_dir)
+            entries = read_jsonl(old_run_dir / JOURNAL_FILE)
         except (PathError, OSError) as exc:
             why = getattr(exc, "strerror", None) or exc
             self.refused.append(f"journal of {old_run_dir.name}: {why}")
@@ -6747,18 +6745,16 @@ class FileTransaction:
 
     def revert_path(self, rel: str) -> None:
         """Put one path back as it was before this run first wrote it (a failed attempt's
-        file must not stay): its original bytes and mode, or removed with the folders the
-        run made; its action is "reverted" until written again. Nothing for a path not
-        written or already put back. Raises RollbackError when it cannot be restored."""
+        file must not stay); its action is "reverted" until written again. Raises
+        RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
                 self._restore([change])
 
     def _adopt_backup(self, change: FileChange, run_dir: Path) -> bool:
-        """Copy a kept file's original from a taken-over run into this run's backups
-        (each journal names only its own run's backups); False (refused) when it
-        cannot be read."""
+        """Copy a kept file's original from a taken-over run into this run's backups (each
+        journal names only its own run's backups); False (refused) when it cannot be read."""
         try:
             original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
@@ -6772,10 +6768,6 @@ class FileTransaction:
             change.backup = self._save_backup(name, original)
         return True
 
-    @staticmethod
-    def _journal_of(run_dir: Path) -> list[dict]:
-        """Return the entries of a run's journal.jsonl, opened without following symlinks."""
-        return read_jsonl(run_dir / JOURNAL_FILE)
 
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
@@ -6797,25 +6789,33 @@ class FileTransaction:
             return None
         return FileChange(rel, action, backup, mode, dirs)
 
+    def _in_folder(self, rel: str, action: Callable[[int, str], None]) -> None:
+        """Call action(fd, name) with the descriptor of rel's folder and rel's last part,
+        when every folder on its way exists (walked without following symlinks)."""
+        parts = plan_path_parts(rel)
+        fd, depth = _walk(self._root(), parts[:-1], rel)
+        try:
+            if depth == len(parts) - 1:
+                action(fd, parts[-1])
+        finally:
+            os.close(fd)
+
     def _remove_temps(self, rel: str) -> None:
         """Remove the temp files an interrupted write of rel left beside it."""
-        parts = plan_path_parts(rel)
+        def remove(fd: int, name: str) -> None:
+            for entry in os.listdir(fd):
+                if entry.startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX):
+                    with _suppress(OSError):
+                        os.unlink(entry, dir_fd=fd)
+
         with _suppress(OSError, PathError):
-            fd, depth = _walk(self._root(), parts[:-1], rel)
-            try:
-                if depth == len(parts) - 1:
-                    for name in os.listdir(fd):
-                        if name.startswith(f".{parts[-1]}.") and name.endswith(TEMP_SUFFIX):
-                            with _suppress(OSError):
-                                os.unlink(name, dir_fd=fd)
-            finally:
-                os.close(fd)
+            self._in_folder(rel, remove)
 
     def rollback(self) -> None:
         """Put every written path back, newest first: originals' bytes and modes
-        (atomically), created files removed, then the run's folders if empty; never
-        through a symlink. The journal then says so, so no later takeover trusts those
-        files. Raises RollbackError naming every path that could not be restored."""
+        (atomically), created files removed, then the run's folders if empty. The journal
+        then says so, so no later takeover trusts those files. Raises RollbackError naming
+        every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -6849,27 +6849,18 @@ class FileTransaction:
                 finally:
                     os.close(fd)
             return
-        fd, depth = _walk(self._root(), parts[:-1], change.path)
-        try:
-            if depth == len(parts) - 1:
-                with _suppress(FileNotFoundError):
-                    os.unlink(parts[-1], dir_fd=fd)
-        finally:
-            os.close(fd)
-        for folder in reversed(change.created_dirs):
-            self._remove_dir(folder)
 
-    def _remove_dir(self, folder: Path) -> None:
-        """Remove a folder the run made, if it is still empty (never through a symlink)."""
-        # not empty (something else lives there now): left as it is
-        with _suppress(OSError, PathError, ValueError):
-            parts = plan_path_parts(folder.relative_to(self.project).as_posix())
-            fd, depth = _walk(self._root(), parts[:-1], folder.name)
-            try:
-                if depth == len(parts) - 1:
-                    os.rmdir(parts[-1], dir_fd=fd)
-            finally:
-                os.close(fd)
+        def unlink(fd: int, name: str) -> None:
+            with _suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+
+        self._in_folder(change.path, unlink)
+        for folder in reversed(change.created_dirs):
+            # not empty (something else lives there now): left as it is
+            with _suppress(OSError, PathError, ValueError):
+                self._in_folder(folder.relative_to(self.project).as_posix(),
+                                lambda fd, name: os.rmdir(name, dir_fd=fd))
+
 
     def discard(self) -> None:
         """Delete this run's backups, and those of the runs it took over."""
@@ -6907,10 +6898,9 @@ def read_regular(path: Path) -> bytes | None:
 
 def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
                  now_sha: str | None) -> str:
-    """Return file_diff of one file from the file at before to the file at now (None, or
-    a path that is missing: no such file), reading them only when both are at most
-    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
-    now_sha, computed in pieces, still tell whether they differ)."""
+    """Return file_diff from the file at before to the file at now (None or missing: no
+    such file), read only when both are at most DIFF_MAX_BYTES; else one line with the
+    sizes (their sha256, before_sha and now_sha, still tell whether they differ)."""
     if before_sha == now_sha:
         return ""
     sizes = [_regular_size(path) for path in (before, now)]
@@ -6932,15 +6922,15 @@ def _regular_size(path: Path | None) -> int | None:
 
 
 def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
-    """Return the unified diff (difflib) of one file from before (None: did not
-    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
-    not UTF-8, one "Binary files … differ" line."""
+    """Return the unified diff (difflib) of one file from before to now (None: no such
+    file), as a/REL and b/REL; for bytes that are not UTF-8, one "Binary files … differ"
+    line."""
     import difflib
 
-    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
-        ("b/" + rel) if now is not None else "/dev/null"
     if before == now:
         return ""
+    old_name = "a/" + rel if before is not None else "/dev/null"
+    new_name = "b/" + rel if now is not None else "/dev/null"
     try:
         old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
     except UnicodeDecodeError:
@@ -6954,17 +6944,15 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
 
 class StagedFiles:
     """The files of a --review run: written under the run's folder (staged/PATH, 0600),
-    never into the project; --apply writes them there later.
+    never into the project; --apply writes them there later. Has FileTransaction's
+    write(), close(), rollback(), discard(), summary() and changes.
 
-    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
-    changes, so the runner uses either. staged.jsonl records each write: {"step",
-    "path", "action" (created | modified, as the project was), "base_sha256" (the
-    project file's before its first staging, None when absent), "sha256"};
-    reads.json the sha256 of every LOAD file as the run found it in the project.
+    staged.jsonl records each write: {"step", "path", "action" (created | modified, as the
+    project was), "base_sha256" (the project file's before its first staging, None when
+    absent), "sha256"}; reads.json the sha256 of every LOAD file as the run found it.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
-
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.changes: dict[str, FileChange] = {}
         self.lock = threading.Lock()
@@ -7005,10 +6993,10 @@ class StagedFiles:
         return change
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Put back in the project every file a killed run wrote (FileTransaction.recover
-        with no step kept: a --review run never keeps a dead run's files); return them."""
-        files = FileTransaction(self.project, self.run_dir, self.crash_at)
-        return files.recover(old_run_dir, set())
+        """Put back every file a killed run wrote in the project (a --review run keeps no
+        dead run's files, whatever kept_steps says); return them."""
+        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir,
+                                                                                 set())
 
     def path_of(self, rel: str) -> Path | None:
         """Return the staged copy of rel, or None when no step staged it."""
@@ -7028,29 +7016,28 @@ class StagedFiles:
         """Delete the staged files."""
         remove_tree(self.run_dir / "staged")
 
+
     def summary(self) -> list[dict]:
-        """Return [{"path", "action", "staged": True}] in staging order (action as the
-        project would see it: created or modified)."""
+        """Return [{"path", "action", "staged": True}] in staging order."""
+
         return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
 
 
 ###############################################################################
 # 28. Kept runs: backups, diff, undo, review
 #
-# Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, as it is written), so
-# --diff can tell a file changed since the run and --undo can refuse to overwrite it. The
-# backups of the last keep_runs runs of a plan are kept (0600 in a 0700 folder). Only
-# bridge writes these files, and each path read back is still checked: a run id by
-# run_folder, a journal's paths by resolve_inside and journalled_paths.
+# Beside FileTransaction's journal and backups, a run's folder holds run.json and
+# written.jsonl (the sha256 of every file write), so --diff can tell a file changed since
+# the run and --undo can refuse to overwrite it. The backups of the last keep_runs runs of
+# a plan are kept. Only bridge writes these files, and each path read back is still
+# checked: a run id by run_folder, a journal's paths by resolve_inside and journalled_paths.
 ###############################################################################
 
 
 def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
-    """Write run.json, {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
-    None), "started_at", "content_hash" (the plan memory's)}, which --diff, --undo and a
-    take-over read back."""
+    """Write run.json: {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
+    None), "started_at", "content_hash" (the plan memory's)}."""
     info = {"plan_id": plan_id, "run_id": run_dir.name, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
@@ -7058,11 +7045,10 @@ def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: s
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
-    """Return why the run run_id (a run id run_folder accepts) is not the plan's own
-    run, so that a take-over (--resume, --rerun of a stale plan) must not touch its
-    files; None when its run.json names this plan (id and content hash) and this
-    project, or when it left no folder (nothing to take over). A state read back
-    from the store naming another plan's run is forged."""
+    """Return why the run run_id (a run id run_folder accepts) is not the plan's own, so a
+    take-over (--resume, --rerun of a stale plan) must not touch its files (a state read
+    back from the store naming another plan's run is forged); None when its run.json names
+    this plan (id and content hash) and project, or when it left no folder."""
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
@@ -7091,9 +7077,9 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
 
 def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
     """Append {"step", "path", "sha256", "bytes"} of one file write to written.jsonl
-    (fsynced): what the run left in that file, to tell later changes from it."""
-    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel, "sha256": sha256_hex(data),
-                                             "bytes": len(data)})
+    (fsynced), to tell later changes from it."""
+    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel,
+                                          "sha256": sha256_hex(data), "bytes": len(data)})
 
 
 def _real_folder(path: Path) -> bool:
@@ -7116,7 +7102,6 @@ def keep_backups(run_dir: Path) -> None:
 
 def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     """Return the folders of a plan's runs (by their run.json), oldest first."""
-
     found = []
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
@@ -7145,7 +7130,6 @@ def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
 def backups_usage(runs_dir: Path) -> dict:
     """Return {"runs": runs with backups, "bytes": their size} under runs_dir (symlinks
     not followed)."""
-
     runs = total = 0
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
@@ -7159,9 +7143,9 @@ def backups_usage(runs_dir: Path) -> dict:
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
-    """Return the folder of an existing run run_id, checked as run_folder() checks a
-    run id read back from the store. Raises ConfigError for a value that is no run
-    id or no folder of bridge's runs, BridgeError when there is no such run."""
+    """Return the folder of an existing run run_id, checked by run_folder. Raises
+    ConfigError for a value that is no run id of bridge's, BridgeError when there is no
+    such run."""
     try:
         run_dir = run_folder(runs_dir, run_id)
     except PathError as exc:
@@ -7174,23 +7158,18 @@ def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
 
 class KeptFile(namedtuple("KeptFile", "path action backup mode written_sha256")):
     """One path a run wrote, from its journal: path (relative to the project), action
-    ("created" or "modified"), backup (the original's copy, or None), mode (the
-    original's permission bits), written_sha256 (what the run last wrote, or None
-    when that was not recorded)."""
+    ("created" or "modified"), backup (the original's copy, or None), mode (the original's
+    permission bits), written_sha256 (what the run last wrote, or None: not recorded)."""
 
     __slots__ = ()
 
 
 class KeptRun:
-    """What one finished run changed, read back from its folder under --state-dir.
-
-    run_id, run_dir, plan_id, project (the project's absolute Path, or None),
-    files (list of KeptFile, in write order), reverted (the run put its files back
-    itself), undone_at (ISO time of its --undo, or None); for a --review run,
-    staged ({path: {"step", "action", "base_sha256", "sha256"}}, in staging order)
-    and reads ({LOAD path: sha256 or None} as the run read them). Build with
-    KeptRun.load.
-    """
+    """What one finished run changed, read back from its folder (build with KeptRun.load):
+    run_id, run_dir, plan_id, project (absolute Path, or None), files (list of KeptFile,
+    in write order), reverted (the run put its files back itself), undone_at (ISO time of
+    its --undo, or None); for a --review run, staged ({path: {"step", "action",
+    "base_sha256", "sha256"}}, in staging order) and reads ({LOAD path: sha256 or None})."""
 
     def __init__(self, run_dir: Path, plan_id: str, project: Path | None):
         self.run_id, self.run_dir, self.plan_id, self.project = \
@@ -7207,11 +7186,10 @@ class KeptRun:
 
     @classmethod
     def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
-        """Read and check run run_id of plan plan_id. Raises ConfigError for a
-        malformed run id, BridgeError when the run is not there, is another plan's,
-        predates run.json, or its journal names a path outside the project or a
-        backup outside runs_dir."""
-
+        """Read and check run run_id of plan plan_id. Raises ConfigError for a malformed
+        run id, BridgeError when the run is not there, is another plan's, predates
+        run.json, or its journal names a path outside the project or a backup outside
+        runs_dir."""
         run_dir = run_dir_of(runs_dir, run_id)
         info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
@@ -7254,8 +7232,7 @@ class KeptRun:
             self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
 
     def _checked(self, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked (resolve_inside,
-        journalled_paths)."""
+        """Return a journal entry as a KeptFile once its paths are checked."""
         rel, action = entry.get("path"), entry.get("action")
         if self.project is None or not isinstance(rel, str) \
                 or action not in ("created", "modified"):
@@ -7270,11 +7247,9 @@ class KeptRun:
         return KeptFile(rel, action, backup, mode, written.get(rel))
 
     def diff(self) -> list[dict]:
-        """Return, per file: path, action, original_sha256, written_sha256,
-        current_sha256 (None: missing now), changed_since_run, diff (a unified diff
-        from the original to the file as it is now, paths relative to the project; one
-        line instead for a side over DIFF_MAX_BYTES: bounded_diff). Files are hashed in
-        pieces (file_sha256), never held whole."""
+        """Return, per file: path, action, original_sha256, written_sha256, current_sha256
+        (None: missing now), changed_since_run, diff (bounded_diff from the original to the
+        file as it is now)."""
         entries = []
         for kept in self.files:
             now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
@@ -7292,10 +7267,9 @@ class KeptRun:
         return entries
 
     def staged_diff(self) -> list[dict]:
-        """Return, per staged file: path, action, original_sha256 (the project file's
-        when the run staged it), staged_sha256, current_sha256 (the project file's now,
-        None: missing), changed_since_run, diff (from the project file now to the
-        staged file: what --apply would change)."""
+        """Return, per staged file: path, action, original_sha256 (the project file's when
+        the run staged it), staged_sha256, current_sha256 (the project file's now, None:
+        missing), changed_since_run, diff (bounded_diff: what --apply would change)."""
         entries = []
         for rel, entry in self.staged.items():
             now_path = self.project / rel        # type: ignore[operator]  # staging: a project
@@ -7321,10 +7295,9 @@ class KeptRun:
         return found
 
     def apply(self, crash_at: str | None = None) -> list[dict]:
-        """Write the staged files into the project through a FileTransaction of this
-        run (atomic, journalled, backups kept), recording each write's sha256; on any
-        failure put back what was written and re-raise. Returns the summary.
-        crash_at: the crash test hook (Config.crash_at)."""
+        """Write the staged files into the project through a FileTransaction of this run,
+        recording each write's sha256; on any failure put back what was written and
+        re-raise. Returns the summary. crash_at: the crash test hook (Config.crash_at)."""
         files = FileTransaction(self.project, self.run_dir, crash_at)      # type: ignore[arg-type]
         try:
             for rel, entry in self.staged.items():
@@ -7344,10 +7317,11 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed and remove what it created
-        (FileTransaction.recover of this run); return the paths put back. Raises
-        BridgeError, changing nothing, naming each file changed since the run (unless
-        force) or whose backup is gone; RollbackError when one could not be restored."""
+        """Put back every file the run changed and remove what it created; return the
+        paths put back. Raises BridgeError, changing nothing, naming each file changed
+        since the run (unless force) or whose backup is gone; RollbackError when one could
+        not be restored."""
+
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7377,12 +7351,10 @@ class KeptRun:
 
 
 def estimate_tokens(messages: list[dict]) -> int:
-    """Estimate the prompt tokens of chat messages without a tokenizer.
-
-    One token per CHARS_PER_TOKEN characters, plus 5 per message for the chat
-    template. Tokenizers of current models give 3.5-4.5 characters a token on
-    English and code, so at 3.5 the estimate errs on the large side.
-    """
+    """Estimate the prompt tokens of chat messages without a tokenizer: one per
+    CHARS_PER_TOKEN characters, plus 5 per message for the chat template (tokenizers of
+    current models give 3.5-4.5 characters a token on English and code, so at 3.5 it
+    errs on the large side)."""
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
@@ -7404,8 +7376,7 @@ def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
     """Return why a reply was to a cut prompt, or None: the server's usage
     ({"prompt_tokens", …}) counts far fewer prompt tokens than estimate_tokens of the
     messages sent (PROMPT_CUT_RATIO, PROMPT_CUT_MIN_TOKENS). Ollama cuts an over-long
-    prompt silently and answers 200 (ollama#3839, #17889); the answer then never saw
-    the start of the prompt, whatever its check says."""
+    prompt silently and answers 200 (ollama#3839, #17889)."""
     if not usage or not isinstance(usage.get("prompt_tokens"), int):
         return None
     seen, sent = usage["prompt_tokens"], estimate_tokens(messages)
@@ -7419,9 +7390,8 @@ def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
 
 
 def prompt_budget(step: Step, context_length: int | None) -> int | None:
-    """Return the prompt tokens that fit for a step in a context of context_length
-    tokens, or None when it is not known: the context less the answer's share
-    (answer_tokens)."""
+    """Return the prompt tokens that fit for a step in a context of context_length tokens
+    (None: not known): the context less answer_tokens and any thinking_reserve."""
     if context_length is None:
         return None
     reserve = thinking_reserve(context_length) if step.thinking == "on" else 0
@@ -7441,8 +7411,7 @@ def thinking_asked(step: Step) -> str | None:
 
 def thinking_reserve(context_length: int | None) -> int:
     """Return the tokens kept for thinking on top of an answer's max_tokens:
-    THINKING_RESERVE_TOKENS, at most a quarter of context_length (tokens; None: not
-    known)."""
+    THINKING_RESERVE_TOKENS, at most a quarter of context_length (None: not known)."""
     if not context_length:
         return THINKING_RESERVE_TOKENS
     return min(THINKING_RESERVE_TOKENS, context_length // 4)
@@ -7450,8 +7419,7 @@ def thinking_reserve(context_length: int | None) -> int:
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else its validation's
-    (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
-    The prompt budget keeps this much free (ContextFit.budget)."""
+    (default_max_tokens), at most a quarter of context_length (tokens; None: not known)."""
     if step.max_tokens:
         return step.max_tokens
     default = default_max_tokens(step.validation)
@@ -7508,8 +7476,8 @@ def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
                    budget_tokens: int | None = None) -> list[dict]:
-    """Return the chat messages of a step's first attempt: fitted_messages of its
-    prompt_blocks."""
+    """Return the chat messages of a step's first attempt (fitted_messages)."""
+
     return fitted_messages(step, prompt_blocks(plan, step, outputs), budget_tokens)
 
 
@@ -7559,17 +7527,16 @@ def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
-# "Model servers: errors, streams, retries").
+# "HTTP executors: requests and retries").
 ###############################################################################
 
 
 def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
     """Return how attempt number attempt (1 is the first) of a step samples under a
     schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
-    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
-    temperature, else the server's default); the first of the others too, but
-    greedy when the step sets no temperature. Seeds are the attempt's number, so a
-    rerun samples the same."""
+    "dry_multiplier"?}. Every attempt of "plain" samples as the step says; the first of
+    the others too, but greedy when the step sets no temperature. Seeds are the attempt's
+    number, so a rerun samples the same."""
     fields = {} if step.temperature is None else {"temperature": step.temperature}
     if schedule == "plain":
         return fields
@@ -7584,11 +7551,9 @@ def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
 
 def fit_feedback(messages: list[dict], feedback: list[dict],
                  budget_tokens: int | None) -> list[dict]:
-    """Return a retry's feedback messages cut to fit the budget with messages.
-
-    The previous answer (the assistant message) is cut first, then left out with
-    a note; the error itself is always kept.
-    """
+    """Return a retry's feedback messages cut to fit the budget with messages: the previous
+    answer (the assistant message) is cut first, then left out with a note; the error
+    itself is always kept."""
     feedback = list(feedback)
     if budget_tokens is None or len(feedback) != 2:
         return feedback
@@ -7606,10 +7571,10 @@ def fit_feedback(messages: list[dict], feedback: list[dict],
 
 class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
                                 defaults=(True, (), False))):
-    """Why an attempt failed: message (for the result), retryable (another attempt
-    may help; default True), feedback (messages appended to the next attempt's
-    prompt; default none), answer_invalid (the answer failed its own check, not a
-    command or a write; default False). Each way an attempt fails is one constructor."""
+    """Why an attempt failed: message (for the result), retryable (another attempt may
+    help), feedback (messages appended to the next attempt's prompt), answer_invalid (the
+    answer failed its own check, not a command or a write). Each way an attempt fails is
+    one constructor."""
 
     __slots__ = ()
 
@@ -7640,13 +7605,18 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         return cls(error, feedback=[{"role": "user", "content": note}])
 
     @classmethod
+    def _shown(cls, error: str, output: str, note: str, invalid: bool) -> "AttemptFailure":
+        """A failure whose next prompt shows the answer (clipped), then note."""
+        shown = clip(output, 20_000, "previous answer") or "(empty)"
+        return cls(error, feedback=[{"role": "assistant", "content": shown},
+                                    {"role": "user", "content": note}], answer_invalid=invalid)
+
+    @classmethod
     def from_output(cls, error: str, output: str, validation: dict) -> "AttemptFailure":
         """A failed check: the next prompt shows the output and the error."""
         note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
                 "Reply again with the corrected answer only.")
-        shown = clip(output, 20_000, "previous answer") or "(empty)"
-        return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}], answer_invalid=True)
+        return cls._shown(error, output, note, True)
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
@@ -7663,9 +7633,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         note = (f"Your answer was {where}checked with {command}, which {why}. "
                 f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
                 f"{describe_validation(validation)} Reply again with the corrected answer only.")
-        shown = clip(output, 20_000, "previous answer") or "(empty)"
-        return cls(run.error, feedback=[{"role": "assistant", "content": shown},
-                                        {"role": "user", "content": note}])
+        return cls._shown(run.error, output, note, False)
 
     def retries(self, number: int, step: Step) -> bool:
         """True when attempt number (1 is the first) of step is followed by another on
@@ -7685,9 +7653,10 @@ def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | Non
 
 
 def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
-    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    """Return the prompt of a step's escalation: its first prompt (messages), its last
     message followed by each failed answer (clipped to 4,000 characters) and why it was
     rejected (failures: [(output, why)])."""
+
     tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
                         f"\n```\nRejected because: {why}"
                         for n, (output, why) in enumerate(failures, 1))
@@ -7743,15 +7712,14 @@ class StepResult:
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
         self.id, self.title, self.status, self.attempts = id, title, "skipped", 0
         self.output, self.error, self.file_output, self.duration_s = "", None, None, 0.0
-        self.generation_s = 0.0      # seconds spent in model requests
-        self.cost_usd = 0.0          # what its requests cost (0 on a local server)
+        self.generation_s = self.cost_usd = 0.0
         self.escalated_to: str | None = None
         self.escalation_saved: bool | None = None
-        self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
+        self.ledger: dict[str, dict] = {}
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
-        self.checks: list[dict] = []    # each command run: attempt, argv, exit_code, …
-        self.attempt_log: list[dict] = []   # per attempt: sampling sent, completion tokens, error
+        self.checks: list[dict] = []
+        self.attempt_log: list[dict] = []
 
     def checkpoint(self) -> dict:
         """Return every field, whole, for the run's steps.jsonl."""
@@ -7787,12 +7755,11 @@ class StepResult:
 
 
 class _StepLog:
-    """Progress lines of a plan's steps. One at a time, they print as they come;
-    with parallel steps, each step's lines are held and printed in step order, so
-    the log reads the same whatever order the steps finished in."""
+    """Progress lines of a plan's steps: printed as they come (immediate), or each step's
+    held and printed in step order, so the log of parallel steps reads the same whatever
+    order they finished in."""
 
     def __init__(self, progress: Progress, order: list[int], immediate: bool):
-
         self.progress, self.order, self.immediate = progress, order, immediate
         self.lines: dict[int, list[tuple[bool, str]]] = {sid: [] for sid in order}
         self.finished: set[int] = set()
@@ -7828,11 +7795,9 @@ class RunLog:
     ({"type": "system", "subtype": "system_prompt", "sampling": {the fields sent}}, then
     {"type": "user" | "assistant", "message": …}), a "constrained_output" system line for
     a grounded step, the streamed answer as an "assistant" message with its usage, a
-    "command" system line per command run (argv, exit_code, duration_s, output_tail) and
-    a "validation" one; last {"type": "result", …} with usage, duration_ms,
-    total_cost_usd (0: the work was local) and would_have_cost_usd. Flushed once an
-    attempt's messages are written and after its check (readable while the model
-    answers), not after every line, which costs a write each."""
+    "command" system line per command run and a "validation" one; last {"type": "result",
+    …}. Flushed once an attempt's messages are written and after its check (readable while
+    the model answers), not after every line, which costs a write each."""
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
         self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
@@ -7856,8 +7821,8 @@ class RunLog:
 
     def sent(self, sid: int, attempt: int, messages: list[dict],
              sampling: dict | None = None) -> None:
-        """Record the exact messages of one attempt, and on its system prompt line how
-        it samples (sampling: max_tokens, temperature, seed, …, the fields sent)."""
+        """Record the exact messages of one attempt, and on its system prompt line how it
+        samples (sampling: the fields sent)."""
         for message in messages:
             if message["role"] == "system":
                 line = {"type": "system", "subtype": "system_prompt", "attempt": attempt,
@@ -7886,8 +7851,8 @@ class RunLog:
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
-        "spans" (its string values one of spans candidates, span_schema), "schema"
-        (the usual schema) or "none" (no schema sent); spans None but for "spans"."""
+        "spans" (its string values one of spans candidates, span_schema), "schema" or
+        "none" (no schema sent); spans None but for "spans"."""
         self._line(sid, {"type": "system", "subtype": "constrained_output", "attempt": attempt,
                          "form": form, "spans": spans})
 
@@ -7898,7 +7863,7 @@ class RunLog:
         self.files[sid].flush()
 
     def command(self, sid: int, attempt: int, run: CommandRun) -> None:
-        """Record one command validation run: argv, exit code, seconds, output tail."""
+        """Record one command run (CommandRun.as_dict)."""
         self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt,
                          **run.as_dict()})
 
@@ -7920,10 +7885,9 @@ class RunLog:
 class _Heartbeat:
     """Refresh a running plan's heartbeat_at every HEARTBEAT_INTERVAL_S seconds from a
     background thread with its own store connection, so another bridge can tell a
-    live run from a dead one (see PlanRecord.stale)."""
+    live run from a dead one (PlanRecord.stale)."""
 
     def __init__(self, config: Config, record: PlanRecord, run_id: str):
-
         self.config, self.record, self.run_id = config, record, run_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="bridge-heartbeat", daemon=True)
@@ -7956,10 +7920,10 @@ def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dic
 
 def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: str) -> Completion:
     """Return reply with a cost_usd: its own, or, when its executor could not price it
-    (cost_usd None: counts it could not believe, or no price for the model it named),
-    its usage (estimated_usage when unknown) at claude_price of the model that answered,
-    else of model (the id asked for); 0 for a model without a price (a local one). So a
-    paid request with a negative or absurd count still counts against --max-cost-usd."""
+    (cost_usd None: counts it could not believe, or no price for the model it named), its
+    usage (estimated_usage when unknown) at claude_price of the model that answered, else
+    of model (the id asked for); 0 for a model without a price. So a paid request with a
+    negative or absurd count still counts against --max-cost-usd."""
     if reply.cost_usd is not None:
         return reply
     price = claude_price(reply.model or "") or claude_price(model)
@@ -7972,19 +7936,21 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
     """Add a reply's usage and real cost to a step, and to its ledger line for the
     model reference that answered; a reply without usage is estimated (estimated_usage,
     usage_reported False)."""
-    if reply.usage:
-        usage = reply.usage
-    else:
+    if not reply.usage:
         result.usage_reported = False
-        usage = estimated_usage(reply, messages, pieces)
-    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
-                                            "completion_tokens": 0, "cost_usd": 0.0})
-    line["requests"] += 1
+    usage = reply.usage or estimated_usage(reply, messages, pieces)
+    _add_to_ledger(result.ledger, model, {**usage, "requests": 1, "cost_usd": reply.cost_usd})
     for key in ("prompt_tokens", "completion_tokens"):
         result.usage[key] += usage[key]
-        line[key] += usage[key]
-    line["cost_usd"] = round(line["cost_usd"] + reply.cost_usd, 6)
     result.cost_usd = round(result.cost_usd + reply.cost_usd, 6)
+
+
+def _add_to_ledger(ledger: dict, model: str, line: dict) -> None:
+    into = ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                     "completion_tokens": 0, "cost_usd": 0.0})
+    for key in ("requests", "prompt_tokens", "completion_tokens"):
+        into[key] += line[key]
+    into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
 
 
 def merge_ledgers(ledgers: Iterator[dict]) -> dict:
@@ -7993,11 +7959,7 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     total: dict[str, dict] = {}
     for ledger in ledgers:
         for model, line in ledger.items():
-            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0,
-                                            "completion_tokens": 0, "cost_usd": 0.0})
-            for key in ("requests", "prompt_tokens", "completion_tokens"):
-                into[key] += line[key]
-            into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
+            _add_to_ledger(total, model, line)
     return total
 
 
@@ -8015,10 +7977,10 @@ def step_outcome(result: StepResult) -> str:
 
 
 def append_step_stats(state_dir: Path, entry: dict) -> None:
-    """Append one step's record to state_dir/STATS_FILE (private, one JSON line,
-    O_APPEND: lines of concurrent bridges do not mix). entry: {"ts", "plan_id",
-    "run_id", "step_id", "model", "validation": [types], "outcome", "attempts",
-    "tokens", "seconds"}. A file that cannot be written costs only this record."""
+    """Append one step's record to state_dir/STATS_FILE (private, one JSON line, O_APPEND:
+    lines of concurrent bridges do not mix). entry: {"ts", "plan_id", "run_id", "step_id",
+    "model", "validation": [types], "outcome", "attempts", "tokens", "seconds"}. A file
+    that cannot be written costs only this record."""
     with _suppress(OSError):
         private_dir(state_dir)
         with open(state_dir / STATS_FILE, "a", encoding="utf-8", opener=private_opener) as handle:
@@ -8026,12 +7988,12 @@ def append_step_stats(state_dir: Path, entry: dict) -> None:
 
 
 def read_step_stats(path: Path) -> dict:
-    """Return the --stats report of a STATS_FILE: {"stats_file", "steps" (records
-    read), "skipped_lines", "models": {model: {validation type: {"steps",
-    "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
-    "median_s"}}}}. A step with several validations counts under each of its types
-    (a `command` check included). Lines that are not such records are counted in
-    skipped_lines. A missing file is an empty report."""
+    """Return the --stats report of a STATS_FILE: {"stats_file", "steps" (records read),
+    "skipped_lines" (lines that are not such records), "models": {model: {validation type:
+    {"steps", "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
+    "median_s"}}}}. A step counts under each of its validation types. A missing file is an
+    empty report."""
+
     from statistics import median
 
     groups: dict[str, dict[str, list[dict]]] = {}
