@@ -6356,14 +6356,11 @@ def untrusted_message(plan: Plan) -> str:
 
 def command_env(config: Config) -> dict[str, str]:
     """Return the environment a plan's commands run in: the user's as bridge started less
-    every name credential_env_name flags, but those named with --pass-env
-    (config.pass_env), so a check never sees a secret it was not given.
-
-    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the source keeps
-    its size and its mtime's second, and a retry rewrites a file within the same second,
-    often at the same size (`x + 2` → `x * 2`), so the retry's test would run the failed
-    attempt's code.
-    """
+    every name credential_env_name flags, but those named with --pass-env, so a check
+    never sees a secret it was not given. PYTHONDONTWRITEBYTECODE=1 is added: Python
+    trusts a cached .pyc while the source keeps its size and its mtime's second, and a
+    retry rewrites a file within the same second, often at the same size (`x + 2` →
+    `x * 2`), so the retry's test would run the failed attempt's code."""
     passed = set(config.pass_env)
     env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -6374,9 +6371,8 @@ class CommandRun(namedtuple("CommandRun",
                             "argv exit_code duration_s output_tail output_bytes timed_out error")):
     """What one command did: argv (list of str), exit_code (int; negative: killed by that
     signal; None: it never started), duration_s (seconds), output_tail (the last
-    COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a marker when the
-    start is left out, secrets redacted; "" when it passed), output_bytes (all it wrote),
-    timed_out, error (why it failed, one line, or None when it passed)."""
+    COMMAND_TAIL_BYTES bytes of its output, as text, marked when cut, secrets redacted; ""
+    when it passed), output_bytes (all it wrote), timed_out, error (one line, or None)."""
 
     __slots__ = ()
 
@@ -6453,8 +6449,8 @@ REAPER_GRACE_S = 5.0       # after its SIGTERM the reaper has this long to sweep
 
 
 def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
-    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None
-    where there is no child subreaper (not Linux, or no sys.executable): there only the
+    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None where
+    there is no child subreaper (not Linux, or no sys.executable): there only the
     command's process group is killed, and a child that leaves it (setsid) can live on."""
     if not sys.platform.startswith("linux") or not sys.executable:
         return None
@@ -6464,14 +6460,11 @@ def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
 def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
-
-    stdout and stderr go to one pipe, read as it comes: only the last COMMAND_TAIL_BYTES
-    bytes are kept, so a flood costs no memory. The command leads its own process group;
-    once it exits, or after timeout_s seconds, or when cancel (a threading.Event) is set,
-    the whole group is killed, and on Linux every other process it started too, daemons
-    that left the group included (REAPER_SOURCE). Never raises for a command that cannot
-    start (that is a failed check saying why).
-    """
+    stdout and stderr go to one pipe, of which the last COMMAND_TAIL_BYTES bytes are kept.
+    The command leads its own process group; once it exits, or after timeout_s seconds, or
+    when cancel (a threading.Event) is set, the whole group is killed, and on Linux every
+    other process it started too (REAPER_SOURCE). Never raises for a command that cannot
+    start (that is a failed check saying why)."""
     import selectors, subprocess
 
     started = time.monotonic()
@@ -6509,9 +6502,9 @@ def _not_started(argv: list[str], started: float, why: Any) -> CommandRun:
 
 
 def _stop_reaper(proc: Any) -> None:
-    """Have a command's reaper end it and sweep its descendants (SIGTERM), when it has
-    not exited yet; wait for it up to REAPER_GRACE_S without reaping it (its pid names
-    the process group _kill_group kills after)."""
+    """Have a command's reaper end it and sweep its descendants (SIGTERM) if it has not
+    exited; wait up to REAPER_GRACE_S without reaping it (its pid names the process group
+    _kill_group kills after)."""
     if _exited(proc):
         return
     with _suppress(ProcessLookupError):
@@ -6549,8 +6542,8 @@ def _read_tail(proc: Any, selector: Any, deadline: float,
 
 
 def _exited(proc: Any) -> bool:
-    """Tell whether a child has exited, without reaping it where the OS allows (its
-    pid, and so its process group's id, cannot be reused before proc.wait())."""
+    """Tell whether a child has exited, without reaping it where the OS allows (its pid,
+    and so its process group's id, cannot be reused before proc.wait())."""
     if not hasattr(os, "waitid"):
         return proc.poll() is not None
     try:
@@ -6594,14 +6587,12 @@ def remove_tree(path: Path) -> None:
 
 
 class FileTransaction:
-    """The files one plan run writes inside its project, with their originals.
-
-    project is opened once; every write, folder, rename, removal and restore works
-    relative to it, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run fails that write (PathError), never lands outside.
-    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
-    guard: what may never be written (forbidden_target_reason). refused: the journal
-    entries of a killed run that recover() would not use.
+    """The files one plan run writes inside its project, with their originals. project is
+    opened once; every write, folder, rename, removal and restore works relative to it,
+    one component at a time without following symlinks, so a folder swapped for a symlink
+    mid-run fails that write (PathError), never lands outside. run_dir: this run's folder,
+    for backups (0o600 in 0o700 folders) and journal.jsonl. guard: what may never be
+    written (forbidden_target_reason). refused: the journal entries recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
@@ -6708,9 +6699,9 @@ class FileTransaction:
         """Take over the files of a killed run (its folder old_run_dir): files of steps in
         kept_steps stay and their originals are adopted (a later rollback still restores
         them); the rest are put back, with the temp files an interrupted write left. The
-        journal is untrusted: read only from a run folder beside this one (run_folder);
-        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
-        the paths put back. Raises RollbackError naming what could not be restored."""
+        journal is untrusted: read only from a run folder beside this one; an entry
+        journalled_paths refuses, or malformed, goes to self.refused. Returns the paths put
+        back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
             entries = read_jsonl(old_run_dir / JOURNAL_FILE)
@@ -6767,7 +6758,6 @@ class FileTransaction:
             name = f"{len(self.changes):04d}-{kept}"
             change.backup = self._save_backup(name, original)
         return True
-
 
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
@@ -6860,7 +6850,6 @@ class FileTransaction:
             with _suppress(OSError, PathError, ValueError):
                 self._in_folder(folder.relative_to(self.project).as_posix(),
                                 lambda fd, name: os.rmdir(name, dir_fd=fd))
-
 
     def discard(self) -> None:
         """Delete this run's backups, and those of the runs it took over."""
@@ -7016,10 +7005,8 @@ class StagedFiles:
         """Delete the staged files."""
         remove_tree(self.run_dir / "staged")
 
-
     def summary(self) -> list[dict]:
         """Return [{"path", "action", "staged": True}] in staging order."""
-
         return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
 
 
@@ -7058,21 +7045,21 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     usable = isinstance(project, str) and "\x00" not in project
     project = os.path.abspath(project) if usable else None
     if not isinstance(info, dict):
-        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
-                "before bridge recorded it); its files are left alone")
-    if info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
-        return (f"run {run_id} was made by a bridge that did not record its plan's content hash; "
-                "not taken over: its files are left alone")
-    if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
-        return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
-                f"({str(info.get('content_hash'))[:12]}), not of this plan "
-                f"({record.content_hash[:12]}): the plan's state is forged; its files are left "
-                "alone")
-    if info.get("project") != project:
-        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
-                f"this plan's project {project!r}: the plan's state is forged; its files are left "
-                "alone")
-    return None
+        why = (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
+               "before bridge recorded it)")
+    elif info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
+        return (f"run {run_id} was made by a bridge that did not record its plan's content "
+                "hash; not taken over: its files are left alone")
+    elif info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
+        why = (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
+               f"({str(info.get('content_hash'))[:12]}), not of this plan "
+               f"({record.content_hash[:12]}): the plan's state is forged")
+    elif info.get("project") != project:
+        why = (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
+               f"this plan's project {project!r}: the plan's state is forged")
+    else:
+        return None
+    return why + "; its files are left alone"
 
 
 def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
@@ -7321,7 +7308,6 @@ class KeptRun:
         paths put back. Raises BridgeError, changing nothing, naming each file changed
         since the run (unless force) or whose backup is gone; RollbackError when one could
         not be restored."""
-
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7440,12 +7426,12 @@ class _Block:
 
 def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
                   staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
-    """Return the parts of a step's user message, for fitted_messages: the objective, LOAD
-    files (read now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on (outputs: step id -> text), what answer form passes,
-    and the task last (read just before the model answers: on SmolLM2-135M that took more
-    values from the text; README, Small local models). staged: for a --review run, returns
-    the staged copy of a project path (or None), read instead of the file."""
+    """Return the parts of a step's user message: the objective, LOAD files (read now, so
+    files earlier steps wrote are current), REFERENCE paths, the outputs of the steps it
+    depends on (outputs: step id -> text), what answer form passes, and the task last (read
+    just before the model answers: on SmolLM2-135M that took more values from the text;
+    README, Small local models). staged: for a --review run, returns the staged copy of a
+    project path (or None), read instead of the file."""
     blocks = []
     if plan.objective:
         blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
@@ -7477,7 +7463,6 @@ def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
                    budget_tokens: int | None = None) -> list[dict]:
     """Return the chat messages of a step's first attempt (fitted_messages)."""
-
     return fitted_messages(step, prompt_blocks(plan, step, outputs), budget_tokens)
 
 
@@ -7485,15 +7470,12 @@ def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
                     sources: list[str] | None = None) -> list[dict]:
     """Return the chat messages of a step's first attempt from its prompt_blocks: the
     step's (or plan default's) system prompt, else DEFAULT_SYSTEM_PROMPT, then the blocks.
-
-    budget_tokens: the prompt tokens that fit (the context length less what the answer
-    needs), or None for no limit. Over it (estimate_tokens), LOAD files and dependency
-    outputs are cut, the largest first, each keeping at least MIN_CUT_CHARS characters and
-    a marker; the rest is never cut. Raises PromptTooLarge with the numbers when even that
-    does not fit. sources: a list that gets the step's input as sent, the text a grounded
-    answer copies from: each LOAD file and dependency output (as far as it was sent), then
-    the task.
-    """
+    budget_tokens: the prompt tokens that fit, or None for no limit. Over it
+    (estimate_tokens), LOAD files and dependency outputs are cut, the largest first, each
+    keeping at least MIN_CUT_CHARS characters and a marker; the rest is never cut. Raises
+    PromptTooLarge with the numbers when even that does not fit. sources: a list that gets
+    the text a grounded answer copies from: each LOAD file and dependency output as sent,
+    then the task."""
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
     sent: dict[int, str] = {}           # id(block) -> its body as sent, without the cut marker
 
@@ -7656,7 +7638,6 @@ def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -
     """Return the prompt of a step's escalation: its first prompt (messages), its last
     message followed by each failed answer (clipped to 4,000 characters) and why it was
     rejected (failures: [(output, why)])."""
-
     tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
                         f"\n```\nRejected because: {why}"
                         for n, (output, why) in enumerate(failures, 1))
@@ -7692,17 +7673,16 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 class StepResult:
-    """The outcome of one step, filled in while it runs. status: "skipped" until it
-    runs, then "running", then succeeded | failed | skipped; output: the artifact once
-    validated; duration_s, generation_s: seconds, in all and in model requests; usage:
-    {prompt_tokens, completion_tokens}, usage_reported False when estimated; model: the
-    one that answered; resumed: taken over from a killed run; cost_usd: real; the
-    escalation (escalated_to, escalation_saved); ledger: per model reference; checks:
-    each command run (CommandRun.as_dict and its attempt); attempt_log: per attempt
-    {"attempt", "sampling" (the fields sent: "max_tokens", "temperature"?, "seed"?, …),
-    "completion_tokens", "error" (None: passed), "thinking" (thinking_asked),
-    "thinking_reserve_tokens", "reasoning_tokens"?, "reasoning_bytes"? (when it thought),
-    "response_format"? (the constraint's type, None: unconstrained; the model server)}."""
+    """The outcome of one step, filled in while it runs. status: "skipped" until it runs,
+    then "running", then succeeded | failed | skipped; output: the artifact once validated;
+    duration_s, generation_s: seconds, in all and in model requests; usage:
+    {prompt_tokens, completion_tokens}, usage_reported False when estimated; model: the one
+    that answered; resumed: taken over from a killed run; cost_usd: real; ledger: per model
+    reference ({requests, prompt_tokens, completion_tokens, cost_usd}); checks: each
+    command run (CommandRun.as_dict and its attempt); attempt_log: per attempt {"attempt",
+    "sampling" (the fields sent), "completion_tokens", "error" (None: passed), "thinking"
+    (thinking_asked), "thinking_reserve_tokens", "reasoning_tokens"?, "reasoning_bytes"?,
+    "response_format"? (the constraint's type, None: unconstrained)}."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd",
@@ -7792,12 +7772,11 @@ class RunLog:
     tools that read Claude Code transcripts read these too.
 
     Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages sent
-    ({"type": "system", "subtype": "system_prompt", "sampling": {the fields sent}}, then
-    {"type": "user" | "assistant", "message": …}), a "constrained_output" system line for
-    a grounded step, the streamed answer as an "assistant" message with its usage, a
-    "command" system line per command run and a "validation" one; last {"type": "result",
-    …}. Flushed once an attempt's messages are written and after its check (readable while
-    the model answers), not after every line, which costs a write each."""
+    (a "system_prompt" system line with "sampling", then {"type": "user" | "assistant",
+    "message": …}), a "constrained_output" system line for a grounded step, the answer
+    with its usage, a "command" system line per command run and a "validation" one; last
+    {"type": "result", …}. Flushed after an attempt's messages and after its check
+    (readable while the model answers), not after every line, which costs a write each."""
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
         self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
@@ -7993,7 +7972,6 @@ def read_step_stats(path: Path) -> dict:
     {"steps", "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
     "median_s"}}}}. A step counts under each of its validation types. A missing file is an
     empty report."""
-
     from statistics import median
 
     groups: dict[str, dict[str, list[dict]]] = {}
@@ -8036,12 +8014,10 @@ def read_step_stats(path: Path) -> dict:
 
 ###############################################################################
 # 32. The result document
-# What a run leaves behind, built here alone from the facts its plan run gathers (the
-# _result document, README: "What bridge writes into the store"): the result memory's
-# summary and content (result_memory; the Store stores it as given, parse_result_content
-# in the room "Store layouts" reads it back), the document --json and --show --json
-# print (shown_result, show_document), and the text of --show and of a run's end
-# (render_show, savings_line, ledger_lines).
+# What a run leaves behind, built here alone from the facts its plan run gathers (README:
+# "What bridge writes into the store"): the result memory (result_memory; the Store stores
+# it as given, parse_result_content in the room "Store layouts" reads it back), the
+# document --json and --show --json print, and the text of --show and of a run's end.
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
@@ -8049,11 +8025,10 @@ RESULT_SUMMARY_FILES = 10
 
 
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
-    """Return what a run's local work saved: local_tokens (prompt and completion tokens
-    on the local server, openai: references), local_usage, would_have_cost_usd (those
-    tokens at price_model's prices; the planner's own tokens are not counted), paid_usd
-    (what paid escalations cost), retries (attempts after a step's first, escalations
-    not counted), escalations and escalations_saved (steps escalated, and those it saved)."""
+    """Return what a run's local work saved: local_tokens (prompt and completion tokens of
+    PROBED executors), local_usage, would_have_cost_usd (those tokens at price_model's
+    prices), price_model, paid_usd (what paid escalations cost), retries (attempts after a
+    step's first, escalations not counted), escalations and escalations_saved."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -8083,8 +8058,8 @@ def savings_line(savings: dict) -> str:
 
 
 def ledger_lines(result: dict) -> list[str]:
-    """Return the usage ledger of a result as lines for a person: one per model,
-    then which steps escalated and whether that saved them."""
+    """Return a result's usage ledger as lines for a person: one per model, then which
+    steps escalated and whether that saved them."""
     lines = ["  ledger:"]
     for model, line in result["ledger"].items():
         lines.append(f"    {model:<32} {line['requests']:>3} request(s) "
@@ -8097,10 +8072,10 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result, plain text: plan, outcome, project (its
-    name as the memory server's hooks detect it), run id, each step's status and error,
-    files changed, the error, the savings and problems. For the memory server's embedding
-    (which reads a memory's first few hundred words) and a planner reading search hits."""
+    """Return the first lines of a stored result, plain text: plan, outcome, project, run
+    id, each step's status and error, files changed, the error, the savings and problems.
+    For the memory server's embedding (which reads a memory's first few hundred words) and
+    a planner reading search hits."""
     counts = result.get("counts") or {}
     project = result.get("project")
     project = f" in project {_summary_text(project, 100)}" if project else ""
@@ -8140,10 +8115,10 @@ def result_content(result: dict) -> str:
 
 
 def result_memory(result: dict) -> ResultMemory:
-    """Return the result memory of a result document, as Store.finish stores it: its
-    content (result_content), tags (bridge-result, plan:<id>, and the project's name,
-    the tag the memory server's hooks inject memories by), metadata, the run id as
-    the memory server's conversation_id, and the plan's final state."""
+    """Return the result memory of a result document, as Store.finish stores it: content
+    (result_content), tags (bridge-result, plan:<id>, and the project's name, the tag the
+    memory server's hooks inject memories by), metadata, the run id as the memory server's
+    conversation_id, and the plan's final state."""
     tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
     if result.get("project"):
         tags.append(tag_safe(result["project"]))
@@ -8155,11 +8130,11 @@ def result_memory(result: dict) -> ResultMemory:
 
 
 def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
-    """Return a result document as bridge prints it (the --json of a run, --show
-    --json): the stored document, its result_hash (its memory's content_hash), what
-    the plan's state says happened to that run since (undone_at, applied_at,
-    rejected_at; state {} for a run just stored), and run_log as bridge makes it from
-    the run id (the stored one is not a path; None when the run id is not bridge's)."""
+    """Return a result document as bridge prints it (--json of a run, --show --json): the
+    stored document, its result_hash (its memory's content_hash), what the plan's state
+    says happened to that run since (undone_at, applied_at, rejected_at; state {} for a
+    run just stored), and run_log made from the run id (the stored one is not a path; None
+    when the run id is not bridge's)."""
     shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
     if state.get("undone_run") == run_id and state.get("undone_at"):
         shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
@@ -8175,9 +8150,9 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
 
 def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tuple[str, str]],
                   runs_dir: Path) -> dict:
-    """Return what --show --json prints: shown_result of the found (document,
-    result_hash), with status_now when the plan moved on from that run (after --apply
-    or --reject) and replaced_runs [{"run_id", "status"}] (Store.replaced_runs)."""
+    """Return what --show --json prints: shown_result of found (document, result_hash),
+    with status_now when the plan moved on from that run and replaced_runs [{"run_id",
+    "status"}] (Store.replaced_runs)."""
     result = shown_result(*found, record.state, runs_dir)
     now = record.display_status
     if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
@@ -8189,10 +8164,9 @@ def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tu
 
 
 def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
-    run that is not the plan's own is said to be forged: foreign_run_reason),
-    --rerun for a finished one."""
+    """Return what runs a plan from where it is: --plan for a pending one, --resume or
+    --rerun for a stale one (with runs_dir, a state naming a run not the plan's own is
+    said to be forged: foreign_run_reason), --rerun for a finished one."""
     status, plan_id = record.display_status, record.plan_id
     run_id = record.state.get("run_id")
     ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
@@ -8246,8 +8220,8 @@ def _step_lines(step: dict) -> list[str]:
 
 
 def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs, errors,
-    files, usage, cost and where the run log is. Every line goes through printable()."""
+    """Return a stored result document as text for a person; every line goes through
+    printable()."""
     usage = result.get("usage") or {}
     lines: list[str] = []
 
@@ -8269,13 +8243,11 @@ def render_result(result: dict) -> str:
         add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
     if result.get("error"):
         add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped "
-            "(bridge --reject)")
+    for key, what in (("undone", "its files were put back (bridge --undo)"),
+                      ("applied", "its staged files were written (bridge --apply)"),
+                      ("rejected", "its staged files were dropped (bridge --reject)")):
+        if result.get(f"{key}_at"):
+            add(f"  {key} at {result[key + '_at']}: {what}")
     for problem in result.get("problems") or []:
         add(f"  problem: {problem}")
     for step in result.get("steps", []):
@@ -8291,8 +8263,8 @@ def render_result(result: dict) -> str:
 
 def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
     """Return what --show prints of show_document's result: render_result, the runs of
-    contents the plan had before --submit --replace, and what to do now when it is
-    stale or awaiting review."""
+    contents replaced by --submit --replace, and what to do now when it is stale or
+    awaiting review."""
     lines = [render_result(result)]
     for entry in result.get("replaced_runs") or []:
         lines.append(printable(f"  replaced content: run {entry['run_id']} ({entry['status']}) "
@@ -8309,9 +8281,9 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
-    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
-    the same file, the previous writer in sequential order (so parallel steps never
-    race on a file, and the last writer is always the same)."""
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing the
+    same file, the previous writer in sequential order (parallel steps never race on a
+    file, and the last writer is always the same)."""
     graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
     writers: dict[str, int] = {}
     for sid in sequential_order(graph):
@@ -8326,7 +8298,6 @@ def step_graph(plan: Plan) -> dict[int, set[int]]:
 def sequential_order(graph: dict[int, set[int]]) -> list[int]:
     """Return the order steps run in one at a time: the lowest id that is ready next,
     so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-
     order, out = TopologicalSorter(graph), []
     order.prepare()
     ready: list[int] = []
@@ -8340,20 +8311,14 @@ def sequential_order(graph: dict[int, set[int]]) -> list[int]:
 
 
 class StepScheduler:
-    """Runs a plan's steps in dependency order, up to `parallel` at once.
-
-    Independent steps run concurrently (at most `parallel` requests in flight, in
-    threads); with 1 they run one by one in the calling thread. Steps writing the
-    same file run one after the other, in id order (step_graph). A failed `halt`
-    step stops new steps from starting; steps already running finish and their
-    results count. Steps already succeeded (taken over from a killed run) are not
-    sent again; a step whose dependency did not succeed is skipped, saying which.
-
-    run: the PlanRun (or any object with plan, results, log, cancel and these two):
-    run.run_step(step, result, outputs, position) runs one step's attempts and fills
-    result; run.step_ended(result) hears of every step that is over. run.cancel (a
-    threading.Event) is set when the run stops early, for steps still running to see.
-    """
+    """Runs a plan's steps in dependency order (graph: step_graph), up to `parallel` at
+    once in threads; with 1, one by one in the calling thread. A failed `halt` step stops
+    new steps from starting; steps already running finish and their results count. Steps
+    that succeeded in a killed run are not sent again; a step whose dependency did not
+    succeed is skipped, saying which. run: the PlanRun: run.run_step(step, result,
+    outputs, position) runs one step's attempts and fills result; run.step_ended(result)
+    hears of every step that is over; run.cancel (a threading.Event) is set when the run
+    stops early, for steps still running to see."""
 
     def __init__(self, graph: dict[int, set[int]], parallel: int, run: "PlanRun"):
         self.plan, self.graph, self.results = run.plan, graph, run.results
@@ -8369,7 +8334,6 @@ class StepScheduler:
     def run(self, checkpoint: Callable[[StepResult], None]) -> str | None:
         """Run every step; checkpoint(result) saves each finished one. Returns the
         plan's error, or None when no step failed. Re-raises what stopped it."""
-
         order = TopologicalSorter(self.graph)
         order.prepare()
         finished: queue.Queue = queue.Queue()
@@ -8391,7 +8355,6 @@ class StepScheduler:
     def _start_ready(self, order: Any, finished: Any,
                      checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
-
         while self.ready and len(self.running) < self.parallel:
             sid = self.ready.pop(0)
             step, result = self.plan.steps[sid], self.results[sid]
@@ -8449,7 +8412,6 @@ class StepScheduler:
     @staticmethod
     def _next_finished(finished: Any) -> tuple[int, BaseException | None]:
         """Wait for the next finished step, staying responsive to Ctrl-C."""
-
         while True:
             try:
                 return finished.get(timeout=0.1)
@@ -8476,7 +8438,6 @@ class ContextPool:
     exceeded". capacity: the context (tokens). Thread-safe."""
 
     def __init__(self, capacity: int):
-
         self.capacity, self.used = capacity, 0
         self._free = threading.Condition()
 
@@ -8506,19 +8467,18 @@ class ContextPool:
 
 
 class ContextFit:
-    """What this process knows of the default model's context (every plan it runs
-    shares it). model: the default model id; context_length: tokens, or None (not
-    known); parallel: steps in flight; calibration: the server's tokens per estimated
-    token (calibrate); pool: a ContextPool when the slots share one context, else None;
-    reprobe: LM Studio loaded the model on demand (JIT), so the first reply is followed
-    by a probe for the context and slots it got; client: the LLMClient, or None."""
+    """What this process knows of the default model's context (every plan it runs shares
+    it). model: the default model id; context_length: tokens, or None (not known);
+    parallel: steps in flight; calibration: the server's tokens per estimated token;
+    pool: a ContextPool when the slots share one context, else None; reprobe: LM Studio
+    loaded the model on demand (JIT): probe once a reply came; client: the LLMClient, or
+    None."""
 
     __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
                  "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
 
     def __init__(self, config: Config, client: "LLMClient | None", model: str | None,
                  progress: Progress):
-
         self.config, self.client, self.model, self.progress = config, client, model, progress
         self.context_length: int | None = None
         self.parallel, self.calibration = 1, 1.0
@@ -8528,23 +8488,22 @@ class ContextFit:
         self._reprobe_lock = threading.Lock()
 
     def context_of(self, model: str) -> int | None:
-        """Return the context (tokens) a model's prompts are fitted to: the default
-        model's, else None (not known)."""
+        """Return the context (tokens) a model's prompts are fitted to: the default model's,
+        else None."""
         return self.context_length if model == self.model else None
 
     def budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is
-        unknown: the context (--context-length, else the server's for the loaded model) less
-        the answer's share (answer_tokens), over calibration."""
+        """Return the prompt tokens that fit for a step (prompt_budget over calibration), or
+        None when the context is unknown."""
         budget = prompt_budget(step, self.context_of(model))
         return int(budget / self.calibration) if budget is not None else None
 
     def calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
-        """Learn how many of the server's tokens one estimated token is (calibration,
-        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
-        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
-        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
-        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        """Learn how many of the server's tokens one estimated token is (calibration, 1 to
+        MAX_CALIBRATION) from the server's count of messages of at least
+        CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens): number-dense
+        text runs 1.85 characters a token on SmolLM2's tokenizer, not 3.5. Returns True when
+        the default model's budget shrank."""
         estimate = estimate_tokens(messages)
         if model != self.model or not isinstance(counted, int) or self.context_length is None \
                 or estimate < CALIBRATE_MIN_TOKENS:
@@ -8556,9 +8515,8 @@ class ContextFit:
         return True
 
     def max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, plus reserve, capped by
-        the context the prompt leaves (estimate_tokens, times calibration) when the
-        model's context is known."""
+        """Return the max_tokens of one request: answer_tokens plus reserve, capped by the
+        context the prompt leaves (estimate_tokens times calibration) when it is known."""
         context = self.context_of(model)
         limit = answer_tokens(step, context) + self.reserve(step, model)
         if not context:
@@ -8566,8 +8524,8 @@ class ContextFit:
         return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
 
     def reserve(self, step: Step, model: str) -> int:
-        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
-        when the step asks for thinking or the model was seen thinking, else 0."""
+        """Return the thinking reserve of a step's requests on a model (tokens):
+        thinking_reserve when the step asks for thinking or the model was seen thinking."""
         if step.thinking != "on" and model not in self._thinkers:
             return 0
         return thinking_reserve(self.context_of(model))
@@ -8589,10 +8547,10 @@ class ContextFit:
                                "the steps sent from now on are fitted to it")
 
     def reprobe_loaded(self, model: str) -> None:
-        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
-        context and parallel slots it was loaded with (JIT loads ignore saved settings
-        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
-        re-reads the same way): the steps sent after this fit them; said once."""
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the context
+        and parallel slots it was loaded with (JIT loads ignore saved settings and often get
+        4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354 re-reads the same
+        way): the steps sent after this fit them."""
         with self._reprobe_lock:
             if not self.reprobe:
                 return
@@ -8619,11 +8577,10 @@ class ContextFit:
 
 
 class Attempt:
-    """One request of a step as it is sent and streamed. number: 1 for the first;
-    model: the model reference asked; messages: the prompt (redacted); sampling: the
-    fields of retry_sampling (None: as the step says), then those sent, with max_tokens;
-    started: time.monotonic(); pieces, thought: streamed pieces of answer and of thinking
-    (the token estimate when the server sends no usage); guard, thinking_guard:
+    """One request of a step. number: 1 for the first; model: the model reference asked;
+    messages: the prompt (redacted); sampling: the fields of retry_sampling, then those
+    sent; started: time.monotonic(); pieces, thought: streamed pieces of answer and of
+    thinking (the token estimate when the server sends no usage); guard, thinking_guard:
     DegenerationGuards of a WATCHED executor, else None. Set by StepRun._prepare:
     executor, name (the model name it is asked by), local (a PROBED executor), thinking
     (thinking_asked), reserve (thinking tokens) and schema (the output schema sent)."""
@@ -8637,13 +8594,12 @@ class Attempt:
         self.step_run, self.number, self.model, self.sampling = step_run, number, model, sampling
         self.messages = redact(messages)    # no secret of bridge's environment reaches a model
         self.started, self.pieces, self.guard = time.monotonic(), 0, None
-        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+        self.thought, self.thinking_guard = 0, None
         self.executor, self.name, self.local = None, model, False
         self.thinking, self.reserve, self.schema = None, 0, None
 
     def _status(self, what: Callable[[float], str]) -> None:
-        """Show the attempt on the progress line: where, step, attempt, seconds, and
-        what(seconds since it started)."""
+        """Show the attempt on the progress line, ending with what(seconds since it started)."""
         run, step = self.step_run.run, self.step_run.step
         elapsed = time.monotonic() - self.started
         run.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
@@ -8661,9 +8617,8 @@ class Attempt:
         self._status(lambda elapsed: f"{self.pieces / max(elapsed, 1e-6):.1f} tok/s")
 
     def on_reasoning(self, piece: str) -> None:
-        """Take one streamed piece of thinking: count it, show it on the progress line
-        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
-        the stream is closed on the way out)."""
+        """Take one streamed piece of thinking: count it, show it on the progress line and
+        watch it (raises OutputDegenerate naming the thinking)."""
         self.thought += 1
         self._status(lambda elapsed: f"thinking · {self.thought} tokens")
         if self.thinking_guard is not None:
@@ -8674,12 +8629,11 @@ class Attempt:
                 raise OutputDegenerate(why) from None
 
     def thought_of(self, reply: Completion, inline: str) -> tuple[int, int]:
-        """Record what the attempt thought (reasoning fields and reasoning inside content):
-        its tokens and bytes, on the step's attempt_log entry; remember the model
-        thinks. Returns the tokens, and the answer's (its pieces less the thinking
-        inside content). Tokens: the reasoning fields' streamed pieces (else
-        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
-        characters are (else CHARS_PER_TOKEN)."""
+        """Record what the attempt thought (reasoning fields and reasoning inside content,
+        inline) and remember the model thinks. Returns the tokens, and the answer's (its
+        pieces less the thinking inside content). Tokens: the reasoning fields' streamed
+        pieces (else CHARS_PER_TOKEN); inside content, the share of the content's pieces
+        its characters are (else CHARS_PER_TOKEN)."""
         text = reply.reasoning + inline
         if not text:
             return 0, self.pieces
@@ -8689,20 +8643,22 @@ class Attempt:
         else:
             within = int(len(inline) / CHARS_PER_TOKEN)
         tokens = max(1, fields + within)
-        size = len(text.encode("utf-8", "replace"))
-        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
-        self.step_run.runner.fit.thinks(self.model)
+        self._record_thought(tokens, text)
         self.step_run.say(f"  {self.step_run.step.label}: the model thought for {tokens} tokens",
                           detail=True)
         return tokens, max(0, self.pieces - within)
 
+    def _record_thought(self, tokens: int, text: str) -> None:
+        """Put reasoning_tokens and reasoning_bytes on the step's attempt_log entry; remember
+        the model thinks."""
+        size = len(text.encode("utf-8", "replace"))
+        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self.step_run.runner.fit.thinks(self.model)
+
     def thought_cut(self) -> None:
-        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        """Record the thinking of an attempt cut while it streamed."""
         if self.thought and self.thinking_guard is not None:
-            size = len(self.thinking_guard.text.encode("utf-8", "replace"))
-            self.step_run.result.attempt_log[-1].update(reasoning_tokens=self.thought,
-                                                        reasoning_bytes=size)
-            self.step_run.runner.fit.thinks(self.model)
+            self._record_thought(self.thought, self.thinking_guard.text)
 
     def cut_thinking(self, limit: Any, thought: int, answered: int) -> str:
         """Say how an attempt that thought was cut at max_tokens (limit): what thinking
@@ -8721,8 +8677,8 @@ class Attempt:
                 f"{answer} ({after})")
 
     def stopped(self, why: str) -> AttemptFailure:
-        """Record an attempt whose output degenerated and was cut (its tokens are
-        estimated: the server sent no usage); return its AttemptFailure."""
+        """Record an attempt whose output degenerated and was cut (its tokens estimated:
+        the server sent no usage); return its AttemptFailure."""
         step_run = self.step_run
         text = self.guard.text if self.guard is not None else ""
         thought = self.thinking_guard.text if self.thinking_guard is not None else ""
