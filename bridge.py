@@ -2120,7 +2120,7 @@ class MemoryAPI:
 ###############################################################################
 # 10. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
-# memory server does, its health. Plan states, plans and results: the next two rooms.
+# memory server does, its health.
 ###############################################################################
 
 
@@ -2130,13 +2130,23 @@ READ_ONLY_STORE_HINT = ("the file or its folder is read-only (a read-only mount,
 
 
 def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
-    """The error of a store that another process kept locked for waited_s seconds
-    (default STORE_BUSY_TIMEOUT_S, SQLite's busy_timeout)."""
+    """The error of a store another process kept locked for waited_s seconds (None:
+    STORE_BUSY_TIMEOUT_S)."""
     waited_s = STORE_BUSY_TIMEOUT_S if waited_s is None else waited_s
     return StoreError(f"the store {path} stayed locked for {waited_s:g} s "
                       "(another process holds it)",
                       "retry when that process is done: the memory server's own writes end in "
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
+
+
+def _busy(exc: Exception) -> bool:
+    """Whether an sqlite3 error says another process holds the store."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _write_error(path: Path, exc: Exception) -> StoreError:
+    return StoreError(f"cannot write the store {path}: {exc}",
+                      READ_ONLY_STORE_HINT if "readonly" in str(exc) else None)
 
 
 def sqlite3_module() -> Any:
@@ -2148,10 +2158,9 @@ def sqlite3_module() -> Any:
 
 
 class StoreFile:
-    """The memory server's SQLite file: its layout (mcp-memory-service 12.x or 10.x, or
-    the original script's: _LAYOUT_COLUMNS; None for any other, which open refuses),
-    write transactions, memories written the way the server does, its health. bridge
-    uses its subclass Store: `with Store.open(config) as store: ...`."""
+    """The memory server's SQLite file: its layout (of _LAYOUT_COLUMNS; None for any
+    other, which open refuses), write transactions, memories written the way the server
+    does, its health. bridge uses its subclass Store: `with Store.open(config) as s:`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
         """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
@@ -2168,10 +2177,9 @@ class StoreFile:
 
     @classmethod
     def open(cls, config: Config) -> "Store":
-        """Open the first existing store of config.db_paths. Opening writes nothing:
-        STATE_TABLE is made by the first state bridge records there (_set_state).
-        Raises StoreError naming every path tried when none exists, or when the file
-        is not SQLite or has a layout bridge does not know."""
+        """Open the first existing store of config.db_paths, writing nothing (STATE_TABLE
+        comes with the first state recorded). Raises StoreError when none exists (naming
+        every path tried), or the file is not SQLite or of a layout bridge does not know."""
         sqlite3 = sqlite3_module()
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
@@ -2185,7 +2193,7 @@ class StoreFile:
             conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
             store = cls(conn, path, config.crash_at)
         except sqlite3.Error as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _busy(exc):
                 raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
@@ -2199,10 +2207,8 @@ class StoreFile:
 
     @staticmethod
     def create(path: Path) -> None:
-        """Create an empty store at path in the memory server's 12.x layout.
-
-        Raises StoreError when path exists, its folder does not, or it cannot be written.
-        """
+        """Create an empty store at path in the memory server's 12.x layout. Raises
+        StoreError when path exists, its folder does not, or it cannot be written."""
         sqlite3 = sqlite3_module()
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
@@ -2243,15 +2249,13 @@ class StoreFile:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except self.sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    if attempt < STORE_WRITE_TRIES:
-                        time.sleep(0.05 * attempt)
-                        continue
-                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
-                    raise store_locked_error(self.path, waited_s) from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                    from exc
+                if not _busy(exc):
+                    raise _write_error(self.path, exc) from exc
+                if attempt < STORE_WRITE_TRIES:
+                    time.sleep(0.05 * attempt)
+                    continue
+                waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                raise store_locked_error(self.path, waited_s) from exc
             try:
                 result = work()
                 self.conn.execute("COMMIT")
@@ -2259,18 +2263,14 @@ class StoreFile:
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, self.sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                        from exc
+                    raise _write_error(self.path, exc) from exc
                 raise
 
     def insert_memory(self, content: str, tags: list[str], memory_type: str,
                       metadata: dict) -> str:
-        """Insert one memory the way the memory server does; return its content_hash.
-        Call inside _write. Fills the hash, both timestamps and their _iso twins,
-        store='default' and embedding_pending=0 where the layout has those columns
-        (no embedding: tag and keyword search find it, semantic search does not).
-        Raises StoreError when identical content is already stored."""
+        """Insert one memory the way the memory server does (no embedding: tag and keyword
+        search find it, semantic search does not); return its content_hash. Call inside
+        _write. Raises StoreError when identical content is already stored."""
         now = time.time()
         digest = content_hash(content)
         tags_text = ",".join(tag_safe(t.strip()) for t in tags)
@@ -2298,8 +2298,8 @@ class StoreFile:
         return digest
 
     def soft_delete(self, row_id: Any) -> None:
-        """Mark one memory deleted the way the memory server does (deleted_at and
-        updated_at). Call inside _write. Raises StoreError on a layout without it."""
+        """Mark one memory deleted the way the memory server does. Call inside _write.
+        Raises StoreError on a layout without deleted_at."""
         if "deleted_at" not in self.columns:
             raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
                              "delete the old plan by hand, then submit again")
@@ -2314,12 +2314,10 @@ class StoreFile:
                                  f"AND {self._live_filter()}", (digest,)).fetchone() is not None
 
     def check_usable(self) -> str | None:
-        """Return why a run could not use this store, or None when it can. Runs PRAGMA
-        quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
-        "ok", else the problems found, such as a corrupted page), then proves a
-        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
-        file is never changed (a read-only mount fails here, "attempt to write a
-        readonly database"). A store busy with another writer counts as writable."""
+        """Return why a run could not use this store, or None: PRAGMA quick_check
+        (https://sqlite.org/pragma.html#pragma_quick_check: "ok", else the problems), then
+        a probe table created and rolled back, so the file is never changed (a read-only
+        mount fails here). A store busy with another writer counts as writable."""
         try:
             found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
         except self.sqlite3.DatabaseError as exc:
@@ -2329,7 +2327,7 @@ class StoreFile:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except self.sqlite3.OperationalError as exc:
-            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
+            return None if _busy(exc) else f"cannot write: {exc}"
         try:
             self.conn.execute("CREATE TABLE bridge_write_probe (x)")
         except self.sqlite3.DatabaseError as exc:
@@ -2339,13 +2337,11 @@ class StoreFile:
         return None
 
     def memory_report(self) -> dict:
-        """Return the store as the memory server sees it: {"schema_version" (its
-        metadata table's schema_version, or None), "migrations" (rows of its
-        migration_registry, or None), "state_table" (STATE_TABLE exists),
-        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
-        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
-        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
-        memories.id; None without it)}."""
+        """Return the store as the memory server sees it: {"schema_version" (or None),
+        "migrations" (rows of migration_registry, or None), "state_table" (bool),
+        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or bridge-result),
+        "without_embedding" (of those, rows missing from the vec0 shadow table
+        memory_embeddings_rowids, whose rowid is memories.id; None without it)}."""
         def count(sql: str) -> int:
             return self.conn.execute(sql).fetchone()[0]
 
@@ -2374,21 +2370,19 @@ class StoreFile:
 
 ###############################################################################
 # 11. Store: plan states and claims
-# Every piece of claiming a plan that is the store's: the plan record and its
-# effective status (stale: its owner is gone), STATE_TABLE read and written (and
-# migrated from an older bridge's metadata), the claim, the heartbeat, the release,
-# the cancel, and a run that died after storing its result settled by that result.
+# The plan record and its effective status, STATE_TABLE read and written (and migrated
+# from an older bridge's metadata), claim, heartbeat, release, cancel, and a run that died
+# after storing its result settled by that result.
 ###############################################################################
 
 
 class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
                             "saved", defaults=("", None, None))):
-    """One plan memory as read from the store. row_id: memories.id (an int; a str in
-    the original layout). content, tags: the row's text. plan: the parsed content (a
-    dict for a well-formed plan; anything else is reported as invalid). metadata: the
-    row's metadata object (the server's; never read for state). created_at: as stored
-    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
-    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
+    """One plan memory as read from the store. row_id: memories.id (an int; a str in the
+    original layout). content, tags: the row's text. plan: the parsed content (a dict, else
+    reported as invalid). metadata: the row's object (never read for state). created_at:
+    Unix seconds (ISO text in the original layout). digest: the row's content_hash (None:
+    computed). saved: its STATE_TABLE row as a state dict, or None."""
 
     __slots__ = ()
 
@@ -2399,8 +2393,8 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def chunks(self) -> int:
-        """How many chunks the memory server split this memory into (its metadata's
-        total_chunks, set by memory_store on content over its length limit), else 0."""
+        """How many chunks the memory server split this memory into (metadata's
+        total_chunks), else 0."""
         total = self.metadata.get("total_chunks")
         if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
             return total
@@ -2415,9 +2409,7 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def state(self) -> dict:
-        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
-        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
-        result_hash, resumed_from."""
+        """The recorded state, or {}: STATE_COLUMNS' keys, owner {"host", "pid"} and extras."""
         return self.saved if isinstance(self.saved, dict) else {}
 
     @property
@@ -2437,11 +2429,9 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def stale(self) -> bool:
-        """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
-        from now, in the past or the future (a running bridge refreshes it every
-        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
-        reads as a time (a plan whose own content says in_progress has none)."""
+        """True when in_progress but its owner is gone: its process no longer runs on this
+        host, or its heartbeat is more than STALE_AFTER_S seconds from now, past or future
+        (one in year 9999 is a forgery), or there is no heartbeat that reads as a time."""
         if self.status != "in_progress":
             return False
         owner = self.owner
@@ -2474,8 +2464,8 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
 
 class PlanStates(StoreFile):
-    """The plans' states in the store (keyed by the plan memory's content_hash; see
-    STATE_TABLE) and their claims. Store is the class to use."""
+    """The plans' states in the store (STATE_TABLE) and their claims. Store is the class
+    to use."""
 
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
@@ -2487,9 +2477,8 @@ class PlanStates(StoreFile):
         return self._has_table(STATE_TABLE)
 
     def _create_state_table(self) -> None:
-        """Create STATE_TABLE and fill it from the metadata["bridge"] objects an older
-        bridge wrote: the migration, run once. Call inside _write: the table, its
-        migrated rows and the state being recorded commit together."""
+        """Create STATE_TABLE, filled from the metadata["bridge"] objects an older bridge
+        wrote (the migration). Call inside _write: all of it commits with the state."""
         if not self._has_table(STATE_TABLE):      # another process may have made it first
             self.conn.execute(STATE_DDL)
             for digest, state in self._legacy_states().items():
@@ -2497,11 +2486,8 @@ class PlanStates(StoreFile):
 
     def _legacy_states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
         """Return {content_hash: state} from every row whose metadata holds an older
-        bridge's "bridge" object with a known status (anything else is ignored).
-
-        rows: (content_hash or None, content, metadata) of the rows to look at, e.g.
-        the plan candidates find_plans already read; None reads every such row of the
-        store (a scan: the migration, once)."""
+        bridge's "bridge" object with a known status. rows: (content_hash or None,
+        content, metadata) to look at; None: a scan of the store (the migration)."""
         if rows is None:
             digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
             rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
@@ -2529,8 +2515,8 @@ class PlanStates(StoreFile):
         return states
 
     def _states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
-        """Return {plan content_hash: state} of every plan bridge has recorded (on a
-        store without STATE_TABLE, of the rows given: see _legacy_states)."""
+        """Return {plan content_hash: state} of every plan recorded (without STATE_TABLE,
+        of the rows given)."""
         if not self.has_state_table:
             return self._legacy_states(rows)  # read-only on a store bridge has not used since
         rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra "
@@ -2557,9 +2543,9 @@ class PlanStates(StoreFile):
         return {**(extra if isinstance(extra, dict) else {}), **state}
 
     def _settled(self, state: dict | None) -> dict | None:
-        """Return state, finished from its result memory when the run stored that
-        result but died before its final transaction (state in_progress, result_hash
-        set, and a live result of that run_id stored under that hash)."""
+        """Return state, finished from its result memory when the run stored that result
+        (a live one of its run_id, under result_hash) but died before its final
+        transaction."""
         if not state or state.get("status") != "in_progress" or not state.get("result_hash") \
                 or "content_hash" not in self.columns:
             return state
@@ -2585,8 +2571,8 @@ class PlanStates(StoreFile):
                            utc_now_iso()))
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
-        """Merge changes into the plan's row of STATE_TABLE; return the new state.
-        Call inside _write. The memories table is not touched."""
+        """Merge changes into the plan's row of STATE_TABLE; return the new state. Call
+        inside _write."""
         state = {**(self._read_state(record.content_hash) or {}), **changes}
         if not self.has_state_table:
             self._create_state_table()
@@ -2595,10 +2581,9 @@ class PlanStates(StoreFile):
 
     def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
               resumed_from: str | None = None) -> bool:
-        """Move a plan to in_progress for this process, atomically. allowed: effective
-        statuses that may be claimed ("stale": an in_progress plan whose owner died).
-        resumed_from: the run id this run takes over. Returns False, changing nothing,
-        when another process got there first or the status is not allowed."""
+        """Move a plan to in_progress for this process, atomically. allowed: the display
+        statuses that may be claimed; resumed_from: the run id this run takes over.
+        Returns False, changing nothing, when the status is not allowed (any more)."""
         def work() -> bool:
             fresh = self.reload(record)
             if fresh.display_status not in allowed:
@@ -2615,74 +2600,71 @@ class PlanStates(StoreFile):
             return True
         return self._write(work)
 
-    def heartbeat(self, record: PlanRecord, run_id: str) -> bool:
-        """Refresh heartbeat_at of a plan this run still owns; False if it does not."""
+    def _change_if(self, record: PlanRecord, holds: Callable[[PlanRecord], bool],
+                   changes: Callable[[], dict]) -> bool:
+        """In one transaction, merge changes() into the plan's state when holds(the record
+        read again); return whether it did."""
         def work() -> bool:
-            if self.reload(record).state.get("run_id") != run_id:
+            if not holds(self.reload(record)):
                 return False
-            self._set_state(record, {"heartbeat_at": utc_now_iso()})
+            self._set_state(record, changes())
             return True
         return self._write(work)
+
+    def heartbeat(self, record: PlanRecord, run_id: str) -> bool:
+        """Refresh heartbeat_at of a plan this run still owns; False if it does not."""
+        return self._change_if(record, lambda fresh: fresh.state.get("run_id") == run_id,
+                               lambda: {"heartbeat_at": utc_now_iso()})
 
     def release(self, record: PlanRecord, run_id: str) -> bool:
         """Put a plan this run claimed back to pending, as if never claimed (a run the
         model server stopped before it did anything); False if the run no longer owns it."""
-        def work() -> bool:
-            if self.reload(record).state.get("run_id") != run_id:
-                return False
-            self._set_state(record, {"status": "pending", "run_id": None, "claimed_at": None,
-                                     "heartbeat_at": None, "owner": None, "resumed_from": None})
-            return True
-        return self._write(work)
+        return self._change_if(record, lambda fresh: fresh.state.get("run_id") == run_id,
+                               lambda: {"status": "pending", "run_id": None, "claimed_at": None,
+                                        "heartbeat_at": None, "owner": None,
+                                        "resumed_from": None})
 
     def cancel(self, record: PlanRecord) -> bool:
-        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
-        died, or its state is forged: the files its run left stay as they are),
-        invalid or awaiting review (its staged files stay unapplied in its run's
-        folder); False, changing nothing, when it is running or finished."""
-        def work() -> bool:
-            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
-                return False
-            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
-                                     "error": "cancelled by the user"})
-            return True
-        return self._write(work)
+        """Mark a plan cancelled, atomically, when its display status is in
+        CANCELLABLE_STATUSES (the files a stale run left and a review's staged files stay
+        as they are); False, changing nothing, when it is running or finished."""
+        return self._change_if(
+            record, lambda fresh: fresh.display_status in CANCELLABLE_STATUSES,
+            lambda: {"status": "cancelled", "finished_at": utc_now_iso(),
+                     "error": "cancelled by the user"})
 
     def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
         """Return [(run_id, status)] of the last runs of the other contents this plan id
-        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        had (replaced by --submit --replace)."""
         if not self.has_state_table:
             return []
-        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
-                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? "
+                                 "AND content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
                                  (record.plan_id, record.content_hash)).fetchall()
 
 
 ###############################################################################
 # 12. Store: plan and result memories
-# The memories bridge reads and writes: plan memories found (by the memory server's
-# index when it has one) and submitted; a run's result memory stored as the room "The
-# result document" built it (directly, or through the memory server's HTTP API for an
-# embedding), found again, and what --undo, --apply and --reject record of that run.
+# Plan memories found and submitted; a run's result memory stored as the room "The result
+# document" built it (directly, or through the memory server's HTTP API for an embedding)
+# and found again; what --undo, --apply and --reject record of a run.
 ###############################################################################
 
 
 class Store(PlanStates):
-    """The doobidoo memory store, opened for plan discovery, claims and results:
-    `with Store.open(config) as store: ...` (StoreFile.open). Raises StoreError."""
+    """The doobidoo memory store, for plans, claims and results: `with Store.open(config)
+    as store: ...`. Raises StoreError."""
 
-    # The FTS phrase that picks plan candidates: the start of the marker. The index
-    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
-    # planner's store, so matching the whole marker reads far more of the index
-    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
+    # The FTS phrase that picks plan candidates: the marker's start. The index is of
+    # trigrams, and those of "plan" fill a planner's store, so the whole marker reads far
+    # more of it (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
     _FTS_CANDIDATES = "bridge-p"
 
     def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first: the rows holding the schema marker
-        (found by the server's trigram index when the store has one, else by a scan)
-        whose content is a JSON object with "$schema" "bridge-plan-v1", and, to be
-        reported as invalid, those tagged bridge-plan or holding JSON that is not an
-        object (prose that merely names the marker is not a plan). Raises StoreError."""
+        """Return every live plan memory, oldest first: rows holding the schema marker (by
+        the server's trigram index, else a scan) whose content is an object with "$schema"
+        SCHEMA_ID, and, to be reported as invalid, those tagged bridge-plan or holding JSON
+        that is not an object (prose naming the marker is no plan). Raises StoreError."""
         tags = "m.tags" if "tags" in self.columns else "''"
         digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
         select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
@@ -2716,8 +2698,7 @@ class Store(PlanStates):
 
     def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
         """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
-        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
-        from SQLite's incremental blob I/O, which reads no content."""
+        content read only when at most PLAN_MAX_BYTES (else None, and its size after)."""
         try:
             with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
                 size = len(blob)
@@ -2731,10 +2712,8 @@ class Store(PlanStates):
 
     @staticmethod
     def _oversized(row: tuple) -> PlanRecord | None:
-        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
-        never read, then its size), when it is tagged bridge-plan: reported as invalid,
-        saying its size and the limit. An untagged one may be any memory naming the
-        marker (a big result): skipped."""
+        """The record (invalid, saying its size) of a plan row over PLAN_MAX_BYTES when it
+        is tagged bridge-plan; None for an untagged one (any memory naming the marker)."""
         row_id, _, _, created_at, tags, digest, size = row
         names = (tags or "").split(",")
         if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
@@ -2769,9 +2748,8 @@ class Store(PlanStates):
                           created_at, tags or "", digest)
 
     def get_plan(self, plan_id: str) -> PlanRecord:
-        """Return the one live plan whose parsed id equals plan_id exactly. Raises
-        PlanNotFound when none matches, StoreError when several live plans share the id
-        (neither is run; the user must delete one)."""
+        """Return the one live plan whose id is plan_id. Raises PlanNotFound, or
+        StoreError when several live plans share the id."""
         matches = [r for r in self.find_plans() if r.plan_id == plan_id]
         if not matches:
             raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
@@ -2788,11 +2766,10 @@ class Store(PlanStates):
         return sum(1 for r in self.find_plans() if r.status == "pending")
 
     def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's memory_store does
-        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
-        soft-delete the live plans with the same id, in the same transaction. Returns
-        (content_hash, row ids replaced). Raises StoreError when a live plan has this
-        id and replace is off, or identical content is already stored."""
+        """Store a plan as a new memory the way the memory server's memory_store does;
+        with replace, soft-delete the live plans of its id in the same transaction.
+        Returns (content_hash, row ids replaced). Raises StoreError when a live plan has
+        this id and replace is off, or identical content is already stored."""
         content = json.dumps(plan, ensure_ascii=False, indent=2)
 
         def work() -> tuple[str, list]:
@@ -2822,17 +2799,14 @@ class Store(PlanStates):
     def finish(self, record: PlanRecord, memory: ResultMemory,
                memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the result memory as given and record the plan's final state
-        (memory.state, with result_hash); return the result's content_hash. Raises
-        StoreError when the store cannot be written.
+        """Store the result memory and record the plan's final state (memory.state, with
+        result_hash); return the result's content_hash. Raises StoreError.
 
-        Without memory_api, the row and the final state are one transaction. With it,
-        for an embedding: (1) the state records result_hash, still in_progress; (2)
-        POST /api/memories; (3) one transaction stores the row unless a live row has
-        that hash (the server's, in this file) and records the final state. A crash
-        after (2) leaves a result its state points to (read as finished: _settled); a
-        refusal or an unreachable server leaves nothing, so (3) writes it and warn()
-        gets one line. Never lost, never stored twice in this file."""
+        Without memory_api, one transaction. With it: (1) the state records result_hash,
+        still in_progress; (2) POST /api/memories; (3) one transaction stores the row
+        unless a live row has that hash, and the final state. A crash after (2) leaves a
+        result its state points to (_settled); a refusal leaves nothing, so (3) writes it
+        and warn() gets one line. Never lost, never stored twice in this file."""
         content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
         why = None
@@ -2861,11 +2835,9 @@ class Store(PlanStates):
     def find_result(self, record: PlanRecord,
                     named_only: bool = True) -> tuple[dict, str] | None:
         """Return (document, content_hash) of the newest result of a plan that its state
-        names (result_hash, or last_result_hash: the result before the claim of the run
-        now recorded), or None. A memory merely tagged bridge-result and plan:<id> is
-        anyone's (a forgery); with named_only False the newest such is returned too.
-        Candidates: the state's hashes, then the live results tagged plan:<id> newest
-        first (the server's own tag match), each read by parse_result_content."""
+        names (result_hash, else last_result_hash: the one before the current claim), or
+        None. A memory merely tagged plan:<id> is anyone's (a forgery): with named_only
+        False the newest such counts too."""
         rows: list = []
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
@@ -2891,8 +2863,7 @@ class Store(PlanStates):
         return None
 
     def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
-        """Record in the plan's state that --undo put back the files of run run_id at
-        undone_at (ISO 8601): {"undone_run", "undone_at"}."""
+        """Record that --undo put back the files of run run_id at undone_at (ISO 8601)."""
         self._write(lambda: self._set_state(record, {"undone_run": run_id,
                                                      "undone_at": undone_at}))
 
@@ -2900,13 +2871,8 @@ class Store(PlanStates):
                       changes: dict) -> bool:
         """Merge changes into the plan's state if it is still `expected` with run
         run_id (one transaction); False, changing nothing, when it is not."""
-        def work() -> bool:
-            state = self.reload(record).state
-            if state.get("status") != expected or state.get("run_id") != run_id:
-                return False
-            self._set_state(record, changes)
-            return True
-        return self._write(work)
+        return self._change_if(record, lambda fresh: fresh.state.get("status") == expected
+                               and fresh.state.get("run_id") == run_id, lambda: changes)
 
 
 ###############################################################################
