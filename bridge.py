@@ -131,7 +131,7 @@ and checks, up to the runner and the command line:
     33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
     37 A plan run: the checked plan, take-over and files · 38 A plan run: its procedure ·
     39 Runner · 40 CLI: arguments and settings ·
-    41 CLI: listing, server discovery, trust and approval · 42 CLI: health ·
+    41 CLI: listing, what a run will do, stats, trust and approval · 42 CLI: health ·
     43 CLI: running and showing · 44 CLI: diff, undo, review · 45 CLI: the planner's side ·
     46 main()
 """
@@ -10148,7 +10148,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 41. CLI: listing, server discovery, trust and approval
+# 41. CLI: listing, what a run will do, stats, trust and approval
 ###############################################################################
 
 
@@ -10195,15 +10195,13 @@ def cmd_list(config: Config, show_all: bool) -> int:
     status_width = max(len(r["status"]) for r in rows) + 2     # awaiting_approval is 17
     for r in rows:
         status = f"{r['status']:<{status_width}}" if show_all else ""
-        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
-                        f"{r['objective']}"))
+        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  "
+                        f"{r['created']}  {r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
         elif r["status"] == "invalid" and r["error"]:    # a split plan: why, and the fix
             print(printable(f"  invalid: {r['error']}"))
     return EXIT_OK
-
-
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
@@ -10304,9 +10302,11 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
     real = real_path(folder)
     if trust:
         if not real.is_dir():
-            raise ConfigError(f"cannot trust {folder}: no such folder", "pass an existing project folder")
+            raise ConfigError(f"cannot trust {folder}: no such folder",
+                              "pass an existing project folder")
         if reason := untrustable_reason(config, real):
-            raise ConfigError(f"refused to trust {real}: {reason}", "trust the project's own folder instead")
+            raise ConfigError(f"refused to trust {real}: {reason}",
+                              "trust the project's own folder instead")
         kept = [*listed, str(real)] if str(real) not in listed else listed
     else:
         kept = [p for p in listed if p != str(real) and p != folder]
@@ -10315,7 +10315,8 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
                               "trusted: " + (", ".join(listed) or "none"))
     write_config_file(path, {"trusted_projects": kept})
     print(printable(f"{'trusted' if trust else 'no longer trusted'}: {real}"))
-    if not trust and (root := trusted_root(config._replace(trusted_projects=tuple(map(real_path, kept))), real)):
+    still = config._replace(trusted_projects=tuple(map(real_path, kept)))
+    if not trust and (root := trusted_root(still, real)):
         print(f"note: it is still inside the trusted {root}, or BRIDGE_TRUSTED_PROJECTS names it")
     return EXIT_OK
 
@@ -10337,7 +10338,8 @@ def cmd_approve(config: Config, plan_id: str) -> int:
                           "project": None if plan.project is None else str(real_path(plan.project))}
     write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
     facts = approval_facts(config, plan, digest)
-    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
+    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); "
+                    "it runs with the next bridge run"))
     print(render_facts(facts))
     return EXIT_OK
 
@@ -10380,7 +10382,8 @@ def commands_text(commands: list[str]) -> str:
     needed = [c for c in commands if c.startswith("bridge --allow-executor")]
     text = " or ".join(either)
     if needed:
-        text += (", and run with " if text else "run with ") + " ".join(c.removeprefix("bridge ") for c in needed)
+        text += (", and run with " if text else "run with ")
+        text += " ".join(c.removeprefix("bridge ") for c in needed)
     return text
 
 
@@ -10677,8 +10680,12 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
         record = store.get_plan(plan_id)
         return [record], _allowed_statuses(record, rerun, resume), {}
     plans = store.find_plans()
-    records = [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
-    return records, ("pending", "invalid"), shared_id_problems(plans)
+    return _never_run(plans), ("pending", "invalid"), shared_id_problems(plans)
+
+
+def _never_run(plans: list[PlanRecord]) -> list[PlanRecord]:
+    """The plans a run of every pending plan takes: pending ones, and invalid ones never run."""
+    return [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
 
 
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
@@ -10718,8 +10725,9 @@ def run_summary(results: list[dict]) -> str:
     steps = {k: sum(r["counts"][k] for r in results) for k in ("succeeded", "failed", "skipped")}
     tokens = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in results)
     seconds = sum(r["duration_s"] for r in results)
-    return (f"run: {len(results)} plan(s), {completed} completed, {len(results) - completed} failed · "
-            f"steps {steps['succeeded']} succeeded, {steps['failed']} failed, {steps['skipped']} skipped · "
+    return (f"run: {len(results)} plan(s), {completed} completed, "
+            f"{len(results) - completed} failed · steps {steps['succeeded']} succeeded, "
+            f"{steps['failed']} failed, {steps['skipped']} skipped · "
             f"{tokens} tokens · {seconds:.1f} s")
 
 
@@ -10743,7 +10751,8 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                               "--resume takes over a plan whose bridge died; wait for this one")
         if status != "stale":
             raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
-                              "--resume takes over a plan whose bridge died; use --rerun to start over")
+                              "--resume takes over a plan whose bridge died; "
+                              "use --rerun to start over")
         return ("stale",)
     if status == "pending":
         return ("pending",)
@@ -10754,11 +10763,12 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                           "wait for it to finish, or stop that process")
     if status == "stale" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
-                          "take it over with --resume (keeps finished steps) or --rerun (starts over)")
+                          "take it over with --resume (keeps finished steps) "
+                          "or --rerun (starts over)")
     if status == "awaiting_review" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is awaiting review of its staged files",
-                          f"see them with bridge --diff {record.plan_id}, then bridge --apply {record.plan_id} "
-                          f"or bridge --reject {record.plan_id}")
+                          f"see them with bridge --diff {record.plan_id}, then bridge --apply "
+                          f"{record.plan_id} or bridge --reject {record.plan_id}")
     if not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
     return (status,)
@@ -10809,7 +10819,8 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
     if run_id is None:
         run_id = record.state.get("run_id")
         if run_id is None:
-            raise BridgeError(f"plan {plan_id!r} has not run yet (it is {record.display_status})", run_hint(record))
+            raise BridgeError(f"plan {plan_id!r} has not run yet "
+                              f"(it is {record.display_status})", run_hint(record))
     return record, KeptRun.load(config.runs_dir, run_id, record.plan_id)
 
 
@@ -10845,11 +10856,12 @@ def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int
     "awaiting_review": true."""
     files = kept.staged_diff()
     if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, "project": str(kept.project),
-                     "awaiting_review": True, "files": files})
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
+                     "project": str(kept.project), "awaiting_review": True, "files": files})
         return EXIT_OK
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} "
-                    f"file(s) staged for review: what bridge --apply {record.plan_id} would change"))
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+                    f"{len(files)} file(s) staged for review: what bridge --apply "
+                    f"{record.plan_id} would change"))
     for entry in files:
         now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
         print(printable(f"=== {entry['path']}: would be {entry['action']}{now}"))
@@ -10873,19 +10885,23 @@ def cmd_apply(config: Config, plan_id: str) -> int:
     record, kept = _awaiting(config, plan_id)
     conflicts = kept.apply_conflicts()
     if conflicts:
-        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed since the run: "
-                          + ", ".join(conflicts),
-                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, then run it again")
+        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed "
+                          "since the run: " + ", ".join(conflicts),
+                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, "
+                          "then run it again")
     with Store.open(config) as store:
         if not store.claim(record, kept.run_id, ("awaiting_review",)):     # one --apply at a time
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
         try:
             summary = kept.apply(config.crash_at)
         except BaseException:
-            store.record_review(record, kept.run_id, "in_progress", {"status": "awaiting_review", "owner": None})
+            store.record_review(record, kept.run_id, "in_progress",
+                                {"status": "awaiting_review", "owner": None})
             raise
         store.record_review(record, kept.run_id, "in_progress", {
-            "status": "completed", "applied_at": utc_now_iso(), "owner": None, "finished_at": utc_now_iso()})
+            "status": "completed", "applied_at": utc_now_iso(), "owner": None,
+            "finished_at": utc_now_iso()})
     for run_dir in plan_runs(config.runs_dir, record.plan_id):
         keep_backups(run_dir)
     prune_backups(config.runs_dir, record.plan_id, config.keep_runs)
@@ -10901,19 +10917,19 @@ def cmd_apply(config: Config, plan_id: str) -> int:
 def cmd_reject(config: Config, plan_id: str) -> int:
     """Drop the files a --review run staged; the plan becomes cancelled (rerun it with
     --plan ID --rerun). Raises BridgeError when it is not awaiting review."""
-    import shutil
-
     record, kept = _awaiting(config, plan_id)
     with Store.open(config) as store:
         if not store.record_review(record, kept.run_id, "awaiting_review", {
-                "status": "cancelled", "rejected_at": utc_now_iso(), "error": "staged files rejected at review"}):
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
-    shutil.rmtree(kept.run_dir / "staged", ignore_errors=True)
+                "status": "cancelled", "rejected_at": utc_now_iso(),
+                "error": "staged files rejected at review"}):
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
+    StagedFiles(kept.project, kept.run_dir).discard()
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
         return EXIT_OK
-    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) "
-                    "dropped, nothing written"))
+    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} "
+                    "staged file(s) dropped, nothing written"))
     return EXIT_OK
 
 
@@ -10924,21 +10940,23 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
     when KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
-        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; not undoing a run under it",
-                          run_hint(record))
+        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
+                          "not undoing a run under it", run_hint(record))
+    shown = {"plan_id": plan_id, "run_id": kept.run_id}
     if kept.undone_at or kept.reverted:
         why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
         if config.json:
-            _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": [],
+            _print_json({**shown, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
         else:
             print(printable(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo"))
         return EXIT_OK
     restored = kept.undo(force)
     with Store.open(config) as store:
-        store.record_undo(store.get_plan(plan_id), kept.run_id, kept.undone_at)   # type: ignore[arg-type]
+        store.record_undo(store.get_plan(plan_id), kept.run_id,
+                          kept.undone_at)   # type: ignore[arg-type]
     if config.json:
-        _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": restored})
+        _print_json({**shown, "undone_at": kept.undone_at, "restored": restored})
         return EXIT_OK
     print(printable(f"undid run {kept.run_id} of plan {plan_id}: {len(restored)} file(s) put back"))
     for kept_file in kept.files:
@@ -10980,9 +10998,11 @@ def cmd_validate(config: Config, path: str) -> int:
     except PlanInvalid as exc:
         problems = exc.problems
         # an invalid plan that has an id is still named by it
-        plan_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        plan_id = raw.get("id") if isinstance(raw, dict) else None
+        plan_id = plan_id if isinstance(plan_id, str) else None
     if config.json:
-        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id, "problems": problems})
+        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id,
+                     "problems": problems})
     elif problems:
         print(printable(f"{path}: invalid plan, {len(problems)} problem(s):"))
         for problem in problems:
@@ -11017,8 +11037,10 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
         _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where),
                      "replaced_rows": replaced, "created_store": created})
     else:
-        note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
-        print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
+        note = (f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})"
+                if replaced else "")
+        print(printable(f"submitted plan {raw['id']!r} to {where} "
+                        f"(content hash {digest[:12]}…){note}"))
     return EXIT_OK
 
 
@@ -11044,8 +11066,7 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
     Returns EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK.
     """
     with Store.open(config) as store:
-        records = [store.get_plan(plan_id)] if plan_id else \
-            [r for r in store.find_plans() if r.status == "pending" or (r.status == "invalid" and not r.state)]
+        records = [store.get_plan(plan_id)] if plan_id else _never_run(store.find_plans())
     report = [dry_run_plan(record, config) for record in records]
     if config.json:
         _print_json({"plans": report})
@@ -11083,9 +11104,9 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
             messages, error = [], str(exc)
         # a grounded step's spans are known only when no output of another step is in its input
         schema = output_schema(step.validation, None if step.depends_on else sources)
+        form = RESPONSE_FORMS[0](schema) if schema is not None and config.structured else None
         steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
-                      "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
-                      else None, "file_output": _dry_run_target(plan, step, targets),
+                      "response_format": form, "file_output": _dry_run_target(plan, step, targets),
                       "commands": [_command_entry(v) for v in _commands_of(step)]})
     facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
@@ -11094,7 +11115,8 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
 
 
 def _command_entry(command: dict) -> dict:
-    return {"run": list(command["run"]), "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+    return {"run": list(command["run"]),
+            "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
 
 
 def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
@@ -11102,7 +11124,7 @@ def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
     step's file_output, or None. A file an earlier step writes is overwritten."""
     if not step.file_output:
         return None
-    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]  # see check_plan
+    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]
     action = "overwrite" if step.file_output in targets or os.path.lexists(target) else "create"
     targets.add(step.file_output)
     return {"path": step.file_output, "target": target, "action": action}
@@ -11112,15 +11134,16 @@ def _render_dry_run(entry: dict) -> str:
     """Return one plan's --dry-run report as text; every line through printable(),
     the messages keeping their own lines."""
     if not entry["valid"]:
-        return "\n".join(printable(line) for line in
-                         [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
+        lines = [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]]
+        return "\n".join(map(printable, lines))
     facts = entry["approval"]
     if not facts["may_run"]:        # a real run sends nothing: it waits (approval_facts)
         count = len(entry["steps"])
         head = (f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
                 f"until you let it; then these {count} step(s), in this order")
     else:
-        head = f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"
+        head = (f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be "
+                "sent, in this order")
     lines = [printable(head), render_facts(facts)]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
@@ -11128,13 +11151,15 @@ def _render_dry_run(entry: dict) -> str:
         if step["error"]:
             lines.append(printable(f"would fail: {step['error']}"))
         for message in step["messages"]:
-            lines.append(f"--- {message['role']} ---\n" + printable(message["content"], multiline=True))
+            lines.append(f"--- {message['role']} ---\n"
+                         + printable(message["content"], multiline=True))
         if step["response_format"]:
             lines.append(f"--- response_format ---\n{json_text(step['response_format'])}")
-        if step["file_output"]:
+        if target := step["file_output"]:
             lines.append("--- file_output ---")
-            lines.append(printable(f"would {step['file_output']['action']} {step['file_output']['target']}"))
-        lines += [_render_command("check", command, entry["commands_trusted"]) for command in step["commands"]]
+            lines.append(printable(f"would {target['action']} {target['target']}"))
+        lines += [_render_command("check", command, entry["commands_trusted"])
+                  for command in step["commands"]]
     if entry["verify"]:
         lines.append(_render_command("verify", entry["verify"], entry["commands_trusted"]))
     return "\n".join(lines)
@@ -11142,7 +11167,8 @@ def _render_dry_run(entry: dict) -> str:
 
 def _render_command(what: str, command: dict, trusted: bool) -> str:
     note = "" if trusted else " (would not run: commands run only in trusted projects)"
-    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, timeout {command['timeout_s']:g} s{note}")
+    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, "
+                     f"timeout {command['timeout_s']:g} s{note}")
 
 
 ###############################################################################
