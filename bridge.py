@@ -8781,10 +8781,8 @@ class Attempt:
 
 
 class StepRun:
-    """One step of a plan run, from its first prompt to its settled result
-    (run.results[step.id]): its attempts, each checked, its file written and its
-    commands run (a failed one's file put back), until one passes or the retry policy
-    stops them; then its escalation. outputs: step id -> output, of the steps it reads."""
+    """One step of a plan run, to its settled result (run.results[step.id]).
+    outputs: step id -> output, of the steps it reads."""
 
     __slots__ = ("run", "runner", "step", "result", "outputs", "say")
 
@@ -8795,7 +8793,7 @@ class StepRun:
 
     def run_step(self, position: int) -> None:
         """Run the step's attempts (position: its place in the order steps started);
-        fill its result and transcript, then its STATS_FILE record."""
+        then its STATS_FILE record."""
         run, step, result = self.run, self.step, self.result
         plan, model = run.plan, step.model or self.runner.model
         result.status, result.file_output, result.model = "running", step.file_output, model
@@ -8808,7 +8806,7 @@ class StepRun:
             self._attempts()
         finally:
             run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
+        if result.attempts and not run.cancel.is_set():     # interrupted: not counted
             append_step_stats(run.config.runs_dir.parent, {
                 "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
                 "model": model,
@@ -8819,22 +8817,22 @@ class StepRun:
                 "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self) -> list[dict] | None:
-        """Return the step's first prompt, or None when it cannot be sent (it does not fit
-        the model's context, or its commands may not run here): then the step is settled,
-        failed or skipped. A prompt the server counts larger is fitted again (calibrate)."""
+        """Return the step's first prompt, or None (the step settled failed or skipped)
+        when it does not fit the model's context or its commands may not run here. A
+        prompt the server counts larger is fitted again (calibrate)."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         staged = run.files.path_of if run.staged else None
-        run.sources[step.id] = []
+
+        def build() -> list[dict]:
+            run.sources[step.id] = []
+            return build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
+                                  staged, run.sources[step.id])
         try:
-            messages = build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
-                                      staged, run.sources[step.id])
+            messages = build()
             counted = fit.client.count_tokens(messages) \
                 if fit.client is not None and result.model == fit.model else None
             if fit.calibrate(result.model, messages, counted):
-                run.sources[step.id] = []           # fitted again, to the server's own count
-                messages = build_messages(run.plan, step, self.outputs,
-                                          fit.budget(step, result.model), staged,
-                                          run.sources[step.id])
+                messages = build()          # fitted again, to the server's own count
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:       # commands that may not run here: nothing is sent, nothing runs
@@ -8842,13 +8840,13 @@ class StepRun:
             if refused is None:
                 return messages
             result.error = shown = refused
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        result.status = self._unsaved()
         self.say(f"  {step.label}: {result.status}: {shown}")
         return None
 
     def _attempts(self) -> None:
-        """Send the step's attempts until one passes or the retry policy stops them
-        (AttemptFailure.retries), then escalate (escalation_target); settle the result."""
+        """Send attempts until one passes or AttemptFailure.retries says stop, then
+        escalate (escalation_target); settle the result."""
         run, step, result = self.run, self.step, self.result
         model, clock = result.model, time.monotonic()
         budget = self.runner.fit.budget(step, model)
@@ -8879,8 +8877,7 @@ class StepRun:
             failures.append((result.output, failure.message))
             self.say(f"  {step.label}: attempt {number} failed: {failure.message}")
             retrying = failure.retries(number, step)
-            self.runner.events.emit("attempt_failed", run.plan.id, step.id, attempt=number,
-                                    error=failure.message, retrying=retrying)
+            self._failed(number, failure, retrying)
             if not retrying:
                 break
             retry_note = fit_feedback(messages, failure.feedback, budget)
@@ -8892,12 +8889,21 @@ class StepRun:
             result.duration_s = time.monotonic() - clock
             if saved:
                 return
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        result.status = self._unsaved()
         self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
 
+    def _unsaved(self) -> str:
+        """The status of a step that did not pass: skipped when it may be, else failed."""
+        return "skipped" if self.step.on_failure == "skip" else "failed"
+
+    def _failed(self, number: int, failure: "AttemptFailure", retrying: bool) -> None:
+        """Emit the attempt_failed event (with --events)."""
+        self.runner.events.emit("attempt_failed", self.run.plan.id, self.step.id,
+                                attempt=number, error=failure.message, retrying=retrying)
+
     def _escalate(self, escalate_to: str, messages: list[dict]) -> bool:
-        """Give the step, its attempts spent, one more attempt on escalate_to with
-        messages (escalation_messages). Returns True when that saved it."""
+        """Send one more attempt to escalate_to with messages (escalation_messages);
+        return True when it passed."""
         step, result = self.step, self.result
         number = result.attempts + 1
         result.attempts, result.escalated_to, result.output = number, escalate_to, ""
@@ -8909,20 +8915,17 @@ class StepRun:
             self.say(f"  {step.label}: succeeded on {escalate_to}")
             return True
         result.error = f"{failure.message} (after escalating to {escalate_to})"
-        self.runner.events.emit("attempt_failed", self.run.plan.id, step.id, attempt=number,
-                                error=failure.message, retrying=False)
+        self._failed(number, failure, False)
         self.say(f"  {step.label}: the escalation failed too: {failure.message}")
         return False
 
     def send(self, attempt: Attempt) -> "AttemptFailure | None":
         """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        A WATCHED executor's output is watched while it streams (DegenerationGuard): a
-        degenerate answer is cancelled, and fails saying why; so does one cut at max_tokens
-        (finish_reason "length"), saying what thinking spent of it. On the run's model server
-        the attempt asks for thinking as thinking_asked says and keeps ContextFit.reserve
-        tokens for it; a constrained answer that comes back garbled makes that model go
-        unconstrained (_garbled)."""
+        A WATCHED executor's stream is watched (DegenerationGuard): a degenerate answer
+        is cancelled and fails saying why; so does one cut at max_tokens, saying what
+        thinking spent of it. On the run's model server it asks for thinking as
+        thinking_asked says and keeps ContextFit.reserve tokens for it."""
         failure = self._prepare(attempt)
         if failure is not None:
             return failure
@@ -8933,8 +8936,8 @@ class StepRun:
         return self._answered(attempt, reply)
 
     def _prepare(self, attempt: Attempt) -> "AttemptFailure | None":
-        """Find the attempt's executor, its sampling, thinking and schema, and record what
-        it sends (attempt_log, transcript); return why it cannot be sent, or None."""
+        """Fill in the attempt's executor, sampling, thinking and schema; record what it
+        sends (attempt_log, transcript); return why it cannot be sent, or None."""
         run, step, result = self.run, self.step, self.result
         try:
             attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
@@ -8963,10 +8966,9 @@ class StepRun:
         return None
 
     def _chat(self, attempt: Attempt) -> Completion:
-        """Send the attempt's request (fresh DegenerationGuards on a WATCHED executor),
-        again while the server cuts it for another (resend_on_contention). With steps in
-        parallel on slots sharing one context (ContextFit.pool), it first waits for its
-        prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        """Send the attempt's request, again while the server cuts it for another
+        (resend_on_contention). On slots sharing one context (ContextFit.pool) it first
+        waits for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
@@ -8989,9 +8991,9 @@ class StepRun:
                 pool.release(held)
 
     def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
-        """Record an attempt whose request failed (LLMError) or whose stream was stopped
-        (OutputDegenerate); return its AttemptFailure. LLMServerUnusable stops the run
-        (halt, cancel); a context overflow teaches ContextFit the context when none is known."""
+        """Record an attempt whose request failed or whose stream was stopped; return its
+        AttemptFailure. LLMServerUnusable stops the run (halt, cancel); a context
+        overflow teaches ContextFit the context when none is known."""
         run, fit = self.run, self.runner.fit
         self.result.generation_s += time.monotonic() - attempt.started
         attempt.thought_cut()
@@ -9008,8 +9010,8 @@ class StepRun:
         return AttemptFailure.from_request(exc)
 
     def _answered(self, attempt: Attempt, reply: Completion) -> "AttemptFailure | None":
-        """Take an attempt's reply: price and record it, learn from its usage, then fail
-        it when its prompt was cut or its answer stopped at max_tokens, else check it."""
+        """Price and record a reply, learn from its usage; fail it when its prompt was
+        cut or its answer stopped at max_tokens, else check it."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         local, executor = attempt.local, attempt.executor
         result.generation_s += time.monotonic() - attempt.started
@@ -9054,9 +9056,8 @@ class StepRun:
         return failure
 
     def _garbled(self, attempt: Attempt, output: str, form: str) -> None:
-        """After a constrained answer failed: when it looks damaged by the grammar
-        (grammar_damage against attempt.schema, the one sent), send that model's later
-        requests unconstrained, and say so."""
+        """After a constrained answer failed: when grammar_damage finds it damaged by the
+        schema sent, send that model's later requests unconstrained, and say so."""
         executor, name = attempt.executor, attempt.name
         if name in executor.unconstrained:
             return
@@ -9069,9 +9070,9 @@ class StepRun:
 
     def _output_schema(self, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input); for a
-        grounded step, record which form it is: "spans" (string values copied from the
-        input only), "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or
-        "none" (sends False: the executor sends no schema, only the check applies)."""
+        grounded step, record its form: "spans" (values copied from the input only),
+        "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or "none"
+        (sends False: no schema is sent, only the check applies)."""
         step = self.step
         schema = output_schema(step.validation, self.run.sources.get(step.id, []))
         first = next((v for v in validations_of(step.validation)
@@ -9084,8 +9085,8 @@ class StepRun:
         return schema
 
     def _sampling(self, attempt: Attempt) -> dict:
-        """Return the sampling fields an attempt asks for, with its max_tokens: the
-        attempt's own on a local model (retry_sampling), else as the step says."""
+        """Return the attempt's sampling fields with its max_tokens: its own on a local
+        model (retry_sampling), else the step's."""
         step, local = self.step, attempt.local
         sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
                         else attempt.sampling)
@@ -9096,9 +9097,9 @@ class StepRun:
         return sampling
 
     def _check(self, output: str, answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands in order up to the
-        first that fails; return None or the AttemptFailure. A failed command puts the file
-        back at once, and so does anything that stops the run while a command runs."""
+        """Check an output, write its file, run the step's commands up to the first that
+        fails; return None or the AttemptFailure. A failed command puts the file back at
+        once, and so does anything that stops the run while a command runs."""
         run, step, result = self.run, self.step, self.result
         files, number = run.files, result.attempts
         try:
@@ -9137,8 +9138,8 @@ class StepRun:
         return None
 
     def _run_commands(self, answer: str) -> "AttemptFailure | None":
-        """Run the step's command validations in order in the project; return the first
-        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        """Run the step's command validations in the project; return the first failure
+        (its output goes into the next prompt), or None."""
         run, step, result = self.run, self.step, self.result
         number = result.attempts
         for validation in _commands_of(step):
@@ -9181,18 +9182,17 @@ class StepRun:
 
 
 def runnable_plan(record: PlanRecord, config: Config) -> Plan:
-    """Return a stored plan as a run would run it: whole (not split into chunks by the
-    memory server) and valid (check_plan, with the config's Guard). Raises
-    PlanInvalid with the problems otherwise."""
+    """Return a stored plan as a run runs it: whole (not split into chunks by the memory
+    server) and valid (check_plan). Raises PlanInvalid with the problems otherwise."""
     if record.chunks:
         raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
     return check_plan(record.plan, Guard.of(config))
 
 
 def narrowed_plan(plan: Plan, config: Config) -> Plan:
-    """Return plan with each step's max_retries cut to --max-retries (config.max_retries)
-    where it asks more: a plan only narrows the user's limits (timeout_s is narrowed
-    where it is used, per read and per request: see HTTPExecutor and ClaudeCLI)."""
+    """Return plan with each step's max_retries cut to --max-retries where it asks more:
+    a plan only narrows the user's limits (timeout_s is narrowed where it is used: see
+    HTTPExecutor and ClaudeCLI)."""
     steps = {sid: step._replace(max_retries=narrowed(step.max_retries, config.max_retries))
              for sid, step in plan.steps.items()}
     return plan._replace(steps=steps)
@@ -9200,18 +9200,16 @@ def narrowed_plan(plan: Plan, config: Config) -> Plan:
 
 class CheckedPlan(namedtuple("CheckedPlan", "record plan problems trusted")):
     """A stored plan as the gate checked it, handed to its run (check_plan and the trust
-    decision run once per run): record (PlanRecord), plan (runnable_plan of it, or None
-    when it is invalid), problems (why it is invalid; [] when valid), trusted
-    (plan_trusted for its content: may it run commands; False when invalid)."""
+    decision run once per run): record (PlanRecord), plan (runnable_plan, None when
+    invalid), problems ([] when valid), trusted (plan_trusted: may it run commands)."""
 
     __slots__ = ()
 
 
 def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str | None]:
     """Return (the run id of the killed run a stale plan's run takes over, or None; why
-    it does not take it over, or None). A stale plan's dead run may have left files
-    half done: they are taken over if the run id read back from the store is one bridge
-    made, and that run's folder is this plan's (nothing read back is a path)."""
+    not, or None). Taken over only when the run id read back from the store is one bridge
+    made, and its folder is this plan's (nothing read back is a path)."""
     previous = record.state.get("run_id") if record.display_status == "stale" else None
     if previous is None:
         return None, None
@@ -9224,11 +9222,12 @@ def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str 
     return previous, None
 
 
-def _stop_running(results: dict[int, StepResult], why: str) -> None:
-    """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
+def _stop_running(results: dict[int, StepResult], why: str, error: str | None = None) -> None:
+    """Mark the steps of a run that stopped early: running ones failed (error, else why),
+    unrun ones say why."""
     for result in results.values():
         if result.status == "running":
-            result.status, result.error = "failed", why
+            result.status, result.error = "failed", error or why
         elif result.attempts == 0 and result.error is None:
             result.error = f"not run: {why}"
 
@@ -9241,12 +9240,9 @@ class PlanRunFiles:
     def _take_over(self) -> None:
         """Take over what a killed run (previous) left, and put back what it left half done.
 
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
+        With keep_finished (--resume), its succeeded steps (steps.jsonl) keep their
+        outputs and files, unless it had reverted its files; files written by any other
+        step are restored from its journal. Raises RollbackError when one cannot be."""
         plan, previous, results, files = self.plan, self.previous, self.results, self.files
         old_dir = run_folder(self.config.runs_dir, previous)
         keep_finished = self.keep_finished
@@ -9281,10 +9277,9 @@ class PlanRunFiles:
 
     def _halted(self) -> None:
         """Leave a run the model server stopped (halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
+        raise LLMServerUnusable saying so; no result is stored. A run that did nothing
+        (no step succeeded, no file written, no run taken over) goes back to pending; else
+        the plan stays in_progress (stale once this process exits) for --resume."""
         plan_id, files = self.record.plan_id, self.files
         if files is not None:
             files.close()
@@ -9325,9 +9320,8 @@ class PlanRunFiles:
         return None
 
     def _keep_backups(self) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close deletes them only once the result is stored."""
+        """Keep the run's backups for --undo (0600), then delete those of the plan's runs
+        older than the last keep_runs (with 0, _close deletes them once the result is stored)."""
         config, plan_id = self.config, self.plan.id
         if config.keep_runs == 0:
             return
@@ -9347,18 +9341,16 @@ class PlanRunFiles:
 
 
 class PlanRun(PlanRunFiles):
-    """One run of one plan, from claim to result (CPython's venv passes a `context`
-    the same way). runner: the Runner; plan: narrowed_plan of the checked plan (None:
-    invalid); problems, trusted: the gate's (CheckedPlan); started (UTC ISO) and clock
-    (time.monotonic()) at the claim; previous: the killed run it takes over, or None;
-    keep_finished: --resume; refused: why it does not take over a run, or None; files:
-    FileTransaction, StagedFiles, or None without a project; results: step id ->
-    StepResult; runlog: RunLog; log: _StepLog; cancel: a threading.Event set when the run
-    stops early; cli_cwd: where claude runs (a trusted project, else None: a scratch
-    folder); kept: path -> what a succeeded step of this run wrote there; positions: step
-    id -> its place in the order steps started; cap_hit: --max-cost-usd was reached;
-    sources: step id -> its input as sent (build_messages' pieces, what a grounded answer
-    copies); halt: the LLMServerUnusable that stopped the run, or None."""
+    """One run of one plan, from claim to result (as CPython's venv passes a `context`).
+    plan: narrowed_plan of the checked plan (None: invalid); problems, trusted: the
+    gate's; started (UTC ISO) and clock (time.monotonic()) at the claim; previous: the
+    killed run it takes over; keep_finished: --resume; refused: why it does not take one
+    over; files: FileTransaction, StagedFiles, or None without a project; results: step
+    id -> StepResult; cancel: set when the run stops early; cli_cwd: where claude runs (a
+    trusted project, else None: a scratch folder); kept: path -> what a succeeded step
+    wrote there; positions: step id -> its place in the start order; cap_hit:
+    --max-cost-usd was reached; sources: step id -> its input as sent (what a grounded
+    answer copies); halt: the LLMServerUnusable that stopped the run, or None."""
 
     __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
                  "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
@@ -9367,7 +9359,6 @@ class PlanRun(PlanRunFiles):
 
     def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
                  previous: str | None, keep_finished: bool):
-
         self.runner, self.config, self.progress = runner, runner.config, runner.progress
         self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
         self.plan = narrowed_plan(checked.plan, self.config) if checked.plan else None
@@ -9390,10 +9381,9 @@ class PlanRun(PlanRunFiles):
         """Run the plan and store its result; return the stored result document.
 
         problems: reasons found outside the plan (an id shared with another live plan);
-        with any, or the gate's, the plan is recorded failed with every problem and nothing
-        is sent. Re-raises KeyboardInterrupt once the plan is recorded failed ("interrupted
-        at step N"). Raises LLMServerUnusable when the model server stopped the run
-        (_halted), ResultNotStored or StoreError when the store cannot be written."""
+        with any, or the gate's, the plan is recorded failed and nothing is sent.
+        Re-raises KeyboardInterrupt once the plan is recorded failed. Raises
+        LLMServerUnusable (_halted), ResultNotStored or StoreError."""
         self._announce()
         problems = [*problems, *self.problems]
         if problems:
@@ -9455,8 +9445,8 @@ class PlanRun(PlanRunFiles):
 
     def _work(self) -> tuple[str | None, dict | None, BaseException | None]:
         """Write the run's records, take over a killed run, run the steps and verify;
-        return (the plan's error or None, the verify record or None, the interrupt that
-        stopped it or None)."""
+        return (the plan's error, the verify record, the interrupt that stopped it), each
+        or None."""
         plan, results = self.plan, self.results
         try:
             private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
@@ -9469,11 +9459,7 @@ class PlanRun(PlanRunFiles):
             return (*self._run_and_verify(), None)
         except KeyboardInterrupt as exc:
             current = sorted(r.id for r in results.values() if r.status == "running")
-            for result in results.values():
-                if result.status == "running":
-                    result.status, result.error = "failed", "interrupted"
-                elif result.attempts == 0 and result.error is None:
-                    result.error = "not run: the run was interrupted"
+            _stop_running(results, "the run was interrupted", "interrupted")
             where = f" at step {', '.join(map(str, current))}" if current else ""
             return f"interrupted{where}", None, exc
         except RollbackError as exc:        # files of a killed run could not be put back
@@ -9484,10 +9470,9 @@ class PlanRun(PlanRunFiles):
                     "(free some space, or make --state-dir writable)"), None, None
 
     def _run_and_verify(self) -> tuple[str | None, dict | None]:
-        """Run the steps, then the plan's verify once they all succeeded or were
-        skipped; return (the plan's error or None, the verify record or None). A
-        verify that may not run here (plan_trusted) fails the plan before any step
-        is sent, so no model time is spent on a plan that cannot pass."""
+        """Run the steps, then the plan's verify; return (the plan's error, the verify
+        record), each or None. A verify that may not run here fails the plan before any
+        step is sent: no model time is spent on a plan that cannot pass."""
         plan = self.plan
         if plan.verify is not None and (message := self.commands_refused()):
             for result in self.results.values():
@@ -9504,12 +9489,13 @@ class PlanRun(PlanRunFiles):
         command = run_command(argv, plan.project,  # type: ignore[arg-type]  # check_plan
                               command_env(self.config), limit, self.cancel)
         append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        record = {"ran": True, **command.as_dict()}
         if command.error is None:
             self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
-            return None, {"ran": True, **command.as_dict()}
+            return None, record
         self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
         self.progress.detail(command.output_tail)
-        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
+        return f"verify failed: {command.error}", record
 
     def commands_refused(self) -> str | None:
         """Return why this run may not run the plan's commands, or None when it may."""
@@ -9522,11 +9508,8 @@ class PlanRun(PlanRunFiles):
 
     def _run_steps(self) -> str | None:
         """Run every step through a StepScheduler; return the plan's error or None.
-
-        Each finished step is appended to the run's steps.jsonl, so a killed run can
-        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
-        neither write files nor touch their results.
-        """
+        Each finished step is appended to steps.jsonl, so a killed run can be resumed;
+        when the run stops early, steps still running may no longer write files."""
         plan, checkpoint = self.plan, self.run_dir / STEPS_FILE
         graph, parallel = step_graph(plan), self.runner.fit.parallel
         self.log = _StepLog(self.progress, sequential_order(graph), immediate=parallel == 1)
@@ -9547,7 +9530,7 @@ class PlanRun(PlanRunFiles):
 
     def run_step(self, step: Step, result: StepResult, outputs: dict[int, str],
                  position: int) -> None:
-        """Run one step's attempts (StepRun); fill result (status, output, error, …)."""
+        """Run one step (StepRun), filling result."""
         StepRun(self, step, outputs).run_step(position)
 
     def step_ended(self, result: StepResult) -> None:
@@ -9593,8 +9576,7 @@ class PlanRun(PlanRunFiles):
         return result
 
     def _result(self, status: str, error: str | None) -> dict:
-        """Build the run's result document (README: "What bridge writes into the store";
-        what --json and --show --json print is shown_result of it)."""
+        """Build the run's result document (README: "What bridge writes into the store")."""
         steps = [self.results[sid] for sid in sorted(self.results)]
         usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
                  "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
@@ -9626,11 +9608,9 @@ class PlanRun(PlanRunFiles):
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, result: dict) -> dict:
-        """Store the result and the plan's final state, then print its summary.
-
-        Raises ResultNotStored when the store cannot be written: the plan stays
-        in_progress, stale once this process is gone, so --resume or --rerun can
-        take it over (the run's journal and backups are kept for that)."""
+        """Store the result and the plan's final state, then print its summary; return
+        shown_result of it. Raises ResultNotStored when the store cannot be written: the
+        plan stays in_progress (stale once this process is gone) for --resume or --rerun."""
         record, runner, progress = self.record, self.runner, self.progress
         try:
             digest = runner.store.finish(record, result_memory(result), runner.memory_api,
@@ -9680,11 +9660,10 @@ class PlanRun(PlanRunFiles):
 
 
 class SpendCap:
-    """What paid requests have cost so far in this bridge process (US dollars), against
-    --max-cost-usd; thread-safe (steps run in threads)."""
+    """What paid requests have cost in this process (US dollars), against --max-cost-usd;
+    thread-safe."""
 
     def __init__(self, max_cost_usd: float):
-
         self.max_cost_usd, self.spent_usd = max_cost_usd, 0.0
         self._lock = threading.Lock()
 
@@ -9706,10 +9685,9 @@ class SpendCap:
 class Runner:
     """Runs plans from one store, each step on the executor its model reference names.
 
-    store: an open Store. client: an open LLMClient, or None when no plan will be sent
-    (then only invalid plans can be recorded). model: the default model id. progress: a
-    Progress. It keeps what outlives a plan: the executors, the spend cap (spend), the
-    events, the model's context (fit: ContextFit); each plan's run is a PlanRun."""
+    client: an open LLMClient, or None when no plan will be sent (then only invalid plans
+    can be recorded). model: the default model id. It keeps what outlives a plan: the
+    executors, spend (SpendCap), events, fit (ContextFit); each plan runs as a PlanRun."""
 
     def __init__(self, config: Config, store: Store, client: "LLMClient | None",
                  model: str | None, progress: Progress):
@@ -9724,11 +9702,9 @@ class Runner:
         self._contention_said = False       # a cut stream (LLMContention) was said once
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref and
-        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
-        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
-        else None, a scratch folder). Raises LLMError when it cannot be used (not in
-        config.allowed_executors, no key, no binary)."""
+        """Return (executor, model name) for a model reference (parse_model_ref): the
+        run's client for a PROBED kind, else one opened once (an AGENTIC one per cli_cwd).
+        Raises LLMError when it cannot be used (not allowed, no key, no binary)."""
         kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
         if cls.needs_allowing() and kind not in self.config.allowed_executors:
             raise LLMError(*cls.refusal(ref, name))
@@ -9745,8 +9721,7 @@ class Runner:
         self.progress.retrying(message)
 
     def contention(self, exc: LLMContention) -> None:
-        """Say, once a process, that a stream was cut for another request and is sent
-        again (resend_on_contention)."""
+        """Say, once a process, that a stream was cut for another request and is resent."""
         if not self._contention_said:
             self._contention_said = True
             self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
@@ -9760,11 +9735,9 @@ class Runner:
     def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
         """Claim a plan the gate checked and run it (PlanRun.run); return its stored result
-        document, or None when another process claimed the plan first.
-
-        allowed: the effective statuses it may claim. problems: reasons found outside the
-        plan (an id shared with another live plan). resume: take over a stale plan, keeping
-        the steps its killed run finished. Raises what PlanRun.run raises, and StoreError."""
+        document, or None when another process claimed it first. allowed: the statuses it
+        may claim; problems: as PlanRun.run takes; resume: keep the steps a killed run
+        finished. Raises what PlanRun.run raises, and StoreError."""
         record, run_id = checked.record, new_run_id()
         previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
