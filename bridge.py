@@ -3637,6 +3637,24 @@ class DegenerationGuard:
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
 
 
+def schema_errors(schema: Any, value: Any = None, *, check_schema: bool = False) -> list:
+    """Return the errors (jsonschema's ValidationError) of value under a Draft 2020-12 JSON
+    Schema, sorted by their path in value; with check_schema, [the SchemaError] of a schema
+    jsonschema refuses, else []. The one site importing jsonschema (--help and --list never
+    need it). Raises what applying a schema raises (referencing's Unresolvable, RecursionError).
+    """
+    from jsonschema import Draft202012Validator, SchemaError
+
+    if check_schema:
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            return [exc]
+        return []
+    return sorted(Draft202012Validator(schema).iter_errors(value),
+                  key=lambda e: list(e.absolute_path))
+
+
 def register_validation(cls: type) -> type:
     """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
     under cls.name (the name again replaces the earlier class). Returns cls."""
@@ -3769,11 +3787,8 @@ class JsonSchema(JsonAnswer):
     max_tokens = 512        # its objects may nest and list more
 
     def check_value(self, value: Any, validation: dict) -> None:
-        from jsonschema import Draft202012Validator
-
         try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
+            errors = schema_errors(validation["schema"], value)
         except (RecursionError, MemoryError):
             raise
         except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
@@ -3797,19 +3812,12 @@ class JsonSchema(JsonAnswer):
         """A schema check_schema refuses; then the schema applied to a few plain values,
         so a $ref that resolves nowhere or refers to itself without end at the top is a
         plan problem before anything is sent (deeper ones fail the step: check_value)."""
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-
         where = f"{where}.schema"
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
-        validator = Draft202012Validator(validation["schema"])
+        if refusal := schema_errors(validation["schema"], check_schema=True):
+            return [f"{where}: not a valid JSON Schema ({schema_message(refusal[0])})"]
         for probe in (None, {}, [], "", 0):
             try:
-                for _ in validator.iter_errors(probe):
-                    pass
+                schema_errors(validation["schema"], probe)
             except RecursionError:
                 return [f"{where}: refers to itself without end"]
             except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
@@ -4048,8 +4056,8 @@ class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_
         return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
 
 
-class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy escalate_to verify",
-                      defaults=("", None, {}, "none", None, None))):
+class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy "
+                              "escalate_to verify", defaults=("", None, {}, "none", None, None))):
     """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
     project root, a Path, or None), files_context ({relative path: "LOAD" or
     "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
@@ -4060,25 +4068,27 @@ class Plan(namedtuple("Plan", "id steps objective project files_context rollback
 
 
 def _schema_problems(plan: Any) -> list[str]:
-    from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
-
-    validator = Draft202012Validator(load_schema())
-    errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
-    return [problem for error in errors
+    return [problem for error in schema_errors(load_schema(), plan)
             for problem in _unknown_key_problems(error)
             or [f"{error.json_path}: {schema_message(error)}{_close_value_hint(error)}"]]
 
 
-def _close_value_hint(error: Any) -> str:
-    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
-    "enum" error; difflib.get_close_matches), else ""."""
+def _did_you_mean(word: str, known: list[str]) -> str:
+    """"did you mean 'skip'?" for the closest of known (difflib.get_close_matches), or ""."""
     import difflib
 
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def _close_value_hint(error: Any) -> str:
+    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
+    "enum" error), else ""."""
     if error.validator != "enum" or not isinstance(error.instance, str):
         return ""
     values = [v for v in error.validator_value if isinstance(v, str)]
-    close = difflib.get_close_matches(error.instance, values, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    hint = _did_you_mean(error.instance, values)
+    return f"; {hint}" if hint else ""
 
 
 PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
@@ -4087,11 +4097,9 @@ PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner
 def _unknown_key_problems(error: Any) -> list[str]:
     """One problem per key the schema does not know (an additionalProperties or
     unevaluatedProperties error), with its JSON path and the closest known key
-    (difflib.get_close_matches), e.g. "$.steps[0].file_ouput: unknown key; did you
+    (_did_you_mean), e.g. "$.steps[0].file_ouput: unknown key; did you
     mean 'file_output'?"; [] for any other error. The known keys are the schema's
     own, so a key added to the schema is known at once."""
-    import difflib
-
     if error.validator not in ("additionalProperties", "unevaluatedProperties") \
             or not isinstance(error.instance, dict) or error.validator_value is not False:
         return []
@@ -4102,8 +4110,7 @@ def _unknown_key_problems(error: Any) -> list[str]:
         if key in known or any(re.search(pattern, key) for pattern in patterns):
             continue
         where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
-        close = difflib.get_close_matches(key, known, n=1)
-        fix = (f"did you mean {close[0]!r}?" if close else
+        fix = (_did_you_mean(key, known) or
                f"known here: {', '.join(known)} "
                f"(a key of your own starts with {PLANNER_KEY_PREFIX})")
         problems.append(f"{error.json_path}{where}: unknown key; {fix}")
@@ -4115,7 +4122,8 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     with too, skipping whatever part is malformed (the schema already said so)."""
 
     problems: list[str] = []
-    steps = [s for s in plan.get("steps") or [] if isinstance(s, dict) and isinstance(s.get("id"), int)]
+    steps = [s for s in plan.get("steps") or []
+             if isinstance(s, dict) and isinstance(s.get("id"), int)]
     ids = [s["id"] for s in steps]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"$.steps: step id {dup} is used more than once")
@@ -4132,8 +4140,8 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
         problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
-            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
-                            f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
+            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge "
+                            f"takes at most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
     try:            # every problem at once: a cycle among the known steps as well
         TopologicalSorter(graph).prepare()
     except CycleError as exc:
@@ -4166,16 +4174,11 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         return [f"$.context.project: folder {project} does not exist"]
     problems = []
     for rel, mode in files.items():
-        try:
-            path = resolve_inside(project, rel)
-        except PathError as exc:
-            problems.append(f"$.context.files_context[{rel!r}]: {exc}")
+        path, refused = load_refusal(project, rel)
+        if path is None or (mode == "LOAD" and refused):
+            problems.append(f"$.context.files_context[{rel!r}]: {refused}")
             continue
         if mode != "LOAD":
-            continue
-        secret = load_secret_reason(project, rel, path)
-        if secret:
-            problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
         try:
             read_load_file(path, rel, project)
@@ -4189,6 +4192,17 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if reason := output_path_problem(project, rel, guard):
             problems.append(f"$.steps[{n}].file_output: {reason}")
     return problems
+
+
+def load_refusal(project: Path, rel: str) -> tuple[Path | None, str | None]:
+    """Return (where rel resolves inside project, or None, and why a LOAD of it may not go to
+    a model, or None): outside the project (resolve_inside's PathError), else a secret
+    (load_secret_reason). The one order for check_plan and for what approval shows."""
+    try:
+        path = resolve_inside(project, rel)
+    except PathError as exc:
+        return None, str(exc)
+    return path, load_secret_reason(project, rel, path)
 
 
 def _command_paths(plan: dict) -> list[str]:
@@ -4221,14 +4235,17 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     if isinstance(plan, UnreadablePlan):
         raise PlanInvalid(plan_id, [f"$: {plan.reason}"])
     if not isinstance(plan, dict):
-        raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
+        raise PlanInvalid(plan_id, ["$: a plan is a JSON object, not a JSON "
+                                    f"{type(plan).__name__}"])
     if (depth := json_depth(plan)) > MAX_JSON_DEPTH:
-        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at most {MAX_JSON_DEPTH}"])
+        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at "
+                                    f"most {MAX_JSON_DEPTH}"])
     try:
         json.dumps(plan, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except UnicodeEncodeError as exc:   # "\ud800" in JSON: no request body or file name can carry it
-        raise PlanInvalid(plan_id, [f"$: the plan holds a lone surrogate ({exc.object[exc.start]!r}), "
-                                    "which is not text; write the character whole"]) from None
+    except UnicodeEncodeError as exc:   # "\ud800": no request body or file name can carry it
+        raise PlanInvalid(plan_id, ["$: the plan holds a lone surrogate "
+                                    f"({exc.object[exc.start]!r}), which is not text; write the "
+                                    "character whole"]) from None
     except ValueError as exc:           # NaN or Infinity in a plan given as a dict
         raise PlanInvalid(plan_id, [f"$: the plan cannot be written as JSON ({exc})"]) from None
     try:
@@ -4240,7 +4257,7 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     except RecursionError:
         problems.append("$: the plan nests too deeply to check")
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        if not problems:        # schema-valid, yet a rule could not check it: never run it unchecked
+        if not problems:    # schema-valid, yet a rule could not check it: never run it unchecked
             problems.append(f"$: the plan could not be checked ({type(exc).__name__}: {exc}); "
                             "it is refused rather than run unchecked")
         # else too malformed for the semantic rules; the schema problems say why
@@ -4271,8 +4288,8 @@ def _build_plan(plan: dict) -> Plan:
         files_context[key] = "LOAD" if "LOAD" in (mode, files_context.get(key)) else mode
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
                 project=project, files_context=files_context,
-                rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"),
-                verify=plan.get("verify"))
+                rollback_strategy=plan.get("rollback_strategy", "none"),
+                escalate_to=defaults.get("escalate_to"), verify=plan.get("verify"))
 
 
 ###############################################################################
@@ -4614,16 +4631,19 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
                         if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
-    escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
+    escalation_used = (escalation is not None and escalation in allowed
+                       and config.escalate_to is None)
     trusted = plan_trusted(config, plan, plan_hash)
     reasons, commands = [], []
-    refused = untrustable_reason(config, real_path(plan.project)) if plan.project is not None else None
+    refused = (untrustable_reason(config, real_path(plan.project))
+               if plan.project is not None else None)
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
     elif not trusted and (plan.project is not None or step_kinds or (
             escalation_used and EXECUTORS[escalation].needs_allowing())):
-        reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
+        reasons.append(f"project {plan.project} is not a trusted project"
+                       if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
         if plan.project is not None:
@@ -4634,8 +4654,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
             commands.append(f"bridge --allow-executor {kind}")
     unused = None
     if escalation is not None and escalation not in allowed and config.escalate_to is None:
-        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
-                  f"(pass --allow-executor {escalation})")
+        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is "
+                  f"not allowed (pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
                        | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
                           else set()))
@@ -4649,22 +4669,11 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
 
 
 def _load_facts(plan: Plan) -> list[dict]:
-    """[{"path", "refused" (why bridge will not send it: outside the project
-    (resolve_inside), or secret_file_reason of its path or of where a symlink leads;
+    """[{"path", "refused" (why bridge will not send it, as check_plan says: load_refusal;
     else None)}] of the files a plan LOADs into its prompts, sorted by path."""
-    facts = []
-    for rel, mode in sorted(plan.files_context.items()):
-        if mode != "LOAD":
-            continue
-        refused = secret_file_reason(rel)
-        if refused is None and plan.project is not None:
-            try:
-                path = resolve_inside(plan.project, rel)        # --list reads plans unchecked
-                refused = load_secret_reason(plan.project, rel, path)
-            except PathError as exc:
-                refused = str(exc)
-        facts.append({"path": rel, "refused": refused})
-    return facts
+    return [{"path": rel, "refused": secret_file_reason(rel) if plan.project is None
+             else load_refusal(plan.project, rel)[1]}      # --list reads plans unchecked
+            for rel, mode in sorted(plan.files_context.items()) if mode == "LOAD"]
 
 
 def _run_facts(plan: Plan) -> list[dict]:
@@ -5167,18 +5176,20 @@ class HTTPExecutor(Executor):
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
-        import httpx
+        import httpx        # the room's one import of it, kept as self._httpx
 
+        self._httpx = httpx
         self.config = config
         self.base_url = base_url.rstrip("/")
         self._sleep = sleep
         self._on_retry = on_retry or (lambda message: None)
-        timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
+        timeout = httpx.Timeout(config.timeout_s,
+                                connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
         # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
         # A plain-http server needs no TLS context, and building one (certifi's CA
         # bundle) costs ~80 ms of start-up; https keeps full verification.
         https = self.base_url.lower().startswith("https://")
-        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
+        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=https,
                                  headers=headers)
 
     def close(self) -> None:
@@ -5189,8 +5200,6 @@ class HTTPExecutor(Executor):
         """GET url and return its JSON body, read within the bounds of a reply
         (BoundedResponse; at least DEFAULT_MAX_OUTPUT_BYTES, so a lower
         --max-output-bytes cuts replies, not the model list). Raises LLMError."""
-        import httpx
-
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
@@ -5202,7 +5211,7 @@ class HTTPExecutor(Executor):
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         try:
             return load_reply(body)
@@ -5271,8 +5280,7 @@ class HTTPExecutor(Executor):
 
     def _transport_error(self, exc: Exception, url: str) -> LLMError:
         """Translate an httpx transport exception into the matching LLMError."""
-        import httpx
-
+        httpx = self._httpx
         if isinstance(exc, httpx.ConnectTimeout):
             connect_s = min(CONNECT_TIMEOUT_S, self.config.timeout_s)
             return LLMTimeout(f"no connection to {url} within {connect_s:g} s "
@@ -5294,8 +5302,7 @@ class HTTPExecutor(Executor):
                      tally: OutputTally) -> Completion:
         """POST payload once; read the reply into tally (_parse). timeout_s: the step's
         (ChatRequest.timeout_s). Raises LLMError."""
-        import httpx
-
+        httpx = self._httpx
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
@@ -5504,8 +5511,6 @@ class ServerProbes:
         """POST body as JSON to url; return the JSON reply, or None when the route
         refuses or answers something else (an Ollama probe). Raises LLMError when the
         server cannot be reached."""
-        import httpx
-
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("POST", url, json=body,
@@ -5515,7 +5520,7 @@ class ServerProbes:
                 if response.status_code >= 400:
                     return None
                 content = response.read(DEFAULT_MAX_OUTPUT_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         except LLMProtocolError:        # past the bound: not an answer to use
             return None
