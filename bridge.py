@@ -196,7 +196,7 @@ DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # a reply larger than this is cut
 # A body that is not a stream (a server ignoring "stream", /v1/models) may pass
 # --max-output-bytes by this much for its JSON envelope (ids, usage, quotes, escapes)
 RESPONSE_ENVELOPE_BYTES = 65_536
-ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much is read (for its message)
+ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much is read
 # Every request ends by this many seconds after it was sent, whatever trickles in
 # (keep-alive comments, whitespace), unless its step sets timeout_s: 30 minutes is
 # 16k tokens at 10 tokens/s after a 5-minute model load, longer than a step a small
@@ -227,7 +227,7 @@ CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-
 # int, the count is unknown and estimated as when none is sent (usage_count).
 USAGE_MAX_TOKENS = 100_000_000
 ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
-MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps at least this
+MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps this
 PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
 DEFAULT_KEEP_RUNS = 10                 # file backups of this many runs per plan are kept for --undo
 RUN_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}"    # what new_run_id() makes
@@ -235,11 +235,11 @@ RUN_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}"    # what new_run_id() makes
 # repr recurse once (jsonschema's check_schema ~6 frames) per level, and Python stops at
 # 1000 frames; a real plan with a step schema nests ~10-25 levels.
 MAX_JSON_DEPTH = 64
-NAME_MAX_BYTES = 255                   # a path component, when os.pathconf cannot say (Linux, macOS)
+NAME_MAX_BYTES = 255                   # a path component, when os.pathconf cannot say
 PATH_MAX_BYTES = 4096                  # a whole path, likewise
 COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without timeout_s
 COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
-COMMAND_TAIL_BYTES = 8000              # the end of a command's output kept for the result and run log
+COMMAND_TAIL_BYTES = 8000              # a command output's end kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
 # Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
 # A step whose answer is bounded (its check is JSON) asks the server not to think
@@ -303,7 +303,8 @@ CLAUDE_PRICES_USD_PER_MTOK = {
     "claude-haiku-4-5": (1.00, 5.00),
 }
 DEFAULT_PRICE_MODEL = "claude-sonnet-4-5"
-EVENT_KINDS = ("plan_start", "step_start", "delta", "attempt_failed", "step_end", "plan_end", "error")
+EVENT_KINDS = ("plan_start", "step_start", "delta", "attempt_failed", "step_end", "plan_end",
+               "error")
 
 EXIT_OK = 0
 EXIT_PLAN_FAILED = 1
@@ -346,8 +347,8 @@ def allowable_executors() -> tuple[str, ...]:
 # output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
 # a run's escalations, small enough that a looping or hostile plan costs cents.
 DEFAULT_MAX_COST_USD = 0.50
-TRUST_FILENAME = "trusted-projects.json"     # in config_dir: {"trusted_projects": [path, …]}
-APPROVALS_FILENAME = "approvals.json"        # in config_dir: {"approvals": {plan id: {content_hash, …}}}
+TRUST_FILENAME = "trusted-projects.json"  # in config_dir: {"trusted_projects": [path, …]}
+APPROVALS_FILENAME = "approvals.json"  # in config_dir: {"approvals": {plan id: {content_hash, …}}}
 # What a claude-cli: model's process gets of the user's environment: an allow-list.
 # PATH finds node; HOME and CLAUDE_* hold its login and settings; the rest is locale,
 # terminal, temp folder and proxies. Cloud credentials, tokens and BRIDGE_* stay out.
@@ -738,22 +739,39 @@ class LLMServerUnusable(LLMError):
 ###############################################################################
 
 
+def sha256_hex(data: Any) -> str:
+    """Return the sha256 (hex) of bytes, or of a binary file object read in pieces from
+    where it stands (hashlib.file_digest: memory stays bounded whatever its size)."""
+    import hashlib
+
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.file_digest(data, "sha256").hexdigest()
+
+
 def content_hash(content: str) -> str:
     """Return the memory server's hash of a memory's content.
 
     Source: mcp-memory-service utils/hashing.py (sha256 of the stripped, lowercased
     content).
     """
-    import hashlib
+    return sha256_hex(content.strip().lower().encode("utf-8"))
 
-    return hashlib.sha256(content.strip().lower().encode("utf-8")).hexdigest()
+
+def utc_datetime(when: float | str) -> Any:
+    """Return an aware UTC datetime of Unix seconds, or of an ISO 8601 text (Z taken; a
+    time without an offset is read as UTC). Raises ValueError or OverflowError."""
+    from datetime import datetime, timezone
+
+    if not isinstance(when, str):
+        return datetime.fromtimestamp(when, timezone.utc)
+    moment = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def iso_from_ts(ts: float) -> str:
     """Format Unix seconds the way the memory server fills its *_iso columns."""
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None).isoformat() + "Z"
+    return utc_datetime(ts).replace(tzinfo=None).isoformat() + "Z"
 
 
 def utc_now_iso() -> str:
@@ -988,13 +1006,15 @@ class Events:
         self.enabled, self.stream, self.deltas = enabled, stream, deltas
         self.lock = threading.Lock()
 
-    def emit(self, kind: str, plan_id: str | None = None, step_id: int | None = None, **fields: Any) -> None:
+    def emit(self, kind: str, plan_id: str | None = None, step_id: int | None = None,
+             **fields: Any) -> None:
         """Write one event line (and flush), when enabled."""
         assert kind in EVENT_KINDS, kind     # the vocabulary is public: README and tests pin it
         if not self.enabled or (kind == "delta" and not self.deltas):
             return
         now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(now)) + f"{int(now % 1 * 1000):03d}Z"
+        stamp = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(now))
+                 + f"{int(now % 1 * 1000):03d}Z")
         event = {"event": kind, "ts": stamp, "plan_id": plan_id}
         if step_id is not None:
             event["step_id"] = step_id
@@ -1648,11 +1668,9 @@ def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
     """Return the sha256 (hex) of a regular file, read in pieces (hashlib.file_digest), so
     memory stays bounded whatever its size; None when it is missing, a symlink, not a
     regular file or unreadable."""
-    import hashlib
-
     try:
         with open_regular(name, dir_fd) as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+            return sha256_hex(handle)
     except OSError:
         return None
 
@@ -1811,19 +1829,20 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None,
 OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than this is not its
 
 
-def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False) -> Any:
-    """Return the JSON value of one of bridge's own files (run.json, reads.json,
+def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False,
+                   max_bytes: int = OWN_FILE_MAX_BYTES) -> Any:
+    """Return the JSON value of a file bridge reads whole (run.json, reads.json,
     undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
-    manager may link): a regular file (open_regular) of at most OWN_FILE_MAX_BYTES,
-    UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's one JSON file
-    reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL: not a regular
-    file) or ValueError (not JSON, too deep, too large); with or_none, returns None
-    instead."""
+    manager may link, and the hooks' config.json): a regular file (open_regular) of at
+    most max_bytes, UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's
+    one JSON file reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL:
+    not a regular file, such as a FIFO) or ValueError (not JSON, too deep, too large);
+    with or_none, returns None instead."""
     try:
         with open_regular(path, follow_symlinks=follow_symlinks) as handle:
-            data = handle.read(OWN_FILE_MAX_BYTES + 1)
-        if len(data) > OWN_FILE_MAX_BYTES:
-            raise ValueError(f"it is larger than {OWN_FILE_MAX_BYTES:,} bytes")
+            data = handle.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ValueError(f"it is larger than {max_bytes:,} bytes")
         return load_json(data.decode("utf-8"))
     except (OSError, ValueError):
         if or_none:
@@ -2098,15 +2117,13 @@ def hooks_memory_endpoint(home: Path) -> tuple[str | None, str | None, str | Non
     scripts/ensure-server.js (keeps `memory server --http` on 127.0.0.1:8000).
     Never raises."""
     path = home / ".claude" / "hooks" / "config.json"
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(HOOKS_CONFIG_MAX_BYTES + 1)
+    try:        # a FIFO there is refused (open_regular), never waited on
+        document = read_json_file(path, follow_symlinks=True,
+                                  max_bytes=HOOKS_CONFIG_MAX_BYTES)
     except FileNotFoundError:
         return None, None, None
     except OSError as exc:
         return None, None, f"{HOOKS_CONFIG_SHOWN} cannot be read ({exc.strerror or exc})"
-    try:
-        document = load_json(raw) if len(raw) <= HOOKS_CONFIG_MAX_BYTES else None
     except ValueError:
         document = None
     service = document.get("memoryService") if isinstance(document, dict) else None
@@ -2143,8 +2160,10 @@ class MemoryAPI:
 
     def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S,
                  deadline_s: float | None = None):
+        import httpx
+
         self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
-        self.deadline_s = deadline_s
+        self.deadline_s, self._httpx = deadline_s, httpx
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
         """Return (HTTP status, parsed JSON or None) within the request's deadline: the
@@ -2173,10 +2192,8 @@ class MemoryAPI:
 
     def _exchange(self, method: str, path: str, body: dict | None, deadline: float,
                   deadline_s: float) -> tuple[int, Any]:
-        import httpx
-
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
-        with httpx.Client(timeout=self.timeout_s, trust_env=False) as client:
+        with self._httpx.Client(timeout=self.timeout_s, trust_env=False) as client:
             with client.stream(method, self.url + path, json=body, headers=headers) as response:
                 raw = b""
                 for piece in response.iter_bytes():
@@ -2196,8 +2213,6 @@ class MemoryAPI:
         """POST one memory; return (its content_hash, None) when the server stored it,
         else (None, why not). conversation_id (the run id) keeps the server's 24-hour
         near-duplicate check from refusing a rerun's result."""
-        import httpx
-
         body = {"content": content, "tags": tags, "memory_type": memory_type,
                 "metadata": metadata, "conversation_id": conversation_id}
         size = len(json.dumps(body).encode("utf-8"))
@@ -2206,7 +2221,7 @@ class MemoryAPI:
                           f"{MEMORY_API_MAX_BODY_BYTES}")
         try:
             status, reply = self._request("POST", "/api/memories", body)
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        except (self._httpx.HTTPError, self._httpx.InvalidURL, ValueError) as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
         if status == 200 and isinstance(reply, dict) and reply.get("success") is True \
@@ -2220,15 +2235,13 @@ class MemoryAPI:
     def probe(self) -> dict:
         """Return {"reachable", "key_accepted", "version", "backend", "error"} from GET
         /api/health (no key needed) and GET /api/health/detailed (needs the key)."""
-        import httpx
-
         report: dict[str, Any] = {"url": self.url, "reachable": False, "key_accepted": None,
                                   "version": None, "backend": None, "error": None}
         try:
             status, _ = self._request("GET", "/api/health")
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        except (self._httpx.HTTPError, self._httpx.InvalidURL, ValueError) as exc:
             why = _summary_text(exc, 200) or type(exc).__name__
             report["error"] = f"cannot reach {self.url}: {why}"
             return report
@@ -2268,6 +2281,14 @@ def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
 
 
+def sqlite3_module() -> Any:
+    """Return the sqlite3 module, imported at its first use (bridge --help must not load
+    it): the store rooms' one import of it."""
+    import sqlite3
+
+    return sqlite3
+
+
 class StoreFile:
     """The memory server's SQLite file: its layout (mcp-memory-service 12.x or 10.x, or
     the original script's: _LAYOUT_COLUMNS; None for any other, which open refuses),
@@ -2277,6 +2298,7 @@ class StoreFile:
     def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
         """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
         self.conn, self.path, self.crash_at = conn, path, crash_at
+        self.sqlite3 = sqlite3_module()
         self.columns = {row[1] for row in conn.execute("PRAGMA table_info(memories)")}
         self.layout = next((name for name, needed in _LAYOUT_COLUMNS.items()
                             if needed <= self.columns), None)
@@ -2292,8 +2314,7 @@ class StoreFile:
         STATE_TABLE is made by the first state bridge records there (_set_state).
         Raises StoreError naming every path tried when none exists, or when the file
         is not SQLite or has a layout bridge does not know."""
-        import sqlite3
-
+        sqlite3 = sqlite3_module()
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
             tried = ", ".join(str(p) for p in config.db_paths)
@@ -2324,8 +2345,7 @@ class StoreFile:
 
         Raises StoreError when path exists, its folder does not, or it cannot be written.
         """
-        import sqlite3
-
+        sqlite3 = sqlite3_module()
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
         if not path.parent.is_dir():       # a typo in --db must not make folders and a store
@@ -2361,12 +2381,10 @@ class StoreFile:
 
     def _write(self, work: Callable[[], Any]) -> Any:
         """Run work() inside BEGIN IMMEDIATE … COMMIT, retrying while the file is busy."""
-        import sqlite3
-
         for attempt in range(1, STORE_WRITE_TRIES + 1):
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
+            except self.sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
                     if attempt < STORE_WRITE_TRIES:
                         time.sleep(0.05 * attempt)
@@ -2382,7 +2400,7 @@ class StoreFile:
                 return result
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
+                if isinstance(exc, self.sqlite3.Error):
                     raise StoreError(f"cannot write the store {self.path}: {exc}",
                                      READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
                         from exc
@@ -2395,8 +2413,6 @@ class StoreFile:
         store='default' and embedding_pending=0 where the layout has those columns
         (no embedding: tag and keyword search find it, semantic search does not).
         Raises StoreError when identical content is already stored."""
-        import sqlite3
-
         now = time.time()
         digest = content_hash(content)
         tags_text = ",".join(tag_safe(t.strip()) for t in tags)
@@ -2415,7 +2431,7 @@ class StoreFile:
                f"VALUES ({', '.join('?' for _ in values)})")
         try:
             self.conn.execute(sql, tuple(values.values()))
-        except sqlite3.IntegrityError as exc:
+        except self.sqlite3.IntegrityError as exc:
             if "content_hash" not in str(exc):
                 raise StoreError(f"cannot insert into {self.path}: {exc}") from exc
             raise StoreError(f"the store already holds a memory with content hash "
@@ -2446,21 +2462,19 @@ class StoreFile:
         write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
         file is never changed (a read-only mount fails here, "attempt to write a
         readonly database"). A store busy with another writer counts as writable."""
-        import sqlite3
-
         try:
             found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
-        except sqlite3.DatabaseError as exc:
+        except self.sqlite3.DatabaseError as exc:
             return f"PRAGMA quick_check failed: {exc}"
         if found != ["ok"]:
             return "PRAGMA quick_check found: " + " ".join("; ".join(map(str, found)).split())
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
+        except self.sqlite3.OperationalError as exc:
             return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
         try:
             self.conn.execute("CREATE TABLE bridge_write_probe (x)")
-        except sqlite3.DatabaseError as exc:
+        except self.sqlite3.DatabaseError as exc:
             return f"cannot write: {exc}"
         finally:
             self.conn.execute("ROLLBACK")
@@ -2570,20 +2584,15 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
         from now, in the past or the future (a running bridge refreshes it every
         HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
         reads as a time (a plan whose own content says in_progress has none)."""
-        from datetime import datetime, timezone
-
         if self.status != "in_progress":
             return False
         owner = self.owner
         if owner.get("host") == hostname() and isinstance(owner.get("pid"), int) \
                 and not pid_alive(owner["pid"]):
             return True
-        try:
-            beat = datetime.fromisoformat(str(self.state.get("heartbeat_at"))
-                                          .replace("Z", "+00:00"))
-            if beat.tzinfo is None:     # bridge writes UTC with a Z; a bare time is read as UTC
-                beat = beat.replace(tzinfo=timezone.utc)
-            return abs((datetime.now(timezone.utc) - beat).total_seconds()) > STALE_AFTER_S
+        try:        # bridge writes UTC with a Z; a bare time is read as UTC
+            beat = utc_datetime(str(self.state.get("heartbeat_at")))
+            return abs(time.time() - beat.timestamp()) > STALE_AFTER_S
         except (ValueError, OverflowError):     # OverflowError: year 1 with a +23:59 offset
             return True
 
@@ -2816,8 +2825,6 @@ class Store(PlanStates):
         whose content is a JSON object with "$schema" "bridge-plan-v1", and, to be
         reported as invalid, those tagged bridge-plan or holding JSON that is not an
         object (prose that merely names the marker is not a plan). Raises StoreError."""
-        import sqlite3
-
         tags = "m.tags" if "tags" in self.columns else "''"
         digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
         select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
@@ -2834,7 +2841,7 @@ class Store(PlanStates):
             rows = [row for row in rows if row[1] is None or SCHEMA_ID in str(row[1])]
             # the old metadata states lie on plan rows only: those just read
             states = self._states([(row[5], row[1] or "", row[2]) for row in rows])
-        except sqlite3.Error as exc:
+        except self.sqlite3.Error as exc:
             raise StoreError(f"cannot read plans from {self.path}: {exc}") from exc
         records, split = [], set()
         for row in rows:
@@ -2853,12 +2860,10 @@ class Store(PlanStates):
         """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
         content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
         from SQLite's incremental blob I/O, which reads no content."""
-        import sqlite3
-
         try:
             with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
                 size = len(blob)
-        except sqlite3.Error:       # not text (NULL, a number): read it as before
+        except self.sqlite3.Error:       # not text (NULL, a number): read it as before
             size = 0
         if size > PLAN_MAX_BYTES:
             return (row_id, None, *rest, size)
@@ -3637,6 +3642,24 @@ class DegenerationGuard:
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
 
 
+def schema_errors(schema: Any, value: Any = None, *, check_schema: bool = False) -> list:
+    """Return the errors (jsonschema's ValidationError) of value under a Draft 2020-12 JSON
+    Schema, sorted by their path in value; with check_schema, [the SchemaError] of a schema
+    jsonschema refuses, else []. The one site importing jsonschema (--help and --list never
+    need it). Raises what applying a schema raises (referencing's Unresolvable, RecursionError).
+    """
+    from jsonschema import Draft202012Validator, SchemaError
+
+    if check_schema:
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            return [exc]
+        return []
+    return sorted(Draft202012Validator(schema).iter_errors(value),
+                  key=lambda e: list(e.absolute_path))
+
+
 def register_validation(cls: type) -> type:
     """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
     under cls.name (the name again replaces the earlier class). Returns cls."""
@@ -3769,11 +3792,8 @@ class JsonSchema(JsonAnswer):
     max_tokens = 512        # its objects may nest and list more
 
     def check_value(self, value: Any, validation: dict) -> None:
-        from jsonschema import Draft202012Validator
-
         try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
+            errors = schema_errors(validation["schema"], value)
         except (RecursionError, MemoryError):
             raise
         except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
@@ -3797,19 +3817,12 @@ class JsonSchema(JsonAnswer):
         """A schema check_schema refuses; then the schema applied to a few plain values,
         so a $ref that resolves nowhere or refers to itself without end at the top is a
         plan problem before anything is sent (deeper ones fail the step: check_value)."""
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-
         where = f"{where}.schema"
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
-        validator = Draft202012Validator(validation["schema"])
+        if refusal := schema_errors(validation["schema"], check_schema=True):
+            return [f"{where}: not a valid JSON Schema ({schema_message(refusal[0])})"]
         for probe in (None, {}, [], "", 0):
             try:
-                for _ in validator.iter_errors(probe):
-                    pass
+                schema_errors(validation["schema"], probe)
             except RecursionError:
                 return [f"{where}: refers to itself without end"]
             except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
@@ -4048,8 +4061,8 @@ class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_
         return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
 
 
-class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy escalate_to verify",
-                      defaults=("", None, {}, "none", None, None))):
+class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy "
+                              "escalate_to verify", defaults=("", None, {}, "none", None, None))):
     """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
     project root, a Path, or None), files_context ({relative path: "LOAD" or
     "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
@@ -4060,25 +4073,27 @@ class Plan(namedtuple("Plan", "id steps objective project files_context rollback
 
 
 def _schema_problems(plan: Any) -> list[str]:
-    from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
-
-    validator = Draft202012Validator(load_schema())
-    errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
-    return [problem for error in errors
+    return [problem for error in schema_errors(load_schema(), plan)
             for problem in _unknown_key_problems(error)
             or [f"{error.json_path}: {schema_message(error)}{_close_value_hint(error)}"]]
 
 
-def _close_value_hint(error: Any) -> str:
-    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
-    "enum" error; difflib.get_close_matches), else ""."""
+def _did_you_mean(word: str, known: list[str]) -> str:
+    """"did you mean 'skip'?" for the closest of known (difflib.get_close_matches), or ""."""
     import difflib
 
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def _close_value_hint(error: Any) -> str:
+    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
+    "enum" error), else ""."""
     if error.validator != "enum" or not isinstance(error.instance, str):
         return ""
     values = [v for v in error.validator_value if isinstance(v, str)]
-    close = difflib.get_close_matches(error.instance, values, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    hint = _did_you_mean(error.instance, values)
+    return f"; {hint}" if hint else ""
 
 
 PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
@@ -4087,11 +4102,9 @@ PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner
 def _unknown_key_problems(error: Any) -> list[str]:
     """One problem per key the schema does not know (an additionalProperties or
     unevaluatedProperties error), with its JSON path and the closest known key
-    (difflib.get_close_matches), e.g. "$.steps[0].file_ouput: unknown key; did you
+    (_did_you_mean), e.g. "$.steps[0].file_ouput: unknown key; did you
     mean 'file_output'?"; [] for any other error. The known keys are the schema's
     own, so a key added to the schema is known at once."""
-    import difflib
-
     if error.validator not in ("additionalProperties", "unevaluatedProperties") \
             or not isinstance(error.instance, dict) or error.validator_value is not False:
         return []
@@ -4102,8 +4115,7 @@ def _unknown_key_problems(error: Any) -> list[str]:
         if key in known or any(re.search(pattern, key) for pattern in patterns):
             continue
         where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
-        close = difflib.get_close_matches(key, known, n=1)
-        fix = (f"did you mean {close[0]!r}?" if close else
+        fix = (_did_you_mean(key, known) or
                f"known here: {', '.join(known)} "
                f"(a key of your own starts with {PLANNER_KEY_PREFIX})")
         problems.append(f"{error.json_path}{where}: unknown key; {fix}")
@@ -4115,7 +4127,8 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     with too, skipping whatever part is malformed (the schema already said so)."""
 
     problems: list[str] = []
-    steps = [s for s in plan.get("steps") or [] if isinstance(s, dict) and isinstance(s.get("id"), int)]
+    steps = [s for s in plan.get("steps") or []
+             if isinstance(s, dict) and isinstance(s.get("id"), int)]
     ids = [s["id"] for s in steps]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"$.steps: step id {dup} is used more than once")
@@ -4132,8 +4145,8 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
         problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
-            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
-                            f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
+            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge "
+                            f"takes at most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
     try:            # every problem at once: a cycle among the known steps as well
         TopologicalSorter(graph).prepare()
     except CycleError as exc:
@@ -4166,16 +4179,11 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         return [f"$.context.project: folder {project} does not exist"]
     problems = []
     for rel, mode in files.items():
-        try:
-            path = resolve_inside(project, rel)
-        except PathError as exc:
-            problems.append(f"$.context.files_context[{rel!r}]: {exc}")
+        path, refused = load_refusal(project, rel)
+        if path is None or (mode == "LOAD" and refused):
+            problems.append(f"$.context.files_context[{rel!r}]: {refused}")
             continue
         if mode != "LOAD":
-            continue
-        secret = load_secret_reason(project, rel, path)
-        if secret:
-            problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
         try:
             read_load_file(path, rel, project)
@@ -4189,6 +4197,17 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if reason := output_path_problem(project, rel, guard):
             problems.append(f"$.steps[{n}].file_output: {reason}")
     return problems
+
+
+def load_refusal(project: Path, rel: str) -> tuple[Path | None, str | None]:
+    """Return (where rel resolves inside project, or None, and why a LOAD of it may not go to
+    a model, or None): outside the project (resolve_inside's PathError), else a secret
+    (load_secret_reason). The one order for check_plan and for what approval shows."""
+    try:
+        path = resolve_inside(project, rel)
+    except PathError as exc:
+        return None, str(exc)
+    return path, load_secret_reason(project, rel, path)
 
 
 def _command_paths(plan: dict) -> list[str]:
@@ -4221,14 +4240,17 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     if isinstance(plan, UnreadablePlan):
         raise PlanInvalid(plan_id, [f"$: {plan.reason}"])
     if not isinstance(plan, dict):
-        raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
+        raise PlanInvalid(plan_id, ["$: a plan is a JSON object, not a JSON "
+                                    f"{type(plan).__name__}"])
     if (depth := json_depth(plan)) > MAX_JSON_DEPTH:
-        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at most {MAX_JSON_DEPTH}"])
+        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at "
+                                    f"most {MAX_JSON_DEPTH}"])
     try:
         json.dumps(plan, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except UnicodeEncodeError as exc:   # "\ud800" in JSON: no request body or file name can carry it
-        raise PlanInvalid(plan_id, [f"$: the plan holds a lone surrogate ({exc.object[exc.start]!r}), "
-                                    "which is not text; write the character whole"]) from None
+    except UnicodeEncodeError as exc:   # "\ud800": no request body or file name can carry it
+        raise PlanInvalid(plan_id, ["$: the plan holds a lone surrogate "
+                                    f"({exc.object[exc.start]!r}), which is not text; write the "
+                                    "character whole"]) from None
     except ValueError as exc:           # NaN or Infinity in a plan given as a dict
         raise PlanInvalid(plan_id, [f"$: the plan cannot be written as JSON ({exc})"]) from None
     try:
@@ -4240,7 +4262,7 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     except RecursionError:
         problems.append("$: the plan nests too deeply to check")
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        if not problems:        # schema-valid, yet a rule could not check it: never run it unchecked
+        if not problems:    # schema-valid, yet a rule could not check it: never run it unchecked
             problems.append(f"$: the plan could not be checked ({type(exc).__name__}: {exc}); "
                             "it is refused rather than run unchecked")
         # else too malformed for the semantic rules; the schema problems say why
@@ -4271,8 +4293,8 @@ def _build_plan(plan: dict) -> Plan:
         files_context[key] = "LOAD" if "LOAD" in (mode, files_context.get(key)) else mode
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
                 project=project, files_context=files_context,
-                rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"),
-                verify=plan.get("verify"))
+                rollback_strategy=plan.get("rollback_strategy", "none"),
+                escalate_to=defaults.get("escalate_to"), verify=plan.get("verify"))
 
 
 ###############################################################################
@@ -4614,16 +4636,19 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
                         if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
-    escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
+    escalation_used = (escalation is not None and escalation in allowed
+                       and config.escalate_to is None)
     trusted = plan_trusted(config, plan, plan_hash)
     reasons, commands = [], []
-    refused = untrustable_reason(config, real_path(plan.project)) if plan.project is not None else None
+    refused = (untrustable_reason(config, real_path(plan.project))
+               if plan.project is not None else None)
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
     elif not trusted and (plan.project is not None or step_kinds or (
             escalation_used and EXECUTORS[escalation].needs_allowing())):
-        reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
+        reasons.append(f"project {plan.project} is not a trusted project"
+                       if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
         if plan.project is not None:
@@ -4634,8 +4659,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
             commands.append(f"bridge --allow-executor {kind}")
     unused = None
     if escalation is not None and escalation not in allowed and config.escalate_to is None:
-        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
-                  f"(pass --allow-executor {escalation})")
+        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is "
+                  f"not allowed (pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
                        | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
                           else set()))
@@ -4649,22 +4674,11 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
 
 
 def _load_facts(plan: Plan) -> list[dict]:
-    """[{"path", "refused" (why bridge will not send it: outside the project
-    (resolve_inside), or secret_file_reason of its path or of where a symlink leads;
+    """[{"path", "refused" (why bridge will not send it, as check_plan says: load_refusal;
     else None)}] of the files a plan LOADs into its prompts, sorted by path."""
-    facts = []
-    for rel, mode in sorted(plan.files_context.items()):
-        if mode != "LOAD":
-            continue
-        refused = secret_file_reason(rel)
-        if refused is None and plan.project is not None:
-            try:
-                path = resolve_inside(plan.project, rel)        # --list reads plans unchecked
-                refused = load_secret_reason(plan.project, rel, path)
-            except PathError as exc:
-                refused = str(exc)
-        facts.append({"path": rel, "refused": refused})
-    return facts
+    return [{"path": rel, "refused": secret_file_reason(rel) if plan.project is None
+             else load_refusal(plan.project, rel)[1]}      # --list reads plans unchecked
+            for rel, mode in sorted(plan.files_context.items()) if mode == "LOAD"]
 
 
 def _run_facts(plan: Plan) -> list[dict]:
@@ -5167,18 +5181,20 @@ class HTTPExecutor(Executor):
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
-        import httpx
+        import httpx        # the room's one import of it, kept as self._httpx
 
+        self._httpx = httpx
         self.config = config
         self.base_url = base_url.rstrip("/")
         self._sleep = sleep
         self._on_retry = on_retry or (lambda message: None)
-        timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
+        timeout = httpx.Timeout(config.timeout_s,
+                                connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
         # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
         # A plain-http server needs no TLS context, and building one (certifi's CA
         # bundle) costs ~80 ms of start-up; https keeps full verification.
         https = self.base_url.lower().startswith("https://")
-        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
+        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=https,
                                  headers=headers)
 
     def close(self) -> None:
@@ -5189,8 +5205,6 @@ class HTTPExecutor(Executor):
         """GET url and return its JSON body, read within the bounds of a reply
         (BoundedResponse; at least DEFAULT_MAX_OUTPUT_BYTES, so a lower
         --max-output-bytes cuts replies, not the model list). Raises LLMError."""
-        import httpx
-
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
@@ -5202,7 +5216,7 @@ class HTTPExecutor(Executor):
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         try:
             return load_reply(body)
@@ -5271,8 +5285,7 @@ class HTTPExecutor(Executor):
 
     def _transport_error(self, exc: Exception, url: str) -> LLMError:
         """Translate an httpx transport exception into the matching LLMError."""
-        import httpx
-
+        httpx = self._httpx
         if isinstance(exc, httpx.ConnectTimeout):
             connect_s = min(CONNECT_TIMEOUT_S, self.config.timeout_s)
             return LLMTimeout(f"no connection to {url} within {connect_s:g} s "
@@ -5294,8 +5307,7 @@ class HTTPExecutor(Executor):
                      tally: OutputTally) -> Completion:
         """POST payload once; read the reply into tally (_parse). timeout_s: the step's
         (ChatRequest.timeout_s). Raises LLMError."""
-        import httpx
-
+        httpx = self._httpx
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
@@ -5504,8 +5516,6 @@ class ServerProbes:
         """POST body as JSON to url; return the JSON reply, or None when the route
         refuses or answers something else (an Ollama probe). Raises LLMError when the
         server cannot be reached."""
-        import httpx
-
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("POST", url, json=body,
@@ -5515,7 +5525,7 @@ class ServerProbes:
                 if response.status_code >= 400:
                     return None
                 content = response.read(DEFAULT_MAX_OUTPUT_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         except LLMProtocolError:        # past the bound: not an answer to use
             return None
@@ -6344,23 +6354,20 @@ def _kill_group(proc: Any) -> None:
 
 def untrusted_message(plan: Plan) -> str:
     """Return why a plan's commands do not run, and the command that would let them."""
-    return (f"commands run only in trusted projects, and {plan.project} is not one; trust it with "
-            f"`bridge --trust {plan.project}` (or BRIDGE_TRUSTED_PROJECTS), or approve this plan with "
-            f"`bridge --approve {plan.id}`")
+    return (f"commands run only in trusted projects, and {plan.project} is not one; trust it "
+            f"with `bridge --trust {plan.project}` (or BRIDGE_TRUSTED_PROJECTS), or approve "
+            f"this plan with `bridge --approve {plan.id}`")
 
 
 def command_env(config: Config) -> dict[str, str]:
-    """Return the environment a plan's commands run in: the user's (as bridge was
-    started with it) less every credential (credential_env_name: bridge's own
-    BRIDGE_* settings, the memory server's MCP_API_KEY, names that look like tokens,
-    keys, secrets or passwords, and the cloud, CI and model-provider families of
-    SECRET_ENV_PREFIXES), but those the user named with --pass-env (config.pass_env),
-    so a check never sees a secret it was not given.
+    """Return the environment a plan's commands run in: the user's as bridge started less
+    every name credential_env_name flags, but those named with --pass-env
+    (config.pass_env), so a check never sees a secret it was not given.
 
-    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the
-    source keeps its size and its mtime's second, and a retry rewrites a file
-    within the same second, often at the same size (`x + 2` → `x * 2`), so the
-    retry's test would run the failed attempt's code.
+    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the source keeps
+    its size and its mtime's second, and a retry rewrites a file within the same second,
+    often at the same size (`x + 2` → `x * 2`), so the retry's test would run the failed
+    attempt's code.
     """
     passed = set(config.pass_env)
     env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
@@ -6368,21 +6375,20 @@ def command_env(config: Config) -> dict[str, str]:
     return env
 
 
-class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail output_bytes timed_out error")):
-    """What one command did: argv (list of str), exit_code (int; negative: killed by
-    that signal; None: it never started), duration_s (seconds), output_tail (the
-    last COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a
-    marker when the start is left out, secrets redacted; "" when it passed),
-    output_bytes (all it wrote), timed_out,
-    error (why it failed, one line, or None when it passed)."""
+class CommandRun(namedtuple("CommandRun",
+                            "argv exit_code duration_s output_tail output_bytes timed_out error")):
+    """What one command did: argv (list of str), exit_code (int; negative: killed by that
+    signal; None: it never started), duration_s (seconds), output_tail (the last
+    COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a marker when the
+    start is left out, secrets redacted; "" when it passed), output_bytes (all it wrote),
+    timed_out, error (why it failed, one line, or None when it passed)."""
 
     __slots__ = ()
 
     def as_dict(self) -> dict:
         """Return the record kept in the result and the run log."""
-        return {"argv": list(self.argv), "exit_code": self.exit_code, "duration_s": round(self.duration_s, 3),
-                "output_tail": self.output_tail, "output_bytes": self.output_bytes,
-                "timed_out": self.timed_out, "error": self.error}
+        return {**self._asdict(), "argv": list(self.argv),
+                "duration_s": round(self.duration_s, 3)}
 
 
 # The program a check command runs under on Linux (reaped_argv): `python -I -S -c
@@ -6464,15 +6470,14 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
 
-    stdout and stderr go to one pipe, read as it comes: only the last
-    COMMAND_TAIL_BYTES bytes are kept, so a flood costs no memory. The command
-    leads its own process group; once it exits, or after timeout_s seconds, or
-    when cancel (a threading.Event) is set, the whole group is killed, and on Linux
-    every other process it started too, daemons that left the group included
-    (REAPER_SOURCE), so nothing it started outlives the check. Never raises for a
-    command that cannot start (that is a failed check saying why).
+    stdout and stderr go to one pipe, read as it comes: only the last COMMAND_TAIL_BYTES
+    bytes are kept, so a flood costs no memory. The command leads its own process group;
+    once it exits, or after timeout_s seconds, or when cancel (a threading.Event) is set,
+    the whole group is killed, and on Linux every other process it started too, daemons
+    that left the group included (REAPER_SOURCE). Never raises for a command that cannot
+    start (that is a failed check saying why).
     """
-    import subprocess
+    import selectors, subprocess
 
     started = time.monotonic()
     report, report_w = os.pipe()
@@ -6483,12 +6488,13 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
                                 start_new_session=True, pass_fds=(report_w,) if reaped else ())
     except OSError as exc:
         os.close(report)
-        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
-                          f"`{shell_words(argv)}` could not start: {exc.strerror or exc}")
+        return _not_started(argv, started, exc.strerror or exc)
     finally:
         os.close(report_w)
     try:
-        tail, total, stopped = _read_tail(proc, started + timeout_s, cancel)
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            read = _read_tail(proc, selector, started + timeout_s, cancel)
     finally:
         if reaped:
             _stop_reaper(proc)
@@ -6498,9 +6504,13 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
         with open(report, "rb") as handle:
             failed = handle.read(32)
     if failed.isdigit():
-        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
-                          f"`{shell_words(argv)}` could not start: {os.strerror(int(failed))}")
-    return _command_outcome(argv, code, time.monotonic() - started, tail, total, stopped, timeout_s)
+        return _not_started(argv, started, os.strerror(int(failed)))
+    return _command_outcome(argv, code, time.monotonic() - started, read, timeout_s)
+
+
+def _not_started(argv: list[str], started: float, why: Any) -> CommandRun:
+    return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
+                      f"`{shell_words(argv)}` could not start: {why}")
 
 
 def _stop_reaper(proc: Any) -> None:
@@ -6516,33 +6526,31 @@ def _stop_reaper(proc: Any) -> None:
         time.sleep(0.005)
 
 
-def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str | None]:
-    """Read a command's output until it exits (its children may still hold the pipe:
-    what they wrote so far is read), the deadline passes or cancel is set.
-    Returns (the last COMMAND_TAIL_BYTES bytes, bytes read, "timeout" | "cancel" | None)."""
-    import selectors
-
+def _read_tail(proc: Any, selector: Any, deadline: float,
+               cancel: Any) -> tuple[bytes, int, str | None]:
+    """Read a command's output (selector: proc.stdout registered) until it exits (its
+    children may still hold the pipe: what they wrote so far is read), the deadline passes
+    or cancel is set. Returns (the last COMMAND_TAIL_BYTES bytes, bytes read, "timeout" |
+    "cancel" | None)."""
     tail, total, exited_at = bytearray(), 0, None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return bytes(tail), total, "timeout"
-            if cancel is not None and cancel.is_set():
-                return bytes(tail), total, "cancel"
-            if exited_at is None and _exited(proc):
-                exited_at = now
-            if exited_at is not None and now - exited_at > 0.2:
-                return bytes(tail), total, None      # it exited; a child may keep the pipe open
-            if not selector.select(min(0.1, deadline - now)):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                return bytes(tail), total, None
-            total += len(chunk)
-            tail += chunk
-            del tail[:-COMMAND_TAIL_BYTES]
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return bytes(tail), total, "timeout"
+        if cancel is not None and cancel.is_set():
+            return bytes(tail), total, "cancel"
+        if exited_at is None and _exited(proc):
+            exited_at = now
+        if exited_at is not None and now - exited_at > 0.2:
+            return bytes(tail), total, None      # it exited; a child may keep the pipe open
+        if not selector.select(min(0.1, deadline - now)):
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            return bytes(tail), total, None
+        total += len(chunk)
+        tail += chunk
+        del tail[:-COMMAND_TAIL_BYTES]
 
 
 def _exited(proc: Any) -> bool:
@@ -6556,11 +6564,14 @@ def _exited(proc: Any) -> bool:
         return True
 
 
-def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes, total: int,
-                     stopped: str | None, timeout_s: float) -> CommandRun:
+def _command_outcome(argv: list[str], code: int, duration_s: float,
+                     read: tuple[bytes, int, str | None], timeout_s: float) -> CommandRun:
+    """read: what _read_tail returned."""
+    tail, total, stopped = read
     text = redact(tail.decode("utf-8", "replace"))
     if total > len(tail):
-        text = f"[bridge: the first {total - len(tail)} of {total} bytes of output are left out]\n" + text
+        text = (f"[bridge: the first {total - len(tail)} of {total} bytes of output are left "
+                "out]\n" + text)
     shown = f"`{shell_words(argv)}`"
     if stopped == "timeout":
         error = f"{shown} did not finish within {timeout_s:g} s; killed it and its process group"
@@ -6577,6 +6588,14 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 ###############################################################################
 # 26. File transactions: journal, rollback, recovery
 ###############################################################################
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder of bridge's own (backups, staged files) and all in it; missing or
+    unremovable parts are left (shutil.rmtree, which does not follow symlinks)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class FileTransaction:
@@ -6660,12 +6679,10 @@ class FileTransaction:
                           step: int) -> FileChange:
         """Journal a path's original (and the folders about to be made) before touching it.
         fd: the deepest existing folder on its way, depth folders down."""
-        import hashlib
-
         mode = _file_mode(fd, parts[-1], rel) if depth == len(parts) - 1 else None
         if mode is not None:
             with open_regular(parts[-1], fd) as original:      # copied in pieces, never held whole
-                digest = hashlib.file_digest(original, "sha256").hexdigest()
+                digest = sha256_hex(original)
                 original.seek(0)
                 backup = self._save_backup(f"{len(self.changes):04d}-{parts[-1][:200]}", original)
             change = FileChange(rel, "modified", backup, mode)
@@ -6867,9 +6884,7 @@ class FileTransaction:
 
     @staticmethod
     def _drop_backups(run_dir: Path) -> None:
-        import shutil
-
-        shutil.rmtree(run_dir / "backups", ignore_errors=True)
+        remove_tree(run_dir / "backups")
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action"}] for the result memory, in write order."""
@@ -6883,13 +6898,6 @@ class FileTransaction:
 # run's folder (staged/PATH) for --apply. --diff and --apply show what changed as a unified
 # diff (difflib), read only when both sides are at most DIFF_MAX_BYTES.
 ###############################################################################
-
-
-def sha256_hex(data: bytes) -> str:
-    """Return the sha256 of bytes, in hex."""
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_regular(path: Path) -> bytes | None:
@@ -7023,9 +7031,7 @@ class StagedFiles:
 
     def discard(self) -> None:
         """Delete the staged files."""
-        import shutil
-
-        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
+        remove_tree(self.run_dir / "staged")
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action", "staged": True}] in staging order (action as the
@@ -7131,14 +7137,12 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
     """Delete the backups of a plan's runs but the newest keep; return the run ids
     pruned. Transcripts and journals stay; those runs can no longer be undone."""
-    import shutil
-
     older = plan_runs(runs_dir, plan_id)
     older = older[: max(0, len(older) - keep)]
     pruned = []
     for run_dir in older:
         if _real_folder(run_dir / "backups"):
-            shutil.rmtree(run_dir / "backups", ignore_errors=True)
+            remove_tree(run_dir / "backups")
             pruned.append(run_dir.name)
     return pruned
 
@@ -7471,8 +7475,14 @@ class _Block:
         return self.head + self.body + self.tail
 
 
-def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
-                   staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
+def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
+                  staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
+    """Return the parts of a step's user message, for fitted_messages: the objective, LOAD
+    files (read now, so files written by earlier steps are current), REFERENCE paths, the
+    outputs of the steps it depends on (outputs: step id -> text), what answer form passes,
+    and the task last (read just before the model answers: on SmolLM2-135M that took more
+    values from the text; README, Small local models). staged: for a --review run, returns
+    the staged copy of a project path (or None), read instead of the file."""
     blocks = []
     if plan.objective:
         blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
@@ -7480,7 +7490,6 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
         if mode != "LOAD":
             continue
         try:
-            # a --review run reads the staged version of a file an earlier step wrote
             copy = staged(rel) if staged else None
             text = read_load_file(copy, rel) if copy else \
                 read_load_file(plan.project / rel, rel, plan.project)  # type: ignore[operator]
@@ -7493,8 +7502,8 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
     if refs:
         blocks.append(_Block("Files you may refer to by name (not included): " + ", ".join(refs)))
     for dep in step.depends_on:
-        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""), "\n```",
-                             cuttable=True))
+        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""),
+                             "\n```", cuttable=True))
     if step.file_output:
         blocks.append(_Block(f"Your answer will be written to the file {step.file_output}."))
     blocks.append(_Block(describe_validation(step.validation)))
@@ -7503,31 +7512,25 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
-                   budget_tokens: int | None = None,
-                   staged: Callable[[str], Path | None] | None = None,
-                   sources: list[str] | None = None) -> list[dict]:
-    """Return the chat messages of a step's first attempt.
+                   budget_tokens: int | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt: fitted_messages of its
+    prompt_blocks."""
+    return fitted_messages(step, prompt_blocks(plan, step, outputs), budget_tokens)
 
-    The system message is the step's (or plan default's) system prompt, else
-    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
-    now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on, what answer form passes, and the task last
-    (read just before the model answers: on SmolLM2-135M that took more values
-    from the text; README, Small local models).
 
-    budget_tokens: the prompt tokens that fit (the context length less what the
-    answer needs), or None for no limit. When the estimate (estimate_tokens) is
-    over it, the prompt shrinks by one rule: LOAD files and dependency outputs are
-    cut, the largest first, each keeping at least MIN_CUT_CHARS characters and a
-    marker saying what was cut; REFERENCE entries are never expanded; the task,
-    the objective and the answer-format line are never cut. Raises PromptTooLarge
-    with the numbers when even that does not fit. staged: for a --review run,
-    returns the staged copy of a project path (or None), read instead of the file.
-    sources: a list that gets the step's input as sent, the text a grounded answer
-    copies from: each LOAD file and dependency output (as far as it was sent), then
+def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
+                    sources: list[str] | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt from its prompt_blocks: the
+    step's (or plan default's) system prompt, else DEFAULT_SYSTEM_PROMPT, then the blocks.
+
+    budget_tokens: the prompt tokens that fit (the context length less what the answer
+    needs), or None for no limit. Over it (estimate_tokens), LOAD files and dependency
+    outputs are cut, the largest first, each keeping at least MIN_CUT_CHARS characters and
+    a marker; the rest is never cut. Raises PromptTooLarge with the numbers when even that
+    does not fit. sources: a list that gets the step's input as sent, the text a grounded
+    answer copies from: each LOAD file and dependency output (as far as it was sent), then
     the task.
     """
-    blocks = _prompt_blocks(plan, step, outputs, staged)
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
     sent: dict[int, str] = {}           # id(block) -> its body as sent, without the cut marker
 
@@ -7543,15 +7546,16 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
         cuttable = [b for b in blocks if b.cuttable and len(b.body) > MIN_CUT_CHARS + 100]
         if not cuttable:
             raise PromptTooLarge(
-                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, more than the "
-                f"{budget_tokens} that fit the model's context once the answer's tokens are kept free",
-                "load the model with a larger context (or pass --context-length), shorten the step, "
-                "or lower its max_tokens")
+                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, "
+                f"more than the {budget_tokens} that fit the model's context once the "
+                "answer's tokens are kept free",
+                "load the model with a larger context (or pass --context-length), shorten the "
+                "step, or lower its max_tokens")
         block = max(cuttable, key=lambda b: len(b.body))
         keep = max(MIN_CUT_CHARS, len(block.body) - int(excess * CHARS_PER_TOKEN) - 100)
         sent[id(block)] = sent.get(id(block), block.body)[:keep]
-        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of {originals[id(block)]} characters "
-                      "to fit the model's context]")
+        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of "
+                      f"{originals[id(block)]} characters to fit the model's context]")
     return messages()
 
 
@@ -8825,8 +8829,9 @@ class StepRun:
 
         def build() -> list[dict]:
             run.sources[step.id] = []
-            return build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
-                                  staged, run.sources[step.id])
+            blocks = prompt_blocks(run.plan, step, self.outputs, staged)
+            return fitted_messages(step, blocks, fit.budget(step, result.model),
+                                   run.sources[step.id])
         try:
             messages = build()
             counted = fit.client.count_tokens(messages) \
@@ -10897,7 +10902,7 @@ def cmd_reject(config: Config, plan_id: str) -> int:
                 "error": "staged files rejected at review"}):
             raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
                               "see bridge --list --all")
-    StagedFiles(kept.project, kept.run_dir).discard()
+    remove_tree(kept.run_dir / "staged")
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
         return EXIT_OK
@@ -11071,7 +11076,8 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
         budget = prompt_budget(step, config.context_length)
         sources: list[str] = []
         try:
-            messages = build_messages(plan, step, placeholders, budget, sources=sources)
+            blocks = prompt_blocks(plan, step, placeholders)
+            messages = fitted_messages(step, blocks, budget, sources)
             error = None
         except PromptTooLarge as exc:
             messages, error = [], str(exc)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 from statistics import median
 
@@ -345,6 +346,28 @@ def test_a_broken_hooks_config_costs_nothing_but_a_note(capsys, db, fake_llm, st
     rc, out, err = run_bridge(capsys, db, fake_llm, state_dir, "--health")
     assert rc == 0, err
     assert "no memoryService object" in out
+
+
+def test_a_fifo_for_the_hooks_config_is_refused_not_waited_on(tmp_path):
+    """A FIFO at ~/.claude/hooks/config.json: a plain open() waits for a writer forever, so
+    bridge (every invocation reads the file) would hang; it says one line instead."""
+    folder = tmp_path / ".claude" / "hooks"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "config.json")
+    found: list = []
+    worker = threading.Thread(
+        target=lambda: found.append(bridge.hooks_memory_endpoint(tmp_path)), daemon=True
+    )
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # waiting on the FIFO: give it a writer so the thread ends, then fail
+        with open(folder / "config.json", "wb"):
+            pass
+        worker.join(10)
+        pytest.fail("hooks_memory_endpoint waited on a FIFO")
+    assert found == [
+        (None, None, "~/.claude/hooks/config.json cannot be read (not a regular file)")
+    ]
 
 
 # --------------------------------------------------------------------------------------
