@@ -131,7 +131,7 @@ and checks, up to the runner and the command line:
     33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
     37 A plan run: the checked plan, take-over and files · 38 A plan run: its procedure ·
     39 Runner · 40 CLI: arguments and settings ·
-    41 CLI: listing, server discovery, trust and approval · 42 CLI: health ·
+    41 CLI: listing, what a run will do, stats, trust and approval · 42 CLI: health ·
     43 CLI: running and showing · 44 CLI: diff, undo, review · 45 CLI: the planner's side ·
     46 main()
 """
@@ -3466,6 +3466,24 @@ class DegenerationGuard:
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
 
 
+def schema_errors(schema: Any, value: Any = None, *, check_schema: bool = False) -> list:
+    """Return the errors (jsonschema's ValidationError) of value under a Draft 2020-12 JSON
+    Schema, sorted by their path in value; with check_schema, [the SchemaError] of a schema
+    jsonschema refuses, else []. The one site importing jsonschema (--help and --list never
+    need it). Raises what applying a schema raises (referencing's Unresolvable, RecursionError).
+    """
+    from jsonschema import Draft202012Validator, SchemaError
+
+    if check_schema:
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            return [exc]
+        return []
+    return sorted(Draft202012Validator(schema).iter_errors(value),
+                  key=lambda e: list(e.absolute_path))
+
+
 def register_validation(cls: type) -> type:
     """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
     under cls.name (the name again replaces the earlier class). Returns cls."""
@@ -3598,11 +3616,8 @@ class JsonSchema(JsonAnswer):
     max_tokens = 512        # its objects may nest and list more
 
     def check_value(self, value: Any, validation: dict) -> None:
-        from jsonschema import Draft202012Validator
-
         try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
+            errors = schema_errors(validation["schema"], value)
         except (RecursionError, MemoryError):
             raise
         except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
@@ -3626,19 +3641,12 @@ class JsonSchema(JsonAnswer):
         """A schema check_schema refuses; then the schema applied to a few plain values,
         so a $ref that resolves nowhere or refers to itself without end at the top is a
         plan problem before anything is sent (deeper ones fail the step: check_value)."""
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-
         where = f"{where}.schema"
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
-        validator = Draft202012Validator(validation["schema"])
+        if refusal := schema_errors(validation["schema"], check_schema=True):
+            return [f"{where}: not a valid JSON Schema ({schema_message(refusal[0])})"]
         for probe in (None, {}, [], "", 0):
             try:
-                for _ in validator.iter_errors(probe):
-                    pass
+                schema_errors(validation["schema"], probe)
             except RecursionError:
                 return [f"{where}: refers to itself without end"]
             except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
@@ -3877,8 +3885,8 @@ class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_
         return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
 
 
-class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy escalate_to verify",
-                      defaults=("", None, {}, "none", None, None))):
+class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy "
+                              "escalate_to verify", defaults=("", None, {}, "none", None, None))):
     """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
     project root, a Path, or None), files_context ({relative path: "LOAD" or
     "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
@@ -3889,25 +3897,27 @@ class Plan(namedtuple("Plan", "id steps objective project files_context rollback
 
 
 def _schema_problems(plan: Any) -> list[str]:
-    from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
-
-    validator = Draft202012Validator(load_schema())
-    errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
-    return [problem for error in errors
+    return [problem for error in schema_errors(load_schema(), plan)
             for problem in _unknown_key_problems(error)
             or [f"{error.json_path}: {schema_message(error)}{_close_value_hint(error)}"]]
 
 
-def _close_value_hint(error: Any) -> str:
-    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
-    "enum" error; difflib.get_close_matches), else ""."""
+def _did_you_mean(word: str, known: list[str]) -> str:
+    """"did you mean 'skip'?" for the closest of known (difflib.get_close_matches), or ""."""
     import difflib
 
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def _close_value_hint(error: Any) -> str:
+    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
+    "enum" error), else ""."""
     if error.validator != "enum" or not isinstance(error.instance, str):
         return ""
     values = [v for v in error.validator_value if isinstance(v, str)]
-    close = difflib.get_close_matches(error.instance, values, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    hint = _did_you_mean(error.instance, values)
+    return f"; {hint}" if hint else ""
 
 
 PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
@@ -3916,11 +3926,9 @@ PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner
 def _unknown_key_problems(error: Any) -> list[str]:
     """One problem per key the schema does not know (an additionalProperties or
     unevaluatedProperties error), with its JSON path and the closest known key
-    (difflib.get_close_matches), e.g. "$.steps[0].file_ouput: unknown key; did you
+    (_did_you_mean), e.g. "$.steps[0].file_ouput: unknown key; did you
     mean 'file_output'?"; [] for any other error. The known keys are the schema's
     own, so a key added to the schema is known at once."""
-    import difflib
-
     if error.validator not in ("additionalProperties", "unevaluatedProperties") \
             or not isinstance(error.instance, dict) or error.validator_value is not False:
         return []
@@ -3931,8 +3939,7 @@ def _unknown_key_problems(error: Any) -> list[str]:
         if key in known or any(re.search(pattern, key) for pattern in patterns):
             continue
         where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
-        close = difflib.get_close_matches(key, known, n=1)
-        fix = (f"did you mean {close[0]!r}?" if close else
+        fix = (_did_you_mean(key, known) or
                f"known here: {', '.join(known)} "
                f"(a key of your own starts with {PLANNER_KEY_PREFIX})")
         problems.append(f"{error.json_path}{where}: unknown key; {fix}")
@@ -3944,7 +3951,8 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     with too, skipping whatever part is malformed (the schema already said so)."""
 
     problems: list[str] = []
-    steps = [s for s in plan.get("steps") or [] if isinstance(s, dict) and isinstance(s.get("id"), int)]
+    steps = [s for s in plan.get("steps") or []
+             if isinstance(s, dict) and isinstance(s.get("id"), int)]
     ids = [s["id"] for s in steps]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"$.steps: step id {dup} is used more than once")
@@ -3961,8 +3969,8 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
         problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
-            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
-                            f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
+            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge "
+                            f"takes at most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
     try:            # every problem at once: a cycle among the known steps as well
         TopologicalSorter(graph).prepare()
     except CycleError as exc:
@@ -3995,16 +4003,11 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         return [f"$.context.project: folder {project} does not exist"]
     problems = []
     for rel, mode in files.items():
-        try:
-            path = resolve_inside(project, rel)
-        except PathError as exc:
-            problems.append(f"$.context.files_context[{rel!r}]: {exc}")
+        path, refused = load_refusal(project, rel)
+        if path is None or (mode == "LOAD" and refused):
+            problems.append(f"$.context.files_context[{rel!r}]: {refused}")
             continue
         if mode != "LOAD":
-            continue
-        secret = load_secret_reason(project, rel, path)
-        if secret:
-            problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
         try:
             read_load_file(path, rel, project)
@@ -4018,6 +4021,17 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         if reason := output_path_problem(project, rel, guard):
             problems.append(f"$.steps[{n}].file_output: {reason}")
     return problems
+
+
+def load_refusal(project: Path, rel: str) -> tuple[Path | None, str | None]:
+    """Return (where rel resolves inside project, or None, and why a LOAD of it may not go to
+    a model, or None): outside the project (resolve_inside's PathError), else a secret
+    (load_secret_reason). The one order for check_plan and for what approval shows."""
+    try:
+        path = resolve_inside(project, rel)
+    except PathError as exc:
+        return None, str(exc)
+    return path, load_secret_reason(project, rel, path)
 
 
 def _command_paths(plan: dict) -> list[str]:
@@ -4050,14 +4064,17 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     if isinstance(plan, UnreadablePlan):
         raise PlanInvalid(plan_id, [f"$: {plan.reason}"])
     if not isinstance(plan, dict):
-        raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
+        raise PlanInvalid(plan_id, ["$: a plan is a JSON object, not a JSON "
+                                    f"{type(plan).__name__}"])
     if (depth := json_depth(plan)) > MAX_JSON_DEPTH:
-        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at most {MAX_JSON_DEPTH}"])
+        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at "
+                                    f"most {MAX_JSON_DEPTH}"])
     try:
         json.dumps(plan, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except UnicodeEncodeError as exc:   # "\ud800" in JSON: no request body or file name can carry it
-        raise PlanInvalid(plan_id, [f"$: the plan holds a lone surrogate ({exc.object[exc.start]!r}), "
-                                    "which is not text; write the character whole"]) from None
+    except UnicodeEncodeError as exc:   # "\ud800": no request body or file name can carry it
+        raise PlanInvalid(plan_id, ["$: the plan holds a lone surrogate "
+                                    f"({exc.object[exc.start]!r}), which is not text; write the "
+                                    "character whole"]) from None
     except ValueError as exc:           # NaN or Infinity in a plan given as a dict
         raise PlanInvalid(plan_id, [f"$: the plan cannot be written as JSON ({exc})"]) from None
     try:
@@ -4069,7 +4086,7 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     except RecursionError:
         problems.append("$: the plan nests too deeply to check")
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        if not problems:        # schema-valid, yet a rule could not check it: never run it unchecked
+        if not problems:    # schema-valid, yet a rule could not check it: never run it unchecked
             problems.append(f"$: the plan could not be checked ({type(exc).__name__}: {exc}); "
                             "it is refused rather than run unchecked")
         # else too malformed for the semantic rules; the schema problems say why
@@ -4100,8 +4117,8 @@ def _build_plan(plan: dict) -> Plan:
         files_context[key] = "LOAD" if "LOAD" in (mode, files_context.get(key)) else mode
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
                 project=project, files_context=files_context,
-                rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"),
-                verify=plan.get("verify"))
+                rollback_strategy=plan.get("rollback_strategy", "none"),
+                escalate_to=defaults.get("escalate_to"), verify=plan.get("verify"))
 
 
 ###############################################################################
@@ -4443,16 +4460,19 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
     step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
                         if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
-    escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
+    escalation_used = (escalation is not None and escalation in allowed
+                       and config.escalate_to is None)
     trusted = plan_trusted(config, plan, plan_hash)
     reasons, commands = [], []
-    refused = untrustable_reason(config, real_path(plan.project)) if plan.project is not None else None
+    refused = (untrustable_reason(config, real_path(plan.project))
+               if plan.project is not None else None)
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
     elif not trusted and (plan.project is not None or step_kinds or (
             escalation_used and EXECUTORS[escalation].needs_allowing())):
-        reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
+        reasons.append(f"project {plan.project} is not a trusted project"
+                       if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
         if plan.project is not None:
@@ -4463,8 +4483,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
             commands.append(f"bridge --allow-executor {kind}")
     unused = None
     if escalation is not None and escalation not in allowed and config.escalate_to is None:
-        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
-                  f"(pass --allow-executor {escalation})")
+        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is "
+                  f"not allowed (pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
                        | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
                           else set()))
@@ -4478,22 +4498,11 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
 
 
 def _load_facts(plan: Plan) -> list[dict]:
-    """[{"path", "refused" (why bridge will not send it: outside the project
-    (resolve_inside), or secret_file_reason of its path or of where a symlink leads;
+    """[{"path", "refused" (why bridge will not send it, as check_plan says: load_refusal;
     else None)}] of the files a plan LOADs into its prompts, sorted by path."""
-    facts = []
-    for rel, mode in sorted(plan.files_context.items()):
-        if mode != "LOAD":
-            continue
-        refused = secret_file_reason(rel)
-        if refused is None and plan.project is not None:
-            try:
-                path = resolve_inside(plan.project, rel)        # --list reads plans unchecked
-                refused = load_secret_reason(plan.project, rel, path)
-            except PathError as exc:
-                refused = str(exc)
-        facts.append({"path": rel, "refused": refused})
-    return facts
+    return [{"path": rel, "refused": secret_file_reason(rel) if plan.project is None
+             else load_refusal(plan.project, rel)[1]}      # --list reads plans unchecked
+            for rel, mode in sorted(plan.files_context.items()) if mode == "LOAD"]
 
 
 def _run_facts(plan: Plan) -> list[dict]:
@@ -4996,18 +5005,20 @@ class HTTPExecutor(Executor):
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
-        import httpx
+        import httpx        # the room's one import of it, kept as self._httpx
 
+        self._httpx = httpx
         self.config = config
         self.base_url = base_url.rstrip("/")
         self._sleep = sleep
         self._on_retry = on_retry or (lambda message: None)
-        timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
+        timeout = httpx.Timeout(config.timeout_s,
+                                connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
         # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
         # A plain-http server needs no TLS context, and building one (certifi's CA
         # bundle) costs ~80 ms of start-up; https keeps full verification.
         https = self.base_url.lower().startswith("https://")
-        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
+        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=https,
                                  headers=headers)
 
     def close(self) -> None:
@@ -5018,8 +5029,6 @@ class HTTPExecutor(Executor):
         """GET url and return its JSON body, read within the bounds of a reply
         (BoundedResponse; at least DEFAULT_MAX_OUTPUT_BYTES, so a lower
         --max-output-bytes cuts replies, not the model list). Raises LLMError."""
-        import httpx
-
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
@@ -5031,7 +5040,7 @@ class HTTPExecutor(Executor):
                 # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         try:
             return load_reply(body)
@@ -5100,8 +5109,7 @@ class HTTPExecutor(Executor):
 
     def _transport_error(self, exc: Exception, url: str) -> LLMError:
         """Translate an httpx transport exception into the matching LLMError."""
-        import httpx
-
+        httpx = self._httpx
         if isinstance(exc, httpx.ConnectTimeout):
             connect_s = min(CONNECT_TIMEOUT_S, self.config.timeout_s)
             return LLMTimeout(f"no connection to {url} within {connect_s:g} s "
@@ -5123,8 +5131,7 @@ class HTTPExecutor(Executor):
                      tally: OutputTally) -> Completion:
         """POST payload once; read the reply into tally (_parse). timeout_s: the step's
         (ChatRequest.timeout_s). Raises LLMError."""
-        import httpx
-
+        httpx = self._httpx
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
@@ -5333,8 +5340,6 @@ class ServerProbes:
         """POST body as JSON to url; return the JSON reply, or None when the route
         refuses or answers something else (an Ollama probe). Raises LLMError when the
         server cannot be reached."""
-        import httpx
-
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("POST", url, json=body,
@@ -5344,7 +5349,7 @@ class ServerProbes:
                 if response.status_code >= 400:
                     return None
                 content = response.read(DEFAULT_MAX_OUTPUT_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         except LLMProtocolError:        # past the bound: not an answer to use
             return None
@@ -6173,23 +6178,20 @@ def _kill_group(proc: Any) -> None:
 
 def untrusted_message(plan: Plan) -> str:
     """Return why a plan's commands do not run, and the command that would let them."""
-    return (f"commands run only in trusted projects, and {plan.project} is not one; trust it with "
-            f"`bridge --trust {plan.project}` (or BRIDGE_TRUSTED_PROJECTS), or approve this plan with "
-            f"`bridge --approve {plan.id}`")
+    return (f"commands run only in trusted projects, and {plan.project} is not one; trust it "
+            f"with `bridge --trust {plan.project}` (or BRIDGE_TRUSTED_PROJECTS), or approve "
+            f"this plan with `bridge --approve {plan.id}`")
 
 
 def command_env(config: Config) -> dict[str, str]:
-    """Return the environment a plan's commands run in: the user's (as bridge was
-    started with it) less every credential (credential_env_name: bridge's own
-    BRIDGE_* settings, the memory server's MCP_API_KEY, names that look like tokens,
-    keys, secrets or passwords, and the cloud, CI and model-provider families of
-    SECRET_ENV_PREFIXES), but those the user named with --pass-env (config.pass_env),
-    so a check never sees a secret it was not given.
+    """Return the environment a plan's commands run in: the user's as bridge started less
+    every name credential_env_name flags, but those named with --pass-env
+    (config.pass_env), so a check never sees a secret it was not given.
 
-    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the
-    source keeps its size and its mtime's second, and a retry rewrites a file
-    within the same second, often at the same size (`x + 2` → `x * 2`), so the
-    retry's test would run the failed attempt's code.
+    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the source keeps
+    its size and its mtime's second, and a retry rewrites a file within the same second,
+    often at the same size (`x + 2` → `x * 2`), so the retry's test would run the failed
+    attempt's code.
     """
     passed = set(config.pass_env)
     env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
@@ -6197,21 +6199,20 @@ def command_env(config: Config) -> dict[str, str]:
     return env
 
 
-class CommandRun(namedtuple("CommandRun", "argv exit_code duration_s output_tail output_bytes timed_out error")):
-    """What one command did: argv (list of str), exit_code (int; negative: killed by
-    that signal; None: it never started), duration_s (seconds), output_tail (the
-    last COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a
-    marker when the start is left out, secrets redacted; "" when it passed),
-    output_bytes (all it wrote), timed_out,
-    error (why it failed, one line, or None when it passed)."""
+class CommandRun(namedtuple("CommandRun",
+                            "argv exit_code duration_s output_tail output_bytes timed_out error")):
+    """What one command did: argv (list of str), exit_code (int; negative: killed by that
+    signal; None: it never started), duration_s (seconds), output_tail (the last
+    COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a marker when the
+    start is left out, secrets redacted; "" when it passed), output_bytes (all it wrote),
+    timed_out, error (why it failed, one line, or None when it passed)."""
 
     __slots__ = ()
 
     def as_dict(self) -> dict:
         """Return the record kept in the result and the run log."""
-        return {"argv": list(self.argv), "exit_code": self.exit_code, "duration_s": round(self.duration_s, 3),
-                "output_tail": self.output_tail, "output_bytes": self.output_bytes,
-                "timed_out": self.timed_out, "error": self.error}
+        return {**self._asdict(), "argv": list(self.argv),
+                "duration_s": round(self.duration_s, 3)}
 
 
 # The program a check command runs under on Linux (reaped_argv): `python -I -S -c
@@ -6293,15 +6294,14 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
 
-    stdout and stderr go to one pipe, read as it comes: only the last
-    COMMAND_TAIL_BYTES bytes are kept, so a flood costs no memory. The command
-    leads its own process group; once it exits, or after timeout_s seconds, or
-    when cancel (a threading.Event) is set, the whole group is killed, and on Linux
-    every other process it started too, daemons that left the group included
-    (REAPER_SOURCE), so nothing it started outlives the check. Never raises for a
-    command that cannot start (that is a failed check saying why).
+    stdout and stderr go to one pipe, read as it comes: only the last COMMAND_TAIL_BYTES
+    bytes are kept, so a flood costs no memory. The command leads its own process group;
+    once it exits, or after timeout_s seconds, or when cancel (a threading.Event) is set,
+    the whole group is killed, and on Linux every other process it started too, daemons
+    that left the group included (REAPER_SOURCE). Never raises for a command that cannot
+    start (that is a failed check saying why).
     """
-    import subprocess
+    import selectors, subprocess
 
     started = time.monotonic()
     report, report_w = os.pipe()
@@ -6312,12 +6312,13 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
                                 start_new_session=True, pass_fds=(report_w,) if reaped else ())
     except OSError as exc:
         os.close(report)
-        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
-                          f"`{shell_words(argv)}` could not start: {exc.strerror or exc}")
+        return _not_started(argv, started, exc.strerror or exc)
     finally:
         os.close(report_w)
     try:
-        tail, total, stopped = _read_tail(proc, started + timeout_s, cancel)
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            read = _read_tail(proc, selector, started + timeout_s, cancel)
     finally:
         if reaped:
             _stop_reaper(proc)
@@ -6327,9 +6328,13 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
         with open(report, "rb") as handle:
             failed = handle.read(32)
     if failed.isdigit():
-        return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
-                          f"`{shell_words(argv)}` could not start: {os.strerror(int(failed))}")
-    return _command_outcome(argv, code, time.monotonic() - started, tail, total, stopped, timeout_s)
+        return _not_started(argv, started, os.strerror(int(failed)))
+    return _command_outcome(argv, code, time.monotonic() - started, read, timeout_s)
+
+
+def _not_started(argv: list[str], started: float, why: Any) -> CommandRun:
+    return CommandRun(list(argv), None, time.monotonic() - started, "", 0, False,
+                      f"`{shell_words(argv)}` could not start: {why}")
 
 
 def _stop_reaper(proc: Any) -> None:
@@ -6345,33 +6350,31 @@ def _stop_reaper(proc: Any) -> None:
         time.sleep(0.005)
 
 
-def _read_tail(proc: Any, deadline: float, cancel: Any) -> tuple[bytes, int, str | None]:
-    """Read a command's output until it exits (its children may still hold the pipe:
-    what they wrote so far is read), the deadline passes or cancel is set.
-    Returns (the last COMMAND_TAIL_BYTES bytes, bytes read, "timeout" | "cancel" | None)."""
-    import selectors
-
+def _read_tail(proc: Any, selector: Any, deadline: float,
+               cancel: Any) -> tuple[bytes, int, str | None]:
+    """Read a command's output (selector: proc.stdout registered) until it exits (its
+    children may still hold the pipe: what they wrote so far is read), the deadline passes
+    or cancel is set. Returns (the last COMMAND_TAIL_BYTES bytes, bytes read, "timeout" |
+    "cancel" | None)."""
     tail, total, exited_at = bytearray(), 0, None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return bytes(tail), total, "timeout"
-            if cancel is not None and cancel.is_set():
-                return bytes(tail), total, "cancel"
-            if exited_at is None and _exited(proc):
-                exited_at = now
-            if exited_at is not None and now - exited_at > 0.2:
-                return bytes(tail), total, None      # it exited; a child may keep the pipe open
-            if not selector.select(min(0.1, deadline - now)):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                return bytes(tail), total, None
-            total += len(chunk)
-            tail += chunk
-            del tail[:-COMMAND_TAIL_BYTES]
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return bytes(tail), total, "timeout"
+        if cancel is not None and cancel.is_set():
+            return bytes(tail), total, "cancel"
+        if exited_at is None and _exited(proc):
+            exited_at = now
+        if exited_at is not None and now - exited_at > 0.2:
+            return bytes(tail), total, None      # it exited; a child may keep the pipe open
+        if not selector.select(min(0.1, deadline - now)):
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            return bytes(tail), total, None
+        total += len(chunk)
+        tail += chunk
+        del tail[:-COMMAND_TAIL_BYTES]
 
 
 def _exited(proc: Any) -> bool:
@@ -6385,11 +6388,14 @@ def _exited(proc: Any) -> bool:
         return True
 
 
-def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes, total: int,
-                     stopped: str | None, timeout_s: float) -> CommandRun:
+def _command_outcome(argv: list[str], code: int, duration_s: float,
+                     read: tuple[bytes, int, str | None], timeout_s: float) -> CommandRun:
+    """read: what _read_tail returned."""
+    tail, total, stopped = read
     text = redact(tail.decode("utf-8", "replace"))
     if total > len(tail):
-        text = f"[bridge: the first {total - len(tail)} of {total} bytes of output are left out]\n" + text
+        text = (f"[bridge: the first {total - len(tail)} of {total} bytes of output are left "
+                "out]\n" + text)
     shown = f"`{shell_words(argv)}`"
     if stopped == "timeout":
         error = f"{shown} did not finish within {timeout_s:g} s; killed it and its process group"
@@ -6406,6 +6412,14 @@ def _command_outcome(argv: list[str], code: int, duration_s: float, tail: bytes,
 ###############################################################################
 # 26. File transactions: journal, rollback, recovery
 ###############################################################################
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder of bridge's own (backups, staged files) and all in it; missing or
+    unremovable parts are left (shutil.rmtree, which does not follow symlinks)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class FileTransaction:
@@ -6694,9 +6708,7 @@ class FileTransaction:
 
     @staticmethod
     def _drop_backups(run_dir: Path) -> None:
-        import shutil
-
-        shutil.rmtree(run_dir / "backups", ignore_errors=True)
+        remove_tree(run_dir / "backups")
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action"}] for the result memory, in write order."""
@@ -6843,9 +6855,7 @@ class StagedFiles:
 
     def discard(self) -> None:
         """Delete the staged files."""
-        import shutil
-
-        shutil.rmtree(self.run_dir / "staged", ignore_errors=True)
+        remove_tree(self.run_dir / "staged")
 
     def summary(self) -> list[dict]:
         """Return [{"path", "action", "staged": True}] in staging order (action as the
@@ -6951,14 +6961,12 @@ def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
 def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
     """Delete the backups of a plan's runs but the newest keep; return the run ids
     pruned. Transcripts and journals stay; those runs can no longer be undone."""
-    import shutil
-
     older = plan_runs(runs_dir, plan_id)
     older = older[: max(0, len(older) - keep)]
     pruned = []
     for run_dir in older:
         if _real_folder(run_dir / "backups"):
-            shutil.rmtree(run_dir / "backups", ignore_errors=True)
+            remove_tree(run_dir / "backups")
             pruned.append(run_dir.name)
     return pruned
 
@@ -7291,8 +7299,14 @@ class _Block:
         return self.head + self.body + self.tail
 
 
-def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
-                   staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
+def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
+                  staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
+    """Return the parts of a step's user message, for fitted_messages: the objective, LOAD
+    files (read now, so files written by earlier steps are current), REFERENCE paths, the
+    outputs of the steps it depends on (outputs: step id -> text), what answer form passes,
+    and the task last (read just before the model answers: on SmolLM2-135M that took more
+    values from the text; README, Small local models). staged: for a --review run, returns
+    the staged copy of a project path (or None), read instead of the file."""
     blocks = []
     if plan.objective:
         blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
@@ -7300,7 +7314,6 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
         if mode != "LOAD":
             continue
         try:
-            # a --review run reads the staged version of a file an earlier step wrote
             copy = staged(rel) if staged else None
             text = read_load_file(copy, rel) if copy else \
                 read_load_file(plan.project / rel, rel, plan.project)  # type: ignore[operator]
@@ -7313,8 +7326,8 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
     if refs:
         blocks.append(_Block("Files you may refer to by name (not included): " + ", ".join(refs)))
     for dep in step.depends_on:
-        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""), "\n```",
-                             cuttable=True))
+        blocks.append(_Block(f"Output of {plan.steps[dep].label}:\n```\n", outputs.get(dep, ""),
+                             "\n```", cuttable=True))
     if step.file_output:
         blocks.append(_Block(f"Your answer will be written to the file {step.file_output}."))
     blocks.append(_Block(describe_validation(step.validation)))
@@ -7323,31 +7336,25 @@ def _prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
-                   budget_tokens: int | None = None,
-                   staged: Callable[[str], Path | None] | None = None,
-                   sources: list[str] | None = None) -> list[dict]:
-    """Return the chat messages of a step's first attempt.
+                   budget_tokens: int | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt: fitted_messages of its
+    prompt_blocks."""
+    return fitted_messages(step, prompt_blocks(plan, step, outputs), budget_tokens)
 
-    The system message is the step's (or plan default's) system prompt, else
-    DEFAULT_SYSTEM_PROMPT. The user message holds the objective, LOAD files (read
-    now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on, what answer form passes, and the task last
-    (read just before the model answers: on SmolLM2-135M that took more values
-    from the text; README, Small local models).
 
-    budget_tokens: the prompt tokens that fit (the context length less what the
-    answer needs), or None for no limit. When the estimate (estimate_tokens) is
-    over it, the prompt shrinks by one rule: LOAD files and dependency outputs are
-    cut, the largest first, each keeping at least MIN_CUT_CHARS characters and a
-    marker saying what was cut; REFERENCE entries are never expanded; the task,
-    the objective and the answer-format line are never cut. Raises PromptTooLarge
-    with the numbers when even that does not fit. staged: for a --review run,
-    returns the staged copy of a project path (or None), read instead of the file.
-    sources: a list that gets the step's input as sent, the text a grounded answer
-    copies from: each LOAD file and dependency output (as far as it was sent), then
+def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
+                    sources: list[str] | None = None) -> list[dict]:
+    """Return the chat messages of a step's first attempt from its prompt_blocks: the
+    step's (or plan default's) system prompt, else DEFAULT_SYSTEM_PROMPT, then the blocks.
+
+    budget_tokens: the prompt tokens that fit (the context length less what the answer
+    needs), or None for no limit. Over it (estimate_tokens), LOAD files and dependency
+    outputs are cut, the largest first, each keeping at least MIN_CUT_CHARS characters and
+    a marker; the rest is never cut. Raises PromptTooLarge with the numbers when even that
+    does not fit. sources: a list that gets the step's input as sent, the text a grounded
+    answer copies from: each LOAD file and dependency output (as far as it was sent), then
     the task.
     """
-    blocks = _prompt_blocks(plan, step, outputs, staged)
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
     sent: dict[int, str] = {}           # id(block) -> its body as sent, without the cut marker
 
@@ -7363,15 +7370,16 @@ def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
         cuttable = [b for b in blocks if b.cuttable and len(b.body) > MIN_CUT_CHARS + 100]
         if not cuttable:
             raise PromptTooLarge(
-                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, more than the "
-                f"{budget_tokens} that fit the model's context once the answer's tokens are kept free",
-                "load the model with a larger context (or pass --context-length), shorten the step, "
-                "or lower its max_tokens")
+                f"{step.label}: the prompt needs about {estimate_tokens(messages())} tokens, "
+                f"more than the {budget_tokens} that fit the model's context once the "
+                "answer's tokens are kept free",
+                "load the model with a larger context (or pass --context-length), shorten the "
+                "step, or lower its max_tokens")
         block = max(cuttable, key=lambda b: len(b.body))
         keep = max(MIN_CUT_CHARS, len(block.body) - int(excess * CHARS_PER_TOKEN) - 100)
         sent[id(block)] = sent.get(id(block), block.body)[:keep]
-        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of {originals[id(block)]} characters "
-                      "to fit the model's context]")
+        block.body = (block.body[:keep] + f"\n[bridge: cut to {keep} of "
+                      f"{originals[id(block)]} characters to fit the model's context]")
     return messages()
 
 
@@ -8601,10 +8609,8 @@ class Attempt:
 
 
 class StepRun:
-    """One step of a plan run, from its first prompt to its settled result
-    (run.results[step.id]): its attempts, each checked, its file written and its
-    commands run (a failed one's file put back), until one passes or the retry policy
-    stops them; then its escalation. outputs: step id -> output, of the steps it reads."""
+    """One step of a plan run, to its settled result (run.results[step.id]).
+    outputs: step id -> output, of the steps it reads."""
 
     __slots__ = ("run", "runner", "step", "result", "outputs", "say")
 
@@ -8615,7 +8621,7 @@ class StepRun:
 
     def run_step(self, position: int) -> None:
         """Run the step's attempts (position: its place in the order steps started);
-        fill its result and transcript, then its STATS_FILE record."""
+        then its STATS_FILE record."""
         run, step, result = self.run, self.step, self.result
         plan, model = run.plan, step.model or self.runner.model
         result.status, result.file_output, result.model = "running", step.file_output, model
@@ -8628,7 +8634,7 @@ class StepRun:
             self._attempts()
         finally:
             run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
+        if result.attempts and not run.cancel.is_set():     # interrupted: not counted
             append_step_stats(run.config.runs_dir.parent, {
                 "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
                 "model": model,
@@ -8639,22 +8645,23 @@ class StepRun:
                 "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self) -> list[dict] | None:
-        """Return the step's first prompt, or None when it cannot be sent (it does not fit
-        the model's context, or its commands may not run here): then the step is settled,
-        failed or skipped. A prompt the server counts larger is fitted again (calibrate)."""
+        """Return the step's first prompt, or None (the step settled failed or skipped)
+        when it does not fit the model's context or its commands may not run here. A
+        prompt the server counts larger is fitted again (calibrate)."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         staged = run.files.path_of if run.staged else None
-        run.sources[step.id] = []
+
+        def build() -> list[dict]:
+            run.sources[step.id] = []
+            blocks = prompt_blocks(run.plan, step, self.outputs, staged)
+            return fitted_messages(step, blocks, fit.budget(step, result.model),
+                                   run.sources[step.id])
         try:
-            messages = build_messages(run.plan, step, self.outputs, fit.budget(step, result.model),
-                                      staged, run.sources[step.id])
+            messages = build()
             counted = fit.client.count_tokens(messages) \
                 if fit.client is not None and result.model == fit.model else None
             if fit.calibrate(result.model, messages, counted):
-                run.sources[step.id] = []           # fitted again, to the server's own count
-                messages = build_messages(run.plan, step, self.outputs,
-                                          fit.budget(step, result.model), staged,
-                                          run.sources[step.id])
+                messages = build()          # fitted again, to the server's own count
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:       # commands that may not run here: nothing is sent, nothing runs
@@ -8662,13 +8669,13 @@ class StepRun:
             if refused is None:
                 return messages
             result.error = shown = refused
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        result.status = self._unsaved()
         self.say(f"  {step.label}: {result.status}: {shown}")
         return None
 
     def _attempts(self) -> None:
-        """Send the step's attempts until one passes or the retry policy stops them
-        (AttemptFailure.retries), then escalate (escalation_target); settle the result."""
+        """Send attempts until one passes or AttemptFailure.retries says stop, then
+        escalate (escalation_target); settle the result."""
         run, step, result = self.run, self.step, self.result
         model, clock = result.model, time.monotonic()
         budget = self.runner.fit.budget(step, model)
@@ -8699,8 +8706,7 @@ class StepRun:
             failures.append((result.output, failure.message))
             self.say(f"  {step.label}: attempt {number} failed: {failure.message}")
             retrying = failure.retries(number, step)
-            self.runner.events.emit("attempt_failed", run.plan.id, step.id, attempt=number,
-                                    error=failure.message, retrying=retrying)
+            self._failed(number, failure, retrying)
             if not retrying:
                 break
             retry_note = fit_feedback(messages, failure.feedback, budget)
@@ -8712,12 +8718,21 @@ class StepRun:
             result.duration_s = time.monotonic() - clock
             if saved:
                 return
-        result.status = "skipped" if step.on_failure == "skip" else "failed"
+        result.status = self._unsaved()
         self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
 
+    def _unsaved(self) -> str:
+        """The status of a step that did not pass: skipped when it may be, else failed."""
+        return "skipped" if self.step.on_failure == "skip" else "failed"
+
+    def _failed(self, number: int, failure: "AttemptFailure", retrying: bool) -> None:
+        """Emit the attempt_failed event (with --events)."""
+        self.runner.events.emit("attempt_failed", self.run.plan.id, self.step.id,
+                                attempt=number, error=failure.message, retrying=retrying)
+
     def _escalate(self, escalate_to: str, messages: list[dict]) -> bool:
-        """Give the step, its attempts spent, one more attempt on escalate_to with
-        messages (escalation_messages). Returns True when that saved it."""
+        """Send one more attempt to escalate_to with messages (escalation_messages);
+        return True when it passed."""
         step, result = self.step, self.result
         number = result.attempts + 1
         result.attempts, result.escalated_to, result.output = number, escalate_to, ""
@@ -8729,20 +8744,17 @@ class StepRun:
             self.say(f"  {step.label}: succeeded on {escalate_to}")
             return True
         result.error = f"{failure.message} (after escalating to {escalate_to})"
-        self.runner.events.emit("attempt_failed", self.run.plan.id, step.id, attempt=number,
-                                error=failure.message, retrying=False)
+        self._failed(number, failure, False)
         self.say(f"  {step.label}: the escalation failed too: {failure.message}")
         return False
 
     def send(self, attempt: Attempt) -> "AttemptFailure | None":
         """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        A WATCHED executor's output is watched while it streams (DegenerationGuard): a
-        degenerate answer is cancelled, and fails saying why; so does one cut at max_tokens
-        (finish_reason "length"), saying what thinking spent of it. On the run's model server
-        the attempt asks for thinking as thinking_asked says and keeps ContextFit.reserve
-        tokens for it; a constrained answer that comes back garbled makes that model go
-        unconstrained (_garbled)."""
+        A WATCHED executor's stream is watched (DegenerationGuard): a degenerate answer
+        is cancelled and fails saying why; so does one cut at max_tokens, saying what
+        thinking spent of it. On the run's model server it asks for thinking as
+        thinking_asked says and keeps ContextFit.reserve tokens for it."""
         failure = self._prepare(attempt)
         if failure is not None:
             return failure
@@ -8753,8 +8765,8 @@ class StepRun:
         return self._answered(attempt, reply)
 
     def _prepare(self, attempt: Attempt) -> "AttemptFailure | None":
-        """Find the attempt's executor, its sampling, thinking and schema, and record what
-        it sends (attempt_log, transcript); return why it cannot be sent, or None."""
+        """Fill in the attempt's executor, sampling, thinking and schema; record what it
+        sends (attempt_log, transcript); return why it cannot be sent, or None."""
         run, step, result = self.run, self.step, self.result
         try:
             attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
@@ -8783,10 +8795,9 @@ class StepRun:
         return None
 
     def _chat(self, attempt: Attempt) -> Completion:
-        """Send the attempt's request (fresh DegenerationGuards on a WATCHED executor),
-        again while the server cuts it for another (resend_on_contention). With steps in
-        parallel on slots sharing one context (ContextFit.pool), it first waits for its
-        prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        """Send the attempt's request, again while the server cuts it for another
+        (resend_on_contention). On slots sharing one context (ContextFit.pool) it first
+        waits for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
@@ -8809,9 +8820,9 @@ class StepRun:
                 pool.release(held)
 
     def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
-        """Record an attempt whose request failed (LLMError) or whose stream was stopped
-        (OutputDegenerate); return its AttemptFailure. LLMServerUnusable stops the run
-        (halt, cancel); a context overflow teaches ContextFit the context when none is known."""
+        """Record an attempt whose request failed or whose stream was stopped; return its
+        AttemptFailure. LLMServerUnusable stops the run (halt, cancel); a context
+        overflow teaches ContextFit the context when none is known."""
         run, fit = self.run, self.runner.fit
         self.result.generation_s += time.monotonic() - attempt.started
         attempt.thought_cut()
@@ -8828,8 +8839,8 @@ class StepRun:
         return AttemptFailure.from_request(exc)
 
     def _answered(self, attempt: Attempt, reply: Completion) -> "AttemptFailure | None":
-        """Take an attempt's reply: price and record it, learn from its usage, then fail
-        it when its prompt was cut or its answer stopped at max_tokens, else check it."""
+        """Price and record a reply, learn from its usage; fail it when its prompt was
+        cut or its answer stopped at max_tokens, else check it."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         local, executor = attempt.local, attempt.executor
         result.generation_s += time.monotonic() - attempt.started
@@ -8874,9 +8885,8 @@ class StepRun:
         return failure
 
     def _garbled(self, attempt: Attempt, output: str, form: str) -> None:
-        """After a constrained answer failed: when it looks damaged by the grammar
-        (grammar_damage against attempt.schema, the one sent), send that model's later
-        requests unconstrained, and say so."""
+        """After a constrained answer failed: when grammar_damage finds it damaged by the
+        schema sent, send that model's later requests unconstrained, and say so."""
         executor, name = attempt.executor, attempt.name
         if name in executor.unconstrained:
             return
@@ -8889,9 +8899,9 @@ class StepRun:
 
     def _output_schema(self, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input); for a
-        grounded step, record which form it is: "spans" (string values copied from the
-        input only), "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or
-        "none" (sends False: the executor sends no schema, only the check applies)."""
+        grounded step, record its form: "spans" (values copied from the input only),
+        "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or "none"
+        (sends False: no schema is sent, only the check applies)."""
         step = self.step
         schema = output_schema(step.validation, self.run.sources.get(step.id, []))
         first = next((v for v in validations_of(step.validation)
@@ -8904,8 +8914,8 @@ class StepRun:
         return schema
 
     def _sampling(self, attempt: Attempt) -> dict:
-        """Return the sampling fields an attempt asks for, with its max_tokens: the
-        attempt's own on a local model (retry_sampling), else as the step says."""
+        """Return the attempt's sampling fields with its max_tokens: its own on a local
+        model (retry_sampling), else the step's."""
         step, local = self.step, attempt.local
         sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
                         else attempt.sampling)
@@ -8916,9 +8926,9 @@ class StepRun:
         return sampling
 
     def _check(self, output: str, answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands in order up to the
-        first that fails; return None or the AttemptFailure. A failed command puts the file
-        back at once, and so does anything that stops the run while a command runs."""
+        """Check an output, write its file, run the step's commands up to the first that
+        fails; return None or the AttemptFailure. A failed command puts the file back at
+        once, and so does anything that stops the run while a command runs."""
         run, step, result = self.run, self.step, self.result
         files, number = run.files, result.attempts
         try:
@@ -8957,8 +8967,8 @@ class StepRun:
         return None
 
     def _run_commands(self, answer: str) -> "AttemptFailure | None":
-        """Run the step's command validations in order in the project; return the first
-        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        """Run the step's command validations in the project; return the first failure
+        (its output goes into the next prompt), or None."""
         run, step, result = self.run, self.step, self.result
         number = result.attempts
         for validation in _commands_of(step):
@@ -9001,18 +9011,17 @@ class StepRun:
 
 
 def runnable_plan(record: PlanRecord, config: Config) -> Plan:
-    """Return a stored plan as a run would run it: whole (not split into chunks by the
-    memory server) and valid (check_plan, with the config's Guard). Raises
-    PlanInvalid with the problems otherwise."""
+    """Return a stored plan as a run runs it: whole (not split into chunks by the memory
+    server) and valid (check_plan). Raises PlanInvalid with the problems otherwise."""
     if record.chunks:
         raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
     return check_plan(record.plan, Guard.of(config))
 
 
 def narrowed_plan(plan: Plan, config: Config) -> Plan:
-    """Return plan with each step's max_retries cut to --max-retries (config.max_retries)
-    where it asks more: a plan only narrows the user's limits (timeout_s is narrowed
-    where it is used, per read and per request: see HTTPExecutor and ClaudeCLI)."""
+    """Return plan with each step's max_retries cut to --max-retries where it asks more:
+    a plan only narrows the user's limits (timeout_s is narrowed where it is used: see
+    HTTPExecutor and ClaudeCLI)."""
     steps = {sid: step._replace(max_retries=narrowed(step.max_retries, config.max_retries))
              for sid, step in plan.steps.items()}
     return plan._replace(steps=steps)
@@ -9020,18 +9029,16 @@ def narrowed_plan(plan: Plan, config: Config) -> Plan:
 
 class CheckedPlan(namedtuple("CheckedPlan", "record plan problems trusted")):
     """A stored plan as the gate checked it, handed to its run (check_plan and the trust
-    decision run once per run): record (PlanRecord), plan (runnable_plan of it, or None
-    when it is invalid), problems (why it is invalid; [] when valid), trusted
-    (plan_trusted for its content: may it run commands; False when invalid)."""
+    decision run once per run): record (PlanRecord), plan (runnable_plan, None when
+    invalid), problems ([] when valid), trusted (plan_trusted: may it run commands)."""
 
     __slots__ = ()
 
 
 def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str | None]:
     """Return (the run id of the killed run a stale plan's run takes over, or None; why
-    it does not take it over, or None). A stale plan's dead run may have left files
-    half done: they are taken over if the run id read back from the store is one bridge
-    made, and that run's folder is this plan's (nothing read back is a path)."""
+    not, or None). Taken over only when the run id read back from the store is one bridge
+    made, and its folder is this plan's (nothing read back is a path)."""
     previous = record.state.get("run_id") if record.display_status == "stale" else None
     if previous is None:
         return None, None
@@ -9044,11 +9051,12 @@ def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str 
     return previous, None
 
 
-def _stop_running(results: dict[int, StepResult], why: str) -> None:
-    """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
+def _stop_running(results: dict[int, StepResult], why: str, error: str | None = None) -> None:
+    """Mark the steps of a run that stopped early: running ones failed (error, else why),
+    unrun ones say why."""
     for result in results.values():
         if result.status == "running":
-            result.status, result.error = "failed", why
+            result.status, result.error = "failed", error or why
         elif result.attempts == 0 and result.error is None:
             result.error = f"not run: {why}"
 
@@ -9061,12 +9069,9 @@ class PlanRunFiles:
     def _take_over(self) -> None:
         """Take over what a killed run (previous) left, and put back what it left half done.
 
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
+        With keep_finished (--resume), its succeeded steps (steps.jsonl) keep their
+        outputs and files, unless it had reverted its files; files written by any other
+        step are restored from its journal. Raises RollbackError when one cannot be."""
         plan, previous, results, files = self.plan, self.previous, self.results, self.files
         old_dir = run_folder(self.config.runs_dir, previous)
         keep_finished = self.keep_finished
@@ -9101,10 +9106,9 @@ class PlanRunFiles:
 
     def _halted(self) -> None:
         """Leave a run the model server stopped (halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
+        raise LLMServerUnusable saying so; no result is stored. A run that did nothing
+        (no step succeeded, no file written, no run taken over) goes back to pending; else
+        the plan stays in_progress (stale once this process exits) for --resume."""
         plan_id, files = self.record.plan_id, self.files
         if files is not None:
             files.close()
@@ -9145,9 +9149,8 @@ class PlanRunFiles:
         return None
 
     def _keep_backups(self) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close deletes them only once the result is stored."""
+        """Keep the run's backups for --undo (0600), then delete those of the plan's runs
+        older than the last keep_runs (with 0, _close deletes them once the result is stored)."""
         config, plan_id = self.config, self.plan.id
         if config.keep_runs == 0:
             return
@@ -9167,18 +9170,16 @@ class PlanRunFiles:
 
 
 class PlanRun(PlanRunFiles):
-    """One run of one plan, from claim to result (CPython's venv passes a `context`
-    the same way). runner: the Runner; plan: narrowed_plan of the checked plan (None:
-    invalid); problems, trusted: the gate's (CheckedPlan); started (UTC ISO) and clock
-    (time.monotonic()) at the claim; previous: the killed run it takes over, or None;
-    keep_finished: --resume; refused: why it does not take over a run, or None; files:
-    FileTransaction, StagedFiles, or None without a project; results: step id ->
-    StepResult; runlog: RunLog; log: _StepLog; cancel: a threading.Event set when the run
-    stops early; cli_cwd: where claude runs (a trusted project, else None: a scratch
-    folder); kept: path -> what a succeeded step of this run wrote there; positions: step
-    id -> its place in the order steps started; cap_hit: --max-cost-usd was reached;
-    sources: step id -> its input as sent (build_messages' pieces, what a grounded answer
-    copies); halt: the LLMServerUnusable that stopped the run, or None."""
+    """One run of one plan, from claim to result (as CPython's venv passes a `context`).
+    plan: narrowed_plan of the checked plan (None: invalid); problems, trusted: the
+    gate's; started (UTC ISO) and clock (time.monotonic()) at the claim; previous: the
+    killed run it takes over; keep_finished: --resume; refused: why it does not take one
+    over; files: FileTransaction, StagedFiles, or None without a project; results: step
+    id -> StepResult; cancel: set when the run stops early; cli_cwd: where claude runs (a
+    trusted project, else None: a scratch folder); kept: path -> what a succeeded step
+    wrote there; positions: step id -> its place in the start order; cap_hit:
+    --max-cost-usd was reached; sources: step id -> its input as sent (what a grounded
+    answer copies); halt: the LLMServerUnusable that stopped the run, or None."""
 
     __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
                  "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
@@ -9187,7 +9188,6 @@ class PlanRun(PlanRunFiles):
 
     def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
                  previous: str | None, keep_finished: bool):
-
         self.runner, self.config, self.progress = runner, runner.config, runner.progress
         self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
         self.plan = narrowed_plan(checked.plan, self.config) if checked.plan else None
@@ -9210,10 +9210,9 @@ class PlanRun(PlanRunFiles):
         """Run the plan and store its result; return the stored result document.
 
         problems: reasons found outside the plan (an id shared with another live plan);
-        with any, or the gate's, the plan is recorded failed with every problem and nothing
-        is sent. Re-raises KeyboardInterrupt once the plan is recorded failed ("interrupted
-        at step N"). Raises LLMServerUnusable when the model server stopped the run
-        (_halted), ResultNotStored or StoreError when the store cannot be written."""
+        with any, or the gate's, the plan is recorded failed and nothing is sent.
+        Re-raises KeyboardInterrupt once the plan is recorded failed. Raises
+        LLMServerUnusable (_halted), ResultNotStored or StoreError."""
         self._announce()
         problems = [*problems, *self.problems]
         if problems:
@@ -9275,8 +9274,8 @@ class PlanRun(PlanRunFiles):
 
     def _work(self) -> tuple[str | None, dict | None, BaseException | None]:
         """Write the run's records, take over a killed run, run the steps and verify;
-        return (the plan's error or None, the verify record or None, the interrupt that
-        stopped it or None)."""
+        return (the plan's error, the verify record, the interrupt that stopped it), each
+        or None."""
         plan, results = self.plan, self.results
         try:
             private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
@@ -9289,11 +9288,7 @@ class PlanRun(PlanRunFiles):
             return (*self._run_and_verify(), None)
         except KeyboardInterrupt as exc:
             current = sorted(r.id for r in results.values() if r.status == "running")
-            for result in results.values():
-                if result.status == "running":
-                    result.status, result.error = "failed", "interrupted"
-                elif result.attempts == 0 and result.error is None:
-                    result.error = "not run: the run was interrupted"
+            _stop_running(results, "the run was interrupted", "interrupted")
             where = f" at step {', '.join(map(str, current))}" if current else ""
             return f"interrupted{where}", None, exc
         except RollbackError as exc:        # files of a killed run could not be put back
@@ -9304,10 +9299,9 @@ class PlanRun(PlanRunFiles):
                     "(free some space, or make --state-dir writable)"), None, None
 
     def _run_and_verify(self) -> tuple[str | None, dict | None]:
-        """Run the steps, then the plan's verify once they all succeeded or were
-        skipped; return (the plan's error or None, the verify record or None). A
-        verify that may not run here (plan_trusted) fails the plan before any step
-        is sent, so no model time is spent on a plan that cannot pass."""
+        """Run the steps, then the plan's verify; return (the plan's error, the verify
+        record), each or None. A verify that may not run here fails the plan before any
+        step is sent: no model time is spent on a plan that cannot pass."""
         plan = self.plan
         if plan.verify is not None and (message := self.commands_refused()):
             for result in self.results.values():
@@ -9324,12 +9318,13 @@ class PlanRun(PlanRunFiles):
         command = run_command(argv, plan.project,  # type: ignore[arg-type]  # check_plan
                               command_env(self.config), limit, self.cancel)
         append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        record = {"ran": True, **command.as_dict()}
         if command.error is None:
             self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
-            return None, {"ran": True, **command.as_dict()}
+            return None, record
         self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
         self.progress.detail(command.output_tail)
-        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
+        return f"verify failed: {command.error}", record
 
     def commands_refused(self) -> str | None:
         """Return why this run may not run the plan's commands, or None when it may."""
@@ -9342,11 +9337,8 @@ class PlanRun(PlanRunFiles):
 
     def _run_steps(self) -> str | None:
         """Run every step through a StepScheduler; return the plan's error or None.
-
-        Each finished step is appended to the run's steps.jsonl, so a killed run can
-        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
-        neither write files nor touch their results.
-        """
+        Each finished step is appended to steps.jsonl, so a killed run can be resumed;
+        when the run stops early, steps still running may no longer write files."""
         plan, checkpoint = self.plan, self.run_dir / STEPS_FILE
         graph, parallel = step_graph(plan), self.runner.fit.parallel
         self.log = _StepLog(self.progress, sequential_order(graph), immediate=parallel == 1)
@@ -9367,7 +9359,7 @@ class PlanRun(PlanRunFiles):
 
     def run_step(self, step: Step, result: StepResult, outputs: dict[int, str],
                  position: int) -> None:
-        """Run one step's attempts (StepRun); fill result (status, output, error, …)."""
+        """Run one step (StepRun), filling result."""
         StepRun(self, step, outputs).run_step(position)
 
     def step_ended(self, result: StepResult) -> None:
@@ -9413,8 +9405,7 @@ class PlanRun(PlanRunFiles):
         return result
 
     def _result(self, status: str, error: str | None) -> dict:
-        """Build the run's result document (README: "What bridge writes into the store";
-        what --json and --show --json print is shown_result of it)."""
+        """Build the run's result document (README: "What bridge writes into the store")."""
         steps = [self.results[sid] for sid in sorted(self.results)]
         usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
                  "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
@@ -9446,11 +9437,9 @@ class PlanRun(PlanRunFiles):
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, result: dict) -> dict:
-        """Store the result and the plan's final state, then print its summary.
-
-        Raises ResultNotStored when the store cannot be written: the plan stays
-        in_progress, stale once this process is gone, so --resume or --rerun can
-        take it over (the run's journal and backups are kept for that)."""
+        """Store the result and the plan's final state, then print its summary; return
+        shown_result of it. Raises ResultNotStored when the store cannot be written: the
+        plan stays in_progress (stale once this process is gone) for --resume or --rerun."""
         record, runner, progress = self.record, self.runner, self.progress
         try:
             digest = runner.store.finish(record, result_memory(result), runner.memory_api,
@@ -9500,11 +9489,10 @@ class PlanRun(PlanRunFiles):
 
 
 class SpendCap:
-    """What paid requests have cost so far in this bridge process (US dollars), against
-    --max-cost-usd; thread-safe (steps run in threads)."""
+    """What paid requests have cost in this process (US dollars), against --max-cost-usd;
+    thread-safe."""
 
     def __init__(self, max_cost_usd: float):
-
         self.max_cost_usd, self.spent_usd = max_cost_usd, 0.0
         self._lock = threading.Lock()
 
@@ -9526,10 +9514,9 @@ class SpendCap:
 class Runner:
     """Runs plans from one store, each step on the executor its model reference names.
 
-    store: an open Store. client: an open LLMClient, or None when no plan will be sent
-    (then only invalid plans can be recorded). model: the default model id. progress: a
-    Progress. It keeps what outlives a plan: the executors, the spend cap (spend), the
-    events, the model's context (fit: ContextFit); each plan's run is a PlanRun."""
+    client: an open LLMClient, or None when no plan will be sent (then only invalid plans
+    can be recorded). model: the default model id. It keeps what outlives a plan: the
+    executors, spend (SpendCap), events, fit (ContextFit); each plan runs as a PlanRun."""
 
     def __init__(self, config: Config, store: Store, client: "LLMClient | None",
                  model: str | None, progress: Progress):
@@ -9544,11 +9531,9 @@ class Runner:
         self._contention_said = False       # a cut stream (LLMContention) was said once
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref and
-        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
-        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
-        else None, a scratch folder). Raises LLMError when it cannot be used (not in
-        config.allowed_executors, no key, no binary)."""
+        """Return (executor, model name) for a model reference (parse_model_ref): the
+        run's client for a PROBED kind, else one opened once (an AGENTIC one per cli_cwd).
+        Raises LLMError when it cannot be used (not allowed, no key, no binary)."""
         kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
         if cls.needs_allowing() and kind not in self.config.allowed_executors:
             raise LLMError(*cls.refusal(ref, name))
@@ -9565,8 +9550,7 @@ class Runner:
         self.progress.retrying(message)
 
     def contention(self, exc: LLMContention) -> None:
-        """Say, once a process, that a stream was cut for another request and is sent
-        again (resend_on_contention)."""
+        """Say, once a process, that a stream was cut for another request and is resent."""
         if not self._contention_said:
             self._contention_said = True
             self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
@@ -9580,11 +9564,9 @@ class Runner:
     def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
         """Claim a plan the gate checked and run it (PlanRun.run); return its stored result
-        document, or None when another process claimed the plan first.
-
-        allowed: the effective statuses it may claim. problems: reasons found outside the
-        plan (an id shared with another live plan). resume: take over a stale plan, keeping
-        the steps its killed run finished. Raises what PlanRun.run raises, and StoreError."""
+        document, or None when another process claimed it first. allowed: the statuses it
+        may claim; problems: as PlanRun.run takes; resume: keep the steps a killed run
+        finished. Raises what PlanRun.run raises, and StoreError."""
         record, run_id = checked.record, new_run_id()
         previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
@@ -9968,7 +9950,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 41. CLI: listing, server discovery, trust and approval
+# 41. CLI: listing, what a run will do, stats, trust and approval
 ###############################################################################
 
 
@@ -10015,15 +9997,13 @@ def cmd_list(config: Config, show_all: bool) -> int:
     status_width = max(len(r["status"]) for r in rows) + 2     # awaiting_approval is 17
     for r in rows:
         status = f"{r['status']:<{status_width}}" if show_all else ""
-        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
-                        f"{r['objective']}"))
+        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  "
+                        f"{r['created']}  {r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
         elif r["status"] == "invalid" and r["error"]:    # a split plan: why, and the fix
             print(printable(f"  invalid: {r['error']}"))
     return EXIT_OK
-
-
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
@@ -10124,9 +10104,11 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
     real = real_path(folder)
     if trust:
         if not real.is_dir():
-            raise ConfigError(f"cannot trust {folder}: no such folder", "pass an existing project folder")
+            raise ConfigError(f"cannot trust {folder}: no such folder",
+                              "pass an existing project folder")
         if reason := untrustable_reason(config, real):
-            raise ConfigError(f"refused to trust {real}: {reason}", "trust the project's own folder instead")
+            raise ConfigError(f"refused to trust {real}: {reason}",
+                              "trust the project's own folder instead")
         kept = [*listed, str(real)] if str(real) not in listed else listed
     else:
         kept = [p for p in listed if p != str(real) and p != folder]
@@ -10135,7 +10117,8 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
                               "trusted: " + (", ".join(listed) or "none"))
     write_config_file(path, {"trusted_projects": kept})
     print(printable(f"{'trusted' if trust else 'no longer trusted'}: {real}"))
-    if not trust and (root := trusted_root(config._replace(trusted_projects=tuple(map(real_path, kept))), real)):
+    still = config._replace(trusted_projects=tuple(map(real_path, kept)))
+    if not trust and (root := trusted_root(still, real)):
         print(f"note: it is still inside the trusted {root}, or BRIDGE_TRUSTED_PROJECTS names it")
     return EXIT_OK
 
@@ -10157,7 +10140,8 @@ def cmd_approve(config: Config, plan_id: str) -> int:
                           "project": None if plan.project is None else str(real_path(plan.project))}
     write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
     facts = approval_facts(config, plan, digest)
-    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
+    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); "
+                    "it runs with the next bridge run"))
     print(render_facts(facts))
     return EXIT_OK
 
@@ -10200,7 +10184,8 @@ def commands_text(commands: list[str]) -> str:
     needed = [c for c in commands if c.startswith("bridge --allow-executor")]
     text = " or ".join(either)
     if needed:
-        text += (", and run with " if text else "run with ") + " ".join(c.removeprefix("bridge ") for c in needed)
+        text += (", and run with " if text else "run with ")
+        text += " ".join(c.removeprefix("bridge ") for c in needed)
     return text
 
 
@@ -10497,8 +10482,12 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
         record = store.get_plan(plan_id)
         return [record], _allowed_statuses(record, rerun, resume), {}
     plans = store.find_plans()
-    records = [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
-    return records, ("pending", "invalid"), shared_id_problems(plans)
+    return _never_run(plans), ("pending", "invalid"), shared_id_problems(plans)
+
+
+def _never_run(plans: list[PlanRecord]) -> list[PlanRecord]:
+    """The plans a run of every pending plan takes: pending ones, and invalid ones never run."""
+    return [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
 
 
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
@@ -10538,8 +10527,9 @@ def run_summary(results: list[dict]) -> str:
     steps = {k: sum(r["counts"][k] for r in results) for k in ("succeeded", "failed", "skipped")}
     tokens = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in results)
     seconds = sum(r["duration_s"] for r in results)
-    return (f"run: {len(results)} plan(s), {completed} completed, {len(results) - completed} failed · "
-            f"steps {steps['succeeded']} succeeded, {steps['failed']} failed, {steps['skipped']} skipped · "
+    return (f"run: {len(results)} plan(s), {completed} completed, "
+            f"{len(results) - completed} failed · steps {steps['succeeded']} succeeded, "
+            f"{steps['failed']} failed, {steps['skipped']} skipped · "
             f"{tokens} tokens · {seconds:.1f} s")
 
 
@@ -10563,7 +10553,8 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                               "--resume takes over a plan whose bridge died; wait for this one")
         if status != "stale":
             raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
-                              "--resume takes over a plan whose bridge died; use --rerun to start over")
+                              "--resume takes over a plan whose bridge died; "
+                              "use --rerun to start over")
         return ("stale",)
     if status == "pending":
         return ("pending",)
@@ -10574,11 +10565,12 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                           "wait for it to finish, or stop that process")
     if status == "stale" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
-                          "take it over with --resume (keeps finished steps) or --rerun (starts over)")
+                          "take it over with --resume (keeps finished steps) "
+                          "or --rerun (starts over)")
     if status == "awaiting_review" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is awaiting review of its staged files",
-                          f"see them with bridge --diff {record.plan_id}, then bridge --apply {record.plan_id} "
-                          f"or bridge --reject {record.plan_id}")
+                          f"see them with bridge --diff {record.plan_id}, then bridge --apply "
+                          f"{record.plan_id} or bridge --reject {record.plan_id}")
     if not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
     return (status,)
@@ -10629,7 +10621,8 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
     if run_id is None:
         run_id = record.state.get("run_id")
         if run_id is None:
-            raise BridgeError(f"plan {plan_id!r} has not run yet (it is {record.display_status})", run_hint(record))
+            raise BridgeError(f"plan {plan_id!r} has not run yet "
+                              f"(it is {record.display_status})", run_hint(record))
     return record, KeptRun.load(config.runs_dir, run_id, record.plan_id)
 
 
@@ -10665,11 +10658,12 @@ def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int
     "awaiting_review": true."""
     files = kept.staged_diff()
     if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, "project": str(kept.project),
-                     "awaiting_review": True, "files": files})
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
+                     "project": str(kept.project), "awaiting_review": True, "files": files})
         return EXIT_OK
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} "
-                    f"file(s) staged for review: what bridge --apply {record.plan_id} would change"))
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+                    f"{len(files)} file(s) staged for review: what bridge --apply "
+                    f"{record.plan_id} would change"))
     for entry in files:
         now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
         print(printable(f"=== {entry['path']}: would be {entry['action']}{now}"))
@@ -10693,19 +10687,23 @@ def cmd_apply(config: Config, plan_id: str) -> int:
     record, kept = _awaiting(config, plan_id)
     conflicts = kept.apply_conflicts()
     if conflicts:
-        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed since the run: "
-                          + ", ".join(conflicts),
-                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, then run it again")
+        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed "
+                          "since the run: " + ", ".join(conflicts),
+                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, "
+                          "then run it again")
     with Store.open(config) as store:
         if not store.claim(record, kept.run_id, ("awaiting_review",)):     # one --apply at a time
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
         try:
             summary = kept.apply(config.crash_at)
         except BaseException:
-            store.record_review(record, kept.run_id, "in_progress", {"status": "awaiting_review", "owner": None})
+            store.record_review(record, kept.run_id, "in_progress",
+                                {"status": "awaiting_review", "owner": None})
             raise
         store.record_review(record, kept.run_id, "in_progress", {
-            "status": "completed", "applied_at": utc_now_iso(), "owner": None, "finished_at": utc_now_iso()})
+            "status": "completed", "applied_at": utc_now_iso(), "owner": None,
+            "finished_at": utc_now_iso()})
     for run_dir in plan_runs(config.runs_dir, record.plan_id):
         keep_backups(run_dir)
     prune_backups(config.runs_dir, record.plan_id, config.keep_runs)
@@ -10721,19 +10719,19 @@ def cmd_apply(config: Config, plan_id: str) -> int:
 def cmd_reject(config: Config, plan_id: str) -> int:
     """Drop the files a --review run staged; the plan becomes cancelled (rerun it with
     --plan ID --rerun). Raises BridgeError when it is not awaiting review."""
-    import shutil
-
     record, kept = _awaiting(config, plan_id)
     with Store.open(config) as store:
         if not store.record_review(record, kept.run_id, "awaiting_review", {
-                "status": "cancelled", "rejected_at": utc_now_iso(), "error": "staged files rejected at review"}):
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
-    shutil.rmtree(kept.run_dir / "staged", ignore_errors=True)
+                "status": "cancelled", "rejected_at": utc_now_iso(),
+                "error": "staged files rejected at review"}):
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
+    remove_tree(kept.run_dir / "staged")
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
         return EXIT_OK
-    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) "
-                    "dropped, nothing written"))
+    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} "
+                    "staged file(s) dropped, nothing written"))
     return EXIT_OK
 
 
@@ -10744,21 +10742,23 @@ def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> i
     when KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
-        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; not undoing a run under it",
-                          run_hint(record))
+        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
+                          "not undoing a run under it", run_hint(record))
+    shown = {"plan_id": plan_id, "run_id": kept.run_id}
     if kept.undone_at or kept.reverted:
         why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
         if config.json:
-            _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": [],
+            _print_json({**shown, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
         else:
             print(printable(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo"))
         return EXIT_OK
     restored = kept.undo(force)
     with Store.open(config) as store:
-        store.record_undo(store.get_plan(plan_id), kept.run_id, kept.undone_at)   # type: ignore[arg-type]
+        store.record_undo(store.get_plan(plan_id), kept.run_id,
+                          kept.undone_at)   # type: ignore[arg-type]
     if config.json:
-        _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": restored})
+        _print_json({**shown, "undone_at": kept.undone_at, "restored": restored})
         return EXIT_OK
     print(printable(f"undid run {kept.run_id} of plan {plan_id}: {len(restored)} file(s) put back"))
     for kept_file in kept.files:
@@ -10800,9 +10800,11 @@ def cmd_validate(config: Config, path: str) -> int:
     except PlanInvalid as exc:
         problems = exc.problems
         # an invalid plan that has an id is still named by it
-        plan_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        plan_id = raw.get("id") if isinstance(raw, dict) else None
+        plan_id = plan_id if isinstance(plan_id, str) else None
     if config.json:
-        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id, "problems": problems})
+        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id,
+                     "problems": problems})
     elif problems:
         print(printable(f"{path}: invalid plan, {len(problems)} problem(s):"))
         for problem in problems:
@@ -10837,8 +10839,10 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
         _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where),
                      "replaced_rows": replaced, "created_store": created})
     else:
-        note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
-        print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
+        note = (f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})"
+                if replaced else "")
+        print(printable(f"submitted plan {raw['id']!r} to {where} "
+                        f"(content hash {digest[:12]}…){note}"))
     return EXIT_OK
 
 
@@ -10864,8 +10868,7 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
     Returns EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK.
     """
     with Store.open(config) as store:
-        records = [store.get_plan(plan_id)] if plan_id else \
-            [r for r in store.find_plans() if r.status == "pending" or (r.status == "invalid" and not r.state)]
+        records = [store.get_plan(plan_id)] if plan_id else _never_run(store.find_plans())
     report = [dry_run_plan(record, config) for record in records]
     if config.json:
         _print_json({"plans": report})
@@ -10897,15 +10900,16 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
         budget = prompt_budget(step, config.context_length)
         sources: list[str] = []
         try:
-            messages = build_messages(plan, step, placeholders, budget, sources=sources)
+            blocks = prompt_blocks(plan, step, placeholders)
+            messages = fitted_messages(step, blocks, budget, sources)
             error = None
         except PromptTooLarge as exc:
             messages, error = [], str(exc)
         # a grounded step's spans are known only when no output of another step is in its input
         schema = output_schema(step.validation, None if step.depends_on else sources)
+        form = RESPONSE_FORMS[0](schema) if schema is not None and config.structured else None
         steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
-                      "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
-                      else None, "file_output": _dry_run_target(plan, step, targets),
+                      "response_format": form, "file_output": _dry_run_target(plan, step, targets),
                       "commands": [_command_entry(v) for v in _commands_of(step)]})
     facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
@@ -10914,7 +10918,8 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
 
 
 def _command_entry(command: dict) -> dict:
-    return {"run": list(command["run"]), "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+    return {"run": list(command["run"]),
+            "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
 
 
 def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
@@ -10922,7 +10927,7 @@ def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
     step's file_output, or None. A file an earlier step writes is overwritten."""
     if not step.file_output:
         return None
-    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]  # see check_plan
+    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]
     action = "overwrite" if step.file_output in targets or os.path.lexists(target) else "create"
     targets.add(step.file_output)
     return {"path": step.file_output, "target": target, "action": action}
@@ -10932,15 +10937,16 @@ def _render_dry_run(entry: dict) -> str:
     """Return one plan's --dry-run report as text; every line through printable(),
     the messages keeping their own lines."""
     if not entry["valid"]:
-        return "\n".join(printable(line) for line in
-                         [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
+        lines = [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]]
+        return "\n".join(map(printable, lines))
     facts = entry["approval"]
     if not facts["may_run"]:        # a real run sends nothing: it waits (approval_facts)
         count = len(entry["steps"])
         head = (f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
                 f"until you let it; then these {count} step(s), in this order")
     else:
-        head = f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"
+        head = (f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be "
+                "sent, in this order")
     lines = [printable(head), render_facts(facts)]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
@@ -10948,13 +10954,15 @@ def _render_dry_run(entry: dict) -> str:
         if step["error"]:
             lines.append(printable(f"would fail: {step['error']}"))
         for message in step["messages"]:
-            lines.append(f"--- {message['role']} ---\n" + printable(message["content"], multiline=True))
+            lines.append(f"--- {message['role']} ---\n"
+                         + printable(message["content"], multiline=True))
         if step["response_format"]:
             lines.append(f"--- response_format ---\n{json_text(step['response_format'])}")
-        if step["file_output"]:
+        if target := step["file_output"]:
             lines.append("--- file_output ---")
-            lines.append(printable(f"would {step['file_output']['action']} {step['file_output']['target']}"))
-        lines += [_render_command("check", command, entry["commands_trusted"]) for command in step["commands"]]
+            lines.append(printable(f"would {target['action']} {target['target']}"))
+        lines += [_render_command("check", command, entry["commands_trusted"])
+                  for command in step["commands"]]
     if entry["verify"]:
         lines.append(_render_command("verify", entry["verify"], entry["commands_trusted"]))
     return "\n".join(lines)
@@ -10962,7 +10970,8 @@ def _render_dry_run(entry: dict) -> str:
 
 def _render_command(what: str, command: dict, trusted: bool) -> str:
     note = "" if trusted else " (would not run: commands run only in trusted projects)"
-    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, timeout {command['timeout_s']:g} s{note}")
+    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, "
+                     f"timeout {command['timeout_s']:g} s{note}")
 
 
 ###############################################################################
