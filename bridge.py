@@ -373,20 +373,20 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
     return [server_default, home / ".mcp-memory-service" / "memories.db"]
 
 
+def _xdg_dir(environ: dict[str, str], variable: str, *under_home: str) -> Path:
+    if environ.get(variable):
+        return Path(environ[variable]).expanduser() / "bridge"
+    return Path(environ.get("HOME") or Path.home(), *under_home, "bridge")
+
+
 def default_config_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_CONFIG_HOME/bridge, else ~/.config/bridge: the user's trust and approvals."""
-    if environ.get("XDG_CONFIG_HOME"):
-        return Path(environ["XDG_CONFIG_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".config" / "bridge"
+    return _xdg_dir(environ, "XDG_CONFIG_HOME", ".config")
 
 
 def default_state_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
-    if environ.get("XDG_STATE_HOME"):
-        return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".local" / "state" / "bridge"
+    return _xdg_dir(environ, "XDG_STATE_HOME", ".local", "state")
 
 
 # One row per setting (after bottle's ConfigDict._define). A flag wins over its variable,
@@ -1024,7 +1024,7 @@ def terminal_columns() -> int:
 #   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
 #   inside    resolve_inside, real_path
 #   writes    forbidden_target_reason, output_path_problem, journalled_paths
-#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+#   reads     open_regular; secret_file_reason, load_secret_reason (what LOAD never sends)
 # Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
 # inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
@@ -1042,6 +1042,22 @@ class RollbackError(PathError):
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
+    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
+    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
+    (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(name))
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def real_path(path: str | Path) -> Path:
@@ -1180,15 +1196,11 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 def _gitdir_named(folder: str | Path) -> Path | None:
     """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
-    try:        # O_NONBLOCK: a FIFO named .git must not hang the check
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
-        fd = os.open(os.path.join(folder, ".git"), flags)
-    except OSError:         # none (or unreadable)
+    try:
+        handle = open_regular(os.path.join(folder, ".git"), follow_symlinks=True)
+    except OSError:         # none, unreadable, or a folder: a real .git, refused by its name
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
-        os.close(fd)
-        return None
-    with os.fdopen(fd, "rb") as handle:
+    with handle:
         head = handle.read(4096).decode("utf-8", "replace")
     if not head.startswith("gitdir:"):
         return None
@@ -1535,22 +1547,6 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
         raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge "
                         "writes only files")
     return info.st_mode & 0o7777
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
-                 follow_symlinks: bool = False) -> Any:
-    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
-    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
-    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
-    (ELOOP: a symlink; EINVAL: not a regular file)."""
-    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
-    fd = os.open(name, flags, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(name))
-    if encoding is None:
-        return os.fdopen(fd, "rb")
-    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -2235,6 +2231,10 @@ class StoreFile:
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                  (name,)).fetchone() is not None
 
+    def _or_null(self, column: str) -> str:
+        """column (as "name" or "alias.name") when the layout has it, else NULL."""
+        return column if column.rpartition(".")[2] in self.columns else "NULL"
+
     def _live_filter(self, alias: str = "m") -> str:
         clauses = []
         if "deleted_at" in self.columns:
@@ -2489,9 +2489,9 @@ class PlanStates(StoreFile):
         bridge's "bridge" object with a known status. rows: (content_hash or None,
         content, metadata) to look at; None: a scan of the store (the migration)."""
         if rows is None:
-            digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-            rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
-                                     "WHERE instr(metadata, '\"bridge\"') > 0").fetchall()
+            sql = (f"SELECT {self._or_null('content_hash')}, content, metadata FROM memories "
+                   "WHERE instr(metadata, '\"bridge\"') > 0")
+            rows = self.conn.execute(sql).fetchall()
         states = {}
         for digest, content, metadata in rows:
             try:
@@ -2666,7 +2666,7 @@ class Store(PlanStates):
         SCHEMA_ID, and, to be reported as invalid, those tagged bridge-plan or holding JSON
         that is not an object (prose naming the marker is no plan). Raises StoreError."""
         tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        digest = self._or_null("m.content_hash")
         select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
                   "FROM memories m")
         live = self._live_filter()
@@ -2842,7 +2842,7 @@ class Store(PlanStates):
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
                  if isinstance(h, str) and h]         # the newest first
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        digest_column = self._or_null("content_hash")
         for digest in named if "content_hash" in self.columns else ():
             rows += self.conn.execute("SELECT content_hash, content FROM memories "
                                       "WHERE content_hash = ?", (digest,)).fetchall()
