@@ -8845,7 +8845,7 @@ class StepRun:
             if refused is None:
                 return messages
             result.error = shown = refused
-        result.status = self._unsaved()
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
         self.say(f"  {step.label}: {result.status}: {shown}")
         return None
 
@@ -8894,13 +8894,8 @@ class StepRun:
             result.duration_s = time.monotonic() - clock
             if saved:
                 return
-        result.status = self._unsaved()
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
         self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
-
-    def _unsaved(self) -> str:
-        """The status of a step that did not pass: skipped when it may be, else failed."""
-        return "skipped" if self.step.on_failure == "skip" else "failed"
-
     def _failed(self, number: int, failure: "AttemptFailure", retrying: bool) -> None:
         """Emit the attempt_failed event (with --events)."""
         self.runner.events.emit("attempt_failed", self.run.plan.id, self.step.id,
@@ -9870,7 +9865,6 @@ _READERS = {
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
     """The user's trusted folders as real paths: the trust file's, then
     BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
-
     path = Path(config_dir, TRUST_FILENAME)
     listed = read_config_file(path, "trusted_projects", list)
     from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep)
@@ -9887,8 +9881,7 @@ def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, 
 def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
     """openai, plus what the user allowed: --allow-executor, BRIDGE_ALLOW_EXECUTORS
     (comma- or os.pathsep-separated), and the executors of their own --model and
-    --escalate-to (or BRIDGE_MODEL, BRIDGE_ESCALATE_TO). Raises ConfigError for an
-    unknown name."""
+    --escalate-to (or their variables). Raises ConfigError for an unknown name."""
     names = list(args.allow_executor or [])
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
@@ -9911,12 +9904,10 @@ def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
 
 
 def quiet_http_logs() -> None:
-    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
-    logging a program embedding bridge set up. Logger levels are process-wide: the
-    actions that make HTTP requests (--health, a run) set them once, before they start
-    any client or thread; the other actions do not import logging at all."""
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever logging
+    a program embedding bridge set up. Logger levels are process-wide: the actions that
+    make HTTP requests set them once, before any client or thread starts."""
     import logging
-
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -9924,9 +9915,8 @@ def quiet_http_logs() -> None:
 def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
                     home: Path) -> tuple[str | None, str | None, str | None, str | None]:
     """Return (memory_url, memory_api_key, memory_source, memory_note): --memory-url, else
-    BRIDGE_MEMORY_URL ("off": none), else the loopback endpoint of the memory server's
-    Claude Code hooks (hooks_memory_endpoint). Raises ConfigError for a URL bridge may
-    not use (check_memory_url)."""
+    BRIDGE_MEMORY_URL ("off": none), else the memory server's Claude Code hooks' loopback
+    endpoint (hooks_memory_endpoint). Raises ConfigError (check_memory_url)."""
     url = _first(args.memory_url, environ.get("BRIDGE_MEMORY_URL"))
     key = environ.get("MCP_API_KEY") or None
     source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if url else None
@@ -9942,12 +9932,8 @@ def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
 
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
-
-    The rows of SETTINGS with a kind are read by _READERS; the others below. environ is
-    passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
-    used, naming it.
-    """
-
+    The rows of SETTINGS with a kind are read by _READERS; the others below. Raises
+    ConfigError for a value that cannot be used, naming it."""
     given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
     base_url = given_url or DEFAULT_BASE_URL
     if not re.match(r"^https?://[^/\s]+", base_url):
@@ -9992,13 +9978,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 # One row per action (after tarfile's CLI, whose --filter choices are its _NAMED_FILTERS):
-# the flag (mutually exclusive with the others; metavar None: a flag without a value),
-# its help, its handler, whether it prints a --json document, and the modifiers it takes
-# (MODIFIERS). The handler, a function of this module named by the row (looked up when
-# main calls it, in the room 'main()'), gets the Config, the flag's value when it takes
-# one, then the values of its modifiers that are handler arguments, in the row's order.
-# The first row is also the run of every pending plan when no action flag is given.
-# Adding an action is a row here plus its handler; tests/test_first_page.py reads this.
+# the flag (mutually exclusive with the others; metavar None: no value), its help, its
+# handler, whether it prints a --json document, and the modifiers it takes (MODIFIERS).
+# The handler (named, looked up by _call_action) gets the Config, the flag's value when it
+# takes one, then its passed modifiers' values in the row's order. The first row is also
+# the run when no action flag is given. tests/test_first_page.py reads this.
 Action = namedtuple("Action", "flag metavar help handler json modifiers")
 ACTIONS = tuple(map(Action._make, (
     ("--plan", "ID", "run the plan with this id", "_run", True,
@@ -10033,10 +10017,9 @@ ACTIONS = tuple(map(Action._make, (
 
 _RUN_ONLY = "goes with a run (no action flag, or --plan ID)"
 # One row per modifier: a flag that only some actions take (their rows of ACTIONS say
-# which). misuse: the usage error when it is given without one of them, or without the
-# flag it needs (needs); refuses: flags it cannot go with, each with its own error (None:
-# misuse); passed: its value is a handler argument (else resolve_config reads it into
-# Config). The rows are checked in this order, so the first error is as it always was.
+# which). misuse: the usage error without one of them, or without the flag it needs
+# (needs); refuses: flags it cannot go with, each with its error (None: misuse); passed:
+# its value is a handler argument (else resolve_config reads it). Checked in this order.
 Modifier = namedtuple("Modifier", "flag metavar help misuse needs refuses passed")
 MODIFIERS = tuple(map(Modifier._make, (
     ("--all", None, "with --list: every plan, with its status", "--all goes with --list",
@@ -10183,12 +10166,11 @@ def cmd_list(config: Config, show_all: bool) -> int:
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
-    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
-    largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
-    plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
-    OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
-    with when that is as large already (no reload); never past its trained context.
-    aider asks the request plus 8k the same way (aider#4687)."""
+    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the largest
+    first prompt of the checked plans (estimate_tokens) plus its answer (answer_tokens)
+    and OLLAMA_NUM_CTX_SLACK, rounded up to OLLAMA_NUM_CTX_STEP, at least
+    OLLAMA_MIN_NUM_CTX; the loaded context when that is as large (no reload); never past
+    the trained context. aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
     for plan in plans:
         for step in plan.steps.values():
@@ -10274,7 +10256,6 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
     """Add a folder to the trusted projects (trust) or take it off, in
     config_dir/trusted-projects.json. Raises ConfigError when the folder does not
     exist (trust), can never be trusted (untrustable_reason), or is not listed (untrust)."""
-
     path = Path(config.config_dir, TRUST_FILENAME)
     listed = [p for p in read_config_file(path, "trusted_projects", list) if isinstance(p, str)]
     real = real_path(folder)
@@ -10301,9 +10282,8 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
 
 def cmd_approve(config: Config, plan_id: str) -> int:
     """Approve one plan for its current content (config_dir/approvals.json); print
-    what it may do. Raises PlanNotFound, PlanInvalid (an invalid plan cannot run),
-    or ConfigError when its project can never be a target."""
-
+    what it may do. Raises PlanNotFound, PlanInvalid, or ConfigError when its project
+    can never be a target."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
     plan = runnable_plan(record, config)
@@ -10392,13 +10372,10 @@ def _ask_to_run(facts: dict) -> bool:
 
 def gate_records(config: Config, records: list[PlanRecord],
                  progress: Progress) -> tuple[list[CheckedPlan], list[dict]]:
-    """Split the records a run would claim into (those that run, each checked for its
-    run: CheckedPlan; facts of those that wait).
-
-    Invalid plans run (to be recorded failed). A plan waiting only for approval is
-    asked about on a terminal (once, default No); otherwise it is skipped with one
-    line naming the command that would let it run. Nothing is written for a waiting plan.
-    """
+    """Split the records a run would claim into ([CheckedPlan] that run, [approval facts]
+    of those that wait). Invalid plans run (to be recorded failed). A plan waiting only
+    for approval is asked about on a terminal (default No); else it is skipped with a
+    line naming the command that would let it run. Nothing is written for a waiting plan."""
     runnable, waiting = [], []
     for record in records:
         try:
@@ -10486,9 +10463,8 @@ def _memory_api_line(probe: dict) -> str:
 
 
 def _server_health(config: Config) -> tuple[Config, dict, bool]:
-    """Probe the model server (found by discover_server when no base URL is set): return
-    the config with its base URL, the report's "server" part, and whether a run could use
-    it (reachable, a model, no problem)."""
+    """Probe the model server (discover_server when no base URL is set): return the config
+    with its base URL, the report's "server" part, and whether a run could use it."""
     report: dict[str, Any] = {"base_url": config.base_url}
     config, tried = discover_server(config)
     report.update(base_url=config.base_url, tried=tried)
@@ -10541,9 +10517,7 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
                         f"{server['context_length'] or 'not reported'} · parallel "
                         f"{server['parallel'] or 1}"))
     else:
-        print(printable(f"server  FAIL  {server['error']}"))
-        if server.get("hint"):
-            print(printable(f"              hint: {server['hint']}"))
+        _print_failure("server  ", server)
     for line in run_plan_lines(server):
         print(printable(f"              {line}"))
     memory_setting = _memory_setting_text(report["memory_setting"])
@@ -10556,15 +10530,20 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
             line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
         print(printable("memory  " + line + memory_setting))
     else:
-        print(printable(f"store   FAIL  {store_info['error']}"))
-        if store_info.get("hint"):
-            print(printable(f"              hint: {store_info['hint']}"))
+        _print_failure("store   ", store_info)
     backups = report["backups"]
     print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
           f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
           "plan)")
     if "memory_api" in report and not store_ok:
         print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def _print_failure(label: str, part: dict) -> None:
+    """Print a failed part of the --health report: its error, then its hint."""
+    print(printable(f"{label}FAIL  {part['error']}"))
+    if part.get("hint"):
+        print(printable(f"              hint: {part['hint']}"))
 
 
 def cmd_health(config: Config) -> int:
@@ -10597,17 +10576,11 @@ def cmd_health(config: Config) -> int:
 
 
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
-    """Run one plan (plan_id) or every pending plan; print the summary.
-
-    Every pending plan also takes in the plan memories never run that are not
-    valid plan objects, and plans whose id another live plan shares: those are
-    recorded as failed with the reason. Returns EXIT_OK when every plan run
-    completed (or none was pending), EXIT_PLAN_FAILED when one failed,
-    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored):
-    said on stderr, and the other
-    plans still run. Raises BridgeError when the store
-    or the server cannot be used, before that plan is claimed.
-    """
+    """Run one plan (plan_id) or every pending plan (_never_run; invalid ones and those
+    sharing an id are recorded failed); print the summary. Returns EXIT_OK when every
+    plan completed (or none was pending), EXIT_PLAN_FAILED when one failed, EXIT_UNUSABLE
+    when a result could not be stored (said; the other plans still run). Raises
+    BridgeError when the store or the server cannot be used, before a claim."""
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
@@ -10669,9 +10642,8 @@ def _never_run(plans: list[PlanRecord]) -> list[PlanRecord]:
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
                  checked: list[CheckedPlan] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
-    whose executors are checked (no key, no claude binary: said before any claim).
-    On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
-    --context-length), sent with every request."""
+    whose executors are checked (no key, no claude binary: said before any claim). On
+    Ollama's native API the context is the run's num_ctx, sent with every request."""
     local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
@@ -10753,10 +10725,8 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
 
 
 def cmd_show(config: Config, plan_id: str) -> int:
-    """Print the last stored result of a plan (--json: the document itself).
-
-    Raises PlanNotFound, or BridgeError when the plan has no result yet.
-    """
+    """Print the last stored result of a plan (--json: the document itself). Raises
+    PlanNotFound, or BridgeError when the plan has no result yet."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
@@ -10803,10 +10773,9 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
 
 
 def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
-    """Print what a run changed: per file its action and whether it changed since the
-    run, then the unified diff from its original to the file as it is now (--json:
-    {"plan_id", "run_id", "project", "reverted", "undone_at", "files": [...]}, each
-    file as KeptRun.diff gives it). Returns EXIT_OK."""
+    """Print what a run changed: per file its action, whether it changed since, and the
+    unified diff from its original to the file now (--json: {"plan_id", "run_id",
+    "project", "reverted", "undone_at", "files": KeptRun.diff()})."""
     record, kept = _kept_run(config, plan_id, run_id)
     if kept.awaiting_review:
         return _print_staged_diff(config, record, kept)
@@ -10912,10 +10881,9 @@ def cmd_reject(config: Config, plan_id: str) -> int:
 
 
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
-    """Put back the files a run changed (KeptRun.undo) and record it in the plan's
-    state. A run already undone, or that put its files back itself, is a no-op
-    (EXIT_OK, saying so). Raises BridgeError when the plan is running or stale, or
-    when KeptRun.undo refuses."""
+    """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
+    A run already undone, or that put its files back itself, is a no-op (saying so).
+    Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
@@ -10991,14 +10959,10 @@ def cmd_validate(config: Config, path: str) -> int:
 
 
 def cmd_submit(config: Config, path: str, replace: bool) -> int:
-    """Validate a plan file and store it as a new plan memory.
-
-    A --db (or BRIDGE_DB) naming a file that does not exist, in a folder that does,
-    gets a new store in the 12.x layout (said on stdout; --json: created_store).
-    Raises PlanInvalid listing every problem, StoreError when the id is taken
-    (without replace), this very content is stored already (the hint gives the
-    --plan ID --rerun that runs it again), or the store cannot be written.
-    """
+    """Validate a plan file and store it as a new plan memory. A --db naming a file
+    that does not exist gets a new store in the 12.x layout (--json: created_store).
+    Raises PlanInvalid, or StoreError when the id is taken (without replace), this
+    content is stored already, or the store cannot be written."""
     raw = _read_plan_file(path)
     check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
@@ -11038,11 +11002,9 @@ def cmd_cancel(config: Config, plan_id: str) -> int:
 
 
 def cmd_dry_run(config: Config, plan_id: str | None) -> int:
-    """Check the plans that would run and print each step's exact messages, in
-    run order, with dependency outputs as placeholders; no server, store untouched.
-
-    Returns EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK.
-    """
+    """Print each step's exact messages of the plans that would run, in run order, with
+    dependency outputs as placeholders; no server, store untouched. Returns
+    EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK."""
     with Store.open(config) as store:
         records = [store.get_plan(plan_id)] if plan_id else _never_run(store.find_plans())
     report = [dry_run_plan(record, config) for record in records]
@@ -11058,13 +11020,10 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
-    "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
-    may do, the same facts --list and --approve show)}; commands: the step's command
-    validations ({"run", "timeout_s"}), which run only when commands_trusted
-    (plan_trusted); the rendering says when a run would wait for approval (and send
-    nothing). A grounded step that depends on others shows the usual schema: the spans
-    it will be sent come from outputs not made yet."""
+    "steps": [{"id", "title", "messages", "error", "response_format", "file_output",
+    "commands": [{"run", "timeout_s"}]}] in run order, "verify", "commands_trusted"
+    (plan_trusted), "approval" (approval_facts)}. A grounded step that depends on others
+    shows the usual schema: its spans come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -11110,8 +11069,7 @@ def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
 
 
 def _render_dry_run(entry: dict) -> str:
-    """Return one plan's --dry-run report as text; every line through printable(),
-    the messages keeping their own lines."""
+    """Return one plan's --dry-run report as text, every line through printable()."""
     if not entry["valid"]:
         lines = [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]]
         return "\n".join(map(printable, lines))
@@ -11156,16 +11114,14 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once:
-    a second signal landing before the cleanup shields itself (shielded_signals)
-    would cut the restore of files or the result short."""
+    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once: a
+    second one before the cleanup shields itself would cut the restore of files short."""
     _ignore_interrupts()
     raise KeyboardInterrupt
 
 
 def _ignore_interrupts() -> None:
     """Ignore SIGINT and SIGTERM from now on (main thread only)."""
-
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
             if sig is not None:
@@ -11202,11 +11158,9 @@ def _call_action(action: Action, config: Config, args: argparse.Namespace) -> in
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run bridge with argv (default sys.argv[1:]); return the exit code.
 
-    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
-    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, and from
-    then on both signals are ignored until the process ends; anything else is a
-    bug: "internal error", exit 70, the traceback only with --debug.
-    """
+    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint) on
+    stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, both ignored from
+    then on; anything else is a bug: exit 70, the traceback only with --debug."""
     parser = build_parser()
     args = parser.parse_args(argv)
     action = chosen_action(args)
@@ -11240,7 +11194,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return missing.exit_code
         if debug:
             import traceback
-
             traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
         print("bridge: internal error (a bug)"
               + ("" if debug else "; run again with --debug to see the traceback"), file=sys.stderr)
@@ -11249,7 +11202,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
 
 def main_entry() -> None:
     """Console-script entry point: install the Ctrl-C and SIGTERM handler, run main, exit.
-
     A SIGINT ignored by whoever started bridge (a background job) stays ignored."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _raise_interrupt)
