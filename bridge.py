@@ -131,7 +131,7 @@ and checks, up to the runner and the command line:
     33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
     37 A plan run: the checked plan, take-over and files · 38 A plan run: its procedure ·
     39 Runner · 40 CLI: arguments and settings ·
-    41 CLI: listing, server discovery, trust and approval · 42 CLI: health ·
+    41 CLI: listing, what a run will do, stats, trust and approval · 42 CLI: health ·
     43 CLI: running and showing · 44 CLI: diff, undo, review · 45 CLI: the planner's side ·
     46 main()
 """
@@ -179,13 +179,12 @@ SCHEMA_ID = "bridge-plan-v1"
 SCHEMA_FILENAME = "bridge-plan-schema.json"
 
 DEFAULT_BASE_URL = "http://localhost:1234/v1"   # LM Studio's server
-# Where local servers listen by default, tried in this order when no base URL is set
-# (discover_server), loopback only: LM Studio 1234 (lmstudio docs), Ollama 11434
-# (docs/api.md), llama-server 8080 and its announced 9931 (llama.cpp PR #26508), vLLM
-# and llama-cpp-python 8000 (which mcp-memory-service's hooks also use for its own
-# HTTP server: claude-hooks/scripts/ensure-server.js), each with the base URL it takes.
+# The loopback ports discover_server tries, in order, with each one's base URL: LM Studio
+# 1234 (lmstudio docs), Ollama 11434 (docs/api.md), llama-server 8080 and 9931 (llama.cpp
+# PR #26508), vLLM and llama-cpp-python 8000 (also the memory server's own HTTP port:
+# mcp-memory-service claude-hooks/scripts/ensure-server.js).
 DEFAULT_SERVER_PORTS = ((1234, "/v1"), (11434, ""), (8080, "/v1"), (9931, "/v1"), (8000, "/v1"))
-DISCOVER_TIMEOUT_S = 0.5               # a default port is given this long to connect and answer
+DISCOVER_TIMEOUT_S = 0.5               # a default port's time to connect and answer
 DEFAULT_TIMEOUT_S = 300.0        # a JIT model load can hold the first byte this long
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 4              # transport retries of one request (429, 5xx, refused)
@@ -193,78 +192,63 @@ DEFAULT_RETRY_DELAY_S = 1.0      # first backoff delay; doubles each retry
 RETRY_MAX_DELAY_S = 30.0
 RETRY_BUDGET_S = 120.0           # a request gives up once its retries would pass this
 DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # a reply larger than this is cut
-# A body that is not a stream (a server ignoring "stream", /v1/models) may pass
-# --max-output-bytes by this much for its JSON envelope (ids, usage, quotes, escapes)
+# what a body that is not a stream (/v1/models, "stream" ignored) may have on top of
+# --max-output-bytes for its JSON envelope (ids, usage, quotes, escapes)
 RESPONSE_ENVELOPE_BYTES = 65_536
 ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much is read
-# Every request ends by this many seconds after it was sent, whatever trickles in
-# (keep-alive comments, whitespace), unless its step sets timeout_s: 30 minutes is
-# 16k tokens at 10 tokens/s after a 5-minute model load, longer than a step a small
-# model should take, and a stream that never ends stops the same night.
+# A request ends this many seconds after it was sent, whatever trickles in, unless its
+# step sets timeout_s: 16k tokens at 10 tokens/s after a 5-minute model load.
 DEFAULT_REQUEST_DEADLINE_S = 1800.0
 STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to this
 LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
-# --diff and --review show a unified diff of a file only when both sides are at most this
-# big (difflib holds each side's lines several times over); larger files are compared by
-# sha256, read in COPY_PIECE_BYTES pieces, so memory is bounded whatever a file's size.
+# --diff and --review show a unified diff only when both sides are at most this big
+# (difflib holds each side's lines several times over); larger files are compared by sha256.
 DIFF_MAX_BYTES = 2_000_000
 COPY_PIECE_BYTES = 1 << 20             # files are hashed, backed up and restored in pieces this big
-# How long one statement waits on a store another process holds locked (SQLite's
-# busy_timeout) before bridge says the store stayed locked: the memory server's own
-# writes (a consolidation, a batch of embeddings) can hold it for seconds; it waits 5 s.
+# How long a statement waits on a store another process holds locked (SQLite's
+# busy_timeout): the memory server's own writes (consolidation, embeddings) take seconds.
 STORE_BUSY_TIMEOUT_S = 30.0
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
 MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes the plan invalid
-# A plan memory longer than this (bytes of UTF-8) is never read into memory: its size is
-# asked of SQLite (incremental blob I/O), and a row tagged bridge-plan is reported as an
-# invalid plan that says so. Four step prompts of MAX_PROMPT_CHARS; real plans are KBs.
+# A plan memory longer than this (bytes of UTF-8) is never read: SQLite's incremental blob
+# I/O gives its size, and it is reported as an invalid plan. Real plans are KBs.
 PLAN_MAX_BYTES = 4_000_000
 CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-4.5 chars a token)
-# A token count a server reports (usage) is believed only from 0 to this: ten times the
-# longest context any model serves (Llama 4 Scout's 10M tokens). Outside it, or not an
-# int, the count is unknown and estimated as when none is sent (usage_count).
+# A usage token count is believed only from 0 to this (an int): ten times the longest
+# context served (Llama 4 Scout's 10M tokens); else it is estimated (usage_count).
 USAGE_MAX_TOKENS = 100_000_000
 ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
 MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps this
-PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
-DEFAULT_KEEP_RUNS = 10                 # file backups of this many runs per plan are kept for --undo
+PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many
+DEFAULT_KEEP_RUNS = 10                 # runs per plan whose backups are kept for --undo
 RUN_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}"    # what new_run_id() makes
-# JSON read from the store or a plan file nests at most this deep: json, jsonschema and
-# repr recurse once (jsonschema's check_schema ~6 frames) per level, and Python stops at
-# 1000 frames; a real plan with a step schema nests ~10-25 levels.
+# JSON bridge did not write nests at most this deep: json, jsonschema (~6 frames) and repr
+# recurse per level, Python stops at 1000 frames; a real plan nests ~10-25 levels.
 MAX_JSON_DEPTH = 64
 NAME_MAX_BYTES = 255                   # a path component, when os.pathconf cannot say
 PATH_MAX_BYTES = 4096                  # a whole path, likewise
 COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without timeout_s
-COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
+COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (as the schema)
 COMMAND_TAIL_BYTES = 8000              # a command output's end kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
-# Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
-# A step whose answer is bounded (its check is JSON) asks the server not to think
-# (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
-# for it, or whose model was seen thinking earlier in the run, gets this many tokens on
-# top of its answer's max_tokens, at most a quarter of a known context: R1 distills and
-# Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
-# bug tracker #1990, #1602: thinking used the whole max_tokens).
+# Thinking tokens added to a step's max_tokens when it asks for thinking or its model was
+# seen thinking (thinking_reserve): R1 distills and Qwen3 think for hundreds to a few
+# thousand tokens before a short answer (LM Studio bug tracker #1990, #1602).
 THINKING_RESERVE_TOKENS = 2048
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
 DEFAULT_ON_FAILURE = "retry_with_context"
-# How attempts on the local server sample (--retry-sampling; see retry_sampling).
-# "plain": every attempt as the step says. "hotter": the first greedy (temperature 0)
-# unless the step sets one, then a temperature of at least RETRY_TEMPERATURES[attempt
-# - 1] (the step's own when higher) and a new seed, so a retry does not redraw the same
-# answer (DSPy's Refine retries hotter; aider's benchmark retries with the error at
-# temperature 0). "penalty": hotter, plus repeat_penalty where the server takes it
-# (llama.cpp, LM Studio, llama-cpp-python) and DRY on llama.cpp (dry_multiplier 0.8,
-# "a typical recommended value": ggml-org/llama.cpp PR #9702). The default is the one
-# the README's bench figures favour (bench/real_model.py).
+# How attempts on the local server sample (--retry-sampling; retry_sampling): "hotter"
+# retries at a higher temperature and a new seed, so a retry does not redraw the same
+# answer (DSPy's Refine retries hotter; aider's benchmark at temperature 0); "penalty" adds
+# repeat_penalty and DRY (dry_multiplier 0.8, "a typical recommended value":
+# ggml-org/llama.cpp PR #9702). The default: the README's bench figures (bench/real_model.py).
 RETRY_SAMPLING = ("plain", "hotter", "penalty")
 DEFAULT_RETRY_SAMPLING = "hotter"
-RETRY_TEMPERATURES = (0.0, 0.5, 0.8, 1.0)   # attempt 1 (when the step sets none), 2, 3, 4 and later
+RETRY_TEMPERATURES = (0.0, 0.5, 0.8, 1.0)   # attempt 1 (the step sets none), 2, 3, 4 and on
 RETRY_REPEAT_PENALTY = 1.15            # llama.cpp's default is 1.0 (off), LM Studio's 1.1
 RETRY_DRY_MULTIPLIER = 0.8
 DEFAULT_VALIDATION = {"type": "non_empty"}
@@ -274,7 +258,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "for, reply with it in a single fenced block and no commentary."
 )
 
-# The files of a run's folder (runs/<run_id>/ under --state-dir), named once
+# The files of a run's folder (runs/<run_id>/ under --state-dir)
 RUN_INFO_FILE = "run.json"          # plan id, run id, project, started_at
 JOURNAL_FILE = "journal.jsonl"      # each file's original, before it is touched
 STEPS_FILE = "steps.jsonl"          # each finished step, for --resume
@@ -286,16 +270,15 @@ VERIFY_FILE = "verify.jsonl"        # the plan's verify command
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"   # https://docs.anthropic.com/en/api/messages
 PLAN_TAG = "bridge-plan"
 RESULT_TAG = "bridge-result"
-PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x ontology
+PLAN_MEMORY_TYPE = "planning"          # both in the memory server's 12.x ontology
 RESULT_MEMORY_TYPE = "tool_outcome"
 PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled", "awaiting_review")
 # What --cancel takes (display statuses): all but a live run and a finished one
 CANCELLABLE_STATUSES = ("pending", "stale", "invalid", "awaiting_review")
 
-# What the same tokens would cost on Claude, in US dollars per million tokens
-# (input, output). Source: https://platform.claude.com/docs/en/about-claude/pricing,
-# as copied by several pricing tables read 2026-11-21 (docs.rs synaps pricing,
-# cogito-claude). Update with the page; --price-model picks the row.
+# What the same tokens would cost on Claude: US dollars per million tokens (input, output).
+# Source: https://platform.claude.com/docs/en/about-claude/pricing, as copied by pricing
+# tables read 2026-11-21 (docs.rs synaps pricing, cogito-claude); --price-model picks a row.
 CLAUDE_PRICES_USD_PER_MTOK = {
     "claude-opus-4-5": (5.00, 25.00),
     "claude-opus-4-1": (15.00, 75.00),
@@ -314,60 +297,51 @@ EXIT_INTERRUPTED = 130
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
-# Ollama: which of its APIs steps go through (--ollama-api). "native" is /api/chat, which
-# takes options.num_ctx; its OpenAI endpoint cannot set the context and cuts an over-long
-# prompt silently (docs/api/openai-compatibility.mdx; llm/llama_server.go).
+# Ollama's APIs (--ollama-api): "native" /api/chat takes options.num_ctx; the OpenAI one
+# cannot set it and cuts a long prompt silently (docs/api/openai-compatibility.mdx).
 OLLAMA_APIS = ("native", "openai")
-# A stream llama-cpp-python cut to serve another request (LLMContention) is sent again
-# after each of these waits in turn (seconds, with jitter; about 30 s in all), then the
-# attempt fails as the server's error.
+# Waits (seconds, with jitter) before resending a stream llama-cpp-python cut to serve
+# another request (LLMContention); then the attempt fails as the server's error.
 CONTENTION_WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
-# The num_ctx a run asks of Ollama: enough for the largest first prompt of the plans it
-# runs plus its answer and this much more, in steps of OLLAMA_NUM_CTX_STEP, at least
-# OLLAMA_MIN_NUM_CTX, never past the model's trained context. One value per run:
-# changing num_ctx between requests reloads the model (aider#4687).
+# The num_ctx a run asks of Ollama: its largest first prompt, answer and slack, in steps,
+# at least the minimum, at most the trained context; one value per run, since a new
+# num_ctx reloads the model (aider#4687).
 OLLAMA_MIN_NUM_CTX = 8192
 OLLAMA_NUM_CTX_STEP = 2048
 OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
-# The executors, by NAME (register_executor, in the room 'Executors: the registry...'):
-# paid, agentic or remote ones run only when the user allowed them (--allow-executor).
+# The executors by name (register_executor); paid, agentic or remote ones run only when
+# allowed (--allow-executor).
 EXECUTORS: "dict[str, type[Executor]]" = {}
 DEFAULT_EXECUTOR = "openai"     # the executor of a model reference without a prefix
 
 
 def allowable_executors() -> tuple[str, ...]:
-    """The names --allow-executor takes: the executors that need allowing (PAID, AGENTIC
-    or CLOUD), in EXECUTORS order."""
+    """The names --allow-executor takes: executors that need allowing, in EXECUTORS order."""
     return tuple(name for name, cls in EXECUTORS.items() if cls.needs_allowing())
 
 
-# The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
-# output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
-# a run's escalations, small enough that a looping or hostile plan costs cents.
+# A run's spend cap, US dollars: about five step requests on claude-opus-4-1, seventy on
+# claude-haiku-4-5; a looping or hostile plan costs cents.
 DEFAULT_MAX_COST_USD = 0.50
 TRUST_FILENAME = "trusted-projects.json"  # in config_dir: {"trusted_projects": [path, …]}
 APPROVALS_FILENAME = "approvals.json"  # in config_dir: {"approvals": {plan id: {content_hash, …}}}
-# What a claude-cli: model's process gets of the user's environment: an allow-list.
-# PATH finds node; HOME and CLAUDE_* hold its login and settings; the rest is locale,
-# terminal, temp folder and proxies. Cloud credentials, tokens and BRIDGE_* stay out.
+# What a claude-cli: process gets of the user's environment (an allow-list): PATH finds
+# node, HOME and CLAUDE_* hold its login; credentials and BRIDGE_* stay out.
 TOOL_ENV_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TMPDIR", "TZ", "LANG", "LANGUAGE",
     "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "SYSTEMROOT"})
 TOOL_ENV_PREFIXES = ("LC_", "CLAUDE_")
-# Variables that hold credentials, in one table. A check command (a command validation,
-# verify) gets none of them unless the user names it (--pass-env, BRIDGE_PASS_ENV); the
-# value of every variable whose *name* looks secret (SECRET_ENV_NAME, SECRET_ENV_NAMES) and
-# is at least SECRET_MIN_CHARS long is redacted from all bridge stores or prints (redact).
-# A name looks secret when a `_`-separated word of it is or ends in TOKEN, SECRET,
-# PASSWORD, PASSWD, PASSPHRASE, APIKEY or CREDENTIAL(S), or is KEY(S), PASS, PAT, CREDS,
-# AUTH, OAUTH, DSN or COOKIE (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID,
-# PGPASSWORD, OPENAI_API_KEY, SSH_AUTH_SOCK; not TOKENIZERS_PARALLELISM, GIT_AUTHOR_NAME).
-SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|APIKEY"
-                             r"|CREDENTIALS?)S?|KEYS?|PASS|PAT|CREDS|AUTH|OAUTH|DSN|COOKIE)(?=_|$)")
+# Variables that hold credentials. A check command gets none of them unless the user names
+# it (--pass-env); the value of every variable whose name looks secret (a `_`-separated
+# word: GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, PGPASSWORD; not TOKENIZERS_PARALLELISM) is
+# redacted from all bridge stores or prints (redact).
+SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE"
+                             r"|APIKEY|CREDENTIALS?)S?|KEYS?|PASS|PAT|CREDS|AUTH|OAUTH|DSN|COOKIE)"
+                             r"(?=_|$)")
 SECRET_ENV_NAMES = frozenset({"DATABASE_URL", "MYSQL_PWD", "REDIS_URL", "MONGODB_URI", "KUBECONFIG",
                               "DOCKER_CONFIG", "NETRC"})
 # the cloud, CI and model-provider families kept out of check commands whole (AWS_REGION too)
@@ -382,13 +356,8 @@ SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) woul
 ###############################################################################
 
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
-    """Return the store paths the memory server would use, in the order tried.
-
-    Source: mcp-memory-service config.py (MCP_MEMORY_SQLITE_PATH, then
-    MCP_MEMORY_BASE_DIR/sqlite_vec.db, then the platform data folder), plus the path
-    the original bridge script assumed. BRIDGE_DB and --db come before these.
-    """
-
+    """Return the store paths the memory server would use, in the order tried: source
+    mcp-memory-service config.py, plus the original bridge script's path."""
     home = Path(environ.get("HOME") or Path.home())
     if environ.get("MCP_MEMORY_SQLITE_PATH"):
         return [Path(environ["MCP_MEMORY_SQLITE_PATH"]).expanduser()]
@@ -406,7 +375,6 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
 
 def default_config_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_CONFIG_HOME/bridge, else ~/.config/bridge: the user's trust and approvals."""
-
     if environ.get("XDG_CONFIG_HOME"):
         return Path(environ["XDG_CONFIG_HOME"]).expanduser() / "bridge"
     home = Path(environ.get("HOME") or Path.home())
@@ -415,25 +383,20 @@ def default_config_dir(environ: dict[str, str]) -> Path:
 
 def default_state_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
-
     if environ.get("XDG_STATE_HOME"):
         return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
     home = Path(environ.get("HOME") or Path.home())
     return home / ".local" / "state" / "bridge"
 
 
-# One row per setting (after bottle's ConfigDict._define: a setting's default, check and
-# help in one place). flag and env: where the user sets it (a flag wins over its
-# variable, which wins over the default); field: the Config field it fills; kind: how
-# resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
-# lines of its own there); limit: the least a number may be, or the names a choice takes
-# (a tuple argparse also checks on the flag, or a function returning one, read when the
-# parser is built; a dict only resolve_config checks); what:
-# its name in an error; shown: how --help gives the default (None: the default itself).
-# A tuple default makes the flag repeatable and the variable comma-separated. Adding a
-# setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
-# reads this table: each row's flag and variable must be on the first page and in the
-# README's tables.
+# One row per setting (after bottle's ConfigDict._define). A flag wins over its variable,
+# which wins over the default; field: the Config field it fills; kind: how resolve_config
+# reads it (_READERS in the room 'CLI: arguments and settings'; None: by lines of its own
+# there); limit: a number's least, or the names a choice takes (a tuple, or a function
+# returning one, argparse checks too; a dict only resolve_config); what: its name in an
+# error; shown: --help's default (None: the default). A tuple default makes the flag
+# repeatable and the variable comma-separated. tests/test_first_page.py checks each row's
+# flag and variable are on the first page and in the README.
 Setting = namedtuple("Setting", "flag env field kind default limit what metavar help shown")
 SETTINGS = tuple(map(Setting._make, (
     ("--db", "BRIDGE_DB", "db_paths", None, None, None, "store", "PATH",
@@ -515,8 +478,7 @@ _CONFIG_DEFAULTS = {                    # the fields of Config no row of SETTING
     "deltas": False,                    # with events: a delta event per streamed piece too
     "db_explicit": False,               # the store came from --db or BRIDGE_DB
     "anthropic_api_key": None,          # str | None: ANTHROPIC_API_KEY
-    # the user's environment less BRIDGE_* and MCP_API_KEY: commands run in it less its
-    # credentials (command_env), a claude-cli: executor in its allow-listed part (claude_env)
+    # the environment less BRIDGE_* and MCP_API_KEY: for command_env and claude_env
     "tool_env": (),                     # tuple[tuple[str, str], ...]
     "trusted_projects": (),             # tuple[Path, ...]: real paths (--trust and
                                         # BRIDGE_TRUSTED_PROJECTS)
@@ -536,21 +498,16 @@ _CONFIG_DEFAULTS = {                    # the fields of Config no row of SETTING
 class Config(namedtuple("Config", [*(row.field for row in SETTINGS), *_CONFIG_DEFAULTS],
                         defaults=[*(row.default for row in SETTINGS[1:]),
                                   *_CONFIG_DEFAULTS.values()])):
-    """Every setting of one bridge invocation, resolved once (see resolve_config).
-
-    A field per row of SETTINGS (its help says what it holds: seconds, bytes, tokens,
-    US dollars) and per key of _CONFIG_DEFAULTS. db_paths (required): the store
-    candidates, first existing wins (a --db or BRIDGE_DB path is the only candidate).
-    allowed_executors: "openai" always, plus those allowed (--allow-executor) or named by
-    the user's own --model or --escalate-to.
-    """
+    """Every setting of one bridge invocation, resolved once (resolve_config): a field per
+    row of SETTINGS (its help gives the unit) and per key of _CONFIG_DEFAULTS. db_paths
+    (required): the store candidates, first existing wins. allowed_executors: "openai",
+    plus those allowed or named by the user's own --model or --escalate-to."""
 
     __slots__ = ()
 
     @property
     def runs_dir(self) -> Path:
         """The folder holding one folder per run: state_dir/runs."""
-
         return Path(self.state_dir, "runs")
 
 
@@ -604,10 +561,9 @@ class PlanNotFound(StoreError):
 
 
 class ResultNotStored(StoreError):
-    """A plan ran but the store refused its result (locked past STORE_WRITE_TRIES,
-    or unwritable): the plan stays in_progress, stale once this process is gone,
-    with its journal and backups kept for --resume or --rerun. A run goes on with
-    its other plans and exits 2."""
+    """A plan ran but the store refused its result (locked or unwritable): the plan stays
+    in_progress (stale once this process is gone), its journal and backups kept for
+    --resume or --rerun; the run goes on with its other plans and exits 2."""
 
 
 RUNTIME_DEPENDENCIES = ("httpx", "jsonschema")     # pyproject.toml's dependencies
@@ -615,8 +571,7 @@ RUNTIME_DEPENDENCIES = ("httpx", "jsonschema")     # pyproject.toml's dependenci
 
 def missing_dependency_error(exc: BaseException) -> ConfigError | None:
     """The one-line error for an import of httpx or jsonschema (or a module of theirs)
-    that failed because the Python running bridge lacks it (python bridge.py outside
-    its venv), or None for any other exception."""
+    the running Python lacks (bridge.py outside its venv), or None for any other."""
     name = getattr(exc, "name", None) or ""
     package = name.partition(".")[0]
     if not isinstance(exc, ModuleNotFoundError) or package not in RUNTIME_DEPENDENCIES:
@@ -627,10 +582,7 @@ def missing_dependency_error(exc: BaseException) -> ConfigError | None:
 
 
 class PlanInvalid(BridgeError):
-    """A plan failed schema or semantic validation; .problems lists every problem.
-
-    The message names the first PROBLEMS_SHOWN of them and how many more there are.
-    """
+    """A plan failed schema or semantic validation; .problems lists every problem."""
 
     exit_code = EXIT_PLAN_FAILED
 
@@ -640,8 +592,7 @@ class PlanInvalid(BridgeError):
 
 
 def problems_line(problems: list[str]) -> str:
-    """Return the first PROBLEMS_SHOWN problems joined by "; ", and "and N more"
-    when there are more (bridge --validate FILE lists every one)."""
+    """Return the first PROBLEMS_SHOWN problems joined by "; ", and "and N more"."""
     shown = "; ".join(problems[:PROBLEMS_SHOWN])
     more = len(problems) - PROBLEMS_SHOWN
     return shown + (f"; and {more} more (bridge --validate lists them all)" if more > 0 else "")
@@ -660,18 +611,13 @@ class OutputInvalid(BridgeError):
 
 
 class OutputDegenerate(OutputInvalid):
-    """A streamed output degenerated (DegenerationGuard) and its request was cancelled;
-    the message says what was seen ("stopped: 212 newlines in a row")."""
+    """A streamed output degenerated (DegenerationGuard) and its request was cancelled."""
 
 
 class LLMError(BridgeError):
-    """The model server failed a request.
-
-    transient: worth retrying the same request (connection, timeout, 429, 5xx).
-    retry_after_s: the server's Retry-After, in seconds, when it sent one.
-    context_overflow: the prompt does not fit the loaded context; resending it
-    unchanged cannot help.
-    """
+    """The model server failed a request. transient: worth retrying the same request;
+    retry_after_s: the server's Retry-After, seconds; context_overflow: the prompt does
+    not fit the loaded context (resending it unchanged cannot help)."""
 
     transient = False
 
@@ -696,8 +642,7 @@ class LLMTimeout(LLMError):
 
 class LLMDeadline(LLMTimeout):
     """A request passed its overall deadline (the step's timeout_s, else
-    DEFAULT_REQUEST_DEADLINE_S) while the server kept sending; not retried, since
-    the same request would run as long again."""
+    DEFAULT_REQUEST_DEADLINE_S): not retried, it would run as long again."""
 
     transient = False
 
@@ -716,18 +661,16 @@ class LLMProtocolError(LLMError):
 
 
 class LLMContention(LLMError):
-    """The server ended a stream to serve another request (llama-cpp-python, unless
-    started with --interrupt_requests False: llama_cpp/server/app.py sends [DONE]
-    with no finish_reason). Not the step's failure: the runner sends it again after a
-    backoff (CONTENTION_WAITS_S)."""
+    """The server ended a stream to serve another request (llama-cpp-python unless
+    --interrupt_requests False: llama_cpp/server/app.py sends [DONE] with no
+    finish_reason); sent again after CONTENTION_WAITS_S."""
 
 
 class LLMServerUnusable(LLMError):
-    """A failure of the model server itself, not of the step sent: a key refused
-    (401/403), no model loaded, the model not there or unable to chat or to load,
-    the server gone past its retries. Every later request would fail the same way,
-    so the run stops once (exit 2): the plans not started stay pending, the plan it
-    cut is left to --resume. status: the HTTP status, or None."""
+    """A failure of the model server, not of the step: a key refused (401/403), no model
+    loaded or able to chat, the server gone past its retries. Every later request would
+    fail the same way, so the run stops once (exit 2); the plan it cut is left to
+    --resume. status: the HTTP status, or None."""
 
     def __init__(self, message: str, hint: str | None = None, status: int | None = None):
         super().__init__(message, hint)
@@ -750,11 +693,8 @@ def sha256_hex(data: Any) -> str:
 
 
 def content_hash(content: str) -> str:
-    """Return the memory server's hash of a memory's content.
-
-    Source: mcp-memory-service utils/hashing.py (sha256 of the stripped, lowercased
-    content).
-    """
+    """Return the memory server's hash of a memory's content (source: mcp-memory-service
+    utils/hashing.py: sha256 of the stripped, lowercased content)."""
     return sha256_hex(content.strip().lower().encode("utf-8"))
 
 
@@ -816,28 +756,23 @@ def tag_safe(text: str) -> str:
 
 
 def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
-    """Write one JSON line to an open file and, with flush, flush it (no fsync: see
-    its callers)."""
+    """Write one JSON line (redacted) to an open file; with flush, flush it (no fsync)."""
     handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
 
 
 def crash_point(crash_at: str | None, name: str) -> None:
-    """Kill this process with SIGKILL at the named point when the test hook asks.
-
-    Only for the crash tests (BRIDGE_CRASH_AT); never set in normal use.
-    """
+    """Kill this process with SIGKILL at the named point when the crash tests ask
+    (BRIDGE_CRASH_AT)."""
     if crash_at == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 class shielded_signals:
-    """Hold SIGINT and SIGTERM off while cleanup runs (restoring files, storing the
-    result), so a second Ctrl-C cannot cut it short; the signals are ignored with
-    a note. With for_good (the run was interrupted and the process is on its way
-    out), they stay ignored afterwards, so a late Ctrl-C cannot turn exit 130 into
-    a traceback. Does nothing outside the main thread, where Python delivers none."""
+    """Hold SIGINT and SIGTERM off (with a note) while cleanup runs, so a second Ctrl-C
+    cannot cut it short. With for_good (the process is on its way out) they stay ignored,
+    so a late Ctrl-C cannot turn exit 130 into a traceback. Main thread only."""
 
     def __init__(self, note: Callable[[str], None], for_good: bool = False):
         self.note, self.saved, self.for_good = note, {}, for_good
@@ -846,7 +781,6 @@ class shielded_signals:
         self.note("finishing cleanup (restoring files, storing the result); please wait")
 
     def __enter__(self) -> "shielded_signals":
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
                 if sig is not None:
@@ -860,23 +794,20 @@ class shielded_signals:
 
 def usage_cost_usd(usage: dict, price: tuple[float, float]) -> float:
     """Return what usage ({"prompt_tokens", "completion_tokens"}) costs at price (US
-    dollars per million input and output tokens, as CLAUDE_PRICES_USD_PER_MTOK), in
-    US dollars, unrounded."""
+    dollars per million input and output tokens), in US dollars, unrounded."""
     return (usage["prompt_tokens"] * price[0] + usage["completion_tokens"] * price[1]) / 1e6
 
 
 def would_cost_usd(usage: dict, price_model: str) -> float:
-    """Return what usage ({"prompt_tokens", "completion_tokens"}) would cost on a Claude
-    model, in US dollars (CLAUDE_PRICES_USD_PER_MTOK), rounded to 1/10000 dollar."""
+    """Return what usage would cost on a Claude model (CLAUDE_PRICES_USD_PER_MTOK), in US
+    dollars rounded to 1/10000."""
     return round(usage_cost_usd(usage, CLAUDE_PRICES_USD_PER_MTOK[price_model]), 4)
 
 
-# Characters a terminal may act on rather than show: C0 controls but tab and newline,
-# DEL, C1 controls (U+009B is a one-character CSI on terminals that honour C1),
-# line and paragraph separators, the bidi embeddings, overrides and isolates that can
-# reorder what a line seems to say (U+202A-202E, U+2066-2069, "Trojan Source"), and
-# lone surrogates (no encoder can write them, so a print would crash). As a regex
-# character class (re compiles and caches it on first use).
+# Characters a terminal may act on rather than show, as a regex character class: C0 but
+# tab and newline, DEL, C1 (U+009B is a one-character CSI), line and paragraph separators,
+# the bidi controls that can reorder a line ("Trojan Source"), and lone surrogates (no
+# encoder writes them, so a print would crash).
 _UNSAFE = "\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
 
 
@@ -888,39 +819,36 @@ def _escape(match: Any) -> str:
 
 
 def narrowed(asked: Any, limit: Any) -> Any:
-    """Return what a plan asked (asked: a number, or None when it asked nothing) when it
-    is lower than the user's limit, else the limit: a plan only narrows the user's limits."""
+    """Return what a plan asked (a number, or None) when lower than the user's limit, else
+    the limit: a plan only narrows the user's limits."""
     return limit if asked is None or asked >= limit else asked
 
 
 def secret_env_name(name: str) -> bool:
-    """True when an environment variable's name says its value is a secret
-    (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
+    """True when an environment variable's name says its value is a secret (redacted)."""
     upper = name.upper()
     if upper == "BRIDGE_API_KEY":       # the model server's key (--api-key): a secret
         return True
-    if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names, never holds)
+    if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names one)
         return False
     return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
 
 
 def credential_env_name(name: str) -> bool:
-    """True when a check command must not get this variable unless the user names it
-    (--pass-env): a secret-looking name, or one of SECRET_ENV_PREFIXES' families."""
+    """True when a check command gets this variable only if the user names it (--pass-env)."""
     return secret_env_name(name) or name.upper().startswith(SECRET_ENV_PREFIXES)
 
 
-# {value: name} of every secret-looking variable of bridge's own environment, and one
-# pattern matching any of them, longest first; set once per invocation by main()
-# (remember_secrets), read by redact().
+# {value: name} of the secrets of bridge's own environment and one pattern matching any,
+# longest first: set by remember_secrets, read by redact.
 _SECRETS: dict[str, str] = {}
 _SECRET_PATTERN: list[Any] = []
 
 
 def remember_secrets(environ: dict[str, str]) -> None:
-    """Take the values redact() hides from environ: those of secret_env_name names at
-    least SECRET_MIN_CHARS long (a value also found under a harmless name is skipped:
-    HOME=/home/me must not vanish because some SECRET_DIR says the same)."""
+    """Take the values redact() hides from environ: those of secret names at least
+    SECRET_MIN_CHARS long, but a value also under a harmless name (HOME=/home/me must not
+    vanish because some SECRET_DIR says the same)."""
     plain = {v for k, v in environ.items() if not secret_env_name(k)}
     found = {v: k for k, v in sorted(environ.items())
              if secret_env_name(k) and len(v) >= SECRET_MIN_CHARS and v not in plain}
@@ -932,8 +860,7 @@ def remember_secrets(environ: dict[str, str]) -> None:
 
 def redact(value: Any) -> Any:
     """Return value with every secret of remember_secrets replaced by "[redacted $NAME]":
-    a str, or the strings inside lists, tuples and dicts (keys too), so a document is
-    redacted before it becomes JSON. Anything else is returned as it is."""
+    a str, or the strings inside lists, tuples and dicts (keys too); else value itself."""
     if not _SECRET_PATTERN:
         return value
     if isinstance(value, str):
@@ -946,31 +873,23 @@ def redact(value: Any) -> Any:
 
 
 def printable(text: Any, multiline: bool = False) -> str:
-    """Return text safe to write to a terminal: every character a terminal could act
-    on (see _UNSAFE: ESC and so CSI/OSC sequences, CR, BEL, backspace,
-    other C0 and C1 controls, bidi overrides and isolates, lone surrogates) becomes
-    a visible escape such as \\x1b or \\u202e. A newline is escaped too (\\n), so a
-    single-line field cannot forge a line, unless multiline (prompts and outputs
-    shown by -v, --show and --dry-run keep their lines). Tabs stay. Applied where
-    text from a plan, a model, a server or the store is printed: Progress, the
-    renderers and main()'s error lines.
-    """
+    """Return text (redacted) safe to write to a terminal: each character of _UNSAFE
+    becomes a visible escape such as \\x1b or \\u202e, and so does a newline (\\n: a
+    one-line field cannot forge a line) unless multiline (prompts and outputs). Tabs stay.
+    For all text from a plan, a model, a server or the store that is printed."""
     text = redact(str(text))
     pattern = f"[{_UNSAFE}]" if multiline else f"[{_UNSAFE}\\n]"
     return re.sub(pattern, _escape, text) if re.search(pattern, text) else text
 
 
-# json.dumps escapes C0 controls itself; with ensure_ascii=False the rest of _UNSAFE
-# would pass raw. Outside strings a JSON text holds none of them, so escaping them as
-# \uXXXX keeps the document exactly the same JSON.
+# the rest of _UNSAFE, which json.dumps(ensure_ascii=False) leaves raw (it escapes C0);
+# outside strings JSON holds none, so \uXXXX escapes keep the same JSON
 _JSON_UNSAFE = "[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 
 
 def json_text(document: Any, indent: int | None = None) -> str:
-    """Return json.dumps(document, ensure_ascii=False, indent=indent) with the
-    characters of _UNSAFE that json leaves raw (DEL, C1, separators, bidi
-    controls, lone surrogates) written as \\u escapes: the same JSON value,
-    readable text, and nothing a terminal acts on (--json and --events)."""
+    """Return json.dumps(redact(document), ensure_ascii=False, indent=indent) with
+    _JSON_UNSAFE as \\u escapes: the same JSON value, nothing a terminal acts on."""
     text = json.dumps(redact(document), indent=indent, ensure_ascii=False)
     if not re.search(_JSON_UNSAFE, text):
         return text
@@ -978,10 +897,9 @@ def json_text(document: Any, indent: int | None = None) -> str:
 
 
 def quiet_closed_stream(stream: Any) -> None:
-    """Point a stream's file descriptor (stdout's, stderr's) at os.devnull once its
-    reader has gone (a BrokenPipeError), so later writes, and Python's flush at exit,
-    neither fail nor print "Exception ignored" (the way the Python docs give for
-    SIGPIPE)."""
+    """Point a stream's file descriptor at os.devnull once its reader has gone (a
+    BrokenPipeError), so later writes and the flush at exit neither fail nor print
+    "Exception ignored" (the Python docs' way for SIGPIPE)."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
@@ -991,18 +909,13 @@ def quiet_closed_stream(stream: Any) -> None:
 
 
 class Events:
-    """The run as a stream of JSON objects, one per line, on stdout (--events).
-
-    Each has "event" (one of EVENT_KINDS), "ts" (ISO 8601 UTC, milliseconds),
-    "plan_id" and, for step events, "step_id", plus the fields of its kind (see the
-    README). Disabled, emit() does nothing; "delta" events are written only with
-    deltas (--deltas): under Claude Code's Monitor tool every line reaches the
-    planner's context, and a line per token would flood it. Safe to call from
-    several threads.
-    """
+    """The run as JSON objects, one per line, on stdout (--events): "event" (of
+    EVENT_KINDS), "ts" (ISO 8601 UTC, milliseconds), "plan_id", "step_id" for step events,
+    and the fields of its kind (README). "delta" events only with deltas (--deltas):
+    under Claude Code's Monitor tool a line per token would flood the planner's context.
+    Thread-safe."""
 
     def __init__(self, enabled: bool, stream: Any = None, deltas: bool = False):
-
         self.enabled, self.stream, self.deltas = enabled, stream, deltas
         self.lock = threading.Lock()
 
@@ -1031,10 +944,8 @@ class Events:
 
 
 class Progress:
-    """Human progress on stderr: a live line per step on a terminal, plain lines
-    otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too.
-    Every line goes through printable(): progress and error lines as one line each,
-    prompts and outputs (detail) keeping their newlines."""
+    """Human progress on stderr, through printable(): a live line per step on a terminal,
+    plain lines otherwise. verbosity 0: errors only, 1: progress, 2: prompts and outputs."""
 
     def __init__(self, verbosity: int = 1, stream: Any = None):
         self.stream = stream or sys.stderr
@@ -1090,13 +1001,9 @@ class Progress:
 
 
 def terminal_columns() -> int:
-    """Return the terminal width in columns: $COLUMNS, else the size of stdout's
-    terminal, else 80.
-
-    The rule of shutil.get_terminal_size, here because importing shutil (which
-    imports zlib, bz2 and lzma) costs about 3 ms, and argparse's help formatter
-    would import it for every flag of every start-up.
-    """
+    """Return the terminal width: $COLUMNS, else stdout's terminal's, else 80: the rule
+    of shutil.get_terminal_size, whose import (zlib, bz2, lzma: ~3 ms) argparse's help
+    formatter would make at every start-up."""
     try:
         columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
@@ -1115,9 +1022,8 @@ def terminal_columns() -> int:
 # Every rule for a path bridge did not choose (a plan's, a journal's, the store's); the rooms
 # that read and write files call them and decide none (the model: tarfile's filters).
 #   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
-#   inside    resolve_inside (symlinks followed, still inside the project), real_path
-#   writes    forbidden_target_reason (VCS folders, the store, the state dir),
-#             output_path_problem (a step's file_output), journalled_paths (a journal's)
+#   inside    resolve_inside, real_path
+#   writes    forbidden_target_reason, output_path_problem, journalled_paths
 #   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
 # Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
 # inside the project'), so a folder swapped after a check still cannot redirect one.
@@ -1141,7 +1047,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 def real_path(path: str | Path) -> Path:
     """bridge's one realpath: path with ~ expanded, symlinks and `..` resolved (need not
     exist); only normalized when a folder swapped under it makes realpath fail (EINVAL)."""
-
     path = os.path.expanduser(os.fspath(path))
     try:
         return Path(os.path.realpath(path))
@@ -1153,7 +1058,6 @@ def plan_path_parts(rel: str) -> list[str]:
     """Return a plan path's components ('.' and empty ones dropped). Raises PathError for one
     empty, with a NUL or lone surrogate, absolute (POSIX, Windows), with '..', or naming the
     project itself."""
-
     if not rel or "\x00" in rel:
         raise PathError(f"path {rel!r} is empty or holds a NUL byte")
     try:
@@ -1174,8 +1078,8 @@ def plan_path_parts(rel: str) -> list[str]:
 
 def same_file_path(rel: str) -> str:
     """Return a plan path as the filesystem sees it (./x.py is x.py, a//x.py a/x.py), so
-    locking, journaling and reporting agree on one name; a path plan_path_parts refuses
-    is returned as it is, for check_plan to refuse."""
+    locking, journaling and reporting agree on one name; one plan_path_parts refuses as
+    it is."""
     try:
         return "/".join(plan_path_parts(rel))
     except PathError:
@@ -1189,8 +1093,7 @@ TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
 
 def _check_name_lengths(project: Path, rel: str) -> None:
     """Raise PathError for a path the filesystem cannot hold: a name over NAME_MAX bytes (a
-    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX (both by
-    os.pathconf of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES)."""
+    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX."""
     def limit(name: str, default: int) -> int:
         try:
             return os.pathconf(project, name)
@@ -1233,8 +1136,8 @@ STORE_SIDECARS = ("", "-wal", "-shm", "-journal")       # SQLite's files beside 
 
 
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
-    """What no plan may write, whatever its project: stores (the memory store Paths, and
-    their STORE_SIDECARS) and state_dir (bridge's journals, backups and run logs)."""
+    """What no plan may write: stores (the memory store Paths, with their STORE_SIDECARS)
+    and state_dir (bridge's journals, backups and run logs)."""
 
     __slots__ = ()
 
@@ -1244,21 +1147,20 @@ class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
         return cls(tuple(config.db_paths), config.state_dir)
 
 
-# Folders of version-control systems, whose hooks and config run commands on the next
-# command of that system (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks]
-# in .hg/hgrc; Subversion, Jujutsu, Bazaar, darcs: their own config and hooks).
+# Folders of version-control systems, whose hooks and config run commands on the system's
+# next command (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks] in hgrc).
 VCS_FOLDERS = (".git", ".hg", ".svn", ".jj", ".bzr", "_darcs")
 
 
-# What a name may hold that some disk drops when it looks the name up, so that the
-# name still opens a VCS folder: code points HFS+ and APFS ignore (git's utf8.c
-# is_hfs_dotgit), trailing dots and spaces (NTFS, FAT), and 8.3 short names (GIT~1).
+# What some disk drops when it looks a name up, so the name still opens a VCS folder: code
+# points HFS+ and APFS ignore (git's utf8.c is_hfs_dotgit), trailing dots and spaces
+# (NTFS, FAT), 8.3 short names (GIT~1).
 _NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
 
 
 def vcs_folder_of(name: str) -> str | None:
-    """Return the VCS folder (of VCS_FOLDERS) a path component opens on some disk, or None:
-    ".GIT", ".git.", ".g\u200cit", "GIT~1" all give ".git" (see _NAME_IGNORED)."""
+    """Return the VCS folder a path component opens on some disk, or None: ".GIT", ".git.",
+    ".g\u200cit", "GIT~1" all give ".git"."""
     seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
     for folder in VCS_FOLDERS:
         if seen in (folder, folder.lstrip(".")[:6] + "~1"):
@@ -1296,10 +1198,9 @@ def _gitdir_named(folder: str | Path) -> Path | None:
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
     """Return why project/rel lies in a version-control folder, or None: a component of
-    rel or of the project's path (as given, absolute, real) that opens one of VCS_FOLDERS
-    (vcs_folder_of), a git directory of any name above the target (_is_git_dir: a bare
-    repository, a worktree's gitdir), or the gitdir a `.git` file above it points to."""
-
+    rel or of the project's path (as given, absolute, real) that opens one (vcs_folder_of),
+    a git directory of any name above the target (a bare repository, a worktree's gitdir),
+    or the gitdir a `.git` file above it points to."""
     for part in PurePosixPath(rel.replace("\\", "/")).parts:
         if folder := vcs_folder_of(part):
             return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run "
@@ -1321,8 +1222,8 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
     """Return why project/rel (a path plan_path_parts accepts) may never be written, or
-    None: in a version-control folder (vcs_target_reason), the store or its sidecars, in
-    the state dir; compared as written and as real. The rule validation and writes use."""
+    None: in a version-control folder, the store or its sidecars, in the state dir;
+    compared as written and as real. The rule of validation and writes."""
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
@@ -1341,10 +1242,9 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
 
 
 def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (its file_output) in project, or None: a folder's name
-    or a folder, what resolve_inside or forbidden_target_reason refuse, a symlink on its
-    way (the write would refuse it), not a regular file."""
-
+    """Why a step may not write rel (its file_output) in project, or None: a folder, what
+    resolve_inside or forbidden_target_reason refuse, a symlink on its way, not a regular
+    file."""
     if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
         return f"{rel!r} names a folder, not a file; give the file's name (e.g. newdir/notes.md)"
     try:
@@ -1373,10 +1273,9 @@ def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | N
 def journalled_paths(project: Path, entry: dict, backups: Path,
                      guard: Guard | None = None) -> tuple[str, Path | None, list[Path]]:
     """Check an entry of a run's journal.jsonl (read back: untrusted): "path" a plan path
-    project may be written at (forbidden_target_reason), "backup" a file right in backups
-    (real paths), each of "created_dirs" an absolute folder below project. Returns (path,
-    backup or None, created_dirs). Raises PathError."""
-
+    that may be written, "backup" a file right in backups (real paths), each of
+    "created_dirs" an absolute folder below project. Returns (path, backup or None,
+    created_dirs). Raises PathError."""
     rel, backup, folders = entry.get("path"), entry.get("backup") or "", entry.get("created_dirs")
     if not isinstance(rel, str):
         raise PathError(f"path {rel!r} is not a string")
@@ -1400,10 +1299,9 @@ def journalled_paths(project: Path, entry: dict, backups: Path,
     return rel, Path(backup) if backup else None, dirs
 
 
-# What LOAD never sends to a model (secret_file_reason): (pattern, what it holds). A pattern
-# ending in "/" is a folder: every file anywhere under it (a/b/: the two folders in a row);
-# else it is matched against the file's name or, with a "/", the last components of its
-# path. Shell globs, any case. The README's table is this one.
+# What LOAD never sends to a model: (pattern, what it holds). A pattern ending in "/" is a
+# folder anywhere on the path (a/b/: two in a row); else it matches the file's name or, with
+# a "/", its path's last components. Shell globs, any case. The README's table is this one.
 SECRET_LOAD_TABLE = (
     (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
     (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
@@ -1439,18 +1337,16 @@ SECRET_LOAD_TABLE = (
 )
 
 
-# Names LOAD reads although a row above matches: public keys and samples of secret files
+# Names LOAD reads although a row above matches: public keys, samples
 SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
 
 
-# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
-# the name is checked again without it.
+# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~): checked without it
 _BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
 
 
 def _secret_row(parts: list[str]) -> tuple[str, str] | None:
     """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
-
     parts = [part.casefold() for part in parts]
     folders, name = parts[:-1], parts[-1]
     names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
@@ -1475,10 +1371,7 @@ def _secret_row(parts: list[str]) -> tuple[str, str] | None:
 
 def secret_file_reason(rel: str) -> str | None:
     """Return why a LOAD path (or a file's absolute real one) looks like a private key or
-    secret store, or None: a row of SECRET_LOAD_TABLE matches (folders anywhere on the
-    path; names also without a _BACKUP_SUFFIX), but SECRET_LOAD_SAMPLES. Its text would go
-    to the model, into the result memory and the run logs."""
-
+    secret store, or None (its text would go to the model, the result and the run logs)."""
     parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
     row = _secret_row(parts) if parts else None
     if row is None:
@@ -1495,7 +1388,7 @@ def secret_file_reason(rel: str) -> str | None:
 def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
     """Why a LOAD of rel (path: where it resolved inside project) may not go to a model, or
     None: secret_file_reason of rel, of it in the real project, or of its real path (a
-    project inside ~/.aws). The one rule for validation and for what approval shows."""
+    project inside ~/.aws). The rule of validation and of approval."""
     real = real_path(path)
     inside = os.path.relpath(real, real_path(project))
     return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
@@ -1506,15 +1399,14 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader sees
 # the old bytes or the new, never half. In the project the folders are walked by dir_fd,
-# never through a symlink (open_inside, _walk, _replace_in); every file bridge reads is
-# opened by open_regular (no symlink followed unless asked, no wait on a FIFO).
+# never through a symlink; every file bridge reads is opened by open_regular.
 ###############################################################################
 
 
 class FileChange:
-    """What one run did to one path: action is "created" or "modified" (then
-    "reverted" after a rollback). backup: the copy of the original, if any, and
-    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
+    """What one run did to one path: action "created" or "modified" ("reverted" after a
+    rollback); backup: the original's copy, if any; mode: its permission bits;
+    created_dirs: folders the run made for it, deepest last."""
 
     __slots__ = ("path", "action", "backup", "mode", "created_dirs")
 
@@ -1532,7 +1424,7 @@ _HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_d
 
 def _open_root(project: Path) -> int:
     """Open the project folder for the dir_fd walks; PathError when it cannot be, or
-    when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
+    when this system has no dir_fd operations (POSIX has)."""
     if not _HAS_DIR_FD:
         raise PathError(f"cannot write safely in {project}: this system has no dir_fd file "
                         "operations", "run bridge on Linux or macOS")
@@ -1543,11 +1435,10 @@ def _open_root(project: Path) -> int:
 
 
 def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[int, int]:
-    """Open the folders parts, one component at a time below dir_fd, never through a
-    symlink (O_NOFOLLOW): return (descriptor of the deepest one reached, how many of
-    parts it is). With make, missing folders are made (mode 0o777 less the umask);
-    else the walk stops at the first missing one. The caller closes the descriptor.
-    Raises PathError when a component is a symlink or not a folder, OSError else."""
+    """Open the folders parts one at a time below dir_fd, never through a symlink: return
+    (descriptor of the deepest one reached, its depth), which the caller closes. With
+    make, missing folders are made (0o777 less the umask); else the walk stops at the
+    first missing one. Raises PathError (a symlink or not a folder) or OSError."""
     fd, depth = os.dup(dir_fd), 0
     try:
         for depth, part in enumerate(parts):
@@ -1572,10 +1463,9 @@ def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[
 
 
 def open_inside(project: Path, rel: str) -> Any:
-    """Open project/rel for reading (a binary file object) through real folders of
-    the project and without following a symlink at the end. Raises
-    FileNotFoundError, PathError (a symlink on the way, not a regular file) or
-    OSError (IsADirectoryError on reading a folder)."""
+    """Open project/rel for reading (a binary file object) through real folders, no
+    symlink followed. Raises FileNotFoundError, PathError (a symlink on the way, not a
+    regular file) or OSError (IsADirectoryError on reading a folder)."""
     parts = plan_path_parts(rel)
     root = _open_root(project)
     try:
@@ -1603,10 +1493,9 @@ def open_inside(project: Path, rel: str) -> Any:
 
 
 def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt: project/rel through real folders only
-    (open_inside), else path; cut at LOAD_FILE_MAX_BYTES with a marker. Raises
-    FileNotFoundError, or PathError when it cannot be read, goes through a symlink, is
-    binary (a NUL byte) or not UTF-8."""
+    """Return the text of a LOAD file for a prompt: project/rel by open_inside, else path;
+    cut at LOAD_FILE_MAX_BYTES with a marker. Raises FileNotFoundError, or PathError
+    (unreadable, a symlink on the way, binary: a NUL byte, or not UTF-8)."""
     try:
         with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
@@ -1632,7 +1521,7 @@ def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
 
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     """Return the permission bits of the file name in dir_fd, None when there is none.
-    Raises PathError when it is a symlink or a folder."""
+    Raises PathError when it is a symlink, a folder or not a regular file."""
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -1650,10 +1539,10 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
 
 def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
                  follow_symlinks: bool = False) -> Any:
-    """Open a regular file for reading without waiting on a FIFO and, unless
-    follow_symlinks, without following a symlink: bridge's one way to open a file it
-    reads. Returns a binary file object, or with encoding a text one (undecodable bytes
-    replaced). Raises OSError (ELOOP: a symlink; EINVAL: not a regular file)."""
+    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
+    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
+    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
+    (ELOOP: a symlink; EINVAL: not a regular file)."""
     flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
     fd = os.open(name, flags, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -1665,9 +1554,8 @@ def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | No
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
-    """Return the sha256 (hex) of a regular file, read in pieces (hashlib.file_digest), so
-    memory stays bounded whatever its size; None when it is missing, a symlink, not a
-    regular file or unreadable."""
+    """Return the sha256 (hex) of a regular file, read in pieces; None when it is missing,
+    a symlink, not a regular file or unreadable."""
     try:
         with open_regular(name, dir_fd) as handle:
             return sha256_hex(handle)
@@ -1677,7 +1565,7 @@ def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
 
 def _same_bytes(handle: Any, name: str, dir_fd: int) -> bool:
     """Tell whether the open binary file handle (read from its start) holds the same bytes
-    as the regular file name in dir_fd, comparing COPY_PIECE_BYTES at a time."""
+    as the regular file name in dir_fd, compared in pieces."""
     try:
         other = open_regular(name, dir_fd)
     except OSError:
@@ -1709,9 +1597,9 @@ def _write_all(fd: int, data: Any) -> None:
 def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
                 crash_at: str | None = None) -> None:
     """Write data (bytes, or a binary file object copied in pieces) to name in the folder
-    dir_fd through a new temp file beside it and os.replace, both relative to dir_fd (a
-    folder swapped meanwhile cannot redirect them). mode: the file's bits; None: a new
-    file's (the umask's). Raises OSError; the temp file outlives only a crash."""
+    dir_fd by a temp file beside it and os.replace, both relative to dir_fd (a folder
+    swapped meanwhile cannot redirect them). mode: the file's bits (None: the umask's).
+    Raises OSError; the temp file outlives only a crash."""
     tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
     try:
@@ -1746,17 +1634,15 @@ class _suppress:
 ###############################################################################
 # 7. bridge's own files: JSON, records, private folders
 #
-# JSON bridge did not write (plans, store rows, server replies) is read by load_json: at
-# most MAX_JSON_DEPTH deep, no NaN. bridge's own files have one of each: atomic_write,
-# read_json_file and write_json_file, append_jsonl and read_jsonl, private_dir (0o700),
-# private_opener (0o600, never through a symlink); run_folder checks a run id read back.
+# JSON bridge did not write is read by load_json (depth-bounded, no NaN). bridge's own
+# files have one of each: atomic_write, read_json_file, write_json_file, append_jsonl,
+# read_jsonl, private_dir, private_opener; run_folder checks a run id read back.
 ###############################################################################
 
 
 class JSONRefused(ValueError):
-    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
-    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
-    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
+    """JSON that json parses but bridge will not take: nested deeper than MAX_JSON_DEPTH,
+    or holding NaN or Infinity (not JSON, RFC 8259; they pass every schema bound)."""
 
 
 def _refuse_constant(name: str) -> Any:
@@ -1765,7 +1651,7 @@ def _refuse_constant(name: str) -> Any:
 
 def json_depth(value: Any) -> int:
     """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
-    recursion, so any value json.loads could build can be measured."""
+    recursion."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -1778,11 +1664,9 @@ def json_depth(value: Any) -> int:
 
 
 def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
-    rows, results, metadata, server replies). Raises ValueError for bad JSON and
-    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
-    max_depth levels or so deep that json itself gives up (RecursionError), so what
-    reads it next cannot recurse to death."""
+    """json.loads with a nesting limit, for JSON bridge did not write, so what reads it
+    next cannot recurse to death. Raises ValueError for bad JSON, JSONRefused (a
+    ValueError) for NaN or Infinity, or past max_depth levels (or json's own limit)."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
@@ -1795,10 +1679,9 @@ def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 
 def load_reply(text: str | bytes) -> Any:
-    """load_json for what a server or executor sent, with every lone surrogate in
-    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
-    carrying it back, the file, the run log and the store would all refuse it)
-    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
+    """load_json for what a server or executor sent, with every lone surrogate in its
+    strings (a JSON "\\ud800" escape, which no UTF-8 text, file or store can hold)
+    replaced by U+FFFD. Raises ValueError as load_json."""
     value = load_json(text)
     escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
     return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
@@ -1816,8 +1699,7 @@ def _scrub_surrogates(value: Any) -> Any:
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
-    """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
-    (O_EXCL|O_NOFOLLOW) in its folder and os.replace (_replace_in). mode: the file's
+    """bridge's one atomic writer: data to path by _replace_in. mode: the file's
     permission bits (None: the umask's). Raises OSError."""
     dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
@@ -1831,13 +1713,10 @@ OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than th
 
 def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False,
                    max_bytes: int = OWN_FILE_MAX_BYTES) -> Any:
-    """Return the JSON value of a file bridge reads whole (run.json, reads.json,
-    undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
-    manager may link, and the hooks' config.json): a regular file (open_regular) of at
-    most max_bytes, UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's
-    one JSON file reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL:
-    not a regular file, such as a FIFO) or ValueError (not JSON, too deep, too large);
-    with or_none, returns None instead."""
+    """bridge's one JSON file reader: the value of a regular file (open_regular; with
+    follow_symlinks, which a dotfile manager needs for the trust, approvals and hooks
+    files) of at most max_bytes, UTF-8, by load_json. Raises OSError (ELOOP: a symlink;
+    EINVAL: not a regular file, a FIFO) or ValueError; with or_none, returns None."""
     try:
         with open_regular(path, follow_symlinks=follow_symlinks) as handle:
             data = handle.read(max_bytes + 1)
@@ -1851,17 +1730,15 @@ def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = Fa
 
 
 def write_json_file(path: Path, document: Any, indent: int | None = None) -> None:
-    """Write document as one JSON text (and a newline) to path, 0o600, by atomic_write:
-    bridge's one JSON file writer. Raises OSError."""
+    """bridge's one JSON file writer: document and a newline to path, 0o600, by
+    atomic_write. Raises OSError."""
     text = json.dumps(document, ensure_ascii=False, indent=indent) + "\n"
     atomic_write(path, text.encode("utf-8"), 0o600)
 
 
 def private_dir(path: Path, tighten: bool = False) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700 (this user's only);
-    return path. An existing folder keeps its mode unless tighten (a run's folder, the
-    config folder: made 0o700 whatever it was). bridge's one way to make a private
-    folder. Raises OSError."""
+    """bridge's one private folder maker: path and its missing parents, 0o700; return
+    path. An existing folder keeps its mode unless tighten. Raises OSError."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -1881,12 +1758,9 @@ def private_opener(path: str, flags: int) -> int:
 
 
 def run_folder(runs_dir: Path, run_id: Any) -> Path:
-    """Return runs_dir/run_id for a run id read back from the store, once checked.
-
-    A run id is what new_run_id() makes (RUN_ID_PATTERN, whole); its folder must be
-    directly in runs_dir and, when it exists, a real folder (not a symlink). Raises
-    PathError saying which, for anything else: nothing read back is a path.
-    """
+    """Return runs_dir/run_id for a run id read back from the store (nothing read back is
+    a path): it must match RUN_ID_PATTERN whole, and its folder, when it exists, be a
+    real folder right in runs_dir. Raises PathError."""
     if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not a bridge run id "
                         "(like 20261204T192316Z-1a2b3c4d); its files are left alone")
@@ -1902,9 +1776,8 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
 
 
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
-    """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
-    never through a symlink); with sync, fsync it, so it survives a crash. Raises
-    OSError."""
+    """Append one JSON line to path (a new file 0o600, missing folders 0o700, no symlink
+    followed); with sync, fsync it. Raises OSError."""
     try:
         handle = open(path, "a", encoding="utf-8", opener=private_opener)
     except FileNotFoundError:
@@ -1919,7 +1792,7 @@ def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored.
-    The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
+    Raises OSError (ELOOP: a symlink)."""
     entries = []
     try:
         with open_regular(path) as handle:
@@ -1936,16 +1809,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return entries
 
 
-
 ###############################################################################
 # 8. Store layouts
 #
-# The store belongs to the memory server, which may have it open right now. Facts
-# and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
-# UPDATE content (its FTS trigger would corrupt the index); a plan's state lives in
-# bridge's own table (STATE_TABLE), never in metadata, which the server rewrites
-# after every semantic search; short transactions only, never one held open while a
-# model generates; never touch memory_embeddings (needs the vec0 extension).
+# The store belongs to the memory server, which may have it open right now (facts:
+# mcp-memory-service storage/sqlite_vec.py and its migrations). Never UPDATE content (its
+# FTS trigger would corrupt the index); a plan's state lives in STATE_TABLE, never in
+# metadata, which the server rewrites after every semantic search; short transactions
+# only; never touch memory_embeddings (needs the vec0 extension).
 ###############################################################################
 
 LAYOUT_12 = "doobidoo 12.x"
@@ -1962,9 +1833,8 @@ _LAYOUT_COLUMNS = {
 }
 
 
-# The 12.x layout as mcp-memory-service 12.2.0 creates it (storage/sqlite_vec.py),
-# without the vec0 embeddings table: that needs the sqlite-vec extension, and the
-# server creates it (IF NOT EXISTS) when it opens the file.
+# The 12.x layout as mcp-memory-service 12.2.0 creates it (storage/sqlite_vec.py), but the
+# vec0 embeddings table, which the server creates (IF NOT EXISTS) when it opens the file.
 STORE_DDL_12 = """
 CREATE TABLE memories (
     id INTEGER PRIMARY KEY AUTOINCREMENT, content_hash TEXT UNIQUE NOT NULL,
@@ -1991,18 +1861,16 @@ CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories BEGIN
 
 
 class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
-    """The content of a plan memory that is JSON bridge will not take (it nests too
-    deep or holds NaN, see load_json); reason says why. check_plan reports it as the problem."""
+    """The content of a plan memory that is JSON bridge will not take (load_json); reason
+    says why, and check_plan reports it."""
 
     __slots__ = ()
 
 
 # bridge's one table in the memory server's file: a plan's state, keyed by the plan
-# memory's content_hash (its content never changes, so neither does the key). The
-# server's write-backs, its tools and its HTTP API only touch its own tables, so
-# nothing there can undo a claim or a finish. CREATE ... IF NOT EXISTS: the server
-# never creates, reads or drops it; `memory check-db` and the server's migrations
-# ignore tables they do not know (checked on 12.2.0 and 12.4.0: tests/test_real_server.py).
+# memory's content_hash (which never changes). The server's write-backs, tools and HTTP
+# API touch only their own tables, so nothing there undoes a claim or a finish; its
+# migrations and `memory check-db` ignore this one (12.2.0, 12.4.0: tests/test_real_server.py).
 STATE_TABLE = "bridge_plan_state"
 STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host",
                  "owner_pid", "finished_at", "error", "result_hash", "resumed_from")
@@ -2018,9 +1886,8 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     extra TEXT,                        -- any other field of the state, as a JSON object
     updated_at TEXT NOT NULL)
 """
-# Tags the server's consolidation puts on the rows it makes (compression: `cluster`,
-# `compressed`; associations: `association`); such a row is never a plan, even when it
-# shares a plan's tags (mcp-memory-service consolidation/compression.py, consolidator.py).
+# Tags of the rows the server's consolidation makes, never plans even with a plan's tags
+# (mcp-memory-service consolidation/compression.py, consolidator.py).
 CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
 SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
                       "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
@@ -2028,25 +1895,23 @@ SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its
 
 
 def _summary_text(value: Any, max_chars: int) -> str:
-    """Return value as one line of at most max_chars characters (plans are untrusted:
-    no newline or control character of theirs may shape the summary)."""
+    """Return value as one line of at most max_chars characters, controls made spaces."""
     text = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(value or "")).split())
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
 class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
-    """A result memory as Store.finish stores it (result_memory builds it): content,
-    tags (list of str), metadata (dict), conversation_id (the run id, for the memory
-    server's HTTP API) and state, the plan's final {"status", "finished_at", "error"}."""
+    """A result memory as Store.finish stores it: content, tags (list of str), metadata
+    (dict), conversation_id (the run id, for the HTTP API) and state, the plan's final
+    {"status", "finished_at", "error"}."""
 
     __slots__ = ()
 
 
 def parse_result_content(content: str) -> dict | None:
-    """Return the result document of a result memory's content (result_content: the
-    JSON of its last line, or the whole content as JSON for results stored before the
-    summary existed), or None when it is not one: a JSON object whose "type" is
-    "bridge_result"."""
+    """Return the result document of a result memory's content (the JSON of its last line,
+    or of the whole, as older results hold), or None when it is not one: an object whose
+    "type" is "bridge_result"."""
     for text in (content.rpartition("\n")[2], content):
         try:
             document = load_json(text)
@@ -2060,30 +1925,27 @@ def parse_result_content(content: str) -> dict | None:
 ###############################################################################
 # 9. The memory server's HTTP API
 #
-# The memory server's HTTP API (`memory server --http`), for result memories the server
-# embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
-# checked against 12.4.0 (tests/test_real_server.py): POST /api/memories {content,
-# tags, memory_type, metadata, conversation_id} -> {success, message, content_hash};
-# GET /api/health answers without a key, GET /api/health/detailed needs it (401).
+# `memory server --http`, for result memories the server embeds itself. Source:
+# mcp-memory-service web/api/memories.py and health.py, checked against 12.4.0
+# (tests/test_real_server.py): POST /api/memories {content, tags, memory_type, metadata,
+# conversation_id} -> {success, message, content_hash}; GET /api/health needs no key,
+# GET /api/health/detailed does (401).
 ###############################################################################
 
 
-# an embedding on a CPU takes well under a second; a model load longer
-MEMORY_API_TIMEOUT_S = 30.0
+MEMORY_API_TIMEOUT_S = 30.0            # an embedding on a CPU: under a second; a load longer
 MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
 MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
-# Each request ends by this many seconds after it was sent, however the server trickles
-# its answer (timeout_s is per read): four times the per-read limit, for a first store
-# that loads the embedding model.
+# A request ends this many seconds after it was sent, however the server trickles its
+# answer (timeout_s is per read): for a first store that loads the embedding model.
 MEMORY_API_DEADLINE_S = 120.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def check_memory_url(url: str) -> str:
     """Return the memory server's base URL (no trailing slash) when it is an http URL on
-    this machine (LOOPBACK_HOSTS); raise ConfigError otherwise. Only the user's flag or
-    environment sets it: the key goes with every request."""
-
+    this machine (LOOPBACK_HOSTS: the key goes with every request); else raise
+    ConfigError."""
     # urlsplit drops \r, \n and \t silently; httpx then refuses the URL mid-run
     if re.search(r"[\x00-\x20\x7f-\x9f]", url):
         raise ConfigError(f"memory URL {url!r} holds a control character or a space",
@@ -2102,20 +1964,16 @@ def check_memory_url(url: str) -> str:
     return url.rstrip("/")
 
 
-# the settings of the memory server's Claude Code hooks, as bridge names the file
 HOOKS_CONFIG_SHOWN = "~/.claude/hooks/config.json"
 HOOKS_CONFIG_MAX_BYTES = 1_000_000
 
 
 def hooks_memory_endpoint(home: Path) -> tuple[str | None, str | None, str | None]:
     """Return (url, api_key, note) from the memory server's Claude Code hooks' settings,
-    home/.claude/hooks/config.json: memoryService.http.endpoint and .apiKey (the
-    hooks' current layout), else memoryService.endpoint and .apiKey (the older
-    template). url is check_memory_url's form, or None: then note says why (no
-    endpoint, unreadable, or not an http URL on this machine) when the file exists.
-    Source: mcp-memory-service claude-hooks/config.json, config.template.json and
-    scripts/ensure-server.js (keeps `memory server --http` on 127.0.0.1:8000).
-    Never raises."""
+    home/.claude/hooks/config.json: memoryService.http.endpoint and .apiKey, else the
+    older template's memoryService.endpoint and .apiKey. url: check_memory_url's form, or
+    None, when note says why if the file exists. Never raises. Source: mcp-memory-service
+    claude-hooks/config.json, config.template.json, scripts/ensure-server.js."""
     path = home / ".claude" / "hooks" / "config.json"
     try:        # a FIFO there is refused (open_regular), never waited on
         document = read_json_file(path, follow_symlinks=True,
@@ -2142,21 +2000,23 @@ def hooks_memory_endpoint(home: Path) -> tuple[str | None, str | None, str | Non
 
 
 def server_label(value: Any) -> str | None:
-    """Return a short label the memory server sent (its version, its backend) as it will
-    be shown: a str or number as text, at most 80 characters, None for anything else.
-    Printing still goes through printable(): the text may hold escape sequences."""
+    """Return a label the memory server sent (version, backend): a str or number as text
+    of at most 80 characters (still to be printed through printable()), else None."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return None
     return clip(str(value), 80, "label")
 
 
+def _late_answer(deadline_s: float) -> ValueError:
+    return ValueError(f"no whole answer within {deadline_s:g} s (MEMORY_API_DEADLINE_S)")
+
+
 class MemoryAPI:
-    """A client of the memory server's HTTP API at url (see check_memory_url), sending
-    api_key (MCP_API_KEY) as X-API-Key. timeout_s: seconds to connect or wait for
-    each part of an answer; deadline_s: seconds the whole request may take (None:
-    MEMORY_API_DEADLINE_S). Its answers are read as hostile: at most
-    MEMORY_API_MAX_REPLY_BYTES, JSON by load_reply (the depth guard), every string
-    printed through printable(). Nothing here raises: every failure is a reason string."""
+    """A client of the memory server's HTTP API at url, sending api_key (MCP_API_KEY) as
+    X-API-Key. timeout_s: seconds to connect or wait for each piece of an answer;
+    deadline_s: seconds the whole request may take (None: MEMORY_API_DEADLINE_S). Answers
+    are hostile: at most MEMORY_API_MAX_REPLY_BYTES, by load_reply. Never raises: every
+    failure is a reason string."""
 
     def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S,
                  deadline_s: float | None = None):
@@ -2164,13 +2024,12 @@ class MemoryAPI:
 
         self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
         self.deadline_s, self._httpx = deadline_s, httpx
+        self._failures = (httpx.HTTPError, httpx.InvalidURL, ValueError)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
-        """Return (HTTP status, parsed JSON or None) within the request's deadline: the
-        request runs in a daemon thread, so a server trickling its status line or headers
-        cannot hold bridge past it either. Raises httpx.HTTPError, httpx.InvalidURL or
-        ValueError (an answer too long or too late)."""
-
+        """Return (HTTP status, parsed JSON or None) within the request's deadline, in a
+        daemon thread, so a server trickling its headers cannot hold bridge past it. Raises
+        httpx.HTTPError, httpx.InvalidURL or ValueError (an answer too long or too late)."""
         deadline_s = MEMORY_API_DEADLINE_S if self.deadline_s is None else self.deadline_s
         deadline = time.monotonic() + deadline_s
         outcome: list[Any] = []
@@ -2185,7 +2044,7 @@ class MemoryAPI:
         worker.start()
         worker.join(deadline_s)
         if not outcome:     # the worker stops by itself at the next piece or timeout_s
-            raise ValueError(f"no whole answer within {deadline_s:g} s (MEMORY_API_DEADLINE_S)")
+            raise _late_answer(deadline_s)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
@@ -2201,8 +2060,7 @@ class MemoryAPI:
                     if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
                         raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
                     if time.monotonic() > deadline:
-                        raise ValueError(f"no whole answer within {deadline_s:g} s "
-                                         "(MEMORY_API_DEADLINE_S)")
+                        raise _late_answer(deadline_s)
         try:
             return response.status_code, load_reply(raw)
         except ValueError:      # not JSON, NaN, or nested past MAX_JSON_DEPTH
@@ -2210,9 +2068,9 @@ class MemoryAPI:
 
     def store(self, content: str, tags: list[str], memory_type: str, metadata: dict,
               conversation_id: str) -> tuple[str | None, str | None]:
-        """POST one memory; return (its content_hash, None) when the server stored it,
-        else (None, why not). conversation_id (the run id) keeps the server's 24-hour
-        near-duplicate check from refusing a rerun's result."""
+        """POST one memory; return (its content_hash, None), else (None, why not).
+        conversation_id (the run id) keeps the server's 24-hour near-duplicate check from
+        refusing a rerun's result."""
         body = {"content": content, "tags": tags, "memory_type": memory_type,
                 "metadata": metadata, "conversation_id": conversation_id}
         size = len(json.dumps(body).encode("utf-8"))
@@ -2221,7 +2079,7 @@ class MemoryAPI:
                           f"{MEMORY_API_MAX_BODY_BYTES}")
         try:
             status, reply = self._request("POST", "/api/memories", body)
-        except (self._httpx.HTTPError, self._httpx.InvalidURL, ValueError) as exc:
+        except self._failures as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
         if status == 200 and isinstance(reply, dict) and reply.get("success") is True \
@@ -2233,15 +2091,15 @@ class MemoryAPI:
         return None, f"HTTP {status}" + (f": {_summary_text(message, 200)}" if message else "")
 
     def probe(self) -> dict:
-        """Return {"reachable", "key_accepted", "version", "backend", "error"} from GET
-        /api/health (no key needed) and GET /api/health/detailed (needs the key)."""
+        """Return {"url", "reachable", "key_accepted", "version", "backend", "error"} from
+        GET /api/health and /api/health/detailed."""
         report: dict[str, Any] = {"url": self.url, "reachable": False, "key_accepted": None,
                                   "version": None, "backend": None, "error": None}
         try:
             status, _ = self._request("GET", "/api/health")
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
-        except (self._httpx.HTTPError, self._httpx.InvalidURL, ValueError) as exc:
+        except self._failures as exc:
             why = _summary_text(exc, 200) or type(exc).__name__
             report["error"] = f"cannot reach {self.url}: {why}"
             return report
@@ -2262,7 +2120,7 @@ class MemoryAPI:
 ###############################################################################
 # 10. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
-# memory server does, its health. Plan states, plans and results: the next two rooms.
+# memory server does, its health.
 ###############################################################################
 
 
@@ -2272,13 +2130,23 @@ READ_ONLY_STORE_HINT = ("the file or its folder is read-only (a read-only mount,
 
 
 def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
-    """The error of a store that another process kept locked for waited_s seconds
-    (default STORE_BUSY_TIMEOUT_S, SQLite's busy_timeout)."""
+    """The error of a store another process kept locked for waited_s seconds (None:
+    STORE_BUSY_TIMEOUT_S)."""
     waited_s = STORE_BUSY_TIMEOUT_S if waited_s is None else waited_s
     return StoreError(f"the store {path} stayed locked for {waited_s:g} s "
                       "(another process holds it)",
                       "retry when that process is done: the memory server's own writes end in "
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
+
+
+def _busy(exc: Exception) -> bool:
+    """Whether an sqlite3 error says another process holds the store."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _write_error(path: Path, exc: Exception) -> StoreError:
+    return StoreError(f"cannot write the store {path}: {exc}",
+                      READ_ONLY_STORE_HINT if "readonly" in str(exc) else None)
 
 
 def sqlite3_module() -> Any:
@@ -2290,10 +2158,9 @@ def sqlite3_module() -> Any:
 
 
 class StoreFile:
-    """The memory server's SQLite file: its layout (mcp-memory-service 12.x or 10.x, or
-    the original script's: _LAYOUT_COLUMNS; None for any other, which open refuses),
-    write transactions, memories written the way the server does, its health. bridge
-    uses its subclass Store: `with Store.open(config) as store: ...`."""
+    """The memory server's SQLite file: its layout (of _LAYOUT_COLUMNS; None for any
+    other, which open refuses), write transactions, memories written the way the server
+    does, its health. bridge uses its subclass Store: `with Store.open(config) as s:`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
         """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
@@ -2310,10 +2177,9 @@ class StoreFile:
 
     @classmethod
     def open(cls, config: Config) -> "Store":
-        """Open the first existing store of config.db_paths. Opening writes nothing:
-        STATE_TABLE is made by the first state bridge records there (_set_state).
-        Raises StoreError naming every path tried when none exists, or when the file
-        is not SQLite or has a layout bridge does not know."""
+        """Open the first existing store of config.db_paths, writing nothing (STATE_TABLE
+        comes with the first state recorded). Raises StoreError when none exists (naming
+        every path tried), or the file is not SQLite or of a layout bridge does not know."""
         sqlite3 = sqlite3_module()
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
@@ -2327,7 +2193,7 @@ class StoreFile:
             conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
             store = cls(conn, path, config.crash_at)
         except sqlite3.Error as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _busy(exc):
                 raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
@@ -2341,10 +2207,8 @@ class StoreFile:
 
     @staticmethod
     def create(path: Path) -> None:
-        """Create an empty store at path in the memory server's 12.x layout.
-
-        Raises StoreError when path exists, its folder does not, or it cannot be written.
-        """
+        """Create an empty store at path in the memory server's 12.x layout. Raises
+        StoreError when path exists, its folder does not, or it cannot be written."""
         sqlite3 = sqlite3_module()
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
@@ -2385,15 +2249,13 @@ class StoreFile:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except self.sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    if attempt < STORE_WRITE_TRIES:
-                        time.sleep(0.05 * attempt)
-                        continue
-                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
-                    raise store_locked_error(self.path, waited_s) from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                    from exc
+                if not _busy(exc):
+                    raise _write_error(self.path, exc) from exc
+                if attempt < STORE_WRITE_TRIES:
+                    time.sleep(0.05 * attempt)
+                    continue
+                waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                raise store_locked_error(self.path, waited_s) from exc
             try:
                 result = work()
                 self.conn.execute("COMMIT")
@@ -2401,18 +2263,14 @@ class StoreFile:
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, self.sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                        from exc
+                    raise _write_error(self.path, exc) from exc
                 raise
 
     def insert_memory(self, content: str, tags: list[str], memory_type: str,
                       metadata: dict) -> str:
-        """Insert one memory the way the memory server does; return its content_hash.
-        Call inside _write. Fills the hash, both timestamps and their _iso twins,
-        store='default' and embedding_pending=0 where the layout has those columns
-        (no embedding: tag and keyword search find it, semantic search does not).
-        Raises StoreError when identical content is already stored."""
+        """Insert one memory the way the memory server does (no embedding: tag and keyword
+        search find it, semantic search does not); return its content_hash. Call inside
+        _write. Raises StoreError when identical content is already stored."""
         now = time.time()
         digest = content_hash(content)
         tags_text = ",".join(tag_safe(t.strip()) for t in tags)
@@ -2440,8 +2298,8 @@ class StoreFile:
         return digest
 
     def soft_delete(self, row_id: Any) -> None:
-        """Mark one memory deleted the way the memory server does (deleted_at and
-        updated_at). Call inside _write. Raises StoreError on a layout without it."""
+        """Mark one memory deleted the way the memory server does. Call inside _write.
+        Raises StoreError on a layout without deleted_at."""
         if "deleted_at" not in self.columns:
             raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
                              "delete the old plan by hand, then submit again")
@@ -2456,12 +2314,10 @@ class StoreFile:
                                  f"AND {self._live_filter()}", (digest,)).fetchone() is not None
 
     def check_usable(self) -> str | None:
-        """Return why a run could not use this store, or None when it can. Runs PRAGMA
-        quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
-        "ok", else the problems found, such as a corrupted page), then proves a
-        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
-        file is never changed (a read-only mount fails here, "attempt to write a
-        readonly database"). A store busy with another writer counts as writable."""
+        """Return why a run could not use this store, or None: PRAGMA quick_check
+        (https://sqlite.org/pragma.html#pragma_quick_check: "ok", else the problems), then
+        a probe table created and rolled back, so the file is never changed (a read-only
+        mount fails here). A store busy with another writer counts as writable."""
         try:
             found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
         except self.sqlite3.DatabaseError as exc:
@@ -2471,7 +2327,7 @@ class StoreFile:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except self.sqlite3.OperationalError as exc:
-            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
+            return None if _busy(exc) else f"cannot write: {exc}"
         try:
             self.conn.execute("CREATE TABLE bridge_write_probe (x)")
         except self.sqlite3.DatabaseError as exc:
@@ -2481,13 +2337,11 @@ class StoreFile:
         return None
 
     def memory_report(self) -> dict:
-        """Return the store as the memory server sees it: {"schema_version" (its
-        metadata table's schema_version, or None), "migrations" (rows of its
-        migration_registry, or None), "state_table" (STATE_TABLE exists),
-        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
-        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
-        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
-        memories.id; None without it)}."""
+        """Return the store as the memory server sees it: {"schema_version" (or None),
+        "migrations" (rows of migration_registry, or None), "state_table" (bool),
+        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or bridge-result),
+        "without_embedding" (of those, rows missing from the vec0 shadow table
+        memory_embeddings_rowids, whose rowid is memories.id; None without it)}."""
         def count(sql: str) -> int:
             return self.conn.execute(sql).fetchone()[0]
 
@@ -2516,21 +2370,19 @@ class StoreFile:
 
 ###############################################################################
 # 11. Store: plan states and claims
-# Every piece of claiming a plan that is the store's: the plan record and its
-# effective status (stale: its owner is gone), STATE_TABLE read and written (and
-# migrated from an older bridge's metadata), the claim, the heartbeat, the release,
-# the cancel, and a run that died after storing its result settled by that result.
+# The plan record and its effective status, STATE_TABLE read and written (and migrated
+# from an older bridge's metadata), claim, heartbeat, release, cancel, and a run that died
+# after storing its result settled by that result.
 ###############################################################################
 
 
 class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
                             "saved", defaults=("", None, None))):
-    """One plan memory as read from the store. row_id: memories.id (an int; a str in
-    the original layout). content, tags: the row's text. plan: the parsed content (a
-    dict for a well-formed plan; anything else is reported as invalid). metadata: the
-    row's metadata object (the server's; never read for state). created_at: as stored
-    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
-    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
+    """One plan memory as read from the store. row_id: memories.id (an int; a str in the
+    original layout). content, tags: the row's text. plan: the parsed content (a dict, else
+    reported as invalid). metadata: the row's object (never read for state). created_at:
+    Unix seconds (ISO text in the original layout). digest: the row's content_hash (None:
+    computed). saved: its STATE_TABLE row as a state dict, or None."""
 
     __slots__ = ()
 
@@ -2541,8 +2393,8 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def chunks(self) -> int:
-        """How many chunks the memory server split this memory into (its metadata's
-        total_chunks, set by memory_store on content over its length limit), else 0."""
+        """How many chunks the memory server split this memory into (metadata's
+        total_chunks), else 0."""
         total = self.metadata.get("total_chunks")
         if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
             return total
@@ -2557,9 +2409,7 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def state(self) -> dict:
-        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
-        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
-        result_hash, resumed_from."""
+        """The recorded state, or {}: STATE_COLUMNS' keys, owner {"host", "pid"} and extras."""
         return self.saved if isinstance(self.saved, dict) else {}
 
     @property
@@ -2579,11 +2429,9 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def stale(self) -> bool:
-        """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
-        from now, in the past or the future (a running bridge refreshes it every
-        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
-        reads as a time (a plan whose own content says in_progress has none)."""
+        """True when in_progress but its owner is gone: its process no longer runs on this
+        host, or its heartbeat is more than STALE_AFTER_S seconds from now, past or future
+        (one in year 9999 is a forgery), or there is no heartbeat that reads as a time."""
         if self.status != "in_progress":
             return False
         owner = self.owner
@@ -2616,8 +2464,8 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
 
 class PlanStates(StoreFile):
-    """The plans' states in the store (keyed by the plan memory's content_hash; see
-    STATE_TABLE) and their claims. Store is the class to use."""
+    """The plans' states in the store (STATE_TABLE) and their claims. Store is the class
+    to use."""
 
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
@@ -2629,9 +2477,8 @@ class PlanStates(StoreFile):
         return self._has_table(STATE_TABLE)
 
     def _create_state_table(self) -> None:
-        """Create STATE_TABLE and fill it from the metadata["bridge"] objects an older
-        bridge wrote: the migration, run once. Call inside _write: the table, its
-        migrated rows and the state being recorded commit together."""
+        """Create STATE_TABLE, filled from the metadata["bridge"] objects an older bridge
+        wrote (the migration). Call inside _write: all of it commits with the state."""
         if not self._has_table(STATE_TABLE):      # another process may have made it first
             self.conn.execute(STATE_DDL)
             for digest, state in self._legacy_states().items():
@@ -2639,11 +2486,8 @@ class PlanStates(StoreFile):
 
     def _legacy_states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
         """Return {content_hash: state} from every row whose metadata holds an older
-        bridge's "bridge" object with a known status (anything else is ignored).
-
-        rows: (content_hash or None, content, metadata) of the rows to look at, e.g.
-        the plan candidates find_plans already read; None reads every such row of the
-        store (a scan: the migration, once)."""
+        bridge's "bridge" object with a known status. rows: (content_hash or None,
+        content, metadata) to look at; None: a scan of the store (the migration)."""
         if rows is None:
             digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
             rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
@@ -2671,8 +2515,8 @@ class PlanStates(StoreFile):
         return states
 
     def _states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
-        """Return {plan content_hash: state} of every plan bridge has recorded (on a
-        store without STATE_TABLE, of the rows given: see _legacy_states)."""
+        """Return {plan content_hash: state} of every plan recorded (without STATE_TABLE,
+        of the rows given)."""
         if not self.has_state_table:
             return self._legacy_states(rows)  # read-only on a store bridge has not used since
         rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra "
@@ -2699,9 +2543,9 @@ class PlanStates(StoreFile):
         return {**(extra if isinstance(extra, dict) else {}), **state}
 
     def _settled(self, state: dict | None) -> dict | None:
-        """Return state, finished from its result memory when the run stored that
-        result but died before its final transaction (state in_progress, result_hash
-        set, and a live result of that run_id stored under that hash)."""
+        """Return state, finished from its result memory when the run stored that result
+        (a live one of its run_id, under result_hash) but died before its final
+        transaction."""
         if not state or state.get("status") != "in_progress" or not state.get("result_hash") \
                 or "content_hash" not in self.columns:
             return state
@@ -2727,8 +2571,8 @@ class PlanStates(StoreFile):
                            utc_now_iso()))
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
-        """Merge changes into the plan's row of STATE_TABLE; return the new state.
-        Call inside _write. The memories table is not touched."""
+        """Merge changes into the plan's row of STATE_TABLE; return the new state. Call
+        inside _write."""
         state = {**(self._read_state(record.content_hash) or {}), **changes}
         if not self.has_state_table:
             self._create_state_table()
@@ -2737,10 +2581,9 @@ class PlanStates(StoreFile):
 
     def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
               resumed_from: str | None = None) -> bool:
-        """Move a plan to in_progress for this process, atomically. allowed: effective
-        statuses that may be claimed ("stale": an in_progress plan whose owner died).
-        resumed_from: the run id this run takes over. Returns False, changing nothing,
-        when another process got there first or the status is not allowed."""
+        """Move a plan to in_progress for this process, atomically. allowed: the display
+        statuses that may be claimed; resumed_from: the run id this run takes over.
+        Returns False, changing nothing, when the status is not allowed (any more)."""
         def work() -> bool:
             fresh = self.reload(record)
             if fresh.display_status not in allowed:
@@ -2757,74 +2600,71 @@ class PlanStates(StoreFile):
             return True
         return self._write(work)
 
-    def heartbeat(self, record: PlanRecord, run_id: str) -> bool:
-        """Refresh heartbeat_at of a plan this run still owns; False if it does not."""
+    def _change_if(self, record: PlanRecord, holds: Callable[[PlanRecord], bool],
+                   changes: Callable[[], dict]) -> bool:
+        """In one transaction, merge changes() into the plan's state when holds(the record
+        read again); return whether it did."""
         def work() -> bool:
-            if self.reload(record).state.get("run_id") != run_id:
+            if not holds(self.reload(record)):
                 return False
-            self._set_state(record, {"heartbeat_at": utc_now_iso()})
+            self._set_state(record, changes())
             return True
         return self._write(work)
+
+    def heartbeat(self, record: PlanRecord, run_id: str) -> bool:
+        """Refresh heartbeat_at of a plan this run still owns; False if it does not."""
+        return self._change_if(record, lambda fresh: fresh.state.get("run_id") == run_id,
+                               lambda: {"heartbeat_at": utc_now_iso()})
 
     def release(self, record: PlanRecord, run_id: str) -> bool:
         """Put a plan this run claimed back to pending, as if never claimed (a run the
         model server stopped before it did anything); False if the run no longer owns it."""
-        def work() -> bool:
-            if self.reload(record).state.get("run_id") != run_id:
-                return False
-            self._set_state(record, {"status": "pending", "run_id": None, "claimed_at": None,
-                                     "heartbeat_at": None, "owner": None, "resumed_from": None})
-            return True
-        return self._write(work)
+        return self._change_if(record, lambda fresh: fresh.state.get("run_id") == run_id,
+                               lambda: {"status": "pending", "run_id": None, "claimed_at": None,
+                                        "heartbeat_at": None, "owner": None,
+                                        "resumed_from": None})
 
     def cancel(self, record: PlanRecord) -> bool:
-        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
-        died, or its state is forged: the files its run left stay as they are),
-        invalid or awaiting review (its staged files stay unapplied in its run's
-        folder); False, changing nothing, when it is running or finished."""
-        def work() -> bool:
-            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
-                return False
-            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
-                                     "error": "cancelled by the user"})
-            return True
-        return self._write(work)
+        """Mark a plan cancelled, atomically, when its display status is in
+        CANCELLABLE_STATUSES (the files a stale run left and a review's staged files stay
+        as they are); False, changing nothing, when it is running or finished."""
+        return self._change_if(
+            record, lambda fresh: fresh.display_status in CANCELLABLE_STATUSES,
+            lambda: {"status": "cancelled", "finished_at": utc_now_iso(),
+                     "error": "cancelled by the user"})
 
     def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
         """Return [(run_id, status)] of the last runs of the other contents this plan id
-        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        had (replaced by --submit --replace)."""
         if not self.has_state_table:
             return []
-        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
-                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? "
+                                 "AND content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
                                  (record.plan_id, record.content_hash)).fetchall()
 
 
 ###############################################################################
 # 12. Store: plan and result memories
-# The memories bridge reads and writes: plan memories found (by the memory server's
-# index when it has one) and submitted; a run's result memory stored as the room "The
-# result document" built it (directly, or through the memory server's HTTP API for an
-# embedding), found again, and what --undo, --apply and --reject record of that run.
+# Plan memories found and submitted; a run's result memory stored as the room "The result
+# document" built it (directly, or through the memory server's HTTP API for an embedding)
+# and found again; what --undo, --apply and --reject record of a run.
 ###############################################################################
 
 
 class Store(PlanStates):
-    """The doobidoo memory store, opened for plan discovery, claims and results:
-    `with Store.open(config) as store: ...` (StoreFile.open). Raises StoreError."""
+    """The doobidoo memory store, for plans, claims and results: `with Store.open(config)
+    as store: ...`. Raises StoreError."""
 
-    # The FTS phrase that picks plan candidates: the start of the marker. The index
-    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
-    # planner's store, so matching the whole marker reads far more of the index
-    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
+    # The FTS phrase that picks plan candidates: the marker's start. The index is of
+    # trigrams, and those of "plan" fill a planner's store, so the whole marker reads far
+    # more of it (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
     _FTS_CANDIDATES = "bridge-p"
 
     def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first: the rows holding the schema marker
-        (found by the server's trigram index when the store has one, else by a scan)
-        whose content is a JSON object with "$schema" "bridge-plan-v1", and, to be
-        reported as invalid, those tagged bridge-plan or holding JSON that is not an
-        object (prose that merely names the marker is not a plan). Raises StoreError."""
+        """Return every live plan memory, oldest first: rows holding the schema marker (by
+        the server's trigram index, else a scan) whose content is an object with "$schema"
+        SCHEMA_ID, and, to be reported as invalid, those tagged bridge-plan or holding JSON
+        that is not an object (prose naming the marker is no plan). Raises StoreError."""
         tags = "m.tags" if "tags" in self.columns else "''"
         digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
         select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
@@ -2858,8 +2698,7 @@ class Store(PlanStates):
 
     def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
         """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
-        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
-        from SQLite's incremental blob I/O, which reads no content."""
+        content read only when at most PLAN_MAX_BYTES (else None, and its size after)."""
         try:
             with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
                 size = len(blob)
@@ -2873,10 +2712,8 @@ class Store(PlanStates):
 
     @staticmethod
     def _oversized(row: tuple) -> PlanRecord | None:
-        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
-        never read, then its size), when it is tagged bridge-plan: reported as invalid,
-        saying its size and the limit. An untagged one may be any memory naming the
-        marker (a big result): skipped."""
+        """The record (invalid, saying its size) of a plan row over PLAN_MAX_BYTES when it
+        is tagged bridge-plan; None for an untagged one (any memory naming the marker)."""
         row_id, _, _, created_at, tags, digest, size = row
         names = (tags or "").split(",")
         if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
@@ -2911,9 +2748,8 @@ class Store(PlanStates):
                           created_at, tags or "", digest)
 
     def get_plan(self, plan_id: str) -> PlanRecord:
-        """Return the one live plan whose parsed id equals plan_id exactly. Raises
-        PlanNotFound when none matches, StoreError when several live plans share the id
-        (neither is run; the user must delete one)."""
+        """Return the one live plan whose id is plan_id. Raises PlanNotFound, or
+        StoreError when several live plans share the id."""
         matches = [r for r in self.find_plans() if r.plan_id == plan_id]
         if not matches:
             raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
@@ -2930,11 +2766,10 @@ class Store(PlanStates):
         return sum(1 for r in self.find_plans() if r.status == "pending")
 
     def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's memory_store does
-        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
-        soft-delete the live plans with the same id, in the same transaction. Returns
-        (content_hash, row ids replaced). Raises StoreError when a live plan has this
-        id and replace is off, or identical content is already stored."""
+        """Store a plan as a new memory the way the memory server's memory_store does;
+        with replace, soft-delete the live plans of its id in the same transaction.
+        Returns (content_hash, row ids replaced). Raises StoreError when a live plan has
+        this id and replace is off, or identical content is already stored."""
         content = json.dumps(plan, ensure_ascii=False, indent=2)
 
         def work() -> tuple[str, list]:
@@ -2964,17 +2799,14 @@ class Store(PlanStates):
     def finish(self, record: PlanRecord, memory: ResultMemory,
                memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the result memory as given and record the plan's final state
-        (memory.state, with result_hash); return the result's content_hash. Raises
-        StoreError when the store cannot be written.
+        """Store the result memory and record the plan's final state (memory.state, with
+        result_hash); return the result's content_hash. Raises StoreError.
 
-        Without memory_api, the row and the final state are one transaction. With it,
-        for an embedding: (1) the state records result_hash, still in_progress; (2)
-        POST /api/memories; (3) one transaction stores the row unless a live row has
-        that hash (the server's, in this file) and records the final state. A crash
-        after (2) leaves a result its state points to (read as finished: _settled); a
-        refusal or an unreachable server leaves nothing, so (3) writes it and warn()
-        gets one line. Never lost, never stored twice in this file."""
+        Without memory_api, one transaction. With it: (1) the state records result_hash,
+        still in_progress; (2) POST /api/memories; (3) one transaction stores the row
+        unless a live row has that hash, and the final state. A crash after (2) leaves a
+        result its state points to (_settled); a refusal leaves nothing, so (3) writes it
+        and warn() gets one line. Never lost, never stored twice in this file."""
         content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
         why = None
@@ -3003,11 +2835,9 @@ class Store(PlanStates):
     def find_result(self, record: PlanRecord,
                     named_only: bool = True) -> tuple[dict, str] | None:
         """Return (document, content_hash) of the newest result of a plan that its state
-        names (result_hash, or last_result_hash: the result before the claim of the run
-        now recorded), or None. A memory merely tagged bridge-result and plan:<id> is
-        anyone's (a forgery); with named_only False the newest such is returned too.
-        Candidates: the state's hashes, then the live results tagged plan:<id> newest
-        first (the server's own tag match), each read by parse_result_content."""
+        names (result_hash, else last_result_hash: the one before the current claim), or
+        None. A memory merely tagged plan:<id> is anyone's (a forgery): with named_only
+        False the newest such counts too."""
         rows: list = []
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
@@ -3033,8 +2863,7 @@ class Store(PlanStates):
         return None
 
     def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
-        """Record in the plan's state that --undo put back the files of run run_id at
-        undone_at (ISO 8601): {"undone_run", "undone_at"}."""
+        """Record that --undo put back the files of run run_id at undone_at (ISO 8601)."""
         self._write(lambda: self._set_state(record, {"undone_run": run_id,
                                                      "undone_at": undone_at}))
 
@@ -3042,13 +2871,8 @@ class Store(PlanStates):
                       changes: dict) -> bool:
         """Merge changes into the plan's state if it is still `expected` with run
         run_id (one transaction); False, changing nothing, when it is not."""
-        def work() -> bool:
-            state = self.reload(record).state
-            if state.get("status") != expected or state.get("run_id") != run_id:
-                return False
-            self._set_state(record, changes)
-            return True
-        return self._write(work)
+        return self._change_if(record, lambda fresh: fresh.state.get("status") == expected
+                               and fresh.state.get("run_id") == run_id, lambda: changes)
 
 
 ###############################################################################
@@ -8664,10 +8488,8 @@ class Attempt:
 
 
 class StepRun:
-    """One step of a plan run, from its first prompt to its settled result
-    (run.results[step.id]): its attempts, each checked, its file written and its
-    commands run (a failed one's file put back), until one passes or the retry policy
-    stops them; then its escalation. outputs: step id -> output, of the steps it reads."""
+    """One step of a plan run, to its settled result (run.results[step.id]).
+    outputs: step id -> output, of the steps it reads."""
 
     __slots__ = ("run", "runner", "step", "result", "outputs", "say")
 
@@ -8678,7 +8500,7 @@ class StepRun:
 
     def run_step(self, position: int) -> None:
         """Run the step's attempts (position: its place in the order steps started);
-        fill its result and transcript, then its STATS_FILE record."""
+        then its STATS_FILE record."""
         run, step, result = self.run, self.step, self.result
         plan, model = run.plan, step.model or self.runner.model
         result.status, result.file_output, result.model = "running", step.file_output, model
@@ -8691,7 +8513,7 @@ class StepRun:
             self._attempts()
         finally:
             run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
+        if result.attempts and not run.cancel.is_set():     # interrupted: not counted
             append_step_stats(run.config.runs_dir.parent, {
                 "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
                 "model": model,
@@ -8702,22 +8524,23 @@ class StepRun:
                 "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self) -> list[dict] | None:
-        """Return the step's first prompt, or None when it cannot be sent (it does not fit
-        the model's context, or its commands may not run here): then the step is settled,
-        failed or skipped. A prompt the server counts larger is fitted again (calibrate)."""
+        """Return the step's first prompt, or None (the step settled failed or skipped)
+        when it does not fit the model's context or its commands may not run here. A
+        prompt the server counts larger is fitted again (calibrate)."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         staged = run.files.path_of if run.staged else None
-        run.sources[step.id] = []
+
+        def build() -> list[dict]:
+            run.sources[step.id] = []
+            blocks = prompt_blocks(run.plan, step, self.outputs, staged)
+            return fitted_messages(step, blocks, fit.budget(step, result.model),
+                                   run.sources[step.id])
         try:
-            messages = fitted_messages(step, prompt_blocks(run.plan, step, self.outputs, staged),
-                                       fit.budget(step, result.model), run.sources[step.id])
+            messages = build()
             counted = fit.client.count_tokens(messages) \
                 if fit.client is not None and result.model == fit.model else None
             if fit.calibrate(result.model, messages, counted):
-                run.sources[step.id] = []           # fitted again, to the server's own count
-                blocks = prompt_blocks(run.plan, step, self.outputs, staged)
-                messages = fitted_messages(step, blocks, fit.budget(step, result.model),
-                                           run.sources[step.id])
+                messages = build()          # fitted again, to the server's own count
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:       # commands that may not run here: nothing is sent, nothing runs
@@ -8730,8 +8553,8 @@ class StepRun:
         return None
 
     def _attempts(self) -> None:
-        """Send the step's attempts until one passes or the retry policy stops them
-        (AttemptFailure.retries), then escalate (escalation_target); settle the result."""
+        """Send attempts until one passes or AttemptFailure.retries says stop, then
+        escalate (escalation_target); settle the result."""
         run, step, result = self.run, self.step, self.result
         model, clock = result.model, time.monotonic()
         budget = self.runner.fit.budget(step, model)
@@ -8762,8 +8585,7 @@ class StepRun:
             failures.append((result.output, failure.message))
             self.say(f"  {step.label}: attempt {number} failed: {failure.message}")
             retrying = failure.retries(number, step)
-            self.runner.events.emit("attempt_failed", run.plan.id, step.id, attempt=number,
-                                    error=failure.message, retrying=retrying)
+            self._failed(number, failure, retrying)
             if not retrying:
                 break
             retry_note = fit_feedback(messages, failure.feedback, budget)
@@ -8777,10 +8599,14 @@ class StepRun:
                 return
         result.status = "skipped" if step.on_failure == "skip" else "failed"
         self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+    def _failed(self, number: int, failure: "AttemptFailure", retrying: bool) -> None:
+        """Emit the attempt_failed event (with --events)."""
+        self.runner.events.emit("attempt_failed", self.run.plan.id, self.step.id,
+                                attempt=number, error=failure.message, retrying=retrying)
 
     def _escalate(self, escalate_to: str, messages: list[dict]) -> bool:
-        """Give the step, its attempts spent, one more attempt on escalate_to with
-        messages (escalation_messages). Returns True when that saved it."""
+        """Send one more attempt to escalate_to with messages (escalation_messages);
+        return True when it passed."""
         step, result = self.step, self.result
         number = result.attempts + 1
         result.attempts, result.escalated_to, result.output = number, escalate_to, ""
@@ -8792,20 +8618,17 @@ class StepRun:
             self.say(f"  {step.label}: succeeded on {escalate_to}")
             return True
         result.error = f"{failure.message} (after escalating to {escalate_to})"
-        self.runner.events.emit("attempt_failed", self.run.plan.id, step.id, attempt=number,
-                                error=failure.message, retrying=False)
+        self._failed(number, failure, False)
         self.say(f"  {step.label}: the escalation failed too: {failure.message}")
         return False
 
     def send(self, attempt: Attempt) -> "AttemptFailure | None":
         """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        A WATCHED executor's output is watched while it streams (DegenerationGuard): a
-        degenerate answer is cancelled, and fails saying why; so does one cut at max_tokens
-        (finish_reason "length"), saying what thinking spent of it. On the run's model server
-        the attempt asks for thinking as thinking_asked says and keeps ContextFit.reserve
-        tokens for it; a constrained answer that comes back garbled makes that model go
-        unconstrained (_garbled)."""
+        A WATCHED executor's stream is watched (DegenerationGuard): a degenerate answer
+        is cancelled and fails saying why; so does one cut at max_tokens, saying what
+        thinking spent of it. On the run's model server it asks for thinking as
+        thinking_asked says and keeps ContextFit.reserve tokens for it."""
         failure = self._prepare(attempt)
         if failure is not None:
             return failure
@@ -8816,8 +8639,8 @@ class StepRun:
         return self._answered(attempt, reply)
 
     def _prepare(self, attempt: Attempt) -> "AttemptFailure | None":
-        """Find the attempt's executor, its sampling, thinking and schema, and record what
-        it sends (attempt_log, transcript); return why it cannot be sent, or None."""
+        """Fill in the attempt's executor, sampling, thinking and schema; record what it
+        sends (attempt_log, transcript); return why it cannot be sent, or None."""
         run, step, result = self.run, self.step, self.result
         try:
             attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
@@ -8846,10 +8669,9 @@ class StepRun:
         return None
 
     def _chat(self, attempt: Attempt) -> Completion:
-        """Send the attempt's request (fresh DegenerationGuards on a WATCHED executor),
-        again while the server cuts it for another (resend_on_contention). With steps in
-        parallel on slots sharing one context (ContextFit.pool), it first waits for its
-        prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        """Send the attempt's request, again while the server cuts it for another
+        (resend_on_contention). On slots sharing one context (ContextFit.pool) it first
+        waits for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
@@ -8872,9 +8694,9 @@ class StepRun:
                 pool.release(held)
 
     def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
-        """Record an attempt whose request failed (LLMError) or whose stream was stopped
-        (OutputDegenerate); return its AttemptFailure. LLMServerUnusable stops the run
-        (halt, cancel); a context overflow teaches ContextFit the context when none is known."""
+        """Record an attempt whose request failed or whose stream was stopped; return its
+        AttemptFailure. LLMServerUnusable stops the run (halt, cancel); a context
+        overflow teaches ContextFit the context when none is known."""
         run, fit = self.run, self.runner.fit
         self.result.generation_s += time.monotonic() - attempt.started
         attempt.thought_cut()
@@ -8891,8 +8713,8 @@ class StepRun:
         return AttemptFailure.from_request(exc)
 
     def _answered(self, attempt: Attempt, reply: Completion) -> "AttemptFailure | None":
-        """Take an attempt's reply: price and record it, learn from its usage, then fail
-        it when its prompt was cut or its answer stopped at max_tokens, else check it."""
+        """Price and record a reply, learn from its usage; fail it when its prompt was
+        cut or its answer stopped at max_tokens, else check it."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         local, executor = attempt.local, attempt.executor
         result.generation_s += time.monotonic() - attempt.started
@@ -8937,9 +8759,8 @@ class StepRun:
         return failure
 
     def _garbled(self, attempt: Attempt, output: str, form: str) -> None:
-        """After a constrained answer failed: when it looks damaged by the grammar
-        (grammar_damage against attempt.schema, the one sent), send that model's later
-        requests unconstrained, and say so."""
+        """After a constrained answer failed: when grammar_damage finds it damaged by the
+        schema sent, send that model's later requests unconstrained, and say so."""
         executor, name = attempt.executor, attempt.name
         if name in executor.unconstrained:
             return
@@ -8952,9 +8773,9 @@ class StepRun:
 
     def _output_schema(self, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input); for a
-        grounded step, record which form it is: "spans" (string values copied from the
-        input only), "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or
-        "none" (sends False: the executor sends no schema, only the check applies)."""
+        grounded step, record its form: "spans" (values copied from the input only),
+        "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or "none"
+        (sends False: no schema is sent, only the check applies)."""
         step = self.step
         schema = output_schema(step.validation, self.run.sources.get(step.id, []))
         first = next((v for v in validations_of(step.validation)
@@ -8967,8 +8788,8 @@ class StepRun:
         return schema
 
     def _sampling(self, attempt: Attempt) -> dict:
-        """Return the sampling fields an attempt asks for, with its max_tokens: the
-        attempt's own on a local model (retry_sampling), else as the step says."""
+        """Return the attempt's sampling fields with its max_tokens: its own on a local
+        model (retry_sampling), else the step's."""
         step, local = self.step, attempt.local
         sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
                         else attempt.sampling)
@@ -8979,9 +8800,9 @@ class StepRun:
         return sampling
 
     def _check(self, output: str, answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands in order up to the
-        first that fails; return None or the AttemptFailure. A failed command puts the file
-        back at once, and so does anything that stops the run while a command runs."""
+        """Check an output, write its file, run the step's commands up to the first that
+        fails; return None or the AttemptFailure. A failed command puts the file back at
+        once, and so does anything that stops the run while a command runs."""
         run, step, result = self.run, self.step, self.result
         files, number = run.files, result.attempts
         try:
@@ -9020,8 +8841,8 @@ class StepRun:
         return None
 
     def _run_commands(self, answer: str) -> "AttemptFailure | None":
-        """Run the step's command validations in order in the project; return the first
-        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        """Run the step's command validations in the project; return the first failure
+        (its output goes into the next prompt), or None."""
         run, step, result = self.run, self.step, self.result
         number = result.attempts
         for validation in _commands_of(step):
@@ -9064,18 +8885,17 @@ class StepRun:
 
 
 def runnable_plan(record: PlanRecord, config: Config) -> Plan:
-    """Return a stored plan as a run would run it: whole (not split into chunks by the
-    memory server) and valid (check_plan, with the config's Guard). Raises
-    PlanInvalid with the problems otherwise."""
+    """Return a stored plan as a run runs it: whole (not split into chunks by the memory
+    server) and valid (check_plan). Raises PlanInvalid with the problems otherwise."""
     if record.chunks:
         raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
     return check_plan(record.plan, Guard.of(config))
 
 
 def narrowed_plan(plan: Plan, config: Config) -> Plan:
-    """Return plan with each step's max_retries cut to --max-retries (config.max_retries)
-    where it asks more: a plan only narrows the user's limits (timeout_s is narrowed
-    where it is used, per read and per request: see HTTPExecutor and ClaudeCLI)."""
+    """Return plan with each step's max_retries cut to --max-retries where it asks more:
+    a plan only narrows the user's limits (timeout_s is narrowed where it is used: see
+    HTTPExecutor and ClaudeCLI)."""
     steps = {sid: step._replace(max_retries=narrowed(step.max_retries, config.max_retries))
              for sid, step in plan.steps.items()}
     return plan._replace(steps=steps)
@@ -9083,18 +8903,16 @@ def narrowed_plan(plan: Plan, config: Config) -> Plan:
 
 class CheckedPlan(namedtuple("CheckedPlan", "record plan problems trusted")):
     """A stored plan as the gate checked it, handed to its run (check_plan and the trust
-    decision run once per run): record (PlanRecord), plan (runnable_plan of it, or None
-    when it is invalid), problems (why it is invalid; [] when valid), trusted
-    (plan_trusted for its content: may it run commands; False when invalid)."""
+    decision run once per run): record (PlanRecord), plan (runnable_plan, None when
+    invalid), problems ([] when valid), trusted (plan_trusted: may it run commands)."""
 
     __slots__ = ()
 
 
 def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str | None]:
     """Return (the run id of the killed run a stale plan's run takes over, or None; why
-    it does not take it over, or None). A stale plan's dead run may have left files
-    half done: they are taken over if the run id read back from the store is one bridge
-    made, and that run's folder is this plan's (nothing read back is a path)."""
+    not, or None). Taken over only when the run id read back from the store is one bridge
+    made, and its folder is this plan's (nothing read back is a path)."""
     previous = record.state.get("run_id") if record.display_status == "stale" else None
     if previous is None:
         return None, None
@@ -9107,11 +8925,12 @@ def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str 
     return previous, None
 
 
-def _stop_running(results: dict[int, StepResult], why: str) -> None:
-    """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
+def _stop_running(results: dict[int, StepResult], why: str, error: str | None = None) -> None:
+    """Mark the steps of a run that stopped early: running ones failed (error, else why),
+    unrun ones say why."""
     for result in results.values():
         if result.status == "running":
-            result.status, result.error = "failed", why
+            result.status, result.error = "failed", error or why
         elif result.attempts == 0 and result.error is None:
             result.error = f"not run: {why}"
 
@@ -9124,12 +8943,9 @@ class PlanRunFiles:
     def _take_over(self) -> None:
         """Take over what a killed run (previous) left, and put back what it left half done.
 
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
+        With keep_finished (--resume), its succeeded steps (steps.jsonl) keep their
+        outputs and files, unless it had reverted its files; files written by any other
+        step are restored from its journal. Raises RollbackError when one cannot be."""
         plan, previous, results, files = self.plan, self.previous, self.results, self.files
         old_dir = run_folder(self.config.runs_dir, previous)
         keep_finished = self.keep_finished
@@ -9164,10 +8980,9 @@ class PlanRunFiles:
 
     def _halted(self) -> None:
         """Leave a run the model server stopped (halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
+        raise LLMServerUnusable saying so; no result is stored. A run that did nothing
+        (no step succeeded, no file written, no run taken over) goes back to pending; else
+        the plan stays in_progress (stale once this process exits) for --resume."""
         plan_id, files = self.record.plan_id, self.files
         if files is not None:
             files.close()
@@ -9208,9 +9023,8 @@ class PlanRunFiles:
         return None
 
     def _keep_backups(self) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close deletes them only once the result is stored."""
+        """Keep the run's backups for --undo (0600), then delete those of the plan's runs
+        older than the last keep_runs (with 0, _close deletes them once the result is stored)."""
         config, plan_id = self.config, self.plan.id
         if config.keep_runs == 0:
             return
@@ -9230,18 +9044,16 @@ class PlanRunFiles:
 
 
 class PlanRun(PlanRunFiles):
-    """One run of one plan, from claim to result (CPython's venv passes a `context`
-    the same way). runner: the Runner; plan: narrowed_plan of the checked plan (None:
-    invalid); problems, trusted: the gate's (CheckedPlan); started (UTC ISO) and clock
-    (time.monotonic()) at the claim; previous: the killed run it takes over, or None;
-    keep_finished: --resume; refused: why it does not take over a run, or None; files:
-    FileTransaction, StagedFiles, or None without a project; results: step id ->
-    StepResult; runlog: RunLog; log: _StepLog; cancel: a threading.Event set when the run
-    stops early; cli_cwd: where claude runs (a trusted project, else None: a scratch
-    folder); kept: path -> what a succeeded step of this run wrote there; positions: step
-    id -> its place in the order steps started; cap_hit: --max-cost-usd was reached;
-    sources: step id -> its input as sent (build_messages' pieces, what a grounded answer
-    copies); halt: the LLMServerUnusable that stopped the run, or None."""
+    """One run of one plan, from claim to result (as CPython's venv passes a `context`).
+    plan: narrowed_plan of the checked plan (None: invalid); problems, trusted: the
+    gate's; started (UTC ISO) and clock (time.monotonic()) at the claim; previous: the
+    killed run it takes over; keep_finished: --resume; refused: why it does not take one
+    over; files: FileTransaction, StagedFiles, or None without a project; results: step
+    id -> StepResult; cancel: set when the run stops early; cli_cwd: where claude runs (a
+    trusted project, else None: a scratch folder); kept: path -> what a succeeded step
+    wrote there; positions: step id -> its place in the start order; cap_hit:
+    --max-cost-usd was reached; sources: step id -> its input as sent (what a grounded
+    answer copies); halt: the LLMServerUnusable that stopped the run, or None."""
 
     __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
                  "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
@@ -9250,7 +9062,6 @@ class PlanRun(PlanRunFiles):
 
     def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
                  previous: str | None, keep_finished: bool):
-
         self.runner, self.config, self.progress = runner, runner.config, runner.progress
         self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
         self.plan = narrowed_plan(checked.plan, self.config) if checked.plan else None
@@ -9273,10 +9084,9 @@ class PlanRun(PlanRunFiles):
         """Run the plan and store its result; return the stored result document.
 
         problems: reasons found outside the plan (an id shared with another live plan);
-        with any, or the gate's, the plan is recorded failed with every problem and nothing
-        is sent. Re-raises KeyboardInterrupt once the plan is recorded failed ("interrupted
-        at step N"). Raises LLMServerUnusable when the model server stopped the run
-        (_halted), ResultNotStored or StoreError when the store cannot be written."""
+        with any, or the gate's, the plan is recorded failed and nothing is sent.
+        Re-raises KeyboardInterrupt once the plan is recorded failed. Raises
+        LLMServerUnusable (_halted), ResultNotStored or StoreError."""
         self._announce()
         problems = [*problems, *self.problems]
         if problems:
@@ -9338,8 +9148,8 @@ class PlanRun(PlanRunFiles):
 
     def _work(self) -> tuple[str | None, dict | None, BaseException | None]:
         """Write the run's records, take over a killed run, run the steps and verify;
-        return (the plan's error or None, the verify record or None, the interrupt that
-        stopped it or None)."""
+        return (the plan's error, the verify record, the interrupt that stopped it), each
+        or None."""
         plan, results = self.plan, self.results
         try:
             private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
@@ -9352,11 +9162,7 @@ class PlanRun(PlanRunFiles):
             return (*self._run_and_verify(), None)
         except KeyboardInterrupt as exc:
             current = sorted(r.id for r in results.values() if r.status == "running")
-            for result in results.values():
-                if result.status == "running":
-                    result.status, result.error = "failed", "interrupted"
-                elif result.attempts == 0 and result.error is None:
-                    result.error = "not run: the run was interrupted"
+            _stop_running(results, "the run was interrupted", "interrupted")
             where = f" at step {', '.join(map(str, current))}" if current else ""
             return f"interrupted{where}", None, exc
         except RollbackError as exc:        # files of a killed run could not be put back
@@ -9367,10 +9173,9 @@ class PlanRun(PlanRunFiles):
                     "(free some space, or make --state-dir writable)"), None, None
 
     def _run_and_verify(self) -> tuple[str | None, dict | None]:
-        """Run the steps, then the plan's verify once they all succeeded or were
-        skipped; return (the plan's error or None, the verify record or None). A
-        verify that may not run here (plan_trusted) fails the plan before any step
-        is sent, so no model time is spent on a plan that cannot pass."""
+        """Run the steps, then the plan's verify; return (the plan's error, the verify
+        record), each or None. A verify that may not run here fails the plan before any
+        step is sent: no model time is spent on a plan that cannot pass."""
         plan = self.plan
         if plan.verify is not None and (message := self.commands_refused()):
             for result in self.results.values():
@@ -9387,12 +9192,13 @@ class PlanRun(PlanRunFiles):
         command = run_command(argv, plan.project,  # type: ignore[arg-type]  # check_plan
                               command_env(self.config), limit, self.cancel)
         append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        record = {"ran": True, **command.as_dict()}
         if command.error is None:
             self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
-            return None, {"ran": True, **command.as_dict()}
+            return None, record
         self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
         self.progress.detail(command.output_tail)
-        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
+        return f"verify failed: {command.error}", record
 
     def commands_refused(self) -> str | None:
         """Return why this run may not run the plan's commands, or None when it may."""
@@ -9405,11 +9211,8 @@ class PlanRun(PlanRunFiles):
 
     def _run_steps(self) -> str | None:
         """Run every step through a StepScheduler; return the plan's error or None.
-
-        Each finished step is appended to the run's steps.jsonl, so a killed run can
-        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
-        neither write files nor touch their results.
-        """
+        Each finished step is appended to steps.jsonl, so a killed run can be resumed;
+        when the run stops early, steps still running may no longer write files."""
         plan, checkpoint = self.plan, self.run_dir / STEPS_FILE
         graph, parallel = step_graph(plan), self.runner.fit.parallel
         self.log = _StepLog(self.progress, sequential_order(graph), immediate=parallel == 1)
@@ -9430,7 +9233,7 @@ class PlanRun(PlanRunFiles):
 
     def run_step(self, step: Step, result: StepResult, outputs: dict[int, str],
                  position: int) -> None:
-        """Run one step's attempts (StepRun); fill result (status, output, error, …)."""
+        """Run one step (StepRun), filling result."""
         StepRun(self, step, outputs).run_step(position)
 
     def step_ended(self, result: StepResult) -> None:
@@ -9476,8 +9279,7 @@ class PlanRun(PlanRunFiles):
         return result
 
     def _result(self, status: str, error: str | None) -> dict:
-        """Build the run's result document (README: "What bridge writes into the store";
-        what --json and --show --json print is shown_result of it)."""
+        """Build the run's result document (README: "What bridge writes into the store")."""
         steps = [self.results[sid] for sid in sorted(self.results)]
         usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
                  "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
@@ -9509,11 +9311,9 @@ class PlanRun(PlanRunFiles):
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, result: dict) -> dict:
-        """Store the result and the plan's final state, then print its summary.
-
-        Raises ResultNotStored when the store cannot be written: the plan stays
-        in_progress, stale once this process is gone, so --resume or --rerun can
-        take it over (the run's journal and backups are kept for that)."""
+        """Store the result and the plan's final state, then print its summary; return
+        shown_result of it. Raises ResultNotStored when the store cannot be written: the
+        plan stays in_progress (stale once this process is gone) for --resume or --rerun."""
         record, runner, progress = self.record, self.runner, self.progress
         try:
             digest = runner.store.finish(record, result_memory(result), runner.memory_api,
@@ -9563,11 +9363,10 @@ class PlanRun(PlanRunFiles):
 
 
 class SpendCap:
-    """What paid requests have cost so far in this bridge process (US dollars), against
-    --max-cost-usd; thread-safe (steps run in threads)."""
+    """What paid requests have cost in this process (US dollars), against --max-cost-usd;
+    thread-safe."""
 
     def __init__(self, max_cost_usd: float):
-
         self.max_cost_usd, self.spent_usd = max_cost_usd, 0.0
         self._lock = threading.Lock()
 
@@ -9589,10 +9388,9 @@ class SpendCap:
 class Runner:
     """Runs plans from one store, each step on the executor its model reference names.
 
-    store: an open Store. client: an open LLMClient, or None when no plan will be sent
-    (then only invalid plans can be recorded). model: the default model id. progress: a
-    Progress. It keeps what outlives a plan: the executors, the spend cap (spend), the
-    events, the model's context (fit: ContextFit); each plan's run is a PlanRun."""
+    client: an open LLMClient, or None when no plan will be sent (then only invalid plans
+    can be recorded). model: the default model id. It keeps what outlives a plan: the
+    executors, spend (SpendCap), events, fit (ContextFit); each plan runs as a PlanRun."""
 
     def __init__(self, config: Config, store: Store, client: "LLMClient | None",
                  model: str | None, progress: Progress):
@@ -9607,11 +9405,9 @@ class Runner:
         self._contention_said = False       # a cut stream (LLMContention) was said once
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref and
-        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
-        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
-        else None, a scratch folder). Raises LLMError when it cannot be used (not in
-        config.allowed_executors, no key, no binary)."""
+        """Return (executor, model name) for a model reference (parse_model_ref): the
+        run's client for a PROBED kind, else one opened once (an AGENTIC one per cli_cwd).
+        Raises LLMError when it cannot be used (not allowed, no key, no binary)."""
         kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
         if cls.needs_allowing() and kind not in self.config.allowed_executors:
             raise LLMError(*cls.refusal(ref, name))
@@ -9628,8 +9424,7 @@ class Runner:
         self.progress.retrying(message)
 
     def contention(self, exc: LLMContention) -> None:
-        """Say, once a process, that a stream was cut for another request and is sent
-        again (resend_on_contention)."""
+        """Say, once a process, that a stream was cut for another request and is resent."""
         if not self._contention_said:
             self._contention_said = True
             self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
@@ -9643,11 +9438,9 @@ class Runner:
     def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
         """Claim a plan the gate checked and run it (PlanRun.run); return its stored result
-        document, or None when another process claimed the plan first.
-
-        allowed: the effective statuses it may claim. problems: reasons found outside the
-        plan (an id shared with another live plan). resume: take over a stale plan, keeping
-        the steps its killed run finished. Raises what PlanRun.run raises, and StoreError."""
+        document, or None when another process claimed it first. allowed: the statuses it
+        may claim; problems: as PlanRun.run takes; resume: keep the steps a killed run
+        finished. Raises what PlanRun.run raises, and StoreError."""
         record, run_id = checked.record, new_run_id()
         previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
@@ -9775,7 +9568,6 @@ _READERS = {
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
     """The user's trusted folders as real paths: the trust file's, then
     BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
-
     path = Path(config_dir, TRUST_FILENAME)
     listed = read_config_file(path, "trusted_projects", list)
     from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep)
@@ -9792,8 +9584,7 @@ def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, 
 def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
     """openai, plus what the user allowed: --allow-executor, BRIDGE_ALLOW_EXECUTORS
     (comma- or os.pathsep-separated), and the executors of their own --model and
-    --escalate-to (or BRIDGE_MODEL, BRIDGE_ESCALATE_TO). Raises ConfigError for an
-    unknown name."""
+    --escalate-to (or their variables). Raises ConfigError for an unknown name."""
     names = list(args.allow_executor or [])
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
@@ -9816,12 +9607,10 @@ def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
 
 
 def quiet_http_logs() -> None:
-    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
-    logging a program embedding bridge set up. Logger levels are process-wide: the
-    actions that make HTTP requests (--health, a run) set them once, before they start
-    any client or thread; the other actions do not import logging at all."""
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever logging
+    a program embedding bridge set up. Logger levels are process-wide: the actions that
+    make HTTP requests set them once, before any client or thread starts."""
     import logging
-
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -9829,9 +9618,8 @@ def quiet_http_logs() -> None:
 def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
                     home: Path) -> tuple[str | None, str | None, str | None, str | None]:
     """Return (memory_url, memory_api_key, memory_source, memory_note): --memory-url, else
-    BRIDGE_MEMORY_URL ("off": none), else the loopback endpoint of the memory server's
-    Claude Code hooks (hooks_memory_endpoint). Raises ConfigError for a URL bridge may
-    not use (check_memory_url)."""
+    BRIDGE_MEMORY_URL ("off": none), else the memory server's Claude Code hooks' loopback
+    endpoint (hooks_memory_endpoint). Raises ConfigError (check_memory_url)."""
     url = _first(args.memory_url, environ.get("BRIDGE_MEMORY_URL"))
     key = environ.get("MCP_API_KEY") or None
     source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if url else None
@@ -9847,12 +9635,8 @@ def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
 
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
-
-    The rows of SETTINGS with a kind are read by _READERS; the others below. environ is
-    passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
-    used, naming it.
-    """
-
+    The rows of SETTINGS with a kind are read by _READERS; the others below. Raises
+    ConfigError for a value that cannot be used, naming it."""
     given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
     base_url = given_url or DEFAULT_BASE_URL
     if not re.match(r"^https?://[^/\s]+", base_url):
@@ -9897,13 +9681,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 # One row per action (after tarfile's CLI, whose --filter choices are its _NAMED_FILTERS):
-# the flag (mutually exclusive with the others; metavar None: a flag without a value),
-# its help, its handler, whether it prints a --json document, and the modifiers it takes
-# (MODIFIERS). The handler, a function of this module named by the row (looked up when
-# main calls it, in the room 'main()'), gets the Config, the flag's value when it takes
-# one, then the values of its modifiers that are handler arguments, in the row's order.
-# The first row is also the run of every pending plan when no action flag is given.
-# Adding an action is a row here plus its handler; tests/test_first_page.py reads this.
+# the flag (mutually exclusive with the others; metavar None: no value), its help, its
+# handler, whether it prints a --json document, and the modifiers it takes (MODIFIERS).
+# The handler (named, looked up by _call_action) gets the Config, the flag's value when it
+# takes one, then its passed modifiers' values in the row's order. The first row is also
+# the run when no action flag is given. tests/test_first_page.py reads this.
 Action = namedtuple("Action", "flag metavar help handler json modifiers")
 ACTIONS = tuple(map(Action._make, (
     ("--plan", "ID", "run the plan with this id", "_run", True,
@@ -9938,10 +9720,9 @@ ACTIONS = tuple(map(Action._make, (
 
 _RUN_ONLY = "goes with a run (no action flag, or --plan ID)"
 # One row per modifier: a flag that only some actions take (their rows of ACTIONS say
-# which). misuse: the usage error when it is given without one of them, or without the
-# flag it needs (needs); refuses: flags it cannot go with, each with its own error (None:
-# misuse); passed: its value is a handler argument (else resolve_config reads it into
-# Config). The rows are checked in this order, so the first error is as it always was.
+# which). misuse: the usage error without one of them, or without the flag it needs
+# (needs); refuses: flags it cannot go with, each with its error (None: misuse); passed:
+# its value is a handler argument (else resolve_config reads it). Checked in this order.
 Modifier = namedtuple("Modifier", "flag metavar help misuse needs refuses passed")
 MODIFIERS = tuple(map(Modifier._make, (
     ("--all", None, "with --list: every plan, with its status", "--all goes with --list",
@@ -10031,7 +9812,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 41. CLI: listing, server discovery, trust and approval
+# 41. CLI: listing, what a run will do, stats, trust and approval
 ###############################################################################
 
 
@@ -10078,8 +9859,8 @@ def cmd_list(config: Config, show_all: bool) -> int:
     status_width = max(len(r["status"]) for r in rows) + 2     # awaiting_approval is 17
     for r in rows:
         status = f"{r['status']:<{status_width}}" if show_all else ""
-        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
-                        f"{r['objective']}"))
+        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  "
+                        f"{r['created']}  {r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
         elif r["status"] == "invalid" and r["error"]:    # a split plan: why, and the fix
@@ -10087,15 +9868,12 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-
-
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
-    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
-    largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
-    plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
-    OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
-    with when that is as large already (no reload); never past its trained context.
-    aider asks the request plus 8k the same way (aider#4687)."""
+    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the largest
+    first prompt of the checked plans (estimate_tokens) plus its answer (answer_tokens)
+    and OLLAMA_NUM_CTX_SLACK, rounded up to OLLAMA_NUM_CTX_STEP, at least
+    OLLAMA_MIN_NUM_CTX; the loaded context when that is as large (no reload); never past
+    the trained context. aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
     for plan in plans:
         for step in plan.steps.values():
@@ -10181,15 +9959,16 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
     """Add a folder to the trusted projects (trust) or take it off, in
     config_dir/trusted-projects.json. Raises ConfigError when the folder does not
     exist (trust), can never be trusted (untrustable_reason), or is not listed (untrust)."""
-
     path = Path(config.config_dir, TRUST_FILENAME)
     listed = [p for p in read_config_file(path, "trusted_projects", list) if isinstance(p, str)]
     real = real_path(folder)
     if trust:
         if not real.is_dir():
-            raise ConfigError(f"cannot trust {folder}: no such folder", "pass an existing project folder")
+            raise ConfigError(f"cannot trust {folder}: no such folder",
+                              "pass an existing project folder")
         if reason := untrustable_reason(config, real):
-            raise ConfigError(f"refused to trust {real}: {reason}", "trust the project's own folder instead")
+            raise ConfigError(f"refused to trust {real}: {reason}",
+                              "trust the project's own folder instead")
         kept = [*listed, str(real)] if str(real) not in listed else listed
     else:
         kept = [p for p in listed if p != str(real) and p != folder]
@@ -10198,16 +9977,16 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
                               "trusted: " + (", ".join(listed) or "none"))
     write_config_file(path, {"trusted_projects": kept})
     print(printable(f"{'trusted' if trust else 'no longer trusted'}: {real}"))
-    if not trust and (root := trusted_root(config._replace(trusted_projects=tuple(map(real_path, kept))), real)):
+    still = config._replace(trusted_projects=tuple(map(real_path, kept)))
+    if not trust and (root := trusted_root(still, real)):
         print(f"note: it is still inside the trusted {root}, or BRIDGE_TRUSTED_PROJECTS names it")
     return EXIT_OK
 
 
 def cmd_approve(config: Config, plan_id: str) -> int:
     """Approve one plan for its current content (config_dir/approvals.json); print
-    what it may do. Raises PlanNotFound, PlanInvalid (an invalid plan cannot run),
-    or ConfigError when its project can never be a target."""
-
+    what it may do. Raises PlanNotFound, PlanInvalid, or ConfigError when its project
+    can never be a target."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
     plan = runnable_plan(record, config)
@@ -10220,7 +9999,8 @@ def cmd_approve(config: Config, plan_id: str) -> int:
                           "project": None if plan.project is None else str(real_path(plan.project))}
     write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
     facts = approval_facts(config, plan, digest)
-    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
+    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); "
+                    "it runs with the next bridge run"))
     print(render_facts(facts))
     return EXIT_OK
 
@@ -10263,7 +10043,8 @@ def commands_text(commands: list[str]) -> str:
     needed = [c for c in commands if c.startswith("bridge --allow-executor")]
     text = " or ".join(either)
     if needed:
-        text += (", and run with " if text else "run with ") + " ".join(c.removeprefix("bridge ") for c in needed)
+        text += (", and run with " if text else "run with ")
+        text += " ".join(c.removeprefix("bridge ") for c in needed)
     return text
 
 
@@ -10294,13 +10075,10 @@ def _ask_to_run(facts: dict) -> bool:
 
 def gate_records(config: Config, records: list[PlanRecord],
                  progress: Progress) -> tuple[list[CheckedPlan], list[dict]]:
-    """Split the records a run would claim into (those that run, each checked for its
-    run: CheckedPlan; facts of those that wait).
-
-    Invalid plans run (to be recorded failed). A plan waiting only for approval is
-    asked about on a terminal (once, default No); otherwise it is skipped with one
-    line naming the command that would let it run. Nothing is written for a waiting plan.
-    """
+    """Split the records a run would claim into ([CheckedPlan] that run, [approval facts]
+    of those that wait). Invalid plans run (to be recorded failed). A plan waiting only
+    for approval is asked about on a terminal (default No); else it is skipped with a
+    line naming the command that would let it run. Nothing is written for a waiting plan."""
     runnable, waiting = [], []
     for record in records:
         try:
@@ -10388,9 +10166,8 @@ def _memory_api_line(probe: dict) -> str:
 
 
 def _server_health(config: Config) -> tuple[Config, dict, bool]:
-    """Probe the model server (found by discover_server when no base URL is set): return
-    the config with its base URL, the report's "server" part, and whether a run could use
-    it (reachable, a model, no problem)."""
+    """Probe the model server (discover_server when no base URL is set): return the config
+    with its base URL, the report's "server" part, and whether a run could use it."""
     report: dict[str, Any] = {"base_url": config.base_url}
     config, tried = discover_server(config)
     report.update(base_url=config.base_url, tried=tried)
@@ -10443,9 +10220,7 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
                         f"{server['context_length'] or 'not reported'} · parallel "
                         f"{server['parallel'] or 1}"))
     else:
-        print(printable(f"server  FAIL  {server['error']}"))
-        if server.get("hint"):
-            print(printable(f"              hint: {server['hint']}"))
+        _print_failure("server  ", server)
     for line in run_plan_lines(server):
         print(printable(f"              {line}"))
     memory_setting = _memory_setting_text(report["memory_setting"])
@@ -10458,15 +10233,20 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
             line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
         print(printable("memory  " + line + memory_setting))
     else:
-        print(printable(f"store   FAIL  {store_info['error']}"))
-        if store_info.get("hint"):
-            print(printable(f"              hint: {store_info['hint']}"))
+        _print_failure("store   ", store_info)
     backups = report["backups"]
     print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
           f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
           "plan)")
     if "memory_api" in report and not store_ok:
         print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def _print_failure(label: str, part: dict) -> None:
+    """Print a failed part of the --health report: its error, then its hint."""
+    print(printable(f"{label}FAIL  {part['error']}"))
+    if part.get("hint"):
+        print(printable(f"              hint: {part['hint']}"))
 
 
 def cmd_health(config: Config) -> int:
@@ -10499,17 +10279,11 @@ def cmd_health(config: Config) -> int:
 
 
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
-    """Run one plan (plan_id) or every pending plan; print the summary.
-
-    Every pending plan also takes in the plan memories never run that are not
-    valid plan objects, and plans whose id another live plan shares: those are
-    recorded as failed with the reason. Returns EXIT_OK when every plan run
-    completed (or none was pending), EXIT_PLAN_FAILED when one failed,
-    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored):
-    said on stderr, and the other
-    plans still run. Raises BridgeError when the store
-    or the server cannot be used, before that plan is claimed.
-    """
+    """Run one plan (plan_id) or every pending plan (_never_run; invalid ones and those
+    sharing an id are recorded failed); print the summary. Returns EXIT_OK when every
+    plan completed (or none was pending), EXIT_PLAN_FAILED when one failed, EXIT_UNUSABLE
+    when a result could not be stored (said; the other plans still run). Raises
+    BridgeError when the store or the server cannot be used, before a claim."""
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
@@ -10560,16 +10334,19 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
         record = store.get_plan(plan_id)
         return [record], _allowed_statuses(record, rerun, resume), {}
     plans = store.find_plans()
-    records = [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
-    return records, ("pending", "invalid"), shared_id_problems(plans)
+    return _never_run(plans), ("pending", "invalid"), shared_id_problems(plans)
+
+
+def _never_run(plans: list[PlanRecord]) -> list[PlanRecord]:
+    """The plans a run of every pending plan takes: pending ones, and invalid ones never run."""
+    return [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
 
 
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
                  checked: list[CheckedPlan] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
-    whose executors are checked (no key, no claude binary: said before any claim).
-    On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
-    --context-length), sent with every request."""
+    whose executors are checked (no key, no claude binary: said before any claim). On
+    Ollama's native API the context is the run's num_ctx, sent with every request."""
     local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
@@ -10601,8 +10378,9 @@ def run_summary(results: list[dict]) -> str:
     steps = {k: sum(r["counts"][k] for r in results) for k in ("succeeded", "failed", "skipped")}
     tokens = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in results)
     seconds = sum(r["duration_s"] for r in results)
-    return (f"run: {len(results)} plan(s), {completed} completed, {len(results) - completed} failed · "
-            f"steps {steps['succeeded']} succeeded, {steps['failed']} failed, {steps['skipped']} skipped · "
+    return (f"run: {len(results)} plan(s), {completed} completed, "
+            f"{len(results) - completed} failed · steps {steps['succeeded']} succeeded, "
+            f"{steps['failed']} failed, {steps['skipped']} skipped · "
             f"{tokens} tokens · {seconds:.1f} s")
 
 
@@ -10626,7 +10404,8 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                               "--resume takes over a plan whose bridge died; wait for this one")
         if status != "stale":
             raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
-                              "--resume takes over a plan whose bridge died; use --rerun to start over")
+                              "--resume takes over a plan whose bridge died; "
+                              "use --rerun to start over")
         return ("stale",)
     if status == "pending":
         return ("pending",)
@@ -10637,21 +10416,20 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                           "wait for it to finish, or stop that process")
     if status == "stale" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
-                          "take it over with --resume (keeps finished steps) or --rerun (starts over)")
+                          "take it over with --resume (keeps finished steps) "
+                          "or --rerun (starts over)")
     if status == "awaiting_review" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is awaiting review of its staged files",
-                          f"see them with bridge --diff {record.plan_id}, then bridge --apply {record.plan_id} "
-                          f"or bridge --reject {record.plan_id}")
+                          f"see them with bridge --diff {record.plan_id}, then bridge --apply "
+                          f"{record.plan_id} or bridge --reject {record.plan_id}")
     if not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
     return (status,)
 
 
 def cmd_show(config: Config, plan_id: str) -> int:
-    """Print the last stored result of a plan (--json: the document itself).
-
-    Raises PlanNotFound, or BridgeError when the plan has no result yet.
-    """
+    """Print the last stored result of a plan (--json: the document itself). Raises
+    PlanNotFound, or BridgeError when the plan has no result yet."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
@@ -10692,15 +10470,15 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
     if run_id is None:
         run_id = record.state.get("run_id")
         if run_id is None:
-            raise BridgeError(f"plan {plan_id!r} has not run yet (it is {record.display_status})", run_hint(record))
+            raise BridgeError(f"plan {plan_id!r} has not run yet "
+                              f"(it is {record.display_status})", run_hint(record))
     return record, KeptRun.load(config.runs_dir, run_id, record.plan_id)
 
 
 def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
-    """Print what a run changed: per file its action and whether it changed since the
-    run, then the unified diff from its original to the file as it is now (--json:
-    {"plan_id", "run_id", "project", "reverted", "undone_at", "files": [...]}, each
-    file as KeptRun.diff gives it). Returns EXIT_OK."""
+    """Print what a run changed: per file its action, whether it changed since, and the
+    unified diff from its original to the file now (--json: {"plan_id", "run_id",
+    "project", "reverted", "undone_at", "files": KeptRun.diff()})."""
     record, kept = _kept_run(config, plan_id, run_id)
     if kept.awaiting_review:
         return _print_staged_diff(config, record, kept)
@@ -10728,11 +10506,12 @@ def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int
     "awaiting_review": true."""
     files = kept.staged_diff()
     if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, "project": str(kept.project),
-                     "awaiting_review": True, "files": files})
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
+                     "project": str(kept.project), "awaiting_review": True, "files": files})
         return EXIT_OK
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} "
-                    f"file(s) staged for review: what bridge --apply {record.plan_id} would change"))
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+                    f"{len(files)} file(s) staged for review: what bridge --apply "
+                    f"{record.plan_id} would change"))
     for entry in files:
         now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
         print(printable(f"=== {entry['path']}: would be {entry['action']}{now}"))
@@ -10756,19 +10535,23 @@ def cmd_apply(config: Config, plan_id: str) -> int:
     record, kept = _awaiting(config, plan_id)
     conflicts = kept.apply_conflicts()
     if conflicts:
-        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed since the run: "
-                          + ", ".join(conflicts),
-                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, then run it again")
+        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed "
+                          "since the run: " + ", ".join(conflicts),
+                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, "
+                          "then run it again")
     with Store.open(config) as store:
         if not store.claim(record, kept.run_id, ("awaiting_review",)):     # one --apply at a time
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
         try:
             summary = kept.apply(config.crash_at)
         except BaseException:
-            store.record_review(record, kept.run_id, "in_progress", {"status": "awaiting_review", "owner": None})
+            store.record_review(record, kept.run_id, "in_progress",
+                                {"status": "awaiting_review", "owner": None})
             raise
         store.record_review(record, kept.run_id, "in_progress", {
-            "status": "completed", "applied_at": utc_now_iso(), "owner": None, "finished_at": utc_now_iso()})
+            "status": "completed", "applied_at": utc_now_iso(), "owner": None,
+            "finished_at": utc_now_iso()})
     for run_dir in plan_runs(config.runs_dir, record.plan_id):
         keep_backups(run_dir)
     prune_backups(config.runs_dir, record.plan_id, config.keep_runs)
@@ -10787,39 +10570,42 @@ def cmd_reject(config: Config, plan_id: str) -> int:
     record, kept = _awaiting(config, plan_id)
     with Store.open(config) as store:
         if not store.record_review(record, kept.run_id, "awaiting_review", {
-                "status": "cancelled", "rejected_at": utc_now_iso(), "error": "staged files rejected at review"}):
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+                "status": "cancelled", "rejected_at": utc_now_iso(),
+                "error": "staged files rejected at review"}):
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
     remove_tree(kept.run_dir / "staged")
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
         return EXIT_OK
-    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) "
-                    "dropped, nothing written"))
+    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} "
+                    "staged file(s) dropped, nothing written"))
     return EXIT_OK
 
 
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
-    """Put back the files a run changed (KeptRun.undo) and record it in the plan's
-    state. A run already undone, or that put its files back itself, is a no-op
-    (EXIT_OK, saying so). Raises BridgeError when the plan is running or stale, or
-    when KeptRun.undo refuses."""
+    """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
+    A run already undone, or that put its files back itself, is a no-op (saying so).
+    Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
-        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; not undoing a run under it",
-                          run_hint(record))
+        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
+                          "not undoing a run under it", run_hint(record))
+    shown = {"plan_id": plan_id, "run_id": kept.run_id}
     if kept.undone_at or kept.reverted:
         why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
         if config.json:
-            _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": [],
+            _print_json({**shown, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
         else:
             print(printable(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo"))
         return EXIT_OK
     restored = kept.undo(force)
     with Store.open(config) as store:
-        store.record_undo(store.get_plan(plan_id), kept.run_id, kept.undone_at)   # type: ignore[arg-type]
+        store.record_undo(store.get_plan(plan_id), kept.run_id,
+                          kept.undone_at)   # type: ignore[arg-type]
     if config.json:
-        _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": restored})
+        _print_json({**shown, "undone_at": kept.undone_at, "restored": restored})
         return EXIT_OK
     print(printable(f"undid run {kept.run_id} of plan {plan_id}: {len(restored)} file(s) put back"))
     for kept_file in kept.files:
@@ -10861,9 +10647,11 @@ def cmd_validate(config: Config, path: str) -> int:
     except PlanInvalid as exc:
         problems = exc.problems
         # an invalid plan that has an id is still named by it
-        plan_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        plan_id = raw.get("id") if isinstance(raw, dict) else None
+        plan_id = plan_id if isinstance(plan_id, str) else None
     if config.json:
-        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id, "problems": problems})
+        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id,
+                     "problems": problems})
     elif problems:
         print(printable(f"{path}: invalid plan, {len(problems)} problem(s):"))
         for problem in problems:
@@ -10874,14 +10662,10 @@ def cmd_validate(config: Config, path: str) -> int:
 
 
 def cmd_submit(config: Config, path: str, replace: bool) -> int:
-    """Validate a plan file and store it as a new plan memory.
-
-    A --db (or BRIDGE_DB) naming a file that does not exist, in a folder that does,
-    gets a new store in the 12.x layout (said on stdout; --json: created_store).
-    Raises PlanInvalid listing every problem, StoreError when the id is taken
-    (without replace), this very content is stored already (the hint gives the
-    --plan ID --rerun that runs it again), or the store cannot be written.
-    """
+    """Validate a plan file and store it as a new plan memory. A --db naming a file
+    that does not exist gets a new store in the 12.x layout (--json: created_store).
+    Raises PlanInvalid, or StoreError when the id is taken (without replace), this
+    content is stored already, or the store cannot be written."""
     raw = _read_plan_file(path)
     check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
@@ -10898,8 +10682,10 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
         _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where),
                      "replaced_rows": replaced, "created_store": created})
     else:
-        note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
-        print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
+        note = (f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})"
+                if replaced else "")
+        print(printable(f"submitted plan {raw['id']!r} to {where} "
+                        f"(content hash {digest[:12]}…){note}"))
     return EXIT_OK
 
 
@@ -10919,14 +10705,11 @@ def cmd_cancel(config: Config, plan_id: str) -> int:
 
 
 def cmd_dry_run(config: Config, plan_id: str | None) -> int:
-    """Check the plans that would run and print each step's exact messages, in
-    run order, with dependency outputs as placeholders; no server, store untouched.
-
-    Returns EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK.
-    """
+    """Print each step's exact messages of the plans that would run, in run order, with
+    dependency outputs as placeholders; no server, store untouched. Returns
+    EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK."""
     with Store.open(config) as store:
-        records = [store.get_plan(plan_id)] if plan_id else \
-            [r for r in store.find_plans() if r.status == "pending" or (r.status == "invalid" and not r.state)]
+        records = [store.get_plan(plan_id)] if plan_id else _never_run(store.find_plans())
     report = [dry_run_plan(record, config) for record in records]
     if config.json:
         _print_json({"plans": report})
@@ -10940,13 +10723,10 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
-    "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
-    may do, the same facts --list and --approve show)}; commands: the step's command
-    validations ({"run", "timeout_s"}), which run only when commands_trusted
-    (plan_trusted); the rendering says when a run would wait for approval (and send
-    nothing). A grounded step that depends on others shows the usual schema: the spans
-    it will be sent come from outputs not made yet."""
+    "steps": [{"id", "title", "messages", "error", "response_format", "file_output",
+    "commands": [{"run", "timeout_s"}]}] in run order, "verify", "commands_trusted"
+    (plan_trusted), "approval" (approval_facts)}. A grounded step that depends on others
+    shows the usual schema: its spans come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -10965,9 +10745,9 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
             messages, error = [], str(exc)
         # a grounded step's spans are known only when no output of another step is in its input
         schema = output_schema(step.validation, None if step.depends_on else sources)
+        form = RESPONSE_FORMS[0](schema) if schema is not None and config.structured else None
         steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
-                      "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
-                      else None, "file_output": _dry_run_target(plan, step, targets),
+                      "response_format": form, "file_output": _dry_run_target(plan, step, targets),
                       "commands": [_command_entry(v) for v in _commands_of(step)]})
     facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
@@ -10976,7 +10756,8 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
 
 
 def _command_entry(command: dict) -> dict:
-    return {"run": list(command["run"]), "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+    return {"run": list(command["run"]),
+            "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
 
 
 def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
@@ -10984,25 +10765,25 @@ def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
     step's file_output, or None. A file an earlier step writes is overwritten."""
     if not step.file_output:
         return None
-    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]  # see check_plan
+    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]
     action = "overwrite" if step.file_output in targets or os.path.lexists(target) else "create"
     targets.add(step.file_output)
     return {"path": step.file_output, "target": target, "action": action}
 
 
 def _render_dry_run(entry: dict) -> str:
-    """Return one plan's --dry-run report as text; every line through printable(),
-    the messages keeping their own lines."""
+    """Return one plan's --dry-run report as text, every line through printable()."""
     if not entry["valid"]:
-        return "\n".join(printable(line) for line in
-                         [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
+        lines = [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]]
+        return "\n".join(map(printable, lines))
     facts = entry["approval"]
     if not facts["may_run"]:        # a real run sends nothing: it waits (approval_facts)
         count = len(entry["steps"])
         head = (f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
                 f"until you let it; then these {count} step(s), in this order")
     else:
-        head = f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"
+        head = (f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be "
+                "sent, in this order")
     lines = [printable(head), render_facts(facts)]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
@@ -11010,13 +10791,15 @@ def _render_dry_run(entry: dict) -> str:
         if step["error"]:
             lines.append(printable(f"would fail: {step['error']}"))
         for message in step["messages"]:
-            lines.append(f"--- {message['role']} ---\n" + printable(message["content"], multiline=True))
+            lines.append(f"--- {message['role']} ---\n"
+                         + printable(message["content"], multiline=True))
         if step["response_format"]:
             lines.append(f"--- response_format ---\n{json_text(step['response_format'])}")
-        if step["file_output"]:
+        if target := step["file_output"]:
             lines.append("--- file_output ---")
-            lines.append(printable(f"would {step['file_output']['action']} {step['file_output']['target']}"))
-        lines += [_render_command("check", command, entry["commands_trusted"]) for command in step["commands"]]
+            lines.append(printable(f"would {target['action']} {target['target']}"))
+        lines += [_render_command("check", command, entry["commands_trusted"])
+                  for command in step["commands"]]
     if entry["verify"]:
         lines.append(_render_command("verify", entry["verify"], entry["commands_trusted"]))
     return "\n".join(lines)
@@ -11024,7 +10807,8 @@ def _render_dry_run(entry: dict) -> str:
 
 def _render_command(what: str, command: dict, trusted: bool) -> str:
     note = "" if trusted else " (would not run: commands run only in trusted projects)"
-    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, timeout {command['timeout_s']:g} s{note}")
+    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, "
+                     f"timeout {command['timeout_s']:g} s{note}")
 
 
 ###############################################################################
@@ -11033,16 +10817,14 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once:
-    a second signal landing before the cleanup shields itself (shielded_signals)
-    would cut the restore of files or the result short."""
+    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once: a
+    second one before the cleanup shields itself would cut the restore of files short."""
     _ignore_interrupts()
     raise KeyboardInterrupt
 
 
 def _ignore_interrupts() -> None:
     """Ignore SIGINT and SIGTERM from now on (main thread only)."""
-
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
             if sig is not None:
@@ -11079,11 +10861,9 @@ def _call_action(action: Action, config: Config, args: argparse.Namespace) -> in
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run bridge with argv (default sys.argv[1:]); return the exit code.
 
-    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
-    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, and from
-    then on both signals are ignored until the process ends; anything else is a
-    bug: "internal error", exit 70, the traceback only with --debug.
-    """
+    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint) on
+    stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, both ignored from
+    then on; anything else is a bug: exit 70, the traceback only with --debug."""
     parser = build_parser()
     args = parser.parse_args(argv)
     action = chosen_action(args)
@@ -11117,7 +10897,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return missing.exit_code
         if debug:
             import traceback
-
             traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
         print("bridge: internal error (a bug)"
               + ("" if debug else "; run again with --debug to see the traceback"), file=sys.stderr)
@@ -11126,7 +10905,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
 
 def main_entry() -> None:
     """Console-script entry point: install the Ctrl-C and SIGTERM handler, run main, exit.
-
     A SIGINT ignored by whoever started bridge (a background job) stays ignored."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _raise_interrupt)
