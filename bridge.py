@@ -2879,9 +2879,8 @@ class Store(PlanStates):
 # 13. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
-# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
-# text that counts as the step's output (the code inside a fence when fenced): what
-# later steps see, what file_output writes.
+# out, fences, JSON, a grounded answer's values. A check returns the artifact: the step's
+# output (the code inside a fence when fenced), what later steps see and file_output writes.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -2893,10 +2892,9 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
-# Reasoning text a server leaves inside content (sources per row), by shape: (name,
-# who writes it and the source, a string the text must hold for the shape to be tried,
-# where the reasoning starts and ends, what ends the answer or None). split_reasoning
-# takes each out; a shape matches at the start of the text only.
+# Reasoning a server leaves inside content, by shape: (name, who writes it and the
+# source, a string the text must hold for the shape to be tried, where the reasoning
+# starts and ends (at the start of the text only), what ends the answer or None).
 _HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
 REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
     # a leading block; an unclosed one swallows the rest
@@ -2926,10 +2924,9 @@ REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning): every shape of
-    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
-    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
-    that closed reasoning with no opening tag does not."""
+    """Split a model's content into (answer, reasoning): every REASONING_SHAPES shape at
+    the start of the text is taken out, as often as they repeat. A tag inside an answer
+    that opened with none stays ("Use the <think> tag")."""
     thought: list[str] = []
     matched = True
     while matched and text:
@@ -2946,10 +2943,9 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code). A
-    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
-    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
-    at a line holding only the same fence, or at the end of the text."""
+    """Return every fenced block of text as (language tag lowercased, code). A fence
+    (``` or ~~~, three or more) opens at the start of a line or ends a line of prose (then
+    only a tag may follow it); it closes at a line of only the same fence, or the end."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
@@ -2974,9 +2970,8 @@ def find_fences(text: str) -> list[tuple[str, str]]:
 
 
 def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block (with a language, a block
-    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
-    the whole text stripped when it has none."""
+    """Return the best fenced block of text (a language's LANGUAGE_ALIASES tag, then an
+    untagged one, else the first), or the whole text stripped when it has none."""
     blocks = find_fences(text)
     if not blocks:
         return text.strip()
@@ -2990,11 +2985,8 @@ def extract_code(text: str, language: str | None = None) -> str:
 
 
 def parse_json_output(text: str) -> Any:
-    """Parse JSON from a model output: whole, else the best fenced block, else the
-    first JSON value starting at the first { or [.
-
-    Raises OutputInvalid naming the parse error of the most likely candidate.
-    """
+    """Parse JSON from a model output: the best fenced block, else the whole, else the
+    first JSON value at the first { or [. Raises OutputInvalid naming the first error."""
     candidates = [text.strip()]
     if find_fences(text):
         candidates.insert(0, extract_code(text, "json"))
@@ -3014,8 +3006,7 @@ def parse_json_output(text: str) -> Any:
 
 
 def schema_message(error: Any) -> str:
-    """Return a jsonschema error's message on one line, with a long offending value
-    described by its size instead of printed, so the reason always shows."""
+    """A jsonschema error's message on one line, a long offending value given by its size."""
     message, shown = error.message, repr(error.instance)
     if len(shown) > 80:
         value = error.instance
@@ -3029,8 +3020,7 @@ def schema_message(error: Any) -> str:
 
 
 def fold_text(text: str) -> str:
-    """Return text as key names and spans are compared: case folded (str.casefold), each run
-    of whitespace one space, no whitespace at either end."""
+    """Return text as key names and spans are compared: casefolded, whitespace folded."""
     return " ".join(text.casefold().split())
 
 
@@ -3038,10 +3028,9 @@ _SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carr
 
 
 def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own (punctuation at
-    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
-    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
-    "09:10", "A-1001"). One regular expression over text, no copy of it."""
+    """Return the numbers written in text as words of their own (_SPAN_TRIM trimmed:
+    "19.90," "-3") as {value: the JSON number, an int when written without a point}; not
+    the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001")."""
     trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
     for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
@@ -3051,9 +3040,8 @@ def written_numbers(text: str) -> dict[float, int | float]:
 
 
 def _occurs(value: str, source: str) -> bool:
-    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
-    run of whitespace matching any other, not as part of a longer word or number ("Ada"
-    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    """Tell whether a string value occurs in source, case and whitespace folded, not
+    inside a longer word or number ("Ada" is not in "Adam", "21" is not in "21.5")."""
     words = value.split()
     if not words:
         return True
@@ -3066,11 +3054,9 @@ def _occurs(value: str, source: str) -> bool:
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer, at any
-    depth, that does not occur in source, in document order: a string not in it (_occurs:
-    case and whitespace folded, not inside a longer word or number), a number not written
-    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
+    """Return (JSON path, value) of every value of a JSON answer, at any depth, in
+    document order, that is not in source: a string (_occurs), a number (written_numbers:
+    19.9 is "19.90"). Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -3095,9 +3081,8 @@ def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[st
 
 
 def check_grounded(value: Any, source: str) -> None:
-    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
-    step's input (ungrounded_values; at most five are named), telling the model to copy
-    each value exactly from the text."""
+    """Raise OutputInvalid naming (at most five of) the ungrounded_values of a JSON answer
+    in the step's input, telling the model to copy each value exactly from the text."""
     missing = ungrounded_values(value, source)
     if missing:
         named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
@@ -3112,10 +3097,8 @@ def check_grounded(value: Any, source: str) -> None:
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
-# plan sets none; the check still uses the plan's own validation. A string value copied
-# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
-# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
-# handful of things.
+# plan sets none; the check still uses the plan's own. A value copied from a sentence is
+# a few words; SmolLM2 was seen filling 200 characters of junk into one (60 tokens, 10 s).
 JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
 JSON_LIST_MAX_ITEMS = 16        # items of a list value
 # A grounded step's schema sent may restrict its string values to spans of the step's
@@ -3126,12 +3109,10 @@ JSON_LIST_MAX_ITEMS = 16        # items of a list value
 # 4,060 4.7 s.
 GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
 GROUNDED_MAX_SPANS = 1000
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# Degenerate output, stopped while it streams (DegenerationGuard); each limit sits far
+# above a sound answer. PEP 8 and Markdown never need more than 3 newlines in a row, nor
 # llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
-# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
-# (a list of 40 equal literals is the rare case it stops).
+# tokens (2 s on a small CPU); a list of 40 equal literals is the rare sound case it stops.
 DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
 DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
 DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
@@ -3140,13 +3121,11 @@ DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in word
 
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be, each once, in
-    the order they end in the input (the shorter first): every run of 1 to
-    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
-    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
-    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
-    builds from an enum grows with it (README, Answers grounded in the text); only that
-    many words are read."""
+    """Return the spans a grounded answer's string values may be, each once, in the order
+    they end in the input (shorter first): every run of 1 to GROUNDED_SPAN_WORDS words of
+    one piece, end punctuation trimmed, as bounded_string allows. None past
+    GROUNDED_MAX_SPANS words or spans: a server's grammar grows with its enum (README,
+    Answers grounded in the text)."""
     seen: dict[str, None] = {}
     read = 0
     for piece in pieces:
@@ -3167,10 +3146,9 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input as JSON
-    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
-    else None (the usual schema is sent). The answer's key names (keys, or a schema's
-    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    """Return (span_candidates, the input's written_numbers) for a grounded validation
+    whose input has few enough spans, else None (the usual schema is sent). The answer's
+    key names (keys, a schema's property names; casefolded) are no spans: SmolLM2 answered
     "unit": "quantity" from a prompt listing both keys. The check still takes them."""
     if not validation.get("grounded"):
         return None
@@ -3257,10 +3235,10 @@ def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH)
 
 
 def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a bounded_string, a number,
-    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
-    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
-    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    """Return the schema of a value a plan leaves open: a bounded_string, number, boolean,
+    null, or a list of at most JSON_LIST_MAX_ITEMS of those. anyOf, not a type list:
+    llama.cpp's and llama-cpp-python's converters drop maxLength from a type list
+    (llama_cpp/llama_grammar.py visit)."""
     scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
     return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars},
                                  "maxItems": JSON_LIST_MAX_ITEMS}]}
@@ -3273,10 +3251,9 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 def bounded_schema(schema: Any) -> Any:
     """Return a copy of a plan's JSON Schema with bounds where it sets none: a
-    bounded_string for a string (unless it sets a length, pattern, format or values, or
-    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
-    arrays, additionalProperties false on objects listing properties, and a bounded_value
-    for an open value ({} or an array without items). What the plan sets is kept."""
+    bounded_string for a string it leaves unbounded, maxItems JSON_LIST_MAX_ITEMS,
+    additionalProperties false on objects listing properties, a bounded_value for an open
+    value ({} or an array without items)."""
     if not isinstance(schema, dict):
         return schema
     if _is_open(schema):
@@ -3342,13 +3319,11 @@ def schema_depth(schema: Any) -> int | None:
 
 
 def grammar_damage(output: str, schema: dict | None) -> str | None:
-    """Tell how a constrained answer its check refused looks damaged by the
-    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
-    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
-    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
-    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
-    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
-    #10732) would gain nothing from its removal."""
+    """Tell how a refused constrained answer looks damaged by the grammar, or None:
+    U+FFFD characters, text that is not JSON, a key with a "?" the schema does not name
+    (gpt-oss under LM Studio, valid unconstrained: LM Studio bug tracker #1555). JSON that
+    merely breaks the schema is the model's mistake, for the retry to fix; a server that
+    does not enforce the schema (llama.cpp #10732) would gain nothing from its removal."""
     if "\ufffd" in output:
         return "it holds U+FFFD replacement characters"
     try:
@@ -3369,11 +3344,10 @@ class DegenerationGuard:
     llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
     logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
 
-    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
-    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
-    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
-    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
+    Degenerate: past the DEGENERATE_* limits, or JSON nested deeper than max_depth
+    (checked_depth; None: not checked). text: what was fed.
     """
+
 
     def __init__(self, max_depth: int | None = None):
         self.max_depth = max_depth
@@ -3456,11 +3430,10 @@ class DegenerationGuard:
 # 15. Validation types
 #
 # One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
-# register_validation (as pycodestyle's register_check files a check): its check, its
-# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
-# depth rule. Everything else reads the registry through the functions after the
-# classes. A new type is one class here plus its name in the schema's enum (a test
-# keeps the two equal).
+# register_validation (as pycodestyle's register_check): its check, its sentence for the
+# prompt, the schema sent, its answer budget, its plan problems, its depth rule; the
+# functions after the classes read the registry. A new type is one class here plus its
+# name in the schema's enum (a test keeps the two equal).
 ###############################################################################
 
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
@@ -3485,20 +3458,17 @@ def schema_errors(schema: Any, value: Any = None, *, check_schema: bool = False)
 
 
 def register_validation(cls: type) -> type:
-    """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
-    under cls.name (the name again replaces the earlier class). Returns cls."""
+    """Class decorator: file an instance of cls in VALIDATION_TYPES under cls.name."""
     VALIDATION_TYPES[cls.name] = cls()
     return cls
 
 
 class ValidationType:
-    """One validation type; a subclass overrides what differs.
-
-    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
-    none (answer_tokens caps it). runs_command: it runs a program in the project once
-    file_output is written (the Runner, only in trusted projects), instead of checking the
-    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
-    """
+    """One validation type; a subclass overrides what differs. name: the "type" a plan
+    writes. max_tokens: the answer's when the step sets none (answer_tokens caps it).
+    runs_command: it runs a program in the project once file_output is written (only in
+    trusted projects) instead of checking the answer. grounded: it takes "grounded" (the
+    schema's if/then names the same types)."""
 
     __slots__ = ()
     name = ""
@@ -3546,10 +3516,9 @@ class NonEmpty(ValidationType):
 
 
 class JsonAnswer(ValidationType):
-    """An answer that is JSON, parsed once, checked by check_value and, when
-    "grounded", against the step's input; its artifact is the JSON re-serialised. A
-    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
-    small CPU."""
+    """An answer that is JSON, checked by check_value and, when "grounded", against the
+    step's input; its artifact is the JSON re-serialised. A six-key extraction is 40-90
+    tokens on SmolLM2: 256 stop a runaway within seconds on a small CPU."""
 
     __slots__ = ()
     max_tokens = 256
@@ -3599,9 +3568,8 @@ class ContainsKeys(JsonAnswer):
         return f"Answer with one JSON object that has the keys {keys}, in a ```json fenced block."
 
     def output_schema(self, validation: dict) -> dict | None:
-        """An object of exactly its keys, each a bounded_value (a scalar or a list of
-        scalars), so a small model puts the sentence's values in the keys instead of
-        nesting objects. Only what is sent is bounded; the check takes any value."""
+        """An object of exactly its keys, each a bounded_value, so a small model puts the
+        sentence's values in the keys instead of nesting objects (the check takes any)."""
         keys = validation["keys"]
         return {"type": "object", "properties": {key: bounded_value() for key in keys},
                 "required": list(keys), "additionalProperties": False}
@@ -3638,9 +3606,8 @@ class JsonSchema(JsonAnswer):
         return bounded_schema(schema) if isinstance(schema, dict) else {}
 
     def problems(self, validation: dict, where: str) -> list[str]:
-        """A schema check_schema refuses; then the schema applied to a few plain values,
-        so a $ref that resolves nowhere or refers to itself without end at the top is a
-        plan problem before anything is sent (deeper ones fail the step: check_value)."""
+        """A schema jsonschema refuses, or one that fails on a few plain values (a $ref
+        resolving nowhere, or to itself without end), before anything is sent."""
         where = f"{where}.schema"
         if refusal := schema_errors(validation["schema"], check_schema=True):
             return [f"{where}: not a valid JSON Schema ({schema_message(refusal[0])})"]
@@ -3713,8 +3680,7 @@ class Regex(ValidationType):
 
 
 def shell_words(argv: list[str]) -> str:
-    """Return an argv as a person would type it in a POSIX shell (for messages only;
-    commands never go through a shell)."""
+    """An argv as typed in a POSIX shell (for messages: commands never go through one)."""
     import shlex
 
     return shlex.join(argv)
@@ -3722,9 +3688,8 @@ def shell_words(argv: list[str]) -> str:
 
 @register_validation
 class Command(ValidationType):
-    """The project's own check (a test, a linter: "run", "timeout_s"), run by the Runner
-    once file_output is written; it passes on exit 0. Never asked to check an answer
-    (answer_checks leaves it out)."""
+    """The project's own check (a test, a linter: "run", "timeout_s"), run once
+    file_output is written; it passes on exit 0 (answer_checks leaves it out)."""
 
     __slots__ = ()
     name = "command"
@@ -3749,7 +3714,7 @@ _UNKNOWN_TYPE = UnknownType()
 
 def validation_type(validation: dict) -> ValidationType:
     """The registered class of a validation object (non_empty when it names no type;
-    an UnknownType when none is registered under its type, or its type is no string)."""
+    else an UnknownType)."""
     kind = validation.get("type", "non_empty")
     return VALIDATION_TYPES.get(kind, _UNKNOWN_TYPE) if isinstance(kind, str) else _UNKNOWN_TYPE
 
@@ -3770,17 +3735,14 @@ def _commands_of(step: "Step") -> list[dict]:
 
 
 def answer_checks(validation: dict | list) -> list[dict]:
-    """The validations that check a step's answer itself, in order: all but its
-    commands (they check the file once written), or [DEFAULT_VALIDATION] when none is left."""
+    """A step's validations but its commands, in order, or [DEFAULT_VALIDATION]."""
     return [v for v in validations_of(validation) if not is_command(v)] or [DEFAULT_VALIDATION]
 
 
 def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output (reasoning taken out: split_reasoning) against a
-    step's validation, an object or a list, in order up to the first that fails
-    (answer_checks); return the first's artifact. source: the step's input, which a
-    "grounded" answer's values must come from. Raises OutputInvalid with a message the
-    model can act on."""
+    """Check a model output (reasoning taken out) against each of a step's answer_checks
+    in order; return the first's artifact. source: the step's input, which a "grounded"
+    answer's values must come from. Raises OutputInvalid with a message the model can use."""
     try:
         artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
@@ -3790,11 +3752,9 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding: that of the first
-    validation whose type sends one, else None; check_output still applies the plan's
-    own. source: the step's input (build_messages' sources); a "grounded" step whose input
-    has few enough spans (grounded_spans) gets span_schema, its string values only spans
-    of the input."""
+    """Return the JSON Schema sent for constrained decoding: the first validation's that
+    sends one, else None. source: the step's input; a "grounded" step whose input has few
+    enough spans (grounded_spans) gets span_schema."""
     if isinstance(validation, list):
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
@@ -3807,17 +3767,15 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
 
 
 def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep a step's output can nest and pass: the depth rule of its
-    first validation that sends a schema (a json_schema's own schema), else None (a
-    contains_keys value may be anything, though the schema sent bounds it)."""
+    """Return how deep a step's output can nest and pass: the depth rule of its first
+    validation that sends a schema, else None (a contains_keys value may be anything)."""
     first = next((v for v in validations_of(validation)
                   if validation_type(v).output_schema(v) is not None), None)
     return validation_type(first).depth(first) if first else None
 
 
 def describe_validation(validation: dict | list) -> str:
-    """Return one sentence telling the model what form of answer will be accepted
-    (for a list, one per check, in order)."""
+    """Return the sentences telling the model what answer is accepted, one per check."""
     if isinstance(validation, list):
         return " ".join(filter(None, (describe_validation(item) for item in validation)))
     return validation_type(validation).describe(validation)
@@ -3845,11 +3803,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 @functools.cache
 def load_schema() -> dict:
-    """Return the plan schema from bridge-plan-schema.json beside this module.
-
-    Raises BridgeError when the file is missing (a broken install).
-    """
-
+    """Return the plan schema beside this module; BridgeError when missing (broken install)."""
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
         return read_json_file(path, follow_symlinks=True)     # an install may link it
@@ -3887,11 +3841,10 @@ class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_
 
 class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy "
                               "escalate_to verify", defaults=("", None, {}, "none", None, None))):
-    """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
-    project root, a Path, or None), files_context ({relative path: "LOAD" or
-    "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
-    escalate_to (a model reference, or None), verify (the plan-level check
-    {"run": argv, "timeout_s": seconds}, or None)."""
+    """A validated plan: id (str), steps ({id: Step}), objective (str), project (a Path,
+    or None), files_context ({relative path: "LOAD" | "REFERENCE"}; the default {} is
+    shared, never changed), rollback_strategy, escalate_to (a model reference, or None),
+    verify ({"run": argv, "timeout_s": seconds}, or None)."""
 
     __slots__ = ()
 
@@ -3924,11 +3877,9 @@ PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner
 
 
 def _unknown_key_problems(error: Any) -> list[str]:
-    """One problem per key the schema does not know (an additionalProperties or
-    unevaluatedProperties error), with its JSON path and the closest known key
-    (_did_you_mean), e.g. "$.steps[0].file_ouput: unknown key; did you
-    mean 'file_output'?"; [] for any other error. The known keys are the schema's
-    own, so a key added to the schema is known at once."""
+    """One problem per key the schema does not know (additionalProperties or
+    unevaluatedProperties false), with the closest of the schema's own keys: "$.steps[0].
+    file_ouput: unknown key; did you mean 'file_output'?"; [] for any other error."""
     if error.validator not in ("additionalProperties", "unevaluatedProperties") \
             or not isinstance(error.instance, dict) or error.validator_value is not False:
         return []
@@ -3947,8 +3898,9 @@ def _unknown_key_problems(error: Any) -> list[str]:
 
 
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
-    """The rules a schema cannot state. They run on a plan the schema found fault
-    with too, skipping whatever part is malformed (the schema already said so)."""
+    """The rules a schema cannot state (unique step ids, known depends_on, no cycle,
+    validation_problems, prompt size, _path_problems), on a plan it found fault with too
+    (skipping the malformed parts: the schema said so)."""
 
     problems: list[str] = []
     steps = [s for s in plan.get("steps") or []
@@ -3980,10 +3932,9 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
-    """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
-    every files_context path (and LOAD's secrets, and that the file reads as text or a
-    step writes it), every file_output."""
-
+    """The problems of a plan's paths (the room 'Path rules'): its project, every
+    files_context path (a LOAD's load_refusal, and that it reads as text or a step writes
+    it), every file_output."""
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
     files = context.get("files_context") if isinstance(context.get("files_context"), dict) else {}
     steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
@@ -4047,19 +3998,11 @@ def _command_paths(plan: dict) -> list[str]:
 
 
 def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
-    """Validate a parsed plan with the schema, then semantically; return a Plan.
+    """Validate a parsed plan with the schema (strict: _unknown_key_problems; x- keys
+    are the planner's own), then by the rules it cannot state (_semantic_problems,
+    _path_problems; guard: forbidden_target_reason's); return a Plan. Raises PlanInvalid
+    listing every problem found, each prefixed with its JSON path."""
 
-    The schema is strict: a key it does not know, anywhere, is a problem naming the
-    closest known key (_unknown_key_problems); keys starting with x- are the planner's
-    own. Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
-    valid regex and json_schema validations, `project` exists when given (and is
-    required when the plan names files or runs commands), every path relative and
-    inside the project with symlinks followed, no file_output through a symlink or
-    to what forbidden_target_reason refuses (guard: the store and state dir of the
-    config; .git/ always), no LOAD of a private key or secret store
-    (secret_file_reason). Raises PlanInvalid listing every problem found, each
-    prefixed with its JSON path.
-    """
     plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
     if isinstance(plan, UnreadablePlan):
         raise PlanInvalid(plan_id, [f"$: {plan.reason}"])
@@ -4136,15 +4079,12 @@ def _build_plan(plan: dict) -> Plan:
 class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
                             "reasoning reasoning_pieces response_format",
                             defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
+    """One model reply: text (reasoning excluded), usage ({"prompt_tokens",
+    "completion_tokens"}, or None when the server sent none), model (that answered, or
+    None), finish_reason (or None), duration_s (seconds), cost_usd (US dollars; 0 on a
+    local server; None when the counts could not be believed: priced_reply estimates it),
+    reasoning (reasoning_delta's text, or ""), reasoning_pieces (streamed pieces, about a
+    token each), response_format (the constraint's type sent, e.g. "json_schema", or None)."""
 
     __slots__ = ()
 
@@ -4231,9 +4171,10 @@ def register_executor(cls: "type[Executor]") -> "type[Executor]":
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
-    → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5" →
+    ("anthropic", "claude-haiku-4-5"); a bare name, or one whose prefix is no executor's,
+    is an openai: one (LM Studio keys hold colons)."""
+
     kind, sep, name = ref.partition(":")
     if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
@@ -4272,16 +4213,15 @@ PROJECT_FILE_MAX_BYTES = 1_000_000   # of a package.json or pyproject.toml, only
 
 
 def project_name(folder: Path) -> str:
-    """Return the project's name as the memory server's Claude Code hooks detect it, so
-    a result tagged with it is among the memories they inject when a session starts in
-    that folder: package.json's "name" (else "node-project"), else pyproject.toml's
-    first `name = "…"` line (else "python-project"), else the git repository's name
-    from remote.origin.url (only when folder/.git exists), else the folder's name.
-    Source: mcp-memory-service claude-hooks/utilities/project-detector.js
-    (detectFramework, getGitInfo, detectProjectContext). The files are the project's
-    (untrusted): only regular files, not through a symlink (no FIFO to hang on, no file
-    elsewhere to quote in a tag), within PROJECT_FILE_MAX_BYTES; the name is one
-    printable line of at most PROJECT_NAME_MAX_CHARS. Never raises."""
+    """Return the project's name as the memory server's Claude Code hooks detect it (so
+    they inject a result tagged with it when a session starts there): package.json's
+    "name" (else "node-project"), else pyproject.toml's first `name = "…"` line (else
+    "python-project"), else the repository's name from remote.origin.url (when .git
+    exists), else the folder's name. Source: mcp-memory-service claude-hooks/utilities/
+    project-detector.js (detectFramework, getGitInfo, detectProjectContext). The files are
+    untrusted: regular files only, not through a symlink (no FIFO to hang on, no file
+    elsewhere to quote in a tag), within PROJECT_FILE_MAX_BYTES; the name is one printable
+    line of at most PROJECT_NAME_MAX_CHARS. Never raises."""
     import subprocess
 
     def read(name: str) -> str | None:
@@ -4344,10 +4284,8 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
-    """Return the trusted folder a project lies in (real paths compared), or None.
-
-    A folder refused by untrustable_reason trusts nothing, however it was given
-    (the trust file, BRIDGE_TRUSTED_PROJECTS), and such a project is never trusted."""
+    """Return the trusted folder a project lies in (real paths compared), or None; a
+    folder untrustable_reason refuses trusts nothing and is never trusted."""
     real = real_path(project)
     if untrustable_reason(config, real):
         return None
@@ -4359,10 +4297,9 @@ def trusted_root(config: Config, project: Path) -> Path | None:
 
 def config_file_problem(path: Path) -> tuple[str, str] | None:
     """Return (what is wrong, how to fix it) when a trust or approvals file, or its
-    folder, could have been written by someone else, as ssh checks its files
-    (StrictModes): owned by another user than you (root may own it), or writable
-    by group or others. None when both are safe, or the file does not exist, or
-    the system has no user ids (Windows)."""
+    folder, could have been written by someone else, as ssh's StrictModes checks: owned
+    by another user (root may own it), or writable by group or others. None when both are
+    safe, the file does not exist, or the system has no user ids (Windows)."""
     if not hasattr(os, "geteuid"):
         return None
     for where in (path, path.parent):
@@ -4385,9 +4322,9 @@ def config_file_problem(path: Path) -> tuple[str, str] | None:
 
 
 def read_config_file(path: Path, key: str, kind: type) -> Any:
-    """Return document[key] of one of bridge's JSON config files (kind() when the file
-    does not exist). Raises ConfigError when it cannot be read or has another shape,
-    or when someone else could have written it (config_file_problem)."""
+    """Return document[key] of one of bridge's JSON config files (kind() when there is
+    none). Raises ConfigError when it cannot be read, has another shape, or someone else
+    could have written it (config_file_problem)."""
     if problem := config_file_problem(path):
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
@@ -4416,16 +4353,14 @@ def write_config_file(path: Path, document: dict) -> None:
 
 def load_approvals(config: Config) -> dict:
     """Return {plan id: {"content_hash", "approved_at"}} from config_dir/approvals.json."""
-
     return read_config_file(Path(config.config_dir, APPROVALS_FILENAME), "approvals", dict)
 
 
 def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
-    """True when plan.project lies inside one of the user's trusted projects, or the
-    user approved this plan (bridge --approve) for exactly this content hash
-    (content_hash of the plan memory's content). Never True for a project refused by
-    untrustable_reason, approved or not. Raises ConfigError when approvals.json is
-    unreadable."""
+    """True when plan.project lies in a trusted project, or the user approved this plan
+    (bridge --approve) for exactly this content hash (of the plan memory's content);
+    never for a project untrustable_reason refuses. Raises ConfigError when
+    approvals.json is unreadable."""
     if plan.project is not None:
         if untrustable_reason(config, real_path(plan.project)):
             return False
@@ -4441,19 +4376,16 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
 
 
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
-    """Return what the user needs to decide on a valid plan, and whether it may run.
+    """Return what the user needs to decide on a valid plan, and whether it may run:
+    {"plan_id", "content_hash", "project" (str or None), "files" (file_output paths),
+    "reads" (_load_facts), "runs" (_run_facts), "models" (every model it names),
+    "executors" (those its steps and escalation use), "limits" (_limit_facts), "trusted"
+    (plan_trusted), "reasons" (why it may not run; []: it may), "commands" (what would let
+    it run), "escalation_unused" (why its escalation will be skipped, or None), "may_run"}.
+    A plan needs approval unless its project is trusted, or it has no project and runs
+    only on the local server; paid and agentic executors need --allow-executor besides,
+    which no approval replaces."""
 
-    {"plan_id", "content_hash", "project" (str or None), "files" (its file_output
-    paths), "reads" (the files it LOADs and sends to a model, each with why it is
-    refused or None: _load_facts), "runs" (every command and verify argv with its
-    folder and timeout: _run_facts), "models" (every model it names: steps,
-    defaults, escalation), "executors" (the executors its steps and escalation use),
-    "limits" (what it asks above the user's limits, and what is used: _limit_facts),
-    "trusted" (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
-    would let it run), "escalation_unused" (why its escalation will be skipped, or
-    None), "may_run"}. A plan needs approval unless its project is trusted, or it has
-    no project and runs only on the local server; paid and agentic executors need the
-    user's --allow-executor besides, which no approval replaces."""
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
@@ -4509,16 +4441,13 @@ def _run_facts(plan: Plan) -> list[dict]:
     """[{"what": "step N check" | "verify", "run" (argv), "cwd", "timeout_s"}]: every
     command a plan runs (its command validations, then its verify), where, how long."""
     cwd = str(plan.project) if plan.project is not None else None
-    facts = []
-    for sid, step in sorted(plan.steps.items()):
-        items = step.validation if isinstance(step.validation, list) else [step.validation]
-        facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
-                   "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
-                  for v in items if is_command(v)]
-    if plan.verify:
-        facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
-                      "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
-    return facts
+
+    def fact(what: str, check: dict) -> dict:
+        return {"what": what, "run": [str(a) for a in check["run"]], "cwd": cwd,
+                "timeout_s": check.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+    facts = [fact(f"step {sid} check", v)
+             for sid, step in sorted(plan.steps.items()) for v in _commands_of(step)]
+    return facts + ([fact("verify", plan.verify)] if plan.verify else [])
 
 
 def _limit_facts(config: Config, plan: Plan) -> list[dict]:
@@ -4564,13 +4493,12 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """One reply as it streams, whatever reads it (SSE, Ollama's NDJSON, Anthropic's or
-    the claude CLI's events): take() counts each piece against limit (bytes of UTF-8,
-    --max-output-bytes, answer and thinking alike; LLMProtocolError past it, naming
-    which ran over), keeps it and hands it to the request's on_delta or on_reasoning.
-    received: the answer's pieces, "" for thinking (a request is never resent once
-    output has streamed); thought: the thinking; *_bytes, *_pieces (about a token
-    each); started: time.monotonic() when the reply was asked for."""
+    """One reply as it streams, whatever reads it (SSE, NDJSON, Anthropic's or the claude
+    CLI's events): take() counts each piece against limit (UTF-8 bytes, --max-output-bytes,
+    answer and thinking alike; LLMProtocolError past it), keeps it and hands it to the
+    request's on_delta or on_reasoning. received: the answer's pieces, "" for thinking (a
+    request is never resent once output has streamed); thought: the thinking; *_bytes,
+    *_pieces (about a token each); started: time.monotonic() when the reply was asked for."""
 
     def __init__(self, limit: int, request: "ChatRequest | None" = None):
         self.limit, self.started = limit, time.monotonic()
@@ -4605,8 +4533,7 @@ class OutputTally:
         self.reasoning_pieces += 1
 
     def take(self, answer: str, reasoning: str = "") -> None:
-        """Take one streamed piece of a reply, its thinking first: count each, keep it
-        and hand it on."""
+        """Take one streamed piece of a reply, its thinking first."""
         if reasoning:
             self.add_reasoning(reasoning)
             self.thought.append(reasoning)
@@ -4633,11 +4560,8 @@ class OutputTally:
 
 
 def _error_message(body: bytes) -> str:
-    """Pull the server's own message out of an error body.
-
-    Accepts OpenAI's {"error": {"message": …}}, LM Studio's {"error": "…"} and
-    vLLM's older flat {"message": …}; anything else is shown as text.
-    """
+    """Pull the server's own message out of an error body: OpenAI's {"error": {"message"}},
+    LM Studio's {"error": "…"}, vLLM's older flat {"message"}; else the text, one line."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = load_reply(text)
@@ -4688,9 +4612,8 @@ SERVER_FAULTS = (
 
 def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] | None:
     """Return (what, hint) when an HTTP error is about the model server, not the step
-    (see LLMServerUnusable), else None. status: the HTTP status; message: the
-    server's own (_error_message); key_given: a key was sent (--api-key or
-    BRIDGE_API_KEY). 401/403: LM Studio's "Require Authentication" (invalid_api_key:
+    (LLMServerUnusable), else None. message: the server's (_error_message); key_given: a
+    key was sent. 401/403: LM Studio's "Require Authentication" (invalid_api_key:
     opencode-lmstudio#41), llama-server and vLLM --api-key."""
     if status in (401, 403):
         if key_given:
@@ -4725,18 +4648,16 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 def usage_count(value: Any) -> int | None:
-    """Return a token count a server reported (prompt_tokens, completion_tokens,
-    Anthropic's and the claude CLI's input_tokens, output_tokens) when an int from 0 to
-    USAGE_MAX_TOKENS; else None, estimated (a negative count must not lower what a run
-    spent, nor 10**400 overflow a price)."""
+    """Return a token count a server reported when an int from 0 to USAGE_MAX_TOKENS, else
+    None, estimated (a negative count must not lower a run's spend, nor 10**400 overflow
+    a price)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX_TOKENS:
         return value
     return None
 
 
 def checked_usage(prompt: Any, completion: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} when both counts pass usage_count,
-    else None (the usage is unknown)."""
+    """{"prompt_tokens", "completion_tokens"} when both pass usage_count, else None."""
     prompt, completion = usage_count(prompt), usage_count(completion)
     if prompt is None or completion is None:
         return None
@@ -4744,16 +4665,15 @@ def checked_usage(prompt: Any, completion: Any) -> dict | None:
 
 
 def reported_cost_usd(value: Any, most: float) -> float | None:
-    """Return a cost an executor reported (US dollars, e.g. the claude CLI's
-    total_cost_usd) when it is a number from 0 to most, else None (unknown: estimated)."""
+    """A cost an executor reported (US dollars) when a number from 0 to most, else None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most:
         return float(value)
     return None
 
 
 def reply_object(value: Any, what: str, url: str) -> dict:
-    """Return a part of a reply that must be an object (a delta, a message, a usage): {}
-    when None; raise LLMProtocolError naming what (e.g. "a chunk's delta") if no dict."""
+    """A part of a reply that must be an object ({} when None); LLMProtocolError naming
+    what (e.g. "a chunk's delta") for anything else."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -4763,8 +4683,8 @@ def reply_object(value: Any, what: str, url: str) -> dict:
 
 
 def reply_text(value: Any, what: str, url: str) -> str:
-    """Return a part of a reply that must be text (a delta's content, a text block): ""
-    when None; raise LLMProtocolError naming what for anything but a str."""
+    """A part of a reply that must be text ("" when None); LLMProtocolError naming what
+    for anything else."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -4774,15 +4694,14 @@ def reply_text(value: Any, what: str, url: str) -> str:
 
 
 def reply_label(value: Any) -> str | None:
-    """Return a short label a server sent (model, finish_reason, stop_reason) when it is
-    a str, clipped to 200 characters; None for anything else (ignored, as when absent)."""
+    """A label a server sent (model, finish_reason) clipped to 200 characters; None for
+    anything but a str (ignored, as when absent)."""
     return value[:200] if isinstance(value, str) and value else None
 
 
 def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
-    """Return (delta, finish_reason) of a chat.completion.chunk's first choice (delta {}
-    when absent), or None when choices is empty (the usage chunk). Raises
-    LLMProtocolError when choices is no list, or the choice or its delta no object."""
+    """Return (delta, finish_reason) of a chat.completion.chunk's first choice, or None
+    when choices is empty (the usage chunk). Raises LLMProtocolError for a malformed one."""
     choices = chunk.get("choices")
     if not isinstance(choices, list):
         raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
@@ -4797,8 +4716,7 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
 
 
 def streamed_json(text: str, what: str, url: str) -> Any:
-    """Parse one streamed piece (what: "event", "line") as JSON; raise LLMProtocolError
-    showing its start when it is not."""
+    """Parse one streamed piece (what: "event", "line") as JSON; else LLMProtocolError."""
     try:
         return load_reply(text)
     except ValueError as exc:
@@ -4809,9 +4727,8 @@ def streamed_json(text: str, what: str, url: str) -> Any:
 
 def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
                     tail: bool) -> Iterator[bytes]:
-    """Yield the lines of a byte stream, without their line breaks (and the bytes after
-    the last break when tail). Raises LLMProtocolError when more than max_bytes arrive
-    without a line break, so memory stays bounded."""
+    """Yield the lines of a byte stream without line breaks (and the rest after the last
+    when tail). Raises LLMProtocolError past max_bytes without a break: memory stays bounded."""
     buffer = b""
     for chunk in chunks:
         buffer += chunk
@@ -4854,10 +4771,9 @@ def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
 
 class BoundedResponse:
     """An httpx streaming response read within bounds: iter_bytes() raises LLMDeadline
-    once the deadline (time.monotonic() seconds) has passed, checked as each chunk
-    arrives (a server sending nothing is cut by --timeout instead); read(max_bytes)
-    stops once the body passes max_bytes. url and limit (the deadline in words, e.g.
-    "0.5 s (the step's timeout_s)") name what was passed."""
+    past the deadline (time.monotonic() seconds), checked as each chunk arrives (a silent
+    server is cut by --timeout instead); read(max_bytes) stops past max_bytes. limit: the
+    deadline in words, e.g. "0.5 s (the step's timeout_s)"."""
 
     def __init__(self, response: Any, url: str, deadline: float, limit: str):
         self.response, self.url, self.deadline, self.limit = response, url, deadline, limit
@@ -4874,8 +4790,8 @@ class BoundedResponse:
             yield chunk
 
     def read(self, max_bytes: int, cut: bool = False) -> bytes:
-        """Return the body, reading no more than max_bytes + one chunk. Past
-        max_bytes: with cut, the first max_bytes; else LLMProtocolError."""
+        """Return the body; past max_bytes, with cut its first max_bytes, else
+        LLMProtocolError."""
         body = b""
         for chunk in self.iter_bytes():
             body += chunk
@@ -4890,14 +4806,13 @@ class BoundedResponse:
 
 
 def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
-    (servers send odd things: a context length of 10**400 is not said at all)."""
+    """value when a positive int up to USAGE_MAX_TOKENS, else None (10**400 is not said)."""
     return value if usage_count(value) and value > 0 else None
 
 
 def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} of an OpenAI usage object, or None
-    (estimated) when there is none or usage_count doubts a count."""
+    """checked_usage of an OpenAI usage object, or None when there is none."""
+
     if not isinstance(value, dict):
         return None
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
@@ -4906,10 +4821,9 @@ def _usage(value: Any) -> dict | None:
 ###############################################################################
 # 20. HTTP executors: requests and retries
 #
-# Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
-# server and vLLM speak, and Anthropic's), what each kind of server takes, and the
-# retry loop. httpx is imported only inside functions, and every httpx exception is
-# translated to an LLMError.
+# Chat requests over HTTP (the OpenAI wire format of LM Studio, Ollama, llama.cpp's
+# server and vLLM, and Anthropic's), what each kind of server takes, and the retry loop.
+# Every httpx exception is translated to an LLMError.
 ###############################################################################
 
 
@@ -4924,9 +4838,9 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 )
 
 
-# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first: llama-cpp-python
-# takes only its own (response_format.type "text" | "json_object", llama_cpp/llama_types.py)
-# and answers json_schema with HTTP 500, so it is not asked for that one first.
+# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first:
+# llama-cpp-python takes only its own ("text" | "json_object", llama_cpp/llama_types.py)
+# and answers json_schema with HTTP 500.
 FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
 
 
@@ -4943,9 +4857,8 @@ SAMPLING_FIELDS = {
 
 
 # The fields that ask a server not to think (a step's thinking "off"), by ServerInfo.kind;
-# a kind not listed (an OpenAI-compatible server the probe could not name: vLLM, Ollama's
-# /v1) gets THINKING_OFF_DEFAULT, and a field it refuses (HTTP 400/422 naming it) is not
-# sent to it again (LLMClient.thinking_fields).
+# a kind not listed gets THINKING_OFF_DEFAULT; a field refused (HTTP 400/422 naming it)
+# is not sent again (LLMClient.thinking_fields).
 THINKING_OFF_FIELDS: dict[str, dict] = {
     # reasoning_effort "none" on /v1/chat/completions: LM Studio 0.4.17 (bug tracker #2057)
     "LM Studio": {"reasoning_effort": "none"},
@@ -4965,11 +4878,9 @@ THINKING_OFF_DEFAULT = {"reasoning_effort": "none",
 
 
 def _refuses_response_format(exc: LLMError) -> bool:
-    """Tell whether an error is the server refusing our response_format.
-
-    LM Studio: 400 "'response_format.type' must be 'json_schema'"; llama-cpp-python:
-    500 with a validation error naming 'text' or 'json_object'.
-    """
+    """Tell whether an error is the server refusing our response_format: LM Studio's 400
+    "'response_format.type' must be 'json_schema'", llama-cpp-python's 500 naming 'text'
+    or 'json_object'."""
     status = getattr(exc, "status", None)
     text = str(exc).lower()
     words = ("response_format", "json_schema", "json_object", "'text'", "grammar")
@@ -4979,9 +4890,7 @@ def _refuses_response_format(exc: LLMError) -> bool:
 
 def missing_v1_hint(base_url: str, status: int) -> str:
     """"; … try --base-url …/v1" for an HTTP 404 from a base URL whose path has no /v1
-    (every OpenAI-compatible server serves /v1/models and /v1/chat/completions:
-    LM Studio, Ollama, llama.cpp's server, vLLM), else ""."""
-
+    (LM Studio, Ollama, llama.cpp's server and vLLM all serve under /v1), else ""."""
     path = urlsplit(base_url).path
     if status != 404 or "/v1" in path:
         return ""
@@ -4993,12 +4902,11 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop: transient failures
-    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
-    up to config.retries times, backing off from config.retry_delay_s seconds with
-    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
-    output has streamed. sleep is injectable (tests see the delays without waiting).
-    A subclass gives CHAT_PATH, chat() and _parse()."""
+    exceptions as LLMError, and the retry loop: transient failures (refused or reset,
+    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times,
+    backing off from config.retry_delay_s seconds with jitter, honouring Retry-After,
+    never past RETRY_BUDGET_S seconds in all, never once output has streamed. sleep is
+    injectable. A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
@@ -5026,9 +4934,9 @@ class HTTPExecutor(Executor):
         self.http.close()
 
     def _get_json(self, url: str) -> Any:
-        """GET url and return its JSON body, read within the bounds of a reply
-        (BoundedResponse; at least DEFAULT_MAX_OUTPUT_BYTES, so a lower
-        --max-output-bytes cuts replies, not the model list). Raises LLMError."""
+        """GET url and return its JSON body, within BoundedResponse's bounds (at least
+        DEFAULT_MAX_OUTPUT_BYTES: a lower --max-output-bytes cuts replies, not the model
+        list). Raises LLMError."""
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
@@ -5037,7 +4945,6 @@ class HTTPExecutor(Executor):
                 if response.status_code >= 400:
                     raise self._http_error(response, url, missing_v1_hint(
                         self.base_url, response.status_code))
-                # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
         except self._httpx.TransportError as exc:
@@ -5048,13 +4955,13 @@ class HTTPExecutor(Executor):
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
     def _scrub(self, text: str) -> str:
-        """Return a server's message without the key this client sends (a server may echo it)."""
+        """A server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
 
     def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
-        """Return the error of an HTTP status >= 400: the server's message (_error_message,
-        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
-        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        """The error of an HTTP status >= 400: the server's message (scrubbed) and hint,
+        raised as LLMServerUnusable when about the server (_raise_fault), else returned as
+        LLMHTTPError with its Retry-After."""
         message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
         self._raise_fault(url, response.status_code, message)
         return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
@@ -5063,9 +4970,9 @@ class HTTPExecutor(Executor):
                             context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
-        """Return the error a server reported inside a 200 stream (an SSE "error" event, an
-        NDJSON {"error"} line): its message (_error_message), scrubbed of the key, as
-        LLMServerUnusable when it is about the server (_raise_fault), else LLMHTTPError."""
+        """The error a server reported inside a 200 stream (an SSE "error" event, an NDJSON
+        {"error"} line), as _http_error treats one."""
+
         message = self._scrub(_error_message(data.encode()))
         self._raise_fault(url, 500, message)
         return LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
@@ -5178,13 +5085,12 @@ class HTTPExecutor(Executor):
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
                                          "refused problem trained_context",
                             defaults=(None, None, (), None, None))):
-    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
-    or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said). Ollama's
-    probe also gives: version (str), why (how loaded was picked), refused ((model,
-    reason) pairs it will not send steps to), problem ((what, hint) when no model
-    can be used, else None), trained_context (the model's trained maximum, tokens)."""
+    """What a server says about itself (LLMClient.probe): kind ("LM Studio", "llama.cpp",
+    "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id, or None),
+    context_length (tokens per request), parallel (requests served at once), version
+    (str), why (how loaded was picked), refused ((model, reason) pairs no step is sent
+    to), problem ((what, hint) when no model can be used), trained_context (tokens); None
+    where not said."""
 
     __slots__ = ()
 
@@ -5198,11 +5104,10 @@ def _ollama_named(found: Any) -> dict[str, dict]:
 
 class OllamaModels:
     """The models one Ollama probe sees: pulled (/api/tags) and running (/api/ps), by
-    name; the /api/show answers asked (at most OLLAMA_SHOW_MAX a probe); refused, the
-    (name, reason) pairs no step is sent to: models whose /api/show capabilities lack
-    "completion" (embedding models), and cloud models (a *-cloud name or /api/tags
-    remote_host: they run on ollama.com, docs/cloud.mdx) unless --allow-executor
-    ollama-cloud. The choice: wanted (--model), else loaded."""
+    name; shown, the /api/show answers (at most OLLAMA_SHOW_MAX); refused, the (name,
+    reason) pairs no step is sent to: no "completion" in /api/show capabilities
+    (embedding models), cloud models (a *-cloud name or /api/tags remote_host: they run
+    on ollama.com, docs/cloud.mdx) unless --allow-executor ollama-cloud."""
 
     __slots__ = ("client", "root", "pulled", "running", "shown", "refused")
 
@@ -5251,8 +5156,8 @@ class OllamaModels:
         return name, "--model", None
 
     def loaded(self) -> tuple:
-        """(chosen, why, problem) without --model: the first of /api/ps that can chat,
-        else the only chat model pulled."""
+        """(chosen, why, problem) without --model: the first running chat model, else the
+        only one pulled."""
         chosen = None
         for name in self.running:
             if reason := self.refusal(name):
@@ -5287,8 +5192,7 @@ class OllamaModels:
 
 
 class ServerProbes:
-    """The probes of LLMClient (a mixin of HTTPExecutor's: self.http, self.config,
-    self.base_url): what the server runs (probe), its tokenizer (count_tokens)."""
+    """LLMClient's probes (a mixin of HTTPExecutor's): probe, count_tokens."""
 
     CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
@@ -5312,11 +5216,11 @@ class ServerProbes:
             return None
 
     def count_tokens(self, messages: list[dict]) -> int | None:
-        """Count messages' tokens with the server's own tokenizer where it offers one:
+        """Count messages' tokens with the server's tokenizer where it has one:
         llama-cpp-python POST /extras/tokenize/count {"input"} -> {"count"}
         (llama_cpp/server/app.py), llama.cpp POST /tokenize {"content"} -> {"tokens"}
-        (tools/server/README.md); plus 5 a message for the chat template, as
-        estimate_tokens adds. None elsewhere, or when the route fails (not asked again)."""
+        (tools/server/README.md); plus 5 a message, as estimate_tokens adds. None
+        elsewhere, or once the route failed."""
         if self.server_kind not in ("llama-cpp-python", "llama.cpp") or self.tokenizer_refused:
             return None
         text = "\n".join(m["content"] for m in messages)
@@ -5337,9 +5241,8 @@ class ServerProbes:
         return count + 5 * len(messages) + 3
 
     def _post_json(self, url: str, body: dict) -> Any:
-        """POST body as JSON to url; return the JSON reply, or None when the route
-        refuses or answers something else (an Ollama probe). Raises LLMError when the
-        server cannot be reached."""
+        """POST body as JSON to url; return the JSON reply, or None when the route refuses
+        or answers something else. Raises LLMError when the server cannot be reached."""
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("POST", url, json=body,
@@ -5360,11 +5263,10 @@ class ServerProbes:
 
     def _lmstudio_models(self, models: list[str], entries: list[dict]) -> "ServerInfo":
         """Read LM Studio 0.4's GET /api/v1/models (lmstudio docs 1_developer/2_rest/
-        list.md): only type "llm" and "vlm" entries are chat models (an "embedding"
-        one loaded for RAG is refused); --model matches an entry's key or any loaded
-        instance's id; the context and parallel slots are that instance's config. With
-        nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
-        first request), else a problem listing the LLMs."""
+        list.md): type "llm" and "vlm" entries are chat models (a loaded "embedding" one is
+        refused); --model matches an entry's key or a loaded instance's id, whose config
+        gives context and parallel. Nothing loaded, no --model: the only LLM downloaded (JIT
+        loads it on the first request), else a problem listing the LLMs."""
         chat = [e for e in entries     # an entry saying no type is taken for an LLM
                 if e.get("type", "llm") in ("llm", "vlm") and isinstance(e.get("key"), str)]
         refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
@@ -5402,13 +5304,10 @@ class ServerProbes:
                            f"({listed})", "load one (lms load KEY) or pass --model KEY"))
 
     def _ollama_probe(self, root: str) -> "ServerInfo | None":
-        """Return what an Ollama server runs, or None when root is not Ollama.
-
-        Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
-        is running"). The model and what is refused: OllamaModels. Context: /api/ps
-        context_length (as loaded), /api/show model_info["<arch>.context_length"]
-        (trained). With the native API (--ollama-api native, the default) steps go
-        to /api/chat; else to /v1/chat/completions."""
+        """Return what an Ollama server runs (OllamaModels), or None when root is not
+        Ollama (GET /api/version and /api/tags, docs/api.md). Context: /api/ps
+        context_length (loaded), /api/show model_info["<arch>.context_length"] (trained).
+        Steps go to /api/chat with --ollama-api native (the default), else /v1."""
         version = self._try_json(f"{root}/api/version")
         tags = self._try_json(f"{root}/api/tags") if isinstance(version, dict) else None
         if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
@@ -5432,18 +5331,15 @@ class ServerProbes:
                           version["version"], why, tuple(models.refused), problem, trained)
 
     def probe(self) -> "ServerInfo":
-        """Ask the server what it runs: models, the loaded one, its effective context
-        length (tokens) and how many requests it serves at once.
-
-        Sources, tried in order: LM Studio 0.4 GET /api/v1/models (loaded_instances
+        """Ask the server what it runs (ServerInfo). Sources, in order: Ollama
+        (_ollama_probe); LM Studio 0.4 GET /api/v1/models (loaded_instances
         [].config.context_length and .parallel; lmstudio docs 1_developer/2_rest/
         list.md); LM Studio GET /api/v0/models (state "loaded", loaded_context_length
         or max_context_length); llama.cpp's GET /props (default_generation_settings.
         n_ctx, total_slots; tools/server/README.md); llama-cpp-python's /v1/models
         (owned_by "me"; llama_cpp/server/app.py); vLLM's max_model_len in
         /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
-        when the server cannot be reached. Ollama is asked first (_ollama_probe).
-        """
+        when the server cannot be reached."""
         ollama = self._ollama_probe(self.base_url.removesuffix("/v1"))
         if ollama is not None:
             return ollama
@@ -5477,16 +5373,13 @@ class ServerProbes:
 
 
 def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
+    """Find the model server when no base URL was given: the first of
+    DEFAULT_SERVER_PORTS on 127.0.0.1 that answers as one (GET /api/version with a
+    version: Ollama; else GET /v1/models with a data list; 401/403: one wanting a key,
+    which is not sent while looking). A port whose GET /api/health answers as
+    mcp-memory-service does ({"status": "healthy"}; web/api/health.py), or --memory-url's,
+    is never taken. Returns (the config, with the base URL found; [{"url", "result"}] per
+    port tried)."""
     if config.base_url_given:
         return config, []
     import httpx
@@ -5531,7 +5424,8 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
 
 def _pick_model(config: Config, info: ServerInfo | None) -> str:
     """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    LLMServerUnusable for info.problem."""
+
     if info is not None and info.problem:
         what, hint = info.problem
         raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
@@ -5559,16 +5453,15 @@ class OllamaNative:
 
     @property
     def cuts_prompts(self) -> bool:
-        """Whether this server may cut a prompt that does not fit and answer all the
-        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
-        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        """Whether this server may cut a prompt that does not fit and answer all the same:
+        not Ollama's native API, whose num_ctx bridge sets to fit (its prompt_eval_count
+        leaves out a cached prefix, so it is no measure of a cut)."""
         return not self.native
 
     def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
-        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
-        structured output through `format` (a JSON schema), and thinking "off" as
-        think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
+        options.num_ctx, num_predict (max_tokens), the sampling it takes, the schema as
+        `format`, thinking "off" as think: false."""
         options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
         sampling, model = request.sampling or {}, request.model
         if sampling.get("temperature") is not None:
@@ -5590,8 +5483,7 @@ class OllamaNative:
     def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
         false} lines, then done: true with done_reason, prompt_eval_count and eval_count
-        (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
-        on_reasoning, not the text. Held to --max-output-bytes like every reply."""
+        (docs/api.md); {"error": …} mid-stream is the server's error."""
         model = finish = usage = None
         for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             chunk = streamed_json(line, "line", url)
@@ -5626,10 +5518,9 @@ class OllamaNative:
 @register_executor
 class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
     """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
-    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
-    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
-    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
-    opened by the CLI before the run (Runner.client)."""
+    server, vLLM) at config.base_url (…/v1): SSE chunks with stream_options.include_usage,
+    constrained JSON (RESPONSE_FORMS), ServerProbes and OllamaNative. The run's model
+    server, opened by the CLI before the run (Runner.client)."""
 
     NAME = PREFIX = "openai"
     PROBED = WATCHED = True
@@ -5664,8 +5555,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                                     status)
 
     def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
-        """A server still unreachable after the request's retries is gone for the run
-        (LLMServerUnusable), said with how long bridge waited for it."""
+        """A server still unreachable after the retries is gone for the run
+        (LLMServerUnusable, saying how long bridge waited)."""
         if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
             return exc
         waited = time.monotonic() - started
@@ -5676,30 +5567,28 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 
     def accepted_sampling(self, sampling: dict) -> dict:
         """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
-        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
-        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (OpenAI-strict
+        servers refuse unknown fields)."""
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items()
                 if k in ("temperature", "seed", "max_tokens") or k in extras}
 
     def thinking_fields(self) -> dict:
-        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
-        less those it refused."""
+        """THINKING_OFF_FIELDS of its kind (or THINKING_OFF_DEFAULT) less those refused."""
         fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
         return {k: v for k, v in fields.items() if k not in self.thinking_refused}
 
     def drop_constraint(self, model: str, why: str) -> None:
-        """Send model's JSON requests unconstrained from now on (no response_format):
-        its constrained output garbled (why says how). The answer is still checked."""
+        """Send model's JSON requests unconstrained from now on: its constrained output
+        garbled (why says how). The answer is still checked."""
         self.unconstrained.setdefault(model, why)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed: messages [{"role", "content"}], request a
-        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
-        refused (none for a model given to drop_constraint), sampling as
-        accepted_sampling says, thinking "off" as thinking_fields; what the server
-        refuses is dropped for this client's life and the request resent at once, not
-        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
+        """Send one chat completion, streamed. json_schema goes as the first of
+        RESPONSE_FORMS the server has not refused (none after drop_constraint), sampling
+        as accepted_sampling, thinking "off" as thinking_fields; what the server refuses
+        is dropped for this client's life and the request resent at once, not counted as
+        a retry (_drop_refused). Raises LLMError, never an httpx exception."""
         if self.native:
             return self._chat_native(messages, request)
         model, json_schema, thinking = request.model, request.json_schema, request.thinking
@@ -5778,10 +5667,9 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
-        whether any was. Those it names; when it names none of them (nor
-        response_format or a sampling field, which have their own fallback), all
-        that were sent: a server that refuses without saying why must not lose
-        every attempt to a field bridge added."""
+        whether any was: those it names, else (naming no response_format or sampling
+        field either) all that were sent: a server refusing without saying why must not
+        lose every attempt to a field bridge added."""
         sent = [k for k in THINKING_OFF_DEFAULT if k in payload]
         if exc.status not in (400, 422) or exc.context_overflow or not sent:
             return False
@@ -5807,9 +5695,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
         return self._parse_stream(response, url, tally)
 
     def _parse_whole(self, body: bytes, url: str, tally: OutputTally) -> Completion:
-        """Read a non-streamed chat.completion body (servers that ignore stream); the
-        body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
-        text must fit --max-output-bytes as a stream's must."""
+        """Read a non-streamed chat.completion body (servers that ignore stream), its text
+        held to --max-output-bytes as a stream's is."""
         try:
             data = load_reply(body)
             choice = data["choices"][0]
@@ -5830,9 +5717,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                           int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
     def _parse_stream(self, response: Any, url: str, tally: OutputTally) -> Completion:
-        """Read an SSE chat.completion.chunk stream to its end and return the Completion.
-        Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
-        and given to on_reasoning, never to on_delta or the text."""
+        """Read an SSE chat.completion.chunk stream to its end and return the Completion
+        (reasoning_delta goes to on_reasoning, never the text)."""
         usage = model = finish = None
         done = False
         events = _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES)
@@ -5873,10 +5759,9 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 @register_executor
 class OllamaCloud(LLMClient):
     """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
-    run's model server like a local one, but run on ollama.com, where the project's
-    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
-    the paid executors at the spend cap. Facts only: its requests go through the
-    run's LLMClient (PROBED)."""
+    run's model server but run on ollama.com, where the project's files would go: only
+    with --allow-executor ollama-cloud, and stopped at the spend cap. Facts only: its
+    requests go through the run's LLMClient."""
 
     NAME, PREFIX = "ollama-cloud", ""
     PAID = CLOUD = True
@@ -5898,18 +5783,16 @@ class OllamaCloud(LLMClient):
 
 
 def claude_price(model: str) -> tuple[float, float] | None:
-    """Return (input, output) US dollars per million tokens of a Claude model id,
-    dated or not (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
+    """(input, output) US dollars per million tokens of a Claude model id, dated or not
+    (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
     known = [name for name in CLAUDE_PRICES_USD_PER_MTOK if model.startswith(name)]
     return CLAUDE_PRICES_USD_PER_MTOK[max(known, key=len)] if known else None
 
 
 def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | None) -> tuple:
-    """Return (usage, cost_usd) for a Completion from the counts a Messages stream
-    reported: usage by checked_usage; cost_usd that usage at claude_price(model), or
-    None when the usage is unknown or the model it names has no price (a gateway naming
-    none, or another): the runner then prices it (priced_reply, by the model asked for
-    and the usage estimated when unknown), so neither can slip past --max-cost-usd."""
+    """Return (usage, cost_usd) from the counts a Messages stream reported: checked_usage,
+    and that at claude_price(model), or None when either is unknown: the runner then
+    prices it (priced_reply), so neither slips past --max-cost-usd."""
     usage, price = checked_usage(input_tokens, output_tokens), claude_price(model or "")
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
@@ -5920,10 +5803,9 @@ class AnthropicClient(HTTPExecutor):
     Ollama, a gateway): POST {base}/v1/messages with x-api-key and anthropic-version
     2023-06-01, the system prompt as the top-level "system", streamed: message_start
     (input usage), content_block_delta (text_delta), message_delta (stop_reason,
-    cumulative output usage), message_stop; ping and unknown events ignored, an
-    "error" event fails the request (platform.claude.com/docs/en/api/messages-
-    streaming). Cost: its usage at CLAUDE_PRICES_USD_PER_MTOK. Raises LLMError when
-    no API key is set."""
+    cumulative output usage), message_stop; an "error" event fails the request, others
+    are ignored (platform.claude.com/docs/en/api/messages-streaming). Raises LLMError
+    when no API key is set."""
 
     NAME = PREFIX = "anthropic"
     PAID = CLOUD = True
@@ -5940,9 +5822,8 @@ class AnthropicClient(HTTPExecutor):
                          headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one Messages request, streamed; see the class. Of request.sampling only
-        temperature is sent; json_schema and thinking are not (the output is validated
-        by bridge all the same)."""
+        """Send one Messages request, streamed; of request.sampling only temperature is
+        sent, json_schema and thinking are not (the output is checked all the same)."""
         payload: dict[str, Any] = {
             "model": request.model, "max_tokens": request.max_tokens or self.DEFAULT_MAX_TOKENS,
             "stream": True, "messages": [{"role": m["role"], "content": m["content"]}
@@ -6031,9 +5912,9 @@ class ClaudeCLI(Executor):
         return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Run one `claude -p` request; see the class. Of request, model, timeout_s and
-        on_delta are used: sampling, max_tokens, json_schema and thinking have no claude
-        flag. Raises LLMTimeout when the time runs out, LLMError when claude fails."""
+        """Run one `claude -p` request: request's model, timeout_s and on_delta (the rest
+        has no claude flag). Raises LLMTimeout when the time runs out, LLMError when
+        claude fails."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
@@ -6047,8 +5928,8 @@ class ClaudeCLI(Executor):
             return self._run(argv, prompt, cwd, limit_s, tally)
 
     def _workdir(self) -> Any:
-        """The folder claude runs in: the trusted project, else a fresh scratch folder
-        (0700, under the state dir) removed afterwards."""
+        """The folder claude runs in: the trusted project, else a scratch folder (0700,
+        under the state dir) removed afterwards."""
         import tempfile
 
         if self.cwd is not None:
@@ -6103,8 +5984,7 @@ class ClaudeCLI(Executor):
                               duration_s=elapsed)
 
     def _read_events(self, proc: Any, tally: OutputTally) -> tuple[dict | None, str | None]:
-        """Read claude's NDJSON to its end, its assistant text into tally: (the result
-        event, model)."""
+        """Read claude's NDJSON to its end, assistant text into tally: (result event, model)."""
         final = model = None
         # a line longer than a reply may be is read in parts (none of them JSON), never whole
         line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
@@ -6134,11 +6014,9 @@ class ClaudeCLI(Executor):
 
 
 def claude_usage_cost(final: dict) -> tuple:
-    """Return (usage, cost_usd) from the claude CLI's result event: usage by
-    checked_usage of its input_tokens and output_tokens (None: unknown), cost_usd its
-    total_cost_usd when reported_cost_usd believes it (at most what USAGE_MAX_TOKENS
-    tokens would cost at the dearest CLAUDE_PRICES_USD_PER_MTOK), else None: the runner
-    prices the estimated usage (priced_reply)."""
+    """Return (usage, cost_usd) from the claude CLI's result event: checked_usage of its
+    input_tokens and output_tokens, and its total_cost_usd when reported_cost_usd believes
+    it (at most USAGE_MAX_TOKENS at the dearest price), else None (priced_reply)."""
     usage = final.get("usage") if isinstance(final.get("usage"), dict) else {}
     most = USAGE_MAX_TOKENS * max(max(p) for p in CLAUDE_PRICES_USD_PER_MTOK.values()) / 1e6
     return (checked_usage(usage.get("input_tokens"), usage.get("output_tokens")),
@@ -6146,8 +6024,9 @@ def claude_usage_cost(final: dict) -> tuple:
 
 
 def claude_env(environ: Any) -> dict[str, str]:
-    """Return the part of an environment (pairs or a dict) a claude-cli: process gets:
-    the names in TOOL_ENV_NAMES and those starting with TOOL_ENV_PREFIXES."""
+    """The part of an environment (pairs or a dict) a claude-cli: process gets:
+    TOOL_ENV_NAMES and the names starting with TOOL_ENV_PREFIXES."""
+
     pairs = environ.items() if isinstance(environ, dict) else environ
     return {k: v for k, v in pairs if k in TOOL_ENV_NAMES or k.startswith(TOOL_ENV_PREFIXES)}
 
@@ -8669,7 +8548,7 @@ class StepRun:
             if refused is None:
                 return messages
             result.error = shown = refused
-        result.status = self._unsaved()
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
         self.say(f"  {step.label}: {result.status}: {shown}")
         return None
 
@@ -8718,13 +8597,8 @@ class StepRun:
             result.duration_s = time.monotonic() - clock
             if saved:
                 return
-        result.status = self._unsaved()
+        result.status = "skipped" if step.on_failure == "skip" else "failed"
         self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
-
-    def _unsaved(self) -> str:
-        """The status of a step that did not pass: skipped when it may be, else failed."""
-        return "skipped" if self.step.on_failure == "skip" else "failed"
-
     def _failed(self, number: int, failure: "AttemptFailure", retrying: bool) -> None:
         """Emit the attempt_failed event (with --events)."""
         self.runner.events.emit("attempt_failed", self.run.plan.id, self.step.id,
@@ -9694,7 +9568,6 @@ _READERS = {
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
     """The user's trusted folders as real paths: the trust file's, then
     BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
-
     path = Path(config_dir, TRUST_FILENAME)
     listed = read_config_file(path, "trusted_projects", list)
     from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep)
@@ -9711,8 +9584,7 @@ def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, 
 def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
     """openai, plus what the user allowed: --allow-executor, BRIDGE_ALLOW_EXECUTORS
     (comma- or os.pathsep-separated), and the executors of their own --model and
-    --escalate-to (or BRIDGE_MODEL, BRIDGE_ESCALATE_TO). Raises ConfigError for an
-    unknown name."""
+    --escalate-to (or their variables). Raises ConfigError for an unknown name."""
     names = list(args.allow_executor or [])
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
@@ -9735,12 +9607,10 @@ def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
 
 
 def quiet_http_logs() -> None:
-    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
-    logging a program embedding bridge set up. Logger levels are process-wide: the
-    actions that make HTTP requests (--health, a run) set them once, before they start
-    any client or thread; the other actions do not import logging at all."""
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever logging
+    a program embedding bridge set up. Logger levels are process-wide: the actions that
+    make HTTP requests set them once, before any client or thread starts."""
     import logging
-
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -9748,9 +9618,8 @@ def quiet_http_logs() -> None:
 def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
                     home: Path) -> tuple[str | None, str | None, str | None, str | None]:
     """Return (memory_url, memory_api_key, memory_source, memory_note): --memory-url, else
-    BRIDGE_MEMORY_URL ("off": none), else the loopback endpoint of the memory server's
-    Claude Code hooks (hooks_memory_endpoint). Raises ConfigError for a URL bridge may
-    not use (check_memory_url)."""
+    BRIDGE_MEMORY_URL ("off": none), else the memory server's Claude Code hooks' loopback
+    endpoint (hooks_memory_endpoint). Raises ConfigError (check_memory_url)."""
     url = _first(args.memory_url, environ.get("BRIDGE_MEMORY_URL"))
     key = environ.get("MCP_API_KEY") or None
     source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if url else None
@@ -9766,12 +9635,8 @@ def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
 
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
-
-    The rows of SETTINGS with a kind are read by _READERS; the others below. environ is
-    passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
-    used, naming it.
-    """
-
+    The rows of SETTINGS with a kind are read by _READERS; the others below. Raises
+    ConfigError for a value that cannot be used, naming it."""
     given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
     base_url = given_url or DEFAULT_BASE_URL
     if not re.match(r"^https?://[^/\s]+", base_url):
@@ -9816,13 +9681,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 # One row per action (after tarfile's CLI, whose --filter choices are its _NAMED_FILTERS):
-# the flag (mutually exclusive with the others; metavar None: a flag without a value),
-# its help, its handler, whether it prints a --json document, and the modifiers it takes
-# (MODIFIERS). The handler, a function of this module named by the row (looked up when
-# main calls it, in the room 'main()'), gets the Config, the flag's value when it takes
-# one, then the values of its modifiers that are handler arguments, in the row's order.
-# The first row is also the run of every pending plan when no action flag is given.
-# Adding an action is a row here plus its handler; tests/test_first_page.py reads this.
+# the flag (mutually exclusive with the others; metavar None: no value), its help, its
+# handler, whether it prints a --json document, and the modifiers it takes (MODIFIERS).
+# The handler (named, looked up by _call_action) gets the Config, the flag's value when it
+# takes one, then its passed modifiers' values in the row's order. The first row is also
+# the run when no action flag is given. tests/test_first_page.py reads this.
 Action = namedtuple("Action", "flag metavar help handler json modifiers")
 ACTIONS = tuple(map(Action._make, (
     ("--plan", "ID", "run the plan with this id", "_run", True,
@@ -9857,10 +9720,9 @@ ACTIONS = tuple(map(Action._make, (
 
 _RUN_ONLY = "goes with a run (no action flag, or --plan ID)"
 # One row per modifier: a flag that only some actions take (their rows of ACTIONS say
-# which). misuse: the usage error when it is given without one of them, or without the
-# flag it needs (needs); refuses: flags it cannot go with, each with its own error (None:
-# misuse); passed: its value is a handler argument (else resolve_config reads it into
-# Config). The rows are checked in this order, so the first error is as it always was.
+# which). misuse: the usage error without one of them, or without the flag it needs
+# (needs); refuses: flags it cannot go with, each with its error (None: misuse); passed:
+# its value is a handler argument (else resolve_config reads it). Checked in this order.
 Modifier = namedtuple("Modifier", "flag metavar help misuse needs refuses passed")
 MODIFIERS = tuple(map(Modifier._make, (
     ("--all", None, "with --list: every plan, with its status", "--all goes with --list",
@@ -10007,12 +9869,11 @@ def cmd_list(config: Config, show_all: bool) -> int:
 
 
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
-    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
-    largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
-    plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
-    OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
-    with when that is as large already (no reload); never past its trained context.
-    aider asks the request plus 8k the same way (aider#4687)."""
+    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the largest
+    first prompt of the checked plans (estimate_tokens) plus its answer (answer_tokens)
+    and OLLAMA_NUM_CTX_SLACK, rounded up to OLLAMA_NUM_CTX_STEP, at least
+    OLLAMA_MIN_NUM_CTX; the loaded context when that is as large (no reload); never past
+    the trained context. aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
     for plan in plans:
         for step in plan.steps.values():
@@ -10098,7 +9959,6 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
     """Add a folder to the trusted projects (trust) or take it off, in
     config_dir/trusted-projects.json. Raises ConfigError when the folder does not
     exist (trust), can never be trusted (untrustable_reason), or is not listed (untrust)."""
-
     path = Path(config.config_dir, TRUST_FILENAME)
     listed = [p for p in read_config_file(path, "trusted_projects", list) if isinstance(p, str)]
     real = real_path(folder)
@@ -10125,9 +9985,8 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
 
 def cmd_approve(config: Config, plan_id: str) -> int:
     """Approve one plan for its current content (config_dir/approvals.json); print
-    what it may do. Raises PlanNotFound, PlanInvalid (an invalid plan cannot run),
-    or ConfigError when its project can never be a target."""
-
+    what it may do. Raises PlanNotFound, PlanInvalid, or ConfigError when its project
+    can never be a target."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
     plan = runnable_plan(record, config)
@@ -10216,13 +10075,10 @@ def _ask_to_run(facts: dict) -> bool:
 
 def gate_records(config: Config, records: list[PlanRecord],
                  progress: Progress) -> tuple[list[CheckedPlan], list[dict]]:
-    """Split the records a run would claim into (those that run, each checked for its
-    run: CheckedPlan; facts of those that wait).
-
-    Invalid plans run (to be recorded failed). A plan waiting only for approval is
-    asked about on a terminal (once, default No); otherwise it is skipped with one
-    line naming the command that would let it run. Nothing is written for a waiting plan.
-    """
+    """Split the records a run would claim into ([CheckedPlan] that run, [approval facts]
+    of those that wait). Invalid plans run (to be recorded failed). A plan waiting only
+    for approval is asked about on a terminal (default No); else it is skipped with a
+    line naming the command that would let it run. Nothing is written for a waiting plan."""
     runnable, waiting = [], []
     for record in records:
         try:
@@ -10310,9 +10166,8 @@ def _memory_api_line(probe: dict) -> str:
 
 
 def _server_health(config: Config) -> tuple[Config, dict, bool]:
-    """Probe the model server (found by discover_server when no base URL is set): return
-    the config with its base URL, the report's "server" part, and whether a run could use
-    it (reachable, a model, no problem)."""
+    """Probe the model server (discover_server when no base URL is set): return the config
+    with its base URL, the report's "server" part, and whether a run could use it."""
     report: dict[str, Any] = {"base_url": config.base_url}
     config, tried = discover_server(config)
     report.update(base_url=config.base_url, tried=tried)
@@ -10365,9 +10220,7 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
                         f"{server['context_length'] or 'not reported'} · parallel "
                         f"{server['parallel'] or 1}"))
     else:
-        print(printable(f"server  FAIL  {server['error']}"))
-        if server.get("hint"):
-            print(printable(f"              hint: {server['hint']}"))
+        _print_failure("server  ", server)
     for line in run_plan_lines(server):
         print(printable(f"              {line}"))
     memory_setting = _memory_setting_text(report["memory_setting"])
@@ -10380,15 +10233,20 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
             line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
         print(printable("memory  " + line + memory_setting))
     else:
-        print(printable(f"store   FAIL  {store_info['error']}"))
-        if store_info.get("hint"):
-            print(printable(f"              hint: {store_info['hint']}"))
+        _print_failure("store   ", store_info)
     backups = report["backups"]
     print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
           f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
           "plan)")
     if "memory_api" in report and not store_ok:
         print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def _print_failure(label: str, part: dict) -> None:
+    """Print a failed part of the --health report: its error, then its hint."""
+    print(printable(f"{label}FAIL  {part['error']}"))
+    if part.get("hint"):
+        print(printable(f"              hint: {part['hint']}"))
 
 
 def cmd_health(config: Config) -> int:
@@ -10421,17 +10279,11 @@ def cmd_health(config: Config) -> int:
 
 
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
-    """Run one plan (plan_id) or every pending plan; print the summary.
-
-    Every pending plan also takes in the plan memories never run that are not
-    valid plan objects, and plans whose id another live plan shares: those are
-    recorded as failed with the reason. Returns EXIT_OK when every plan run
-    completed (or none was pending), EXIT_PLAN_FAILED when one failed,
-    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored):
-    said on stderr, and the other
-    plans still run. Raises BridgeError when the store
-    or the server cannot be used, before that plan is claimed.
-    """
+    """Run one plan (plan_id) or every pending plan (_never_run; invalid ones and those
+    sharing an id are recorded failed); print the summary. Returns EXIT_OK when every
+    plan completed (or none was pending), EXIT_PLAN_FAILED when one failed, EXIT_UNUSABLE
+    when a result could not be stored (said; the other plans still run). Raises
+    BridgeError when the store or the server cannot be used, before a claim."""
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
@@ -10493,9 +10345,8 @@ def _never_run(plans: list[PlanRecord]) -> list[PlanRecord]:
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
                  checked: list[CheckedPlan] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
-    whose executors are checked (no key, no claude binary: said before any claim).
-    On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
-    --context-length), sent with every request."""
+    whose executors are checked (no key, no claude binary: said before any claim). On
+    Ollama's native API the context is the run's num_ctx, sent with every request."""
     local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
@@ -10577,10 +10428,8 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
 
 
 def cmd_show(config: Config, plan_id: str) -> int:
-    """Print the last stored result of a plan (--json: the document itself).
-
-    Raises PlanNotFound, or BridgeError when the plan has no result yet.
-    """
+    """Print the last stored result of a plan (--json: the document itself). Raises
+    PlanNotFound, or BridgeError when the plan has no result yet."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
@@ -10627,10 +10476,9 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
 
 
 def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
-    """Print what a run changed: per file its action and whether it changed since the
-    run, then the unified diff from its original to the file as it is now (--json:
-    {"plan_id", "run_id", "project", "reverted", "undone_at", "files": [...]}, each
-    file as KeptRun.diff gives it). Returns EXIT_OK."""
+    """Print what a run changed: per file its action, whether it changed since, and the
+    unified diff from its original to the file now (--json: {"plan_id", "run_id",
+    "project", "reverted", "undone_at", "files": KeptRun.diff()})."""
     record, kept = _kept_run(config, plan_id, run_id)
     if kept.awaiting_review:
         return _print_staged_diff(config, record, kept)
@@ -10736,10 +10584,9 @@ def cmd_reject(config: Config, plan_id: str) -> int:
 
 
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
-    """Put back the files a run changed (KeptRun.undo) and record it in the plan's
-    state. A run already undone, or that put its files back itself, is a no-op
-    (EXIT_OK, saying so). Raises BridgeError when the plan is running or stale, or
-    when KeptRun.undo refuses."""
+    """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
+    A run already undone, or that put its files back itself, is a no-op (saying so).
+    Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
@@ -10815,14 +10662,10 @@ def cmd_validate(config: Config, path: str) -> int:
 
 
 def cmd_submit(config: Config, path: str, replace: bool) -> int:
-    """Validate a plan file and store it as a new plan memory.
-
-    A --db (or BRIDGE_DB) naming a file that does not exist, in a folder that does,
-    gets a new store in the 12.x layout (said on stdout; --json: created_store).
-    Raises PlanInvalid listing every problem, StoreError when the id is taken
-    (without replace), this very content is stored already (the hint gives the
-    --plan ID --rerun that runs it again), or the store cannot be written.
-    """
+    """Validate a plan file and store it as a new plan memory. A --db naming a file
+    that does not exist gets a new store in the 12.x layout (--json: created_store).
+    Raises PlanInvalid, or StoreError when the id is taken (without replace), this
+    content is stored already, or the store cannot be written."""
     raw = _read_plan_file(path)
     check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
@@ -10862,11 +10705,9 @@ def cmd_cancel(config: Config, plan_id: str) -> int:
 
 
 def cmd_dry_run(config: Config, plan_id: str | None) -> int:
-    """Check the plans that would run and print each step's exact messages, in
-    run order, with dependency outputs as placeholders; no server, store untouched.
-
-    Returns EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK.
-    """
+    """Print each step's exact messages of the plans that would run, in run order, with
+    dependency outputs as placeholders; no server, store untouched. Returns
+    EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK."""
     with Store.open(config) as store:
         records = [store.get_plan(plan_id)] if plan_id else _never_run(store.find_plans())
     report = [dry_run_plan(record, config) for record in records]
@@ -10882,13 +10723,10 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
-    "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
-    may do, the same facts --list and --approve show)}; commands: the step's command
-    validations ({"run", "timeout_s"}), which run only when commands_trusted
-    (plan_trusted); the rendering says when a run would wait for approval (and send
-    nothing). A grounded step that depends on others shows the usual schema: the spans
-    it will be sent come from outputs not made yet."""
+    "steps": [{"id", "title", "messages", "error", "response_format", "file_output",
+    "commands": [{"run", "timeout_s"}]}] in run order, "verify", "commands_trusted"
+    (plan_trusted), "approval" (approval_facts)}. A grounded step that depends on others
+    shows the usual schema: its spans come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -10934,8 +10772,7 @@ def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
 
 
 def _render_dry_run(entry: dict) -> str:
-    """Return one plan's --dry-run report as text; every line through printable(),
-    the messages keeping their own lines."""
+    """Return one plan's --dry-run report as text, every line through printable()."""
     if not entry["valid"]:
         lines = [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]]
         return "\n".join(map(printable, lines))
@@ -10980,16 +10817,14 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once:
-    a second signal landing before the cleanup shields itself (shielded_signals)
-    would cut the restore of files or the result short."""
+    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once: a
+    second one before the cleanup shields itself would cut the restore of files short."""
     _ignore_interrupts()
     raise KeyboardInterrupt
 
 
 def _ignore_interrupts() -> None:
     """Ignore SIGINT and SIGTERM from now on (main thread only)."""
-
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
             if sig is not None:
@@ -11026,11 +10861,9 @@ def _call_action(action: Action, config: Config, args: argparse.Namespace) -> in
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run bridge with argv (default sys.argv[1:]); return the exit code.
 
-    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
-    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, and from
-    then on both signals are ignored until the process ends; anything else is a
-    bug: "internal error", exit 70, the traceback only with --debug.
-    """
+    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint) on
+    stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, both ignored from
+    then on; anything else is a bug: exit 70, the traceback only with --debug."""
     parser = build_parser()
     args = parser.parse_args(argv)
     action = chosen_action(args)
@@ -11064,7 +10897,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return missing.exit_code
         if debug:
             import traceback
-
             traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
         print("bridge: internal error (a bug)"
               + ("" if debug else "; run again with --debug to see the traceback"), file=sys.stderr)
@@ -11073,7 +10905,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
 
 def main_entry() -> None:
     """Console-script entry point: install the Ctrl-C and SIGTERM handler, run main, exit.
-
     A SIGINT ignored by whoever started bridge (a background job) stays ignored."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _raise_interrupt)
