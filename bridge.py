@@ -131,7 +131,7 @@ and checks, up to the runner and the command line:
     33 Step scheduling · 34 The model's context · 35 An attempt · 36 A step run ·
     37 A plan run: the checked plan, take-over and files · 38 A plan run: its procedure ·
     39 Runner · 40 CLI: arguments and settings ·
-    41 CLI: listing, server discovery, trust and approval · 42 CLI: health ·
+    41 CLI: listing, what a run will do, stats, trust and approval · 42 CLI: health ·
     43 CLI: running and showing · 44 CLI: diff, undo, review · 45 CLI: the planner's side ·
     46 main()
 """
@@ -179,13 +179,12 @@ SCHEMA_ID = "bridge-plan-v1"
 SCHEMA_FILENAME = "bridge-plan-schema.json"
 
 DEFAULT_BASE_URL = "http://localhost:1234/v1"   # LM Studio's server
-# Where local servers listen by default, tried in this order when no base URL is set
-# (discover_server), loopback only: LM Studio 1234 (lmstudio docs), Ollama 11434
-# (docs/api.md), llama-server 8080 and its announced 9931 (llama.cpp PR #26508), vLLM
-# and llama-cpp-python 8000 (which mcp-memory-service's hooks also use for its own
-# HTTP server: claude-hooks/scripts/ensure-server.js), each with the base URL it takes.
+# The loopback ports discover_server tries, in order, with each one's base URL: LM Studio
+# 1234 (lmstudio docs), Ollama 11434 (docs/api.md), llama-server 8080 and 9931 (llama.cpp
+# PR #26508), vLLM and llama-cpp-python 8000 (also the memory server's own HTTP port:
+# mcp-memory-service claude-hooks/scripts/ensure-server.js).
 DEFAULT_SERVER_PORTS = ((1234, "/v1"), (11434, ""), (8080, "/v1"), (9931, "/v1"), (8000, "/v1"))
-DISCOVER_TIMEOUT_S = 0.5               # a default port is given this long to connect and answer
+DISCOVER_TIMEOUT_S = 0.5               # a default port's time to connect and answer
 DEFAULT_TIMEOUT_S = 300.0        # a JIT model load can hold the first byte this long
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 4              # transport retries of one request (429, 5xx, refused)
@@ -193,78 +192,63 @@ DEFAULT_RETRY_DELAY_S = 1.0      # first backoff delay; doubles each retry
 RETRY_MAX_DELAY_S = 30.0
 RETRY_BUDGET_S = 120.0           # a request gives up once its retries would pass this
 DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # a reply larger than this is cut
-# A body that is not a stream (a server ignoring "stream", /v1/models) may pass
-# --max-output-bytes by this much for its JSON envelope (ids, usage, quotes, escapes)
+# what a body that is not a stream (/v1/models, "stream" ignored) may have on top of
+# --max-output-bytes for its JSON envelope (ids, usage, quotes, escapes)
 RESPONSE_ENVELOPE_BYTES = 65_536
 ERROR_BODY_MAX_BYTES = 65_536          # of an HTTP error body, only this much is read
-# Every request ends by this many seconds after it was sent, whatever trickles in
-# (keep-alive comments, whitespace), unless its step sets timeout_s: 30 minutes is
-# 16k tokens at 10 tokens/s after a 5-minute model load, longer than a step a small
-# model should take, and a stream that never ends stops the same night.
+# A request ends this many seconds after it was sent, whatever trickles in, unless its
+# step sets timeout_s: 16k tokens at 10 tokens/s after a 5-minute model load.
 DEFAULT_REQUEST_DEADLINE_S = 1800.0
 STORED_OUTPUT_MAX_CHARS = 50_000       # outputs kept whole in the result up to this
 LOAD_FILE_MAX_BYTES = 256_000          # a LOAD file larger than this is cut in prompts
-# --diff and --review show a unified diff of a file only when both sides are at most this
-# big (difflib holds each side's lines several times over); larger files are compared by
-# sha256, read in COPY_PIECE_BYTES pieces, so memory is bounded whatever a file's size.
+# --diff and --review show a unified diff only when both sides are at most this big
+# (difflib holds each side's lines several times over); larger files are compared by sha256.
 DIFF_MAX_BYTES = 2_000_000
 COPY_PIECE_BYTES = 1 << 20             # files are hashed, backed up and restored in pieces this big
-# How long one statement waits on a store another process holds locked (SQLite's
-# busy_timeout) before bridge says the store stayed locked: the memory server's own
-# writes (a consolidation, a batch of embeddings) can hold it for seconds; it waits 5 s.
+# How long a statement waits on a store another process holds locked (SQLite's
+# busy_timeout): the memory server's own writes (consolidation, embeddings) take seconds.
 STORE_BUSY_TIMEOUT_S = 30.0
 STORE_WRITE_TRIES = 5                  # BEGIN IMMEDIATE attempts while the server writes
 HEARTBEAT_INTERVAL_S = 30.0            # a running plan refreshes heartbeat_at this often
 STALE_AFTER_S = 180.0                  # an in_progress plan with an older heartbeat is stale
 MAX_PROMPT_CHARS = 1_000_000           # a step prompt longer than this makes the plan invalid
-# A plan memory longer than this (bytes of UTF-8) is never read into memory: its size is
-# asked of SQLite (incremental blob I/O), and a row tagged bridge-plan is reported as an
-# invalid plan that says so. Four step prompts of MAX_PROMPT_CHARS; real plans are KBs.
+# A plan memory longer than this (bytes of UTF-8) is never read: SQLite's incremental blob
+# I/O gives its size, and it is reported as an invalid plan. Real plans are KBs.
 PLAN_MAX_BYTES = 4_000_000
 CHARS_PER_TOKEN = 3.5                  # prompt estimate: errs large (real: 3.5-4.5 chars a token)
-# A token count a server reports (usage) is believed only from 0 to this: ten times the
-# longest context any model serves (Llama 4 Scout's 10M tokens). Outside it, or not an
-# int, the count is unknown and estimated as when none is sent (usage_count).
+# A usage token count is believed only from 0 to this (an int): ten times the longest
+# context served (Llama 4 Scout's 10M tokens); else it is estimated (usage_count).
 USAGE_MAX_TOKENS = 100_000_000
 ANSWER_RESERVE_TOKENS = 1024           # kept free for the answer when a step sets no max_tokens
 MIN_CUT_CHARS = 200                    # a LOAD file or dependency output cut to fit keeps this
-PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many problems
-DEFAULT_KEEP_RUNS = 10                 # file backups of this many runs per plan are kept for --undo
+PROBLEMS_SHOWN = 5                     # an invalid plan's error line names this many
+DEFAULT_KEEP_RUNS = 10                 # runs per plan whose backups are kept for --undo
 RUN_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}"    # what new_run_id() makes
-# JSON read from the store or a plan file nests at most this deep: json, jsonschema and
-# repr recurse once (jsonschema's check_schema ~6 frames) per level, and Python stops at
-# 1000 frames; a real plan with a step schema nests ~10-25 levels.
+# JSON bridge did not write nests at most this deep: json, jsonschema (~6 frames) and repr
+# recurse per level, Python stops at 1000 frames; a real plan nests ~10-25 levels.
 MAX_JSON_DEPTH = 64
 NAME_MAX_BYTES = 255                   # a path component, when os.pathconf cannot say
 PATH_MAX_BYTES = 4096                  # a whole path, likewise
 COMMAND_DEFAULT_TIMEOUT_S = 120.0      # a command validation or verify without timeout_s
-COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (the schema says so too)
+COMMAND_MAX_TIMEOUT_S = 3600.0         # the most timeout_s a plan may ask (as the schema)
 COMMAND_TAIL_BYTES = 8000              # a command output's end kept for the result and run log
 COMMAND_FEEDBACK_CHARS = 3000          # the end of it a retry's prompt shows
-# Thinking (reasoning models: Qwen3, DeepSeek-R1 distills, QwQ, gpt-oss, Gemma 4, Magistral).
-# A step whose answer is bounded (its check is JSON) asks the server not to think
-# (THINKING_OFF_FIELDS); a plan may ask for thinking ("thinking": "on"). A step that asks
-# for it, or whose model was seen thinking earlier in the run, gets this many tokens on
-# top of its answer's max_tokens, at most a quarter of a known context: R1 distills and
-# Qwen3 think for hundreds to a few thousand tokens before a short answer (LM Studio
-# bug tracker #1990, #1602: thinking used the whole max_tokens).
+# Thinking tokens added to a step's max_tokens when it asks for thinking or its model was
+# seen thinking (thinking_reserve): R1 distills and Qwen3 think for hundreds to a few
+# thousand tokens before a short answer (LM Studio bug tracker #1990, #1602).
 THINKING_RESERVE_TOKENS = 2048
 
 DEFAULT_MAX_RETRIES = 2          # the schema's default: further attempts per step
 MAX_RETRIES_LIMIT = 10           # the schema's maximum: --max-retries' default
 DEFAULT_ON_FAILURE = "retry_with_context"
-# How attempts on the local server sample (--retry-sampling; see retry_sampling).
-# "plain": every attempt as the step says. "hotter": the first greedy (temperature 0)
-# unless the step sets one, then a temperature of at least RETRY_TEMPERATURES[attempt
-# - 1] (the step's own when higher) and a new seed, so a retry does not redraw the same
-# answer (DSPy's Refine retries hotter; aider's benchmark retries with the error at
-# temperature 0). "penalty": hotter, plus repeat_penalty where the server takes it
-# (llama.cpp, LM Studio, llama-cpp-python) and DRY on llama.cpp (dry_multiplier 0.8,
-# "a typical recommended value": ggml-org/llama.cpp PR #9702). The default is the one
-# the README's bench figures favour (bench/real_model.py).
+# How attempts on the local server sample (--retry-sampling; retry_sampling): "hotter"
+# retries at a higher temperature and a new seed, so a retry does not redraw the same
+# answer (DSPy's Refine retries hotter; aider's benchmark at temperature 0); "penalty" adds
+# repeat_penalty and DRY (dry_multiplier 0.8, "a typical recommended value":
+# ggml-org/llama.cpp PR #9702). The default: the README's bench figures (bench/real_model.py).
 RETRY_SAMPLING = ("plain", "hotter", "penalty")
 DEFAULT_RETRY_SAMPLING = "hotter"
-RETRY_TEMPERATURES = (0.0, 0.5, 0.8, 1.0)   # attempt 1 (when the step sets none), 2, 3, 4 and later
+RETRY_TEMPERATURES = (0.0, 0.5, 0.8, 1.0)   # attempt 1 (the step sets none), 2, 3, 4 and on
 RETRY_REPEAT_PENALTY = 1.15            # llama.cpp's default is 1.0 (off), LM Studio's 1.1
 RETRY_DRY_MULTIPLIER = 0.8
 DEFAULT_VALIDATION = {"type": "non_empty"}
@@ -274,7 +258,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "for, reply with it in a single fenced block and no commentary."
 )
 
-# The files of a run's folder (runs/<run_id>/ under --state-dir), named once
+# The files of a run's folder (runs/<run_id>/ under --state-dir)
 RUN_INFO_FILE = "run.json"          # plan id, run id, project, started_at
 JOURNAL_FILE = "journal.jsonl"      # each file's original, before it is touched
 STEPS_FILE = "steps.jsonl"          # each finished step, for --resume
@@ -286,16 +270,15 @@ VERIFY_FILE = "verify.jsonl"        # the plan's verify command
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"   # https://docs.anthropic.com/en/api/messages
 PLAN_TAG = "bridge-plan"
 RESULT_TAG = "bridge-result"
-PLAN_MEMORY_TYPE = "planning"          # both are in the memory server's 12.x ontology
+PLAN_MEMORY_TYPE = "planning"          # both in the memory server's 12.x ontology
 RESULT_MEMORY_TYPE = "tool_outcome"
 PLAN_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled", "awaiting_review")
 # What --cancel takes (display statuses): all but a live run and a finished one
 CANCELLABLE_STATUSES = ("pending", "stale", "invalid", "awaiting_review")
 
-# What the same tokens would cost on Claude, in US dollars per million tokens
-# (input, output). Source: https://platform.claude.com/docs/en/about-claude/pricing,
-# as copied by several pricing tables read 2026-11-21 (docs.rs synaps pricing,
-# cogito-claude). Update with the page; --price-model picks the row.
+# What the same tokens would cost on Claude: US dollars per million tokens (input, output).
+# Source: https://platform.claude.com/docs/en/about-claude/pricing, as copied by pricing
+# tables read 2026-11-21 (docs.rs synaps pricing, cogito-claude); --price-model picks a row.
 CLAUDE_PRICES_USD_PER_MTOK = {
     "claude-opus-4-5": (5.00, 25.00),
     "claude-opus-4-1": (15.00, 75.00),
@@ -314,60 +297,51 @@ EXIT_INTERRUPTED = 130
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
-# Ollama: which of its APIs steps go through (--ollama-api). "native" is /api/chat, which
-# takes options.num_ctx; its OpenAI endpoint cannot set the context and cuts an over-long
-# prompt silently (docs/api/openai-compatibility.mdx; llm/llama_server.go).
+# Ollama's APIs (--ollama-api): "native" /api/chat takes options.num_ctx; the OpenAI one
+# cannot set it and cuts a long prompt silently (docs/api/openai-compatibility.mdx).
 OLLAMA_APIS = ("native", "openai")
-# A stream llama-cpp-python cut to serve another request (LLMContention) is sent again
-# after each of these waits in turn (seconds, with jitter; about 30 s in all), then the
-# attempt fails as the server's error.
+# Waits (seconds, with jitter) before resending a stream llama-cpp-python cut to serve
+# another request (LLMContention); then the attempt fails as the server's error.
 CONTENTION_WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
-# The num_ctx a run asks of Ollama: enough for the largest first prompt of the plans it
-# runs plus its answer and this much more, in steps of OLLAMA_NUM_CTX_STEP, at least
-# OLLAMA_MIN_NUM_CTX, never past the model's trained context. One value per run:
-# changing num_ctx between requests reloads the model (aider#4687).
+# The num_ctx a run asks of Ollama: its largest first prompt, answer and slack, in steps,
+# at least the minimum, at most the trained context; one value per run, since a new
+# num_ctx reloads the model (aider#4687).
 OLLAMA_MIN_NUM_CTX = 8192
 OLLAMA_NUM_CTX_STEP = 2048
 OLLAMA_NUM_CTX_SLACK = 1024
 OLLAMA_SHOW_MAX = 32                   # /api/show asked of at most this many models per probe
 
-# The executors, by NAME (register_executor, in the room 'Executors: the registry...'):
-# paid, agentic or remote ones run only when the user allowed them (--allow-executor).
+# The executors by name (register_executor); paid, agentic or remote ones run only when
+# allowed (--allow-executor).
 EXECUTORS: "dict[str, type[Executor]]" = {}
 DEFAULT_EXECUTOR = "openai"     # the executor of a model reference without a prefix
 
 
 def allowable_executors() -> tuple[str, ...]:
-    """The names --allow-executor takes: the executors that need allowing (PAID, AGENTIC
-    or CLOUD), in EXECUTORS order."""
+    """The names --allow-executor takes: executors that need allowing, in EXECUTORS order."""
     return tuple(name for name, cls in EXECUTORS.items() if cls.needs_allowing())
 
 
-# The spend cap of one run, in US dollars: about five step requests (2k prompt + 1k
-# output tokens) on claude-opus-4-1, or some seventy on claude-haiku-4-5; enough for
-# a run's escalations, small enough that a looping or hostile plan costs cents.
+# A run's spend cap, US dollars: about five step requests on claude-opus-4-1, seventy on
+# claude-haiku-4-5; a looping or hostile plan costs cents.
 DEFAULT_MAX_COST_USD = 0.50
 TRUST_FILENAME = "trusted-projects.json"  # in config_dir: {"trusted_projects": [path, …]}
 APPROVALS_FILENAME = "approvals.json"  # in config_dir: {"approvals": {plan id: {content_hash, …}}}
-# What a claude-cli: model's process gets of the user's environment: an allow-list.
-# PATH finds node; HOME and CLAUDE_* hold its login and settings; the rest is locale,
-# terminal, temp folder and proxies. Cloud credentials, tokens and BRIDGE_* stay out.
+# What a claude-cli: process gets of the user's environment (an allow-list): PATH finds
+# node, HOME and CLAUDE_* hold its login; credentials and BRIDGE_* stay out.
 TOOL_ENV_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TMPDIR", "TZ", "LANG", "LANGUAGE",
     "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "SYSTEMROOT"})
 TOOL_ENV_PREFIXES = ("LC_", "CLAUDE_")
-# Variables that hold credentials, in one table. A check command (a command validation,
-# verify) gets none of them unless the user names it (--pass-env, BRIDGE_PASS_ENV); the
-# value of every variable whose *name* looks secret (SECRET_ENV_NAME, SECRET_ENV_NAMES) and
-# is at least SECRET_MIN_CHARS long is redacted from all bridge stores or prints (redact).
-# A name looks secret when a `_`-separated word of it is or ends in TOKEN, SECRET,
-# PASSWORD, PASSWD, PASSPHRASE, APIKEY or CREDENTIAL(S), or is KEY(S), PASS, PAT, CREDS,
-# AUTH, OAUTH, DSN or COOKIE (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID,
-# PGPASSWORD, OPENAI_API_KEY, SSH_AUTH_SOCK; not TOKENIZERS_PARALLELISM, GIT_AUTHOR_NAME).
-SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|APIKEY"
-                             r"|CREDENTIALS?)S?|KEYS?|PASS|PAT|CREDS|AUTH|OAUTH|DSN|COOKIE)(?=_|$)")
+# Variables that hold credentials. A check command gets none of them unless the user names
+# it (--pass-env); the value of every variable whose name looks secret (a `_`-separated
+# word: GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, PGPASSWORD; not TOKENIZERS_PARALLELISM) is
+# redacted from all bridge stores or prints (redact).
+SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE"
+                             r"|APIKEY|CREDENTIALS?)S?|KEYS?|PASS|PAT|CREDS|AUTH|OAUTH|DSN|COOKIE)"
+                             r"(?=_|$)")
 SECRET_ENV_NAMES = frozenset({"DATABASE_URL", "MYSQL_PWD", "REDIS_URL", "MONGODB_URI", "KUBECONFIG",
                               "DOCKER_CONFIG", "NETRC"})
 # the cloud, CI and model-provider families kept out of check commands whole (AWS_REGION too)
@@ -382,13 +356,8 @@ SECRET_MIN_CHARS = 8                   # a shorter value (1, true, us-east) woul
 ###############################################################################
 
 def default_db_candidates(environ: dict[str, str], platform: str = sys.platform) -> list[Path]:
-    """Return the store paths the memory server would use, in the order tried.
-
-    Source: mcp-memory-service config.py (MCP_MEMORY_SQLITE_PATH, then
-    MCP_MEMORY_BASE_DIR/sqlite_vec.db, then the platform data folder), plus the path
-    the original bridge script assumed. BRIDGE_DB and --db come before these.
-    """
-
+    """Return the store paths the memory server would use, in the order tried: source
+    mcp-memory-service config.py, plus the original bridge script's path."""
     home = Path(environ.get("HOME") or Path.home())
     if environ.get("MCP_MEMORY_SQLITE_PATH"):
         return [Path(environ["MCP_MEMORY_SQLITE_PATH"]).expanduser()]
@@ -404,36 +373,30 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
     return [server_default, home / ".mcp-memory-service" / "memories.db"]
 
 
+def _xdg_dir(environ: dict[str, str], variable: str, *under_home: str) -> Path:
+    if environ.get(variable):
+        return Path(environ[variable]).expanduser() / "bridge"
+    return Path(environ.get("HOME") or Path.home(), *under_home, "bridge")
+
+
 def default_config_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_CONFIG_HOME/bridge, else ~/.config/bridge: the user's trust and approvals."""
-
-    if environ.get("XDG_CONFIG_HOME"):
-        return Path(environ["XDG_CONFIG_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".config" / "bridge"
+    return _xdg_dir(environ, "XDG_CONFIG_HOME", ".config")
 
 
 def default_state_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
-
-    if environ.get("XDG_STATE_HOME"):
-        return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".local" / "state" / "bridge"
+    return _xdg_dir(environ, "XDG_STATE_HOME", ".local", "state")
 
 
-# One row per setting (after bottle's ConfigDict._define: a setting's default, check and
-# help in one place). flag and env: where the user sets it (a flag wins over its
-# variable, which wins over the default); field: the Config field it fills; kind: how
-# resolve_config reads it (_READERS in the room 'CLI: arguments and settings'; None: by
-# lines of its own there); limit: the least a number may be, or the names a choice takes
-# (a tuple argparse also checks on the flag, or a function returning one, read when the
-# parser is built; a dict only resolve_config checks); what:
-# its name in an error; shown: how --help gives the default (None: the default itself).
-# A tuple default makes the flag repeatable and the variable comma-separated. Adding a
-# setting is a row here plus config.FIELD where it is used; tests/test_first_page.py
-# reads this table: each row's flag and variable must be on the first page and in the
-# README's tables.
+# One row per setting (after bottle's ConfigDict._define). A flag wins over its variable,
+# which wins over the default; field: the Config field it fills; kind: how resolve_config
+# reads it (_READERS in the room 'CLI: arguments and settings'; None: by lines of its own
+# there); limit: a number's least, or the names a choice takes (a tuple, or a function
+# returning one, argparse checks too; a dict only resolve_config); what: its name in an
+# error; shown: --help's default (None: the default). A tuple default makes the flag
+# repeatable and the variable comma-separated. tests/test_first_page.py checks each row's
+# flag and variable are on the first page and in the README.
 Setting = namedtuple("Setting", "flag env field kind default limit what metavar help shown")
 SETTINGS = tuple(map(Setting._make, (
     ("--db", "BRIDGE_DB", "db_paths", None, None, None, "store", "PATH",
@@ -515,8 +478,7 @@ _CONFIG_DEFAULTS = {                    # the fields of Config no row of SETTING
     "deltas": False,                    # with events: a delta event per streamed piece too
     "db_explicit": False,               # the store came from --db or BRIDGE_DB
     "anthropic_api_key": None,          # str | None: ANTHROPIC_API_KEY
-    # the user's environment less BRIDGE_* and MCP_API_KEY: commands run in it less its
-    # credentials (command_env), a claude-cli: executor in its allow-listed part (claude_env)
+    # the environment less BRIDGE_* and MCP_API_KEY: for command_env and claude_env
     "tool_env": (),                     # tuple[tuple[str, str], ...]
     "trusted_projects": (),             # tuple[Path, ...]: real paths (--trust and
                                         # BRIDGE_TRUSTED_PROJECTS)
@@ -536,21 +498,16 @@ _CONFIG_DEFAULTS = {                    # the fields of Config no row of SETTING
 class Config(namedtuple("Config", [*(row.field for row in SETTINGS), *_CONFIG_DEFAULTS],
                         defaults=[*(row.default for row in SETTINGS[1:]),
                                   *_CONFIG_DEFAULTS.values()])):
-    """Every setting of one bridge invocation, resolved once (see resolve_config).
-
-    A field per row of SETTINGS (its help says what it holds: seconds, bytes, tokens,
-    US dollars) and per key of _CONFIG_DEFAULTS. db_paths (required): the store
-    candidates, first existing wins (a --db or BRIDGE_DB path is the only candidate).
-    allowed_executors: "openai" always, plus those allowed (--allow-executor) or named by
-    the user's own --model or --escalate-to.
-    """
+    """Every setting of one bridge invocation, resolved once (resolve_config): a field per
+    row of SETTINGS (its help gives the unit) and per key of _CONFIG_DEFAULTS. db_paths
+    (required): the store candidates, first existing wins. allowed_executors: "openai",
+    plus those allowed or named by the user's own --model or --escalate-to."""
 
     __slots__ = ()
 
     @property
     def runs_dir(self) -> Path:
         """The folder holding one folder per run: state_dir/runs."""
-
         return Path(self.state_dir, "runs")
 
 
@@ -604,10 +561,9 @@ class PlanNotFound(StoreError):
 
 
 class ResultNotStored(StoreError):
-    """A plan ran but the store refused its result (locked past STORE_WRITE_TRIES,
-    or unwritable): the plan stays in_progress, stale once this process is gone,
-    with its journal and backups kept for --resume or --rerun. A run goes on with
-    its other plans and exits 2."""
+    """A plan ran but the store refused its result (locked or unwritable): the plan stays
+    in_progress (stale once this process is gone), its journal and backups kept for
+    --resume or --rerun; the run goes on with its other plans and exits 2."""
 
 
 RUNTIME_DEPENDENCIES = ("httpx", "jsonschema")     # pyproject.toml's dependencies
@@ -615,8 +571,7 @@ RUNTIME_DEPENDENCIES = ("httpx", "jsonschema")     # pyproject.toml's dependenci
 
 def missing_dependency_error(exc: BaseException) -> ConfigError | None:
     """The one-line error for an import of httpx or jsonschema (or a module of theirs)
-    that failed because the Python running bridge lacks it (python bridge.py outside
-    its venv), or None for any other exception."""
+    the running Python lacks (bridge.py outside its venv), or None for any other."""
     name = getattr(exc, "name", None) or ""
     package = name.partition(".")[0]
     if not isinstance(exc, ModuleNotFoundError) or package not in RUNTIME_DEPENDENCIES:
@@ -627,10 +582,7 @@ def missing_dependency_error(exc: BaseException) -> ConfigError | None:
 
 
 class PlanInvalid(BridgeError):
-    """A plan failed schema or semantic validation; .problems lists every problem.
-
-    The message names the first PROBLEMS_SHOWN of them and how many more there are.
-    """
+    """A plan failed schema or semantic validation; .problems lists every problem."""
 
     exit_code = EXIT_PLAN_FAILED
 
@@ -640,8 +592,7 @@ class PlanInvalid(BridgeError):
 
 
 def problems_line(problems: list[str]) -> str:
-    """Return the first PROBLEMS_SHOWN problems joined by "; ", and "and N more"
-    when there are more (bridge --validate FILE lists every one)."""
+    """Return the first PROBLEMS_SHOWN problems joined by "; ", and "and N more"."""
     shown = "; ".join(problems[:PROBLEMS_SHOWN])
     more = len(problems) - PROBLEMS_SHOWN
     return shown + (f"; and {more} more (bridge --validate lists them all)" if more > 0 else "")
@@ -660,18 +611,13 @@ class OutputInvalid(BridgeError):
 
 
 class OutputDegenerate(OutputInvalid):
-    """A streamed output degenerated (DegenerationGuard) and its request was cancelled;
-    the message says what was seen ("stopped: 212 newlines in a row")."""
+    """A streamed output degenerated (DegenerationGuard) and its request was cancelled."""
 
 
 class LLMError(BridgeError):
-    """The model server failed a request.
-
-    transient: worth retrying the same request (connection, timeout, 429, 5xx).
-    retry_after_s: the server's Retry-After, in seconds, when it sent one.
-    context_overflow: the prompt does not fit the loaded context; resending it
-    unchanged cannot help.
-    """
+    """The model server failed a request. transient: worth retrying the same request;
+    retry_after_s: the server's Retry-After, seconds; context_overflow: the prompt does
+    not fit the loaded context (resending it unchanged cannot help)."""
 
     transient = False
 
@@ -696,8 +642,7 @@ class LLMTimeout(LLMError):
 
 class LLMDeadline(LLMTimeout):
     """A request passed its overall deadline (the step's timeout_s, else
-    DEFAULT_REQUEST_DEADLINE_S) while the server kept sending; not retried, since
-    the same request would run as long again."""
+    DEFAULT_REQUEST_DEADLINE_S): not retried, it would run as long again."""
 
     transient = False
 
@@ -716,18 +661,16 @@ class LLMProtocolError(LLMError):
 
 
 class LLMContention(LLMError):
-    """The server ended a stream to serve another request (llama-cpp-python, unless
-    started with --interrupt_requests False: llama_cpp/server/app.py sends [DONE]
-    with no finish_reason). Not the step's failure: the runner sends it again after a
-    backoff (CONTENTION_WAITS_S)."""
+    """The server ended a stream to serve another request (llama-cpp-python unless
+    --interrupt_requests False: llama_cpp/server/app.py sends [DONE] with no
+    finish_reason); sent again after CONTENTION_WAITS_S."""
 
 
 class LLMServerUnusable(LLMError):
-    """A failure of the model server itself, not of the step sent: a key refused
-    (401/403), no model loaded, the model not there or unable to chat or to load,
-    the server gone past its retries. Every later request would fail the same way,
-    so the run stops once (exit 2): the plans not started stay pending, the plan it
-    cut is left to --resume. status: the HTTP status, or None."""
+    """A failure of the model server, not of the step: a key refused (401/403), no model
+    loaded or able to chat, the server gone past its retries. Every later request would
+    fail the same way, so the run stops once (exit 2); the plan it cut is left to
+    --resume. status: the HTTP status, or None."""
 
     def __init__(self, message: str, hint: str | None = None, status: int | None = None):
         super().__init__(message, hint)
@@ -750,11 +693,8 @@ def sha256_hex(data: Any) -> str:
 
 
 def content_hash(content: str) -> str:
-    """Return the memory server's hash of a memory's content.
-
-    Source: mcp-memory-service utils/hashing.py (sha256 of the stripped, lowercased
-    content).
-    """
+    """Return the memory server's hash of a memory's content (source: mcp-memory-service
+    utils/hashing.py: sha256 of the stripped, lowercased content)."""
     return sha256_hex(content.strip().lower().encode("utf-8"))
 
 
@@ -816,28 +756,23 @@ def tag_safe(text: str) -> str:
 
 
 def _write_line(handle: Any, entry: dict, flush: bool = True) -> None:
-    """Write one JSON line to an open file and, with flush, flush it (no fsync: see
-    its callers)."""
+    """Write one JSON line (redacted) to an open file; with flush, flush it (no fsync)."""
     handle.write(json.dumps(redact(entry), ensure_ascii=False) + "\n")
     if flush:
         handle.flush()
 
 
 def crash_point(crash_at: str | None, name: str) -> None:
-    """Kill this process with SIGKILL at the named point when the test hook asks.
-
-    Only for the crash tests (BRIDGE_CRASH_AT); never set in normal use.
-    """
+    """Kill this process with SIGKILL at the named point when the crash tests ask
+    (BRIDGE_CRASH_AT)."""
     if crash_at == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 class shielded_signals:
-    """Hold SIGINT and SIGTERM off while cleanup runs (restoring files, storing the
-    result), so a second Ctrl-C cannot cut it short; the signals are ignored with
-    a note. With for_good (the run was interrupted and the process is on its way
-    out), they stay ignored afterwards, so a late Ctrl-C cannot turn exit 130 into
-    a traceback. Does nothing outside the main thread, where Python delivers none."""
+    """Hold SIGINT and SIGTERM off (with a note) while cleanup runs, so a second Ctrl-C
+    cannot cut it short. With for_good (the process is on its way out) they stay ignored,
+    so a late Ctrl-C cannot turn exit 130 into a traceback. Main thread only."""
 
     def __init__(self, note: Callable[[str], None], for_good: bool = False):
         self.note, self.saved, self.for_good = note, {}, for_good
@@ -846,7 +781,6 @@ class shielded_signals:
         self.note("finishing cleanup (restoring files, storing the result); please wait")
 
     def __enter__(self) -> "shielded_signals":
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
                 if sig is not None:
@@ -860,23 +794,20 @@ class shielded_signals:
 
 def usage_cost_usd(usage: dict, price: tuple[float, float]) -> float:
     """Return what usage ({"prompt_tokens", "completion_tokens"}) costs at price (US
-    dollars per million input and output tokens, as CLAUDE_PRICES_USD_PER_MTOK), in
-    US dollars, unrounded."""
+    dollars per million input and output tokens), in US dollars, unrounded."""
     return (usage["prompt_tokens"] * price[0] + usage["completion_tokens"] * price[1]) / 1e6
 
 
 def would_cost_usd(usage: dict, price_model: str) -> float:
-    """Return what usage ({"prompt_tokens", "completion_tokens"}) would cost on a Claude
-    model, in US dollars (CLAUDE_PRICES_USD_PER_MTOK), rounded to 1/10000 dollar."""
+    """Return what usage would cost on a Claude model (CLAUDE_PRICES_USD_PER_MTOK), in US
+    dollars rounded to 1/10000."""
     return round(usage_cost_usd(usage, CLAUDE_PRICES_USD_PER_MTOK[price_model]), 4)
 
 
-# Characters a terminal may act on rather than show: C0 controls but tab and newline,
-# DEL, C1 controls (U+009B is a one-character CSI on terminals that honour C1),
-# line and paragraph separators, the bidi embeddings, overrides and isolates that can
-# reorder what a line seems to say (U+202A-202E, U+2066-2069, "Trojan Source"), and
-# lone surrogates (no encoder can write them, so a print would crash). As a regex
-# character class (re compiles and caches it on first use).
+# Characters a terminal may act on rather than show, as a regex character class: C0 but
+# tab and newline, DEL, C1 (U+009B is a one-character CSI), line and paragraph separators,
+# the bidi controls that can reorder a line ("Trojan Source"), and lone surrogates (no
+# encoder writes them, so a print would crash).
 _UNSAFE = "\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
 
 
@@ -888,39 +819,36 @@ def _escape(match: Any) -> str:
 
 
 def narrowed(asked: Any, limit: Any) -> Any:
-    """Return what a plan asked (asked: a number, or None when it asked nothing) when it
-    is lower than the user's limit, else the limit: a plan only narrows the user's limits."""
+    """Return what a plan asked (a number, or None) when lower than the user's limit, else
+    the limit: a plan only narrows the user's limits."""
     return limit if asked is None or asked >= limit else asked
 
 
 def secret_env_name(name: str) -> bool:
-    """True when an environment variable's name says its value is a secret
-    (SECRET_ENV_NAME, SECRET_ENV_NAMES): its value is redacted (redact)."""
+    """True when an environment variable's name says its value is a secret (redacted)."""
     upper = name.upper()
     if upper == "BRIDGE_API_KEY":       # the model server's key (--api-key): a secret
         return True
-    if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names, never holds)
+    if upper.startswith("BRIDGE_"):     # bridge's own settings (BRIDGE_PASS_ENV names one)
         return False
     return upper in SECRET_ENV_NAMES or SECRET_ENV_NAME.search(upper) is not None
 
 
 def credential_env_name(name: str) -> bool:
-    """True when a check command must not get this variable unless the user names it
-    (--pass-env): a secret-looking name, or one of SECRET_ENV_PREFIXES' families."""
+    """True when a check command gets this variable only if the user names it (--pass-env)."""
     return secret_env_name(name) or name.upper().startswith(SECRET_ENV_PREFIXES)
 
 
-# {value: name} of every secret-looking variable of bridge's own environment, and one
-# pattern matching any of them, longest first; set once per invocation by main()
-# (remember_secrets), read by redact().
+# {value: name} of the secrets of bridge's own environment and one pattern matching any,
+# longest first: set by remember_secrets, read by redact.
 _SECRETS: dict[str, str] = {}
 _SECRET_PATTERN: list[Any] = []
 
 
 def remember_secrets(environ: dict[str, str]) -> None:
-    """Take the values redact() hides from environ: those of secret_env_name names at
-    least SECRET_MIN_CHARS long (a value also found under a harmless name is skipped:
-    HOME=/home/me must not vanish because some SECRET_DIR says the same)."""
+    """Take the values redact() hides from environ: those of secret names at least
+    SECRET_MIN_CHARS long, but a value also under a harmless name (HOME=/home/me must not
+    vanish because some SECRET_DIR says the same)."""
     plain = {v for k, v in environ.items() if not secret_env_name(k)}
     found = {v: k for k, v in sorted(environ.items())
              if secret_env_name(k) and len(v) >= SECRET_MIN_CHARS and v not in plain}
@@ -932,8 +860,7 @@ def remember_secrets(environ: dict[str, str]) -> None:
 
 def redact(value: Any) -> Any:
     """Return value with every secret of remember_secrets replaced by "[redacted $NAME]":
-    a str, or the strings inside lists, tuples and dicts (keys too), so a document is
-    redacted before it becomes JSON. Anything else is returned as it is."""
+    a str, or the strings inside lists, tuples and dicts (keys too); else value itself."""
     if not _SECRET_PATTERN:
         return value
     if isinstance(value, str):
@@ -946,31 +873,23 @@ def redact(value: Any) -> Any:
 
 
 def printable(text: Any, multiline: bool = False) -> str:
-    """Return text safe to write to a terminal: every character a terminal could act
-    on (see _UNSAFE: ESC and so CSI/OSC sequences, CR, BEL, backspace,
-    other C0 and C1 controls, bidi overrides and isolates, lone surrogates) becomes
-    a visible escape such as \\x1b or \\u202e. A newline is escaped too (\\n), so a
-    single-line field cannot forge a line, unless multiline (prompts and outputs
-    shown by -v, --show and --dry-run keep their lines). Tabs stay. Applied where
-    text from a plan, a model, a server or the store is printed: Progress, the
-    renderers and main()'s error lines.
-    """
+    """Return text (redacted) safe to write to a terminal: each character of _UNSAFE
+    becomes a visible escape such as \\x1b or \\u202e, and so does a newline (\\n: a
+    one-line field cannot forge a line) unless multiline (prompts and outputs). Tabs stay.
+    For all text from a plan, a model, a server or the store that is printed."""
     text = redact(str(text))
     pattern = f"[{_UNSAFE}]" if multiline else f"[{_UNSAFE}\\n]"
     return re.sub(pattern, _escape, text) if re.search(pattern, text) else text
 
 
-# json.dumps escapes C0 controls itself; with ensure_ascii=False the rest of _UNSAFE
-# would pass raw. Outside strings a JSON text holds none of them, so escaping them as
-# \uXXXX keeps the document exactly the same JSON.
+# the rest of _UNSAFE, which json.dumps(ensure_ascii=False) leaves raw (it escapes C0);
+# outside strings JSON holds none, so \uXXXX escapes keep the same JSON
 _JSON_UNSAFE = "[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 
 
 def json_text(document: Any, indent: int | None = None) -> str:
-    """Return json.dumps(document, ensure_ascii=False, indent=indent) with the
-    characters of _UNSAFE that json leaves raw (DEL, C1, separators, bidi
-    controls, lone surrogates) written as \\u escapes: the same JSON value,
-    readable text, and nothing a terminal acts on (--json and --events)."""
+    """Return json.dumps(redact(document), ensure_ascii=False, indent=indent) with
+    _JSON_UNSAFE as \\u escapes: the same JSON value, nothing a terminal acts on."""
     text = json.dumps(redact(document), indent=indent, ensure_ascii=False)
     if not re.search(_JSON_UNSAFE, text):
         return text
@@ -978,10 +897,9 @@ def json_text(document: Any, indent: int | None = None) -> str:
 
 
 def quiet_closed_stream(stream: Any) -> None:
-    """Point a stream's file descriptor (stdout's, stderr's) at os.devnull once its
-    reader has gone (a BrokenPipeError), so later writes, and Python's flush at exit,
-    neither fail nor print "Exception ignored" (the way the Python docs give for
-    SIGPIPE)."""
+    """Point a stream's file descriptor at os.devnull once its reader has gone (a
+    BrokenPipeError), so later writes and the flush at exit neither fail nor print
+    "Exception ignored" (the Python docs' way for SIGPIPE)."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
@@ -991,18 +909,13 @@ def quiet_closed_stream(stream: Any) -> None:
 
 
 class Events:
-    """The run as a stream of JSON objects, one per line, on stdout (--events).
-
-    Each has "event" (one of EVENT_KINDS), "ts" (ISO 8601 UTC, milliseconds),
-    "plan_id" and, for step events, "step_id", plus the fields of its kind (see the
-    README). Disabled, emit() does nothing; "delta" events are written only with
-    deltas (--deltas): under Claude Code's Monitor tool every line reaches the
-    planner's context, and a line per token would flood it. Safe to call from
-    several threads.
-    """
+    """The run as JSON objects, one per line, on stdout (--events): "event" (of
+    EVENT_KINDS), "ts" (ISO 8601 UTC, milliseconds), "plan_id", "step_id" for step events,
+    and the fields of its kind (README). "delta" events only with deltas (--deltas):
+    under Claude Code's Monitor tool a line per token would flood the planner's context.
+    Thread-safe."""
 
     def __init__(self, enabled: bool, stream: Any = None, deltas: bool = False):
-
         self.enabled, self.stream, self.deltas = enabled, stream, deltas
         self.lock = threading.Lock()
 
@@ -1031,10 +944,8 @@ class Events:
 
 
 class Progress:
-    """Human progress on stderr: a live line per step on a terminal, plain lines
-    otherwise. verbosity 0 shows errors only, 1 progress, 2 prompts and outputs too.
-    Every line goes through printable(): progress and error lines as one line each,
-    prompts and outputs (detail) keeping their newlines."""
+    """Human progress on stderr, through printable(): a live line per step on a terminal,
+    plain lines otherwise. verbosity 0: errors only, 1: progress, 2: prompts and outputs."""
 
     def __init__(self, verbosity: int = 1, stream: Any = None):
         self.stream = stream or sys.stderr
@@ -1090,13 +1001,9 @@ class Progress:
 
 
 def terminal_columns() -> int:
-    """Return the terminal width in columns: $COLUMNS, else the size of stdout's
-    terminal, else 80.
-
-    The rule of shutil.get_terminal_size, here because importing shutil (which
-    imports zlib, bz2 and lzma) costs about 3 ms, and argparse's help formatter
-    would import it for every flag of every start-up.
-    """
+    """Return the terminal width: $COLUMNS, else stdout's terminal's, else 80: the rule
+    of shutil.get_terminal_size, whose import (zlib, bz2, lzma: ~3 ms) argparse's help
+    formatter would make at every start-up."""
     try:
         columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
@@ -1115,10 +1022,9 @@ def terminal_columns() -> int:
 # Every rule for a path bridge did not choose (a plan's, a journal's, the store's); the rooms
 # that read and write files call them and decide none (the model: tarfile's filters).
 #   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
-#   inside    resolve_inside (symlinks followed, still inside the project), real_path
-#   writes    forbidden_target_reason (VCS folders, the store, the state dir),
-#             output_path_problem (a step's file_output), journalled_paths (a journal's)
-#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+#   inside    resolve_inside, real_path
+#   writes    forbidden_target_reason, output_path_problem, journalled_paths
+#   reads     open_regular; secret_file_reason, load_secret_reason (what LOAD never sends)
 # Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
 # inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
@@ -1138,10 +1044,25 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
+    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
+    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
+    (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(name))
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
+
+
 def real_path(path: str | Path) -> Path:
     """bridge's one realpath: path with ~ expanded, symlinks and `..` resolved (need not
     exist); only normalized when a folder swapped under it makes realpath fail (EINVAL)."""
-
     path = os.path.expanduser(os.fspath(path))
     try:
         return Path(os.path.realpath(path))
@@ -1153,7 +1074,6 @@ def plan_path_parts(rel: str) -> list[str]:
     """Return a plan path's components ('.' and empty ones dropped). Raises PathError for one
     empty, with a NUL or lone surrogate, absolute (POSIX, Windows), with '..', or naming the
     project itself."""
-
     if not rel or "\x00" in rel:
         raise PathError(f"path {rel!r} is empty or holds a NUL byte")
     try:
@@ -1174,8 +1094,8 @@ def plan_path_parts(rel: str) -> list[str]:
 
 def same_file_path(rel: str) -> str:
     """Return a plan path as the filesystem sees it (./x.py is x.py, a//x.py a/x.py), so
-    locking, journaling and reporting agree on one name; a path plan_path_parts refuses
-    is returned as it is, for check_plan to refuse."""
+    locking, journaling and reporting agree on one name; one plan_path_parts refuses as
+    it is."""
     try:
         return "/".join(plan_path_parts(rel))
     except PathError:
@@ -1189,8 +1109,7 @@ TEMP_NAME_EXTRA_BYTES = len("..XXXXXXXX" + TEMP_SUFFIX)
 
 def _check_name_lengths(project: Path, rel: str) -> None:
     """Raise PathError for a path the filesystem cannot hold: a name over NAME_MAX bytes (a
-    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX (both by
-    os.pathconf of the project, else NAME_MAX_BYTES and PATH_MAX_BYTES)."""
+    file's leaves TEMP_NAME_EXTRA_BYTES for its temp file), a path over PATH_MAX."""
     def limit(name: str, default: int) -> int:
         try:
             return os.pathconf(project, name)
@@ -1233,8 +1152,8 @@ STORE_SIDECARS = ("", "-wal", "-shm", "-journal")       # SQLite's files beside 
 
 
 class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
-    """What no plan may write, whatever its project: stores (the memory store Paths, and
-    their STORE_SIDECARS) and state_dir (bridge's journals, backups and run logs)."""
+    """What no plan may write: stores (the memory store Paths, with their STORE_SIDECARS)
+    and state_dir (bridge's journals, backups and run logs)."""
 
     __slots__ = ()
 
@@ -1244,21 +1163,20 @@ class Guard(namedtuple("Guard", "stores state_dir", defaults=((), None))):
         return cls(tuple(config.db_paths), config.state_dir)
 
 
-# Folders of version-control systems, whose hooks and config run commands on the next
-# command of that system (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks]
-# in .hg/hgrc; Subversion, Jujutsu, Bazaar, darcs: their own config and hooks).
+# Folders of version-control systems, whose hooks and config run commands on the system's
+# next command (git: hooks/, core.fsmonitor, core.hooksPath; Mercurial: [hooks] in hgrc).
 VCS_FOLDERS = (".git", ".hg", ".svn", ".jj", ".bzr", "_darcs")
 
 
-# What a name may hold that some disk drops when it looks the name up, so that the
-# name still opens a VCS folder: code points HFS+ and APFS ignore (git's utf8.c
-# is_hfs_dotgit), trailing dots and spaces (NTFS, FAT), and 8.3 short names (GIT~1).
+# What some disk drops when it looks a name up, so the name still opens a VCS folder: code
+# points HFS+ and APFS ignore (git's utf8.c is_hfs_dotgit), trailing dots and spaces
+# (NTFS, FAT), 8.3 short names (GIT~1).
 _NAME_IGNORED = "[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]"
 
 
 def vcs_folder_of(name: str) -> str | None:
-    """Return the VCS folder (of VCS_FOLDERS) a path component opens on some disk, or None:
-    ".GIT", ".git.", ".g\u200cit", "GIT~1" all give ".git" (see _NAME_IGNORED)."""
+    """Return the VCS folder a path component opens on some disk, or None: ".GIT", ".git.",
+    ".g\u200cit", "GIT~1" all give ".git"."""
     seen = re.sub(_NAME_IGNORED, "", name).rstrip(" .").casefold()
     for folder in VCS_FOLDERS:
         if seen in (folder, folder.lstrip(".")[:6] + "~1"):
@@ -1278,15 +1196,11 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 def _gitdir_named(folder: str | Path) -> Path | None:
     """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
-    try:        # O_NONBLOCK: a FIFO named .git must not hang the check
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
-        fd = os.open(os.path.join(folder, ".git"), flags)
-    except OSError:         # none (or unreadable)
+    try:
+        handle = open_regular(os.path.join(folder, ".git"), follow_symlinks=True)
+    except OSError:         # none, unreadable, or a folder: a real .git, refused by its name
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
-        os.close(fd)
-        return None
-    with os.fdopen(fd, "rb") as handle:
+    with handle:
         head = handle.read(4096).decode("utf-8", "replace")
     if not head.startswith("gitdir:"):
         return None
@@ -1296,10 +1210,9 @@ def _gitdir_named(folder: str | Path) -> Path | None:
 
 def vcs_target_reason(project: Path, rel: str) -> str | None:
     """Return why project/rel lies in a version-control folder, or None: a component of
-    rel or of the project's path (as given, absolute, real) that opens one of VCS_FOLDERS
-    (vcs_folder_of), a git directory of any name above the target (_is_git_dir: a bare
-    repository, a worktree's gitdir), or the gitdir a `.git` file above it points to."""
-
+    rel or of the project's path (as given, absolute, real) that opens one (vcs_folder_of),
+    a git directory of any name above the target (a bare repository, a worktree's gitdir),
+    or the gitdir a `.git` file above it points to."""
     for part in PurePosixPath(rel.replace("\\", "/")).parts:
         if folder := vcs_folder_of(part):
             return (f"path {rel!r} is under {part}/ ({folder}: its hooks and config run "
@@ -1321,8 +1234,8 @@ def vcs_target_reason(project: Path, rel: str) -> str | None:
 
 def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None) -> str | None:
     """Return why project/rel (a path plan_path_parts accepts) may never be written, or
-    None: in a version-control folder (vcs_target_reason), the store or its sidecars, in
-    the state dir; compared as written and as real. The rule validation and writes use."""
+    None: in a version-control folder, the store or its sidecars, in the state dir;
+    compared as written and as real. The rule of validation and writes."""
     if reason := vcs_target_reason(project, rel):
         return reason
     guard = guard or Guard()
@@ -1341,10 +1254,9 @@ def forbidden_target_reason(project: Path, rel: str, guard: Guard | None = None)
 
 
 def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | None:
-    """Why a step may not write rel (its file_output) in project, or None: a folder's name
-    or a folder, what resolve_inside or forbidden_target_reason refuse, a symlink on its
-    way (the write would refuse it), not a regular file."""
-
+    """Why a step may not write rel (its file_output) in project, or None: a folder, what
+    resolve_inside or forbidden_target_reason refuse, a symlink on its way, not a regular
+    file."""
     if rel.replace("\\", "/").rsplit("/", 1)[-1] in ("", "."):
         return f"{rel!r} names a folder, not a file; give the file's name (e.g. newdir/notes.md)"
     try:
@@ -1373,10 +1285,9 @@ def output_path_problem(project: Path, rel: str, guard: Guard | None) -> str | N
 def journalled_paths(project: Path, entry: dict, backups: Path,
                      guard: Guard | None = None) -> tuple[str, Path | None, list[Path]]:
     """Check an entry of a run's journal.jsonl (read back: untrusted): "path" a plan path
-    project may be written at (forbidden_target_reason), "backup" a file right in backups
-    (real paths), each of "created_dirs" an absolute folder below project. Returns (path,
-    backup or None, created_dirs). Raises PathError."""
-
+    that may be written, "backup" a file right in backups (real paths), each of
+    "created_dirs" an absolute folder below project. Returns (path, backup or None,
+    created_dirs). Raises PathError."""
     rel, backup, folders = entry.get("path"), entry.get("backup") or "", entry.get("created_dirs")
     if not isinstance(rel, str):
         raise PathError(f"path {rel!r} is not a string")
@@ -1400,10 +1311,9 @@ def journalled_paths(project: Path, entry: dict, backups: Path,
     return rel, Path(backup) if backup else None, dirs
 
 
-# What LOAD never sends to a model (secret_file_reason): (pattern, what it holds). A pattern
-# ending in "/" is a folder: every file anywhere under it (a/b/: the two folders in a row);
-# else it is matched against the file's name or, with a "/", the last components of its
-# path. Shell globs, any case. The README's table is this one.
+# What LOAD never sends to a model: (pattern, what it holds). A pattern ending in "/" is a
+# folder anywhere on the path (a/b/: two in a row); else it matches the file's name or, with
+# a "/", its path's last components. Shell globs, any case. The README's table is this one.
 SECRET_LOAD_TABLE = (
     (".ssh/", "SSH keys and config"), (".gnupg/", "GnuPG private keys"),
     (".aws/", "AWS CLI credentials"), (".azure/", "Azure CLI tokens"),
@@ -1439,18 +1349,16 @@ SECRET_LOAD_TABLE = (
 )
 
 
-# Names LOAD reads although a row above matches: public keys and samples of secret files
+# Names LOAD reads although a row above matches: public keys, samples
 SECRET_LOAD_SAMPLES = ("*.pub", "*.example", "*.sample", "*.template", "*.dist")
 
 
-# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~, server.key.orig):
-# the name is checked again without it.
+# What a backup or editor copy adds to a name (id_rsa.bak, .npmrc~): checked without it
 _BACKUP_SUFFIX = r"(?:\.(?:bak|backup|old|orig|save|sav|swp|swo|tmp|copy|prev|[0-9]+)|~)+$"
 
 
 def _secret_row(parts: list[str]) -> tuple[str, str] | None:
     """The row of SECRET_LOAD_TABLE a path (its components) matches, or None."""
-
     parts = [part.casefold() for part in parts]
     folders, name = parts[:-1], parts[-1]
     names = {name, re.sub(_BACKUP_SUFFIX, "", name)} - {""}
@@ -1475,10 +1383,7 @@ def _secret_row(parts: list[str]) -> tuple[str, str] | None:
 
 def secret_file_reason(rel: str) -> str | None:
     """Return why a LOAD path (or a file's absolute real one) looks like a private key or
-    secret store, or None: a row of SECRET_LOAD_TABLE matches (folders anywhere on the
-    path; names also without a _BACKUP_SUFFIX), but SECRET_LOAD_SAMPLES. Its text would go
-    to the model, into the result memory and the run logs."""
-
+    secret store, or None (its text would go to the model, the result and the run logs)."""
     parts = [part for part in PurePosixPath(rel.replace("\\", "/")).parts if part != "/"]
     row = _secret_row(parts) if parts else None
     if row is None:
@@ -1495,7 +1400,7 @@ def secret_file_reason(rel: str) -> str | None:
 def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
     """Why a LOAD of rel (path: where it resolved inside project) may not go to a model, or
     None: secret_file_reason of rel, of it in the real project, or of its real path (a
-    project inside ~/.aws). The one rule for validation and for what approval shows."""
+    project inside ~/.aws). The rule of validation and of approval."""
     real = real_path(path)
     inside = os.path.relpath(real, real_path(project))
     return secret_file_reason(rel) or secret_file_reason(inside) or secret_file_reason(str(real))
@@ -1506,15 +1411,14 @@ def load_secret_reason(project: "Path", rel: str, path: "Path") -> str | None:
 #
 # Every write goes to a temp file in the target's folder, then os.replace: a reader sees
 # the old bytes or the new, never half. In the project the folders are walked by dir_fd,
-# never through a symlink (open_inside, _walk, _replace_in); every file bridge reads is
-# opened by open_regular (no symlink followed unless asked, no wait on a FIFO).
+# never through a symlink; every file bridge reads is opened by open_regular.
 ###############################################################################
 
 
 class FileChange:
-    """What one run did to one path: action is "created" or "modified" (then
-    "reverted" after a rollback). backup: the copy of the original, if any, and
-    mode its permission bits. created_dirs: folders the run made for it, deepest last."""
+    """What one run did to one path: action "created" or "modified" ("reverted" after a
+    rollback); backup: the original's copy, if any; mode: its permission bits;
+    created_dirs: folders the run made for it, deepest last."""
 
     __slots__ = ("path", "action", "backup", "mode", "created_dirs")
 
@@ -1532,7 +1436,7 @@ _HAS_DIR_FD = {os.open, os.mkdir, os.unlink, os.rmdir, os.stat} <= os.supports_d
 
 def _open_root(project: Path) -> int:
     """Open the project folder for the dir_fd walks; PathError when it cannot be, or
-    when this system has no dir_fd operations (they are POSIX: Linux, macOS, BSD)."""
+    when this system has no dir_fd operations (POSIX has)."""
     if not _HAS_DIR_FD:
         raise PathError(f"cannot write safely in {project}: this system has no dir_fd file "
                         "operations", "run bridge on Linux or macOS")
@@ -1543,11 +1447,10 @@ def _open_root(project: Path) -> int:
 
 
 def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[int, int]:
-    """Open the folders parts, one component at a time below dir_fd, never through a
-    symlink (O_NOFOLLOW): return (descriptor of the deepest one reached, how many of
-    parts it is). With make, missing folders are made (mode 0o777 less the umask);
-    else the walk stops at the first missing one. The caller closes the descriptor.
-    Raises PathError when a component is a symlink or not a folder, OSError else."""
+    """Open the folders parts one at a time below dir_fd, never through a symlink: return
+    (descriptor of the deepest one reached, its depth), which the caller closes. With
+    make, missing folders are made (0o777 less the umask); else the walk stops at the
+    first missing one. Raises PathError (a symlink or not a folder) or OSError."""
     fd, depth = os.dup(dir_fd), 0
     try:
         for depth, part in enumerate(parts):
@@ -1572,10 +1475,9 @@ def _walk(dir_fd: int, parts: list[str], rel: str, make: bool = False) -> tuple[
 
 
 def open_inside(project: Path, rel: str) -> Any:
-    """Open project/rel for reading (a binary file object) through real folders of
-    the project and without following a symlink at the end. Raises
-    FileNotFoundError, PathError (a symlink on the way, not a regular file) or
-    OSError (IsADirectoryError on reading a folder)."""
+    """Open project/rel for reading (a binary file object) through real folders, no
+    symlink followed. Raises FileNotFoundError, PathError (a symlink on the way, not a
+    regular file) or OSError (IsADirectoryError on reading a folder)."""
     parts = plan_path_parts(rel)
     root = _open_root(project)
     try:
@@ -1603,10 +1505,9 @@ def open_inside(project: Path, rel: str) -> Any:
 
 
 def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
-    """Return the text of a LOAD file for a prompt: project/rel through real folders only
-    (open_inside), else path; cut at LOAD_FILE_MAX_BYTES with a marker. Raises
-    FileNotFoundError, or PathError when it cannot be read, goes through a symlink, is
-    binary (a NUL byte) or not UTF-8."""
+    """Return the text of a LOAD file for a prompt: project/rel by open_inside, else path;
+    cut at LOAD_FILE_MAX_BYTES with a marker. Raises FileNotFoundError, or PathError
+    (unreadable, a symlink on the way, binary: a NUL byte, or not UTF-8)."""
     try:
         with (open_inside(project, rel) if project is not None else open(path, "rb")) as handle:
             data = handle.read(LOAD_FILE_MAX_BYTES + 1)
@@ -1632,7 +1533,7 @@ def read_load_file(path: Path, rel: str, project: Path | None = None) -> str:
 
 def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     """Return the permission bits of the file name in dir_fd, None when there is none.
-    Raises PathError when it is a symlink or a folder."""
+    Raises PathError when it is a symlink, a folder or not a regular file."""
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -1648,26 +1549,9 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
     return info.st_mode & 0o7777
 
 
-def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
-                 follow_symlinks: bool = False) -> Any:
-    """Open a regular file for reading without waiting on a FIFO and, unless
-    follow_symlinks, without following a symlink: bridge's one way to open a file it
-    reads. Returns a binary file object, or with encoding a text one (undecodable bytes
-    replaced). Raises OSError (ELOOP: a symlink; EINVAL: not a regular file)."""
-    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
-    fd = os.open(name, flags, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(name))
-    if encoding is None:
-        return os.fdopen(fd, "rb")
-    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
-
-
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
-    """Return the sha256 (hex) of a regular file, read in pieces (hashlib.file_digest), so
-    memory stays bounded whatever its size; None when it is missing, a symlink, not a
-    regular file or unreadable."""
+    """Return the sha256 (hex) of a regular file, read in pieces; None when it is missing,
+    a symlink, not a regular file or unreadable."""
     try:
         with open_regular(name, dir_fd) as handle:
             return sha256_hex(handle)
@@ -1677,7 +1561,7 @@ def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
 
 def _same_bytes(handle: Any, name: str, dir_fd: int) -> bool:
     """Tell whether the open binary file handle (read from its start) holds the same bytes
-    as the regular file name in dir_fd, comparing COPY_PIECE_BYTES at a time."""
+    as the regular file name in dir_fd, compared in pieces."""
     try:
         other = open_regular(name, dir_fd)
     except OSError:
@@ -1709,9 +1593,9 @@ def _write_all(fd: int, data: Any) -> None:
 def _replace_in(dir_fd: int, name: str, data: Any, mode: int | None,
                 crash_at: str | None = None) -> None:
     """Write data (bytes, or a binary file object copied in pieces) to name in the folder
-    dir_fd through a new temp file beside it and os.replace, both relative to dir_fd (a
-    folder swapped meanwhile cannot redirect them). mode: the file's bits; None: a new
-    file's (the umask's). Raises OSError; the temp file outlives only a crash."""
+    dir_fd by a temp file beside it and os.replace, both relative to dir_fd (a folder
+    swapped meanwhile cannot redirect them). mode: the file's bits (None: the umask's).
+    Raises OSError; the temp file outlives only a crash."""
     tmp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, _NEW_FILE, 0o600 if mode is not None else 0o666, dir_fd=dir_fd)
     try:
@@ -1746,17 +1630,15 @@ class _suppress:
 ###############################################################################
 # 7. bridge's own files: JSON, records, private folders
 #
-# JSON bridge did not write (plans, store rows, server replies) is read by load_json: at
-# most MAX_JSON_DEPTH deep, no NaN. bridge's own files have one of each: atomic_write,
-# read_json_file and write_json_file, append_jsonl and read_jsonl, private_dir (0o700),
-# private_opener (0o600, never through a symlink); run_folder checks a run id read back.
+# JSON bridge did not write is read by load_json (depth-bounded, no NaN). bridge's own
+# files have one of each: atomic_write, read_json_file, write_json_file, append_jsonl,
+# read_jsonl, private_dir, private_opener; run_folder checks a run id read back.
 ###############################################################################
 
 
 class JSONRefused(ValueError):
-    """JSON that Python's json parses but bridge will not take (a ValueError, as bad
-    JSON is): it nests deeper than MAX_JSON_DEPTH levels, or holds NaN or Infinity,
-    which are not JSON (RFC 8259) and pass every minimum and maximum of a schema."""
+    """JSON that json parses but bridge will not take: nested deeper than MAX_JSON_DEPTH,
+    or holding NaN or Infinity (not JSON, RFC 8259; they pass every schema bound)."""
 
 
 def _refuse_constant(name: str) -> Any:
@@ -1765,7 +1647,7 @@ def _refuse_constant(name: str) -> Any:
 
 def json_depth(value: Any) -> int:
     """Return how deep a parsed JSON value nests (a scalar is 0, [] is 1), without
-    recursion, so any value json.loads could build can be measured."""
+    recursion."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -1778,11 +1660,9 @@ def json_depth(value: Any) -> int:
 
 
 def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a nesting limit, for JSON bridge did not write (plans, store
-    rows, results, metadata, server replies). Raises ValueError for bad JSON and
-    JSONRefused (a ValueError) for NaN or Infinity, or when it nests deeper than
-    max_depth levels or so deep that json itself gives up (RecursionError), so what
-    reads it next cannot recurse to death."""
+    """json.loads with a nesting limit, for JSON bridge did not write, so what reads it
+    next cannot recurse to death. Raises ValueError for bad JSON, JSONRefused (a
+    ValueError) for NaN or Infinity, or past max_depth levels (or json's own limit)."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
@@ -1795,10 +1675,9 @@ def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 
 def load_reply(text: str | bytes) -> Any:
-    """load_json for what a server or executor sent, with every lone surrogate in
-    its strings (a JSON "\\ud800" escape, which no UTF-8 text can hold: the request
-    carrying it back, the file, the run log and the store would all refuse it)
-    replaced by U+FFFD, as undecodable bytes are. Raises ValueError as load_json."""
+    """load_json for what a server or executor sent, with every lone surrogate in its
+    strings (a JSON "\\ud800" escape, which no UTF-8 text, file or store can hold)
+    replaced by U+FFFD. Raises ValueError as load_json."""
     value = load_json(text)
     escaped = b"\\u" in text if isinstance(text, bytes) else "\\u" in text
     return _scrub_surrogates(value) if escaped else value     # surrogates come only from \u escapes
@@ -1816,8 +1695,7 @@ def _scrub_surrogates(value: Any) -> Any:
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None,
                  crash_at: str | None = None) -> None:
-    """bridge's one atomic writer: data to path through a temp file .NAME.*.bridge-tmp
-    (O_EXCL|O_NOFOLLOW) in its folder and os.replace (_replace_in). mode: the file's
+    """bridge's one atomic writer: data to path by _replace_in. mode: the file's
     permission bits (None: the umask's). Raises OSError."""
     dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
@@ -1831,13 +1709,10 @@ OWN_FILE_MAX_BYTES = 16_000_000     # a JSON file of bridge's own larger than th
 
 def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = False,
                    max_bytes: int = OWN_FILE_MAX_BYTES) -> Any:
-    """Return the JSON value of a file bridge reads whole (run.json, reads.json,
-    undone.json; with follow_symlinks, the trust and approvals files, which a dotfile
-    manager may link, and the hooks' config.json): a regular file (open_regular) of at
-    most max_bytes, UTF-8, parsed by load_json (at most MAX_JSON_DEPTH deep). bridge's
-    one JSON file reader. Raises OSError (FileNotFoundError; ELOOP: a symlink; EINVAL:
-    not a regular file, such as a FIFO) or ValueError (not JSON, too deep, too large);
-    with or_none, returns None instead."""
+    """bridge's one JSON file reader: the value of a regular file (open_regular; with
+    follow_symlinks, which a dotfile manager needs for the trust, approvals and hooks
+    files) of at most max_bytes, UTF-8, by load_json. Raises OSError (ELOOP: a symlink;
+    EINVAL: not a regular file, a FIFO) or ValueError; with or_none, returns None."""
     try:
         with open_regular(path, follow_symlinks=follow_symlinks) as handle:
             data = handle.read(max_bytes + 1)
@@ -1851,17 +1726,15 @@ def read_json_file(path: Path, follow_symlinks: bool = False, or_none: bool = Fa
 
 
 def write_json_file(path: Path, document: Any, indent: int | None = None) -> None:
-    """Write document as one JSON text (and a newline) to path, 0o600, by atomic_write:
-    bridge's one JSON file writer. Raises OSError."""
+    """bridge's one JSON file writer: document and a newline to path, 0o600, by
+    atomic_write. Raises OSError."""
     text = json.dumps(document, ensure_ascii=False, indent=indent) + "\n"
     atomic_write(path, text.encode("utf-8"), 0o600)
 
 
 def private_dir(path: Path, tighten: bool = False) -> Path:
-    """Make the folder path, and its missing parents, mode 0o700 (this user's only);
-    return path. An existing folder keeps its mode unless tighten (a run's folder, the
-    config folder: made 0o700 whatever it was). bridge's one way to make a private
-    folder. Raises OSError."""
+    """bridge's one private folder maker: path and its missing parents, 0o700; return
+    path. An existing folder keeps its mode unless tighten. Raises OSError."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -1881,12 +1754,9 @@ def private_opener(path: str, flags: int) -> int:
 
 
 def run_folder(runs_dir: Path, run_id: Any) -> Path:
-    """Return runs_dir/run_id for a run id read back from the store, once checked.
-
-    A run id is what new_run_id() makes (RUN_ID_PATTERN, whole); its folder must be
-    directly in runs_dir and, when it exists, a real folder (not a symlink). Raises
-    PathError saying which, for anything else: nothing read back is a path.
-    """
+    """Return runs_dir/run_id for a run id read back from the store (nothing read back is
+    a path): it must match RUN_ID_PATTERN whole, and its folder, when it exists, be a
+    real folder right in runs_dir. Raises PathError."""
     if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise PathError(f"run id {clip(repr(run_id), 80, 'run id')} is not a bridge run id "
                         "(like 20261204T192316Z-1a2b3c4d); its files are left alone")
@@ -1902,9 +1772,8 @@ def run_folder(runs_dir: Path, run_id: Any) -> Path:
 
 
 def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
-    """Append one JSON line to path (a new file is 0o600, its missing folders 0o700;
-    never through a symlink); with sync, fsync it, so it survives a crash. Raises
-    OSError."""
+    """Append one JSON line to path (a new file 0o600, missing folders 0o700, no symlink
+    followed); with sync, fsync it. Raises OSError."""
     try:
         handle = open(path, "a", encoding="utf-8", opener=private_opener)
     except FileNotFoundError:
@@ -1919,7 +1788,7 @@ def append_jsonl(path: Path, entry: dict, sync: bool = True) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Return the JSON objects of a .jsonl file; a torn last line (a crash) is ignored.
-    The file is opened without following a symlink (OSError, ELOOP, when it is one)."""
+    Raises OSError (ELOOP: a symlink)."""
     entries = []
     try:
         with open_regular(path) as handle:
@@ -1936,16 +1805,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return entries
 
 
-
 ###############################################################################
 # 8. Store layouts
 #
-# The store belongs to the memory server, which may have it open right now. Facts
-# and rules: mcp-memory-service storage/sqlite_vec.py and its migrations. Never
-# UPDATE content (its FTS trigger would corrupt the index); a plan's state lives in
-# bridge's own table (STATE_TABLE), never in metadata, which the server rewrites
-# after every semantic search; short transactions only, never one held open while a
-# model generates; never touch memory_embeddings (needs the vec0 extension).
+# The store belongs to the memory server, which may have it open right now (facts:
+# mcp-memory-service storage/sqlite_vec.py and its migrations). Never UPDATE content (its
+# FTS trigger would corrupt the index); a plan's state lives in STATE_TABLE, never in
+# metadata, which the server rewrites after every semantic search; short transactions
+# only; never touch memory_embeddings (needs the vec0 extension).
 ###############################################################################
 
 LAYOUT_12 = "doobidoo 12.x"
@@ -1962,9 +1829,8 @@ _LAYOUT_COLUMNS = {
 }
 
 
-# The 12.x layout as mcp-memory-service 12.2.0 creates it (storage/sqlite_vec.py),
-# without the vec0 embeddings table: that needs the sqlite-vec extension, and the
-# server creates it (IF NOT EXISTS) when it opens the file.
+# The 12.x layout as mcp-memory-service 12.2.0 creates it (storage/sqlite_vec.py), but the
+# vec0 embeddings table, which the server creates (IF NOT EXISTS) when it opens the file.
 STORE_DDL_12 = """
 CREATE TABLE memories (
     id INTEGER PRIMARY KEY AUTOINCREMENT, content_hash TEXT UNIQUE NOT NULL,
@@ -1991,18 +1857,16 @@ CREATE TRIGGER memories_fts_ad AFTER DELETE ON memories BEGIN
 
 
 class UnreadablePlan(namedtuple("UnreadablePlan", "reason")):
-    """The content of a plan memory that is JSON bridge will not take (it nests too
-    deep or holds NaN, see load_json); reason says why. check_plan reports it as the problem."""
+    """The content of a plan memory that is JSON bridge will not take (load_json); reason
+    says why, and check_plan reports it."""
 
     __slots__ = ()
 
 
 # bridge's one table in the memory server's file: a plan's state, keyed by the plan
-# memory's content_hash (its content never changes, so neither does the key). The
-# server's write-backs, its tools and its HTTP API only touch its own tables, so
-# nothing there can undo a claim or a finish. CREATE ... IF NOT EXISTS: the server
-# never creates, reads or drops it; `memory check-db` and the server's migrations
-# ignore tables they do not know (checked on 12.2.0 and 12.4.0: tests/test_real_server.py).
+# memory's content_hash (which never changes). The server's write-backs, tools and HTTP
+# API touch only their own tables, so nothing there undoes a claim or a finish; its
+# migrations and `memory check-db` ignore this one (12.2.0, 12.4.0: tests/test_real_server.py).
 STATE_TABLE = "bridge_plan_state"
 STATE_COLUMNS = ("status", "plan_id", "run_id", "claimed_at", "heartbeat_at", "owner_host",
                  "owner_pid", "finished_at", "error", "result_hash", "resumed_from")
@@ -2018,9 +1882,8 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     extra TEXT,                        -- any other field of the state, as a JSON object
     updated_at TEXT NOT NULL)
 """
-# Tags the server's consolidation puts on the rows it makes (compression: `cluster`,
-# `compressed`; associations: `association`); such a row is never a plan, even when it
-# shares a plan's tags (mcp-memory-service consolidation/compression.py, consolidator.py).
+# Tags of the rows the server's consolidation makes, never plans even with a plan's tags
+# (mcp-memory-service consolidation/compression.py, consolidator.py).
 CONSOLIDATION_TAGS = frozenset({"cluster", "compressed", "association"})
 SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its 800-character "
                       "limit: MCP_HYBRID_MAX_CONTENT_LENGTH, MCP_SQLITEVEC_MAX_CONTENT_LENGTH): "
@@ -2028,25 +1891,23 @@ SPLIT_PLAN_PROBLEM = ("plan split into {chunks} chunks by the memory server (its
 
 
 def _summary_text(value: Any, max_chars: int) -> str:
-    """Return value as one line of at most max_chars characters (plans are untrusted:
-    no newline or control character of theirs may shape the summary)."""
+    """Return value as one line of at most max_chars characters, controls made spaces."""
     text = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(value or "")).split())
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
 class ResultMemory(namedtuple("ResultMemory", "content tags metadata conversation_id state")):
-    """A result memory as Store.finish stores it (result_memory builds it): content,
-    tags (list of str), metadata (dict), conversation_id (the run id, for the memory
-    server's HTTP API) and state, the plan's final {"status", "finished_at", "error"}."""
+    """A result memory as Store.finish stores it: content, tags (list of str), metadata
+    (dict), conversation_id (the run id, for the HTTP API) and state, the plan's final
+    {"status", "finished_at", "error"}."""
 
     __slots__ = ()
 
 
 def parse_result_content(content: str) -> dict | None:
-    """Return the result document of a result memory's content (result_content: the
-    JSON of its last line, or the whole content as JSON for results stored before the
-    summary existed), or None when it is not one: a JSON object whose "type" is
-    "bridge_result"."""
+    """Return the result document of a result memory's content (the JSON of its last line,
+    or of the whole, as older results hold), or None when it is not one: an object whose
+    "type" is "bridge_result"."""
     for text in (content.rpartition("\n")[2], content):
         try:
             document = load_json(text)
@@ -2060,30 +1921,27 @@ def parse_result_content(content: str) -> dict | None:
 ###############################################################################
 # 9. The memory server's HTTP API
 #
-# The memory server's HTTP API (`memory server --http`), for result memories the server
-# embeds itself. Source: mcp-memory-service web/api/memories.py and web/api/health.py,
-# checked against 12.4.0 (tests/test_real_server.py): POST /api/memories {content,
-# tags, memory_type, metadata, conversation_id} -> {success, message, content_hash};
-# GET /api/health answers without a key, GET /api/health/detailed needs it (401).
+# `memory server --http`, for result memories the server embeds itself. Source:
+# mcp-memory-service web/api/memories.py and health.py, checked against 12.4.0
+# (tests/test_real_server.py): POST /api/memories {content, tags, memory_type, metadata,
+# conversation_id} -> {success, message, content_hash}; GET /api/health needs no key,
+# GET /api/health/detailed does (401).
 ###############################################################################
 
 
-# an embedding on a CPU takes well under a second; a model load longer
-MEMORY_API_TIMEOUT_S = 30.0
+MEMORY_API_TIMEOUT_S = 30.0            # an embedding on a CPU: under a second; a load longer
 MEMORY_API_MAX_BODY_BYTES = 1_000_000  # the server refuses bodies over 1 MiB
 MEMORY_API_MAX_REPLY_BYTES = 65_536    # an answer longer than this is not the API's
-# Each request ends by this many seconds after it was sent, however the server trickles
-# its answer (timeout_s is per read): four times the per-read limit, for a first store
-# that loads the embedding model.
+# A request ends this many seconds after it was sent, however the server trickles its
+# answer (timeout_s is per read): for a first store that loads the embedding model.
 MEMORY_API_DEADLINE_S = 120.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def check_memory_url(url: str) -> str:
     """Return the memory server's base URL (no trailing slash) when it is an http URL on
-    this machine (LOOPBACK_HOSTS); raise ConfigError otherwise. Only the user's flag or
-    environment sets it: the key goes with every request."""
-
+    this machine (LOOPBACK_HOSTS: the key goes with every request); else raise
+    ConfigError."""
     # urlsplit drops \r, \n and \t silently; httpx then refuses the URL mid-run
     if re.search(r"[\x00-\x20\x7f-\x9f]", url):
         raise ConfigError(f"memory URL {url!r} holds a control character or a space",
@@ -2102,20 +1960,16 @@ def check_memory_url(url: str) -> str:
     return url.rstrip("/")
 
 
-# the settings of the memory server's Claude Code hooks, as bridge names the file
 HOOKS_CONFIG_SHOWN = "~/.claude/hooks/config.json"
 HOOKS_CONFIG_MAX_BYTES = 1_000_000
 
 
 def hooks_memory_endpoint(home: Path) -> tuple[str | None, str | None, str | None]:
     """Return (url, api_key, note) from the memory server's Claude Code hooks' settings,
-    home/.claude/hooks/config.json: memoryService.http.endpoint and .apiKey (the
-    hooks' current layout), else memoryService.endpoint and .apiKey (the older
-    template). url is check_memory_url's form, or None: then note says why (no
-    endpoint, unreadable, or not an http URL on this machine) when the file exists.
-    Source: mcp-memory-service claude-hooks/config.json, config.template.json and
-    scripts/ensure-server.js (keeps `memory server --http` on 127.0.0.1:8000).
-    Never raises."""
+    home/.claude/hooks/config.json: memoryService.http.endpoint and .apiKey, else the
+    older template's memoryService.endpoint and .apiKey. url: check_memory_url's form, or
+    None, when note says why if the file exists. Never raises. Source: mcp-memory-service
+    claude-hooks/config.json, config.template.json, scripts/ensure-server.js."""
     path = home / ".claude" / "hooks" / "config.json"
     try:        # a FIFO there is refused (open_regular), never waited on
         document = read_json_file(path, follow_symlinks=True,
@@ -2142,21 +1996,23 @@ def hooks_memory_endpoint(home: Path) -> tuple[str | None, str | None, str | Non
 
 
 def server_label(value: Any) -> str | None:
-    """Return a short label the memory server sent (its version, its backend) as it will
-    be shown: a str or number as text, at most 80 characters, None for anything else.
-    Printing still goes through printable(): the text may hold escape sequences."""
+    """Return a label the memory server sent (version, backend): a str or number as text
+    of at most 80 characters (still to be printed through printable()), else None."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return None
     return clip(str(value), 80, "label")
 
 
+def _late_answer(deadline_s: float) -> ValueError:
+    return ValueError(f"no whole answer within {deadline_s:g} s (MEMORY_API_DEADLINE_S)")
+
+
 class MemoryAPI:
-    """A client of the memory server's HTTP API at url (see check_memory_url), sending
-    api_key (MCP_API_KEY) as X-API-Key. timeout_s: seconds to connect or wait for
-    each part of an answer; deadline_s: seconds the whole request may take (None:
-    MEMORY_API_DEADLINE_S). Its answers are read as hostile: at most
-    MEMORY_API_MAX_REPLY_BYTES, JSON by load_reply (the depth guard), every string
-    printed through printable(). Nothing here raises: every failure is a reason string."""
+    """A client of the memory server's HTTP API at url, sending api_key (MCP_API_KEY) as
+    X-API-Key. timeout_s: seconds to connect or wait for each piece of an answer;
+    deadline_s: seconds the whole request may take (None: MEMORY_API_DEADLINE_S). Answers
+    are hostile: at most MEMORY_API_MAX_REPLY_BYTES, by load_reply. Never raises: every
+    failure is a reason string."""
 
     def __init__(self, url: str, api_key: str | None, timeout_s: float = MEMORY_API_TIMEOUT_S,
                  deadline_s: float | None = None):
@@ -2164,13 +2020,12 @@ class MemoryAPI:
 
         self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
         self.deadline_s, self._httpx = deadline_s, httpx
+        self._failures = (httpx.HTTPError, httpx.InvalidURL, ValueError)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
-        """Return (HTTP status, parsed JSON or None) within the request's deadline: the
-        request runs in a daemon thread, so a server trickling its status line or headers
-        cannot hold bridge past it either. Raises httpx.HTTPError, httpx.InvalidURL or
-        ValueError (an answer too long or too late)."""
-
+        """Return (HTTP status, parsed JSON or None) within the request's deadline, in a
+        daemon thread, so a server trickling its headers cannot hold bridge past it. Raises
+        httpx.HTTPError, httpx.InvalidURL or ValueError (an answer too long or too late)."""
         deadline_s = MEMORY_API_DEADLINE_S if self.deadline_s is None else self.deadline_s
         deadline = time.monotonic() + deadline_s
         outcome: list[Any] = []
@@ -2185,7 +2040,7 @@ class MemoryAPI:
         worker.start()
         worker.join(deadline_s)
         if not outcome:     # the worker stops by itself at the next piece or timeout_s
-            raise ValueError(f"no whole answer within {deadline_s:g} s (MEMORY_API_DEADLINE_S)")
+            raise _late_answer(deadline_s)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
@@ -2201,8 +2056,7 @@ class MemoryAPI:
                     if len(raw) > MEMORY_API_MAX_REPLY_BYTES:
                         raise ValueError(f"an answer over {MEMORY_API_MAX_REPLY_BYTES} bytes")
                     if time.monotonic() > deadline:
-                        raise ValueError(f"no whole answer within {deadline_s:g} s "
-                                         "(MEMORY_API_DEADLINE_S)")
+                        raise _late_answer(deadline_s)
         try:
             return response.status_code, load_reply(raw)
         except ValueError:      # not JSON, NaN, or nested past MAX_JSON_DEPTH
@@ -2210,9 +2064,9 @@ class MemoryAPI:
 
     def store(self, content: str, tags: list[str], memory_type: str, metadata: dict,
               conversation_id: str) -> tuple[str | None, str | None]:
-        """POST one memory; return (its content_hash, None) when the server stored it,
-        else (None, why not). conversation_id (the run id) keeps the server's 24-hour
-        near-duplicate check from refusing a rerun's result."""
+        """POST one memory; return (its content_hash, None), else (None, why not).
+        conversation_id (the run id) keeps the server's 24-hour near-duplicate check from
+        refusing a rerun's result."""
         body = {"content": content, "tags": tags, "memory_type": memory_type,
                 "metadata": metadata, "conversation_id": conversation_id}
         size = len(json.dumps(body).encode("utf-8"))
@@ -2221,7 +2075,7 @@ class MemoryAPI:
                           f"{MEMORY_API_MAX_BODY_BYTES}")
         try:
             status, reply = self._request("POST", "/api/memories", body)
-        except (self._httpx.HTTPError, self._httpx.InvalidURL, ValueError) as exc:
+        except self._failures as exc:
             return None, f"cannot reach it: {_summary_text(exc, 200) or type(exc).__name__}"
         digest = reply.get("content_hash") if isinstance(reply, dict) else None
         if status == 200 and isinstance(reply, dict) and reply.get("success") is True \
@@ -2233,15 +2087,15 @@ class MemoryAPI:
         return None, f"HTTP {status}" + (f": {_summary_text(message, 200)}" if message else "")
 
     def probe(self) -> dict:
-        """Return {"reachable", "key_accepted", "version", "backend", "error"} from GET
-        /api/health (no key needed) and GET /api/health/detailed (needs the key)."""
+        """Return {"url", "reachable", "key_accepted", "version", "backend", "error"} from
+        GET /api/health and /api/health/detailed."""
         report: dict[str, Any] = {"url": self.url, "reachable": False, "key_accepted": None,
                                   "version": None, "backend": None, "error": None}
         try:
             status, _ = self._request("GET", "/api/health")
             report["reachable"] = status == 200
             detail_status, detail = self._request("GET", "/api/health/detailed")
-        except (self._httpx.HTTPError, self._httpx.InvalidURL, ValueError) as exc:
+        except self._failures as exc:
             why = _summary_text(exc, 200) or type(exc).__name__
             report["error"] = f"cannot reach {self.url}: {why}"
             return report
@@ -2262,7 +2116,7 @@ class MemoryAPI:
 ###############################################################################
 # 10. Store (SQLite)
 # Short transactions on someone else's file: opening it, writing a memory the way the
-# memory server does, its health. Plan states, plans and results: the next two rooms.
+# memory server does, its health.
 ###############################################################################
 
 
@@ -2272,13 +2126,23 @@ READ_ONLY_STORE_HINT = ("the file or its folder is read-only (a read-only mount,
 
 
 def store_locked_error(path: Path, waited_s: float | None = None) -> StoreError:
-    """The error of a store that another process kept locked for waited_s seconds
-    (default STORE_BUSY_TIMEOUT_S, SQLite's busy_timeout)."""
+    """The error of a store another process kept locked for waited_s seconds (None:
+    STORE_BUSY_TIMEOUT_S)."""
     waited_s = STORE_BUSY_TIMEOUT_S if waited_s is None else waited_s
     return StoreError(f"the store {path} stayed locked for {waited_s:g} s "
                       "(another process holds it)",
                       "retry when that process is done: the memory server's own writes end in "
                       "seconds; a program holding it longer (an open sqlite3 shell) must let it go")
+
+
+def _busy(exc: Exception) -> bool:
+    """Whether an sqlite3 error says another process holds the store."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _write_error(path: Path, exc: Exception) -> StoreError:
+    return StoreError(f"cannot write the store {path}: {exc}",
+                      READ_ONLY_STORE_HINT if "readonly" in str(exc) else None)
 
 
 def sqlite3_module() -> Any:
@@ -2290,10 +2154,9 @@ def sqlite3_module() -> Any:
 
 
 class StoreFile:
-    """The memory server's SQLite file: its layout (mcp-memory-service 12.x or 10.x, or
-    the original script's: _LAYOUT_COLUMNS; None for any other, which open refuses),
-    write transactions, memories written the way the server does, its health. bridge
-    uses its subclass Store: `with Store.open(config) as store: ...`."""
+    """The memory server's SQLite file: its layout (of _LAYOUT_COLUMNS; None for any
+    other, which open refuses), write transactions, memories written the way the server
+    does, its health. bridge uses its subclass Store: `with Store.open(config) as s:`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, crash_at: str | None = None):
         """Read the file's layout from conn. Raises sqlite3.Error when it cannot be read."""
@@ -2310,10 +2173,9 @@ class StoreFile:
 
     @classmethod
     def open(cls, config: Config) -> "Store":
-        """Open the first existing store of config.db_paths. Opening writes nothing:
-        STATE_TABLE is made by the first state bridge records there (_set_state).
-        Raises StoreError naming every path tried when none exists, or when the file
-        is not SQLite or has a layout bridge does not know."""
+        """Open the first existing store of config.db_paths, writing nothing (STATE_TABLE
+        comes with the first state recorded). Raises StoreError when none exists (naming
+        every path tried), or the file is not SQLite or of a layout bridge does not know."""
         sqlite3 = sqlite3_module()
         path = next((p for p in config.db_paths if p.is_file()), None)
         if path is None:
@@ -2327,7 +2189,7 @@ class StoreFile:
             conn.execute(f"PRAGMA busy_timeout = {int(STORE_BUSY_TIMEOUT_S * 1000)}")
             store = cls(conn, path, config.crash_at)
         except sqlite3.Error as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _busy(exc):
                 raise store_locked_error(path) from exc
             raise StoreError(f"cannot read the store {path}: {exc}",
                              "check that it is the memory server's SQLite file") from exc
@@ -2341,10 +2203,8 @@ class StoreFile:
 
     @staticmethod
     def create(path: Path) -> None:
-        """Create an empty store at path in the memory server's 12.x layout.
-
-        Raises StoreError when path exists, its folder does not, or it cannot be written.
-        """
+        """Create an empty store at path in the memory server's 12.x layout. Raises
+        StoreError when path exists, its folder does not, or it cannot be written."""
         sqlite3 = sqlite3_module()
         if path.exists():
             raise StoreError(f"cannot create a store at {path}: the file exists")
@@ -2371,6 +2231,10 @@ class StoreFile:
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                  (name,)).fetchone() is not None
 
+    def _or_null(self, column: str) -> str:
+        """column (as "name" or "alias.name") when the layout has it, else NULL."""
+        return column if column.rpartition(".")[2] in self.columns else "NULL"
+
     def _live_filter(self, alias: str = "m") -> str:
         clauses = []
         if "deleted_at" in self.columns:
@@ -2385,15 +2249,13 @@ class StoreFile:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except self.sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    if attempt < STORE_WRITE_TRIES:
-                        time.sleep(0.05 * attempt)
-                        continue
-                    waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
-                    raise store_locked_error(self.path, waited_s) from exc
-                raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                 READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                    from exc
+                if not _busy(exc):
+                    raise _write_error(self.path, exc) from exc
+                if attempt < STORE_WRITE_TRIES:
+                    time.sleep(0.05 * attempt)
+                    continue
+                waited_s = STORE_WRITE_TRIES * STORE_BUSY_TIMEOUT_S
+                raise store_locked_error(self.path, waited_s) from exc
             try:
                 result = work()
                 self.conn.execute("COMMIT")
@@ -2401,18 +2263,14 @@ class StoreFile:
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, self.sqlite3.Error):
-                    raise StoreError(f"cannot write the store {self.path}: {exc}",
-                                     READ_ONLY_STORE_HINT if "readonly" in str(exc) else None) \
-                        from exc
+                    raise _write_error(self.path, exc) from exc
                 raise
 
     def insert_memory(self, content: str, tags: list[str], memory_type: str,
                       metadata: dict) -> str:
-        """Insert one memory the way the memory server does; return its content_hash.
-        Call inside _write. Fills the hash, both timestamps and their _iso twins,
-        store='default' and embedding_pending=0 where the layout has those columns
-        (no embedding: tag and keyword search find it, semantic search does not).
-        Raises StoreError when identical content is already stored."""
+        """Insert one memory the way the memory server does (no embedding: tag and keyword
+        search find it, semantic search does not); return its content_hash. Call inside
+        _write. Raises StoreError when identical content is already stored."""
         now = time.time()
         digest = content_hash(content)
         tags_text = ",".join(tag_safe(t.strip()) for t in tags)
@@ -2440,8 +2298,8 @@ class StoreFile:
         return digest
 
     def soft_delete(self, row_id: Any) -> None:
-        """Mark one memory deleted the way the memory server does (deleted_at and
-        updated_at). Call inside _write. Raises StoreError on a layout without it."""
+        """Mark one memory deleted the way the memory server does. Call inside _write.
+        Raises StoreError on a layout without deleted_at."""
         if "deleted_at" not in self.columns:
             raise StoreError(f"the store {self.path} ({self.layout} layout) has no soft delete",
                              "delete the old plan by hand, then submit again")
@@ -2456,12 +2314,10 @@ class StoreFile:
                                  f"AND {self._live_filter()}", (digest,)).fetchone() is not None
 
     def check_usable(self) -> str | None:
-        """Return why a run could not use this store, or None when it can. Runs PRAGMA
-        quick_check (https://sqlite.org/pragma.html#pragma_quick_check:
-        "ok", else the problems found, such as a corrupted page), then proves a
-        write can be made: BEGIN IMMEDIATE, CREATE TABLE of a probe, ROLLBACK, so the
-        file is never changed (a read-only mount fails here, "attempt to write a
-        readonly database"). A store busy with another writer counts as writable."""
+        """Return why a run could not use this store, or None: PRAGMA quick_check
+        (https://sqlite.org/pragma.html#pragma_quick_check: "ok", else the problems), then
+        a probe table created and rolled back, so the file is never changed (a read-only
+        mount fails here). A store busy with another writer counts as writable."""
         try:
             found = [row[0] for row in self.conn.execute("PRAGMA quick_check(5)")]
         except self.sqlite3.DatabaseError as exc:
@@ -2471,7 +2327,7 @@ class StoreFile:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except self.sqlite3.OperationalError as exc:
-            return None if "locked" in str(exc) or "busy" in str(exc) else f"cannot write: {exc}"
+            return None if _busy(exc) else f"cannot write: {exc}"
         try:
             self.conn.execute("CREATE TABLE bridge_write_probe (x)")
         except self.sqlite3.DatabaseError as exc:
@@ -2481,13 +2337,11 @@ class StoreFile:
         return None
 
     def memory_report(self) -> dict:
-        """Return the store as the memory server sees it: {"schema_version" (its
-        metadata table's schema_version, or None), "migrations" (rows of its
-        migration_registry, or None), "state_table" (STATE_TABLE exists),
-        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or
-        bridge-result), "without_embedding" (of those, rows with no vec0 entry, read
-        from the vec0 shadow table memory_embeddings_rowids, whose rowid is
-        memories.id; None without it)}."""
+        """Return the store as the memory server sees it: {"schema_version" (or None),
+        "migrations" (rows of migration_registry, or None), "state_table" (bool),
+        "plans_recorded", "bridge_rows" (live rows tagged bridge-plan or bridge-result),
+        "without_embedding" (of those, rows missing from the vec0 shadow table
+        memory_embeddings_rowids, whose rowid is memories.id; None without it)}."""
         def count(sql: str) -> int:
             return self.conn.execute(sql).fetchone()[0]
 
@@ -2516,21 +2370,19 @@ class StoreFile:
 
 ###############################################################################
 # 11. Store: plan states and claims
-# Every piece of claiming a plan that is the store's: the plan record and its
-# effective status (stale: its owner is gone), STATE_TABLE read and written (and
-# migrated from an older bridge's metadata), the claim, the heartbeat, the release,
-# the cancel, and a run that died after storing its result settled by that result.
+# The plan record and its effective status, STATE_TABLE read and written (and migrated
+# from an older bridge's metadata), claim, heartbeat, release, cancel, and a run that died
+# after storing its result settled by that result.
 ###############################################################################
 
 
 class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_at tags digest "
                             "saved", defaults=("", None, None))):
-    """One plan memory as read from the store. row_id: memories.id (an int; a str in
-    the original layout). content, tags: the row's text. plan: the parsed content (a
-    dict for a well-formed plan; anything else is reported as invalid). metadata: the
-    row's metadata object (the server's; never read for state). created_at: as stored
-    (Unix seconds, or ISO text in the original layout). digest: the row's content_hash
-    (None: computed from content). saved: its STATE_TABLE row as a state dict, or None."""
+    """One plan memory as read from the store. row_id: memories.id (an int; a str in the
+    original layout). content, tags: the row's text. plan: the parsed content (a dict, else
+    reported as invalid). metadata: the row's object (never read for state). created_at:
+    Unix seconds (ISO text in the original layout). digest: the row's content_hash (None:
+    computed). saved: its STATE_TABLE row as a state dict, or None."""
 
     __slots__ = ()
 
@@ -2541,8 +2393,8 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def chunks(self) -> int:
-        """How many chunks the memory server split this memory into (its metadata's
-        total_chunks, set by memory_store on content over its length limit), else 0."""
+        """How many chunks the memory server split this memory into (metadata's
+        total_chunks), else 0."""
         total = self.metadata.get("total_chunks")
         if "chunk_index" in self.metadata and isinstance(total, int) and total > 1:
             return total
@@ -2557,9 +2409,7 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def state(self) -> dict:
-        """The bridge's recorded state (from STATE_TABLE), or {}: status, run_id,
-        claimed_at, heartbeat_at, owner {"host", "pid"}, finished_at, error,
-        result_hash, resumed_from."""
+        """The recorded state, or {}: STATE_COLUMNS' keys, owner {"host", "pid"} and extras."""
         return self.saved if isinstance(self.saved, dict) else {}
 
     @property
@@ -2579,11 +2429,9 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
     @property
     def stale(self) -> bool:
-        """True when in_progress but its owner is gone: the owner process no longer
-        runs on this host, or its heartbeat is more than STALE_AFTER_S seconds away
-        from now, in the past or the future (a running bridge refreshes it every
-        HEARTBEAT_INTERVAL_S; one in year 9999 is a forgery), or it has none that
-        reads as a time (a plan whose own content says in_progress has none)."""
+        """True when in_progress but its owner is gone: its process no longer runs on this
+        host, or its heartbeat is more than STALE_AFTER_S seconds from now, past or future
+        (one in year 9999 is a forgery), or there is no heartbeat that reads as a time."""
         if self.status != "in_progress":
             return False
         owner = self.owner
@@ -2616,8 +2464,8 @@ class PlanRecord(namedtuple("PlanRecord", "row_id content plan metadata created_
 
 
 class PlanStates(StoreFile):
-    """The plans' states in the store (keyed by the plan memory's content_hash; see
-    STATE_TABLE) and their claims. Store is the class to use."""
+    """The plans' states in the store (STATE_TABLE) and their claims. Store is the class
+    to use."""
 
     def reload(self, record: PlanRecord) -> PlanRecord:
         """Return record with its state read again (another process may have changed it)."""
@@ -2629,9 +2477,8 @@ class PlanStates(StoreFile):
         return self._has_table(STATE_TABLE)
 
     def _create_state_table(self) -> None:
-        """Create STATE_TABLE and fill it from the metadata["bridge"] objects an older
-        bridge wrote: the migration, run once. Call inside _write: the table, its
-        migrated rows and the state being recorded commit together."""
+        """Create STATE_TABLE, filled from the metadata["bridge"] objects an older bridge
+        wrote (the migration). Call inside _write: all of it commits with the state."""
         if not self._has_table(STATE_TABLE):      # another process may have made it first
             self.conn.execute(STATE_DDL)
             for digest, state in self._legacy_states().items():
@@ -2639,15 +2486,12 @@ class PlanStates(StoreFile):
 
     def _legacy_states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
         """Return {content_hash: state} from every row whose metadata holds an older
-        bridge's "bridge" object with a known status (anything else is ignored).
-
-        rows: (content_hash or None, content, metadata) of the rows to look at, e.g.
-        the plan candidates find_plans already read; None reads every such row of the
-        store (a scan: the migration, once)."""
+        bridge's "bridge" object with a known status. rows: (content_hash or None,
+        content, metadata) to look at; None: a scan of the store (the migration)."""
         if rows is None:
-            digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-            rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
-                                     "WHERE instr(metadata, '\"bridge\"') > 0").fetchall()
+            sql = (f"SELECT {self._or_null('content_hash')}, content, metadata FROM memories "
+                   "WHERE instr(metadata, '\"bridge\"') > 0")
+            rows = self.conn.execute(sql).fetchall()
         states = {}
         for digest, content, metadata in rows:
             try:
@@ -2671,8 +2515,8 @@ class PlanStates(StoreFile):
         return states
 
     def _states(self, rows: list[tuple] | None = None) -> dict[str, dict]:
-        """Return {plan content_hash: state} of every plan bridge has recorded (on a
-        store without STATE_TABLE, of the rows given: see _legacy_states)."""
+        """Return {plan content_hash: state} of every plan recorded (without STATE_TABLE,
+        of the rows given)."""
         if not self.has_state_table:
             return self._legacy_states(rows)  # read-only on a store bridge has not used since
         rows = self.conn.execute(f"SELECT content_hash, {', '.join(STATE_COLUMNS)}, extra "
@@ -2699,9 +2543,9 @@ class PlanStates(StoreFile):
         return {**(extra if isinstance(extra, dict) else {}), **state}
 
     def _settled(self, state: dict | None) -> dict | None:
-        """Return state, finished from its result memory when the run stored that
-        result but died before its final transaction (state in_progress, result_hash
-        set, and a live result of that run_id stored under that hash)."""
+        """Return state, finished from its result memory when the run stored that result
+        (a live one of its run_id, under result_hash) but died before its final
+        transaction."""
         if not state or state.get("status") != "in_progress" or not state.get("result_hash") \
                 or "content_hash" not in self.columns:
             return state
@@ -2727,8 +2571,8 @@ class PlanStates(StoreFile):
                            utc_now_iso()))
 
     def _set_state(self, record: PlanRecord, changes: dict) -> dict:
-        """Merge changes into the plan's row of STATE_TABLE; return the new state.
-        Call inside _write. The memories table is not touched."""
+        """Merge changes into the plan's row of STATE_TABLE; return the new state. Call
+        inside _write."""
         state = {**(self._read_state(record.content_hash) or {}), **changes}
         if not self.has_state_table:
             self._create_state_table()
@@ -2737,10 +2581,9 @@ class PlanStates(StoreFile):
 
     def claim(self, record: PlanRecord, run_id: str, allowed: tuple[str, ...] = ("pending",),
               resumed_from: str | None = None) -> bool:
-        """Move a plan to in_progress for this process, atomically. allowed: effective
-        statuses that may be claimed ("stale": an in_progress plan whose owner died).
-        resumed_from: the run id this run takes over. Returns False, changing nothing,
-        when another process got there first or the status is not allowed."""
+        """Move a plan to in_progress for this process, atomically. allowed: the display
+        statuses that may be claimed; resumed_from: the run id this run takes over.
+        Returns False, changing nothing, when the status is not allowed (any more)."""
         def work() -> bool:
             fresh = self.reload(record)
             if fresh.display_status not in allowed:
@@ -2757,76 +2600,73 @@ class PlanStates(StoreFile):
             return True
         return self._write(work)
 
-    def heartbeat(self, record: PlanRecord, run_id: str) -> bool:
-        """Refresh heartbeat_at of a plan this run still owns; False if it does not."""
+    def _change_if(self, record: PlanRecord, holds: Callable[[PlanRecord], bool],
+                   changes: Callable[[], dict]) -> bool:
+        """In one transaction, merge changes() into the plan's state when holds(the record
+        read again); return whether it did."""
         def work() -> bool:
-            if self.reload(record).state.get("run_id") != run_id:
+            if not holds(self.reload(record)):
                 return False
-            self._set_state(record, {"heartbeat_at": utc_now_iso()})
+            self._set_state(record, changes())
             return True
         return self._write(work)
+
+    def heartbeat(self, record: PlanRecord, run_id: str) -> bool:
+        """Refresh heartbeat_at of a plan this run still owns; False if it does not."""
+        return self._change_if(record, lambda fresh: fresh.state.get("run_id") == run_id,
+                               lambda: {"heartbeat_at": utc_now_iso()})
 
     def release(self, record: PlanRecord, run_id: str) -> bool:
         """Put a plan this run claimed back to pending, as if never claimed (a run the
         model server stopped before it did anything); False if the run no longer owns it."""
-        def work() -> bool:
-            if self.reload(record).state.get("run_id") != run_id:
-                return False
-            self._set_state(record, {"status": "pending", "run_id": None, "claimed_at": None,
-                                     "heartbeat_at": None, "owner": None, "resumed_from": None})
-            return True
-        return self._write(work)
+        return self._change_if(record, lambda fresh: fresh.state.get("run_id") == run_id,
+                               lambda: {"status": "pending", "run_id": None, "claimed_at": None,
+                                        "heartbeat_at": None, "owner": None,
+                                        "resumed_from": None})
 
     def cancel(self, record: PlanRecord) -> bool:
-        """Mark a plan cancelled, atomically, when it is pending, stale (its bridge
-        died, or its state is forged: the files its run left stay as they are),
-        invalid or awaiting review (its staged files stay unapplied in its run's
-        folder); False, changing nothing, when it is running or finished."""
-        def work() -> bool:
-            if self.reload(record).display_status not in CANCELLABLE_STATUSES:
-                return False
-            self._set_state(record, {"status": "cancelled", "finished_at": utc_now_iso(),
-                                     "error": "cancelled by the user"})
-            return True
-        return self._write(work)
+        """Mark a plan cancelled, atomically, when its display status is in
+        CANCELLABLE_STATUSES (the files a stale run left and a review's staged files stay
+        as they are); False, changing nothing, when it is running or finished."""
+        return self._change_if(
+            record, lambda fresh: fresh.display_status in CANCELLABLE_STATUSES,
+            lambda: {"status": "cancelled", "finished_at": utc_now_iso(),
+                     "error": "cancelled by the user"})
 
     def replaced_runs(self, record: PlanRecord) -> list[tuple[str, str]]:
         """Return [(run_id, status)] of the last runs of the other contents this plan id
-        had (plans replaced by --submit --replace), as STATE_TABLE recorded them."""
+        had (replaced by --submit --replace)."""
         if not self.has_state_table:
             return []
-        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? AND "
-                                 "content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
+        return self.conn.execute(f"SELECT run_id, status FROM {STATE_TABLE} WHERE plan_id = ? "
+                                 "AND content_hash != ? AND run_id IS NOT NULL ORDER BY updated_at",
                                  (record.plan_id, record.content_hash)).fetchall()
 
 
 ###############################################################################
 # 12. Store: plan and result memories
-# The memories bridge reads and writes: plan memories found (by the memory server's
-# index when it has one) and submitted; a run's result memory stored as the room "The
-# result document" built it (directly, or through the memory server's HTTP API for an
-# embedding), found again, and what --undo, --apply and --reject record of that run.
+# Plan memories found and submitted; a run's result memory stored as the room "The result
+# document" built it (directly, or through the memory server's HTTP API for an embedding)
+# and found again; what --undo, --apply and --reject record of a run.
 ###############################################################################
 
 
 class Store(PlanStates):
-    """The doobidoo memory store, opened for plan discovery, claims and results:
-    `with Store.open(config) as store: ...` (StoreFile.open). Raises StoreError."""
+    """The doobidoo memory store, for plans, claims and results: `with Store.open(config)
+    as store: ...`. Raises StoreError."""
 
-    # The FTS phrase that picks plan candidates: the start of the marker. The index
-    # is of trigrams (tokenize='trigram'), and those of "plan" are in much of a
-    # planner's store, so matching the whole marker reads far more of the index
-    # (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
+    # The FTS phrase that picks plan candidates: the marker's start. The index is of
+    # trigrams, and those of "plan" fill a planner's store, so the whole marker reads far
+    # more of it (3.4 ms against 1.6 ms on bench/startup.py's 100,000 memories).
     _FTS_CANDIDATES = "bridge-p"
 
     def find_plans(self) -> list[PlanRecord]:
-        """Return every live plan memory, oldest first: the rows holding the schema marker
-        (found by the server's trigram index when the store has one, else by a scan)
-        whose content is a JSON object with "$schema" "bridge-plan-v1", and, to be
-        reported as invalid, those tagged bridge-plan or holding JSON that is not an
-        object (prose that merely names the marker is not a plan). Raises StoreError."""
+        """Return every live plan memory, oldest first: rows holding the schema marker (by
+        the server's trigram index, else a scan) whose content is an object with "$schema"
+        SCHEMA_ID, and, to be reported as invalid, those tagged bridge-plan or holding JSON
+        that is not an object (prose naming the marker is no plan). Raises StoreError."""
         tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        digest = self._or_null("m.content_hash")
         select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
                   "FROM memories m")
         live = self._live_filter()
@@ -2858,8 +2698,7 @@ class Store(PlanStates):
 
     def _with_content(self, rowid: int, row_id: Any, *rest: Any) -> tuple:
         """Return a candidate row as (id, content, metadata, created_at, tags, digest), its
-        content read only when it is at most PLAN_MAX_BYTES (else None). The size comes
-        from SQLite's incremental blob I/O, which reads no content."""
+        content read only when at most PLAN_MAX_BYTES (else None, and its size after)."""
         try:
             with self.conn.blobopen("memories", "content", rowid, readonly=True) as blob:
                 size = len(blob)
@@ -2873,10 +2712,8 @@ class Store(PlanStates):
 
     @staticmethod
     def _oversized(row: tuple) -> PlanRecord | None:
-        """The record of a plan row over PLAN_MAX_BYTES (_with_content's row, content None:
-        never read, then its size), when it is tagged bridge-plan: reported as invalid,
-        saying its size and the limit. An untagged one may be any memory naming the
-        marker (a big result): skipped."""
+        """The record (invalid, saying its size) of a plan row over PLAN_MAX_BYTES when it
+        is tagged bridge-plan; None for an untagged one (any memory naming the marker)."""
         row_id, _, _, created_at, tags, digest, size = row
         names = (tags or "").split(",")
         if PLAN_TAG not in names or CONSOLIDATION_TAGS.intersection(names):
@@ -2911,9 +2748,8 @@ class Store(PlanStates):
                           created_at, tags or "", digest)
 
     def get_plan(self, plan_id: str) -> PlanRecord:
-        """Return the one live plan whose parsed id equals plan_id exactly. Raises
-        PlanNotFound when none matches, StoreError when several live plans share the id
-        (neither is run; the user must delete one)."""
+        """Return the one live plan whose id is plan_id. Raises PlanNotFound, or
+        StoreError when several live plans share the id."""
         matches = [r for r in self.find_plans() if r.plan_id == plan_id]
         if not matches:
             raise PlanNotFound(f"no plan with id {plan_id!r} in {self.path}",
@@ -2930,11 +2766,10 @@ class Store(PlanStates):
         return sum(1 for r in self.find_plans() if r.status == "pending")
 
     def submit(self, plan: dict, replace: bool = False) -> tuple[str, list]:
-        """Store a plan as a new memory, the way the memory server's memory_store does
-        (memory_type planning, tag bridge-plan, hash and timestamps). replace:
-        soft-delete the live plans with the same id, in the same transaction. Returns
-        (content_hash, row ids replaced). Raises StoreError when a live plan has this
-        id and replace is off, or identical content is already stored."""
+        """Store a plan as a new memory the way the memory server's memory_store does;
+        with replace, soft-delete the live plans of its id in the same transaction.
+        Returns (content_hash, row ids replaced). Raises StoreError when a live plan has
+        this id and replace is off, or identical content is already stored."""
         content = json.dumps(plan, ensure_ascii=False, indent=2)
 
         def work() -> tuple[str, list]:
@@ -2964,17 +2799,14 @@ class Store(PlanStates):
     def finish(self, record: PlanRecord, memory: ResultMemory,
                memory_api: MemoryAPI | None = None,
                warn: Callable[[str], None] | None = None) -> str:
-        """Store the result memory as given and record the plan's final state
-        (memory.state, with result_hash); return the result's content_hash. Raises
-        StoreError when the store cannot be written.
+        """Store the result memory and record the plan's final state (memory.state, with
+        result_hash); return the result's content_hash. Raises StoreError.
 
-        Without memory_api, the row and the final state are one transaction. With it,
-        for an embedding: (1) the state records result_hash, still in_progress; (2)
-        POST /api/memories; (3) one transaction stores the row unless a live row has
-        that hash (the server's, in this file) and records the final state. A crash
-        after (2) leaves a result its state points to (read as finished: _settled); a
-        refusal or an unreachable server leaves nothing, so (3) writes it and warn()
-        gets one line. Never lost, never stored twice in this file."""
+        Without memory_api, one transaction. With it: (1) the state records result_hash,
+        still in_progress; (2) POST /api/memories; (3) one transaction stores the row
+        unless a live row has that hash, and the final state. A crash after (2) leaves a
+        result its state points to (_settled); a refusal leaves nothing, so (3) writes it
+        and warn() gets one line. Never lost, never stored twice in this file."""
         content, tags, metadata = memory.content, memory.tags, memory.metadata
         digest = content_hash(content)
         why = None
@@ -3003,16 +2835,14 @@ class Store(PlanStates):
     def find_result(self, record: PlanRecord,
                     named_only: bool = True) -> tuple[dict, str] | None:
         """Return (document, content_hash) of the newest result of a plan that its state
-        names (result_hash, or last_result_hash: the result before the claim of the run
-        now recorded), or None. A memory merely tagged bridge-result and plan:<id> is
-        anyone's (a forgery); with named_only False the newest such is returned too.
-        Candidates: the state's hashes, then the live results tagged plan:<id> newest
-        first (the server's own tag match), each read by parse_result_content."""
+        names (result_hash, else last_result_hash: the one before the current claim), or
+        None. A memory merely tagged plan:<id> is anyone's (a forgery): with named_only
+        False the newest such counts too."""
         rows: list = []
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
                  if isinstance(h, str) and h]         # the newest first
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        digest_column = self._or_null("content_hash")
         for digest in named if "content_hash" in self.columns else ():
             rows += self.conn.execute("SELECT content_hash, content FROM memories "
                                       "WHERE content_hash = ?", (digest,)).fetchall()
@@ -3033,8 +2863,7 @@ class Store(PlanStates):
         return None
 
     def record_undo(self, record: PlanRecord, run_id: str, undone_at: str) -> None:
-        """Record in the plan's state that --undo put back the files of run run_id at
-        undone_at (ISO 8601): {"undone_run", "undone_at"}."""
+        """Record that --undo put back the files of run run_id at undone_at (ISO 8601)."""
         self._write(lambda: self._set_state(record, {"undone_run": run_id,
                                                      "undone_at": undone_at}))
 
@@ -3042,22 +2871,16 @@ class Store(PlanStates):
                       changes: dict) -> bool:
         """Merge changes into the plan's state if it is still `expected` with run
         run_id (one transaction); False, changing nothing, when it is not."""
-        def work() -> bool:
-            state = self.reload(record).state
-            if state.get("status") != expected or state.get("run_id") != run_id:
-                return False
-            self._set_state(record, changes)
-            return True
-        return self._write(work)
+        return self._change_if(record, lambda fresh: fresh.state.get("status") == expected
+                               and fresh.state.get("run_id") == run_id, lambda: changes)
 
 
 ###############################################################################
 # 13. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
-# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
-# text that counts as the step's output (the code inside a fence when fenced): what
-# later steps see, what file_output writes.
+# out, fences, JSON, a grounded answer's values. A check returns the artifact: the step's
+# output (the code inside a fence when fenced), what later steps see and file_output writes.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -3069,10 +2892,9 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
-# Reasoning text a server leaves inside content (sources per row), by shape: (name,
-# who writes it and the source, a string the text must hold for the shape to be tried,
-# where the reasoning starts and ends, what ends the answer or None). split_reasoning
-# takes each out; a shape matches at the start of the text only.
+# Reasoning a server leaves inside content, by shape: (name, who writes it and the
+# source, a string the text must hold for the shape to be tried, where the reasoning
+# starts and ends (at the start of the text only), what ends the answer or None).
 _HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
 REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
     # a leading block; an unclosed one swallows the rest
@@ -3102,10 +2924,9 @@ REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning): every shape of
-    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
-    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
-    that closed reasoning with no opening tag does not."""
+    """Split a model's content into (answer, reasoning): every REASONING_SHAPES shape at
+    the start of the text is taken out, as often as they repeat. A tag inside an answer
+    that opened with none stays ("Use the <think> tag")."""
     thought: list[str] = []
     matched = True
     while matched and text:
@@ -3122,10 +2943,9 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code). A
-    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
-    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
-    at a line holding only the same fence, or at the end of the text."""
+    """Return every fenced block of text as (language tag lowercased, code). A fence
+    (``` or ~~~, three or more) opens at the start of a line or ends a line of prose (then
+    only a tag may follow it); it closes at a line of only the same fence, or the end."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
@@ -3150,9 +2970,8 @@ def find_fences(text: str) -> list[tuple[str, str]]:
 
 
 def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block (with a language, a block
-    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
-    the whole text stripped when it has none."""
+    """Return the best fenced block of text (a language's LANGUAGE_ALIASES tag, then an
+    untagged one, else the first), or the whole text stripped when it has none."""
     blocks = find_fences(text)
     if not blocks:
         return text.strip()
@@ -3166,11 +2985,8 @@ def extract_code(text: str, language: str | None = None) -> str:
 
 
 def parse_json_output(text: str) -> Any:
-    """Parse JSON from a model output: whole, else the best fenced block, else the
-    first JSON value starting at the first { or [.
-
-    Raises OutputInvalid naming the parse error of the most likely candidate.
-    """
+    """Parse JSON from a model output: the best fenced block, else the whole, else the
+    first JSON value at the first { or [. Raises OutputInvalid naming the first error."""
     candidates = [text.strip()]
     if find_fences(text):
         candidates.insert(0, extract_code(text, "json"))
@@ -3190,8 +3006,7 @@ def parse_json_output(text: str) -> Any:
 
 
 def schema_message(error: Any) -> str:
-    """Return a jsonschema error's message on one line, with a long offending value
-    described by its size instead of printed, so the reason always shows."""
+    """A jsonschema error's message on one line, a long offending value given by its size."""
     message, shown = error.message, repr(error.instance)
     if len(shown) > 80:
         value = error.instance
@@ -3205,8 +3020,7 @@ def schema_message(error: Any) -> str:
 
 
 def fold_text(text: str) -> str:
-    """Return text as key names and spans are compared: case folded (str.casefold), each run
-    of whitespace one space, no whitespace at either end."""
+    """Return text as key names and spans are compared: casefolded, whitespace folded."""
     return " ".join(text.casefold().split())
 
 
@@ -3214,10 +3028,9 @@ _SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carr
 
 
 def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own (punctuation at
-    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
-    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
-    "09:10", "A-1001"). One regular expression over text, no copy of it."""
+    """Return the numbers written in text as words of their own (_SPAN_TRIM trimmed:
+    "19.90," "-3") as {value: the JSON number, an int when written without a point}; not
+    the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001")."""
     trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
     for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
@@ -3227,9 +3040,8 @@ def written_numbers(text: str) -> dict[float, int | float]:
 
 
 def _occurs(value: str, source: str) -> bool:
-    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
-    run of whitespace matching any other, not as part of a longer word or number ("Ada"
-    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    """Tell whether a string value occurs in source, case and whitespace folded, not
+    inside a longer word or number ("Ada" is not in "Adam", "21" is not in "21.5")."""
     words = value.split()
     if not words:
         return True
@@ -3242,11 +3054,9 @@ def _occurs(value: str, source: str) -> bool:
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer, at any
-    depth, that does not occur in source, in document order: a string not in it (_occurs:
-    case and whitespace folded, not inside a longer word or number), a number not written
-    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
+    """Return (JSON path, value) of every value of a JSON answer, at any depth, in
+    document order, that is not in source: a string (_occurs), a number (written_numbers:
+    19.9 is "19.90"). Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -3271,9 +3081,8 @@ def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[st
 
 
 def check_grounded(value: Any, source: str) -> None:
-    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
-    step's input (ungrounded_values; at most five are named), telling the model to copy
-    each value exactly from the text."""
+    """Raise OutputInvalid naming (at most five of) the ungrounded_values of a JSON answer
+    in the step's input, telling the model to copy each value exactly from the text."""
     missing = ungrounded_values(value, source)
     if missing:
         named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
@@ -3288,10 +3097,8 @@ def check_grounded(value: Any, source: str) -> None:
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
-# plan sets none; the check still uses the plan's own validation. A string value copied
-# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
-# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
-# handful of things.
+# plan sets none; the check still uses the plan's own. A value copied from a sentence is
+# a few words; SmolLM2 was seen filling 200 characters of junk into one (60 tokens, 10 s).
 JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
 JSON_LIST_MAX_ITEMS = 16        # items of a list value
 # A grounded step's schema sent may restrict its string values to spans of the step's
@@ -3302,12 +3109,10 @@ JSON_LIST_MAX_ITEMS = 16        # items of a list value
 # 4,060 4.7 s.
 GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
 GROUNDED_MAX_SPANS = 1000
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# Degenerate output, stopped while it streams (DegenerationGuard); each limit sits far
+# above a sound answer. PEP 8 and Markdown never need more than 3 newlines in a row, nor
 # llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
-# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
-# (a list of 40 equal literals is the rare case it stops).
+# tokens (2 s on a small CPU); a list of 40 equal literals is the rare sound case it stops.
 DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
 DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
 DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
@@ -3316,13 +3121,11 @@ DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in word
 
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be, each once, in
-    the order they end in the input (the shorter first): every run of 1 to
-    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
-    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
-    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
-    builds from an enum grows with it (README, Answers grounded in the text); only that
-    many words are read."""
+    """Return the spans a grounded answer's string values may be, each once, in the order
+    they end in the input (shorter first): every run of 1 to GROUNDED_SPAN_WORDS words of
+    one piece, end punctuation trimmed, as bounded_string allows. None past
+    GROUNDED_MAX_SPANS words or spans: a server's grammar grows with its enum (README,
+    Answers grounded in the text)."""
     seen: dict[str, None] = {}
     read = 0
     for piece in pieces:
@@ -3343,10 +3146,9 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input as JSON
-    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
-    else None (the usual schema is sent). The answer's key names (keys, or a schema's
-    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    """Return (span_candidates, the input's written_numbers) for a grounded validation
+    whose input has few enough spans, else None (the usual schema is sent). The answer's
+    key names (keys, a schema's property names; casefolded) are no spans: SmolLM2 answered
     "unit": "quantity" from a prompt listing both keys. The check still takes them."""
     if not validation.get("grounded"):
         return None
@@ -3433,10 +3235,10 @@ def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH)
 
 
 def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a bounded_string, a number,
-    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
-    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
-    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    """Return the schema of a value a plan leaves open: a bounded_string, number, boolean,
+    null, or a list of at most JSON_LIST_MAX_ITEMS of those. anyOf, not a type list:
+    llama.cpp's and llama-cpp-python's converters drop maxLength from a type list
+    (llama_cpp/llama_grammar.py visit)."""
     scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
     return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars},
                                  "maxItems": JSON_LIST_MAX_ITEMS}]}
@@ -3449,10 +3251,9 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 def bounded_schema(schema: Any) -> Any:
     """Return a copy of a plan's JSON Schema with bounds where it sets none: a
-    bounded_string for a string (unless it sets a length, pattern, format or values, or
-    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
-    arrays, additionalProperties false on objects listing properties, and a bounded_value
-    for an open value ({} or an array without items). What the plan sets is kept."""
+    bounded_string for a string it leaves unbounded, maxItems JSON_LIST_MAX_ITEMS,
+    additionalProperties false on objects listing properties, a bounded_value for an open
+    value ({} or an array without items)."""
     if not isinstance(schema, dict):
         return schema
     if _is_open(schema):
@@ -3518,13 +3319,11 @@ def schema_depth(schema: Any) -> int | None:
 
 
 def grammar_damage(output: str, schema: dict | None) -> str | None:
-    """Tell how a constrained answer its check refused looks damaged by the
-    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
-    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
-    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
-    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
-    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
-    #10732) would gain nothing from its removal."""
+    """Tell how a refused constrained answer looks damaged by the grammar, or None:
+    U+FFFD characters, text that is not JSON, a key with a "?" the schema does not name
+    (gpt-oss under LM Studio, valid unconstrained: LM Studio bug tracker #1555). JSON that
+    merely breaks the schema is the model's mistake, for the retry to fix; a server that
+    does not enforce the schema (llama.cpp #10732) would gain nothing from its removal."""
     if "\ufffd" in output:
         return "it holds U+FFFD replacement characters"
     try:
@@ -3545,11 +3344,10 @@ class DegenerationGuard:
     llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
     logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
 
-    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
-    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
-    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
-    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
+    Degenerate: past the DEGENERATE_* limits, or JSON nested deeper than max_depth
+    (checked_depth; None: not checked). text: what was fed.
     """
+
 
     def __init__(self, max_depth: int | None = None):
         self.max_depth = max_depth
@@ -3632,31 +3430,45 @@ class DegenerationGuard:
 # 15. Validation types
 #
 # One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
-# register_validation (as pycodestyle's register_check files a check): its check, its
-# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
-# depth rule. Everything else reads the registry through the functions after the
-# classes. A new type is one class here plus its name in the schema's enum (a test
-# keeps the two equal).
+# register_validation (as pycodestyle's register_check): its check, its sentence for the
+# prompt, the schema sent, its answer budget, its plan problems, its depth rule; the
+# functions after the classes read the registry. A new type is one class here plus its
+# name in the schema's enum (a test keeps the two equal).
 ###############################################################################
 
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
 
 
+def schema_errors(schema: Any, value: Any = None, *, check_schema: bool = False) -> list:
+    """Return the errors (jsonschema's ValidationError) of value under a Draft 2020-12 JSON
+    Schema, sorted by their path in value; with check_schema, [the SchemaError] of a schema
+    jsonschema refuses, else []. The one site importing jsonschema (--help and --list never
+    need it). Raises what applying a schema raises (referencing's Unresolvable, RecursionError).
+    """
+    from jsonschema import Draft202012Validator, SchemaError
+
+    if check_schema:
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            return [exc]
+        return []
+    return sorted(Draft202012Validator(schema).iter_errors(value),
+                  key=lambda e: list(e.absolute_path))
+
+
 def register_validation(cls: type) -> type:
-    """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
-    under cls.name (the name again replaces the earlier class). Returns cls."""
+    """Class decorator: file an instance of cls in VALIDATION_TYPES under cls.name."""
     VALIDATION_TYPES[cls.name] = cls()
     return cls
 
 
 class ValidationType:
-    """One validation type; a subclass overrides what differs.
-
-    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
-    none (answer_tokens caps it). runs_command: it runs a program in the project once
-    file_output is written (the Runner, only in trusted projects), instead of checking the
-    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
-    """
+    """One validation type; a subclass overrides what differs. name: the "type" a plan
+    writes. max_tokens: the answer's when the step sets none (answer_tokens caps it).
+    runs_command: it runs a program in the project once file_output is written (only in
+    trusted projects) instead of checking the answer. grounded: it takes "grounded" (the
+    schema's if/then names the same types)."""
 
     __slots__ = ()
     name = ""
@@ -3704,10 +3516,9 @@ class NonEmpty(ValidationType):
 
 
 class JsonAnswer(ValidationType):
-    """An answer that is JSON, parsed once, checked by check_value and, when
-    "grounded", against the step's input; its artifact is the JSON re-serialised. A
-    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
-    small CPU."""
+    """An answer that is JSON, checked by check_value and, when "grounded", against the
+    step's input; its artifact is the JSON re-serialised. A six-key extraction is 40-90
+    tokens on SmolLM2: 256 stop a runaway within seconds on a small CPU."""
 
     __slots__ = ()
     max_tokens = 256
@@ -3757,9 +3568,8 @@ class ContainsKeys(JsonAnswer):
         return f"Answer with one JSON object that has the keys {keys}, in a ```json fenced block."
 
     def output_schema(self, validation: dict) -> dict | None:
-        """An object of exactly its keys, each a bounded_value (a scalar or a list of
-        scalars), so a small model puts the sentence's values in the keys instead of
-        nesting objects. Only what is sent is bounded; the check takes any value."""
+        """An object of exactly its keys, each a bounded_value, so a small model puts the
+        sentence's values in the keys instead of nesting objects (the check takes any)."""
         keys = validation["keys"]
         return {"type": "object", "properties": {key: bounded_value() for key in keys},
                 "required": list(keys), "additionalProperties": False}
@@ -3774,11 +3584,8 @@ class JsonSchema(JsonAnswer):
     max_tokens = 512        # its objects may nest and list more
 
     def check_value(self, value: Any, validation: dict) -> None:
-        from jsonschema import Draft202012Validator
-
         try:
-            errors = sorted(Draft202012Validator(validation["schema"]).iter_errors(value),
-                            key=lambda e: list(e.absolute_path))
+            errors = schema_errors(validation["schema"], value)
         except (RecursionError, MemoryError):
             raise
         except Exception as exc:    # noqa: BLE001 - a plan's schema (check_schema passed) may still
@@ -3799,22 +3606,14 @@ class JsonSchema(JsonAnswer):
         return bounded_schema(schema) if isinstance(schema, dict) else {}
 
     def problems(self, validation: dict, where: str) -> list[str]:
-        """A schema check_schema refuses; then the schema applied to a few plain values,
-        so a $ref that resolves nowhere or refers to itself without end at the top is a
-        plan problem before anything is sent (deeper ones fail the step: check_value)."""
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-
+        """A schema jsonschema refuses, or one that fails on a few plain values (a $ref
+        resolving nowhere, or to itself without end), before anything is sent."""
         where = f"{where}.schema"
-        try:
-            Draft202012Validator.check_schema(validation["schema"])
-        except SchemaError as exc:
-            return [f"{where}: not a valid JSON Schema ({schema_message(exc)})"]
-        validator = Draft202012Validator(validation["schema"])
+        if refusal := schema_errors(validation["schema"], check_schema=True):
+            return [f"{where}: not a valid JSON Schema ({schema_message(refusal[0])})"]
         for probe in (None, {}, [], "", 0):
             try:
-                for _ in validator.iter_errors(probe):
-                    pass
+                schema_errors(validation["schema"], probe)
             except RecursionError:
                 return [f"{where}: refers to itself without end"]
             except Exception as exc:    # noqa: BLE001 - referencing's Unresolvable and its kin
@@ -3881,8 +3680,7 @@ class Regex(ValidationType):
 
 
 def shell_words(argv: list[str]) -> str:
-    """Return an argv as a person would type it in a POSIX shell (for messages only;
-    commands never go through a shell)."""
+    """An argv as typed in a POSIX shell (for messages: commands never go through one)."""
     import shlex
 
     return shlex.join(argv)
@@ -3890,9 +3688,8 @@ def shell_words(argv: list[str]) -> str:
 
 @register_validation
 class Command(ValidationType):
-    """The project's own check (a test, a linter: "run", "timeout_s"), run by the Runner
-    once file_output is written; it passes on exit 0. Never asked to check an answer
-    (answer_checks leaves it out)."""
+    """The project's own check (a test, a linter: "run", "timeout_s"), run once
+    file_output is written; it passes on exit 0 (answer_checks leaves it out)."""
 
     __slots__ = ()
     name = "command"
@@ -3917,7 +3714,7 @@ _UNKNOWN_TYPE = UnknownType()
 
 def validation_type(validation: dict) -> ValidationType:
     """The registered class of a validation object (non_empty when it names no type;
-    an UnknownType when none is registered under its type, or its type is no string)."""
+    else an UnknownType)."""
     kind = validation.get("type", "non_empty")
     return VALIDATION_TYPES.get(kind, _UNKNOWN_TYPE) if isinstance(kind, str) else _UNKNOWN_TYPE
 
@@ -3938,17 +3735,14 @@ def _commands_of(step: "Step") -> list[dict]:
 
 
 def answer_checks(validation: dict | list) -> list[dict]:
-    """The validations that check a step's answer itself, in order: all but its
-    commands (they check the file once written), or [DEFAULT_VALIDATION] when none is left."""
+    """A step's validations but its commands, in order, or [DEFAULT_VALIDATION]."""
     return [v for v in validations_of(validation) if not is_command(v)] or [DEFAULT_VALIDATION]
 
 
 def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output (reasoning taken out: split_reasoning) against a
-    step's validation, an object or a list, in order up to the first that fails
-    (answer_checks); return the first's artifact. source: the step's input, which a
-    "grounded" answer's values must come from. Raises OutputInvalid with a message the
-    model can act on."""
+    """Check a model output (reasoning taken out) against each of a step's answer_checks
+    in order; return the first's artifact. source: the step's input, which a "grounded"
+    answer's values must come from. Raises OutputInvalid with a message the model can use."""
     try:
         artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
@@ -3958,11 +3752,9 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding: that of the first
-    validation whose type sends one, else None; check_output still applies the plan's
-    own. source: the step's input (build_messages' sources); a "grounded" step whose input
-    has few enough spans (grounded_spans) gets span_schema, its string values only spans
-    of the input."""
+    """Return the JSON Schema sent for constrained decoding: the first validation's that
+    sends one, else None. source: the step's input; a "grounded" step whose input has few
+    enough spans (grounded_spans) gets span_schema."""
     if isinstance(validation, list):
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
@@ -3975,17 +3767,15 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
 
 
 def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep a step's output can nest and pass: the depth rule of its
-    first validation that sends a schema (a json_schema's own schema), else None (a
-    contains_keys value may be anything, though the schema sent bounds it)."""
+    """Return how deep a step's output can nest and pass: the depth rule of its first
+    validation that sends a schema, else None (a contains_keys value may be anything)."""
     first = next((v for v in validations_of(validation)
                   if validation_type(v).output_schema(v) is not None), None)
     return validation_type(first).depth(first) if first else None
 
 
 def describe_validation(validation: dict | list) -> str:
-    """Return one sentence telling the model what form of answer will be accepted
-    (for a list, one per check, in order)."""
+    """Return the sentences telling the model what answer is accepted, one per check."""
     if isinstance(validation, list):
         return " ".join(filter(None, (describe_validation(item) for item in validation)))
     return validation_type(validation).describe(validation)
@@ -4013,11 +3803,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 @functools.cache
 def load_schema() -> dict:
-    """Return the plan schema from bridge-plan-schema.json beside this module.
-
-    Raises BridgeError when the file is missing (a broken install).
-    """
-
+    """Return the plan schema beside this module; BridgeError when missing (broken install)."""
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
         return read_json_file(path, follow_symlinks=True)     # an install may link it
@@ -4053,50 +3839,47 @@ class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_
         return f"step {self.id} ({self.title})" if self.title else f"step {self.id}"
 
 
-class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy escalate_to verify",
-                      defaults=("", None, {}, "none", None, None))):
-    """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
-    project root, a Path, or None), files_context ({relative path: "LOAD" or
-    "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
-    escalate_to (a model reference, or None), verify (the plan-level check
-    {"run": argv, "timeout_s": seconds}, or None)."""
+class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy "
+                              "escalate_to verify", defaults=("", None, {}, "none", None, None))):
+    """A validated plan: id (str), steps ({id: Step}), objective (str), project (a Path,
+    or None), files_context ({relative path: "LOAD" | "REFERENCE"}; the default {} is
+    shared, never changed), rollback_strategy, escalate_to (a model reference, or None),
+    verify ({"run": argv, "timeout_s": seconds}, or None)."""
 
     __slots__ = ()
 
 
 def _schema_problems(plan: Any) -> list[str]:
-    from jsonschema import Draft202012Validator   # imported here: --help and --list never need it
-
-    validator = Draft202012Validator(load_schema())
-    errors = sorted(validator.iter_errors(plan), key=lambda e: list(e.absolute_path))
-    return [problem for error in errors
+    return [problem for error in schema_errors(load_schema(), plan)
             for problem in _unknown_key_problems(error)
             or [f"{error.json_path}: {schema_message(error)}{_close_value_hint(error)}"]]
 
 
-def _close_value_hint(error: Any) -> str:
-    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
-    "enum" error; difflib.get_close_matches), else ""."""
+def _did_you_mean(word: str, known: list[str]) -> str:
+    """"did you mean 'skip'?" for the closest of known (difflib.get_close_matches), or ""."""
     import difflib
 
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def _close_value_hint(error: Any) -> str:
+    """"; did you mean 'skip'?" for a misspelt string among an enum's values (an
+    "enum" error), else ""."""
     if error.validator != "enum" or not isinstance(error.instance, str):
         return ""
     values = [v for v in error.validator_value if isinstance(v, str)]
-    close = difflib.get_close_matches(error.instance, values, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    hint = _did_you_mean(error.instance, values)
+    return f"; {hint}" if hint else ""
 
 
 PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner adds on purpose
 
 
 def _unknown_key_problems(error: Any) -> list[str]:
-    """One problem per key the schema does not know (an additionalProperties or
-    unevaluatedProperties error), with its JSON path and the closest known key
-    (difflib.get_close_matches), e.g. "$.steps[0].file_ouput: unknown key; did you
-    mean 'file_output'?"; [] for any other error. The known keys are the schema's
-    own, so a key added to the schema is known at once."""
-    import difflib
-
+    """One problem per key the schema does not know (additionalProperties or
+    unevaluatedProperties false), with the closest of the schema's own keys: "$.steps[0].
+    file_ouput: unknown key; did you mean 'file_output'?"; [] for any other error."""
     if error.validator not in ("additionalProperties", "unevaluatedProperties") \
             or not isinstance(error.instance, dict) or error.validator_value is not False:
         return []
@@ -4107,8 +3890,7 @@ def _unknown_key_problems(error: Any) -> list[str]:
         if key in known or any(re.search(pattern, key) for pattern in patterns):
             continue
         where = f".{key}" if re.fullmatch(r"[A-Za-z_$][\w$-]*", key) else f"[{key!r}]"
-        close = difflib.get_close_matches(key, known, n=1)
-        fix = (f"did you mean {close[0]!r}?" if close else
+        fix = (_did_you_mean(key, known) or
                f"known here: {', '.join(known)} "
                f"(a key of your own starts with {PLANNER_KEY_PREFIX})")
         problems.append(f"{error.json_path}{where}: unknown key; {fix}")
@@ -4116,11 +3898,13 @@ def _unknown_key_problems(error: Any) -> list[str]:
 
 
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
-    """The rules a schema cannot state. They run on a plan the schema found fault
-    with too, skipping whatever part is malformed (the schema already said so)."""
+    """The rules a schema cannot state (unique step ids, known depends_on, no cycle,
+    validation_problems, prompt size, _path_problems), on a plan it found fault with too
+    (skipping the malformed parts: the schema said so)."""
 
     problems: list[str] = []
-    steps = [s for s in plan.get("steps") or [] if isinstance(s, dict) and isinstance(s.get("id"), int)]
+    steps = [s for s in plan.get("steps") or []
+             if isinstance(s, dict) and isinstance(s.get("id"), int)]
     ids = [s["id"] for s in steps]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"$.steps: step id {dup} is used more than once")
@@ -4137,8 +3921,8 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
                 problems.append(f"$.steps[{n}].depends_on: unknown step {dep}")
         problems += validation_problems(step.get("validation"), f"$.steps[{n}].validation")
         if isinstance(step.get("prompt"), str) and len(step["prompt"]) > MAX_PROMPT_CHARS:
-            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge takes at "
-                            f"most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
+            problems.append(f"$.steps[{n}].prompt: {len(step['prompt']):,} characters; bridge "
+                            f"takes at most {MAX_PROMPT_CHARS:,} (put large text in a LOAD file)")
     try:            # every problem at once: a cycle among the known steps as well
         TopologicalSorter(graph).prepare()
     except CycleError as exc:
@@ -4148,10 +3932,9 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
-    """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
-    every files_context path (and LOAD's secrets, and that the file reads as text or a
-    step writes it), every file_output."""
-
+    """The problems of a plan's paths (the room 'Path rules'): its project, every
+    files_context path (a LOAD's load_refusal, and that it reads as text or a step writes
+    it), every file_output."""
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
     files = context.get("files_context") if isinstance(context.get("files_context"), dict) else {}
     steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
@@ -4171,16 +3954,11 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
         return [f"$.context.project: folder {project} does not exist"]
     problems = []
     for rel, mode in files.items():
-        try:
-            path = resolve_inside(project, rel)
-        except PathError as exc:
-            problems.append(f"$.context.files_context[{rel!r}]: {exc}")
+        path, refused = load_refusal(project, rel)
+        if path is None or (mode == "LOAD" and refused):
+            problems.append(f"$.context.files_context[{rel!r}]: {refused}")
             continue
         if mode != "LOAD":
-            continue
-        secret = load_secret_reason(project, rel, path)
-        if secret:
-            problems.append(f"$.context.files_context[{rel!r}]: {secret}")
             continue
         try:
             read_load_file(path, rel, project)
@@ -4196,6 +3974,17 @@ def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
     return problems
 
 
+def load_refusal(project: Path, rel: str) -> tuple[Path | None, str | None]:
+    """Return (where rel resolves inside project, or None, and why a LOAD of it may not go to
+    a model, or None): outside the project (resolve_inside's PathError), else a secret
+    (load_secret_reason). The one order for check_plan and for what approval shows."""
+    try:
+        path = resolve_inside(project, rel)
+    except PathError as exc:
+        return None, str(exc)
+    return path, load_secret_reason(project, rel, path)
+
+
 def _command_paths(plan: dict) -> list[str]:
     """The JSON paths of a plan's commands: command validations, and verify."""
     paths = ["$.verify"] if isinstance(plan.get("verify"), dict) else []
@@ -4209,31 +3998,26 @@ def _command_paths(plan: dict) -> list[str]:
 
 
 def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
-    """Validate a parsed plan with the schema, then semantically; return a Plan.
+    """Validate a parsed plan with the schema (strict: _unknown_key_problems; x- keys
+    are the planner's own), then by the rules it cannot state (_semantic_problems,
+    _path_problems; guard: forbidden_target_reason's); return a Plan. Raises PlanInvalid
+    listing every problem found, each prefixed with its JSON path."""
 
-    The schema is strict: a key it does not know, anywhere, is a problem naming the
-    closest known key (_unknown_key_problems); keys starting with x- are the planner's
-    own. Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
-    valid regex and json_schema validations, `project` exists when given (and is
-    required when the plan names files or runs commands), every path relative and
-    inside the project with symlinks followed, no file_output through a symlink or
-    to what forbidden_target_reason refuses (guard: the store and state dir of the
-    config; .git/ always), no LOAD of a private key or secret store
-    (secret_file_reason). Raises PlanInvalid listing every problem found, each
-    prefixed with its JSON path.
-    """
     plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
     if isinstance(plan, UnreadablePlan):
         raise PlanInvalid(plan_id, [f"$: {plan.reason}"])
     if not isinstance(plan, dict):
-        raise PlanInvalid(plan_id, [f"$: a plan is a JSON object, not a JSON {type(plan).__name__}"])
+        raise PlanInvalid(plan_id, ["$: a plan is a JSON object, not a JSON "
+                                    f"{type(plan).__name__}"])
     if (depth := json_depth(plan)) > MAX_JSON_DEPTH:
-        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at most {MAX_JSON_DEPTH}"])
+        raise PlanInvalid(plan_id, [f"$: the plan nests {depth} levels deep; bridge reads at "
+                                    f"most {MAX_JSON_DEPTH}"])
     try:
         json.dumps(plan, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except UnicodeEncodeError as exc:   # "\ud800" in JSON: no request body or file name can carry it
-        raise PlanInvalid(plan_id, [f"$: the plan holds a lone surrogate ({exc.object[exc.start]!r}), "
-                                    "which is not text; write the character whole"]) from None
+    except UnicodeEncodeError as exc:   # "\ud800": no request body or file name can carry it
+        raise PlanInvalid(plan_id, ["$: the plan holds a lone surrogate "
+                                    f"({exc.object[exc.start]!r}), which is not text; write the "
+                                    "character whole"]) from None
     except ValueError as exc:           # NaN or Infinity in a plan given as a dict
         raise PlanInvalid(plan_id, [f"$: the plan cannot be written as JSON ({exc})"]) from None
     try:
@@ -4245,7 +4029,7 @@ def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
     except RecursionError:
         problems.append("$: the plan nests too deeply to check")
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        if not problems:        # schema-valid, yet a rule could not check it: never run it unchecked
+        if not problems:    # schema-valid, yet a rule could not check it: never run it unchecked
             problems.append(f"$: the plan could not be checked ({type(exc).__name__}: {exc}); "
                             "it is refused rather than run unchecked")
         # else too malformed for the semantic rules; the schema problems say why
@@ -4276,8 +4060,8 @@ def _build_plan(plan: dict) -> Plan:
         files_context[key] = "LOAD" if "LOAD" in (mode, files_context.get(key)) else mode
     return Plan(id=plan["id"], steps=steps, objective=context.get("objective", ""),
                 project=project, files_context=files_context,
-                rollback_strategy=plan.get("rollback_strategy", "none"), escalate_to=defaults.get("escalate_to"),
-                verify=plan.get("verify"))
+                rollback_strategy=plan.get("rollback_strategy", "none"),
+                escalate_to=defaults.get("escalate_to"), verify=plan.get("verify"))
 
 
 ###############################################################################
@@ -4295,15 +4079,12 @@ def _build_plan(plan: dict) -> Plan:
 class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
                             "reasoning reasoning_pieces response_format",
                             defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
+    """One model reply: text (reasoning excluded), usage ({"prompt_tokens",
+    "completion_tokens"}, or None when the server sent none), model (that answered, or
+    None), finish_reason (or None), duration_s (seconds), cost_usd (US dollars; 0 on a
+    local server; None when the counts could not be believed: priced_reply estimates it),
+    reasoning (reasoning_delta's text, or ""), reasoning_pieces (streamed pieces, about a
+    token each), response_format (the constraint's type sent, e.g. "json_schema", or None)."""
 
     __slots__ = ()
 
@@ -4390,9 +4171,10 @@ def register_executor(cls: "type[Executor]") -> "type[Executor]":
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
-    → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5" →
+    ("anthropic", "claude-haiku-4-5"); a bare name, or one whose prefix is no executor's,
+    is an openai: one (LM Studio keys hold colons)."""
+
     kind, sep, name = ref.partition(":")
     if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
@@ -4431,16 +4213,15 @@ PROJECT_FILE_MAX_BYTES = 1_000_000   # of a package.json or pyproject.toml, only
 
 
 def project_name(folder: Path) -> str:
-    """Return the project's name as the memory server's Claude Code hooks detect it, so
-    a result tagged with it is among the memories they inject when a session starts in
-    that folder: package.json's "name" (else "node-project"), else pyproject.toml's
-    first `name = "…"` line (else "python-project"), else the git repository's name
-    from remote.origin.url (only when folder/.git exists), else the folder's name.
-    Source: mcp-memory-service claude-hooks/utilities/project-detector.js
-    (detectFramework, getGitInfo, detectProjectContext). The files are the project's
-    (untrusted): only regular files, not through a symlink (no FIFO to hang on, no file
-    elsewhere to quote in a tag), within PROJECT_FILE_MAX_BYTES; the name is one
-    printable line of at most PROJECT_NAME_MAX_CHARS. Never raises."""
+    """Return the project's name as the memory server's Claude Code hooks detect it (so
+    they inject a result tagged with it when a session starts there): package.json's
+    "name" (else "node-project"), else pyproject.toml's first `name = "…"` line (else
+    "python-project"), else the repository's name from remote.origin.url (when .git
+    exists), else the folder's name. Source: mcp-memory-service claude-hooks/utilities/
+    project-detector.js (detectFramework, getGitInfo, detectProjectContext). The files are
+    untrusted: regular files only, not through a symlink (no FIFO to hang on, no file
+    elsewhere to quote in a tag), within PROJECT_FILE_MAX_BYTES; the name is one printable
+    line of at most PROJECT_NAME_MAX_CHARS. Never raises."""
     import subprocess
 
     def read(name: str) -> str | None:
@@ -4503,10 +4284,8 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
-    """Return the trusted folder a project lies in (real paths compared), or None.
-
-    A folder refused by untrustable_reason trusts nothing, however it was given
-    (the trust file, BRIDGE_TRUSTED_PROJECTS), and such a project is never trusted."""
+    """Return the trusted folder a project lies in (real paths compared), or None; a
+    folder untrustable_reason refuses trusts nothing and is never trusted."""
     real = real_path(project)
     if untrustable_reason(config, real):
         return None
@@ -4518,10 +4297,9 @@ def trusted_root(config: Config, project: Path) -> Path | None:
 
 def config_file_problem(path: Path) -> tuple[str, str] | None:
     """Return (what is wrong, how to fix it) when a trust or approvals file, or its
-    folder, could have been written by someone else, as ssh checks its files
-    (StrictModes): owned by another user than you (root may own it), or writable
-    by group or others. None when both are safe, or the file does not exist, or
-    the system has no user ids (Windows)."""
+    folder, could have been written by someone else, as ssh's StrictModes checks: owned
+    by another user (root may own it), or writable by group or others. None when both are
+    safe, the file does not exist, or the system has no user ids (Windows)."""
     if not hasattr(os, "geteuid"):
         return None
     for where in (path, path.parent):
@@ -4544,9 +4322,9 @@ def config_file_problem(path: Path) -> tuple[str, str] | None:
 
 
 def read_config_file(path: Path, key: str, kind: type) -> Any:
-    """Return document[key] of one of bridge's JSON config files (kind() when the file
-    does not exist). Raises ConfigError when it cannot be read or has another shape,
-    or when someone else could have written it (config_file_problem)."""
+    """Return document[key] of one of bridge's JSON config files (kind() when there is
+    none). Raises ConfigError when it cannot be read, has another shape, or someone else
+    could have written it (config_file_problem)."""
     if problem := config_file_problem(path):
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
@@ -4575,16 +4353,14 @@ def write_config_file(path: Path, document: dict) -> None:
 
 def load_approvals(config: Config) -> dict:
     """Return {plan id: {"content_hash", "approved_at"}} from config_dir/approvals.json."""
-
     return read_config_file(Path(config.config_dir, APPROVALS_FILENAME), "approvals", dict)
 
 
 def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
-    """True when plan.project lies inside one of the user's trusted projects, or the
-    user approved this plan (bridge --approve) for exactly this content hash
-    (content_hash of the plan memory's content). Never True for a project refused by
-    untrustable_reason, approved or not. Raises ConfigError when approvals.json is
-    unreadable."""
+    """True when plan.project lies in a trusted project, or the user approved this plan
+    (bridge --approve) for exactly this content hash (of the plan memory's content);
+    never for a project untrustable_reason refuses. Raises ConfigError when
+    approvals.json is unreadable."""
     if plan.project is not None:
         if untrustable_reason(config, real_path(plan.project)):
             return False
@@ -4600,35 +4376,35 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
 
 
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
-    """Return what the user needs to decide on a valid plan, and whether it may run.
+    """Return what the user needs to decide on a valid plan, and whether it may run:
+    {"plan_id", "content_hash", "project" (str or None), "files" (file_output paths),
+    "reads" (_load_facts), "runs" (_run_facts), "models" (every model it names),
+    "executors" (those its steps and escalation use), "limits" (_limit_facts), "trusted"
+    (plan_trusted), "reasons" (why it may not run; []: it may), "commands" (what would let
+    it run), "escalation_unused" (why its escalation will be skipped, or None), "may_run"}.
+    A plan needs approval unless its project is trusted, or it has no project and runs
+    only on the local server; paid and agentic executors need --allow-executor besides,
+    which no approval replaces."""
 
-    {"plan_id", "content_hash", "project" (str or None), "files" (its file_output
-    paths), "reads" (the files it LOADs and sends to a model, each with why it is
-    refused or None: _load_facts), "runs" (every command and verify argv with its
-    folder and timeout: _run_facts), "models" (every model it names: steps,
-    defaults, escalation), "executors" (the executors its steps and escalation use),
-    "limits" (what it asks above the user's limits, and what is used: _limit_facts),
-    "trusted" (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
-    would let it run), "escalation_unused" (why its escalation will be skipped, or
-    None), "may_run"}. A plan needs approval unless its project is trusted, or it has
-    no project and runs only on the local server; paid and agentic executors need the
-    user's --allow-executor besides, which no approval replaces."""
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
     step_kinds = sorted(k for k in {_executor_of(m) for m in step_models}
                         if EXECUTORS[k].needs_allowing())
     escalation = _executor_of(plan.escalate_to) if plan.escalate_to else None
-    escalation_used = escalation is not None and escalation in allowed and config.escalate_to is None
+    escalation_used = (escalation is not None and escalation in allowed
+                       and config.escalate_to is None)
     trusted = plan_trusted(config, plan, plan_hash)
     reasons, commands = [], []
-    refused = untrustable_reason(config, real_path(plan.project)) if plan.project is not None else None
+    refused = (untrustable_reason(config, real_path(plan.project))
+               if plan.project is not None else None)
     if refused:
         reasons.append(f"project {plan.project} can never be a target: {refused}")
         commands.append(f"bridge --cancel {plan.id}")
     elif not trusted and (plan.project is not None or step_kinds or (
             escalation_used and EXECUTORS[escalation].needs_allowing())):
-        reasons.append(f"project {plan.project} is not a trusted project" if plan.project is not None
+        reasons.append(f"project {plan.project} is not a trusted project"
+                       if plan.project is not None
                        else "it names models beyond the local server and has no project")
         commands.append(f"bridge --approve {plan.id}")
         if plan.project is not None:
@@ -4639,8 +4415,8 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
             commands.append(f"bridge --allow-executor {kind}")
     unused = None
     if escalation is not None and escalation not in allowed and config.escalate_to is None:
-        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is not allowed "
-                  f"(pass --allow-executor {escalation})")
+        unused = (f"escalation to {plan.escalate_to} not used: the {escalation} executor is "
+                  f"not allowed (pass --allow-executor {escalation})")
     executors = sorted({_executor_of(m) for m in named}
                        | ({DEFAULT_EXECUTOR} if any(not s.model for s in plan.steps.values())
                           else set()))
@@ -4654,38 +4430,24 @@ def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
 
 
 def _load_facts(plan: Plan) -> list[dict]:
-    """[{"path", "refused" (why bridge will not send it: outside the project
-    (resolve_inside), or secret_file_reason of its path or of where a symlink leads;
+    """[{"path", "refused" (why bridge will not send it, as check_plan says: load_refusal;
     else None)}] of the files a plan LOADs into its prompts, sorted by path."""
-    facts = []
-    for rel, mode in sorted(plan.files_context.items()):
-        if mode != "LOAD":
-            continue
-        refused = secret_file_reason(rel)
-        if refused is None and plan.project is not None:
-            try:
-                path = resolve_inside(plan.project, rel)        # --list reads plans unchecked
-                refused = load_secret_reason(plan.project, rel, path)
-            except PathError as exc:
-                refused = str(exc)
-        facts.append({"path": rel, "refused": refused})
-    return facts
+    return [{"path": rel, "refused": secret_file_reason(rel) if plan.project is None
+             else load_refusal(plan.project, rel)[1]}      # --list reads plans unchecked
+            for rel, mode in sorted(plan.files_context.items()) if mode == "LOAD"]
 
 
 def _run_facts(plan: Plan) -> list[dict]:
     """[{"what": "step N check" | "verify", "run" (argv), "cwd", "timeout_s"}]: every
     command a plan runs (its command validations, then its verify), where, how long."""
     cwd = str(plan.project) if plan.project is not None else None
-    facts = []
-    for sid, step in sorted(plan.steps.items()):
-        items = step.validation if isinstance(step.validation, list) else [step.validation]
-        facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
-                   "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
-                  for v in items if is_command(v)]
-    if plan.verify:
-        facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
-                      "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
-    return facts
+
+    def fact(what: str, check: dict) -> dict:
+        return {"what": what, "run": [str(a) for a in check["run"]], "cwd": cwd,
+                "timeout_s": check.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+    facts = [fact(f"step {sid} check", v)
+             for sid, step in sorted(plan.steps.items()) for v in _commands_of(step)]
+    return facts + ([fact("verify", plan.verify)] if plan.verify else [])
 
 
 def _limit_facts(config: Config, plan: Plan) -> list[dict]:
@@ -4731,13 +4493,12 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """One reply as it streams, whatever reads it (SSE, Ollama's NDJSON, Anthropic's or
-    the claude CLI's events): take() counts each piece against limit (bytes of UTF-8,
-    --max-output-bytes, answer and thinking alike; LLMProtocolError past it, naming
-    which ran over), keeps it and hands it to the request's on_delta or on_reasoning.
-    received: the answer's pieces, "" for thinking (a request is never resent once
-    output has streamed); thought: the thinking; *_bytes, *_pieces (about a token
-    each); started: time.monotonic() when the reply was asked for."""
+    """One reply as it streams, whatever reads it (SSE, NDJSON, Anthropic's or the claude
+    CLI's events): take() counts each piece against limit (UTF-8 bytes, --max-output-bytes,
+    answer and thinking alike; LLMProtocolError past it), keeps it and hands it to the
+    request's on_delta or on_reasoning. received: the answer's pieces, "" for thinking (a
+    request is never resent once output has streamed); thought: the thinking; *_bytes,
+    *_pieces (about a token each); started: time.monotonic() when the reply was asked for."""
 
     def __init__(self, limit: int, request: "ChatRequest | None" = None):
         self.limit, self.started = limit, time.monotonic()
@@ -4772,8 +4533,7 @@ class OutputTally:
         self.reasoning_pieces += 1
 
     def take(self, answer: str, reasoning: str = "") -> None:
-        """Take one streamed piece of a reply, its thinking first: count each, keep it
-        and hand it on."""
+        """Take one streamed piece of a reply, its thinking first."""
         if reasoning:
             self.add_reasoning(reasoning)
             self.thought.append(reasoning)
@@ -4800,11 +4560,8 @@ class OutputTally:
 
 
 def _error_message(body: bytes) -> str:
-    """Pull the server's own message out of an error body.
-
-    Accepts OpenAI's {"error": {"message": …}}, LM Studio's {"error": "…"} and
-    vLLM's older flat {"message": …}; anything else is shown as text.
-    """
+    """Pull the server's own message out of an error body: OpenAI's {"error": {"message"}},
+    LM Studio's {"error": "…"}, vLLM's older flat {"message"}; else the text, one line."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = load_reply(text)
@@ -4855,9 +4612,8 @@ SERVER_FAULTS = (
 
 def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] | None:
     """Return (what, hint) when an HTTP error is about the model server, not the step
-    (see LLMServerUnusable), else None. status: the HTTP status; message: the
-    server's own (_error_message); key_given: a key was sent (--api-key or
-    BRIDGE_API_KEY). 401/403: LM Studio's "Require Authentication" (invalid_api_key:
+    (LLMServerUnusable), else None. message: the server's (_error_message); key_given: a
+    key was sent. 401/403: LM Studio's "Require Authentication" (invalid_api_key:
     opencode-lmstudio#41), llama-server and vLLM --api-key."""
     if status in (401, 403):
         if key_given:
@@ -4892,18 +4648,16 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 def usage_count(value: Any) -> int | None:
-    """Return a token count a server reported (prompt_tokens, completion_tokens,
-    Anthropic's and the claude CLI's input_tokens, output_tokens) when an int from 0 to
-    USAGE_MAX_TOKENS; else None, estimated (a negative count must not lower what a run
-    spent, nor 10**400 overflow a price)."""
+    """Return a token count a server reported when an int from 0 to USAGE_MAX_TOKENS, else
+    None, estimated (a negative count must not lower a run's spend, nor 10**400 overflow
+    a price)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX_TOKENS:
         return value
     return None
 
 
 def checked_usage(prompt: Any, completion: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} when both counts pass usage_count,
-    else None (the usage is unknown)."""
+    """{"prompt_tokens", "completion_tokens"} when both pass usage_count, else None."""
     prompt, completion = usage_count(prompt), usage_count(completion)
     if prompt is None or completion is None:
         return None
@@ -4911,16 +4665,15 @@ def checked_usage(prompt: Any, completion: Any) -> dict | None:
 
 
 def reported_cost_usd(value: Any, most: float) -> float | None:
-    """Return a cost an executor reported (US dollars, e.g. the claude CLI's
-    total_cost_usd) when it is a number from 0 to most, else None (unknown: estimated)."""
+    """A cost an executor reported (US dollars) when a number from 0 to most, else None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most:
         return float(value)
     return None
 
 
 def reply_object(value: Any, what: str, url: str) -> dict:
-    """Return a part of a reply that must be an object (a delta, a message, a usage): {}
-    when None; raise LLMProtocolError naming what (e.g. "a chunk's delta") if no dict."""
+    """A part of a reply that must be an object ({} when None); LLMProtocolError naming
+    what (e.g. "a chunk's delta") for anything else."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -4930,8 +4683,8 @@ def reply_object(value: Any, what: str, url: str) -> dict:
 
 
 def reply_text(value: Any, what: str, url: str) -> str:
-    """Return a part of a reply that must be text (a delta's content, a text block): ""
-    when None; raise LLMProtocolError naming what for anything but a str."""
+    """A part of a reply that must be text ("" when None); LLMProtocolError naming what
+    for anything else."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -4941,15 +4694,14 @@ def reply_text(value: Any, what: str, url: str) -> str:
 
 
 def reply_label(value: Any) -> str | None:
-    """Return a short label a server sent (model, finish_reason, stop_reason) when it is
-    a str, clipped to 200 characters; None for anything else (ignored, as when absent)."""
+    """A label a server sent (model, finish_reason) clipped to 200 characters; None for
+    anything but a str (ignored, as when absent)."""
     return value[:200] if isinstance(value, str) and value else None
 
 
 def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
-    """Return (delta, finish_reason) of a chat.completion.chunk's first choice (delta {}
-    when absent), or None when choices is empty (the usage chunk). Raises
-    LLMProtocolError when choices is no list, or the choice or its delta no object."""
+    """Return (delta, finish_reason) of a chat.completion.chunk's first choice, or None
+    when choices is empty (the usage chunk). Raises LLMProtocolError for a malformed one."""
     choices = chunk.get("choices")
     if not isinstance(choices, list):
         raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
@@ -4964,8 +4716,7 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
 
 
 def streamed_json(text: str, what: str, url: str) -> Any:
-    """Parse one streamed piece (what: "event", "line") as JSON; raise LLMProtocolError
-    showing its start when it is not."""
+    """Parse one streamed piece (what: "event", "line") as JSON; else LLMProtocolError."""
     try:
         return load_reply(text)
     except ValueError as exc:
@@ -4976,9 +4727,8 @@ def streamed_json(text: str, what: str, url: str) -> Any:
 
 def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
                     tail: bool) -> Iterator[bytes]:
-    """Yield the lines of a byte stream, without their line breaks (and the bytes after
-    the last break when tail). Raises LLMProtocolError when more than max_bytes arrive
-    without a line break, so memory stays bounded."""
+    """Yield the lines of a byte stream without line breaks (and the rest after the last
+    when tail). Raises LLMProtocolError past max_bytes without a break: memory stays bounded."""
     buffer = b""
     for chunk in chunks:
         buffer += chunk
@@ -5021,10 +4771,9 @@ def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
 
 class BoundedResponse:
     """An httpx streaming response read within bounds: iter_bytes() raises LLMDeadline
-    once the deadline (time.monotonic() seconds) has passed, checked as each chunk
-    arrives (a server sending nothing is cut by --timeout instead); read(max_bytes)
-    stops once the body passes max_bytes. url and limit (the deadline in words, e.g.
-    "0.5 s (the step's timeout_s)") name what was passed."""
+    past the deadline (time.monotonic() seconds), checked as each chunk arrives (a silent
+    server is cut by --timeout instead); read(max_bytes) stops past max_bytes. limit: the
+    deadline in words, e.g. "0.5 s (the step's timeout_s)"."""
 
     def __init__(self, response: Any, url: str, deadline: float, limit: str):
         self.response, self.url, self.deadline, self.limit = response, url, deadline, limit
@@ -5041,8 +4790,8 @@ class BoundedResponse:
             yield chunk
 
     def read(self, max_bytes: int, cut: bool = False) -> bytes:
-        """Return the body, reading no more than max_bytes + one chunk. Past
-        max_bytes: with cut, the first max_bytes; else LLMProtocolError."""
+        """Return the body; past max_bytes, with cut its first max_bytes, else
+        LLMProtocolError."""
         body = b""
         for chunk in self.iter_bytes():
             body += chunk
@@ -5057,14 +4806,13 @@ class BoundedResponse:
 
 
 def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
-    (servers send odd things: a context length of 10**400 is not said at all)."""
+    """value when a positive int up to USAGE_MAX_TOKENS, else None (10**400 is not said)."""
     return value if usage_count(value) and value > 0 else None
 
 
 def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} of an OpenAI usage object, or None
-    (estimated) when there is none or usage_count doubts a count."""
+    """checked_usage of an OpenAI usage object, or None when there is none."""
+
     if not isinstance(value, dict):
         return None
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
@@ -5073,10 +4821,9 @@ def _usage(value: Any) -> dict | None:
 ###############################################################################
 # 20. HTTP executors: requests and retries
 #
-# Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
-# server and vLLM speak, and Anthropic's), what each kind of server takes, and the
-# retry loop. httpx is imported only inside functions, and every httpx exception is
-# translated to an LLMError.
+# Chat requests over HTTP (the OpenAI wire format of LM Studio, Ollama, llama.cpp's
+# server and vLLM, and Anthropic's), what each kind of server takes, and the retry loop.
+# Every httpx exception is translated to an LLMError.
 ###############################################################################
 
 
@@ -5091,9 +4838,9 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 )
 
 
-# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first: llama-cpp-python
-# takes only its own (response_format.type "text" | "json_object", llama_cpp/llama_types.py)
-# and answers json_schema with HTTP 500, so it is not asked for that one first.
+# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first:
+# llama-cpp-python takes only its own ("text" | "json_object", llama_cpp/llama_types.py)
+# and answers json_schema with HTTP 500.
 FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
 
 
@@ -5110,9 +4857,8 @@ SAMPLING_FIELDS = {
 
 
 # The fields that ask a server not to think (a step's thinking "off"), by ServerInfo.kind;
-# a kind not listed (an OpenAI-compatible server the probe could not name: vLLM, Ollama's
-# /v1) gets THINKING_OFF_DEFAULT, and a field it refuses (HTTP 400/422 naming it) is not
-# sent to it again (LLMClient.thinking_fields).
+# a kind not listed gets THINKING_OFF_DEFAULT; a field refused (HTTP 400/422 naming it)
+# is not sent again (LLMClient.thinking_fields).
 THINKING_OFF_FIELDS: dict[str, dict] = {
     # reasoning_effort "none" on /v1/chat/completions: LM Studio 0.4.17 (bug tracker #2057)
     "LM Studio": {"reasoning_effort": "none"},
@@ -5132,11 +4878,9 @@ THINKING_OFF_DEFAULT = {"reasoning_effort": "none",
 
 
 def _refuses_response_format(exc: LLMError) -> bool:
-    """Tell whether an error is the server refusing our response_format.
-
-    LM Studio: 400 "'response_format.type' must be 'json_schema'"; llama-cpp-python:
-    500 with a validation error naming 'text' or 'json_object'.
-    """
+    """Tell whether an error is the server refusing our response_format: LM Studio's 400
+    "'response_format.type' must be 'json_schema'", llama-cpp-python's 500 naming 'text'
+    or 'json_object'."""
     status = getattr(exc, "status", None)
     text = str(exc).lower()
     words = ("response_format", "json_schema", "json_object", "'text'", "grammar")
@@ -5146,9 +4890,7 @@ def _refuses_response_format(exc: LLMError) -> bool:
 
 def missing_v1_hint(base_url: str, status: int) -> str:
     """"; … try --base-url …/v1" for an HTTP 404 from a base URL whose path has no /v1
-    (every OpenAI-compatible server serves /v1/models and /v1/chat/completions:
-    LM Studio, Ollama, llama.cpp's server, vLLM), else ""."""
-
+    (LM Studio, Ollama, llama.cpp's server and vLLM all serve under /v1), else ""."""
     path = urlsplit(base_url).path
     if status != 404 or "/v1" in path:
         return ""
@@ -5160,30 +4902,31 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop: transient failures
-    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
-    up to config.retries times, backing off from config.retry_delay_s seconds with
-    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
-    output has streamed. sleep is injectable (tests see the delays without waiting).
-    A subclass gives CHAT_PATH, chat() and _parse()."""
+    exceptions as LLMError, and the retry loop: transient failures (refused or reset,
+    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times,
+    backing off from config.retry_delay_s seconds with jitter, honouring Retry-After,
+    never past RETRY_BUDGET_S seconds in all, never once output has streamed. sleep is
+    injectable. A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
     def __init__(self, config: Config, base_url: str, *, headers: dict | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  on_retry: Callable[[str], None] | None = None):
-        import httpx
+        import httpx        # the room's one import of it, kept as self._httpx
 
+        self._httpx = httpx
         self.config = config
         self.base_url = base_url.rstrip("/")
         self._sleep = sleep
         self._on_retry = on_retry or (lambda message: None)
-        timeout = httpx.Timeout(config.timeout_s, connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
+        timeout = httpx.Timeout(config.timeout_s,
+                                connect=min(CONNECT_TIMEOUT_S, config.timeout_s))
         # trust_env=False: a proxy set in the user's shell must not see loopback traffic.
         # A plain-http server needs no TLS context, and building one (certifi's CA
         # bundle) costs ~80 ms of start-up; https keeps full verification.
         https = self.base_url.lower().startswith("https://")
-        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=True if https else False,
+        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=https,
                                  headers=headers)
 
     def close(self) -> None:
@@ -5191,11 +4934,9 @@ class HTTPExecutor(Executor):
         self.http.close()
 
     def _get_json(self, url: str) -> Any:
-        """GET url and return its JSON body, read within the bounds of a reply
-        (BoundedResponse; at least DEFAULT_MAX_OUTPUT_BYTES, so a lower
-        --max-output-bytes cuts replies, not the model list). Raises LLMError."""
-        import httpx
-
+        """GET url and return its JSON body, within BoundedResponse's bounds (at least
+        DEFAULT_MAX_OUTPUT_BYTES: a lower --max-output-bytes cuts replies, not the model
+        list). Raises LLMError."""
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
@@ -5204,10 +4945,9 @@ class HTTPExecutor(Executor):
                 if response.status_code >= 400:
                     raise self._http_error(response, url, missing_v1_hint(
                         self.base_url, response.status_code))
-                # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         try:
             return load_reply(body)
@@ -5215,13 +4955,13 @@ class HTTPExecutor(Executor):
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
     def _scrub(self, text: str) -> str:
-        """Return a server's message without the key this client sends (a server may echo it)."""
+        """A server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
 
     def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
-        """Return the error of an HTTP status >= 400: the server's message (_error_message,
-        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
-        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        """The error of an HTTP status >= 400: the server's message (scrubbed) and hint,
+        raised as LLMServerUnusable when about the server (_raise_fault), else returned as
+        LLMHTTPError with its Retry-After."""
         message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
         self._raise_fault(url, response.status_code, message)
         return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
@@ -5230,9 +4970,9 @@ class HTTPExecutor(Executor):
                             context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
-        """Return the error a server reported inside a 200 stream (an SSE "error" event, an
-        NDJSON {"error"} line): its message (_error_message), scrubbed of the key, as
-        LLMServerUnusable when it is about the server (_raise_fault), else LLMHTTPError."""
+        """The error a server reported inside a 200 stream (an SSE "error" event, an NDJSON
+        {"error"} line), as _http_error treats one."""
+
         message = self._scrub(_error_message(data.encode()))
         self._raise_fault(url, 500, message)
         return LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
@@ -5276,8 +5016,7 @@ class HTTPExecutor(Executor):
 
     def _transport_error(self, exc: Exception, url: str) -> LLMError:
         """Translate an httpx transport exception into the matching LLMError."""
-        import httpx
-
+        httpx = self._httpx
         if isinstance(exc, httpx.ConnectTimeout):
             connect_s = min(CONNECT_TIMEOUT_S, self.config.timeout_s)
             return LLMTimeout(f"no connection to {url} within {connect_s:g} s "
@@ -5299,8 +5038,7 @@ class HTTPExecutor(Executor):
                      tally: OutputTally) -> Completion:
         """POST payload once; read the reply into tally (_parse). timeout_s: the step's
         (ChatRequest.timeout_s). Raises LLMError."""
-        import httpx
-
+        httpx = self._httpx
         url = f"{self.base_url}{self.CHAT_PATH}"
         started = tally.started
         kwargs: dict[str, Any] = {"json": payload}
@@ -5347,13 +5085,12 @@ class HTTPExecutor(Executor):
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
                                          "refused problem trained_context",
                             defaults=(None, None, (), None, None))):
-    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
-    or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said). Ollama's
-    probe also gives: version (str), why (how loaded was picked), refused ((model,
-    reason) pairs it will not send steps to), problem ((what, hint) when no model
-    can be used, else None), trained_context (the model's trained maximum, tokens)."""
+    """What a server says about itself (LLMClient.probe): kind ("LM Studio", "llama.cpp",
+    "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id, or None),
+    context_length (tokens per request), parallel (requests served at once), version
+    (str), why (how loaded was picked), refused ((model, reason) pairs no step is sent
+    to), problem ((what, hint) when no model can be used), trained_context (tokens); None
+    where not said."""
 
     __slots__ = ()
 
@@ -5367,11 +5104,10 @@ def _ollama_named(found: Any) -> dict[str, dict]:
 
 class OllamaModels:
     """The models one Ollama probe sees: pulled (/api/tags) and running (/api/ps), by
-    name; the /api/show answers asked (at most OLLAMA_SHOW_MAX a probe); refused, the
-    (name, reason) pairs no step is sent to: models whose /api/show capabilities lack
-    "completion" (embedding models), and cloud models (a *-cloud name or /api/tags
-    remote_host: they run on ollama.com, docs/cloud.mdx) unless --allow-executor
-    ollama-cloud. The choice: wanted (--model), else loaded."""
+    name; shown, the /api/show answers (at most OLLAMA_SHOW_MAX); refused, the (name,
+    reason) pairs no step is sent to: no "completion" in /api/show capabilities
+    (embedding models), cloud models (a *-cloud name or /api/tags remote_host: they run
+    on ollama.com, docs/cloud.mdx) unless --allow-executor ollama-cloud."""
 
     __slots__ = ("client", "root", "pulled", "running", "shown", "refused")
 
@@ -5420,8 +5156,8 @@ class OllamaModels:
         return name, "--model", None
 
     def loaded(self) -> tuple:
-        """(chosen, why, problem) without --model: the first of /api/ps that can chat,
-        else the only chat model pulled."""
+        """(chosen, why, problem) without --model: the first running chat model, else the
+        only one pulled."""
         chosen = None
         for name in self.running:
             if reason := self.refusal(name):
@@ -5456,8 +5192,7 @@ class OllamaModels:
 
 
 class ServerProbes:
-    """The probes of LLMClient (a mixin of HTTPExecutor's: self.http, self.config,
-    self.base_url): what the server runs (probe), its tokenizer (count_tokens)."""
+    """LLMClient's probes (a mixin of HTTPExecutor's): probe, count_tokens."""
 
     CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
@@ -5481,11 +5216,11 @@ class ServerProbes:
             return None
 
     def count_tokens(self, messages: list[dict]) -> int | None:
-        """Count messages' tokens with the server's own tokenizer where it offers one:
+        """Count messages' tokens with the server's tokenizer where it has one:
         llama-cpp-python POST /extras/tokenize/count {"input"} -> {"count"}
         (llama_cpp/server/app.py), llama.cpp POST /tokenize {"content"} -> {"tokens"}
-        (tools/server/README.md); plus 5 a message for the chat template, as
-        estimate_tokens adds. None elsewhere, or when the route fails (not asked again)."""
+        (tools/server/README.md); plus 5 a message, as estimate_tokens adds. None
+        elsewhere, or once the route failed."""
         if self.server_kind not in ("llama-cpp-python", "llama.cpp") or self.tokenizer_refused:
             return None
         text = "\n".join(m["content"] for m in messages)
@@ -5506,11 +5241,8 @@ class ServerProbes:
         return count + 5 * len(messages) + 3
 
     def _post_json(self, url: str, body: dict) -> Any:
-        """POST body as JSON to url; return the JSON reply, or None when the route
-        refuses or answers something else (an Ollama probe). Raises LLMError when the
-        server cannot be reached."""
-        import httpx
-
+        """POST body as JSON to url; return the JSON reply, or None when the route refuses
+        or answers something else. Raises LLMError when the server cannot be reached."""
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("POST", url, json=body,
@@ -5520,7 +5252,7 @@ class ServerProbes:
                 if response.status_code >= 400:
                     return None
                 content = response.read(DEFAULT_MAX_OUTPUT_BYTES)
-        except httpx.TransportError as exc:
+        except self._httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc
         except LLMProtocolError:        # past the bound: not an answer to use
             return None
@@ -5531,11 +5263,10 @@ class ServerProbes:
 
     def _lmstudio_models(self, models: list[str], entries: list[dict]) -> "ServerInfo":
         """Read LM Studio 0.4's GET /api/v1/models (lmstudio docs 1_developer/2_rest/
-        list.md): only type "llm" and "vlm" entries are chat models (an "embedding"
-        one loaded for RAG is refused); --model matches an entry's key or any loaded
-        instance's id; the context and parallel slots are that instance's config. With
-        nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
-        first request), else a problem listing the LLMs."""
+        list.md): type "llm" and "vlm" entries are chat models (a loaded "embedding" one is
+        refused); --model matches an entry's key or a loaded instance's id, whose config
+        gives context and parallel. Nothing loaded, no --model: the only LLM downloaded (JIT
+        loads it on the first request), else a problem listing the LLMs."""
         chat = [e for e in entries     # an entry saying no type is taken for an LLM
                 if e.get("type", "llm") in ("llm", "vlm") and isinstance(e.get("key"), str)]
         refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
@@ -5573,13 +5304,10 @@ class ServerProbes:
                            f"({listed})", "load one (lms load KEY) or pass --model KEY"))
 
     def _ollama_probe(self, root: str) -> "ServerInfo | None":
-        """Return what an Ollama server runs, or None when root is not Ollama.
-
-        Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
-        is running"). The model and what is refused: OllamaModels. Context: /api/ps
-        context_length (as loaded), /api/show model_info["<arch>.context_length"]
-        (trained). With the native API (--ollama-api native, the default) steps go
-        to /api/chat; else to /v1/chat/completions."""
+        """Return what an Ollama server runs (OllamaModels), or None when root is not
+        Ollama (GET /api/version and /api/tags, docs/api.md). Context: /api/ps
+        context_length (loaded), /api/show model_info["<arch>.context_length"] (trained).
+        Steps go to /api/chat with --ollama-api native (the default), else /v1."""
         version = self._try_json(f"{root}/api/version")
         tags = self._try_json(f"{root}/api/tags") if isinstance(version, dict) else None
         if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
@@ -5603,18 +5331,15 @@ class ServerProbes:
                           version["version"], why, tuple(models.refused), problem, trained)
 
     def probe(self) -> "ServerInfo":
-        """Ask the server what it runs: models, the loaded one, its effective context
-        length (tokens) and how many requests it serves at once.
-
-        Sources, tried in order: LM Studio 0.4 GET /api/v1/models (loaded_instances
+        """Ask the server what it runs (ServerInfo). Sources, in order: Ollama
+        (_ollama_probe); LM Studio 0.4 GET /api/v1/models (loaded_instances
         [].config.context_length and .parallel; lmstudio docs 1_developer/2_rest/
         list.md); LM Studio GET /api/v0/models (state "loaded", loaded_context_length
         or max_context_length); llama.cpp's GET /props (default_generation_settings.
         n_ctx, total_slots; tools/server/README.md); llama-cpp-python's /v1/models
         (owned_by "me"; llama_cpp/server/app.py); vLLM's max_model_len in
         /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
-        when the server cannot be reached. Ollama is asked first (_ollama_probe).
-        """
+        when the server cannot be reached."""
         ollama = self._ollama_probe(self.base_url.removesuffix("/v1"))
         if ollama is not None:
             return ollama
@@ -5648,16 +5373,13 @@ class ServerProbes:
 
 
 def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
+    """Find the model server when no base URL was given: the first of
+    DEFAULT_SERVER_PORTS on 127.0.0.1 that answers as one (GET /api/version with a
+    version: Ollama; else GET /v1/models with a data list; 401/403: one wanting a key,
+    which is not sent while looking). A port whose GET /api/health answers as
+    mcp-memory-service does ({"status": "healthy"}; web/api/health.py), or --memory-url's,
+    is never taken. Returns (the config, with the base URL found; [{"url", "result"}] per
+    port tried)."""
     if config.base_url_given:
         return config, []
     import httpx
@@ -5702,7 +5424,8 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
 
 def _pick_model(config: Config, info: ServerInfo | None) -> str:
     """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    LLMServerUnusable for info.problem."""
+
     if info is not None and info.problem:
         what, hint = info.problem
         raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
@@ -5730,16 +5453,15 @@ class OllamaNative:
 
     @property
     def cuts_prompts(self) -> bool:
-        """Whether this server may cut a prompt that does not fit and answer all the
-        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
-        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        """Whether this server may cut a prompt that does not fit and answer all the same:
+        not Ollama's native API, whose num_ctx bridge sets to fit (its prompt_eval_count
+        leaves out a cached prefix, so it is no measure of a cut)."""
         return not self.native
 
     def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
-        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
-        structured output through `format` (a JSON schema), and thinking "off" as
-        think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
+        options.num_ctx, num_predict (max_tokens), the sampling it takes, the schema as
+        `format`, thinking "off" as think: false."""
         options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
         sampling, model = request.sampling or {}, request.model
         if sampling.get("temperature") is not None:
@@ -5761,8 +5483,7 @@ class OllamaNative:
     def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
         false} lines, then done: true with done_reason, prompt_eval_count and eval_count
-        (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
-        on_reasoning, not the text. Held to --max-output-bytes like every reply."""
+        (docs/api.md); {"error": …} mid-stream is the server's error."""
         model = finish = usage = None
         for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             chunk = streamed_json(line, "line", url)
@@ -5797,10 +5518,9 @@ class OllamaNative:
 @register_executor
 class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
     """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
-    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
-    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
-    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
-    opened by the CLI before the run (Runner.client)."""
+    server, vLLM) at config.base_url (…/v1): SSE chunks with stream_options.include_usage,
+    constrained JSON (RESPONSE_FORMS), ServerProbes and OllamaNative. The run's model
+    server, opened by the CLI before the run (Runner.client)."""
 
     NAME = PREFIX = "openai"
     PROBED = WATCHED = True
@@ -5835,8 +5555,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                                     status)
 
     def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
-        """A server still unreachable after the request's retries is gone for the run
-        (LLMServerUnusable), said with how long bridge waited for it."""
+        """A server still unreachable after the retries is gone for the run
+        (LLMServerUnusable, saying how long bridge waited)."""
         if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
             return exc
         waited = time.monotonic() - started
@@ -5847,30 +5567,28 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 
     def accepted_sampling(self, sampling: dict) -> dict:
         """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
-        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
-        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (OpenAI-strict
+        servers refuse unknown fields)."""
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items()
                 if k in ("temperature", "seed", "max_tokens") or k in extras}
 
     def thinking_fields(self) -> dict:
-        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
-        less those it refused."""
+        """THINKING_OFF_FIELDS of its kind (or THINKING_OFF_DEFAULT) less those refused."""
         fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
         return {k: v for k, v in fields.items() if k not in self.thinking_refused}
 
     def drop_constraint(self, model: str, why: str) -> None:
-        """Send model's JSON requests unconstrained from now on (no response_format):
-        its constrained output garbled (why says how). The answer is still checked."""
+        """Send model's JSON requests unconstrained from now on: its constrained output
+        garbled (why says how). The answer is still checked."""
         self.unconstrained.setdefault(model, why)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed: messages [{"role", "content"}], request a
-        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
-        refused (none for a model given to drop_constraint), sampling as
-        accepted_sampling says, thinking "off" as thinking_fields; what the server
-        refuses is dropped for this client's life and the request resent at once, not
-        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
+        """Send one chat completion, streamed. json_schema goes as the first of
+        RESPONSE_FORMS the server has not refused (none after drop_constraint), sampling
+        as accepted_sampling, thinking "off" as thinking_fields; what the server refuses
+        is dropped for this client's life and the request resent at once, not counted as
+        a retry (_drop_refused). Raises LLMError, never an httpx exception."""
         if self.native:
             return self._chat_native(messages, request)
         model, json_schema, thinking = request.model, request.json_schema, request.thinking
@@ -5949,10 +5667,9 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
-        whether any was. Those it names; when it names none of them (nor
-        response_format or a sampling field, which have their own fallback), all
-        that were sent: a server that refuses without saying why must not lose
-        every attempt to a field bridge added."""
+        whether any was: those it names, else (naming no response_format or sampling
+        field either) all that were sent: a server refusing without saying why must not
+        lose every attempt to a field bridge added."""
         sent = [k for k in THINKING_OFF_DEFAULT if k in payload]
         if exc.status not in (400, 422) or exc.context_overflow or not sent:
             return False
@@ -5978,9 +5695,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
         return self._parse_stream(response, url, tally)
 
     def _parse_whole(self, body: bytes, url: str, tally: OutputTally) -> Completion:
-        """Read a non-streamed chat.completion body (servers that ignore stream); the
-        body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
-        text must fit --max-output-bytes as a stream's must."""
+        """Read a non-streamed chat.completion body (servers that ignore stream), its text
+        held to --max-output-bytes as a stream's is."""
         try:
             data = load_reply(body)
             choice = data["choices"][0]
@@ -6001,9 +5717,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                           int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
     def _parse_stream(self, response: Any, url: str, tally: OutputTally) -> Completion:
-        """Read an SSE chat.completion.chunk stream to its end and return the Completion.
-        Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
-        and given to on_reasoning, never to on_delta or the text."""
+        """Read an SSE chat.completion.chunk stream to its end and return the Completion
+        (reasoning_delta goes to on_reasoning, never the text)."""
         usage = model = finish = None
         done = False
         events = _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES)
@@ -6044,10 +5759,9 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 @register_executor
 class OllamaCloud(LLMClient):
     """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
-    run's model server like a local one, but run on ollama.com, where the project's
-    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
-    the paid executors at the spend cap. Facts only: its requests go through the
-    run's LLMClient (PROBED)."""
+    run's model server but run on ollama.com, where the project's files would go: only
+    with --allow-executor ollama-cloud, and stopped at the spend cap. Facts only: its
+    requests go through the run's LLMClient."""
 
     NAME, PREFIX = "ollama-cloud", ""
     PAID = CLOUD = True
@@ -6069,18 +5783,16 @@ class OllamaCloud(LLMClient):
 
 
 def claude_price(model: str) -> tuple[float, float] | None:
-    """Return (input, output) US dollars per million tokens of a Claude model id,
-    dated or not (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
+    """(input, output) US dollars per million tokens of a Claude model id, dated or not
+    (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
     known = [name for name in CLAUDE_PRICES_USD_PER_MTOK if model.startswith(name)]
     return CLAUDE_PRICES_USD_PER_MTOK[max(known, key=len)] if known else None
 
 
 def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | None) -> tuple:
-    """Return (usage, cost_usd) for a Completion from the counts a Messages stream
-    reported: usage by checked_usage; cost_usd that usage at claude_price(model), or
-    None when the usage is unknown or the model it names has no price (a gateway naming
-    none, or another): the runner then prices it (priced_reply, by the model asked for
-    and the usage estimated when unknown), so neither can slip past --max-cost-usd."""
+    """Return (usage, cost_usd) from the counts a Messages stream reported: checked_usage,
+    and that at claude_price(model), or None when either is unknown: the runner then
+    prices it (priced_reply), so neither slips past --max-cost-usd."""
     usage, price = checked_usage(input_tokens, output_tokens), claude_price(model or "")
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
@@ -6091,10 +5803,9 @@ class AnthropicClient(HTTPExecutor):
     Ollama, a gateway): POST {base}/v1/messages with x-api-key and anthropic-version
     2023-06-01, the system prompt as the top-level "system", streamed: message_start
     (input usage), content_block_delta (text_delta), message_delta (stop_reason,
-    cumulative output usage), message_stop; ping and unknown events ignored, an
-    "error" event fails the request (platform.claude.com/docs/en/api/messages-
-    streaming). Cost: its usage at CLAUDE_PRICES_USD_PER_MTOK. Raises LLMError when
-    no API key is set."""
+    cumulative output usage), message_stop; an "error" event fails the request, others
+    are ignored (platform.claude.com/docs/en/api/messages-streaming). Raises LLMError
+    when no API key is set."""
 
     NAME = PREFIX = "anthropic"
     PAID = CLOUD = True
@@ -6111,9 +5822,8 @@ class AnthropicClient(HTTPExecutor):
                          headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one Messages request, streamed; see the class. Of request.sampling only
-        temperature is sent; json_schema and thinking are not (the output is validated
-        by bridge all the same)."""
+        """Send one Messages request, streamed; of request.sampling only temperature is
+        sent, json_schema and thinking are not (the output is checked all the same)."""
         payload: dict[str, Any] = {
             "model": request.model, "max_tokens": request.max_tokens or self.DEFAULT_MAX_TOKENS,
             "stream": True, "messages": [{"role": m["role"], "content": m["content"]}
@@ -6202,9 +5912,9 @@ class ClaudeCLI(Executor):
         return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Run one `claude -p` request; see the class. Of request, model, timeout_s and
-        on_delta are used: sampling, max_tokens, json_schema and thinking have no claude
-        flag. Raises LLMTimeout when the time runs out, LLMError when claude fails."""
+        """Run one `claude -p` request: request's model, timeout_s and on_delta (the rest
+        has no claude flag). Raises LLMTimeout when the time runs out, LLMError when
+        claude fails."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
@@ -6218,8 +5928,8 @@ class ClaudeCLI(Executor):
             return self._run(argv, prompt, cwd, limit_s, tally)
 
     def _workdir(self) -> Any:
-        """The folder claude runs in: the trusted project, else a fresh scratch folder
-        (0700, under the state dir) removed afterwards."""
+        """The folder claude runs in: the trusted project, else a scratch folder (0700,
+        under the state dir) removed afterwards."""
         import tempfile
 
         if self.cwd is not None:
@@ -6274,8 +5984,7 @@ class ClaudeCLI(Executor):
                               duration_s=elapsed)
 
     def _read_events(self, proc: Any, tally: OutputTally) -> tuple[dict | None, str | None]:
-        """Read claude's NDJSON to its end, its assistant text into tally: (the result
-        event, model)."""
+        """Read claude's NDJSON to its end, assistant text into tally: (result event, model)."""
         final = model = None
         # a line longer than a reply may be is read in parts (none of them JSON), never whole
         line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
@@ -6305,11 +6014,9 @@ class ClaudeCLI(Executor):
 
 
 def claude_usage_cost(final: dict) -> tuple:
-    """Return (usage, cost_usd) from the claude CLI's result event: usage by
-    checked_usage of its input_tokens and output_tokens (None: unknown), cost_usd its
-    total_cost_usd when reported_cost_usd believes it (at most what USAGE_MAX_TOKENS
-    tokens would cost at the dearest CLAUDE_PRICES_USD_PER_MTOK), else None: the runner
-    prices the estimated usage (priced_reply)."""
+    """Return (usage, cost_usd) from the claude CLI's result event: checked_usage of its
+    input_tokens and output_tokens, and its total_cost_usd when reported_cost_usd believes
+    it (at most USAGE_MAX_TOKENS at the dearest price), else None (priced_reply)."""
     usage = final.get("usage") if isinstance(final.get("usage"), dict) else {}
     most = USAGE_MAX_TOKENS * max(max(p) for p in CLAUDE_PRICES_USD_PER_MTOK.values()) / 1e6
     return (checked_usage(usage.get("input_tokens"), usage.get("output_tokens")),
@@ -6317,8 +6024,9 @@ def claude_usage_cost(final: dict) -> tuple:
 
 
 def claude_env(environ: Any) -> dict[str, str]:
-    """Return the part of an environment (pairs or a dict) a claude-cli: process gets:
-    the names in TOOL_ENV_NAMES and those starting with TOOL_ENV_PREFIXES."""
+    """The part of an environment (pairs or a dict) a claude-cli: process gets:
+    TOOL_ENV_NAMES and the names starting with TOOL_ENV_PREFIXES."""
+
     pairs = environ.items() if isinstance(environ, dict) else environ
     return {k: v for k, v in pairs if k in TOOL_ENV_NAMES or k.startswith(TOOL_ENV_PREFIXES)}
 
@@ -8698,10 +8406,8 @@ class Attempt:
 
 
 class StepRun:
-    """One step of a plan run, from its first prompt to its settled result
-    (run.results[step.id]): its attempts, each checked, its file written and its
-    commands run (a failed one's file put back), until one passes or the retry policy
-    stops them; then its escalation. outputs: step id -> output, of the steps it reads."""
+    """One step of a plan run, to its settled result (run.results[step.id]).
+    outputs: step id -> output, of the steps it reads."""
 
     __slots__ = ("run", "runner", "step", "result", "outputs", "say")
 
@@ -8712,7 +8418,7 @@ class StepRun:
 
     def run_step(self, position: int) -> None:
         """Run the step's attempts (position: its place in the order steps started);
-        fill its result and transcript, then its STATS_FILE record."""
+        then its STATS_FILE record."""
         run, step, result = self.run, self.step, self.result
         plan, model = run.plan, step.model or self.runner.model
         result.status, result.file_output, result.model = "running", step.file_output, model
@@ -8725,7 +8431,7 @@ class StepRun:
             self._attempts()
         finally:
             run.runlog.end(result)
-        if result.attempts and not run.cancel.is_set():     # never sent, interrupted: not counted
+        if result.attempts and not run.cancel.is_set():     # interrupted: not counted
             append_step_stats(run.config.runs_dir.parent, {
                 "ts": utc_now_iso(), "plan_id": plan.id, "run_id": run.run_id, "step_id": step.id,
                 "model": model,
@@ -8736,22 +8442,23 @@ class StepRun:
                 "seconds": round(result.duration_s, 3)})
 
     def _first_prompt(self) -> list[dict] | None:
-        """Return the step's first prompt, or None when it cannot be sent (it does not fit
-        the model's context, or its commands may not run here): then the step is settled,
-        failed or skipped. A prompt the server counts larger is fitted again (calibrate)."""
+        """Return the step's first prompt, or None (the step settled failed or skipped)
+        when it does not fit the model's context or its commands may not run here. A
+        prompt the server counts larger is fitted again (calibrate)."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         staged = run.files.path_of if run.staged else None
-        run.sources[step.id] = []
+
+        def build() -> list[dict]:
+            run.sources[step.id] = []
+            blocks = prompt_blocks(run.plan, step, self.outputs, staged)
+            return fitted_messages(step, blocks, fit.budget(step, result.model),
+                                   run.sources[step.id])
         try:
-            messages = fitted_messages(step, prompt_blocks(run.plan, step, self.outputs, staged),
-                                       fit.budget(step, result.model), run.sources[step.id])
+            messages = build()
             counted = fit.client.count_tokens(messages) \
                 if fit.client is not None and result.model == fit.model else None
             if fit.calibrate(result.model, messages, counted):
-                run.sources[step.id] = []           # fitted again, to the server's own count
-                blocks = prompt_blocks(run.plan, step, self.outputs, staged)
-                messages = fitted_messages(step, blocks, fit.budget(step, result.model),
-                                           run.sources[step.id])
+                messages = build()          # fitted again, to the server's own count
         except PromptTooLarge as exc:
             result.error, shown = f"{exc} ({exc.hint})", str(exc)
         else:       # commands that may not run here: nothing is sent, nothing runs
@@ -8764,8 +8471,8 @@ class StepRun:
         return None
 
     def _attempts(self) -> None:
-        """Send the step's attempts until one passes or the retry policy stops them
-        (AttemptFailure.retries), then escalate (escalation_target); settle the result."""
+        """Send attempts until one passes or AttemptFailure.retries says stop, then
+        escalate (escalation_target); settle the result."""
         run, step, result = self.run, self.step, self.result
         model, clock = result.model, time.monotonic()
         budget = self.runner.fit.budget(step, model)
@@ -8796,8 +8503,7 @@ class StepRun:
             failures.append((result.output, failure.message))
             self.say(f"  {step.label}: attempt {number} failed: {failure.message}")
             retrying = failure.retries(number, step)
-            self.runner.events.emit("attempt_failed", run.plan.id, step.id, attempt=number,
-                                    error=failure.message, retrying=retrying)
+            self._failed(number, failure, retrying)
             if not retrying:
                 break
             retry_note = fit_feedback(messages, failure.feedback, budget)
@@ -8811,10 +8517,14 @@ class StepRun:
                 return
         result.status = "skipped" if step.on_failure == "skip" else "failed"
         self.say(f"  {step.label}: {result.status} after {result.attempts} attempt(s)")
+    def _failed(self, number: int, failure: "AttemptFailure", retrying: bool) -> None:
+        """Emit the attempt_failed event (with --events)."""
+        self.runner.events.emit("attempt_failed", self.run.plan.id, self.step.id,
+                                attempt=number, error=failure.message, retrying=retrying)
 
     def _escalate(self, escalate_to: str, messages: list[dict]) -> bool:
-        """Give the step, its attempts spent, one more attempt on escalate_to with
-        messages (escalation_messages). Returns True when that saved it."""
+        """Send one more attempt to escalate_to with messages (escalation_messages);
+        return True when it passed."""
         step, result = self.step, self.result
         number = result.attempts + 1
         result.attempts, result.escalated_to, result.output = number, escalate_to, ""
@@ -8826,20 +8536,17 @@ class StepRun:
             self.say(f"  {step.label}: succeeded on {escalate_to}")
             return True
         result.error = f"{failure.message} (after escalating to {escalate_to})"
-        self.runner.events.emit("attempt_failed", self.run.plan.id, step.id, attempt=number,
-                                error=failure.message, retrying=False)
+        self._failed(number, failure, False)
         self.say(f"  {step.label}: the escalation failed too: {failure.message}")
         return False
 
     def send(self, attempt: Attempt) -> "AttemptFailure | None":
         """Send one attempt, check it, write its file; return None or its AttemptFailure.
 
-        A WATCHED executor's output is watched while it streams (DegenerationGuard): a
-        degenerate answer is cancelled, and fails saying why; so does one cut at max_tokens
-        (finish_reason "length"), saying what thinking spent of it. On the run's model server
-        the attempt asks for thinking as thinking_asked says and keeps ContextFit.reserve
-        tokens for it; a constrained answer that comes back garbled makes that model go
-        unconstrained (_garbled)."""
+        A WATCHED executor's stream is watched (DegenerationGuard): a degenerate answer
+        is cancelled and fails saying why; so does one cut at max_tokens, saying what
+        thinking spent of it. On the run's model server it asks for thinking as
+        thinking_asked says and keeps ContextFit.reserve tokens for it."""
         failure = self._prepare(attempt)
         if failure is not None:
             return failure
@@ -8850,8 +8557,8 @@ class StepRun:
         return self._answered(attempt, reply)
 
     def _prepare(self, attempt: Attempt) -> "AttemptFailure | None":
-        """Find the attempt's executor, its sampling, thinking and schema, and record what
-        it sends (attempt_log, transcript); return why it cannot be sent, or None."""
+        """Fill in the attempt's executor, sampling, thinking and schema; record what it
+        sends (attempt_log, transcript); return why it cannot be sent, or None."""
         run, step, result = self.run, self.step, self.result
         try:
             attempt.executor, attempt.name = self.runner.executor(attempt.model, run.cli_cwd)
@@ -8880,10 +8587,9 @@ class StepRun:
         return None
 
     def _chat(self, attempt: Attempt) -> Completion:
-        """Send the attempt's request (fresh DegenerationGuards on a WATCHED executor),
-        again while the server cuts it for another (resend_on_contention). With steps in
-        parallel on slots sharing one context (ContextFit.pool), it first waits for its
-        prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
+        """Send the attempt's request, again while the server cuts it for another
+        (resend_on_contention). On slots sharing one context (ContextFit.pool) it first
+        waits for its prompt (estimate_tokens) and max_tokens to fit beside those in flight."""
         fit, sampling, local = self.runner.fit, attempt.sampling, attempt.local
         watched = attempt.executor.WATCHED
         pool = fit.pool if local and attempt.model == fit.model and fit.parallel > 1 else None
@@ -8906,9 +8612,9 @@ class StepRun:
                 pool.release(held)
 
     def _unanswered(self, attempt: Attempt, exc: "LLMError | OutputDegenerate") -> AttemptFailure:
-        """Record an attempt whose request failed (LLMError) or whose stream was stopped
-        (OutputDegenerate); return its AttemptFailure. LLMServerUnusable stops the run
-        (halt, cancel); a context overflow teaches ContextFit the context when none is known."""
+        """Record an attempt whose request failed or whose stream was stopped; return its
+        AttemptFailure. LLMServerUnusable stops the run (halt, cancel); a context
+        overflow teaches ContextFit the context when none is known."""
         run, fit = self.run, self.runner.fit
         self.result.generation_s += time.monotonic() - attempt.started
         attempt.thought_cut()
@@ -8925,8 +8631,8 @@ class StepRun:
         return AttemptFailure.from_request(exc)
 
     def _answered(self, attempt: Attempt, reply: Completion) -> "AttemptFailure | None":
-        """Take an attempt's reply: price and record it, learn from its usage, then fail
-        it when its prompt was cut or its answer stopped at max_tokens, else check it."""
+        """Price and record a reply, learn from its usage; fail it when its prompt was
+        cut or its answer stopped at max_tokens, else check it."""
         run, step, result, fit = self.run, self.step, self.result, self.runner.fit
         local, executor = attempt.local, attempt.executor
         result.generation_s += time.monotonic() - attempt.started
@@ -8971,9 +8677,8 @@ class StepRun:
         return failure
 
     def _garbled(self, attempt: Attempt, output: str, form: str) -> None:
-        """After a constrained answer failed: when it looks damaged by the grammar
-        (grammar_damage against attempt.schema, the one sent), send that model's later
-        requests unconstrained, and say so."""
+        """After a constrained answer failed: when grammar_damage finds it damaged by the
+        schema sent, send that model's later requests unconstrained, and say so."""
         executor, name = attempt.executor, attempt.name
         if name in executor.unconstrained:
             return
@@ -8986,9 +8691,9 @@ class StepRun:
 
     def _output_schema(self, number: int, sends: bool) -> dict | None:
         """Return the schema an attempt asks for (output_schema of the step's input); for a
-        grounded step, record which form it is: "spans" (string values copied from the
-        input only), "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or
-        "none" (sends False: the executor sends no schema, only the check applies)."""
+        grounded step, record its form: "spans" (values copied from the input only),
+        "schema" (more than GROUNDED_MAX_SPANS spans, or a json validation) or "none"
+        (sends False: no schema is sent, only the check applies)."""
         step = self.step
         schema = output_schema(step.validation, self.run.sources.get(step.id, []))
         first = next((v for v in validations_of(step.validation)
@@ -9001,8 +8706,8 @@ class StepRun:
         return schema
 
     def _sampling(self, attempt: Attempt) -> dict:
-        """Return the sampling fields an attempt asks for, with its max_tokens: the
-        attempt's own on a local model (retry_sampling), else as the step says."""
+        """Return the attempt's sampling fields with its max_tokens: its own on a local
+        model (retry_sampling), else the step's."""
         step, local = self.step, attempt.local
         sampling = dict(retry_sampling("plain", step, 1) if attempt.sampling is None or not local
                         else attempt.sampling)
@@ -9013,9 +8718,9 @@ class StepRun:
         return sampling
 
     def _check(self, output: str, answer: str) -> "AttemptFailure | None":
-        """Check an output, write its file, run the step's commands in order up to the
-        first that fails; return None or the AttemptFailure. A failed command puts the file
-        back at once, and so does anything that stops the run while a command runs."""
+        """Check an output, write its file, run the step's commands up to the first that
+        fails; return None or the AttemptFailure. A failed command puts the file back at
+        once, and so does anything that stops the run while a command runs."""
         run, step, result = self.run, self.step, self.result
         files, number = run.files, result.attempts
         try:
@@ -9054,8 +8759,8 @@ class StepRun:
         return None
 
     def _run_commands(self, answer: str) -> "AttemptFailure | None":
-        """Run the step's command validations in order in the project; return the first
-        failure as an AttemptFailure (its output goes into the next prompt), or None."""
+        """Run the step's command validations in the project; return the first failure
+        (its output goes into the next prompt), or None."""
         run, step, result = self.run, self.step, self.result
         number = result.attempts
         for validation in _commands_of(step):
@@ -9098,18 +8803,17 @@ class StepRun:
 
 
 def runnable_plan(record: PlanRecord, config: Config) -> Plan:
-    """Return a stored plan as a run would run it: whole (not split into chunks by the
-    memory server) and valid (check_plan, with the config's Guard). Raises
-    PlanInvalid with the problems otherwise."""
+    """Return a stored plan as a run runs it: whole (not split into chunks by the memory
+    server) and valid (check_plan). Raises PlanInvalid with the problems otherwise."""
     if record.chunks:
         raise PlanInvalid(record.plan_id, [SPLIT_PLAN_PROBLEM.format(chunks=record.chunks)])
     return check_plan(record.plan, Guard.of(config))
 
 
 def narrowed_plan(plan: Plan, config: Config) -> Plan:
-    """Return plan with each step's max_retries cut to --max-retries (config.max_retries)
-    where it asks more: a plan only narrows the user's limits (timeout_s is narrowed
-    where it is used, per read and per request: see HTTPExecutor and ClaudeCLI)."""
+    """Return plan with each step's max_retries cut to --max-retries where it asks more:
+    a plan only narrows the user's limits (timeout_s is narrowed where it is used: see
+    HTTPExecutor and ClaudeCLI)."""
     steps = {sid: step._replace(max_retries=narrowed(step.max_retries, config.max_retries))
              for sid, step in plan.steps.items()}
     return plan._replace(steps=steps)
@@ -9117,18 +8821,16 @@ def narrowed_plan(plan: Plan, config: Config) -> Plan:
 
 class CheckedPlan(namedtuple("CheckedPlan", "record plan problems trusted")):
     """A stored plan as the gate checked it, handed to its run (check_plan and the trust
-    decision run once per run): record (PlanRecord), plan (runnable_plan of it, or None
-    when it is invalid), problems (why it is invalid; [] when valid), trusted
-    (plan_trusted for its content: may it run commands; False when invalid)."""
+    decision run once per run): record (PlanRecord), plan (runnable_plan, None when
+    invalid), problems ([] when valid), trusted (plan_trusted: may it run commands)."""
 
     __slots__ = ()
 
 
 def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str | None]:
     """Return (the run id of the killed run a stale plan's run takes over, or None; why
-    it does not take it over, or None). A stale plan's dead run may have left files
-    half done: they are taken over if the run id read back from the store is one bridge
-    made, and that run's folder is this plan's (nothing read back is a path)."""
+    not, or None). Taken over only when the run id read back from the store is one bridge
+    made, and its folder is this plan's (nothing read back is a path)."""
     previous = record.state.get("run_id") if record.display_status == "stale" else None
     if previous is None:
         return None, None
@@ -9141,11 +8843,12 @@ def taken_over_run(runs_dir: Path, record: PlanRecord) -> tuple[str | None, str 
     return previous, None
 
 
-def _stop_running(results: dict[int, StepResult], why: str) -> None:
-    """Mark the steps of a run that stopped early: running ones failed, unrun ones say why."""
+def _stop_running(results: dict[int, StepResult], why: str, error: str | None = None) -> None:
+    """Mark the steps of a run that stopped early: running ones failed (error, else why),
+    unrun ones say why."""
     for result in results.values():
         if result.status == "running":
-            result.status, result.error = "failed", why
+            result.status, result.error = "failed", error or why
         elif result.attempts == 0 and result.error is None:
             result.error = f"not run: {why}"
 
@@ -9158,12 +8861,9 @@ class PlanRunFiles:
     def _take_over(self) -> None:
         """Take over what a killed run (previous) left, and put back what it left half done.
 
-        With keep_finished (--resume), its succeeded steps (from its steps.jsonl)
-        keep their outputs and files, unless that run had already reverted its
-        files; files written by any other step are restored from its journal. A
-        --review run (or its --apply) that died starts over: its outputs never all
-        reached the project. Raises RollbackError when such a file cannot be restored.
-        """
+        With keep_finished (--resume), its succeeded steps (steps.jsonl) keep their
+        outputs and files, unless it had reverted its files; files written by any other
+        step are restored from its journal. Raises RollbackError when one cannot be."""
         plan, previous, results, files = self.plan, self.previous, self.results, self.files
         old_dir = run_folder(self.config.runs_dir, previous)
         keep_finished = self.keep_finished
@@ -9198,10 +8898,9 @@ class PlanRunFiles:
 
     def _halted(self) -> None:
         """Leave a run the model server stopped (halt) as a user can take it up, and
-        raise LLMServerUnusable saying so: no result is stored and nothing is marked
-        failed. A run that did nothing (no step succeeded, no file written, no run taken
-        over) goes back to pending; else the plan stays in_progress, stale once this
-        process exits, its journal kept, for --resume (the files stay as written)."""
+        raise LLMServerUnusable saying so; no result is stored. A run that did nothing
+        (no step succeeded, no file written, no run taken over) goes back to pending; else
+        the plan stays in_progress (stale once this process exits) for --resume."""
         plan_id, files = self.record.plan_id, self.files
         if files is not None:
             files.close()
@@ -9242,9 +8941,8 @@ class PlanRunFiles:
         return None
 
     def _keep_backups(self) -> None:
-        """Keep the run's backups for --undo (0600), then delete those of the plan's
-        runs older than the last keep_runs; with keep_runs 0, none are kept, but
-        _close deletes them only once the result is stored."""
+        """Keep the run's backups for --undo (0600), then delete those of the plan's runs
+        older than the last keep_runs (with 0, _close deletes them once the result is stored)."""
         config, plan_id = self.config, self.plan.id
         if config.keep_runs == 0:
             return
@@ -9264,18 +8962,16 @@ class PlanRunFiles:
 
 
 class PlanRun(PlanRunFiles):
-    """One run of one plan, from claim to result (CPython's venv passes a `context`
-    the same way). runner: the Runner; plan: narrowed_plan of the checked plan (None:
-    invalid); problems, trusted: the gate's (CheckedPlan); started (UTC ISO) and clock
-    (time.monotonic()) at the claim; previous: the killed run it takes over, or None;
-    keep_finished: --resume; refused: why it does not take over a run, or None; files:
-    FileTransaction, StagedFiles, or None without a project; results: step id ->
-    StepResult; runlog: RunLog; log: _StepLog; cancel: a threading.Event set when the run
-    stops early; cli_cwd: where claude runs (a trusted project, else None: a scratch
-    folder); kept: path -> what a succeeded step of this run wrote there; positions: step
-    id -> its place in the order steps started; cap_hit: --max-cost-usd was reached;
-    sources: step id -> its input as sent (build_messages' pieces, what a grounded answer
-    copies); halt: the LLMServerUnusable that stopped the run, or None."""
+    """One run of one plan, from claim to result (as CPython's venv passes a `context`).
+    plan: narrowed_plan of the checked plan (None: invalid); problems, trusted: the
+    gate's; started (UTC ISO) and clock (time.monotonic()) at the claim; previous: the
+    killed run it takes over; keep_finished: --resume; refused: why it does not take one
+    over; files: FileTransaction, StagedFiles, or None without a project; results: step
+    id -> StepResult; cancel: set when the run stops early; cli_cwd: where claude runs (a
+    trusted project, else None: a scratch folder); kept: path -> what a succeeded step
+    wrote there; positions: step id -> its place in the start order; cap_hit:
+    --max-cost-usd was reached; sources: step id -> its input as sent (what a grounded
+    answer copies); halt: the LLMServerUnusable that stopped the run, or None."""
 
     __slots__ = ("runner", "config", "progress", "record", "plan", "problems", "trusted",
                  "run_id", "run_dir", "started", "clock", "previous", "keep_finished", "refused",
@@ -9284,7 +8980,6 @@ class PlanRun(PlanRunFiles):
 
     def __init__(self, runner: "Runner", checked: CheckedPlan, run_id: str,
                  previous: str | None, keep_finished: bool):
-
         self.runner, self.config, self.progress = runner, runner.config, runner.progress
         self.record, self.problems, self.trusted = checked.record, checked.problems, checked.trusted
         self.plan = narrowed_plan(checked.plan, self.config) if checked.plan else None
@@ -9307,10 +9002,9 @@ class PlanRun(PlanRunFiles):
         """Run the plan and store its result; return the stored result document.
 
         problems: reasons found outside the plan (an id shared with another live plan);
-        with any, or the gate's, the plan is recorded failed with every problem and nothing
-        is sent. Re-raises KeyboardInterrupt once the plan is recorded failed ("interrupted
-        at step N"). Raises LLMServerUnusable when the model server stopped the run
-        (_halted), ResultNotStored or StoreError when the store cannot be written."""
+        with any, or the gate's, the plan is recorded failed and nothing is sent.
+        Re-raises KeyboardInterrupt once the plan is recorded failed. Raises
+        LLMServerUnusable (_halted), ResultNotStored or StoreError."""
         self._announce()
         problems = [*problems, *self.problems]
         if problems:
@@ -9372,8 +9066,8 @@ class PlanRun(PlanRunFiles):
 
     def _work(self) -> tuple[str | None, dict | None, BaseException | None]:
         """Write the run's records, take over a killed run, run the steps and verify;
-        return (the plan's error or None, the verify record or None, the interrupt that
-        stopped it or None)."""
+        return (the plan's error, the verify record, the interrupt that stopped it), each
+        or None."""
         plan, results = self.plan, self.results
         try:
             private_dir(self.run_dir, tighten=True)     # its backups hold the project's files
@@ -9386,11 +9080,7 @@ class PlanRun(PlanRunFiles):
             return (*self._run_and_verify(), None)
         except KeyboardInterrupt as exc:
             current = sorted(r.id for r in results.values() if r.status == "running")
-            for result in results.values():
-                if result.status == "running":
-                    result.status, result.error = "failed", "interrupted"
-                elif result.attempts == 0 and result.error is None:
-                    result.error = "not run: the run was interrupted"
+            _stop_running(results, "the run was interrupted", "interrupted")
             where = f" at step {', '.join(map(str, current))}" if current else ""
             return f"interrupted{where}", None, exc
         except RollbackError as exc:        # files of a killed run could not be put back
@@ -9401,10 +9091,9 @@ class PlanRun(PlanRunFiles):
                     "(free some space, or make --state-dir writable)"), None, None
 
     def _run_and_verify(self) -> tuple[str | None, dict | None]:
-        """Run the steps, then the plan's verify once they all succeeded or were
-        skipped; return (the plan's error or None, the verify record or None). A
-        verify that may not run here (plan_trusted) fails the plan before any step
-        is sent, so no model time is spent on a plan that cannot pass."""
+        """Run the steps, then the plan's verify; return (the plan's error, the verify
+        record), each or None. A verify that may not run here fails the plan before any
+        step is sent: no model time is spent on a plan that cannot pass."""
         plan = self.plan
         if plan.verify is not None and (message := self.commands_refused()):
             for result in self.results.values():
@@ -9421,12 +9110,13 @@ class PlanRun(PlanRunFiles):
         command = run_command(argv, plan.project,  # type: ignore[arg-type]  # check_plan
                               command_env(self.config), limit, self.cancel)
         append_jsonl(self.run_dir / VERIFY_FILE, command.as_dict(), sync=False)
+        record = {"ran": True, **command.as_dict()}
         if command.error is None:
             self.progress.info(f"plan {plan.id}: verify passed in {command.duration_s:.1f} s")
-            return None, {"ran": True, **command.as_dict()}
+            return None, record
         self.progress.error(f"plan {plan.id}: verify failed: {command.error}")
         self.progress.detail(command.output_tail)
-        return f"verify failed: {command.error}", {"ran": True, **command.as_dict()}
+        return f"verify failed: {command.error}", record
 
     def commands_refused(self) -> str | None:
         """Return why this run may not run the plan's commands, or None when it may."""
@@ -9439,11 +9129,8 @@ class PlanRun(PlanRunFiles):
 
     def _run_steps(self) -> str | None:
         """Run every step through a StepScheduler; return the plan's error or None.
-
-        Each finished step is appended to the run's steps.jsonl, so a killed run can
-        be resumed. When the run stops early (Ctrl-C, a bug), steps still running may
-        neither write files nor touch their results.
-        """
+        Each finished step is appended to steps.jsonl, so a killed run can be resumed;
+        when the run stops early, steps still running may no longer write files."""
         plan, checkpoint = self.plan, self.run_dir / STEPS_FILE
         graph, parallel = step_graph(plan), self.runner.fit.parallel
         self.log = _StepLog(self.progress, sequential_order(graph), immediate=parallel == 1)
@@ -9464,7 +9151,7 @@ class PlanRun(PlanRunFiles):
 
     def run_step(self, step: Step, result: StepResult, outputs: dict[int, str],
                  position: int) -> None:
-        """Run one step's attempts (StepRun); fill result (status, output, error, …)."""
+        """Run one step (StepRun), filling result."""
         StepRun(self, step, outputs).run_step(position)
 
     def step_ended(self, result: StepResult) -> None:
@@ -9510,8 +9197,7 @@ class PlanRun(PlanRunFiles):
         return result
 
     def _result(self, status: str, error: str | None) -> dict:
-        """Build the run's result document (README: "What bridge writes into the store";
-        what --json and --show --json print is shown_result of it)."""
+        """Build the run's result document (README: "What bridge writes into the store")."""
         steps = [self.results[sid] for sid in sorted(self.results)]
         usage = {"prompt_tokens": sum(s.usage["prompt_tokens"] for s in steps),
                  "completion_tokens": sum(s.usage["completion_tokens"] for s in steps)}
@@ -9543,11 +9229,9 @@ class PlanRun(PlanRunFiles):
                 "output_max_chars": STORED_OUTPUT_MAX_CHARS, "bridge_version": __version__}
 
     def _finish(self, result: dict) -> dict:
-        """Store the result and the plan's final state, then print its summary.
-
-        Raises ResultNotStored when the store cannot be written: the plan stays
-        in_progress, stale once this process is gone, so --resume or --rerun can
-        take it over (the run's journal and backups are kept for that)."""
+        """Store the result and the plan's final state, then print its summary; return
+        shown_result of it. Raises ResultNotStored when the store cannot be written: the
+        plan stays in_progress (stale once this process is gone) for --resume or --rerun."""
         record, runner, progress = self.record, self.runner, self.progress
         try:
             digest = runner.store.finish(record, result_memory(result), runner.memory_api,
@@ -9597,11 +9281,10 @@ class PlanRun(PlanRunFiles):
 
 
 class SpendCap:
-    """What paid requests have cost so far in this bridge process (US dollars), against
-    --max-cost-usd; thread-safe (steps run in threads)."""
+    """What paid requests have cost in this process (US dollars), against --max-cost-usd;
+    thread-safe."""
 
     def __init__(self, max_cost_usd: float):
-
         self.max_cost_usd, self.spent_usd = max_cost_usd, 0.0
         self._lock = threading.Lock()
 
@@ -9623,10 +9306,9 @@ class SpendCap:
 class Runner:
     """Runs plans from one store, each step on the executor its model reference names.
 
-    store: an open Store. client: an open LLMClient, or None when no plan will be sent
-    (then only invalid plans can be recorded). model: the default model id. progress: a
-    Progress. It keeps what outlives a plan: the executors, the spend cap (spend), the
-    events, the model's context (fit: ContextFit); each plan's run is a PlanRun."""
+    client: an open LLMClient, or None when no plan will be sent (then only invalid plans
+    can be recorded). model: the default model id. It keeps what outlives a plan: the
+    executors, spend (SpendCap), events, fit (ContextFit); each plan runs as a PlanRun."""
 
     def __init__(self, config: Config, store: Store, client: "LLMClient | None",
                  model: str | None, progress: Progress):
@@ -9641,11 +9323,9 @@ class Runner:
         self._contention_said = False       # a cut stream (LLMContention) was said once
 
     def executor(self, ref: str, cli_cwd: Path | None = None) -> tuple[Any, str]:
-        """Return (executor, model name) for a model reference (see parse_model_ref and
-        EXECUTORS): the run's model server (self.client) for a PROBED kind, else one
-        opened once (an AGENTIC one per cli_cwd: the plan's project when it is trusted,
-        else None, a scratch folder). Raises LLMError when it cannot be used (not in
-        config.allowed_executors, no key, no binary)."""
+        """Return (executor, model name) for a model reference (parse_model_ref): the
+        run's client for a PROBED kind, else one opened once (an AGENTIC one per cli_cwd).
+        Raises LLMError when it cannot be used (not allowed, no key, no binary)."""
         kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
         if cls.needs_allowing() and kind not in self.config.allowed_executors:
             raise LLMError(*cls.refusal(ref, name))
@@ -9662,8 +9342,7 @@ class Runner:
         self.progress.retrying(message)
 
     def contention(self, exc: LLMContention) -> None:
-        """Say, once a process, that a stream was cut for another request and is sent
-        again (resend_on_contention)."""
+        """Say, once a process, that a stream was cut for another request and is resent."""
         if not self._contention_said:
             self._contention_said = True
             self.progress.retrying(f"{exc}; sending it again after a wait, as long as "
@@ -9677,11 +9356,9 @@ class Runner:
     def run_record(self, checked: CheckedPlan, allowed: tuple[str, ...] = ("pending",),
                    problems: list[str] | None = None, resume: bool = False) -> dict | None:
         """Claim a plan the gate checked and run it (PlanRun.run); return its stored result
-        document, or None when another process claimed the plan first.
-
-        allowed: the effective statuses it may claim. problems: reasons found outside the
-        plan (an id shared with another live plan). resume: take over a stale plan, keeping
-        the steps its killed run finished. Raises what PlanRun.run raises, and StoreError."""
+        document, or None when another process claimed it first. allowed: the statuses it
+        may claim; problems: as PlanRun.run takes; resume: keep the steps a killed run
+        finished. Raises what PlanRun.run raises, and StoreError."""
         record, run_id = checked.record, new_run_id()
         previous, refused = taken_over_run(self.config.runs_dir, record)
         if not self.store.claim(record, run_id, allowed, resumed_from=previous):
@@ -9809,7 +9486,6 @@ _READERS = {
 def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, ...]:
     """The user's trusted folders as real paths: the trust file's, then
     BRIDGE_TRUSTED_PROJECTS's (os.pathsep-separated)."""
-
     path = Path(config_dir, TRUST_FILENAME)
     listed = read_config_file(path, "trusted_projects", list)
     from_env = [p for p in environ.get("BRIDGE_TRUSTED_PROJECTS", "").split(os.pathsep)
@@ -9826,8 +9502,7 @@ def _trusted_projects(config_dir: Path, environ: dict[str, str]) -> tuple[Path, 
 def _allowed_executors(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str, ...]:
     """openai, plus what the user allowed: --allow-executor, BRIDGE_ALLOW_EXECUTORS
     (comma- or os.pathsep-separated), and the executors of their own --model and
-    --escalate-to (or BRIDGE_MODEL, BRIDGE_ESCALATE_TO). Raises ConfigError for an
-    unknown name."""
+    --escalate-to (or their variables). Raises ConfigError for an unknown name."""
     names = list(args.allow_executor or [])
     names += re.split(f"[,{re.escape(os.pathsep)}]", environ.get("BRIDGE_ALLOW_EXECUTORS", ""))
     names = [n.strip() for n in names if n.strip()]
@@ -9850,12 +9525,10 @@ def debug_wanted(args: argparse.Namespace, environ: dict) -> bool:
 
 
 def quiet_http_logs() -> None:
-    """Keep httpx's log of every request (INFO) off the user's terminal, whatever
-    logging a program embedding bridge set up. Logger levels are process-wide: the
-    actions that make HTTP requests (--health, a run) set them once, before they start
-    any client or thread; the other actions do not import logging at all."""
+    """Keep httpx's log of every request (INFO) off the user's terminal, whatever logging
+    a program embedding bridge set up. Logger levels are process-wide: the actions that
+    make HTTP requests set them once, before any client or thread starts."""
     import logging
-
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -9863,9 +9536,8 @@ def quiet_http_logs() -> None:
 def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
                     home: Path) -> tuple[str | None, str | None, str | None, str | None]:
     """Return (memory_url, memory_api_key, memory_source, memory_note): --memory-url, else
-    BRIDGE_MEMORY_URL ("off": none), else the loopback endpoint of the memory server's
-    Claude Code hooks (hooks_memory_endpoint). Raises ConfigError for a URL bridge may
-    not use (check_memory_url)."""
+    BRIDGE_MEMORY_URL ("off": none), else the memory server's Claude Code hooks' loopback
+    endpoint (hooks_memory_endpoint). Raises ConfigError (check_memory_url)."""
     url = _first(args.memory_url, environ.get("BRIDGE_MEMORY_URL"))
     key = environ.get("MCP_API_KEY") or None
     source = "--memory-url" if args.memory_url is not None else "BRIDGE_MEMORY_URL" if url else None
@@ -9881,12 +9553,8 @@ def _memory_setting(args: argparse.Namespace, environ: dict[str, str],
 
 def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Resolve every setting once: flag, then environment variable, then default.
-
-    The rows of SETTINGS with a kind are read by _READERS; the others below. environ is
-    passed in (tests give a plain dict). Raises ConfigError for a value that cannot be
-    used, naming it.
-    """
-
+    The rows of SETTINGS with a kind are read by _READERS; the others below. Raises
+    ConfigError for a value that cannot be used, naming it."""
     given_url = _first(args.base_url, environ.get("BRIDGE_BASE_URL"))
     base_url = given_url or DEFAULT_BASE_URL
     if not re.match(r"^https?://[^/\s]+", base_url):
@@ -9931,13 +9599,11 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 # One row per action (after tarfile's CLI, whose --filter choices are its _NAMED_FILTERS):
-# the flag (mutually exclusive with the others; metavar None: a flag without a value),
-# its help, its handler, whether it prints a --json document, and the modifiers it takes
-# (MODIFIERS). The handler, a function of this module named by the row (looked up when
-# main calls it, in the room 'main()'), gets the Config, the flag's value when it takes
-# one, then the values of its modifiers that are handler arguments, in the row's order.
-# The first row is also the run of every pending plan when no action flag is given.
-# Adding an action is a row here plus its handler; tests/test_first_page.py reads this.
+# the flag (mutually exclusive with the others; metavar None: no value), its help, its
+# handler, whether it prints a --json document, and the modifiers it takes (MODIFIERS).
+# The handler (named, looked up by _call_action) gets the Config, the flag's value when it
+# takes one, then its passed modifiers' values in the row's order. The first row is also
+# the run when no action flag is given. tests/test_first_page.py reads this.
 Action = namedtuple("Action", "flag metavar help handler json modifiers")
 ACTIONS = tuple(map(Action._make, (
     ("--plan", "ID", "run the plan with this id", "_run", True,
@@ -9972,10 +9638,9 @@ ACTIONS = tuple(map(Action._make, (
 
 _RUN_ONLY = "goes with a run (no action flag, or --plan ID)"
 # One row per modifier: a flag that only some actions take (their rows of ACTIONS say
-# which). misuse: the usage error when it is given without one of them, or without the
-# flag it needs (needs); refuses: flags it cannot go with, each with its own error (None:
-# misuse); passed: its value is a handler argument (else resolve_config reads it into
-# Config). The rows are checked in this order, so the first error is as it always was.
+# which). misuse: the usage error without one of them, or without the flag it needs
+# (needs); refuses: flags it cannot go with, each with its error (None: misuse); passed:
+# its value is a handler argument (else resolve_config reads it). Checked in this order.
 Modifier = namedtuple("Modifier", "flag metavar help misuse needs refuses passed")
 MODIFIERS = tuple(map(Modifier._make, (
     ("--all", None, "with --list: every plan, with its status", "--all goes with --list",
@@ -10065,7 +9730,7 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 ###############################################################################
-# 41. CLI: listing, server discovery, trust and approval
+# 41. CLI: listing, what a run will do, stats, trust and approval
 ###############################################################################
 
 
@@ -10112,8 +9777,8 @@ def cmd_list(config: Config, show_all: bool) -> int:
     status_width = max(len(r["status"]) for r in rows) + 2     # awaiting_approval is 17
     for r in rows:
         status = f"{r['status']:<{status_width}}" if show_all else ""
-        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  {r['created']}  "
-                        f"{r['objective']}"))
+        print(printable(f"{printable(r['id']):<{width}}  {status}{r['steps']:>3} step(s)  "
+                        f"{r['created']}  {r['objective']}"))
         if r["status"] == "awaiting_approval":
             print(f"  awaiting approval\n{render_facts(r['approval'])}")
         elif r["status"] == "invalid" and r["error"]:    # a split plan: why, and the fix
@@ -10121,15 +9786,12 @@ def cmd_list(config: Config, show_all: bool) -> int:
     return EXIT_OK
 
 
-
-
 def ollama_num_ctx(config: Config, plans: list[Plan], info: ServerInfo) -> int:
-    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the
-    largest first prompt of the (checked) plans to run (estimate_tokens, with their LOAD files)
-    plus its answer (answer_tokens) and OLLAMA_NUM_CTX_SLACK, rounded up to
-    OLLAMA_NUM_CTX_STEP, at least OLLAMA_MIN_NUM_CTX; the context the model is loaded
-    with when that is as large already (no reload); never past its trained context.
-    aider asks the request plus 8k the same way (aider#4687)."""
+    """Return the options.num_ctx (tokens) of a run on Ollama's native API: the largest
+    first prompt of the checked plans (estimate_tokens) plus its answer (answer_tokens)
+    and OLLAMA_NUM_CTX_SLACK, rounded up to OLLAMA_NUM_CTX_STEP, at least
+    OLLAMA_MIN_NUM_CTX; the loaded context when that is as large (no reload); never past
+    the trained context. aider asks the request plus 8k the same way (aider#4687)."""
     largest = 0
     for plan in plans:
         for step in plan.steps.values():
@@ -10215,15 +9877,16 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
     """Add a folder to the trusted projects (trust) or take it off, in
     config_dir/trusted-projects.json. Raises ConfigError when the folder does not
     exist (trust), can never be trusted (untrustable_reason), or is not listed (untrust)."""
-
     path = Path(config.config_dir, TRUST_FILENAME)
     listed = [p for p in read_config_file(path, "trusted_projects", list) if isinstance(p, str)]
     real = real_path(folder)
     if trust:
         if not real.is_dir():
-            raise ConfigError(f"cannot trust {folder}: no such folder", "pass an existing project folder")
+            raise ConfigError(f"cannot trust {folder}: no such folder",
+                              "pass an existing project folder")
         if reason := untrustable_reason(config, real):
-            raise ConfigError(f"refused to trust {real}: {reason}", "trust the project's own folder instead")
+            raise ConfigError(f"refused to trust {real}: {reason}",
+                              "trust the project's own folder instead")
         kept = [*listed, str(real)] if str(real) not in listed else listed
     else:
         kept = [p for p in listed if p != str(real) and p != folder]
@@ -10232,16 +9895,16 @@ def cmd_trust(config: Config, folder: str, trust: bool = True) -> int:
                               "trusted: " + (", ".join(listed) or "none"))
     write_config_file(path, {"trusted_projects": kept})
     print(printable(f"{'trusted' if trust else 'no longer trusted'}: {real}"))
-    if not trust and (root := trusted_root(config._replace(trusted_projects=tuple(map(real_path, kept))), real)):
+    still = config._replace(trusted_projects=tuple(map(real_path, kept)))
+    if not trust and (root := trusted_root(still, real)):
         print(f"note: it is still inside the trusted {root}, or BRIDGE_TRUSTED_PROJECTS names it")
     return EXIT_OK
 
 
 def cmd_approve(config: Config, plan_id: str) -> int:
     """Approve one plan for its current content (config_dir/approvals.json); print
-    what it may do. Raises PlanNotFound, PlanInvalid (an invalid plan cannot run),
-    or ConfigError when its project can never be a target."""
-
+    what it may do. Raises PlanNotFound, PlanInvalid, or ConfigError when its project
+    can never be a target."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
     plan = runnable_plan(record, config)
@@ -10254,7 +9917,8 @@ def cmd_approve(config: Config, plan_id: str) -> int:
                           "project": None if plan.project is None else str(real_path(plan.project))}
     write_config_file(Path(config.config_dir, APPROVALS_FILENAME), {"approvals": approvals})
     facts = approval_facts(config, plan, digest)
-    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); it runs with the next bridge run"))
+    print(printable(f"approved plan {plan.id!r} (content hash {digest[:12]}…); "
+                    "it runs with the next bridge run"))
     print(render_facts(facts))
     return EXIT_OK
 
@@ -10297,7 +9961,8 @@ def commands_text(commands: list[str]) -> str:
     needed = [c for c in commands if c.startswith("bridge --allow-executor")]
     text = " or ".join(either)
     if needed:
-        text += (", and run with " if text else "run with ") + " ".join(c.removeprefix("bridge ") for c in needed)
+        text += (", and run with " if text else "run with ")
+        text += " ".join(c.removeprefix("bridge ") for c in needed)
     return text
 
 
@@ -10328,13 +9993,10 @@ def _ask_to_run(facts: dict) -> bool:
 
 def gate_records(config: Config, records: list[PlanRecord],
                  progress: Progress) -> tuple[list[CheckedPlan], list[dict]]:
-    """Split the records a run would claim into (those that run, each checked for its
-    run: CheckedPlan; facts of those that wait).
-
-    Invalid plans run (to be recorded failed). A plan waiting only for approval is
-    asked about on a terminal (once, default No); otherwise it is skipped with one
-    line naming the command that would let it run. Nothing is written for a waiting plan.
-    """
+    """Split the records a run would claim into ([CheckedPlan] that run, [approval facts]
+    of those that wait). Invalid plans run (to be recorded failed). A plan waiting only
+    for approval is asked about on a terminal (default No); else it is skipped with a
+    line naming the command that would let it run. Nothing is written for a waiting plan."""
     runnable, waiting = [], []
     for record in records:
         try:
@@ -10422,9 +10084,8 @@ def _memory_api_line(probe: dict) -> str:
 
 
 def _server_health(config: Config) -> tuple[Config, dict, bool]:
-    """Probe the model server (found by discover_server when no base URL is set): return
-    the config with its base URL, the report's "server" part, and whether a run could use
-    it (reachable, a model, no problem)."""
+    """Probe the model server (discover_server when no base URL is set): return the config
+    with its base URL, the report's "server" part, and whether a run could use it."""
     report: dict[str, Any] = {"base_url": config.base_url}
     config, tried = discover_server(config)
     report.update(base_url=config.base_url, tried=tried)
@@ -10477,9 +10138,7 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
                         f"{server['context_length'] or 'not reported'} · parallel "
                         f"{server['parallel'] or 1}"))
     else:
-        print(printable(f"server  FAIL  {server['error']}"))
-        if server.get("hint"):
-            print(printable(f"              hint: {server['hint']}"))
+        _print_failure("server  ", server)
     for line in run_plan_lines(server):
         print(printable(f"              {line}"))
     memory_setting = _memory_setting_text(report["memory_setting"])
@@ -10492,15 +10151,20 @@ def _print_health(config: Config, report: dict, server_ok: bool, store_ok: bool)
             line = f"{api[:6]}{line[6:]} · HTTP API {api[6:]}"    # FAIL when the API fails
         print(printable("memory  " + line + memory_setting))
     else:
-        print(printable(f"store   FAIL  {store_info['error']}"))
-        if store_info.get("hint"):
-            print(printable(f"              hint: {store_info['hint']}"))
+        _print_failure("store   ", store_info)
     backups = report["backups"]
     print(f"backups       {backups['bytes']:,} bytes in {backups['runs']} run(s) under "
           f"{backups['path']} (kept for --undo: the last {backups['keep_runs']} run(s) of each "
           "plan)")
     if "memory_api" in report and not store_ok:
         print(printable("memory  " + _memory_api_line(report["memory_api"]) + memory_setting))
+
+
+def _print_failure(label: str, part: dict) -> None:
+    """Print a failed part of the --health report: its error, then its hint."""
+    print(printable(f"{label}FAIL  {part['error']}"))
+    if part.get("hint"):
+        print(printable(f"              hint: {part['hint']}"))
 
 
 def cmd_health(config: Config) -> int:
@@ -10533,17 +10197,11 @@ def cmd_health(config: Config) -> int:
 
 
 def cmd_run(config: Config, plan_id: str | None, rerun: bool = False, resume: bool = False) -> int:
-    """Run one plan (plan_id) or every pending plan; print the summary.
-
-    Every pending plan also takes in the plan memories never run that are not
-    valid plan objects, and plans whose id another live plan shares: those are
-    recorded as failed with the reason. Returns EXIT_OK when every plan run
-    completed (or none was pending), EXIT_PLAN_FAILED when one failed,
-    EXIT_UNUSABLE when a plan's result could not be stored (ResultNotStored):
-    said on stderr, and the other
-    plans still run. Raises BridgeError when the store
-    or the server cannot be used, before that plan is claimed.
-    """
+    """Run one plan (plan_id) or every pending plan (_never_run; invalid ones and those
+    sharing an id are recorded failed); print the summary. Returns EXIT_OK when every
+    plan completed (or none was pending), EXIT_PLAN_FAILED when one failed, EXIT_UNUSABLE
+    when a result could not be stored (said; the other plans still run). Raises
+    BridgeError when the store or the server cannot be used, before a claim."""
     progress = Progress(config.verbosity)
     with Store.open(config) as store:
         records, allowed, shared = _plans_to_run(store, plan_id, rerun, resume)
@@ -10594,16 +10252,19 @@ def _plans_to_run(store: Store, plan_id: str | None, rerun: bool,
         record = store.get_plan(plan_id)
         return [record], _allowed_statuses(record, rerun, resume), {}
     plans = store.find_plans()
-    records = [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
-    return records, ("pending", "invalid"), shared_id_problems(plans)
+    return _never_run(plans), ("pending", "invalid"), shared_id_problems(plans)
+
+
+def _never_run(plans: list[PlanRecord]) -> list[PlanRecord]:
+    """The plans a run of every pending plan takes: pending ones, and invalid ones never run."""
+    return [r for r in plans if r.status == "pending" or (r.status == "invalid" and not r.state)]
 
 
 def _open_runner(config: Config, store: Store, client: LLMClient, progress: Progress,
                  checked: list[CheckedPlan] | None = None) -> Runner:
     """Probe the server, pick the model, context and parallel slots; return a Runner
-    whose executors are checked (no key, no claude binary: said before any claim).
-    On Ollama's native API the context is the run's num_ctx (ollama_num_ctx, or
-    --context-length), sent with every request."""
+    whose executors are checked (no key, no claude binary: said before any claim). On
+    Ollama's native API the context is the run's num_ctx, sent with every request."""
     local = config.model is None or executor_class(config.model).PROBED
     info = client.probe() if local else None
     client.server_kind = info.kind if info else None
@@ -10635,8 +10296,9 @@ def run_summary(results: list[dict]) -> str:
     steps = {k: sum(r["counts"][k] for r in results) for k in ("succeeded", "failed", "skipped")}
     tokens = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in results)
     seconds = sum(r["duration_s"] for r in results)
-    return (f"run: {len(results)} plan(s), {completed} completed, {len(results) - completed} failed · "
-            f"steps {steps['succeeded']} succeeded, {steps['failed']} failed, {steps['skipped']} skipped · "
+    return (f"run: {len(results)} plan(s), {completed} completed, "
+            f"{len(results) - completed} failed · steps {steps['succeeded']} succeeded, "
+            f"{steps['failed']} failed, {steps['skipped']} skipped · "
             f"{tokens} tokens · {seconds:.1f} s")
 
 
@@ -10660,7 +10322,8 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                               "--resume takes over a plan whose bridge died; wait for this one")
         if status != "stale":
             raise BridgeError(f"plan {record.plan_id!r} is {status}, not stale",
-                              "--resume takes over a plan whose bridge died; use --rerun to start over")
+                              "--resume takes over a plan whose bridge died; "
+                              "use --rerun to start over")
         return ("stale",)
     if status == "pending":
         return ("pending",)
@@ -10671,21 +10334,20 @@ def _allowed_statuses(record: PlanRecord, rerun: bool, resume: bool) -> tuple[st
                           "wait for it to finish, or stop that process")
     if status == "stale" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is stale: its bridge process died mid-run",
-                          "take it over with --resume (keeps finished steps) or --rerun (starts over)")
+                          "take it over with --resume (keeps finished steps) "
+                          "or --rerun (starts over)")
     if status == "awaiting_review" and not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is awaiting review of its staged files",
-                          f"see them with bridge --diff {record.plan_id}, then bridge --apply {record.plan_id} "
-                          f"or bridge --reject {record.plan_id}")
+                          f"see them with bridge --diff {record.plan_id}, then bridge --apply "
+                          f"{record.plan_id} or bridge --reject {record.plan_id}")
     if not rerun:
         raise BridgeError(f"plan {record.plan_id!r} is {status}", "pass --rerun to run it again")
     return (status,)
 
 
 def cmd_show(config: Config, plan_id: str) -> int:
-    """Print the last stored result of a plan (--json: the document itself).
-
-    Raises PlanNotFound, or BridgeError when the plan has no result yet.
-    """
+    """Print the last stored result of a plan (--json: the document itself). Raises
+    PlanNotFound, or BridgeError when the plan has no result yet."""
     with Store.open(config) as store:
         record = store.get_plan(plan_id)
         found = store.find_result(record)
@@ -10726,15 +10388,15 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
     if run_id is None:
         run_id = record.state.get("run_id")
         if run_id is None:
-            raise BridgeError(f"plan {plan_id!r} has not run yet (it is {record.display_status})", run_hint(record))
+            raise BridgeError(f"plan {plan_id!r} has not run yet "
+                              f"(it is {record.display_status})", run_hint(record))
     return record, KeptRun.load(config.runs_dir, run_id, record.plan_id)
 
 
 def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
-    """Print what a run changed: per file its action and whether it changed since the
-    run, then the unified diff from its original to the file as it is now (--json:
-    {"plan_id", "run_id", "project", "reverted", "undone_at", "files": [...]}, each
-    file as KeptRun.diff gives it). Returns EXIT_OK."""
+    """Print what a run changed: per file its action, whether it changed since, and the
+    unified diff from its original to the file now (--json: {"plan_id", "run_id",
+    "project", "reverted", "undone_at", "files": KeptRun.diff()})."""
     record, kept = _kept_run(config, plan_id, run_id)
     if kept.awaiting_review:
         return _print_staged_diff(config, record, kept)
@@ -10762,11 +10424,12 @@ def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int
     "awaiting_review": true."""
     files = kept.staged_diff()
     if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, "project": str(kept.project),
-                     "awaiting_review": True, "files": files})
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
+                     "project": str(kept.project), "awaiting_review": True, "files": files})
         return EXIT_OK
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · {len(files)} "
-                    f"file(s) staged for review: what bridge --apply {record.plan_id} would change"))
+    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
+                    f"{len(files)} file(s) staged for review: what bridge --apply "
+                    f"{record.plan_id} would change"))
     for entry in files:
         now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
         print(printable(f"=== {entry['path']}: would be {entry['action']}{now}"))
@@ -10790,19 +10453,23 @@ def cmd_apply(config: Config, plan_id: str) -> int:
     record, kept = _awaiting(config, plan_id)
     conflicts = kept.apply_conflicts()
     if conflicts:
-        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed since the run: "
-                          + ", ".join(conflicts),
-                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, then run it again")
+        raise BridgeError(f"not applying run {kept.run_id}: {len(conflicts)} file(s) changed "
+                          "since the run: " + ", ".join(conflicts),
+                          f"see bridge --diff {plan_id}; bridge --reject {plan_id}, "
+                          "then run it again")
     with Store.open(config) as store:
         if not store.claim(record, kept.run_id, ("awaiting_review",)):     # one --apply at a time
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
         try:
             summary = kept.apply(config.crash_at)
         except BaseException:
-            store.record_review(record, kept.run_id, "in_progress", {"status": "awaiting_review", "owner": None})
+            store.record_review(record, kept.run_id, "in_progress",
+                                {"status": "awaiting_review", "owner": None})
             raise
         store.record_review(record, kept.run_id, "in_progress", {
-            "status": "completed", "applied_at": utc_now_iso(), "owner": None, "finished_at": utc_now_iso()})
+            "status": "completed", "applied_at": utc_now_iso(), "owner": None,
+            "finished_at": utc_now_iso()})
     for run_dir in plan_runs(config.runs_dir, record.plan_id):
         keep_backups(run_dir)
     prune_backups(config.runs_dir, record.plan_id, config.keep_runs)
@@ -10821,39 +10488,42 @@ def cmd_reject(config: Config, plan_id: str) -> int:
     record, kept = _awaiting(config, plan_id)
     with Store.open(config) as store:
         if not store.record_review(record, kept.run_id, "awaiting_review", {
-                "status": "cancelled", "rejected_at": utc_now_iso(), "error": "staged files rejected at review"}):
-            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review", "see bridge --list --all")
+                "status": "cancelled", "rejected_at": utc_now_iso(),
+                "error": "staged files rejected at review"}):
+            raise BridgeError(f"plan {plan_id!r} is no longer awaiting review",
+                              "see bridge --list --all")
     remove_tree(kept.run_dir / "staged")
     if config.json:
         _print_json({"plan_id": plan_id, "run_id": kept.run_id, "dropped": list(kept.staged)})
         return EXIT_OK
-    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} staged file(s) "
-                    "dropped, nothing written"))
+    print(printable(f"rejected run {kept.run_id} of plan {plan_id}: {len(kept.staged)} "
+                    "staged file(s) dropped, nothing written"))
     return EXIT_OK
 
 
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
-    """Put back the files a run changed (KeptRun.undo) and record it in the plan's
-    state. A run already undone, or that put its files back itself, is a no-op
-    (EXIT_OK, saying so). Raises BridgeError when the plan is running or stale, or
-    when KeptRun.undo refuses."""
+    """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
+    A run already undone, or that put its files back itself, is a no-op (saying so).
+    Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
-        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; not undoing a run under it",
-                          run_hint(record))
+        raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
+                          "not undoing a run under it", run_hint(record))
+    shown = {"plan_id": plan_id, "run_id": kept.run_id}
     if kept.undone_at or kept.reverted:
         why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
         if config.json:
-            _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": [],
+            _print_json({**shown, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
         else:
             print(printable(f"run {kept.run_id} of plan {plan_id} {why}: nothing to undo"))
         return EXIT_OK
     restored = kept.undo(force)
     with Store.open(config) as store:
-        store.record_undo(store.get_plan(plan_id), kept.run_id, kept.undone_at)   # type: ignore[arg-type]
+        store.record_undo(store.get_plan(plan_id), kept.run_id,
+                          kept.undone_at)   # type: ignore[arg-type]
     if config.json:
-        _print_json({"plan_id": plan_id, "run_id": kept.run_id, "undone_at": kept.undone_at, "restored": restored})
+        _print_json({**shown, "undone_at": kept.undone_at, "restored": restored})
         return EXIT_OK
     print(printable(f"undid run {kept.run_id} of plan {plan_id}: {len(restored)} file(s) put back"))
     for kept_file in kept.files:
@@ -10895,9 +10565,11 @@ def cmd_validate(config: Config, path: str) -> int:
     except PlanInvalid as exc:
         problems = exc.problems
         # an invalid plan that has an id is still named by it
-        plan_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        plan_id = raw.get("id") if isinstance(raw, dict) else None
+        plan_id = plan_id if isinstance(plan_id, str) else None
     if config.json:
-        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id, "problems": problems})
+        _print_json({"file": str(path), "valid": not problems, "plan_id": plan_id,
+                     "problems": problems})
     elif problems:
         print(printable(f"{path}: invalid plan, {len(problems)} problem(s):"))
         for problem in problems:
@@ -10908,14 +10580,10 @@ def cmd_validate(config: Config, path: str) -> int:
 
 
 def cmd_submit(config: Config, path: str, replace: bool) -> int:
-    """Validate a plan file and store it as a new plan memory.
-
-    A --db (or BRIDGE_DB) naming a file that does not exist, in a folder that does,
-    gets a new store in the 12.x layout (said on stdout; --json: created_store).
-    Raises PlanInvalid listing every problem, StoreError when the id is taken
-    (without replace), this very content is stored already (the hint gives the
-    --plan ID --rerun that runs it again), or the store cannot be written.
-    """
+    """Validate a plan file and store it as a new plan memory. A --db naming a file
+    that does not exist gets a new store in the 12.x layout (--json: created_store).
+    Raises PlanInvalid, or StoreError when the id is taken (without replace), this
+    content is stored already, or the store cannot be written."""
     raw = _read_plan_file(path)
     check_plan(raw, Guard.of(config))
     target = config.db_paths[0]
@@ -10932,8 +10600,10 @@ def cmd_submit(config: Config, path: str, replace: bool) -> int:
         _print_json({"plan_id": raw["id"], "content_hash": digest, "db": str(where),
                      "replaced_rows": replaced, "created_store": created})
     else:
-        note = f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})" if replaced else ""
-        print(printable(f"submitted plan {raw['id']!r} to {where} (content hash {digest[:12]}…){note}"))
+        note = (f"; soft-deleted the previous one (row {', '.join(map(str, replaced))})"
+                if replaced else "")
+        print(printable(f"submitted plan {raw['id']!r} to {where} "
+                        f"(content hash {digest[:12]}…){note}"))
     return EXIT_OK
 
 
@@ -10953,14 +10623,11 @@ def cmd_cancel(config: Config, plan_id: str) -> int:
 
 
 def cmd_dry_run(config: Config, plan_id: str | None) -> int:
-    """Check the plans that would run and print each step's exact messages, in
-    run order, with dependency outputs as placeholders; no server, store untouched.
-
-    Returns EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK.
-    """
+    """Print each step's exact messages of the plans that would run, in run order, with
+    dependency outputs as placeholders; no server, store untouched. Returns
+    EXIT_PLAN_FAILED when a plan is invalid, else EXIT_OK."""
     with Store.open(config) as store:
-        records = [store.get_plan(plan_id)] if plan_id else \
-            [r for r in store.find_plans() if r.status == "pending" or (r.status == "invalid" and not r.state)]
+        records = [store.get_plan(plan_id)] if plan_id else _never_run(store.find_plans())
     report = [dry_run_plan(record, config) for record in records]
     if config.json:
         _print_json({"plans": report})
@@ -10974,13 +10641,10 @@ def cmd_dry_run(config: Config, plan_id: str | None) -> int:
 
 def dry_run_plan(record: PlanRecord, config: Config) -> dict:
     """Return what a run of one plan would send: {"plan_id", "valid", "problems",
-    "steps": [{"id", "title", "messages", "response_format", "commands"}] in run
-    order, "verify", "commands_trusted", "approval" (approval_facts: what the plan
-    may do, the same facts --list and --approve show)}; commands: the step's command
-    validations ({"run", "timeout_s"}), which run only when commands_trusted
-    (plan_trusted); the rendering says when a run would wait for approval (and send
-    nothing). A grounded step that depends on others shows the usual schema: the spans
-    it will be sent come from outputs not made yet."""
+    "steps": [{"id", "title", "messages", "error", "response_format", "file_output",
+    "commands": [{"run", "timeout_s"}]}] in run order, "verify", "commands_trusted"
+    (plan_trusted), "approval" (approval_facts)}. A grounded step that depends on others
+    shows the usual schema: its spans come from outputs not made yet."""
     try:
         plan = runnable_plan(record, config)
     except PlanInvalid as exc:
@@ -10999,9 +10663,9 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
             messages, error = [], str(exc)
         # a grounded step's spans are known only when no output of another step is in its input
         schema = output_schema(step.validation, None if step.depends_on else sources)
+        form = RESPONSE_FORMS[0](schema) if schema is not None and config.structured else None
         steps.append({"id": sid, "title": step.title, "messages": messages, "error": error,
-                      "response_format": RESPONSE_FORMS[0](schema) if schema is not None and config.structured
-                      else None, "file_output": _dry_run_target(plan, step, targets),
+                      "response_format": form, "file_output": _dry_run_target(plan, step, targets),
                       "commands": [_command_entry(v) for v in _commands_of(step)]})
     facts = approval_facts(config, plan, content_hash(record.content))
     return {"plan_id": plan.id, "valid": True, "problems": [], "steps": steps,
@@ -11010,7 +10674,8 @@ def dry_run_plan(record: PlanRecord, config: Config) -> dict:
 
 
 def _command_entry(command: dict) -> dict:
-    return {"run": list(command["run"]), "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+    return {"run": list(command["run"]),
+            "timeout_s": command.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
 
 
 def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
@@ -11018,25 +10683,25 @@ def _dry_run_target(plan: Plan, step: Step, targets: set[str]) -> dict | None:
     step's file_output, or None. A file an earlier step writes is overwritten."""
     if not step.file_output:
         return None
-    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]  # see check_plan
+    target = os.path.abspath(plan.project / step.file_output)   # type: ignore[operator]
     action = "overwrite" if step.file_output in targets or os.path.lexists(target) else "create"
     targets.add(step.file_output)
     return {"path": step.file_output, "target": target, "action": action}
 
 
 def _render_dry_run(entry: dict) -> str:
-    """Return one plan's --dry-run report as text; every line through printable(),
-    the messages keeping their own lines."""
+    """Return one plan's --dry-run report as text, every line through printable()."""
     if not entry["valid"]:
-        return "\n".join(printable(line) for line in
-                         [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]])
+        lines = [f"plan {entry['plan_id']}: invalid"] + [f"  {p}" for p in entry["problems"]]
+        return "\n".join(map(printable, lines))
     facts = entry["approval"]
     if not facts["may_run"]:        # a real run sends nothing: it waits (approval_facts)
         count = len(entry["steps"])
         head = (f"plan {entry['plan_id']}: valid · awaiting approval: a run sends nothing "
                 f"until you let it; then these {count} step(s), in this order")
     else:
-        head = f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be sent, in this order"
+        head = (f"plan {entry['plan_id']}: valid · {len(entry['steps'])} step(s) would be "
+                "sent, in this order")
     lines = [printable(head), render_facts(facts)]
     for step in entry["steps"]:
         title = f" ({step['title']})" if step["title"] else ""
@@ -11044,13 +10709,15 @@ def _render_dry_run(entry: dict) -> str:
         if step["error"]:
             lines.append(printable(f"would fail: {step['error']}"))
         for message in step["messages"]:
-            lines.append(f"--- {message['role']} ---\n" + printable(message["content"], multiline=True))
+            lines.append(f"--- {message['role']} ---\n"
+                         + printable(message["content"], multiline=True))
         if step["response_format"]:
             lines.append(f"--- response_format ---\n{json_text(step['response_format'])}")
-        if step["file_output"]:
+        if target := step["file_output"]:
             lines.append("--- file_output ---")
-            lines.append(printable(f"would {step['file_output']['action']} {step['file_output']['target']}"))
-        lines += [_render_command("check", command, entry["commands_trusted"]) for command in step["commands"]]
+            lines.append(printable(f"would {target['action']} {target['target']}"))
+        lines += [_render_command("check", command, entry["commands_trusted"])
+                  for command in step["commands"]]
     if entry["verify"]:
         lines.append(_render_command("verify", entry["verify"], entry["commands_trusted"]))
     return "\n".join(lines)
@@ -11058,7 +10725,8 @@ def _render_dry_run(entry: dict) -> str:
 
 def _render_command(what: str, command: dict, trusted: bool) -> str:
     note = "" if trusted else " (would not run: commands run only in trusted projects)"
-    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, timeout {command['timeout_s']:g} s{note}")
+    return printable(f"--- {what}: `{shell_words(command['run'])}` in the project, "
+                     f"timeout {command['timeout_s']:g} s{note}")
 
 
 ###############################################################################
@@ -11067,16 +10735,14 @@ def _render_command(what: str, command: dict, trusted: bool) -> str:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once:
-    a second signal landing before the cleanup shields itself (shielded_signals)
-    would cut the restore of files or the result short."""
+    """Stop the run at the first Ctrl-C or SIGTERM, ignoring every later one at once: a
+    second one before the cleanup shields itself would cut the restore of files short."""
     _ignore_interrupts()
     raise KeyboardInterrupt
 
 
 def _ignore_interrupts() -> None:
     """Ignore SIGINT and SIGTERM from now on (main thread only)."""
-
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
             if sig is not None:
@@ -11113,11 +10779,9 @@ def _call_action(action: Action, config: Config, args: argparse.Namespace) -> in
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run bridge with argv (default sys.argv[1:]); return the exit code.
 
-    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint)
-    on stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, and from
-    then on both signals are ignored until the process ends; anything else is a
-    bug: "internal error", exit 70, the traceback only with --debug.
-    """
+    The one error boundary: a BridgeError prints "bridge: error: …" (and a hint) on
+    stderr and returns its exit code; Ctrl-C or SIGTERM returns 130, both ignored from
+    then on; anything else is a bug: exit 70, the traceback only with --debug."""
     parser = build_parser()
     args = parser.parse_args(argv)
     action = chosen_action(args)
@@ -11151,7 +10815,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             return missing.exit_code
         if debug:
             import traceback
-
             traceback.print_exc()       # and still exit 70: a bug is a bug with --debug too
         print("bridge: internal error (a bug)"
               + ("" if debug else "; run again with --debug to see the traceback"), file=sys.stderr)
@@ -11160,7 +10823,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
 
 def main_entry() -> None:
     """Console-script entry point: install the Ctrl-C and SIGTERM handler, run main, exit.
-
     A SIGINT ignored by whoever started bridge (a background job) stays ignored."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _raise_interrupt)
