@@ -7095,8 +7095,8 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
 def thinking_asked(step: Step) -> str | None:
     """Return what a step asks of a thinking model: its "thinking" (or the plan's
     defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
-    max_tokens is at most a json step's default max_tokens), else None (the server's
-    default: the model may think, and split_reasoning takes it out)."""
+    max_tokens is at most a json step's default), else None (the server's default;
+    split_reasoning takes any thinking out)."""
     if step.thinking:
         return step.thinking
     short = step.max_tokens is not None and step.max_tokens <= VALIDATION_TYPES["json"].max_tokens
@@ -7311,8 +7311,8 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
                      validation: dict | list) -> "AttemptFailure":
-        """A failed command check: the next prompt shows the answer, the command and
-        the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
+        """A failed command check: the next prompt shows the answer, the command and the
+        end of its output (COMMAND_FEEDBACK_CHARS)."""
         text = run.output_tail.strip() or "(no output)"
         if len(text) > COMMAND_FEEDBACK_CHARS:
             text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} "
@@ -7343,9 +7343,9 @@ def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | Non
 
 
 def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
-    """Return the prompt of a step's escalation: its first prompt (messages), its last
-    message followed by each failed answer (clipped to 4,000 characters) and why it was
-    rejected (failures: [(output, why)])."""
+    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    message followed by each failed answer (clipped) and why it was rejected (failures:
+    [(output, why)])."""
     tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
                         f"\n```\nRejected because: {why}"
                         for n, (output, why) in enumerate(failures, 1))
@@ -7425,9 +7425,8 @@ class StepResult:
 
     def as_dict(self, price_model: str = DEFAULT_PRICE_MODEL) -> dict:
         """Return the step entry of the result document (output clipped to
-        STORED_OUTPUT_MAX_CHARS characters, with a marker saying so), with
-        tokens_per_s (completion tokens over generation seconds) and what the tokens
-        would have cost on price_model."""
+        STORED_OUTPUT_MAX_CHARS characters, marked), with tokens_per_s (completion tokens
+        over generation seconds) and what the tokens would have cost on price_model."""
         speed = self.usage["completion_tokens"] / self.generation_s if self.generation_s else None
         return {"id": self.id, "title": self.title, "status": self.status,
                 "attempts": self.attempts,
@@ -7525,7 +7524,7 @@ class RunLog:
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
         """Record a streamed answer (as received, <think> included) and its usage; the
         reasoning fields' text first as a "thinking" block (Anthropic's content block
-        type), and which constraint produced it ("response_format": its type, or null)."""
+        type), and "response_format" (the constraint's type, or null)."""
         usage = reply.usage or {}
         content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
         message = {"role": "assistant", "model": reply.model,
@@ -7598,9 +7597,9 @@ class _Heartbeat:
 
 
 def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dict:
-    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply whose server
-    sent no usage it could be believed on: the prompt by estimate_tokens, the answer by
-    its streamed pieces, else by CHARS_PER_TOKEN like the prompt."""
+    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply without usage to
+    believe: the prompt by estimate_tokens, the answer by its streamed pieces, else by
+    CHARS_PER_TOKEN."""
     return {"prompt_tokens": estimate_tokens(messages),
             "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
 
@@ -7780,10 +7779,9 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result, plain text: plan, outcome, project, run
-    id, each step's status and error, files changed, the error, the savings and problems.
-    For the memory server's embedding (which reads a memory's first few hundred words) and
-    a planner reading search hits."""
+    """Return the first lines of a stored result, plain text, for the memory server's
+    embedding (which reads a memory's first few hundred words) and a planner reading
+    search hits."""
     counts = result.get("counts") or {}
     project = result.get("project")
     project = f" in project {_summary_text(project, 100)}" if project else ""
@@ -7823,10 +7821,9 @@ def result_content(result: dict) -> str:
 
 
 def result_memory(result: dict) -> ResultMemory:
-    """Return the result memory of a result document, as Store.finish stores it: content
-    (result_content), tags (bridge-result, plan:<id>, and the project's name, the tag the
-    memory server's hooks inject memories by), metadata, the run id as the memory server's
-    conversation_id, and the plan's final state."""
+    """Return the ResultMemory of a result document: content (result_content), tags
+    (bridge-result, plan:<id>, and the project's name, the tag the memory server's hooks
+    inject memories by), metadata, the run id as conversation_id, the plan's final state."""
     tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
     if result.get("project"):
         tags.append(tag_safe(result["project"]))
