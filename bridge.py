@@ -5122,7 +5122,8 @@ class HTTPExecutor(Executor):
         if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
                             httpx.RemoteProtocolError, httpx.CloseError)):
             reason = str(exc) or type(exc).__name__
-            return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
+            return LLMUnavailable(f"cannot reach the model server at {self.base_url} "
+                                  f"({reason}, requesting {url})",    # the URL the user gave
                                   "start the server (LM Studio: Developer > Start server) "
                                   "or pass --base-url")
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
@@ -8032,11 +8033,12 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
         shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
     if state.get("run_id") == run_id:
         shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
-    if "run_log" in document:
+    if "run_log" in document:       # None too when no folder was made (invalid, never ran)
         try:
-            shown["run_log"] = str(run_folder(runs_dir, run_id))
+            folder = run_folder(runs_dir, run_id)
         except PathError:
-            shown["run_log"] = None
+            folder = None
+        shown["run_log"] = str(folder) if folder is not None and folder.is_dir() else None
     return shown
 
 
@@ -8149,8 +8151,11 @@ def render_result(result: dict) -> str:
         lines += _step_lines(step)
     if result.get("verify"):
         add(f"  verify: {_check_line(result['verify'])}")
+    staged = " (staged, dropped at --reject: not written)" if result.get("rejected_at") else \
+        " (staged, written at --apply)" if result.get("applied_at") else " (staged, not written)"
     for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
+        add(f"  file {change['path']}: {change['action']}"
+            + (staged if change.get("staged") else ""))
     if result.get("run_log"):
         add(f"  run log: {result['run_log']}")
     return "\n".join(lines)
@@ -10706,15 +10711,17 @@ def cmd_reject(config: Config, plan_id: str) -> int:
 
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
     """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
-    A run already undone, or that put its files back itself, is a no-op (saying so).
+    A run already undone, that put its files back itself or changed none, is a no-op
+    (saying so; nothing recorded).
     Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
                           "not undoing a run under it", run_hint(record))
     shown = {"plan_id": plan_id, "run_id": kept.run_id}
-    if kept.undone_at or kept.reverted:
-        why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
+    if kept.undone_at or kept.reverted or not kept.files:
+        why = (f"was undone at {kept.undone_at}" if kept.undone_at else
+               "put its files back itself" if kept.reverted else "changed no file")
         if config.json:
             _print_json({**shown, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
