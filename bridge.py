@@ -373,20 +373,20 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
     return [server_default, home / ".mcp-memory-service" / "memories.db"]
 
 
+def _xdg_dir(environ: dict[str, str], variable: str, *under_home: str) -> Path:
+    if environ.get(variable):
+        return Path(environ[variable]).expanduser() / "bridge"
+    return Path(environ.get("HOME") or Path.home(), *under_home, "bridge")
+
+
 def default_config_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_CONFIG_HOME/bridge, else ~/.config/bridge: the user's trust and approvals."""
-    if environ.get("XDG_CONFIG_HOME"):
-        return Path(environ["XDG_CONFIG_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".config" / "bridge"
+    return _xdg_dir(environ, "XDG_CONFIG_HOME", ".config")
 
 
 def default_state_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
-    if environ.get("XDG_STATE_HOME"):
-        return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".local" / "state" / "bridge"
+    return _xdg_dir(environ, "XDG_STATE_HOME", ".local", "state")
 
 
 # One row per setting (after bottle's ConfigDict._define). A flag wins over its variable,
@@ -1024,7 +1024,7 @@ def terminal_columns() -> int:
 #   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
 #   inside    resolve_inside, real_path
 #   writes    forbidden_target_reason, output_path_problem, journalled_paths
-#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+#   reads     open_regular; secret_file_reason, load_secret_reason (what LOAD never sends)
 # Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
 # inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
@@ -1042,6 +1042,22 @@ class RollbackError(PathError):
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
+    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
+    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
+    (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(name))
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def real_path(path: str | Path) -> Path:
@@ -1180,15 +1196,11 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 def _gitdir_named(folder: str | Path) -> Path | None:
     """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
-    try:        # O_NONBLOCK: a FIFO named .git must not hang the check
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
-        fd = os.open(os.path.join(folder, ".git"), flags)
-    except OSError:         # none (or unreadable)
+    try:
+        handle = open_regular(os.path.join(folder, ".git"), follow_symlinks=True)
+    except OSError:         # none, unreadable, or a folder: a real .git, refused by its name
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
-        os.close(fd)
-        return None
-    with os.fdopen(fd, "rb") as handle:
+    with handle:
         head = handle.read(4096).decode("utf-8", "replace")
     if not head.startswith("gitdir:"):
         return None
@@ -1535,22 +1547,6 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
         raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge "
                         "writes only files")
     return info.st_mode & 0o7777
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
-                 follow_symlinks: bool = False) -> Any:
-    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
-    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
-    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
-    (ELOOP: a symlink; EINVAL: not a regular file)."""
-    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
-    fd = os.open(name, flags, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(name))
-    if encoding is None:
-        return os.fdopen(fd, "rb")
-    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -2235,6 +2231,10 @@ class StoreFile:
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                  (name,)).fetchone() is not None
 
+    def _or_null(self, column: str) -> str:
+        """column (as "name" or "alias.name") when the layout has it, else NULL."""
+        return column if column.rpartition(".")[2] in self.columns else "NULL"
+
     def _live_filter(self, alias: str = "m") -> str:
         clauses = []
         if "deleted_at" in self.columns:
@@ -2489,9 +2489,9 @@ class PlanStates(StoreFile):
         bridge's "bridge" object with a known status. rows: (content_hash or None,
         content, metadata) to look at; None: a scan of the store (the migration)."""
         if rows is None:
-            digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-            rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
-                                     "WHERE instr(metadata, '\"bridge\"') > 0").fetchall()
+            sql = (f"SELECT {self._or_null('content_hash')}, content, metadata FROM memories "
+                   "WHERE instr(metadata, '\"bridge\"') > 0")
+            rows = self.conn.execute(sql).fetchall()
         states = {}
         for digest, content, metadata in rows:
             try:
@@ -2666,7 +2666,7 @@ class Store(PlanStates):
         SCHEMA_ID, and, to be reported as invalid, those tagged bridge-plan or holding JSON
         that is not an object (prose naming the marker is no plan). Raises StoreError."""
         tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        digest = self._or_null("m.content_hash")
         select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
                   "FROM memories m")
         live = self._live_filter()
@@ -2842,7 +2842,7 @@ class Store(PlanStates):
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
                  if isinstance(h, str) and h]         # the newest first
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        digest_column = self._or_null("content_hash")
         for digest in named if "content_hash" in self.columns else ():
             rows += self.conn.execute("SELECT content_hash, content FROM memories "
                                       "WHERE content_hash = ?", (digest,)).fetchall()
@@ -6065,14 +6065,11 @@ def untrusted_message(plan: Plan) -> str:
 
 def command_env(config: Config) -> dict[str, str]:
     """Return the environment a plan's commands run in: the user's as bridge started less
-    every name credential_env_name flags, but those named with --pass-env
-    (config.pass_env), so a check never sees a secret it was not given.
-
-    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the source keeps
-    its size and its mtime's second, and a retry rewrites a file within the same second,
-    often at the same size (`x + 2` → `x * 2`), so the retry's test would run the failed
-    attempt's code.
-    """
+    every name credential_env_name flags, but those named with --pass-env, so a check
+    never sees a secret it was not given. PYTHONDONTWRITEBYTECODE=1 is added: Python
+    trusts a cached .pyc while the source keeps its size and its mtime's second, and a
+    retry rewrites a file within the same second, often at the same size (`x + 2` →
+    `x * 2`), so the retry's test would run the failed attempt's code."""
     passed = set(config.pass_env)
     env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -6083,9 +6080,8 @@ class CommandRun(namedtuple("CommandRun",
                             "argv exit_code duration_s output_tail output_bytes timed_out error")):
     """What one command did: argv (list of str), exit_code (int; negative: killed by that
     signal; None: it never started), duration_s (seconds), output_tail (the last
-    COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a marker when the
-    start is left out, secrets redacted; "" when it passed), output_bytes (all it wrote),
-    timed_out, error (why it failed, one line, or None when it passed)."""
+    COMMAND_TAIL_BYTES bytes of its output, as text, marked when cut, secrets redacted; ""
+    when it passed), output_bytes (all it wrote), timed_out, error (one line, or None)."""
 
     __slots__ = ()
 
@@ -6162,8 +6158,8 @@ REAPER_GRACE_S = 5.0       # after its SIGTERM the reaper has this long to sweep
 
 
 def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
-    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None
-    where there is no child subreaper (not Linux, or no sys.executable): there only the
+    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None where
+    there is no child subreaper (not Linux, or no sys.executable): there only the
     command's process group is killed, and a child that leaves it (setsid) can live on."""
     if not sys.platform.startswith("linux") or not sys.executable:
         return None
@@ -6173,14 +6169,11 @@ def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
 def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
-
-    stdout and stderr go to one pipe, read as it comes: only the last COMMAND_TAIL_BYTES
-    bytes are kept, so a flood costs no memory. The command leads its own process group;
-    once it exits, or after timeout_s seconds, or when cancel (a threading.Event) is set,
-    the whole group is killed, and on Linux every other process it started too, daemons
-    that left the group included (REAPER_SOURCE). Never raises for a command that cannot
-    start (that is a failed check saying why).
-    """
+    stdout and stderr go to one pipe, of which the last COMMAND_TAIL_BYTES bytes are kept.
+    The command leads its own process group; once it exits, or after timeout_s seconds, or
+    when cancel (a threading.Event) is set, the whole group is killed, and on Linux every
+    other process it started too (REAPER_SOURCE). Never raises for a command that cannot
+    start (that is a failed check saying why)."""
     import selectors, subprocess
 
     started = time.monotonic()
@@ -6218,9 +6211,9 @@ def _not_started(argv: list[str], started: float, why: Any) -> CommandRun:
 
 
 def _stop_reaper(proc: Any) -> None:
-    """Have a command's reaper end it and sweep its descendants (SIGTERM), when it has
-    not exited yet; wait for it up to REAPER_GRACE_S without reaping it (its pid names
-    the process group _kill_group kills after)."""
+    """Have a command's reaper end it and sweep its descendants (SIGTERM) if it has not
+    exited; wait up to REAPER_GRACE_S without reaping it (its pid names the process group
+    _kill_group kills after)."""
     if _exited(proc):
         return
     with _suppress(ProcessLookupError):
@@ -6258,8 +6251,8 @@ def _read_tail(proc: Any, selector: Any, deadline: float,
 
 
 def _exited(proc: Any) -> bool:
-    """Tell whether a child has exited, without reaping it where the OS allows (its
-    pid, and so its process group's id, cannot be reused before proc.wait())."""
+    """Tell whether a child has exited, without reaping it where the OS allows (its pid,
+    and so its process group's id, cannot be reused before proc.wait())."""
     if not hasattr(os, "waitid"):
         return proc.poll() is not None
     try:
@@ -6295,27 +6288,24 @@ def _command_outcome(argv: list[str], code: int, duration_s: float,
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a folder of bridge's own (backups, staged files) and all in it; missing or
-    unremovable parts are left (shutil.rmtree, which does not follow symlinks)."""
+    """Delete a folder of bridge's own and all in it, not following symlinks (shutil.rmtree);
+    what cannot be removed is left."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
 
 
 class FileTransaction:
-    """The files one plan run writes inside its project, with their originals.
-
-    project is opened once; every write, folder, rename, removal and restore works
-    relative to it, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run fails that write (PathError), never lands outside.
-    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
-    guard: what may never be written (forbidden_target_reason). refused: the journal
-    entries of a killed run that recover() would not use.
+    """The files one plan run writes inside its project, with their originals. project is
+    opened once; every write, folder, rename, removal and restore works relative to it,
+    one component at a time without following symlinks, so a folder swapped for a symlink
+    mid-run fails that write (PathError), never lands outside. run_dir: this run's folder,
+    for backups (0o600 in 0o700 folders) and journal.jsonl. guard: what may never be
+    written (forbidden_target_reason). refused: the journal entries recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
                  guard: Guard | None = None):
-
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.guard = guard or Guard()
         self.changes: dict[str, FileChange] = {}
@@ -6346,9 +6336,8 @@ class FileTransaction:
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Write text (UTF-8) to project/rel atomically for a step, its original journalled
-        first; return its FileChange. Raises PathError when rel leads outside, is
-        forbidden, goes through a symlink, cannot be written (the original untouched, its
-        backup kept), or the transaction is closed (the run is ending)."""
+        first; return its FileChange. Raises PathError when rel may not be written, cannot
+        be (the original untouched, its backup kept), or the run is ending."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6419,12 +6408,12 @@ class FileTransaction:
         """Take over the files of a killed run (its folder old_run_dir): files of steps in
         kept_steps stay and their originals are adopted (a later rollback still restores
         them); the rest are put back, with the temp files an interrupted write left. The
-        journal is untrusted: read only from a run folder beside this one (run_folder);
-        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
-        the paths put back. Raises RollbackError naming what could not be restored."""
+        journal is untrusted: read only from a run folder beside this one; an entry
+        journalled_paths refuses, or malformed, goes to self.refused. Returns the paths put
+        back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
-            entries = self._journal_of(old_run_dir)
+            entries = read_jsonl(old_run_dir / JOURNAL_FILE)
         except (PathError, OSError) as exc:
             why = getattr(exc, "strerror", None) or exc
             self.refused.append(f"journal of {old_run_dir.name}: {why}")
@@ -6456,18 +6445,16 @@ class FileTransaction:
 
     def revert_path(self, rel: str) -> None:
         """Put one path back as it was before this run first wrote it (a failed attempt's
-        file must not stay): its original bytes and mode, or removed with the folders the
-        run made; its action is "reverted" until written again. Nothing for a path not
-        written or already put back. Raises RollbackError when it cannot be restored."""
+        file must not stay); its action is "reverted" until written again. Raises
+        RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
                 self._restore([change])
 
     def _adopt_backup(self, change: FileChange, run_dir: Path) -> bool:
-        """Copy a kept file's original from a taken-over run into this run's backups
-        (each journal names only its own run's backups); False (refused) when it
-        cannot be read."""
+        """Copy a kept file's original from a taken-over run into this run's backups (each
+        journal names only its own run's backups); False (refused) when it cannot be read."""
         try:
             original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
@@ -6480,11 +6467,6 @@ class FileTransaction:
             name = f"{len(self.changes):04d}-{kept}"
             change.backup = self._save_backup(name, original)
         return True
-
-    @staticmethod
-    def _journal_of(run_dir: Path) -> list[dict]:
-        """Return the entries of a run's journal.jsonl, opened without following symlinks."""
-        return read_jsonl(run_dir / JOURNAL_FILE)
 
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
@@ -6506,25 +6488,33 @@ class FileTransaction:
             return None
         return FileChange(rel, action, backup, mode, dirs)
 
+    def _in_folder(self, rel: str, action: Callable[[int, str], None]) -> None:
+        """Call action(fd, name) with the descriptor of rel's folder and rel's last part,
+        when every folder on its way exists (walked without following symlinks)."""
+        parts = plan_path_parts(rel)
+        fd, depth = _walk(self._root(), parts[:-1], rel)
+        try:
+            if depth == len(parts) - 1:
+                action(fd, parts[-1])
+        finally:
+            os.close(fd)
+
     def _remove_temps(self, rel: str) -> None:
         """Remove the temp files an interrupted write of rel left beside it."""
-        parts = plan_path_parts(rel)
+        def remove(fd: int, name: str) -> None:
+            for entry in os.listdir(fd):
+                if entry.startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX):
+                    with _suppress(OSError):
+                        os.unlink(entry, dir_fd=fd)
+
         with _suppress(OSError, PathError):
-            fd, depth = _walk(self._root(), parts[:-1], rel)
-            try:
-                if depth == len(parts) - 1:
-                    for name in os.listdir(fd):
-                        if name.startswith(f".{parts[-1]}.") and name.endswith(TEMP_SUFFIX):
-                            with _suppress(OSError):
-                                os.unlink(name, dir_fd=fd)
-            finally:
-                os.close(fd)
+            self._in_folder(rel, remove)
 
     def rollback(self) -> None:
         """Put every written path back, newest first: originals' bytes and modes
-        (atomically), created files removed, then the run's folders if empty; never
-        through a symlink. The journal then says so, so no later takeover trusts those
-        files. Raises RollbackError naming every path that could not be restored."""
+        (atomically), created files removed, then the run's folders if empty. The journal
+        then says so, so no later takeover trusts those files. Raises RollbackError naming
+        every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -6558,27 +6548,17 @@ class FileTransaction:
                 finally:
                     os.close(fd)
             return
-        fd, depth = _walk(self._root(), parts[:-1], change.path)
-        try:
-            if depth == len(parts) - 1:
-                with _suppress(FileNotFoundError):
-                    os.unlink(parts[-1], dir_fd=fd)
-        finally:
-            os.close(fd)
-        for folder in reversed(change.created_dirs):
-            self._remove_dir(folder)
 
-    def _remove_dir(self, folder: Path) -> None:
-        """Remove a folder the run made, if it is still empty (never through a symlink)."""
-        # not empty (something else lives there now): left as it is
-        with _suppress(OSError, PathError, ValueError):
-            parts = plan_path_parts(folder.relative_to(self.project).as_posix())
-            fd, depth = _walk(self._root(), parts[:-1], folder.name)
-            try:
-                if depth == len(parts) - 1:
-                    os.rmdir(parts[-1], dir_fd=fd)
-            finally:
-                os.close(fd)
+        def unlink(fd: int, name: str) -> None:
+            with _suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+
+        self._in_folder(change.path, unlink)
+        for folder in reversed(change.created_dirs):
+            # not empty (something else lives there now): left as it is
+            with _suppress(OSError, PathError, ValueError):
+                self._in_folder(folder.relative_to(self.project).as_posix(),
+                                lambda fd, name: os.rmdir(name, dir_fd=fd))
 
     def discard(self) -> None:
         """Delete this run's backups, and those of the runs it took over."""
@@ -6616,10 +6596,9 @@ def read_regular(path: Path) -> bytes | None:
 
 def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
                  now_sha: str | None) -> str:
-    """Return file_diff of one file from the file at before to the file at now (None, or
-    a path that is missing: no such file), reading them only when both are at most
-    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
-    now_sha, computed in pieces, still tell whether they differ)."""
+    """Return file_diff from the file at before to the file at now (None or missing: no
+    such file), read only when both are at most DIFF_MAX_BYTES; else one line with the
+    sizes (their sha256, before_sha and now_sha, still tell whether they differ)."""
     if before_sha == now_sha:
         return ""
     sizes = [_regular_size(path) for path in (before, now)]
@@ -6641,15 +6620,15 @@ def _regular_size(path: Path | None) -> int | None:
 
 
 def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
-    """Return the unified diff (difflib) of one file from before (None: did not
-    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
-    not UTF-8, one "Binary files … differ" line."""
+    """Return the unified diff (difflib) of one file from before to now (None: no such
+    file), as a/REL and b/REL; for bytes that are not UTF-8, one "Binary files … differ"
+    line."""
     import difflib
 
-    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
-        ("b/" + rel) if now is not None else "/dev/null"
     if before == now:
         return ""
+    old_name = "a/" + rel if before is not None else "/dev/null"
+    new_name = "b/" + rel if now is not None else "/dev/null"
     try:
         old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
     except UnicodeDecodeError:
@@ -6663,17 +6642,15 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
 
 class StagedFiles:
     """The files of a --review run: written under the run's folder (staged/PATH, 0600),
-    never into the project; --apply writes them there later.
+    never into the project; --apply writes them there later. Has FileTransaction's
+    write(), close(), rollback(), discard(), summary() and changes.
 
-    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
-    changes, so the runner uses either. staged.jsonl records each write: {"step",
-    "path", "action" (created | modified, as the project was), "base_sha256" (the
-    project file's before its first staging, None when absent), "sha256"};
-    reads.json the sha256 of every LOAD file as the run found it in the project.
+    staged.jsonl records each write: {"step", "path", "action" (created | modified, as the
+    project was), "base_sha256" (the project file's before its first staging, None when
+    absent), "sha256"}; reads.json the sha256 of every LOAD file as the run found it.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
-
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.changes: dict[str, FileChange] = {}
         self.lock = threading.Lock()
@@ -6714,10 +6691,10 @@ class StagedFiles:
         return change
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Put back in the project every file a killed run wrote (FileTransaction.recover
-        with no step kept: a --review run never keeps a dead run's files); return them."""
-        files = FileTransaction(self.project, self.run_dir, self.crash_at)
-        return files.recover(old_run_dir, set())
+        """Put back every file a killed run wrote in the project (a --review run keeps no
+        dead run's files, whatever kept_steps says); return them."""
+        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir,
+                                                                                 set())
 
     def path_of(self, rel: str) -> Path | None:
         """Return the staged copy of rel, or None when no step staged it."""
@@ -6738,28 +6715,25 @@ class StagedFiles:
         remove_tree(self.run_dir / "staged")
 
     def summary(self) -> list[dict]:
-        """Return [{"path", "action", "staged": True}] in staging order (action as the
-        project would see it: created or modified)."""
+        """Return [{"path", "action", "staged": True}] in staging order."""
         return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
 
 
 ###############################################################################
 # 28. Kept runs: backups, diff, undo, review
 #
-# Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, as it is written), so
-# --diff can tell a file changed since the run and --undo can refuse to overwrite it. The
-# backups of the last keep_runs runs of a plan are kept (0600 in a 0700 folder). Only
-# bridge writes these files, and each path read back is still checked: a run id by
-# run_folder, a journal's paths by resolve_inside and journalled_paths.
+# Beside FileTransaction's journal and backups, a run's folder holds run.json and
+# written.jsonl (the sha256 of every file write), so --diff can tell a file changed since
+# the run and --undo can refuse to overwrite it. The backups of the last keep_runs runs of
+# a plan are kept. Only bridge writes these files, and each path read back is still
+# checked: a run id by run_folder, a journal's paths by resolve_inside and journalled_paths.
 ###############################################################################
 
 
 def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
-    """Write run.json, {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
-    None), "started_at", "content_hash" (the plan memory's)}, which --diff, --undo and a
-    take-over read back."""
+    """Write run.json: {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
+    None), "started_at", "content_hash" (the plan memory's)}."""
     info = {"plan_id": plan_id, "run_id": run_dir.name, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
@@ -6767,11 +6741,10 @@ def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: s
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
-    """Return why the run run_id (a run id run_folder accepts) is not the plan's own
-    run, so that a take-over (--resume, --rerun of a stale plan) must not touch its
-    files; None when its run.json names this plan (id and content hash) and this
-    project, or when it left no folder (nothing to take over). A state read back
-    from the store naming another plan's run is forged."""
+    """Return why the run run_id (a run id run_folder accepts) is not the plan's own, so a
+    take-over (--resume, --rerun of a stale plan) must not touch its files (a state read
+    back from the store naming another plan's run is forged); None when its run.json names
+    this plan (id and content hash) and project, or when it left no folder."""
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
@@ -6781,28 +6754,28 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     usable = isinstance(project, str) and "\x00" not in project
     project = os.path.abspath(project) if usable else None
     if not isinstance(info, dict):
-        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
-                "before bridge recorded it); its files are left alone")
-    if info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
-        return (f"run {run_id} was made by a bridge that did not record its plan's content hash; "
-                "not taken over: its files are left alone")
-    if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
-        return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
-                f"({str(info.get('content_hash'))[:12]}), not of this plan "
-                f"({record.content_hash[:12]}): the plan's state is forged; its files are left "
-                "alone")
-    if info.get("project") != project:
-        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
-                f"this plan's project {project!r}: the plan's state is forged; its files are left "
-                "alone")
-    return None
+        why = (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
+               "before bridge recorded it)")
+    elif info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
+        return (f"run {run_id} was made by a bridge that did not record its plan's content "
+                "hash; not taken over: its files are left alone")
+    elif info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
+        why = (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
+               f"({str(info.get('content_hash'))[:12]}), not of this plan "
+               f"({record.content_hash[:12]}): the plan's state is forged")
+    elif info.get("project") != project:
+        why = (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
+               f"this plan's project {project!r}: the plan's state is forged")
+    else:
+        return None
+    return why + "; its files are left alone"
 
 
 def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
     """Append {"step", "path", "sha256", "bytes"} of one file write to written.jsonl
-    (fsynced): what the run left in that file, to tell later changes from it."""
-    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel, "sha256": sha256_hex(data),
-                                             "bytes": len(data)})
+    (fsynced), to tell later changes from it."""
+    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel,
+                                          "sha256": sha256_hex(data), "bytes": len(data)})
 
 
 def _real_folder(path: Path) -> bool:
@@ -6825,7 +6798,6 @@ def keep_backups(run_dir: Path) -> None:
 
 def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     """Return the folders of a plan's runs (by their run.json), oldest first."""
-
     found = []
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
@@ -6854,7 +6826,6 @@ def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
 def backups_usage(runs_dir: Path) -> dict:
     """Return {"runs": runs with backups, "bytes": their size} under runs_dir (symlinks
     not followed)."""
-
     runs = total = 0
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
@@ -6868,9 +6839,9 @@ def backups_usage(runs_dir: Path) -> dict:
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
-    """Return the folder of an existing run run_id, checked as run_folder() checks a
-    run id read back from the store. Raises ConfigError for a value that is no run
-    id or no folder of bridge's runs, BridgeError when there is no such run."""
+    """Return the folder of an existing run run_id, checked by run_folder. Raises
+    ConfigError for a value that is no run id of bridge's, BridgeError when there is no
+    such run."""
     try:
         run_dir = run_folder(runs_dir, run_id)
     except PathError as exc:
@@ -6883,23 +6854,18 @@ def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
 
 class KeptFile(namedtuple("KeptFile", "path action backup mode written_sha256")):
     """One path a run wrote, from its journal: path (relative to the project), action
-    ("created" or "modified"), backup (the original's copy, or None), mode (the
-    original's permission bits), written_sha256 (what the run last wrote, or None
-    when that was not recorded)."""
+    ("created" or "modified"), backup (the original's copy, or None), mode (the original's
+    permission bits), written_sha256 (what the run last wrote, or None: not recorded)."""
 
     __slots__ = ()
 
 
 class KeptRun:
-    """What one finished run changed, read back from its folder under --state-dir.
-
-    run_id, run_dir, plan_id, project (the project's absolute Path, or None),
-    files (list of KeptFile, in write order), reverted (the run put its files back
-    itself), undone_at (ISO time of its --undo, or None); for a --review run,
-    staged ({path: {"step", "action", "base_sha256", "sha256"}}, in staging order)
-    and reads ({LOAD path: sha256 or None} as the run read them). Build with
-    KeptRun.load.
-    """
+    """What one finished run changed, read back from its folder (build with KeptRun.load):
+    run_id, run_dir, plan_id, project (absolute Path, or None), files (list of KeptFile,
+    in write order), reverted (the run put its files back itself), undone_at (ISO time of
+    its --undo, or None); for a --review run, staged ({path: {"step", "action",
+    "base_sha256", "sha256"}}, in staging order) and reads ({LOAD path: sha256 or None})."""
 
     def __init__(self, run_dir: Path, plan_id: str, project: Path | None):
         self.run_id, self.run_dir, self.plan_id, self.project = \
@@ -6916,11 +6882,10 @@ class KeptRun:
 
     @classmethod
     def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
-        """Read and check run run_id of plan plan_id. Raises ConfigError for a
-        malformed run id, BridgeError when the run is not there, is another plan's,
-        predates run.json, or its journal names a path outside the project or a
-        backup outside runs_dir."""
-
+        """Read and check run run_id of plan plan_id. Raises ConfigError for a malformed
+        run id, BridgeError when the run is not there, is another plan's, predates
+        run.json, or its journal names a path outside the project or a backup outside
+        runs_dir."""
         run_dir = run_dir_of(runs_dir, run_id)
         info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
@@ -6963,8 +6928,7 @@ class KeptRun:
             self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
 
     def _checked(self, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked (resolve_inside,
-        journalled_paths)."""
+        """Return a journal entry as a KeptFile once its paths are checked."""
         rel, action = entry.get("path"), entry.get("action")
         if self.project is None or not isinstance(rel, str) \
                 or action not in ("created", "modified"):
@@ -6979,11 +6943,9 @@ class KeptRun:
         return KeptFile(rel, action, backup, mode, written.get(rel))
 
     def diff(self) -> list[dict]:
-        """Return, per file: path, action, original_sha256, written_sha256,
-        current_sha256 (None: missing now), changed_since_run, diff (a unified diff
-        from the original to the file as it is now, paths relative to the project; one
-        line instead for a side over DIFF_MAX_BYTES: bounded_diff). Files are hashed in
-        pieces (file_sha256), never held whole."""
+        """Return, per file: path, action, original_sha256, written_sha256, current_sha256
+        (None: missing now), changed_since_run, diff (bounded_diff from the original to the
+        file as it is now)."""
         entries = []
         for kept in self.files:
             now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
@@ -7001,10 +6963,9 @@ class KeptRun:
         return entries
 
     def staged_diff(self) -> list[dict]:
-        """Return, per staged file: path, action, original_sha256 (the project file's
-        when the run staged it), staged_sha256, current_sha256 (the project file's now,
-        None: missing), changed_since_run, diff (from the project file now to the
-        staged file: what --apply would change)."""
+        """Return, per staged file: path, action, original_sha256 (the project file's when
+        the run staged it), staged_sha256, current_sha256 (the project file's now, None:
+        missing), changed_since_run, diff (bounded_diff: what --apply would change)."""
         entries = []
         for rel, entry in self.staged.items():
             now_path = self.project / rel        # type: ignore[operator]  # staging: a project
@@ -7030,10 +6991,9 @@ class KeptRun:
         return found
 
     def apply(self, crash_at: str | None = None) -> list[dict]:
-        """Write the staged files into the project through a FileTransaction of this
-        run (atomic, journalled, backups kept), recording each write's sha256; on any
-        failure put back what was written and re-raise. Returns the summary.
-        crash_at: the crash test hook (Config.crash_at)."""
+        """Write the staged files into the project through a FileTransaction of this run,
+        recording each write's sha256; on any failure put back what was written and
+        re-raise. Returns the summary. crash_at: the crash test hook (Config.crash_at)."""
         files = FileTransaction(self.project, self.run_dir, crash_at)      # type: ignore[arg-type]
         try:
             for rel, entry in self.staged.items():
@@ -7053,10 +7013,10 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed and remove what it created
-        (FileTransaction.recover of this run); return the paths put back. Raises
-        BridgeError, changing nothing, naming each file changed since the run (unless
-        force) or whose backup is gone; RollbackError when one could not be restored."""
+        """Put back every file the run changed and remove what it created; return the
+        paths put back. Raises BridgeError, changing nothing, naming each file changed
+        since the run (unless force) or whose backup is gone; RollbackError when one could
+        not be restored."""
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7086,12 +7046,10 @@ class KeptRun:
 
 
 def estimate_tokens(messages: list[dict]) -> int:
-    """Estimate the prompt tokens of chat messages without a tokenizer.
-
-    One token per CHARS_PER_TOKEN characters, plus 5 per message for the chat
-    template. Tokenizers of current models give 3.5-4.5 characters a token on
-    English and code, so at 3.5 the estimate errs on the large side.
-    """
+    """Estimate the prompt tokens of chat messages without a tokenizer: one per
+    CHARS_PER_TOKEN characters, plus 5 per message for the chat template (tokenizers of
+    current models give 3.5-4.5 characters a token on English and code, so at 3.5 it
+    errs on the large side)."""
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
@@ -7113,8 +7071,7 @@ def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
     """Return why a reply was to a cut prompt, or None: the server's usage
     ({"prompt_tokens", …}) counts far fewer prompt tokens than estimate_tokens of the
     messages sent (PROMPT_CUT_RATIO, PROMPT_CUT_MIN_TOKENS). Ollama cuts an over-long
-    prompt silently and answers 200 (ollama#3839, #17889); the answer then never saw
-    the start of the prompt, whatever its check says."""
+    prompt silently and answers 200 (ollama#3839, #17889)."""
     if not usage or not isinstance(usage.get("prompt_tokens"), int):
         return None
     seen, sent = usage["prompt_tokens"], estimate_tokens(messages)
@@ -7128,9 +7085,8 @@ def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
 
 
 def prompt_budget(step: Step, context_length: int | None) -> int | None:
-    """Return the prompt tokens that fit for a step in a context of context_length
-    tokens, or None when it is not known: the context less the answer's share
-    (answer_tokens)."""
+    """Return the prompt tokens that fit for a step in a context of context_length tokens
+    (None: not known): the context less answer_tokens and any thinking_reserve."""
     if context_length is None:
         return None
     reserve = thinking_reserve(context_length) if step.thinking == "on" else 0
@@ -7150,8 +7106,7 @@ def thinking_asked(step: Step) -> str | None:
 
 def thinking_reserve(context_length: int | None) -> int:
     """Return the tokens kept for thinking on top of an answer's max_tokens:
-    THINKING_RESERVE_TOKENS, at most a quarter of context_length (tokens; None: not
-    known)."""
+    THINKING_RESERVE_TOKENS, at most a quarter of context_length (None: not known)."""
     if not context_length:
         return THINKING_RESERVE_TOKENS
     return min(THINKING_RESERVE_TOKENS, context_length // 4)
@@ -7159,8 +7114,7 @@ def thinking_reserve(context_length: int | None) -> int:
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else its validation's
-    (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
-    The prompt budget keeps this much free (ContextFit.budget)."""
+    (default_max_tokens), at most a quarter of context_length (tokens; None: not known)."""
     if step.max_tokens:
         return step.max_tokens
     default = default_max_tokens(step.validation)
@@ -7181,12 +7135,12 @@ class _Block:
 
 def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
                   staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
-    """Return the parts of a step's user message, for fitted_messages: the objective, LOAD
-    files (read now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on (outputs: step id -> text), what answer form passes,
-    and the task last (read just before the model answers: on SmolLM2-135M that took more
-    values from the text; README, Small local models). staged: for a --review run, returns
-    the staged copy of a project path (or None), read instead of the file."""
+    """Return the parts of a step's user message: the objective, LOAD files (read now, so
+    files earlier steps wrote are current), REFERENCE paths, the outputs of the steps it
+    depends on (outputs: step id -> text), what answer form passes, and the task last (read
+    just before the model answers: on SmolLM2-135M that took more values from the text;
+    README, Small local models). staged: for a --review run, returns the staged copy of a
+    project path (or None), read instead of the file."""
     blocks = []
     if plan.objective:
         blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
@@ -7217,8 +7171,7 @@ def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
                    budget_tokens: int | None = None) -> list[dict]:
-    """Return the chat messages of a step's first attempt: fitted_messages of its
-    prompt_blocks."""
+    """Return the chat messages of a step's first attempt (fitted_messages)."""
     return fitted_messages(step, prompt_blocks(plan, step, outputs), budget_tokens)
 
 
@@ -7226,15 +7179,12 @@ def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
                     sources: list[str] | None = None) -> list[dict]:
     """Return the chat messages of a step's first attempt from its prompt_blocks: the
     step's (or plan default's) system prompt, else DEFAULT_SYSTEM_PROMPT, then the blocks.
-
-    budget_tokens: the prompt tokens that fit (the context length less what the answer
-    needs), or None for no limit. Over it (estimate_tokens), LOAD files and dependency
-    outputs are cut, the largest first, each keeping at least MIN_CUT_CHARS characters and
-    a marker; the rest is never cut. Raises PromptTooLarge with the numbers when even that
-    does not fit. sources: a list that gets the step's input as sent, the text a grounded
-    answer copies from: each LOAD file and dependency output (as far as it was sent), then
-    the task.
-    """
+    budget_tokens: the prompt tokens that fit, or None for no limit. Over it
+    (estimate_tokens), LOAD files and dependency outputs are cut, the largest first, each
+    keeping at least MIN_CUT_CHARS characters and a marker; the rest is never cut. Raises
+    PromptTooLarge with the numbers when even that does not fit. sources: a list that gets
+    the text a grounded answer copies from: each LOAD file and dependency output as sent,
+    then the task."""
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
     sent: dict[int, str] = {}           # id(block) -> its body as sent, without the cut marker
 
@@ -7268,17 +7218,16 @@ def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
-# "Model servers: errors, streams, retries").
+# "HTTP executors: requests and retries").
 ###############################################################################
 
 
 def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
     """Return how attempt number attempt (1 is the first) of a step samples under a
     schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
-    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
-    temperature, else the server's default); the first of the others too, but
-    greedy when the step sets no temperature. Seeds are the attempt's number, so a
-    rerun samples the same."""
+    "dry_multiplier"?}. Every attempt of "plain" samples as the step says; the first of
+    the others too, but greedy when the step sets no temperature. Seeds are the attempt's
+    number, so a rerun samples the same."""
     fields = {} if step.temperature is None else {"temperature": step.temperature}
     if schedule == "plain":
         return fields
@@ -7293,11 +7242,9 @@ def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
 
 def fit_feedback(messages: list[dict], feedback: list[dict],
                  budget_tokens: int | None) -> list[dict]:
-    """Return a retry's feedback messages cut to fit the budget with messages.
-
-    The previous answer (the assistant message) is cut first, then left out with
-    a note; the error itself is always kept.
-    """
+    """Return a retry's feedback messages cut to fit the budget with messages: the previous
+    answer (the assistant message) is cut first, then left out with a note; the error
+    itself is always kept."""
     feedback = list(feedback)
     if budget_tokens is None or len(feedback) != 2:
         return feedback
@@ -7315,10 +7262,10 @@ def fit_feedback(messages: list[dict], feedback: list[dict],
 
 class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
                                 defaults=(True, (), False))):
-    """Why an attempt failed: message (for the result), retryable (another attempt
-    may help; default True), feedback (messages appended to the next attempt's
-    prompt; default none), answer_invalid (the answer failed its own check, not a
-    command or a write; default False). Each way an attempt fails is one constructor."""
+    """Why an attempt failed: message (for the result), retryable (another attempt may
+    help), feedback (messages appended to the next attempt's prompt), answer_invalid (the
+    answer failed its own check, not a command or a write). Each way an attempt fails is
+    one constructor."""
 
     __slots__ = ()
 
@@ -7349,13 +7296,18 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         return cls(error, feedback=[{"role": "user", "content": note}])
 
     @classmethod
+    def _shown(cls, error: str, output: str, note: str, invalid: bool) -> "AttemptFailure":
+        """A failure whose next prompt shows the answer (clipped), then note."""
+        shown = clip(output, 20_000, "previous answer") or "(empty)"
+        return cls(error, feedback=[{"role": "assistant", "content": shown},
+                                    {"role": "user", "content": note}], answer_invalid=invalid)
+
+    @classmethod
     def from_output(cls, error: str, output: str, validation: dict) -> "AttemptFailure":
         """A failed check: the next prompt shows the output and the error."""
         note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
                 "Reply again with the corrected answer only.")
-        shown = clip(output, 20_000, "previous answer") or "(empty)"
-        return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}], answer_invalid=True)
+        return cls._shown(error, output, note, True)
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
@@ -7372,9 +7324,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         note = (f"Your answer was {where}checked with {command}, which {why}. "
                 f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
                 f"{describe_validation(validation)} Reply again with the corrected answer only.")
-        shown = clip(output, 20_000, "previous answer") or "(empty)"
-        return cls(run.error, feedback=[{"role": "assistant", "content": shown},
-                                        {"role": "user", "content": note}])
+        return cls._shown(run.error, output, note, False)
 
     def retries(self, number: int, step: Step) -> bool:
         """True when attempt number (1 is the first) of step is followed by another on
@@ -7394,7 +7344,7 @@ def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | Non
 
 
 def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
-    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    """Return the prompt of a step's escalation: its first prompt (messages), its last
     message followed by each failed answer (clipped to 4,000 characters) and why it was
     rejected (failures: [(output, why)])."""
     tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
@@ -7432,17 +7382,16 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 class StepResult:
-    """The outcome of one step, filled in while it runs. status: "skipped" until it
-    runs, then "running", then succeeded | failed | skipped; output: the artifact once
-    validated; duration_s, generation_s: seconds, in all and in model requests; usage:
-    {prompt_tokens, completion_tokens}, usage_reported False when estimated; model: the
-    one that answered; resumed: taken over from a killed run; cost_usd: real; the
-    escalation (escalated_to, escalation_saved); ledger: per model reference; checks:
-    each command run (CommandRun.as_dict and its attempt); attempt_log: per attempt
-    {"attempt", "sampling" (the fields sent: "max_tokens", "temperature"?, "seed"?, …),
-    "completion_tokens", "error" (None: passed), "thinking" (thinking_asked),
-    "thinking_reserve_tokens", "reasoning_tokens"?, "reasoning_bytes"? (when it thought),
-    "response_format"? (the constraint's type, None: unconstrained; the model server)}."""
+    """The outcome of one step, filled in while it runs. status: "skipped" until it runs,
+    then "running", then succeeded | failed | skipped; output: the artifact once validated;
+    duration_s, generation_s: seconds, in all and in model requests; usage:
+    {prompt_tokens, completion_tokens}, usage_reported False when estimated; model: the one
+    that answered; resumed: taken over from a killed run; cost_usd: real; ledger: per model
+    reference ({requests, prompt_tokens, completion_tokens, cost_usd}); checks: each
+    command run (CommandRun.as_dict and its attempt); attempt_log: per attempt {"attempt",
+    "sampling" (the fields sent), "completion_tokens", "error" (None: passed), "thinking"
+    (thinking_asked), "thinking_reserve_tokens", "reasoning_tokens"?, "reasoning_bytes"?,
+    "response_format"? (the constraint's type, None: unconstrained)}."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd",
@@ -7452,15 +7401,14 @@ class StepResult:
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
         self.id, self.title, self.status, self.attempts = id, title, "skipped", 0
         self.output, self.error, self.file_output, self.duration_s = "", None, None, 0.0
-        self.generation_s = 0.0      # seconds spent in model requests
-        self.cost_usd = 0.0          # what its requests cost (0 on a local server)
+        self.generation_s = self.cost_usd = 0.0
         self.escalated_to: str | None = None
         self.escalation_saved: bool | None = None
-        self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
+        self.ledger: dict[str, dict] = {}
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
-        self.checks: list[dict] = []    # each command run: attempt, argv, exit_code, …
-        self.attempt_log: list[dict] = []   # per attempt: sampling sent, completion tokens, error
+        self.checks: list[dict] = []
+        self.attempt_log: list[dict] = []
 
     def checkpoint(self) -> dict:
         """Return every field, whole, for the run's steps.jsonl."""
@@ -7496,12 +7444,11 @@ class StepResult:
 
 
 class _StepLog:
-    """Progress lines of a plan's steps. One at a time, they print as they come;
-    with parallel steps, each step's lines are held and printed in step order, so
-    the log reads the same whatever order the steps finished in."""
+    """Progress lines of a plan's steps: printed as they come (immediate), or each step's
+    held and printed in step order, so the log of parallel steps reads the same whatever
+    order they finished in."""
 
     def __init__(self, progress: Progress, order: list[int], immediate: bool):
-
         self.progress, self.order, self.immediate = progress, order, immediate
         self.lines: dict[int, list[tuple[bool, str]]] = {sid: [] for sid in order}
         self.finished: set[int] = set()
@@ -7534,14 +7481,11 @@ class RunLog:
     tools that read Claude Code transcripts read these too.
 
     Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages sent
-    ({"type": "system", "subtype": "system_prompt", "sampling": {the fields sent}}, then
-    {"type": "user" | "assistant", "message": …}), a "constrained_output" system line for
-    a grounded step, the streamed answer as an "assistant" message with its usage, a
-    "command" system line per command run (argv, exit_code, duration_s, output_tail) and
-    a "validation" one; last {"type": "result", …} with usage, duration_ms,
-    total_cost_usd (0: the work was local) and would_have_cost_usd. Flushed once an
-    attempt's messages are written and after its check (readable while the model
-    answers), not after every line, which costs a write each."""
+    (a "system_prompt" system line with "sampling", then {"type": "user" | "assistant",
+    "message": …}), a "constrained_output" system line for a grounded step, the answer
+    with its usage, a "command" system line per command run and a "validation" one; last
+    {"type": "result", …}. Flushed after an attempt's messages and after its check
+    (readable while the model answers), not after every line, which costs a write each."""
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
         self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
@@ -7565,8 +7509,8 @@ class RunLog:
 
     def sent(self, sid: int, attempt: int, messages: list[dict],
              sampling: dict | None = None) -> None:
-        """Record the exact messages of one attempt, and on its system prompt line how
-        it samples (sampling: max_tokens, temperature, seed, …, the fields sent)."""
+        """Record the exact messages of one attempt, and on its system prompt line how it
+        samples (sampling: the fields sent)."""
         for message in messages:
             if message["role"] == "system":
                 line = {"type": "system", "subtype": "system_prompt", "attempt": attempt,
@@ -7595,8 +7539,8 @@ class RunLog:
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
-        "spans" (its string values one of spans candidates, span_schema), "schema"
-        (the usual schema) or "none" (no schema sent); spans None but for "spans"."""
+        "spans" (its string values one of spans candidates, span_schema), "schema" or
+        "none" (no schema sent); spans None but for "spans"."""
         self._line(sid, {"type": "system", "subtype": "constrained_output", "attempt": attempt,
                          "form": form, "spans": spans})
 
@@ -7607,7 +7551,7 @@ class RunLog:
         self.files[sid].flush()
 
     def command(self, sid: int, attempt: int, run: CommandRun) -> None:
-        """Record one command validation run: argv, exit code, seconds, output tail."""
+        """Record one command run (CommandRun.as_dict)."""
         self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt,
                          **run.as_dict()})
 
@@ -7629,10 +7573,9 @@ class RunLog:
 class _Heartbeat:
     """Refresh a running plan's heartbeat_at every HEARTBEAT_INTERVAL_S seconds from a
     background thread with its own store connection, so another bridge can tell a
-    live run from a dead one (see PlanRecord.stale)."""
+    live run from a dead one (PlanRecord.stale)."""
 
     def __init__(self, config: Config, record: PlanRecord, run_id: str):
-
         self.config, self.record, self.run_id = config, record, run_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="bridge-heartbeat", daemon=True)
@@ -7665,10 +7608,10 @@ def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dic
 
 def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: str) -> Completion:
     """Return reply with a cost_usd: its own, or, when its executor could not price it
-    (cost_usd None: counts it could not believe, or no price for the model it named),
-    its usage (estimated_usage when unknown) at claude_price of the model that answered,
-    else of model (the id asked for); 0 for a model without a price (a local one). So a
-    paid request with a negative or absurd count still counts against --max-cost-usd."""
+    (cost_usd None: counts it could not believe, or no price for the model it named), its
+    usage (estimated_usage when unknown) at claude_price of the model that answered, else
+    of model (the id asked for); 0 for a model without a price. So a paid request with a
+    negative or absurd count still counts against --max-cost-usd."""
     if reply.cost_usd is not None:
         return reply
     price = claude_price(reply.model or "") or claude_price(model)
@@ -7681,19 +7624,21 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
     """Add a reply's usage and real cost to a step, and to its ledger line for the
     model reference that answered; a reply without usage is estimated (estimated_usage,
     usage_reported False)."""
-    if reply.usage:
-        usage = reply.usage
-    else:
+    if not reply.usage:
         result.usage_reported = False
-        usage = estimated_usage(reply, messages, pieces)
-    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
-                                            "completion_tokens": 0, "cost_usd": 0.0})
-    line["requests"] += 1
+    usage = reply.usage or estimated_usage(reply, messages, pieces)
+    _add_to_ledger(result.ledger, model, {**usage, "requests": 1, "cost_usd": reply.cost_usd})
     for key in ("prompt_tokens", "completion_tokens"):
         result.usage[key] += usage[key]
-        line[key] += usage[key]
-    line["cost_usd"] = round(line["cost_usd"] + reply.cost_usd, 6)
     result.cost_usd = round(result.cost_usd + reply.cost_usd, 6)
+
+
+def _add_to_ledger(ledger: dict, model: str, line: dict) -> None:
+    into = ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                     "completion_tokens": 0, "cost_usd": 0.0})
+    for key in ("requests", "prompt_tokens", "completion_tokens"):
+        into[key] += line[key]
+    into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
 
 
 def merge_ledgers(ledgers: Iterator[dict]) -> dict:
@@ -7702,11 +7647,7 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     total: dict[str, dict] = {}
     for ledger in ledgers:
         for model, line in ledger.items():
-            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0,
-                                            "completion_tokens": 0, "cost_usd": 0.0})
-            for key in ("requests", "prompt_tokens", "completion_tokens"):
-                into[key] += line[key]
-            into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
+            _add_to_ledger(total, model, line)
     return total
 
 
@@ -7724,10 +7665,10 @@ def step_outcome(result: StepResult) -> str:
 
 
 def append_step_stats(state_dir: Path, entry: dict) -> None:
-    """Append one step's record to state_dir/STATS_FILE (private, one JSON line,
-    O_APPEND: lines of concurrent bridges do not mix). entry: {"ts", "plan_id",
-    "run_id", "step_id", "model", "validation": [types], "outcome", "attempts",
-    "tokens", "seconds"}. A file that cannot be written costs only this record."""
+    """Append one step's record to state_dir/STATS_FILE (private, one JSON line, O_APPEND:
+    lines of concurrent bridges do not mix). entry: {"ts", "plan_id", "run_id", "step_id",
+    "model", "validation": [types], "outcome", "attempts", "tokens", "seconds"}. A file
+    that cannot be written costs only this record."""
     with _suppress(OSError):
         private_dir(state_dir)
         with open(state_dir / STATS_FILE, "a", encoding="utf-8", opener=private_opener) as handle:
@@ -7735,12 +7676,11 @@ def append_step_stats(state_dir: Path, entry: dict) -> None:
 
 
 def read_step_stats(path: Path) -> dict:
-    """Return the --stats report of a STATS_FILE: {"stats_file", "steps" (records
-    read), "skipped_lines", "models": {model: {validation type: {"steps",
-    "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
-    "median_s"}}}}. A step with several validations counts under each of its types
-    (a `command` check included). Lines that are not such records are counted in
-    skipped_lines. A missing file is an empty report."""
+    """Return the --stats report of a STATS_FILE: {"stats_file", "steps" (records read),
+    "skipped_lines" (lines that are not such records), "models": {model: {validation type:
+    {"steps", "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
+    "median_s"}}}}. A step counts under each of its validation types. A missing file is an
+    empty report."""
     from statistics import median
 
     groups: dict[str, dict[str, list[dict]]] = {}
@@ -7783,12 +7723,10 @@ def read_step_stats(path: Path) -> dict:
 
 ###############################################################################
 # 32. The result document
-# What a run leaves behind, built here alone from the facts its plan run gathers (the
-# _result document, README: "What bridge writes into the store"): the result memory's
-# summary and content (result_memory; the Store stores it as given, parse_result_content
-# in the room "Store layouts" reads it back), the document --json and --show --json
-# print (shown_result, show_document), and the text of --show and of a run's end
-# (render_show, savings_line, ledger_lines).
+# What a run leaves behind, built here alone from the facts its plan run gathers (README:
+# "What bridge writes into the store"): the result memory (result_memory; the Store stores
+# it as given, parse_result_content in the room "Store layouts" reads it back), the
+# document --json and --show --json print, and the text of --show and of a run's end.
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
@@ -7796,11 +7734,10 @@ RESULT_SUMMARY_FILES = 10
 
 
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
-    """Return what a run's local work saved: local_tokens (prompt and completion tokens
-    on the local server, openai: references), local_usage, would_have_cost_usd (those
-    tokens at price_model's prices; the planner's own tokens are not counted), paid_usd
-    (what paid escalations cost), retries (attempts after a step's first, escalations
-    not counted), escalations and escalations_saved (steps escalated, and those it saved)."""
+    """Return what a run's local work saved: local_tokens (prompt and completion tokens of
+    PROBED executors), local_usage, would_have_cost_usd (those tokens at price_model's
+    prices), price_model, paid_usd (what paid escalations cost), retries (attempts after a
+    step's first, escalations not counted), escalations and escalations_saved."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -7830,8 +7767,8 @@ def savings_line(savings: dict) -> str:
 
 
 def ledger_lines(result: dict) -> list[str]:
-    """Return the usage ledger of a result as lines for a person: one per model,
-    then which steps escalated and whether that saved them."""
+    """Return a result's usage ledger as lines for a person: one per model, then which
+    steps escalated and whether that saved them."""
     lines = ["  ledger:"]
     for model, line in result["ledger"].items():
         lines.append(f"    {model:<32} {line['requests']:>3} request(s) "
@@ -7844,10 +7781,10 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result, plain text: plan, outcome, project (its
-    name as the memory server's hooks detect it), run id, each step's status and error,
-    files changed, the error, the savings and problems. For the memory server's embedding
-    (which reads a memory's first few hundred words) and a planner reading search hits."""
+    """Return the first lines of a stored result, plain text: plan, outcome, project, run
+    id, each step's status and error, files changed, the error, the savings and problems.
+    For the memory server's embedding (which reads a memory's first few hundred words) and
+    a planner reading search hits."""
     counts = result.get("counts") or {}
     project = result.get("project")
     project = f" in project {_summary_text(project, 100)}" if project else ""
@@ -7887,10 +7824,10 @@ def result_content(result: dict) -> str:
 
 
 def result_memory(result: dict) -> ResultMemory:
-    """Return the result memory of a result document, as Store.finish stores it: its
-    content (result_content), tags (bridge-result, plan:<id>, and the project's name,
-    the tag the memory server's hooks inject memories by), metadata, the run id as
-    the memory server's conversation_id, and the plan's final state."""
+    """Return the result memory of a result document, as Store.finish stores it: content
+    (result_content), tags (bridge-result, plan:<id>, and the project's name, the tag the
+    memory server's hooks inject memories by), metadata, the run id as the memory server's
+    conversation_id, and the plan's final state."""
     tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
     if result.get("project"):
         tags.append(tag_safe(result["project"]))
@@ -7902,11 +7839,11 @@ def result_memory(result: dict) -> ResultMemory:
 
 
 def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
-    """Return a result document as bridge prints it (the --json of a run, --show
-    --json): the stored document, its result_hash (its memory's content_hash), what
-    the plan's state says happened to that run since (undone_at, applied_at,
-    rejected_at; state {} for a run just stored), and run_log as bridge makes it from
-    the run id (the stored one is not a path; None when the run id is not bridge's)."""
+    """Return a result document as bridge prints it (--json of a run, --show --json): the
+    stored document, its result_hash (its memory's content_hash), what the plan's state
+    says happened to that run since (undone_at, applied_at, rejected_at; state {} for a
+    run just stored), and run_log made from the run id (the stored one is not a path; None
+    when the run id is not bridge's)."""
     shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
     if state.get("undone_run") == run_id and state.get("undone_at"):
         shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
@@ -7922,9 +7859,9 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
 
 def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tuple[str, str]],
                   runs_dir: Path) -> dict:
-    """Return what --show --json prints: shown_result of the found (document,
-    result_hash), with status_now when the plan moved on from that run (after --apply
-    or --reject) and replaced_runs [{"run_id", "status"}] (Store.replaced_runs)."""
+    """Return what --show --json prints: shown_result of found (document, result_hash),
+    with status_now when the plan moved on from that run and replaced_runs [{"run_id",
+    "status"}] (Store.replaced_runs)."""
     result = shown_result(*found, record.state, runs_dir)
     now = record.display_status
     if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
@@ -7936,10 +7873,9 @@ def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tu
 
 
 def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
-    run that is not the plan's own is said to be forged: foreign_run_reason),
-    --rerun for a finished one."""
+    """Return what runs a plan from where it is: --plan for a pending one, --resume or
+    --rerun for a stale one (with runs_dir, a state naming a run not the plan's own is
+    said to be forged: foreign_run_reason), --rerun for a finished one."""
     status, plan_id = record.display_status, record.plan_id
     run_id = record.state.get("run_id")
     ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
@@ -7993,8 +7929,8 @@ def _step_lines(step: dict) -> list[str]:
 
 
 def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs, errors,
-    files, usage, cost and where the run log is. Every line goes through printable()."""
+    """Return a stored result document as text for a person; every line goes through
+    printable()."""
     usage = result.get("usage") or {}
     lines: list[str] = []
 
@@ -8016,13 +7952,11 @@ def render_result(result: dict) -> str:
         add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
     if result.get("error"):
         add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped "
-            "(bridge --reject)")
+    for key, what in (("undone", "its files were put back (bridge --undo)"),
+                      ("applied", "its staged files were written (bridge --apply)"),
+                      ("rejected", "its staged files were dropped (bridge --reject)")):
+        if result.get(f"{key}_at"):
+            add(f"  {key} at {result[key + '_at']}: {what}")
     for problem in result.get("problems") or []:
         add(f"  problem: {problem}")
     for step in result.get("steps", []):
@@ -8038,8 +7972,8 @@ def render_result(result: dict) -> str:
 
 def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
     """Return what --show prints of show_document's result: render_result, the runs of
-    contents the plan had before --submit --replace, and what to do now when it is
-    stale or awaiting review."""
+    contents replaced by --submit --replace, and what to do now when it is stale or
+    awaiting review."""
     lines = [render_result(result)]
     for entry in result.get("replaced_runs") or []:
         lines.append(printable(f"  replaced content: run {entry['run_id']} ({entry['status']}) "
@@ -8056,9 +7990,9 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
-    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
-    the same file, the previous writer in sequential order (so parallel steps never
-    race on a file, and the last writer is always the same)."""
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing the
+    same file, the previous writer in sequential order (parallel steps never race on a
+    file, and the last writer is always the same)."""
     graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
     writers: dict[str, int] = {}
     for sid in sequential_order(graph):
@@ -8073,7 +8007,6 @@ def step_graph(plan: Plan) -> dict[int, set[int]]:
 def sequential_order(graph: dict[int, set[int]]) -> list[int]:
     """Return the order steps run in one at a time: the lowest id that is ready next,
     so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-
     order, out = TopologicalSorter(graph), []
     order.prepare()
     ready: list[int] = []
@@ -8087,20 +8020,14 @@ def sequential_order(graph: dict[int, set[int]]) -> list[int]:
 
 
 class StepScheduler:
-    """Runs a plan's steps in dependency order, up to `parallel` at once.
-
-    Independent steps run concurrently (at most `parallel` requests in flight, in
-    threads); with 1 they run one by one in the calling thread. Steps writing the
-    same file run one after the other, in id order (step_graph). A failed `halt`
-    step stops new steps from starting; steps already running finish and their
-    results count. Steps already succeeded (taken over from a killed run) are not
-    sent again; a step whose dependency did not succeed is skipped, saying which.
-
-    run: the PlanRun (or any object with plan, results, log, cancel and these two):
-    run.run_step(step, result, outputs, position) runs one step's attempts and fills
-    result; run.step_ended(result) hears of every step that is over. run.cancel (a
-    threading.Event) is set when the run stops early, for steps still running to see.
-    """
+    """Runs a plan's steps in dependency order (graph: step_graph), up to `parallel` at
+    once in threads; with 1, one by one in the calling thread. A failed `halt` step stops
+    new steps from starting; steps already running finish and their results count. Steps
+    that succeeded in a killed run are not sent again; a step whose dependency did not
+    succeed is skipped, saying which. run: the PlanRun: run.run_step(step, result,
+    outputs, position) runs one step's attempts and fills result; run.step_ended(result)
+    hears of every step that is over; run.cancel (a threading.Event) is set when the run
+    stops early, for steps still running to see."""
 
     def __init__(self, graph: dict[int, set[int]], parallel: int, run: "PlanRun"):
         self.plan, self.graph, self.results = run.plan, graph, run.results
@@ -8116,7 +8043,6 @@ class StepScheduler:
     def run(self, checkpoint: Callable[[StepResult], None]) -> str | None:
         """Run every step; checkpoint(result) saves each finished one. Returns the
         plan's error, or None when no step failed. Re-raises what stopped it."""
-
         order = TopologicalSorter(self.graph)
         order.prepare()
         finished: queue.Queue = queue.Queue()
@@ -8138,7 +8064,6 @@ class StepScheduler:
     def _start_ready(self, order: Any, finished: Any,
                      checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
-
         while self.ready and len(self.running) < self.parallel:
             sid = self.ready.pop(0)
             step, result = self.plan.steps[sid], self.results[sid]
@@ -8196,7 +8121,6 @@ class StepScheduler:
     @staticmethod
     def _next_finished(finished: Any) -> tuple[int, BaseException | None]:
         """Wait for the next finished step, staying responsive to Ctrl-C."""
-
         while True:
             try:
                 return finished.get(timeout=0.1)
@@ -8223,7 +8147,6 @@ class ContextPool:
     exceeded". capacity: the context (tokens). Thread-safe."""
 
     def __init__(self, capacity: int):
-
         self.capacity, self.used = capacity, 0
         self._free = threading.Condition()
 
@@ -8253,19 +8176,18 @@ class ContextPool:
 
 
 class ContextFit:
-    """What this process knows of the default model's context (every plan it runs
-    shares it). model: the default model id; context_length: tokens, or None (not
-    known); parallel: steps in flight; calibration: the server's tokens per estimated
-    token (calibrate); pool: a ContextPool when the slots share one context, else None;
-    reprobe: LM Studio loaded the model on demand (JIT), so the first reply is followed
-    by a probe for the context and slots it got; client: the LLMClient, or None."""
+    """What this process knows of the default model's context (every plan it runs shares
+    it). model: the default model id; context_length: tokens, or None (not known);
+    parallel: steps in flight; calibration: the server's tokens per estimated token;
+    pool: a ContextPool when the slots share one context, else None; reprobe: LM Studio
+    loaded the model on demand (JIT): probe once a reply came; client: the LLMClient, or
+    None."""
 
     __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
                  "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
 
     def __init__(self, config: Config, client: "LLMClient | None", model: str | None,
                  progress: Progress):
-
         self.config, self.client, self.model, self.progress = config, client, model, progress
         self.context_length: int | None = None
         self.parallel, self.calibration = 1, 1.0
@@ -8275,23 +8197,22 @@ class ContextFit:
         self._reprobe_lock = threading.Lock()
 
     def context_of(self, model: str) -> int | None:
-        """Return the context (tokens) a model's prompts are fitted to: the default
-        model's, else None (not known)."""
+        """Return the context (tokens) a model's prompts are fitted to: the default model's,
+        else None."""
         return self.context_length if model == self.model else None
 
     def budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is
-        unknown: the context (--context-length, else the server's for the loaded model) less
-        the answer's share (answer_tokens), over calibration."""
+        """Return the prompt tokens that fit for a step (prompt_budget over calibration), or
+        None when the context is unknown."""
         budget = prompt_budget(step, self.context_of(model))
         return int(budget / self.calibration) if budget is not None else None
 
     def calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
-        """Learn how many of the server's tokens one estimated token is (calibration,
-        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
-        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
-        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
-        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        """Learn how many of the server's tokens one estimated token is (calibration, 1 to
+        MAX_CALIBRATION) from the server's count of messages of at least
+        CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens): number-dense
+        text runs 1.85 characters a token on SmolLM2's tokenizer, not 3.5. Returns True when
+        the default model's budget shrank."""
         estimate = estimate_tokens(messages)
         if model != self.model or not isinstance(counted, int) or self.context_length is None \
                 or estimate < CALIBRATE_MIN_TOKENS:
@@ -8303,9 +8224,8 @@ class ContextFit:
         return True
 
     def max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, plus reserve, capped by
-        the context the prompt leaves (estimate_tokens, times calibration) when the
-        model's context is known."""
+        """Return the max_tokens of one request: answer_tokens plus reserve, capped by the
+        context the prompt leaves (estimate_tokens times calibration) when it is known."""
         context = self.context_of(model)
         limit = answer_tokens(step, context) + self.reserve(step, model)
         if not context:
@@ -8313,8 +8233,8 @@ class ContextFit:
         return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
 
     def reserve(self, step: Step, model: str) -> int:
-        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
-        when the step asks for thinking or the model was seen thinking, else 0."""
+        """Return the thinking reserve of a step's requests on a model (tokens):
+        thinking_reserve when the step asks for thinking or the model was seen thinking."""
         if step.thinking != "on" and model not in self._thinkers:
             return 0
         return thinking_reserve(self.context_of(model))
@@ -8336,10 +8256,10 @@ class ContextFit:
                                "the steps sent from now on are fitted to it")
 
     def reprobe_loaded(self, model: str) -> None:
-        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
-        context and parallel slots it was loaded with (JIT loads ignore saved settings
-        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
-        re-reads the same way): the steps sent after this fit them; said once."""
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the context
+        and parallel slots it was loaded with (JIT loads ignore saved settings and often get
+        4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354 re-reads the same
+        way): the steps sent after this fit them."""
         with self._reprobe_lock:
             if not self.reprobe:
                 return
@@ -8366,11 +8286,10 @@ class ContextFit:
 
 
 class Attempt:
-    """One request of a step as it is sent and streamed. number: 1 for the first;
-    model: the model reference asked; messages: the prompt (redacted); sampling: the
-    fields of retry_sampling (None: as the step says), then those sent, with max_tokens;
-    started: time.monotonic(); pieces, thought: streamed pieces of answer and of thinking
-    (the token estimate when the server sends no usage); guard, thinking_guard:
+    """One request of a step. number: 1 for the first; model: the model reference asked;
+    messages: the prompt (redacted); sampling: the fields of retry_sampling, then those
+    sent; started: time.monotonic(); pieces, thought: streamed pieces of answer and of
+    thinking (the token estimate when the server sends no usage); guard, thinking_guard:
     DegenerationGuards of a WATCHED executor, else None. Set by StepRun._prepare:
     executor, name (the model name it is asked by), local (a PROBED executor), thinking
     (thinking_asked), reserve (thinking tokens) and schema (the output schema sent)."""
@@ -8384,13 +8303,12 @@ class Attempt:
         self.step_run, self.number, self.model, self.sampling = step_run, number, model, sampling
         self.messages = redact(messages)    # no secret of bridge's environment reaches a model
         self.started, self.pieces, self.guard = time.monotonic(), 0, None
-        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+        self.thought, self.thinking_guard = 0, None
         self.executor, self.name, self.local = None, model, False
         self.thinking, self.reserve, self.schema = None, 0, None
 
     def _status(self, what: Callable[[float], str]) -> None:
-        """Show the attempt on the progress line: where, step, attempt, seconds, and
-        what(seconds since it started)."""
+        """Show the attempt on the progress line, ending with what(seconds since it started)."""
         run, step = self.step_run.run, self.step_run.step
         elapsed = time.monotonic() - self.started
         run.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
@@ -8408,9 +8326,8 @@ class Attempt:
         self._status(lambda elapsed: f"{self.pieces / max(elapsed, 1e-6):.1f} tok/s")
 
     def on_reasoning(self, piece: str) -> None:
-        """Take one streamed piece of thinking: count it, show it on the progress line
-        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
-        the stream is closed on the way out)."""
+        """Take one streamed piece of thinking: count it, show it on the progress line and
+        watch it (raises OutputDegenerate naming the thinking)."""
         self.thought += 1
         self._status(lambda elapsed: f"thinking · {self.thought} tokens")
         if self.thinking_guard is not None:
@@ -8421,12 +8338,11 @@ class Attempt:
                 raise OutputDegenerate(why) from None
 
     def thought_of(self, reply: Completion, inline: str) -> tuple[int, int]:
-        """Record what the attempt thought (reasoning fields and reasoning inside content):
-        its tokens and bytes, on the step's attempt_log entry; remember the model
-        thinks. Returns the tokens, and the answer's (its pieces less the thinking
-        inside content). Tokens: the reasoning fields' streamed pieces (else
-        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
-        characters are (else CHARS_PER_TOKEN)."""
+        """Record what the attempt thought (reasoning fields and reasoning inside content,
+        inline) and remember the model thinks. Returns the tokens, and the answer's (its
+        pieces less the thinking inside content). Tokens: the reasoning fields' streamed
+        pieces (else CHARS_PER_TOKEN); inside content, the share of the content's pieces
+        its characters are (else CHARS_PER_TOKEN)."""
         text = reply.reasoning + inline
         if not text:
             return 0, self.pieces
@@ -8436,20 +8352,22 @@ class Attempt:
         else:
             within = int(len(inline) / CHARS_PER_TOKEN)
         tokens = max(1, fields + within)
-        size = len(text.encode("utf-8", "replace"))
-        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
-        self.step_run.runner.fit.thinks(self.model)
+        self._record_thought(tokens, text)
         self.step_run.say(f"  {self.step_run.step.label}: the model thought for {tokens} tokens",
                           detail=True)
         return tokens, max(0, self.pieces - within)
 
+    def _record_thought(self, tokens: int, text: str) -> None:
+        """Put reasoning_tokens and reasoning_bytes on the step's attempt_log entry; remember
+        the model thinks."""
+        size = len(text.encode("utf-8", "replace"))
+        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self.step_run.runner.fit.thinks(self.model)
+
     def thought_cut(self) -> None:
-        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        """Record the thinking of an attempt cut while it streamed."""
         if self.thought and self.thinking_guard is not None:
-            size = len(self.thinking_guard.text.encode("utf-8", "replace"))
-            self.step_run.result.attempt_log[-1].update(reasoning_tokens=self.thought,
-                                                        reasoning_bytes=size)
-            self.step_run.runner.fit.thinks(self.model)
+            self._record_thought(self.thought, self.thinking_guard.text)
 
     def cut_thinking(self, limit: Any, thought: int, answered: int) -> str:
         """Say how an attempt that thought was cut at max_tokens (limit): what thinking
@@ -8468,8 +8386,8 @@ class Attempt:
                 f"{answer} ({after})")
 
     def stopped(self, why: str) -> AttemptFailure:
-        """Record an attempt whose output degenerated and was cut (its tokens are
-        estimated: the server sent no usage); return its AttemptFailure."""
+        """Record an attempt whose output degenerated and was cut (its tokens estimated:
+        the server sent no usage); return its AttemptFailure."""
         step_run = self.step_run
         text = self.guard.text if self.guard is not None else ""
         thought = self.thinking_guard.text if self.thinking_guard is not None else ""
