@@ -373,20 +373,20 @@ def default_db_candidates(environ: dict[str, str], platform: str = sys.platform)
     return [server_default, home / ".mcp-memory-service" / "memories.db"]
 
 
+def _xdg_dir(environ: dict[str, str], variable: str, *under_home: str) -> Path:
+    if environ.get(variable):
+        return Path(environ[variable]).expanduser() / "bridge"
+    return Path(environ.get("HOME") or Path.home(), *under_home, "bridge")
+
+
 def default_config_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_CONFIG_HOME/bridge, else ~/.config/bridge: the user's trust and approvals."""
-    if environ.get("XDG_CONFIG_HOME"):
-        return Path(environ["XDG_CONFIG_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".config" / "bridge"
+    return _xdg_dir(environ, "XDG_CONFIG_HOME", ".config")
 
 
 def default_state_dir(environ: dict[str, str]) -> Path:
     """Return $XDG_STATE_HOME/bridge, else ~/.local/state/bridge."""
-    if environ.get("XDG_STATE_HOME"):
-        return Path(environ["XDG_STATE_HOME"]).expanduser() / "bridge"
-    home = Path(environ.get("HOME") or Path.home())
-    return home / ".local" / "state" / "bridge"
+    return _xdg_dir(environ, "XDG_STATE_HOME", ".local", "state")
 
 
 # One row per setting (after bottle's ConfigDict._define). A flag wins over its variable,
@@ -1024,7 +1024,7 @@ def terminal_columns() -> int:
 #   names     plan_path_parts, same_file_path, _check_name_lengths (NAME_MAX, PATH_MAX)
 #   inside    resolve_inside, real_path
 #   writes    forbidden_target_reason, output_path_problem, journalled_paths
-#   reads     secret_file_reason, load_secret_reason (what LOAD never sends to a model)
+#   reads     open_regular; secret_file_reason, load_secret_reason (what LOAD never sends)
 # Writes then walk the project by dir_fd, never through a symlink (the room 'File writes
 # inside the project'), so a folder swapped after a check still cannot redirect one.
 ###############################################################################
@@ -1042,6 +1042,22 @@ class RollbackError(PathError):
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
+                 follow_symlinks: bool = False) -> Any:
+    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
+    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
+    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
+    (ELOOP: a symlink; EINVAL: not a regular file)."""
+    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(name))
+    if encoding is None:
+        return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def real_path(path: str | Path) -> Path:
@@ -1180,15 +1196,11 @@ def _is_git_dir(folder: str | Path) -> bool:
 
 def _gitdir_named(folder: str | Path) -> Path | None:
     """The real path a `.git` file in folder points to (git's gitfile "gitdir: PATH"), or None."""
-    try:        # O_NONBLOCK: a FIFO named .git must not hang the check
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
-        fd = os.open(os.path.join(folder, ".git"), flags)
-    except OSError:         # none (or unreadable)
+    try:
+        handle = open_regular(os.path.join(folder, ".git"), follow_symlinks=True)
+    except OSError:         # none, unreadable, or a folder: a real .git, refused by its name
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):      # a folder: a real .git, refused by its name
-        os.close(fd)
-        return None
-    with os.fdopen(fd, "rb") as handle:
+    with handle:
         head = handle.read(4096).decode("utf-8", "replace")
     if not head.startswith("gitdir:"):
         return None
@@ -1535,22 +1547,6 @@ def _file_mode(dir_fd: int, name: str, rel: str) -> int | None:
         raise PathError(f"path {rel!r} is not a regular file (a FIFO, socket or device); bridge "
                         "writes only files")
     return info.st_mode & 0o7777
-
-
-def open_regular(name: str | Path, dir_fd: int | None = None, encoding: str | None = None,
-                 follow_symlinks: bool = False) -> Any:
-    """Open a regular file for reading, never waiting on a FIFO, no symlink followed unless
-    follow_symlinks: bridge's one way to open a file it reads. Returns a binary file
-    object, or with encoding a text one (undecodable bytes replaced). Raises OSError
-    (ELOOP: a symlink; EINVAL: not a regular file)."""
-    flags = os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else _NOFOLLOW)
-    fd = os.open(name, flags, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(name))
-    if encoding is None:
-        return os.fdopen(fd, "rb")
-    return os.fdopen(fd, "r", encoding=encoding, errors="replace")
 
 
 def file_sha256(name: str | Path, dir_fd: int | None = None) -> str | None:
@@ -2235,6 +2231,10 @@ class StoreFile:
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                  (name,)).fetchone() is not None
 
+    def _or_null(self, column: str) -> str:
+        """column (as "name" or "alias.name") when the layout has it, else NULL."""
+        return column if column.rpartition(".")[2] in self.columns else "NULL"
+
     def _live_filter(self, alias: str = "m") -> str:
         clauses = []
         if "deleted_at" in self.columns:
@@ -2489,9 +2489,9 @@ class PlanStates(StoreFile):
         bridge's "bridge" object with a known status. rows: (content_hash or None,
         content, metadata) to look at; None: a scan of the store (the migration)."""
         if rows is None:
-            digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
-            rows = self.conn.execute(f"SELECT {digest_column}, content, metadata FROM memories "
-                                     "WHERE instr(metadata, '\"bridge\"') > 0").fetchall()
+            sql = (f"SELECT {self._or_null('content_hash')}, content, metadata FROM memories "
+                   "WHERE instr(metadata, '\"bridge\"') > 0")
+            rows = self.conn.execute(sql).fetchall()
         states = {}
         for digest, content, metadata in rows:
             try:
@@ -2666,7 +2666,7 @@ class Store(PlanStates):
         SCHEMA_ID, and, to be reported as invalid, those tagged bridge-plan or holding JSON
         that is not an object (prose naming the marker is no plan). Raises StoreError."""
         tags = "m.tags" if "tags" in self.columns else "''"
-        digest = "m.content_hash" if "content_hash" in self.columns else "NULL"
+        digest = self._or_null("m.content_hash")
         select = (f"SELECT m.rowid, m.id, m.metadata, m.created_at, {tags}, {digest} "
                   "FROM memories m")
         live = self._live_filter()
@@ -2842,7 +2842,7 @@ class Store(PlanStates):
         state = record.state
         named = [h for h in (state.get("result_hash"), state.get("last_result_hash"))
                  if isinstance(h, str) and h]         # the newest first
-        digest_column = "content_hash" if "content_hash" in self.columns else "NULL"
+        digest_column = self._or_null("content_hash")
         for digest in named if "content_hash" in self.columns else ():
             rows += self.conn.execute("SELECT content_hash, content FROM memories "
                                       "WHERE content_hash = ?", (digest,)).fetchall()
@@ -2879,9 +2879,8 @@ class Store(PlanStates):
 # 13. Output validation
 #
 # What the checks of the room 'Validation types' read an answer with: reasoning taken
-# out, fences, JSON, the values of a grounded answer. A check returns the artifact, the
-# text that counts as the step's output (the code inside a fence when fenced): what
-# later steps see, what file_output writes.
+# out, fences, JSON, a grounded answer's values. A check returns the artifact: the step's
+# output (the code inside a fence when fenced), what later steps see and file_output writes.
 ###############################################################################
 
 # Patterns as strings: re compiles and caches each on first use, not at start-up.
@@ -2893,10 +2892,9 @@ LANGUAGE_ALIASES = {"python": {"python", "py", "python3"}, "json": {"json", "jso
                     "toml": {"toml"}}
 
 
-# Reasoning text a server leaves inside content (sources per row), by shape: (name,
-# who writes it and the source, a string the text must hold for the shape to be tried,
-# where the reasoning starts and ends, what ends the answer or None). split_reasoning
-# takes each out; a shape matches at the start of the text only.
+# Reasoning a server leaves inside content, by shape: (name, who writes it and the
+# source, a string the text must hold for the shape to be tried, where the reasoning
+# starts and ends (at the start of the text only), what ends the answer or None).
 _HARMONY_FINAL = r"<\|channel\|>final[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>"
 REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
     # a leading block; an unclosed one swallows the rest
@@ -2926,10 +2924,9 @@ REASONING_SHAPES: tuple[tuple[str, str, str, str, str | None], ...] = (
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a model's content into (answer, reasoning): every shape of
-    REASONING_SHAPES at the start of the text is taken out, as often as they repeat.
-    A tag inside an answer that opened with none stays ("Use the <think> tag"); one
-    that closed reasoning with no opening tag does not."""
+    """Split a model's content into (answer, reasoning): every REASONING_SHAPES shape at
+    the start of the text is taken out, as often as they repeat. A tag inside an answer
+    that opened with none stays ("Use the <think> tag")."""
     thought: list[str] = []
     matched = True
     while matched and text:
@@ -2946,10 +2943,9 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def find_fences(text: str) -> list[tuple[str, str]]:
-    """Return every fenced block of text as (language tag lowercased, code). A
-    fence opens with ``` or ~~~ (three or more) at the start of a line (words after its
-    tag ignored) or at the end of a line of prose (then only a tag may follow), and ends
-    at a line holding only the same fence, or at the end of the text."""
+    """Return every fenced block of text as (language tag lowercased, code). A fence
+    (``` or ~~~, three or more) opens at the start of a line or ends a line of prose (then
+    only a tag may follow it); it closes at a line of only the same fence, or the end."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
     n = 0
@@ -2974,9 +2970,8 @@ def find_fences(text: str) -> list[tuple[str, str]]:
 
 
 def extract_code(text: str, language: str | None = None) -> str:
-    """Return the code of text: the best fenced block (with a language, a block
-    tagged with one of its LANGUAGE_ALIASES, then an untagged one; else the first), or
-    the whole text stripped when it has none."""
+    """Return the best fenced block of text (a language's LANGUAGE_ALIASES tag, then an
+    untagged one, else the first), or the whole text stripped when it has none."""
     blocks = find_fences(text)
     if not blocks:
         return text.strip()
@@ -2990,11 +2985,8 @@ def extract_code(text: str, language: str | None = None) -> str:
 
 
 def parse_json_output(text: str) -> Any:
-    """Parse JSON from a model output: whole, else the best fenced block, else the
-    first JSON value starting at the first { or [.
-
-    Raises OutputInvalid naming the parse error of the most likely candidate.
-    """
+    """Parse JSON from a model output: the best fenced block, else the whole, else the
+    first JSON value at the first { or [. Raises OutputInvalid naming the first error."""
     candidates = [text.strip()]
     if find_fences(text):
         candidates.insert(0, extract_code(text, "json"))
@@ -3014,8 +3006,7 @@ def parse_json_output(text: str) -> Any:
 
 
 def schema_message(error: Any) -> str:
-    """Return a jsonschema error's message on one line, with a long offending value
-    described by its size instead of printed, so the reason always shows."""
+    """A jsonschema error's message on one line, a long offending value given by its size."""
     message, shown = error.message, repr(error.instance)
     if len(shown) > 80:
         value = error.instance
@@ -3029,8 +3020,7 @@ def schema_message(error: Any) -> str:
 
 
 def fold_text(text: str) -> str:
-    """Return text as key names and spans are compared: case folded (str.casefold), each run
-    of whitespace one space, no whitespace at either end."""
+    """Return text as key names and spans are compared: casefolded, whitespace folded."""
     return " ".join(text.casefold().split())
 
 
@@ -3038,10 +3028,9 @@ _SPAN_TRIM = ".,;:!?\"'`()[]{}<>*"    # punctuation a word of the input may carr
 
 
 def written_numbers(text: str) -> dict[float, int | float]:
-    """Return the numbers written in text as words of their own (punctuation at
-    their ends trimmed, _SPAN_TRIM: "19.90," "-3") as {value: the JSON number, an int when
-    written without a point}; not the digits of a date, a time or a code ("2026-05-14",
-    "09:10", "A-1001"). One regular expression over text, no copy of it."""
+    """Return the numbers written in text as words of their own (_SPAN_TRIM trimmed:
+    "19.90," "-3") as {value: the JSON number, an int when written without a point}; not
+    the digits of a date, a time or a code ("2026-05-14", "09:10", "A-1001")."""
     trim = f"[{re.escape(_SPAN_TRIM)}]*"
     found: dict[float, int | float] = {}
     for match in re.finditer(rf"(?<!\S){trim}(-?\d+(?:\.\d+)?){trim}(?!\S)", text):
@@ -3051,9 +3040,8 @@ def written_numbers(text: str) -> dict[float, int | float]:
 
 
 def _occurs(value: str, source: str) -> bool:
-    """Tell whether a string value occurs in source, case folded (re.IGNORECASE) and any
-    run of whitespace matching any other, not as part of a longer word or number ("Ada"
-    is not in "Adam", "21" is not in "21.5"). One search of source, no copy of it."""
+    """Tell whether a string value occurs in source, case and whitespace folded, not
+    inside a longer word or number ("Ada" is not in "Adam", "21" is not in "21.5")."""
     words = value.split()
     if not words:
         return True
@@ -3066,11 +3054,9 @@ def _occurs(value: str, source: str) -> bool:
 
 
 def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[str, Any]]:
-    """Return the (JSON path, value) of every value of a JSON answer, at any
-    depth, that does not occur in source, in document order: a string not in it (_occurs:
-    case and whitespace folded, not inside a longer word or number), a number not written
-    in it as a word of its own (written_numbers: 19.9 is "19.90", 5 is not in
-    "2026-05-14"). Key names, null, booleans and empty strings are exempt."""
+    """Return (JSON path, value) of every value of a JSON answer, at any depth, in
+    document order, that is not in source: a string (_occurs), a number (written_numbers:
+    19.9 is "19.90"). Key names, null, booleans and empty strings are exempt."""
     numbers = written_numbers(source)
     found: list[tuple[str, Any]] = []
 
@@ -3095,9 +3081,8 @@ def ungrounded_values(value: Any, source: str, path: str = "$") -> list[tuple[st
 
 
 def check_grounded(value: Any, source: str) -> None:
-    """Raise OutputInvalid naming the values of a JSON answer that do not occur in the
-    step's input (ungrounded_values; at most five are named), telling the model to copy
-    each value exactly from the text."""
+    """Raise OutputInvalid naming (at most five of) the ungrounded_values of a JSON answer
+    in the step's input, telling the model to copy each value exactly from the text."""
     missing = ungrounded_values(value, source)
     if missing:
         named = "; ".join(f"{where} = {clip(json.dumps(item, ensure_ascii=False), 80, 'value')}"
@@ -3112,10 +3097,8 @@ def check_grounded(value: Any, source: str) -> None:
 ###############################################################################
 
 # Bounds added to the schema sent for constrained decoding (bounded_schema) where the
-# plan sets none; the check still uses the plan's own validation. A string value copied
-# from a sentence is a few words (a name, an email, a date); SmolLM2 was seen filling 200
-# characters of junk into a value, 60 tokens of one step's 10 s. A sentence names a
-# handful of things.
+# plan sets none; the check still uses the plan's own. A value copied from a sentence is
+# a few words; SmolLM2 was seen filling 200 characters of junk into one (60 tokens, 10 s).
 JSON_VALUE_MAX_LENGTH = 80      # characters of a string value
 JSON_LIST_MAX_ITEMS = 16        # items of a list value
 # A grounded step's schema sent may restrict its string values to spans of the step's
@@ -3126,12 +3109,10 @@ JSON_LIST_MAX_ITEMS = 16        # items of a list value
 # 4,060 4.7 s.
 GROUNDED_SPAN_WORDS = 6         # words of a span: a name, an address, "Guido van Rossum"
 GROUNDED_MAX_SPANS = 1000
-# Degenerate output, stopped while it streams (DegenerationGuard). Each limit sits far
-# above what a sound answer does, so it only cuts output that would run to max_tokens.
-# PEP 8 and Markdown never need more than 3 newlines in a row (two blank lines), nor
+# Degenerate output, stopped while it streams (DegenerationGuard); each limit sits far
+# above a sound answer. PEP 8 and Markdown never need more than 3 newlines in a row, nor
 # llama.cpp's JSON grammar more than 2 newlines or 20 spaces. 40 words repeated are ~60
-# tokens (2 s on a small CPU), and a sound answer rarely says one thing 4 times running
-# (a list of 40 equal literals is the rare case it stops).
+# tokens (2 s on a small CPU); a list of 40 equal literals is the rare sound case it stops.
 DEGENERATE_NEWLINES = 8         # newlines in one run of whitespace
 DEGENERATE_WHITESPACE = 160     # characters in one run: 3x the indentation of 12 levels of 4
 DEGENERATE_REPEAT_WORDS = 40    # a unit of words repeated in a row over at least this many words
@@ -3140,13 +3121,11 @@ DEGENERATE_MAX_PERIOD = 24      # the longest repeating unit looked for, in word
 
 
 def span_candidates(pieces: list[str]) -> list[str] | None:
-    """Return the spans a grounded answer's string values may be, each once, in
-    the order they end in the input (the shorter first): every run of 1 to
-    GROUNDED_SPAN_WORDS words of one piece, its end punctuation trimmed, at most
-    JSON_VALUE_MAX_LENGTH characters, with no quote, backslash or control character
-    (bounded_string). None past GROUNDED_MAX_SPANS words or spans: the grammar a server
-    builds from an enum grows with it (README, Answers grounded in the text); only that
-    many words are read."""
+    """Return the spans a grounded answer's string values may be, each once, in the order
+    they end in the input (shorter first): every run of 1 to GROUNDED_SPAN_WORDS words of
+    one piece, end punctuation trimmed, as bounded_string allows. None past
+    GROUNDED_MAX_SPANS words or spans: a server's grammar grows with its enum (README,
+    Answers grounded in the text)."""
     seen: dict[str, None] = {}
     read = 0
     for piece in pieces:
@@ -3167,10 +3146,9 @@ def span_candidates(pieces: list[str]) -> list[str] | None:
 
 
 def grounded_spans(validation: dict, source: str | list[str]) -> tuple[list[str], list] | None:
-    """Return (span_candidates, the numbers written in the input as JSON
-    numbers) for a grounded validation whose input has at most GROUNDED_MAX_SPANS spans,
-    else None (the usual schema is sent). The answer's key names (keys, or a schema's
-    property names; case folded) are no spans: the task names them, and SmolLM2 answered
+    """Return (span_candidates, the input's written_numbers) for a grounded validation
+    whose input has few enough spans, else None (the usual schema is sent). The answer's
+    key names (keys, a schema's property names; casefolded) are no spans: SmolLM2 answered
     "unit": "quantity" from a prompt listing both keys. The check still takes them."""
     if not validation.get("grounded"):
         return None
@@ -3257,10 +3235,10 @@ def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH)
 
 
 def bounded_value() -> dict:
-    """Return the schema of a value a plan leaves open: a bounded_string, a number,
-    true/false, null, or a list of at most JSON_LIST_MAX_ITEMS of those. Spelled as
-    anyOf, not a list of types: llama.cpp's and llama-cpp-python's converters drop
-    maxLength from a type list (llama_cpp/llama_grammar.py visit)."""
+    """Return the schema of a value a plan leaves open: a bounded_string, number, boolean,
+    null, or a list of at most JSON_LIST_MAX_ITEMS of those. anyOf, not a type list:
+    llama.cpp's and llama-cpp-python's converters drop maxLength from a type list
+    (llama_cpp/llama_grammar.py visit)."""
     scalars = [bounded_string(), {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
     return {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars},
                                  "maxItems": JSON_LIST_MAX_ITEMS}]}
@@ -3273,10 +3251,9 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 def bounded_schema(schema: Any) -> Any:
     """Return a copy of a plan's JSON Schema with bounds where it sets none: a
-    bounded_string for a string (unless it sets a length, pattern, format or values, or
-    asks for more than JSON_VALUE_MAX_LENGTH characters), maxItems JSON_LIST_MAX_ITEMS on
-    arrays, additionalProperties false on objects listing properties, and a bounded_value
-    for an open value ({} or an array without items). What the plan sets is kept."""
+    bounded_string for a string it leaves unbounded, maxItems JSON_LIST_MAX_ITEMS,
+    additionalProperties false on objects listing properties, a bounded_value for an open
+    value ({} or an array without items)."""
     if not isinstance(schema, dict):
         return schema
     if _is_open(schema):
@@ -3342,13 +3319,11 @@ def schema_depth(schema: Any) -> int | None:
 
 
 def grammar_damage(output: str, schema: dict | None) -> str | None:
-    """Tell how a constrained answer its check refused looks damaged by the
-    grammar, or None. Damage: U+FFFD replacement characters, text that is not JSON (a cut
-    array, an unclosed string), or a key with a "?" the schema sent does not name: what a
-    garbling grammar makes (gpt-oss under LM Studio, whose unconstrained output is valid:
-    LM Studio bug tracker #1555). JSON that merely breaks the schema is the model's
-    mistake, for the retry to fix; a server that does not enforce the schema (llama.cpp
-    #10732) would gain nothing from its removal."""
+    """Tell how a refused constrained answer looks damaged by the grammar, or None:
+    U+FFFD characters, text that is not JSON, a key with a "?" the schema does not name
+    (gpt-oss under LM Studio, valid unconstrained: LM Studio bug tracker #1555). JSON that
+    merely breaks the schema is the model's mistake, for the retry to fix; a server that
+    does not enforce the schema (llama.cpp #10732) would gain nothing from its removal."""
     if "\ufffd" in output:
         return "it holds U+FFFD replacement characters"
     try:
@@ -3369,11 +3344,10 @@ class DegenerationGuard:
     llama_cpp/server/app.py checks request.is_disconnected() after each chunk; LM Studio
     logs "Client disconnected. Stopping generation...", lmstudio-ai/.github#10).
 
-    Degenerate: a run of whitespace with more than DEGENERATE_NEWLINES newlines or
-    DEGENERATE_WHITESPACE characters; a unit of up to DEGENERATE_MAX_PERIOD words repeated
-    in a row DEGENERATE_REPEATS times or more, over DEGENERATE_REPEAT_WORDS words or more;
-    JSON nested deeper than max_depth (checked_depth; None: not checked). text: what was fed.
+    Degenerate: past the DEGENERATE_* limits, or JSON nested deeper than max_depth
+    (checked_depth; None: not checked). text: what was fed.
     """
+
 
     def __init__(self, max_depth: int | None = None):
         self.max_depth = max_depth
@@ -3456,11 +3430,10 @@ class DegenerationGuard:
 # 15. Validation types
 #
 # One class per validation type of bridge-plan-schema.json, filed in VALIDATION_TYPES by
-# register_validation (as pycodestyle's register_check files a check): its check, its
-# sentence for the prompt, the schema sent, its answer budget, its plan problems, its
-# depth rule. Everything else reads the registry through the functions after the
-# classes. A new type is one class here plus its name in the schema's enum (a test
-# keeps the two equal).
+# register_validation (as pycodestyle's register_check): its check, its sentence for the
+# prompt, the schema sent, its answer budget, its plan problems, its depth rule; the
+# functions after the classes read the registry. A new type is one class here plus its
+# name in the schema's enum (a test keeps the two equal).
 ###############################################################################
 
 VALIDATION_TYPES = {}       # {name: an instance of its ValidationType subclass}
@@ -3485,20 +3458,17 @@ def schema_errors(schema: Any, value: Any = None, *, check_schema: bool = False)
 
 
 def register_validation(cls: type) -> type:
-    """Class decorator: file an instance of a ValidationType subclass in VALIDATION_TYPES
-    under cls.name (the name again replaces the earlier class). Returns cls."""
+    """Class decorator: file an instance of cls in VALIDATION_TYPES under cls.name."""
     VALIDATION_TYPES[cls.name] = cls()
     return cls
 
 
 class ValidationType:
-    """One validation type; a subclass overrides what differs.
-
-    name: the "type" a plan writes. max_tokens: the answer's max_tokens when the step sets
-    none (answer_tokens caps it). runs_command: it runs a program in the project once
-    file_output is written (the Runner, only in trusted projects), instead of checking the
-    answer. grounded: it takes "grounded" (the schema's if/then names the same types).
-    """
+    """One validation type; a subclass overrides what differs. name: the "type" a plan
+    writes. max_tokens: the answer's when the step sets none (answer_tokens caps it).
+    runs_command: it runs a program in the project once file_output is written (only in
+    trusted projects) instead of checking the answer. grounded: it takes "grounded" (the
+    schema's if/then names the same types)."""
 
     __slots__ = ()
     name = ""
@@ -3546,10 +3516,9 @@ class NonEmpty(ValidationType):
 
 
 class JsonAnswer(ValidationType):
-    """An answer that is JSON, parsed once, checked by check_value and, when
-    "grounded", against the step's input; its artifact is the JSON re-serialised. A
-    six-key extraction is 40-90 tokens on SmolLM2: 256 stop a runaway within seconds on a
-    small CPU."""
+    """An answer that is JSON, checked by check_value and, when "grounded", against the
+    step's input; its artifact is the JSON re-serialised. A six-key extraction is 40-90
+    tokens on SmolLM2: 256 stop a runaway within seconds on a small CPU."""
 
     __slots__ = ()
     max_tokens = 256
@@ -3599,9 +3568,8 @@ class ContainsKeys(JsonAnswer):
         return f"Answer with one JSON object that has the keys {keys}, in a ```json fenced block."
 
     def output_schema(self, validation: dict) -> dict | None:
-        """An object of exactly its keys, each a bounded_value (a scalar or a list of
-        scalars), so a small model puts the sentence's values in the keys instead of
-        nesting objects. Only what is sent is bounded; the check takes any value."""
+        """An object of exactly its keys, each a bounded_value, so a small model puts the
+        sentence's values in the keys instead of nesting objects (the check takes any)."""
         keys = validation["keys"]
         return {"type": "object", "properties": {key: bounded_value() for key in keys},
                 "required": list(keys), "additionalProperties": False}
@@ -3638,9 +3606,8 @@ class JsonSchema(JsonAnswer):
         return bounded_schema(schema) if isinstance(schema, dict) else {}
 
     def problems(self, validation: dict, where: str) -> list[str]:
-        """A schema check_schema refuses; then the schema applied to a few plain values,
-        so a $ref that resolves nowhere or refers to itself without end at the top is a
-        plan problem before anything is sent (deeper ones fail the step: check_value)."""
+        """A schema jsonschema refuses, or one that fails on a few plain values (a $ref
+        resolving nowhere, or to itself without end), before anything is sent."""
         where = f"{where}.schema"
         if refusal := schema_errors(validation["schema"], check_schema=True):
             return [f"{where}: not a valid JSON Schema ({schema_message(refusal[0])})"]
@@ -3713,8 +3680,7 @@ class Regex(ValidationType):
 
 
 def shell_words(argv: list[str]) -> str:
-    """Return an argv as a person would type it in a POSIX shell (for messages only;
-    commands never go through a shell)."""
+    """An argv as typed in a POSIX shell (for messages: commands never go through one)."""
     import shlex
 
     return shlex.join(argv)
@@ -3722,9 +3688,8 @@ def shell_words(argv: list[str]) -> str:
 
 @register_validation
 class Command(ValidationType):
-    """The project's own check (a test, a linter: "run", "timeout_s"), run by the Runner
-    once file_output is written; it passes on exit 0. Never asked to check an answer
-    (answer_checks leaves it out)."""
+    """The project's own check (a test, a linter: "run", "timeout_s"), run once
+    file_output is written; it passes on exit 0 (answer_checks leaves it out)."""
 
     __slots__ = ()
     name = "command"
@@ -3749,7 +3714,7 @@ _UNKNOWN_TYPE = UnknownType()
 
 def validation_type(validation: dict) -> ValidationType:
     """The registered class of a validation object (non_empty when it names no type;
-    an UnknownType when none is registered under its type, or its type is no string)."""
+    else an UnknownType)."""
     kind = validation.get("type", "non_empty")
     return VALIDATION_TYPES.get(kind, _UNKNOWN_TYPE) if isinstance(kind, str) else _UNKNOWN_TYPE
 
@@ -3770,17 +3735,14 @@ def _commands_of(step: "Step") -> list[dict]:
 
 
 def answer_checks(validation: dict | list) -> list[dict]:
-    """The validations that check a step's answer itself, in order: all but its
-    commands (they check the file once written), or [DEFAULT_VALIDATION] when none is left."""
+    """A step's validations but its commands, in order, or [DEFAULT_VALIDATION]."""
     return [v for v in validations_of(validation) if not is_command(v)] or [DEFAULT_VALIDATION]
 
 
 def check_output(text: str, validation: dict | list, source: str = "") -> str:
-    """Check a model output (reasoning taken out: split_reasoning) against a
-    step's validation, an object or a list, in order up to the first that fails
-    (answer_checks); return the first's artifact. source: the step's input, which a
-    "grounded" answer's values must come from. Raises OutputInvalid with a message the
-    model can act on."""
+    """Check a model output (reasoning taken out) against each of a step's answer_checks
+    in order; return the first's artifact. source: the step's input, which a "grounded"
+    answer's values must come from. Raises OutputInvalid with a message the model can use."""
     try:
         artifacts = [validation_type(v).check(text, v, source) for v in answer_checks(validation)]
     except (RecursionError, MemoryError) as exc:
@@ -3790,11 +3752,9 @@ def check_output(text: str, validation: dict | list, source: str = "") -> str:
 
 
 def output_schema(validation: dict | list, source: str | None = None) -> dict | None:
-    """Return the JSON Schema sent for constrained decoding: that of the first
-    validation whose type sends one, else None; check_output still applies the plan's
-    own. source: the step's input (build_messages' sources); a "grounded" step whose input
-    has few enough spans (grounded_spans) gets span_schema, its string values only spans
-    of the input."""
+    """Return the JSON Schema sent for constrained decoding: the first validation's that
+    sends one, else None. source: the step's input; a "grounded" step whose input has few
+    enough spans (grounded_spans) gets span_schema."""
     if isinstance(validation, list):
         return next((schema for item in validation
                      if (schema := output_schema(item, source)) is not None), None)
@@ -3807,17 +3767,15 @@ def output_schema(validation: dict | list, source: str | None = None) -> dict | 
 
 
 def checked_depth(validation: dict | list) -> int | None:
-    """Return how deep a step's output can nest and pass: the depth rule of its
-    first validation that sends a schema (a json_schema's own schema), else None (a
-    contains_keys value may be anything, though the schema sent bounds it)."""
+    """Return how deep a step's output can nest and pass: the depth rule of its first
+    validation that sends a schema, else None (a contains_keys value may be anything)."""
     first = next((v for v in validations_of(validation)
                   if validation_type(v).output_schema(v) is not None), None)
     return validation_type(first).depth(first) if first else None
 
 
 def describe_validation(validation: dict | list) -> str:
-    """Return one sentence telling the model what form of answer will be accepted
-    (for a list, one per check, in order)."""
+    """Return the sentences telling the model what answer is accepted, one per check."""
     if isinstance(validation, list):
         return " ".join(filter(None, (describe_validation(item) for item in validation)))
     return validation_type(validation).describe(validation)
@@ -3845,11 +3803,7 @@ def default_max_tokens(validation: dict | list) -> int:
 
 @functools.cache
 def load_schema() -> dict:
-    """Return the plan schema from bridge-plan-schema.json beside this module.
-
-    Raises BridgeError when the file is missing (a broken install).
-    """
-
+    """Return the plan schema beside this module; BridgeError when missing (broken install)."""
     path = Path(__file__).with_name(SCHEMA_FILENAME)
     try:
         return read_json_file(path, follow_symlinks=True)     # an install may link it
@@ -3887,11 +3841,10 @@ class Step(namedtuple("Step", ["id", "prompt", *_STEP_DEFAULTS], defaults=_STEP_
 
 class Plan(namedtuple("Plan", "id steps objective project files_context rollback_strategy "
                               "escalate_to verify", defaults=("", None, {}, "none", None, None))):
-    """A validated plan: id (str), steps ({id: Step}), objective (str), project (the
-    project root, a Path, or None), files_context ({relative path: "LOAD" or
-    "REFERENCE"}; the default {} is shared and never changed), rollback_strategy,
-    escalate_to (a model reference, or None), verify (the plan-level check
-    {"run": argv, "timeout_s": seconds}, or None)."""
+    """A validated plan: id (str), steps ({id: Step}), objective (str), project (a Path,
+    or None), files_context ({relative path: "LOAD" | "REFERENCE"}; the default {} is
+    shared, never changed), rollback_strategy, escalate_to (a model reference, or None),
+    verify ({"run": argv, "timeout_s": seconds}, or None)."""
 
     __slots__ = ()
 
@@ -3924,11 +3877,9 @@ PLANNER_KEY_PREFIX = "x-"       # the schema's patternProperties: keys a planner
 
 
 def _unknown_key_problems(error: Any) -> list[str]:
-    """One problem per key the schema does not know (an additionalProperties or
-    unevaluatedProperties error), with its JSON path and the closest known key
-    (_did_you_mean), e.g. "$.steps[0].file_ouput: unknown key; did you
-    mean 'file_output'?"; [] for any other error. The known keys are the schema's
-    own, so a key added to the schema is known at once."""
+    """One problem per key the schema does not know (additionalProperties or
+    unevaluatedProperties false), with the closest of the schema's own keys: "$.steps[0].
+    file_ouput: unknown key; did you mean 'file_output'?"; [] for any other error."""
     if error.validator not in ("additionalProperties", "unevaluatedProperties") \
             or not isinstance(error.instance, dict) or error.validator_value is not False:
         return []
@@ -3947,8 +3898,9 @@ def _unknown_key_problems(error: Any) -> list[str]:
 
 
 def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
-    """The rules a schema cannot state. They run on a plan the schema found fault
-    with too, skipping whatever part is malformed (the schema already said so)."""
+    """The rules a schema cannot state (unique step ids, known depends_on, no cycle,
+    validation_problems, prompt size, _path_problems), on a plan it found fault with too
+    (skipping the malformed parts: the schema said so)."""
 
     problems: list[str] = []
     steps = [s for s in plan.get("steps") or []
@@ -3980,10 +3932,9 @@ def _semantic_problems(plan: dict, guard: Guard | None = None) -> list[str]:
 
 
 def _path_problems(plan: dict, guard: Guard | None = None) -> list[str]:
-    """The problems of a plan's paths, by the rules of the room 'Path rules': its project,
-    every files_context path (and LOAD's secrets, and that the file reads as text or a
-    step writes it), every file_output."""
-
+    """The problems of a plan's paths (the room 'Path rules'): its project, every
+    files_context path (a LOAD's load_refusal, and that it reads as text or a step writes
+    it), every file_output."""
     context = plan.get("context") if isinstance(plan.get("context"), dict) else {}
     files = context.get("files_context") if isinstance(context.get("files_context"), dict) else {}
     steps = plan.get("steps") if isinstance(plan.get("steps"), list) else []
@@ -4047,19 +3998,11 @@ def _command_paths(plan: dict) -> list[str]:
 
 
 def check_plan(plan: Any, guard: Guard | None = None) -> Plan:
-    """Validate a parsed plan with the schema, then semantically; return a Plan.
+    """Validate a parsed plan with the schema (strict: _unknown_key_problems; x- keys
+    are the planner's own), then by the rules it cannot state (_semantic_problems,
+    _path_problems; guard: forbidden_target_reason's); return a Plan. Raises PlanInvalid
+    listing every problem found, each prefixed with its JSON path."""
 
-    The schema is strict: a key it does not know, anywhere, is a problem naming the
-    closest known key (_unknown_key_problems); keys starting with x- are the planner's
-    own. Semantic rules: unique step ids, known depends_on, no self dependency, no cycle,
-    valid regex and json_schema validations, `project` exists when given (and is
-    required when the plan names files or runs commands), every path relative and
-    inside the project with symlinks followed, no file_output through a symlink or
-    to what forbidden_target_reason refuses (guard: the store and state dir of the
-    config; .git/ always), no LOAD of a private key or secret store
-    (secret_file_reason). Raises PlanInvalid listing every problem found, each
-    prefixed with its JSON path.
-    """
     plan_id = plan.get("id") if isinstance(plan, dict) and isinstance(plan.get("id"), str) else "?"
     if isinstance(plan, UnreadablePlan):
         raise PlanInvalid(plan_id, [f"$: {plan.reason}"])
@@ -4136,15 +4079,12 @@ def _build_plan(plan: dict) -> Plan:
 class Completion(namedtuple("Completion", "text usage model finish_reason duration_s cost_usd "
                             "reasoning reasoning_pieces response_format",
                             defaults=(0.0, "", 0, None))):
-    """One model reply: text (reasoning fields excluded), usage as the server sent
-    it ({"prompt_tokens", "completion_tokens"}, or None when it sent none), the
-    model that answered (or None), finish_reason (or None), duration_s (seconds),
-    cost_usd, what the request cost in US dollars (0 on a local server; None when
-    the executor could not believe the counts it was sent: priced_reply estimates it),
-    reasoning (the text of the reply's reasoning fields, "" when it sent none: see
-    reasoning_delta), reasoning_pieces (how many streamed pieces it came in: about
-    one token each) and response_format (the type of the constraint sent, e.g.
-    "json_schema", or None when the request went unconstrained)."""
+    """One model reply: text (reasoning excluded), usage ({"prompt_tokens",
+    "completion_tokens"}, or None when the server sent none), model (that answered, or
+    None), finish_reason (or None), duration_s (seconds), cost_usd (US dollars; 0 on a
+    local server; None when the counts could not be believed: priced_reply estimates it),
+    reasoning (reasoning_delta's text, or ""), reasoning_pieces (streamed pieces, about a
+    token each), response_format (the constraint's type sent, e.g. "json_schema", or None)."""
 
     __slots__ = ()
 
@@ -4167,15 +4107,14 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
 
 class Executor:
     """One kind of executor, registered in EXECUTORS by its NAME (register_executor); an
-    instance answers chat(messages, ChatRequest) -> Completion, raising LLMError. Its
-    facts: NAME (--allow-executor's word); PREFIX (references "PREFIX:model" run on it;
-    "": claims() says which); PAID (counted against --max-cost-usd); AGENTIC (it acts:
-    run in the plan's project when trusted, else a scratch folder, one instance a
-    folder); CLOUD (the prompt and the project's files in it leave this machine);
-    PROBED (the run's model server, Runner.client: probed, sent the attempt's
-    sampling, thinking and constrained JSON); WATCHED (DegenerationGuard watches its
-    stream); DEFAULT_MAX_TOKENS (sent when a step names none; None: the server's).
-    A PAID, AGENTIC or CLOUD one runs only when the user allowed it."""
+    instance answers chat(messages, ChatRequest) -> Completion, raising LLMError. Facts:
+    NAME (--allow-executor's word); PREFIX (of "PREFIX:model" references; "": claims()
+    decides); PAID (counted against --max-cost-usd); AGENTIC (it acts: in the plan's
+    project when trusted, else a scratch folder); CLOUD (the prompt and files leave this
+    machine); PROBED (the run's model server, Runner.client: probed, sent sampling,
+    thinking and constrained JSON); WATCHED (DegenerationGuard watches its stream);
+    DEFAULT_MAX_TOKENS (None: the server's). A PAID, AGENTIC or CLOUD one runs only when
+    the user allowed it (needs_allowing)."""
 
     NAME = PREFIX = ""
     PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
@@ -4231,9 +4170,10 @@ def register_executor(cls: "type[Executor]") -> "type[Executor]":
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5"
-    → ("anthropic", "claude-haiku-4-5"); a bare name is an openai: one. A prefix
-    that is no executor's PREFIX stays part of the name (LM Studio keys hold colons)."""
+    """Split a model reference into (prefix, model): "anthropic:claude-haiku-4-5" →
+    ("anthropic", "claude-haiku-4-5"); a bare name, or one whose prefix is no executor's,
+    is an openai: one (LM Studio keys hold colons)."""
+
     kind, sep, name = ref.partition(":")
     if sep and name and any(kind == cls.PREFIX for cls in EXECUTORS.values() if cls.PREFIX):
         return kind, name
@@ -4272,16 +4212,15 @@ PROJECT_FILE_MAX_BYTES = 1_000_000   # of a package.json or pyproject.toml, only
 
 
 def project_name(folder: Path) -> str:
-    """Return the project's name as the memory server's Claude Code hooks detect it, so
-    a result tagged with it is among the memories they inject when a session starts in
-    that folder: package.json's "name" (else "node-project"), else pyproject.toml's
-    first `name = "…"` line (else "python-project"), else the git repository's name
-    from remote.origin.url (only when folder/.git exists), else the folder's name.
-    Source: mcp-memory-service claude-hooks/utilities/project-detector.js
-    (detectFramework, getGitInfo, detectProjectContext). The files are the project's
-    (untrusted): only regular files, not through a symlink (no FIFO to hang on, no file
-    elsewhere to quote in a tag), within PROJECT_FILE_MAX_BYTES; the name is one
-    printable line of at most PROJECT_NAME_MAX_CHARS. Never raises."""
+    """Return the project's name as the memory server's Claude Code hooks detect it (so
+    they inject a result tagged with it when a session starts there): package.json's
+    "name" (else "node-project"), else pyproject.toml's first `name = "…"` line (else
+    "python-project"), else the repository's name from remote.origin.url (when .git
+    exists), else the folder's name. Source: mcp-memory-service claude-hooks/utilities/
+    project-detector.js (detectFramework, getGitInfo, detectProjectContext). The files are
+    untrusted: regular files only, not through a symlink (no FIFO to hang on, no file
+    elsewhere to quote in a tag), within PROJECT_FILE_MAX_BYTES; the name is one printable
+    line of at most PROJECT_NAME_MAX_CHARS. Never raises."""
     import subprocess
 
     def read(name: str) -> str | None:
@@ -4344,10 +4283,8 @@ def untrustable_reason(config: Config, folder: Path) -> str | None:
 
 
 def trusted_root(config: Config, project: Path) -> Path | None:
-    """Return the trusted folder a project lies in (real paths compared), or None.
-
-    A folder refused by untrustable_reason trusts nothing, however it was given
-    (the trust file, BRIDGE_TRUSTED_PROJECTS), and such a project is never trusted."""
+    """Return the trusted folder a project lies in (real paths compared), or None; a
+    folder untrustable_reason refuses trusts nothing and is never trusted."""
     real = real_path(project)
     if untrustable_reason(config, real):
         return None
@@ -4359,10 +4296,9 @@ def trusted_root(config: Config, project: Path) -> Path | None:
 
 def config_file_problem(path: Path) -> tuple[str, str] | None:
     """Return (what is wrong, how to fix it) when a trust or approvals file, or its
-    folder, could have been written by someone else, as ssh checks its files
-    (StrictModes): owned by another user than you (root may own it), or writable
-    by group or others. None when both are safe, or the file does not exist, or
-    the system has no user ids (Windows)."""
+    folder, could have been written by someone else, as ssh's StrictModes checks: owned
+    by another user (root may own it), or writable by group or others. None when both are
+    safe, the file does not exist, or the system has no user ids (Windows)."""
     if not hasattr(os, "geteuid"):
         return None
     for where in (path, path.parent):
@@ -4385,9 +4321,9 @@ def config_file_problem(path: Path) -> tuple[str, str] | None:
 
 
 def read_config_file(path: Path, key: str, kind: type) -> Any:
-    """Return document[key] of one of bridge's JSON config files (kind() when the file
-    does not exist). Raises ConfigError when it cannot be read or has another shape,
-    or when someone else could have written it (config_file_problem)."""
+    """Return document[key] of one of bridge's JSON config files (kind() when there is
+    none). Raises ConfigError when it cannot be read, has another shape, or someone else
+    could have written it (config_file_problem)."""
     if problem := config_file_problem(path):
         raise ConfigError(f"refusing {path.name}: {problem[0]}, so its trust is not yours",
                           problem[1])
@@ -4416,16 +4352,14 @@ def write_config_file(path: Path, document: dict) -> None:
 
 def load_approvals(config: Config) -> dict:
     """Return {plan id: {"content_hash", "approved_at"}} from config_dir/approvals.json."""
-
     return read_config_file(Path(config.config_dir, APPROVALS_FILENAME), "approvals", dict)
 
 
 def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
-    """True when plan.project lies inside one of the user's trusted projects, or the
-    user approved this plan (bridge --approve) for exactly this content hash
-    (content_hash of the plan memory's content). Never True for a project refused by
-    untrustable_reason, approved or not. Raises ConfigError when approvals.json is
-    unreadable."""
+    """True when plan.project lies in a trusted project, or the user approved this plan
+    (bridge --approve) for exactly this content hash (of the plan memory's content);
+    never for a project untrustable_reason refuses. Raises ConfigError when
+    approvals.json is unreadable."""
     if plan.project is not None:
         if untrustable_reason(config, real_path(plan.project)):
             return False
@@ -4441,19 +4375,16 @@ def plan_trusted(config: Config, plan: Plan, plan_hash: str) -> bool:
 
 
 def approval_facts(config: Config, plan: Plan, plan_hash: str) -> dict:
-    """Return what the user needs to decide on a valid plan, and whether it may run.
+    """Return what the user needs to decide on a valid plan, and whether it may run:
+    {"plan_id", "content_hash", "project" (str or None), "files" (file_output paths),
+    "reads" (_load_facts), "runs" (_run_facts), "models" (every model it names),
+    "executors" (those its steps and escalation use), "limits" (_limit_facts), "trusted"
+    (plan_trusted), "reasons" (why it may not run; []: it may), "commands" (what would let
+    it run), "escalation_unused" (why its escalation will be skipped, or None), "may_run"}.
+    A plan needs approval unless its project is trusted, or it has no project and runs
+    only on the local server; paid and agentic executors need --allow-executor besides,
+    which no approval replaces."""
 
-    {"plan_id", "content_hash", "project" (str or None), "files" (its file_output
-    paths), "reads" (the files it LOADs and sends to a model, each with why it is
-    refused or None: _load_facts), "runs" (every command and verify argv with its
-    folder and timeout: _run_facts), "models" (every model it names: steps,
-    defaults, escalation), "executors" (the executors its steps and escalation use),
-    "limits" (what it asks above the user's limits, and what is used: _limit_facts),
-    "trusted" (plan_trusted), "reasons" (why it may not run; [] when it may), "commands" (what
-    would let it run), "escalation_unused" (why its escalation will be skipped, or
-    None), "may_run"}. A plan needs approval unless its project is trusted, or it has
-    no project and runs only on the local server; paid and agentic executors need the
-    user's --allow-executor besides, which no approval replaces."""
     step_models = {s.model for s in plan.steps.values() if s.model}
     named = sorted(step_models | ({plan.escalate_to} if plan.escalate_to else set()))
     allowed = set(config.allowed_executors)
@@ -4509,16 +4440,13 @@ def _run_facts(plan: Plan) -> list[dict]:
     """[{"what": "step N check" | "verify", "run" (argv), "cwd", "timeout_s"}]: every
     command a plan runs (its command validations, then its verify), where, how long."""
     cwd = str(plan.project) if plan.project is not None else None
-    facts = []
-    for sid, step in sorted(plan.steps.items()):
-        items = step.validation if isinstance(step.validation, list) else [step.validation]
-        facts += [{"what": f"step {sid} check", "run": [str(a) for a in v["run"]], "cwd": cwd,
-                   "timeout_s": v.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
-                  for v in items if is_command(v)]
-    if plan.verify:
-        facts.append({"what": "verify", "run": [str(a) for a in plan.verify["run"]], "cwd": cwd,
-                      "timeout_s": plan.verify.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)})
-    return facts
+
+    def fact(what: str, check: dict) -> dict:
+        return {"what": what, "run": [str(a) for a in check["run"]], "cwd": cwd,
+                "timeout_s": check.get("timeout_s", COMMAND_DEFAULT_TIMEOUT_S)}
+    facts = [fact(f"step {sid} check", v)
+             for sid, step in sorted(plan.steps.items()) for v in _commands_of(step)]
+    return facts + ([fact("verify", plan.verify)] if plan.verify else [])
 
 
 def _limit_facts(config: Config, plan: Plan) -> list[dict]:
@@ -4564,13 +4492,12 @@ def reasoning_delta(delta: Any) -> str:
 
 
 class OutputTally:
-    """One reply as it streams, whatever reads it (SSE, Ollama's NDJSON, Anthropic's or
-    the claude CLI's events): take() counts each piece against limit (bytes of UTF-8,
-    --max-output-bytes, answer and thinking alike; LLMProtocolError past it, naming
-    which ran over), keeps it and hands it to the request's on_delta or on_reasoning.
-    received: the answer's pieces, "" for thinking (a request is never resent once
-    output has streamed); thought: the thinking; *_bytes, *_pieces (about a token
-    each); started: time.monotonic() when the reply was asked for."""
+    """One reply as it streams, whatever reads it (SSE, NDJSON, Anthropic's or the claude
+    CLI's events): take() counts each piece against limit (UTF-8 bytes, --max-output-bytes,
+    answer and thinking alike; LLMProtocolError past it), keeps it and hands it to the
+    request's on_delta or on_reasoning. received: the answer's pieces, "" for thinking (a
+    request is never resent once output has streamed); thought: the thinking; *_bytes,
+    *_pieces (about a token each); started: time.monotonic() when the reply was asked for."""
 
     def __init__(self, limit: int, request: "ChatRequest | None" = None):
         self.limit, self.started = limit, time.monotonic()
@@ -4580,33 +4507,34 @@ class OutputTally:
         self.received: list[str] = []
         self.thought: list[str] = []
 
-    def add_answer(self, piece: str) -> None:
-        """Count one piece of answer text."""
-        size = self.answer_bytes + self.reasoning_bytes
-        size += len(piece.encode("utf-8", "surrogatepass"))
-        if size > self.limit:
+    def _bytes_of(self, piece: str, thinking: bool) -> int:
+        """piece's UTF-8 bytes; LLMProtocolError when the reply would pass the limit."""
+        grown = len(piece.encode("utf-8", "surrogatepass"))
+        if self.answer_bytes + self.reasoning_bytes + grown <= self.limit:
+            return grown
+        if not thinking:
             raise LLMProtocolError(f"the reply passed --max-output-bytes ({self.limit} bytes); "
                                    "cut", "raise --max-output-bytes or ask for less")
-        self.answer_bytes = size - self.reasoning_bytes
+        raise LLMProtocolError(
+            f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was "
+            f"thinking ({self.reasoning_bytes + grown} bytes of reasoning, {self.answer_bytes} "
+            "of answer); cut",
+            "ask the server not to think (the step's \"thinking\": \"off\") "
+            "or raise --max-output-bytes")
+
+    def add_answer(self, piece: str) -> None:
+        """Count one piece of answer text."""
+        self.answer_bytes += self._bytes_of(piece, False)
         self.answer_pieces += 1
 
     def add_reasoning(self, piece: str) -> None:
         """Count one piece of thinking text."""
-        size = self.answer_bytes + self.reasoning_bytes
-        size += len(piece.encode("utf-8", "surrogatepass"))
-        if size > self.limit:
-            raise LLMProtocolError(
-                f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was "
-                f"thinking ({size - self.answer_bytes} bytes of reasoning, {self.answer_bytes} of "
-                "answer); cut",
-                "ask the server not to think (the step's \"thinking\": \"off\") "
-                "or raise --max-output-bytes")
-        self.reasoning_bytes = size - self.answer_bytes
+        self.reasoning_bytes += self._bytes_of(piece, True)
         self.reasoning_pieces += 1
 
+
     def take(self, answer: str, reasoning: str = "") -> None:
-        """Take one streamed piece of a reply, its thinking first: count each, keep it
-        and hand it on."""
+        """Take one streamed piece of a reply, its thinking first."""
         if reasoning:
             self.add_reasoning(reasoning)
             self.thought.append(reasoning)
@@ -4633,11 +4561,8 @@ class OutputTally:
 
 
 def _error_message(body: bytes) -> str:
-    """Pull the server's own message out of an error body.
-
-    Accepts OpenAI's {"error": {"message": …}}, LM Studio's {"error": "…"} and
-    vLLM's older flat {"message": …}; anything else is shown as text.
-    """
+    """Pull the server's own message out of an error body: OpenAI's {"error": {"message"}},
+    LM Studio's {"error": "…"}, vLLM's older flat {"message"}; else the text, one line."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = load_reply(text)
@@ -4688,9 +4613,8 @@ SERVER_FAULTS = (
 
 def server_fault(status: int, message: str, key_given: bool) -> tuple[str, str] | None:
     """Return (what, hint) when an HTTP error is about the model server, not the step
-    (see LLMServerUnusable), else None. status: the HTTP status; message: the
-    server's own (_error_message); key_given: a key was sent (--api-key or
-    BRIDGE_API_KEY). 401/403: LM Studio's "Require Authentication" (invalid_api_key:
+    (LLMServerUnusable), else None. message: the server's (_error_message); key_given: a
+    key was sent. 401/403: LM Studio's "Require Authentication" (invalid_api_key:
     opencode-lmstudio#41), llama-server and vLLM --api-key."""
     if status in (401, 403):
         if key_given:
@@ -4725,18 +4649,16 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 def usage_count(value: Any) -> int | None:
-    """Return a token count a server reported (prompt_tokens, completion_tokens,
-    Anthropic's and the claude CLI's input_tokens, output_tokens) when an int from 0 to
-    USAGE_MAX_TOKENS; else None, estimated (a negative count must not lower what a run
-    spent, nor 10**400 overflow a price)."""
+    """Return a token count a server reported when an int from 0 to USAGE_MAX_TOKENS, else
+    None, estimated (a negative count must not lower a run's spend, nor 10**400 overflow
+    a price)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX_TOKENS:
         return value
     return None
 
 
 def checked_usage(prompt: Any, completion: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} when both counts pass usage_count,
-    else None (the usage is unknown)."""
+    """{"prompt_tokens", "completion_tokens"} when both pass usage_count, else None."""
     prompt, completion = usage_count(prompt), usage_count(completion)
     if prompt is None or completion is None:
         return None
@@ -4744,16 +4666,15 @@ def checked_usage(prompt: Any, completion: Any) -> dict | None:
 
 
 def reported_cost_usd(value: Any, most: float) -> float | None:
-    """Return a cost an executor reported (US dollars, e.g. the claude CLI's
-    total_cost_usd) when it is a number from 0 to most, else None (unknown: estimated)."""
+    """A cost an executor reported (US dollars) when a number from 0 to most, else None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most:
         return float(value)
     return None
 
 
 def reply_object(value: Any, what: str, url: str) -> dict:
-    """Return a part of a reply that must be an object (a delta, a message, a usage): {}
-    when None; raise LLMProtocolError naming what (e.g. "a chunk's delta") if no dict."""
+    """A part of a reply that must be an object ({} when None); LLMProtocolError naming
+    what (e.g. "a chunk's delta") for anything else."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -4763,8 +4684,8 @@ def reply_object(value: Any, what: str, url: str) -> dict:
 
 
 def reply_text(value: Any, what: str, url: str) -> str:
-    """Return a part of a reply that must be text (a delta's content, a text block): ""
-    when None; raise LLMProtocolError naming what for anything but a str."""
+    """A part of a reply that must be text ("" when None); LLMProtocolError naming what
+    for anything else."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -4774,15 +4695,14 @@ def reply_text(value: Any, what: str, url: str) -> str:
 
 
 def reply_label(value: Any) -> str | None:
-    """Return a short label a server sent (model, finish_reason, stop_reason) when it is
-    a str, clipped to 200 characters; None for anything else (ignored, as when absent)."""
+    """A label a server sent (model, finish_reason) clipped to 200 characters; None for
+    anything but a str (ignored, as when absent)."""
     return value[:200] if isinstance(value, str) and value else None
 
 
 def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
-    """Return (delta, finish_reason) of a chat.completion.chunk's first choice (delta {}
-    when absent), or None when choices is empty (the usage chunk). Raises
-    LLMProtocolError when choices is no list, or the choice or its delta no object."""
+    """Return (delta, finish_reason) of a chat.completion.chunk's first choice, or None
+    when choices is empty (the usage chunk). Raises LLMProtocolError for a malformed one."""
     choices = chunk.get("choices")
     if not isinstance(choices, list):
         raise LLMProtocolError(f"{url} streamed a chunk without 'choices'")
@@ -4797,8 +4717,7 @@ def chunk_choice(chunk: dict, url: str) -> tuple[dict, str | None] | None:
 
 
 def streamed_json(text: str, what: str, url: str) -> Any:
-    """Parse one streamed piece (what: "event", "line") as JSON; raise LLMProtocolError
-    showing its start when it is not."""
+    """Parse one streamed piece (what: "event", "line") as JSON; else LLMProtocolError."""
     try:
         return load_reply(text)
     except ValueError as exc:
@@ -4809,9 +4728,8 @@ def streamed_json(text: str, what: str, url: str) -> Any:
 
 def _iter_raw_lines(chunks: Iterator[bytes], max_bytes: int,
                     tail: bool) -> Iterator[bytes]:
-    """Yield the lines of a byte stream, without their line breaks (and the bytes after
-    the last break when tail). Raises LLMProtocolError when more than max_bytes arrive
-    without a line break, so memory stays bounded."""
+    """Yield the lines of a byte stream without line breaks (and the rest after the last
+    when tail). Raises LLMProtocolError past max_bytes without a break: memory stays bounded."""
     buffer = b""
     for chunk in chunks:
         buffer += chunk
@@ -4854,10 +4772,9 @@ def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[str]:
 
 class BoundedResponse:
     """An httpx streaming response read within bounds: iter_bytes() raises LLMDeadline
-    once the deadline (time.monotonic() seconds) has passed, checked as each chunk
-    arrives (a server sending nothing is cut by --timeout instead); read(max_bytes)
-    stops once the body passes max_bytes. url and limit (the deadline in words, e.g.
-    "0.5 s (the step's timeout_s)") name what was passed."""
+    past the deadline (time.monotonic() seconds), checked as each chunk arrives (a silent
+    server is cut by --timeout instead); read(max_bytes) stops past max_bytes. limit: the
+    deadline in words, e.g. "0.5 s (the step's timeout_s)"."""
 
     def __init__(self, response: Any, url: str, deadline: float, limit: str):
         self.response, self.url, self.deadline, self.limit = response, url, deadline, limit
@@ -4874,8 +4791,8 @@ class BoundedResponse:
             yield chunk
 
     def read(self, max_bytes: int, cut: bool = False) -> bytes:
-        """Return the body, reading no more than max_bytes + one chunk. Past
-        max_bytes: with cut, the first max_bytes; else LLMProtocolError."""
+        """Return the body; past max_bytes, with cut its first max_bytes, else
+        LLMProtocolError."""
         body = b""
         for chunk in self.iter_bytes():
             body += chunk
@@ -4890,14 +4807,13 @@ class BoundedResponse:
 
 
 def _positive(value: Any) -> int | None:
-    """Return value when it is a positive int no larger than USAGE_MAX_TOKENS, else None
-    (servers send odd things: a context length of 10**400 is not said at all)."""
+    """value when a positive int up to USAGE_MAX_TOKENS, else None (10**400 is not said)."""
     return value if usage_count(value) and value > 0 else None
 
 
 def _usage(value: Any) -> dict | None:
-    """Return {"prompt_tokens", "completion_tokens"} of an OpenAI usage object, or None
-    (estimated) when there is none or usage_count doubts a count."""
+    """checked_usage of an OpenAI usage object, or None when there is none."""
+
     if not isinstance(value, dict):
         return None
     return checked_usage(value.get("prompt_tokens"), value.get("completion_tokens"))
@@ -4906,10 +4822,9 @@ def _usage(value: Any) -> dict | None:
 ###############################################################################
 # 20. HTTP executors: requests and retries
 #
-# Chat requests over HTTP (the OpenAI wire format that LM Studio, Ollama, llama.cpp's
-# server and vLLM speak, and Anthropic's), what each kind of server takes, and the
-# retry loop. httpx is imported only inside functions, and every httpx exception is
-# translated to an LLMError.
+# Chat requests over HTTP (the OpenAI wire format of LM Studio, Ollama, llama.cpp's
+# server and vLLM, and Anthropic's), what each kind of server takes, and the retry loop.
+# Every httpx exception is translated to an LLMError.
 ###############################################################################
 
 
@@ -4924,9 +4839,9 @@ RESPONSE_FORMS: tuple[Callable[[dict], dict], ...] = (
 )
 
 
-# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first: llama-cpp-python
-# takes only its own (response_format.type "text" | "json_object", llama_cpp/llama_types.py)
-# and answers json_schema with HTTP 500, so it is not asked for that one first.
+# The form of RESPONSE_FORMS a kind of server (ServerInfo.kind) is sent first:
+# llama-cpp-python takes only its own ("text" | "json_object", llama_cpp/llama_types.py)
+# and answers json_schema with HTTP 500.
 FIRST_RESPONSE_FORM = {"llama-cpp-python": 1}
 
 
@@ -4943,9 +4858,8 @@ SAMPLING_FIELDS = {
 
 
 # The fields that ask a server not to think (a step's thinking "off"), by ServerInfo.kind;
-# a kind not listed (an OpenAI-compatible server the probe could not name: vLLM, Ollama's
-# /v1) gets THINKING_OFF_DEFAULT, and a field it refuses (HTTP 400/422 naming it) is not
-# sent to it again (LLMClient.thinking_fields).
+# a kind not listed gets THINKING_OFF_DEFAULT; a field refused (HTTP 400/422 naming it)
+# is not sent again (LLMClient.thinking_fields).
 THINKING_OFF_FIELDS: dict[str, dict] = {
     # reasoning_effort "none" on /v1/chat/completions: LM Studio 0.4.17 (bug tracker #2057)
     "LM Studio": {"reasoning_effort": "none"},
@@ -4965,11 +4879,9 @@ THINKING_OFF_DEFAULT = {"reasoning_effort": "none",
 
 
 def _refuses_response_format(exc: LLMError) -> bool:
-    """Tell whether an error is the server refusing our response_format.
-
-    LM Studio: 400 "'response_format.type' must be 'json_schema'"; llama-cpp-python:
-    500 with a validation error naming 'text' or 'json_object'.
-    """
+    """Tell whether an error is the server refusing our response_format: LM Studio's 400
+    "'response_format.type' must be 'json_schema'", llama-cpp-python's 500 naming 'text'
+    or 'json_object'."""
     status = getattr(exc, "status", None)
     text = str(exc).lower()
     words = ("response_format", "json_schema", "json_object", "'text'", "grammar")
@@ -4979,9 +4891,7 @@ def _refuses_response_format(exc: LLMError) -> bool:
 
 def missing_v1_hint(base_url: str, status: int) -> str:
     """"; … try --base-url …/v1" for an HTTP 404 from a base URL whose path has no /v1
-    (every OpenAI-compatible server serves /v1/models and /v1/chat/completions:
-    LM Studio, Ollama, llama.cpp's server, vLLM), else ""."""
-
+    (LM Studio, Ollama, llama.cpp's server and vLLM all serve under /v1), else ""."""
     path = urlsplit(base_url).path
     if status != 404 or "/v1" in path:
         return ""
@@ -4993,12 +4903,11 @@ def missing_v1_hint(base_url: str, status: int) -> str:
 
 class HTTPExecutor(Executor):
     """What every HTTP executor shares: one httpx.Client built from Config, httpx
-    exceptions translated to LLMError, and the retry loop: transient failures
-    (connection refused or reset, timeouts, 429, 500, 502, 503, 504, 529) are retried
-    up to config.retries times, backing off from config.retry_delay_s seconds with
-    jitter, honouring Retry-After, never past RETRY_BUDGET_S seconds in all, never once
-    output has streamed. sleep is injectable (tests see the delays without waiting).
-    A subclass gives CHAT_PATH, chat() and _parse()."""
+    exceptions as LLMError, and the retry loop: transient failures (refused or reset,
+    timeouts, 429, 500, 502, 503, 504, 529) are retried up to config.retries times,
+    backing off from config.retry_delay_s seconds with jitter, honouring Retry-After,
+    never past RETRY_BUDGET_S seconds in all, never once output has streamed. sleep is
+    injectable. A subclass gives CHAT_PATH, chat() and _parse()."""
 
     key: str | None = None      # the secret its headers carry, never shown (_scrub)
 
@@ -5026,9 +4935,9 @@ class HTTPExecutor(Executor):
         self.http.close()
 
     def _get_json(self, url: str) -> Any:
-        """GET url and return its JSON body, read within the bounds of a reply
-        (BoundedResponse; at least DEFAULT_MAX_OUTPUT_BYTES, so a lower
-        --max-output-bytes cuts replies, not the model list). Raises LLMError."""
+        """GET url and return its JSON body, within BoundedResponse's bounds (at least
+        DEFAULT_MAX_OUTPUT_BYTES: a lower --max-output-bytes cuts replies, not the model
+        list). Raises LLMError."""
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("GET", url) as raw:
@@ -5037,7 +4946,6 @@ class HTTPExecutor(Executor):
                 if response.status_code >= 400:
                     raise self._http_error(response, url, missing_v1_hint(
                         self.base_url, response.status_code))
-                # a --max-output-bytes lowered for replies must not break the probe
                 limit_bytes = max(self.config.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES)
                 body = response.read(limit_bytes + RESPONSE_ENVELOPE_BYTES)
         except self._httpx.TransportError as exc:
@@ -5048,13 +4956,13 @@ class HTTPExecutor(Executor):
             raise LLMProtocolError(f"{url} answered with a body that is not JSON") from exc
 
     def _scrub(self, text: str) -> str:
-        """Return a server's message without the key this client sends (a server may echo it)."""
+        """A server's message without the key this client sends (a server may echo it)."""
         return text.replace(self.key, "[the key]") if self.key else text
 
     def _http_error(self, response: BoundedResponse, url: str, hint: str = "") -> LLMError:
-        """Return the error of an HTTP status >= 400: the server's message (_error_message,
-        scrubbed of the key) and hint after it, as LLMServerUnusable when it is about the
-        server (_raise_fault), else LLMHTTPError with its Retry-After."""
+        """The error of an HTTP status >= 400: the server's message (scrubbed) and hint,
+        raised as LLMServerUnusable when about the server (_raise_fault), else returned as
+        LLMHTTPError with its Retry-After."""
         message = self._scrub(_error_message(response.read(ERROR_BODY_MAX_BYTES, cut=True)))
         self._raise_fault(url, response.status_code, message)
         return LLMHTTPError(f"{url} answered HTTP {response.status_code}: {message}{hint}",
@@ -5063,9 +4971,9 @@ class HTTPExecutor(Executor):
                             context_overflow=_is_context_overflow(message))
 
     def _stream_error(self, url: str, data: str) -> LLMError:
-        """Return the error a server reported inside a 200 stream (an SSE "error" event, an
-        NDJSON {"error"} line): its message (_error_message), scrubbed of the key, as
-        LLMServerUnusable when it is about the server (_raise_fault), else LLMHTTPError."""
+        """The error a server reported inside a 200 stream (an SSE "error" event, an NDJSON
+        {"error"} line), as _http_error treats one."""
+
         message = self._scrub(_error_message(data.encode()))
         self._raise_fault(url, 500, message)
         return LLMHTTPError(f"{url} reported an error mid-stream: {message}", 200,
@@ -5178,14 +5086,13 @@ class HTTPExecutor(Executor):
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
                                          "refused problem trained_context",
-                            defaults=(None, None, (), None, None))):
-    """What a server says about itself (see LLMClient.probe): kind ("LM Studio",
-    "llama.cpp", "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id,
-    or None), context_length (tokens the loaded model takes, per request; None if
-    not said), parallel (requests it serves at once; None if not said). Ollama's
-    probe also gives: version (str), why (how loaded was picked), refused ((model,
-    reason) pairs it will not send steps to), problem ((what, hint) when no model
-    can be used, else None), trained_context (the model's trained maximum, tokens)."""
+                            defaults=(None,) * 5 + ((), None, None))):
+    """What a server says about itself (LLMClient.probe): kind ("LM Studio", "llama.cpp",
+    "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id, or None),
+    context_length (tokens per request), parallel (requests served at once), version
+    (str), why (how loaded was picked), refused ((model, reason) pairs no step is sent
+    to), problem ((what, hint) when no model can be used), trained_context (tokens); None
+    where not said."""
 
     __slots__ = ()
 
@@ -5199,11 +5106,10 @@ def _ollama_named(found: Any) -> dict[str, dict]:
 
 class OllamaModels:
     """The models one Ollama probe sees: pulled (/api/tags) and running (/api/ps), by
-    name; the /api/show answers asked (at most OLLAMA_SHOW_MAX a probe); refused, the
-    (name, reason) pairs no step is sent to: models whose /api/show capabilities lack
-    "completion" (embedding models), and cloud models (a *-cloud name or /api/tags
-    remote_host: they run on ollama.com, docs/cloud.mdx) unless --allow-executor
-    ollama-cloud. The choice: wanted (--model), else loaded."""
+    name; shown, the /api/show answers (at most OLLAMA_SHOW_MAX); refused, the (name,
+    reason) pairs no step is sent to: no "completion" in /api/show capabilities
+    (embedding models), cloud models (a *-cloud name or /api/tags remote_host: they run
+    on ollama.com, docs/cloud.mdx) unless --allow-executor ollama-cloud."""
 
     __slots__ = ("client", "root", "pulled", "running", "shown", "refused")
 
@@ -5252,8 +5158,8 @@ class OllamaModels:
         return name, "--model", None
 
     def loaded(self) -> tuple:
-        """(chosen, why, problem) without --model: the first of /api/ps that can chat,
-        else the only chat model pulled."""
+        """(chosen, why, problem) without --model: the first running chat model, else the
+        only one pulled."""
         chosen = None
         for name in self.running:
             if reason := self.refusal(name):
@@ -5288,8 +5194,7 @@ class OllamaModels:
 
 
 class ServerProbes:
-    """The probes of LLMClient (a mixin of HTTPExecutor's: self.http, self.config,
-    self.base_url): what the server runs (probe), its tokenizer (count_tokens)."""
+    """LLMClient's probes (a mixin of HTTPExecutor's): probe, count_tokens."""
 
     CHAT_PATH = "/chat/completions"     # OpenAI's; Ollama's native API has its own
 
@@ -5313,11 +5218,11 @@ class ServerProbes:
             return None
 
     def count_tokens(self, messages: list[dict]) -> int | None:
-        """Count messages' tokens with the server's own tokenizer where it offers one:
+        """Count messages' tokens with the server's tokenizer where it has one:
         llama-cpp-python POST /extras/tokenize/count {"input"} -> {"count"}
         (llama_cpp/server/app.py), llama.cpp POST /tokenize {"content"} -> {"tokens"}
-        (tools/server/README.md); plus 5 a message for the chat template, as
-        estimate_tokens adds. None elsewhere, or when the route fails (not asked again)."""
+        (tools/server/README.md); plus 5 a message, as estimate_tokens adds. None
+        elsewhere, or once the route failed."""
         if self.server_kind not in ("llama-cpp-python", "llama.cpp") or self.tokenizer_refused:
             return None
         text = "\n".join(m["content"] for m in messages)
@@ -5338,9 +5243,8 @@ class ServerProbes:
         return count + 5 * len(messages) + 3
 
     def _post_json(self, url: str, body: dict) -> Any:
-        """POST body as JSON to url; return the JSON reply, or None when the route
-        refuses or answers something else (an Ollama probe). Raises LLMError when the
-        server cannot be reached."""
+        """POST body as JSON to url; return the JSON reply, or None when the route refuses
+        or answers something else. Raises LLMError when the server cannot be reached."""
         limit = f"{DEFAULT_REQUEST_DEADLINE_S:g} s (bridge's default)"
         try:
             with self.http.stream("POST", url, json=body,
@@ -5361,11 +5265,10 @@ class ServerProbes:
 
     def _lmstudio_models(self, models: list[str], entries: list[dict]) -> "ServerInfo":
         """Read LM Studio 0.4's GET /api/v1/models (lmstudio docs 1_developer/2_rest/
-        list.md): only type "llm" and "vlm" entries are chat models (an "embedding"
-        one loaded for RAG is refused); --model matches an entry's key or any loaded
-        instance's id; the context and parallel slots are that instance's config. With
-        nothing loaded and no --model: the only LLM downloaded (JIT loads it on the
-        first request), else a problem listing the LLMs."""
+        list.md): type "llm" and "vlm" entries are chat models (a loaded "embedding" one is
+        refused); --model matches an entry's key or a loaded instance's id, whose config
+        gives context and parallel. Nothing loaded, no --model: the only LLM downloaded (JIT
+        loads it on the first request), else a problem listing the LLMs."""
         chat = [e for e in entries     # an entry saying no type is taken for an LLM
                 if e.get("type", "llm") in ("llm", "vlm") and isinstance(e.get("key"), str)]
         refused = tuple((str(e.get("key"))[:200], f"not a chat model (type {e.get('type')!r})")
@@ -5388,28 +5291,26 @@ class ServerProbes:
                                       _positive(config.get("parallel")), None, why, refused,
                                       None, trained)
         if wanted is not None:      # not loaded: the first request loads it (JIT), then re-read
-            return ServerInfo("LM Studio", models, None, None, None, None,
-                              "--model, not loaded yet: LM Studio loads it on the first request",
-                              refused)
+            return ServerInfo("LM Studio", models, refused=refused,
+                              why="--model, not loaded yet: LM Studio loads it on the first "
+                              "request")
         if not chat:                # nothing bridge can read as an LLM: --model decides
-            return ServerInfo("LM Studio", models, None, None, None, None, None, refused)
+            return ServerInfo("LM Studio", models, refused=refused)
         if len(chat) == 1:
             return ServerInfo("LM Studio", models, reply_label(chat[0]["key"]), None, None, None,
                               "the only LLM downloaded; LM Studio loads it on the first request",
                               refused, None, _positive(chat[0].get("max_context_length")))
         listed = ", ".join(e["key"] for e in chat[:8]) or "none"
-        return ServerInfo("LM Studio", models, None, None, None, None, None, refused,
-                          (f"LM Studio has no model loaded and {len(chat)} LLMs downloaded "
-                           f"({listed})", "load one (lms load KEY) or pass --model KEY"))
+        return ServerInfo("LM Studio", models, refused=refused, problem=(
+            f"LM Studio has no model loaded and {len(chat)} LLMs downloaded ({listed})",
+            "load one (lms load KEY) or pass --model KEY"))
+
 
     def _ollama_probe(self, root: str) -> "ServerInfo | None":
-        """Return what an Ollama server runs, or None when root is not Ollama.
-
-        Detected by GET /api/version and /api/tags (docs/api.md; `GET /` says "Ollama
-        is running"). The model and what is refused: OllamaModels. Context: /api/ps
-        context_length (as loaded), /api/show model_info["<arch>.context_length"]
-        (trained). With the native API (--ollama-api native, the default) steps go
-        to /api/chat; else to /v1/chat/completions."""
+        """Return what an Ollama server runs (OllamaModels), or None when root is not
+        Ollama (GET /api/version and /api/tags, docs/api.md). Context: /api/ps
+        context_length (loaded), /api/show model_info["<arch>.context_length"] (trained).
+        Steps go to /api/chat with --ollama-api native (the default), else /v1."""
         version = self._try_json(f"{root}/api/version")
         tags = self._try_json(f"{root}/api/tags") if isinstance(version, dict) else None
         if not isinstance(tags, dict) or not isinstance(tags.get("models"), list) \
@@ -5433,18 +5334,15 @@ class ServerProbes:
                           version["version"], why, tuple(models.refused), problem, trained)
 
     def probe(self) -> "ServerInfo":
-        """Ask the server what it runs: models, the loaded one, its effective context
-        length (tokens) and how many requests it serves at once.
-
-        Sources, tried in order: LM Studio 0.4 GET /api/v1/models (loaded_instances
+        """Ask the server what it runs (ServerInfo). Sources, in order: Ollama
+        (_ollama_probe); LM Studio 0.4 GET /api/v1/models (loaded_instances
         [].config.context_length and .parallel; lmstudio docs 1_developer/2_rest/
         list.md); LM Studio GET /api/v0/models (state "loaded", loaded_context_length
         or max_context_length); llama.cpp's GET /props (default_generation_settings.
         n_ctx, total_slots; tools/server/README.md); llama-cpp-python's /v1/models
         (owned_by "me"; llama_cpp/server/app.py); vLLM's max_model_len in
         /v1/models (vllm protocol.py); else the first of /v1/models. Raises LLMError
-        when the server cannot be reached. Ollama is asked first (_ollama_probe).
-        """
+        when the server cannot be reached."""
         ollama = self._ollama_probe(self.base_url.removesuffix("/v1"))
         if ollama is not None:
             return ollama
@@ -5462,7 +5360,7 @@ class ServerProbes:
                     context = entry.get("loaded_context_length") or entry.get("max_context_length")
                     return ServerInfo("LM Studio", models, reply_label(entry.get("id")),
                                       _positive(context), None)
-            return ServerInfo("LM Studio", models, None, None, None)
+            return ServerInfo("LM Studio", models)
         props = self._try_json(f"{root}/props")
         if isinstance(props, dict) and ("total_slots" in props
                                         or "default_generation_settings" in props):
@@ -5472,22 +5370,20 @@ class ServerProbes:
                               _positive(props.get("total_slots")))
         # llama-cpp-python: llama_cpp/server/app.py get_models
         if entries and all(m.get("owned_by") == "me" for m in entries):
-            return ServerInfo("llama-cpp-python", models, first, None, None)
+            return ServerInfo("llama-cpp-python", models, first)
+
         return ServerInfo("OpenAI-compatible", models, first,
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
 
 def discover_server(config: Config) -> tuple[Config, list[dict]]:
-    """Find the model server when no base URL was given (config.base_url_given):
-    try DEFAULT_SERVER_PORTS on 127.0.0.1 in order and take the first that answers as
-    a model server (GET /api/version with a version: Ollama; else GET /v1/models with
-    a data list). A port whose GET /api/health answers as mcp-memory-service does
-    ({"status": "healthy"} without a model list; web/api/health.py), or that is
-    --memory-url's, is the memory server: never taken; one answering 401/403 is a
-    model server wanting a key. The key (--api-key) is not sent while looking: it is
-    for the model server alone. Returns (the config, with the base URL found, or as
-    it was when none answered; [{"url", "result"}] per port tried). Nothing leaves
-    this machine."""
+    """Find the model server when no base URL was given: the first of
+    DEFAULT_SERVER_PORTS on 127.0.0.1 that answers as one (GET /api/version with a
+    version: Ollama; else GET /v1/models with a data list; 401/403: one wanting a key,
+    which is not sent while looking). A port whose GET /api/health answers as
+    mcp-memory-service does ({"status": "healthy"}; web/api/health.py), or --memory-url's,
+    is never taken. Returns (the config, with the base URL found; [{"url", "result"}] per
+    port tried)."""
     if config.base_url_given:
         return config, []
     import httpx
@@ -5532,7 +5428,8 @@ def discover_server(config: Config) -> tuple[Config, list[dict]]:
 
 def _pick_model(config: Config, info: ServerInfo | None) -> str:
     """Return --model, else the server's loaded model. Raises LLMError if there is none,
-    LLMServerUnusable when the probe found no model it may use (Ollama: info.problem)."""
+    LLMServerUnusable for info.problem."""
+
     if info is not None and info.problem:
         what, hint = info.problem
         raise LLMServerUnusable(f"{what} ({config.base_url})", hint)
@@ -5560,16 +5457,15 @@ class OllamaNative:
 
     @property
     def cuts_prompts(self) -> bool:
-        """Whether this server may cut a prompt that does not fit and answer all the
-        same. Not Ollama's native API, whose num_ctx bridge sets to fit (and whose
-        prompt_eval_count leaves out a cached prefix, so it is no measure of a cut)."""
+        """Whether this server may cut a prompt that does not fit and answer all the same:
+        not Ollama's native API, whose num_ctx bridge sets to fit (its prompt_eval_count
+        leaves out a cached prefix, so it is no measure of a cut)."""
         return not self.native
 
     def _chat_native(self, messages: list[dict], request: ChatRequest) -> Completion:
         """Send one chat through Ollama's native POST /api/chat (docs/api.md): the run's
-        options.num_ctx, num_predict (max_tokens), temperature, seed, repeat_penalty,
-        structured output through `format` (a JSON schema), and thinking "off" as
-        think: false. Streamed as NDJSON (_parse_ndjson); retried as every request is."""
+        options.num_ctx, num_predict (max_tokens), the sampling it takes, the schema as
+        `format`, thinking "off" as think: false."""
         options: dict[str, Any] = {"num_ctx": self.num_ctx} if self.num_ctx else {}
         sampling, model = request.sampling or {}, request.model
         if sampling.get("temperature") is not None:
@@ -5591,8 +5487,7 @@ class OllamaNative:
     def _parse_ndjson(self, response: Any, url: str, tally: OutputTally) -> Completion:
         """Read Ollama's NDJSON chat stream: {"message": {"content", "thinking"}, "done":
         false} lines, then done: true with done_reason, prompt_eval_count and eval_count
-        (docs/api.md); {"error": …} mid-stream is the server's error. Thinking goes to
-        on_reasoning, not the text. Held to --max-output-bytes like every reply."""
+        (docs/api.md); {"error": …} mid-stream is the server's error."""
         model = finish = usage = None
         for line in _iter_lines(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES):
             chunk = streamed_json(line, "line", url)
@@ -5627,10 +5522,9 @@ class OllamaNative:
 @register_executor
 class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
     """The executor of one OpenAI-compatible server (LM Studio, Ollama, llama.cpp's
-    server, vLLM) at config.base_url, ending in /v1: SSE chunks with
-    stream_options.include_usage, constrained JSON (RESPONSE_FORMS), the probes
-    (ServerProbes) and Ollama's native API (OllamaNative). The run's model server,
-    opened by the CLI before the run (Runner.client)."""
+    server, vLLM) at config.base_url (…/v1): SSE chunks with stream_options.include_usage,
+    constrained JSON (RESPONSE_FORMS), ServerProbes and OllamaNative. The run's model
+    server, opened by the CLI before the run (Runner.client)."""
 
     NAME = PREFIX = "openai"
     PROBED = WATCHED = True
@@ -5665,8 +5559,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                                     status)
 
     def _gave_up(self, exc: LLMError, started: float, retries: int) -> LLMError:
-        """A server still unreachable after the request's retries is gone for the run
-        (LLMServerUnusable), said with how long bridge waited for it."""
+        """A server still unreachable after the retries is gone for the run
+        (LLMServerUnusable, saying how long bridge waited)."""
         if not isinstance(exc, LLMUnavailable):     # a timeout may be the step's own (long prompt)
             return exc
         waited = time.monotonic() - started
@@ -5677,30 +5571,28 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 
     def accepted_sampling(self, sampling: dict) -> dict:
         """Return the fields of sampling this server takes: OpenAI's (temperature, seed,
-        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (none to a
-        server the probe could not name: OpenAI-strict servers refuse unknown fields)."""
+        max_tokens), and SAMPLING_FIELDS of its kind unless it refused one (OpenAI-strict
+        servers refuse unknown fields)."""
         extras = () if self.extras_refused else SAMPLING_FIELDS.get(self.server_kind or "", ())
         return {k: v for k, v in sampling.items()
                 if k in ("temperature", "seed", "max_tokens") or k in extras}
 
     def thinking_fields(self) -> dict:
-        """Return THINKING_OFF_FIELDS of this server's kind (else THINKING_OFF_DEFAULT),
-        less those it refused."""
+        """THINKING_OFF_FIELDS of its kind (or THINKING_OFF_DEFAULT) less those refused."""
         fields = THINKING_OFF_FIELDS.get(self.server_kind or "", THINKING_OFF_DEFAULT)
         return {k: v for k, v in fields.items() if k not in self.thinking_refused}
 
     def drop_constraint(self, model: str, why: str) -> None:
-        """Send model's JSON requests unconstrained from now on (no response_format):
-        its constrained output garbled (why says how). The answer is still checked."""
+        """Send model's JSON requests unconstrained from now on: its constrained output
+        garbled (why says how). The answer is still checked."""
         self.unconstrained.setdefault(model, why)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one chat completion, streamed: messages [{"role", "content"}], request a
-        ChatRequest. json_schema goes as the first of RESPONSE_FORMS the server has not
-        refused (none for a model given to drop_constraint), sampling as
-        accepted_sampling says, thinking "off" as thinking_fields; what the server
-        refuses is dropped for this client's life and the request resent at once, not
-        counted as a retry (_drop_refused). Raises LLMError, never an httpx exception."""
+        """Send one chat completion, streamed. json_schema goes as the first of
+        RESPONSE_FORMS the server has not refused (none after drop_constraint), sampling
+        as accepted_sampling, thinking "off" as thinking_fields; what the server refuses
+        is dropped for this client's life and the request resent at once, not counted as
+        a retry (_drop_refused). Raises LLMError, never an httpx exception."""
         if self.native:
             return self._chat_native(messages, request)
         model, json_schema, thinking = request.model, request.json_schema, request.thinking
@@ -5779,10 +5671,9 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 
     def _thinking_refused(self, exc: LLMHTTPError, payload: dict) -> bool:
         """Drop from payload, for good, the thinking fields a 400/422 refused; tell
-        whether any was. Those it names; when it names none of them (nor
-        response_format or a sampling field, which have their own fallback), all
-        that were sent: a server that refuses without saying why must not lose
-        every attempt to a field bridge added."""
+        whether any was: those it names, else (naming no response_format or sampling
+        field either) all that were sent: a server refusing without saying why must not
+        lose every attempt to a field bridge added."""
         sent = [k for k in THINKING_OFF_DEFAULT if k in payload]
         if exc.status not in (400, 422) or exc.context_overflow or not sent:
             return False
@@ -5808,9 +5699,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
         return self._parse_stream(response, url, tally)
 
     def _parse_whole(self, body: bytes, url: str, tally: OutputTally) -> Completion:
-        """Read a non-streamed chat.completion body (servers that ignore stream); the
-        body was read within --max-output-bytes and RESPONSE_ENVELOPE_BYTES, and its
-        text must fit --max-output-bytes as a stream's must."""
+        """Read a non-streamed chat.completion body (servers that ignore stream), its text
+        held to --max-output-bytes as a stream's is."""
         try:
             data = load_reply(body)
             choice = data["choices"][0]
@@ -5831,9 +5721,8 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
                           int(len(reasoning) / CHARS_PER_TOKEN) if reasoning else 0)
 
     def _parse_stream(self, response: Any, url: str, tally: OutputTally) -> Completion:
-        """Read an SSE chat.completion.chunk stream to its end and return the Completion.
-        Reasoning deltas (reasoning_delta) are counted with the answer (OutputTally)
-        and given to on_reasoning, never to on_delta or the text."""
+        """Read an SSE chat.completion.chunk stream to its end and return the Completion
+        (reasoning_delta goes to on_reasoning, never the text)."""
         usage = model = finish = None
         done = False
         events = _iter_sse(response.iter_bytes(), tally.limit + RESPONSE_ENVELOPE_BYTES)
@@ -5874,10 +5763,9 @@ class LLMClient(ServerProbes, OllamaNative, HTTPExecutor):
 @register_executor
 class OllamaCloud(LLMClient):
     """An Ollama cloud model (a *-cloud name: Ollama docs/cloud.mdx) asked through the
-    run's model server like a local one, but run on ollama.com, where the project's
-    files would go: allowed only by --allow-executor ollama-cloud, and stopped with
-    the paid executors at the spend cap. Facts only: its requests go through the
-    run's LLMClient (PROBED)."""
+    run's model server but run on ollama.com, where the project's files would go: only
+    with --allow-executor ollama-cloud, and stopped at the spend cap. Facts only: its
+    requests go through the run's LLMClient."""
 
     NAME, PREFIX = "ollama-cloud", ""
     PAID = CLOUD = True
@@ -5899,18 +5787,16 @@ class OllamaCloud(LLMClient):
 
 
 def claude_price(model: str) -> tuple[float, float] | None:
-    """Return (input, output) US dollars per million tokens of a Claude model id,
-    dated or not (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
+    """(input, output) US dollars per million tokens of a Claude model id, dated or not
+    (claude-haiku-4-5-20251001 is claude-haiku-4-5), or None."""
     known = [name for name in CLAUDE_PRICES_USD_PER_MTOK if model.startswith(name)]
     return CLAUDE_PRICES_USD_PER_MTOK[max(known, key=len)] if known else None
 
 
 def anthropic_usage_cost(input_tokens: Any, output_tokens: Any, model: str | None) -> tuple:
-    """Return (usage, cost_usd) for a Completion from the counts a Messages stream
-    reported: usage by checked_usage; cost_usd that usage at claude_price(model), or
-    None when the usage is unknown or the model it names has no price (a gateway naming
-    none, or another): the runner then prices it (priced_reply, by the model asked for
-    and the usage estimated when unknown), so neither can slip past --max-cost-usd."""
+    """Return (usage, cost_usd) from the counts a Messages stream reported: checked_usage,
+    and that at claude_price(model), or None when either is unknown: the runner then
+    prices it (priced_reply), so neither slips past --max-cost-usd."""
     usage, price = checked_usage(input_tokens, output_tokens), claude_price(model or "")
     return usage, round(usage_cost_usd(usage, price), 6) if usage and price else None
 
@@ -5921,10 +5807,9 @@ class AnthropicClient(HTTPExecutor):
     Ollama, a gateway): POST {base}/v1/messages with x-api-key and anthropic-version
     2023-06-01, the system prompt as the top-level "system", streamed: message_start
     (input usage), content_block_delta (text_delta), message_delta (stop_reason,
-    cumulative output usage), message_stop; ping and unknown events ignored, an
-    "error" event fails the request (platform.claude.com/docs/en/api/messages-
-    streaming). Cost: its usage at CLAUDE_PRICES_USD_PER_MTOK. Raises LLMError when
-    no API key is set."""
+    cumulative output usage), message_stop; an "error" event fails the request, others
+    are ignored (platform.claude.com/docs/en/api/messages-streaming). Raises LLMError
+    when no API key is set."""
 
     NAME = PREFIX = "anthropic"
     PAID = CLOUD = True
@@ -5941,9 +5826,8 @@ class AnthropicClient(HTTPExecutor):
                          headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Send one Messages request, streamed; see the class. Of request.sampling only
-        temperature is sent; json_schema and thinking are not (the output is validated
-        by bridge all the same)."""
+        """Send one Messages request, streamed; of request.sampling only temperature is
+        sent, json_schema and thinking are not (the output is checked all the same)."""
         payload: dict[str, Any] = {
             "model": request.model, "max_tokens": request.max_tokens or self.DEFAULT_MAX_TOKENS,
             "stream": True, "messages": [{"role": m["role"], "content": m["content"]}
@@ -5995,16 +5879,14 @@ class AnthropicClient(HTTPExecutor):
 
 @register_executor
 class ClaudeCLI(Executor):
-    """The executor that hands a step to Claude Code: `claude -p --output-format
-    stream-json --verbose --model M --no-session-persistence` plus LOCKDOWN
-    [--append-system-prompt S], an argv list (never a shell), the prompt on stdin, run
-    in the plan's project only when it is trusted (else a scratch folder under the
-    state dir, removed after), with the environment claude_env leaves; the process
-    group is killed when the step's time (timeout_s under --timeout) runs out. Reads
-    the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
-    messages (their text streams), the closing result (result, is_error, usage,
-    total_cost_usd); other lines are skipped. A non-zero exit or is_error fails the
-    attempt with the result text or the last lines of stderr."""
+    """The executor that hands a step to Claude Code: `claude -p` with LOCKDOWN (an argv,
+    never a shell), the prompt on stdin, run in the plan's project only when it is trusted
+    (else _workdir), with the environment claude_env leaves; its process group is killed
+    when the step's time (timeout_s under --timeout) runs out. Reads the NDJSON events
+    (code.claude.com/docs/en/headless): system/init, assistant messages (their text
+    streams), the closing result (result, is_error, usage, total_cost_usd); other lines
+    are skipped. A non-zero exit or is_error fails the attempt with the result text or
+    the last lines of stderr."""
 
     # No tools (built-in: --tools ""; MCP: --strict-mcp-config without --mcp-config),
     # only the user's own settings (never the project's .claude/settings*.json and its
@@ -6032,9 +5914,9 @@ class ClaudeCLI(Executor):
         return cls(config, cwd)
 
     def chat(self, messages: list[dict], request: ChatRequest) -> Completion:
-        """Run one `claude -p` request; see the class. Of request, model, timeout_s and
-        on_delta are used: sampling, max_tokens, json_schema and thinking have no claude
-        flag. Raises LLMTimeout when the time runs out, LLMError when claude fails."""
+        """Run one `claude -p` request: request's model, timeout_s and on_delta (the rest
+        has no claude flag). Raises LLMTimeout when the time runs out, LLMError when
+        claude fails."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         prompt = turns[0]["content"] if len(turns) == 1 else "\n\n".join(
@@ -6048,8 +5930,8 @@ class ClaudeCLI(Executor):
             return self._run(argv, prompt, cwd, limit_s, tally)
 
     def _workdir(self) -> Any:
-        """The folder claude runs in: the trusted project, else a fresh scratch folder
-        (0700, under the state dir) removed afterwards."""
+        """The folder claude runs in: the trusted project, else a scratch folder (0700,
+        under the state dir) removed afterwards."""
         import tempfile
 
         if self.cwd is not None:
@@ -6104,8 +5986,7 @@ class ClaudeCLI(Executor):
                               duration_s=elapsed)
 
     def _read_events(self, proc: Any, tally: OutputTally) -> tuple[dict | None, str | None]:
-        """Read claude's NDJSON to its end, its assistant text into tally: (the result
-        event, model)."""
+        """Read claude's NDJSON to its end, assistant text into tally: (result event, model)."""
         final = model = None
         # a line longer than a reply may be is read in parts (none of them JSON), never whole
         line_max = self.config.max_output_bytes + RESPONSE_ENVELOPE_BYTES
@@ -6135,11 +6016,9 @@ class ClaudeCLI(Executor):
 
 
 def claude_usage_cost(final: dict) -> tuple:
-    """Return (usage, cost_usd) from the claude CLI's result event: usage by
-    checked_usage of its input_tokens and output_tokens (None: unknown), cost_usd its
-    total_cost_usd when reported_cost_usd believes it (at most what USAGE_MAX_TOKENS
-    tokens would cost at the dearest CLAUDE_PRICES_USD_PER_MTOK), else None: the runner
-    prices the estimated usage (priced_reply)."""
+    """Return (usage, cost_usd) from the claude CLI's result event: checked_usage of its
+    input_tokens and output_tokens, and its total_cost_usd when reported_cost_usd believes
+    it (at most USAGE_MAX_TOKENS at the dearest price), else None (priced_reply)."""
     usage = final.get("usage") if isinstance(final.get("usage"), dict) else {}
     most = USAGE_MAX_TOKENS * max(max(p) for p in CLAUDE_PRICES_USD_PER_MTOK.values()) / 1e6
     return (checked_usage(usage.get("input_tokens"), usage.get("output_tokens")),
@@ -6147,8 +6026,9 @@ def claude_usage_cost(final: dict) -> tuple:
 
 
 def claude_env(environ: Any) -> dict[str, str]:
-    """Return the part of an environment (pairs or a dict) a claude-cli: process gets:
-    the names in TOOL_ENV_NAMES and those starting with TOOL_ENV_PREFIXES."""
+    """The part of an environment (pairs or a dict) a claude-cli: process gets:
+    TOOL_ENV_NAMES and the names starting with TOOL_ENV_PREFIXES."""
+
     pairs = environ.items() if isinstance(environ, dict) else environ
     return {k: v for k, v in pairs if k in TOOL_ENV_NAMES or k.startswith(TOOL_ENV_PREFIXES)}
 
@@ -6186,14 +6066,11 @@ def untrusted_message(plan: Plan) -> str:
 
 def command_env(config: Config) -> dict[str, str]:
     """Return the environment a plan's commands run in: the user's as bridge started less
-    every name credential_env_name flags, but those named with --pass-env
-    (config.pass_env), so a check never sees a secret it was not given.
-
-    PYTHONDONTWRITEBYTECODE=1 is added: Python trusts a cached .pyc while the source keeps
-    its size and its mtime's second, and a retry rewrites a file within the same second,
-    often at the same size (`x + 2` → `x * 2`), so the retry's test would run the failed
-    attempt's code.
-    """
+    every name credential_env_name flags, but those named with --pass-env, so a check
+    never sees a secret it was not given. PYTHONDONTWRITEBYTECODE=1 is added: Python
+    trusts a cached .pyc while the source keeps its size and its mtime's second, and a
+    retry rewrites a file within the same second, often at the same size (`x + 2` →
+    `x * 2`), so the retry's test would run the failed attempt's code."""
     passed = set(config.pass_env)
     env = {k: v for k, v in config.tool_env if k in passed or not credential_env_name(k)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -6204,9 +6081,8 @@ class CommandRun(namedtuple("CommandRun",
                             "argv exit_code duration_s output_tail output_bytes timed_out error")):
     """What one command did: argv (list of str), exit_code (int; negative: killed by that
     signal; None: it never started), duration_s (seconds), output_tail (the last
-    COMMAND_TAIL_BYTES bytes of stdout and stderr merged, as text, with a marker when the
-    start is left out, secrets redacted; "" when it passed), output_bytes (all it wrote),
-    timed_out, error (why it failed, one line, or None when it passed)."""
+    COMMAND_TAIL_BYTES bytes of its output, as text, marked when cut, secrets redacted; ""
+    when it passed), output_bytes (all it wrote), timed_out, error (one line, or None)."""
 
     __slots__ = ()
 
@@ -6283,8 +6159,8 @@ REAPER_GRACE_S = 5.0       # after its SIGTERM the reaper has this long to sweep
 
 
 def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
-    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None
-    where there is no child subreaper (not Linux, or no sys.executable): there only the
+    """Return argv run under REAPER_SOURCE, reporting exec errors on report_fd; None where
+    there is no child subreaper (not Linux, or no sys.executable): there only the
     command's process group is killed, and a child that leaves it (setsid) can live on."""
     if not sys.platform.startswith("linux") or not sys.executable:
         return None
@@ -6294,14 +6170,11 @@ def reaped_argv(argv: list[str], report_fd: int) -> list[str] | None:
 def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
                 cancel: Any = None) -> CommandRun:
     """Run argv (no shell) in cwd with env and stdin from /dev/null; return a CommandRun.
-
-    stdout and stderr go to one pipe, read as it comes: only the last COMMAND_TAIL_BYTES
-    bytes are kept, so a flood costs no memory. The command leads its own process group;
-    once it exits, or after timeout_s seconds, or when cancel (a threading.Event) is set,
-    the whole group is killed, and on Linux every other process it started too, daemons
-    that left the group included (REAPER_SOURCE). Never raises for a command that cannot
-    start (that is a failed check saying why).
-    """
+    stdout and stderr go to one pipe, of which the last COMMAND_TAIL_BYTES bytes are kept.
+    The command leads its own process group; once it exits, or after timeout_s seconds, or
+    when cancel (a threading.Event) is set, the whole group is killed, and on Linux every
+    other process it started too (REAPER_SOURCE). Never raises for a command that cannot
+    start (that is a failed check saying why)."""
     import selectors, subprocess
 
     started = time.monotonic()
@@ -6339,9 +6212,9 @@ def _not_started(argv: list[str], started: float, why: Any) -> CommandRun:
 
 
 def _stop_reaper(proc: Any) -> None:
-    """Have a command's reaper end it and sweep its descendants (SIGTERM), when it has
-    not exited yet; wait for it up to REAPER_GRACE_S without reaping it (its pid names
-    the process group _kill_group kills after)."""
+    """Have a command's reaper end it and sweep its descendants (SIGTERM) if it has not
+    exited; wait up to REAPER_GRACE_S without reaping it (its pid names the process group
+    _kill_group kills after)."""
     if _exited(proc):
         return
     with _suppress(ProcessLookupError):
@@ -6379,8 +6252,8 @@ def _read_tail(proc: Any, selector: Any, deadline: float,
 
 
 def _exited(proc: Any) -> bool:
-    """Tell whether a child has exited, without reaping it where the OS allows (its
-    pid, and so its process group's id, cannot be reused before proc.wait())."""
+    """Tell whether a child has exited, without reaping it where the OS allows (its pid,
+    and so its process group's id, cannot be reused before proc.wait())."""
     if not hasattr(os, "waitid"):
         return proc.poll() is not None
     try:
@@ -6416,27 +6289,24 @@ def _command_outcome(argv: list[str], code: int, duration_s: float,
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a folder of bridge's own (backups, staged files) and all in it; missing or
-    unremovable parts are left (shutil.rmtree, which does not follow symlinks)."""
+    """Delete a folder of bridge's own and all in it, not following symlinks (shutil.rmtree);
+    what cannot be removed is left."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
 
 
 class FileTransaction:
-    """The files one plan run writes inside its project, with their originals.
-
-    project is opened once; every write, folder, rename, removal and restore works
-    relative to it, one component at a time without following symlinks, so a folder
-    swapped for a symlink mid-run fails that write (PathError), never lands outside.
-    run_dir: this run's folder, for backups (0o600 in 0o700 folders) and journal.jsonl.
-    guard: what may never be written (forbidden_target_reason). refused: the journal
-    entries of a killed run that recover() would not use.
+    """The files one plan run writes inside its project, with their originals. project is
+    opened once; every write, folder, rename, removal and restore works relative to it,
+    one component at a time without following symlinks, so a folder swapped for a symlink
+    mid-run fails that write (PathError), never lands outside. run_dir: this run's folder,
+    for backups (0o600 in 0o700 folders) and journal.jsonl. guard: what may never be
+    written (forbidden_target_reason). refused: the journal entries recover() would not use.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None,
                  guard: Guard | None = None):
-
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.guard = guard or Guard()
         self.changes: dict[str, FileChange] = {}
@@ -6467,9 +6337,8 @@ class FileTransaction:
 
     def write(self, rel: str, text: str, step: int = 0) -> FileChange:
         """Write text (UTF-8) to project/rel atomically for a step, its original journalled
-        first; return its FileChange. Raises PathError when rel leads outside, is
-        forbidden, goes through a symlink, cannot be written (the original untouched, its
-        backup kept), or the transaction is closed (the run is ending)."""
+        first; return its FileChange. Raises PathError when rel may not be written, cannot
+        be (the original untouched, its backup kept), or the run is ending."""
         parts = self.check(rel)
         with self.lock:
             if self.closed:
@@ -6540,12 +6409,12 @@ class FileTransaction:
         """Take over the files of a killed run (its folder old_run_dir): files of steps in
         kept_steps stay and their originals are adopted (a later rollback still restores
         them); the rest are put back, with the temp files an interrupted write left. The
-        journal is untrusted: read only from a run folder beside this one (run_folder);
-        an entry journalled_paths refuses, or malformed, goes to self.refused. Returns
-        the paths put back. Raises RollbackError naming what could not be restored."""
+        journal is untrusted: read only from a run folder beside this one; an entry
+        journalled_paths refuses, or malformed, goes to self.refused. Returns the paths put
+        back. Raises RollbackError naming what could not be restored."""
         try:
             old_run_dir = run_folder(self.run_dir.parent, old_run_dir.name)
-            entries = self._journal_of(old_run_dir)
+            entries = read_jsonl(old_run_dir / JOURNAL_FILE)
         except (PathError, OSError) as exc:
             why = getattr(exc, "strerror", None) or exc
             self.refused.append(f"journal of {old_run_dir.name}: {why}")
@@ -6577,18 +6446,16 @@ class FileTransaction:
 
     def revert_path(self, rel: str) -> None:
         """Put one path back as it was before this run first wrote it (a failed attempt's
-        file must not stay): its original bytes and mode, or removed with the folders the
-        run made; its action is "reverted" until written again. Nothing for a path not
-        written or already put back. Raises RollbackError when it cannot be restored."""
+        file must not stay); its action is "reverted" until written again. Raises
+        RollbackError when it cannot be restored."""
         with self.lock:
             change = self.changes.get(rel)
             if change is not None and change.action != "reverted":
                 self._restore([change])
 
     def _adopt_backup(self, change: FileChange, run_dir: Path) -> bool:
-        """Copy a kept file's original from a taken-over run into this run's backups
-        (each journal names only its own run's backups); False (refused) when it
-        cannot be read."""
+        """Copy a kept file's original from a taken-over run into this run's backups (each
+        journal names only its own run's backups); False (refused) when it cannot be read."""
         try:
             original = open_regular(change.backup)     # type: ignore[arg-type]
         except OSError as exc:
@@ -6601,11 +6468,6 @@ class FileTransaction:
             name = f"{len(self.changes):04d}-{kept}"
             change.backup = self._save_backup(name, original)
         return True
-
-    @staticmethod
-    def _journal_of(run_dir: Path) -> list[dict]:
-        """Return the entries of a run's journal.jsonl, opened without following symlinks."""
-        return read_jsonl(run_dir / JOURNAL_FILE)
 
     def _journalled(self, entry: dict, run_dir: Path) -> FileChange | None:
         """Return the FileChange a journal entry of run_dir describes, or None when the
@@ -6627,25 +6489,33 @@ class FileTransaction:
             return None
         return FileChange(rel, action, backup, mode, dirs)
 
+    def _in_folder(self, rel: str, action: Callable[[int, str], None]) -> None:
+        """Call action(fd, name) with the descriptor of rel's folder and rel's last part,
+        when every folder on its way exists (walked without following symlinks)."""
+        parts = plan_path_parts(rel)
+        fd, depth = _walk(self._root(), parts[:-1], rel)
+        try:
+            if depth == len(parts) - 1:
+                action(fd, parts[-1])
+        finally:
+            os.close(fd)
+
     def _remove_temps(self, rel: str) -> None:
         """Remove the temp files an interrupted write of rel left beside it."""
-        parts = plan_path_parts(rel)
+        def remove(fd: int, name: str) -> None:
+            for entry in os.listdir(fd):
+                if entry.startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX):
+                    with _suppress(OSError):
+                        os.unlink(entry, dir_fd=fd)
+
         with _suppress(OSError, PathError):
-            fd, depth = _walk(self._root(), parts[:-1], rel)
-            try:
-                if depth == len(parts) - 1:
-                    for name in os.listdir(fd):
-                        if name.startswith(f".{parts[-1]}.") and name.endswith(TEMP_SUFFIX):
-                            with _suppress(OSError):
-                                os.unlink(name, dir_fd=fd)
-            finally:
-                os.close(fd)
+            self._in_folder(rel, remove)
 
     def rollback(self) -> None:
         """Put every written path back, newest first: originals' bytes and modes
-        (atomically), created files removed, then the run's folders if empty; never
-        through a symlink. The journal then says so, so no later takeover trusts those
-        files. Raises RollbackError naming every path that could not be restored."""
+        (atomically), created files removed, then the run's folders if empty. The journal
+        then says so, so no later takeover trusts those files. Raises RollbackError naming
+        every path that could not be restored."""
         with self.lock:
             self.closed = True
             self._restore(list(self.changes.values()))
@@ -6679,27 +6549,17 @@ class FileTransaction:
                 finally:
                     os.close(fd)
             return
-        fd, depth = _walk(self._root(), parts[:-1], change.path)
-        try:
-            if depth == len(parts) - 1:
-                with _suppress(FileNotFoundError):
-                    os.unlink(parts[-1], dir_fd=fd)
-        finally:
-            os.close(fd)
-        for folder in reversed(change.created_dirs):
-            self._remove_dir(folder)
 
-    def _remove_dir(self, folder: Path) -> None:
-        """Remove a folder the run made, if it is still empty (never through a symlink)."""
-        # not empty (something else lives there now): left as it is
-        with _suppress(OSError, PathError, ValueError):
-            parts = plan_path_parts(folder.relative_to(self.project).as_posix())
-            fd, depth = _walk(self._root(), parts[:-1], folder.name)
-            try:
-                if depth == len(parts) - 1:
-                    os.rmdir(parts[-1], dir_fd=fd)
-            finally:
-                os.close(fd)
+        def unlink(fd: int, name: str) -> None:
+            with _suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+
+        self._in_folder(change.path, unlink)
+        for folder in reversed(change.created_dirs):
+            # not empty (something else lives there now): left as it is
+            with _suppress(OSError, PathError, ValueError):
+                self._in_folder(folder.relative_to(self.project).as_posix(),
+                                lambda fd, name: os.rmdir(name, dir_fd=fd))
 
     def discard(self) -> None:
         """Delete this run's backups, and those of the runs it took over."""
@@ -6737,10 +6597,9 @@ def read_regular(path: Path) -> bytes | None:
 
 def bounded_diff(rel: str, before: Path | None, now: Path | None, before_sha: str | None,
                  now_sha: str | None) -> str:
-    """Return file_diff of one file from the file at before to the file at now (None, or
-    a path that is missing: no such file), reading them only when both are at most
-    DIFF_MAX_BYTES; else one line saying so, with the sizes (their sha256, before_sha and
-    now_sha, computed in pieces, still tell whether they differ)."""
+    """Return file_diff from the file at before to the file at now (None or missing: no
+    such file), read only when both are at most DIFF_MAX_BYTES; else one line with the
+    sizes (their sha256, before_sha and now_sha, still tell whether they differ)."""
     if before_sha == now_sha:
         return ""
     sizes = [_regular_size(path) for path in (before, now)]
@@ -6762,15 +6621,15 @@ def _regular_size(path: Path | None) -> int | None:
 
 
 def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
-    """Return the unified diff (difflib) of one file from before (None: did not
-    exist) to now (None: does not exist), as a/REL and b/REL; for bytes that are
-    not UTF-8, one "Binary files … differ" line."""
+    """Return the unified diff (difflib) of one file from before to now (None: no such
+    file), as a/REL and b/REL; for bytes that are not UTF-8, one "Binary files … differ"
+    line."""
     import difflib
 
-    old_name, new_name = ("a/" + rel) if before is not None else "/dev/null", \
-        ("b/" + rel) if now is not None else "/dev/null"
     if before == now:
         return ""
+    old_name = "a/" + rel if before is not None else "/dev/null"
+    new_name = "b/" + rel if now is not None else "/dev/null"
     try:
         old_text, new_text = (before or b"").decode("utf-8"), (now or b"").decode("utf-8")
     except UnicodeDecodeError:
@@ -6784,17 +6643,15 @@ def file_diff(rel: str, before: bytes | None, now: bytes | None) -> str:
 
 class StagedFiles:
     """The files of a --review run: written under the run's folder (staged/PATH, 0600),
-    never into the project; --apply writes them there later.
+    never into the project; --apply writes them there later. Has FileTransaction's
+    write(), close(), rollback(), discard(), summary() and changes.
 
-    Has FileTransaction's write(), close(), rollback(), discard(), summary() and
-    changes, so the runner uses either. staged.jsonl records each write: {"step",
-    "path", "action" (created | modified, as the project was), "base_sha256" (the
-    project file's before its first staging, None when absent), "sha256"};
-    reads.json the sha256 of every LOAD file as the run found it in the project.
+    staged.jsonl records each write: {"step", "path", "action" (created | modified, as the
+    project was), "base_sha256" (the project file's before its first staging, None when
+    absent), "sha256"}; reads.json the sha256 of every LOAD file as the run found it.
     """
 
     def __init__(self, project: Path, run_dir: Path, crash_at: str | None = None):
-
         self.project, self.run_dir, self.crash_at = project, run_dir, crash_at
         self.changes: dict[str, FileChange] = {}
         self.lock = threading.Lock()
@@ -6835,10 +6692,10 @@ class StagedFiles:
         return change
 
     def recover(self, old_run_dir: Path, kept_steps: set[int]) -> list[str]:
-        """Put back in the project every file a killed run wrote (FileTransaction.recover
-        with no step kept: a --review run never keeps a dead run's files); return them."""
-        files = FileTransaction(self.project, self.run_dir, self.crash_at)
-        return files.recover(old_run_dir, set())
+        """Put back every file a killed run wrote in the project (a --review run keeps no
+        dead run's files, whatever kept_steps says); return them."""
+        return FileTransaction(self.project, self.run_dir, self.crash_at).recover(old_run_dir,
+                                                                                 set())
 
     def path_of(self, rel: str) -> Path | None:
         """Return the staged copy of rel, or None when no step staged it."""
@@ -6859,28 +6716,25 @@ class StagedFiles:
         remove_tree(self.run_dir / "staged")
 
     def summary(self) -> list[dict]:
-        """Return [{"path", "action", "staged": True}] in staging order (action as the
-        project would see it: created or modified)."""
+        """Return [{"path", "action", "staged": True}] in staging order."""
         return [{"path": c.path, "action": c.action, "staged": True} for c in self.changes.values()]
 
 
 ###############################################################################
 # 28. Kept runs: backups, diff, undo, review
 #
-# Beside FileTransaction's journal and backups, a run's folder holds run.json (plan id,
-# project, start) and written.jsonl (the sha256 of every file write, as it is written), so
-# --diff can tell a file changed since the run and --undo can refuse to overwrite it. The
-# backups of the last keep_runs runs of a plan are kept (0600 in a 0700 folder). Only
-# bridge writes these files, and each path read back is still checked: a run id by
-# run_folder, a journal's paths by resolve_inside and journalled_paths.
+# Beside FileTransaction's journal and backups, a run's folder holds run.json and
+# written.jsonl (the sha256 of every file write), so --diff can tell a file changed since
+# the run and --undo can refuse to overwrite it. The backups of the last keep_runs runs of
+# a plan are kept. Only bridge writes these files, and each path read back is still
+# checked: a run id by run_folder, a journal's paths by resolve_inside and journalled_paths.
 ###############################################################################
 
 
 def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: str,
                    plan_hash: str | None = None) -> None:
-    """Write run.json, {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
-    None), "started_at", "content_hash" (the plan memory's)}, which --diff, --undo and a
-    take-over read back."""
+    """Write run.json: {"plan_id", "run_id" (run_dir's name), "project" (absolute, or
+    None), "started_at", "content_hash" (the plan memory's)}."""
     info = {"plan_id": plan_id, "run_id": run_dir.name, "started_at": started,
             "project": os.path.abspath(project) if project is not None else None,
             "content_hash": plan_hash}
@@ -6888,11 +6742,10 @@ def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: s
 
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
-    """Return why the run run_id (a run id run_folder accepts) is not the plan's own
-    run, so that a take-over (--resume, --rerun of a stale plan) must not touch its
-    files; None when its run.json names this plan (id and content hash) and this
-    project, or when it left no folder (nothing to take over). A state read back
-    from the store naming another plan's run is forged."""
+    """Return why the run run_id (a run id run_folder accepts) is not the plan's own, so a
+    take-over (--resume, --rerun of a stale plan) must not touch its files (a state read
+    back from the store naming another plan's run is forged); None when its run.json names
+    this plan (id and content hash) and project, or when it left no folder."""
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
@@ -6902,28 +6755,28 @@ def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str |
     usable = isinstance(project, str) and "\x00" not in project
     project = os.path.abspath(project) if usable else None
     if not isinstance(info, dict):
-        return (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
-                "before bridge recorded it); its files are left alone")
-    if info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
-        return (f"run {run_id} was made by a bridge that did not record its plan's content hash; "
-                "not taken over: its files are left alone")
-    if info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
-        return (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
-                f"({str(info.get('content_hash'))[:12]}), not of this plan "
-                f"({record.content_hash[:12]}): the plan's state is forged; its files are left "
-                "alone")
-    if info.get("project") != project:
-        return (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
-                f"this plan's project {project!r}: the plan's state is forged; its files are left "
-                "alone")
-    return None
+        why = (f"run {run_id} has no run.json naming this plan (a forged state, or a run from "
+               "before bridge recorded it)")
+    elif info.get("plan_id") == record.plan_id and info.get("content_hash") is None:
+        return (f"run {run_id} was made by a bridge that did not record its plan's content "
+                "hash; not taken over: its files are left alone")
+    elif info.get("plan_id") != record.plan_id or info.get("content_hash") != record.content_hash:
+        why = (f"run {run_id} is a run of plan {clip(repr(info.get('plan_id')), 80, 'id')} "
+               f"({str(info.get('content_hash'))[:12]}), not of this plan "
+               f"({record.content_hash[:12]}): the plan's state is forged")
+    elif info.get("project") != project:
+        why = (f"run {run_id} worked in {clip(repr(info.get('project')), 200, 'path')}, not in "
+               f"this plan's project {project!r}: the plan's state is forged")
+    else:
+        return None
+    return why + "; its files are left alone"
 
 
 def record_written(run_dir: Path, rel: str, data: bytes, step: int) -> None:
     """Append {"step", "path", "sha256", "bytes"} of one file write to written.jsonl
-    (fsynced): what the run left in that file, to tell later changes from it."""
-    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel, "sha256": sha256_hex(data),
-                                             "bytes": len(data)})
+    (fsynced), to tell later changes from it."""
+    append_jsonl(run_dir / WRITTEN_FILE, {"step": step, "path": rel,
+                                          "sha256": sha256_hex(data), "bytes": len(data)})
 
 
 def _real_folder(path: Path) -> bool:
@@ -6946,7 +6799,6 @@ def keep_backups(run_dir: Path) -> None:
 
 def plan_runs(runs_dir: Path, plan_id: str) -> list[Path]:
     """Return the folders of a plan's runs (by their run.json), oldest first."""
-
     found = []
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
@@ -6975,7 +6827,6 @@ def prune_backups(runs_dir: Path, plan_id: str, keep: int) -> list[str]:
 def backups_usage(runs_dir: Path) -> dict:
     """Return {"runs": runs with backups, "bytes": their size} under runs_dir (symlinks
     not followed)."""
-
     runs = total = 0
     with _suppress(FileNotFoundError):
         for entry in os.scandir(runs_dir):
@@ -6989,9 +6840,9 @@ def backups_usage(runs_dir: Path) -> dict:
 
 
 def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
-    """Return the folder of an existing run run_id, checked as run_folder() checks a
-    run id read back from the store. Raises ConfigError for a value that is no run
-    id or no folder of bridge's runs, BridgeError when there is no such run."""
+    """Return the folder of an existing run run_id, checked by run_folder. Raises
+    ConfigError for a value that is no run id of bridge's, BridgeError when there is no
+    such run."""
     try:
         run_dir = run_folder(runs_dir, run_id)
     except PathError as exc:
@@ -7004,23 +6855,18 @@ def run_dir_of(runs_dir: Path, run_id: Any) -> Path:
 
 class KeptFile(namedtuple("KeptFile", "path action backup mode written_sha256")):
     """One path a run wrote, from its journal: path (relative to the project), action
-    ("created" or "modified"), backup (the original's copy, or None), mode (the
-    original's permission bits), written_sha256 (what the run last wrote, or None
-    when that was not recorded)."""
+    ("created" or "modified"), backup (the original's copy, or None), mode (the original's
+    permission bits), written_sha256 (what the run last wrote, or None: not recorded)."""
 
     __slots__ = ()
 
 
 class KeptRun:
-    """What one finished run changed, read back from its folder under --state-dir.
-
-    run_id, run_dir, plan_id, project (the project's absolute Path, or None),
-    files (list of KeptFile, in write order), reverted (the run put its files back
-    itself), undone_at (ISO time of its --undo, or None); for a --review run,
-    staged ({path: {"step", "action", "base_sha256", "sha256"}}, in staging order)
-    and reads ({LOAD path: sha256 or None} as the run read them). Build with
-    KeptRun.load.
-    """
+    """What one finished run changed, read back from its folder (build with KeptRun.load):
+    run_id, run_dir, plan_id, project (absolute Path, or None), files (list of KeptFile,
+    in write order), reverted (the run put its files back itself), undone_at (ISO time of
+    its --undo, or None); for a --review run, staged ({path: {"step", "action",
+    "base_sha256", "sha256"}}, in staging order) and reads ({LOAD path: sha256 or None})."""
 
     def __init__(self, run_dir: Path, plan_id: str, project: Path | None):
         self.run_id, self.run_dir, self.plan_id, self.project = \
@@ -7037,11 +6883,10 @@ class KeptRun:
 
     @classmethod
     def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
-        """Read and check run run_id of plan plan_id. Raises ConfigError for a
-        malformed run id, BridgeError when the run is not there, is another plan's,
-        predates run.json, or its journal names a path outside the project or a
-        backup outside runs_dir."""
-
+        """Read and check run run_id of plan plan_id. Raises ConfigError for a malformed
+        run id, BridgeError when the run is not there, is another plan's, predates
+        run.json, or its journal names a path outside the project or a backup outside
+        runs_dir."""
         run_dir = run_dir_of(runs_dir, run_id)
         info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
@@ -7084,8 +6929,7 @@ class KeptRun:
             self.reads = {k: v for k, v in reads.items() if isinstance(k, str)}
 
     def _checked(self, entry: dict, written: dict) -> KeptFile:
-        """Return a journal entry as a KeptFile once its paths are checked (resolve_inside,
-        journalled_paths)."""
+        """Return a journal entry as a KeptFile once its paths are checked."""
         rel, action = entry.get("path"), entry.get("action")
         if self.project is None or not isinstance(rel, str) \
                 or action not in ("created", "modified"):
@@ -7100,11 +6944,9 @@ class KeptRun:
         return KeptFile(rel, action, backup, mode, written.get(rel))
 
     def diff(self) -> list[dict]:
-        """Return, per file: path, action, original_sha256, written_sha256,
-        current_sha256 (None: missing now), changed_since_run, diff (a unified diff
-        from the original to the file as it is now, paths relative to the project; one
-        line instead for a side over DIFF_MAX_BYTES: bounded_diff). Files are hashed in
-        pieces (file_sha256), never held whole."""
+        """Return, per file: path, action, original_sha256, written_sha256, current_sha256
+        (None: missing now), changed_since_run, diff (bounded_diff from the original to the
+        file as it is now)."""
         entries = []
         for kept in self.files:
             now_path = self.project / kept.path      # type: ignore[operator]  # files: a project
@@ -7122,10 +6964,9 @@ class KeptRun:
         return entries
 
     def staged_diff(self) -> list[dict]:
-        """Return, per staged file: path, action, original_sha256 (the project file's
-        when the run staged it), staged_sha256, current_sha256 (the project file's now,
-        None: missing), changed_since_run, diff (from the project file now to the
-        staged file: what --apply would change)."""
+        """Return, per staged file: path, action, original_sha256 (the project file's when
+        the run staged it), staged_sha256, current_sha256 (the project file's now, None:
+        missing), changed_since_run, diff (bounded_diff: what --apply would change)."""
         entries = []
         for rel, entry in self.staged.items():
             now_path = self.project / rel        # type: ignore[operator]  # staging: a project
@@ -7151,10 +6992,9 @@ class KeptRun:
         return found
 
     def apply(self, crash_at: str | None = None) -> list[dict]:
-        """Write the staged files into the project through a FileTransaction of this
-        run (atomic, journalled, backups kept), recording each write's sha256; on any
-        failure put back what was written and re-raise. Returns the summary.
-        crash_at: the crash test hook (Config.crash_at)."""
+        """Write the staged files into the project through a FileTransaction of this run,
+        recording each write's sha256; on any failure put back what was written and
+        re-raise. Returns the summary. crash_at: the crash test hook (Config.crash_at)."""
         files = FileTransaction(self.project, self.run_dir, crash_at)      # type: ignore[arg-type]
         try:
             for rel, entry in self.staged.items():
@@ -7174,10 +7014,10 @@ class KeptRun:
         return files.summary()
 
     def undo(self, force: bool = False) -> list[str]:
-        """Put back every file the run changed and remove what it created
-        (FileTransaction.recover of this run); return the paths put back. Raises
-        BridgeError, changing nothing, naming each file changed since the run (unless
-        force) or whose backup is gone; RollbackError when one could not be restored."""
+        """Put back every file the run changed and remove what it created; return the
+        paths put back. Raises BridgeError, changing nothing, naming each file changed
+        since the run (unless force) or whose backup is gone; RollbackError when one could
+        not be restored."""
         gone = [k.path for k in self.files
                 if k.action == "modified" and (k.backup is None or file_sha256(k.backup) is None)]
         if gone:
@@ -7207,12 +7047,10 @@ class KeptRun:
 
 
 def estimate_tokens(messages: list[dict]) -> int:
-    """Estimate the prompt tokens of chat messages without a tokenizer.
-
-    One token per CHARS_PER_TOKEN characters, plus 5 per message for the chat
-    template. Tokenizers of current models give 3.5-4.5 characters a token on
-    English and code, so at 3.5 the estimate errs on the large side.
-    """
+    """Estimate the prompt tokens of chat messages without a tokenizer: one per
+    CHARS_PER_TOKEN characters, plus 5 per message for the chat template (tokenizers of
+    current models give 3.5-4.5 characters a token on English and code, so at 3.5 it
+    errs on the large side)."""
     return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 5 for m in messages) + 3
 
 
@@ -7234,8 +7072,7 @@ def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
     """Return why a reply was to a cut prompt, or None: the server's usage
     ({"prompt_tokens", …}) counts far fewer prompt tokens than estimate_tokens of the
     messages sent (PROMPT_CUT_RATIO, PROMPT_CUT_MIN_TOKENS). Ollama cuts an over-long
-    prompt silently and answers 200 (ollama#3839, #17889); the answer then never saw
-    the start of the prompt, whatever its check says."""
+    prompt silently and answers 200 (ollama#3839, #17889)."""
     if not usage or not isinstance(usage.get("prompt_tokens"), int):
         return None
     seen, sent = usage["prompt_tokens"], estimate_tokens(messages)
@@ -7249,9 +7086,8 @@ def prompt_cut(usage: dict | None, messages: list[dict]) -> str | None:
 
 
 def prompt_budget(step: Step, context_length: int | None) -> int | None:
-    """Return the prompt tokens that fit for a step in a context of context_length
-    tokens, or None when it is not known: the context less the answer's share
-    (answer_tokens)."""
+    """Return the prompt tokens that fit for a step in a context of context_length tokens
+    (None: not known): the context less answer_tokens and any thinking_reserve."""
     if context_length is None:
         return None
     reserve = thinking_reserve(context_length) if step.thinking == "on" else 0
@@ -7271,8 +7107,7 @@ def thinking_asked(step: Step) -> str | None:
 
 def thinking_reserve(context_length: int | None) -> int:
     """Return the tokens kept for thinking on top of an answer's max_tokens:
-    THINKING_RESERVE_TOKENS, at most a quarter of context_length (tokens; None: not
-    known)."""
+    THINKING_RESERVE_TOKENS, at most a quarter of context_length (None: not known)."""
     if not context_length:
         return THINKING_RESERVE_TOKENS
     return min(THINKING_RESERVE_TOKENS, context_length // 4)
@@ -7280,8 +7115,7 @@ def thinking_reserve(context_length: int | None) -> int:
 
 def answer_tokens(step: Step, context_length: int | None) -> int:
     """Return the max_tokens of a step's answer: the step's own, else its validation's
-    (default_max_tokens), at most a quarter of context_length (tokens; None: not known).
-    The prompt budget keeps this much free (ContextFit.budget)."""
+    (default_max_tokens), at most a quarter of context_length (tokens; None: not known)."""
     if step.max_tokens:
         return step.max_tokens
     default = default_max_tokens(step.validation)
@@ -7302,12 +7136,12 @@ class _Block:
 
 def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
                   staged: Callable[[str], Path | None] | None = None) -> list[_Block]:
-    """Return the parts of a step's user message, for fitted_messages: the objective, LOAD
-    files (read now, so files written by earlier steps are current), REFERENCE paths, the
-    outputs of the steps it depends on (outputs: step id -> text), what answer form passes,
-    and the task last (read just before the model answers: on SmolLM2-135M that took more
-    values from the text; README, Small local models). staged: for a --review run, returns
-    the staged copy of a project path (or None), read instead of the file."""
+    """Return the parts of a step's user message: the objective, LOAD files (read now, so
+    files earlier steps wrote are current), REFERENCE paths, the outputs of the steps it
+    depends on (outputs: step id -> text), what answer form passes, and the task last (read
+    just before the model answers: on SmolLM2-135M that took more values from the text;
+    README, Small local models). staged: for a --review run, returns the staged copy of a
+    project path (or None), read instead of the file."""
     blocks = []
     if plan.objective:
         blocks.append(_Block(f"Objective of the whole plan: {plan.objective}"))
@@ -7338,8 +7172,7 @@ def prompt_blocks(plan: Plan, step: Step, outputs: dict[int, str],
 
 def build_messages(plan: Plan, step: Step, outputs: dict[int, str],
                    budget_tokens: int | None = None) -> list[dict]:
-    """Return the chat messages of a step's first attempt: fitted_messages of its
-    prompt_blocks."""
+    """Return the chat messages of a step's first attempt (fitted_messages)."""
     return fitted_messages(step, prompt_blocks(plan, step, outputs), budget_tokens)
 
 
@@ -7347,15 +7180,12 @@ def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
                     sources: list[str] | None = None) -> list[dict]:
     """Return the chat messages of a step's first attempt from its prompt_blocks: the
     step's (or plan default's) system prompt, else DEFAULT_SYSTEM_PROMPT, then the blocks.
-
-    budget_tokens: the prompt tokens that fit (the context length less what the answer
-    needs), or None for no limit. Over it (estimate_tokens), LOAD files and dependency
-    outputs are cut, the largest first, each keeping at least MIN_CUT_CHARS characters and
-    a marker; the rest is never cut. Raises PromptTooLarge with the numbers when even that
-    does not fit. sources: a list that gets the step's input as sent, the text a grounded
-    answer copies from: each LOAD file and dependency output (as far as it was sent), then
-    the task.
-    """
+    budget_tokens: the prompt tokens that fit, or None for no limit. Over it
+    (estimate_tokens), LOAD files and dependency outputs are cut, the largest first, each
+    keeping at least MIN_CUT_CHARS characters and a marker; the rest is never cut. Raises
+    PromptTooLarge with the numbers when even that does not fit. sources: a list that gets
+    the text a grounded answer copies from: each LOAD file and dependency output as sent,
+    then the task."""
     system = {"role": "system", "content": step.system or DEFAULT_SYSTEM_PROMPT}
     sent: dict[int, str] = {}           # id(block) -> its body as sent, without the cut marker
 
@@ -7389,17 +7219,16 @@ def fitted_messages(step: Step, blocks: list[_Block], budget_tokens: int | None,
 # What makes a step's attempt retry, with what feedback and sampling; when a step
 # escalates to another model, and with what prompt; a stream the server cut for
 # another request is sent again (the transport's own retries are in the room
-# "Model servers: errors, streams, retries").
+# "HTTP executors: requests and retries").
 ###############################################################################
 
 
 def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
     """Return how attempt number attempt (1 is the first) of a step samples under a
     schedule of RETRY_SAMPLING: {"temperature"?, "seed"?, "repeat_penalty"?,
-    "dry_multiplier"?}. Every attempt of "plain" samples as the step says (its
-    temperature, else the server's default); the first of the others too, but
-    greedy when the step sets no temperature. Seeds are the attempt's number, so a
-    rerun samples the same."""
+    "dry_multiplier"?}. Every attempt of "plain" samples as the step says; the first of
+    the others too, but greedy when the step sets no temperature. Seeds are the attempt's
+    number, so a rerun samples the same."""
     fields = {} if step.temperature is None else {"temperature": step.temperature}
     if schedule == "plain":
         return fields
@@ -7414,11 +7243,9 @@ def retry_sampling(schedule: str, step: Step, attempt: int) -> dict:
 
 def fit_feedback(messages: list[dict], feedback: list[dict],
                  budget_tokens: int | None) -> list[dict]:
-    """Return a retry's feedback messages cut to fit the budget with messages.
-
-    The previous answer (the assistant message) is cut first, then left out with
-    a note; the error itself is always kept.
-    """
+    """Return a retry's feedback messages cut to fit the budget with messages: the previous
+    answer (the assistant message) is cut first, then left out with a note; the error
+    itself is always kept."""
     feedback = list(feedback)
     if budget_tokens is None or len(feedback) != 2:
         return feedback
@@ -7436,10 +7263,10 @@ def fit_feedback(messages: list[dict], feedback: list[dict],
 
 class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback answer_invalid",
                                 defaults=(True, (), False))):
-    """Why an attempt failed: message (for the result), retryable (another attempt
-    may help; default True), feedback (messages appended to the next attempt's
-    prompt; default none), answer_invalid (the answer failed its own check, not a
-    command or a write; default False). Each way an attempt fails is one constructor."""
+    """Why an attempt failed: message (for the result), retryable (another attempt may
+    help), feedback (messages appended to the next attempt's prompt), answer_invalid (the
+    answer failed its own check, not a command or a write). Each way an attempt fails is
+    one constructor."""
 
     __slots__ = ()
 
@@ -7470,13 +7297,18 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         return cls(error, feedback=[{"role": "user", "content": note}])
 
     @classmethod
+    def _shown(cls, error: str, output: str, note: str, invalid: bool) -> "AttemptFailure":
+        """A failure whose next prompt shows the answer (clipped), then note."""
+        shown = clip(output, 20_000, "previous answer") or "(empty)"
+        return cls(error, feedback=[{"role": "assistant", "content": shown},
+                                    {"role": "user", "content": note}], answer_invalid=invalid)
+
+    @classmethod
     def from_output(cls, error: str, output: str, validation: dict) -> "AttemptFailure":
         """A failed check: the next prompt shows the output and the error."""
         note = (f"Your answer was rejected: {error}. {describe_validation(validation)} "
                 "Reply again with the corrected answer only.")
-        shown = clip(output, 20_000, "previous answer") or "(empty)"
-        return cls(error, feedback=[{"role": "assistant", "content": shown},
-                                    {"role": "user", "content": note}], answer_invalid=True)
+        return cls._shown(error, output, note, True)
 
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
@@ -7493,9 +7325,7 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
         note = (f"Your answer was {where}checked with {command}, which {why}. "
                 f"Its output:\n```\n{text}\n```\nFix your answer so that this check passes. "
                 f"{describe_validation(validation)} Reply again with the corrected answer only.")
-        shown = clip(output, 20_000, "previous answer") or "(empty)"
-        return cls(run.error, feedback=[{"role": "assistant", "content": shown},
-                                        {"role": "user", "content": note}])
+        return cls._shown(run.error, output, note, False)
 
     def retries(self, number: int, step: Step) -> bool:
         """True when attempt number (1 is the first) of step is followed by another on
@@ -7515,7 +7345,7 @@ def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | Non
 
 
 def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
-    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    """Return the prompt of a step's escalation: its first prompt (messages), its last
     message followed by each failed answer (clipped to 4,000 characters) and why it was
     rejected (failures: [(output, why)])."""
     tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
@@ -7553,17 +7383,16 @@ def resend_on_contention(send: Callable[[], Any], cancel: Any,
 
 
 class StepResult:
-    """The outcome of one step, filled in while it runs. status: "skipped" until it
-    runs, then "running", then succeeded | failed | skipped; output: the artifact once
-    validated; duration_s, generation_s: seconds, in all and in model requests; usage:
-    {prompt_tokens, completion_tokens}, usage_reported False when estimated; model: the
-    one that answered; resumed: taken over from a killed run; cost_usd: real; the
-    escalation (escalated_to, escalation_saved); ledger: per model reference; checks:
-    each command run (CommandRun.as_dict and its attempt); attempt_log: per attempt
-    {"attempt", "sampling" (the fields sent: "max_tokens", "temperature"?, "seed"?, …),
-    "completion_tokens", "error" (None: passed), "thinking" (thinking_asked),
-    "thinking_reserve_tokens", "reasoning_tokens"?, "reasoning_bytes"? (when it thought),
-    "response_format"? (the constraint's type, None: unconstrained; the model server)}."""
+    """The outcome of one step, filled in while it runs. status: "skipped" until it runs,
+    then "running", then succeeded | failed | skipped; output: the artifact once validated;
+    duration_s, generation_s: seconds, in all and in model requests; usage:
+    {prompt_tokens, completion_tokens}, usage_reported False when estimated; model: the one
+    that answered; resumed: taken over from a killed run; cost_usd: real; ledger: per model
+    reference ({requests, prompt_tokens, completion_tokens, cost_usd}); checks: each
+    command run (CommandRun.as_dict and its attempt); attempt_log: per attempt {"attempt",
+    "sampling" (the fields sent), "completion_tokens", "error" (None: passed), "thinking"
+    (thinking_asked), "thinking_reserve_tokens", "reasoning_tokens"?, "reasoning_bytes"?,
+    "response_format"? (the constraint's type, None: unconstrained)}."""
 
     FIELDS = ("id", "title", "status", "attempts", "output", "error", "file_output", "duration_s",
               "generation_s", "usage", "usage_reported", "model", "resumed", "cost_usd",
@@ -7573,15 +7402,14 @@ class StepResult:
     def __init__(self, id: int, title: str):   # noqa: A002 - the plan's own word
         self.id, self.title, self.status, self.attempts = id, title, "skipped", 0
         self.output, self.error, self.file_output, self.duration_s = "", None, None, 0.0
-        self.generation_s = 0.0      # seconds spent in model requests
-        self.cost_usd = 0.0          # what its requests cost (0 on a local server)
+        self.generation_s = self.cost_usd = 0.0
         self.escalated_to: str | None = None
         self.escalation_saved: bool | None = None
-        self.ledger: dict[str, dict] = {}   # model reference -> requests, tokens, cost_usd
+        self.ledger: dict[str, dict] = {}
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.usage_reported, self.model, self.resumed = True, None, False
-        self.checks: list[dict] = []    # each command run: attempt, argv, exit_code, …
-        self.attempt_log: list[dict] = []   # per attempt: sampling sent, completion tokens, error
+        self.checks: list[dict] = []
+        self.attempt_log: list[dict] = []
 
     def checkpoint(self) -> dict:
         """Return every field, whole, for the run's steps.jsonl."""
@@ -7617,12 +7445,11 @@ class StepResult:
 
 
 class _StepLog:
-    """Progress lines of a plan's steps. One at a time, they print as they come;
-    with parallel steps, each step's lines are held and printed in step order, so
-    the log reads the same whatever order the steps finished in."""
+    """Progress lines of a plan's steps: printed as they come (immediate), or each step's
+    held and printed in step order, so the log of parallel steps reads the same whatever
+    order they finished in."""
 
     def __init__(self, progress: Progress, order: list[int], immediate: bool):
-
         self.progress, self.order, self.immediate = progress, order, immediate
         self.lines: dict[int, list[tuple[bool, str]]] = {sid: [] for sid in order}
         self.finished: set[int] = set()
@@ -7655,14 +7482,11 @@ class RunLog:
     tools that read Claude Code transcripts read these too.
 
     Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages sent
-    ({"type": "system", "subtype": "system_prompt", "sampling": {the fields sent}}, then
-    {"type": "user" | "assistant", "message": …}), a "constrained_output" system line for
-    a grounded step, the streamed answer as an "assistant" message with its usage, a
-    "command" system line per command run (argv, exit_code, duration_s, output_tail) and
-    a "validation" one; last {"type": "result", …} with usage, duration_ms,
-    total_cost_usd (0: the work was local) and would_have_cost_usd. Flushed once an
-    attempt's messages are written and after its check (readable while the model
-    answers), not after every line, which costs a write each."""
+    (a "system_prompt" system line with "sampling", then {"type": "user" | "assistant",
+    "message": …}), a "constrained_output" system line for a grounded step, the answer
+    with its usage, a "command" system line per command run and a "validation" one; last
+    {"type": "result", …}. Flushed after an attempt's messages and after its check
+    (readable while the model answers), not after every line, which costs a write each."""
 
     def __init__(self, run_dir: Path, run_id: str, plan_id: str, price_model: str):
         self.run_dir, self.run_id, self.plan_id = run_dir, run_id, plan_id
@@ -7686,8 +7510,8 @@ class RunLog:
 
     def sent(self, sid: int, attempt: int, messages: list[dict],
              sampling: dict | None = None) -> None:
-        """Record the exact messages of one attempt, and on its system prompt line how
-        it samples (sampling: max_tokens, temperature, seed, …, the fields sent)."""
+        """Record the exact messages of one attempt, and on its system prompt line how it
+        samples (sampling: the fields sent)."""
         for message in messages:
             if message["role"] == "system":
                 line = {"type": "system", "subtype": "system_prompt", "attempt": attempt,
@@ -7716,8 +7540,8 @@ class RunLog:
 
     def constrained(self, sid: int, attempt: int, form: str, spans: int | None) -> None:
         """Record which constrained output a grounded step's attempt asked for: form
-        "spans" (its string values one of spans candidates, span_schema), "schema"
-        (the usual schema) or "none" (no schema sent); spans None but for "spans"."""
+        "spans" (its string values one of spans candidates, span_schema), "schema" or
+        "none" (no schema sent); spans None but for "spans"."""
         self._line(sid, {"type": "system", "subtype": "constrained_output", "attempt": attempt,
                          "form": form, "spans": spans})
 
@@ -7728,7 +7552,7 @@ class RunLog:
         self.files[sid].flush()
 
     def command(self, sid: int, attempt: int, run: CommandRun) -> None:
-        """Record one command validation run: argv, exit code, seconds, output tail."""
+        """Record one command run (CommandRun.as_dict)."""
         self._line(sid, {"type": "system", "subtype": "command", "attempt": attempt,
                          **run.as_dict()})
 
@@ -7750,10 +7574,9 @@ class RunLog:
 class _Heartbeat:
     """Refresh a running plan's heartbeat_at every HEARTBEAT_INTERVAL_S seconds from a
     background thread with its own store connection, so another bridge can tell a
-    live run from a dead one (see PlanRecord.stale)."""
+    live run from a dead one (PlanRecord.stale)."""
 
     def __init__(self, config: Config, record: PlanRecord, run_id: str):
-
         self.config, self.record, self.run_id = config, record, run_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="bridge-heartbeat", daemon=True)
@@ -7786,10 +7609,10 @@ def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dic
 
 def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: str) -> Completion:
     """Return reply with a cost_usd: its own, or, when its executor could not price it
-    (cost_usd None: counts it could not believe, or no price for the model it named),
-    its usage (estimated_usage when unknown) at claude_price of the model that answered,
-    else of model (the id asked for); 0 for a model without a price (a local one). So a
-    paid request with a negative or absurd count still counts against --max-cost-usd."""
+    (cost_usd None: counts it could not believe, or no price for the model it named), its
+    usage (estimated_usage when unknown) at claude_price of the model that answered, else
+    of model (the id asked for); 0 for a model without a price. So a paid request with a
+    negative or absurd count still counts against --max-cost-usd."""
     if reply.cost_usd is not None:
         return reply
     price = claude_price(reply.model or "") or claude_price(model)
@@ -7802,19 +7625,21 @@ def _add_usage(result: StepResult, reply: Completion, messages: list[dict], piec
     """Add a reply's usage and real cost to a step, and to its ledger line for the
     model reference that answered; a reply without usage is estimated (estimated_usage,
     usage_reported False)."""
-    if reply.usage:
-        usage = reply.usage
-    else:
+    if not reply.usage:
         result.usage_reported = False
-        usage = estimated_usage(reply, messages, pieces)
-    line = result.ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
-                                            "completion_tokens": 0, "cost_usd": 0.0})
-    line["requests"] += 1
+    usage = reply.usage or estimated_usage(reply, messages, pieces)
+    _add_to_ledger(result.ledger, model, {**usage, "requests": 1, "cost_usd": reply.cost_usd})
     for key in ("prompt_tokens", "completion_tokens"):
         result.usage[key] += usage[key]
-        line[key] += usage[key]
-    line["cost_usd"] = round(line["cost_usd"] + reply.cost_usd, 6)
     result.cost_usd = round(result.cost_usd + reply.cost_usd, 6)
+
+
+def _add_to_ledger(ledger: dict, model: str, line: dict) -> None:
+    into = ledger.setdefault(model, {"requests": 0, "prompt_tokens": 0,
+                                     "completion_tokens": 0, "cost_usd": 0.0})
+    for key in ("requests", "prompt_tokens", "completion_tokens"):
+        into[key] += line[key]
+    into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
 
 
 def merge_ledgers(ledgers: Iterator[dict]) -> dict:
@@ -7823,11 +7648,7 @@ def merge_ledgers(ledgers: Iterator[dict]) -> dict:
     total: dict[str, dict] = {}
     for ledger in ledgers:
         for model, line in ledger.items():
-            into = total.setdefault(model, {"requests": 0, "prompt_tokens": 0,
-                                            "completion_tokens": 0, "cost_usd": 0.0})
-            for key in ("requests", "prompt_tokens", "completion_tokens"):
-                into[key] += line[key]
-            into["cost_usd"] = round(into["cost_usd"] + line["cost_usd"], 6)
+            _add_to_ledger(total, model, line)
     return total
 
 
@@ -7845,10 +7666,10 @@ def step_outcome(result: StepResult) -> str:
 
 
 def append_step_stats(state_dir: Path, entry: dict) -> None:
-    """Append one step's record to state_dir/STATS_FILE (private, one JSON line,
-    O_APPEND: lines of concurrent bridges do not mix). entry: {"ts", "plan_id",
-    "run_id", "step_id", "model", "validation": [types], "outcome", "attempts",
-    "tokens", "seconds"}. A file that cannot be written costs only this record."""
+    """Append one step's record to state_dir/STATS_FILE (private, one JSON line, O_APPEND:
+    lines of concurrent bridges do not mix). entry: {"ts", "plan_id", "run_id", "step_id",
+    "model", "validation": [types], "outcome", "attempts", "tokens", "seconds"}. A file
+    that cannot be written costs only this record."""
     with _suppress(OSError):
         private_dir(state_dir)
         with open(state_dir / STATS_FILE, "a", encoding="utf-8", opener=private_opener) as handle:
@@ -7856,12 +7677,11 @@ def append_step_stats(state_dir: Path, entry: dict) -> None:
 
 
 def read_step_stats(path: Path) -> dict:
-    """Return the --stats report of a STATS_FILE: {"stats_file", "steps" (records
-    read), "skipped_lines", "models": {model: {validation type: {"steps",
-    "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
-    "median_s"}}}}. A step with several validations counts under each of its types
-    (a `command` check included). Lines that are not such records are counted in
-    skipped_lines. A missing file is an empty report."""
+    """Return the --stats report of a STATS_FILE: {"stats_file", "steps" (records read),
+    "skipped_lines" (lines that are not such records), "models": {model: {validation type:
+    {"steps", "first_attempt", "after_retries", "on_escalation", "failed", "median_tokens",
+    "median_s"}}}}. A step counts under each of its validation types. A missing file is an
+    empty report."""
     from statistics import median
 
     groups: dict[str, dict[str, list[dict]]] = {}
@@ -7904,12 +7724,10 @@ def read_step_stats(path: Path) -> dict:
 
 ###############################################################################
 # 32. The result document
-# What a run leaves behind, built here alone from the facts its plan run gathers (the
-# _result document, README: "What bridge writes into the store"): the result memory's
-# summary and content (result_memory; the Store stores it as given, parse_result_content
-# in the room "Store layouts" reads it back), the document --json and --show --json
-# print (shown_result, show_document), and the text of --show and of a run's end
-# (render_show, savings_line, ledger_lines).
+# What a run leaves behind, built here alone from the facts its plan run gathers (README:
+# "What bridge writes into the store"): the result memory (result_memory; the Store stores
+# it as given, parse_result_content in the room "Store layouts" reads it back), the
+# document --json and --show --json print, and the text of --show and of a run's end.
 ###############################################################################
 
 RESULT_SUMMARY_STEPS = 20     # steps a result's summary names one by one; the rest are counted
@@ -7917,11 +7735,10 @@ RESULT_SUMMARY_FILES = 10
 
 
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
-    """Return what a run's local work saved: local_tokens (prompt and completion tokens
-    on the local server, openai: references), local_usage, would_have_cost_usd (those
-    tokens at price_model's prices; the planner's own tokens are not counted), paid_usd
-    (what paid escalations cost), retries (attempts after a step's first, escalations
-    not counted), escalations and escalations_saved (steps escalated, and those it saved)."""
+    """Return what a run's local work saved: local_tokens (prompt and completion tokens of
+    PROBED executors), local_usage, would_have_cost_usd (those tokens at price_model's
+    prices), price_model, paid_usd (what paid escalations cost), retries (attempts after a
+    step's first, escalations not counted), escalations and escalations_saved."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -7951,8 +7768,8 @@ def savings_line(savings: dict) -> str:
 
 
 def ledger_lines(result: dict) -> list[str]:
-    """Return the usage ledger of a result as lines for a person: one per model,
-    then which steps escalated and whether that saved them."""
+    """Return a result's usage ledger as lines for a person: one per model, then which
+    steps escalated and whether that saved them."""
     lines = ["  ledger:"]
     for model, line in result["ledger"].items():
         lines.append(f"    {model:<32} {line['requests']:>3} request(s) "
@@ -7965,10 +7782,10 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result, plain text: plan, outcome, project (its
-    name as the memory server's hooks detect it), run id, each step's status and error,
-    files changed, the error, the savings and problems. For the memory server's embedding
-    (which reads a memory's first few hundred words) and a planner reading search hits."""
+    """Return the first lines of a stored result, plain text: plan, outcome, project, run
+    id, each step's status and error, files changed, the error, the savings and problems.
+    For the memory server's embedding (which reads a memory's first few hundred words) and
+    a planner reading search hits."""
     counts = result.get("counts") or {}
     project = result.get("project")
     project = f" in project {_summary_text(project, 100)}" if project else ""
@@ -8008,10 +7825,10 @@ def result_content(result: dict) -> str:
 
 
 def result_memory(result: dict) -> ResultMemory:
-    """Return the result memory of a result document, as Store.finish stores it: its
-    content (result_content), tags (bridge-result, plan:<id>, and the project's name,
-    the tag the memory server's hooks inject memories by), metadata, the run id as
-    the memory server's conversation_id, and the plan's final state."""
+    """Return the result memory of a result document, as Store.finish stores it: content
+    (result_content), tags (bridge-result, plan:<id>, and the project's name, the tag the
+    memory server's hooks inject memories by), metadata, the run id as the memory server's
+    conversation_id, and the plan's final state."""
     tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
     if result.get("project"):
         tags.append(tag_safe(result["project"]))
@@ -8023,11 +7840,11 @@ def result_memory(result: dict) -> ResultMemory:
 
 
 def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
-    """Return a result document as bridge prints it (the --json of a run, --show
-    --json): the stored document, its result_hash (its memory's content_hash), what
-    the plan's state says happened to that run since (undone_at, applied_at,
-    rejected_at; state {} for a run just stored), and run_log as bridge makes it from
-    the run id (the stored one is not a path; None when the run id is not bridge's)."""
+    """Return a result document as bridge prints it (--json of a run, --show --json): the
+    stored document, its result_hash (its memory's content_hash), what the plan's state
+    says happened to that run since (undone_at, applied_at, rejected_at; state {} for a
+    run just stored), and run_log made from the run id (the stored one is not a path; None
+    when the run id is not bridge's)."""
     shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
     if state.get("undone_run") == run_id and state.get("undone_at"):
         shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
@@ -8044,9 +7861,9 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
 
 def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tuple[str, str]],
                   runs_dir: Path) -> dict:
-    """Return what --show --json prints: shown_result of the found (document,
-    result_hash), with status_now when the plan moved on from that run (after --apply
-    or --reject) and replaced_runs [{"run_id", "status"}] (Store.replaced_runs)."""
+    """Return what --show --json prints: shown_result of found (document, result_hash),
+    with status_now when the plan moved on from that run and replaced_runs [{"run_id",
+    "status"}] (Store.replaced_runs)."""
     result = shown_result(*found, record.state, runs_dir)
     now = record.display_status
     if record.state.get("run_id") == result.get("run_id") and now != result.get("status") \
@@ -8058,10 +7875,9 @@ def show_document(found: tuple[dict, str], record: PlanRecord, replaced: list[tu
 
 
 def run_hint(record: PlanRecord, runs_dir: Path | None = None) -> str:
-    """Return the command that runs a plan from where it is: --plan for a pending
-    one, --resume / --rerun for a stale one (with runs_dir, a stale state naming a
-    run that is not the plan's own is said to be forged: foreign_run_reason),
-    --rerun for a finished one."""
+    """Return what runs a plan from where it is: --plan for a pending one, --resume or
+    --rerun for a stale one (with runs_dir, a state naming a run not the plan's own is
+    said to be forged: foreign_run_reason), --rerun for a finished one."""
     status, plan_id = record.display_status, record.plan_id
     run_id = record.state.get("run_id")
     ours = isinstance(run_id, str) and re.fullmatch(RUN_ID_PATTERN, run_id)
@@ -8115,8 +7931,8 @@ def _step_lines(step: dict) -> list[str]:
 
 
 def render_result(result: dict) -> str:
-    """Return a stored result document as text for a person: steps, outputs, errors,
-    files, usage, cost and where the run log is. Every line goes through printable()."""
+    """Return a stored result document as text for a person; every line goes through
+    printable()."""
     usage = result.get("usage") or {}
     lines: list[str] = []
 
@@ -8138,13 +7954,11 @@ def render_result(result: dict) -> str:
         add(f"  cost: $0 here; ${result['would_have_cost_usd']:.4f} on {result.get('price_model')}")
     if result.get("error"):
         add(f"  error: {result['error']}")
-    if result.get("undone_at"):
-        add(f"  undone at {result['undone_at']}: its files were put back (bridge --undo)")
-    if result.get("applied_at"):
-        add(f"  applied at {result['applied_at']}: its staged files were written (bridge --apply)")
-    if result.get("rejected_at"):
-        add(f"  rejected at {result['rejected_at']}: its staged files were dropped "
-            "(bridge --reject)")
+    for key, what in (("undone", "its files were put back (bridge --undo)"),
+                      ("applied", "its staged files were written (bridge --apply)"),
+                      ("rejected", "its staged files were dropped (bridge --reject)")):
+        if result.get(f"{key}_at"):
+            add(f"  {key} at {result[key + '_at']}: {what}")
     for problem in result.get("problems") or []:
         add(f"  problem: {problem}")
     for step in result.get("steps", []):
@@ -8163,8 +7977,8 @@ def render_result(result: dict) -> str:
 
 def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
     """Return what --show prints of show_document's result: render_result, the runs of
-    contents the plan had before --submit --replace, and what to do now when it is
-    stale or awaiting review."""
+    contents replaced by --submit --replace, and what to do now when it is stale or
+    awaiting review."""
     lines = [render_result(result)]
     for entry in result.get("replaced_runs") or []:
         lines.append(printable(f"  replaced content: run {entry['run_id']} ({entry['status']}) "
@@ -8181,9 +7995,9 @@ def render_show(result: dict, record: PlanRecord, runs_dir: Path) -> str:
 
 
 def step_graph(plan: Plan) -> dict[int, set[int]]:
-    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing
-    the same file, the previous writer in sequential order (so parallel steps never
-    race on a file, and the last writer is always the same)."""
+    """Return {step id: ids it waits for}: its depends_on, plus, for steps writing the
+    same file, the previous writer in sequential order (parallel steps never race on a
+    file, and the last writer is always the same)."""
     graph = {sid: set(plan.steps[sid].depends_on) for sid in sorted(plan.steps)}
     writers: dict[str, int] = {}
     for sid in sequential_order(graph):
@@ -8198,7 +8012,6 @@ def step_graph(plan: Plan) -> dict[int, set[int]]:
 def sequential_order(graph: dict[int, set[int]]) -> list[int]:
     """Return the order steps run in one at a time: the lowest id that is ready next,
     so a plan whose dependencies point to lower ids runs (and prints) in step order."""
-
     order, out = TopologicalSorter(graph), []
     order.prepare()
     ready: list[int] = []
@@ -8212,20 +8025,14 @@ def sequential_order(graph: dict[int, set[int]]) -> list[int]:
 
 
 class StepScheduler:
-    """Runs a plan's steps in dependency order, up to `parallel` at once.
-
-    Independent steps run concurrently (at most `parallel` requests in flight, in
-    threads); with 1 they run one by one in the calling thread. Steps writing the
-    same file run one after the other, in id order (step_graph). A failed `halt`
-    step stops new steps from starting; steps already running finish and their
-    results count. Steps already succeeded (taken over from a killed run) are not
-    sent again; a step whose dependency did not succeed is skipped, saying which.
-
-    run: the PlanRun (or any object with plan, results, log, cancel and these two):
-    run.run_step(step, result, outputs, position) runs one step's attempts and fills
-    result; run.step_ended(result) hears of every step that is over. run.cancel (a
-    threading.Event) is set when the run stops early, for steps still running to see.
-    """
+    """Runs a plan's steps in dependency order (graph: step_graph), up to `parallel` at
+    once in threads; with 1, one by one in the calling thread. A failed `halt` step stops
+    new steps from starting; steps already running finish and their results count. Steps
+    that succeeded in a killed run are not sent again; a step whose dependency did not
+    succeed is skipped, saying which. run: the PlanRun: run.run_step(step, result,
+    outputs, position) runs one step's attempts and fills result; run.step_ended(result)
+    hears of every step that is over; run.cancel (a threading.Event) is set when the run
+    stops early, for steps still running to see."""
 
     def __init__(self, graph: dict[int, set[int]], parallel: int, run: "PlanRun"):
         self.plan, self.graph, self.results = run.plan, graph, run.results
@@ -8241,7 +8048,6 @@ class StepScheduler:
     def run(self, checkpoint: Callable[[StepResult], None]) -> str | None:
         """Run every step; checkpoint(result) saves each finished one. Returns the
         plan's error, or None when no step failed. Re-raises what stopped it."""
-
         order = TopologicalSorter(self.graph)
         order.prepare()
         finished: queue.Queue = queue.Queue()
@@ -8263,7 +8069,6 @@ class StepScheduler:
     def _start_ready(self, order: Any, finished: Any,
                      checkpoint: Callable[[StepResult], None]) -> None:
         """Start ready steps while slots are free; settle those that need no request."""
-
         while self.ready and len(self.running) < self.parallel:
             sid = self.ready.pop(0)
             step, result = self.plan.steps[sid], self.results[sid]
@@ -8321,7 +8126,6 @@ class StepScheduler:
     @staticmethod
     def _next_finished(finished: Any) -> tuple[int, BaseException | None]:
         """Wait for the next finished step, staying responsive to Ctrl-C."""
-
         while True:
             try:
                 return finished.get(timeout=0.1)
@@ -8348,7 +8152,6 @@ class ContextPool:
     exceeded". capacity: the context (tokens). Thread-safe."""
 
     def __init__(self, capacity: int):
-
         self.capacity, self.used = capacity, 0
         self._free = threading.Condition()
 
@@ -8378,19 +8181,18 @@ class ContextPool:
 
 
 class ContextFit:
-    """What this process knows of the default model's context (every plan it runs
-    shares it). model: the default model id; context_length: tokens, or None (not
-    known); parallel: steps in flight; calibration: the server's tokens per estimated
-    token (calibrate); pool: a ContextPool when the slots share one context, else None;
-    reprobe: LM Studio loaded the model on demand (JIT), so the first reply is followed
-    by a probe for the context and slots it got; client: the LLMClient, or None."""
+    """What this process knows of the default model's context (every plan it runs shares
+    it). model: the default model id; context_length: tokens, or None (not known);
+    parallel: steps in flight; calibration: the server's tokens per estimated token;
+    pool: a ContextPool when the slots share one context, else None; reprobe: LM Studio
+    loaded the model on demand (JIT): probe once a reply came; client: the LLMClient, or
+    None."""
 
     __slots__ = ("config", "client", "model", "progress", "context_length", "parallel",
                  "calibration", "pool", "reprobe", "_thinkers", "_reprobe_lock")
 
     def __init__(self, config: Config, client: "LLMClient | None", model: str | None,
                  progress: Progress):
-
         self.config, self.client, self.model, self.progress = config, client, model, progress
         self.context_length: int | None = None
         self.parallel, self.calibration = 1, 1.0
@@ -8400,23 +8202,22 @@ class ContextFit:
         self._reprobe_lock = threading.Lock()
 
     def context_of(self, model: str) -> int | None:
-        """Return the context (tokens) a model's prompts are fitted to: the default
-        model's, else None (not known)."""
+        """Return the context (tokens) a model's prompts are fitted to: the default model's,
+        else None."""
         return self.context_length if model == self.model else None
 
     def budget(self, step: Step, model: str) -> int | None:
-        """Return the prompt tokens that fit for a step, or None when the context is
-        unknown: the context (--context-length, else the server's for the loaded model) less
-        the answer's share (answer_tokens), over calibration."""
+        """Return the prompt tokens that fit for a step (prompt_budget over calibration), or
+        None when the context is unknown."""
         budget = prompt_budget(step, self.context_of(model))
         return int(budget / self.calibration) if budget is not None else None
 
     def calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
-        """Learn how many of the server's tokens one estimated token is (calibration,
-        from 1 up to MAX_CALIBRATION), from a count the server made of messages of at
-        least CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens):
-        number-dense text runs 1.85 characters a token on SmolLM2's tokenizer, not
-        CHARS_PER_TOKEN's 3.5. Returns True when the default model's budget shrank."""
+        """Learn how many of the server's tokens one estimated token is (calibration, 1 to
+        MAX_CALIBRATION) from the server's count of messages of at least
+        CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens): number-dense
+        text runs 1.85 characters a token on SmolLM2's tokenizer, not 3.5. Returns True when
+        the default model's budget shrank."""
         estimate = estimate_tokens(messages)
         if model != self.model or not isinstance(counted, int) or self.context_length is None \
                 or estimate < CALIBRATE_MIN_TOKENS:
@@ -8428,9 +8229,8 @@ class ContextFit:
         return True
 
     def max_tokens(self, step: Step, model: str, messages: list[dict]) -> int:
-        """Return the max_tokens of one request: answer_tokens, plus reserve, capped by
-        the context the prompt leaves (estimate_tokens, times calibration) when the
-        model's context is known."""
+        """Return the max_tokens of one request: answer_tokens plus reserve, capped by the
+        context the prompt leaves (estimate_tokens times calibration) when it is known."""
         context = self.context_of(model)
         limit = answer_tokens(step, context) + self.reserve(step, model)
         if not context:
@@ -8438,8 +8238,8 @@ class ContextFit:
         return max(1, min(limit, context - int(estimate_tokens(messages) * self.calibration)))
 
     def reserve(self, step: Step, model: str) -> int:
-        """Return the thinking reserve of a step's requests on a model (tokens): thinking_reserve
-        when the step asks for thinking or the model was seen thinking, else 0."""
+        """Return the thinking reserve of a step's requests on a model (tokens):
+        thinking_reserve when the step asks for thinking or the model was seen thinking."""
         if step.thinking != "on" and model not in self._thinkers:
             return 0
         return thinking_reserve(self.context_of(model))
@@ -8461,10 +8261,10 @@ class ContextFit:
                                "the steps sent from now on are fitted to it")
 
     def reprobe_loaded(self, model: str) -> None:
-        """Once a reply came from a model LM Studio loaded on demand (JIT), read the
-        context and parallel slots it was loaded with (JIT loads ignore saved settings
-        and often get 4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354
-        re-reads the same way): the steps sent after this fit them; said once."""
+        """Once a reply came from a model LM Studio loaded on demand (JIT), read the context
+        and parallel slots it was loaded with (JIT loads ignore saved settings and often get
+        4,096: lmstudio-bug-tracker #1463, #2174; hermes-agent PR #79354 re-reads the same
+        way): the steps sent after this fit them."""
         with self._reprobe_lock:
             if not self.reprobe:
                 return
@@ -8491,11 +8291,10 @@ class ContextFit:
 
 
 class Attempt:
-    """One request of a step as it is sent and streamed. number: 1 for the first;
-    model: the model reference asked; messages: the prompt (redacted); sampling: the
-    fields of retry_sampling (None: as the step says), then those sent, with max_tokens;
-    started: time.monotonic(); pieces, thought: streamed pieces of answer and of thinking
-    (the token estimate when the server sends no usage); guard, thinking_guard:
+    """One request of a step. number: 1 for the first; model: the model reference asked;
+    messages: the prompt (redacted); sampling: the fields of retry_sampling, then those
+    sent; started: time.monotonic(); pieces, thought: streamed pieces of answer and of
+    thinking (the token estimate when the server sends no usage); guard, thinking_guard:
     DegenerationGuards of a WATCHED executor, else None. Set by StepRun._prepare:
     executor, name (the model name it is asked by), local (a PROBED executor), thinking
     (thinking_asked), reserve (thinking tokens) and schema (the output schema sent)."""
@@ -8509,13 +8308,12 @@ class Attempt:
         self.step_run, self.number, self.model, self.sampling = step_run, number, model, sampling
         self.messages = redact(messages)    # no secret of bridge's environment reaches a model
         self.started, self.pieces, self.guard = time.monotonic(), 0, None
-        self.thought, self.thinking_guard = 0, None     # reasoning pieces so far, and their guard
+        self.thought, self.thinking_guard = 0, None
         self.executor, self.name, self.local = None, model, False
         self.thinking, self.reserve, self.schema = None, 0, None
 
     def _status(self, what: Callable[[float], str]) -> None:
-        """Show the attempt on the progress line: where, step, attempt, seconds, and
-        what(seconds since it started)."""
+        """Show the attempt on the progress line, ending with what(seconds since it started)."""
         run, step = self.step_run.run, self.step_run.step
         elapsed = time.monotonic() - self.started
         run.progress.status(f"{run.where(step)} · {step.title or f'step {step.id}'} · attempt "
@@ -8533,9 +8331,8 @@ class Attempt:
         self._status(lambda elapsed: f"{self.pieces / max(elapsed, 1e-6):.1f} tok/s")
 
     def on_reasoning(self, piece: str) -> None:
-        """Take one streamed piece of thinking: count it, show it on the progress line
-        ("thinking · N tokens") and watch it (raises OutputDegenerate naming the thinking:
-        the stream is closed on the way out)."""
+        """Take one streamed piece of thinking: count it, show it on the progress line and
+        watch it (raises OutputDegenerate naming the thinking)."""
         self.thought += 1
         self._status(lambda elapsed: f"thinking · {self.thought} tokens")
         if self.thinking_guard is not None:
@@ -8546,12 +8343,11 @@ class Attempt:
                 raise OutputDegenerate(why) from None
 
     def thought_of(self, reply: Completion, inline: str) -> tuple[int, int]:
-        """Record what the attempt thought (reasoning fields and reasoning inside content):
-        its tokens and bytes, on the step's attempt_log entry; remember the model
-        thinks. Returns the tokens, and the answer's (its pieces less the thinking
-        inside content). Tokens: the reasoning fields' streamed pieces (else
-        CHARS_PER_TOKEN); inside content, the share of the content's pieces its
-        characters are (else CHARS_PER_TOKEN)."""
+        """Record what the attempt thought (reasoning fields and reasoning inside content,
+        inline) and remember the model thinks. Returns the tokens, and the answer's (its
+        pieces less the thinking inside content). Tokens: the reasoning fields' streamed
+        pieces (else CHARS_PER_TOKEN); inside content, the share of the content's pieces
+        its characters are (else CHARS_PER_TOKEN)."""
         text = reply.reasoning + inline
         if not text:
             return 0, self.pieces
@@ -8561,20 +8357,22 @@ class Attempt:
         else:
             within = int(len(inline) / CHARS_PER_TOKEN)
         tokens = max(1, fields + within)
-        size = len(text.encode("utf-8", "replace"))
-        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
-        self.step_run.runner.fit.thinks(self.model)
+        self._record_thought(tokens, text)
         self.step_run.say(f"  {self.step_run.step.label}: the model thought for {tokens} tokens",
                           detail=True)
         return tokens, max(0, self.pieces - within)
 
+    def _record_thought(self, tokens: int, text: str) -> None:
+        """Put reasoning_tokens and reasoning_bytes on the step's attempt_log entry; remember
+        the model thinks."""
+        size = len(text.encode("utf-8", "replace"))
+        self.step_run.result.attempt_log[-1].update(reasoning_tokens=tokens, reasoning_bytes=size)
+        self.step_run.runner.fit.thinks(self.model)
+
     def thought_cut(self) -> None:
-        """Record the thinking of an attempt cut while it streamed (tokens: pieces, and bytes)."""
+        """Record the thinking of an attempt cut while it streamed."""
         if self.thought and self.thinking_guard is not None:
-            size = len(self.thinking_guard.text.encode("utf-8", "replace"))
-            self.step_run.result.attempt_log[-1].update(reasoning_tokens=self.thought,
-                                                        reasoning_bytes=size)
-            self.step_run.runner.fit.thinks(self.model)
+            self._record_thought(self.thought, self.thinking_guard.text)
 
     def cut_thinking(self, limit: Any, thought: int, answered: int) -> str:
         """Say how an attempt that thought was cut at max_tokens (limit): what thinking
@@ -8593,8 +8391,8 @@ class Attempt:
                 f"{answer} ({after})")
 
     def stopped(self, why: str) -> AttemptFailure:
-        """Record an attempt whose output degenerated and was cut (its tokens are
-        estimated: the server sent no usage); return its AttemptFailure."""
+        """Record an attempt whose output degenerated and was cut (its tokens estimated:
+        the server sent no usage); return its AttemptFailure."""
         step_run = self.step_run
         text = self.guard.text if self.guard is not None else ""
         thought = self.thinking_guard.text if self.thinking_guard is not None else ""
