@@ -4107,15 +4107,14 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
 
 class Executor:
     """One kind of executor, registered in EXECUTORS by its NAME (register_executor); an
-    instance answers chat(messages, ChatRequest) -> Completion, raising LLMError. Its
-    facts: NAME (--allow-executor's word); PREFIX (references "PREFIX:model" run on it;
-    "": claims() says which); PAID (counted against --max-cost-usd); AGENTIC (it acts:
-    run in the plan's project when trusted, else a scratch folder, one instance a
-    folder); CLOUD (the prompt and the project's files in it leave this machine);
-    PROBED (the run's model server, Runner.client: probed, sent the attempt's
-    sampling, thinking and constrained JSON); WATCHED (DegenerationGuard watches its
-    stream); DEFAULT_MAX_TOKENS (sent when a step names none; None: the server's).
-    A PAID, AGENTIC or CLOUD one runs only when the user allowed it."""
+    instance answers chat(messages, ChatRequest) -> Completion, raising LLMError. Facts:
+    NAME (--allow-executor's word); PREFIX (of "PREFIX:model" references; "": claims()
+    decides); PAID (counted against --max-cost-usd); AGENTIC (it acts: in the plan's
+    project when trusted, else a scratch folder); CLOUD (the prompt and files leave this
+    machine); PROBED (the run's model server, Runner.client: probed, sent sampling,
+    thinking and constrained JSON); WATCHED (DegenerationGuard watches its stream);
+    DEFAULT_MAX_TOKENS (None: the server's). A PAID, AGENTIC or CLOUD one runs only when
+    the user allowed it (needs_allowing)."""
 
     NAME = PREFIX = ""
     PAID = AGENTIC = CLOUD = PROBED = WATCHED = False
@@ -4508,29 +4507,31 @@ class OutputTally:
         self.received: list[str] = []
         self.thought: list[str] = []
 
-    def add_answer(self, piece: str) -> None:
-        """Count one piece of answer text."""
-        size = self.answer_bytes + self.reasoning_bytes
-        size += len(piece.encode("utf-8", "surrogatepass"))
-        if size > self.limit:
+    def _bytes_of(self, piece: str, thinking: bool) -> int:
+        """piece's UTF-8 bytes; LLMProtocolError when the reply would pass the limit."""
+        grown = len(piece.encode("utf-8", "surrogatepass"))
+        if self.answer_bytes + self.reasoning_bytes + grown <= self.limit:
+            return grown
+        if not thinking:
             raise LLMProtocolError(f"the reply passed --max-output-bytes ({self.limit} bytes); "
                                    "cut", "raise --max-output-bytes or ask for less")
-        self.answer_bytes = size - self.reasoning_bytes
+        raise LLMProtocolError(
+            f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was "
+            f"thinking ({self.reasoning_bytes + grown} bytes of reasoning, {self.answer_bytes} "
+            "of answer); cut",
+            "ask the server not to think (the step's \"thinking\": \"off\") "
+            "or raise --max-output-bytes")
+
+    def add_answer(self, piece: str) -> None:
+        """Count one piece of answer text."""
+        self.answer_bytes += self._bytes_of(piece, False)
         self.answer_pieces += 1
 
     def add_reasoning(self, piece: str) -> None:
         """Count one piece of thinking text."""
-        size = self.answer_bytes + self.reasoning_bytes
-        size += len(piece.encode("utf-8", "surrogatepass"))
-        if size > self.limit:
-            raise LLMProtocolError(
-                f"the reply passed --max-output-bytes ({self.limit} bytes) while the model was "
-                f"thinking ({size - self.answer_bytes} bytes of reasoning, {self.answer_bytes} of "
-                "answer); cut",
-                "ask the server not to think (the step's \"thinking\": \"off\") "
-                "or raise --max-output-bytes")
-        self.reasoning_bytes = size - self.answer_bytes
+        self.reasoning_bytes += self._bytes_of(piece, True)
         self.reasoning_pieces += 1
+
 
     def take(self, answer: str, reasoning: str = "") -> None:
         """Take one streamed piece of a reply, its thinking first."""
@@ -5029,7 +5030,8 @@ class HTTPExecutor(Executor):
         if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
                             httpx.RemoteProtocolError, httpx.CloseError)):
             reason = str(exc) or type(exc).__name__
-            return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
+            return LLMUnavailable(f"cannot reach the model server at {self.base_url} "
+                                  f"({reason}, requesting {url})",    # the URL the user gave
                                   "start the server (LM Studio: Developer > Start server) "
                                   "or pass --base-url")
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
@@ -5084,7 +5086,7 @@ class HTTPExecutor(Executor):
 
 class ServerInfo(namedtuple("ServerInfo", "kind models loaded context_length parallel version why "
                                          "refused problem trained_context",
-                            defaults=(None, None, (), None, None))):
+                            defaults=(None,) * 5 + ((), None, None))):
     """What a server says about itself (LLMClient.probe): kind ("LM Studio", "llama.cpp",
     "Ollama", "OpenAI-compatible"), models (ids), loaded (the loaded model's id, or None),
     context_length (tokens per request), parallel (requests served at once), version
@@ -5289,19 +5291,20 @@ class ServerProbes:
                                       _positive(config.get("parallel")), None, why, refused,
                                       None, trained)
         if wanted is not None:      # not loaded: the first request loads it (JIT), then re-read
-            return ServerInfo("LM Studio", models, None, None, None, None,
-                              "--model, not loaded yet: LM Studio loads it on the first request",
-                              refused)
+            return ServerInfo("LM Studio", models, refused=refused,
+                              why="--model, not loaded yet: LM Studio loads it on the first "
+                              "request")
         if not chat:                # nothing bridge can read as an LLM: --model decides
-            return ServerInfo("LM Studio", models, None, None, None, None, None, refused)
+            return ServerInfo("LM Studio", models, refused=refused)
         if len(chat) == 1:
             return ServerInfo("LM Studio", models, reply_label(chat[0]["key"]), None, None, None,
                               "the only LLM downloaded; LM Studio loads it on the first request",
                               refused, None, _positive(chat[0].get("max_context_length")))
         listed = ", ".join(e["key"] for e in chat[:8]) or "none"
-        return ServerInfo("LM Studio", models, None, None, None, None, None, refused,
-                          (f"LM Studio has no model loaded and {len(chat)} LLMs downloaded "
-                           f"({listed})", "load one (lms load KEY) or pass --model KEY"))
+        return ServerInfo("LM Studio", models, refused=refused, problem=(
+            f"LM Studio has no model loaded and {len(chat)} LLMs downloaded ({listed})",
+            "load one (lms load KEY) or pass --model KEY"))
+
 
     def _ollama_probe(self, root: str) -> "ServerInfo | None":
         """Return what an Ollama server runs (OllamaModels), or None when root is not
@@ -5357,7 +5360,7 @@ class ServerProbes:
                     context = entry.get("loaded_context_length") or entry.get("max_context_length")
                     return ServerInfo("LM Studio", models, reply_label(entry.get("id")),
                                       _positive(context), None)
-            return ServerInfo("LM Studio", models, None, None, None)
+            return ServerInfo("LM Studio", models)
         props = self._try_json(f"{root}/props")
         if isinstance(props, dict) and ("total_slots" in props
                                         or "default_generation_settings" in props):
@@ -5367,7 +5370,8 @@ class ServerProbes:
                               _positive(props.get("total_slots")))
         # llama-cpp-python: llama_cpp/server/app.py get_models
         if entries and all(m.get("owned_by") == "me" for m in entries):
-            return ServerInfo("llama-cpp-python", models, first, None, None)
+            return ServerInfo("llama-cpp-python", models, first)
+
         return ServerInfo("OpenAI-compatible", models, first,
                           _positive(entries[0].get("max_model_len")) if entries else None, None)
 
@@ -5875,16 +5879,14 @@ class AnthropicClient(HTTPExecutor):
 
 @register_executor
 class ClaudeCLI(Executor):
-    """The executor that hands a step to Claude Code: `claude -p --output-format
-    stream-json --verbose --model M --no-session-persistence` plus LOCKDOWN
-    [--append-system-prompt S], an argv list (never a shell), the prompt on stdin, run
-    in the plan's project only when it is trusted (else a scratch folder under the
-    state dir, removed after), with the environment claude_env leaves; the process
-    group is killed when the step's time (timeout_s under --timeout) runs out. Reads
-    the NDJSON events (code.claude.com/docs/en/headless): system/init, assistant
-    messages (their text streams), the closing result (result, is_error, usage,
-    total_cost_usd); other lines are skipped. A non-zero exit or is_error fails the
-    attempt with the result text or the last lines of stderr."""
+    """The executor that hands a step to Claude Code: `claude -p` with LOCKDOWN (an argv,
+    never a shell), the prompt on stdin, run in the plan's project only when it is trusted
+    (else _workdir), with the environment claude_env leaves; its process group is killed
+    when the step's time (timeout_s under --timeout) runs out. Reads the NDJSON events
+    (code.claude.com/docs/en/headless): system/init, assistant messages (their text
+    streams), the closing result (result, is_error, usage, total_cost_usd); other lines
+    are skipped. A non-zero exit or is_error fails the attempt with the result text or
+    the last lines of stderr."""
 
     # No tools (built-in: --tools ""; MCP: --strict-mcp-config without --mcp-config),
     # only the user's own settings (never the project's .claude/settings*.json and its
@@ -7845,11 +7847,12 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
         shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
     if state.get("run_id") == run_id:
         shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
-    if "run_log" in document:
+    if "run_log" in document:       # None too when no folder was made (invalid, never ran)
         try:
-            shown["run_log"] = str(run_folder(runs_dir, run_id))
+            folder = run_folder(runs_dir, run_id)
         except PathError:
-            shown["run_log"] = None
+            folder = None
+        shown["run_log"] = str(folder) if folder is not None and folder.is_dir() else None
     return shown
 
 
@@ -7959,8 +7962,11 @@ def render_result(result: dict) -> str:
         lines += _step_lines(step)
     if result.get("verify"):
         add(f"  verify: {_check_line(result['verify'])}")
+    staged = " (staged, dropped at --reject: not written)" if result.get("rejected_at") else \
+        " (staged, written at --apply)" if result.get("applied_at") else " (staged, not written)"
     for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
+        add(f"  file {change['path']}: {change['action']}"
+            + (staged if change.get("staged") else ""))
     if result.get("run_log"):
         add(f"  run log: {result['run_log']}")
     return "\n".join(lines)
@@ -10500,15 +10506,17 @@ def cmd_reject(config: Config, plan_id: str) -> int:
 
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
     """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
-    A run already undone, or that put its files back itself, is a no-op (saying so).
+    A run already undone, that put its files back itself or changed none, is a no-op
+    (saying so; nothing recorded).
     Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
                           "not undoing a run under it", run_hint(record))
     shown = {"plan_id": plan_id, "run_id": kept.run_id}
-    if kept.undone_at or kept.reverted:
-        why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
+    if kept.undone_at or kept.reverted or not kept.files:
+        why = (f"was undone at {kept.undone_at}" if kept.undone_at else
+               "put its files back itself" if kept.reverted else "changed no file")
         if config.json:
             _print_json({**shown, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
