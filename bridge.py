@@ -6743,9 +6743,8 @@ def write_run_info(run_dir: Path, plan_id: str, project: Path | None, started: s
 
 def foreign_run_reason(runs_dir: Path, run_id: str, record: PlanRecord) -> str | None:
     """Return why the run run_id (a run id run_folder accepts) is not the plan's own, so a
-    take-over (--resume, --rerun of a stale plan) must not touch its files (a state read
-    back from the store naming another plan's run is forged); None when its run.json names
-    this plan (id and content hash) and project, or when it left no folder."""
+    take-over (--resume, --rerun of a stale plan) must not touch its files; None when its
+    run.json names this plan (id and content hash) and project, or it left no folder."""
     folder = runs_dir / run_id
     if not os.path.lexists(folder):
         return None
@@ -6885,8 +6884,7 @@ class KeptRun:
     def load(cls, runs_dir: Path, run_id: Any, plan_id: str) -> "KeptRun":
         """Read and check run run_id of plan plan_id. Raises ConfigError for a malformed
         run id, BridgeError when the run is not there, is another plan's, predates
-        run.json, or its journal names a path outside the project or a backup outside
-        runs_dir."""
+        run.json, or its journal is not bridge's."""
         run_dir = run_dir_of(runs_dir, run_id)
         info = read_json_file(run_dir / RUN_INFO_FILE, or_none=True)
         if not isinstance(info, dict):
@@ -7334,9 +7332,9 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
 
 
 def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | None]:
-    """Return (the model reference a step whose attempts are spent escalates to, or
-    None; why a named one is not used, or None): --escalate-to, else the plan's
-    escalate_to, unless its executor is not in config.allowed_executors."""
+    """Return (the model reference a step whose attempts are spent escalates to, or None;
+    why a named one is not used, or None): --escalate-to, else the plan's escalate_to,
+    unless its executor is not allowed."""
     escalate_to = config.escalate_to or plan.escalate_to
     if escalate_to and (kind := _executor_of(escalate_to)) not in config.allowed_executors:
         return None, (f"escalation to {escalate_to} not used: the {kind} executor is not "
@@ -7477,9 +7475,7 @@ class _StepLog:
 
 class RunLog:
     """A run's transcript: runs/<run_id>/step-<N>.jsonl under --state-dir, one file per
-    step, in Claude Code's stream-json line format (code.claude.com/docs/en/headless), so
-    tools that read Claude Code transcripts read these too.
-
+    step, in Claude Code's stream-json line format (code.claude.com/docs/en/headless).
     Lines: {"type": "system", "subtype": "init", …} once; per attempt the messages sent
     (a "system_prompt" system line with "sampling", then {"type": "user" | "assistant",
     "message": …}), a "constrained_output" system line for a grounded step, the answer
@@ -7607,11 +7603,10 @@ def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dic
 
 
 def priced_reply(reply: Completion, messages: list[dict], pieces: int, model: str) -> Completion:
-    """Return reply with a cost_usd: its own, or, when its executor could not price it
-    (cost_usd None: counts it could not believe, or no price for the model it named), its
-    usage (estimated_usage when unknown) at claude_price of the model that answered, else
-    of model (the id asked for); 0 for a model without a price. So a paid request with a
-    negative or absurd count still counts against --max-cost-usd."""
+    """Return reply with a cost_usd: its own, else (counts its executor could not believe,
+    or no price for the model it named) its usage (estimated_usage when unknown) at
+    claude_price of the model that answered, else of model (the id asked for); 0 without a
+    price. So a paid request with an absurd count still counts against --max-cost-usd."""
     if reply.cost_usd is not None:
         return reply
     price = claude_price(reply.model or "") or claude_price(model)
@@ -7735,9 +7730,9 @@ RESULT_SUMMARY_FILES = 10
 
 def run_savings(steps: list[StepResult], price_model: str) -> dict:
     """Return what a run's local work saved: local_tokens (prompt and completion tokens of
-    PROBED executors), local_usage, would_have_cost_usd (those tokens at price_model's
-    prices), price_model, paid_usd (what paid escalations cost), retries (attempts after a
-    step's first, escalations not counted), escalations and escalations_saved."""
+    PROBED executors), local_usage, would_have_cost_usd (those at price_model's prices),
+    price_model, paid_usd, retries (attempts after a step's first, escalations not
+    counted), escalations and escalations_saved."""
     local = {"prompt_tokens": 0, "completion_tokens": 0}
     for step in steps:
         for model, line in step.ledger.items():
@@ -7839,9 +7834,9 @@ def result_memory(result: dict) -> ResultMemory:
 def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) -> dict:
     """Return a result document as bridge prints it (--json of a run, --show --json): the
     stored document, its result_hash (its memory's content_hash), what the plan's state
-    says happened to that run since (undone_at, applied_at, rejected_at; state {} for a
-    run just stored), and run_log made from the run id (the stored one is not a path; None
-    when the run id is not bridge's)."""
+    says happened to that run since (undone_at, applied_at, rejected_at; state {}: none),
+    and run_log made from the run id (the stored one is not a path; None when the run id
+    is not bridge's)."""
     shown, run_id = {**document, "result_hash": result_hash}, document.get("run_id")
     if state.get("undone_run") == run_id and state.get("undone_at"):
         shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
@@ -8142,11 +8137,11 @@ class StepScheduler:
 
 
 class ContextPool:
-    """The tokens of one context that the requests in flight share: llama.cpp's slots
-    with unified KV (its default, auto slots: each slot's n_ctx is the whole -c, one
-    pool; PR #16736, #23652) and LM Studio's parallel predictions (lms#565) run out of
-    it together, and llama.cpp then ends every slot with 500 "Context size has been
-    exceeded". capacity: the context (tokens). Thread-safe."""
+    """The tokens of one context that the requests in flight share (capacity: tokens;
+    thread-safe): llama.cpp's slots with unified KV (its default, auto slots: each slot's
+    n_ctx is the whole -c; PR #16736, #23652) and LM Studio's parallel predictions
+    (lms#565) run out of it together, and llama.cpp then ends every slot with 500 "Context
+    size has been exceeded"."""
 
     def __init__(self, capacity: int):
         self.capacity, self.used = capacity, 0
@@ -8210,11 +8205,10 @@ class ContextFit:
         return int(budget / self.calibration) if budget is not None else None
 
     def calibrate(self, model: str, messages: list[dict], counted: int | None) -> bool:
-        """Learn how many of the server's tokens one estimated token is (calibration, 1 to
-        MAX_CALIBRATION) from the server's count of messages of at least
-        CALIBRATE_MIN_TOKENS (its tokenizer, or a reply's usage.prompt_tokens): number-dense
-        text runs 1.85 characters a token on SmolLM2's tokenizer, not 3.5. Returns True when
-        the default model's budget shrank."""
+        """Learn the server's tokens per estimated token (calibration, 1 to MAX_CALIBRATION)
+        from its count of messages of at least CALIBRATE_MIN_TOKENS (its tokenizer, or a
+        reply's usage.prompt_tokens): number-dense text runs 1.85 characters a token on
+        SmolLM2's tokenizer, not 3.5. Returns True when the default model's budget shrank."""
         estimate = estimate_tokens(messages)
         if model != self.model or not isinstance(counted, int) or self.context_length is None \
                 or estimate < CALIBRATE_MIN_TOKENS:
@@ -8340,11 +8334,10 @@ class Attempt:
                 raise OutputDegenerate(why) from None
 
     def thought_of(self, reply: Completion, inline: str) -> tuple[int, int]:
-        """Record what the attempt thought (reasoning fields and reasoning inside content,
-        inline) and remember the model thinks. Returns the tokens, and the answer's (its
-        pieces less the thinking inside content). Tokens: the reasoning fields' streamed
-        pieces (else CHARS_PER_TOKEN); inside content, the share of the content's pieces
-        its characters are (else CHARS_PER_TOKEN)."""
+        """Record what the attempt thought (reasoning fields, and inline: reasoning inside
+        content). Returns its tokens and the answer's (its pieces less the thinking inside
+        content). Tokens: the reasoning fields' streamed pieces, and the share of the
+        content's pieces inline's characters are (else CHARS_PER_TOKEN for either)."""
         text = reply.reasoning + inline
         if not text:
             return 0, self.pieces
