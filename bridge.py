@@ -9270,12 +9270,9 @@ class PlanRun(PlanRunFiles):
         if len(result["ledger"]) > 1 or result["escalations"]:
             for text in ledger_lines(result):
                 progress.info(text)
-        runner.events.emit(
-            "plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
-            success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
-            cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
-            result_hash=result["result_hash"], error=result["error"],
-            problems=result.get("problems"), run_log=result["run_log"])
+        runner.events.emit("plan_end", result["plan_id"], **{key: result.get(key) for key in (
+            "run_id", "status", "success", "usage", "duration_s", "cost_usd",
+            "would_have_cost_usd", "result_hash", "error", "problems", "run_log")})
         return result
 
 
@@ -10402,44 +10399,34 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
 def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
     """Print what a run changed: per file its action, whether it changed since, and the
     unified diff from its original to the file now (--json: {"plan_id", "run_id",
-    "project", "reverted", "undone_at", "files": KeptRun.diff()})."""
+    "project", "reverted", "undone_at", "files": KeptRun.diff()}); of a run awaiting
+    review, what --apply would change (KeptRun.staged_diff; --json: "awaiting_review")."""
     record, kept = _kept_run(config, plan_id, run_id)
-    if kept.awaiting_review:
-        return _print_staged_diff(config, record, kept)
-    files = kept.diff()
+    staged = kept.awaiting_review
+    files = kept.staged_diff() if staged else kept.diff()
     if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
-                     "project": str(kept.project) if kept.project else None,
-                     "reverted": kept.reverted, "undone_at": kept.undone_at, "files": files})
+        facts = {"project": str(kept.project), "awaiting_review": True} if staged else {
+            "project": str(kept.project) if kept.project else None,
+            "reverted": kept.reverted, "undone_at": kept.undone_at}
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, **facts, "files": files})
         return EXIT_OK
     state = " · undone at " + kept.undone_at if kept.undone_at else \
         " · the run put its files back itself" if kept.reverted else ""
     where = f"project {kept.project}" if kept.project else "no project"
+    if staged:
+        state = f" staged for review: what bridge --apply {record.plan_id} would change"
     print(printable(f"run {kept.run_id} of plan {record.plan_id} · {where} · "
                     f"{len(files)} file(s){state}"))
     for entry in files:
-        now = "missing now" if entry["current_sha256"] is None else \
-            "changed since the run" if entry["changed_since_run"] else "as the run left it"
-        print(printable(f"=== {entry['path']}: {entry['action']} · {now}"))
+        if staged:
+            line = f"would be {entry['action']}" + (" · changed since the run: --apply will "
+                                                     "refuse" if entry["changed_since_run"] else "")
+        else:
+            line = f"{entry['action']} · " + (
+                "missing now" if entry["current_sha256"] is None else
+                "changed since the run" if entry["changed_since_run"] else "as the run left it")
+        print(printable(f"=== {entry['path']}: {line}"))
         sys.stdout.write(printable(entry["diff"], multiline=True))     # a model wrote those lines
-    return EXIT_OK
-
-
-def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int:
-    """Print what --apply would change (KeptRun.staged_diff); --json as cmd_diff, with
-    "awaiting_review": true."""
-    files = kept.staged_diff()
-    if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
-                     "project": str(kept.project), "awaiting_review": True, "files": files})
-        return EXIT_OK
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
-                    f"{len(files)} file(s) staged for review: what bridge --apply "
-                    f"{record.plan_id} would change"))
-    for entry in files:
-        now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
-        print(printable(f"=== {entry['path']}: would be {entry['action']}{now}"))
-        sys.stdout.write(printable(entry["diff"], multiline=True))
     return EXIT_OK
 
 
@@ -10510,8 +10497,8 @@ def cmd_reject(config: Config, plan_id: str) -> int:
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
     """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
     A run already undone, that put its files back itself or changed none, is a no-op
-    (saying so; nothing recorded).
-    Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
+    (saying so; nothing recorded). Raises BridgeError when the plan is running or stale,
+    or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
