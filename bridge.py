@@ -3178,13 +3178,12 @@ def _property_names(schema: Any) -> set[str]:
 
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
-    """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through "$defs"
-    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
-    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
-    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
-    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
-    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
+    """Return a sent schema (output_schema) with every bounded_string made one of spans
+    and every open number one of numbers, through "$defs" "bridge_span" and
+    "bridge_number" (llama.cpp's and llama-cpp-python's converters make a $ref to
+    "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs). What the plan
+    bounds itself is kept. A number alternative of anyOf or oneOf is dropped where the
+    input writes no number (SmolLM2 answered "version": 4.23 for "4.23.0")."""
     def open_number(node: Any) -> bool:
         return isinstance(node, dict) and set(node) == {"type"} and \
             node["type"] in ("number", "integer")
@@ -3224,12 +3223,11 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string: min_length to max_length
-    characters, none a quote, a backslash or a control character. The pattern says so
-    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
-    before maxLength. No empty string: a small model fills "" where the sentence has the
-    value (null stays allowed)."""
+    """Return the schema of a string of min_length to max_length characters, none a quote,
+    backslash or control character: the pattern says so, as llama-cpp-python's grammar
+    lets raw newlines into strings (its "char" rule is [^"\\], llama_cpp/llama_grammar.py)
+    and its converter, like llama.cpp's, takes the pattern before maxLength. No empty
+    string: a small model fills "" where the sentence has the value (null stays allowed)."""
     return {"type": "string", "minLength": min_length, "maxLength": max_length,
             "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
 
@@ -4093,14 +4091,13 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
                              "thinking on_delta on_reasoning",
                              defaults=(None, None, None, None, None, None, None))):
     """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+    request) -> Completion). model: the id, without its executor prefix; sampling:
+    {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None; max_tokens
+    (None: the executor's default); timeout_s (seconds, the step's: narrows --timeout per
+    read and the request's deadline); json_schema (constrain the answer to it, or None);
+    thinking ("off" asks the server not to think); on_delta(str) for each streamed piece
+    of answer, on_reasoning(str) for each of thinking. Each executor drops what it cannot
+    send."""
 
     __slots__ = ()
 
@@ -4260,8 +4257,9 @@ def project_name(folder: Path) -> str:
 def untrustable_reason(config: Config, folder: Path) -> str | None:
     """Return why a folder (a real path) can never be a trusted project nor a plan's, or
     None: the filesystem root, a VCS folder, the home folder or one holding it, one
-    holding or inside the store, the state dir or the config dir (a plan working there
-    could replace the store, its own journals or the trust file)."""
+    holding or inside the store, the state dir or the config dir (a plan there could
+    replace the store, its own journals or the trust file)."""
+
     if folder == folder.parent:
         return "it is the filesystem root"
     if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
@@ -5127,9 +5125,9 @@ class OllamaModels:
         return self.shown[name]
 
     def cloud(self, name: str) -> bool:
-        """Whether name is a cloud model the user has not allowed."""
+        """Whether name is a cloud model the user has not allowed (--allow-executor)."""
         if "ollama-cloud" in self.client.config.allowed_executors:
-            return False            # allowed by the user (--allow-executor ollama-cloud)
+            return False
         remote = (self.pulled.get(name) or self.running.get(name) or {}).get("remote_host")
         return is_cloud_model(name) or bool(remote)
 
@@ -5451,8 +5449,8 @@ def _pick_model(config: Config, info: ServerInfo | None) -> str:
 
 
 class OllamaNative:
-    """Ollama's native chat for LLMClient (a mixin: self.native, self.num_ctx, set by the
-    probe and the run)."""
+    """Ollama's native chat for LLMClient (a mixin; self.native and self.num_ctx are set
+    by the probe and the run)."""
 
     @property
     def cuts_prompts(self) -> bool:
