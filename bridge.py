@@ -5028,7 +5028,8 @@ class HTTPExecutor(Executor):
         if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
                             httpx.RemoteProtocolError, httpx.CloseError)):
             reason = str(exc) or type(exc).__name__
-            return LLMUnavailable(f"cannot reach the model server at {url} ({reason})",
+            return LLMUnavailable(f"cannot reach the model server at {self.base_url} "
+                                  f"({reason}, requesting {url})",    # the URL the user gave
                                   "start the server (LM Studio: Developer > Start server) "
                                   "or pass --base-url")
         return LLMProtocolError(f"request to {url} failed: {type(exc).__name__}: {exc}")
@@ -7094,8 +7095,8 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
 def thinking_asked(step: Step) -> str | None:
     """Return what a step asks of a thinking model: its "thinking" (or the plan's
     defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
-    max_tokens is at most a json step's default max_tokens), else None (the server's
-    default: the model may think, and split_reasoning takes it out)."""
+    max_tokens is at most a json step's default), else None (the server's default;
+    split_reasoning takes any thinking out)."""
     if step.thinking:
         return step.thinking
     short = step.max_tokens is not None and step.max_tokens <= VALIDATION_TYPES["json"].max_tokens
@@ -7310,8 +7311,8 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
                      validation: dict | list) -> "AttemptFailure":
-        """A failed command check: the next prompt shows the answer, the command and
-        the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
+        """A failed command check: the next prompt shows the answer, the command and the
+        end of its output (COMMAND_FEEDBACK_CHARS)."""
         text = run.output_tail.strip() or "(no output)"
         if len(text) > COMMAND_FEEDBACK_CHARS:
             text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} "
@@ -7342,9 +7343,9 @@ def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | Non
 
 
 def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
-    """Return the prompt of a step's escalation: its first prompt (messages), its last
-    message followed by each failed answer (clipped to 4,000 characters) and why it was
-    rejected (failures: [(output, why)])."""
+    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    message followed by each failed answer (clipped) and why it was rejected (failures:
+    [(output, why)])."""
     tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
                         f"\n```\nRejected because: {why}"
                         for n, (output, why) in enumerate(failures, 1))
@@ -7424,9 +7425,8 @@ class StepResult:
 
     def as_dict(self, price_model: str = DEFAULT_PRICE_MODEL) -> dict:
         """Return the step entry of the result document (output clipped to
-        STORED_OUTPUT_MAX_CHARS characters, with a marker saying so), with
-        tokens_per_s (completion tokens over generation seconds) and what the tokens
-        would have cost on price_model."""
+        STORED_OUTPUT_MAX_CHARS characters, marked), with tokens_per_s (completion tokens
+        over generation seconds) and what the tokens would have cost on price_model."""
         speed = self.usage["completion_tokens"] / self.generation_s if self.generation_s else None
         return {"id": self.id, "title": self.title, "status": self.status,
                 "attempts": self.attempts,
@@ -7524,7 +7524,7 @@ class RunLog:
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
         """Record a streamed answer (as received, <think> included) and its usage; the
         reasoning fields' text first as a "thinking" block (Anthropic's content block
-        type), and which constraint produced it ("response_format": its type, or null)."""
+        type), and "response_format" (the constraint's type, or null)."""
         usage = reply.usage or {}
         content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
         message = {"role": "assistant", "model": reply.model,
@@ -7597,9 +7597,9 @@ class _Heartbeat:
 
 
 def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dict:
-    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply whose server
-    sent no usage it could be believed on: the prompt by estimate_tokens, the answer by
-    its streamed pieces, else by CHARS_PER_TOKEN like the prompt."""
+    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply without usage to
+    believe: the prompt by estimate_tokens, the answer by its streamed pieces, else by
+    CHARS_PER_TOKEN."""
     return {"prompt_tokens": estimate_tokens(messages),
             "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
 
@@ -7779,10 +7779,9 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result, plain text: plan, outcome, project, run
-    id, each step's status and error, files changed, the error, the savings and problems.
-    For the memory server's embedding (which reads a memory's first few hundred words) and
-    a planner reading search hits."""
+    """Return the first lines of a stored result, plain text, for the memory server's
+    embedding (which reads a memory's first few hundred words) and a planner reading
+    search hits."""
     counts = result.get("counts") or {}
     project = result.get("project")
     project = f" in project {_summary_text(project, 100)}" if project else ""
@@ -7822,10 +7821,9 @@ def result_content(result: dict) -> str:
 
 
 def result_memory(result: dict) -> ResultMemory:
-    """Return the result memory of a result document, as Store.finish stores it: content
-    (result_content), tags (bridge-result, plan:<id>, and the project's name, the tag the
-    memory server's hooks inject memories by), metadata, the run id as the memory server's
-    conversation_id, and the plan's final state."""
+    """Return the ResultMemory of a result document: content (result_content), tags
+    (bridge-result, plan:<id>, and the project's name, the tag the memory server's hooks
+    inject memories by), metadata, the run id as conversation_id, the plan's final state."""
     tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
     if result.get("project"):
         tags.append(tag_safe(result["project"]))
@@ -7847,11 +7845,12 @@ def shown_result(document: dict, result_hash: str, state: dict, runs_dir: Path) 
         shown["undone_at"] = state["undone_at"]     # shown, not stored: the result is as run
     if state.get("run_id") == run_id:
         shown.update({k: state[k] for k in ("applied_at", "rejected_at") if state.get(k)})
-    if "run_log" in document:
+    if "run_log" in document:       # None too when no folder was made (invalid, never ran)
         try:
-            shown["run_log"] = str(run_folder(runs_dir, run_id))
+            folder = run_folder(runs_dir, run_id)
         except PathError:
-            shown["run_log"] = None
+            folder = None
+        shown["run_log"] = str(folder) if folder is not None and folder.is_dir() else None
     return shown
 
 
@@ -7961,8 +7960,11 @@ def render_result(result: dict) -> str:
         lines += _step_lines(step)
     if result.get("verify"):
         add(f"  verify: {_check_line(result['verify'])}")
+    staged = " (staged, dropped at --reject: not written)" if result.get("rejected_at") else \
+        " (staged, written at --apply)" if result.get("applied_at") else " (staged, not written)"
     for change in result.get("files", []):
-        add(f"  file {change['path']}: {change['action']}")
+        add(f"  file {change['path']}: {change['action']}"
+            + (staged if change.get("staged") else ""))
     if result.get("run_log"):
         add(f"  run log: {result['run_log']}")
     return "\n".join(lines)
@@ -10502,15 +10504,17 @@ def cmd_reject(config: Config, plan_id: str) -> int:
 
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
     """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
-    A run already undone, or that put its files back itself, is a no-op (saying so).
+    A run already undone, that put its files back itself or changed none, is a no-op
+    (saying so; nothing recorded).
     Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
                           "not undoing a run under it", run_hint(record))
     shown = {"plan_id": plan_id, "run_id": kept.run_id}
-    if kept.undone_at or kept.reverted:
-        why = f"was undone at {kept.undone_at}" if kept.undone_at else "put its files back itself"
+    if kept.undone_at or kept.reverted or not kept.files:
+        why = (f"was undone at {kept.undone_at}" if kept.undone_at else
+               "put its files back itself" if kept.reverted else "changed no file")
         if config.json:
             _print_json({**shown, "undone_at": kept.undone_at, "restored": [],
                          "nothing_to_do": f"the run {why}"})
