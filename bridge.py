@@ -3178,13 +3178,12 @@ def _property_names(schema: Any) -> set[str]:
 
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
-    """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through "$defs"
-    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
-    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
-    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
-    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
-    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
+    """Return a sent schema (output_schema) with every bounded_string made one of spans
+    and every open number one of numbers, through "$defs" "bridge_span" and
+    "bridge_number" (llama.cpp's and llama-cpp-python's converters make a $ref to
+    "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs). What the plan
+    bounds itself is kept. A number alternative of anyOf or oneOf is dropped where the
+    input writes no number (SmolLM2 answered "version": 4.23 for "4.23.0")."""
     def open_number(node: Any) -> bool:
         return isinstance(node, dict) and set(node) == {"type"} and \
             node["type"] in ("number", "integer")
@@ -3224,12 +3223,11 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string: min_length to max_length
-    characters, none a quote, a backslash or a control character. The pattern says so
-    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
-    before maxLength. No empty string: a small model fills "" where the sentence has the
-    value (null stays allowed)."""
+    """Return the schema of a string of min_length to max_length characters, none a quote,
+    backslash or control character: the pattern says so, as llama-cpp-python's grammar
+    lets raw newlines into strings (its "char" rule is [^"\\], llama_cpp/llama_grammar.py)
+    and its converter, like llama.cpp's, takes the pattern before maxLength. No empty
+    string: a small model fills "" where the sentence has the value (null stays allowed)."""
     return {"type": "string", "minLength": min_length, "maxLength": max_length,
             "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
 
@@ -4093,14 +4091,13 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
                              "thinking on_delta on_reasoning",
                              defaults=(None, None, None, None, None, None, None))):
     """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+    request) -> Completion). model: the id, without its executor prefix; sampling:
+    {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None; max_tokens
+    (None: the executor's default); timeout_s (seconds, the step's: narrows --timeout per
+    read and the request's deadline); json_schema (constrain the answer to it, or None);
+    thinking ("off" asks the server not to think); on_delta(str) for each streamed piece
+    of answer, on_reasoning(str) for each of thinking. Each executor drops what it cannot
+    send."""
 
     __slots__ = ()
 
@@ -4260,8 +4257,9 @@ def project_name(folder: Path) -> str:
 def untrustable_reason(config: Config, folder: Path) -> str | None:
     """Return why a folder (a real path) can never be a trusted project nor a plan's, or
     None: the filesystem root, a VCS folder, the home folder or one holding it, one
-    holding or inside the store, the state dir or the config dir (a plan working there
-    could replace the store, its own journals or the trust file)."""
+    holding or inside the store, the state dir or the config dir (a plan there could
+    replace the store, its own journals or the trust file)."""
+
     if folder == folder.parent:
         return "it is the filesystem root"
     if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
@@ -5128,9 +5126,9 @@ class OllamaModels:
         return self.shown[name]
 
     def cloud(self, name: str) -> bool:
-        """Whether name is a cloud model the user has not allowed."""
+        """Whether name is a cloud model the user has not allowed (--allow-executor)."""
         if "ollama-cloud" in self.client.config.allowed_executors:
-            return False            # allowed by the user (--allow-executor ollama-cloud)
+            return False
         remote = (self.pulled.get(name) or self.running.get(name) or {}).get("remote_host")
         return is_cloud_model(name) or bool(remote)
 
@@ -5452,8 +5450,8 @@ def _pick_model(config: Config, info: ServerInfo | None) -> str:
 
 
 class OllamaNative:
-    """Ollama's native chat for LLMClient (a mixin: self.native, self.num_ctx, set by the
-    probe and the run)."""
+    """Ollama's native chat for LLMClient (a mixin; self.native and self.num_ctx are set
+    by the probe and the run)."""
 
     @property
     def cuts_prompts(self) -> bool:
@@ -7097,8 +7095,8 @@ def prompt_budget(step: Step, context_length: int | None) -> int | None:
 def thinking_asked(step: Step) -> str | None:
     """Return what a step asks of a thinking model: its "thinking" (or the plan's
     defaults.thinking), else "off" for a bounded step (its check is JSON, or its own
-    max_tokens is at most a json step's default max_tokens), else None (the server's
-    default: the model may think, and split_reasoning takes it out)."""
+    max_tokens is at most a json step's default), else None (the server's default;
+    split_reasoning takes any thinking out)."""
     if step.thinking:
         return step.thinking
     short = step.max_tokens is not None and step.max_tokens <= VALIDATION_TYPES["json"].max_tokens
@@ -7313,8 +7311,8 @@ class AttemptFailure(namedtuple("AttemptFailure", "message retryable feedback an
     @classmethod
     def from_command(cls, run: CommandRun, output: str, file_output: str | None,
                      validation: dict | list) -> "AttemptFailure":
-        """A failed command check: the next prompt shows the answer, the command and
-        the end of its output (COMMAND_FEEDBACK_CHARS), as a person would see it."""
+        """A failed command check: the next prompt shows the answer, the command and the
+        end of its output (COMMAND_FEEDBACK_CHARS)."""
         text = run.output_tail.strip() or "(no output)"
         if len(text) > COMMAND_FEEDBACK_CHARS:
             text = (f"[bridge: the output's first {len(text) - COMMAND_FEEDBACK_CHARS} "
@@ -7345,9 +7343,9 @@ def escalation_target(config: Config, plan: Plan) -> tuple[str | None, str | Non
 
 
 def escalation_messages(messages: list[dict], failures: list[tuple[str, str]]) -> list[dict]:
-    """Return the prompt of a step's escalation: its first prompt (messages), its last
-    message followed by each failed answer (clipped to 4,000 characters) and why it was
-    rejected (failures: [(output, why)])."""
+    """Return the prompt of a step's escalation: its first prompt (messages), the last
+    message followed by each failed answer (clipped) and why it was rejected (failures:
+    [(output, why)])."""
     tried = "\n\n".join(f"Attempt {n}:\n```\n{clip(output, 4000, 'answer') or '(no answer)'}"
                         f"\n```\nRejected because: {why}"
                         for n, (output, why) in enumerate(failures, 1))
@@ -7427,9 +7425,8 @@ class StepResult:
 
     def as_dict(self, price_model: str = DEFAULT_PRICE_MODEL) -> dict:
         """Return the step entry of the result document (output clipped to
-        STORED_OUTPUT_MAX_CHARS characters, with a marker saying so), with
-        tokens_per_s (completion tokens over generation seconds) and what the tokens
-        would have cost on price_model."""
+        STORED_OUTPUT_MAX_CHARS characters, marked), with tokens_per_s (completion tokens
+        over generation seconds) and what the tokens would have cost on price_model."""
         speed = self.usage["completion_tokens"] / self.generation_s if self.generation_s else None
         return {"id": self.id, "title": self.title, "status": self.status,
                 "attempts": self.attempts,
@@ -7527,7 +7524,7 @@ class RunLog:
     def answer(self, sid: int, attempt: int, reply: Completion) -> None:
         """Record a streamed answer (as received, <think> included) and its usage; the
         reasoning fields' text first as a "thinking" block (Anthropic's content block
-        type), and which constraint produced it ("response_format": its type, or null)."""
+        type), and "response_format" (the constraint's type, or null)."""
         usage = reply.usage or {}
         content = [{"type": "thinking", "thinking": reply.reasoning}] if reply.reasoning else []
         message = {"role": "assistant", "model": reply.model,
@@ -7600,9 +7597,9 @@ class _Heartbeat:
 
 
 def estimated_usage(reply: Completion, messages: list[dict], pieces: int) -> dict:
-    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply whose server
-    sent no usage it could be believed on: the prompt by estimate_tokens, the answer by
-    its streamed pieces, else by CHARS_PER_TOKEN like the prompt."""
+    """Return {"prompt_tokens", "completion_tokens"} estimated for a reply without usage to
+    believe: the prompt by estimate_tokens, the answer by its streamed pieces, else by
+    CHARS_PER_TOKEN."""
     return {"prompt_tokens": estimate_tokens(messages),
             "completion_tokens": pieces or int(len(reply.text) / CHARS_PER_TOKEN)}
 
@@ -7782,10 +7779,9 @@ def ledger_lines(result: dict) -> list[str]:
 
 
 def result_summary(result: dict) -> str:
-    """Return the first lines of a stored result, plain text: plan, outcome, project, run
-    id, each step's status and error, files changed, the error, the savings and problems.
-    For the memory server's embedding (which reads a memory's first few hundred words) and
-    a planner reading search hits."""
+    """Return the first lines of a stored result, plain text, for the memory server's
+    embedding (which reads a memory's first few hundred words) and a planner reading
+    search hits."""
     counts = result.get("counts") or {}
     project = result.get("project")
     project = f" in project {_summary_text(project, 100)}" if project else ""
@@ -7825,10 +7821,9 @@ def result_content(result: dict) -> str:
 
 
 def result_memory(result: dict) -> ResultMemory:
-    """Return the result memory of a result document, as Store.finish stores it: content
-    (result_content), tags (bridge-result, plan:<id>, and the project's name, the tag the
-    memory server's hooks inject memories by), metadata, the run id as the memory server's
-    conversation_id, and the plan's final state."""
+    """Return the ResultMemory of a result document: content (result_content), tags
+    (bridge-result, plan:<id>, and the project's name, the tag the memory server's hooks
+    inject memories by), metadata, the run id as conversation_id, the plan's final state."""
     tags = [RESULT_TAG, f"plan:{tag_safe(result['plan_id'])}"]
     if result.get("project"):
         tags.append(tag_safe(result["project"]))
