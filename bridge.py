@@ -3178,13 +3178,12 @@ def _property_names(schema: Any) -> set[str]:
 
 
 def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
-    """Return a sent schema (output_schema) with every string it leaves open (a
-    bounded_string) made one of spans, and every number one of numbers, through "$defs"
-    "bridge_span" and "bridge_number" (llama.cpp's and llama-cpp-python's converters make
-    a $ref to "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs).
-    What the plan bounds itself (enum, const, format, its own pattern) is kept. A number
-    alternative of anyOf or oneOf is left out where the input writes no number (SmolLM2
-    answered "version": 4.23 for "4.23.0"); a number the plan requires stays open."""
+    """Return a sent schema (output_schema) with every bounded_string made one of spans
+    and every open number one of numbers, through "$defs" "bridge_span" and
+    "bridge_number" (llama.cpp's and llama-cpp-python's converters make a $ref to
+    "#/$defs/…" one grammar rule: llama_cpp/llama_grammar.py resolve_refs). What the plan
+    bounds itself is kept. A number alternative of anyOf or oneOf is dropped where the
+    input writes no number (SmolLM2 answered "version": 4.23 for "4.23.0")."""
     def open_number(node: Any) -> bool:
         return isinstance(node, dict) and set(node) == {"type"} and \
             node["type"] in ("number", "integer")
@@ -3224,12 +3223,11 @@ def span_schema(schema: Any, spans: list[str], numbers: list) -> Any:
 
 
 def bounded_string(min_length: int = 1, max_length: int = JSON_VALUE_MAX_LENGTH) -> dict:
-    """Return the schema of a bounded string: min_length to max_length
-    characters, none a quote, a backslash or a control character. The pattern says so
-    because llama-cpp-python's grammar lets raw newlines into strings (its "char" rule is
-    [^"\\], llama_cpp/llama_grammar.py); its converter, like llama.cpp's, takes the pattern
-    before maxLength. No empty string: a small model fills "" where the sentence has the
-    value (null stays allowed)."""
+    """Return the schema of a string of min_length to max_length characters, none a quote,
+    backslash or control character: the pattern says so, as llama-cpp-python's grammar
+    lets raw newlines into strings (its "char" rule is [^"\\], llama_cpp/llama_grammar.py)
+    and its converter, like llama.cpp's, takes the pattern before maxLength. No empty
+    string: a small model fills "" where the sentence has the value (null stays allowed)."""
     return {"type": "string", "minLength": min_length, "maxLength": max_length,
             "pattern": '^[^"\\\\\\x00-\\x1F]{%d,%d}$' % (min_length, max_length)}
 
@@ -4093,14 +4091,13 @@ class ChatRequest(namedtuple("ChatRequest", "model sampling max_tokens timeout_s
                              "thinking on_delta on_reasoning",
                              defaults=(None, None, None, None, None, None, None))):
     """What one chat asks of an executor (the one contract: executor.chat(messages,
-    request) -> Completion). model: the model id, without its executor prefix;
-    sampling: {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None;
-    max_tokens (tokens, or None: the executor's default); timeout_s (seconds, the
-    step's: narrows --timeout per read and the request's deadline; None: the defaults);
-    json_schema (ask for JSON this schema constrains, or None); thinking ("off" asks the
-    server not to think; "on" or None sends nothing); on_delta(str) for each streamed
-    piece of answer, on_reasoning(str) for each piece of thinking. Each executor drops
-    what it cannot send (the claude CLI has no flag for sampling, max_tokens or a schema)."""
+    request) -> Completion). model: the id, without its executor prefix; sampling:
+    {"temperature", "seed", "repeat_penalty", "dry_multiplier", ...} or None; max_tokens
+    (None: the executor's default); timeout_s (seconds, the step's: narrows --timeout per
+    read and the request's deadline); json_schema (constrain the answer to it, or None);
+    thinking ("off" asks the server not to think); on_delta(str) for each streamed piece
+    of answer, on_reasoning(str) for each of thinking. Each executor drops what it cannot
+    send."""
 
     __slots__ = ()
 
@@ -4260,8 +4257,9 @@ def project_name(folder: Path) -> str:
 def untrustable_reason(config: Config, folder: Path) -> str | None:
     """Return why a folder (a real path) can never be a trusted project nor a plan's, or
     None: the filesystem root, a VCS folder, the home folder or one holding it, one
-    holding or inside the store, the state dir or the config dir (a plan working there
-    could replace the store, its own journals or the trust file)."""
+    holding or inside the store, the state dir or the config dir (a plan there could
+    replace the store, its own journals or the trust file)."""
+
     if folder == folder.parent:
         return "it is the filesystem root"
     if vcs := next((part for part in folder.parts if vcs_folder_of(part)), None):
@@ -5128,9 +5126,9 @@ class OllamaModels:
         return self.shown[name]
 
     def cloud(self, name: str) -> bool:
-        """Whether name is a cloud model the user has not allowed."""
+        """Whether name is a cloud model the user has not allowed (--allow-executor)."""
         if "ollama-cloud" in self.client.config.allowed_executors:
-            return False            # allowed by the user (--allow-executor ollama-cloud)
+            return False
         remote = (self.pulled.get(name) or self.running.get(name) or {}).get("remote_host")
         return is_cloud_model(name) or bool(remote)
 
@@ -5452,8 +5450,8 @@ def _pick_model(config: Config, info: ServerInfo | None) -> str:
 
 
 class OllamaNative:
-    """Ollama's native chat for LLMClient (a mixin: self.native, self.num_ctx, set by the
-    probe and the run)."""
+    """Ollama's native chat for LLMClient (a mixin; self.native and self.num_ctx are set
+    by the probe and the run)."""
 
     @property
     def cuts_prompts(self) -> bool:
@@ -9260,12 +9258,9 @@ class PlanRun(PlanRunFiles):
         if len(result["ledger"]) > 1 or result["escalations"]:
             for text in ledger_lines(result):
                 progress.info(text)
-        runner.events.emit(
-            "plan_end", result["plan_id"], run_id=result["run_id"], status=result["status"],
-            success=result["success"], usage=result["usage"], duration_s=result["duration_s"],
-            cost_usd=result["cost_usd"], would_have_cost_usd=result["would_have_cost_usd"],
-            result_hash=result["result_hash"], error=result["error"],
-            problems=result.get("problems"), run_log=result["run_log"])
+        runner.events.emit("plan_end", result["plan_id"], **{key: result.get(key) for key in (
+            "run_id", "status", "success", "usage", "duration_s", "cost_usd",
+            "would_have_cost_usd", "result_hash", "error", "problems", "run_log")})
         return result
 
 
@@ -10392,44 +10387,34 @@ def _kept_run(config: Config, plan_id: str, run_id: str | None) -> tuple[PlanRec
 def cmd_diff(config: Config, plan_id: str, run_id: str | None) -> int:
     """Print what a run changed: per file its action, whether it changed since, and the
     unified diff from its original to the file now (--json: {"plan_id", "run_id",
-    "project", "reverted", "undone_at", "files": KeptRun.diff()})."""
+    "project", "reverted", "undone_at", "files": KeptRun.diff()}); of a run awaiting
+    review, what --apply would change (KeptRun.staged_diff; --json: "awaiting_review")."""
     record, kept = _kept_run(config, plan_id, run_id)
-    if kept.awaiting_review:
-        return _print_staged_diff(config, record, kept)
-    files = kept.diff()
+    staged = kept.awaiting_review
+    files = kept.staged_diff() if staged else kept.diff()
     if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
-                     "project": str(kept.project) if kept.project else None,
-                     "reverted": kept.reverted, "undone_at": kept.undone_at, "files": files})
+        facts = {"project": str(kept.project), "awaiting_review": True} if staged else {
+            "project": str(kept.project) if kept.project else None,
+            "reverted": kept.reverted, "undone_at": kept.undone_at}
+        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id, **facts, "files": files})
         return EXIT_OK
     state = " · undone at " + kept.undone_at if kept.undone_at else \
         " · the run put its files back itself" if kept.reverted else ""
     where = f"project {kept.project}" if kept.project else "no project"
+    if staged:
+        state = f" staged for review: what bridge --apply {record.plan_id} would change"
     print(printable(f"run {kept.run_id} of plan {record.plan_id} · {where} · "
                     f"{len(files)} file(s){state}"))
     for entry in files:
-        now = "missing now" if entry["current_sha256"] is None else \
-            "changed since the run" if entry["changed_since_run"] else "as the run left it"
-        print(printable(f"=== {entry['path']}: {entry['action']} · {now}"))
+        if staged:
+            line = f"would be {entry['action']}" + (" · changed since the run: --apply will "
+                                                     "refuse" if entry["changed_since_run"] else "")
+        else:
+            line = f"{entry['action']} · " + (
+                "missing now" if entry["current_sha256"] is None else
+                "changed since the run" if entry["changed_since_run"] else "as the run left it")
+        print(printable(f"=== {entry['path']}: {line}"))
         sys.stdout.write(printable(entry["diff"], multiline=True))     # a model wrote those lines
-    return EXIT_OK
-
-
-def _print_staged_diff(config: Config, record: PlanRecord, kept: KeptRun) -> int:
-    """Print what --apply would change (KeptRun.staged_diff); --json as cmd_diff, with
-    "awaiting_review": true."""
-    files = kept.staged_diff()
-    if config.json:
-        _print_json({"plan_id": record.plan_id, "run_id": kept.run_id,
-                     "project": str(kept.project), "awaiting_review": True, "files": files})
-        return EXIT_OK
-    print(printable(f"run {kept.run_id} of plan {record.plan_id} · project {kept.project} · "
-                    f"{len(files)} file(s) staged for review: what bridge --apply "
-                    f"{record.plan_id} would change"))
-    for entry in files:
-        now = " · changed since the run: --apply will refuse" if entry["changed_since_run"] else ""
-        print(printable(f"=== {entry['path']}: would be {entry['action']}{now}"))
-        sys.stdout.write(printable(entry["diff"], multiline=True))
     return EXIT_OK
 
 
@@ -10500,8 +10485,8 @@ def cmd_reject(config: Config, plan_id: str) -> int:
 def cmd_undo(config: Config, plan_id: str, run_id: str | None, force: bool) -> int:
     """Put back the files a run changed (KeptRun.undo) and record it in the plan's state.
     A run already undone, that put its files back itself or changed none, is a no-op
-    (saying so; nothing recorded).
-    Raises BridgeError when the plan is running or stale, or KeptRun.undo refuses."""
+    (saying so; nothing recorded). Raises BridgeError when the plan is running or stale,
+    or KeptRun.undo refuses."""
     record, kept = _kept_run(config, plan_id, run_id)
     if record.display_status in ("in_progress", "stale", "awaiting_review"):
         raise BridgeError(f"plan {plan_id!r} is {record.display_status}; "
