@@ -444,7 +444,7 @@ SETTINGS = tuple(map(Setting._make, (
      "anthropic:claude-haiku-4-5, claude-cli:haiku)", "the plan's defaults.escalate_to, else none"),
     ("--allow-executor", "BRIDGE_ALLOW_EXECUTORS", "allowed_executors", None, (DEFAULT_EXECUTOR,),
      allowable_executors, "executor", "NAME", "let steps run on a paid, agentic or remote executor "
-     "(anthropic, claude-cli, ollama-cloud); repeatable",
+     "({choices}); repeatable",
      "none; your own --model and --escalate-to count"),
     ("--max-cost-usd", "BRIDGE_MAX_COST_USD", "max_cost_usd", "number", DEFAULT_MAX_COST_USD, 0,
      "max cost", "USD", "stop paid requests (anthropic:, claude-cli:) once a run has spent this "
@@ -9366,7 +9366,10 @@ class Runner:
 
 
 def _setting_help(row: Setting) -> str:
-    """The --help text of a row of SETTINGS: its help, its variable and its default."""
+    """The --help text of a row of SETTINGS: its help (its choices where the row names
+    them: "{choices}"), its variable and its default."""
+    if "{choices}" in row.help:
+        row = row._replace(help=row.help.format(choices=", ".join(row.limit())))
     if row.kind == "switch":
         return f"{row.help} (env {row.env}=0; default: {row.shown})"
     env = f"{row.env}, comma-separated" if isinstance(row.default, tuple) else row.env

@@ -176,6 +176,18 @@ def test_a_registered_executor_is_allowed_by_flag_and_runs_a_plans_step(capsys, 
     check_store(db)
 
 
+def test_the_help_of_allow_executor_names_every_registered_executor(echo_executor, capsys,
+                                                                   monkeypatch):
+    """--allow-executor's help lists the registry's names, a registered one included: adding
+    an executor needs no edit of the settings table."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        bridge.main(["--help"])
+    entry = " ".join(capsys.readouterr().out.split("--allow-executor NAME", 1)[1].split())
+    assert entry.startswith("let steps run on a paid, agentic or remote executor "
+                            "(ollama-cloud, anthropic, claude-cli, echo-test); repeatable"), entry
+
+
 def test_an_executor_not_registered_is_no_name_to_allow(capsys, db, fake_llm, state_dir):
     """--allow-executor takes the registry's names only (argparse choices, exit 2)."""
     assert "echo-test" not in bridge.allowable_executors()
