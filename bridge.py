@@ -9317,7 +9317,8 @@ class Runner:
         """Return (executor, model name) for a model reference (parse_model_ref): the
         run's client for a PROBED kind, else one opened once (an AGENTIC one per cli_cwd).
         Raises LLMError when it cannot be used (not allowed, no key, no binary)."""
-        kind, cls, name = _executor_of(ref), executor_class(ref), parse_model_ref(ref)[1]
+        kind, name = _executor_of(ref), parse_model_ref(ref)[1]
+        cls = EXECUTORS[kind]
         if cls.needs_allowing() and kind not in self.config.allowed_executors:
             raise LLMError(*cls.refusal(ref, name))
         if cls.PROBED:
